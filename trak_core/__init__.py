@@ -1,0 +1,18 @@
+"""trak-core: training-data attribution with TRAK, written once over the Python Array API.
+
+Importing this package imports no framework (torch, JAX, CuPy); backends import theirs lazily.
+"""
+from .backends import (Backend, BackendError, MissingFrameworkError, UnknownBackendError, available_backends,
+                       get_backend, register_backend)
+from .kernel import KernelFactor
+from .models import MLP, AnalyticModel, SoftmaxRegression
+from .projection import ProjectionCache, project, projection_matrix
+from .tasks import Classification, Regression, Task
+from .trak import TRAK
+
+__version__ = "0.1.0"
+
+__all__ = ["TRAK", "project", "projection_matrix", "ProjectionCache", "available_backends", "get_backend",
+           "register_backend", "Backend", "BackendError", "UnknownBackendError", "MissingFrameworkError",
+           "Task", "Classification", "Regression", "AnalyticModel", "SoftmaxRegression", "MLP",
+           "KernelFactor", "__version__"]

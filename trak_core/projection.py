@@ -1,0 +1,245 @@
+"""The reproducible random projection of TRAK: a pure function of (seed, checkpoint, row, column).
+
+One job: make (blocks of) the p x k projection matrix and apply it, in any Array API namespace.
+
+The matrix of checkpoint ``c`` is ``P_c[a, j] = s(seed, c, a) * R(seed, a, j)`` where
+
+- ``R`` is shared by all checkpoints. Rademacher (default): the 32 bits of the word
+  ``w(a, b) = mix(rowkey(a) ^ colkey(b))`` are the signs of columns ``32 b .. 32 b + 31``,
+  least significant bit first, bit 0 -> ``+1/sqrt(k)``, bit 1 -> ``-1/sqrt(k)``.
+  Gaussian: Box-Muller on two words per column pair ``(2 m, 2 m + 1)``, times ``1/sqrt(k)``.
+- ``s(seed, c, a)`` is a row sign (the top bit of another hash stream), so every ``P_c`` is
+  itself i.i.d. Rademacher (or Gaussian), checkpoints' projection errors are uncorrelated, and
+  only ``R`` is worth caching: the flip is applied to the gradients, O(n p).
+
+Row keys and column keys come from :mod:`trak_core._hash`. Because every entry depends only on
+its indices, any split of the parameter axis into blocks (``offset``) gives the same matrix,
+every namespace and device gives the same Rademacher bits, and nothing needs to be stored.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from collections import OrderedDict
+from typing import Any, Callable
+
+import array_api_compat
+
+from . import _hash
+from ._namespace import accumulation_dtype, device_of, is_numpy, namespace
+
+__all__ = ["KINDS", "projection_matrix", "project", "ProjectionCache", "default_cache", "row_signs"]
+
+KINDS = ("rademacher", "gaussian")
+_BLOCK_BYTES = 64 * 2**20  # memory for one generated block when the matrix is not cached
+
+
+def _check(p: int, k: int, kind: str, offset: int) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown projection kind {kind!r}; choose one of {KINDS}")
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        raise ValueError(f"projection dimension k must be a positive integer, got {k!r}")
+    if not isinstance(p, int) or p < 0:
+        raise ValueError(f"number of rows p must be a non-negative integer, got {p!r}")
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
+
+
+def _seed_words(seed: int) -> tuple[int, int]:
+    return _hash.split64(seed, "seed")
+
+
+def _words(stream: int, start: int, stop: int, n_cols: int, *, xp: Any, device: Any) -> Any:
+    """The (stop - start, n_cols) block of words ``mix(rowkey(a) ^ colkey(b))``."""
+    rows = _hash.row_keys(stream, start, stop, xp=xp, device=device)
+    col_base = _hash.key(stream, _hash.DOMAIN_COLUMNS)
+    cols = xp.arange(n_cols, dtype=_hash.word_dtype(xp), device=device) ^ col_base
+    cols = _hash.mix(cols, xp=xp)
+    return _hash.mix(rows[:, None] ^ cols[None, :], xp=xp)
+
+
+def _rademacher(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any, dtype: Any) -> Any:
+    stream = _hash.key(*_seed_words(seed), _hash.DOMAIN_RADEMACHER)
+    n_words = -(-k // 32)
+    words = _words(stream, start, stop, n_words, xp=xp, device=device)
+    if is_numpy(xp) and sys.byteorder == "little":  # fast path, same bits: bytes of a word LSB first
+        import numpy as np
+
+        bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :k]
+        scale = 1.0 / math.sqrt(k)
+        return np.asarray([scale, -scale], dtype=dtype)[bits]
+    shifts = xp.arange(32, dtype=words.dtype, device=device)
+    bits = (words[:, :, None] >> shifts) & 1
+    bits = xp.reshape(bits, (stop - start, n_words * 32))[:, :k]
+    scale = xp.asarray(1.0 / math.sqrt(k), dtype=dtype, device=device)
+    return xp.where(bits == 0, scale, -scale)
+
+
+def _gaussian(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any, dtype: Any) -> Any:
+    stream = _hash.key(*_seed_words(seed), _hash.DOMAIN_GAUSSIAN)
+    n_pairs = -(-k // 2)
+    words = _words(stream, start, stop, 2 * n_pairs, xp=xp, device=device)
+    work = accumulation_dtype(xp, device)
+    u1 = (xp.astype(words[:, 0::2], work) + 0.5) * (2.0**-32)  # in (0, 1): log is finite
+    u2 = xp.astype(words[:, 1::2], work) * (2.0**-32)
+    radius = xp.sqrt(-2.0 * xp.log(u1))
+    angle = (2.0 * math.pi) * u2
+    z = xp.stack([radius * xp.cos(angle), radius * xp.sin(angle)], axis=-1)
+    z = xp.reshape(z, (stop - start, 2 * n_pairs))[:, :k] * (1.0 / math.sqrt(k))
+    return xp.astype(z, dtype)
+
+
+def _shared(start: int, stop: int, k: int, seed: int, kind: str, *, xp: Any, device: Any, dtype: Any) -> Any:
+    """Rows ``start .. stop-1`` of the checkpoint-independent matrix ``R``."""
+    make = _rademacher if kind == "rademacher" else _gaussian
+    return make(start, stop, k, seed, xp=xp, device=device, dtype=dtype)
+
+
+def row_signs(start: int, stop: int, *, seed: int, checkpoint: int, xp: Any, device: Any = None,
+              dtype: Any = None) -> Any:
+    """The per-row signs ``s(seed, checkpoint, a)`` for rows ``start .. stop-1`` (+1 or -1)."""
+    stream = _hash.key(*_seed_words(seed), _hash.DOMAIN_SIGN, *_hash.split64(checkpoint, "checkpoint"))
+    top = _hash.row_keys(stream, start, stop, xp=xp, device=device) >> 31
+    dtype = xp.float32 if dtype is None else dtype
+    one = xp.asarray(1.0, dtype=dtype, device=device)
+    return xp.where(top == 0, one, -one)
+
+
+def projection_matrix(p: int, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str = "rademacher",
+                      offset: int = 0, xp: Any = None, device: Any = None, dtype: Any = None) -> Any:
+    """Rows ``offset .. offset + p`` of checkpoint ``checkpoint``'s p x k projection matrix.
+
+    Parameters
+    ----------
+    p, k : int
+        Number of rows (parameters) to return and the projection dimension.
+    seed, checkpoint : int
+        Non-negative integers below ``2**64``; the matrix is a pure function of them.
+    kind : {"rademacher", "gaussian"}
+        Entries ``+-1/sqrt(k)`` (bit-identical in every namespace) or ``N(0, 1/k)``.
+    offset : int
+        Index of the first row, so blocks of the parameter axis can be made separately.
+    xp : namespace, optional
+        Any Array API namespace; NumPy when omitted.
+    device, dtype : optional
+        Where and in which floating dtype to make the matrix (default float32).
+
+    Returns
+    -------
+    array
+        Shape ``(p, k)``.
+
+    Notes
+    -----
+    Gaussian entries go through ``log``, ``sqrt``, ``cos`` and ``sin`` in float64 where the
+    namespace has it, so they agree across namespaces to a few ulp, not bit for bit.
+    """
+    _check(p, k, kind, offset)
+    if xp is None:
+        import array_api_compat.numpy as xp
+    else:
+        xp = array_api_compat.array_namespace(xp.empty(0))
+    dtype = xp.float32 if dtype is None else dtype
+    signs = row_signs(offset, offset + p, seed=seed, checkpoint=checkpoint, xp=xp, device=device, dtype=dtype)
+    return signs[:, None] * _shared(offset, offset + p, k, seed, kind, xp=xp, device=device, dtype=dtype)
+
+
+class ProjectionCache:
+    """A least-recently-used cache of shared matrices ``R`` and row signs, bounded in bytes.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Matrices larger than this are never cached; older entries are evicted to make room.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether an entry of ``nbytes`` may be cached."""
+        return nbytes <= self.max_bytes
+
+    def get(self, key: tuple, nbytes: int, make: Callable[[], Any]) -> Any:
+        """Return the cached entry for ``key``, making (and caching) it when absent."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key][0]
+        value = make()
+        with self._lock:
+            if key not in self._entries and self.fits(nbytes):
+                while self._entries and self._bytes + nbytes > self.max_bytes:
+                    _, (_, old) = self._entries.popitem(last=False)
+                    self._bytes -= old
+                self._entries[key] = (value, nbytes)
+                self._bytes += nbytes
+        return value
+
+    def clear(self) -> None:
+        """Drop every cached matrix."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+default_cache = ProjectionCache()
+
+
+def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str = "rademacher",
+            offset: int = 0, block_size: int | None = None, cache: ProjectionCache | None = None) -> Any:
+    """Project per-example gradients: ``grads @ P`` for rows ``offset .. offset + p`` of ``P``.
+
+    Parameters
+    ----------
+    grads : array, shape (n, p)
+        Per-example gradients (rows) of a floating dtype, in any Array API namespace.
+    k : int
+        Projection dimension.
+    seed, checkpoint, kind, offset
+        As in :func:`projection_matrix`.
+    block_size : int, optional
+        Rows of ``P`` generated at a time when the matrix is not cached (default: about 64 MiB
+        of matrix per block). Memory stays bounded for any p.
+    cache : ProjectionCache, optional
+        Where whole shared matrices are kept when they fit its budget; defaults to
+        :data:`default_cache` (512 MiB). Pass ``ProjectionCache(0)`` to disable caching.
+
+    Returns
+    -------
+    array, shape (n, k)
+        In the namespace, dtype and on the device of ``grads``.
+    """
+    xp = namespace(grads)
+    if grads.ndim != 2:
+        raise ValueError(f"grads must be 2-D (n_examples, n_params), got shape {tuple(grads.shape)}")
+    n, p = grads.shape
+    _check(p, k, kind, offset)
+    if not xp.isdtype(grads.dtype, "real floating"):
+        raise TypeError(f"grads must have a real floating dtype, got {grads.dtype}")
+    device, dtype = device_of(grads), grads.dtype
+    cache = default_cache if cache is None else cache
+    itemsize = xp.finfo(dtype).bits // 8
+    ident = (xp.__name__, str(device), str(dtype), int(seed), kind, k)
+    sign_key = ident + ("signs", int(checkpoint), offset, p)
+    signs = cache.get(sign_key, p * itemsize, lambda: row_signs(
+        offset, offset + p, seed=seed, checkpoint=checkpoint, xp=xp, device=device, dtype=dtype))
+    flipped = grads * signs
+    if cache.fits(p * k * itemsize) and block_size is None:
+        shared = cache.get(ident + ("shared", offset, p), p * k * itemsize, lambda: _shared(
+            offset, offset + p, k, seed, kind, xp=xp, device=device, dtype=dtype))
+        return flipped @ shared
+    block = block_size or max(1, _BLOCK_BYTES // (k * itemsize))
+    out = xp.zeros((n, k), dtype=dtype, device=device)
+    for start in range(0, p, block):
+        stop = min(p, start + block)
+        shared = _shared(offset + start, offset + stop, k, seed, kind, xp=xp, device=device, dtype=dtype)
+        out = out + flipped[:, start:stop] @ shared
+    return out

@@ -1,0 +1,205 @@
+"""The public estimator class: ``TRAK(model).featurize(checkpoint, data)`` then ``.score(data)``.
+
+One job: orchestrate a backend (gradients), the projection, the kernel and the store.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+from . import kernel as kernel_ops
+from ._namespace import namespace
+from ._progress import progress
+from .backends import Backend, get_backend, infer_backend
+from .backends.protocol import batches
+from .projection import KINDS, project
+from .scores import checkpoint_scores, ensemble
+from .store import CheckpointEntry, open_store
+from .tasks import Task, get_task
+
+__all__ = ["TRAK"]
+
+log = logging.getLogger("trak_core")
+
+
+def _check_proj_dim(proj_dim: Any) -> int | None:
+    if proj_dim is None:
+        return None
+    if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim <= 0:
+        raise ValueError(f"proj_dim must be a positive integer (or None for no projection), got {proj_dim!r}")
+    return proj_dim
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return seed
+
+
+def _resolve_backend(backend: str | Backend | None, model: Any) -> Backend:
+    if backend is None:
+        return infer_backend(model)
+    if isinstance(backend, str):
+        return get_backend(backend)
+    if isinstance(backend, Backend):
+        return backend
+    raise TypeError(f"backend must be a name, a Backend object or None, got {type(backend).__name__}")
+
+
+class TRAK:
+    """Attribute a model's predictions to its training examples with TRAK.
+
+    Parameters
+    ----------
+    model
+        The model, of a type some installed backend owns (e.g. a
+        :class:`trak_core.models.MLP` for the ``"numpy"`` backend).
+    task : str or Task
+        ``"classification"`` (margin output, ``Q = 1 - p_y``), ``"regression"``, or a Task.
+    proj_dim : int or None
+        Projection dimension ``k``; ``None`` keeps the raw gradients (the exact estimator).
+    proj_type : {"rademacher", "gaussian"}
+        Kind of random projection (see :func:`trak_core.projection_matrix`).
+    seed : int
+        Seed of the projection; the matrices are a pure function of it.
+    lambda_reg : float
+        Absolute ridge ``lambda >= 0`` in ``K = Phi^T Phi + lambda I``. ``0`` uses the
+        minimum-norm solution when ``K`` is singular (with a warning).
+    backend : str, Backend or None
+        Backend name (see :func:`trak_core.available_backends`), object, or ``None`` to infer
+        it from the model's type.
+    store : None
+        Where features live; ``None`` keeps them in memory.
+    progress : bool or None
+        Show progress bars (when tqdm is installed); ``None``: when stderr is a terminal.
+
+    Notes
+    -----
+    ``featurize`` keeps a snapshot of each checkpoint, since scoring needs the targets'
+    gradients at every checkpoint.
+    """
+
+    def __init__(self, model: Any, *, task: str | Task = "classification", proj_dim: int | None = 2048,
+                 proj_type: str = "rademacher", seed: int = 0, lambda_reg: float = 0.0,
+                 backend: str | Backend | None = None, store: Any = None, progress: bool | None = None) -> None:
+        self.proj_dim = _check_proj_dim(proj_dim)
+        if proj_type not in KINDS:
+            raise ValueError(f"unknown proj_type {proj_type!r}; choose one of {KINDS}")
+        self.proj_type = proj_type
+        self.seed = _check_seed(seed)
+        self.lambda_reg = kernel_ops.check_lambda(lambda_reg)
+        self.model = model
+        self.task = get_task(task)
+        self.backend = _resolve_backend(backend, model)
+        if not self.backend.can_gradients:
+            raise ValueError(f"backend {self.backend.name!r} cannot compute gradients (can_gradients=False); "
+                             "choose a backend for this model's framework")
+        self.store = open_store(store)
+        self.progress = progress
+
+    @property
+    def n_checkpoints(self) -> int:
+        """Number of checkpoints featurized so far."""
+        return len(self.store)
+
+    @property
+    def n_train(self) -> int | None:
+        """Number of training examples (``None`` before the first ``featurize``)."""
+        return self.store[0].features.shape[0] if len(self.store) else None
+
+    def _project(self, grads: Any, checkpoint: int) -> Any:
+        if self.proj_dim is None:
+            return grads
+        if self.backend.has_fused_projection:
+            return self.backend.project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint,
+                                        kind=self.proj_type)
+        return project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint, kind=self.proj_type)
+
+    def _batch_features(self, prepared: Any, index: int, inputs: Any, labels: Any,
+                        where: str) -> tuple[Any, Any]:
+        if len(inputs) != len(labels):
+            raise ValueError(f"{where}: inputs have {len(inputs)} rows but labels have {len(labels)}; "
+                             "each batch needs one label per example")
+        grads, out_to_loss = self.backend.gradients(self.model, prepared, inputs, labels, self.task)
+        xp = namespace(grads)
+        if grads.ndim != 2 or grads.shape[0] != len(inputs):
+            raise ValueError(f"{where}: backend {self.backend.name!r} returned gradients of shape "
+                             f"{tuple(grads.shape)} for {len(inputs)} examples; expected (n, p)")
+        if not bool(xp.all(xp.isfinite(grads))):
+            raise ValueError(f"{where}: the per-example gradients contain NaN or inf; check the inputs "
+                             "(NaN/inf values), the checkpoint's weights, and the learning rate that produced them")
+        if not bool(xp.all(xp.isfinite(out_to_loss))):
+            raise ValueError(f"{where}: the out-to-loss weights contain NaN or inf")
+        return self._project(grads, index), out_to_loss
+
+    def featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
+        """Compute and store the training features of one checkpoint.
+
+        Parameters
+        ----------
+        checkpoint
+            The parameters (a flat vector or mapping for analytic models; a state_dict or
+            params pytree for framework backends). Call once per checkpoint.
+        data : iterable of (inputs, labels)
+            The training set in batches, in the same order for every checkpoint.
+
+        Raises
+        ------
+        ValueError
+            On empty data, mismatched batch lengths, non-finite gradients, or a checkpoint or
+            training set inconsistent with those featurized before.
+        """
+        index = len(self.store)
+        prepared = self.backend.prepare(self.model, checkpoint)
+        n_params = self.backend.n_params(prepared)
+        if index and n_params != self.store[0].n_params:
+            raise ValueError(f"checkpoint {index} has {n_params} parameters but checkpoint 0 had "
+                             f"{self.store[0].n_params}; every checkpoint must be of the same model")
+        features, weights, kernel = [], [], None
+        for b, (inputs, labels) in enumerate(progress(batches(data), desc=f"featurize checkpoint {index}",
+                                                      enabled=self.progress)):
+            phi, q = self._batch_features(prepared, index, inputs, labels, f"checkpoint {index}, batch {b}")
+            xp = namespace(phi)
+            kernel = kernel_ops.accumulate(kernel, phi, xp=xp)
+            features.append(phi)
+            weights.append(q)
+        if not features:
+            raise ValueError("featurize: data yielded no batches; pass an iterable of (inputs, labels)")
+        phi_all, q_all = xp.concat(features, axis=0), xp.concat(weights, axis=0)
+        if index and phi_all.shape[0] != self.n_train:
+            raise ValueError(f"checkpoint {index} saw {phi_all.shape[0]} training examples but checkpoint 0 "
+                             f"saw {self.n_train}; featurize every checkpoint on the same training set")
+        factor = kernel_ops.factorize(kernel, self.lambda_reg, xp=xp)
+        log.info("checkpoint %d: %d examples, %d features, lambda=%g, kernel rank %d",
+                 index, phi_all.shape[0], phi_all.shape[1], factor.lambda_reg, factor.rank)
+        self.store.add(CheckpointEntry(index, prepared, n_params, phi_all, q_all, factor))
+
+    def score(self, data: Iterable[Any]) -> Any:
+        """Scores of every training example for every target, shape ``(n_train, n_targets)``.
+
+        Parameters
+        ----------
+        data : iterable of (inputs, labels)
+            The targets in batches; it is iterated once.
+
+        Returns
+        -------
+        array
+            In the namespace, dtype and on the device of the features, averaged over all
+            featurized checkpoints (DESIGN.md, the estimator).
+        """
+        if not len(self.store):
+            raise ValueError("score() called before any featurize(); featurize at least one checkpoint first")
+        columns = []
+        for b, (inputs, labels) in enumerate(progress(batches(data), desc="score", enabled=self.progress)):
+            per_checkpoint = []
+            for entry in self.store:
+                target, _ = self._batch_features(entry.prepared, entry.index, inputs, labels,
+                                                 f"targets batch {b}, checkpoint {entry.index}")
+                xp = namespace(target)
+                per_checkpoint.append(checkpoint_scores(entry.features, entry.factor, target, xp=xp))
+            columns.append(ensemble(per_checkpoint, [e.out_to_loss for e in self.store], xp=xp))
+        if not columns:
+            raise ValueError("score: data yielded no batches; pass an iterable of (inputs, labels)")
+        scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
+        return xp.astype(scores, self.store[0].features.dtype)
