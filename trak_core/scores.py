@@ -19,7 +19,7 @@ def checkpoint_scores(train_features: Any, factor: KernelFactor, target_features
     work = accumulation_dtype(xp, device_of(train_features))
     weights = solve(factor, xp.matrix_transpose(xp.astype(target_features, work)), xp=xp)  # (k, m)
     n = train_features.shape[0]
-    parts = [xp.astype(train_features[start:start + chunk_rows], work) @ weights
+    parts = [xp.astype(train_features[start:min(n, start + chunk_rows), :], work) @ weights
              for start in range(0, n, chunk_rows)]
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 

@@ -36,6 +36,14 @@ def _check_seed(seed: Any) -> int:
     return seed
 
 
+def _rows(array: Any, what: str, where: str) -> int:
+    shape = getattr(array, "shape", None)
+    if not shape:
+        raise TypeError(f"{where}: {what} must be an array with one row per example, got {type(array).__name__}"
+                        + (" of shape ()" if shape == () else ""))
+    return int(shape[0])
+
+
 def _resolve_backend(backend: str | Backend | None, model: Any) -> Backend:
     if backend is None:
         return infer_backend(model)
@@ -117,14 +125,15 @@ class TRAK:
 
     def _batch_features(self, prepared: Any, index: int, inputs: Any, labels: Any,
                         where: str) -> tuple[Any, Any]:
-        if len(inputs) != len(labels):
-            raise ValueError(f"{where}: inputs have {len(inputs)} rows but labels have {len(labels)}; "
+        n_inputs, n_labels = _rows(inputs, "inputs", where), _rows(labels, "labels", where)
+        if n_inputs != n_labels:
+            raise ValueError(f"{where}: inputs have {n_inputs} rows but labels have {n_labels}; "
                              "each batch needs one label per example")
         grads, out_to_loss = self.backend.gradients(self.model, prepared, inputs, labels, self.task)
         xp = namespace(grads)
-        if grads.ndim != 2 or grads.shape[0] != len(inputs):
+        if grads.ndim != 2 or grads.shape[0] != n_inputs:
             raise ValueError(f"{where}: backend {self.backend.name!r} returned gradients of shape "
-                             f"{tuple(grads.shape)} for {len(inputs)} examples; expected (n, p)")
+                             f"{tuple(grads.shape)} for {n_inputs} examples; expected (n, p)")
         if not bool(xp.all(xp.isfinite(grads))):
             raise ValueError(f"{where}: the per-example gradients contain NaN or inf; check the inputs "
                              "(NaN/inf values), the checkpoint's weights, and the learning rate that produced them")

@@ -1,0 +1,152 @@
+"""Bad input gets a clear error naming the problem, and a failed call leaves the store as it was."""
+import numpy as np
+import pytest
+
+from trak_core import MLP, TRAK, MissingFrameworkError, SoftmaxRegression, UnknownBackendError
+from trak_core.backends import numpy_backend, registry
+
+
+@pytest.fixture
+def setup(rng):
+    model = SoftmaxRegression(4, 3)
+    x, y = rng.normal(size=(20, 4)), rng.integers(0, 3, 20)
+    return model, model.init(seed=0), x, y
+
+
+@pytest.mark.parametrize("proj_dim", [0, -5, 2.5, True, "64"])
+def test_bad_proj_dim(proj_dim, setup):
+    with pytest.raises(ValueError, match="proj_dim must be a positive integer"):
+        TRAK(setup[0], proj_dim=proj_dim)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(lambda_reg=-1.0), "lambda_reg"), (dict(lambda_reg=float("nan")), "lambda_reg"),
+                                          (dict(task="ranking"), "unknown task"), (dict(proj_type="sparse"), "proj_type"),
+                                          (dict(seed=-1), "seed")])
+def test_bad_options(kwargs, match, setup):
+    with pytest.raises(ValueError, match=match):
+        TRAK(setup[0], **kwargs)
+
+
+def test_labels_out_of_range(setup):
+    model, theta, x, y = setup
+    trak = TRAK(model, proj_dim=8, progress=False)
+    with pytest.raises(ValueError, match=r"labels out of range.*\[0, 2\]"):
+        trak.featurize(theta, [(x, np.where(y == 0, 3, y))])
+    with pytest.raises(TypeError, match="integers"):
+        trak.featurize(theta, [(x, y.astype(float))])
+    assert trak.n_checkpoints == 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_gradients(bad, setup):
+    model, theta, x, y = setup
+    x = x.copy()
+    x[3, 1] = bad
+    trak = TRAK(model, proj_dim=8, progress=False)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        trak.featurize(theta, [(x[:10], y[:10]), (x[10:], y[10:])])
+    assert trak.n_checkpoints == 0
+
+
+def test_mismatched_batch_lengths(setup):
+    model, theta, x, y = setup
+    with pytest.raises(ValueError, match="inputs have 20 rows but labels have 19"):
+        TRAK(model, proj_dim=8, progress=False).featurize(theta, [(x, y[:-1])])
+
+
+def test_score_before_featurize_and_empty_data(setup):
+    model, theta, x, y = setup
+    trak = TRAK(model, proj_dim=8, progress=False)
+    with pytest.raises(ValueError, match="before any featurize"):
+        trak.score([(x, y)])
+    with pytest.raises(ValueError, match="no batches"):
+        trak.featurize(theta, [])
+    with pytest.raises(TypeError, match="single"):
+        trak.featurize(theta, (x, y))
+    trak.featurize(theta, [(x, y)])
+    with pytest.raises(ValueError, match="no batches"):
+        trak.score(iter([]))
+
+
+def test_checkpoint_parameter_count(setup):
+    model, theta, x, y = setup
+    trak = TRAK(model, proj_dim=8, progress=False)
+    trak.featurize(theta, [(x, y)])
+    with pytest.raises(ValueError, match=r"shape \(15,\).*parameter count"):
+        trak.featurize(np.zeros(16), [(x, y)])
+
+    class GrowingBackend(numpy_backend.ArrayAPIBackend):  # a backend whose models change size
+        def n_params(self, prepared):
+            return 15 + len(self.seen)
+
+        def prepare(self, model, checkpoint):
+            self.seen.append(1)
+            return super().prepare(model, checkpoint)
+
+    growing = GrowingBackend()
+    growing.seen = []
+    trak = TRAK(model, proj_dim=8, backend=growing, progress=False)
+    trak.featurize(theta, [(x, y)])
+    with pytest.raises(ValueError, match="checkpoint 1 has 17 parameters but checkpoint 0 had 16"):
+        trak.featurize(theta, [(x, y)])
+    assert trak.n_checkpoints == 1
+
+
+def test_training_set_size_must_not_change(setup):
+    model, theta, x, y = setup
+    trak = TRAK(model, proj_dim=8, progress=False)
+    trak.featurize(theta, [(x, y)])
+    with pytest.raises(ValueError, match="saw 19 training examples but checkpoint 0 saw 20"):
+        trak.featurize(theta, [(x[1:], y[1:])])
+    assert trak.n_checkpoints == 1
+
+
+class ZeroGradients(numpy_backend.ArrayAPIBackend):
+    """Gradients that vanish everywhere (a dead network)."""
+
+    def gradients(self, model, prepared, inputs, labels, task):
+        grads, q = super().gradients(model, prepared, inputs, labels, task)
+        return grads * 0.0, q
+
+
+def test_all_zero_gradients(setup):
+    model, theta, x, y = setup
+    trak = TRAK(model, proj_dim=None, lambda_reg=0.0, backend=ZeroGradients(), progress=False)
+    with pytest.raises(ValueError, match="all-zero gradients"):
+        trak.featurize(theta, [(x, y)])
+    ridge = TRAK(model, proj_dim=8, lambda_reg=0.5, backend=ZeroGradients(), progress=False)
+    ridge.featurize(theta, [(x, y)])
+    np.testing.assert_array_equal(ridge.score([(x[:2], y[:2])]), np.zeros((20, 2)))
+
+
+def test_unknown_backend_lists_installed(setup):
+    with pytest.raises(UnknownBackendError, match=r"unknown backend 'tensorflow'.*installed backends: \[.*'numpy'"):
+        TRAK(setup[0], backend="tensorflow")
+
+
+def test_missing_framework_names_pip_extra(setup, monkeypatch):
+    class Absent(numpy_backend.ArrayAPIBackend):
+        name, framework, extra = "absent", "no_such_framework_xyz", "absent"
+
+    monkeypatch.setattr(registry, "_registered", {"absent": Absent()})
+    monkeypatch.setattr(registry, "_loaded", {})
+    with pytest.raises(MissingFrameworkError, match=r'pip install "trak-core\[absent\]"'):
+        TRAK(setup[0], backend="absent")
+    assert "absent" not in registry.available_backends()
+    err = MissingFrameworkError("x")
+    assert isinstance(err, ValueError) and isinstance(err, ImportError)
+
+
+def test_missing_first_party_backend_package(setup, monkeypatch):
+    monkeypatch.setitem(registry.KNOWN, "fancy", ("trak_fancy_not_installed:backend", "fancy_fw", "fancy"))
+    monkeypatch.setattr(registry, "_loaded", {})
+    with pytest.raises(MissingFrameworkError, match=r"trak-core\[fancy\]"):
+        TRAK(setup[0], backend="fancy")
+
+
+def test_backend_inferred_from_model_type(setup):
+    assert TRAK(MLP(3, 2, 2)).backend.name == "numpy"
+    with pytest.raises(TypeError, match="no installed backend recognises a model of type builtins.object"):
+        TRAK(object())
+    with pytest.raises(TypeError, match="backend must be"):
+        TRAK(setup[0], backend=3)

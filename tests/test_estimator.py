@@ -1,0 +1,120 @@
+"""The estimator against DESIGN.md's formula evaluated independently, and projected vs exact."""
+import numpy as np
+import pytest
+from scipy.special import softmax
+from scipy.stats import spearmanr
+
+from trak_core import MLP, TRAK, SoftmaxRegression
+
+
+def _problem(rng, n=60, m=7, d=5, c=3):
+    x, y = rng.normal(size=(n, d)), rng.integers(0, c, n)
+    xt, yt = rng.normal(size=(m, d)), rng.integers(0, c, m)
+    return x, y, xt, yt
+
+
+def _margin_gradients(weight, bias, x, y):
+    """Per-example gradient of logit_y - logsumexp_{j != y} logit_j, written out by hand."""
+    rows, q = [], []
+    for xi, yi in zip(x, y):
+        z = weight @ xi + bias
+        others = np.delete(np.arange(len(z)), yi)
+        dz = np.zeros_like(z)
+        dz[yi] = 1.0
+        dz[others] = -softmax(z[others])
+        rows.append(np.concatenate([np.outer(dz, xi).ravel(), dz]))
+        q.append(1.0 - softmax(z)[yi])
+    return np.array(rows), np.array(q)
+
+
+def _design_formula(checkpoints, x, y, xt, yt, lam, c=3, d=5):
+    """tau = (1/C sum_c G_c (G_c^T G_c + lam I)^-1 g_c(t)^T) * (1/C sum_c Q_c)."""
+    total, weight = 0.0, 0.0
+    for theta in checkpoints:
+        w, b = theta[:c * d].reshape(c, d), theta[c * d:]
+        g, q = _margin_gradients(w, b, x, y)
+        gt, _ = _margin_gradients(w, b, xt, yt)
+        kernel = g.T @ g + lam * np.eye(g.shape[1])
+        # lambda = 0: the margin gradients of softmax regression always span fewer than p
+        # directions (dz sums to 0), so K is singular and the estimator is the min-norm solution.
+        solved = np.linalg.pinv(kernel, hermitian=True) @ gt.T if lam == 0 else np.linalg.solve(kernel, gt.T)
+        total = total + g @ solved
+        weight = weight + q
+    return (total / len(checkpoints)) * (weight / len(checkpoints))[:, None]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("n_checkpoints", [1, 3])
+@pytest.mark.parametrize("lam", [0.1, 0.0])
+def test_unprojected_scores_equal_design_formula(n_checkpoints, lam, rng):
+    x, y, xt, yt = _problem(rng)
+    model = SoftmaxRegression(5, 3)
+    checkpoints = [model.init(seed=s) * 3 for s in range(n_checkpoints)]
+    trak = TRAK(model, proj_dim=None, lambda_reg=lam, progress=False)
+    for theta in checkpoints:
+        trak.featurize(theta, [(x[:25], y[:25]), (x[25:], y[25:])])
+    scores = trak.score([(xt[:4], yt[:4]), (xt[4:], yt[4:])])
+    assert scores.shape == (60, 7) and scores.dtype == np.float64
+    np.testing.assert_allclose(scores, _design_formula(checkpoints, x, y, xt, yt, lam), rtol=1e-8, atol=1e-12)
+
+
+def test_projected_scores_track_exact_scores(rng):
+    # p = 3 * 10 + 3 = 33 parameters, so the gradients have rank <= 33 << k = 2048: the projection
+    # preserves the geometry and the scores must rank training examples as the exact ones do.
+    x, y, xt, yt = (rng.normal(size=(300, 10)), rng.integers(0, 3, 300), rng.normal(size=(10, 10)),
+                    rng.integers(0, 3, 10))
+    model = SoftmaxRegression(10, 3)
+    exact, projected = (TRAK(model, proj_dim=k, lambda_reg=1e-3, progress=False) for k in (None, 2048))
+    for seed in range(2):
+        for trak in (exact, projected):
+            trak.featurize(model.init(seed=seed), [(x, y)])
+    a, b = exact.score([(xt, yt)]), projected.score([(xt, yt)])
+    rho = [spearmanr(a[:, j], b[:, j])[0] for j in range(10)]
+    assert min(rho) >= 0.9
+
+
+def test_chunking_and_namespace_do_not_change_scores(xp, rng):
+    x, y, xt, yt = _problem(rng, n=80, d=4, c=3)
+    model = MLP(4, 5, 3)
+    theta = model.init(seed=3)
+
+    def run(batches, targets, to):
+        trak = TRAK(model, proj_dim=64, lambda_reg=0.05, progress=False)
+        trak.featurize(to(theta), batches)
+        return trak.score(targets)
+
+    ref = run([(x, y)], [(xt, yt)], np.asarray)
+    arr = lambda a: xp.asarray(a)  # noqa: E731
+    out = run([(arr(x[i:i + 13]), arr(y[i:i + 13])) for i in range(0, 80, 13)], [(arr(xt), arr(yt))], arr)
+    assert type(out) is type(arr(x)) and out.dtype == xp.float64 and out.shape == (80, 7)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_features_give_float32_scores(rng):
+    x, y, xt, yt = _problem(rng)
+    model = SoftmaxRegression(5, 3)
+    theta = model.init(seed=0)
+    t32 = TRAK(model, proj_dim=32, lambda_reg=0.1, progress=False)
+    t32.featurize(theta.astype(np.float32), [(x.astype(np.float32), y)])
+    t64 = TRAK(model, proj_dim=32, lambda_reg=0.1, progress=False)
+    t64.featurize(theta, [(x, y)])
+    s32, s64 = t32.score([(xt.astype(np.float32), yt)]), t64.score([(xt, yt)])
+    assert s32.dtype == np.float32
+    assert np.linalg.norm(s32 - s64) / np.linalg.norm(s64) < 1e-4
+
+
+def test_lambda_zero_singular_kernel_is_min_norm_limit(rng):
+    # k = 64 > n = 20, so Phi^T Phi is singular; lambda = 0 must give the lambda -> 0+ limit.
+    x, y, xt, yt = _problem(rng, n=20)
+    model = MLP(5, 6, 3)
+    theta = model.init(seed=5)
+
+    def run(lam):
+        trak = TRAK(model, proj_dim=64, lambda_reg=lam, progress=False)
+        trak.featurize(theta, [(x, y)])
+        return trak.score([(xt, yt)])
+
+    with pytest.warns(RuntimeWarning, match="rank-deficient"):
+        limit = run(0.0)
+    assert np.all(np.isfinite(limit))
+    np.testing.assert_allclose(limit, run(1e-9), rtol=1e-4, atol=1e-6)
