@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
-from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any
 
 import array_api_compat
 
 from . import _hash
+from ._cache import ProjectionCache, default_cache
 from ._namespace import accumulation_dtype, device_of, is_numpy, namespace
 
 __all__ = ["KINDS", "projection_matrix", "project", "ProjectionCache", "default_cache", "row_signs"]
@@ -59,21 +58,48 @@ def _words(stream: int, start: int, stop: int, n_cols: int, *, xp: Any, device: 
     return _hash.mix(rows[:, None] ^ cols[None, :], xp=xp)
 
 
-def _rademacher(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any, dtype: Any) -> Any:
+def _rademacher_words(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any) -> Any:
+    """Packed signs of rows ``start .. stop-1``: shape (rows, ceil(k / 32)), 32 columns a word."""
     stream = _hash.key(*_seed_words(seed), _hash.DOMAIN_RADEMACHER)
-    n_words = -(-k // 32)
-    words = _words(stream, start, stop, n_words, xp=xp, device=device)
-    if is_numpy(xp) and sys.byteorder == "little":  # fast path, same bits: bytes of a word LSB first
-        import numpy as np
+    words = _words(stream, start, stop, -(-k // 32), xp=xp, device=device)
+    if array_api_compat.is_torch_namespace(xp):  # int64 holding 32 bits: keep the bits in int32
+        words = xp.astype(words - ((words >> 31) << 32), xp.int32)
+    return words
 
-        bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :k]
-        scale = 1.0 / math.sqrt(k)
-        return np.asarray([scale, -scale], dtype=dtype)[bits]
-    shifts = xp.arange(32, dtype=words.dtype, device=device)
+
+def _unpack(words: Any, k: int, *, xp: Any, dtype: Any) -> Any:
+    """Signs ``+-1/sqrt(k)`` from packed words: bit ``t`` of word ``b`` is column ``32 b + t``."""
+    rows, scale = words.shape[0], 1.0 / math.sqrt(k)
+    if sys.byteorder == "little" and (is_numpy(xp) or array_api_compat.is_torch_namespace(xp)):
+        # fast paths, same bits: a word's bytes in memory are its bits 0-7, 8-15, ... (little endian)
+        if is_numpy(xp):
+            import numpy as np
+
+            bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :k]
+            return np.asarray([scale, -scale], dtype=dtype)[bits]
+        import torch
+
+        table = _byte_table(scale, dtype=dtype, device=words.device)
+        index = words.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+        return table.index_select(0, index).reshape(rows, -1)[:, :k]
+    shifts = xp.arange(32, dtype=words.dtype, device=device_of(words))
     bits = (words[:, :, None] >> shifts) & 1
-    bits = xp.reshape(bits, (stop - start, n_words * 32))[:, :k]
-    scale = xp.asarray(1.0 / math.sqrt(k), dtype=dtype, device=device)
-    return xp.where(bits == 0, scale, -scale)
+    bits = xp.reshape(bits, (rows, words.shape[1] * 32))[:, :k]
+    positive = xp.asarray(scale, dtype=dtype, device=device_of(words))
+    return xp.where(bits == 0, positive, -positive)
+
+
+def _byte_table(scale: float, *, dtype: Any, device: Any) -> Any:
+    """(256, 8) torch table: row ``v`` holds the 8 signs of byte value ``v``, least significant first."""
+    import torch
+
+    values = torch.arange(256, dtype=torch.int32, device=device)[:, None]
+    bits = (values >> torch.arange(8, dtype=torch.int32, device=device)) & 1
+    return (1 - 2 * bits).to(dtype) * scale
+
+
+def _rademacher(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any, dtype: Any) -> Any:
+    return _unpack(_rademacher_words(start, stop, k, seed, xp=xp, device=device), k, xp=xp, dtype=dtype)
 
 
 def _gaussian(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any, dtype: Any) -> Any:
@@ -145,52 +171,6 @@ def projection_matrix(p: int, k: int, *, seed: int = 0, checkpoint: int = 0, kin
     return signs[:, None] * _shared(offset, offset + p, k, seed, kind, xp=xp, device=device, dtype=dtype)
 
 
-class ProjectionCache:
-    """A least-recently-used cache of shared matrices ``R`` and row signs, bounded in bytes.
-
-    Parameters
-    ----------
-    max_bytes : int
-        Matrices larger than this are never cached; older entries are evicted to make room.
-    """
-
-    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
-        self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def fits(self, nbytes: int) -> bool:
-        """Whether an entry of ``nbytes`` may be cached."""
-        return nbytes <= self.max_bytes
-
-    def get(self, key: tuple, nbytes: int, make: Callable[[], Any]) -> Any:
-        """Return the cached entry for ``key``, making (and caching) it when absent."""
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key][0]
-        value = make()
-        with self._lock:
-            if key not in self._entries and self.fits(nbytes):
-                while self._entries and self._bytes + nbytes > self.max_bytes:
-                    _, (_, old) = self._entries.popitem(last=False)
-                    self._bytes -= old
-                self._entries[key] = (value, nbytes)
-                self._bytes += nbytes
-        return value
-
-    def clear(self) -> None:
-        """Drop every cached matrix."""
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-default_cache = ProjectionCache()
 
 
 def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str = "rademacher",
@@ -209,8 +189,10 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
         Rows of ``P`` generated at a time when the matrix is not cached (default: about 64 MiB
         of matrix per block). Memory stays bounded for any p.
     cache : ProjectionCache, optional
-        Where whole shared matrices are kept when they fit its budget; defaults to
-        :data:`default_cache` (512 MiB). Pass ``ProjectionCache(0)`` to disable caching.
+        Defaults to ``trak_core.projection.default_cache`` (512 MiB). The whole shared matrix
+        is kept when it fits; otherwise, for Rademacher, its packed bits (k/8 bytes a row) are
+        kept and unpacked block by block; otherwise blocks are generated on every call.
+        ``ProjectionCache(0)`` disables caching.
 
     Returns
     -------
@@ -232,14 +214,21 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
     signs = cache.get(sign_key, p * itemsize, lambda: row_signs(
         offset, offset + p, seed=seed, checkpoint=checkpoint, xp=xp, device=device, dtype=dtype))
     flipped = grads * signs
-    if cache.fits(p * k * itemsize) and block_size is None:
+    if block_size is None and cache.fits(p * k * itemsize):
         shared = cache.get(ident + ("shared", offset, p), p * k * itemsize, lambda: _shared(
             offset, offset + p, k, seed, kind, xp=xp, device=device, dtype=dtype))
         return flipped @ shared
+    packed = None
+    if kind == "rademacher" and cache.fits(p * 4 * -(-k // 32)):  # the bits fit: keep them, unpack per block
+        packed = cache.get(ident[:2] + ("words", int(seed), k, offset, p), p * 4 * -(-k // 32),
+                           lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp, device=device))
     block = block_size or max(1, _BLOCK_BYTES // (k * itemsize))
     out = xp.zeros((n, k), dtype=dtype, device=device)
     for start in range(0, p, block):
         stop = min(p, start + block)
-        shared = _shared(offset + start, offset + stop, k, seed, kind, xp=xp, device=device, dtype=dtype)
+        if packed is not None:
+            shared = _unpack(packed[start:stop, :], k, xp=xp, dtype=dtype)
+        else:
+            shared = _shared(offset + start, offset + stop, k, seed, kind, xp=xp, device=device, dtype=dtype)
         out = out + flipped[:, start:stop] @ shared
     return out

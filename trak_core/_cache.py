@@ -1,0 +1,64 @@
+"""A least-recently-used cache bounded in bytes, for projection matrices and their packed bits.
+
+One job: keep what is expensive to regenerate while it fits a memory budget.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any, Callable
+
+__all__ = ["ProjectionCache", "default_cache"]
+
+
+class ProjectionCache:
+    """A least-recently-used cache of projection pieces, bounded in bytes.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Entries larger than this are never cached; older entries are evicted to make room.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20) -> None:
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return self._bytes
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether an entry of ``nbytes`` may be cached."""
+        return nbytes <= self.max_bytes
+
+    def get(self, key: tuple, nbytes: int, make: Callable[[], Any]) -> Any:
+        """Return the cached entry for ``key``, making (and caching, if it fits) it when absent."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key][0]
+        value = make()
+        with self._lock:
+            if key not in self._entries and self.fits(nbytes):
+                while self._entries and self._bytes + nbytes > self.max_bytes:
+                    _, (_, old) = self._entries.popitem(last=False)
+                    self._bytes -= old
+                self._entries[key] = (value, nbytes)
+                self._bytes += nbytes
+        return value
+
+    def clear(self) -> None:
+        """Drop every cached entry."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+default_cache = ProjectionCache()
