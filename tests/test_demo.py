@@ -1,19 +1,29 @@
-"""The README's main command runs end to end and finds label-consistent proponents."""
+"""A reduced run of the README's main command, end to end, on each installed backend."""
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
+pytest.importorskip("sklearn", reason="the demo needs scikit-learn's bundled digits")
+pytest.importorskip("matplotlib", reason="the demo draws its PNG with matplotlib")
 
 from trak_core import demo  # noqa: E402
 
 
-def test_demo_small_run_is_seeded_and_sensible(capsys):
-    args = ["--n-train", "300", "--n-targets", "20", "--checkpoints", "2", "--proj-dim", "256"]
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_reduced_demo(backend, tmp_path, capsys):
+    if backend == "torch":
+        pytest.importorskip("torch", reason="PyTorch is not installed")
+    png = tmp_path / "demo.png"
+    args = ["--backend", backend, "--n-train", "400", "--n-targets", "30", "--checkpoints", "3",
+            "--subsets", "40", "--proj-dim", "512", "--png", str(png), "--quiet"]
     first = demo.main(args)
-    second = demo.main(args)
-    assert first["scores"].shape == (300, 20)
-    np.testing.assert_array_equal(first["scores"], second["scores"])  # seeded: repeatable bit for bit
-    assert first["accuracy"] > 0.8
-    # proponents share the target's label far more often than chance (0.1 for ten balanced classes)
-    assert first["same_label_top"] > 0.3
-    assert "seconds: train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "TRAK, 3 checkpoints" in out and "retrain for LDS" in out
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert first["accuracy"] > 0.85
+    lds = {k: v.mean for k, v in first["lds"].items()}
+    # the ensemble beats one checkpoint, and TRAK beats the gradient-dot baseline
+    assert lds["TRAK, 3 checkpoints"] > lds["TRAK, 1 checkpoint"]
+    assert lds["TRAK, 3 checkpoints"] > lds["gradient dot"]
+    second = demo.main(args[:-1] + ["--quiet"])  # seeded: the same numbers again
+    np.testing.assert_array_equal(second["scores"]["gradient dot"], first["scores"]["gradient dot"])
+    np.testing.assert_array_equal(second["scores"]["TRAK, 3 checkpoints"], first["scores"]["TRAK, 3 checkpoints"])

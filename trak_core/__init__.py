@@ -7,12 +7,13 @@ from .backends import (Backend, BackendError, MissingFrameworkError, UnknownBack
 from .kernel import KernelFactor
 from .models import MLP, AnalyticModel, SoftmaxRegression
 from .projection import ProjectionCache, project, projection_matrix
-from .tasks import Classification, Regression, Task
+from .evaluation import LDSResult, lds, subset_masks
+from .tasks import Classification, CustomTask, Regression, Task
 from .trak import TRAK
 
 __version__ = "0.1.0"
 
 __all__ = ["TRAK", "project", "projection_matrix", "ProjectionCache", "available_backends", "get_backend",
            "register_backend", "Backend", "BackendError", "UnknownBackendError", "MissingFrameworkError",
-           "Task", "Classification", "Regression", "AnalyticModel", "SoftmaxRegression", "MLP",
+           "Task", "Classification", "Regression", "CustomTask", "lds", "subset_masks", "LDSResult", "AnalyticModel", "SoftmaxRegression", "MLP",
            "KernelFactor", "__version__"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Task", "Classification", "Regression", "get_task", "TASKS"]
+__all__ = ["Task", "Classification", "Regression", "CustomTask", "get_task", "TASKS"]
 
 
 @runtime_checkable
@@ -105,6 +105,50 @@ class Regression:
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         return xp.ones_like(logits[:, 0])
+
+
+class CustomTask:
+    """A task from user functions: ``output(logits, labels, xp)`` and ``out_to_loss(logits, labels, xp)``.
+
+    Parameters
+    ----------
+    output : callable
+        The model output function ``f``, returning shape ``(n,)``; differentiated by the
+        framework backends (torch, JAX), so write it with ``xp`` operations.
+    out_to_loss : callable, optional
+        The weight ``Q``, shape ``(n,)``; default all ones.
+    output_grad : callable, optional
+        ``d f / d logits``, shape ``(n, n_outputs)``: needed only by the analytic ``"numpy"`` backend.
+    check_labels : callable, optional
+        ``(labels, n_outputs, xp) -> None`` raising on labels that do not fit.
+    name : str
+        A name for logs.
+    """
+
+    def __init__(self, output: Any, out_to_loss: Any = None, *, output_grad: Any = None,
+                 check_labels: Any = None, name: str = "custom") -> None:
+        if not callable(output):
+            raise TypeError(f"output must be callable (logits, labels, xp) -> (n,), got {type(output).__name__}")
+        self.name, self._output, self._out_to_loss = name, output, out_to_loss
+        self._output_grad, self._check_labels = output_grad, check_labels
+
+    def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
+        if self._check_labels is not None:
+            self._check_labels(labels, n_outputs, xp)
+
+    def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        return self._output(logits, labels, xp)
+
+    def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        if self._output_grad is None:
+            raise TypeError(f"task {self.name!r} has no output_grad, which the analytic 'numpy' backend needs; "
+                            "pass output_grad=... or use a backend with autodiff (torch, jax)")
+        return self._output_grad(logits, labels, xp)
+
+    def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        if self._out_to_loss is None:
+            return xp.ones_like(logits[:, 0])
+        return self._out_to_loss(logits, labels, xp)
 
 
 TASKS = {"classification": Classification, "regression": Regression}

@@ -5,7 +5,7 @@ One job: orchestrate a backend (gradients), the projection, the kernel and the s
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from . import kernel as kernel_ops
 from ._namespace import namespace
@@ -183,32 +183,45 @@ class TRAK:
                  index, phi_all.shape[0], phi_all.shape[1], factor.lambda_reg, factor.rank)
         self.store.add(CheckpointEntry(index, prepared, n_params, phi_all, q_all, factor))
 
-    def score(self, data: Iterable[Any]) -> Any:
+    def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None) -> Any:
         """Scores of every training example for every target, shape ``(n_train, n_targets)``.
 
         Parameters
         ----------
         data : iterable of (inputs, labels)
             The targets in batches; it is iterated once.
+        checkpoints : sequence of int, optional
+            Indices of the featurized checkpoints to ensemble (default: all of them).
 
         Returns
         -------
         array
-            In the namespace, dtype and on the device of the features, averaged over all
-            featurized checkpoints (DESIGN.md, the estimator).
+            In the namespace, dtype and on the device of the features, averaged over the
+            checkpoints (DESIGN.md, the estimator).
         """
         if not len(self.store):
             raise ValueError("score() called before any featurize(); featurize at least one checkpoint first")
+        entries = self._entries(checkpoints)
         columns = []
         for b, (inputs, labels) in enumerate(progress(batches(data), desc="score", enabled=self.progress)):
             per_checkpoint = []
-            for entry in self.store:
+            for entry in entries:
                 target, _ = self._batch_features(entry.prepared, entry.index, inputs, labels,
                                                  f"targets batch {b}, checkpoint {entry.index}")
                 xp = namespace(target)
                 per_checkpoint.append(checkpoint_scores(entry.features, entry.factor, target, xp=xp))
-            columns.append(ensemble(per_checkpoint, [e.out_to_loss for e in self.store], xp=xp))
+            columns.append(ensemble(per_checkpoint, [e.out_to_loss for e in entries], xp=xp))
         if not columns:
             raise ValueError("score: data yielded no batches; pass an iterable of (inputs, labels)")
         scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
         return xp.astype(scores, self.store[0].features.dtype)
+
+    def _entries(self, checkpoints: Sequence[int] | None) -> list[CheckpointEntry]:
+        if checkpoints is None:
+            return list(self.store)
+        chosen = list(checkpoints)
+        bad = [c for c in chosen if not isinstance(c, int) or not 0 <= c < len(self.store)]
+        if bad or not chosen:
+            raise ValueError(f"checkpoints must be a non-empty list of indices in [0, {len(self.store) - 1}], "
+                             f"got {checkpoints!r}")
+        return [self.store[c] for c in chosen]

@@ -1,0 +1,75 @@
+"""Turn a ``state_dict`` (or ``None``) into the parameter snapshot the gradients are taken at.
+
+One job: validate and snapshot checkpoints for :class:`trak_torch.TorchBackend`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+
+@dataclass
+class TorchCheckpoint:
+    """Parameters to differentiate (``params``, in ``named_parameters`` order) and the rest (``frozen``)."""
+
+    params: dict[str, Any]
+    frozen: dict[str, Any]
+    device: Any
+    dtype: Any
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(t.numel()) for t in self.params.values())
+
+
+def select_names(model: Any, params: Sequence[str] | Callable[[str, Any], bool] | None) -> list[str]:
+    """Names of the parameters to differentiate, in ``model.named_parameters()`` order."""
+    named = dict(model.named_parameters())
+    if params is None:
+        return list(named)
+    if callable(params):
+        chosen = [name for name, tensor in named.items() if params(name, tensor)]
+    else:
+        unknown = [name for name in params if name not in named]
+        if unknown:
+            raise ValueError(f"params names {unknown} are not parameters of the model; "
+                             f"its parameters are {list(named)}")
+        chosen = [name for name in named if name in set(params)]
+    if not chosen:
+        raise ValueError("params selects no parameter of the model; nothing to differentiate")
+    return chosen
+
+
+def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str]) -> TorchCheckpoint:
+    """Copy ``checkpoint`` (or the model's current state when ``None``) onto the model's device."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
+    reference = model.state_dict(keep_vars=True)
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        raise ValueError("the model has no parameters")
+    device, dtype = first.device, first.dtype
+    if checkpoint is None:
+        state = reference
+    else:
+        if not isinstance(checkpoint, Mapping):
+            raise TypeError(f"a torch checkpoint must be a state_dict (a mapping of names to tensors) or None, "
+                            f"got {type(checkpoint).__name__}")
+        missing = [k for k in reference if k not in checkpoint]
+        extra = [k for k in checkpoint if k not in reference]
+        if missing or extra:
+            raise ValueError(f"state_dict does not match the model: missing keys {missing}, unexpected keys "
+                             f"{extra}")
+        state = checkpoint
+    params, frozen = {}, {}
+    for name, ref in reference.items():
+        value = torch.as_tensor(state[name])
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, the model's is {tuple(ref.shape)}")
+        value = value.detach().to(device=ref.device, dtype=ref.dtype, copy=True)
+        (params if name in names else frozen)[name] = value
+    if not torch.all(torch.stack([torch.isfinite(t).all() for t in params.values()])):
+        raise ValueError("the checkpoint's parameters contain NaN or inf")
+    return TorchCheckpoint({n: params[n] for n in names}, frozen, device, dtype)

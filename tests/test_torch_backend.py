@@ -1,0 +1,162 @@
+"""The PyTorch backend against one-at-a-time autograd, the NumPy reference and the core projection."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: the torch backend is not exercised")
+
+import trak_core  # noqa: E402
+from trak_core import TRAK, SoftmaxRegression, project  # noqa: E402
+from trak_torch import TorchBackend  # noqa: E402
+
+import array_api_compat.torch as xp  # noqa: E402
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3)
+        self.norm = torch.nn.BatchNorm2d(3)
+        self.head = torch.nn.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)).double()
+
+
+def _cnn():
+    torch.manual_seed(1)
+    model = SmallCNN().double()
+    with torch.no_grad():  # non-trivial running statistics, so eval mode matters
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    model.train()  # the backend must switch to eval mode itself, and restore this
+    return model
+
+
+def _one_at_a_time(model, names, x, y):
+    """Autograd of each example's margin separately: the independent reference."""
+    model.eval()
+    rows = []
+    for i in range(x.shape[0]):
+        params = [dict(model.named_parameters())[n] for n in names]
+        out = model(x[i:i + 1])[0]
+        others = torch.cat([out[:y[i]], out[y[i] + 1:]])
+        margin = out[y[i]] - torch.logsumexp(others, 0)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(margin, params)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("make,shape,params", [
+    (_mlp, (6,), None),
+    (_cnn, (1, 8, 8), None),
+    (_mlp, (6,), ["2.weight"]),
+    (_cnn, (1, 8, 8), lambda name, t: name.startswith("head")),
+], ids=["mlp", "cnn-batchnorm", "mlp-subset", "cnn-subset"])
+def test_per_example_gradients_equal_one_at_a_time(make, shape, params):
+    model = make()
+    x = torch.randn(7, *shape, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,))
+    backend = TorchBackend(params=params, chunk_size=3)
+    prepared = backend.prepare(model, None)
+    grads, q = backend.gradients(model, prepared, x, y, trak_core.Classification())
+    assert model.training  # mode restored
+    names = list(prepared.params)
+    reference = _one_at_a_time(model, names, x, y)
+    assert grads.shape == reference.shape and grads.dtype == torch.float64
+    torch.testing.assert_close(grads, reference, rtol=1e-7, atol=1e-10)
+    with torch.no_grad():
+        p = torch.softmax(model.eval()(x), 1)[torch.arange(7), y]
+    torch.testing.assert_close(q, 1 - p, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_checkpoints", [1, 3])
+def test_linear_classifier_scores_equal_numpy_reference(n_checkpoints, rng):
+    x, y = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
+    xt, yt = rng.normal(size=(6, 5)), rng.integers(0, 3, 6)
+    reference_model = SoftmaxRegression(5, 3)
+    linear = torch.nn.Linear(5, 3).double()
+    ours = TRAK(linear, proj_dim=None, lambda_reg=0.1, progress=False)
+    ref = TRAK(reference_model, proj_dim=None, lambda_reg=0.1, progress=False)
+    assert ours.backend.name == "torch" and ref.backend.name == "numpy"
+    for c in range(n_checkpoints):
+        theta = reference_model.init(seed=c) * 2
+        named = reference_model.params(theta)
+        ref.featurize(theta, [(x, y)])
+        ours.featurize({k: torch.tensor(v) for k, v in named.items()},
+                       [(torch.tensor(x[:25]), torch.tensor(y[:25])), (torch.tensor(x[25:]), torch.tensor(y[25:]))])
+    a = ours.score([(torch.tensor(xt), torch.tensor(yt))])
+    b = ref.score([(xt, yt)])
+    assert isinstance(a, torch.Tensor) and a.dtype == torch.float64
+    np.testing.assert_allclose(a.numpy(), b, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_torch_projection_equals_reference(kind, rng):
+    g = rng.normal(size=(9, 3000))
+    reference = project(g, 300, seed=3, checkpoint=2, kind=kind)
+    out = TorchBackend().project(torch.tensor(g), 300, seed=3, checkpoint=2, kind=kind)
+    np.testing.assert_allclose(out.numpy(), reference, rtol=1e-12, atol=1e-12)
+    for cache in (None, trak_core.ProjectionCache(3000 * 4 * 10 + 8), trak_core.ProjectionCache(0)):
+        out = project(torch.tensor(g), 300, seed=3, checkpoint=2, kind=kind, cache=cache)
+        np.testing.assert_allclose(out.numpy(), reference, rtol=1e-12, atol=1e-12)
+    signs = trak_core.projection_matrix(500, 70, seed=3, checkpoint=1, xp=xp)
+    assert np.array_equal(signs.numpy(), trak_core.projection_matrix(500, 70, seed=3, checkpoint=1))
+
+
+def test_regression_and_custom_tasks():
+    torch.manual_seed(2)
+    model = torch.nn.Linear(4, 1).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5)
+    backend = TorchBackend()
+    prepared = backend.prepare(model, None)
+    grads, q = backend.gradients(model, prepared, x, y, trak_core.Regression())
+    torch.testing.assert_close(grads, torch.cat([x, torch.ones(5, 1, dtype=torch.float64)], 1))  # d(wx+b)
+    torch.testing.assert_close(q, torch.ones(5, dtype=torch.float64))
+    square = trak_core.CustomTask(lambda out, labels, xp: out[:, 0] ** 2,
+                                  lambda out, labels, xp: 2.0 + 0 * out[:, 0])
+    grads, q = backend.gradients(model, prepared, x, y, square)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(grads, 2 * out * torch.cat([x, torch.ones(5, 1, dtype=torch.float64)], 1))
+    torch.testing.assert_close(q, torch.full((5,), 2.0, dtype=torch.float64))
+
+
+def test_bad_input_errors():
+    model = _mlp()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 4, (4,))
+    trak = TRAK(model, proj_dim=8, progress=False)
+    with pytest.raises(ValueError, match="missing keys \\['2.bias'\\]"):
+        trak.featurize({k: v for k, v in model.state_dict().items() if k != "2.bias"}, [(x, y)])
+    with pytest.raises(ValueError, match="unexpected keys \\['extra'\\]"):
+        trak.featurize({**model.state_dict(), "extra": torch.zeros(1)}, [(x, y)])
+    with pytest.raises(TypeError, match="integers"):
+        trak.featurize(None, [(x, y.double())])
+    with pytest.raises(ValueError, match="labels out of range"):
+        trak.featurize(None, [(x, y + 4)])
+    with pytest.raises(ValueError, match="are on meta but the model is on cpu"):
+        trak.featurize(None, [(x.to("meta"), y)])
+    with pytest.raises(ValueError, match="shape \\(batch, n_outputs\\)"):
+        TRAK(torch.nn.Conv1d(1, 2, 3).double(), proj_dim=8, progress=False).featurize(
+            None, [(torch.randn(4, 1, 5, dtype=torch.float64), y)])
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        TorchBackend(params=["nope"]).prepare(model, None)
+    with pytest.raises(TypeError, match="torch tensors"):
+        trak.featurize(None, [(x.numpy(), y)])
+    assert trak.n_checkpoints == 0
+
+
+def test_checkpoint_snapshot_is_independent_of_later_training():
+    model = _mlp()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 4, (10,))
+    state = model.state_dict()
+    trak = TRAK(model, proj_dim=16, lambda_reg=0.1, progress=False)
+    trak.featurize(state, [(x, y)])
+    before = trak.score([(x[:2], y[:2])])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # state_dict tensors alias the parameters: the snapshot must not
+    torch.testing.assert_close(trak.score([(x[:2], y[:2])]), before)

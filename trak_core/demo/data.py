@@ -1,0 +1,18 @@
+"""The demo's data: scikit-learn's bundled ``digits`` (8x8 images, no download)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def load_digits_split(n_train: int, n_targets: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Digits scaled to [0, 1], shuffled with ``seed``, split into training set and targets."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise SystemExit('the demo needs scikit-learn for its bundled digits: pip install "trak-core[demo]"') from None
+    data = load_digits()
+    order = np.random.default_rng(seed).permutation(len(data.target))
+    x, y = data.data[order] / 16.0, data.target[order].astype(np.int64)
+    if n_train + n_targets > len(y):
+        raise SystemExit(f"--n-train + --n-targets must be at most {len(y)}")
+    return x[:n_train], y[:n_train], x[n_train:n_train + n_targets], y[n_train:n_train + n_targets]
