@@ -160,3 +160,17 @@ def test_checkpoint_snapshot_is_independent_of_later_training():
         for p in model.parameters():
             p.add_(1.0)  # state_dict tensors alias the parameters: the snapshot must not
     torch.testing.assert_close(trak.score([(x[:2], y[:2])]), before)
+
+
+def test_torch_int64_hash_path_equals_numpy_uint32():
+    # the path CUDA tensors take: the hash in int64 masked to 32 bits, then the bits kept in int32
+    import array_api_compat.numpy as npx
+    from trak_core import _hash
+    from trak_core.projection import _words
+
+    a = _words(12345, 2**32 - 5, 2**32 + 60, 9, xp=npx, device=None)
+    b = _words(12345, 2**32 - 5, 2**32 + 60, 9, xp=xp, device=None)
+    assert b.dtype == torch.int64 and np.array_equal(a.astype(np.int64), b.numpy())
+    as_int32 = xp.astype(b - ((b >> 31) << 32), xp.int32)
+    assert np.array_equal(as_int32.numpy(), a.view(np.int32))
+    assert _hash.word_dtype(xp) == torch.int64

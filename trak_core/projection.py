@@ -26,9 +26,9 @@ import array_api_compat
 
 from . import _hash
 from ._cache import ProjectionCache, default_cache
-from ._namespace import accumulation_dtype, device_of, is_numpy, namespace
+from ._namespace import accumulation_dtype, device_of, has_float64, is_numpy, namespace
 
-__all__ = ["KINDS", "projection_matrix", "project", "ProjectionCache", "default_cache", "row_signs"]
+__all__ = ["KINDS", "projection_matrix", "project", "cached_factors", "ProjectionCache", "default_cache", "row_signs"]
 
 KINDS = ("rademacher", "gaussian")
 _BLOCK_BYTES = 64 * 2**20  # memory for one generated block when the matrix is not cached
@@ -61,10 +61,17 @@ def _words(stream: int, start: int, stop: int, n_cols: int, *, xp: Any, device: 
 def _rademacher_words(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any) -> Any:
     """Packed signs of rows ``start .. stop-1``: shape (rows, ceil(k / 32)), 32 columns a word."""
     stream = _hash.key(*_seed_words(seed), _hash.DOMAIN_RADEMACHER)
-    words = _words(stream, start, stop, -(-k // 32), xp=xp, device=device)
-    if array_api_compat.is_torch_namespace(xp):  # int64 holding 32 bits: keep the bits in int32
-        words = xp.astype(words - ((words >> 31) << 32), xp.int32)
-    return words
+    if array_api_compat.is_torch_namespace(xp):
+        if device is None or str(device) == "cpu":  # NumPy's uint32 is faster than int64 + masks: same bits
+            import array_api_compat.numpy as np_xp
+            import numpy as np
+            import torch
+
+            words = _words(stream, start, stop, -(-k // 32), xp=np_xp, device=None)
+            return torch.from_numpy(np.ascontiguousarray(words).view(np.int32))
+        words = _words(stream, start, stop, -(-k // 32), xp=xp, device=device)
+        return xp.astype(words - ((words >> 31) << 32), xp.int32)  # keep the 32 bits in int32
+    return _words(stream, start, stop, -(-k // 32), xp=xp, device=device)
 
 
 def _unpack(words: Any, k: int, *, xp: Any, dtype: Any) -> Any:
@@ -103,6 +110,11 @@ def _rademacher(start: int, stop: int, k: int, seed: int, *, xp: Any, device: An
 
 
 def _gaussian(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any, dtype: Any) -> Any:
+    if not has_float64(xp, device):  # Box-Muller in float32 would lose the tails: do it in NumPy's float64
+        import array_api_compat.numpy as np_xp
+
+        z = _gaussian(start, stop, k, seed, xp=np_xp, device=None, dtype=np_xp.float64)
+        return xp.asarray(z.astype("float32"), device=device)
     stream = _hash.key(*_seed_words(seed), _hash.DOMAIN_GAUSSIAN)
     n_pairs = -(-k // 2)
     words = _words(stream, start, stop, 2 * n_pairs, xp=xp, device=device)
@@ -171,8 +183,6 @@ def projection_matrix(p: int, k: int, *, seed: int = 0, checkpoint: int = 0, kin
     return signs[:, None] * _shared(offset, offset + p, k, seed, kind, xp=xp, device=device, dtype=dtype)
 
 
-
-
 def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str = "rademacher",
             offset: int = 0, block_size: int | None = None, cache: ProjectionCache | None = None) -> Any:
     """Project per-example gradients: ``grads @ P`` for rows ``offset .. offset + p`` of ``P``.
@@ -207,22 +217,13 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
     if not xp.isdtype(grads.dtype, "real floating"):
         raise TypeError(f"grads must have a real floating dtype, got {grads.dtype}")
     device, dtype = device_of(grads), grads.dtype
-    cache = default_cache if cache is None else cache
-    itemsize = xp.finfo(dtype).bits // 8
-    ident = (xp.__name__, str(device), str(dtype), int(seed), kind, k)
-    sign_key = ident + ("signs", int(checkpoint), offset, p)
-    signs = cache.get(sign_key, p * itemsize, lambda: row_signs(
-        offset, offset + p, seed=seed, checkpoint=checkpoint, xp=xp, device=device, dtype=dtype))
+    signs, shared, packed = cached_factors(p, k, seed=seed, checkpoint=checkpoint, kind=kind, offset=offset,
+                                           xp=xp, device=device, dtype=dtype, cache=cache,
+                                           dense=block_size is None)
     flipped = grads * signs
-    if block_size is None and cache.fits(p * k * itemsize):
-        shared = cache.get(ident + ("shared", offset, p), p * k * itemsize, lambda: _shared(
-            offset, offset + p, k, seed, kind, xp=xp, device=device, dtype=dtype))
+    if shared is not None:
         return flipped @ shared
-    packed = None
-    if kind == "rademacher" and cache.fits(p * 4 * -(-k // 32)):  # the bits fit: keep them, unpack per block
-        packed = cache.get(ident[:2] + ("words", int(seed), k, offset, p), p * 4 * -(-k // 32),
-                           lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp, device=device))
-    block = block_size or max(1, _BLOCK_BYTES // (k * itemsize))
+    block = block_size or max(1, _BLOCK_BYTES // (k * (xp.finfo(dtype).bits // 8)))
     out = xp.zeros((n, k), dtype=dtype, device=device)
     for start in range(0, p, block):
         stop = min(p, start + block)
@@ -232,3 +233,29 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
             shared = _shared(offset + start, offset + stop, k, seed, kind, xp=xp, device=device, dtype=dtype)
         out = out + flipped[:, start:stop] @ shared
     return out
+
+
+def cached_factors(p: int, k: int, *, seed: int, checkpoint: int, kind: str, offset: int, xp: Any, device: Any,
+                   dtype: Any, cache: ProjectionCache | None = None, dense: bool = True) -> tuple[Any, Any, Any]:
+    """The pieces of ``P_checkpoint`` from the cache: ``(signs, shared, packed)``.
+
+    ``signs`` (p,) always; ``shared`` is the dense ``R`` (p, k) when it fits the cache budget (and
+    ``dense``), else ``None``; ``packed`` holds Rademacher bits (p, ceil(k/32)) when ``shared`` is
+    ``None`` and they fit, else ``None``. Backends that fuse projection into a compiled step
+    (JAX) take these as inputs.
+    """
+    cache = default_cache if cache is None else cache
+    itemsize = xp.finfo(dtype).bits // 8
+    ident = (xp.__name__, str(device), str(dtype), int(seed), kind, k)
+    signs = cache.get(ident + ("signs", int(checkpoint), offset, p), p * itemsize, lambda: row_signs(
+        offset, offset + p, seed=seed, checkpoint=checkpoint, xp=xp, device=device, dtype=dtype))
+    if dense and cache.fits(p * k * itemsize):
+        shared = cache.get(ident + ("shared", offset, p), p * k * itemsize, lambda: _shared(
+            offset, offset + p, k, seed, kind, xp=xp, device=device, dtype=dtype))
+        return signs, shared, None
+    words_bytes = p * 4 * -(-k // 32)
+    if kind == "rademacher" and cache.fits(words_bytes):  # the bits fit: keep them, unpack per block
+        packed = cache.get(ident[:2] + ("words", int(seed), k, offset, p), words_bytes,
+                           lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp, device=device))
+        return signs, None, packed
+    return signs, None, None

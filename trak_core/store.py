@@ -23,6 +23,7 @@ class CheckpointEntry:
     features: Any
     out_to_loss: Any
     factor: KernelFactor
+    structure: Any = None
 
 
 class MemoryStore:

@@ -5,7 +5,7 @@ One job: orchestrate a backend (gradients), the projection, the kernel and the s
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from . import kernel as kernel_ops
 from ._namespace import namespace
@@ -20,6 +20,9 @@ from .tasks import Task, get_task
 __all__ = ["TRAK"]
 
 log = logging.getLogger("trak_core")
+
+KERNEL_CHUNK_ROWS = 4096  # rows of features per update of the kernel K
+PROJECTION_GROUP_BYTES = 256 * 2**20  # per-example gradients projected together (at least one batch)
 
 
 def _check_proj_dim(proj_dim: Any) -> int | None:
@@ -42,6 +45,23 @@ def _rows(array: Any, what: str, where: str) -> int:
         raise TypeError(f"{where}: {what} must be an array with one row per example, got {type(array).__name__}"
                         + (" of shape ()" if shape == () else ""))
     return int(shape[0])
+
+
+def _check_lengths(inputs: Any, labels: Any, where: str) -> int:
+    n_inputs, n_labels = _rows(inputs, "inputs", where), _rows(labels, "labels", where)
+    if n_inputs != n_labels:
+        raise ValueError(f"{where}: inputs have {n_inputs} rows but labels have {n_labels}; "
+                         "each batch needs one label per example")
+    return n_inputs
+
+
+def _check_finite(values: Any, out_to_loss: Any, where: str, what: str) -> None:
+    xp = namespace(values)
+    if not bool(xp.all(xp.isfinite(values))):
+        raise ValueError(f"{where}: the {what} contain NaN or inf; check the inputs (NaN/inf values), "
+                         "the checkpoint's weights, and the learning rate that produced them")
+    if not bool(xp.all(xp.isfinite(out_to_loss))):
+        raise ValueError(f"{where}: the out-to-loss weights contain NaN or inf")
 
 
 def _resolve_backend(backend: str | Backend | None, model: Any) -> Backend:
@@ -123,23 +143,64 @@ class TRAK:
                                         kind=self.proj_type)
         return project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint, kind=self.proj_type)
 
-    def _batch_features(self, prepared: Any, index: int, inputs: Any, labels: Any,
-                        where: str) -> tuple[Any, Any]:
-        n_inputs, n_labels = _rows(inputs, "inputs", where), _rows(labels, "labels", where)
-        if n_inputs != n_labels:
-            raise ValueError(f"{where}: inputs have {n_inputs} rows but labels have {n_labels}; "
-                             "each batch needs one label per example")
+    def _gradients(self, prepared: Any, inputs: Any, labels: Any, where: str) -> tuple[Any, Any]:
+        """Validated per-example gradients (n, p) and out-to-loss weights (n,) of one batch."""
+        n_inputs = _check_lengths(inputs, labels, where)
         grads, out_to_loss = self.backend.gradients(self.model, prepared, inputs, labels, self.task)
-        xp = namespace(grads)
         if grads.ndim != 2 or grads.shape[0] != n_inputs:
             raise ValueError(f"{where}: backend {self.backend.name!r} returned gradients of shape "
                              f"{tuple(grads.shape)} for {n_inputs} examples; expected (n, p)")
-        if not bool(xp.all(xp.isfinite(grads))):
-            raise ValueError(f"{where}: the per-example gradients contain NaN or inf; check the inputs "
-                             "(NaN/inf values), the checkpoint's weights, and the learning rate that produced them")
-        if not bool(xp.all(xp.isfinite(out_to_loss))):
-            raise ValueError(f"{where}: the out-to-loss weights contain NaN or inf")
+        _check_finite(grads, out_to_loss, where, "per-example gradients")
+        return grads, out_to_loss
+
+    def _fused_features(self, prepared: Any, index: int, inputs: Any, labels: Any, where: str) -> tuple | None:
+        """Features from a backend that projects inside its own compiled step, if it has one."""
+        fused = getattr(self.backend, "features", None)
+        if fused is None or self.proj_dim is None:
+            return None
+        n_inputs = _check_lengths(inputs, labels, where)
+        out = fused(self.model, prepared, inputs, labels, self.task, k=self.proj_dim, seed=self.seed,
+                    checkpoint=index, kind=self.proj_type)
+        if out is not None:
+            if tuple(out[0].shape) != (n_inputs, self.proj_dim):
+                raise ValueError(f"{where}: backend {self.backend.name!r} returned features of shape "
+                                 f"{tuple(out[0].shape)}; expected {(n_inputs, self.proj_dim)}")
+            _check_finite(out[0], out[1], where, "features (projected per-example gradients)")
+        return out
+
+    def _batch_features(self, prepared: Any, index: int, inputs: Any, labels: Any,
+                        where: str) -> tuple[Any, Any]:
+        fused = self._fused_features(prepared, index, inputs, labels, where)
+        if fused is not None:
+            return fused
+        grads, out_to_loss = self._gradients(prepared, inputs, labels, where)
         return self._project(grads, index), out_to_loss
+
+    def _stream_features(self, prepared: Any, index: int, data: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        """Features and out-to-loss weights of ``data``, projecting several batches at a time.
+
+        Gradients are grouped until they fill :data:`PROJECTION_GROUP_BYTES`, so that the cost of
+        making (or unpacking) the projection matrix is shared by more examples. Backends with a
+        fused step (:meth:`features`) project batch by batch inside it.
+        """
+        grads, weights, nbytes = [], [], 0
+        for b, (inputs, labels) in enumerate(progress(batches(data), desc=f"featurize checkpoint {index}",
+                                                      enabled=self.progress)):
+            where = f"checkpoint {index}, batch {b}"
+            fused = self._fused_features(prepared, index, inputs, labels, where)
+            if fused is not None:
+                yield fused
+                continue
+            g, q = self._gradients(prepared, inputs, labels, where)
+            xp = namespace(g)
+            grads.append(g)
+            weights.append(q)
+            nbytes += g.shape[0] * g.shape[1] * (xp.finfo(g.dtype).bits // 8)
+            if nbytes >= PROJECTION_GROUP_BYTES:
+                yield self._project(xp.concat(grads, axis=0), index), xp.concat(weights, axis=0)
+                grads, weights, nbytes = [], [], 0
+        if grads:
+            yield self._project(xp.concat(grads, axis=0), index), xp.concat(weights, axis=0)
 
     def featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
         """Compute and store the training features of one checkpoint.
@@ -164,16 +225,25 @@ class TRAK:
         if index and n_params != self.store[0].n_params:
             raise ValueError(f"checkpoint {index} has {n_params} parameters but checkpoint 0 had "
                              f"{self.store[0].n_params}; every checkpoint must be of the same model")
-        features, weights, kernel = [], [], None
-        for b, (inputs, labels) in enumerate(progress(batches(data), desc=f"featurize checkpoint {index}",
-                                                      enabled=self.progress)):
-            phi, q = self._batch_features(prepared, index, inputs, labels, f"checkpoint {index}, batch {b}")
+        structure = self.backend.structure(prepared) if hasattr(self.backend, "structure") else None
+        if index and structure != self.store[0].structure:
+            raise ValueError(f"checkpoint {index} has a different parameter structure than checkpoint 0 "
+                             f"({structure} vs {self.store[0].structure}); every checkpoint must have the "
+                             "same parameter names, nesting and shapes")
+        features, weights, kernel, chunk, chunk_rows = [], [], None, [], 0
+        for phi, q in self._stream_features(prepared, index, data):
             xp = namespace(phi)
-            kernel = kernel_ops.accumulate(kernel, phi, xp=xp)
             features.append(phi)
             weights.append(q)
+            chunk.append(phi)
+            chunk_rows += phi.shape[0]
+            if chunk_rows >= KERNEL_CHUNK_ROWS:  # update K once per chunk of rows, not per (small) batch
+                kernel = kernel_ops.accumulate(kernel, xp.concat(chunk, axis=0), xp=xp)
+                chunk, chunk_rows = [], 0
         if not features:
             raise ValueError("featurize: data yielded no batches; pass an iterable of (inputs, labels)")
+        if chunk:
+            kernel = kernel_ops.accumulate(kernel, xp.concat(chunk, axis=0), xp=xp)
         phi_all, q_all = xp.concat(features, axis=0), xp.concat(weights, axis=0)
         if index and phi_all.shape[0] != self.n_train:
             raise ValueError(f"checkpoint {index} saw {phi_all.shape[0]} training examples but checkpoint 0 "
@@ -181,7 +251,7 @@ class TRAK:
         factor = kernel_ops.factorize(kernel, self.lambda_reg, xp=xp)
         log.info("checkpoint %d: %d examples, %d features, lambda=%g, kernel rank %d",
                  index, phi_all.shape[0], phi_all.shape[1], factor.lambda_reg, factor.rank)
-        self.store.add(CheckpointEntry(index, prepared, n_params, phi_all, q_all, factor))
+        self.store.add(CheckpointEntry(index, prepared, n_params, phi_all, q_all, factor, structure))
 
     def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None) -> Any:
         """Scores of every training example for every target, shape ``(n_train, n_targets)``.
