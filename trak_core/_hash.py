@@ -79,20 +79,35 @@ def mix(x: Any, *, xp: Any) -> Any:
 
 
 def counters(start: int, stop: int, *, xp: Any, device: Any) -> tuple[Any, Any]:
-    """Low and high 32-bit words of the counters ``start .. stop-1`` as word arrays."""
+    """Low and high 32-bit words of the counters ``start .. stop-1`` as word arrays.
+
+    Made piece by piece between multiples of 2**32, with 32-bit arithmetic only (JAX without
+    x64 has no int64).
+    """
     dtype = word_dtype(xp)
-    lo_start = start & MASK32
-    if (start >> 32) == ((stop - 1) >> 32) and lo_start + (stop - start) <= 2**32:
-        lo = xp.arange(lo_start, lo_start + (stop - start), dtype=dtype, device=device)
-        hi = xp.full(lo.shape, start >> 32, dtype=dtype, device=device)
-        return lo, hi
-    else:  # crosses a 2**32 boundary: rare, take the slow exact route
-        a = xp.arange(start, stop, dtype=xp.int64, device=device)
-        lo, hi = a & MASK32, a >> 32
-    return xp.astype(lo, dtype), xp.astype(hi, dtype)
+    los, his, a = [], [], start
+    while a < stop:
+        b = min(stop, ((a >> 32) + 1) << 32)
+        lo = xp.arange(b - a, dtype=dtype, device=device)
+        if a & MASK32:
+            lo = lo + xp.asarray(a & MASK32, dtype=dtype, device=device)
+        los.append(lo)
+        his.append(xp.full((b - a,), a >> 32, dtype=dtype, device=device))
+        a = b
+    if len(los) == 1:
+        return los[0], his[0]
+    if not los:
+        empty = xp.zeros((0,), dtype=dtype, device=device)
+        return empty, empty
+    return xp.concat(los), xp.concat(his)
 
 
 def row_keys(stream: int, start: int, stop: int, *, xp: Any, device: Any) -> Any:
     """``mix(mix(stream ^ lo(a)) ^ hi(a))`` for rows ``a`` in ``start .. stop-1``."""
     lo, hi = counters(start, stop, xp=xp, device=device)
-    return mix(mix(lo ^ stream, xp=xp) ^ hi, xp=xp)
+    return mix(mix(lo ^ word(stream, lo, xp=xp), xp=xp) ^ hi, xp=xp)
+
+
+def word(value: int, like: Any, *, xp: Any) -> Any:
+    """A 32-bit constant as a 0-d array of ``like``'s dtype (JAX would read a Python int as int32)."""
+    return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))

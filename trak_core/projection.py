@@ -53,7 +53,8 @@ def _words(stream: int, start: int, stop: int, n_cols: int, *, xp: Any, device: 
     """The (stop - start, n_cols) block of words ``mix(rowkey(a) ^ colkey(b))``."""
     rows = _hash.row_keys(stream, start, stop, xp=xp, device=device)
     col_base = _hash.key(stream, _hash.DOMAIN_COLUMNS)
-    cols = xp.arange(n_cols, dtype=_hash.word_dtype(xp), device=device) ^ col_base
+    cols = xp.arange(n_cols, dtype=_hash.word_dtype(xp), device=device)
+    cols = cols ^ _hash.word(col_base, cols, xp=xp)
     cols = _hash.mix(cols, xp=xp)
     return _hash.mix(rows[:, None] ^ cols[None, :], xp=xp)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from ._namespace import device_of
+
 __all__ = ["Task", "Classification", "Regression", "CustomTask", "get_task", "TASKS"]
 
 
@@ -33,7 +35,7 @@ class Task(Protocol):
 
 
 def _one_hot(labels: Any, n_classes: int, like: Any, *, xp: Any) -> Any:
-    classes = xp.arange(n_classes, dtype=labels.dtype, device=labels.device)
+    classes = xp.arange(n_classes, dtype=labels.dtype, device=device_of(labels))
     return xp.astype(labels[:, None] == classes[None, :], like.dtype)
 
 
@@ -61,7 +63,7 @@ class Classification:
     def _others(self, logits: Any, labels: Any, *, xp: Any) -> tuple[Any, Any]:
         """One-hot of the label and the log-softmax-free pieces over the other classes."""
         onehot = _one_hot(labels, logits.shape[1], logits, xp=xp)
-        masked = xp.where(onehot > 0, xp.asarray(-xp.inf, dtype=logits.dtype, device=logits.device), logits)
+        masked = xp.where(onehot > 0, xp.asarray(-xp.inf, dtype=logits.dtype, device=device_of(logits)), logits)
         top = xp.max(masked, axis=1, keepdims=True)
         weights = xp.exp(masked - top)
         return onehot, (top, weights)

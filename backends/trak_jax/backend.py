@@ -61,7 +61,7 @@ class JaxBackend:
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
-        self._steps: dict[tuple, Any] = {}
+        self._steps: dict[tuple, Any] = {}  # (apply, task, project) -> [jitted step, compiled batch size]
         self.compilations = 0  # traces of the step function: how many times it was (re)compiled
 
     def owns(self, model: Any) -> bool:
@@ -87,7 +87,7 @@ class JaxBackend:
         return prepared.structure
 
     def _step(self, apply: Callable, task: Any, project: bool) -> Any:
-        key = (apply, id(task), project)
+        key = (apply, task, project)
         if key not in self._steps:
             import array_api_compat
             import jax
@@ -112,7 +112,7 @@ class JaxBackend:
                     flat = (flat * signs) @ shared
                 return flat, out_to_loss
 
-            self._steps[key] = jax.jit(step)
+            self._steps[key] = [jax.jit(step), self.batch_size]
         return self._steps[key]
 
     def _check_batch(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any) -> tuple:
@@ -143,9 +143,9 @@ class JaxBackend:
 
         inputs, labels = self._check_batch(model, prepared, inputs, labels, task)
         n = inputs.shape[0]
-        size = self.batch_size or n
-        self.batch_size = size
-        step = self._step(self._apply(model), task, factors is not None)
+        entry = self._step(self._apply(model), task, factors is not None)
+        step, size = entry[0], entry[1] or n
+        entry[1] = size  # later batches are padded up to (or split into) the first batch's size
         signs, shared = factors if factors is not None else (None, None)
         parts, weights = [], []
         for start in range(0, n, size):

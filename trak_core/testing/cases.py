@@ -1,0 +1,231 @@
+"""How the conformance suite builds the canonical models in each framework (one class per backend).
+
+One job: adapters. A third-party backend author writes one such class for their framework and
+returns it from a ``conformance_case`` fixture; see :mod:`trak_core.testing`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from typing import Any
+
+import numpy as np
+
+from . import canonical
+
+
+class BackendCase:
+    """What the suite needs from a backend: the protocol third-party authors implement.
+
+    Attributes
+    ----------
+    id : str
+        ``"module:device"``, e.g. ``"torch:cpu"``.
+    backend : str or Backend
+        What to pass as ``TRAK(backend=...)``.
+    kinds : tuple of str
+        Canonical models this backend can build (see :mod:`trak_core.testing.canonical`).
+    """
+
+    id = "base"
+    backend: Any = None
+    kinds: tuple[str, ...] = ("softmax", "mlp")
+
+    def model(self, kind: str, weights: list[np.ndarray]) -> tuple[Any, Any]:
+        """``(model, checkpoint)`` of canonical model ``kind`` holding ``weights``."""
+        raise NotImplementedError
+
+    def array(self, value: np.ndarray) -> Any:
+        """``value`` as this backend's array on its device (dtype preserved)."""
+        raise NotImplementedError
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
+
+    def active(self) -> Any:
+        """A context manager around each test (e.g. to switch a global mode on and off)."""
+        return contextlib.nullcontext()
+
+    def check_array(self, value: Any, like: Any) -> None:
+        """Assert ``value`` is in the namespace, dtype and on the device of ``like``."""
+        import array_api_compat
+
+        assert type(value) is type(like), f"{type(value)} is not {type(like)}"
+        assert value.dtype == like.dtype, f"dtype {value.dtype} is not {like.dtype}"
+        assert array_api_compat.device(value) == array_api_compat.device(like)
+
+
+class NumpyCase(BackendCase):
+    id, backend = "numpy", "numpy"
+
+    def model(self, kind, weights):
+        return canonical.analytic_model(kind), canonical.flat(weights)
+
+    def array(self, value):
+        return np.asarray(value)
+
+
+class StrictCase(BackendCase):
+    """array-api-strict on its non-default device ``device1``: the analytic models, any namespace."""
+
+    id, backend = "array_api_strict:device1", "numpy"
+
+    def __init__(self) -> None:
+        import array_api_strict as xp
+
+        self.xp, self.device = xp, xp.Device("device1")
+
+    def model(self, kind, weights):
+        return canonical.analytic_model(kind), self.array(canonical.flat(weights))
+
+    def array(self, value):
+        return self.xp.asarray(np.asarray(value), device=self.device)
+
+    def to_numpy(self, value):
+        return np.asarray(value.to_device(self.xp.Device("CPU_DEVICE")))
+
+
+class TorchCase(BackendCase):
+    kinds = ("softmax", "mlp", "cnn")
+    backend = "torch"
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device, self.id = device, f"torch:{device}"
+
+    def model(self, kind, weights):
+        import torch
+
+        d, h, c, f = (canonical.SIZES[k] for k in ("d", "hidden", "classes", "filters"))
+        if kind == "softmax":
+            module = torch.nn.Sequential(torch.nn.Linear(d, c))
+        elif kind == "mlp":
+            module = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, c))
+        else:
+            module = torch.nn.Sequential(torch.nn.Conv2d(1, f, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                         torch.nn.Linear(f * 36, c))
+        module = module.to(device=self.device, dtype=getattr(torch, str(weights[0].dtype)))
+        names = [name for name, _ in module.named_parameters()]
+        state = {name: self.array(w) for name, w in zip(names, weights)}
+        return module, state
+
+    def array(self, value):
+        import torch
+
+        return torch.as_tensor(np.asarray(value), device=self.device)
+
+    def to_numpy(self, value):
+        return value.detach().cpu().numpy()
+
+
+class JaxCase(BackendCase):
+    """JAX on ``platform``; ``x64=True`` turns ``jax_enable_x64`` on for each test (float64 runs)."""
+
+    kinds = ("softmax", "mlp", "cnn")
+    backend = "jax"
+
+    def __init__(self, platform: str = "cpu", x64: bool = False) -> None:
+        import jax
+
+        self.device, self.x64 = jax.devices(platform)[0], x64
+        self.id = f"jax:{platform}" + (":x64" if x64 else "")
+
+    def active(self) -> Any:
+        import jax
+
+        return jax.enable_x64(self.x64)
+
+    def model(self, kind, weights):
+        from trak_jax import JaxModel
+
+        return JaxModel(jax_apply(kind)), [self.array(w) for w in weights]
+
+    def array(self, value):
+        import jax
+
+        return jax.device_put(np.asarray(value), self.device)
+
+
+def jax_apply(kind: str) -> Any:
+    """The canonical model ``kind`` as a JAX ``apply(params, x)`` on the canonical weight list."""
+    import jax
+    import jax.numpy as jnp
+
+    def softmax(params, x):
+        weight, bias = params
+        return x @ weight.T + bias
+
+    def mlp(params, x):
+        w1, b1, w2, b2 = params
+        return jnp.tanh(x @ w1.T + b1) @ w2.T + b2
+
+    def cnn(params, x):
+        kernel, bias, weight, out_bias = params
+        conv = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        hidden = jnp.tanh(conv + bias[None, :, None, None])
+        return hidden.reshape(x.shape[0], -1) @ weight.T + out_bias
+
+    return {"softmax": softmax, "mlp": mlp, "cnn": cnn}[kind]
+
+
+class CupyCase(BackendCase):
+    """CuPy arrays through the analytic models (the CuPy backend's own models come with it)."""
+
+    id, backend = "cupy", "numpy"
+
+    def model(self, kind, weights):
+        return canonical.analytic_model(kind), self.array(canonical.flat(weights))
+
+    def array(self, value):
+        import cupy
+
+        return cupy.asarray(np.asarray(value))
+
+    def to_numpy(self, value):
+        return value.get()
+
+
+def _cuda_torch() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _jax_gpu() -> bool:
+    import jax
+
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+def _cupy_gpu() -> bool:
+    import cupy
+
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+# id -> (module needed, extra availability check, factory)
+FIRST_PARTY = {
+    "numpy": ("numpy", None, NumpyCase),
+    "array_api_strict:device1": ("array_api_strict", None, StrictCase),
+    "torch:cpu": ("torch", None, lambda: TorchCase("cpu")),
+    "jax:cpu": ("jax", None, lambda: JaxCase("cpu")),
+    "jax:cpu:x64": ("jax", None, lambda: JaxCase("cpu", x64=True)),
+    "torch:cuda": ("torch", _cuda_torch, lambda: TorchCase("cuda")),
+    "jax:gpu": ("jax", _jax_gpu, lambda: JaxCase("gpu")),
+    "cupy": ("cupy", _cupy_gpu, CupyCase),
+}
+
+
+def unavailable(case_id: str) -> str | None:
+    """Why the first-party case ``case_id`` cannot run here, or ``None`` if it can."""
+    module, check, _ = FIRST_PARTY[case_id]
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed: {case_id} not exercised"
+    if check is not None and not check():
+        return f"no GPU for {case_id}: not exercised"
+    return None
