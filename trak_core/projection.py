@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import array_api_compat
 
@@ -131,16 +131,31 @@ def _gaussian(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any,
 
 def _shared(start: int, stop: int, k: int, seed: int, kind: str, *, xp: Any, device: Any, dtype: Any) -> Any:
     """Rows ``start .. stop-1`` of the checkpoint-independent matrix ``R``."""
+    if array_api_compat.is_jax_namespace(xp):  # eager JAX compiles every new shape: make it in NumPy, move it
+        return _via_numpy(lambda np_xp, np_dtype: _shared(start, stop, k, seed, kind, xp=np_xp, device=None,
+                                                            dtype=np_dtype), xp=xp, device=device, dtype=dtype)
     make = _rademacher if kind == "rademacher" else _gaussian
     return make(start, stop, k, seed, xp=xp, device=device, dtype=dtype)
+
+
+def _via_numpy(make: Callable[[Any, Any], Any], *, xp: Any, device: Any, dtype: Any) -> Any:
+    """Run ``make(numpy_namespace, numpy_dtype)`` and move the result to ``xp`` on ``device`` (same values)."""
+    import array_api_compat.numpy as np_xp
+    import numpy as np
+
+    np_dtype = np.dtype(str(xp.empty(0, dtype=dtype).dtype))
+    return xp.asarray(make(np_xp, np_dtype), device=device)
 
 
 def row_signs(start: int, stop: int, *, seed: int, checkpoint: int, xp: Any, device: Any = None,
               dtype: Any = None) -> Any:
     """The per-row signs ``s(seed, checkpoint, a)`` for rows ``start .. stop-1`` (+1 or -1)."""
+    dtype = xp.float32 if dtype is None else dtype
+    if array_api_compat.is_jax_namespace(xp):
+        return _via_numpy(lambda np_xp, np_dtype: row_signs(start, stop, seed=seed, checkpoint=checkpoint, xp=np_xp,
+                                                              dtype=np_dtype), xp=xp, device=device, dtype=dtype)
     stream = _hash.key(*_seed_words(seed), _hash.DOMAIN_SIGN, *_hash.split64(checkpoint, "checkpoint"))
     top = _hash.row_keys(stream, start, stop, xp=xp, device=device) >> 31
-    dtype = xp.float32 if dtype is None else dtype
     one = xp.asarray(1.0, dtype=dtype, device=device)
     return xp.where(top == 0, one, -one)
 

@@ -153,14 +153,14 @@ class CustomTask:
         return self._out_to_loss(logits, labels, xp)
 
 
-TASKS = {"classification": Classification, "regression": Regression}
+TASKS = {"classification": Classification(), "regression": Regression()}  # stateless: shared instances
 
 
 def get_task(task: str | Task) -> Task:
     """Return the task named ``task`` (see :data:`TASKS`) or ``task`` itself if it is a Task."""
     if isinstance(task, str):
         try:
-            return TASKS[task]()
+            return TASKS[task]
         except KeyError:
             raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or pass a Task object") from None
     if isinstance(task, Task):

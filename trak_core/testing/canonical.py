@@ -41,9 +41,11 @@ def flat(ws: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([w.ravel() for w in ws])
 
 
-def analytic_model(kind: str) -> SoftmaxRegression | MLP:
-    """The reference backend's model for ``kind`` (softmax and mlp only)."""
+def analytic_model(kind: str, weights: list[np.ndarray] | None = None) -> SoftmaxRegression | MLP:
+    """The reference backend's model for ``kind`` (softmax and mlp only), sized like ``weights``."""
     d, h, c = SIZES["d"], SIZES["hidden"], SIZES["classes"]
+    if weights is not None:
+        d, h, c = weights[0].shape[1], weights[0].shape[0], weights[-1].shape[0]
     if kind == "softmax":
         return SoftmaxRegression(d, c)
     if kind == "mlp":

@@ -93,20 +93,12 @@ class TorchCase(BackendCase):
         self.device, self.id = device, f"torch:{device}"
 
     def model(self, kind, weights):
-        import torch
+        return torch_model(kind, weights, self.device), self.state_dict(kind, weights)
 
-        d, h, c, f = (canonical.SIZES[k] for k in ("d", "hidden", "classes", "filters"))
-        if kind == "softmax":
-            module = torch.nn.Sequential(torch.nn.Linear(d, c))
-        elif kind == "mlp":
-            module = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, c))
-        else:
-            module = torch.nn.Sequential(torch.nn.Conv2d(1, f, 3), torch.nn.Tanh(), torch.nn.Flatten(),
-                                         torch.nn.Linear(f * 36, c))
-        module = module.to(device=self.device, dtype=getattr(torch, str(weights[0].dtype)))
-        names = [name for name, _ in module.named_parameters()]
-        state = {name: self.array(w) for name, w in zip(names, weights)}
-        return module, state
+    def state_dict(self, kind, weights):
+        names = {"softmax": ["0.weight", "0.bias"], "mlp": ["0.weight", "0.bias", "2.weight", "2.bias"],
+                 "cnn": ["0.weight", "0.bias", "3.weight", "3.bias"]}[kind]
+        return {name: self.array(w) for name, w in zip(names, weights)}
 
     def array(self, value):
         import torch
@@ -143,6 +135,25 @@ class JaxCase(BackendCase):
         import jax
 
         return jax.device_put(np.asarray(value), self.device)
+
+
+def torch_model(kind: str, weights: list[np.ndarray], device: str = "cpu") -> Any:
+    """The canonical model ``kind`` as a ``torch.nn.Sequential`` of the weights' sizes and dtype."""
+    import torch
+
+    if kind == "softmax":
+        module = torch.nn.Sequential(torch.nn.Linear(weights[0].shape[1], weights[0].shape[0]))
+    elif kind == "mlp":
+        (h, d), c = weights[0].shape, weights[2].shape[0]
+        module = torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.Tanh(), torch.nn.Linear(h, c))
+    else:
+        f, c = weights[0].shape[0], weights[2].shape[0]
+        module = torch.nn.Sequential(torch.nn.Conv2d(1, f, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                     torch.nn.Linear(weights[2].shape[1], c))
+    with torch.no_grad():
+        for parameter, value in zip(module.parameters(), weights):
+            parameter.data = torch.as_tensor(np.asarray(value)).clone()
+    return module.to(device=device)
 
 
 def jax_apply(kind: str) -> Any:

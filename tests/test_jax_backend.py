@@ -1,0 +1,111 @@
+"""JAX-specific behaviour: one compilation, x64 modes, Equinox models, and bad input."""
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax", reason="JAX is not installed: the jax backend is not exercised")
+import jax.numpy as jnp  # noqa: E402
+
+import trak_core  # noqa: E402
+from trak_core.testing import canonical  # noqa: E402
+from trak_core.testing.cases import jax_apply  # noqa: E402
+from trak_jax import JaxBackend, JaxModel  # noqa: E402
+
+
+def _data(n=50, seed=0):
+    x, y = canonical.inputs("mlp", n, seed=seed, dtype="float32")
+    return x, y
+
+
+def test_compiles_once_for_all_batches_and_checkpoints():
+    backend = JaxBackend()
+    model = JaxModel(jax_apply("mlp"))
+    trak = trak_core.TRAK(model, proj_dim=32, lambda_reg=0.1, backend=backend, progress=False)
+    x, y = _data(50)
+    for c in range(3):
+        trak.featurize(canonical.weights("mlp", seed=c, dtype="float32"),
+                       [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)])  # 16, 16, 16, 2
+    trak.score([(x[:5], y[:5]), (x[5:9], y[5:9])])
+    assert backend.compilations == 1
+    trak.score([(x[:40], y[:40])])  # larger than the compiled size: split, still no recompilation
+    assert backend.compilations == 1
+
+
+def test_x64_off_gives_float32_features_and_kernel():
+    with jax.enable_x64(False):
+        trak = trak_core.TRAK(JaxModel(jax_apply("mlp")), proj_dim=16, lambda_reg=0.1, progress=False)
+        x, y = _data(20)
+        trak.featurize(canonical.weights("mlp", seed=0), [(x, y)])  # float64 NumPy weights become float32
+        entry = trak.store[0]
+        assert entry.features.dtype == jnp.float32 and entry.factor.arrays[0].dtype == jnp.float32
+        assert trak.score([(x[:3], y[:3])]).dtype == jnp.float32
+
+
+def test_x64_on_gives_float64_and_matches_reference():
+    with jax.enable_x64(True):
+        trak = trak_core.TRAK(JaxModel(jax_apply("mlp")), proj_dim=16, lambda_reg=0.1, progress=False)
+        x, y = canonical.inputs("mlp", 20, seed=0)
+        w = canonical.weights("mlp", seed=0)
+        trak.featurize([jnp.asarray(a) for a in w], [(x, y)])
+        assert trak.store[0].features.dtype == jnp.float64 and trak.store[0].factor.arrays[0].dtype == jnp.float64
+        scores = np.asarray(trak.score([(x[:3], y[:3])]))
+    ref = trak_core.TRAK(canonical.analytic_model("mlp"), proj_dim=16, lambda_reg=0.1, progress=False)
+    ref.featurize(canonical.flat(w), [(x, y)])
+    np.testing.assert_allclose(scores, ref.score([(x[:3], y[:3])]), rtol=1e-9)
+
+
+def test_equinox_model_matches_plain_apply():
+    eqx = pytest.importorskip("equinox", reason="Equinox is not installed")
+    key = jax.random.PRNGKey(0)
+    mlp = eqx.nn.MLP(8, 3, width_size=6, depth=1, activation=jnp.tanh, key=key)
+    params, static = eqx.partition(mlp, eqx.is_array)
+
+    def apply(p, x):
+        return jax.vmap(eqx.combine(p, static))(x)
+
+    x, y = _data(30)
+    trak = trak_core.TRAK(JaxModel(apply), proj_dim=None, lambda_reg=0.1, progress=False)
+    trak.featurize(params, [(x, y)])
+    # the same weights in the canonical layout: Equinox Linear stores weight (out, in), bias (out,)
+    weights = [np.asarray(a) for a in jax.tree_util.tree_leaves(params)]
+    ref = trak_core.TRAK(canonical.analytic_model("mlp"), proj_dim=None, lambda_reg=0.1, progress=False)
+    ref.featurize(canonical.flat(weights).astype(np.float32), [(x, y)])
+    a, b = np.asarray(trak.score([(x[:4], y[:4])])), ref.score([(x[:4], y[:4])])
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+
+
+def test_not_jittable_apply_is_a_clear_error():
+    def apply(params, x):
+        w, b = params
+        if jnp.sum(x) > 0:  # Python control flow on a traced value
+            return x @ w.T + b
+        return x @ w.T
+
+    x, y = _data(10)
+    with pytest.raises(TypeError, match="not jittable.*jnp.where or jax.lax.cond"):
+        trak_core.TRAK(JaxModel(apply), proj_dim=8, progress=False).featurize(
+            canonical.weights("softmax", seed=0, dtype="float32"), [(x, y)])
+
+
+def test_params_structure_must_not_change():
+    trak = trak_core.TRAK(JaxModel(jax_apply("softmax")), proj_dim=8, lambda_reg=0.1, progress=False)
+    x, y = _data(10)
+    w, b = canonical.weights("softmax", seed=0, dtype="float32")
+    trak.featurize([w, b], [(x, y)])
+    with pytest.raises(ValueError, match="different parameter structure"):
+        trak.featurize((w, b), [(x, y)])  # a tuple, not a list: same count, other structure
+    with pytest.raises(ValueError, match="parameters but checkpoint 0 had"):
+        trak.featurize([w[:2], b[:2]], [(x, y)])
+    assert trak.n_checkpoints == 1
+
+
+def test_torch_tensors_are_rejected():
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    trak = trak_core.TRAK(JaxModel(jax_apply("softmax")), proj_dim=8, progress=False)
+    x, y = _data(10)
+    w, b = canonical.weights("softmax", seed=0, dtype="float32")
+    with pytest.raises(TypeError, match="torch tensor"):
+        trak.featurize([torch.tensor(w), b], [(x, y)])
+    with pytest.raises(TypeError, match="inputs are torch tensors"):
+        trak.featurize([w, b], [(torch.tensor(x), y)])
+    with pytest.raises(ValueError, match="labels out of range"):
+        trak.featurize([w, b], [(x, y + 3)])
