@@ -24,6 +24,7 @@ class CheckpointEntry:
     out_to_loss: Any
     factor: KernelFactor
     structure: Any = None
+    kernel: Any = None  # Phi^T Phi (without lambda), kept so lambda can be changed
 
 
 class MemoryStore:

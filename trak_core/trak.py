@@ -13,6 +13,7 @@ from ._progress import progress
 from .backends import Backend, get_backend, infer_backend
 from .backends.protocol import batches
 from .projection import KINDS, project
+from .regularization import choose_lambda
 from .scores import checkpoint_scores, ensemble
 from .store import CheckpointEntry, open_store
 from .tasks import Task, get_task
@@ -64,6 +65,14 @@ def _check_finite(values: Any, out_to_loss: Any, where: str, what: str) -> None:
         raise ValueError(f"{where}: the out-to-loss weights contain NaN or inf")
 
 
+def _check_lambda(lambda_reg: Any) -> float | str:
+    if isinstance(lambda_reg, str):
+        if lambda_reg != "auto":
+            raise ValueError(f"lambda_reg must be 'auto' or a number >= 0, got {lambda_reg!r}")
+        return lambda_reg
+    return kernel_ops.check_lambda(lambda_reg)
+
+
 def _resolve_backend(backend: str | Backend | None, model: Any) -> Backend:
     if backend is None:
         return infer_backend(model)
@@ -90,8 +99,10 @@ class TRAK:
         Kind of random projection (see :func:`trak_core.projection_matrix`).
     seed : int
         Seed of the projection; the matrices are a pure function of it.
-    lambda_reg : float
-        Absolute ridge ``lambda >= 0`` in ``K = Phi^T Phi + lambda I``. ``0`` uses the
+    lambda_reg : "auto" or float
+        The ridge in ``K = Phi^T Phi + lambda I``. ``"auto"`` (default) chooses it per checkpoint
+        from the training features (:mod:`trak_core.regularization`); the chosen values are in
+        :attr:`lambdas` and the log. A float is an absolute ``lambda >= 0``; ``0`` uses the
         minimum-norm solution when ``K`` is singular (with a warning).
     backend : str, Backend or None
         Backend name (see :func:`trak_core.available_backends`), object, or ``None`` to infer
@@ -108,14 +119,14 @@ class TRAK:
     """
 
     def __init__(self, model: Any, *, task: str | Task = "classification", proj_dim: int | None = 2048,
-                 proj_type: str = "rademacher", seed: int = 0, lambda_reg: float = 0.0,
+                 proj_type: str = "rademacher", seed: int = 0, lambda_reg: float | str = "auto",
                  backend: str | Backend | None = None, store: Any = None, progress: bool | None = None) -> None:
         self.proj_dim = _check_proj_dim(proj_dim)
         if proj_type not in KINDS:
             raise ValueError(f"unknown proj_type {proj_type!r}; choose one of {KINDS}")
         self.proj_type = proj_type
         self.seed = _check_seed(seed)
-        self.lambda_reg = kernel_ops.check_lambda(lambda_reg)
+        self.lambda_reg = _check_lambda(lambda_reg)
         self.model = model
         self.task = get_task(task)
         self.backend = _resolve_backend(backend, model)
@@ -248,10 +259,29 @@ class TRAK:
         if index and phi_all.shape[0] != self.n_train:
             raise ValueError(f"checkpoint {index} saw {phi_all.shape[0]} training examples but checkpoint 0 "
                              f"saw {self.n_train}; featurize every checkpoint on the same training set")
-        factor = kernel_ops.factorize(kernel, self.lambda_reg, xp=xp)
-        log.info("checkpoint %d: %d examples, %d features, lambda=%g, kernel rank %d",
-                 index, phi_all.shape[0], phi_all.shape[1], factor.lambda_reg, factor.rank)
-        self.store.add(CheckpointEntry(index, prepared, n_params, phi_all, q_all, factor, structure))
+        factor = self._factorize(kernel, phi_all.shape[0], index)
+        self.store.add(CheckpointEntry(index, prepared, n_params, phi_all, q_all, factor, structure, kernel))
+
+    def _factorize(self, kernel: Any, n_train: int, index: int) -> kernel_ops.KernelFactor:
+        xp = namespace(kernel)
+        lam = self.lambda_reg
+        if lam == "auto":
+            lam = choose_lambda(kernel, n_train, xp=xp)
+        factor = kernel_ops.factorize(kernel, lam, xp=xp)
+        log.info("checkpoint %d: %d examples, k=%d, lambda=%.4g%s, kernel rank %d", index, n_train,
+                 kernel.shape[0], lam, " (auto)" if self.lambda_reg == "auto" else "", factor.rank)
+        return factor
+
+    @property
+    def lambdas(self) -> list[float]:
+        """The ridge ``lambda`` used for each featurized checkpoint."""
+        return [entry.factor.lambda_reg for entry in self.store]
+
+    def refit(self, lambda_reg: float | str) -> None:
+        """Refactorize every featurized checkpoint's kernel with another ``lambda_reg`` (no re-featurizing)."""
+        self.lambda_reg = _check_lambda(lambda_reg)
+        for entry in self.store:
+            entry.factor = self._factorize(entry.kernel, entry.features.shape[0], entry.index)
 
     def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None) -> Any:
         """Scores of every training example for every target, shape ``(n_train, n_targets)``.
