@@ -5,6 +5,8 @@ import pytest
 from trak_core import MLP, TRAK, MissingFrameworkError, SoftmaxRegression, UnknownBackendError
 from trak_core.backends import numpy_backend, registry
 
+from tests_helpers import ZeroGradients
+
 
 @pytest.fixture
 def setup(rng):
@@ -99,14 +101,6 @@ def test_training_set_size_must_not_change(setup):
     with pytest.raises(ValueError, match="saw 19 training examples but checkpoint 0 saw 20"):
         trak.featurize(theta, [(x[1:], y[1:])])
     assert trak.n_checkpoints == 1
-
-
-class ZeroGradients(numpy_backend.ArrayAPIBackend):
-    """Gradients that vanish everywhere (a dead network)."""
-
-    def gradients(self, model, prepared, inputs, labels, task):
-        grads, q = super().gradients(model, prepared, inputs, labels, task)
-        return grads * 0.0, q
 
 
 def test_all_zero_gradients(setup):

@@ -42,10 +42,12 @@ def test_regression_gradients_match_finite_differences(rng):
     theta = model.init(seed=2)
     x = rng.normal(size=(3, 3))
     task = Regression()
-    grads, q = backend.gradients(model, backend.prepare(model, theta), x, np.zeros(3), task)
-    np.testing.assert_array_equal(q, np.ones(3))
+    labels = np.array([0.5, -1.0, 2.0])
+    grads, q = backend.gradients(model, backend.prepare(model, theta), x, labels, task)
+    prediction = model.logits(model.params(theta), x)[:, 0]
+    np.testing.assert_allclose(q, labels - prediction, rtol=1e-12)  # Q = y - f, minus d(squared loss)/df
     for i in range(3):
-        np.testing.assert_allclose(grads[i], _finite_difference(model, theta, x[i], 0.0, task), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(grads[i], _finite_difference(model, theta, x[i], labels[i], task), rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("model", MODELS[:2], ids=["softmax", "mlp"])

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 from ._namespace import accumulation_dtype, device_of
 from .kernel import KernelFactor, solve
 
-__all__ = ["checkpoint_scores", "ensemble"]
+__all__ = ["checkpoint_scores", "ensemble", "soft_threshold", "normalize_rows"]
 
 
 def checkpoint_scores(train_features: Any, factor: KernelFactor, target_features: Any, *, xp: Any,
@@ -24,14 +24,38 @@ def checkpoint_scores(train_features: Any, factor: KernelFactor, target_features
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
-def ensemble(per_checkpoint: Sequence[Any], out_to_loss: Sequence[Any], *, xp: Any) -> Any:
-    """Average per-checkpoint scores and multiply each row by the mean out-to-loss weight."""
+def normalize_rows(features: Any, *, xp: Any) -> Any:
+    """Unit-norm rows (TrackStar-style features); all-zero rows stay zero."""
+    norms = xp.sqrt(xp.sum(features * features, axis=1, keepdims=True))
+    return features / xp.where(norms > 0, norms, xp.ones_like(norms))
+
+
+def ensemble(per_checkpoint: Sequence[Any], out_to_loss: Sequence[Any], *, xp: Any,
+             weighting: str = "uniform") -> Any:
+    """Average per-checkpoint scores and multiply each row by the mean out-to-loss weight.
+
+    ``weighting="normalized"`` first scales each checkpoint's column (target) to unit norm, so
+    that no checkpoint dominates a target's ensemble (an option, measured in ``docs/quality.md``).
+    """
     count = len(per_checkpoint)
-    total = per_checkpoint[0]
-    for scores in per_checkpoint[1:]:
-        total = total + scores
+    total = None
+    for scores in per_checkpoint:
+        if weighting == "normalized":
+            norms = xp.sqrt(xp.sum(scores * scores, axis=0, keepdims=True))
+            scores = scores / xp.where(norms > 0, norms, xp.ones_like(norms))
+        total = scores if total is None else total + scores
     weight = out_to_loss[0]
     for q in out_to_loss[1:]:
         weight = weight + q
     weight = xp.astype(weight, total.dtype) / count
     return (total / count) * weight[:, None]
+
+
+def soft_threshold(scores: Any, quantile: float, *, xp: Any) -> Any:
+    """Shrink each target's scores towards 0 by the ``quantile`` of their absolute values (TRAK paper, 3.4)."""
+    magnitude = xp.abs(scores)
+    n = scores.shape[0]
+    ordered = xp.sort(magnitude, axis=0)
+    position = min(n - 1, max(0, int(round(quantile * (n - 1)))))
+    threshold = ordered[position:position + 1, :]
+    return xp.sign(scores) * xp.maximum(magnitude - threshold, xp.zeros_like(magnitude))

@@ -86,9 +86,12 @@ class Classification:
 
 
 class Regression:
-    """Regression on a single output: ``f = prediction`` and ``Q = 1``.
+    """Regression on a single output: ``f = prediction`` and ``Q = y - prediction`` (the residual).
 
-    Labels (the regression targets) must have one value per example; they do not enter ``f``.
+    ``Q`` is minus the derivative of the squared loss with respect to the output, as ``1 - p_y``
+    is for the logistic loss: removing example ``i`` moves a target's prediction by about
+    ``-phi_t^T K^{-1} phi_i (y_i - f_i)``. (With ``Q = 1`` the labels would not enter the
+    scores at all, and LDS on the regression task of ``bench/quality`` is about 0.)
     """
 
     name = "regression"
@@ -98,6 +101,8 @@ class Regression:
             raise ValueError(f"regression needs a model with exactly 1 output, the model has {n_outputs}")
         if labels.ndim not in (1, 2) or (labels.ndim == 2 and labels.shape[1] != 1):
             raise ValueError(f"regression labels must have shape (n,) or (n, 1), got {tuple(labels.shape)}")
+        if not xp.isdtype(labels.dtype, ("real floating", "integral")):
+            raise TypeError(f"regression labels must be real numbers, got dtype {labels.dtype}")
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         return logits[:, 0]
@@ -106,7 +111,8 @@ class Regression:
         return xp.ones_like(logits)
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        return xp.ones_like(logits[:, 0])
+        targets = xp.reshape(xp.astype(labels, logits.dtype), (-1,))
+        return targets - logits[:, 0]
 
 
 class CustomTask:

@@ -14,7 +14,7 @@ from .backends import Backend, get_backend, infer_backend
 from .backends.protocol import batches
 from .projection import KINDS, project
 from .regularization import choose_lambda
-from .scores import checkpoint_scores, ensemble
+from .scores import checkpoint_scores, ensemble, normalize_rows, soft_threshold
 from .store import CheckpointEntry, open_store
 from .tasks import Task, get_task
 
@@ -111,6 +111,15 @@ class TRAK:
         Where features live; ``None`` keeps them in memory.
     progress : bool or None
         Show progress bars (when tqdm is installed); ``None``: when stderr is a terminal.
+    normalize_features : bool
+        Scale every feature row (train and target) to unit norm (TrackStar-style). Off by default:
+        it lowers LDS on the task suite (``docs/quality.md``).
+    soft_threshold : float or None
+        Per target, shrink scores towards 0 by this quantile of their magnitudes (the TRAK paper's
+        soft-thresholding). Off by default (measured in ``docs/quality.md``).
+    checkpoint_weighting : {"uniform", "normalized"}
+        How checkpoints are averaged: as DESIGN.md writes it, or each checkpoint's scores scaled
+        to unit norm per target first.
 
     Notes
     -----
@@ -120,7 +129,9 @@ class TRAK:
 
     def __init__(self, model: Any, *, task: str | Task = "classification", proj_dim: int | None = 2048,
                  proj_type: str = "rademacher", seed: int = 0, lambda_reg: float | str = "auto",
-                 backend: str | Backend | None = None, store: Any = None, progress: bool | None = None) -> None:
+                 backend: str | Backend | None = None, store: Any = None, progress: bool | None = None,
+                 normalize_features: bool = False, soft_threshold: float | None = None,
+                 checkpoint_weighting: str = "uniform") -> None:
         self.proj_dim = _check_proj_dim(proj_dim)
         if proj_type not in KINDS:
             raise ValueError(f"unknown proj_type {proj_type!r}; choose one of {KINDS}")
@@ -135,6 +146,13 @@ class TRAK:
                              "choose a backend for this model's framework")
         self.store = open_store(store)
         self.progress = progress
+        self.normalize_features = bool(normalize_features)
+        if soft_threshold is not None and not 0 <= soft_threshold < 1:
+            raise ValueError(f"soft_threshold is a quantile in [0, 1) (or None), got {soft_threshold!r}")
+        self.soft_threshold = soft_threshold
+        if checkpoint_weighting not in ("uniform", "normalized"):
+            raise ValueError(f"checkpoint_weighting must be 'uniform' or 'normalized', got {checkpoint_weighting!r}")
+        self.checkpoint_weighting = checkpoint_weighting
 
     @property
     def n_checkpoints(self) -> int:
@@ -147,6 +165,12 @@ class TRAK:
         return self.store[0].features.shape[0] if len(self.store) else None
 
     def _project(self, grads: Any, checkpoint: int) -> Any:
+        return self._finish(self._project_raw(grads, checkpoint))
+
+    def _finish(self, features: Any) -> Any:
+        return normalize_rows(features, xp=namespace(features)) if self.normalize_features else features
+
+    def _project_raw(self, grads: Any, checkpoint: int) -> Any:
         if self.proj_dim is None:
             return grads
         if self.backend.has_fused_projection:
@@ -177,6 +201,7 @@ class TRAK:
                 raise ValueError(f"{where}: backend {self.backend.name!r} returned features of shape "
                                  f"{tuple(out[0].shape)}; expected {(n_inputs, self.proj_dim)}")
             _check_finite(out[0], out[1], where, "features (projected per-example gradients)")
+            out = (self._finish(out[0]), out[1])
         return out
 
     def _batch_features(self, prepared: Any, index: int, inputs: Any, labels: Any,
@@ -259,14 +284,14 @@ class TRAK:
         if index and phi_all.shape[0] != self.n_train:
             raise ValueError(f"checkpoint {index} saw {phi_all.shape[0]} training examples but checkpoint 0 "
                              f"saw {self.n_train}; featurize every checkpoint on the same training set")
-        factor = self._factorize(kernel, phi_all.shape[0], index)
+        factor = self._factorize(kernel, phi_all.shape[0], n_params, index)
         self.store.add(CheckpointEntry(index, prepared, n_params, phi_all, q_all, factor, structure, kernel))
 
-    def _factorize(self, kernel: Any, n_train: int, index: int) -> kernel_ops.KernelFactor:
+    def _factorize(self, kernel: Any, n_train: int, n_params: int, index: int) -> kernel_ops.KernelFactor:
         xp = namespace(kernel)
         lam = self.lambda_reg
         if lam == "auto":
-            lam = choose_lambda(kernel, n_train, xp=xp)
+            lam = choose_lambda(kernel, n_train, n_params=n_params, xp=xp)
         factor = kernel_ops.factorize(kernel, lam, xp=xp)
         log.info("checkpoint %d: %d examples, k=%d, lambda=%.4g%s, kernel rank %d", index, n_train,
                  kernel.shape[0], lam, " (auto)" if self.lambda_reg == "auto" else "", factor.rank)
@@ -281,7 +306,7 @@ class TRAK:
         """Refactorize every featurized checkpoint's kernel with another ``lambda_reg`` (no re-featurizing)."""
         self.lambda_reg = _check_lambda(lambda_reg)
         for entry in self.store:
-            entry.factor = self._factorize(entry.kernel, entry.features.shape[0], entry.index)
+            entry.factor = self._factorize(entry.kernel, entry.features.shape[0], entry.n_params, entry.index)
 
     def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None) -> Any:
         """Scores of every training example for every target, shape ``(n_train, n_targets)``.
@@ -310,7 +335,11 @@ class TRAK:
                                                  f"targets batch {b}, checkpoint {entry.index}")
                 xp = namespace(target)
                 per_checkpoint.append(checkpoint_scores(entry.features, entry.factor, target, xp=xp))
-            columns.append(ensemble(per_checkpoint, [e.out_to_loss for e in entries], xp=xp))
+            block = ensemble(per_checkpoint, [e.out_to_loss for e in entries], xp=xp,
+                             weighting=self.checkpoint_weighting)
+            if self.soft_threshold is not None:
+                block = soft_threshold(block, self.soft_threshold, xp=xp)
+            columns.append(block)
         if not columns:
             raise ValueError("score: data yielded no batches; pass an iterable of (inputs, labels)")
         scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
