@@ -184,6 +184,22 @@ class JaxBackend:
         return self._run(model, prepared, inputs, labels, task, (signs, shared))
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str) -> Any:
+        """``trak_core.project``; for GPU arrays (with CuPy) the fused kernel of ``trak_cupy``, through DLPack.
+
+        Used when the shared matrix does not fit the projection cache (otherwise :meth:`features`
+        multiplies by the cached matrix inside the jitted step).
+        """
         from trak_core.projection import project
 
+        platform = next(iter(grads.devices())).platform
+        if platform == "gpu" and kind == "rademacher" and str(grads.dtype) in ("float32", "float16", "bfloat16"):
+            import importlib.util
+
+            if importlib.util.find_spec("cupy") is not None:
+                import cupy
+                import jax.numpy as jnp
+                from trak_cupy.projection import fused_project
+
+                out = fused_project(cupy.from_dlpack(grads), k, seed=seed, checkpoint=checkpoint)
+                return jnp.from_dlpack(out).astype(grads.dtype)
         return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind)

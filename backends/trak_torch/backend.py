@@ -44,7 +44,7 @@ class TorchBackend:
     framework = "torch"
     extra = "torch"
     can_gradients = True
-    has_fused_projection = False
+    has_fused_projection = True  # on CUDA with CuPy installed; elsewhere project() is the core's
 
     def __init__(self, params: Sequence[str] | Callable[[str, Any], bool] | None = None,
                  chunk_size: int | None = None) -> None:
@@ -113,6 +113,23 @@ class TorchBackend:
         return torch.cat(parts, dim=0), out_to_loss
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str) -> Any:
+        """``trak_core.project``; on CUDA (with CuPy) the fused kernel of ``trak_cupy``, through DLPack."""
         from trak_core.projection import project
 
+        if grads.is_cuda and kind == "rademacher" and _cupy_ready():
+            import cupy
+            import torch
+            from trak_cupy.projection import fused_project, supports
+
+            shared = cupy.from_dlpack(grads.detach().contiguous())
+            if supports(shared, kind):
+                with cupy.cuda.Device(grads.device.index or 0):
+                    out = fused_project(shared, k, seed=seed, checkpoint=checkpoint)
+                return torch.from_dlpack(out).to(grads.dtype)
         return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind)
+
+
+def _cupy_ready() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cupy") is not None and importlib.util.find_spec("trak_cupy") is not None

@@ -5,8 +5,8 @@
 
 Ground truth (128 models retrained on random halves per task) is computed once and cached in
 ``bench/quality/cache``. Methods: trak-core defaults (``lambda_reg="auto"``), ``lambda = 0``,
-the best ``lambda`` of a 9-point log grid chosen with the ground truth (``lambda = 10**e * mean
-eigenvalue``, e in -4..4), a gradient dot product (projected, TracIn-style), the levers
+the best ``lambda`` of a 9-point log grid chosen with the ground truth (``lambda = 10**e`` times the
+automatic rule's spectral scale, e in -4..4), a gradient dot product (projected, TracIn-style), the levers
 (soft-thresholding, unit-normalized features, normalized checkpoint weighting), and, when
 installed, traker at its defaults (digits-mlp only).
 """
@@ -27,7 +27,7 @@ import trak_core  # noqa: E402
 from ground_truth import ground_truth  # noqa: E402
 from tasks import TASKS  # noqa: E402
 from trak_core._progress import progress  # noqa: E402
-from trak_core.regularization import RULES  # noqa: E402
+from trak_core.regularization import AUTO_RULE, RULES  # noqa: E402
 
 GRID = [10.0**e for e in range(-4, 5)]
 
@@ -88,7 +88,7 @@ def evaluate(task, masks, outputs, checkpoints, k, ms, rows, timing):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             add("lambda = 0", m, _numpy(trak.score(xt_batches, checkpoints=chosen)))
-        for rule in RULES:
+        for rule in (AUTO_RULE,):  # the rule comparison is select_lambda.py's job
             for alpha in GRID:
                 for entry in trak.store:
                     scale = RULES[rule](entry.kernel, len(task.y), entry.n_params,

@@ -45,11 +45,14 @@ def _targets() -> dict[str, str | Any]:
     return found
 
 
+NEEDS = {"cupy": "CuPy and a CUDA device (an NVIDIA GPU)"}
+
+
 def _framework_missing(name: str, framework: str | None, extra: str | None) -> MissingFrameworkError:
     install = f'pip install "trak-core[{extra}]"' if extra else f"pip install {framework}"
+    needs = NEEDS.get(name, f"the framework {framework!r}")
     return MissingFrameworkError(
-        f"backend {name!r} needs the framework {framework!r}, which is not installed here; "
-        f"install it with: {install}")
+        f"backend {name!r} needs {needs}, and {framework!r} is not installed here; install it with: {install}")
 
 
 def _framework_present(framework: str | None) -> bool:

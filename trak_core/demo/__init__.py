@@ -33,12 +33,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoints", type=int, default=5, help="independently trained models (default 5)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP (default 64)")
     parser.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k (default 2048)")
-    parser.add_argument("--lambda-reg", type=float, default=1.0, help="ridge lambda (default 1.0)")
+    parser.add_argument("--lambda-reg", type=_lambda, default="auto",
+                        help="ridge lambda: a number, or 'auto' (default) to choose it from the features")
     parser.add_argument("--subsets", type=int, default=64, help="models retrained on random halves for LDS")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--png", default="trak_demo.png", help="where to save the picture ('' for none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _lambda(value: str) -> float | str:
+    return value if value == "auto" else float(value)
 
 
 def _recipe(name: str, n_hidden: int) -> Any:

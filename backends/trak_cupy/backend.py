@@ -1,0 +1,93 @@
+"""The CuPy backend object: analytic models on the GPU, precomputed gradients, fused projection."""
+from __future__ import annotations
+
+from typing import Any
+
+from trak_core.backends.numpy_backend import ArrayAPIBackend
+from trak_core.backends.protocol import MissingFrameworkError
+
+__all__ = ["CupyBackend", "PrecomputedGradients"]
+
+
+class PrecomputedGradients:
+    """A "model" whose batches are per-example gradients computed elsewhere.
+
+    Each batch is ``(grads, out_to_loss)``: ``grads`` of shape (n, n_params) and the weights ``Q``
+    of shape (n,), as arrays of any framework on a CUDA device (torch, JAX, CuPy), taken without a
+    copy through DLPack. Checkpoints are labels only (any value); featurize once per checkpoint.
+    """
+
+    def __init__(self, n_params: int) -> None:
+        if not isinstance(n_params, int) or n_params <= 0:
+            raise ValueError(f"n_params must be a positive integer, got {n_params!r}")
+        self.n_params = n_params
+
+
+def _require_gpu() -> Any:
+    try:
+        import cupy
+    except ImportError:
+        raise MissingFrameworkError('the cupy backend needs CuPy and a CUDA device: pip install "trak-core[cupy]" '
+                                    "on a machine with an NVIDIA GPU") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver
+        raise MissingFrameworkError(f"the cupy backend needs a CUDA device, and CuPy found none ({exc})") from None
+    if count == 0:
+        raise MissingFrameworkError("the cupy backend needs a CUDA device, and CuPy found none")
+    return cupy
+
+
+def _to_cupy(array: Any, what: str) -> Any:
+    cupy = _require_gpu()
+    if isinstance(array, cupy.ndarray):
+        return array
+    if hasattr(array, "__dlpack__") and type(array).__module__.split(".")[0] != "numpy":
+        try:
+            return cupy.from_dlpack(array)
+        except Exception as exc:
+            raise ValueError(f"{what} could not be shared with CuPy through DLPack ({exc}); it must live on a "
+                             "CUDA device (torch .cuda(), jax.device_put to a GPU)") from None
+    return cupy.asarray(array)
+
+
+class CupyBackend(ArrayAPIBackend):
+    """Analytic models and precomputed gradients on CuPy arrays, with the fused projection kernel."""
+
+    name = "cupy"
+    framework = "cupy"
+    extra = "cupy"
+    can_gradients = True
+    has_fused_projection = True
+
+    def owns(self, model: Any) -> bool:
+        return isinstance(model, PrecomputedGradients)
+
+    def prepare(self, model: Any, checkpoint: Any) -> Any:
+        cupy = _require_gpu()
+        if isinstance(model, PrecomputedGradients):
+            return {"n_params": model.n_params}
+        params = super().prepare(model, checkpoint)
+        return {name: cupy.asarray(value) for name, value in params.items()}
+
+    def n_params(self, prepared: Any) -> int:
+        if set(prepared) == {"n_params"}:
+            return prepared["n_params"]
+        return super().n_params(prepared)
+
+    def gradients(self, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any) -> tuple[Any, Any]:
+        if isinstance(model, PrecomputedGradients):
+            grads, weights = _to_cupy(inputs, "grads"), _to_cupy(labels, "out_to_loss")
+            if grads.ndim != 2 or grads.shape[1] != model.n_params:
+                raise ValueError(f"precomputed gradients must have shape (n, {model.n_params}), got {grads.shape}")
+            return grads, weights
+        return super().gradients(model, prepared, _to_cupy(inputs, "inputs"), _to_cupy(labels, "labels"), task)
+
+    def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str) -> Any:
+        from trak_core.projection import project
+
+        from .projection import fused_project, supports
+
+        if supports(grads, kind):
+            return fused_project(grads, k, seed=seed, checkpoint=checkpoint).astype(grads.dtype, copy=False)
+        return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind)
