@@ -179,9 +179,9 @@ def jax_apply(kind: str) -> Any:
 
 
 class CupyCase(BackendCase):
-    """CuPy arrays through the analytic models (the CuPy backend's own models come with it)."""
+    """CuPy arrays through the analytic models, with the CuPy backend (its fused projection for float32)."""
 
-    id, backend = "cupy", "numpy"
+    id, backend = "cupy", "cupy"
 
     def model(self, kind, weights):
         return canonical.analytic_model(kind), self.array(canonical.flat(weights))
