@@ -103,3 +103,15 @@ def test_precomputed_gradients_through_dlpack_and_torch_cuda():
     out = trak_core.get_backend("torch").project(g, 256, seed=0, checkpoint=0, kind="rademacher")
     assert out.is_cuda
     np.testing.assert_allclose(out.cpu().numpy(), phi, rtol=1e-4, atol=1e-4 * np.abs(phi).max())
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed: the kernel is compiled on the GPU machine only")
+@pytest.mark.parametrize("input_type", ["float", "__half", "__nv_bfloat16"])
+def test_kernel_compiles_for_hopper_without_spills(tmp_path, input_type):
+    source = tmp_path / "kernel.cu"
+    source.write_text(f'#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include "{KERNEL}"\n')
+    result = subprocess.run(["nvcc", "-std=c++14", "-arch=sm_90", f"-DINPUT_T={input_type}",
+                             "-DTRAK_DEVICE=__device__ __forceinline__", "-Xptxas", "-v", "-c", str(source),
+                             "-o", str(tmp_path / "kernel.o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "0 bytes spill stores" in result.stderr
