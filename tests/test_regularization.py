@@ -99,7 +99,7 @@ def test_single_training_example(rng):
     assert scores.shape == (1, 4) and np.all(np.isfinite(scores))
     # one example: K = phi phi^T + lambda I, so the score is phi.phi_t / (|phi|^2 + lambda) * Q
     phi = trak.store[0].features[0]
-    target, _ = trak._batch_features(trak.store[0].prepared, 0, xt, yt, "t")
+    target = trak.features([(xt, yt)], checkpoint=0)
     expected = (target @ phi) / (phi @ phi + trak.lambdas[0]) * trak.store[0].out_to_loss[0]
     np.testing.assert_allclose(scores[0], expected, rtol=1e-10)
 

@@ -26,7 +26,7 @@ import array_api_compat
 
 from . import _hash
 from ._cache import ProjectionCache, default_cache
-from ._namespace import accumulation_dtype, device_of, has_float64, is_numpy, namespace
+from ._namespace import device_of, has_float64, is_numpy, namespace
 
 __all__ = ["KINDS", "projection_matrix", "project", "cached_factors", "ProjectionCache", "default_cache", "row_signs"]
 
@@ -119,7 +119,7 @@ def _gaussian(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any,
     stream = _hash.key(*_seed_words(seed), _hash.DOMAIN_GAUSSIAN)
     n_pairs = -(-k // 2)
     words = _words(stream, start, stop, 2 * n_pairs, xp=xp, device=device)
-    work = accumulation_dtype(xp, device)
+    work = xp.float64
     u1 = (xp.astype(words[:, 0::2], work) + 0.5) * (2.0**-32)  # in (0, 1): log is finite
     u2 = xp.astype(words[:, 1::2], work) * (2.0**-32)
     radius = xp.sqrt(-2.0 * xp.log(u1))

@@ -345,6 +345,19 @@ class TRAK:
         scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
         return xp.astype(scores, self.store[0].features.dtype)
 
+    def features(self, data: Iterable[Any], *, checkpoint: int = 0) -> Any:
+        """Features ``phi_c(z)`` (projected gradients) of ``data`` at featurized checkpoint ``checkpoint``.
+
+        For baselines such as a gradient dot product, or retrieval, on the same projection as the scores.
+        """
+        entry = self._entries([checkpoint])[0]
+        parts = []
+        for b, (inputs, labels) in enumerate(batches(data)):
+            parts.append(self._batch_features(entry.prepared, entry.index, inputs, labels, f"batch {b}")[0])
+        if not parts:
+            raise ValueError("features: data yielded no batches; pass an iterable of (inputs, labels)")
+        return parts[0] if len(parts) == 1 else namespace(parts[0]).concat(parts, axis=0)
+
     def _entries(self, checkpoints: Sequence[int] | None) -> list[CheckpointEntry]:
         if checkpoints is None:
             return list(self.store)

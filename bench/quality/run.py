@@ -41,12 +41,10 @@ def _numpy(a):
 
 
 def _gradient_dot(trak, task, checkpoints):
-    xt, yt = task.arrays(task.xt, task.yt)
     total = 0.0
     for c in checkpoints:
-        entry = trak.store[c]
-        target, _ = trak._batch_features(entry.prepared, entry.index, xt, yt, "targets")
-        total = total + _numpy(entry.features) @ _numpy(target).T
+        target = trak.features([task.arrays(task.xt, task.yt)], checkpoint=c)
+        total = total + _numpy(trak.store[c].features) @ _numpy(target).T
     return total
 
 

@@ -42,7 +42,7 @@ def decomposed(task, k: int, m: int):
     for entry in trak.store:
         kernel = np.asarray(entry.kernel.cpu() if hasattr(entry.kernel, "cpu") else entry.kernel, dtype=np.float64)
         phi = np.asarray(entry.features.cpu() if hasattr(entry.features, "cpu") else entry.features, dtype=np.float64)
-        target, _ = trak._batch_features(entry.prepared, entry.index, xt, yt, "targets")
+        target = trak.features([(xt, yt)], checkpoint=entry.index)
         target = np.asarray(target.cpu() if hasattr(target, "cpu") else target, dtype=np.float64)
         q = np.asarray(entry.out_to_loss.cpu() if hasattr(entry.out_to_loss, "cpu") else entry.out_to_loss, dtype=np.float64)
         values, vectors = np.linalg.eigh(kernel)
