@@ -4,6 +4,7 @@ One job: orchestrate a backend (gradients), the projection, the kernel and the s
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -22,7 +23,6 @@ __all__ = ["TRAK"]
 
 log = logging.getLogger("trak_core")
 
-KERNEL_CHUNK_ROWS = 4096  # rows of features per update of the kernel K
 PROJECTION_GROUP_BYTES = 256 * 2**20  # per-example gradients projected together (at least one batch)
 
 
@@ -212,22 +212,29 @@ class TRAK:
         grads, out_to_loss = self._gradients(prepared, inputs, labels, where)
         return self._project(grads, index), out_to_loss
 
-    def _stream_features(self, prepared: Any, index: int, data: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    def _stream_features(self, prepared: Any, index: int, data: Iterable[Any],
+                         skip: int = 0) -> Iterator[tuple[Any, Any]]:
         """Features and out-to-loss weights of ``data``, projecting several batches at a time.
 
         Gradients are grouped until they fill :data:`PROJECTION_GROUP_BYTES`, so that the cost of
         making (or unpacking) the projection matrix is shared by more examples. Backends with a
         fused step (:meth:`features`) project batch by batch inside it.
         """
-        grads, weights, nbytes = [], [], 0
+        grads, weights, nbytes, seen = [], [], 0, 0
         for b, (inputs, labels) in enumerate(progress(batches(data), desc=f"featurize checkpoint {index}",
                                                       enabled=self.progress)):
             where = f"checkpoint {index}, batch {b}"
+            rows = _check_lengths(inputs, labels, where)
+            drop, seen = min(rows, max(0, skip - seen)), seen + rows  # rows already in the store (resume)
+            if drop == rows:
+                continue
             fused = self._fused_features(prepared, index, inputs, labels, where)
             if fused is not None:
-                yield fused
+                yield (fused[0][drop:, ...], fused[1][drop:]) if drop else fused
                 continue
             g, q = self._gradients(prepared, inputs, labels, where)
+            if drop:
+                g, q = g[drop:, ...], q[drop:]
             xp = namespace(g)
             grads.append(g)
             weights.append(q)
@@ -266,26 +273,38 @@ class TRAK:
             raise ValueError(f"checkpoint {index} has a different parameter structure than checkpoint 0 "
                              f"({structure} vs {self.store[0].structure}); every checkpoint must have the "
                              "same parameter names, nesting and shapes")
-        features, weights, kernel, chunk, chunk_rows = [], [], None, [], 0
-        for phi, q in self._stream_features(prepared, index, data):
-            xp = namespace(phi)
-            features.append(phi)
-            weights.append(q)
-            chunk.append(phi)
-            chunk_rows += phi.shape[0]
-            if chunk_rows >= KERNEL_CHUNK_ROWS:  # update K once per chunk of rows, not per (small) batch
-                kernel = kernel_ops.accumulate(kernel, xp.concat(chunk, axis=0), xp=xp)
-                chunk, chunk_rows = [], 0
-        if not features:
+        fingerprint = self._fingerprint(n_params, structure)
+        writer = self.store.writer(index, fingerprint)
+        if getattr(writer, "needs_template", False):  # resuming: one example tells namespace, device, dtype
+            data = iter(batches(data))
+            first = next(data, None)
+            if first is not None:
+                one = (first[0][:1, ...], first[1][:1, ...])
+                writer.template = self._batch_features(prepared, index, *one, f"checkpoint {index}, batch 0")[0]
+                data = itertools.chain([first], data)
+        if not writer.complete:
+            for phi, q in self._stream_features(prepared, index, data, skip=writer.rows_done):
+                writer.append(phi, q)
+        features, q_all, kernel = writer.finish()
+        if features is None:
             raise ValueError("featurize: data yielded no batches; pass an iterable of (inputs, labels)")
-        if chunk:
-            kernel = kernel_ops.accumulate(kernel, xp.concat(chunk, axis=0), xp=xp)
-        phi_all, q_all = xp.concat(features, axis=0), xp.concat(weights, axis=0)
-        if index and phi_all.shape[0] != self.n_train:
-            raise ValueError(f"checkpoint {index} saw {phi_all.shape[0]} training examples but checkpoint 0 "
+        if index and features.shape[0] != self.n_train:
+            writer.discard()
+            raise ValueError(f"checkpoint {index} saw {features.shape[0]} training examples but checkpoint 0 "
                              f"saw {self.n_train}; featurize every checkpoint on the same training set")
-        factor = self._factorize(kernel, phi_all.shape[0], n_params, index)
-        self.store.add(CheckpointEntry(index, prepared, n_params, phi_all, q_all, factor, structure, kernel))
+        factor = self._factorize(kernel, features.shape[0], n_params, index)
+        self.store.add(CheckpointEntry(index, prepared, n_params, features, q_all, factor, structure, kernel))
+
+    def _fingerprint(self, n_params: int, structure: Any) -> dict[str, Any]:
+        """What must not change between runs sharing a store (checked by on-disk stores)."""
+        import hashlib
+
+        from . import __version__
+
+        return {"proj_type": self.proj_type, "proj_dim": self.proj_dim, "seed": self.seed, "task": self.task.name,
+                "n_params": n_params, "parameter_structure": hashlib.sha256(repr(structure).encode()).hexdigest()[:16],
+                "normalize_features": self.normalize_features, "backend": self.backend.name,
+                "trak_core": __version__}
 
     def _factorize(self, kernel: Any, n_train: int, n_params: int, index: int) -> kernel_ops.KernelFactor:
         xp = namespace(kernel)

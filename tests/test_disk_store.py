@@ -1,0 +1,140 @@
+"""The on-disk store: the same numbers as memory, resume after SIGKILL, config checks, damage, full disk."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are not exercised")
+
+import trak_core  # noqa: E402
+from trak_core import MLP, TRAK  # noqa: E402
+from trak_core.disk_store import StoreMismatchError  # noqa: E402
+
+N, BATCH = 9000, 700  # batches that do not align with the 4,096-row chunks
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(N, 5)), rng.integers(0, 3, N)
+
+
+def _batches(x, y):
+    return [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, N, BATCH)]
+
+
+def _run(store, checkpoints=2):
+    x, y = _data()
+    model = MLP(5, 4, 3)
+    trak = TRAK(model, proj_dim=32, store=store, progress=False)
+    for c in range(checkpoints):
+        trak.featurize(model.init(seed=c), _batches(x, y))
+    return trak, trak.score([(x[:6], y[:6])])
+
+
+def test_disk_store_gives_the_memory_store_numbers_bit_for_bit(tmp_path):
+    _, memory = _run(None)
+    trak, disk = _run(tmp_path / "store")
+    assert np.array_equal(memory, disk)
+    assert (tmp_path / "store" / "zarr.json").exists()
+    _, reopened = _run(tmp_path / "store")  # every checkpoint complete: read back, nothing recomputed
+    assert np.array_equal(reopened, memory)
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from trak_core import MLP, TRAK
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(9000, 5)), rng.integers(0, 3, 9000)
+    model = MLP(5, 4, 3)
+    trak = TRAK(model, proj_dim=32, store=sys.argv[1], progress=False)
+    def slow(batches):
+        for b in batches:
+            time.sleep(0.08)
+            yield b
+    for c in range(2):
+        trak.featurize(model.init(seed=c), slow([(x[i:i + 700], y[i:i + 700]) for i in range(0, 9000, 700)]))
+    print("finished")
+""")
+
+
+def test_killed_runs_resume_to_identical_scores(tmp_path):
+    _, reference = _run(None)
+    script = tmp_path / "featurize.py"
+    script.write_text(SCRIPT)
+    rng = np.random.default_rng(1)
+    interrupted = 0
+    for attempt in range(5):
+        store = tmp_path / f"store{attempt}"
+        process = subprocess.Popen([sys.executable, str(script), str(store)], stdout=subprocess.PIPE)
+        time.sleep(float(rng.uniform(0.8, 2.6)))  # import + some chunks, then SIGKILL at a random moment
+        process.send_signal(signal.SIGKILL)
+        out, _ = process.communicate()
+        interrupted += b"finished" not in out
+        _, resumed = _run(store)
+        assert np.array_equal(resumed, reference), f"attempt {attempt}"
+    assert interrupted >= 4  # the kills landed mid-run
+
+
+def test_other_configuration_is_refused_and_nothing_is_overwritten(tmp_path):
+    store = tmp_path / "store"
+    _run(store)
+    manifest = (store / "zarr.json").read_bytes()
+    x, y = _data()
+    model = MLP(5, 4, 3)
+    with pytest.raises(StoreMismatchError, match=r"proj_dim: stored 32, now 64.*seed: stored 0, now 1"):
+        TRAK(model, proj_dim=64, seed=1, store=store, progress=False).featurize(model.init(seed=0), _batches(x, y))
+    assert (store / "zarr.json").read_bytes() == manifest
+
+
+def test_damaged_chunk_is_detected_and_recomputed(tmp_path):
+    store = tmp_path / "store"
+    _, reference = _run(store)
+    chunk = store / "c1" / "features" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:50])  # truncated
+    trak = TRAK(MLP(5, 4, 3), proj_dim=32, store=store, progress=False)
+    x, y = _data()
+    trak.featurize(MLP(5, 4, 3).init(seed=0), _batches(x, y))
+    trak.featurize(MLP(5, 4, 3).init(seed=1), _batches(x, y))  # recomputes chunk 1 and what follows
+    assert np.array_equal(trak.score([(x[:6], y[:6])]), reference)
+    chunk.write_bytes(b"\x00" * len(chunk.read_bytes()))
+    with pytest.raises(ValueError, match="run featurize for this checkpoint again"):
+        trak.score([(x[:6], y[:6])])
+
+
+def test_full_disk_is_a_clear_error_and_resumes(tmp_path, monkeypatch):
+    import zarr
+
+    store = tmp_path / "store"
+    _, reference = _run(None)
+    original = zarr.Array.__setitem__
+    calls = {"n": 0}
+
+    def failing(self, key, value):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(28, "No space left on device")
+        return original(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", failing)
+    with pytest.raises(OSError, match="chunks written before are intact"):
+        _run(store)
+    monkeypatch.setattr(zarr.Array, "__setitem__", original)
+    _, resumed = _run(store)
+    assert np.array_equal(resumed, reference)
+
+
+def test_unwritable_directory(tmp_path, monkeypatch):
+    def refuse(self, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", refuse)
+    with pytest.raises(PermissionError, match="is not writable"):
+        TRAK(MLP(5, 4, 3), store=tmp_path / "ro", progress=False)
+    assert os.path.isdir(tmp_path / "ro")

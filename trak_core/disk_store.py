@@ -1,0 +1,226 @@
+"""Features on disk: a zarr v3 group, rows in chunks, resumable, checked, never silently overwritten.
+
+One job: ``TRAK(store=path)``. Layout of the directory:
+
+- group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension and
+  seed, task, parameter count and structure hash, backend, library version). Reopening with any
+  difference raises an error naming the fields, and nothing is written.
+- ``c{index}/features`` (n, k) and ``c{index}/out_to_loss`` (n,), chunked by ``KERNEL_CHUNK_ROWS``
+  rows; attributes ``rows_done`` and one SHA-256 per chunk; ``c{index}/kernel`` (k, k) float64 and
+  ``complete`` once the checkpoint is done.
+
+Safety: zarr's ``LocalStore`` writes every chunk to a temporary file and renames it into place,
+so a chunk is either the old or the new bytes; ``rows_done`` and the checksum of a chunk are
+written (the same way) only after the chunk. A run killed at any moment and restarted with the
+same arguments re-verifies the checksums, recomputes from the first missing or damaged chunk, and
+accumulates ``Phi^T Phi`` from the chunks on disk in order, so the result is bit-identical to an
+uninterrupted run (and to the in-memory store, which uses the same chunks).
+"""
+from __future__ import annotations
+
+import hashlib
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from . import kernel as kernel_ops
+from ._namespace import device_of, namespace
+from .store import KERNEL_CHUNK_ROWS, CheckpointEntry
+
+__all__ = ["DiskStore", "DiskFeatures", "StoreMismatchError"]
+
+
+class StoreMismatchError(ValueError):
+    """The store on disk was written with another configuration."""
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch
+        return x.detach().cpu().numpy()
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    try:
+        return np.asarray(x)
+    except Exception:  # array-api-strict on a non-CPU device
+        import array_api_strict as xs
+
+        return np.asarray(x.to_device(xs.Device("CPU_DEVICE")))
+
+
+def _digest(block: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest()
+
+
+class DiskFeatures:
+    """A checkpoint's features on disk, sliced by rows into the caller's namespace and device."""
+
+    def __init__(self, array: Any, checksums: dict, template: Any) -> None:
+        self._array, self._checksums, self._template = array, checksums, template
+        self.shape = tuple(array.shape)
+        self.dtype = template.dtype
+        self.ndim = 2
+
+    def __getitem__(self, key: tuple) -> Any:
+        rows = key[0] if isinstance(key, tuple) else key
+        start, stop, _ = rows.indices(self.shape[0])
+        first, last = start // KERNEL_CHUNK_ROWS, max(start, stop - 1) // KERNEL_CHUNK_ROWS
+        lo, hi = first * KERNEL_CHUNK_ROWS, min(self.shape[0], (last + 1) * KERNEL_CHUNK_ROWS)
+        try:
+            block = self._array[lo:hi]
+        except Exception as exc:  # a truncated chunk fails to decode
+            raise ValueError(f"chunks {first}..{last} of {self._array.path} cannot be read ({exc}); run featurize "
+                             "for this checkpoint again with the same arguments to recompute them") from None
+        for c in range(first, last + 1):
+            part = block[c * KERNEL_CHUNK_ROWS - lo:(c + 1) * KERNEL_CHUNK_ROWS - lo]
+            if _digest(part) != self._checksums.get(str(c)):
+                raise ValueError(f"chunk {c} of {self._array.path} is damaged (checksum mismatch); run featurize "
+                                 "for this checkpoint again with the same arguments to recompute it")
+        xp = namespace(self._template)
+        return xp.asarray(block[start - lo:stop - lo], device=device_of(self._template))
+
+
+class DiskWriter:
+    """Writes one checkpoint's features chunk by chunk (see the module notes)."""
+
+    def __init__(self, store: "DiskStore", index: int) -> None:
+        self.store, self.index = store, index
+        self.group = store.root.require_group(f"c{index}")
+        self.complete = bool(self.group.attrs.get("complete", False))
+        self.checksums = dict(self.group.attrs.get("checksums", {}))
+        self.rows_done = self._verified_rows() if "features" in self.group else 0
+        self._rows: list[np.ndarray] = []
+        self._weights: list[np.ndarray] = []
+        self.template: Any = store.template
+        self.needs_template = self.template is None and self.rows_done > 0
+
+    def _verified_rows(self) -> int:
+        """Rows on disk whose chunks pass their checksums (a damaged chunk and what follows is redone)."""
+        done = int(self.group.attrs.get("rows_done", 0))
+        features = self.group["features"]
+        for c in range(-(-done // KERNEL_CHUNK_ROWS)):
+            try:
+                block = features[c * KERNEL_CHUNK_ROWS:min(done, (c + 1) * KERNEL_CHUNK_ROWS)]
+                weights = self.group["out_to_loss"][c * KERNEL_CHUNK_ROWS:min(done, (c + 1) * KERNEL_CHUNK_ROWS)]
+                ok = _digest(block) == self.checksums.get(str(c)) and bool(np.all(np.isfinite(weights)))
+            except Exception:  # a truncated chunk fails to decode
+                ok = False
+            if not ok:
+                self.complete = False
+                return c * KERNEL_CHUNK_ROWS
+        return done
+
+    def append(self, features: Any, out_to_loss: Any) -> None:
+        if self.template is None:
+            self.template = features[:1, ...]
+        self._rows.append(_to_numpy(features))
+        self._weights.append(_to_numpy(out_to_loss))
+        while sum(r.shape[0] for r in self._rows) >= KERNEL_CHUNK_ROWS:
+            self._write(KERNEL_CHUNK_ROWS)
+
+    def _write(self, count: int | None = None) -> None:
+        rows, weights = np.concatenate(self._rows), np.concatenate(self._weights)
+        count = rows.shape[0] if count is None else count
+        start = self.rows_done
+        if start % KERNEL_CHUNK_ROWS:
+            raise RuntimeError("internal: a chunk may only follow whole chunks")
+        if "features" not in self.group:
+            self.group.create_array("features", shape=(0, rows.shape[1]), chunks=(KERNEL_CHUNK_ROWS, rows.shape[1]),
+                                    dtype=rows.dtype, fill_value=0)
+            self.group.create_array("out_to_loss", shape=(0,), chunks=(KERNEL_CHUNK_ROWS,), dtype=weights.dtype,
+                                    fill_value=0)
+        features, out_to_loss = self.group["features"], self.group["out_to_loss"]
+        stop = start + count
+        try:
+            if features.shape[0] < stop:
+                features.resize((stop, rows.shape[1]))
+                out_to_loss.resize((stop,))
+            features[start:stop] = rows[:count]
+            out_to_loss[start:stop] = weights[:count]
+            self.checksums[str(start // KERNEL_CHUNK_ROWS)] = _digest(rows[:count])
+            self.group.attrs.update({"checksums": self.checksums, "rows_done": stop})
+        except OSError as exc:
+            raise OSError(f"writing chunk {start // KERNEL_CHUNK_ROWS} of checkpoint {self.index} to "
+                          f"{self.store.path} failed ({exc}); chunks written before are intact, and the same call "
+                          "resumes from them once there is room") from exc
+        self.rows_done = stop
+        self._rows, self._weights = [rows[count:]], [weights[count:]]
+        if not self._rows[0].shape[0]:
+            self._rows, self._weights = [], []
+
+    def finish(self) -> tuple[Any, Any, Any]:
+        if self._rows:
+            self._write()
+        if "features" not in self.group or self.group["features"].shape[0] == 0:
+            return None, None, None
+        features = self.group["features"]
+        self.store.template = self.template
+        lazy = DiskFeatures(features, self.checksums, self.template)
+        xp = namespace(self.template)
+        weights = xp.asarray(self.group["out_to_loss"][:], device=device_of(self.template))
+        if "kernel" in self.group and self.complete:
+            return lazy, weights, xp.asarray(self.group["kernel"][:], device=device_of(self.template))
+        kernel = None
+        for start in range(0, features.shape[0], KERNEL_CHUNK_ROWS):
+            kernel = kernel_ops.accumulate(kernel, lazy[start:start + KERNEL_CHUNK_ROWS, :], xp=xp)
+        matrix = _to_numpy(kernel)
+        if "kernel" in self.group:
+            del self.group["kernel"]
+        self.group.create_array("kernel", shape=matrix.shape, dtype=matrix.dtype, fill_value=0)[:] = matrix
+        return lazy, weights, kernel
+
+    def discard(self) -> None:
+        """Drop this checkpoint's arrays (its data contradicted checkpoint 0's)."""
+        del self.store.root[f"c{self.index}"]
+
+
+class DiskStore:
+    """Checkpoint entries whose features live in a zarr v3 group at ``path`` (created if absent)."""
+
+    def __init__(self, path: str | pathlib.Path) -> None:
+        try:
+            import zarr
+        except ImportError:
+            raise ImportError('on-disk stores need zarr (v3): pip install "trak-core[store]"') from None
+        self.path = pathlib.Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.root = zarr.open_group(str(self.path), mode="a")
+            probe = self.path / ".trak_core_write_probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except PermissionError as exc:
+            raise PermissionError(f"the store directory {self.path} is not writable ({exc}); choose another path "
+                                  "or fix its permissions") from None
+        self._entries: list[CheckpointEntry] = []
+        self.template: Any = None
+
+    def _check(self, fingerprint: dict) -> None:
+        stored = self.root.attrs.get("trak_core")
+        if stored is None:
+            self.root.attrs["trak_core"] = fingerprint
+            return
+        differing = {k: (stored.get(k), v) for k, v in fingerprint.items() if stored.get(k) != v}
+        if differing:
+            fields = ", ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in differing.items())
+            raise StoreMismatchError(f"the store at {self.path} was written with another configuration ({fields}); "
+                                     "use the same arguments, or a new store path (nothing was overwritten)")
+
+    def writer(self, index: int, fingerprint: dict) -> DiskWriter:
+        self._check(fingerprint)
+        return DiskWriter(self, index)
+
+    def add(self, entry: CheckpointEntry) -> None:
+        if entry.index != len(self._entries):
+            raise ValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
+        self.root[f"c{entry.index}"].attrs["complete"] = True
+        self._entries.append(entry)
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> CheckpointEntry:
+        return self._entries[index]
