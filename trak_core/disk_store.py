@@ -148,6 +148,17 @@ class DiskWriter:
         if not self._rows[0].shape[0]:
             self._rows, self._weights = [], []
 
+    def allocate(self, n_rows: int, width: int, dtype: Any, weight_dtype: Any) -> None:
+        """Create (or grow) the arrays for ``n_rows`` rows, so that workers can fill chunks in any order."""
+        if "features" not in self.group:
+            self.group.create_array("features", shape=(n_rows, width), chunks=(KERNEL_CHUNK_ROWS, width),
+                                    dtype=dtype, fill_value=0)
+            self.group.create_array("out_to_loss", shape=(n_rows,), chunks=(KERNEL_CHUNK_ROWS,), dtype=weight_dtype,
+                                    fill_value=0)
+        elif self.group["features"].shape[0] < n_rows:
+            self.group["features"].resize((n_rows, width))
+            self.group["out_to_loss"].resize((n_rows,))
+
     def finish(self) -> tuple[Any, Any, Any]:
         if self._rows:
             self._write()

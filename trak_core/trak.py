@@ -4,6 +4,7 @@ One job: orchestrate a backend (gradients), the projection, the kernel and the s
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 from typing import Any, Iterable, Iterator, Sequence
@@ -16,6 +17,7 @@ from .backends.protocol import batches
 from .projection import KINDS, project
 from .regularization import choose_lambda
 from .scores import checkpoint_scores, ensemble, normalize_rows, soft_threshold
+from .executors import get_executor
 from .store import CheckpointEntry, open_store
 from .tasks import Task, get_task
 
@@ -23,7 +25,7 @@ __all__ = ["TRAK"]
 
 log = logging.getLogger("trak_core")
 
-PROJECTION_GROUP_BYTES = 256 * 2**20  # per-example gradients projected together (at least one batch)
+PROJECTION_GROUP_BYTES = 128 * 2**20  # per-example gradients projected together (at least one batch)
 
 
 def _check_proj_dim(proj_dim: Any) -> int | None:
@@ -46,6 +48,12 @@ def _rows(array: Any, what: str, where: str) -> int:
         raise TypeError(f"{where}: {what} must be an array with one row per example, got {type(array).__name__}"
                         + (" of shape ()" if shape == () else ""))
     return int(shape[0])
+
+
+def projection_group_rows(n_params: int, itemsize: int) -> int:
+    """Rows of gradients projected together: a power of two, at most 4,096, within PROJECTION_GROUP_BYTES."""
+    rows = max(1, PROJECTION_GROUP_BYTES // max(1, n_params * itemsize))
+    return min(4096, 1 << (rows.bit_length() - 1))
 
 
 def _check_lengths(inputs: Any, labels: Any, where: str) -> int:
@@ -120,6 +128,9 @@ class TRAK:
     checkpoint_weighting : {"uniform", "normalized"}
         How checkpoints are averaged: as DESIGN.md writes it, or each checkpoint's scores scaled
         to unit norm per target first.
+    executor : None, "ray" or RayExecutor
+        Where featurization runs: this process, or Ray actors over row shards (needs ``store=path``;
+        see :mod:`trak_core.executors`). The numbers are the same bit for bit.
 
     Notes
     -----
@@ -131,7 +142,7 @@ class TRAK:
                  proj_type: str = "rademacher", seed: int = 0, lambda_reg: float | str = "auto",
                  backend: str | Backend | None = None, store: Any = None, progress: bool | None = None,
                  normalize_features: bool = False, soft_threshold: float | None = None,
-                 checkpoint_weighting: str = "uniform") -> None:
+                 checkpoint_weighting: str = "uniform", executor: Any = None) -> None:
         self.proj_dim = _check_proj_dim(proj_dim)
         if proj_type not in KINDS:
             raise ValueError(f"unknown proj_type {proj_type!r}; choose one of {KINDS}")
@@ -153,6 +164,9 @@ class TRAK:
         if checkpoint_weighting not in ("uniform", "normalized"):
             raise ValueError(f"checkpoint_weighting must be 'uniform' or 'normalized', got {checkpoint_weighting!r}")
         self.checkpoint_weighting = checkpoint_weighting
+        self.executor = get_executor(executor)
+        if self.executor is not None and not hasattr(self.store, "path"):
+            raise ValueError("executor='ray' needs an on-disk store that every worker can reach: pass store=PATH")
 
     @property
     def n_checkpoints(self) -> int:
@@ -212,37 +226,51 @@ class TRAK:
         grads, out_to_loss = self._gradients(prepared, inputs, labels, where)
         return self._project(grads, index), out_to_loss
 
-    def _stream_features(self, prepared: Any, index: int, data: Iterable[Any],
-                         skip: int = 0) -> Iterator[tuple[Any, Any]]:
-        """Features and out-to-loss weights of ``data``, projecting several batches at a time.
+    def _stream_features(self, prepared: Any, index: int, data: Iterable[Any], skip: int = 0,
+                         stop: int | None = None) -> Iterator[tuple[Any, Any]]:
+        """Features and out-to-loss weights of rows ``skip .. stop-1`` of ``data``.
 
-        Gradients are grouped until they fill :data:`PROJECTION_GROUP_BYTES`, so that the cost of
-        making (or unpacking) the projection matrix is shared by more examples. Backends with a
-        fused step (:meth:`features`) project batch by batch inside it.
+        Whole batches are differentiated (rows outside the range are dropped afterwards), and
+        gradients are projected in groups of exactly :func:`projection_group_rows` rows aligned
+        to absolute row indices, so a row's features do not depend on where a run started or
+        stopped (resume, shards) and the matrix is made or unpacked once per group. Backends with
+        a fused step (:meth:`features`) project batch by batch inside it.
         """
-        grads, weights, nbytes, seen = [], [], 0, 0
+        grads, weights, seen, group = [], [], 0, None
+        pending = 0
         for b, (inputs, labels) in enumerate(progress(batches(data), desc=f"featurize checkpoint {index}",
                                                       enabled=self.progress)):
             where = f"checkpoint {index}, batch {b}"
             rows = _check_lengths(inputs, labels, where)
-            drop, seen = min(rows, max(0, skip - seen)), seen + rows  # rows already in the store (resume)
-            if drop == rows:
+            first, seen = seen, seen + rows
+            lo, hi = max(0, skip - first), rows if stop is None else min(rows, stop - first)
+            if hi <= lo:
+                if stop is not None and first >= stop:
+                    break
                 continue
             fused = self._fused_features(prepared, index, inputs, labels, where)
             if fused is not None:
-                yield (fused[0][drop:, ...], fused[1][drop:]) if drop else fused
+                yield (fused[0][lo:hi, ...], fused[1][lo:hi]) if (lo, hi) != (0, rows) else fused
                 continue
             g, q = self._gradients(prepared, inputs, labels, where)
-            if drop:
-                g, q = g[drop:, ...], q[drop:]
+            if (lo, hi) != (0, rows):
+                g, q = g[lo:hi, ...], q[lo:hi]
             xp = namespace(g)
+            if group is None:
+                group = projection_group_rows(g.shape[1], xp.finfo(g.dtype).bits // 8)
+                pending = (first + lo) % group  # the first group ends at a multiple of `group`
             grads.append(g)
             weights.append(q)
-            nbytes += g.shape[0] * g.shape[1] * (xp.finfo(g.dtype).bits // 8)
-            if nbytes >= PROJECTION_GROUP_BYTES:
-                yield self._project(xp.concat(grads, axis=0), index), xp.concat(weights, axis=0)
-                grads, weights, nbytes = [], [], 0
-        if grads:
+            pending += g.shape[0]
+            while pending >= group:
+                g_all, q_all = xp.concat(grads, axis=0), xp.concat(weights, axis=0)
+                take = g_all.shape[0] - (pending - group)
+                yield self._project(g_all[:take, ...], index), q_all[:take]
+                grads, weights = [g_all[take:, ...]], [q_all[take:]]
+                pending -= group
+                pending = 0 if pending < 0 else pending
+        if grads and grads[0].shape[0] + sum(g.shape[0] for g in grads[1:]):
+            xp = namespace(grads[0])
             yield self._project(xp.concat(grads, axis=0), index), xp.concat(weights, axis=0)
 
     def featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
@@ -275,6 +303,9 @@ class TRAK:
                              "same parameter names, nesting and shapes")
         fingerprint = self._fingerprint(n_params, structure)
         writer = self.store.writer(index, fingerprint)
+        if self.executor is not None:
+            data = list(batches(data))
+            writer.needs_template = writer.template is None
         if getattr(writer, "needs_template", False):  # resuming: one example tells namespace, device, dtype
             data = iter(batches(data))
             first = next(data, None)
@@ -282,7 +313,9 @@ class TRAK:
                 one = (first[0][:1, ...], first[1][:1, ...])
                 writer.template = self._batch_features(prepared, index, *one, f"checkpoint {index}, batch 0")[0]
                 data = itertools.chain([first], data)
-        if not writer.complete:
+        if not writer.complete and self.executor is not None:
+            self._featurize_distributed(checkpoint, index, list(data), writer)
+        elif not writer.complete:
             for phi, q in self._stream_features(prepared, index, data, skip=writer.rows_done):
                 writer.append(phi, q)
         features, q_all, kernel = writer.finish()
@@ -294,6 +327,25 @@ class TRAK:
                              f"saw {self.n_train}; featurize every checkpoint on the same training set")
         factor = self._factorize(kernel, features.shape[0], n_params, index)
         self.store.add(CheckpointEntry(index, prepared, n_params, features, q_all, factor, structure, kernel))
+
+    def _featurize_distributed(self, checkpoint: Any, index: int, data: list, writer: Any) -> None:
+        from .disk_store import _to_numpy
+
+        offsets, total = [], 0
+        for b, (inputs, labels) in enumerate(data):
+            offsets.append(total)
+            total += _check_lengths(inputs, labels, f"checkpoint {index}, batch {b}")
+        if not total:
+            return
+        template = _to_numpy(writer.template)
+        writer.allocate(total, template.shape[1], template.dtype, template.dtype)
+        self.executor.featurize(self, checkpoint, index, data, writer, total, offsets)
+
+    def worker_copy(self) -> "TRAK":
+        """This configuration without its store or executor: what a worker process needs."""
+        clone = copy.copy(self)
+        clone.store, clone.executor, clone.progress = open_store(None), None, False
+        return clone
 
     def _fingerprint(self, n_params: int, structure: Any) -> dict[str, Any]:
         """What must not change between runs sharing a store (checked by on-disk stores)."""

@@ -64,6 +64,11 @@ class JaxBackend:
         self._steps: dict[tuple, Any] = {}  # (apply, task, project) -> [jitted step, compiled batch size]
         self.compilations = 0  # traces of the step function: how many times it was (re)compiled
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_steps"] = {}  # compiled steps stay in their process
+        return state
+
     def owns(self, model: Any) -> bool:
         return isinstance(model, JaxModel)
 

@@ -1,0 +1,59 @@
+"""Peak memory of featurizing to an on-disk store, at two training-set sizes, each in a fresh process.
+
+    python bench/memory_store.py --sizes 50000 200000 [--json out.json]
+
+A ~100k-parameter MLP (NumPy reference backend, float32: 100 -> 900 -> 10, 99,910 parameters),
+k = 1,024, batches of 256 generated on the fly (never all in memory), one checkpoint. Reports the
+peak resident set size (ru_maxrss) and seconds per size: the peak should not grow with n_train.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+CHILD = """
+import resource, sys, time
+import numpy as np
+from trak_core import MLP, TRAK
+n = int(sys.argv[1]); store = sys.argv[2]
+model = MLP(100, 900, 10)
+theta = model.init(seed=0, dtype="float32")
+def batches():
+    for start in range(0, n, 256):
+        rng = np.random.default_rng(start)
+        rows = min(256, n - start)
+        yield rng.normal(size=(rows, 100)).astype("float32"), rng.integers(0, 10, rows)
+trak = TRAK(model, proj_dim=1024, store=store, progress=False)
+start = time.perf_counter()
+trak.featurize(theta, batches())
+trak.score([next(batches())])
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="*", type=int, default=[50_000, 200_000])
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    rows = []
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory() as store:
+            out = subprocess.run([sys.executable, "-c", CHILD, str(n), store], capture_output=True, text=True, check=True)
+        seconds, peak_kib = out.stdout.split()
+        rows.append(dict(n_train=n, params=99_910, proj_dim=1024, seconds=float(seconds),
+                         peak_rss_mb=int(peak_kib) / 1024))
+        print(json.dumps(rows[-1]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Featurization on a local Ray cluster: the single-process numbers bit for bit, even when a worker dies."""
+import numpy as np
+import pytest
+
+pytest.importorskip("ray", reason="Ray is not installed: the Ray executor is not exercised")
+pytest.importorskip("zarr", reason="zarr is not installed: the Ray executor needs an on-disk store")
+
+from trak_core import MLP, TRAK  # noqa: E402
+from trak_core.executors import RayExecutor, shards  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(9000, 5)), rng.integers(0, 3, 9000)
+    return x, y, [(x[i:i + 700], y[i:i + 700]) for i in range(0, 9000, 700)]
+
+
+def _scores(store=None, executor=None):
+    x, y, batches = _data()
+    model = MLP(5, 4, 3)
+    trak = TRAK(model, proj_dim=32, store=store, executor=executor, progress=False)
+    for c in range(2):
+        trak.featurize(model.init(seed=c), batches)
+    return trak.score([(x[:6], y[:6])])
+
+
+def test_shards_are_chunk_aligned():
+    assert shards(0, 9000, 4096) == [(0, 4096), (4096, 8192), (8192, 9000)]
+    assert shards(4096, 9000, 5000) == [(4096, 9000)]
+    assert shards(0, 0, 4096) == []
+
+
+def test_two_workers_give_single_process_scores(ray_cluster, tmp_path):
+    reference = _scores()
+    assert np.array_equal(_scores(tmp_path / "store", RayExecutor(num_workers=2)), reference)
+
+
+def test_a_dead_worker_is_replaced_and_its_shard_retried(ray_cluster, tmp_path):
+    reference = _scores()
+    executor = RayExecutor(num_workers=2)
+    executor.fail_marker = str(tmp_path / "died-once")  # the first shard's worker exits mid-task, once
+    assert np.array_equal(_scores(tmp_path / "store", executor), reference)
+    assert (tmp_path / "died-once").exists()
+
+
+def test_ray_needs_a_shared_store():
+    with pytest.raises(ValueError, match="store=PATH"):
+        TRAK(MLP(5, 4, 3), executor="ray")

@@ -1,0 +1,137 @@
+"""Running featurization on a Ray cluster: (checkpoint, row shard) units written to a shared store.
+
+One job: ``TRAK(..., store=path, executor="ray")`` (or ``executor=RayExecutor(address=...)``).
+Shards are ranges of rows aligned to the store's chunks; each Ray actor holds the model once,
+differentiates the whole batches overlapping its shard (so every row sees exactly the batch it
+sees in a single process), projects in groups aligned to absolute rows, and writes its chunks to
+the store. The driver then accumulates ``Phi^T Phi`` from the chunks on disk in order, so a
+distributed run gives the single-process numbers bit for bit. Actors are restarted and their
+shard retried when a worker dies. Scoring streams the features from the store in the driver.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from .store import KERNEL_CHUNK_ROWS
+
+__all__ = ["RayExecutor", "get_executor", "shards"]
+
+
+def shards(start: int, n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
+    """Chunk-aligned ``[start, stop)`` ranges covering rows ``start .. n_rows-1``."""
+    size = max(KERNEL_CHUNK_ROWS, math.ceil(shard_rows / KERNEL_CHUNK_ROWS) * KERNEL_CHUNK_ROWS)
+    edges = list(range(start, n_rows, size)) + [n_rows]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+class _Worker:
+    """Body of the Ray actor: one TRAK configuration (model, backend, task, projection) per process."""
+
+    def __init__(self, trak_bytes: bytes) -> None:
+        import cloudpickle
+
+        self.trak = cloudpickle.loads(trak_bytes)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def featurize(self, checkpoint: Any, index: int, batches: list, first_row: int, start: int, stop: int,
+                  path: str, fail_marker: str | None = None) -> dict[str, str]:
+        import os
+
+        import numpy as np
+        import zarr
+
+        from .disk_store import _digest, _to_numpy
+
+        if fail_marker and not os.path.exists(fail_marker):  # tests: die once, as a killed worker would
+            open(fail_marker, "w").close()
+            os._exit(1)
+        prepared = self.trak.backend.prepare(self.trak.model, checkpoint)
+        parts = list(self.trak._stream_features(prepared, index, batches, skip=start - first_row,
+                                                stop=stop - first_row))
+        features = np.concatenate([_to_numpy(f) for f, _ in parts])
+        weights = np.concatenate([_to_numpy(q) for _, q in parts])
+        group = zarr.open_group(path, mode="r+")[f"c{index}"]
+        group["features"][start:stop] = features
+        group["out_to_loss"][start:stop] = weights
+        return {str(c // KERNEL_CHUNK_ROWS): _digest(features[c - start:min(stop, c + KERNEL_CHUNK_ROWS) - start])
+                for c in range(start, stop, KERNEL_CHUNK_ROWS)}
+
+
+class RayExecutor:
+    """Featurize on Ray actors.
+
+    Parameters
+    ----------
+    address : str, optional
+        A Ray cluster address; ``None`` starts (or joins) a local cluster on this machine.
+    num_workers : int
+        Actors (one model copy each).
+    shard_rows : int
+        Rows per unit of work (rounded up to whole chunks of 4,096 rows).
+    max_retries : int
+        Restarts of a dead actor, and retries of its shard.
+    """
+
+    def __init__(self, address: str | None = None, num_workers: int = 2, shard_rows: int = KERNEL_CHUNK_ROWS,
+                 max_retries: int = 3) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+        self.address, self.num_workers, self.shard_rows, self.max_retries = address, num_workers, shard_rows, max_retries
+        self._actors: list[Any] = []
+        self._trak_id: int | None = None
+        self.fail_marker: str | None = None  # tests only
+
+    def _start(self, trak: Any) -> list[Any]:
+        try:
+            import cloudpickle
+            import ray
+        except ImportError:
+            raise ImportError('executor="ray" needs Ray: pip install "trak-core[ray]"') from None
+        if not ray.is_initialized():
+            options = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            if self.address is None:
+                options["num_cpus"] = self.num_workers
+            ray.init(address=self.address, **options)
+        if self._trak_id != id(trak):
+            worker = ray.remote(num_cpus=1, max_restarts=self.max_retries,
+                                max_task_retries=self.max_retries)(_Worker)
+            payload = cloudpickle.dumps(trak.worker_copy())
+            self._actors = [worker.remote(payload) for _ in range(self.num_workers)]
+            self._trak_id = id(trak)
+        return self._actors
+
+    def featurize(self, trak: Any, checkpoint: Any, index: int, data: Sequence[tuple[Any, Any]], writer: Any,
+                  n_rows: int, offsets: list[int]) -> None:
+        """Fill ``writer``'s arrays for rows ``writer.rows_done .. n_rows-1`` with actor work."""
+        import ray
+
+        actors = self._start(trak)
+        futures = []
+        for i, (start, stop) in enumerate(shards(writer.rows_done, n_rows, self.shard_rows)):
+            first = max(b for b in range(len(offsets)) if offsets[b] <= start)
+            last = min(b for b in range(len(offsets)) if offsets[b] + _rows(data[b]) >= stop)
+            futures.append(actors[i % len(actors)].featurize.remote(
+                checkpoint, index, list(data[first:last + 1]), offsets[first], start, stop, str(writer.store.path),
+                self.fail_marker if i == 0 else None))
+        for checksums in ray.get(futures):
+            writer.checksums.update(checksums)
+        writer.group.attrs.update({"checksums": writer.checksums, "rows_done": n_rows})
+        writer.rows_done = n_rows
+
+
+def _rows(batch: tuple[Any, Any]) -> int:
+    return int(batch[0].shape[0])
+
+
+def get_executor(executor: Any) -> Any:
+    """``None``, ``"ray"`` (a local :class:`RayExecutor`), or an executor object."""
+    if executor is None or isinstance(executor, RayExecutor):
+        return executor
+    if executor == "ray":
+        return RayExecutor()
+    raise ValueError(f"executor must be None, 'ray' or a RayExecutor, got {executor!r}")
