@@ -4,7 +4,8 @@
 
 A ~100k-parameter MLP (NumPy reference backend, float32: 100 -> 900 -> 10, 99,910 parameters),
 k = 1,024, batches of 256 generated on the fly (never all in memory), one checkpoint. Reports the
-peak resident set size (ru_maxrss) and seconds per size: the peak should not grow with n_train.
+peak resident set size (ru_maxrss) after featurizing, and after scoring 8 targets (the score matrix
+itself is n_train x n_targets), and seconds per size: the peak should not grow with n_train.
 """
 from __future__ import annotations
 
@@ -31,8 +32,11 @@ def batches():
 trak = TRAK(model, proj_dim=1024, store=store, progress=False)
 start = time.perf_counter()
 trak.featurize(theta, batches())
-trak.score([next(batches())])
-print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+featurize_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+seconds = time.perf_counter() - start
+x, y = next(batches())
+trak.score([(x[:8], y[:8])])
+print(seconds, featurize_peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
@@ -45,9 +49,10 @@ def main(argv=None):
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as store:
             out = subprocess.run([sys.executable, "-c", CHILD, str(n), store], capture_output=True, text=True, check=True)
-        seconds, peak_kib = out.stdout.split()
-        rows.append(dict(n_train=n, params=99_910, proj_dim=1024, seconds=float(seconds),
-                         peak_rss_mb=int(peak_kib) / 1024))
+        seconds, featurize_kib, score_kib = out.stdout.split()
+        rows.append(dict(n_train=n, params=99_910, proj_dim=1024, featurize_seconds=float(seconds),
+                         featurize_peak_rss_mb=int(featurize_kib) / 1024,
+                         peak_rss_after_scoring_8_targets_mb=int(score_kib) / 1024))
         print(json.dumps(rows[-1]))
     if args.json:
         with open(args.json, "w") as f:

@@ -14,7 +14,7 @@ __all__ = ["checkpoint_scores", "ensemble", "soft_threshold", "normalize_rows"]
 
 
 def checkpoint_scores(train_features: Any, factor: KernelFactor, target_features: Any, *, xp: Any,
-                      chunk_rows: int = 65536) -> Any:
+                      chunk_rows: int = 16384) -> Any:
     """``Phi_c K_c^{-1} phi_c(z')^T``, shape (n_train, n_targets), in the accumulation dtype."""
     work = accumulation_dtype(xp, device_of(target_features))
     weights = solve(factor, xp.matrix_transpose(xp.astype(target_features, work)), xp=xp)  # (k, m)
