@@ -23,7 +23,6 @@ import logging
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 SIZES = {"small": dict(hidden=[128], n_train=1000, checkpoints=2),

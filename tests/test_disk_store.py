@@ -12,7 +12,6 @@ import pytest
 
 pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are not exercised")
 
-import trak_core  # noqa: E402
 from trak_core import MLP, TRAK  # noqa: E402
 from trak_core.disk_store import StoreMismatchError  # noqa: E402
 

@@ -4,7 +4,6 @@ import logging
 import numpy as np
 import pytest
 
-import trak_core
 from trak_core import MLP, TRAK, SoftmaxRegression
 from trak_core.regularization import AUTO_ALPHA, AUTO_RULE, choose_lambda
 
