@@ -35,10 +35,19 @@ def _rows(array: Any, what: str, where: str) -> int:
     return int(shape[0])
 
 
-def projection_group_rows(n_params: int, itemsize: int) -> int:
-    """Rows of gradients projected together: a power of two, at most 4,096, within PROJECTION_GROUP_BYTES."""
+def projection_group_rows(n_params: int, itemsize: int, proj_dim: int | None = None) -> int:
+    """Rows of gradients projected together: a power of two up to 4,096 within ``PROJECTION_GROUP_BYTES``.
+
+    When the projection matrix is too large for the projection cache, every group pays for making or
+    unpacking it, so groups then hold at least 64 rows whatever their size in bytes.
+    """
+    from .projection import default_cache
+
     rows = max(1, PROJECTION_GROUP_BYTES // max(1, n_params * itemsize))
-    return min(4096, 1 << (rows.bit_length() - 1))
+    rows = min(4096, 1 << (rows.bit_length() - 1))
+    if proj_dim is not None and not default_cache.fits(n_params * proj_dim * itemsize):
+        rows = max(rows, 64)
+    return rows
 
 
 def _check_lengths(inputs: Any, labels: Any, where: str) -> int:

@@ -193,7 +193,7 @@ class TRAK:
                 g, q = g[lo:hi, ...], q[lo:hi]
             xp = namespace(g)
             if group is None:
-                group = projection_group_rows(g.shape[1], xp.finfo(g.dtype).bits // 8)
+                group = projection_group_rows(g.shape[1], xp.finfo(g.dtype).bits // 8, self.proj_dim)
                 pending = (first + lo) % group  # the first group ends at a multiple of `group`
             grads.append(g)
             weights.append(q)
