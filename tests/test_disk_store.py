@@ -92,6 +92,20 @@ def test_other_configuration_is_refused_and_nothing_is_overwritten(tmp_path):
     assert (store / "zarr.json").read_bytes() == manifest
 
 
+def test_other_data_size_or_dtype_is_refused(tmp_path):
+    store = tmp_path / "store"
+    _run(store, checkpoints=1)
+    x, y = _data()
+    model = MLP(5, 4, 3)
+    with pytest.raises(StoreMismatchError, match="n_train=9000 examples, the data now has 8999"):
+        TRAK(model, proj_dim=32, store=store, progress=False).featurize(model.init(seed=0), [(x[1:], y[1:])])
+    other = tmp_path / "other"
+    TRAK(model, proj_dim=32, store=other, progress=False).featurize(model.init(seed=0), [(x[:10], y[:10])])
+    with pytest.raises(StoreMismatchError, match="holds float64 features, this run makes float32"):
+        TRAK(model, proj_dim=32, store=other, progress=False).featurize(
+            model.init(seed=0).astype(np.float32), [(x[:10].astype(np.float32), y[:10])])
+
+
 def test_damaged_chunk_is_detected_and_recomputed(tmp_path):
     store = tmp_path / "store"
     _, reference = _run(store)
@@ -137,3 +151,25 @@ def test_unwritable_directory(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match="is not writable"):
         TRAK(MLP(5, 4, 3), store=tmp_path / "ro", progress=False)
     assert os.path.isdir(tmp_path / "ro")
+
+
+def test_scores_are_saved_and_never_overwritten(tmp_path):
+    store = tmp_path / "store"
+    trak, scores = _run(store)
+    x, y = _data()
+    again = trak.score([(x[:6], y[:6])], save_as="first-six")
+    assert np.array_equal(trak.store.load_scores("first-six"), again)
+    assert np.array_equal(again, scores)
+    with pytest.raises(ValueError, match="already exist"):
+        trak.score([(x[:2], y[:2])], save_as="first-six")
+    assert trak.store.load_scores("first-six").shape == (N, 6)
+    with pytest.raises(ValueError, match="on-disk store"):
+        _run(None)[0].score([(x[:2], y[:2])], save_as="x")
+
+
+def test_fsspec_urls(tmp_path):
+    pytest.importorskip("fsspec", reason="fsspec is not installed")
+    _, memory = _run(None)
+    _, scores = _run(f"file://{tmp_path / 'url-store'}")
+    assert np.array_equal(scores, memory)
+    assert (tmp_path / "url-store" / "zarr.json").exists()

@@ -52,6 +52,19 @@ def test_a_dead_worker_is_replaced_and_its_shard_retried(ray_cluster, tmp_path):
     assert (tmp_path / "died-once").exists()
 
 
+def test_scoring_on_workers_over_row_shards(ray_cluster, tmp_path):
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(20000, 5)), rng.integers(0, 3, 20000)  # two 16,384-row scoring shards
+    batches = [(x[i:i + 1000], y[i:i + 1000]) for i in range(0, 20000, 1000)]
+    model = MLP(5, 4, 3)
+    local = TRAK(model, proj_dim=32, progress=False)
+    distributed = TRAK(model, proj_dim=32, store=tmp_path / "store", executor=RayExecutor(num_workers=2, shard_rows=1),
+                       progress=False)
+    for trak in (local, distributed):
+        trak.featurize(model.init(seed=0), batches)
+    assert np.array_equal(distributed.score([(x[:6], y[:6])]), local.score([(x[:6], y[:6])]))
+
+
 def test_ray_needs_a_shared_store():
     with pytest.raises(ValueError, match="store=PATH"):
         TRAK(MLP(5, 4, 3), executor="ray")

@@ -57,6 +57,7 @@ class DiskFeatures:
 
     def __init__(self, array: Any, checksums: dict, template: Any) -> None:
         self._array, self._checksums, self._template = array, checksums, template
+        self.checksums = checksums
         self.shape = tuple(array.shape)
         self.dtype = template.dtype
         self.ndim = 2
@@ -110,6 +111,22 @@ class DiskWriter:
                 return c * KERNEL_CHUNK_ROWS
         return done
 
+    def check_rows(self, n_rows: int) -> None:
+        """Refuse data whose dtype or size differs from what this complete checkpoint was featurized on."""
+        if self.template is not None:
+            self._check_dtype(_to_numpy(self.template).dtype)
+        stored = self.group["features"].shape[0]
+        if n_rows != stored:
+            raise StoreMismatchError(f"checkpoint {self.index} in {self.store.path} was featurized on n_train={stored} "
+                                     f"examples, the data now has {n_rows}; use the same data or a new store path")
+
+    def _check_dtype(self, dtype: Any) -> None:
+        stored = self.group.attrs.get("dtype")
+        if stored is not None and stored != str(dtype):
+            raise StoreMismatchError(f"checkpoint {self.index} in {self.store.path} holds {stored} features, this run "
+                                     f"makes {dtype}; use the same dtype or a new store path")
+        self.group.attrs["dtype"] = str(dtype)
+
     def append(self, features: Any, out_to_loss: Any) -> None:
         if self.template is None:
             self.template = features[:1, ...]
@@ -120,6 +137,7 @@ class DiskWriter:
 
     def _write(self, count: int | None = None) -> None:
         rows, weights = np.concatenate(self._rows), np.concatenate(self._weights)
+        self._check_dtype(rows.dtype)
         count = rows.shape[0] if count is None else count
         start = self.rows_done
         if start % KERNEL_CHUNK_ROWS:
@@ -150,6 +168,7 @@ class DiskWriter:
 
     def allocate(self, n_rows: int, width: int, dtype: Any, weight_dtype: Any) -> None:
         """Create (or grow) the arrays for ``n_rows`` rows, so that workers can fill chunks in any order."""
+        self._check_dtype(np.dtype(dtype))
         if "features" not in self.group:
             self.group.create_array("features", shape=(n_rows, width), chunks=(KERNEL_CHUNK_ROWS, width),
                                     dtype=dtype, fill_value=0)
@@ -185,14 +204,37 @@ class DiskWriter:
         del self.store.root[f"c{self.index}"]
 
 
+def open_root(path: str, mode: str) -> Any:
+    """The zarr group at ``path`` (a directory or an fsspec URL; ``file://`` creates folders as needed)."""
+    import zarr
+
+    if "://" in path:
+        options = {"auto_mkdir": True} if path.startswith("file://") else None
+        return zarr.open_group(path, mode=mode, storage_options=options)
+    return zarr.open_group(path, mode=mode)
+
+
 class DiskStore:
     """Checkpoint entries whose features live in a zarr v3 group at ``path`` (created if absent)."""
 
     def __init__(self, path: str | pathlib.Path) -> None:
+        """Open (or create) the store at ``path``: a local directory, or any URL zarr opens through fsspec.
+
+        Notes
+        -----
+        On a local directory every chunk write is atomic (temporary file, then rename). On other
+        fsspec filesystems atomicity is the filesystem's: object stores (S3, GCS) replace whole
+        objects, so a chunk is still old or new, never partial.
+        """
         try:
             import zarr
         except ImportError:
             raise ImportError('on-disk stores need zarr (v3): pip install "trak-core[store]"') from None
+        if "://" in str(path):  # an fsspec URL (s3://, gs://, file://, memory://...): zarr's FsspecStore
+            self.path = str(path)
+            self.root = open_root(self.path, "a")
+            self._entries, self.template = [], None
+            return
         self.path = pathlib.Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -220,6 +262,28 @@ class DiskStore:
     def writer(self, index: int, fingerprint: dict) -> DiskWriter:
         self._check(fingerprint)
         return DiskWriter(self, index)
+
+    def save_scores(self, name: str, scores: Any) -> None:
+        """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum."""
+        if not name or "/" in name:
+            raise ValueError(f"scores need a plain name without '/', got {name!r}")
+        group = self.root.require_group("scores")
+        if name in group:
+            raise ValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "
+                             "overwritten)")
+        values = _to_numpy(scores)
+        array = group.create_array(name, shape=values.shape, chunks=(KERNEL_CHUNK_ROWS, values.shape[1]),
+                                   dtype=values.dtype, fill_value=0)
+        array[:] = values
+        array.attrs["sha256"] = _digest(values)
+
+    def load_scores(self, name: str) -> np.ndarray:
+        """Read scores saved with ``score(..., save_as=name)``, checking their checksum."""
+        array = self.root["scores"][name]
+        values = array[:]
+        if _digest(values) != array.attrs.get("sha256"):
+            raise ValueError(f"scores {name!r} in {self.path} are damaged (checksum mismatch); score again")
+        return values
 
     def add(self, entry: CheckpointEntry) -> None:
         if entry.index != len(self._entries):

@@ -6,7 +6,8 @@ differentiates the whole batches overlapping its shard (so every row sees exactl
 sees in a single process), projects in groups aligned to absolute rows, and writes its chunks to
 the store. The driver then accumulates ``Phi^T Phi`` from the chunks on disk in order, so a
 distributed run gives the single-process numbers bit for bit. Actors are restarted and their
-shard retried when a worker dies. Scoring streams the features from the store in the driver.
+shard retried when a worker dies. Scoring: the driver makes each checkpoint's ``K^{-1} phi(z')^T``;
+actors multiply their row shards of the stored features by it in the same blocks as one process.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ class _Worker:
 
         self.trak = cloudpickle.loads(trak_bytes)
 
+    def score(self, path: str, index: int, checksums: dict, weights: Any, start: int, stop: int) -> Any:
+        return _score_shard(path, index, checksums, weights, start, stop)
+
     def pid(self) -> int:
         import os
 
@@ -43,9 +47,8 @@ class _Worker:
         import os
 
         import numpy as np
-        import zarr
 
-        from .disk_store import _digest, _to_numpy
+        from .disk_store import _digest, _to_numpy, open_root
 
         if fail_marker and not os.path.exists(fail_marker):  # tests: die once, as a killed worker would
             open(fail_marker, "w").close()
@@ -55,11 +58,21 @@ class _Worker:
                                                 stop=stop - first_row))
         features = np.concatenate([_to_numpy(f) for f, _ in parts])
         weights = np.concatenate([_to_numpy(q) for _, q in parts])
-        group = zarr.open_group(path, mode="r+")[f"c{index}"]
+        group = open_root(path, "r+")[f"c{index}"]
         group["features"][start:stop] = features
         group["out_to_loss"][start:stop] = weights
         return {str(c // KERNEL_CHUNK_ROWS): _digest(features[c - start:min(stop, c + KERNEL_CHUNK_ROWS) - start])
                 for c in range(start, stop, KERNEL_CHUNK_ROWS)}
+
+
+def _score_shard(path: str, index: int, checksums: dict, weights: Any, start: int, stop: int) -> Any:
+    """Rows ``start .. stop-1`` of ``Phi_c @ weights``, read from the store (checksums verified)."""
+    from ._namespace import namespace
+    from .disk_store import DiskFeatures, open_root
+    from .scores import train_products
+
+    features = DiskFeatures(open_root(path, "r")[f"c{index}"]["features"], checksums, weights)
+    return train_products(features, weights, start, stop, xp=namespace(weights))
 
 
 class RayExecutor:
@@ -122,6 +135,25 @@ class RayExecutor:
             writer.checksums.update(checksums)
         writer.group.attrs.update({"checksums": writer.checksums, "rows_done": n_rows})
         writer.rows_done = n_rows
+
+
+    def products(self, trak: Any, entry: Any, weights: Any) -> Any:
+        """``Phi_c @ weights`` over row shards aligned to the scoring blocks, on the actors, in row order."""
+        import ray
+
+        from .scores import SCORE_BLOCK_ROWS
+
+        actors = self._start(trak)
+        n = entry.features.shape[0]
+        size = max(SCORE_BLOCK_ROWS, math.ceil(self.shard_rows / SCORE_BLOCK_ROWS) * SCORE_BLOCK_ROWS)
+        futures = [actors[i % len(actors)].score.remote(str(trak.store.path), entry.index, entry.features.checksums,
+                                                        weights, start, min(n, start + size))
+                   for i, start in enumerate(range(0, n, size))]
+        parts = ray.get(futures)
+        from ._namespace import namespace
+
+        xp = namespace(weights)
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
 def _rows(batch: tuple[Any, Any]) -> int:

@@ -10,17 +10,35 @@ from typing import Any, Sequence
 from ._namespace import accumulation_dtype, device_of
 from .kernel import KernelFactor, solve
 
-__all__ = ["checkpoint_scores", "ensemble", "soft_threshold", "normalize_rows"]
+__all__ = ["checkpoint_scores", "target_weights", "train_products", "ensemble", "soft_threshold", "normalize_rows",
+           "SCORE_BLOCK_ROWS"]
+
+
+SCORE_BLOCK_ROWS = 16384  # train rows multiplied at a time (shards of distributed scoring align to it)
 
 
 def checkpoint_scores(train_features: Any, factor: KernelFactor, target_features: Any, *, xp: Any,
-                      chunk_rows: int = 16384) -> Any:
+                      chunk_rows: int = SCORE_BLOCK_ROWS) -> Any:
     """``Phi_c K_c^{-1} phi_c(z')^T``, shape (n_train, n_targets), in the accumulation dtype."""
+    return train_products(train_features, target_weights(factor, target_features, xp=xp), 0,
+                          train_features.shape[0], xp=xp, chunk_rows=chunk_rows)
+
+
+def target_weights(factor: KernelFactor, target_features: Any, *, xp: Any) -> Any:
+    """``K_c^{-1} phi_c(z')^T`` (k, n_targets) in the accumulation dtype."""
     work = accumulation_dtype(xp, device_of(target_features))
-    weights = solve(factor, xp.matrix_transpose(xp.astype(target_features, work)), xp=xp)  # (k, m)
-    n = train_features.shape[0]
-    parts = [xp.astype(train_features[start:min(n, start + chunk_rows), :], work) @ weights
-             for start in range(0, n, chunk_rows)]
+    return solve(factor, xp.matrix_transpose(xp.astype(target_features, work)), xp=xp)
+
+
+def train_products(train_features: Any, weights: Any, start: int, stop: int, *, xp: Any,
+                   chunk_rows: int = SCORE_BLOCK_ROWS) -> Any:
+    """Rows ``start .. stop-1`` of ``Phi_c @ weights``, in blocks of ``chunk_rows`` aligned to row 0."""
+    parts = []
+    row = start
+    while row < stop:
+        end = min(stop, (row // chunk_rows + 1) * chunk_rows)
+        parts.append(xp.astype(train_features[row:end, :], weights.dtype) @ weights)
+        row = end
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 

@@ -19,7 +19,7 @@ from .backends.protocol import batches
 from .projection import KINDS, project
 from .regularization import choose_lambda
 from .executors import get_executor
-from .scores import checkpoint_scores, ensemble, normalize_rows, soft_threshold
+from .scores import checkpoint_scores, ensemble, normalize_rows, soft_threshold, target_weights
 from .store import CheckpointEntry, open_store
 from .tasks import Task, get_task
 
@@ -248,6 +248,9 @@ class TRAK:
                 one = (first[0][:1, ...], first[1][:1, ...])
                 writer.template = self._batch_features(prepared, index, *one, f"checkpoint {index}, batch 0")[0]
                 data = itertools.chain([first], data)
+        if writer.complete and hasattr(writer, "check_rows"):  # stored: only check that the data is the same size
+            writer.check_rows(sum(_check_lengths(i, lab, f"checkpoint {index}, batch {b}")
+                                  for b, (i, lab) in enumerate(batches(data))))
         if not writer.complete and self.executor is not None:
             self._featurize_distributed(checkpoint, index, list(data), writer)
         elif not writer.complete:
@@ -314,7 +317,8 @@ class TRAK:
         for entry in self.store:
             entry.factor = self._factorize(entry.kernel, entry.features.shape[0], entry.n_params, entry.index)
 
-    def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None) -> Any:
+    def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None,
+              save_as: str | None = None) -> Any:
         """Scores of every training example for every target, shape ``(n_train, n_targets)``.
 
         Parameters
@@ -323,6 +327,9 @@ class TRAK:
             The targets in batches; it is iterated once.
         checkpoints : sequence of int, optional
             Indices of the featurized checkpoints to ensemble (default: all of them).
+        save_as : str, optional
+            Also write the scores to the on-disk store under this name (``scores/<name>``, chunked
+            by rows); an existing name is an error, never overwritten.
 
         Returns
         -------
@@ -340,7 +347,11 @@ class TRAK:
                 target, _ = self._batch_features(entry.prepared, entry.index, inputs, labels,
                                                  f"targets batch {b}, checkpoint {entry.index}")
                 xp = namespace(target)
-                per_checkpoint.append(checkpoint_scores(entry.features, entry.factor, target, xp=xp))
+                if self.executor is not None:
+                    weights = target_weights(entry.factor, target, xp=xp)
+                    per_checkpoint.append(self.executor.products(self, entry, weights))
+                else:
+                    per_checkpoint.append(checkpoint_scores(entry.features, entry.factor, target, xp=xp))
             block = ensemble(per_checkpoint, [e.out_to_loss for e in entries], xp=xp,
                              weighting=self.checkpoint_weighting)
             if self.soft_threshold is not None:
@@ -348,8 +359,12 @@ class TRAK:
             columns.append(block)
         if not columns:
             raise ValueError("score: data yielded no batches; pass an iterable of (inputs, labels)")
-        scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
-        return xp.astype(scores, self.store[0].features.dtype)
+        scores = xp.astype(columns[0] if len(columns) == 1 else xp.concat(columns, axis=1), self.store[0].features.dtype)
+        if save_as is not None:
+            if not hasattr(self.store, "save_scores"):
+                raise ValueError("save_as needs an on-disk store: TRAK(..., store=PATH)")
+            self.store.save_scores(save_as, scores)
+        return scores
 
     def features(self, data: Iterable[Any], *, checkpoint: int = 0) -> Any:
         """Features ``phi_c(z)`` (projected gradients) of ``data`` at featurized checkpoint ``checkpoint``.
