@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from _report import write_json
+
 SIZES = {"small": dict(hidden=[128], n_train=1000, checkpoints=2),
          "large": dict(hidden=[1024, 1024], n_train=256, checkpoints=1)}
 
@@ -114,10 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ours = row["trak_core_rademacher_examples_per_s"]
         theirs = row.get("traker_examples_per_s", float("nan"))
         print(f"{row['model']:<7} {row['params']:>9} {ours:>15.1f} {theirs:>12.1f} {ours / theirs:>7.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return rows
+    return write_json(rows, args.json)
 
 
 if __name__ == "__main__":

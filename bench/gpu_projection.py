@@ -15,6 +15,8 @@ import argparse
 import json
 import time
 
+from _report import write_json
+
 
 def timed(fn, sync, repeats: int = 5) -> float:
     fn()
@@ -70,10 +72,7 @@ def main(argv=None) -> dict:
                   fused_tflops=flops / fused_s / 1e12, materialized_tflops=flops / materialized_s / 1e12,
                   fused_over_materialized=materialized_s / fused_s, fused_over_generate=generate_s / fused_s)
     print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import trak_core
 from trak_core.demo.data import load_digits_split
 from trak_core.testing.cases import TorchCase, jax_apply, torch_model
 
+from _report import write_json
+
 
 def weights(seed: int, hidden: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -73,10 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["jax_recompilations_after_warmup"] = jax_backend.compilations - compiled
     result["jax_over_torch"] = result["jax_examples_per_s"] / result["torch_examples_per_s"]
     print(json.dumps(result, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 
+from _report import write_json
+
 CHILD = """
 import resource, sys, time
 import numpy as np
@@ -52,10 +54,7 @@ def main(argv=None):
                          featurize_peak_rss_mb=int(featurize_kib) / 1024,
                          peak_rss_after_scoring_8_targets_mb=int(score_kib) / 1024))
         print(json.dumps(rows[-1]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return rows
+    return write_json(rows, args.json)
 
 
 if __name__ == "__main__":
