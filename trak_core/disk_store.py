@@ -56,8 +56,7 @@ class DiskFeatures:
     """A checkpoint's features on disk, sliced by rows into the caller's namespace and device."""
 
     def __init__(self, array: Any, checksums: dict, template: Any) -> None:
-        self._array, self._checksums, self._template = array, checksums, template
-        self.checksums = checksums
+        self._array, self.checksums, self._template = array, checksums, template
         self.shape = tuple(array.shape)
         self.dtype = template.dtype
         self.ndim = 2
@@ -74,7 +73,7 @@ class DiskFeatures:
                              "for this checkpoint again with the same arguments to recompute them") from None
         for c in range(first, last + 1):
             part = block[c * KERNEL_CHUNK_ROWS - lo:(c + 1) * KERNEL_CHUNK_ROWS - lo]
-            if _digest(part) != self._checksums.get(str(c)):
+            if _digest(part) != self.checksums.get(str(c)):
                 raise ValueError(f"chunk {c} of {self._array.path} is damaged (checksum mismatch); run featurize "
                                  "for this checkpoint again with the same arguments to recompute it")
         xp = namespace(self._template)

@@ -172,8 +172,7 @@ class TRAK:
         stopped (resume, shards) and the matrix is made or unpacked once per group. Backends with
         a fused step (:meth:`features`) project batch by batch inside it.
         """
-        grads, weights, seen, group = [], [], 0, None
-        pending = 0
+        grads, weights, seen, group, pending = [], [], 0, None, 0
         for b, (inputs, labels) in enumerate(progress(batches(data), desc=f"featurize checkpoint {index}",
                                                       enabled=self.progress)):
             where = f"checkpoint {index}, batch {b}"

@@ -178,10 +178,11 @@ class JaxBackend:
     def features(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any, *,
                  k: int, seed: int, checkpoint: int, kind: str) -> tuple[Any, Any] | None:
         """Projected features in one jitted step, or ``None`` when ``R`` does not fit the cache."""
+        import array_api_compat
         import jax.numpy as jnp
         from trak_core.projection import cached_factors
 
-        xp = __import__("array_api_compat").array_namespace(jnp.zeros(1, dtype=prepared.dtype))
+        xp = array_api_compat.array_namespace(jnp.zeros(1, dtype=prepared.dtype))
         signs, shared, _ = cached_factors(prepared.n_params, k, seed=seed, checkpoint=checkpoint, kind=kind,
                                           offset=0, xp=xp, device=prepared.device, dtype=prepared.dtype)
         if shared is None:
