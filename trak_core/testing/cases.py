@@ -59,7 +59,7 @@ class NumpyCase(BackendCase):
     id, backend = "numpy", "numpy"
 
     def model(self, kind, weights):
-        return canonical.analytic_model(kind), canonical.flat(weights)
+        return canonical.analytic_model(kind, weights), canonical.flat(weights)
 
     def array(self, value):
         return np.asarray(value)
@@ -76,7 +76,7 @@ class StrictCase(BackendCase):
         self.xp, self.device = xp, xp.Device("device1")
 
     def model(self, kind, weights):
-        return canonical.analytic_model(kind), self.array(canonical.flat(weights))
+        return canonical.analytic_model(kind, weights), self.array(canonical.flat(weights))
 
     def array(self, value):
         return self.xp.asarray(np.asarray(value), device=self.device)
@@ -184,7 +184,7 @@ class CupyCase(BackendCase):
     id, backend = "cupy", "cupy"
 
     def model(self, kind, weights):
-        return canonical.analytic_model(kind), self.array(canonical.flat(weights))
+        return canonical.analytic_model(kind, weights), self.array(canonical.flat(weights))
 
     def array(self, value):
         import cupy

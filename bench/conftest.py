@@ -1,0 +1,106 @@
+"""pytest-benchmark configuration of the trak-core benchmark suite.
+
+    python -m pytest bench --quick        # CI: one small size per case, JSON in bench/results/quick.json
+    python -m pytest bench                # full size grid, JSON in bench/results/full.json
+    python -m pytest bench --bench-ids torch:cpu,jax:cpu --benchmark-json out.json
+
+Every case is parametrized over the installed ``backend:device`` ids of :data:`_harness.BENCH_IDS`
+(a missing framework or GPU skips with the reason) and over the size grid of the mode. Each case
+warms up untimed (jit compilation, projection cache) and synchronizes the device inside the timed
+call. Ratios of paired cases (ours vs a baseline measured in the same run) are added to the JSON
+under ``"trak_core"`` and printed at the end.
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from _harness import BENCH_IDS, SIZES, target  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("trak-core benchmarks")
+    group.addoption("--quick", action="store_true", help="one small size per case (what CI runs, < 2 min)")
+    group.addoption("--bench-ids", default=",".join(BENCH_IDS),
+                    help=f"comma-separated backend:device ids to time (default: {','.join(BENCH_IDS)})")
+
+
+def _mode(config: pytest.Config) -> str:
+    return "quick" if config.getoption("quick") else "full"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "benchmark_json", "absent") is None:  # always write a JSON report
+        RESULTS.mkdir(exist_ok=True)
+        config.option.benchmark_json = open(RESULTS / f"{_mode(config)}.json", "wb")  # noqa: SIM115 (plugin closes it)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "bench_target" in metafunc.fixturenames:
+        ids = [i.strip() for i in metafunc.config.getoption("bench_ids").split(",") if i.strip()]
+        unknown = sorted(set(ids) - set(BENCH_IDS))
+        if unknown:
+            raise pytest.UsageError(f"unknown --bench-ids {unknown}; choose from {list(BENCH_IDS)}")
+        metafunc.parametrize("bench_target", ids, indirect=True)
+    if "size" in metafunc.fixturenames:
+        sizes = SIZES[_mode(metafunc.config)][metafunc.module.CASE]
+        metafunc.parametrize("size", sizes, ids=[str(s).replace(" ", "") for s in sizes])
+
+
+@pytest.fixture(scope="session")
+def _targets() -> dict:
+    return {}
+
+
+@pytest.fixture
+def bench_target(request: pytest.FixtureRequest, _targets: dict):
+    """The :class:`_harness.Target` of the parametrized id (built once per session), or a skip."""
+    case_id = request.param
+    if case_id not in _targets:
+        try:
+            _targets[case_id] = target(case_id)
+        except LookupError as reason:
+            _targets[case_id] = str(reason)
+    if isinstance(_targets[case_id], str):
+        pytest.skip(_targets[case_id])
+    return _targets[case_id]
+
+
+def ratios(benchmarks: list[dict]) -> list[dict]:
+    """``ours / baseline`` mean-time ratios of every pair sharing a ``pair`` key in ``extra_info``."""
+    pairs: dict[str, dict[str, dict]] = {}
+    for bench in benchmarks:
+        info = bench.get("extra_info", {})
+        if "pair" in info:
+            pairs.setdefault(info["pair"], {})[info["role"]] = bench
+    out = []
+    for key, roles in sorted(pairs.items()):
+        if "ours" in roles and "baseline" in roles:
+            ours, base = roles["ours"]["stats"]["mean"], roles["baseline"]["stats"]["mean"]
+            out.append(dict(pair=key, ours_s=ours, baseline_s=base, time_ratio=ours / base,
+                            baseline=roles["baseline"]["extra_info"].get("what", "baseline")))
+    return out
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output_json: dict) -> None:
+    output_json["trak_core"] = dict(mode=_mode(config), ratios=ratios(output_json["benchmarks"]))
+    config._trak_core_ratios = output_json["trak_core"]["ratios"]
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    found = getattr(config, "_trak_core_ratios", None)
+    if found:
+        terminalreporter.section("trak-core: ours / baseline time (below 1 is faster)")
+        for r in found:
+            terminalreporter.write_line(f"{r['pair']:<48} {r['time_ratio']:6.2f}x  "
+                                        f"({r['ours_s'] * 1e3:.2f} ms vs {r['baseline_s'] * 1e3:.2f} ms {r['baseline']})")
+    path = getattr(config.option, "benchmark_json", None)
+    if path is not None and hasattr(path, "name"):
+        terminalreporter.write_line(f"JSON report: {path.name}")
