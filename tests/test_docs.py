@@ -118,3 +118,46 @@ def test_cupy_quickstart(tmp_path, monkeypatch):
         reference.featurize(theta.get(), [(ns["x"].get(), ns["y"].get())])
     expected = reference.score([(ns["x_test"].get(), ns["y_test"].get())])
     assert _relative_error(ns["scores"].get(), expected) < 1e-6
+
+
+def _named_block(page: pathlib.Path, first_line: str) -> str:
+    found = [b for b in BLOCK.findall(page.read_text()) if b.startswith(first_line + "\n")]
+    assert len(found) == 1, f"expected one block starting {first_line!r} in {page.name}"
+    return found[0]
+
+
+def test_backend_guide(tmp_path, monkeypatch):
+    """docs/backends.md: its backend gives the reference scores and passes the conformance suite."""
+    pytest.importorskip("torch", reason="torch not installed: the backend guide (a torch backend) is not exercised")
+    import subprocess
+    import sys
+
+    import trak_core
+    from trak_core.testing import canonical
+
+    page = DOCS / "backends.md"
+    (tmp_path / "my_backend.py").write_text(_named_block(page, "# my_backend.py"))
+    (tmp_path / "test_my_backend.py").write_text(_named_block(page, "# test_my_backend.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    usage = [b for b in BLOCK.findall(page.read_text()) if not b.startswith("# ")]
+    assert len(usage) == 1
+    ns: dict = {}
+    exec(compile(usage[0], "docs/backends.md[usage]", "exec"), ns)  # noqa: S102
+    weights = [p.numpy() for p in ns["params"]]
+    reference = trak_core.TRAK(canonical.analytic_model("mlp", weights), proj_dim=512, backend="numpy",
+                               progress=False)
+    reference.featurize(canonical.flat(weights), [(ns["x"].numpy(), ns["y"].numpy())])
+    expected = reference.score([(ns["x"][:5].numpy(), ns["y"][:5].numpy())])
+    assert ns["trak"].backend.name == "torch-function"
+    assert _relative_error(ns["scores"].numpy(), expected) < 1e-9
+
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "test_my_backend.py"],
+                         cwd=tmp_path, capture_output=True, text=True, env={**__import__("os").environ,
+                                                                             "PYTHONPATH": str(tmp_path)})
+    summary = run.stdout.strip().splitlines()[-1]
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert re.search(r"(\d+) passed", summary) and int(re.search(r"(\d+) passed", summary).group(1)) >= 10, summary
+    assert "failed" not in summary, summary
+    skips = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert all("cnn" in line for line in skips), skips  # the page's case builds softmax and mlp only
