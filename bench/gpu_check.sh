@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (nothing installed from the network): the conformance suite on the GPU ids,
-# the CuPy tests, and the projection benchmark; writes a JSON + Markdown report. Under 5 minutes on one GPU.
+# the CuPy tests and quickstart, the quick benchmark suite on the GPU ids, and the projection benchmark; writes a JSON + Markdown report. At most 8.5 minutes (three timeouts), usually 2-3.
 #   bash bench/gpu_check.sh [REPORT_DIR]      (default: $OUT if set, else gpu_report/)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,11 +19,17 @@ for name in ("numpy", "torch", "jax", "cupy", "array_api_compat"):
         print(f"{name}: not available ({type(exc).__name__})")
 PY
 } > "$report/versions.txt" 2>&1
-timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/conformance tests/test_cupy_backend.py \
+timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/conformance tests/test_cupy_backend.py tests/test_docs.py \
   -k "cuda or gpu or cupy" --junitxml="$report/tests.xml" > "$report/tests.txt" 2>&1
 tests_rc=$?
 timeout 150 python bench/gpu_projection.py --json "$report/projection.json" > "$report/projection.txt" 2>&1
 bench_rc=$?
+if python -c "import pytest_benchmark" 2>/dev/null; then   # the suite of bench/ on the GPU ids (JSON for bench/tables.py)
+  timeout 150 python -m pytest bench --quick -q -p no:cacheprovider --bench-ids torch:cuda,jax:gpu,cupy \
+    --benchmark-json "$report/bench_quick.json" > "$report/bench_quick.txt" 2>&1
+else
+  echo "pytest-benchmark is not installed here: bench/ suite not run (carry its wheel)" > "$report/bench_quick.txt"
+fi
 python - "$report" "$tests_rc" "$bench_rc" <<'PY'
 import json, pathlib, sys
 report, tests_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -39,6 +45,7 @@ if bench.exists():
               f"fused vs generate-then-matmul: {b['fused_over_generate']:.1f}x; extra memory {b['fused_extra_bytes']} B"]
 else:
     lines.append(f"projection benchmark failed (exit {bench_rc}): see projection.txt")
+lines.append("bench suite (quick, GPU ids): " + report.joinpath("bench_quick.txt").read_text().strip().splitlines()[-1])
 (report / "report.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

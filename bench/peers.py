@@ -1,35 +1,42 @@
 """trak-core next to traker and dattri on the same checkpoints, data and ground truth, in one command.
 
-    python bench/peers.py                          # M in {1, 2, 5, 10}, k = 2048, every installed library
+Examples
+--------
+    python bench/peers.py       # M in {1, 2, 5, 10}, k = 2048: docs/bench/peers.json and docs/bench/peers.md
     python bench/peers.py --ms 1 5 --k 512 --libraries trak-core dattri --json out.json --md out.md
 
-Task: ``digits-mlp`` of ``bench/quality/tasks.py`` (MLP 64-64-10, 1,000 training digits, 100
-targets) with its 128-model ground truth (``bench/quality/ground_truth.py``, cached). The parent
-trains checkpoints with seeds ``0..max(M)-1`` once and saves them; every (library, M) then runs in a
-fresh subprocess (``--child``) that loads that file, does one untimed warm-up on one checkpoint,
-and times featurizing ``M`` checkpoints plus scoring the targets (wall clock; batch 100 for all;
-torch threads left at their default). Memory is ``ru_maxrss`` of the child: the peak, and the peak
-right after imports (torch, the library, the task), so the table shows the peak above that
-baseline. The child writes its scores; the parent computes LDS (mean and sem over targets).
+Notes
+-----
+Task ``digits-mlp`` of ``bench/quality/tasks.py`` (MLP 64-64-10, 4,810 parameters, 1,000 training digits,
+100 targets); LDS (mean and sem over targets) against its 128 retrained models (``ground_truth.py``,
+cached). The parent trains checkpoints with seeds ``0..max(M)-1`` once and saves them; each (variant, M)
+runs in a fresh ``--child`` process that loads them, runs once on one checkpoint untimed (warm-up), times
+featurizing ``M`` checkpoints plus scoring the targets (wall clock, batch 100, torch threads at their
+default) and saves the scores for the parent. Memory: the child's ``ru_maxrss`` at the end (peak) and
+right after its imports (torch, sklearn and the task's data, the library's modules).
 
-Libraries and settings:
+Variants (``id`` in the JSON): ``trak-core`` at its defaults (``TRAK(proj_dim=k, backend="torch")``:
+Rademacher, ``lambda_reg="auto"``). ``traker`` 0.3.2 at its CPU defaults (Gaussian ``BasicProjector``,
+``lambda_reg=0``, fp16 store) and ``traker-fp32`` (``use_half_precision=False``); non-finite scores are
+set to 0, with a note. ``dattri`` 0.3.0 ``TRAKAttributor`` with its CPU projector (Gaussian) and default
+``regularization=0``; target: the margin ``log p - log(1 - p)`` of dattri's examples, written as
+``logit_y - logsumexp(other logits)`` (equal, and finite when ``p`` rounds to 1); correct-class
+probability ``p`` as in its examples. With ``k > n_train`` a zero ridge leaves the kernel singular, so
+``traker-ridge`` and ``dattri-ridge`` repeat their defaults with trak-core's automatic lambda (mean over
+the ``M`` checkpoints) in their units: both divide gradients by ``sqrt(n_params)`` and traker does not
+scale its projection by ``1/sqrt(k)``, hence ``lambda * k / n_params`` and ``lambda / n_params``.
 
-* ``trak-core``: ``TRAK(proj_dim=k, backend="torch")`` defaults (Rademacher projection,
-  ``lambda_reg="auto"``); its projection cache is cleared after the warm-up.
-* ``traker`` (0.3.2) defaults on CPU: Gaussian ``BasicProjector``, ``lambda_reg=0``, fp16 store;
-  ``traker-fp32`` is the same with ``use_half_precision=False``. NaN scores are set to 0 (noted).
-* ``dattri`` (0.3.0) ``TRAKAttributor``: CPU ``BasicProjector`` (Gaussian, its default), target the
-  margin ``log p - log(1 - p)`` written as ``logit_y - logsumexp(other logits)`` (equal, but finite
-  when ``p`` rounds to 1), ``correct_probability_func`` ``p`` as in dattri's examples, and its default
-  ``regularization=0``.
-
-Caveats: one timed run per cell on a shared machine (seconds are indicative to ~10-20%);
-``ru_maxrss`` counts the whole process, so small differences are noise; traker also writes its
-features to a temporary directory (counted in its time); LDS with one checkpoint is noisy.
+Warnings
+--------
+One timed run per cell: on a shared machine read seconds to ~10-20%. ``ru_maxrss`` counts the whole
+process (torch's first autograd call alone takes ~100 MB), so a few MB are noise; after ``exec`` Linux
+keeps the launcher's peak in ``ru_maxrss``, so the child forks once and measures in the fork. traker
+writes its features to a temporary directory, inside its timed run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -49,8 +56,6 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "quality"))
 
-LIBRARIES = {"trak-core": ("trak_core", "trak-core"), "traker": ("trak", "traker"),
-             "traker-fp32": ("trak", "traker"), "dattri": ("dattri", "dattri")}
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x, y, xt, yt
 
 
@@ -83,11 +88,10 @@ def run_traker(model: Any, checkpoints: list[dict], data: Data, *, k: int | None
     from trak.projectors import NoOpProjector
 
     x, y, xt, yt = data
-    projector = NoOpProjector(device="cpu") if k is None else None
     with tempfile.TemporaryDirectory() as save_dir:
         traker = TRAKer(model=model, task="image_classification", train_set_size=len(y), save_dir=save_dir,
-                        device="cpu", proj_dim=k or 0, projector=projector, use_half_precision=half,
-                        lambda_reg=lambda_reg, logging_level=logging.ERROR)
+                        device="cpu", proj_dim=k or 0, projector=None if k else NoOpProjector(device="cpu"),
+                        use_half_precision=half, lambda_reg=lambda_reg, logging_level=logging.ERROR)
         for c, state in enumerate(checkpoints):
             traker.load_checkpoint(state, model_id=c)
             for inputs, labels in _loader(x, y, batch):
@@ -102,113 +106,123 @@ def run_traker(model: Any, checkpoints: list[dict], data: Data, *, k: int | None
 
 def run_dattri(model: Any, checkpoints: list[dict], data: Data, *, k: int | None, batch: int,
                regularization: float = 0.0) -> np.ndarray:
-    """dattri's TRAKAttributor scores; ``k=None`` uses its ``"identity"`` projection (exact)."""
+    """dattri's TRAKAttributor scores; ``k=None`` uses its ``"identity"`` projection (exact gradients)."""
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
+    from torch.utils.data import DataLoader, TensorDataset
 
-    def logits(params, inputs):
-        return torch.func.functional_call(model, params, (inputs.unsqueeze(0),))[0]
+    def logits_and_label(params, pair):  # one example (dattri vmaps over the batch); no data-dependent indexing
+        out = torch.func.functional_call(model, params, (pair[0].unsqueeze(0),))[0]
+        return out, torch.arange(out.shape[0]) == pair[1]
 
-    def margin(params, pair):  # log p - log(1 - p), stably
-        out = logits(params, pair[0])
-        label = torch.arange(out.shape[0]) == pair[1]
+    def margin(params, pair):
+        out, label = logits_and_label(params, pair)
         return torch.where(label, out, 0.0).sum() - torch.logsumexp(torch.where(label, -torch.inf, out), 0)
 
     def probability(params, pair):
-        return torch.where(torch.arange(10) == pair[1], torch.softmax(logits(params, pair[0]), 0), 0.0).sum()
+        out, label = logits_and_label(params, pair)
+        return torch.where(label, torch.softmax(out, 0), 0.0).sum()
 
-    x, y, xt, yt = data
-    loader = lambda a, b: DataLoader(TensorDataset(torch.as_tensor(a, dtype=torch.float32),  # noqa: E731
-                                                   torch.as_tensor(b)), batch_size=batch, shuffle=False)
+    x, y, xt, yt = (torch.as_tensor(a) for a in data)
     task = AttributionTask(loss_func=margin, model=model, checkpoints=list(checkpoints))
-    projector = dict(device="cpu", proj_seed=0, proj_max_batch_size=32,  # every key: dattri keeps them globally
-                     proj_dim=k or sum(p.numel() for p in model.parameters()), proj_type="identity" if k is None else "normal")
+    projector = {"device": "cpu", "proj_seed": 0, "proj_max_batch_size": 32,  # all keys: dattri keeps them globally
+                 "proj_dim": k or sum(p.numel() for p in model.parameters()),
+                 "proj_type": "normal" if k else "identity"}
     attributor = TRAKAttributor(task=task, correct_probability_func=probability, device="cpu",
                                 projector_kwargs=projector, regularization=regularization)
     with torch.no_grad():
-        attributor.cache(loader(x, y))
-        return attributor.attribute(loader(xt, yt)).double().numpy()
+        attributor.cache(DataLoader(TensorDataset(x.float(), y), batch_size=batch, shuffle=False))
+        return attributor.attribute(DataLoader(TensorDataset(xt.float(), yt), batch_size=batch)).double().numpy()
 
 
-def _variants(k: int | None, ridge: float | None, n_params: int) -> dict[str, tuple]:
-    """id -> (module, distribution, runner, options, settings); ``ridge`` is in trak-core's units."""
-    ridge = ridge or 0.0
-    traker_ridge, dattri_ridge = ridge * (k or 1) / n_params, ridge / n_params  # their feature scales
-    return {"trak-core": ("trak_core", "trak-core", run_trak_core, {}, "Rademacher, lambda=auto"),
-            "traker": ("trak", "traker", run_traker, {}, "Gaussian, lambda=0, fp16"),
-            "traker-fp32": ("trak", "traker", run_traker, dict(half=False), "Gaussian, lambda=0, fp32"),
-            "traker-ridge": ("trak", "traker", run_traker, dict(lambda_reg=traker_ridge),
-                             f"Gaussian, lambda={traker_ridge:.3g} (trak-core's auto), fp16"),
-            "dattri": ("dattri", "dattri", run_dattri, {}, "Gaussian, regularization=0"),
-            "dattri-ridge": ("dattri", "dattri", run_dattri, dict(regularization=dattri_ridge),
-                             f"Gaussian, regularization={dattri_ridge:.3g} (trak-core's auto)")}
+def _variants(k: int, ridge: float, n_params: int) -> dict[str, tuple]:
+    """id -> (modules its runner imports, distribution, runner, options, settings); ridge in trak-core's units."""
+    traker_ridge, dattri_ridge = ridge * k / n_params, ridge / n_params
+    ours, traker = ("trak_core", "trak_torch"), ("trak", "trak.projectors")
+    dattri = ("dattri.algorithm.trak", "dattri.task", "torch.utils.data")
+    return {"trak-core": (ours, "trak-core", run_trak_core, {}, "Rademacher, lambda=auto"),
+            "traker": (traker, "traker", run_traker, {}, "Gaussian, lambda=0, fp16"),
+            "traker-fp32": (traker, "traker", run_traker, {"half": False}, "Gaussian, lambda=0, fp32"),
+            "traker-ridge": (traker, "traker", run_traker, {"lambda_reg": traker_ridge},
+                             "Gaussian, lambda=trak-core's auto x k/p, fp16"),
+            "dattri": (dattri, "dattri", run_dattri, {}, "Gaussian, regularization=0"),
+            "dattri-ridge": (dattri, "dattri", run_dattri, {"regularization": dattri_ridge},
+                             "Gaussian, regularization=trak-core's auto / p")}
 
 
-VARIANTS = list(_variants(None, None, 1))
+VARIANTS = list(_variants(1, 0.0, 1))
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
-def child(library: str, m: int, k: int, batch: int, checkpoints_path: str, scores_path: str) -> dict:
-    """One (library, M) cell in this process: warm up, time featurize + score, save the scores."""
+def child(variant: str, m: int, k: int, batch: int, ridge: float, checkpoints_path: str, scores_path: str) -> dict:
+    """One (variant, M) cell in this process: warm up, time featurize + score, save the scores."""
     import torch
-
     from tasks import TASKS
 
-    importlib.import_module(LIBRARIES[library][0])
-    runner, settings, options = _runner(library)
     task = TASKS["digits-mlp"]()
-    import_rss = _rss_mb()
+    n_params = sum(p.numel() for p in task.model.parameters())
+    modules, dist, runner, options, settings = _variants(k, ridge, n_params)[variant]
+    for module in modules:
+        importlib.import_module(module)
+    import_rss = _maxrss_mb()
     checkpoints = torch.load(checkpoints_path)[:m]
     data = (task.x, task.y, task.xt, task.yt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         runner(task.model, checkpoints[:1], data, k=k, batch=batch, **options)  # warm-up, untimed
-        if library == "trak-core":
+        if dist == "trak-core":
             from trak_core.projection import default_cache
 
-            default_cache.clear()  # count generating the matrix, as traker and dattri do on every batch
+            default_cache.clear()  # count generating the matrix: traker and dattri do it on every batch
         start = time.perf_counter()
         scores = runner(task.model, checkpoints, data, k=k, batch=batch, **options)
         seconds = time.perf_counter() - start
     np.save(scores_path, scores)
-    return dict(library=library, version=importlib.metadata.version(LIBRARIES[library][1]),
-                settings=settings.replace("k", str(k), 1) + f", batch {batch}", M=m, k=k, seconds=seconds,
-                peak_rss_mb=_rss_mb(), import_rss_mb=import_rss)
+    ridge = options.get("lambda_reg", options.get("regularization", "auto" if dist == "trak-core" else 0.0))
+    return {"id": variant, "library": dist, "version": importlib.metadata.version(dist), "M": m, "k": k,
+            "settings": f"k={k}, {settings}", "lambda": ridge, "seconds": seconds, "peak_rss_mb": _maxrss_mb(),
+            "import_rss_mb": import_rss}
 
 
-def measure(libraries: list[str], ms: list[int], k: int, batch: int, masks: np.ndarray,
+def measure(variants: list[str], ms: list[int], k: int, batch: int, masks: np.ndarray,
             outputs: np.ndarray) -> list[dict]:
-    """Rows of (library, M): train ``max(ms)`` checkpoints, run each cell in a fresh subprocess, score LDS."""
+    """Rows of (variant, M): train ``max(ms)`` checkpoints, run each cell in a fresh process, add LDS."""
     import torch
-
-    import trak_core
     from tasks import TASKS
 
+    import trak_core
+
+    specs = _variants(k, 0.0, 1)
+    missing = {v for v in variants if importlib.util.find_spec(specs[v][0][0].split(".")[0]) is None}
+    for dist in sorted({specs[v][1] for v in missing}):
+        print(f"{dist} not installed: pip install {dist}")
+    if not (variants := [v for v in variants if v not in missing]):
+        return []
     task = TASKS["digits-mlp"]()
-    x, y = task.arrays(task.x, task.y)
-    rows = []
+    checkpoints = [task.train(*task.arrays(task.x, task.y), seed) for seed in range(max(ms))]
+    lambdas = []
+    if any(v.endswith("-ridge") for v in variants):  # trak-core's automatic lambda per checkpoint
+        trak = trak_core.TRAK(task.model, proj_dim=k, backend="torch", seed=0, progress=False)
+        for state in checkpoints:
+            trak.featurize(state, _loader(task.x, task.y, batch))
+        lambdas = trak.lambdas
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # the parent's imports
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "checkpoints.pt")
-        torch.save([task.train(x, y, seed) for seed in range(max(ms))], path)
-        for library in libraries:
-            module, dist = LIBRARIES[library]
-            if importlib.util.find_spec(module) is None:
-                print(f"{library} not installed: pip install {dist}")
-                continue
+        path, scores_path = os.path.join(tmp, "checkpoints.pt"), os.path.join(tmp, "scores.npy")
+        torch.save(checkpoints, path)
+        for variant in variants:
             for m in ms:
-                scores_path = os.path.join(tmp, "scores.npy")
-                command = [sys.executable, __file__, "--child", library, "--m", str(m), "--k", str(k),
-                           "--batch", str(batch), "--checkpoints", path, "--scores", scores_path]
-                done = subprocess.run(command, capture_output=True, text=True, env=env)
+                ridge = float(np.mean(lambdas[:m])) if variant.endswith("-ridge") else 0.0
+                command = [sys.executable, __file__, "--child", variant, "--m", str(m), "--k", str(k), "--batch",
+                           str(batch), "--ridge", repr(ridge), "--checkpoints", path, "--scores", scores_path]
+                done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
                 if done.returncode:
-                    print(f"{library} M={m} failed:\n{done.stderr[-2000:]}")
+                    print(f"{variant} M={m} failed:\n{done.stderr[-2000:]}")
                     continue
                 row = json.loads(done.stdout.strip().splitlines()[-1])
                 scores = np.load(scores_path)
@@ -218,7 +232,7 @@ def measure(libraries: list[str], ms: list[int], k: int, batch: int, masks: np.n
                     scores = np.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
                 result = trak_core.lds(scores, masks, outputs)
                 row.update(lds=float(result.mean), sem=float(result.sem))
-                print(f"{library:<12} M={m:<3} {row['seconds']:7.2f} s  peak {row['peak_rss_mb']:6.0f} MB "
+                print(f"{variant:<13} M={m:<3} {row['seconds']:7.2f} s  peak {row['peak_rss_mb']:5.0f} MB "
                       f"(+{row['peak_rss_mb'] - row['import_rss_mb']:.0f})  LDS {row['lds']:.3f} ± {row['sem']:.3f}"
                       + (f"  [{row['note']}]" if bad else ""), flush=True)
                 rows.append(row)
@@ -226,21 +240,23 @@ def measure(libraries: list[str], ms: list[int], k: int, batch: int, masks: np.n
 
 
 def machine() -> dict:
+    """CPU model, cores, Python, torch and its thread count."""
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
-                torch_threads=torch.get_num_threads())
+    cpu = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
 
 
-def markdown(rows: list[dict], facts: dict, args: argparse.Namespace) -> str:
-    """The table, with a one-line caption naming the command, the machine and the settings."""
-    lines = [f"`python bench/peers.py` on {facts['cpu']} ({facts['cores']} cores, torch {facts['torch']}, "
-             f"{facts['torch_threads']} threads): digits-mlp, 1,000 train / 100 targets, 128-model ground truth, "
-             f"k={args.k}, batch {args.batch}, seconds = featurize + score after a warm-up, memory = peak RSS of a "
-             "fresh process (above its post-import RSS).", "",
-             "| library | version | settings | M | seconds | peak MB (above import) | LDS |",
+def markdown(rows: list[dict], facts: dict, k: int, batch: int) -> str:
+    """The table, under a one-line caption naming the command, the machine and the settings."""
+    caption = (f"`python bench/peers.py` on {facts['cpu']} ({facts['cores']} cores, torch {facts['torch']}, "
+               f"{facts['torch_threads']} threads): digits-mlp (1,000 train, 100 targets, 128 retrained models), "
+               f"k={k}, batch {batch}; seconds: featurize + score after a warm-up; memory: peak RSS of a fresh "
+               "process (in brackets: above its RSS after imports).")
+    lines = [caption, "", "| library | version | settings | M | seconds | peak MB (+ above import) | LDS |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         note = f" ({r['note']})" if "note" in r else ""
@@ -252,19 +268,22 @@ def markdown(rows: list[dict], facts: dict, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--libraries", nargs="*", default=list(LIBRARIES), choices=list(LIBRARIES))
+    parser.add_argument("--libraries", nargs="*", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--ms", nargs="*", type=int, default=[1, 2, 5, 10])
     parser.add_argument("--k", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--json", default=str(HERE.parent / "docs" / "bench" / "peers.json"))
     parser.add_argument("--md", default=str(HERE.parent / "docs" / "bench" / "peers.md"))
-    parser.add_argument("--child", choices=list(LIBRARIES), help=argparse.SUPPRESS)
+    for hidden in ("--child", "--checkpoints", "--scores"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--m", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoints", help=argparse.SUPPRESS)
-    parser.add_argument("--scores", help=argparse.SUPPRESS)
+    parser.add_argument("--ridge", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.m, args.k, args.batch, args.checkpoints, args.scores)))
+        pid = os.fork()  # after exec, ru_maxrss still holds the launcher's peak; a fork starts from its own
+        if pid:
+            sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        print(json.dumps(child(args.child, args.m, args.k, args.batch, args.ridge, args.checkpoints, args.scores)))
         return []
     from ground_truth import ground_truth
     from tasks import TASKS
@@ -272,11 +291,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     masks, outputs = ground_truth(TASKS["digits-mlp"](), 128)
     start = time.perf_counter()
     rows = measure(args.libraries, args.ms, args.k, args.batch, masks, outputs)
-    facts = dict(machine(), total_seconds=time.perf_counter() - start)
+    facts = dict(machine(), total_seconds=round(time.perf_counter() - start, 1))
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(dict(machine=facts, rows=rows), indent=1))
+        pathlib.Path(args.json).write_text(json.dumps({"machine": facts, "rows": rows}, indent=1))
     if args.md:
-        pathlib.Path(args.md).write_text(markdown(rows, facts, args))
+        pathlib.Path(args.md).write_text(markdown(rows, facts, args.k, args.batch))
     return rows
 
 
