@@ -12,6 +12,7 @@ under ``"trak_core"`` and printed at the end.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import pathlib
 import sys
 
@@ -39,7 +40,10 @@ def _mode(config: pytest.Config) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, "benchmark_json", "absent") is None:  # always write a JSON report
         RESULTS.mkdir(exist_ok=True)
-        config.option.benchmark_json = open(RESULTS / f"{_mode(config)}.json", "wb")  # noqa: SIM115 (plugin closes it)
+        path = RESULTS / f"{_mode(config)}.json"
+        # pytest-benchmark < 5.3 takes an open binary file here, 5.3 and later a path
+        version = tuple(int(v) for v in importlib.metadata.version("pytest-benchmark").split(".")[:2])
+        config.option.benchmark_json = path if version >= (5, 3) else open(path, "wb")  # noqa: SIM115
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -102,5 +106,5 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
             terminalreporter.write_line(f"{r['pair']:<48} {r['time_ratio']:6.2f}x  "
                                         f"({r['ours_s'] * 1e3:.2f} ms vs {r['baseline_s'] * 1e3:.2f} ms {r['baseline']})")
     path = getattr(config.option, "benchmark_json", None)
-    if path is not None and hasattr(path, "name"):
-        terminalreporter.write_line(f"JSON report: {path.name}")
+    if path is not None:
+        terminalreporter.write_line(f"JSON report: {path.name if hasattr(path, 'write') else path}")

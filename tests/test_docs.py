@@ -162,3 +162,20 @@ def test_backend_guide(tmp_path, monkeypatch):
     assert "failed" not in summary, summary
     skips = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
     assert all("cnn" in line for line in skips), skips  # the page's case builds softmax and mlp only
+
+
+def test_quickstart_install_commands_name_real_extras():
+    """The shell blocks of the quickstarts are pip installs; every trak-core extra they name exists."""
+    tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib: install commands not checked")
+
+    extras = set(tomllib.loads((DOCS.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    shell = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
+    named = set()
+    for page in sorted((DOCS / "quickstart").glob("*.md")):
+        for block in shell.findall(page.read_text()):
+            for line in block.strip().splitlines():
+                assert line.startswith("pip install "), f"{page.name}: a shell line that is not a pip install: {line}"
+                for group in re.findall(r'trak-core\[([^\]]+)\]', line):
+                    named |= set(group.split(","))
+    assert named and named <= extras, f"extras named in the quickstarts but not in pyproject: {named - extras}"
+    assert {"torch", "jax", "cupy", "demo"} <= named

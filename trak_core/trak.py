@@ -51,8 +51,10 @@ class TRAK:
     backend : str, Backend or None
         Backend name (see :func:`trak_core.available_backends`), object, or ``None`` to infer
         it from the model's type.
-    store : None
-        Where features live; ``None`` keeps them in memory.
+    store : None, str, os.PathLike or store object
+        Where features live: ``None`` keeps them in memory; a directory path or fsspec URL
+        (``"s3://..."``) is a resumable zarr v3 store (:class:`trak_core.disk_store.DiskStore`,
+        needs ``zarr``), reopened and checked against this configuration when it exists.
     progress : bool or None
         Show progress bars (when tqdm is installed); ``None``: when stderr is a terminal.
     normalize_features : bool
@@ -62,7 +64,7 @@ class TRAK:
         Per target, shrink scores towards 0 by this quantile of their magnitudes (the TRAK paper's
         soft-thresholding). Off by default (measured in ``docs/quality.md``).
     checkpoint_weighting : {"uniform", "normalized"}
-        How checkpoints are averaged: as DESIGN.md writes it, or each checkpoint's scores scaled
+        How checkpoints are averaged: a plain mean (``docs/estimator.md``), or each checkpoint's scores scaled
         to unit norm per target first.
     executor : None, "ray" or RayExecutor
         Where featurization runs: this process, or Ray actors over row shards (needs ``store=path``;
@@ -334,7 +336,7 @@ class TRAK:
         -------
         array
             In the namespace, dtype and on the device of the features, averaged over the
-            checkpoints (DESIGN.md, the estimator).
+            checkpoints (``docs/estimator.md``).
         """
         if not len(self.store):
             raise ValueError("score() called before any featurize(); featurize at least one checkpoint first")
