@@ -47,6 +47,29 @@ def test_refit_changes_lambda_without_refeaturizing(rng):
         trak.refit("gcv")
 
 
+def test_refit_over_several_kernel_chunks_is_bit_identical_and_entries_hold_no_kernel(rng):
+    """The kernel is recomputed from the features on refit (not held): same bits as featurizing made."""
+    from trak_core.store import KERNEL_CHUNK_ROWS
+
+    n = 2 * KERNEL_CHUNK_ROWS + 808  # three chunks, batches not aligned to them
+    x, y = rng.normal(size=(n, 5)), rng.integers(0, 3, n)
+    xt, yt = rng.normal(size=(4, 5)), rng.integers(0, 3, 4)
+    model = SoftmaxRegression(5, 3)
+    batches = [(x[i:i + 1000], y[i:i + 1000]) for i in range(0, n, 1000)]
+    trak = TRAK(model, proj_dim=16, lambda_reg=0.5, progress=False)
+    trak.featurize(model.init(seed=0), batches)
+    entry = trak.store[0]
+    held = [v for v in vars(entry).values() if isinstance(v, np.ndarray)]
+    assert not any(a.shape == (16, 16) for a in held)  # features and out-to-loss only; the factor is separate
+    phi = entry.features
+    np.testing.assert_allclose(entry.kernel, phi.T @ phi, rtol=1e-12)  # against a one-shot product
+    trak.refit(3.0)
+    fresh = TRAK(model, proj_dim=16, lambda_reg=3.0, progress=False)
+    fresh.featurize(model.init(seed=0), batches)
+    np.testing.assert_array_equal(trak.store[0].factor.arrays[0], fresh.store[0].factor.arrays[0])
+    np.testing.assert_array_equal(trak.score([(xt, yt)]), fresh.score([(xt, yt)]))
+
+
 def test_choose_lambda_rules():
     kernel = np.diag([4.0, 2.0, 0.0, 0.0])
     assert choose_lambda(kernel, 10, n_params=100, xp=npx, alpha=1.0, rule="mean") == pytest.approx(1.5)

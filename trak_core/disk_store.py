@@ -187,8 +187,9 @@ class DiskWriter:
         lazy = DiskFeatures(features, self.checksums, self.template)
         xp = namespace(self.template)
         weights = xp.asarray(self.group["out_to_loss"][:], device=device_of(self.template))
+        self.kernel_loader = lambda: xp.asarray(self.group["kernel"][:], device=device_of(self.template))
         if "kernel" in self.group and self.complete:
-            return lazy, weights, xp.asarray(self.group["kernel"][:], device=device_of(self.template))
+            return lazy, weights, self.kernel_loader()
         kernel = None
         for start in range(0, features.shape[0], KERNEL_CHUNK_ROWS):
             kernel = kernel_ops.accumulate(kernel, lazy[start:start + KERNEL_CHUNK_ROWS, :], xp=xp)

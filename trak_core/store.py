@@ -7,20 +7,37 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from . import kernel as kernel_ops
 from ._namespace import namespace
 from .kernel import KernelFactor
 
-__all__ = ["CheckpointEntry", "MemoryStore", "MemoryWriter", "open_store", "KERNEL_CHUNK_ROWS"]
+__all__ = ["CheckpointEntry", "MemoryStore", "MemoryWriter", "open_store", "kernel_from_features",
+           "KERNEL_CHUNK_ROWS"]
 
 KERNEL_CHUNK_ROWS = 4096  # rows of features per update of the kernel K (and rows per on-disk chunk)
 
 
+def kernel_from_features(features: Any) -> Any:
+    """``Phi^T Phi`` accumulated in chunks of :data:`KERNEL_CHUNK_ROWS` rows, as featurizing does (same bits)."""
+    xp = namespace(features[:1, :])
+    kernel = None
+    for start in range(0, features.shape[0], KERNEL_CHUNK_ROWS):
+        kernel = kernel_ops.accumulate(kernel, features[start:min(features.shape[0], start + KERNEL_CHUNK_ROWS), :],
+                                       xp=xp)
+    return kernel
+
+
 @dataclass
 class CheckpointEntry:
-    """One featurized checkpoint: its snapshot, ``Phi_c`` (n, k), ``Q_c`` (n,) and kernel factor."""
+    """One featurized checkpoint: its snapshot, ``Phi_c`` (n, k), ``Q_c`` (n,) and kernel factor.
+
+    The kernel ``Phi^T Phi`` is not held: only its factor is needed to score, and a k x k float64
+    matrix per checkpoint is as large as the features when k is close to n. :attr:`kernel` reads it
+    from the store (``kernel_loader``) or recomputes it from the features, bit for bit as featurizing
+    made it, when ``lambda`` changes.
+    """
 
     index: int
     prepared: Any
@@ -29,7 +46,12 @@ class CheckpointEntry:
     out_to_loss: Any
     factor: KernelFactor
     structure: Any = None
-    kernel: Any = None  # Phi^T Phi (without lambda), kept so lambda can be changed
+    kernel_loader: Callable[[], Any] | None = None
+
+    @property
+    def kernel(self) -> Any:
+        """``Phi^T Phi`` (without lambda), in the accumulation dtype."""
+        return self.kernel_loader() if self.kernel_loader is not None else kernel_from_features(self.features)
 
 
 class MemoryWriter:

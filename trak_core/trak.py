@@ -265,7 +265,9 @@ class TRAK:
             raise ValueError(f"checkpoint {index} saw {features.shape[0]} training examples but checkpoint 0 "
                              f"saw {self.n_train}; featurize every checkpoint on the same training set")
         factor = self._factorize(kernel, features.shape[0], n_params, index)
-        self.store.add(CheckpointEntry(index, prepared, n_params, features, q_all, factor, structure, kernel))
+        del kernel  # the entry re-reads or recomputes it when lambda changes (refit); only the factor is held
+        self.store.add(CheckpointEntry(index, prepared, n_params, features, q_all, factor, structure,
+                                       getattr(writer, "kernel_loader", None)))
 
     def _featurize_distributed(self, checkpoint: Any, index: int, data: list, writer: Any) -> None:
         from .disk_store import _to_numpy
