@@ -165,3 +165,33 @@ def test_bad_gradients():
     with pytest.raises(TypeError, match="floating"):
         project(np.ones((2, 5), dtype=np.int64), 4)
     assert trak_core.projection_matrix(0, 4).shape == (0, 4)
+
+
+def test_a_matrix_that_fits_the_cache_only_alone_is_not_thrashed(rng, monkeypatch):
+    """At the boundary (the matrix alone fills the cache) the packed bits are kept: no regeneration per call."""
+    import trak_core.projection as projection
+
+    p, k = 96, 64
+    made = []
+    real = projection._rademacher_words
+    monkeypatch.setattr(projection, "_rademacher_words", lambda *a, **kw: made.append(1) or real(*a, **kw))
+    cache = ProjectionCache(p * k * 4)  # the dense float32 matrix alone, without its row signs
+    grads = rng.normal(size=(5, p)).astype(np.float32)
+    first = project(grads, k, seed=3, checkpoint=1, cache=cache)
+    second = project(grads, k, seed=3, checkpoint=1, cache=cache)
+    assert len(made) == 1  # made once, then served from the cache
+    expected = grads.astype(np.float64) @ projection_matrix(p, k, seed=3, checkpoint=1, dtype=np.float64)
+    np.testing.assert_allclose(first, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(first, second)
+
+
+def test_jax_packed_block_loop_equals_the_reference(rng):
+    """JAX's jitted block loop (matrix too large to cache densely) gives the reference product."""
+    jnp = pytest.importorskip("jax.numpy", reason="jax not installed: its packed projection path not exercised")
+    p, k = 1000, 96
+    grads = rng.normal(size=(7, p)).astype(np.float32)
+    cache = ProjectionCache(p * 4 * 3 + p * 4 * 2)  # room for the packed words and the signs, not the matrix
+    out = project(jnp.asarray(grads), k, seed=5, checkpoint=2, block_size=300, cache=cache)
+    expected = grads.astype(np.float64) @ projection_matrix(p, k, seed=5, checkpoint=2, dtype=np.float64)
+    assert isinstance(out, type(jnp.zeros(1))) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)

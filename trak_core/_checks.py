@@ -41,11 +41,11 @@ def projection_group_rows(n_params: int, itemsize: int, proj_dim: int | None = N
     When the projection matrix is too large for the projection cache, every group pays for making or
     unpacking it, so groups then hold at least 64 rows whatever their size in bytes.
     """
-    from .projection import default_cache
+    from .projection import dense_fits
 
     rows = max(1, PROJECTION_GROUP_BYTES // max(1, n_params * itemsize))
     rows = min(4096, 1 << (rows.bit_length() - 1))
-    if proj_dim is not None and not default_cache.fits(n_params * proj_dim * itemsize):
+    if proj_dim is not None and not dense_fits(n_params, proj_dim, itemsize):
         rows = max(rows, 64)
     return rows
 

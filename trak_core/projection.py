@@ -243,6 +243,10 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
     if shared is not None:
         return flipped @ shared
     block = block_size or max(1, _BLOCK_BYTES // (k * (xp.finfo(dtype).bits // 8)))
+    if packed is not None and array_api_compat.is_jax_namespace(xp):  # eager JAX: jit the block loop
+        from ._jax_blocks import packed_product
+
+        return packed_product(flipped, packed, k, block)
     out = xp.zeros((n, k), dtype=dtype, device=device)
     for start in range(0, p, block):
         stop = min(p, start + block)
@@ -252,6 +256,12 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
             shared = _shared(offset + start, offset + stop, k, seed, kind, xp=xp, device=device, dtype=dtype)
         out = out + flipped[:, start:stop] @ shared
     return out
+
+
+def dense_fits(p: int, k: int, itemsize: int, cache: ProjectionCache | None = None) -> bool:
+    """Whether the dense shared matrix is cached: it must fit together with the row signs it is used
+    with (a matrix that fits only alone would evict, and be evicted by, the signs on every call)."""
+    return (default_cache if cache is None else cache).fits(p * (k + 1) * itemsize)
 
 
 def cached_factors(p: int, k: int, *, seed: int, checkpoint: int, kind: str, offset: int, xp: Any, device: Any,
@@ -268,12 +278,12 @@ def cached_factors(p: int, k: int, *, seed: int, checkpoint: int, kind: str, off
     ident = (xp.__name__, str(device), str(dtype), int(seed), kind, k)
     signs = cache.get(ident + ("signs", int(checkpoint), offset, p), p * itemsize, lambda: row_signs(
         offset, offset + p, seed=seed, checkpoint=checkpoint, xp=xp, device=device, dtype=dtype))
-    if dense and cache.fits(p * k * itemsize):
+    if dense and dense_fits(p, k, itemsize, cache):
         shared = cache.get(ident + ("shared", offset, p), p * k * itemsize, lambda: _shared(
             offset, offset + p, k, seed, kind, xp=xp, device=device, dtype=dtype))
         return signs, shared, None
     words_bytes = p * 4 * -(-k // 32)
-    if kind == "rademacher" and cache.fits(words_bytes):  # the bits fit: keep them, unpack per block
+    if kind == "rademacher" and cache.fits(words_bytes + p * itemsize):  # the bits fit: keep them, unpack per block
         packed = cache.get(ident[:2] + ("words", int(seed), k, offset, p), words_bytes,
                            lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp, device=device))
         return signs, None, packed
