@@ -55,6 +55,9 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "quality"))
+sys.path.insert(0, str(HERE))
+
+from _report import write_json  # noqa: E402
 
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x, y, xt, yt
 
@@ -292,8 +295,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     rows = measure(args.libraries, args.ms, args.k, args.batch, masks, outputs)
     facts = dict(machine(), total_seconds=round(time.perf_counter() - start, 1))
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"machine": facts, "rows": rows}, indent=1))
+    write_json({"machine": facts, "rows": rows}, args.json)
     if args.md:
         pathlib.Path(args.md).write_text(markdown(rows, facts, args.k, args.batch))
     return rows

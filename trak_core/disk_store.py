@@ -24,9 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from . import kernel as kernel_ops
 from ._namespace import device_of, namespace
-from .store import KERNEL_CHUNK_ROWS, CheckpointEntry
+from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, kernel_from_features
 
 __all__ = ["DiskStore", "DiskFeatures", "StoreMismatchError"]
 
@@ -190,9 +189,7 @@ class DiskWriter:
         self.kernel_loader = lambda: xp.asarray(self.group["kernel"][:], device=device_of(self.template))
         if "kernel" in self.group and self.complete:
             return lazy, weights, self.kernel_loader()
-        kernel = None
-        for start in range(0, features.shape[0], KERNEL_CHUNK_ROWS):
-            kernel = kernel_ops.accumulate(kernel, lazy[start:start + KERNEL_CHUNK_ROWS, :], xp=xp)
+        kernel = kernel_from_features(lazy, xp=xp)
         matrix = _to_numpy(kernel)
         if "kernel" in self.group:
             del self.group["kernel"]

@@ -19,9 +19,9 @@ __all__ = ["CheckpointEntry", "MemoryStore", "MemoryWriter", "open_store", "kern
 KERNEL_CHUNK_ROWS = 4096  # rows of features per update of the kernel K (and rows per on-disk chunk)
 
 
-def kernel_from_features(features: Any) -> Any:
+def kernel_from_features(features: Any, *, xp: Any = None) -> Any:
     """``Phi^T Phi`` accumulated in chunks of :data:`KERNEL_CHUNK_ROWS` rows, as featurizing does (same bits)."""
-    xp = namespace(features[:1, :])
+    xp = namespace(features[:1, :]) if xp is None else xp
     kernel = None
     for start in range(0, features.shape[0], KERNEL_CHUNK_ROWS):
         kernel = kernel_ops.accumulate(kernel, features[start:min(features.shape[0], start + KERNEL_CHUNK_ROWS), :],

@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1]))  # bench/, for peers.run_traker
 
 import trak_core  # noqa: E402
 from ground_truth import ground_truth  # noqa: E402
@@ -59,10 +60,11 @@ def evaluate(task, masks, outputs, checkpoints, k, ms, rows, timing):
     for checkpoint in checkpoints:
         trak.featurize(checkpoint, _batches(task, task.x, task.y))
     featurize = time.perf_counter() - start
+    kernels = [entry.kernel for entry in trak.store]  # entries hold only the factor: read each kernel once
     start = time.perf_counter()
-    for entry in trak.store:
-        trak_core.regularization.choose_lambda(entry.kernel, len(task.y), n_params=entry.n_params,
-                                               xp=trak_core._namespace.namespace(entry.kernel))
+    for entry, kernel in zip(trak.store, kernels):
+        trak_core.regularization.choose_lambda(kernel, len(task.y), n_params=entry.n_params,
+                                               xp=trak_core._namespace.namespace(kernel))
     timing.append(dict(task=task.name, k=k, featurize_s=featurize, choose_lambda_s=time.perf_counter() - start))
 
     def add(method, m, scores, **extra):
@@ -88,11 +90,10 @@ def evaluate(task, masks, outputs, checkpoints, k, ms, rows, timing):
             add("lambda = 0", m, _numpy(trak.score(xt_batches, checkpoints=chosen)))
         for rule in (AUTO_RULE,):  # the rule comparison is select_lambda.py's job
             for alpha in GRID:
-                for entry in trak.store:
-                    scale = RULES[rule](entry.kernel, len(task.y), entry.n_params,
-                                        xp=trak_core._namespace.namespace(entry.kernel))
-                    entry.factor = trak_core.kernel.factorize(entry.kernel, alpha * scale,
-                                                              xp=trak_core._namespace.namespace(entry.kernel))
+                for entry, kernel in zip(trak.store, kernels):
+                    xp = trak_core._namespace.namespace(kernel)
+                    scale = RULES[rule](kernel, len(task.y), entry.n_params, xp=xp)
+                    entry.factor = trak_core.kernel.factorize(kernel, alpha * scale, xp=xp)
                 add(f"grid {rule}", m, _numpy(trak.score(xt_batches, checkpoints=chosen)), alpha=alpha)
         add("gradient dot", m, _gradient_dot(trak, task, chosen))
     # unit-normalized features need their own featurization
@@ -107,29 +108,11 @@ def evaluate(task, masks, outputs, checkpoints, k, ms, rows, timing):
 
 def traker_rows(task, masks, outputs, checkpoints, k, ms, rows):
     """traker 0.3.2 at its defaults (lambda_reg=0, fp16 store; CPU: Gaussian BasicProjector)."""
-    import logging
-    import tempfile
+    from peers import run_traker  # the one traker driver of the benchmarks
 
-    from trak import TRAKer
-
-    x, y = task.arrays(task.x, task.y)
-    xt, yt = task.arrays(task.xt, task.yt)
     for m in ms:
-        with tempfile.TemporaryDirectory() as save_dir:
-            traker = TRAKer(model=task.model, task="image_classification", train_set_size=len(task.y),
-                            save_dir=save_dir, device="cpu", proj_dim=k, logging_level=logging.ERROR)
-            for c, state in enumerate(checkpoints[:m]):
-                traker.load_checkpoint(state, model_id=c)
-                for i in range(0, len(task.y), 50):
-                    traker.featurize(batch=(x[i:i + 50], y[i:i + 50]), num_samples=len(y[i:i + 50]))
-            traker.finalize_features()
-            for c, state in enumerate(checkpoints[:m]):
-                traker.start_scoring_checkpoint(exp_name="quality", checkpoint=state, model_id=c,
-                                                num_targets=len(task.yt))
-                traker.score(batch=(xt, yt), num_samples=len(task.yt))
-            scores = traker.finalize_scores(exp_name="quality")
-        scores = np.nan_to_num(np.asarray(scores, dtype=np.float64))
-        result = _lds(scores, masks, outputs)
+        scores = run_traker(task.model, checkpoints[:m], (task.x, task.y, task.xt, task.yt), k=k, batch=50)
+        result = _lds(np.nan_to_num(scores), masks, outputs)
         rows.append(dict(task=task.name, k=k, M=m, method="traker defaults", lds=result.mean, sem=result.sem))
 
 
