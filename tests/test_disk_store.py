@@ -81,6 +81,35 @@ def test_killed_runs_resume_to_identical_scores(tmp_path):
     assert interrupted >= 8, f"only {interrupted} of 10 kills landed mid-run"
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL at one chosen instant (a BaseException: nothing in the library catches it)."""
+
+
+@pytest.mark.parametrize("resize", [1, 2])
+def test_kill_between_the_two_resizes_resumes_to_identical_scores(tmp_path, monkeypatch, resize):
+    """A kill after ``features`` grew but before ``out_to_loss`` did (the window the SIGKILL test hits
+    about once in 150 kills) must not leave ``out_to_loss`` short or its rows unwritten on resume."""
+    import zarr
+
+    _, reference = _run(None)
+    store = tmp_path / "store"
+    real, calls = zarr.Array.resize, []
+
+    def resize_then_die(self, *args, **kwargs):
+        if self.path.endswith("out_to_loss"):
+            calls.append(self.path)
+            if len(calls) == resize:
+                raise _Killed
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.Array, "resize", resize_then_die)
+    with pytest.raises(_Killed):
+        _run(store)
+    monkeypatch.setattr(zarr.Array, "resize", real)
+    _, resumed = _run(store)
+    assert np.array_equal(resumed, reference)
+
+
 def test_other_configuration_is_refused_and_nothing_is_overwritten(tmp_path):
     store = tmp_path / "store"
     _run(store)

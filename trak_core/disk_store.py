@@ -79,6 +79,13 @@ class DiskFeatures:
         return xp.asarray(block[start - lo:stop - lo], device=device_of(self._template))
 
 
+def _grow(array: Any, n_rows: int) -> None:
+    """Give ``array`` at least ``n_rows`` rows. Each array is checked on its own: a kill between two
+    resizes leaves one array longer than the other, and the resumed run must still grow the shorter."""
+    if array.shape[0] < n_rows:
+        array.resize((n_rows, *array.shape[1:]))
+
+
 class DiskWriter:
     """Writes one checkpoint's features chunk by chunk (see the module notes)."""
 
@@ -148,9 +155,8 @@ class DiskWriter:
         features, out_to_loss = self.group["features"], self.group["out_to_loss"]
         stop = start + count
         try:
-            if features.shape[0] < stop:
-                features.resize((stop, rows.shape[1]))
-                out_to_loss.resize((stop,))
+            _grow(features, stop)
+            _grow(out_to_loss, stop)
             features[start:stop] = rows[:count]
             out_to_loss[start:stop] = weights[:count]
             self.checksums[str(start // KERNEL_CHUNK_ROWS)] = _digest(rows[:count])
@@ -172,9 +178,9 @@ class DiskWriter:
                                     dtype=dtype, fill_value=0)
             self.group.create_array("out_to_loss", shape=(n_rows,), chunks=(KERNEL_CHUNK_ROWS,), dtype=weight_dtype,
                                     fill_value=0)
-        elif self.group["features"].shape[0] < n_rows:
-            self.group["features"].resize((n_rows, width))
-            self.group["out_to_loss"].resize((n_rows,))
+        else:
+            _grow(self.group["features"], n_rows)
+            _grow(self.group["out_to_loss"], n_rows)
 
     def finish(self) -> tuple[Any, Any, Any]:
         if self._rows:
