@@ -109,3 +109,25 @@ def test_torch_tensors_are_rejected():
         trak.featurize([w, b], [(torch.tensor(x), y)])
     with pytest.raises(ValueError, match="labels out of range"):
         trak.featurize([w, b], [(x, y + 3)])
+
+
+@pytest.mark.parametrize("matmul_precision,expected", [("float32", "HIGHEST"), (None, "DEFAULT")])
+def test_step_multiplies_at_the_asked_precision(matmul_precision, expected):
+    """On GPUs JAX's default multiplies float32 in TF32: the step asks for float32 unless told otherwise."""
+    import re
+
+    backend = JaxBackend(matmul_precision=matmul_precision)
+    x, y = canonical.inputs("cnn", 4, seed=0, dtype="float32")
+    params = [jnp.asarray(w) for w in canonical.weights("cnn", seed=0, dtype="float32")]
+    step = backend._step(jax_apply("cnn"), trak_core.Classification(), True)[0]
+    p = sum(int(np.prod(w.shape)) for w in params)
+    text = step.lower(params, jnp.asarray(x), jnp.asarray(y), jnp.ones(p), jnp.ones((p, 8))).as_text()
+    found = [(op, re.findall(r"(HIGHEST|HIGH|DEFAULT)", line.split("precision", 1)[1]))
+             for line in text.splitlines() for op in ("dot_general", "convolution") if f"stablehlo.{op}" in line]
+    assert {op for op, _ in found} == {"dot_general", "convolution"}  # the model's, its gradients', P's
+    assert all(levels == [expected, expected] for _, levels in found), found
+
+
+def test_matmul_precision_is_checked():
+    with pytest.raises(ValueError, match="matmul_precision must be None or one of"):
+        JaxBackend(matmul_precision="float16")

@@ -175,3 +175,14 @@ def test_torch_int64_hash_path_equals_numpy_uint32():
     as_int32 = xp.astype(b - ((b >> 31) << 32), xp.int32)
     assert np.array_equal(as_int32.numpy(), a.view(np.int32))
     assert _hash.word_dtype(xp) == torch.int64
+
+
+def test_chunk_rows_from_free_memory():
+    from trak_torch.backend import chunk_rows
+
+    assert chunk_rows(9_610, 4, None) == 256  # CPU: 256 MiB of gradients, at most 256 rows
+    assert chunk_rows(1_130_000, 4, None) == (256 * 2**20) // (4 * 1_130_000)
+    assert chunk_rows(11_181_642, 4, 139 * 2**30) == (6 * 2**30) // (4 * 11_181_642)  # GPU: the 6 GiB cap (144)
+    assert chunk_rows(11_181_642, 4, 16 * 2**30) == (2 * 2**30) // (4 * 11_181_642)  # 1/8 of 16 GiB free
+    assert chunk_rows(10**10, 4, 2**30) == 1
+

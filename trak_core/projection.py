@@ -25,10 +25,13 @@ from typing import Any, Callable
 import array_api_compat
 
 from . import _hash
-from ._cache import ProjectionCache, default_cache
+from ._cache import ProjectionCache, default_cache, device_cache
+from ._delegation import is_accelerator
+from ._split import PRECISIONS, passes, split_project
 from ._namespace import device_of, has_float64, is_numpy, namespace
 
-__all__ = ["KINDS", "projection_matrix", "project", "cached_factors", "ProjectionCache", "default_cache", "row_signs"]
+__all__ = ["KINDS", "PRECISIONS", "projection_matrix", "project", "cached_factors", "ProjectionCache", "default_cache",
+           "device_cache", "row_signs", "uses_split"]
 
 KINDS = ("rademacher", "gaussian")
 _BLOCK_BYTES = 64 * 2**20  # memory for one generated block when the matrix is not cached
@@ -75,9 +78,9 @@ def _rademacher_words(start: int, stop: int, k: int, seed: int, *, xp: Any, devi
     return _words(stream, start, stop, -(-k // 32), xp=xp, device=device)
 
 
-def _unpack(words: Any, k: int, *, xp: Any, dtype: Any) -> Any:
-    """Signs ``+-1/sqrt(k)`` from packed words: bit ``t`` of word ``b`` is column ``32 b + t``."""
-    rows, scale = words.shape[0], 1.0 / math.sqrt(k)
+def _unpack(words: Any, k: int, *, xp: Any, dtype: Any, scale: float | None = None) -> Any:
+    """Signs ``+-scale`` (default ``1/sqrt(k)``) from packed words: bit ``t`` of word ``b`` is column ``32 b + t``."""
+    rows, scale = words.shape[0], 1.0 / math.sqrt(k) if scale is None else scale
     if sys.byteorder == "little" and (is_numpy(xp) or array_api_compat.is_torch_namespace(xp)):
         # fast paths, same bits: a word's bytes in memory are its bits 0-7, 8-15, ... (little endian)
         if is_numpy(xp):
@@ -202,8 +205,26 @@ def projection_matrix(p: int, k: int, *, seed: int = 0, checkpoint: int = 0, kin
     return signs[:, None] * _shared(offset, offset + p, k, seed, kind, xp=xp, device=device, dtype=dtype)
 
 
+def uses_split(grads: Any, kind: str, precision: str) -> bool:
+    """Whether :func:`project` takes the half-precision path (:mod:`trak_core._split`) for ``grads``.
+
+    ``precision="fast"`` always does (Rademacher only); ``"float32"`` does on GPUs for float32,
+    float16 and bfloat16 input, where half-precision matrix units are several times faster than
+    float32 ones. Everywhere else the product is a plain float32 (or float64) one.
+    """
+    passes(precision)  # validates
+    if precision == "fast":
+        if kind != "rademacher":
+            raise ValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
+                             "float16); use precision='float32' for Gaussian projections")
+        return True
+    return kind == "rademacher" and is_accelerator(grads) and str(grads.dtype).split(".")[-1] in (
+        "float32", "float16", "bfloat16")
+
+
 def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str = "rademacher",
-            offset: int = 0, block_size: int | None = None, cache: ProjectionCache | None = None) -> Any:
+            offset: int = 0, block_size: int | None = None, cache: ProjectionCache | None = None,
+            precision: str = "float32") -> Any:
     """Project per-example gradients: ``grads @ P`` for rows ``offset .. offset + p`` of ``P``.
 
     Parameters
@@ -221,7 +242,14 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
         Defaults to ``trak_core.projection.default_cache`` (512 MiB). The whole shared matrix
         is kept when it fits; otherwise, for Rademacher, its packed bits (k/8 bytes a row) are
         kept and unpacked block by block; otherwise blocks are generated on every call.
-        ``ProjectionCache(0)`` disables caching.
+        ``ProjectionCache(0)`` disables caching. On GPUs (the half-precision path) the default
+        is :data:`device_cache` instead (4 GiB).
+    precision : {"float32", "fast"}
+        ``"float32"`` (default): float32-grade results (relative error against a float64 product
+        within twice that of a float32 matmul, and below 1e-5); on GPUs computed as two float16
+        products on tensor cores (:mod:`trak_core._split`), elsewhere as a float32 product.
+        ``"fast"``: one float16 product, relative error about 3e-4 (the grade of traker's fast_jl);
+        Rademacher only. On a CPU it is not faster, only the same numbers as on a GPU.
 
     Returns
     -------
@@ -236,6 +264,10 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
     if not xp.isdtype(grads.dtype, "real floating"):
         raise TypeError(f"grads must have a real floating dtype, got {grads.dtype}")
     device, dtype = device_of(grads), grads.dtype
+    if uses_split(grads, kind, precision):
+        return split_project(grads, k, seed=seed, checkpoint=checkpoint, offset=offset, precision=precision,
+                             cache=(device_cache if is_accelerator(grads) else default_cache) if cache is None
+                             else cache, block_size=block_size)
     signs, shared, packed = cached_factors(p, k, seed=seed, checkpoint=checkpoint, kind=kind, offset=offset,
                                            xp=xp, device=device, dtype=dtype, cache=cache,
                                            dense=block_size is None)

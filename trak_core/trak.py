@@ -16,7 +16,8 @@ from ._namespace import namespace
 from ._progress import progress
 from .backends import Backend
 from .backends.protocol import batches
-from .projection import KINDS, project
+from ._delegation import is_accelerator
+from .projection import KINDS, PRECISIONS, project
 from .regularization import choose_lambda
 from .executors import get_executor
 from .scores import checkpoint_scores, ensemble, normalize_rows, soft_threshold, target_weights
@@ -69,6 +70,11 @@ class TRAK:
     executor : None, "ray" or RayExecutor
         Where featurization runs: this process, or Ray actors over row shards (needs ``store=path``;
         see :mod:`trak_core.executors`). The numbers are the same bit for bit.
+    precision : {"float32", "fast"}
+        Of the projection (:func:`trak_core.project`): ``"float32"`` (default) is float32-grade
+        everywhere, computed on GPUs as two float16 tensor-core products of a split input;
+        ``"fast"`` is one float16 product (relative error about 3e-4, traker's fast_jl grade),
+        Rademacher only. CPU results at the default are those of a float32 product.
 
     Notes
     -----
@@ -80,11 +86,17 @@ class TRAK:
                  proj_type: str = "rademacher", seed: int = 0, lambda_reg: float | str = "auto",
                  backend: str | Backend | None = None, store: Any = None, progress: bool | None = None,
                  normalize_features: bool = False, soft_threshold: float | None = None,
-                 checkpoint_weighting: str = "uniform", executor: Any = None) -> None:
+                 checkpoint_weighting: str = "uniform", executor: Any = None, precision: str = "float32") -> None:
         self.proj_dim = _check_proj_dim(proj_dim)
         if proj_type not in KINDS:
             raise ValueError(f"unknown proj_type {proj_type!r}; choose one of {KINDS}")
         self.proj_type = proj_type
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        if precision == "fast" and proj_type != "rademacher":
+            raise ValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
+                             "float16); use precision='float32' for Gaussian projections")
+        self.precision = precision
         self.seed = _check_seed(seed)
         self.lambda_reg = _check_lambda(lambda_reg)
         self.model = model
@@ -127,8 +139,9 @@ class TRAK:
             return grads
         if self.backend.has_fused_projection:
             return self.backend.project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint,
-                                        kind=self.proj_type)
-        return project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint, kind=self.proj_type)
+                                        kind=self.proj_type, precision=self.precision)
+        return project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint, kind=self.proj_type,
+                       precision=self.precision)
 
     def _gradients(self, prepared: Any, inputs: Any, labels: Any, where: str) -> tuple[Any, Any]:
         """Validated per-example gradients (n, p) and out-to-loss weights (n,) of one batch."""
@@ -147,7 +160,7 @@ class TRAK:
             return None
         n_inputs = _check_lengths(inputs, labels, where)
         out = fused(self.model, prepared, inputs, labels, self.task, k=self.proj_dim, seed=self.seed,
-                    checkpoint=index, kind=self.proj_type)
+                    checkpoint=index, kind=self.proj_type, precision=self.precision)
         if out is not None:
             if tuple(out[0].shape) != (n_inputs, self.proj_dim):
                 raise ValueError(f"{where}: backend {self.backend.name!r} returned features of shape "
@@ -194,13 +207,15 @@ class TRAK:
                 g, q = g[lo:hi, ...], q[lo:hi]
             xp = namespace(g)
             if group is None:
-                group = projection_group_rows(g.shape[1], xp.finfo(g.dtype).bits // 8, self.proj_dim)
+                group = projection_group_rows(g.shape[1], xp.finfo(g.dtype).bits // 8, self.proj_dim,
+                                              accelerator=is_accelerator(g))
                 pending = (first + lo) % group  # the first group ends at a multiple of `group`
             grads.append(g)
             weights.append(q)
             pending += g.shape[0]
-            while pending >= group:
-                g_all, q_all = xp.concat(grads, axis=0), xp.concat(weights, axis=0)
+            while pending >= group:  # one pending array is sliced, never copied
+                g_all = grads[0] if len(grads) == 1 else xp.concat(grads, axis=0)
+                q_all = weights[0] if len(weights) == 1 else xp.concat(weights, axis=0)
                 take = g_all.shape[0] - (pending - group)
                 yield self._project(g_all[:take, ...], index), q_all[:take]
                 grads, weights = [g_all[take:, ...]], [q_all[take:]]
@@ -297,6 +312,7 @@ class TRAK:
         return {"proj_type": self.proj_type, "proj_dim": self.proj_dim, "seed": self.seed, "task": self.task.name,
                 "n_params": n_params, "parameter_structure": hashlib.sha256(repr(structure).encode()).hexdigest()[:16],
                 "normalize_features": self.normalize_features, "backend": self.backend.name,
+                "precision": self.precision,
                 "trak_core": __version__}
 
     def _factorize(self, kernel: Any, n_train: int, n_params: int, index: int) -> kernel_ops.KernelFactor:

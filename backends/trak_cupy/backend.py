@@ -27,8 +27,8 @@ def _require_gpu() -> Any:
     try:
         import cupy
     except ImportError:
-        raise MissingFrameworkError('the cupy backend needs CuPy and a CUDA device: pip install "trak-core[cupy]" '
-                                    "on a machine with an NVIDIA GPU") from None
+        raise MissingFrameworkError('the cupy backend needs CuPy and a CUDA device: pip install "trak-core[cupy-cuda12]" '
+                                    '(or [cupy-cuda13], matching your CUDA driver) on a machine with an NVIDIA GPU') from None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # no driver
@@ -58,7 +58,7 @@ class CupyBackend(ArrayAPIBackend):
     framework = "cupy"
     extra = "cupy"
     can_gradients = True
-    has_fused_projection = True
+    has_fused_projection = False  # project() is the core's: float16 tensor-core products on the GPU
 
     def owns(self, model: Any) -> bool:
         return isinstance(model, PrecomputedGradients)
@@ -83,11 +83,13 @@ class CupyBackend(ArrayAPIBackend):
             return grads, weights
         return super().gradients(model, prepared, _to_cupy(inputs, "inputs"), _to_cupy(labels, "labels"), task)
 
-    def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str) -> Any:
+    def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
+                precision: str = "float32") -> Any:
+        """:func:`trak_core.project`: float16 tensor-core products of a split input (cuBLAS ``gemmEx``).
+
+        The CUDA-core kernel of :mod:`trak_cupy.projection` (``fused_project``) stays available; it
+        keeps memory at ``O(n (p + k))`` but is several times slower than tensor cores.
+        """
         from trak_core.projection import project
 
-        from .projection import fused_project, supports
-
-        if supports(grads, kind):
-            return fused_project(grads, k, seed=seed, checkpoint=checkpoint).astype(grads.dtype, copy=False)
-        return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind)
+        return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind, precision=precision)

@@ -49,6 +49,12 @@ class JaxBackend:
     batch_size : int, optional
         Examples per compiled step; batches are padded up to it (or split), so the step compiles
         once. Default: the size of the first batch seen.
+    matmul_precision : str or None
+        ``jax.default_matmul_precision`` inside the step (the model's matrix products and
+        convolutions, their gradients, and the product with a cached projection matrix). Default
+        ``"float32"``: on GPUs JAX would otherwise multiply float32 in TF32 (10-bit mantissas),
+        and gradients would differ from the other backends by about 1e-3. ``None`` keeps JAX's
+        default (faster on GPUs, TF32-grade); ``"tensorfloat32"`` and ``"bfloat16"`` ask for it.
     """
 
     name = "jax"
@@ -57,10 +63,13 @@ class JaxBackend:
     can_gradients = True
     has_fused_projection = True
 
-    def __init__(self, batch_size: int | None = None) -> None:
+    def __init__(self, batch_size: int | None = None, matmul_precision: str | None = "float32") -> None:
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.batch_size = batch_size
+        choices = ("float32", "tensorfloat32", "bfloat16", "highest", "high", "default")
+        if matmul_precision is not None and matmul_precision not in choices:
+            raise ValueError(f"matmul_precision must be None or one of {choices}, got {matmul_precision!r}")
+        self.batch_size, self.matmul_precision = batch_size, matmul_precision
         self._steps: dict[tuple, Any] = {}  # (apply, task, project) -> [jitted step, compiled batch size]
         self.compilations = 0  # traces of the step function: how many times it was (re)compiled
 
@@ -106,6 +115,12 @@ class JaxBackend:
 
             def step(params: Any, inputs: Any, labels: Any, signs: Any, shared: Any) -> tuple[Any, Any]:
                 self.compilations += 1  # runs only while tracing
+                if self.matmul_precision is None:
+                    return traced(params, inputs, labels, signs, shared)
+                with jax.default_matmul_precision(self.matmul_precision):  # read while tracing
+                    return traced(params, inputs, labels, signs, shared)
+
+            def traced(params: Any, inputs: Any, labels: Any, signs: Any, shared: Any) -> tuple[Any, Any]:
                 logits = apply(params, inputs)
                 if logits.ndim == 1:
                     logits = logits[:, None]
@@ -176,8 +191,11 @@ class JaxBackend:
         return self._run(model, prepared, inputs, labels, task, None)
 
     def features(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any, *,
-                 k: int, seed: int, checkpoint: int, kind: str) -> tuple[Any, Any] | None:
-        """Projected features in one jitted step, or ``None`` when ``R`` does not fit the cache."""
+                 k: int, seed: int, checkpoint: int, kind: str, precision: str = "float32") -> tuple[Any, Any] | None:
+        """Projected features in one jitted step, or ``None`` when ``R`` does not fit the cache (or
+        ``precision="fast"``, which the core's half-precision projection computes)."""
+        if precision != "float32":
+            return None
         import array_api_compat
         import jax.numpy as jnp
         from trak_core.projection import cached_factors
@@ -189,23 +207,13 @@ class JaxBackend:
             return None
         return self._run(model, prepared, inputs, labels, task, (signs, shared))
 
-    def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str) -> Any:
-        """``trak_core.project``; for GPU arrays (with CuPy) the fused kernel of ``trak_cupy``, through DLPack.
+    def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
+                precision: str = "float32") -> Any:
+        """:func:`trak_core.project` (on GPUs: float16 tensor-core products of a split input).
 
         Used when the shared matrix does not fit the projection cache (otherwise :meth:`features`
         multiplies by the cached matrix inside the jitted step).
         """
         from trak_core.projection import project
 
-        platform = next(iter(grads.devices())).platform
-        if platform == "gpu" and kind == "rademacher" and str(grads.dtype) in ("float32", "float16", "bfloat16"):
-            import importlib.util
-
-            if importlib.util.find_spec("cupy") is not None:
-                import cupy
-                import jax.numpy as jnp
-                from trak_cupy.projection import fused_project
-
-                out = fused_project(cupy.from_dlpack(grads), k, seed=seed, checkpoint=checkpoint)
-                return jnp.from_dlpack(out).astype(grads.dtype)
-        return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind)
+        return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind, precision=precision)

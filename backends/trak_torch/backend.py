@@ -26,6 +26,27 @@ def _eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
+CPU_CHUNK_BYTES = 256 * 2**20  # per-example gradients per vmap call on CPUs
+GPU_CHUNK_BYTES = 6 * 2**30  # at most, on GPUs (ResNet-18: 144 examples of 11.2M float32 gradients)
+GPU_CHUNK_SHARE = 8  # and at most 1/8 of the device's free memory
+
+
+def chunk_rows(n_params: int, itemsize: int, free_bytes: int | None) -> int:
+    """Examples per ``vmap`` call: the gradients of a chunk take at most ``CPU_CHUNK_BYTES`` on CPUs
+    (``free_bytes`` is ``None``), and on GPUs ``min(GPU_CHUNK_BYTES, free_bytes / GPU_CHUNK_SHARE)``; 1 to 256."""
+    budget = CPU_CHUNK_BYTES if free_bytes is None else min(GPU_CHUNK_BYTES, free_bytes // GPU_CHUNK_SHARE)
+    return max(1, min(256, budget // (itemsize * max(1, n_params))))
+
+
+def _free_bytes(device: Any) -> int | None:
+    """Free memory of a CUDA device (``None`` on CPUs)."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
 class TorchBackend:
     """Per-example gradients for ``torch.nn.Module`` models.
 
@@ -36,15 +57,16 @@ class TorchBackend:
         ``(name, tensor) -> bool``. Default: all. The gradient vector follows
         ``named_parameters()`` order, each tensor flattened row-major.
     chunk_size : int, optional
-        Examples per ``vmap`` call (memory stays ``O(chunk_size * p)``). Default: as many as fit
-        in about 256 MiB of gradients, at most 256.
+        Examples per ``vmap`` call (memory stays ``O(chunk_size * p)``). Default (:func:`chunk_rows`):
+        on CPUs as many as fit in 256 MiB of gradients; on GPUs as many as fit in an eighth of
+        the device's free memory, at most 6 GiB of gradients; at most 256 either way.
     """
 
     name = "torch"
     framework = "torch"
     extra = "torch"
     can_gradients = True
-    has_fused_projection = True  # on CUDA with CuPy installed; elsewhere project() is the core's
+    has_fused_projection = False  # project() is the core's (tensor cores on CUDA: trak_core._split)
 
     def __init__(self, params: Sequence[str] | Callable[[str, Any], bool] | None = None,
                  chunk_size: int | None = None) -> None:
@@ -105,31 +127,28 @@ class TorchBackend:
                 return task.output(out.reshape(1, -1), y[None], xp=xp)[0]
 
             per_example = vmap(grad(output), in_dims=(None, 0, 0))
-            chunk = self.chunk_size or max(1, min(256, (256 * 2**20) // (4 * max(1, prepared.n_params))))
-            parts = []
-            for start in range(0, inputs.shape[0], chunk):
-                g = per_example(prepared.params, inputs[start:start + chunk], labels[start:start + chunk])
-                parts.append(torch.cat([g[name].reshape(g[name].shape[0], -1) for name in prepared.params], dim=1))
-        return torch.cat(parts, dim=0), out_to_loss
+            n = inputs.shape[0]
+            dtype = next(iter(prepared.params.values())).dtype if prepared.params else torch.float32
+            chunk = self.chunk_size or chunk_rows(prepared.n_params, torch.finfo(dtype).bits // 8,
+                                                  _free_bytes(prepared.device))
+            if n <= chunk:  # one chunk: concatenate its parameters once
+                g = per_example(prepared.params, inputs, labels)
+                return torch.cat([g[name].reshape(n, -1) for name in prepared.params], dim=1), out_to_loss
+            grads = torch.empty((n, prepared.n_params), dtype=dtype, device=prepared.device)
+            for start in range(0, n, chunk):  # each chunk is written into place: no second copy of the batch
+                stop = min(n, start + chunk)
+                g = per_example(prepared.params, inputs[start:stop], labels[start:stop])
+                column = 0
+                for name in prepared.params:
+                    width = g[name][0].numel()
+                    grads[start:stop, column:column + width] = g[name].reshape(stop - start, -1)
+                    column += width
+                del g
+        return grads, out_to_loss
 
-    def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str) -> Any:
-        """``trak_core.project``; on CUDA (with CuPy) the fused kernel of ``trak_cupy``, through DLPack."""
+    def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
+                precision: str = "float32") -> Any:
+        """:func:`trak_core.project`: on CUDA, float16 tensor-core products of a split input (``precision``)."""
         from trak_core.projection import project
 
-        if grads.is_cuda and kind == "rademacher" and _cupy_ready():
-            import cupy
-            import torch
-            from trak_cupy.projection import fused_project, supports
-
-            shared = cupy.from_dlpack(grads.detach().contiguous())
-            if supports(shared, kind):
-                with cupy.cuda.Device(grads.device.index or 0):
-                    out = fused_project(shared, k, seed=seed, checkpoint=checkpoint)
-                return torch.from_dlpack(out).to(grads.dtype)
-        return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind)
-
-
-def _cupy_ready() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("cupy") is not None and importlib.util.find_spec("trak_cupy") is not None
+        return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind, precision=precision)

@@ -44,10 +44,11 @@ class ArrayAPIBackend:
         dlogits = task.output_grad(logits, labels, xp=xp)
         return model.per_example_grads(prepared, inputs, dlogits), task.out_to_loss(logits, labels, xp=xp)
 
-    def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str) -> Any:
+    def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
+                precision: str = "float32") -> Any:
         from ..projection import project
 
-        return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind)
+        return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind, precision=precision)
 
 
 backend = ArrayAPIBackend()

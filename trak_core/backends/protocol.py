@@ -57,8 +57,9 @@ class Backend(Protocol):
     def gradients(self, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any) -> tuple[Any, Any]:
         """Per-example gradients of ``task.output``, shape (n, p), and ``task.out_to_loss``, shape (n,)."""
 
-    def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str) -> Any:
-        """``grads @ P_checkpoint``, equal to :func:`trak_core.project` up to float rounding."""
+    def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
+                precision: str = "float32") -> Any:
+        """``grads @ P_checkpoint``, equal to :func:`trak_core.project` (same ``precision``) up to float rounding."""
 
 
 def batches(data: Iterable[Any]) -> Iterable[tuple[Any, Any]]:
