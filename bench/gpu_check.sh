@@ -1,40 +1,121 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (nothing installed from the network): the conformance suite on the GPU ids,
-# the CuPy tests and quickstart, the quick benchmark suite on the GPU ids, and the projection benchmark; writes a JSON + Markdown report. At most 8.5 minutes (three timeouts), usually 2-3.
-#   bash bench/gpu_check.sh [REPORT_DIR]      (default: $OUT if set, else gpu_report/)
+# The whole GPU check in one call on a machine with no network, in at most 7 minutes (steps stop by
+# GPU_CHECK_SECONDS=400 after the start, each step has its own limit cut to the time left; then the report).
+# Prepare on a machine with network (fills the git-ignored .whl/ and .peers/), then run on the GPU with both carried:
+#   bash bench/gpu_prepare.sh                  # here: wheels (array-api-compat, traker 0.3.2) + fast_jl's source
+#   bash bench/gpu_check.sh [REPORT_DIR]       # there, run's carry [".whl", ".peers"]; REPORT_DIR: $OUT, else gpu_report/
+# Steps (a failure is noted in report.md and the next step runs anyway):
+#   fast_jl     build traker's CUDA kernel from .peers/fast_jl into /tmp/fjl_build, in the background (~75 s on an
+#               H200, limit 150 s), then on PYTHONPATH
+#   install     .whl/*.whl into /tmp/site, on PYTHONPATH (limit 60 s)
+#   tests       the conformance suite on the GPU ids, the CuPy tests and quickstart, the GPU cases of the projection
+#               and torch backend tests (limit 120 s)
+#   peers       bench/gpu_peers.py: trak-core vs traker + fast_jl, projection at 256 x 2e6 -> 4,096 and
+#               32 x 11.2e6 -> 2,048 (time, TFLOP/s, error) and ResNet-18 featurize + score (limit 200 s)
+#   projection  bench/gpu_projection.py: the fused CuPy kernel vs a matmul with the matrix in memory (limit 60 s)
+#   bench       the quick pytest-benchmark suite on the GPU ids (limit 90 s, or what is left)
+# REPORT_DIR gets 7 files (the device tool brings back 8 at most): report.md (versions, a row per step, the tables),
+# log.txt (every step's output), tests.xml, gpu_peers.json, gpu_peers.md, projection.json, bench_quick.json.
+# GPU_PEERS_ARGS adds arguments to gpu_peers.py (a rehearsal on a CPU: GPU_PEERS_ARGS="--small --device cpu").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 report=${1:-${OUT:-gpu_report}}
 mkdir -p "$report"
+report=$(cd "$report" && pwd)
+logs=$(mktemp -d)
+py=${PYTHON:-python3}
+began=$(date +%s)
+deadline=$((began + ${GPU_CHECK_SECONDS:-400}))
+export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONPATH="$PWD:$PWD/backends${PYTHONPATH:+:$PYTHONPATH}"
+: > "$logs/steps.txt"
+
+note() {  # note NAME EXIT SECONDS TEXT: one row of report.md's step table
+  local verdict=ok
+  [ "$2" = 0 ] || verdict="FAILED (exit $2)"
+  [ "$2" = 124 ] && verdict="TIMED OUT"
+  [ "$2" = skipped ] && verdict=skipped
+  echo "| $1 | $verdict | $3 | $4 |" >> "$logs/steps.txt"
+}
+
+step() {  # step NAME LIMIT COMMAND...: run it under min(LIMIT, time left), output to $logs/NAME.txt
+  local name=$1 limit=$2 left start rc
+  shift 2
+  left=$((deadline - $(date +%s)))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then
+    note "$name" skipped 0 "no time left"
+    return
+  fi
+  start=$(date +%s)
+  timeout -k 10 "$limit" "$@" > "$logs/$name.txt" 2>&1
+  rc=$?
+  note "$name" "$rc" "$(($(date +%s) - start))" "limit ${limit} s; $(grep -v '^\s*$' "$logs/$name.txt" | tail -n 1 | cut -c1-150 | tr '|' '/')"
+}
+
 {
   echo "# trak-core GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /'
-  python - <<'PY'
-import importlib
-for name in ("numpy", "torch", "jax", "cupy", "array_api_compat"):
-    try:
-        print(f"{name}: {importlib.import_module(name).__version__}")
-    except Exception as exc:
-        print(f"{name}: not available ({type(exc).__name__})")
-PY
-} > "$report/versions.txt" 2>&1
-timeout 200 python -m pytest -q -rs -p no:cacheprovider tests/conformance tests/test_cupy_backend.py tests/test_docs.py \
-  -k "cuda or gpu or cupy" --junitxml="$report/tests.xml" > "$report/tests.txt" 2>&1
-tests_rc=$?
-timeout 150 python bench/gpu_projection.py --json "$report/projection.json" > "$report/projection.txt" 2>&1
-bench_rc=$?
-if python -c "import pytest_benchmark" 2>/dev/null; then   # the suite of bench/ on the GPU ids (JSON for bench/tables.py)
-  timeout 150 python -m pytest bench --quick -q -p no:cacheprovider --bench-ids torch:cuda,jax:gpu,cupy \
-    --benchmark-json "$report/bench_quick.json" > "$report/bench_quick.txt" 2>&1
+  nvcc --version 2>/dev/null | tail -n 1 | sed 's/^/nvcc: /'
+} > "$logs/versions.txt" 2>&1
+
+build_pid=
+if [ -f .peers/build_fast_jl.py ] && [ -d .peers/fast_jl ]; then
+  build_start=$(date +%s)
+  (timeout -k 10 150 "$py" .peers/build_fast_jl.py .peers/fast_jl > "$logs/fast_jl.txt" 2>&1; echo $? > "$logs/fast_jl.rc") &
+  build_pid=$!
+  export PYTHONPATH="$PYTHONPATH:/tmp/fjl_build"
 else
-  echo "pytest-benchmark is not installed here: bench/ suite not run (carry its wheel)" > "$report/bench_quick.txt"
+  note fast_jl skipped 0 "no .peers/ (run bench/gpu_prepare.sh here first, carry .peers): traker runs without fast_jl"
 fi
-python - "$report" "$tests_rc" "$bench_rc" <<'PY'
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  step install 60 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+else
+  note install skipped 0 "no .whl/ (run bench/gpu_prepare.sh here first, carry .whl): array-api-compat must be there"
+fi
+timeout 60 "$py" - >> "$logs/versions.txt" 2>&1 <<'PY'
+import importlib
+for name in ("numpy", "torch", "jax", "cupy", "array_api_compat", "trak", "torchvision", "pytest_benchmark"):
+    try:
+        print(f"{name}: {getattr(importlib.import_module(name), '__version__', '?')}")
+    except Exception as exc:
+        print(f"{name}: not available ({type(exc).__name__}: {exc})")
+PY
+
+step tests 120 "$py" -m pytest -q -rs -p no:cacheprovider tests/conformance tests/test_cupy_backend.py tests/test_docs.py \
+  tests/test_projection.py tests/test_torch_backend.py tests/test_gpu_projection.py -k "cuda or gpu or cupy" --junitxml="$report/tests.xml"
+
+if [ -n "$build_pid" ]; then
+  wait "$build_pid"
+  note fast_jl "$(cat "$logs/fast_jl.rc" 2>/dev/null || echo 1)" "$(($(date +%s) - build_start))" \
+    "limit 150 s, in the background; $(tail -n 1 "$logs/fast_jl.txt" | cut -c1-150 | tr '|' '/')"
+fi
+
+left=$((deadline - $(date +%s)))
+budget=$((left < 200 ? left : 200))
+# shellcheck disable=SC2086  # GPU_PEERS_ARGS is split on purpose
+step peers 200 "$py" bench/gpu_peers.py --json "$report/gpu_peers.json" --md "$report/gpu_peers.md" \
+  --budget "$((budget - 10))" ${GPU_PEERS_ARGS:-}
+step projection 60 "$py" bench/gpu_projection.py --json "$report/projection.json"
+step bench 90 "$py" -m pytest bench --quick -q -p no:cacheprovider --bench-ids torch:cuda,jax:gpu,cupy \
+  --benchmark-json "$report/bench_quick.json"
+
+for f in versions steps install fast_jl tests peers projection bench; do
+  [ -f "$logs/$f.txt" ] || continue
+  echo "===== $f ====="
+  tail -c 300000 "$logs/$f.txt"
+  echo
+done > "$report/log.txt"
+
+"$py" - "$report" "$logs" "$(($(date +%s) - began))" <<'PY'
 import json, pathlib, sys
-report, tests_rc, bench_rc = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-lines = [report.joinpath("versions.txt").read_text(), "",
-         f"tests (exit {tests_rc}): " + report.joinpath("tests.txt").read_text().strip().splitlines()[-1]]
+report, logs, seconds = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+lines = [logs.joinpath("versions.txt").read_text().strip(), "", f"{seconds} s in all; full output in log.txt.", "",
+         "| step | result | seconds | note |", "|---|---|---|---|", logs.joinpath("steps.txt").read_text().strip(), ""]
+peers = report / "gpu_peers.md"
+lines.append(peers.read_text() if peers.exists() else "gpu_peers.py wrote no table: see the peers step in log.txt")
 bench = report / "projection.json"
 if bench.exists():
     b = json.loads(bench.read_text())
@@ -43,9 +124,7 @@ if bench.exists():
               f"{b['materialized_s']*1e3:.1f} ms, generate-then-matmul {b['generate_then_matmul_s']*1e3:.1f} ms",
               f"  fused / materialized throughput: {b['fused_over_materialized']:.2f} (target >= 0.70); "
               f"fused vs generate-then-matmul: {b['fused_over_generate']:.1f}x; extra memory {b['fused_extra_bytes']} B"]
-else:
-    lines.append(f"projection benchmark failed (exit {bench_rc}): see projection.txt")
-lines.append("bench suite (quick, GPU ids): " + report.joinpath("bench_quick.txt").read_text().strip().splitlines()[-1])
 (report / "report.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
+rm -rf "$logs"

@@ -69,3 +69,82 @@ def test_plots_and_tables_are_written(tmp_path):
     text = tables.tables(json.loads(path.read_text()))
     assert "| 2,410 | 2,048 | 500.0 ms (2,000/s) | 250.0 ms (4,000/s) |" in text
     assert "| projection numpy p=4096 k=512 | 3.0 ms | 2.0 ms | 1.50 |" in text
+
+
+def _gpu_peers():
+    pytest.importorskip("torch", reason="torch not installed: bench/gpu_peers.py not exercised")
+    return _load("gpu_peers")
+
+
+def test_gpu_peers_reference_is_the_float64_product_with_the_exact_matrix():
+    import numpy as np
+    import torch
+
+    import trak_core
+
+    peers = _gpu_peers()
+    rows = peers.make_grads(3, 1000, seed=7, device="cpu")
+    ref, matrix = peers.reference(rows, 64, seed=5, checkpoint=2, materialize=True, block_bytes=64 * 4 * 96)  # 11 blocks
+    exact = trak_core.projection_matrix(1000, 64, seed=5, checkpoint=2, dtype=np.float64)
+    expected = rows.double().numpy() @ exact
+    np.testing.assert_allclose(ref.numpy(), expected, rtol=1e-12, atol=1e-13)
+    assert torch.equal(matrix, torch.from_numpy(exact.astype(np.float32)))  # +-1/8: exact in float32
+    noisy = ref + 1e-3 * torch.from_numpy(np.random.default_rng(0).standard_normal(tuple(ref.shape)))
+    mine = np.linalg.norm(noisy.numpy() - expected) / np.linalg.norm(expected)
+    assert peers.relative_error(noisy.float(), ref) == pytest.approx(mine, rel=1e-4)  # float32 out: ~1e-7 relative
+
+
+def test_gpu_peers_correlations_and_local_resnet18():
+    import numpy as np
+
+    peers = _gpu_peers()
+    a = np.random.default_rng(0).standard_normal((50, 4))
+    assert peers.correlations(a, 3 * a + 1) == pytest.approx(dict(pearson=1.0, spearman_mean_over_targets=1.0))
+    assert peers.correlations(a, -a) == pytest.approx(dict(pearson=-1.0, spearman_mean_over_targets=-1.0))
+    assert sum(t.numel() for t in peers.resnet18(10).parameters()) == 11_181_642  # torchvision's resnet18(num_classes=10)
+
+
+def test_gpu_peers_small_runs_on_a_cpu_and_its_errors_are_right(tmp_path):
+    import inspect
+    import json
+
+    import numpy as np
+
+    import trak_core
+
+    peers = _gpu_peers()
+    path, md = tmp_path / "peers.json", tmp_path / "peers.md"
+    result = peers.main(["--small", "--device", "cpu", "--json", str(path), "--md", str(md)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    assert result["skipped"] == [] and result["fast_jl"] == "skipped: fast_jl needs a CUDA device"
+    for case in result["projection"]:
+        methods = {m["method"]: m for m in case["methods"]}
+        assert methods[peers.FASTJL]["status"] == "skipped: fast_jl needs a CUDA device"
+        assert methods[peers.MATMUL]["status"] == "ok" and methods[peers.MATMUL]["rel_error"] < 1e-5
+        float32 = methods["trak-core project precision=float32"]
+        assert float32["status"] == "ok" and float32["rel_error"] < 1e-5 and float32["float32_grade"]
+        assert methods["trak-core torch backend.project"]["rel_error"] < 1e-5
+    # the first size's error, recomputed here against NumPy's float64 product with the exact matrix
+    n, p, k = peers.SMALL["projection"][0]
+    grads = peers.make_grads(n, p, seed=0, device="cpu")
+    extra = {"precision": "float32"} if "precision" in inspect.signature(trak_core.project).parameters else {}
+    out = trak_core.project(grads, k, seed=0, checkpoint=0, **extra)[:4].double().numpy()
+    expected = grads[:4].double().numpy() @ trak_core.projection_matrix(p, k, seed=0, checkpoint=0, dtype=np.float64)
+    first = {m["method"]: m for m in result["projection"][0]["methods"]}["trak-core project precision=float32"]
+    assert first["rel_error"] == pytest.approx(np.linalg.norm(out - expected) / np.linalg.norm(expected), rel=1e-3)
+    e2e = result["end_to_end"]
+    assert e2e["params"] == sum(t.numel() for t in peers.resnet18(10, 4).parameters())
+    assert e2e["trak_core"]["featurize_examples_per_s"] == pytest.approx(64 / e2e["trak_core"]["featurize_s"])
+    if "ratios" in e2e:  # traker installed: it ran on the CPU with its BasicProjector
+        assert e2e["traker"]["projector"] == "BasicProjector"
+        assert e2e["ratios"]["featurize_speedup"] == pytest.approx(e2e["traker"]["featurize_s"]
+                                                                   / e2e["trak_core"]["featurize_s"])
+        assert e2e["correlation"]["pearson"] > 0.5  # same scores up to the projections' randomness
+    assert "| trak_core |" in md.read_text() and "skipped: fast_jl needs a CUDA device" in md.read_text()
+
+
+def test_gpu_scripts_parse():
+    import subprocess
+
+    for script in ("gpu_check.sh", "gpu_prepare.sh"):
+        subprocess.run(["bash", "-n", str(BENCH / script)], check=True)

@@ -106,7 +106,7 @@ def test_half_matmul_uses_the_framework_gemm(device, caplog):
     np.testing.assert_allclose(out, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
 
-def test_torch_chunks_follow_free_memory():
+def test_torch_cuda_chunks_follow_free_memory():
     _torch_cuda()
     import torch
     from trak_torch.backend import _free_bytes, chunk_rows
