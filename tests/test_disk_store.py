@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are not exercised")
 
-from trak_core import MLP, TRAK  # noqa: E402
+from trak_core import MLP, TRAK, TrakOSError  # noqa: E402
 from trak_core.disk_store import StoreMismatchError  # noqa: E402
 
 N, BATCH = 9000, 700  # batches that do not align with the 4,096-row chunks
@@ -126,11 +126,21 @@ def test_other_data_size_or_dtype_is_refused(tmp_path):
     _run(store, checkpoints=1)
     x, y = _data()
     model = MLP(5, 4, 3)
-    with pytest.raises(StoreMismatchError, match="n_train=9000 examples, the data now has 8999"):
+    manifest = (store / "c0" / "zarr.json").read_bytes()
+    with pytest.raises(StoreMismatchError, match="has 8999 examples, but the features in .* n_train=9000"):
+        TRAK(model, proj_dim=32, store=store, progress=False).featurize(model.init(seed=0), [(x[:-1], y[:-1])])
+    with pytest.raises(StoreMismatchError, match=r"rows 0\.\.4095 \(data_checksums chunk 0\)"):
         TRAK(model, proj_dim=32, store=store, progress=False).featurize(model.init(seed=0), [(x[1:], y[1:])])
+    with pytest.raises(StoreMismatchError, match=r"rows 4096\.\.8191 \(data_checksums chunk 1\)"):
+        shuffled = np.r_[0:4096, np.random.default_rng(1).permutation(np.arange(4096, 9000))]
+        TRAK(model, proj_dim=32, store=store, progress=False).featurize(model.init(seed=0),
+                                                                        [(x[shuffled], y[shuffled])])
+    with pytest.raises(StoreMismatchError, match=r"checkpoint 0 in .* other parameters \(parameters_sha256"):
+        TRAK(model, proj_dim=32, store=store, progress=False).featurize(model.init(seed=5), _batches(x, y))
+    assert (store / "c0" / "zarr.json").read_bytes() == manifest  # nothing was written
     other = tmp_path / "other"
     TRAK(model, proj_dim=32, store=other, progress=False).featurize(model.init(seed=0), [(x[:10], y[:10])])
-    with pytest.raises(StoreMismatchError, match="holds float64 features, this run makes float32"):
+    with pytest.raises(StoreMismatchError, match="parameters_sha256"):  # float32 parameters are other parameters
         TRAK(model, proj_dim=32, store=other, progress=False).featurize(
             model.init(seed=0).astype(np.float32), [(x[:10].astype(np.float32), y[:10])])
 
@@ -176,10 +186,18 @@ def test_unwritable_directory(tmp_path, monkeypatch):
     def refuse(self, data):
         raise PermissionError(13, "Permission denied")
 
+    trak = TRAK(MLP(5, 4, 3), proj_dim=8, store=tmp_path / "ro", progress=False)
+    assert not os.path.exists(tmp_path / "ro")  # opening creates nothing; the first write does
     monkeypatch.setattr(pathlib.Path, "write_bytes", refuse)
-    with pytest.raises(PermissionError, match="is not writable"):
-        TRAK(MLP(5, 4, 3), store=tmp_path / "ro", progress=False)
-    assert os.path.isdir(tmp_path / "ro")
+    x, y = _data()
+    with pytest.raises(TrakOSError, match="is not writable"):
+        trak.featurize(MLP(5, 4, 3).init(seed=0), [(x[:10], y[:10])])
+
+
+def test_store_path_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("not a store")
+    with pytest.raises(TrakOSError, match="is a file, not a directory"):
+        TRAK(MLP(5, 4, 3), store=tmp_path / "file", progress=False)
 
 
 def test_scores_are_saved_and_never_overwritten(tmp_path):

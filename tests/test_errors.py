@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from trak_core import MLP, TRAK, MissingFrameworkError, SoftmaxRegression, UnknownBackendError
+from trak_core import (MLP, TRAK, MissingFrameworkError, SoftmaxRegression, StoreMismatchError, TrakCoreError,
+                       UnknownBackendError)
 from trak_core.backends import numpy_backend, registry
 
 from tests_helpers import ZeroGradients
@@ -94,12 +95,26 @@ def test_checkpoint_parameter_count(setup):
     assert trak.n_checkpoints == 1
 
 
-def test_training_set_size_must_not_change(setup):
+def test_training_set_must_not_change(setup):
     model, theta, x, y = setup
     trak = TRAK(model, proj_dim=8, progress=False)
     trak.featurize(theta, [(x, y)])
-    with pytest.raises(ValueError, match="saw 19 training examples but checkpoint 0 saw 20"):
-        trak.featurize(theta, [(x[1:], y[1:])])
+    other = theta + 0.01
+    with pytest.raises(StoreMismatchError, match="has 19 examples, but the features in memory were made from n_train=20"):
+        trak.featurize(other, [(x[1:], y[1:])])
+    with pytest.raises(StoreMismatchError, match=r"rows 0\.\.4095 \(data_checksums chunk 0\): other examples"):
+        trak.featurize(other, [(x[::-1], y[::-1])])  # same size, another order
+    assert trak.n_checkpoints == 1
+    trak.featurize(other, [(x[:7], y[:7]), (x[7:], y[7:])])  # other batch sizes, same rows: the same data
+    assert trak.n_checkpoints == 2
+
+
+def test_same_checkpoint_twice_is_refused(setup):
+    model, theta, x, y = setup
+    trak = TRAK(model, proj_dim=8, progress=False)
+    trak.featurize(theta, [(x, y)])
+    with pytest.raises(TrakCoreError, match="same parameters as checkpoint 0"):
+        trak.featurize(theta.copy(), [(x, y)])
     assert trak.n_checkpoints == 1
 
 

@@ -1,7 +1,7 @@
 """LDS against scipy.stats.spearmanr, and the subset masks."""
 import numpy as np
 import pytest
-from scipy.stats import spearmanr
+from scipy.stats import binom, spearmanr
 
 import trak_core
 
@@ -47,11 +47,45 @@ def test_constant_target_is_left_out_and_bad_shapes(rng):
         trak_core.lds(scores, masks, outputs[:, :2])
 
 
+def _outside_binomial_bound(masks, fraction, alpha=1e-3):
+    """Examples whose inclusion count is outside the two-sided binomial interval of level ``1 - alpha``
+    (Bonferroni over examples): each of the ``n_subsets`` masks holds ``round(fraction * n_train)``
+    examples, so each example is in each mask with probability ``round(fraction * n_train) / n_train``."""
+    n_subsets, n_train = masks.shape
+    probability = round(fraction * n_train) / n_train
+    low, high = binom.interval(1 - alpha / n_train, n_subsets, probability)
+    counts = masks.sum(0)
+    return np.flatnonzero((counts < low) | (counts > high))
+
+
 def test_subset_masks():
     masks = trak_core.subset_masks(101, 50, fraction=0.5, seed=3)
     assert masks.shape == (50, 101) and masks.dtype == bool
     assert np.all(masks.sum(1) == 50)  # round(50.5) = 50
     assert np.array_equal(masks, trak_core.subset_masks(101, 50, fraction=0.5, seed=3))
-    assert 0.4 < masks.mean(0).min() or masks.mean(0).max() < 0.8  # every example used about half the time
+    assert not np.array_equal(masks, trak_core.subset_masks(101, 50, fraction=0.5, seed=4))
     with pytest.raises(ValueError, match="fraction"):
         trak_core.subset_masks(10, 5, fraction=1.0)
+
+
+@pytest.mark.parametrize("n_train,fraction", [(101, 0.5), (60, 0.3)])
+def test_every_example_is_included_at_the_requested_rate(n_train, fraction):
+    masks = trak_core.subset_masks(n_train, 400, fraction=fraction, seed=3)
+    assert np.all(masks.sum(1) == round(fraction * n_train))
+    assert _outside_binomial_bound(masks, fraction).tolist() == []
+    assert len({row.tobytes() for row in masks}) == 400  # no subset repeats (chance: far below 1e-20)
+
+
+def test_inclusion_check_rejects_a_sampler_that_skips_an_example():
+    """The check above fails for samplers that are wrong in the ways that matter for LDS."""
+    rng = np.random.default_rng(0)
+    n_train, size = 101, 50
+    skips_first = np.zeros((400, n_train), dtype=bool)  # never picks example 0; the rest look fine
+    for row in skips_first:
+        row[1 + rng.choice(n_train - 1, size=size, replace=False)] = True
+    assert _outside_binomial_bound(skips_first, 0.5).tolist() == [0]
+    favours_first = np.zeros((400, n_train), dtype=bool)  # examples 0-9 drawn with three times the weight
+    weights = np.where(np.arange(n_train) < 10, 3.0, 1.0)
+    for row in favours_first:
+        row[rng.choice(n_train, size=size, replace=False, p=weights / weights.sum())] = True
+    assert set(range(10)) <= set(_outside_binomial_bound(favours_first, 0.5).tolist())

@@ -131,3 +131,69 @@ def test_step_multiplies_at_the_asked_precision(matmul_precision, expected):
 def test_matmul_precision_is_checked():
     with pytest.raises(ValueError, match="matmul_precision must be None or one of"):
         JaxBackend(matmul_precision="float16")
+
+
+def _margin_gradients_one_at_a_time(apply, params, x, y):
+    """``jax.grad`` of each example's margin separately: the independent reference."""
+    def margin(p, xi, yi):
+        out = apply(p, xi[None])[0]
+        others = jnp.where(jnp.arange(out.shape[0]) == yi, -jnp.inf, out)
+        return out[yi] - jax.scipy.special.logsumexp(others)
+
+    rows = [jax.grad(margin)(params, x[i], y[i]) for i in range(x.shape[0])]
+    return np.stack([np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(row)]) for row in rows])
+
+
+class _Logits:
+    def __init__(self, logits, hidden):
+        self.logits, self.hidden = logits, hidden
+
+
+@pytest.mark.parametrize("pack,logits_fn", [
+    (lambda out: (out, out.sum(1)), None),
+    (lambda out: [out, out * 2], None),
+    (lambda out: {"hidden": out * 2, "logits": out}, None),
+    (lambda out: _Logits(out, out * 2), None),
+    (lambda out: {"scores": out, "hidden": out * 2}, lambda output: output["scores"]),
+], ids=["tuple", "list", "dict", "object", "logits-fn"])
+def test_structured_outputs_give_the_plain_apply_gradients(pack, logits_fn):
+    plain = jax_apply("mlp")
+    with jax.enable_x64(True):
+        x, y = canonical.inputs("mlp", 9, seed=1)
+        params = [jnp.asarray(w) for w in canonical.weights("mlp", seed=0)]
+        backend = JaxBackend(batch_size=4, logits_fn=logits_fn)  # 4 + 4 + 1 (padded)
+        model = JaxModel(lambda p, inputs: pack(plain(p, inputs)))
+        prepared = backend.prepare(model, params)
+        grads, q = backend.gradients(model, prepared, x, y, trak_core.Classification())
+        reference = _margin_gradients_one_at_a_time(plain, params, jnp.asarray(x), jnp.asarray(y))
+        p = jax.nn.softmax(plain(params, jnp.asarray(x)), axis=1)[np.arange(9), y]
+        assert grads.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(grads), reference, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(q), 1 - np.asarray(p), rtol=1e-9, atol=1e-12)
+
+
+def test_structured_output_in_the_fused_step_scores_like_the_plain_apply():
+    plain = jax_apply("mlp")
+    x, y = _data(20)
+    weights = canonical.weights("mlp", seed=0, dtype="float32")
+    scores = []
+    for apply in (plain, lambda p, inputs: {"logits": plain(p, inputs), "hidden": inputs}):
+        trak = trak_core.TRAK(JaxModel(apply), proj_dim=16, lambda_reg=0.1, progress=False)
+        trak.featurize(weights, [(x, y)])
+        scores.append(np.asarray(trak.score([(x[:3], y[:3])])))
+    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("pack,match", [
+    (lambda out: 3, "output has type int; expected an array.*logits_fn"),
+    (lambda out: "logits", "output has type str; expected an array.*logits_fn"),
+    (lambda out: {"hidden": out}, "mapping \\(dict\\) with keys \\['hidden'\\] and no 'logits'.*logits_fn"),
+], ids=["int", "str", "dict-without-logits"])
+def test_unusable_outputs_are_a_clear_error(pack, match):
+    plain = jax_apply("softmax")
+    x, y = _data(10)
+    with pytest.raises(TypeError, match=match):
+        trak_core.TRAK(JaxModel(lambda p, inputs: pack(plain(p, inputs))), proj_dim=8, progress=False).featurize(
+            canonical.weights("softmax", seed=0, dtype="float32"), [(x, y)])
+    with pytest.raises(TypeError, match="logits_fn must be a function"):
+        JaxBackend(logits_fn="logits")

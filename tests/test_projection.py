@@ -10,7 +10,7 @@ from trak_core import ProjectionCache, project, projection_matrix
 MASK = 0xFFFFFFFF
 
 
-def _mix(x):  # the hash as documented in trak_core/_hash.py, written again from the docstring
+def _mix(x):  # the hash as documented in trak_core/hashing.py, written again from the docstring
     x ^= x >> 15
     x = (x * 0x2C1B3C6D) & MASK
     x ^= x >> 12

@@ -166,7 +166,7 @@ def test_checkpoint_snapshot_is_independent_of_later_training():
 def test_torch_int64_hash_path_equals_numpy_uint32():
     # the path CUDA tensors take: the hash in int64 masked to 32 bits, then the bits kept in int32
     import array_api_compat.numpy as npx
-    from trak_core import _hash
+    from trak_core import hashing
     from trak_core.projection import _words
 
     a = _words(12345, 2**32 - 5, 2**32 + 60, 9, xp=npx, device=None)
@@ -174,7 +174,7 @@ def test_torch_int64_hash_path_equals_numpy_uint32():
     assert b.dtype == torch.int64 and np.array_equal(a.astype(np.int64), b.numpy())
     as_int32 = xp.astype(b - ((b >> 31) << 32), xp.int32)
     assert np.array_equal(as_int32.numpy(), a.view(np.int32))
-    assert _hash.word_dtype(xp) == torch.int64
+    assert hashing.word_dtype(xp) == torch.int64
 
 
 def test_chunk_rows_from_free_memory():
@@ -186,3 +186,96 @@ def test_chunk_rows_from_free_memory():
     assert chunk_rows(11_181_642, 4, 16 * 2**30) == (2 * 2**30) // (4 * 11_181_642)  # 1/8 of 16 GiB free
     assert chunk_rows(10**10, 4, 2**30) == 1
 
+
+
+class _Wrapped(torch.nn.Module):
+    """The `_mlp` network behind a forward that returns its logits inside a tuple, a dict or an object."""
+
+    def __init__(self, net, pack):
+        super().__init__()
+        self.net, self.pack = net, pack
+
+    def forward(self, x):
+        return self.pack(self.net(x))
+
+
+class _ModelOutput(dict):
+    """Hugging Face's ``ModelOutput`` in miniature: a dict whose keys are also attributes."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+class _Logits:
+    def __init__(self, logits, hidden):
+        self.logits, self.hidden = logits, hidden
+
+
+@pytest.mark.parametrize("pack,logits_fn", [
+    (lambda out: (out, out.sum(1)), None),
+    (lambda out: [out, out * 2], None),
+    (lambda out: {"hidden": out * 2, "logits": out}, None),
+    (lambda out: _ModelOutput(loss=out.sum(), logits=out), None),
+    (lambda out: _Logits(out, out * 2), None),
+    (lambda out: {"scores": out, "hidden": out * 2}, lambda output: output["scores"]),
+    (lambda out: (out * 2, out), lambda output: output[1]),
+], ids=["tuple", "list", "dict", "model-output", "object", "logits-fn-dict", "logits-fn-second"])
+def test_structured_outputs_give_the_plain_models_gradients(pack, logits_fn):
+    plain = _mlp()
+    wrapped = _Wrapped(_mlp(), pack)  # the same seed: the same weights, under names "net.*"
+    x = torch.randn(7, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,))
+    backend = TorchBackend(chunk_size=3, logits_fn=logits_fn)
+    prepared = backend.prepare(wrapped, None)
+    grads, q = backend.gradients(wrapped, prepared, x, y, trak_core.Classification())
+    reference = _one_at_a_time(plain, [n for n, _ in plain.named_parameters()], x, y)
+    torch.testing.assert_close(grads, reference, rtol=1e-7, atol=1e-10)
+    with torch.no_grad():
+        p = torch.softmax(plain(x), 1)[torch.arange(7), y]
+    torch.testing.assert_close(q, 1 - p, rtol=1e-12, atol=1e-12)
+
+
+def test_structured_output_through_the_estimator_scores_like_the_plain_model():
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 4, (12,))
+    scores = []
+    for model in (_mlp(), _Wrapped(_mlp(), lambda out: (out, {"hidden": out}))):
+        trak = TRAK(model, proj_dim=16, lambda_reg=0.1, progress=False)
+        trak.featurize(None, [(x, y)])
+        scores.append(trak.score([(x[:3], y[:3])]))
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("pack,match", [
+    (lambda out: 3, "output has type int; expected a tensor.*logits_fn"),
+    (lambda out: "logits", "output has type str; expected a tensor.*logits_fn"),
+    (lambda out: (), "output has type tuple; expected a tensor"),
+    (lambda out: {"hidden": out}, "mapping \\(dict\\) with keys \\['hidden'\\] and no 'logits'.*logits_fn"),
+    (lambda out: ("text", out), "output\\[0\\] of a tuple has type str, not a tensor.*logits_fn"),
+], ids=["int", "str", "empty-tuple", "dict-without-logits", "tuple-of-str"])
+def test_unusable_outputs_are_a_clear_error(pack, match):
+    model = _Wrapped(_mlp(), pack)
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 4, (4,))
+    with pytest.raises(TypeError, match=match):
+        TRAK(model, proj_dim=8, progress=False).featurize(None, [(x, y)])
+    with pytest.raises(TypeError, match="logits_fn must be a function"):
+        TorchBackend(logits_fn="logits")
+
+
+@pytest.mark.parametrize("model_dtype,batch_dtype,fix", [
+    (torch.float32, torch.float64, "inputs.float\\(\\), or the model with model.double\\(\\)"),
+    (torch.float64, torch.float32, "inputs.double\\(\\), or the model with model.float\\(\\)"),
+])
+def test_dtype_mismatch_is_a_clear_error(model_dtype, batch_dtype, fix):
+    torch.manual_seed(0)
+    for model, shape in ((_mlp().to(model_dtype), (6,)), (_cnn().to(model_dtype), (1, 8, 8))):
+        x, y = torch.randn(4, *shape, dtype=batch_dtype), torch.randint(0, 4, (4,))
+        batch, params = str(batch_dtype)[6:], str(model_dtype)[6:]
+        message = f"inputs are {batch} but the model's parameters are {params} \\(torch: .*\\); convert the batch with {fix}$"
+        backend = TorchBackend()
+        with pytest.raises(TypeError, match="^" + message):  # the backend's message starts with what is wrong
+            backend.gradients(model, backend.prepare(model, None), x, y, trak_core.Classification())
+        with pytest.raises(TypeError, match=message):
+            TRAK(model, proj_dim=8, progress=False).featurize(None, [(x, y)])
+        trak = TRAK(model, proj_dim=8, progress=False)  # the fix works
+        trak.featurize(None, [(x.to(model_dtype), y)])
+        assert trak.n_checkpoints == 1

@@ -2,8 +2,12 @@
 
 Importing this package imports no framework (torch, JAX, CuPy); backends import theirs lazily.
 """
-from .backends import (Backend, BackendError, MissingFrameworkError, UnknownBackendError, available_backends,
-                       get_backend, register_backend)
+from .backends import Backend, available_backends, get_backend, register_backend
+from .errors import (BackendError, MissingFrameworkError, StoreMismatchError, TrakCoreError, TrakOSError, TrakTypeError,
+                     TrakValueError, UnknownBackendError)
+from . import fingerprints
+from .executors import RayExecutor
+from .store import Store, Writer
 from .kernel import KernelFactor
 from .models import MLP, AnalyticModel, SoftmaxRegression
 from .projection import ProjectionCache, project, projection_matrix
@@ -14,6 +18,8 @@ from .trak import TRAK
 __version__ = "0.1.0"
 
 __all__ = ["TRAK", "project", "projection_matrix", "ProjectionCache", "available_backends", "get_backend",
-           "register_backend", "Backend", "BackendError", "UnknownBackendError", "MissingFrameworkError",
+           "register_backend", "Backend", "Store", "Writer", "RayExecutor", "TrakCoreError", "TrakValueError",
+           "TrakTypeError", "TrakOSError", "BackendError", "UnknownBackendError", "MissingFrameworkError",
+           "StoreMismatchError", "fingerprints",
            "Task", "Classification", "Regression", "CustomTask", "lds", "subset_masks", "LDSResult", "AnalyticModel", "SoftmaxRegression", "MLP",
            "KernelFactor", "__version__"]

@@ -1,22 +1,47 @@
-"""Framework fast paths in one place: the few operations the Array API does not cover.
+"""Framework fast paths in one place: the few operations the Array API does not cover, or covers slowly.
 
 One job: take a native path where a framework has one, behind one function each, so the generic
-code in :mod:`trak_core.projection` and :mod:`trak_core._split` never branches on a framework.
-Frameworks are imported only when the arrays already come from them (never by ``import trak_core``).
+code in :mod:`trak_core.projection`, :mod:`trak_core._split` and :mod:`trak_core.kernel` never
+branches on a framework. Frameworks are imported only when the arrays already come from them
+(never by ``import trak_core``). Every function here gives the numbers of the generic Array API
+path (bit for bit, or to float rounding where noted); ``tests/test_delegation.py`` checks each one
+against it.
+
+Devices:
 
 - :func:`is_accelerator`: whether an array lives on a GPU (or another non-CPU device).
+- :func:`free_memory`: free bytes on an array's device (``None`` when it cannot be told).
+
+Projection (generating and applying the counter-based matrix):
+
+- :func:`packed_words`: hash words stored as 32-bit words (torch: ``int32``, hashed in NumPy on CPUs).
+- :func:`unpack_signs`: packed sign bits to ``+-scale`` (NumPy ``unpackbits``, a torch byte table).
+- :func:`make_array`: where to make a matrix block: in NumPy and moved (eager JAX; torch's CPU
+  transcendental functions), else in the namespace itself.
+- :func:`in_float64`: values computed in float64, in NumPy where the namespace has no float64.
+- :func:`packed_product`: ``flipped @ unpack(packed)`` block by block, jitted for JAX.
 - :func:`half_matmul`: ``a @ b`` for float16 operands with float32 products and sums and a float32
   result (tensor cores on GPUs; an exact emulation elsewhere).
-- :func:`free_memory`: free bytes on an array's device (``None`` when it cannot be told).
+
+Kernel:
+
+- :func:`solve_triangular`: ``L x = b`` or ``L^T x = b`` (SciPy, torch, JAX, cupyx; else a general solve).
+
+Functions that return ``None`` have no generic fallback here: ``None`` means "no native path for
+this namespace", and the caller runs its generic code.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import array_api_compat
 
-__all__ = ["is_accelerator", "half_matmul", "free_memory"]
+from ._namespace import has_float64
+
+__all__ = ["is_accelerator", "free_memory", "packed_words", "unpack_signs", "make_array", "in_float64",
+           "packed_product", "half_matmul", "solve_triangular"]
 
 log = logging.getLogger("trak_core")
 _warned: set[str] = set()
@@ -29,6 +54,142 @@ def is_accelerator(x: Any) -> bool:
     if array_api_compat.is_jax_array(x):
         return any(d.platform != "cpu" for d in x.devices())
     return array_api_compat.is_cupy_array(x)
+
+
+def free_memory(x: Any) -> int | None:
+    """Free bytes on the device of array ``x`` (GPUs), or ``None`` where it cannot be told (CPUs)."""
+    if not is_accelerator(x):
+        return None
+    try:
+        if array_api_compat.is_torch_array(x):
+            import torch
+
+            return int(torch.cuda.mem_get_info(x.device)[0])
+        if array_api_compat.is_cupy_array(x):
+            import cupy
+
+            with cupy.cuda.Device(x.device.id):
+                return int(cupy.cuda.runtime.memGetInfo()[0])
+        if array_api_compat.is_jax_array(x):
+            stats = next(iter(x.devices())).memory_stats() or {}
+            if "bytes_limit" in stats:
+                return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    except Exception:  # a device that cannot report its memory
+        return None
+    return None
+
+
+def _on_cpu(device: Any) -> bool:
+    return device is None or str(device) == "cpu"
+
+
+def _numpy_dtype(dtype: Any, *, xp: Any) -> Any:
+    """NumPy's dtype of the same name as ``xp``'s ``dtype``."""
+    import numpy as np
+
+    return np.dtype(str(xp.empty(0, dtype=dtype).dtype).split(".")[-1])
+
+
+def packed_words(make: Callable[[Any, Any], Any], *, xp: Any, device: Any) -> Any:
+    """The hash words ``make(xp, device)`` kept as 32-bit words: ``uint32``, or ``int32`` for torch.
+
+    Notes
+    -----
+    torch has no ``uint32`` right shift, so its hash runs in ``int64`` (:mod:`trak_core.hashing`);
+    the words are kept as ``int32`` with the same 32 bits. On a CPU, torch's words are hashed in
+    NumPy's ``uint32`` (faster than ``int64`` with masks; the same bits) and shared without a copy.
+    """
+    if not array_api_compat.is_torch_namespace(xp):
+        return make(xp, device)
+    if _on_cpu(device):
+        import array_api_compat.numpy as np_xp
+        import numpy as np
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(make(np_xp, None)).view(np.int32))
+    return _int32_words(make(xp, device), xp=xp)
+
+
+def _int32_words(words: Any, *, xp: Any) -> Any:
+    """``int64`` words below ``2**32`` as ``int32`` with the same 32 bits."""
+    return xp.astype(words - ((words >> 31) << 32), xp.int32)
+
+
+def unpack_signs(words: Any, k: int, scale: float, *, xp: Any, dtype: Any) -> Any | None:
+    """Signs ``+-scale`` from packed words (bit ``t`` of word ``b`` is column ``32 b + t``), or ``None``.
+
+    NumPy (``unpackbits``) and torch (a 256-entry byte table) read a word's bytes in memory, which
+    on little-endian machines are its bits 0-7, 8-15, ...; the result is the generic shift-and-mask
+    one bit for bit. ``None`` for other namespaces and byte orders.
+    """
+    if sys.byteorder != "little":
+        return None
+    if array_api_compat.is_numpy_namespace(xp):
+        import numpy as np
+
+        bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :k]
+        return np.asarray([scale, -scale], dtype=dtype)[bits]
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        table = _byte_table(scale, dtype=dtype, device=words.device)
+        index = words.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+        return table.index_select(0, index).reshape(words.shape[0], -1)[:, :k]
+    return None
+
+
+def _byte_table(scale: float, *, dtype: Any, device: Any) -> Any:
+    """(256, 8) torch table: row ``v`` holds the 8 signs of byte value ``v``, least significant first."""
+    import torch
+
+    values = torch.arange(256, dtype=torch.int32, device=device)[:, None]
+    bits = (values >> torch.arange(8, dtype=torch.int32, device=device)) & 1
+    return (1 - 2 * bits).to(dtype) * scale
+
+
+def make_array(make: Callable[[Any, Any, Any], Any], *, xp: Any, device: Any, dtype: Any,
+               transcendental: bool = False) -> Any:
+    """``make(xp, device, dtype)``, or the same made in NumPy and moved to ``xp`` on ``device``.
+
+    Made in NumPy: always for JAX (eager JAX compiles every new shape; the result is cached by the
+    caller anyway), and for ``transcendental`` values (``log``, ``sin``, ``cos``) with torch on a
+    CPU, whose results were seen to differ from NumPy's by ~4e-12 relative in some threads.
+    Integer and sign results are the same bits either way.
+    """
+    cpu_torch = array_api_compat.is_torch_namespace(xp) and _on_cpu(device)
+    if array_api_compat.is_jax_namespace(xp) or (cpu_torch and transcendental):
+        import array_api_compat.numpy as np_xp
+
+        return xp.asarray(make(np_xp, None, _numpy_dtype(dtype, xp=xp)), device=device)
+    return make(xp, device, dtype)
+
+
+def in_float64(make: Callable[[Any, Any], Any], *, xp: Any, device: Any, dtype: Any) -> Any:
+    """``make(namespace, device)`` (a float64 array) cast to ``dtype``, computed in float64 everywhere.
+
+    Where ``xp`` has no float64 (JAX without x64, torch on Apple's MPS), ``make`` runs in NumPy's
+    float64 and the result moves to ``xp`` on ``device``: computing in float32 instead would lose
+    the tails of Gaussian entries.
+    """
+    if has_float64(xp, device):
+        return xp.astype(make(xp, device), dtype)
+    import array_api_compat.numpy as np_xp
+
+    values = make(np_xp, None)
+    return xp.asarray(values.astype(_numpy_dtype(dtype, xp=xp)), device=device)
+
+
+def packed_product(flipped: Any, packed: Any, k: int, block: int, *, xp: Any) -> Any | None:
+    """``flipped @ R`` for ``R`` given as packed sign words, ``block`` rows at a time; or ``None``.
+
+    JAX: one jitted step per block size (:mod:`trak_core._jax_blocks`): eager JAX dispatches every
+    slice, shift and comparison as its own computation. ``None`` for other namespaces.
+    """
+    if not array_api_compat.is_jax_namespace(xp):
+        return None
+    from ._jax_blocks import packed_product as jitted
+
+    return jitted(flipped, packed, k, block)
 
 
 def half_matmul(a: Any, b: Any, *, xp: Any) -> Any:
@@ -104,24 +265,31 @@ def _cupy_half_matmul(a: Any, b: Any) -> Any:
     return out
 
 
-def free_memory(x: Any) -> int | None:
-    """Free bytes on the device of array ``x`` (GPUs), or ``None`` where it cannot be told (CPUs)."""
-    if not is_accelerator(x):
-        return None
-    try:
-        if array_api_compat.is_torch_array(x):
-            import torch
+def solve_triangular(lower: Any, rhs: Any, *, transpose: bool, xp: Any) -> Any:
+    """Solve ``L x = rhs`` (or ``L^T x = rhs``) for lower-triangular ``L``.
 
-            return int(torch.cuda.mem_get_info(x.device)[0])
-        if array_api_compat.is_cupy_array(x):
-            import cupy
+    Native triangular solves: SciPy for NumPy (when installed), torch, ``jax.scipy`` and cupyx.
+    Elsewhere a general ``xp.linalg.solve`` (the same solution to float rounding, slower).
+    """
+    if array_api_compat.is_numpy_namespace(xp):
+        try:
+            from scipy.linalg import solve_triangular as scipy_solve
+        except ImportError:  # scipy is optional
+            scipy_solve = None
+        if scipy_solve is not None:
+            return scipy_solve(lower, rhs, lower=True, trans="T" if transpose else "N")
+    elif array_api_compat.is_torch_namespace(xp):
+        import torch
 
-            with cupy.cuda.Device(x.device.id):
-                return int(cupy.cuda.runtime.memGetInfo()[0])
-        if array_api_compat.is_jax_array(x):
-            stats = next(iter(x.devices())).memory_stats() or {}
-            if "bytes_limit" in stats:
-                return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    except Exception:  # a device that cannot report its memory
-        return None
-    return None
+        matrix = lower.mT if transpose else lower
+        return torch.linalg.solve_triangular(matrix, rhs, upper=transpose)
+    elif array_api_compat.is_jax_namespace(xp):
+        from jax.scipy.linalg import solve_triangular as jax_solve
+
+        return jax_solve(lower, rhs, lower=True, trans="T" if transpose else "N")
+    elif array_api_compat.is_cupy_namespace(xp):
+        from cupyx.scipy.linalg import solve_triangular as cupy_solve
+
+        return cupy_solve(lower, rhs, lower=True, trans="T" if transpose else "N")
+    matrix = xp.matrix_transpose(lower) if transpose else lower
+    return xp.linalg.solve(matrix, rhs)

@@ -61,12 +61,10 @@ def _runners() -> dict[str, Callable]:
     def jax_run(ws, x, y, xt, yt, dtype, k, lam):
         import jax
 
-        from trak_jax import JaxModel
-
         from .testing.cases import jax_apply
 
-        with jax.enable_x64(dtype == "float64"):
-            trak = TRAK(JaxModel(jax_apply("mlp")), proj_dim=k, lambda_reg=lam, backend="jax", progress=False)
+        with jax.enable_x64(dtype == "float64"):  # the "jax" backend takes the plain apply function
+            trak = TRAK(jax_apply("mlp"), proj_dim=k, lambda_reg=lam, backend="jax", progress=False)
             for w in ws:
                 batches = [(x[i:i + 250].astype(dtype), y[i:i + 250]) for i in range(0, len(y), 250)]
                 trak.featurize([a.astype(dtype) for a in w], batches)

@@ -2,12 +2,19 @@
 
 One job: ``TRAK(store=path)``. Layout of the directory:
 
-- group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension and
-  seed, task, parameter count and structure hash, backend, library version). Reopening with any
-  difference raises an error naming the fields, and nothing is written.
+- group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension,
+  seed and precision, task, parameter count and structure hash, backend, store format version).
+  Reopening with any difference raises :class:`~trak_core.errors.StoreMismatchError` naming the
+  fields, and nothing is written. ``data``: the training set's ``n_train`` and digest (order
+  included), once checkpoint 0 is complete.
 - ``c{index}/features`` (n, k) and ``c{index}/out_to_loss`` (n,), chunked by ``KERNEL_CHUNK_ROWS``
-  rows; attributes ``rows_done`` and one SHA-256 per chunk; ``c{index}/kernel`` (k, k) float64 and
-  ``complete`` once the checkpoint is done.
+  rows; attributes ``rows_done``, one SHA-256 per chunk, ``parameters_sha256`` (the checkpoint's
+  content hash, written before any row), ``data_checksums`` (one digest of the training data per
+  chunk, written before the chunk), and, once the checkpoint is done, ``c{index}/kernel`` (k, k)
+  float64, ``lambda_reg`` and ``complete``.
+- ``scores/<name>``: scores saved with ``score(..., save_as=name)``, checksummed.
+
+The directory is created by the first write, not by opening.
 
 Safety: zarr's ``LocalStore`` writes every chunk to a temporary file and renames it into place,
 so a chunk is either the old or the new bytes; ``rows_done`` and the checksum of a chunk are
@@ -25,26 +32,15 @@ from typing import Any
 import numpy as np
 
 from ._namespace import device_of, namespace
-from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, kernel_from_features
+from .errors import MissingFrameworkError, StoreMismatchError, TrakOSError, TrakValueError
+from .fingerprints import combine, to_numpy
+from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, Store, Writer, kernel_from_features
 
-__all__ = ["DiskStore", "DiskFeatures", "StoreMismatchError"]
+__all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STORE_FORMAT", "write_rows",
+           "open_root"]
 
-
-class StoreMismatchError(ValueError):
-    """The store on disk was written with another configuration."""
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch
-        return x.detach().cpu().numpy()
-    if type(x).__module__.startswith("cupy"):
-        return x.get()
-    try:
-        return np.asarray(x)
-    except Exception:  # array-api-strict on a non-CPU device
-        import array_api_strict as xs
-
-        return np.asarray(x.to_device(xs.Device("CPU_DEVICE")))
+STORE_FORMAT = 1  # the layout above; a store of another format is refused (StoreMismatchError)
+_to_numpy = to_numpy
 
 
 def _digest(block: np.ndarray) -> str:
@@ -68,12 +64,12 @@ class DiskFeatures:
         try:
             block = self._array[lo:hi]
         except Exception as exc:  # a truncated chunk fails to decode
-            raise ValueError(f"chunks {first}..{last} of {self._array.path} cannot be read ({exc}); run featurize "
+            raise TrakValueError(f"chunks {first}..{last} of {self._array.path} cannot be read ({exc}); run featurize "
                              "for this checkpoint again with the same arguments to recompute them") from None
         for c in range(first, last + 1):
             part = block[c * KERNEL_CHUNK_ROWS - lo:(c + 1) * KERNEL_CHUNK_ROWS - lo]
             if _digest(part) != self.checksums.get(str(c)):
-                raise ValueError(f"chunk {c} of {self._array.path} is damaged (checksum mismatch); run featurize "
+                raise TrakValueError(f"chunk {c} of {self._array.path} is damaged (checksum mismatch); run featurize "
                                  "for this checkpoint again with the same arguments to recompute it")
         xp = namespace(self._template)
         return xp.asarray(block[start - lo:stop - lo], device=device_of(self._template))
@@ -86,7 +82,7 @@ def _grow(array: Any, n_rows: int) -> None:
         array.resize((n_rows, *array.shape[1:]))
 
 
-class DiskWriter:
+class DiskWriter(Writer):
     """Writes one checkpoint's features chunk by chunk (see the module notes)."""
 
     def __init__(self, store: "DiskStore", index: int) -> None:
@@ -94,11 +90,35 @@ class DiskWriter:
         self.group = store.root.require_group(f"c{index}")
         self.complete = bool(self.group.attrs.get("complete", False))
         self.checksums = dict(self.group.attrs.get("checksums", {}))
+        self.parameters_digest = self.group.attrs.get("parameters_sha256")
+        self._data = dict(self.group.attrs.get("data_checksums", {}))
         self.rows_done = self._verified_rows() if "features" in self.group else 0
         self._rows: list[np.ndarray] = []
         self._weights: list[np.ndarray] = []
         self.template: Any = store.template
         self.needs_template = self.template is None and self.rows_done > 0
+
+    @property
+    def data_checksums(self) -> dict[str, str]:
+        return dict(self._data)
+
+    def set_template(self, features: Any) -> None:
+        self.template, self.needs_template = features[:1, ...], False
+
+    def record_parameters(self, digest: str | None) -> None:
+        self.parameters_digest = digest
+        if digest is not None:
+            self.group.attrs["parameters_sha256"] = digest
+
+    def record_data(self, chunk: int, digest: str) -> None:
+        if self._data.get(str(chunk)) != digest:
+            self._data[str(chunk)] = digest
+            self.group.attrs["data_checksums"] = self._data
+
+    def record_rows(self, checksums: dict[str, str], rows_done: int) -> None:
+        self.checksums.update(checksums)
+        self.group.attrs.update({"checksums": self.checksums, "rows_done": rows_done})
+        self.rows_done = rows_done
 
     def _verified_rows(self) -> int:
         """Rows on disk whose chunks pass their checksums (a damaged chunk and what follows is redone)."""
@@ -115,15 +135,6 @@ class DiskWriter:
                 self.complete = False
                 return c * KERNEL_CHUNK_ROWS
         return done
-
-    def check_rows(self, n_rows: int) -> None:
-        """Refuse data whose dtype or size differs from what this complete checkpoint was featurized on."""
-        if self.template is not None:
-            self._check_dtype(_to_numpy(self.template).dtype)
-        stored = self.group["features"].shape[0]
-        if n_rows != stored:
-            raise StoreMismatchError(f"checkpoint {self.index} in {self.store.path} was featurized on n_train={stored} "
-                                     f"examples, the data now has {n_rows}; use the same data or a new store path")
 
     def _check_dtype(self, dtype: Any) -> None:
         stored = self.group.attrs.get("dtype")
@@ -162,7 +173,7 @@ class DiskWriter:
             self.checksums[str(start // KERNEL_CHUNK_ROWS)] = _digest(rows[:count])
             self.group.attrs.update({"checksums": self.checksums, "rows_done": stop})
         except OSError as exc:
-            raise OSError(f"writing chunk {start // KERNEL_CHUNK_ROWS} of checkpoint {self.index} to "
+            raise TrakOSError(f"writing chunk {start // KERNEL_CHUNK_ROWS} of checkpoint {self.index} to "
                           f"{self.store.path} failed ({exc}); chunks written before are intact, and the same call "
                           "resumes from them once there is room") from exc
         self.rows_done = stop
@@ -217,46 +228,96 @@ def open_root(path: str, mode: str) -> Any:
     return zarr.open_group(path, mode=mode)
 
 
-class DiskStore:
-    """Checkpoint entries whose features live in a zarr v3 group at ``path`` (created if absent)."""
+def write_rows(location: str, index: int, start: int, features: Any, out_to_loss: Any) -> dict[str, str]:
+    """Write rows ``start ..`` of checkpoint ``index``'s allocated arrays (a parallel worker's shard).
+
+    Returns the checksums of the chunks written, for :meth:`DiskWriter.record_rows` in the driver.
+    """
+    features, weights = to_numpy(features), to_numpy(out_to_loss)
+    stop = start + features.shape[0]
+    group = open_root(location, "r+")[f"c{index}"]
+    group["features"][start:stop] = features
+    group["out_to_loss"][start:stop] = weights
+    return {str(c // KERNEL_CHUNK_ROWS): _digest(features[c - start:min(stop, c + KERNEL_CHUNK_ROWS) - start])
+            for c in range(start, stop, KERNEL_CHUNK_ROWS)}
+
+
+class DiskStore(Store):
+    """Checkpoint entries whose features live in a zarr v3 group at ``path`` (created by the first write)."""
 
     def __init__(self, path: str | pathlib.Path) -> None:
-        """Open (or create) the store at ``path``: a local directory, or any URL zarr opens through fsspec.
+        """Open the store at ``path``: a local directory, or any URL zarr opens through fsspec.
 
         Notes
         -----
-        On a local directory every chunk write is atomic (temporary file, then rename). On other
-        fsspec filesystems atomicity is the filesystem's: object stores (S3, GCS) replace whole
-        objects, so a chunk is still old or new, never partial.
+        Nothing is created until the first write. On a local directory every chunk write is
+        atomic (temporary file, then rename). On other fsspec filesystems atomicity is the
+        filesystem's: object stores (S3, GCS) replace whole objects, so a chunk is still old or
+        new, never partial.
         """
         try:
-            import zarr
+            import zarr  # noqa: F401
         except ImportError:
-            raise ImportError('on-disk stores need zarr (v3): pip install "trak-core[store]"') from None
-        if "://" in str(path):  # an fsspec URL (s3://, gs://, file://, memory://...): zarr's FsspecStore
-            self.path = str(path)
-            self.root = open_root(self.path, "a")
-            self._entries, self.template = [], None
-            return
-        self.path = pathlib.Path(path)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.root = zarr.open_group(str(self.path), mode="a")
-            probe = self.path / ".trak_core_write_probe"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except PermissionError as exc:
-            raise PermissionError(f"the store directory {self.path} is not writable ({exc}); choose another path "
-                                  "or fix its permissions") from None
+            raise MissingFrameworkError('on-disk stores need zarr (v3): pip install "trak-core[store]"') from None
+        self._url = "://" in str(path)
+        self.path: str | pathlib.Path = str(path) if self._url else pathlib.Path(path)
+        if not self._url and self.path.exists() and not self.path.is_dir():
+            raise TrakOSError(f"the store path {self.path} is a file, not a directory; choose a directory path "
+                              "(it is created if absent)")
+        self._root: Any = None
         self._entries: list[CheckpointEntry] = []
         self.template: Any = None
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def exists(self) -> bool:
+        """Whether a store was written at this path."""
+        if self._root is not None:
+            return True
+        if self._url:
+            try:
+                self._root = open_root(self.path, "r+")
+            except Exception:
+                return False
+            return True
+        return (self.path / "zarr.json").exists()
+
+    @property
+    def root(self) -> Any:
+        """The zarr group, created on first use."""
+        if self._root is None:
+            if self._url:
+                self._root = open_root(self.path, "a")
+                return self._root
+            import zarr
+
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                self._root = zarr.open_group(str(self.path), mode="a")
+                probe = self.path / ".trak_core_write_probe"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except PermissionError as exc:
+                raise TrakOSError(f"the store directory {self.path} is not writable ({exc}); choose another path "
+                                  "or fix its permissions") from None
+            except (FileExistsError, NotADirectoryError) as exc:
+                raise TrakOSError(f"the store path {self.path} cannot be a directory ({exc}): a file is in the way; "
+                                  "choose another path") from None
+        return self._root
+
+    def configuration(self) -> dict | None:
+        """The configuration fingerprint stored with the features (``None`` for a new store)."""
+        return dict(self.root.attrs["trak_core"]) if self.exists() and "trak_core" in self.root.attrs else None
 
     def _check(self, fingerprint: dict) -> None:
         stored = self.root.attrs.get("trak_core")
         if stored is None:
             self.root.attrs["trak_core"] = fingerprint
             return
-        differing = {k: (stored.get(k), v) for k, v in fingerprint.items() if stored.get(k) != v}
+        keys = list(fingerprint) + [k for k in stored if k not in fingerprint]
+        differing = {k: (stored.get(k), fingerprint.get(k)) for k in keys if stored.get(k) != fingerprint.get(k)}
         if differing:
             fields = ", ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in differing.items())
             raise StoreMismatchError(f"the store at {self.path} was written with another configuration ({fields}); "
@@ -266,36 +327,63 @@ class DiskStore:
         self._check(fingerprint)
         return DiskWriter(self, index)
 
+    def stored_checkpoints(self) -> int:
+        """Checkpoints stored completely, ``c0 .. c{n-1}``."""
+        if not self.exists():
+            return 0
+        count = 0
+        while f"c{count}" in self.root and self.root[f"c{count}"].attrs.get("complete", False):
+            count += 1
+        return count
+
     def save_scores(self, name: str, scores: Any) -> None:
         """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum."""
-        if not name or "/" in name:
-            raise ValueError(f"scores need a plain name without '/', got {name!r}")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise TrakValueError(f"scores need a plain name without '/', got {name!r}")
         group = self.root.require_group("scores")
         if name in group:
-            raise ValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "
-                             "overwritten)")
-        values = _to_numpy(scores)
+            raise TrakValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "
+                                 "overwritten)")
+        values = to_numpy(scores)
         array = group.create_array(name, shape=values.shape, chunks=(KERNEL_CHUNK_ROWS, values.shape[1]),
                                    dtype=values.dtype, fill_value=0)
         array[:] = values
         array.attrs["sha256"] = _digest(values)
 
+    def score_names(self) -> list[str]:
+        """Names of the score sets saved in this store, sorted."""
+        if not self.exists() or "scores" not in self.root:
+            return []
+        return sorted(name for name, _ in self.root["scores"].arrays())
+
     def load_scores(self, name: str) -> np.ndarray:
         """Read scores saved with ``score(..., save_as=name)``, checking their checksum."""
+        if name not in self.score_names():
+            raise TrakValueError(f"no scores named {name!r} in {self.path}; saved: {self.score_names()}")
         array = self.root["scores"][name]
         values = array[:]
         if _digest(values) != array.attrs.get("sha256"):
-            raise ValueError(f"scores {name!r} in {self.path} are damaged (checksum mismatch); score again")
+            raise TrakValueError(f"scores {name!r} in {self.path} are damaged (checksum mismatch); score again")
         return values
 
     def add(self, entry: CheckpointEntry) -> None:
         if entry.index != len(self._entries):
-            raise ValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
-        self.root[f"c{entry.index}"].attrs["complete"] = True
+            raise TrakValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
+        group = self.root[f"c{entry.index}"]
+        done = {"complete": True, "lambda_reg": float(entry.factor.lambda_reg)}
+        if any(group.attrs.get(key) != value for key, value in done.items()):  # a reopened store is not rewritten
+            group.attrs.update(done)
+        if entry.index == 0 and "data" not in self.root.attrs:
+            n = int(entry.features.shape[0])
+            digests = [entry.data_checksums[str(c)] for c in range(-(-n // KERNEL_CHUNK_ROWS))
+                       if str(c) in entry.data_checksums]
+            self.root.attrs["data"] = {"n_train": n, "sha256": combine(digests, n)}
         self._entries.append(entry)
 
-    def __iter__(self):
-        return iter(self._entries)
+    def stored_lambda(self, index: int) -> float | None:
+        """The ridge ``lambda`` checkpoint ``index`` was factorized with (``None`` if not stored)."""
+        value = self.root[f"c{index}"].attrs.get("lambda_reg") if f"c{index}" in self.root else None
+        return None if value is None else float(value)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from .errors import MissingFrameworkError, TrakValueError
 from .store import KERNEL_CHUNK_ROWS
 
 __all__ = ["RayExecutor", "get_executor", "shards"]
@@ -48,7 +49,8 @@ class _Worker:
 
         import numpy as np
 
-        from .disk_store import _digest, _to_numpy, open_root
+        from .disk_store import write_rows
+        from .fingerprints import to_numpy
 
         if fail_marker and not os.path.exists(fail_marker):  # tests: die once, as a killed worker would
             open(fail_marker, "w").close()
@@ -56,13 +58,9 @@ class _Worker:
         prepared = self.trak.backend.prepare(self.trak.model, checkpoint)
         parts = list(self.trak._stream_features(prepared, index, batches, skip=start - first_row,
                                                 stop=stop - first_row))
-        features = np.concatenate([_to_numpy(f) for f, _ in parts])
-        weights = np.concatenate([_to_numpy(q) for _, q in parts])
-        group = open_root(path, "r+")[f"c{index}"]
-        group["features"][start:stop] = features
-        group["out_to_loss"][start:stop] = weights
-        return {str(c // KERNEL_CHUNK_ROWS): _digest(features[c - start:min(stop, c + KERNEL_CHUNK_ROWS) - start])
-                for c in range(start, stop, KERNEL_CHUNK_ROWS)}
+        features = np.concatenate([to_numpy(f) for f, _ in parts])
+        weights = np.concatenate([to_numpy(q) for _, q in parts])
+        return write_rows(path, index, start, features, weights)
 
 
 def _score_shard(path: str, index: int, checksums: dict, weights: Any, start: int, stop: int) -> Any:
@@ -93,7 +91,7 @@ class RayExecutor:
     def __init__(self, address: str | None = None, num_workers: int = 2, shard_rows: int = KERNEL_CHUNK_ROWS,
                  max_retries: int = 3) -> None:
         if num_workers < 1:
-            raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+            raise TrakValueError(f"num_workers must be at least 1, got {num_workers}")
         self.address, self.num_workers, self.shard_rows, self.max_retries = address, num_workers, shard_rows, max_retries
         self._actors: list[Any] = []
         self._trak_id: int | None = None
@@ -104,7 +102,7 @@ class RayExecutor:
             import cloudpickle
             import ray
         except ImportError:
-            raise ImportError('executor="ray" needs Ray: pip install "trak-core[ray]"') from None
+            raise MissingFrameworkError('executor="ray" needs Ray: pip install "trak-core[ray]"') from None
         if not ray.is_initialized():
             options = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
             if self.address is None:
@@ -129,12 +127,12 @@ class RayExecutor:
             first = max(b for b in range(len(offsets)) if offsets[b] <= start)
             last = min(b for b in range(len(offsets)) if offsets[b] + _rows(data[b]) >= stop)
             futures.append(actors[i % len(actors)].featurize.remote(
-                checkpoint, index, list(data[first:last + 1]), offsets[first], start, stop, str(writer.store.path),
+                checkpoint, index, list(data[first:last + 1]), offsets[first], start, stop, trak.store.location,
                 self.fail_marker if i == 0 else None))
-        for checksums in ray.get(futures):
-            writer.checksums.update(checksums)
-        writer.group.attrs.update({"checksums": writer.checksums, "rows_done": n_rows})
-        writer.rows_done = n_rows
+        checksums: dict[str, str] = {}
+        for shard in ray.get(futures):
+            checksums.update(shard)
+        writer.record_rows(checksums, n_rows)
 
 
     def products(self, trak: Any, entry: Any, weights: Any) -> Any:
@@ -146,7 +144,7 @@ class RayExecutor:
         actors = self._start(trak)
         n = entry.features.shape[0]
         size = max(SCORE_BLOCK_ROWS, math.ceil(self.shard_rows / SCORE_BLOCK_ROWS) * SCORE_BLOCK_ROWS)
-        futures = [actors[i % len(actors)].score.remote(str(trak.store.path), entry.index, entry.features.checksums,
+        futures = [actors[i % len(actors)].score.remote(trak.store.location, entry.index, entry.features.checksums,
                                                         weights, start, min(n, start + size))
                    for i, start in enumerate(range(0, n, size))]
         parts = ray.get(futures)
@@ -166,4 +164,4 @@ def get_executor(executor: Any) -> Any:
         return executor
     if executor == "ray":
         return RayExecutor()
-    raise ValueError(f"executor must be None, 'ray' or a RayExecutor, got {executor!r}")
+    raise TrakValueError(f"executor must be None, 'ray' or a RayExecutor, got {executor!r}")

@@ -8,6 +8,7 @@ good to about ``1e-7 * cond(K)`` relative, and a larger ``lambda_reg`` is the re
 ``lambda_reg == 0``: the kernel may be singular (it is whenever ``k > n_train``), so the
 factor is an eigendecomposition and solves use the minimum-norm (pseudo-inverse) solution,
 the limit of the ridge solution as ``lambda -> 0+``; a warning says when ``K`` is rank-deficient.
+Triangular solves take the namespace's native routine (:func:`trak_core._delegation.solve_triangular`).
 """
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
-
+from ._delegation import solve_triangular
 from ._namespace import accumulation_dtype, device_of
 
 __all__ = ["KernelFactor", "accumulate", "factorize", "solve", "check_lambda"]
@@ -81,38 +81,12 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any) -> KernelFactor:
     return KernelFactor("eigh", (vectors, inverse_values), lambda_reg, rank)
 
 
-def _triangular_solve(lower: Any, rhs: Any, *, transpose: bool, xp: Any) -> Any:
-    """Solve ``L x = rhs`` (or ``L^T x = rhs``) with the namespace's native routine when it has one."""
-    if array_api_compat.is_numpy_namespace(xp):
-        try:
-            from scipy.linalg import solve_triangular
-        except ImportError:  # scipy is optional
-            solve_triangular = None
-        if solve_triangular is not None:
-            return solve_triangular(lower, rhs, lower=True, trans="T" if transpose else "N")
-    elif array_api_compat.is_torch_namespace(xp):
-        import torch
-
-        matrix = lower.mT if transpose else lower
-        return torch.linalg.solve_triangular(matrix, rhs, upper=transpose)
-    elif array_api_compat.is_jax_namespace(xp):
-        from jax.scipy.linalg import solve_triangular
-
-        return solve_triangular(lower, rhs, lower=True, trans="T" if transpose else "N")
-    elif array_api_compat.is_cupy_namespace(xp):
-        from cupyx.scipy.linalg import solve_triangular
-
-        return solve_triangular(lower, rhs, lower=True, trans="T" if transpose else "N")
-    matrix = xp.matrix_transpose(lower) if transpose else lower
-    return xp.linalg.solve(matrix, rhs)
-
-
 def solve(factor: KernelFactor, rhs: Any, *, xp: Any) -> Any:
     """``(Phi^T Phi + lambda I)^{-1} rhs`` (minimum-norm when singular), rhs of shape (k, m)."""
     rhs = xp.astype(rhs, factor.arrays[0].dtype)
     if factor.kind == "cholesky":
         lower = factor.arrays[0]
-        half = _triangular_solve(lower, rhs, transpose=False, xp=xp)
-        return _triangular_solve(lower, half, transpose=True, xp=xp)
+        half = solve_triangular(lower, rhs, transpose=False, xp=xp)
+        return solve_triangular(lower, half, transpose=True, xp=xp)
     vectors, inverse_values = factor.arrays
     return vectors @ (inverse_values[:, None] * (xp.matrix_transpose(vectors) @ rhs))

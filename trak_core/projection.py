@@ -12,23 +12,25 @@ The matrix of checkpoint ``c`` is ``P_c[a, j] = s(seed, c, a) * R(seed, a, j)`` 
   itself i.i.d. Rademacher (or Gaussian), checkpoints' projection errors are uncorrelated, and
   only ``R`` is worth caching: the flip is applied to the gradients, O(n p).
 
-Row keys and column keys come from :mod:`trak_core._hash`. Because every entry depends only on
-its indices, any split of the parameter axis into blocks (``offset``) gives the same matrix,
-every namespace and device gives the same Rademacher bits, and nothing needs to be stored.
+Row keys and column keys come from :mod:`trak_core.hashing` (the hash spec). Because every entry
+depends only on its indices, any split of the parameter axis into blocks (``offset``) gives the same
+matrix, every namespace and device gives the same Rademacher bits, and nothing needs to be stored.
+
+The code here is Array API only. Where a framework has a faster (or, for torch's hash words, a
+necessary) native path, it is one call into :mod:`trak_core._delegation`, which gives the same numbers.
 """
 from __future__ import annotations
 
 import math
-import sys
-from typing import Any, Callable
+from typing import Any
 
 import array_api_compat
 
-from . import _hash
+from . import hashing
 from ._cache import ProjectionCache, default_cache, device_cache
-from ._delegation import is_accelerator
+from ._delegation import in_float64, is_accelerator, make_array, packed_product, packed_words, unpack_signs
 from ._split import PRECISIONS, passes, split_project
-from ._namespace import device_of, has_float64, is_numpy, namespace
+from ._namespace import device_of, namespace
 
 __all__ = ["KINDS", "PRECISIONS", "projection_matrix", "project", "cached_factors", "ProjectionCache", "default_cache",
            "device_cache", "row_signs", "uses_split"]
@@ -49,64 +51,41 @@ def _check(p: int, k: int, kind: str, offset: int) -> None:
 
 
 def _seed_words(seed: int) -> tuple[int, int]:
-    return _hash.split64(seed, "seed")
+    return hashing.split64(seed, "seed")
 
 
 def _words(stream: int, start: int, stop: int, n_cols: int, *, xp: Any, device: Any) -> Any:
     """The (stop - start, n_cols) block of words ``mix(rowkey(a) ^ colkey(b))``."""
-    rows = _hash.row_keys(stream, start, stop, xp=xp, device=device)
-    col_base = _hash.key(stream, _hash.DOMAIN_COLUMNS)
-    cols = xp.arange(n_cols, dtype=_hash.word_dtype(xp), device=device)
-    cols = cols ^ _hash.word(col_base, cols, xp=xp)
-    cols = _hash.mix(cols, xp=xp)
-    return _hash.mix(rows[:, None] ^ cols[None, :], xp=xp)
+    rows = hashing.row_keys(stream, start, stop, xp=xp, device=device)
+    col_base = hashing.key(stream, hashing.DOMAIN_COLUMNS)
+    cols = xp.arange(n_cols, dtype=hashing.word_dtype(xp), device=device)
+    cols = cols ^ hashing.word(col_base, cols, xp=xp)
+    cols = hashing.mix(cols, xp=xp)
+    return hashing.mix(rows[:, None] ^ cols[None, :], xp=xp)
 
 
 def _rademacher_words(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any) -> Any:
-    """Packed signs of rows ``start .. stop-1``: shape (rows, ceil(k / 32)), 32 columns a word."""
-    stream = _hash.key(*_seed_words(seed), _hash.DOMAIN_RADEMACHER)
-    if array_api_compat.is_torch_namespace(xp):
-        if device is None or str(device) == "cpu":  # NumPy's uint32 is faster than int64 + masks: same bits
-            import array_api_compat.numpy as np_xp
-            import numpy as np
-            import torch
-
-            words = _words(stream, start, stop, -(-k // 32), xp=np_xp, device=None)
-            return torch.from_numpy(np.ascontiguousarray(words).view(np.int32))
-        words = _words(stream, start, stop, -(-k // 32), xp=xp, device=device)
-        return xp.astype(words - ((words >> 31) << 32), xp.int32)  # keep the 32 bits in int32
-    return _words(stream, start, stop, -(-k // 32), xp=xp, device=device)
+    """Packed signs of rows ``start .. stop-1``: shape (rows, ceil(k / 32)), 32 columns a word (32-bit words)."""
+    stream = hashing.key(*_seed_words(seed), hashing.DOMAIN_RADEMACHER)
+    n_words = -(-k // 32)
+    return packed_words(lambda xp_, device_: _words(stream, start, stop, n_words, xp=xp_, device=device_),
+                        xp=xp, device=device)
 
 
 def _unpack(words: Any, k: int, *, xp: Any, dtype: Any, scale: float | None = None) -> Any:
     """Signs ``+-scale`` (default ``1/sqrt(k)``) from packed words: bit ``t`` of word ``b`` is column ``32 b + t``."""
-    rows, scale = words.shape[0], 1.0 / math.sqrt(k) if scale is None else scale
-    if sys.byteorder == "little" and (is_numpy(xp) or array_api_compat.is_torch_namespace(xp)):
-        # fast paths, same bits: a word's bytes in memory are its bits 0-7, 8-15, ... (little endian)
-        if is_numpy(xp):
-            import numpy as np
+    scale = 1.0 / math.sqrt(k) if scale is None else scale
+    signs = unpack_signs(words, k, scale, xp=xp, dtype=dtype)  # native byte-wise paths: the same bits
+    return _unpack_bits(words, k, scale, xp=xp, dtype=dtype) if signs is None else signs
 
-            bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :k]
-            return np.asarray([scale, -scale], dtype=dtype)[bits]
-        import torch
 
-        table = _byte_table(scale, dtype=dtype, device=words.device)
-        index = words.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
-        return table.index_select(0, index).reshape(rows, -1)[:, :k]
+def _unpack_bits(words: Any, k: int, scale: float, *, xp: Any, dtype: Any) -> Any:
+    """The generic :func:`_unpack`: shift and mask each of a word's 32 bits."""
     shifts = xp.arange(32, dtype=words.dtype, device=device_of(words))
     bits = (words[:, :, None] >> shifts) & 1
-    bits = xp.reshape(bits, (rows, words.shape[1] * 32))[:, :k]
+    bits = xp.reshape(bits, (words.shape[0], words.shape[1] * 32))[:, :k]
     positive = xp.asarray(scale, dtype=dtype, device=device_of(words))
     return xp.where(bits == 0, positive, -positive)
-
-
-def _byte_table(scale: float, *, dtype: Any, device: Any) -> Any:
-    """(256, 8) torch table: row ``v`` holds the 8 signs of byte value ``v``, least significant first."""
-    import torch
-
-    values = torch.arange(256, dtype=torch.int32, device=device)[:, None]
-    bits = (values >> torch.arange(8, dtype=torch.int32, device=device)) & 1
-    return (1 - 2 * bits).to(dtype) * scale
 
 
 def _rademacher(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any, dtype: Any) -> Any:
@@ -114,12 +93,13 @@ def _rademacher(start: int, stop: int, k: int, seed: int, *, xp: Any, device: An
 
 
 def _gaussian(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any, dtype: Any) -> Any:
-    if not has_float64(xp, device):  # Box-Muller in float32 would lose the tails: do it in NumPy's float64
-        import array_api_compat.numpy as np_xp
+    return in_float64(lambda xp_, device_: _box_muller(start, stop, k, seed, xp=xp_, device=device_),
+                      xp=xp, device=device, dtype=dtype)
 
-        z = _gaussian(start, stop, k, seed, xp=np_xp, device=None, dtype=np_xp.float64)
-        return xp.asarray(z.astype("float32"), device=device)
-    stream = _hash.key(*_seed_words(seed), _hash.DOMAIN_GAUSSIAN)
+
+def _box_muller(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any) -> Any:
+    """Gaussian rows ``start .. stop-1`` of ``R`` in float64 (``xp`` must have float64)."""
+    stream = hashing.key(*_seed_words(seed), hashing.DOMAIN_GAUSSIAN)
     n_pairs = -(-k // 2)
     words = _words(stream, start, stop, 2 * n_pairs, xp=xp, device=device)
     work = xp.float64
@@ -128,42 +108,28 @@ def _gaussian(start: int, stop: int, k: int, seed: int, *, xp: Any, device: Any,
     radius = xp.sqrt(-2.0 * xp.log(u1))
     angle = (2.0 * math.pi) * u2
     z = xp.stack([radius * xp.cos(angle), radius * xp.sin(angle)], axis=-1)
-    z = xp.reshape(z, (stop - start, 2 * n_pairs))[:, :k] * (1.0 / math.sqrt(k))
-    return xp.astype(z, dtype)
+    return xp.reshape(z, (stop - start, 2 * n_pairs))[:, :k] * (1.0 / math.sqrt(k))
 
 
 def _shared(start: int, stop: int, k: int, seed: int, kind: str, *, xp: Any, device: Any, dtype: Any) -> Any:
     """Rows ``start .. stop-1`` of the checkpoint-independent matrix ``R``."""
-    cpu_torch = array_api_compat.is_torch_namespace(xp) and (device is None or str(device) == "cpu")
-    # eager JAX compiles every new shape, and torch's CPU log/sin/cos were seen to differ from NumPy's by
-    # ~4e-12 relative in some threads: make the matrix in NumPy and move it (same values, cached anyway)
-    if array_api_compat.is_jax_namespace(xp) or (cpu_torch and kind == "gaussian"):
-        return _via_numpy(lambda np_xp, np_dtype: _shared(start, stop, k, seed, kind, xp=np_xp, device=None,
-                                                            dtype=np_dtype), xp=xp, device=device, dtype=dtype)
     make = _rademacher if kind == "rademacher" else _gaussian
-    return make(start, stop, k, seed, xp=xp, device=device, dtype=dtype)
-
-
-def _via_numpy(make: Callable[[Any, Any], Any], *, xp: Any, device: Any, dtype: Any) -> Any:
-    """Run ``make(numpy_namespace, numpy_dtype)`` and move the result to ``xp`` on ``device`` (same values)."""
-    import array_api_compat.numpy as np_xp
-    import numpy as np
-
-    np_dtype = np.dtype(str(xp.empty(0, dtype=dtype).dtype).split(".")[-1])
-    return xp.asarray(make(np_xp, np_dtype), device=device)
+    return make_array(lambda xp_, device_, dtype_: make(start, stop, k, seed, xp=xp_, device=device_, dtype=dtype_),
+                      xp=xp, device=device, dtype=dtype, transcendental=kind == "gaussian")
 
 
 def row_signs(start: int, stop: int, *, seed: int, checkpoint: int, xp: Any, device: Any = None,
               dtype: Any = None) -> Any:
     """The per-row signs ``s(seed, checkpoint, a)`` for rows ``start .. stop-1`` (+1 or -1)."""
     dtype = xp.float32 if dtype is None else dtype
-    if array_api_compat.is_jax_namespace(xp):
-        return _via_numpy(lambda np_xp, np_dtype: row_signs(start, stop, seed=seed, checkpoint=checkpoint, xp=np_xp,
-                                                              dtype=np_dtype), xp=xp, device=device, dtype=dtype)
-    stream = _hash.key(*_seed_words(seed), _hash.DOMAIN_SIGN, *_hash.split64(checkpoint, "checkpoint"))
-    top = _hash.row_keys(stream, start, stop, xp=xp, device=device) >> 31
-    one = xp.asarray(1.0, dtype=dtype, device=device)
-    return xp.where(top == 0, one, -one)
+    stream = hashing.key(*_seed_words(seed), hashing.DOMAIN_SIGN, *hashing.split64(checkpoint, "checkpoint"))
+
+    def make(xp: Any, device: Any, dtype: Any) -> Any:
+        top = hashing.row_keys(stream, start, stop, xp=xp, device=device) >> 31
+        one = xp.asarray(1.0, dtype=dtype, device=device)
+        return xp.where(top == 0, one, -one)
+
+    return make_array(make, xp=xp, device=device, dtype=dtype)
 
 
 def projection_matrix(p: int, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str = "rademacher",
@@ -275,10 +241,10 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
     if shared is not None:
         return flipped @ shared
     block = block_size or max(1, _BLOCK_BYTES // (k * (xp.finfo(dtype).bits // 8)))
-    if packed is not None and array_api_compat.is_jax_namespace(xp):  # eager JAX: jit the block loop
-        from ._jax_blocks import packed_product
-
-        return packed_product(flipped, packed, k, block)
+    if packed is not None:
+        native = packed_product(flipped, packed, k, block, xp=xp)  # eager JAX: the block loop jitted
+        if native is not None:
+            return native
     out = xp.zeros((n, k), dtype=dtype, device=device)
     for start in range(0, p, block):
         stop = min(p, start + block)

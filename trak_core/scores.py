@@ -10,8 +10,8 @@ from typing import Any, Sequence
 from ._namespace import accumulation_dtype, device_of
 from .kernel import KernelFactor, solve
 
-__all__ = ["checkpoint_scores", "target_weights", "train_products", "ensemble", "soft_threshold", "normalize_rows",
-           "SCORE_BLOCK_ROWS"]
+__all__ = ["checkpoint_scores", "target_weights", "train_products", "self_scores", "ensemble", "soft_threshold",
+           "normalize_rows", "SCORE_BLOCK_ROWS"]
 
 
 SCORE_BLOCK_ROWS = 16384  # train rows multiplied at a time (shards of distributed scoring align to it)
@@ -39,6 +39,18 @@ def train_products(train_features: Any, weights: Any, start: int, stop: int, *, 
         end = min(stop, (row // chunk_rows + 1) * chunk_rows)
         parts.append(xp.astype(train_features[row:end, :], weights.dtype) @ weights)
         row = end
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+
+def self_scores(train_features: Any, factor: KernelFactor, *, xp: Any, chunk_rows: int = SCORE_BLOCK_ROWS) -> Any:
+    """``diag(Phi_c K_c^{-1} Phi_c^T)``, shape (n_train,), in the accumulation dtype: each training
+    example scored as its own target, without the n_train x n_train matrix (row blocks of ``chunk_rows``)."""
+    parts = []
+    for start in range(0, train_features.shape[0], chunk_rows):
+        rows = train_features[start:min(train_features.shape[0], start + chunk_rows), :]
+        rows = xp.astype(rows, factor.arrays[0].dtype)
+        weights = solve(factor, xp.matrix_transpose(rows), xp=xp)  # K^{-1} phi_i^T, (k, rows)
+        parts.append(xp.sum(rows * xp.matrix_transpose(weights), axis=1))
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 

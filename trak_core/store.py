@@ -1,19 +1,23 @@
-"""Where featurized checkpoints live. One job: hold per-checkpoint features and kernel factors.
+"""Where featurized checkpoints live: the store and writer contracts, and the in-memory store.
 
-:class:`MemoryStore` keeps everything in memory. Entries are added only when a checkpoint has
-been featurized completely, so a failed ``featurize`` leaves the store as it was.
+One job: declare what the estimator asks of a store (:class:`Store`) and of the writer of one
+checkpoint's features (:class:`Writer`), with defaults for what is optional, and implement them in
+memory (:class:`MemoryStore`). Entries are added only when a checkpoint has been featurized
+completely, so a failed ``featurize`` leaves the store as it was. The on-disk store is
+:mod:`trak_core.disk_store`; :func:`trak_core.stores.open_store` chooses between them.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import abc
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from . import kernel as kernel_ops
 from ._namespace import namespace
+from .errors import TrakValueError
 from .kernel import KernelFactor
 
-__all__ = ["CheckpointEntry", "MemoryStore", "MemoryWriter", "open_store", "kernel_from_features",
+__all__ = ["CheckpointEntry", "Store", "Writer", "MemoryStore", "MemoryWriter", "kernel_from_features",
            "KERNEL_CHUNK_ROWS"]
 
 KERNEL_CHUNK_ROWS = 4096  # rows of features per update of the kernel K (and rows per on-disk chunk)
@@ -47,6 +51,8 @@ class CheckpointEntry:
     factor: KernelFactor
     structure: Any = None
     kernel_loader: Callable[[], Any] | None = None
+    parameters_digest: str | None = None
+    data_checksums: dict[str, str] = field(default_factory=dict)
 
     @property
     def kernel(self) -> Any:
@@ -54,13 +60,76 @@ class CheckpointEntry:
         return self.kernel_loader() if self.kernel_loader is not None else kernel_from_features(self.features)
 
 
-class MemoryWriter:
+class Writer(abc.ABC):
+    """Writes one checkpoint's features; what the estimator calls while featurizing.
+
+    Attributes
+    ----------
+    complete : bool
+        The checkpoint's features are all stored already (a reopened store): nothing is appended.
+    rows_done : int
+        Rows stored already (a resumed run appends from there).
+    needs_template : bool
+        Resuming without having seen a feature row: the estimator makes one and passes it to
+        :meth:`set_template` (it tells the namespace, device and dtype of reads).
+    parameters_digest : str or None
+        The content hash of the parameters this checkpoint was featurized from, if stored.
+    data_checksums : dict
+        Digests of the training data per chunk of :data:`KERNEL_CHUNK_ROWS` rows, if stored.
+    kernel_loader : callable or None
+        Reads ``Phi^T Phi`` back (``None``: the entry recomputes it from the features).
+    template : array or None
+        One row of features seen or set (the namespace, device and dtype of reads), if any.
+    """
+
+    template: Any = None
+    complete: bool = False
+    rows_done: int = 0
+    needs_template: bool = False
+    parameters_digest: str | None = None
+    kernel_loader: Callable[[], Any] | None = None
+
+    @property
+    def data_checksums(self) -> dict[str, str]:
+        return {}
+
+    @abc.abstractmethod
+    def append(self, features: Any, out_to_loss: Any) -> None:
+        """Add the features (rows) and out-to-loss weights of the next examples."""
+
+    @abc.abstractmethod
+    def finish(self) -> tuple[Any, Any, Any]:
+        """``(features, out_to_loss, Phi^T Phi)``, or ``(None, None, None)`` when nothing was added."""
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Forget this checkpoint's features (its data contradicted checkpoint 0's)."""
+
+    def set_template(self, features: Any) -> None:
+        """One row of features, when resuming: the namespace, device and dtype to read rows back in."""
+
+    def record_parameters(self, digest: str | None) -> None:
+        """Remember the content hash of the checkpoint's parameters (before any row is written)."""
+        self.parameters_digest = digest
+
+    def record_data(self, chunk: int, digest: str) -> None:
+        """Remember the digest of chunk ``chunk`` of the training data (before its features are written)."""
+
+    def allocate(self, n_rows: int, width: int, dtype: Any, weight_dtype: Any) -> None:
+        """Make room for ``n_rows`` rows that parallel workers fill in any order (on-disk stores only)."""
+        raise TrakValueError(f"{type(self).__name__} cannot be filled by parallel workers; use an on-disk store "
+                             "(store=PATH) with executor='ray'")
+
+    def record_rows(self, checksums: dict[str, str], rows_done: int) -> None:
+        """Record chunks that parallel workers wrote (their checksums) and the rows now done."""
+        raise TrakValueError(f"{type(self).__name__} cannot be filled by parallel workers")
+
+
+class MemoryWriter(Writer):
     """Collects one checkpoint's features in memory; ``K`` is updated once per chunk of rows."""
 
-    complete = False
-    rows_done = 0
-
     def __init__(self) -> None:
+        self._data: dict[str, str] = {}
         self._features: list[Any] = []
         self._weights: list[Any] = []
         self._chunk: list[Any] = []
@@ -97,8 +166,62 @@ class MemoryWriter:
         """Forget what was collected (nothing was stored)."""
         self._features = []
 
+    @property
+    def data_checksums(self) -> dict[str, str]:
+        return dict(self._data)
 
-class MemoryStore:
+    def record_data(self, chunk: int, digest: str) -> None:
+        self._data[str(chunk)] = digest
+
+
+class Store(abc.ABC):
+    """Featurized checkpoints, in featurization order; what the estimator calls on a store.
+
+    Attributes
+    ----------
+    location : str or None
+        Where the store lives (a directory or URL) for workers and messages; ``None`` in memory.
+    """
+
+    location: str | None = None
+
+    @abc.abstractmethod
+    def writer(self, index: int, fingerprint: dict) -> Writer:
+        """A writer for checkpoint ``index``; an on-disk store checks ``fingerprint`` against its own."""
+
+    @abc.abstractmethod
+    def add(self, entry: CheckpointEntry) -> None:
+        """Append a completely featurized checkpoint (its index must be the next one)."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Number of checkpoints added."""
+
+    @abc.abstractmethod
+    def __getitem__(self, index: int) -> CheckpointEntry:
+        """Checkpoint ``index``'s entry."""
+
+    def __iter__(self) -> Iterator[CheckpointEntry]:
+        return (self[i] for i in range(len(self)))
+
+    def stored_checkpoints(self) -> int:
+        """Checkpoints stored completely (more than :func:`len` in a reopened store not yet loaded)."""
+        return len(self)
+
+    def save_scores(self, name: str, scores: Any) -> None:
+        """Save ``scores`` under ``name`` (on-disk stores); never overwrites."""
+        raise TrakValueError("save_as needs an on-disk store: TRAK(..., store=PATH)")
+
+    def load_scores(self, name: str) -> Any:
+        """Scores saved with ``score(..., save_as=name)``."""
+        raise TrakValueError("saved scores live in on-disk stores: TRAK(..., store=PATH)")
+
+    def score_names(self) -> list[str]:
+        """Names of the saved score sets."""
+        return []
+
+
+class MemoryStore(Store):
     """Checkpoint entries kept in memory, in featurization order."""
 
     def __init__(self) -> None:
@@ -111,7 +234,7 @@ class MemoryStore:
     def add(self, entry: CheckpointEntry) -> None:
         """Append a completely featurized checkpoint."""
         if entry.index != len(self._entries):
-            raise ValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
+            raise TrakValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
         self._entries.append(entry)
 
     def __iter__(self) -> Iterator[CheckpointEntry]:
@@ -122,17 +245,3 @@ class MemoryStore:
 
     def __getitem__(self, index: int) -> CheckpointEntry:
         return self._entries[index]
-
-
-def open_store(store: Any) -> Any:
-    """The store for ``TRAK(store=...)``: ``None`` is a new :class:`MemoryStore`; a path is a
-    :class:`~trak_core.disk_store.DiskStore` there; a store object is used as it is."""
-    if store is None:
-        return MemoryStore()
-    if isinstance(store, (str, os.PathLike)):
-        from .disk_store import DiskStore
-
-        return DiskStore(store)
-    if hasattr(store, "writer") and hasattr(store, "add"):
-        return store
-    raise TypeError(f"store must be None, a directory path or a store object, got {type(store).__name__}")

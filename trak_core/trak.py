@@ -7,28 +7,28 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from typing import Any, Iterable, Iterator, Sequence
+import operator
+from typing import Any, Iterable, Sequence
 
-from . import kernel as kernel_ops
-from ._checks import (_check_finite, _check_lambda, _check_lengths, _check_proj_dim, _check_seed, _resolve_backend,
-                      projection_group_rows)
+from ._checks import _check_lambda, _check_proj_dim, _check_seed, _resolve_backend
+from ._featurizer import Featurizer
 from ._namespace import namespace
 from ._progress import progress
 from .backends import Backend
 from .backends.protocol import batches
-from ._delegation import is_accelerator
-from .projection import KINDS, PRECISIONS, project
-from .regularization import choose_lambda
+from .errors import TrakValueError
 from .executors import get_executor
-from .scores import checkpoint_scores, ensemble, normalize_rows, soft_threshold, target_weights
-from .store import CheckpointEntry, open_store
+from .projection import KINDS, PRECISIONS
+from .scores import checkpoint_scores, ensemble, self_scores, soft_threshold, target_weights
+from .store import CheckpointEntry
+from .stores import open_store
 from .tasks import Task, get_task
 
 __all__ = ["TRAK"]
 
 log = logging.getLogger("trak_core")
 
-class TRAK:
+class TRAK(Featurizer):
     """Attribute a model's predictions to its training examples with TRAK.
 
     Parameters
@@ -89,12 +89,12 @@ class TRAK:
                  checkpoint_weighting: str = "uniform", executor: Any = None, precision: str = "float32") -> None:
         self.proj_dim = _check_proj_dim(proj_dim)
         if proj_type not in KINDS:
-            raise ValueError(f"unknown proj_type {proj_type!r}; choose one of {KINDS}")
+            raise TrakValueError(f"unknown proj_type {proj_type!r}; choose one of {KINDS}")
         self.proj_type = proj_type
         if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+            raise TrakValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if precision == "fast" and proj_type != "rademacher":
-            raise ValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
+            raise TrakValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
                              "float16); use precision='float32' for Gaussian projections")
         self.precision = precision
         self.seed = _check_seed(seed)
@@ -103,20 +103,22 @@ class TRAK:
         self.task = get_task(task)
         self.backend = _resolve_backend(backend, model)
         if not self.backend.can_gradients:
-            raise ValueError(f"backend {self.backend.name!r} cannot compute gradients (can_gradients=False); "
+            raise TrakValueError(f"backend {self.backend.name!r} cannot compute gradients (can_gradients=False); "
                              "choose a backend for this model's framework")
         self.store = open_store(store)
         self.progress = progress
         self.normalize_features = bool(normalize_features)
         if soft_threshold is not None and not 0 <= soft_threshold < 1:
-            raise ValueError(f"soft_threshold is a quantile in [0, 1) (or None), got {soft_threshold!r}")
+            raise TrakValueError(f"soft_threshold is a quantile in [0, 1) (or None), got {soft_threshold!r}")
         self.soft_threshold = soft_threshold
         if checkpoint_weighting not in ("uniform", "normalized"):
-            raise ValueError(f"checkpoint_weighting must be 'uniform' or 'normalized', got {checkpoint_weighting!r}")
+            raise TrakValueError(f"checkpoint_weighting must be 'uniform' or 'normalized', got {checkpoint_weighting!r}")
         self.checkpoint_weighting = checkpoint_weighting
         self.executor = get_executor(executor)
-        if self.executor is not None and not hasattr(self.store, "path"):
-            raise ValueError("executor='ray' needs an on-disk store that every worker can reach: pass store=PATH")
+        self._last_error: Exception | None = None  # the last featurize's, for score()'s message
+        self._opened: list = []  # checkpoints of a store reopened with TRAK.open, loaded at the first score
+        if self.executor is not None and self.store.location is None:
+            raise TrakValueError("executor='ray' needs an on-disk store that every worker can reach: pass store=PATH")
 
     @property
     def n_checkpoints(self) -> int:
@@ -127,102 +129,6 @@ class TRAK:
     def n_train(self) -> int | None:
         """Number of training examples (``None`` before the first ``featurize``)."""
         return self.store[0].features.shape[0] if len(self.store) else None
-
-    def _project(self, grads: Any, checkpoint: int) -> Any:
-        return self._finish(self._project_raw(grads, checkpoint))
-
-    def _finish(self, features: Any) -> Any:
-        return normalize_rows(features, xp=namespace(features)) if self.normalize_features else features
-
-    def _project_raw(self, grads: Any, checkpoint: int) -> Any:
-        if self.proj_dim is None:
-            return grads
-        if self.backend.has_fused_projection:
-            return self.backend.project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint,
-                                        kind=self.proj_type, precision=self.precision)
-        return project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint, kind=self.proj_type,
-                       precision=self.precision)
-
-    def _gradients(self, prepared: Any, inputs: Any, labels: Any, where: str) -> tuple[Any, Any]:
-        """Validated per-example gradients (n, p) and out-to-loss weights (n,) of one batch."""
-        n_inputs = _check_lengths(inputs, labels, where)
-        grads, out_to_loss = self.backend.gradients(self.model, prepared, inputs, labels, self.task)
-        if grads.ndim != 2 or grads.shape[0] != n_inputs:
-            raise ValueError(f"{where}: backend {self.backend.name!r} returned gradients of shape "
-                             f"{tuple(grads.shape)} for {n_inputs} examples; expected (n, p)")
-        _check_finite(grads, out_to_loss, where, "per-example gradients")
-        return grads, out_to_loss
-
-    def _fused_features(self, prepared: Any, index: int, inputs: Any, labels: Any, where: str) -> tuple | None:
-        """Features from a backend that projects inside its own compiled step, if it has one."""
-        fused = getattr(self.backend, "features", None)
-        if fused is None or self.proj_dim is None:
-            return None
-        n_inputs = _check_lengths(inputs, labels, where)
-        out = fused(self.model, prepared, inputs, labels, self.task, k=self.proj_dim, seed=self.seed,
-                    checkpoint=index, kind=self.proj_type, precision=self.precision)
-        if out is not None:
-            if tuple(out[0].shape) != (n_inputs, self.proj_dim):
-                raise ValueError(f"{where}: backend {self.backend.name!r} returned features of shape "
-                                 f"{tuple(out[0].shape)}; expected {(n_inputs, self.proj_dim)}")
-            _check_finite(out[0], out[1], where, "features (projected per-example gradients)")
-            out = (self._finish(out[0]), out[1])
-        return out
-
-    def _batch_features(self, prepared: Any, index: int, inputs: Any, labels: Any,
-                        where: str) -> tuple[Any, Any]:
-        fused = self._fused_features(prepared, index, inputs, labels, where)
-        if fused is not None:
-            return fused
-        grads, out_to_loss = self._gradients(prepared, inputs, labels, where)
-        return self._project(grads, index), out_to_loss
-
-    def _stream_features(self, prepared: Any, index: int, data: Iterable[Any], skip: int = 0,
-                         stop: int | None = None) -> Iterator[tuple[Any, Any]]:
-        """Features and out-to-loss weights of rows ``skip .. stop-1`` of ``data``.
-
-        Whole batches are differentiated (rows outside the range are dropped afterwards), and
-        gradients are projected in groups of exactly :func:`projection_group_rows` rows aligned
-        to absolute row indices, so a row's features do not depend on where a run started or
-        stopped (resume, shards) and the matrix is made or unpacked once per group. Backends with
-        a fused step (:meth:`features`) project batch by batch inside it.
-        """
-        grads, weights, seen, group, pending = [], [], 0, None, 0
-        for b, (inputs, labels) in enumerate(progress(batches(data), desc=f"featurize checkpoint {index}",
-                                                      enabled=self.progress)):
-            where = f"checkpoint {index}, batch {b}"
-            rows = _check_lengths(inputs, labels, where)
-            first, seen = seen, seen + rows
-            lo, hi = max(0, skip - first), rows if stop is None else min(rows, stop - first)
-            if hi <= lo:
-                if stop is not None and first >= stop:
-                    break
-                continue
-            fused = self._fused_features(prepared, index, inputs, labels, where)
-            if fused is not None:
-                yield (fused[0][lo:hi, ...], fused[1][lo:hi]) if (lo, hi) != (0, rows) else fused
-                continue
-            g, q = self._gradients(prepared, inputs, labels, where)
-            if (lo, hi) != (0, rows):
-                g, q = g[lo:hi, ...], q[lo:hi]
-            xp = namespace(g)
-            if group is None:
-                group = projection_group_rows(g.shape[1], xp.finfo(g.dtype).bits // 8, self.proj_dim,
-                                              accelerator=is_accelerator(g))
-                pending = (first + lo) % group  # the first group ends at a multiple of `group`
-            grads.append(g)
-            weights.append(q)
-            pending += g.shape[0]
-            while pending >= group:  # one pending array is sliced, never copied
-                g_all = grads[0] if len(grads) == 1 else xp.concat(grads, axis=0)
-                q_all = weights[0] if len(weights) == 1 else xp.concat(weights, axis=0)
-                take = g_all.shape[0] - (pending - group)
-                yield self._project(g_all[:take, ...], index), q_all[:take]
-                grads, weights = [g_all[take:, ...]], [q_all[take:]]
-                pending -= group
-        if sum(g.shape[0] for g in grads):
-            xp = namespace(grads[0])
-            yield self._project(xp.concat(grads, axis=0), index), xp.concat(weights, axis=0)
 
     def featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
         """Compute and store the training features of one checkpoint.
@@ -237,93 +143,26 @@ class TRAK:
 
         Raises
         ------
-        ValueError
-            On empty data, mismatched batch lengths, non-finite gradients, or a checkpoint or
-            training set inconsistent with those featurized before.
+        TrakValueError
+            On empty data, mismatched batch lengths, non-finite gradients, a checkpoint featurized
+            already, or a checkpoint or training set inconsistent with those featurized before.
+        StoreMismatchError
+            When an on-disk store holds features of another configuration, other parameters for
+            this checkpoint, or other training data (the message names the field); nothing
+            stored is overwritten.
         """
-        index = len(self.store)
-        prepared = self.backend.prepare(self.model, checkpoint)
-        n_params = self.backend.n_params(prepared)
-        if index and n_params != self.store[0].n_params:
-            raise ValueError(f"checkpoint {index} has {n_params} parameters but checkpoint 0 had "
-                             f"{self.store[0].n_params}; every checkpoint must be of the same model")
-        structure = self.backend.structure(prepared) if hasattr(self.backend, "structure") else None
-        if index and structure != self.store[0].structure:
-            raise ValueError(f"checkpoint {index} has a different parameter structure than checkpoint 0 "
-                             f"({structure} vs {self.store[0].structure}); every checkpoint must have the "
-                             "same parameter names, nesting and shapes")
-        fingerprint = self._fingerprint(n_params, structure)
-        writer = self.store.writer(index, fingerprint)
-        if self.executor is not None:
-            data = list(batches(data))
-            writer.needs_template = writer.template is None
-        if getattr(writer, "needs_template", False):  # resuming: one example tells namespace, device, dtype
-            data = iter(batches(data))
-            first = next(data, None)
-            if first is not None:
-                one = (first[0][:1, ...], first[1][:1, ...])
-                writer.template = self._batch_features(prepared, index, *one, f"checkpoint {index}, batch 0")[0]
-                data = itertools.chain([first], data)
-        if writer.complete and hasattr(writer, "check_rows"):  # stored: only check that the data is the same size
-            writer.check_rows(sum(_check_lengths(i, lab, f"checkpoint {index}, batch {b}")
-                                  for b, (i, lab) in enumerate(batches(data))))
-        if not writer.complete and self.executor is not None:
-            self._featurize_distributed(checkpoint, index, list(data), writer)
-        elif not writer.complete:
-            for phi, q in self._stream_features(prepared, index, data, skip=writer.rows_done):
-                writer.append(phi, q)
-        features, q_all, kernel = writer.finish()
-        if features is None:
-            raise ValueError("featurize: data yielded no batches; pass an iterable of (inputs, labels)")
-        if index and features.shape[0] != self.n_train:
-            writer.discard()
-            raise ValueError(f"checkpoint {index} saw {features.shape[0]} training examples but checkpoint 0 "
-                             f"saw {self.n_train}; featurize every checkpoint on the same training set")
-        factor = self._factorize(kernel, features.shape[0], n_params, index)
-        del kernel  # the entry re-reads or recomputes it when lambda changes (refit); only the factor is held
-        self.store.add(CheckpointEntry(index, prepared, n_params, features, q_all, factor, structure,
-                                       getattr(writer, "kernel_loader", None)))
-
-    def _featurize_distributed(self, checkpoint: Any, index: int, data: list, writer: Any) -> None:
-        from .disk_store import _to_numpy
-
-        offsets, total = [], 0
-        for b, (inputs, labels) in enumerate(data):
-            offsets.append(total)
-            total += _check_lengths(inputs, labels, f"checkpoint {index}, batch {b}")
-        if not total:
-            return
-        template = _to_numpy(writer.template)
-        writer.allocate(total, template.shape[1], template.dtype, template.dtype)
-        self.executor.featurize(self, checkpoint, index, data, writer, total, offsets)
+        try:
+            self._featurize(checkpoint, data)
+            self._last_error = None
+        except Exception as exc:
+            self._last_error = exc
+            raise
 
     def worker_copy(self) -> "TRAK":
         """This configuration without its store or executor: what a worker process needs."""
         clone = copy.copy(self)
         clone.store, clone.executor, clone.progress = open_store(None), None, False
         return clone
-
-    def _fingerprint(self, n_params: int, structure: Any) -> dict[str, Any]:
-        """What must not change between runs sharing a store (checked by on-disk stores)."""
-        import hashlib
-
-        from . import __version__
-
-        return {"proj_type": self.proj_type, "proj_dim": self.proj_dim, "seed": self.seed, "task": self.task.name,
-                "n_params": n_params, "parameter_structure": hashlib.sha256(repr(structure).encode()).hexdigest()[:16],
-                "normalize_features": self.normalize_features, "backend": self.backend.name,
-                "precision": self.precision,
-                "trak_core": __version__}
-
-    def _factorize(self, kernel: Any, n_train: int, n_params: int, index: int) -> kernel_ops.KernelFactor:
-        xp = namespace(kernel)
-        lam = self.lambda_reg
-        if lam == "auto":
-            lam = choose_lambda(kernel, n_train, n_params=n_params, xp=xp)
-        factor = kernel_ops.factorize(kernel, lam, xp=xp)
-        log.info("checkpoint %d: %d examples, k=%d, lambda=%.4g%s, kernel rank %d", index, n_train,
-                 kernel.shape[0], lam, " (auto)" if self.lambda_reg == "auto" else "", factor.rank)
-        return factor
 
     @property
     def lambdas(self) -> list[float]:
@@ -356,11 +195,15 @@ class TRAK:
             In the namespace, dtype and on the device of the features, averaged over the
             checkpoints (``docs/estimator.md``).
         """
-        if not len(self.store):
-            raise ValueError("score() called before any featurize(); featurize at least one checkpoint first")
+        data = iter(batches(data))
+        first = next(data, None)
+        if first is not None:
+            self._load_opened((first[0][:1, ...], first[1][:1, ...]))
+            data = itertools.chain([first], data)
+        self._check_scorable()
         entries = self._entries(checkpoints)
         columns = []
-        for b, (inputs, labels) in enumerate(progress(batches(data), desc="score", enabled=self.progress)):
+        for b, (inputs, labels) in enumerate(progress(data, desc="score", enabled=self.progress)):
             per_checkpoint = []
             for entry in entries:
                 target, _ = self._batch_features(entry.prepared, entry.index, inputs, labels,
@@ -377,13 +220,105 @@ class TRAK:
                 block = soft_threshold(block, self.soft_threshold, xp=xp)
             columns.append(block)
         if not columns:
-            raise ValueError("score: data yielded no batches; pass an iterable of (inputs, labels)")
+            raise TrakValueError("score: data yielded no batches; pass an iterable of (inputs, labels)")
         scores = xp.astype(columns[0] if len(columns) == 1 else xp.concat(columns, axis=1), self.store[0].features.dtype)
         if save_as is not None:
-            if not hasattr(self.store, "save_scores"):
-                raise ValueError("save_as needs an on-disk store: TRAK(..., store=PATH)")
             self.store.save_scores(save_as, scores)
         return scores
+
+    def self_influence(self, *, checkpoints: Sequence[int] | None = None) -> Any:
+        """Each training example's score for itself as the target, shape ``(n_train,)``.
+
+        The diagonal of ``score(training data)``, computed from the stored features in row blocks,
+        without a target pass and without the ``n_train x n_train`` matrix. A large value marks an
+        example the model fits through its own gradient (memorized, mislabeled or atypical ones).
+
+        Parameters
+        ----------
+        checkpoints : sequence of int, optional
+            Indices of the featurized checkpoints to ensemble (default: all of them).
+
+        Returns
+        -------
+        array
+            In the namespace, dtype and device of the features (NumPy for a store opened with
+            :meth:`open` and not scored yet).
+        """
+        if self.checkpoint_weighting != "uniform" or self.soft_threshold is not None:
+            raise TrakValueError("self_influence needs checkpoint_weighting='uniform' and soft_threshold=None: the "
+                                 "others rescale each target's scores over all training examples; score the "
+                                 "training set as targets and take the diagonal instead")
+        self._load_opened(None)
+        self._check_scorable()
+        entries = self._entries(checkpoints)
+        xp = namespace(entries[0].out_to_loss)
+        diagonals = [self_scores(entry.features, entry.factor, xp=xp)[:, None] for entry in entries]
+        block = ensemble(diagonals, [entry.out_to_loss for entry in entries], xp=xp, weighting="uniform")
+        return xp.astype(block[:, 0], self.store[0].features.dtype)
+
+    def saved_scores(self) -> list[str]:
+        """Names of the score sets saved in the store with ``score(..., save_as=name)``."""
+        return self.store.score_names()
+
+    def load_scores(self, name: str) -> Any:
+        """Scores saved with ``score(..., save_as=name)`` (NumPy, checksum verified)."""
+        return self.store.load_scores(name)
+
+    def _load_opened(self, example: tuple[Any, Any] | None) -> None:
+        """Load the checkpoints of :meth:`open`; ``example`` (one target row) sets the features' namespace."""
+        if self._opened:
+            from ._reopen import load_opened
+
+            load_opened(self, example)
+
+    def _check_scorable(self) -> None:
+        if len(self.store):
+            return
+        message = "score() called before any featurize(): featurize every checkpoint first"
+        if self._last_error is not None:
+            message += (f"; the last featurize failed ({type(self._last_error).__name__}: "
+                        f"{str(self._last_error).splitlines()[0][:200]})")
+        elif self.store.stored_checkpoints():
+            message += (f"; the store at {self.store.location} holds {self.store.stored_checkpoints()} complete "
+                        "checkpoints: TRAK.open(path, model, checkpoints) loads them without the training data")
+        raise TrakValueError(message)
+
+    @classmethod
+    def open(cls, path: Any, model: Any, checkpoints: Sequence[Any], *, task: str | Task | None = None,
+             backend: str | Backend | None = None, lambda_reg: float | str | None = None,
+             progress: bool | None = None, soft_threshold: float | None = None,
+             checkpoint_weighting: str = "uniform", executor: Any = None) -> "TRAK":
+        """Reopen a finished on-disk store to score new targets, without the training data.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The store written by ``TRAK(..., store=path)``.
+        model
+            The model, as when featurizing.
+        checkpoints : sequence
+            Every checkpoint the store holds, in featurization order; each is checked against the
+            content hash stored with it (:class:`~trak_core.errors.StoreMismatchError` if it differs).
+        task, backend : optional
+            As stored (a custom task must be passed again; a backend name may be replaced by an
+            equivalent backend object).
+        lambda_reg : float, "auto" or None
+            ``None`` (default): the ``lambda`` each checkpoint was factorized with, so scores equal
+            those of the original run bit for bit.
+        progress, soft_threshold, checkpoint_weighting, executor
+            Scoring options, as in :class:`TRAK`.
+
+        Returns
+        -------
+        TRAK
+            Ready for :meth:`score`, :meth:`self_influence` and :meth:`load_scores`; the features are
+            read from the store in chunks as scoring needs them.
+        """
+        from ._reopen import open_trak
+
+        return open_trak(cls, path, model, checkpoints, task=task, backend=backend, lambda_reg=lambda_reg,
+                         progress=progress, soft_threshold=soft_threshold,
+                         checkpoint_weighting=checkpoint_weighting, executor=executor)
 
     def features(self, data: Iterable[Any], *, checkpoint: int = 0) -> Any:
         """Features ``phi_c(z)`` (projected gradients) of ``data`` at featurized checkpoint ``checkpoint``.
@@ -395,15 +330,23 @@ class TRAK:
         for b, (inputs, labels) in enumerate(batches(data)):
             parts.append(self._batch_features(entry.prepared, entry.index, inputs, labels, f"batch {b}")[0])
         if not parts:
-            raise ValueError("features: data yielded no batches; pass an iterable of (inputs, labels)")
+            raise TrakValueError("features: data yielded no batches; pass an iterable of (inputs, labels)")
         return parts[0] if len(parts) == 1 else namespace(parts[0]).concat(parts, axis=0)
 
     def _entries(self, checkpoints: Sequence[int] | None) -> list[CheckpointEntry]:
         if checkpoints is None:
             return list(self.store)
-        chosen = list(checkpoints)
-        bad = [c for c in chosen if not isinstance(c, int) or not 0 <= c < len(self.store)]
-        if bad or not chosen:
-            raise ValueError(f"checkpoints must be a non-empty list of indices in [0, {len(self.store) - 1}], "
-                             f"got {checkpoints!r}")
+        chosen = []
+        for c in checkpoints:
+            try:
+                c = operator.index(c)  # ints, NumPy integers, 0-d integer arrays
+            except TypeError:
+                c = None
+            if c is None or not 0 <= c < len(self.store):
+                chosen = []
+                break
+            chosen.append(c)
+        if not chosen:
+            raise TrakValueError(f"checkpoints must be a non-empty sequence of indices in [0, {len(self.store) - 1}], "
+                                 f"got {checkpoints!r}")
         return [self.store[c] for c in chosen]

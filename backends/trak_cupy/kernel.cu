@@ -1,7 +1,7 @@
 // trak-core fused projection: out = (grads * s) @ R * (1/sqrt(k)) with R generated in registers.
 // Rademacher R[a, j] = bit (j % 32) of w(a, j / 32) (0 -> +1, 1 -> -1), w(a, b) = mix(rowkey(a) ^ colkey(b)),
 // rowkey(a) = mix(mix(stream ^ a_lo) ^ a_hi), colkey(b) = mix(b ^ colbase); s(a) = top bit of the sign
-// stream's row key. Exactly trak_core/_hash.py and trak_core/projection.py: the same bits everywhere.
+// stream's row key. Exactly trak_core/hashing.py (the spec) and trak_core/projection.py: the same bits everywhere.
 // One block computes a TILE_N x TILE_K tile of `out`; each thread a 4 x 8 sub-tile; the parameter axis
 // is walked TILE_P rows at a time: gradients are staged (sign-flipped, as float) in shared memory and
 // the matching TILE_P x TILE_K signs are made from TILE_P * TILE_K / 32 hash words per step.

@@ -3,7 +3,7 @@
 One job: compile ``kernel.cu`` with CuPy (NVRTC, at first use, cached per input dtype) and launch
 it. The matrix is never materialized: each block hashes the signs of its 32 x 128 tile of ``P``
 into shared memory, so memory stays ``O(n (p + k))`` and any p, k and batch size work. The signs
-are the reference Rademacher matrix bit for bit (same hash as ``trak_core._hash``); the sums are
+are the reference Rademacher matrix bit for bit (same hash as :mod:`trak_core.hashing`); the sums are
 float32, so results equal ``trak_core.project`` up to float rounding.
 
 Why CuPy for torch and JAX too: a RawModule compiles with NVRTC at run time, so no CUDA toolchain,
@@ -16,7 +16,7 @@ import math
 import pathlib
 from typing import Any
 
-from trak_core import _hash
+from trak_core import hashing
 
 KERNEL = pathlib.Path(__file__).with_name("kernel.cu")
 TILE_N, TILE_K, THREADS = 64, 128, 256
@@ -36,10 +36,10 @@ def _kernel(dtype_name: str) -> Any:
 
 def stream_keys(seed: int, checkpoint: int) -> tuple[int, int, int]:
     """``(rademacher stream, column base, sign stream)`` exactly as ``trak_core.projection`` derives them."""
-    seed_words = _hash.split64(seed, "seed")
-    rad = _hash.key(*seed_words, _hash.DOMAIN_RADEMACHER)
-    sign = _hash.key(*seed_words, _hash.DOMAIN_SIGN, *_hash.split64(checkpoint, "checkpoint"))
-    return rad, _hash.key(rad, _hash.DOMAIN_COLUMNS), sign
+    seed_words = hashing.split64(seed, "seed")
+    rad = hashing.key(*seed_words, hashing.DOMAIN_RADEMACHER)
+    sign = hashing.key(*seed_words, hashing.DOMAIN_SIGN, *hashing.split64(checkpoint, "checkpoint"))
+    return rad, hashing.key(rad, hashing.DOMAIN_COLUMNS), sign
 
 
 def supports(grads: Any, kind: str) -> bool:

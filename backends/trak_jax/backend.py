@@ -8,20 +8,66 @@ to a fixed size, so the step compiles once per (model, task, shapes), not once p
 When ``R`` does not fit the projection cache, the jitted step returns gradients and the core
 projects them block by block.
 
+The logits are taken from what the apply function returns by :func:`output_logits`.
+
 dtypes: with ``jax_enable_x64`` off, JAX has no float64, so features, the kernel and its
 factorization are float32; with it on, float64 params give float64 features and a float64 kernel.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable
+
+from trak_core.backends import Backend
+from trak_core.fingerprints import parameters_digest
 
 from .checkpoint import JaxCheckpoint, snapshot
 
-__all__ = ["JaxBackend", "JaxModel"]
+__all__ = ["JaxBackend", "JaxModel", "output_logits"]
+
+
+_LOGITS_FN_HINT = "pass logits_fn (model output -> logits array) to the backend: JaxBackend(logits_fn=...)"
+
+
+def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) -> Any:
+    """The logits array in what a model's apply function returned (called while tracing).
+
+    With ``logits_fn``, ``logits_fn(output)``. Otherwise: an array is used as is; a mapping (a dict,
+    a Flax ``ModelOutput``) gives its ``"logits"`` key; another object with a ``logits`` attribute
+    (a named tuple, a dataclass) gives that; a tuple or list gives its first element. Anything else
+    is a ``TypeError`` that asks for a ``logits_fn``.
+    """
+    import jax
+    import numpy as np
+
+    arrays = (jax.Array, np.ndarray)
+    if logits_fn is not None:
+        logits = logits_fn(output)
+        source = "logits_fn(output)"
+    elif isinstance(output, arrays):
+        return output
+    elif isinstance(output, Mapping):
+        if "logits" not in output:
+            raise TypeError(f"the model's output is a mapping ({type(output).__name__}) with keys {list(output)} "
+                            f"and no 'logits'; {_LOGITS_FN_HINT}, e.g. logits_fn=lambda output: output[KEY]")
+        logits, source = output["logits"], f"output['logits'] of a {type(output).__name__}"
+    elif hasattr(output, "logits"):
+        logits, source = output.logits, f"output.logits of a {type(output).__name__}"
+    elif isinstance(output, (tuple, list)) and len(output) > 0:
+        logits, source = output[0], f"output[0] of a {type(output).__name__}"
+    else:
+        raise TypeError(f"the model's output has type {type(output).__name__}; expected an array, a tuple or "
+                        f"list, a mapping with 'logits' or an object with .logits; {_LOGITS_FN_HINT}")
+    if not isinstance(logits, arrays):
+        raise TypeError(f"{source} has type {type(logits).__name__}, not an array; {_LOGITS_FN_HINT}")
+    return logits
 
 
 class JaxModel:
     """A JAX model: a pure function ``apply(params, inputs) -> outputs`` of shape (batch, n_outputs).
+
+    The outputs may also be a tuple, a mapping or an object holding the logits (see
+    :func:`output_logits`, and ``JaxBackend(logits_fn=...)`` for other layouts).
 
     Wrapping the function lets :class:`trak_core.TRAK` infer the ``"jax"`` backend from the model.
     For Flax ``linen``: ``JaxModel(module.apply)`` with checkpoints ``{"params": ...}``. For Flax
@@ -41,7 +87,7 @@ def _not_jittable(exc: Exception) -> TypeError:
                      "array values (use jnp.where or jax.lax.cond), no NumPy or float() on traced arrays")
 
 
-class JaxBackend:
+class JaxBackend(Backend):
     """Per-example gradients for JAX models (:class:`JaxModel` or, with ``backend="jax"``, any apply function).
 
     Parameters
@@ -55,6 +101,11 @@ class JaxBackend:
         ``"float32"``: on GPUs JAX would otherwise multiply float32 in TF32 (10-bit mantissas),
         and gradients would differ from the other backends by about 1e-3. ``None`` keeps JAX's
         default (faster on GPUs, TF32-grade); ``"tensorfloat32"`` and ``"bfloat16"`` ask for it.
+    logits_fn : callable, optional
+        The apply function's output -> the logits array ``(batch, n_outputs)``, traced inside the
+        jitted step. Default: the rule of :func:`output_logits` (an array; a tuple's first element;
+        a mapping's ``"logits"``; an object's ``.logits``). It runs on the whole batch and, under
+        ``vmap``, on one example, so it must only select or reshape, not mix rows.
     """
 
     name = "jax"
@@ -63,13 +114,17 @@ class JaxBackend:
     can_gradients = True
     has_fused_projection = True
 
-    def __init__(self, batch_size: int | None = None, matmul_precision: str | None = "float32") -> None:
+    def __init__(self, batch_size: int | None = None, matmul_precision: str | None = "float32",
+                 logits_fn: Callable[[Any], Any] | None = None) -> None:
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         choices = ("float32", "tensorfloat32", "bfloat16", "highest", "high", "default")
         if matmul_precision is not None and matmul_precision not in choices:
             raise ValueError(f"matmul_precision must be None or one of {choices}, got {matmul_precision!r}")
-        self.batch_size, self.matmul_precision = batch_size, matmul_precision
+        if logits_fn is not None and not callable(logits_fn):
+            raise TypeError(f"logits_fn must be a function (model output -> logits array), got "
+                            f"{type(logits_fn).__name__}")
+        self.batch_size, self.matmul_precision, self.logits_fn = batch_size, matmul_precision, logits_fn
         self._steps: dict[tuple, Any] = {}  # (apply, task, project) -> [jitted step, compiled batch size]
         self.compilations = 0  # traces of the step function: how many times it was (re)compiled
 
@@ -100,6 +155,13 @@ class JaxBackend:
     def structure(self, prepared: JaxCheckpoint) -> tuple:
         return prepared.structure
 
+    def parameters_digest(self, prepared: JaxCheckpoint) -> str:
+        import jax
+
+        leaves = jax.tree_util.tree_leaves(prepared.params)
+        return parameters_digest([(f"{i}:{prepared.structure!r}" if i == 0 else str(i), leaf)
+                                  for i, leaf in enumerate(leaves)])
+
     def _step(self, apply: Callable, task: Any, project: bool) -> Any:
         key = (apply, task, project)
         if key not in self._steps:
@@ -110,7 +172,7 @@ class JaxBackend:
             xp = array_api_compat.array_namespace(jnp.zeros(1))
 
             def output(params: Any, x: Any, y: Any) -> Any:
-                out = apply(params, x[None])
+                out = output_logits(apply(params, x[None]), self.logits_fn)
                 return task.output(jnp.reshape(out, (1, -1)), y[None], xp=xp)[0]
 
             def step(params: Any, inputs: Any, labels: Any, signs: Any, shared: Any) -> tuple[Any, Any]:
@@ -121,7 +183,7 @@ class JaxBackend:
                     return traced(params, inputs, labels, signs, shared)
 
             def traced(params: Any, inputs: Any, labels: Any, signs: Any, shared: Any) -> tuple[Any, Any]:
-                logits = apply(params, inputs)
+                logits = output_logits(apply(params, inputs), self.logits_fn)
                 if logits.ndim == 1:
                     logits = logits[:, None]
                 out_to_loss = task.out_to_loss(logits, labels, xp=xp)
@@ -146,8 +208,10 @@ class JaxBackend:
                                 "with jnp.asarray(tensor.cpu().numpy()) or use backend='torch'")
         inputs = jax.device_put(jnp.asarray(inputs), prepared.device)
         labels = jax.device_put(jnp.asarray(labels), prepared.device)
+        apply = self._apply(model)
         try:
-            shape = jax.eval_shape(self._apply(model), prepared.params, inputs)
+            shape = jax.eval_shape(lambda params, x: output_logits(apply(params, x), self.logits_fn),
+                                   prepared.params, inputs)
         except jax.errors.JAXTypeError as exc:
             raise _not_jittable(exc) from None
         if len(shape.shape) not in (1, 2) or shape.shape[0] != inputs.shape[0]:

@@ -4,16 +4,21 @@ Per-example gradients are ``vmap(grad(f))`` over chunks of a batch with ``torch.
 where ``f`` is the task output of one example computed with ``functional_call``; parameters
 outside ``params`` and buffers enter as constants (never differentiated). The model runs in
 eval mode (BatchNorm uses its running statistics, dropout is off) and its mode is restored after.
+The logits are taken from what ``forward`` returns by :func:`output_logits`.
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
+from trak_core.backends import Backend
+from trak_core.fingerprints import parameters_digest
+
 from .checkpoint import TorchCheckpoint, select_names, snapshot
 
-__all__ = ["TorchBackend"]
+__all__ = ["TorchBackend", "output_logits"]
 
 
 @contextmanager
@@ -24,6 +29,54 @@ def _eval_mode(model: Any) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+_LOGITS_FN_HINT = "pass logits_fn (model output -> logits tensor) to the backend: TorchBackend(logits_fn=...)"
+
+
+def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) -> Any:
+    """The logits tensor in what a model's ``forward`` returned.
+
+    With ``logits_fn``, ``logits_fn(output)``. Otherwise: a tensor is used as is; a mapping (a dict,
+    a Hugging Face ``ModelOutput``) gives its ``"logits"`` key; another object with a ``logits``
+    attribute (a named tuple, a dataclass) gives that; a tuple or list gives its first element.
+    Anything else is a ``TypeError`` that asks for a ``logits_fn``.
+    """
+    import torch
+
+    if logits_fn is not None:
+        logits = logits_fn(output)
+        source = "logits_fn(output)"
+    elif isinstance(output, torch.Tensor):
+        return output
+    elif isinstance(output, Mapping):
+        if "logits" not in output:
+            raise TypeError(f"the model's output is a mapping ({type(output).__name__}) with keys {list(output)} "
+                            f"and no 'logits'; {_LOGITS_FN_HINT}, e.g. logits_fn=lambda output: output[KEY]")
+        logits, source = output["logits"], f"output['logits'] of a {type(output).__name__}"
+    elif hasattr(output, "logits"):
+        logits, source = output.logits, f"output.logits of a {type(output).__name__}"
+    elif isinstance(output, (tuple, list)) and len(output) > 0:
+        logits, source = output[0], f"output[0] of a {type(output).__name__}"
+    else:
+        raise TypeError(f"the model's output has type {type(output).__name__}; expected a tensor, a tuple or "
+                        f"list, a mapping with 'logits' or an object with .logits; {_LOGITS_FN_HINT}")
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{source} has type {type(logits).__name__}, not a tensor; {_LOGITS_FN_HINT}")
+    return logits
+
+
+_CONVERSIONS = {"float32": "float", "float64": "double", "float16": "half", "bfloat16": "bfloat16"}
+
+
+def _dtype_error(inputs: Any, dtype: Any, exc: Exception) -> TypeError:
+    """A dtype mismatch between a floating batch and the model's parameters, with the fix."""
+    batch, model = str(inputs.dtype).removeprefix("torch."), str(dtype).removeprefix("torch.")
+    to_model = f"inputs.{_CONVERSIONS[model]}()" if model in _CONVERSIONS else f"inputs.to(torch.{model})"
+    to_batch = f"model.{_CONVERSIONS[batch]}()" if batch in _CONVERSIONS else f"model.to(torch.{batch})"
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return TypeError(f"inputs are {batch} but the model's parameters are {model} (torch: {first}); convert the "
+                     f"batch with {to_model}, or the model with {to_batch}")
 
 
 CPU_CHUNK_BYTES = 256 * 2**20  # per-example gradients per vmap call on CPUs
@@ -47,7 +100,7 @@ def _free_bytes(device: Any) -> int | None:
     return int(torch.cuda.mem_get_info(device)[0])
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """Per-example gradients for ``torch.nn.Module`` models.
 
     Parameters
@@ -60,6 +113,16 @@ class TorchBackend:
         Examples per ``vmap`` call (memory stays ``O(chunk_size * p)``). Default (:func:`chunk_rows`):
         on CPUs as many as fit in 256 MiB of gradients; on GPUs as many as fit in an eighth of
         the device's free memory, at most 6 GiB of gradients; at most 256 either way.
+    logits_fn : callable, optional
+        ``forward``'s output -> the logits tensor ``(batch, n_outputs)``. Default: the rule of
+        :func:`output_logits` (a tensor; a tuple's first element; a mapping's or a Hugging Face
+        ``ModelOutput``'s ``"logits"``; an object's ``.logits``). It runs on the whole batch and,
+        under ``vmap``, on one example, so it must only select or reshape, not mix rows.
+
+    Notes
+    -----
+    A floating batch whose dtype differs from the model's parameters (float64 inputs to a float32
+    model) is a ``TypeError`` that names both dtypes and the fix; nothing is cast silently.
     """
 
     name = "torch"
@@ -69,10 +132,13 @@ class TorchBackend:
     has_fused_projection = False  # project() is the core's (tensor cores on CUDA: trak_core._split)
 
     def __init__(self, params: Sequence[str] | Callable[[str, Any], bool] | None = None,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, logits_fn: Callable[[Any], Any] | None = None) -> None:
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        self.params, self.chunk_size = params, chunk_size
+        if logits_fn is not None and not callable(logits_fn):
+            raise TypeError(f"logits_fn must be a function (model output -> logits tensor), got "
+                            f"{type(logits_fn).__name__}")
+        self.params, self.chunk_size, self.logits_fn = params, chunk_size, logits_fn
 
     def owns(self, model: Any) -> bool:
         torch = sys.modules.get("torch")
@@ -88,6 +154,10 @@ class TorchBackend:
     def n_params(self, prepared: TorchCheckpoint) -> int:
         return prepared.n_params
 
+    def parameters_digest(self, prepared: TorchCheckpoint) -> str:
+        """SHA-256 of the attributed parameters and of the frozen ones and buffers (they change outputs too)."""
+        return parameters_digest(list(prepared.params.items()) + sorted(prepared.frozen.items()))
+
     def _check_batch(self, prepared: TorchCheckpoint, inputs: Any, labels: Any) -> None:
         import torch
 
@@ -101,7 +171,13 @@ class TorchBackend:
     def _logits(self, model: Any, prepared: TorchCheckpoint, inputs: Any) -> Any:
         from torch.func import functional_call
 
-        logits = functional_call(model, {**prepared.params, **prepared.frozen}, (inputs,))
+        try:
+            output = functional_call(model, {**prepared.params, **prepared.frozen}, (inputs,))
+        except RuntimeError as exc:
+            if inputs.is_floating_point() and inputs.dtype != prepared.dtype:
+                raise _dtype_error(inputs, prepared.dtype, exc) from exc
+            raise
+        logits = output_logits(output, self.logits_fn)
         if logits.ndim == 1:
             logits = logits[:, None]
         if logits.ndim != 2 or logits.shape[0] != inputs.shape[0]:
@@ -123,7 +199,8 @@ class TorchBackend:
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
 
             def output(params: dict, x: Any, y: Any) -> Any:
-                out = functional_call(model, {**params, **prepared.frozen}, (x[None],))
+                out = output_logits(functional_call(model, {**params, **prepared.frozen}, (x[None],)),
+                                    self.logits_fn)
                 return task.output(out.reshape(1, -1), y[None], xp=xp)[0]
 
             per_example = vmap(grad(output), in_dims=(None, 0, 0))

@@ -10,12 +10,15 @@ from typing import Any
 import array_api_compat
 
 from .._namespace import namespace
+from ..errors import TrakTypeError
+from ..fingerprints import parameters_digest
 from ..models import AnalyticModel
+from .protocol import Backend
 
 __all__ = ["ArrayAPIBackend", "backend"]
 
 
-class ArrayAPIBackend:
+class ArrayAPIBackend(Backend):
     """Per-example gradients of :class:`~trak_core.models.AnalyticModel` models."""
 
     name = "numpy"
@@ -29,12 +32,15 @@ class ArrayAPIBackend:
 
     def prepare(self, model: Any, checkpoint: Any) -> dict[str, Any]:
         if not isinstance(model, AnalyticModel):
-            raise TypeError(f"the numpy backend needs a trak_core.models.AnalyticModel, got {type(model).__name__}")
+            raise TrakTypeError(f"the numpy backend needs a trak_core.models.AnalyticModel, got {type(model).__name__}")
         params = model.params(checkpoint)
         return {name: array_api_compat.array_namespace(a).asarray(a, copy=True) for name, a in params.items()}
 
     def n_params(self, prepared: dict[str, Any]) -> int:
         return sum(int(a.size) for a in prepared.values())
+
+    def parameters_digest(self, prepared: dict[str, Any]) -> str:
+        return parameters_digest(sorted(prepared.items()))
 
     def gradients(self, model: AnalyticModel, prepared: dict[str, Any], inputs: Any, labels: Any,
                   task: Any) -> tuple[Any, Any]:

@@ -4,26 +4,21 @@ One job: declare the :class:`Backend` protocol and the errors the registry raise
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, runtime_checkable
+import abc
+from typing import Any, Iterable
 
-__all__ = ["Backend", "BackendError", "UnknownBackendError", "MissingFrameworkError"]
+from ..errors import BackendError, MissingFrameworkError, TrakTypeError, UnknownBackendError
 
-
-class BackendError(ValueError):
-    """A backend cannot be found or cannot run here."""
-
-
-class UnknownBackendError(BackendError):
-    """No backend is registered under the requested name."""
+__all__ = ["Backend", "BackendError", "UnknownBackendError", "MissingFrameworkError", "check_backend"]
 
 
-class MissingFrameworkError(BackendError, ImportError):
-    """The backend's framework (or the backend package) is not installed."""
+class Backend(abc.ABC):
+    """What a framework backend supplies to the estimator: subclass it and implement the abstract methods.
 
-
-@runtime_checkable
-class Backend(Protocol):
-    """A framework backend.
+    Required: :meth:`owns`, :meth:`prepare`, :meth:`n_params`, :meth:`gradients`, and the class
+    attribute :attr:`name`. Optional, with the default behaviour shown: :meth:`structure`,
+    :meth:`parameters_digest`, :meth:`project`, :meth:`features`. The estimator calls exactly these,
+    never anything else, and never probes for attributes.
 
     Attributes
     ----------
@@ -36,38 +31,83 @@ class Backend(Protocol):
     can_gradients : bool
         Whether :meth:`gradients` works (a projection-only backend says ``False``).
     has_fused_projection : bool
-        Whether :meth:`project` is faster than the reference :func:`trak_core.project`.
+        Whether the estimator should call :meth:`project` (and :meth:`features`) instead of the
+        core's :func:`trak_core.project`.
     """
 
-    name: str
-    framework: str | None
-    extra: str | None
-    can_gradients: bool
-    has_fused_projection: bool
+    name: str = ""
+    framework: str | None = None
+    extra: str | None = None
+    can_gradients: bool = True
+    has_fused_projection: bool = False
 
+    @abc.abstractmethod
     def owns(self, model: Any) -> bool:
         """Whether ``model`` belongs to this backend; must not import a framework not yet imported."""
 
+    @abc.abstractmethod
     def prepare(self, model: Any, checkpoint: Any) -> Any:
         """A snapshot of ``checkpoint`` ready for :meth:`gradients` (later changes to it do not leak in)."""
 
+    @abc.abstractmethod
     def n_params(self, prepared: Any) -> int:
         """Number of parameters ``p`` the gradients of ``prepared`` have."""
 
+    @abc.abstractmethod
     def gradients(self, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any) -> tuple[Any, Any]:
         """Per-example gradients of ``task.output``, shape (n, p), and ``task.out_to_loss``, shape (n,)."""
 
+    def structure(self, prepared: Any) -> Any:
+        """A hashable description of the parameters (names, nesting, shapes) that every checkpoint must share.
+
+        Default ``None``: only :meth:`n_params` is compared between checkpoints.
+        """
+        return None
+
+    def parameters_digest(self, prepared: Any) -> str | None:
+        """A content hash of the checkpoint's parameters (same values, same digest).
+
+        The estimator records it per checkpoint, refuses to featurize the same checkpoint twice,
+        and checks it when a store is reopened. Default ``None``: no such checks.
+        """
+        return None
+
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
                 precision: str = "float32") -> Any:
-        """``grads @ P_checkpoint``, equal to :func:`trak_core.project` (same ``precision``) up to float rounding."""
+        """``grads @ P_checkpoint``, equal to :func:`trak_core.project` (same ``precision``) up to float rounding.
+
+        Default: :func:`trak_core.project` itself.
+        """
+        from ..projection import project
+
+        return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind, precision=precision)
+
+    def features(self, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any, *, k: int, seed: int,
+                 checkpoint: int, kind: str, precision: str = "float32") -> tuple[Any, Any] | None:
+        """Projected features (n, k) and out-to-loss weights (n,) in one fused step, or ``None``.
+
+        Default ``None``: the estimator calls :meth:`gradients` and projects them itself. A backend
+        whose compiled step can multiply by the projection matrix (JAX) returns the features here.
+        """
+        return None
+
+
+def check_backend(backend: Any) -> Backend:
+    """``backend`` if it is a :class:`Backend` with a name, else a :class:`TrakTypeError` saying what to fix."""
+    if not isinstance(backend, Backend):
+        raise TrakTypeError(f"{backend!r} is not a trak_core Backend: subclass trak_core.Backend and implement "
+                            "owns, prepare, n_params and gradients (docs/backends.md)")
+    if not isinstance(backend.name, str) or not backend.name:
+        raise TrakTypeError(f"backend {type(backend).__name__} needs a non-empty class attribute `name`")
+    return backend
 
 
 def batches(data: Iterable[Any]) -> Iterable[tuple[Any, Any]]:
     """Yield ``(inputs, labels)`` pairs from ``data``, with a clear error for anything else."""
     if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
-        raise TypeError("data must be an iterable of (inputs, labels) batches, got a single "
+        raise TrakTypeError("data must be an iterable of (inputs, labels) batches, got a single "
                         "(inputs, labels) pair: wrap it in a list, e.g. [(inputs, labels)]")
     for i, batch in enumerate(data):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(f"batch {i} must be an (inputs, labels) pair, got {type(batch).__name__}")
+            raise TrakTypeError(f"batch {i} must be an (inputs, labels) pair, got {type(batch).__name__}")
         yield batch[0], batch[1]

@@ -11,7 +11,8 @@ import importlib.util
 from importlib.metadata import entry_points
 from typing import Any
 
-from .protocol import Backend, MissingFrameworkError, UnknownBackendError
+from ..errors import TrakTypeError
+from .protocol import Backend, MissingFrameworkError, UnknownBackendError, check_backend
 
 __all__ = ["ENTRY_POINT_GROUP", "register_backend", "get_backend", "available_backends", "infer_backend"]
 
@@ -29,8 +30,7 @@ _loaded: dict[str, Backend] = {}
 
 def register_backend(backend: Backend, *, name: str | None = None) -> None:
     """Register ``backend`` under ``name`` (default ``backend.name``) for this process."""
-    if not isinstance(backend, Backend):
-        raise TypeError(f"{backend!r} does not implement the trak_core Backend protocol")
+    check_backend(backend)
     name = name or backend.name
     _registered[name] = backend
     _loaded.pop(name, None)
@@ -82,7 +82,8 @@ def get_backend(name: str) -> Backend:
         if importlib.util.find_spec(module_name.split(".")[0]) is None:
             raise _framework_missing(name, framework, extra)
         obj = getattr(importlib.import_module(module_name), attr)
-        target = obj() if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Backend)) else obj
+        target = check_backend(obj() if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Backend))
+                               else obj)
     if not _framework_present(target.framework):
         raise _framework_missing(name, target.framework, target.extra)
     _loaded[name] = target
@@ -113,6 +114,6 @@ def infer_backend(model: Any) -> Backend:
             continue
         if backend.owns(model):
             return backend
-    raise TypeError(f"no installed backend recognises a model of type {type(model).__module__}."
+    raise TrakTypeError(f"no installed backend recognises a model of type {type(model).__module__}."
                     f"{type(model).__name__}; installed backends: {available_backends()}. Pass backend=... "
                     f"explicitly or install the backend for this model's framework")

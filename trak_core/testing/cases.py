@@ -110,7 +110,11 @@ class TorchCase(BackendCase):
 
 
 class JaxCase(BackendCase):
-    """JAX on ``platform``; ``x64=True`` turns ``jax_enable_x64`` on for each test (float64 runs)."""
+    """JAX on ``platform``; ``x64=True`` turns ``jax_enable_x64`` on for each test (float64 runs).
+
+    Models are plain ``apply(params, inputs)`` functions (:func:`jax_apply`), which the ``"jax"``
+    backend takes as they are (a ``trak_jax.JaxModel`` would only let TRAK infer the backend).
+    """
 
     kinds = ("softmax", "mlp", "cnn")
     backend = "jax"
@@ -127,9 +131,8 @@ class JaxCase(BackendCase):
         return jax.enable_x64(self.x64)
 
     def model(self, kind, weights):
-        from trak_jax import JaxModel
-
-        return JaxModel(jax_apply(kind)), [self.array(w) for w in weights]
+        # the plain apply function: with backend="jax" the JAX backend takes it as it is
+        return jax_apply(kind), [self.array(w) for w in weights]
 
     def array(self, value):
         import jax

@@ -1,0 +1,95 @@
+"""A finished store reopened with TRAK.open scores new targets without the training data; self-influence."""
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are not exercised")
+
+from trak_core import MLP, TRAK, StoreMismatchError, TrakCoreError  # noqa: E402
+
+N = 300
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(N, 5)), rng.integers(0, 3, N)
+
+
+def _featurize(path, checkpoints=2, **options):
+    x, y = _data()
+    model = MLP(5, 4, 3)
+    trak = TRAK(model, proj_dim=32, store=path, progress=False, **options)
+    for c in range(checkpoints):
+        trak.featurize(model.init(seed=c), [(x[i:i + 64], y[i:i + 64]) for i in range(0, N, 64)])
+    return trak, model
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from trak_core import MLP, TRAK
+    model = MLP(5, 4, 3)
+    trak = TRAK.open(sys.argv[1], model, [model.init(seed=c) for c in range(2)])
+    targets = np.random.default_rng(7).normal(size=(9, 5)), np.arange(9) % 3
+    np.save(sys.argv[2], trak.score([targets]))
+""")
+
+
+def test_reopened_in_a_new_process_scores_bit_identically(tmp_path):
+    trak, _ = _featurize(tmp_path / "store", lambda_reg=0.05)  # a float lambda: read back from the store
+    targets = np.random.default_rng(7).normal(size=(9, 5)), np.arange(9) % 3
+    expected = trak.score([targets])
+    script = tmp_path / "reopen.py"
+    script.write_text(SCRIPT)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(script), str(tmp_path / "store"), str(tmp_path / "scores.npy")], check=True,
+                   cwd=root, timeout=300)
+    assert np.array_equal(np.load(tmp_path / "scores.npy"), expected)
+
+
+def test_opening_checks_checkpoints_and_lists_saved_scores(tmp_path):
+    trak, model = _featurize(tmp_path / "store")
+    x, y = _data()
+    saved = trak.score([(x[:4], y[:4])], save_as="first-four")
+    with pytest.raises(StoreMismatchError, match=r"checkpoint 1 in .* other parameters \(parameters_sha256"):
+        TRAK.open(tmp_path / "store", model, [model.init(seed=0), model.init(seed=5)])
+    with pytest.raises(TrakCoreError, match="holds 2 complete checkpoints; pass all 2"):
+        TRAK.open(tmp_path / "store", model, [model.init(seed=0)])
+    with pytest.raises(TrakCoreError, match="no trak-core store"):
+        TRAK.open(tmp_path / "nothing", model, [model.init(seed=0)])
+    opened = TRAK.open(tmp_path / "store", model, [model.init(seed=0), model.init(seed=1)])
+    assert opened.saved_scores() == ["first-four"]
+    assert np.array_equal(opened.load_scores("first-four"), saved)
+    assert np.array_equal(opened.score([(x[:4], y[:4])], checkpoints=np.arange(2)), saved)
+    assert opened.lambdas == trak.lambdas
+
+
+def test_a_reopened_store_says_how_to_load_it(tmp_path):
+    _, model = _featurize(tmp_path / "store")
+    x, y = _data()
+    fresh = TRAK(model, proj_dim=32, store=tmp_path / "store", progress=False)
+    with pytest.raises(TrakCoreError, match=r"holds 2 complete checkpoints: TRAK.open\(path, model, checkpoints\)"):
+        fresh.score([(x[:2], y[:2])])
+    with pytest.raises(StoreMismatchError):
+        fresh.featurize(model.init(seed=9), [(x, y)])
+    with pytest.raises(TrakCoreError, match="the last featurize failed \\(StoreMismatchError"):
+        fresh.score([(x[:2], y[:2])])
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_self_influence_is_the_diagonal_of_scoring_the_training_set(tmp_path, store):
+    trak, model = _featurize(None if store == "memory" else tmp_path / "store", checkpoints=3)
+    x, y = _data()
+    diagonal = np.diag(trak.score([(x, y)]))  # every training example as a target: the independent reference
+    np.testing.assert_allclose(trak.self_influence(), diagonal, rtol=1e-10, atol=1e-12 * np.abs(diagonal).max())
+    np.testing.assert_allclose(trak.self_influence(checkpoints=[1]), np.diag(trak.score([(x, y)], checkpoints=[1])),
+                               rtol=1e-10, atol=1e-12 * np.abs(diagonal).max())
+    if store == "disk":
+        opened = TRAK.open(tmp_path / "store", model, [model.init(seed=c) for c in range(3)])
+        np.testing.assert_allclose(opened.self_influence(), diagonal, rtol=1e-10, atol=1e-12 * np.abs(diagonal).max())
+    with pytest.raises(TrakCoreError, match="self_influence needs checkpoint_weighting='uniform'"):
+        TRAK(model, proj_dim=8, checkpoint_weighting="normalized").self_influence()

@@ -1,0 +1,247 @@
+"""How :class:`trak_core.TRAK` turns a checkpoint and its training data into stored features.
+
+One job: the featurizing machinery behind ``TRAK.featurize`` (a base class of ``TRAK``): per-batch
+gradients or fused features, projection in groups aligned to absolute rows, the checkpoint's checks
+against the ones before and the store (parameters, data), the writer, and the factorized kernel.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from . import kernel as kernel_ops
+from ._checks import _check_finite, _check_lengths, projection_group_rows
+from ._delegation import is_accelerator
+from ._identity import DataCheck, check_parameters
+from ._namespace import namespace
+from ._progress import progress
+from .backends.protocol import batches
+from .errors import TrakValueError
+from .fingerprints import to_numpy
+from .projection import project
+from .regularization import choose_lambda
+from .scores import normalize_rows
+from .store import CheckpointEntry, Writer
+
+__all__ = ["Featurizer", "PendingCheckpoint"]
+
+log = logging.getLogger("trak_core")
+
+
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint between its checks and its entry: snapshot, sizes, content hash and writer."""
+
+    index: int
+    prepared: Any
+    n_params: int
+    structure: Any
+    digest: str | None
+    writer: Writer
+
+
+class Featurizer:
+    """The featurizing half of :class:`trak_core.TRAK` (its configuration attributes are TRAK's)."""
+
+    def _project(self, grads: Any, checkpoint: int) -> Any:
+        return self._finish(self._project_raw(grads, checkpoint))
+
+    def _finish(self, features: Any) -> Any:
+        return normalize_rows(features, xp=namespace(features)) if self.normalize_features else features
+
+    def _project_raw(self, grads: Any, checkpoint: int) -> Any:
+        if self.proj_dim is None:
+            return grads
+        if self.backend.has_fused_projection:
+            return self.backend.project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint,
+                                        kind=self.proj_type, precision=self.precision)
+        return project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint, kind=self.proj_type,
+                       precision=self.precision)
+
+    def _gradients(self, prepared: Any, inputs: Any, labels: Any, where: str) -> tuple[Any, Any]:
+        """Validated per-example gradients (n, p) and out-to-loss weights (n,) of one batch."""
+        n_inputs = _check_lengths(inputs, labels, where)
+        grads, out_to_loss = self.backend.gradients(self.model, prepared, inputs, labels, self.task)
+        if grads.ndim != 2 or grads.shape[0] != n_inputs:
+            raise TrakValueError(f"{where}: backend {self.backend.name!r} returned gradients of shape "
+                             f"{tuple(grads.shape)} for {n_inputs} examples; expected (n, p)")
+        _check_finite(grads, out_to_loss, where, "per-example gradients")
+        return grads, out_to_loss
+
+    def _fused_features(self, prepared: Any, index: int, inputs: Any, labels: Any, where: str) -> tuple | None:
+        """Features from a backend that projects inside its own compiled step, if it has one."""
+        if not self.backend.has_fused_projection or self.proj_dim is None:
+            return None
+        n_inputs = _check_lengths(inputs, labels, where)
+        out = self.backend.features(self.model, prepared, inputs, labels, self.task, k=self.proj_dim, seed=self.seed,
+                    checkpoint=index, kind=self.proj_type, precision=self.precision)
+        if out is not None:
+            if tuple(out[0].shape) != (n_inputs, self.proj_dim):
+                raise TrakValueError(f"{where}: backend {self.backend.name!r} returned features of shape "
+                                 f"{tuple(out[0].shape)}; expected {(n_inputs, self.proj_dim)}")
+            _check_finite(out[0], out[1], where, "features (projected per-example gradients)")
+            out = (self._finish(out[0]), out[1])
+        return out
+
+    def _batch_features(self, prepared: Any, index: int, inputs: Any, labels: Any,
+                        where: str) -> tuple[Any, Any]:
+        fused = self._fused_features(prepared, index, inputs, labels, where)
+        if fused is not None:
+            return fused
+        grads, out_to_loss = self._gradients(prepared, inputs, labels, where)
+        return self._project(grads, index), out_to_loss
+
+    def _stream_features(self, prepared: Any, index: int, data: Iterable[Any], skip: int = 0,
+                         stop: int | None = None, check: DataCheck | None = None) -> Iterator[tuple[Any, Any]]:
+        """Features and out-to-loss weights of rows ``skip .. stop-1`` of ``data``.
+
+        Whole batches are differentiated (rows outside the range are dropped afterwards), and
+        gradients are projected in groups of exactly :func:`projection_group_rows` rows aligned
+        to absolute row indices, so a row's features do not depend on where a run started or
+        stopped (resume, shards) and the matrix is made or unpacked once per group. Backends with
+        a fused step (:meth:`features`) project batch by batch inside it.
+        """
+        grads, weights, seen, group, pending = [], [], 0, None, 0
+        for b, (inputs, labels) in enumerate(progress(batches(data), desc=f"featurize checkpoint {index}",
+                                                      enabled=self.progress)):
+            where = f"checkpoint {index}, batch {b}"
+            rows = _check_lengths(inputs, labels, where)
+            if check is not None:  # before the batch's rows can reach the store
+                check.batch(inputs, labels)
+            first, seen = seen, seen + rows
+            lo, hi = max(0, skip - first), rows if stop is None else min(rows, stop - first)
+            if hi <= lo:
+                if stop is not None and first >= stop:
+                    break
+                continue
+            fused = self._fused_features(prepared, index, inputs, labels, where)
+            if fused is not None:
+                yield (fused[0][lo:hi, ...], fused[1][lo:hi]) if (lo, hi) != (0, rows) else fused
+                continue
+            g, q = self._gradients(prepared, inputs, labels, where)
+            if (lo, hi) != (0, rows):
+                g, q = g[lo:hi, ...], q[lo:hi]
+            xp = namespace(g)
+            if group is None:
+                group = projection_group_rows(g.shape[1], xp.finfo(g.dtype).bits // 8, self.proj_dim,
+                                              accelerator=is_accelerator(g))
+                pending = (first + lo) % group  # the first group ends at a multiple of `group`
+            grads.append(g)
+            weights.append(q)
+            pending += g.shape[0]
+            while pending >= group:  # one pending array is sliced, never copied
+                g_all = grads[0] if len(grads) == 1 else xp.concat(grads, axis=0)
+                q_all = weights[0] if len(weights) == 1 else xp.concat(weights, axis=0)
+                take = g_all.shape[0] - (pending - group)
+                yield self._project(g_all[:take, ...], index), q_all[:take]
+                grads, weights = [g_all[take:, ...]], [q_all[take:]]
+                pending -= group
+        if sum(g.shape[0] for g in grads):
+            xp = namespace(grads[0])
+            yield self._project(xp.concat(grads, axis=0), index), xp.concat(weights, axis=0)
+
+    def _featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
+        pending = self._open_checkpoint(checkpoint)
+        writer = pending.writer
+        if not writer.complete:
+            writer.record_parameters(pending.digest)
+        self._write_features(checkpoint, pending, data, DataCheck.for_checkpoint(writer, list(self.store),
+                                                                                 self._where))
+        self._close_checkpoint(pending)
+
+    @property
+    def _where(self) -> str:
+        return self.store.location or "memory"
+
+    def _open_checkpoint(self, checkpoint: Any, index: int | None = None) -> PendingCheckpoint:
+        """The next checkpoint's snapshot, checked against the ones before and the store; its writer."""
+        index = len(self.store) if index is None else index
+        prepared = self.backend.prepare(self.model, checkpoint)
+        n_params = self.backend.n_params(prepared)
+        if len(self.store) and n_params != self.store[0].n_params:
+            raise TrakValueError(f"checkpoint {index} has {n_params} parameters but checkpoint 0 had "
+                                 f"{self.store[0].n_params}; every checkpoint must be of the same model")
+        structure = self.backend.structure(prepared)
+        if len(self.store) and structure != self.store[0].structure:
+            raise TrakValueError(f"checkpoint {index} has a different parameter structure than checkpoint 0 "
+                                 f"({structure} vs {self.store[0].structure}); every checkpoint must have the "
+                                 "same parameter names, nesting and shapes")
+        digest = self.backend.parameters_digest(prepared)
+        writer = self.store.writer(index, self._fingerprint(n_params, structure))
+        check_parameters(digest, writer, list(self.store), index, self._where)
+        return PendingCheckpoint(index, prepared, n_params, structure, digest, writer)
+
+    def _close_checkpoint(self, pending: PendingCheckpoint, lambda_reg: float | None = None) -> None:
+        """Factorize the kernel and add the entry (the features are all in the writer)."""
+        features, q_all, kernel = pending.writer.finish()
+        if features is None:
+            raise TrakValueError("featurize: data yielded no batches; pass an iterable of (inputs, labels)")
+        factor = self._factorize(kernel, features.shape[0], pending.n_params, pending.index, lambda_reg)
+        del kernel  # the entry re-reads or recomputes it when lambda changes (refit); only the factor is held
+        self.store.add(CheckpointEntry(pending.index, pending.prepared, pending.n_params, features, q_all, factor,
+                                       pending.structure, pending.writer.kernel_loader, pending.digest,
+                                       pending.writer.data_checksums))
+
+    def _write_features(self, checkpoint: Any, pending: PendingCheckpoint, data: Iterable[Any],
+                        check: DataCheck) -> None:
+        """Features of the rows the writer lacks (none when complete), the data checked against the store's."""
+        writer, prepared, index = pending.writer, pending.prepared, pending.index
+        if self.executor is not None:
+            data = list(batches(data))
+        if writer.needs_template or (self.executor is not None and writer.template is None):
+            data = iter(batches(data))  # one example tells the namespace, device and dtype of the features
+            first = next(data, None)
+            if first is not None:
+                one = (first[0][:1, ...], first[1][:1, ...])
+                writer.set_template(self._batch_features(prepared, index, *one, f"checkpoint {index}, batch 0")[0])
+                data = itertools.chain([first], data)
+        if writer.complete:  # stored: only check that the data is the same, in the same order
+            for inputs, labels in batches(data):
+                check.batch(inputs, labels)
+            check.finish(writer.rows_done)
+            return
+        if self.executor is not None:
+            data = list(data)
+            for inputs, labels in data:
+                check.batch(inputs, labels)
+            check.finish()
+            self._featurize_distributed(checkpoint, index, data, writer)
+            return
+        for phi, q in self._stream_features(prepared, index, data, skip=writer.rows_done, check=check):
+            writer.append(phi, q)
+        check.finish()
+
+    def _featurize_distributed(self, checkpoint: Any, index: int, data: list, writer: Writer) -> None:
+        offsets, total = [], 0
+        for b, (inputs, labels) in enumerate(data):
+            offsets.append(total)
+            total += _check_lengths(inputs, labels, f"checkpoint {index}, batch {b}")
+        if not total:
+            return
+        template = to_numpy(writer.template)
+        writer.allocate(total, template.shape[1], template.dtype, template.dtype)
+        self.executor.featurize(self, checkpoint, index, data, writer, total, offsets)
+
+    def _fingerprint(self, n_params: int, structure: Any) -> dict[str, Any]:
+        """What must not change between runs sharing a store (checked by on-disk stores)."""
+        import hashlib
+
+        from .disk_store import STORE_FORMAT
+
+        return {"proj_type": self.proj_type, "proj_dim": self.proj_dim, "seed": self.seed, "task": self.task.name,
+                "n_params": n_params, "parameter_structure": hashlib.sha256(repr(structure).encode()).hexdigest()[:16],
+                "normalize_features": self.normalize_features, "backend": self.backend.name,
+                "precision": self.precision, "store_format": STORE_FORMAT}
+
+    def _factorize(self, kernel: Any, n_train: int, n_params: int, index: int,
+                   lambda_reg: float | None = None) -> kernel_ops.KernelFactor:
+        xp = namespace(kernel)
+        lam = self.lambda_reg if lambda_reg is None else lambda_reg
+        if lam == "auto":
+            lam = choose_lambda(kernel, n_train, n_params=n_params, xp=xp)
+        factor = kernel_ops.factorize(kernel, lam, xp=xp)
+        log.info("checkpoint %d: %d examples, k=%d, lambda=%.4g%s, kernel rank %d", index, n_train,
+                 kernel.shape[0], lam, " (auto)" if self.lambda_reg == "auto" else "", factor.rank)
+        return factor

@@ -1,0 +1,94 @@
+"""Checks that a checkpoint and a training set are the ones a store already holds features of.
+
+One job: compare content hashes (:mod:`trak_core.fingerprints`) with what a writer or checkpoint 0
+recorded, and raise :class:`~trak_core.errors.StoreMismatchError` naming the field, before any
+row that would contradict them is written.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .errors import StoreMismatchError, TrakValueError
+from .fingerprints import DataFingerprint
+from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, Writer
+
+__all__ = ["check_parameters", "DataCheck"]
+
+
+def _short(digest: str | None) -> str:
+    return "none" if digest is None else digest[:12]
+
+
+def check_parameters(digest: str | None, writer: Writer, entries: Sequence[CheckpointEntry], index: int,
+                     where: str) -> None:
+    """Refuse a checkpoint featurized already under another index, or other parameters than the store holds."""
+    if digest is not None:
+        for entry in entries:
+            if entry.parameters_digest == digest:
+                raise TrakValueError(f"this checkpoint has the same parameters as checkpoint {entry.index} "
+                                     "(featurized already); featurizing it again would count it twice in the "
+                                     "ensemble. Pass each checkpoint once")
+    stored = writer.parameters_digest
+    if stored is not None and digest is not None and stored != digest:
+        raise StoreMismatchError(f"checkpoint {index} in {where} was featurized from other parameters "
+                                 f"(parameters_sha256: stored {_short(stored)}..., now {_short(digest)}...); pass the "
+                                 "same checkpoints in the same order, or use a new store path (nothing was overwritten)")
+
+
+class DataCheck:
+    """Hashes the training data batch by batch and compares each chunk with the recorded digests.
+
+    Parameters
+    ----------
+    writer : Writer
+        Receives the digests (:meth:`~trak_core.store.Writer.record_data`).
+    expected : dict
+        Chunk index (str) to digest: checkpoint 0's, or, for checkpoint 0 resumed, the chunks it stored.
+    n_train : int or None
+        The number of rows the data must have (``None`` when not known yet).
+    where : str
+        The store's location or ``"memory"``, for messages.
+    """
+
+    def __init__(self, writer: Writer, expected: dict[str, str], n_train: int | None, where: str) -> None:
+        self.writer, self.expected, self.n_train, self.where = writer, expected, n_train, where
+        self.fingerprint = DataFingerprint(KERNEL_CHUNK_ROWS)
+
+    @classmethod
+    def for_checkpoint(cls, writer: Writer, entries: Sequence[CheckpointEntry], where: str) -> "DataCheck":
+        """Expected digests: checkpoint 0's for later checkpoints; the stored chunks when resuming checkpoint 0."""
+        if entries:
+            first = entries[0]
+            return cls(writer, dict(first.data_checksums), int(first.features.shape[0]), where)
+        stored = writer.data_checksums
+        if writer.complete:
+            return cls(writer, stored, None, where)
+        whole = writer.rows_done // KERNEL_CHUNK_ROWS  # chunks written completely
+        return cls(writer, {c: d for c, d in stored.items() if int(c) < whole}, None, where)
+
+    def _compare(self, chunk: int, digest: str) -> None:
+        expected = self.expected.get(str(chunk))
+        if expected is not None and expected != digest:
+            first = chunk * KERNEL_CHUNK_ROWS
+            raise StoreMismatchError(
+                f"the training data differs from the data the store at {self.where} was featurized on, in rows "
+                f"{first}..{first + KERNEL_CHUNK_ROWS - 1} (data_checksums chunk {chunk}): other examples, other "
+                "labels or another order. Featurize every checkpoint on the same data in the same order, or use a "
+                "new store path (nothing was overwritten)")
+        self.writer.record_data(chunk, digest)
+
+    def batch(self, inputs: Any, labels: Any) -> None:
+        """Hash one batch (in order); raises before the rows of a differing chunk are written."""
+        for chunk, digest in self.fingerprint.update(inputs, labels):
+            self._compare(chunk, digest)
+
+    def finish(self, stored_rows: int | None = None) -> None:
+        """Check the number of rows, then the last (partial) chunk."""
+        n_train = self.n_train if self.n_train is not None else stored_rows
+        rows = self.fingerprint.rows
+        if n_train is not None and rows != n_train:
+            raise StoreMismatchError(f"the training data has {rows} examples, but the features in {self.where} were "
+                                     f"made from n_train={n_train}; featurize every checkpoint on the same data "
+                                     "(not truncated or extended), or use a new store path (nothing was overwritten)")
+        for chunk, digest in self.fingerprint.finish():
+            self._compare(chunk, digest)

@@ -1,0 +1,68 @@
+"""Reopening a finished on-disk store: :meth:`trak_core.TRAK.open`.
+
+One job: rebuild the estimator's configuration from the store, check every checkpoint against the
+content hash stored with it, and load the stored features, out-to-loss weights and kernels when
+the first targets arrive (they tell the namespace and device to read into).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .errors import StoreMismatchError, TrakValueError
+
+__all__ = ["open_trak", "load_opened"]
+
+
+def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, task: Any, backend: Any,
+              lambda_reg: Any, **options: Any) -> Any:
+    """``cls`` configured as the store at ``path`` was written, its checkpoints checked (see ``TRAK.open``)."""
+    from .disk_store import STORE_FORMAT, DiskStore
+
+    store = DiskStore(path)
+    config = store.configuration()
+    if config is None:
+        raise TrakValueError(f"no trak-core store at {path}: featurize with TRAK(..., store=path) first")
+    if config.get("store_format") != STORE_FORMAT:
+        raise StoreMismatchError(f"the store at {path} has format {config.get('store_format')!r}; this trak-core "
+                                 f"reads format {STORE_FORMAT}: featurize again into a new store path")
+    stored = store.stored_checkpoints()
+    checkpoints = list(checkpoints)
+    if not stored:
+        raise TrakValueError(f"the store at {path} holds no complete checkpoint: featurize first")
+    if len(checkpoints) != stored:
+        raise TrakValueError(f"the store at {path} holds {stored} complete checkpoints; pass all {stored}, in the "
+                             f"order they were featurized (got {len(checkpoints)})")
+    trak = cls(model, task=config["task"] if task is None else task, proj_dim=config["proj_dim"],
+               proj_type=config["proj_type"], seed=config["seed"],
+               backend=config["backend"] if backend is None else backend, store=store,
+               normalize_features=config["normalize_features"], precision=config.get("precision", "float32"),
+               lambda_reg="auto" if lambda_reg is None else lambda_reg, **options)
+    digests: list[str] = []
+    for index, checkpoint in enumerate(checkpoints):
+        pending = trak._open_checkpoint(checkpoint, index=index)
+        if pending.writer.parameters_digest is None or not pending.writer.complete:
+            raise StoreMismatchError(f"checkpoint {index} in {path} is incomplete or has no parameters_sha256; "
+                                     "featurize it again with its training data")
+        if pending.digest in digests:
+            raise TrakValueError(f"checkpoints {digests.index(pending.digest)} and {index} have the same parameters; "
+                                 "pass each stored checkpoint once, in order")
+        digests.append(pending.digest)
+        trak._opened.append((pending, store.stored_lambda(index) if lambda_reg is None else None))
+    return trak
+
+
+def load_opened(trak: Any, example: tuple[Any, Any] | None) -> None:
+    """Finish the checkpoints :func:`open_trak` checked: one target row (or NumPy) sets the namespace."""
+    import numpy as np
+
+    opened, trak._opened = trak._opened, []
+    for pending, stored_lambda in opened:
+        writer = pending.writer
+        if example is not None:
+            template = trak._batch_features(pending.prepared, pending.index, *example,
+                                            f"targets batch 0, checkpoint {pending.index}")[0]
+        else:
+            dtype = np.dtype(writer.group.attrs.get("dtype", "float64"))
+            template = np.zeros((1, trak.proj_dim or pending.n_params), dtype=dtype)
+        writer.set_template(template)
+        trak._close_checkpoint(pending, stored_lambda)

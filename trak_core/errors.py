@@ -1,0 +1,43 @@
+"""Every exception trak-core raises on purpose, under one base class.
+
+One job: the exception hierarchy. Each class keeps the built-in base that code written against
+earlier versions catches (``ValueError``, ``TypeError``, ``ImportError``, ``OSError``), and all of
+them derive from :class:`TrakCoreError`, so ``except trak_core.TrakCoreError`` catches every
+error that trak-core itself raises (and nothing that a framework raises).
+"""
+from __future__ import annotations
+
+__all__ = ["TrakCoreError", "TrakValueError", "TrakTypeError", "TrakOSError", "BackendError", "UnknownBackendError",
+           "MissingFrameworkError", "StoreMismatchError"]
+
+
+class TrakCoreError(Exception):
+    """Base of every error trak-core raises on purpose."""
+
+
+class TrakValueError(TrakCoreError, ValueError):
+    """A value is wrong: a shape, a size, a setting, non-finite numbers, inconsistent data."""
+
+
+class TrakTypeError(TrakCoreError, TypeError):
+    """An argument is of the wrong type (a model, a batch, a backend object)."""
+
+
+class TrakOSError(TrakCoreError, OSError):
+    """A store cannot be read or written (permissions, a full disk, a path that is a file)."""
+
+
+class BackendError(TrakValueError):
+    """A backend cannot be found or cannot run here."""
+
+
+class UnknownBackendError(BackendError):
+    """No backend is registered under the requested name."""
+
+
+class MissingFrameworkError(BackendError, ImportError):
+    """A framework, a backend package or an optional dependency (zarr, Ray) is not installed."""
+
+
+class StoreMismatchError(TrakValueError):
+    """A store holds features of another configuration, checkpoint or training set than this run's."""

@@ -1,0 +1,117 @@
+"""Content hashes that name what a store was made from: a checkpoint's parameters and the training data.
+
+One job: digests that are equal exactly when the bytes are equal (dtype, shape and order included),
+whatever the framework or device the arrays live on.
+
+- :func:`parameters_digest`: a checkpoint, from its named parameter arrays (backends call it in
+  :meth:`trak_core.Backend.parameters_digest`).
+- :class:`DataFingerprint`: the training data, fed batch by batch while featurizing; it yields one
+  digest per chunk of :data:`trak_core.store.KERNEL_CHUNK_ROWS` rows (the store's chunks), so a
+  reopened store can tell, before writing a chunk, whether its rows come from the same examples in
+  the same order, and where they first differ.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable
+
+import numpy as np
+
+__all__ = ["to_numpy", "parameters_digest", "DataFingerprint", "combine"]
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A NumPy copy (or view) of an array of any framework or device (torch, CuPy, JAX, array-api-strict)."""
+    if hasattr(x, "detach"):  # torch: bfloat16 and other dtypes NumPy lacks travel as their bytes
+        import torch
+
+        t = x.detach()
+        if t.dtype in (torch.bfloat16,) or str(t.dtype).startswith("torch.float8"):
+            return t.contiguous().view(torch.uint8).cpu().numpy()
+        return t.cpu().numpy()
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    try:
+        return np.asarray(x)
+    except Exception:  # array-api-strict on a non-CPU device
+        import array_api_strict as xs
+
+        return np.asarray(x.to_device(xs.Device("CPU_DEVICE")))
+
+
+def _update(hasher: Any, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array)
+    hasher.update(f"{array.dtype.str}{array.shape}".encode())
+    hasher.update(array.view(np.uint8).reshape(-1) if array.size else b"")
+
+
+def parameters_digest(named: Iterable[tuple[str, Any]]) -> str:
+    """SHA-256 of named arrays, in the order given: names, dtypes, shapes and bytes."""
+    hasher = hashlib.sha256()
+    for name, value in named:
+        hasher.update(name.encode() + b"\0")
+        _update(hasher, to_numpy(value))
+    return hasher.hexdigest()
+
+
+def combine(chunk_digests: Iterable[str], n_rows: int) -> str:
+    """One digest of a whole training set from its chunk digests and its number of rows."""
+    hasher = hashlib.sha256(str(n_rows).encode())
+    for digest in chunk_digests:
+        hasher.update(digest.encode())
+    return hasher.hexdigest()
+
+
+class DataFingerprint:
+    """Digests of the training data per chunk of ``chunk_rows`` rows (inputs and labels, in order).
+
+    Parameters
+    ----------
+    chunk_rows : int
+        Rows per digest (the store's chunk size).
+
+    Notes
+    -----
+    :meth:`update` takes each batch in order and returns the ``(chunk, digest)`` pairs that the
+    batch completed; :meth:`finish` returns the last, partial chunk's. Only the rows are hashed
+    (a batch's bytes are copied to the host once and hashed as one block), so the cost is a small
+    share of featurizing, which differentiates every row.
+    """
+
+    def __init__(self, chunk_rows: int) -> None:
+        self.chunk_rows = int(chunk_rows)
+        self.rows = 0
+        self._start_chunk()
+
+    def _start_chunk(self) -> None:
+        self._inputs, self._labels, self._layouts = hashlib.sha256(), hashlib.sha256(), set()
+
+    def _digest(self) -> str:
+        return hashlib.sha256(f"{self._inputs.hexdigest()}{self._labels.hexdigest()}{sorted(self._layouts)}"
+                              .encode()).hexdigest()
+
+    def update(self, inputs: Any, labels: Any) -> list[tuple[int, str]]:
+        """Hash one batch's rows; return the chunks it completed as ``(chunk index, digest)``.
+
+        Rows are hashed as contiguous bytes (inputs and labels in two streams), so any split of the
+        data into batches gives the same digests.
+        """
+        x, y = np.ascontiguousarray(to_numpy(inputs)), np.ascontiguousarray(to_numpy(labels))
+        done, start = [], 0
+        while start < x.shape[0]:
+            stop = min(x.shape[0], start + self.chunk_rows - self.rows % self.chunk_rows)
+            self._inputs.update(x[start:stop].view(np.uint8).reshape(-1) if x.size else b"")
+            self._labels.update(y[start:stop].view(np.uint8).reshape(-1) if y.size else b"")
+            self._layouts.add((x.dtype.str, x.shape[1:], y.dtype.str, y.shape[1:]))
+            self.rows += stop - start
+            start = stop
+            if self.rows % self.chunk_rows == 0:
+                done.append((self.rows // self.chunk_rows - 1, self._digest()))
+                self._start_chunk()
+        return done
+
+    def finish(self) -> list[tuple[int, str]]:
+        """The digest of the last, partial chunk (empty when the rows filled whole chunks)."""
+        if self.rows % self.chunk_rows == 0:
+            return []
+        return [(self.rows // self.chunk_rows, self._digest())]

@@ -1,0 +1,30 @@
+"""Choosing a store for ``TRAK(store=...)``.
+
+One job: map what users pass (``None``, a path or URL, a store object) to a :class:`~trak_core.store.Store`.
+It imports both kinds of store, so neither has to import the other.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import TrakTypeError
+from .store import MemoryStore, Store
+
+__all__ = ["open_store"]
+
+
+def open_store(store: Any) -> Store:
+    """The store for ``TRAK(store=...)``: ``None`` is a new :class:`~trak_core.store.MemoryStore`; a path
+    or URL is a :class:`~trak_core.disk_store.DiskStore` there (created on the first write); a
+    :class:`~trak_core.store.Store` is used as it is."""
+    if store is None:
+        return MemoryStore()
+    if isinstance(store, (str, os.PathLike)):
+        from .disk_store import DiskStore
+
+        return DiskStore(store)
+    if isinstance(store, Store):
+        return store
+    raise TrakTypeError(f"store must be None, a directory path or URL, or a trak_core.store.Store, "
+                        f"got {type(store).__name__}")

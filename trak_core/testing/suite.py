@@ -1,0 +1,142 @@
+"""The conformance tests themselves: pytest fixtures and ``test_conformance_*`` functions.
+
+One job: the checks listed in :mod:`trak_core.testing`. This module imports pytest; collect it
+with ``from trak_core.testing import *`` (the package loads it on first use, so that
+:mod:`trak_core.testing.cases` and :mod:`trak_core.testing.canonical` import without pytest).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ..backends import get_backend
+from ..evaluation import spearman
+from ..projection import project, projection_matrix
+from ..tasks import Classification
+from ..trak import TRAK
+from . import canonical
+
+__all__ = ["test_conformance_projection_matrix", "test_conformance_backend_projection",
+           "test_conformance_gradients", "test_conformance_scores", "conformance_active"]
+
+
+@pytest.fixture(autouse=True)
+def conformance_active(request):
+    """Enter the case's context (e.g. JAX x64) around each conformance test."""
+    if "conformance_case" not in request.fixturenames:
+        yield
+        return
+    with request.getfixturevalue("conformance_case").active():
+        yield
+
+
+def _dtype(case) -> str:
+    """float64 where the backend keeps it, float32 otherwise (JAX without x64)."""
+    return str(case.array(np.zeros(1)).dtype).split(".")[-1]
+
+
+def _ulp(values: np.ndarray) -> np.ndarray:
+    return np.spacing(np.abs(values).astype(values.dtype))
+
+
+def _namespace(case):
+    import array_api_compat
+
+    like = case.array(np.zeros(1))
+    return array_api_compat.array_namespace(like), array_api_compat.device(like), like.dtype
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_conformance_projection_matrix(conformance_case, kind):
+    case = conformance_case
+    xp, device, dtype = _namespace(case)
+    dtype_name = _dtype(case)
+    reference = projection_matrix(300, 70, seed=7, checkpoint=2, offset=2**32 - 100, kind=kind,
+                                  dtype=np.float64).astype(dtype_name)
+    matrix = case.to_numpy(projection_matrix(300, 70, seed=7, checkpoint=2, offset=2**32 - 100, kind=kind,
+                                             xp=xp, device=device, dtype=dtype))
+    assert matrix.dtype == reference.dtype
+    if kind == "rademacher":
+        assert np.array_equal(matrix, reference)
+    else:
+        assert np.all(np.abs(matrix - reference) <= 4 * _ulp(reference))
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_conformance_backend_projection(conformance_case, kind):
+    case = conformance_case
+    backend = get_backend(case.backend) if isinstance(case.backend, str) else case.backend
+    grads = np.random.default_rng(3).normal(size=(5, 700)).astype(_dtype(case))
+    reference = project(grads.astype(np.float64), 96, seed=11, checkpoint=1, kind=kind)
+    out = backend.project(case.array(grads), 96, seed=11, checkpoint=1, kind=kind)
+    case.check_array(out, case.array(grads))
+    rtol = 1e-12 if _dtype(case) == "float64" else 1e-5
+    np.testing.assert_allclose(case.to_numpy(out), reference, rtol=rtol, atol=rtol * np.abs(reference).max())
+
+
+def _reference_gradients(kind: str, weights: list, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    if kind == "cnn":
+        return canonical.cnn_gradients(weights, x, y)
+    from ..backends.numpy_backend import backend
+
+    model = canonical.analytic_model(kind)
+    grads, _ = backend.gradients(model, backend.prepare(model, canonical.flat(weights)), x, y, Classification())
+    return grads
+
+
+@pytest.mark.parametrize("kind", canonical.KINDS)
+def test_conformance_gradients(conformance_case, kind):
+    case = conformance_case
+    if kind not in case.kinds:
+        pytest.skip(f"{case.id} does not build the canonical {kind!r} model")
+    dtype = _dtype(case)
+    weights = canonical.weights(kind, seed=1)
+    x, y = canonical.inputs(kind, 6, seed=2)
+    reference = _reference_gradients(kind, weights, x, y)
+    model, checkpoint = case.model(kind, [w.astype(dtype) for w in weights])
+    backend = get_backend(case.backend) if isinstance(case.backend, str) else case.backend
+    prepared = backend.prepare(model, checkpoint)
+    grads, _ = backend.gradients(model, prepared, case.array(x.astype(dtype)), case.array(y), Classification())
+    grads = case.to_numpy(grads)
+    assert grads.shape == reference.shape and grads.dtype == np.dtype(dtype)
+    if dtype == "float64":
+        rtol = 1e-6 if kind == "cnn" else 1e-9  # finite differences are good to ~1e-8
+    else:
+        rtol = 2e-4
+    np.testing.assert_allclose(grads, reference, rtol=rtol, atol=rtol * np.abs(reference).max())
+
+
+def _scores(case, dtype: str, n_checkpoints: int):
+    x, y = canonical.inputs("mlp", 40, seed=5)
+    xt, yt = canonical.inputs("mlp", 7, seed=6)
+    model, _ = case.model("mlp", canonical.weights("mlp", seed=0, dtype=dtype))
+    trak = TRAK(model, proj_dim=32, lambda_reg=0.1, seed=3, backend=case.backend, progress=False)
+    for c in range(n_checkpoints):
+        _, checkpoint = case.model("mlp", canonical.weights("mlp", seed=c, dtype=dtype))
+        batches = [(case.array(x[i:i + 16].astype(dtype)), case.array(y[i:i + 16])) for i in range(0, 40, 16)]
+        trak.featurize(checkpoint, batches)
+    targets = case.array(xt.astype(dtype))
+    scores = trak.score([(targets, case.array(yt))])
+    case.check_array(scores, targets)
+    reference = TRAK(canonical.analytic_model("mlp"), proj_dim=32, lambda_reg=0.1, seed=3, backend="numpy",
+                     progress=False)
+    for c in range(n_checkpoints):
+        reference.featurize(canonical.flat(canonical.weights("mlp", seed=c)), [(x, y)])
+    return case.to_numpy(scores), reference.score([(xt, yt)])
+
+
+@pytest.mark.parametrize("n_checkpoints", [1, 3])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_conformance_scores(conformance_case, dtype, n_checkpoints):
+    case = conformance_case
+    if dtype == "float64" and _dtype(case) != "float64":
+        pytest.skip(f"{case.id} has no float64 here")
+    scores, reference = _scores(case, dtype, n_checkpoints)
+    assert scores.shape == reference.shape == (40, 7)
+    if dtype == "float64":
+        np.testing.assert_allclose(scores, reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
+    else:
+        assert np.linalg.norm(scores - reference) / np.linalg.norm(reference) <= 1e-4
+        import array_api_compat.numpy as xp
+
+        assert min(spearman(scores[:, j], reference[:, j], xp=xp) for j in range(7)) >= 0.9999
