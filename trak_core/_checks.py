@@ -9,6 +9,7 @@ from typing import Any
 from . import kernel as kernel_ops
 from ._namespace import namespace
 from .backends import Backend, get_backend, infer_backend
+from .errors import TrakTypeError, TrakValueError
 
 PROJECTION_GROUP_BYTES = 128 * 2**20  # per-example gradients projected together (at least one row)
 ACCELERATOR_GROUP_BYTES = 16 * 2**30  # the same on GPUs: 256 rows of ResNet-18's 11.2M float32 gradients
@@ -18,20 +19,20 @@ def _check_proj_dim(proj_dim: Any) -> int | None:
     if proj_dim is None:
         return None
     if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim <= 0:
-        raise ValueError(f"proj_dim must be a positive integer (or None for no projection), got {proj_dim!r}")
+        raise TrakValueError(f"proj_dim must be a positive integer (or None for no projection), got {proj_dim!r}")
     return proj_dim
 
 
 def _check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        raise TrakValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return seed
 
 
 def _rows(array: Any, what: str, where: str) -> int:
     shape = getattr(array, "shape", None)
     if not shape:
-        raise TypeError(f"{where}: {what} must be an array with one row per example, got {type(array).__name__}"
+        raise TrakTypeError(f"{where}: {what} must be an array with one row per example, got {type(array).__name__}"
                         + (" of shape ()" if shape == () else ""))
     return int(shape[0])
 
@@ -58,7 +59,7 @@ def projection_group_rows(n_params: int, itemsize: int, proj_dim: int | None = N
 def _check_lengths(inputs: Any, labels: Any, where: str) -> int:
     n_inputs, n_labels = _rows(inputs, "inputs", where), _rows(labels, "labels", where)
     if n_inputs != n_labels:
-        raise ValueError(f"{where}: inputs have {n_inputs} rows but labels have {n_labels}; "
+        raise TrakValueError(f"{where}: inputs have {n_inputs} rows but labels have {n_labels}; "
                          "each batch needs one label per example")
     return n_inputs
 
@@ -66,16 +67,16 @@ def _check_lengths(inputs: Any, labels: Any, where: str) -> int:
 def _check_finite(values: Any, out_to_loss: Any, where: str, what: str) -> None:
     xp = namespace(values)
     if not bool(xp.all(xp.isfinite(values))):
-        raise ValueError(f"{where}: the {what} contain NaN or inf; check the inputs (NaN/inf values), "
+        raise TrakValueError(f"{where}: the {what} contain NaN or inf; check the inputs (NaN/inf values), "
                          "the checkpoint's weights, and the learning rate that produced them")
     if not bool(xp.all(xp.isfinite(out_to_loss))):
-        raise ValueError(f"{where}: the out-to-loss weights contain NaN or inf")
+        raise TrakValueError(f"{where}: the out-to-loss weights contain NaN or inf")
 
 
 def _check_lambda(lambda_reg: Any) -> float | str:
     if isinstance(lambda_reg, str):
         if lambda_reg != "auto":
-            raise ValueError(f"lambda_reg must be 'auto' or a number >= 0, got {lambda_reg!r}")
+            raise TrakValueError(f"lambda_reg must be 'auto' or a number >= 0, got {lambda_reg!r}")
         return lambda_reg
     return kernel_ops.check_lambda(lambda_reg)
 
@@ -87,6 +88,6 @@ def _resolve_backend(backend: str | Backend | None, model: Any) -> Backend:
         return get_backend(backend)
     if isinstance(backend, Backend):
         return backend
-    raise TypeError(f"backend must be a name, a Backend object or None, got {type(backend).__name__}")
+    raise TrakTypeError(f"backend must be a name, a Backend object or None, got {type(backend).__name__}")
 
 

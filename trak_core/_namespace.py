@@ -9,6 +9,8 @@ from typing import Any
 
 import array_api_compat
 
+from .errors import TrakTypeError
+
 __all__ = ["namespace", "device_of", "has_float64", "accumulation_dtype", "is_numpy"]
 
 
@@ -24,7 +26,7 @@ def namespace(*arrays: Any) -> Any:
         return array_api_compat.array_namespace(*arrays)
     except TypeError as exc:  # pragma: no cover - message enrichment only
         kinds = sorted({type(a).__module__ + "." + type(a).__name__ for a in arrays})
-        raise TypeError(
+        raise TrakTypeError(
             f"expected arrays of one Array API library (numpy, torch, jax, cupy, ...), got {kinds}: {exc}"
         ) from None
 

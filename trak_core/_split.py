@@ -30,6 +30,7 @@ from typing import Any, Callable
 from ._cache import ProjectionCache
 from ._delegation import half_matmul
 from ._namespace import device_of, namespace
+from .errors import TrakValueError
 
 __all__ = ["PRECISIONS", "split_project", "passes"]
 
@@ -41,7 +42,7 @@ _TOP_EXPONENT = 13  # rows are scaled so that their largest magnitude lies in [2
 def passes(precision: str) -> int:
     """Half-precision products per row: 2 for ``"float32"`` (hi and lo), 1 for ``"fast"``."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}: 'float32' (default, "
+        raise TrakValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}: 'float32' (default, "
                          "float32-grade: relative error <= 1e-5) or 'fast' (float16-grade, about 3e-4)")
     return 2 if precision == "float32" else 1
 

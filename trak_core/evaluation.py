@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ._namespace import accumulation_dtype, device_of, namespace
+from .errors import TrakValueError
 
 __all__ = ["LDSResult", "lds", "subset_masks", "spearman"]
 
@@ -68,12 +69,12 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     xp = namespace(scores, masks, outputs)
     n_train, n_targets = scores.shape
     if masks.ndim != 2 or masks.shape[1] != n_train:
-        raise ValueError(f"masks must have shape (n_subsets, {n_train}) to match scores, got {tuple(masks.shape)}")
+        raise TrakValueError(f"masks must have shape (n_subsets, {n_train}) to match scores, got {tuple(masks.shape)}")
     if outputs.shape != (masks.shape[0], n_targets):
-        raise ValueError(f"outputs must have shape (n_subsets, n_targets) = {(masks.shape[0], n_targets)}, "
+        raise TrakValueError(f"outputs must have shape (n_subsets, n_targets) = {(masks.shape[0], n_targets)}, "
                          f"got {tuple(outputs.shape)}")
     if masks.shape[0] < 3:
-        raise ValueError(f"LDS needs at least 3 subsets to rank, got {masks.shape[0]}")
+        raise TrakValueError(f"LDS needs at least 3 subsets to rank, got {masks.shape[0]}")
     work = accumulation_dtype(xp, device_of(scores))
     predictions = xp.astype(masks, work) @ xp.astype(scores, work)
     outputs = xp.astype(outputs, work)
@@ -81,7 +82,7 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     values = np.asarray(per_target)
     defined = values[np.isfinite(values)]
     if defined.size == 0:
-        raise ValueError("LDS is undefined for every target: predictions or outputs are constant across subsets")
+        raise TrakValueError("LDS is undefined for every target: predictions or outputs are constant across subsets")
     sem = float(defined.std(ddof=1) / math.sqrt(defined.size)) if defined.size > 1 else math.nan
     return LDSResult(float(defined.mean()), sem, values, int(masks.shape[0]))
 
@@ -89,9 +90,9 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
 def subset_masks(n_train: int, n_subsets: int, *, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
     """Boolean masks ``(n_subsets, n_train)``, each selecting ``round(fraction * n_train)`` examples at random."""
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        raise TrakValueError(f"fraction must be in (0, 1), got {fraction}")
     if n_train < 2 or n_subsets < 1:
-        raise ValueError(f"need n_train >= 2 and n_subsets >= 1, got {n_train} and {n_subsets}")
+        raise TrakValueError(f"need n_train >= 2 and n_subsets >= 1, got {n_train} and {n_subsets}")
     rng = np.random.default_rng(seed)
     size = max(1, round(fraction * n_train))
     masks = np.zeros((n_subsets, n_train), dtype=bool)

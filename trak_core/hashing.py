@@ -49,6 +49,8 @@ from typing import Any
 
 import array_api_compat
 
+from .errors import TrakValueError
+
 __all__ = ["MASK32", "MULTIPLIER_1", "MULTIPLIER_2", "GOLDEN", "DOMAIN_RADEMACHER", "DOMAIN_GAUSSIAN", "DOMAIN_SIGN",
            "DOMAIN_COLUMNS", "mix_scalar", "key", "split64", "word_dtype", "mix", "counters", "row_keys", "word"]
 
@@ -96,7 +98,7 @@ def key(*words: int) -> int:
     h = GOLDEN
     for w in words:
         if w < 0 or w > MASK32:
-            raise ValueError(f"hash words must be 32-bit unsigned, got {w}")
+            raise TrakValueError(f"hash words must be 32-bit unsigned, got {w}")
         h = mix_scalar(h ^ w)
     return h
 
@@ -118,7 +120,7 @@ def split64(value: int, what: str) -> tuple[int, int]:
     """
     value = int(value)
     if value < 0 or value >= 2**64:
-        raise ValueError(f"{what} must be an integer in [0, 2**64), got {value}")
+        raise TrakValueError(f"{what} must be an integer in [0, 2**64), got {value}")
     return value & MASK32, value >> 32
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ._delegation import solve_triangular
 from ._namespace import accumulation_dtype, device_of
+from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["KernelFactor", "accumulate", "factorize", "solve", "check_lambda"]
 
@@ -38,9 +39,9 @@ def check_lambda(lambda_reg: Any) -> float:
     try:
         value = float(lambda_reg)
     except (TypeError, ValueError):
-        raise TypeError(f"lambda_reg must be a non-negative number, got {lambda_reg!r}") from None
+        raise TrakTypeError(f"lambda_reg must be a non-negative number, got {lambda_reg!r}") from None
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"lambda_reg must be a finite number >= 0, got {lambda_reg!r}")
+        raise TrakValueError(f"lambda_reg must be a finite number >= 0, got {lambda_reg!r}")
     return value
 
 
@@ -71,7 +72,7 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any) -> KernelFactor:
     keep = values > tol
     rank = int(xp.sum(xp.astype(keep, xp.int64)))
     if rank == 0:
-        raise ValueError("the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
+        raise TrakValueError("the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
                          "gradients?), so no example can be scored; check the model and the data")
     if rank < k and lambda_reg == 0:
         warnings.warn(f"the kernel Phi^T Phi is rank-deficient (rank {rank} < k = {k}, as when k > "

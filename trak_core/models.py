@@ -18,6 +18,7 @@ import math
 from typing import Any, Mapping
 
 from ._namespace import namespace
+from .errors import TrakValueError
 
 __all__ = ["AnalyticModel", "SoftmaxRegression", "MLP"]
 
@@ -46,18 +47,18 @@ class AnalyticModel:
             missing = [n for n in self.param_shapes if n not in checkpoint]
             extra = [n for n in checkpoint if n not in self.param_shapes]
             if missing or extra:
-                raise ValueError(f"checkpoint names do not match the model: missing {missing}, "
+                raise TrakValueError(f"checkpoint names do not match the model: missing {missing}, "
                                  f"unexpected {extra}; expected {list(self.param_shapes)}")
             out = {}
             for name, shape in self.param_shapes.items():
                 if tuple(checkpoint[name].shape) != shape:
-                    raise ValueError(f"checkpoint[{name!r}] has shape {tuple(checkpoint[name].shape)}, "
+                    raise TrakValueError(f"checkpoint[{name!r}] has shape {tuple(checkpoint[name].shape)}, "
                                      f"the model expects {shape}")
                 out[name] = checkpoint[name]
             return out
         xp = namespace(checkpoint)
         if checkpoint.ndim != 1 or checkpoint.shape[0] != self.n_params:
-            raise ValueError(f"a flat checkpoint must have shape ({self.n_params},) for this model "
+            raise TrakValueError(f"a flat checkpoint must have shape ({self.n_params},) for this model "
                              f"(its parameter count); got shape {tuple(checkpoint.shape)}")
         out, start = {}, 0
         for name, shape in self.param_shapes.items():
@@ -101,7 +102,7 @@ class AnalyticModel:
 
     def _check_inputs(self, inputs: Any) -> None:
         if inputs.ndim != 2 or inputs.shape[1] != self.n_features:
-            raise ValueError(f"inputs must have shape (n, {self.n_features}) for this model, "
+            raise TrakValueError(f"inputs must have shape (n, {self.n_features}) for this model, "
                              f"got {tuple(inputs.shape)}")
 
 
@@ -141,7 +142,7 @@ class MLP(AnalyticModel):
 
     def __init__(self, n_features: int, n_hidden: int, n_classes: int, activation: str = "tanh") -> None:
         if activation not in ("tanh", "relu"):
-            raise ValueError(f"activation must be 'tanh' or 'relu', got {activation!r}")
+            raise TrakValueError(f"activation must be 'tanh' or 'relu', got {activation!r}")
         self.n_features, self.n_hidden, self.n_outputs = int(n_features), int(n_hidden), int(n_classes)
         self.activation = activation
         self.param_shapes = {

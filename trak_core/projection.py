@@ -31,6 +31,7 @@ from ._cache import ProjectionCache, default_cache, device_cache
 from ._delegation import in_float64, is_accelerator, make_array, packed_product, packed_words, unpack_signs
 from ._split import PRECISIONS, passes, split_project
 from ._namespace import device_of, namespace
+from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["KINDS", "PRECISIONS", "projection_matrix", "project", "cached_factors", "ProjectionCache", "default_cache",
            "device_cache", "row_signs", "uses_split"]
@@ -41,13 +42,13 @@ _BLOCK_BYTES = 64 * 2**20  # memory for one generated block when the matrix is n
 
 def _check(p: int, k: int, kind: str, offset: int) -> None:
     if kind not in KINDS:
-        raise ValueError(f"unknown projection kind {kind!r}; choose one of {KINDS}")
+        raise TrakValueError(f"unknown projection kind {kind!r}; choose one of {KINDS}")
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
-        raise ValueError(f"projection dimension k must be a positive integer, got {k!r}")
+        raise TrakValueError(f"projection dimension k must be a positive integer, got {k!r}")
     if not isinstance(p, int) or p < 0:
-        raise ValueError(f"number of rows p must be a non-negative integer, got {p!r}")
+        raise TrakValueError(f"number of rows p must be a non-negative integer, got {p!r}")
     if not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
+        raise TrakValueError(f"offset must be a non-negative integer, got {offset!r}")
 
 
 def _seed_words(seed: int) -> tuple[int, int]:
@@ -181,7 +182,7 @@ def uses_split(grads: Any, kind: str, precision: str) -> bool:
     passes(precision)  # validates
     if precision == "fast":
         if kind != "rademacher":
-            raise ValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
+            raise TrakValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
                              "float16); use precision='float32' for Gaussian projections")
         return True
     return kind == "rademacher" and is_accelerator(grads) and str(grads.dtype).split(".")[-1] in (
@@ -224,11 +225,11 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
     """
     xp = namespace(grads)
     if grads.ndim != 2:
-        raise ValueError(f"grads must be 2-D (n_examples, n_params), got shape {tuple(grads.shape)}")
+        raise TrakValueError(f"grads must be 2-D (n_examples, n_params), got shape {tuple(grads.shape)}")
     n, p = grads.shape
     _check(p, k, kind, offset)
     if not xp.isdtype(grads.dtype, "real floating"):
-        raise TypeError(f"grads must have a real floating dtype, got {grads.dtype}")
+        raise TrakTypeError(f"grads must have a real floating dtype, got {grads.dtype}")
     device, dtype = device_of(grads), grads.dtype
     if uses_split(grads, kind, precision):
         return split_project(grads, k, seed=seed, checkpoint=checkpoint, offset=offset, precision=precision,

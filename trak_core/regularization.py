@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import TrakValueError
+
 __all__ = ["AUTO_ALPHA", "AUTO_RULE", "RULES", "choose_lambda"]
 
 AUTO_RULE = "mean_rank"
@@ -49,5 +51,5 @@ def choose_lambda(kernel: Any, n_train: int, *, n_params: int, xp: Any, alpha: f
                   rule: str = AUTO_RULE) -> float:
     """``alpha`` times the spectral scale ``rule`` of ``kernel = Phi^T Phi`` (0 for an all-zero kernel)."""
     if rule not in RULES:
-        raise ValueError(f"unknown lambda rule {rule!r}; choose one of {sorted(RULES)}")
+        raise TrakValueError(f"unknown lambda rule {rule!r}; choose one of {sorted(RULES)}")
     return alpha * RULES[rule](kernel, n_train, n_params, xp=xp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from ._namespace import device_of
+from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["Task", "Classification", "Regression", "CustomTask", "get_task", "TASKS"]
 
@@ -49,14 +50,14 @@ class Classification:
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
         if labels.ndim != 1:
-            raise ValueError(f"classification labels must be 1-D, got shape {tuple(labels.shape)}")
+            raise TrakValueError(f"classification labels must be 1-D, got shape {tuple(labels.shape)}")
         if not xp.isdtype(labels.dtype, "integral"):
-            raise TypeError(f"classification labels must be integers, got dtype {labels.dtype}")
+            raise TrakTypeError(f"classification labels must be integers, got dtype {labels.dtype}")
         if n_outputs < 2:
-            raise ValueError(f"classification needs at least 2 outputs (classes), the model has {n_outputs}")
+            raise TrakValueError(f"classification needs at least 2 outputs (classes), the model has {n_outputs}")
         if labels.shape[0] and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= n_outputs))):
             lo, hi = int(xp.min(labels)), int(xp.max(labels))
-            raise ValueError(
+            raise TrakValueError(
                 f"labels out of range: found labels in [{lo}, {hi}] but the model has {n_outputs} "
                 f"classes, so labels must lie in [0, {n_outputs - 1}]")
 
@@ -98,11 +99,11 @@ class Regression:
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
         if n_outputs != 1:
-            raise ValueError(f"regression needs a model with exactly 1 output, the model has {n_outputs}")
+            raise TrakValueError(f"regression needs a model with exactly 1 output, the model has {n_outputs}")
         if labels.ndim not in (1, 2) or (labels.ndim == 2 and labels.shape[1] != 1):
-            raise ValueError(f"regression labels must have shape (n,) or (n, 1), got {tuple(labels.shape)}")
+            raise TrakValueError(f"regression labels must have shape (n,) or (n, 1), got {tuple(labels.shape)}")
         if not xp.isdtype(labels.dtype, ("real floating", "integral")):
-            raise TypeError(f"regression labels must be real numbers, got dtype {labels.dtype}")
+            raise TrakTypeError(f"regression labels must be real numbers, got dtype {labels.dtype}")
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         return logits[:, 0]
@@ -136,7 +137,7 @@ class CustomTask:
     def __init__(self, output: Any, out_to_loss: Any = None, *, output_grad: Any = None,
                  check_labels: Any = None, name: str = "custom") -> None:
         if not callable(output):
-            raise TypeError(f"output must be callable (logits, labels, xp) -> (n,), got {type(output).__name__}")
+            raise TrakTypeError(f"output must be callable (logits, labels, xp) -> (n,), got {type(output).__name__}")
         self.name, self._output, self._out_to_loss = name, output, out_to_loss
         self._output_grad, self._check_labels = output_grad, check_labels
 
@@ -149,7 +150,7 @@ class CustomTask:
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         if self._output_grad is None:
-            raise TypeError(f"task {self.name!r} has no output_grad, which the analytic 'numpy' backend needs; "
+            raise TrakTypeError(f"task {self.name!r} has no output_grad, which the analytic 'numpy' backend needs; "
                             "pass output_grad=... or use a backend with autodiff (torch, jax)")
         return self._output_grad(logits, labels, xp)
 
@@ -168,7 +169,7 @@ def get_task(task: str | Task) -> Task:
         try:
             return TASKS[task]
         except KeyError:
-            raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or pass a Task object") from None
+            raise TrakValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or pass a Task object") from None
     if isinstance(task, Task):
         return task
-    raise TypeError(f"task must be a name in {sorted(TASKS)} or a Task object, got {type(task).__name__}")
+    raise TrakTypeError(f"task must be a name in {sorted(TASKS)} or a Task object, got {type(task).__name__}")

@@ -5,6 +5,7 @@ from typing import Any
 
 from trak_core.backends.numpy_backend import ArrayAPIBackend
 from trak_core.backends.protocol import MissingFrameworkError
+from trak_core.errors import TrakValueError
 
 __all__ = ["CupyBackend", "PrecomputedGradients"]
 
@@ -19,7 +20,7 @@ class PrecomputedGradients:
 
     def __init__(self, n_params: int) -> None:
         if not isinstance(n_params, int) or n_params <= 0:
-            raise ValueError(f"n_params must be a positive integer, got {n_params!r}")
+            raise TrakValueError(f"n_params must be a positive integer, got {n_params!r}")
         self.n_params = n_params
 
 
@@ -46,7 +47,7 @@ def _to_cupy(array: Any, what: str) -> Any:
         try:
             return cupy.from_dlpack(array)
         except Exception as exc:
-            raise ValueError(f"{what} could not be shared with CuPy through DLPack ({exc}); it must live on a "
+            raise TrakValueError(f"{what} could not be shared with CuPy through DLPack ({exc}); it must live on a "
                              "CUDA device (torch .cuda(), jax.device_put to a GPU)") from None
     return cupy.asarray(array)
 
@@ -84,7 +85,7 @@ class CupyBackend(ArrayAPIBackend):
         if isinstance(model, PrecomputedGradients):
             grads, weights = _to_cupy(inputs, "grads"), _to_cupy(labels, "out_to_loss")
             if grads.ndim != 2 or grads.shape[1] != model.n_params:
-                raise ValueError(f"precomputed gradients must have shape (n, {model.n_params}), got {grads.shape}")
+                raise TrakValueError(f"precomputed gradients must have shape (n, {model.n_params}), got {grads.shape}")
             return grads, weights
         return super().gradients(model, prepared, _to_cupy(inputs, "inputs"), _to_cupy(labels, "labels"), task)
 

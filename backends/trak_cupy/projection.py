@@ -17,6 +17,7 @@ import pathlib
 from typing import Any
 
 from trak_core import hashing
+from trak_core.errors import TrakTypeError
 
 KERNEL = pathlib.Path(__file__).with_name("kernel.cu")
 TILE_N, TILE_K, THREADS = 64, 128, 256
@@ -53,7 +54,7 @@ def fused_project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, off
     import cupy
 
     if not supports(grads, "rademacher"):
-        raise TypeError(f"the fused kernel takes 2-D float32/float16/bfloat16 CuPy arrays, got {grads.dtype} "
+        raise TrakTypeError(f"the fused kernel takes 2-D float32/float16/bfloat16 CuPy arrays, got {grads.dtype} "
                         f"with shape {grads.shape}; use trak_core.project for other inputs")
     grads = cupy.ascontiguousarray(grads)
     n, p = grads.shape

@@ -22,6 +22,7 @@ from trak_core.backends import Backend
 from trak_core.fingerprints import parameters_digest
 
 from .checkpoint import JaxCheckpoint, snapshot
+from trak_core.errors import TrakTypeError, TrakValueError
 
 __all__ = ["JaxBackend", "JaxModel", "output_logits"]
 
@@ -48,7 +49,7 @@ def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) ->
         return output
     elif isinstance(output, Mapping):
         if "logits" not in output:
-            raise TypeError(f"the model's output is a mapping ({type(output).__name__}) with keys {list(output)} "
+            raise TrakTypeError(f"the model's output is a mapping ({type(output).__name__}) with keys {list(output)} "
                             f"and no 'logits'; {_LOGITS_FN_HINT}, e.g. logits_fn=lambda output: output[KEY]")
         logits, source = output["logits"], f"output['logits'] of a {type(output).__name__}"
     elif hasattr(output, "logits"):
@@ -56,10 +57,10 @@ def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) ->
     elif isinstance(output, (tuple, list)) and len(output) > 0:
         logits, source = output[0], f"output[0] of a {type(output).__name__}"
     else:
-        raise TypeError(f"the model's output has type {type(output).__name__}; expected an array, a tuple or "
+        raise TrakTypeError(f"the model's output has type {type(output).__name__}; expected an array, a tuple or "
                         f"list, a mapping with 'logits' or an object with .logits; {_LOGITS_FN_HINT}")
     if not isinstance(logits, arrays):
-        raise TypeError(f"{source} has type {type(logits).__name__}, not an array; {_LOGITS_FN_HINT}")
+        raise TrakTypeError(f"{source} has type {type(logits).__name__}, not an array; {_LOGITS_FN_HINT}")
     return logits
 
 
@@ -77,7 +78,7 @@ class JaxModel:
 
     def __init__(self, apply: Callable[[Any, Any], Any]) -> None:
         if not callable(apply):
-            raise TypeError(f"apply must be a function (params, inputs) -> outputs, got {type(apply).__name__}")
+            raise TrakTypeError(f"apply must be a function (params, inputs) -> outputs, got {type(apply).__name__}")
         self.apply = apply
 
 
@@ -117,12 +118,12 @@ class JaxBackend(Backend):
     def __init__(self, batch_size: int | None = None, matmul_precision: str | None = "float32",
                  logits_fn: Callable[[Any], Any] | None = None) -> None:
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise TrakValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         choices = ("float32", "tensorfloat32", "bfloat16", "highest", "high", "default")
         if matmul_precision is not None and matmul_precision not in choices:
-            raise ValueError(f"matmul_precision must be None or one of {choices}, got {matmul_precision!r}")
+            raise TrakValueError(f"matmul_precision must be None or one of {choices}, got {matmul_precision!r}")
         if logits_fn is not None and not callable(logits_fn):
-            raise TypeError(f"logits_fn must be a function (model output -> logits array), got "
+            raise TrakTypeError(f"logits_fn must be a function (model output -> logits array), got "
                             f"{type(logits_fn).__name__}")
         self.batch_size, self.matmul_precision, self.logits_fn = batch_size, matmul_precision, logits_fn
         self._steps: dict[tuple, Any] = {}  # (apply, task, project) -> [jitted step, compiled batch size]
@@ -142,7 +143,7 @@ class JaxBackend(Backend):
             return model.apply
         if callable(model):
             return model
-        raise TypeError(f"the JAX backend needs a JaxModel or an apply(params, inputs) function, "
+        raise TrakTypeError(f"the JAX backend needs a JaxModel or an apply(params, inputs) function, "
                         f"got {type(model).__name__}")
 
     def prepare(self, model: Any, checkpoint: Any) -> JaxCheckpoint:
@@ -204,7 +205,7 @@ class JaxBackend(Backend):
 
         for what, value in (("inputs", inputs), ("labels", labels)):
             if type(value).__module__.split(".")[0] == "torch":
-                raise TypeError(f"{what} are torch tensors: the JAX backend takes JAX or NumPy arrays; convert "
+                raise TrakTypeError(f"{what} are torch tensors: the JAX backend takes JAX or NumPy arrays; convert "
                                 "with jnp.asarray(tensor.cpu().numpy()) or use backend='torch'")
         inputs = jax.device_put(jnp.asarray(inputs), prepared.device)
         labels = jax.device_put(jnp.asarray(labels), prepared.device)
@@ -215,7 +216,7 @@ class JaxBackend(Backend):
         except jax.errors.JAXTypeError as exc:
             raise _not_jittable(exc) from None
         if len(shape.shape) not in (1, 2) or shape.shape[0] != inputs.shape[0]:
-            raise ValueError(f"the model's output must have shape (batch, n_outputs), got {tuple(shape.shape)} "
+            raise TrakValueError(f"the model's output must have shape (batch, n_outputs), got {tuple(shape.shape)} "
                              f"for a batch of {inputs.shape[0]}")
         n_outputs = 1 if len(shape.shape) == 1 else shape.shape[1]
         task.check_labels(labels, n_outputs, xp=array_api_compat.array_namespace(labels))

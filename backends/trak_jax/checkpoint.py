@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from trak_core.errors import TrakTypeError, TrakValueError
+
 
 @dataclass
 class JaxCheckpoint:
@@ -40,28 +42,28 @@ def snapshot(checkpoint: Any) -> JaxCheckpoint:
     import jax.numpy as jnp
 
     if checkpoint is None:
-        raise TypeError("the JAX backend needs the checkpoint's params pytree; None is only meaningful for torch")
+        raise TrakTypeError("the JAX backend needs the checkpoint's params pytree; None is only meaningful for torch")
     leaves, treedef = jax.tree_util.tree_flatten(checkpoint)
     if not leaves:
-        raise ValueError("the params pytree has no leaves (no parameters)")
+        raise TrakValueError("the params pytree has no leaves (no parameters)")
     arrays = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(checkpoint)[0]:
         where = jax.tree_util.keystr(path) or "<root>"
         module = type(leaf).__module__.split(".")[0]
         if module == "torch":
-            raise TypeError(f"params leaf {where} is a torch tensor: the JAX backend takes JAX or NumPy arrays; "
+            raise TrakTypeError(f"params leaf {where} is a torch tensor: the JAX backend takes JAX or NumPy arrays; "
                             "convert with jnp.asarray(tensor.detach().cpu().numpy()) or use backend='torch'")
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-            raise TypeError(f"params leaf {where} is a {type(leaf).__name__}, not an array")
+            raise TrakTypeError(f"params leaf {where} is a {type(leaf).__name__}, not an array")
         array = jnp.asarray(leaf)
         if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise TypeError(f"params leaf {where} has dtype {array.dtype}; parameters must be floating point")
+            raise TrakTypeError(f"params leaf {where} has dtype {array.dtype}; parameters must be floating point")
         arrays.append(array)
     dtypes = {a.dtype for a in arrays}
     if len(dtypes) != 1:
-        raise TypeError(f"params leaves mix dtypes {sorted(map(str, dtypes))}; cast them to one dtype")
+        raise TrakTypeError(f"params leaves mix dtypes {sorted(map(str, dtypes))}; cast them to one dtype")
     devices = {d for a in arrays for d in a.devices()}
     if len(devices) != 1:
-        raise ValueError(f"params leaves live on several devices {sorted(map(str, devices))}; put them on one")
+        raise TrakValueError(f"params leaves live on several devices {sorted(map(str, devices))}; put them on one")
     params = jax.tree_util.tree_unflatten(treedef, arrays)
     return JaxCheckpoint(params, treedef, tuple(tuple(a.shape) for a in arrays), devices.pop(), arrays[0].dtype)

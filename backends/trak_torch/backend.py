@@ -17,6 +17,7 @@ from trak_core.backends import Backend
 from trak_core.fingerprints import parameters_digest
 
 from .checkpoint import TorchCheckpoint, select_names, snapshot
+from trak_core.errors import TrakTypeError, TrakValueError
 
 __all__ = ["TorchBackend", "output_logits"]
 
@@ -51,7 +52,7 @@ def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) ->
         return output
     elif isinstance(output, Mapping):
         if "logits" not in output:
-            raise TypeError(f"the model's output is a mapping ({type(output).__name__}) with keys {list(output)} "
+            raise TrakTypeError(f"the model's output is a mapping ({type(output).__name__}) with keys {list(output)} "
                             f"and no 'logits'; {_LOGITS_FN_HINT}, e.g. logits_fn=lambda output: output[KEY]")
         logits, source = output["logits"], f"output['logits'] of a {type(output).__name__}"
     elif hasattr(output, "logits"):
@@ -59,10 +60,10 @@ def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) ->
     elif isinstance(output, (tuple, list)) and len(output) > 0:
         logits, source = output[0], f"output[0] of a {type(output).__name__}"
     else:
-        raise TypeError(f"the model's output has type {type(output).__name__}; expected a tensor, a tuple or "
+        raise TrakTypeError(f"the model's output has type {type(output).__name__}; expected a tensor, a tuple or "
                         f"list, a mapping with 'logits' or an object with .logits; {_LOGITS_FN_HINT}")
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{source} has type {type(logits).__name__}, not a tensor; {_LOGITS_FN_HINT}")
+        raise TrakTypeError(f"{source} has type {type(logits).__name__}, not a tensor; {_LOGITS_FN_HINT}")
     return logits
 
 
@@ -134,9 +135,9 @@ class TorchBackend(Backend):
     def __init__(self, params: Sequence[str] | Callable[[str, Any], bool] | None = None,
                  chunk_size: int | None = None, logits_fn: Callable[[Any], Any] | None = None) -> None:
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+            raise TrakValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if logits_fn is not None and not callable(logits_fn):
-            raise TypeError(f"logits_fn must be a function (model output -> logits tensor), got "
+            raise TrakTypeError(f"logits_fn must be a function (model output -> logits tensor), got "
                             f"{type(logits_fn).__name__}")
         self.params, self.chunk_size, self.logits_fn = params, chunk_size, logits_fn
 
@@ -148,7 +149,7 @@ class TorchBackend(Backend):
         import torch
 
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
+            raise TrakTypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
         return snapshot(model, checkpoint, select_names(model, self.params))
 
     def n_params(self, prepared: TorchCheckpoint) -> int:
@@ -163,9 +164,9 @@ class TorchBackend(Backend):
 
         for what, tensor in (("inputs", inputs), ("labels", labels)):
             if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"the torch backend needs {what} as torch tensors, got {type(tensor).__name__}")
+                raise TrakTypeError(f"the torch backend needs {what} as torch tensors, got {type(tensor).__name__}")
             if tensor.device != prepared.device:
-                raise ValueError(f"{what} are on {tensor.device} but the model is on {prepared.device}; "
+                raise TrakValueError(f"{what} are on {tensor.device} but the model is on {prepared.device}; "
                                  f"move the batch to the model's device (tensor.to({str(prepared.device)!r}))")
 
     def _logits(self, model: Any, prepared: TorchCheckpoint, inputs: Any) -> Any:
@@ -181,7 +182,7 @@ class TorchBackend(Backend):
         if logits.ndim == 1:
             logits = logits[:, None]
         if logits.ndim != 2 or logits.shape[0] != inputs.shape[0]:
-            raise ValueError(f"the model's output must have shape (batch, n_outputs), got {tuple(logits.shape)} "
+            raise TrakValueError(f"the model's output must have shape (batch, n_outputs), got {tuple(logits.shape)} "
                              f"for a batch of {inputs.shape[0]}; make forward() return one row per example")
         return logits
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from trak_core.errors import TrakTypeError, TrakValueError
+
 
 @dataclass
 class TorchCheckpoint:
@@ -32,11 +34,11 @@ def select_names(model: Any, params: Sequence[str] | Callable[[str, Any], bool] 
     else:
         unknown = [name for name in params if name not in named]
         if unknown:
-            raise ValueError(f"params names {unknown} are not parameters of the model; "
+            raise TrakValueError(f"params names {unknown} are not parameters of the model; "
                              f"its parameters are {list(named)}")
         chosen = [name for name in named if name in set(params)]
     if not chosen:
-        raise ValueError("params selects no parameter of the model; nothing to differentiate")
+        raise TrakValueError("params selects no parameter of the model; nothing to differentiate")
     return chosen
 
 
@@ -45,31 +47,31 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
     import torch
 
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
+        raise TrakTypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
     reference = model.state_dict(keep_vars=True)
     first = next(iter(model.parameters()), None)
     if first is None:
-        raise ValueError("the model has no parameters")
+        raise TrakValueError("the model has no parameters")
     device, dtype = first.device, first.dtype
     if checkpoint is None:
         state = reference
     else:
         if not isinstance(checkpoint, Mapping):
-            raise TypeError(f"a torch checkpoint must be a state_dict (a mapping of names to tensors) or None, "
+            raise TrakTypeError(f"a torch checkpoint must be a state_dict (a mapping of names to tensors) or None, "
                             f"got {type(checkpoint).__name__}")
         missing = [k for k in reference if k not in checkpoint]
         extra = [k for k in checkpoint if k not in reference]
         if missing or extra:
-            raise ValueError(f"state_dict does not match the model: missing keys {missing}, unexpected keys "
+            raise TrakValueError(f"state_dict does not match the model: missing keys {missing}, unexpected keys "
                              f"{extra}")
         state = checkpoint
     params, frozen = {}, {}
     for name, ref in reference.items():
         value = torch.as_tensor(state[name])
         if tuple(value.shape) != tuple(ref.shape):
-            raise ValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, the model's is {tuple(ref.shape)}")
+            raise TrakValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, the model's is {tuple(ref.shape)}")
         value = value.detach().to(device=ref.device, dtype=ref.dtype, copy=True)
         (params if name in names else frozen)[name] = value
     if not torch.all(torch.stack([torch.isfinite(t).all() for t in params.values()])):
-        raise ValueError("the checkpoint's parameters contain NaN or inf")
+        raise TrakValueError("the checkpoint's parameters contain NaN or inf")
     return TorchCheckpoint({n: params[n] for n in names}, frozen, device, dtype)

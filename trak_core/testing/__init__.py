@@ -18,6 +18,8 @@ Use it from a backend's tests with one import and one fixture::
 
 What is checked, against the NumPy reference backend and closed forms:
 
+- the contract: a :class:`trak_core.Backend` that owns its models, with a content hash that tells
+  checkpoints apart (when it has one) and a consistent parameter structure;
 - projection matrices bit-identical (Rademacher) or within 4 ulp (Gaussian) of the NumPy ones,
   and a backend's own projection equal to :func:`trak_core.project` to float rounding;
 - per-example gradients of the canonical models (:mod:`trak_core.testing.canonical`) within dtype
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["test_conformance_projection_matrix", "test_conformance_backend_projection",
+__all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "test_conformance_backend_projection",
            "test_conformance_gradients", "test_conformance_scores", "conformance_active"]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..models import MLP, SoftmaxRegression
+from ..errors import TrakValueError
 
 KINDS = ("softmax", "mlp", "cnn")
 SIZES = dict(d=8, hidden=6, classes=3, filters=2)
@@ -50,7 +51,7 @@ def analytic_model(kind: str, weights: list[np.ndarray] | None = None) -> Softma
         return SoftmaxRegression(d, c)
     if kind == "mlp":
         return MLP(d, h, c)
-    raise ValueError(f"the analytic reference has no {kind!r} model")
+    raise TrakValueError(f"the analytic reference has no {kind!r} model")
 
 
 def cnn_logits(ws: list[np.ndarray], x: np.ndarray) -> np.ndarray:

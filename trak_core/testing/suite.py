@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ..backends import get_backend
+from ..backends import Backend, get_backend
 from ..evaluation import spearman
 from ..projection import project, projection_matrix
 from ..tasks import Classification
 from ..trak import TRAK
 from . import canonical
 
-__all__ = ["test_conformance_projection_matrix", "test_conformance_backend_projection",
+__all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "test_conformance_backend_projection",
            "test_conformance_gradients", "test_conformance_scores", "conformance_active"]
 
 
@@ -44,6 +44,35 @@ def _namespace(case):
 
     like = case.array(np.zeros(1))
     return array_api_compat.array_namespace(like), array_api_compat.device(like), like.dtype
+
+
+def test_conformance_contract(conformance_case):
+    """The backend is a :class:`trak_core.Backend`, and its optional methods keep their contracts.
+
+    ``owns`` answers a bool; ``n_params`` matches the canonical weights;
+    ``parameters_digest`` (when given) is the same for equal checkpoints and differs for others;
+    ``structure`` is equal for two checkpoints of one model; ``features`` returns ``None`` or
+    ``(n, k)`` features.
+    """
+    case = conformance_case
+    backend = get_backend(case.backend) if isinstance(case.backend, str) else case.backend
+    assert isinstance(backend, Backend) and isinstance(backend.name, str) and backend.name
+    dtype = _dtype(case)
+    model, checkpoint = case.model("mlp", canonical.weights("mlp", seed=0, dtype=dtype))
+    _, same = case.model("mlp", canonical.weights("mlp", seed=0, dtype=dtype))
+    _, other = case.model("mlp", canonical.weights("mlp", seed=1, dtype=dtype))
+    assert backend.owns(model) in (True, False)  # a plain function may be owned only when named (JAX)
+    prepared = [backend.prepare(model, c) for c in (checkpoint, same, other)]
+    assert backend.n_params(prepared[0]) == sum(w.size for w in canonical.weights("mlp", seed=0))
+    digests = [backend.parameters_digest(p) for p in prepared]
+    if digests[0] is not None:
+        assert digests[0] == digests[1] != digests[2]
+    assert backend.structure(prepared[0]) == backend.structure(prepared[2])
+    x, y = canonical.inputs("mlp", 5, seed=1)
+    features = backend.features(model, prepared[0], case.array(x.astype(dtype)), case.array(y), Classification(),
+                                k=16, seed=0, checkpoint=0, kind="rademacher")
+    if features is not None:
+        assert tuple(features[0].shape) == (5, 16) and tuple(features[1].shape) == (5,)
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
