@@ -108,19 +108,23 @@ class Featurizer:
                                                       enabled=self.progress)):
             where = f"checkpoint {index}, batch {b}"
             rows = _check_lengths(inputs, labels, where)
-            if check is not None:  # before the batch's rows can reach the store
-                check.batch(inputs, labels)
             first, seen = seen, seen + rows
             lo, hi = max(0, skip - first), rows if stop is None else min(rows, stop - first)
             if hi <= lo:
                 if stop is not None and first >= stop:
                     break
+                if check is not None:
+                    check.batch(inputs, labels)
                 continue
             fused = self._fused_features(prepared, index, inputs, labels, where)
             if fused is not None:
+                if check is not None:  # after the batch's own checks, before its rows can reach the store
+                    check.batch(inputs, labels)
                 yield (fused[0][lo:hi, ...], fused[1][lo:hi]) if (lo, hi) != (0, rows) else fused
                 continue
             g, q = self._gradients(prepared, inputs, labels, where)
+            if check is not None:
+                check.batch(inputs, labels)
             if (lo, hi) != (0, rows):
                 g, q = g[lo:hi, ...], q[lo:hi]
             xp = namespace(g)
