@@ -40,7 +40,7 @@ import array_api_compat
 
 from ._namespace import has_float64
 
-__all__ = ["is_accelerator", "free_memory", "packed_words", "unpack_signs", "make_array", "in_float64",
+__all__ = ["is_accelerator", "free_memory", "to_host", "packed_words", "unpack_signs", "make_array", "in_float64",
            "packed_product", "half_matmul", "solve_triangular"]
 
 log = logging.getLogger("trak_core")
@@ -77,6 +77,27 @@ def free_memory(x: Any) -> int | None:
     except Exception:  # a device that cannot report its memory
         return None
     return None
+
+
+def to_host(x: Any) -> Any:
+    """A NumPy array with ``x``'s values: torch (any device; bfloat16 and float8 as their bytes), CuPy,
+    JAX, array-api-strict on any device, or anything ``numpy.asarray`` takes."""
+    import numpy as np
+
+    if array_api_compat.is_torch_array(x):
+        import torch
+
+        t = x.detach()
+        if t.dtype == torch.bfloat16 or str(t.dtype).startswith("torch.float8"):
+            return t.contiguous().view(torch.uint8).cpu().numpy()
+        return t.cpu().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if type(x).__module__.startswith("array_api_strict"):  # any device: through its CPU device
+        import array_api_strict as xs
+
+        return np.asarray(x.to_device(xs.Device("CPU_DEVICE")))
+    return np.asarray(x)
 
 
 def _on_cpu(device: Any) -> bool:

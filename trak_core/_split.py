@@ -52,7 +52,7 @@ def row_scales(grads: Any, block: int, *, xp: Any) -> Any:
     n, p = grads.shape
     peak = xp.zeros((n,), dtype=xp.float32, device=device_of(grads))
     for start in range(0, p, block):
-        part = xp.astype(grads[:, start:start + block], xp.float32)
+        part = xp.astype(grads[:, start:min(p, start + block)], xp.float32)
         peak = xp.maximum(peak, xp.max(xp.abs(part), axis=1))
     safe = xp.where(peak > 0, peak, xp.ones_like(peak))
     exponent = xp.clip(_TOP_EXPONENT - xp.floor(xp.log2(safe)), -120.0, 120.0)
@@ -115,6 +115,9 @@ def split_project(grads: Any, k: int, *, seed: int, checkpoint: int, offset: int
 
     xp = namespace(grads)
     n_passes = passes(precision)
+    if getattr(xp, "float16", None) is None:
+        raise TrakValueError(f"the half-precision projection (precision={precision!r}) needs float16, which "
+                             f"{xp.__name__} does not have; use precision='float32' or NumPy, torch, JAX or CuPy arrays")
     n, p = grads.shape
     device, dtype = device_of(grads), grads.dtype
     block = block_size or max(1, BLOCK_BYTES // (2 * k))

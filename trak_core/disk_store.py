@@ -40,7 +40,6 @@ __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STO
            "open_root"]
 
 STORE_FORMAT = 1  # the layout above; a store of another format is refused (StoreMismatchError)
-_to_numpy = to_numpy
 
 
 def _digest(block: np.ndarray) -> str:
@@ -146,8 +145,8 @@ class DiskWriter(Writer):
     def append(self, features: Any, out_to_loss: Any) -> None:
         if self.template is None:
             self.template = features[:1, ...]
-        self._rows.append(_to_numpy(features))
-        self._weights.append(_to_numpy(out_to_loss))
+        self._rows.append(to_numpy(features))
+        self._weights.append(to_numpy(out_to_loss))
         while sum(r.shape[0] for r in self._rows) >= KERNEL_CHUNK_ROWS:
             self._write(KERNEL_CHUNK_ROWS)
 
@@ -207,7 +206,7 @@ class DiskWriter(Writer):
         if "kernel" in self.group and self.complete:
             return lazy, weights, self.kernel_loader()
         kernel = kernel_from_features(lazy, xp=xp)
-        matrix = _to_numpy(kernel)
+        matrix = to_numpy(kernel)
         if "kernel" in self.group:
             del self.group["kernel"]
         self.group.create_array("kernel", shape=matrix.shape, dtype=matrix.dtype, fill_value=0)[:] = matrix

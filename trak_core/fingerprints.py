@@ -17,26 +17,17 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ._delegation import to_host
+
 __all__ = ["to_numpy", "parameters_digest", "DataFingerprint", "combine"]
 
 
 def to_numpy(x: Any) -> np.ndarray:
-    """A NumPy copy (or view) of an array of any framework or device (torch, CuPy, JAX, array-api-strict)."""
-    if hasattr(x, "detach"):  # torch: bfloat16 and other dtypes NumPy lacks travel as their bytes
-        import torch
+    """A NumPy copy (or view) of an array of any framework or device (torch, CuPy, JAX, array-api-strict).
 
-        t = x.detach()
-        if t.dtype in (torch.bfloat16,) or str(t.dtype).startswith("torch.float8"):
-            return t.contiguous().view(torch.uint8).cpu().numpy()
-        return t.cpu().numpy()
-    if type(x).__module__.startswith("cupy"):
-        return x.get()
-    try:
-        return np.asarray(x)
-    except Exception:  # array-api-strict on a non-CPU device
-        import array_api_strict as xs
-
-        return np.asarray(x.to_device(xs.Device("CPU_DEVICE")))
+    torch dtypes NumPy lacks (bfloat16, float8) come as their bytes (``uint8``), which is what a digest needs.
+    """
+    return to_host(x)
 
 
 def _update(hasher: Any, array: np.ndarray) -> None:
