@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 from ._namespace import device_of
 from .errors import TrakTypeError, TrakValueError
 
-__all__ = ["Task", "Classification", "Regression", "CustomTask", "get_task", "TASKS"]
+__all__ = ["Task", "Classification", "Regression", "LanguageModeling", "CustomTask", "get_task", "TASKS"]
 
 
 @runtime_checkable
@@ -40,10 +40,17 @@ def _one_hot(labels: Any, n_classes: int, like: Any, *, xp: Any) -> Any:
     return xp.astype(labels[:, None] == classes[None, :], like.dtype)
 
 
+def _binary(logits: Any, *, xp: Any) -> Any:
+    """A one-logit binary classifier's logits ``z`` as the two-class logits ``[0, z]``."""
+    return xp.concat([xp.zeros_like(logits), logits], axis=1)
+
+
 class Classification:
     """Classification with the margin ``f = logit_y - logsumexp_{j != y} logit_j`` and ``Q = 1 - p_y``.
 
-    Labels are integers in ``[0, n_classes)``; at least two classes are needed.
+    Labels are integers in ``[0, n_classes)``. A binary classifier with one logit ``z`` (output
+    ``(n,)`` or ``(n, 1)``, ``BCEWithLogits`` style, labels 0 or 1) is the two-class model with
+    logits ``[0, z]``: its margin is the signed logit ``f = (2 y - 1) z`` and ``Q = 1 - sigmoid(f)``.
     """
 
     name = "classification"
@@ -51,15 +58,25 @@ class Classification:
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
         if labels.ndim != 1:
             raise TrakValueError(f"classification labels must be 1-D, got shape {tuple(labels.shape)}")
-        if not xp.isdtype(labels.dtype, "integral"):
+        if not xp.isdtype(labels.dtype, ("integral", "bool")):
             raise TrakTypeError(f"classification labels must be integers, got dtype {labels.dtype}")
-        if n_outputs < 2:
-            raise TrakValueError(f"classification needs at least 2 outputs (classes), the model has {n_outputs}")
-        if labels.shape[0] and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= n_outputs))):
+        if n_outputs < 1:
+            raise TrakValueError("classification needs at least 1 output (a binary logit) or 2 (classes), "
+                                 "the model has 0")
+        classes = max(2, n_outputs)
+        labels = xp.astype(labels, xp.int64) if xp.isdtype(labels.dtype, "bool") else labels
+        if labels.shape[0] and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= classes))):
             lo, hi = int(xp.min(labels)), int(xp.max(labels))
+            what = "a binary classifier (one logit)" if n_outputs == 1 else f"a model with {n_outputs} classes"
             raise TrakValueError(
-                f"labels out of range: found labels in [{lo}, {hi}] but the model has {n_outputs} "
-                f"classes, so labels must lie in [0, {n_outputs - 1}]")
+                f"labels out of range: found labels in [{lo}, {hi}] but for {what} labels must lie in "
+                f"[0, {classes - 1}]")
+
+    @staticmethod
+    def _two_class(logits: Any, labels: Any, *, xp: Any) -> tuple[Any, Any]:
+        if xp.isdtype(labels.dtype, "bool"):
+            labels = xp.astype(labels, xp.int64)
+        return (_binary(logits, xp=xp) if logits.shape[1] == 1 else logits), labels
 
     def _others(self, logits: Any, labels: Any, *, xp: Any) -> tuple[Any, Any]:
         """One-hot of the label and the log-softmax-free pieces over the other classes."""
@@ -70,15 +87,20 @@ class Classification:
         return onehot, (top, weights)
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        logits, labels = self._two_class(logits, labels, xp=xp)
         onehot, (top, weights) = self._others(logits, labels, xp=xp)
         logsumexp_others = top[:, 0] + xp.log(xp.sum(weights, axis=1))
         return xp.sum(logits * onehot, axis=1) - logsumexp_others
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        one_logit = logits.shape[1] == 1
+        logits, labels = self._two_class(logits, labels, xp=xp)
         onehot, (_, weights) = self._others(logits, labels, xp=xp)
-        return onehot - weights / xp.sum(weights, axis=1, keepdims=True)
+        grad = onehot - weights / xp.sum(weights, axis=1, keepdims=True)
+        return grad[:, 1:] if one_logit else grad  # d f / d z: only the second of [0, z] is the model's
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        logits, labels = self._two_class(logits, labels, xp=xp)
         onehot = _one_hot(labels, logits.shape[1], logits, xp=xp)
         top = xp.max(logits, axis=1, keepdims=True)
         weights = xp.exp(logits - top)
@@ -114,6 +136,65 @@ class Regression:
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         targets = xp.reshape(xp.astype(labels, logits.dtype), (-1,))
         return targets - logits[:, 0]
+
+
+class LanguageModeling:
+    """Causal language modeling: TRAK's margin summed over a sequence's predicted tokens.
+
+    The model's output is ``(n, T, V)`` logits; labels are ``(n, T)`` token ids in Hugging Face's
+    convention: the same positions as the inputs (the task shifts them: the logits at position ``t``
+    predict token ``t + 1``), and ``-100`` marks positions that are not predicted (padding, prompts).
+    With ``m_{t}`` the classification margin of token ``t + 1`` under the logits at ``t``
+    (``logit_y - logsumexp_{j != y} logit_j``) and ``S`` the counted positions,
+
+        f = sum_{t in S} m_t,        Q = mean_{t in S} (1 - p_t),   p_t = softmax(logits_t)_y.
+
+    ``Q`` is the average of the per-token weights, exact when they are equal (see docs/estimator.md).
+    A sequence with no counted token has ``f = 0`` and ``Q = 0``.
+    """
+
+    name = "language_modeling"
+    ignore_index = -100
+
+    def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
+        if labels.ndim != 2:
+            raise TrakValueError(f"language_modeling labels must be (n, sequence length) token ids, got shape "
+                                 f"{tuple(labels.shape)}")
+        if not xp.isdtype(labels.dtype, "integral"):
+            raise TrakTypeError(f"language_modeling labels must be integer token ids, got dtype {labels.dtype}")
+        counted = labels != self.ignore_index
+        if bool(xp.any(counted & ((labels < 0) | (labels >= n_outputs)))):
+            raise TrakValueError(f"token ids out of range: labels must lie in [0, {n_outputs - 1}] (the vocabulary) "
+                                 f"or be {self.ignore_index} (not predicted)")
+
+    def _margins(self, logits: Any, labels: Any, *, xp: Any) -> tuple[Any, Any, Any]:
+        """Per-position margins ``(n, T-1)``, probabilities of the label and the counted-position mask."""
+        if logits.ndim != 3:
+            raise TrakValueError(f"language_modeling needs (n, sequence length, vocabulary) logits, got shape "
+                                 f"{tuple(logits.shape)}")
+        n, length, vocab = logits.shape
+        scores, targets = logits[:, :-1, :], labels[:, 1:]
+        counted = targets != self.ignore_index
+        safe = xp.where(counted, targets, xp.zeros_like(targets))
+        flat = xp.reshape(scores, (n * (length - 1), vocab))
+        ids = xp.reshape(safe, (-1,))
+        classification = TASKS["classification"]
+        margins = xp.reshape(classification.output(flat, ids, xp=xp), (n, length - 1))
+        q = xp.reshape(classification.out_to_loss(flat, ids, xp=xp), (n, length - 1))
+        return margins, q, xp.astype(counted, logits.dtype)
+
+    def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        margins, _, counted = self._margins(logits, labels, xp=xp)
+        return xp.sum(margins * counted, axis=1)
+
+    def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        raise TrakTypeError("language_modeling has no hand-written output_grad; use a backend with autodiff "
+                            "(torch, jax)")
+
+    def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        _, q, counted = self._margins(logits, labels, xp=xp)
+        total = xp.sum(counted, axis=1)
+        return xp.sum(q * counted, axis=1) / xp.where(total > 0, total, xp.ones_like(total))
 
 
 class CustomTask:
@@ -160,7 +241,8 @@ class CustomTask:
         return self._out_to_loss(logits, labels, xp)
 
 
-TASKS = {"classification": Classification(), "regression": Regression()}  # stateless: shared instances
+TASKS = {"classification": Classification(), "regression": Regression(),
+         "language_modeling": LanguageModeling()}  # stateless: shared instances
 
 
 def get_task(task: str | Task) -> Task:
