@@ -4,7 +4,7 @@ One job: validate what users pass, with errors that name the problem and the fix
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from . import kernel as kernel_ops
 from ._namespace import namespace
@@ -30,6 +30,14 @@ def _check_seed(seed: Any) -> int:
 
 
 def _rows(array: Any, what: str, where: str) -> int:
+    if isinstance(array, Mapping):  # a dict batch (a tokenizer's or collator's output): every value has n rows
+        if not array:
+            raise TrakValueError(f"{where}: {what} is an empty mapping; a dict batch needs at least one array")
+        counts = {key: _rows(value, f"{what}[{key!r}]", where) for key, value in array.items()}
+        if len(set(counts.values())) > 1:
+            raise TrakValueError(f"{where}: the arrays of the dict batch have different numbers of rows {counts}; "
+                                 "every key needs one row per example")
+        return next(iter(counts.values()))
     shape = getattr(array, "shape", None)
     if not shape:
         raise TrakTypeError(f"{where}: {what} must be an array with one row per example, got {type(array).__name__}"
@@ -54,6 +62,13 @@ def projection_group_rows(n_params: int, itemsize: int, proj_dim: int | None = N
     if proj_dim is not None and not dense_fits(n_params, proj_dim, itemsize):
         rows = max(rows, 64)
     return rows
+
+
+def take_rows(inputs: Any, start: int, stop: int) -> Any:
+    """Rows ``start .. stop-1`` of a batch's inputs: an array, or every array of a dict batch."""
+    if isinstance(inputs, Mapping):
+        return {key: value[start:stop, ...] for key, value in inputs.items()}
+    return inputs[start:stop, ...]
 
 
 def _check_lengths(inputs: Any, labels: Any, where: str) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from . import kernel as kernel_ops
-from ._checks import _check_finite, _check_lengths, projection_group_rows
+from ._checks import _check_finite, _check_lengths, projection_group_rows, take_rows
 from ._delegation import is_accelerator
 from ._identity import DataCheck, check_parameters
 from ._namespace import namespace
@@ -104,7 +104,7 @@ class Featurizer:
         a fused step (:meth:`features`) project batch by batch inside it.
         """
         grads, weights, seen, group, pending = [], [], 0, None, 0
-        for b, (inputs, labels) in enumerate(progress(batches(data), desc=f"featurize checkpoint {index}",
+        for b, (inputs, labels) in enumerate(progress(batches(data, self.label_key), desc=f"featurize checkpoint {index}",
                                                       enabled=self.progress)):
             where = f"checkpoint {index}, batch {b}"
             rows = _check_lengths(inputs, labels, where)
@@ -193,16 +193,16 @@ class Featurizer:
         """Features of the rows the writer lacks (none when complete), the data checked against the store's."""
         writer, prepared, index = pending.writer, pending.prepared, pending.index
         if self.executor is not None:
-            data = list(batches(data))
+            data = list(batches(data, self.label_key))
         if writer.needs_template or (self.executor is not None and writer.template is None):
-            data = iter(batches(data))  # one example tells the namespace, device and dtype of the features
+            data = iter(batches(data, self.label_key))  # one example tells the namespace, device and dtype of the features
             first = next(data, None)
             if first is not None:
-                one = (first[0][:1, ...], first[1][:1, ...])
+                one = (take_rows(first[0], 0, 1), first[1][:1, ...])
                 writer.set_template(self._batch_features(prepared, index, *one, f"checkpoint {index}, batch 0")[0])
                 data = itertools.chain([first], data)
         if writer.complete:  # stored: only check that the data is the same, in the same order
-            for inputs, labels in batches(data):
+            for inputs, labels in batches(data, self.label_key):
                 check.batch(inputs, labels)
             check.finish(writer.rows_done)
             return

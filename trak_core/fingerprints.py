@@ -13,7 +13,7 @@ whatever the framework or device the arrays live on.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -75,25 +75,30 @@ class DataFingerprint:
         self._start_chunk()
 
     def _start_chunk(self) -> None:
-        self._inputs, self._labels, self._layouts = hashlib.sha256(), hashlib.sha256(), set()
+        self._streams: dict[str, Any] = {}
+        self._layouts: set = set()
 
     def _digest(self) -> str:
-        return hashlib.sha256(f"{self._inputs.hexdigest()}{self._labels.hexdigest()}{sorted(self._layouts)}"
-                              .encode()).hexdigest()
+        streams = "".join(f"{name}={hasher.hexdigest()};" for name, hasher in sorted(self._streams.items()))
+        return hashlib.sha256(f"{streams}{sorted(self._layouts)}".encode()).hexdigest()
 
     def update(self, inputs: Any, labels: Any) -> list[tuple[int, str]]:
         """Hash one batch's rows; return the chunks it completed as ``(chunk index, digest)``.
 
-        Rows are hashed as contiguous bytes (inputs and labels in two streams), so any split of the
-        data into batches gives the same digests.
+        Rows are hashed as contiguous bytes, one stream per array (inputs, or each key of a dict
+        batch, and labels), so any split of the data into batches gives the same digests.
         """
-        x, y = np.ascontiguousarray(to_numpy(inputs)), np.ascontiguousarray(to_numpy(labels))
+        named = sorted(inputs.items()) if isinstance(inputs, Mapping) else [("inputs", inputs)]
+        arrays = [(f"x:{name}", np.ascontiguousarray(to_numpy(value))) for name, value in named]
+        arrays.append(("labels", np.ascontiguousarray(to_numpy(labels))))
+        n = arrays[0][1].shape[0]
         done, start = [], 0
-        while start < x.shape[0]:
-            stop = min(x.shape[0], start + self.chunk_rows - self.rows % self.chunk_rows)
-            self._inputs.update(x[start:stop].view(np.uint8).reshape(-1) if x.size else b"")
-            self._labels.update(y[start:stop].view(np.uint8).reshape(-1) if y.size else b"")
-            self._layouts.add((x.dtype.str, x.shape[1:], y.dtype.str, y.shape[1:]))
+        while start < n:
+            stop = min(n, start + self.chunk_rows - self.rows % self.chunk_rows)
+            for name, array in arrays:
+                hasher = self._streams.setdefault(name, hashlib.sha256())
+                hasher.update(array[start:stop].view(np.uint8).reshape(-1) if array.size else b"")
+                self._layouts.add((name, array.dtype.str, array.shape[1:]))
             self.rows += stop - start
             start = stop
             if self.rows % self.chunk_rows == 0:

@@ -10,7 +10,7 @@ import logging
 import operator
 from typing import Any, Iterable, Sequence
 
-from ._checks import _check_lambda, _check_proj_dim, _check_seed, _resolve_backend
+from ._checks import _check_lambda, _check_proj_dim, _check_seed, _resolve_backend, take_rows
 from ._featurizer import Featurizer
 from ._namespace import namespace
 from ._progress import progress
@@ -70,6 +70,9 @@ class TRAK(Featurizer):
     executor : None, "ray" or RayExecutor
         Where featurization runs: this process, or Ray actors over row shards (needs ``store=path``;
         see :mod:`trak_core.executors`). The numbers are the same bit for bit.
+    label_key : str
+        The labels' key in dict batches (default ``"labels"``, as Hugging Face collators name it);
+        the other keys are passed to the model as keyword arguments.
     precision : {"float32", "fast"}
         Of the projection (:func:`trak_core.project`): ``"float32"`` (default) is float32-grade
         everywhere, computed on GPUs as two float16 tensor-core products of a split input;
@@ -86,7 +89,8 @@ class TRAK(Featurizer):
                  proj_type: str = "rademacher", seed: int = 0, lambda_reg: float | str = "auto",
                  backend: str | Backend | None = None, store: Any = None, progress: bool | None = None,
                  normalize_features: bool = False, soft_threshold: float | None = None,
-                 checkpoint_weighting: str = "uniform", executor: Any = None, precision: str = "float32") -> None:
+                 checkpoint_weighting: str = "uniform", executor: Any = None, precision: str = "float32",
+                 label_key: str = "labels") -> None:
         self.proj_dim = _check_proj_dim(proj_dim)
         if proj_type not in KINDS:
             raise TrakValueError(f"unknown proj_type {proj_type!r}; choose one of {KINDS}")
@@ -97,6 +101,9 @@ class TRAK(Featurizer):
             raise TrakValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
                              "float16); use precision='float32' for Gaussian projections")
         self.precision = precision
+        if not isinstance(label_key, str) or not label_key:
+            raise TrakValueError(f"label_key must be a non-empty string, got {label_key!r}")
+        self.label_key = label_key
         self.seed = _check_seed(seed)
         self.lambda_reg = _check_lambda(lambda_reg)
         self.model = model
@@ -195,10 +202,10 @@ class TRAK(Featurizer):
             In the namespace, dtype and on the device of the features, averaged over the
             checkpoints (``docs/estimator.md``).
         """
-        data = iter(batches(data))
+        data = iter(batches(data, self.label_key))
         first = next(data, None)
         if first is not None:
-            self._load_opened((first[0][:1, ...], first[1][:1, ...]))
+            self._load_opened((take_rows(first[0], 0, 1), first[1][:1, ...]))
             data = itertools.chain([first], data)
         self._check_scorable()
         entries = self._entries(checkpoints)
@@ -287,7 +294,7 @@ class TRAK(Featurizer):
     def open(cls, path: Any, model: Any, checkpoints: Sequence[Any], *, task: str | Task | None = None,
              backend: str | Backend | None = None, lambda_reg: float | str | None = None,
              progress: bool | None = None, soft_threshold: float | None = None,
-             checkpoint_weighting: str = "uniform", executor: Any = None) -> "TRAK":
+             checkpoint_weighting: str = "uniform", executor: Any = None, label_key: str = "labels") -> "TRAK":
         """Reopen a finished on-disk store to score new targets, without the training data.
 
         Parameters
@@ -305,7 +312,7 @@ class TRAK(Featurizer):
         lambda_reg : float, "auto" or None
             ``None`` (default): the ``lambda`` each checkpoint was factorized with, so scores equal
             those of the original run bit for bit.
-        progress, soft_threshold, checkpoint_weighting, executor
+        progress, soft_threshold, checkpoint_weighting, executor, label_key
             Scoring options, as in :class:`TRAK`.
 
         Returns
@@ -318,7 +325,7 @@ class TRAK(Featurizer):
 
         return open_trak(cls, path, model, checkpoints, task=task, backend=backend, lambda_reg=lambda_reg,
                          progress=progress, soft_threshold=soft_threshold,
-                         checkpoint_weighting=checkpoint_weighting, executor=executor)
+                         checkpoint_weighting=checkpoint_weighting, executor=executor, label_key=label_key)
 
     def features(self, data: Iterable[Any], *, checkpoint: int = 0) -> Any:
         """Features ``phi_c(z)`` (projected gradients) of ``data`` at featurized checkpoint ``checkpoint``.
@@ -327,7 +334,7 @@ class TRAK(Featurizer):
         """
         entry = self._entries([checkpoint])[0]
         parts = []
-        for b, (inputs, labels) in enumerate(batches(data)):
+        for b, (inputs, labels) in enumerate(batches(data, self.label_key)):
             parts.append(self._batch_features(entry.prepared, entry.index, inputs, labels, f"batch {b}")[0])
         if not parts:
             raise TrakValueError("features: data yielded no batches; pass an iterable of (inputs, labels)")

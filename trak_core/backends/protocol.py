@@ -5,7 +5,7 @@ One job: declare the :class:`Backend` protocol and the errors the registry raise
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from ..errors import BackendError, MissingFrameworkError, TrakTypeError, UnknownBackendError
 
@@ -102,12 +102,27 @@ def check_backend(backend: Any) -> Backend:
     return backend
 
 
-def batches(data: Iterable[Any]) -> Iterable[tuple[Any, Any]]:
-    """Yield ``(inputs, labels)`` pairs from ``data``, with a clear error for anything else."""
+def batches(data: Iterable[Any], label_key: str = "labels") -> Iterable[tuple[Any, Any]]:
+    """Yield ``(inputs, labels)`` pairs from ``data``, with a clear error for anything else.
+
+    A batch is an ``(inputs, labels)`` pair, or a mapping of arrays as a Hugging Face tokenizer or
+    collator returns it: its ``label_key`` entry is the labels, and the other entries are the
+    inputs (a dict, passed to the model as keyword arguments).
+    """
     if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
         raise TrakTypeError("data must be an iterable of (inputs, labels) batches, got a single "
-                        "(inputs, labels) pair: wrap it in a list, e.g. [(inputs, labels)]")
+                            "(inputs, labels) pair: wrap it in a list, e.g. [(inputs, labels)]")
+    if isinstance(data, Mapping):
+        raise TrakTypeError("data must be an iterable of batches, got a single dict batch: wrap it in a list, "
+                            "e.g. [batch]")
     for i, batch in enumerate(data):
+        if isinstance(batch, Mapping):
+            if label_key not in batch:
+                raise TrakTypeError(f"batch {i} is a mapping with keys {sorted(batch)} and no {label_key!r}: add "
+                                    f"the labels under {label_key!r}, or pass label_key= to TRAK")
+            yield {key: value for key, value in batch.items() if key != label_key}, batch[label_key]
+            continue
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TrakTypeError(f"batch {i} must be an (inputs, labels) pair, got {type(batch).__name__}")
+            raise TrakTypeError(f"batch {i} must be an (inputs, labels) pair or a mapping with {label_key!r}, "
+                                f"got {type(batch).__name__}")
         yield batch[0], batch[1]
