@@ -270,9 +270,10 @@ def test_dtype_mismatch_is_a_clear_error(model_dtype, batch_dtype, fix):
     for model, shape in ((_mlp().to(model_dtype), (6,)), (_cnn().to(model_dtype), (1, 8, 8))):
         x, y = torch.randn(4, *shape, dtype=batch_dtype), torch.randint(0, 4, (4,))
         batch, params = str(batch_dtype)[6:], str(model_dtype)[6:]
-        message = f"inputs are {batch} but the model's parameters are {params} \\(torch: .*\\); convert the batch with {fix}$"
+        message = (f"inputs are {batch} but the model's parameters are {params} \\(torch: .*\\); "
+                   f"convert the batch with {fix}$")
         backend = TorchBackend()
-        with pytest.raises(TypeError, match="^" + message):  # the backend's message starts with what is wrong
+        with pytest.raises(trak_core.TrakTypeError, match="^" + message):  # it starts with what is wrong
             backend.gradients(model, backend.prepare(model, None), x, y, trak_core.Classification())
         with pytest.raises(TypeError, match=message):
             TRAK(model, proj_dim=8, progress=False).featurize(None, [(x, y)])

@@ -21,9 +21,10 @@ class Task(Protocol):
     """What a task supplies to the estimator."""
 
     name: str
+    logits_ndim: int | None  # 2: (n, n_outputs) outputs; 3: (n, sequence, vocabulary); None: any shape
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
-        """Raise ``ValueError``/``TypeError`` if ``labels`` do not fit this task."""
+        """Raise ``ValueError``/``TypeError`` if ``labels`` do not fit this task (``n_outputs``: the last axis)."""
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         """The model output function ``f``, shape ``(n,)``."""
@@ -54,6 +55,7 @@ class Classification:
     """
 
     name = "classification"
+    logits_ndim = 2
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
         if labels.ndim != 1:
@@ -118,6 +120,7 @@ class Regression:
     """
 
     name = "regression"
+    logits_ndim = 2
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
         if n_outputs != 1:
@@ -154,6 +157,7 @@ class LanguageModeling:
     """
 
     name = "language_modeling"
+    logits_ndim = 3
     ignore_index = -100
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
@@ -213,10 +217,14 @@ class CustomTask:
         ``(labels, n_outputs, xp) -> None`` raising on labels that do not fit.
     name : str
         A name for logs.
+    logits_ndim : int or None
+        Dimensions of the model's output with the batch: 2 (default, ``(n, n_outputs)``; a 1-D
+        output becomes one column), 3 (sequences), or ``None`` (any, passed as the model gives it).
     """
 
     def __init__(self, output: Any, out_to_loss: Any = None, *, output_grad: Any = None,
-                 check_labels: Any = None, name: str = "custom") -> None:
+                 check_labels: Any = None, name: str = "custom", logits_ndim: int | None = 2) -> None:
+        self.logits_ndim = logits_ndim
         if not callable(output):
             raise TrakTypeError(f"output must be callable (logits, labels, xp) -> (n,), got {type(output).__name__}")
         self.name, self._output, self._out_to_loss = name, output, out_to_loss

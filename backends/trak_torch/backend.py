@@ -9,15 +9,14 @@ The logits are taken from what ``forward`` returns by :func:`output_logits`.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from trak_core.backends import Backend
+from trak_core.errors import TrakTypeError, TrakValueError
 from trak_core.fingerprints import parameters_digest
 
 from .checkpoint import TorchCheckpoint, select_names, snapshot
-from trak_core.errors import TrakTypeError, TrakValueError
 
 __all__ = ["TorchBackend", "output_logits"]
 
@@ -70,14 +69,57 @@ def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) ->
 _CONVERSIONS = {"float32": "float", "float64": "double", "float16": "half", "bfloat16": "bfloat16"}
 
 
-def _dtype_error(inputs: Any, dtype: Any, exc: Exception) -> TypeError:
+def _dtype_error(inputs: Any, dtype: Any, exc: Exception) -> TrakTypeError:
     """A dtype mismatch between a floating batch and the model's parameters, with the fix."""
     batch, model = str(inputs.dtype).removeprefix("torch."), str(dtype).removeprefix("torch.")
     to_model = f"inputs.{_CONVERSIONS[model]}()" if model in _CONVERSIONS else f"inputs.to(torch.{model})"
     to_batch = f"model.{_CONVERSIONS[batch]}()" if batch in _CONVERSIONS else f"model.to(torch.{batch})"
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return TypeError(f"inputs are {batch} but the model's parameters are {model} (torch: {first}); convert the "
-                     f"batch with {to_model}, or the model with {to_batch}")
+    return TrakTypeError(f"inputs are {batch} but the model's parameters are {model} (torch: {first}); convert "
+                         f"the batch with {to_model}, or the model with {to_batch}")
+
+
+def _rows(inputs: Any) -> int:
+    return int(next(iter(inputs.values())).shape[0]) if isinstance(inputs, Mapping) else int(inputs.shape[0])
+
+
+def prepared_dtype(params: dict) -> Any:
+    """The floating dtype of a parameter dict (float32 when it has none)."""
+    import torch
+
+    for value in params.values():
+        if value.is_floating_point():
+            return value.dtype
+    return torch.float32
+
+
+def attention_bias(mask: Any, dtype: Any, *, causal: bool) -> Any:
+    """A 2-D padding mask ``(n, T)`` (1 keep, 0 pad) as an additive ``(n, 1, T, T)`` mask in ``dtype``."""
+    import torch
+
+    length = mask.shape[-1]
+    keep = mask[:, None, None, :].bool()
+    if causal:
+        keep = keep & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()[None, None]
+    else:
+        keep = keep.expand(-1, 1, length, length)
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(keep, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
+
+
+@contextmanager
+def _attention_for_vmap(model: Any) -> Iterator[None]:
+    """A Hugging Face model's attention set to ``"eager"`` (vmap-friendly) for the duration, then restored."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before is None or before == "eager":
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 CPU_CHUNK_BYTES = 256 * 2**20  # per-example gradients per vmap call on CPUs
@@ -120,8 +162,18 @@ class TorchBackend(Backend):
         ``ModelOutput``'s ``"logits"``; an object's ``.logits``). It runs on the whole batch and,
         under ``vmap``, on one example, so it must only select or reshape, not mix rows.
 
+    attention_mask : {"auto", "causal", "bidirectional", "pass"}
+        What a dict batch's 2-D ``attention_mask`` (padding: 1 keep, 0 pad) becomes before the model
+        sees it: an additive 4-D mask ``(n, 1, T, T)`` in the model's dtype, which Hugging Face models
+        take as it is (their own 2-D handling branches on the mask's values, which ``vmap`` cannot
+        follow). ``"auto"``: causal for decoders (``config.is_decoder``, ``*ForCausalLM``,
+        ``*LMHeadModel``), bidirectional otherwise; ``"pass"`` hands the 2-D mask over unchanged.
+
     Notes
     -----
+    Hugging Face models run with ``attn_implementation="eager"`` while gradients are taken (set back
+    after): SDPA's backward has no ``vmap`` batching rule and runs example by example.
+
     A floating batch whose dtype differs from the model's parameters (float64 inputs to a float32
     model) is a ``TypeError`` that names both dtypes and the fix; nothing is cast silently.
     """
@@ -133,7 +185,12 @@ class TorchBackend(Backend):
     has_fused_projection = False  # project() is the core's (tensor cores on CUDA: trak_core._split)
 
     def __init__(self, params: Sequence[str] | Callable[[str, Any], bool] | None = None,
-                 chunk_size: int | None = None, logits_fn: Callable[[Any], Any] | None = None) -> None:
+                 chunk_size: int | None = None, logits_fn: Callable[[Any], Any] | None = None,
+                 attention_mask: str = "auto") -> None:
+        if attention_mask not in ("auto", "causal", "bidirectional", "pass"):
+            raise TrakValueError(f"attention_mask must be 'auto', 'causal', 'bidirectional' or 'pass', got "
+                                 f"{attention_mask!r}")
+        self.attention_mask = attention_mask
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
             raise TrakValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if logits_fn is not None and not callable(logits_fn):
@@ -162,50 +219,71 @@ class TorchBackend(Backend):
     def _check_batch(self, prepared: TorchCheckpoint, inputs: Any, labels: Any) -> None:
         import torch
 
-        for what, tensor in (("inputs", inputs), ("labels", labels)):
+        named = [(f"inputs[{key!r}]", value) for key, value in inputs.items()] if isinstance(inputs, Mapping) \
+            else [("inputs", inputs)]
+        for what, tensor in named + [("labels", labels)]:
             if not isinstance(tensor, torch.Tensor):
                 raise TrakTypeError(f"the torch backend needs {what} as torch tensors, got {type(tensor).__name__}")
             if tensor.device != prepared.device:
                 raise TrakValueError(f"{what} are on {tensor.device} but the model is on {prepared.device}; "
-                                 f"move the batch to the model's device (tensor.to({str(prepared.device)!r}))")
+                                     f"move the batch to the model's device (tensor.to({str(prepared.device)!r}))")
 
-    def _logits(self, model: Any, prepared: TorchCheckpoint, inputs: Any) -> Any:
+    def _call(self, model: Any, params: dict, inputs: Any, *, causal: bool) -> Any:
+        """``forward`` with ``params``: ``model(inputs)``, or ``model(**inputs)`` for a dict batch."""
         from torch.func import functional_call
 
+        if not isinstance(inputs, Mapping):
+            return functional_call(model, params, (inputs,))
+        kwargs = dict(inputs)
+        if self.attention_mask != "pass" and "attention_mask" in kwargs and kwargs["attention_mask"].ndim == 2:
+            kwargs["attention_mask"] = attention_bias(kwargs["attention_mask"], prepared_dtype(params), causal=causal)
+        return functional_call(model, params, (), kwargs)
+
+    def _logits(self, model: Any, prepared: TorchCheckpoint, inputs: Any, task: Any, *, causal: bool) -> Any:
+        n = _rows(inputs)
         try:
-            output = functional_call(model, {**prepared.params, **prepared.frozen}, (inputs,))
+            output = self._call(model, {**prepared.params, **prepared.frozen}, inputs, causal=causal)
         except RuntimeError as exc:
-            if inputs.is_floating_point() and inputs.dtype != prepared.dtype:
-                raise _dtype_error(inputs, prepared.dtype, exc) from exc
+            floating = [v for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])
+                        if v.is_floating_point() and v.dtype != prepared.dtype]
+            if floating:
+                raise _dtype_error(floating[0], prepared.dtype, exc) from exc
             raise
         logits = output_logits(output, self.logits_fn)
-        if logits.ndim == 1:
+        ndim = task.logits_ndim
+        if ndim == 2 and logits.ndim == 1:
             logits = logits[:, None]
-        if logits.ndim != 2 or logits.shape[0] != inputs.shape[0]:
-            raise TrakValueError(f"the model's output must have shape (batch, n_outputs), got {tuple(logits.shape)} "
-                             f"for a batch of {inputs.shape[0]}; make forward() return one row per example")
+        if logits.shape[0] != n or (ndim is not None and logits.ndim != ndim):
+            expected = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}.get(ndim, f"{ndim}-D")
+            raise TrakValueError(f"task {task.name!r} needs the model's output with shape {expected}, got "
+                                 f"{tuple(logits.shape)} for a batch of {n}; make forward() return one row per "
+                                 "example (or pass logits_fn=)")
         return logits
 
     def gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any,
                   task: Any) -> tuple[Any, Any]:
         import array_api_compat.torch as xp
         import torch
-        from torch.func import functional_call, grad, vmap
+        from torch.func import grad, vmap
+        from torch.utils._pytree import tree_map
 
         self._check_batch(prepared, inputs, labels)
-        with _eval_mode(model):
+        causal = self._causal(model)
+        with _eval_mode(model), _attention_for_vmap(model):
             with torch.no_grad():
-                logits = self._logits(model, prepared, inputs)
-            task.check_labels(labels, logits.shape[1], xp=xp)
+                logits = self._logits(model, prepared, inputs, task, causal=causal)
+            task.check_labels(labels, logits.shape[-1], xp=xp)
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
 
             def output(params: dict, x: Any, y: Any) -> Any:
-                out = output_logits(functional_call(model, {**params, **prepared.frozen}, (x[None],)),
+                one = tree_map(lambda t: t[None], x)
+                out = output_logits(self._call(model, {**params, **prepared.frozen}, one, causal=causal),
                                     self.logits_fn)
-                return task.output(out.reshape(1, -1), y[None], xp=xp)[0]
+                out = out.reshape(1, -1) if task.logits_ndim == 2 else out
+                return task.output(out, y[None], xp=xp)[0]
 
             per_example = vmap(grad(output), in_dims=(None, 0, 0))
-            n = inputs.shape[0]
+            n = _rows(inputs)
             dtype = next(iter(prepared.params.values())).dtype if prepared.params else torch.float32
             chunk = self.chunk_size or chunk_rows(prepared.n_params, torch.finfo(dtype).bits // 8,
                                                   _free_bytes(prepared.device))
@@ -215,7 +293,7 @@ class TorchBackend(Backend):
             grads = torch.empty((n, prepared.n_params), dtype=dtype, device=prepared.device)
             for start in range(0, n, chunk):  # each chunk is written into place: no second copy of the batch
                 stop = min(n, start + chunk)
-                g = per_example(prepared.params, inputs[start:stop], labels[start:stop])
+                g = per_example(prepared.params, tree_map(lambda t: t[start:stop], inputs), labels[start:stop])
                 column = 0
                 for name in prepared.params:
                     width = g[name][0].numel()
@@ -223,6 +301,14 @@ class TorchBackend(Backend):
                     column += width
                 del g
         return grads, out_to_loss
+
+    def _causal(self, model: Any) -> bool:
+        """Whether a dict batch's 2-D ``attention_mask`` becomes a causal mask (see ``attention_mask``)."""
+        if self.attention_mask in ("causal", "bidirectional"):
+            return self.attention_mask == "causal"
+        config = getattr(model, "config", None)  # a Hugging Face model's
+        return bool(getattr(config, "is_decoder", False)) or type(model).__name__.endswith(("ForCausalLM",
+                                                                                             "LMHeadModel"))
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
                 precision: str = "float32") -> Any:

@@ -42,6 +42,12 @@ def select_names(model: Any, params: Sequence[str] | Callable[[str, Any], bool] 
     return chosen
 
 
+def _tied_aliases(model: Any) -> set[str]:
+    """Names under which a parameter appears a second time (tied weights); ``named_parameters`` lists the first."""
+    first = {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_parameters(remove_duplicate=False) if name not in first}
+
+
 def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str]) -> TorchCheckpoint:
     """Copy ``checkpoint`` (or the model's current state when ``None``) onto the model's device."""
     import torch
@@ -66,7 +72,10 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
                              f"{extra}")
         state = checkpoint
     params, frozen = {}, {}
+    aliases = _tied_aliases(model)
     for name, ref in reference.items():
+        if name in aliases:  # a tied weight (GPT-2's lm_head.weight is wte.weight): set through its owner
+            continue
         value = torch.as_tensor(state[name])
         if tuple(value.shape) != tuple(ref.shape):
             raise TrakValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, the model's is {tuple(ref.shape)}")
