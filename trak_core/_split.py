@@ -109,7 +109,8 @@ def split_project(grads: Any, k: int, *, seed: int, checkpoint: int, offset: int
     Returns
     -------
     array, shape (n, k)
-        In the namespace, dtype and on the device of ``grads``.
+        In the namespace and on the device of ``grads``; float32 for float16 or bfloat16 ``grads``,
+        else their dtype.
     """
     from .projection import row_signs
 
@@ -133,4 +134,4 @@ def split_project(grads: Any, k: int, *, seed: int, checkpoint: int, offset: int
         acc = acc + half_matmul(split_parts(x, n_passes, xp=xp), source(start, stop), xp=xp)
     out = acc if n_passes == 1 else acc[:n, :] + acc[n:, :]
     out = (out / scales[:, None]) * (1.0 / math.sqrt(k))
-    return xp.astype(out, dtype)
+    return out if xp.finfo(dtype).bits < 32 else xp.astype(out, dtype)  # half inputs: float32 features

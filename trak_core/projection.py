@@ -221,7 +221,9 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
     Returns
     -------
     array, shape (n, k)
-        In the namespace, dtype and on the device of ``grads``.
+        In the namespace and on the device of ``grads``; in its dtype, except that float16 and
+        bfloat16 gradients (half-precision models) give float32 features: their products and sums
+        are float32 (or better) either way.
     """
     xp = namespace(grads)
     if grads.ndim != 2:
@@ -230,6 +232,8 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
     _check(p, k, kind, offset)
     if not xp.isdtype(grads.dtype, "real floating"):
         raise TrakTypeError(f"grads must have a real floating dtype, got {grads.dtype}")
+    if xp.finfo(grads.dtype).bits < 32 and not uses_split(grads, kind, precision):
+        grads = xp.astype(grads, xp.float32)  # half-precision gradients: float32 products, float32 features
     device, dtype = device_of(grads), grads.dtype
     if uses_split(grads, kind, precision):
         return split_project(grads, k, seed=seed, checkpoint=checkpoint, offset=offset, precision=precision,
