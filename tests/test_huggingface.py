@@ -101,15 +101,16 @@ def test_bert_through_trak_scores_and_fingerprints():
     labels = torch.as_tensor([0, 1, 2] * 4)
     batches = [{"input_ids": ids[i:i + 5], "attention_mask": mask[i:i + 5], "labels": labels[i:i + 5]}
                for i in range(0, 12, 5)]
-    trak = trak_core.TRAK(model, proj_dim=None, lambda_reg=0.1, progress=False)
+    trak = trak_core.TRAK(model, proj_dim=64, lambda_reg=0.1, progress=False)
     trak.featurize(model.state_dict(), batches)
     scores = trak.score(batches[:1])
     task = trak_core.Classification()
     batch = {"input_ids": ids, "attention_mask": mask}
-    phi = _one_at_a_time(model, batch, labels, lambda logits, y: task.output(logits, y, xp=xp)).numpy()
+    grads = _one_at_a_time(model, batch, labels, lambda logits, y: task.output(logits, y, xp=xp)).numpy()
+    phi = grads @ trak_core.projection_matrix(grads.shape[1], 64, seed=0, checkpoint=0, dtype=np.float64)
     with torch.no_grad():
         q = 1 - torch.softmax(model(**batch).logits, 1)[torch.arange(12), labels].numpy()
-    expected = phi @ np.linalg.solve(phi.T @ phi + 0.1 * np.eye(phi.shape[1]), phi[:5].T) * q[:, None]
+    expected = phi @ np.linalg.solve(phi.T @ phi + 0.1 * np.eye(64), phi[:5].T) * q[:, None]
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
     with pytest.raises(trak_core.TrakCoreError, match="no 'labels'"):
         trak_core.TRAK(model, proj_dim=8, progress=False).featurize(model.state_dict(), [{"input_ids": ids}])

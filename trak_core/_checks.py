@@ -41,7 +41,7 @@ def _rows(array: Any, what: str, where: str) -> int:
     shape = getattr(array, "shape", None)
     if not shape:
         raise TrakTypeError(f"{where}: {what} must be an array with one row per example, got {type(array).__name__}"
-                        + (" of shape ()" if shape == () else ""))
+                            + (" of shape ()" if shape == () else ""))
     return int(shape[0])
 
 
@@ -75,7 +75,7 @@ def _check_lengths(inputs: Any, labels: Any, where: str) -> int:
     n_inputs, n_labels = _rows(inputs, "inputs", where), _rows(labels, "labels", where)
     if n_inputs != n_labels:
         raise TrakValueError(f"{where}: inputs have {n_inputs} rows but labels have {n_labels}; "
-                         "each batch needs one label per example")
+                             "each batch needs one label per example")
     return n_inputs
 
 
@@ -83,7 +83,7 @@ def _check_finite(values: Any, out_to_loss: Any, where: str, what: str) -> None:
     xp = namespace(values)
     if not bool(xp.all(xp.isfinite(values))):
         raise TrakValueError(f"{where}: the {what} contain NaN or inf; check the inputs (NaN/inf values), "
-                         "the checkpoint's weights, and the learning rate that produced them")
+                             "the checkpoint's weights, and the learning rate that produced them")
     if not bool(xp.all(xp.isfinite(out_to_loss))):
         raise TrakValueError(f"{where}: the out-to-loss weights contain NaN or inf")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -18,7 +19,7 @@ from ._identity import DataCheck, check_parameters
 from ._namespace import namespace
 from ._progress import progress
 from .backends.protocol import batches
-from .errors import TrakValueError
+from .errors import TrakCoreError, TrakValueError
 from .fingerprints import to_numpy
 from .projection import project
 from .regularization import choose_lambda
@@ -28,6 +29,19 @@ from .store import CheckpointEntry, Writer
 __all__ = ["Featurizer", "PendingCheckpoint"]
 
 log = logging.getLogger("trak_core")
+
+
+@contextmanager
+def located(where: str) -> Iterator[None]:
+    """Prefix a backend's :class:`TrakCoreError` with the checkpoint and batch it happened in."""
+    try:
+        yield
+    except TrakCoreError as exc:
+        if str(exc).startswith(where):
+            raise
+        located_error = type(exc).__new__(type(exc))
+        located_error.args = (f"{where}: {exc}",) + exc.args[1:]
+        raise located_error.with_traceback(exc.__traceback__) from exc
 
 
 @dataclass
@@ -63,10 +77,11 @@ class Featurizer:
     def _gradients(self, prepared: Any, inputs: Any, labels: Any, where: str) -> tuple[Any, Any]:
         """Validated per-example gradients (n, p) and out-to-loss weights (n,) of one batch."""
         n_inputs = _check_lengths(inputs, labels, where)
-        grads, out_to_loss = self.backend.gradients(self.model, prepared, inputs, labels, self.task)
+        with located(where):
+            grads, out_to_loss = self.backend.gradients(self.model, prepared, inputs, labels, self.task)
         if grads.ndim != 2 or grads.shape[0] != n_inputs:
             raise TrakValueError(f"{where}: backend {self.backend.name!r} returned gradients of shape "
-                             f"{tuple(grads.shape)} for {n_inputs} examples; expected (n, p)")
+                                 f"{tuple(grads.shape)} for {n_inputs} examples; expected (n, p)")
         _check_finite(grads, out_to_loss, where, "per-example gradients")
         return grads, out_to_loss
 
@@ -75,12 +90,14 @@ class Featurizer:
         if not self.backend.has_fused_projection or self.proj_dim is None:
             return None
         n_inputs = _check_lengths(inputs, labels, where)
-        out = self.backend.features(self.model, prepared, inputs, labels, self.task, k=self.proj_dim, seed=self.seed,
-                    checkpoint=index, kind=self.proj_type, precision=self.precision)
+        with located(where):
+            out = self.backend.features(self.model, prepared, inputs, labels, self.task, k=self.proj_dim,
+                                        seed=self.seed, checkpoint=index, kind=self.proj_type,
+                                        precision=self.precision)
         if out is not None:
             if tuple(out[0].shape) != (n_inputs, self.proj_dim):
                 raise TrakValueError(f"{where}: backend {self.backend.name!r} returned features of shape "
-                                 f"{tuple(out[0].shape)}; expected {(n_inputs, self.proj_dim)}")
+                                     f"{tuple(out[0].shape)}; expected {(n_inputs, self.proj_dim)}")
             _check_finite(out[0], out[1], where, "features (projected per-example gradients)")
             out = (self._finish(out[0]), out[1])
         return out

@@ -43,7 +43,7 @@ def passes(precision: str) -> int:
     """Half-precision products per row: 2 for ``"float32"`` (hi and lo), 1 for ``"fast"``."""
     if precision not in PRECISIONS:
         raise TrakValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}: 'float32' (default, "
-                         "float32-grade: relative error <= 1e-5) or 'fast' (float16-grade, about 3e-4)")
+                             "float32-grade: relative error <= 1e-5) or 'fast' (float16-grade, about 3e-4)")
     return 2 if precision == "float32" else 1
 
 

@@ -64,12 +64,12 @@ class DiskFeatures:
             block = self._array[lo:hi]
         except Exception as exc:  # a truncated chunk fails to decode
             raise TrakValueError(f"chunks {first}..{last} of {self._array.path} cannot be read ({exc}); run featurize "
-                             "for this checkpoint again with the same arguments to recompute them") from None
+                                 "for this checkpoint again with the same arguments to recompute them") from None
         for c in range(first, last + 1):
             part = block[c * KERNEL_CHUNK_ROWS - lo:(c + 1) * KERNEL_CHUNK_ROWS - lo]
             if _digest(part) != self.checksums.get(str(c)):
                 raise TrakValueError(f"chunk {c} of {self._array.path} is damaged (checksum mismatch); run featurize "
-                                 "for this checkpoint again with the same arguments to recompute it")
+                                     "for this checkpoint again with the same arguments to recompute it")
         xp = namespace(self._template)
         return xp.asarray(block[start - lo:stop - lo], device=device_of(self._template))
 
@@ -173,8 +173,8 @@ class DiskWriter(Writer):
             self.group.attrs.update({"checksums": self.checksums, "rows_done": stop})
         except OSError as exc:
             raise TrakOSError(f"writing chunk {start // KERNEL_CHUNK_ROWS} of checkpoint {self.index} to "
-                          f"{self.store.path} failed ({exc}); chunks written before are intact, and the same call "
-                          "resumes from them once there is room") from exc
+                              f"{self.store.path} failed ({exc}); chunks written before are intact, and the same call "
+                              "resumes from them once there is room") from exc
         self.rows_done = stop
         self._rows, self._weights = [rows[count:]], [weights[count:]]
         if not self._rows[0].shape[0]:

@@ -72,7 +72,7 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
         raise TrakValueError(f"masks must have shape (n_subsets, {n_train}) to match scores, got {tuple(masks.shape)}")
     if outputs.shape != (masks.shape[0], n_targets):
         raise TrakValueError(f"outputs must have shape (n_subsets, n_targets) = {(masks.shape[0], n_targets)}, "
-                         f"got {tuple(outputs.shape)}")
+                             f"got {tuple(outputs.shape)}")
     if masks.shape[0] < 3:
         raise TrakValueError(f"LDS needs at least 3 subsets to rank, got {masks.shape[0]}")
     work = accumulation_dtype(xp, device_of(scores))

@@ -73,7 +73,7 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any) -> KernelFactor:
     rank = int(xp.sum(xp.astype(keep, xp.int64)))
     if rank == 0:
         raise TrakValueError("the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
-                         "gradients?), so no example can be scored; check the model and the data")
+                             "gradients?), so no example can be scored; check the model and the data")
     if rank < k and lambda_reg == 0:
         warnings.warn(f"the kernel Phi^T Phi is rank-deficient (rank {rank} < k = {k}, as when k > "
                       "n_train); with lambda_reg=0 the minimum-norm solution is used. A positive "

@@ -48,18 +48,18 @@ class AnalyticModel:
             extra = [n for n in checkpoint if n not in self.param_shapes]
             if missing or extra:
                 raise TrakValueError(f"checkpoint names do not match the model: missing {missing}, "
-                                 f"unexpected {extra}; expected {list(self.param_shapes)}")
+                                     f"unexpected {extra}; expected {list(self.param_shapes)}")
             out = {}
             for name, shape in self.param_shapes.items():
                 if tuple(checkpoint[name].shape) != shape:
                     raise TrakValueError(f"checkpoint[{name!r}] has shape {tuple(checkpoint[name].shape)}, "
-                                     f"the model expects {shape}")
+                                         f"the model expects {shape}")
                 out[name] = checkpoint[name]
             return out
         xp = namespace(checkpoint)
         if checkpoint.ndim != 1 or checkpoint.shape[0] != self.n_params:
             raise TrakValueError(f"a flat checkpoint must have shape ({self.n_params},) for this model "
-                             f"(its parameter count); got shape {tuple(checkpoint.shape)}")
+                                 f"(its parameter count); got shape {tuple(checkpoint.shape)}")
         out, start = {}, 0
         for name, shape in self.param_shapes.items():
             size = math.prod(shape)
@@ -103,7 +103,7 @@ class AnalyticModel:
     def _check_inputs(self, inputs: Any) -> None:
         if inputs.ndim != 2 or inputs.shape[1] != self.n_features:
             raise TrakValueError(f"inputs must have shape (n, {self.n_features}) for this model, "
-                             f"got {tuple(inputs.shape)}")
+                                 f"got {tuple(inputs.shape)}")
 
 
 def _outer_rows(left: Any, right: Any, *, xp: Any) -> Any:

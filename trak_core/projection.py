@@ -183,7 +183,7 @@ def uses_split(grads: Any, kind: str, precision: str) -> bool:
     if precision == "fast":
         if kind != "rademacher":
             raise TrakValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
-                             "float16); use precision='float32' for Gaussian projections")
+                                 "float16); use precision='float32' for Gaussian projections")
         return True
     return kind == "rademacher" and is_accelerator(grads) and str(grads.dtype).split(".")[-1] in (
         "float32", "float16", "bfloat16")

@@ -240,7 +240,7 @@ class CustomTask:
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         if self._output_grad is None:
             raise TrakTypeError(f"task {self.name!r} has no output_grad, which the analytic 'numpy' backend needs; "
-                            "pass output_grad=... or use a backend with autodiff (torch, jax)")
+                                "pass output_grad=... or use a backend with autodiff (torch, jax)")
         return self._output_grad(logits, labels, xp)
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:

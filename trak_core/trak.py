@@ -99,7 +99,7 @@ class TRAK(Featurizer):
             raise TrakValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if precision == "fast" and proj_type != "rademacher":
             raise TrakValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
-                             "float16); use precision='float32' for Gaussian projections")
+                                 "float16); use precision='float32' for Gaussian projections")
         self.precision = precision
         if not isinstance(label_key, str) or not label_key:
             raise TrakValueError(f"label_key must be a non-empty string, got {label_key!r}")
@@ -111,7 +111,7 @@ class TRAK(Featurizer):
         self.backend = _resolve_backend(backend, model)
         if not self.backend.can_gradients:
             raise TrakValueError(f"backend {self.backend.name!r} cannot compute gradients (can_gradients=False); "
-                             "choose a backend for this model's framework")
+                                 "choose a backend for this model's framework")
         self.store = open_store(store)
         self.progress = progress
         self.normalize_features = bool(normalize_features)

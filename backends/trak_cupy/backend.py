@@ -48,7 +48,7 @@ def _to_cupy(array: Any, what: str) -> Any:
             return cupy.from_dlpack(array)
         except Exception as exc:
             raise TrakValueError(f"{what} could not be shared with CuPy through DLPack ({exc}); it must live on a "
-                             "CUDA device (torch .cuda(), jax.device_put to a GPU)") from None
+                                 "CUDA device (torch .cuda(), jax.device_put to a GPU)") from None
     return cupy.asarray(array)
 
 

@@ -55,7 +55,7 @@ def fused_project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, off
 
     if not supports(grads, "rademacher"):
         raise TrakTypeError(f"the fused kernel takes 2-D float32/float16/bfloat16 CuPy arrays, got {grads.dtype} "
-                        f"with shape {grads.shape}; use trak_core.project for other inputs")
+                            f"with shape {grads.shape}; use trak_core.project for other inputs")
     grads = cupy.ascontiguousarray(grads)
     n, p = grads.shape
     out = cupy.empty((n, k), dtype=cupy.float32)

@@ -52,7 +52,7 @@ def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) ->
     elif isinstance(output, Mapping):
         if "logits" not in output:
             raise TrakTypeError(f"the model's output is a mapping ({type(output).__name__}) with keys {list(output)} "
-                            f"and no 'logits'; {_LOGITS_FN_HINT}, e.g. logits_fn=lambda output: output[KEY]")
+                                f"and no 'logits'; {_LOGITS_FN_HINT}, e.g. logits_fn=lambda output: output[KEY]")
         logits, source = output["logits"], f"output['logits'] of a {type(output).__name__}"
     elif hasattr(output, "logits"):
         logits, source = output.logits, f"output.logits of a {type(output).__name__}"
@@ -60,7 +60,7 @@ def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) ->
         logits, source = output[0], f"output[0] of a {type(output).__name__}"
     else:
         raise TrakTypeError(f"the model's output has type {type(output).__name__}; expected a tensor, a tuple or "
-                        f"list, a mapping with 'logits' or an object with .logits; {_LOGITS_FN_HINT}")
+                            f"list, a mapping with 'logits' or an object with .logits; {_LOGITS_FN_HINT}")
     if not isinstance(logits, torch.Tensor):
         raise TrakTypeError(f"{source} has type {type(logits).__name__}, not a tensor; {_LOGITS_FN_HINT}")
     return logits
@@ -195,7 +195,7 @@ class TorchBackend(Backend):
             raise TrakValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         if logits_fn is not None and not callable(logits_fn):
             raise TrakTypeError(f"logits_fn must be a function (model output -> logits tensor), got "
-                            f"{type(logits_fn).__name__}")
+                                f"{type(logits_fn).__name__}")
         self.params, self.chunk_size, self.logits_fn = params, chunk_size, logits_fn
 
     def owns(self, model: Any) -> bool:

@@ -35,7 +35,7 @@ def select_names(model: Any, params: Sequence[str] | Callable[[str, Any], bool] 
         unknown = [name for name in params if name not in named]
         if unknown:
             raise TrakValueError(f"params names {unknown} are not parameters of the model; "
-                             f"its parameters are {list(named)}")
+                                 f"its parameters are {list(named)}")
         chosen = [name for name in named if name in set(params)]
     if not chosen:
         raise TrakValueError("params selects no parameter of the model; nothing to differentiate")
@@ -64,12 +64,12 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
     else:
         if not isinstance(checkpoint, Mapping):
             raise TrakTypeError(f"a torch checkpoint must be a state_dict (a mapping of names to tensors) or None, "
-                            f"got {type(checkpoint).__name__}")
+                                f"got {type(checkpoint).__name__}")
         missing = [k for k in reference if k not in checkpoint]
         extra = [k for k in checkpoint if k not in reference]
         if missing or extra:
             raise TrakValueError(f"state_dict does not match the model: missing keys {missing}, unexpected keys "
-                             f"{extra}")
+                                 f"{extra}")
         state = checkpoint
     params, frozen = {}, {}
     aliases = _tied_aliases(model)

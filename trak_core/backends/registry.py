@@ -115,5 +115,5 @@ def infer_backend(model: Any) -> Backend:
         if backend.owns(model):
             return backend
     raise TrakTypeError(f"no installed backend recognises a model of type {type(model).__module__}."
-                    f"{type(model).__name__}; installed backends: {available_backends()}. Pass backend=... "
-                    f"explicitly or install the backend for this model's framework")
+                        f"{type(model).__name__}; installed backends: {available_backends()}. Pass backend=... "
+                        f"explicitly or install the backend for this model's framework")
