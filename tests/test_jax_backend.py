@@ -1,4 +1,7 @@
-"""JAX-specific behaviour: one compilation, x64 modes, Equinox models, and bad input."""
+"""JAX-specific behaviour: one compilation, x64 modes, Equinox models, dict batches, output shapes per task,
+parameter subsets, and bad input."""
+import re
+
 import numpy as np
 import pytest
 
@@ -114,8 +117,6 @@ def test_torch_tensors_are_rejected():
 @pytest.mark.parametrize("matmul_precision,expected", [("float32", "HIGHEST"), (None, "DEFAULT")])
 def test_step_multiplies_at_the_asked_precision(matmul_precision, expected):
     """On GPUs JAX's default multiplies float32 in TF32: the step asks for float32 unless told otherwise."""
-    import re
-
     backend = JaxBackend(matmul_precision=matmul_precision)
     x, y = canonical.inputs("cnn", 4, seed=0, dtype="float32")
     params = [jnp.asarray(w) for w in canonical.weights("cnn", seed=0, dtype="float32")]
@@ -197,3 +198,173 @@ def test_unusable_outputs_are_a_clear_error(pack, match):
             canonical.weights("softmax", seed=0, dtype="float32"), [(x, y)])
     with pytest.raises(TypeError, match="logits_fn must be a function"):
         JaxBackend(logits_fn="logits")
+
+
+def _scaled_mlp(params, inputs):
+    """The canonical MLP on a dict batch: ``x`` scaled per example by ``scale`` (two arrays of different shapes)."""
+    return jax_apply("mlp")(params, inputs["x"] * inputs["scale"][:, None])
+
+
+def test_dict_batches_are_mapped_and_padded_in_every_array():
+    with jax.enable_x64(True):
+        x, y = canonical.inputs("mlp", 9, seed=1)
+        scale = np.linspace(0.5, 2.0, 9)
+        params = [jnp.asarray(w) for w in canonical.weights("mlp", seed=0)]
+        backend = JaxBackend(batch_size=4)  # 4 + 4 + 1: the last chunk is padded in both arrays
+        prepared = backend.prepare(_scaled_mlp, params)
+        grads, q = backend.gradients(_scaled_mlp, prepared, {"x": x, "scale": scale}, y, trak_core.Classification())
+        reference = _margin_gradients_one_at_a_time(jax_apply("mlp"), params, jnp.asarray(x * scale[:, None]),
+                                                    jnp.asarray(y))
+        np.testing.assert_allclose(np.asarray(grads), reference, rtol=1e-9, atol=1e-12)
+        p = jax.nn.softmax(jax_apply("mlp")(params, jnp.asarray(x * scale[:, None])), axis=1)[np.arange(9), y]
+        np.testing.assert_allclose(np.asarray(q), 1 - np.asarray(p), rtol=1e-9, atol=1e-12)
+        assert backend.compilations == 1
+
+
+def test_dict_batches_through_trak_score_like_arrays():
+    x, y = _data(20)
+    scale = np.linspace(0.5, 2.0, 20).astype("float32")
+    weights = canonical.weights("mlp", seed=0, dtype="float32")
+    dict_trak = trak_core.TRAK(JaxModel(_scaled_mlp), proj_dim=16, lambda_reg=0.1, progress=False)
+    dict_trak.featurize(weights, [{"x": x[i:i + 8], "scale": scale[i:i + 8], "labels": y[i:i + 8]}
+                                  for i in range(0, 20, 8)])  # 8, 8, 4 (padded)
+    plain = trak_core.TRAK(JaxModel(jax_apply("mlp")), proj_dim=16, lambda_reg=0.1, progress=False)
+    plain.featurize(weights, [(x * scale[:, None], y)])
+    a = np.asarray(dict_trak.score([{"x": x[:3], "scale": scale[:3], "labels": y[:3]}]))
+    b = np.asarray(plain.score([(x[:3] * scale[:3, None], y[:3])]))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+
+
+def test_bad_dict_batches_are_clear_errors():
+    x, y = _data(6)
+    scale = np.ones(6, dtype="float32")
+    weights = canonical.weights("mlp", seed=0, dtype="float32")
+    backend = JaxBackend()
+    prepared = backend.prepare(_scaled_mlp, weights)
+    task = trak_core.Classification()
+    missing = re.escape("looked up 'scale', which the dict batch does not have: its inputs are ['x']")
+    with pytest.raises(ValueError, match=missing):
+        backend.gradients(_scaled_mlp, prepared, {"x": x}, y, task)
+    with pytest.raises(ValueError, match="inputs\\['scale'\\] has 5 rows but inputs\\['x'\\] has 6"):
+        backend.gradients(_scaled_mlp, prepared, {"x": x, "scale": scale[:5]}, y, task)
+    with pytest.raises(ValueError, match="labels has 5 rows"):
+        backend.gradients(_scaled_mlp, prepared, {"x": x, "scale": scale}, y[:5], task)
+    with pytest.raises(ValueError, match="dict batch has no inputs"):
+        backend.gradients(_scaled_mlp, prepared, {}, y, task)
+    with pytest.raises(TypeError, match="inputs\\['scale'\\] must be a JAX or NumPy array, got str"):
+        backend.gradients(_scaled_mlp, prepared, {"x": x, "scale": "1.0"}, y, task)
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    with pytest.raises(TypeError, match="inputs\\['scale'\\] are torch tensors"):
+        backend.gradients(_scaled_mlp, prepared, {"x": x, "scale": torch.ones(6)}, y, task)
+
+
+def test_output_dimensions_follow_the_task():
+    """Classification takes (n, C) or a 1-D binary logit; a 3-D output needs a sequence task; ``logits_ndim=None``
+    passes any shape to the task as it is."""
+    with jax.enable_x64(True):
+        x, y = canonical.inputs("mlp", 7, seed=3)
+        y = y % 2
+        w = jnp.asarray(canonical.weights("softmax", seed=0)[0][0])  # one logit: z = x . w
+        backend = JaxBackend()
+
+        def binary(params, inputs):  # (n,): one logit per example
+            return inputs @ params[0]
+
+        grads, q = backend.gradients(binary, backend.prepare(binary, [w]), x, y, trak_core.Classification())
+        sign = 2 * y - 1  # d/dw of the signed logit (2y - 1) x . w
+        np.testing.assert_allclose(np.asarray(grads), sign[:, None] * x, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(np.asarray(q), 1 - 1 / (1 + np.exp(-sign * (x @ np.asarray(w)))), rtol=1e-12)
+
+        params = [jnp.asarray(a) for a in canonical.weights("mlp", seed=0)]
+
+        def cube(p, inputs):  # (n, 2, C): the logits and twice the logits
+            return jnp.stack([jax_apply("mlp")(p, inputs), 2 * jax_apply("mlp")(p, inputs)], 1)
+
+        with pytest.raises(ValueError, match=r"the model's output with shape \(batch, n_outputs\), got \(7, 2, 3\)"):
+            backend.gradients(cube, backend.prepare(cube, params), x, y, trak_core.Classification())
+        # any shape: f = the sum of both rows' margins, against the plain model's gradients
+        classification = trak_core.Classification()
+        task = trak_core.CustomTask(
+            lambda logits, labels, xp: (classification.output(logits[:, 0], labels, xp=xp)
+                                        + classification.output(logits[:, 1], labels, xp=xp)),
+            logits_ndim=None, name="two rows")
+        grads, _ = backend.gradients(cube, backend.prepare(cube, params), x, y, task)
+        one = _margin_gradients_one_at_a_time(jax_apply("mlp"), params, jnp.asarray(x), jnp.asarray(y))
+        doubled = _margin_gradients_one_at_a_time(lambda p, inputs: 2 * jax_apply("mlp")(p, inputs), params,
+                                                  jnp.asarray(x), jnp.asarray(y))
+        np.testing.assert_allclose(np.asarray(grads), one + doubled, rtol=1e-9, atol=1e-12)
+
+
+def _widths(params):
+    return [int(np.prod(np.shape(w))) for w in params]
+
+
+@pytest.mark.parametrize("selection,leaves", [
+    (["[2]", "[3]"], [2, 3]),
+    (["[3]", "[0]"], [0, 3]),  # tree-leaf order, whatever the order asked
+    (lambda path, leaf: leaf.ndim == 2, [0, 2]),
+], ids=["names", "names-reordered", "predicate"])
+def test_params_subsets_are_columns_of_the_full_gradients(selection, leaves):
+    with jax.enable_x64(True):
+        x, y = canonical.inputs("mlp", 9, seed=1)
+        weights = canonical.weights("mlp", seed=0)
+        params = [jnp.asarray(w) for w in weights]
+        backend = JaxBackend(batch_size=4, params=selection)
+        prepared = backend.prepare(jax_apply("mlp"), params)
+        grads, q = backend.gradients(jax_apply("mlp"), prepared, x, y, trak_core.Classification())
+        full = _margin_gradients_one_at_a_time(jax_apply("mlp"), params, jnp.asarray(x), jnp.asarray(y))
+    from trak_core.backends.numpy_backend import backend as numpy_backend
+
+    model = canonical.analytic_model("mlp")  # the analytic gradients: no JAX in the reference
+    analytic, q_ref = numpy_backend.gradients(model, numpy_backend.prepare(model, canonical.flat(weights)), x, y,
+                                              trak_core.Classification())
+    starts = np.cumsum([0] + _widths(weights))
+    columns = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in leaves])
+    assert backend.n_params(prepared) == columns.size == grads.shape[1]
+    np.testing.assert_allclose(np.asarray(grads), full[:, columns], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(grads), analytic[:, columns], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(q), q_ref, rtol=1e-9)
+    assert backend.structure(prepared) != JaxBackend().structure(JaxBackend().prepare(jax_apply("mlp"), params))
+
+
+def test_params_subset_of_the_cnn_equals_finite_differences():
+    with jax.enable_x64(True):
+        x, y = canonical.inputs("cnn", 5, seed=2)
+        weights = canonical.weights("cnn", seed=1)
+        backend = JaxBackend(params=["[0]", "[1]"])  # the convolution's kernel and bias: behind the tanh
+        prepared = backend.prepare(jax_apply("cnn"), [jnp.asarray(w) for w in weights])
+        grads, _ = backend.gradients(jax_apply("cnn"), prepared, x, y, trak_core.Classification())
+    reference = canonical.cnn_gradients(weights, x, y)[:, :sum(_widths(weights[:2]))]
+    np.testing.assert_allclose(np.asarray(grads), reference, rtol=1e-6, atol=1e-6 * np.abs(reference).max())
+
+
+def test_params_subset_through_trak_compiles_once_and_scores_like_the_last_layer_alone():
+    """The last layer of the MLP is a softmax regression on the hidden features ``tanh(x W1^T + b1)``."""
+    backend, model = JaxBackend(params=["[2]", "[3]"]), JaxModel(jax_apply("mlp"))
+    x, y = _data(20)
+    for n_checkpoints in (2, 1):  # the second TRAK reuses the compiled step
+        trak = trak_core.TRAK(model, proj_dim=8, lambda_reg=0.1, backend=backend, progress=False)
+        for c in range(n_checkpoints):
+            trak.featurize(canonical.weights("mlp", seed=c, dtype="float32"), [(x[:12], y[:12]), (x[12:], y[12:])])
+        assert trak.store[0].features.shape == (20, 8)
+    assert backend.compilations == 1
+    w1, b1, w2, b2 = canonical.weights("mlp", seed=0, dtype="float32")
+    scores = np.asarray(trak.score([(x[:3], y[:3])]))
+    ref = trak_core.TRAK(canonical.analytic_model("softmax", [w2, b2]), proj_dim=8, lambda_reg=0.1, progress=False)
+    ref.featurize(canonical.flat([w2, b2]), [(np.tanh(x @ w1.T + b1), y)])
+    expected = ref.score([(np.tanh(x[:3] @ w1.T + b1), y[:3])])
+    assert np.linalg.norm(scores - expected) / np.linalg.norm(expected) < 1e-4
+
+
+def test_params_selection_errors():
+    params = canonical.weights("mlp", seed=0, dtype="float32")
+    apply = jax_apply("mlp")
+    leaves = re.escape("['[0]', '[1]', '[2]', '[3]']")
+    with pytest.raises(ValueError, match=re.escape("params paths ['[7]'] are not leaves") + ".*" + leaves):
+        JaxBackend(params=["[7]"]).prepare(apply, params)
+    with pytest.raises(ValueError, match="selects no leaf"):
+        JaxBackend(params=lambda path, leaf: False).prepare(apply, params)
+    with pytest.raises(TypeError, match="wrap it in a list: params=\\['\\[0\\]'\\]"):
+        JaxBackend(params="[0]")
+    with pytest.raises(TypeError, match="sequence of path strings"):
+        JaxBackend(params=[0, 1])

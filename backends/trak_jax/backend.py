@@ -1,28 +1,32 @@
 """The JAX backend object: per-example gradients and projection in one jitted step.
 
 The featurize step ``(params, inputs, labels, signs, R) -> (features, out_to_loss)`` is one
-``jax.jit`` function: ``jax.vmap(jax.grad(f))`` over the batch, ravel in the canonical order,
+``jax.jit`` function: ``jax.vmap(jax.grad(f))`` over the batch (over every array of a dict batch),
+with respect to the selected leaves of ``params`` (``JaxBackend(params=...)``; the others enter as
+constants), ravel in the canonical order,
 flip by the checkpoint's row signs and multiply by the shared matrix ``R`` made by
 :func:`trak_core.projection.cached_factors` (the reference projection, cached). Batches are padded
 to a fixed size, so the step compiles once per (model, task, shapes), not once per batch.
 When ``R`` does not fit the projection cache, the jitted step returns gradients and the core
 projects them block by block.
 
-The logits are taken from what the apply function returns by :func:`output_logits`.
+The logits are taken from what the apply function returns by :func:`output_logits`, with the
+shape the task asks for (``task.logits_ndim``: ``(n, n_outputs)`` or ``(n, sequence, vocabulary)``).
 
 dtypes: with ``jax_enable_x64`` off, JAX has no float64, so features, the kernel and its
 factorization are float32; with it on, float64 params give float64 features and a float64 kernel.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 from trak_core.backends import Backend
-from trak_core.fingerprints import parameters_digest
-
-from .checkpoint import JaxCheckpoint, snapshot
 from trak_core.errors import TrakTypeError, TrakValueError
+from trak_core.fingerprints import parameters_digest
+from trak_core.outputs import select_logits
+
+from .checkpoint import JaxCheckpoint, check_selection, snapshot
 
 __all__ = ["JaxBackend", "JaxModel", "output_logits"]
 
@@ -31,41 +35,20 @@ _LOGITS_FN_HINT = "pass logits_fn (model output -> logits array) to the backend:
 
 
 def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) -> Any:
-    """The logits array in what a model's apply function returned (called while tracing).
-
-    With ``logits_fn``, ``logits_fn(output)``. Otherwise: an array is used as is; a mapping (a dict,
-    a Flax ``ModelOutput``) gives its ``"logits"`` key; another object with a ``logits`` attribute
-    (a named tuple, a dataclass) gives that; a tuple or list gives its first element. Anything else
-    is a ``TypeError`` that asks for a ``logits_fn``.
-    """
+    """The logits array in what a model's apply function returned (:func:`trak_core.outputs.select_logits`)."""
     import jax
     import numpy as np
 
-    arrays = (jax.Array, np.ndarray)
-    if logits_fn is not None:
-        logits = logits_fn(output)
-        source = "logits_fn(output)"
-    elif isinstance(output, arrays):
-        return output
-    elif isinstance(output, Mapping):
-        if "logits" not in output:
-            raise TrakTypeError(f"the model's output is a mapping ({type(output).__name__}) with keys {list(output)} "
-                            f"and no 'logits'; {_LOGITS_FN_HINT}, e.g. logits_fn=lambda output: output[KEY]")
-        logits, source = output["logits"], f"output['logits'] of a {type(output).__name__}"
-    elif hasattr(output, "logits"):
-        logits, source = output.logits, f"output.logits of a {type(output).__name__}"
-    elif isinstance(output, (tuple, list)) and len(output) > 0:
-        logits, source = output[0], f"output[0] of a {type(output).__name__}"
-    else:
-        raise TrakTypeError(f"the model's output has type {type(output).__name__}; expected an array, a tuple or "
-                        f"list, a mapping with 'logits' or an object with .logits; {_LOGITS_FN_HINT}")
-    if not isinstance(logits, arrays):
-        raise TrakTypeError(f"{source} has type {type(logits).__name__}, not an array; {_LOGITS_FN_HINT}")
-    return logits
+    return select_logits(output, logits_fn, is_array=lambda value: isinstance(value, (jax.Array, np.ndarray)),
+                         hint=_LOGITS_FN_HINT)
 
 
 class JaxModel:
     """A JAX model: a pure function ``apply(params, inputs) -> outputs`` of shape (batch, n_outputs).
+
+    ``inputs`` is an array, or for a dict batch (``{"input_ids": ..., "attention_mask": ...}``, as a
+    tokenizer gives it) the dict of arrays less the labels' key. Language models return
+    ``(batch, sequence, vocabulary)`` logits (``task="language_modeling"``).
 
     The outputs may also be a tuple, a mapping or an object holding the logits (see
     :func:`output_logits`, and ``JaxBackend(logits_fn=...)`` for other layouts).
@@ -80,6 +63,30 @@ class JaxModel:
         if not callable(apply):
             raise TrakTypeError(f"apply must be a function (params, inputs) -> outputs, got {type(apply).__name__}")
         self.apply = apply
+
+
+def _tree_rows(inputs: Any, start: int, stop: int) -> Any:
+    """Rows ``start .. stop-1`` of an array or of every array of a dict batch."""
+    if isinstance(inputs, Mapping):
+        return {key: value[start:stop] for key, value in inputs.items()}
+    return inputs[start:stop]
+
+
+def _pad(value: Any, size: int) -> Any:
+    """``value`` with copies of its first row appended up to ``size`` rows (same shapes: no recompilation)."""
+    import jax.numpy as jnp
+
+    rows = value.shape[0]
+    return value if rows == size else jnp.concatenate([value, jnp.repeat(value[:1], size - rows, axis=0)])
+
+
+_EXPECTED = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}
+
+
+def _logits_shape_error(task: Any, shape: tuple, n: int) -> TrakValueError:
+    expected = _EXPECTED.get(task.logits_ndim, "(batch, ...)")
+    return TrakValueError(f"task {task.name!r} needs the model's output with shape {expected}, got {shape} for a "
+                          f"batch of {n}; make apply return one row per example (or pass logits_fn=)")
 
 
 def _not_jittable(exc: Exception) -> TypeError:
@@ -103,10 +110,22 @@ class JaxBackend(Backend):
         and gradients would differ from the other backends by about 1e-3. ``None`` keeps JAX's
         default (faster on GPUs, TF32-grade); ``"tensorfloat32"`` and ``"bfloat16"`` ask for it.
     logits_fn : callable, optional
-        The apply function's output -> the logits array ``(batch, n_outputs)``, traced inside the
-        jitted step. Default: the rule of :func:`output_logits` (an array; a tuple's first element;
-        a mapping's ``"logits"``; an object's ``.logits``). It runs on the whole batch and, under
-        ``vmap``, on one example, so it must only select or reshape, not mix rows.
+        The apply function's output -> the logits array ``(batch, n_outputs)`` (``(batch, sequence,
+        vocabulary)`` for language models), traced inside the jitted step. Default: the rule of
+        :func:`output_logits` (an array; a tuple's first element; a mapping's ``"logits"``; an
+        object's ``.logits``). It runs on the whole batch and, under ``vmap``, on one example, so it
+        must only select or reshape, not mix rows.
+    params : sequence of str or callable, optional
+        Leaves of the params pytree to attribute through: path strings (``jax.tree_util.keystr`` of
+        each leaf's path, e.g. ``"[2]"`` or ``"['head']['kernel']"``) or a predicate ``(path, leaf)
+        -> bool``. Default: all. The others enter the model as constants (not differentiated); the
+        gradient vector holds the selected leaves in tree-leaf order, each flattened row-major.
+
+    Notes
+    -----
+    Dict batches: ``apply(params, inputs)`` receives the dict (less the labels' key) and
+    ``jax.vmap`` maps over the first axis of every array in it; a short batch is padded in every
+    array.
     """
 
     name = "jax"
@@ -116,7 +135,8 @@ class JaxBackend(Backend):
     has_fused_projection = True
 
     def __init__(self, batch_size: int | None = None, matmul_precision: str | None = "float32",
-                 logits_fn: Callable[[Any], Any] | None = None) -> None:
+                 logits_fn: Callable[[Any], Any] | None = None,
+                 params: Sequence[str] | Callable[[str, Any], bool] | None = None) -> None:
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
             raise TrakValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         choices = ("float32", "tensorfloat32", "bfloat16", "highest", "high", "default")
@@ -124,9 +144,11 @@ class JaxBackend(Backend):
             raise TrakValueError(f"matmul_precision must be None or one of {choices}, got {matmul_precision!r}")
         if logits_fn is not None and not callable(logits_fn):
             raise TrakTypeError(f"logits_fn must be a function (model output -> logits array), got "
-                            f"{type(logits_fn).__name__}")
+                                f"{type(logits_fn).__name__}")
+        check_selection(params)
         self.batch_size, self.matmul_precision, self.logits_fn = batch_size, matmul_precision, logits_fn
-        self._steps: dict[tuple, Any] = {}  # (apply, task, project) -> [jitted step, compiled batch size]
+        self.params = params
+        self._steps: dict[tuple, Any] = {}  # (apply, task, project, selected) -> [jitted step, compiled batch size]
         self.compilations = 0  # traces of the step function: how many times it was (re)compiled
 
     def __getstate__(self) -> dict:
@@ -144,11 +166,11 @@ class JaxBackend(Backend):
         if callable(model):
             return model
         raise TrakTypeError(f"the JAX backend needs a JaxModel or an apply(params, inputs) function, "
-                        f"got {type(model).__name__}")
+                            f"got {type(model).__name__}")
 
     def prepare(self, model: Any, checkpoint: Any) -> JaxCheckpoint:
         self._apply(model)
-        return snapshot(checkpoint)
+        return snapshot(checkpoint, self.params)
 
     def n_params(self, prepared: JaxCheckpoint) -> int:
         return prepared.n_params
@@ -163,8 +185,10 @@ class JaxBackend(Backend):
         return parameters_digest([(f"{i}:{prepared.structure!r}" if i == 0 else str(i), leaf)
                                   for i, leaf in enumerate(leaves)])
 
-    def _step(self, apply: Callable, task: Any, project: bool) -> Any:
-        key = (apply, task, project)
+    def _step(self, apply: Callable, task: Any, project: bool, selected: tuple[int, ...] | None = None) -> Any:
+        """``[jitted step, compiled batch size]`` of ``apply`` and ``task``; ``selected``: the indices of the
+        leaves to differentiate (``None``: all)."""
+        key = (apply, task, project, selected)
         if key not in self._steps:
             import array_api_compat
             import jax
@@ -172,9 +196,21 @@ class JaxBackend(Backend):
 
             xp = array_api_compat.array_namespace(jnp.zeros(1))
 
-            def output(params: Any, x: Any, y: Any) -> Any:
-                out = output_logits(apply(params, x[None]), self.logits_fn)
-                return task.output(jnp.reshape(out, (1, -1)), y[None], xp=xp)[0]
+            def per_example(params: Any) -> tuple[Callable, list]:
+                """``f`` of one example as a function of the selected leaves (the others are constants)."""
+                leaves, treedef = jax.tree_util.tree_flatten(params)
+                indices = tuple(range(len(leaves))) if selected is None else selected
+
+                def output(chosen: list, x: Any, y: Any) -> Any:
+                    full = list(leaves)
+                    for i, leaf in zip(indices, chosen):
+                        full[i] = leaf
+                    one = jax.tree_util.tree_map(lambda value: value[None], x)
+                    out = output_logits(apply(jax.tree_util.tree_unflatten(treedef, full), one), self.logits_fn)
+                    out = jnp.reshape(out, (1, -1)) if task.logits_ndim == 2 else out
+                    return task.output(out, y[None], xp=xp)[0]
+
+                return output, [leaves[i] for i in indices]
 
             def step(params: Any, inputs: Any, labels: Any, signs: Any, shared: Any) -> tuple[Any, Any]:
                 self.compilations += 1  # runs only while tracing
@@ -185,12 +221,13 @@ class JaxBackend(Backend):
 
             def traced(params: Any, inputs: Any, labels: Any, signs: Any, shared: Any) -> tuple[Any, Any]:
                 logits = output_logits(apply(params, inputs), self.logits_fn)
-                if logits.ndim == 1:
+                if task.logits_ndim == 2 and logits.ndim == 1:
                     logits = logits[:, None]
                 out_to_loss = task.out_to_loss(logits, labels, xp=xp)
-                grads = jax.vmap(jax.grad(output), in_axes=(None, 0, 0))(params, inputs, labels)
-                flat = jnp.concatenate([jnp.reshape(g, (inputs.shape[0], -1))
-                                        for g in jax.tree_util.tree_leaves(grads)], axis=1)
+                output, chosen = per_example(params)
+                grads = jax.vmap(jax.grad(output), in_axes=(None, 0, 0))(chosen, inputs, labels)
+                n = labels.shape[0]
+                flat = jnp.concatenate([jnp.reshape(g, (n, -1)) for g in grads], axis=1)
                 if project:
                     flat = (flat * signs) @ shared
                 return flat, out_to_loss
@@ -199,54 +236,78 @@ class JaxBackend(Backend):
         return self._steps[key]
 
     def _check_batch(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any) -> tuple:
+        """``(inputs, labels, n)`` as JAX arrays on the params' device, checked against the model's output."""
         import array_api_compat
         import jax
         import jax.numpy as jnp
 
-        for what, value in (("inputs", inputs), ("labels", labels)):
+        if isinstance(inputs, Mapping):
+            if not inputs:
+                raise TrakValueError("the dict batch has no inputs (only the labels); apply needs at least one array")
+            named = [(f"inputs[{key!r}]", value) for key, value in inputs.items()]
+        else:
+            named = [("inputs", inputs)]
+        arrays = []
+        for what, value in named + [("labels", labels)]:
             if type(value).__module__.split(".")[0] == "torch":
                 raise TrakTypeError(f"{what} are torch tensors: the JAX backend takes JAX or NumPy arrays; convert "
-                                "with jnp.asarray(tensor.cpu().numpy()) or use backend='torch'")
-        inputs = jax.device_put(jnp.asarray(inputs), prepared.device)
-        labels = jax.device_put(jnp.asarray(labels), prepared.device)
+                                    "with jnp.asarray(tensor.cpu().numpy()) or use backend='torch'")
+            try:
+                array = jnp.asarray(value)
+            except TypeError as exc:
+                raise TrakTypeError(f"{what} must be a JAX or NumPy array, got {type(value).__name__} "
+                                    f"({str(exc).splitlines()[0]})") from None
+            if array.ndim == 0:
+                raise TrakValueError(f"{what} must have one row per example, got a scalar")
+            arrays.append(jax.device_put(array, prepared.device))
+        n = arrays[0].shape[0]  # rows: the first array's
+        for (what, _), array in zip(named + [("labels", labels)], arrays):
+            if array.shape[0] != n:
+                raise TrakValueError(f"{what} has {array.shape[0]} rows but {named[0][0]} has {n}; every array of "
+                                     "a batch needs one row per example")
+        *values, labels = arrays
+        inputs = dict(zip(inputs, values)) if isinstance(inputs, Mapping) else values[0]
         apply = self._apply(model)
         try:
             shape = jax.eval_shape(lambda params, x: output_logits(apply(params, x), self.logits_fn),
                                    prepared.params, inputs)
         except jax.errors.JAXTypeError as exc:
             raise _not_jittable(exc) from None
-        if len(shape.shape) not in (1, 2) or shape.shape[0] != inputs.shape[0]:
-            raise TrakValueError(f"the model's output must have shape (batch, n_outputs), got {tuple(shape.shape)} "
-                             f"for a batch of {inputs.shape[0]}")
-        n_outputs = 1 if len(shape.shape) == 1 else shape.shape[1]
+        except KeyError as exc:
+            if not isinstance(inputs, Mapping):
+                raise
+            raise TrakValueError(f"apply(params, inputs) looked up {exc.args[0]!r}, which the dict batch does not "
+                                 f"have: its inputs are {sorted(inputs)} (the labels' key is taken out)") from None
+        shape = tuple(shape.shape)
+        ndim = task.logits_ndim
+        if not shape or shape[0] != n or (ndim == 2 and len(shape) not in (1, 2)) or \
+                (ndim is not None and ndim != 2 and len(shape) != ndim):
+            raise _logits_shape_error(task, shape, n)
+        n_outputs = shape[-1] if len(shape) > 1 else 1
         task.check_labels(labels, n_outputs, xp=array_api_compat.array_namespace(labels))
-        return inputs, labels
+        return inputs, labels, n
 
     def _run(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any,
              factors: tuple | None) -> tuple[Any, Any]:
+        import jax
         import jax.numpy as jnp
 
-        inputs, labels = self._check_batch(model, prepared, inputs, labels, task)
-        n = inputs.shape[0]
-        entry = self._step(self._apply(model), task, factors is not None)
+        inputs, labels, n = self._check_batch(model, prepared, inputs, labels, task)
+        selected = None if len(prepared.selected) == len(prepared.shapes) else prepared.selected
+        entry = self._step(self._apply(model), task, factors is not None, selected)
         step, size = entry[0], entry[1] or n
         entry[1] = size  # later batches are padded up to (or split into) the first batch's size
         signs, shared = factors if factors is not None else (None, None)
         parts, weights = [], []
         for start in range(0, n, size):
-            x, y = inputs[start:start + size], labels[start:start + size]
-            rows = x.shape[0]
-            if rows < size:  # pad with copies of the first row: same shapes, no recompilation
-                x = jnp.concatenate([x, jnp.repeat(x[:1], size - rows, axis=0)])
-                y = jnp.concatenate([y, jnp.repeat(y[:1], size - rows, axis=0)])
+            x, y = _tree_rows(inputs, start, start + size), labels[start:start + size]
+            rows = y.shape[0]
+            if rows < size:  # pad every array with copies of its first row: same shapes, no recompilation
+                x, y = jax.tree_util.tree_map(lambda value: _pad(value, size), x), _pad(y, size)
             try:
                 features, out_to_loss = step(prepared.params, x, y, signs, shared)
-            except Exception as exc:
-                import jax
-
-                if isinstance(exc, jax.errors.JAXTypeError):
-                    raise _not_jittable(exc) from None
-                raise
+            except jax.errors.JAXTypeError as exc:
+                raise _not_jittable(exc) from None
             parts.append(features[:rows])
             weights.append(out_to_loss[:rows])
         return jnp.concatenate(parts), jnp.concatenate(weights)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from trak_core.backends import Backend
 from trak_core.errors import TrakTypeError, TrakValueError
 from trak_core.fingerprints import parameters_digest
+from trak_core.outputs import select_logits
 
 from .checkpoint import TorchCheckpoint, select_names, snapshot
 
@@ -35,35 +36,11 @@ _LOGITS_FN_HINT = "pass logits_fn (model output -> logits tensor) to the backend
 
 
 def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) -> Any:
-    """The logits tensor in what a model's ``forward`` returned.
-
-    With ``logits_fn``, ``logits_fn(output)``. Otherwise: a tensor is used as is; a mapping (a dict,
-    a Hugging Face ``ModelOutput``) gives its ``"logits"`` key; another object with a ``logits``
-    attribute (a named tuple, a dataclass) gives that; a tuple or list gives its first element.
-    Anything else is a ``TypeError`` that asks for a ``logits_fn``.
-    """
+    """The logits tensor in what a model's ``forward`` returned (:func:`trak_core.outputs.select_logits`)."""
     import torch
 
-    if logits_fn is not None:
-        logits = logits_fn(output)
-        source = "logits_fn(output)"
-    elif isinstance(output, torch.Tensor):
-        return output
-    elif isinstance(output, Mapping):
-        if "logits" not in output:
-            raise TrakTypeError(f"the model's output is a mapping ({type(output).__name__}) with keys {list(output)} "
-                                f"and no 'logits'; {_LOGITS_FN_HINT}, e.g. logits_fn=lambda output: output[KEY]")
-        logits, source = output["logits"], f"output['logits'] of a {type(output).__name__}"
-    elif hasattr(output, "logits"):
-        logits, source = output.logits, f"output.logits of a {type(output).__name__}"
-    elif isinstance(output, (tuple, list)) and len(output) > 0:
-        logits, source = output[0], f"output[0] of a {type(output).__name__}"
-    else:
-        raise TrakTypeError(f"the model's output has type {type(output).__name__}; expected a tensor, a tuple or "
-                            f"list, a mapping with 'logits' or an object with .logits; {_LOGITS_FN_HINT}")
-    if not isinstance(logits, torch.Tensor):
-        raise TrakTypeError(f"{source} has type {type(logits).__name__}, not a tensor; {_LOGITS_FN_HINT}")
-    return logits
+    return select_logits(output, logits_fn, is_array=lambda value: isinstance(value, torch.Tensor),
+                         hint=_LOGITS_FN_HINT, array="tensor")
 
 
 _CONVERSIONS = {"float32": "float", "float64": "double", "float16": "half", "bfloat16": "bfloat16"}

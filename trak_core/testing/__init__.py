@@ -23,9 +23,13 @@ What is checked, against the NumPy reference backend and closed forms:
 - projection matrices bit-identical (Rademacher) or within 4 ulp (Gaussian) of the NumPy ones,
   and a backend's own projection equal to :func:`trak_core.project` to float rounding;
 - per-example gradients of the canonical models (:mod:`trak_core.testing.canonical`) within dtype
-  tolerance of the analytic reference (softmax, MLP) or of float64 finite differences (CNN);
+  tolerance of the analytic reference (softmax, MLP) or of float64 finite differences (CNN, and
+  the causal transformer LM on padded dict batches with ignored labels);
 - scores of 1 and 3 checkpoints: float64 ``rtol 1e-9``; float32 relative Frobenius error
   ``<= 1e-4`` and per-target Spearman ``>= 0.9999``;
+- scores of the LM (``task="language_modeling"``, dict batches) against another framework's in
+  float64 (JAX's for torch, torch's for the others): float64 ``rtol 1e-9``, float32 relative
+  Frobenius error ``<= 1e-4``;
 - results in the caller's namespace, dtype and device.
 
 The tests live in :mod:`trak_core.testing.suite` and are loaded on first access, so importing
@@ -36,7 +40,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "test_conformance_backend_projection",
-           "test_conformance_gradients", "test_conformance_scores", "conformance_active"]
+           "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
+           "conformance_active"]
 
 
 def __getattr__(name: str) -> Any:

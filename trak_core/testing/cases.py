@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 from typing import Any
 
 import numpy as np
 
+from ..errors import TrakValueError
 from . import canonical
 
 
@@ -86,7 +88,7 @@ class StrictCase(BackendCase):
 
 
 class TorchCase(BackendCase):
-    kinds = ("softmax", "mlp", "cnn")
+    kinds = ("softmax", "mlp", "cnn", "lm")
     backend = "torch"
 
     def __init__(self, device: str = "cpu") -> None:
@@ -96,8 +98,7 @@ class TorchCase(BackendCase):
         return torch_model(kind, weights, self.device), self.state_dict(kind, weights)
 
     def state_dict(self, kind, weights):
-        names = {"softmax": ["0.weight", "0.bias"], "mlp": ["0.weight", "0.bias", "2.weight", "2.bias"],
-                 "cnn": ["0.weight", "0.bias", "3.weight", "3.bias"]}[kind]
+        names = [name for name, _ in torch_model(kind, weights).named_parameters()]
         return {name: self.array(w) for name, w in zip(names, weights)}
 
     def array(self, value):
@@ -116,7 +117,7 @@ class JaxCase(BackendCase):
     backend takes as they are (a ``trak_jax.JaxModel`` would only let TRAK infer the backend).
     """
 
-    kinds = ("softmax", "mlp", "cnn")
+    kinds = ("softmax", "mlp", "cnn", "lm")
     backend = "jax"
 
     def __init__(self, platform: str = "cpu", x64: bool = False) -> None:
@@ -141,10 +142,16 @@ class JaxCase(BackendCase):
 
 
 def torch_model(kind: str, weights: list[np.ndarray], device: str = "cpu") -> Any:
-    """The canonical model ``kind`` as a ``torch.nn.Sequential`` of the weights' sizes and dtype."""
+    """The canonical model ``kind`` as a ``torch.nn.Sequential`` of the weights' sizes and dtype
+    (``"lm"``: a :class:`trak_core.testing.torch_lm.TinyCausalLM` taking dict batches)."""
     import torch
 
-    if kind == "softmax":
+    if kind == "lm":
+        from .torch_lm import TinyCausalLM
+
+        (vocab, width), length, mlp = weights[0].shape, weights[1].shape[0], weights[14].shape[0]
+        module = TinyCausalLM(vocab, length, width, canonical.LM_SIZES["heads"], mlp, (len(weights) - 6) // 16)
+    elif kind == "softmax":
         module = torch.nn.Sequential(torch.nn.Linear(weights[0].shape[1], weights[0].shape[0]))
     elif kind == "mlp":
         (h, d), c = weights[0].shape, weights[2].shape[0]
@@ -153,8 +160,11 @@ def torch_model(kind: str, weights: list[np.ndarray], device: str = "cpu") -> An
         f, c = weights[0].shape[0], weights[2].shape[0]
         module = torch.nn.Sequential(torch.nn.Conv2d(1, f, 3), torch.nn.Tanh(), torch.nn.Flatten(),
                                      torch.nn.Linear(weights[2].shape[1], c))
+    parameters = list(module.parameters())
+    if [tuple(p.shape) for p in parameters] != [tuple(np.shape(w)) for w in weights]:
+        raise TrakValueError(f"the weights do not fit the canonical {kind!r} model")
     with torch.no_grad():
-        for parameter, value in zip(module.parameters(), weights):
+        for parameter, value in zip(parameters, weights):
             parameter.data = torch.as_tensor(np.asarray(value)).clone()
     return module.to(device=device)
 
@@ -178,7 +188,36 @@ def jax_apply(kind: str) -> Any:
         hidden = jnp.tanh(conv + bias[None, :, None, None])
         return hidden.reshape(x.shape[0], -1) @ weight.T + out_bias
 
-    return {"softmax": softmax, "mlp": mlp, "cnn": cnn}[kind]
+    return {"softmax": softmax, "mlp": mlp, "cnn": cnn, "lm": _jax_lm}[kind]
+
+
+def _jax_lm(params: list, inputs: dict) -> Any:
+    """The canonical ``"lm"`` in JAX: ``{"input_ids", "attention_mask"}`` -> logits ``(n, T, V)``."""
+    import jax
+    import jax.numpy as jnp
+
+    def norm(x, gain, bias):
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        variance = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(variance + 1e-5) * gain + bias
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    n, length = ids.shape
+    heads, width = canonical.LM_SIZES["heads"], params[0].shape[1]
+    size = width // heads
+    x = params[0][ids] + params[1][:length]
+    keep = (mask[:, None, None, :] != 0) & jnp.tril(jnp.ones((length, length), dtype=bool))
+    for b in range((len(params) - 6) // 16):
+        g1, h1, wq, bq, wk, bk, wv, bv, wo, bo, g2, h2, w1, b1, w2, b2 = params[2 + 16 * b:2 + 16 * (b + 1)]
+        a = norm(x, g1, h1)
+        q, k, v = ((a @ w.T + c).reshape(n, length, heads, size).transpose(0, 2, 1, 3)
+                   for w, c in ((wq, bq), (wk, bk), (wv, bv)))
+        scores = jnp.where(keep, q @ k.transpose(0, 1, 3, 2) / math.sqrt(size),
+                           jnp.finfo(x.dtype).min)
+        attention = jax.nn.softmax(scores, axis=-1) @ v
+        x = x + attention.transpose(0, 2, 1, 3).reshape(n, length, width) @ wo.T + bo
+        x = x + jax.nn.gelu(norm(x, g2, h2) @ w1.T + b1, approximate=True) @ w2.T + b2
+    return norm(x, params[-4], params[-3]) @ params[-2].T + params[-1]
 
 
 class CupyCase(BackendCase):

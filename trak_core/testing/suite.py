@@ -6,18 +6,21 @@ with ``from trak_core.testing import *`` (the package loads it on first use, so 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
 from ..backends import Backend, get_backend
 from ..evaluation import spearman
 from ..projection import project, projection_matrix
-from ..tasks import Classification
+from ..tasks import Classification, get_task
 from ..trak import TRAK
 from . import canonical
 
 __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "test_conformance_backend_projection",
-           "test_conformance_gradients", "test_conformance_scores", "conformance_active"]
+           "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
+           "conformance_active"]
 
 
 @pytest.fixture(autouse=True)
@@ -103,9 +106,21 @@ def test_conformance_backend_projection(conformance_case, kind):
     np.testing.assert_allclose(case.to_numpy(out), reference, rtol=rtol, atol=rtol * np.abs(reference).max())
 
 
-def _reference_gradients(kind: str, weights: list, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    if kind == "cnn":
-        return canonical.cnn_gradients(weights, x, y)
+GRADIENT_DATA = dict(weights_seed=1, inputs_seed=2, n=6)  # what the gradient test differentiates
+
+
+def _gradient_data(kind: str) -> tuple[list, np.ndarray | dict, np.ndarray]:
+    x, y = canonical.inputs(kind, GRADIENT_DATA["n"], seed=GRADIENT_DATA["inputs_seed"])
+    return canonical.weights(kind, seed=GRADIENT_DATA["weights_seed"]), x, y
+
+
+@functools.cache
+def _reference_gradients(kind: str) -> np.ndarray:
+    """float64 gradients of :func:`_gradient_data`: analytic (softmax, MLP) or central finite differences
+    (CNN, LM); computed once per session."""
+    weights, x, y = _gradient_data(kind)
+    if kind in ("cnn", "lm"):
+        return canonical.finite_difference_gradients(kind, weights, x, y)
     from ..backends.numpy_backend import backend
 
     model = canonical.analytic_model(kind)
@@ -113,23 +128,37 @@ def _reference_gradients(kind: str, weights: list, x: np.ndarray, y: np.ndarray)
     return grads
 
 
+def _task(kind: str):
+    """The task of the canonical model ``kind`` (the shared instance: a JAX step compiled for it is reused)."""
+    return get_task("language_modeling") if kind == "lm" else Classification()
+
+
+def _case_inputs(case, x, dtype: str):
+    """A batch's inputs as the case's arrays: floating arrays in ``dtype``, a dict batch key by key."""
+    if isinstance(x, dict):
+        return {key: case.array(value) for key, value in x.items()}
+    return case.array(x.astype(dtype))
+
+
 @pytest.mark.parametrize("kind", canonical.KINDS)
 def test_conformance_gradients(conformance_case, kind):
+    """Per-example gradients of every canonical model the case builds, against the analytic reference
+    (softmax, MLP) or float64 central finite differences (CNN; the LM's summed per-token margins on a
+    padded dict batch with ignored labels)."""
     case = conformance_case
     if kind not in case.kinds:
         pytest.skip(f"{case.id} does not build the canonical {kind!r} model")
     dtype = _dtype(case)
-    weights = canonical.weights(kind, seed=1)
-    x, y = canonical.inputs(kind, 6, seed=2)
-    reference = _reference_gradients(kind, weights, x, y)
+    weights, x, y = _gradient_data(kind)
+    reference = _reference_gradients(kind)
     model, checkpoint = case.model(kind, [w.astype(dtype) for w in weights])
     backend = get_backend(case.backend) if isinstance(case.backend, str) else case.backend
     prepared = backend.prepare(model, checkpoint)
-    grads, _ = backend.gradients(model, prepared, case.array(x.astype(dtype)), case.array(y), Classification())
+    grads, _ = backend.gradients(model, prepared, _case_inputs(case, x, dtype), case.array(y), _task(kind))
     grads = case.to_numpy(grads)
     assert grads.shape == reference.shape and grads.dtype == np.dtype(dtype)
     if dtype == "float64":
-        rtol = 1e-6 if kind == "cnn" else 1e-9  # finite differences are good to ~1e-8
+        rtol = 1e-6 if kind in ("cnn", "lm") else 1e-9  # finite differences are good to ~1e-8
     else:
         rtol = 2e-4
     np.testing.assert_allclose(grads, reference, rtol=rtol, atol=rtol * np.abs(reference).max())
@@ -169,3 +198,57 @@ def test_conformance_scores(conformance_case, dtype, n_checkpoints):
         import array_api_compat.numpy as xp
 
         assert min(spearman(scores[:, j], reference[:, j], xp=xp) for j in range(7)) >= 0.9999
+
+
+LM_LAMBDA = 10.0  # the ridge of the LM score test: float32 kernels (JAX without x64) stay well conditioned
+
+
+def _lm_scores(case, dtype: str) -> np.ndarray:
+    """Scores of 4 targets against 10 training sequences over 2 checkpoints of the canonical LM (dict
+    batches of 4, 4 and 2 sequences with padding and ignored labels), as NumPy."""
+    x, y = canonical.inputs("lm", 10, seed=5)
+    xt, yt = canonical.inputs("lm", 4, seed=6)
+    model, _ = case.model("lm", canonical.weights("lm", seed=0, dtype=dtype))
+    trak = TRAK(model, task="language_modeling", proj_dim=None, lambda_reg=LM_LAMBDA, seed=3, backend=case.backend,
+                progress=False)
+    for c in range(2):
+        _, checkpoint = case.model("lm", canonical.weights("lm", seed=c, dtype=dtype))
+        trak.featurize(checkpoint, [{**_case_inputs(case, {k: v[i:i + 4] for k, v in x.items()}, dtype),
+                                     "labels": case.array(y[i:i + 4])} for i in range(0, 10, 4)])
+    scores = trak.score([{**_case_inputs(case, xt, dtype), "labels": case.array(yt)}])
+    case.check_array(scores, case.array(np.zeros(1, dtype=dtype)))
+    return case.to_numpy(scores)
+
+
+@functools.cache
+def _lm_reference(case_id: str) -> np.ndarray:
+    from .cases import FIRST_PARTY
+
+    reference = FIRST_PARTY[case_id][2]()
+    with reference.active():
+        return _lm_scores(reference, "float64")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_conformance_lm_scores(conformance_case, dtype):
+    """Scores of the canonical LM (``task="language_modeling"``) equal another framework's in float64:
+    JAX's (x64) for a torch backend, torch's for every other backend. float64 within ``rtol 1e-9``;
+    float32 to a relative Frobenius error ``<= 1e-4``."""
+    from .cases import unavailable
+
+    case = conformance_case
+    if "lm" not in case.kinds:
+        pytest.skip(f"{case.id} does not build the canonical 'lm' model")
+    if dtype == "float64" and _dtype(case) != "float64":
+        pytest.skip(f"{case.id} has no float64 here")
+    backend = get_backend(case.backend) if isinstance(case.backend, str) else case.backend
+    reference_id = "jax:cpu:x64" if backend.name == "torch" else "torch:cpu"
+    reason = unavailable(reference_id)
+    if reason:
+        pytest.skip(f"the LM scores are compared with {reference_id}'s, and {reason}")
+    scores, reference = _lm_scores(case, dtype), _lm_reference(reference_id)
+    assert scores.shape == reference.shape == (10, 4)
+    if dtype == "float64":
+        np.testing.assert_allclose(scores, reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
+    else:
+        assert np.linalg.norm(scores - reference) / np.linalg.norm(reference) <= 1e-4
