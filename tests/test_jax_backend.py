@@ -9,6 +9,7 @@ jax = pytest.importorskip("jax", reason="JAX is not installed: the jax backend i
 import jax.numpy as jnp  # noqa: E402
 
 import trak_core  # noqa: E402
+from tests_helpers import STRUCTURED_OUTPUTS  # noqa: E402
 from trak_core.testing import canonical  # noqa: E402
 from trak_core.testing.cases import jax_apply  # noqa: E402
 from trak_jax import JaxBackend, JaxModel  # noqa: E402
@@ -145,18 +146,8 @@ def _margin_gradients_one_at_a_time(apply, params, x, y):
     return np.stack([np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(row)]) for row in rows])
 
 
-class _Logits:
-    def __init__(self, logits, hidden):
-        self.logits, self.hidden = logits, hidden
-
-
-@pytest.mark.parametrize("pack,logits_fn", [
-    (lambda out: (out, out.sum(1)), None),
-    (lambda out: [out, out * 2], None),
-    (lambda out: {"hidden": out * 2, "logits": out}, None),
-    (lambda out: _Logits(out, out * 2), None),
-    (lambda out: {"scores": out, "hidden": out * 2}, lambda output: output["scores"]),
-], ids=["tuple", "list", "dict", "object", "logits-fn"])
+@pytest.mark.parametrize("pack,logits_fn", [case[:2] for case in STRUCTURED_OUTPUTS],
+                         ids=[case[2] for case in STRUCTURED_OUTPUTS])
 def test_structured_outputs_give_the_plain_apply_gradients(pack, logits_fn):
     plain = jax_apply("mlp")
     with jax.enable_x64(True):

@@ -5,6 +5,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: the torch backend is not exercised")
 
 import trak_core  # noqa: E402
+from tests_helpers import STRUCTURED_OUTPUTS  # noqa: E402
 from trak_core import TRAK, SoftmaxRegression, project  # noqa: E402
 from trak_torch import TorchBackend  # noqa: E402
 
@@ -199,27 +200,8 @@ class _Wrapped(torch.nn.Module):
         return self.pack(self.net(x))
 
 
-class _ModelOutput(dict):
-    """Hugging Face's ``ModelOutput`` in miniature: a dict whose keys are also attributes."""
-
-    def __getattr__(self, name):
-        return self[name]
-
-
-class _Logits:
-    def __init__(self, logits, hidden):
-        self.logits, self.hidden = logits, hidden
-
-
-@pytest.mark.parametrize("pack,logits_fn", [
-    (lambda out: (out, out.sum(1)), None),
-    (lambda out: [out, out * 2], None),
-    (lambda out: {"hidden": out * 2, "logits": out}, None),
-    (lambda out: _ModelOutput(loss=out.sum(), logits=out), None),
-    (lambda out: _Logits(out, out * 2), None),
-    (lambda out: {"scores": out, "hidden": out * 2}, lambda output: output["scores"]),
-    (lambda out: (out * 2, out), lambda output: output[1]),
-], ids=["tuple", "list", "dict", "model-output", "object", "logits-fn-dict", "logits-fn-second"])
+@pytest.mark.parametrize("pack,logits_fn", [case[:2] for case in STRUCTURED_OUTPUTS],
+                         ids=[case[2] for case in STRUCTURED_OUTPUTS])
 def test_structured_outputs_give_the_plain_models_gradients(pack, logits_fn):
     plain = _mlp()
     wrapped = _Wrapped(_mlp(), pack)  # the same seed: the same weights, under names "net.*"

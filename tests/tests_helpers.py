@@ -1,4 +1,4 @@
-"""Backends that misbehave on purpose, shared by the error tests."""
+"""Shared by several test files: backends that misbehave on purpose, and model outputs in every structure."""
 from trak_core.backends import numpy_backend
 
 
@@ -8,3 +8,29 @@ class ZeroGradients(numpy_backend.ArrayAPIBackend):
     def gradients(self, model, prepared, inputs, labels, task):
         grads, q = super().gradients(model, prepared, inputs, labels, task)
         return grads * 0.0, q
+
+
+class ModelOutput(dict):
+    """Hugging Face's ``ModelOutput`` in miniature: a dict whose keys are also attributes."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+class WithLogits:
+    """An object whose ``.logits`` attribute holds the logits."""
+
+    def __init__(self, logits, hidden):
+        self.logits, self.hidden = logits, hidden
+
+
+# (how a model packs its logits ``out``, the logits_fn that unpacks it or None for the default rule, id)
+STRUCTURED_OUTPUTS = [
+    (lambda out: (out, out.sum(1)), None, "tuple"),
+    (lambda out: [out, out * 2], None, "list"),
+    (lambda out: {"hidden": out * 2, "logits": out}, None, "dict"),
+    (lambda out: ModelOutput(loss=out.sum(), logits=out), None, "model-output"),
+    (lambda out: WithLogits(out, out * 2), None, "object"),
+    (lambda out: {"scores": out, "hidden": out * 2}, lambda output: output["scores"], "logits-fn-dict"),
+    (lambda out: (out * 2, out), lambda output: output[1], "logits-fn-second"),
+]
