@@ -10,7 +10,6 @@ against it.
 Devices:
 
 - :func:`is_accelerator`: whether an array lives on a GPU (or another non-CPU device).
-- :func:`free_memory`: free bytes on an array's device (``None`` when it cannot be told).
 
 Projection (generating and applying the counter-based matrix):
 
@@ -40,7 +39,7 @@ import array_api_compat
 
 from ._namespace import has_float64
 
-__all__ = ["is_accelerator", "free_memory", "to_host", "packed_words", "unpack_signs", "make_array", "in_float64",
+__all__ = ["is_accelerator", "to_host", "packed_words", "unpack_signs", "make_array", "in_float64",
            "packed_product", "half_matmul", "solve_triangular"]
 
 log = logging.getLogger("trak_core")
@@ -54,29 +53,6 @@ def is_accelerator(x: Any) -> bool:
     if array_api_compat.is_jax_array(x):
         return any(d.platform != "cpu" for d in x.devices())
     return array_api_compat.is_cupy_array(x)
-
-
-def free_memory(x: Any) -> int | None:
-    """Free bytes on the device of array ``x`` (GPUs), or ``None`` where it cannot be told (CPUs)."""
-    if not is_accelerator(x):
-        return None
-    try:
-        if array_api_compat.is_torch_array(x):
-            import torch
-
-            return int(torch.cuda.mem_get_info(x.device)[0])
-        if array_api_compat.is_cupy_array(x):
-            import cupy
-
-            with cupy.cuda.Device(x.device.id):
-                return int(cupy.cuda.runtime.memGetInfo()[0])
-        if array_api_compat.is_jax_array(x):
-            stats = next(iter(x.devices())).memory_stats() or {}
-            if "bytes_limit" in stats:
-                return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    except Exception:  # a device that cannot report its memory
-        return None
-    return None
 
 
 def to_host(x: Any) -> Any:

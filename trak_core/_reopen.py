@@ -62,7 +62,7 @@ def load_opened(trak: Any, example: tuple[Any, Any] | None) -> None:
             template = trak._batch_features(pending.prepared, pending.index, *example,
                                             f"targets batch 0, checkpoint {pending.index}")[0]
         else:
-            dtype = np.dtype(writer.group.attrs.get("dtype", "float64"))
+            dtype = np.dtype(writer.stored_dtype or "float64")
             template = np.zeros((1, trak.proj_dim or pending.n_params), dtype=dtype)
         writer.set_template(template)
         trak._close_checkpoint(pending, stored_lambda)

@@ -101,6 +101,10 @@ class DiskWriter(Writer):
     def data_checksums(self) -> dict[str, str]:
         return dict(self._data)
 
+    @property
+    def stored_dtype(self) -> str | None:
+        return self.group.attrs.get("dtype")
+
     def set_template(self, features: Any) -> None:
         self.template, self.needs_template = features[:1, ...], False
 

@@ -93,6 +93,11 @@ class Writer(abc.ABC):
     def data_checksums(self) -> dict[str, str]:
         return {}
 
+    @property
+    def stored_dtype(self) -> str | None:
+        """The dtype of the features already stored (``None`` when nothing is)."""
+        return None
+
     @abc.abstractmethod
     def append(self, features: Any, out_to_loss: Any) -> None:
         """Add the features (rows) and out-to-loss weights of the next examples."""
