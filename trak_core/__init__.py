@@ -9,6 +9,7 @@ from . import fingerprints
 from .executors import RayExecutor
 from .store import Store, Writer
 from .kernel import KernelFactor
+from .kronecker import Kronecker
 from .models import MLP, AnalyticModel, SoftmaxRegression
 from .projection import ProjectionCache, project, projection_matrix
 from .evaluation import LDSResult, lds, subset_masks
@@ -22,4 +23,4 @@ __all__ = ["TRAK", "project", "projection_matrix", "ProjectionCache", "available
            "TrakTypeError", "TrakOSError", "BackendError", "UnknownBackendError", "MissingFrameworkError",
            "StoreMismatchError", "fingerprints",
            "Task", "Classification", "Regression", "CustomTask", "lds", "subset_masks", "LDSResult", "AnalyticModel", "SoftmaxRegression", "MLP",
-           "KernelFactor", "__version__"]
+           "KernelFactor", "Kronecker", "__version__"]

@@ -86,14 +86,20 @@ class Featurizer:
         return grads, out_to_loss
 
     def _fused_features(self, prepared: Any, index: int, inputs: Any, labels: Any, where: str) -> tuple | None:
-        """Features from a backend that projects inside its own compiled step, if it has one."""
-        if not self.backend.has_fused_projection or self.proj_dim is None:
+        """Features from a backend that projects inside its own step (fused or factorized), if it does."""
+        factorized = getattr(self, "kronecker", None) is not None
+        if not (self.backend.has_fused_projection or factorized) or self.proj_dim is None:
             return None
         n_inputs = _check_lengths(inputs, labels, where)
         with located(where):
-            out = self.backend.features(self.model, prepared, inputs, labels, self.task, k=self.proj_dim,
-                                        seed=self.seed, checkpoint=index, kind=self.proj_type,
-                                        precision=self.precision)
+            if factorized:
+                out = self.backend.factorized_features(self.model, prepared, inputs, labels, self.task,
+                                                       k=self.proj_dim, seed=self.seed, checkpoint=index,
+                                                       options=self.kronecker)
+            else:
+                out = self.backend.features(self.model, prepared, inputs, labels, self.task, k=self.proj_dim,
+                                            seed=self.seed, checkpoint=index, kind=self.proj_type,
+                                            precision=self.precision)
         if out is not None:
             if tuple(out[0].shape) != (n_inputs, self.proj_dim):
                 raise TrakValueError(f"{where}: backend {self.backend.name!r} returned features of shape "
@@ -251,10 +257,13 @@ class Featurizer:
 
         from .disk_store import STORE_FORMAT
 
-        return {"proj_type": self.proj_type, "proj_dim": self.proj_dim, "seed": self.seed, "task": self.task.name,
-                "n_params": n_params, "parameter_structure": hashlib.sha256(repr(structure).encode()).hexdigest()[:16],
-                "normalize_features": self.normalize_features, "backend": self.backend.name,
-                "precision": self.precision, "store_format": STORE_FORMAT}
+        out = {"proj_type": self.proj_type, "proj_dim": self.proj_dim, "seed": self.seed, "task": self.task.name,
+               "n_params": n_params, "parameter_structure": hashlib.sha256(repr(structure).encode()).hexdigest()[:16],
+               "normalize_features": self.normalize_features, "backend": self.backend.name,
+               "precision": self.precision, "store_format": STORE_FORMAT}
+        if self.kronecker is not None:
+            out["kronecker"] = self.kronecker.describe()
+        return out
 
     def _factorize(self, kernel: Any, n_train: int, n_params: int, index: int,
                    lambda_reg: float | None = None) -> kernel_ops.KernelFactor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .errors import StoreMismatchError, TrakValueError
+from .kronecker import Kronecker
 
 __all__ = ["open_trak", "load_opened"]
 
@@ -33,7 +34,8 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
         raise TrakValueError(f"the store at {path} holds {stored} complete checkpoints; pass all {stored}, in the "
                              f"order they were featurized (got {len(checkpoints)})")
     trak = cls(model, task=config["task"] if task is None else task, proj_dim=config["proj_dim"],
-               proj_type=config["proj_type"], seed=config["seed"],
+               proj_type=Kronecker.from_description(config.get("kronecker")) if config["proj_type"] == "kronecker"
+               else config["proj_type"], seed=config["seed"],
                backend=config["backend"] if backend is None else backend, store=store,
                normalize_features=config["normalize_features"], precision=config.get("precision", "float32"),
                lambda_reg="auto" if lambda_reg is None else lambda_reg, **options)

@@ -18,6 +18,7 @@ from .backends import Backend
 from .backends.protocol import batches
 from .errors import TrakValueError
 from .executors import get_executor
+from .kronecker import Kronecker
 from .projection import KINDS, PRECISIONS
 from .scores import checkpoint_scores, ensemble, self_scores, soft_threshold, target_weights
 from .store import CheckpointEntry
@@ -40,8 +41,12 @@ class TRAK(Featurizer):
         ``"classification"`` (margin output, ``Q = 1 - p_y``), ``"regression"``, or a Task.
     proj_dim : int or None
         Projection dimension ``k``; ``None`` keeps the raw gradients (the exact estimator).
-    proj_type : {"rademacher", "gaussian"}
-        Kind of random projection (see :func:`trak_core.projection_matrix`).
+    proj_type : {"rademacher", "gaussian", "kronecker"} or Kronecker
+        Kind of random projection: dense (see :func:`trak_core.projection_matrix`), or factorized
+        per layer (``"kronecker"``, or :class:`trak_core.kronecker.Kronecker` for its options;
+        :mod:`trak_core.kronecker`): Linear, Conv2d and Embedding layers are projected without ever
+        forming their per-example gradients (LoGra-style), which is much faster for large models.
+        Needs a backend with ``can_factorize`` (torch, JAX).
     seed : int
         Seed of the projection; the matrices are a pure function of it.
     lambda_reg : "auto" or float
@@ -86,14 +91,21 @@ class TRAK(Featurizer):
     """
 
     def __init__(self, model: Any, *, task: str | Task = "classification", proj_dim: int | None = 2048,
-                 proj_type: str = "rademacher", seed: int = 0, lambda_reg: float | str = "auto",
+                 proj_type: str | Kronecker = "rademacher", seed: int = 0, lambda_reg: float | str = "auto",
                  backend: str | Backend | None = None, store: Any = None, progress: bool | None = None,
                  normalize_features: bool = False, soft_threshold: float | None = None,
                  checkpoint_weighting: str = "uniform", executor: Any = None, precision: str = "float32",
                  label_key: str = "labels") -> None:
         self.proj_dim = _check_proj_dim(proj_dim)
-        if proj_type not in KINDS:
-            raise TrakValueError(f"unknown proj_type {proj_type!r}; choose one of {KINDS}")
+        self.kronecker: Kronecker | None = None
+        if isinstance(proj_type, Kronecker) or proj_type == "kronecker":
+            self.kronecker = proj_type if isinstance(proj_type, Kronecker) else Kronecker()
+            proj_type = "kronecker"
+            if self.proj_dim is None:
+                raise TrakValueError("proj_type='kronecker' needs a proj_dim (an integer); proj_dim=None keeps raw "
+                                     "gradients, with proj_type='rademacher'")
+        elif proj_type not in KINDS:
+            raise TrakValueError(f"unknown proj_type {proj_type!r}; choose one of {KINDS + ('kronecker',)}")
         self.proj_type = proj_type
         if precision not in PRECISIONS:
             raise TrakValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
@@ -109,6 +121,9 @@ class TRAK(Featurizer):
         self.model = model
         self.task = get_task(task)
         self.backend = _resolve_backend(backend, model)
+        if self.kronecker is not None and not self.backend.can_factorize:
+            raise TrakValueError(f"backend {self.backend.name!r} has no factorized projection (proj_type='kronecker'); "
+                                 "use proj_type='rademacher', or the torch or JAX backend")
         if not self.backend.can_gradients:
             raise TrakValueError(f"backend {self.backend.name!r} cannot compute gradients (can_gradients=False); "
                                  "choose a backend for this model's framework")

@@ -33,6 +33,9 @@ class Backend(abc.ABC):
     has_fused_projection : bool
         Whether the estimator should call :meth:`project` (and :meth:`features`) instead of the
         core's :func:`trak_core.project`.
+    can_factorize : bool
+        Whether :meth:`factorized_plan` and :meth:`factorized_features` work
+        (``proj_type="kronecker"``, :mod:`trak_core.kronecker`).
     """
 
     name: str = ""
@@ -40,6 +43,7 @@ class Backend(abc.ABC):
     extra: str | None = None
     can_gradients: bool = True
     has_fused_projection: bool = False
+    can_factorize: bool = False
 
     @abc.abstractmethod
     def owns(self, model: Any) -> bool:
@@ -90,6 +94,22 @@ class Backend(abc.ABC):
         whose compiled step can multiply by the projection matrix (JAX) returns the features here.
         """
         return None
+
+
+    def factorized_plan(self, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any, *, k: int,
+                        options: Any) -> Any:
+        """The :class:`trak_core.kronecker.KroneckerPlan` of ``model`` at ``k`` (layers found on one example of the
+        batch ``inputs``). Only for backends with ``can_factorize``."""
+        raise BackendError(f"backend {self.name!r} has no factorized projection (proj_type='kronecker'); use "
+                           "proj_type='rademacher'")
+
+    def factorized_features(self, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any, *, k: int,
+                            seed: int, checkpoint: int, options: Any) -> tuple[Any, Any]:
+        """Features ``(n, k)`` of ``proj_type="kronecker"`` and out-to-loss weights ``(n,)``, without per-example
+        gradients of the layers: they equal ``gradients @ explicit_matrix(plan)`` (:mod:`trak_core.kronecker`).
+        Only for backends with ``can_factorize``."""
+        raise BackendError(f"backend {self.name!r} has no factorized projection (proj_type='kronecker'); use "
+                           "proj_type='rademacher'")
 
 
 def check_backend(backend: Any) -> Backend:
