@@ -160,6 +160,7 @@ class TorchBackend(Backend):
     extra = "torch"
     can_gradients = True
     has_fused_projection = False  # project() is the core's (tensor cores on CUDA: trak_core._split)
+    can_factorize = True  # proj_type="kronecker": trak_torch.kronecker
 
     def __init__(self, params: Sequence[str] | Callable[[str, Any], bool] | None = None,
                  chunk_size: int | None = None, logits_fn: Callable[[Any], Any] | None = None,
@@ -278,6 +279,40 @@ class TorchBackend(Backend):
                     column += width
                 del g
         return grads, out_to_loss
+
+    def _factorized(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, *, k: int, seed: int,
+                    checkpoint: int, options: Any) -> Any:
+        from .kronecker import factorized_state
+
+        self._check_batch(prepared, inputs, labels)
+        with _eval_mode(model), _attention_for_vmap(model):
+            return factorized_state(self, model, prepared, inputs, self._causal(model), k=k, seed=seed,
+                                    checkpoint=checkpoint, options=options)
+
+    def factorized_plan(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
+                        k: int, options: Any) -> Any:
+        """The :class:`trak_core.kronecker.KroneckerPlan` of ``model`` (layers found on the batch's first example)."""
+        return self._factorized(model, prepared, inputs, labels, k=k, seed=0, checkpoint=0, options=options).plan
+
+    def factorized_features(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
+                            k: int, seed: int, checkpoint: int, options: Any) -> tuple[Any, Any]:
+        """``proj_type="kronecker"`` features ``(n, k)`` and out-to-loss weights (:mod:`trak_torch.kronecker`)."""
+        import array_api_compat.torch as xp
+        import torch
+
+        from .kronecker import batch_features
+
+        state = self._factorized(model, prepared, inputs, labels, k=k, seed=seed, checkpoint=checkpoint,
+                                 options=options)
+        causal = self._causal(model)
+        with _eval_mode(model), _attention_for_vmap(model):
+            with torch.no_grad():
+                logits = self._logits(model, prepared, inputs, task, causal=causal)
+            task.check_labels(labels, logits.shape[-1], xp=xp)
+            out_to_loss = task.out_to_loss(logits, labels, xp=xp)
+            features = batch_features(self, model, prepared, state, inputs, labels, task, causal, seed=seed,
+                                      checkpoint=checkpoint, chunk=self.chunk_size)
+        return features, out_to_loss
 
     def _causal(self, model: Any) -> bool:
         """Whether a dict batch's 2-D ``attention_mask`` becomes a causal mask (see ``attention_mask``)."""

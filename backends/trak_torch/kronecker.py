@@ -1,0 +1,261 @@
+"""Factorized (``proj_type="kronecker"``) features of torch models, without per-example gradients of layers.
+
+One job: find a model's factorizable layers and compute their projected per-example gradients from
+what flows through them (:mod:`trak_core.kronecker` is the specification).
+
+How: forward hooks on ``Linear``, ``Conv2d`` (``groups=1``, zero padding), ``Embedding`` (no
+``max_norm``) and Hugging Face's ``Conv1D`` modules project each call's input side with the
+layer's factor and add a zero perturbation ``z`` to its output. ``torch.func.vmap(grad)`` of the
+task output with respect to the perturbations (and to the remaining parameters, which are
+projected densely) gives each example's output gradients ``delta``, which are projected with the
+other factor; a layer's features are ``sum_t (P_rows^T u_t)(P_cols^T v_t)^T``. Nothing of size
+``p`` is formed per example: memory is that of the activations and their gradients.
+
+A module counts when it is called with an attributed weight (tied weights: each use adds to the
+same block). Parameters used any other way are in the rest. On the first example of a checkpoint's
+first batch, the features are checked against the dense per-example gradient of the layers
+(:func:`check_plan`), so a weight also used outside its module is an error, not a wrong answer.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+from trak_core.errors import TrakValueError
+from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_plan, rest_seed
+
+__all__ = ["Factorized", "discover", "factorized_state", "batch_features"]
+
+CHUNK_BYTES = 512 * 2**20  # per vmap call: output gradients, perturbations and projected sides
+
+
+def _kind(module: Any) -> str | None:
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if isinstance(module, torch.nn.Conv2d):
+        ok = module.groups == 1 and module.padding_mode == "zeros" and module.padding != "same"
+        return "conv2d" if ok else None
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding" if module.max_norm is None else None
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.ndim == 2:
+        return "conv1d"  # Hugging Face GPT-2's: y = x @ W + b, W (in, out)
+    return None
+
+
+@dataclass
+class Use:
+    """One module whose calls feed a layer: its kind, the layer's block and whether its bias is folded."""
+
+    module: Any
+    kind: str
+    weight: str
+    bias: str | None
+
+
+@dataclass
+class Factorized:
+    """A checkpoint's plan, its uses and factors (on the model's device, in the projection dtype)."""
+
+    plan: KroneckerPlan
+    uses: list[Use]
+    factors: list[tuple[Any, Any]]
+    dtype: Any
+    checked: bool = False
+
+
+@contextmanager
+def _hooks(modules: list[Any], hook: Any) -> Iterator[None]:
+    handles = [module.register_forward_hook(hook) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _layer(kind: str, weight: Any, bias: bool, name: str, bias_name: str | None) -> Layer:
+    rows, cols = int(weight.shape[0]), int(weight[0].numel())
+    if kind == "conv1d":
+        return Layer(name, rows + bias, cols, bias_name, "rows" if bias else None)
+    return Layer(name, rows, cols + bias, bias_name, "cols" if bias else None)
+
+
+def discover(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
+             options: Kronecker, k: int) -> tuple[KroneckerPlan, list[Use]]:
+    """The plan of ``model``: the supported modules called with attributed weights on one example."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    names = {id(tensor): name for name, tensor in prepared.params.items()}
+    found: dict[Any, Use] = {}
+    candidates = [m for m in model.modules() if _kind(m) is not None]
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        weight = names.get(id(module.weight))
+        if weight is None or module in found:
+            return
+        bias = getattr(module, "bias", None)
+        found[module] = Use(module, _kind(module), weight, None if bias is None else names.get(id(bias)))
+
+    one = tree_map(lambda t: t[:1], inputs)
+    with torch.no_grad(), _hooks(candidates, hook):
+        backend._call(model, {**prepared.params, **prepared.frozen}, one, causal=causal)
+    by_weight: dict[str, list[Use]] = {}
+    for use in found.values():
+        by_weight.setdefault(use.weight, []).append(use)
+    layers, folded = {}, set()
+    for weight, uses in by_weight.items():
+        orientation = {"conv1d" if u.kind == "conv1d" else "rows-out" for u in uses}
+        if len(orientation) > 1:
+            raise TrakValueError(f"weight {weight!r} is used by a Conv1D and by another layer type; factorize it "
+                                 "densely: leave it out of the layers with proj_type='rademacher'")
+        biases = [u.bias for u in uses if u.bias is not None]
+        bias = biases[0] if biases else None
+        for u in uses:  # a use with another bias leaves that bias to the rest
+            u.bias = u.bias if u.bias == bias else None
+        if bias is not None:
+            folded.add(bias)
+        layers[weight] = _layer(uses[0].kind, prepared.params[weight], bias is not None, weight, bias)
+    used_biases = {u.bias for u in found.values()} - {None}
+    clash = used_biases & set(layers)
+    if clash:
+        raise TrakValueError(f"parameters {sorted(clash)} are both a layer's weight and another layer's bias")
+    ordered = [layers[name] for name in prepared.params if name in layers]
+    rest = [(name, int(t.numel())) for name, t in prepared.params.items() if name not in layers and name not in folded]
+    plan = make_plan(ordered, rest, k, options)
+    index = {block.layer.name: block.index for block in plan.blocks}
+    uses = sorted(found.values(), key=lambda u: index[u.weight])
+    return plan, uses
+
+
+def factorized_state(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool, *, k: int, seed: int,
+                     checkpoint: int, options: Kronecker) -> Factorized:
+    """The cached :class:`Factorized` of ``prepared`` (made on its first batch)."""
+    import torch
+
+    key = (k, seed, checkpoint, options)
+    cache = prepared.__dict__.setdefault("_kronecker", {})
+    if key not in cache:
+        plan, uses = discover(backend, model, prepared, inputs, causal, options, k)
+        dtype = prepared.dtype if torch.finfo(prepared.dtype).bits >= 32 else torch.float32
+        factors = []
+        for block in plan.blocks:
+            made = [torch.as_tensor(factor(d, kk, seed=seed, checkpoint=checkpoint, index=block.index, side=side,
+                                           dtype="float64")).to(device=prepared.device, dtype=dtype)
+                    for d, kk, side in ((block.layer.rows, block.k_rows, "rows"),
+                                        (block.layer.cols, block.k_cols, "cols"))]
+            factors.append((made[0], made[1]))
+        cache[key] = Factorized(plan, uses, factors, dtype)
+    return cache[key]
+
+
+def _input_side(use: Use, block: Any, pair: tuple[Any, Any], x: Any, dtype: Any) -> Any:
+    """The projected input side of one call: ``(T, k)`` (under ``vmap``: one example's)."""
+    import torch
+
+    rows, cols = pair
+    module = use.module
+    if use.kind == "embedding":
+        ids = x.reshape(-1)
+        side = torch.nn.functional.embedding(ids, rows)
+        if module.padding_idx is not None:
+            side = side * (ids != module.padding_idx).to(dtype)[:, None]
+        return side
+    if use.kind == "conv2d":
+        patches = torch.nn.functional.unfold(x.to(dtype), module.kernel_size, dilation=module.dilation,
+                                             padding=module.padding, stride=module.stride)  # (1, C kh kw, L)
+        a = patches[0].transpose(0, 1)
+    else:
+        a = x.reshape(-1, x.shape[-1]).to(dtype)
+    matrix = rows if use.kind == "conv1d" else cols
+    side = a @ matrix[:a.shape[1]]
+    return side + matrix[a.shape[1]] if use.bias is not None else side
+
+
+def _output_side(use: Use, pair: tuple[Any, Any], delta: Any, n: int, dtype: Any) -> Any:
+    """The projected output-gradient side of one call, ``(n, T, k)``."""
+    rows, cols = pair
+    if use.kind == "conv2d":
+        d = delta.reshape(n, delta.shape[2], -1).transpose(1, 2)
+    else:
+        d = delta.reshape(n, -1, delta.shape[-1])
+    return d.to(dtype) @ (cols if use.kind in ("embedding", "conv1d") else rows)
+
+
+def _rows_first(use: Use, input_side: Any, output_side: Any) -> tuple[Any, Any]:
+    """``(row side, col side)`` of a call."""
+    if use.kind in ("embedding", "conv1d"):
+        return input_side, output_side
+    return output_side, input_side
+
+
+def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, inputs: Any, labels: Any, task: Any,
+                   causal: bool, *, seed: int, checkpoint: int, chunk: int | None = None) -> Any:
+    """Features ``(n, k)`` of a checked batch (the backend computes ``out_to_loss`` on its own)."""
+    import torch
+    from torch.func import grad, vmap
+    from torch.utils._pytree import tree_map
+
+    from trak_core.projection import project
+
+    from .backend import _rows, output_logits
+
+    plan, uses, dtype = state.plan, state.uses, state.dtype
+    modules = [use.module for use in uses]
+    by_module = {use.module: (use, plan.blocks[i], state.factors[plan.blocks.index(
+        plan.block(use.weight))]) for i, use in enumerate(uses)}
+    shapes: list[tuple[Any, tuple]] = []
+
+    def record(module: Any, args: Any, output: Any) -> None:
+        shapes.append((module, tuple(output.shape[1:])))
+
+    n = _rows(inputs)
+    with torch.no_grad(), _hooks(modules, record):  # the calls' order and output shapes
+        backend._call(model, {**prepared.params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs), causal=causal)
+    import array_api_compat.torch as xp
+
+    rest = {name: prepared.params[name] for name in plan.rest}
+    layers = {name: t for name, t in prepared.params.items() if name not in rest}
+
+    def output(zs: list, rest_params: dict, x: Any, y: Any) -> tuple[Any, list]:
+        sides, count = [], [0]
+
+        def hook(module: Any, args: Any, out: Any) -> Any:
+            i = count[0]
+            count[0] += 1
+            use, block, pair = by_module[module]
+            sides.append(_input_side(use, block, pair, args[0], dtype))
+            return out + zs[i]
+
+        one = tree_map(lambda t: t[None], x)
+        with _hooks(modules, hook):
+            out = output_logits(backend._call(model, {**layers, **rest_params, **prepared.frozen}, one,
+                                              causal=causal), backend.logits_fn)
+        out = out.reshape(1, -1) if task.logits_ndim == 2 else out
+        return task.output(out, y[None], xp=xp)[0], sides
+
+    per_call = sum(math.prod(shape) for _, shape in shapes) + sum(plan.n_rest for _ in (0,))
+    per_example = 4 * torch.finfo(prepared.dtype).bits // 8 * max(1, per_call)
+    size = chunk or max(1, min(256, CHUNK_BYTES // per_example))
+    step = vmap(grad(output, argnums=(0, 1), has_aux=True), in_dims=(0, None, 0, 0))
+    out = torch.zeros((n, plan.k), dtype=dtype, device=prepared.device)
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        m = stop - start
+        zs = [torch.zeros((), dtype=prepared.dtype, device=prepared.device).expand(m, 1, *shape)
+              for _, shape in shapes]
+        (deltas, rest_grads), sides = step(zs, rest, tree_map(lambda t: t[start:stop], inputs), labels[start:stop])
+        for (module, _), delta, side in zip(shapes, deltas, sides):
+            use, block, pair = by_module[module]
+            row, col = _rows_first(use, side, _output_side(use, pair, delta, m, dtype))
+            product = torch.bmm(row.transpose(1, 2), col).reshape(m, -1)[:, :block.k]
+            out[start:stop, block.start:block.start + block.k] += product * (1.0 / math.sqrt(block.k))
+        if plan.n_rest:
+            flat = torch.cat([rest_grads[name].reshape(m, -1) for name in plan.rest], dim=1).to(dtype)
+            out[start:stop, plan.k - plan.k_rest:] = project(flat, plan.k_rest, seed=rest_seed(seed),
+                                                             checkpoint=checkpoint)
+    return out
