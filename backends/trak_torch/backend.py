@@ -300,7 +300,7 @@ class TorchBackend(Backend):
         import array_api_compat.torch as xp
         import torch
 
-        from .kronecker import batch_features
+        from .kronecker import batch_features, check_plan
 
         state = self._factorized(model, prepared, inputs, labels, k=k, seed=seed, checkpoint=checkpoint,
                                  options=options)
@@ -312,6 +312,9 @@ class TorchBackend(Backend):
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
             features = batch_features(self, model, prepared, state, inputs, labels, task, causal, seed=seed,
                                       checkpoint=checkpoint, chunk=self.chunk_size)
+            if not state.checked:  # once per checkpoint: the first example against its dense gradient
+                check_plan(self, model, prepared, state, inputs, labels, task, causal, features)
+                state.checked = True
         return features, out_to_loss
 
     def _causal(self, model: Any) -> bool:

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 from trak_core.errors import TrakValueError
 from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_plan, rest_seed
 
-__all__ = ["Factorized", "discover", "factorized_state", "batch_features"]
+__all__ = ["Factorized", "discover", "factorized_state", "batch_features", "check_plan"]
 
 CHUNK_BYTES = 512 * 2**20  # per vmap call: output gradients, perturbations and projected sides
 
@@ -206,8 +206,8 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
 
     plan, uses, dtype = state.plan, state.uses, state.dtype
     modules = [use.module for use in uses]
-    by_module = {use.module: (use, plan.blocks[i], state.factors[plan.blocks.index(
-        plan.block(use.weight))]) for i, use in enumerate(uses)}
+    by_module = {use.module: (use, plan.block(use.weight), state.factors[plan.block(use.weight).index])
+                 for use in uses}
     shapes: list[tuple[Any, tuple]] = []
 
     def record(module: Any, args: Any, output: Any) -> None:
@@ -259,3 +259,57 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             out[start:stop, plan.k - plan.k_rest:] = project(flat, plan.k_rest, seed=rest_seed(seed),
                                                              checkpoint=checkpoint)
     return out
+
+
+def _dense_block(block: Any, pair: tuple[Any, Any], grad_weight: Any, grad_bias: Any | None, dtype: Any) -> Any:
+    """A block's features from one example's dense gradient: ``P_rows^T [W | b] P_cols`` (kept, scaled)."""
+    import torch
+
+    g = grad_weight.reshape(grad_weight.shape[0], -1).to(dtype)
+    if grad_bias is not None:
+        g = torch.cat([g, grad_bias.to(dtype)[None, :]], 0) if block.layer.bias_side == "rows" else \
+            torch.cat([g, grad_bias.to(dtype)[:, None]], 1)
+    rows, cols = pair
+    return (rows.T @ g @ cols).reshape(-1)[:block.k] * (1.0 / math.sqrt(block.k))
+
+
+def check_plan(backend: Any, model: Any, prepared: Any, state: Factorized, inputs: Any, labels: Any, task: Any,
+               causal: bool, features: Any) -> None:
+    """Check the first example's layer features against its dense gradient, block by block.
+
+    A weight that is also used outside its module (``F.linear(x, module.weight)`` elsewhere) would be
+    counted only in part: this raises a :class:`TrakValueError` naming it instead.
+    """
+    import array_api_compat.torch as xp
+    import torch
+    from torch.utils._pytree import tree_map
+
+    from .backend import output_logits
+
+    names = {name for block in state.plan.blocks for name in (block.layer.name, block.layer.bias) if name}
+    params = {name: t.detach().clone().requires_grad_(name in names) for name, t in prepared.params.items()}
+    with torch.enable_grad():
+        out = output_logits(backend._call(model, {**params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs),
+                                          causal=causal), backend.logits_fn)
+        out = out.reshape(1, -1) if task.logits_ndim == 2 else out
+        value = task.output(out, labels[:1], xp=xp)[0]
+        chosen = [name for name in params if name in names]
+        grads = dict(zip(chosen, torch.autograd.grad(value, [params[name] for name in chosen], allow_unused=True)))
+    tolerance = 1e-4 if torch.finfo(state.dtype).bits < 64 else 1e-9
+    for block, pair in zip(state.plan.blocks, state.factors):
+        layer = block.layer
+        weight = grads[layer.name]
+        if weight is None:
+            weight = torch.zeros_like(prepared.params[layer.name])
+        bias = None
+        if layer.bias is not None:
+            bias = grads[layer.bias] if grads[layer.bias] is not None else torch.zeros_like(prepared.params[layer.bias])
+        dense = _dense_block(block, pair, weight, bias, state.dtype)
+        got = features[0, block.start:block.start + block.k].to(state.dtype)
+        scale = max(float(torch.linalg.vector_norm(dense)), float(torch.finfo(state.dtype).tiny))
+        error = float(torch.linalg.vector_norm(got - dense)) / scale
+        if error > tolerance and float(torch.linalg.vector_norm(dense)) > 0 or not math.isfinite(error):
+            raise TrakValueError(f"proj_type='kronecker': the features of layer {layer.name!r} differ from its "
+                                 f"gradient's projection (relative error {error:.2e}): the weight is probably also "
+                                 "used outside its module (e.g. through F.linear or a slice). Leave it out with "
+                                 "the backend's params=, or use proj_type='rademacher'")
