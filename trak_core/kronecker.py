@@ -81,6 +81,9 @@ class Kronecker:
                     raise TrakValueError(f"Kronecker(dims=...): layer {name!r} needs a positive integer, got {value!r}")
             object.__setattr__(self, "dims", dict(sorted(self.dims.items())))
 
+    def __hash__(self) -> int:
+        return hash((tuple((self.dims or {}).items()), self.rest))
+
     def describe(self) -> dict[str, Any]:
         """What a store records (and :meth:`from_description` reads back)."""
         return {"dims": dict(self.dims or {}), "rest": self.rest}
