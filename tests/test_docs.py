@@ -233,3 +233,37 @@ def test_quickstart_install_commands_name_real_extras():
                     named |= set(group.split(","))
     assert named and named <= extras, f"extras named in the quickstarts but not in pyproject: {named - extras}"
     assert {"torch", "jax", "cupy", "demo"} <= named
+
+
+def test_kronecker_guide_page(tmp_path, monkeypatch):
+    """docs/kronecker.md: its scores equal the estimator on float64 dense gradients times the explicit matrix."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: docs/kronecker.md not exercised")
+    from trak_core import Kronecker
+    from trak_core.kronecker import explicit_matrix
+    from trak_core.tasks import get_task
+    from trak_torch import TorchBackend
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "docs_kronecker"}
+    found = BLOCK.findall((DOCS / "kronecker.md").read_text())
+    assert len(found) == 1
+    exec(compile(found[0], "docs/kronecker.md[block 0]", "exec"), namespace)  # noqa: S102
+    model, x, y, trak = namespace["model"], namespace["x"], namespace["y"], namespace["trak"]
+    reference = copy_double(model, torch)
+    backend, task = TorchBackend(), get_task("classification")
+    prepared = backend.prepare(reference, None)
+    xd = x.double()
+    plan = backend.factorized_plan(reference, prepared, xd[:100], y[:100], task, k=1024, options=Kronecker())
+    matrix = explicit_matrix(plan, {n: tuple(t.shape) for n, t in prepared.params.items()}, seed=0, checkpoint=0)
+    g, q = backend.gradients(reference, prepared, xd[:500], y[:500], task)
+    gt, _ = backend.gradients(reference, prepared, xd[500:510], y[500:510], task)
+    phi, phit = g.numpy() @ matrix, gt.numpy() @ matrix
+    lam = float(trak.lambdas[0])
+    expected = (phi @ np.linalg.solve(phi.T @ phi + lam * np.eye(1024), phit.T)) * q.numpy()[:, None]
+    assert _relative_error(np.asarray(namespace["scores"], dtype=np.float64), expected) < 1e-3
+
+
+def copy_double(model, torch):
+    import copy
+
+    return copy.deepcopy(model).double()
