@@ -41,7 +41,7 @@ from typing import Any
 
 __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "test_conformance_backend_projection",
            "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
-           "conformance_active"]
+           "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "conformance_active"]
 
 
 def __getattr__(name: str) -> Any:

@@ -57,6 +57,27 @@ def _lm_weights(rng: np.random.Generator, dtype: str) -> list[np.ndarray]:
     return out
 
 
+def kronecker_layers(kind: str) -> tuple[list, list[tuple[str, int]]]:
+    """The factorized layers and the rest of canonical model ``kind`` (``proj_type="kronecker"``), derived
+    from the model definitions above, independently of any backend: weights are named ``"w<i>"`` by
+    their canonical index. Returns ``(layers, [(name, size), ...])`` for :func:`trak_core.kronecker.make_plan`."""
+    from ..kronecker import Layer
+
+    shapes = [np.shape(w) for w in weights(kind, 0)]
+    if kind == "lm":
+        roles = [role for _, role in _lm_shapes()]
+        matrices = [i for i, role in enumerate(roles) if role == "matrix"]
+        looked_up, biased = [0], {i: i + 1 for i in matrices}  # the token table; each matrix's bias follows it
+    else:  # softmax, mlp, cnn: weight, bias, weight, bias
+        looked_up, biased = [], {i: i + 1 for i in range(0, len(shapes), 2)}
+    layers = [Layer(f"w{i}", shapes[i][0], int(np.prod(shapes[i][1:])) + 1, f"w{i + 1}", "cols") for i in biased]
+    layers += [Layer(f"w{i}", *shapes[i]) for i in looked_up]
+    layers.sort(key=lambda layer: int(layer.name[1:]))
+    taken = set(biased) | set(biased.values()) | set(looked_up)
+    rest = [(f"w{i}", int(np.prod(shape))) for i, shape in enumerate(shapes) if i not in taken]
+    return layers, rest
+
+
 def weights(kind: str, seed: int, dtype: str = "float64") -> list[np.ndarray]:
     """Random canonical weights of model ``kind`` (scaled so margins vary across examples)."""
     rng = np.random.default_rng(seed)

@@ -20,7 +20,7 @@ from . import canonical
 
 __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "test_conformance_backend_projection",
            "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
-           "conformance_active"]
+           "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "conformance_active"]
 
 
 @pytest.fixture(autouse=True)
@@ -247,6 +247,101 @@ def test_conformance_lm_scores(conformance_case, dtype):
     if reason:
         pytest.skip(f"the LM scores are compared with {reference_id}'s, and {reason}")
     scores, reference = _lm_scores(case, dtype), _lm_reference(reference_id)
+    assert scores.shape == reference.shape == (10, 4)
+    if dtype == "float64":
+        np.testing.assert_allclose(scores, reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
+    else:
+        assert np.linalg.norm(scores - reference) / np.linalg.norm(reference) <= 1e-4
+
+
+KRONECKER_K = 24  # the factorized tests' proj_dim (more than any canonical model's number of blocks)
+
+
+def _factorizing_backend(case):
+    backend = get_backend(case.backend) if isinstance(case.backend, str) else case.backend
+    if not backend.can_factorize:
+        pytest.skip(f"{case.id}: backend {backend.name!r} has no factorized projection (can_factorize=False)")
+    return backend
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "lm"])
+def test_conformance_kronecker_features(conformance_case, kind):
+    """``proj_type="kronecker"`` features equal the reference gradients (analytic or finite differences) times
+    the explicit Kronecker matrix of the canonical layers (:func:`canonical.kronecker_layers`), and the
+    backend finds those layers."""
+    from ..kronecker import Kronecker, explicit_matrix, make_plan
+
+    case = conformance_case
+    if kind not in case.kinds:
+        pytest.skip(f"{case.id} does not build the canonical {kind!r} model")
+    backend = _factorizing_backend(case)
+    dtype = _dtype(case)
+    weights, x, y = _gradient_data(kind)
+    model, checkpoint = case.model(kind, [w.astype(dtype) for w in weights])
+    prepared = backend.prepare(model, checkpoint)
+    inputs, labels = _case_inputs(case, x, dtype), case.array(y)
+    layers, rest = canonical.kronecker_layers(kind)
+    plan = make_plan(layers, rest, KRONECKER_K)
+    found = backend.factorized_plan(model, prepared, inputs, labels, _task(kind), k=KRONECKER_K, options=Kronecker())
+    shape = lambda p: ([(b.layer.rows, b.layer.cols, b.layer.bias_side, b.k_rows, b.k_cols, b.k, b.start)  # noqa: E731
+                        for b in p.blocks], p.n_rest, p.k_rest)
+    assert shape(found) == shape(plan)
+    features, _ = backend.factorized_features(model, prepared, inputs, labels, _task(kind), k=KRONECKER_K, seed=5,
+                                              checkpoint=1, options=Kronecker())
+    matrix = explicit_matrix(plan, {f"w{i}": np.shape(w) for i, w in enumerate(weights)}, seed=5, checkpoint=1)
+    reference = _reference_gradients(kind) @ matrix
+    features = case.to_numpy(features)
+    assert features.shape == reference.shape
+    if dtype == "float64":
+        rtol = 1e-6 if kind in ("cnn", "lm") else 1e-9  # finite differences are good to ~1e-8
+    else:
+        rtol = 2e-4
+    np.testing.assert_allclose(features, reference, rtol=rtol, atol=rtol * np.abs(reference).max())
+
+
+def _kronecker_lm_scores(case, dtype: str) -> np.ndarray:
+    x, y = canonical.inputs("lm", 10, seed=5)
+    xt, yt = canonical.inputs("lm", 4, seed=6)
+    model, _ = case.model("lm", canonical.weights("lm", seed=0, dtype=dtype))
+    trak = TRAK(model, task="language_modeling", proj_dim=KRONECKER_K, proj_type="kronecker", lambda_reg=LM_LAMBDA,
+                seed=3, backend=case.backend, progress=False)
+    for c in range(2):
+        _, checkpoint = case.model("lm", canonical.weights("lm", seed=c, dtype=dtype))
+        trak.featurize(checkpoint, [{**_case_inputs(case, {k: v[i:i + 4] for k, v in x.items()}, dtype),
+                                     "labels": case.array(y[i:i + 4])} for i in range(0, 10, 4)])
+    return case.to_numpy(trak.score([{**_case_inputs(case, xt, dtype), "labels": case.array(yt)}]))
+
+
+@functools.cache
+def _kronecker_lm_reference(case_id: str) -> np.ndarray:
+    from .cases import FIRST_PARTY
+
+    reference = FIRST_PARTY[case_id][2]()
+    with reference.active():
+        return _kronecker_lm_scores(reference, "float64")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_conformance_kronecker_lm_scores(conformance_case, dtype):
+    """``proj_type="kronecker"`` scores of the canonical LM equal another framework's in float64 (JAX x64's for
+    torch, torch's for the others): float64 within ``rtol 1e-9``, float32 to a relative error ``<= 1e-4``."""
+    from .cases import unavailable
+
+    case = conformance_case
+    if "lm" not in case.kinds:
+        pytest.skip(f"{case.id} does not build the canonical 'lm' model")
+    if dtype == "float64" and _dtype(case) != "float64":
+        pytest.skip(f"{case.id} has no float64 here")
+    backend = _factorizing_backend(case)
+    reference_id = "jax:cpu:x64" if backend.name == "torch" else "torch:cpu"
+    reason = unavailable(reference_id)
+    if reason:
+        pytest.skip(f"the factorized LM scores are compared with {reference_id}'s, and {reason}")
+    from .cases import FIRST_PARTY
+
+    if not get_backend(FIRST_PARTY[reference_id][2]().backend).can_factorize:
+        pytest.skip(f"{reference_id} has no factorized projection to compare with")
+    scores, reference = _kronecker_lm_scores(case, dtype), _kronecker_lm_reference(reference_id)
     assert scores.shape == reference.shape == (10, 4)
     if dtype == "float64":
         np.testing.assert_allclose(scores, reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
