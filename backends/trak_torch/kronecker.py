@@ -238,8 +238,8 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         out = out.reshape(1, -1) if task.logits_ndim == 2 else out
         return task.output(out, y[None], xp=xp)[0], sides
 
-    per_call = sum(math.prod(shape) for _, shape in shapes) + sum(plan.n_rest for _ in (0,))
-    per_example = 4 * torch.finfo(prepared.dtype).bits // 8 * max(1, per_call)
+    per_call = sum(math.prod(shape) for _, shape in shapes) + plan.n_rest  # output gradients, rest gradients
+    per_example = 4 * torch.finfo(prepared.dtype).bits // 8 * max(1, per_call)  # x4: activations kept for backward
     size = chunk or max(1, min(256, CHUNK_BYTES // per_example))
     step = vmap(grad(output, argnums=(0, 1), has_aux=True), in_dims=(0, None, 0, 0))
     out = torch.zeros((n, plan.k), dtype=dtype, device=prepared.device)
