@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -218,21 +220,51 @@ def test_backend_guide(tmp_path, monkeypatch):
     assert all("'cnn'" in line or "'lm'" in line for line in skips), skips  # the page's case: softmax and mlp
 
 
-def test_quickstart_install_commands_name_real_extras():
-    """The shell blocks of the quickstarts are pip installs; every trak-core extra they name exists."""
-    tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib: install commands not checked")
+ROOT = DOCS.parent
+THIRD_PARTY = {"torch==2.13.0", "jax"}  # the framework lines the docs give before installing trak-core
 
-    extras = set(tomllib.loads((DOCS.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"])
-    shell = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
+
+def _install_lines() -> list[tuple[str, str]]:
+    """``(file, arguments)`` of every ``pip install`` in README.md and docs/ (shell blocks and inline code)."""
+    found = []
+    for page in [ROOT / "README.md"] + sorted(p for p in DOCS.rglob("*.md") if "bench" not in p.parts):
+        for match in re.finditer(r"pip install ([^`#\n]+)", page.read_text()):
+            found.append((str(page.relative_to(ROOT)), match.group(1).strip()))
+    return found
+
+
+def test_every_install_line_installs_from_this_repository():
+    """Each line is a framework pin or ``pip install -e ".[extras]"`` (trak-core is not on PyPI) with real extras."""
+    import shlex
+
+    tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib: install commands not checked")
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    lines = _install_lines()
+    assert len(lines) >= 12
     named = set()
-    for page in sorted((DOCS / "quickstart").glob("*.md")):
-        for block in shell.findall(page.read_text()):
-            for line in block.strip().splitlines():
-                assert line.startswith("pip install "), f"{page.name}: a shell line that is not a pip install: {line}"
-                for group in re.findall(r'trak-core\[([^\]]+)\]', line):
-                    named |= set(group.split(","))
-    assert named and named <= extras, f"extras named in the quickstarts but not in pyproject: {named - extras}"
-    assert {"torch", "jax", "cupy", "demo"} <= named
+    for page, args in lines:
+        if args in THIRD_PARTY:
+            continue
+        tokens = shlex.split(args)
+        assert tokens[0] == "-e" and len(tokens) == 2, f"{page}: `pip install {args}` is not an install from a clone"
+        match = re.fullmatch(r"\.\[([a-z0-9,-]+)\]", tokens[1])
+        assert match, f"{page}: `pip install {args}`: expected .[extras]"
+        named |= set(match.group(1).split(","))
+    assert named <= extras, f"extras named in the docs but not in pyproject: {named - extras}"
+    assert {"torch", "jax", "cupy", "cupy-cuda12", "cupy-cuda13", "demo", "huggingface", "test"} <= named
+
+
+def test_install_lines_are_what_pip_accepts():
+    """pip (no index, no dependencies) accepts the docs' install of this checkout with every extra they name,
+    and would not find the published name the docs used to give."""
+    named = sorted({e for _, args in _install_lines() if args.startswith("-e")
+                    for e in re.search(r"\[(.*)\]", args).group(1).split(",")})
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", "--ignore-installed",
+               "--no-build-isolation", "--quiet"]
+    ours = subprocess.run(command + ["-e", f".[{','.join(named)}]"], cwd=ROOT, capture_output=True, text=True)
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    published = subprocess.run(command + ["trak-core[torch]"], cwd=ROOT, capture_output=True, text=True)
+    assert published.returncode != 0 and "No matching distribution" in published.stderr + published.stdout
 
 
 def test_kronecker_guide_page(tmp_path, monkeypatch):
@@ -267,3 +299,48 @@ def copy_double(model, torch):
     import copy
 
     return copy.deepcopy(model).double()
+
+
+COVERED = {  # pages whose every python block runs in a test (file: the test)
+    "README.md": "tests/test_readme.py", "docs/index.md": "test_index_page", "docs/backends.md": "test_backend_guide",
+    "docs/kronecker.md": "test_kronecker_guide_page", **{f"docs/quickstart/{p}": "test_*_quickstart" for p in
+                                                          ("cupy.md", "huggingface.md", "jax.md", "numpy.md", "torch.md")}}
+EXCERPT = "# excerpt: runs in full in "
+
+
+def test_every_python_block_runs_or_is_a_marked_excerpt():
+    """27 python blocks in README.md and docs/: 21 run in tests, 6 are excerpts naming where they run in full."""
+    run, excerpts = 0, 0
+    for page in [ROOT / "README.md"] + sorted(p for p in DOCS.rglob("*.md") if "bench" not in p.parts):
+        name = str(page.relative_to(ROOT))
+        for block in BLOCK.findall(page.read_text()):
+            first = block.splitlines()[0]
+            if first.startswith(EXCERPT):
+                targets = re.findall(r"((?:docs|tests)/[\w/.-]+\.(?:md|py))", first)
+                assert targets, f"{name}: an excerpt must name the page or test it runs in: {first}"
+                for target in targets:
+                    assert (ROOT / target).exists(), f"{name}: {target} does not exist"
+                    assert target.startswith("tests/") or target in COVERED, f"{name}: {target}'s blocks do not run"
+                excerpts += 1
+            else:
+                assert name in COVERED, (f"{name}: a python block no test runs; run it in tests/test_docs.py or "
+                                         f"start it with '{EXCERPT}<page or test>'")
+                run += 1
+    assert (run, excerpts) == (21, 6), "a block was added or removed: update this count and the note"
+
+
+def test_index_page(tmp_path, monkeypatch):
+    """docs/index.md's example: scores equal the NumPy backend's in float64 on the same weights."""
+    pytest.importorskip("torch", reason="PyTorch is not installed: docs/index.md not exercised")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "docs_index"}
+    found = BLOCK.findall((DOCS / "index.md").read_text())
+    assert len(found) == 1
+    exec(compile(found[0], "docs/index.md[block 0]", "exec"), namespace)  # noqa: S102
+    ns = namespace
+    weights = [[state[k].numpy() for k in ("0.weight", "0.bias", "2.weight", "2.bias")] for state in ns["checkpoints"]]
+    x, y = ns["x"].numpy(), ns["y"].numpy()
+    reference = _mlp_reference_scores(weights, x[:1000], y[:1000], x[1000:1010], y[1000:1010], 1024,
+                                      [float(v) for v in ns["trak"].lambdas])
+    assert tuple(ns["scores"].shape) == (1000, 10)
+    assert _relative_error(ns["scores"].numpy().astype(np.float64), np.asarray(reference)) < 1e-3
