@@ -64,7 +64,7 @@ class ProjectionCache:
 default_cache = ProjectionCache()
 
 device_cache = ProjectionCache(4 * 2**30)
-"""The cache of the half-precision GPU path (:mod:`trak_core._split`): float16 signs, packed bits and row
+"""The cache of the half-precision GPU path (``trak_core._split``): float16 signs, packed bits and row
 signs on the device. 4 GiB holds the packed bits of 16M parameters at k = 2,048, or the dense float16
 signs of 1M. Raising ``device_cache.max_bytes`` (for example to 48 GiB for ResNet-18's 11.2M x 2,048 float16
 matrix) trades GPU memory for speed: the signs are then never unpacked again."""

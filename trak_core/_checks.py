@@ -1,4 +1,4 @@
-"""Argument and batch checks of :class:`trak_core.TRAK`, and how many gradient rows are projected together.
+"""Argument and batch checks of ``trak_core.TRAK``, and how many gradient rows are projected together.
 
 One job: validate what users pass, with errors that name the problem and the fix.
 """

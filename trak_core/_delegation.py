@@ -1,7 +1,7 @@
 """Framework fast paths in one place: the few operations the Array API does not cover, or covers slowly.
 
 One job: take a native path where a framework has one, behind one function each, so the generic
-code in :mod:`trak_core.projection`, :mod:`trak_core._split` and :mod:`trak_core.kernel` never
+code in ``trak_core.projection``, ``trak_core._split`` and ``trak_core.kernel`` never
 branches on a framework. Frameworks are imported only when the arrays already come from them
 (never by ``import trak_core``). Every function here gives the numbers of the generic Array API
 path (bit for bit, or to float rounding where noted); ``tests/test_delegation.py`` checks each one
@@ -9,22 +9,22 @@ against it.
 
 Devices:
 
-- :func:`is_accelerator`: whether an array lives on a GPU (or another non-CPU device).
+- ``is_accelerator``: whether an array lives on a GPU (or another non-CPU device).
 
 Projection (generating and applying the counter-based matrix):
 
-- :func:`packed_words`: hash words stored as 32-bit words (torch: ``int32``, hashed in NumPy on CPUs).
-- :func:`unpack_signs`: packed sign bits to ``+-scale`` (NumPy ``unpackbits``, a torch byte table).
-- :func:`make_array`: where to make a matrix block: in NumPy and moved (eager JAX; torch's CPU
+- ``packed_words``: hash words stored as 32-bit words (torch: ``int32``, hashed in NumPy on CPUs).
+- ``unpack_signs``: packed sign bits to ``+-scale`` (NumPy ``unpackbits``, a torch byte table).
+- ``make_array``: where to make a matrix block: in NumPy and moved (eager JAX; torch's CPU
   transcendental functions), else in the namespace itself.
-- :func:`in_float64`: values computed in float64, in NumPy where the namespace has no float64.
-- :func:`packed_product`: ``flipped @ unpack(packed)`` block by block, jitted for JAX.
-- :func:`half_matmul`: ``a @ b`` for float16 operands with float32 products and sums and a float32
+- ``in_float64``: values computed in float64, in NumPy where the namespace has no float64.
+- ``packed_product``: ``flipped @ unpack(packed)`` block by block, jitted for JAX.
+- ``half_matmul``: ``a @ b`` for float16 operands with float32 products and sums and a float32
   result (tensor cores on GPUs; an exact emulation elsewhere).
 
 Kernel:
 
-- :func:`solve_triangular`: ``L x = b`` or ``L^T x = b`` (SciPy, torch, JAX, cupyx; else a general solve).
+- ``solve_triangular``: ``L x = b`` or ``L^T x = b`` (SciPy, torch, JAX, cupyx; else a general solve).
 
 Functions that return ``None`` have no generic fallback here: ``None`` means "no native path for
 this namespace", and the caller runs its generic code.
@@ -92,7 +92,7 @@ def packed_words(make: Callable[[Any, Any], Any], *, xp: Any, device: Any) -> An
 
     Notes
     -----
-    torch has no ``uint32`` right shift, so its hash runs in ``int64`` (:mod:`trak_core.hashing`);
+    torch has no ``uint32`` right shift, so its hash runs in ``int64`` (``trak_core.hashing``);
     the words are kept as ``int32`` with the same 32 bits. On a CPU, torch's words are hashed in
     NumPy's ``uint32`` (faster than ``int64`` with masks; the same bits) and shared without a copy.
     """
@@ -179,7 +179,7 @@ def in_float64(make: Callable[[Any, Any], Any], *, xp: Any, device: Any, dtype: 
 def packed_product(flipped: Any, packed: Any, k: int, block: int, *, xp: Any) -> Any | None:
     """``flipped @ R`` for ``R`` given as packed sign words, ``block`` rows at a time; or ``None``.
 
-    JAX: one jitted step per block size (:mod:`trak_core._jax_blocks`): eager JAX dispatches every
+    JAX: one jitted step per block size (``trak_core._jax_blocks``): eager JAX dispatches every
     slice, shift and comparison as its own computation. ``None`` for other namespaces.
     """
     if not array_api_compat.is_jax_namespace(xp):

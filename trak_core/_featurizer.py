@@ -1,4 +1,4 @@
-"""How :class:`trak_core.TRAK` turns a checkpoint and its training data into stored features.
+"""How ``trak_core.TRAK`` turns a checkpoint and its training data into stored features.
 
 One job: the featurizing machinery behind ``TRAK.featurize`` (a base class of ``TRAK``): per-batch
 gradients or fused features, projection in groups aligned to absolute rows, the checkpoint's checks
@@ -33,7 +33,7 @@ log = logging.getLogger("trak_core")
 
 @contextmanager
 def located(where: str) -> Iterator[None]:
-    """Prefix a backend's :class:`TrakCoreError` with the checkpoint and batch it happened in."""
+    """Prefix a backend's ``TrakCoreError`` with the checkpoint and batch it happened in."""
     try:
         yield
     except TrakCoreError as exc:
@@ -57,7 +57,7 @@ class PendingCheckpoint:
 
 
 class Featurizer:
-    """The featurizing half of :class:`trak_core.TRAK` (its configuration attributes are TRAK's)."""
+    """The featurizing half of ``trak_core.TRAK`` (its configuration attributes are TRAK's)."""
 
     def _project(self, grads: Any, checkpoint: int) -> Any:
         return self._finish(self._project_raw(grads, checkpoint))
@@ -121,10 +121,10 @@ class Featurizer:
         """Features and out-to-loss weights of rows ``skip .. stop-1`` of ``data``.
 
         Whole batches are differentiated (rows outside the range are dropped afterwards), and
-        gradients are projected in groups of exactly :func:`projection_group_rows` rows aligned
+        gradients are projected in groups of exactly ``projection_group_rows`` rows aligned
         to absolute row indices, so a row's features do not depend on where a run started or
         stopped (resume, shards) and the matrix is made or unpacked once per group. Backends with
-        a fused step (:meth:`features`) project batch by batch inside it.
+        a fused step (``features``) project batch by batch inside it.
         """
         grads, weights, seen, group, pending = [], [], 0, None, 0
         for b, (inputs, labels) in enumerate(progress(batches(data, self.label_key), desc=f"featurize checkpoint {index}",

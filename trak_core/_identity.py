@@ -1,7 +1,7 @@
 """Checks that a checkpoint and a training set are the ones a store already holds features of.
 
-One job: compare content hashes (:mod:`trak_core.fingerprints`) with what a writer or checkpoint 0
-recorded, and raise :class:`~trak_core.errors.StoreMismatchError` naming the field, before any
+One job: compare content hashes (``trak_core.fingerprints``) with what a writer or checkpoint 0
+recorded, and raise ``StoreMismatchError`` naming the field, before any
 row that would contradict them is written.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class DataCheck:
     Parameters
     ----------
     writer : Writer
-        Receives the digests (:meth:`~trak_core.store.Writer.record_data`).
+        Receives the digests (``record_data``).
     expected : dict
         Chunk index (str) to digest: checkpoint 0's, or, for checkpoint 0 resumed, the chunks it stored.
     n_train : int or None

@@ -4,8 +4,8 @@ One job: ``flipped @ unpack(packed)`` block by block with one compiled step per 
 Eager JAX dispatches every slice, shift and comparison as its own computation (several ms each
 on a CPU), which made this loop 3.4x slower than torch's; the jitted step slices with
 ``dynamic_slice`` (the start is traced, so every full block reuses one compilation) and unpacks the
-32 signs of each word exactly as :func:`trak_core.projection._unpack` does (same bits). Reached only
-through :func:`trak_core._delegation.packed_product`.
+32 signs of each word exactly as ``trak_core.projection._unpack`` does (same bits). Reached only
+through ``trak_core._delegation.packed_product``.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Small Array API helpers shared by the core: namespace, device and dtype facts.
 
-Every public function of the core calls :func:`namespace` once; private helpers take a
+Every public function of the core calls ``namespace`` once; private helpers take a
 keyword-only ``xp``. Nothing here imports a framework.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reopening a finished on-disk store: :meth:`trak_core.TRAK.open`.
+"""Reopening a finished on-disk store: ``trak_core.TRAK.open``.
 
 One job: rebuild the estimator's configuration from the store, check every checkpoint against the
 content hash stored with it, and load the stored features, out-to-loss weights and kernels when
@@ -54,7 +54,7 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
 
 
 def load_opened(trak: Any, example: tuple[Any, Any] | None) -> None:
-    """Finish the checkpoints :func:`open_trak` checked: one target row (or NumPy) sets the namespace."""
+    """Finish the checkpoints ``open_trak`` checked: one target row (or NumPy) sets the namespace."""
     import numpy as np
 
     opened, trak._opened = trak._opened, []

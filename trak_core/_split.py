@@ -1,7 +1,7 @@
 """The Rademacher projection on half-precision matrix units, at float32 or float16 grade.
 
 One job: ``grads @ P`` with ``P``'s signs as exact float16 ``+-1`` and the input split into
-float16 parts, each multiplied with float32 accumulation (:func:`trak_core._delegation.half_matmul`:
+float16 parts, each multiplied with float32 accumulation (``trak_core._delegation.half_matmul``:
 tensor cores on GPUs).
 
 The signs ``+-1`` are exact in float16, so only the input loses bits. Each row ``x`` (already
@@ -18,9 +18,9 @@ largest (under ``2**-26`` of it) become float16 subnormals or zero; their share 
 below float32's rounding anyway.
 
 Where the signs come from, per block of rows of ``P``: the dense ``+-1`` float16 matrix when it fits
-the cache given (on GPUs :data:`trak_core.projection.device_cache`, 4 GiB unless raised), else its
+the cache given (on GPUs ``trak_core.projection.device_cache``, 4 GiB unless raised), else its
 packed bits (``k / 8`` bytes a row) unpacked block by block, else hashed block by block. The bits
-are the reference matrix's (:func:`trak_core.projection.projection_matrix`) in every case.
+are the reference matrix's (``trak_core.projection.projection_matrix``) in every case.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def split_project(grads: Any, k: int, *, seed: int, checkpoint: int, offset: int
     grads : array, shape (n, p)
         Floating per-example gradients in any Array API namespace with float16.
     k, seed, checkpoint, offset
-        As in :func:`trak_core.projection_matrix`.
+        As in ``trak_core.projection_matrix``.
     precision : {"float32", "fast"}
         Two passes (about 22 bits of the input) or one (11 bits).
     cache : ProjectionCache

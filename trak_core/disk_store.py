@@ -4,7 +4,7 @@ One job: ``TRAK(store=path)``. Layout of the directory:
 
 - group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension,
   seed and precision, task, parameter count and structure hash, backend, store format version).
-  Reopening with any difference raises :class:`~trak_core.errors.StoreMismatchError` naming the
+  Reopening with any difference raises ``StoreMismatchError`` naming the
   fields, and nothing is written. ``data``: the training set's ``n_train`` and digest (order
   included), once checkpoint 0 is complete.
 - ``c{index}/features`` (n, k) and ``c{index}/out_to_loss`` (n,), chunked by ``KERNEL_CHUNK_ROWS``
@@ -234,7 +234,7 @@ def open_root(path: str, mode: str) -> Any:
 def write_rows(location: str, index: int, start: int, features: Any, out_to_loss: Any) -> dict[str, str]:
     """Write rows ``start ..`` of checkpoint ``index``'s allocated arrays (a parallel worker's shard).
 
-    Returns the checksums of the chunks written, for :meth:`DiskWriter.record_rows` in the driver.
+    Returns the checksums of the chunks written, for ``DiskWriter.record_rows`` in the driver.
     """
     features, weights = to_numpy(features), to_numpy(out_to_loss)
     stop = start + features.shape[0]

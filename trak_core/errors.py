@@ -2,7 +2,7 @@
 
 One job: the exception hierarchy. Each class keeps the built-in base that code written against
 earlier versions catches (``ValueError``, ``TypeError``, ``ImportError``, ``OSError``), and all of
-them derive from :class:`TrakCoreError`, so ``except trak_core.TrakCoreError`` catches every
+them derive from ``TrakCoreError``, so ``except trak_core.TrakCoreError`` catches every
 error that trak-core itself raises (and nothing that a framework raises).
 """
 from __future__ import annotations

@@ -159,7 +159,7 @@ def _rows(batch: tuple[Any, Any]) -> int:
 
 
 def get_executor(executor: Any) -> Any:
-    """``None``, ``"ray"`` (a local :class:`RayExecutor`), or an executor object."""
+    """``None``, ``"ray"`` (a local ``RayExecutor``), or an executor object."""
     if executor is None or isinstance(executor, RayExecutor):
         return executor
     if executor == "ray":

@@ -3,10 +3,10 @@
 One job: digests that are equal exactly when the bytes are equal (dtype, shape and order included),
 whatever the framework or device the arrays live on.
 
-- :func:`parameters_digest`: a checkpoint, from its named parameter arrays (backends call it in
-  :meth:`trak_core.Backend.parameters_digest`).
-- :class:`DataFingerprint`: the training data, fed batch by batch while featurizing; it yields one
-  digest per chunk of :data:`trak_core.store.KERNEL_CHUNK_ROWS` rows (the store's chunks), so a
+- ``parameters_digest``: a checkpoint, from its named parameter arrays (backends call it in
+  ``trak_core.Backend.parameters_digest``).
+- ``DataFingerprint``: the training data, fed batch by batch while featurizing; it yields one
+  digest per chunk of ``trak_core.store.KERNEL_CHUNK_ROWS`` rows (the store's chunks), so a
   reopened store can tell, before writing a chunk, whether its rows come from the same examples in
   the same order, and where they first differ.
 """
@@ -63,8 +63,8 @@ class DataFingerprint:
 
     Notes
     -----
-    :meth:`update` takes each batch in order and returns the ``(chunk, digest)`` pairs that the
-    batch completed; :meth:`finish` returns the last, partial chunk's. Only the rows are hashed
+    ``update`` takes each batch in order and returns the ``(chunk, digest)`` pairs that the
+    batch completed; ``finish`` returns the last, partial chunk's. Only the rows are hashed
     (a batch's bytes are copied to the host once and hashed as one block), so the cost is a small
     share of featurizing, which differentiates every row.
     """

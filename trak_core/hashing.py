@@ -12,23 +12,23 @@ signed 64-bit integer)::
 
     mix(x):  x ^= x >> 15;  x *= 0x2C1B3C6D;  x ^= x >> 12;  x *= 0x297A2D39;  x ^= x >> 15
 
-It is a bijection on 32-bit words (:func:`mix_scalar` is the pure-Python reference).
+It is a bijection on 32-bit words (``mix_scalar`` is the pure-Python reference).
 
 **Keys, streams and counters.**
 
 - ``key(w_1, ..., w_m)``: ``h = GOLDEN (0x9E3779B9)``, then ``h = mix(h ^ w_i)`` for each word.
 - 64-bit integers (seeds, checkpoint indices, row counters) enter as two words, low then high
-  (:func:`split64`).
+  (``split64``).
 - A stream is a key of the seed's two words and a domain constant, so no two uses share words:
   ``key(seed_lo, seed_hi, DOMAIN_RADEMACHER)`` ("RAD0"), ``key(seed_lo, seed_hi, DOMAIN_GAUSSIAN)``
   ("GAU0") and ``key(seed_lo, seed_hi, DOMAIN_SIGN, c_lo, c_hi)`` ("SIGN", checkpoint ``c``);
   ``DOMAIN_COLUMNS`` ("COLS") derives a stream's column base.
 - Row key of row ``a`` (a 64-bit counter) in stream ``s``:
-  ``rowkey(a) = mix(mix(s ^ lo(a)) ^ hi(a))`` (:func:`row_keys`).
+  ``rowkey(a) = mix(mix(s ^ lo(a)) ^ hi(a))`` (``row_keys``).
 - Column key of word column ``b``: ``colkey(b) = mix(b ^ key(s, DOMAIN_COLUMNS))``.
 - Word ``(a, b)``: ``w(a, b) = mix(rowkey(a) ^ colkey(b))``.
 
-**How :mod:`trak_core.projection` uses the words.**
+**How ``trak_core.projection`` uses the words.**
 
 - Rademacher entry ``(a, j)``: bit ``j % 32`` (least significant first) of ``w(a, j // 32)`` in the
   Rademacher stream; bit 0 is ``+1/sqrt(k)``, bit 1 is ``-1/sqrt(k)``.
@@ -41,7 +41,7 @@ It is a bijection on 32-bit words (:func:`mix_scalar` is the pure-Python referen
 **Namespaces.**
 Namespaces with a working ``uint32`` right shift (NumPy, array-api-strict, JAX, CuPy) compute in
 ``uint32`` and wrap; torch has no ``uint32`` shift, so it computes in ``int64`` and masks to 32
-bits after each multiply (:func:`word_dtype`). Both give the same bits.
+bits after each multiply (``word_dtype``). Both give the same bits.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ GOLDEN = 0x9E3779B9
 
 
 def mix_scalar(x: int) -> int:
-    """Mix one 32-bit word (pure Python reference of :func:`mix`)."""
+    """Mix one 32-bit word (pure Python reference of ``mix``)."""
     x &= MASK32
     x ^= x >> 15
     x = (x * MULTIPLIER_1) & MASK32
@@ -130,12 +130,12 @@ def word_dtype(xp: Any) -> Any:
 
 
 def mix(x: Any, *, xp: Any) -> Any:
-    """Mix an integer array of 32-bit words elementwise: :func:`mix_scalar` on arrays.
+    """Mix an integer array of 32-bit words elementwise: ``mix_scalar`` on arrays.
 
     Parameters
     ----------
     x : array
-        Words in :func:`word_dtype` of ``xp`` (``uint32`` wraps; ``int64`` is masked to 32 bits).
+        Words in ``word_dtype`` of ``xp`` (``uint32`` wraps; ``int64`` is masked to 32 bits).
     xp : namespace
         The Array API namespace of ``x``.
 
@@ -186,7 +186,7 @@ def row_keys(stream: int, start: int, stop: int, *, xp: Any, device: Any) -> Any
     Parameters
     ----------
     stream : int
-        The stream's key (:func:`key`).
+        The stream's key (``key``).
     start, stop : int
         Row counters, ``0 <= start <= stop <= 2**64``.
     xp : namespace
@@ -197,7 +197,7 @@ def row_keys(stream: int, start: int, stop: int, *, xp: Any, device: Any) -> Any
     Returns
     -------
     array, shape (stop - start,)
-        Words in :func:`word_dtype` of ``xp``.
+        Words in ``word_dtype`` of ``xp``.
     """
     lo, hi = counters(start, stop, xp=xp, device=device)
     return mix(mix(lo ^ word(stream, lo, xp=xp), xp=xp) ^ hi, xp=xp)

@@ -8,7 +8,7 @@ good to about ``1e-7 * cond(K)`` relative, and a larger ``lambda_reg`` is the re
 ``lambda_reg == 0``: the kernel may be singular (it is whenever ``k > n_train``), so the
 factor is an eigendecomposition and solves use the minimum-norm (pseudo-inverse) solution,
 the limit of the ridge solution as ``lambda -> 0+``; a warning says when ``K`` is rank-deficient.
-Triangular solves take the namespace's native routine (:func:`trak_core._delegation.solve_triangular`).
+Triangular solves take the namespace's native routine (``trak_core._delegation.solve_triangular``).
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 One job: the backend-neutral half of ``proj_type="kronecker"``: which parameters are layers, how
 the total ``k`` is shared between them, their factor matrices, and how a layer's two projected
-sides become its features. Backends capture the sides (:mod:`trak_torch.kronecker`,
-:mod:`trak_jax.kronecker`).
+sides become its features. Backends capture the sides (``trak_torch.kronecker``,
+``trak_jax.kronecker``).
 
 **Layers.** A weight ``W`` used by a layer the backend knows (Linear, Conv2d through its unfolded
 patches, Embedding, Hugging Face's ``Conv1D``) is a matrix of ``rows x cols`` (``W.shape[0]`` by
@@ -23,10 +23,10 @@ bias, as with a dense Rademacher matrix.
 
 **The rest.** Parameters that are not (part of) a layer (norms, scales, positional tables that are
 indexed rather than looked up, biases of other layers) are projected densely, with
-:func:`trak_core.project` at ``k_rest`` columns and seed :func:`rest_seed` (``rest="dense"``), or
+``trak_core.project`` at ``k_rest`` columns and seed ``rest_seed`` (``rest="dense"``), or
 left out (``rest="drop"``). Their features come last.
 
-**Dimensions** (:func:`make_plan`). ``k`` is shared between the layers and the rest in proportion to
+**Dimensions** (``make_plan``). ``k`` is shared between the layers and the rest in proportion to
 their parameter counts (largest remainders, each at least 1 and at most its size), unless
 ``dims`` sets a layer's ``k_layer``. A layer's ``k_cols`` is ``ceil(sqrt(k_layer sqrt(cols / rows)))``
 (so ``k_cols / k_rows ~ sqrt(cols / rows)``: the wider side gets the larger factor, but less than in
@@ -34,8 +34,8 @@ proportion, so neither side's work dominates), clipped to ``[1, cols]``; ``k_row
 k_cols)``, clipped to ``[1, rows]``; the product's first ``k_layer`` entries are kept.
 
 **Matrices.** ``P_rows`` and ``P_cols`` of layer ``i`` (its position among the layers, in the order
-of the parameters) are the sign patterns of :mod:`trak_core.projection` for the seed
-:func:`layer_seed` ``(seed, i, side)`` (the hash spec, domain ``"KRON"``) and the checkpoint:
+of the parameters) are the sign patterns of ``trak_core.projection`` for the seed
+``layer_seed`` ``(seed, i, side)`` (the hash spec, domain ``"KRON"``) and the checkpoint:
 ``P[a, j] = s(a) R[a, j] sqrt(k)``, the same bits in every namespace.
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ class Kronecker:
         return hash((tuple((self.dims or {}).items()), self.rest))
 
     def describe(self) -> dict[str, Any]:
-        """What a store records (and :meth:`from_description` reads back)."""
+        """What a store records (and ``from_description`` reads back)."""
         return {"dims": dict(self.dims or {}), "rest": self.rest}
 
     @classmethod

@@ -8,8 +8,8 @@ Parameter order (the flat gradient vector, and a flat checkpoint) follows ``para
 each array in row-major (C) order, one after another, with torch's ``nn.Linear`` layout
 (``weight`` is ``(out_features, in_features)``, then ``bias``):
 
-- :class:`SoftmaxRegression`: ``weight (C, d)``, ``bias (C,)``.
-- :class:`MLP`: ``hidden.weight (H, d)``, ``hidden.bias (H,)``, ``output.weight (C, H)``,
+- ``SoftmaxRegression``: ``weight (C, d)``, ``bias (C,)``.
+- ``MLP``: ``hidden.weight (H, d)``, ``hidden.bias (H,)``, ``output.weight (C, H)``,
   ``output.bias (C,)``; ``h = tanh(x W1^T + b1)`` (or ReLU), ``logits = h W2^T + b2``.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ class AnalyticModel:
         raise NotImplementedError
 
     def batch_grad(self, params: Mapping[str, Any], inputs: Any, dlogits: Any) -> Any:
-        """The sum over examples of :meth:`per_example_grads`, without forming the (n, p) array."""
+        """The sum over examples of ``per_example_grads``, without forming the (n, p) array."""
         raise NotImplementedError
 
     def _check_inputs(self, inputs: Any) -> None:

@@ -1,6 +1,6 @@
 """Finding the logits in what a model returns: one rule for every framework backend.
 
-One job: :func:`select_logits`. Models return a tensor, a tuple (logits first), a mapping or a
+One job: ``select_logits``. Models return a tensor, a tuple (logits first), a mapping or a
 Hugging Face ``ModelOutput`` (``"logits"``), or an object with ``.logits``; backends call this with
 their framework's array test, so the rule and its errors are the same in torch and JAX.
 """

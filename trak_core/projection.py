@@ -12,12 +12,12 @@ The matrix of checkpoint ``c`` is ``P_c[a, j] = s(seed, c, a) * R(seed, a, j)`` 
   itself i.i.d. Rademacher (or Gaussian), checkpoints' projection errors are uncorrelated, and
   only ``R`` is worth caching: the flip is applied to the gradients, O(n p).
 
-Row keys and column keys come from :mod:`trak_core.hashing` (the hash spec). Because every entry
+Row keys and column keys come from ``trak_core.hashing`` (the hash spec). Because every entry
 depends only on its indices, any split of the parameter axis into blocks (``offset``) gives the same
 matrix, every namespace and device gives the same Rademacher bits, and nothing needs to be stored.
 
 The code here is Array API only. Where a framework has a faster (or, for torch's hash words, a
-necessary) native path, it is one call into :mod:`trak_core._delegation`, which gives the same numbers.
+necessary) native path, it is one call into ``trak_core._delegation``, which gives the same numbers.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def _unpack(words: Any, k: int, *, xp: Any, dtype: Any, scale: float | None = No
 
 
 def _unpack_bits(words: Any, k: int, scale: float, *, xp: Any, dtype: Any) -> Any:
-    """The generic :func:`_unpack`: shift and mask each of a word's 32 bits."""
+    """The generic ``_unpack``: shift and mask each of a word's 32 bits."""
     shifts = xp.arange(32, dtype=words.dtype, device=device_of(words))
     bits = (words[:, :, None] >> shifts) & 1
     bits = xp.reshape(bits, (words.shape[0], words.shape[1] * 32))[:, :k]
@@ -173,7 +173,7 @@ def projection_matrix(p: int, k: int, *, seed: int = 0, checkpoint: int = 0, kin
 
 
 def uses_split(grads: Any, kind: str, precision: str) -> bool:
-    """Whether :func:`project` takes the half-precision path (:mod:`trak_core._split`) for ``grads``.
+    """Whether ``project`` takes the half-precision path (``trak_core._split``) for ``grads``.
 
     ``precision="fast"`` always does (Rademacher only); ``"float32"`` does on GPUs for float32,
     float16 and bfloat16 input, where half-precision matrix units are several times faster than
@@ -201,7 +201,7 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
     k : int
         Projection dimension.
     seed, checkpoint, kind, offset
-        As in :func:`projection_matrix`.
+        As in ``projection_matrix``.
     block_size : int, optional
         Rows of ``P`` generated at a time when the matrix is not cached (default: about 64 MiB
         of matrix per block). Memory stays bounded for any p.
@@ -210,11 +210,11 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
         is kept when it fits; otherwise, for Rademacher, its packed bits (k/8 bytes a row) are
         kept and unpacked block by block; otherwise blocks are generated on every call.
         ``ProjectionCache(0)`` disables caching. On GPUs (the half-precision path) the default
-        is :data:`device_cache` instead (4 GiB).
+        is ``device_cache`` instead (4 GiB).
     precision : {"float32", "fast"}
         ``"float32"`` (default): float32-grade results (relative error against a float64 product
         within twice that of a float32 matmul, and below 1e-5); on GPUs computed as two float16
-        products on tensor cores (:mod:`trak_core._split`), elsewhere as a float32 product.
+        products on tensor cores (``trak_core._split``), elsewhere as a float32 product.
         ``"fast"``: one float16 product, relative error about 3e-4 (the grade of traker's fast_jl);
         Rademacher only. On a CPU it is not faster, only the same numbers as on a GPU.
 

@@ -1,10 +1,10 @@
 """Where featurized checkpoints live: the store and writer contracts, and the in-memory store.
 
-One job: declare what the estimator asks of a store (:class:`Store`) and of the writer of one
-checkpoint's features (:class:`Writer`), with defaults for what is optional, and implement them in
-memory (:class:`MemoryStore`). Entries are added only when a checkpoint has been featurized
+One job: declare what the estimator asks of a store (``Store``) and of the writer of one
+checkpoint's features (``Writer``), with defaults for what is optional, and implement them in
+memory (``MemoryStore``). Entries are added only when a checkpoint has been featurized
 completely, so a failed ``featurize`` leaves the store as it was. The on-disk store is
-:mod:`trak_core.disk_store`; :func:`trak_core.stores.open_store` chooses between them.
+``trak_core.disk_store``; ``trak_core.stores.open_store`` chooses between them.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ KERNEL_CHUNK_ROWS = 4096  # rows of features per update of the kernel K (and row
 
 
 def kernel_from_features(features: Any, *, xp: Any = None) -> Any:
-    """``Phi^T Phi`` accumulated in chunks of :data:`KERNEL_CHUNK_ROWS` rows, as featurizing does (same bits)."""
+    """``Phi^T Phi`` accumulated in chunks of ``KERNEL_CHUNK_ROWS`` rows, as featurizing does (same bits)."""
     xp = namespace(features[:1, :]) if xp is None else xp
     kernel = None
     for start in range(0, features.shape[0], KERNEL_CHUNK_ROWS):
@@ -38,7 +38,7 @@ class CheckpointEntry:
     """One featurized checkpoint: its snapshot, ``Phi_c`` (n, k), ``Q_c`` (n,) and kernel factor.
 
     The kernel ``Phi^T Phi`` is not held: only its factor is needed to score, and a k x k float64
-    matrix per checkpoint is as large as the features when k is close to n. :attr:`kernel` reads it
+    matrix per checkpoint is as large as the features when k is close to n. ``kernel`` reads it
     from the store (``kernel_loader``) or recomputes it from the features, bit for bit as featurizing
     made it, when ``lambda`` changes.
     """
@@ -71,11 +71,11 @@ class Writer(abc.ABC):
         Rows stored already (a resumed run appends from there).
     needs_template : bool
         Resuming without having seen a feature row: the estimator makes one and passes it to
-        :meth:`set_template` (it tells the namespace, device and dtype of reads).
+        ``set_template`` (it tells the namespace, device and dtype of reads).
     parameters_digest : str or None
         The content hash of the parameters this checkpoint was featurized from, if stored.
     data_checksums : dict
-        Digests of the training data per chunk of :data:`KERNEL_CHUNK_ROWS` rows, if stored.
+        Digests of the training data per chunk of ``KERNEL_CHUNK_ROWS`` rows, if stored.
     kernel_loader : callable or None
         Reads ``Phi^T Phi`` back (``None``: the entry recomputes it from the features).
     template : array or None
@@ -210,7 +210,7 @@ class Store(abc.ABC):
         return (self[i] for i in range(len(self)))
 
     def stored_checkpoints(self) -> int:
-        """Checkpoints stored completely (more than :func:`len` in a reopened store not yet loaded)."""
+        """Checkpoints stored completely (more than ``len`` in a reopened store not yet loaded)."""
         return len(self)
 
     def save_scores(self, name: str, scores: Any) -> None:

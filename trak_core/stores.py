@@ -1,6 +1,6 @@
 """Choosing a store for ``TRAK(store=...)``.
 
-One job: map what users pass (``None``, a path or URL, a store object) to a :class:`~trak_core.store.Store`.
+One job: map what users pass (``None``, a path or URL, a store object) to a ``Store``.
 It imports both kinds of store, so neither has to import the other.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ __all__ = ["open_store"]
 
 
 def open_store(store: Any) -> Store:
-    """The store for ``TRAK(store=...)``: ``None`` is a new :class:`~trak_core.store.MemoryStore`; a path
-    or URL is a :class:`~trak_core.disk_store.DiskStore` there (created on the first write); a
-    :class:`~trak_core.store.Store` is used as it is."""
+    """The store for ``TRAK(store=...)``: ``None`` is a new ``MemoryStore``; a path
+    or URL is a ``DiskStore`` there (created on the first write); a
+    ``Store`` is used as it is."""
     if store is None:
         return MemoryStore()
     if isinstance(store, (str, os.PathLike)):

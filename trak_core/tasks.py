@@ -254,7 +254,7 @@ TASKS = {"classification": Classification(), "regression": Regression(),
 
 
 def get_task(task: str | Task) -> Task:
-    """Return the task named ``task`` (see :data:`TASKS`) or ``task`` itself if it is a Task."""
+    """Return the task named ``task`` (see ``TASKS``) or ``task`` itself if it is a Task."""
     if isinstance(task, str):
         try:
             return TASKS[task]

@@ -36,30 +36,30 @@ class TRAK(Featurizer):
     ----------
     model
         The model, of a type some installed backend owns (e.g. a
-        :class:`trak_core.models.MLP` for the ``"numpy"`` backend).
+        ``trak_core.models.MLP`` for the ``"numpy"`` backend).
     task : str or Task
         ``"classification"`` (margin output, ``Q = 1 - p_y``), ``"regression"``, or a Task.
     proj_dim : int or None
         Projection dimension ``k``; ``None`` keeps the raw gradients (the exact estimator).
     proj_type : {"rademacher", "gaussian", "kronecker"} or Kronecker
-        Kind of random projection: dense (see :func:`trak_core.projection_matrix`), or factorized
-        per layer (``"kronecker"``, or :class:`trak_core.kronecker.Kronecker` for its options;
-        :mod:`trak_core.kronecker`): Linear, Conv2d and Embedding layers are projected without ever
+        Kind of random projection: dense (see ``trak_core.projection_matrix``), or factorized
+        per layer (``"kronecker"``, or ``trak_core.kronecker.Kronecker`` for its options;
+        ``trak_core.kronecker``): Linear, Conv2d and Embedding layers are projected without ever
         forming their per-example gradients (LoGra-style), which is much faster for large models.
         Needs a backend with ``can_factorize`` (torch, JAX).
     seed : int
         Seed of the projection; the matrices are a pure function of it.
     lambda_reg : "auto" or float
         The ridge in ``K = Phi^T Phi + lambda I``. ``"auto"`` (default) chooses it per checkpoint
-        from the training features (:mod:`trak_core.regularization`); the chosen values are in
-        :attr:`lambdas` and the log. A float is an absolute ``lambda >= 0``; ``0`` uses the
+        from the training features (``trak_core.regularization``); the chosen values are in
+        ``lambdas`` and the log. A float is an absolute ``lambda >= 0``; ``0`` uses the
         minimum-norm solution when ``K`` is singular (with a warning).
     backend : str, Backend or None
-        Backend name (see :func:`trak_core.available_backends`), object, or ``None`` to infer
+        Backend name (see ``trak_core.available_backends``), object, or ``None`` to infer
         it from the model's type.
     store : None, str, os.PathLike or store object
         Where features live: ``None`` keeps them in memory; a directory path or fsspec URL
-        (``"s3://..."``) is a resumable zarr v3 store (:class:`trak_core.disk_store.DiskStore`,
+        (``"s3://..."``) is a resumable zarr v3 store (``trak_core.disk_store.DiskStore``,
         needs ``zarr``), reopened and checked against this configuration when it exists.
     progress : bool or None
         Show progress bars (when tqdm is installed); ``None``: when stderr is a terminal.
@@ -74,12 +74,12 @@ class TRAK(Featurizer):
         to unit norm per target first.
     executor : None, "ray" or RayExecutor
         Where featurization runs: this process, or Ray actors over row shards (needs ``store=path``;
-        see :mod:`trak_core.executors`). The numbers are the same bit for bit.
+        see ``trak_core.executors``). The numbers are the same bit for bit.
     label_key : str
         The labels' key in dict batches (default ``"labels"``, as Hugging Face collators name it);
         the other keys are passed to the model as keyword arguments.
     precision : {"float32", "fast"}
-        Of the projection (:func:`trak_core.project`): ``"float32"`` (default) is float32-grade
+        Of the projection (``trak_core.project``): ``"float32"`` (default) is float32-grade
         everywhere, computed on GPUs as two float16 tensor-core products of a split input;
         ``"fast"`` is one float16 product (relative error about 3e-4, traker's fast_jl grade),
         Rademacher only. CPU results at the default are those of a float32 product.
@@ -264,7 +264,7 @@ class TRAK(Featurizer):
         -------
         array
             In the namespace, dtype and device of the features (NumPy for a store opened with
-            :meth:`open` and not scored yet).
+            ``open`` and not scored yet).
         """
         if self.checkpoint_weighting != "uniform" or self.soft_threshold is not None:
             raise TrakValueError("self_influence needs checkpoint_weighting='uniform' and soft_threshold=None: the "
@@ -287,7 +287,7 @@ class TRAK(Featurizer):
         return self.store.load_scores(name)
 
     def _load_opened(self, example: tuple[Any, Any] | None) -> None:
-        """Load the checkpoints of :meth:`open`; ``example`` (one target row) sets the features' namespace."""
+        """Load the checkpoints of ``open``; ``example`` (one target row) sets the features' namespace."""
         if self._opened:
             from ._reopen import load_opened
 
@@ -320,7 +320,7 @@ class TRAK(Featurizer):
             The model, as when featurizing.
         checkpoints : sequence
             Every checkpoint the store holds, in featurization order; each is checked against the
-            content hash stored with it (:class:`~trak_core.errors.StoreMismatchError` if it differs).
+            content hash stored with it (``StoreMismatchError`` if it differs).
         task, backend : optional
             As stored (a custom task must be passed again; a backend name may be replaced by an
             equivalent backend object).
@@ -328,12 +328,12 @@ class TRAK(Featurizer):
             ``None`` (default): the ``lambda`` each checkpoint was factorized with, so scores equal
             those of the original run bit for bit.
         progress, soft_threshold, checkpoint_weighting, executor, label_key
-            Scoring options, as in :class:`TRAK`.
+            Scoring options, as in ``TRAK``.
 
         Returns
         -------
         TRAK
-            Ready for :meth:`score`, :meth:`self_influence` and :meth:`load_scores`; the features are
+            Ready for ``score``, ``self_influence`` and ``load_scores``; the features are
             read from the store in chunks as scoring needs them.
         """
         from ._reopen import open_trak

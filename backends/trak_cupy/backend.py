@@ -91,9 +91,9 @@ class CupyBackend(ArrayAPIBackend):
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
                 precision: str = "float32") -> Any:
-        """:func:`trak_core.project`: float16 tensor-core products of a split input (cuBLAS ``gemmEx``).
+        """``trak_core.project``: float16 tensor-core products of a split input (cuBLAS ``gemmEx``).
 
-        The CUDA-core kernel of :mod:`trak_cupy.projection` (``fused_project``) stays available; it
+        The CUDA-core kernel of ``trak_cupy.projection`` (``fused_project``) stays available; it
         keeps memory at ``O(n (p + k))`` but is several times slower than tensor cores.
         """
         from trak_core.projection import project

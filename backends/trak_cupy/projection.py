@@ -3,7 +3,7 @@
 One job: compile ``kernel.cu`` with CuPy (NVRTC, at first use, cached per input dtype) and launch
 it. The matrix is never materialized: each block hashes the signs of its 32 x 128 tile of ``P``
 into shared memory, so memory stays ``O(n (p + k))`` and any p, k and batch size work. The signs
-are the reference Rademacher matrix bit for bit (same hash as :mod:`trak_core.hashing`); the sums are
+are the reference Rademacher matrix bit for bit (same hash as ``trak_core.hashing``); the sums are
 float32, so results equal ``trak_core.project`` up to float rounding.
 
 Why CuPy for torch and JAX too: a RawModule compiles with NVRTC at run time, so no CUDA toolchain,

@@ -1,6 +1,6 @@
 """Params pytrees as checkpoints: validation, snapshot, and the canonical flattening order.
 
-One job: turn a user's params pytree into a :class:`JaxCheckpoint`, with the leaves to
+One job: turn a user's params pytree into a ``JaxCheckpoint``, with the leaves to
 differentiate selected.
 
 Parameter order: the leaves of ``jax.tree_util.tree_leaves(params)`` (dict keys sorted, lists and

@@ -4,7 +4,7 @@ Per-example gradients are ``vmap(grad(f))`` over chunks of a batch with ``torch.
 where ``f`` is the task output of one example computed with ``functional_call``; parameters
 outside ``params`` and buffers enter as constants (never differentiated). The model runs in
 eval mode (BatchNorm uses its running statistics, dropout is off) and its mode is restored after.
-The logits are taken from what ``forward`` returns by :func:`output_logits`.
+The logits are taken from what ``forward`` returns by ``output_logits``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ _LOGITS_FN_HINT = "pass logits_fn (model output -> logits tensor) to the backend
 
 
 def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) -> Any:
-    """The logits tensor in what a model's ``forward`` returned (:func:`trak_core.outputs.select_logits`)."""
+    """The logits tensor in what a model's ``forward`` returned (``trak_core.outputs.select_logits``)."""
     import torch
 
     return select_logits(output, logits_fn, is_array=lambda value: isinstance(value, torch.Tensor),
@@ -130,12 +130,12 @@ class TorchBackend(Backend):
         ``(name, tensor) -> bool``. Default: all. The gradient vector follows
         ``named_parameters()`` order, each tensor flattened row-major.
     chunk_size : int, optional
-        Examples per ``vmap`` call (memory stays ``O(chunk_size * p)``). Default (:func:`chunk_rows`):
+        Examples per ``vmap`` call (memory stays ``O(chunk_size * p)``). Default (``chunk_rows``):
         on CPUs as many as fit in 256 MiB of gradients; on GPUs as many as fit in an eighth of
         the device's free memory, at most 6 GiB of gradients; at most 256 either way.
     logits_fn : callable, optional
         ``forward``'s output -> the logits tensor ``(batch, n_outputs)``. Default: the rule of
-        :func:`output_logits` (a tensor; a tuple's first element; a mapping's or a Hugging Face
+        ``output_logits`` (a tensor; a tuple's first element; a mapping's or a Hugging Face
         ``ModelOutput``'s ``"logits"``; an object's ``.logits``). It runs on the whole batch and,
         under ``vmap``, on one example, so it must only select or reshape, not mix rows.
 
@@ -291,12 +291,12 @@ class TorchBackend(Backend):
 
     def factorized_plan(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
                         k: int, options: Any) -> Any:
-        """The :class:`trak_core.kronecker.KroneckerPlan` of ``model`` (layers found on the batch's first example)."""
+        """The ``trak_core.kronecker.KroneckerPlan`` of ``model`` (layers found on the batch's first example)."""
         return self._factorized(model, prepared, inputs, labels, k=k, seed=0, checkpoint=0, options=options).plan
 
     def factorized_features(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
                             k: int, seed: int, checkpoint: int, options: Any) -> tuple[Any, Any]:
-        """``proj_type="kronecker"`` features ``(n, k)`` and out-to-loss weights (:mod:`trak_torch.kronecker`)."""
+        """``proj_type="kronecker"`` features ``(n, k)`` and out-to-loss weights (``trak_torch.kronecker``)."""
         import array_api_compat.torch as xp
         import torch
 
@@ -327,7 +327,7 @@ class TorchBackend(Backend):
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
                 precision: str = "float32") -> Any:
-        """:func:`trak_core.project`: on CUDA, float16 tensor-core products of a split input (``precision``)."""
+        """``trak_core.project``: on CUDA, float16 tensor-core products of a split input (``precision``)."""
         from trak_core.projection import project
 
         return project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind, precision=precision)

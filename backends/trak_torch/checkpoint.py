@@ -1,6 +1,6 @@
 """Turn a ``state_dict`` (or ``None``) into the parameter snapshot the gradients are taken at.
 
-One job: validate and snapshot checkpoints for :class:`trak_torch.TorchBackend`.
+One job: validate and snapshot checkpoints for ``trak_torch.TorchBackend``.
 """
 from __future__ import annotations
 

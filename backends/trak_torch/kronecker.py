@@ -1,7 +1,7 @@
 """Factorized (``proj_type="kronecker"``) features of torch models, without per-example gradients of layers.
 
 One job: find a model's factorizable layers and compute their projected per-example gradients from
-what flows through them (:mod:`trak_core.kronecker` is the specification).
+what flows through them (``trak_core.kronecker`` is the specification).
 
 How: forward hooks on ``Linear``, ``Conv2d`` (``groups=1``, zero padding), ``Embedding`` (no
 ``max_norm``) and Hugging Face's ``Conv1D`` modules project each call's input side with the
@@ -14,7 +14,7 @@ other factor; a layer's features are ``sum_t (P_rows^T u_t)(P_cols^T v_t)^T``. N
 A module counts when it is called with an attributed weight (tied weights: each use adds to the
 same block). Parameters used any other way are in the rest. On the first example of a checkpoint's
 first batch, the features are checked against the dense per-example gradient of the layers
-(:func:`check_plan`), so a weight also used outside its module is an error, not a wrong answer.
+(``check_plan``), so a weight also used outside its module is an error, not a wrong answer.
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def discover(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
 
 def factorized_state(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool, *, k: int, seed: int,
                      checkpoint: int, options: Kronecker) -> Factorized:
-    """The cached :class:`Factorized` of ``prepared`` (made on its first batch)."""
+    """The cached ``Factorized`` of ``prepared`` (made on its first batch)."""
     import torch
 
     key = (k, seed, checkpoint, options)
@@ -278,7 +278,7 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Factorized, input
     """Check the first example's layer features against its dense gradient, block by block.
 
     A weight that is also used outside its module (``F.linear(x, module.weight)`` elsewhere) would be
-    counted only in part: this raises a :class:`TrakValueError` naming it instead.
+    counted only in part: this raises a ``TrakValueError`` naming it instead.
     """
     import array_api_compat.torch as xp
     import torch

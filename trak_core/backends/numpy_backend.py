@@ -1,4 +1,4 @@
-"""The reference backend: hand-written gradients of :mod:`trak_core.models`, any Array API namespace.
+"""The reference backend: hand-written gradients of ``trak_core.models``, any Array API namespace.
 
 Named ``"numpy"`` because NumPy is what it needs, but it runs on array-api-strict, CuPy, torch
 or JAX arrays as given: the namespace is the checkpoint's.
@@ -19,7 +19,7 @@ __all__ = ["ArrayAPIBackend", "backend"]
 
 
 class ArrayAPIBackend(Backend):
-    """Per-example gradients of :class:`~trak_core.models.AnalyticModel` models."""
+    """Per-example gradients of ``AnalyticModel`` models."""
 
     name = "numpy"
     framework = "numpy"

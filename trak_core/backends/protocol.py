@@ -1,6 +1,6 @@
 """What a backend supplies (DESIGN.md, architecture): per-example gradients, optionally a projection.
 
-One job: declare the :class:`Backend` protocol and the errors the registry raises.
+One job: declare the ``Backend`` protocol and the errors the registry raises.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ __all__ = ["Backend", "BackendError", "UnknownBackendError", "MissingFrameworkEr
 class Backend(abc.ABC):
     """What a framework backend supplies to the estimator: subclass it and implement the abstract methods.
 
-    Required: :meth:`owns`, :meth:`prepare`, :meth:`n_params`, :meth:`gradients`, and the class
-    attribute :attr:`name`. Optional, with the default behaviour shown: :meth:`structure`,
-    :meth:`parameters_digest`, :meth:`project`, :meth:`features`. The estimator calls exactly these,
+    Required: ``owns``, ``prepare``, ``n_params``, ``gradients``, and the class
+    attribute ``name``. Optional, with the default behaviour shown: ``structure``,
+    ``parameters_digest``, ``project``, ``features``. The estimator calls exactly these,
     never anything else, and never probes for attributes.
 
     Attributes
@@ -29,13 +29,13 @@ class Backend(abc.ABC):
     extra : str or None
         The pip extra that installs it: ``pip install "trak-core[<extra>]"``.
     can_gradients : bool
-        Whether :meth:`gradients` works (a projection-only backend says ``False``).
+        Whether ``gradients`` works (a projection-only backend says ``False``).
     has_fused_projection : bool
-        Whether the estimator should call :meth:`project` (and :meth:`features`) instead of the
-        core's :func:`trak_core.project`.
+        Whether the estimator should call ``project`` (and ``features``) instead of the
+        core's ``trak_core.project``.
     can_factorize : bool
-        Whether :meth:`factorized_plan` and :meth:`factorized_features` work
-        (``proj_type="kronecker"``, :mod:`trak_core.kronecker`).
+        Whether ``factorized_plan`` and ``factorized_features`` work
+        (``proj_type="kronecker"``, ``trak_core.kronecker``).
     """
 
     name: str = ""
@@ -51,7 +51,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, model: Any, checkpoint: Any) -> Any:
-        """A snapshot of ``checkpoint`` ready for :meth:`gradients` (later changes to it do not leak in)."""
+        """A snapshot of ``checkpoint`` ready for ``gradients`` (later changes to it do not leak in)."""
 
     @abc.abstractmethod
     def n_params(self, prepared: Any) -> int:
@@ -64,7 +64,7 @@ class Backend(abc.ABC):
     def structure(self, prepared: Any) -> Any:
         """A hashable description of the parameters (names, nesting, shapes) that every checkpoint must share.
 
-        Default ``None``: only :meth:`n_params` is compared between checkpoints.
+        Default ``None``: only ``n_params`` is compared between checkpoints.
         """
         return None
 
@@ -78,9 +78,9 @@ class Backend(abc.ABC):
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
                 precision: str = "float32") -> Any:
-        """``grads @ P_checkpoint``, equal to :func:`trak_core.project` (same ``precision``) up to float rounding.
+        """``grads @ P_checkpoint``, equal to ``trak_core.project`` (same ``precision``) up to float rounding.
 
-        Default: :func:`trak_core.project` itself.
+        Default: ``trak_core.project`` itself.
         """
         from ..projection import project
 
@@ -90,7 +90,7 @@ class Backend(abc.ABC):
                  checkpoint: int, kind: str, precision: str = "float32") -> tuple[Any, Any] | None:
         """Projected features (n, k) and out-to-loss weights (n,) in one fused step, or ``None``.
 
-        Default ``None``: the estimator calls :meth:`gradients` and projects them itself. A backend
+        Default ``None``: the estimator calls ``gradients`` and projects them itself. A backend
         whose compiled step can multiply by the projection matrix (JAX) returns the features here.
         """
         return None
@@ -98,7 +98,7 @@ class Backend(abc.ABC):
 
     def factorized_plan(self, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any, *, k: int,
                         options: Any) -> Any:
-        """The :class:`trak_core.kronecker.KroneckerPlan` of ``model`` at ``k`` (layers found on one example of the
+        """The ``trak_core.kronecker.KroneckerPlan`` of ``model`` at ``k`` (layers found on one example of the
         batch ``inputs``). Only for backends with ``can_factorize``."""
         raise BackendError(f"backend {self.name!r} has no factorized projection (proj_type='kronecker'); use "
                            "proj_type='rademacher'")
@@ -106,14 +106,14 @@ class Backend(abc.ABC):
     def factorized_features(self, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any, *, k: int,
                             seed: int, checkpoint: int, options: Any) -> tuple[Any, Any]:
         """Features ``(n, k)`` of ``proj_type="kronecker"`` and out-to-loss weights ``(n,)``, without per-example
-        gradients of the layers: they equal ``gradients @ explicit_matrix(plan)`` (:mod:`trak_core.kronecker`).
+        gradients of the layers: they equal ``gradients @ explicit_matrix(plan)`` (``trak_core.kronecker``).
         Only for backends with ``can_factorize``."""
         raise BackendError(f"backend {self.name!r} has no factorized projection (proj_type='kronecker'); use "
                            "proj_type='rademacher'")
 
 
 def check_backend(backend: Any) -> Backend:
-    """``backend`` if it is a :class:`Backend` with a name, else a :class:`TrakTypeError` saying what to fix."""
+    """``backend`` if it is a ``Backend`` with a name, else a ``TrakTypeError`` saying what to fix."""
     if not isinstance(backend, Backend):
         raise TrakTypeError(f"{backend!r} is not a trak_core Backend: subclass trak_core.Backend and implement "
                             "owns, prepare, n_params and gradients (docs/backends.md)")

@@ -1,7 +1,7 @@
 """Find backends by name or from the model's type; plug-ins register through entry points.
 
 One job: map names to backend objects. Entry points in the group ``trak_core.backends`` name
-an object (or a zero-argument factory) implementing :class:`~trak_core.backends.Backend`.
+an object (or a zero-argument factory) implementing ``Backend``.
 Nothing here imports a framework: a framework's presence is checked with ``find_spec``.
 """
 from __future__ import annotations

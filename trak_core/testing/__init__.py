@@ -18,11 +18,11 @@ Use it from a backend's tests with one import and one fixture::
 
 What is checked, against the NumPy reference backend and closed forms:
 
-- the contract: a :class:`trak_core.Backend` that owns its models, with a content hash that tells
+- the contract: a ``trak_core.Backend`` that owns its models, with a content hash that tells
   checkpoints apart (when it has one) and a consistent parameter structure;
 - projection matrices bit-identical (Rademacher) or within 4 ulp (Gaussian) of the NumPy ones,
-  and a backend's own projection equal to :func:`trak_core.project` to float rounding;
-- per-example gradients of the canonical models (:mod:`trak_core.testing.canonical`) within dtype
+  and a backend's own projection equal to ``trak_core.project`` to float rounding;
+- per-example gradients of the canonical models (``trak_core.testing.canonical``) within dtype
   tolerance of the analytic reference (softmax, MLP) or of float64 finite differences (CNN, and
   the causal transformer LM on padded dict batches with ignored labels);
 - scores of 1 and 3 checkpoints: float64 ``rtol 1e-9``; float32 relative Frobenius error
@@ -32,8 +32,8 @@ What is checked, against the NumPy reference backend and closed forms:
   Frobenius error ``<= 1e-4``;
 - results in the caller's namespace, dtype and device.
 
-The tests live in :mod:`trak_core.testing.suite` and are loaded on first access, so importing
-this package (or :mod:`trak_core.testing.cases`, :mod:`trak_core.testing.canonical`) needs no pytest.
+The tests live in ``trak_core.testing.suite`` and are loaded on first access, so importing
+this package (or ``trak_core.testing.cases``, ``trak_core.testing.canonical``) needs no pytest.
 """
 from __future__ import annotations
 

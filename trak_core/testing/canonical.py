@@ -12,7 +12,7 @@ Weights are lists of NumPy arrays in the canonical (torch ``named_parameters``) 
 - ``"lm"``: a causal transformer language model on dict batches ``{"input_ids" (n, T),
   "attention_mask" (n, T)}`` (the mask: 1 keep, 0 padding), with labels ``(n, T)`` (Hugging Face
   convention: -100 is not predicted; task ``"language_modeling"``). Weights, with vocabulary ``V``,
-  positions ``T``, width ``D``, MLP width ``M`` (:data:`LM_SIZES`):
+  positions ``T``, width ``D``, MLP width ``M`` (``LM_SIZES``):
   ``[E (V, D), P (T, D)]``, then per block ``[g1 (D,), h1 (D,), Wq (D, D), bq (D,), Wk, bk, Wv, bv,
   Wo (D, D), bo (D,), g2 (D,), h2 (D,), W1 (M, D), b1 (M,), W2 (D, M), b2 (D,)]``, then
   ``[g (D,), h (D,), Wout (V, D), bout (V,)]``. Each block is pre-LayerNorm (eps 1e-5):
@@ -60,7 +60,7 @@ def _lm_weights(rng: np.random.Generator, dtype: str) -> list[np.ndarray]:
 def kronecker_layers(kind: str) -> tuple[list, list[tuple[str, int]]]:
     """The factorized layers and the rest of canonical model ``kind`` (``proj_type="kronecker"``), derived
     from the model definitions above, independently of any backend: weights are named ``"w<i>"`` by
-    their canonical index. Returns ``(layers, [(name, size), ...])`` for :func:`trak_core.kronecker.make_plan`."""
+    their canonical index. Returns ``(layers, [(name, size), ...])`` for ``trak_core.kronecker.make_plan``."""
     from ..kronecker import Layer
 
     shapes = [np.shape(w) for w in weights(kind, 0)]
@@ -148,7 +148,7 @@ def cnn_gradients(ws: list[np.ndarray], x: np.ndarray, y: np.ndarray, step: floa
 
 
 def lm_inputs(n: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
-    """The ``"lm"`` dict batch and labels of :func:`inputs`: sequence ``i`` has ``T - i % 4`` tokens."""
+    """The ``"lm"`` dict batch and labels of ``inputs``: sequence ``i`` has ``T - i % 4`` tokens."""
     length = LM_SIZES["length"]
     ids = rng.integers(1, LM_SIZES["vocab"], (n, length))
     lengths = length - np.arange(n) % 4

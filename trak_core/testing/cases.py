@@ -1,7 +1,7 @@
 """How the conformance suite builds the canonical models in each framework (one class per backend).
 
 One job: adapters. A third-party backend author writes one such class for their framework and
-returns it from a ``conformance_case`` fixture; see :mod:`trak_core.testing`.
+returns it from a ``conformance_case`` fixture; see ``trak_core.testing``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class BackendCase:
     backend : str or Backend
         What to pass as ``TRAK(backend=...)``.
     kinds : tuple of str
-        Canonical models this backend can build (see :mod:`trak_core.testing.canonical`).
+        Canonical models this backend can build (see ``trak_core.testing.canonical``).
     """
 
     id = "base"
@@ -113,7 +113,7 @@ class TorchCase(BackendCase):
 class JaxCase(BackendCase):
     """JAX on ``platform``; ``x64=True`` turns ``jax_enable_x64`` on for each test (float64 runs).
 
-    Models are plain ``apply(params, inputs)`` functions (:func:`jax_apply`), which the ``"jax"``
+    Models are plain ``apply(params, inputs)`` functions (``jax_apply``), which the ``"jax"``
     backend takes as they are (a ``trak_jax.JaxModel`` would only let TRAK infer the backend).
     """
 
@@ -143,7 +143,7 @@ class JaxCase(BackendCase):
 
 def torch_model(kind: str, weights: list[np.ndarray], device: str = "cpu") -> Any:
     """The canonical model ``kind`` as a ``torch.nn.Sequential`` of the weights' sizes and dtype
-    (``"lm"``: a :class:`trak_core.testing.torch_lm.TinyCausalLM` taking dict batches)."""
+    (``"lm"``: a ``trak_core.testing.torch_lm.TinyCausalLM`` taking dict batches)."""
     import torch
 
     if kind == "lm":

@@ -1,8 +1,8 @@
 """The conformance tests themselves: pytest fixtures and ``test_conformance_*`` functions.
 
-One job: the checks listed in :mod:`trak_core.testing`. This module imports pytest; collect it
+One job: the checks listed in ``trak_core.testing``. This module imports pytest; collect it
 with ``from trak_core.testing import *`` (the package loads it on first use, so that
-:mod:`trak_core.testing.cases` and :mod:`trak_core.testing.canonical` import without pytest).
+``trak_core.testing.cases`` and ``trak_core.testing.canonical`` import without pytest).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _namespace(case):
 
 
 def test_conformance_contract(conformance_case):
-    """The backend is a :class:`trak_core.Backend`, and its optional methods keep their contracts.
+    """The backend is a ``trak_core.Backend``, and its optional methods keep their contracts.
 
     ``owns`` answers a bool; ``n_params`` matches the canonical weights;
     ``parameters_digest`` (when given) is the same for equal checkpoints and differs for others;
@@ -116,7 +116,7 @@ def _gradient_data(kind: str) -> tuple[list, np.ndarray | dict, np.ndarray]:
 
 @functools.cache
 def _reference_gradients(kind: str) -> np.ndarray:
-    """float64 gradients of :func:`_gradient_data`: analytic (softmax, MLP) or central finite differences
+    """float64 gradients of ``_gradient_data``: analytic (softmax, MLP) or central finite differences
     (CNN, LM); computed once per session."""
     weights, x, y = _gradient_data(kind)
     if kind in ("cnn", "lm"):
@@ -267,7 +267,7 @@ def _factorizing_backend(case):
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "lm"])
 def test_conformance_kronecker_features(conformance_case, kind):
     """``proj_type="kronecker"`` features equal the reference gradients (analytic or finite differences) times
-    the explicit Kronecker matrix of the canonical layers (:func:`canonical.kronecker_layers`), and the
+    the explicit Kronecker matrix of the canonical layers (``canonical.kronecker_layers``), and the
     backend finds those layers."""
     from ..kronecker import Kronecker, explicit_matrix, make_plan
 

@@ -1,7 +1,7 @@
-"""The canonical causal language model (``"lm"`` in :mod:`trak_core.testing.canonical`) as a torch module.
+"""The canonical causal language model (``"lm"`` in ``trak_core.testing.canonical``) as a torch module.
 
-One job: the torch twin of :func:`trak_core.testing.cases.jax_apply` ``("lm")``, parameters in the
-canonical order. Imports torch: load it through :func:`trak_core.testing.cases.torch_model`.
+One job: the torch twin of ``trak_core.testing.cases.jax_apply`` ``("lm")``, parameters in the
+canonical order. Imports torch: load it through ``trak_core.testing.cases.torch_model``.
 """
 from __future__ import annotations
 
