@@ -52,4 +52,8 @@ def test_projection_matmul(benchmark, bench_target, size):
                                          dtype=grads.dtype)
     run = bench_target.timed(lambda: grads @ matrix)
     _info(benchmark, bench_target, p, k, "baseline", "matmul with a materialized matrix")
-    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    out = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    assert tuple(out.shape) == (PROJECTION_ROWS, k)
+    if p * k <= 2**24:  # the same product in float64
+        expected = bench_target.case.to_numpy(grads).astype(np.float64) @ bench_target.case.to_numpy(matrix)
+        np.testing.assert_allclose(bench_target.case.to_numpy(out), expected, rtol=1e-3, atol=1e-3)

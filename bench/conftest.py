@@ -3,12 +3,15 @@
     python -m pytest bench --quick        # CI: one small size per case, JSON in bench/results/quick.json
     python -m pytest bench                # full size grid, JSON in bench/results/full.json
     python -m pytest bench --bench-ids torch:cpu,jax:cpu --benchmark-json out.json
+    python -m pytest bench --quick --benchmark-disable   # CI too: every case once, untimed, results checked
 
 Every case is parametrized over the installed ``backend:device`` ids of :data:`_harness.BENCH_IDS`
 (a missing framework or GPU skips with the reason) and over the size grid of the mode. Each case
 warms up untimed (jit compilation, projection cache) and synchronizes the device inside the timed
 call. Ratios of paired cases (ours vs a baseline measured in the same run) are added to the JSON
-under ``"trak_core"`` and printed at the end.
+under ``"trak_core"`` and printed at the end. Under ``--benchmark-disable`` each case runs its
+computation once, untimed (``benchmark.stats`` is None), still checks the result, and no JSON
+report is written (the last timed run's report stays as it was).
 """
 from __future__ import annotations
 
@@ -36,8 +39,16 @@ def _mode(config: pytest.Config) -> str:
     return "quick" if config.getoption("quick") else "full"
 
 
+def _disabled(config: pytest.Config) -> bool:
+    """Whether pytest-benchmark runs the cases untimed (``--benchmark-disable`` without ``--benchmark-enable``)."""
+    option = config.option
+    return bool(getattr(option, "benchmark_disable", False)) and not getattr(option, "benchmark_enable", False)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    if _disabled(config):
+        return  # nothing is timed: leave the JSON report of the last timed run alone
     if getattr(config.option, "benchmark_json", "absent") is None:  # always write a JSON report
         RESULTS.mkdir(exist_ok=True)
         path = RESULTS / f"{_mode(config)}.json"

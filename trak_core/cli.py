@@ -1,19 +1,73 @@
-"""The ``trak-core`` command: ``trak-core demo`` and ``trak-core compare``."""
+"""The ``trak-core`` command: ``trak-core demo`` and ``trak-core compare``.
+
+In the style of git and pip: ``trak-core --help`` (or no arguments) lists the commands with one
+line each, ``trak-core COMMAND --help`` shows the options of one command, and an unknown command
+is an error (exit status 2) that names the closest command.
+"""
 from __future__ import annotations
 
+import argparse
+import difflib
+import importlib
 import sys
+
+from . import __version__
+
+PROG = "trak-core"
+
+#: command -> (module with ``main(argv, prog=...)``, one line for ``trak-core --help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("trak_core.demo", "train an MLP ensemble on digits, attribute with TRAK, measure LDS"),
+    "compare": ("trak_core.compare", "one MLP on every installed backend: agreement with NumPy, seconds"),
+}
+
+
+def _commands() -> str:
+    """One line per command, as ``trak-core --help`` and the unknown-command error list them."""
+    width = max(len(name) for name in COMMANDS) + 2
+    return "\n".join(f"  {name:<{width}}{line}" for name, (_, line) in COMMANDS.items())
+
+
+def parser() -> argparse.ArgumentParser:
+    """The top-level parser: ``--help`` (with the list of commands) and ``--version``.
+
+    Each command parses its own options (``trak-core COMMAND --help``).
+    """
+    top = argparse.ArgumentParser(
+        prog=PROG,
+        usage=f"%(prog)s {{{','.join(COMMANDS)}}} [options]\n       %(prog)s [-h | --help | --version]",
+        description="Training-data attribution with TRAK on the Python Array API.\n\ncommands:\n" + _commands(),
+        epilog=f"Run '{PROG} COMMAND --help' for the options of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return top
+
+
+def _unknown(command: str) -> str:
+    lines = [f"{PROG}: unknown command {command!r}"]
+    close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+    if close:
+        lines.append(f"did you mean {close[0]!r}?")
+    lines += ["", "commands:", _commands(), "", f"Run '{PROG} --help' for more."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch to the demo or the cross-framework comparison."""
-    argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": "trak_core.demo", "compare": "trak_core.compare"}
-    if not argv or argv[0] not in commands:
-        print("usage: trak-core {demo,compare} [options]   (trak-core COMMAND --help for the options)")
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    import importlib
-
-    importlib.import_module(commands[argv[0]]).main(argv[1:])
+    """Dispatch ``argv`` (default: ``sys.argv[1:]``) to the command it names."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    top = parser()
+    if not argv:
+        top.print_help(sys.stdout)
+        raise SystemExit(2)
+    first = argv[0]
+    if first.startswith("-"):
+        top.parse_args(argv)  # -h/--help and --version exit 0, anything else is an error (exit 2)
+    if first not in COMMANDS:
+        print(_unknown(first), file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(COMMANDS[first][0])
+    module.main(argv[1:], prog=f"{PROG} {first}")
 
 
 if __name__ == "__main__":

@@ -92,16 +92,28 @@ def passes(dtype: str, error: float, rho: float) -> bool:
     return error <= 1e-9 if dtype == "float64" else (error <= 1e-4 and rho >= 0.9999)
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run the comparison, print the tables, and return one row per (backend, dtype)."""
-    parser = argparse.ArgumentParser(prog="trak-core compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-targets", type=int, default=100)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--checkpoints", type=int, default=3)
-    parser.add_argument("--proj-dim", type=int, default=2048)
-    parser.add_argument("--lambda-reg", type=float, default=1.0)
-    args = parser.parse_args(argv)
+PROG = "trak-core compare"
+
+
+def _parser(prog: str = PROG) -> argparse.ArgumentParser:
+    about = "Cross-framework comparison. " + " ".join(__doc__.split("\n\n")[1].split())
+    parser = argparse.ArgumentParser(prog=prog, description=about,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--n-train", type=int, default=1000, help="training examples (digits)")
+    parser.add_argument("--n-targets", type=int, default=100, help="test digits to attribute")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP")
+    parser.add_argument("--checkpoints", type=int, default=3, help="independently trained models")
+    parser.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k")
+    parser.add_argument("--lambda-reg", type=float, default=1.0, help="ridge lambda")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict[str, Any]]:
+    """Run the comparison, print the tables, and return one row per (backend, dtype).
+
+    ``prog`` is the program name in the usage and error messages.
+    """
+    args = _parser(prog).parse_args(argv)
 
     from .demo.data import load_digits_split
 

@@ -23,20 +23,27 @@ from .data import load_digits_split
 __all__ = ["main"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trak_core.demo", description=__doc__.split("\n\n")[0])
+PROG = "python -m trak_core.demo"
+
+
+def _parser(prog: str = PROG) -> argparse.ArgumentParser:
+    about = "End-to-end demo on scikit-learn's bundled digits. " + " ".join(__doc__.split("\n\n")[1].split())
+    parser = argparse.ArgumentParser(prog=prog, description=about,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     default_backend = "torch" if importlib.util.find_spec("torch") else "numpy"
     parser.add_argument("--backend", choices=["torch", "numpy"], default=default_backend,
-                        help=f"framework for training and gradients (default: {default_backend})")
-    parser.add_argument("--n-train", type=int, default=1000, help="training examples (default 1000)")
-    parser.add_argument("--n-targets", type=int, default=100, help="test digits to attribute (default 100)")
-    parser.add_argument("--checkpoints", type=int, default=5, help="independently trained models (default 5)")
-    parser.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP (default 64)")
-    parser.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k (default 2048)")
+                        help="framework for training and gradients (torch when installed, else numpy)")
+    parser.add_argument("--n-train", type=int, default=1000, help="training examples")
+    parser.add_argument("--n-targets", type=int, default=100, help="test digits to attribute")
+    parser.add_argument("--checkpoints", type=int, default=5, help="independently trained models")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP")
+    parser.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k")
     parser.add_argument("--lambda-reg", type=_lambda, default="auto",
-                        help="ridge lambda: a number, or 'auto' (default) to choose it from the features")
+                        help="ridge lambda: a number, or 'auto' to choose it from the features")
     parser.add_argument("--subsets", type=int, default=64, help="models retrained on random halves for LDS")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the data split, the ensemble's training, the projection "
+                             "and the LDS subsets")
     parser.add_argument("--png", default="trak_demo.png", help="where to save the picture ('' for none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -67,9 +74,12 @@ def _gradient_dot(trak: TRAK, x: Any, y: Any, xt: Any, yt: Any) -> Any:
     return total / len(trak.store)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the demo and return its figures (scores, LDS per method, seconds per step)."""
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
+    """Run the demo and return its figures (scores, LDS per method, seconds per step).
+
+    ``prog`` is the program name in the usage and error messages (``trak-core demo`` from the CLI).
+    """
+    args = _parser(prog).parse_args(argv)
     show = not args.quiet and None
     x_np, y_np, xt_np, yt_np = load_digits_split(args.n_train, args.n_targets, args.seed)
     recipe = _recipe(args.backend, args.hidden)
