@@ -137,10 +137,11 @@ class KroneckerPlan:
     options: Kronecker = field(default_factory=Kronecker)
 
     def block(self, name: str) -> Block:
+        """The block of the layer whose weight is ``name``."""
         for block in self.blocks:
             if block.layer.name == name:
                 return block
-        raise KeyError(name)
+        raise TrakValueError(f"{name!r} is not a factorized layer; the layers are {[b.layer.name for b in self.blocks]}")
 
 
 def _shares(sizes: Sequence[int], total: int) -> list[int]:
