@@ -133,6 +133,7 @@ class JaxBackend(Backend):
     extra = "jax"
     can_gradients = True
     has_fused_projection = True
+    can_factorize = True
 
     def __init__(self, batch_size: int | None = None, matmul_precision: str | None = "float32",
                  logits_fn: Callable[[Any], Any] | None = None,
@@ -332,6 +333,21 @@ class JaxBackend(Backend):
         if shared is None:
             return None
         return self._run(model, prepared, inputs, labels, task, (signs, shared))
+
+    def factorized_plan(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any, *,
+                        k: int, options: Any) -> Any:
+        """The layers found in the model's jaxpr and their share of ``k`` (:mod:`trak_jax.kronecker`)."""
+        from . import kronecker
+
+        return kronecker.plan(self, model, prepared, inputs, labels, task, k=k, options=options)
+
+    def factorized_features(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any, *,
+                            k: int, seed: int, checkpoint: int, options: Any) -> tuple[Any, Any]:
+        """Factorized features ``(n, k)`` and out-to-loss weights in one jitted step (:mod:`trak_jax.kronecker`)."""
+        from . import kronecker
+
+        return kronecker.features(self, model, prepared, inputs, labels, task, k=k, seed=seed, checkpoint=checkpoint,
+                                  options=options)
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
                 precision: str = "float32") -> Any:

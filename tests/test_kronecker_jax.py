@@ -1,0 +1,242 @@
+"""The JAX factorized (Kronecker) projection: features against dense per-example gradients times the explicit
+matrix (float64), the torch backend's features, and the float64 features in float32."""
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax", reason="JAX is not installed: the JAX factorized path is not exercised")
+import jax.numpy as jnp  # noqa: E402
+
+from trak_core import TRAK, Kronecker  # noqa: E402
+from trak_core.errors import TrakValueError  # noqa: E402
+from trak_core.kronecker import explicit_matrix  # noqa: E402
+from trak_core.tasks import get_task  # noqa: E402
+from trak_core.testing import canonical  # noqa: E402
+from trak_core.testing.cases import jax_apply  # noqa: E402
+from trak_jax import JaxBackend  # noqa: E402
+
+TASKS = {"mlp": "classification", "cnn": "classification", "lm": "language_modeling"}
+
+
+def _factorized(apply, weights, x, y, task, k, *, seed=3, checkpoint=2, options=None, backend=None):
+    """``(plan, features, out_to_loss, prepared, backend)`` of the factorized path."""
+    backend = backend or JaxBackend(batch_size=4)  # 7 examples: a full batch and a padded one
+    prepared = backend.prepare(apply, weights)
+    task = get_task(task)
+    plan = backend.factorized_plan(apply, prepared, x, y, task, k=k, options=options)
+    features, out_to_loss = backend.factorized_features(apply, prepared, x, y, task, k=k, seed=seed,
+                                                        checkpoint=checkpoint, options=options)
+    return plan, np.asarray(features), np.asarray(out_to_loss), prepared, backend
+
+
+def _check_exact(apply, weights, x, y, task, k, *, seed=3, checkpoint=2, options=None, backend=None):
+    """Factorized features == dense per-example gradients @ explicit Kronecker matrix (float64); returns the plan."""
+    with jax.enable_x64(True):
+        weights = jax.tree_util.tree_map(lambda w: jnp.asarray(w, dtype=jnp.float64), weights)
+        plan, features, out_to_loss, prepared, backend = _factorized(
+            apply, weights, x, y, task, k, seed=seed, checkpoint=checkpoint, options=options, backend=backend)
+        dense = JaxBackend(params=backend.params)
+        grads, dense_out_to_loss = dense.gradients(apply, dense.prepare(apply, weights), x, y, get_task(task))
+    shapes = {prepared.paths[i]: prepared.shapes[i] for i in prepared.selected}
+    reference = np.asarray(grads) @ explicit_matrix(plan, shapes, seed=seed, checkpoint=checkpoint)
+    assert features.shape == (grads.shape[0], k) and features.dtype == np.float64
+    error = np.linalg.norm(features - reference) / np.linalg.norm(reference)
+    assert error < 1e-6, error
+    np.testing.assert_allclose(out_to_loss, np.asarray(dense_out_to_loss), rtol=1e-12)
+    return plan
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "lm"])
+def test_canonical_models_equal_the_explicit_kronecker_matrix(kind):
+    x, y = canonical.inputs(kind, 7, 1)
+    plan = _check_exact(jax_apply(kind), canonical.weights(kind, 0), x, y, TASKS[kind], k=40)
+    assert sum(block.k for block in plan.blocks) + plan.k_rest == 40
+    layers = [(b.layer.name, b.layer.rows, b.layer.cols, b.layer.bias, b.layer.bias_side) for b in plan.blocks]
+    if kind == "mlp":
+        assert layers == [("[0]", 6, 9, "[1]", "cols"), ("[2]", 3, 7, "[3]", "cols")] and plan.rest == ()
+    elif kind == "cnn":  # the kernel (2, 1, 3, 3): 2 rows, 9 patch columns and the bias
+        assert layers == [("[0]", 2, 10, "[1]", "cols"), ("[2]", 3, 73, "[3]", "cols")]
+    else:  # tokens looked up (a layer), positions sliced (rest); bo and b2 are added after the residual sum
+        assert [name for name, *_ in layers] == ["[0]", "[4]", "[6]", "[8]", "[10]", "[14]", "[16]", "[20]"]
+        assert layers[0] == ("[0]", 20, 8, None, None) and layers[4] == ("[10]", 8, 9, "[11]", "cols")
+        assert plan.rest == ("[1]", "[2]", "[3]", "[12]", "[13]", "[18]", "[19]")
+
+
+def _flax_mlp(params, x):
+    """Flax layout: kernels (in, out), ``x @ W + b`` with the bias reshaped to (1, out) as flax.linen.Dense does."""
+    hidden = jnp.tanh(x @ params["dense0"]["kernel"] + jnp.reshape(params["dense0"]["bias"], (1, -1)))
+    return jnp.dot(hidden, params["dense1"]["kernel"]) + params["dense1"]["bias"]
+
+
+def test_flax_layout_folds_the_bias_as_a_row():
+    w1, b1, w2, b2 = canonical.weights("mlp", 4)
+    params = {"dense0": {"kernel": w1.T, "bias": b1}, "dense1": {"kernel": w2.T, "bias": b2}}
+    x, y = canonical.inputs("mlp", 7, 2)
+    plan = _check_exact(_flax_mlp, params, x, y, "classification", k=24)
+    assert [(b.layer.name, b.layer.rows, b.layer.cols, b.layer.bias_side) for b in plan.blocks] == [
+        ("['dense0']['kernel']", 9, 6, "rows"), ("['dense1']['kernel']", 7, 3, "rows")]
+
+
+def _zoo(params, inputs):
+    """A lookup by jnp.take (gather in fill mode, inside a jit), a product with the weight on the left (its bias
+    added after a transpose), a strided, padded, dilated two-channel convolution, a Flax-layout layer."""
+    table, kernel, conv_bias, w, b, dense, dense_bias, head, head_bias = params
+    ids, image = inputs["ids"], inputs["image"]
+    tokens = jnp.take(table, ids, axis=0)  # (n, T, D)
+    hidden = jnp.tanh(jnp.moveaxis(jax.lax.dot_general(w, tokens, (((1,), (2,)), ((), ()))), 0, -1) + b)
+    maps = jax.lax.conv_general_dilated(image, kernel, (2, 1), ((1, 0), (0, 1)), rhs_dilation=(1, 2),
+                                        dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    maps = jnp.tanh(maps + conv_bias[None, :, None, None])  # (n, 3, 3, 5)
+    pooled = jnp.concatenate([hidden.mean(1), maps.reshape(ids.shape[0], -1)], axis=1)
+    return jnp.tanh(pooled @ dense + dense_bias) @ head.T + head_bias
+
+
+def test_every_layer_form_with_strides_padding_and_channels():
+    rng = np.random.default_rng(0)
+    vocab, width, out, n = 11, 4, 5, 7
+    params = [rng.normal(size=(vocab, width)), 0.5 * rng.normal(size=(3, 2, 3, 2)), 0.3 * rng.normal(size=3),
+              0.5 * rng.normal(size=(out, width)), 0.3 * rng.normal(size=out), 0.3 * rng.normal(size=(out + 45, 6)),
+              0.3 * rng.normal(size=6), rng.normal(size=(3, 6)), 0.3 * rng.normal(size=3)]
+    x = {"ids": rng.integers(0, vocab, (n, 3)), "image": rng.normal(size=(n, 2, 7, 6))}
+    plan = _check_exact(_zoo, params, x, rng.integers(0, 3, n), "classification", k=30)
+    assert [(b.layer.name, b.layer.rows, b.layer.cols, b.layer.bias, b.layer.bias_side) for b in plan.blocks] == [
+        ("[0]", 11, 4, None, None), ("[1]", 3, 2 * 3 * 2 + 1, "[2]", "cols"), ("[3]", 5, 5, "[4]", "cols"),
+        ("[5]", 51, 6, "[6]", "rows"), ("[7]", 3, 7, "[8]", "cols")]
+    assert plan.rest == ()
+
+
+def test_jitted_apply_and_a_parameter_subset():
+    """Layers inside a jit sub-jaxpr are found; with params= the biases left out are constants."""
+    x, y = canonical.inputs("mlp", 7, 3)
+    weights = canonical.weights("mlp", 1)
+    plan = _check_exact(jax.jit(jax_apply("mlp")), weights, x, y, "classification", k=12)
+    assert [b.layer.bias for b in plan.blocks] == ["[1]", "[3]"]
+    plan = _check_exact(jax_apply("mlp"), weights, x, y, "classification", k=12,
+                        backend=JaxBackend(params=["[0]", "[2]"]))
+    assert [(b.layer.name, b.layer.cols, b.layer.bias) for b in plan.blocks] == [("[0]", 8, None), ("[2]", 6, None)]
+
+
+def test_equinox_linear_layers_fold_their_biases_as_torch_does():
+    """Equinox's per-example Linear (W @ x under vmap: the weight on the left, the bias added after a transpose)
+    gives the same plan and features as the canonical plain function on the same weights."""
+    eqx = pytest.importorskip("equinox", reason="Equinox is not installed")
+    weights = canonical.weights("mlp", 7)
+    with jax.enable_x64(True):
+        mlp = eqx.nn.MLP(8, 3, width_size=6, depth=1, activation=jnp.tanh, key=jax.random.PRNGKey(0))
+        params, static = eqx.partition(mlp, eqx.is_array)
+        params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), [jnp.asarray(w) for w in weights])
+
+        def apply(p, x):
+            return jax.vmap(eqx.combine(p, static))(x)
+
+        x, y = canonical.inputs("mlp", 7, 8)
+        plan = _check_exact(apply, params, x, y, "classification", k=16)
+        _, expected, _, _, _ = _factorized(jax_apply("mlp"), [jnp.asarray(w) for w in weights], x, y,
+                                           "classification", 16)
+        _, features, _, _, _ = _factorized(apply, params, x, y, "classification", 16)
+    assert [(b.layer.rows, b.layer.cols, b.layer.bias) for b in plan.blocks] == [
+        (6, 9, ".layers[0].bias"), (3, 7, ".layers[1].bias")] and plan.rest == ()
+    np.testing.assert_allclose(features, expected, rtol=1e-12)
+
+
+def test_rest_dropped():
+    x, y = canonical.inputs("lm", 7, 1)
+    plan = _check_exact(jax_apply("lm"), canonical.weights("lm", 2), x, y, "language_modeling", k=30,
+                        options=Kronecker(rest="drop"))
+    assert plan.rest == () and plan.k_rest == 0 and sum(block.k for block in plan.blocks) == 30
+
+
+def _tied_lm(params, inputs):
+    """One table for the lookup and the head (``x @ E.T + b``), plus a scale used elementwise (the rest)."""
+    table, bias, scale = params
+    hidden = jnp.tanh(table[inputs["input_ids"]] * scale)
+    return hidden @ table.T + bias
+
+
+def test_tied_weights_add_up_their_uses():
+    rng = np.random.default_rng(0)
+    vocab, width = canonical.LM_SIZES["vocab"], 5
+    params = [rng.normal(scale=0.7, size=(vocab, width)), rng.normal(scale=0.2, size=vocab),
+              1 + rng.normal(scale=0.2, size=width)]
+    x, y = canonical.inputs("lm", 7, 4)
+    plan = _check_exact(_tied_lm, params, x, y, "language_modeling", k=24)
+    assert [(b.layer.name, b.layer.rows, b.layer.cols, b.layer.bias) for b in plan.blocks] == [("[0]", 20, 6, "[1]")]
+    assert plan.rest == ("[2]",)
+
+
+def _half_counted(params, x):
+    """``W1`` in a product and in a penalty-like term: not a layer (the rest), ``W2`` stays one."""
+    w1, b1, w2, b2 = params
+    hidden = jnp.tanh(x @ w1.T + b1) + jnp.sum(w1 ** 2)
+    return hidden @ w2.T + b2
+
+
+def test_a_weight_also_used_another_way_goes_to_the_rest():
+    x, y = canonical.inputs("mlp", 7, 5)
+    plan = _check_exact(_half_counted, canonical.weights("mlp", 5), x, y, "classification", k=16)
+    assert [b.layer.name for b in plan.blocks] == ["[2]"] and plan.rest == ("[0]", "[1]")
+
+
+def test_a_model_without_layers_is_a_clear_error():
+    def elementwise(params, x):
+        return jnp.tanh(x[:, :3] * params[0] + params[1])
+
+    x, y = canonical.inputs("mlp", 4, 0)
+    backend = JaxBackend()
+    weights = [np.ones(3), np.zeros(3)]
+    prepared = backend.prepare(elementwise, weights)
+    with pytest.raises(TrakValueError, match="found no Linear, Conv2d or Embedding layer"):
+        backend.factorized_plan(elementwise, prepared, x, y, get_task("classification"), k=4, options=Kronecker())
+    with pytest.raises(TrakValueError, match="found no"):
+        TRAK(elementwise, proj_dim=4, proj_type="kronecker", backend=backend, progress=False).featurize(
+            weights, [(x, y)])
+
+
+def test_float32_features_agree_with_float64():
+    x, y = canonical.inputs("lm", 7, 1)
+    weights = canonical.weights("lm", 0)
+    with jax.enable_x64(True):
+        _, f64, _, _, _ = _factorized(jax_apply("lm"), [jnp.asarray(w) for w in weights], x, y,
+                                      "language_modeling", 40)
+    with jax.enable_x64(False):
+        _, f32, _, _, _ = _factorized(jax_apply("lm"), [jnp.asarray(w, dtype=jnp.float32) for w in weights], x, y,
+                                      "language_modeling", 40)
+    assert f32.dtype == np.float32
+    error = np.linalg.norm(f32 - f64) / np.linalg.norm(f64)
+    assert error < 2e-5, error
+
+
+def test_trak_featurizes_with_the_factorized_step():
+    """TRAK(proj_type=Kronecker(...)) on the JAX backend stores the factorized features of each batch."""
+    x, y = canonical.inputs("mlp", 9, 6)
+    weights = canonical.weights("mlp", 6)
+    with jax.enable_x64(True):
+        backend = JaxBackend()
+        trak = TRAK(jax_apply("mlp"), proj_dim=12, proj_type="kronecker", backend=backend, seed=7,
+                    lambda_reg=0.1, progress=False)
+        trak.featurize([jnp.asarray(w) for w in weights], [(x[:5], y[:5]), (x[5:], y[5:])])
+        stored = np.asarray(trak.store[0].features)
+        _, features, _, _, _ = _factorized(jax_apply("mlp"), [jnp.asarray(w) for w in weights], x, y,
+                                           "classification", 12, seed=7, checkpoint=0, options=Kronecker())
+    np.testing.assert_allclose(stored, features, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "lm"])
+def test_equal_to_the_torch_backend(kind):
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: no torch features to compare with")
+    from trak_core.testing.cases import torch_model
+    from trak_torch import TorchBackend
+
+    backend = TorchBackend()
+    if not backend.can_factorize:
+        pytest.skip("the torch backend has no factorized projection yet")
+    weights = canonical.weights(kind, 0)
+    x, y = canonical.inputs(kind, 7, 1)
+    model = torch_model(kind, weights)
+    tensors = {key: torch.as_tensor(v) for key, v in x.items()} if isinstance(x, dict) else torch.as_tensor(x)
+    expected, _ = backend.factorized_features(model, backend.prepare(model, None), tensors, torch.as_tensor(y),
+                                              get_task(TASKS[kind]), k=40, seed=5, checkpoint=2,
+                                              options=Kronecker())
+    with jax.enable_x64(True):
+        _, features, _, _, _ = _factorized(jax_apply(kind), [jnp.asarray(w) for w in weights], x, y, TASKS[kind],
+                                           40, seed=5, checkpoint=2, options=Kronecker())
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-9, atol=1e-12 * np.abs(features).max())
