@@ -19,6 +19,7 @@ def test_reduced_demo(backend, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "TRAK, 3 checkpoints" in out and "retrain for LDS" in out
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert f"saved the figure to {png.resolve()}" in out  # where the PNG went, as an absolute path
     assert first["accuracy"] > 0.85
     lds = {k: v.mean for k, v in first["lds"].items()}
     # the ensemble beats one checkpoint, and TRAK beats the gradient-dot baseline
@@ -29,3 +30,17 @@ def test_reduced_demo(backend, tmp_path, capsys):
     second = demo.main(again)  # seeded: the same scores again
     np.testing.assert_array_equal(second["scores"]["gradient dot"], first["scores"]["gradient dot"])
     np.testing.assert_array_equal(second["scores"]["TRAK, 3 checkpoints"], first["scores"]["TRAK, 3 checkpoints"])
+
+
+def test_figure_panels_name_true_and_predicted_classes_and_the_extreme_scores():
+    from trak_core.demo.figure import panels
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(50, 15))
+    y_train, y_targets, predicted = rng.integers(0, 10, 50), rng.integers(0, 10, 15), rng.integers(0, 10, 15)
+    shown = panels(scores, y_train, y_targets, predicted)
+    assert len(shown) == 12  # a grid of at least 10 targets
+    for j, panel in enumerate(shown):
+        assert panel["proponent"] == int(np.argmax(scores[:, j])) and panel["opponent"] == int(np.argmin(scores[:, j]))
+        assert panel["titles"][0] == f"test #{j}\ntrue {y_targets[j]}, predicted {predicted[j]}"
+        assert f"label {y_train[panel['proponent']]}" in panel["titles"][1]

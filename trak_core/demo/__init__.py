@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
     checkpoints = [recipe.train(x, y, seed=args.seed + c)
                    for c in progress(range(args.checkpoints), desc="train ensemble", enabled=show)]
     seconds["train ensemble"] = time.perf_counter() - start
-    accuracy = np.mean([np.mean(np.argmax(recipe.to_numpy(recipe.logits(c, xt)), axis=1) == yt_np)
-                        for c in checkpoints])
+    logits = [recipe.to_numpy(recipe.logits(c, xt)) for c in checkpoints]
+    accuracy = np.mean([np.mean(np.argmax(value, axis=1) == yt_np) for value in logits])
+    predicted = np.argmax(np.mean(logits, axis=0), axis=1)  # the ensemble's class
 
     trak = TRAK(recipe.model, proj_dim=args.proj_dim, lambda_reg=args.lambda_reg, seed=args.seed,
                 backend=recipe.backend, progress=show)
@@ -131,6 +132,10 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
     if args.png:
         from .figure import save_proponents
 
-        save_proponents(args.png, results[f"TRAK, {args.checkpoints} checkpoints"], x_np, y_np, xt_np, yt_np)
-        print(f"saved {args.png}: test digits with their top proponent and opponent")
-    return {"scores": results, "lds": scores, "seconds": seconds, "accuracy": accuracy}
+        import os
+
+        save_proponents(args.png, results[f"TRAK, {args.checkpoints} checkpoints"], x_np, y_np, xt_np, yt_np,
+                        predicted)
+        print(f"saved the figure to {os.path.abspath(args.png)}: 12 test digits (true and predicted class), each "
+              "with its top proponent and opponent")
+    return {"scores": results, "lds": scores, "seconds": seconds, "accuracy": accuracy, "predicted": predicted}
