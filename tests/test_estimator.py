@@ -1,4 +1,6 @@
 """The estimator against DESIGN.md's formula evaluated independently, and projected vs exact."""
+import warnings
+
 import numpy as np
 import pytest
 from scipy.special import softmax
@@ -114,7 +116,28 @@ def test_lambda_zero_singular_kernel_is_min_norm_limit(rng):
         trak.featurize(theta, [(x, y)])
         return trak.score([(xt, yt)])
 
-    with pytest.warns(RuntimeWarning, match="rank-deficient"):
+    with warnings.catch_warnings():  # n < k: the n x n Gram matrix is factorized, and it has full rank
+        warnings.simplefilter("error")
         limit = run(0.0)
     assert np.all(np.isfinite(limit))
     np.testing.assert_allclose(limit, run(1e-9), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [20, 90])
+def test_gram_space_and_kernel_space_give_the_formula(rng, n):
+    """n = 20 < k = 64 factorizes the n x n Gram matrix, n = 90 >= k the k x k kernel: both equal the formula
+    Phi (Phi^T Phi + lambda I)^{-1} phi_t^T * Q with a k x k solve, and self-influence is its diagonal."""
+    from trak_core.kernel import space_for
+
+    x, y, xt, yt = _problem(rng, n=n)
+    model = MLP(5, 6, 3)
+    trak = TRAK(model, proj_dim=64, lambda_reg=0.1, progress=False)
+    trak.featurize(model.init(seed=5), [(x, y)])
+    assert trak.store[0].factor.space == space_for(n, 64) == ("n" if n < 64 else "k")
+    phi, q = trak.store[0].features, trak.store[0].out_to_loss
+    phit = trak.features([(xt, yt)], checkpoint=0)
+    kernel = phi.T @ phi + 0.1 * np.eye(64)
+    np.testing.assert_allclose(trak.score([(xt, yt)]), phi @ np.linalg.solve(kernel, phit.T) * q[:, None],
+                               rtol=1e-9, atol=1e-12)
+    own = phi @ np.linalg.solve(kernel, phi.T) * q[:, None]
+    np.testing.assert_allclose(trak.self_influence(), np.diag(own), rtol=1e-9, atol=1e-12)

@@ -79,6 +79,22 @@ def _check_lengths(inputs: Any, labels: Any, where: str) -> int:
     return n_inputs
 
 
+def _check_weights(out_to_loss: Any, where: str) -> None:
+    xp = namespace(out_to_loss)
+    if not bool(xp.all(xp.isfinite(out_to_loss))):
+        raise TrakValueError(f"{where}: the out-to-loss weights contain NaN or inf")
+
+
+def _check_features(features: Any, where: str) -> None:
+    """Non-finite per-example gradients show in their projection: every column mixes every gradient entry
+    with a non-zero coefficient, so one reduction over (n, k) features replaces one over (n, p) gradients."""
+    xp = namespace(features)
+    if not bool(xp.all(xp.isfinite(xp.sum(features, axis=1)))):
+        raise TrakValueError(f"{where}: the per-example gradients (seen through their projected features) contain "
+                             "NaN or inf; check the inputs (NaN/inf values), the checkpoint's weights, and the "
+                             "learning rate that produced them")
+
+
 def _check_finite(values: Any, out_to_loss: Any, where: str, what: str) -> None:
     xp = namespace(values)
     if not bool(xp.all(xp.isfinite(values))):

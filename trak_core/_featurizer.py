@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from . import kernel as kernel_ops
-from ._checks import _check_finite, _check_lengths, projection_group_rows, take_rows
+from ._checks import _check_features, _check_finite, _check_lengths, _check_weights, projection_group_rows, take_rows
 from ._delegation import is_accelerator
 from ._identity import DataCheck, check_parameters
 from ._namespace import namespace
@@ -82,7 +82,7 @@ class Featurizer:
         if grads.ndim != 2 or grads.shape[0] != n_inputs:
             raise TrakValueError(f"{where}: backend {self.backend.name!r} returned gradients of shape "
                                  f"{tuple(grads.shape)} for {n_inputs} examples; expected (n, p)")
-        _check_finite(grads, out_to_loss, where, "per-example gradients")
+        _check_weights(out_to_loss, where)  # the gradients are checked through their features (k columns, not p)
         return grads, out_to_loss
 
     def _fused_features(self, prepared: Any, index: int, inputs: Any, labels: Any, where: str) -> tuple | None:
@@ -114,7 +114,9 @@ class Featurizer:
         if fused is not None:
             return fused
         grads, out_to_loss = self._gradients(prepared, inputs, labels, where)
-        return self._project(grads, index), out_to_loss
+        features = self._project(grads, index)
+        _check_features(features, where)
+        return features, out_to_loss
 
     def _stream_features(self, prepared: Any, index: int, data: Iterable[Any], skip: int = 0,
                          stop: int | None = None, check: DataCheck | None = None) -> Iterator[tuple[Any, Any]]:
@@ -162,12 +164,16 @@ class Featurizer:
                 g_all = grads[0] if len(grads) == 1 else xp.concat(grads, axis=0)
                 q_all = weights[0] if len(weights) == 1 else xp.concat(weights, axis=0)
                 take = g_all.shape[0] - (pending - group)
-                yield self._project(g_all[:take, ...], index), q_all[:take]
+                features = self._project(g_all[:take, ...], index)
+                _check_features(features, f"checkpoint {index}, batches up to {b}")
+                yield features, q_all[:take]
                 grads, weights = [g_all[take:, ...]], [q_all[take:]]
                 pending -= group
         if sum(g.shape[0] for g in grads):
             xp = namespace(grads[0])
-            yield self._project(xp.concat(grads, axis=0), index), xp.concat(weights, axis=0)
+            features = self._project(grads[0] if len(grads) == 1 else xp.concat(grads, axis=0), index)
+            _check_features(features, f"checkpoint {index}, the last {features.shape[0]} rows")
+            yield features, xp.concat(weights, axis=0)
 
     def _featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
         pending = self._open_checkpoint(checkpoint)
@@ -270,8 +276,11 @@ class Featurizer:
         xp = namespace(kernel)
         lam = self.lambda_reg if lambda_reg is None else lambda_reg
         if lam == "auto":
-            lam = choose_lambda(kernel, n_train, n_params=n_params, xp=xp)
-        factor = kernel_ops.factorize(kernel, lam, xp=xp)
-        log.info("checkpoint %d: %d examples, k=%d, lambda=%.4g%s, kernel rank %d", index, n_train,
-                 kernel.shape[0], lam, " (auto)" if self.lambda_reg == "auto" else "", factor.rank)
+            lam = choose_lambda(kernel, n_train, n_params=n_params, xp=xp, dim=self.proj_dim)
+        width = self.proj_dim if self.proj_dim is not None else n_params
+        # the Gram matrix when n < k (a store written before it was used holds Phi^T Phi: its shape says so)
+        space = "n" if kernel_ops.space_for(n_train, width) == "n" and kernel.shape[0] == n_train else "k"
+        factor = kernel_ops.factorize(kernel, lam, xp=xp, space=space)
+        log.info("checkpoint %d: %d examples, k=%d, lambda=%.4g%s, %s-space kernel rank %d", index, n_train, width,
+                 lam, " (auto)" if self.lambda_reg == "auto" else "", space, factor.rank)
         return factor

@@ -4,6 +4,13 @@ One job: everything about ``K``. Accumulation and solves run in float64 where th
 it. Where it has not (JAX without x64, torch on MPS), they run in float32: the result is then
 good to about ``1e-7 * cond(K)`` relative, and a larger ``lambda_reg`` is the remedy.
 
+**Two spaces.** With ``n_train >= k`` the factorized matrix is ``K`` (k x k, "k-space"). With
+``n_train < k`` it is the Gram matrix ``G = Phi Phi^T`` (n x n, "n-space"): since
+``Phi (Phi^T Phi + lambda I)^{-1} = (Phi Phi^T + lambda I)^{-1} Phi``, scores are
+``(G + lambda I)^{-1} (Phi phi(z')^T)``, an ``n x n`` system instead of ``k x k`` (less memory,
+``n^2 k`` instead of ``n k^2`` work, and no cancellation). :func:`space_for` is the rule; both
+matrices have the same non-zero eigenvalues, so the ``lambda`` rule is unchanged.
+
 ``lambda_reg > 0``: Cholesky factor of ``K`` (never an explicit inverse).
 ``lambda_reg == 0``: the kernel may be singular (it is whenever ``k > n_train``), so the
 factor is an eigendecomposition and solves use the minimum-norm (pseudo-inverse) solution,
@@ -21,7 +28,7 @@ from ._delegation import solve_triangular
 from ._namespace import accumulation_dtype, device_of
 from .errors import TrakTypeError, TrakValueError
 
-__all__ = ["KernelFactor", "accumulate", "factorize", "solve", "check_lambda"]
+__all__ = ["KernelFactor", "accumulate", "factorize", "solve", "check_lambda", "space_for", "gram"]
 
 
 @dataclass
@@ -32,6 +39,22 @@ class KernelFactor:
     arrays: tuple[Any, ...]
     lambda_reg: float
     rank: int
+    space: str = "k"  # "k": of Phi^T Phi (k x k); "n": of Phi Phi^T (n x n), see the module notes
+
+
+def space_for(n_train: int, k: int) -> str:
+    """``"n"`` (the Gram matrix ``Phi Phi^T``) when ``n_train < k``, else ``"k"`` (``Phi^T Phi``)."""
+    return "n" if n_train < k else "k"
+
+
+def gram(features: Any, *, xp: Any, chunk_rows: int = 4096) -> Any:
+    """``Phi Phi^T`` (n x n) in the accumulation dtype, by blocks of rows."""
+    n = features.shape[0]
+    blocks = [features[start:min(n, start + chunk_rows), :] for start in range(0, n, chunk_rows)]  # arrays (a store's
+    work = accumulation_dtype(xp, device_of(blocks[0]))                                            # lazy rows too)
+    blocks = [xp.astype(block, work) for block in blocks]
+    rows = [xp.concat([a @ xp.matrix_transpose(b) for b in blocks], axis=1) for a in blocks]
+    return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
 
 
 def check_lambda(lambda_reg: Any) -> float:
@@ -53,8 +76,9 @@ def accumulate(kernel: Any | None, features: Any, *, xp: Any) -> Any:
     return update if kernel is None else kernel + update
 
 
-def factorize(kernel: Any, lambda_reg: float, *, xp: Any) -> KernelFactor:
-    """Factorize ``kernel + lambda_reg * I`` (see the module notes for ``lambda_reg == 0``)."""
+def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> KernelFactor:
+    """Factorize ``kernel + lambda_reg * I`` (see the module notes for ``lambda_reg == 0``); ``space`` says
+    whether ``kernel`` is ``Phi^T Phi`` (``"k"``) or ``Phi Phi^T`` (``"n"``)."""
     k = kernel.shape[0]
     if lambda_reg > 0:
         eye = xp.eye(k, dtype=kernel.dtype, device=device_of(kernel))
@@ -63,7 +87,7 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any) -> KernelFactor:
         except Exception:  # numpy/torch raise, others give NaN below
             lower = None
         if lower is not None and bool(xp.all(xp.isfinite(lower))):
-            return KernelFactor("cholesky", (lower,), lambda_reg, k)
+            return KernelFactor("cholesky", (lower,), lambda_reg, k, space)
         warnings.warn(f"Cholesky factorization of the kernel failed with lambda_reg={lambda_reg}; "
                       "using an eigendecomposition instead", RuntimeWarning, stacklevel=3)
     values, vectors = xp.linalg.eigh(kernel)
@@ -75,15 +99,17 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any) -> KernelFactor:
         raise TrakValueError("the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
                              "gradients?), so no example can be scored; check the model and the data")
     if rank < k and lambda_reg == 0:
-        warnings.warn(f"the kernel Phi^T Phi is rank-deficient (rank {rank} < k = {k}, as when k > "
-                      "n_train); with lambda_reg=0 the minimum-norm solution is used. A positive "
-                      "lambda_reg usually gives better scores", RuntimeWarning, stacklevel=3)
+        what = "Phi^T Phi is rank-deficient (rank {rank} < k = {k}, as when k > n_train)" if space == "k" else \
+            "Phi Phi^T is rank-deficient (rank {rank} < n_train = {k}: some training features are linearly dependent)"
+        warnings.warn(f"the kernel {what.format(rank=rank, k=k)}; with lambda_reg=0 the minimum-norm solution is "
+                      "used. A positive lambda_reg usually gives better scores", RuntimeWarning, stacklevel=3)
     inverse_values = xp.where(keep, 1.0 / xp.where(keep, values, xp.ones_like(values)), xp.zeros_like(values))
-    return KernelFactor("eigh", (vectors, inverse_values), lambda_reg, rank)
+    return KernelFactor("eigh", (vectors, inverse_values), lambda_reg, rank, space)
 
 
 def solve(factor: KernelFactor, rhs: Any, *, xp: Any) -> Any:
-    """``(Phi^T Phi + lambda I)^{-1} rhs`` (minimum-norm when singular), rhs of shape (k, m)."""
+    """``(M + lambda I)^{-1} rhs`` (minimum-norm when singular) for the factorized ``M``: ``Phi^T Phi`` with rhs
+    of shape (k, m), or ``Phi Phi^T`` (n-space) with rhs of shape (n, m)."""
     rhs = xp.astype(rhs, factor.arrays[0].dtype)
     if factor.kind == "cholesky":
         lower = factor.arrays[0]

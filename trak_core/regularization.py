@@ -28,17 +28,17 @@ def _trace(kernel: Any, *, xp: Any) -> float:
     return float(xp.sum(xp.linalg.diagonal(kernel)))
 
 
-def _mean(kernel: Any, n_train: int, n_params: int, *, xp: Any) -> float:
+def _mean(kernel: Any, n_train: int, n_params: int, *, xp: Any, dim: int | None = None) -> float:
     """Mean eigenvalue ``trace / k``."""
-    return _trace(kernel, xp=xp) / kernel.shape[0]
+    return _trace(kernel, xp=xp) / (kernel.shape[0] if dim is None else dim)
 
 
-def _mean_rank(kernel: Any, n_train: int, n_params: int, *, xp: Any) -> float:
+def _mean_rank(kernel: Any, n_train: int, n_params: int, *, xp: Any, dim: int | None = None) -> float:
     """Mean of the eigenvalues that can be non-zero: ``trace / min(n, p, k)``."""
-    return _trace(kernel, xp=xp) / max(1, min(n_train, n_params, kernel.shape[0]))
+    return _trace(kernel, xp=xp) / max(1, min(n_train, n_params, kernel.shape[0] if dim is None else dim))
 
 
-def _top_weighted(kernel: Any, n_train: int, n_params: int, *, xp: Any) -> float:
+def _top_weighted(kernel: Any, n_train: int, n_params: int, *, xp: Any, dim: int | None = None) -> float:
     """``sum s_i^2 / sum s_i = ||K||_F^2 / trace(K)``: a mean weighted towards the top of the spectrum."""
     trace = _trace(kernel, xp=xp)
     return float(xp.sum(kernel * kernel)) / trace if trace > 0 else 0.0
@@ -48,8 +48,12 @@ RULES = {"mean": _mean, "mean_rank": _mean_rank, "top_weighted": _top_weighted}
 
 
 def choose_lambda(kernel: Any, n_train: int, *, n_params: int, xp: Any, alpha: float = AUTO_ALPHA,
-                  rule: str = AUTO_RULE) -> float:
-    """``alpha`` times the spectral scale ``rule`` of ``kernel = Phi^T Phi`` (0 for an all-zero kernel)."""
+                  rule: str = AUTO_RULE, dim: int | None = None) -> float:
+    """``alpha`` times the spectral scale ``rule`` of ``kernel = Phi^T Phi`` (0 for an all-zero kernel).
+
+    ``kernel`` may also be the Gram matrix ``Phi Phi^T`` (same non-zero eigenvalues): pass the feature
+    dimension ``k`` as ``dim`` then (default: ``kernel.shape[0]``).
+    """
     if rule not in RULES:
         raise TrakValueError(f"unknown lambda rule {rule!r}; choose one of {sorted(RULES)}")
-    return alpha * RULES[rule](kernel, n_train, n_params, xp=xp)
+    return alpha * RULES[rule](kernel, n_train, n_params, xp=xp, dim=dim)

@@ -8,9 +8,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ._namespace import accumulation_dtype, device_of
-from .kernel import KernelFactor, solve
+from .kernel import KernelFactor, gram, solve
 
-__all__ = ["checkpoint_scores", "target_weights", "train_products", "self_scores", "ensemble", "soft_threshold",
+__all__ = ["checkpoint_scores", "target_weights", "finish_products", "train_products", "self_scores", "ensemble", "soft_threshold",
            "normalize_rows", "SCORE_BLOCK_ROWS"]
 
 
@@ -19,15 +19,24 @@ SCORE_BLOCK_ROWS = 16384  # train rows multiplied at a time (shards of distribut
 
 def checkpoint_scores(train_features: Any, factor: KernelFactor, target_features: Any, *, xp: Any,
                       chunk_rows: int = SCORE_BLOCK_ROWS) -> Any:
-    """``Phi_c K_c^{-1} phi_c(z')^T``, shape (n_train, n_targets), in the accumulation dtype."""
-    return train_products(train_features, target_weights(factor, target_features, xp=xp), 0,
-                          train_features.shape[0], xp=xp, chunk_rows=chunk_rows)
+    """``Phi_c K_c^{-1} phi_c(z')^T``, shape (n_train, n_targets), in the accumulation dtype (in n-space:
+    ``(G_c + lambda I)^{-1} (Phi_c phi_c(z')^T)``, :mod:`trak_core.kernel`)."""
+    products = train_products(train_features, target_weights(factor, target_features, xp=xp), 0,
+                              train_features.shape[0], xp=xp, chunk_rows=chunk_rows)
+    return solve(factor, products, xp=xp) if factor.space == "n" else products
 
 
 def target_weights(factor: KernelFactor, target_features: Any, *, xp: Any) -> Any:
-    """``K_c^{-1} phi_c(z')^T`` (k, n_targets) in the accumulation dtype."""
+    """What the train features multiply, (k, n_targets), in the accumulation dtype: ``K_c^{-1} phi_c(z')^T``,
+    or in n-space ``phi_c(z')^T`` itself (the n x n solve comes after the product: :func:`finish_products`)."""
     work = accumulation_dtype(xp, device_of(target_features))
-    return solve(factor, xp.matrix_transpose(xp.astype(target_features, work)), xp=xp)
+    transposed = xp.matrix_transpose(xp.astype(target_features, work))
+    return transposed if factor.space == "n" else solve(factor, transposed, xp=xp)
+
+
+def finish_products(factor: KernelFactor, products: Any, *, xp: Any) -> Any:
+    """Scores from ``Phi_c @ target_weights(...)`` (all rows): the identity in k-space, the solve in n-space."""
+    return solve(factor, products, xp=xp) if factor.space == "n" else products
 
 
 def train_products(train_features: Any, weights: Any, start: int, stop: int, *, xp: Any,
@@ -45,6 +54,9 @@ def train_products(train_features: Any, weights: Any, start: int, stop: int, *, 
 def self_scores(train_features: Any, factor: KernelFactor, *, xp: Any, chunk_rows: int = SCORE_BLOCK_ROWS) -> Any:
     """``diag(Phi_c K_c^{-1} Phi_c^T)``, shape (n_train,), in the accumulation dtype: each training
     example scored as its own target, without the n_train x n_train matrix (row blocks of ``chunk_rows``)."""
+    if factor.space == "n":  # diag((G + lambda I)^{-1} G)
+        g = gram(train_features, xp=xp, chunk_rows=chunk_rows)
+        return _diagonal(solve(factor, g, xp=xp), xp=xp)
     parts = []
     for start in range(0, train_features.shape[0], chunk_rows):
         rows = train_features[start:min(train_features.shape[0], start + chunk_rows), :]
@@ -52,6 +64,10 @@ def self_scores(train_features: Any, factor: KernelFactor, *, xp: Any, chunk_row
         weights = solve(factor, xp.matrix_transpose(rows), xp=xp)  # K^{-1} phi_i^T, (k, rows)
         parts.append(xp.sum(rows * xp.matrix_transpose(weights), axis=1))
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+
+
+def _diagonal(matrix: Any, *, xp: Any) -> Any:
+    return xp.linalg.diagonal(matrix) if hasattr(xp, "linalg") else xp.diagonal(matrix)
 
 
 def normalize_rows(features: Any, *, xp: Any) -> Any:

@@ -24,8 +24,11 @@ KERNEL_CHUNK_ROWS = 4096  # rows of features per update of the kernel K (and row
 
 
 def kernel_from_features(features: Any, *, xp: Any = None) -> Any:
-    """``Phi^T Phi`` accumulated in chunks of ``KERNEL_CHUNK_ROWS`` rows, as featurizing does (same bits)."""
+    """The matrix to factorize, as featurizing makes it (same bits): ``Phi^T Phi`` accumulated in chunks of
+    ``KERNEL_CHUNK_ROWS`` rows, or ``Phi Phi^T`` when ``n_train < k`` (:func:`trak_core.kernel.space_for`)."""
     xp = namespace(features[:1, :]) if xp is None else xp
+    if kernel_ops.space_for(features.shape[0], features.shape[1]) == "n":
+        return kernel_ops.gram(features, xp=xp, chunk_rows=KERNEL_CHUNK_ROWS)
     kernel = None
     for start in range(0, features.shape[0], KERNEL_CHUNK_ROWS):
         kernel = kernel_ops.accumulate(kernel, features[start:min(features.shape[0], start + KERNEL_CHUNK_ROWS), :],
@@ -56,7 +59,7 @@ class CheckpointEntry:
 
     @property
     def kernel(self) -> Any:
-        """``Phi^T Phi`` (without lambda), in the accumulation dtype."""
+        """``Phi^T Phi``, or ``Phi Phi^T`` when ``n_train < k`` (without lambda), in the accumulation dtype."""
         return self.kernel_loader() if self.kernel_loader is not None else kernel_from_features(self.features)
 
 
@@ -131,41 +134,27 @@ class Writer(abc.ABC):
 
 
 class MemoryWriter(Writer):
-    """Collects one checkpoint's features in memory; ``K`` is updated once per chunk of rows."""
+    """Collects one checkpoint's features in memory; the kernel is made from them at the end."""
 
     def __init__(self) -> None:
         self._data: dict[str, str] = {}
         self._features: list[Any] = []
         self._weights: list[Any] = []
-        self._chunk: list[Any] = []
-        self._chunk_rows = 0
-        self._kernel: Any = None
 
     def append(self, features: Any, out_to_loss: Any) -> None:
         """Add the features (rows) and out-to-loss weights of the next examples."""
         self._features.append(features)
         self._weights.append(out_to_loss)
-        self._chunk.append(features)
-        self._chunk_rows += features.shape[0]
-        while self._chunk_rows >= KERNEL_CHUNK_ROWS:  # exact chunks of rows, whatever the batch sizes
-            self._flush(KERNEL_CHUNK_ROWS)
-
-    def _flush(self, rows: int | None = None) -> None:
-        xp = namespace(self._chunk[0])
-        pending = xp.concat(self._chunk, axis=0) if len(self._chunk) > 1 else self._chunk[0]
-        rows = pending.shape[0] if rows is None else rows
-        self._kernel = kernel_ops.accumulate(self._kernel, pending[:rows, ...], xp=xp)
-        rest = pending[rows:, ...]
-        self._chunk, self._chunk_rows = ([rest], rest.shape[0]) if rest.shape[0] else ([], 0)
 
     def finish(self) -> tuple[Any, Any, Any]:
-        """``(features, out_to_loss, Phi^T Phi)``, or ``(None, None, None)`` when nothing was added."""
+        """``(features, out_to_loss, kernel)`` (:func:`kernel_from_features`), or ``(None, None, None)`` when
+        nothing was added."""
         if not self._features:
             return None, None, None
-        if self._chunk:
-            self._flush()
         xp = namespace(self._features[0])
-        return xp.concat(self._features, axis=0), xp.concat(self._weights, axis=0), self._kernel
+        features = self._features[0] if len(self._features) == 1 else xp.concat(self._features, axis=0)
+        self._features = [features]
+        return features, xp.concat(self._weights, axis=0), kernel_from_features(features, xp=xp)
 
     def discard(self) -> None:
         """Forget what was collected (nothing was stored)."""

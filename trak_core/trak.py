@@ -20,7 +20,7 @@ from .errors import TrakValueError
 from .executors import get_executor
 from .kronecker import Kronecker
 from .projection import KINDS, PRECISIONS
-from .scores import checkpoint_scores, ensemble, self_scores, soft_threshold, target_weights
+from .scores import checkpoint_scores, ensemble, finish_products, self_scores, soft_threshold, target_weights
 from .store import CheckpointEntry
 from .stores import open_store
 from .tasks import Task, get_task
@@ -233,7 +233,8 @@ class TRAK(Featurizer):
                 xp = namespace(target)
                 if self.executor is not None:
                     weights = target_weights(entry.factor, target, xp=xp)
-                    per_checkpoint.append(self.executor.products(self, entry, weights))
+                    products = self.executor.products(self, entry, weights)
+                    per_checkpoint.append(finish_products(entry.factor, products, xp=namespace(products)))
                 else:
                     per_checkpoint.append(checkpoint_scores(entry.features, entry.factor, target, xp=xp))
             block = ensemble(per_checkpoint, [e.out_to_loss for e in entries], xp=xp,

@@ -92,8 +92,8 @@ def evaluate(task, masks, outputs, checkpoints, k, ms, rows, timing):
             for alpha in GRID:
                 for entry, kernel in zip(trak.store, kernels):
                     xp = trak_core._namespace.namespace(kernel)
-                    scale = RULES[rule](kernel, len(task.y), entry.n_params, xp=xp)
-                    entry.factor = trak_core.kernel.factorize(kernel, alpha * scale, xp=xp)
+                    scale = RULES[rule](kernel, len(task.y), entry.n_params, xp=xp, dim=k)
+                    entry.factor = trak_core.kernel.factorize(kernel, alpha * scale, xp=xp, space=entry.factor.space)
                 add(f"grid {rule}", m, _numpy(trak.score(xt_batches, checkpoints=chosen)), alpha=alpha)
         add("gradient dot", m, _gradient_dot(trak, task, chosen))
     # unit-normalized features need their own featurization
