@@ -139,6 +139,12 @@ class TorchBackend(Backend):
         ``ModelOutput``'s ``"logits"``; an object's ``.logits``). It runs on the whole batch and,
         under ``vmap``, on one example, so it must only select or reshape, not mix rows.
 
+    per_example : {"auto", "vmap"}
+        How per-example gradients are computed. ``"auto"``: in closed form (one batched backward
+        pass, :mod:`trak_torch.closed_form`) when every attributed parameter belongs to a Linear,
+        Conv2d, Embedding or Conv1D layer and the first example of a checkpoint agrees with
+        ``vmap(grad)``; otherwise ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``.
+
     attention_mask : {"auto", "causal", "bidirectional", "pass"}
         What a dict batch's 2-D ``attention_mask`` (padding: 1 keep, 0 pad) becomes before the model
         sees it: an additive 4-D mask ``(n, 1, T, T)`` in the model's dtype, which Hugging Face models
@@ -164,7 +170,10 @@ class TorchBackend(Backend):
 
     def __init__(self, params: Sequence[str] | Callable[[str, Any], bool] | None = None,
                  chunk_size: int | None = None, logits_fn: Callable[[Any], Any] | None = None,
-                 attention_mask: str = "auto") -> None:
+                 attention_mask: str = "auto", per_example: str = "auto") -> None:
+        if per_example not in ("auto", "vmap"):
+            raise TrakValueError(f"per_example must be 'auto' or 'vmap', got {per_example!r}")
+        self.per_example = per_example
         if attention_mask not in ("auto", "causal", "bidirectional", "pass"):
             raise TrakValueError(f"attention_mask must be 'auto', 'causal', 'bidirectional' or 'pass', got "
                                  f"{attention_mask!r}")
@@ -241,12 +250,52 @@ class TorchBackend(Backend):
     def gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any,
                   task: Any) -> tuple[Any, Any]:
         import array_api_compat.torch as xp
+
+        self._check_batch(prepared, inputs, labels)
+        causal = self._causal(model)
+        uses = self._closed_form_uses(model, prepared, inputs, labels, task, causal)
+        if uses is not None:
+            from .closed_form import closed_form_gradients
+
+            with _eval_mode(model), _attention_for_vmap(model):
+                grads, logits = closed_form_gradients(self, model, prepared, uses, inputs, labels, task, causal)
+                return grads, task.out_to_loss(logits, labels, xp=xp)
+        return self._vmap_gradients(model, prepared, inputs, labels, task, causal)
+
+    def _closed_form_uses(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
+                          causal: bool) -> list | None:
+        """The layers of the closed-form path (``per_example="auto"``), found and checked once per checkpoint
+        (on the first two examples of its first batch, against ``vmap(grad)``)."""
+        if self.per_example == "vmap":
+            return None
+        cache = prepared.__dict__.setdefault("_closed_form", {})
+        key = id(task)
+        if key not in cache:
+            import torch
+            from torch.utils._pytree import tree_map
+
+            from .closed_form import closed_form_gradients, covering_uses
+
+            with _eval_mode(model), _attention_for_vmap(model):
+                uses = covering_uses(self, model, prepared, inputs, causal)
+                if uses is not None:  # the first example against vmap(grad): examples must not interact
+                    first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
+                    reference, _ = self._vmap_gradients(model, prepared, first, labels[:2], task, causal)
+                    closed, _ = closed_form_gradients(self, model, prepared, uses, first, labels[:2], task, causal)
+                    scale = float(torch.linalg.vector_norm(reference)) or 1.0
+                    tolerance = 1e-9 if torch.finfo(prepared.dtype).bits == 64 else 1e-4
+                    if float(torch.linalg.vector_norm(closed - reference)) > tolerance * scale:
+                        uses = None
+            cache[key] = uses
+        return cache[key]
+
+    def _vmap_gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
+                        causal: bool) -> tuple[Any, Any]:
+        import array_api_compat.torch as xp
         import torch
         from torch.func import grad, vmap
         from torch.utils._pytree import tree_map
 
-        self._check_batch(prepared, inputs, labels)
-        causal = self._causal(model)
         with _eval_mode(model), _attention_for_vmap(model):
             with torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)

@@ -1,0 +1,103 @@
+"""Closed-form per-example gradients (trak_torch.closed_form) against vmap(grad), and when they are not used."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: the closed-form path is not exercised")
+
+from trak_core.tasks import get_task  # noqa: E402
+from trak_torch import TorchBackend  # noqa: E402
+
+
+class Tokens(torch.nn.Module):
+    """Embedding (padding_idx) -> Linear on 3-D input -> mean over tokens -> Linear; a tied head option."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(13, 6, padding_idx=1)
+        self.mix = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))).mean(1))
+
+
+class Strided(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1)
+        self.conv2 = torch.nn.Conv2d(4, 3, (2, 3), bias=False)
+        self.head = torch.nn.Linear(3 * 3 * 3, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.tanh(self.conv(x)))).flatten(1))
+
+
+class Interacting(torch.nn.Module):
+    """Examples interact through the batch mean: the batched backward pass would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x - x.mean(0, keepdim=True))
+
+
+def _data(kind, n=7):
+    g = torch.Generator().manual_seed(0)
+    if kind == "tokens":
+        return torch.randint(0, 13, (n, 5), generator=g), torch.randint(0, 3, (n,), generator=g)
+    if kind == "strided":
+        return torch.randn(n, 2, 7, 9, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
+    return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("make,kind,covered", [
+    (lambda: torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)), "mlp", True),
+    (Tokens, "tokens", True), (Strided, "strided", True), (Interacting, "interacting", False),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 3)), "norm", False),
+], ids=["mlp", "embedding-padding", "conv-strided", "batch-interaction", "layernorm"])
+def test_closed_form_equals_vmap_or_is_not_used(make, kind, covered):
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = _data(kind) if kind != "mlp" else (torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,)))
+    if kind == "norm":
+        x = torch.randn(7, 4, dtype=torch.float64)
+    task = get_task("classification")
+    auto, vmap = TorchBackend(), TorchBackend(per_example="vmap")
+    prepared = auto.prepare(model, None)
+    g, q = auto.gradients(model, prepared, x, y, task)
+    reference, q_reference = vmap.gradients(model, vmap.prepare(model, None), x, y, task)
+    np.testing.assert_allclose(g.numpy(), reference.numpy(), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(q.numpy(), q_reference.numpy(), rtol=1e-12)
+    assert (prepared._closed_form[id(task)] is not None) == covered
+
+
+def test_float32_closed_form_within_1e6_of_vmap_and_tied_weights():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(11, 4)
+            self.head = torch.nn.Linear(4, 11)
+            self.head.weight = self.embed.weight  # one parameter, two layers
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.embed(ids)).mean(1))
+
+    torch.manual_seed(1)
+    model = Tied()
+    ids, y = torch.randint(0, 11, (9, 4)), torch.randint(0, 11, (9,))
+    task = get_task("classification")
+    auto = TorchBackend()
+    prepared = auto.prepare(model, None)
+    g, _ = auto.gradients(model, prepared, ids, y, task)
+    reference, _ = TorchBackend(per_example="vmap").gradients(model, prepared, ids, y, task)
+    assert prepared._closed_form[id(task)] is not None
+    assert float((g - reference).abs().max() / reference.abs().max()) < 1e-6
+
+
+def test_per_example_option_is_checked():
+    from trak_core.errors import TrakValueError
+
+    with pytest.raises(TrakValueError, match="per_example"):
+        TorchBackend(per_example="fast")
