@@ -252,3 +252,26 @@ def test_float32_features_agree_with_float64():
                                            checkpoint=0, options=Kronecker())
         out.append(f.double().numpy())
     assert np.abs(out[1] - out[0]).max() / np.abs(out[0]).max() < 1e-5
+
+
+def test_one_batched_pass_when_examples_are_independent_and_vmap_when_they_interact():
+    class Interacting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x - x.mean(0, keepdim=True))  # examples interact through the batch mean
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for model, batched in ((torch.nn.Sequential(torch.nn.Linear(4, 3)).double(), True), (Interacting().double(), False)):
+        backend = TorchBackend()
+        prepared = backend.prepare(model, None)
+        features, _ = backend.factorized_features(model, prepared, x, y, get_task("classification"), k=6, seed=0,
+                                                  checkpoint=0, options=Kronecker())
+        assert [state.batched for state in prepared._kronecker.values()] == [batched]
+        vmap = TorchBackend(per_example="vmap")
+        reference, _ = vmap.factorized_features(model, vmap.prepare(model, None), x, y, get_task("classification"),
+                                                k=6, seed=0, checkpoint=0, options=Kronecker())
+        np.testing.assert_allclose(features.numpy(), reference.numpy(), rtol=1e-10, atol=1e-14)

@@ -65,6 +65,7 @@ class Factorized:
     factors: list[tuple[Any, Any]]
     dtype: Any
     checked: bool = False
+    batched: bool | None = None  # one batched backward pass instead of vmap (no rest, examples independent)
 
 
 @contextmanager
@@ -154,33 +155,33 @@ def factorized_state(backend: Any, model: Any, prepared: Any, inputs: Any, causa
 
 
 def _input_side(use: Use, block: Any, pair: tuple[Any, Any], x: Any, dtype: Any) -> Any:
-    """The projected input side of one call: ``(T, k)`` (under ``vmap``: one example's)."""
+    """The projected input side of one call, ``(B, T, k)`` for a call on ``B`` examples (under ``vmap``: 1)."""
     import torch
 
     rows, cols = pair
     module = use.module
     if use.kind == "embedding":
-        ids = x.reshape(-1)
+        ids = x.reshape(x.shape[0], -1)
         side = torch.nn.functional.embedding(ids, rows)
         if module.padding_idx is not None:
-            side = side * (ids != module.padding_idx).to(dtype)[:, None]
+            side = side * (ids != module.padding_idx).to(dtype)[..., None]
         return side
     if use.kind == "conv2d":
         patches = torch.nn.functional.unfold(x.to(dtype), module.kernel_size, dilation=module.dilation,
-                                             padding=module.padding, stride=module.stride)  # (1, C kh kw, L)
-        a = patches[0].transpose(0, 1)
+                                             padding=module.padding, stride=module.stride)  # (B, C kh kw, L)
+        a = patches.transpose(1, 2)
     else:
-        a = x.reshape(-1, x.shape[-1]).to(dtype)
+        a = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
     matrix = rows if use.kind == "conv1d" else cols
-    side = a @ matrix[:a.shape[1]]
-    return side + matrix[a.shape[1]] if use.bias is not None else side
+    side = a @ matrix[:a.shape[-1]]
+    return side + matrix[a.shape[-1]] if use.bias is not None else side
 
 
 def _output_side(use: Use, pair: tuple[Any, Any], delta: Any, n: int, dtype: Any) -> Any:
     """The projected output-gradient side of one call, ``(n, T, k)``."""
     rows, cols = pair
     if use.kind == "conv2d":
-        d = delta.reshape(n, delta.shape[2], -1).transpose(1, 2)
+        d = delta.reshape(n, delta.shape[-3], -1).transpose(1, 2)
     else:
         d = delta.reshape(n, -1, delta.shape[-1])
     return d.to(dtype) @ (cols if use.kind in ("embedding", "conv1d") else rows)
@@ -242,22 +243,61 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
     per_example = 4 * torch.finfo(prepared.dtype).bits // 8 * max(1, per_call)  # x4: activations kept for backward
     size = chunk or max(1, min(256, CHUNK_BYTES // per_example))
     step = vmap(grad(output, argnums=(0, 1), has_aux=True), in_dims=(0, None, 0, 0))
+
+    def per_example(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
+        zs = [torch.zeros((), dtype=prepared.dtype, device=prepared.device).expand(m, 1, *shape)
+              for _, shape in shapes]
+        (deltas, rest_grads), sides = step(zs, rest, x, y)
+        return deltas, sides, rest_grads
+
+    def batched(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
+        """One batched backward pass (no vmap): right when examples do not interact (checked once)."""
+        sides, zs = [], []
+
+        def hook(module: Any, args: Any, out: Any) -> Any:
+            use, block, pair = by_module[module]
+            sides.append(_input_side(use, block, pair, args[0].detach(), dtype))
+            zs.append(torch.zeros_like(out, requires_grad=True))
+            return out + zs[-1]
+
+        with torch.enable_grad(), _hooks(modules, hook):
+            out = output_logits(backend._call(model, {**prepared.params, **prepared.frozen}, x, causal=causal),
+                                backend.logits_fn)
+            if task.logits_ndim == 2 and out.ndim == 1:
+                out = out[:, None]
+            deltas = torch.autograd.grad(task.output(out, y, xp=xp).sum(), zs, allow_unused=True)
+        return [torch.zeros_like(z) if d is None else d for d, z in zip(deltas, zs)], sides, None
+
+    def features(x: Any, y: Any, m: int, run: Any) -> Any:
+        deltas, sides, rest_grads = run(x, y, m)
+        block_out = torch.zeros((m, plan.k), dtype=dtype, device=prepared.device)
+        for (module, _), delta, side in zip(shapes, deltas, sides):
+            use, block, pair = by_module[module]
+            side = side.reshape(m, -1, side.shape[-1])
+            row, col = _rows_first(use, side, _output_side(use, pair, delta, m, dtype))
+            product = torch.bmm(row.transpose(1, 2), col).reshape(m, -1)[:, :block.k]
+            block_out[:, block.start:block.start + block.k] += product * (1.0 / math.sqrt(block.k))
+        if plan.n_rest:
+            flat = torch.cat([rest_grads[name].reshape(m, -1) for name in plan.rest], dim=1).to(dtype)
+            block_out[:, plan.k - plan.k_rest:] = project(flat, plan.k_rest, seed=rest_seed(seed),
+                                                          checkpoint=checkpoint)
+        return block_out
+
+    if state.batched is None:  # once per checkpoint: batched == vmap on two examples, and no rest to differentiate
+        state.batched = False
+        if not plan.n_rest and backend.per_example == "auto":
+            two = tree_map(lambda t: t[:2], inputs)
+            reference = features(two, labels[:2], min(2, n), per_example)
+            fast = features(two, labels[:2], min(2, n), batched)
+            tolerance = 1e-9 if torch.finfo(dtype).bits == 64 else 1e-4
+            scale = float(torch.linalg.vector_norm(reference)) or 1.0
+            state.batched = float(torch.linalg.vector_norm(fast - reference)) <= tolerance * scale
+    run = batched if state.batched else per_example
+    size = max(size, 64) if state.batched and chunk is None else size
     out = torch.zeros((n, plan.k), dtype=dtype, device=prepared.device)
     for start in range(0, n, size):
         stop = min(n, start + size)
-        m = stop - start
-        zs = [torch.zeros((), dtype=prepared.dtype, device=prepared.device).expand(m, 1, *shape)
-              for _, shape in shapes]
-        (deltas, rest_grads), sides = step(zs, rest, tree_map(lambda t: t[start:stop], inputs), labels[start:stop])
-        for (module, _), delta, side in zip(shapes, deltas, sides):
-            use, block, pair = by_module[module]
-            row, col = _rows_first(use, side, _output_side(use, pair, delta, m, dtype))
-            product = torch.bmm(row.transpose(1, 2), col).reshape(m, -1)[:, :block.k]
-            out[start:stop, block.start:block.start + block.k] += product * (1.0 / math.sqrt(block.k))
-        if plan.n_rest:
-            flat = torch.cat([rest_grads[name].reshape(m, -1) for name in plan.rest], dim=1).to(dtype)
-            out[start:stop, plan.k - plan.k_rest:] = project(flat, plan.k_rest, seed=rest_seed(seed),
-                                                             checkpoint=checkpoint)
+        out[start:stop] = features(tree_map(lambda t: t[start:stop], inputs), labels[start:stop], stop - start, run)
     return out
 
 
