@@ -181,20 +181,21 @@ def child(spec: dict) -> dict:
     from trak_core.projection import default_cache
 
     name, kind, size, k = spec["model"], spec["kind"], spec["size"], spec["k"]
-    model = make_model(name, size)
+    device = spec.get("device") or "cpu"
+    model = make_model(name, size).to(device)
     p = sum(t.numel() for t in model.parameters())
-    data = make_batches(name, size, spec["examples"], spec["batch"], model)
+    data = _to(make_batches(name, size, spec["examples"], spec["batch"], model), device)
     with torch.no_grad():  # the model's own footprint: built, and one forward pass on a timed batch
         first = data[0]
         model(**{key: v for key, v in first.items() if key != "labels"}) if name == "gpt2" else model(first[0])
     model_rss = peak_rss_mib()
 
     warm_size = "quick" if spec["warm_quick"] else size
-    warm_model = make_model(name, warm_size) if spec["warm_quick"] else model
+    warm_model = make_model(name, warm_size).to(device) if spec["warm_quick"] else model
     warm_k = QUICK["k"] if spec["warm_quick"] else k
     start = time.perf_counter()
     _trak(warm_model, name, kind, warm_k).featurize(warm_model.state_dict(),
-                                                    make_batches(name, warm_size, 1, 1, warm_model, seed=2))
+                                                    _to(make_batches(name, warm_size, 1, 1, warm_model, seed=2), device))
     warm_seconds = time.perf_counter() - start
     del warm_model
 
@@ -206,8 +207,10 @@ def child(spec: dict) -> dict:
             json.dump(dict(timed_start=time.time(), warm_up_seconds=warm_seconds, model_rss_mib=model_rss), f)
     start = time.perf_counter()
     trak.featurize(state, data)
+    if device != "cpu":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    row = dict(model=name, kind=kind, size=size, params=p, proj_dim=k, examples=spec["examples"],
+    row = dict(model=name, kind=kind, size=size, device=device, params=p, proj_dim=k, examples=spec["examples"],
                batch=spec["batch"], threads=torch.get_num_threads(), warm_up=("quick-size model" if
                                                                               spec["warm_quick"] else "same model"),
                warm_up_seconds=warm_seconds, seconds=seconds, examples_per_s=spec["examples"] / seconds)
@@ -225,6 +228,14 @@ def child(spec: dict) -> dict:
     row["model_rss_mib"] = model_rss
     row["peak_rss_mib"] = peak_rss_mib()
     return row
+
+
+def _to(batches: list, device: str) -> list:
+    """The batches on ``device`` (dicts and pairs of tensors)."""
+    if device == "cpu":
+        return batches
+    return [{key: value.to(device) for key, value in b.items()} if isinstance(b, dict) else
+            tuple(value.to(device) for value in b) for b in batches]
 
 
 def _split(batch):
@@ -317,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, help="torch threads in the children (default: torch's)")
     parser.add_argument("--dense-timeout", type=float, default=3600.0,
                         help="stop a full-size dense child after this many seconds and report bounds (0: never)")
+    parser.add_argument("--device", default="cpu", help="torch device of the models and batches, e.g. cuda")
+    parser.add_argument("--examples", type=int, help="examples per timed run (default: the mode's, per model and kind)")
     parser.add_argument("--json", help="write the results here (with --only, other models' results in it are kept)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -343,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in models:
         for kind in kinds:
             spec = dict(model=name, kind=kind, size=size, k=settings["k"], batch=settings["batch"][name][kind],
-                        examples=settings["examples"][name][kind], threads=args.threads,
+                        examples=args.examples or settings["examples"][name][kind], threads=args.threads,
+                        device=args.device,
                         warm_quick=(kind == "rademacher" and not args.quick))
             timeout = args.dense_timeout if kind == "rademacher" and not args.quick else None
             row = run_child(spec, timeout=timeout)
