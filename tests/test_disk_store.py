@@ -110,6 +110,27 @@ def test_kill_between_the_two_resizes_resumes_to_identical_scores(tmp_path, monk
     assert np.array_equal(resumed, reference)
 
 
+def test_kill_between_creating_the_two_arrays_resumes_to_identical_scores(tmp_path, monkeypatch):
+    """A kill after ``features`` was created but before ``out_to_loss`` was (seen once by the SIGKILL test)."""
+    import zarr
+
+    _, reference = _run(None)
+    store = tmp_path / "store"
+    real = zarr.Group.create_array
+
+    def create_then_die(self, name, *args, **kwargs):
+        if name == "out_to_loss":
+            raise _Killed
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "create_array", create_then_die)
+    with pytest.raises(_Killed):
+        _run(store)
+    monkeypatch.setattr(zarr.Group, "create_array", real)
+    _, resumed = _run(store)
+    assert np.array_equal(resumed, reference)
+
+
 def test_other_configuration_is_refused_and_nothing_is_overwritten(tmp_path):
     store = tmp_path / "store"
     _run(store)

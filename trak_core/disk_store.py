@@ -126,6 +126,8 @@ class DiskWriter(Writer):
     def _verified_rows(self) -> int:
         """Rows on disk whose chunks pass their checksums (a damaged chunk and what follows is redone)."""
         done = int(self.group.attrs.get("rows_done", 0))
+        if "out_to_loss" not in self.group:  # killed between creating the two arrays: nothing was written
+            return 0
         features = self.group["features"]
         for c in range(-(-done // KERNEL_CHUNK_ROWS)):
             try:
@@ -164,6 +166,7 @@ class DiskWriter(Writer):
         if "features" not in self.group:
             self.group.create_array("features", shape=(0, rows.shape[1]), chunks=(KERNEL_CHUNK_ROWS, rows.shape[1]),
                                     dtype=rows.dtype, fill_value=0)
+        if "out_to_loss" not in self.group:  # also after a kill between the two creations
             self.group.create_array("out_to_loss", shape=(0,), chunks=(KERNEL_CHUNK_ROWS,), dtype=weights.dtype,
                                     fill_value=0)
         features, out_to_loss = self.group["features"], self.group["out_to_loss"]
@@ -190,10 +193,12 @@ class DiskWriter(Writer):
         if "features" not in self.group:
             self.group.create_array("features", shape=(n_rows, width), chunks=(KERNEL_CHUNK_ROWS, width),
                                     dtype=dtype, fill_value=0)
+        else:
+            _grow(self.group["features"], n_rows)
+        if "out_to_loss" not in self.group:
             self.group.create_array("out_to_loss", shape=(n_rows,), chunks=(KERNEL_CHUNK_ROWS,), dtype=weight_dtype,
                                     fill_value=0)
         else:
-            _grow(self.group["features"], n_rows)
             _grow(self.group["out_to_loss"], n_rows)
 
     def finish(self) -> tuple[Any, Any, Any]:

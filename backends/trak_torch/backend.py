@@ -277,6 +277,8 @@ class TorchBackend(Backend):
             from .closed_form import closed_form_gradients, covering_uses
 
             with _eval_mode(model), _attention_for_vmap(model):
+                with torch.no_grad():  # the dense path's checks first: dtypes, output shapes (clear errors)
+                    self._logits(model, prepared, tree_map(lambda t: t[:2], inputs), task, causal=causal)
                 uses = covering_uses(self, model, prepared, inputs, causal)
                 if uses is not None:  # the first example against vmap(grad): examples must not interact
                     first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
