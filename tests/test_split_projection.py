@@ -149,5 +149,7 @@ def test_trak_precision_setting():
 def test_accelerator_groups_hold_a_resnet_batch():
     assert projection_group_rows(11_181_642, 4, 2048, accelerator=True) == 256  # 16 GiB / 44.7 MB -> 384 -> 256
     assert projection_group_rows(11_181_642, 4, 2048) == 64  # on CPUs: 128 MiB, at least 64 when uncached
+    assert projection_group_rows(1_126_410, 4, 2048) == 128  # uncached: up to 256 rows within 1 GiB (238 -> 128)
+    assert projection_group_rows(1_126_410, 4, 64) == 16  # cached (1.13M x 64 fits): 128 MiB of gradients
     assert projection_group_rows(1000, 4, 64, accelerator=True) == 4096
     assert math.log2(projection_group_rows(3_000_000, 2, 2048, accelerator=True)).is_integer()

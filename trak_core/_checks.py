@@ -45,13 +45,17 @@ def _rows(array: Any, what: str, where: str) -> int:
     return int(shape[0])
 
 
+UNCACHED_GROUP_BYTES = 2**30  # gradients per group when the projection matrix is not cached
+
+
 def projection_group_rows(n_params: int, itemsize: int, proj_dim: int | None = None, *,
                           accelerator: bool = False) -> int:
     """Rows of gradients projected together: a power of two up to 4,096 within ``PROJECTION_GROUP_BYTES``
     (``ACCELERATOR_GROUP_BYTES`` on GPUs, where matrix units need many rows to be busy).
 
     When the projection matrix is too large for the projection cache, every group pays for making or
-    unpacking it, so groups then hold at least 64 rows whatever their size in bytes. Groups of rows
+    unpacking it (as long as the product itself on a CPU), so groups then hold up to 256 rows within
+    ``UNCACHED_GROUP_BYTES`` (1 GiB), and at least 64 whatever their size in bytes. Groups of rows
     that arrive as one batch are slices of it, not copies.
     """
     from .projection import dense_fits
@@ -60,7 +64,9 @@ def projection_group_rows(n_params: int, itemsize: int, proj_dim: int | None = N
     rows = max(1, budget // max(1, n_params * itemsize))
     rows = min(4096, 1 << (rows.bit_length() - 1))
     if proj_dim is not None and not dense_fits(n_params, proj_dim, itemsize):
-        rows = max(rows, 64)
+        # every group makes or unpacks the whole matrix: amortize it over up to 256 rows (at most ~1 GiB of gradients)
+        wide = max(64, min(256, UNCACHED_GROUP_BYTES // max(1, n_params * itemsize)))
+        rows = max(rows, 1 << (wide.bit_length() - 1))
     return rows
 
 
