@@ -85,50 +85,49 @@ class _Killed(BaseException):
     """Stands for SIGKILL at one chosen instant (a BaseException: nothing in the library catches it)."""
 
 
+def _killed_then_resumed(tmp_path, monkeypatch, owner, method, dies):
+    """Featurize into a store with ``owner.method`` raising :class:`_Killed` where ``dies(self, *args)`` says,
+    then resume without it: the scores must equal an uninterrupted run's."""
+    _, reference = _run(None)
+    store = tmp_path / "store"
+    real = getattr(owner, method)
+
+    def then_die(self, *args, **kwargs):
+        if dies(self, *args):
+            raise _Killed
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, then_die)
+    with pytest.raises(_Killed):
+        _run(store)
+    monkeypatch.setattr(owner, method, real)
+    _, resumed = _run(store)
+    assert np.array_equal(resumed, reference)
+
+
 @pytest.mark.parametrize("resize", [1, 2])
 def test_kill_between_the_two_resizes_resumes_to_identical_scores(tmp_path, monkeypatch, resize):
     """A kill after ``features`` grew but before ``out_to_loss`` did (the window the SIGKILL test hits
     about once in 150 kills) must not leave ``out_to_loss`` short or its rows unwritten on resume."""
     import zarr
 
-    _, reference = _run(None)
-    store = tmp_path / "store"
-    real, calls = zarr.Array.resize, []
+    calls = []
 
-    def resize_then_die(self, *args, **kwargs):
-        if self.path.endswith("out_to_loss"):
-            calls.append(self.path)
-            if len(calls) == resize:
-                raise _Killed
-        return real(self, *args, **kwargs)
+    def dies(array, *args):
+        if array.path.endswith("out_to_loss"):
+            calls.append(array.path)
+            return len(calls) == resize
+        return False
 
-    monkeypatch.setattr(zarr.Array, "resize", resize_then_die)
-    with pytest.raises(_Killed):
-        _run(store)
-    monkeypatch.setattr(zarr.Array, "resize", real)
-    _, resumed = _run(store)
-    assert np.array_equal(resumed, reference)
+    _killed_then_resumed(tmp_path, monkeypatch, zarr.Array, "resize", dies)
 
 
 def test_kill_between_creating_the_two_arrays_resumes_to_identical_scores(tmp_path, monkeypatch):
     """A kill after ``features`` was created but before ``out_to_loss`` was (seen once by the SIGKILL test)."""
     import zarr
 
-    _, reference = _run(None)
-    store = tmp_path / "store"
-    real = zarr.Group.create_array
-
-    def create_then_die(self, name, *args, **kwargs):
-        if name == "out_to_loss":
-            raise _Killed
-        return real(self, name, *args, **kwargs)
-
-    monkeypatch.setattr(zarr.Group, "create_array", create_then_die)
-    with pytest.raises(_Killed):
-        _run(store)
-    monkeypatch.setattr(zarr.Group, "create_array", real)
-    _, resumed = _run(store)
-    assert np.array_equal(resumed, reference)
+    _killed_then_resumed(tmp_path, monkeypatch, zarr.Group, "create_array",
+                         lambda group, name, *rest: name == "out_to_loss")
 
 
 def test_other_configuration_is_refused_and_nothing_is_overwritten(tmp_path):

@@ -22,22 +22,10 @@ __all__ = ["covering_uses", "closed_form_gradients"]
 
 def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool) -> list | None:
     """The layer uses when they cover every attributed parameter (weights and their own biases), else ``None``."""
-    from .kronecker import _hooks, _kind
-    import torch
-    from torch.utils._pytree import tree_map
+    from .kronecker import find_uses
 
-    names = {id(tensor): name for name, tensor in prepared.params.items()}
-    found: dict[Any, tuple] = {}
-
-    def hook(module: Any, args: Any, output: Any) -> None:
-        weight = names.get(id(module.weight))
-        bias = getattr(module, "bias", None)
-        if weight is not None:
-            found[module] = (_kind(module), weight, None if bias is None else names.get(id(bias)))
-
-    candidates = [m for m in model.modules() if _kind(m) is not None]
-    with torch.no_grad(), _hooks(candidates, hook):
-        backend._call(model, {**prepared.params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs), causal=causal)
+    found = {use.module: (use.kind, use.weight, use.bias) for use in
+             find_uses(backend, model, prepared, inputs, causal).values()}
     covered = {name for _, weight, bias in found.values() for name in (weight, bias) if name}
     biases = [bias for _, _, bias in found.values() if bias]
     weights = {weight for _, weight, _ in found.values()}

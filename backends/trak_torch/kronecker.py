@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 from trak_core.errors import TrakValueError
 from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_plan, rest_seed
 
-__all__ = ["Factorized", "discover", "factorized_state", "batch_features", "check_plan"]
+__all__ = ["Factorized", "find_uses", "discover", "factorized_state", "batch_features", "check_plan"]
 
 CHUNK_BYTES = 512 * 2**20  # per vmap call: output gradients, perturbations and projected sides
 
@@ -85,15 +85,13 @@ def _layer(kind: str, weight: Any, bias: bool, name: str, bias_name: str | None)
     return Layer(name, rows, cols + bias, bias_name, "cols" if bias else None)
 
 
-def discover(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
-             options: Kronecker, k: int) -> tuple[KroneckerPlan, list[Use]]:
-    """The plan of ``model``: the supported modules called with attributed weights on one example."""
+def find_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool) -> dict[Any, Use]:
+    """The supported modules called with an attributed weight on the batch's first example, in call order."""
     import torch
     from torch.utils._pytree import tree_map
 
     names = {id(tensor): name for name, tensor in prepared.params.items()}
     found: dict[Any, Use] = {}
-    candidates = [m for m in model.modules() if _kind(m) is not None]
 
     def hook(module: Any, args: Any, output: Any) -> None:
         weight = names.get(id(module.weight))
@@ -102,9 +100,16 @@ def discover(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
         bias = getattr(module, "bias", None)
         found[module] = Use(module, _kind(module), weight, None if bias is None else names.get(id(bias)))
 
-    one = tree_map(lambda t: t[:1], inputs)
+    candidates = [m for m in model.modules() if _kind(m) is not None]
     with torch.no_grad(), _hooks(candidates, hook):
-        backend._call(model, {**prepared.params, **prepared.frozen}, one, causal=causal)
+        backend._call(model, {**prepared.params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs), causal=causal)
+    return found
+
+
+def discover(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
+             options: Kronecker, k: int) -> tuple[KroneckerPlan, list[Use]]:
+    """The plan of ``model``: the supported modules called with attributed weights on one example."""
+    found = find_uses(backend, model, prepared, inputs, causal)
     by_weight: dict[str, list[Use]] = {}
     for use in found.values():
         by_weight.setdefault(use.weight, []).append(use)

@@ -200,17 +200,20 @@ def test_conformance_scores(conformance_case, dtype, n_checkpoints):
         assert min(spearman(scores[:, j], reference[:, j], xp=xp) for j in range(7)) >= 0.9999
 
 
+KRONECKER_K = 24  # the factorized tests' proj_dim (more than any canonical model's number of blocks)
 LM_LAMBDA = 10.0  # the ridge of the LM score test: float32 kernels (JAX without x64) stay well conditioned
 
 
-def _lm_scores(case, dtype: str) -> np.ndarray:
+def _lm_scores(case, dtype: str, kronecker: bool = False) -> np.ndarray:
     """Scores of 4 targets against 10 training sequences over 2 checkpoints of the canonical LM (dict
-    batches of 4, 4 and 2 sequences with padding and ignored labels), as NumPy."""
+    batches of 4, 4 and 2 sequences with padding and ignored labels), as NumPy: unprojected, or
+    ``proj_type="kronecker"`` at ``KRONECKER_K``."""
     x, y = canonical.inputs("lm", 10, seed=5)
     xt, yt = canonical.inputs("lm", 4, seed=6)
     model, _ = case.model("lm", canonical.weights("lm", seed=0, dtype=dtype))
-    trak = TRAK(model, task="language_modeling", proj_dim=None, lambda_reg=LM_LAMBDA, seed=3, backend=case.backend,
-                progress=False)
+    projection = dict(proj_dim=KRONECKER_K, proj_type="kronecker") if kronecker else dict(proj_dim=None)
+    trak = TRAK(model, task="language_modeling", lambda_reg=LM_LAMBDA, seed=3, backend=case.backend, progress=False,
+                **projection)
     for c in range(2):
         _, checkpoint = case.model("lm", canonical.weights("lm", seed=c, dtype=dtype))
         trak.featurize(checkpoint, [{**_case_inputs(case, {k: v[i:i + 4] for k, v in x.items()}, dtype),
@@ -221,32 +224,33 @@ def _lm_scores(case, dtype: str) -> np.ndarray:
 
 
 @functools.cache
-def _lm_reference(case_id: str) -> np.ndarray:
+def _lm_reference(case_id: str, kronecker: bool = False) -> np.ndarray:
     from .cases import FIRST_PARTY
 
     reference = FIRST_PARTY[case_id][2]()
     with reference.active():
-        return _lm_scores(reference, "float64")
+        return _lm_scores(reference, "float64", kronecker)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_conformance_lm_scores(conformance_case, dtype):
-    """Scores of the canonical LM (``task="language_modeling"``) equal another framework's in float64:
-    JAX's (x64) for a torch backend, torch's for every other backend. float64 within ``rtol 1e-9``;
+def _check_lm_against_another_framework(case, dtype: str, kronecker: bool = False) -> None:
+    """The LM's scores against JAX x64's (torch backends) or torch's (the others): float64 within ``rtol 1e-9``,
     float32 to a relative Frobenius error ``<= 1e-4``."""
-    from .cases import unavailable
+    from .cases import FIRST_PARTY, unavailable
 
-    case = conformance_case
     if "lm" not in case.kinds:
         pytest.skip(f"{case.id} does not build the canonical 'lm' model")
     if dtype == "float64" and _dtype(case) != "float64":
         pytest.skip(f"{case.id} has no float64 here")
     backend = get_backend(case.backend) if isinstance(case.backend, str) else case.backend
+    if kronecker:
+        _factorizing_backend(case)
     reference_id = "jax:cpu:x64" if backend.name == "torch" else "torch:cpu"
     reason = unavailable(reference_id)
     if reason:
         pytest.skip(f"the LM scores are compared with {reference_id}'s, and {reason}")
-    scores, reference = _lm_scores(case, dtype), _lm_reference(reference_id)
+    if kronecker and not get_backend(FIRST_PARTY[reference_id][2]().backend).can_factorize:
+        pytest.skip(f"{reference_id} has no factorized projection to compare with")
+    scores, reference = _lm_scores(case, dtype, kronecker), _lm_reference(reference_id, kronecker)
     assert scores.shape == reference.shape == (10, 4)
     if dtype == "float64":
         np.testing.assert_allclose(scores, reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
@@ -254,7 +258,12 @@ def test_conformance_lm_scores(conformance_case, dtype):
         assert np.linalg.norm(scores - reference) / np.linalg.norm(reference) <= 1e-4
 
 
-KRONECKER_K = 24  # the factorized tests' proj_dim (more than any canonical model's number of blocks)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_conformance_lm_scores(conformance_case, dtype):
+    """Scores of the canonical LM (``task="language_modeling"``) equal another framework's in float64:
+    JAX's (x64) for a torch backend, torch's for every other backend. float64 within ``rtol 1e-9``;
+    float32 to a relative Frobenius error ``<= 1e-4``."""
+    _check_lm_against_another_framework(conformance_case, dtype)
 
 
 def _factorizing_backend(case):
@@ -299,51 +308,8 @@ def test_conformance_kronecker_features(conformance_case, kind):
     np.testing.assert_allclose(features, reference, rtol=rtol, atol=rtol * np.abs(reference).max())
 
 
-def _kronecker_lm_scores(case, dtype: str) -> np.ndarray:
-    x, y = canonical.inputs("lm", 10, seed=5)
-    xt, yt = canonical.inputs("lm", 4, seed=6)
-    model, _ = case.model("lm", canonical.weights("lm", seed=0, dtype=dtype))
-    trak = TRAK(model, task="language_modeling", proj_dim=KRONECKER_K, proj_type="kronecker", lambda_reg=LM_LAMBDA,
-                seed=3, backend=case.backend, progress=False)
-    for c in range(2):
-        _, checkpoint = case.model("lm", canonical.weights("lm", seed=c, dtype=dtype))
-        trak.featurize(checkpoint, [{**_case_inputs(case, {k: v[i:i + 4] for k, v in x.items()}, dtype),
-                                     "labels": case.array(y[i:i + 4])} for i in range(0, 10, 4)])
-    return case.to_numpy(trak.score([{**_case_inputs(case, xt, dtype), "labels": case.array(yt)}]))
-
-
-@functools.cache
-def _kronecker_lm_reference(case_id: str) -> np.ndarray:
-    from .cases import FIRST_PARTY
-
-    reference = FIRST_PARTY[case_id][2]()
-    with reference.active():
-        return _kronecker_lm_scores(reference, "float64")
-
-
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_conformance_kronecker_lm_scores(conformance_case, dtype):
     """``proj_type="kronecker"`` scores of the canonical LM equal another framework's in float64 (JAX x64's for
     torch, torch's for the others): float64 within ``rtol 1e-9``, float32 to a relative error ``<= 1e-4``."""
-    from .cases import unavailable
-
-    case = conformance_case
-    if "lm" not in case.kinds:
-        pytest.skip(f"{case.id} does not build the canonical 'lm' model")
-    if dtype == "float64" and _dtype(case) != "float64":
-        pytest.skip(f"{case.id} has no float64 here")
-    backend = _factorizing_backend(case)
-    reference_id = "jax:cpu:x64" if backend.name == "torch" else "torch:cpu"
-    reason = unavailable(reference_id)
-    if reason:
-        pytest.skip(f"the factorized LM scores are compared with {reference_id}'s, and {reason}")
-    from .cases import FIRST_PARTY
-
-    if not get_backend(FIRST_PARTY[reference_id][2]().backend).can_factorize:
-        pytest.skip(f"{reference_id} has no factorized projection to compare with")
-    scores, reference = _kronecker_lm_scores(case, dtype), _kronecker_lm_reference(reference_id)
-    assert scores.shape == reference.shape == (10, 4)
-    if dtype == "float64":
-        np.testing.assert_allclose(scores, reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
-    else:
-        assert np.linalg.norm(scores - reference) / np.linalg.norm(reference) <= 1e-4
+    _check_lm_against_another_framework(conformance_case, dtype, kronecker=True)
