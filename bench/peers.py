@@ -4,19 +4,23 @@ Examples
 --------
     python bench/peers.py       # M in {1, 2, 5, 10}, k = 2048: docs/bench/peers.json and docs/bench/peers.md
     python bench/peers.py --ms 1 5 --k 512 --libraries trak-core dattri --json out.json --md out.md
+    python bench/peers.py --task digits-mlp-1m --ms 10 --libraries trak-core traker-fp32 --json out.json --md out.md
 
 Notes
 -----
 Task ``digits-mlp`` of ``bench/quality/tasks.py`` (MLP 64-64-10, 4,810 parameters, 1,000 training digits,
 100 targets); LDS (mean and sem over targets) against its 128 retrained models (``ground_truth.py``,
-cached). The parent trains checkpoints with seeds ``0..max(M)-1`` once and saves them; each (variant, M)
+cached). ``--task digits-mlp-1m``: an MLP 64-1024-1024-10 (1,126,410 parameters) on 200 training digits and
+100 targets, for speed and memory only (no ground truth: LDS is not computed). The parent trains checkpoints with seeds ``0..max(M)-1`` once and saves them; each (variant, M)
 runs in a fresh ``--child`` process that loads them, runs once on one checkpoint untimed (warm-up), times
 featurizing ``M`` checkpoints plus scoring the targets (wall clock, batch 100, torch threads at their
 default) and saves the scores for the parent. Memory: the child's ``ru_maxrss`` at the end (peak) and
 right after its imports (torch, sklearn and the task's data, the library's modules).
 
 Variants (``id`` in the JSON): ``trak-core`` at its defaults (``TRAK(proj_dim=k, backend="torch")``:
-Rademacher, ``lambda_reg="auto"``). ``traker`` 0.3.2 at its CPU defaults (Gaussian ``BasicProjector``,
+Rademacher, ``lambda_reg="auto"``); ``trak-core-kernel64`` the same with the float64 reference kernel (``kernel_dtype="float64"``; the default,
+``"auto"``, makes a float32 kernel from float32 features); ``trak-core-kronecker`` the factorized projection
+(``proj_type="kronecker"``, ``docs/kronecker.md``): another estimator, for large models. ``traker`` 0.3.2 at its CPU defaults (Gaussian ``BasicProjector``,
 ``lambda_reg=0``, fp16 store) and ``traker-fp32`` (``use_half_precision=False``); non-finite scores are
 set to 0, with a note. ``dattri`` 0.3.0 ``TRAKAttributor`` with its CPU projector (Gaussian) and default
 ``regularization=0``; target: the margin ``log p - log(1 - p)`` of dattri's examples, written as
@@ -70,13 +74,15 @@ def _loader(x: np.ndarray, y: np.ndarray, batch: int) -> list[tuple[Any, Any]]:
 
 
 def run_trak_core(model: Any, checkpoints: list[dict], data: Data, *, k: int | None, batch: int,
-                  lambda_reg: float | str = "auto") -> np.ndarray:
+                  lambda_reg: float | str = "auto", kernel_dtype: str = "auto",
+                  proj_type: str = "rademacher") -> np.ndarray:
     """trak-core scores ``(n_train, n_targets)``: featurize every checkpoint, then score."""
     import trak_core
 
     x, y, xt, yt = data
     trak = trak_core.TRAK(model, task="classification", proj_dim=k, backend="torch", seed=0,
-                          lambda_reg=lambda_reg, progress=False)
+                          lambda_reg=lambda_reg, kernel_dtype=kernel_dtype, proj_type=proj_type,
+                          progress=False)
     for state in checkpoints:
         trak.featurize(state, _loader(x, y, batch))
     return trak.score(_loader(xt, yt, batch)).double().numpy()
@@ -145,6 +151,10 @@ def _variants(k: int, ridge: float, n_params: int) -> dict[str, tuple]:
     ours, traker = ("trak_core", "trak_torch"), ("trak", "trak.projectors")
     dattri = ("dattri.algorithm.trak", "dattri.task", "torch.utils.data")
     return {"trak-core": (ours, "trak-core", run_trak_core, {}, "Rademacher, lambda=auto"),
+            "trak-core-kernel64": (ours, "trak-core", run_trak_core, {"kernel_dtype": "float64"},
+                                   "Rademacher, lambda=auto, kernel_dtype=float64"),
+            "trak-core-kronecker": (ours, "trak-core", run_trak_core, {"proj_type": "kronecker"},
+                                    "factorized (proj_type=kronecker), lambda=auto"),
             "traker": (traker, "traker", run_traker, {}, "Gaussian, lambda=0, fp16"),
             "traker-fp32": (traker, "traker", run_traker, {"half": False}, "Gaussian, lambda=0, fp32"),
             "traker-ridge": (traker, "traker", run_traker, {"lambda_reg": traker_ridge},
@@ -161,12 +171,18 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
-def child(variant: str, m: int, k: int, batch: int, ridge: float, checkpoints_path: str, scores_path: str) -> dict:
+def _task(name: str) -> Any:
+    from tasks import SPEED_TASKS, TASKS
+
+    return {**TASKS, **SPEED_TASKS}[name]()
+
+
+def child(variant: str, m: int, k: int, batch: int, ridge: float, checkpoints_path: str, scores_path: str,
+          task_name: str = "digits-mlp") -> dict:
     """One (variant, M) cell in this process: warm up, time featurize + score, save the scores."""
     import torch
-    from tasks import TASKS
 
-    task = TASKS["digits-mlp"]()
+    task = _task(task_name)
     n_params = sum(p.numel() for p in task.model.parameters())
     modules, dist, runner, options, settings = _variants(k, ridge, n_params)[variant]
     for module in modules:
@@ -191,11 +207,11 @@ def child(variant: str, m: int, k: int, batch: int, ridge: float, checkpoints_pa
             "import_rss_mb": import_rss}
 
 
-def measure(variants: list[str], ms: list[int], k: int, batch: int, masks: np.ndarray,
-            outputs: np.ndarray) -> list[dict]:
-    """Rows of (variant, M): train ``max(ms)`` checkpoints, run each cell in a fresh process, add LDS."""
+def measure(variants: list[str], ms: list[int], k: int, batch: int, masks: np.ndarray | None,
+            outputs: np.ndarray | None, task_name: str = "digits-mlp") -> list[dict]:
+    """Rows of (variant, M): train ``max(ms)`` checkpoints, run each cell in a fresh process, add LDS
+    (unless ``masks`` is ``None``)."""
     import torch
-    from tasks import TASKS
 
     import trak_core
 
@@ -205,7 +221,7 @@ def measure(variants: list[str], ms: list[int], k: int, batch: int, masks: np.nd
         print(f"{dist} not installed: pip install {dist}")
     if not (variants := [v for v in variants if v not in missing]):
         return []
-    task = TASKS["digits-mlp"]()
+    task = _task(task_name)
     checkpoints = [task.train(*task.arrays(task.x, task.y), seed) for seed in range(max(ms))]
     lambdas = []
     if any(v.endswith("-ridge") for v in variants):  # trak-core's automatic lambda per checkpoint
@@ -222,7 +238,8 @@ def measure(variants: list[str], ms: list[int], k: int, batch: int, masks: np.nd
             for m in ms:
                 ridge = float(np.mean(lambdas[:m])) if variant.endswith("-ridge") else 0.0
                 command = [sys.executable, __file__, "--child", variant, "--m", str(m), "--k", str(k), "--batch",
-                           str(batch), "--ridge", repr(ridge), "--checkpoints", path, "--scores", scores_path]
+                           str(batch), "--ridge", repr(ridge), "--checkpoints", path, "--scores", scores_path,
+                           "--task", task_name]
                 done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
                 if done.returncode:
                     print(f"{variant} M={m} failed:\n{done.stderr[-2000:]}")
@@ -233,13 +250,19 @@ def measure(variants: list[str], ms: list[int], k: int, batch: int, masks: np.nd
                 if bad:
                     row["note"] = f"{bad} non-finite scores set to 0"
                     scores = np.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
-                result = trak_core.lds(scores, masks, outputs)
-                row.update(lds=float(result.mean), sem=float(result.sem))
+                row.update(task=task_name, lds=None, sem=None)
+                if masks is not None:
+                    result = trak_core.lds(scores, masks, outputs)
+                    row.update(lds=float(result.mean), sem=float(result.sem))
                 print(f"{variant:<13} M={m:<3} {row['seconds']:7.2f} s  peak {row['peak_rss_mb']:5.0f} MB "
-                      f"(+{row['peak_rss_mb'] - row['import_rss_mb']:.0f})  LDS {row['lds']:.3f} ± {row['sem']:.3f}"
+                      f"(+{row['peak_rss_mb'] - row['import_rss_mb']:.0f})  LDS {_lds(row)}"
                       + (f"  [{row['note']}]" if bad else ""), flush=True)
                 rows.append(row)
     return rows
+
+
+def _lds(row: dict) -> str:
+    return "-" if row.get("lds") is None else f"{row['lds']:.3f} ± {row['sem']:.3f}"
 
 
 def machine() -> dict:
@@ -253,11 +276,16 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def markdown(rows: list[dict], facts: dict, k: int, batch: int) -> str:
+TASK_CAPTIONS = {"digits-mlp": "digits-mlp (1,000 train, 100 targets, 128 retrained models)",
+                 "digits-mlp-1m": "digits-mlp-1m (MLP 64-1024-1024-10, 1,126,410 parameters; 200 train, 100 "
+                                  "targets; no LDS)"}
+
+
+def markdown(rows: list[dict], facts: dict, k: int, batch: int, task_name: str = "digits-mlp") -> str:
     """The table, under a one-line caption naming the command, the machine and the settings."""
-    caption = (f"`python bench/peers.py` on {facts['cpu']} ({facts['cores']} cores, torch {facts['torch']}, "
-               f"{facts['torch_threads']} threads): digits-mlp (1,000 train, 100 targets, 128 retrained models), "
-               f"k={k}, batch {batch}; seconds: featurize + score after a warm-up; memory: peak RSS of a fresh "
+    command = "python bench/peers.py" + ("" if task_name == "digits-mlp" else f" --task {task_name}")
+    caption = (f"`{command}` on {facts['cpu']} ({facts['cores']} cores, torch {facts['torch']}, "
+               f"{facts['torch_threads']} threads): {TASK_CAPTIONS[task_name]}, k={k}, batch {batch}; seconds: featurize + score after a warm-up; memory: peak RSS of a fresh "
                "process (in brackets: above its RSS after imports).")
     lines = [caption, "", "| library | version | settings | M | seconds | peak MB (+ above import) | LDS |",
              "|---|---|---|---|---|---|---|"]
@@ -265,7 +293,7 @@ def markdown(rows: list[dict], facts: dict, k: int, batch: int) -> str:
         note = f" ({r['note']})" if "note" in r else ""
         lines.append(f"| {r['library']} | {r['version']} | {r['settings']} | {r['M']} | {r['seconds']:.2f} | "
                      f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['import_rss_mb']:.0f}) | "
-                     f"{r['lds']:.3f} ± {r['sem']:.3f}{note} |")
+                     f"{_lds(r)}{note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -275,6 +303,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--ms", nargs="*", type=int, default=[1, 2, 5, 10])
     parser.add_argument("--k", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--task", default="digits-mlp", choices=sorted(TASK_CAPTIONS),
+                        help="digits-mlp (default, with LDS) or digits-mlp-1m (1.13M parameters, speed only)")
     parser.add_argument("--json", default=str(HERE.parent / "docs" / "bench" / "peers.json"))
     parser.add_argument("--md", default=str(HERE.parent / "docs" / "bench" / "peers.md"))
     for hidden in ("--child", "--checkpoints", "--scores"):
@@ -286,18 +316,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         pid = os.fork()  # after exec, ru_maxrss still holds the launcher's peak; a fork starts from its own
         if pid:
             sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-        print(json.dumps(child(args.child, args.m, args.k, args.batch, args.ridge, args.checkpoints, args.scores)))
+        print(json.dumps(child(args.child, args.m, args.k, args.batch, args.ridge, args.checkpoints, args.scores,
+                               args.task)))
         return []
     from ground_truth import ground_truth
     from tasks import TASKS
 
-    masks, outputs = ground_truth(TASKS["digits-mlp"](), 128)
+    masks, outputs = ground_truth(TASKS[args.task](), 128) if args.task in TASKS else (None, None)
     start = time.perf_counter()
-    rows = measure(args.libraries, args.ms, args.k, args.batch, masks, outputs)
+    rows = measure(args.libraries, args.ms, args.k, args.batch, masks, outputs, args.task)
     facts = dict(machine(), total_seconds=round(time.perf_counter() - start, 1))
     write_json({"machine": facts, "rows": rows}, args.json)
     if args.md:
-        pathlib.Path(args.md).write_text(markdown(rows, facts, args.k, args.batch))
+        pathlib.Path(args.md).write_text(markdown(rows, facts, args.k, args.batch, args.task))
     return rows
 
 

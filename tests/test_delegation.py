@@ -136,21 +136,25 @@ def test_in_float64_with_float64_is_the_namespace_path(xp):
     assert np.array_equal(_numpy(made), _numpy(xp.astype(make(xp, None), xp.float32)))
 
 
-def test_packed_product_equals_the_generic_block_loop(xp):
+@pytest.mark.parametrize("block_bytes", [None, 8 * 96 * 4])  # the default, or blocks of 8 rows (k = 70: 96 columns)
+def test_packed_product_equals_the_generic_block_loop(xp, block_bytes, monkeypatch):
+    if block_bytes is not None:
+        monkeypatch.setattr(_delegation, "PACKED_BLOCK_BYTES", block_bytes)
     k, p, block = 70, 100, 32
-    flipped = xp.asarray(np.random.default_rng(0).normal(size=(4, p)).astype(np.float32))
+    rng = np.random.default_rng(0)
+    grads = xp.asarray(rng.normal(size=(4, p)).astype(np.float32))
+    signs = xp.asarray(np.sign(rng.normal(size=p)).astype(np.float32))
     packed = projection._rademacher_words(0, p, k, 11, xp=xp, device=None)
-    fast = _delegation.packed_product(flipped, packed, k, block, xp=xp)
-    if _name(xp) != "jax":
+    fast = _delegation.packed_product(grads, signs, packed, k, block, xp=xp)
+    if _name(xp) not in ("jax", "torch"):
         assert fast is None  # no native path: the generic loop runs
         return
-    generic = xp.zeros((4, k), dtype=xp.float32)
-    for start in range(0, p, block):
-        signs = projection._unpack_bits(packed[start:start + block, :], k, 1.0 / math.sqrt(k), xp=xp,
-                                        dtype=xp.float32)
-        generic = generic + flipped[:, start:start + block] @ signs
-    assert fast.dtype == generic.dtype
-    np.testing.assert_allclose(_numpy(fast), _numpy(generic), rtol=1e-5, atol=1e-6)
+    words = np.asarray(_numpy(packed)).view(np.uint32)
+    bits = (words[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1  # column 32 b + t is bit t of word b
+    dense = np.where(bits.reshape(p, -1)[:, :k] == 0, 1.0, -1.0) / math.sqrt(k)
+    reference = (_numpy(grads).astype(np.float64) * _numpy(signs)) @ dense  # float64, from the bits alone
+    assert fast.dtype == grads.dtype and tuple(fast.shape) == (4, k)
+    np.testing.assert_allclose(_numpy(fast), reference, rtol=1e-5, atol=2e-6)
 
 
 def _half_operands(xp):

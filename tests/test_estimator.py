@@ -141,3 +141,60 @@ def test_gram_space_and_kernel_space_give_the_formula(rng, n):
                                rtol=1e-9, atol=1e-12)
     own = phi @ np.linalg.solve(kernel, phi.T) * q[:, None]
     np.testing.assert_allclose(trak.self_influence(), np.diag(own), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [20, 90])
+def test_float32_kernel_gives_the_formula_to_float32_accuracy(rng, n):
+    """kernel_dtype="float32" (n-space at n = 20, k-space at n = 90): the kernel and its factor are float32,
+    and the scores equal the float64 formula on the same features to about 1e-7 * cond(K)."""
+    x, y, xt, yt = _problem(rng, n=n)
+    model = MLP(5, 6, 3)
+    theta = model.init(seed=5)
+    trak = TRAK(model, proj_dim=64, lambda_reg=0.1, kernel_dtype="float32", progress=False)
+    trak.featurize(theta, [(x, y)])
+    entry = trak.store[0]
+    assert entry.kernel.dtype == entry.factor.arrays[0].dtype == np.float32
+    phi, q = entry.features, entry.out_to_loss
+    assert phi.dtype == np.float64  # the features keep their dtype: only the kernel and its solves are float32
+    phit = trak.features([(xt, yt)], checkpoint=0)
+    kernel = phi.T @ phi + 0.1 * np.eye(64)
+    formula = phi @ np.linalg.solve(kernel, phit.T) * q[:, None]
+    scores = trak.score([(xt, yt)])
+    bound = 50 * np.finfo(np.float32).eps * np.linalg.cond(kernel)
+    error = np.linalg.norm(scores - formula) / np.linalg.norm(formula)
+    assert 1e-10 < error < bound  # float32 solves (not float64 ones), within float32 rounding times cond(K)
+    own = phi @ np.linalg.solve(kernel, phi.T) * q[:, None]
+    assert np.linalg.norm(trak.self_influence() - np.diag(own)) / np.linalg.norm(np.diag(own)) < bound
+
+
+def test_unknown_kernel_dtype_is_refused():
+    with pytest.raises(ValueError, match=r"unknown kernel_dtype 'float16'; choose one of \('auto', 'float64', 'float32'\)"):
+        TRAK(MLP(5, 6, 3), kernel_dtype="float16")
+
+
+def test_auto_kernel_dtype_follows_the_features_and_lambda(rng):
+    """The default, kernel_dtype="auto": a float32 kernel for float32 features, float64 for float64 features and
+    for lambda_reg = 0 (refit to 0 and back remakes the kernel); each factor solves its own kernel's system."""
+    x, y, xt, yt = _problem(rng, n=20)
+    model = MLP(5, 6, 3)
+    theta = model.init(seed=5)
+
+    def factor_dtypes(trak):
+        return {entry.factor.arrays[0].dtype for entry in trak.store}
+
+    t32 = TRAK(model, proj_dim=64, lambda_reg=0.1, progress=False)
+    t32.featurize(theta.astype(np.float32), [(x.astype(np.float32), y)])
+    t64 = TRAK(model, proj_dim=64, lambda_reg=0.1, progress=False)
+    t64.featurize(theta, [(x, y)])
+    assert factor_dtypes(t32) == {np.dtype(np.float32)} and factor_dtypes(t64) == {np.dtype(np.float64)}
+    zero = TRAK(model, proj_dim=64, lambda_reg=0.0, progress=False)
+    zero.featurize(theta.astype(np.float32), [(x.astype(np.float32), y)])
+    assert factor_dtypes(zero) == {np.dtype(np.float64)}
+    phi = t32.store[0].features.astype(np.float64)
+    gram = phi @ phi.T
+    t32.refit(0.0)
+    assert factor_dtypes(t32) == {np.dtype(np.float64)}
+    np.testing.assert_allclose(t32.store[0].kernel, gram, rtol=1e-12, atol=1e-12 * np.abs(gram).max())
+    t32.refit(0.1)
+    assert factor_dtypes(t32) == {np.dtype(np.float32)} and t32.store[0].kernel.dtype == np.float32
+    np.testing.assert_allclose(t32.store[0].kernel, gram, rtol=1e-5, atol=1e-6 * np.abs(gram).max())

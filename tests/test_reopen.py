@@ -93,3 +93,23 @@ def test_self_influence_is_the_diagonal_of_scoring_the_training_set(tmp_path, st
         np.testing.assert_allclose(opened.self_influence(), diagonal, rtol=1e-10, atol=1e-12 * np.abs(diagonal).max())
     with pytest.raises(TrakCoreError, match="self_influence needs checkpoint_weighting='uniform'"):
         TRAK(model, proj_dim=8, checkpoint_weighting="normalized").self_influence()
+
+
+@pytest.mark.parametrize("written, scored", [("float64", "float32"), ("float32", "float64")])
+def test_a_store_is_scored_with_either_kernel_dtype(tmp_path, written, scored):
+    """kernel_dtype is not part of the store's configuration: a float64 kernel stored is cast down, a float32 one
+    is remade from the features for float64 (and stays stored); the scores match a fresh run with ``scored``."""
+    _featurize(tmp_path / "store", kernel_dtype=written, lambda_reg=0.05)
+    model = MLP(5, 4, 3)
+    reopened = TRAK.open(tmp_path / "store", model, [model.init(seed=c) for c in range(2)], kernel_dtype=scored)
+    targets = np.random.default_rng(7).normal(size=(9, 5)), np.arange(9) % 3
+    scores = reopened.score([targets])
+    assert all(entry.factor.arrays[0].dtype == np.dtype(scored) for entry in reopened.store)
+    fresh, _ = _featurize(None, kernel_dtype=scored, lambda_reg=0.05)
+    expected = fresh.score([targets])
+    if scored == "float64":  # remade from the same features as a fresh float64 run: the same bits
+        assert np.array_equal(scores, expected)
+    else:  # a float64 kernel cast to float32 vs one made in float32: float32 rounding apart
+        np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    import zarr
+    assert zarr.open_group(str(tmp_path / "store"), mode="r")["c0/kernel"].dtype == np.dtype(written)

@@ -18,7 +18,8 @@ Projection (generating and applying the counter-based matrix):
 - ``make_array``: where to make a matrix block: in NumPy and moved (eager JAX; torch's CPU
   transcendental functions), else in the namespace itself.
 - ``in_float64``: values computed in float64, in NumPy where the namespace has no float64.
-- ``packed_product``: ``flipped @ unpack(packed)`` block by block, jitted for JAX.
+- ``packed_product``: ``(grads * signs) @ unpack(packed)`` block by block: in-cache blocks added in
+  place for torch, jitted for JAX.
 - ``half_matmul``: ``a @ b`` for float16 operands with float32 products and sums and a float32
   result (tensor cores on GPUs; an exact emulation elsewhere).
 
@@ -32,6 +33,7 @@ this namespace", and the caller runs its generic code.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from typing import Any, Callable
 
@@ -176,17 +178,45 @@ def in_float64(make: Callable[[Any, Any], Any], *, xp: Any, device: Any, dtype: 
     return xp.asarray(values.astype(_numpy_dtype(dtype, xp=xp)), device=device)
 
 
-def packed_product(flipped: Any, packed: Any, k: int, block: int, *, xp: Any) -> Any | None:
-    """``flipped @ R`` for ``R`` given as packed sign words, ``block`` rows at a time; or ``None``.
+def packed_product(grads: Any, signs: Any, packed: Any, k: int, block: int, *, xp: Any) -> Any | None:
+    """``(grads * signs) @ R`` for ``R`` given as packed sign words, ``block`` rows at a time; or ``None``.
 
-    JAX: one jitted step per block size (``trak_core._jax_blocks``): eager JAX dispatches every
-    slice, shift and comparison as its own computation. ``None`` for other namespaces.
+    torch: each block of ``R`` is unpacked into one reused buffer small enough to stay in the CPU's
+    caches (``PACKED_BLOCK_BYTES``) and added into the result in place (``addmm_``), with the row
+    signs applied to the block's columns of ``grads`` only: unpacking then costs about a tenth of
+    the product instead of half of it, and no flipped copy of ``grads`` is made. JAX: one jitted
+    step per block size (``trak_core._jax_blocks``): eager JAX dispatches every slice, shift and
+    comparison as its own computation. ``None`` for other namespaces. The blocks' sums are added in
+    another order than the generic loop's: the same numbers to float rounding.
     """
+    if array_api_compat.is_torch_namespace(xp):
+        return _torch_packed_product(grads, signs, packed, k)
     if not array_api_compat.is_jax_namespace(xp):
         return None
     from ._jax_blocks import packed_product as jitted
 
-    return jitted(flipped, packed, k, block)
+    return jitted(grads * signs, packed, k, block)
+
+
+PACKED_BLOCK_BYTES = 4 * 2**20  # one unpacked block of R on the torch path: within a CPU's L2 + L3 caches
+
+
+def _torch_packed_product(grads: Any, signs: Any, packed: Any, k: int) -> Any:
+    import torch
+
+    n, p = grads.shape
+    width = packed.shape[1] * 32
+    itemsize = torch.finfo(grads.dtype).bits // 8
+    block = max(1, min(p, PACKED_BLOCK_BYTES // (width * itemsize)))
+    table = _byte_table(1.0 / math.sqrt(k), dtype=grads.dtype, device=grads.device)
+    out = torch.zeros((n, k), dtype=grads.dtype, device=grads.device)
+    buffer = torch.empty((block * width // 8, 8), dtype=grads.dtype, device=grads.device)
+    for start in range(0, p, block):
+        stop = min(p, start + block)
+        index = packed[start:stop].contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+        unpacked = torch.index_select(table, 0, index, out=buffer[:index.numel()])
+        out.addmm_(grads[:, start:stop] * signs[start:stop], unpacked.view(stop - start, width)[:, :k])
+    return out
 
 
 def half_matmul(a: Any, b: Any, *, xp: Any) -> Any:

@@ -208,14 +208,21 @@ class Featurizer:
 
     def _close_checkpoint(self, pending: PendingCheckpoint, lambda_reg: float | None = None) -> None:
         """Factorize the kernel and add the entry (the features are all in the writer)."""
-        features, q_all, kernel = pending.writer.finish()
+        kernel_dtype = self._kernel_dtype(self.lambda_reg if lambda_reg is None else lambda_reg)
+        features, q_all, kernel = pending.writer.finish(kernel_dtype=kernel_dtype)
         if features is None:
             raise TrakValueError("featurize: data yielded no batches; pass an iterable of (inputs, labels)")
         factor = self._factorize(kernel, features.shape[0], pending.n_params, pending.index, lambda_reg)
         del kernel  # the entry re-reads or recomputes it when lambda changes (refit); only the factor is held
         self.store.add(CheckpointEntry(pending.index, pending.prepared, pending.n_params, features, q_all, factor,
                                        pending.structure, pending.writer.kernel_loader, pending.digest,
-                                       pending.writer.data_checksums))
+                                       pending.writer.data_checksums, kernel_dtype))
+
+    def _kernel_dtype(self, lambda_reg: Any) -> str:
+        """``kernel_dtype`` for this ``lambda_reg``: ``"auto"`` is ``"float64"`` when ``lambda_reg == 0`` (the
+        minimum-norm solution tells zero eigenvalues from small ones, which float32 sums cannot)."""
+        chosen = getattr(self, "kernel_dtype", "auto")
+        return "float64" if chosen == "auto" and lambda_reg == 0 else chosen
 
     def _write_features(self, checkpoint: Any, pending: PendingCheckpoint, data: Iterable[Any],
                         check: DataCheck) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from ._namespace import device_of, namespace
 from .errors import MissingFrameworkError, StoreMismatchError, TrakOSError, TrakValueError
+from . import kernel as kernel_ops
 from .fingerprints import combine, to_numpy
 from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, Store, Writer, kernel_from_features
 
@@ -201,7 +202,10 @@ class DiskWriter(Writer):
         else:
             _grow(self.group["out_to_loss"], n_rows)
 
-    def finish(self) -> tuple[Any, Any, Any]:
+    def finish(self, kernel_dtype: str = "float64") -> tuple[Any, Any, Any]:
+        """``(features, out_to_loss, kernel)``: a stored kernel is reused when it is of ``kernel_dtype``'s dtype or
+        wider (cast down), else made from the features (:func:`trak_core.store.kernel_from_features`); a new one is
+        stored only when none was."""
         if self._rows:
             self._write()
         if "features" not in self.group or self.group["features"].shape[0] == 0:
@@ -211,10 +215,15 @@ class DiskWriter(Writer):
         lazy = DiskFeatures(features, self.checksums, self.template)
         xp = namespace(self.template)
         weights = xp.asarray(self.group["out_to_loss"][:], device=device_of(self.template))
-        self.kernel_loader = lambda: xp.asarray(self.group["kernel"][:], device=device_of(self.template))
+        work = kernel_ops.work_dtype(xp, device_of(self.template), kernel_dtype, self.template.dtype)
+        self.kernel_loader = lambda: xp.astype(xp.asarray(self.group["kernel"][:], device=device_of(self.template)),
+                                               work)
         if "kernel" in self.group and self.complete:
-            return lazy, weights, self.kernel_loader()
-        kernel = kernel_from_features(lazy, xp=xp)
+            if self.group["kernel"].dtype.itemsize * 8 >= xp.finfo(work).bits:
+                return lazy, weights, self.kernel_loader()
+            self.kernel_loader = None  # a float32 kernel stored, float64 asked: made from the features (kept stored)
+            return lazy, weights, kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
+        kernel = kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
         matrix = to_numpy(kernel)
         if "kernel" in self.group:
             del self.group["kernel"]

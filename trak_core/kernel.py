@@ -28,7 +28,25 @@ from ._delegation import solve_triangular
 from ._namespace import accumulation_dtype, device_of
 from .errors import TrakTypeError, TrakValueError
 
-__all__ = ["KernelFactor", "accumulate", "factorize", "solve", "check_lambda", "space_for", "gram"]
+__all__ = ["KernelFactor", "KERNEL_DTYPES", "accumulate", "factorize", "solve", "check_lambda", "space_for", "gram",
+           "work_dtype"]
+
+KERNEL_DTYPES = ("auto", "float64", "float32")
+
+
+def work_dtype(xp: Any, device: Any = None, kernel_dtype: str = "float64", features_dtype: Any = None) -> Any:
+    """The dtype the kernel is made, factorized and solved in: ``TRAK(kernel_dtype=...)``.
+
+    ``"float64"`` (the reference): float64 where the namespace has it, else float32.
+    ``"float32"``: float32, about twice as fast on CPUs (the Gram or ``Phi^T Phi`` product is
+    the costly part); scores then agree with float64 ones to about ``1e-7 * cond(K)`` relative.
+    ``"auto"``: float32 for features of 32 bits or fewer, else as ``"float64"``.
+    """
+    if kernel_dtype not in KERNEL_DTYPES:
+        raise TrakValueError(f"unknown kernel_dtype {kernel_dtype!r}; choose one of {KERNEL_DTYPES}")
+    if kernel_dtype == "auto":
+        kernel_dtype = "float32" if features_dtype is not None and xp.finfo(features_dtype).bits <= 32 else "float64"
+    return xp.float32 if kernel_dtype == "float32" else accumulation_dtype(xp, device)
 
 
 @dataclass
@@ -47,11 +65,11 @@ def space_for(n_train: int, k: int) -> str:
     return "n" if n_train < k else "k"
 
 
-def gram(features: Any, *, xp: Any, chunk_rows: int = 4096) -> Any:
-    """``Phi Phi^T`` (n x n) in the accumulation dtype, by blocks of rows."""
+def gram(features: Any, *, xp: Any, chunk_rows: int = 4096, dtype: Any = None) -> Any:
+    """``Phi Phi^T`` (n x n) in ``dtype`` (default: the accumulation dtype), by blocks of rows."""
     n = features.shape[0]
     blocks = [features[start:min(n, start + chunk_rows), :] for start in range(0, n, chunk_rows)]  # arrays (a store's
-    work = accumulation_dtype(xp, device_of(blocks[0]))                                            # lazy rows too)
+    work = accumulation_dtype(xp, device_of(blocks[0])) if dtype is None else dtype                # lazy rows too)
     blocks = [xp.astype(block, work) for block in blocks]
     rows = [xp.concat([a @ xp.matrix_transpose(b) for b in blocks], axis=1) for a in blocks]
     return rows[0] if len(rows) == 1 else xp.concat(rows, axis=0)
@@ -68,9 +86,9 @@ def check_lambda(lambda_reg: Any) -> float:
     return value
 
 
-def accumulate(kernel: Any | None, features: Any, *, xp: Any) -> Any:
-    """``kernel + features^T features`` in the accumulation dtype (float64 where available)."""
-    work = accumulation_dtype(xp, device_of(features))
+def accumulate(kernel: Any | None, features: Any, *, xp: Any, dtype: Any = None) -> Any:
+    """``kernel + features^T features`` in ``dtype`` (default: the accumulation dtype, float64 where available)."""
+    work = accumulation_dtype(xp, device_of(features)) if dtype is None else dtype
     chunk = xp.astype(features, work)
     update = xp.matrix_transpose(chunk) @ chunk
     return update if kernel is None else kernel + update

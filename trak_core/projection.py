@@ -242,14 +242,14 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
     signs, shared, packed = cached_factors(p, k, seed=seed, checkpoint=checkpoint, kind=kind, offset=offset,
                                            xp=xp, device=device, dtype=dtype, cache=cache,
                                            dense=block_size is None)
+    block = block_size or max(1, _BLOCK_BYTES // (k * (xp.finfo(dtype).bits // 8)))
+    if packed is not None:
+        native = packed_product(grads, signs, packed, k, block, xp=xp)  # torch: in-cache blocks; JAX: jitted
+        if native is not None:
+            return native
     flipped = grads * signs
     if shared is not None:
         return flipped @ shared
-    block = block_size or max(1, _BLOCK_BYTES // (k * (xp.finfo(dtype).bits // 8)))
-    if packed is not None:
-        native = packed_product(flipped, packed, k, block, xp=xp)  # eager JAX: the block loop jitted
-        if native is not None:
-            return native
     out = xp.zeros((n, k), dtype=dtype, device=device)
     for start in range(0, p, block):
         stop = min(p, start + block)

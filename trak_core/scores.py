@@ -1,13 +1,12 @@
 """Scores from features: ``tau = (1/C sum_c Phi_c K_c^{-1} phi_c(z')^T) * (1/C sum_c Q_c)``.
 
 One job: the scoring formula of DESIGN.md, per checkpoint and ensembled. Train features are
-multiplied in row chunks in the accumulation dtype, so memory stays bounded by the chunk.
+multiplied in row chunks in the kernel's dtype, so memory stays bounded by the chunk.
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ._namespace import accumulation_dtype, device_of
 from .kernel import KernelFactor, gram, solve
 
 __all__ = ["checkpoint_scores", "target_weights", "finish_products", "train_products", "self_scores", "ensemble", "soft_threshold",
@@ -19,7 +18,7 @@ SCORE_BLOCK_ROWS = 16384  # train rows multiplied at a time (shards of distribut
 
 def checkpoint_scores(train_features: Any, factor: KernelFactor, target_features: Any, *, xp: Any,
                       chunk_rows: int = SCORE_BLOCK_ROWS) -> Any:
-    """``Phi_c K_c^{-1} phi_c(z')^T``, shape (n_train, n_targets), in the accumulation dtype (in n-space:
+    """``Phi_c K_c^{-1} phi_c(z')^T``, shape (n_train, n_targets), in the kernel's dtype (in n-space:
     ``(G_c + lambda I)^{-1} (Phi_c phi_c(z')^T)``, :mod:`trak_core.kernel`)."""
     products = train_products(train_features, target_weights(factor, target_features, xp=xp), 0,
                               train_features.shape[0], xp=xp, chunk_rows=chunk_rows)
@@ -27,9 +26,9 @@ def checkpoint_scores(train_features: Any, factor: KernelFactor, target_features
 
 
 def target_weights(factor: KernelFactor, target_features: Any, *, xp: Any) -> Any:
-    """What the train features multiply, (k, n_targets), in the accumulation dtype: ``K_c^{-1} phi_c(z')^T``,
+    """What the train features multiply, (k, n_targets), in the kernel's dtype: ``K_c^{-1} phi_c(z')^T``,
     or in n-space ``phi_c(z')^T`` itself (the n x n solve comes after the product: :func:`finish_products`)."""
-    work = accumulation_dtype(xp, device_of(target_features))
+    work = factor.arrays[0].dtype  # the kernel's dtype (``TRAK(kernel_dtype=...)``)
     transposed = xp.matrix_transpose(xp.astype(target_features, work))
     return transposed if factor.space == "n" else solve(factor, transposed, xp=xp)
 
@@ -52,10 +51,10 @@ def train_products(train_features: Any, weights: Any, start: int, stop: int, *, 
 
 
 def self_scores(train_features: Any, factor: KernelFactor, *, xp: Any, chunk_rows: int = SCORE_BLOCK_ROWS) -> Any:
-    """``diag(Phi_c K_c^{-1} Phi_c^T)``, shape (n_train,), in the accumulation dtype: each training
+    """``diag(Phi_c K_c^{-1} Phi_c^T)``, shape (n_train,), in the kernel's dtype: each training
     example scored as its own target, without the n_train x n_train matrix (row blocks of ``chunk_rows``)."""
     if factor.space == "n":  # diag((G + lambda I)^{-1} G)
-        g = gram(train_features, xp=xp, chunk_rows=chunk_rows)
+        g = gram(train_features, xp=xp, chunk_rows=chunk_rows, dtype=factor.arrays[0].dtype)
         return _diagonal(solve(factor, g, xp=xp), xp=xp)
     parts = []
     for start in range(0, train_features.shape[0], chunk_rows):

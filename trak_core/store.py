@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from . import kernel as kernel_ops
-from ._namespace import namespace
+from ._namespace import device_of, namespace
 from .errors import TrakValueError
 from .kernel import KernelFactor
 
@@ -23,16 +23,19 @@ __all__ = ["CheckpointEntry", "Store", "Writer", "MemoryStore", "MemoryWriter", 
 KERNEL_CHUNK_ROWS = 4096  # rows of features per update of the kernel K (and rows per on-disk chunk)
 
 
-def kernel_from_features(features: Any, *, xp: Any = None) -> Any:
+def kernel_from_features(features: Any, *, xp: Any = None, kernel_dtype: str = "float64") -> Any:
     """The matrix to factorize, as featurizing makes it (same bits): ``Phi^T Phi`` accumulated in chunks of
-    ``KERNEL_CHUNK_ROWS`` rows, or ``Phi Phi^T`` when ``n_train < k`` (:func:`trak_core.kernel.space_for`)."""
-    xp = namespace(features[:1, :]) if xp is None else xp
+    ``KERNEL_CHUNK_ROWS`` rows, or ``Phi Phi^T`` when ``n_train < k`` (:func:`trak_core.kernel.space_for`),
+    in the dtype ``kernel_dtype`` names (:func:`trak_core.kernel.work_dtype`)."""
+    first = features[:1, :]
+    xp = namespace(first) if xp is None else xp
+    dtype = kernel_ops.work_dtype(xp, device_of(first), kernel_dtype, first.dtype)
     if kernel_ops.space_for(features.shape[0], features.shape[1]) == "n":
-        return kernel_ops.gram(features, xp=xp, chunk_rows=KERNEL_CHUNK_ROWS)
+        return kernel_ops.gram(features, xp=xp, chunk_rows=KERNEL_CHUNK_ROWS, dtype=dtype)
     kernel = None
     for start in range(0, features.shape[0], KERNEL_CHUNK_ROWS):
         kernel = kernel_ops.accumulate(kernel, features[start:min(features.shape[0], start + KERNEL_CHUNK_ROWS), :],
-                                       xp=xp)
+                                       xp=xp, dtype=dtype)
     return kernel
 
 
@@ -56,11 +59,14 @@ class CheckpointEntry:
     kernel_loader: Callable[[], Any] | None = None
     parameters_digest: str | None = None
     data_checksums: dict[str, str] = field(default_factory=dict)
+    kernel_dtype: str = "float64"
 
     @property
     def kernel(self) -> Any:
-        """``Phi^T Phi``, or ``Phi Phi^T`` when ``n_train < k`` (without lambda), in the accumulation dtype."""
-        return self.kernel_loader() if self.kernel_loader is not None else kernel_from_features(self.features)
+        """``Phi^T Phi``, or ``Phi Phi^T`` when ``n_train < k`` (without lambda), in ``kernel_dtype``'s dtype."""
+        if self.kernel_loader is not None:
+            return self.kernel_loader()
+        return kernel_from_features(self.features, kernel_dtype=self.kernel_dtype)
 
 
 class Writer(abc.ABC):
@@ -106,8 +112,9 @@ class Writer(abc.ABC):
         """Add the features (rows) and out-to-loss weights of the next examples."""
 
     @abc.abstractmethod
-    def finish(self) -> tuple[Any, Any, Any]:
-        """``(features, out_to_loss, Phi^T Phi)``, or ``(None, None, None)`` when nothing was added."""
+    def finish(self, kernel_dtype: str = "float64") -> tuple[Any, Any, Any]:
+        """``(features, out_to_loss, Phi^T Phi)`` (the kernel in the dtype ``kernel_dtype`` names, see
+        :func:`kernel_from_features`), or ``(None, None, None)`` when nothing was added."""
 
     @abc.abstractmethod
     def discard(self) -> None:
@@ -146,7 +153,7 @@ class MemoryWriter(Writer):
         self._features.append(features)
         self._weights.append(out_to_loss)
 
-    def finish(self) -> tuple[Any, Any, Any]:
+    def finish(self, kernel_dtype: str = "float64") -> tuple[Any, Any, Any]:
         """``(features, out_to_loss, kernel)`` (:func:`kernel_from_features`), or ``(None, None, None)`` when
         nothing was added."""
         if not self._features:
@@ -154,7 +161,8 @@ class MemoryWriter(Writer):
         xp = namespace(self._features[0])
         features = self._features[0] if len(self._features) == 1 else xp.concat(self._features, axis=0)
         self._features = [features]
-        return features, xp.concat(self._weights, axis=0), kernel_from_features(features, xp=xp)
+        return features, xp.concat(self._weights, axis=0), kernel_from_features(features, xp=xp,
+                                                                                 kernel_dtype=kernel_dtype)
 
     def discard(self) -> None:
         """Forget what was collected (nothing was stored)."""

@@ -18,6 +18,7 @@ from .backends import Backend
 from .backends.protocol import batches
 from .errors import TrakValueError
 from .executors import get_executor
+from .kernel import KERNEL_DTYPES
 from .kronecker import Kronecker
 from .projection import KINDS, PRECISIONS
 from .scores import checkpoint_scores, ensemble, finish_products, self_scores, soft_threshold, target_weights
@@ -83,6 +84,14 @@ class TRAK(Featurizer):
         everywhere, computed on GPUs as two float16 tensor-core products of a split input;
         ``"fast"`` is one float16 product (relative error about 3e-4, traker's fast_jl grade),
         Rademacher only. CPU results at the default are those of a float32 product.
+    kernel_dtype : {"auto", "float64", "float32"}
+        Of the kernel (``Phi^T Phi``, or ``Phi Phi^T`` when ``n_train < k``), its factorization and the
+        solves (``trak_core.kernel.work_dtype``). ``"auto"`` (default): float32 for float32 (or
+        half-precision) features, float64 for float64 features and whenever ``lambda_reg == 0``.
+        ``"float64"`` is the reference (float32 where the namespace has no float64). A float32 kernel is
+        made about twice as fast on CPUs; scores then move by about ``1e-7 * cond(K)`` relative (2e-6 on
+        the digits task, LDS unchanged: ``docs/benchmarks.md``). Not part of the store's configuration:
+        a store written with one can be scored with the other.
 
     Notes
     -----
@@ -95,7 +104,7 @@ class TRAK(Featurizer):
                  backend: str | Backend | None = None, store: Any = None, progress: bool | None = None,
                  normalize_features: bool = False, soft_threshold: float | None = None,
                  checkpoint_weighting: str = "uniform", executor: Any = None, precision: str = "float32",
-                 label_key: str = "labels") -> None:
+                 label_key: str = "labels", kernel_dtype: str = "auto") -> None:
         self.proj_dim = _check_proj_dim(proj_dim)
         self.kronecker: Kronecker | None = None
         if isinstance(proj_type, Kronecker) or proj_type == "kronecker":
@@ -113,6 +122,9 @@ class TRAK(Featurizer):
             raise TrakValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
                                  "float16); use precision='float32' for Gaussian projections")
         self.precision = precision
+        if kernel_dtype not in KERNEL_DTYPES:
+            raise TrakValueError(f"unknown kernel_dtype {kernel_dtype!r}; choose one of {KERNEL_DTYPES}")
+        self.kernel_dtype = kernel_dtype
         if not isinstance(label_key, str) or not label_key:
             raise TrakValueError(f"label_key must be a non-empty string, got {label_key!r}")
         self.label_key = label_key
@@ -195,6 +207,9 @@ class TRAK(Featurizer):
         """Refactorize every featurized checkpoint's kernel with another ``lambda_reg`` (no re-featurizing)."""
         self.lambda_reg = _check_lambda(lambda_reg)
         for entry in self.store:
+            kernel_dtype = self._kernel_dtype(self.lambda_reg)
+            if kernel_dtype != entry.kernel_dtype:  # "auto" and lambda 0: the kernel made again in float64
+                entry.kernel_dtype, entry.kernel_loader = kernel_dtype, None
             entry.factor = self._factorize(entry.kernel, entry.features.shape[0], entry.n_params, entry.index)
 
     def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None,
@@ -310,7 +325,8 @@ class TRAK(Featurizer):
     def open(cls, path: Any, model: Any, checkpoints: Sequence[Any], *, task: str | Task | None = None,
              backend: str | Backend | None = None, lambda_reg: float | str | None = None,
              progress: bool | None = None, soft_threshold: float | None = None,
-             checkpoint_weighting: str = "uniform", executor: Any = None, label_key: str = "labels") -> "TRAK":
+             checkpoint_weighting: str = "uniform", executor: Any = None, label_key: str = "labels",
+             kernel_dtype: str = "auto") -> "TRAK":
         """Reopen a finished on-disk store to score new targets, without the training data.
 
         Parameters
@@ -328,8 +344,9 @@ class TRAK(Featurizer):
         lambda_reg : float, "auto" or None
             ``None`` (default): the ``lambda`` each checkpoint was factorized with, so scores equal
             those of the original run bit for bit.
-        progress, soft_threshold, checkpoint_weighting, executor, label_key
-            Scoring options, as in ``TRAK``.
+        progress, soft_threshold, checkpoint_weighting, executor, label_key, kernel_dtype
+            Scoring options, as in ``TRAK`` (the kernel is stored in the dtype it was made in: a float64
+            one is cast down for ``"float32"``, a float32 one is made again from the features for ``"float64"``).
 
         Returns
         -------
@@ -341,7 +358,8 @@ class TRAK(Featurizer):
 
         return open_trak(cls, path, model, checkpoints, task=task, backend=backend, lambda_reg=lambda_reg,
                          progress=progress, soft_threshold=soft_threshold,
-                         checkpoint_weighting=checkpoint_weighting, executor=executor, label_key=label_key)
+                         checkpoint_weighting=checkpoint_weighting, executor=executor, label_key=label_key,
+                         kernel_dtype=kernel_dtype)
 
     def features(self, data: Iterable[Any], *, checkpoint: int = 0) -> Any:
         """Features ``phi_c(z)`` (projected gradients) of ``data`` at featurized checkpoint ``checkpoint``.

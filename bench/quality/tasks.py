@@ -142,5 +142,22 @@ def synthetic_regression() -> Task:
                 lambda a, b: (a, b), "MLP 5-16-1 regression (113 params) on 100 generated noisy points, 100 targets")
 
 
+def digits_mlp_1m() -> Task:
+    """A speed task, not in the LDS suite: its 128 retrained models would take most of an hour on 2 cores."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y, xt, yt = _split(d.data / 16.0, d.target.astype(np.int64), 200, 100)
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                                   torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+
+    return _torch_task("digits-mlp-1m", x, y, xt, yt, make, 100, 0.05,
+                       "MLP 64-1024-1024-10 (ReLU, 1,126,410 params) on 200 sklearn digits, 100 targets")
+
+
 TASKS = {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn, "breast-cancer-logreg": breast_cancer_logreg,
          "synthetic-regression": synthetic_regression}
+SPEED_TASKS = {"digits-mlp-1m": digits_mlp_1m}  # for bench/peers.py --task; no ground truth (LDS)
