@@ -177,6 +177,34 @@ def _task(name: str) -> Any:
     return {**TASKS, **SPEED_TASKS}[name]()
 
 
+def dense_product_seconds(rows: int, p: int, k: int) -> float:
+    """Seconds of the float32 products ``(rows x p) @ (p x k)`` alone: the projection's flops with its matrix in
+    memory and nothing else (no gradients, no making or unpacking of the matrix, no kernel).
+
+    Rows go in trak-core's projection groups (``projection_group_rows``); one group is timed after a warm-up
+    and scaled to ``rows``. ``p`` is covered in blocks of up to 8,192 rows of one random matrix reused for every
+    block, accumulated in place, so a 1M-parameter model needs 64 MiB of matrix, not 9 GB.
+    """
+    import torch
+
+    from trak_core._checks import projection_group_rows
+
+    group = min(rows, projection_group_rows(p, 4, k))
+    block = min(p, 8192)
+    x, matrix = torch.randn(group, p), torch.randn(block, k)
+    out = torch.zeros(group, k)
+
+    def one_group() -> None:
+        for start in range(0, p, block):
+            stop = min(p, start + block)
+            out.addmm_(x[:, start:stop], matrix[:stop - start])
+
+    one_group()
+    start = time.perf_counter()
+    one_group()
+    return (time.perf_counter() - start) * rows / group
+
+
 def child(variant: str, m: int, k: int, batch: int, ridge: float, checkpoints_path: str, scores_path: str,
           task_name: str = "digits-mlp") -> dict:
     """One (variant, M) cell in this process: warm up, time featurize + score, save the scores."""
@@ -201,10 +229,14 @@ def child(variant: str, m: int, k: int, batch: int, ridge: float, checkpoints_pa
         scores = runner(task.model, checkpoints, data, k=k, batch=batch, **options)
         seconds = time.perf_counter() - start
     np.save(scores_path, scores)
+    peak = _maxrss_mb()  # before the products below allocate
     ridge = options.get("lambda_reg", options.get("regularization", "auto" if dist == "trak-core" else 0.0))
-    return {"id": variant, "library": dist, "version": importlib.metadata.version(dist), "M": m, "k": k,
-            "settings": f"k={k}, {settings}", "lambda": ridge, "seconds": seconds, "peak_rss_mb": _maxrss_mb(),
-            "import_rss_mb": import_rss}
+    row = {"id": variant, "library": dist, "version": importlib.metadata.version(dist), "M": m, "k": k,
+           "settings": f"k={k}, {settings}", "lambda": ridge, "seconds": seconds, "peak_rss_mb": peak,
+           "import_rss_mb": import_rss}
+    if dist == "trak-core" and options.get("proj_type", "rademacher") == "rademacher":
+        row["dense_product_seconds"] = dense_product_seconds(m * (len(task.y) + len(task.yt)), n_params, k)
+    return row
 
 
 def measure(variants: list[str], ms: list[int], k: int, batch: int, masks: np.ndarray | None,
@@ -254,8 +286,10 @@ def measure(variants: list[str], ms: list[int], k: int, batch: int, masks: np.nd
                 if masks is not None:
                     result = trak_core.lds(scores, masks, outputs)
                     row.update(lds=float(result.mean), sem=float(result.sem))
+                product = (f"  ({row['seconds'] / row['dense_product_seconds']:.2f}x its dense products alone, "
+                           f"{row['dense_product_seconds']:.2f} s)" if "dense_product_seconds" in row else "")
                 print(f"{variant:<13} M={m:<3} {row['seconds']:7.2f} s  peak {row['peak_rss_mb']:5.0f} MB "
-                      f"(+{row['peak_rss_mb'] - row['import_rss_mb']:.0f})  LDS {_lds(row)}"
+                      f"(+{row['peak_rss_mb'] - row['import_rss_mb']:.0f})  LDS {_lds(row)}{product}"
                       + (f"  [{row['note']}]" if bad else ""), flush=True)
                 rows.append(row)
     return rows
@@ -285,13 +319,15 @@ def markdown(rows: list[dict], facts: dict, k: int, batch: int, task_name: str =
     """The table, under a one-line caption naming the command, the machine and the settings."""
     command = "python bench/peers.py" + ("" if task_name == "digits-mlp" else f" --task {task_name}")
     caption = (f"`{command}` on {facts['cpu']} ({facts['cores']} cores, torch {facts['torch']}, "
-               f"{facts['torch_threads']} threads): {TASK_CAPTIONS[task_name]}, k={k}, batch {batch}; seconds: featurize + score after a warm-up; memory: peak RSS of a fresh "
-               "process (in brackets: above its RSS after imports).")
+               f"{facts['torch_threads']} threads): {TASK_CAPTIONS[task_name]}, k={k}, batch {batch}; seconds: "
+               "featurize + score after a warm-up (in brackets for trak-core: its dense projection products alone, "
+               "same process); memory: peak RSS of a fresh process (in brackets: above its RSS after imports).")
     lines = [caption, "", "| library | version | settings | M | seconds | peak MB (+ above import) | LDS |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         note = f" ({r['note']})" if "note" in r else ""
-        lines.append(f"| {r['library']} | {r['version']} | {r['settings']} | {r['M']} | {r['seconds']:.2f} | "
+        alone = f" ({r['dense_product_seconds']:.2f})" if "dense_product_seconds" in r else ""
+        lines.append(f"| {r['library']} | {r['version']} | {r['settings']} | {r['M']} | {r['seconds']:.2f}{alone} | "
                      f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['import_rss_mb']:.0f}) | "
                      f"{_lds(r)}{note} |")
     return "\n".join(lines) + "\n"

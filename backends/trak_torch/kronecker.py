@@ -350,11 +350,16 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Factorized, input
         if layer.bias is not None:
             bias = grads[layer.bias] if grads[layer.bias] is not None else torch.zeros_like(prepared.params[layer.bias])
         dense = _dense_block(block, pair, weight, bias, state.dtype)
+        # the same sums of absolute values: rounding grows with them when the signed sums cancel (features much
+        # smaller than their terms, as with the non-negative inputs of a trained ReLU layer), a missing use does not
+        magnitude = _dense_block(block, (pair[0].abs(), pair[1].abs()), weight.abs(),
+                                 None if bias is None else bias.abs(), state.dtype)
         got = features[0, block.start:block.start + block.k].to(state.dtype)
         scale = max(float(torch.linalg.vector_norm(dense)), float(torch.finfo(state.dtype).tiny))
         error = float(torch.linalg.vector_norm(got - dense)) / scale
-        if error > tolerance and float(torch.linalg.vector_norm(dense)) > 0 or not math.isfinite(error):
+        allowed = tolerance * max(1.0, float(torch.linalg.vector_norm(magnitude)) / scale)
+        if error > allowed and float(torch.linalg.vector_norm(dense)) > 0 or not math.isfinite(error):
             raise TrakValueError(f"proj_type='kronecker': the features of layer {layer.name!r} differ from its "
-                                 f"gradient's projection (relative error {error:.2e}): the weight is probably also "
-                                 "used outside its module (e.g. through F.linear or a slice). Leave it out with "
-                                 "the backend's params=, or use proj_type='rademacher'")
+                                 f"gradient's projection (relative error {error:.2e}, rounding allows {allowed:.1e}): "
+                                 "the weight is probably also used outside its module (e.g. through F.linear or a "
+                                 "slice). Leave it out with the backend's params=, or use proj_type='rademacher'")
