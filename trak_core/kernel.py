@@ -29,9 +29,16 @@ from ._namespace import accumulation_dtype, device_of
 from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["KernelFactor", "KERNEL_DTYPES", "accumulate", "factorize", "solve", "check_lambda", "space_for", "gram",
-           "work_dtype"]
+           "work_dtype", "check_kernel_dtype"]
 
 KERNEL_DTYPES = ("auto", "float64", "float32")
+
+
+def check_kernel_dtype(kernel_dtype: Any) -> str:
+    """Validate ``TRAK(kernel_dtype=...)`` and return it."""
+    if kernel_dtype not in KERNEL_DTYPES:
+        raise TrakValueError(f"unknown kernel_dtype {kernel_dtype!r}; choose one of {KERNEL_DTYPES}")
+    return kernel_dtype
 
 
 def work_dtype(xp: Any, device: Any = None, kernel_dtype: str = "float64", features_dtype: Any = None) -> Any:
@@ -42,9 +49,7 @@ def work_dtype(xp: Any, device: Any = None, kernel_dtype: str = "float64", featu
     the costly part); scores then agree with float64 ones to about ``1e-7 * cond(K)`` relative.
     ``"auto"``: float32 for features of 32 bits or fewer, else as ``"float64"``.
     """
-    if kernel_dtype not in KERNEL_DTYPES:
-        raise TrakValueError(f"unknown kernel_dtype {kernel_dtype!r}; choose one of {KERNEL_DTYPES}")
-    if kernel_dtype == "auto":
+    if check_kernel_dtype(kernel_dtype) == "auto":
         kernel_dtype = "float32" if features_dtype is not None and xp.finfo(features_dtype).bits <= 32 else "float64"
     return xp.float32 if kernel_dtype == "float32" else accumulation_dtype(xp, device)
 

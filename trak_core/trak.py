@@ -18,7 +18,7 @@ from .backends import Backend
 from .backends.protocol import batches
 from .errors import TrakValueError
 from .executors import get_executor
-from .kernel import KERNEL_DTYPES
+from .kernel import check_kernel_dtype
 from .kronecker import Kronecker
 from .projection import KINDS, PRECISIONS
 from .scores import checkpoint_scores, ensemble, finish_products, self_scores, soft_threshold, target_weights
@@ -122,9 +122,7 @@ class TRAK(Featurizer):
             raise TrakValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
                                  "float16); use precision='float32' for Gaussian projections")
         self.precision = precision
-        if kernel_dtype not in KERNEL_DTYPES:
-            raise TrakValueError(f"unknown kernel_dtype {kernel_dtype!r}; choose one of {KERNEL_DTYPES}")
-        self.kernel_dtype = kernel_dtype
+        self.kernel_dtype = check_kernel_dtype(kernel_dtype)
         if not isinstance(label_key, str) or not label_key:
             raise TrakValueError(f"label_key must be a non-empty string, got {label_key!r}")
         self.label_key = label_key
