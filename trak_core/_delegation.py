@@ -199,6 +199,7 @@ def packed_product(grads: Any, signs: Any, packed: Any, k: int, block: int, *, x
 
 
 PACKED_BLOCK_BYTES = 4 * 2**20  # one unpacked block of R on the torch path: within a CPU's L2 + L3 caches
+_DEVICE_BLOCK_BYTES = 64 * 2**20  # on GPUs (float64 there; float32 takes trak_core._split): fewer, larger launches
 
 
 def _torch_packed_product(grads: Any, signs: Any, packed: Any, k: int) -> Any:
@@ -207,7 +208,8 @@ def _torch_packed_product(grads: Any, signs: Any, packed: Any, k: int) -> Any:
     n, p = grads.shape
     width = packed.shape[1] * 32
     itemsize = torch.finfo(grads.dtype).bits // 8
-    block = max(1, min(p, PACKED_BLOCK_BYTES // (width * itemsize)))
+    budget = PACKED_BLOCK_BYTES if grads.device.type == "cpu" else _DEVICE_BLOCK_BYTES
+    block = max(1, min(p, budget // (width * itemsize)))
     table = _byte_table(1.0 / math.sqrt(k), dtype=grads.dtype, device=grads.device)
     out = torch.zeros((n, k), dtype=grads.dtype, device=grads.device)
     buffer = torch.empty((block * width // 8, 8), dtype=grads.dtype, device=grads.device)
