@@ -80,7 +80,7 @@ else
 fi
 timeout 60 "$py" - >> "$logs/versions.txt" 2>&1 <<'PY'
 import importlib
-for name in ("numpy", "torch", "jax", "cupy", "array_api_compat", "trak", "torchvision", "pytest_benchmark"):
+for name in ("numpy", "torch", "jax", "cupy", "array_api_compat", "trak", "torchvision", "transformers", "pytest_benchmark"):
     try:
         print(f"{name}: {getattr(importlib.import_module(name), '__version__', '?')}")
     except Exception as exc:

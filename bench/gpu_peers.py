@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from typing import Any, Callable
 
 import array_api_compat.torch as txp
@@ -40,6 +41,7 @@ import trak_core
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _report import write_json  # noqa: E402
+from _resnet import batches, resnet18  # noqa: E402
 
 FULL = dict(projection=[(256, 2_000_000, 4096), (32, 11_181_642, 2048)], fastjl_error_p=65_536, ref_rows=4,
             width=64, image=32, n_train=2048, batch=256, n_targets=256, k=2048, warmup=32)
@@ -205,37 +207,6 @@ def projection_case(n: int, p: int, k: int, cfg: dict, device: Any) -> dict:
     return case
 
 
-class _Block(torch.nn.Module):
-    """torchvision's BasicBlock: two 3x3 convolutions with batch norm, plus the (projected) input."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        nn = torch.nn
-        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                  nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-        self.skip = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.skip(x))
-
-
-def resnet18(num_classes: int = 10, width: int = 64) -> torch.nn.Module:
-    """torchvision's ResNet-18 architecture (BasicBlock, [2, 2, 2, 2]); ``width`` scales the channels."""
-    nn, w = torch.nn, [width * 2**i for i in range(4)]
-    layers = [nn.Sequential(_Block(w[max(i - 1, 0)], w[i], 2 if i else 1), _Block(w[i], w[i], 1)) for i in range(4)]
-    return nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                         nn.MaxPool2d(3, 2, 1), *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(w[3], num_classes))
-
-
-def batches(n: int, batch: int, cfg: dict, *, seed: int, device: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(n, 3, cfg["image"], cfg["image"], generator=generator, device=device)
-    y = torch.randint(0, 10, (n,), generator=generator, device=device)
-    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
-
-
 def run_trak_core(model: Any, state: dict, train: list, targets: list, k: int, device: Any) -> tuple[dict, Any]:
     """trak-core's featurize and score, each timed with its peak memory: the figures and the scores."""
     from trak_core.projection import default_cache
@@ -249,6 +220,34 @@ def run_trak_core(model: Any, state: dict, train: list, targets: list, k: int, d
     if "cupy" in sys.modules:
         out["cupy_pool_bytes"] = int(sys.modules["cupy"].get_default_memory_pool().total_bytes())
     return out, scores.double().cpu().numpy()
+
+
+def trak_core_breakdown(model: Any, state: dict, train: list, k: int, device: Any) -> dict:
+    """Where trak-core's featurize time goes: the torch backend's per-example gradients of every batch, then
+    the projection of each batch's gradients (the backend's ``project``, as featurize calls it), each phase synchronized and
+    summed over batches; the rest of featurize (kernel, checks, copies) is its time minus the two."""
+    trak = trak_core.TRAK(model, proj_dim=k, backend="torch", progress=False)
+    backend, prepared = trak.backend, trak.backend.prepare(model, state)
+    gradients_s = projection_s = 0.0
+    for inputs, labels in train:
+        out, seconds, _ = phase(device, partial(backend.gradients, model, prepared, inputs, labels, trak.task))
+        gradients_s += seconds
+        _, seconds, _ = phase(device, partial(backend.project, out[0], k, seed=trak.seed, checkpoint=0,
+                                              kind="rademacher", precision=trak.precision))
+        projection_s += seconds
+        del out
+    return dict(gradients_s=gradients_s, projection_s=projection_s, chunk_rows=backend.chunk_size or
+                _chunk_rows(prepared, device))
+
+
+def _chunk_rows(prepared: Any, device: Any) -> int | None:
+    """The torch backend's default examples per ``vmap`` call here (None where it cannot be read)."""
+    try:
+        from trak_torch.backend import _free_bytes, chunk_rows
+
+        return chunk_rows(prepared.n_params, 4, _free_bytes(torch.device(device)))
+    except Exception:  # a diagnostic only
+        return None
 
 
 def run_traker(model: Any, state: dict, train: list, targets: list, k: int, device: Any,
@@ -307,6 +306,10 @@ def end_to_end(cfg: dict, device: Any) -> dict:
     run_trak_core(model, state, warm, warm, k, device)  # untimed warm-up
     ours, our_scores = run_trak_core(model, state, train, targets, k, device)
     result["trak_core"] = dict(ours, featurize_examples_per_s=n_train / ours["featurize_s"])
+    try:  # a diagnostic for the next person: gradients vs projection, outside the timed run
+        result["trak_core"]["breakdown"] = trak_core_breakdown(model, state, train, k, device)
+    except Exception as exc:
+        result["trak_core"]["breakdown"] = dict(status=f"failed: {type(exc).__name__}: {exc}"[:300])
     if importlib.util.find_spec("trak") is None:
         result["traker"] = dict(status="skipped: traker is not installed")
         return result
@@ -349,6 +352,13 @@ def markdown(result: dict) -> str:
                      _fmt(r.get("score_peak_bytes"), ".0f", 1e-6),
                      f"{r.get('status', r.get('projector', ''))} {r.get('note', '')}".strip()]
             lines.append("| " + " | ".join(cells) + " |")
+        parts = e2e.get("trak_core", {}).get("breakdown", {})
+        if "gradients_s" in parts:
+            lines += ["", f"trak-core featurize, phases timed apart: per-example gradients {parts['gradients_s']:.2f} s "
+                      f"({parts['chunk_rows']} examples per vmap call), projection {parts['projection_s']:.2f} s, "
+                      f"the rest {e2e['trak_core']['featurize_s'] - parts['gradients_s'] - parts['projection_s']:.2f} s"]
+        elif parts:
+            lines += ["", f"trak-core breakdown: {parts.get('status')}"]
         if "ratios" in e2e:
             ratio, corr = e2e["ratios"], e2e["correlation"]
             lines += ["", f"featurize speed-up trak-core / traker: {ratio['featurize_speedup']:.2f} (target >= 1.5); "

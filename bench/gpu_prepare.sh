@@ -2,9 +2,10 @@
 # Run HERE (a machine with network), before `bash bench/gpu_check.sh` on the GPU machine (no network there).
 #   bash bench/gpu_prepare.sh
 # Fills two git-ignored folders that the device call carries (run's carry: [".whl", ".peers"]):
-#   .whl/    Python 3.12 manylinux x86_64 wheels the GPU machine lacks: array-api-compat (the version
-#            installed here), transformers 5.24 and its imports, traker 0.3.2 and those of its requirements not in the GPU image
-#            (torch, numpy, tqdm are there; see /work/.library/device/KINDS.md).
+#   .whl/    Python 3.12 wheels the GPU machine lacks: array-api-compat (the version installed here) and
+#            traker 0.3.2 (its requirements torch, numpy, tqdm are there). Nothing the GPU image already has:
+#            it holds transformers 5.17 and huggingface-hub 1.33 (/work/.library/device/KINDS.md, read 2026-11-17),
+#            and a carried newer huggingface-hub would shadow them and fail to import (it needs httpx2, absent there).
 #   .peers/  ../shared/peers (traker's fast_jl CUDA source + build_fast_jl.py): ../shared does not travel.
 # gpu_check.sh installs .whl/*.whl into /tmp/site and builds fast_jl from .peers/fast_jl.
 set -euo pipefail
@@ -26,11 +27,6 @@ mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl "array-api-compat==$compat"
-# transformers and what it imports (for the factorized GPT-2 step: bench/kronecker_speed.py --device cuda)
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl "transformers==5.24.0" tokenizers safetensors huggingface-hub regex hf-xet typer-slim shellingham || \
-  echo "transformers wheels not downloaded: the GPU kronecker step will report that transformers is missing"
 # traker publishes only an sdist; it is pure Python, so the wheel built here (py3-none-any) installs there.
 python3 -m pip wheel -q --no-deps -w .whl traker==0.3.2
 ls .whl/traker-0.3.2-py3-none-any.whl > /dev/null
