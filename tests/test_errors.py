@@ -159,3 +159,32 @@ def test_backend_inferred_from_model_type(setup):
         TRAK(object())
     with pytest.raises(TypeError, match="backend must be"):
         TRAK(setup[0], backend=3)
+
+
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="exception notes need Python 3.11+")
+def test_a_models_own_error_keeps_its_type_and_names_the_batch():
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the torch backend is not exercised")
+
+    class Picky(torch.nn.Module):  # fails on any batch of 3 rows
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            if x.shape[0] == 3:
+                raise KeyError("the model's own failure")
+            return self.linear(x)
+
+    model = Picky()
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    trak = TRAK(model, proj_dim=8, progress=False)
+    with pytest.raises(KeyError, match="the model's own failure") as info:
+        trak.featurize(model.state_dict(), [(x[:5], y[:5]), (x[5:8], y[5:8])])
+    assert info.value.__notes__ == ["trak-core: raised in checkpoint 0, batch 1, in backend 'torch' (the model's "
+                                    "forward and its per-example gradients)"]
+    assert trak.n_checkpoints == 0
+    trak.featurize(model.state_dict(), [(x[:5], y[:5]), (x[5:], y[5:])])
+    with pytest.raises(KeyError) as info:
+        trak.score([(x[:2], y[:2]), (x[:3], y[:3])])
+    assert len(info.value.__notes__) == 1 and "targets batch 1, checkpoint 0" in info.value.__notes__[0]
+    assert tuple(trak.score([(x[:2], y[:2])]).shape) == (10, 2)

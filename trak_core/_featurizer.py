@@ -32,8 +32,12 @@ log = logging.getLogger("trak_core")
 
 
 @contextmanager
-def located(where: str) -> Iterator[None]:
-    """Prefix a backend's ``TrakCoreError`` with the checkpoint and batch it happened in."""
+def located(where: str, backend: str | None = None) -> Iterator[None]:
+    """Prefix a backend's ``TrakCoreError`` with the checkpoint and batch it happened in.
+
+    Any other exception (the model's own, such as a shape mismatch in its ``forward``) keeps its type
+    and message and gets a note (PEP 678, Python 3.11+) naming the checkpoint, the batch and the backend.
+    """
     try:
         yield
     except TrakCoreError as exc:
@@ -42,6 +46,12 @@ def located(where: str) -> Iterator[None]:
         located_error = type(exc).__new__(type(exc))
         located_error.args = (f"{where}: {exc}",) + exc.args[1:]
         raise located_error.with_traceback(exc.__traceback__) from exc
+    except Exception as exc:
+        note = f"trak-core: raised in {where}" + (f", in backend {backend!r} (the model's forward and its "
+                                                  "per-example gradients)" if backend else "")
+        if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
+            exc.add_note(note)
+        raise
 
 
 @dataclass
@@ -77,7 +87,7 @@ class Featurizer:
     def _gradients(self, prepared: Any, inputs: Any, labels: Any, where: str) -> tuple[Any, Any]:
         """Validated per-example gradients (n, p) and out-to-loss weights (n,) of one batch."""
         n_inputs = _check_lengths(inputs, labels, where)
-        with located(where):
+        with located(where, self.backend.name):
             grads, out_to_loss = self.backend.gradients(self.model, prepared, inputs, labels, self.task)
         if grads.ndim != 2 or grads.shape[0] != n_inputs:
             raise TrakValueError(f"{where}: backend {self.backend.name!r} returned gradients of shape "
@@ -91,7 +101,7 @@ class Featurizer:
         if not (self.backend.has_fused_projection or factorized) or self.proj_dim is None:
             return None
         n_inputs = _check_lengths(inputs, labels, where)
-        with located(where):
+        with located(where, self.backend.name):
             if factorized:
                 out = self.backend.factorized_features(self.model, prepared, inputs, labels, self.task,
                                                        k=self.proj_dim, seed=self.seed, checkpoint=index,

@@ -4,6 +4,11 @@ One job: the exception hierarchy. Each class keeps the built-in base that code w
 earlier versions catches (``ValueError``, ``TypeError``, ``ImportError``, ``OSError``), and all of
 them derive from ``TrakCoreError``, so ``except trak_core.TrakCoreError`` catches every
 error that trak-core itself raises (and nothing that a framework raises).
+
+Errors raised inside a model (its ``forward``, a framework's shape check) keep their own type
+and message; trak-core adds a note (Python 3.11+) naming the checkpoint and batch, for example
+``trak-core: raised in checkpoint 0, batch 3, in backend 'torch' (...)``. Errors of trak-core
+raised by a backend start with the same location.
 """
 from __future__ import annotations
 
