@@ -8,6 +8,7 @@ the generic code run in the same namespace.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -206,3 +207,82 @@ def test_solve_triangular_generic_path_on_a_namespace_without_one():
 def test_cpu_arrays_are_not_accelerators(xp):
     x = xp.zeros((2, 3))
     assert _delegation.is_accelerator(x) is False
+
+
+def _dot_precisions(fn, *args) -> list:
+    """The ``precision`` of every ``dot_general`` in the jaxpr of ``fn(*args)`` (JAX records the default
+    matmul precision in force while tracing; ``None`` means JAX's default: TF32 on recent NVIDIA GPUs)."""
+    import jax
+
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn.params.get("precision"))
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_the_estimators_products_run_at_full_precision_in_jax():
+    """Kernel, solves, scores, the generic projection product and LDS ask JAX for float32 products
+    (``Precision.HIGHEST``) whatever the user's default, and leave that default as it was. On a GPU,
+    JAX's default would be TF32 (about 1e-3 relative): the conformance suite's float32 score bound is 1e-4."""
+    jax = pytest.importorskip("jax", reason="jax is not installed: JAX precision is not exercised")
+    import jax.numpy as jnp
+
+    from trak_core import evaluation, kernel, kronecker, scores
+
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    rng = np.random.default_rng(0)
+    phi, targets = jnp.asarray(rng.normal(size=(24, 8)), jnp.float32), jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+    k_matrix = kernel.accumulate(None, phi, xp=jnp, dtype=jnp.float32)
+    cholesky = kernel.factorize(k_matrix, 0.5, xp=jnp)
+    eigh = kernel.factorize(k_matrix, 0.0, xp=jnp)
+    with jax.default_matmul_precision("bfloat16"):  # a user's faster default must not reach the estimator
+        cases = {
+            "gram": lambda f: kernel.gram(f, xp=jnp, dtype=jnp.float32),
+            "accumulate": lambda f: kernel.accumulate(None, f, xp=jnp, dtype=jnp.float32),
+            "solve (eigh)": lambda t: kernel.solve(eigh, t.T, xp=jnp),
+            "train_products": lambda f: scores.train_products(f, targets.T, 0, 24, xp=jnp, chunk_rows=10),
+            "checkpoint_scores": lambda f: scores.checkpoint_scores(f, cholesky, targets, xp=jnp),
+            "project (gaussian)": lambda f: projection.project(f, 4, kind="gaussian"),
+            "layer_features": lambda f: kronecker.layer_features(
+                f.reshape(24, 2, 4), f.reshape(24, 2, 4), SimpleNamespace(k_rows=4, k_cols=4, k=16), xp=jnp),
+        }
+        for name, fn in cases.items():
+            found = _dot_precisions(fn, targets if name == "solve (eigh)" else phi)
+            assert found and all(p == highest for p in found), (name, found)
+        assert _dot_precisions(lambda f: f @ f.T, phi) == [(jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT)]
+    assert jax.config.jax_default_matmul_precision is None
+
+
+def test_lds_multiplies_under_full_precision(monkeypatch):
+    """LDS goes through NumPy (Spearman) and cannot be traced: its product is checked to run inside
+    ``full_precision`` for the scores' namespace, and to give the float64 product's LDS."""
+    jnp = pytest.importorskip("jax.numpy", reason="jax is not installed: JAX precision is not exercised")
+    import contextlib
+
+    from trak_core import evaluation
+
+    entered = []
+
+    @contextlib.contextmanager
+    def spy(xp):
+        entered.append(xp.__name__)
+        with _delegation.full_precision(xp):
+            yield
+
+    monkeypatch.setattr(evaluation, "full_precision", spy)
+    rng = np.random.default_rng(1)
+    scores, masks, outputs = rng.normal(size=(24, 3)), rng.integers(0, 2, size=(6, 24)), rng.normal(size=(6, 3))
+    result = evaluation.lds(jnp.asarray(scores, jnp.float32), jnp.asarray(masks, jnp.float32),
+                            jnp.asarray(outputs, jnp.float32))
+    assert entered == ["jax.numpy"]
+    expected = evaluation.lds(scores, masks.astype(float), outputs)
+    np.testing.assert_allclose(result.per_target, expected.per_target, atol=1e-6)

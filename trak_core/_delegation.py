@@ -26,26 +26,31 @@ Projection (generating and applying the counter-based matrix):
 Kernel:
 
 - ``solve_triangular``: ``L x = b`` or ``L^T x = b`` (SciPy, torch, JAX, cupyx; else a general solve).
+- ``full_precision``: matrix products at the full precision of their dtype (JAX on GPUs would
+  multiply float32 in TF32 by default), as a context manager or a decorator of ``xp=`` functions.
 
 Functions that return ``None`` have no generic fallback here: ``None`` means "no native path for
 this namespace", and the caller runs its generic code.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import array_api_compat
 
 from ._namespace import has_float64
 
 __all__ = ["is_accelerator", "to_host", "packed_words", "unpack_signs", "make_array", "in_float64",
-           "packed_product", "half_matmul", "solve_triangular"]
+           "packed_product", "half_matmul", "solve_triangular", "full_precision", "full_precision_products"]
 
 log = logging.getLogger("trak_core")
 _warned: set[str] = set()
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def is_accelerator(x: Any) -> bool:
@@ -322,3 +327,36 @@ def solve_triangular(lower: Any, rhs: Any, *, transpose: bool, xp: Any) -> Any:
         return cupy_solve(lower, rhs, lower=True, trans="T" if transpose else "N")
     matrix = xp.matrix_transpose(lower) if transpose else lower
     return xp.linalg.solve(matrix, rhs)
+
+
+@contextmanager
+def full_precision(xp: Any) -> Iterator[None]:
+    """Matrix products inside at the full precision of their dtype, for namespace ``xp``.
+
+    JAX multiplies float32 in TF32 (10-bit mantissas) on recent NVIDIA GPUs and in bfloat16 passes
+    on TPUs unless told otherwise: the kernel, its solves and the scores would then be good to about
+    1e-3 instead of float32's 1e-7. For JAX this enters ``jax.default_matmul_precision("float32")``
+    (eager operations and anything traced inside, including ``jax.jit`` functions); for other
+    namespaces it does nothing: torch multiplies float32 at full precision unless the user chose
+    otherwise (``torch.set_float32_matmul_precision``), and so do CuPy and NumPy.
+    """
+    if array_api_compat.is_jax_namespace(xp):
+        import jax
+
+        with jax.default_matmul_precision("float32"):
+            yield
+    else:
+        yield
+
+
+def full_precision_products(fn: F) -> F:
+    """Decorate a function taking the namespace as keyword ``xp``: it runs under :func:`full_precision`."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        xp = kwargs.get("xp")
+        if xp is None or not array_api_compat.is_jax_namespace(xp):
+            return fn(*args, **kwargs)
+        with full_precision(xp):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._delegation import full_precision
 from ._namespace import accumulation_dtype, device_of, namespace
 from .errors import TrakValueError
 
@@ -76,7 +77,8 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     if masks.shape[0] < 3:
         raise TrakValueError(f"LDS needs at least 3 subsets to rank, got {masks.shape[0]}")
     work = accumulation_dtype(xp, device_of(scores))
-    predictions = xp.astype(masks, work) @ xp.astype(scores, work)
+    with full_precision(xp):
+        predictions = xp.astype(masks, work) @ xp.astype(scores, work)
     outputs = xp.astype(outputs, work)
     per_target = [spearman(predictions[:, j], outputs[:, j], xp=xp) for j in range(n_targets)]
     values = np.asarray(per_target)

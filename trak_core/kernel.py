@@ -16,6 +16,8 @@ matrices have the same non-zero eigenvalues, so the ``lambda`` rule is unchanged
 factor is an eigendecomposition and solves use the minimum-norm (pseudo-inverse) solution,
 the limit of the ridge solution as ``lambda -> 0+``; a warning says when ``K`` is rank-deficient.
 Triangular solves take the namespace's native routine (``trak_core._delegation.solve_triangular``).
+Products and factorizations run at the full precision of their dtype (``_delegation.full_precision``:
+JAX on GPUs would multiply float32 in TF32).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ._delegation import solve_triangular
+from ._delegation import full_precision_products, solve_triangular
 from ._namespace import accumulation_dtype, device_of
 from .errors import TrakTypeError, TrakValueError
 
@@ -70,6 +72,7 @@ def space_for(n_train: int, k: int) -> str:
     return "n" if n_train < k else "k"
 
 
+@full_precision_products
 def gram(features: Any, *, xp: Any, chunk_rows: int = 4096, dtype: Any = None) -> Any:
     """``Phi Phi^T`` (n x n) in ``dtype`` (default: the accumulation dtype), by blocks of rows."""
     n = features.shape[0]
@@ -91,6 +94,7 @@ def check_lambda(lambda_reg: Any) -> float:
     return value
 
 
+@full_precision_products
 def accumulate(kernel: Any | None, features: Any, *, xp: Any, dtype: Any = None) -> Any:
     """``kernel + features^T features`` in ``dtype`` (default: the accumulation dtype, float64 where available)."""
     work = accumulation_dtype(xp, device_of(features)) if dtype is None else dtype
@@ -99,6 +103,7 @@ def accumulate(kernel: Any | None, features: Any, *, xp: Any, dtype: Any = None)
     return update if kernel is None else kernel + update
 
 
+@full_precision_products
 def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> KernelFactor:
     """Factorize ``kernel + lambda_reg * I`` (see the module notes for ``lambda_reg == 0``); ``space`` says
     whether ``kernel`` is ``Phi^T Phi`` (``"k"``) or ``Phi Phi^T`` (``"n"``)."""
@@ -117,7 +122,7 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
     values = values + lambda_reg
     tol = float(xp.max(xp.abs(values))) * k * float(xp.finfo(kernel.dtype).eps)
     keep = values > tol
-    rank = int(xp.sum(xp.astype(keep, xp.int64)))
+    rank = int(xp.sum(xp.astype(keep, xp.int32)))  # int32: JAX without x64 has no int64 (and warns)
     if rank == 0:
         raise TrakValueError("the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
                              "gradients?), so no example can be scored; check the model and the data")
@@ -130,6 +135,7 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
     return KernelFactor("eigh", (vectors, inverse_values), lambda_reg, rank, space)
 
 
+@full_precision_products
 def solve(factor: KernelFactor, rhs: Any, *, xp: Any) -> Any:
     """``(M + lambda I)^{-1} rhs`` (minimum-norm when singular) for the factorized ``M``: ``Phi^T Phi`` with rhs
     of shape (k, m), or ``Phi Phi^T`` (n-space) with rhs of shape (n, m)."""

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from . import hashing
+from ._delegation import full_precision_products
 from .errors import TrakValueError
 
 __all__ = ["Kronecker", "Layer", "Block", "KroneckerPlan", "make_plan", "layer_seed", "rest_seed", "factor",
@@ -253,6 +254,7 @@ def factor(d: int, k: int, *, seed: int, checkpoint: int, index: int, side: str,
     return signs[:, None] * shared
 
 
+@full_precision_products
 def layer_features(row_side: Any, col_side: Any, block: Block, *, xp: Any) -> Any:
     """A layer's features ``(n, block.k)`` from its projected sides ``(n, T, k_rows)`` and ``(n, T, k_cols)``."""
     n = row_side.shape[0]

@@ -28,7 +28,8 @@ import array_api_compat
 
 from . import hashing
 from ._cache import ProjectionCache, default_cache, device_cache
-from ._delegation import in_float64, is_accelerator, make_array, packed_product, packed_words, unpack_signs
+from ._delegation import (full_precision, in_float64, is_accelerator, make_array, packed_product, packed_words,
+                          unpack_signs)
 from ._split import PRECISIONS, passes, split_project
 from ._namespace import device_of, namespace
 from .errors import TrakTypeError, TrakValueError
@@ -239,26 +240,27 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
         return split_project(grads, k, seed=seed, checkpoint=checkpoint, offset=offset, precision=precision,
                              cache=(device_cache if is_accelerator(grads) else default_cache) if cache is None
                              else cache, block_size=block_size)
-    signs, shared, packed = cached_factors(p, k, seed=seed, checkpoint=checkpoint, kind=kind, offset=offset,
-                                           xp=xp, device=device, dtype=dtype, cache=cache,
-                                           dense=block_size is None)
-    block = block_size or max(1, _BLOCK_BYTES // (k * (xp.finfo(dtype).bits // 8)))
-    if packed is not None:
-        native = packed_product(grads, signs, packed, k, block, xp=xp)  # torch: in-cache blocks; JAX: jitted
-        if native is not None:
-            return native
-    flipped = grads * signs
-    if shared is not None:
-        return flipped @ shared
-    out = xp.zeros((n, k), dtype=dtype, device=device)
-    for start in range(0, p, block):
-        stop = min(p, start + block)
+    with full_precision(xp):  # JAX on GPUs: float32 (or Gaussian float32) products without TF32
+        signs, shared, packed = cached_factors(p, k, seed=seed, checkpoint=checkpoint, kind=kind, offset=offset,
+                                               xp=xp, device=device, dtype=dtype, cache=cache,
+                                               dense=block_size is None)
+        block = block_size or max(1, _BLOCK_BYTES // (k * (xp.finfo(dtype).bits // 8)))
         if packed is not None:
-            shared = _unpack(packed[start:stop, :], k, xp=xp, dtype=dtype)
-        else:
-            shared = _shared(offset + start, offset + stop, k, seed, kind, xp=xp, device=device, dtype=dtype)
-        out = out + flipped[:, start:stop] @ shared
-    return out
+            native = packed_product(grads, signs, packed, k, block, xp=xp)  # torch: in-cache blocks; JAX: jitted
+            if native is not None:
+                return native
+        flipped = grads * signs
+        if shared is not None:
+            return flipped @ shared
+        out = xp.zeros((n, k), dtype=dtype, device=device)
+        for start in range(0, p, block):
+            stop = min(p, start + block)
+            if packed is not None:
+                shared = _unpack(packed[start:stop, :], k, xp=xp, dtype=dtype)
+            else:
+                shared = _shared(offset + start, offset + stop, k, seed, kind, xp=xp, device=device, dtype=dtype)
+            out = out + flipped[:, start:stop] @ shared
+        return out
 
 
 def dense_fits(p: int, k: int, itemsize: int, cache: ProjectionCache | None = None) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ._delegation import full_precision_products
 from .kernel import KernelFactor, gram, solve
 
 __all__ = ["checkpoint_scores", "target_weights", "finish_products", "train_products", "self_scores", "ensemble", "soft_threshold",
@@ -38,6 +39,7 @@ def finish_products(factor: KernelFactor, products: Any, *, xp: Any) -> Any:
     return solve(factor, products, xp=xp) if factor.space == "n" else products
 
 
+@full_precision_products
 def train_products(train_features: Any, weights: Any, start: int, stop: int, *, xp: Any,
                    chunk_rows: int = SCORE_BLOCK_ROWS) -> Any:
     """Rows ``start .. stop-1`` of ``Phi_c @ weights``, in blocks of ``chunk_rows`` aligned to row 0."""
