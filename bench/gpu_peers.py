@@ -41,6 +41,7 @@ import trak_core
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _report import write_json  # noqa: E402
+from _gpu_peers_md import markdown  # noqa: E402
 from _resnet import batches, resnet18  # noqa: E402
 
 FULL = dict(projection=[(256, 2_000_000, 4096), (32, 11_181_642, 2048)], fastjl_error_p=65_536, ref_rows=4,
@@ -225,19 +226,24 @@ def run_trak_core(model: Any, state: dict, train: list, targets: list, k: int, d
 def trak_core_breakdown(model: Any, state: dict, train: list, k: int, device: Any) -> dict:
     """Where trak-core's featurize time goes: the torch backend's per-example gradients of every batch, then
     the projection of each batch's gradients (the backend's ``project``, as featurize calls it), each phase synchronized and
-    summed over batches; the rest of featurize (kernel, checks, copies) is its time minus the two."""
+    summed over batches, with each phase's peak GPU memory (the projection's includes the batch's gradients); the
+    rest of featurize (kernel, checks, copies) is its time minus the two."""
     trak = trak_core.TRAK(model, proj_dim=k, backend="torch", progress=False)
     backend, prepared = trak.backend, trak.backend.prepare(model, state)
     gradients_s = projection_s = 0.0
+    peaks = dict(gradients=0, projection=0)
     for inputs, labels in train:
-        out, seconds, _ = phase(device, partial(backend.gradients, model, prepared, inputs, labels, trak.task))
+        out, seconds, peak = phase(device, partial(backend.gradients, model, prepared, inputs, labels, trak.task))
         gradients_s += seconds
-        _, seconds, _ = phase(device, partial(backend.project, out[0], k, seed=trak.seed, checkpoint=0,
-                                              kind="rademacher", precision=trak.precision))
+        peaks["gradients"] = max(peaks["gradients"], peak or 0)
+        _, seconds, peak = phase(device, partial(backend.project, out[0], k, seed=trak.seed, checkpoint=0,
+                                                 kind="rademacher", precision=trak.precision))
         projection_s += seconds
+        peaks["projection"] = max(peaks["projection"], peak or 0)
         del out
     return dict(gradients_s=gradients_s, projection_s=projection_s, chunk_rows=backend.chunk_size or
-                _chunk_rows(prepared, device))
+                _chunk_rows(prepared, device), gradients_peak_bytes=peaks["gradients"] or None,
+                projection_peak_bytes=peaks["projection"] or None)
 
 
 def _chunk_rows(prepared: Any, device: Any) -> int | None:
@@ -324,48 +330,6 @@ def end_to_end(cfg: dict, device: Any) -> dict:
                             score_time_ratio=ours["score_s"] / theirs["score_s"])
     result["correlation"] = correlations(our_scores, their_scores)
     return result
-
-
-def markdown(result: dict) -> str:
-    """The JSON as Markdown: the projection table, the end-to-end table, ratios, correlations, skipped sections."""
-    def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
-        return "-" if value is None else format(value * scale, spec)
-
-    lines = [f"# trak-core vs traker 0.3.2 on {result['device_name']} ({result['mode']})", "",
-             "| n x p -> k | method | ms | TFLOP/s | rel. error | float32-grade | note |", "|---" * 7 + "|"]
-    for case in result.get("projection", []):
-        for m in case["methods"]:
-            cells = [f"{case['n']} x {case['p']:,} -> {case['k']:,}", m["method"], _fmt(m.get("seconds"), ".1f", 1e3),
-                     _fmt(m.get("tflops"), ".1f"), _fmt(m.get("rel_error"), ".2e"),
-                     {True: "pass", False: "FAIL"}.get(m.get("float32_grade"), ""),
-                     m["note"] if m["status"] == "ok" else m["status"]]
-            lines.append("| " + " | ".join(cells) + " |")
-    e2e = result.get("end_to_end")
-    if e2e:
-        lines += ["", f"{e2e['model']}, {e2e['params']:,} parameters, {e2e['n_train']:,} examples (batch "
-                  f"{e2e['batch']}), {e2e['n_targets']} targets, k = {e2e['k']:,}, one checkpoint:", "",
-                  "| library | featurize ex/s | featurize s | peak MB | score s | peak MB | note |", "|---" * 7 + "|"]
-        for lib in ("trak_core", "traker"):
-            r = e2e.get(lib, {})
-            cells = [lib, _fmt(r.get("featurize_examples_per_s"), ".1f"), _fmt(r.get("featurize_s"), ".2f"),
-                     _fmt(r.get("featurize_peak_bytes"), ".0f", 1e-6), _fmt(r.get("score_s"), ".2f"),
-                     _fmt(r.get("score_peak_bytes"), ".0f", 1e-6),
-                     f"{r.get('status', r.get('projector', ''))} {r.get('note', '')}".strip()]
-            lines.append("| " + " | ".join(cells) + " |")
-        parts = e2e.get("trak_core", {}).get("breakdown", {})
-        if "gradients_s" in parts:
-            lines += ["", f"trak-core featurize, phases timed apart: per-example gradients {parts['gradients_s']:.2f} s "
-                      f"({parts['chunk_rows']} examples per vmap call), projection {parts['projection_s']:.2f} s, "
-                      f"the rest {e2e['trak_core']['featurize_s'] - parts['gradients_s'] - parts['projection_s']:.2f} s"]
-        elif parts:
-            lines += ["", f"trak-core breakdown: {parts.get('status')}"]
-        if "ratios" in e2e:
-            ratio, corr = e2e["ratios"], e2e["correlation"]
-            lines += ["", f"featurize speed-up trak-core / traker: {ratio['featurize_speedup']:.2f} (target >= 1.5); "
-                      f"score time trak-core / traker: {ratio['score_time_ratio']:.2f} (target <= 1); score "
-                      f"correlation: Pearson {corr['pearson']:.3f}, Spearman (mean over targets) "
-                      f"{corr['spearman_mean_over_targets']:.3f} (a sanity check)"]
-    return "\n".join(lines + [""] + [f"- {item}" for item in result["skipped"]]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
