@@ -141,6 +141,10 @@ def test_gpu_peers_small_runs_on_a_cpu_and_its_errors_are_right(tmp_path):
                                                                    / e2e["trak_core"]["featurize_s"])
         assert e2e["correlation"]["pearson"] > 0.5  # same scores up to the projections' randomness
     assert "| trak_core |" in md.read_text() and "skipped: fast_jl needs a CUDA device" in md.read_text()
+    parts = e2e["trak_core"]["breakdown"]  # the phases timed apart: the torch backend's own chunk rule on a CPU
+    assert parts["chunk_rows"] == min(256, 256 * 2**20 // (4 * e2e["params"])) and parts["projection_peak_bytes"] is None
+    assert 0 < parts["gradients_s"] and 0 < parts["projection_s"]
+    assert f"({parts['chunk_rows']} examples per vmap call)" in md.read_text()
 
 
 def test_gpu_scripts_parse():
