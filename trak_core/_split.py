@@ -17,7 +17,9 @@ is read once); ``hi`` alone is fast_jl's grade (``precision="fast"``, one pass).
 largest (under ``2**-26`` of it) become float16 subnormals or zero; their share of the row's norm is
 below float32's rounding anyway.
 
-Where the signs come from, per block of rows of ``P``: the dense ``+-1`` float16 matrix when it fits
+torch tensors on CUDA take one Triton kernel for the whole product when Triton is installed
+(``trak_core._triton``: the packed bits are unpacked in registers, never into memory). Elsewhere,
+where the signs come from, per block of rows of ``P``: the dense ``+-1`` float16 matrix when it fits
 the cache given (on GPUs ``trak_core.projection.device_cache``, 4 GiB unless raised), else its
 packed bits (``k / 8`` bytes a row) unpacked block by block, else hashed block by block. The bits
 are the reference matrix's (``trak_core.projection.projection_matrix``) in every case.
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import math
 from typing import Any, Callable
+
+import array_api_compat
 
 from ._cache import ProjectionCache
 from ._delegation import half_matmul
@@ -89,6 +93,39 @@ def _sign_source(p: int, k: int, *, seed: int, offset: int, xp: Any, device: Any
                                                          device=device), k, xp=xp, dtype=xp.float16, scale=1.0)
 
 
+def _fused(grads: Any, k: int, *, seed: int, offset: int, signs: Any, scales: Any, n_passes: int,
+           cache: ProjectionCache) -> Any | None:
+    """The products of all passes summed, (n, k) float32, by the Triton kernel (``trak_core._triton``) from the
+    packed bits; ``None`` where it does not run (not torch on CUDA, no Triton, turned off, or it failed).
+
+    The bits come from the cache when they fit (the key the generic path uses), else are hashed in blocks of
+    ``BLOCK_BYTES / 16`` bytes of words (as many rows of ``P`` as a block of float16 signs would hold).
+    """
+    if not array_api_compat.is_torch_array(grads):
+        return None
+    from . import _triton
+    from .projection import _rademacher_words
+
+    if not _triton.available(grads):
+        return None
+    n, p = grads.shape
+    xp, device = namespace(grads), device_of(grads)
+    words_bytes = p * 4 * -(-k // 32)
+    if cache.fits(words_bytes):
+        words = cache.get((xp.__name__, str(device), int(seed), k, offset, p, "words"), words_bytes,
+                          lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp, device=device))
+        return _triton.split_product(grads, words, signs, scales, k, n_passes)
+    out, block = None, max(1, BLOCK_BYTES // (2 * k))
+    for start in range(0, p, block):
+        stop = min(p, start + block)
+        words = _rademacher_words(offset + start, offset + stop, k, seed, xp=xp, device=device)
+        part = _triton.split_product(grads[:, start:stop], words, signs[start:stop], scales, k, n_passes)
+        if part is None:
+            return None
+        out = part if out is None else out + part
+    return out
+
+
 def split_project(grads: Any, k: int, *, seed: int, checkpoint: int, offset: int = 0, precision: str = "float32",
                   cache: ProjectionCache, block_size: int | None = None) -> Any:
     """``grads @ P_checkpoint`` (Rademacher) on half-precision products; see the module docstring.
@@ -126,12 +163,14 @@ def split_project(grads: Any, k: int, *, seed: int, checkpoint: int, offset: int
                        offset, p), 4 * p, lambda: row_signs(offset, offset + p, seed=seed, checkpoint=checkpoint,
                                                             xp=xp, device=device, dtype=xp.float32))
     scales = row_scales(grads, block, xp=xp)
-    source = _sign_source(p, k, seed=seed, offset=offset, xp=xp, device=device, cache=cache)
-    acc = xp.zeros((n_passes * n, k), dtype=xp.float32, device=device)
-    for start in range(0, p, block):
-        stop = min(p, start + block)
-        x = xp.astype(grads[:, start:stop], xp.float32) * signs[None, start:stop] * scales[:, None]
-        acc = acc + half_matmul(split_parts(x, n_passes, xp=xp), source(start, stop), xp=xp)
-    out = acc if n_passes == 1 else acc[:n, :] + acc[n:, :]
+    out = _fused(grads, k, seed=seed, offset=offset, signs=signs, scales=scales, n_passes=n_passes, cache=cache)
+    if out is None:
+        source = _sign_source(p, k, seed=seed, offset=offset, xp=xp, device=device, cache=cache)
+        acc = xp.zeros((n_passes * n, k), dtype=xp.float32, device=device)
+        for start in range(0, p, block):
+            stop = min(p, start + block)
+            x = xp.astype(grads[:, start:stop], xp.float32) * signs[None, start:stop] * scales[:, None]
+            acc = acc + half_matmul(split_parts(x, n_passes, xp=xp), source(start, stop), xp=xp)
+        out = acc if n_passes == 1 else acc[:n, :] + acc[n:, :]
     out = (out / scales[:, None]) * (1.0 / math.sqrt(k))
     return out if xp.finfo(dtype).bits < 32 else xp.astype(out, dtype)  # half inputs: float32 features

@@ -1,0 +1,117 @@
+"""The split half-precision projection as one Triton kernel: packed sign bits in, features out.
+
+One job: ``grads @ P`` on GPUs without ever writing ``P`` to memory. The kernel reads the packed
+Rademacher bits (``k / 8`` bytes a row of ``P``, the reference bits of
+``trak_core.projection.projection_matrix``), turns them into float16 ``+-1`` in registers, and
+multiplies them on the tensor cores with the float16 parts of the flipped, scaled input (the split
+of ``trak_core._split``: ``hi`` and, for ``precision="float32"``, ``lo``), accumulating in float32.
+Unpacking ``P`` into memory first (the generic split path) writes and reads 16 times as many bytes as
+the bits, which bounds small batches by memory bandwidth; here the bits are read once per tile of rows.
+
+The work is split over output tiles (rows of ``grads`` x columns of the features) and over ``p``
+(``splits`` slices, each summing ``iters`` steps of ``BLOCK_K`` rows of ``P``), so that a batch of 32
+examples still fills the GPU. The slices' partial sums are added in a fixed order afterwards: results
+are deterministic.
+
+Used by ``trak_core._split.split_project`` for torch tensors on CUDA devices when Triton is installed
+(it ships with PyTorch's CUDA wheels); ``TRAK_CORE_TRITON=0`` turns it off. Triton is imported only
+when the kernel is first needed. ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors (NumPy
+underneath; slow): the tests check it there against the same split done in float64 and against the
+float64 projection with the exact matrix.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+__all__ = ["available", "split_product", "launch_plan"]
+
+log = logging.getLogger("trak_core")
+
+BLOCK_N = 128  # feature columns per tile (4 packed words)
+BLOCK_K = 64  # rows of P per step
+WAVES = 4  # aim for about this many programs per streaming multiprocessor (balance across the GPU)
+_kernels: dict[bool, Any] = {}
+_failed: list[str] = []
+
+
+def available(x: Any) -> bool:
+    """Whether ``x`` (a torch tensor) can take the Triton kernel: on CUDA, Triton installed, not turned off."""
+    if os.environ.get("TRAK_CORE_TRITON", "1") == "0" or _failed:
+        return False
+    device = getattr(x, "device", None)
+    if getattr(device, "type", None) != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernel() -> Any:
+    """The jitted kernel (``trak_core._triton_kernel``, imported on first use; again if the interpreter mode changed)."""
+    import importlib
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if interpret not in _kernels:
+        from . import _triton_kernel
+
+        if _triton_kernel.INTERPRET != interpret:
+            _triton_kernel = importlib.reload(_triton_kernel)
+        _kernels[interpret] = _triton_kernel.split_projection
+    return _kernels[interpret]
+
+
+def _rounded(value: int) -> int:
+    """``value`` rounded up to two significant bits (1, 1.5 times a power of two): few distinct compiles."""
+    if value <= 2:
+        return max(1, value)
+    top = 1 << (value.bit_length() - 1)
+    return top if value == top else (top + top // 2 if value <= top + top // 2 else 2 * top)
+
+
+def launch_plan(n: int, p: int, k: int, processors: int) -> dict:
+    """Tile sizes, the number of slices of ``p`` and the steps per slice for ``n`` rows on ``processors`` SMs."""
+    block_m = 32 if n <= 32 else 64
+    tiles = -(-n // block_m) * -(-k // BLOCK_N)
+    k_steps = max(1, -(-p // BLOCK_K))
+    wanted = max(1, min(k_steps, -(-WAVES * processors // tiles)))
+    iters = _rounded(-(-k_steps // wanted))
+    return dict(block_m=block_m, iters=iters, splits=-(-k_steps // iters), tiles=tiles)
+
+
+def _processors(device: Any) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 4  # the interpreter: a few slices, so that the tests cover the sum over slices
+
+
+def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_passes: int) -> Any | None:
+    """``sum over passes (part @ S)`` in float32, shape (n, k), where ``S`` is the ``+-1`` matrix of ``words``.
+
+    ``grads`` (n, p) float32/16 or bfloat16; ``words`` (p, ceil(k/32)) int32 packed bits; ``signs`` (p,)
+    float32 row signs; ``scales`` (n,) float32 powers of two (``trak_core._split.row_scales``). The parts are
+    those of ``trak_core._split.split_parts`` of ``grads * signs * scales``. ``None`` if the kernel cannot run
+    here (the first failure is logged and turns the kernel off for the process; the caller falls back).
+    """
+    import torch
+
+    try:
+        n, p = grads.shape
+        grads, words = grads.contiguous(), words.contiguous()
+        plan = launch_plan(n, p, k, _processors(grads.device))
+        partial = torch.empty((plan["splits"], n, k), dtype=torch.float32, device=grads.device)
+        grid = (-(-n // plan["block_m"]), -(-k // BLOCK_N), plan["splits"])
+        _kernel()[grid](grads, words, signs.contiguous(), scales.contiguous(), partial, n, p, k, grads.stride(0),
+                        words.stride(0), BLOCK_M=plan["block_m"], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                        ITERS=plan["iters"], TWO_PASSES=n_passes == 2)
+        return partial[0] if plan["splits"] == 1 else partial.sum(dim=0)
+    except Exception as exc:  # a compiler or driver that cannot run it: the generic split path still can
+        _failed.append(f"{type(exc).__name__}: {exc}")
+        log.warning("the Triton projection kernel failed (%s); using the generic split projection from now on "
+                    "(set TRAK_CORE_TRITON=0 to skip the attempt)", _failed[0][:300])
+        return None
