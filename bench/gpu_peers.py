@@ -11,10 +11,12 @@ to fp16; error at p = 65,536 against its own matrix, recovered from identity row
 the matrix in memory where it fits: the baseline of "float32-grade: error <= 2x the fp32 matmul's and <= 1e-5".
 End to end: ResNet-18 (torchvision's, 11,181,642 parameters, or the same one defined here), random 3x32x32
 images, 2,048 training examples in batches of 256, 256 targets, k = 2,048, one checkpoint, after an untimed run on
-32 examples: featurize and score seconds and peak GPU memory for both (traker: fp32 store, CudaProjector, ridge =
-trak-core's automatic lambda times k / p as in bench/peers.py), the ratios (targets: featurize >= 1.5x, score time
-<= 1x) and the correlation of the two score matrices (a sanity check). ``--small``: p = 20,000 and 12,000, a
-width-4 ResNet-18 on 8x8 images, 64 examples; fast_jl is skipped without CUDA (the reason is in the JSON).
+one batch (the same shapes, so compiled kernels are warm): featurize and score seconds and peak GPU memory for both
+(traker: fp32 store, CudaProjector, ridge = trak-core's automatic lambda times k / p as in bench/peers.py), the
+ratios (targets: featurize >= 1.5x, score time <= 1x) and the correlation of the two score matrices (a sanity
+check); then trak-core's gradients and projection timed apart. ``--small``: p = 20,000 and 12,000, a width-4
+ResNet-18 on 8x8 images, 64 examples; fast_jl is skipped without CUDA (the reason is in the JSON).
+trak-core's projection rows say whether its Triton kernel ran; a row without it (``generic split``) is the A/B.
 The JSON and Markdown are rewritten after each section, so a run cut short keeps what it finished.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import importlib.util
 import inspect
 import logging
 import math
+import os
 import pathlib
 import sys
 import tempfile
@@ -45,7 +48,7 @@ from _gpu_peers_md import markdown  # noqa: E402
 from _resnet import batches, resnet18  # noqa: E402
 
 FULL = dict(projection=[(256, 2_000_000, 4096), (32, 11_181_642, 2048)], fastjl_error_p=65_536, ref_rows=4,
-            width=64, image=32, n_train=2048, batch=256, n_targets=256, k=2048, warmup=32)
+            width=64, image=32, n_train=2048, batch=256, n_targets=256, k=2048, warmup=256)
 SMALL = dict(projection=[(32, 20_000, 512), (8, 12_000, 256)], fastjl_error_p=4096, ref_rows=4,
              width=4, image=8, n_train=64, batch=32, n_targets=16, k=128, warmup=8)
 FASTJL, MATMUL = "traker CudaProjector (fast_jl)", "torch.matmul fp32 (matrix in memory)"
@@ -159,12 +162,43 @@ def projection_methods(p: int, k: int, error_p: int, device: Any) -> dict[str, t
             methods[name] = (None, "unsupported: trak_core.project has no precision= keyword")
     methods["trak-core torch backend.project"] = (
         lambda g: backend.project(g, k, seed=0, checkpoint=0, kind="rademacher"), "what TRAK.featurize calls")
+    if importlib.util.find_spec("trak_core._triton") is not None:  # the same, without the Triton kernel
+        methods["trak-core project precision=float32, generic split"] = (
+            lambda g: without_triton(lambda: trak_core.project(g, k, seed=0, checkpoint=0)),
+            "TRAK_CORE_TRITON=0: float16 products of P unpacked into memory")
     reason, projector = fastjl_reason(device), None
     if reason is None:
         projector = cuda_projector(p, k, device)
     methods[FASTJL] = (projector and (lambda g: projector.project(g, model_id=0)),
                        reason or f"its own matrix: error at p={error_p:,}, the matrix recovered from identity rows")
     return methods
+
+
+def without_triton(fn: Callable[[], Any]) -> Any:
+    """``fn()`` with trak-core's Triton projection kernel turned off (``TRAK_CORE_TRITON=0``)."""
+    before = os.environ.get("TRAK_CORE_TRITON")
+    os.environ["TRAK_CORE_TRITON"] = "0"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["TRAK_CORE_TRITON"]
+        else:
+            os.environ["TRAK_CORE_TRITON"] = before
+
+
+def triton_note(grads: torch.Tensor, precision: str) -> str:
+    """Which path ``trak_core.project`` takes for ``grads`` at ``precision`` here, and why not the kernel if not."""
+    try:
+        from trak_core import _triton
+        from trak_core.projection import uses_split
+    except ImportError:
+        return "no Triton kernel in this version"
+    if not uses_split(grads, "rademacher", precision):
+        return "a plain float32 product (no split off GPUs)"
+    if _triton._failed:
+        return f"generic split: the Triton kernel failed: {_triton._failed[0]}"[:200]
+    return "Triton kernel" if _triton.available(grads) else "generic split (no CUDA tensor or no Triton)"
 
 
 def projection_case(n: int, p: int, k: int, cfg: dict, device: Any) -> dict:
@@ -182,6 +216,9 @@ def projection_case(n: int, p: int, k: int, cfg: dict, device: Any) -> dict:
                 del out
                 if name == FASTJL:
                     entry["rel_error"] = fastjl_error(error_p, k, min(n, 32), device)
+                elif name.startswith("trak-core project precision=") and not name.endswith("generic split"):
+                    entry["note"] = (entry["note"] + "; " if entry["note"] else "") + triton_note(
+                        grads, name.split("=")[-1])
         except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:  # e.g. no precision= keyword
             entry["status"] = f"failed: {type(exc).__name__}: {exc}"[:300]
     entry = dict(method=MATMUL, note="TF32 off; making the matrix is not timed",

@@ -73,13 +73,14 @@ def _rounded(value: int) -> int:
 
 
 def launch_plan(n: int, p: int, k: int, processors: int) -> dict:
-    """Tile sizes, the number of slices of ``p`` and the steps per slice for ``n`` rows on ``processors`` SMs."""
-    block_m = 32 if n <= 32 else 64
+    """Tile sizes, the number of slices of ``p``, the steps per slice and the warps per program for ``n`` rows on
+    ``processors`` SMs. Untuned guesses in the range of Triton's matmul tutorial: bench/gpu_check.sh measures them."""
+    block_m = 32 if n <= 32 else 64 if n <= 64 else 128  # more rows share each unpacked tile of signs
     tiles = -(-n // block_m) * -(-k // BLOCK_N)
     k_steps = max(1, -(-p // BLOCK_K))
     wanted = max(1, min(k_steps, -(-WAVES * processors // tiles)))
     iters = _rounded(-(-k_steps // wanted))
-    return dict(block_m=block_m, iters=iters, splits=-(-k_steps // iters), tiles=tiles)
+    return dict(block_m=block_m, iters=iters, splits=-(-k_steps // iters), tiles=tiles, warps=8 if block_m == 128 else 4)
 
 
 def _processors(device: Any) -> int:
@@ -108,7 +109,7 @@ def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_pas
         grid = (-(-n // plan["block_m"]), -(-k // BLOCK_N), plan["splits"])
         _kernel()[grid](grads, words, signs.contiguous(), scales.contiguous(), partial, n, p, k, grads.stride(0),
                         words.stride(0), BLOCK_M=plan["block_m"], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                        ITERS=plan["iters"], TWO_PASSES=n_passes == 2)
+                        ITERS=plan["iters"], TWO_PASSES=n_passes == 2, num_warps=plan["warps"])
         return partial[0] if plan["splits"] == 1 else partial.sum(dim=0)
     except Exception as exc:  # a compiler or driver that cannot run it: the generic split path still can
         _failed.append(f"{type(exc).__name__}: {exc}")
