@@ -153,3 +153,25 @@ def test_accelerator_groups_hold_a_resnet_batch():
     assert projection_group_rows(1_126_410, 4, 64) == 16  # cached (1.13M x 64 fits): 128 MiB of gradients
     assert projection_group_rows(1000, 4, 64, accelerator=True) == 4096
     assert math.log2(projection_group_rows(3_000_000, 2, 2048, accelerator=True)).is_integer()
+
+
+@pytest.mark.parametrize("precision", ["float32", "fast"])
+def test_jax_packed_split_is_the_numpy_split(case, precision):
+    """JAX arrays whose dense float16 signs do not fit the cache take one jitted step per block (words cached,
+    or hashed per block): the NumPy split's numbers to float32 rounding, and the float64 product's grade."""
+    jnp = pytest.importorskip("jax.numpy", reason="jax is not installed: the jitted JAX split is not exercised")
+    from trak_core import _jax_blocks
+
+    g, reference, _ = case
+    expected = split_project(g, 256, seed=3, checkpoint=1, precision=precision, cache=ProjectionCache(),
+                             block_size=700)
+    _jax_blocks._split_step.cache_clear()
+    for cache in (ProjectionCache(2**20), ProjectionCache(0)):  # words cached (dense does not fit), words hashed
+        out = np.asarray(split_project(jnp.asarray(g), 256, seed=3, checkpoint=1, precision=precision, cache=cache,
+                                       block_size=700))
+        rows = [0, 1, 2, 4]
+        for i in rows:
+            assert np.linalg.norm(out[i] - expected[i]) <= 1e-6 * np.linalg.norm(expected[i])
+        assert not np.any(out[3])
+        assert _relative_error(out, reference) <= (1e-6 if precision == "float32" else 5e-4)
+    assert _jax_blocks._split_step.cache_info().currsize == 2  # the full blocks and the last one: two compiles

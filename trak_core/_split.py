@@ -18,7 +18,9 @@ largest (under ``2**-26`` of it) become float16 subnormals or zero; their share 
 below float32's rounding anyway.
 
 torch tensors on CUDA take one Triton kernel for the whole product when Triton is installed
-(``trak_core._triton``: the packed bits are unpacked in registers, never into memory). Elsewhere,
+(``trak_core._triton``: the packed bits are unpacked in registers, never into memory). JAX arrays
+whose dense signs do not fit the cache take one jitted step per block of rows (unpacking, split and
+product in one XLA computation: ``trak_core._jax_blocks.split_product``). Elsewhere,
 where the signs come from, per block of rows of ``P``: the dense ``+-1`` float16 matrix when it fits
 the cache given (on GPUs ``trak_core.projection.device_cache``, 4 GiB unless raised), else its
 packed bits (``k / 8`` bytes a row) unpacked block by block, else hashed block by block. The bits
@@ -94,26 +96,39 @@ def _sign_source(p: int, k: int, *, seed: int, offset: int, xp: Any, device: Any
 
 
 def _fused(grads: Any, k: int, *, seed: int, offset: int, signs: Any, scales: Any, n_passes: int,
-           cache: ProjectionCache) -> Any | None:
-    """The products of all passes summed, (n, k) float32, by the Triton kernel (``trak_core._triton``) from the
-    packed bits; ``None`` where it does not run (not torch on CUDA, no Triton, turned off, or it failed).
+           cache: ProjectionCache, block: int) -> Any | None:
+    """The products of all passes summed, (n, k) float32, straight from the packed bits; ``None`` where no such
+    path runs (the caller's generic loop then unpacks blocks of ``P`` into memory).
 
-    The bits come from the cache when they fit (the key the generic path uses), else are hashed in blocks of
-    ``BLOCK_BYTES / 16`` bytes of words (as many rows of ``P`` as a block of float16 signs would hold).
+    torch on CUDA: the Triton kernel (``trak_core._triton``; not without Triton, when turned off, or after it
+    failed). JAX, when the dense float16 signs do not fit the cache: one jitted step per block of ``block`` rows
+    (``trak_core._jax_blocks.split_product``). The bits come from the cache when they fit (the key the generic
+    path uses), else are hashed block by block (for torch, blocks of ``BLOCK_BYTES / 16`` bytes of words).
     """
-    if not array_api_compat.is_torch_array(grads):
-        return None
-    from . import _triton
     from .projection import _rademacher_words
 
-    if not _triton.available(grads):
-        return None
     n, p = grads.shape
     xp, device = namespace(grads), device_of(grads)
     words_bytes = p * 4 * -(-k // 32)
+    key = (xp.__name__, str(device), int(seed), k, offset, p, "words")
+    if array_api_compat.is_jax_array(grads):
+        if cache.fits(2 * p * k):
+            return None
+        from ._jax_blocks import split_product as jax_split_product
+
+        words = cache.get(key, words_bytes, lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp,
+                                                                     device=device)) if cache.fits(words_bytes) else (
+            lambda start, stop: _rademacher_words(offset + start, offset + stop, k, seed, xp=xp, device=device))
+        return jax_split_product(grads, signs, scales, words, k, n_passes, block)
+    if not array_api_compat.is_torch_array(grads):
+        return None
+    from . import _triton
+
+    if not _triton.available(grads):
+        return None
     if cache.fits(words_bytes):
-        words = cache.get((xp.__name__, str(device), int(seed), k, offset, p, "words"), words_bytes,
-                          lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp, device=device))
+        words = cache.get(key, words_bytes, lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp,
+                                                                     device=device))
         return _triton.split_product(grads, words, signs, scales, k, n_passes)
     out, block = None, max(1, BLOCK_BYTES // (2 * k))
     for start in range(0, p, block):
@@ -163,7 +178,8 @@ def split_project(grads: Any, k: int, *, seed: int, checkpoint: int, offset: int
                        offset, p), 4 * p, lambda: row_signs(offset, offset + p, seed=seed, checkpoint=checkpoint,
                                                             xp=xp, device=device, dtype=xp.float32))
     scales = row_scales(grads, block, xp=xp)
-    out = _fused(grads, k, seed=seed, offset=offset, signs=signs, scales=scales, n_passes=n_passes, cache=cache)
+    out = _fused(grads, k, seed=seed, offset=offset, signs=signs, scales=scales, n_passes=n_passes, cache=cache,
+                 block=block)
     if out is None:
         source = _sign_source(p, k, seed=seed, offset=offset, xp=xp, device=device, cache=cache)
         acc = xp.zeros((n_passes * n, k), dtype=xp.float32, device=device)
