@@ -37,6 +37,10 @@ def markdown(result: dict) -> str:
                       f"the rest {e2e['trak_core']['featurize_s'] - parts['gradients_s'] - parts['projection_s']:.2f} s; "
                       f"peak MB: gradients {_fmt(parts.get('gradients_peak_bytes'), '.0f', 1e-6)}, projection "
                       f"{_fmt(parts.get('projection_peak_bytes'), '.0f', 1e-6)}"]
+            if "gradients_one_call_s" in parts:
+                lines.append(f"(gradients with {parts['one_call_rows']} examples per vmap call: "
+                             f"{parts['gradients_one_call_s']:.2f} s, peak "
+                             f"{_fmt(parts['gradients_one_call_peak_bytes'], '.0f', 1e-6)} MB)")
         elif parts:
             lines += ["", f"trak-core breakdown: {parts.get('status')}"]
         if "ratios" in e2e:

@@ -264,7 +264,8 @@ def trak_core_breakdown(model: Any, state: dict, train: list, k: int, device: An
     """Where trak-core's featurize time goes: the torch backend's per-example gradients of every batch, then
     the projection of each batch's gradients (the backend's ``project``, as featurize calls it), each phase synchronized and
     summed over batches, with each phase's peak GPU memory (the projection's includes the batch's gradients); the
-    rest of featurize (kernel, checks, copies) is its time minus the two."""
+    rest of featurize (kernel, checks, copies) is its time minus the two. On a GPU, also the gradients with each
+    batch in one ``vmap`` call (``chunk_size`` = the batch): what a larger default chunk would gain and cost."""
     trak = trak_core.TRAK(model, proj_dim=k, backend="torch", progress=False)
     backend, prepared = trak.backend, trak.backend.prepare(model, state)
     gradients_s = projection_s = 0.0
@@ -278,9 +279,20 @@ def trak_core_breakdown(model: Any, state: dict, train: list, k: int, device: An
         projection_s += seconds
         peaks["projection"] = max(peaks["projection"], peak or 0)
         del out
-    return dict(gradients_s=gradients_s, projection_s=projection_s, chunk_rows=backend.chunk_size or
-                _chunk_rows(prepared, device), gradients_peak_bytes=peaks["gradients"] or None,
-                projection_peak_bytes=peaks["projection"] or None)
+    out = dict(gradients_s=gradients_s, projection_s=projection_s, chunk_rows=backend.chunk_size or
+               _chunk_rows(prepared, device), gradients_peak_bytes=peaks["gradients"] or None,
+               projection_peak_bytes=peaks["projection"] or None)
+    if torch.device(device).type == "cuda":  # the gradients again with every batch in one vmap call
+        from trak_torch import TorchBackend
+
+        whole = TorchBackend(chunk_size=max(len(labels) for _, labels in train))
+        whole_prepared, seconds, peak = whole.prepare(model, state), 0.0, 0
+        for inputs, labels in train:
+            _, step, step_peak = phase(device, partial(whole.gradients, model, whole_prepared, inputs, labels,
+                                                       trak.task))
+            seconds, peak = seconds + step, max(peak, step_peak or 0)
+        out.update(gradients_one_call_s=seconds, gradients_one_call_peak_bytes=peak, one_call_rows=whole.chunk_size)
+    return out
 
 
 def _chunk_rows(prepared: Any, device: Any) -> int | None:
