@@ -21,20 +21,21 @@ def split_projection(x_ptr, words_ptr, signs_ptr, scales_ptr, out_ptr, n, p, k, 
     row_ok, col_ok = rows < n, cols < k
     scale = tl.load(scales_ptr + rows, mask=row_ok, other=1.0)
     word, bit = cols // 32, cols % 32
+    x_rows = rows.to(tl.int64) * stride_x  # 64-bit offsets: 256 rows x 11M parameters pass 2**31
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for i in range(ITERS):  # a constexpr trip count (Triton's interpreter cannot loop over runtime bounds)
         r = (pid_s * ITERS + i) * BLOCK_K + tl.arange(0, BLOCK_K)
         r_ok = r < p
-        x = tl.load(x_ptr + rows[:, None] * stride_x + r[None, :], mask=row_ok[:, None] & r_ok[None, :],
+        x = tl.load(x_ptr + x_rows[:, None] + r[None, :], mask=row_ok[:, None] & r_ok[None, :],
                     other=0.0).to(tl.float32)
         flip = tl.load(signs_ptr + r, mask=r_ok, other=0.0)
         x = x * flip[None, :] * scale[:, None]  # exact: +-1 and powers of two
-        w = tl.load(words_ptr + r[:, None] * stride_w + word[None, :], mask=r_ok[:, None] & col_ok[None, :],
-                    other=0)
+        w = tl.load(words_ptr + r.to(tl.int64)[:, None] * stride_w + word[None, :],
+                    mask=r_ok[:, None] & col_ok[None, :], other=0)
         s = (1 - 2 * ((w >> bit[None, :]) & 1)).to(tl.float16)  # bit t of word b: column 32 b + t
         hi = x.to(tl.float16)
         acc = tl.dot(hi, s, acc)
         if TWO_PASSES:
             acc = tl.dot((x - hi.to(tl.float32)).to(tl.float16), s, acc)
-    tl.store(out_ptr + pid_s * n * k + rows[:, None] * k + cols[None, :], acc,
+    tl.store(out_ptr + (pid_s * n).to(tl.int64) * k + rows[:, None] * k + cols[None, :], acc,
              mask=row_ok[:, None] & col_ok[None, :])
