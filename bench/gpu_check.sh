@@ -16,10 +16,13 @@
 #   kronecker   bench/kronecker_speed.py --device cuda: GPT-2 small, factorized vs dense featurize at k = 4,096
 #               (issue 15's GPU figure; the dense child stops after 40 s and reports a bound) (limit 90 s)
 #   bench       the quick pytest-benchmark suite on the GPU ids (limit 90 s, or what is left)
+#   sweep       bench/triton_sweep.py: launch plans of the Triton projection kernel at both projection sizes, with
+#               the time that is left (limit 60 s); its table goes into report.md
 # REPORT_DIR gets 8 files (the device tool brings back 8 at most): report.md (versions, a row per step, the tables),
 # log.txt (every step's output), tests.xml, gpu_peers.json, gpu_peers.md, projection.json, kronecker_gpu.json,
 # bench_quick.json.
-# GPU_PEERS_ARGS adds arguments to gpu_peers.py (a rehearsal on a CPU: GPU_PEERS_ARGS="--small --device cpu").
+# GPU_PEERS_ARGS adds arguments to gpu_peers.py (a rehearsal on a CPU: GPU_PEERS_ARGS="--small --device cpu"), and
+# TRITON_SWEEP_ARGS to triton_sweep.py (on a CPU: TRITON_SWEEP_ARGS="--small --device cpu").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 report=${1:-${OUT:-gpu_report}}
@@ -106,8 +109,11 @@ step kronecker 90 "$py" bench/kronecker_speed.py --only gpt2 --device cuda --exa
   --json "$report/kronecker_gpu.json"
 step bench 90 "$py" -m pytest bench --quick -q -p no:cacheprovider --bench-ids torch:cuda,jax:gpu,cupy \
   --benchmark-json "$report/bench_quick.json"
+left=$((deadline - $(date +%s)))
+# shellcheck disable=SC2086  # TRITON_SWEEP_ARGS is split on purpose
+step sweep 60 "$py" bench/triton_sweep.py --budget "$((left < 60 ? left - 15 : 45))" ${TRITON_SWEEP_ARGS:-}
 
-for f in versions steps install fast_jl tests peers projection kronecker bench; do
+for f in versions steps install fast_jl tests peers projection kronecker bench sweep; do
   [ -f "$logs/$f.txt" ] || continue
   echo "===== $f ====="
   tail -c 300000 "$logs/$f.txt"
@@ -129,6 +135,10 @@ if bench.exists():
               f"{b['materialized_s']*1e3:.1f} ms, generate-then-matmul {b['generate_then_matmul_s']*1e3:.1f} ms",
               f"  fused / materialized throughput: {b['fused_over_materialized']:.2f} (target >= 0.70); "
               f"fused vs generate-then-matmul: {b['fused_over_generate']:.1f}x; extra memory {b['fused_extra_bytes']} B"]
+sweep = logs / "sweep.txt"
+if sweep.exists() and "| n x p -> k |" in sweep.read_text():
+    text = sweep.read_text()
+    lines += ["", text[text.index("Triton projection kernel"):].strip()]
 (report / "report.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY

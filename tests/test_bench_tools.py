@@ -180,3 +180,26 @@ def test_text_vs_traker_quick_agreement(tmp_path):
     assert c["rel_error_predicted"] <= c["cond_K_times_u32"]  # the factor predicted from trak-core's features
     assert c["predicted_scale"] == pytest.approx(c["fitted_scale"], rel=1e-5)
     assert row["rel_error_fitted"] <= row["max_cond_K_times_u32"]
+
+
+def test_triton_sweep_runs_in_the_interpreter(tmp_path):
+    """bench/triton_sweep.py on a CPU (Triton's interpreter, in its own process): the plans that ran give the
+    default plan's numbers to float32 rounding, and the Markdown table lists every plan."""
+    import json
+    import subprocess
+
+    for name in ("torch", "triton"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed: bench/triton_sweep.py not exercised")
+    path = tmp_path / "sweep.json"
+    out = subprocess.run([sys.executable, str(BENCH / "triton_sweep.py"), "--small", "--device", "cpu", "--budget", "4",
+                          "--json", str(path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(path.read_text())["rows"]
+    sweep = _load("triton_sweep")
+    assert len(rows) == len(sweep.SIZES["small"]) * (len(sweep.PLANS) + 1)
+    ran = [r for r in rows if r["status"] == "ok"]
+    assert ran and ran[0]["options"] == {} and ran[0]["max_rel_diff"] == 0.0
+    assert all(r.get("max_rel_diff", 0.0) < 1e-6 for r in ran)
+    assert all(r["status"] in ("ok", "skipped: time budget spent") for r in rows)
+    assert out.stdout.count("\n| ") == len(rows) + 1  # the header and one line per plan

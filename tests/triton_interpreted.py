@@ -73,6 +73,20 @@ def test_kernel_equals_the_split_in_float64(interpret, n, p, k, n_passes):
     assert np.all(np.abs(out.double().numpy() - expected) <= p * 2.0**-24 * l1)  # float32 sums of p terms
 
 
+@pytest.mark.parametrize("options", [dict(block_m=16, block_n=64, block_k=32), dict(block_n=256, block_k=128, warps=8,
+                                                                                     stages=2)])
+def test_other_launch_plans_give_the_same_numbers(interpret, options):
+    """The tile sizes ``bench/triton_sweep.py`` tries: the same split, summed in another order."""
+    n, p, k = 40, 700, 300
+    grads = _inputs(n, p, k, seed=6)
+    expected, signs, scales, l1 = _split_in_float64(grads, k, 2, seed=4, checkpoint=2)
+    words = _rademacher_words(0, p, k, 4, xp=txp, device=None)
+    plan = _triton.launch_plan(n, p, k, 4, **options)
+    assert plan["splits"] > 1 and all(plan[key] == value for key, value in options.items())
+    out = _triton.split_product(grads, words, signs, scales, k, 2, plan=plan)
+    assert np.all(np.abs(out.double().numpy() - expected) <= p * 2.0**-24 * l1)
+
+
 @pytest.mark.parametrize("precision,bound", [("float32", 1e-6), ("fast", 5e-4)])
 def test_split_project_through_the_kernel_is_float32_grade(interpret, precision, bound, caplog):
     n, p, k = 6, 700, 160

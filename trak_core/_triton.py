@@ -72,15 +72,18 @@ def _rounded(value: int) -> int:
     return top if value == top else (top + top // 2 if value <= top + top // 2 else 2 * top)
 
 
-def launch_plan(n: int, p: int, k: int, processors: int) -> dict:
-    """Tile sizes, the number of slices of ``p``, the steps per slice and the warps per program for ``n`` rows on
-    ``processors`` SMs. Untuned guesses in the range of Triton's matmul tutorial: bench/gpu_check.sh measures them."""
-    block_m = 32 if n <= 32 else 64 if n <= 64 else 128  # more rows share each unpacked tile of signs
-    tiles = -(-n // block_m) * -(-k // BLOCK_N)
-    k_steps = max(1, -(-p // BLOCK_K))
+def launch_plan(n: int, p: int, k: int, processors: int, *, block_m: int | None = None, block_n: int = BLOCK_N,
+                block_k: int = BLOCK_K, warps: int | None = None, stages: int | None = None) -> dict:
+    """Tile sizes, the number of slices of ``p``, the steps per slice, warps and pipeline stages per program for
+    ``n`` rows on ``processors`` SMs. The defaults are untuned guesses in the range of Triton's matmul tutorial
+    (``bench/triton_sweep.py`` times others on a GPU); ``stages=None`` leaves Triton's default."""
+    block_m = block_m or (32 if n <= 32 else 64 if n <= 64 else 128)  # more rows share each unpacked tile of signs
+    tiles = -(-n // block_m) * -(-k // block_n)
+    k_steps = max(1, -(-p // block_k))
     wanted = max(1, min(k_steps, -(-WAVES * processors // tiles)))
     iters = _rounded(-(-k_steps // wanted))
-    return dict(block_m=block_m, iters=iters, splits=-(-k_steps // iters), tiles=tiles, warps=8 if block_m == 128 else 4)
+    return dict(block_m=block_m, block_n=block_n, block_k=block_k, iters=iters, splits=-(-k_steps // iters),
+                tiles=tiles, warps=warps or (8 if block_m == 128 else 4), stages=stages)
 
 
 def _processors(device: Any) -> int:
@@ -91,25 +94,28 @@ def _processors(device: Any) -> int:
     return 4  # the interpreter: a few slices, so that the tests cover the sum over slices
 
 
-def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_passes: int) -> Any | None:
+def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_passes: int,
+                  plan: dict | None = None) -> Any | None:
     """``sum over passes (part @ S)`` in float32, shape (n, k), where ``S`` is the ``+-1`` matrix of ``words``.
 
     ``grads`` (n, p) float32/16 or bfloat16; ``words`` (p, ceil(k/32)) int32 packed bits; ``signs`` (p,)
     float32 row signs; ``scales`` (n,) float32 powers of two (``trak_core._split.row_scales``). The parts are
     those of ``trak_core._split.split_parts`` of ``grads * signs * scales``. ``None`` if the kernel cannot run
     here (the first failure is logged and turns the kernel off for the process; the caller falls back).
+    ``plan``: a :func:`launch_plan` for these sizes (default: its defaults).
     """
     import torch
 
     try:
         n, p = grads.shape
         grads, words = grads.contiguous(), words.contiguous()
-        plan = launch_plan(n, p, k, _processors(grads.device))
+        plan = plan or launch_plan(n, p, k, _processors(grads.device))
         partial = torch.empty((plan["splits"], n, k), dtype=torch.float32, device=grads.device)
-        grid = (-(-n // plan["block_m"]), -(-k // BLOCK_N), plan["splits"])
+        grid = (-(-n // plan["block_m"]), -(-k // plan["block_n"]), plan["splits"])
+        options = {"num_warps": plan["warps"]} | ({"num_stages": plan["stages"]} if plan["stages"] else {})
         _kernel()[grid](grads, words, signs.contiguous(), scales.contiguous(), partial, n, p, k, grads.stride(0),
-                        words.stride(0), BLOCK_M=plan["block_m"], BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                        ITERS=plan["iters"], TWO_PASSES=n_passes == 2, num_warps=plan["warps"])
+                        words.stride(0), BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
+                        ITERS=plan["iters"], TWO_PASSES=n_passes == 2, **options)
         return partial[0] if plan["splits"] == 1 else partial.sum(dim=0)
     except Exception as exc:  # a compiler or driver that cannot run it: the generic split path still can
         _failed.append(f"{type(exc).__name__}: {exc}")
