@@ -26,8 +26,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _report import write_json  # noqa: E402
 
 SIZES = dict(full=[(256, 2_000_000, 4096), (32, 11_181_642, 2048)], small=[(40, 3000, 256), (8, 2000, 128)])
-PLANS = [dict(), dict(block_m=64), dict(block_n=64), dict(block_n=256, warps=8), dict(block_k=32),
-         dict(block_k=128, stages=2), dict(stages=4)]
+PLANS = [dict(), dict(expand=True), dict(block_m=64), dict(block_n=64), dict(block_n=256, warps=8),
+         dict(block_n=256, warps=8, expand=True), dict(block_k=32), dict(block_k=128, stages=2), dict(stages=4)]
 
 
 def synchronized(device: torch.device, fn: Any) -> tuple[Any, float]:

@@ -25,6 +25,8 @@ import logging
 import os
 from typing import Any
 
+from .errors import TrakValueError
+
 __all__ = ["available", "split_product", "launch_plan"]
 
 log = logging.getLogger("trak_core")
@@ -73,17 +75,21 @@ def _rounded(value: int) -> int:
 
 
 def launch_plan(n: int, p: int, k: int, processors: int, *, block_m: int | None = None, block_n: int = BLOCK_N,
-                block_k: int = BLOCK_K, warps: int | None = None, stages: int | None = None) -> dict:
+                block_k: int = BLOCK_K, warps: int | None = None, stages: int | None = None,
+                expand: bool = False) -> dict:
     """Tile sizes, the number of slices of ``p``, the steps per slice, warps and pipeline stages per program for
     ``n`` rows on ``processors`` SMs. The defaults are untuned guesses in the range of Triton's matmul tutorial
-    (``bench/triton_sweep.py`` times others on a GPU); ``stages=None`` leaves Triton's default."""
+    (``bench/triton_sweep.py`` times others on a GPU); ``stages=None`` leaves Triton's default. ``expand``: load each
+    packed word once and broadcast its 32 bits (``block_n`` a multiple of 32) instead of one load per column."""
+    if expand and block_n % 32:
+        raise TrakValueError(f"expand=True needs block_n to be a multiple of 32, got {block_n}")
     block_m = block_m or (32 if n <= 32 else 64 if n <= 64 else 128)  # more rows share each unpacked tile of signs
     tiles = -(-n // block_m) * -(-k // block_n)
     k_steps = max(1, -(-p // block_k))
     wanted = max(1, min(k_steps, -(-WAVES * processors // tiles)))
     iters = _rounded(-(-k_steps // wanted))
     return dict(block_m=block_m, block_n=block_n, block_k=block_k, iters=iters, splits=-(-k_steps // iters),
-                tiles=tiles, warps=warps or (8 if block_m == 128 else 4), stages=stages)
+                tiles=tiles, warps=warps or (8 if block_m == 128 else 4), stages=stages, expand=expand)
 
 
 def _processors(device: Any) -> int:
@@ -115,7 +121,7 @@ def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_pas
         options = {"num_warps": plan["warps"]} | ({"num_stages": plan["stages"]} if plan["stages"] else {})
         _kernel()[grid](grads, words, signs.contiguous(), scales.contiguous(), partial, n, p, k, grads.stride(0),
                         words.stride(0), BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
-                        ITERS=plan["iters"], TWO_PASSES=n_passes == 2, **options)
+                        ITERS=plan["iters"], TWO_PASSES=n_passes == 2, EXPAND=plan.get("expand", False), **options)
         return partial[0] if plan["splits"] == 1 else partial.sum(dim=0)
     except Exception as exc:  # a compiler or driver that cannot run it: the generic split path still can
         _failed.append(f"{type(exc).__name__}: {exc}")

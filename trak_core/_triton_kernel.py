@@ -14,7 +14,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def split_projection(x_ptr, words_ptr, signs_ptr, scales_ptr, out_ptr, n, p, k, stride_x, stride_w,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ITERS: tl.constexpr,
-                     TWO_PASSES: tl.constexpr):
+                     TWO_PASSES: tl.constexpr, EXPAND: tl.constexpr = False):
     pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -30,9 +30,16 @@ def split_projection(x_ptr, words_ptr, signs_ptr, scales_ptr, out_ptr, n, p, k, 
                     other=0.0).to(tl.float32)
         flip = tl.load(signs_ptr + r, mask=r_ok, other=0.0)
         x = x * flip[None, :] * scale[:, None]  # exact: +-1 and powers of two
-        w = tl.load(words_ptr + r.to(tl.int64)[:, None] * stride_w + word[None, :],
-                    mask=r_ok[:, None] & col_ok[None, :], other=0)
-        s = (1 - 2 * ((w >> bit[None, :]) & 1)).to(tl.float16)  # bit t of word b: column 32 b + t
+        if EXPAND:  # each word loaded once, its 32 bits broadcast out, then reshaped to the tile (BLOCK_N % 32 == 0)
+            tile_words = pid_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
+            w = tl.load(words_ptr + r.to(tl.int64)[:, None] * stride_w + tile_words[None, :],
+                        mask=r_ok[:, None] & (tile_words[None, :] < stride_w), other=0)
+            bits = (w[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+            s = (1 - 2 * tl.reshape(bits, (BLOCK_K, BLOCK_N))).to(tl.float16)
+        else:  # each column loads its word (repeated addresses: cache hits)
+            w = tl.load(words_ptr + r.to(tl.int64)[:, None] * stride_w + word[None, :],
+                        mask=r_ok[:, None] & col_ok[None, :], other=0)
+            s = (1 - 2 * ((w >> bit[None, :]) & 1)).to(tl.float16)  # bit t of word b: column 32 b + t
         hi = x.to(tl.float16)
         acc = tl.dot(hi, s, acc)
         if TWO_PASSES:
