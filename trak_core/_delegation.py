@@ -22,6 +22,7 @@ Projection (generating and applying the counter-based matrix):
   place for torch, jitted for JAX.
 - ``half_matmul``: ``a @ b`` for float16 operands with float32 products and sums and a float32
   result (tensor cores on GPUs; an exact emulation elsewhere).
+- ``row_max_abs``: the largest magnitude of each row in one pass, without an ``abs`` copy (torch).
 
 Kernel:
 
@@ -46,7 +47,8 @@ import array_api_compat
 from ._namespace import has_float64
 
 __all__ = ["is_accelerator", "to_host", "packed_words", "unpack_signs", "make_array", "in_float64",
-           "packed_product", "half_matmul", "solve_triangular", "full_precision", "full_precision_products"]
+           "packed_product", "half_matmul", "row_max_abs", "solve_triangular", "full_precision",
+           "full_precision_products"]
 
 log = logging.getLogger("trak_core")
 _warned: set[str] = set()
@@ -297,6 +299,16 @@ def _cupy_half_matmul(a: Any, b: Any) -> Any:
                   zero.ctypes.data, out.data.ptr, runtime.CUDA_R_32F, n,
                   cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT_TENSOR_OP)
     return out
+
+
+def row_max_abs(x: Any, *, xp: Any) -> Any | None:
+    """``max(|x|, axis=1)`` as float32 (exact), or ``None``: torch reduces in one pass without writing ``|x|``
+    (``vector_norm`` of order infinity); other namespaces take the caller's block loop."""
+    if not array_api_compat.is_torch_namespace(xp):
+        return None
+    import torch
+
+    return torch.linalg.vector_norm(x, ord=float("inf"), dim=1).to(torch.float32)
 
 
 def solve_triangular(lower: Any, rhs: Any, *, transpose: bool, xp: Any) -> Any:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import array_api_compat
 
 from ._cache import ProjectionCache
-from ._delegation import half_matmul
+from ._delegation import half_matmul, row_max_abs
 from ._namespace import device_of, namespace
 from .errors import TrakValueError
 
@@ -56,10 +56,12 @@ def passes(precision: str) -> int:
 def row_scales(grads: Any, block: int, *, xp: Any) -> Any:
     """Powers of two ``s`` (float32, shape (n,)) with ``s * max|row|`` in ``[2**12, 2**15)`` (1 for zero rows)."""
     n, p = grads.shape
-    peak = xp.zeros((n,), dtype=xp.float32, device=device_of(grads))
-    for start in range(0, p, block):
-        part = xp.astype(grads[:, start:min(p, start + block)], xp.float32)
-        peak = xp.maximum(peak, xp.max(xp.abs(part), axis=1))
+    peak = row_max_abs(grads, xp=xp)  # torch: one pass, no |x| copy
+    if peak is None:
+        peak = xp.zeros((n,), dtype=xp.float32, device=device_of(grads))
+        for start in range(0, p, block):
+            part = xp.astype(grads[:, start:min(p, start + block)], xp.float32)
+            peak = xp.maximum(peak, xp.max(xp.abs(part), axis=1))
     safe = xp.where(peak > 0, peak, xp.ones_like(peak))
     exponent = xp.clip(_TOP_EXPONENT - xp.floor(xp.log2(safe)), -120.0, 120.0)
     two = xp.asarray(2.0, dtype=xp.float32, device=device_of(grads))
