@@ -236,7 +236,7 @@ def test_the_estimators_products_run_at_full_precision_in_jax():
     jax = pytest.importorskip("jax", reason="jax is not installed: JAX precision is not exercised")
     import jax.numpy as jnp
 
-    from trak_core import evaluation, kernel, kronecker, scores
+    from trak_core import kernel, kronecker, scores
 
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     rng = np.random.default_rng(0)

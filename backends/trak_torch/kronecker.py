@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 from trak_core.errors import TrakValueError
 from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_plan, rest_seed
