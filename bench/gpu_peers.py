@@ -27,7 +27,6 @@ import importlib.util
 import inspect
 import logging
 import math
-import os
 import pathlib
 import sys
 import tempfile
@@ -46,6 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _report import write_json  # noqa: E402
 from _gpu_peers_md import markdown  # noqa: E402
 from _resnet import batches, resnet18  # noqa: E402
+from _triton_paths import triton_note, without_triton  # noqa: E402
 
 FULL = dict(projection=[(256, 2_000_000, 4096), (32, 11_181_642, 2048)], fastjl_error_p=65_536, ref_rows=4,
             width=64, image=32, n_train=2048, batch=256, n_targets=256, k=2048, warmup=256)
@@ -172,33 +172,6 @@ def projection_methods(p: int, k: int, error_p: int, device: Any) -> dict[str, t
     methods[FASTJL] = (projector and (lambda g: projector.project(g, model_id=0)),
                        reason or f"its own matrix: error at p={error_p:,}, the matrix recovered from identity rows")
     return methods
-
-
-def without_triton(fn: Callable[[], Any]) -> Any:
-    """``fn()`` with trak-core's Triton projection kernel turned off (``TRAK_CORE_TRITON=0``)."""
-    before = os.environ.get("TRAK_CORE_TRITON")
-    os.environ["TRAK_CORE_TRITON"] = "0"
-    try:
-        return fn()
-    finally:
-        if before is None:
-            del os.environ["TRAK_CORE_TRITON"]
-        else:
-            os.environ["TRAK_CORE_TRITON"] = before
-
-
-def triton_note(grads: torch.Tensor, precision: str) -> str:
-    """Which path ``trak_core.project`` takes for ``grads`` at ``precision`` here, and why not the kernel if not."""
-    try:
-        from trak_core import _triton
-        from trak_core.projection import uses_split
-    except ImportError:
-        return "no Triton kernel in this version"
-    if not uses_split(grads, "rademacher", precision):
-        return "a plain float32 product (no split off GPUs)"
-    if _triton._failed:
-        return f"generic split: the Triton kernel failed: {_triton._failed[0]}"[:200]
-    return "Triton kernel" if _triton.available(grads) else "generic split (no CUDA tensor or no Triton)"
 
 
 def projection_case(n: int, p: int, k: int, cfg: dict, device: Any) -> dict:
