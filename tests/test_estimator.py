@@ -198,3 +198,50 @@ def test_auto_kernel_dtype_follows_the_features_and_lambda(rng):
     t32.refit(0.1)
     assert factor_dtypes(t32) == {np.dtype(np.float32)} and t32.store[0].kernel.dtype == np.float32
     np.testing.assert_allclose(t32.store[0].kernel, gram, rtol=1e-5, atol=1e-6 * np.abs(gram).max())
+
+
+def test_auto_kernel_dtype_remakes_an_ill_conditioned_float32_kernel_in_float64(rng):
+    """kernel_dtype="auto" keeps a float32 kernel only while lambda_max / lambda <= AUTO_FLOAT32_MAX_RATIO; above
+    it the kernel is made again in float64, and the scores are those of kernel_dtype="float64" bit for bit.
+    refit crosses the line both ways."""
+    from trak_core import kernel as kernel_ops
+
+    x, y, xt, yt = _problem(rng, n=40)
+    model = MLP(5, 6, 3)
+    theta, data = model.init(seed=5).astype(np.float32), [(x.astype(np.float32), y)]
+    probe = TRAK(model, proj_dim=64, lambda_reg=1.0, progress=False)
+    probe.featurize(theta, data)
+    top = np.linalg.eigvalsh(probe.store[0].kernel.astype(np.float64))[-1]
+    ill, well = top / (5 * kernel_ops.AUTO_FLOAT32_MAX_RATIO), top / (0.2 * kernel_ops.AUTO_FLOAT32_MAX_RATIO)
+
+    def run(lam, kernel_dtype="auto"):
+        trak = TRAK(model, proj_dim=64, lambda_reg=lam, progress=False, kernel_dtype=kernel_dtype)
+        trak.featurize(theta, data)
+        return trak, np.asarray(trak.score([(xt.astype(np.float32), yt)]))
+
+    auto_ill, scores_ill = run(ill)
+    reference_ill = run(ill, "float64")[1]
+    assert auto_ill.store[0].factor.arrays[0].dtype == np.float64 and auto_ill.store[0].kernel_dtype == "float64"
+    assert np.array_equal(scores_ill, reference_ill)
+    float32_ill = run(ill, "float32")[1]  # what "auto" avoided: a float32 kernel's error at this conditioning
+    assert np.linalg.norm(float32_ill - reference_ill) > 10 * np.linalg.norm(scores_ill - reference_ill)
+    auto_well, _ = run(well)
+    assert auto_well.store[0].factor.arrays[0].dtype == np.float32
+    auto_well.refit(ill)
+    assert auto_well.store[0].factor.arrays[0].dtype == np.float64
+    assert np.array_equal(np.asarray(auto_well.score([(xt.astype(np.float32), yt)])), scores_ill)
+    auto_well.refit(well)
+    assert auto_well.store[0].factor.arrays[0].dtype == np.float32
+
+
+def test_top_eigenvalue_matches_lapack(rng):
+    from trak_core import kernel as kernel_ops
+    import array_api_compat.numpy as xp
+
+    phi = rng.standard_normal((300, 40)) * np.geomspace(10, 0.01, 40)
+    kernel = phi.T @ phi
+    exact = np.linalg.eigvalsh(kernel)[-1]
+    for dtype in (np.float64, np.float32):
+        estimate = kernel_ops.top_eigenvalue(kernel.astype(dtype), xp=xp)
+        assert exact * (1 - 1e-4) <= estimate <= exact * (1 + 1e-5)
+    assert kernel_ops.top_eigenvalue(np.zeros((5, 5)), xp=xp) == 0.0

@@ -16,7 +16,7 @@ from . import kernel as kernel_ops
 from ._checks import _check_features, _check_finite, _check_lengths, _check_weights, projection_group_rows, take_rows
 from ._delegation import is_accelerator
 from ._identity import DataCheck, check_parameters
-from ._namespace import namespace
+from ._namespace import device_of, has_float64, namespace
 from ._progress import progress
 from .backends.protocol import batches
 from .errors import TrakCoreError, TrakValueError
@@ -24,7 +24,7 @@ from .fingerprints import to_numpy
 from .projection import project
 from .regularization import choose_lambda
 from .scores import normalize_rows
-from .store import CheckpointEntry, Writer
+from .store import CheckpointEntry, Writer, kernel_from_features
 
 __all__ = ["Featurizer", "PendingCheckpoint"]
 
@@ -222,11 +222,31 @@ class Featurizer:
         features, q_all, kernel = pending.writer.finish(kernel_dtype=kernel_dtype)
         if features is None:
             raise TrakValueError("featurize: data yielded no batches; pass an iterable of (inputs, labels)")
+        loader = pending.writer.kernel_loader
         factor = self._factorize(kernel, features.shape[0], pending.n_params, pending.index, lambda_reg)
+        if self._remake_in_float64(kernel_dtype, kernel, factor, pending.index):
+            kernel_dtype, loader = "float64", None  # the entry recomputes it from the features when lambda changes
+            kernel = kernel_from_features(features, kernel_dtype="float64")
+            factor = self._factorize(kernel, features.shape[0], pending.n_params, pending.index, lambda_reg)
         del kernel  # the entry re-reads or recomputes it when lambda changes (refit); only the factor is held
         self.store.add(CheckpointEntry(pending.index, pending.prepared, pending.n_params, features, q_all, factor,
-                                       pending.structure, pending.writer.kernel_loader, pending.digest,
-                                       pending.writer.data_checksums, kernel_dtype))
+                                       pending.structure, loader, pending.digest, pending.writer.data_checksums,
+                                       kernel_dtype))
+
+    def _remake_in_float64(self, kernel_dtype: str, kernel: Any, factor: kernel_ops.KernelFactor, index: int) -> bool:
+        """Whether ``kernel_dtype="auto"`` gave a float32 ``kernel`` too ill-conditioned for float32 at this lambda
+        (``lambda_max / lambda > kernel.AUTO_FLOAT32_MAX_RATIO``) in a namespace with float64."""
+        xp = namespace(kernel)
+        if kernel_dtype != "auto" or factor.lambda_reg <= 0 or xp.finfo(kernel.dtype).bits > 32 or \
+                not has_float64(xp, device_of(kernel)):
+            return False
+        ratio = kernel_ops.top_eigenvalue(kernel, xp=xp) / factor.lambda_reg
+        if ratio <= kernel_ops.AUTO_FLOAT32_MAX_RATIO:
+            return False
+        log.info("checkpoint %d: lambda_max / lambda = %.3g > %g: the kernel is made again in float64 (a float32 "
+                 "kernel would cost scores about %.0e relative; kernel_dtype='float32' keeps it)", index, ratio,
+                 kernel_ops.AUTO_FLOAT32_MAX_RATIO, 1e-8 * ratio)
+        return True
 
     def _kernel_dtype(self, lambda_reg: Any) -> str:
         """``kernel_dtype`` for this ``lambda_reg``: ``"auto"`` is ``"float64"`` when ``lambda_reg == 0`` (the

@@ -87,11 +87,13 @@ class TRAK(Featurizer):
     kernel_dtype : {"auto", "float64", "float32"}
         Of the kernel (``Phi^T Phi``, or ``Phi Phi^T`` when ``n_train < k``), its factorization and the
         solves (``trak_core.kernel.work_dtype``). ``"auto"`` (default): float32 for float32 (or
-        half-precision) features, float64 for float64 features and whenever ``lambda_reg == 0``.
-        ``"float64"`` is the reference (float32 where the namespace has no float64). A float32 kernel is
-        made about twice as fast on CPUs; scores then move by about ``1e-7 * cond(K)`` relative (2e-6 on
-        the digits task, LDS unchanged: ``docs/benchmarks.md``). Not part of the store's configuration:
-        a store written with one can be scored with the other.
+        half-precision) features, float64 for float64 features, whenever ``lambda_reg == 0``, and when the
+        float32 kernel is ill-conditioned at the ridge (``lambda_max / lambda_reg >
+        trak_core.kernel.AUTO_FLOAT32_MAX_RATIO``: it is made again in float64). ``"float64"`` is the
+        reference (float32 where the namespace has no float64); ``"float32"`` keeps float32 regardless.
+        A float32 kernel is made about twice as fast on CPUs; scores then move by about ``1e-7 * cond(K)``
+        relative (7e-6 on the digits task with the automatic ridge, LDS unchanged: ``docs/choosing.md``).
+        Not part of the store's configuration: a store written with one can be scored with the other.
 
     Notes
     -----
@@ -208,7 +210,12 @@ class TRAK(Featurizer):
             kernel_dtype = self._kernel_dtype(self.lambda_reg)
             if kernel_dtype != entry.kernel_dtype:  # "auto" and lambda 0: the kernel made again in float64
                 entry.kernel_dtype, entry.kernel_loader = kernel_dtype, None
-            entry.factor = self._factorize(entry.kernel, entry.features.shape[0], entry.n_params, entry.index)
+            kernel = entry.kernel
+            entry.factor = self._factorize(kernel, entry.features.shape[0], entry.n_params, entry.index)
+            if self._remake_in_float64(kernel_dtype, kernel, entry.factor, entry.index):  # ill-conditioned in float32
+                entry.kernel_dtype, entry.kernel_loader = "float64", None
+                entry.factor = self._factorize(entry.kernel, entry.features.shape[0], entry.n_params, entry.index)
+            del kernel
 
     def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None,
               save_as: str | None = None) -> Any:
