@@ -245,3 +245,26 @@ def test_top_eigenvalue_matches_lapack(rng):
         estimate = kernel_ops.top_eigenvalue(kernel.astype(dtype), xp=xp)
         assert exact * (1 - 1e-4) <= estimate <= exact * (1 + 1e-5)
     assert kernel_ops.top_eigenvalue(np.zeros((5, 5)), xp=xp) == 0.0
+
+
+def test_an_ill_conditioned_float32_kernel_without_float64_is_reported(rng):
+    """JAX without x64 cannot remake the kernel in float64: a RuntimeWarning names the ratio and the remedies,
+    and a well-conditioned kernel gives none."""
+    jnp = pytest.importorskip("jax.numpy", reason="jax is not installed: a namespace without float64 is not exercised")
+    from trak_core import kernel as kernel_ops
+
+    x, y, _, _ = _problem(rng, n=40)
+    model = MLP(5, 6, 3)
+    theta = jnp.asarray(model.init(seed=5), dtype=jnp.float32)
+    data = [(jnp.asarray(x, dtype=jnp.float32), jnp.asarray(y))]
+    probe = TRAK(model, proj_dim=64, lambda_reg=1.0, progress=False)
+    probe.featurize(theta, data)
+    top = float(np.linalg.eigvalsh(np.asarray(probe.store[0].kernel, dtype=np.float64))[-1])
+    with pytest.warns(RuntimeWarning, match=r"ill-conditioned.*lambda_max / lambda = .*jax_enable_x64"):
+        TRAK(model, proj_dim=64, lambda_reg=top / (5 * kernel_ops.AUTO_FLOAT32_MAX_RATIO), progress=False
+             ).featurize(theta, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        well = TRAK(model, proj_dim=64, lambda_reg=top / (0.2 * kernel_ops.AUTO_FLOAT32_MAX_RATIO), progress=False)
+        well.featurize(theta, data)
+    assert well.store[0].factor.arrays[0].dtype == jnp.float32

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -237,11 +238,16 @@ class Featurizer:
         """Whether ``kernel_dtype="auto"`` gave a float32 ``kernel`` too ill-conditioned for float32 at this lambda
         (``lambda_max / lambda > kernel.AUTO_FLOAT32_MAX_RATIO``) in a namespace with float64."""
         xp = namespace(kernel)
-        if kernel_dtype != "auto" or factor.lambda_reg <= 0 or xp.finfo(kernel.dtype).bits > 32 or \
-                not has_float64(xp, device_of(kernel)):
+        if kernel_dtype != "auto" or factor.lambda_reg <= 0 or xp.finfo(kernel.dtype).bits > 32:
             return False
         ratio = kernel_ops.top_eigenvalue(kernel, xp=xp) / factor.lambda_reg
         if ratio <= kernel_ops.AUTO_FLOAT32_MAX_RATIO:
+            return False
+        if not has_float64(xp, device_of(kernel)):
+            warnings.warn(f"checkpoint {index}: the float32 kernel is ill-conditioned at lambda_reg="
+                          f"{factor.lambda_reg:.4g} (lambda_max / lambda = {ratio:.3g}) and {xp.__name__} has no float64 "
+                          f"here, so scores may be off by about {1e-8 * ratio:.0e} relative; raise lambda_reg (or, "
+                          "for JAX, set jax_enable_x64)", RuntimeWarning, stacklevel=4)
             return False
         log.info("checkpoint %d: lambda_max / lambda = %.3g > %g: the kernel is made again in float64 (a float32 "
                  "kernel would cost scores about %.0e relative; kernel_dtype='float32' keeps it)", index, ratio,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -63,7 +64,8 @@ def _runners() -> dict[str, Callable]:
 
         from .testing.cases import jax_apply
 
-        with jax.enable_x64(dtype == "float64"):  # the "jax" backend takes the plain apply function
+        with jax.enable_x64(dtype == "float64"), warnings.catch_warnings():  # the backend takes the apply function
+            warnings.filterwarnings("ignore", "checkpoint .* ill-conditioned", RuntimeWarning)  # the footnote says it
             trak = TRAK(jax_apply("mlp"), proj_dim=k, lambda_reg=lam, backend="jax", progress=False)
             for w in ws:
                 batches = [(x[i:i + 250].astype(dtype), y[i:i + 250]) for i in range(0, len(y), 250)]
