@@ -18,26 +18,16 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Any
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _report import write_json  # noqa: E402
+from gpu_peers import phase  # noqa: E402
 
 SIZES = dict(full=[(256, 2_000_000, 4096), (32, 11_181_642, 2048)], small=[(40, 3000, 256), (8, 2000, 128)])
 PLANS = [dict(), dict(expand=True), dict(block_m=64), dict(block_n=64), dict(block_n=256, warps=8),
          dict(block_n=256, warps=8, expand=True), dict(block_k=32), dict(block_k=128, stages=2), dict(stages=4)]
-
-
-def synchronized(device: torch.device, fn: Any) -> tuple[Any, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - start
 
 
 def sweep(n: int, p: int, k: int, device: torch.device, deadline: float, repeats: int) -> list[dict]:
@@ -63,14 +53,14 @@ def sweep(n: int, p: int, k: int, device: torch.device, deadline: float, repeats
             row["status"] = "skipped: time budget spent"
             continue
         try:
-            _, compile_s = synchronized(device, lambda: _triton.split_product(grads, words, signs, scales, k, passes,
-                                                                             plan=plan))
+            _, compile_s, _ = phase(device, lambda: _triton.split_product(grads, words, signs, scales, k, passes,
+                                                                         plan=plan))
             if _triton._failed:
                 raise RuntimeError(_triton._failed.pop())
             times = []
             for _ in range(repeats):
-                out, seconds = synchronized(device, lambda: _triton.split_product(grads, words, signs, scales, k,
-                                                                                 passes, plan=plan))
+                out, seconds, _ = phase(device, lambda: _triton.split_product(grads, words, signs, scales, k, passes,
+                                                                             plan=plan))
                 times.append(seconds)
             seconds = statistics.median(times)
             row.update(status="ok", first_call_s=compile_s, seconds=seconds, tflops=2.0 * n * p * k / seconds / 1e12)

@@ -343,7 +343,7 @@ def solve_triangular(lower: Any, rhs: Any, *, transpose: bool, xp: Any) -> Any:
 
 @contextmanager
 def full_precision(xp: Any) -> Iterator[None]:
-    """Matrix products inside at the full precision of their dtype, for namespace ``xp``.
+    """Matrix products inside at the full precision of their dtype, for namespace ``xp`` (``None``: nothing).
 
     JAX multiplies float32 in TF32 (10-bit mantissas) on recent NVIDIA GPUs and in bfloat16 passes
     on TPUs unless told otherwise: the kernel, its solves and the scores would then be good to about
@@ -352,7 +352,7 @@ def full_precision(xp: Any) -> Iterator[None]:
     namespaces it does nothing: torch multiplies float32 at full precision unless the user chose
     otherwise (``torch.set_float32_matmul_precision``), and so do CuPy and NumPy.
     """
-    if array_api_compat.is_jax_namespace(xp):
+    if xp is not None and array_api_compat.is_jax_namespace(xp):
         import jax
 
         with jax.default_matmul_precision("float32"):
@@ -365,10 +365,7 @@ def full_precision_products(fn: F) -> F:
     """Decorate a function taking the namespace as keyword ``xp``: it runs under :func:`full_precision`."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        xp = kwargs.get("xp")
-        if xp is None or not array_api_compat.is_jax_namespace(xp):
-            return fn(*args, **kwargs)
-        with full_precision(xp):
+        with full_precision(kwargs.get("xp")):
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

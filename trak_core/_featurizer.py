@@ -223,16 +223,22 @@ class Featurizer:
         features, q_all, kernel = pending.writer.finish(kernel_dtype=kernel_dtype)
         if features is None:
             raise TrakValueError("featurize: data yielded no batches; pass an iterable of (inputs, labels)")
-        loader = pending.writer.kernel_loader
-        factor = self._factorize(kernel, features.shape[0], pending.n_params, pending.index, lambda_reg)
-        if self._remake_in_float64(kernel_dtype, kernel, factor, pending.index):
-            kernel_dtype, loader = "float64", None  # the entry recomputes it from the features when lambda changes
-            kernel = kernel_from_features(features, kernel_dtype="float64")
-            factor = self._factorize(kernel, features.shape[0], pending.n_params, pending.index, lambda_reg)
+        factor, made_in = self._factor_of(kernel, kernel_dtype, features, pending.n_params, pending.index, lambda_reg)
         del kernel  # the entry re-reads or recomputes it when lambda changes (refit); only the factor is held
+        loader = pending.writer.kernel_loader if made_in == kernel_dtype else None  # else recomputed in float64
         self.store.add(CheckpointEntry(pending.index, pending.prepared, pending.n_params, features, q_all, factor,
                                        pending.structure, loader, pending.digest, pending.writer.data_checksums,
-                                       kernel_dtype))
+                                       made_in))
+
+    def _factor_of(self, kernel: Any, kernel_dtype: str, features: Any, n_params: int, index: int,
+                   lambda_reg: float | None = None) -> tuple[kernel_ops.KernelFactor, str]:
+        """The factor of ``kernel`` (made for ``kernel_dtype``) and the kernel dtype it ended in: ``"float64"``
+        when an ``"auto"`` float32 kernel was too ill-conditioned and was made again from ``features``."""
+        factor = self._factorize(kernel, features.shape[0], n_params, index, lambda_reg)
+        if not self._remake_in_float64(kernel_dtype, kernel, factor, index):
+            return factor, kernel_dtype
+        wide = kernel_from_features(features, kernel_dtype="float64")
+        return self._factorize(wide, features.shape[0], n_params, index, lambda_reg), "float64"
 
     def _remake_in_float64(self, kernel_dtype: str, kernel: Any, factor: kernel_ops.KernelFactor, index: int) -> bool:
         """Whether ``kernel_dtype="auto"`` gave a float32 ``kernel`` too ill-conditioned for float32 at this lambda

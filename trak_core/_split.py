@@ -77,24 +77,33 @@ def split_parts(x: Any, n_passes: int, *, xp: Any) -> Any:
     return xp.concat([hi, lo], axis=0)
 
 
+def _packed_bits(p: int, k: int, *, seed: int, offset: int, xp: Any, device: Any,
+                 cache: ProjectionCache) -> Any:
+    """The packed sign bits of all ``p`` rows from the cache when they fit, else ``rows(start, stop)``, which
+    hashes the bits of rows ``start .. stop-1`` on every call (the bits are the same either way)."""
+    from .projection import _rademacher_words
+
+    words_bytes = p * 4 * -(-k // 32)
+    if cache.fits(words_bytes):
+        return cache.get((xp.__name__, str(device), int(seed), k, offset, p, "words"), words_bytes,
+                         lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp, device=device))
+    return lambda start, stop: _rademacher_words(offset + start, offset + stop, k, seed, xp=xp, device=device)
+
+
 def _sign_source(p: int, k: int, *, seed: int, offset: int, xp: Any, device: Any,
                  cache: ProjectionCache) -> Callable[[int, int], Any]:
     """``rows(start, stop)``: rows ``start .. stop-1`` of the shared signs ``+-1`` as float16."""
     from .projection import _rademacher_words, _unpack
 
-    ident = (xp.__name__, str(device), int(seed), k, offset, p)
-    dense_bytes, words_bytes = 2 * p * k, p * 4 * -(-k // 32)
+    dense_bytes = 2 * p * k
     if cache.fits(dense_bytes):
-        dense = cache.get(ident + ("half-signs",), dense_bytes, lambda: _unpack(
-            _rademacher_words(offset, offset + p, k, seed, xp=xp, device=device), k, xp=xp, dtype=xp.float16,
-            scale=1.0))
+        dense = cache.get((xp.__name__, str(device), int(seed), k, offset, p, "half-signs"), dense_bytes,
+                          lambda: _unpack(_rademacher_words(offset, offset + p, k, seed, xp=xp, device=device), k,
+                                          xp=xp, dtype=xp.float16, scale=1.0))
         return lambda start, stop: dense[start:stop, :]
-    if cache.fits(words_bytes):
-        words = cache.get(ident + ("words",), words_bytes,
-                          lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp, device=device))
-        return lambda start, stop: _unpack(words[start:stop, :], k, xp=xp, dtype=xp.float16, scale=1.0)
-    return lambda start, stop: _unpack(_rademacher_words(offset + start, offset + stop, k, seed, xp=xp,
-                                                         device=device), k, xp=xp, dtype=xp.float16, scale=1.0)
+    words = _packed_bits(p, k, seed=seed, offset=offset, xp=xp, device=device, cache=cache)
+    block = words if callable(words) else (lambda start, stop: words[start:stop, :])
+    return lambda start, stop: _unpack(block(start, stop), k, xp=xp, dtype=xp.float16, scale=1.0)
 
 
 def _fused(grads: Any, k: int, *, seed: int, offset: int, signs: Any, scales: Any, n_passes: int,
@@ -104,23 +113,17 @@ def _fused(grads: Any, k: int, *, seed: int, offset: int, signs: Any, scales: An
 
     torch on CUDA: the Triton kernel (``trak_core._triton``; not without Triton, when turned off, or after it
     failed). JAX, when the dense float16 signs do not fit the cache: one jitted step per block of ``block`` rows
-    (``trak_core._jax_blocks.split_product``). The bits come from the cache when they fit (the key the generic
-    path uses), else are hashed block by block (for torch, blocks of ``BLOCK_BYTES / 16`` bytes of words).
+    (``trak_core._jax_blocks.split_product``). The bits come from :func:`_packed_bits` (the cache when they
+    fit; else hashed block by block, for torch in blocks of ``BLOCK_BYTES / 16`` bytes of words).
     """
-    from .projection import _rademacher_words
-
-    n, p = grads.shape
+    p = grads.shape[1]
     xp, device = namespace(grads), device_of(grads)
-    words_bytes = p * 4 * -(-k // 32)
-    key = (xp.__name__, str(device), int(seed), k, offset, p, "words")
     if array_api_compat.is_jax_array(grads):
         if cache.fits(2 * p * k):
             return None
         from ._jax_blocks import split_product as jax_split_product
 
-        words = cache.get(key, words_bytes, lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp,
-                                                                     device=device)) if cache.fits(words_bytes) else (
-            lambda start, stop: _rademacher_words(offset + start, offset + stop, k, seed, xp=xp, device=device))
+        words = _packed_bits(p, k, seed=seed, offset=offset, xp=xp, device=device, cache=cache)
         return jax_split_product(grads, signs, scales, words, k, n_passes, block)
     if not array_api_compat.is_torch_array(grads):
         return None
@@ -128,15 +131,13 @@ def _fused(grads: Any, k: int, *, seed: int, offset: int, signs: Any, scales: An
 
     if not _triton.available(grads):
         return None
-    if cache.fits(words_bytes):
-        words = cache.get(key, words_bytes, lambda: _rademacher_words(offset, offset + p, k, seed, xp=xp,
-                                                                     device=device))
+    words = _packed_bits(p, k, seed=seed, offset=offset, xp=xp, device=device, cache=cache)
+    if not callable(words):
         return _triton.split_product(grads, words, signs, scales, k, n_passes)
     out, block = None, max(1, BLOCK_BYTES // (2 * k))
     for start in range(0, p, block):
         stop = min(p, start + block)
-        words = _rademacher_words(offset + start, offset + stop, k, seed, xp=xp, device=device)
-        part = _triton.split_product(grads[:, start:stop], words, signs[start:stop], scales, k, n_passes)
+        part = _triton.split_product(grads[:, start:stop], words(start, stop), signs[start:stop], scales, k, n_passes)
         if part is None:
             return None
         out = part if out is None else out + part

@@ -34,7 +34,6 @@ log = logging.getLogger("trak_core")
 BLOCK_N = 128  # feature columns per tile (4 packed words)
 BLOCK_K = 64  # rows of P per step
 WAVES = 4  # aim for about this many programs per streaming multiprocessor (balance across the GPU)
-_kernels: dict[bool, Any] = {}
 _failed: list[str] = []
 
 
@@ -53,17 +52,10 @@ def available(x: Any) -> bool:
 
 
 def _kernel() -> Any:
-    """The jitted kernel (``trak_core._triton_kernel``, imported on first use; again if the interpreter mode changed)."""
-    import importlib
+    """The jitted kernel (``trak_core._triton_kernel``, which imports Triton: imported on first use)."""
+    from ._triton_kernel import split_projection
 
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if interpret not in _kernels:
-        from . import _triton_kernel
-
-        if _triton_kernel.INTERPRET != interpret:
-            _triton_kernel = importlib.reload(_triton_kernel)
-        _kernels[interpret] = _triton_kernel.split_projection
-    return _kernels[interpret]
+    return split_projection
 
 
 def _rounded(value: int) -> int:

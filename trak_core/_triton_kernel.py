@@ -1,14 +1,10 @@
 """The Triton kernel of ``trak_core._triton`` (imported only there, on first use: it imports Triton).
 
-Defined at module level because Triton's interpreter (``TRITON_INTERPRET=1``, read when the kernel is
-decorated) rewrites the ``triton.language`` names of the kernel's module globals.
+Defined at module level because Triton's interpreter (``TRITON_INTERPRET=1``, read when Triton is
+imported) rewrites the ``triton.language`` names of the kernel's module globals.
 """
-import os
-
 import triton
 import triton.language as tl
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

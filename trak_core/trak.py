@@ -210,12 +210,10 @@ class TRAK(Featurizer):
             kernel_dtype = self._kernel_dtype(self.lambda_reg)
             if kernel_dtype != entry.kernel_dtype:  # "auto" and lambda 0: the kernel made again in float64
                 entry.kernel_dtype, entry.kernel_loader = kernel_dtype, None
-            kernel = entry.kernel
-            entry.factor = self._factorize(kernel, entry.features.shape[0], entry.n_params, entry.index)
-            if self._remake_in_float64(kernel_dtype, kernel, entry.factor, entry.index):  # ill-conditioned in float32
-                entry.kernel_dtype, entry.kernel_loader = "float64", None
-                entry.factor = self._factorize(entry.kernel, entry.features.shape[0], entry.n_params, entry.index)
-            del kernel
+            entry.factor, made_in = self._factor_of(entry.kernel, kernel_dtype, entry.features, entry.n_params,
+                                                    entry.index)
+            if made_in != kernel_dtype:  # "auto" and a float32 kernel too ill-conditioned at this lambda
+                entry.kernel_dtype, entry.kernel_loader = made_in, None
 
     def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None,
               save_as: str | None = None) -> Any:
