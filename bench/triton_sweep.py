@@ -26,8 +26,9 @@ from _report import write_json  # noqa: E402
 from gpu_peers import phase  # noqa: E402
 
 SIZES = dict(full=[(256, 2_000_000, 4096), (32, 11_181_642, 2048)], small=[(40, 3000, 256), (8, 2000, 128)])
-PLANS = [dict(), dict(expand=True), dict(block_m=64), dict(block_n=64), dict(block_n=256, warps=8),
-         dict(block_n=256, warps=8, expand=True), dict(block_k=32), dict(block_k=128, stages=2), dict(stages=4)]
+PLANS = [dict(), dict(block_n=128), dict(block_n=128, warps=4), dict(warps=4), dict(block_m=64), dict(block_m=128),
+         dict(block_k=32), dict(block_k=64), dict(block_k=128, stages=2), dict(stages=4)]  # a plan equal to the default
+# at a size (block_k=64 for 32 rows, block_m=128 and block_k=32 for 256) is timed once
 
 
 def sweep(n: int, p: int, k: int, device: torch.device, deadline: float, repeats: int) -> list[dict]:
@@ -43,9 +44,12 @@ def sweep(n: int, p: int, k: int, device: torch.device, deadline: float, repeats
     signs = row_signs(0, p, seed=0, checkpoint=0, xp=xp, device=device, dtype=xp.float32)
     scales = row_scales(grads, p, xp=xp)
     processors = _triton._processors(device)
-    rows, reference = [], None
+    rows, reference, seen = [], None, set()
     for options, passes in [(plan, 2) for plan in PLANS] + [({}, 1)]:
         plan = _triton.launch_plan(n, p, k, processors, **options)
+        if (passes, *sorted(plan.items())) in seen:
+            continue
+        seen.add((passes, *sorted(plan.items())))
         row = dict(n=n, p=p, k=k, precision="float32" if passes == 2 else "fast", options=options,
                    plan={key: plan[key] for key in ("block_m", "block_n", "block_k", "warps", "stages", "splits")})
         rows.append(row)

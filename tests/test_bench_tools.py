@@ -197,7 +197,11 @@ def test_triton_sweep_runs_in_the_interpreter(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(path.read_text())["rows"]
     sweep = _load("triton_sweep")
-    assert len(rows) == len(sweep.SIZES["small"]) * (len(sweep.PLANS) + 1)
+    from trak_core import _triton
+
+    distinct = [len({tuple(sorted(_triton.launch_plan(n, p, k, 4, **options).items())) for options in sweep.PLANS})
+                for n, p, k in sweep.SIZES["small"]]  # plans equal to the default at a size are timed once
+    assert len(rows) == sum(distinct) + len(distinct) and min(distinct) >= len(sweep.PLANS) - 3
     ran = [r for r in rows if r["status"] == "ok"]
     assert ran and ran[0]["options"] == {} and ran[0]["max_rel_diff"] == 0.0
     assert all(r.get("max_rel_diff", 0.0) < 1e-6 for r in ran)

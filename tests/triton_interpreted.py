@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from trak_core import ProjectionCache
+from trak_core.errors import TrakValueError
 from trak_core.projection import _rademacher_words, projection_matrix, row_signs
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_triton_projection.py (TRITON_INTERPRET=1)"
@@ -73,16 +74,16 @@ def test_kernel_equals_the_split_in_float64(interpret, n, p, k, n_passes):
     assert np.all(np.abs(out.double().numpy() - expected) <= p * 2.0**-24 * l1)  # float32 sums of p terms
 
 
-@pytest.mark.parametrize("options", [dict(block_m=16, block_n=64, block_k=32), dict(block_n=256, block_k=128, warps=8,
+@pytest.mark.parametrize("options", [dict(block_m=16, block_n=64, block_k=32), dict(block_n=128, block_k=128, warps=4,
                                                                                      stages=2),
-                                     dict(expand=True), dict(expand=True, block_n=64, block_m=16)])
+                                     dict(block_m=64, block_n=32), dict(block_m=16, block_n=512)])
 def test_other_launch_plans_give_the_same_numbers(interpret, options):
     """The tile sizes ``bench/triton_sweep.py`` tries: the same split, summed in another order."""
     n, p, k = 40, 700, 300
     grads = _inputs(n, p, k, seed=6)
     expected, signs, scales, l1 = _split_in_float64(grads, k, 2, seed=4, checkpoint=2)
     words = _rademacher_words(0, p, k, 4, xp=txp, device=None)
-    plan = _triton.launch_plan(n, p, k, 4, **options)
+    plan = _triton.launch_plan(n, p, k, 16, **options)
     assert plan["splits"] > 1 and all(plan[key] == value for key, value in options.items())
     out = _triton.split_product(grads, words, signs, scales, k, 2, plan=plan)
     assert np.all(np.abs(out.double().numpy() - expected) <= p * 2.0**-24 * l1)
@@ -136,12 +137,15 @@ def test_a_failing_kernel_falls_back_to_the_generic_path_once(interpret, monkeyp
 def test_launch_plan_covers_p_once_and_fills_the_gpu():
     for n, p, k, sms in [(32, 11_181_642, 2048, 132), (256, 2_000_000, 4096, 132), (1, 10, 8, 132), (300, 64, 16, 8)]:
         plan = _triton.launch_plan(n, p, k, sms)
-        steps = -(-p // _triton.BLOCK_K)
+        steps = -(-p // plan["block_k"])
         assert (plan["splits"] - 1) * plan["iters"] < steps <= plan["splits"] * plan["iters"]  # no empty slice
         assert plan["block_m"] == (32 if n <= 32 else 64 if n <= 64 else 128)
         if steps >= 4 * sms:  # enough work: at least about WAVES programs per SM, at most twice that
             programs = plan["tiles"] * plan["splits"]
             assert _triton.WAVES * sms * 0.6 <= programs <= 2 * _triton.WAVES * sms, (n, p, k, plan)
+    for bad in (dict(block_n=48), dict(block_n=16), dict(block_m=8), dict(block_k=100)):
+        with pytest.raises(TrakValueError, match="power of two"):
+            _triton.launch_plan(8, 100, 64, 4, **bad)
     assert [_triton._rounded(v) for v in (1, 2, 3, 5, 6, 7, 9, 12, 13)] == [1, 2, 3, 6, 6, 8, 12, 12, 16]
 
 

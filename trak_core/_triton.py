@@ -9,9 +9,11 @@ Unpacking ``P`` into memory first (the generic split path) writes and reads 16 t
 the bits, which bounds small batches by memory bandwidth; here the bits are read once per tile of rows.
 
 The work is split over output tiles (rows of ``grads`` x columns of the features) and over ``p``
-(``splits`` slices, each summing ``iters`` steps of ``BLOCK_K`` rows of ``P``), so that a batch of 32
+(``splits`` slices, each summing ``iters`` steps of ``block_k`` rows of ``P``), so that a batch of 32
 examples still fills the GPU. The slices' partial sums are added in a fixed order afterwards: results
-are deterministic.
+are deterministic. The kernel computes the transposed product (``trak_core._triton_kernel``) and makes
+each float16 sign from its bit with two integer operations; ``bench/triton_compile.py`` compiles it for
+sm_90 on any machine and counts the instructions of its main loop.
 
 Used by ``trak_core._split.split_project`` for torch tensors on CUDA devices when Triton is installed
 (it ships with PyTorch's CUDA wheels); ``TRAK_CORE_TRITON=0`` turns it off. Triton is imported only
@@ -31,8 +33,8 @@ __all__ = ["available", "split_product", "launch_plan"]
 
 log = logging.getLogger("trak_core")
 
-BLOCK_N = 128  # feature columns per tile (4 packed words)
-BLOCK_K = 64  # rows of P per step
+BLOCK_N = 256  # feature columns per tile (8 packed words)
+WARPS = 8
 WAVES = 4  # aim for about this many programs per streaming multiprocessor (balance across the GPU)
 _failed: list[str] = []
 
@@ -67,21 +69,27 @@ def _rounded(value: int) -> int:
 
 
 def launch_plan(n: int, p: int, k: int, processors: int, *, block_m: int | None = None, block_n: int = BLOCK_N,
-                block_k: int = BLOCK_K, warps: int | None = None, stages: int | None = None,
-                expand: bool = False) -> dict:
+                block_k: int | None = None, warps: int = WARPS, stages: int | None = None) -> dict:
     """Tile sizes, the number of slices of ``p``, the steps per slice, warps and pipeline stages per program for
-    ``n`` rows on ``processors`` SMs. The defaults are untuned guesses in the range of Triton's matmul tutorial
-    (``bench/triton_sweep.py`` times others on a GPU); ``stages=None`` leaves Triton's default. ``expand``: load each
-    packed word once and broadcast its 32 bits (``block_n`` a multiple of 32) instead of one load per column."""
-    if expand and block_n % 32:
-        raise TrakValueError(f"expand=True needs block_n to be a multiple of 32, got {block_n}")
-    block_m = block_m or (32 if n <= 32 else 64 if n <= 64 else 128)  # more rows share each unpacked tile of signs
+    ``n`` rows on ``processors`` SMs; ``stages=None`` leaves Triton's default.
+
+    The defaults are the leanest plans compiled for sm_90 (``bench/triton_compile.py``: instructions and
+    shared-memory accesses a multiply-add, no spills at the GPU check's sizes): 256 columns and 8 warps; 32, 64 or
+    128 rows (more rows share each tile of signs); 64 rows of ``P`` a step, 32 with 128 rows (64 spills registers
+    when ``p`` is not a multiple of 16). Not yet timed on a GPU: ``bench/triton_sweep.py`` times the others.
+    """
+    block_m = block_m or (32 if n <= 32 else 64 if n <= 64 else 128)
+    block_k = block_k or (32 if block_m >= 128 else 64)
+    for name, size in dict(block_m=block_m, block_n=block_n, block_k=block_k).items():
+        if size < (32 if name == "block_n" else 16) or size & (size - 1):
+            raise TrakValueError(f"{name} must be a power of two of at least {32 if name == 'block_n' else 16} "
+                                 f"(Triton's tiles, tensor-core products and 32-bit words of signs), got {size}")
     tiles = -(-n // block_m) * -(-k // block_n)
     k_steps = max(1, -(-p // block_k))
     wanted = max(1, min(k_steps, -(-WAVES * processors // tiles)))
     iters = _rounded(-(-k_steps // wanted))
     return dict(block_m=block_m, block_n=block_n, block_k=block_k, iters=iters, splits=-(-k_steps // iters),
-                tiles=tiles, warps=warps or (8 if block_m == 128 else 4), stages=stages, expand=expand)
+                tiles=tiles, warps=warps, stages=stages)
 
 
 def _processors(device: Any) -> int:
@@ -113,7 +121,7 @@ def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_pas
         options = {"num_warps": plan["warps"]} | ({"num_stages": plan["stages"]} if plan["stages"] else {})
         _kernel()[grid](grads, words, signs.contiguous(), scales.contiguous(), partial, n, p, k, grads.stride(0),
                         words.stride(0), BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
-                        ITERS=plan["iters"], TWO_PASSES=n_passes == 2, EXPAND=plan.get("expand", False), **options)
+                        ITERS=plan["iters"], TWO_PASSES=n_passes == 2, **options)
         return partial[0] if plan["splits"] == 1 else partial.sum(dim=0)
     except Exception as exc:  # a compiler or driver that cannot run it: the generic split path still can
         _failed.append(f"{type(exc).__name__}: {exc}")

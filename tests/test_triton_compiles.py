@@ -1,0 +1,60 @@
+"""The Triton projection kernel compiled ahead of time for NVIDIA GPUs, on this machine (no GPU needed).
+
+The interpreter tests (``tests/triton_interpreted.py``) check its numbers; these check what only the GPU
+compiler sees, for the launch plans the GPU check uses (``bench/gpu_peers.py``'s two projection sizes on an
+H200's 132 SMs): that ``ptxas`` accepts it, that a block asks for no more shared memory than the architecture
+gives one (else Triton refuses to launch it), that nothing spills to local memory, and that the main loop is
+tensor-core products of exactly one step's multiply-adds (read from the disassembly's instruction shapes,
+against the closed form ``passes x block_m x block_n x block_k``).
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (the `test` extra installs it on Linux x86_64)")
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+import triton_compile  # noqa: E402
+
+from trak_core import _triton  # noqa: E402
+
+if not (triton_compile._tools() / "ptxas").exists():
+    pytest.skip("this Triton build has no NVIDIA backend tools (ptxas, nvdisasm)", allow_module_level=True)
+
+H200_SMS = 132
+SIZES = [(256, 2_000_000, 4096), (32, 11_181_642, 2048)]  # bench/gpu_peers.py's projection rows
+
+
+@pytest.mark.parametrize("n,p,k", SIZES)
+@pytest.mark.parametrize("passes", [2, 1])
+def test_default_plans_compile_for_hopper_without_spills(n, p, k, passes):
+    plan = _triton.launch_plan(n, p, k, H200_SMS)
+    compiled = triton_compile.compile_plan(plan, n, p, k, arch=90, passes=passes)
+    assert 0 < compiled["shared"] <= triton_compile.MAX_SHARED[90]
+    assert compiled["registers"] <= triton_compile.MAX_REGISTERS
+    assert compiled["stack"] == 0 and compiled["local"] == 0  # no spills to local memory
+    assert compiled["tensor_core"] == "HGMMA"  # Hopper's warp-group products (the signs' 256 columns are their M)
+    # the loop is one step: every multiply-add of a (block_m x block_k) @ (block_k x block_n) tile, once per pass
+    assert compiled["loop_multiply_adds"] == passes * plan["block_m"] * plan["block_n"] * plan["block_k"]
+    assert compiled["loop"]["I2F"] == 0  # signs made from their bits (bit operations), not int-to-float conversion
+
+
+@pytest.mark.parametrize("options", [dict(), dict(block_n=128, warps=4), dict(block_k=128, stages=2), dict(stages=4)])
+def test_sweep_plans_fit_an_h200_and_compile_for_ampere(options):
+    """Plans ``bench/triton_sweep.py`` times: launchable on sm_90 (shared memory) and accepted for sm_80 (A100)."""
+    n, p, k = SIZES[0]
+    plan = _triton.launch_plan(n, p, k, H200_SMS, **options)
+    assert triton_compile.compile_plan(plan, n, p, k, arch=90)["shared"] <= triton_compile.MAX_SHARED[90]
+    ampere = triton_compile.compile_plan(plan, n, p, k, arch=80)
+    assert ampere["tensor_core"] == "HMMA" and ampere["shared"] <= triton_compile.MAX_SHARED[80]
+
+
+def test_bfloat16_and_float16_gradients_compile():
+    n, p, k = SIZES[1]
+    plan = _triton.launch_plan(n, p, k, H200_SMS)
+    for dtype in ("bfloat16", "float16"):
+        compiled = triton_compile.compile_plan(plan, n, p, k, arch=90, input_dtype=dtype)
+        assert compiled["stack"] == 0 and compiled["loop_multiply_adds"] == 2 * 32 * 256 * 64
