@@ -7,7 +7,7 @@ ships in Triton's wheel, to a cubin for the chosen architecture (80: A100, 90: H
 Triton's interpreter (the CPU tests) cannot: a kernel the GPU compiler rejects, a launch plan that needs more
 shared memory than a block may have (Triton refuses to launch it), register spills to local memory, and
 products that do not run on the tensor cores. It also counts the instructions of the main loop (one step of
-``BLOCK_K`` rows of ``P``) from the disassembly: static figures for comparing kernel variants before a GPU
+``block_k`` rows of ``P``) from the disassembly: static figures for comparing kernel variants before a GPU
 measures them (``bench/triton_sweep.py``). The disassembly tools (``cuobjdump``, ``nvdisasm``) also ship in
 Triton's wheel.
 
@@ -33,30 +33,12 @@ from typing import Any
 # per Compute Capability". Triton refuses to launch a kernel that asks for more.
 MAX_SHARED = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 MAX_REGISTERS = 255  # per thread, every architecture since sm_35
-POINTERS = ("x_ptr", "words_ptr", "signs_ptr", "scales_ptr", "out_ptr")
-INTEGERS = ("n", "p", "k", "stride_x", "stride_w")
-INPUT_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 
 
 def _tools() -> pathlib.Path:
     import triton
 
     return pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-
-
-def _signature(input_dtype: str) -> dict[str, str]:
-    signature = {name: "*fp32" for name in POINTERS} | {"x_ptr": INPUT_TYPES[input_dtype], "words_ptr": "*i32"}
-    signature |= {name: "i32" for name in INTEGERS}
-    return signature | {name: "constexpr" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "ITERS", "TWO_PASSES")}
-
-
-def _divisibility(n: int, p: int, k: int) -> dict[tuple[int, ...], list]:
-    """The alignment facts Triton's launcher would find for these sizes: every pointer from a CUDA allocator is
-    16-byte aligned; an integer argument is declared divisible by 16 when it is (``stride_x`` is ``p``)."""
-    names = list(_signature("float32"))
-    values = dict(n=n, p=p, k=k, stride_x=p, stride_w=-(-k // 32))
-    aligned = list(POINTERS) + [name for name, value in values.items() if value % 16 == 0]
-    return {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
 
 
 def _loop_body(sass: str) -> str:
@@ -96,25 +78,20 @@ def compile_plan(plan: dict, n: int, p: int, k: int, *, arch: int = 90, passes: 
                  input_dtype: str = "float32") -> dict[str, Any]:
     """Compile the kernel for one :func:`trak_core._triton.launch_plan` and report its resources.
 
+    The compile is ``trak_core._triton_aot.compile_kernel``'s, the one CuPy and JAX arrays launch (torch's
+    ``@triton.jit`` launch compiles the same source with the same alignment facts).
+
     Returns ``shared`` (bytes), ``registers``, ``stack`` and ``local`` (bytes a thread; spills show here), the
     tensor-core instruction of the products (``HGMMA`` on Hopper's warp groups, ``HMMA`` otherwise; ``None``:
     no tensor cores), ``loop`` (opcode counts of the main loop's body, one step of ``block_k`` rows of ``P``,
-    modifiers dropped), ``loop_multiply_adds`` (its tensor-core multiply-adds, all warps together) and
-    ``seconds`` to compile. Raises what Triton or ``ptxas`` raise for a kernel they reject.
+    modifiers dropped), ``loop_multiply_adds`` (its tensor-core multiply-adds, all warps together), ``entry``
+    (the kinds of the PTX entry's parameters, which CuPy's launch follows) and ``seconds`` to compile. Raises what Triton or ``ptxas`` raise for a kernel they reject.
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from trak_core._triton_aot import compile_kernel, entry_parameters
 
-    from trak_core._triton_kernel import split_projection
-
-    constants = dict(BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
-                     ITERS=plan["iters"], TWO_PASSES=passes == 2)
-    options = {"num_warps": plan["warps"]} | ({"num_stages": plan["stages"]} if plan.get("stages") else {})
-    source = ASTSource(fn=split_projection, signature=_signature(input_dtype), constexprs=constants,
-                       attrs=_divisibility(n, p, k))
+    integers = dict(n=n, p=p, k=k, stride_x=p, stride_w=-(-k // 32))  # their alignment, as a launch would find it
     start = time.perf_counter()
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = compile_kernel(plan, integers, arch=arch, passes=passes, input_dtype=input_dtype)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as folder:
         cubin = pathlib.Path(folder) / "kernel.cubin"
@@ -129,7 +106,8 @@ def compile_plan(plan: dict, n: int, p: int, k: int, *, arch: int = 90, passes: 
     loop = _opcodes(_loop_body(sass))
     return dict(shared=int(compiled.metadata.shared), registers=registers, stack=stack, local=local,
                 tensor_core=tensor_core, loop=collections.Counter(op.split(".")[0] for op in loop),
-                loop_multiply_adds=_multiply_adds(loop, plan["warps"]), seconds=seconds)
+                loop_multiply_adds=_multiply_adds(loop, plan["warps"]), seconds=seconds,
+                entry=entry_parameters(compiled.asm["ptx"]))
 
 
 def triton_version() -> str:

@@ -43,7 +43,7 @@ def sweep(n: int, p: int, k: int, device: torch.device, deadline: float, repeats
     words = _rademacher_words(0, p, k, 0, xp=xp, device=device)
     signs = row_signs(0, p, seed=0, checkpoint=0, xp=xp, device=device, dtype=xp.float32)
     scales = row_scales(grads, p, xp=xp)
-    processors = _triton._processors(device)
+    processors = _triton._processors(grads)
     rows, reference, seen = [], None, set()
     for options, passes in [(plan, 2) for plan in PLANS] + [({}, 1)]:
         plan = _triton.launch_plan(n, p, k, processors, **options)

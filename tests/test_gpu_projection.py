@@ -116,26 +116,26 @@ def test_torch_cuda_chunks_follow_free_memory():
     assert chunk_rows(11_181_642, 4, free) == min(256, min(6 * 2**30, free // 8) // (4 * 11_181_642))
 
 
-def test_torch_cuda_projects_with_the_triton_kernel():
-    """torch:cuda takes the Triton kernel (when Triton is installed) and gives the generic split path's
-    numbers to float32 rounding, at both precisions and with several slices of p."""
-    to, back = _torch_cuda()
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed: the Triton projection kernel is not exercised")
-    import os
-
-    from trak_core import _triton
+def test_gpu_arrays_project_with_the_triton_kernel(device, monkeypatch):
+    """torch:cuda (Triton's launch), cupy and jax:gpu (the kernel compiled ahead of time and launched by CuPy,
+    trak_core._triton_aot) take the Triton kernel when Triton (and for JAX, CuPy) is installed, and give the
+    generic split path's numbers to float32 rounding, at both precisions and with several slices of p."""
+    to, back = device
+    from trak_core import _triton, _triton_aot
 
     g = np.random.default_rng(5).standard_normal((70, 300_001)).astype(np.float32)
     x = to(g)
-    assert _triton.available(x)
+    if not _triton.available(x):
+        pytest.skip("Triton (and for JAX arrays, CuPy) is not installed: the Triton projection kernel is not exercised")
+    launches = []
+    launch_cupy = _triton_aot.launch_cupy
+    monkeypatch.setattr(_triton_aot, "launch_cupy", lambda *args: launches.append(1) or launch_cupy(*args))
     for precision in ("float32", "fast"):
         fused = back(trak_core.project(x, 1000, seed=2, checkpoint=1, precision=precision))
         assert not _triton._failed, _triton._failed
-        os.environ["TRAK_CORE_TRITON"] = "0"
-        try:
-            generic = back(trak_core.project(x, 1000, seed=2, checkpoint=1, precision=precision))
-        finally:
-            del os.environ["TRAK_CORE_TRITON"]
+        monkeypatch.setenv("TRAK_CORE_TRITON", "0")
+        generic = back(trak_core.project(x, 1000, seed=2, checkpoint=1, precision=precision))
+        monkeypatch.delenv("TRAK_CORE_TRITON")
         assert np.linalg.norm(fused - generic) / np.linalg.norm(generic) < 1e-6
+    assert len(launches) == (0 if type(x).__module__.startswith("torch") else 2)  # CuPy's launch for CuPy and JAX
     assert _triton.launch_plan(70, 300_001, 1000, 132)["splits"] > 1

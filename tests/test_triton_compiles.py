@@ -5,7 +5,8 @@ compiler sees, for the launch plans the GPU check uses (``bench/gpu_peers.py``'s
 H200's 132 SMs): that ``ptxas`` accepts it, that a block asks for no more shared memory than the architecture
 gives one (else Triton refuses to launch it), that nothing spills to local memory, and that the main loop is
 tensor-core products of exactly one step's multiply-adds (read from the disassembly's instruction shapes,
-against the closed form ``passes x block_m x block_n x block_k``).
+against the closed form ``passes x block_m x block_n x block_k``), and that its PTX entry takes the arguments CuPy's launch
+(``trak_core._triton_aot``) passes.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def test_default_plans_compile_for_hopper_without_spills(n, p, k, passes):
     # the loop is one step: every multiply-add of a (block_m x block_k) @ (block_k x block_n) tile, once per pass
     assert compiled["loop_multiply_adds"] == passes * plan["block_m"] * plan["block_n"] * plan["block_k"]
     assert compiled["loop"]["I2F"] == 0  # signs made from their bits (bit operations), not int-to-float conversion
+    # what trak_core._triton_aot passes when CuPy launches it (tests/triton_aot_interpreted.py writes the same entry)
+    assert compiled["entry"] == ["pointer"] * 5 + ["u32"] * 5 + ["pointer"] * 2
 
 
 @pytest.mark.parametrize("options", [dict(), dict(block_n=128, warps=4), dict(block_k=128, stages=2), dict(stages=4)])

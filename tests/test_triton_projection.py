@@ -1,4 +1,5 @@
-"""The Triton projection kernel in Triton's interpreter: tests/triton_interpreted.py, in a fresh process.
+"""The Triton projection kernel in Triton's interpreter: tests/triton_interpreted.py (the kernel, torch's launch)
+and tests/triton_aot_interpreted.py (CuPy's and JAX's launch, with a NumPy stand-in for CuPy), in a fresh process.
 
 Triton reads ``TRITON_INTERPRET`` when it is imported, and other tests in a worker (transformers')
 import it first, so the kernel's checks run in their own ``pytest`` process with ``TRITON_INTERPRET=1``.
@@ -13,7 +14,8 @@ import sys
 import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
-CHECKS = 18  # the tests of tests/triton_interpreted.py (parametrized cases counted)
+FILES = ("triton_interpreted.py", "triton_aot_interpreted.py")
+CHECKS = 24  # their tests (parametrized cases counted)
 
 
 def test_the_triton_kernel_in_the_interpreter():
@@ -22,7 +24,7 @@ def test_the_triton_kernel_in_the_interpreter():
             pytest.skip(f"{name} is not installed: the Triton projection kernel is not exercised")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("TRAK_CORE_TRITON", None)
-    out = subprocess.run([sys.executable, "-m", "pytest", str(HERE / "triton_interpreted.py"), "-q", "-n", "0",
+    out = subprocess.run([sys.executable, "-m", "pytest", *(str(HERE / name) for name in FILES), "-q", "-n", "0",
                           "-p", "no:cacheprovider"], env=env, cwd=HERE.parent, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

@@ -106,6 +106,18 @@ def test_split_project_through_the_kernel_is_float32_grade(interpret, precision,
     assert torch.equal(fused, via_cache)
 
 
+def test_a_column_slice_is_read_in_place(interpret):
+    """A slice of the columns of a wider matrix (the hashed-blocks path) is read through its row stride, no copy."""
+    n, p, k = 6, 300, 96
+    full = _inputs(n, p + 9, k, seed=2)
+    view = full[:, 4:4 + p]
+    expected, signs, scales, l1 = _split_in_float64(view.contiguous(), k, 2, seed=4, checkpoint=2)
+    words = _rademacher_words(0, p, k, 4, xp=txp, device=None)
+    assert not view.is_contiguous()
+    out = _triton.split_product(view, words, signs, scales, k, 2)
+    assert np.all(np.abs(out.double().numpy() - expected) <= p * 2.0**-24 * l1)
+
+
 def test_kernel_matches_the_generic_split_path(interpret, monkeypatch):
     grads = _inputs(9, 500, 64, seed=3)
     fused = split_project(grads, 64, seed=1, checkpoint=0, cache=ProjectionCache())

@@ -17,10 +17,11 @@ is read once); ``hi`` alone is fast_jl's grade (``precision="fast"``, one pass).
 largest (under ``2**-26`` of it) become float16 subnormals or zero; their share of the row's norm is
 below float32's rounding anyway.
 
-torch tensors on CUDA take one Triton kernel for the whole product when Triton is installed
-(``trak_core._triton``: the packed bits are unpacked in registers, never into memory). JAX arrays
-whose dense signs do not fit the cache take one jitted step per block of rows (unpacking, split and
-product in one XLA computation: ``trak_core._jax_blocks.split_product``). Elsewhere,
+torch tensors on CUDA, CuPy arrays and JAX GPU arrays (with CuPy installed) take one Triton kernel for
+the whole product when Triton is installed (``trak_core._triton``: the packed bits are unpacked in
+registers, never into memory). Other JAX arrays whose dense signs do not fit the cache take one jitted
+step per block of rows (unpacking, split and product in one XLA computation:
+``trak_core._jax_blocks.split_product``). Elsewhere,
 where the signs come from, per block of rows of ``P``: the dense ``+-1`` float16 matrix when it fits
 the cache given (on GPUs ``trak_core.projection.device_cache``, 4 GiB unless raised), else its
 packed bits (``k / 8`` bytes a row) unpacked block by block, else hashed block by block. The bits
@@ -111,30 +112,36 @@ def _fused(grads: Any, k: int, *, seed: int, offset: int, signs: Any, scales: An
     """The products of all passes summed, (n, k) float32, straight from the packed bits; ``None`` where no such
     path runs (the caller's generic loop then unpacks blocks of ``P`` into memory).
 
-    torch on CUDA: the Triton kernel (``trak_core._triton``; not without Triton, when turned off, or after it
-    failed). JAX, when the dense float16 signs do not fit the cache: one jitted step per block of ``block`` rows
-    (``trak_core._jax_blocks.split_product``). The bits come from :func:`_packed_bits` (the cache when they
-    fit; else hashed block by block, for torch in blocks of ``BLOCK_BYTES / 16`` bytes of words).
+    The Triton kernel (``trak_core._triton``) for torch on CUDA, CuPy, and JAX on GPUs with CuPy installed (not
+    without Triton, when turned off, or after it failed). Else JAX, when the dense float16 signs do not fit the
+    cache: one jitted step per block of ``block`` rows (``trak_core._jax_blocks.split_product``). The bits come
+    from :func:`_packed_bits` (the cache when they fit; else hashed block by block).
     """
     p = grads.shape[1]
     xp, device = namespace(grads), device_of(grads)
-    if array_api_compat.is_jax_array(grads):
-        if cache.fits(2 * p * k):
-            return None
+    from . import _triton
+
+    if _triton.available(grads):
+        words = _packed_bits(p, k, seed=seed, offset=offset, xp=xp, device=device, cache=cache)
+        out = _triton_product(grads, words, signs, scales, k, n_passes)
+        if out is not None:
+            return out
+    if array_api_compat.is_jax_array(grads) and not cache.fits(2 * p * k):
         from ._jax_blocks import split_product as jax_split_product
 
         words = _packed_bits(p, k, seed=seed, offset=offset, xp=xp, device=device, cache=cache)
         return jax_split_product(grads, signs, scales, words, k, n_passes, block)
-    if not array_api_compat.is_torch_array(grads):
-        return None
+    return None
+
+
+def _triton_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_passes: int) -> Any | None:
+    """The Triton kernel over all rows of ``P`` (``words``: all of them, or ``rows(start, stop)``, taken in blocks
+    of ``BLOCK_BYTES / 16`` bytes of words); ``None`` if it failed."""
     from . import _triton
 
-    if not _triton.available(grads):
-        return None
-    words = _packed_bits(p, k, seed=seed, offset=offset, xp=xp, device=device, cache=cache)
     if not callable(words):
         return _triton.split_product(grads, words, signs, scales, k, n_passes)
-    out, block = None, max(1, BLOCK_BYTES // (2 * k))
+    out, p, block = None, grads.shape[1], max(1, BLOCK_BYTES // (2 * k))
     for start in range(0, p, block):
         stop = min(p, start + block)
         part = _triton.split_product(grads[:, start:stop], words(start, stop), signs[start:stop], scales, k, n_passes)

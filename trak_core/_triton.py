@@ -23,9 +23,12 @@ float64 projection with the exact matrix.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from typing import Any
+
+import array_api_compat
 
 from .errors import TrakValueError
 
@@ -40,17 +43,28 @@ _failed: list[str] = []
 
 
 def available(x: Any) -> bool:
-    """Whether ``x`` (a torch tensor) can take the Triton kernel: on CUDA, Triton installed, not turned off."""
+    """Whether ``x`` can take the Triton kernel (Triton installed, ``TRAK_CORE_TRITON`` not ``0``, no failure yet):
+    a torch tensor on CUDA (or on a CPU under ``TRITON_INTERPRET=1``), a CuPy array, or a JAX array on a GPU
+    with CuPy installed (``trak_core._triton_aot`` launches those)."""
     if os.environ.get("TRAK_CORE_TRITON", "1") == "0" or _failed:
         return False
-    device = getattr(x, "device", None)
-    if getattr(device, "type", None) != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if array_api_compat.is_torch_array(x):
+        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return False
+        needed = ("triton",)
+    elif array_api_compat.is_cupy_array(x):
+        needed = ("triton",)
+    elif array_api_compat.is_jax_array(x):
+        try:
+            on_gpu = next(iter(x.devices())).platform == "gpu"
+        except Exception:  # a tracer inside jax.jit has no devices: the jitted split path serves it
+            return False
+        if not on_gpu:
+            return False
+        needed = ("triton", "cupy")
+    else:
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return all(importlib.util.find_spec(name) is not None for name in needed)
 
 
 def _kernel() -> Any:
@@ -92,12 +106,23 @@ def launch_plan(n: int, p: int, k: int, processors: int, *, block_m: int | None 
                 tiles=tiles, warps=warps, stages=stages)
 
 
-def _processors(device: Any) -> int:
-    import torch
+def _processors(x: Any) -> int:
+    """Streaming multiprocessors of ``x``'s GPU (4 under Triton's interpreter: a few slices, so that the tests
+    cover the sum over slices)."""
+    if array_api_compat.is_torch_array(x):
+        import torch
 
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).multi_processor_count)
-    return 4  # the interpreter: a few slices, so that the tests cover the sum over slices
+        return torch.cuda.get_device_properties(x.device).multi_processor_count if x.device.type == "cuda" else 4
+    import cupy
+
+    device = x.device if array_api_compat.is_cupy_array(x) else cupy.cuda.Device(_jax_ordinal(x))
+    return int(device.attributes["MultiProcessorCount"])
+
+
+def _jax_ordinal(x: Any) -> int:
+    """The CUDA device number of a JAX GPU array."""
+    device = next(iter(x.devices()))
+    return int(getattr(device, "local_hardware_id", None) or device.id)
 
 
 def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_passes: int,
@@ -105,23 +130,32 @@ def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_pas
     """``sum over passes (part @ S)`` in float32, shape (n, k), where ``S`` is the ``+-1`` matrix of ``words``.
 
     ``grads`` (n, p) float32/16 or bfloat16; ``words`` (p, ceil(k/32)) int32 packed bits; ``signs`` (p,)
-    float32 row signs; ``scales`` (n,) float32 powers of two (``trak_core._split.row_scales``). The parts are
+    float32 row signs; ``scales`` (n,) float32 powers of two (``trak_core._split.row_scales``); torch tensors,
+    CuPy arrays or JAX GPU arrays (the latter two through ``trak_core._triton_aot``). The parts are
     those of ``trak_core._split.split_parts`` of ``grads * signs * scales``. ``None`` if the kernel cannot run
     here (the first failure is logged and turns the kernel off for the process; the caller falls back).
     ``plan``: a :func:`launch_plan` for these sizes (default: its defaults).
     """
-    import torch
-
     try:
         n, p = grads.shape
-        grads, words = grads.contiguous(), words.contiguous()
-        plan = plan or launch_plan(n, p, k, _processors(grads.device))
+        plan = plan or launch_plan(n, p, k, _processors(grads))
+        if array_api_compat.is_cupy_array(grads) or array_api_compat.is_jax_array(grads):
+            from . import _triton_aot
+
+            if array_api_compat.is_jax_array(grads):
+                return _triton_aot.launch_jax(grads, words, signs, scales, k, n_passes, plan)
+            with grads.device:
+                partial = _triton_aot.launch_cupy(grads, words, signs, scales, k, n_passes, plan)
+            return partial[0] if plan["splits"] == 1 else partial.sum(axis=0)
+        import torch
+
+        grads = grads if grads.stride(1) == 1 else grads.contiguous()  # a column slice needs no copy
         partial = torch.empty((plan["splits"], n, k), dtype=torch.float32, device=grads.device)
         grid = (-(-n // plan["block_m"]), -(-k // plan["block_n"]), plan["splits"])
         options = {"num_warps": plan["warps"]} | ({"num_stages": plan["stages"]} if plan["stages"] else {})
-        _kernel()[grid](grads, words, signs.contiguous(), scales.contiguous(), partial, n, p, k, grads.stride(0),
-                        words.stride(0), BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
-                        ITERS=plan["iters"], TWO_PASSES=n_passes == 2, **options)
+        _kernel()[grid](grads, words.contiguous(), signs.contiguous(), scales.contiguous(), partial, n, p, k,
+                        grads.stride(0), words.shape[1], BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
+                        BLOCK_K=plan["block_k"], ITERS=plan["iters"], TWO_PASSES=n_passes == 2, **options)
         return partial[0] if plan["splits"] == 1 else partial.sum(dim=0)
     except Exception as exc:  # a compiler or driver that cannot run it: the generic split path still can
         _failed.append(f"{type(exc).__name__}: {exc}")

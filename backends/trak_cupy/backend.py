@@ -91,7 +91,8 @@ class CupyBackend(ArrayAPIBackend):
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
                 precision: str = "float32") -> Any:
-        """``trak_core.project``: float16 tensor-core products of a split input (cuBLAS ``gemmEx``).
+        """``trak_core.project``: float16 tensor-core products of a split input (the Triton kernel of
+        ``trak_core._triton`` launched by CuPy when Triton is installed, else cuBLAS ``gemmEx``).
 
         The CUDA-core kernel of ``trak_cupy.projection`` (``fused_project``) stays available; it
         keeps memory at ``O(n (p + k))`` but is several times slower than tensor cores.
