@@ -134,7 +134,12 @@ if bench.exists():
               f"  fused {b['fused_s']*1e3:.1f} ms ({b['fused_tflops']:.1f} TFLOP/s), materialized matmul "
               f"{b['materialized_s']*1e3:.1f} ms, generate-then-matmul {b['generate_then_matmul_s']*1e3:.1f} ms",
               f"  fused / materialized throughput: {b['fused_over_materialized']:.2f} (target >= 0.70); "
-              f"fused vs generate-then-matmul: {b['fused_over_generate']:.1f}x; extra memory {b['fused_extra_bytes']} B"]
+              f"fused vs generate-then-matmul: {b['fused_over_generate']:.1f}x; extra memory {b['fused_extra_bytes']} B",
+              "  trak_core.project, float32 precision: "
+              + "; ".join(f"{name} {b[f'core_{name}_s'] * 1e3:.1f} ms ({b.get(f'core_{name}_path', '?')})"
+                          for name in ("cupy", "torch") if f"core_{name}_s" in b)
+              + (f"; CuPy vs torch, max relative row difference {b['core_cupy_vs_torch']:.1e}"
+                 if "core_cupy_vs_torch" in b else "")]
 sweep = logs / "sweep.txt"
 if sweep.exists() and "| n x p -> k |" in sweep.read_text():
     text = sweep.read_text()

@@ -7,7 +7,9 @@ Measured in one run on one GPU, float32 inputs, TF32 off for the torch baselines
 - ``materialized``: ``torch.matmul(grads, P)`` with ``P`` (p x k float32) already on the GPU;
 - ``generate_then_matmul``: make ``P`` on the GPU with trak-core's reference path, then matmul
   (what a non-fused implementation pays per call).
-Also reports the fused kernel's extra GPU memory (it should be only the output).
+Also reports the fused kernel's extra GPU memory (it should be only the output), and ``trak_core.project`` at its
+default precision on the same gradients as CuPy and as torch arrays: one Triton kernel for both (launched by CuPy
+for CuPy arrays, ``trak_core._triton_aot``; by Triton for torch tensors), which should agree to float32 rounding.
 """
 from __future__ import annotations
 
@@ -26,6 +28,32 @@ def timed(fn, sync, repeats: int = 5) -> float:
         fn()
     sync()
     return (time.perf_counter() - start) / repeats
+
+
+def core_projection(grads, shared, k: int, sync) -> dict:
+    """``trak_core.project`` (default precision) on CuPy and torch views of the same gradients: seconds, the path
+    each took and their largest relative row difference."""
+    import cupy
+    import torch
+
+    import trak_core
+    from trak_core import _triton
+
+    out = {}
+    for name, x in (("cupy", shared), ("torch", grads)):
+        path = "Triton kernel" if _triton.available(x) else "generic split (no Triton)"
+        try:
+            out[f"core_{name}_s"] = timed(lambda: trak_core.project(x, k, seed=0, checkpoint=1), sync)
+            out[f"core_{name}_path"] = f"generic split: {_triton._failed[0][:150]}" if _triton._failed else path
+        except Exception as exc:  # one framework's failure is a finding, not the end of the benchmark
+            out[f"core_{name}_path"] = f"failed: {type(exc).__name__}: {str(exc)[:150]}"
+    if "core_cupy_s" in out and "core_torch_s" in out:
+        a = torch.from_dlpack(trak_core.project(shared[:8], k, seed=0, checkpoint=1))
+        b = trak_core.project(grads[:8], k, seed=0, checkpoint=1)
+        out["core_cupy_vs_torch"] = float(((a - b).norm(dim=1) / b.norm(dim=1)).max())
+        out["core_cupy_tflops"] = 2.0 * grads.shape[0] * grads.shape[1] * k / out["core_cupy_s"] / 1e12
+    cupy.get_default_memory_pool().free_all_blocks()
+    return out
 
 
 def main(argv=None) -> dict:
@@ -67,7 +95,8 @@ def main(argv=None) -> dict:
     check = (grads[:4] * signs) @ matrix
     fused_rows = torch.from_dlpack(fused_project(shared[:4], args.k, seed=0, checkpoint=1))
     result["max_rel_diff_vs_materialized"] = float((fused_rows - check).abs().max() / check.abs().max())
-    matrix = None  # free the p x k matrix before reporting
+    matrix = None  # free the p x k matrix before the runs below and the report
+    result.update(core_projection(grads, shared, args.k, sync))
     result.update(materialized_s=materialized_s, generate_then_matmul_s=generate_s,
                   fused_tflops=flops / fused_s / 1e12, materialized_tflops=flops / materialized_s / 1e12,
                   fused_over_materialized=materialized_s / fused_s, fused_over_generate=generate_s / fused_s)
