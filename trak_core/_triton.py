@@ -15,9 +15,10 @@ are deterministic. The kernel computes the transposed product (``trak_core._trit
 each float16 sign from its bit with two integer operations; ``bench/triton_compile.py`` compiles it for
 sm_90 on any machine and counts the instructions of its main loop.
 
-Used by ``trak_core._split.split_project`` for torch tensors on CUDA devices when Triton is installed
-(it ships with PyTorch's CUDA wheels); ``TRAK_CORE_TRITON=0`` turns it off. Triton is imported only
-when the kernel is first needed. ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors (NumPy
+Used by ``trak_core._split.split_project`` when Triton is installed (it ships with PyTorch's CUDA
+wheels): torch tensors on CUDA through Triton's launcher; CuPy arrays, and JAX GPU arrays when CuPy is
+installed, through ``trak_core._triton_aot`` (compiled ahead of time, launched by CuPy).
+``TRAK_CORE_TRITON=0`` turns it off. Triton is imported only when the kernel is first needed. ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors (NumPy
 underneath; slow): the tests check it there against the same split done in float64 and against the
 float64 projection with the exact matrix.
 """

@@ -187,7 +187,8 @@ def launch_jax(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_passes
 
     from ._triton import _jax_ordinal
 
-    grads.block_until_ready()
+    for array in (grads, words, signs, scales):  # JAX computes asynchronously; CuPy's stream does not wait on it
+        array.block_until_ready()
     with cupy.cuda.Device(_jax_ordinal(grads)):
         views = [cupy.from_dlpack(array) for array in (grads, words, signs, scales)]
         partial = launch_cupy(*views, k, n_passes, plan)
