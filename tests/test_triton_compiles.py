@@ -45,7 +45,8 @@ def test_default_plans_compile_for_hopper_without_spills(n, p, k, passes):
     assert compiled["entry"] == ["pointer"] * 5 + ["u32"] * 5 + ["pointer"] * 2
 
 
-@pytest.mark.parametrize("options", [dict(), dict(block_n=128, warps=4), dict(block_k=128, stages=2), dict(stages=4)])
+@pytest.mark.parametrize("options", [dict(), dict(block_n=128, warps=4), dict(block_k=128, stages=2), dict(stages=4),
+                                     dict(pairs=True)])
 def test_sweep_plans_fit_an_h200_and_compile_for_ampere(options):
     """Plans ``bench/triton_sweep.py`` times: launchable on sm_90 (shared memory) and accepted for sm_80 (A100)."""
     n, p, k = SIZES[0]

@@ -76,7 +76,8 @@ def test_kernel_equals_the_split_in_float64(interpret, n, p, k, n_passes):
 
 @pytest.mark.parametrize("options", [dict(block_m=16, block_n=64, block_k=32), dict(block_n=128, block_k=128, warps=4,
                                                                                      stages=2),
-                                     dict(block_m=64, block_n=32), dict(block_m=16, block_n=512)])
+                                     dict(block_m=64, block_n=32), dict(block_m=16, block_n=512), dict(pairs=True),
+                                     dict(pairs=True, block_m=16, block_n=32)])
 def test_other_launch_plans_give_the_same_numbers(interpret, options):
     """The tile sizes ``bench/triton_sweep.py`` tries: the same split, summed in another order."""
     n, p, k = 40, 700, 300

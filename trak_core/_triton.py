@@ -84,7 +84,8 @@ def _rounded(value: int) -> int:
 
 
 def launch_plan(n: int, p: int, k: int, processors: int, *, block_m: int | None = None, block_n: int = BLOCK_N,
-                block_k: int | None = None, warps: int = WARPS, stages: int | None = None) -> dict:
+                block_k: int | None = None, warps: int = WARPS, stages: int | None = None,
+                pairs: bool = False) -> dict:
     """Tile sizes, the number of slices of ``p``, the steps per slice, warps and pipeline stages per program for
     ``n`` rows on ``processors`` SMs; ``stages=None`` leaves Triton's default.
 
@@ -92,6 +93,7 @@ def launch_plan(n: int, p: int, k: int, processors: int, *, block_m: int | None 
     shared-memory accesses a multiply-add, no spills at the GPU check's sizes): 256 columns and 8 warps; 32, 64 or
     128 rows (more rows share each tile of signs); 64 rows of ``P`` a step, 32 with 128 rows (64 spills registers
     when ``p`` is not a multiple of 16). Not yet timed on a GPU: ``bench/triton_sweep.py`` times the others.
+    ``pairs``: make the signs two at a time (``trak_core._triton_kernel``), an alternative for the sweep.
     """
     block_m = block_m or (32 if n <= 32 else 64 if n <= 64 else 128)
     block_k = block_k or (32 if block_m >= 128 else 64)
@@ -104,7 +106,7 @@ def launch_plan(n: int, p: int, k: int, processors: int, *, block_m: int | None 
     wanted = max(1, min(k_steps, -(-WAVES * processors // tiles)))
     iters = _rounded(-(-k_steps // wanted))
     return dict(block_m=block_m, block_n=block_n, block_k=block_k, iters=iters, splits=-(-k_steps // iters),
-                tiles=tiles, warps=warps, stages=stages)
+                tiles=tiles, warps=warps, stages=stages, pairs=pairs)
 
 
 def _processors(x: Any) -> int:
@@ -156,7 +158,8 @@ def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_pas
         options = {"num_warps": plan["warps"]} | ({"num_stages": plan["stages"]} if plan["stages"] else {})
         _kernel()[grid](grads, words.contiguous(), signs.contiguous(), scales.contiguous(), partial, n, p, k,
                         grads.stride(0), words.shape[1], BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
-                        BLOCK_K=plan["block_k"], ITERS=plan["iters"], TWO_PASSES=n_passes == 2, **options)
+                        BLOCK_K=plan["block_k"], ITERS=plan["iters"], TWO_PASSES=n_passes == 2,
+                        PAIRS=plan.get("pairs", False), **options)
         return partial[0] if plan["splits"] == 1 else partial.sum(dim=0)
     except Exception as exc:  # a compiler or driver that cannot run it: the generic split path still can
         _failed.append(f"{type(exc).__name__}: {exc}")

@@ -29,7 +29,7 @@ __all__ = ["compile_kernel", "entry_parameters", "launch_cupy", "launch_jax", "s
 
 POINTERS = ("x_ptr", "words_ptr", "signs_ptr", "scales_ptr", "out_ptr")
 INTEGERS = ("n", "p", "k", "stride_x", "stride_w")
-CONSTANTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "ITERS", "TWO_PASSES")
+CONSTANTS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "ITERS", "TWO_PASSES", "PAIRS")
 INPUT_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 _compiled: dict[tuple, Any] = {}
 _loaded: dict[tuple, Any] = {}
@@ -59,7 +59,7 @@ def compile_kernel(plan: dict, integers: dict[str, int], *, arch: int, passes: i
     every size with the same facts). Cached per process; Triton also caches compiles on disk.
     """
     constants = dict(BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
-                     ITERS=plan["iters"], TWO_PASSES=passes == 2)
+                     ITERS=plan["iters"], TWO_PASSES=passes == 2, PAIRS=plan.get("pairs", False))
     attrs = _divisibility(integers)
     key = (arch, input_dtype, tuple(constants.items()), tuple(sorted(attrs)), plan["warps"], plan.get("stages"))
     if key not in _compiled:
