@@ -28,7 +28,7 @@ from gpu_peers import phase  # noqa: E402
 SIZES = dict(full=[(256, 2_000_000, 4096), (32, 11_181_642, 2048)], small=[(40, 3000, 256), (8, 2000, 128)])
 PLANS = [dict(), dict(block_n=128), dict(block_n=128, warps=4), dict(warps=4), dict(block_m=64), dict(block_m=128),
          dict(block_k=32), dict(block_k=64), dict(block_k=128, stages=2), dict(stages=4), dict(pairs=True),
-         dict(pairs=True, block_n=128, warps=4)]  # a plan equal to the default
+         dict(pairs=True, block_n=128, warps=4), dict(waves=8)]  # a plan equal to the default
 # at a size (block_k=64 for 32 rows, block_m=128 and block_k=32 for 256) is timed once
 
 

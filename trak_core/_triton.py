@@ -85,7 +85,7 @@ def _rounded(value: int) -> int:
 
 def launch_plan(n: int, p: int, k: int, processors: int, *, block_m: int | None = None, block_n: int = BLOCK_N,
                 block_k: int | None = None, warps: int = WARPS, stages: int | None = None,
-                pairs: bool = False) -> dict:
+                pairs: bool = False, waves: int = WAVES) -> dict:
     """Tile sizes, the number of slices of ``p``, the steps per slice, warps and pipeline stages per program for
     ``n`` rows on ``processors`` SMs; ``stages=None`` leaves Triton's default.
 
@@ -94,6 +94,7 @@ def launch_plan(n: int, p: int, k: int, processors: int, *, block_m: int | None 
     128 rows (more rows share each tile of signs); 64 rows of ``P`` a step, 32 with 128 rows (64 spills registers
     when ``p`` is not a multiple of 16). Not yet timed on a GPU: ``bench/triton_sweep.py`` times the others.
     ``pairs``: make the signs two at a time (``trak_core._triton_kernel``), an alternative for the sweep.
+    ``waves``: about this many programs per SM (more: smaller tails at the end of the launch, more partial sums).
     """
     block_m = block_m or (32 if n <= 32 else 64 if n <= 64 else 128)
     block_k = block_k or (32 if block_m >= 128 else 64)
@@ -103,7 +104,7 @@ def launch_plan(n: int, p: int, k: int, processors: int, *, block_m: int | None 
                                  f"(Triton's tiles, tensor-core products and 32-bit words of signs), got {size}")
     tiles = -(-n // block_m) * -(-k // block_n)
     k_steps = max(1, -(-p // block_k))
-    wanted = max(1, min(k_steps, -(-WAVES * processors // tiles)))
+    wanted = max(1, min(k_steps, -(-waves * processors // tiles)))
     iters = _rounded(-(-k_steps // wanted))
     return dict(block_m=block_m, block_n=block_n, block_k=block_k, iters=iters, splits=-(-k_steps // iters),
                 tiles=tiles, warps=warps, stages=stages, pairs=pairs)
