@@ -111,7 +111,7 @@ def _function(compiled: Any, device_id: int) -> Any:
 
     key = (compiled.metadata.hash, device_id)
     if key not in _loaded:
-        folder = pathlib.Path(tempfile.mkdtemp(prefix="trak_core_triton_"))
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="trak_core_triton_"))  # kept: CuPy may load it per device
         path = folder / f"{compiled.metadata.name}.cubin"
         path.write_bytes(compiled.asm["cubin"])
         function = cupy.RawModule(path=str(path)).get_function(compiled.metadata.name)
