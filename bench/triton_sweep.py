@@ -26,14 +26,14 @@ from _report import write_json  # noqa: E402
 from gpu_peers import phase  # noqa: E402
 
 SIZES = dict(full=[(256, 2_000_000, 4096), (32, 11_181_642, 2048)], small=[(40, 3000, 256), (8, 2000, 128)])
-PLANS = [dict(), dict(block_n=128), dict(block_n=128, warps=4), dict(warps=4), dict(block_m=64), dict(block_m=128),
-         dict(block_k=32), dict(block_k=64), dict(block_k=128, stages=2), dict(stages=4), dict(pairs=True),
-         dict(pairs=True, block_n=128, warps=4), dict(waves=8)]  # a plan equal to the default
-# at a size (block_k=64 for 32 rows, block_m=128 and block_k=32 for 256) is timed once
+PLANS = [dict(), dict(pairs=True), dict(waves=8), dict(warps=4), dict(block_n=128), dict(block_k=32), dict(block_k=64),
+         dict(block_m=64), dict(block_m=128), dict(block_n=128, warps=4), dict(pairs=True, block_n=128, warps=4),
+         dict(block_k=128, stages=2), dict(stages=4)]  # most telling first: the budget may end the list
+# (a plan equal to the default at a size, such as block_k=64 for 32 rows or block_m=128 for 256, is timed once)
 
 
-def sweep(n: int, p: int, k: int, device: torch.device, deadline: float, repeats: int) -> list[dict]:
-    """Every plan of ``PLANS`` (and the default at ``precision="fast"``) at one size, while time remains."""
+def _case(n: int, p: int, k: int, device: torch.device) -> dict:
+    """Random float32 gradients at one size, with the bits, row signs and scales the kernel takes."""
     import array_api_compat.torch as xp
 
     from trak_core import _triton
@@ -41,41 +41,55 @@ def sweep(n: int, p: int, k: int, device: torch.device, deadline: float, repeats
     from trak_core.projection import _rademacher_words, row_signs
 
     grads = torch.randn(n, p, generator=torch.Generator(device=device).manual_seed(0), device=device)
-    words = _rademacher_words(0, p, k, 0, xp=xp, device=device)
-    signs = row_signs(0, p, seed=0, checkpoint=0, xp=xp, device=device, dtype=xp.float32)
-    scales = row_scales(grads, p, xp=xp)
-    processors = _triton._processors(grads)
-    rows, reference, seen = [], None, set()
-    for options, passes in [(plan, 2) for plan in PLANS] + [({}, 1)]:
-        plan = _triton.launch_plan(n, p, k, processors, **options)
-        if (passes, *sorted(plan.items())) in seen:
-            continue
-        seen.add((passes, *sorted(plan.items())))
-        row = dict(n=n, p=p, k=k, precision="float32" if passes == 2 else "fast", options=options,
-                   plan={key: plan[key] for key in ("block_m", "block_n", "block_k", "warps", "stages", "splits",
-                                                     "pairs")})
-        rows.append(row)
-        if time.perf_counter() > deadline:
-            row["status"] = "skipped: time budget spent"
-            continue
-        try:
-            _, compile_s, _ = phase(device, lambda: _triton.split_product(grads, words, signs, scales, k, passes,
-                                                                         plan=plan))
-            if _triton._failed:
-                raise RuntimeError(_triton._failed.pop())
-            times = []
-            for _ in range(repeats):
-                out, seconds, _ = phase(device, lambda: _triton.split_product(grads, words, signs, scales, k, passes,
-                                                                             plan=plan))
-                times.append(seconds)
-            seconds = statistics.median(times)
-            row.update(status="ok", first_call_s=compile_s, seconds=seconds, tflops=2.0 * n * p * k / seconds / 1e12)
-            if passes == 2:
-                reference = out if reference is None else reference
-                row["max_rel_diff"] = float(((out - reference).norm(dim=1) / reference.norm(dim=1)).max())
-        except Exception as exc:  # one plan that does not compile must not cost the others
-            row["status"] = f"failed: {type(exc).__name__}: {exc}"[:300]
-    return rows
+    return dict(n=n, p=p, k=k, grads=grads, words=_rademacher_words(0, p, k, 0, xp=xp, device=device),
+                signs=row_signs(0, p, seed=0, checkpoint=0, xp=xp, device=device, dtype=xp.float32),
+                scales=row_scales(grads, p, xp=xp), processors=_triton._processors(grads), reference=None, seen=set())
+
+
+def _time(case: dict, options: dict, passes: int, device: torch.device, deadline: float, repeats: int) -> dict | None:
+    """One plan at one size: median synchronized seconds after a warm-up; ``None`` if it equals a plan timed."""
+    from trak_core import _triton
+
+    n, p, k = case["n"], case["p"], case["k"]
+    plan = _triton.launch_plan(n, p, k, case["processors"], **options)
+    if (passes, *sorted(plan.items())) in case["seen"]:
+        return None
+    case["seen"].add((passes, *sorted(plan.items())))
+    row = dict(n=n, p=p, k=k, precision="float32" if passes == 2 else "fast", options=options,
+               plan={key: plan[key] for key in ("block_m", "block_n", "block_k", "warps", "stages", "splits", "pairs")})
+    if time.perf_counter() > deadline:
+        return row | dict(status="skipped: time budget spent")
+
+    def run():
+        return _triton.split_product(case["grads"], case["words"], case["signs"], case["scales"], k, passes, plan=plan)
+
+    try:
+        _, compile_s, _ = phase(device, run)
+        if _triton._failed:
+            raise RuntimeError(_triton._failed.pop())
+        times = []
+        for _ in range(repeats):
+            out, seconds, _ = phase(device, run)
+            times.append(seconds)
+        seconds = statistics.median(times)
+        row.update(status="ok", first_call_s=compile_s, seconds=seconds, tflops=2.0 * n * p * k / seconds / 1e12)
+        if passes == 2:
+            case["reference"] = out if case["reference"] is None else case["reference"]
+            reference = case["reference"]
+            row["max_rel_diff"] = float(((out - reference).norm(dim=1) / reference.norm(dim=1)).max())
+    except Exception as exc:  # one plan that does not compile must not cost the others
+        row["status"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+    return row
+
+
+def sweep(sizes: list[tuple[int, int, int]], device: torch.device, deadline: float, repeats: int) -> list[dict]:
+    """The default at both precisions, then every other plan of ``PLANS``, each at every size, while time remains
+    (plan by plan, so that a short budget still compares the sizes); rows in the order of ``sizes``."""
+    cases = [_case(n, p, k, device) for n, p, k in sizes]
+    order = [(PLANS[0], 2), (PLANS[0], 1)] + [(options, 2) for options in PLANS[1:]]
+    rows = [row for options, passes in order for case in cases
+            if (row := _time(case, options, passes, device, deadline, repeats)) is not None]
+    return sorted(rows, key=lambda row: sizes.index((row["n"], row["p"], row["k"])))
 
 
 def markdown(rows: list[dict], device_name: str) -> str:
@@ -105,9 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         os.environ["TRITON_INTERPRET"] = "1"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
-    rows = []
-    for n, p, k in SIZES["small" if args.small else "full"]:
-        rows += sweep(n, p, k, device, deadline, repeats=1 if args.small else 5)
+    rows = sweep(SIZES["small" if args.small else "full"], device, deadline, repeats=1 if args.small else 5)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)"
     write_json(dict(device=name, rows=rows), args.json)
     print(markdown(rows, name))
