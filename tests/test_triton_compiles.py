@@ -26,7 +26,8 @@ if not (triton_compile._tools() / "ptxas").exists():
     pytest.skip("this Triton build has no NVIDIA backend tools (ptxas, nvdisasm)", allow_module_level=True)
 
 H200_SMS = 132
-SIZES = [(256, 2_000_000, 4096), (32, 11_181_642, 2048)]  # bench/gpu_peers.py's projection rows
+SIZES = [(256, 2_000_000, 4096), (32, 11_181_642, 2048),  # bench/gpu_peers.py's projection rows
+         (256, 11_181_642, 2048)]  # its ResNet-18 featurize batches (p not a multiple of 16)
 
 
 @pytest.mark.parametrize("n,p,k", SIZES)
