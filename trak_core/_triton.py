@@ -129,6 +129,11 @@ def _jax_ordinal(x: Any) -> int:
     return int(getattr(device, "local_hardware_id", None) or device.id)
 
 
+def total(partial: Any) -> Any:
+    """The sum of a launch's partial sums over its slices of ``p`` (torch or CuPy), in a fixed order."""
+    return partial[0] if partial.shape[0] == 1 else partial.sum(0)
+
+
 def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_passes: int,
                   plan: dict | None = None) -> Any | None:
     """``sum over passes (part @ S)`` in float32, shape (n, k), where ``S`` is the ``+-1`` matrix of ``words``.
@@ -149,8 +154,7 @@ def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_pas
             if array_api_compat.is_jax_array(grads):
                 return _triton_aot.launch_jax(grads, words, signs, scales, k, n_passes, plan)
             with grads.device:
-                partial = _triton_aot.launch_cupy(grads, words, signs, scales, k, n_passes, plan)
-            return partial[0] if plan["splits"] == 1 else partial.sum(axis=0)
+                return total(_triton_aot.launch_cupy(grads, words, signs, scales, k, n_passes, plan))
         import torch
 
         grads = grads if grads.stride(1) == 1 else grads.contiguous()  # a column slice needs no copy
@@ -161,7 +165,7 @@ def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_pas
                         grads.stride(0), words.shape[1], BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
                         BLOCK_K=plan["block_k"], ITERS=plan["iters"], TWO_PASSES=n_passes == 2,
                         PAIRS=plan.get("pairs", False), **options)
-        return partial[0] if plan["splits"] == 1 else partial.sum(dim=0)
+        return total(partial)
     except Exception as exc:  # a compiler or driver that cannot run it: the generic split path still can
         _failed.append(f"{type(exc).__name__}: {exc}")
         log.warning("the Triton projection kernel failed (%s); using the generic split projection from now on "

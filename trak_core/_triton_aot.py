@@ -161,19 +161,20 @@ def _first_use_check(compiled: Any, grads: Any, words: Any, signs: Any, scales: 
     raises on a mismatch."""
     import cupy
 
+    from ._namespace import namespace
+    from ._split import split_parts
+    from .projection import _unpack
+
     n, k = integers["n"], integers["k"]
     head = min(integers["p"], plan["iters"] * plan["block_k"], 4096)  # a multiple of 16, or p: the same facts
     out = cupy.empty((1, n, k), dtype=cupy.float32)
     _launch(compiled, grads[:, :head], words[:head], signs[:head], scales, out, integers | {"p": head},
             (-(-n // plan["block_m"]), -(-k // plan["block_n"]), 1))
-    rows = min(n, 4)
-    x = grads[:rows, :head].astype(cupy.float32) * signs[None, :head] * scales[:rows, None]
-    hi = x.astype(cupy.float16)
-    parts = [hi] if n_passes == 1 else [hi, (x - hi.astype(cupy.float32)).astype(cupy.float16)]
-    columns = cupy.arange(k)
-    bits = (words[:head, columns // 32] >> (columns % 32).astype(cupy.int32)) & 1
-    matrix = 1.0 - 2.0 * bits.astype(cupy.float64)
-    expected = sum(part.astype(cupy.float64) @ matrix for part in parts)
+    xp, rows = namespace(grads), min(n, 4)
+    parts = split_parts(grads[:rows, :head].astype(cupy.float32) * signs[None, :head] * scales[:rows, None], n_passes,
+                        xp=xp)  # the kernel's split, as the generic path makes it
+    product = parts.astype(cupy.float64) @ _unpack(words[:head], k, xp=xp, dtype=xp.float64, scale=1.0)
+    expected = product if n_passes == 1 else product[:rows] + product[rows:]
     error = float(cupy.linalg.norm(out[0, :rows] - expected) / max(float(cupy.linalg.norm(expected)), 1e-300))
     if not error <= 1e-5:  # float32 sums of float16 products: about 1e-7
         raise BackendError(f"the Triton kernel launched by CuPy is {error:.1e} off a float64 product of the same split "
@@ -185,13 +186,12 @@ def launch_jax(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_passes
     import cupy
     import jax
 
-    from ._triton import _jax_ordinal
+    from ._triton import _jax_ordinal, total
 
     for array in (grads, words, signs, scales):  # JAX computes asynchronously; CuPy's stream does not wait on it
         array.block_until_ready()
     with cupy.cuda.Device(_jax_ordinal(grads)):
         views = [cupy.from_dlpack(array) for array in (grads, words, signs, scales)]
-        partial = launch_cupy(*views, k, n_passes, plan)
-        out = partial[0] if plan["splits"] == 1 else partial.sum(axis=0)
+        out = total(launch_cupy(*views, k, n_passes, plan))
         cupy.cuda.get_current_stream().synchronize()  # JAX's stream does not wait on CuPy's
     return jax.dlpack.from_dlpack(out)
