@@ -4,6 +4,13 @@ from __future__ import annotations
 from typing import Any
 
 
+def _path(parts: dict) -> str:
+    """How the per-example gradients were computed: the closed form, or vmap(grad) and its examples per call."""
+    if parts.get("per_example") == "closed form":
+        return "closed form, one backward pass per batch"
+    return f"{parts['chunk_rows']} examples per vmap call"
+
+
 def markdown(result: dict) -> str:
     """The JSON as Markdown: the projection table, the end-to-end table, ratios, correlations, skipped sections."""
     def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
@@ -33,14 +40,14 @@ def markdown(result: dict) -> str:
         parts = e2e.get("trak_core", {}).get("breakdown", {})
         if "gradients_s" in parts:
             lines += ["", f"trak-core featurize, phases timed apart: per-example gradients {parts['gradients_s']:.2f} s "
-                      f"({parts['chunk_rows']} examples per vmap call), projection {parts['projection_s']:.2f} s, "
+                      f"({_path(parts)}), projection {parts['projection_s']:.2f} s, "
                       f"the rest {e2e['trak_core']['featurize_s'] - parts['gradients_s'] - parts['projection_s']:.2f} s; "
                       f"peak MB: gradients {_fmt(parts.get('gradients_peak_bytes'), '.0f', 1e-6)}, projection "
                       f"{_fmt(parts.get('projection_peak_bytes'), '.0f', 1e-6)}"]
-            if "gradients_one_call_s" in parts:
-                lines.append(f"(gradients with {parts['one_call_rows']} examples per vmap call: "
-                             f"{parts['gradients_one_call_s']:.2f} s, peak "
-                             f"{_fmt(parts['gradients_one_call_peak_bytes'], '.0f', 1e-6)} MB)")
+            if "gradients_vmap_s" in parts:
+                lines.append(f"(gradients through vmap(grad), {parts['chunk_rows']} examples per call: "
+                             f"{parts['gradients_vmap_s']:.2f} s, peak "
+                             f"{_fmt(parts['gradients_vmap_peak_bytes'], '.0f', 1e-6)} MB)")
         elif parts:
             lines += ["", f"trak-core breakdown: {parts.get('status')}"]
         if "ratios" in e2e:

@@ -237,8 +237,9 @@ def trak_core_breakdown(model: Any, state: dict, train: list, k: int, device: An
     """Where trak-core's featurize time goes: the torch backend's per-example gradients of every batch, then
     the projection of each batch's gradients (the backend's ``project``, as featurize calls it), each phase synchronized and
     summed over batches, with each phase's peak GPU memory (the projection's includes the batch's gradients); the
-    rest of featurize (kernel, checks, copies) is its time minus the two. On a GPU, also the gradients with each
-    batch in one ``vmap`` call (``chunk_size`` = the batch): what a larger default chunk would gain and cost."""
+    rest of featurize (kernel, checks, copies) is its time minus the two. ``per_example`` says which path the
+    default backend took (``closed form`` for ResNet-18: convolutions, batch norms, a linear head). On a GPU, also
+    the gradients through ``vmap(grad)`` at its default chunk: what the closed form gains and costs."""
     trak = trak_core.TRAK(model, proj_dim=k, backend="torch", progress=False)
     backend, prepared = trak.backend, trak.backend.prepare(model, state)
     gradients_s = projection_s = 0.0
@@ -252,19 +253,20 @@ def trak_core_breakdown(model: Any, state: dict, train: list, k: int, device: An
         projection_s += seconds
         peaks["projection"] = max(peaks["projection"], peak or 0)
         del out
+    closed = prepared.__dict__.get("_closed_form", {}).get(id(trak.task)) is not None
     out = dict(gradients_s=gradients_s, projection_s=projection_s, chunk_rows=backend.chunk_size or
-               _chunk_rows(prepared, device), gradients_peak_bytes=peaks["gradients"] or None,
-               projection_peak_bytes=peaks["projection"] or None)
-    if torch.device(device).type == "cuda":  # the gradients again with every batch in one vmap call
+               _chunk_rows(prepared, device), per_example="closed form" if closed else "vmap",
+               gradients_peak_bytes=peaks["gradients"] or None, projection_peak_bytes=peaks["projection"] or None)
+    if torch.device(device).type == "cuda" and closed:  # the gradients again through vmap(grad), its default chunk
         from trak_torch import TorchBackend
 
-        whole = TorchBackend(chunk_size=max(len(labels) for _, labels in train))
-        whole_prepared, seconds, peak = whole.prepare(model, state), 0.0, 0
+        vmap = TorchBackend(per_example="vmap")
+        vmap_prepared, seconds, peak = vmap.prepare(model, state), 0.0, 0
         for inputs, labels in train:
-            _, step, step_peak = phase(device, partial(whole.gradients, model, whole_prepared, inputs, labels,
+            _, step, step_peak = phase(device, partial(vmap.gradients, model, vmap_prepared, inputs, labels,
                                                        trak.task))
             seconds, peak = seconds + step, max(peak, step_peak or 0)
-        out.update(gradients_one_call_s=seconds, gradients_one_call_peak_bytes=peak, one_call_rows=whole.chunk_size)
+        out.update(gradients_vmap_s=seconds, gradients_vmap_peak_bytes=peak)
     return out
 
 

@@ -144,7 +144,8 @@ def test_gpu_peers_small_runs_on_a_cpu_and_its_errors_are_right(tmp_path):
     parts = e2e["trak_core"]["breakdown"]  # the phases timed apart: the torch backend's own chunk rule on a CPU
     assert parts["chunk_rows"] == min(256, 256 * 2**20 // (4 * e2e["params"])) and parts["projection_peak_bytes"] is None
     assert 0 < parts["gradients_s"] and 0 < parts["projection_s"]
-    assert f"({parts['chunk_rows']} examples per vmap call)" in md.read_text()
+    assert parts["per_example"] == "closed form"  # ResNet-18: convolutions, batch norms and a linear head
+    assert "(closed form, one backward pass per batch)" in md.read_text()
 
 
 def test_gpu_scripts_parse():
@@ -207,3 +208,20 @@ def test_triton_sweep_runs_in_the_interpreter(tmp_path):
     assert all(r.get("max_rel_diff", 0.0) < 1e-6 for r in ran)
     assert all(r["status"] in ("ok", "skipped: time budget spent") for r in rows)
     assert out.stdout.count("\n| ") == len(rows) + 1  # the header and one line per plan
+
+
+def test_closed_form_speed_small_run(tmp_path):
+    """bench/closed_form_speed.py on narrow models: both take the closed form, whose gradients equal vmap's,
+    and the reported ratio is the ratio of the reported rates."""
+    import json
+
+    pytest.importorskip("torch", reason="torch not installed: bench/closed_form_speed.py not exercised")
+    speed = _load("closed_form_speed")
+    path = tmp_path / "closed.json"
+    result = speed.main(["--small", "--batch", "4", "--repeats", "1", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    rows = {name: row for name, row in result.items() if name != "machine"}
+    assert "resnet18-width8" in rows
+    for row in rows.values():
+        assert row["closed_form_used"] and row["batch"] == 4 and row["max_rel_difference"] < 1e-5
+        assert row["speedup"] == pytest.approx(row["closed_form_examples_per_s"] / row["vmap_examples_per_s"])

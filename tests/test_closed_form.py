@@ -43,6 +43,30 @@ class Interacting(torch.nn.Module):
         return self.lin(x - x.mean(0, keepdim=True))
 
 
+class Positions(torch.nn.Module):
+    """Token embeddings plus position embeddings looked up once, (1, T), for the whole batch (as BERT, GPT-2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.position, self.head = torch.nn.Embedding(13, 6), torch.nn.Embedding(5, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids) + self.position(torch.arange(ids.shape[1])[None])
+        return self.head(torch.tanh(h).mean(1))
+
+
+class Codebook(torch.nn.Module):
+    """A Linear called on 5 stored codes, not on the examples (the closed form cannot split its gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.register_buffer("codes", torch.randn(5, 4))
+
+    def forward(self, x):
+        return x @ self.lin(self.codes).T  # (n, 4) @ (4, 5)
+
+
 def _data(kind, n=7):
     g = torch.Generator().manual_seed(0)
     if kind == "tokens":
@@ -55,8 +79,12 @@ def _data(kind, n=7):
 @pytest.mark.parametrize("make,kind,covered", [
     (lambda: torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)), "mlp", True),
     (Tokens, "tokens", True), (Strided, "strided", True), (Interacting, "interacting", False),
-    (lambda: torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 3)), "norm", False),
-], ids=["mlp", "embedding-padding", "conv-strided", "batch-interaction", "layernorm"])
+    (lambda: torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 3)), "norm", True),
+    (lambda: torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6, elementwise_affine=False),
+                                 torch.nn.Linear(6, 3)), "norm", True),
+    (Positions, "tokens", True), (Codebook, "interacting", False),
+], ids=["mlp", "embedding-padding", "conv-strided", "batch-interaction", "layernorm", "layernorm-no-affine",
+        "position-embedding-broadcast", "layer-called-on-codes"])
 def test_closed_form_equals_vmap_or_is_not_used(make, kind, covered):
     torch.manual_seed(0)
     model = make().double()
@@ -71,6 +99,64 @@ def test_closed_form_equals_vmap_or_is_not_used(make, kind, covered):
     np.testing.assert_allclose(g.numpy(), reference.numpy(), rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(q.numpy(), q_reference.numpy(), rtol=1e-12)
     assert (prepared._closed_form[id(task)] is not None) == covered
+
+
+class Normed(torch.nn.Module):
+    """Conv2d -> a norm over channels -> Linear on tokens -> a norm over the last dims -> Linear."""
+
+    def __init__(self, channel_norm, token_norm):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1, bias=False)
+        self.norm1, self.mix, self.norm2 = channel_norm, torch.nn.Linear(4, 6), token_norm
+        self.head = torch.nn.Linear(6 * 5 * 3, 5)
+
+    def forward(self, x):  # x (n, 2, 5, 3)
+        h = torch.relu(self.norm1(self.conv(x)))  # (n, 4, 5, 3)
+        h = self.norm2(torch.tanh(self.mix(h.permute(0, 2, 3, 1))))  # (n, 5, 3, 6)
+        return self.head(h.flatten(1))
+
+
+def _norms():
+    nn = torch.nn
+    return {
+        "batchnorm-layernorm": (nn.BatchNorm2d(4), nn.LayerNorm(6), True),
+        "groupnorm-layernorm2d-nobias": (nn.GroupNorm(2, 4), nn.LayerNorm((3, 6), bias=False), True),
+        "batchnorm-zero-gamma-rmsnorm": (nn.BatchNorm2d(4), nn.RMSNorm(6), True),
+        "batchnorm-no-running-stats": (nn.BatchNorm2d(4, track_running_stats=False), nn.LayerNorm(6), False),
+    }
+
+
+@pytest.mark.parametrize("name", list(_norms()))
+def test_norm_layers_in_closed_form_equal_vmap(name):
+    """Per-example gradients through norm layers equal vmap(grad) to 1e-9 (float64), with the checkpoint's running
+    statistics (not the module's) and zero gammas; batch statistics (no running stats) go to vmap."""
+    torch.manual_seed(0)
+    channel, token, covered = _norms()[name]
+    model = Normed(channel, token).double()
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    for key, value in state.items():  # a checkpoint whose statistics and affine parameters are not the defaults
+        if key.endswith("running_mean") or key.endswith(("norm1.bias", "norm2.bias")):
+            value.normal_()
+        elif key.endswith("running_var"):
+            value.uniform_(0.5, 2.0)
+        elif key.endswith(("norm1.weight", "norm2.weight")):
+            value.normal_()
+            if "zero-gamma" in name and key.startswith("norm1"):
+                value.zero_()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 2, 5, 3, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)
+    task = get_task("classification")
+    auto, vmap = TorchBackend(), TorchBackend(per_example="vmap")
+    prepared = auto.prepare(model, state)
+    grads, _ = auto.gradients(model, prepared, x, y, task)
+    reference, _ = vmap.gradients(model, vmap.prepare(model, state), x, y, task)
+    assert (prepared._closed_form[id(task)] is not None) == covered
+    assert float(torch.linalg.vector_norm(reference)) > 1.0
+    assert float(torch.linalg.vector_norm(grads - reference) / torch.linalg.vector_norm(reference)) < 1e-9
+    if covered and "batchnorm" in name:  # the module's own statistics give other gradients: the checkpoint's count
+        own = {key: model.state_dict()[key] if "running" in key else value for key, value in state.items()}
+        other, _ = auto.gradients(model, auto.prepare(model, own), x, y, task)
+        assert float(torch.linalg.vector_norm(other - reference)) > 1e-3 * float(torch.linalg.vector_norm(reference))
 
 
 def test_float32_closed_form_within_1e6_of_vmap_and_tied_weights():

@@ -1,6 +1,7 @@
 """The PyTorch backend object: ownership, checkpoints, per-example gradients, projection.
 
-Per-example gradients are ``vmap(grad(f))`` over chunks of a batch with ``torch.func``,
+Per-example gradients are computed in closed form where the model's layers allow it
+(``trak_torch.closed_form``), else as ``vmap(grad(f))`` over chunks of a batch with ``torch.func``,
 where ``f`` is the task output of one example computed with ``functional_call``; parameters
 outside ``params`` and buffers enter as constants (never differentiated). The model runs in
 eval mode (BatchNorm uses its running statistics, dropout is off) and its mode is restored after.
@@ -142,8 +143,9 @@ class TorchBackend(Backend):
     per_example : {"auto", "vmap"}
         How per-example gradients are computed. ``"auto"``: in closed form (one batched backward
         pass, :mod:`trak_torch.closed_form`) when every attributed parameter belongs to a Linear,
-        Conv2d, Embedding or Conv1D layer and the first example of a checkpoint agrees with
-        ``vmap(grad)``; otherwise ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``.
+        Conv2d, Embedding, Conv1D, BatchNorm (running statistics), LayerNorm, GroupNorm or RMSNorm
+        layer and the first two examples of a checkpoint agree with ``vmap(grad)``; otherwise
+        ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``.
 
     attention_mask : {"auto", "causal", "bidirectional", "pass"}
         What a dict batch's 2-D ``attention_mask`` (padding: 1 keep, 0 pad) becomes before the model
@@ -283,11 +285,16 @@ class TorchBackend(Backend):
                 if uses is not None:  # the first example against vmap(grad): examples must not interact
                     first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
                     reference, _ = self._vmap_gradients(model, prepared, first, labels[:2], task, causal)
-                    closed, _ = closed_form_gradients(self, model, prepared, uses, first, labels[:2], task, causal)
-                    scale = float(torch.linalg.vector_norm(reference)) or 1.0
-                    tolerance = 1e-9 if torch.finfo(prepared.dtype).bits == 64 else 1e-4
-                    if float(torch.linalg.vector_norm(closed - reference)) > tolerance * scale:
+                    try:
+                        closed, _ = closed_form_gradients(self, model, prepared, uses, first, labels[:2], task,
+                                                          causal)
+                    except RuntimeError:  # NotPerExample, or shapes the closed form cannot follow: vmap does
                         uses = None
+                    else:
+                        scale = float(torch.linalg.vector_norm(reference)) or 1.0
+                        tolerance = 1e-9 if torch.finfo(prepared.dtype).bits == 64 else 1e-4
+                        if float(torch.linalg.vector_norm(closed - reference)) > tolerance * scale:
+                            uses = None
             cache[key] = uses
         return cache[key]
 

@@ -1,12 +1,16 @@
-"""Per-example gradients in closed form for models made of Linear, Conv2d, Embedding and Conv1D layers.
+"""Per-example gradients in closed form for models made of Linear, Conv2d, Embedding, Conv1D and norm layers.
 
 One job: the ``per_example="auto"`` fast path of :class:`trak_torch.TorchBackend`. When every
 attributed parameter is the weight or bias of such a layer, one batched forward and one backward
 pass give each call's input ``a_t`` and output gradient ``delta_t`` (zero perturbations added to
 the outputs, as :mod:`trak_torch.kronecker` does); a weight's per-example gradient is then
 ``sum_t delta_t a_t^T`` (a batched matrix product), a bias's ``sum_t delta_t``, an embedding
-table's the output gradients added at the looked-up rows. ``vmap(grad)`` computes the same
-numbers with an autograd graph per example, several times slower for small models.
+table's the output gradients added at the looked-up rows. A norm layer (``BatchNorm`` with running
+statistics, ``LayerNorm``, ``GroupNorm``, ``RMSNorm``) computes ``y = gamma * xhat + beta``, where
+``xhat`` is its input normalized without the affine parameters (recorded during the forward pass,
+with the buffers the model was called with); its weight's per-example gradient is
+``sum_t delta_t * xhat_t`` over the positions that share a ``gamma``. ``vmap(grad)`` computes the
+same numbers with an autograd graph per example, several times slower for small models.
 
 The batched backward pass is right only if examples do not interact in the forward pass (true in
 eval mode for these layers, norms and attention within an example); each checkpoint's first batch
@@ -17,7 +21,50 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["covering_uses", "closed_form_gradients"]
+__all__ = ["covering_uses", "closed_form_gradients", "norm_kind", "NotPerExample"]
+
+
+class NotPerExample(RuntimeError):
+    """A layer call does not have one row per example: the closed form does not apply (``vmap`` does)."""
+
+NORMS = ("batchnorm", "groupnorm", "layernorm", "rmsnorm")  # channel-wise (dim 1), then trailing-dims norms
+
+
+def norm_kind(module: Any) -> str | None:
+    """The norm layers whose examples do not interact in eval mode and whose affine weight is attributable."""
+    import torch
+
+    nn = torch.nn
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):  # running statistics: no batch mean in eval mode
+        return "batchnorm" if module.affine and module.running_mean is not None else None
+    if isinstance(module, nn.GroupNorm):
+        return "groupnorm" if module.affine else None
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm" if module.elementwise_affine else None
+    rms = getattr(nn, "RMSNorm", None)  # torch >= 2.4
+    if rms is not None and isinstance(module, rms):
+        return "rmsnorm" if module.elementwise_affine else None
+    return None
+
+
+def _kind(module: Any) -> str | None:
+    from .kronecker import _kind as layer_kind
+
+    return layer_kind(module) or norm_kind(module)
+
+
+def _normalized(module: Any, kind: str, a: Any) -> Any:
+    """``xhat``: the norm layer's input normalized as the layer does it, without its weight and bias."""
+    import torch
+
+    F = torch.nn.functional
+    if kind == "batchnorm":
+        return F.batch_norm(a, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+    if kind == "groupnorm":
+        return F.group_norm(a, module.num_groups, None, None, module.eps)
+    if kind == "layernorm":
+        return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+    return F.rms_norm(a, module.normalized_shape, None, module.eps)
 
 
 def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool) -> list | None:
@@ -25,7 +72,7 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
     from .kronecker import find_uses
 
     found = {use.module: (use.kind, use.weight, use.bias) for use in
-             find_uses(backend, model, prepared, inputs, causal).values()}
+             find_uses(backend, model, prepared, inputs, causal, kind=_kind).values()}
     covered = {name for _, weight, bias in found.values() for name in (weight, bias) if name}
     biases = [bias for _, _, bias in found.values() if bias]
     weights = {weight for _, weight, _ in found.values()}
@@ -46,12 +93,20 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     spec = {module: (kind, weight, bias) for module, kind, weight, bias in uses}
     calls: list[tuple[Any, Any, Any]] = []
 
+    n = _rows(inputs)
+
     def hook(module: Any, args: Any, out: Any) -> Any:
-        z = torch.zeros_like(out, requires_grad=True)
-        calls.append((module, args[0].detach(), z))
+        kind, a = spec[module][0], args[0].detach()
+        with torch.no_grad():  # a norm's input side: normalized now, with the buffers of this call
+            a = _normalized(module, kind, a) if kind in NORMS else a
+        if out.ndim == 0 or out.shape[0] != n:  # a call shared by the batch, such as position embeddings (1, T)
+            if out.ndim == 0 or out.shape[0] != 1 or a.shape[0] != 1:
+                raise NotPerExample(f"{type(module).__name__} is called on {tuple(a.shape)}, not on {n} examples")
+            a = a.expand(n, *a.shape[1:])  # each example's own perturbation; the sum broadcasts as before
+        z = torch.zeros((n, *out.shape[1:]), dtype=out.dtype, device=out.device, requires_grad=True)
+        calls.append((module, a, z))
         return out + z
 
-    n = _rows(inputs)
     with torch.enable_grad(), _hooks(list(spec), hook):
         logits = output_logits(backend._call(model, {**prepared.params, **prepared.frozen}, inputs, causal=causal),
                                backend.logits_fn)
@@ -95,6 +150,13 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
                                                  padding=module.padding, stride=module.stride)  # (n, C kh kw, L)
             d = delta.reshape(n, delta.shape[1], -1)  # (n, out, L)
             put(weight, d, patches.transpose(1, 2))
+            if bias:
+                put(bias, d.sum(2))
+        elif kind in NORMS:
+            width = prepared.params[weight].numel()  # positions sharing one gamma: dim 1 of (n, C, ...), or leading
+            d, xhat = ((delta.reshape(n, width, -1), a.reshape(n, width, -1)) if kind in NORMS[:2] else
+                       (delta.reshape(n, -1, width).transpose(1, 2), a.reshape(n, -1, width).transpose(1, 2)))
+            put(weight, (d * xhat).sum(2))
             if bias:
                 put(bias, d.sum(2))
         elif kind == "embedding":

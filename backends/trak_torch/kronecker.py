@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from trak_core.errors import TrakValueError
 from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_plan, rest_seed
@@ -85,8 +85,10 @@ def _layer(kind: str, weight: Any, bias: bool, name: str, bias_name: str | None)
     return Layer(name, rows, cols + bias, bias_name, "cols" if bias else None)
 
 
-def find_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool) -> dict[Any, Use]:
-    """The supported modules called with an attributed weight on the batch's first example, in call order."""
+def find_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
+              kind: Callable[[Any], str | None] = _kind) -> dict[Any, Use]:
+    """The modules of a ``kind`` (default: the factorizable layers) called with an attributed weight on the batch's
+    first example, in call order."""
     import torch
     from torch.utils._pytree import tree_map
 
@@ -98,9 +100,9 @@ def find_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool
         if weight is None or module in found:
             return
         bias = getattr(module, "bias", None)
-        found[module] = Use(module, _kind(module), weight, None if bias is None else names.get(id(bias)))
+        found[module] = Use(module, kind(module), weight, None if bias is None else names.get(id(bias)))
 
-    candidates = [m for m in model.modules() if _kind(m) is not None]
+    candidates = [m for m in model.modules() if kind(m) is not None]
     with torch.no_grad(), _hooks(candidates, hook):
         backend._call(model, {**prepared.params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs), causal=causal)
     return found
