@@ -116,6 +116,13 @@ class Normed(torch.nn.Module):
         return self.head(h.flatten(1))
 
 
+class ChannelsFirstLayerNorm(torch.nn.LayerNorm):
+    """A LayerNorm over dim 1 of (n, C, H, W), as ConvNeXt's: a subclass with its own forward."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 def _norms():
     nn = torch.nn
     return {
@@ -123,6 +130,7 @@ def _norms():
         "groupnorm-layernorm2d-nobias": (nn.GroupNorm(2, 4), nn.LayerNorm((3, 6), bias=False), True),
         "batchnorm-zero-gamma-rmsnorm": (nn.BatchNorm2d(4), nn.RMSNorm(6), True),
         "batchnorm-no-running-stats": (nn.BatchNorm2d(4, track_running_stats=False), nn.LayerNorm(6), False),
+        "layernorm-subclass-own-forward": (ChannelsFirstLayerNorm(4), nn.LayerNorm(6), False),
     }
 
 
@@ -157,6 +165,44 @@ def test_norm_layers_in_closed_form_equal_vmap(name):
         own = {key: model.state_dict()[key] if "running" in key else value for key, value in state.items()}
         other, _ = auto.gradients(model, auto.prepare(model, own), x, y, task)
         assert float(torch.linalg.vector_norm(other - reference)) > 1e-3 * float(torch.linalg.vector_norm(reference))
+
+
+class Convolutions(torch.nn.Module):
+    """A Conv2d then a Conv1d over its rows, with the given options; a linear head."""
+
+    def __init__(self, two_d, one_d):
+        super().__init__()
+        self.two_d = torch.nn.Conv2d(4, 6, **two_d)
+        self.one_d = torch.nn.Conv1d(6, 6, **one_d)
+        self.head = torch.nn.LazyLinear(3)
+
+    def forward(self, x):  # (n, 4, 7, 9)
+        h = torch.tanh(self.two_d(x))  # (n, 6, H, W)
+        h = torch.tanh(self.one_d(h.mean(2)))  # (n, 6, W')
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("two_d,one_d", [
+    (dict(kernel_size=3, groups=2, stride=2, padding=1), dict(kernel_size=3, groups=6, dilation=2)),  # depthwise
+    (dict(kernel_size=(2, 4), padding="same", padding_mode="reflect"), dict(kernel_size=4, padding="same")),
+    (dict(kernel_size=3, padding=2, padding_mode="circular", dilation=2, bias=False),
+     dict(kernel_size=2, stride=2, padding=1, padding_mode="replicate", groups=3)),
+], ids=["grouped-depthwise-strided-dilated", "same-asymmetric-reflect", "circular-replicate-grouped"])
+def test_convolutions_of_any_groups_and_padding_in_closed_form_equal_vmap(two_d, one_d):
+    torch.manual_seed(0)
+    model = Convolutions(two_d, one_d).double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, 4, 7, 9, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    model(x[:1])  # the head's input size
+    task = get_task("classification")
+    auto = TorchBackend()
+    prepared = auto.prepare(model, None)
+    grads, _ = auto.gradients(model, prepared, x, y, task)
+    vmap = TorchBackend(per_example="vmap")
+    reference, _ = vmap.gradients(model, vmap.prepare(model, None), x, y, task)
+    assert prepared._closed_form[id(task)] is not None
+    assert float(torch.linalg.vector_norm(reference)) > 1.0
+    assert float(torch.linalg.vector_norm(grads - reference) / torch.linalg.vector_norm(reference)) < 1e-9
 
 
 def test_float32_closed_form_within_1e6_of_vmap_and_tied_weights():

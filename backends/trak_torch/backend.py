@@ -143,7 +143,7 @@ class TorchBackend(Backend):
     per_example : {"auto", "vmap"}
         How per-example gradients are computed. ``"auto"``: in closed form (one batched backward
         pass, :mod:`trak_torch.closed_form`) when every attributed parameter belongs to a Linear,
-        Conv2d, Embedding, Conv1D, BatchNorm (running statistics), LayerNorm, GroupNorm or RMSNorm
+        Conv1d/Conv2d, Embedding, Conv1D, BatchNorm (running statistics), LayerNorm, GroupNorm or RMSNorm
         layer and the first two examples of a checkpoint agree with ``vmap(grad)``; otherwise
         ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``.
 

@@ -1,4 +1,4 @@
-"""Per-example gradients in closed form for models made of Linear, Conv2d, Embedding, Conv1D and norm layers.
+"""Per-example gradients in closed form for models of Linear, Conv1d/Conv2d, Embedding, Conv1D and norm layers.
 
 One job: the ``per_example="auto"`` fast path of :class:`trak_torch.TorchBackend`. When every
 attributed parameter is the weight or bias of such a layer, one batched forward and one backward
@@ -14,8 +14,8 @@ same numbers with an autograd graph per example, several times slower for small 
 
 The batched backward pass is right only if examples do not interact in the forward pass (true in
 eval mode for these layers, norms and attention within an example); each checkpoint's first batch
-is checked against ``vmap(grad)`` on its first example, and the backend falls back to ``vmap``
-where they differ.
+is checked against ``vmap(grad)`` on its first two examples, and the backend falls back to ``vmap``
+where they differ, or where a layer call has no row per example (``NotPerExample``).
 """
 from __future__ import annotations
 
@@ -31,26 +31,62 @@ NORMS = ("batchnorm", "groupnorm", "layernorm", "rmsnorm")  # channel-wise (dim 
 
 
 def norm_kind(module: Any) -> str | None:
-    """The norm layers whose examples do not interact in eval mode and whose affine weight is attributable."""
+    """The norm layers whose examples do not interact in eval mode and whose affine weight is attributable
+    (torch's own ``forward``: a subclass that reshapes first, such as a channels-first LayerNorm, is left to vmap)."""
     import torch
 
     nn = torch.nn
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):  # running statistics: no batch mean in eval mode
-        return "batchnorm" if module.affine and module.running_mean is not None else None
-    if isinstance(module, nn.GroupNorm):
-        return "groupnorm" if module.affine else None
-    if isinstance(module, nn.LayerNorm):
-        return "layernorm" if module.elementwise_affine else None
-    rms = getattr(nn, "RMSNorm", None)  # torch >= 2.4
-    if rms is not None and isinstance(module, rms):
-        return "rmsnorm" if module.elementwise_affine else None
+    kinds = [(nn.modules.batchnorm._BatchNorm, "batchnorm", "affine"), (nn.GroupNorm, "groupnorm", "affine"),
+             (nn.LayerNorm, "layernorm", "elementwise_affine")]
+    if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+        kinds.append((nn.RMSNorm, "rmsnorm", "elementwise_affine"))
+    for base, kind, affine in kinds:
+        if isinstance(module, base) and type(module).forward is base.forward and getattr(module, affine):
+            if kind == "batchnorm" and module.running_mean is None:  # batch statistics: examples interact
+                return None
+            return kind
+    return None
+
+
+def conv_kind(module: Any) -> str | None:
+    """torch's ``Conv1d`` and ``Conv2d`` with their own ``forward``: any groups, stride, dilation, padding mode."""
+    import torch
+
+    for base in (torch.nn.Conv1d, torch.nn.Conv2d):
+        if (isinstance(module, base) and type(module).forward is base.forward
+                and hasattr(module, "_reversed_padding_repeated_twice")):
+            return "conv"
     return None
 
 
 def _kind(module: Any) -> str | None:
     from .kronecker import _kind as layer_kind
 
-    return layer_kind(module) or norm_kind(module)
+    return conv_kind(module) or layer_kind(module) or norm_kind(module)
+
+
+def _conv_gradient(module: Any, a: Any, delta: Any) -> tuple[Any, Any | None]:
+    """Per-example weight gradients ``(n, out, in/groups * kernel)`` of a Conv1d/Conv2d call, as ``put`` takes
+    them: its output gradients and input patches (``unfold``; padded first as the layer pads, for
+    ``padding="same"`` or a non-zero padding mode) for one group, else their product group by group."""
+    import torch
+
+    F = torch.nn.functional
+    one_d = a.ndim == 3
+    kernel, stride, dilation = (((1,) + tuple(v) if one_d else tuple(v)) for v in
+                                (module.kernel_size, module.stride, module.dilation))
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        a, padding = F.pad(a, module._reversed_padding_repeated_twice, mode=mode), (0, 0)
+    else:
+        padding = (0,) + tuple(module.padding) if one_d else tuple(module.padding)
+    patches = F.unfold(a.unsqueeze(2) if one_d else a, kernel, dilation=dilation, padding=padding, stride=stride)
+    n, groups, out = a.shape[0], module.groups, delta.shape[1]
+    if groups == 1:
+        return delta.reshape(n, out, -1), patches.transpose(1, 2)  # (n, out, L) @ (n, L, in * kernel)
+    d = delta.reshape(n, groups, out // groups, -1)  # (n, G, out/G, L)
+    patches = patches.reshape(n, groups, -1, d.shape[-1])  # (n, G, in/G * kernel, L): channels are major
+    return torch.matmul(d, patches.transpose(2, 3)).reshape(n, out, -1), None
 
 
 def _normalized(module: Any, kind: str, a: Any) -> Any:
@@ -145,13 +181,10 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     for (module, a, z), delta in zip(calls, deltas):
         kind, weight, bias = spec[module]
         delta = torch.zeros_like(z) if delta is None else delta.detach()
-        if kind == "conv2d":
-            patches = torch.nn.functional.unfold(a, module.kernel_size, dilation=module.dilation,
-                                                 padding=module.padding, stride=module.stride)  # (n, C kh kw, L)
-            d = delta.reshape(n, delta.shape[1], -1)  # (n, out, L)
-            put(weight, d, patches.transpose(1, 2))
+        if kind == "conv":
+            put(weight, *_conv_gradient(module, a, delta))
             if bias:
-                put(bias, d.sum(2))
+                put(bias, delta.reshape(n, delta.shape[1], -1).sum(2))
         elif kind in NORMS:
             width = prepared.params[weight].numel()  # positions sharing one gamma: dim 1 of (n, C, ...), or leading
             d, xhat = ((delta.reshape(n, width, -1), a.reshape(n, width, -1)) if kind in NORMS[:2] else
