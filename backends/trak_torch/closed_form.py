@@ -198,9 +198,12 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             ids = a.reshape(n, -1)
             if module.padding_idx is not None:
                 d = d * (ids != module.padding_idx).to(d.dtype)[..., None]
-            rows = (ids + table.shape[0] * torch.arange(n, device=ids.device)[:, None]).reshape(-1)
-            grad = torch.zeros((n * table.shape[0], table.shape[1]), dtype=d.dtype, device=d.device)
-            put(weight, grad.index_add_(0, rows, d.reshape(-1, table.shape[1])))
+            view = views[weight]  # (n, vocabulary, width): output gradients added at the looked-up rows, in place
+            if weight not in written:
+                view.zero_()
+                written.add(weight)
+            examples = torch.arange(n, device=ids.device)[:, None].expand_as(ids)
+            view.index_put_((examples, ids), d, accumulate=True)
         else:
             a3, d = a.reshape(n, -1, a.shape[-1]), delta.reshape(n, -1, delta.shape[-1])
             if kind == "conv1d":
