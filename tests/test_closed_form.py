@@ -233,3 +233,37 @@ def test_per_example_option_is_checked():
 
     with pytest.raises(TrakValueError, match="per_example"):
         TorchBackend(per_example="fast")
+
+
+def test_tf32_convolutions_on_cuda_keep_the_closed_form_and_the_factorized_check():
+    """On CUDA, cuDNN runs float32 convolutions in TF32 by default, and each path rounds differently: the closed
+    form is still taken (its check allows 1e-2 there), its gradients are within 1e-2 of float64 ones computed on
+    the CPU, and proj_type='kronecker' does not take TF32 rounding for a weight used outside its module."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the closed form under TF32 convolutions is not exercised")
+    import sys
+    from pathlib import Path
+
+    import trak_core
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from _resnet import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(10, 16).eval()
+    torch.backends.cudnn.allow_tf32 = True  # the default, said out loud
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
+    task = get_task("classification")
+    vmap = TorchBackend(per_example="vmap")
+    reference, _ = vmap.gradients(model.double(), vmap.prepare(model, None), x.double(), y, task)
+    model = model.float().cuda()
+    auto = TorchBackend()
+    prepared = auto.prepare(model, None)
+    grads, _ = auto.gradients(model, prepared, x.cuda(), y.cuda(), task)
+    assert prepared._closed_form[id(task)] is not None
+    error = float(torch.linalg.vector_norm(grads.double().cpu() - reference) / torch.linalg.vector_norm(reference))
+    assert error < 1e-2
+    trak = trak_core.TRAK(model, proj_type="kronecker", proj_dim=512, progress=False)
+    trak.featurize(None, [(x.cuda(), y.cuda())])  # check_plan on the first example: no error
+    assert trak.score([(x[:4].cuda(), y[:4].cuda())]).shape == (16, 4)

@@ -276,7 +276,7 @@ class TorchBackend(Backend):
             import torch
             from torch.utils._pytree import tree_map
 
-            from .closed_form import closed_form_gradients, covering_uses
+            from .closed_form import check_tolerance, closed_form_gradients, covering_uses
 
             with _eval_mode(model), _attention_for_vmap(model):
                 with torch.no_grad():  # the dense path's checks first: dtypes, output shapes (clear errors)
@@ -292,7 +292,7 @@ class TorchBackend(Backend):
                         uses = None
                     else:
                         scale = float(torch.linalg.vector_norm(reference)) or 1.0
-                        tolerance = 1e-9 if torch.finfo(prepared.dtype).bits == 64 else 1e-4
+                        tolerance = check_tolerance(prepared.dtype, prepared.device)
                         if float(torch.linalg.vector_norm(closed - reference)) > tolerance * scale:
                             uses = None
             cache[key] = uses

@@ -21,7 +21,21 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["covering_uses", "closed_form_gradients", "norm_kind", "NotPerExample"]
+__all__ = ["covering_uses", "closed_form_gradients", "norm_kind", "NotPerExample", "check_tolerance"]
+
+
+def check_tolerance(dtype: Any, device: Any) -> float:
+    """Relative tolerance of the backend's self-checks (a fast path against ``vmap`` or the dense gradient on a
+    checkpoint's first examples), which look for structure (examples that interact, a weight used outside its
+    module: errors of order 1), not rounding. 1e-9 in float64; 1e-4 in float32 on CPUs; 1e-2 in half precision
+    and on CUDA, where cuDNN convolutions run in TF32 (10-bit mantissas) by default and each path rounds
+    differently."""
+    import torch
+
+    bits = torch.finfo(dtype).bits
+    if bits == 64:
+        return 1e-9
+    return 1e-2 if bits < 32 or getattr(device, "type", "cpu") == "cuda" else 1e-4
 
 
 class NotPerExample(RuntimeError):

@@ -211,6 +211,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
     from trak_core.projection import project
 
     from .backend import _rows, output_logits
+    from .closed_form import check_tolerance
 
     plan, uses, dtype = state.plan, state.uses, state.dtype
     modules = [use.module for use in uses]
@@ -296,7 +297,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             two = tree_map(lambda t: t[:2], inputs)
             reference = features(two, labels[:2], min(2, n), per_example)
             fast = features(two, labels[:2], min(2, n), batched)
-            tolerance = 1e-9 if torch.finfo(dtype).bits == 64 else 1e-4
+            tolerance = check_tolerance(dtype, prepared.device)
             scale = float(torch.linalg.vector_norm(reference)) or 1.0
             state.batched = float(torch.linalg.vector_norm(fast - reference)) <= tolerance * scale
     run = batched if state.batched else per_example
@@ -332,6 +333,7 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Factorized, input
     from torch.utils._pytree import tree_map
 
     from .backend import output_logits
+    from .closed_form import check_tolerance
 
     names = {name for block in state.plan.blocks for name in (block.layer.name, block.layer.bias) if name}
     params = {name: t.detach().clone().requires_grad_(name in names) for name, t in prepared.params.items()}
@@ -342,7 +344,7 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Factorized, input
         value = task.output(out, labels[:1], xp=xp)[0]
         chosen = [name for name in params if name in names]
         grads = dict(zip(chosen, torch.autograd.grad(value, [params[name] for name in chosen], allow_unused=True)))
-    tolerance = 1e-4 if torch.finfo(state.dtype).bits < 64 else 1e-9
+    tolerance = check_tolerance(state.dtype, prepared.device)
     for block, pair in zip(state.plan.blocks, state.factors):
         layer = block.layer
         weight = grads[layer.name]
