@@ -67,6 +67,17 @@ class Codebook(torch.nn.Module):
         return x @ self.lin(self.codes).T  # (n, 4) @ (4, 5)
 
 
+class Keywords(torch.nn.Module):
+    """A Linear called with its input as a keyword: its forward hook sees no positional input."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = torch.nn.Linear(4, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(input=x)))
+
+
 def _data(kind, n=7):
     g = torch.Generator().manual_seed(0)
     if kind == "tokens":
@@ -82,9 +93,9 @@ def _data(kind, n=7):
     (lambda: torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 3)), "norm", True),
     (lambda: torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6, elementwise_affine=False),
                                  torch.nn.Linear(6, 3)), "norm", True),
-    (Positions, "tokens", True), (Codebook, "interacting", False),
+    (Positions, "tokens", True), (Codebook, "interacting", False), (Keywords, "interacting", False),
 ], ids=["mlp", "embedding-padding", "conv-strided", "batch-interaction", "layernorm", "layernorm-no-affine",
-        "position-embedding-broadcast", "layer-called-on-codes"])
+        "position-embedding-broadcast", "layer-called-on-codes", "input-as-keyword"])
 def test_closed_form_equals_vmap_or_is_not_used(make, kind, covered):
     torch.manual_seed(0)
     model = make().double()

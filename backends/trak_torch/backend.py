@@ -288,7 +288,7 @@ class TorchBackend(Backend):
                     try:
                         closed, _ = closed_form_gradients(self, model, prepared, uses, first, labels[:2], task,
                                                           causal)
-                    except RuntimeError:  # NotPerExample, or shapes the closed form cannot follow: vmap does
+                    except Exception:  # NotPerExample, or a layer call the closed form cannot follow: vmap does
                         uses = None
                     else:
                         scale = float(torch.linalg.vector_norm(reference)) or 1.0

@@ -41,6 +41,7 @@ def check_tolerance(dtype: Any, device: Any) -> float:
 class NotPerExample(RuntimeError):
     """A layer call does not have one row per example: the closed form does not apply (``vmap`` does)."""
 
+
 NORMS = ("batchnorm", "groupnorm", "layernorm", "rmsnorm")  # channel-wise (dim 1), then trailing-dims norms
 
 
@@ -146,6 +147,8 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     n = _rows(inputs)
 
     def hook(module: Any, args: Any, out: Any) -> Any:
+        if not args or not hasattr(args[0], "detach"):  # called with keywords only, or not on a tensor
+            raise NotPerExample(f"{type(module).__name__} is not called on a tensor as its first argument")
         kind, a = spec[module][0], args[0].detach()
         with torch.no_grad():  # a norm's input side: normalized now, with the buffers of this call
             a = _normalized(module, kind, a) if kind in NORMS else a
