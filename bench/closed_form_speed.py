@@ -1,12 +1,13 @@
 """Per-example gradients of the torch backend: the closed form (``per_example="auto"``) against ``vmap(grad)``.
 
 One run, ratios within it: for ResNet-18 (convolutions, batch norms, a linear head) and a GPT-2 with
-random weights (embeddings, Conv1D, layer norms; needs ``transformers``), examples per second of
+random weights (embeddings, Conv1D, layer norms) and a Llama (its own RMSNorm class, grouped-query
+attention; both need ``transformers``), examples per second of
 ``TorchBackend()`` and of ``TorchBackend(per_example="vmap")`` at its default chunk, alternated
 ``--repeats`` times (best of each), and their largest difference relative to the vmap gradients'
 largest entry.
 
-    python bench/closed_form_speed.py                 # ResNet-18 at 32 x 32, GPT-2 (4 layers, 256 wide), CPU
+    python bench/closed_form_speed.py                 # ResNet-18 at 32 x 32, GPT-2 and Llama (4 layers, 256 wide)
     python bench/closed_form_speed.py --device cuda --batch 256
 """
 from __future__ import annotations
@@ -49,6 +50,11 @@ def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, An
     gpt2 = transformers.GPT2LMHeadModel(config).to(device).eval()
     ids = torch.randint(0, 512, (batch, length), device=device)
     out[f"gpt2-{layers}x{width}"] = (gpt2, {"input_ids": ids}, ids, LanguageModeling())
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=width, intermediate_size=2 * width,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=length, bos_token_id=0, eos_token_id=0)
+    llama = transformers.LlamaForCausalLM(config).to(device).eval()
+    out[f"llama-{layers}x{width}"] = (llama, {"input_ids": ids}, ids, LanguageModeling())
     return out
 
 

@@ -246,6 +246,36 @@ def test_per_example_option_is_checked():
         TorchBackend(per_example="fast")
 
 
+def test_hugging_face_llama_rms_norms_in_closed_form_equal_vmap():
+    """A tiny Llama (its own LlamaRMSNorm class, grouped-query attention, SiLU MLP, padding): every parameter in
+    closed form, equal to vmap(grad) in float64."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: Llama not exercised")
+    import trak_core
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0, rms_norm_eps=1e-3)
+    model = transformers.LlamaForCausalLM(config).double()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)  # not ones: a wrong normalization would show
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 64, (5, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    batch, labels = {"input_ids": ids * mask, "attention_mask": mask}, torch.where(mask.bool(), ids, -100)
+    task = trak_core.tasks.LanguageModeling()
+    auto, vmap = TorchBackend(), TorchBackend(per_example="vmap")
+    prepared = auto.prepare(model, None)
+    grads, _ = auto.gradients(model, prepared, batch, labels, task)
+    reference, _ = vmap.gradients(model, vmap.prepare(model, None), batch, labels, task)
+    kinds = {kind for _, kind, _, _ in prepared._closed_form[id(task)]}
+    assert kinds == {"embedding", "linear", "rmsnorm-hf"}
+    assert float(torch.linalg.vector_norm(grads - reference) / torch.linalg.vector_norm(reference)) < 1e-9
+
+
 def test_tf32_convolutions_on_cuda_keep_the_closed_form_and_the_factorized_check():
     """On CUDA, cuDNN runs float32 convolutions in TF32 by default, and each path rounds differently: the closed
     form is still taken (its check allows 1e-2 there), its gradients are within 1e-2 of float64 ones computed on

@@ -143,8 +143,8 @@ class TorchBackend(Backend):
     per_example : {"auto", "vmap"}
         How per-example gradients are computed. ``"auto"``: in closed form (one batched backward
         pass, :mod:`trak_torch.closed_form`) when every attributed parameter belongs to a Linear,
-        Conv1d/Conv2d, Embedding, Conv1D, BatchNorm (running statistics), LayerNorm, GroupNorm or RMSNorm
-        layer and the first two examples of a checkpoint agree with ``vmap(grad)``; otherwise
+        Conv1d/Conv2d, Embedding, Conv1D, BatchNorm (running statistics), LayerNorm, GroupNorm, RMSNorm or
+        Hugging Face ``*RMSNorm`` layer and the first two examples of a checkpoint agree with ``vmap(grad)``; otherwise
         ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``.
 
     attention_mask : {"auto", "causal", "bidirectional", "pass"}

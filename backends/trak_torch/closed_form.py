@@ -6,7 +6,7 @@ pass give each call's input ``a_t`` and output gradient ``delta_t`` (zero pertur
 the outputs, as :mod:`trak_torch.kronecker` does); a weight's per-example gradient is then
 ``sum_t delta_t a_t^T`` (a batched matrix product), a bias's ``sum_t delta_t``, an embedding
 table's the output gradients added at the looked-up rows. A norm layer (``BatchNorm`` with running
-statistics, ``LayerNorm``, ``GroupNorm``, ``RMSNorm``) computes ``y = gamma * xhat + beta``, where
+statistics, ``LayerNorm``, ``GroupNorm``, ``RMSNorm`` and Hugging Face's ``*RMSNorm`` classes) computes ``y = gamma * xhat + beta``, where
 ``xhat`` is its input normalized without the affine parameters (recorded during the forward pass,
 with the buffers the model was called with); its weight's per-example gradient is
 ``sum_t delta_t * xhat_t`` over the positions that share a ``gamma``. ``vmap(grad)`` computes the
@@ -42,7 +42,19 @@ class NotPerExample(RuntimeError):
     """A layer call does not have one row per example: the closed form does not apply (``vmap`` does)."""
 
 
-NORMS = ("batchnorm", "groupnorm", "layernorm", "rmsnorm")  # channel-wise (dim 1), then trailing-dims norms
+NORMS = ("batchnorm", "groupnorm", "layernorm", "rmsnorm", "rmsnorm-hf")  # channel-wise (dim 1), then trailing
+
+
+def _hf_rms_epsilon(module: Any) -> float | None:
+    """The epsilon of a Hugging Face ``*RMSNorm`` (Llama, Mistral, Qwen, Gemma: their own classes, a 1-D
+    ``weight`` times the input scaled in float32 by ``rsqrt(mean(x^2) + eps)``), else ``None``."""
+    import torch
+
+    weight = getattr(module, "weight", None)
+    if not type(module).__name__.endswith("RMSNorm") or not isinstance(weight, torch.Tensor) or weight.ndim != 1:
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return float(eps) if isinstance(eps, (int, float)) else None
 
 
 def norm_kind(module: Any) -> str | None:
@@ -60,7 +72,7 @@ def norm_kind(module: Any) -> str | None:
             if kind == "batchnorm" and module.running_mean is None:  # batch statistics: examples interact
                 return None
             return kind
-    return None
+    return "rmsnorm-hf" if _hf_rms_epsilon(module) is not None else None
 
 
 def conv_kind(module: Any) -> str | None:
@@ -115,7 +127,10 @@ def _normalized(module: Any, kind: str, a: Any) -> Any:
         return F.group_norm(a, module.num_groups, None, None, module.eps)
     if kind == "layernorm":
         return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
-    return F.rms_norm(a, module.normalized_shape, None, module.eps)
+    if kind == "rmsnorm":
+        return F.rms_norm(a, module.normalized_shape, None, module.eps)
+    x = a.float()  # rmsnorm-hf: as Hugging Face's classes compute it
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _hf_rms_epsilon(module))).to(a.dtype)
 
 
 def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool) -> list | None:
