@@ -48,7 +48,8 @@ class Positions(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.embed, self.position, self.head = torch.nn.Embedding(13, 6), torch.nn.Embedding(5, 6), torch.nn.Linear(6, 3)
+        self.embed, self.position = torch.nn.Embedding(13, 6), torch.nn.Embedding(5, 6)
+        self.head = torch.nn.Linear(6, 3)
 
     def forward(self, ids):
         h = self.embed(ids) + self.position(torch.arange(ids.shape[1])[None])

@@ -6,10 +6,10 @@ pass give each call's input ``a_t`` and output gradient ``delta_t`` (zero pertur
 the outputs, as :mod:`trak_torch.kronecker` does); a weight's per-example gradient is then
 ``sum_t delta_t a_t^T`` (a batched matrix product), a bias's ``sum_t delta_t``, an embedding
 table's the output gradients added at the looked-up rows. A norm layer (``BatchNorm`` with running
-statistics, ``LayerNorm``, ``GroupNorm``, ``RMSNorm`` and Hugging Face's ``*RMSNorm`` classes) computes ``y = gamma * xhat + beta``, where
-``xhat`` is its input normalized without the affine parameters (recorded during the forward pass,
-with the buffers the model was called with); its weight's per-example gradient is
-``sum_t delta_t * xhat_t`` over the positions that share a ``gamma``. ``vmap(grad)`` computes the
+statistics, ``LayerNorm``, ``GroupNorm``, ``RMSNorm`` and Hugging Face's ``*RMSNorm`` classes)
+computes ``y = gamma * xhat + beta``, where ``xhat`` is its input normalized without the affine
+parameters (recorded during the forward pass, with the buffers the model was called with); its
+weight's per-example gradient is ``sum_t delta_t * xhat_t`` over the positions that share a ``gamma``. ``vmap(grad)`` computes the
 same numbers with an autograd graph per example, several times slower for small models.
 
 The batched backward pass is right only if examples do not interact in the forward pass (true in
