@@ -32,14 +32,17 @@ CHUNK_BYTES = 512 * 2**20  # per vmap call: output gradients, perturbations and 
 
 
 def _kind(module: Any) -> str | None:
+    """The factorizable layer kind of ``module``. A subclass with its own ``forward`` (Gemma's scaled embedding,
+    OPT's offset positions) is not one: its weight is projected densely with the rest."""
     import torch
 
-    if isinstance(module, torch.nn.Linear):
+    nn, own = torch.nn, lambda base: type(module).forward is base.forward
+    if isinstance(module, nn.Linear) and own(nn.Linear):
         return "linear"
-    if isinstance(module, torch.nn.Conv2d):
+    if isinstance(module, nn.Conv2d) and own(nn.Conv2d):
         ok = module.groups == 1 and module.padding_mode == "zeros" and module.padding != "same"
         return "conv2d" if ok else None
-    if isinstance(module, torch.nn.Embedding):
+    if isinstance(module, nn.Embedding) and own(nn.Embedding):
         return "embedding" if module.max_norm is None else None
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.ndim == 2:
         return "conv1d"  # Hugging Face GPT-2's: y = x @ W + b, W (in, out)
