@@ -144,8 +144,8 @@ class TorchBackend(Backend):
         How per-example gradients are computed. ``"auto"``: in closed form (one batched backward
         pass, :mod:`trak_torch.closed_form`) when every attributed parameter belongs to a Linear,
         Conv1d/Conv2d, Embedding, Conv1D, BatchNorm (running statistics), LayerNorm, GroupNorm, RMSNorm or
-        Hugging Face ``*RMSNorm`` layer and the first two examples of a checkpoint agree with ``vmap(grad)``; otherwise
-        ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``.
+        Hugging Face ``*RMSNorm`` layer and the first two examples of a checkpoint agree with plain autograd
+        one example at a time; otherwise ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``.
 
     attention_mask : {"auto", "causal", "bidirectional", "pass"}
         What a dict batch's 2-D ``attention_mask`` (padding: 1 keep, 0 pad) becomes before the model
@@ -267,7 +267,7 @@ class TorchBackend(Backend):
     def _closed_form_uses(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
                           causal: bool) -> list | None:
         """The layers of the closed-form path (``per_example="auto"``), found and checked once per checkpoint
-        (on the first two examples of its first batch, against ``vmap(grad)``)."""
+        (on the first two examples of its first batch, against plain autograd one example at a time)."""
         if self.per_example == "vmap":
             return None
         cache = prepared.__dict__.setdefault("_closed_form", {})
@@ -282,9 +282,9 @@ class TorchBackend(Backend):
                 with torch.no_grad():  # the dense path's checks first: dtypes, output shapes (clear errors)
                     self._logits(model, prepared, tree_map(lambda t: t[:2], inputs), task, causal=causal)
                 uses = covering_uses(self, model, prepared, inputs, causal)
-                if uses is not None:  # the first example against vmap(grad): examples must not interact
+                if uses is not None:  # the first two examples one at a time: examples must not interact
                     first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
-                    reference, _ = self._vmap_gradients(model, prepared, first, labels[:2], task, causal)
+                    reference = self._looped_gradients(model, prepared, first, labels[:2], task, causal)
                     try:
                         closed, _ = closed_form_gradients(self, model, prepared, uses, first, labels[:2], task,
                                                           causal)
@@ -297,6 +297,28 @@ class TorchBackend(Backend):
                             uses = None
             cache[key] = uses
         return cache[key]
+
+    def _looped_gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
+                          causal: bool) -> Any:
+        """Per-example gradients ``(n, p)`` by plain autograd, one example at a time: the closed form's reference
+        (no ``torch.func``, so models with ``autograd.Function``s that ``vmap`` cannot run are checked too)."""
+        import array_api_compat.torch as xp
+        import torch
+        from torch.utils._pytree import tree_map
+
+        params = {name: tensor.detach().requires_grad_(True) for name, tensor in prepared.params.items()}
+        rows = []
+        for i in range(_rows(inputs)):
+            with torch.enable_grad():
+                one = tree_map(lambda t: t[i:i + 1], inputs)
+                out = output_logits(self._call(model, {**params, **prepared.frozen}, one, causal=causal),
+                                    self.logits_fn)
+                out = out.reshape(1, -1) if task.logits_ndim == 2 else out
+                value = task.output(out, labels[i:i + 1], xp=xp)[0]
+                grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1)
+                                   for g, t in zip(grads, params.values())]))
+        return torch.stack(rows)
 
     def _vmap_gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
                         causal: bool) -> tuple[Any, Any]:

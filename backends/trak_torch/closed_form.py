@@ -14,7 +14,8 @@ same numbers with an autograd graph per example, several times slower for small 
 
 The batched backward pass is right only if examples do not interact in the forward pass (true in
 eval mode for these layers, norms and attention within an example); each checkpoint's first batch
-is checked against ``vmap(grad)`` on its first two examples, and the backend falls back to ``vmap``
+is checked on its first two examples against plain autograd one example at a time (no ``torch.func``:
+models with ``autograd.Function``s that ``vmap`` cannot run are covered too), and the backend falls back to ``vmap``
 where they differ, or where a layer call has no row per example (``NotPerExample``).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = ["covering_uses", "closed_form_gradients", "norm_kind", "NotPerExample
 
 
 def check_tolerance(dtype: Any, device: Any) -> float:
-    """Relative tolerance of the backend's self-checks (a fast path against ``vmap`` or the dense gradient on a
+    """Relative tolerance of the backend's self-checks (a fast path against a reference or the dense gradient on a
     checkpoint's first examples), which look for structure (examples that interact, a weight used outside its
     module: errors of order 1), not rounding. 1e-9 in float64; 1e-4 in float32 on CPUs; 1e-2 in half precision
     and on CUDA, where cuDNN convolutions run in TF32 (10-bit mantissas) by default and each path rounds
@@ -87,9 +88,15 @@ def conv_kind(module: Any) -> str | None:
 
 
 def _kind(module: Any) -> str | None:
-    from .kronecker import _kind as layer_kind
+    """The closed form's kind of ``module``. Subclasses of Linear and Embedding are taken with their parent's
+    gradient (Falcon's Linear computes the same product); the check against plain autograd catches one that
+    computes something else (Gemma's scaled embedding), and the model goes to ``vmap``."""
+    from .kronecker import layer_kind
 
-    return conv_kind(module) or layer_kind(module) or norm_kind(module)
+    layer = layer_kind(module, own_forward=False)
+    if conv_kind(module) or layer == "conv2d":  # convolutions: torch's own forward only (``conv_kind``)
+        return conv_kind(module)
+    return layer or norm_kind(module)
 
 
 def _conv_gradient(module: Any, a: Any, delta: Any) -> tuple[Any, Any | None]:

@@ -34,9 +34,19 @@ CHUNK_BYTES = 512 * 2**20  # per vmap call: output gradients, perturbations and 
 def _kind(module: Any) -> str | None:
     """The factorizable layer kind of ``module``. A subclass with its own ``forward`` (Gemma's scaled embedding,
     OPT's offset positions) is not one: its weight is projected densely with the rest."""
+    return layer_kind(module, own_forward=True)
+
+
+def layer_kind(module: Any, *, own_forward: bool) -> str | None:
+    """``"linear"``, ``"conv2d"``, ``"embedding"`` or ``"conv1d"`` (Hugging Face's), else ``None``; with
+    ``own_forward``, torch's layers only where their ``forward`` is torch's own."""
     import torch
 
-    nn, own = torch.nn, lambda base: type(module).forward is base.forward
+    nn = torch.nn
+
+    def own(base: Any) -> bool:
+        return not own_forward or type(module).forward is base.forward
+
     if isinstance(module, nn.Linear) and own(nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d) and own(nn.Conv2d):
