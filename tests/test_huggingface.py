@@ -155,3 +155,29 @@ def test_half_precision_weights_give_float32_features(dtype, bound):
         assert scores[name].dtype == torch.float32
     error = torch.linalg.norm(scores["half"] - scores["float32"]) / torch.linalg.norm(scores["float32"])
     assert 0 < float(error) < bound
+
+
+def test_a_model_that_reads_the_2d_mask_gets_a_hint_and_works_with_pass():
+    """OPT computes positions from the 2-D attention_mask: with trak-core's 4-D mask its forward fails, and the
+    error says to pass the mask through; with attention_mask='pass' its gradients equal one-at-a-time autograd (to
+    the float32 softmax of the eager attention that vmap runs)."""
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=40, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                                    num_attention_heads=2, max_position_embeddings=16, word_embed_proj_dim=16,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    model = transformers.OPTForCausalLM(config).double()
+    ids = torch.randint(2, 40, (3, 8), generator=torch.Generator().manual_seed(1))
+    batch, labels = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids
+    task = trak_core.tasks.LanguageModeling()
+    with pytest.raises(Exception) as info:
+        TorchBackend().gradients(model, TorchBackend().prepare(model, None), batch, labels, task)
+    assert any("attention_mask='pass'" in note for note in getattr(info.value, "__notes__", []))
+    backend = TorchBackend(attention_mask="pass")
+    grads, _ = backend.gradients(model, backend.prepare(model, None), batch, labels, task)
+
+    def output(logits, y):
+        return task.output(logits, y, xp=xp)
+
+    reference = _one_at_a_time(model, batch, labels, output)  # OPT's positions subclass sends it to vmap(grad),
+    error = torch.linalg.vector_norm(grads - reference) / torch.linalg.vector_norm(reference)  # eager attention:
+    assert float(error) < 1e-6  # its softmax is float32 even in a float64 model

@@ -228,6 +228,14 @@ class TorchBackend(Backend):
             kwargs["attention_mask"] = attention_bias(kwargs["attention_mask"], prepared_dtype(params), causal=causal)
         return functional_call(model, params, (), kwargs)
 
+    def _note_mask(self, exc: BaseException, inputs: Any) -> None:
+        """Add a hint to a model's error when trak-core had replaced the batch's 2-D ``attention_mask``."""
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        if self.attention_mask != "pass" and getattr(mask, "ndim", 0) == 2 and hasattr(exc, "add_note"):
+            exc.add_note("trak-core: the model was called with the batch's 2-D attention_mask turned into an "
+                         "additive 4-D mask (TorchBackend(attention_mask='auto')). Models that read the 2-D mask "
+                         "themselves (OPT's positions, Bloom's ALiBi) need TorchBackend(attention_mask='pass')")
+
     def _logits(self, model: Any, prepared: TorchCheckpoint, inputs: Any, task: Any, *, causal: bool) -> Any:
         n = _rows(inputs)
         try:
@@ -237,6 +245,10 @@ class TorchBackend(Backend):
                         if v.is_floating_point() and v.dtype != prepared.dtype]
             if floating:
                 raise _dtype_error(floating[0], prepared.dtype, exc) from exc
+            self._note_mask(exc, inputs)
+            raise
+        except Exception as exc:
+            self._note_mask(exc, inputs)
             raise
         logits = output_logits(output, self.logits_fn)
         ndim = task.logits_ndim
@@ -259,7 +271,7 @@ class TorchBackend(Backend):
         if uses is not None:
             from .closed_form import closed_form_gradients
 
-            with _eval_mode(model), _attention_for_vmap(model):
+            with _eval_mode(model):  # the model's own attention (SDPA): no vmap here
                 grads, logits = closed_form_gradients(self, model, prepared, uses, inputs, labels, task, causal)
                 return grads, task.out_to_loss(logits, labels, xp=xp)
         return self._vmap_gradients(model, prepared, inputs, labels, task, causal)
@@ -278,7 +290,7 @@ class TorchBackend(Backend):
 
             from .closed_form import check_tolerance, closed_form_gradients, covering_uses
 
-            with _eval_mode(model), _attention_for_vmap(model):
+            with _eval_mode(model):  # the model's own attention, as closed_form_gradients runs it
                 with torch.no_grad():  # the dense path's checks first: dtypes, output shapes (clear errors)
                     self._logits(model, prepared, tree_map(lambda t: t[:2], inputs), task, causal=causal)
                 uses = covering_uses(self, model, prepared, inputs, causal)
