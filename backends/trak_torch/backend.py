@@ -86,18 +86,28 @@ def attention_bias(mask: Any, dtype: Any, *, causal: bool) -> Any:
 
 
 @contextmanager
-def _attention_for_vmap(model: Any) -> Iterator[None]:
-    """A Hugging Face model's attention set to ``"eager"`` (vmap-friendly) for the duration, then restored."""
+def _attention(model: Any, allowed: tuple[str, ...], instead: str) -> Iterator[None]:
+    """A Hugging Face model's attention set to ``instead`` for the duration unless it is one of ``allowed``."""
     config = getattr(model, "config", None)
     before = getattr(config, "_attn_implementation", None)
-    if before is None or before == "eager":
+    if before is None or before in allowed:
         yield
         return
-    config._attn_implementation = "eager"
+    config._attn_implementation = instead
     try:
         yield
     finally:
         config._attn_implementation = before
+
+
+def _attention_for_vmap(model: Any) -> Iterator[None]:
+    """Eager attention (vmap-friendly) for the duration, then the model's own again."""
+    return _attention(model, ("eager",), "eager")
+
+
+def _attention_for_closed_form(model: Any) -> Iterator[None]:
+    """The model's own attention if it is eager or SDPA (which take trak-core's additive 4-D mask), else SDPA."""
+    return _attention(model, ("eager", "sdpa"), "sdpa")
 
 
 CPU_CHUNK_BYTES = 256 * 2**20  # per-example gradients per vmap call on CPUs
@@ -271,7 +281,7 @@ class TorchBackend(Backend):
         if uses is not None:
             from .closed_form import closed_form_gradients
 
-            with _eval_mode(model):  # the model's own attention (SDPA): no vmap here
+            with _eval_mode(model), _attention_for_closed_form(model):  # SDPA, not vmap's eager attention
                 grads, logits = closed_form_gradients(self, model, prepared, uses, inputs, labels, task, causal)
                 return grads, task.out_to_loss(logits, labels, xp=xp)
         return self._vmap_gradients(model, prepared, inputs, labels, task, causal)
@@ -290,23 +300,23 @@ class TorchBackend(Backend):
 
             from .closed_form import check_tolerance, closed_form_gradients, covering_uses
 
-            with _eval_mode(model):  # the model's own attention, as closed_form_gradients runs it
-                with torch.no_grad():  # the dense path's checks first: dtypes, output shapes (clear errors)
-                    self._logits(model, prepared, tree_map(lambda t: t[:2], inputs), task, causal=causal)
-                uses = covering_uses(self, model, prepared, inputs, causal)
-                if uses is not None:  # the first two examples one at a time: examples must not interact
-                    first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
-                    reference = self._looped_gradients(model, prepared, first, labels[:2], task, causal)
-                    try:
+            with _eval_mode(model), _attention_for_vmap(model), torch.no_grad():  # the dense path's checks
+                self._logits(model, prepared, tree_map(lambda t: t[:2], inputs), task, causal=causal)  # first
+            with _eval_mode(model), _attention_for_closed_form(model):  # as closed_form_gradients runs it
+                first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
+                try:  # the first two examples one at a time: examples must not interact
+                    uses = covering_uses(self, model, prepared, inputs, causal)
+                    if uses is not None:
+                        reference = self._looped_gradients(model, prepared, first, labels[:2], task, causal)
                         closed, _ = closed_form_gradients(self, model, prepared, uses, first, labels[:2], task,
                                                           causal)
-                    except Exception:  # NotPerExample, or a layer call the closed form cannot follow: vmap does
+                except Exception:  # NotPerExample, or a layer call the closed form cannot follow: vmap does
+                    uses = None
+                if uses is not None:
+                    scale = float(torch.linalg.vector_norm(reference)) or 1.0
+                    tolerance = check_tolerance(prepared.dtype, prepared.device)
+                    if float(torch.linalg.vector_norm(closed - reference)) > tolerance * scale:
                         uses = None
-                    else:
-                        scale = float(torch.linalg.vector_norm(reference)) or 1.0
-                        tolerance = check_tolerance(prepared.dtype, prepared.device)
-                        if float(torch.linalg.vector_norm(closed - reference)) > tolerance * scale:
-                            uses = None
             cache[key] = uses
         return cache[key]
 

@@ -9,14 +9,17 @@ table's the output gradients added at the looked-up rows. A norm layer (``BatchN
 statistics, ``LayerNorm``, ``GroupNorm``, ``RMSNorm`` and Hugging Face's ``*RMSNorm`` classes)
 computes ``y = gamma * xhat + beta``, where ``xhat`` is its input normalized without the affine
 parameters (recorded during the forward pass, with the buffers the model was called with); its
-weight's per-example gradient is ``sum_t delta_t * xhat_t`` over the positions that share a ``gamma``. ``vmap(grad)`` computes the
-same numbers with an autograd graph per example, several times slower for small models.
+weight's per-example gradient is ``sum_t delta_t * xhat_t`` over the positions that share a
+``gamma``. ``vmap(grad)`` computes the same numbers with an autograd graph per example, several
+times slower for small models. The model runs its own attention (SDPA), not the eager attention
+that ``vmap`` needs.
 
 The batched backward pass is right only if examples do not interact in the forward pass (true in
 eval mode for these layers, norms and attention within an example); each checkpoint's first batch
-is checked on its first two examples against plain autograd one example at a time (no ``torch.func``:
-models with ``autograd.Function``s that ``vmap`` cannot run are covered too), and the backend falls back to ``vmap``
-where they differ, or where a layer call has no row per example (``NotPerExample``).
+is checked on its first two examples against plain autograd one example at a time (no
+``torch.func``: models with ``autograd.Function``s that ``vmap`` cannot run are covered too), and
+the backend falls back to ``vmap`` where they differ, or where a layer call has no row per example
+(``NotPerExample``).
 """
 from __future__ import annotations
 
