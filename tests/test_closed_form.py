@@ -407,3 +407,20 @@ def test_tf32_convolutions_on_cuda_keep_the_closed_form_and_the_factorized_check
     trak = trak_core.TRAK(model, proj_type="kronecker", proj_dim=512, progress=False)
     trak.featurize(None, [(x.cuda(), y.cuda())])  # check_plan on the first example: no error
     assert trak.score([(x[:4].cuda(), y[:4].cuda())]).shape == (16, 4)
+
+
+def test_closed_form_attention_is_the_models_own_unless_it_cannot_take_the_4d_mask():
+    """Eager and SDPA stay as the model has them; another implementation (flash attention, which takes no additive
+    4-D mask) is SDPA while the closed form runs, and is restored after; vmap's is always eager."""
+    import types
+
+    from trak_torch.backend import _attention_for_closed_form, _attention_for_vmap
+
+    for before, closed, vmapped in [("sdpa", "sdpa", "eager"), ("eager", "eager", "eager"),
+                                    ("flash_attention_2", "sdpa", "eager")]:
+        model = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation=before))
+        with _attention_for_closed_form(model):
+            assert model.config._attn_implementation == closed
+        with _attention_for_vmap(model):
+            assert model.config._attn_implementation == vmapped
+        assert model.config._attn_implementation == before
