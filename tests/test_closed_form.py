@@ -414,13 +414,13 @@ def test_closed_form_attention_is_the_models_own_unless_it_cannot_take_the_4d_ma
     4-D mask) is SDPA while the closed form runs, and is restored after; vmap's is always eager."""
     import types
 
-    from trak_torch.backend import _attention_for_closed_form, _attention_for_vmap
+    from trak_torch.attention import attention_for_closed_form, attention_for_vmap
 
     for before, closed, vmapped in [("sdpa", "sdpa", "eager"), ("eager", "eager", "eager"),
                                     ("flash_attention_2", "sdpa", "eager")]:
         model = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation=before))
-        with _attention_for_closed_form(model):
+        with attention_for_closed_form(model):
             assert model.config._attn_implementation == closed
-        with _attention_for_vmap(model):
+        with attention_for_vmap(model):
             assert model.config._attn_implementation == vmapped
         assert model.config._attn_implementation == before

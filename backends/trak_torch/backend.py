@@ -18,6 +18,7 @@ from trak_core.errors import TrakTypeError, TrakValueError
 from trak_core.fingerprints import parameters_digest
 from trak_core.outputs import select_logits
 
+from .attention import attention_bias, attention_for_closed_form, attention_for_vmap, note_mask
 from .checkpoint import TorchCheckpoint, select_names, snapshot
 
 __all__ = ["TorchBackend", "output_logits"]
@@ -69,45 +70,6 @@ def prepared_dtype(params: dict) -> Any:
         if value.is_floating_point():
             return value.dtype
     return torch.float32
-
-
-def attention_bias(mask: Any, dtype: Any, *, causal: bool) -> Any:
-    """A 2-D padding mask ``(n, T)`` (1 keep, 0 pad) as an additive ``(n, 1, T, T)`` mask in ``dtype``."""
-    import torch
-
-    length = mask.shape[-1]
-    keep = mask[:, None, None, :].bool()
-    if causal:
-        keep = keep & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()[None, None]
-    else:
-        keep = keep.expand(-1, 1, length, length)
-    zero = torch.zeros((), dtype=dtype, device=mask.device)
-    return torch.where(keep, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
-
-
-@contextmanager
-def _attention(model: Any, allowed: tuple[str, ...], instead: str) -> Iterator[None]:
-    """A Hugging Face model's attention set to ``instead`` for the duration unless it is one of ``allowed``."""
-    config = getattr(model, "config", None)
-    before = getattr(config, "_attn_implementation", None)
-    if before is None or before in allowed:
-        yield
-        return
-    config._attn_implementation = instead
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
-
-
-def _attention_for_vmap(model: Any) -> Iterator[None]:
-    """Eager attention (vmap-friendly) for the duration, then the model's own again."""
-    return _attention(model, ("eager",), "eager")
-
-
-def _attention_for_closed_form(model: Any) -> Iterator[None]:
-    """The model's own attention if it is eager or SDPA (which take trak-core's additive 4-D mask), else SDPA."""
-    return _attention(model, ("eager", "sdpa"), "sdpa")
 
 
 CPU_CHUNK_BYTES = 256 * 2**20  # per-example gradients per vmap call on CPUs
@@ -238,14 +200,6 @@ class TorchBackend(Backend):
             kwargs["attention_mask"] = attention_bias(kwargs["attention_mask"], prepared_dtype(params), causal=causal)
         return functional_call(model, params, (), kwargs)
 
-    def _note_mask(self, exc: BaseException, inputs: Any) -> None:
-        """Add a hint to a model's error when trak-core had replaced the batch's 2-D ``attention_mask``."""
-        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-        if self.attention_mask != "pass" and getattr(mask, "ndim", 0) == 2 and hasattr(exc, "add_note"):
-            exc.add_note("trak-core: the model was called with the batch's 2-D attention_mask turned into an "
-                         "additive 4-D mask (TorchBackend(attention_mask='auto')). Models that read the 2-D mask "
-                         "themselves (OPT's positions, Bloom's ALiBi) need TorchBackend(attention_mask='pass')")
-
     def _logits(self, model: Any, prepared: TorchCheckpoint, inputs: Any, task: Any, *, causal: bool) -> Any:
         n = _rows(inputs)
         try:
@@ -255,10 +209,10 @@ class TorchBackend(Backend):
                         if v.is_floating_point() and v.dtype != prepared.dtype]
             if floating:
                 raise _dtype_error(floating[0], prepared.dtype, exc) from exc
-            self._note_mask(exc, inputs)
+            note_mask(exc, inputs, self.attention_mask)
             raise
         except Exception as exc:
-            self._note_mask(exc, inputs)
+            note_mask(exc, inputs, self.attention_mask)
             raise
         logits = output_logits(output, self.logits_fn)
         ndim = task.logits_ndim
@@ -281,7 +235,7 @@ class TorchBackend(Backend):
         if uses is not None:
             from .closed_form import closed_form_gradients
 
-            with _eval_mode(model), _attention_for_closed_form(model):  # SDPA, not vmap's eager attention
+            with _eval_mode(model), attention_for_closed_form(model):  # SDPA, not vmap's eager attention
                 grads, logits = closed_form_gradients(self, model, prepared, uses, inputs, labels, task, causal)
                 return grads, task.out_to_loss(logits, labels, xp=xp)
         return self._vmap_gradients(model, prepared, inputs, labels, task, causal)
@@ -300,9 +254,9 @@ class TorchBackend(Backend):
 
             from .closed_form import check_tolerance, closed_form_gradients, covering_uses
 
-            with _eval_mode(model), _attention_for_vmap(model), torch.no_grad():  # the dense path's checks
+            with _eval_mode(model), attention_for_vmap(model), torch.no_grad():  # the dense path's checks
                 self._logits(model, prepared, tree_map(lambda t: t[:2], inputs), task, causal=causal)  # first
-            with _eval_mode(model), _attention_for_closed_form(model):  # as closed_form_gradients runs it
+            with _eval_mode(model), attention_for_closed_form(model):  # as closed_form_gradients runs it
                 first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
                 try:  # the first two examples one at a time: examples must not interact
                     uses = covering_uses(self, model, prepared, inputs, causal)
@@ -349,7 +303,7 @@ class TorchBackend(Backend):
         from torch.func import grad, vmap
         from torch.utils._pytree import tree_map
 
-        with _eval_mode(model), _attention_for_vmap(model):
+        with _eval_mode(model), attention_for_vmap(model):
             with torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
             task.check_labels(labels, logits.shape[-1], xp=xp)
@@ -387,7 +341,7 @@ class TorchBackend(Backend):
         from .kronecker import factorized_state
 
         self._check_batch(prepared, inputs, labels)
-        with _eval_mode(model), _attention_for_vmap(model):
+        with _eval_mode(model), attention_for_vmap(model):
             return factorized_state(self, model, prepared, inputs, self._causal(model), k=k, seed=seed,
                                     checkpoint=checkpoint, options=options)
 
@@ -407,7 +361,7 @@ class TorchBackend(Backend):
         state = self._factorized(model, prepared, inputs, labels, k=k, seed=seed, checkpoint=checkpoint,
                                  options=options)
         causal = self._causal(model)
-        with _eval_mode(model), _attention_for_vmap(model):
+        with _eval_mode(model), attention_for_vmap(model):
             with torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
             task.check_labels(labels, logits.shape[-1], xp=xp)
