@@ -16,14 +16,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _resnet import resnet18  # noqa: E402
+from gpu_peers import phase  # noqa: E402
 
 from trak_core.tasks import Classification, LanguageModeling  # noqa: E402
 from trak_torch import TorchBackend  # noqa: E402
@@ -58,16 +58,6 @@ def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, An
     return out
 
 
-def _timed(run: Callable[[], Any], device: str) -> tuple[Any, float]:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = run()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
-
-
 def measure(model: Any, inputs: Any, labels: Any, task: Any, repeats: int, device: str) -> dict:
     """Examples per second of each path (best of ``repeats``, alternated) and their largest relative difference."""
     paths = {"closed form": TorchBackend(), "vmap": TorchBackend(per_example="vmap")}
@@ -77,7 +67,7 @@ def measure(model: Any, inputs: Any, labels: Any, task: Any, repeats: int, devic
     best = dict.fromkeys(paths, float("inf"))
     for _ in range(repeats):
         for name, backend in paths.items():
-            _, seconds = _timed(lambda: backend.gradients(model, prepared[name], inputs, labels, task), device)
+            _, seconds, _ = phase(device, lambda: backend.gradients(model, prepared[name], inputs, labels, task))
             best[name] = min(best[name], seconds)
     n = labels.shape[0]
     used = prepared["closed form"].__dict__.get("_closed_form", {}).get(id(task)) is not None

@@ -292,6 +292,14 @@ def test_models_vmap_cannot_run_get_closed_form_gradients_checked_one_example_at
         TorchBackend(per_example="vmap").gradients(model, prepared, x, y, task)
 
 
+def _padded_lm_batch(seed, low, shape, padded_from):
+    """Random token ids in [low, 64) with the second row padded (id 0) from ``padded_from``; labels -100 there."""
+    ids = torch.randint(low, 64, shape, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, padded_from:] = 0
+    return {"input_ids": ids * mask, "attention_mask": mask}, torch.where(mask.bool(), ids, -100)
+
+
 def test_hugging_face_llama_rms_norms_in_closed_form():
     """A tiny Llama (its own LlamaRMSNorm class, grouped-query attention, SiLU MLP, padding): every parameter in
     closed form, equal to the model's own backward pass one example at a time in float64."""
@@ -307,11 +315,7 @@ def test_hugging_face_llama_rms_norms_in_closed_form():
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight"):
                 parameter.uniform_(0.5, 1.5)  # not ones: a wrong normalization would show
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(1, 64, (5, 9), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    batch, labels = {"input_ids": ids * mask, "attention_mask": mask}, torch.where(mask.bool(), ids, -100)
+    batch, labels = _padded_lm_batch(seed=4, low=1, shape=(5, 9), padded_from=6)
     task = trak_core.tasks.LanguageModeling()
     auto = TorchBackend()
     prepared = auto.prepare(model, None)
@@ -360,11 +364,7 @@ def test_hugging_face_causal_lms_in_closed_form(name):
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(_causal_lm_config(transformers, name)).double()
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(2, 64, (4, 10), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    batch, labels = {"input_ids": ids * mask, "attention_mask": mask}, torch.where(mask.bool(), ids, -100)
+    batch, labels = _padded_lm_batch(seed=5, low=2, shape=(4, 10), padded_from=7)
     task = trak_core.tasks.LanguageModeling()
     backend = TorchBackend(attention_mask="pass" if name == "bloom" else "auto")  # Bloom's ALiBi reads the 2-D mask
     prepared = backend.prepare(model, None)

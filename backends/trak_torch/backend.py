@@ -274,11 +274,19 @@ class TorchBackend(Backend):
             cache[key] = uses
         return cache[key]
 
+    def example_output(self, model: Any, prepared: TorchCheckpoint, params: dict, one: Any, label: Any, task: Any,
+                       causal: bool) -> Any:
+        """The task output (a scalar) of one example: ``one`` is a batch of one row, ``label`` its labels."""
+        import array_api_compat.torch as xp
+
+        out = output_logits(self._call(model, {**params, **prepared.frozen}, one, causal=causal), self.logits_fn)
+        out = out.reshape(1, -1) if task.logits_ndim == 2 else out
+        return task.output(out, label, xp=xp)[0]
+
     def _looped_gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
                           causal: bool) -> Any:
         """Per-example gradients ``(n, p)`` by plain autograd, one example at a time: the closed form's reference
         (no ``torch.func``, so models with ``autograd.Function``s that ``vmap`` cannot run are checked too)."""
-        import array_api_compat.torch as xp
         import torch
         from torch.utils._pytree import tree_map
 
@@ -286,11 +294,8 @@ class TorchBackend(Backend):
         rows = []
         for i in range(_rows(inputs)):
             with torch.enable_grad():
-                one = tree_map(lambda t: t[i:i + 1], inputs)
-                out = output_logits(self._call(model, {**params, **prepared.frozen}, one, causal=causal),
-                                    self.logits_fn)
-                out = out.reshape(1, -1) if task.logits_ndim == 2 else out
-                value = task.output(out, labels[i:i + 1], xp=xp)[0]
+                value = self.example_output(model, prepared, params, tree_map(lambda t: t[i:i + 1], inputs),
+                                            labels[i:i + 1], task, causal)
                 grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
             rows.append(torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1)
                                    for g, t in zip(grads, params.values())]))
@@ -310,11 +315,8 @@ class TorchBackend(Backend):
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
 
             def output(params: dict, x: Any, y: Any) -> Any:
-                one = tree_map(lambda t: t[None], x)
-                out = output_logits(self._call(model, {**params, **prepared.frozen}, one, causal=causal),
-                                    self.logits_fn)
-                out = out.reshape(1, -1) if task.logits_ndim == 2 else out
-                return task.output(out, y[None], xp=xp)[0]
+                return self.example_output(model, prepared, params, tree_map(lambda t: t[None], x), y[None], task,
+                                           causal)
 
             per_example = vmap(grad(output), in_dims=(None, 0, 0))
             n = _rows(inputs)

@@ -96,9 +96,9 @@ def _kind(module: Any) -> str | None:
     computes something else (Gemma's scaled embedding), and the model goes to ``vmap``."""
     from .kronecker import layer_kind
 
-    layer = layer_kind(module, own_forward=False)
-    if conv_kind(module) or layer == "conv2d":  # convolutions: torch's own forward only (``conv_kind``)
-        return conv_kind(module)
+    conv, layer = conv_kind(module), layer_kind(module, own_forward=False)
+    if conv or layer == "conv2d":  # convolutions: torch's own forward only (``conv_kind``)
+        return conv
     return layer or norm_kind(module)
 
 

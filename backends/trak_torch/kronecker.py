@@ -341,20 +341,16 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Factorized, input
     A weight that is also used outside its module (``F.linear(x, module.weight)`` elsewhere) would be
     counted only in part: this raises a ``TrakValueError`` naming it instead.
     """
-    import array_api_compat.torch as xp
     import torch
     from torch.utils._pytree import tree_map
 
-    from .backend import output_logits
     from .closed_form import check_tolerance
 
     names = {name for block in state.plan.blocks for name in (block.layer.name, block.layer.bias) if name}
     params = {name: t.detach().clone().requires_grad_(name in names) for name, t in prepared.params.items()}
     with torch.enable_grad():
-        out = output_logits(backend._call(model, {**params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs),
-                                          causal=causal), backend.logits_fn)
-        out = out.reshape(1, -1) if task.logits_ndim == 2 else out
-        value = task.output(out, labels[:1], xp=xp)[0]
+        value = backend.example_output(model, prepared, params, tree_map(lambda t: t[:1], inputs), labels[:1], task,
+                                       causal)
         chosen = [name for name in params if name in names]
         grads = dict(zip(chosen, torch.autograd.grad(value, [params[name] for name in chosen], allow_unused=True)))
     tolerance = check_tolerance(state.dtype, prepared.device)
