@@ -1,13 +1,14 @@
 """Per-example gradients of the torch backend: the closed form (``per_example="auto"``) against ``vmap(grad)``.
 
-One run, ratios within it: for ResNet-18 (convolutions, batch norms, a linear head) and a GPT-2 with
+One run, ratios within it: for ResNet-18 (convolutions, batch norms, a linear head), a ViT laid out as
+torchvision's (``nn.MultiheadAttention``, a class token and position embeddings), a GPT-2 with
 random weights (embeddings, Conv1D, layer norms) and a Llama (its own RMSNorm class, grouped-query
 attention; both need ``transformers``), examples per second of
 ``TorchBackend()`` and of ``TorchBackend(per_example="vmap")`` at its default chunk, alternated
 ``--repeats`` times (best of each), and their largest difference relative to the vmap gradients'
 largest entry.
 
-    python bench/closed_form_speed.py                 # ResNet-18 at 32 x 32, GPT-2 and Llama (4 layers, 256 wide)
+    python bench/closed_form_speed.py                 # ResNet-18 and a ViT (6 x 192) at 32 x 32, GPT-2, Llama
     python bench/closed_form_speed.py --device cuda --batch 256
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _resnet import resnet18  # noqa: E402
+from _vit import VisionTransformer  # noqa: E402
 from gpu_peers import phase  # noqa: E402
 
 from trak_core.tasks import Classification, LanguageModeling  # noqa: E402
@@ -38,8 +40,11 @@ def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, An
             module.running_mean.normal_(0, 0.1)
             module.running_var.uniform_(0.5, 2.0)
     x = torch.randn(batch, 3, 32, 32, device=device)
-    out = {"resnet18" + ("-width8" if small else ""): (net, x, torch.randint(0, 10, (batch,), device=device),
-                                                       Classification())}
+    y = torch.randint(0, 10, (batch,), device=device)
+    out = {"resnet18" + ("-width8" if small else ""): (net, x, y, Classification())}
+    width, depth = (16, 2) if small else (192, 6)
+    vit = VisionTransformer(width=width, depth=depth, heads=2 if small else 3).to(device).eval()
+    out[f"vit-{depth}x{width}"] = (vit, x, y, Classification())
     try:
         import transformers
     except ImportError:

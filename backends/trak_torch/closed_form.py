@@ -1,4 +1,5 @@
-"""Per-example gradients in closed form for models of Linear, Conv1d/Conv2d, Embedding, Conv1D and norm layers.
+"""Per-example gradients in closed form for models of Linear, Conv1d/Conv2d, Embedding, Conv1D, norm layers and
+``nn.MultiheadAttention`` (with batch-broadcast parameters: :mod:`trak_torch.closed_form_attention`).
 
 One job: the ``per_example="auto"`` fast path of :class:`trak_torch.TorchBackend`. When every
 attributed parameter is the weight or bias of such a layer, one batched forward and one backward
@@ -23,6 +24,7 @@ the backend falls back to ``vmap`` where they differ, or where a layer call has 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 __all__ = ["covering_uses", "closed_form_gradients", "norm_kind", "NotPerExample", "check_tolerance"]
@@ -144,17 +146,30 @@ def _normalized(module: Any, kind: str, a: Any) -> Any:
 
 
 def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool) -> list | None:
-    """The layer uses when they cover every attributed parameter (weights and their own biases), else ``None``."""
+    """The uses ``(module, kind, weight, bias)`` when they cover every attributed parameter, else ``None``: layer
+    calls (weights and their own biases), ``nn.MultiheadAttention`` modules (``kind="mha"``, ``weight`` the names
+    of their projections) and batch-broadcast parameters (``module=None``, ``kind="broadcast"``)."""
+    from .closed_form_attention import attention_uses, broadcast_names
     from .kronecker import find_uses
 
     found = {use.module: (use.kind, use.weight, use.bias) for use in
              find_uses(backend, model, prepared, inputs, causal, kind=_kind).values()}
+    attention = attention_uses(backend, model, prepared, inputs, causal)
+    if None in attention.values():
+        return None
     covered = {name for _, weight, bias in found.values() for name in (weight, bias) if name}
     biases = [bias for _, _, bias in found.values() if bias]
     weights = {weight for _, weight, _ in found.values()}
-    if covered != set(prepared.params) or len(set(biases)) != len(biases) or weights & set(biases):
+    shared = [name for names in attention.values() for name in names]
+    if len(set(biases)) != len(biases) or weights & set(biases) or len(set(shared)) != len(shared) \
+            or covered & set(shared):
         return None
-    return [(module, *spec) for module, spec in found.items()]
+    broadcast = broadcast_names(prepared, set(prepared.params) - covered - set(shared))
+    if broadcast is None:
+        return None
+    return ([(module, *spec) for module, spec in found.items()]
+            + [(module, "mha", names, None) for module, names in attention.items()]
+            + [(None, "broadcast", name, None) for name in broadcast])
 
 
 def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, inputs: Any, labels: Any, task: Any,
@@ -164,14 +179,26 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     import torch
 
     from .backend import _rows, output_logits
+    from .closed_form_attention import intercept_linear, locate, slow_path
     from .kronecker import _hooks
 
-    spec = {module: (kind, weight, bias) for module, kind, weight, bias in uses}
-    calls: list[tuple[Any, Any, Any]] = []
-
+    spec = {module: (kind, weight, bias) for module, kind, weight, bias in uses if kind not in ("mha", "broadcast")}
+    attention = {module: names for module, kind, names, _ in uses if kind == "mha"}
+    calls: list[tuple[Any, Any, Any]] = []  # (a layer module, or the (weight, bias) slices of a linear call; a; z)
     n = _rows(inputs)
+    broadcast = {name: prepared.params[name].detach().expand(n, *prepared.params[name].shape[1:]).clone()
+                 .requires_grad_(True) for module, kind, name, _ in uses if kind == "broadcast"}
+    tracked: dict[int, list[tuple[str, Any]]] = {}
+    for name in (name for names in attention.values() for name in names):
+        tensor = prepared.params[name]
+        tracked.setdefault(tensor.untyped_storage().data_ptr(), []).append((name, tensor))
+    seen: set[str] = set()
+    called: list[Any] = []
 
     def hook(module: Any, args: Any, out: Any) -> Any:
+        if module in attention:
+            called.append(module)
+            return None
         if not args or not hasattr(args[0], "detach"):  # called with keywords only, or not on a tensor
             raise NotPerExample(f"{type(module).__name__} is not called on a tensor as its first argument")
         kind, a = spec[module][0], args[0].detach()
@@ -185,14 +212,33 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         calls.append((module, a, z))
         return out + z
 
-    with torch.enable_grad(), _hooks(list(spec), hook):
-        logits = output_logits(backend._call(model, {**prepared.params, **prepared.frozen}, inputs, causal=causal),
-                               backend.logits_fn)
+    def linear(x: Any, weight: Any, bias: Any, out: Any) -> Any:
+        """An attention projection: sequence-first, ``(T, n, d)``, or ``(T * n, d)`` for the output projection."""
+        w = locate(weight, tracked)
+        if w is None:
+            return out
+        b = locate(bias, tracked)
+        if x.ndim not in (2, 3) or (x.ndim == 2 and x.shape[0] % n) or (x.ndim == 3 and x.shape[1] != n):
+            raise NotPerExample(f"an attention projection is called on {tuple(x.shape)}, not on {n} examples")
+        a = (x if x.ndim == 3 else x.reshape(-1, n, x.shape[-1])).detach().transpose(0, 1)  # (n, T, d)
+        z = torch.zeros((n, a.shape[1], out.shape[-1]), dtype=out.dtype, device=out.device, requires_grad=True)
+        seen.update(s.name for s in (w, b) if s is not None)
+        calls.append(((w, b), a, z))
+        return out + z.transpose(0, 1).reshape(out.shape)
+
+    params = {**prepared.params, **broadcast, **prepared.frozen}
+    intercepted = intercept_linear(linear) if attention else nullcontext()  # F.linear untouched without attention
+    with torch.enable_grad(), _hooks(list(spec) + list(attention), hook), slow_path(list(attention)), intercepted:
+        logits = output_logits(backend._call(model, params, inputs, causal=causal), backend.logits_fn)
+        for module in called:
+            if not set(attention[module]) <= seen:  # e.g. the fused fast path of nn.MultiheadAttention
+                raise NotPerExample(f"{type(module).__name__} did not call its projections through linear")
         if task.logits_ndim == 2 and logits.ndim == 1:
             logits = logits[:, None]
         task.check_labels(labels, logits.shape[-1], xp=xp)
         value = task.output(logits, labels, xp=xp)
-        deltas = torch.autograd.grad(value.sum(), [z for _, _, z in calls], allow_unused=True)
+        perturbations = [z for _, _, z in calls] + list(broadcast.values())
+        deltas = torch.autograd.grad(value.sum(), perturbations, allow_unused=True)
     grads = torch.empty((n, prepared.n_params), dtype=prepared.dtype, device=prepared.device)
     views, column = {}, 0
     for name, tensor in prepared.params.items():  # each parameter's block of columns, as (n, rows, cols) views
@@ -220,9 +266,25 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             view.copy_(value.reshape(view.shape))
             written.add(name)
 
+    def put_rows(part: Any, value: Any) -> None:
+        """``value`` for the rows ``part`` of a parameter: ``put`` when they are all of them, else added."""
+        if part.start == 0 and part.rows == prepared.params[part.name].shape[0]:
+            return put(part.name, value)
+        if part.name not in written:
+            views[part.name].zero_()
+            written.add(part.name)
+        views[part.name][:, part.start:part.start + part.rows].add_(value)
+
+    for name, delta in zip(broadcast, deltas[len(calls):]):
+        put(name, (torch.zeros_like(broadcast[name]) if delta is None else delta).reshape(n, -1))
     for (module, a, z), delta in zip(calls, deltas):
-        kind, weight, bias = spec[module]
         delta = torch.zeros_like(z) if delta is None else delta.detach()
+        if isinstance(module, tuple):  # an attention projection's (weight, bias) slices
+            put_rows(module[0], torch.bmm(delta.transpose(1, 2), a))
+            if module[1] is not None:
+                put_rows(module[1], delta.sum(1))
+            continue
+        kind, weight, bias = spec[module]
         if kind == "conv":
             put(weight, *_conv_gradient(module, a, delta))
             if bias:

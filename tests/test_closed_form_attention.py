@@ -1,0 +1,200 @@
+"""Closed-form per-example gradients through nn.MultiheadAttention and batch-broadcast parameters (vision
+transformers), against each model's own backward pass one example at a time, and when they are not used."""
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: the closed-form path is not exercised")
+
+from trak_core.tasks import get_task  # noqa: E402
+from trak_torch import TorchBackend  # noqa: E402
+
+nn = torch.nn
+
+
+def _one_at_a_time(model, x, y, task):
+    """Plain autograd through the model's own forward, one example at a time: shares no code with the backend."""
+    import array_api_compat.torch as xp
+
+    rows = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        task.output(model(x[i:i + 1]), y[i:i + 1], xp=xp).sum().backward()
+        rows.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
+                               for p in model.parameters()]))
+    return torch.stack(rows)
+
+
+def _check(model, x, y, covered, kinds=()):
+    """The backend's gradients equal the reference to 1e-9 (float64); the closed form is used or not, as said."""
+    task = get_task("classification")
+    model = model.double().eval()
+    backend = TorchBackend()
+    prepared = backend.prepare(model, None)
+    grads, _ = backend.gradients(model, prepared, x, y, task)
+    reference = _one_at_a_time(model, x, y, task)
+    assert float(torch.linalg.vector_norm(reference)) > 1e-3
+    assert float(torch.linalg.vector_norm(grads - reference) / torch.linalg.vector_norm(reference)) < 1e-9
+    uses = prepared._closed_form[id(task)]
+    assert (uses is not None) == covered
+    if covered:
+        assert set(kinds) <= {kind for _, kind, _, _ in uses}
+    assert torch.nn.functional.linear is torch._C._nn.linear  # the interception is gone
+
+
+class Attending(nn.Module):
+    """Linear embeddings of (n, T, 3) inputs -> one nn.MultiheadAttention configuration -> mean -> Linear."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant, d = variant, 9 if variant == "odd-heads-no-bias" else 8
+        self.embed = nn.Linear(3, d)
+        if variant in ("cross", "kdim-vdim"):
+            self.memory = nn.Linear(3, 5 if variant == "kdim-vdim" else d)
+        options = {"self-batch-first": dict(num_heads=2, batch_first=True),
+                   "self-seq-first-mask-weights": dict(num_heads=2),
+                   "cross": dict(num_heads=2, batch_first=True),
+                   "kdim-vdim": dict(num_heads=4, batch_first=True, kdim=5, vdim=5),
+                   "odd-heads-no-bias": dict(num_heads=3, batch_first=True, bias=False),
+                   "bias-kv": dict(num_heads=2, batch_first=True, add_bias_kv=True)}[variant]
+        self.attention = nn.MultiheadAttention(d, **options)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        if self.variant == "self-seq-first-mask-weights":  # (T, n, d), a key padding mask, weights returned
+            mask = x[..., 0] > 1.0
+            mask[:, 0] = False  # every query sees one key at least
+            out, weights = self.attention(h.transpose(0, 1), h.transpose(0, 1), h.transpose(0, 1),
+                                          key_padding_mask=mask, need_weights=True)
+            return self.head(out.transpose(0, 1).mean(1)) + weights.sum(1)[:, :4]
+        if self.variant in ("cross", "kdim-vdim"):
+            m = torch.tanh(self.memory(x))
+            out, _ = self.attention(h, m, m, need_weights=False)
+        else:
+            out, _ = self.attention(h, h, h, need_weights=False)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("variant, covered", [("self-batch-first", True), ("self-seq-first-mask-weights", True),
+                                              ("cross", True), ("kdim-vdim", True), ("odd-heads-no-bias", True),
+                                              ("bias-kv", False)])
+def test_multihead_attention_in_closed_form(variant, covered):
+    """Packed and separate projections, row slices of the packed weight (cross-attention), sequence- or
+    batch-first, a key padding mask and returned weights: closed form, equal to autograd; bias_k/bias_v: vmap."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 6, 3, generator=g, dtype=torch.float64), torch.randint(0, 4, (5,), generator=g)
+    _check(Attending(variant), x, y, covered, kinds={"mha"} if covered else ())
+
+
+def test_vision_transformer_in_closed_form():
+    """A torchvision-style ViT: every parameter in closed form (layers, attention, class token and position
+    embeddings), equal to autograd one example at a time to 1e-9."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from _vit import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image=8, patch=4, width=8, depth=2, heads=2, mlp=16, num_classes=5)
+    with torch.no_grad():
+        model.class_token.normal_()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)
+    _check(model, x, y, True, kinds={"mha", "broadcast", "conv", "layernorm", "linear"})
+
+
+class Squashed(nn.Module):
+    """A (1, d) parameter that is not broadcast over the batch: its sum of squares scales every output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.scale = nn.Linear(4, 3), nn.Parameter(torch.randn(1, 4))
+
+    def forward(self, x):
+        return self.lin(x * self.scale) * (self.scale ** 2).sum()
+
+
+def test_a_leading_one_parameter_used_otherwise_goes_to_vmap():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    _check(Squashed(), x, y, False)
+
+
+class RawAttention(nn.Module):
+    """nn.MultiheadAttention first, on the raw input (nothing upstream requires gradients: its fast path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_attention_on_the_raw_input_is_right():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(5, 6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    _check(RawAttention(), x, y, True, kinds={"mha"})
+
+
+class Encoder(nn.Module):
+    """nn.TransformerEncoder (batch-first) over embedded tokens, with a key padding mask from the inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids), src_key_padding_mask=ids == 0)[:, 0])
+
+
+def test_transformer_encoder_in_closed_form():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 11, (5, 7), generator=g)
+    ids[1:, 5:] = 0
+    _check(Encoder(), ids, torch.randint(0, 3, (5,), generator=g), True, kinds={"mha", "embedding", "layernorm"})
+
+
+def test_hugging_face_vit_in_closed_form():
+    """Hugging Face's ViT: its cls_token and position_embeddings are bare (1, ., d) parameters."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=8, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=16, num_labels=4)
+    model = transformers.ViTForImageClassification(config)
+    with torch.no_grad():
+        model.vit.embeddings.cls_token.normal_()
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(pixel_values=x).logits
+
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 4, (4,), generator=g)
+    _check(Logits(), x, y, True, kinds={"broadcast", "conv", "linear"})
+
+
+def test_the_linear_interception_is_undone_after_an_error():
+    from trak_torch.closed_form_attention import intercept_linear
+
+    original = torch.nn.functional.linear
+    with pytest.raises(ValueError):
+        with intercept_linear(lambda x, w, b, out: out):
+            with intercept_linear(lambda x, w, b, out: out * 2):  # nested: the inner one applies, then the outer
+                assert float(torch.nn.functional.linear(torch.ones(1, 1), torch.ones(1, 1)).sum()) == 2.0
+            assert float(torch.nn.functional.linear(torch.ones(1, 1), torch.ones(1, 1)).sum()) == 1.0
+            raise ValueError("inside")
+    assert torch.nn.functional.linear is original
