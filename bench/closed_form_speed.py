@@ -1,14 +1,15 @@
 """Per-example gradients of the torch backend: the closed form (``per_example="auto"``) against ``vmap(grad)``.
 
 One run, ratios within it: for ResNet-18 (convolutions, batch norms, a linear head), a ViT laid out as
-torchvision's (``nn.MultiheadAttention``, a class token and position embeddings), a GPT-2 with
+torchvision's (``nn.MultiheadAttention``, a class token and position embeddings), a ConvNeXt laid out as
+torchvision's (channels-first ``LayerNorm2d``, layer scales), a GPT-2 with
 random weights (embeddings, Conv1D, layer norms) and a Llama (its own RMSNorm class, grouped-query
 attention; both need ``transformers``), examples per second of
 ``TorchBackend()`` and of ``TorchBackend(per_example="vmap")`` at its default chunk, alternated
 ``--repeats`` times (best of each), and their largest difference relative to the vmap gradients'
 largest entry.
 
-    python bench/closed_form_speed.py                 # ResNet-18 and a ViT (6 x 192) at 32 x 32, GPT-2, Llama
+    python bench/closed_form_speed.py                 # ResNet-18, ViT, ConvNeXt at 32 x 32; GPT-2, Llama
     python bench/closed_form_speed.py --device cuda --batch 256
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _convnext import ConvNeXt  # noqa: E402
 from _resnet import resnet18  # noqa: E402
 from _vit import VisionTransformer  # noqa: E402
 from gpu_peers import phase  # noqa: E402
@@ -45,6 +47,9 @@ def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, An
     width, depth = (16, 2) if small else (192, 6)
     vit = VisionTransformer(width=width, depth=depth, heads=2 if small else 3).to(device).eval()
     out[f"vit-{depth}x{width}"] = (vit, x, y, Classification())
+    dims = (8, 16) if small else (48, 96, 192, 384)
+    convnext = ConvNeXt(dims=dims, depths=(1,) * len(dims) if small else (2, 2, 4, 2), layer_scale=0.1)
+    out[f"convnext-{'-'.join(map(str, dims))}"] = (convnext.to(device).eval(), x, y, Classification())
     try:
         import transformers
     except ImportError:

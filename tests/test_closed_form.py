@@ -129,7 +129,8 @@ class Normed(torch.nn.Module):
 
 
 class ChannelsFirstLayerNorm(torch.nn.LayerNorm):
-    """A LayerNorm over dim 1 of (n, C, H, W), as ConvNeXt's: a subclass with its own forward."""
+    """A LayerNorm over dim 1 of (n, C, H, W), as ConvNeXt's: a subclass with its own forward (followed through
+    its call of F.layer_norm, trak_torch.closed_form_functional)."""
 
     def forward(self, x):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -142,7 +143,7 @@ def _norms():
         "groupnorm-layernorm2d-nobias": (nn.GroupNorm(2, 4), nn.LayerNorm((3, 6), bias=False), True),
         "batchnorm-zero-gamma-rmsnorm": (nn.BatchNorm2d(4), nn.RMSNorm(6), True),
         "batchnorm-no-running-stats": (nn.BatchNorm2d(4, track_running_stats=False), nn.LayerNorm(6), False),
-        "layernorm-subclass-own-forward": (ChannelsFirstLayerNorm(4), nn.LayerNorm(6), False),
+        "layernorm-subclass-own-forward": (ChannelsFirstLayerNorm(4), nn.LayerNorm(6), True),  # F.layer_norm's call
     }
 
 

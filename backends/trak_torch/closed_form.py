@@ -1,5 +1,5 @@
 """Per-example gradients in closed form for models of Linear, Conv1d/Conv2d, Embedding, Conv1D, norm layers and
-``nn.MultiheadAttention`` (with batch-broadcast parameters: :mod:`trak_torch.closed_form_attention`).
+``nn.MultiheadAttention`` (with bare parameters and functional calls: :mod:`trak_torch.closed_form_functional`).
 
 One job: the ``per_example="auto"`` fast path of :class:`trak_torch.TorchBackend`. When every
 attributed parameter is the weight or bias of such a layer, one batched forward and one backward
@@ -147,29 +147,30 @@ def _normalized(module: Any, kind: str, a: Any) -> Any:
 
 def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool) -> list | None:
     """The uses ``(module, kind, weight, bias)`` when they cover every attributed parameter, else ``None``: layer
-    calls (weights and their own biases), ``nn.MultiheadAttention`` modules (``kind="mha"``, ``weight`` the names
-    of their projections) and batch-broadcast parameters (``module=None``, ``kind="broadcast"``)."""
-    from .closed_form_attention import attention_uses, broadcast_names
+    calls (weights and their own biases); modules whose weights are used by functional calls (``kind`` "mha" or
+    "layer_norm", ``weight`` their names); bare parameters, given as per-example copies (``module=None``,
+    ``kind="copies"``)."""
+    from .closed_form_functional import copied_names, functional_uses
     from .kronecker import find_uses
 
     found = {use.module: (use.kind, use.weight, use.bias) for use in
              find_uses(backend, model, prepared, inputs, causal, kind=_kind).values()}
-    attention = attention_uses(backend, model, prepared, inputs, causal)
-    if None in attention.values():
+    functional = functional_uses(backend, model, prepared, inputs, causal)
+    if None in functional.values():
         return None
     covered = {name for _, weight, bias in found.values() for name in (weight, bias) if name}
     biases = [bias for _, _, bias in found.values() if bias]
     weights = {weight for _, weight, _ in found.values()}
-    shared = [name for names in attention.values() for name in names]
-    if len(set(biases)) != len(biases) or weights & set(biases) or len(set(shared)) != len(shared) \
-            or covered & set(shared):
+    inside = [name for _, names in functional.values() for name in names]
+    if len(set(biases)) != len(biases) or weights & set(biases) or len(set(inside)) != len(inside) \
+            or covered & set(inside):
         return None
-    broadcast = broadcast_names(prepared, set(prepared.params) - covered - set(shared))
-    if broadcast is None:
+    copied = copied_names(prepared, set(prepared.params) - covered - set(inside))
+    if copied is None:
         return None
     return ([(module, *spec) for module, spec in found.items()]
-            + [(module, "mha", names, None) for module, names in attention.items()]
-            + [(None, "broadcast", name, None) for name in broadcast])
+            + [(module, kind, names, None) for module, (kind, names) in functional.items()]
+            + [(None, "copies", name, None) for name in copied])
 
 
 def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, inputs: Any, labels: Any, task: Any,
@@ -179,24 +180,24 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     import torch
 
     from .backend import _rows, output_logits
-    from .closed_form_attention import intercept_linear, locate, slow_path
+    from .closed_form_functional import copies, intercept, locate, slow_path
     from .kronecker import _hooks
 
-    spec = {module: (kind, weight, bias) for module, kind, weight, bias in uses if kind not in ("mha", "broadcast")}
-    attention = {module: names for module, kind, names, _ in uses if kind == "mha"}
-    calls: list[tuple[Any, Any, Any]] = []  # (a layer module, or the (weight, bias) slices of a linear call; a; z)
+    functional = {module: names for module, kind, names, _ in uses if kind in ("mha", "layer_norm")}
+    spec = {module: (kind, weight, bias) for module, kind, weight, bias in uses
+            if module is not None and module not in functional}
+    calls: list[tuple[Any, Any, Any]] = []  # (a layer module, or (kind, weight slice, bias slice) of a call; a; z)
     n = _rows(inputs)
-    broadcast = {name: prepared.params[name].detach().expand(n, *prepared.params[name].shape[1:]).clone()
-                 .requires_grad_(True) for module, kind, name, _ in uses if kind == "broadcast"}
+    copied = {name: copies(prepared.params[name], n) for _, kind, name, _ in uses if kind == "copies"}
     tracked: dict[int, list[tuple[str, Any]]] = {}
-    for name in (name for names in attention.values() for name in names):
+    for name in (name for names in functional.values() for name in names):
         tensor = prepared.params[name]
         tracked.setdefault(tensor.untyped_storage().data_ptr(), []).append((name, tensor))
     seen: set[str] = set()
     called: list[Any] = []
 
     def hook(module: Any, args: Any, out: Any) -> Any:
-        if module in attention:
+        if module in functional:
             called.append(module)
             return None
         if not args or not hasattr(args[0], "detach"):  # called with keywords only, or not on a tensor
@@ -212,32 +213,52 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         calls.append((module, a, z))
         return out + z
 
-    def linear(x: Any, weight: Any, bias: Any, out: Any) -> Any:
-        """An attention projection: sequence-first, ``(T, n, d)``, or ``(T * n, d)`` for the output projection."""
+    def record(kind: str, weight: Any, bias: Any) -> tuple | None:
         w = locate(weight, tracked)
         if w is None:
-            return out
+            return None
         b = locate(bias, tracked)
+        seen.update(part.name for part in (w, b) if part is not None)
+        return kind, w, b
+
+    def linear(x: Any, weight: Any, bias: Any, out: Any) -> Any:
+        """An attention projection: sequence-first, ``(T, n, d)``, or ``(T * n, d)`` for the output projection."""
+        key = record("linear", weight, bias)
+        if key is None:
+            return out
         if x.ndim not in (2, 3) or (x.ndim == 2 and x.shape[0] % n) or (x.ndim == 3 and x.shape[1] != n):
             raise NotPerExample(f"an attention projection is called on {tuple(x.shape)}, not on {n} examples")
         a = (x if x.ndim == 3 else x.reshape(-1, n, x.shape[-1])).detach().transpose(0, 1)  # (n, T, d)
         z = torch.zeros((n, a.shape[1], out.shape[-1]), dtype=out.dtype, device=out.device, requires_grad=True)
-        seen.update(s.name for s in (w, b) if s is not None)
-        calls.append(((w, b), a, z))
+        calls.append((key, a, z))
         return out + z.transpose(0, 1).reshape(out.shape)
 
-    params = {**prepared.params, **broadcast, **prepared.frozen}
-    intercepted = intercept_linear(linear) if attention else nullcontext()  # F.linear untouched without attention
-    with torch.enable_grad(), _hooks(list(spec) + list(attention), hook), slow_path(list(attention)), intercepted:
+    def layer_norm(x: Any, shape: Any, weight: Any, bias: Any, eps: float, out: Any) -> Any:
+        """A ``LayerNorm`` subclass's own call (batch-first): ``xhat`` as for a LayerNorm layer."""
+        key = record("layernorm", weight, bias)
+        if key is None:
+            return out
+        if out.ndim == 0 or out.shape[0] != n:
+            raise NotPerExample(f"a layer norm is called on {tuple(x.shape)}, not on {n} examples")
+        with torch.no_grad():
+            xhat = torch.nn.functional.layer_norm(x.detach(), shape, None, None, eps)
+        z = torch.zeros_like(out, requires_grad=True)
+        calls.append((key, xhat, z))
+        return out + z
+
+    params = {**prepared.params, **copied, **prepared.frozen}
+    intercepted = intercept(linear, layer_norm) if functional else nullcontext()  # F untouched without them
+    attention = [module for module, kind, _, _ in uses if kind == "mha"]
+    with torch.enable_grad(), _hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted:
         logits = output_logits(backend._call(model, params, inputs, causal=causal), backend.logits_fn)
         for module in called:
-            if not set(attention[module]) <= seen:  # e.g. the fused fast path of nn.MultiheadAttention
-                raise NotPerExample(f"{type(module).__name__} did not call its projections through linear")
+            if not set(functional[module]) <= seen:  # e.g. the fused fast path of nn.MultiheadAttention
+                raise NotPerExample(f"{type(module).__name__} did not use its weights through linear or layer_norm")
         if task.logits_ndim == 2 and logits.ndim == 1:
             logits = logits[:, None]
         task.check_labels(labels, logits.shape[-1], xp=xp)
         value = task.output(logits, labels, xp=xp)
-        perturbations = [z for _, _, z in calls] + list(broadcast.values())
+        perturbations = [z for _, _, z in calls] + list(copied.values())
         deltas = torch.autograd.grad(value.sum(), perturbations, allow_unused=True)
     grads = torch.empty((n, prepared.n_params), dtype=prepared.dtype, device=prepared.device)
     views, column = {}, 0
@@ -275,14 +296,22 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             written.add(part.name)
         views[part.name][:, part.start:part.start + part.rows].add_(value)
 
-    for name, delta in zip(broadcast, deltas[len(calls):]):
-        put(name, (torch.zeros_like(broadcast[name]) if delta is None else delta).reshape(n, -1))
+    for name, delta in zip(copied, deltas[len(calls):]):
+        put(name, (torch.zeros_like(copied[name]) if delta is None else delta).reshape(n, -1))
     for (module, a, z), delta in zip(calls, deltas):
         delta = torch.zeros_like(z) if delta is None else delta.detach()
-        if isinstance(module, tuple):  # an attention projection's (weight, bias) slices
-            put_rows(module[0], torch.bmm(delta.transpose(1, 2), a))
-            if module[1] is not None:
-                put_rows(module[1], delta.sum(1))
+        if isinstance(module, tuple):  # a functional call: (kind, weight slice, bias slice)
+            kind, w, b = module
+            if kind == "linear":
+                put_rows(w, torch.bmm(delta.transpose(1, 2), a))
+                d = delta.sum(1)
+            else:  # layernorm: positions sharing one gamma
+                width = prepared.params[w.name].numel()
+                d = delta.reshape(n, -1, width).transpose(1, 2)
+                put_rows(w, (d * a.reshape(n, -1, width).transpose(1, 2)).sum(2))
+                d = d.sum(2)
+            if b is not None:
+                put_rows(b, d)
             continue
         kind, weight, bias = spec[module]
         if kind == "conv":

@@ -1,5 +1,6 @@
-"""Closed-form per-example gradients through nn.MultiheadAttention and batch-broadcast parameters (vision
-transformers), against each model's own backward pass one example at a time, and when they are not used."""
+"""Closed-form per-example gradients through nn.MultiheadAttention, LayerNorm subclasses and bare parameters
+(vision transformers, ConvNeXt), against each model's own backward pass one example at a time, and when they are
+not used (trak_torch.closed_form_functional)."""
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: the closed-form path is not exercised")
@@ -8,6 +9,16 @@ from trak_core.tasks import get_task  # noqa: E402
 from trak_torch import TorchBackend  # noqa: E402
 
 nn = torch.nn
+
+
+def _bench(name):
+    """A model module of bench/ (torchvision's layouts without torchvision)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    return importlib.import_module(name)
 
 
 def _one_at_a_time(model, x, y, task):
@@ -89,19 +100,13 @@ def test_multihead_attention_in_closed_form(variant, covered):
 def test_vision_transformer_in_closed_form():
     """A torchvision-style ViT: every parameter in closed form (layers, attention, class token and position
     embeddings), equal to autograd one example at a time to 1e-9."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from _vit import VisionTransformer
-
     torch.manual_seed(0)
-    model = VisionTransformer(image=8, patch=4, width=8, depth=2, heads=2, mlp=16, num_classes=5)
+    model = _bench("_vit").VisionTransformer(image=8, patch=4, width=8, depth=2, heads=2, mlp=16, num_classes=5)
     with torch.no_grad():
         model.class_token.normal_()
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)
-    _check(model, x, y, True, kinds={"mha", "broadcast", "conv", "layernorm", "linear"})
+    _check(model, x, y, True, kinds={"mha", "copies", "conv", "layernorm", "linear"})
 
 
 class Squashed(nn.Module):
@@ -184,17 +189,61 @@ def test_hugging_face_vit_in_closed_form():
 
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 4, (4,), generator=g)
-    _check(Logits(), x, y, True, kinds={"broadcast", "conv", "linear"})
+    _check(Logits(), x, y, True, kinds={"copies", "conv", "linear"})
 
 
-def test_the_linear_interception_is_undone_after_an_error():
-    from trak_torch.closed_form_attention import intercept_linear
+def test_the_interception_is_undone_after_an_error():
+    from trak_torch.closed_form_functional import intercept
 
-    original = torch.nn.functional.linear
+    F = torch.nn.functional
+    original = F.linear, F.layer_norm
+    one = torch.ones(1, 1)
     with pytest.raises(ValueError):
-        with intercept_linear(lambda x, w, b, out: out):
-            with intercept_linear(lambda x, w, b, out: out * 2):  # nested: the inner one applies, then the outer
-                assert float(torch.nn.functional.linear(torch.ones(1, 1), torch.ones(1, 1)).sum()) == 2.0
-            assert float(torch.nn.functional.linear(torch.ones(1, 1), torch.ones(1, 1)).sum()) == 1.0
+        with intercept(lambda x, w, b, out: out):
+            with intercept(lambda x, w, b, out: out * 2):  # nested: the inner one applies, then the outer again
+                assert float(F.linear(one, one).sum()) == 2.0
+            assert float(F.linear(one, one).sum()) == 1.0
             raise ValueError("inside")
-    assert torch.nn.functional.linear is original
+    assert (F.linear, F.layer_norm) == original
+
+
+def test_convnext_in_closed_form():
+    """A torchvision-style ConvNeXt: channels-first LayerNorm2d (F.layer_norm called by its own forward) and
+    layer scales (C, 1, 1) in closed form, equal to autograd one example at a time to 1e-9."""
+    torch.manual_seed(0)
+    model = _bench("_convnext").ConvNeXt(dims=(4, 8), depths=(1, 1), patch=2, num_classes=5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("layer_scale"):
+                parameter.normal_()
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.normal_()
+                module.bias.normal_()
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(5, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (5,), generator=g)
+    _check(model, x, y, True, kinds={"layer_norm", "copies", "conv", "layernorm", "linear"})
+
+
+class BareTokens(nn.Module):
+    """A position table (T, d) sliced by the model, or a layer scale (d,) on tokens (n, T, d) as DeiT-III's: bare
+    parameters whose copies would not broadcast or be indexed (the table's slice [:T] would take the first T
+    copies: right when n <= T, an error when n > T, which the check on two examples would not see)."""
+
+    def __init__(self, bare, length=4):
+        super().__init__()
+        self.lin, self.head, self.table = nn.Linear(3, 4), nn.Linear(4, 2), bare == "table"
+        self.bare = nn.Parameter(torch.randn(length, 4) if self.table else torch.randn(4))
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        h = h + self.bare[:x.shape[1]] if self.table else self.bare * h
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("bare", ["table", "token-scale"])
+def test_bare_parameters_that_are_not_broadcast_go_to_vmap(bare):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(7, 4, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (7,), generator=g)
+    _check(BareTokens(bare), x, y, False)

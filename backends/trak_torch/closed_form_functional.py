@@ -1,0 +1,180 @@
+"""The closed form's uses that are not layer calls: functional calls inside modules, and bare parameters.
+
+One job: extend :mod:`trak_torch.closed_form` to vision transformers and ConvNeXts (torchvision's ViT and
+ConvNeXt, Hugging Face's ViT/DeiT, models built on ``nn.TransformerEncoder``).
+
+- ``nn.MultiheadAttention`` uses its projection weights inside ``F.multi_head_attention_forward`` (the packed
+  ``in_proj_weight``, or row slices of it for cross-attention, or separate ``q/k/v_proj_weight``, then
+  ``out_proj.weight``), not through layer calls that a forward hook sees; a ``LayerNorm`` subclass with its own
+  ``forward`` (torchvision's channels-first ``LayerNorm2d``) calls ``F.layer_norm`` itself. While the closed
+  form runs, calls of ``torch.nn.functional.linear`` and ``layer_norm`` with one of those weights (located by
+  storage and offset) get a zero perturbation on their output, as a layer's call does; all other calls pass
+  through. Attention's calls are sequence-first, ``(T, n, d)``, or ``(T * n, d)`` for the output projection;
+  ``layer_norm``'s are batch-first.
+- A bare parameter (not a layer's) that the model broadcasts over the batch is given as ``n`` copies that
+  require gradients; the gradient of copy ``i`` is example ``i``'s. The copies replace a leading dimension 1
+  (a class token ``(1, 1, d)``, position embeddings ``(1, T, d)``), or come first when the other dimensions
+  are singletons (a layer scale ``(C, 1, 1)`` multiplying ``(n, C, H, W)``). Other bare parameters send the
+  model to ``vmap``.
+
+Both are checked, with the layers, against plain autograd one example at a time on each checkpoint's first
+batch (a model that uses them otherwise goes to ``vmap``).
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+__all__ = ["functional_kind", "functional_uses", "copied_names", "copies", "intercept", "Slice", "locate",
+           "slow_path"]
+
+WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias")
+
+
+def functional_kind(module: Any) -> str | None:
+    """``"mha"`` for torch's ``nn.MultiheadAttention`` with its own ``forward``; ``"layer_norm"`` for a
+    ``LayerNorm`` subclass with its own ``forward`` and affine parameters; else ``None``."""
+    import torch
+
+    nn = torch.nn
+    if isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward:
+        return "mha"
+    if isinstance(module, nn.LayerNorm) and type(module).forward is not nn.LayerNorm.forward \
+            and module.elementwise_affine:
+        return "layer_norm"
+    return None
+
+
+def functional_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool) -> dict[Any, tuple | None]:
+    """The modules of a ``functional_kind`` called on the batch's first example, each with ``(kind, names)``:
+    the names of its attributed weights and biases; ``None`` for an attention with attributed ``bias_k``/``bias_v``
+    (``(1, 1, d)``, but sequence-first: not broadcast over the batch, so the model goes to ``vmap``)."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    from .kronecker import _hooks
+
+    names = {id(tensor): name for name, tensor in prepared.params.items()}
+    found: dict[Any, tuple | None] = {}
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        if module in found:
+            return
+        kind = functional_kind(module)
+        tensors = [module.weight, module.bias] if kind == "layer_norm" else \
+            [getattr(module, attr, None) for attr in WEIGHTS] + [module.out_proj.weight, module.out_proj.bias]
+        found[module] = (kind, tuple(names[id(t)] for t in tensors if t is not None and id(t) in names))
+        if kind == "mha" and module.bias_k is not None and id(module.bias_k) in names:
+            found[module] = None
+
+    modules = [m for m in model.modules() if functional_kind(m)]
+    if modules:
+        with torch.no_grad(), _hooks(modules, hook):
+            backend._call(model, {**prepared.params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs),
+                          causal=causal)
+    return found
+
+
+def copied_names(prepared: Any, uncovered: set[str]) -> list[str] | None:
+    """The uncovered (bare) parameters, when each is broadcast over the batch by its shape, else ``None``: a
+    leading 1 (``(1, T, d)``: the copies replace it) or singletons after the first dimension (``(C, 1, 1)``: the
+    copies come first). Others (a table ``(T, d)`` the model slices, a scale ``(d,)`` on tokens) could be indexed
+    along the copies' dimension, which a check on two examples would not see: they go to ``vmap``."""
+    def broadcast(shape: tuple) -> bool:
+        return len(shape) >= 2 and (shape[0] == 1 or all(size == 1 for size in shape[1:]))
+
+    return sorted(uncovered) if all(broadcast(tuple(prepared.params[name].shape)) for name in uncovered) else None
+
+
+def copies(tensor: Any, n: int) -> Any:
+    """``n`` copies of a bare parameter that require gradients: in place of a leading 1, else in front."""
+    shape = tensor.shape[1:] if tensor.ndim >= 2 and tensor.shape[0] == 1 else tensor.shape
+    return tensor.detach().expand(n, *shape).clone().requires_grad_(True)
+
+
+class Slice:
+    """Rows ``[start, start + rows)`` of the parameter ``name``: what one ``linear`` call uses of it."""
+
+    __slots__ = ("name", "start", "rows")
+
+    def __init__(self, name: str, start: int, rows: int) -> None:
+        self.name, self.start, self.rows = name, start, rows
+
+
+def locate(tensor: Any, tracked: dict[int, list[tuple[str, Any]]]) -> Slice | None:
+    """The tracked parameter whose row slice ``tensor`` is (same storage, same strides, whole rows), else ``None``."""
+    if tensor is None:
+        return None
+    for name, whole in tracked.get(tensor.untyped_storage().data_ptr(), ()):
+        offset = tensor.storage_offset() - whole.storage_offset()
+        step = whole.stride(0)
+        if (tensor.ndim != whole.ndim or tensor.shape[1:] != whole.shape[1:] or tensor.stride() != whole.stride()
+                or offset < 0 or offset % step):
+            continue
+        start = offset // step
+        if start + tensor.shape[0] <= whole.shape[0]:
+            return Slice(name, start, int(tensor.shape[0]))
+    return None
+
+
+@contextmanager
+def slow_path(modules: list[Any]) -> Iterator[None]:
+    """Keep ``nn.MultiheadAttention`` off its fused fast path (``torch._native_multi_head_attention``, which calls
+    no ``linear``), taken when nothing it gets requires gradients: a query that does not is given as a leaf that
+    does (the same values; ``key``/``value`` that are the query stay the same tensor)."""
+    def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        query = args[0] if args else kwargs.get("query")
+        if query is None or query.requires_grad or not query.is_floating_point():
+            return None
+        leaf = query.detach().requires_grad_(True)
+        return (tuple(leaf if a is query else a for a in args),
+                {key: leaf if value is query else value for key, value in kwargs.items()})
+
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+_state = threading.local()
+_lock = threading.Lock()
+_installed: dict[str, Any] = {}  # the original functions (kept after: a late call still finds them), users
+
+
+def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
+    out = _installed["linear"](input, weight, bias)
+    on_call = getattr(_state, "linear", None)
+    return out if on_call is None else on_call(input, weight, bias, out)
+
+
+def _layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
+    out = _installed["layer_norm"](input, normalized_shape, weight, bias, eps)
+    on_call = getattr(_state, "layer_norm", None)
+    return out if on_call is None else on_call(input, normalized_shape, weight, bias, eps, out)
+
+
+@contextmanager
+def intercept(linear: Callable[..., Any] | None = None, layer_norm: Callable[..., Any] | None = None) -> Iterator[None]:
+    """Route this thread's ``torch.nn.functional.linear`` calls through ``linear(input, weight, bias, out)`` and
+    its ``layer_norm`` calls through ``layer_norm(input, normalized_shape, weight, bias, eps, out)`` (each
+    returns the output to use), for the duration; other threads' calls pass through unchanged."""
+    import torch.nn.functional as F
+
+    with _lock:
+        if not _installed.get("users"):
+            _installed.update(linear=F.linear, layer_norm=F.layer_norm, users=0)
+            F.linear, F.layer_norm = _linear, _layer_norm
+        _installed["users"] += 1
+    previous = getattr(_state, "linear", None), getattr(_state, "layer_norm", None)
+    _state.linear, _state.layer_norm = linear, layer_norm
+    try:
+        yield
+    finally:
+        _state.linear, _state.layer_norm = previous
+        with _lock:
+            _installed["users"] -= 1
+            if _installed["users"] == 0:
+                F.linear, F.layer_norm = _installed["linear"], _installed["layer_norm"]
