@@ -352,14 +352,20 @@ def _causal_lm_config(transformers, name):
             "falcon": lambda: transformers.FalconConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
                                                         num_attention_heads=4, bos_token_id=0, eos_token_id=0),
             "bloom": lambda: transformers.BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=4,
-                                                      bos_token_id=0, eos_token_id=0)}[name]()
+                                                      bos_token_id=0, eos_token_id=0),
+            "gemma": lambda: transformers.GemmaConfig(**small, num_key_value_heads=2, head_dim=4),  # scaled, tied
+            "opt": lambda: transformers.OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, max_position_embeddings=32,
+                                                  word_embed_proj_dim=16, bos_token_id=0, eos_token_id=0,
+                                                  pad_token_id=1)}[name]()
 
 
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "phi", "gpt_neox", "falcon", "bloom"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "phi", "gpt_neox", "falcon", "bloom", "gemma", "opt"])
 def test_hugging_face_causal_lms_in_closed_form(name):
     """Tiny random causal LMs of several families, with padding: all in closed form, equal to the model's own
     backward pass one example at a time to 1e-9 in float64 (vmap(grad) runs their eager attention, whose softmax
-    is float32; Bloom's autograd.Function cannot run under vmap at all)."""
+    is float32; Bloom's autograd.Function cannot run under vmap at all; Gemma's scaled embedding, tied to its head,
+    and OPT's offset positions are followed through their F.embedding calls)."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
     import trak_core
 
@@ -367,7 +373,7 @@ def test_hugging_face_causal_lms_in_closed_form(name):
     model = transformers.AutoModelForCausalLM.from_config(_causal_lm_config(transformers, name)).double()
     batch, labels = _padded_lm_batch(seed=5, low=2, shape=(4, 10), padded_from=7)
     task = trak_core.tasks.LanguageModeling()
-    backend = TorchBackend(attention_mask="pass" if name == "bloom" else "auto")  # Bloom's ALiBi reads the 2-D mask
+    backend = TorchBackend(attention_mask="pass" if name in ("bloom", "opt") else "auto")  # they read the 2-D mask
     prepared = backend.prepare(model, None)
     grads, _ = backend.gradients(model, prepared, batch, labels, task)
     assert prepared._closed_form[id(task)] is not None

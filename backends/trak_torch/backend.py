@@ -233,11 +233,14 @@ class TorchBackend(Backend):
         causal = self._causal(model)
         uses = self._closed_form_uses(model, prepared, inputs, labels, task, causal)
         if uses is not None:
-            from .closed_form import closed_form_gradients
+            from .closed_form import NotPerExample, closed_form_gradients
 
-            with _eval_mode(model), attention_for_closed_form(model):  # SDPA, not vmap's eager attention
-                grads, logits = closed_form_gradients(self, model, prepared, uses, inputs, labels, task, causal)
-                return grads, task.out_to_loss(logits, labels, xp=xp)
+            try:
+                with _eval_mode(model), attention_for_closed_form(model):  # SDPA, not vmap's eager attention
+                    grads, logits = closed_form_gradients(self, model, prepared, uses, inputs, labels, task, causal)
+                    return grads, task.out_to_loss(logits, labels, xp=xp)
+            except NotPerExample:  # a batch unlike the checked one (a layer call's shape): vmap from now on
+                prepared.__dict__["_closed_form"][id(task)] = None
         return self._vmap_gradients(model, prepared, inputs, labels, task, causal)
 
     def _closed_form_uses(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,

@@ -20,7 +20,9 @@ eval mode for these layers, norms and attention within an example); each checkpo
 is checked on its first two examples against plain autograd one example at a time (no
 ``torch.func``: models with ``autograd.Function``s that ``vmap`` cannot run are covered too), and
 the backend falls back to ``vmap`` where they differ, or where a layer call has no row per example
-(``NotPerExample``).
+(``NotPerExample``; then or on any later batch). Token-wise layers (linear, Conv1D, embeddings, layer and RMS
+norms) may be called on one row per example, on ``(1, T)`` shared by the batch, or on the batch's tokens
+flattened example-major (``(n * T, d)``, OPT's).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class NotPerExample(RuntimeError):
 
 
 NORMS = ("batchnorm", "groupnorm", "layernorm", "rmsnorm", "rmsnorm-hf")  # channel-wise (dim 1), then trailing
+TOKENWISE = ("linear", "conv1d", "embedding", "layernorm", "rmsnorm", "rmsnorm-hf")  # rows may be flattened tokens
 
 
 def _hf_rms_epsilon(module: Any) -> float | None:
@@ -93,14 +96,19 @@ def conv_kind(module: Any) -> str | None:
 
 
 def _kind(module: Any) -> str | None:
-    """The closed form's kind of ``module``. Subclasses of Linear and Embedding are taken with their parent's
-    gradient (Falcon's Linear computes the same product); the check against plain autograd catches one that
-    computes something else (Gemma's scaled embedding), and the model goes to ``vmap``."""
+    """The closed form's kind of ``module``. Subclasses of Linear are taken with their parent's gradient (Falcon's
+    Linear computes the same product; the check against plain autograd catches one that computes something else);
+    Embedding subclasses with their own ``forward`` are followed through their ``F.embedding`` call instead
+    (:mod:`trak_torch.closed_form_functional`)."""
+    import torch
+
     from .kronecker import layer_kind
 
     conv, layer = conv_kind(module), layer_kind(module, own_forward=False)
     if conv or layer == "conv2d":  # convolutions: torch's own forward only (``conv_kind``)
         return conv
+    if layer == "embedding" and type(module).forward is not torch.nn.Embedding.forward:
+        return None
     return layer or norm_kind(module)
 
 
@@ -147,9 +155,9 @@ def _normalized(module: Any, kind: str, a: Any) -> Any:
 
 def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool) -> list | None:
     """The uses ``(module, kind, weight, bias)`` when they cover every attributed parameter, else ``None``: layer
-    calls (weights and their own biases); modules whose weights are used by functional calls (``kind`` "mha" or
-    "layer_norm", ``weight`` their names); bare parameters, given as per-example copies (``module=None``,
-    ``kind="copies"``)."""
+    calls (weights and their own biases); modules whose weights are used by functional calls (``kind`` a key of
+    ``closed_form_functional.FUNCTION``, ``weight`` their names); bare parameters, given as per-example copies
+    (``module=None``, ``kind="copies"``)."""
     from .closed_form_functional import copied_names, functional_uses
     from .kronecker import find_uses
 
@@ -162,8 +170,10 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
     biases = [bias for _, _, bias in found.values() if bias]
     weights = {weight for _, weight, _ in found.values()}
     inside = [name for _, names in functional.values() for name in names]
+    tied = {name for kind, names in functional.values() if kind == "embedding_call" for name in names} \
+        - {weight for kind, weight, _ in found.values() if kind == "embedding"}  # an embedding tied to a head
     if len(set(biases)) != len(biases) or weights & set(biases) or len(set(inside)) != len(inside) \
-            or covered & set(inside):
+            or (covered & set(inside)) - tied:
         return None
     copied = copied_names(prepared, set(prepared.params) - covered - set(inside))
     if copied is None:
@@ -180,19 +190,20 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     import torch
 
     from .backend import _rows, output_logits
-    from .closed_form_functional import copies, intercept, locate, slow_path
+    from .closed_form_functional import FUNCTION, copies, intercept, locate, slow_path
     from .kronecker import _hooks
 
-    functional = {module: names for module, kind, names, _ in uses if kind in ("mha", "layer_norm")}
+    functional = {module: names for module, kind, names, _ in uses if kind in FUNCTION}
     spec = {module: (kind, weight, bias) for module, kind, weight, bias in uses
             if module is not None and module not in functional}
     calls: list[tuple[Any, Any, Any]] = []  # (a layer module, or (kind, weight slice, bias slice) of a call; a; z)
     n = _rows(inputs)
     copied = {name: copies(prepared.params[name], n) for _, kind, name, _ in uses if kind == "copies"}
-    tracked: dict[int, list[tuple[str, Any]]] = {}
-    for name in (name for names in functional.values() for name in names):
-        tensor = prepared.params[name]
-        tracked.setdefault(tensor.untyped_storage().data_ptr(), []).append((name, tensor))
+    tracked: dict[str, dict[int, list[tuple[str, Any]]]] = {function: {} for function in FUNCTION.values()}
+    for module, kind, names, _ in uses:  # the weights each intercepted function looks for, by storage
+        for name in names if kind in FUNCTION else ():
+            tensor = prepared.params[name]
+            tracked[FUNCTION[kind]].setdefault(tensor.untyped_storage().data_ptr(), []).append((name, tensor))
     seen: set[str] = set()
     called: list[Any] = []
 
@@ -205,21 +216,24 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         kind, a = spec[module][0], args[0].detach()
         with torch.no_grad():  # a norm's input side: normalized now, with the buffers of this call
             a = _normalized(module, kind, a) if kind in NORMS else a
-        if out.ndim == 0 or out.shape[0] != n:  # a call shared by the batch, such as position embeddings (1, T)
-            if out.ndim == 0 or out.shape[0] != 1 or a.shape[0] != 1:
-                raise NotPerExample(f"{type(module).__name__} is called on {tuple(a.shape)}, not on {n} examples")
+        rows = out.shape[0] if out.ndim else 0
+        if rows == 1 and a.shape[0] == 1 and n > 1:  # a call shared by the batch, such as position embeddings (1, T)
             a = a.expand(n, *a.shape[1:])  # each example's own perturbation; the sum broadcasts as before
-        z = torch.zeros((n, *out.shape[1:]), dtype=out.dtype, device=out.device, requires_grad=True)
+        elif rows != n and (rows % n or a.shape[0] != rows or kind not in TOKENWISE):
+            raise NotPerExample(f"{type(module).__name__} is called on {tuple(a.shape)}, not on {n} examples")
+        # else one row per example, or the batch's tokens flattened example-major ((n * T, d): OPT's layers)
+        z = torch.zeros((n, *out.shape[1:]) if rows in (1, n) else (n, rows // n, *out.shape[1:]), dtype=out.dtype,
+                        device=out.device, requires_grad=True)
         calls.append((module, a, z))
-        return out + z
+        return out + z.reshape(out.shape) if rows not in (1, n) else out + z
 
-    def record(kind: str, weight: Any, bias: Any) -> tuple | None:
-        w = locate(weight, tracked)
+    def record(kind: str, weight: Any, bias: Any, extra: Any = None) -> tuple | None:
+        w = locate(weight, tracked[kind])
         if w is None:
             return None
-        b = locate(bias, tracked)
+        b = locate(bias, tracked[kind])
         seen.update(part.name for part in (w, b) if part is not None)
-        return kind, w, b
+        return kind, w, b, extra
 
     def linear(x: Any, weight: Any, bias: Any, out: Any) -> Any:
         """An attention projection: sequence-first, ``(T, n, d)``, or ``(T * n, d)`` for the output projection."""
@@ -235,7 +249,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
 
     def layer_norm(x: Any, shape: Any, weight: Any, bias: Any, eps: float, out: Any) -> Any:
         """A ``LayerNorm`` subclass's own call (batch-first): ``xhat`` as for a LayerNorm layer."""
-        key = record("layernorm", weight, bias)
+        key = record("layer_norm", weight, bias)
         if key is None:
             return out
         if out.ndim == 0 or out.shape[0] != n:
@@ -246,8 +260,21 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         calls.append((key, xhat, z))
         return out + z
 
+    def embedding(ids: Any, weight: Any, padding_idx: Any, max_norm: Any, by_freq: bool, sparse: bool, out: Any) -> Any:
+        """An ``Embedding`` subclass's own lookup (batch-first ids, or ``(1, T)`` shared by the batch)."""
+        key = record("embedding", weight, None, padding_idx)
+        if key is None:
+            return out
+        if max_norm is not None or by_freq or sparse or ids.ndim == 0 or ids.shape[0] not in (n, 1):
+            raise NotPerExample(f"an embedding is looked up on {tuple(ids.shape)} with max_norm={max_norm}, "
+                                f"scale_grad_by_freq={by_freq}, sparse={sparse}")
+        z = torch.zeros((n, *out.shape[1:]), dtype=out.dtype, device=out.device, requires_grad=True)
+        calls.append((key, ids.expand(n, *ids.shape[1:]), z))
+        return out + z
+
     params = {**prepared.params, **copied, **prepared.frozen}
-    intercepted = intercept(linear, layer_norm) if functional else nullcontext()  # F untouched without them
+    intercepted = intercept(linear=linear, layer_norm=layer_norm, embedding=embedding) if functional \
+        else nullcontext()  # F untouched without them
     attention = [module for module, kind, _, _ in uses if kind == "mha"]
     with torch.enable_grad(), _hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted:
         logits = output_logits(backend._call(model, params, inputs, causal=causal), backend.logits_fn)
@@ -296,16 +323,32 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             written.add(part.name)
         views[part.name][:, part.start:part.start + part.rows].add_(value)
 
+    def put_embedding(name: str, ids: Any, delta: Any, padding_idx: int | None) -> None:
+        """An embedding table's gradients: the output gradients added at the looked-up rows, in place."""
+        d = delta.reshape(n, -1, prepared.params[name].shape[1])
+        ids = ids.reshape(n, -1)
+        if padding_idx is not None:
+            d = d * (ids != padding_idx).to(d.dtype)[..., None]
+        view = views[name]  # (n, vocabulary, width)
+        if name not in written:
+            view.zero_()
+            written.add(name)
+        examples = torch.arange(n, device=ids.device)[:, None].expand_as(ids)
+        view.index_put_((examples, ids), d, accumulate=True)
+
     for name, delta in zip(copied, deltas[len(calls):]):
         put(name, (torch.zeros_like(copied[name]) if delta is None else delta).reshape(n, -1))
     for (module, a, z), delta in zip(calls, deltas):
         delta = torch.zeros_like(z) if delta is None else delta.detach()
-        if isinstance(module, tuple):  # a functional call: (kind, weight slice, bias slice)
-            kind, w, b = module
+        if isinstance(module, tuple):  # a functional call: (kind, weight slice, bias slice, padding index)
+            kind, w, b, padding_idx = module
+            if kind == "embedding":
+                put_embedding(w.name, a, delta, padding_idx)
+                continue
             if kind == "linear":
                 put_rows(w, torch.bmm(delta.transpose(1, 2), a))
                 d = delta.sum(1)
-            else:  # layernorm: positions sharing one gamma
+            else:  # layer_norm: positions sharing one gamma
                 width = prepared.params[w.name].numel()
                 d = delta.reshape(n, -1, width).transpose(1, 2)
                 put_rows(w, (d * a.reshape(n, -1, width).transpose(1, 2)).sum(2))
@@ -326,17 +369,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             if bias:
                 put(bias, d.sum(2))
         elif kind == "embedding":
-            table = prepared.params[weight]
-            d = delta.reshape(n, -1, table.shape[1])
-            ids = a.reshape(n, -1)
-            if module.padding_idx is not None:
-                d = d * (ids != module.padding_idx).to(d.dtype)[..., None]
-            view = views[weight]  # (n, vocabulary, width): output gradients added at the looked-up rows, in place
-            if weight not in written:
-                view.zero_()
-                written.add(weight)
-            examples = torch.arange(n, device=ids.device)[:, None].expand_as(ids)
-            view.index_put_((examples, ids), d, accumulate=True)
+            put_embedding(weight, a, delta, module.padding_idx)
         else:
             a3, d = a.reshape(n, -1, a.shape[-1]), delta.reshape(n, -1, delta.shape[-1])
             if kind == "conv1d":

@@ -26,15 +26,17 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-__all__ = ["functional_kind", "functional_uses", "copied_names", "copies", "intercept", "Slice", "locate",
+__all__ = ["FUNCTION", "functional_kind", "functional_uses", "copied_names", "copies", "intercept", "Slice", "locate",
            "slow_path"]
 
 WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias")
+FUNCTION = {"mha": "linear", "layer_norm_call": "layer_norm", "embedding_call": "embedding"}  # what each calls
 
 
 def functional_kind(module: Any) -> str | None:
-    """``"mha"`` for torch's ``nn.MultiheadAttention`` with its own ``forward``; ``"layer_norm"`` for a
-    ``LayerNorm`` subclass with its own ``forward`` and affine parameters; else ``None``."""
+    """``"mha"`` for torch's ``nn.MultiheadAttention`` with its own ``forward``; ``"layer_norm_call"`` for a
+    ``LayerNorm`` subclass with its own ``forward`` and affine parameters; ``"embedding_call"`` for an ``Embedding``
+    subclass with its own ``forward`` (Gemma's scaled embedding, OPT's offset positions); else ``None``."""
     import torch
 
     nn = torch.nn
@@ -42,7 +44,9 @@ def functional_kind(module: Any) -> str | None:
         return "mha"
     if isinstance(module, nn.LayerNorm) and type(module).forward is not nn.LayerNorm.forward \
             and module.elementwise_affine:
-        return "layer_norm"
+        return "layer_norm_call"
+    if isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward:
+        return "embedding_call"
     return None
 
 
@@ -62,8 +66,8 @@ def functional_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal
         if module in found:
             return
         kind = functional_kind(module)
-        tensors = [module.weight, module.bias] if kind == "layer_norm" else \
-            [getattr(module, attr, None) for attr in WEIGHTS] + [module.out_proj.weight, module.out_proj.bias]
+        tensors = [getattr(module, attr, None) for attr in WEIGHTS] + [module.out_proj.weight, module.out_proj.bias] \
+            if kind == "mha" else [module.weight, getattr(module, "bias", None)]
         found[module] = (kind, tuple(names[id(t)] for t in tensors if t is not None and id(t) in names))
         if kind == "mha" and module.bias_k is not None and id(module.bias_k) in names:
             found[module] = None
@@ -156,25 +160,43 @@ def _layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any
     return out if on_call is None else on_call(input, normalized_shape, weight, bias, eps, out)
 
 
+def _embedding(input: Any, weight: Any, padding_idx: Any = None, max_norm: Any = None, norm_type: float = 2.0,
+               scale_grad_by_freq: bool = False, sparse: bool = False) -> Any:
+    out = _installed["embedding"](input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    on_call = getattr(_state, "embedding", None)
+    return out if on_call is None else on_call(input, weight, padding_idx, max_norm, scale_grad_by_freq, sparse, out)
+
+
+WRAPPERS = {"linear": _linear, "layer_norm": _layer_norm, "embedding": _embedding}
+
+
 @contextmanager
-def intercept(linear: Callable[..., Any] | None = None, layer_norm: Callable[..., Any] | None = None) -> Iterator[None]:
-    """Route this thread's ``torch.nn.functional.linear`` calls through ``linear(input, weight, bias, out)`` and
-    its ``layer_norm`` calls through ``layer_norm(input, normalized_shape, weight, bias, eps, out)`` (each
-    returns the output to use), for the duration; other threads' calls pass through unchanged."""
+def intercept(**handlers: Callable[..., Any] | None) -> Iterator[None]:
+    """Route this thread's calls of ``torch.nn.functional.linear``, ``layer_norm`` and ``embedding`` through the
+    handler of that name (keywords), called with the function's arguments and then its output, and returning the
+    output to use: ``linear(input, weight, bias, out)``, ``layer_norm(input, normalized_shape, weight, bias, eps,
+    out)``, ``embedding(input, weight, padding_idx, max_norm, scale_grad_by_freq, sparse, out)``; for the
+    duration. Other threads' calls, and calls without a handler, pass through unchanged."""
     import torch.nn.functional as F
 
+    if set(handlers) - set(WRAPPERS):
+        raise TypeError(f"intercept() takes handlers for {sorted(WRAPPERS)}, got {sorted(handlers)}")
     with _lock:
         if not _installed.get("users"):
-            _installed.update(linear=F.linear, layer_norm=F.layer_norm, users=0)
-            F.linear, F.layer_norm = _linear, _layer_norm
+            _installed.update({name: getattr(F, name) for name in WRAPPERS}, users=0)
+            for name, wrapper in WRAPPERS.items():
+                setattr(F, name, wrapper)
         _installed["users"] += 1
-    previous = getattr(_state, "linear", None), getattr(_state, "layer_norm", None)
-    _state.linear, _state.layer_norm = linear, layer_norm
+    previous = {name: getattr(_state, name, None) for name in WRAPPERS}
+    for name in WRAPPERS:
+        setattr(_state, name, handlers.get(name))
     try:
         yield
     finally:
-        _state.linear, _state.layer_norm = previous
+        for name, handler in previous.items():
+            setattr(_state, name, handler)
         with _lock:
             _installed["users"] -= 1
             if _installed["users"] == 0:
-                F.linear, F.layer_norm = _installed["linear"], _installed["layer_norm"]
+                for name in WRAPPERS:
+                    setattr(F, name, _installed[name])
