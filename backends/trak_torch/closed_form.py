@@ -219,7 +219,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         rows = out.shape[0] if out.ndim else 0
         if rows == 1 and a.shape[0] == 1 and n > 1:  # a call shared by the batch, such as position embeddings (1, T)
             a = a.expand(n, *a.shape[1:])  # each example's own perturbation; the sum broadcasts as before
-        elif rows != n and (rows % n or a.shape[0] != rows or kind not in TOKENWISE):
+        elif rows != n and (not rows or rows % n or a.shape[0] != rows or kind not in TOKENWISE):
             raise NotPerExample(f"{type(module).__name__} is called on {tuple(a.shape)}, not on {n} examples")
         # else one row per example, or the batch's tokens flattened example-major ((n * T, d): OPT's layers)
         z = torch.zeros((n, *out.shape[1:]) if rows in (1, n) else (n, rows // n, *out.shape[1:]), dtype=out.dtype,
