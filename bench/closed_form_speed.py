@@ -3,13 +3,14 @@
 One run, ratios within it: for ResNet-18 (convolutions, batch norms, a linear head), a ViT laid out as
 torchvision's (``nn.MultiheadAttention``, a class token and position embeddings), a ConvNeXt laid out as
 torchvision's (channels-first ``LayerNorm2d``, layer scales), a GPT-2 with
-random weights (embeddings, Conv1D, layer norms) and a Llama (its own RMSNorm class, grouped-query
-attention; both need ``transformers``), examples per second of
+random weights (embeddings, Conv1D, layer norms), a Llama (its own RMSNorm class, grouped-query attention), a
+Gemma (a scaled embedding tied to its head) and an OPT (offset positions, flattened tokens; the language models
+need ``transformers``), examples per second of
 ``TorchBackend()`` and of ``TorchBackend(per_example="vmap")`` at its default chunk, alternated
 ``--repeats`` times (best of each), and their largest difference relative to the vmap gradients'
 largest entry.
 
-    python bench/closed_form_speed.py                 # ResNet-18, ViT, ConvNeXt at 32 x 32; GPT-2, Llama
+    python bench/closed_form_speed.py                 # ResNet-18, ViT, ConvNeXt at 32 x 32; GPT-2 ... OPT
     python bench/closed_form_speed.py --device cuda --batch 256
 """
 from __future__ import annotations
@@ -33,8 +34,8 @@ from trak_core.tasks import Classification, LanguageModeling  # noqa: E402
 from trak_torch import TorchBackend  # noqa: E402
 
 
-def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, Any, Any]]:
-    """name -> (model, inputs, labels, task), float32, seeded, on ``device``."""
+def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, Any, Any, dict]]:
+    """name -> (model, inputs, labels, task, backend options), float32, seeded, on ``device``."""
     torch.manual_seed(0)
     net = resnet18(10, 8 if small else 64).to(device).eval()
     for module in net.modules():  # trained-looking statistics, so the normalization is not the identity
@@ -43,13 +44,13 @@ def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, An
             module.running_var.uniform_(0.5, 2.0)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    out = {"resnet18" + ("-width8" if small else ""): (net, x, y, Classification())}
+    out = {"resnet18" + ("-width8" if small else ""): (net, x, y, Classification(), {})}
     width, depth = (16, 2) if small else (192, 6)
     vit = VisionTransformer(width=width, depth=depth, heads=2 if small else 3).to(device).eval()
-    out[f"vit-{depth}x{width}"] = (vit, x, y, Classification())
+    out[f"vit-{depth}x{width}"] = (vit, x, y, Classification(), {})
     dims = (8, 16) if small else (48, 96, 192, 384)
     convnext = ConvNeXt(dims=dims, depths=(1,) * len(dims) if small else (2, 2, 4, 2), layer_scale=0.1)
-    out[f"convnext-{'-'.join(map(str, dims))}"] = (convnext.to(device).eval(), x, y, Classification())
+    out[f"convnext-{'-'.join(map(str, dims))}"] = (convnext.to(device).eval(), x, y, Classification(), {})
     try:
         import transformers
     except ImportError:
@@ -59,18 +60,30 @@ def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, An
                                       bos_token_id=0, eos_token_id=0)
     gpt2 = transformers.GPT2LMHeadModel(config).to(device).eval()
     ids = torch.randint(0, 512, (batch, length), device=device)
-    out[f"gpt2-{layers}x{width}"] = (gpt2, {"input_ids": ids}, ids, LanguageModeling())
+    out[f"gpt2-{layers}x{width}"] = (gpt2, {"input_ids": ids}, ids, LanguageModeling(), {})
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=width, intermediate_size=2 * width,
                                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=length, bos_token_id=0, eos_token_id=0)
     llama = transformers.LlamaForCausalLM(config).to(device).eval()
-    out[f"llama-{layers}x{width}"] = (llama, {"input_ids": ids}, ids, LanguageModeling())
+    out[f"llama-{layers}x{width}"] = (llama, {"input_ids": ids}, ids, LanguageModeling(), {})
+    config = transformers.GemmaConfig(vocab_size=512, hidden_size=width, intermediate_size=2 * width,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=width // 4, max_position_embeddings=length, bos_token_id=0,
+                                      eos_token_id=0, pad_token_id=0)
+    gemma = transformers.GemmaForCausalLM(config).to(device).eval()  # scaled embedding, tied to the head
+    out[f"gemma-{layers}x{width}"] = (gemma, {"input_ids": ids}, ids, LanguageModeling(), {})
+    config = transformers.OPTConfig(vocab_size=512, hidden_size=width, ffn_dim=2 * width, num_hidden_layers=layers,
+                                    num_attention_heads=4, max_position_embeddings=length, word_embed_proj_dim=width,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    opt = transformers.OPTForCausalLM(config).to(device).eval()  # offset positions from its 2-D mask
+    batch_with_mask = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out[f"opt-{layers}x{width}"] = (opt, batch_with_mask, ids, LanguageModeling(), {"attention_mask": "pass"})
     return out
 
 
-def measure(model: Any, inputs: Any, labels: Any, task: Any, repeats: int, device: str) -> dict:
+def measure(model: Any, inputs: Any, labels: Any, task: Any, options: dict, repeats: int, device: str) -> dict:
     """Examples per second of each path (best of ``repeats``, alternated) and their largest relative difference."""
-    paths = {"closed form": TorchBackend(), "vmap": TorchBackend(per_example="vmap")}
+    paths = {"closed form": TorchBackend(**options), "vmap": TorchBackend(per_example="vmap", **options)}
     prepared = {name: backend.prepare(model, None) for name, backend in paths.items()}
     grads = {name: backend.gradients(model, prepared[name], inputs, labels, task)[0]  # warm-up, and the check
              for name, backend in paths.items()}
