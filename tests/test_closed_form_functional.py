@@ -288,3 +288,13 @@ def test_a_batch_the_closed_form_cannot_take_goes_to_vmap_from_then_on():
     g = torch.Generator().manual_seed(10)
     x, y = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (5,), generator=g)
     _check(KeywordWhenLarge(), x, y, False)
+
+
+def test_intercept_refuses_an_unknown_function():
+    from trak_core.errors import TrakTypeError
+    from trak_torch.closed_form_functional import intercept
+
+    with pytest.raises(TrakTypeError, match="conv2d"):
+        with intercept(conv2d=lambda *args: args[-1]):
+            pass
+    assert torch.nn.functional.linear is torch._C._nn.linear

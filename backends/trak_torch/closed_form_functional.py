@@ -26,6 +26,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from trak_core.errors import TrakTypeError
+
 __all__ = ["FUNCTION", "functional_kind", "functional_uses", "copied_names", "copies", "intercept", "Slice", "locate",
            "slow_path"]
 
@@ -180,7 +182,7 @@ def intercept(**handlers: Callable[..., Any] | None) -> Iterator[None]:
     import torch.nn.functional as F
 
     if set(handlers) - set(WRAPPERS):
-        raise TypeError(f"intercept() takes handlers for {sorted(WRAPPERS)}, got {sorted(handlers)}")
+        raise TrakTypeError(f"intercept() takes handlers for {sorted(WRAPPERS)}, got {sorted(handlers)}")
     with _lock:
         if not _installed.get("users"):
             _installed.update({name: getattr(F, name) for name in WRAPPERS}, users=0)
