@@ -226,27 +226,33 @@ def test_convnext_in_closed_form():
 
 
 class BareTokens(nn.Module):
-    """A position table (T, d) sliced by the model, or a layer scale (d,) on tokens (n, T, d) as DeiT-III's: bare
-    parameters whose copies would not broadcast or be indexed (the table's slice [:T] would take the first T
-    copies: right when n <= T, an error when n > T, which the check on two examples would not see)."""
+    """A position table (T, d) sliced by the model (copies would be indexed: its slice [:T] would take the first T
+    copies, right when n <= T, an error when n > T, which the check on two examples would not see), or a layer
+    scale (d,) on tokens (n, T, d), as DeiT-III's (followed through the product, also in place), or one also used
+    otherwise (vmap)."""
 
     def __init__(self, bare, length=4):
         super().__init__()
-        self.lin, self.head, self.table = nn.Linear(3, 4), nn.Linear(4, 2), bare == "table"
-        self.bare = nn.Parameter(torch.randn(length, 4) if self.table else torch.randn(4))
+        self.lin, self.head, self.kind = nn.Linear(3, 4), nn.Linear(4, 2), bare
+        self.bare = nn.Parameter(torch.randn(length, 4) if bare == "table" else torch.randn(4))
 
     def forward(self, x):
+        if self.kind == "inplace-scale":  # timm's LayerScale(inplace=True)
+            return self.head(torch.tanh(self.lin(x).mul_(self.bare)).mean(1))
         h = torch.tanh(self.lin(x))
-        h = h + self.bare[:x.shape[1]] if self.table else self.bare * h
+        if self.kind == "scale-used-otherwise":  # the product is right, the norm is not a per-example use
+            return self.head((self.bare * h).mean(1)) * self.bare.norm()
+        h = h + self.bare[:x.shape[1]] if self.kind == "table" else self.bare * h
         return self.head(h.mean(1))
 
 
-@pytest.mark.parametrize("bare", ["table", "token-scale"])
-def test_bare_parameters_that_are_not_broadcast_go_to_vmap(bare):
+@pytest.mark.parametrize("bare, covered", [("table", False), ("token-scale", True), ("inplace-scale", True),
+                                           ("scale-used-otherwise", False)])
+def test_bare_tables_go_to_vmap_and_token_scales_are_followed(bare, covered):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(8)
     x, y = torch.randn(7, 4, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (7,), generator=g)
-    _check(BareTokens(bare), x, y, False)
+    _check(BareTokens(bare), x, y, covered, kinds={"scale"} if covered else ())
 
 
 def test_vision_transformer_on_cuda_takes_the_closed_form():
@@ -298,3 +304,26 @@ def test_intercept_refuses_an_unknown_function():
         with intercept(conv2d=lambda *args: args[-1]):
             pass
     assert torch.nn.functional.linear is torch._C._nn.linear
+
+
+def test_hugging_face_convnext_in_closed_form():
+    """Hugging Face's ConvNeXt: its channels-first LayerNorm subclass (through F.layer_norm) and its layer scales
+    (C,) on channels-last features (through their products)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
+
+    torch.manual_seed(0)
+    config = transformers.ConvNextConfig(num_channels=3, patch_size=2, hidden_sizes=[4, 8, 8, 8],
+                                         depths=[1, 1, 1, 1], num_labels=3, image_size=32, layer_scale_init_value=0.5)
+    model = transformers.ConvNextForImageClassification(config)
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(pixel_values=x).logits
+
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
+    _check(Logits(), x, y, True, kinds={"layer_norm_call", "scale", "conv"})

@@ -157,8 +157,8 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
     """The uses ``(module, kind, weight, bias)`` when they cover every attributed parameter, else ``None``: layer
     calls (weights and their own biases); modules whose weights are used by functional calls (``kind`` a key of
     ``closed_form_functional.FUNCTION``, ``weight`` their names); bare parameters, given as per-example copies
-    (``module=None``, ``kind="copies"``)."""
-    from .closed_form_functional import copied_names, functional_uses
+    (``module=None``, ``kind`` "copies", or "scale" for 1-D ones)."""
+    from .closed_form_functional import bare_names, functional_uses
     from .kronecker import find_uses
 
     found = {use.module: (use.kind, use.weight, use.bias) for use in
@@ -175,12 +175,12 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
     if len(set(biases)) != len(biases) or weights & set(biases) or len(set(inside)) != len(inside) \
             or (covered & set(inside)) - tied:
         return None
-    copied = copied_names(prepared, set(prepared.params) - covered - set(inside))
-    if copied is None:
+    bare = bare_names(prepared, set(prepared.params) - covered - set(inside))
+    if bare is None:
         return None
     return ([(module, *spec) for module, spec in found.items()]
             + [(module, kind, names, None) for module, (kind, names) in functional.items()]
-            + [(None, "copies", name, None) for name in copied])
+            + [(None, kind, name, None) for kind, names in zip(("copies", "scale"), bare) for name in names])
 
 
 def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, inputs: Any, labels: Any, task: Any,
@@ -190,7 +190,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     import torch
 
     from .backend import _rows, output_logits
-    from .closed_form_functional import FUNCTION, copies, intercept, locate, slow_path
+    from .closed_form_functional import FUNCTION, copies, intercept, locate, scaled, slow_path
     from .kronecker import _hooks
 
     functional = {module: names for module, kind, names, _ in uses if kind in FUNCTION}
@@ -198,7 +198,9 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             if module is not None and module not in functional}
     calls: list[tuple[Any, Any, Any]] = []  # (a layer module, or (kind, weight slice, bias slice) of a call; a; z)
     n = _rows(inputs)
-    copied = {name: copies(prepared.params[name], n) for _, kind, name, _ in uses if kind == "copies"}
+    copied = {name: copies(prepared.params[name], n) for _, kind, name, _ in uses if kind in ("copies", "scale")}
+    scales = {id(prepared.params[name]): (prepared.params[name], copied[name]) for _, kind, name, _ in uses
+              if kind == "scale"}  # passed as themselves, their copies swapped in by ``scaled``
     tracked: dict[str, dict[int, list[tuple[str, Any]]]] = {function: {} for function in FUNCTION.values()}
     for module, kind, names, _ in uses:  # the weights each intercepted function looks for, by storage
         for name in names if kind in FUNCTION else ():
@@ -272,11 +274,14 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         calls.append((key, ids.expand(n, *ids.shape[1:]), z))
         return out + z
 
-    params = {**prepared.params, **copied, **prepared.frozen}
+    params = {**prepared.params, **{name: copied[name] for name in copied if id(prepared.params[name]) not in scales},
+              **prepared.frozen}
     intercepted = intercept(linear=linear, layer_norm=layer_norm, embedding=embedding) if functional \
         else nullcontext()  # F untouched without them
     attention = [module for module, kind, _, _ in uses if kind == "mha"]
-    with torch.enable_grad(), _hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted:
+    followed = scaled(scales, n) if scales else nullcontext()
+    with torch.enable_grad(), _hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted, \
+            followed:
         logits = output_logits(backend._call(model, params, inputs, causal=causal), backend.logits_fn)
         for module in called:
             if not set(functional[module]) <= seen:  # e.g. the fused fast path of nn.MultiheadAttention

@@ -1,21 +1,25 @@
 """The closed form's uses that are not layer calls: functional calls inside modules, and bare parameters.
 
-One job: extend :mod:`trak_torch.closed_form` to vision transformers and ConvNeXts (torchvision's ViT and
-ConvNeXt, Hugging Face's ViT/DeiT, models built on ``nn.TransformerEncoder``).
+One job: extend :mod:`trak_torch.closed_form` to vision transformers, ConvNeXts and language models whose
+embeddings are subclasses (torchvision's and Hugging Face's ViT and ConvNeXt, ``nn.TransformerEncoder``, Gemma,
+OPT).
 
 - ``nn.MultiheadAttention`` uses its projection weights inside ``F.multi_head_attention_forward`` (the packed
   ``in_proj_weight``, or row slices of it for cross-attention, or separate ``q/k/v_proj_weight``, then
   ``out_proj.weight``), not through layer calls that a forward hook sees; a ``LayerNorm`` subclass with its own
-  ``forward`` (torchvision's channels-first ``LayerNorm2d``) calls ``F.layer_norm`` itself. While the closed
-  form runs, calls of ``torch.nn.functional.linear`` and ``layer_norm`` with one of those weights (located by
-  storage and offset) get a zero perturbation on their output, as a layer's call does; all other calls pass
-  through. Attention's calls are sequence-first, ``(T, n, d)``, or ``(T * n, d)`` for the output projection;
-  ``layer_norm``'s are batch-first.
+  ``forward`` (torchvision's channels-first ``LayerNorm2d``) calls ``F.layer_norm`` itself, and an ``Embedding``
+  subclass with its own ``forward`` (Gemma's scaled embedding, OPT's offset positions) ``F.embedding``. While the
+  closed form runs, calls of ``torch.nn.functional.linear``, ``layer_norm`` and ``embedding`` with one of those
+  weights (located by storage and offset) get a zero perturbation on their output, as a layer's call does; all
+  other calls pass through. Attention's calls are sequence-first, ``(T, n, d)``, or ``(T * n, d)`` for the output
+  projection; the others are batch-first.
 - A bare parameter (not a layer's) that the model broadcasts over the batch is given as ``n`` copies that
   require gradients; the gradient of copy ``i`` is example ``i``'s. The copies replace a leading dimension 1
   (a class token ``(1, 1, d)``, position embeddings ``(1, T, d)``), or come first when the other dimensions
-  are singletons (a layer scale ``(C, 1, 1)`` multiplying ``(n, C, H, W)``). Other bare parameters send the
-  model to ``vmap``.
+  are singletons (a layer scale ``(C, 1, 1)`` multiplying ``(n, C, H, W)``). A 1-D one (a layer scale ``(d,)``
+  on channels-last features or tokens) is followed through its products with batch-first tensors by a torch
+  function mode (``scaled``), which puts its copies, viewed ``(n, 1, ..., d)``, in its place. Other bare
+  parameters send the model to ``vmap``.
 
 Both are checked, with the layers, against plain autograd one example at a time on each checkpoint's first
 batch (a model that uses them otherwise goes to ``vmap``).
@@ -28,8 +32,8 @@ from typing import Any, Callable, Iterator
 
 from trak_core.errors import TrakTypeError
 
-__all__ = ["FUNCTION", "functional_kind", "functional_uses", "copied_names", "copies", "intercept", "Slice", "locate",
-           "slow_path"]
+__all__ = ["FUNCTION", "functional_kind", "functional_uses", "bare_names", "copies", "intercept", "scaled", "Slice",
+           "locate", "slow_path"]
 
 WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias")
 FUNCTION = {"mha": "linear", "layer_norm_call": "layer_norm", "embedding_call": "embedding"}  # what each calls
@@ -82,15 +86,22 @@ def functional_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal
     return found
 
 
-def copied_names(prepared: Any, uncovered: set[str]) -> list[str] | None:
-    """The uncovered (bare) parameters, when each is broadcast over the batch by its shape, else ``None``: a
-    leading 1 (``(1, T, d)``: the copies replace it) or singletons after the first dimension (``(C, 1, 1)``: the
-    copies come first). Others (a table ``(T, d)`` the model slices, a scale ``(d,)`` on tokens) could be indexed
-    along the copies' dimension, which a check on two examples would not see: they go to ``vmap``."""
-    def broadcast(shape: tuple) -> bool:
-        return len(shape) >= 2 and (shape[0] == 1 or all(size == 1 for size in shape[1:]))
-
-    return sorted(uncovered) if all(broadcast(tuple(prepared.params[name].shape)) for name in uncovered) else None
+def bare_names(prepared: Any, uncovered: set[str]) -> tuple[list[str], list[str]] | None:
+    """The uncovered (bare) parameters as ``(copied, scales)``, else ``None``. Copied: broadcast over the batch by
+    their shape, a leading 1 (``(1, T, d)``: the copies replace it) or singletons after the first dimension
+    (``(C, 1, 1)``: the copies come first). Scales: 1-D ``(d,)``, followed through their products with
+    batch-first tensors (``scaled``). Others (a table ``(T, d)`` the model slices) could be indexed along the
+    copies' dimension, which a check on two examples would not see: they go to ``vmap``."""
+    copied, scales = [], []
+    for name in sorted(uncovered):
+        shape = tuple(prepared.params[name].shape)
+        if len(shape) >= 2 and (shape[0] == 1 or all(size == 1 for size in shape[1:])):
+            copied.append(name)
+        elif len(shape) == 1:
+            scales.append(name)
+        else:
+            return None
+    return copied, scales
 
 
 def copies(tensor: Any, n: int) -> Any:
@@ -145,28 +156,73 @@ def slow_path(modules: list[Any]) -> Iterator[None]:
             handle.remove()
 
 
+@contextmanager
+def scaled(copies: dict[int, tuple[Any, Any]], n: int) -> Iterator[None]:
+    """Follow 1-D bare parameters (``id -> (parameter, its n copies (n, d))``) through their products with a
+    batch-first tensor ``x`` (``x * scale``, ``scale * x``, ``x.mul_(scale)``; ``x.shape[0] == n``, last dimension
+    ``d``: a layer scale, channels-last or on tokens): the copies, viewed ``(n, 1, ..., d)``, take the parameter's
+    place. Any other use of the parameter raises ``NotPerExample`` (the model goes to ``vmap``)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from .closed_form import NotPerExample
+
+    products = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul_}
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            kwargs = kwargs or {}
+            hits = [i for i, a in enumerate(args) if id(a) in copies and a is copies[id(a)][0]]
+            if not hits and not any(id(v) in copies and v is copies[id(v)][0] for v in kwargs.values()):
+                return func(*args, **kwargs)
+            if func in products and len(args) == 2 and not kwargs and hits != [0, 1] \
+                    and not (func is torch.Tensor.mul_ and hits == [0]):
+                i = hits[0]
+                scale, other = args[i], args[1 - i]
+                if isinstance(other, torch.Tensor) and other.ndim >= 2 and other.shape[0] == n \
+                        and other.shape[-1] == scale.shape[0]:
+                    view = copies[id(scale)][1].view(n, *[1] * (other.ndim - 2), scale.shape[0])
+                    return func(*((view, other) if i == 0 else (other, view)))
+            raise NotPerExample(f"a bare parameter {tuple(args[hits[0]].shape) if hits else ''} is used by "
+                                f"{getattr(func, '__name__', func)}, not as a scale of a batch-first tensor")
+
+    with Mode():
+        yield
+
+
 _state = threading.local()
 _lock = threading.Lock()
 _installed: dict[str, Any] = {}  # the original functions (kept after: a late call still finds them), users
 
 
+def _through(name: str, args: tuple, handler_args: Any) -> Any:
+    """The original function on ``args``, then this thread's handler on ``handler_args(out)``; a call made while
+    one is running (``F.layer_norm`` and ``F.embedding`` dispatch to themselves again under a torch function mode,
+    such as ``scaled``'s) passes through, so a call is followed once."""
+    if getattr(_state, "running", False):
+        return _installed[name](*args)
+    _state.running = True
+    try:
+        out = _installed[name](*args)
+    finally:
+        _state.running = False
+    on_call = getattr(_state, name, None)
+    return out if on_call is None else on_call(*handler_args(out))
+
+
 def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
-    out = _installed["linear"](input, weight, bias)
-    on_call = getattr(_state, "linear", None)
-    return out if on_call is None else on_call(input, weight, bias, out)
+    return _through("linear", (input, weight, bias), lambda out: (input, weight, bias, out))
 
 
 def _layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
-    out = _installed["layer_norm"](input, normalized_shape, weight, bias, eps)
-    on_call = getattr(_state, "layer_norm", None)
-    return out if on_call is None else on_call(input, normalized_shape, weight, bias, eps, out)
+    return _through("layer_norm", (input, normalized_shape, weight, bias, eps),
+                    lambda out: (input, normalized_shape, weight, bias, eps, out))
 
 
 def _embedding(input: Any, weight: Any, padding_idx: Any = None, max_norm: Any = None, norm_type: float = 2.0,
                scale_grad_by_freq: bool = False, sparse: bool = False) -> Any:
-    out = _installed["embedding"](input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
-    on_call = getattr(_state, "embedding", None)
-    return out if on_call is None else on_call(input, weight, padding_idx, max_norm, scale_grad_by_freq, sparse, out)
+    return _through("embedding", (input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse),
+                    lambda out: (input, weight, padding_idx, max_norm, scale_grad_by_freq, sparse, out))
 
 
 WRAPPERS = {"linear": _linear, "layer_norm": _layer_norm, "embedding": _embedding}
