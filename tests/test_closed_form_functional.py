@@ -239,7 +239,7 @@ class BareTokens(nn.Module):
     def forward(self, x):
         if self.kind == "inplace-scale":  # timm's LayerScale(inplace=True)
             return self.head(torch.tanh(self.lin(x).mul_(self.bare)).mean(1))
-        h = torch.tanh(self.lin(x))
+        h = torch.tanh(self.lin(x)).to(self.bare.dtype)  # reading a bare parameter's dtype is not a use of it
         if self.kind == "scale-used-otherwise":  # the product is right, the norm is not a per-example use
             return self.head((self.bare * h).mean(1)) * self.bare.norm()
         h = h + self.bare[:x.shape[1]] if self.kind == "table" else self.bare * h

@@ -161,19 +161,22 @@ def scaled(copies: dict[int, tuple[Any, Any]], n: int) -> Iterator[None]:
     """Follow 1-D bare parameters (``id -> (parameter, its n copies (n, d))``) through their products with a
     batch-first tensor ``x`` (``x * scale``, ``scale * x``, ``x.mul_(scale)``; ``x.shape[0] == n``, last dimension
     ``d``: a layer scale, channels-last or on tokens): the copies, viewed ``(n, 1, ..., d)``, take the parameter's
-    place. Any other use of the parameter raises ``NotPerExample`` (the model goes to ``vmap``)."""
+    place. Reading its shape, dtype or device is allowed; any other use of the parameter raises ``NotPerExample``
+    (the model goes to ``vmap``)."""
     import torch
     from torch.overrides import TorchFunctionMode
 
     from .closed_form import NotPerExample
 
     products = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul_}
+    METADATA = {"__get__", "dim", "size", "numel", "is_floating_point", "element_size", "__len__"}  # reads only
 
     class Mode(TorchFunctionMode):
         def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
             kwargs = kwargs or {}
             hits = [i for i, a in enumerate(args) if id(a) in copies and a is copies[id(a)][0]]
-            if not hits and not any(id(v) in copies and v is copies[id(v)][0] for v in kwargs.values()):
+            if getattr(func, "__name__", "") in METADATA or (
+                    not hits and not any(id(v) in copies and v is copies[id(v)][0] for v in kwargs.values())):
                 return func(*args, **kwargs)
             if func in products and len(args) == 2 and not kwargs and hits != [0, 1] \
                     and not (func is torch.Tensor.mul_ and hits == [0]):
