@@ -327,3 +327,34 @@ def test_hugging_face_convnext_in_closed_form():
     g = torch.Generator().manual_seed(11)
     x, y = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
     _check(Logits(), x, y, True, kinds={"layer_norm_call", "scale", "conv"})
+
+
+class Centered(nn.Module):
+    """Examples interact through the batch mean: the one-pass closed form would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(x - x.mean(0)))
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda: BareTokens("token-scale"), "in closed form (3 uses: linear, scale"),
+    (lambda: BareTokens("table"), "through vmap: some attributed parameters are not the weights of supported"),
+    (lambda: BareTokens("scale-used-otherwise"), "through vmap: the closed form failed on the first two examples"),
+    (Centered, "through vmap: the closed form differs from plain autograd"),
+    (KeywordWhenLarge, "through vmap from this batch on"),
+])
+def test_the_path_each_checkpoint_takes_is_logged_with_its_reason(make, said, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="trak_core")
+    g = torch.Generator().manual_seed(12)
+    x, y = torch.randn(5, 4, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (5,), generator=g)
+    model = make().double().eval()
+    if isinstance(model, (Centered, KeywordWhenLarge)):
+        x = x[:, 0]
+    TorchBackend().gradients(model, TorchBackend().prepare(model, None), x, y, get_task("classification"))
+    assert any(said in record.getMessage() for record in caplog.records), [r.getMessage() for r in caplog.records]

@@ -239,7 +239,10 @@ class TorchBackend(Backend):
                 with _eval_mode(model), attention_for_closed_form(model):  # SDPA, not vmap's eager attention
                     grads, logits = closed_form_gradients(self, model, prepared, uses, inputs, labels, task, causal)
                     return grads, task.out_to_loss(logits, labels, xp=xp)
-            except NotPerExample:  # a batch unlike the checked one (a layer call's shape): vmap from now on
+            except NotPerExample as exc:  # a batch unlike the checked one (a layer call's shape): vmap from now on
+                from .closed_form_check import log_fallback
+
+                log_fallback(exc)
                 prepared.__dict__["_closed_form"][id(task)] = None
         return self._vmap_gradients(model, prepared, inputs, labels, task, causal)
 
@@ -255,25 +258,12 @@ class TorchBackend(Backend):
             import torch
             from torch.utils._pytree import tree_map
 
-            from .closed_form import check_tolerance, closed_form_gradients, covering_uses
+            from .closed_form_check import checked_uses
 
             with _eval_mode(model), attention_for_vmap(model), torch.no_grad():  # the dense path's checks
                 self._logits(model, prepared, tree_map(lambda t: t[:2], inputs), task, causal=causal)  # first
             with _eval_mode(model), attention_for_closed_form(model):  # as closed_form_gradients runs it
-                first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
-                try:  # the first two examples one at a time: examples must not interact
-                    uses = covering_uses(self, model, prepared, inputs, causal)
-                    if uses is not None:
-                        reference = self._looped_gradients(model, prepared, first, labels[:2], task, causal)
-                        closed, _ = closed_form_gradients(self, model, prepared, uses, first, labels[:2], task,
-                                                          causal)
-                except Exception:  # NotPerExample, or a layer call the closed form cannot follow: vmap does
-                    uses = None
-                if uses is not None:
-                    scale = float(torch.linalg.vector_norm(reference)) or 1.0
-                    tolerance = check_tolerance(prepared.dtype, prepared.device)
-                    if float(torch.linalg.vector_norm(closed - reference)) > tolerance * scale:
-                        uses = None
+                uses = checked_uses(self, model, prepared, inputs, labels, task, causal)
             cache[key] = uses
         return cache[key]
 

@@ -1,0 +1,58 @@
+"""Whether a checkpoint's per-example gradients take the closed form, checked once and said on the log.
+
+One job: the decision of :meth:`trak_torch.TorchBackend._closed_form_uses`. The closed form
+(:mod:`trak_torch.closed_form`) is taken when its uses cover every attributed parameter and its gradients of the
+batch's first two examples equal plain autograd one example at a time; otherwise ``vmap(grad)`` is. Each decision
+is logged at INFO on the ``trak_core`` logger with its reason, so a user can tell which path a model takes
+(``logging.basicConfig(level=logging.INFO)``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+__all__ = ["checked_uses", "log_fallback"]
+
+log = logging.getLogger("trak_core")
+
+
+def checked_uses(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any,
+                 causal: bool) -> list | None:
+    """The closed form's uses for ``prepared``, or ``None`` (``vmap``), checked on the first two examples."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    from .closed_form import check_tolerance, closed_form_gradients, covering_uses
+
+    first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
+    try:
+        uses = covering_uses(backend, model, prepared, inputs, causal)
+        if uses is None:
+            log.info("torch backend: per-example gradients through vmap: some attributed parameters are not the "
+                     "weights of supported layers (Linear, Conv1d/Conv2d, Embedding, norms, nn.MultiheadAttention) "
+                     "or bare parameters broadcast over the batch")
+            return None
+        reference = backend._looped_gradients(model, prepared, first, labels[:2], task, causal)
+        closed, _ = closed_form_gradients(backend, model, prepared, uses, first, labels[:2], task, causal)
+    except Exception as exc:  # NotPerExample, or a layer call the closed form cannot follow: vmap does
+        log.info("torch backend: per-example gradients through vmap: the closed form failed on the first two "
+                 "examples (%s: %s)", type(exc).__name__, exc)
+        return None
+    scale = float(torch.linalg.vector_norm(reference)) or 1.0
+    error, tolerance = float(torch.linalg.vector_norm(closed - reference)) / scale, \
+        check_tolerance(prepared.dtype, prepared.device)
+    if error > tolerance:
+        log.info("torch backend: per-example gradients through vmap: the closed form differs from plain autograd "
+                 "by %.1e (tolerance %.0e) on the first two examples (examples interact, or a weight is used "
+                 "outside its layer)", error, tolerance)
+        return None
+    kinds = sorted({kind for _, kind, _, _ in uses})
+    log.info("torch backend: per-example gradients in closed form (%d uses: %s; %.1e from plain autograd on the "
+             "first two examples)", len(uses), ", ".join(kinds), error)
+    return uses
+
+
+def log_fallback(exc: Exception) -> None:
+    """Say that a batch after the checked one sent the checkpoint to ``vmap``, and why."""
+    log.info("torch backend: per-example gradients through vmap from this batch on: the closed form cannot "
+             "follow it (%s)", exc)
