@@ -168,6 +168,17 @@ def test_transformer_encoder_in_closed_form():
     _check(Encoder(), ids, torch.randint(0, 3, (5,), generator=g), True, kinds={"mha", "embedding", "layernorm"})
 
 
+class PixelLogits(nn.Module):
+    """A Hugging Face image classifier as ``x -> logits`` (the reference calls the model on a tensor)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
 def test_hugging_face_vit_in_closed_form():
     """Hugging Face's ViT: its cls_token and position_embeddings are bare (1, ., d) parameters."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
@@ -179,17 +190,9 @@ def test_hugging_face_vit_in_closed_form():
     with torch.no_grad():
         model.vit.embeddings.cls_token.normal_()
 
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model(pixel_values=x).logits
-
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 4, (4,), generator=g)
-    _check(Logits(), x, y, True, kinds={"copies", "conv", "linear"})
+    _check(PixelLogits(model), x, y, True, kinds={"copies", "conv", "linear"})
 
 
 def test_the_interception_is_undone_after_an_error():
@@ -316,17 +319,9 @@ def test_hugging_face_convnext_in_closed_form():
                                          depths=[1, 1, 1, 1], num_labels=3, image_size=32, layer_scale_init_value=0.5)
     model = transformers.ConvNextForImageClassification(config)
 
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model(pixel_values=x).logits
-
     g = torch.Generator().manual_seed(11)
     x, y = torch.randn(4, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
-    _check(Logits(), x, y, True, kinds={"layer_norm_call", "scale", "conv"})
+    _check(PixelLogits(model), x, y, True, kinds={"layer_norm_call", "scale", "conv"})
 
 
 class Centered(nn.Module):

@@ -198,34 +198,35 @@ _lock = threading.Lock()
 _installed: dict[str, Any] = {}  # the original functions (kept after: a late call still finds them), users
 
 
-def _through(name: str, args: tuple, handler_args: Any) -> Any:
-    """The original function on ``args``, then this thread's handler on ``handler_args(out)``; a call made while
+def _original(name: str, args: tuple) -> tuple[Any, Callable[..., Any] | None]:
+    """The original function's output on ``args``, and this thread's handler for it; ``None`` for a call made while
     one is running (``F.layer_norm`` and ``F.embedding`` dispatch to themselves again under a torch function mode,
-    such as ``scaled``'s) passes through, so a call is followed once."""
+    such as ``scaled``'s), so a call is followed once."""
     if getattr(_state, "running", False):
-        return _installed[name](*args)
+        return _installed[name](*args), None
     _state.running = True
     try:
         out = _installed[name](*args)
     finally:
         _state.running = False
-    on_call = getattr(_state, name, None)
-    return out if on_call is None else on_call(*handler_args(out))
+    return out, getattr(_state, name, None)
 
 
 def _linear(input: Any, weight: Any, bias: Any = None) -> Any:
-    return _through("linear", (input, weight, bias), lambda out: (input, weight, bias, out))
+    out, on_call = _original("linear", (input, weight, bias))
+    return out if on_call is None else on_call(input, weight, bias, out)
 
 
 def _layer_norm(input: Any, normalized_shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
-    return _through("layer_norm", (input, normalized_shape, weight, bias, eps),
-                    lambda out: (input, normalized_shape, weight, bias, eps, out))
+    out, on_call = _original("layer_norm", (input, normalized_shape, weight, bias, eps))
+    return out if on_call is None else on_call(input, normalized_shape, weight, bias, eps, out)
 
 
 def _embedding(input: Any, weight: Any, padding_idx: Any = None, max_norm: Any = None, norm_type: float = 2.0,
                scale_grad_by_freq: bool = False, sparse: bool = False) -> Any:
-    return _through("embedding", (input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse),
-                    lambda out: (input, weight, padding_idx, max_norm, scale_grad_by_freq, sparse, out))
+    out, on_call = _original("embedding", (input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
+                                           sparse))
+    return out if on_call is None else on_call(input, weight, padding_idx, max_norm, scale_grad_by_freq, sparse, out)
 
 
 WRAPPERS = {"linear": _linear, "layer_norm": _layer_norm, "embedding": _embedding}
