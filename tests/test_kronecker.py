@@ -81,21 +81,6 @@ def test_every_layer_type_with_strides_padding_idx_and_no_bias():
     assert plan.rest == ("norm.weight", "norm.bias")
 
 
-class ScaledEmbedding(torch.nn.Embedding):
-    """An Embedding subclass with its own forward (as Gemma's): not a factorizable layer."""
-
-    def forward(self, ids):
-        return super().forward(ids) * 3.0
-
-
-def test_layer_subclasses_with_their_own_forward_are_projected_densely():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(ScaledEmbedding(9, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3)).double()
-    ids, y = torch.randint(0, 9, (5, 3)), torch.randint(0, 3, (5,))
-    plan = _check_exact(model, ids, y, "classification", k=24)  # a factor of the table would be off by 3x
-    assert [b.layer.name for b in plan.blocks] == ["2.weight"] and plan.rest == ("0.weight",)
-
-
 def test_hugging_face_gpt2_conv1d_tied_head_and_padding():
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     torch.manual_seed(0)

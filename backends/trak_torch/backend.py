@@ -351,7 +351,8 @@ class TorchBackend(Backend):
         import array_api_compat.torch as xp
         import torch
 
-        from .kronecker import batch_features, check_plan
+        from .kronecker import batch_features
+        from .kronecker_check import check_plan
 
         state = self._factorized(model, prepared, inputs, labels, k=k, seed=seed, checkpoint=checkpoint,
                                  options=options)

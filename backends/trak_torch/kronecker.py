@@ -12,9 +12,11 @@ other factor; a layer's features are ``sum_t (P_rows^T u_t)(P_cols^T v_t)^T``. N
 ``p`` is formed per example: memory is that of the activations and their gradients.
 
 A module counts when it is called with an attributed weight (tied weights: each use adds to the
-same block). Parameters used any other way are in the rest. On the first example of a checkpoint's
+same block). So do the ``F.linear`` and ``F.embedding`` calls of ``nn.MultiheadAttention`` and of ``Embedding``
+subclasses with their own ``forward`` (:mod:`trak_torch.kronecker_functional`). Parameters used any other way are
+in the rest. On the first example of a checkpoint's
 first batch, the features are checked against the dense per-example gradient of the layers
-(``check_plan``), so a weight also used outside its module is an error, not a wrong answer.
+(``kronecker_check.check_plan``), so a weight also used outside its module is an error, not a wrong answer.
 """
 from __future__ import annotations
 
@@ -26,14 +28,15 @@ from typing import Any, Callable, Iterator
 from trak_core.errors import TrakValueError
 from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_plan, rest_seed
 
-__all__ = ["Factorized", "find_uses", "discover", "factorized_state", "batch_features", "check_plan"]
+__all__ = ["Factorized", "find_uses", "discover", "factorized_state", "batch_features"]
 
 CHUNK_BYTES = 512 * 2**20  # per vmap call: output gradients, perturbations and projected sides
 
 
 def _kind(module: Any) -> str | None:
-    """The factorizable layer kind of ``module``. A subclass with its own ``forward`` (Gemma's scaled embedding,
-    OPT's offset positions) is not one: its weight is projected densely with the rest."""
+    """The factorizable layer kind of ``module``. A subclass with its own ``forward`` is not one: an ``Embedding``
+    subclass (Gemma's scaled embedding, OPT's offset positions) is followed through its ``F.embedding`` call
+    (``kronecker_functional``), others are projected densely with the rest."""
     return layer_kind(module, own_forward=True)
 
 
@@ -61,12 +64,22 @@ def layer_kind(module: Any, *, own_forward: bool) -> str | None:
 
 @dataclass
 class Use:
-    """One module whose calls feed a layer: its kind, the layer's block and whether its bias is folded."""
+    """One module whose calls feed a layer: its kind, the layer's block and whether its bias is folded. For a
+    functional call (:mod:`trak_torch.kronecker_functional`), ``module`` is its key ``(function, weight, start,
+    rows)``: the call uses rows ``[start, start + rows)`` of the weight."""
 
     module: Any
     kind: str
     weight: str
     bias: str | None
+    start: int = 0
+    rows: int | None = None
+    padding_idx: int | None = None
+    function: bool = False
+
+    def row_factor(self, rows: Any) -> Any:
+        """The rows of a block's row factor that this use's calls reach."""
+        return rows if self.rows is None else rows[self.start:self.start + self.rows]
 
 
 @dataclass
@@ -79,6 +92,7 @@ class Factorized:
     dtype: Any
     checked: bool = False
     batched: bool | None = None  # one batched backward pass instead of vmap (no rest, examples independent)
+    functional: Any = None  # kronecker_functional.Functional: weights used inside functional calls
 
 
 @contextmanager
@@ -122,9 +136,16 @@ def find_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool
 
 
 def discover(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
-             options: Kronecker, k: int) -> tuple[KroneckerPlan, list[Use]]:
-    """The plan of ``model``: the supported modules called with attributed weights on one example."""
-    found = find_uses(backend, model, prepared, inputs, causal)
+             options: Kronecker, k: int) -> tuple[KroneckerPlan, list[Use], Any]:
+    """The plan of ``model``: the supported modules called with attributed weights on one example, and the
+    functional calls of ``nn.MultiheadAttention`` and ``Embedding`` subclasses (``kronecker_functional``)."""
+    from .kronecker_functional import call_uses, functional
+
+    found: dict[Any, Use] = dict(find_uses(backend, model, prepared, inputs, causal))
+    inside = functional(backend, model, prepared, inputs, causal)
+    for use in call_uses(backend, model, prepared, inputs, causal, inside,
+                         lambda key, *spec: Use(key, *spec, function=True)):
+        found[use.module] = use
     by_weight: dict[str, list[Use]] = {}
     for use in found.values():
         by_weight.setdefault(use.weight, []).append(use)
@@ -150,7 +171,7 @@ def discover(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
     plan = make_plan(ordered, rest, k, options)
     index = {block.layer.name: block.index for block in plan.blocks}
     uses = sorted(found.values(), key=lambda u: index[u.weight])
-    return plan, uses
+    return plan, uses, inside
 
 
 def factorized_state(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool, *, k: int, seed: int,
@@ -161,7 +182,7 @@ def factorized_state(backend: Any, model: Any, prepared: Any, inputs: Any, causa
     key = (k, seed, checkpoint, options)
     cache = prepared.__dict__.setdefault("_kronecker", {})
     if key not in cache:
-        plan, uses = discover(backend, model, prepared, inputs, causal, options, k)
+        plan, uses, inside = discover(backend, model, prepared, inputs, causal, options, k)
         dtype = prepared.dtype if torch.finfo(prepared.dtype).bits >= 32 else torch.float32
         factors = []
         for block in plan.blocks:
@@ -170,7 +191,7 @@ def factorized_state(backend: Any, model: Any, prepared: Any, inputs: Any, causa
                     for d, kk, side in ((block.layer.rows, block.k_rows, "rows"),
                                         (block.layer.cols, block.k_cols, "cols"))]
             factors.append((made[0], made[1]))
-        cache[key] = Factorized(plan, uses, factors, dtype)
+        cache[key] = Factorized(plan, uses, factors, dtype, functional=inside)
     return cache[key]
 
 
@@ -182,9 +203,10 @@ def _input_side(use: Use, block: Any, pair: tuple[Any, Any], x: Any, dtype: Any)
     module = use.module
     if use.kind == "embedding":
         ids = x.reshape(x.shape[0], -1)
-        side = torch.nn.functional.embedding(ids, rows)
-        if module.padding_idx is not None:
-            side = side * (ids != module.padding_idx).to(dtype)[..., None]
+        side = torch.nn.functional.embedding(ids, use.row_factor(rows))
+        padding_idx = use.padding_idx if use.function else module.padding_idx
+        if padding_idx is not None:
+            side = side * (ids != padding_idx).to(dtype)[..., None]
         return side
     if use.kind == "conv2d":
         patches = torch.nn.functional.unfold(x.to(dtype), module.kernel_size, dilation=module.dilation,
@@ -204,7 +226,7 @@ def _output_side(use: Use, pair: tuple[Any, Any], delta: Any, n: int, dtype: Any
         d = delta.reshape(n, delta.shape[-3], -1).transpose(1, 2)
     else:
         d = delta.reshape(n, -1, delta.shape[-1])
-    return d.to(dtype) @ (cols if use.kind in ("embedding", "conv1d") else rows)
+    return d.to(dtype) @ (cols if use.kind in ("embedding", "conv1d") else use.row_factor(rows))
 
 
 def _rows_first(use: Use, input_side: Any, output_side: Any) -> tuple[Any, Any]:
@@ -224,19 +246,35 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
     from trak_core.projection import project
 
     from .backend import _rows, output_logits
-    from .closed_form import check_tolerance
+    from .closed_form import NotPerExample, check_tolerance
+    from .kronecker_functional import batch_layout, intercepted, no_fast_path
 
-    plan, uses, dtype = state.plan, state.uses, state.dtype
-    modules = [use.module for use in uses]
+    plan, uses, dtype, inside = state.plan, state.uses, state.dtype, state.functional
+    modules = [use.module for use in uses if not use.function]
     by_module = {use.module: (use, plan.block(use.weight), state.factors[plan.block(use.weight).index])
                  for use in uses}
-    shapes: list[tuple[Any, tuple]] = []
+    shapes: list[tuple[Any, tuple]] = []  # per call on one example: its module (or key) and its output shape; not
+    # always (1, ...): attention's calls are sequence-first, OPT's layers take tokens flattened, (T, d)
 
     def record(module: Any, args: Any, output: Any) -> None:
-        shapes.append((module, tuple(output.shape[1:])))
+        shapes.append((module, tuple(output.shape)))
+
+    def record_call(key: tuple, x: Any, out: Any) -> Any:
+        shapes.append((key, tuple(out.shape)))
+        return out
+
+    def slow() -> Any:  # nn.MultiheadAttention calls its weights through linear only off its fused fast path
+        return no_fast_path(bool(inside is not None and inside.attention))
+
+    def known(key: Any) -> tuple:
+        if key not in by_module:
+            raise TrakValueError(f"proj_type='kronecker': {key[0]}() is called with rows {key[2]} to "
+                                 f"{key[2] + key[3]} of {key[1]!r}, which the batch's first example did not use; "
+                                 "use proj_type='rademacher'")
+        return by_module[key]
 
     n = _rows(inputs)
-    with torch.no_grad(), _hooks(modules, record):  # the calls' order and output shapes
+    with torch.no_grad(), _hooks(modules, record), intercepted(inside, record_call), slow():  # calls, output shapes
         backend._call(model, {**prepared.params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs), causal=causal)
     import array_api_compat.torch as xp
 
@@ -253,10 +291,19 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             sides.append(_input_side(use, block, pair, args[0], dtype))
             return out + zs[i]
 
+        def call(key: tuple, x: Any, out: Any) -> Any:  # one example: every row of the call is its
+            use, block, pair = known(key)
+            sides.append(_input_side(use, block, pair, x, dtype))
+            count[0] += 1
+            return out + zs[count[0] - 1]
+
         one = tree_map(lambda t: t[None], x)
-        with _hooks(modules, hook):
+        with _hooks(modules, hook), intercepted(inside, call), slow():
             out = output_logits(backend._call(model, {**layers, **rest_params, **prepared.frozen}, one,
                                               causal=causal), backend.logits_fn)
+        if count[0] != len(shapes):
+            raise TrakValueError(f"proj_type='kronecker': the model made {count[0]} layer calls on one example under "
+                                 f"torch.func and {len(shapes)} without; use proj_type='rademacher'")
         out = out.reshape(1, -1) if task.logits_ndim == 2 else out
         return task.output(out, y[None], xp=xp)[0], sides
 
@@ -266,8 +313,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
     step = vmap(grad(output, argnums=(0, 1), has_aux=True), in_dims=(0, None, 0, 0))
 
     def per_example(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
-        zs = [torch.zeros((), dtype=prepared.dtype, device=prepared.device).expand(m, 1, *shape)
-              for _, shape in shapes]
+        zs = [torch.zeros((), dtype=prepared.dtype, device=prepared.device).expand(m, *shape) for _, shape in shapes]
         (deltas, rest_grads), sides = step(zs, rest, x, y)
         return deltas, sides, rest_grads
 
@@ -281,7 +327,14 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             zs.append(torch.zeros_like(out, requires_grad=True))
             return out + zs[-1]
 
-        with torch.enable_grad(), _hooks(modules, hook):
+        def call(key: tuple, x: Any, out: Any) -> Any:
+            use, block, pair = known(key)
+            a, z, add = batch_layout(use.kind, x.detach(), out, m)
+            sides.append(_input_side(use, block, pair, a, dtype))
+            zs.append(z)
+            return add(out)
+
+        with torch.enable_grad(), _hooks(modules, hook), intercepted(inside, call), slow():
             out = output_logits(backend._call(model, {**prepared.params, **prepared.frozen}, x, causal=causal),
                                 backend.logits_fn)
             if task.logits_ndim == 2 and out.ndim == 1:
@@ -309,70 +362,22 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         if not plan.n_rest and backend.per_example == "auto":
             two = tree_map(lambda t: t[:2], inputs)
             reference = features(two, labels[:2], min(2, n), per_example)
-            fast = features(two, labels[:2], min(2, n), batched)
+            try:
+                fast = features(two, labels[:2], min(2, n), batched)
+            except NotPerExample:  # a functional call without one row per example
+                fast = None
             tolerance = check_tolerance(dtype, prepared.device)
             scale = float(torch.linalg.vector_norm(reference)) or 1.0
-            state.batched = float(torch.linalg.vector_norm(fast - reference)) <= tolerance * scale
+            state.batched = fast is not None and float(torch.linalg.vector_norm(fast - reference)) <= tolerance * scale
     run = batched if state.batched else per_example
     size = max(size, 64) if state.batched and chunk is None else size
     out = torch.zeros((n, plan.k), dtype=dtype, device=prepared.device)
     for start in range(0, n, size):
         stop = min(n, start + size)
-        out[start:stop] = features(tree_map(lambda t: t[start:stop], inputs), labels[start:stop], stop - start, run)
+        chunk_inputs, chunk_labels = tree_map(lambda t: t[start:stop], inputs), labels[start:stop]
+        try:
+            out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
+        except NotPerExample:  # a later batch's functional call without one row per example: vmap from here on
+            state.batched, run = False, per_example
+            out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
     return out
-
-
-def _dense_block(block: Any, pair: tuple[Any, Any], grad_weight: Any, grad_bias: Any | None, dtype: Any) -> Any:
-    """A block's features from one example's dense gradient: ``P_rows^T [W | b] P_cols`` (kept, scaled)."""
-    import torch
-
-    g = grad_weight.reshape(grad_weight.shape[0], -1).to(dtype)
-    if grad_bias is not None:
-        g = torch.cat([g, grad_bias.to(dtype)[None, :]], 0) if block.layer.bias_side == "rows" else \
-            torch.cat([g, grad_bias.to(dtype)[:, None]], 1)
-    rows, cols = pair
-    return (rows.T @ g @ cols).reshape(-1)[:block.k] * (1.0 / math.sqrt(block.k))
-
-
-def check_plan(backend: Any, model: Any, prepared: Any, state: Factorized, inputs: Any, labels: Any, task: Any,
-               causal: bool, features: Any) -> None:
-    """Check the first example's layer features against its dense gradient, block by block.
-
-    A weight that is also used outside its module (``F.linear(x, module.weight)`` elsewhere) would be
-    counted only in part: this raises a ``TrakValueError`` naming it instead.
-    """
-    import torch
-    from torch.utils._pytree import tree_map
-
-    from .closed_form import check_tolerance
-
-    names = {name for block in state.plan.blocks for name in (block.layer.name, block.layer.bias) if name}
-    params = {name: t.detach().clone().requires_grad_(name in names) for name, t in prepared.params.items()}
-    with torch.enable_grad():
-        value = backend.example_output(model, prepared, params, tree_map(lambda t: t[:1], inputs), labels[:1], task,
-                                       causal)
-        chosen = [name for name in params if name in names]
-        grads = dict(zip(chosen, torch.autograd.grad(value, [params[name] for name in chosen], allow_unused=True)))
-    tolerance = check_tolerance(state.dtype, prepared.device)
-    for block, pair in zip(state.plan.blocks, state.factors):
-        layer = block.layer
-        weight = grads[layer.name]
-        if weight is None:
-            weight = torch.zeros_like(prepared.params[layer.name])
-        bias = None
-        if layer.bias is not None:
-            bias = grads[layer.bias] if grads[layer.bias] is not None else torch.zeros_like(prepared.params[layer.bias])
-        dense = _dense_block(block, pair, weight, bias, state.dtype)
-        # the same sums of absolute values: rounding grows with them when the signed sums cancel (features much
-        # smaller than their terms, as with the non-negative inputs of a trained ReLU layer), a missing use does not
-        magnitude = _dense_block(block, (pair[0].abs(), pair[1].abs()), weight.abs(),
-                                 None if bias is None else bias.abs(), state.dtype)
-        got = features[0, block.start:block.start + block.k].to(state.dtype)
-        scale = max(float(torch.linalg.vector_norm(dense)), float(torch.finfo(state.dtype).tiny))
-        error = float(torch.linalg.vector_norm(got - dense)) / scale
-        allowed = tolerance * max(1.0, float(torch.linalg.vector_norm(magnitude)) / scale)
-        if error > allowed and float(torch.linalg.vector_norm(dense)) > 0 or not math.isfinite(error):
-            raise TrakValueError(f"proj_type='kronecker': the features of layer {layer.name!r} differ from its "
-                                 f"gradient's projection (relative error {error:.2e}, rounding allows {allowed:.1e}): "
-                                 "the weight is probably also used outside its module (e.g. through F.linear or a "
-                                 "slice). Leave it out with the backend's params=, or use proj_type='rademacher'")

@@ -1,0 +1,186 @@
+"""The factorized projection of weights used inside functional calls (trak_torch.kronecker_functional):
+``nn.MultiheadAttention``'s projections and Embedding subclasses with their own forward, against dense per-example
+gradients (``vmap(grad)``, the same attention) times the explicit Kronecker matrix."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trak_core import Kronecker
+from trak_core.errors import TrakValueError
+from trak_core.kronecker import explicit_matrix
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: the torch factorized path is not exercised")
+
+from trak_core.tasks import get_task  # noqa: E402
+from trak_torch import TorchBackend  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _vit import VisionTransformer  # noqa: E402
+
+
+def _exact(model, x, y, task, k, options=None, **backend_options):
+    """Features == vmap's dense per-example gradients @ the explicit matrix, to float64 rounding; the plan and
+    whether the features came from one batched pass."""
+    options, task = options or Kronecker(), get_task(task)
+    backend = TorchBackend(**backend_options)
+    prepared = backend.prepare(model, None)
+    plan = backend.factorized_plan(model, prepared, x, y, task, k=k, options=options)
+    features, _ = backend.factorized_features(model, prepared, x, y, task, k=k, seed=3, checkpoint=2, options=options)
+    dense = TorchBackend(**{**backend_options, "per_example": "vmap"})
+    grads, _ = dense.gradients(model, dense.prepare(model, None), x, y, task)
+    matrix = explicit_matrix(plan, {n: tuple(t.shape) for n, t in prepared.params.items()}, seed=3, checkpoint=2)
+    reference = grads.numpy() @ matrix
+    assert np.abs(reference).max() > 1e-6
+    np.testing.assert_allclose(features.numpy(), reference, rtol=0, atol=1e-12 * np.abs(reference).max())
+    return plan, prepared._kronecker[(k, 3, 2, options)].batched
+
+
+class ScaledEmbedding(torch.nn.Embedding):
+    """An Embedding subclass with its own forward (as Gemma's)."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+class TiedScaled(torch.nn.Module):
+    """Gemma's layout: a scaled token table, tied to the head."""
+
+    def __init__(self, flatten_large_batches=False):
+        super().__init__()
+        self.emb, self.lin = ScaledEmbedding(9, 4, padding_idx=0), torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 9, bias=False)
+        self.head.weight = self.emb.weight
+        self.flatten = flatten_large_batches
+
+    def forward(self, ids):
+        if self.flatten and ids.shape[0] > 2:  # a lookup with no row per example, on larger batches only
+            e = self.emb(ids.reshape(-1)).reshape(*ids.shape, -1)
+        else:
+            e = self.emb(ids)
+        return self.head(torch.tanh(self.lin(e))).mean(1)
+
+
+@pytest.mark.parametrize("rest", ["dense", "drop"])
+def test_embedding_subclasses_and_their_tied_head_are_one_block(rest):
+    """The scaled table is followed through its F.embedding call (its factor is not off by the scale) and its tied
+    head adds to the same block; before, the table went to the rest and the head's block failed the check."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (6, 3))
+    ids[1, 0] = 0  # padding: no gradient reaches row 0 through the lookup
+    for model, blocks in ((torch.nn.Sequential(ScaledEmbedding(9, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3)),
+                           ["0.weight", "2.weight"]), (TiedScaled(), ["emb.weight", "lin.weight"])):
+        plan, batched = _exact(model.double(), ids, torch.randint(0, 3, (6,)), "classification", k=24,
+                               options=Kronecker(rest=rest))
+        assert [b.layer.name for b in plan.blocks] == blocks and plan.rest == () and batched is True
+
+
+class Attention(torch.nn.Module):
+    """``nn.MultiheadAttention`` in its settings: self-attention on the raw input (the fused fast path), cross
+    (row slices of ``in_proj_weight`` and ``in_proj_bias``), ``kdim``/``vdim`` (separate q/k/v weights, the bias
+    chunked across them), sequence-first with a padding mask and returned weights."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+        kdim = 5 if case == "kdim" else None
+        self.att = torch.nn.MultiheadAttention(6, 2, kdim=kdim, vdim=kdim, batch_first=case == "self",
+                                               bias=case != "nobias")
+        self.mem = None if case == "self" else torch.nn.Linear(3, kdim or 6)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.case == "self":  # batch-first, on the model's input: nothing requires gradients
+            return self.head(self.att(x, x, x, need_weights=False)[0].mean(1))
+        q, m = x[:, :4].transpose(0, 1), self.mem(x[:, 4:, :3]).transpose(0, 1)
+        mask = x[:, 4:, 1] > 0.8  # padding, each example's own
+        return self.head(self.att(q, m, m, key_padding_mask=mask)[0].mean(0))
+
+
+@pytest.mark.parametrize("case", ["self", "cross", "kdim", "nobias"])
+@pytest.mark.parametrize("rest", ["dense", "drop"])
+def test_multihead_attention_projections_are_blocks(case, rest):
+    torch.manual_seed(0)
+    model = Attention(case).double().eval()
+    x, y = torch.randn(5, 7, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    plan, batched = _exact(model, x, y, "classification", k=30, options=Kronecker(rest=rest))
+    names = [b.layer.name for b in plan.blocks]
+    if case == "kdim":
+        assert names[:4] == ["att.q_proj_weight", "att.k_proj_weight", "att.v_proj_weight", "att.out_proj.weight"]
+        assert plan.rest == (("att.in_proj_bias",) if rest == "dense" else ())  # chunked over three weights
+    else:
+        assert names[:2] == ["att.in_proj_weight", "att.out_proj.weight"]
+        assert plan.block("att.in_proj_weight").layer.bias == (None if case == "nobias" else "att.in_proj_bias")
+        assert plan.rest == ()
+    assert batched is (plan.rest == ())  # one batched pass when nothing is left to differentiate densely
+    assert torch.backends.mha.get_fastpath_enabled()  # switched off only while a pass runs
+
+
+@pytest.mark.parametrize("rest", ["dense", "drop"])
+def test_a_vision_transformer_and_a_transformer_encoder(rest):
+    """torchvision's ViT layout (class token and position embeddings in the rest) and ``nn.TransformerEncoder``:
+    every attention and MLP weight a block."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(image=8, patch=4, width=8, depth=2, heads=2, num_classes=3).double().eval()
+    plan, _ = _exact(vit, torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,)),
+                     "classification", k=40, options=Kronecker(rest=rest))
+    assert len(plan.blocks) == 2 + 4 * 2 and "layers.1.self_attention.in_proj_weight" in [b.layer.name for b in
+                                                                                          plan.blocks]
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=True)
+            self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(x)[:, 0])
+
+    plan, _ = _exact(Encoder().double().eval(), torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5,)),
+                     "classification", k=30, options=Kronecker(rest=rest))
+    assert sum(b.layer.name.endswith("self_attn.in_proj_weight") for b in plan.blocks) == 2
+
+
+@pytest.mark.parametrize("name", ["gemma", "opt"])
+def test_hugging_face_gemma_and_opt_embeddings_are_blocks(name):
+    """Gemma's scaled token table tied to its head, OPT's offset positions: blocks, not the rest (Gemma's failed the
+    check before); OPT's layers take tokens flattened, (T, d), on one example too."""
+    pytest.importorskip("transformers", reason="transformers is not installed: Gemma and OPT not exercised")
+    import transformers
+    from test_closed_form_hf import _causal_lm_config, _padded_lm_batch
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_causal_lm_config(transformers, name)).double()
+    batch, labels = _padded_lm_batch(seed=5, low=2, shape=(4, 10), padded_from=7)
+    options = {"attention_mask": "pass" if name == "opt" else "auto"}
+    for rest in ("dense", "drop"):
+        plan, batched = _exact(model, batch, labels, "language_modeling", k=64, options=Kronecker(rest=rest), **options)
+        names = [b.layer.name for b in plan.blocks]
+        tables = ["model.embed_tokens.weight"] if name == "gemma" else ["model.decoder.embed_tokens.weight",
+                                                                        "model.decoder.embed_positions.weight"]
+        assert names[:len(tables)] == tables and batched is (rest == "drop")
+
+
+def test_a_later_lookup_without_a_row_per_example_goes_to_vmap():
+    """The batched pass is chosen on two examples; a later batch whose lookup is flattened goes to vmap."""
+    torch.manual_seed(0)
+    model = TiedScaled(flatten_large_batches=True).double()
+    ids, y = torch.randint(0, 9, (6, 3)), torch.randint(0, 9, (6,))
+    _, batched = _exact(model, ids, y, "classification", k=16, options=Kronecker(rest="drop"))
+    assert batched is False
+
+
+def test_a_slice_the_first_example_did_not_use_is_a_clear_error():
+    class Sliced(torch.nn.Embedding):
+        def forward(self, ids):  # the whole table on one example, its first rows on more
+            table = self.weight if ids.shape[0] == 1 else self.weight[:5]
+            return torch.nn.functional.embedding(ids % 5, table)
+
+    model = torch.nn.Sequential(Sliced(9, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3)).double()
+    ids, y = torch.randint(0, 9, (4, 3)), torch.randint(0, 3, (4,))
+    backend = TorchBackend()
+    with pytest.raises(TrakValueError, match="rows 0 to 5 of '0.weight'.*first example did not use"):
+        backend.factorized_features(model, backend.prepare(model, None), ids, y, get_task("classification"), k=8,
+                                    seed=0, checkpoint=0, options=Kronecker(rest="drop"))
