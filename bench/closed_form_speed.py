@@ -2,7 +2,8 @@
 
 One run, ratios within it: for ResNet-18 (convolutions, batch norms, a linear head), a ViT laid out as
 torchvision's (``nn.MultiheadAttention``, a class token and position embeddings), a ConvNeXt laid out as
-torchvision's (channels-first ``LayerNorm2d``, layer scales), a GPT-2 with
+torchvision's (channels-first ``LayerNorm2d``, layer scales), Hugging Face's CLIP image classifier (its class
+token ``(d,)`` expanded over the batch; the text tower is not called), a GPT-2 with
 random weights (embeddings, Conv1D, layer norms), a Llama (its own RMSNorm class, grouped-query attention), a
 Gemma (a scaled embedding tied to its head) and an OPT (offset positions, flattened tokens; the language models
 need ``transformers``), examples per second of
@@ -10,8 +11,9 @@ need ``transformers``), examples per second of
 ``--repeats`` times (best of each), and their largest difference relative to the vmap gradients'
 largest entry.
 
-    python bench/closed_form_speed.py                 # ResNet-18, ViT, ConvNeXt at 32 x 32; GPT-2 ... OPT
+    python bench/closed_form_speed.py                 # ResNet-18, ViT, ConvNeXt, CLIP at 32 x 32; GPT-2 ... OPT
     python bench/closed_form_speed.py --device cuda --batch 256
+    python bench/closed_form_speed.py --only clip --only vit    # some of them
 """
 from __future__ import annotations
 
@@ -55,6 +57,14 @@ def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, An
         import transformers
     except ImportError:
         return out
+    width, depth = (16, 2) if small else (192, 6)
+    vision = transformers.CLIPVisionConfig(image_size=32, patch_size=4, hidden_size=width, intermediate_size=4 * width,
+                                           num_hidden_layers=depth, num_attention_heads=2 if small else 3)
+    config = transformers.CLIPConfig(vision_config=vision.to_dict(), text_config={"hidden_size": 16,
+                                     "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+                                     num_labels=10)
+    clip = transformers.CLIPForImageClassification(config).to(device).eval()  # its class token (d,), expanded
+    out[f"clip-vision-{depth}x{width}"] = (clip, {"pixel_values": x}, y, Classification(), {})
     width, layers, length = (32, 2, 16) if small else (256, 4, 64)
     config = transformers.GPT2Config(vocab_size=512, n_positions=length, n_embd=width, n_layer=layers, n_head=4,
                                       bos_token_id=0, eos_token_id=0)
@@ -107,10 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="narrow models (a smoke run)")
+    parser.add_argument("--only", action="append", help="the models whose name starts with this (repeatable)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     result = {name: measure(*case, args.repeats, args.device)
-              for name, case in models(args.small, args.batch, args.device).items()}
+              for name, case in models(args.small, args.batch, args.device).items()
+              if not args.only or any(name.startswith(prefix) for prefix in args.only)}
     result["machine"] = dict(device=args.device, torch=torch.__version__, threads=torch.get_num_threads(),
                              load_average=os.getloadavg()[0])
     for name, row in result.items():

@@ -1,9 +1,10 @@
 """Featurize throughput of the factorized projection (``proj_type="kronecker"``) against the dense one
-(``"rademacher"``), at k = 4,096, on CPU: a GPT-2-small-shaped language model and a CIFAR ResNet-18.
+(``"rademacher"``), at k = 4,096, on CPU: a GPT-2-small-shaped language model, a CIFAR ResNet-18 and a small
+vision transformer.
 
     python bench/kronecker_speed.py --json docs/bench/kronecker_speed.json   # full (about an hour on 2 shared
                                                                              # cores: mostly the two dense runs)
-    python bench/kronecker_speed.py --quick                                  # tiny GPT-2 and ResNet, k = 256 (seconds)
+    python bench/kronecker_speed.py --quick                                  # tiny models, k = 256 (seconds)
     python bench/kronecker_speed.py --only resnet18 --threads 2
 
 Models (random init, nothing is downloaded)
@@ -13,8 +14,11 @@ tied to the head, ``n_positions`` 1,024), ``task="language_modeling"``, dict bat
 ``{"input_ids", "attention_mask", "labels"}`` of 128 random tokens (no padding; labels = ids).
 ``resnet18``: a torchvision-free CIFAR ResNet-18 (3x3 stem, no max-pool, BasicBlocks [2, 2, 2, 2] of
 64..512 channels, batch norm, 10 classes; 11,173,962 parameters) on random (3, 32, 32) images,
-``task="classification"``. ``--quick``: a 2-layer GPT-2 of width 32 on 16 tokens and a ResNet with
-one block per stage of 8..64 channels, k = 256, a few examples.
+``task="classification"``. ``vit``: torchvision's ``VisionTransformer`` layout (``bench/_vit.py``: patch 4 on
+32 x 32 images, 65 tokens, 6 blocks of width 192, 3 heads, ``nn.MultiheadAttention``; 2,693,578 parameters),
+``task="classification"``; its attention projections are blocks, followed through ``F.linear``.
+``--quick``: a 2-layer GPT-2 of width 32 on 16 tokens, a ResNet with one block per stage of 8..64
+channels and a ViT of 2 blocks of width 16, k = 256, a few examples.
 
 What is timed
 -------------
@@ -48,7 +52,8 @@ stopped: its row then holds ``seconds_at_least`` (the time since its timed featu
 took 28 minutes. With ``--only`` and an existing ``--json`` file, the other models' rows in it are kept
 (each model's pair always comes from one run).
 
-Acceptance targets (issue 15): GPT-2-small at least 10x the dense rate, ResNet-18 at least 3x.
+Acceptance targets (issue 15): GPT-2-small at least 10x the dense rate, ResNet-18 at least 3x (the ViT has
+none).
 """
 from __future__ import annotations
 
@@ -64,10 +69,16 @@ from _report import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = {"gpt2": 10.0, "resnet18": 3.0}
-FULL = dict(k=4096, batch=dict(gpt2=dict(kronecker=4, rademacher=2), resnet18=dict(kronecker=16, rademacher=16)),
-            examples=dict(gpt2=dict(kronecker=16, rademacher=2), resnet18=dict(kronecker=64, rademacher=64)))
-QUICK = dict(k=256, batch=dict(gpt2=dict(kronecker=4, rademacher=4), resnet18=dict(kronecker=4, rademacher=4)),
-             examples=dict(gpt2=dict(kronecker=4, rademacher=4), resnet18=dict(kronecker=8, rademacher=8)))
+MODELS = ("resnet18", "gpt2", "vit")
+FULL = dict(k=4096, batch=dict(gpt2=dict(kronecker=4, rademacher=2), resnet18=dict(kronecker=16, rademacher=16),
+                               vit=dict(kronecker=16, rademacher=16)),
+            examples=dict(gpt2=dict(kronecker=16, rademacher=2), resnet18=dict(kronecker=64, rademacher=64),
+                          vit=dict(kronecker=64, rademacher=64)))
+QUICK = dict(k=256, batch=dict(gpt2=dict(kronecker=4, rademacher=4), resnet18=dict(kronecker=4, rademacher=4),
+                               vit=dict(kronecker=4, rademacher=4)),
+             examples=dict(gpt2=dict(kronecker=4, rademacher=4), resnet18=dict(kronecker=8, rademacher=8),
+                           vit=dict(kronecker=8, rademacher=8)))
+VIT = dict(full=dict(width=192, depth=6, heads=3), quick=dict(width=16, depth=2, heads=2))
 GPT2_QUICK = dict(vocab_size=256, n_positions=16, n_embd=32, n_layer=2, n_head=2)
 SEQUENCE = dict(full=128, quick=16)
 RESNET = dict(full=dict(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),
@@ -135,6 +146,11 @@ def make_model(name: str, size: str):
 
         config = transformers.GPT2Config(**(GPT2_QUICK if size == "quick" else {}))
         return transformers.GPT2LMHeadModel(config).eval()
+    if name == "vit":
+        sys.path.insert(0, HERE)
+        from _vit import VisionTransformer
+
+        return VisionTransformer(image=32, patch=4, **VIT[size]).eval()
     model = make_resnet18(**RESNET[size]).eval()
     with torch.no_grad():  # batch-norm statistics that are not the identity
         for module in model.modules():
@@ -301,7 +317,7 @@ def run_child(spec: dict, timeout: float | None = None) -> dict:
 def summarize(rows: list[dict], *, quick: bool) -> list[dict]:
     """Per model with both kinds: the two rates and their ratio (bounds when the dense child was stopped)."""
     out = []
-    for name in ("resnet18", "gpt2"):
+    for name in MODELS:
         found = {row["kind"]: row for row in rows if row["model"] == name and "error" not in row}
         if not {"kronecker", "rademacher"} <= set(found):
             continue
@@ -314,7 +330,7 @@ def summarize(rows: list[dict], *, quick: bool) -> list[dict]:
         else:
             ratio = ours["examples_per_s"] / dense["examples_per_s"]
             summary.update(rademacher_examples_per_s=dense["examples_per_s"], ratio=ratio)
-        if not quick:
+        if not quick and name in TARGETS:
             summary.update(target=TARGETS[name], target_met=ratio >= TARGETS[name])
         out.append(summary)
     return out
@@ -322,8 +338,8 @@ def summarize(rows: list[dict], *, quick: bool) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny GPT-2 and ResNet, k = 256 (seconds)")
-    parser.add_argument("--only", choices=["gpt2", "resnet18"], action="append", help="these models only")
+    parser.add_argument("--quick", action="store_true", help="tiny GPT-2, ResNet and ViT, k = 256 (seconds)")
+    parser.add_argument("--only", choices=list(MODELS), action="append", help="these models only")
     parser.add_argument("--kinds", default="kronecker,rademacher", help="comma-separated proj_types to run")
     parser.add_argument("--threads", type=int, help="torch threads in the children (default: torch's)")
     parser.add_argument("--dense-timeout", type=float, default=3600.0,
@@ -340,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     size = "quick" if args.quick else "full"
     settings = QUICK if args.quick else FULL
-    models = [name for name in ("resnet18", "gpt2") if not args.only or name in args.only]
+    models = [name for name in MODELS if not args.only or name in args.only]
     kinds = [kind for kind in args.kinds.split(",") if kind]
     versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers")}
     result = dict(mode=size, date=time.strftime("%Y-%m-%d %H:%M %Z"), cores=os.cpu_count(), load_before=load(),

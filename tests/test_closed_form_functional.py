@@ -231,8 +231,8 @@ def test_convnext_in_closed_form():
 class BareTokens(nn.Module):
     """A position table (T, d) sliced by the model (copies would be indexed: its slice [:T] would take the first T
     copies, right when n <= T, an error when n > T, which the check on two examples would not see), or a layer
-    scale (d,) on tokens (n, T, d), as DeiT-III's (followed through the product, also in place), or one also used
-    otherwise (vmap)."""
+    scale (d,) on tokens (n, T, d), as DeiT-III's (followed through the product, also in place), or a class token
+    (d,) expanded over the batch, as CLIP's (followed), or one also used otherwise (vmap)."""
 
     def __init__(self, bare, length=4):
         super().__init__()
@@ -245,12 +245,15 @@ class BareTokens(nn.Module):
         h = torch.tanh(self.lin(x)).to(self.bare.dtype)  # reading a bare parameter's dtype is not a use of it
         if self.kind == "scale-used-otherwise":  # the product is right, the norm is not a per-example use
             return self.head((self.bare * h).mean(1)) * self.bare.norm()
+        if self.kind == "class-token":  # CLIP's: (d,) expanded to (n, 1, d), and to (n, T, d) as well
+            tokens = torch.cat([self.bare.expand(x.shape[0], 1, -1), h, self.bare.expand((x.shape[0], 2, 4))], 1)
+            return self.head(torch.tanh(tokens)[:, :2].mean(1) + tokens[:, -1])
         h = h + self.bare[:x.shape[1]] if self.kind == "table" else self.bare * h
         return self.head(h.mean(1))
 
 
 @pytest.mark.parametrize("bare, covered", [("table", False), ("token-scale", True), ("inplace-scale", True),
-                                           ("scale-used-otherwise", False)])
+                                           ("class-token", True), ("scale-used-otherwise", False)])
 def test_bare_tables_go_to_vmap_and_token_scales_are_followed(bare, covered):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(8)
@@ -353,3 +356,20 @@ def test_the_path_each_checkpoint_takes_is_logged_with_its_reason(make, said, ca
         x = x[:, 0]
     TorchBackend().gradients(model, TorchBackend().prepare(model, None), x, y, get_task("classification"))
     assert any(said in record.getMessage() for record in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_hugging_face_clip_vision_in_closed_form():
+    """Hugging Face's CLIP image classifier: its class embedding (d,) expanded over the batch, position embeddings
+    looked up on a (1, T) buffer, pre- and post-layer norms."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
+
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(image_size=8, patch_size=4, hidden_size=8, intermediate_size=16,
+                                           num_hidden_layers=2, num_attention_heads=2, projection_dim=8)
+    config = transformers.CLIPConfig(vision_config=vision.to_dict(), text_config={"hidden_size": 8,
+                                     "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2},
+                                     num_labels=3)
+    model = transformers.CLIPForImageClassification(config)
+    g = torch.Generator().manual_seed(12)
+    x, y = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
+    _check(PixelLogits(model), x, y, True, kinds={"scale", "conv", "embedding", "layernorm"})

@@ -1,6 +1,6 @@
 """The factorized-projection benchmarks run end to end in ``--quick`` mode and report consistent figures.
 
-``bench/kronecker_speed.py`` (kronecker vs dense on a tiny GPT-2 and ResNet) and ``bench/logra_peers.py``
+``bench/kronecker_speed.py`` (kronecker vs dense on a tiny GPT-2, ResNet and ViT) and ``bench/logra_peers.py``
 (trak-core vs dattri's LoGra on a small MLP and a tiny nanoGPT) are started together, each in its own
 interpreter (they start one child process per configuration), with one torch thread per child.
 """
@@ -52,11 +52,12 @@ def results(tmp_path_factory) -> dict:
 def test_kronecker_speed_quick(results):
     result = results["kronecker_speed"]
     rows = {(row["model"], row["kind"]): row for row in result["rows"]}
-    assert set(rows) == {(m, k) for m in ("gpt2", "resnet18") for k in ("kronecker", "rademacher")}
+    assert set(rows) == {(m, k) for m in ("gpt2", "resnet18", "vit") for k in ("kronecker", "rademacher")}
     for row in rows.values():
         assert row["examples_per_s"] > 0
         assert row["peak_rss_mib"] >= row["model_rss_mib"] > 0
-    assert {s["model"] for s in result["summary"]} == {"gpt2", "resnet18"}
+    assert {s["model"] for s in result["summary"]} == {"gpt2", "resnet18", "vit"}
+    assert rows[("vit", "kronecker")]["layers"] == 2 + 4 * 2  # patches, head; per block: attention in and out, MLP
     for s in result["summary"]:
         assert s["kronecker_examples_per_s"] == rows[(s["model"], "kronecker")]["examples_per_s"]
         assert s["rademacher_examples_per_s"] == rows[(s["model"], "rademacher")]["examples_per_s"]

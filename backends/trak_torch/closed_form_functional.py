@@ -17,8 +17,8 @@ OPT).
   require gradients; the gradient of copy ``i`` is example ``i``'s. The copies replace a leading dimension 1
   (a class token ``(1, 1, d)``, position embeddings ``(1, T, d)``), or come first when the other dimensions
   are singletons (a layer scale ``(C, 1, 1)`` multiplying ``(n, C, H, W)``). A 1-D one (a layer scale ``(d,)``
-  on channels-last features or tokens) is followed through its products with batch-first tensors by a torch
-  function mode (``scaled``), which puts its copies, viewed ``(n, 1, ..., d)``, in its place. Other bare
+  on channels-last features or tokens, CLIP's class token ``(d,)`` expanded to ``(n, 1, d)``) is followed through
+  its products with batch-first tensors and its expansion over the batch by a torch function mode (``scaled``), which puts its copies, viewed ``(n, 1, ..., d)``, in its place. Other bare
   parameters send the model to ``vmap``.
 
 Both are checked, with the layers, against plain autograd one example at a time on each checkpoint's first
@@ -160,7 +160,8 @@ def slow_path(modules: list[Any]) -> Iterator[None]:
 def scaled(copies: dict[int, tuple[Any, Any]], n: int) -> Iterator[None]:
     """Follow 1-D bare parameters (``id -> (parameter, its n copies (n, d))``) through their products with a
     batch-first tensor ``x`` (``x * scale``, ``scale * x``, ``x.mul_(scale)``; ``x.shape[0] == n``, last dimension
-    ``d``: a layer scale, channels-last or on tokens): the copies, viewed ``(n, 1, ..., d)``, take the parameter's
+    ``d``: a layer scale, channels-last or on tokens), and through their expansion over the batch
+    (``token.expand(n, 1, -1)``: CLIP's class token): the copies, viewed ``(n, 1, ..., d)``, take the parameter's
     place. Reading its shape, dtype or device is allowed; any other use of the parameter raises ``NotPerExample``
     (the model goes to ``vmap``)."""
     import torch
@@ -178,6 +179,12 @@ def scaled(copies: dict[int, tuple[Any, Any]], n: int) -> Iterator[None]:
             if getattr(func, "__name__", "") in METADATA or (
                     not hits and not any(id(v) in copies and v is copies[id(v)][0] for v in kwargs.values())):
                 return func(*args, **kwargs)
+            if func is torch.Tensor.expand and hits == [0] and not kwargs:  # a class token (d,), expanded
+                scale, sizes = args[0], args[1:]
+                sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+                if len(sizes) >= 2 and sizes[0] == n and sizes[-1] in (-1, scale.shape[0]):
+                    view = copies[id(scale)][1].view(n, *[1] * (len(sizes) - 2), scale.shape[0])
+                    return view.expand(n, *sizes[1:-1], scale.shape[0])
             if func in products and len(args) == 2 and not kwargs and hits != [0, 1] \
                     and not (func is torch.Tensor.mul_ and hits == [0]):
                 i = hits[0]
@@ -187,7 +194,8 @@ def scaled(copies: dict[int, tuple[Any, Any]], n: int) -> Iterator[None]:
                     view = copies[id(scale)][1].view(n, *[1] * (other.ndim - 2), scale.shape[0])
                     return func(*((view, other) if i == 0 else (other, view)))
             raise NotPerExample(f"a bare parameter {tuple(args[hits[0]].shape) if hits else ''} is used by "
-                                f"{getattr(func, '__name__', func)}, not as a scale of a batch-first tensor")
+                                f"{getattr(func, '__name__', func)}, not as a scale of a batch-first tensor or "
+                                "expanded over the batch")
 
     with Mode():
         yield
