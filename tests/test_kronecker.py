@@ -313,3 +313,10 @@ def test_one_batched_pass_when_examples_are_independent_and_vmap_when_they_inter
         reference, _ = vmap.factorized_features(model, vmap.prepare(model, None), x, y, get_task("classification"),
                                                 k=6, seed=0, checkpoint=0, options=Kronecker())
         np.testing.assert_allclose(features.numpy(), reference.numpy(), rtol=1e-10, atol=1e-14)
+        # a first batch of one example cannot show interaction: it is computed alone, and the next batch decides
+        prepared = backend.prepare(model, None)
+        for rows in (slice(0, 1), slice(0, 6)):
+            features, _ = backend.factorized_features(model, prepared, x[rows], y[rows], get_task("classification"),
+                                                      k=6, seed=0, checkpoint=0, options=Kronecker())
+            assert [state.batched for state in prepared._kronecker.values()] == [None if rows.stop == 1 else batched]
+        np.testing.assert_allclose(features.numpy(), reference.numpy(), rtol=1e-10, atol=1e-14)

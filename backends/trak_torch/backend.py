@@ -357,15 +357,18 @@ class TorchBackend(Backend):
         state = self._factorized(model, prepared, inputs, labels, k=k, seed=seed, checkpoint=checkpoint,
                                  options=options)
         causal = self._causal(model)
-        with _eval_mode(model), attention_for_vmap(model):
-            with torch.no_grad():
+        with _eval_mode(model):
+            with attention_for_vmap(model), torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
             task.check_labels(labels, logits.shape[-1], xp=xp)
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
             features = batch_features(self, model, prepared, state, inputs, labels, task, causal, seed=seed,
-                                      checkpoint=checkpoint, chunk=self.chunk_size)
+                                      checkpoint=checkpoint, chunk=self.chunk_size,
+                                      attention=(lambda: attention_for_vmap(model),
+                                                 lambda: attention_for_closed_form(model)))
             if not state.checked:  # once per checkpoint: the first example against its dense gradient
-                check_plan(self, model, prepared, state, inputs, labels, task, causal, features)
+                with (attention_for_closed_form if state.batched else attention_for_vmap)(model):  # the path's
+                    check_plan(self, model, prepared, state, inputs, labels, task, causal, features)
                 state.checked = True
         return features, out_to_loss
 

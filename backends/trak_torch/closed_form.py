@@ -102,7 +102,7 @@ def _kind(module: Any) -> str | None:
     (:mod:`trak_torch.closed_form_functional`)."""
     import torch
 
-    from .kronecker import layer_kind
+    from .layers import layer_kind
 
     conv, layer = conv_kind(module), layer_kind(module, own_forward=False)
     if conv or layer == "conv2d":  # convolutions: torch's own forward only (``conv_kind``)
@@ -191,7 +191,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
 
     from .backend import _rows, output_logits
     from .closed_form_functional import FUNCTION, copies, intercept, locate, scaled, slow_path
-    from .kronecker import _hooks
+    from .layers import hooks
 
     functional = {module: names for module, kind, names, _ in uses if kind in FUNCTION}
     spec = {module: (kind, weight, bias) for module, kind, weight, bias in uses
@@ -280,7 +280,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         else nullcontext()  # F untouched without them
     attention = [module for module, kind, _, _ in uses if kind == "mha"]
     followed = scaled(scales, n) if scales else nullcontext()
-    with torch.enable_grad(), _hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted, \
+    with torch.enable_grad(), hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted, \
             followed:
         logits = output_logits(backend._call(model, params, inputs, causal=causal), backend.logits_fn)
         for module in called:

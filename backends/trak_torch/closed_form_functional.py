@@ -18,8 +18,9 @@ OPT).
   (a class token ``(1, 1, d)``, position embeddings ``(1, T, d)``), or come first when the other dimensions
   are singletons (a layer scale ``(C, 1, 1)`` multiplying ``(n, C, H, W)``). A 1-D one (a layer scale ``(d,)``
   on channels-last features or tokens, CLIP's class token ``(d,)`` expanded to ``(n, 1, d)``) is followed through
-  its products with batch-first tensors and its expansion over the batch by a torch function mode (``scaled``), which puts its copies, viewed ``(n, 1, ..., d)``, in its place. Other bare
-  parameters send the model to ``vmap``.
+  its products with batch-first tensors and its expansion over the batch by a torch function mode (``scaled``),
+  which puts its copies, viewed ``(n, 1, ..., d)``, in its place. Other bare parameters send the model to
+  ``vmap``.
 
 Both are checked, with the layers, against plain autograd one example at a time on each checkpoint's first
 batch (a model that uses them otherwise goes to ``vmap``).
@@ -63,7 +64,7 @@ def functional_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal
     import torch
     from torch.utils._pytree import tree_map
 
-    from .kronecker import _hooks
+    from .layers import hooks
 
     names = {id(tensor): name for name, tensor in prepared.params.items()}
     found: dict[Any, tuple | None] = {}
@@ -80,7 +81,7 @@ def functional_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal
 
     modules = [m for m in model.modules() if functional_kind(m)]
     if modules:
-        with torch.no_grad(), _hooks(modules, hook):
+        with torch.no_grad(), hooks(modules, hook):
             backend._call(model, {**prepared.params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs),
                           causal=causal)
     return found

@@ -21,45 +21,18 @@ first batch, the features are checked against the dense per-example gradient of 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from trak_core.errors import TrakValueError
 from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_plan, rest_seed
 
+from .layers import computes_linear, hooks, kronecker_kind, layer_kind
+
 __all__ = ["Factorized", "find_uses", "discover", "factorized_state", "batch_features"]
 
 CHUNK_BYTES = 512 * 2**20  # per vmap call: output gradients, perturbations and projected sides
-
-
-def _kind(module: Any) -> str | None:
-    """The factorizable layer kind of ``module``. A subclass with its own ``forward`` is not one: an ``Embedding``
-    subclass (Gemma's scaled embedding, OPT's offset positions) is followed through its ``F.embedding`` call
-    (``kronecker_functional``), others are projected densely with the rest."""
-    return layer_kind(module, own_forward=True)
-
-
-def layer_kind(module: Any, *, own_forward: bool) -> str | None:
-    """``"linear"``, ``"conv2d"``, ``"embedding"`` or ``"conv1d"`` (Hugging Face's), else ``None``; with
-    ``own_forward``, torch's layers only where their ``forward`` is torch's own."""
-    import torch
-
-    nn = torch.nn
-
-    def own(base: Any) -> bool:
-        return not own_forward or type(module).forward is base.forward
-
-    if isinstance(module, nn.Linear) and own(nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d) and own(nn.Conv2d):
-        ok = module.groups == 1 and module.padding_mode == "zeros" and module.padding != "same"
-        return "conv2d" if ok else None
-    if isinstance(module, nn.Embedding) and own(nn.Embedding):
-        return "embedding" if module.max_norm is None else None
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.ndim == 2:
-        return "conv1d"  # Hugging Face GPT-2's: y = x @ W + b, W (in, out)
-    return None
 
 
 @dataclass
@@ -95,16 +68,6 @@ class Factorized:
     functional: Any = None  # kronecker_functional.Functional: weights used inside functional calls
 
 
-@contextmanager
-def _hooks(modules: list[Any], hook: Any) -> Iterator[None]:
-    handles = [module.register_forward_hook(hook) for module in modules]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _layer(kind: str, weight: Any, bias: bool, name: str, bias_name: str | None) -> Layer:
     rows, cols = int(weight.shape[0]), int(weight[0].numel())
     if kind == "conv1d":
@@ -113,7 +76,7 @@ def _layer(kind: str, weight: Any, bias: bool, name: str, bias_name: str | None)
 
 
 def find_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
-              kind: Callable[[Any], str | None] = _kind) -> dict[Any, Use]:
+              kind: Callable[[Any], str | None] = kronecker_kind) -> dict[Any, Use]:
     """The modules of a ``kind`` (default: the factorizable layers) called with an attributed weight on the batch's
     first example, in call order."""
     import torch
@@ -126,11 +89,14 @@ def find_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool
         weight = names.get(id(module.weight))
         if weight is None or module in found:
             return
+        if kind is kronecker_kind and not layer_kind(module, own_forward=True) \
+                and not computes_linear(module, args, output):
+            return  # a Linear subclass that computes something else: its weight goes to the rest
         bias = getattr(module, "bias", None)
         found[module] = Use(module, kind(module), weight, None if bias is None else names.get(id(bias)))
 
     candidates = [m for m in model.modules() if kind(m) is not None]
-    with torch.no_grad(), _hooks(candidates, hook):
+    with torch.no_grad(), hooks(candidates, hook):
         backend._call(model, {**prepared.params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs), causal=causal)
     return found
 
@@ -237,8 +203,10 @@ def _rows_first(use: Use, input_side: Any, output_side: Any) -> tuple[Any, Any]:
 
 
 def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, inputs: Any, labels: Any, task: Any,
-                   causal: bool, *, seed: int, checkpoint: int, chunk: int | None = None) -> Any:
-    """Features ``(n, k)`` of a checked batch (the backend computes ``out_to_loss`` on its own)."""
+                   causal: bool, *, seed: int, checkpoint: int, chunk: int | None = None,
+                   attention: tuple[Callable[[], Any], Callable[[], Any]] = (nullcontext, nullcontext)) -> Any:
+    """Features ``(n, k)`` of a checked batch (the backend computes ``out_to_loss`` on its own); ``attention``: the
+    contexts of the ``vmap`` pass and of the batched pass (a Hugging Face model's attention implementation)."""
     import torch
     from torch.func import grad, vmap
     from torch.utils._pytree import tree_map
@@ -274,7 +242,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         return by_module[key]
 
     n = _rows(inputs)
-    with torch.no_grad(), _hooks(modules, record), intercepted(inside, record_call), slow():  # calls, output shapes
+    with torch.no_grad(), hooks(modules, record), intercepted(inside, record_call), slow(), attention[0]():
         backend._call(model, {**prepared.params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs), causal=causal)
     import array_api_compat.torch as xp
 
@@ -298,7 +266,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             return out + zs[count[0] - 1]
 
         one = tree_map(lambda t: t[None], x)
-        with _hooks(modules, hook), intercepted(inside, call), slow():
+        with hooks(modules, hook), intercepted(inside, call), slow():
             out = output_logits(backend._call(model, {**layers, **rest_params, **prepared.frozen}, one,
                                               causal=causal), backend.logits_fn)
         if count[0] != len(shapes):
@@ -314,7 +282,15 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
 
     def per_example(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
         zs = [torch.zeros((), dtype=prepared.dtype, device=prepared.device).expand(m, *shape) for _, shape in shapes]
-        (deltas, rest_grads), sides = step(zs, rest, x, y)
+        with attention[0]():
+            try:
+                (deltas, rest_grads), sides = step(zs, rest, x, y)
+            except RuntimeError as exc:  # e.g. Bloom's autograd.Function, which torch.func cannot run
+                exc.add_note("trak-core: proj_type='kronecker' runs torch.func.vmap here, to differentiate the rest "
+                             f"(the {plan.n_rest:,} parameters outside factorizable layers) or because examples "
+                             "interact; with Kronecker(rest='drop') a model whose examples are independent takes one "
+                             "batched backward pass instead")
+                raise
         return deltas, sides, rest_grads
 
     def batched(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
@@ -334,7 +310,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             zs.append(z)
             return add(out)
 
-        with torch.enable_grad(), _hooks(modules, hook), intercepted(inside, call), slow():
+        with torch.enable_grad(), hooks(modules, hook), intercepted(inside, call), slow(), attention[1]():
             out = output_logits(backend._call(model, {**prepared.params, **prepared.frozen}, x, causal=causal),
                                 backend.logits_fn)
             if task.logits_ndim == 2 and out.ndim == 1:
@@ -357,19 +333,19 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
                                                           checkpoint=checkpoint)
         return block_out
 
-    if state.batched is None:  # once per checkpoint: batched == vmap on two examples, and no rest to differentiate
-        state.batched = False
-        if not plan.n_rest and backend.per_example == "auto":
-            two = tree_map(lambda t: t[:2], inputs)
-            reference = features(two, labels[:2], min(2, n), per_example)
-            try:
-                fast = features(two, labels[:2], min(2, n), batched)
-            except NotPerExample:  # a functional call without one row per example
-                fast = None
-            tolerance = check_tolerance(dtype, prepared.device)
-            scale = float(torch.linalg.vector_norm(reference)) or 1.0
-            state.batched = fast is not None and float(torch.linalg.vector_norm(fast - reference)) <= tolerance * scale
-    run = batched if state.batched else per_example
+    if state.batched is None and (plan.n_rest or backend.per_example != "auto"):
+        state.batched = False  # the rest's dense gradients need vmap
+    elif state.batched is None and n >= 2:  # once per checkpoint: two examples in one pass == each in a pass alone
+        try:
+            together = features(tree_map(lambda t: t[:2], inputs), labels[:2], 2, batched)
+            alone = torch.cat([features(tree_map(lambda t: t[i:i + 1], inputs), labels[i:i + 1], 1, batched)
+                               for i in range(2)])
+            scale = float(torch.linalg.vector_norm(alone)) or 1.0
+            difference = float(torch.linalg.vector_norm(together - alone))
+            state.batched = difference <= check_tolerance(dtype, prepared.device) * scale
+        except NotPerExample:  # a functional call without one row per example
+            state.batched = False
+    run = batched if state.batched or (state.batched is None and n == 1) else per_example  # one example: alone
     size = max(size, 64) if state.batched and chunk is None else size
     out = torch.zeros((n, plan.k), dtype=dtype, device=prepared.device)
     for start in range(0, n, size):

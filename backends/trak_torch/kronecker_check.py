@@ -25,9 +25,10 @@ def _dense_block(block: Any, pair: tuple[Any, Any], grad_weight: Any, grad_bias:
     return (rows.T @ g @ cols).reshape(-1)[:block.k] * (1.0 / math.sqrt(block.k))
 
 
-def check_plan(backend: Any, model: Any, prepared: Any, state: Factorized, inputs: Any, labels: Any, task: Any,
+def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any, labels: Any, task: Any,
                causal: bool, features: Any) -> None:
-    """Check the first example's layer features against its dense gradient, block by block.
+    """Check the first example's layer features against its dense gradient, block by block (``state``: the
+    checkpoint's ``kronecker.Factorized``).
 
     A weight that is also used outside its module (``F.linear(x, module.weight)`` elsewhere) would be
     counted only in part: this raises a ``TrakValueError`` naming it instead.
