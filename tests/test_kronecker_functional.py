@@ -216,3 +216,16 @@ def test_a_slice_the_first_example_did_not_use_is_a_clear_error():
     with pytest.raises(TrakValueError, match="rows 0 to 5 of '0.weight'.*first example did not use"):
         backend.factorized_features(model, backend.prepare(model, None), ids, y, get_task("classification"), k=8,
                                     seed=0, checkpoint=0, options=Kronecker(rest="drop"))
+
+
+def test_a_lookup_shared_by_the_batch_takes_the_batched_pass():
+    """GPT-2's position table is looked up on (1, T), shared by the batch: the batched pass gives each example its
+    own perturbation of that call (before, the shared one summed the batch's gradients, and GPT-2 kept vmap)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: GPT-2 not exercised")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                                     eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).double()
+    ids = torch.randint(0, 50, (5, 10))
+    plan, batched = _exact(model, {"input_ids": ids}, ids, "language_modeling", k=64, options=Kronecker(rest="drop"))
+    assert batched is True and plan.block("transformer.wpe.weight").layer.rows == 16

@@ -299,8 +299,13 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
 
         def hook(module: Any, args: Any, out: Any) -> Any:
             use, block, pair = by_module[module]
-            sides.append(_input_side(use, block, pair, args[0].detach(), dtype))
-            zs.append(torch.zeros_like(out, requires_grad=True))
+            a = args[0].detach()
+            if out.ndim and out.shape[0] == a.shape[0] == 1 < m:  # a call shared by the batch: positions (1, T)
+                a = a.expand(m, *a.shape[1:])  # each example's own perturbation; the sum broadcasts as before
+                zs.append(torch.zeros((m, *out.shape[1:]), dtype=out.dtype, device=out.device, requires_grad=True))
+            else:
+                zs.append(torch.zeros_like(out, requires_grad=True))
+            sides.append(_input_side(use, block, pair, a, dtype))
             return out + zs[-1]
 
         def call(key: tuple, x: Any, out: Any) -> Any:
