@@ -66,6 +66,7 @@ class Factorized:
     checked: bool = False
     batched: bool | None = None  # one batched backward pass instead of vmap (no rest, examples independent)
     functional: Any = None  # kronecker_functional.Functional: weights used inside functional calls
+    rest: Any = None  # the rest as a TorchCheckpoint of its own, when the closed form gives its gradients
 
 
 def _layer(kind: str, weight: Any, bias: bool, name: str, bias_name: str | None) -> Layer:
@@ -283,14 +284,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
     def per_example(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
         zs = [torch.zeros((), dtype=prepared.dtype, device=prepared.device).expand(m, *shape) for _, shape in shapes]
         with attention[0]():
-            try:
-                (deltas, rest_grads), sides = step(zs, rest, x, y)
-            except RuntimeError as exc:  # e.g. Bloom's autograd.Function, which torch.func cannot run
-                exc.add_note("trak-core: proj_type='kronecker' runs torch.func.vmap here, to differentiate the rest "
-                             f"(the {plan.n_rest:,} parameters outside factorizable layers) or because examples "
-                             "interact; with Kronecker(rest='drop') a model whose examples are independent takes one "
-                             "batched backward pass instead")
-                raise
+            (deltas, rest_grads), sides = step(zs, rest, x, y)
         return deltas, sides, rest_grads
 
     def batched(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
@@ -321,7 +315,8 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             if task.logits_ndim == 2 and out.ndim == 1:
                 out = out[:, None]
             deltas = torch.autograd.grad(task.output(out, y, xp=xp).sum(), zs, allow_unused=True)
-        return [torch.zeros_like(z) if d is None else d for d, z in zip(deltas, zs)], sides, None
+        rest_grads = backend.gradients(model, state.rest, x, y, task)[0] if plan.n_rest else None  # closed form
+        return [torch.zeros_like(z) if d is None else d for d, z in zip(deltas, zs)], sides, rest_grads
 
     def features(x: Any, y: Any, m: int, run: Any) -> Any:
         deltas, sides, rest_grads = run(x, y, m)
@@ -333,23 +328,36 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             product = torch.bmm(row.transpose(1, 2), col).reshape(m, -1)[:, :block.k]
             block_out[:, block.start:block.start + block.k] += product * (1.0 / math.sqrt(block.k))
         if plan.n_rest:
-            flat = torch.cat([rest_grads[name].reshape(m, -1) for name in plan.rest], dim=1).to(dtype)
+            flat = (rest_grads if isinstance(rest_grads, torch.Tensor) else  # (m, n_rest) from the closed form
+                    torch.cat([rest_grads[name].reshape(m, -1) for name in plan.rest], dim=1)).to(dtype)
             block_out[:, plan.k - plan.k_rest:] = project(flat, plan.k_rest, seed=rest_seed(seed),
                                                           checkpoint=checkpoint)
         return block_out
 
-    if state.batched is None and (plan.n_rest or backend.per_example != "auto"):
-        state.batched = False  # the rest's dense gradients need vmap
-    elif state.batched is None and n >= 2:  # once per checkpoint: two examples in one pass == each in a pass alone
+    def independent() -> bool | None:
+        """Whether the batch's first two examples in one batched pass give the features each gives alone (``None``
+        with one example: nothing to tell)."""
+        if n < 2:
+            return None
         try:
             together = features(tree_map(lambda t: t[:2], inputs), labels[:2], 2, batched)
             alone = torch.cat([features(tree_map(lambda t: t[i:i + 1], inputs), labels[i:i + 1], 1, batched)
                                for i in range(2)])
-            scale = float(torch.linalg.vector_norm(alone)) or 1.0
-            difference = float(torch.linalg.vector_norm(together - alone))
-            state.batched = difference <= check_tolerance(dtype, prepared.device) * scale
         except NotPerExample:  # a functional call without one row per example
-            state.batched = False
+            return False
+        scale = float(torch.linalg.vector_norm(alone)) or 1.0
+        return float(torch.linalg.vector_norm(together - alone)) <= check_tolerance(dtype, prepared.device) * scale
+
+    def rest_in_closed_form() -> bool:
+        """Whether the closed form gives the rest's per-example gradients (checked once; the backend logs why not)."""
+        if state.rest is None:
+            state.rest = _rest_checkpoint(prepared, plan)
+        return backend._closed_form_uses(model, state.rest, inputs, labels, task, causal) is not None
+
+    if state.batched is None and (plan.n_rest or backend.per_example != "auto"):
+        state.batched = False  # the rest through vmap: on CPUs faster than a second, closed-form pass for it
+    if state.batched is None:  # once per checkpoint, on its first batch of two or more examples
+        state.batched = independent()
     run = batched if state.batched or (state.batched is None and n == 1) else per_example  # one example: alone
     size = max(size, 64) if state.batched and chunk is None else size
     out = torch.zeros((n, plan.k), dtype=dtype, device=prepared.device)
@@ -361,4 +369,24 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         except NotPerExample:  # a later batch's functional call without one row per example: vmap from here on
             state.batched, run = False, per_example
             out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
+        except RuntimeError as exc:  # torch.func cannot run the model (Bloom's autograd.Function): batched, if right
+            if run is batched or backend.per_example != "auto" or not rest_in_closed_form() or not independent():
+                exc.add_note("trak-core: proj_type='kronecker' runs torch.func.vmap here, because examples interact "
+                             "in a batched pass, or to differentiate the rest (the parameters outside factorizable "
+                             "layers), which the closed form does not cover; Kronecker(rest='drop') leaves the rest "
+                             "out")
+                raise
+            state.batched, run = True, batched
+            out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
     return out
+
+
+def _rest_checkpoint(prepared: Any, plan: KroneckerPlan) -> Any:
+    """The rest's parameters (in ``plan.rest`` order) as a checkpoint whose other parameters are frozen: the torch
+    backend's closed form gives their per-example gradients in one batched pass where it covers them (norms, class
+    tokens, position embeddings)."""
+    from .checkpoint import TorchCheckpoint
+
+    params = {name: prepared.params[name] for name in plan.rest}
+    frozen = {**{name: t for name, t in prepared.params.items() if name not in params}, **prepared.frozen}
+    return TorchCheckpoint(params, frozen, prepared.device, prepared.dtype)
