@@ -92,7 +92,7 @@ PY
 
 step tests 120 "$py" -m pytest -q -rs -p no:cacheprovider tests/conformance tests/test_cupy_backend.py tests/test_docs.py \
   tests/test_projection.py tests/test_torch_backend.py tests/test_gpu_projection.py tests/test_closed_form.py \
-  tests/test_closed_form_functional.py \
+  tests/test_closed_form_functional.py tests/test_kronecker_functional.py \
   -k "cuda or gpu or cupy" --junitxml="$report/tests.xml"
 
 if [ -n "$build_pid" ]; then
