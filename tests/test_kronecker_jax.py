@@ -240,3 +240,41 @@ def test_equal_to_the_torch_backend(kind):
         _, features, _, _, _ = _factorized(jax_apply(kind), [jnp.asarray(w) for w in weights], x, y, TASKS[kind],
                                            40, seed=5, checkpoint=2, options=Kronecker())
     np.testing.assert_allclose(features, expected.numpy(), rtol=1e-9, atol=1e-12 * np.abs(features).max())
+
+
+def _dense_general(inputs, kernel, axes):
+    """Flax's ``DenseGeneral``: the inputs' last ``axes`` axes contracted with the kernel's leading ones."""
+    first = inputs.ndim - axes
+    return jax.lax.dot_general(inputs, kernel, ((tuple(range(first, inputs.ndim)), tuple(range(axes))), ((), ())))
+
+
+def _flax_attention(params, x):
+    """Flax's ``MultiHeadDotProductAttention`` layout: query, key and value kernels ``(d, heads, head_dim)`` with
+    biases ``(heads, head_dim)``, the output kernel ``(heads, head_dim, d)`` contracting two axes; an einsum for
+    the last (``(heads, head_dim, d)`` as well)."""
+    q, k, v = (_dense_general(x, params[name]["kernel"], 1) + params[name]["bias"]
+               for name in ("query", "key", "value"))
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]), axis=-1)
+    heads = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = _dense_general(heads, params["out"]["kernel"], 2) + params["out"]["bias"]
+    mixed = jnp.einsum("bqhd,hde->bqe", jnp.tanh(heads), params["mix"])
+    return jnp.mean(out + mixed, axis=1) @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def test_flax_attention_kernels_of_three_dimensions_are_layers():
+    """Kernels of three dimensions, their leading axes contracted: the rows are those axes, the columns the others
+    (row-major, as the explicit matrix flattens them); 2-D biases are the rest, a 1-D one is folded."""
+    rng = np.random.default_rng(5)
+    d, heads, width = 6, 2, 3
+    params = {name: {"kernel": rng.normal(size=(d, heads, width)), "bias": rng.normal(size=(heads, width))}
+              for name in ("query", "key", "value")}
+    params.update(out={"kernel": rng.normal(size=(heads, width, d)), "bias": rng.normal(size=d)},
+                  mix=rng.normal(size=(heads, width, d)) * 0.3,
+                  head={"kernel": rng.normal(size=(d, 4)), "bias": rng.normal(size=4)})
+    x, y = rng.normal(size=(7, 5, d)), rng.integers(0, 4, size=7)
+    plan = _check_exact(_flax_attention, params, x, y, "classification", k=60)
+    shapes = {b.layer.name: (b.layer.rows, b.layer.cols) for b in plan.blocks}
+    assert shapes["['query']['kernel']"] == (d, heads * width) and shapes["['mix']"] == (heads * width, d)
+    assert shapes["['out']['kernel']"] == (heads * width + 1, d)  # its bias (d,) follows one axis: folded
+    assert shapes["['head']['kernel']"] == (d + 1, 4)
+    assert plan.rest == tuple(f"['{name}']['bias']" for name in ("key", "query", "value"))  # (heads, head_dim)
