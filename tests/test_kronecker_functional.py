@@ -250,3 +250,31 @@ def test_a_vision_transformer_on_cuda(rest):
                                                   task, k=256, seed=0, checkpoint=0, options=options)
         out.append(features.double().cpu())
     assert float(torch.linalg.vector_norm(out[1] - out[0]) / torch.linalg.vector_norm(out[0])) < 1e-2
+
+
+def test_the_path_of_the_factorized_features_is_logged_with_its_reason(caplog):
+    """One INFO line on the trak_core logger per checkpoint: one batched pass, or vmap and why."""
+    import logging
+
+    class Centered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x - x.mean(0, keepdim=True))  # examples interact through the batch mean
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    cases = [(torch.nn.Sequential(torch.nn.Linear(4, 3)), Kronecker(), "in one batched pass: the first two"),
+             (Centered(), Kronecker(), "through vmap (examples interact)"),
+             (torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)), Kronecker(),
+              "through vmap: the rest (6 parameters outside factorizable layers)")]
+    for model, options, message in cases:
+        backend, model = TorchBackend(), model.double()
+        with caplog.at_level(logging.INFO, logger="trak_core"):
+            caplog.clear()
+            backend.factorized_features(model, backend.prepare(model, None), x, y, get_task("classification"), k=6,
+                                        seed=0, checkpoint=0, options=options)
+        lines = [r.getMessage() for r in caplog.records if "factorized features" in r.getMessage()]
+        assert len(lines) == 1 and message in lines[0], lines

@@ -20,6 +20,7 @@ first batch, the features are checked against the dense per-example gradient of 
 """
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from typing import Any, Callable
 from trak_core.errors import TrakValueError
 from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_plan, rest_seed
 
+from .kronecker_sides import input_side, output_side, rows_first
 from .layers import computes_linear, hooks, kronecker_kind, layer_kind
 
 __all__ = ["Factorized", "find_uses", "discover", "factorized_state", "batch_features"]
 
+log = logging.getLogger("trak_core")
 CHUNK_BYTES = 512 * 2**20  # per vmap call: output gradients, perturbations and projected sides
 
 
@@ -162,47 +165,6 @@ def factorized_state(backend: Any, model: Any, prepared: Any, inputs: Any, causa
     return cache[key]
 
 
-def _input_side(use: Use, block: Any, pair: tuple[Any, Any], x: Any, dtype: Any) -> Any:
-    """The projected input side of one call, ``(B, T, k)`` for a call on ``B`` examples (under ``vmap``: 1)."""
-    import torch
-
-    rows, cols = pair
-    module = use.module
-    if use.kind == "embedding":
-        ids = x.reshape(x.shape[0], -1)
-        side = torch.nn.functional.embedding(ids, use.row_factor(rows))
-        padding_idx = use.padding_idx if use.function else module.padding_idx
-        if padding_idx is not None:
-            side = side * (ids != padding_idx).to(dtype)[..., None]
-        return side
-    if use.kind == "conv2d":
-        patches = torch.nn.functional.unfold(x.to(dtype), module.kernel_size, dilation=module.dilation,
-                                             padding=module.padding, stride=module.stride)  # (B, C kh kw, L)
-        a = patches.transpose(1, 2)
-    else:
-        a = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
-    matrix = rows if use.kind == "conv1d" else cols
-    side = a @ matrix[:a.shape[-1]]
-    return side + matrix[a.shape[-1]] if use.bias is not None else side
-
-
-def _output_side(use: Use, pair: tuple[Any, Any], delta: Any, n: int, dtype: Any) -> Any:
-    """The projected output-gradient side of one call, ``(n, T, k)``."""
-    rows, cols = pair
-    if use.kind == "conv2d":
-        d = delta.reshape(n, delta.shape[-3], -1).transpose(1, 2)
-    else:
-        d = delta.reshape(n, -1, delta.shape[-1])
-    return d.to(dtype) @ (cols if use.kind in ("embedding", "conv1d") else use.row_factor(rows))
-
-
-def _rows_first(use: Use, input_side: Any, output_side: Any) -> tuple[Any, Any]:
-    """``(row side, col side)`` of a call."""
-    if use.kind in ("embedding", "conv1d"):
-        return input_side, output_side
-    return output_side, input_side
-
-
 def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, inputs: Any, labels: Any, task: Any,
                    causal: bool, *, seed: int, checkpoint: int, chunk: int | None = None,
                    attention: tuple[Callable[[], Any], Callable[[], Any]] = (nullcontext, nullcontext)) -> Any:
@@ -257,12 +219,12 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             i = count[0]
             count[0] += 1
             use, block, pair = by_module[module]
-            sides.append(_input_side(use, block, pair, args[0], dtype))
+            sides.append(input_side(use, block, pair, args[0], dtype))
             return out + zs[i]
 
         def call(key: tuple, x: Any, out: Any) -> Any:  # one example: every row of the call is its
             use, block, pair = known(key)
-            sides.append(_input_side(use, block, pair, x, dtype))
+            sides.append(input_side(use, block, pair, x, dtype))
             count[0] += 1
             return out + zs[count[0] - 1]
 
@@ -299,13 +261,13 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
                 zs.append(torch.zeros((m, *out.shape[1:]), dtype=out.dtype, device=out.device, requires_grad=True))
             else:
                 zs.append(torch.zeros_like(out, requires_grad=True))
-            sides.append(_input_side(use, block, pair, a, dtype))
+            sides.append(input_side(use, block, pair, a, dtype))
             return out + zs[-1]
 
         def call(key: tuple, x: Any, out: Any) -> Any:
             use, block, pair = known(key)
             a, z, add = batch_layout(use.kind, x.detach(), out, m)
-            sides.append(_input_side(use, block, pair, a, dtype))
+            sides.append(input_side(use, block, pair, a, dtype))
             zs.append(z)
             return add(out)
 
@@ -324,7 +286,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         for (module, _), delta, side in zip(shapes, deltas, sides):
             use, block, pair = by_module[module]
             side = side.reshape(m, -1, side.shape[-1])
-            row, col = _rows_first(use, side, _output_side(use, pair, delta, m, dtype))
+            row, col = rows_first(use, side, output_side(use, pair, delta, m, dtype))
             product = torch.bmm(row.transpose(1, 2), col).reshape(m, -1)[:, :block.k]
             block_out[:, block.start:block.start + block.k] += product * (1.0 / math.sqrt(block.k))
         if plan.n_rest:
@@ -336,17 +298,23 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
 
     def independent() -> bool | None:
         """Whether the batch's first two examples in one batched pass give the features each gives alone (``None``
-        with one example: nothing to tell)."""
+        with one example: nothing to tell); the decision and its reason go to the log."""
         if n < 2:
             return None
         try:
             together = features(tree_map(lambda t: t[:2], inputs), labels[:2], 2, batched)
             alone = torch.cat([features(tree_map(lambda t: t[i:i + 1], inputs), labels[i:i + 1], 1, batched)
                                for i in range(2)])
-        except NotPerExample:  # a functional call without one row per example
+        except NotPerExample as exc:  # a functional call without one row per example
+            log.info("torch backend: factorized features through vmap: %s", exc)
             return False
         scale = float(torch.linalg.vector_norm(alone)) or 1.0
-        return float(torch.linalg.vector_norm(together - alone)) <= check_tolerance(dtype, prepared.device) * scale
+        error, tolerance = float(torch.linalg.vector_norm(together - alone)) / scale, check_tolerance(dtype,
+                                                                                                    prepared.device)
+        log.info("torch backend: factorized features %s: the first two examples together are %.1e from each alone "
+                 "(tolerance %.0e)", "in one batched pass" if error <= tolerance else "through vmap (examples "
+                 "interact)", error, tolerance)
+        return error <= tolerance
 
     def rest_in_closed_form() -> bool:
         """Whether the closed form gives the rest's per-example gradients (checked once; the backend logs why not)."""
@@ -356,6 +324,8 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
 
     if state.batched is None and (plan.n_rest or backend.per_example != "auto"):
         state.batched = False  # the rest through vmap: on CPUs faster than a second, closed-form pass for it
+        log.info("torch backend: factorized features through vmap: %s", "per_example='vmap'" if not plan.n_rest else
+                 f"the rest ({plan.n_rest:,} parameters outside factorizable layers) is differentiated densely")
     if state.batched is None:  # once per checkpoint, on its first batch of two or more examples
         state.batched = independent()
     run = batched if state.batched or (state.batched is None and n == 1) else per_example  # one example: alone
@@ -366,7 +336,8 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         chunk_inputs, chunk_labels = tree_map(lambda t: t[start:stop], inputs), labels[start:stop]
         try:
             out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
-        except NotPerExample:  # a later batch's functional call without one row per example: vmap from here on
+        except NotPerExample as exc:  # a later batch's functional call without one row per example: vmap from now
+            log.info("torch backend: factorized features through vmap from this batch on: %s", exc)
             state.batched, run = False, per_example
             out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
         except RuntimeError as exc:  # torch.func cannot run the model (Bloom's autograd.Function): batched, if right
@@ -377,6 +348,8 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
                              "out")
                 raise
             state.batched, run = True, batched
+            log.info("torch backend: factorized features in one batched pass, the rest in closed form: vmap cannot "
+                     "run the model (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
     return out
 

@@ -1,0 +1,51 @@
+"""The projected sides of one layer call, for the factorized projection of torch models.
+
+One job: a call's input side times its factor, and its output gradient times the other factor
+(:mod:`trak_torch.kronecker` combines them into a block's features); ``use`` is a ``kronecker.Use``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["input_side", "output_side", "rows_first"]
+
+
+def input_side(use: Any, block: Any, pair: tuple[Any, Any], x: Any, dtype: Any) -> Any:
+    """The projected input side of one call, ``(B, T, k)`` for a call on ``B`` examples (under ``vmap``: 1)."""
+    import torch
+
+    rows, cols = pair
+    module = use.module
+    if use.kind == "embedding":
+        ids = x.reshape(x.shape[0], -1)
+        side = torch.nn.functional.embedding(ids, use.row_factor(rows))
+        padding_idx = use.padding_idx if use.function else module.padding_idx
+        if padding_idx is not None:
+            side = side * (ids != padding_idx).to(dtype)[..., None]
+        return side
+    if use.kind == "conv2d":
+        patches = torch.nn.functional.unfold(x.to(dtype), module.kernel_size, dilation=module.dilation,
+                                             padding=module.padding, stride=module.stride)  # (B, C kh kw, L)
+        a = patches.transpose(1, 2)
+    else:
+        a = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
+    matrix = rows if use.kind == "conv1d" else cols
+    side = a @ matrix[:a.shape[-1]]
+    return side + matrix[a.shape[-1]] if use.bias is not None else side
+
+
+def output_side(use: Any, pair: tuple[Any, Any], delta: Any, n: int, dtype: Any) -> Any:
+    """The projected output-gradient side of one call, ``(n, T, k)``."""
+    rows, cols = pair
+    if use.kind == "conv2d":
+        d = delta.reshape(n, delta.shape[-3], -1).transpose(1, 2)
+    else:
+        d = delta.reshape(n, -1, delta.shape[-1])
+    return d.to(dtype) @ (cols if use.kind in ("embedding", "conv1d") else use.row_factor(rows))
+
+
+def rows_first(use: Any, input_side: Any, output_side: Any) -> tuple[Any, Any]:
+    """``(row side, col side)`` of a call."""
+    if use.kind in ("embedding", "conv1d"):
+        return input_side, output_side
+    return output_side, input_side
