@@ -278,3 +278,20 @@ def test_the_path_of_the_factorized_features_is_logged_with_its_reason(caplog):
                                         seed=0, checkpoint=0, options=options)
         lines = [r.getMessage() for r in caplog.records if "factorized features" in r.getMessage()]
         assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_a_first_batch_of_one_example_is_checked_in_the_attention_it_ran():
+    """A first batch of one example takes the batched pass (SDPA) undecided; its check against the dense gradient
+    runs in the same attention (eager attention there is 1e-8 off in float64: its softmax is float32)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: Llama not exercised")
+    from test_closed_form_hf import _causal_lm_config, _padded_lm_batch
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_causal_lm_config(transformers, "mistral")).double()
+    batch, labels = _padded_lm_batch(seed=5, low=2, shape=(4, 10), padded_from=7)
+    backend, options = TorchBackend(), Kronecker(rest="drop")
+    prepared = backend.prepare(model, None)
+    for rows in (slice(0, 1), slice(1, 4)):
+        backend.factorized_features(model, prepared, {key: v[rows] for key, v in batch.items()}, labels[rows],
+                                    get_task("language_modeling"), k=64, seed=0, checkpoint=0, options=options)
+    assert [state.batched for state in prepared._kronecker.values()] == [True]

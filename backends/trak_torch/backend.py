@@ -367,7 +367,8 @@ class TorchBackend(Backend):
                                       attention=(lambda: attention_for_vmap(model),
                                                  lambda: attention_for_closed_form(model)))
             if not state.checked:  # once per checkpoint: the first example against its dense gradient
-                with (attention_for_closed_form if state.batched else attention_for_vmap)(model):  # the path's
+                batched = state.batched is not False  # None: a first batch of one example, computed alone
+                with (attention_for_closed_form if batched else attention_for_vmap)(model):  # the path's attention
                     check_plan(self, model, prepared, state, inputs, labels, task, causal, features)
                 state.checked = True
         return features, out_to_loss

@@ -67,7 +67,8 @@ class Factorized:
     factors: list[tuple[Any, Any]]
     dtype: Any
     checked: bool = False
-    batched: bool | None = None  # one batched backward pass instead of vmap (no rest, examples independent)
+    batched: bool | None = None  # one batched backward pass instead of vmap (examples independent; no rest, or
+    # the rest in closed form where vmap cannot run the model)
     functional: Any = None  # kronecker_functional.Functional: weights used inside functional calls
     rest: Any = None  # the rest as a TorchCheckpoint of its own, when the closed form gives its gradients
 
@@ -222,7 +223,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             sides.append(input_side(use, block, pair, args[0], dtype))
             return out + zs[i]
 
-        def call(key: tuple, x: Any, out: Any) -> Any:  # one example: every row of the call is its
+        def call(key: tuple, x: Any, out: Any) -> Any:  # under vmap, every row of a call is the one example's
             use, block, pair = known(key)
             sides.append(input_side(use, block, pair, x, dtype))
             count[0] += 1
