@@ -320,3 +320,34 @@ def test_one_batched_pass_when_examples_are_independent_and_vmap_when_they_inter
                                                       k=6, seed=0, checkpoint=0, options=Kronecker())
             assert [state.batched for state in prepared._kronecker.values()] == [None if rows.stop == 1 else batched]
         np.testing.assert_allclose(features.numpy(), reference.numpy(), rtol=1e-10, atol=1e-14)
+
+
+class Signal(torch.nn.Module):
+    """1-D convolutions (strides, dilation, padding, with and without a bias; one with groups, in the rest) on
+    (n, channels, length) signals."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv1d(2, 4, 3, stride=2, padding=1)
+        self.conv2 = torch.nn.Conv1d(4, 3, 2, dilation=2, bias=False)
+        self.depthwise = torch.nn.Conv1d(3, 3, 3, groups=3, padding=1)
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.depthwise(torch.tanh(self.conv2(torch.tanh(self.conv1(x))))).mean(-1))
+
+
+def test_one_dimensional_convolutions_are_layers():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 2, 11, dtype=torch.float64), torch.randint(0, 2, (5,))
+    plan = _check_exact(Signal().double(), x, y, "classification", k=20)
+    layers = {b.layer.name: (b.layer.rows, b.layer.cols) for b in plan.blocks}
+    assert layers == {"conv1.weight": (4, 2 * 3 + 1), "conv2.weight": (3, 4 * 2), "head.weight": (2, 4)}
+    assert plan.rest == ("depthwise.weight", "depthwise.bias")
+    model, out = Signal().double(), []  # the rest dropped: one batched pass, equal to vmap's
+    for backend in (TorchBackend(), TorchBackend(per_example="vmap")):
+        prepared = backend.prepare(model, None)
+        out.append(backend.factorized_features(model, prepared, x, y, get_task("classification"), k=20, seed=0,
+                                               checkpoint=0, options=Kronecker(rest="drop"))[0].numpy())
+        assert [state.batched for state in prepared._kronecker.values()] == [backend.per_example == "auto"]
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-10, atol=1e-14)

@@ -105,7 +105,7 @@ def _kind(module: Any) -> str | None:
     from .layers import layer_kind
 
     conv, layer = conv_kind(module), layer_kind(module, own_forward=False)
-    if conv or layer == "conv2d":  # convolutions: torch's own forward only (``conv_kind``)
+    if conv or layer in ("conv2d", "conv1d-torch"):  # convolutions: torch's own forward only (``conv_kind``)
         return conv
     if layer == "embedding" and type(module).forward is not torch.nn.Embedding.forward:
         return None

@@ -3,7 +3,7 @@
 One job: find a model's factorizable layers and compute their projected per-example gradients from
 what flows through them (``trak_core.kronecker`` is the specification).
 
-How: forward hooks on ``Linear``, ``Conv2d`` (``groups=1``, zero padding), ``Embedding`` (no
+How: forward hooks on ``Linear``, ``Conv2d`` and ``Conv1d`` (``groups=1``, zero padding), ``Embedding`` (no
 ``max_norm``) and Hugging Face's ``Conv1D`` modules project each call's input side with the
 layer's factor and add a zero perturbation ``z`` to its output. ``torch.func.vmap(grad)`` of the
 task output with respect to the perturbations (and to the remaining parameters, which are

@@ -27,6 +27,11 @@ def input_side(use: Any, block: Any, pair: tuple[Any, Any], x: Any, dtype: Any) 
         patches = torch.nn.functional.unfold(x.to(dtype), module.kernel_size, dilation=module.dilation,
                                              padding=module.padding, stride=module.stride)  # (B, C kh kw, L)
         a = patches.transpose(1, 2)
+    elif use.kind == "conv1d-torch":  # as a 2-D convolution of height 1
+        patches = torch.nn.functional.unfold(x.to(dtype).unsqueeze(-2), (1, *module.kernel_size),
+                                             dilation=(1, *module.dilation), padding=(0, *module.padding),
+                                             stride=(1, *module.stride))  # (B, C k, L)
+        a = patches.transpose(1, 2)
     else:
         a = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
     matrix = rows if use.kind == "conv1d" else cols
@@ -37,8 +42,8 @@ def input_side(use: Any, block: Any, pair: tuple[Any, Any], x: Any, dtype: Any) 
 def output_side(use: Any, pair: tuple[Any, Any], delta: Any, n: int, dtype: Any) -> Any:
     """The projected output-gradient side of one call, ``(n, T, k)``."""
     rows, cols = pair
-    if use.kind == "conv2d":
-        d = delta.reshape(n, delta.shape[-3], -1).transpose(1, 2)
+    if use.kind in ("conv2d", "conv1d-torch"):  # (..., channels, H, W) or (..., channels, L)
+        d = delta.reshape(n, delta.shape[-3 if use.kind == "conv2d" else -2], -1).transpose(1, 2)
     else:
         d = delta.reshape(n, -1, delta.shape[-1])
     return d.to(dtype) @ (cols if use.kind in ("embedding", "conv1d") else use.row_factor(rows))

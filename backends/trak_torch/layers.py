@@ -42,8 +42,9 @@ def computes_linear(module: Any, args: Any, output: Any) -> bool:
 
 
 def layer_kind(module: Any, *, own_forward: bool) -> str | None:
-    """``"linear"``, ``"conv2d"``, ``"embedding"`` or ``"conv1d"`` (Hugging Face's), else ``None``; with
-    ``own_forward``, torch's layers only where their ``forward`` is torch's own."""
+    """``"linear"``, ``"conv2d"``, ``"conv1d-torch"`` (convolutions: ``groups=1``, zero padding given as numbers),
+    ``"embedding"`` or ``"conv1d"`` (Hugging Face's ``Conv1D``), else ``None``; with ``own_forward``, torch's layers
+    only where their ``forward`` is torch's own."""
     import torch
 
     nn = torch.nn
@@ -53,9 +54,10 @@ def layer_kind(module: Any, *, own_forward: bool) -> str | None:
 
     if isinstance(module, nn.Linear) and own(nn.Linear):
         return "linear"
-    if isinstance(module, nn.Conv2d) and own(nn.Conv2d):
-        ok = module.groups == 1 and module.padding_mode == "zeros" and module.padding != "same"
-        return "conv2d" if ok else None
+    for base, kind in ((nn.Conv2d, "conv2d"), (nn.Conv1d, "conv1d-torch")):
+        if isinstance(module, base) and own(base):
+            ok = module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            return kind if ok else None
     if isinstance(module, nn.Embedding) and own(nn.Embedding):
         return "embedding" if module.max_norm is None else None
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.ndim == 2:
