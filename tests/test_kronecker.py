@@ -329,7 +329,7 @@ class Signal(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.conv1 = torch.nn.Conv1d(2, 4, 3, stride=2, padding=1)
-        self.conv2 = torch.nn.Conv1d(4, 3, 2, dilation=2, bias=False)
+        self.conv2 = torch.nn.Conv1d(4, 3, 2, dilation=2, bias=False, padding="valid")
         self.depthwise = torch.nn.Conv1d(3, 3, 3, groups=3, padding=1)
         self.head = torch.nn.Linear(3, 2)
 

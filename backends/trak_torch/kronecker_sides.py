@@ -23,14 +23,16 @@ def input_side(use: Any, block: Any, pair: tuple[Any, Any], x: Any, dtype: Any) 
         if padding_idx is not None:
             side = side * (ids != padding_idx).to(dtype)[..., None]
         return side
-    if use.kind == "conv2d":
-        patches = torch.nn.functional.unfold(x.to(dtype), module.kernel_size, dilation=module.dilation,
-                                             padding=module.padding, stride=module.stride)  # (B, C kh kw, L)
-        a = patches.transpose(1, 2)
-    elif use.kind == "conv1d-torch":  # as a 2-D convolution of height 1
-        patches = torch.nn.functional.unfold(x.to(dtype).unsqueeze(-2), (1, *module.kernel_size),
-                                             dilation=(1, *module.dilation), padding=(0, *module.padding),
-                                             stride=(1, *module.stride))  # (B, C k, L)
+    if use.kind in ("conv2d", "conv1d-torch"):
+        padding = (0,) * len(module.kernel_size) if module.padding == "valid" else tuple(module.padding)
+        if use.kind == "conv1d-torch":  # as a 2-D convolution of height 1
+            x, kernel, dilation, stride = (x.unsqueeze(-2), (1, *module.kernel_size), (1, *module.dilation),
+                                           (1, *module.stride))
+            padding = (0, *padding)
+        else:
+            kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+        patches = torch.nn.functional.unfold(x.to(dtype), kernel, dilation=dilation, padding=padding,
+                                             stride=stride)  # (B, C kh kw, L)
         a = patches.transpose(1, 2)
     else:
         a = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)

@@ -42,7 +42,7 @@ def computes_linear(module: Any, args: Any, output: Any) -> bool:
 
 
 def layer_kind(module: Any, *, own_forward: bool) -> str | None:
-    """``"linear"``, ``"conv2d"``, ``"conv1d-torch"`` (convolutions: ``groups=1``, zero padding given as numbers),
+    """``"linear"``, ``"conv2d"``, ``"conv1d-torch"`` (convolutions: ``groups=1``, zero padding, not ``"same"``),
     ``"embedding"`` or ``"conv1d"`` (Hugging Face's ``Conv1D``), else ``None``; with ``own_forward``, torch's layers
     only where their ``forward`` is torch's own."""
     import torch
@@ -56,7 +56,7 @@ def layer_kind(module: Any, *, own_forward: bool) -> str | None:
         return "linear"
     for base, kind in ((nn.Conv2d, "conv2d"), (nn.Conv1d, "conv1d-torch")):
         if isinstance(module, base) and own(base):
-            ok = module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+            ok = module.groups == 1 and module.padding_mode == "zeros" and module.padding != "same"
             return kind if ok else None
     if isinstance(module, nn.Embedding) and own(nn.Embedding):
         return "embedding" if module.max_norm is None else None
