@@ -330,11 +330,17 @@ class Signal(torch.nn.Module):
         super().__init__()
         self.conv1 = torch.nn.Conv1d(2, 4, 3, stride=2, padding=1)
         self.conv2 = torch.nn.Conv1d(4, 3, 2, dilation=2, bias=False, padding="valid")
+        self.norm = torch.nn.BatchNorm1d(4)  # running statistics (eval mode): a rest the batched pass takes
         self.depthwise = torch.nn.Conv1d(3, 3, 3, groups=3, padding=1)
         self.head = torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            self.norm.running_mean.normal_(0, 0.3)
+            self.norm.running_var.uniform_(0.5, 2.0)
+            self.norm.weight.uniform_(0.5, 1.5)
 
     def forward(self, x):
-        return self.head(self.depthwise(torch.tanh(self.conv2(torch.tanh(self.conv1(x))))).mean(-1))
+        h = torch.tanh(self.conv2(torch.tanh(self.norm(self.conv1(x)))))
+        return self.head(self.depthwise(h).mean(-1))
 
 
 def test_one_dimensional_convolutions_are_layers():
@@ -343,11 +349,14 @@ def test_one_dimensional_convolutions_are_layers():
     plan = _check_exact(Signal().double(), x, y, "classification", k=20)
     layers = {b.layer.name: (b.layer.rows, b.layer.cols) for b in plan.blocks}
     assert layers == {"conv1.weight": (4, 2 * 3 + 1), "conv2.weight": (3, 4 * 2), "head.weight": (2, 4)}
-    assert plan.rest == ("depthwise.weight", "depthwise.bias")
-    model, out = Signal().double(), []  # the rest dropped: one batched pass, equal to vmap's
-    for backend in (TorchBackend(), TorchBackend(per_example="vmap")):
-        prepared = backend.prepare(model, None)
-        out.append(backend.factorized_features(model, prepared, x, y, get_task("classification"), k=20, seed=0,
-                                               checkpoint=0, options=Kronecker(rest="drop"))[0].numpy())
-        assert [state.batched for state in prepared._kronecker.values()] == [backend.per_example == "auto"]
-    np.testing.assert_allclose(out[0], out[1], rtol=1e-10, atol=1e-14)
+    assert plan.rest == ("norm.weight", "norm.bias", "depthwise.weight", "depthwise.bias")
+    model = Signal().double()  # the rest dropped, or only the batch norm in it: one batched pass, equal to vmap's
+    for options in (Kronecker(rest="drop"), Kronecker()):
+        out = []
+        for per_example in ("auto", "vmap"):
+            backend = TorchBackend(per_example=per_example, params=lambda name, _: "depthwise" not in name)
+            prepared = backend.prepare(model, None)
+            out.append(backend.factorized_features(model, prepared, x, y, get_task("classification"), k=20, seed=0,
+                                                   checkpoint=0, options=options)[0].numpy())
+            assert [state.batched for state in prepared._kronecker.values()] == [backend.per_example == "auto"]
+        np.testing.assert_allclose(out[0], out[1], rtol=1e-10, atol=1e-14)

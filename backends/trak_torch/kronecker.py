@@ -29,6 +29,7 @@ from typing import Any, Callable
 from trak_core.errors import TrakValueError
 from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_plan, rest_seed
 
+from .kronecker_rest import RestPass, check, rest_plan
 from .kronecker_sides import input_side, output_side, rows_first
 from .layers import computes_linear, hooks, kronecker_kind, layer_kind
 
@@ -68,9 +69,10 @@ class Factorized:
     dtype: Any
     checked: bool = False
     batched: bool | None = None  # one batched backward pass instead of vmap (examples independent; no rest, or
-    # the rest in closed form where vmap cannot run the model)
+    # a rest of norms and bare parameters: kronecker_rest)
     functional: Any = None  # kronecker_functional.Functional: weights used inside functional calls
-    rest: Any = None  # the rest as a TorchCheckpoint of its own, when the closed form gives its gradients
+    rest: Any = None  # the rest as a TorchCheckpoint of its own (the reference of kronecker_rest.check)
+    rest_plan: Any = None  # kronecker_rest.RestPlan: the rest in the batched pass
 
 
 def _layer(kind: str, weight: Any, bias: bool, name: str, bias_name: str | None) -> Layer:
@@ -251,8 +253,10 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         return deltas, sides, rest_grads
 
     def batched(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
-        """One batched backward pass (no vmap): right when examples do not interact (checked once)."""
+        """One batched backward pass (no vmap): right when examples do not interact (checked once); the rest's
+        gradients from its norm layers' calls and bare parameters' copies (``kronecker_rest``)."""
         sides, zs = [], []
+        extra = RestPass(state.rest_plan, prepared, m) if plan.n_rest else None
 
         def hook(module: Any, args: Any, out: Any) -> Any:
             use, block, pair = by_module[module]
@@ -272,13 +276,17 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             zs.append(z)
             return add(out)
 
-        with torch.enable_grad(), hooks(modules, hook), intercepted(inside, call), slow(), attention[1]():
-            out = output_logits(backend._call(model, {**prepared.params, **prepared.frozen}, x, causal=causal),
+        norms = list(extra.found.norms) if extra else []
+        with torch.enable_grad(), hooks(modules, hook), hooks(norms, extra.hook if extra else None), \
+                intercepted(inside, call), slow(), attention[1]():
+            params = extra.params() if extra else prepared.params
+            out = output_logits(backend._call(model, {**params, **prepared.frozen}, x, causal=causal),
                                 backend.logits_fn)
             if task.logits_ndim == 2 and out.ndim == 1:
                 out = out[:, None]
-            deltas = torch.autograd.grad(task.output(out, y, xp=xp).sum(), zs, allow_unused=True)
-        rest_grads = backend.gradients(model, state.rest, x, y, task)[0] if plan.n_rest else None  # closed form
+            deltas = torch.autograd.grad(task.output(out, y, xp=xp).sum(), zs + (extra.perturbations() if extra
+                                                                                   else []), allow_unused=True)
+        rest_grads = extra.gradients(list(deltas[len(zs):]), plan.rest) if extra else None
         return [torch.zeros_like(z) if d is None else d for d, z in zip(deltas, zs)], sides, rest_grads
 
     def features(x: Any, y: Any, m: int, run: Any) -> Any:
@@ -317,16 +325,35 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
                  "interact)", error, tolerance)
         return error <= tolerance
 
-    def rest_in_closed_form() -> bool:
-        """Whether the closed form gives the rest's per-example gradients (checked once; the backend logs why not)."""
-        if state.rest is None:
-            state.rest = _rest_checkpoint(prepared, plan)
-        return backend._closed_form_uses(model, state.rest, inputs, labels, task, causal) is not None
+    def rest_in_batched_pass() -> bool:
+        """Whether the batched pass gives the rest's gradients: a rest of norms and bare parameters, equal to plain
+        autograd one example at a time on the batch's first (two) examples; the reason goes to the log."""
+        state.rest = _rest_checkpoint(prepared, plan)
+        state.rest_plan = rest_plan(backend, model, prepared, plan, inputs, causal)
+        if state.rest_plan is None:
+            log.info("torch backend: factorized features through vmap: the rest (%s parameters outside factorizable "
+                     "layers) is not only norm layers' gains and biases and bare parameters broadcast over the batch",
+                     f"{plan.n_rest:,}")
+            return False
+        m = min(2, n)
+        first, first_labels = tree_map(lambda t: t[:m], inputs), labels[:m]
+        try:
+            got = batched(first, first_labels, m)[2]
+        except NotPerExample as exc:
+            log.info("torch backend: factorized features through vmap: %s", exc)
+            return False
+        with attention[1]():
+            right, error, tolerance = check(backend, model, state.rest, first, first_labels, task, causal, got, dtype)
+        if not right:
+            log.info("torch backend: factorized features through vmap: the rest's gradients in the batched pass are "
+                     "%.1e from plain autograd (tolerance %.0e)", error, tolerance)
+        return right
 
-    if state.batched is None and (plan.n_rest or backend.per_example != "auto"):
-        state.batched = False  # the rest through vmap: on CPUs faster than a second, closed-form pass for it
-        log.info("torch backend: factorized features through vmap: %s", "per_example='vmap'" if not plan.n_rest else
-                 f"the rest ({plan.n_rest:,} parameters outside factorizable layers) is differentiated densely")
+    if state.batched is None and backend.per_example != "auto":
+        state.batched = False
+        log.info("torch backend: factorized features through vmap: per_example='vmap'")
+    if state.batched is None and plan.n_rest and state.rest_plan is None and not rest_in_batched_pass():
+        state.batched = False
     if state.batched is None:  # once per checkpoint, on its first batch of two or more examples
         state.batched = independent()
     run = batched if state.batched or (state.batched is None and n == 1) else per_example  # one example: alone
@@ -341,24 +368,19 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             log.info("torch backend: factorized features through vmap from this batch on: %s", exc)
             state.batched, run = False, per_example
             out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
-        except RuntimeError as exc:  # torch.func cannot run the model (Bloom's autograd.Function): batched, if right
-            if run is batched or backend.per_example != "auto" or not rest_in_closed_form() or not independent():
-                exc.add_note("trak-core: proj_type='kronecker' runs torch.func.vmap here, because examples interact "
-                             "in a batched pass, or to differentiate the rest (the parameters outside factorizable "
-                             "layers), which the closed form does not cover; Kronecker(rest='drop') leaves the rest "
-                             "out")
-                raise
-            state.batched, run = True, batched
-            log.info("torch backend: factorized features in one batched pass, the rest in closed form: vmap cannot "
-                     "run the model (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
+        except RuntimeError as exc:  # torch.func cannot run the model (Bloom's autograd.Function)
+            if run is per_example:
+                exc.add_note("trak-core: proj_type='kronecker' runs torch.func.vmap here (per_example='vmap', "
+                             "examples that interact in a batched pass, or a rest that the batched pass does not "
+                             "cover: see the INFO log of the trak_core logger); Kronecker(rest='drop') leaves the "
+                             "rest out")
+            raise
     return out
 
 
 def _rest_checkpoint(prepared: Any, plan: KroneckerPlan) -> Any:
-    """The rest's parameters (in ``plan.rest`` order) as a checkpoint whose other parameters are frozen: the torch
-    backend's closed form gives their per-example gradients in one batched pass where it covers them (norms, class
-    tokens, position embeddings)."""
+    """The rest's parameters (in ``plan.rest`` order) as a checkpoint whose other parameters are frozen: the
+    reference of the batched pass's rest gradients (plain autograd one example at a time)."""
     from .checkpoint import TorchCheckpoint
 
     params = {name: prepared.params[name] for name in plan.rest}
