@@ -293,17 +293,12 @@ def test_float32_features_agree_with_float64():
 
 
 def test_one_batched_pass_when_examples_are_independent_and_vmap_when_they_interact():
-    class Interacting(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.lin(x - x.mean(0, keepdim=True))  # examples interact through the batch mean
+    from test_closed_form import Interacting  # examples interact through the batch mean
 
     torch.manual_seed(0)
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    for model, batched in ((torch.nn.Sequential(torch.nn.Linear(4, 3)).double(), True), (Interacting().double(), False)):
+    independent = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    for model, batched in ((independent, True), (Interacting().double(), False)):
         backend = TorchBackend()
         prepared = backend.prepare(model, None)
         features, _ = backend.factorized_features(model, prepared, x, y, get_task("classification"), k=6, seed=0,

@@ -292,18 +292,12 @@ def test_the_path_of_the_factorized_features_is_logged_with_its_reason(caplog):
     """One INFO line on the trak_core logger per checkpoint: one batched pass, or vmap and why."""
     import logging
 
-    class Centered(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.lin(x - x.mean(0, keepdim=True))  # examples interact through the batch mean
+    from test_closed_form import Interacting  # examples interact through the batch mean
 
     torch.manual_seed(0)
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     cases = [(torch.nn.Sequential(torch.nn.Linear(4, 3)), Kronecker(), "in one batched pass: the first two"),
-             (Centered(), Kronecker(), "through vmap (examples interact)"),
+             (Interacting(), Kronecker(), "through vmap (examples interact)"),
              (Scaled(), Kronecker(), "through vmap: the rest (3 parameters outside factorizable layers) is not only"),
              (NormUsedOutside(), Kronecker(), "the rest's gradients in the batched pass are")]
     for model, options, message in cases:

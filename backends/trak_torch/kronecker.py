@@ -193,7 +193,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
     def record(module: Any, args: Any, output: Any) -> None:
         shapes.append((module, tuple(output.shape)))
 
-    def record_call(key: tuple, x: Any, out: Any) -> Any:
+    def record_call(key: tuple, x: Any, out: Any, extra: Any) -> Any:
         shapes.append((key, tuple(out.shape)))
         return out
 
@@ -225,7 +225,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             sides.append(input_side(use, block, pair, args[0], dtype))
             return out + zs[i]
 
-        def call(key: tuple, x: Any, out: Any) -> Any:  # under vmap, every row of a call is the one example's
+        def call(key: tuple, x: Any, out: Any, extra: Any) -> Any:  # under vmap: every row, the example's
             use, block, pair = known(key)
             sides.append(input_side(use, block, pair, x, dtype))
             count[0] += 1
@@ -269,7 +269,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             sides.append(input_side(use, block, pair, a, dtype))
             return out + zs[-1]
 
-        def call(key: tuple, x: Any, out: Any) -> Any:
+        def call(key: tuple, x: Any, out: Any, extra: Any) -> Any:
             use, block, pair = known(key)
             a, z, add = batch_layout(use.kind, x.detach(), out, m)
             sides.append(input_side(use, block, pair, a, dtype))

@@ -105,9 +105,10 @@ def no_fast_path(active: bool = True) -> Iterator[None]:
                 torch.backends.mha.set_fastpath_enabled(_fast_path["before"])
 
 
-def intercepted(found: Functional, on_call: Callable[[tuple, Any, Any], Any]) -> Any:
+def intercepted(found: Functional | None, on_call: Callable[..., Any]) -> Any:
     """A context in which each ``linear``/``embedding`` call with a tracked weight returns
-    ``on_call(key, input, output)`` (``key`` as :meth:`Functional.key`); a no-op without tracked weights."""
+    ``on_call(key, input, output, extra)`` (``key`` as :meth:`Functional.key`; ``extra``: the call's bias, or its
+    ``padding_idx``); a no-op without tracked weights."""
     from .closed_form_functional import intercept
 
     if not found:
@@ -115,18 +116,18 @@ def intercepted(found: Functional, on_call: Callable[[tuple, Any, Any], Any]) ->
 
     def linear(x: Any, weight: Any, bias: Any, out: Any) -> Any:
         key = found.key("linear", weight)
-        return out if key is None else on_call(key, x, out)
+        return out if key is None else on_call(key, x, out, bias)
 
     def embedding(ids: Any, weight: Any, padding_idx: Any, max_norm: Any, by_freq: bool, sparse: bool,
                   out: Any) -> Any:
         key = found.key("embedding", weight)
-        return out if key is None else on_call(key, ids, out)
+        return out if key is None else on_call(key, ids, out, padding_idx)
 
     return intercept(linear=linear, embedding=embedding)
 
 
 def call_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool, found: Functional,
-                    use: Callable[..., Any]) -> list[Any]:
+              use: Callable[..., Any]) -> list[Any]:
     """The functional calls with tracked weights on the batch's first example, as ``use(key, kind, weight, bias,
     start, rows, padding_idx)`` (``kronecker.Use``), one per distinct weight slice, in call order."""
     import torch
@@ -135,26 +136,20 @@ def call_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool
     params = prepared.params
     uses: dict[tuple, Any] = {}
 
-    def linear(x: Any, weight: Any, bias: Any, out: Any) -> Any:
-        key = found.key("linear", weight)
-        if key is not None and key not in uses:
-            _, name, start, rows = key
-            b = None if bias is None else found.key("linear", bias)
-            folded = b is not None and b[2:] == key[2:] and params[b[1]].shape[0] == params[name].shape[0]
-            uses[key] = use(key, "linear", name, b[1] if folded else None, start, rows, None)
+    def record(key: tuple, x: Any, out: Any, extra: Any) -> Any:
+        function, name, start, rows = key
+        if key in uses:
+            return out
+        if function == "embedding":
+            uses[key] = use(key, "embedding", name, None, start, rows, extra)
+            return out
+        b = None if extra is None else found.key("linear", extra)  # the bias: folded when it is the same rows
+        folded = b is not None and b[2:] == key[2:] and params[b[1]].shape[0] == params[name].shape[0]
+        uses[key] = use(key, "linear", name, b[1] if folded else None, start, rows, None)
         return out
-
-    def embedding(ids: Any, weight: Any, padding_idx: Any, max_norm: Any, by_freq: bool, sparse: bool,
-                  out: Any) -> Any:
-        key = found.key("embedding", weight)
-        if key is not None and key not in uses:
-            uses[key] = use(key, "embedding", key[1], None, key[2], key[3], padding_idx)
-        return out
-
-    from .closed_form_functional import intercept
 
     if found:
-        with torch.no_grad(), no_fast_path(bool(found.attention)), intercept(linear=linear, embedding=embedding):
+        with torch.no_grad(), no_fast_path(bool(found.attention)), intercepted(found, record):
             backend._call(model, {**params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs), causal=causal)
     return list(uses.values())
 
