@@ -13,7 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 from ._namespace import device_of
 from .errors import TrakTypeError, TrakValueError
 
-__all__ = ["Task", "Classification", "Regression", "LanguageModeling", "CustomTask", "get_task", "TASKS"]
+__all__ = ["Task", "Classification", "Regression", "LanguageModeling", "Seq2SeqLanguageModeling", "CustomTask",
+           "get_task", "TASKS"]
 
 
 @runtime_checkable
@@ -153,38 +154,46 @@ class LanguageModeling:
         f = sum_{t in S} m_t,        Q = mean_{t in S} (1 - p_t),   p_t = softmax(logits_t)_y.
 
     ``Q`` is the average of the per-token weights, exact when they are equal (see docs/estimator.md).
-    A sequence with no counted token has ``f = 0`` and ``Q = 0``.
+    A sequence with no counted token has ``f = 0`` and ``Q = 0``. Encoder-decoder models (T5, BART),
+    whose logits at ``t`` predict ``labels[t]``, take :class:`Seq2SeqLanguageModeling` (``"seq2seq"``).
     """
 
     name = "language_modeling"
     logits_ndim = 3
     ignore_index = -100
+    shift = 1  # the logits at t predict labels[t + shift]
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
         if labels.ndim != 2:
-            raise TrakValueError(f"language_modeling labels must be (n, sequence length) token ids, got shape "
+            raise TrakValueError(f"{self.name} labels must be (n, sequence length) token ids, got shape "
                                  f"{tuple(labels.shape)}")
         if not xp.isdtype(labels.dtype, "integral"):
-            raise TrakTypeError(f"language_modeling labels must be integer token ids, got dtype {labels.dtype}")
+            raise TrakTypeError(f"{self.name} labels must be integer token ids, got dtype {labels.dtype}")
         counted = labels != self.ignore_index
         if bool(xp.any(counted & ((labels < 0) | (labels >= n_outputs)))):
             raise TrakValueError(f"token ids out of range: labels must lie in [0, {n_outputs - 1}] (the vocabulary) "
                                  f"or be {self.ignore_index} (not predicted)")
 
     def _margins(self, logits: Any, labels: Any, *, xp: Any) -> tuple[Any, Any, Any]:
-        """Per-position margins ``(n, T-1)``, probabilities of the label and the counted-position mask."""
+        """Per-position margins ``(n, T - shift)``, probabilities of the label and the counted-position mask."""
         if logits.ndim != 3:
-            raise TrakValueError(f"language_modeling needs (n, sequence length, vocabulary) logits, got shape "
+            raise TrakValueError(f"{self.name} needs (n, sequence length, vocabulary) logits, got shape "
                                  f"{tuple(logits.shape)}")
         n, length, vocab = logits.shape
-        scores, targets = logits[:, :-1, :], labels[:, 1:]
+        if labels.ndim != 2 or labels.shape[1] != length:
+            what = ("the decoder's length: labels are the target sequence, the logits at t predict labels[t]"
+                    if self.shift == 0 else "the input length: labels take the inputs' positions, and the task "
+                    "shifts them")
+            raise TrakValueError(f"{self.name} labels have shape {tuple(labels.shape)} but the logits have "
+                                 f"{length} positions; labels must be (n, {length}), {what}")
+        scores, targets = logits[:, :length - self.shift, :], labels[:, self.shift:]
         counted = targets != self.ignore_index
         safe = xp.where(counted, targets, xp.zeros_like(targets))
-        flat = xp.reshape(scores, (n * (length - 1), vocab))
+        flat = xp.reshape(scores, (n * (length - self.shift), vocab))
         ids = xp.reshape(safe, (-1,))
         classification = TASKS["classification"]
-        margins = xp.reshape(classification.output(flat, ids, xp=xp), (n, length - 1))
-        q = xp.reshape(classification.out_to_loss(flat, ids, xp=xp), (n, length - 1))
+        margins = xp.reshape(classification.output(flat, ids, xp=xp), (n, length - self.shift))
+        q = xp.reshape(classification.out_to_loss(flat, ids, xp=xp), (n, length - self.shift))
         return margins, q, xp.astype(counted, logits.dtype)
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
@@ -192,13 +201,31 @@ class LanguageModeling:
         return xp.sum(margins * counted, axis=1)
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        raise TrakTypeError("language_modeling has no hand-written output_grad; use a backend with autodiff "
+        raise TrakTypeError(f"{self.name} has no hand-written output_grad; use a backend with autodiff "
                             "(torch, jax)")
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         _, q, counted = self._margins(logits, labels, xp=xp)
         total = xp.sum(counted, axis=1)
         return xp.sum(q * counted, axis=1) / xp.where(total > 0, total, xp.ones_like(total))
+
+
+class Seq2SeqLanguageModeling(LanguageModeling):
+    """Sequence-to-sequence language modeling (encoder-decoder models: T5, BART, Marian): TRAK's margin summed
+    over the target sequence's tokens.
+
+    The model's output is the decoder's ``(n, T, V)`` logits; labels are the ``(n, T)`` target token ids in
+    Hugging Face's convention: the logits at position ``t`` predict ``labels[t]`` (no shift: the decoder's inputs
+    are the labels shifted right, which the torch backend makes with the model's
+    ``prepare_decoder_input_ids_from_labels`` when a dict batch has no ``decoder_input_ids``), and ``-100``
+    marks positions that are not predicted (padding). With ``m_t`` the classification margin of ``labels[t]``
+    under the logits at ``t`` and ``S`` the counted positions,
+
+        f = sum_{t in S} m_t,        Q = mean_{t in S} (1 - p_t),   p_t = softmax(logits_t)_{labels[t]}.
+    """
+
+    name = "seq2seq"
+    shift = 0
 
 
 class CustomTask:
@@ -250,7 +277,7 @@ class CustomTask:
 
 
 TASKS = {"classification": Classification(), "regression": Regression(),
-         "language_modeling": LanguageModeling()}  # stateless: shared instances
+         "language_modeling": LanguageModeling(), "seq2seq": Seq2SeqLanguageModeling()}  # stateless: shared instances
 
 
 def get_task(task: str | Task) -> Task:
@@ -259,7 +286,8 @@ def get_task(task: str | Task) -> Task:
         try:
             return TASKS[task]
         except KeyError:
-            raise TrakValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or pass a Task object") from None
+            raise TrakValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or pass a Task "
+                                 "object") from None
     if isinstance(task, Task):
         return task
     raise TrakTypeError(f"task must be a name in {sorted(TASKS)} or a Task object, got {type(task).__name__}")

@@ -18,8 +18,9 @@ from trak_core.errors import TrakTypeError, TrakValueError
 from trak_core.fingerprints import parameters_digest
 from trak_core.outputs import select_logits
 
-from .attention import attention_bias, attention_for_closed_form, attention_for_vmap, note_mask
-from .checkpoint import TorchCheckpoint, select_names, snapshot
+from .attention import attention_for_closed_form, attention_for_vmap, model_masks, note_mask
+from .checkpoint import TorchCheckpoint, dtype_error, select_names, snapshot
+from .seq2seq import is_encoder_decoder
 
 __all__ = ["TorchBackend", "output_logits"]
 
@@ -43,19 +44,6 @@ def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) ->
 
     return select_logits(output, logits_fn, is_array=lambda value: isinstance(value, torch.Tensor),
                          hint=_LOGITS_FN_HINT, array="tensor")
-
-
-_CONVERSIONS = {"float32": "float", "float64": "double", "float16": "half", "bfloat16": "bfloat16"}
-
-
-def _dtype_error(inputs: Any, dtype: Any, exc: Exception) -> TrakTypeError:
-    """A dtype mismatch between a floating batch and the model's parameters, with the fix."""
-    batch, model = str(inputs.dtype).removeprefix("torch."), str(dtype).removeprefix("torch.")
-    to_model = f"inputs.{_CONVERSIONS[model]}()" if model in _CONVERSIONS else f"inputs.to(torch.{model})"
-    to_batch = f"model.{_CONVERSIONS[batch]}()" if batch in _CONVERSIONS else f"model.to(torch.{batch})"
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return TrakTypeError(f"inputs are {batch} but the model's parameters are {model} (torch: {first}); convert "
-                         f"the batch with {to_model}, or the model with {to_batch}")
 
 
 def _rows(inputs: Any) -> int:
@@ -125,6 +113,11 @@ class TorchBackend(Backend):
         take as it is (their own 2-D handling branches on the mask's values, which ``vmap`` cannot
         follow). ``"auto"``: causal for decoders (``config.is_decoder``, ``*ForCausalLM``,
         ``*LMHeadModel``), bidirectional otherwise; ``"pass"`` hands the 2-D mask over unchanged.
+        For an encoder-decoder model (``config.is_encoder_decoder``), it masks keys only,
+        ``(n, 1, 1, T)``, as the encoder's self-attention and the decoder's cross-attention both read it.
+
+    Encoder-decoder models (T5, BART) take ``task="seq2seq"``; a dict batch without
+    ``decoder_input_ids`` gets them from the labels (:mod:`trak_torch.seq2seq`).
 
     Notes
     -----
@@ -189,6 +182,15 @@ class TorchBackend(Backend):
                 raise TrakValueError(f"{what} are on {tensor.device} but the model is on {prepared.device}; "
                                      f"move the batch to the model's device (tensor.to({str(prepared.device)!r}))")
 
+    def _batch(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any) -> Any:
+        """The checked batch's inputs as the model takes them: an encoder-decoder model's decoder inputs made from
+        the labels when the batch has none (:mod:`trak_torch.seq2seq`)."""
+        from .seq2seq import check_task, with_decoder_inputs
+
+        self._check_batch(prepared, inputs, labels)
+        check_task(model, task)
+        return with_decoder_inputs(model, inputs, labels)
+
     def _call(self, model: Any, params: dict, inputs: Any, *, causal: bool) -> Any:
         """``forward`` with ``params``: ``model(inputs)``, or ``model(**inputs)`` for a dict batch."""
         from torch.func import functional_call
@@ -196,8 +198,9 @@ class TorchBackend(Backend):
         if not isinstance(inputs, Mapping):
             return functional_call(model, params, (inputs,))
         kwargs = dict(inputs)
-        if self.attention_mask != "pass" and "attention_mask" in kwargs and kwargs["attention_mask"].ndim == 2:
-            kwargs["attention_mask"] = attention_bias(kwargs["attention_mask"], prepared_dtype(params), causal=causal)
+        if self.attention_mask != "pass":
+            kwargs = model_masks(kwargs, prepared_dtype(params), causal=causal,
+                                 encoder_decoder=is_encoder_decoder(model))
         return functional_call(model, params, (), kwargs)
 
     def _logits(self, model: Any, prepared: TorchCheckpoint, inputs: Any, task: Any, *, causal: bool) -> Any:
@@ -208,7 +211,7 @@ class TorchBackend(Backend):
             floating = [v for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])
                         if v.is_floating_point() and v.dtype != prepared.dtype]
             if floating:
-                raise _dtype_error(floating[0], prepared.dtype, exc) from exc
+                raise dtype_error(floating[0], prepared.dtype, exc) from exc
             note_mask(exc, inputs, self.attention_mask)
             raise
         except Exception as exc:
@@ -229,7 +232,7 @@ class TorchBackend(Backend):
                   task: Any) -> tuple[Any, Any]:
         import array_api_compat.torch as xp
 
-        self._check_batch(prepared, inputs, labels)
+        inputs = self._batch(model, prepared, inputs, labels, task)
         causal = self._causal(model)
         uses = self._closed_form_uses(model, prepared, inputs, labels, task, causal)
         if uses is not None:
@@ -335,7 +338,6 @@ class TorchBackend(Backend):
                     checkpoint: int, options: Any) -> Any:
         from .kronecker import factorized_state
 
-        self._check_batch(prepared, inputs, labels)
         with _eval_mode(model), attention_for_vmap(model):
             return factorized_state(self, model, prepared, inputs, self._causal(model), k=k, seed=seed,
                                     checkpoint=checkpoint, options=options)
@@ -343,6 +345,7 @@ class TorchBackend(Backend):
     def factorized_plan(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
                         k: int, options: Any) -> Any:
         """The ``trak_core.kronecker.KroneckerPlan`` of ``model`` (layers found on the batch's first example)."""
+        inputs = self._batch(model, prepared, inputs, labels, task)
         return self._factorized(model, prepared, inputs, labels, k=k, seed=0, checkpoint=0, options=options).plan
 
     def factorized_features(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
@@ -354,6 +357,7 @@ class TorchBackend(Backend):
         from .kronecker import batch_features
         from .kronecker_check import check_plan
 
+        inputs = self._batch(model, prepared, inputs, labels, task)
         state = self._factorized(model, prepared, inputs, labels, k=k, seed=seed, checkpoint=checkpoint,
                                  options=options)
         causal = self._causal(model)

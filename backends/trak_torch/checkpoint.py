@@ -1,6 +1,7 @@
 """Turn a ``state_dict`` (or ``None``) into the parameter snapshot the gradients are taken at.
 
-One job: validate and snapshot checkpoints for ``trak_torch.TorchBackend``.
+One job: validate and snapshot checkpoints for ``trak_torch.TorchBackend`` (and say how a batch's dtype differs
+from theirs: ``dtype_error``).
 """
 from __future__ import annotations
 
@@ -78,9 +79,23 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
             continue
         value = torch.as_tensor(state[name])
         if tuple(value.shape) != tuple(ref.shape):
-            raise TrakValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, the model's is {tuple(ref.shape)}")
+            raise TrakValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, the model's is "
+                                 f"{tuple(ref.shape)}")
         value = value.detach().to(device=ref.device, dtype=ref.dtype, copy=True)
         (params if name in names else frozen)[name] = value
     if not torch.all(torch.stack([torch.isfinite(t).all() for t in params.values()])):
         raise TrakValueError("the checkpoint's parameters contain NaN or inf")
     return TorchCheckpoint({n: params[n] for n in names}, frozen, device, dtype)
+
+
+_CONVERSIONS = {"float32": "float", "float64": "double", "float16": "half", "bfloat16": "bfloat16"}
+
+
+def dtype_error(inputs: Any, dtype: Any, exc: Exception) -> TrakTypeError:
+    """A dtype mismatch between a floating batch and the model's parameters, with the fix."""
+    batch, model = str(inputs.dtype).removeprefix("torch."), str(dtype).removeprefix("torch.")
+    to_model = f"inputs.{_CONVERSIONS[model]}()" if model in _CONVERSIONS else f"inputs.to(torch.{model})"
+    to_batch = f"model.{_CONVERSIONS[batch]}()" if batch in _CONVERSIONS else f"model.to(torch.{batch})"
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return TrakTypeError(f"inputs are {batch} but the model's parameters are {model} (torch: {first}); convert "
+                         f"the batch with {to_model}, or the model with {to_batch}")

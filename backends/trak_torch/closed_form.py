@@ -172,8 +172,10 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
     inside = [name for _, names in functional.values() for name in names]
     tied = {name for kind, names in functional.values() if kind == "embedding_call" for name in names} \
         - {weight for kind, weight, _ in found.values() if kind == "embedding"}  # an embedding tied to a head
-    if len(set(biases)) != len(biases) or weights & set(biases) or len(set(inside)) != len(inside) \
-            or (covered & set(inside)) - tied:
+    lookups = {name for kind, names in functional.values() if kind == "embedding_call" for name in names}
+    repeated = {name for name in inside if inside.count(name) > 1} - lookups  # a table looked up by several
+    # embedding modules (BART's encoder and decoder share one): each lookup adds to its rows
+    if len(set(biases)) != len(biases) or weights & set(biases) or repeated or (covered & set(inside)) - tied:
         return None
     bare = bare_names(prepared, set(prepared.params) - covered - set(inside))
     if bare is None:
