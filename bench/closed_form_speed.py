@@ -5,13 +5,14 @@ torchvision's (``nn.MultiheadAttention``, a class token and position embeddings)
 torchvision's (channels-first ``LayerNorm2d``, layer scales), Hugging Face's CLIP image classifier (its class
 token ``(d,)`` expanded over the batch; the text tower is not called), a GPT-2 with
 random weights (embeddings, Conv1D, layer norms), a Llama (its own RMSNorm class, grouped-query attention), a
-Gemma (a scaled embedding tied to its head) and an OPT (offset positions, flattened tokens; the language models
+Gemma (a scaled embedding tied to its head), an OPT (offset positions, flattened tokens) and a BART
+(``task="seq2seq"``: encoder and decoder, cross-attention, one token table looked up by both; the language models
 need ``transformers``), examples per second of
 ``TorchBackend()`` and of ``TorchBackend(per_example="vmap")`` at its default chunk, alternated
 ``--repeats`` times (best of each), and their largest difference relative to the vmap gradients'
 largest entry.
 
-    python bench/closed_form_speed.py                 # ResNet-18, ViT, ConvNeXt, CLIP at 32 x 32; GPT-2 ... OPT
+    python bench/closed_form_speed.py                 # ResNet-18, ViT, ConvNeXt, CLIP at 32 x 32; GPT-2 ... BART
     python bench/closed_form_speed.py --device cuda --batch 256
     python bench/closed_form_speed.py --only clip --only vit    # some of them
 """
@@ -32,7 +33,7 @@ from _resnet import resnet18  # noqa: E402
 from _vit import VisionTransformer  # noqa: E402
 from gpu_peers import phase  # noqa: E402
 
-from trak_core.tasks import Classification, LanguageModeling  # noqa: E402
+from trak_core.tasks import Classification, LanguageModeling, Seq2SeqLanguageModeling  # noqa: E402
 from trak_torch import TorchBackend  # noqa: E402
 
 
@@ -88,6 +89,13 @@ def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, An
     opt = transformers.OPTForCausalLM(config).to(device).eval()  # offset positions from its 2-D mask
     batch_with_mask = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     out[f"opt-{layers}x{width}"] = (opt, batch_with_mask, ids, LanguageModeling(), {"attention_mask": "pass"})
+    config = transformers.BartConfig(vocab_size=512, d_model=width, encoder_layers=layers // 2 or 1,
+                                     decoder_layers=layers // 2 or 1, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, encoder_ffn_dim=2 * width, decoder_ffn_dim=2 * width,
+                                     max_position_embeddings=length, pad_token_id=1, decoder_start_token_id=2)
+    bart = transformers.BartForConditionalGeneration(config).to(device).eval()  # decoder inputs from the labels
+    targets = torch.randint(3, 512, (batch, length // 2), device=device)
+    out[f"bart-{layers}x{width}"] = (bart, batch_with_mask, targets, Seq2SeqLanguageModeling(), {})
     return out
 
 
