@@ -113,3 +113,67 @@ def test_a_store_is_scored_with_either_kernel_dtype(tmp_path, written, scored):
         np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
     import zarr
     assert zarr.open_group(str(tmp_path / "store"), mode="r")["c0/kernel"].dtype == np.dtype(written)
+
+
+def test_scoring_or_featurizing_with_another_lambda_leaves_the_stored_one(tmp_path):
+    """The store keeps each checkpoint's lambda from when it was featurized: opening with another lambda_reg,
+    featurizing again with one, or refitting scores with it but writes nothing, so a plain open afterwards gives
+    the original scores bit for bit (before, the last lambda used was written over the stored one)."""
+    trak, model = _featurize(tmp_path / "store")
+    x, y = _data()
+    targets = [(x[:6], y[:6])]
+    expected, lambdas = trak.score(targets), trak.lambdas
+    other = TRAK.open(tmp_path / "store", model, [model.init(seed=c) for c in range(2)], lambda_reg=1000.0,
+                      progress=False)
+    assert other.lambdas == [1000.0, 1000.0] and not np.allclose(other.score(targets), expected)
+    again = TRAK(model, proj_dim=32, store=tmp_path / "store", lambda_reg=5.0, progress=False)
+    for c in range(2):
+        again.featurize(model.init(seed=c), [(x[i:i + 64], y[i:i + 64]) for i in range(0, N, 64)])
+    assert again.lambdas == [5.0, 5.0]
+    again.refit(7.0)
+    plain = TRAK.open(tmp_path / "store", model, [model.init(seed=c) for c in range(2)], progress=False)
+    assert plain.lambdas == lambdas and np.array_equal(plain.score(targets), expected)
+
+
+def test_an_opened_store_is_whole_before_its_first_score(tmp_path):
+    """Counts, lambdas, refit, features, self-influence and a further checkpoint work on a reopened store before any
+    score, and agree with the estimator that wrote it (before: it looked empty, refit was lost, features and
+    featurize failed)."""
+    trak, model = _featurize(tmp_path / "store")
+    x, y = _data()
+    targets, batches = [(x[:6], y[:6])], [(x[i:i + 64], y[i:i + 64]) for i in range(0, N, 64)]
+    checkpoints = [model.init(seed=c) for c in range(2)]
+
+    def opened():
+        return TRAK.open(tmp_path / "store", model, checkpoints, progress=False)
+
+    first = opened()
+    assert (first.n_checkpoints, first.n_train, first.lambdas) == (2, N, trak.lambdas)
+    assert np.array_equal(first.features(targets, checkpoint=1), trak.features(targets, checkpoint=1))
+    assert np.array_equal(opened().self_influence(), trak.self_influence())
+    refitted = opened()
+    refitted.refit(3.0)
+    trak.refit(3.0)
+    assert refitted.lambdas == [3.0, 3.0]
+    np.testing.assert_allclose(refitted.score(targets), trak.score(targets), rtol=1e-12, atol=0)
+    grown = opened()
+    grown.featurize(model.init(seed=2), batches)
+    reference, _ = _featurize(tmp_path / "three", checkpoints=3)
+    assert grown.n_checkpoints == 3
+    np.testing.assert_allclose(grown.score(targets), reference.score(targets), rtol=1e-12, atol=0)
+
+
+def test_self_influence_before_a_torch_score_reads_torch_features(tmp_path):
+    """Self-influence first on a reopened torch store loads torch tensors (from the checkpoint's parameters), so
+    the score after it works and equals the writer's (before: NumPy features, then a TypeError)."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: torch stores are not exercised")
+    x, y = _data()
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    trak = TRAK(model, proj_dim=32, store=tmp_path / "store", progress=False)
+    trak.featurize(model.state_dict(), [(x, y)])
+    opened = TRAK.open(tmp_path / "store", model, [model.state_dict()], progress=False)
+    influence = opened.self_influence()
+    assert isinstance(influence, torch.Tensor) and torch.equal(influence, trak.self_influence())
+    assert torch.equal(opened.score([(x[:5], y[:5])]), trak.score([(x[:5], y[:5])]))

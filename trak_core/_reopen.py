@@ -2,7 +2,8 @@
 
 One job: rebuild the estimator's configuration from the store, check every checkpoint against the
 content hash stored with it, and load the stored features, out-to-loss weights and kernels when
-the first targets arrive (they tell the namespace and device to read into).
+they are first needed (by the first targets, which tell the namespace and device to read into, or by
+any other use of the estimator: then the checkpoint's parameters tell them).
 """
 from __future__ import annotations
 
@@ -64,7 +65,41 @@ def load_opened(trak: Any, example: tuple[Any, Any] | None) -> None:
             template = trak._batch_features(pending.prepared, pending.index, *example,
                                             f"targets batch 0, checkpoint {pending.index}")[0]
         else:
-            dtype = np.dtype(writer.stored_dtype or "float64")
-            template = np.zeros((1, trak.proj_dim or pending.n_params), dtype=dtype)
+            template = _template(pending.prepared, writer.stored_dtype or "float64", trak.proj_dim or pending.n_params)
+            if template is None:
+                template = np.zeros((1, trak.proj_dim or pending.n_params), dtype=np.dtype(writer.stored_dtype or
+                                                                                            "float64"))
         writer.set_template(template)
         trak._close_checkpoint(pending, stored_lambda)
+
+
+def _template(prepared: Any, dtype: str, k: int) -> Any:
+    """A ``(1, k)`` array of ``dtype`` in the namespace and on the device of the first array among the checkpoint's
+    parameters, as its features are; ``None`` where they hold no array or the namespace lacks ``dtype`` there."""
+    from ._namespace import device_of, has_float64, namespace
+
+    leaf = _first_array(prepared, depth=0)
+    if leaf is None:
+        return None
+    xp, device = namespace(leaf), device_of(leaf)
+    wanted = getattr(xp, dtype, None)
+    if wanted is None or (dtype == "float64" and not has_float64(xp, device)):
+        return None
+    return xp.zeros((1, k), dtype=wanted, device=device)
+
+
+def _first_array(value: Any, depth: int) -> Any:
+    """The first Array API array in a checkpoint snapshot (a dataclass, mapping or sequence of them)."""
+    import array_api_compat
+
+    if array_api_compat.is_array_api_obj(value):
+        return value
+    if depth > 4 or isinstance(value, (str, bytes, int, float)):
+        return None
+    children = (value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else
+                vars(value).values() if hasattr(value, "__dict__") else ())
+    for child in children:
+        found = _first_array(child, depth + 1)
+        if found is not None:
+            return found
+    return None

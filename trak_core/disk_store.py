@@ -387,9 +387,8 @@ class DiskStore(Store):
         if entry.index != len(self._entries):
             raise TrakValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
         group = self.root[f"c{entry.index}"]
-        done = {"complete": True, "lambda_reg": float(entry.factor.lambda_reg)}
-        if any(group.attrs.get(key) != value for key, value in done.items()):  # a reopened store is not rewritten
-            group.attrs.update(done)
+        if not group.attrs.get("complete", False):  # a stored checkpoint keeps the lambda it was featurized with
+            group.attrs.update({"complete": True, "lambda_reg": float(entry.factor.lambda_reg)})
         if entry.index == 0 and "data" not in self.root.attrs:
             n = int(entry.features.shape[0])
             digests = [entry.data_checksums[str(c)] for c in range(-(-n // KERNEL_CHUNK_ROWS))

@@ -157,11 +157,13 @@ class TRAK(Featurizer):
     @property
     def n_checkpoints(self) -> int:
         """Number of checkpoints featurized so far."""
+        self._load_opened(None)
         return len(self.store)
 
     @property
     def n_train(self) -> int | None:
         """Number of training examples (``None`` before the first ``featurize``)."""
+        self._load_opened(None)
         return self.store[0].features.shape[0] if len(self.store) else None
 
     def featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
@@ -186,6 +188,7 @@ class TRAK(Featurizer):
             stored is overwritten.
         """
         try:
+            self._load_opened(None)  # a store reopened with open: its checkpoints first, then this one after them
             self._featurize(checkpoint, data)
             self._last_error = None
         except Exception as exc:
@@ -201,11 +204,14 @@ class TRAK(Featurizer):
     @property
     def lambdas(self) -> list[float]:
         """The ridge ``lambda`` used for each featurized checkpoint."""
+        self._load_opened(None)
         return [entry.factor.lambda_reg for entry in self.store]
 
     def refit(self, lambda_reg: float | str) -> None:
-        """Refactorize every featurized checkpoint's kernel with another ``lambda_reg`` (no re-featurizing)."""
+        """Refactorize every featurized checkpoint's kernel with another ``lambda_reg`` (no re-featurizing). An
+        on-disk store keeps the ``lambda`` each checkpoint was featurized with: ``TRAK.open`` scores with it again."""
         self.lambda_reg = _check_lambda(lambda_reg)
+        self._load_opened(None)
         for entry in self.store:
             kernel_dtype = self._kernel_dtype(self.lambda_reg)
             if kernel_dtype != entry.kernel_dtype:  # "auto" and lambda 0: the kernel made again in float64
@@ -306,7 +312,8 @@ class TRAK(Featurizer):
         return self.store.load_scores(name)
 
     def _load_opened(self, example: tuple[Any, Any] | None) -> None:
-        """Load the checkpoints of ``open``; ``example`` (one target row) sets the features' namespace."""
+        """Load the checkpoints of ``open``; ``example`` (one target row) sets the features' namespace, else the
+        checkpoint's parameters do (NumPy where they hold no array)."""
         if self._opened:
             from ._reopen import load_opened
 
@@ -369,6 +376,7 @@ class TRAK(Featurizer):
 
         For baselines such as a gradient dot product, or retrieval, on the same projection as the scores.
         """
+        self._load_opened(None)
         entry = self._entries([checkpoint])[0]
         parts = []
         for b, (inputs, labels) in enumerate(batches(data, self.label_key)):
