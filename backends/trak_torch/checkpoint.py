@@ -55,6 +55,14 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
 
     if not isinstance(model, torch.nn.Module):
         raise TrakTypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
+    attributed = {id(tensor) for name, tensor in model.named_parameters() if name in names}
+    renormalized = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)
+                    and module.max_norm is not None and id(module.weight) in attributed]
+    if renormalized:
+        raise TrakValueError(f"embeddings {renormalized} have max_norm set: their forward renormalizes the table's rows "
+                             "in place, which per-example gradients of the table cannot follow (vmap cannot run it); "
+                             "set max_norm=None on them for attribution (training has renormalized the rows "
+                             "already), or leave their weights out with TorchBackend(params=...)")
     reference = model.state_dict(keep_vars=True)
     first = next(iter(model.parameters()), None)
     if first is None:

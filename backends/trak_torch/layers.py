@@ -59,7 +59,7 @@ def layer_kind(module: Any, *, own_forward: bool) -> str | None:
             ok = module.groups == 1 and module.padding_mode == "zeros" and module.padding != "same"
             return kind if ok else None
     if isinstance(module, nn.Embedding) and own(nn.Embedding):
-        return "embedding" if module.max_norm is None else None
+        return "embedding" if module.max_norm is None and not module.scale_grad_by_freq else None  # else: vmap
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.ndim == 2:
         return "conv1d"  # Hugging Face GPT-2's: y = x @ W + b, W (in, out)
     return None
