@@ -15,7 +15,7 @@ import numpy as np
 
 from ._delegation import full_precision
 from ._namespace import accumulation_dtype, device_of, namespace
-from .errors import TrakValueError
+from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["LDSResult", "lds", "subset_masks", "spearman"]
 
@@ -61,13 +61,23 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     outputs : array, shape (n_subsets, n_targets)
         The retrained models' outputs (e.g. margins) on the targets.
 
+    ``masks`` and ``outputs`` may come from another array library than ``scores`` (NumPy masks from
+    ``subset_masks`` with torch scores): they are read into the scores' namespace and device.
+
     Returns
     -------
     LDSResult
         Mean and standard error over targets (targets whose correlation is undefined, because
         predictions or outputs are constant, are left out), and the per-target values.
+
+    Raises
+    ------
+    TrakValueError
+        On shapes that do not match, fewer than 3 subsets, or NaN or infinite scores or outputs
+        (a retrained model that diverged): the message names the subsets or targets.
     """
-    xp = namespace(scores, masks, outputs)
+    xp = namespace(scores)
+    masks, outputs = _like(masks, scores, "masks", xp=xp), _like(outputs, scores, "outputs", xp=xp)
     n_train, n_targets = scores.shape
     if masks.ndim != 2 or masks.shape[1] != n_train:
         raise TrakValueError(f"masks must have shape (n_subsets, {n_train}) to match scores, got {tuple(masks.shape)}")
@@ -76,6 +86,15 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
                              f"got {tuple(outputs.shape)}")
     if masks.shape[0] < 3:
         raise TrakValueError(f"LDS needs at least 3 subsets to rank, got {masks.shape[0]}")
+    for name, values, axis, what in (("outputs", outputs, 1, "subsets (retrained models)"),
+                                     ("scores", scores, 0, "targets")):
+        finite = xp.all(xp.isfinite(values), axis=axis)
+        bad = np.asarray([] if bool(xp.all(finite)) else [i for i in range(finite.shape[0]) if not bool(finite[i])])
+        if bad.size:
+            raise TrakValueError(f"{name} have NaN or infinite values for {what} {bad[:10].tolist()}"
+                                 f"{' ...' if bad.size > 10 else ''}; "
+                                 + ("leave those subsets out (their rows of masks and outputs): a retrained model "
+                                    "that diverged ranks as noise" if name == "outputs" else "score them again"))
     work = accumulation_dtype(xp, device_of(scores))
     with full_precision(xp):
         predictions = xp.astype(masks, work) @ xp.astype(scores, work)
@@ -87,6 +106,33 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
         raise TrakValueError("LDS is undefined for every target: predictions or outputs are constant across subsets")
     sem = float(defined.std(ddof=1) / math.sqrt(defined.size)) if defined.size > 1 else math.nan
     return LDSResult(float(defined.mean()), sem, values, int(masks.shape[0]))
+
+
+def _like(values: Any, scores: Any, name: str, *, xp: Any) -> Any:
+    """``values`` in the namespace and on the device of ``scores``."""
+    import array_api_compat
+
+    try:
+        if array_api_compat.array_namespace(values) is xp:
+            return values
+    except TypeError:  # not an array: a list of lists
+        pass
+    try:
+        return xp.asarray(_to_numpy(values), device=device_of(scores))
+    except (TypeError, RuntimeError) as exc:
+        raise TrakTypeError(f"{name} ({type(values).__module__}) cannot be read into the scores' array library "
+                            f"({type(scores).__module__}) here ({exc}); convert them to one library first, e.g. "
+                            "scores.cpu().numpy()") from None
+
+
+def _to_numpy(values: Any) -> Any:
+    """A host copy for checks and conversions: NumPy as is, else through ``__dlpack__`` or ``np.asarray``."""
+    if isinstance(values, np.ndarray):
+        return values
+    try:
+        return np.from_dlpack(values)
+    except (TypeError, RuntimeError, BufferError, AttributeError):
+        return np.asarray(values)
 
 
 def subset_masks(n_train: int, n_subsets: int, *, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
