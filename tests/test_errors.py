@@ -45,10 +45,18 @@ def test_non_finite_gradients(bad, setup):
     model, theta, x, y = setup
     x = x.copy()
     x[3, 1] = bad
+    x[15, 0] = bad
     trak = TRAK(model, proj_dim=8, progress=False)
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match=r"batch 0: the out-to-loss weights of rows \[3\] are NaN or inf.*inputs"):
         trak.featurize(theta, [(x[:10], y[:10]), (x[10:], y[10:])])
+    with pytest.raises(ValueError, match=r"batch 1: the out-to-loss weights of rows \[5\] are NaN or inf"):
+        trak.featurize(theta, [(x[:3], y[:3]), (x[10:], y[10:])])
     assert trak.n_checkpoints == 0
+
+
+def test_numpy_integers_are_integers(setup):
+    trak = TRAK(setup[0], proj_dim=np.int64(8), seed=np.uint32(3), progress=False)
+    assert (trak.proj_dim, trak.seed) == (8, 3) and type(trak.proj_dim) is int
 
 
 def test_mismatched_batch_lengths(setup):
@@ -67,8 +75,12 @@ def test_score_before_featurize_and_empty_data(setup):
     with pytest.raises(TypeError, match="single"):
         trak.featurize(theta, (x, y))
     trak.featurize(theta, [(x, y)])
-    with pytest.raises(ValueError, match="no batches"):
+    with pytest.raises(ValueError, match="no targets"):
         trak.score(iter([]))
+    with pytest.raises(ValueError, match="no targets"):
+        trak.score([(x[:0], y[:0])])
+    np.testing.assert_allclose(trak.score([(x[:0], y[:0]), (x[:3], y[:3]), (x[:0], y[:0]), (x[3:5], y[3:5])]),
+                               trak.score([(x[:5], y[:5])]), rtol=1e-12, atol=0)  # empty target batches are skipped
 
 
 def test_checkpoint_parameter_count(setup):
@@ -180,11 +192,39 @@ def test_a_models_own_error_keeps_its_type_and_names_the_batch():
     trak = TRAK(model, proj_dim=8, progress=False)
     with pytest.raises(KeyError, match="the model's own failure") as info:
         trak.featurize(model.state_dict(), [(x[:5], y[:5]), (x[5:8], y[5:8])])
-    assert info.value.__notes__ == ["trak-core: raised in checkpoint 0, batch 1, in backend 'torch' (the model's "
-                                    "forward and its per-example gradients)"]
+    assert info.value.__notes__ == ["trak-core: raised in checkpoint 0, batch 1 (inputs (3, 4)), in backend 'torch' "
+                                    "(the model's forward and its per-example gradients; it may run the model on the "
+                                    "batch's first examples alone first, to check its fast path)"]
     assert trak.n_checkpoints == 0
     trak.featurize(model.state_dict(), [(x[:5], y[:5]), (x[5:], y[5:])])
     with pytest.raises(KeyError) as info:
         trak.score([(x[:2], y[:2]), (x[:3], y[:3])])
     assert len(info.value.__notes__) == 1 and "targets batch 1, checkpoint 0" in info.value.__notes__[0]
     assert tuple(trak.score([(x[:2], y[:2])]).shape) == (10, 2)
+
+
+def test_progress_bars_know_their_totals(setup, monkeypatch):
+    """featurize's and score's bars get the number of batches when the data has a length (a list, a DataLoader),
+    and none for a generator (before, every bar counted batches with no total)."""
+    import trak_core._featurizer
+    import trak_core.trak
+    from trak_core._progress import progress
+
+    model, theta, x, y = setup
+    totals = []
+
+    def recording(iterable, *, desc, enabled, total=None):
+        totals.append((desc.split()[0], total))
+        return progress(iterable, desc=desc, enabled=False, total=total)
+
+    monkeypatch.setattr(trak_core._featurizer, "progress", recording)
+    monkeypatch.setattr(trak_core.trak, "progress", recording)
+    trak = TRAK(model, proj_dim=8, progress=True)
+    batches = [(x[:7], y[:7]), (x[7:14], y[7:14]), (x[14:], y[14:])]
+    trak.featurize(theta, batches)
+    trak.featurize(model.init(seed=1), (batch for batch in batches))
+    trak.score([(x[:2], y[:2]), (x[2:4], y[2:4])])
+    assert totals == [("featurize", 3), ("featurize", None), ("score", 2)]
+    bar = progress(iter(range(4)), desc="bar", enabled=True, total=None)
+    assert getattr(bar, "total", None) is None  # a generator: no total, and progress() does not guess one
+    assert getattr(progress(range(4), desc="bar", enabled=True), "total", 4) == 4

@@ -130,6 +130,10 @@ def test_the_share_of_k_and_the_factor_sizes():
     for block in plan.blocks:
         assert block.k_rows * block.k_cols >= block.k and block.k_rows <= block.layer.rows
     assert factor_dims(50257, 768, 1277) == (99, 13)  # GPT-2's token table: sqrt(cols / rows) rule
+    # k equal to the number of blocks: one each (the floor of 1 gave 2 + 1 + 1 = 4 > 3, and taking one back from
+    # the block most over its ideal left the rest with 0 before)
+    tight = make_plan([Layer("a", 16, 13), Layer("c", 3, 17)], [("ln", 32)], 3)
+    assert [block.k for block in tight.blocks] + [tight.k_rest] == [1, 1, 1]
     f = factor(300, 64, seed=5, checkpoint=1, index=2, side="cols")
     assert set(np.unique(f)) == {-1.0, 1.0} and abs(f.mean()) < 0.02  # +-1, balanced
     g = factor(300, 64, seed=5, checkpoint=2, index=2, side="cols")
@@ -162,6 +166,8 @@ def test_bad_requests_get_clear_errors():
         make_plan([Layer("w", 3, 4), Layer("v", 3, 4)], [], 1)
     with pytest.raises(TrakValueError, match="not factorized layers"):
         make_plan([Layer("w", 3, 4)], [], 5, Kronecker(dims={"x": 2}))
+    with pytest.raises(TrakValueError, match=r"sets 12 of proj_dim=10, leaving -2 for 2 other blocks \(v, the rest\)"):
+        make_plan([Layer("w", 3, 4), Layer("v", 3, 4)], [("b", 4)], 10, Kronecker(dims={"w": 12}))
 
     class Free(torch.nn.Module):
         def __init__(self):

@@ -177,3 +177,15 @@ def test_self_influence_before_a_torch_score_reads_torch_features(tmp_path):
     influence = opened.self_influence()
     assert isinstance(influence, torch.Tensor) and torch.equal(influence, trak.self_influence())
     assert torch.equal(opened.score([(x[:5], y[:5])]), trak.score([(x[:5], y[:5])]))
+
+
+def test_the_log_says_the_lambda_was_stored(tmp_path, caplog):
+    import logging
+
+    _, model = _featurize(tmp_path / "store", lambda_reg=0.05)
+    x, y = _data()
+    with caplog.at_level(logging.INFO, logger="trak_core"):
+        TRAK.open(tmp_path / "store", model, [model.init(seed=c) for c in range(2)], progress=False).score([(x[:2],
+                                                                                                          y[:2])])
+    lines = [r.getMessage() for r in caplog.records if "lambda=" in r.getMessage()]
+    assert len(lines) == 2 and all("lambda=0.05 (stored)" in line for line in lines)  # was "(auto)"

@@ -4,7 +4,8 @@ One job: validate what users pass, with errors that name the problem and the fix
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import operator
+from typing import Any, Mapping, Sequence
 
 from . import kernel as kernel_ops
 from ._namespace import namespace
@@ -18,15 +19,27 @@ ACCELERATOR_GROUP_BYTES = 16 * 2**30  # the same on GPUs: 256 rows of ResNet-18'
 def _check_proj_dim(proj_dim: Any) -> int | None:
     if proj_dim is None:
         return None
-    if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim <= 0:
+    value = _integer(proj_dim)
+    if value is None or value <= 0:
         raise TrakValueError(f"proj_dim must be a positive integer (or None for no projection), got {proj_dim!r}")
-    return proj_dim
+    return value
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as a Python int when it is an integer (NumPy's too, not a bool), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _check_seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+    value = _integer(seed)
+    if value is None or not 0 <= value < 2**64:
         raise TrakValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    return seed
+    return value
 
 
 def _rows(array: Any, what: str, where: str) -> int:
@@ -87,8 +100,12 @@ def _check_lengths(inputs: Any, labels: Any, where: str) -> int:
 
 def _check_weights(out_to_loss: Any, where: str) -> None:
     xp = namespace(out_to_loss)
-    if not bool(xp.all(xp.isfinite(out_to_loss))):
-        raise TrakValueError(f"{where}: the out-to-loss weights contain NaN or inf")
+    finite = xp.isfinite(out_to_loss)
+    if not bool(xp.all(finite)):
+        rows = [i for i in range(finite.shape[0]) if not bool(finite[i])]
+        raise TrakValueError(f"{where}: the out-to-loss weights of rows {rows[:10]}{' ...' if len(rows) > 10 else ''} "
+                             "are NaN or inf: the model's outputs there are not finite; check those rows of the "
+                             "inputs (NaN/inf values) and the checkpoint's weights")
 
 
 def _check_features(features: Any, where: str) -> None:
@@ -106,8 +123,7 @@ def _check_finite(values: Any, out_to_loss: Any, where: str, what: str) -> None:
     if not bool(xp.all(xp.isfinite(values))):
         raise TrakValueError(f"{where}: the {what} contain NaN or inf; check the inputs (NaN/inf values), "
                              "the checkpoint's weights, and the learning rate that produced them")
-    if not bool(xp.all(xp.isfinite(out_to_loss))):
-        raise TrakValueError(f"{where}: the out-to-loss weights contain NaN or inf")
+    _check_weights(out_to_loss, where)
 
 
 def _check_lambda(lambda_reg: Any) -> float | str:
@@ -128,3 +144,21 @@ def _resolve_backend(backend: str | Backend | None, model: Any) -> Backend:
     raise TrakTypeError(f"backend must be a name, a Backend object or None, got {type(backend).__name__}")
 
 
+def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
+    """The entries of ``store`` at ``checkpoints`` (all of them for ``None``), with a clear error for bad indices."""
+    if checkpoints is None:
+        return list(store)
+    chosen = []
+    for c in checkpoints:
+        try:
+            c = operator.index(c)  # ints, NumPy integers, 0-d integer arrays
+        except TypeError:
+            c = None
+        if c is None or not 0 <= c < len(store):
+            chosen = []
+            break
+        chosen.append(c)
+    if not chosen:
+        raise TrakValueError(f"checkpoints must be a non-empty sequence of indices in [0, {len(store) - 1}], "
+                             f"got {checkpoints!r}")
+    return [store[c] for c in chosen]

@@ -11,14 +11,14 @@ import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from . import kernel as kernel_ops
 from ._checks import _check_features, _check_finite, _check_lengths, _check_weights, projection_group_rows, take_rows
 from ._delegation import is_accelerator
 from ._identity import DataCheck, check_parameters
 from ._namespace import device_of, has_float64, namespace
-from ._progress import progress
+from ._progress import length_of, progress
 from .backends.protocol import batches
 from .errors import TrakCoreError, TrakValueError
 from .fingerprints import to_numpy
@@ -33,11 +33,12 @@ log = logging.getLogger("trak_core")
 
 
 @contextmanager
-def located(where: str, backend: str | None = None) -> Iterator[None]:
+def located(where: str, backend: str | None = None, inputs: Any = None) -> Iterator[None]:
     """Prefix a backend's ``TrakCoreError`` with the checkpoint and batch it happened in.
 
     Any other exception (the model's own, such as a shape mismatch in its ``forward``) keeps its type
-    and message and gets a note (PEP 678, Python 3.11+) naming the checkpoint, the batch and the backend.
+    and message and gets a note (PEP 678, Python 3.11+) naming the checkpoint, the batch, the shapes of its
+    inputs and the backend.
     """
     try:
         yield
@@ -48,11 +49,19 @@ def located(where: str, backend: str | None = None) -> Iterator[None]:
         located_error.args = (f"{where}: {exc}",) + exc.args[1:]
         raise located_error.with_traceback(exc.__traceback__) from exc
     except Exception as exc:
-        note = f"trak-core: raised in {where}" + (f", in backend {backend!r} (the model's forward and its "
-                                                  "per-example gradients)" if backend else "")
+        note = f"trak-core: raised in {where}" + (f" (inputs {_shapes(inputs)})" if inputs is not None else "") + (
+            f", in backend {backend!r} (the model's forward and its per-example gradients; it may run the model on "
+            "the batch's first examples alone first, to check its fast path)" if backend else "")
         if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
             exc.add_note(note)
         raise
+
+
+def _shapes(inputs: Any) -> str:
+    """The shapes of a batch's inputs: ``(10, 60)``, or ``{'input_ids': (8, 12), ...}`` for a dict batch."""
+    if isinstance(inputs, Mapping):
+        return "{" + ", ".join(f"{key!r}: {tuple(getattr(v, 'shape', ()))}" for key, v in inputs.items()) + "}"
+    return str(tuple(getattr(inputs, "shape", ())))
 
 
 @dataclass
@@ -88,7 +97,7 @@ class Featurizer:
     def _gradients(self, prepared: Any, inputs: Any, labels: Any, where: str) -> tuple[Any, Any]:
         """Validated per-example gradients (n, p) and out-to-loss weights (n,) of one batch."""
         n_inputs = _check_lengths(inputs, labels, where)
-        with located(where, self.backend.name):
+        with located(where, self.backend.name, inputs):
             grads, out_to_loss = self.backend.gradients(self.model, prepared, inputs, labels, self.task)
         if grads.ndim != 2 or grads.shape[0] != n_inputs:
             raise TrakValueError(f"{where}: backend {self.backend.name!r} returned gradients of shape "
@@ -102,7 +111,7 @@ class Featurizer:
         if not (self.backend.has_fused_projection or factorized) or self.proj_dim is None:
             return None
         n_inputs = _check_lengths(inputs, labels, where)
-        with located(where, self.backend.name):
+        with located(where, self.backend.name, inputs):
             if factorized:
                 out = self.backend.factorized_features(self.model, prepared, inputs, labels, self.task,
                                                        k=self.proj_dim, seed=self.seed, checkpoint=index,
@@ -141,7 +150,7 @@ class Featurizer:
         """
         grads, weights, seen, group, pending = [], [], 0, None, 0
         for b, (inputs, labels) in enumerate(progress(batches(data, self.label_key), desc=f"featurize checkpoint {index}",
-                                                      enabled=self.progress)):
+                                                      enabled=self.progress, total=length_of(data))):
             where = f"checkpoint {index}, batch {b}"
             rows = _check_lengths(inputs, labels, where)
             first, seen = seen, seen + rows
@@ -238,7 +247,7 @@ class Featurizer:
         if not self._remake_in_float64(kernel_dtype, kernel, factor, index):
             return factor, kernel_dtype
         wide = kernel_from_features(features, kernel_dtype="float64")
-        return self._factorize(wide, features.shape[0], n_params, index, lambda_reg), "float64"
+        return self._factorize(wide, features.shape[0], n_params, index, lambda_reg, ", in float64"), "float64"
 
     def _remake_in_float64(self, kernel_dtype: str, kernel: Any, factor: kernel_ops.KernelFactor, index: int) -> bool:
         """Whether ``kernel_dtype="auto"`` gave a float32 ``kernel`` too ill-conditioned for float32 at this lambda
@@ -321,7 +330,7 @@ class Featurizer:
         return out
 
     def _factorize(self, kernel: Any, n_train: int, n_params: int, index: int,
-                   lambda_reg: float | None = None) -> kernel_ops.KernelFactor:
+                   lambda_reg: float | None = None, note: str = "") -> kernel_ops.KernelFactor:
         xp = namespace(kernel)
         lam = self.lambda_reg if lambda_reg is None else lambda_reg
         if lam == "auto":
@@ -330,6 +339,7 @@ class Featurizer:
         # the Gram matrix when n < k (a store written before it was used holds Phi^T Phi: its shape says so)
         space = "n" if kernel_ops.space_for(n_train, width) == "n" and kernel.shape[0] == n_train else "k"
         factor = kernel_ops.factorize(kernel, lam, xp=xp, space=space)
-        log.info("checkpoint %d: %d examples, k=%d, lambda=%.4g%s, %s-space kernel rank %d", index, n_train, width,
-                 lam, " (auto)" if self.lambda_reg == "auto" else "", space, factor.rank)
+        how = " (stored)" if lambda_reg is not None else " (auto)" if self.lambda_reg == "auto" else ""
+        log.info("checkpoint %d: %d examples, k=%d, lambda=%.4g%s, %s-space kernel rank %d%s", index, n_train, width,
+                 lam, how, space, factor.rank, note)
         return factor

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, TypeVar
+from typing import Any, Iterable, TypeVar
 
 T = TypeVar("T")
 
@@ -10,10 +10,13 @@ T = TypeVar("T")
 def progress(iterable: Iterable[T], *, desc: str, enabled: bool | None, total: int | None = None) -> Iterable[T]:
     """Wrap ``iterable`` in a tqdm bar (to stderr) when ``enabled`` and tqdm is importable.
 
-    ``enabled=None`` means: only when stderr is a terminal.
+    ``enabled=None`` means: only when stderr is a terminal. ``total``: the number of items, else ``len(iterable)``
+    where it has one (pass ``length_of(data)`` when wrapping a generator over ``data``).
     """
     if enabled is None:
         enabled = sys.stderr.isatty()
+    if total is None:
+        total = length_of(iterable)
     if not enabled:
         return iterable
     try:
@@ -21,3 +24,11 @@ def progress(iterable: Iterable[T], *, desc: str, enabled: bool | None, total: i
     except ImportError:
         return iterable
     return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def length_of(data: Any) -> int | None:
+    """``len(data)`` when ``data`` has one (a list, a ``DataLoader``), else ``None`` (a generator)."""
+    try:
+        return len(data)
+    except TypeError:
+        return None

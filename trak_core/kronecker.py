@@ -162,8 +162,8 @@ def _shares(sizes: Sequence[int], total: int) -> list[int]:
                 break
             if share[i] < sizes[i]:
                 share[i] += 1
-    while sum(share) > total:  # the floor of 1 took too much: take from the largest
-        i = max(range(len(sizes)), key=lambda j: (share[j] - ideal[j], share[j]))
+    while sum(share) > total:  # the floor of 1 took too much: take from the most over its ideal, never below 1
+        i = max((j for j in range(len(sizes)) if share[j] > 1), key=lambda j: (share[j] - ideal[j], share[j]))
         share[i] -= 1
     return share
 
@@ -208,6 +208,11 @@ def make_plan(layers: Sequence[Layer], rest: Sequence[tuple[str, int]], k: int,
                                  f"k_layer={value}")
     free = [i for i in range(len(layers)) if i not in fixed] + (["rest"] if n_rest else [])
     left = k - sum(fixed.values())
+    if fixed and free and left < len(free):
+        others = [names[i] if i != "rest" else "the rest" for i in free]
+        raise TrakValueError(f"Kronecker(dims=...) sets {sum(fixed.values())} of proj_dim={k}, leaving {left} for "
+                             f"{len(free)} other blocks ({', '.join(others)}) that need at least 1 each; lower dims or "
+                             "raise proj_dim")
     if free:
         shares = dict(zip(free, _shares([sizes[i] if i != "rest" else n_rest for i in free], left)))
     elif left != 0:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import operator
 from typing import Any, Iterable, Sequence
 
-from ._checks import _check_lambda, _check_proj_dim, _check_seed, _resolve_backend, take_rows
+from ._checks import (_check_lambda, _check_lengths, _check_proj_dim, _check_seed, _resolve_backend, chosen_entries,
+                      take_rows)
 from ._featurizer import Featurizer
 from ._namespace import namespace
-from ._progress import progress
+from ._progress import length_of, progress
 from .backends import Backend
 from .backends.protocol import batches
 from .errors import TrakValueError
@@ -241,15 +241,20 @@ class TRAK(Featurizer):
             In the namespace, dtype and on the device of the features, averaged over the
             checkpoints (``docs/estimator.md``).
         """
+        total = length_of(data)
         data = iter(batches(data, self.label_key))
         first = next(data, None)
+        while first is not None and _check_lengths(*first, "targets batch 0") == 0:  # empty batches: no targets
+            first = next(data, None)
         if first is not None:
             self._load_opened((take_rows(first[0], 0, 1), first[1][:1, ...]))
             data = itertools.chain([first], data)
         self._check_scorable()
         entries = self._entries(checkpoints)
         columns = []
-        for b, (inputs, labels) in enumerate(progress(data, desc="score", enabled=self.progress)):
+        for b, (inputs, labels) in enumerate(progress(data, desc="score", enabled=self.progress, total=total)):
+            if _check_lengths(inputs, labels, f"targets batch {b}") == 0:
+                continue  # an empty batch holds no target (as featurize skips empty training batches)
             per_checkpoint = []
             for entry in entries:
                 target, _ = self._batch_features(entry.prepared, entry.index, inputs, labels,
@@ -267,7 +272,8 @@ class TRAK(Featurizer):
                 block = soft_threshold(block, self.soft_threshold, xp=xp)
             columns.append(block)
         if not columns:
-            raise TrakValueError("score: data yielded no batches; pass an iterable of (inputs, labels)")
+            raise TrakValueError("score: data yielded no targets (no batches, or only empty ones); pass an iterable of "
+                                 "(inputs, labels) batches")
         scores = xp.astype(columns[0] if len(columns) == 1 else xp.concat(columns, axis=1), self.store[0].features.dtype)
         if save_as is not None:
             self.store.save_scores(save_as, scores)
@@ -386,19 +392,4 @@ class TRAK(Featurizer):
         return parts[0] if len(parts) == 1 else namespace(parts[0]).concat(parts, axis=0)
 
     def _entries(self, checkpoints: Sequence[int] | None) -> list[CheckpointEntry]:
-        if checkpoints is None:
-            return list(self.store)
-        chosen = []
-        for c in checkpoints:
-            try:
-                c = operator.index(c)  # ints, NumPy integers, 0-d integer arrays
-            except TypeError:
-                c = None
-            if c is None or not 0 <= c < len(self.store):
-                chosen = []
-                break
-            chosen.append(c)
-        if not chosen:
-            raise TrakValueError(f"checkpoints must be a non-empty sequence of indices in [0, {len(self.store) - 1}], "
-                                 f"got {checkpoints!r}")
-        return [self.store[c] for c in chosen]
+        return chosen_entries(self.store, checkpoints)
