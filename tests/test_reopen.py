@@ -189,3 +189,37 @@ def test_the_log_says_the_lambda_was_stored(tmp_path, caplog):
                                                                                                           y[:2])])
     lines = [r.getMessage() for r in caplog.records if "lambda=" in r.getMessage()]
     assert len(lines) == 2 and all("lambda=0.05 (stored)" in line for line in lines)  # was "(auto)"
+
+
+def _margin(logits, labels, xp):
+    from trak_core import Classification
+
+    return Classification().output(logits, labels, xp=xp)
+
+
+def _logit_of_label(logits, labels, xp):
+    return xp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+
+
+def test_a_custom_task_is_part_of_the_stores_identity(tmp_path):
+    """Two custom tasks with the same name but other functions are told apart (before, only the name was stored,
+    so a store of one was scored with the other: 33% off); the same task reopens and scores bit for bit."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: custom tasks need autodiff")
+    from trak_core import CustomTask
+    from trak_core.tasks import task_functions
+
+    x, y = _data()
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    first, other = CustomTask(_margin), CustomTask(_logit_of_label)
+    assert task_functions(first) != task_functions(other) and task_functions(first).startswith(__name__ + "._margin#")
+    trak = TRAK(model, task=first, proj_dim=16, store=tmp_path / "store", progress=False)
+    trak.featurize(model.state_dict(), [(x, y)])
+    with pytest.raises(StoreMismatchError, match=r"task_functions: stored .*_margin#.*now .*_logit_of_label#"):
+        TRAK.open(tmp_path / "store", model, [model.state_dict()], task=other, progress=False)
+    with pytest.raises(StoreMismatchError, match="task_functions"):
+        TRAK(model, task=other, proj_dim=16, store=tmp_path / "store", progress=False).featurize(model.state_dict(),
+                                                                                               [(x, y)])
+    again = TRAK.open(tmp_path / "store", model, [model.state_dict()], task=CustomTask(_margin), progress=False)
+    assert torch.equal(again.score([(x[:4], y[:4])]), trak.score([(x[:4], y[:4])]))

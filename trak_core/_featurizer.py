@@ -19,6 +19,7 @@ from ._delegation import is_accelerator
 from ._identity import DataCheck, check_parameters
 from ._namespace import device_of, has_float64, namespace
 from ._progress import length_of, progress
+from .tasks import task_functions
 from .backends.protocol import batches
 from .errors import TrakCoreError, TrakValueError
 from .fingerprints import to_numpy
@@ -327,6 +328,9 @@ class Featurizer:
                "precision": self.precision, "store_format": STORE_FORMAT}
         if self.kronecker is not None:
             out["kronecker"] = self.kronecker.describe()
+        functions = task_functions(self.task)
+        if functions is not None:  # a custom task: its functions, so another one with the same name is told apart
+            out["task_functions"] = functions
         return out
 
     def _factorize(self, kernel: Any, n_train: int, n_params: int, index: int,

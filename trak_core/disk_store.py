@@ -3,7 +3,8 @@
 One job: ``TRAK(store=path)``. Layout of the directory:
 
 - group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension,
-  seed and precision, task, parameter count and structure hash, backend, store format version).
+  seed and precision, task (a custom task's functions too: ``tasks.task_functions``), parameter count and
+  structure hash, backend, store format version).
   Reopening with any difference raises ``StoreMismatchError`` naming the
   fields, and nothing is written. ``data``: the training set's ``n_train`` and digest (order
   included), once checkpoint 0 is complete.

@@ -14,7 +14,7 @@ from ._namespace import device_of
 from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["Task", "Classification", "Regression", "LanguageModeling", "Seq2SeqLanguageModeling", "CustomTask",
-           "get_task", "TASKS"]
+           "get_task", "task_functions", "TASKS"]
 
 
 @runtime_checkable
@@ -278,6 +278,31 @@ class CustomTask:
 
 TASKS = {"classification": Classification(), "regression": Regression(),
          "language_modeling": LanguageModeling(), "seq2seq": Seq2SeqLanguageModeling()}  # stateless: shared instances
+
+
+def task_functions(task: Task) -> str | None:
+    """What identifies a task beyond its name in a store's fingerprint: for a ``CustomTask``, its functions
+    (``module.qualname#`` and a hash of their source code, where Python keeps it); for another user ``Task``
+    class, the class; ``None`` for the built-in tasks (their name says everything)."""
+    if type(task) in {type(builtin) for builtin in TASKS.values()}:
+        return None
+
+    def named(function: Any) -> str:
+        if function is None:
+            return "-"
+        import hashlib
+        import inspect
+
+        qualname = getattr(function, "__qualname__", type(function).__qualname__)
+        try:  # the source tells two lambdas of one module apart, and is the same on any Python version
+            source = "#" + hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:12]
+        except (OSError, TypeError):  # defined where no source is kept (an interactive session)
+            source = ""
+        return f"{getattr(function, '__module__', '?')}.{qualname}{source}"
+
+    if isinstance(task, CustomTask):
+        return ", ".join(named(f) for f in (task._output, task._out_to_loss, task._output_grad))
+    return named(type(task))
 
 
 def get_task(task: str | Task) -> Task:
