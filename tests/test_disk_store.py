@@ -170,8 +170,10 @@ def test_damaged_chunk_is_detected_and_recomputed(tmp_path):
     _, reference = _run(store)
     chunk = store / "c1" / "features" / "c" / "1" / "0"
     chunk.write_bytes(chunk.read_bytes()[:50])  # truncated
-    trak = TRAK(MLP(5, 4, 3), proj_dim=32, store=store, progress=False)
     x, y = _data()
+    with pytest.raises(StoreMismatchError, match="checkpoint 1 in .* is damaged .* redoes the damaged rows only"):
+        TRAK.open(store, MLP(5, 4, 3), [MLP(5, 4, 3).init(seed=c) for c in range(2)])  # was "incomplete or has no..."
+    trak = TRAK(MLP(5, 4, 3), proj_dim=32, store=store, progress=False)
     trak.featurize(MLP(5, 4, 3).init(seed=0), _batches(x, y))
     trak.featurize(MLP(5, 4, 3).init(seed=1), _batches(x, y))  # recomputes chunk 1 and what follows
     assert np.array_equal(trak.score([(x[:6], y[:6])]), reference)
@@ -232,6 +234,10 @@ def test_scores_are_saved_and_never_overwritten(tmp_path):
     assert trak.store.load_scores("first-six").shape == (N, 6)
     with pytest.raises(ValueError, match="on-disk store"):
         _run(None)[0].score([(x[:2], y[:2])], save_as="x")
+    for bad in ("..", ".", "", " ", "a/b", "__meta", " padded"):  # '..' reached zarr's own ValueError before
+        with pytest.raises(ValueError, match="save_as needs a plain name"):
+            trak.score([(x[:2], y[:2])], save_as=bad)
+    assert trak.saved_scores() == ["first-six"]
 
 
 def test_fsspec_urls(tmp_path):

@@ -43,6 +43,10 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
     digests: list[str] = []
     for index, checkpoint in enumerate(checkpoints):
         pending = trak._open_checkpoint(checkpoint, index=index)
+        if getattr(pending.writer, "damaged", False):
+            raise StoreMismatchError(f"checkpoint {index} in {path} is damaged (a chunk of its features or out-to-loss "
+                                     "weights fails its checksum); featurize it again with its training data, which "
+                                     "redoes the damaged rows only")
         if pending.writer.parameters_digest is None or not pending.writer.complete:
             raise StoreMismatchError(f"checkpoint {index} in {path} is incomplete or has no parameters_sha256; "
                                      "featurize it again with its training data")

@@ -93,6 +93,7 @@ class DiskWriter(Writer):
         self.checksums = dict(self.group.attrs.get("checksums", {}))
         self.parameters_digest = self.group.attrs.get("parameters_sha256")
         self._data = dict(self.group.attrs.get("data_checksums", {}))
+        self.damaged = False  # a complete checkpoint with a chunk that fails its checksum
         self.rows_done = self._verified_rows() if "features" in self.group else 0
         self._rows: list[np.ndarray] = []
         self._weights: list[np.ndarray] = []
@@ -139,6 +140,7 @@ class DiskWriter(Writer):
             except Exception:  # a truncated chunk fails to decode
                 ok = False
             if not ok:
+                self.damaged = self.damaged or bool(self.group.attrs.get("complete", False))
                 self.complete = False
                 return c * KERNEL_CHUNK_ROWS
         return done
@@ -356,8 +358,10 @@ class DiskStore(Store):
 
     def save_scores(self, name: str, scores: Any) -> None:
         """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum."""
-        if not isinstance(name, str) or not name or "/" in name:
-            raise TrakValueError(f"scores need a plain name without '/', got {name!r}")
+        if not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name or name.strip(".") == "" \
+                or name.startswith("__") or name != name.strip():
+            raise TrakValueError(f"save_as needs a plain name (letters, digits, '-', '_', '.'; not empty, not '.' or "
+                                 f"'..', no '/' and no leading '__'), got {name!r}")
         group = self.root.require_group("scores")
         if name in group:
             raise TrakValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "

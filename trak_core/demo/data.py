@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+#: images in scikit-learn's ``load_digits`` (the commands check their sizes against it before loading)
+N_DIGITS = 1797
+
 
 def load_digits_split(n_train: int, n_targets: int, seed: int) -> tuple[np.ndarray, ...]:
     """Digits scaled to [0, 1], shuffled with ``seed``, split into training set and targets."""
