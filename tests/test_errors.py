@@ -72,6 +72,8 @@ def test_score_before_featurize_and_empty_data(setup):
         trak.score([(x, y)])
     with pytest.raises(ValueError, match="no batches"):
         trak.featurize(theta, [])
+    with pytest.raises(ValueError, match="no examples .*only empty ones"):
+        trak.featurize(theta, [(x[:0], y[:0])])
     with pytest.raises(TypeError, match="single"):
         trak.featurize(theta, (x, y))
     trak.featurize(theta, [(x, y)])

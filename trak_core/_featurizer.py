@@ -232,7 +232,8 @@ class Featurizer:
         kernel_dtype = self._kernel_dtype(self.lambda_reg if lambda_reg is None else lambda_reg)
         features, q_all, kernel = pending.writer.finish(kernel_dtype=kernel_dtype)
         if features is None:
-            raise TrakValueError("featurize: data yielded no batches; pass an iterable of (inputs, labels)")
+            raise TrakValueError("featurize: data yielded no examples (no batches, or only empty ones); pass an "
+                                 "iterable of (inputs, labels) batches")
         factor, made_in = self._factor_of(kernel, kernel_dtype, features, pending.n_params, pending.index, lambda_reg)
         del kernel  # the entry re-reads or recomputes it when lambda changes (refit); only the factor is held
         loader = pending.writer.kernel_loader if made_in == kernel_dtype else None  # else recomputed in float64

@@ -61,9 +61,6 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     outputs : array, shape (n_subsets, n_targets)
         The retrained models' outputs (e.g. margins) on the targets.
 
-    ``masks`` and ``outputs`` may come from another array library than ``scores`` (NumPy masks from
-    ``subset_masks`` with torch scores): they are read into the scores' namespace and device.
-
     Returns
     -------
     LDSResult
@@ -75,6 +72,11 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     TrakValueError
         On shapes that do not match, fewer than 3 subsets, or NaN or infinite scores or outputs
         (a retrained model that diverged): the message names the subsets or targets.
+
+    Notes
+    -----
+    ``masks`` and ``outputs`` may come from another array library than ``scores`` (NumPy masks from
+    ``subset_masks`` with torch scores): they are read into the scores' namespace and device.
     """
     xp = namespace(scores)
     masks, outputs = _like(masks, scores, "masks", xp=xp), _like(outputs, scores, "outputs", xp=xp)
