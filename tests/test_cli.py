@@ -55,7 +55,7 @@ DEFAULTS = {
              "--hidden": "64", "--proj-dim": "2048", "--lambda-reg": "auto", "--subsets": "64", "--seed": "0",
              "--png": "trak_demo.png", "--quiet": "False"},
     "compare": {"--n-train": "1000", "--n-targets": "100", "--hidden": "64", "--checkpoints": "3",
-                "--proj-dim": "2048", "--lambda-reg": "1.0"},
+                "--proj-dim": "2048", "--lambda-reg": "auto"},
 }
 
 
@@ -157,10 +157,11 @@ def test_the_options_the_user_asked_about():
     demo_help = _option_help(_run(MODULE, "demo", "--help").stdout)
     assert demo_help["--seed"] == ("random seed of the data split, the ensemble's training, the projection and "
                                    "the LDS subsets (default: 0)")
-    assert demo_help["--subsets"] == "models retrained on random halves for LDS (default: 64)"
+    assert demo_help["--subsets"] == "models retrained on random halves for LDS (at least 3) (default: 64)"
     compare_help = _option_help(_run(MODULE, "compare", "--help").stdout)
     assert compare_help["--proj-dim"] == "projection dimension k (default: 2048)"
-    assert compare_help["--lambda-reg"] == "ridge lambda (default: 1.0)"
+    assert compare_help["--lambda-reg"] == ("ridge lambda: a number >= 0, or 'auto' to choose it per checkpoint from "
+                                            "the features (TRAK's default) (default: auto)")
 
 
 PARSERS = {"trak-core": cli.parser(), "trak-core demo": demo._parser("trak-core demo"),
@@ -191,7 +192,8 @@ def test_the_dispatcher_passes_the_program_name(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["compare", "--lambda-reg", "x"])
     assert stop.value.code == 2
-    assert capsys.readouterr().err.endswith("trak-core compare: error: argument --lambda-reg: invalid float value: 'x'\n")
+    assert capsys.readouterr().err.endswith(
+        "trak-core compare: error: argument --lambda-reg: expected 'auto' or a finite number >= 0, got 'x'\n")
 
 
 def test_the_console_script_is_declared():
@@ -201,3 +203,109 @@ def test_the_console_script_is_declared():
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert project["project"]["scripts"] == {"trak-core": "trak_core.cli:main"}
     assert sorted(cli.COMMANDS) == ["compare", "demo"]
+
+
+def _no_work(monkeypatch):
+    """Make loading the digits or training fail loudly: an option error must come before either."""
+    def work(*args, **kwargs):
+        raise AssertionError("the command loaded data or trained before checking its options")
+
+    monkeypatch.setattr(demo, "load_digits_split", work)
+    monkeypatch.setattr(demo, "_recipe", work)
+    monkeypatch.setattr("trak_core.demo.data.load_digits_split", work)
+    monkeypatch.setattr(compare, "_weights", work)
+
+
+RANGE = "argument {flag}: must be {allowed} ({why}), got {value}"
+N_TRAIN_WHY = {"demo": "the LDS retrains on random halves of it; the 1797 digits less one target",
+               "compare": "Spearman ranks the training examples; the 1797 digits less one target"}
+SEED_WHY = "the seeds of numpy, torch and the projection are non-negative"
+TOO_MANY = ("argument --n-train/--n-targets: --n-train + --n-targets must be at most 1797 (the digits data set has "
+            "1797 images), got {} + {} = {}; lower one of them")
+LAMBDA = "argument --lambda-reg: expected 'auto' or a finite number >= 0, got {!r}"
+
+
+def _range(flag, allowed, why, value):
+    return RANGE.format(flag=flag, allowed=allowed, why=why, value=value)
+
+
+DEMO_ERRORS = [  # the audit's three first: they trained everything, then died with a traceback
+    (["--subsets", "2"], _range("--subsets", "at least 3",
+                                "LDS ranks the outputs of the retrained models, which takes at least 3", 2)),
+    (["--checkpoints", "0"], _range("--checkpoints", "at least 1", "models in the ensemble", 0)),
+    (["--n-targets", "0"], _range("--n-targets", "from 1 to 1795", "test digits to attribute", 0)),
+    (["--n-train", "1"], _range("--n-train", "from 2 to 1796", N_TRAIN_WHY["demo"], 1)),
+    (["--n-train", "3000"], _range("--n-train", "from 2 to 1796", N_TRAIN_WHY["demo"], 3000)),
+    (["--n-train", "1700"], TOO_MANY.format(1700, 100, 1800)),
+    (["--hidden", "0"], _range("--hidden", "at least 1", "units of the hidden layer", 0)),
+    (["--proj-dim", "-5"], _range("--proj-dim", "at least 1", "the projection dimension k", -5)),
+    (["--seed", "-1"], _range("--seed", "from 0 to 2**63 - 1", SEED_WHY, -1)),
+    (["--seed", str(2**63)], _range("--seed", "from 0 to 2**63 - 1", SEED_WHY, 2**63)),
+    (["--lambda-reg", "-1"], LAMBDA.format("-1")),
+    (["--lambda-reg", "nan"], LAMBDA.format("nan")),
+    (["--lambda-reg", "inf"], LAMBDA.format("inf")),
+    pytest.param(["--png", "no/such/folder/x.png"],
+                 ("argument --png: the folder {cwd}/no/such/folder does not exist; create it, or pass --png '' for "
+                  "no figure"),
+                 marks=pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                          reason="without matplotlib, --png is that error")),
+]
+COMPARE_ERRORS = [
+    (["--n-targets", "0"], _range("--n-targets", "from 1 to 1795", "test digits to attribute", 0)),
+    (["--n-train", "1"], _range("--n-train", "from 2 to 1796", N_TRAIN_WHY["compare"], 1)),
+    (["--n-train", "1000", "--n-targets", "900"], TOO_MANY.format(1000, 900, 1900)),
+    (["--checkpoints", "0"], _range("--checkpoints", "at least 1", "independently trained models", 0)),
+    (["--hidden", "0"], _range("--hidden", "at least 1", "units of the hidden layer", 0)),
+    (["--proj-dim", "0"], _range("--proj-dim", "at least 1", "the projection dimension k", 0)),
+    (["--lambda-reg", "-0.5"], LAMBDA.format("-0.5")),
+]
+
+
+def _cases(command, cases):
+    """``(command, args, message)`` for each case, keeping a ``pytest.param``'s marks."""
+    return [pytest.param(command, *case.values, marks=case.marks) if hasattr(case, "marks") else (command, *case)
+            for case in cases]
+
+
+@pytest.mark.parametrize("command,args,message", _cases("demo", DEMO_ERRORS) + _cases("compare", COMPARE_ERRORS))
+def test_out_of_range_options_are_usage_errors_before_any_work(command, args, message, monkeypatch, capsys,
+                                                               tmp_path):
+    monkeypatch.chdir(tmp_path)
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, *args])
+    out, err = capsys.readouterr()
+    assert (stop.value.code, out) == (2, "")
+    assert err.startswith(f"usage: trak-core {command} [-h]")
+    assert err.endswith(f"trak-core {command}: error: {message.format(cwd=tmp_path)}\n")
+
+
+@pytest.mark.parametrize("args", [["--subsets", "2"], ["--checkpoints", "0"], ["--n-targets", "0"]])
+def test_the_audited_demo_commands_exit_2_at_once(args):
+    done = _run([sys.executable, "-m", "trak_core.demo"], *args)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("usage: python -m trak_core.demo [-h]")
+    assert "Traceback" not in done.stderr and f"error: argument {args[0]}: must be " in done.stderr
+
+
+@pytest.mark.parametrize("missing,args,message", [
+    ("torch", ["--backend", "torch"],
+     "argument --backend: PyTorch is not installed; pip install torch, or pass --backend numpy"),
+    ("matplotlib", [],
+     "argument --png: the figure needs matplotlib (pip install \"trak-core[demo]\"); pass --png '' for no figure"),
+])
+def test_demo_names_a_missing_package_before_any_work(missing, args, message, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        demo.main(args, prog="trak-core demo")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.endswith(f"trak-core demo: error: {message}\n")
+
+
+@pytest.mark.parametrize("value,parsed", [("auto", "auto"), ("1", 1.0), ("0", 0.0), ("2.5e3", 2500.0)])
+def test_compare_and_demo_take_lambda_auto_or_a_number(value, parsed):
+    for parser in (compare._parser(), demo._parser()):
+        assert parser.parse_args(["--lambda-reg", value]).lambda_reg == parsed
+    assert compare._parser().parse_args([]).lambda_reg == "auto"  # TRAK's default, as the demo's

@@ -44,3 +44,12 @@ def test_figure_panels_name_true_and_predicted_classes_and_the_extreme_scores():
         assert panel["proponent"] == int(np.argmax(scores[:, j])) and panel["opponent"] == int(np.argmin(scores[:, j]))
         assert panel["titles"][0] == f"test #{j}\ntrue {y_targets[j]}, predicted {predicted[j]}"
         assert f"label {y_train[panel['proponent']]}" in panel["titles"][1]
+
+
+def test_one_checkpoint_is_one_trak_row(tmp_path, capsys):
+    png = tmp_path / "one.png"
+    result = demo.main(["--backend", "numpy", "--n-train", "60", "--n-targets", "5", "--checkpoints", "1",
+                        "--subsets", "3", "--proj-dim", "32", "--png", str(png), "--quiet"])
+    out = capsys.readouterr().out
+    assert list(result["scores"]) == list(result["lds"]) == ["TRAK, 1 checkpoint", "gradient dot"]
+    assert "1 checkpoints" not in out and png.read_bytes()[:4] == b"\x89PNG"  # the figure shows the one model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import time
 from typing import Any
 
@@ -18,7 +19,8 @@ import numpy as np
 from .._progress import progress
 from ..evaluation import lds, subset_masks
 from ..trak import TRAK
-from .data import load_digits_split
+from .data import N_DIGITS, load_digits_split
+from .options import SEED_LIMIT, check_ranges, check_sizes, lambda_value
 
 __all__ = ["main"]
 
@@ -38,9 +40,10 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoints", type=int, default=5, help="independently trained models")
     parser.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP")
     parser.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k")
-    parser.add_argument("--lambda-reg", type=_lambda, default="auto",
-                        help="ridge lambda: a number, or 'auto' to choose it from the features")
-    parser.add_argument("--subsets", type=int, default=64, help="models retrained on random halves for LDS")
+    parser.add_argument("--lambda-reg", type=lambda_value, default="auto",
+                        help="ridge lambda: a number >= 0, or 'auto' to choose it from the features")
+    parser.add_argument("--subsets", type=int, default=64,
+                        help="models retrained on random halves for LDS (at least 3)")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed of the data split, the ensemble's training, the projection "
                              "and the LDS subsets")
@@ -49,8 +52,29 @@ def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     return parser
 
 
-def _lambda(value: str) -> float | str:
-    return value if value == "auto" else float(value)
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every option that would otherwise fail only after training, checked up front (``parser.error``, exit 2)."""
+    check_ranges(parser, args, {
+        "--n-train": (2, N_DIGITS - 1, f"the LDS retrains on random halves of it; the {N_DIGITS} digits less "
+                                       f"one target"),
+        "--n-targets": (1, N_DIGITS - 2, "test digits to attribute"),
+        "--checkpoints": (1, None, "models in the ensemble"),
+        "--hidden": (1, None, "units of the hidden layer"),
+        "--proj-dim": (1, None, "the projection dimension k"),
+        "--subsets": (3, None, "LDS ranks the outputs of the retrained models, which takes at least 3"),
+        "--seed": (0, SEED_LIMIT - 1, "the seeds of numpy, torch and the projection are non-negative"),
+    })
+    check_sizes(parser, args)
+    if args.backend == "torch" and importlib.util.find_spec("torch") is None:
+        parser.error("argument --backend: PyTorch is not installed; pip install torch, or pass --backend numpy")
+    if args.png:
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error('argument --png: the figure needs matplotlib (pip install "trak-core[demo]"); pass '
+                         "--png '' for no figure")
+        folder = os.path.dirname(os.path.abspath(args.png))
+        if not os.path.isdir(folder):
+            parser.error(f"argument --png: the folder {folder} does not exist; create it, or pass --png '' for "
+                         "no figure")
 
 
 def _recipe(name: str, n_hidden: int) -> Any:
@@ -79,7 +103,9 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
 
     ``prog`` is the program name in the usage and error messages (``trak-core demo`` from the CLI).
     """
-    args = _parser(prog).parse_args(argv)
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    _check(parser, args)
     show = not args.quiet and None
     x_np, y_np, xt_np, yt_np = load_digits_split(args.n_train, args.n_targets, args.seed)
     recipe = _recipe(args.backend, args.hidden)
@@ -102,7 +128,9 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
         trak.featurize(checkpoint, [(x[i:i + 250], y[i:i + 250]) for i in range(0, args.n_train, 250)])
     seconds["featurize"] = time.perf_counter() - start
     results: dict[str, Any] = {}
-    for label, chosen in (("TRAK, 1 checkpoint", [0]), (f"TRAK, {args.checkpoints} checkpoints", None)):
+    ensemble = f"TRAK, {args.checkpoints} checkpoints" if args.checkpoints > 1 else "TRAK, 1 checkpoint"
+    methods = [("TRAK, 1 checkpoint", [0])] + ([(ensemble, None)] if args.checkpoints > 1 else [])
+    for label, chosen in methods:  # one TRAK row when the ensemble is one model
         start = time.perf_counter()
         results[label] = recipe.to_numpy(trak.score([(xt, yt)], checkpoints=chosen))
         seconds[f"score ({label})"] = time.perf_counter() - start
@@ -120,9 +148,10 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
     seconds["retrain for LDS"] = time.perf_counter() - start
     scores = {label: lds(value, masks, outputs) for label, value in results.items()}
 
+    models = f"{args.checkpoints} checkpoint{'s' if args.checkpoints > 1 else ''}"
     print(f"digits: {args.n_train} train, {args.n_targets} targets; MLP 64-{args.hidden}-10 on {args.backend}, "
-          f"{args.checkpoints} checkpoints, test accuracy {accuracy:.3f}; k = {args.proj_dim}, "
-          f"lambda = {args.lambda_reg}; LDS over {args.subsets} models retrained on random halves")
+          f"{models}, test accuracy {accuracy:.3f}; k = {args.proj_dim}, lambda = {args.lambda_reg}; LDS over "
+          f"{args.subsets} models retrained on random halves")
     print(f"{'method':<26} {'LDS (mean +- sem)':>18}")
     for label, value in scores.items():
         print(f"{label:<26} {str(value):>18}")
@@ -132,10 +161,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
     if args.png:
         from .figure import save_proponents
 
-        import os
-
-        save_proponents(args.png, results[f"TRAK, {args.checkpoints} checkpoints"], x_np, y_np, xt_np, yt_np,
-                        predicted)
+        save_proponents(args.png, results[ensemble], x_np, y_np, xt_np, yt_np, predicted)
         print(f"saved the figure to {os.path.abspath(args.png)}: 12 test digits (true and predicted class), each "
               "with its top proponent and opponent")
     return {"scores": results, "lds": scores, "seconds": seconds, "accuracy": accuracy, "predicted": predicted}

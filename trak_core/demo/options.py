@@ -64,8 +64,14 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace,
     for flag, (low, high, why) in ranges.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value < low or (high is not None and value > high):
-            allowed = f"at least {low}" if high is None else f"from {low} to {high}"
+            allowed = f"at least {low}" if high is None else f"from {low} to {_show(high)}"
             parser.error(f"argument {flag}: must be {allowed} ({why}), got {value}")
+
+
+def _show(value: int) -> str:
+    """``value`` as written in the messages: ``2**63 - 1`` rather than its 19 digits."""
+    power = (value + 1).bit_length() - 1
+    return f"2**{power} - 1" if value >= 2**32 and value + 1 == 2**power else str(value)
 
 
 def check_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
