@@ -359,3 +359,26 @@ def test_params_selection_errors():
         JaxBackend(params="[0]")
     with pytest.raises(TypeError, match="sequence of path strings"):
         JaxBackend(params=[0, 1])
+
+
+def test_boolean_binary_labels_under_jax_without_x64_do_not_warn():
+    """Boolean labels of a one-logit classifier: the same margins as 0/1 integers, and no int64 truncation warning
+    from JAX with x64 off (there were two per batch)."""
+    import warnings
+
+    jax = pytest.importorskip("jax", reason="JAX is not installed: its x64-off labels are not exercised")
+    import jax.numpy as jnp
+    from array_api_compat import array_namespace
+
+    from trak_core.tasks import get_task
+
+    if jax.config.jax_enable_x64:
+        pytest.skip("jax_enable_x64 is on in this process: the int64 warning cannot show")
+    logits = jnp.asarray([[0.3], [-1.2], [2.0]], dtype=jnp.float32)
+    labels = jnp.asarray([True, False, True])
+    xp, task = array_namespace(logits), get_task("classification")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.check_labels(labels, 1, xp=xp)
+        out = task.output(logits, labels, xp=xp)
+    np.testing.assert_allclose(np.asarray(out), [0.3, 1.2, 2.0], rtol=1e-6)  # the signed logit (2y - 1) z

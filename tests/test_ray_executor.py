@@ -68,3 +68,44 @@ def test_scoring_on_workers_over_row_shards(ray_cluster, tmp_path):
 def test_ray_needs_a_shared_store():
     with pytest.raises(ValueError, match="store=PATH"):
         TRAK(MLP(5, 4, 3), executor="ray")
+
+
+def test_dict_batches_on_workers(ray_cluster, tmp_path):
+    """Dict batches (a collator's) through the workers equal one process (before: AttributeError in the shards)."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: dict batches on workers not exercised")
+    x, y, _ = _data()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    batches = [{"input": torch.as_tensor(x[i:i + 700]), "labels": torch.as_tensor(y[i:i + 700])}
+               for i in range(0, 9000, 700)]  # nn.Sequential's forward takes its input as "input"
+    scores = []
+    for store, executor in ((None, None), (tmp_path / "store", RayExecutor(num_workers=2))):
+        trak = TRAK(model, proj_dim=32, store=store, executor=executor, progress=False)
+        trak.featurize(model.state_dict(), batches)
+        scores.append(trak.score(batches[:1]))
+        if executor is not None:
+            executor.close()
+    assert torch.equal(scores[0], scores[1])
+
+
+def test_a_cluster_without_free_cpus_is_an_error_not_a_hang(ray_cluster, tmp_path):
+    """A second estimator while the first holds every CPU: a clear error (before: ray.get waited forever); after
+    the first's executor is closed, the second runs. Actors never outnumber the free CPUs."""
+    from trak_core import TrakCoreError
+
+    x, y, batches = _data()
+    model = MLP(5, 4, 3)
+    first = TRAK(model, proj_dim=32, store=tmp_path / "a", executor=RayExecutor(num_workers=2), progress=False)
+    first.featurize(model.init(seed=0), batches)
+    assert len(first.executor._actors) == 2
+    second = TRAK(model, proj_dim=32, store=tmp_path / "b", executor=RayExecutor(num_workers=2), progress=False)
+    with pytest.raises(TrakCoreError, match="no free CPU for trak-core's actors.*executor.close"):
+        second.featurize(model.init(seed=0), batches)
+    first.executor.close()
+    second.featurize(model.init(seed=0), batches)
+    local = TRAK(model, proj_dim=32, progress=False)
+    local.featurize(model.init(seed=0), batches)
+    assert np.array_equal(second.score([(x[:4], y[:4])]), local.score([(x[:4], y[:4])]))
+    with pytest.raises(TrakCoreError, match="no free CPU"):  # the first's actors would be started again: none free
+        first.score([(x[:4], y[:4])])
+    second.executor.close()

@@ -199,3 +199,4 @@ def test_every_sub_config_takes_the_attention_for_vmap():
     with attention_for_vmap(model):
         assert {c._attn_implementation for c in configs.values()} == {"eager"}
     assert {c._attn_implementation for c in configs.values()} == {"sdpa"}
+

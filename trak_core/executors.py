@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .errors import MissingFrameworkError, TrakValueError
+from .errors import MissingFrameworkError, TrakOSError, TrakValueError
 from .store import KERNEL_CHUNK_ROWS
 
 __all__ = ["RayExecutor", "get_executor", "shards"]
@@ -109,12 +109,30 @@ class RayExecutor:
                 options["num_cpus"] = self.num_workers
             ray.init(address=self.address, **options)
         if self._trak_id != id(trak):
+            self.close()
+            count = min(self.num_workers, _free_cpus(ray))
+            if count < 1:
+                raise TrakOSError("the Ray cluster has no free CPU for trak-core's actors (each takes one): other "
+                                  "actors hold them, such as those of another TRAK with executor='ray' in this "
+                                  "process (del it, or call trak.executor.close()); or start Ray with more "
+                                  "(ray.init(num_cpus=...))")
             worker = ray.remote(num_cpus=1, max_restarts=self.max_retries,
                                 max_task_retries=self.max_retries)(_Worker)
             payload = cloudpickle.dumps(trak.worker_copy())
-            self._actors = [worker.remote(payload) for _ in range(self.num_workers)]
+            self._actors = [worker.remote(payload) for _ in range(count)]
             self._trak_id = id(trak)
         return self._actors
+
+    def close(self) -> None:
+        """Stop this executor's actors (their CPUs go back to the cluster); the next use starts new ones."""
+        if self._actors:
+            import ray
+
+            held = len(self._actors)
+            for actor in self._actors:
+                ray.kill(actor)
+            self._actors, self._trak_id = [], None
+            _free_cpus(ray, wait_for=held)
 
     def featurize(self, trak: Any, checkpoint: Any, index: int, data: Sequence[tuple[Any, Any]], writer: Any,
                   n_rows: int, offsets: list[int]) -> None:
@@ -154,8 +172,22 @@ class RayExecutor:
         return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
+def _free_cpus(ray: Any, wait_for: int = 0, seconds: float = 10.0) -> int:
+    """CPUs the cluster has free now; after actors were stopped, wait (up to ``seconds``) until at least
+    ``wait_for`` are free again (Ray frees a killed actor's resources asynchronously)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        free = int(ray.available_resources().get("CPU", 0))
+        if free >= wait_for or time.monotonic() > deadline:
+            return free
+        time.sleep(0.05)
+
+
 def _rows(batch: tuple[Any, Any]) -> int:
-    return int(batch[0].shape[0])
+    """Rows of an ``(inputs, labels)`` batch, from its labels (a dict batch's inputs are a mapping)."""
+    return int(batch[1].shape[0])
 
 
 def get_executor(executor: Any) -> Any:

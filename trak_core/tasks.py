@@ -67,7 +67,7 @@ class Classification:
             raise TrakValueError("classification needs at least 1 output (a binary logit) or 2 (classes), "
                                  "the model has 0")
         classes = max(2, n_outputs)
-        labels = xp.astype(labels, xp.int64) if xp.isdtype(labels.dtype, "bool") else labels
+        labels = xp.astype(labels, xp.int32) if xp.isdtype(labels.dtype, "bool") else labels  # int32: JAX x64 off
         if labels.shape[0] and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= classes))):
             lo, hi = int(xp.min(labels)), int(xp.max(labels))
             what = "a binary classifier (one logit)" if n_outputs == 1 else f"a model with {n_outputs} classes"
@@ -78,7 +78,7 @@ class Classification:
     @staticmethod
     def _two_class(logits: Any, labels: Any, *, xp: Any) -> tuple[Any, Any]:
         if xp.isdtype(labels.dtype, "bool"):
-            labels = xp.astype(labels, xp.int64)
+            labels = xp.astype(labels, xp.int32)
         return (_binary(logits, xp=xp) if logits.shape[1] == 1 else logits), labels
 
     def _others(self, logits: Any, labels: Any, *, xp: Any) -> tuple[Any, Any]:

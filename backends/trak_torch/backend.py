@@ -224,7 +224,7 @@ class TorchBackend(Backend):
         if logits.shape[0] != n or (ndim is not None and logits.ndim != ndim):
             expected = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}.get(ndim, f"{ndim}-D")
             raise TrakValueError(f"task {task.name!r} needs the model's output with shape {expected}, got "
-                                 f"{tuple(logits.shape)} for a batch of {n}; make forward() return one row per "
+                                 f"{tuple(logits.shape)} for {n} examples; make forward() return one row per "
                                  "example (or pass logits_fn=)")
         return logits
 
