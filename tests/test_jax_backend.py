@@ -34,6 +34,21 @@ def test_compiles_once_for_all_batches_and_checkpoints():
     assert backend.compilations == 1
 
 
+def test_a_first_call_of_one_row_does_not_fix_the_step_size():
+    """After a one-row call (the Ray driver's template), a real batch compiles once more at its own size instead
+    of running one row per call, and gives the bits of a backend that saw it first (3e-8 apart before)."""
+    model, task = JaxModel(jax_apply("mlp")), trak_core.Classification()
+    x, y = _data(24)
+    weights = canonical.weights("mlp", seed=0, dtype="float32")
+    late, fresh = JaxBackend(), JaxBackend()
+    late.gradients(model, late.prepare(model, weights), x[:1], y[:1], task)
+    grads, q = late.gradients(model, late.prepare(model, weights), x, y, task)
+    assert late.compilations == 2 and late._steps[next(iter(late._steps))][1] == 24
+    expected, expected_q = fresh.gradients(model, fresh.prepare(model, weights), x, y, task)
+    assert np.array_equal(np.asarray(grads), np.asarray(expected)) and np.array_equal(np.asarray(q),
+                                                                                     np.asarray(expected_q))
+
+
 def test_x64_off_gives_float32_features_and_kernel():
     with jax.enable_x64(False):
         trak = trak_core.TRAK(JaxModel(jax_apply("mlp")), proj_dim=16, lambda_reg=0.1, progress=False)

@@ -102,7 +102,8 @@ class JaxBackend(Backend):
     ----------
     batch_size : int, optional
         Examples per compiled step; batches are padded up to it (or split), so the step compiles
-        once. Default: the size of the first batch seen.
+        once. Default: the size of the first batch seen of more than one example (after a
+        one-example call, such as the Ray driver's first, the step compiles once more).
     matmul_precision : str or None
         ``jax.default_matmul_precision`` inside the step (the model's matrix products and
         convolutions, their gradients, and the product with a cached projection matrix). Default
@@ -297,7 +298,9 @@ class JaxBackend(Backend):
         selected = None if len(prepared.selected) == len(prepared.shapes) else prepared.selected
         entry = self._step(self._apply(model), task, factors is not None, selected)
         step, size = entry[0], entry[1] or n
-        entry[1] = size  # later batches are padded up to (or split into) the first batch's size
+        if self.batch_size is None and size == 1 < n:  # the first call had one row (the Ray driver's template, a
+            size = n  # store's first row): compile once more for a real batch rather than run it a row per call
+        entry[1] = size  # later batches are padded up to (or split into) the first real batch's size
         signs, shared = factors if factors is not None else (None, None)
         parts, weights = [], []
         for start in range(0, n, size):
