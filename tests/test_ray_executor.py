@@ -95,10 +95,12 @@ def test_a_cluster_without_free_cpus_is_an_error_not_a_hang(ray_cluster, tmp_pat
 
     x, y, batches = _data()
     model = MLP(5, 4, 3)
-    first = TRAK(model, proj_dim=32, store=tmp_path / "a", executor=RayExecutor(num_workers=2), progress=False)
+    first = TRAK(model, proj_dim=32, store=tmp_path / "a", executor=RayExecutor(num_workers=2, cpu_wait_s=2),
+                 progress=False)
     first.featurize(model.init(seed=0), batches)
     assert len(first.executor._actors) == 2
-    second = TRAK(model, proj_dim=32, store=tmp_path / "b", executor=RayExecutor(num_workers=2), progress=False)
+    second = TRAK(model, proj_dim=32, store=tmp_path / "b", executor=RayExecutor(num_workers=2, cpu_wait_s=2),
+                  progress=False)
     with pytest.raises(TrakCoreError, match="no free CPU for trak-core's actors.*executor.close"):
         second.featurize(model.init(seed=0), batches)
     first.executor.close()

@@ -86,13 +86,18 @@ class RayExecutor:
         Rows per unit of work (rounded up to whole chunks of 4,096 rows).
     max_retries : int
         Restarts of a dead actor, and retries of its shard.
+    cpu_wait_s : float
+        How long to wait for free CPUs when starting the actors (each takes one; Ray frees those of
+        stopped actors asynchronously): up to a fifth of it for all ``num_workers``, then the rest for
+        at least one (fewer actors then), else a ``TrakOSError`` instead of waiting forever.
     """
 
     def __init__(self, address: str | None = None, num_workers: int = 2, shard_rows: int = KERNEL_CHUNK_ROWS,
-                 max_retries: int = 3) -> None:
+                 max_retries: int = 3, cpu_wait_s: float = 30.0) -> None:
         if num_workers < 1:
             raise TrakValueError(f"num_workers must be at least 1, got {num_workers}")
-        self.address, self.num_workers, self.shard_rows, self.max_retries = address, num_workers, shard_rows, max_retries
+        self.address, self.num_workers, self.shard_rows = address, num_workers, shard_rows
+        self.max_retries, self.cpu_wait_s = max_retries, cpu_wait_s
         self._actors: list[Any] = []
         self._trak_id: int | None = None
         self.fail_marker: str | None = None  # tests only
@@ -110,12 +115,13 @@ class RayExecutor:
             ray.init(address=self.address, **options)
         if self._trak_id != id(trak):
             self.close()
-            count = min(self.num_workers, _free_cpus(ray))
+            count = min(self.num_workers, _free_cpus(ray, self.num_workers, self.cpu_wait_s / 5))
+            count = count or min(1, _free_cpus(ray, 1, self.cpu_wait_s * 4 / 5))
             if count < 1:
-                raise TrakOSError("the Ray cluster has no free CPU for trak-core's actors (each takes one): other "
-                                  "actors hold them, such as those of another TRAK with executor='ray' in this "
-                                  "process (del it, or call trak.executor.close()); or start Ray with more "
-                                  "(ray.init(num_cpus=...))")
+                raise TrakOSError(f"the Ray cluster has had no free CPU for trak-core's actors (each takes one) for "
+                                  f"{self.cpu_wait_s:g} s: other actors hold them, such as those of another TRAK with "
+                                  "executor='ray' in this process (del it, or call trak.executor.close()); or start "
+                                  "Ray with more (ray.init(num_cpus=...))")
             worker = ray.remote(num_cpus=1, max_restarts=self.max_retries,
                                 max_task_retries=self.max_retries)(_Worker)
             payload = cloudpickle.dumps(trak.worker_copy())
@@ -132,7 +138,7 @@ class RayExecutor:
             for actor in self._actors:
                 ray.kill(actor)
             self._actors, self._trak_id = [], None
-            _free_cpus(ray, wait_for=held)
+            _free_cpus(ray, held, self.cpu_wait_s / 5)
 
     def featurize(self, trak: Any, checkpoint: Any, index: int, data: Sequence[tuple[Any, Any]], writer: Any,
                   n_rows: int, offsets: list[int]) -> None:
