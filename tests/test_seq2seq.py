@@ -190,6 +190,21 @@ def test_a_task_that_does_not_fit_the_model_is_refused():
     with pytest.raises(TrakValueError, match=r"labels must be \(n, target length\)"):
         backend.gradients(t5, backend.prepare(t5, None), batch, labels[:, 0], get_task("seq2seq"))
 
+    class Own(torch.nn.Module):  # a model of the user's own, with a config that is not Hugging Face's: not checked
+        config = {"layers": 1}
+
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(40, 4), torch.nn.Linear(4, 40)
+
+        def forward(self, input_ids):
+            return self.head(self.emb(input_ids))
+
+    own = Own().double()
+    grads, _ = backend.gradients(own, backend.prepare(own, None), {"input_ids": batch["input_ids"][:, :5]}, labels,
+                                 get_task("seq2seq"))
+    assert grads.shape == (5, 40 * 4 + 4 * 40 + 40)
+
 
 def test_every_sub_config_takes_the_attention_for_vmap():
     """T5's encoder and decoder read their own copies of the config: all are eager inside, SDPA again after."""

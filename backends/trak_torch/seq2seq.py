@@ -24,15 +24,15 @@ def is_encoder_decoder(model: Any) -> bool:
 
 def check_task(model: Any, task: Any) -> None:
     """Refuse a language-modeling task that does not fit a Hugging Face model: the causal task (labels shifted
-    by one position) on an encoder-decoder model, or ``"seq2seq"`` on a model with a config that has no
-    encoder-decoder (its logits at ``t`` predict token ``t + 1``). Models without a config are not checked."""
+    by one position) on an encoder-decoder model, or ``"seq2seq"`` on a Hugging Face model that is not one (its
+    logits at ``t`` predict token ``t + 1``). Models without a Hugging Face config are not checked."""
     name = getattr(task, "name", None)
     config = getattr(model, "config", None)
     if name == "language_modeling" and is_encoder_decoder(model):
         raise TrakValueError(f"task 'language_modeling' shifts the labels by one position (a causal model's logits "
                              f"at t predict token t + 1), but {type(model).__name__} is an encoder-decoder model, "
                              "whose logits at t predict labels[t]: use task='seq2seq'")
-    if name == "seq2seq" and config is not None and not is_encoder_decoder(model):
+    if name == "seq2seq" and hasattr(config, "is_encoder_decoder") and not is_encoder_decoder(model):
         raise TrakValueError(f"task 'seq2seq' is for encoder-decoder models (config.is_encoder_decoder), and "
                              f"{type(model).__name__} is not one; a causal language model takes "
                              "task='language_modeling'")
