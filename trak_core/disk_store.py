@@ -360,8 +360,8 @@ class DiskStore(Store):
         """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum."""
         if not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name or name.strip(".") == "" \
                 or name.startswith("__") or name != name.strip():
-            raise TrakValueError(f"save_as needs a plain name (letters, digits, '-', '_', '.'; not empty, not '.' or "
-                                 f"'..', no '/' and no leading '__'), got {name!r}")
+            raise TrakValueError(f"save_as needs a plain name such as 'run-1' (not empty or only dots, no '/' or '\\', "
+                                 f"no leading '__' or surrounding spaces), got {name!r}")
         group = self.root.require_group("scores")
         if name in group:
             raise TrakValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "
