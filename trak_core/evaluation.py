@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._delegation import full_precision
+from ._delegation import full_precision, to_host
 from ._namespace import accumulation_dtype, device_of, namespace
 from .errors import TrakTypeError, TrakValueError
 
@@ -120,21 +120,11 @@ def _like(values: Any, scores: Any, name: str, *, xp: Any) -> Any:
     except TypeError:  # not an array: a list of lists
         pass
     try:
-        return xp.asarray(_to_numpy(values), device=device_of(scores))
+        return xp.asarray(to_host(values), device=device_of(scores))
     except (TypeError, RuntimeError) as exc:
         raise TrakTypeError(f"{name} ({type(values).__module__}) cannot be read into the scores' array library "
                             f"({type(scores).__module__}) here ({exc}); convert them to one library first, e.g. "
                             "scores.cpu().numpy()") from None
-
-
-def _to_numpy(values: Any) -> Any:
-    """A host copy for checks and conversions: NumPy as is, else through ``__dlpack__`` or ``np.asarray``."""
-    if isinstance(values, np.ndarray):
-        return values
-    try:
-        return np.from_dlpack(values)
-    except (TypeError, RuntimeError, BufferError, AttributeError):
-        return np.asarray(values)
 
 
 def subset_masks(n_train: int, n_subsets: int, *, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
