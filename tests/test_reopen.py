@@ -223,3 +223,23 @@ def test_a_custom_task_is_part_of_the_stores_identity(tmp_path):
                                                                                                [(x, y)])
     again = TRAK.open(tmp_path / "store", model, [model.state_dict()], task=CustomTask(_margin), progress=False)
     assert torch.equal(again.score([(x[:4], y[:4])]), trak.score([(x[:4], y[:4])]))
+
+
+@pytest.mark.parametrize("written", [0.5, 0.0, "auto"])
+def test_a_checkpoint_added_to_an_opened_store_follows_its_lambda(tmp_path, written):
+    x, y = _data()
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, N, 64)]
+    _, model = _featurize(tmp_path / "store", lambda_reg=written)
+    trak = TRAK(model, proj_dim=32, progress=False, lambda_reg=written)  # the reference: three in one sitting
+    for c in range(3):
+        trak.featurize(model.init(seed=c), batches)
+    reopened = TRAK.open(tmp_path / "store", model, [model.init(seed=c) for c in range(2)], progress=False)
+    assert reopened.lambda_reg == written  # was "auto" for every store
+    reopened.featurize(model.init(seed=2), batches)  # was factorized at the "auto" lambda (40.9 for a 0.5 store)
+    assert reopened.lambdas == trak.lambdas
+    if written == "auto":  # the automatic lambda is the kernel's mean eigenvalue: each checkpoint its own
+        assert len(set(trak.lambdas)) == 3
+    else:
+        assert trak.lambdas == [written] * 3
+    targets = (x[:7], y[:7])
+    assert np.array_equal(reopened.score([targets]), trak.score([targets]))

@@ -239,7 +239,7 @@ class Featurizer:
         loader = pending.writer.kernel_loader if made_in == kernel_dtype else None  # else recomputed in float64
         self.store.add(CheckpointEntry(pending.index, pending.prepared, pending.n_params, features, q_all, factor,
                                        pending.structure, loader, pending.digest, pending.writer.data_checksums,
-                                       made_in))
+                                       made_in, self.lambda_reg))
 
     def _factor_of(self, kernel: Any, kernel_dtype: str, features: Any, n_params: int, index: int,
                    lambda_reg: float | None = None) -> tuple[kernel_ops.KernelFactor, str]:

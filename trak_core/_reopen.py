@@ -34,12 +34,17 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
     if len(checkpoints) != stored:
         raise TrakValueError(f"the store at {path} holds {stored} complete checkpoints; pass all {stored}, in the "
                              f"order they were featurized (got {len(checkpoints)})")
+    if lambda_reg is None:  # checkpoints featurized later in this store follow the same rule as the stored ones
+        setting = store.stored_lambda_setting()
+        lambda_reg, keep_stored = ("auto" if setting is None else setting), True
+    else:
+        keep_stored = False
     trak = cls(model, task=config["task"] if task is None else task, proj_dim=config["proj_dim"],
                proj_type=Kronecker.from_description(config.get("kronecker")) if config["proj_type"] == "kronecker"
                else config["proj_type"], seed=config["seed"],
                backend=config["backend"] if backend is None else backend, store=store,
                normalize_features=config["normalize_features"], precision=config.get("precision", "float32"),
-               lambda_reg="auto" if lambda_reg is None else lambda_reg, **options)
+               lambda_reg=lambda_reg, **options)
     digests: list[str] = []
     for index, checkpoint in enumerate(checkpoints):
         pending = trak._open_checkpoint(checkpoint, index=index)
@@ -54,7 +59,7 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
             raise TrakValueError(f"checkpoints {digests.index(pending.digest)} and {index} have the same parameters; "
                                  "pass each stored checkpoint once, in order")
         digests.append(pending.digest)
-        trak._opened.append((pending, store.stored_lambda(index) if lambda_reg is None else None))
+        trak._opened.append((pending, store.stored_lambda(index) if keep_stored else None))
     return trak
 
 

@@ -60,6 +60,7 @@ class CheckpointEntry:
     parameters_digest: str | None = None
     data_checksums: dict[str, str] = field(default_factory=dict)
     kernel_dtype: str = "float64"
+    lambda_setting: float | str | None = None  # what the estimator was asked for ("auto" or a float), kept by stores
 
     @property
     def kernel(self) -> Any:

@@ -360,7 +360,8 @@ class TRAK(Featurizer):
             equivalent backend object).
         lambda_reg : float, "auto" or None
             ``None`` (default): the ``lambda`` each checkpoint was factorized with, so scores equal
-            those of the original run bit for bit.
+            those of the original run bit for bit; ``lambda_reg`` reads what the store was featurized
+            with ("auto" or the float), which checkpoints featurized into it later follow too.
         progress, soft_threshold, checkpoint_weighting, executor, label_key, kernel_dtype
             Scoring options, as in ``TRAK`` (the kernel is stored in the dtype it was made in: a float64
             one is cast down for ``"float32"``, a float32 one is made again from the features for ``"float64"``).

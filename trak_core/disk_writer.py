@@ -1,0 +1,241 @@
+"""Writing one checkpoint's features into an on-disk store (``disk_store.DiskStore``), and reading them back.
+
+One job: rows in chunks of ``KERNEL_CHUNK_ROWS``, each chunk's SHA-256 and ``rows_done`` written after
+the chunk, so a killed run resumes from the first missing or damaged chunk (see ``disk_store`` for the
+layout and the safety argument); ``write_rows`` is a parallel worker's share of the same arrays.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._namespace import device_of, namespace
+from .errors import StoreMismatchError, TrakOSError, TrakValueError
+from . import kernel as kernel_ops
+from .fingerprints import to_numpy
+from .store import KERNEL_CHUNK_ROWS, Writer, kernel_from_features
+
+if TYPE_CHECKING:
+    from .disk_store import DiskStore
+
+__all__ = ["DiskWriter", "DiskFeatures", "write_rows", "open_root"]
+
+
+def _digest(block: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest()
+
+
+class DiskFeatures:
+    """A checkpoint's features on disk, sliced by rows into the caller's namespace and device."""
+
+    def __init__(self, array: Any, checksums: dict, template: Any) -> None:
+        self._array, self.checksums, self._template = array, checksums, template
+        self.shape = tuple(array.shape)
+        self.dtype = template.dtype
+        self.ndim = 2
+
+    def __getitem__(self, key: tuple) -> Any:
+        rows = key[0] if isinstance(key, tuple) else key
+        start, stop, _ = rows.indices(self.shape[0])
+        first, last = start // KERNEL_CHUNK_ROWS, max(start, stop - 1) // KERNEL_CHUNK_ROWS
+        lo, hi = first * KERNEL_CHUNK_ROWS, min(self.shape[0], (last + 1) * KERNEL_CHUNK_ROWS)
+        try:
+            block = self._array[lo:hi]
+        except Exception as exc:  # a truncated chunk fails to decode
+            raise TrakValueError(f"chunks {first}..{last} of {self._array.path} cannot be read ({exc}); run featurize "
+                                 "for this checkpoint again with the same arguments to recompute them") from None
+        for c in range(first, last + 1):
+            part = block[c * KERNEL_CHUNK_ROWS - lo:(c + 1) * KERNEL_CHUNK_ROWS - lo]
+            if _digest(part) != self.checksums.get(str(c)):
+                raise TrakValueError(f"chunk {c} of {self._array.path} is damaged (checksum mismatch); run featurize "
+                                     "for this checkpoint again with the same arguments to recompute it")
+        xp = namespace(self._template)
+        return xp.asarray(block[start - lo:stop - lo], device=device_of(self._template))
+
+
+def _grow(array: Any, n_rows: int) -> None:
+    """Give ``array`` at least ``n_rows`` rows. Each array is checked on its own: a kill between two
+    resizes leaves one array longer than the other, and the resumed run must still grow the shorter."""
+    if array.shape[0] < n_rows:
+        array.resize((n_rows, *array.shape[1:]))
+
+
+class DiskWriter(Writer):
+    """Writes one checkpoint's features chunk by chunk (see the module notes)."""
+
+    def __init__(self, store: "DiskStore", index: int) -> None:
+        self.store, self.index = store, index
+        self.group = store.root.require_group(f"c{index}")
+        self.complete = bool(self.group.attrs.get("complete", False))
+        self.checksums = dict(self.group.attrs.get("checksums", {}))
+        self.parameters_digest = self.group.attrs.get("parameters_sha256")
+        self._data = dict(self.group.attrs.get("data_checksums", {}))
+        self.damaged = False  # a complete checkpoint with a chunk that fails its checksum
+        self.rows_done = self._verified_rows() if "features" in self.group else 0
+        self._rows: list[np.ndarray] = []
+        self._weights: list[np.ndarray] = []
+        self.template: Any = store.template
+        self.needs_template = self.template is None and self.rows_done > 0
+
+    @property
+    def data_checksums(self) -> dict[str, str]:
+        return dict(self._data)
+
+    @property
+    def stored_dtype(self) -> str | None:
+        return self.group.attrs.get("dtype")
+
+    def set_template(self, features: Any) -> None:
+        self.template, self.needs_template = features[:1, ...], False
+
+    def record_parameters(self, digest: str | None) -> None:
+        self.parameters_digest = digest
+        if digest is not None:
+            self.group.attrs["parameters_sha256"] = digest
+
+    def record_data(self, chunk: int, digest: str) -> None:
+        if self._data.get(str(chunk)) != digest:
+            self._data[str(chunk)] = digest
+            self.group.attrs["data_checksums"] = self._data
+
+    def record_rows(self, checksums: dict[str, str], rows_done: int) -> None:
+        self.checksums.update(checksums)
+        self.group.attrs.update({"checksums": self.checksums, "rows_done": rows_done})
+        self.rows_done = rows_done
+
+    def _verified_rows(self) -> int:
+        """Rows on disk whose chunks pass their checksums (a damaged chunk and what follows is redone)."""
+        done = int(self.group.attrs.get("rows_done", 0))
+        if "out_to_loss" not in self.group:  # killed between creating the two arrays: nothing was written
+            return 0
+        features = self.group["features"]
+        for c in range(-(-done // KERNEL_CHUNK_ROWS)):
+            try:
+                block = features[c * KERNEL_CHUNK_ROWS:min(done, (c + 1) * KERNEL_CHUNK_ROWS)]
+                weights = self.group["out_to_loss"][c * KERNEL_CHUNK_ROWS:min(done, (c + 1) * KERNEL_CHUNK_ROWS)]
+                ok = _digest(block) == self.checksums.get(str(c)) and bool(np.all(np.isfinite(weights)))
+            except Exception:  # a truncated chunk fails to decode
+                ok = False
+            if not ok:
+                self.damaged = self.damaged or bool(self.group.attrs.get("complete", False))
+                self.complete = False
+                return c * KERNEL_CHUNK_ROWS
+        return done
+
+    def _check_dtype(self, dtype: Any) -> None:
+        stored = self.group.attrs.get("dtype")
+        if stored is not None and stored != str(dtype):
+            raise StoreMismatchError(f"checkpoint {self.index} in {self.store.path} holds {stored} features, this run "
+                                     f"makes {dtype}; use the same dtype or a new store path")
+        self.group.attrs["dtype"] = str(dtype)
+
+    def append(self, features: Any, out_to_loss: Any) -> None:
+        if self.template is None:
+            self.template = features[:1, ...]
+        self._rows.append(to_numpy(features))
+        self._weights.append(to_numpy(out_to_loss))
+        while sum(r.shape[0] for r in self._rows) >= KERNEL_CHUNK_ROWS:
+            self._write(KERNEL_CHUNK_ROWS)
+
+    def _write(self, count: int | None = None) -> None:
+        rows, weights = np.concatenate(self._rows), np.concatenate(self._weights)
+        self._check_dtype(rows.dtype)
+        count = rows.shape[0] if count is None else count
+        start = self.rows_done
+        if start % KERNEL_CHUNK_ROWS:
+            raise RuntimeError("internal: a chunk may only follow whole chunks")
+        if "features" not in self.group:
+            self.group.create_array("features", shape=(0, rows.shape[1]), chunks=(KERNEL_CHUNK_ROWS, rows.shape[1]),
+                                    dtype=rows.dtype, fill_value=0)
+        if "out_to_loss" not in self.group:  # also after a kill between the two creations
+            self.group.create_array("out_to_loss", shape=(0,), chunks=(KERNEL_CHUNK_ROWS,), dtype=weights.dtype,
+                                    fill_value=0)
+        features, out_to_loss = self.group["features"], self.group["out_to_loss"]
+        stop = start + count
+        try:
+            _grow(features, stop)
+            _grow(out_to_loss, stop)
+            features[start:stop] = rows[:count]
+            out_to_loss[start:stop] = weights[:count]
+            self.checksums[str(start // KERNEL_CHUNK_ROWS)] = _digest(rows[:count])
+            self.group.attrs.update({"checksums": self.checksums, "rows_done": stop})
+        except OSError as exc:
+            raise TrakOSError(f"writing chunk {start // KERNEL_CHUNK_ROWS} of checkpoint {self.index} to "
+                              f"{self.store.path} failed ({exc}); chunks written before are intact, and the same call "
+                              "resumes from them once there is room") from exc
+        self.rows_done = stop
+        self._rows, self._weights = [rows[count:]], [weights[count:]]
+        if not self._rows[0].shape[0]:
+            self._rows, self._weights = [], []
+
+    def allocate(self, n_rows: int, width: int, dtype: Any, weight_dtype: Any) -> None:
+        """Create (or grow) the arrays for ``n_rows`` rows, so that workers can fill chunks in any order."""
+        self._check_dtype(np.dtype(dtype))
+        if "features" not in self.group:
+            self.group.create_array("features", shape=(n_rows, width), chunks=(KERNEL_CHUNK_ROWS, width),
+                                    dtype=dtype, fill_value=0)
+        else:
+            _grow(self.group["features"], n_rows)
+        if "out_to_loss" not in self.group:
+            self.group.create_array("out_to_loss", shape=(n_rows,), chunks=(KERNEL_CHUNK_ROWS,), dtype=weight_dtype,
+                                    fill_value=0)
+        else:
+            _grow(self.group["out_to_loss"], n_rows)
+
+    def finish(self, kernel_dtype: str = "float64") -> tuple[Any, Any, Any]:
+        """``(features, out_to_loss, kernel)``: a stored kernel is reused when it is of ``kernel_dtype``'s dtype or
+        wider (cast down), else made from the features (:func:`trak_core.store.kernel_from_features`); a new one is
+        stored only when none was."""
+        if self._rows:
+            self._write()
+        if "features" not in self.group or self.group["features"].shape[0] == 0:
+            return None, None, None
+        features = self.group["features"]
+        self.store.template = self.template
+        lazy = DiskFeatures(features, self.checksums, self.template)
+        xp = namespace(self.template)
+        weights = xp.asarray(self.group["out_to_loss"][:], device=device_of(self.template))
+        work = kernel_ops.work_dtype(xp, device_of(self.template), kernel_dtype, self.template.dtype)
+        self.kernel_loader = lambda: xp.astype(xp.asarray(self.group["kernel"][:], device=device_of(self.template)),
+                                               work)
+        if "kernel" in self.group and self.complete:
+            if self.group["kernel"].dtype.itemsize * 8 >= xp.finfo(work).bits:
+                return lazy, weights, self.kernel_loader()
+            self.kernel_loader = None  # a float32 kernel stored, float64 asked: made from the features (kept stored)
+            return lazy, weights, kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
+        kernel = kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
+        matrix = to_numpy(kernel)
+        if "kernel" in self.group:
+            del self.group["kernel"]
+        self.group.create_array("kernel", shape=matrix.shape, dtype=matrix.dtype, fill_value=0)[:] = matrix
+        return lazy, weights, kernel
+
+    def discard(self) -> None:
+        """Drop this checkpoint's arrays (its data contradicted checkpoint 0's)."""
+        del self.store.root[f"c{self.index}"]
+
+
+def open_root(path: str, mode: str) -> Any:
+    """The zarr group at ``path`` (a directory or an fsspec URL; ``file://`` creates folders as needed)."""
+    import zarr
+
+    if "://" in path:
+        options = {"auto_mkdir": True} if path.startswith("file://") else None
+        return zarr.open_group(path, mode=mode, storage_options=options)
+    return zarr.open_group(path, mode=mode)
+
+
+def write_rows(location: str, index: int, start: int, features: Any, out_to_loss: Any) -> dict[str, str]:
+    """Write rows ``start ..`` of checkpoint ``index``'s allocated arrays (a parallel worker's shard).
+
+    Returns the checksums of the chunks written, for ``DiskWriter.record_rows`` in the driver.
+    """
+    features, weights = to_numpy(features), to_numpy(out_to_loss)
+    stop = start + features.shape[0]
+    group = open_root(location, "r+")[f"c{index}"]
+    group["features"][start:stop] = features
+    group["out_to_loss"][start:stop] = weights
+    return {str(c // KERNEL_CHUNK_ROWS): _digest(features[c - start:min(stop, c + KERNEL_CHUNK_ROWS) - start])
+            for c in range(start, stop, KERNEL_CHUNK_ROWS)}
