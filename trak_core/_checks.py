@@ -98,7 +98,11 @@ def _check_lengths(inputs: Any, labels: Any, where: str) -> int:
     return n_inputs
 
 
-def _check_weights(out_to_loss: Any, where: str) -> None:
+def _check_weights(out_to_loss: Any, where: str, n: int | None = None, backend: str | None = None) -> None:
+    if n is not None and tuple(getattr(out_to_loss, "shape", ())) != (n,):
+        raise TrakValueError(f"{where}: backend {backend!r} returned out-to-loss weights of shape "
+                             f"{tuple(getattr(out_to_loss, 'shape', ()))} for {n} examples; expected ({n},), one "
+                             "weight per example (a backend defect: see the contract in docs/backends.md)")
     xp = namespace(out_to_loss)
     finite = xp.isfinite(out_to_loss)
     if not bool(xp.all(finite)):
@@ -118,12 +122,29 @@ def _check_features(features: Any, where: str) -> None:
                              "learning rate that produced them")
 
 
-def _check_finite(values: Any, out_to_loss: Any, where: str, what: str) -> None:
+def _check_finite(values: Any, out_to_loss: Any, where: str, what: str, backend: str | None = None) -> None:
+    _check_weights(out_to_loss, where, values.shape[0], backend)
     xp = namespace(values)
     if not bool(xp.all(xp.isfinite(values))):
         raise TrakValueError(f"{where}: the {what} contain NaN or inf; check the inputs (NaN/inf values), "
                              "the checkpoint's weights, and the learning rate that produced them")
-    _check_weights(out_to_loss, where)
+
+
+def check_backend_array(values: Any, shape: tuple[int, ...], dtype: Any, where: str, what: str, backend: str,
+                        hint: str = "") -> None:
+    """A backend's output has the contract's shape and dtype (``dtype=None``: any real floating dtype)."""
+    import array_api_compat
+
+    xp = namespace(values)
+    got = tuple(values.shape)
+    if got != shape:
+        raise TrakValueError(f"{where}: backend {backend!r} returned {what} of shape {got}; expected {shape}{hint} (a "
+                             "backend defect: see the contract in docs/backends.md)")
+    if dtype is not None and values.dtype != dtype or not array_api_compat.is_array_api_obj(values) or \
+            not xp.isdtype(values.dtype, "real floating"):
+        raise TrakValueError(f"{where}: backend {backend!r} returned {what} of dtype {values.dtype}; expected "
+                             f"{dtype if dtype is not None else 'a real floating dtype'} (a backend defect: see "
+                             "the contract in docs/backends.md)")
 
 
 def _check_lambda(lambda_reg: Any) -> float | str:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
 from . import kernel as kernel_ops
-from ._checks import _check_features, _check_finite, _check_lengths, _check_weights, projection_group_rows, take_rows
+from ._checks import (_check_features, _check_finite, _check_lengths, _check_weights, check_backend_array,
+                      projection_group_rows, take_rows)
 from ._delegation import is_accelerator
-from ._identity import DataCheck, check_parameters
+from ._identity import DataCheck, check_lambda_setting, check_parameters
 from ._namespace import device_of, has_float64, namespace
 from ._progress import length_of, progress
 from .tasks import task_functions
@@ -90,8 +91,13 @@ class Featurizer:
         if self.proj_dim is None:
             return grads
         if self.backend.has_fused_projection:
-            return self.backend.project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint,
-                                        kind=self.proj_type, precision=self.precision)
+            features = self.backend.project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint,
+                                            kind=self.proj_type, precision=self.precision)
+            xp = namespace(grads)  # the dtype of trak_core.project's result: float32 for half-precision gradients
+            dtype = grads.dtype if xp.finfo(grads.dtype).bits >= 32 else xp.float32
+            check_backend_array(features, (grads.shape[0], self.proj_dim), dtype, f"checkpoint {checkpoint}",
+                                "projected features (project)", self.backend.name)
+            return features
         return project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint, kind=self.proj_type,
                        precision=self.precision)
 
@@ -100,10 +106,9 @@ class Featurizer:
         n_inputs = _check_lengths(inputs, labels, where)
         with located(where, self.backend.name, inputs):
             grads, out_to_loss = self.backend.gradients(self.model, prepared, inputs, labels, self.task)
-        if grads.ndim != 2 or grads.shape[0] != n_inputs:
-            raise TrakValueError(f"{where}: backend {self.backend.name!r} returned gradients of shape "
-                                 f"{tuple(grads.shape)} for {n_inputs} examples; expected (n, p)")
-        _check_weights(out_to_loss, where)  # the gradients are checked through their features (k columns, not p)
+        check_backend_array(grads, (n_inputs, self.backend.n_params(prepared)), None, where, "per-example gradients",
+                            self.backend.name, ": a row per example, a column per parameter (its n_params)")
+        _check_weights(out_to_loss, where, n_inputs, self.backend.name)  # finiteness: through the features
         return grads, out_to_loss
 
     def _fused_features(self, prepared: Any, index: int, inputs: Any, labels: Any, where: str) -> tuple | None:
@@ -125,7 +130,7 @@ class Featurizer:
             if tuple(out[0].shape) != (n_inputs, self.proj_dim):
                 raise TrakValueError(f"{where}: backend {self.backend.name!r} returned features of shape "
                                      f"{tuple(out[0].shape)}; expected {(n_inputs, self.proj_dim)}")
-            _check_finite(out[0], out[1], where, "features (projected per-example gradients)")
+            _check_finite(out[0], out[1], where, "features (projected per-example gradients)", self.backend.name)
             out = (self._finish(out[0]), out[1])
         return out
 
@@ -225,6 +230,7 @@ class Featurizer:
         digest = self.backend.parameters_digest(prepared)
         writer = self.store.writer(index, self._fingerprint(n_params, structure))
         check_parameters(digest, writer, list(self.store), index, self._where)
+        check_lambda_setting(self.store, writer, index, self.lambda_reg, self._where)
         return PendingCheckpoint(index, prepared, n_params, structure, digest, writer)
 
     def _close_checkpoint(self, pending: PendingCheckpoint, lambda_reg: float | None = None) -> None:
@@ -299,12 +305,15 @@ class Featurizer:
             data = list(data)
             for inputs, labels in data:
                 check.batch(inputs, labels)
-            check.finish()
+            check.finish(at_least=writer.rows_done)
             self._featurize_distributed(checkpoint, index, data, writer)
             return
+        rows = writer.rows_done
         for phi, q in self._stream_features(prepared, index, data, skip=writer.rows_done, check=check):
+            rows += phi.shape[0]
+            check.check_written(rows)
             writer.append(phi, q)
-        check.finish()
+        check.finish(at_least=writer.rows_done)
 
     def _featurize_distributed(self, checkpoint: Any, index: int, data: list, writer: Writer) -> None:
         offsets, total = [], 0

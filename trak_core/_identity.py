@@ -35,6 +35,22 @@ def check_parameters(digest: str | None, writer: Writer, entries: Sequence[Check
                                  "same checkpoints in the same order, or use a new store path (nothing was overwritten)")
 
 
+def check_lambda_setting(store: Any, writer: Writer, index: int, lambda_reg: float | str, where: str) -> None:
+    """Refuse a new checkpoint in a store whose checkpoints were featurized with another ``lambda_reg`` setting: it
+    would be stored with another ridge than theirs, and ``TRAK.open`` would score the mix."""
+    stored_setting = getattr(store, "stored_lambda_setting", None)
+    if writer.complete or index == 0 or stored_setting is None:
+        return
+    stored = stored_setting()
+    if stored is None or stored == lambda_reg:
+        return
+    raise StoreMismatchError(
+        f"the checkpoints in {where} were featurized with lambda_reg={stored!r}, and this estimator has "
+        f"lambda_reg={lambda_reg!r}: checkpoint {index} would be stored with another ridge than theirs, and TRAK.open "
+        f"would score the mix. Featurize with lambda_reg={stored!r} (then refit({lambda_reg!r}) to score with "
+        "yours; the store keeps its own), or use a new store path (nothing was overwritten)")
+
+
 class DataCheck:
     """Hashes the training data batch by batch and compares each chunk with the recorded digests.
 
@@ -82,13 +98,27 @@ class DataCheck:
         for chunk, digest in self.fingerprint.update(inputs, labels):
             self._compare(chunk, digest)
 
-    def finish(self, stored_rows: int | None = None) -> None:
-        """Check the number of rows, then the last (partial) chunk."""
+    def finish(self, stored_rows: int | None = None, *, at_least: int = 0) -> None:
+        """Check the number of rows (``stored_rows`` exactly, or at least ``at_least``: the rows a resumed checkpoint
+        already holds), then the last (partial) chunk."""
         n_train = self.n_train if self.n_train is not None else stored_rows
         rows = self.fingerprint.rows
         if n_train is not None and rows != n_train:
             raise StoreMismatchError(f"the training data has {rows} examples, but the features in {self.where} were "
                                      f"made from n_train={n_train}; featurize every checkpoint on the same data "
                                      "(not truncated or extended), or use a new store path (nothing was overwritten)")
+        if rows < at_least or (n_train is not None and at_least > n_train):
+            raise StoreMismatchError(
+                f"the training data has {rows} examples, but this checkpoint in {self.where} already holds features "
+                f"of {at_least} rows from an earlier run on longer data; featurize on that run's data (resume it), "
+                "or use a new store path (nothing was overwritten)")
         for chunk, digest in self.fingerprint.finish():
             self._compare(chunk, digest)
+
+    def check_written(self, rows: int) -> None:
+        """Refuse, before they are written, rows past the ``n_train`` of checkpoint 0 (the data is longer)."""
+        if self.n_train is not None and rows > self.n_train:
+            raise StoreMismatchError(
+                f"the training data has more than the n_train={self.n_train} examples the features in {self.where} "
+                "were made from; featurize every checkpoint on the same data (not truncated or extended), or use a "
+                "new store path (nothing was overwritten)")

@@ -1,31 +1,49 @@
 """Find backends by name or from the model's type; plug-ins register through entry points.
 
 One job: map names to backend objects. Entry points in the group ``trak_core.backends`` name
-an object (or a zero-argument factory) implementing ``Backend``.
-Nothing here imports a framework: a framework's presence is checked with ``find_spec``.
+an object (or a zero-argument factory) implementing ``Backend``, whose ``name`` equals the
+entry point's name.
+Nothing here imports a framework: a framework's presence is checked with ``find_spec``. The
+first-party backends (``KNOWN``) are listed without importing anything; a third-party plug-in's
+module is imported to read its ``framework`` (plug-ins import their framework lazily, as trak-core's do).
+
+A plug-in that fails to load (its module is missing or raises, its object is not a ``Backend``, its
+name differs from the entry point's) never breaks the others: listing and inference skip it with a
+``BackendPluginWarning``, and ``get_backend`` of its name raises an error naming the entry point,
+its target, its distribution and the fix.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
-from importlib.metadata import entry_points
-from typing import Any
+import warnings
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Union
 
 from ..errors import TrakTypeError
-from .protocol import Backend, MissingFrameworkError, UnknownBackendError, check_backend
+from .protocol import Backend, BackendError, MissingFrameworkError, UnknownBackendError, check_backend
 
-__all__ = ["ENTRY_POINT_GROUP", "register_backend", "get_backend", "available_backends", "infer_backend"]
+__all__ = ["ENTRY_POINT_GROUP", "BackendPluginWarning", "register_backend", "get_backend", "available_backends",
+           "infer_backend"]
 
 ENTRY_POINT_GROUP = "trak_core.backends"
 
-# First-party backends, known even when their package is absent, so the error can name the extra.
+# First-party backends, known even when their package is absent, so the error can name the extra. Inference asks
+# them first, in this order, so that a third-party backend's ``owns`` cannot take their models over.
 KNOWN = {"numpy": ("trak_core.backends.numpy_backend:backend", "numpy", None),
          "torch": ("trak_torch:backend", "torch", "torch"),
          "jax": ("trak_jax:backend", "jax", "jax"),
          "cupy": ("trak_cupy:backend", "cupy", "cupy")}
 
+NEEDS = {"cupy": "CuPy and a CUDA device (an NVIDIA GPU)"}
+
+Target = Union[EntryPoint, Backend]
+
 _registered: dict[str, Any] = {}  # filled by register_backend (tests, plug-ins at run time)
 _loaded: dict[str, Backend] = {}
+
+
+class BackendPluginWarning(RuntimeWarning):
+    """A backend plug-in (entry point of the group ``trak_core.backends``) failed to load and was skipped."""
 
 
 def register_backend(backend: Backend, *, name: str | None = None) -> None:
@@ -36,27 +54,130 @@ def register_backend(backend: Backend, *, name: str | None = None) -> None:
     _loaded.pop(name, None)
 
 
-def _targets() -> dict[str, str | Any]:
-    """Every known name mapped to ``module:attr`` or an already-built backend object."""
-    found: dict[str, str | Any] = {name: spec for name, (spec, _, _) in KNOWN.items()}
+def _targets() -> dict[str, Target]:
+    """Every known name mapped to its entry point or to an already-built (registered) backend object."""
+    found: dict[str, Target] = {name: EntryPoint(name, spec, ENTRY_POINT_GROUP) for name, (spec, _, _) in KNOWN.items()}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep.value
+        found[ep.name] = ep
     found.update(_registered)
     return found
 
 
-NEEDS = {"cupy": "CuPy and a CUDA device (an NVIDIA GPU)"}
+def _first_party(name: str, target: Target) -> bool:
+    """Whether ``target`` is trak-core's own entry point for ``name`` (its package may be absent)."""
+    return isinstance(target, EntryPoint) and name in KNOWN and target.value == KNOWN[name][0]
 
 
-def _framework_missing(name: str, framework: str | None, extra: str | None) -> MissingFrameworkError:
-    install = f'pip install "trak-core[{extra}]"' if extra else f"pip install {framework}"
+def _distribution(ep: EntryPoint) -> str | None:
+    """``name version`` of the distribution that declares ``ep``, or ``None`` when unknown."""
+    dist = getattr(ep, "dist", None)
+    try:
+        return f"{dist.name} {dist.version}" if dist is not None and dist.name else None
+    except Exception:  # malformed metadata: the name is only for the message
+        return None
+
+
+def _where(ep: EntryPoint) -> str:
+    """The entry point, its target and its distribution, for messages."""
+    dist = _distribution(ep)
+    return (f"entry point '{ep.name} = {ep.value}' (group {ENTRY_POINT_GROUP!r}) of the distribution "
+            + (repr(dist) if dist else "that declares it (unknown: see pip list)"))
+
+
+def _fix(ep: EntryPoint) -> str:
+    """How to repair a broken plug-in: reinstall or uninstall the package that declares it."""
+    if _first_party(ep.name, ep):
+        return "reinstall trak-core: pip install --force-reinstall trak-core"
+    dist = _distribution(ep)
+    if dist is None:
+        return "reinstall or uninstall the package that declares this entry point"
+    package = dist.split(" ")[0]
+    return f"reinstall that package (pip install --force-reinstall {package}) or uninstall it (pip uninstall {package})"
+
+
+def _load_failure(ep: EntryPoint, err: Exception) -> BackendError | TrakTypeError:
+    """A trak-core error for an entry point whose loading raised ``err``, naming it and the fix."""
+    if isinstance(err, ModuleNotFoundError) and err.name and (ep.module + ".").startswith(err.name + "."):
+        problem = f"its module {err.name!r} is not installed ({type(err).__name__}: {err})"
+    else:
+        problem = f"loading it raised {type(err).__name__}: {err}"
+    message = f"backend {ep.name!r} cannot be loaded: {_where(ep)} is broken: {problem}; {_fix(ep)}"
+    if isinstance(err, ImportError):
+        return MissingFrameworkError(message)
+    return TrakTypeError(message) if isinstance(err, TrakTypeError) else BackendError(message)
+
+
+def _load(name: str, target: Target) -> Backend:
+    """The backend object of ``target``, loaded and checked (its framework is not checked here).
+
+    Raises
+    ------
+    MissingFrameworkError
+        If a first-party backend's package is absent, or a plug-in's module cannot be imported.
+    TrakTypeError
+        If a plug-in names an object that is not a ``Backend``.
+    BackendError
+        If a plug-in fails to load otherwise, or its ``name`` differs from the entry point's.
+    """
+    if not isinstance(target, EntryPoint):
+        return target
+    if _first_party(name, target) and not _importable(target.module):
+        _, framework, extra = KNOWN[name]
+        raise _framework_missing(name, framework, _install(name, target, framework, extra))
+    try:
+        obj = target.load()
+        backend = check_backend(obj() if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Backend))
+                                else obj)
+        if backend.framework is not None and (not isinstance(backend.framework, str) or not backend.framework):
+            raise TrakTypeError(f"its framework is {backend.framework!r}: it must be None or the framework's "
+                                "top-level module name")
+    except Exception as err:  # any failure of a plug-in's own code is reported as a broken plug-in
+        raise _load_failure(target, err) from err
+    if backend.name != name:
+        raise BackendError(
+            f"backend {name!r} cannot be loaded: {_where(target)} gives a backend named {backend.name!r}; a store "
+            f"records the backend's name, so stores written with it could not be reopened by {name!r}. Make them "
+            f"equal: name the entry point {backend.name!r}, or set name = {name!r} on the Backend class")
+    return backend
+
+
+def _importable(module: str | None) -> bool:
+    """Whether ``module`` (its top-level package) is installed, without importing it."""
+    return module is None or importlib.util.find_spec(module.split(".")[0]) is not None
+
+
+def _install(name: str, target: Target, framework: str | None, extra: str | None) -> str:
+    """The pip command that installs ``framework``: a trak-core extra only for trak-core's own backends."""
+    if isinstance(target, EntryPoint) and not _first_party(name, target):
+        dist = _distribution(target)
+        if extra and dist:
+            return f'pip install "{dist.split(" ")[0]}[{extra}]"'
+        return f"pip install {framework}"
+    return f'pip install "trak-core[{extra}]"' if extra else f"pip install {framework}"
+
+
+def _framework_missing(name: str, framework: str | None, install: str) -> MissingFrameworkError:
     needs = NEEDS.get(name, f"the framework {framework!r}")
     return MissingFrameworkError(
         f"backend {name!r} needs {needs}, and {framework!r} is not installed here; install it with: {install}")
 
 
-def _framework_present(framework: str | None) -> bool:
-    return framework is None or importlib.util.find_spec(framework) is not None
+def _installed(name: str, target: Target, *, warn: bool) -> bool:
+    """Whether ``name`` can be used here; a plug-in that fails to load is skipped with a warning if ``warn``."""
+    if name in _loaded:
+        return True
+    if _first_party(name, target):  # nothing imported
+        return _importable(target.module) and _importable(KNOWN[name][1])
+    try:
+        backend = _load(name, target)
+    except (BackendError, TrakTypeError) as err:
+        if warn:
+            warnings.warn(f"skipped a trak-core backend plug-in: {err}", BackendPluginWarning)
+        return False
+    if not _importable(backend.framework):
+        return False
+    _loaded[name] = backend
+    return True
 
 
 def get_backend(name: str) -> Backend:
@@ -67,53 +188,59 @@ def get_backend(name: str) -> Backend:
     UnknownBackendError
         If no backend has that name (the message lists the installed ones).
     MissingFrameworkError
-        If the backend or its framework is not installed (the message gives the pip extra).
+        If the backend or its framework is not installed (the message gives the pip command), or a
+        plug-in's module cannot be imported (the message names the entry point and its distribution).
+    TrakTypeError
+        If a plug-in's entry point names an object that is not a ``Backend``.
+    BackendError
+        If a plug-in fails to load otherwise, or its ``name`` differs from its entry point's.
     """
     if name in _loaded:
         return _loaded[name]
     targets = _targets()
     if name not in targets:
-        raise UnknownBackendError(f"unknown backend {name!r}; installed backends: {available_backends()}; "
+        raise UnknownBackendError(f"unknown backend {name!r}; installed backends: {_available(targets, warn=False)}; "
                                   f"known backends: {sorted(targets)}")
     target = targets[name]
-    _, framework, extra = KNOWN.get(name, (None, getattr(target, "framework", None), getattr(target, "extra", None)))
-    if isinstance(target, str):
-        module_name, _, attr = target.partition(":")
-        if importlib.util.find_spec(module_name.split(".")[0]) is None:
-            raise _framework_missing(name, framework, extra)
-        obj = getattr(importlib.import_module(module_name), attr)
-        target = check_backend(obj() if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Backend))
-                               else obj)
-    if not _framework_present(target.framework):
-        raise _framework_missing(name, target.framework, target.extra)
-    _loaded[name] = target
-    return target
+    backend = _load(name, target)
+    if not _importable(backend.framework):
+        raise _framework_missing(name, backend.framework, _install(name, target, backend.framework, backend.extra))
+    _loaded[name] = backend
+    return backend
+
+
+def _available(targets: dict[str, Target], *, warn: bool) -> list[str]:
+    return sorted(name for name, target in targets.items() if _installed(name, target, warn=warn))
 
 
 def available_backends() -> list[str]:
-    """Names of the backends whose package and framework are installed (nothing is imported)."""
-    names = []
-    for name, target in _targets().items():
-        if isinstance(target, str):
-            module = target.partition(":")[0].split(".")[0]
-            framework = KNOWN.get(name, (None, None, None))[1]
-            ok = importlib.util.find_spec(module) is not None and _framework_present(framework)
-        else:
-            ok = _framework_present(target.framework)
-        if ok:
-            names.append(name)
-    return sorted(names)
+    """Names of the backends whose package and framework are installed and that load.
+
+    No framework is imported; first-party backends are not imported either. A third-party plug-in's
+    module is imported to read its ``framework``; one that fails to load is left out with a
+    ``BackendPluginWarning``.
+    """
+    return _available(_targets(), warn=True)
 
 
 def infer_backend(model: Any) -> Backend:
-    """The first installed backend that owns ``model`` (frameworks not yet imported are not tried)."""
-    for name in available_backends():
+    """The first installed backend that owns ``model`` (frameworks not yet imported are not tried).
+
+    The first-party backends are asked first (numpy, torch, jax, cupy), then the others by name; a
+    plug-in that fails to load is skipped with a ``BackendPluginWarning``.
+    """
+    targets = _targets()
+    order = [name for name in KNOWN if name in targets] + sorted(name for name in targets if name not in KNOWN)
+    for name in order:
+        if not _installed(name, targets[name], warn=True):
+            continue
         try:
             backend = get_backend(name)
-        except MissingFrameworkError:
+        except (BackendError, TrakTypeError) as err:  # a first-party package that is installed but fails to load
+            warnings.warn(f"skipped a trak-core backend: {err}", BackendPluginWarning)
             continue
         if backend.owns(model):
             return backend
     raise TrakTypeError(f"no installed backend recognises a model of type {type(model).__module__}."
-                        f"{type(model).__name__}; installed backends: {available_backends()}. Pass backend=... "
-                        f"explicitly or install the backend for this model's framework")
+                        f"{type(model).__name__}; installed backends: {_available(targets, warn=False)}. Pass "
+                        f"backend=... explicitly or install the backend for this model's framework")

@@ -18,14 +18,17 @@ Use it from a backend's tests with one import and one fixture::
 
 What is checked, against the NumPy reference backend and closed forms:
 
-- the contract: a ``trak_core.Backend`` that owns its models, with a content hash that tells
+- the contract: a ``trak_core.Backend`` whose ``owns`` answers a bool, with a content hash that tells
   checkpoints apart (when it has one) and a consistent parameter structure;
 - projection matrices bit-identical (Rademacher) or within 4 ulp (Gaussian) of the NumPy ones,
   and a backend's own projection equal to ``trak_core.project`` to float rounding;
+- a fused ``features`` step (where there is one) equal to the reference gradients times the reference
+  projection for each kind, seed and checkpoint, and at ``precision="fast"`` within ``1e-3``;
 - per-example gradients of the canonical models (``trak_core.testing.canonical``) within dtype
   tolerance of the analytic reference (softmax, MLP) or of float64 finite differences (CNN, and
   the causal transformer LM on padded dict batches with ignored labels);
-- scores of 1 and 3 checkpoints: float64 ``rtol 1e-9``; float32 relative Frobenius error
+- scores of 1 and 3 checkpoints (of the canonical MLP, or of softmax regression for a backend
+  that builds only that): float64 ``rtol 1e-9``; float32 relative Frobenius error
   ``<= 1e-4`` and per-target Spearman ``>= 0.9999``;
 - scores of the LM (``task="language_modeling"``, dict batches) against another framework's in
   float64 (JAX's for torch, torch's for the others): float64 ``rtol 1e-9``, float32 relative
@@ -41,7 +44,8 @@ from typing import Any
 
 __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "test_conformance_backend_projection",
            "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
-           "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "conformance_active"]
+           "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "test_conformance_features",
+           "conformance_active"]
 
 
 def __getattr__(name: str) -> Any:

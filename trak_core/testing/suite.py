@@ -20,7 +20,8 @@ from . import canonical
 
 __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "test_conformance_backend_projection",
            "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
-           "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "conformance_active"]
+           "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "test_conformance_features",
+           "conformance_active"]
 
 
 @pytest.fixture(autouse=True)
@@ -49,29 +50,38 @@ def _namespace(case):
     return array_api_compat.array_namespace(like), array_api_compat.device(like), like.dtype
 
 
+def _classifier(case) -> str:
+    """The canonical classifier the case builds: the MLP, else softmax regression (a linear-models backend)."""
+    for kind in ("mlp", "softmax"):
+        if kind in case.kinds:
+            return kind
+    pytest.skip(f"{case.id} builds neither the canonical 'mlp' nor the 'softmax' model (kinds={case.kinds})")
+
+
 def test_conformance_contract(conformance_case):
     """The backend is a ``trak_core.Backend``, and its optional methods keep their contracts.
 
-    ``owns`` answers a bool; ``n_params`` matches the canonical weights;
-    ``parameters_digest`` (when given) is the same for equal checkpoints and differs for others;
-    ``structure`` is equal for two checkpoints of one model; ``features`` returns ``None`` or
-    ``(n, k)`` features.
+    ``owns`` answers a bool (a plain function may be owned only when named, as JAX's are);
+    ``n_params`` matches the canonical weights; ``parameters_digest`` (when given) is the same for
+    equal checkpoints and differs for others; ``structure`` is equal for two checkpoints of one
+    model; ``features`` returns ``None`` or ``(n, k)`` features (their values:
+    ``test_conformance_features``).
     """
     case = conformance_case
     backend = get_backend(case.backend) if isinstance(case.backend, str) else case.backend
     assert isinstance(backend, Backend) and isinstance(backend.name, str) and backend.name
-    dtype = _dtype(case)
-    model, checkpoint = case.model("mlp", canonical.weights("mlp", seed=0, dtype=dtype))
-    _, same = case.model("mlp", canonical.weights("mlp", seed=0, dtype=dtype))
-    _, other = case.model("mlp", canonical.weights("mlp", seed=1, dtype=dtype))
-    assert backend.owns(model) in (True, False)  # a plain function may be owned only when named (JAX)
+    dtype, kind = _dtype(case), _classifier(case)
+    model, checkpoint = case.model(kind, canonical.weights(kind, seed=0, dtype=dtype))
+    _, same = case.model(kind, canonical.weights(kind, seed=0, dtype=dtype))
+    _, other = case.model(kind, canonical.weights(kind, seed=1, dtype=dtype))
+    assert backend.owns(model) in (True, False)
     prepared = [backend.prepare(model, c) for c in (checkpoint, same, other)]
-    assert backend.n_params(prepared[0]) == sum(w.size for w in canonical.weights("mlp", seed=0))
+    assert backend.n_params(prepared[0]) == sum(w.size for w in canonical.weights(kind, seed=0))
     digests = [backend.parameters_digest(p) for p in prepared]
     if digests[0] is not None:
         assert digests[0] == digests[1] != digests[2]
     assert backend.structure(prepared[0]) == backend.structure(prepared[2])
-    x, y = canonical.inputs("mlp", 5, seed=1)
+    x, y = canonical.inputs(kind, 5, seed=1)
     features = backend.features(model, prepared[0], case.array(x.astype(dtype)), case.array(y), Classification(),
                                 k=16, seed=0, checkpoint=0, kind="rademacher")
     if features is not None:
@@ -106,6 +116,35 @@ def test_conformance_backend_projection(conformance_case, kind):
     np.testing.assert_allclose(case.to_numpy(out), reference, rtol=rtol, atol=rtol * np.abs(reference).max())
 
 
+@pytest.mark.parametrize("kind, precision", [("rademacher", "float32"), ("gaussian", "float32"),
+                                             ("rademacher", "fast")])
+def test_conformance_features(conformance_case, kind, precision):
+    """A fused ``features`` step (where the backend has one) gives the reference gradients times the reference
+    projection for the ``kind``, seed and checkpoint asked, and the reference out-to-loss weights: within
+    dtype tolerance at ``precision="float32"``, to a relative error ``<= 1e-3`` at ``"fast"`` (float16 inputs)."""
+    case = conformance_case
+    backend = get_backend(case.backend) if isinstance(case.backend, str) else case.backend
+    dtype, model_kind = _dtype(case), _classifier(case)
+    weights, x, y = _gradient_data(model_kind)
+    model, checkpoint = case.model(model_kind, [w.astype(dtype) for w in weights])
+    for seed, index in ((5, 2), (6, 0)):  # a step that ignores the seed or the checkpoint fails one of them
+        out = backend.features(model, backend.prepare(model, checkpoint), case.array(x.astype(dtype)), case.array(y),
+                               Classification(), k=40, seed=seed, checkpoint=index, kind=kind, precision=precision)
+        if out is None:
+            pytest.skip(f"{case.id}: backend {backend.name!r} has no fused features step here (features() is None)")
+        grads, weights_q = _analytic(model_kind)
+        reference = project(grads, 40, seed=seed, checkpoint=index, kind=kind)
+        features, q = case.to_numpy(out[0]), case.to_numpy(out[1])
+        assert features.shape == reference.shape and q.shape == weights_q.shape
+        if precision == "fast":
+            assert np.linalg.norm(features - reference) / np.linalg.norm(reference) <= 1e-3
+        else:
+            rtol = 1e-9 if dtype == "float64" else 2e-4
+            np.testing.assert_allclose(features, reference, rtol=rtol, atol=rtol * np.abs(reference).max())
+        rtol = 1e-9 if dtype == "float64" else 2e-5
+        np.testing.assert_allclose(q, weights_q, rtol=rtol, atol=rtol)
+
+
 GRADIENT_DATA = dict(weights_seed=1, inputs_seed=2, n=6)  # what the gradient test differentiates
 
 
@@ -121,11 +160,17 @@ def _reference_gradients(kind: str) -> np.ndarray:
     weights, x, y = _gradient_data(kind)
     if kind in ("cnn", "lm"):
         return canonical.finite_difference_gradients(kind, weights, x, y)
+    return _analytic(kind)[0]
+
+
+@functools.cache
+def _analytic(kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """float64 gradients and out-to-loss weights of ``_gradient_data`` from the closed forms (softmax, MLP)."""
     from ..backends.numpy_backend import backend
 
+    weights, x, y = _gradient_data(kind)
     model = canonical.analytic_model(kind)
-    grads, _ = backend.gradients(model, backend.prepare(model, canonical.flat(weights)), x, y, Classification())
-    return grads
+    return backend.gradients(model, backend.prepare(model, canonical.flat(weights)), x, y, Classification())
 
 
 def _task(kind: str):
@@ -165,21 +210,22 @@ def test_conformance_gradients(conformance_case, kind):
 
 
 def _scores(case, dtype: str, n_checkpoints: int):
-    x, y = canonical.inputs("mlp", 40, seed=5)
-    xt, yt = canonical.inputs("mlp", 7, seed=6)
-    model, _ = case.model("mlp", canonical.weights("mlp", seed=0, dtype=dtype))
+    kind = _classifier(case)
+    x, y = canonical.inputs(kind, 40, seed=5)
+    xt, yt = canonical.inputs(kind, 7, seed=6)
+    model, _ = case.model(kind, canonical.weights(kind, seed=0, dtype=dtype))
     trak = TRAK(model, proj_dim=32, lambda_reg=0.1, seed=3, backend=case.backend, progress=False)
     for c in range(n_checkpoints):
-        _, checkpoint = case.model("mlp", canonical.weights("mlp", seed=c, dtype=dtype))
+        _, checkpoint = case.model(kind, canonical.weights(kind, seed=c, dtype=dtype))
         batches = [(case.array(x[i:i + 16].astype(dtype)), case.array(y[i:i + 16])) for i in range(0, 40, 16)]
         trak.featurize(checkpoint, batches)
     targets = case.array(xt.astype(dtype))
     scores = trak.score([(targets, case.array(yt))])
     case.check_array(scores, targets)
-    reference = TRAK(canonical.analytic_model("mlp"), proj_dim=32, lambda_reg=0.1, seed=3, backend="numpy",
+    reference = TRAK(canonical.analytic_model(kind), proj_dim=32, lambda_reg=0.1, seed=3, backend="numpy",
                      progress=False)
     for c in range(n_checkpoints):
-        reference.featurize(canonical.flat(canonical.weights("mlp", seed=c)), [(x, y)])
+        reference.featurize(canonical.flat(canonical.weights(kind, seed=c)), [(x, y)])
     return case.to_numpy(scores), reference.score([(xt, yt)])
 
 

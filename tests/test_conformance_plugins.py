@@ -1,0 +1,77 @@
+"""The conformance suite as a plug-in author meets it: it runs on a backend of linear models only, and it fails a
+fused ``features`` step that ignores what it is asked for (an audit's broken plug-ins passed the whole suite)."""
+import numpy as np
+import pytest
+
+from trak_core.backends import numpy_backend
+from trak_core.projection import project
+from trak_core.testing import suite
+from trak_core.testing.cases import NumpyCase
+
+
+FIXED = {"kind": "rademacher", "seed": 3, "checkpoint": 0, "precision": "float32"}
+
+
+class Fused(numpy_backend.ArrayAPIBackend):
+    """The reference gradients, projected inside ``features`` as a fused step would; ``ignore`` names an argument the
+    step leaves at a fixed value (a broken plug-in)."""
+
+    name = "numpy-fused"
+
+    def __init__(self, ignore=None):
+        self.ignore = ignore
+
+    def features(self, model, prepared, inputs, labels, task, *, k, seed, checkpoint, kind, precision="float32"):
+        grads, q = self.gradients(model, prepared, inputs, labels, task)
+        asked = dict(seed=seed, checkpoint=checkpoint, kind=kind, precision=precision)
+        if self.ignore is not None:
+            asked[self.ignore] = FIXED[self.ignore]
+        return project(grads, k, **asked), q
+
+
+class FusedCase(NumpyCase):
+    id = "numpy-fused"
+
+    def __init__(self, ignore=None):
+        self.backend = Fused(ignore)
+
+
+class SoftmaxOnly(NumpyCase):
+    id, kinds = "numpy:softmax-only", ("softmax",)
+
+    def model(self, kind, weights):
+        if kind != "softmax":
+            raise NotImplementedError(f"this backend builds softmax regression only, not {kind!r}")
+        return super().model(kind, weights)
+
+
+def test_a_backend_of_linear_models_only_runs_the_suite():
+    case = SoftmaxOnly()  # the contract and score tests built the MLP whatever `kinds` said
+    suite.test_conformance_contract(case)
+    for dtype in ("float64", "float32"):
+        for n_checkpoints in (1, 3):
+            suite.test_conformance_scores(case, dtype, n_checkpoints)
+    scores, reference = suite._scores(case, "float64", 1)
+    assert scores.shape == (40, 7) and reference.shape == (40, 7)  # softmax regression's, not skipped
+
+
+@pytest.mark.parametrize("kind, precision", [("rademacher", "float32"), ("gaussian", "float32"),
+                                             ("rademacher", "fast")])
+def test_a_correct_fused_step_passes(kind, precision):
+    suite.test_conformance_features(FusedCase(), kind, precision)
+
+
+@pytest.mark.parametrize("ignore, kind, precision", [("kind", "gaussian", "float32"), ("seed", "rademacher", "float32"),
+                                                     ("checkpoint", "rademacher", "float32")])
+def test_a_fused_step_that_ignores_an_argument_fails(ignore, kind, precision):
+    with pytest.raises(AssertionError):
+        suite.test_conformance_features(FusedCase(ignore), kind, precision)
+
+
+def test_the_fast_grade_is_looser_than_float32_and_is_checked():
+    case = FusedCase()
+    grads = np.random.default_rng(0).normal(size=(6, 300))  # "fast" rounds inputs to float16: about 3e-4
+    fast, exact = project(grads, 40, seed=1, checkpoint=0, precision="fast"), project(grads, 40, seed=1, checkpoint=0)
+    error = np.linalg.norm(fast - exact) / np.linalg.norm(exact)
+    assert 1e-5 < error < 1e-3
+    suite.test_conformance_features(case, "rademacher", "fast")
