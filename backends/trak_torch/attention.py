@@ -10,35 +10,93 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
-__all__ = ["attention_bias", "model_masks", "attention_for_vmap", "attention_for_closed_form", "note_mask"]
+__all__ = ["attention_bias", "model_masks", "uncounted_pad_predictions", "attention_for_vmap", "attention_for_closed_form",
+           "note_mask"]
 
 
-def attention_bias(mask: Any, dtype: Any, *, causal: bool, keys_only: bool = False) -> Any:
+def attention_bias(mask: Any, dtype: Any, *, causal: bool, keys_only: bool = False, window: int | None = None) -> Any:
     """A 2-D padding mask ``(n, T)`` (1 keep, 0 pad) as an additive ``(n, 1, T, T)`` mask in ``dtype``; with
     ``keys_only``, ``(n, 1, 1, T)``: one row for every query, as cross-attention needs (its queries are the
-    decoder's positions, not the encoder's)."""
+    decoder's positions, not the encoder's). ``window``: a causal sliding window, query ``i`` sees keys
+    ``i - window < j <= i`` (Hugging Face's). A query that would see no key (left padding under a causal mask)
+    sees itself: a fully masked row is NaN or implementation-dependent (eager and SDPA differ), and its output
+    reaches nothing counted (``uncounted_pad_predictions``)."""
     import torch
 
     length = mask.shape[-1]
     keep = mask[:, None, None, :].bool()
     if causal:
-        keep = keep & torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()[None, None]
+        positions = torch.arange(length, device=mask.device)
+        allowed = positions[None, :] <= positions[:, None]
+        if window is not None:
+            allowed = allowed & (positions[:, None] - positions[None, :] < window)
+        keep = keep & allowed[None, None]
     elif not keys_only:
         keep = keep.expand(-1, 1, length, length)
+    if not keys_only:
+        keep = keep | (~keep.any(dim=-1, keepdim=True) & torch.eye(length, dtype=torch.bool, device=mask.device))
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     return torch.where(keep, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
 
 
-def model_masks(kwargs: dict, dtype: Any, *, causal: bool, encoder_decoder: bool) -> dict:
+def _layer_masks(model: Any, causal: bool) -> dict[str, int | None] | None:
+    """The mask each kind of attention layer of a Hugging Face model needs, as ``{layer type: window}``; ``None``
+    for one causal or bidirectional mask without a window (every other model)."""
+    from trak_core.errors import TrakValueError
+
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(config, "layer_types", None)
+    kinds = set(types) if isinstance(types, (list, tuple)) and types else None
+    if kinds is not None and not kinds <= {"full_attention", "sliding_attention"}:
+        raise TrakValueError(f"the model's layers use attention kinds {sorted(kinds)}; trak-core builds masks for "
+                             "'full_attention' and 'sliding_attention' only: pass TorchBackend(attention_mask='pass')")
+    sliding = window is not None and (kinds is None or "sliding_attention" in kinds)
+    if not sliding:
+        return None
+    if not causal:
+        raise TrakValueError("the model has bidirectional sliding-window attention, whose mask trak-core does not "
+                             "build: pass TorchBackend(attention_mask='pass')")
+    if kinds is None:  # every layer slides (Mistral): one mask, which the model uses as it is
+        return {"": int(window)}
+    return {kind: int(window) if kind == "sliding_attention" else None for kind in kinds}
+
+
+def model_masks(kwargs: dict, dtype: Any, *, causal: bool, encoder_decoder: bool, model: Any = None) -> dict:
     """A dict batch's 2-D ``attention_mask`` as an additive 4-D one: causal or bidirectional (``causal``); for an
     encoder-decoder model it is the encoder's padding, read by the encoder's self-attention and the decoder's
     cross-attention alike, so keys only. A ``decoder_attention_mask`` is handed over as it is (the model makes it
-    causal, and ``vmap`` follows that)."""
+    causal, and ``vmap`` follows that). A model with sliding-window layers (Mistral, Gemma 2, Qwen2 with
+    ``use_sliding_window``) gets windowed masks: one for a model whose layers all slide, else one per layer type
+    (``{"full_attention": ..., "sliding_attention": ...}``, which such models take as they are)."""
     mask = kwargs.get("attention_mask")
     if getattr(mask, "ndim", 0) != 2:
         return kwargs
-    return {**kwargs, "attention_mask": attention_bias(mask, dtype, causal=causal and not encoder_decoder,
-                                                      keys_only=encoder_decoder)}
+    if encoder_decoder:
+        return {**kwargs, "attention_mask": attention_bias(mask, dtype, causal=False, keys_only=True)}
+    layers = _layer_masks(model, causal)
+    if layers is None:
+        return {**kwargs, "attention_mask": attention_bias(mask, dtype, causal=causal)}
+    masks = {kind: attention_bias(mask, dtype, causal=True, window=window) for kind, window in layers.items()}
+    return {**kwargs, "attention_mask": masks[""] if "" in masks else masks}
+
+
+def uncounted_pad_predictions(inputs: Any, labels: Any, shift: int) -> Any:
+    """``labels`` with ``-100`` where the position that predicts them is padding (``attention_mask`` 0): with left
+    padding, the first real token is "predicted" by the last pad, a query that attends to no context (its output is
+    NaN or implementation-dependent); Hugging Face's loss counts it, trak-core does not."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if shift != 1 or getattr(mask, "ndim", 0) != 2 or getattr(labels, "ndim", 0) != 2 or \
+            labels.shape != mask.shape or labels.is_floating_point():
+        return labels
+    pad_predicts = (mask[:, :-1] == 0) & (labels[:, 1:] != -100)
+    if not bool(pad_predicts.any()):
+        return labels
+    labels = labels.clone()
+    labels[:, 1:][pad_predicts] = -100
+    return labels
 
 
 @contextmanager

@@ -18,7 +18,8 @@ from trak_core.errors import TrakTypeError, TrakValueError
 from trak_core.fingerprints import parameters_digest
 from trak_core.outputs import select_logits
 
-from .attention import attention_for_closed_form, attention_for_vmap, model_masks, note_mask
+from .attention import (attention_for_closed_form, attention_for_vmap, model_masks, note_mask,
+                        uncounted_pad_predictions)
 from .checkpoint import TorchCheckpoint, dtype_error, select_names, snapshot
 from .seq2seq import is_encoder_decoder
 
@@ -182,14 +183,16 @@ class TorchBackend(Backend):
                 raise TrakValueError(f"{what} are on {tensor.device} but the model is on {prepared.device}; "
                                      f"move the batch to the model's device (tensor.to({str(prepared.device)!r}))")
 
-    def _batch(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any) -> Any:
-        """The checked batch's inputs as the model takes them: an encoder-decoder model's decoder inputs made from
-        the labels when the batch has none (:mod:`trak_torch.seq2seq`)."""
+    def _batch(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any) -> tuple[Any, Any]:
+        """The checked batch's inputs as the model takes them (an encoder-decoder model's decoder inputs made from
+        the labels when the batch has none: :mod:`trak_torch.seq2seq`) and its labels (a causal LM's predictions
+        made at padding positions not counted: ``attention.uncounted_pad_predictions``)."""
         from .seq2seq import check_task, with_decoder_inputs
 
         self._check_batch(prepared, inputs, labels)
         check_task(model, task)
-        return with_decoder_inputs(model, inputs, labels)
+        return with_decoder_inputs(model, inputs, labels), uncounted_pad_predictions(inputs, labels,
+                                                                                    getattr(task, "shift", 0))
 
     def _call(self, model: Any, params: dict, inputs: Any, *, causal: bool) -> Any:
         """``forward`` with ``params``: ``model(inputs)``, or ``model(**inputs)`` for a dict batch."""
@@ -200,7 +203,7 @@ class TorchBackend(Backend):
         kwargs = dict(inputs)
         if self.attention_mask != "pass":
             kwargs = model_masks(kwargs, prepared_dtype(params), causal=causal,
-                                 encoder_decoder=is_encoder_decoder(model))
+                                 encoder_decoder=is_encoder_decoder(model), model=model)
         return functional_call(model, params, (), kwargs)
 
     def _logits(self, model: Any, prepared: TorchCheckpoint, inputs: Any, task: Any, *, causal: bool) -> Any:
@@ -232,7 +235,7 @@ class TorchBackend(Backend):
                   task: Any) -> tuple[Any, Any]:
         import array_api_compat.torch as xp
 
-        inputs = self._batch(model, prepared, inputs, labels, task)
+        inputs, labels = self._batch(model, prepared, inputs, labels, task)
         causal = self._causal(model)
         uses = self._closed_form_uses(model, prepared, inputs, labels, task, causal)
         if uses is not None:
@@ -304,7 +307,9 @@ class TorchBackend(Backend):
         from torch.func import grad, vmap
         from torch.utils._pytree import tree_map
 
-        with _eval_mode(model), attention_for_vmap(model):
+        from .transforms import for_transforms
+
+        with _eval_mode(model), attention_for_vmap(model), for_transforms(model):  # no requires_grad_ hooks
             with torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
             task.check_labels(labels, logits.shape[-1], xp=xp)
@@ -345,7 +350,7 @@ class TorchBackend(Backend):
     def factorized_plan(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
                         k: int, options: Any) -> Any:
         """The ``trak_core.kronecker.KroneckerPlan`` of ``model`` (layers found on the batch's first example)."""
-        inputs = self._batch(model, prepared, inputs, labels, task)
+        inputs, labels = self._batch(model, prepared, inputs, labels, task)
         return self._factorized(model, prepared, inputs, labels, k=k, seed=0, checkpoint=0, options=options).plan
 
     def factorized_features(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
@@ -357,7 +362,7 @@ class TorchBackend(Backend):
         from .kronecker import batch_features
         from .kronecker_check import check_plan
 
-        inputs = self._batch(model, prepared, inputs, labels, task)
+        inputs, labels = self._batch(model, prepared, inputs, labels, task)
         state = self._factorized(model, prepared, inputs, labels, k=k, seed=seed, checkpoint=checkpoint,
                                  options=options)
         causal = self._causal(model)
