@@ -100,3 +100,22 @@ def test_a_checkpoint_added_with_another_lambda_is_refused(tmp_path):
     assert np.array_equal(reopened.score([(x[:6], y[:6])]), reference.score([(x[:6], y[:6])]))
     reference.refit(0.5)
     assert np.array_equal(later.score([(x[:6], y[:6])]), reference.score([(x[:6], y[:6])]))
+
+
+def test_checking_a_stored_checkpoints_data_shows_a_bar(tmp_path, monkeypatch):
+    import trak_core._featurizer
+    from trak_core._progress import progress
+
+    bars = []
+
+    def recording(iterable, *, desc, enabled, total=None):
+        bars.append((desc, enabled, total))
+        return progress(iterable, desc=desc, enabled=False, total=total)
+
+    x, y = _data(2000)
+    model = MLP(5, 4, 3)
+    TRAK(model, proj_dim=32, store=tmp_path / "store", progress=False).featurize(model.init(seed=0), _batches(x, y))
+    monkeypatch.setattr(trak_core._featurizer, "progress", recording)
+    data = list(_batches(x, y))
+    TRAK(model, proj_dim=32, store=tmp_path / "store", progress=True).featurize(model.init(seed=0), data)
+    assert len(data) == 3 and bars == [("check checkpoint 0's data", True, 3)]  # was no bar: a long silent pass over the data

@@ -287,6 +287,7 @@ class Featurizer:
                         check: DataCheck) -> None:
         """Features of the rows the writer lacks (none when complete), the data checked against the store's."""
         writer, prepared, index = pending.writer, pending.prepared, pending.index
+        total = length_of(data)
         if self.executor is not None:
             data = list(batches(data, self.label_key))
         if writer.needs_template or (self.executor is not None and writer.template is None):
@@ -297,7 +298,8 @@ class Featurizer:
                 writer.set_template(self._batch_features(prepared, index, *one, f"checkpoint {index}, batch 0")[0])
                 data = itertools.chain([first], data)
         if writer.complete:  # stored: only check that the data is the same, in the same order
-            for inputs, labels in batches(data, self.label_key):
+            for inputs, labels in progress(batches(data, self.label_key), desc=f"check checkpoint {index}'s data",
+                                           enabled=self.progress, total=total):
                 check.batch(inputs, labels)
             check.finish(writer.rows_done)
             return
