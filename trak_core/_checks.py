@@ -182,4 +182,8 @@ def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
     if not chosen:
         raise TrakValueError(f"checkpoints must be a non-empty sequence of indices in [0, {len(store) - 1}], "
                              f"got {checkpoints!r}")
+    repeated = sorted({c for c in chosen if chosen.count(c) > 1})
+    if repeated:
+        raise TrakValueError(f"checkpoints lists {', '.join(map(str, repeated))} more than once ({checkpoints!r}): "
+                             "each checkpoint counts once in the ensemble; pass each index once")
     return [store[c] for c in chosen]

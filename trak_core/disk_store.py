@@ -16,7 +16,11 @@ One job: ``TRAK(store=path)``. Layout of the directory:
   float) and ``complete``.
 - ``scores/<name>``: scores saved with ``score(..., save_as=name)``, checksummed.
 
-The directory is created by the first write, not by opening.
+The directory is created by the first write, not by opening. Reading a finished store (``TRAK.open``, scoring,
+self-influence, saved scores, featurizing its complete checkpoints again) writes nothing, so it works in a read-only
+directory; whatever must write (a new or incomplete checkpoint, ``save_as``) first checks that the directory is
+writable (``DiskStore.writable``). One writer per store: another process writing the same store at the same
+time is an error (``TrakOSError``) where zarr notices it.
 
 Safety: zarr's ``LocalStore`` writes every chunk to a temporary file and renames it into place,
 so a chunk is either the old or the new bytes; ``rows_done`` and the checksum of a chunk are
@@ -27,6 +31,7 @@ uninterrupted run (and to the in-memory store, which uses the same chunks).
 """
 from __future__ import annotations
 
+import errno
 import pathlib
 from typing import Any
 
@@ -35,7 +40,7 @@ import numpy as np
 from .errors import MissingFrameworkError, StoreMismatchError, TrakOSError, TrakValueError
 from .fingerprints import combine, to_numpy
 from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, Store
-from .disk_writer import DiskFeatures, DiskWriter, _digest, open_root, write_rows
+from .disk_writer import DiskFeatures, DiskWriter, _digest, one_writer, open_root, write_rows
 
 __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STORE_FORMAT", "write_rows",
            "open_root"]
@@ -66,6 +71,7 @@ class DiskStore(Store):
             raise TrakOSError(f"the store path {self.path} is a file, not a directory; choose a directory path "
                               "(it is created if absent)")
         self._root: Any = None
+        self._writable = False  # checked by the first write (writable())
         self._entries: list[CheckpointEntry] = []
         self.template: Any = None
 
@@ -87,26 +93,41 @@ class DiskStore(Store):
 
     @property
     def root(self) -> Any:
-        """The zarr group, created on first use."""
+        """The zarr group: an existing one is opened without writing to it (a read-only directory is fine), a new
+        one is created, in a directory checked to be writable."""
         if self._root is None:
             if self._url:
-                self._root = open_root(self.path, "a")
+                with one_writer(self.path):
+                    self._root = open_root(self.path, "a")
                 return self._root
             import zarr
 
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
+            if not self.exists():
+                self.writable()
+            with one_writer(self.path):
                 self._root = zarr.open_group(str(self.path), mode="a")
-                probe = self.path / ".trak_core_write_probe"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except PermissionError as exc:
-                raise TrakOSError(f"the store directory {self.path} is not writable ({exc}); choose another path "
-                                  "or fix its permissions") from None
-            except (FileExistsError, NotADirectoryError) as exc:
-                raise TrakOSError(f"the store path {self.path} cannot be a directory ({exc}): a file is in the way; "
-                                  "choose another path") from None
         return self._root
+
+    def writable(self) -> None:
+        """Check, before the first write, that the store's directory can be written (once; creating it if absent):
+        a ``TrakOSError`` that says so where not. Reading a finished store never calls it."""
+        if self._writable or self._url:  # a URL's filesystem reports its own errors
+            return
+        probe = self.path / ".trak_core_write_probe"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise TrakOSError(f"the store path {self.path} cannot be a directory ({exc}): a file is in the way; "
+                              "choose another path") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise TrakOSError(f"the store directory {self.path} is not writable ({exc}), and this call writes to it "
+                              "(a new or incomplete checkpoint, or save_as); reading a finished store needs no write "
+                              "access. Choose another path or fix its permissions") from None
+        self._writable = True
 
     def configuration(self) -> dict | None:
         """The configuration fingerprint stored with the features (``None`` for a new store)."""
@@ -115,6 +136,7 @@ class DiskStore(Store):
     def _check(self, fingerprint: dict) -> None:
         stored = self.root.attrs.get("trak_core")
         if stored is None:
+            self.writable()
             self.root.attrs["trak_core"] = fingerprint
             return
         keys = list(fingerprint) + [k for k in stored if k not in fingerprint]
@@ -143,13 +165,15 @@ class DiskStore(Store):
                 or name.startswith("__") or name != name.strip():
             raise TrakValueError(f"save_as needs a plain name such as 'run-1' (not empty or only dots, no '/' or '\\', "
                                  f"no leading '__' or surrounding spaces), got {name!r}")
-        group = self.root.require_group("scores")
-        if name in group:
+        if self.exists() and "scores" in self.root and name in self.root["scores"]:
             raise TrakValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "
                                  "overwritten)")
+        self.writable()
         values = to_numpy(scores)
-        array = group.create_array(name, shape=values.shape, chunks=(KERNEL_CHUNK_ROWS, values.shape[1]),
-                                   dtype=values.dtype, fill_value=0)
+        with one_writer(self.path):
+            array = self.root.require_group("scores").create_array(name, shape=values.shape, dtype=values.dtype,
+                                                                   chunks=(KERNEL_CHUNK_ROWS, values.shape[1]),
+                                                                   fill_value=0)
         array[:] = values
         array.attrs["sha256"] = _digest(values)
 
@@ -174,12 +198,14 @@ class DiskStore(Store):
             raise TrakValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
         group = self.root[f"c{entry.index}"]
         if not group.attrs.get("complete", False):  # a stored checkpoint keeps the lambda it was featurized with
+            self.writable()
             group.attrs.update({"complete": True, "lambda_reg": float(entry.factor.lambda_reg),
                                 "lambda_setting": entry.lambda_setting})
         if entry.index == 0 and "data" not in self.root.attrs:
             n = int(entry.features.shape[0])
             digests = [entry.data_checksums[str(c)] for c in range(-(-n // KERNEL_CHUNK_ROWS))
                        if str(c) in entry.data_checksums]
+            self.writable()
             self.root.attrs["data"] = {"n_train": n, "sha256": combine(digests, n)}
         self._entries.append(entry)
 

@@ -6,6 +6,7 @@ layout and the safety argument); ``write_rows`` is a parallel worker's share of 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from .store import KERNEL_CHUNK_ROWS, Writer, kernel_from_features
 if TYPE_CHECKING:
     from .disk_store import DiskStore
 
-__all__ = ["DiskWriter", "DiskFeatures", "write_rows", "open_root"]
+__all__ = ["DiskWriter", "DiskFeatures", "write_rows", "open_root", "one_writer"]
 
 
 def _digest(block: np.ndarray) -> str:
@@ -55,6 +56,20 @@ class DiskFeatures:
         return xp.asarray(block[start - lo:stop - lo], device=device_of(self._template))
 
 
+@contextlib.contextmanager
+def one_writer(path: Any) -> Any:
+    """zarr creates a group or array after checking that none is there: another process writing the same store
+    between the two makes it raise ``Contains...Error``, which becomes an error that says so."""
+    from zarr.errors import ContainsArrayAndGroupError, ContainsArrayError, ContainsGroupError
+
+    try:
+        yield
+    except (ContainsArrayError, ContainsGroupError, ContainsArrayAndGroupError) as exc:
+        raise TrakOSError(f"another process is writing the store at {path} ({type(exc).__name__}: {exc}): one writer "
+                          "per store; let it finish (or stop it), then rerun this call: it resumes from the chunks "
+                          "stored") from exc
+
+
 def _grow(array: Any, n_rows: int) -> None:
     """Give ``array`` at least ``n_rows`` rows. Each array is checked on its own: a kill between two
     resizes leaves one array longer than the other, and the resumed run must still grow the shorter."""
@@ -67,7 +82,10 @@ class DiskWriter(Writer):
 
     def __init__(self, store: "DiskStore", index: int) -> None:
         self.store, self.index = store, index
-        self.group = store.root.require_group(f"c{index}")
+        if f"c{index}" not in store.root:  # a new checkpoint: written from here on
+            store.writable()
+        with one_writer(store.path):
+            self.group = store.root.require_group(f"c{index}")
         self.complete = bool(self.group.attrs.get("complete", False))
         self.checksums = dict(self.group.attrs.get("checksums", {}))
         self.parameters_digest = self.group.attrs.get("parameters_sha256")
@@ -92,15 +110,18 @@ class DiskWriter(Writer):
 
     def record_parameters(self, digest: str | None) -> None:
         self.parameters_digest = digest
-        if digest is not None:
+        if digest is not None and self.group.attrs.get("parameters_sha256") != digest:
+            self.store.writable()
             self.group.attrs["parameters_sha256"] = digest
 
     def record_data(self, chunk: int, digest: str) -> None:
         if self._data.get(str(chunk)) != digest:
+            self.store.writable()
             self._data[str(chunk)] = digest
             self.group.attrs["data_checksums"] = self._data
 
     def record_rows(self, checksums: dict[str, str], rows_done: int) -> None:
+        self.store.writable()
         self.checksums.update(checksums)
         self.group.attrs.update({"checksums": self.checksums, "rows_done": rows_done})
         self.rows_done = rows_done
@@ -141,17 +162,19 @@ class DiskWriter(Writer):
 
     def _write(self, count: int | None = None) -> None:
         rows, weights = np.concatenate(self._rows), np.concatenate(self._weights)
+        self.store.writable()
         self._check_dtype(rows.dtype)
         count = rows.shape[0] if count is None else count
         start = self.rows_done
         if start % KERNEL_CHUNK_ROWS:
             raise RuntimeError("internal: a chunk may only follow whole chunks")
-        if "features" not in self.group:
-            self.group.create_array("features", shape=(0, rows.shape[1]), chunks=(KERNEL_CHUNK_ROWS, rows.shape[1]),
-                                    dtype=rows.dtype, fill_value=0)
-        if "out_to_loss" not in self.group:  # also after a kill between the two creations
-            self.group.create_array("out_to_loss", shape=(0,), chunks=(KERNEL_CHUNK_ROWS,), dtype=weights.dtype,
-                                    fill_value=0)
+        with one_writer(self.store.path):
+            if "features" not in self.group:
+                self.group.create_array("features", shape=(0, rows.shape[1]),
+                                        chunks=(KERNEL_CHUNK_ROWS, rows.shape[1]), dtype=rows.dtype, fill_value=0)
+            if "out_to_loss" not in self.group:  # also after a kill between the two creations
+                self.group.create_array("out_to_loss", shape=(0,), chunks=(KERNEL_CHUNK_ROWS,), dtype=weights.dtype,
+                                        fill_value=0)
         features, out_to_loss = self.group["features"], self.group["out_to_loss"]
         stop = start + count
         try:
@@ -172,17 +195,19 @@ class DiskWriter(Writer):
 
     def allocate(self, n_rows: int, width: int, dtype: Any, weight_dtype: Any) -> None:
         """Create (or grow) the arrays for ``n_rows`` rows, so that workers can fill chunks in any order."""
+        self.store.writable()
         self._check_dtype(np.dtype(dtype))
-        if "features" not in self.group:
-            self.group.create_array("features", shape=(n_rows, width), chunks=(KERNEL_CHUNK_ROWS, width),
-                                    dtype=dtype, fill_value=0)
-        else:
-            _grow(self.group["features"], n_rows)
-        if "out_to_loss" not in self.group:
-            self.group.create_array("out_to_loss", shape=(n_rows,), chunks=(KERNEL_CHUNK_ROWS,), dtype=weight_dtype,
-                                    fill_value=0)
-        else:
-            _grow(self.group["out_to_loss"], n_rows)
+        with one_writer(self.store.path):
+            if "features" not in self.group:
+                self.group.create_array("features", shape=(n_rows, width), chunks=(KERNEL_CHUNK_ROWS, width),
+                                        dtype=dtype, fill_value=0)
+            else:
+                _grow(self.group["features"], n_rows)
+            if "out_to_loss" not in self.group:
+                self.group.create_array("out_to_loss", shape=(n_rows,), chunks=(KERNEL_CHUNK_ROWS,),
+                                        dtype=weight_dtype, fill_value=0)
+            else:
+                _grow(self.group["out_to_loss"], n_rows)
 
     def finish(self, kernel_dtype: str = "float64") -> tuple[Any, Any, Any]:
         """``(features, out_to_loss, kernel)``: a stored kernel is reused when it is of ``kernel_dtype``'s dtype or
@@ -207,13 +232,16 @@ class DiskWriter(Writer):
             return lazy, weights, kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
         kernel = kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
         matrix = to_numpy(kernel)
-        if "kernel" in self.group:
-            del self.group["kernel"]
-        self.group.create_array("kernel", shape=matrix.shape, dtype=matrix.dtype, fill_value=0)[:] = matrix
+        self.store.writable()
+        with one_writer(self.store.path):
+            if "kernel" in self.group:
+                del self.group["kernel"]
+            self.group.create_array("kernel", shape=matrix.shape, dtype=matrix.dtype, fill_value=0)[:] = matrix
         return lazy, weights, kernel
 
     def discard(self) -> None:
         """Drop this checkpoint's arrays (its data contradicted checkpoint 0's)."""
+        self.store.writable()
         del self.store.root[f"c{self.index}"]
 
 

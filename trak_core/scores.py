@@ -10,8 +10,8 @@ from typing import Any, Sequence
 from ._delegation import full_precision_products
 from .kernel import KernelFactor, gram, solve
 
-__all__ = ["checkpoint_scores", "target_weights", "finish_products", "train_products", "self_scores", "ensemble", "soft_threshold",
-           "normalize_rows", "SCORE_BLOCK_ROWS"]
+__all__ = ["checkpoint_scores", "target_weights", "finish_products", "train_products", "self_scores", "ensemble",
+           "Ensemble", "soft_threshold", "normalize_rows", "SCORE_BLOCK_ROWS"]
 
 
 SCORE_BLOCK_ROWS = 16384  # train rows multiplied at a time (shards of distributed scoring align to it)
@@ -77,25 +77,46 @@ def normalize_rows(features: Any, *, xp: Any) -> Any:
     return features / xp.where(norms > 0, norms, xp.ones_like(norms))
 
 
+class Ensemble:
+    """:func:`ensemble` as a running sum: checkpoints' scores are added one at a time, so memory holds the sum and
+    one checkpoint's block, not every checkpoint's (the same operations in the same order: the same bits)."""
+
+    def __init__(self, out_to_loss: Sequence[Any], *, weighting: str = "uniform") -> None:
+        self.out_to_loss, self.weighting = out_to_loss, weighting
+        self.total: Any = None
+        self.added = 0
+
+    def add(self, scores: Any, *, xp: Any) -> None:
+        """Add one checkpoint's scores (n_train, n_targets); ``weighting="normalized"`` scales its columns first."""
+        if self.weighting == "normalized":
+            norms = xp.sqrt(xp.sum(scores * scores, axis=0, keepdims=True))
+            scores = scores / xp.where(norms > 0, norms, xp.ones_like(norms))
+        self.total = scores if self.total is None else self.total + scores
+        self.added += 1
+
+    def result(self, *, xp: Any) -> Any:
+        """The mean of the scores added, each row multiplied by the mean out-to-loss weight."""
+        if self.added != len(self.out_to_loss):
+            raise RuntimeError(f"internal: {self.added} checkpoints' scores added for {len(self.out_to_loss)} weights")
+        weight = self.out_to_loss[0]
+        for q in self.out_to_loss[1:]:
+            weight = weight + q
+        weight = xp.astype(weight, self.total.dtype) / self.added
+        return (self.total / self.added) * weight[:, None]
+
+
 def ensemble(per_checkpoint: Sequence[Any], out_to_loss: Sequence[Any], *, xp: Any,
              weighting: str = "uniform") -> Any:
     """Average per-checkpoint scores and multiply each row by the mean out-to-loss weight.
 
     ``weighting="normalized"`` first scales each checkpoint's column (target) to unit norm, so
     that no checkpoint dominates a target's ensemble (an option, measured in ``docs/quality.md``).
+    ``Ensemble`` is the same as a running sum, one checkpoint at a time.
     """
-    count = len(per_checkpoint)
-    total = None
+    running = Ensemble(out_to_loss, weighting=weighting)
     for scores in per_checkpoint:
-        if weighting == "normalized":
-            norms = xp.sqrt(xp.sum(scores * scores, axis=0, keepdims=True))
-            scores = scores / xp.where(norms > 0, norms, xp.ones_like(norms))
-        total = scores if total is None else total + scores
-    weight = out_to_loss[0]
-    for q in out_to_loss[1:]:
-        weight = weight + q
-    weight = xp.astype(weight, total.dtype) / count
-    return (total / count) * weight[:, None]
+        running.add(scores, xp=xp)
+    return running.result(xp=xp)
 
 
 def soft_threshold(scores: Any, quantile: float, *, xp: Any) -> Any:

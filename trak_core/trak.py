@@ -21,7 +21,7 @@ from .executors import get_executor
 from .kernel import check_kernel_dtype
 from .kronecker import Kronecker
 from .projection import KINDS, PRECISIONS
-from .scores import checkpoint_scores, ensemble, finish_products, self_scores, soft_threshold, target_weights
+from .scores import Ensemble, checkpoint_scores, ensemble, finish_products, self_scores, soft_threshold, target_weights
 from .store import CheckpointEntry
 from .stores import open_store
 from .tasks import Task, get_task
@@ -256,19 +256,19 @@ class TRAK(Featurizer):
         for b, (inputs, labels) in enumerate(progress(data, desc="score", enabled=self.progress, total=total)):
             if _check_lengths(inputs, labels, f"targets batch {b}") == 0:
                 continue  # an empty batch holds no target (as featurize skips empty training batches)
-            per_checkpoint = []
-            for entry in entries:
+            running = Ensemble([e.out_to_loss for e in entries], weighting=self.checkpoint_weighting)
+            for entry in entries:  # a running sum: one checkpoint's (n_train, batch) block at a time
                 target, _ = self._batch_features(entry.prepared, entry.index, inputs, labels,
                                                  f"targets batch {b}, checkpoint {entry.index}")
                 xp = namespace(target)
                 if self.executor is not None:
                     weights = target_weights(entry.factor, target, xp=xp)
                     products = self.executor.products(self, entry, weights)
-                    per_checkpoint.append(finish_products(entry.factor, products, xp=namespace(products)))
+                    running.add(finish_products(entry.factor, products, xp=namespace(products)), xp=xp)
                 else:
-                    per_checkpoint.append(checkpoint_scores(entry.features, entry.factor, target, xp=xp))
-            block = ensemble(per_checkpoint, [e.out_to_loss for e in entries], xp=xp,
-                             weighting=self.checkpoint_weighting)
+                    running.add(checkpoint_scores(entry.features, entry.factor, target, xp=xp), xp=xp)
+            block = running.result(xp=xp)
+            del running
             if self.soft_threshold is not None:
                 block = soft_threshold(block, self.soft_threshold, xp=xp)
             columns.append(block)

@@ -5,6 +5,7 @@ or JAX arrays as given: the namespace is the checkpoint's.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import array_api_compat
@@ -37,7 +38,7 @@ class ArrayAPIBackend(Backend):
         return {name: array_api_compat.array_namespace(a).asarray(a, copy=True) for name, a in params.items()}
 
     def n_params(self, prepared: dict[str, Any]) -> int:
-        return sum(int(a.size) for a in prepared.values())
+        return sum(math.prod(a.shape) for a in prepared.values())  # torch's ``size`` is a method
 
     def parameters_digest(self, prepared: dict[str, Any]) -> str:
         return parameters_digest(sorted(prepared.items()))
