@@ -163,3 +163,12 @@ def test_a_factory_plugin_works_next_to_a_broken_one(install):
         backend = registry.infer_backend(special)
     assert backend.name == "acme" and type(backend).__module__ == "acme_factory_mod"
     assert registry.get_backend("acme") is backend
+
+
+def test_register_backend_refuses_a_name_that_is_not_the_backends():
+    from trak_core.backends import BackendError, BackendPluginWarning, numpy_backend, register_backend
+
+    assert issubclass(BackendPluginWarning, RuntimeWarning)  # importable where the other backend names are
+    with pytest.raises(BackendError, match=r"name='alias' differs from the backend's name 'numpy'.*could not be "
+                                           r"reopened"):
+        register_backend(numpy_backend.ArrayAPIBackend(), name="alias")

@@ -47,9 +47,14 @@ class BackendPluginWarning(RuntimeWarning):
 
 
 def register_backend(backend: Backend, *, name: str | None = None) -> None:
-    """Register ``backend`` under ``name`` (default ``backend.name``) for this process."""
+    """Register ``backend`` under ``name`` (default ``backend.name``; another name is an error: a store records the
+    backend's name, and reopening it looks that name up) for this process."""
     check_backend(backend)
     name = name or backend.name
+    if name != backend.name:
+        raise BackendError(f"register_backend: name={name!r} differs from the backend's name {backend.name!r}; a store "
+                           f"records {backend.name!r}, so stores written with it could not be reopened by {name!r}. "
+                           "Leave name= out, or set the backend's name")
     _registered[name] = backend
     _loaded.pop(name, None)
 
