@@ -17,6 +17,22 @@ __all__ = ["Task", "Classification", "Regression", "LanguageModeling", "Seq2SeqL
            "get_task", "task_functions", "TASKS"]
 
 
+_CUSTOM_HINT = ("Write its model output function with trak_core.CustomTask(output=lambda logits, labels, xp: ..., "
+                "out_to_loss=...): output gives one number per example, shape (n,)")
+
+
+def _classification_labels_message(shape: tuple) -> str:
+    """Why labels of ``shape`` are not classification labels, and what to do instead."""
+    message = f"classification labels must be 1-D class indices, shape (n,), got shape {shape}"
+    if len(shape) == 2 and shape[1] == 1:
+        return f"{message}; reshape them to (n,) (labels[:, 0])"
+    if len(shape) == 2:
+        return (f"{message}: labels of shape (n, C) look like multi-label classification (a 0/1 column per class, "
+                "as for problem_type='multi_label_classification'), which is not a built-in task. One-hot labels of "
+                f"one class each: pass labels.argmax(-1). Otherwise: {_CUSTOM_HINT}")
+    return message
+
+
 @runtime_checkable
 class Task(Protocol):
     """What a task supplies to the estimator."""
@@ -60,7 +76,7 @@ class Classification:
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
         if labels.ndim != 1:
-            raise TrakValueError(f"classification labels must be 1-D, got shape {tuple(labels.shape)}")
+            raise TrakValueError(_classification_labels_message(tuple(labels.shape)))
         if not xp.isdtype(labels.dtype, ("integral", "bool")):
             raise TrakTypeError(f"classification labels must be integers, got dtype {labels.dtype}")
         if n_outputs < 1:
@@ -125,7 +141,10 @@ class Regression:
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
         if n_outputs != 1:
-            raise TrakValueError(f"regression needs a model with exactly 1 output, the model has {n_outputs}")
+            raise TrakValueError(f"regression needs a model with exactly 1 output, the model has {n_outputs}: "
+                                 f"multi-output regression is not a built-in task. {_CUSTOM_HINT}, or select one "
+                                 "output with the backend's logits_fn (torch: TorchBackend(logits_fn=lambda out: "
+                                 "out.logits[..., j]))")
         if labels.ndim not in (1, 2) or (labels.ndim == 2 and labels.shape[1] != 1):
             raise TrakValueError(f"regression labels must have shape (n,) or (n, 1), got {tuple(labels.shape)}")
         if not xp.isdtype(labels.dtype, ("real floating", "integral")):

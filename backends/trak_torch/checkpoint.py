@@ -77,8 +77,7 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
         missing = [k for k in reference if k not in checkpoint]
         extra = [k for k in checkpoint if k not in reference]
         if missing or extra:
-            raise TrakValueError(f"state_dict does not match the model: missing keys {missing}, unexpected keys "
-                                 f"{extra}")
+            raise TrakValueError(_mismatch(missing, extra, len(reference)))
         state = checkpoint
     params, frozen = {}, {}
     aliases = _tied_aliases(model)
@@ -94,6 +93,22 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
     if not torch.all(torch.stack([torch.isfinite(t).all() for t in params.values()])):
         raise TrakValueError("the checkpoint's parameters contain NaN or inf")
     return TorchCheckpoint({n: params[n] for n in names}, frozen, device, dtype)
+
+
+def _mismatch(missing: list[str], extra: list[str], n_keys: int) -> str:
+    """A state_dict whose keys are not the model's: the first keys of each kind, and what a checkpoint must be."""
+    def some(keys: list[str]) -> str:
+        return f"{keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    message = (f"state_dict does not match the model: missing keys {some(missing)} ({len(missing)} of the model's "
+               f"{n_keys}), unexpected keys {some(extra)}")
+    if not missing:
+        return message
+    return (f"{message}. A checkpoint is the full state_dict of the model (model.state_dict(): every parameter, "
+            "frozen ones included, and buffers), not a part of it. For an adapter-only state dict (PEFT's "
+            "get_peft_model_state_dict, a saved LoRA adapter): load it into the model first "
+            "(peft.set_peft_model_state_dict(model, adapter_state)), then pass a copy of the whole state, "
+            "{k: v.clone() for k, v in model.state_dict().items()}, or None for the model's current weights")
 
 
 _CONVERSIONS = {"float32": "float", "float64": "double", "float16": "half", "bfloat16": "bfloat16"}

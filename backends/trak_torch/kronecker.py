@@ -32,6 +32,7 @@ from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_pl
 from .kronecker_rest import RestPass, check, rest_plan
 from .kronecker_sides import input_side, output_side, rows_first
 from .layers import computes_linear, hooks, kronecker_kind, layer_kind
+from .transforms import for_transforms
 
 __all__ = ["Factorized", "find_uses", "discover", "factorized_state", "batch_features"]
 
@@ -248,7 +249,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
 
     def per_example(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
         zs = [torch.zeros((), dtype=prepared.dtype, device=prepared.device).expand(m, *shape) for _, shape in shapes]
-        with attention[0]():
+        with attention[0](), for_transforms(model):  # no requires_grad_ hooks, no checkpointing under vmap
             (deltas, rest_grads), sides = step(zs, rest, x, y)
         return deltas, sides, rest_grads
 
@@ -318,8 +319,8 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             log.info("torch backend: factorized features through vmap: %s", exc)
             return False
         scale = float(torch.linalg.vector_norm(alone)) or 1.0
-        error, tolerance = float(torch.linalg.vector_norm(together - alone)) / scale, check_tolerance(dtype,
-                                                                                                    prepared.device)
+        error = float(torch.linalg.vector_norm(together - alone)) / scale
+        tolerance = check_tolerance(prepared.dtype, prepared.device)  # the model's rounding, not the features'
         log.info("torch backend: factorized features %s: the first two examples together are %.1e from each alone "
                  "(tolerance %.0e)", "in one batched pass" if error <= tolerance else "through vmap (examples "
                  "interact)", error, tolerance)
@@ -343,7 +344,8 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             log.info("torch backend: factorized features through vmap: %s", exc)
             return False
         with attention[1]():
-            right, error, tolerance = check(backend, model, state.rest, first, first_labels, task, causal, got, dtype)
+            right, error, tolerance = check(backend, model, state.rest, first, first_labels, task, causal, got,
+                                            prepared.dtype)
         if not right:
             log.info("torch backend: factorized features through vmap: the rest's gradients in the batched pass are "
                      "%.1e from plain autograd (tolerance %.0e)", error, tolerance)

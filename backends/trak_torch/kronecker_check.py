@@ -45,7 +45,8 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
                                        causal)
         chosen = [name for name in params if name in names]
         grads = dict(zip(chosen, torch.autograd.grad(value, [params[name] for name in chosen], allow_unused=True)))
-    tolerance = check_tolerance(state.dtype, prepared.device)
+    # the model's precision, not the features' (float32 for a half-precision model): its forward and backward round
+    tolerance = check_tolerance(prepared.dtype, prepared.device)
     for block, pair in zip(state.plan.blocks, state.factors):
         layer = block.layer
         weight = grads[layer.name]
