@@ -8,7 +8,8 @@ Written over the Array API; ties get average ranks (as ``scipy.stats.spearmanr``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,15 +23,19 @@ __all__ = ["LDSResult", "lds", "subset_masks", "spearman"]
 
 @dataclass
 class LDSResult:
-    """LDS over targets: ``mean`` and its standard error ``sem`` over the targets where it is defined."""
+    """LDS over targets: ``mean`` and its standard error ``sem`` over the targets where it is defined;
+    ``undefined`` lists the others (``per_target`` NaN there: constant predictions or outputs)."""
 
     mean: float
     sem: float
     per_target: Any
     n_subsets: int
+    undefined: list[int] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return f"{self.mean:.3f} +- {self.sem:.3f}"
+        kept = len(self.per_target) - len(self.undefined)
+        return f"{self.mean:.3f} +- {self.sem:.3f}" + (f" ({kept} of {len(self.per_target)} targets)"
+                                                       if self.undefined else "")
 
 
 def _average_ranks(values: Any, *, xp: Any) -> Any:
@@ -42,7 +47,11 @@ def _average_ranks(values: Any, *, xp: Any) -> Any:
 
 
 def spearman(a: Any, b: Any, *, xp: Any) -> float:
-    """Spearman rank correlation of two 1-D arrays (NaN when either is constant)."""
+    """Spearman rank correlation of two 1-D arrays (NaN when either is constant or holds a NaN, as
+    ``scipy.stats.spearmanr``)."""
+    if xp.isdtype(a.dtype, "real floating") and bool(xp.any(xp.isnan(a))) or \
+            xp.isdtype(b.dtype, "real floating") and bool(xp.any(xp.isnan(b))):
+        return math.nan  # unique() would rank NaN as a value
     ra, rb = _average_ranks(a, xp=xp), _average_ranks(b, xp=xp)
     ra, rb = ra - xp.mean(ra), rb - xp.mean(rb)
     denominator = float(xp.sqrt(xp.sum(ra * ra) * xp.sum(rb * rb)))
@@ -64,13 +73,16 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     Returns
     -------
     LDSResult
-        Mean and standard error over targets (targets whose correlation is undefined, because
-        predictions or outputs are constant, are left out), and the per-target values.
+        Mean and standard error over targets, and the per-target values. Targets whose correlation is
+        undefined (predictions or outputs constant across subsets, e.g. all-zero scores) are left out
+        of the mean, listed in ``undefined``, and a ``RuntimeWarning`` says so: a method that gives up
+        on hard targets would otherwise be graded on the easy ones only (compare methods on the targets
+        defined for all of them).
 
     Raises
     ------
     TrakValueError
-        On shapes that do not match, fewer than 3 subsets, or NaN or infinite scores or outputs
+        On shapes that do not match, fewer than 3 subsets, or NaN or infinite scores, masks or outputs
         (a retrained model that diverged): the message names the subsets or targets.
 
     Notes
@@ -80,6 +92,9 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     """
     xp = namespace(scores)
     masks, outputs = _like(masks, scores, "masks", xp=xp), _like(outputs, scores, "outputs", xp=xp)
+    if scores.ndim != 2:
+        raise TrakValueError(f"scores must have shape (n_train, n_targets), got {tuple(scores.shape)}; for one "
+                             "target, pass scores[:, None] and outputs[:, None]")
     n_train, n_targets = scores.shape
     if masks.ndim != 2 or masks.shape[1] != n_train:
         raise TrakValueError(f"masks must have shape (n_subsets, {n_train}) to match scores, got {tuple(masks.shape)}")
@@ -88,15 +103,20 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
                              f"got {tuple(outputs.shape)}")
     if masks.shape[0] < 3:
         raise TrakValueError(f"LDS needs at least 3 subsets to rank, got {masks.shape[0]}")
-    for name, values, axis, what in (("outputs", outputs, 1, "subsets (retrained models)"),
-                                     ("scores", scores, 0, "targets")):
+    checked = [("outputs", outputs, 1, "subsets (retrained models)"), ("scores", scores, 0, "targets")]
+    if xp.isdtype(masks.dtype, "real floating"):
+        checked.append(("masks", masks, 1, "subsets"))
+    for name, values, axis, what in checked:
         finite = xp.all(xp.isfinite(values), axis=axis)
         bad = np.asarray([] if bool(xp.all(finite)) else [i for i in range(finite.shape[0]) if not bool(finite[i])])
         if bad.size:
             raise TrakValueError(f"{name} have NaN or infinite values for {what} {bad[:10].tolist()}"
                                  f"{' ...' if bad.size > 10 else ''}; "
-                                 + ("leave those subsets out (their rows of masks and outputs): a retrained model "
-                                    "that diverged ranks as noise" if name == "outputs" else "score them again"))
+                                 + {"outputs": "leave those subsets out (their rows of masks and outputs): a "
+                                               "retrained model that diverged ranks as noise",
+                                    "masks": "masks say which examples each retrained model saw: pass them as "
+                                             "booleans or 0/1",
+                                    "scores": "score them again"}[name])
     work = accumulation_dtype(xp, device_of(scores))
     with full_precision(xp):
         predictions = xp.astype(masks, work) @ xp.astype(scores, work)
@@ -106,8 +126,14 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     defined = values[np.isfinite(values)]
     if defined.size == 0:
         raise TrakValueError("LDS is undefined for every target: predictions or outputs are constant across subsets")
+    undefined = [j for j in range(n_targets) if not np.isfinite(values[j])]
+    if undefined:
+        warnings.warn(f"LDS is undefined for targets {undefined[:10]}{' ...' if len(undefined) > 10 else ''} "
+                      f"({len(undefined)} of {n_targets}): their predictions (e.g. all-zero scores) or outputs are "
+                      f"constant across subsets; the mean is over the other {defined.size}. Compare methods on the "
+                      "targets defined for all of them (LDSResult.undefined)", RuntimeWarning, stacklevel=2)
     sem = float(defined.std(ddof=1) / math.sqrt(defined.size)) if defined.size > 1 else math.nan
-    return LDSResult(float(defined.mean()), sem, values, int(masks.shape[0]))
+    return LDSResult(float(defined.mean()), sem, values, int(masks.shape[0]), undefined)
 
 
 def _like(values: Any, scores: Any, name: str, *, xp: Any) -> Any:
@@ -135,6 +161,10 @@ def subset_masks(n_train: int, n_subsets: int, *, fraction: float = 0.5, seed: i
         raise TrakValueError(f"need n_train >= 2 and n_subsets >= 1, got {n_train} and {n_subsets}")
     rng = np.random.default_rng(seed)
     size = max(1, round(fraction * n_train))
+    if size >= n_train:
+        raise TrakValueError(f"fraction={fraction} of n_train={n_train} rounds to {size} examples: every subset would "
+                             "hold the whole training set, and LDS could not rank them; choose a fraction below "
+                             f"{(n_train - 0.5) / n_train:.3g}")
     masks = np.zeros((n_subsets, n_train), dtype=bool)
     for s in range(n_subsets):
         masks[s, rng.choice(n_train, size=size, replace=False)] = True

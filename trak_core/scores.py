@@ -5,6 +5,7 @@ multiplied in row chunks in the kernel's dtype, so memory stays bounded by the c
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 from ._delegation import full_precision_products
@@ -120,10 +121,15 @@ def ensemble(per_checkpoint: Sequence[Any], out_to_loss: Sequence[Any], *, xp: A
 
 
 def soft_threshold(scores: Any, quantile: float, *, xp: Any) -> Any:
-    """Shrink each target's scores towards 0 by the ``quantile`` of their absolute values (TRAK paper, 3.4)."""
+    """Shrink each target's scores towards 0 by the ``quantile`` of their absolute values (TRAK paper, 3.4): the
+    quantile interpolated linearly between order statistics (``numpy.quantile``'s default), so a quantile below 1
+    always leaves the largest magnitude (when it is unique) above it (rounding to an order statistic zeroed every
+    score for ``round(quantile * (n - 1)) == n - 1``)."""
     magnitude = xp.abs(scores)
     n = scores.shape[0]
     ordered = xp.sort(magnitude, axis=0)
-    position = min(n - 1, max(0, int(round(quantile * (n - 1)))))
-    threshold = ordered[position:position + 1, :]
+    position = min(float(n - 1), max(0.0, quantile * (n - 1)))
+    low = int(math.floor(position))
+    high, fraction = min(low + 1, n - 1), position - low
+    threshold = ordered[low:low + 1, :] + fraction * (ordered[high:high + 1, :] - ordered[low:low + 1, :])
     return xp.sign(scores) * xp.maximum(magnitude - threshold, xp.zeros_like(magnitude))

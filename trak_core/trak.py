@@ -55,7 +55,8 @@ class TRAK(Featurizer):
         The ridge in ``K = Phi^T Phi + lambda I``. ``"auto"`` (default) chooses it per checkpoint
         from the training features (``trak_core.regularization``); the chosen values are in
         ``lambdas`` and the log. A float is an absolute ``lambda >= 0``; ``0`` uses the
-        minimum-norm solution when ``K`` is singular (with a warning).
+        minimum-norm solution when ``K`` is singular (solved through the ``n x n`` Gram matrix; a
+        warning only where that is rank-deficient too).
     backend : str, Backend or None
         Backend name (see ``trak_core.available_backends``), object, or ``None`` to infer
         it from the model's type.

@@ -44,7 +44,7 @@ def save_proponents(path: str, scores: np.ndarray, x_train: np.ndarray, y_train:
             ax.imshow(np.asarray(image).reshape(8, 8), cmap="gray_r" if offset else "Blues", vmin=0, vmax=1)
             ax.set_title(title, fontsize=7)
     fig.suptitle("Test digits (blue), with the training digits that most support (proponent) and most oppose "
-                 "(opponent) their prediction", fontsize=9)
+                 "(opponent) the model's margin for their true label", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
