@@ -154,6 +154,8 @@ def test_a_fraction_that_keeps_every_example_is_an_error():
     with pytest.raises(ValueError, match=r"fraction=0.95 of n_train=10 rounds to 10 examples: every subset"):
         trak_core.subset_masks(10, 20, fraction=0.95)
     assert trak_core.subset_masks(10, 20, fraction=0.9).sum(1).tolist() == [9] * 20
+    with pytest.raises(ValueError, match=r"keeps at most 999 examples \(fraction \* n_train < 999.5\)"):
+        trak_core.subset_masks(1000, 5, fraction=0.9996)
 
 
 def test_a_soft_threshold_near_one_keeps_the_largest_scores(rng):

@@ -105,3 +105,34 @@ def test_attention_kinds_without_a_mask_are_an_error():
     model.config.layer_types = ["chunked_attention"]
     with pytest.raises(TrakValueError, match=r"attention kinds \['chunked_attention'\].*attention_mask='pass'"):
         _features(model, _batch("right"), "auto")
+
+
+class _Wrapper(torch.nn.Module):
+    """A user's module around a Hugging Face model (as a PEFT model made without task_type is too)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **inputs):
+        return self.inner(**inputs)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_a_wrapped_model_gets_its_causal_and_windowed_masks(name):
+    torch.manual_seed(1)
+    inner = MODELS[name]().eval()
+    if name != "gemma2":
+        inner = inner.double()
+    batch = _batch("left")
+    reference = _reference(inner, batch)
+    features = _features(_Wrapper(inner).eval(), batch, "auto")  # was a bidirectional mask, no window: 44% off
+    error = float((features - reference).norm() / reference.norm())
+    assert error < (1e-7 if inner.dtype == torch.float64 else 2e-6), error
+
+
+def test_an_alternating_config_without_layer_types_is_an_error():
+    model = MODELS["gemma2"]()
+    model.config.layer_types = None  # as configs of transformers before layer_types
+    with pytest.raises(TrakValueError, match=r"gemma2 config has a sliding window but no layer_types"):
+        _features(model, _batch("right"), "auto")

@@ -119,3 +119,18 @@ def test_checking_a_stored_checkpoints_data_shows_a_bar(tmp_path, monkeypatch):
     data = list(_batches(x, y))
     TRAK(model, proj_dim=32, store=tmp_path / "store", progress=True).featurize(model.init(seed=0), data)
     assert len(data) == 3 and bars == [("check checkpoint 0's data", True, 3)]  # was no bar: a long silent pass over the data
+
+
+def test_after_a_refit_the_message_says_how_to_add_a_checkpoint(tmp_path):
+    x, y = _data(500)
+    model = MLP(5, 4, 3)
+    trak = TRAK(model, proj_dim=32, store=tmp_path / "store", progress=False)
+    for c in range(2):
+        trak.featurize(model.init(seed=c), _batches(x, y))
+    trak.refit(0.5)  # in one process: the store's checkpoints keep "auto"
+    with pytest.raises(StoreMismatchError, match=r"refit\('auto'\) first if a refit changed it\), then refit\(0\.5\)"):
+        trak.featurize(model.init(seed=2), _batches(x, y))
+    trak.refit("auto")
+    trak.featurize(model.init(seed=2), _batches(x, y))
+    trak.refit(0.5)
+    assert trak.lambdas == [0.5] * 3

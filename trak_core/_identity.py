@@ -47,8 +47,9 @@ def check_lambda_setting(store: Any, writer: Writer, index: int, lambda_reg: flo
     raise StoreMismatchError(
         f"the checkpoints in {where} were featurized with lambda_reg={stored!r}, and this estimator has "
         f"lambda_reg={lambda_reg!r}: checkpoint {index} would be stored with another ridge than theirs, and TRAK.open "
-        f"would score the mix. Featurize with lambda_reg={stored!r} (then refit({lambda_reg!r}) to score with "
-        "yours; the store keeps its own), or use a new store path (nothing was overwritten)")
+        f"would score the mix. Featurize with lambda_reg={stored!r} (TRAK(..., lambda_reg={stored!r}), or "
+        f"refit({stored!r}) first if a refit changed it), then refit({lambda_reg!r}) to score with yours (the store "
+        "keeps its own); or use a new store path (nothing was overwritten)")
 
 
 class DataCheck:

@@ -32,6 +32,7 @@ uninterrupted run (and to the in-memory store, which uses the same chunks).
 from __future__ import annotations
 
 import errno
+import os
 import pathlib
 from typing import Any
 
@@ -113,11 +114,11 @@ class DiskStore(Store):
         a ``TrakOSError`` that says so where not. Reading a finished store never calls it."""
         if self._writable or self._url:  # a URL's filesystem reports its own errors
             return
-        probe = self.path / ".trak_core_write_probe"
+        probe = self.path / f".trak_core_write_probe-{os.getpid()}"  # one per process: writers do not race on it
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"")
-            probe.unlink()
+            probe.unlink(missing_ok=True)
         except (FileExistsError, NotADirectoryError) as exc:
             raise TrakOSError(f"the store path {self.path} cannot be a directory ({exc}): a file is in the way; "
                               "choose another path") from None

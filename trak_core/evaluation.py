@@ -163,8 +163,8 @@ def subset_masks(n_train: int, n_subsets: int, *, fraction: float = 0.5, seed: i
     size = max(1, round(fraction * n_train))
     if size >= n_train:
         raise TrakValueError(f"fraction={fraction} of n_train={n_train} rounds to {size} examples: every subset would "
-                             "hold the whole training set, and LDS could not rank them; choose a fraction below "
-                             f"{(n_train - 0.5) / n_train:.3g}")
+                             f"hold the whole training set, and LDS could not rank them; choose a fraction that keeps at "
+                             f"most {n_train - 1} examples (fraction * n_train < {n_train - 0.5})")
     masks = np.zeros((n_subsets, n_train), dtype=bool)
     for s in range(n_subsets):
         masks[s, rng.choice(n_train, size=size, replace=False)] = True

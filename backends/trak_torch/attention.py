@@ -10,8 +10,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
-__all__ = ["attention_bias", "model_masks", "uncounted_pad_predictions", "attention_for_vmap", "attention_for_closed_form",
-           "note_mask"]
+__all__ = ["attention_bias", "model_masks", "uncounted_pad_predictions", "causal_model", "hugging_face_model",
+           "attention_for_vmap", "attention_for_closed_form", "note_mask"]
 
 
 def attention_bias(mask: Any, dtype: Any, *, causal: bool, keys_only: bool = False, window: int | None = None) -> Any:
@@ -39,17 +39,46 @@ def attention_bias(mask: Any, dtype: Any, *, causal: bool, keys_only: bool = Fal
     return torch.where(keep, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
 
 
+_ALTERNATING = ("gemma2", "gemma3", "gemma3_text", "cohere2")  # sliding and full layers alternate
+
+
+def hugging_face_model(model: Any) -> Any:
+    """``model`` if it has a Hugging Face ``config``, else its first submodule that has one (a model held by a
+    user's wrapper or by ``peft.get_peft_model``), else ``model``."""
+    if getattr(getattr(model, "config", None), "model_type", None) is not None:
+        return model
+    for module in _modules(model):
+        if getattr(getattr(module, "config", None), "model_type", None) is not None:
+            return module
+    return model
+
+
+def causal_model(model: Any) -> bool:
+    """Whether ``model`` is, or holds, a Hugging Face causal language model (``*ForCausalLM``, ``*LMHeadModel`` or a
+    config with ``is_decoder``): wrappers included (a ``PeftModel`` made without ``task_type``, a user's module)."""
+    for module in _modules(model):
+        config = getattr(module, "config", None)
+        if bool(getattr(config, "is_decoder", False)) or type(module).__name__.endswith(("ForCausalLM",
+                                                                                          "LMHeadModel")):
+            return True
+    return False
+
+
 def _layer_masks(model: Any, causal: bool) -> dict[str, int | None] | None:
     """The mask each kind of attention layer of a Hugging Face model needs, as ``{layer type: window}``; ``None``
     for one causal or bidirectional mask without a window (every other model)."""
     from trak_core.errors import TrakValueError
 
-    config = getattr(model, "config", None)
+    config = getattr(hugging_face_model(model), "config", None)
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) is False:
         window = None
     types = getattr(config, "layer_types", None)
     kinds = set(types) if isinstance(types, (list, tuple)) and types else None
+    if kinds is None and window is not None and getattr(config, "model_type", "") in _ALTERNATING:
+        raise TrakValueError(f"this {config.model_type} config has a sliding window but no layer_types (an older "
+                             "transformers): which layers slide is not known here. Upgrade transformers, or pass "
+                             "TorchBackend(attention_mask='pass')")
     if kinds is not None and not kinds <= {"full_attention", "sliding_attention"}:
         raise TrakValueError(f"the model's layers use attention kinds {sorted(kinds)}; trak-core builds masks for "
                              "'full_attention' and 'sliding_attention' only: pass TorchBackend(attention_mask='pass')")

@@ -18,7 +18,7 @@ from trak_core.errors import TrakTypeError, TrakValueError
 from trak_core.fingerprints import parameters_digest
 from trak_core.outputs import select_logits
 
-from .attention import (attention_for_closed_form, attention_for_vmap, model_masks, note_mask,
+from .attention import (attention_for_closed_form, attention_for_vmap, causal_model, model_masks, note_mask,
                         uncounted_pad_predictions)
 from .checkpoint import TorchCheckpoint, dtype_error, select_names, snapshot
 from .seq2seq import is_encoder_decoder
@@ -386,9 +386,7 @@ class TorchBackend(Backend):
         """Whether a dict batch's 2-D ``attention_mask`` becomes a causal mask (see ``attention_mask``)."""
         if self.attention_mask in ("causal", "bidirectional"):
             return self.attention_mask == "causal"
-        config = getattr(model, "config", None)  # a Hugging Face model's
-        return bool(getattr(config, "is_decoder", False)) or type(model).__name__.endswith(("ForCausalLM",
-                                                                                             "LMHeadModel"))
+        return causal_model(model)  # a Hugging Face causal LM, or a wrapper holding one
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
                 precision: str = "float32") -> Any:
