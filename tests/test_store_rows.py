@@ -118,7 +118,7 @@ def test_checking_a_stored_checkpoints_data_shows_a_bar(tmp_path, monkeypatch):
     monkeypatch.setattr(trak_core._featurizer, "progress", recording)
     data = list(_batches(x, y))
     TRAK(model, proj_dim=32, store=tmp_path / "store", progress=True).featurize(model.init(seed=0), data)
-    assert len(data) == 3 and bars == [("check checkpoint 0's data", True, 3)]  # was no bar: a long silent pass over the data
+    assert len(data) == 3 and bars == [("check checkpoint 0's data", True, 3)]  # was no bar at all
 
 
 def test_after_a_refit_the_message_says_how_to_add_a_checkpoint(tmp_path):
