@@ -16,6 +16,7 @@ report is written (the last timed run's report stays as it was).
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import pathlib
 import sys
 
@@ -52,9 +53,27 @@ def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, "benchmark_json", "absent") is None:  # always write a JSON report
         RESULTS.mkdir(exist_ok=True)
         path = RESULTS / f"{_mode(config)}.json"
-        # pytest-benchmark < 5.3 takes an open binary file here, 5.3 and later a path
+        # pytest-benchmark < 5.3 takes an open binary file here, 5.3 and later a path (written only when something
+        # was timed). The file goes to a temporary name, moved over the report at the end only if it was written:
+        # a run where every case skips (GPU ids on a CPU) keeps the last report instead of truncating it
         version = tuple(int(v) for v in importlib.metadata.version("pytest-benchmark").split(".")[:2])
-        config.option.benchmark_json = path if version >= (5, 3) else open(path, "wb")  # noqa: SIM115
+        if version >= (5, 3):
+            config.option.benchmark_json = path
+        else:
+            partial = path.with_name(path.name + ".part")
+            config.option.benchmark_json = open(partial, "wb")  # noqa: SIM115
+            config._trak_core_json = (config.option.benchmark_json, partial, path)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    pending = getattr(config, "_trak_core_json", None)
+    if pending is not None:
+        handle, partial, path = pending
+        handle.close()
+        if partial.stat().st_size:
+            os.replace(partial, path)
+        else:
+            partial.unlink()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -107,6 +126,7 @@ def ratios(benchmarks: list[dict]) -> list[dict]:
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output_json: dict) -> None:
     output_json["trak_core"] = dict(mode=_mode(config), ratios=ratios(output_json["benchmarks"]))
     config._trak_core_ratios = output_json["trak_core"]["ratios"]
+    config._trak_core_json_written = True
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -117,5 +137,10 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
             terminalreporter.write_line(f"{r['pair']:<48} {r['time_ratio']:6.2f}x  "
                                         f"({r['ours_s'] * 1e3:.2f} ms vs {r['baseline_s'] * 1e3:.2f} ms {r['baseline']})")
     path = getattr(config.option, "benchmark_json", None)
-    if path is not None:
-        terminalreporter.write_line(f"JSON report: {path.name if hasattr(path, 'write') else path}")
+    pending = getattr(config, "_trak_core_json", None)
+    if pending is not None:
+        path = pending[2]
+    if path is not None and getattr(config, "_trak_core_json_written", False):
+        terminalreporter.write_line(f"JSON report: {path}")
+    elif path is not None:
+        terminalreporter.write_line(f"no JSON report: nothing was timed, so {path} is left as it was")

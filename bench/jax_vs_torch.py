@@ -2,7 +2,9 @@
 
     python bench/jax_vs_torch.py [--json out.json]
 
-Same weights (canonical layout), data, batch size, k and dtype (float32) for both. Each backend
+Same weights (canonical layout), data, batch size, k and dtype (float32) for both, and the automatic
+ridge, at which both keep a float32 kernel (at ``lambda_reg=1``, ``lambda_max / lambda`` is about 3e4: torch
+remade its kernel in float64 while JAX without x64 could not, so the two did different work). Each backend
 first featurizes one checkpoint untimed (JAX compiles its step, torch warms up); then a fresh
 TRAK featurizes the timed checkpoints, and the JAX step's compilation count is reported to show
 that nothing recompiles per batch.
@@ -49,13 +51,13 @@ def main(argv: list[str] | None = None) -> dict:
     jax_backend = JaxBackend()
 
     def run_torch(chosen):
-        trak = trak_core.TRAK(torch_model("mlp", ws[0]), proj_dim=args.proj_dim, lambda_reg=1.0, backend="torch",
+        trak = trak_core.TRAK(torch_model("mlp", ws[0]), proj_dim=args.proj_dim, lambda_reg="auto", backend="torch",
                               progress=False)
         for w in chosen:
             trak.featurize(case.state_dict("mlp", w), batches_torch)
 
     def run_jax(chosen):
-        trak = trak_core.TRAK(JaxModel(apply), proj_dim=args.proj_dim, lambda_reg=1.0, backend=jax_backend,
+        trak = trak_core.TRAK(JaxModel(apply), proj_dim=args.proj_dim, lambda_reg="auto", backend=jax_backend,
                               progress=False)
         for w in chosen:
             trak.featurize([jax.numpy.asarray(a) for a in w], batches_np)

@@ -48,7 +48,10 @@ def main(argv=None):
     rows = []
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as store:
-            out = subprocess.run([sys.executable, "-c", CHILD, str(n), store], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-c", CHILD, str(n), store], capture_output=True, text=True)
+        if out.returncode:  # the child's own message (a missing zarr says how to install it), not its script
+            lines = out.stderr.strip().splitlines()
+            sys.exit(f"the measuring process for n_train={n} failed: {lines[-1] if lines else out.returncode}")
         seconds, featurize_kib, score_kib = out.stdout.split()
         rows.append(dict(n_train=n, params=99_910, proj_dim=1024, featurize_seconds=float(seconds),
                          featurize_peak_rss_mb=int(featurize_kib) / 1024,

@@ -3,6 +3,7 @@
 Examples
 --------
     python bench/peers.py       # M in {1, 2, 5, 10}, k = 2048: docs/bench/peers.json and docs/bench/peers.md
+    python bench/peers.py --ms 1 5 --k 512 --libraries trak-core dattri   # bench/results/peers.{json,md}
     python bench/peers.py --ms 1 5 --k 512 --libraries trak-core dattri --json out.json --md out.md
     python bench/peers.py --task digits-mlp-1m --ms 10 --libraries trak-core traker-fp32 --json out.json --md out.md
 
@@ -315,9 +316,10 @@ TASK_CAPTIONS = {"digits-mlp": "digits-mlp (1,000 train, 100 targets, 128 retrai
                                   "targets; no LDS)"}
 
 
-def markdown(rows: list[dict], facts: dict, k: int, batch: int, task_name: str = "digits-mlp") -> str:
+def markdown(rows: list[dict], facts: dict, k: int, batch: int, task_name: str = "digits-mlp",
+             command: str | None = None) -> str:
     """The table, under a one-line caption naming the command, the machine and the settings."""
-    command = "python bench/peers.py" + ("" if task_name == "digits-mlp" else f" --task {task_name}")
+    command = command or "python bench/peers.py" + ("" if task_name == "digits-mlp" else f" --task {task_name}")
     caption = (f"`{command}` on {facts['cpu']} ({facts['cores']} cores, torch {facts['torch']}, "
                f"{facts['torch_threads']} threads): {TASK_CAPTIONS[task_name]}, k={k}, batch {batch}; seconds: "
                "featurize + score after a warm-up (in brackets for trak-core: its dense projection products alone, "
@@ -341,8 +343,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--task", default="digits-mlp", choices=sorted(TASK_CAPTIONS),
                         help="digits-mlp (default, with LDS) or digits-mlp-1m (1.13M parameters, speed only)")
-    parser.add_argument("--json", default=str(HERE.parent / "docs" / "bench" / "peers.json"))
-    parser.add_argument("--md", default=str(HERE.parent / "docs" / "bench" / "peers.md"))
+    parser.add_argument("--json", help="where the JSON goes (default: docs/bench/peers.json for the default run, "
+                                       "whose table the docs include; bench/results/peers.json for any other)")
+    parser.add_argument("--md", help="where the Markdown table goes (defaults as --json)")
     for hidden in ("--child", "--checkpoints", "--scores"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--m", type=int, help=argparse.SUPPRESS)
@@ -358,13 +361,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from ground_truth import ground_truth
     from tasks import TASKS
 
+    default_run = all(getattr(args, name) == parser.get_default(name) for name in ("libraries", "ms", "k", "batch",
+                                                                                 "task"))
+    folder = HERE.parent / "docs" / "bench" if default_run else HERE / "results"  # the docs show the default run's
+    json_path, md_path = args.json or str(folder / "peers.json"), args.md or str(folder / "peers.md")
     masks, outputs = ground_truth(TASKS[args.task](), 128) if args.task in TASKS else (None, None)
     start = time.perf_counter()
     rows = measure(args.libraries, args.ms, args.k, args.batch, masks, outputs, args.task)
+    if not rows:
+        print(f"nothing was measured (libraries {args.libraries} missing or failed): {json_path} and {md_path} "
+              "are left as they were", file=sys.stderr)
+        sys.exit(1)
     facts = dict(machine(), total_seconds=round(time.perf_counter() - start, 1))
-    write_json({"machine": facts, "rows": rows}, args.json)
-    if args.md:
-        pathlib.Path(args.md).write_text(markdown(rows, facts, args.k, args.batch, args.task))
+    pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    write_json({"machine": facts, "rows": rows}, json_path)
+    options = [f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+               for name, value in (("task", args.task), ("ms", args.ms), ("k", args.k), ("batch", args.batch),
+                                   ("libraries", args.libraries)) if value != parser.get_default(name)]
+    pathlib.Path(md_path).write_text(markdown(rows, facts, args.k, args.batch, args.task,
+                                              " ".join(["python bench/peers.py", *options])))
+    print(f"wrote {json_path} and {md_path}")
     return rows
 
 

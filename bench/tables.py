@@ -8,7 +8,7 @@ One table per case (mean time per call, and throughput where it has one), column
 from __future__ import annotations
 
 import json
-import sys
+import pathlib
 from collections import defaultdict
 
 SIZE_KEYS = {"projection": ("p", "k"), "gradients": ("p",), "featurize": ("p", "k"), "kernel": ("k",),
@@ -65,5 +65,17 @@ def tables(bench: dict) -> str:
     return "\n".join(out)
 
 
+def main(argv: list[str] | None = None) -> str:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Markdown tables (and trak-core's ratios) from a pytest-benchmark "
+                                                 "JSON report of `python -m pytest bench`")
+    parser.add_argument("report", help="e.g. bench/results/quick.json or docs/bench/harness_cpu.json")
+    args = parser.parse_args(argv)
+    text = tables(json.loads(pathlib.Path(args.report).read_text()))
+    print(text)
+    return text
+
+
 if __name__ == "__main__":
-    print(tables(json.loads(open(sys.argv[1]).read())))
+    main()

@@ -23,3 +23,14 @@ def test_cli_usage_and_dispatch(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["compare", "--help"])
     assert stop.value.code == 0 and "--proj-dim" in capsys.readouterr().out
+
+
+def test_compare_exits_1_when_a_backend_is_outside_tolerance(monkeypatch, capsys):
+    rows = [dict(backend="numpy", dtype="float64", **{"pass": True}), dict(backend="jax", dtype="float32",
+                                                                          **{"pass": False})]
+    monkeypatch.setattr(compare, "main", lambda argv, prog: rows)
+    with pytest.raises(SystemExit) as stop:  # it exited 0 with a "NO" row: scripts could not tell
+        cli.main(["compare"])
+    assert stop.value.code == 1 and "outside tolerance: jax float32" in capsys.readouterr().err
+    rows[1]["pass"] = True
+    assert cli.main(["compare"]) is None

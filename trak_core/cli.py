@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         print(_unknown(first), file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(COMMANDS[first][0])
-    module.main(argv[1:], prog=f"{PROG} {first}")
+    result = module.main(argv[1:], prog=f"{PROG} {first}")
+    if first == "compare" and any(not row["pass"] for row in result or []):  # scripts can tell from the exit code
+        failing = ", ".join(f"{row['backend']} {row['dtype']}" for row in result if not row["pass"])
+        print(f"{PROG} compare: outside tolerance: {failing} (exit status 1)", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 METHODS = ["trak-core defaults", "lambda = 0", "best grid", "gradient dot", "traker defaults",
            "defaults + soft-threshold 0.5", "defaults + unit-normalized features",
@@ -36,7 +35,10 @@ def main(path: str) -> str:
                 out.append(f"| {method} | " + " | ".join(cells) + " |")
     timing = data.get("timing", [])
     if timing:
-        out.append("\n| task | k | featurize (10 checkpoints) | choosing lambda | share |")
+        counts = {t.get("checkpoints", 10) for t in timing}  # run.py times its max(--ms) checkpoints (older JSON: 10)
+        count = counts.pop() if len(counts) == 1 else None
+        header = "featurize" if count is None else f"featurize ({count} checkpoint{'s' if count > 1 else ''})"
+        out.append(f"\n| task | k | {header} | choosing lambda | share |")
         out.append("|---|---|---|---|---|")
         for t in timing:
             out.append(f"| {t['task']} | {t['k']} | {t['featurize_s']:.2f} s | {1000 * t['choose_lambda_s']:.1f} ms | "
@@ -47,4 +49,9 @@ def main(path: str) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The Markdown tables of docs/quality.md from bench/quality/run.py's "
+                                                 "--json output")
+    parser.add_argument("path", help="e.g. docs/bench/quality.json")
+    main(parser.parse_args().path)

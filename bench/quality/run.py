@@ -65,7 +65,8 @@ def evaluate(task, masks, outputs, checkpoints, k, ms, rows, timing):
     for entry, kernel in zip(trak.store, kernels):
         trak_core.regularization.choose_lambda(kernel, len(task.y), n_params=entry.n_params,
                                                xp=trak_core._namespace.namespace(kernel))
-    timing.append(dict(task=task.name, k=k, featurize_s=featurize, choose_lambda_s=time.perf_counter() - start))
+    timing.append(dict(task=task.name, k=k, checkpoints=len(checkpoints), featurize_s=featurize,
+                       choose_lambda_s=time.perf_counter() - start))
 
     def add(method, m, scores, **extra):
         result = _lds(scores, masks, outputs)
