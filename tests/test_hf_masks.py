@@ -136,3 +136,55 @@ def test_an_alternating_config_without_layer_types_is_an_error():
     model.config.layer_types = None  # as configs of transformers before layer_types
     with pytest.raises(TrakValueError, match=r"gemma2 config has a sliding window but no layer_types"):
         _features(model, _batch("right"), "auto")
+
+
+def test_a_decoder_only_classifier_gets_a_causal_mask():
+    """Llama's and Mistral's sequence classifiers are causal (their attention modules say is_causal); they got a
+    bidirectional mask (logits 21.5% off) or, with a window, a refusal naming the wrong cause."""
+    for name, config in (("llama", transformers.LlamaConfig(num_hidden_layers=1, num_labels=3, **COMMON)),
+                         ("mistral", transformers.MistralConfig(num_hidden_layers=1, sliding_window=4, num_labels=3,
+                                                                **COMMON))):
+        torch.manual_seed(2)
+        model = getattr(transformers, f"{type(config).__name__[:-6]}ForSequenceClassification")(config).double().eval()
+        batch = _batch("right")
+        labels = torch.tensor([0, 1, 2, 1])
+        params = dict(model.named_parameters())
+        rows = []
+        for i in range(N):  # the model's own forward, one example at a time: the reference
+            logits = model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1]).logits
+            margin = logits[0, labels[i]] - torch.cat([logits[0, :labels[i]], logits[0, labels[i] + 1:]]).logsumexp(0)
+            grads = torch.autograd.grad(margin, list(params.values()), allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1)
+                                   for g, q in zip(grads, params.values())]))
+        reference = torch.stack(rows)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+        trak = trak_core.TRAK(model, proj_dim=None, progress=False, backend=TorchBackend())
+        trak.featurize(None, [inputs])
+        features = trak.features([inputs])
+        assert float((features - reference).norm() / reference.norm()) < 1e-7, name
+
+
+def test_a_wrapped_encoder_decoder_keeps_its_masks():
+    torch.manual_seed(3)
+    config = transformers.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    inner = transformers.T5ForConditionalGeneration(config).double().eval()
+    from trak_torch.attention import causal_model
+
+    assert not causal_model(_Wrapper(inner)) and not causal_model(inner)  # its decoder stack says is_decoder
+
+
+def test_right_padding_labels_still_count_and_own_configs_are_not_read():
+    from trak_torch.attention import _layer_masks, uncounted_pad_predictions
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    labels = torch.tensor([[5, 6, 7, 1, 1], [1, 1, 5, 6, 7]])  # pad labels not -100 (counted by the model's loss)
+    kept = uncounted_pad_predictions({"attention_mask": mask}, labels, 1)
+    assert kept.tolist() == [[5, 6, 7, 1, 1], [1, -100, -100, 6, 7]]  # only what leading pads "predict" is dropped
+
+    class OwnConfig(torch.nn.Module):  # a model's own config with a sliding_window field: not Hugging Face's
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"sliding_window": 128})()
+
+    assert _layer_masks(OwnConfig(), causal=False) is None  # was a refusal ("bidirectional sliding-window")

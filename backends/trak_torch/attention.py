@@ -54,12 +54,20 @@ def hugging_face_model(model: Any) -> Any:
 
 
 def causal_model(model: Any) -> bool:
-    """Whether ``model`` is, or holds, a Hugging Face causal language model (``*ForCausalLM``, ``*LMHeadModel`` or a
-    config with ``is_decoder``): wrappers included (a ``PeftModel`` made without ``task_type``, a user's module)."""
-    for module in _modules(model):
+    """Whether ``model`` is, or holds, a Hugging Face decoder-only model whose attention is causal: a
+    ``*ForCausalLM``/``*LMHeadModel``, a config with ``is_decoder``, or attention modules of transformers with
+    ``is_causal`` set (Llama's, GPT-2's, Mistral's, also under ``*ForSequenceClassification``); wrappers included (a
+    ``PeftModel`` made without ``task_type``, a user's module). An encoder-decoder model (T5, BART) is not: its
+    encoder's mask is bidirectional and its decoder makes its own causal mask."""
+    modules = _modules(model)
+    if any(getattr(getattr(module, "config", None), "is_encoder_decoder", False) is True for module in modules):
+        return False
+    for module in modules:
         config = getattr(module, "config", None)
         if bool(getattr(config, "is_decoder", False)) or type(module).__name__.endswith(("ForCausalLM",
                                                                                           "LMHeadModel")):
+            return True
+        if getattr(module, "is_causal", None) is True and type(module).__module__.startswith("transformers."):
             return True
     return False
 
@@ -70,6 +78,8 @@ def _layer_masks(model: Any, causal: bool) -> dict[str, int | None] | None:
     from trak_core.errors import TrakValueError
 
     config = getattr(hugging_face_model(model), "config", None)
+    if getattr(config, "model_type", None) is None:  # a model's own config, not Hugging Face's: no windows read
+        return None
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) is False:
         window = None
@@ -86,8 +96,10 @@ def _layer_masks(model: Any, causal: bool) -> dict[str, int | None] | None:
     if not sliding:
         return None
     if not causal:
-        raise TrakValueError("the model has bidirectional sliding-window attention, whose mask trak-core does not "
-                             "build: pass TorchBackend(attention_mask='pass')")
+        raise TrakValueError("the model has sliding-window attention and its 2-D attention_mask was to become a "
+                             "bidirectional mask, which trak-core does not build with windows: for a decoder-only "
+                             "model pass TorchBackend(attention_mask='causal'), else "
+                             "TorchBackend(attention_mask='pass')")
     if kinds is None:  # every layer slides (Mistral): one mask, which the model uses as it is
         return {"": int(window)}
     return {kind: int(window) if kind == "sliding_attention" else None for kind in kinds}
@@ -113,14 +125,16 @@ def model_masks(kwargs: dict, dtype: Any, *, causal: bool, encoder_decoder: bool
 
 
 def uncounted_pad_predictions(inputs: Any, labels: Any, shift: int) -> Any:
-    """``labels`` with ``-100`` where the position that predicts them is padding (``attention_mask`` 0): with left
-    padding, the first real token is "predicted" by the last pad, a query that attends to no context (its output is
-    NaN or implementation-dependent); Hugging Face's loss counts it, trak-core does not."""
+    """``labels`` with ``-100`` where the position that predicts them is padding before the first real token (left
+    padding): the first real token is "predicted" there by the last pad, a query that attends to no context (its
+    output is NaN or implementation-dependent); Hugging Face's loss counts it, trak-core does not. Padding after
+    the last real token (right padding) sees the sequence, and its labels count as in the model's loss."""
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     if shift != 1 or getattr(mask, "ndim", 0) != 2 or getattr(labels, "ndim", 0) != 2 or \
             labels.shape != mask.shape or labels.is_floating_point():
         return labels
-    pad_predicts = (mask[:, :-1] == 0) & (labels[:, 1:] != -100)
+    leading = mask.cumsum(dim=1) == 0  # padding before the first real token: a query that sees no key
+    pad_predicts = leading[:, :-1] & (labels[:, 1:] != -100)
     if not bool(pad_predicts.any()):
         return labels
     labels = labels.clone()
