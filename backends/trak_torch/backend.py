@@ -113,7 +113,8 @@ class TorchBackend(Backend):
         sees it: an additive 4-D mask ``(n, 1, T, T)`` in the model's dtype, which Hugging Face models
         take as it is (their own 2-D handling branches on the mask's values, which ``vmap`` cannot
         follow). ``"auto"``: causal for decoders (``config.is_decoder``, ``*ForCausalLM``,
-        ``*LMHeadModel``), bidirectional otherwise; ``"pass"`` hands the 2-D mask over unchanged.
+        ``*LMHeadModel``, attention modules with ``is_causal``, also inside a wrapper), windowed for
+        sliding-window layers, bidirectional otherwise; ``"pass"`` hands the 2-D mask over unchanged.
         For an encoder-decoder model (``config.is_encoder_decoder``), it masks keys only,
         ``(n, 1, 1, T)``, as the encoder's self-attention and the decoder's cross-attention both read it.
 
