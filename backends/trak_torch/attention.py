@@ -59,11 +59,10 @@ def causal_model(model: Any) -> bool:
     ``is_causal`` set (Llama's, GPT-2's, Mistral's, also under ``*ForSequenceClassification``); wrappers included (a
     ``PeftModel`` made without ``task_type``, a user's module). An encoder-decoder model (T5, BART) is not: its
     encoder's mask is bidirectional and its decoder makes its own causal mask."""
-    modules = _modules(model)
-    if any(getattr(getattr(module, "config", None), "is_encoder_decoder", False) is True for module in modules):
-        return False
-    for module in modules:
+    for module in _modules(model):  # pre-order: an encoder-decoder model comes before its decoder stack
         config = getattr(module, "config", None)
+        if getattr(config, "is_encoder_decoder", False) is True:
+            return False
         if bool(getattr(config, "is_decoder", False)) or type(module).__name__.endswith(("ForCausalLM",
                                                                                           "LMHeadModel")):
             return True
@@ -133,13 +132,10 @@ def uncounted_pad_predictions(inputs: Any, labels: Any, shift: int) -> Any:
     if shift != 1 or getattr(mask, "ndim", 0) != 2 or getattr(labels, "ndim", 0) != 2 or \
             labels.shape != mask.shape or labels.is_floating_point():
         return labels
+    import torch
+
     leading = mask.cumsum(dim=1) == 0  # padding before the first real token: a query that sees no key
-    pad_predicts = leading[:, :-1] & (labels[:, 1:] != -100)
-    if not bool(pad_predicts.any()):
-        return labels
-    labels = labels.clone()
-    labels[:, 1:][pad_predicts] = -100
-    return labels
+    return torch.cat([labels[:, :1], labels[:, 1:].masked_fill(leading[:, :-1], -100)], dim=1)  # no device sync
 
 
 @contextmanager
