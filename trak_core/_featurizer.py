@@ -127,9 +127,7 @@ class Featurizer:
                                             seed=self.seed, checkpoint=index, kind=self.proj_type,
                                             precision=self.precision)
         if out is not None:
-            if tuple(out[0].shape) != (n_inputs, self.proj_dim):
-                raise TrakValueError(f"{where}: backend {self.backend.name!r} returned features of shape "
-                                     f"{tuple(out[0].shape)}; expected {(n_inputs, self.proj_dim)}")
+            check_backend_array(out[0], (n_inputs, self.proj_dim), None, where, "features", self.backend.name)
             _check_finite(out[0], out[1], where, "features (projected per-example gradients)", self.backend.name)
             out = (self._finish(out[0]), out[1])
         return out
