@@ -172,3 +172,17 @@ def test_register_backend_refuses_a_name_that_is_not_the_backends():
     with pytest.raises(BackendError, match=r"name='alias' differs from the backend's name 'numpy'.*could not be "
                                            r"reopened"):
         register_backend(numpy_backend.ArrayAPIBackend(), name="alias")
+
+
+def test_a_plugin_whose_owns_raises_is_skipped_with_a_warning(install):
+    install("aac-trak", {"aac-raising": "aac_raising_mod:backend"},
+            {"aac_raising_mod": plugin("aac-raising", owns="model.acme_only_attribute")})
+    install("acme-trak", {"acme": "acme_factory_mod:make"},
+            {"acme_factory_mod": plugin("acme", owns="isinstance(model, Special)")})
+    special = sys.modules.get("acme_factory_mod") or importlib.import_module("acme_factory_mod")
+    with pytest.warns(RuntimeWarning) as record:
+        assert registry.infer_backend(special.Special()).name == "acme"  # asked after aac-raising, by name
+    assert [w.category.__name__ for w in record] == ["BackendPluginWarning"]
+    assert_names_all(str(record[0].message), "'aac-raising'", "'aac-raising = aac_raising_mod:backend'",
+                     "'aac-trak 1.2'", "AttributeError", "acme_only_attribute", "return False", "backend=...")
+    assert registry.infer_backend(MLP(3, 2, 2)).name == "numpy"  # a first-party backend owns it before the plug-in

@@ -10,7 +10,7 @@ module is imported to read its ``framework`` (plug-ins import their framework la
 A plug-in that fails to load (its module is missing or raises, its object is not a ``Backend``, its
 name differs from the entry point's) never breaks the others: listing and inference skip it with a
 ``BackendPluginWarning``, and ``get_backend`` of its name raises an error naming the entry point,
-its target, its distribution and the fix.
+its target, its distribution and the fix. Inference skips a plug-in whose ``owns`` raises the same way.
 """
 from __future__ import annotations
 
@@ -244,7 +244,18 @@ def infer_backend(model: Any) -> Backend:
         except (BackendError, TrakTypeError) as err:  # a first-party package that is installed but fails to load
             warnings.warn(f"skipped a trak-core backend: {err}", BackendPluginWarning)
             continue
-        if backend.owns(model):
+        try:
+            owned = backend.owns(model)
+        except Exception as err:  # a plug-in's owns that raises must not break inference for every model
+            target = targets[name]
+            if _first_party(name, target):
+                raise
+            where = _where(target) if isinstance(target, EntryPoint) else "registered with register_backend"
+            warnings.warn(f"skipped trak-core backend {name!r} ({where}): its owns(model) raised "
+                          f"{type(err).__name__}: {err}; owns must return False for models it does not know. "
+                          "Pass backend=... to choose a backend explicitly", BackendPluginWarning)
+            continue
+        if owned:
             return backend
     raise TrakTypeError(f"no installed backend recognises a model of type {type(model).__module__}."
                         f"{type(model).__name__}; installed backends: {_available(targets, warn=False)}. Pass "
