@@ -30,9 +30,13 @@ def check_parameters(digest: str | None, writer: Writer, entries: Sequence[Check
                                      "ensemble. Pass each checkpoint once")
     stored = writer.parameters_digest
     if stored is not None and digest is not None and stored != digest:
+        dtype = getattr(writer, "stored_dtype", None)
+        cast = (f"; parameters cast to another dtype count as other parameters (its features are stored as {dtype})"
+                if dtype else "")
         raise StoreMismatchError(f"checkpoint {index} in {where} was featurized from other parameters "
-                                 f"(parameters_sha256: stored {_short(stored)}..., now {_short(digest)}...); pass the "
-                                 "same checkpoints in the same order, or use a new store path (nothing was overwritten)")
+                                 f"(parameters_sha256: stored {_short(stored)}..., now {_short(digest)}...){cast}; "
+                                 "pass the same checkpoints in the same order, or use a new store path (nothing was "
+                                 "overwritten)")
 
 
 def check_lambda_setting(store: Any, writer: Writer, index: int, lambda_reg: float | str, where: str) -> None:
