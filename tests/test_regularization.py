@@ -149,3 +149,18 @@ def test_projection_wider_than_parameters(rng):
     from scipy.stats import spearmanr
 
     assert min(spearmanr(scores[:, j], exact.score([(xt, yt)])[:, j])[0] for j in range(4)) > 0.9
+
+
+def test_rank_deficiency_warning_names_the_cause_in_either_space(rng):
+    # k = 16 > p = 13 with n = 150 >= k (k-space): the kernel has rank p; with n = 10 < k (n-space), two equal rows
+    x = rng.normal(size=(150, 12))
+    model = SoftmaxRegression(12, 1)
+    trak = TRAK(model, task="regression", proj_dim=16, lambda_reg=0, progress=False)
+    with pytest.warns(RuntimeWarning, match=r"rank 13 < k = 16: k exceeds the number of parameters") as record:
+        trak.featurize(model.init(seed=0), [(x, x[:, 0])])
+    assert "n_train" not in str(record[0].message)  # here n_train = 150 > k is not the cause
+    assert int(np.linalg.matrix_rank(trak.store[0].features)) == 13  # independent: the features' own rank
+    few = np.r_[x[:9], x[:1]]
+    trak = TRAK(model, task="regression", proj_dim=16, lambda_reg=0, progress=False)
+    with pytest.warns(RuntimeWarning, match=r"rank 9 < n_train = 10: some training features are linearly dependent"):
+        trak.featurize(model.init(seed=0), [(few, few[:, 0])])

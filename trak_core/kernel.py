@@ -152,7 +152,8 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
         raise TrakValueError("the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
                              "gradients?), so no example can be scored; check the model and the data")
     if rank < k and lambda_reg == 0:
-        what = "Phi^T Phi is rank-deficient (rank {rank} < k = {k}, as when k > n_train)" if space == "k" else \
+        what = ("Phi^T Phi is rank-deficient (rank {rank} < k = {k}: k exceeds the number of parameters, or the "
+                "training features span fewer than k directions)") if space == "k" else \
             "Phi Phi^T is rank-deficient (rank {rank} < n_train = {k}: some training features are linearly dependent)"
         warnings.warn(f"the kernel {what.format(rank=rank, k=k)}; with lambda_reg=0 the minimum-norm solution is "
                       "used. A positive lambda_reg usually gives better scores", RuntimeWarning, stacklevel=3)
