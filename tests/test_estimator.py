@@ -268,3 +268,22 @@ def test_an_ill_conditioned_float32_kernel_without_float64_is_reported(rng):
         well = TRAK(model, proj_dim=64, lambda_reg=top / (0.2 * kernel_ops.AUTO_FLOAT32_MAX_RATIO), progress=False)
         well.featurize(theta, data)
     assert well.store[0].factor.arrays[0].dtype == jnp.float32
+
+
+def test_scoring_in_batches_holds_the_result_at_most_twice():
+    # tracemalloc counts NumPy's buffers: the column blocks, their concatenation and nothing more (no cast copy)
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    model = SoftmaxRegression(4, 3)
+    trak = TRAK(model, proj_dim=8, progress=False)
+    trak.featurize(model.init(seed=0), [(rng.normal(size=(2000, 4)), rng.integers(0, 3, 2000))])
+    xt, yt = rng.normal(size=(2000, 4)), rng.integers(0, 3, 2000)
+    batches = [(xt[i:i + 100], yt[i:i + 100]) for i in range(0, 2000, 100)]
+    tracemalloc.start()
+    scores = trak.score(batches)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert scores.shape == (2000, 2000) and scores.dtype == np.float64
+    assert np.allclose(scores[:, :100], trak.score(batches[:1]), rtol=1e-12, atol=0)  # the same numbers per batch
+    assert peak < 2.3 * scores.nbytes, peak / scores.nbytes

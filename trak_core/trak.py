@@ -276,7 +276,9 @@ class TRAK(Featurizer):
         if not columns:
             raise TrakValueError("score: data yielded no targets (no batches, or only empty ones); pass an iterable of "
                                  "(inputs, labels) batches")
-        scores = xp.astype(columns[0] if len(columns) == 1 else xp.concat(columns, axis=1), self.store[0].features.dtype)
+        scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
+        del columns  # the blocks are in ``scores`` now: peak memory is the result plus one block, not twice the result
+        scores = xp.astype(scores, self.store[0].features.dtype, copy=False)
         if save_as is not None:
             self.store.save_scores(save_as, scores)
         return scores
