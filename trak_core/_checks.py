@@ -54,7 +54,10 @@ def _rows(array: Any, what: str, where: str) -> int:
     shape = getattr(array, "shape", None)
     if not shape:
         raise TrakTypeError(f"{where}: {what} must be an array with one row per example, got {type(array).__name__}"
-                            + (" of shape ()" if shape == () else ""))
+                            + (" of shape ()" if shape == () else "")
+                            + (": the data yields single examples (a dataset, or zip(inputs, labels)?), not batches; "
+                               "group them into batches, e.g. torch.utils.data.DataLoader(dataset, batch_size=..., "
+                               "shuffle=False)" if shape == () or isinstance(array, (int, float)) else ""))
     return int(shape[0])
 
 

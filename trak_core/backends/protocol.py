@@ -7,7 +7,7 @@ from __future__ import annotations
 import abc
 from typing import Any, Iterable, Mapping
 
-from ..errors import BackendError, MissingFrameworkError, TrakTypeError, UnknownBackendError
+from ..errors import BackendError, MissingFrameworkError, TrakTypeError, TrakValueError, UnknownBackendError
 
 __all__ = ["Backend", "BackendError", "UnknownBackendError", "MissingFrameworkError", "check_backend"]
 
@@ -135,6 +135,7 @@ def batches(data: Iterable[Any], label_key: str = "labels") -> Iterable[tuple[An
     if isinstance(data, Mapping):
         raise TrakTypeError("data must be an iterable of batches, got a single dict batch: wrap it in a list, "
                             "e.g. [batch]")
+    _check_loader(data)
     for i, batch in enumerate(data):
         if isinstance(batch, Mapping):
             if label_key not in batch:
@@ -146,3 +147,43 @@ def batches(data: Iterable[Any], label_key: str = "labels") -> Iterable[tuple[An
             raise TrakTypeError(f"batch {i} must be an (inputs, labels) pair or a mapping with {label_key!r}, "
                                 f"got {type(batch).__name__}")
         yield batch[0], batch[1]
+
+
+# Samplers whose order changes between passes (torch.utils.data, matched by name: no framework import)
+_SHUFFLING_SAMPLERS = ("RandomSampler", "SubsetRandomSampler", "WeightedRandomSampler")
+
+
+def _check_loader(data: Any) -> None:
+    """Refuse a data loader that shuffles or drops its last batch, and a dataset of single examples.
+
+    Scores have one row per training example (one column per target) in the order the data yields
+    them; a shuffling loader gives another order at every pass, and ``drop_last`` leaves examples out,
+    silently either way. Detected by duck typing on ``torch.utils.data.DataLoader``'s attributes.
+    """
+    kind = type(data).__name__
+    sampler = getattr(data, "sampler", None)
+    if sampler is not None and hasattr(data, "batch_size") and hasattr(data, "dataset"):
+        names = {cls.__name__ for cls in type(sampler).__mro__}
+        shuffling = bool(names & set(_SHUFFLING_SAMPLERS)) or bool(getattr(sampler, "shuffle", False))
+        if shuffling:
+            raise TrakValueError(f"data is a {kind} with a shuffling sampler ({type(sampler).__name__}): the scores "
+                                 "have one row per training example (one column per target) in the order the data "
+                                 "yields them, and a shuffling loader yields another order at every pass. Pass a "
+                                 f"{kind}(dataset, batch_size=..., shuffle=False)")
+        if getattr(data, "drop_last", False) and _remainder(data) != 0:
+            raise TrakValueError(f"data is a {kind} with drop_last=True: the examples of the last, incomplete batch "
+                                 f"would be left out of the scores. Pass {kind}(dataset, batch_size=..., "
+                                 "drop_last=False)")
+        return
+    if any(cls.__name__ in ("Dataset", "IterableDataset") and cls.__module__.startswith("torch.utils.data")
+           for cls in type(data).__mro__):
+        raise TrakTypeError(f"data is a {kind}, which yields single examples, not batches: wrap it in "
+                            f"torch.utils.data.DataLoader(dataset, batch_size=..., shuffle=False)")
+
+
+def _remainder(loader: Any) -> int | None:
+    """Examples in a loader's last, incomplete batch (``None`` where its dataset has no length)."""
+    try:
+        return len(loader.dataset) % int(loader.batch_size)
+    except Exception:  # an iterable dataset, or no batch size: what drop_last drops is unknown
+        return None

@@ -1,0 +1,49 @@
+"""Data given as torch loaders and datasets: a row order that changes between passes, or examples left out, is
+refused before any work; plain loaders give the scores of the same batches given as a list."""
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: torch DataLoader handling is not exercised")
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from trak_core import TRAK, TrakTypeError, TrakValueError  # noqa: E402
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 5), torch.randint(0, 3, (48,))
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    return model, x, y, TensorDataset(x, y)
+
+
+def test_a_shuffling_loader_is_refused_for_training_data_and_targets(setup):
+    model, x, y, dataset = setup
+    trak = TRAK(model, proj_dim=16, progress=False)
+    with pytest.raises(TrakValueError, match=r"shuffling sampler \(RandomSampler\).*shuffle=False"):
+        trak.featurize(model.state_dict(), DataLoader(dataset, batch_size=8, shuffle=True))
+    assert trak.n_checkpoints == 0
+    trak.featurize(model.state_dict(), DataLoader(dataset, batch_size=8))
+    with pytest.raises(TrakValueError, match="shuffling sampler"):
+        trak.score(DataLoader(dataset, batch_size=8, shuffle=True))
+
+
+def test_drop_last_is_refused_only_where_it_drops_examples(setup):
+    model, x, y, dataset = setup
+    trak = TRAK(model, proj_dim=16, progress=False)
+    with pytest.raises(TrakValueError, match=r"drop_last=True.*left out"):
+        trak.featurize(model.state_dict(), DataLoader(dataset, batch_size=10, drop_last=True))  # 48 = 4 x 10 + 8
+    trak.featurize(model.state_dict(), DataLoader(dataset, batch_size=16, drop_last=True))  # 48 = 3 x 16: none dropped
+    reference = TRAK(model, proj_dim=16, progress=False)
+    reference.featurize(model.state_dict(), [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)])
+    targets = [(x[:6], y[:6])]
+    torch.testing.assert_close(trak.score(targets), reference.score(targets), rtol=0, atol=0)
+    assert tuple(trak.score(targets).shape) == (48, 6)
+
+
+@pytest.mark.parametrize("single", ["dataset", "zip"])
+def test_single_examples_are_refused_with_the_hint_to_batch_them(setup, single):
+    model, x, y, dataset = setup
+    data = dataset if single == "dataset" else zip(x, y)
+    hint = r"single examples.*DataLoader\(dataset, batch_size=\.\.\., shuffle=False\)"
+    with pytest.raises(TrakTypeError, match=hint):
+        TRAK(model, proj_dim=16, progress=False).featurize(model.state_dict(), data)
