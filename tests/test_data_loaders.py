@@ -1,5 +1,6 @@
-"""Data given as torch loaders and datasets: a row order that changes between passes, or examples left out, is
-refused before any work; plain loaders give the scores of the same batches given as a list."""
+"""Data as torch users hand it over: loaders and datasets (a row order that changes between passes, or examples left
+out, is refused before any work; plain loaders give the scores of the same batches given as a list), and batches of
+another dtype than the model in any batch."""
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: torch DataLoader handling is not exercised")
@@ -47,3 +48,19 @@ def test_single_examples_are_refused_with_the_hint_to_batch_them(setup, single):
     hint = r"single examples.*DataLoader\(dataset, batch_size=\.\.\., shuffle=False\)"
     with pytest.raises(TrakTypeError, match=hint):
         TRAK(model, proj_dim=16, progress=False).featurize(model.state_dict(), data)
+
+
+@pytest.mark.parametrize("per_example", ["auto", "vmap"])
+def test_a_batch_of_another_dtype_than_the_model_names_the_conversion_in_any_batch(setup, per_example):
+    # the first batch of a checkpoint is checked separately from the later ones (the closed form's fast path)
+    from trak_torch import TorchBackend
+
+    model, x, y, _ = setup
+    trak = TRAK(model, proj_dim=16, backend=TorchBackend(per_example=per_example), progress=False)
+    with pytest.raises(TrakTypeError, match=r"batch 1: inputs are float64 but the model's parameters are float32.*"
+                                            r"inputs\.float\(\), or the model with model\.double\(\)"):
+        trak.featurize(model.state_dict(), [(x[:24], y[:24]), (x[24:].double(), y[24:])])
+    trak.featurize(model.state_dict(), [(x[:24], y[:24]), (x[24:], y[24:])])
+    with pytest.raises(TrakTypeError, match=r"targets batch 0, checkpoint 0: inputs are float16.*inputs\.float\(\)"):
+        trak.score([(x[:4].half(), y[:4])])
+    assert tuple(trak.score([(x[:4], y[:4])]).shape) == (48, 4)

@@ -20,7 +20,7 @@ from trak_core.outputs import select_logits
 
 from .attention import (attention_for_closed_form, attention_for_vmap, causal_model, model_masks, note_mask,
                         uncounted_pad_predictions)
-from .checkpoint import TorchCheckpoint, dtype_error, select_names, snapshot
+from .checkpoint import TorchCheckpoint, raise_dtype_error, select_names, snapshot
 from .seq2seq import is_encoder_decoder
 
 __all__ = ["TorchBackend", "output_logits"]
@@ -212,10 +212,7 @@ class TorchBackend(Backend):
         try:
             output = self._call(model, {**prepared.params, **prepared.frozen}, inputs, causal=causal)
         except RuntimeError as exc:
-            floating = [v for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])
-                        if v.is_floating_point() and v.dtype != prepared.dtype]
-            if floating:
-                raise dtype_error(floating[0], prepared.dtype, exc) from exc
+            raise_dtype_error(exc, prepared, inputs)
             note_mask(exc, inputs, self.attention_mask)
             raise
         except Exception as exc:
@@ -251,6 +248,9 @@ class TorchBackend(Backend):
 
                 log_fallback(exc)
                 prepared.__dict__["_closed_form"][id(task)] = None
+            except RuntimeError as exc:
+                raise_dtype_error(exc, prepared, inputs)  # a later batch of another dtype than the first
+                raise
         return self._vmap_gradients(model, prepared, inputs, labels, task, causal)
 
     def _closed_form_uses(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,

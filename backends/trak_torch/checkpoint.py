@@ -122,3 +122,11 @@ def dtype_error(inputs: Any, dtype: Any, exc: Exception) -> TrakTypeError:
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return TrakTypeError(f"inputs are {batch} but the model's parameters are {model} (torch: {first}); convert "
                          f"the batch with {to_model}, or the model with {to_batch}")
+
+
+def raise_dtype_error(exc: Exception, prepared: Any, inputs: Any) -> None:
+    """Raise ``dtype_error`` for ``exc`` when a floating input's dtype differs from the parameters' (else return)."""
+    floating = [v for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])
+                if v.is_floating_point() and v.dtype != prepared.dtype]
+    if floating:
+        raise dtype_error(floating[0], prepared.dtype, exc) from exc
