@@ -70,6 +70,9 @@ def test_score_before_featurize_and_empty_data(setup):
     trak = TRAK(model, proj_dim=8, progress=False)
     with pytest.raises(ValueError, match="before any featurize"):
         trak.score([(x, y)])
+    for method, call in [("self_influence", trak.self_influence), ("features", lambda: trak.features([(x, y)]))]:
+        with pytest.raises(ValueError, match=rf"^{method}\(\) called before any featurize\(\)"):
+            call()
     with pytest.raises(ValueError, match="no batches"):
         trak.featurize(theta, [])
     with pytest.raises(ValueError, match="no examples .*only empty ones"):
@@ -234,3 +237,17 @@ def test_progress_bars_know_their_totals(setup, monkeypatch):
     bar = progress(iter(range(4)), desc="bar", enabled=True, total=None)
     assert getattr(bar, "total", None) is None  # a generator: no total, and progress() does not guess one
     assert getattr(progress(range(4), desc="bar", enabled=True), "total", 4) == 4
+
+
+@pytest.mark.parametrize("wrong", ["dict", "vector"])
+def test_open_with_a_single_checkpoint_not_in_a_list_says_so(setup, tmp_path, wrong):
+    pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are not exercised")
+    model, theta, x, y = setup
+    TRAK(model, proj_dim=8, store=tmp_path / "s", progress=False).featurize(theta, [(x, y)])
+    single = {"theta": theta} if wrong == "dict" else theta
+    with pytest.raises(TypeError, match=r"checkpoints must be a list of every checkpoint .*pass \[checkpoint\]"):
+        TRAK.open(tmp_path / "s", model, single)
+    reopened = TRAK.open(tmp_path / "s", model, (c for c in [theta]))  # any iterable of checkpoints
+    fresh = TRAK(model, proj_dim=8, progress=False)
+    fresh.featurize(theta, [(x, y)])
+    np.testing.assert_allclose(reopened.self_influence(), fresh.self_influence(), rtol=1e-12, atol=0)

@@ -190,3 +190,16 @@ def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
         raise TrakValueError(f"checkpoints lists {', '.join(map(str, repeated))} more than once ({checkpoints!r}): "
                              "each checkpoint counts once in the ensemble; pass each index once")
     return [store[c] for c in chosen]
+
+
+def check_scorable(store: Any, last_error: BaseException | None, what: str) -> None:
+    """Refuse ``what`` (a method needing features) on an estimator with no featurized checkpoint, saying why."""
+    if len(store):
+        return
+    message = f"{what} called before any featurize(): featurize every checkpoint first"
+    if last_error is not None:
+        message += f"; the last featurize failed ({type(last_error).__name__}: {str(last_error).splitlines()[0][:200]})"
+    elif store.stored_checkpoints():
+        message += (f"; the store at {store.location} holds {store.stored_checkpoints()} complete checkpoints: "
+                    "TRAK.open(path, model, checkpoints) loads them without the training data")
+    raise TrakValueError(message)

@@ -7,9 +7,9 @@ any other use of the estimator: then the checkpoint's parameters tell them).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from .errors import StoreMismatchError, TrakValueError
+from .errors import StoreMismatchError, TrakTypeError, TrakValueError
 from .kronecker import Kronecker
 
 __all__ = ["open_trak", "load_opened"]
@@ -28,6 +28,10 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
         raise StoreMismatchError(f"the store at {path} has format {config.get('store_format')!r}; this trak-core "
                                  f"reads format {STORE_FORMAT}: featurize again into a new store path")
     stored = store.stored_checkpoints()
+    if isinstance(checkpoints, (Mapping, str, bytes)) or hasattr(checkpoints, "shape") or \
+            not hasattr(checkpoints, "__iter__"):
+        raise TrakTypeError(f"checkpoints must be a list of every checkpoint the store holds, in featurization order, "
+                            f"got a {type(checkpoints).__name__}: pass [checkpoint] for a single one")
     checkpoints = list(checkpoints)
     if not stored:
         raise TrakValueError(f"the store at {path} holds no complete checkpoint: featurize first")

@@ -9,8 +9,8 @@ import itertools
 import logging
 from typing import Any, Iterable, Sequence
 
-from ._checks import (_check_lambda, _check_lengths, _check_proj_dim, _check_seed, _resolve_backend, chosen_entries,
-                      take_rows)
+from ._checks import (_check_lambda, _check_lengths, _check_proj_dim, _check_seed, _resolve_backend, check_scorable,
+                      chosen_entries, take_rows)
 from ._featurizer import Featurizer
 from ._namespace import namespace
 from ._progress import length_of, progress
@@ -298,15 +298,15 @@ class TRAK(Featurizer):
         Returns
         -------
         array
-            In the namespace, dtype and device of the features (NumPy for a store opened with
-            ``open`` and not scored yet).
+            In the namespace, dtype and device of the features (for a store opened with ``open``
+            and not scored yet: those of the checkpoints' parameters, NumPy where they hold no array).
         """
         if self.checkpoint_weighting != "uniform" or self.soft_threshold is not None:
             raise TrakValueError("self_influence needs checkpoint_weighting='uniform' and soft_threshold=None: the "
                                  "others rescale each target's scores over all training examples; score the "
                                  "training set as targets and take the diagonal instead")
         self._load_opened(None)
-        self._check_scorable()
+        self._check_scorable("self_influence()")
         entries = self._entries(checkpoints)
         xp = namespace(entries[0].out_to_loss)
         diagonals = [self_scores(entry.features, entry.factor, xp=xp)[:, None] for entry in entries]
@@ -329,17 +329,8 @@ class TRAK(Featurizer):
 
             load_opened(self, example)
 
-    def _check_scorable(self) -> None:
-        if len(self.store):
-            return
-        message = "score() called before any featurize(): featurize every checkpoint first"
-        if self._last_error is not None:
-            message += (f"; the last featurize failed ({type(self._last_error).__name__}: "
-                        f"{str(self._last_error).splitlines()[0][:200]})")
-        elif self.store.stored_checkpoints():
-            message += (f"; the store at {self.store.location} holds {self.store.stored_checkpoints()} complete "
-                        "checkpoints: TRAK.open(path, model, checkpoints) loads them without the training data")
-        raise TrakValueError(message)
+    def _check_scorable(self, what: str = "score()") -> None:
+        check_scorable(self.store, self._last_error, what)
 
     @classmethod
     def open(cls, path: Any, model: Any, checkpoints: Sequence[Any], *, task: str | Task | None = None,
@@ -388,6 +379,7 @@ class TRAK(Featurizer):
         For baselines such as a gradient dot product, or retrieval, on the same projection as the scores.
         """
         self._load_opened(None)
+        self._check_scorable("features()")
         entry = self._entries([checkpoint])[0]
         parts = []
         for b, (inputs, labels) in enumerate(batches(data, self.label_key)):
