@@ -64,3 +64,25 @@ def test_a_batch_of_another_dtype_than_the_model_names_the_conversion_in_any_bat
     with pytest.raises(TrakTypeError, match=r"targets batch 0, checkpoint 0: inputs are float16.*inputs\.float\(\)"):
         trak.score([(x[:4].half(), y[:4])])
     assert tuple(trak.score([(x[:4], y[:4])]).shape) == (48, 4)
+
+
+@pytest.mark.parametrize("case", ["ddp", "compiled", "wrapped_model", "training_checkpoint", "path"])
+def test_a_checkpoint_saved_from_a_wrapper_names_the_fix(setup, case):
+    model, x, y, _ = setup
+    state = model.state_dict()
+    checkpoint, fitted = {f"module.{k}": v for k, v in state.items()}, model
+    expected = r"extra prefix 'module\.'.*k\.removeprefix\('module\.'\)"
+    if case == "compiled":
+        checkpoint, expected = {f"_orig_mod.{k}": v for k, v in state.items()}, r"extra prefix '_orig_mod\.'"
+    elif case == "wrapped_model":
+        checkpoint, fitted = state, torch.nn.DataParallel(model)
+        expected = r"model's keys have the extra prefix 'module\.'.*model\.module"
+    elif case == "training_checkpoint":
+        checkpoint, expected = {"state_dict": state, "epoch": 3}, r"under 'state_dict': pass checkpoint\['state_dict'\]"
+    elif case == "path":
+        checkpoint, expected = "checkpoints/epoch_3.pt", r"got str: load it first, e.g. torch\.load\(path"
+    with pytest.raises((TrakValueError, TrakTypeError), match=expected):
+        TRAK(fitted, proj_dim=16, progress=False).featurize(checkpoint, [(x, y)])
+    fixed = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in checkpoint.items()} \
+        if isinstance(checkpoint, dict) and "epoch" not in checkpoint else state
+    assert list(fixed) == list(state) and all(torch.equal(fixed[k], state[k]) for k in state)  # the named fix works

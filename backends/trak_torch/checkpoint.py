@@ -72,8 +72,10 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
         state = reference
     else:
         if not isinstance(checkpoint, Mapping):
+            hint = (": load it first, e.g. torch.load(path, map_location='cpu')"
+                    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__") else "")
             raise TrakTypeError(f"a torch checkpoint must be a state_dict (a mapping of names to tensors) or None, "
-                                f"got {type(checkpoint).__name__}")
+                                f"got {type(checkpoint).__name__}{hint}")
         missing = [k for k in reference if k not in checkpoint]
         extra = [k for k in checkpoint if k not in reference]
         if missing or extra:
@@ -102,6 +104,20 @@ def _mismatch(missing: list[str], extra: list[str], n_keys: int) -> str:
 
     message = (f"state_dict does not match the model: missing keys {some(missing)} ({len(missing)} of the model's "
                f"{n_keys}), unexpected keys {some(extra)}")
+    prefix = _common_prefix(missing, extra)
+    if prefix:
+        return (f"{message}. Every key has the extra prefix {prefix!r} (as DistributedDataParallel, DataParallel or "
+                "torch.compile save them): strip it, e.g. {k.removeprefix(%r): v for k, v in state.items()}, or "
+                "save the unwrapped model's state_dict" % prefix)
+    prefix = _common_prefix(extra, missing)
+    if prefix:
+        return (f"{message}. The model's keys have the extra prefix {prefix!r}: it is wrapped "
+                "(DistributedDataParallel, DataParallel, torch.compile); pass the unwrapped model (model.module, or "
+                "model._orig_mod)")
+    nested = [key for key in extra if key in ("state_dict", "model", "model_state_dict", "module")]
+    if nested and len(extra) <= 8:
+        return (f"{message}. The checkpoint looks like a training checkpoint that holds the state_dict under "
+                f"{nested[0]!r}: pass checkpoint[{nested[0]!r}]")
     if not missing:
         return message
     return (f"{message}. A checkpoint is the full state_dict of the model (model.state_dict(): every parameter, "
@@ -109,6 +125,16 @@ def _mismatch(missing: list[str], extra: list[str], n_keys: int) -> str:
             "get_peft_model_state_dict, a saved LoRA adapter): load it into the model first "
             "(peft.set_peft_model_state_dict(model, adapter_state)), then pass a copy of the whole state, "
             "{k: v.clone() for k, v in model.state_dict().items()}, or None for the model's current weights")
+
+
+def _common_prefix(missing: list[str], extra: list[str]) -> str | None:
+    """The prefix (such as ``module.`` or ``_orig_mod.``) that turns every missing key into an unexpected one."""
+    if not missing or len(missing) != len(extra):
+        return None
+    first = extra[0].removesuffix(missing[0]) if extra[0].endswith(missing[0]) else None
+    if not first or sorted(extra) != sorted(first + key for key in missing):
+        return None
+    return first
 
 
 _CONVERSIONS = {"float32": "float", "float64": "double", "float16": "half", "bfloat16": "bfloat16"}
