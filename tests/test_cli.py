@@ -20,6 +20,7 @@ from trak_core import cli, compare, demo
 MODULE = [sys.executable, "-m", "trak_core.cli"]
 SCRIPT = shutil.which("trak-core")
 LAUNCHERS = [pytest.param(MODULE, id="python -m trak_core.cli"),
+             pytest.param([sys.executable, "-m", "trak_core"], id="python -m trak_core"),
              pytest.param([SCRIPT] if SCRIPT else None, id="trak-core script",
                           marks=pytest.mark.skipif(SCRIPT is None, reason="the trak-core script is not on PATH"))]
 

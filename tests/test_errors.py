@@ -251,3 +251,13 @@ def test_open_with_a_single_checkpoint_not_in_a_list_says_so(setup, tmp_path, wr
     fresh = TRAK(model, proj_dim=8, progress=False)
     fresh.featurize(theta, [(x, y)])
     np.testing.assert_allclose(reopened.self_influence(), fresh.self_influence(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("checkpoint", [None, [0.1, 0.2], "theta.npy"])
+def test_an_analytic_model_checkpoint_that_is_not_an_array_says_what_it_must_be(setup, checkpoint):
+    model, theta, x, y = setup
+    expected = rf"flat parameter vector of shape \({theta.shape[0]},\) or a mapping"
+    if checkpoint is None:
+        expected += r".*holds no weights of its own: pass them, e\.g\. model\.init\(seed=0\)"
+    with pytest.raises(TypeError, match=expected):
+        TRAK(model, proj_dim=8, progress=False).featurize(checkpoint, [(x, y)])

@@ -18,7 +18,7 @@ import math
 from typing import Any, Mapping
 
 from ._namespace import namespace
-from .errors import TrakValueError
+from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["AnalyticModel", "SoftmaxRegression", "MLP"]
 
@@ -56,6 +56,12 @@ class AnalyticModel:
                                          f"the model expects {shape}")
                 out[name] = checkpoint[name]
             return out
+        if not hasattr(checkpoint, "shape"):
+            raise TrakTypeError(f"a checkpoint of an analytic model is a flat parameter vector of shape "
+                                f"({self.n_params},) or a mapping of {list(self.param_shapes)} to arrays, got "
+                                f"{type(checkpoint).__name__}" + (" (an analytic model holds no weights of its own: "
+                                                                  "pass them, e.g. model.init(seed=0))"
+                                                                  if checkpoint is None else ""))
         xp = namespace(checkpoint)
         if checkpoint.ndim != 1 or checkpoint.shape[0] != self.n_params:
             raise TrakValueError(f"a flat checkpoint must have shape ({self.n_params},) for this model "
