@@ -111,3 +111,79 @@ def test_a_cluster_without_free_cpus_is_an_error_not_a_hang(ray_cluster, tmp_pat
     with pytest.raises(TrakCoreError, match="no free CPU"):  # the first's actors would be started again: none free
         first.score([(x[:4], y[:4])])
     second.executor.close()
+
+
+def _float32_data(batch_rows):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(9000, 10)).astype(np.float32), rng.integers(0, 4, 9000)
+    return x, y, [(x[i:i + batch_rows], y[i:i + batch_rows]) for i in range(0, 9000, batch_rows)]
+
+
+def test_shards_project_in_groups_aligned_to_absolute_rows(ray_cluster, tmp_path):
+    """Batches of 700 do not divide the 4,096-row shards: a shard's batches start at row 3,500, not 0. Its projection
+    groups still end where one process's do, so the stored features are the same bits (before: 404 rows of the
+    second shard differed by up to 5e-7, the groups there ending at row 7,596 instead of 8,192)."""
+    import zarr
+
+    x, y, batches = _float32_data(700)
+    model = MLP(10, 16, 4)
+    features, scores = [], []
+    for name, executor in (("local", None), ("ray", RayExecutor(num_workers=2))):
+        trak = TRAK(model, proj_dim=128, store=tmp_path / name, executor=executor, progress=False)
+        trak.featurize(model.init(seed=0, dtype="float32"), batches)
+        features.append(zarr.open_group(str(tmp_path / name), mode="r")["c0/features"][:])
+        scores.append(trak.score([(x[:8], y[:8])]))
+        if executor is not None:
+            executor.close()
+    assert features[0].shape == (9000, 128)
+    assert np.array_equal(features[1], features[0]), f"{np.any(features[1] != features[0], axis=1).sum()} rows differ"
+    assert np.array_equal(scores[1], scores[0])
+
+
+def test_a_dead_actor_without_retries_is_replaced_by_the_next_call(ray_cluster, tmp_path):
+    """max_retries=0: the worker's death fails the call, and the same call again resumes on new actors with the
+    single-process scores (before: every later call failed with ActorDiedError on the dead actor)."""
+    import ray
+
+    reference = _scores()
+    x, y, batches = _data()
+    model = MLP(5, 4, 3)
+    executor = RayExecutor(num_workers=2, max_retries=0)
+    executor.fail_marker = str(tmp_path / "died-once")  # the first shard's worker exits mid-task, once
+    trak = TRAK(model, proj_dim=32, store=tmp_path / "store", executor=executor, progress=False)
+    with pytest.raises(ray.exceptions.RayActorError):
+        trak.featurize(model.init(seed=0), batches)
+    for c in range(2):
+        trak.featurize(model.init(seed=c), batches)
+    assert np.array_equal(trak.score([(x[:6], y[:6])]), reference)
+    executor.close()
+
+
+def test_a_worker_error_names_the_global_batch_and_the_rerun_resumes(ray_cluster, tmp_path):
+    """A bad batch 13 (rows 6,656..7,167, in the second shard): the worker's error names batch 13 as one process
+    does (before: batch 5, its index in the shard's batches); the first shard is kept, and the same call with the
+    data fixed resumes from it with the single-process scores."""
+    import zarr
+
+    from trak_core import TrakValueError
+
+    x, y, batches = _float32_data(512)
+    bad = list(batches)
+    bad[13] = (bad[13][0][:, :9], bad[13][1])
+    model = MLP(10, 16, 4)
+    checkpoint = model.init(seed=0, dtype="float32")
+    local = TRAK(model, proj_dim=32, progress=False)
+    with pytest.raises(TrakValueError) as one_process:
+        local.featurize(checkpoint, bad)
+    assert str(one_process.value).startswith("checkpoint 0, batch 13: ")
+    executor = RayExecutor(num_workers=2)
+    trak = TRAK(model, proj_dim=32, store=tmp_path / "store", executor=executor, progress=False)
+    with pytest.raises(TrakValueError) as on_workers:
+        trak.featurize(checkpoint, bad)
+    assert str(one_process.value) in str(on_workers.value)
+    assert "batch 5" not in str(on_workers.value)
+    assert zarr.open_group(str(tmp_path / "store"), mode="r")["c0"].attrs["rows_done"] == 4096
+    local.featurize(checkpoint, batches)
+    trak.featurize(checkpoint, batches)
+    assert np.array_equal(trak.score([(x[:8], y[:8])]), local.score([(x[:8], y[:8])]))
+    executor.close()

@@ -143,7 +143,8 @@ class Featurizer:
         return features, out_to_loss
 
     def _stream_features(self, prepared: Any, index: int, data: Iterable[Any], skip: int = 0,
-                         stop: int | None = None, check: DataCheck | None = None) -> Iterator[tuple[Any, Any]]:
+                         stop: int | None = None, check: DataCheck | None = None, *, row0: int = 0,
+                         batch0: int = 0) -> Iterator[tuple[Any, Any]]:
         """Features and out-to-loss weights of rows ``skip .. stop-1`` of ``data``.
 
         Whole batches are differentiated (rows outside the range are dropped afterwards), and
@@ -151,10 +152,15 @@ class Featurizer:
         to absolute row indices, so a row's features do not depend on where a run started or
         stopped (resume, shards) and the matrix is made or unpacked once per group. Backends with
         a fused step (``features``) project batch by batch inside it.
+
+        ``data`` may be a slice of the training data (a worker's shard) whose first row is training row
+        ``row0`` and whose first batch is batch ``batch0``: groups are then aligned to the training rows
+        (``row0 + skip`` and so on), and errors name the training data's batch index, as in one process.
         """
         grads, weights, seen, group, pending = [], [], 0, None, 0
-        for b, (inputs, labels) in enumerate(progress(batches(data, self.label_key), desc=f"featurize checkpoint {index}",
-                                                      enabled=self.progress, total=length_of(data))):
+        stream = progress(batches(data, self.label_key), desc=f"featurize checkpoint {index}", enabled=self.progress,
+                          total=length_of(data))
+        for b, (inputs, labels) in enumerate(stream, start=batch0):
             where = f"checkpoint {index}, batch {b}"
             rows = _check_lengths(inputs, labels, where)
             first, seen = seen, seen + rows
@@ -180,7 +186,7 @@ class Featurizer:
             if group is None:
                 group = projection_group_rows(g.shape[1], xp.finfo(g.dtype).bits // 8, self.proj_dim,
                                               accelerator=is_accelerator(g))
-                pending = (first + lo) % group  # the first group ends at a multiple of `group`
+                pending = (row0 + first + lo) % group  # the first group ends at a multiple of `group` (absolute)
             grads.append(g)
             weights.append(q)
             pending += g.shape[0]
@@ -266,9 +272,9 @@ class Featurizer:
             return False
         if not has_float64(xp, device_of(kernel)):
             warnings.warn(f"checkpoint {index}: the float32 kernel is ill-conditioned at lambda_reg="
-                          f"{factor.lambda_reg:.4g} (lambda_max / lambda = {ratio:.3g}) and {xp.__name__} has no float64 "
-                          f"here, so scores may be off by about {1e-8 * ratio:.0e} relative; raise lambda_reg (or, "
-                          "for JAX, set jax_enable_x64)", RuntimeWarning, stacklevel=4)
+                          f"{factor.lambda_reg:.4g} (lambda_max / lambda = {ratio:.3g}) and {xp.__name__} has no "
+                          f"float64 here, so scores may be off by about {1e-8 * ratio:.0e} relative; raise lambda_reg "
+                          "(or, for JAX, set jax_enable_x64)", RuntimeWarning, stacklevel=4)
             return False
         log.info("checkpoint %d: lambda_max / lambda = %.3g > %g: the kernel is made again in float64 (a float32 "
                  "kernel would cost scores about %.0e relative; kernel_dtype='float32' keeps it)", index, ratio,
@@ -289,7 +295,7 @@ class Featurizer:
         if self.executor is not None:
             data = list(batches(data, self.label_key))
         if writer.needs_template or (self.executor is not None and writer.template is None):
-            data = iter(batches(data, self.label_key))  # one example tells the namespace, device and dtype of the features
+            data = iter(batches(data, self.label_key))  # one example tells the features' namespace, device and dtype
             first = next(data, None)
             if first is not None:
                 one = (take_rows(first[0], 0, 1), first[1][:1, ...])

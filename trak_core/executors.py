@@ -6,8 +6,11 @@ differentiates the whole batches overlapping its shard (so every row sees exactl
 sees in a single process), projects in groups aligned to absolute rows, and writes its chunks to
 the store. The driver then accumulates ``Phi^T Phi`` from the chunks on disk in order, so a
 distributed run gives the single-process numbers bit for bit. Actors are restarted and their
-shard retried when a worker dies. Scoring: the driver makes each checkpoint's ``K^{-1} phi(z')^T``;
-actors multiply their row shards of the stored features by it in the same blocks as one process.
+shard retried when a worker dies; once retries run out the call fails, the actors are dropped, and the
+same call again starts new ones and resumes after the shards that finished. A worker's error names the
+checkpoint and batch of the whole training data, as in one process. Scoring: the driver makes each
+checkpoint's ``K^{-1} phi(z')^T``; actors multiply their row shards of the stored features by it in the
+same blocks as one process.
 """
 from __future__ import annotations
 
@@ -43,8 +46,10 @@ class _Worker:
 
         return os.getpid()
 
-    def featurize(self, checkpoint: Any, index: int, batches: list, first_row: int, start: int, stop: int,
-                  path: str, fail_marker: str | None = None) -> dict[str, str]:
+    def featurize(self, checkpoint: Any, index: int, batches: list, first_batch: int, first_row: int, start: int,
+                  stop: int, path: str, fail_marker: str | None = None) -> dict[str, str]:
+        """Write rows ``start .. stop-1`` of checkpoint ``index``; ``batches`` are the training data's batches
+        ``first_batch ..``, whose first row is training row ``first_row``. Returns the chunks' checksums."""
         import os
 
         import numpy as np
@@ -56,8 +61,8 @@ class _Worker:
             open(fail_marker, "w").close()
             os._exit(1)
         prepared = self.trak.backend.prepare(self.trak.model, checkpoint)
-        parts = list(self.trak._stream_features(prepared, index, batches, skip=start - first_row,
-                                                stop=stop - first_row))
+        parts = list(self.trak._stream_features(prepared, index, batches, skip=start - first_row, stop=stop - first_row,
+                                                row0=first_row, batch0=first_batch))
         features = np.concatenate([to_numpy(f) for f, _ in parts])
         weights = np.concatenate([to_numpy(q) for _, q in parts])
         return write_rows(path, index, start, features, weights)
@@ -85,7 +90,9 @@ class RayExecutor:
     shard_rows : int
         Rows per unit of work (rounded up to whole chunks of 4,096 rows).
     max_retries : int
-        Restarts of a dead actor, and retries of its shard.
+        Restarts of a dead actor, and retries of its shard. When they run out (at once for 0) the call
+        raises Ray's ``RayActorError`` and the actors are stopped: the same call again starts new ones and
+        resumes after the shards finished before the failing one.
     cpu_wait_s : float
         How long to wait for free CPUs when starting the actors (each takes one; Ray frees those of
         stopped actors asynchronously): up to a fifth of it for all ``num_workers``, then the rest for
@@ -142,27 +149,51 @@ class RayExecutor:
 
     def featurize(self, trak: Any, checkpoint: Any, index: int, data: Sequence[tuple[Any, Any]], writer: Any,
                   n_rows: int, offsets: list[int]) -> None:
-        """Fill ``writer``'s arrays for rows ``writer.rows_done .. n_rows-1`` with actor work."""
+        """Fill ``writer``'s arrays for rows ``writer.rows_done .. n_rows-1`` with actor work.
+
+        When a shard fails, the shards queued after it are cancelled and those running are waited for (none
+        writes after the error is raised; when an actor died, the actors are stopped instead, and the next call
+        starts new ones), and the shards before it are recorded, so that the same call again resumes after them.
+        """
         import ray
 
         actors = self._start(trak)
-        futures = []
+        futures, stops = [], []
         for i, (start, stop) in enumerate(shards(writer.rows_done, n_rows, self.shard_rows)):
             first = max(b for b in range(len(offsets)) if offsets[b] <= start)
             last = min(b for b in range(len(offsets)) if offsets[b] + _rows(data[b]) >= stop)
             futures.append(actors[i % len(actors)].featurize.remote(
-                checkpoint, index, list(data[first:last + 1]), offsets[first], start, stop, trak.store.location,
-                self.fail_marker if i == 0 else None))
+                checkpoint, index, list(data[first:last + 1]), first, offsets[first], start, stop,
+                trak.store.location, self.fail_marker if i == 0 else None))
+            stops.append(stop)
         checksums: dict[str, str] = {}
-        for shard in ray.get(futures):
-            checksums.update(shard)
+        for i, future in enumerate(futures):  # in row order: on a failure, the shards before it are done
+            try:
+                checksums.update(self._get(future))
+            except Exception:
+                rest = futures[i + 1:]
+                if self._actors and rest:  # no actor died: none writes after the error (queued shards never start)
+                    for queued in rest:
+                        ray.cancel(queued)
+                    ray.wait(rest, num_returns=len(rest))
+                if i:
+                    writer.record_rows(checksums, stops[i - 1])
+                raise
         writer.record_rows(checksums, n_rows)
 
+    def _get(self, futures: Any) -> Any:
+        """``ray.get(futures)``; after an actor died (its restarts spent, or ``max_retries=0``) the actors are
+        stopped, so that the next call starts new ones instead of failing on the dead one."""
+        import ray
+
+        try:
+            return ray.get(futures)
+        except ray.exceptions.RayActorError:
+            self.close()
+            raise
 
     def products(self, trak: Any, entry: Any, weights: Any) -> Any:
         """``Phi_c @ weights`` over row shards aligned to the scoring blocks, on the actors, in row order."""
-        import ray
-
         from .scores import SCORE_BLOCK_ROWS
 
         actors = self._start(trak)
@@ -171,7 +202,7 @@ class RayExecutor:
         futures = [actors[i % len(actors)].score.remote(trak.store.location, entry.index, entry.features.checksums,
                                                         weights, start, min(n, start + size))
                    for i, start in enumerate(range(0, n, size))]
-        parts = ray.get(futures)
+        parts = self._get(futures)
         from ._namespace import namespace
 
         xp = namespace(weights)
