@@ -240,6 +240,37 @@ def test_scores_are_saved_and_never_overwritten(tmp_path):
     assert trak.saved_scores() == ["first-six"]
 
 
+def test_an_interrupted_save_as_is_not_listed_and_its_name_is_reused(tmp_path, monkeypatch):
+    """A kill while ``save_as`` writes (after the array is created, before its data and checksum) left a name that
+    was listed, refused by ``save_as`` ("already exist") and unreadable ("damaged ... score again")."""
+    import zarr
+
+    x, y = _data()
+    _, reference = _run(None, checkpoints=1)
+    trak, _ = _run(tmp_path / "store", checkpoints=1)
+    original = zarr.Array.__setitem__
+
+    def killed(self, key, value):
+        if self.path.startswith("scores/"):
+            raise _Killed
+        return original(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", killed)
+    with pytest.raises(_Killed):
+        trak.score([(x[:6], y[:6])], save_as="run")
+    monkeypatch.setattr(zarr.Array, "__setitem__", original)
+    assert (tmp_path / "store" / "scores" / "run" / "zarr.json").exists()  # the interrupted set is on disk
+    assert trak.saved_scores() == []  # was ['run']
+    with pytest.raises(ValueError, match=r"'run' .* never finished .*score again with save_as='run'"):
+        trak.load_scores("run")
+    assert np.array_equal(trak.score([(x[:6], y[:6])], save_as="run"), reference)  # was "already exist"
+    assert trak.saved_scores() == ["run"]
+    with pytest.raises(ValueError, match="already exist"):  # a finished set is still never overwritten
+        trak.score([(x[:2], y[:2])], save_as="run")
+    assert np.array_equal(TRAK.open(tmp_path / "store", MLP(5, 4, 3), [MLP(5, 4, 3).init(seed=0)]).load_scores("run"),
+                          reference)
+
+
 def test_fsspec_urls(tmp_path):
     pytest.importorskip("fsspec", reason="fsspec is not installed")
     _, memory = _run(None)

@@ -134,3 +134,58 @@ def test_after_a_refit_the_message_says_how_to_add_a_checkpoint(tmp_path):
     trak.featurize(model.init(seed=2), _batches(x, y))
     trak.refit(0.5)
     assert trak.lambdas == [0.5] * 3
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL at one chosen instant (a BaseException: nothing in the library catches it)."""
+
+
+def test_a_checkpoint_with_all_its_rows_stored_is_refused_on_other_data(tmp_path, monkeypatch):
+    """Killed after its last chunk was written, before it was complete: the rerun's data must be that run's. Data
+    with rows appended raised "internal: a chunk may only follow whole chunks"; another last row was accepted."""
+    from trak_core.disk_store import DiskStore
+
+    x, y = _data()
+    store, model = tmp_path / "store", MLP(5, 4, 3)
+    monkeypatch.setattr(DiskStore, "add", lambda self, entry: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):
+        TRAK(model, proj_dim=32, store=store, progress=False).featurize(model.init(seed=0), _batches(x, y))
+    monkeypatch.undo()
+    assert _rows_done(store, 0) == N
+    manifest = (store / "c0" / "zarr.json").read_bytes()
+    last_label = y.copy()
+    last_label[-1] = (y[-1] + 1) % 3
+    for data, message in [((np.r_[x, x[:500]], np.r_[y, y[:500]]), r"more than 9000 examples, but this checkpoint"),
+                          ((x[:-1], y[:-1]), r"has 8999 examples, but this checkpoint"),
+                          ((x, last_label), r"rows 8192\.\.12287 \(data_checksums chunk 2\)")]:
+        with pytest.raises(StoreMismatchError, match=message + r".*(n_train=9000.*resume it|nothing was overwritten)"):
+            TRAK(model, proj_dim=32, store=store, progress=False).featurize(model.init(seed=0), _batches(*data))
+        assert (store / "c0" / "zarr.json").read_bytes() == manifest  # nothing was written
+    trak = TRAK(model, proj_dim=32, store=store, progress=False)
+    trak.featurize(model.init(seed=0), _batches(x, y))  # that run's data: resumed
+    assert np.array_equal(trak.score([(x[:6], y[:6])]), _reference(x, y, 1))
+
+
+def test_rows_grown_but_never_recorded_are_cut_when_the_data_is_shorter(tmp_path, monkeypatch):
+    """Killed after the arrays grew for the last chunk (rows 8192..8999), before it was written: a rerun on data one
+    row shorter (accepted: only two whole chunks were stored) kept the 9,000-row arrays and was "damaged" forever."""
+    import zarr
+
+    x, y = _data()
+    store, model = tmp_path / "store", MLP(5, 4, 3)
+    original = zarr.Array.__setitem__
+
+    def killed(self, key, value):
+        if self.path == "c0/features" and isinstance(key, slice) and key.start == 8192:
+            raise _Killed
+        return original(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", killed)
+    with pytest.raises(_Killed):
+        TRAK(model, proj_dim=32, store=store, progress=False).featurize(model.init(seed=0), _batches(x, y))
+    monkeypatch.undo()
+    assert _rows_done(store, 0) == 8192
+    trak = TRAK(model, proj_dim=32, store=store, progress=False)
+    trak.featurize(model.init(seed=0), _batches(x[:-1], y[:-1]))
+    assert trak.self_influence().shape == (N - 1,)
+    assert np.array_equal(trak.score([(x[:6], y[:6])]), _reference(x[:-1], y[:-1], 1))

@@ -69,10 +69,15 @@ class DataCheck:
         The number of rows the data must have (``None`` when not known yet).
     where : str
         The store's location or ``"memory"``, for messages.
+    resumed : bool
+        ``n_train`` is the length of the data an earlier run of this incomplete checkpoint ended on (its messages
+        say to resume that run), not checkpoint 0's.
     """
 
-    def __init__(self, writer: Writer, expected: dict[str, str], n_train: int | None, where: str) -> None:
+    def __init__(self, writer: Writer, expected: dict[str, str], n_train: int | None, where: str, *,
+                 resumed: bool = False) -> None:
         self.writer, self.expected, self.n_train, self.where = writer, expected, n_train, where
+        self.resumed = resumed  # n_train is that of an earlier run of this (incomplete) checkpoint, not checkpoint 0's
         self.fingerprint = DataFingerprint(KERNEL_CHUNK_ROWS)
 
     @classmethod
@@ -84,6 +89,10 @@ class DataCheck:
         stored = writer.data_checksums
         if writer.complete:
             return cls(writer, stored, None, where)
+        total = getattr(writer, "rows_total", None)
+        if total is not None:  # its last, partial chunk is stored: that run's data ended there, every chunk hashed
+            chunks = -(-total // KERNEL_CHUNK_ROWS)
+            return cls(writer, {c: d for c, d in stored.items() if int(c) < chunks}, total, where, resumed=True)
         whole = writer.rows_done // KERNEL_CHUNK_ROWS  # chunks written completely
         return cls(writer, {c: d for c, d in stored.items() if int(c) < whole}, None, where)
 
@@ -109,9 +118,8 @@ class DataCheck:
         n_train = self.n_train if self.n_train is not None else stored_rows
         rows = self.fingerprint.rows
         if n_train is not None and rows != n_train:
-            raise StoreMismatchError(f"the training data has {rows} examples, but the features in {self.where} were "
-                                     f"made from n_train={n_train}; featurize every checkpoint on the same data "
-                                     "(not truncated or extended), or use a new store path (nothing was overwritten)")
+            raise StoreMismatchError(f"the training data has {rows} examples, but {self._made_from(n_train)}; "
+                                     f"{self._fix}")
         if rows < at_least or (n_train is not None and at_least > n_train):
             raise StoreMismatchError(
                 f"the training data has {rows} examples, but this checkpoint in {self.where} already holds features "
@@ -123,7 +131,26 @@ class DataCheck:
     def check_written(self, rows: int) -> None:
         """Refuse, before they are written, rows past the ``n_train`` of checkpoint 0 (the data is longer)."""
         if self.n_train is not None and rows > self.n_train:
+            if self.resumed:
+                raise StoreMismatchError(f"the training data has more than {self.n_train} examples, but "
+                                         f"{self._made_from(self.n_train)}; {self._fix}")
             raise StoreMismatchError(
                 f"the training data has more than the n_train={self.n_train} examples the features in {self.where} "
                 "were made from; featurize every checkpoint on the same data (not truncated or extended), or use a "
                 "new store path (nothing was overwritten)")
+
+    def _made_from(self, n_train: int) -> str:
+        """What the store's rows were made from, for messages."""
+        if self.resumed:
+            return (f"this checkpoint in {self.where} holds features of all n_train={n_train} examples of an earlier "
+                    "run's data (its last chunk is stored; the checkpoint is not complete yet)")
+        return f"the features in {self.where} were made from n_train={n_train}"
+
+    @property
+    def _fix(self) -> str:
+        """How to go on, for messages."""
+        if self.resumed:
+            return ("featurize on that run's data to resume it (the same call), or use a new store path (nothing was "
+                    "overwritten)")
+        return ("featurize every checkpoint on the same data (not truncated or extended), or use a new store path "
+                "(nothing was overwritten)")

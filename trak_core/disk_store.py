@@ -11,10 +11,14 @@ One job: ``TRAK(store=path)``. Layout of the directory:
 - ``c{index}/features`` (n, k) and ``c{index}/out_to_loss`` (n,), chunked by ``KERNEL_CHUNK_ROWS``
   rows; attributes ``rows_done``, one SHA-256 per chunk, ``parameters_sha256`` (the checkpoint's
   content hash, written before any row), ``data_checksums`` (one digest of the training data per
-  chunk, written before the chunk), and, once the checkpoint is done, ``c{index}/kernel`` (k, k)
-  float64, ``lambda_reg`` (the value), ``lambda_setting`` (what the estimator was given: "auto" or the
-  float) and ``complete``.
-- ``scores/<name>``: scores saved with ``score(..., save_as=name)``, checksummed.
+  chunk, written before the chunk), and, once the checkpoint is done, ``c{index}/kernel`` (``Phi^T Phi``,
+  k x k, or the Gram matrix ``Phi Phi^T``, n x n, when n < k; in the dtype ``kernel_dtype`` gave: float32
+  for float32 features at the default), ``lambda_reg`` (the value), ``lambda_setting`` (what the
+  estimator was given: "auto" or the float) and ``complete``. Rows past ``rows_done`` (an array grown
+  or allocated by a run that did not record them) are not data: the next run writes or cuts them.
+- ``scores/<name>``: scores saved with ``score(..., save_as=name)``; their SHA-256 (attribute ``sha256``)
+  is written after them, so a set without it was interrupted: not listed, and replaced by the next
+  ``save_as`` of that name (a finished set is never overwritten).
 
 The directory is created by the first write, not by opening. Reading a finished store (``TRAK.open``, scoring,
 self-influence, saved scores, featurizing its complete checkpoints again) writes nothing, so it works in a read-only
@@ -166,27 +170,40 @@ class DiskStore(Store):
                 or name.startswith("__") or name != name.strip():
             raise TrakValueError(f"save_as needs a plain name such as 'run-1' (not empty or only dots, no '/' or '\\', "
                                  f"no leading '__' or surrounding spaces), got {name!r}")
-        if self.exists() and "scores" in self.root and name in self.root["scores"]:
+        state = self._scores_state(name)
+        if state == "finished":
             raise TrakValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "
                                  "overwritten)")
         self.writable()
         values = to_numpy(scores)
         with one_writer(self.path):
-            array = self.root.require_group("scores").create_array(name, shape=values.shape, dtype=values.dtype,
-                                                                   chunks=(KERNEL_CHUNK_ROWS, values.shape[1]),
-                                                                   fill_value=0)
+            group = self.root.require_group("scores")
+            if state == "interrupted":  # never finished (no checksum): nothing saved under this name is lost
+                del group[name]
+            array = group.create_array(name, shape=values.shape, dtype=values.dtype,
+                                       chunks=(KERNEL_CHUNK_ROWS, values.shape[1]), fill_value=0)
         array[:] = values
-        array.attrs["sha256"] = _digest(values)
+        array.attrs["sha256"] = _digest(values)  # last: it marks the set finished
+
+    def _scores_state(self, name: str) -> str | None:
+        """``"finished"`` (its checksum is written), ``"interrupted"`` (created, never finished) or ``None``."""
+        if not self.exists() or "scores" not in self.root or name not in set(self.root["scores"].array_keys()):
+            return None
+        return "finished" if "sha256" in self.root["scores"][name].attrs else "interrupted"
 
     def score_names(self) -> list[str]:
-        """Names of the score sets saved in this store, sorted."""
+        """Names of the score sets saved in this store (finished ones: interrupted ones are left out), sorted."""
         if not self.exists() or "scores" not in self.root:
             return []
-        return sorted(name for name, _ in self.root["scores"].arrays())
+        return sorted(name for name, array in self.root["scores"].arrays() if "sha256" in array.attrs)
 
     def load_scores(self, name: str) -> np.ndarray:
         """Read scores saved with ``score(..., save_as=name)``, checking their checksum."""
-        if name not in self.score_names():
+        state = self._scores_state(name)
+        if state == "interrupted":
+            raise TrakValueError(f"scores {name!r} in {self.path} were never finished (the call that saved them was "
+                                 f"interrupted); score again with save_as={name!r}, which replaces them")
+        if state is None:
             raise TrakValueError(f"no scores named {name!r} in {self.path}; saved: {self.score_names()}")
         array = self.root["scores"][name]
         values = array[:]

@@ -77,6 +77,13 @@ def _grow(array: Any, n_rows: int) -> None:
         array.resize((n_rows, *array.shape[1:]))
 
 
+def _fit(array: Any, n_rows: int) -> None:
+    """Give ``array`` exactly ``n_rows`` rows: rows past ``rows_done`` were never recorded (an array grown by a run
+    killed before it recorded the chunk, or allocated for a parallel run on longer data), so they may be cut."""
+    if array.shape[0] != n_rows:
+        array.resize((n_rows, *array.shape[1:]))
+
+
 class DiskWriter(Writer):
     """Writes one checkpoint's features chunk by chunk (see the module notes)."""
 
@@ -104,6 +111,15 @@ class DiskWriter(Writer):
     @property
     def stored_dtype(self) -> str | None:
         return self.group.attrs.get("dtype")
+
+    @property
+    def rows_total(self) -> int | None:
+        """The number of rows of the data this incomplete checkpoint was featurized on, where its stored rows fix
+        it: ``rows_done`` when it ends inside a chunk (only the data's last chunk is partial, so that run saw the
+        end of its data; the data's digests of every chunk were recorded before it). ``None`` where a resumed run
+        may bring more rows."""
+        done = int(self.group.attrs.get("rows_done", 0))
+        return done if done % KERNEL_CHUNK_ROWS else None
 
     def set_template(self, features: Any) -> None:
         self.template, self.needs_template = features[:1, ...], False
@@ -194,7 +210,16 @@ class DiskWriter(Writer):
             self._rows, self._weights = [], []
 
     def allocate(self, n_rows: int, width: int, dtype: Any, weight_dtype: Any) -> None:
-        """Create (or grow) the arrays for ``n_rows`` rows, so that workers can fill chunks in any order."""
+        """Create the arrays for exactly ``n_rows`` rows, so that workers can fill chunks in any order.
+
+        Arrays of an earlier run on other data are grown or cut to ``n_rows``: only its rows before ``rows_done``
+        were recorded, and they are kept (``DataCheck`` refused the data before, had those rows been of other
+        data or more than ``n_rows``)."""
+        if self.rows_done > n_rows or self.rows_total not in (None, n_rows):
+            raise StoreMismatchError(f"checkpoint {self.index} in {self.store.path} holds features of "
+                                     f"{self.rows_total or self.rows_done} rows, and this run has n_train={n_rows}; "
+                                     "featurize on that run's data to resume it, or use a new store path (nothing "
+                                     "was overwritten)")
         self.store.writable()
         self._check_dtype(np.dtype(dtype))
         with one_writer(self.store.path):
@@ -202,12 +227,12 @@ class DiskWriter(Writer):
                 self.group.create_array("features", shape=(n_rows, width), chunks=(KERNEL_CHUNK_ROWS, width),
                                         dtype=dtype, fill_value=0)
             else:
-                _grow(self.group["features"], n_rows)
+                _fit(self.group["features"], n_rows)
             if "out_to_loss" not in self.group:
                 self.group.create_array("out_to_loss", shape=(n_rows,), chunks=(KERNEL_CHUNK_ROWS,),
                                         dtype=weight_dtype, fill_value=0)
             else:
-                _grow(self.group["out_to_loss"], n_rows)
+                _fit(self.group["out_to_loss"], n_rows)
 
     def finish(self, kernel_dtype: str = "float64") -> tuple[Any, Any, Any]:
         """``(features, out_to_loss, kernel)``: a stored kernel is reused when it is of ``kernel_dtype``'s dtype or
@@ -215,6 +240,8 @@ class DiskWriter(Writer):
         stored only when none was."""
         if self._rows:
             self._write()
+        if not self.complete and "out_to_loss" in self.group:
+            self._cut_to_rows_done()
         if "features" not in self.group or self.group["features"].shape[0] == 0:
             return None, None, None
         features = self.group["features"]
@@ -238,6 +265,14 @@ class DiskWriter(Writer):
                 del self.group["kernel"]
             self.group.create_array("kernel", shape=matrix.shape, dtype=matrix.dtype, fill_value=0)[:] = matrix
         return lazy, weights, kernel
+
+    def _cut_to_rows_done(self) -> None:
+        """Cut both arrays to the rows recorded: rows past ``rows_done`` (an earlier run's, on longer data) would
+        make the features longer than the data, and their last chunk disagree with its checksum."""
+        for array in (self.group["features"], self.group["out_to_loss"]):
+            if array.shape[0] > self.rows_done:
+                self.store.writable()
+                _fit(array, self.rows_done)
 
     def discard(self) -> None:
         """Drop this checkpoint's arrays (its data contradicted checkpoint 0's)."""
