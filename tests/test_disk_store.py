@@ -147,7 +147,7 @@ def test_other_data_size_or_dtype_is_refused(tmp_path):
     x, y = _data()
     model = MLP(5, 4, 3)
     manifest = (store / "c0" / "zarr.json").read_bytes()
-    with pytest.raises(StoreMismatchError, match="has 8999 examples, but the features in .* n_train=9000"):
+    with pytest.raises(StoreMismatchError, match="has 8999 examples, but the store at .* featurized on n_train=9000"):
         TRAK(model, proj_dim=32, store=store, progress=False).featurize(model.init(seed=0), [(x[:-1], y[:-1])])
     with pytest.raises(StoreMismatchError, match=r"rows 0\.\.4095 \(data_checksums chunk 0\)"):
         TRAK(model, proj_dim=32, store=store, progress=False).featurize(model.init(seed=0), [(x[1:], y[1:])])
@@ -229,14 +229,21 @@ def test_scores_are_saved_and_never_overwritten(tmp_path):
     again = trak.score([(x[:6], y[:6])], save_as="first-six")
     assert np.array_equal(trak.store.load_scores("first-six"), again)
     assert np.array_equal(again, scores)
+    consumed = []
+
+    def targets():  # each refusal comes before any target is scored (they came after all of them before)
+        consumed.append(1)
+        yield x[:2], y[:2]
+
     with pytest.raises(ValueError, match="already exist"):
-        trak.score([(x[:2], y[:2])], save_as="first-six")
+        trak.score(targets(), save_as="first-six")
     assert trak.store.load_scores("first-six").shape == (N, 6)
     with pytest.raises(ValueError, match="on-disk store"):
-        _run(None)[0].score([(x[:2], y[:2])], save_as="x")
+        _run(None)[0].score(targets(), save_as="x")
     for bad in ("..", ".", "", " ", "a/b", "__meta", " padded"):  # '..' reached zarr's own ValueError before
         with pytest.raises(ValueError, match="save_as needs a plain name"):
-            trak.score([(x[:2], y[:2])], save_as=bad)
+            trak.score(targets(), save_as=bad)
+    assert consumed == []
     assert trak.saved_scores() == ["first-six"]
 
 
@@ -277,3 +284,14 @@ def test_fsspec_urls(tmp_path):
     _, scores = _run(f"file://{tmp_path / 'url-store'}")
     assert np.array_equal(scores, memory)
     assert (tmp_path / "url-store" / "zarr.json").exists()
+
+
+def test_a_store_path_under_the_home_directory_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    trak, scores = _run("~/stores/run")
+    assert (tmp_path / "home" / "stores" / "run" / "c0").is_dir() and not (tmp_path / "~").exists()
+    model = MLP(5, 4, 3)
+    x, y = _data()
+    reopened = TRAK.open("~/stores/run", model, [model.init(seed=c) for c in range(trak.n_checkpoints)])
+    np.testing.assert_array_equal(reopened.score([(x[:6], y[:6])]), scores)

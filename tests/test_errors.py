@@ -121,10 +121,13 @@ def test_training_set_must_not_change(setup):
     trak = TRAK(model, proj_dim=8, progress=False)
     trak.featurize(theta, [(x, y)])
     other = theta + 0.01
-    with pytest.raises(StoreMismatchError, match="has 19 examples, but the features in memory were made from n_train=20"):
+    with pytest.raises(StoreMismatchError, match=r"has 19 examples, but checkpoint 0 of this estimator was featurized "
+                                                 r"on n_train=20 examples.*extended\) \(nothing of this checkpoint"):
         trak.featurize(other, [(x[1:], y[1:])])
-    with pytest.raises(StoreMismatchError, match=r"rows 0\.\.4095 \(data_checksums chunk 0\): other examples"):
+    with pytest.raises(StoreMismatchError, match=r"data checkpoint 0 of this estimator was featurized on, in rows "
+                                                 r"0\.\.4095 \(data_checksums chunk 0\): other examples") as info:
         trak.featurize(other, [(x[::-1], y[::-1])])  # same size, another order
+    assert "store path" not in str(info.value)  # an in-memory estimator has none
     assert trak.n_checkpoints == 1
     trak.featurize(other, [(x[:7], y[:7]), (x[7:], y[7:])])  # other batch sizes, same rows: the same data
     assert trak.n_checkpoints == 2

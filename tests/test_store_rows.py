@@ -66,7 +66,8 @@ def test_a_later_checkpoint_on_longer_data_writes_no_row(tmp_path):
     store, model = tmp_path / "store", MLP(5, 4, 3)
     trak = TRAK(model, proj_dim=32, store=store, progress=False)
     trak.featurize(model.init(seed=0), _batches(x, y))
-    with pytest.raises(StoreMismatchError, match=r"more than the n_train=8192 examples .*nothing was overwritten"):
+    with pytest.raises(StoreMismatchError,
+                       match=r"more than 8192 examples, but the store at .* n_train=8192 .*nothing was overwritten"):
         trak.featurize(model.init(seed=1), _batches(longer, labels))
     assert _rows_done(store, 1) <= 8192  # was 12,288: the extra rows had been written
     trak.featurize(model.init(seed=1), _batches(x, y))

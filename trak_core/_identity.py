@@ -101,10 +101,9 @@ class DataCheck:
         if expected is not None and expected != digest:
             first = chunk * KERNEL_CHUNK_ROWS
             raise StoreMismatchError(
-                f"the training data differs from the data the store at {self.where} was featurized on, in rows "
+                f"the training data differs from the data {self._featurized} was featurized on, in rows "
                 f"{first}..{first + KERNEL_CHUNK_ROWS - 1} (data_checksums chunk {chunk}): other examples, other "
-                "labels or another order. Featurize every checkpoint on the same data in the same order, or use a "
-                "new store path (nothing was overwritten)")
+                f"labels or another order. Featurize every checkpoint on the same data in the same order{self._new}")
         self.writer.record_data(chunk, digest)
 
     def batch(self, inputs: Any, labels: Any) -> None:
@@ -134,17 +133,15 @@ class DataCheck:
             if self.resumed:
                 raise StoreMismatchError(f"the training data has more than {self.n_train} examples, but "
                                          f"{self._made_from(self.n_train)}; {self._fix}")
-            raise StoreMismatchError(
-                f"the training data has more than the n_train={self.n_train} examples the features in {self.where} "
-                "were made from; featurize every checkpoint on the same data (not truncated or extended), or use a "
-                "new store path (nothing was overwritten)")
+            raise StoreMismatchError(f"the training data has more than {self.n_train} examples, but "
+                                     f"{self._made_from(self.n_train)}; {self._fix}")
 
     def _made_from(self, n_train: int) -> str:
         """What the store's rows were made from, for messages."""
         if self.resumed:
             return (f"this checkpoint in {self.where} holds features of all n_train={n_train} examples of an earlier "
                     "run's data (its last chunk is stored; the checkpoint is not complete yet)")
-        return f"the features in {self.where} were made from n_train={n_train}"
+        return f"{self._featurized} was featurized on n_train={n_train} examples"
 
     @property
     def _fix(self) -> str:
@@ -152,5 +149,15 @@ class DataCheck:
         if self.resumed:
             return ("featurize on that run's data to resume it (the same call), or use a new store path (nothing was "
                     "overwritten)")
-        return ("featurize every checkpoint on the same data (not truncated or extended), or use a new store path "
-                "(nothing was overwritten)")
+        return f"featurize every checkpoint on the same data (not truncated or extended){self._new}"
+
+    @property
+    def _featurized(self) -> str:
+        """What was featurized first, for messages: the store, or (in memory) this estimator's checkpoint 0."""
+        return "checkpoint 0 of this estimator" if self.where == "memory" else f"the store at {self.where}"
+
+    @property
+    def _new(self) -> str:
+        """The way out besides the same data, for messages (an in-memory store keeps nothing of this checkpoint)."""
+        return " (nothing of this checkpoint was kept)" if self.where == "memory" else \
+            ", or use a new store path (nothing was overwritten)"

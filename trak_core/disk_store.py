@@ -71,7 +71,7 @@ class DiskStore(Store):
         except ImportError:
             raise MissingFrameworkError('on-disk stores need zarr (v3): pip install "trak-core[store]"') from None
         self._url = "://" in str(path)
-        self.path: str | pathlib.Path = str(path) if self._url else pathlib.Path(path)
+        self.path: str | pathlib.Path = str(path) if self._url else pathlib.Path(path).expanduser()  # "~/x" as a shell
         if not self._url and self.path.exists() and not self.path.is_dir():
             raise TrakOSError(f"the store path {self.path} is a file, not a directory; choose a directory path "
                               "(it is created if absent)")
@@ -166,15 +166,7 @@ class DiskStore(Store):
 
     def save_scores(self, name: str, scores: Any) -> None:
         """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum."""
-        if not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name or name.strip(".") == "" \
-                or name.startswith("__") or name != name.strip():
-            raise TrakValueError(f"save_as needs a plain name such as 'run-1' (not empty or only dots, no '/' or '\\', "
-                                 f"no leading '__' or surrounding spaces), got {name!r}")
-        state = self._scores_state(name)
-        if state == "finished":
-            raise TrakValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "
-                                 "overwritten)")
-        self.writable()
+        state = self.check_score_name(name)
         values = to_numpy(scores)
         with one_writer(self.path):
             group = self.root.require_group("scores")
@@ -184,6 +176,20 @@ class DiskStore(Store):
                                        chunks=(KERNEL_CHUNK_ROWS, values.shape[1]), fill_value=0)
         array[:] = values
         array.attrs["sha256"] = _digest(values)  # last: it marks the set finished
+
+    def check_score_name(self, name: str) -> str | None:
+        """Refuse a ``save_as`` name that is malformed or taken, or a store that cannot be written, before scoring;
+        returns the name's state (``"interrupted"`` or ``None``)."""
+        if not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name or name.strip(".") == "" \
+                or name.startswith("__") or name != name.strip():
+            raise TrakValueError(f"save_as needs a plain name such as 'run-1' (not empty or only dots, no '/' or '\\', "
+                                 f"no leading '__' or surrounding spaces), got {name!r}")
+        state = self._scores_state(name)
+        if state == "finished":
+            raise TrakValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "
+                                 "overwritten)")
+        self.writable()
+        return state
 
     def _scores_state(self, name: str) -> str | None:
         """``"finished"`` (its checksum is written), ``"interrupted"`` (created, never finished) or ``None``."""

@@ -213,6 +213,10 @@ class Store(abc.ABC):
 
     def save_scores(self, name: str, scores: Any) -> None:
         """Save ``scores`` under ``name`` (on-disk stores); never overwrites."""
+        self.check_score_name(name)
+
+    def check_score_name(self, name: str) -> Any:
+        """Refuse ``score(..., save_as=name)`` before any target is scored (this store cannot save scores)."""
         raise TrakValueError("save_as needs an on-disk store: TRAK(..., store=PATH)")
 
     def load_scores(self, name: str) -> Any:

@@ -243,6 +243,8 @@ class TRAK(Featurizer):
             In the namespace, dtype and on the device of the features, averaged over the
             checkpoints (``docs/estimator.md``).
         """
+        if save_as is not None:
+            self.store.check_score_name(save_as)  # before any work: a bad name or an in-memory store
         total = length_of(data)
         data = iter(batches(data, self.label_key))
         first = next(data, None)
