@@ -54,7 +54,8 @@ step() {  # step NAME LIMIT COMMAND...: run it under min(LIMIT, time left), outp
     return
   fi
   start=$(date +%s)
-  timeout -k 10 "$limit" "$@" > "$logs/$name.txt" 2>&1
+  # SIGINT first: pytest then still writes its summary and junit XML (SIGTERM loses them); KILL 10 s later
+  timeout -s INT -k 10 "$limit" "$@" > "$logs/$name.txt" 2>&1
   rc=$?
   note "$name" "$rc" "$(($(date +%s) - start))" "limit ${limit} s; $(grep -v '^\s*$' "$logs/$name.txt" | tail -n 1 | cut -c1-150 | tr '|' '/')"
 }

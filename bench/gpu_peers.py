@@ -168,7 +168,10 @@ def projection_methods(p: int, k: int, error_p: int, device: Any) -> dict[str, t
             "TRAK_CORE_TRITON=0: float16 products of P unpacked into memory")
     reason, projector = fastjl_reason(device), None
     if reason is None:
-        projector = cuda_projector(p, k, device)
+        try:  # traker's constructor launches fast_jl once: a build that imports but cannot run fails here
+            projector = cuda_projector(p, k, device)
+        except Exception as exc:  # fast_jl's row says why; trak-core's rows of this size still run
+            reason = f"failed: {type(exc).__name__}: {str(exc)[:150]}"
     methods[FASTJL] = (projector and (lambda g: projector.project(g, model_id=0)),
                        reason or f"its own matrix: error at p={error_p:,}, the matrix recovered from identity rows")
     return methods

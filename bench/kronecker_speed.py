@@ -402,5 +402,13 @@ def main(argv: list[str] | None = None) -> dict:
     return write_json(result, args.json)
 
 
+def failed_rows(result: dict) -> list[str]:
+    """``model kind`` of each row whose child failed (the exit status says so: scripts and the GPU check read it)."""
+    return [f"{row['model']} {row['kind']}" for row in result.get("rows", []) if "error" in row]
+
+
 if __name__ == "__main__":
-    main()
+    failed = failed_rows(main() or {})
+    if failed:
+        print(f"kronecker_speed: failed rows: {', '.join(failed)} (exit status 1)", file=sys.stderr)
+        sys.exit(1)

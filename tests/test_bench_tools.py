@@ -225,3 +225,21 @@ def test_closed_form_speed_small_run(tmp_path):
     for row in rows.values():
         assert row["closed_form_used"] and row["batch"] == 4 and row["max_rel_difference"] < 1e-5
         assert row["speedup"] == pytest.approx(row["closed_form_examples_per_s"] / row["vmap_examples_per_s"])
+
+
+def test_kronecker_speed_exits_1_when_a_row_failed(tmp_path):
+    # the GPU check reads the exit status: a run whose every child failed (here: CUDA asked of a CPU-only torch, or
+    # no torch at all) said "ok" before
+    import subprocess
+
+    pytest.importorskip("transformers", reason="transformers is not installed: bench/kronecker_speed.py needs it")
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the child would not fail")
+    out = subprocess.run([sys.executable, str(BENCH / "kronecker_speed.py"), "--quick", "--only", "gpt2", "--device",
+                          "cuda", "--kinds", "kronecker", "--json", str(tmp_path / "k.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "failed rows: gpt2 kronecker" in out.stderr
+    rows = __import__("json").loads((tmp_path / "k.json").read_text())["rows"]
+    assert [row["model"] for row in rows if "error" in row] == ["gpt2"]

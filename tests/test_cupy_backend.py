@@ -81,9 +81,26 @@ def test_fused_projection_equals_core_project(dtype, rtol):
 
     g = np.random.default_rng(0).normal(size=(37, 5001)).astype(np.float32)
     reference = trak_core.project(g.astype(np.float64), 300, seed=1, checkpoint=4)
+    if dtype == "bfloat16":  # NumPy knows the name only through ml_dtypes (which JAX installs)
+        dtype = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed: no bfloat16 dtype").bfloat16
     out = fused_project(cupy.asarray(g).astype(dtype), 300, seed=1, checkpoint=4).get()
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, reference, rtol=rtol, atol=rtol * np.abs(reference).max())
+
+
+@gpu
+def test_rows_past_one_launch_grid_are_projected_in_parts(monkeypatch):
+    # CUDA grids have at most 65,535 blocks in y (4,194,240 rows of 64): larger batches launch in parts
+    import cupy
+    from trak_cupy import projection
+
+    g = cupy.asarray(np.random.default_rng(1).normal(size=(300, 777)).astype(np.float32))
+    whole = projection.fused_project(g, 130, seed=2, checkpoint=1, offset=5).get()
+    monkeypatch.setattr(projection, "MAX_GRID_Y", 2)  # parts of 128 rows: 128 + 128 + 44
+    parts = projection.fused_project(g, 130, seed=2, checkpoint=1, offset=5).get()
+    assert np.array_equal(parts, whole)
+    reference = trak_core.project(cupy.asnumpy(g).astype(np.float64), 130, seed=2, checkpoint=1, offset=5)
+    np.testing.assert_allclose(whole, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
 @gpu

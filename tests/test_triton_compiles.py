@@ -63,3 +63,32 @@ def test_bfloat16_and_float16_gradients_compile():
     for dtype in ("bfloat16", "float16"):
         compiled = triton_compile.compile_plan(plan, n, p, k, arch=90, input_dtype=dtype)
         assert compiled["stack"] == 0 and compiled["loop_multiply_adds"] == 2 * 32 * 256 * 64
+
+
+def _copy_widths(ptx: str) -> set[str]:
+    """Byte widths of the kernel's global-to-shared asynchronous copies (16: vector loads needing 16-byte alignment)."""
+    import re
+
+    return set(re.findall(r"cp\.async\.\w+\.shared\.global \[[^\]]*\], \[[^\]]*\], (0x\w+|\d+)", ptx))
+
+
+def test_only_pointers_at_aligned_addresses_are_declared_aligned():
+    # a CuPy column view (the split's p-slices, k = 1000) starts at an address that is not a multiple of 16: declared
+    # aligned, the kernel's 16-byte copies of it would fault on the GPU
+    from trak_core import _triton_aot
+
+    class View:  # what aligned_pointers reads of a CuPy array
+        def __init__(self, ptr):
+            self.data = type("Memory", (), {"ptr": ptr})()
+
+    assert _triton_aot.aligned_pointers(View(4096 + 4 * 525), View(256), View(1024 + 4 * 525), View(64)) == \
+        ("words_ptr", "scales_ptr", "out_ptr")
+    n, p, k = 256, 2_000_000, 1000
+    plan = _triton.launch_plan(n, p, k, H200_SMS)
+    integers = dict(n=n, p=p, k=k, stride_x=p, stride_w=-(-k // 32))
+    every = _triton_aot.compile_kernel(plan, integers, arch=90, passes=2, input_dtype="float32")
+    views = _triton_aot.compile_kernel(plan, integers, arch=90, passes=2, input_dtype="float32",
+                                       aligned_pointers=("words_ptr", "scales_ptr", "out_ptr"))
+    assert every is not views
+    assert "0x10" in _copy_widths(every.asm["ptx"]) or "16" in _copy_widths(every.asm["ptx"])
+    assert _copy_widths(views.asm["ptx"]) <= {"0x4", "4"}, _copy_widths(views.asm["ptx"])

@@ -104,10 +104,14 @@ def test_cupy_launch_runs_the_compiled_kernel_with_its_arguments(fresh, monkeypa
     view, words, signs, scales, expected, l1 = _problem(n, p, k, n_passes)
     plan = _triton.launch_plan(n, p, k, 4)
     assert plan["splits"] > 1 and plan["iters"] * plan["block_k"] < p  # the check's slice is a part of p
-    launches = []
+    launches, facts = [], []
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(plan, n_passes, launches))
-    monkeypatch.setattr(_triton_aot, "compile_kernel", lambda *args, **kwargs: _compiled(plan))
+    monkeypatch.setattr(_triton_aot, "compile_kernel",
+                        lambda *args, **kwargs: facts.append(kwargs["aligned_pointers"]) or _compiled(plan))
     partial = _triton_aot.launch_cupy(view, words, signs, scales, k, n_passes, plan)
+    base = view.base.__array_interface__["data"][0]
+    assert base % 16 == 0 and view.__array_interface__["data"][0] == base + 8  # the view starts 2 floats in
+    assert facts == [("words_ptr", "signs_ptr", "scales_ptr", "out_ptr")]  # so its pointer is not declared aligned
     assert partial.shape == (plan["splits"], n, k) and partial.dtype == np.float32
     assert np.all(np.abs(partial.sum(axis=0) - expected) <= p * 2.0**-24 * l1)
     tiles = (-(-n // plan["block_m"]), -(-k // plan["block_n"]))

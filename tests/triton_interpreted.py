@@ -147,6 +147,15 @@ def test_a_failing_kernel_falls_back_to_the_generic_path_once(interpret, monkeyp
     assert "no compiler here" in caplog.records[0].message and not _triton.available(grads)
 
 
+def test_a_failure_of_one_launch_leaves_the_other_on(monkeypatch):
+    # CuPy's launch (CuPy and JAX arrays) failing must not turn off Triton's own launch for torch tensors, nor back
+    grads = torch.zeros(2, 2)
+    monkeypatch.setattr(_triton, "_failed", ["cupy: RuntimeError: no NVRTC"])
+    assert _triton.available(grads)
+    monkeypatch.setattr(_triton, "_failed", ["torch: RuntimeError: no compiler here"])
+    assert not _triton.available(grads)
+
+
 def test_launch_plan_covers_p_once_and_fills_the_gpu():
     for n, p, k, sms in [(32, 11_181_642, 2048, 132), (256, 2_000_000, 4096, 132), (1, 10, 8, 132), (300, 64, 16, 8)]:
         plan = _triton.launch_plan(n, p, k, sms)

@@ -40,14 +40,25 @@ log = logging.getLogger("trak_core")
 BLOCK_N = 256  # feature columns per tile (8 packed words)
 WARPS = 8
 WAVES = 4  # aim for about this many programs per streaming multiprocessor (balance across the GPU)
-_failed: list[str] = []
+_failed: list[str] = []  # "<launcher>: <error>", launcher "torch" (Triton's own) or "cupy" (CuPy and JAX arrays)
+
+
+def _launcher(x: Any) -> str:
+    """Which launch serves ``x``: Triton's own for torch tensors, ``trak_core._triton_aot`` (CuPy) otherwise."""
+    return "torch" if array_api_compat.is_torch_array(x) else "cupy"
+
+
+def _has_failed(x: Any) -> bool:
+    """Whether the launch that serves ``x`` failed in this process (the other may still run)."""
+    return any(failure.startswith(_launcher(x) + ":") for failure in _failed)
 
 
 def available(x: Any) -> bool:
-    """Whether ``x`` can take the Triton kernel (Triton installed, ``TRAK_CORE_TRITON`` not ``0``, no failure yet):
+    """Whether ``x`` can take the Triton kernel (Triton installed, ``TRAK_CORE_TRITON`` not ``0``, no failure of its
+    launch yet):
     a torch tensor on CUDA (or on a CPU under ``TRITON_INTERPRET=1``), a CuPy array, or a JAX array on a GPU
     with CuPy installed (``trak_core._triton_aot`` launches those)."""
-    if os.environ.get("TRAK_CORE_TRITON", "1") == "0" or _failed:
+    if os.environ.get("TRAK_CORE_TRITON", "1") == "0" or _has_failed(x):
         return False
     if array_api_compat.is_torch_array(x):
         if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -142,7 +153,8 @@ def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_pas
     float32 row signs; ``scales`` (n,) float32 powers of two (``trak_core._split.row_scales``); torch tensors,
     CuPy arrays or JAX GPU arrays (the latter two through ``trak_core._triton_aot``). The parts are
     those of ``trak_core._split.split_parts`` of ``grads * signs * scales``. ``None`` if the kernel cannot run
-    here (the first failure is logged and turns the kernel off for the process; the caller falls back).
+    here (the first failure is logged and turns the kernel off for the process and this launch, torch's or
+    CuPy's; the caller falls back).
     ``plan``: a :func:`launch_plan` for these sizes (default: its defaults).
     """
     try:
@@ -167,7 +179,7 @@ def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_pas
                         PAIRS=plan.get("pairs", False), **options)
         return total(partial)
     except Exception as exc:  # a compiler or driver that cannot run it: the generic split path still can
-        _failed.append(f"{type(exc).__name__}: {exc}")
-        log.warning("the Triton projection kernel failed (%s); using the generic split projection from now on "
-                    "(set TRAK_CORE_TRITON=0 to skip the attempt)", _failed[0][:300])
+        _failed.append(f"{_launcher(grads)}: {type(exc).__name__}: {exc}")
+        log.warning("the Triton projection kernel failed (%s); using the generic split projection from now on for "
+                    "arrays of this launch (set TRAK_CORE_TRITON=0 to skip the attempt)", _failed[-1][:300])
         return None

@@ -21,11 +21,11 @@ from __future__ import annotations
 import pathlib
 import re
 import tempfile
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import BackendError, TrakTypeError
 
-__all__ = ["compile_kernel", "entry_parameters", "launch_cupy", "launch_jax", "signature"]
+__all__ = ["aligned_pointers", "compile_kernel", "entry_parameters", "launch_cupy", "launch_jax", "signature"]
 
 POINTERS = ("x_ptr", "words_ptr", "signs_ptr", "scales_ptr", "out_ptr")
 INTEGERS = ("n", "p", "k", "stride_x", "stride_w")
@@ -44,23 +44,28 @@ def signature(input_dtype: str) -> dict[str, str]:
     return types | {name: "i32" for name in INTEGERS} | {name: "constexpr" for name in CONSTANTS}
 
 
-def _divisibility(integers: dict[str, int]) -> dict[tuple[int, ...], list]:
-    """Triton's alignment facts: every pointer (16-byte aligned by CUDA allocators) and each integer argument
-    divisible by 16 is declared so, as Triton's launcher would find them."""
+def _divisibility(integers: dict[str, int], aligned_pointers: Sequence[str]) -> dict[tuple[int, ...], list]:
+    """Triton's alignment facts: each pointer of ``aligned_pointers`` (at a 16-byte aligned address) and each
+    integer argument divisible by 16 is declared so, as Triton's launcher would find them. A pointer declared
+    aligned that is not (a column view's) makes the kernel's vector loads fault: only real addresses count."""
     names = list(signature("float32"))
-    aligned = list(POINTERS) + [name for name, value in integers.items() if value % 16 == 0]
+    aligned = [name for name in POINTERS if name in aligned_pointers]
+    aligned += [name for name, value in integers.items() if value % 16 == 0]
     return {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
 
 
-def compile_kernel(plan: dict, integers: dict[str, int], *, arch: int, passes: int, input_dtype: str) -> Any:
+def compile_kernel(plan: dict, integers: dict[str, int], *, arch: int, passes: int, input_dtype: str,
+                   aligned_pointers: Sequence[str] = POINTERS) -> Any:
     """``triton.compile`` of the kernel for ``plan`` (a ``trak_core._triton.launch_plan``) on ``sm_<arch>``.
 
     ``integers``: the values of ``n, p, k, stride_x, stride_w``, for their alignment only (one compile serves
-    every size with the same facts). Cached per process; Triton also caches compiles on disk.
+    every size with the same facts); ``aligned_pointers``: the pointer arguments whose addresses are multiples
+    of 16 bytes (all of them for arrays as CUDA allocators return them). Cached per process; Triton also caches
+    compiles on disk.
     """
     constants = dict(BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
                      ITERS=plan["iters"], TWO_PASSES=passes == 2, PAIRS=plan.get("pairs", False))
-    attrs = _divisibility(integers)
+    attrs = _divisibility(integers, aligned_pointers)
     key = (arch, input_dtype, tuple(constants.items()), tuple(sorted(attrs)), plan["warps"], plan.get("stages"))
     if key not in _compiled:
         import triton
@@ -143,8 +148,10 @@ def launch_cupy(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_passe
     words, signs, scales = (cupy.ascontiguousarray(a) for a in (words, signs, scales))
     integers = dict(n=n, p=p, k=k, stride_x=grads.strides[0] // grads.itemsize, stride_w=words.shape[1])
     arch = int(cupy.cuda.Device().compute_capability)
-    compiled = compile_kernel(plan, integers, arch=arch, passes=n_passes, input_dtype=str(grads.dtype))
-    check = (arch, str(grads.dtype), n_passes)
+    aligned = aligned_pointers(grads, words, signs, scales)
+    compiled = compile_kernel(plan, integers, arch=arch, passes=n_passes, input_dtype=str(grads.dtype),
+                              aligned_pointers=aligned)
+    check = (arch, str(grads.dtype), n_passes, aligned)
     if check not in _checked:
         _first_use_check(compiled, grads, words, signs, scales, integers, n_passes, plan)
         _checked.add(check)
@@ -152,6 +159,19 @@ def launch_cupy(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_passe
     _launch(compiled, grads, words, signs, scales, partial, integers,
             (-(-n // plan["block_m"]), -(-k // plan["block_n"]), plan["splits"]))
     return partial
+
+
+def aligned_pointers(grads: Any, words: Any, signs: Any, scales: Any) -> tuple[str, ...]:
+    """The kernel's pointer arguments whose CuPy arrays start at a 16-byte aligned address (the output, allocated
+    by CuPy, always does); a column view of ``grads`` or a slice of ``words`` or ``signs`` may not."""
+    arrays = dict(x_ptr=grads, words_ptr=words, signs_ptr=signs, scales_ptr=scales)
+    return tuple(name for name in POINTERS if name == "out_ptr" or _address(arrays[name]) % 16 == 0)
+
+
+def _address(array: Any) -> int:
+    """The device address of a CuPy array's first element (a NumPy array's host address: tests' stand-in)."""
+    pointer = getattr(getattr(array, "data", None), "ptr", None)
+    return int(pointer if pointer is not None else array.__array_interface__["data"][0])
 
 
 def _first_use_check(compiled: Any, grads: Any, words: Any, signs: Any, scales: Any, integers: dict[str, int],

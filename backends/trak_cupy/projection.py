@@ -21,6 +21,7 @@ from trak_core.errors import TrakTypeError
 
 KERNEL = pathlib.Path(__file__).with_name("kernel.cu")
 TILE_N, TILE_K, THREADS = 64, 128, 256
+MAX_GRID_Y = 65_535  # blocks of TILE_N rows per launch (CUDA's grid limit in y)
 INPUT_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 _modules: dict[str, Any] = {}
 
@@ -62,9 +63,11 @@ def fused_project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, off
     if n == 0 or k == 0:
         return out
     rad, col_base, sign = stream_keys(seed, checkpoint)
-    grid = (math.ceil(k / TILE_K), math.ceil(n / TILE_N))
     kernel = _kernel(str(grads.dtype))
-    kernel(grid, (THREADS,), (grads, out, cupy.int64(n), cupy.int64(p), cupy.int32(k), cupy.int64(offset),
-                              cupy.uint32(rad), cupy.uint32(col_base), cupy.uint32(sign),
-                              cupy.float32(1.0 / math.sqrt(k))))
+    for start in range(0, n, MAX_GRID_Y * TILE_N):  # a grid has at most 65,535 blocks in y: larger n in parts
+        rows = min(n - start, MAX_GRID_Y * TILE_N)
+        grid = (math.ceil(k / TILE_K), math.ceil(rows / TILE_N))
+        kernel(grid, (THREADS,), (grads[start:start + rows], out[start:start + rows], cupy.int64(rows),
+                                  cupy.int64(p), cupy.int32(k), cupy.int64(offset), cupy.uint32(rad),
+                                  cupy.uint32(col_base), cupy.uint32(sign), cupy.float32(1.0 / math.sqrt(k))))
     return out
