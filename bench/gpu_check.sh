@@ -8,8 +8,8 @@
 #   fast_jl     build traker's CUDA kernel from .peers/fast_jl into /tmp/fjl_build, in the background (~75 s on an
 #               H200, limit 150 s), then on PYTHONPATH
 #   install     .whl/*.whl into /tmp/site, on PYTHONPATH (limit 60 s)
-#   tests       the conformance suite on the GPU ids, the CuPy tests and quickstart, the GPU cases of the projection,
-#               torch backend and closed-form gradient tests (ResNet under TF32, a ViT's attention) (limit 120 s)
+#   tests       the conformance suite on the GPU ids, the CuPy tests and quickstart, the GPU projection tests and
+#               the GPU cases of the closed-form gradient tests (ResNet under TF32, a ViT's attention) (limit 120 s)
 #   peers       bench/gpu_peers.py: trak-core vs traker + fast_jl, projection at 256 x 2e6 -> 4,096 and
 #               32 x 11.2e6 -> 2,048 (time, TFLOP/s, error) and ResNet-18 featurize + score (limit 200 s)
 #   projection  bench/gpu_projection.py: the fused CuPy kernel vs a matmul with the matrix in memory (limit 60 s)
@@ -92,7 +92,7 @@ for name in ("numpy", "torch", "jax", "cupy", "array_api_compat", "trak", "torch
 PY
 
 step tests 120 "$py" -m pytest -q -rs -p no:cacheprovider tests/conformance tests/test_cupy_backend.py tests/test_docs.py \
-  tests/test_projection.py tests/test_torch_backend.py tests/test_gpu_projection.py tests/test_closed_form.py \
+  tests/test_gpu_projection.py tests/test_closed_form.py \
   tests/test_closed_form_functional.py tests/test_kronecker_functional.py \
   -k "cuda or gpu or cupy" --junitxml="$report/tests.xml"
 
