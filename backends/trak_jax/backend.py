@@ -6,19 +6,24 @@ with respect to the selected leaves of ``params`` (``JaxBackend(params=...)``; t
 constants), ravel in the canonical order,
 flip by the checkpoint's row signs and multiply by the shared matrix ``R`` made by
 :func:`trak_core.projection.cached_factors` (the reference projection, cached). Batches are padded
-to a fixed size, so the step compiles once per (model, task, shapes), not once per batch.
-When ``R`` does not fit the projection cache, the jitted step returns gradients and the core
-projects them block by block.
+to (or split into) a fixed number of rows, so the step compiles once per (model, task, shapes of
+one example: a sequence length is one), not once per batch; each new batch size costs a few small
+compilations (padding, cropping: :mod:`trak_jax.batch`), and each new batch shape one abstract
+trace of ``apply`` for the checks (:mod:`trak_jax.checks`). When ``R`` does not fit the projection
+cache, the jitted step returns gradients and the core projects them block by block.
 
 The logits are taken from what the apply function returns by :func:`output_logits`, with the
 shape the task asks for (``task.logits_ndim``: ``(n, n_outputs)`` or ``(n, sequence, vocabulary)``).
 
 dtypes: with ``jax_enable_x64`` off, JAX has no float64, so features, the kernel and its
-factorization are float32; with it on, float64 params give float64 features and a float64 kernel.
+factorization are float32; with it on, float64 params give float64 features and a float64 kernel
+(featurize and score in the same x64 setting: float64 params where x64 is off are an error).
+Half-precision params (bfloat16, float16): gradients in the params' dtype, projected in float32
+(float32 ``R``; the signs are exact in any dtype) to float32 features.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from trak_core.backends import Backend
@@ -26,7 +31,9 @@ from trak_core.errors import TrakTypeError, TrakValueError
 from trak_core.fingerprints import parameters_digest
 from trak_core.outputs import select_logits
 
+from .batch import check_x64, chunks, crop, device_batch
 from .checkpoint import JaxCheckpoint, check_selection, snapshot
+from .checks import OutputCheck, not_jittable
 
 __all__ = ["JaxBackend", "JaxModel", "output_logits"]
 
@@ -63,36 +70,6 @@ class JaxModel:
         if not callable(apply):
             raise TrakTypeError(f"apply must be a function (params, inputs) -> outputs, got {type(apply).__name__}")
         self.apply = apply
-
-
-def _tree_rows(inputs: Any, start: int, stop: int) -> Any:
-    """Rows ``start .. stop-1`` of an array or of every array of a dict batch."""
-    if isinstance(inputs, Mapping):
-        return {key: value[start:stop] for key, value in inputs.items()}
-    return inputs[start:stop]
-
-
-def _pad(value: Any, size: int) -> Any:
-    """``value`` with copies of its first row appended up to ``size`` rows (same shapes: no recompilation)."""
-    import jax.numpy as jnp
-
-    rows = value.shape[0]
-    return value if rows == size else jnp.concatenate([value, jnp.repeat(value[:1], size - rows, axis=0)])
-
-
-_EXPECTED = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}
-
-
-def _logits_shape_error(task: Any, shape: tuple, n: int) -> TrakValueError:
-    expected = _EXPECTED.get(task.logits_ndim, "(batch, ...)")
-    return TrakValueError(f"task {task.name!r} needs the model's output with shape {expected}, got {shape} for a "
-                          f"batch of {n}; make apply return one row per example (or pass logits_fn=)")
-
-
-def _not_jittable(exc: Exception) -> TypeError:
-    return TypeError(f"the model's apply function is not jittable ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-                     "Write apply(params, inputs) with jax.numpy operations only: no Python `if`/`for` on "
-                     "array values (use jnp.where or jax.lax.cond), no NumPy or float() on traced arrays")
 
 
 class JaxBackend(Backend):
@@ -152,10 +129,11 @@ class JaxBackend(Backend):
         self.params = params
         self._steps: dict[tuple, Any] = {}  # (apply, task, project, selected) -> [jitted step, compiled batch size]
         self.compilations = 0  # traces of the step function: how many times it was (re)compiled
+        self._checks = OutputCheck()  # abstract traces of apply, per batch signature
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_steps"] = {}  # compiled steps stay in their process
+        state["_steps"], state["_checks"] = {}, OutputCheck()  # compiled steps and traces stay in their process
         return state
 
     def owns(self, model: Any) -> bool:
@@ -183,7 +161,8 @@ class JaxBackend(Backend):
     def parameters_digest(self, prepared: JaxCheckpoint) -> str:
         import jax
 
-        leaves = jax.tree_util.tree_leaves(prepared.params)
+        leaves = [jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+                  for leaf in jax.tree_util.tree_leaves(prepared.params)]  # PRNG keys (left out): their bits
         return parameters_digest([(f"{i}:{prepared.structure!r}" if i == 0 else str(i), leaf)
                                   for i, leaf in enumerate(leaves)])
 
@@ -230,63 +209,19 @@ class JaxBackend(Backend):
                 grads = jax.vmap(jax.grad(output), in_axes=(None, 0, 0))(chosen, inputs, labels)
                 n = labels.shape[0]
                 flat = jnp.concatenate([jnp.reshape(g, (n, -1)) for g in grads], axis=1)
-                if project:
-                    flat = (flat * signs) @ shared
+                if project:  # half-precision gradients: float32 products and features (shared is float32)
+                    flat = (flat.astype(shared.dtype) * signs) @ shared
                 return flat, out_to_loss
 
             self._steps[key] = [jax.jit(step), self.batch_size]
         return self._steps[key]
 
     def _check_batch(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any) -> tuple:
-        """``(inputs, labels, n)`` as JAX arrays on the params' device, checked against the model's output."""
-        import array_api_compat
-        import jax
-        import jax.numpy as jnp
-
-        if isinstance(inputs, Mapping):
-            if not inputs:
-                raise TrakValueError("the dict batch has no inputs (only the labels); apply needs at least one array")
-            named = [(f"inputs[{key!r}]", value) for key, value in inputs.items()]
-        else:
-            named = [("inputs", inputs)]
-        arrays = []
-        for what, value in named + [("labels", labels)]:
-            if type(value).__module__.split(".")[0] == "torch":
-                raise TrakTypeError(f"{what} are torch tensors: the JAX backend takes JAX or NumPy arrays; convert "
-                                    "with jnp.asarray(tensor.cpu().numpy()) or use backend='torch'")
-            try:
-                array = jnp.asarray(value)
-            except TypeError as exc:
-                raise TrakTypeError(f"{what} must be a JAX or NumPy array, got {type(value).__name__} "
-                                    f"({str(exc).splitlines()[0]})") from None
-            if array.ndim == 0:
-                raise TrakValueError(f"{what} must have one row per example, got a scalar")
-            arrays.append(jax.device_put(array, prepared.device))
-        n = arrays[0].shape[0]  # rows: the first array's
-        for (what, _), array in zip(named + [("labels", labels)], arrays):
-            if array.shape[0] != n:
-                raise TrakValueError(f"{what} has {array.shape[0]} rows but {named[0][0]} has {n}; every array of "
-                                     "a batch needs one row per example")
-        *values, labels = arrays
-        inputs = dict(zip(inputs, values)) if isinstance(inputs, Mapping) else values[0]
-        apply = self._apply(model)
-        try:
-            shape = jax.eval_shape(lambda params, x: output_logits(apply(params, x), self.logits_fn),
-                                   prepared.params, inputs)
-        except jax.errors.JAXTypeError as exc:
-            raise _not_jittable(exc) from None
-        except KeyError as exc:
-            if not isinstance(inputs, Mapping):
-                raise
-            raise TrakValueError(f"apply(params, inputs) looked up {exc.args[0]!r}, which the dict batch does not "
-                                 f"have: its inputs are {sorted(inputs)} (the labels' key is taken out)") from None
-        shape = tuple(shape.shape)
-        ndim = task.logits_ndim
-        if not shape or shape[0] != n or (ndim == 2 and len(shape) not in (1, 2)) or \
-                (ndim is not None and ndim != 2 and len(shape) != ndim):
-            raise _logits_shape_error(task, shape, n)
-        n_outputs = shape[-1] if len(shape) > 1 else 1
-        task.check_labels(labels, n_outputs, xp=array_api_compat.array_namespace(labels))
+        """``(inputs, labels, n)`` as JAX arrays on the params' device, checked against the model's output
+        (:class:`trak_jax.checks.OutputCheck`: ``apply`` is traced once per batch signature, not per batch)."""
+        check_x64(prepared.dtype)
+        inputs, labels, n = device_batch(inputs, labels, prepared.device)
+        self._checks.check(self._apply(model), self.logits_fn, prepared, inputs, labels, n, task)
         return inputs, labels, n
 
     def _run(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any,
@@ -303,17 +238,16 @@ class JaxBackend(Backend):
         entry[1] = size  # later batches are padded up to (or split into) the first real batch's size
         signs, shared = factors if factors is not None else (None, None)
         parts, weights = [], []
-        for start in range(0, n, size):
-            x, y = _tree_rows(inputs, start, start + size), labels[start:start + size]
-            rows = y.shape[0]
-            if rows < size:  # pad every array with copies of its first row: same shapes, no recompilation
-                x, y = jax.tree_util.tree_map(lambda value: _pad(value, size), x), _pad(y, size)
+        for x, y, rows in chunks(inputs, labels, n, size):  # short chunks padded: same shapes, no recompilation
             try:
-                features, out_to_loss = step(prepared.params, x, y, signs, shared)
+                outputs = step(prepared.params, x, y, signs, shared)
             except jax.errors.JAXTypeError as exc:
-                raise _not_jittable(exc) from None
-            parts.append(features[:rows])
-            weights.append(out_to_loss[:rows])
+                raise not_jittable(exc) from None
+            features, out_to_loss = crop(outputs, rows, size)
+            parts.append(features)
+            weights.append(out_to_loss)
+        if len(parts) == 1:
+            return parts[0], weights[0]
         return jnp.concatenate(parts), jnp.concatenate(weights)
 
     def gradients(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any,
@@ -330,9 +264,12 @@ class JaxBackend(Backend):
         import jax.numpy as jnp
         from trak_core.projection import cached_factors
 
-        xp = array_api_compat.array_namespace(jnp.zeros(1, dtype=prepared.dtype))
+        check_x64(prepared.dtype)
+        # half-precision params: float32 R, products and features (the signs are exact in any dtype)
+        dtype = jnp.float32 if jnp.finfo(prepared.dtype).bits < 32 else prepared.dtype
         signs, shared, _ = cached_factors(prepared.n_params, k, seed=seed, checkpoint=checkpoint, kind=kind,
-                                          offset=0, xp=xp, device=prepared.device, dtype=prepared.dtype)
+                                          offset=0, xp=array_api_compat.array_namespace(jnp.zeros(1)),
+                                          device=prepared.device, dtype=dtype)
         if shared is None:
             return None
         return self._run(model, prepared, inputs, labels, task, (signs, shared))

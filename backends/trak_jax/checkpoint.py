@@ -23,7 +23,8 @@ class JaxCheckpoint:
     """A params pytree of JAX arrays on one device, with its structure for comparisons.
 
     ``selected`` holds the indices (in tree-leaf order) of the leaves that are differentiated; the
-    others enter the model as constants. ``paths`` names every leaf.
+    others enter the model as constants, in any dtype (an integer step counter, an RNG count).
+    ``paths`` names every leaf; ``dtype`` is the selected leaves' (one dtype), ``dtypes`` every leaf's.
     """
 
     params: Any
@@ -33,6 +34,7 @@ class JaxCheckpoint:
     dtype: Any
     paths: tuple = ()
     selected: tuple = ()
+    dtypes: tuple = ()
 
     @property
     def n_params(self) -> int:
@@ -100,19 +102,36 @@ def snapshot(checkpoint: Any, params: Selection = None) -> JaxCheckpoint:
             raise TrakTypeError(f"params leaf {where} is a torch tensor: the JAX backend takes JAX or NumPy arrays; "
                                 "convert with jnp.asarray(tensor.detach().cpu().numpy()) or use backend='torch'")
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-            raise TrakTypeError(f"params leaf {where} is a {type(leaf).__name__}, not an array")
-        array = jnp.asarray(leaf)
-        if not jnp.issubdtype(array.dtype, jnp.floating):
-            raise TrakTypeError(f"params leaf {where} has dtype {array.dtype}; parameters must be floating point")
-        arrays.append(array)
+            raise TrakTypeError(f"params leaf {where} is a {type(leaf).__name__}, not an array: the checkpoint must "
+                                f"be a pytree of arrays only; {_split_hint(checkpoint)}")
+        arrays.append(jnp.asarray(leaf))
         paths.append(jax.tree_util.keystr(path))
-    dtypes = {a.dtype for a in arrays}
+    selected = select_leaves(paths, arrays, params)
+    for i in selected:
+        if not jnp.issubdtype(arrays[i].dtype, jnp.floating):
+            raise TrakTypeError(
+                f"params leaf {paths[i] or '<root>'} has dtype {arrays[i].dtype}; the parameters to differentiate "
+                "must be floating point. Leave it out with JaxBackend(params=...) (a list of the leaves' paths, or "
+                "a predicate (path, leaf) -> bool; the others enter the model as constants), or for Flax NNX split "
+                "only the parameters: graphdef, params, rest = nnx.split(model, nnx.Param, ...)")
+    dtypes = {arrays[i].dtype for i in selected}
     if len(dtypes) != 1:
         raise TrakTypeError(f"params leaves mix dtypes {sorted(map(str, dtypes))}; cast them to one dtype")
     devices = {d for a in arrays for d in a.devices()}
     if len(devices) != 1:
         raise TrakValueError(f"params leaves live on several devices {sorted(map(str, devices))}; put them on one")
-    selected = select_leaves(paths, arrays, params)
     tree = jax.tree_util.tree_unflatten(treedef, arrays)
-    return JaxCheckpoint(tree, treedef, tuple(tuple(a.shape) for a in arrays), devices.pop(), arrays[0].dtype,
-                         tuple(paths), selected)
+    return JaxCheckpoint(tree, treedef, tuple(tuple(a.shape) for a in arrays), devices.pop(), dtypes.pop(),
+                         tuple(paths), selected, tuple(a.dtype for a in arrays))
+
+
+def _split_hint(checkpoint: Any) -> str:
+    """How to take the arrays out of a whole model passed as the checkpoint."""
+    bases = {cls.__module__.split(".")[0] for cls in type(checkpoint).__mro__}
+    if "equinox" in bases:
+        return ("for an Equinox module, split it: params, static = eqx.partition(model, eqx.is_inexact_array), "
+                "featurize params with apply = lambda p, x: jax.vmap(eqx.combine(p, static))(x)")
+    if "flax" in bases:
+        return ("for a Flax NNX module, split it: graphdef, params, rest = nnx.split(model, nnx.Param, ...), "
+                "featurize params with apply = lambda p, x: nnx.merge(graphdef, p, rest)(x)")
+    return "split the model into its arrays (the checkpoint) and the rest (closed over by apply)"

@@ -27,7 +27,9 @@ from jax.extend.core import Literal
 from trak_core.kronecker import Kronecker, KroneckerPlan, factor, layer_features, rest_seed
 from trak_core.projection import project
 
-from .backend import _not_jittable, _pad, _tree_rows, output_logits
+from .backend import output_logits
+from .batch import chunks, crop
+from .checks import not_jittable
 from .kronecker_scan import OTHER, Analysis, Use, analyse
 
 __all__ = ["Use", "Analysis", "analyse", "plan", "features"]
@@ -158,24 +160,22 @@ def features(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, 
     step, size = entry[0], entry[1] or n
     entry[1] = size
     dtype = np.dtype(prepared.dtype)  # factors made by NumPy (the same bits; no small JAX ops to compile)
+    dtype = np.dtype(np.float32) if dtype.itemsize < 4 else dtype  # half precision: float32 products and features
     factors = jax.device_put(tuple(
         tuple(factor(d, width, seed=seed, checkpoint=checkpoint, index=block.index, side=side, dtype=dtype)
               for side, d, width in (("rows", block.layer.rows, block.k_rows),
                                      ("cols", block.layer.cols, block.k_cols)))
         for block in plan_.blocks), prepared.device)
     parts, rests, weights = [], [], []
-    for start in range(0, n, size):
-        x, y = _tree_rows(inputs, start, start + size), labels[start:start + size]
-        rows = y.shape[0]
-        if rows < size:  # pad with copies of the first row: same shapes, no recompilation
-            x, y = jax.tree_util.tree_map(lambda value: _pad(value, size), x), _pad(y, size)
+    for x, y, rows in chunks(inputs, labels, n, size):  # short chunks padded: same shapes, no recompilation
         try:
-            out, rest, out_to_loss = step(prepared.params, x, y, factors)
+            outputs = step(prepared.params, x, y, factors)
         except jax.errors.JAXTypeError as exc:
-            raise _not_jittable(exc) from None
-        parts.append(out[:rows])
-        rests.append(rest[:rows])
-        weights.append(out_to_loss[:rows])
+            raise not_jittable(exc) from None
+        out, rest, out_to_loss = crop(outputs, rows, size)
+        parts.append(out)
+        rests.append(rest)
+        weights.append(out_to_loss)
     out = jnp.concatenate(parts)
     if plan_.n_rest:
         rest = project(jnp.concatenate(rests), plan_.k_rest, seed=rest_seed(seed), checkpoint=checkpoint)

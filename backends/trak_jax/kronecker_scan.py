@@ -240,11 +240,12 @@ class _Scan:
 
 def analyse(backend: Any, apply: Callable, prepared: Any, inputs: Any, labels: Any, task: Any) -> Analysis:
     """The :class:`Analysis` of ``apply`` on the first example of a checked batch (cached on the backend)."""
-    first = jax.tree_util.tree_map(lambda value: value[0], (inputs, labels))
-    avals = tuple((str(path), value.shape, str(value.dtype)) for path, value in
-                  jax.tree_util.tree_flatten_with_path(first)[0])
+    avals = tuple((str(path), value.shape[1:], str(value.dtype)) for path, value in  # one example's (no slicing:
+                  jax.tree_util.tree_flatten_with_path((inputs, labels))[0])  # no XLA program per batch shape)
     key = ("kronecker", apply, task, prepared.structure, str(prepared.dtype), prepared.selected, avals)
     if key not in backend._steps:
+        first = jax.tree_util.tree_map(lambda value: jax.ShapeDtypeStruct(value.shape[1:], value.dtype),
+                                       (inputs, labels))
         leaves, treedef = jax.tree_util.tree_flatten(prepared.params)
 
         def output(leaves: list, x: Any, y: Any) -> Any:  # one example's task output, as in the dense step

@@ -1,0 +1,129 @@
+"""Batches on the device: conversion, row checks, padding to the step's size and cropping its outputs.
+
+One job: get a user's batch in and the step's outputs out with as few small XLA compilations as
+possible. Every eager JAX operation compiles once per new shape (a few per batch size, each up to
+seconds on a large model's host), so NumPy batches are cast on the host and put on the device
+without an XLA program, and padding and cropping are one jitted function each.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any, Iterator
+
+from trak_core.errors import TrakTypeError, TrakValueError
+
+__all__ = ["check_x64", "chunks", "crop", "device_batch", "x64_enabled"]
+
+
+def x64_enabled() -> bool:
+    """Whether JAX has float64 here (``jax_enable_x64``, globally or in a ``jax.enable_x64`` context)."""
+    import jax
+    import numpy as np
+
+    return jax.dtypes.canonicalize_dtype(np.float64) == np.float64
+
+
+def check_x64(dtype: Any) -> None:
+    """Raise when float64 params (prepared with x64 on) are used where x64 is off.
+
+    JAX would compute in float32 and the features would be float32: scores of float32 target
+    features against float64 training features, silently at float32 accuracy.
+    """
+    import numpy as np
+
+    if np.dtype(dtype) == np.float64 and not x64_enabled():
+        raise TrakValueError(
+            "the checkpoint's params are float64 (featurized with jax_enable_x64 on) but x64 is off here, so JAX "
+            "would compute these features in float32 and the scores would silently lose float64 accuracy; score "
+            "(and call features) in the same x64 setting you featurized in: inside the same `with "
+            "jax.enable_x64(True):` block, or with jax.config.update('jax_enable_x64', True) at the start")
+
+
+def _to_device(value: Any, what: str, device: Any) -> Any:
+    """``value`` as a JAX array on ``device`` in JAX's dtype for it (float32 for float64 with x64 off)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if type(value).__module__.split(".")[0] == "torch":
+        raise TrakTypeError(f"{what} are torch tensors: the JAX backend takes JAX or NumPy arrays; convert "
+                            "with jnp.asarray(tensor.cpu().numpy()) or use backend='torch'")
+    array = None
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "OSUMm":  # cast on the host: no XLA program
+        try:
+            array = jax.device_put(value.astype(jax.dtypes.canonicalize_dtype(value.dtype), copy=False), device)
+        except TypeError:  # a dtype JAX has no arrays of: jnp.asarray's error below
+            pass
+    elif isinstance(value, jax.Array):
+        array = jax.device_put(value, device)
+    if array is None:
+        try:
+            array = jax.device_put(jnp.asarray(value), device)
+        except TypeError as exc:
+            raise TrakTypeError(f"{what} must be a JAX or NumPy array, got {type(value).__name__} "
+                                f"({str(exc).splitlines()[0]})") from None
+    if array.ndim == 0:
+        raise TrakValueError(f"{what} must have one row per example, got a scalar")
+    return array
+
+
+def device_batch(inputs: Any, labels: Any, device: Any) -> tuple[Any, Any, int]:
+    """``(inputs, labels, n)``: the batch's arrays (a dict batch's too) on ``device``, with one row per example."""
+    if isinstance(inputs, Mapping):
+        if not inputs:
+            raise TrakValueError("the dict batch has no inputs (only the labels); apply needs at least one array")
+        named = [(f"inputs[{key!r}]", value) for key, value in inputs.items()]
+    else:
+        named = [("inputs", inputs)]
+    named.append(("labels", labels))
+    arrays = [_to_device(value, what, device) for what, value in named]
+    n = arrays[0].shape[0]  # rows: the first array's
+    for (what, _), array in zip(named, arrays):
+        if array.shape[0] != n:
+            raise TrakValueError(f"{what} has {array.shape[0]} rows but {named[0][0]} has {n}; every array of "
+                                 "a batch needs one row per example")
+    *values, labels = arrays
+    return (dict(zip(inputs, values)) if isinstance(inputs, Mapping) else values[0]), labels, n
+
+
+@lru_cache(maxsize=None)
+def _jitted() -> tuple[Any, Any]:
+    """``(take, crop)``: jitted row selection with padding, and row cropping, of whole pytrees."""
+    import jax
+    import jax.numpy as jnp
+
+    def take(tree: Any, start: Any, rows: int, size: int) -> Any:
+        """Rows ``start .. start + rows - 1`` of every array, padded with copies of its first row to ``size``."""
+        def one(value: Any) -> Any:
+            part = jax.lax.dynamic_slice_in_dim(value, start, rows)
+            if rows == size:
+                return part
+            return jnp.concatenate([part, jnp.repeat(part[:1], size - rows, axis=0)])
+        return jax.tree_util.tree_map(one, tree)
+
+    def cut(tree: Any, rows: int) -> Any:
+        return jax.tree_util.tree_map(lambda value: value[:rows], tree)
+
+    return jax.jit(take, static_argnums=(2, 3)), jax.jit(cut, static_argnums=1)
+
+
+def chunks(inputs: Any, labels: Any, n: int, size: int) -> Iterator[tuple[Any, Any, int]]:
+    """``(inputs, labels, rows)`` of ``size`` rows each (the last one padded with copies of its first row).
+
+    A batch of exactly ``size`` rows passes through untouched; otherwise each chunk is one jitted
+    call, compiled once per (batch shapes, rows) rather than once per array and operation.
+    """
+    if n == size:
+        yield inputs, labels, n
+        return
+    take = _jitted()[0]
+    for start in range(0, n, size):
+        rows = min(size, n - start)
+        x, y = take((inputs, labels), start, rows, size)
+        yield x, y, rows
+
+
+def crop(outputs: tuple, rows: int, size: int) -> tuple:
+    """The first ``rows`` rows of every array of ``outputs`` (a step's outputs on a padded chunk of ``size``)."""
+    return outputs if rows == size else _jitted()[1](outputs, rows)

@@ -1,0 +1,151 @@
+"""The model's output on a batch, checked against the task once per (shapes, dtypes, structure).
+
+One job: trace ``apply`` abstractly (``jax.eval_shape``) to check the logits' and the task
+output's shapes and the labels before the jitted step runs, with errors that name the fix. The
+trace is cached per (apply, logits_fn, task, params structure and dtypes, batch shapes and dtypes),
+so a batch of a shape already seen costs no trace of the model (tracing a large model's apply
+takes longer than running its compiled step).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+from trak_core.errors import TrakCoreError, TrakTypeError, TrakValueError
+from trak_core.tasks import CustomTask
+
+__all__ = ["OutputCheck", "logits_source", "not_jittable"]
+
+_EXPECTED = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}
+
+
+def not_jittable(exc: Exception) -> TypeError:
+    """The error for an apply function that JAX cannot trace."""
+    return TypeError(f"the model's apply function is not jittable ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+                     "Write apply(params, inputs) with jax.numpy operations only: no Python `if`/`for` on "
+                     "array values (use jnp.where or jax.lax.cond), no NumPy or float() on traced arrays")
+
+
+def logits_source(output: Any, logits_fn: Callable | None) -> str | None:
+    """Where :func:`trak_core.outputs.select_logits` takes the logits from in ``output`` (``None``: it is the
+    array itself, or ``logits_fn`` chose)."""
+    import jax
+
+    if logits_fn is not None or isinstance(output, jax.Array):
+        return None
+    kind = type(output).__name__
+    if isinstance(output, Mapping):
+        return f"output['logits'] of the {kind} apply returned"
+    if hasattr(output, "logits"):
+        return f"output.logits of the {kind} apply returned"
+    if isinstance(output, (tuple, list)):
+        return f"output[0], the first of the {len(output)} elements of the {kind} apply returned"
+    return None
+
+
+def _with_source(exc: TrakCoreError, source: str | None, shape: tuple) -> TrakCoreError:
+    if source is None:
+        return exc
+    return type(exc)(f"{exc}. The logits were taken from {source} (shape {shape}); if they are another part of the "
+                     "output, pass a function that picks them: JaxBackend(logits_fn=lambda output: output[1]) "
+                     "(the index, key or attribute that holds them)")
+
+
+def _structure_note(exc: Exception, paths: tuple) -> None:
+    """Add a note to an error ``apply`` raised while traced: the params' structure may not be what it expects."""
+    if not hasattr(exc, "add_note"):  # Python < 3.11
+        return
+    shown = ", ".join(paths[:8]) + (f", ... ({len(paths)} leaves)" if len(paths) > 8 else "")
+    exc.add_note(f"trak-core: apply(params, inputs) raised this while JAX traced it on the batch; the checkpoint's "
+                 f"params pytree must have the structure apply expects (its leaves here: {shown})")
+
+
+class OutputCheck:
+    """Cached abstract traces of ``apply`` on batches: the logits' shape and where they were taken from."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def logits(self, apply: Callable, logits_fn: Callable | None, prepared: Any, inputs: Any) -> tuple:
+        """``(logits ShapeDtypeStruct, source)`` of ``apply(prepared.params, inputs)``, traced once per signature."""
+        import jax
+
+        leaves, structure = jax.tree_util.tree_flatten(inputs)
+        key = (apply, logits_fn, prepared.treedef, prepared.shapes, prepared.dtypes, structure,
+               tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+        if key not in self._seen:
+            self._seen[key] = self._trace(apply, logits_fn, prepared, inputs)
+        return self._seen[key]
+
+    @staticmethod
+    def _trace(apply: Callable, logits_fn: Callable | None, prepared: Any, inputs: Any) -> tuple:
+        import jax
+
+        from .backend import output_logits
+
+        source: list = [None]
+
+        def logits(params: Any, x: Any) -> Any:
+            output = apply(params, x)
+            source[0] = logits_source(output, logits_fn)
+            return output_logits(output, logits_fn)
+
+        try:
+            shape = jax.eval_shape(logits, prepared.params, inputs)
+        except jax.errors.JAXTypeError as exc:
+            raise not_jittable(exc) from None
+        except KeyError as exc:
+            if isinstance(inputs, Mapping) and exc.args and str(exc.args[0]) not in map(str, inputs):
+                raise TrakValueError(f"apply(params, inputs) looked up {exc.args[0]!r}, which the dict batch does "
+                                     f"not have: its inputs are {sorted(inputs)} (the labels' key is taken "
+                                     "out)") from None
+            _structure_note(exc, prepared.paths)
+            raise
+        except (ValueError, TypeError, IndexError, AttributeError) as exc:
+            if not isinstance(exc, TrakCoreError):
+                _structure_note(exc, prepared.paths)
+            raise
+        return shape, source[0]
+
+    def check(self, apply: Callable, logits_fn: Callable | None, prepared: Any, inputs: Any, labels: Any,
+              n: int, task: Any) -> None:
+        """Raise unless the logits have the task's shape, the labels fit them and ``task.output`` gives ``(n,)``."""
+        import array_api_compat
+        import jax
+        import numpy as np
+
+        logits, source = self.logits(apply, logits_fn, prepared, inputs)
+        shape, ndim = tuple(logits.shape), task.logits_ndim
+        if not shape or shape[0] != n or (ndim == 2 and len(shape) not in (1, 2)) or \
+                (ndim is not None and ndim != 2 and len(shape) != ndim):
+            expected = _EXPECTED.get(ndim, "(batch, ...)")
+            raise _with_source(TrakValueError(
+                f"task {task.name!r} needs the model's output with shape {expected}, got {shape} for a batch of "
+                f"{n}; make apply return one row per example (or pass logits_fn=)"), source, shape)
+        if np.dtype(labels.dtype).kind in "biu" and not isinstance(task, CustomTask):  # class or token ids: checked
+            labels = np.asarray(labels)  # in NumPy, with no small XLA programs to compile per batch shape
+        try:
+            task.check_labels(labels, shape[-1] if len(shape) > 1 else 1, xp=array_api_compat.array_namespace(labels))
+        except TrakCoreError as exc:
+            raise _with_source(exc, source, shape) from None
+        key = ("task", task, shape, logits.dtype, labels.shape, labels.dtype)
+        if key not in self._seen:
+            import jax.numpy as jnp
+
+            xp = array_api_compat.array_namespace(jnp.zeros(1))
+            columns = jax.ShapeDtypeStruct((n, 1), logits.dtype) if ndim == 2 and len(shape) == 1 else logits
+            try:
+                out = jax.eval_shape(lambda z, y: task.output(z, y, xp=xp), columns,
+                                     jax.ShapeDtypeStruct(labels.shape, labels.dtype))
+            except jax.errors.JAXTypeError as exc:
+                raise TrakTypeError(f"task {task.name!r}: output(logits, labels) is not jittable "
+                                    f"({str(exc).splitlines()[0]})") from None
+            self._seen[key] = tuple(getattr(out, "shape", ()))
+        if self._seen[key] != (n,):
+            raise TrakValueError(
+                f"task {task.name!r}: output(logits, labels, xp) must return one value per example, shape ({n},) "
+                f"for this batch of {n}, but returned shape {self._seen[key]}; index or reduce within each row "
+                "(e.g. logits[:, 0] rather than logits[:, :1]) and do not sum over the batch")
