@@ -86,3 +86,20 @@ def test_a_checkpoint_saved_from_a_wrapper_names_the_fix(setup, case):
     fixed = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in checkpoint.items()} \
         if isinstance(checkpoint, dict) and "epoch" not in checkpoint else state
     assert list(fixed) == list(state) and all(torch.equal(fixed[k], state[k]) for k in state)  # the named fix works
+
+
+@pytest.mark.parametrize("output,problem", [
+    (lambda z, y, xp: (z - y[:, None]) ** 2, r"got shape \(1, 1\); take \[:, 0\]"),
+    (lambda z, y, xp: xp.sum(z[:, 0] - y), r"got shape \(\); do not sum")])
+def test_a_custom_task_output_of_another_shape_than_one_value_per_example_is_refused(setup, output, problem):
+    # (n, 1) happened to give the (n,) numbers, and a batch sum failed with torch's bare IndexError
+    from trak_core import CustomTask
+
+    model, x, _, _ = setup
+    model = torch.nn.Sequential(model[0], model[1], torch.nn.Linear(8, 1))
+    y = torch.randn(48)
+    with pytest.raises(TrakValueError, match=r"output must return one value per example, shape \(1,\) .*" + problem):
+        TRAK(model, task=CustomTask(output=output), proj_dim=16, progress=False).featurize(model.state_dict(), [(x, y)])
+    good = TRAK(model, task=CustomTask(output=lambda z, y, xp: (z[:, 0] - y) ** 2 / 2), proj_dim=16, progress=False)
+    good.featurize(model.state_dict(), [(x, y)])  # the shape the message asks for is accepted
+    assert tuple(good.score([(x[:3], y[:3])]).shape) == (48, 3)

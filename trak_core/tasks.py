@@ -281,7 +281,15 @@ class CustomTask:
             self._check_labels(labels, n_outputs, xp)
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        return self._output(logits, labels, xp)
+        value = self._output(logits, labels, xp)
+        shape, n = tuple(getattr(value, "shape", ())), logits.shape[0]
+        if shape != (n,):
+            raise TrakValueError(f"CustomTask {self.name!r}: output must return one value per example, shape ({n},) "
+                                 f"for logits of shape {tuple(logits.shape)}, got "
+                                 f"{'shape ' + str(shape) if hasattr(value, 'shape') else type(value).__name__}"
+                                 + ("; do not sum over the batch" if shape == () else "")
+                                 + ("; take [:, 0] of a single column" if shape == (n, 1) else ""))
+        return value
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         if self._output_grad is None:
