@@ -171,8 +171,9 @@ def test_a_new_batch_size_compiles_two_small_programs(factorized):
         np.testing.assert_allclose(np.asarray(out), np.asarray(whole), rtol=1e-5, atol=1e-6)
     else:
         params = [jnp.asarray(w) for w in weights]
-        np.testing.assert_allclose(np.asarray(out), _reference_gradients(MLP, params, x[20:33], y[20:33]),
-                                   rtol=1e-5, atol=1e-6)
+        reference = _reference_gradients(MLP, params, x[20:33], y[20:33])  # float32 sums: entries near 1e-3 of
+        np.testing.assert_allclose(np.asarray(out), reference, rtol=1e-5,  # gradients of order 1 differ by ~1e-6
+                                   atol=1e-5 * float(np.abs(reference).max()))
 
 
 def _linear(params, x):
