@@ -89,8 +89,8 @@ def test_a_checkpoint_saved_from_a_wrapper_names_the_fix(setup, case):
 
 
 @pytest.mark.parametrize("output,problem", [
-    (lambda z, y, xp: (z - y[:, None]) ** 2, r"got shape \(1, 1\); take \[:, 0\]"),
-    (lambda z, y, xp: xp.sum(z[:, 0] - y), r"got shape \(\); do not sum")])
+    (lambda z, y, xp: (z - y[:, None]) ** 2, r"returned shape \(1, 1\); take \[:, 0\]"),
+    (lambda z, y, xp: xp.sum(z[:, 0] - y), r"returned shape \(\); do not sum")])
 def test_a_custom_task_output_of_another_shape_than_one_value_per_example_is_refused(setup, output, problem):
     # (n, 1) happened to give the (n,) numbers, and a batch sum failed with torch's bare IndexError
     from trak_core import CustomTask

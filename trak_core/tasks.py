@@ -285,7 +285,7 @@ class CustomTask:
         shape, n = tuple(getattr(value, "shape", ())), logits.shape[0]
         if shape != (n,):
             raise TrakValueError(f"CustomTask {self.name!r}: output must return one value per example, shape ({n},) "
-                                 f"for logits of shape {tuple(logits.shape)}, got "
+                                 f"for logits of shape {tuple(logits.shape)}, but returned "
                                  f"{'shape ' + str(shape) if hasattr(value, 'shape') else type(value).__name__}"
                                  + ("; do not sum over the batch" if shape == () else "")
                                  + ("; take [:, 0] of a single column" if shape == (n, 1) else ""))
