@@ -70,7 +70,7 @@ def test_a_batch_of_another_dtype_than_the_model_names_the_conversion_in_any_bat
 def test_a_checkpoint_saved_from_a_wrapper_names_the_fix(setup, case):
     model, x, y, _ = setup
     state = model.state_dict()
-    checkpoint, fitted = {f"module.{k}": v for k, v in state.items()}, model
+    checkpoint, fitted = {f"module.{k}": v for k, v in reversed(state.items())}, model  # any key order
     expected = r"extra prefix 'module\.'.*k\.removeprefix\('module\.'\)"
     if case == "compiled":
         checkpoint, expected = {f"_orig_mod.{k}": v for k, v in state.items()}, r"extra prefix '_orig_mod\.'"
@@ -85,7 +85,12 @@ def test_a_checkpoint_saved_from_a_wrapper_names_the_fix(setup, case):
         TRAK(fitted, proj_dim=16, progress=False).featurize(checkpoint, [(x, y)])
     fixed = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in checkpoint.items()} \
         if isinstance(checkpoint, dict) and "epoch" not in checkpoint else state
-    assert list(fixed) == list(state) and all(torch.equal(fixed[k], state[k]) for k in state)  # the named fix works
+    fixed = fixed if case != "training_checkpoint" else checkpoint["state_dict"]  # the fix each message names
+    targets = [(x[:3], y[:3])]
+    with_fix, plain = TRAK(model, proj_dim=16, progress=False), TRAK(model, proj_dim=16, progress=False)
+    with_fix.featurize(fixed, [(x, y)])
+    plain.featurize(state, [(x, y)])
+    torch.testing.assert_close(with_fix.score(targets), plain.score(targets), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("output,problem", [
@@ -103,3 +108,99 @@ def test_a_custom_task_output_of_another_shape_than_one_value_per_example_is_ref
     good = TRAK(model, task=CustomTask(output=lambda z, y, xp: (z[:, 0] - y) ** 2 / 2), proj_dim=16, progress=False)
     good.featurize(model.state_dict(), [(x, y)])  # the shape the message asks for is accepted
     assert tuple(good.score([(x[:3], y[:3])]).shape) == (48, 3)
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """A streaming dataset that batches by itself (as webdataset's ``.batched()`` does)."""
+
+    def __init__(self, x, y, size):
+        self.x, self.y, self.size = x, y, size
+
+    def __iter__(self):
+        return iter([(self.x[i:i + self.size], self.y[i:i + self.size]) for i in range(0, len(self.x), self.size)])
+
+
+class _Rows(torch.utils.data.IterableDataset):
+    """A streaming dataset of single examples (no length)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return zip(self.x, self.y)
+
+
+class _OrderedWithShuffleMethod(torch.utils.data.Sampler):
+    """An ordered sampler that happens to have a ``shuffle`` method (not the flag DistributedSampler has)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self):
+        return self.n
+
+    def shuffle(self):
+        raise AssertionError("never called")
+
+
+def test_ordered_loaders_and_batching_datasets_are_accepted_shuffling_batch_samplers_refused(setup):
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    model, x, y, dataset = setup
+    reference = TRAK(model, proj_dim=16, progress=False)
+    reference.featurize(model.state_dict(), [(x[i:i + 8], y[i:i + 8]) for i in range(0, 48, 8)])
+    targets = [(x[:3], y[:3])]
+    for data in (_Batches(x, y, 8), DataLoader(_Batches(x, y, 8), batch_size=None),
+                 DataLoader(dataset, batch_size=8, sampler=_OrderedWithShuffleMethod(48)),
+                 DataLoader(_Batches(x, y, 1), batch_size=None),
+                 DataLoader(_Rows(x, y), batch_size=8, drop_last=True)):  # unknown length: drop_last not refused
+        trak = TRAK(model, proj_dim=16, progress=False)
+        trak.featurize(model.state_dict(), data)  # batches of 1 round differently from batches of 8: float32 level
+        torch.testing.assert_close(trak.score(targets), reference.score(targets), rtol=1e-4, atol=1e-7)
+    shuffled = DataLoader(dataset, batch_sampler=BatchSampler(RandomSampler(dataset), batch_size=8, drop_last=False))
+    with pytest.raises(TrakValueError, match=r"shuffling sampler \(RandomSampler\)"):
+        TRAK(model, proj_dim=16, progress=False).featurize(model.state_dict(), shuffled)
+
+
+def test_a_later_error_that_is_not_about_dtypes_is_not_reported_as_one(setup):
+    # a model that casts its own inputs takes float64 batches; an out-of-memory error in batch 1 stays what it is
+    model, x, y, _ = setup
+
+    class Casting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.calls = model, 0
+
+        def forward(self, inputs):
+            if inputs.shape[0] == 24 and float(inputs.sum()) == float(x[24:].double().sum()):
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.net(inputs.float())
+
+    casting = Casting()
+    trak = TRAK(casting, proj_dim=16, progress=False)
+    with pytest.raises(RuntimeError, match="^CUDA out of memory") as info:
+        trak.featurize(casting.state_dict(), [(x[:24].double(), y[:24]), (x[24:].double(), y[24:])])
+    assert not isinstance(info.value, TrakTypeError)
+
+
+def test_a_custom_task_with_squeezed_logits_runs(setup):
+    # logits_ndim=None: a model ending in squeeze() gives 0-d logits for one example; the shape check must not index
+    from trak_core import CustomTask
+
+    model, x, _, _ = setup
+    class Squeezed(torch.nn.Sequential):
+        def forward(self, inputs):
+            return super().forward(inputs).squeeze()  # (n,) for a batch, 0-d for one example
+
+    model = Squeezed(model[0], model[1], torch.nn.Linear(8, 1))
+    y = torch.randn(48)
+    task = CustomTask(output=lambda z, y, xp: z - y, logits_ndim=None)
+    trak = TRAK(model, task=task, proj_dim=16, progress=False)
+    trak.featurize(model.state_dict(), [(x, y)])
+    column = torch.nn.Sequential(model[0], model[1], model[2])  # the same weights, logits (n, 1)
+    regression = TRAK(column, task=CustomTask(output=lambda z, y, xp: z[:, 0] - y), proj_dim=16, progress=False)
+    regression.featurize(column.state_dict(), [(x, y)])
+    torch.testing.assert_close(trak.score([(x[:3], y[:3])]), regression.score([(x[:3], y[:3])]), rtol=1e-5, atol=1e-6)

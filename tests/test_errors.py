@@ -264,3 +264,27 @@ def test_an_analytic_model_checkpoint_that_is_not_an_array_says_what_it_must_be(
         expected += r".*holds no weights of its own: pass them, e\.g\. model\.init\(seed=0\)"
     with pytest.raises(TypeError, match=expected):
         TRAK(model, proj_dim=8, progress=False).featurize(checkpoint, [(x, y)])
+
+
+def test_a_custom_store_that_saves_scores_gets_save_as(setup):
+    # the base Store refuses save_as before scoring only where save_scores is not overridden (docs/store.md's table)
+    from trak_core.store import MemoryStore
+
+    class Saving(MemoryStore):
+        def __init__(self):
+            super().__init__()
+            self.saved = {}
+
+        def save_scores(self, name, scores):
+            self.saved[name] = np.array(scores)
+
+    model, theta, x, y = setup
+    store = Saving()
+    trak = TRAK(model, proj_dim=8, store=store, progress=False)
+    trak.featurize(theta, [(x, y)])
+    scores = trak.score([(x[:3], y[:3])], save_as="run")
+    np.testing.assert_array_equal(store.saved["run"], scores)
+    plain = TRAK(model, proj_dim=8, progress=False)
+    plain.featurize(theta, [(x, y)])
+    with pytest.raises(ValueError, match="save_as needs an on-disk store"):
+        plain.score([(x[:3], y[:3])], save_as="run")

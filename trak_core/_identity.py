@@ -130,9 +130,6 @@ class DataCheck:
     def check_written(self, rows: int) -> None:
         """Refuse, before they are written, rows past the ``n_train`` of checkpoint 0 (the data is longer)."""
         if self.n_train is not None and rows > self.n_train:
-            if self.resumed:
-                raise StoreMismatchError(f"the training data has more than {self.n_train} examples, but "
-                                         f"{self._made_from(self.n_train)}; {self._fix}")
             raise StoreMismatchError(f"the training data has more than {self.n_train} examples, but "
                                      f"{self._made_from(self.n_train)}; {self._fix}")
 

@@ -213,11 +213,13 @@ class Store(abc.ABC):
 
     def save_scores(self, name: str, scores: Any) -> None:
         """Save ``scores`` under ``name`` (on-disk stores); never overwrites."""
-        self.check_score_name(name)
+        raise TrakValueError("save_as needs an on-disk store: TRAK(..., store=PATH)")
 
     def check_score_name(self, name: str) -> Any:
-        """Refuse ``score(..., save_as=name)`` before any target is scored (this store cannot save scores)."""
-        raise TrakValueError("save_as needs an on-disk store: TRAK(..., store=PATH)")
+        """Refuse ``score(..., save_as=name)`` before any target is scored: here, where ``save_scores`` is not
+        overridden (this store cannot save scores); a store that overrides it may override this too."""
+        if type(self).save_scores is Store.save_scores:
+            raise TrakValueError("save_as needs an on-disk store: TRAK(..., store=PATH)")
 
     def load_scores(self, name: str) -> Any:
         """Scores saved with ``score(..., save_as=name)``."""

@@ -282,8 +282,10 @@ class CustomTask:
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         value = self._output(logits, labels, xp)
-        shape, n = tuple(getattr(value, "shape", ())), logits.shape[0]
-        if shape != (n,):
+        shape = tuple(getattr(value, "shape", ()))
+        rows = [a.shape[0] for a in (labels, logits) if len(getattr(a, "shape", ())) >= 1]  # labels: the batch's rows
+        n = rows[0] if rows else None  # both 0-d (a squeezed single example): nothing to compare with
+        if n is not None and shape != (n,):
             raise TrakValueError(f"CustomTask {self.name!r}: output must return one value per example, shape ({n},) "
                                  f"for logits of shape {tuple(logits.shape)}, but returned "
                                  f"{'shape ' + str(shape) if hasattr(value, 'shape') else type(value).__name__}"
@@ -298,8 +300,8 @@ class CustomTask:
         return self._output_grad(logits, labels, xp)
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        if self._out_to_loss is None:
-            return xp.ones_like(logits[:, 0])
+        if self._out_to_loss is None:  # Q = 1 per example (logits (n, ...), or (n,) with logits_ndim=None)
+            return xp.ones_like(logits[:, 0] if logits.ndim > 1 else logits)
         return self._out_to_loss(logits, labels, xp)
 
 

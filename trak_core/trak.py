@@ -279,7 +279,7 @@ class TRAK(Featurizer):
             raise TrakValueError("score: data yielded no targets (no batches, or only empty ones); pass an iterable of "
                                  "(inputs, labels) batches")
         scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
-        del columns  # the blocks are in ``scores`` now: peak memory is the result plus one block, not twice the result
+        del columns  # the blocks are in ``scores`` now; the cast below copies nothing (peak: twice the result, once)
         scores = xp.astype(scores, self.store[0].features.dtype, copy=False)
         if save_as is not None:
             self.store.save_scores(save_as, scores)

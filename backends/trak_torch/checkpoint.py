@@ -131,10 +131,11 @@ def _common_prefix(missing: list[str], extra: list[str]) -> str | None:
     """The prefix (such as ``module.`` or ``_orig_mod.``) that turns every missing key into an unexpected one."""
     if not missing or len(missing) != len(extra):
         return None
-    first = extra[0].removesuffix(missing[0]) if extra[0].endswith(missing[0]) else None
-    if not first or sorted(extra) != sorted(first + key for key in missing):
-        return None
-    return first
+    for key in extra:  # the key that is missing[0] behind a prefix, wherever it comes in the order
+        first = key.removesuffix(missing[0]) if key.endswith(missing[0]) and key != missing[0] else None
+        if first and sorted(extra) == sorted(first + name for name in missing):
+            return first
+    return None
 
 
 _CONVERSIONS = {"float32": "float", "float64": "double", "float16": "half", "bfloat16": "bfloat16"}
@@ -151,7 +152,11 @@ def dtype_error(inputs: Any, dtype: Any, exc: Exception) -> TrakTypeError:
 
 
 def raise_dtype_error(exc: Exception, prepared: Any, inputs: Any) -> None:
-    """Raise ``dtype_error`` for ``exc`` when a floating input's dtype differs from the parameters' (else return)."""
+    """Raise ``dtype_error`` for ``exc`` when it is a dtype mismatch (torch's message says so) and a floating input's
+    dtype differs from the parameters' (else return: the caller re-raises ``exc``)."""
+    text = str(exc).lower()
+    if not any(word in text for word in ("dtype", "scalar type", "should be the same", "same type")):  # OOM, shapes..
+        return
     floating = [v for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])
                 if v.is_floating_point() and v.dtype != prepared.dtype]
     if floating:

@@ -154,36 +154,37 @@ _SHUFFLING_SAMPLERS = ("RandomSampler", "SubsetRandomSampler", "WeightedRandomSa
 
 
 def _check_loader(data: Any) -> None:
-    """Refuse a data loader that shuffles or drops its last batch, and a dataset of single examples.
+    """Refuse a data loader that shuffles, or that drops the examples of its last, incomplete batch.
 
     Scores have one row per training example (one column per target) in the order the data yields
     them; a shuffling loader gives another order at every pass, and ``drop_last`` leaves examples out,
-    silently either way. Detected by duck typing on ``torch.utils.data.DataLoader``'s attributes.
+    silently either way. Detected by duck typing on ``torch.utils.data.DataLoader``'s attributes
+    (its ``sampler``, and its ``batch_sampler``'s); a sampler of another kind is taken as ordered.
     """
+    if not (hasattr(data, "sampler") and hasattr(data, "batch_sampler") and hasattr(data, "dataset")):
+        return
     kind = type(data).__name__
-    sampler = getattr(data, "sampler", None)
-    if sampler is not None and hasattr(data, "batch_size") and hasattr(data, "dataset"):
+    batch_sampler = getattr(data, "batch_sampler", None)
+    for sampler in (getattr(data, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        if sampler is None:
+            continue
         names = {cls.__name__ for cls in type(sampler).__mro__}
-        shuffling = bool(names & set(_SHUFFLING_SAMPLERS)) or bool(getattr(sampler, "shuffle", False))
-        if shuffling:
+        if names & set(_SHUFFLING_SAMPLERS) or getattr(sampler, "shuffle", False) is True:  # DistributedSampler's flag
             raise TrakValueError(f"data is a {kind} with a shuffling sampler ({type(sampler).__name__}): the scores "
                                  "have one row per training example (one column per target) in the order the data "
                                  "yields them, and a shuffling loader yields another order at every pass. Pass a "
                                  f"{kind}(dataset, batch_size=..., shuffle=False)")
-        if getattr(data, "drop_last", False) and _remainder(data) != 0:
-            raise TrakValueError(f"data is a {kind} with drop_last=True: the examples of the last, incomplete batch "
-                                 f"would be left out of the scores. Pass {kind}(dataset, batch_size=..., "
-                                 "drop_last=False)")
-        return
-    if any(cls.__name__ in ("Dataset", "IterableDataset") and cls.__module__.startswith("torch.utils.data")
-           for cls in type(data).__mro__):
-        raise TrakTypeError(f"data is a {kind}, which yields single examples, not batches: wrap it in "
-                            f"torch.utils.data.DataLoader(dataset, batch_size=..., shuffle=False)")
+    drop_last = getattr(data, "drop_last", False) is True or getattr(batch_sampler, "drop_last", False) is True
+    if drop_last and _remainder(data) not in (0, None):  # unknown (an iterable dataset): not refused
+        raise TrakValueError(f"data is a {kind} with drop_last=True: the examples of the last, incomplete batch "
+                             f"would be left out of the scores. Pass {kind}(dataset, batch_size=..., drop_last=False)")
 
 
 def _remainder(loader: Any) -> int | None:
     """Examples in a loader's last, incomplete batch (``None`` where its dataset has no length)."""
+    size = getattr(loader, "batch_size", None)
+    size = size if size is not None else getattr(loader.batch_sampler, "batch_size", None)
     try:
-        return len(loader.dataset) % int(loader.batch_size)
+        return len(loader.dataset) % int(size)
     except Exception:  # an iterable dataset, or no batch size: what drop_last drops is unknown
         return None
