@@ -27,7 +27,7 @@ def triton_note(grads: Any, precision: str) -> str:
         return "no Triton kernel in this version"
     if not uses_split(grads, "rademacher", precision):
         return "a plain float32 product (no split off GPUs)"
-    failed = [f for f in _triton._failed if f.startswith(_triton._launcher(grads) + ":")]
+    failed = _triton.failure(grads)
     if failed:
-        return f"generic split: the Triton kernel failed: {failed[0]}"[:200]
+        return f"generic split: the Triton kernel failed: {failed}"[:200]
     return "Triton kernel" if _triton.available(grads) else "generic split (no CUDA tensor or no Triton)"

@@ -44,8 +44,8 @@ def core_projection(grads, shared, k: int, sync) -> dict:
         path = "Triton kernel" if _triton.available(x) else "generic split (no Triton)"
         try:
             out[f"core_{name}_s"] = timed(lambda: trak_core.project(x, k, seed=0, checkpoint=1), sync)
-            failed = [f for f in _triton._failed if f.startswith(f"{name}:")]  # each launch fails on its own
-            out[f"core_{name}_path"] = f"generic split: {failed[0][:150]}" if failed else path
+            failed = _triton.failure(x)  # each launch (torch's, CuPy's) fails on its own
+            out[f"core_{name}_path"] = f"generic split: {failed[:150]}" if failed else path
         except Exception as exc:  # one framework's failure is a finding, not the end of the benchmark
             out[f"core_{name}_path"] = f"failed: {type(exc).__name__}: {str(exc)[:150]}"
     if "core_cupy_s" in out and "core_torch_s" in out:

@@ -48,9 +48,14 @@ def _launcher(x: Any) -> str:
     return "torch" if array_api_compat.is_torch_array(x) else "cupy"
 
 
+def failure(x: Any) -> str | None:
+    """Why the launch that serves ``x`` failed in this process (the other may still run); ``None`` if it did not."""
+    return next((f for f in _failed if f.startswith(_launcher(x) + ":")), None)
+
+
 def _has_failed(x: Any) -> bool:
-    """Whether the launch that serves ``x`` failed in this process (the other may still run)."""
-    return any(failure.startswith(_launcher(x) + ":") for failure in _failed)
+    """Whether the launch that serves ``x`` failed in this process."""
+    return failure(x) is not None
 
 
 def available(x: Any) -> bool:
