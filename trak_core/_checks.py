@@ -169,27 +169,34 @@ def _resolve_backend(backend: str | Backend | None, model: Any) -> Backend:
 
 
 def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
-    """The entries of ``store`` at ``checkpoints`` (all of them for ``None``), with a clear error for bad indices."""
+    """The entries of ``store`` at ``checkpoints`` (all of them for ``None``), with a clear error for bad indices.
+
+    Indices are the checkpoints' own (``entry.index``): their positions in the store, except in one opened with some
+    of its checkpoints (``TRAK.open`` with a mapping).
+    """
     if checkpoints is None:
         return list(store)
+    by_index = {entry.index: entry for entry in store}
     chosen = []
     for c in checkpoints:
         try:
             c = operator.index(c)  # ints, NumPy integers, 0-d integer arrays
         except TypeError:
             c = None
-        if c is None or not 0 <= c < len(store):
+        if c is None or c not in by_index:
             chosen = []
             break
         chosen.append(c)
     if not chosen:
-        raise TrakValueError(f"checkpoints must be a non-empty sequence of indices in [0, {len(store) - 1}], "
-                             f"got {checkpoints!r}")
+        held = sorted(by_index)
+        which = (f"indices in [0, {len(held) - 1}]" if held == list(range(len(held))) else
+                 f"indices of the checkpoints this estimator opened, {held}")
+        raise TrakValueError(f"checkpoints must be a non-empty sequence of {which}, got {checkpoints!r}")
     repeated = sorted({c for c in chosen if chosen.count(c) > 1})
     if repeated:
         raise TrakValueError(f"checkpoints lists {', '.join(map(str, repeated))} more than once ({checkpoints!r}): "
                              "each checkpoint counts once in the ensemble; pass each index once")
-    return [store[c] for c in chosen]
+    return [by_index[c] for c in chosen]
 
 
 def check_scorable(store: Any, last_error: BaseException | None, what: str) -> None:

@@ -206,6 +206,10 @@ class Featurizer:
             yield features, xp.concat(weights, axis=0)
 
     def _featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
+        if getattr(self, "_subset_of", None) is not None:  # TRAK.open with some of the stored checkpoints
+            raise TrakValueError(f"this estimator was opened with checkpoints {[e.index for e in self.store]} of the "
+                                 f"{self._subset_of} in {self._where}: a new checkpoint goes after all of them; open "
+                                 "the store with every checkpoint (a list, in order) to featurize into it")
         pending = self._open_checkpoint(checkpoint)
         writer = pending.writer
         if not writer.complete:

@@ -7,6 +7,7 @@ any other use of the estimator: then the checkpoint's parameters tell them).
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Mapping, Sequence
 
 from .errors import StoreMismatchError, TrakTypeError, TrakValueError
@@ -28,16 +29,9 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
         raise StoreMismatchError(f"the store at {path} has format {config.get('store_format')!r}; this trak-core "
                                  f"reads format {STORE_FORMAT}: featurize again into a new store path")
     stored = store.stored_checkpoints()
-    if isinstance(checkpoints, (Mapping, str, bytes)) or hasattr(checkpoints, "shape") or \
-            not hasattr(checkpoints, "__iter__"):
-        raise TrakTypeError(f"checkpoints must be a list of every checkpoint the store holds, in featurization order, "
-                            f"got a {type(checkpoints).__name__}: pass [checkpoint] for a single one")
-    checkpoints = list(checkpoints)
     if not stored:
         raise TrakValueError(f"the store at {path} holds no complete checkpoint: featurize first")
-    if len(checkpoints) != stored:
-        raise TrakValueError(f"the store at {path} holds {stored} complete checkpoints; pass all {stored}, in the "
-                             f"order they were featurized (got {len(checkpoints)})")
+    chosen = _chosen_checkpoints(checkpoints, stored, path)
     if lambda_reg is None:  # checkpoints featurized later in this store follow the same rule as the stored ones
         setting = store.stored_lambda_setting()
         lambda_reg, keep_stored = ("auto" if setting is None else setting), True
@@ -50,7 +44,7 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
                normalize_features=config["normalize_features"], precision=config.get("precision", "float32"),
                lambda_reg=lambda_reg, **options)
     digests: list[str] = []
-    for index, checkpoint in enumerate(checkpoints):
+    for index, checkpoint in chosen:
         pending = trak._open_checkpoint(checkpoint, index=index)
         if getattr(pending.writer, "damaged", False):
             raise StoreMismatchError(f"checkpoint {index} in {path} is damaged (a chunk of its features or out-to-loss "
@@ -60,11 +54,47 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
             raise StoreMismatchError(f"checkpoint {index} in {path} is incomplete or has no parameters_sha256; "
                                      "featurize it again with its training data")
         if pending.digest in digests:
-            raise TrakValueError(f"checkpoints {digests.index(pending.digest)} and {index} have the same parameters; "
-                                 "pass each stored checkpoint once, in order")
+            raise TrakValueError(f"checkpoints {chosen[digests.index(pending.digest)][0]} and {index} have the same "
+                                 "parameters; pass each stored checkpoint once, in order")
         digests.append(pending.digest)
         trak._opened.append((pending, store.stored_lambda(index) if keep_stored else None))
+    if len(chosen) < stored:
+        trak._subset_of = stored
     return trak
+
+
+def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any) -> list[tuple[int, Any]]:
+    """``(store index, checkpoint)`` pairs in index order: every stored checkpoint from a list, some from a mapping
+    ``{index: checkpoint}``."""
+    if isinstance(checkpoints, Mapping) and any(isinstance(key, str) for key in checkpoints):
+        raise TrakTypeError(f"checkpoints must be a list of every checkpoint the store holds, or a mapping {{index: "
+                            f"checkpoint}} for some of them, got a {type(checkpoints).__name__} with string keys (one "
+                            "checkpoint's state_dict?): pass [checkpoint] for a store of one")
+    if isinstance(checkpoints, Mapping):
+        pairs = []
+        for key, checkpoint in checkpoints.items():
+            try:
+                index = operator.index(key)
+            except TypeError:
+                index = None
+            if index is None or not 0 <= index < stored:
+                raise TrakValueError(f"checkpoints maps store indices to checkpoints; the store at {path} holds "
+                                     f"checkpoints 0 to {stored - 1}, got the key {key!r}")
+            pairs.append((index, checkpoint))
+        if not pairs:
+            raise TrakValueError("checkpoints is an empty mapping: pass {index: checkpoint} for at least one stored "
+                                 "checkpoint")
+        return sorted(pairs, key=lambda pair: pair[0])
+    if isinstance(checkpoints, (str, bytes)) or hasattr(checkpoints, "shape") or not hasattr(checkpoints, "__iter__"):
+        raise TrakTypeError(f"checkpoints must be a list of every checkpoint the store holds, in featurization order, "
+                            f"or a mapping {{index: checkpoint}} for some of them, got a {type(checkpoints).__name__}: "
+                            "pass [checkpoint] for a store of one")
+    checkpoints = list(checkpoints)
+    if len(checkpoints) != stored:
+        raise TrakValueError(f"the store at {path} holds {stored} complete checkpoints; pass all {stored}, in the "
+                             f"order they were featurized (got {len(checkpoints)}), or a mapping {{index: checkpoint}} "
+                             "to score with some of them")
+    return list(enumerate(checkpoints))
 
 
 def load_opened(trak: Any, example: tuple[Any, Any] | None) -> None:

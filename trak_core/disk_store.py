@@ -218,9 +218,10 @@ class DiskStore(Store):
         return values
 
     def add(self, entry: CheckpointEntry) -> None:
-        if entry.index != len(self._entries):
-            raise TrakValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
         group = self.root[f"c{entry.index}"]
+        last = self._entries[-1].index if self._entries else -1  # a stored checkpoint may skip some (TRAK.open subset)
+        if entry.index <= last or (entry.index != last + 1 and not group.attrs.get("complete", False)):
+            raise TrakValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
         if not group.attrs.get("complete", False):  # a stored checkpoint keeps the lambda it was featurized with
             self.writable()
             group.attrs.update({"complete": True, "lambda_reg": float(entry.factor.lambda_reg),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ._checks import (_check_lambda, _check_lengths, _check_proj_dim, _check_seed, _resolve_backend, check_scorable,
                       chosen_entries, take_rows)
@@ -153,6 +153,7 @@ class TRAK(Featurizer):
         self.executor = get_executor(executor)
         self._last_error: Exception | None = None  # the last featurize's, for score()'s message
         self._opened: list = []  # checkpoints of a store reopened with TRAK.open, loaded at the first score
+        self._subset_of: int | None = None  # opened with some of a store's checkpoints: how many it holds
         if self.executor is not None and self.store.location is None:
             raise TrakValueError("executor='ray' needs an on-disk store that every worker can reach: pass store=PATH")
 
@@ -335,8 +336,8 @@ class TRAK(Featurizer):
         check_scorable(self.store, self._last_error, what)
 
     @classmethod
-    def open(cls, path: Any, model: Any, checkpoints: Sequence[Any], *, task: str | Task | None = None,
-             backend: str | Backend | None = None, lambda_reg: float | str | None = None,
+    def open(cls, path: Any, model: Any, checkpoints: Sequence[Any] | Mapping[int, Any], *,
+             task: str | Task | None = None, backend: str | Backend | None = None, lambda_reg: float | str | None = None,
              progress: bool | None = None, soft_threshold: float | None = None,
              checkpoint_weighting: str = "uniform", executor: Any = None, label_key: str = "labels",
              kernel_dtype: str = "auto") -> "TRAK":
@@ -348,9 +349,11 @@ class TRAK(Featurizer):
             The store written by ``TRAK(..., store=path)``.
         model
             The model, as when featurizing.
-        checkpoints : sequence
-            Every checkpoint the store holds, in featurization order; each is checked against the
-            content hash stored with it (``StoreMismatchError`` if it differs).
+        checkpoints : sequence or mapping
+            Every checkpoint the store holds, in featurization order, or a mapping ``{index: checkpoint}``
+            to score with some of them (only those are loaded; ``score(checkpoints=...)`` and
+            ``features(checkpoint=...)`` then take the store's indices, and ``featurize`` needs them all).
+            Each is checked against the content hash stored with it (``StoreMismatchError`` if it differs).
         task, backend : optional
             As stored (a custom task must be passed again; a backend name may be replaced by an
             equivalent backend object).
