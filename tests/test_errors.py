@@ -288,3 +288,19 @@ def test_a_custom_store_that_saves_scores_gets_save_as(setup):
     plain.featurize(theta, [(x, y)])
     with pytest.raises(ValueError, match="save_as needs an on-disk store"):
         plain.score([(x[:3], y[:3])], save_as="run")
+
+
+def test_the_finiteness_check_tells_overflow_from_nan_and_inf():
+    """One sum decides the common case; a total that overflows from finite entries is not taken for a NaN."""
+    from trak_core._checks import _all_finite, _check_features, _check_weights
+
+    big = np.full((6, 4), 3e38, np.float32)  # finite entries whose float32 sum is inf
+    assert not np.isfinite(big.sum()) and _all_finite(big) and _all_finite(big, big[:, 0])
+    _check_features(big, "here")
+    _check_weights(big[:, 0], "here", 6)
+    for bad in (np.nan, np.inf, -np.inf):
+        values = np.ones((6, 4), np.float32)
+        values[2, 1] = bad
+        assert not _all_finite(values) and not _all_finite(np.ones(3), values)
+        with pytest.raises(TrakCoreError, match=r"out-to-loss weights of rows \[2\]"):
+            _check_weights(values[:, 1], "here", 6)

@@ -258,3 +258,26 @@ def test_linen_batch_statistics_left_out_score_like_torch_batchnorm():
     expected = ref.score([(torch.tensor(x[:4]), torch.tensor(y[:4]))]).numpy()
     assert trak.store[0].n_params == ref.store[0].n_params == 8 * 6 + 6 + 6 + 6 + 6 * 3 + 3
     assert np.linalg.norm(scores - expected) / np.linalg.norm(expected) < 1e-4
+
+
+def test_a_new_batch_size_through_trak_compiles_one_check_per_array():
+    """Through ``TRAK``, a batch of a new size compiles the backend's pad and crop and one sum per checked array
+    (features, out-to-loss weights): it was an ``isfinite`` and an ``all`` of each, 6 programs in all."""
+    x, y = canonical.inputs("mlp", 60, seed=0, dtype="float32")
+    trak = trak_core.TRAK(JaxModel(MLP), proj_dim=16, lambda_reg=1.0, progress=False)
+    trak.featurize(canonical.weights("mlp", seed=0, dtype="float32"), [(x[:20], y[:20]), (x[20:40], y[20:40])])
+    counter, loggers = _Compilations(), [logging.getLogger(name) for name in ("jax._src.interpreters.pxla",
+                                                                              "jax._src.dispatch")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(counter)
+        logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            trak.features([(x[40:57], y[40:57])])  # 17 rows: a size not compiled before
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(counter)
+            logger.setLevel(level)
+    checks = [name for name in counter.names if "isfinite" in name or "reduce" in name]
+    assert len(checks) == 2 and len(counter.names) <= 4, counter.names

@@ -4,6 +4,7 @@ One job: validate what users pass, with errors that name the problem and the fix
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Mapping, Sequence
 
@@ -101,11 +102,15 @@ def _check_lengths(inputs: Any, labels: Any, where: str) -> int:
     return n_inputs
 
 
-def _check_weights(out_to_loss: Any, where: str, n: int | None = None, backend: str | None = None) -> None:
+def _check_weights(out_to_loss: Any, where: str, n: int | None = None, backend: str | None = None,
+                   shape_only: bool = False) -> None:
+    """One weight per example (``n`` of them), each finite (unless ``shape_only``)."""
     if n is not None and tuple(getattr(out_to_loss, "shape", ())) != (n,):
         raise TrakValueError(f"{where}: backend {backend!r} returned out-to-loss weights of shape "
                              f"{tuple(getattr(out_to_loss, 'shape', ()))} for {n} examples; expected ({n},), one "
                              "weight per example (a backend defect: see the contract in docs/backends.md)")
+    if shape_only or _all_finite(out_to_loss):
+        return
     xp = namespace(out_to_loss)
     finite = xp.isfinite(out_to_loss)
     if not bool(xp.all(finite)):
@@ -118,17 +123,27 @@ def _check_weights(out_to_loss: Any, where: str, n: int | None = None, backend: 
 def _check_features(features: Any, where: str) -> None:
     """Non-finite per-example gradients show in their projection: every column mixes every gradient entry
     with a non-zero coefficient, so one reduction over (n, k) features replaces one over (n, p) gradients."""
-    xp = namespace(features)
-    if not bool(xp.all(xp.isfinite(xp.sum(features, axis=1)))):
+    if not _all_finite(features):
         raise TrakValueError(f"{where}: the per-example gradients (seen through their projected features) contain "
                              "NaN or inf; check the inputs (NaN/inf values), the checkpoint's weights, and the "
                              "learning rate that produced them")
 
 
+def _all_finite(*arrays: Any) -> bool:
+    """Whether every entry of ``arrays`` is finite, from one sum of each: a NaN or inf entry makes the total NaN or
+    inf, and a total that overflowed from finite entries is told apart by ``isfinite``. One reduction per array
+    costs JAX one small compiled program per new batch shape (an ``isfinite`` then ``all`` cost two)."""
+    if math.isfinite(sum(float(namespace(a).sum(a)) for a in arrays)):
+        return True
+    return all(bool(namespace(a).all(namespace(a).isfinite(a))) for a in arrays)
+
+
 def _check_finite(values: Any, out_to_loss: Any, where: str, what: str, backend: str | None = None) -> None:
-    _check_weights(out_to_loss, where, values.shape[0], backend)
-    xp = namespace(values)
-    if not bool(xp.all(xp.isfinite(values))):
+    _check_weights(out_to_loss, where, values.shape[0], backend, shape_only=True)
+    if _all_finite(values, out_to_loss):
+        return
+    _check_weights(out_to_loss, where)  # names the rows whose weights are not finite
+    if not _all_finite(values):
         raise TrakValueError(f"{where}: the {what} contain NaN or inf; check the inputs (NaN/inf values), "
                              "the checkpoint's weights, and the learning rate that produced them")
 
