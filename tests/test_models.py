@@ -68,6 +68,23 @@ def test_margin_and_out_to_loss_against_scipy(rng):
     np.testing.assert_allclose(task.out_to_loss(logits, labels, xp=npx), q, rtol=1e-12)
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_out_to_loss_of_confident_examples_is_not_rounded_to_zero(dtype):
+    """Q = 1 - p_y = sigmoid(-margin) for margins up to 80: 1 - p_y rounded to 0 from a margin of about 17 in float32
+    (37 in float64), which zeroed those examples' scores."""
+    from scipy.special import expit
+
+    margins = np.array([0.0, 5.0, 17.0, 20.0, 40.0, 80.0])
+    logits = np.stack([np.zeros_like(margins), margins, margins - 3.0], axis=1).astype(dtype)  # 3 classes, label 1
+    q = Classification().out_to_loss(logits, np.ones(6, dtype=np.int64), xp=npx)
+    others = np.logaddexp(0.0, margins - 3.0)  # logsumexp of the other classes' logits [0, margin - 3]
+    expected = expit(-(margins - others))
+    assert q.dtype == np.dtype(dtype) and np.all(q > 0)
+    np.testing.assert_allclose(q, expected, rtol=1e-6 if dtype == "float32" else 1e-13)
+    binary = Classification().out_to_loss(margins[:, None].astype(dtype), np.ones(6, dtype=np.int64), xp=npx)
+    np.testing.assert_allclose(binary, expit(-margins), rtol=1e-6 if dtype == "float32" else 1e-13)
+
 def test_gradients_same_on_array_api_strict(rng):
     xs = pytest.importorskip("array_api_strict")
     model = MLP(5, 6, 4)

@@ -116,8 +116,8 @@ def _check_weights(out_to_loss: Any, where: str, n: int | None = None, backend: 
     if not bool(xp.all(finite)):
         rows = [i for i in range(finite.shape[0]) if not bool(finite[i])]
         raise TrakValueError(f"{where}: the out-to-loss weights of rows {rows[:10]}{' ...' if len(rows) > 10 else ''} "
-                             "are NaN or inf: the model's outputs there are not finite; check those rows of the "
-                             "inputs (NaN/inf values) and the checkpoint's weights")
+                             "are NaN or inf: the model's outputs or the labels there are not finite; check those "
+                             "rows of the inputs and labels (NaN/inf values) and the checkpoint's weights")
 
 
 def _check_features(features: Any, where: str) -> None:

@@ -8,26 +8,24 @@ from __future__ import annotations
 
 import itertools
 import logging
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
-from . import kernel as kernel_ops
 from ._checks import (_check_features, _check_finite, _check_lengths, _check_weights, check_backend_array,
                       projection_group_rows, take_rows)
 from ._delegation import is_accelerator
+from ._fitting import KernelFitting
 from ._identity import DataCheck, check_lambda_setting, check_parameters
-from ._namespace import device_of, has_float64, namespace
+from ._namespace import namespace
 from ._progress import length_of, progress
 from .tasks import task_functions
 from .backends.protocol import batches
 from .errors import TrakCoreError, TrakValueError
 from .fingerprints import to_numpy
 from .projection import project
-from .regularization import choose_lambda
 from .scores import normalize_rows
-from .store import CheckpointEntry, Writer, kernel_from_features
+from .store import CheckpointEntry, Writer
 
 __all__ = ["Featurizer", "PendingCheckpoint"]
 
@@ -78,7 +76,7 @@ class PendingCheckpoint:
     writer: Writer
 
 
-class Featurizer:
+class Featurizer(KernelFitting):
     """The featurizing half of ``trak_core.TRAK`` (its configuration attributes are TRAK's)."""
 
     def _project(self, grads: Any, checkpoint: int) -> Any:
@@ -88,8 +86,9 @@ class Featurizer:
         return normalize_rows(features, xp=namespace(features)) if self.normalize_features else features
 
     def _project_raw(self, grads: Any, checkpoint: int) -> Any:
-        if self.proj_dim is None:
-            return grads
+        if self.proj_dim is None:  # the gradients are the features: float32 for half precision, as projected ones
+            xp = namespace(grads)
+            return grads if xp.finfo(grads.dtype).bits >= 32 else xp.astype(grads, xp.float32)
         if self.backend.has_fused_projection:
             features = self.backend.project(grads, self.proj_dim, seed=self.seed, checkpoint=checkpoint,
                                             kind=self.proj_type, precision=self.precision)
@@ -255,42 +254,6 @@ class Featurizer:
                                        pending.structure, loader, pending.digest, pending.writer.data_checksums,
                                        made_in, self.lambda_reg))
 
-    def _factor_of(self, kernel: Any, kernel_dtype: str, features: Any, n_params: int, index: int,
-                   lambda_reg: float | None = None) -> tuple[kernel_ops.KernelFactor, str]:
-        """The factor of ``kernel`` (made for ``kernel_dtype``) and the kernel dtype it ended in: ``"float64"``
-        when an ``"auto"`` float32 kernel was too ill-conditioned and was made again from ``features``."""
-        factor = self._factorize(kernel, features.shape[0], n_params, index, lambda_reg)
-        if not self._remake_in_float64(kernel_dtype, kernel, factor, index):
-            return factor, kernel_dtype
-        wide = kernel_from_features(features, kernel_dtype="float64")
-        return self._factorize(wide, features.shape[0], n_params, index, lambda_reg, ", in float64"), "float64"
-
-    def _remake_in_float64(self, kernel_dtype: str, kernel: Any, factor: kernel_ops.KernelFactor, index: int) -> bool:
-        """Whether ``kernel_dtype="auto"`` gave a float32 ``kernel`` too ill-conditioned for float32 at this lambda
-        (``lambda_max / lambda > kernel.AUTO_FLOAT32_MAX_RATIO``) in a namespace with float64."""
-        xp = namespace(kernel)
-        if kernel_dtype != "auto" or factor.lambda_reg <= 0 or xp.finfo(kernel.dtype).bits > 32:
-            return False
-        ratio = kernel_ops.top_eigenvalue(kernel, xp=xp) / factor.lambda_reg
-        if ratio <= kernel_ops.AUTO_FLOAT32_MAX_RATIO:
-            return False
-        if not has_float64(xp, device_of(kernel)):
-            warnings.warn(f"checkpoint {index}: the float32 kernel is ill-conditioned at lambda_reg="
-                          f"{factor.lambda_reg:.4g} (lambda_max / lambda = {ratio:.3g}) and {xp.__name__} has no "
-                          f"float64 here, so scores may be off by about {1e-8 * ratio:.0e} relative; raise lambda_reg "
-                          "(or, for JAX, set jax_enable_x64)", RuntimeWarning, stacklevel=4)
-            return False
-        log.info("checkpoint %d: lambda_max / lambda = %.3g > %g: the kernel is made again in float64 (a float32 "
-                 "kernel would cost scores about %.0e relative; kernel_dtype='float32' keeps it)", index, ratio,
-                 kernel_ops.AUTO_FLOAT32_MAX_RATIO, 1e-8 * ratio)
-        return True
-
-    def _kernel_dtype(self, lambda_reg: Any) -> str:
-        """``kernel_dtype`` for this ``lambda_reg``: ``"auto"`` is ``"float64"`` when ``lambda_reg == 0`` (the
-        minimum-norm solution tells zero eigenvalues from small ones, which float32 sums cannot)."""
-        chosen = getattr(self, "kernel_dtype", "auto")
-        return "float64" if chosen == "auto" and lambda_reg == 0 else chosen
-
     def _write_features(self, checkpoint: Any, pending: PendingCheckpoint, data: Iterable[Any],
                         check: DataCheck) -> None:
         """Features of the rows the writer lacks (none when complete), the data checked against the store's."""
@@ -352,18 +315,3 @@ class Featurizer:
         if functions is not None:  # a custom task: its functions, so another one with the same name is told apart
             out["task_functions"] = functions
         return out
-
-    def _factorize(self, kernel: Any, n_train: int, n_params: int, index: int,
-                   lambda_reg: float | None = None, note: str = "") -> kernel_ops.KernelFactor:
-        xp = namespace(kernel)
-        lam = self.lambda_reg if lambda_reg is None else lambda_reg
-        if lam == "auto":
-            lam = choose_lambda(kernel, n_train, n_params=n_params, xp=xp, dim=self.proj_dim)
-        width = self.proj_dim if self.proj_dim is not None else n_params
-        # the Gram matrix when n < k (a store written before it was used holds Phi^T Phi: its shape says so)
-        space = "n" if kernel_ops.space_for(n_train, width) == "n" and kernel.shape[0] == n_train else "k"
-        factor = kernel_ops.factorize(kernel, lam, xp=xp, space=space)
-        how = " (stored)" if lambda_reg is not None else " (auto)" if self.lambda_reg == "auto" else ""
-        log.info("checkpoint %d: %d examples, k=%d, lambda=%.4g%s, %s-space kernel rank %d%s", index, n_train, width,
-                 lam, how, space, factor.rank, note)
-        return factor

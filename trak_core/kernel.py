@@ -86,6 +86,8 @@ def top_eigenvalue(kernel: Any, *, xp: Any, iterations: int = 30) -> float:
         image = kernel @ vector
         value = float(xp.sum(vector * image))  # Rayleigh quotient of the current vector
         norm = float(xp.sqrt(xp.sum(image * image)))
+        if not math.isfinite(norm):  # an overflowing kernel (or products of it)
+            return math.inf
         if not norm > 0:
             return 0.0
         vector = image / norm
@@ -111,6 +113,8 @@ def gram(features: Any, *, xp: Any, chunk_rows: int = 4096, dtype: Any = None) -
 def check_lambda(lambda_reg: Any) -> float:
     """Validate an absolute ridge ``lambda_reg >= 0`` and return it as a float."""
     try:
+        if isinstance(lambda_reg, bool):  # True is not a ridge
+            raise TypeError
         value = float(lambda_reg)
     except (TypeError, ValueError):
         raise TrakTypeError(f"lambda_reg must be a non-negative number, got {lambda_reg!r}") from None
@@ -149,8 +153,10 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
     keep = values > tol
     rank = int(xp.sum(xp.astype(keep, xp.int32)))  # int32: JAX without x64 has no int64 (and warns)
     if rank == 0:
-        raise TrakValueError("the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
-                             "gradients?), so no example can be scored; check the model and the data")
+        small = (", or so small that their squares underflow float32 (kernel_dtype='float64' keeps them)"
+                 if xp.finfo(kernel.dtype).bits <= 32 else "")
+        raise TrakValueError(f"the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
+                             f"gradients?){small}, so no example can be scored; check the model and the data")
     if rank < k and lambda_reg == 0:
         what = ("Phi^T Phi is rank-deficient (rank {rank} < k = {k}: k exceeds the number of parameters, or the "
                 "training features span fewer than k directions)") if space == "k" else \

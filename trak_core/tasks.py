@@ -58,6 +58,11 @@ def _one_hot(labels: Any, n_classes: int, like: Any, *, xp: Any) -> Any:
     return xp.astype(labels[:, None] == classes[None, :], like.dtype)
 
 
+def _at_least_float32(logits: Any, *, xp: Any) -> Any:
+    """Half-precision logits as float32 (out-to-loss weights are float32 for half-precision models, as features)."""
+    return logits if xp.finfo(logits.dtype).bits >= 32 else xp.astype(logits, xp.float32)
+
+
 def _binary(logits: Any, *, xp: Any) -> Any:
     """A one-logit binary classifier's logits ``z`` as the two-class logits ``[0, z]``."""
     return xp.concat([xp.zeros_like(logits), logits], axis=1)
@@ -119,12 +124,13 @@ class Classification:
         return grad[:, 1:] if one_logit else grad  # d f / d z: only the second of [0, z] is the model's
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        logits, labels = self._two_class(logits, labels, xp=xp)
+        logits, labels = self._two_class(_at_least_float32(logits, xp=xp), labels, xp=xp)
         onehot = _one_hot(labels, logits.shape[1], logits, xp=xp)
         top = xp.max(logits, axis=1, keepdims=True)
         weights = xp.exp(logits - top)
-        p_label = xp.sum(weights * onehot, axis=1) / xp.sum(weights, axis=1)
-        return 1.0 - p_label
+        # 1 - p_y as the other classes' share: no cancellation for confident examples (1 - p_y in float32 is 0 from a
+        # margin of about 17, which zeroes their scores; their share stays exact down to the dtype's smallest numbers)
+        return xp.sum(weights * (1.0 - onehot), axis=1) / xp.sum(weights, axis=1)
 
 
 class Regression:
@@ -157,6 +163,7 @@ class Regression:
         return xp.ones_like(logits)
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        logits = _at_least_float32(logits, xp=xp)  # half-precision residuals of large labels overflow or round
         targets = xp.reshape(xp.astype(labels, logits.dtype), (-1,))
         return targets - logits[:, 0]
 

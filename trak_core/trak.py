@@ -144,7 +144,7 @@ class TRAK(Featurizer):
         self.store = open_store(store)
         self.progress = progress
         self.normalize_features = bool(normalize_features)
-        if soft_threshold is not None and not 0 <= soft_threshold < 1:
+        if soft_threshold is not None and (isinstance(soft_threshold, (str, bool)) or not 0 <= soft_threshold < 1):
             raise TrakValueError(f"soft_threshold is a quantile in [0, 1) (or None), got {soft_threshold!r}")
         self.soft_threshold = soft_threshold
         if checkpoint_weighting not in ("uniform", "normalized"):

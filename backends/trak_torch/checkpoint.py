@@ -147,6 +147,10 @@ def dtype_error(inputs: Any, dtype: Any, exc: Exception) -> TrakTypeError:
     to_model = f"inputs.{_CONVERSIONS[model]}()" if model in _CONVERSIONS else f"inputs.to(torch.{model})"
     to_batch = f"model.{_CONVERSIONS[batch]}()" if batch in _CONVERSIONS else f"model.to(torch.{batch})"
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not inputs.is_floating_point():  # integer or boolean inputs to a model whose first layer takes numbers
+        return TrakTypeError(f"inputs are {batch} but the model's parameters are {model} (torch: {first}); a model "
+                             f"whose first layer is not an embedding takes floating inputs: convert the batch with "
+                             f"{to_model}")
     return TrakTypeError(f"inputs are {batch} but the model's parameters are {model} (torch: {first}); convert "
                          f"the batch with {to_model}, or the model with {to_batch}")
 
@@ -161,3 +165,5 @@ def raise_dtype_error(exc: Exception, prepared: Any, inputs: Any) -> None:
                 if v.is_floating_point() and v.dtype != prepared.dtype]
     if floating:
         raise dtype_error(floating[0], prepared.dtype, exc) from exc
+    if not isinstance(inputs, Mapping) and not inputs.is_floating_point() and not inputs.is_complex():
+        raise dtype_error(inputs, prepared.dtype, exc) from exc  # integer images or tabular data

@@ -1,0 +1,125 @@
+"""Numbers at the edges of float32 and half precision: confident examples, gradients far from 1 in scale, ridges
+beyond float32, half-precision models without a projection, and the errors that say what to do."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed: the torch backend is not exercised")
+
+import trak_core  # noqa: E402
+from trak_core import TrakCoreError  # noqa: E402
+
+N, D, C = 40, 4, 3
+
+
+def _linear(scale=1.0, dtype=torch.float32, seed=0):
+    """A linear classifier and data whose per-example gradients (the inputs) are of order ``scale``; its logits,
+    hence its scores at lambda_reg="auto", do not depend on ``scale``."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(D, C, bias=False)
+    with torch.no_grad():
+        model.weight.div_(scale)
+    x, y = torch.randn(N, D) * scale, torch.randint(0, C, (N,))
+    return model.to(dtype), x.to(dtype), y
+
+
+def _scores(model, x, y, **options):
+    trak = trak_core.TRAK(model, proj_dim=8, progress=False, **options)
+    trak.featurize(None, [(x, y)])
+    return trak, trak.score([(x[:5], y[:5])])
+
+
+def test_confident_examples_keep_their_scores():
+    """Margins of 18 to 49: Q = 1 - p_y rounded to 0 in float32 and every score was 0. Now the float32 scores equal
+    the float64 model's, whose Q is exact there."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 2)
+    x[:, 0] = torch.sign(x[:, 0]) * (0.5 + x[:, 0].abs())
+    y = (x[:, 0] > 0).long()
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-15.0, 0.0], [15.0, 0.0]]))
+        model.bias.zero_()
+    wide = torch.nn.Linear(2, 2).double()
+    wide.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    _, narrow_scores = _scores(model, x, y, lambda_reg=1.0)
+    trak, wide_scores = _scores(wide, x.double(), y, lambda_reg=1.0)
+    logits = wide(x.double()).detach()
+    margins = (logits[torch.arange(8), y] - logits[torch.arange(8), 1 - y]).numpy()
+    assert margins.min() > 17
+    np.testing.assert_allclose(trak.store[0].out_to_loss.numpy(), 1 / (1 + np.exp(margins)), rtol=1e-12)
+    assert np.count_nonzero(narrow_scores.numpy()) == narrow_scores.numel()
+    np.testing.assert_allclose(narrow_scores.double().numpy(), wide_scores.numpy(), rtol=1e-4,
+                               atol=1e-5 * float(wide_scores.abs().max()))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-22, 1e22])
+def test_gradient_scale_does_not_change_the_scores(scale):
+    """At lambda_reg="auto" the scores do not depend on the gradients' scale; a float32 kernel under- or overflows
+    at these scales (NaN scores, a false "every feature is zero", a raw LinAlgError), so "auto" makes it in
+    float64. An explicit kernel_dtype="float32" gets an error naming the fix."""
+    _, expected = _scores(*_linear())
+    trak, scores = _scores(*_linear(scale))
+    assert trak.store[0].kernel_dtype == "float64" and scores.dtype == torch.float32
+    np.testing.assert_allclose(scores.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    match = r"kernel_dtype='float64'" if scale == 1e-30 else r"float32 kernel cannot be factorized; use kernel_dtype"
+    with pytest.raises(TrakCoreError, match=match):
+        _scores(*_linear(scale), kernel_dtype="float32")
+
+
+def test_a_ridge_beyond_float32_is_applied_in_float64():
+    model, x, y = _linear()
+    _, expected = _scores(model.double(), x.double(), y, lambda_reg=1e39)
+    trak, scores = _scores(model.float(), x, y, lambda_reg=1e39)
+    assert trak.store[0].kernel_dtype == "float64" and bool(torch.isfinite(scores).all())
+    np.testing.assert_allclose(scores.double().numpy(), expected.numpy(), rtol=1e-4)
+    with pytest.raises(TrakCoreError, match=r"lambda_reg=1e\+39 is beyond float32's range"):
+        _scores(model.float(), x, y, lambda_reg=1e39, kernel_dtype="float32")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_without_a_projection_scores_in_float32(dtype):
+    """proj_dim=None: the gradients are the features, made float32 as projected ones are (float16 scores of ~1e5
+    overflowed to inf); regression residuals of labels of 1e5 are float32 too (float16: inf)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3), torch.randn(16) * 1e5
+    model = torch.nn.Linear(3, 1).to(dtype)
+    reference = torch.nn.Linear(3, 1)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    targets = [(x[:2].to(dtype) * 5000, y[:2])]
+    half = trak_core.TRAK(model, task="regression", proj_dim=None, lambda_reg=1e-3, progress=False)
+    half.featurize(None, [(x.to(dtype), y)])
+    full = trak_core.TRAK(reference, task="regression", proj_dim=None, lambda_reg=1e-3, progress=False)
+    full.featurize(None, [(x.to(dtype).float(), y)])
+    scores, expected = half.score(targets), full.score([(t.float(), labels) for t, labels in targets])
+    assert scores.dtype == torch.float32 and half.store[0].out_to_loss.dtype == torch.float32
+    residuals = y - reference(x.to(dtype).float()).detach()[:, 0]
+    np.testing.assert_allclose(half.store[0].out_to_loss.numpy(), residuals.numpy(), rtol=1e-2)
+    tolerance = 1e-2 if dtype == torch.float16 else 2e-2  # the half-precision forward and gradients
+    assert float((scores - expected).norm() / expected.norm()) < tolerance
+
+
+def test_integer_inputs_to_a_float_model_name_the_conversion():
+    model = torch.nn.Linear(D, C)
+    trak = trak_core.TRAK(model, proj_dim=8, progress=False)
+    with pytest.raises(TrakCoreError, match=r"inputs are int64 .* float32 .* convert the batch with inputs.float\(\)"):
+        trak.featurize(None, [(torch.randint(0, 5, (6, D)), torch.zeros(6, dtype=torch.long))])
+
+
+@pytest.mark.parametrize("options", [dict(soft_threshold="0.5"), dict(soft_threshold=True), dict(lambda_reg=True)])
+def test_options_of_the_wrong_type_are_refused(options):
+    with pytest.raises(TrakCoreError, match=next(iter(options))):
+        trak_core.TRAK(torch.nn.Linear(D, C), **options)
+
+
+def test_jax_without_x64_warns_that_lambda_zero_needs_float64():
+    jax = pytest.importorskip("jax", reason="JAX is not installed: the jax backend is not exercised")
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 is on in this process: the float32-only case is not exercised")
+    from trak_core.testing import canonical
+    from trak_core.testing.cases import jax_apply
+    from trak_jax import JaxModel
+
+    x, y = canonical.inputs("mlp", 30, seed=0, dtype="float32")
+    trak = trak_core.TRAK(JaxModel(jax_apply("mlp")), proj_dim=64, lambda_reg=0.0, progress=False)
+    with pytest.warns(RuntimeWarning, match=r"lambda_reg=0 needs a float64 kernel .* jax_enable_x64"):
+        trak.featurize(canonical.weights("mlp", seed=0, dtype="float32"), [(x, y)])
