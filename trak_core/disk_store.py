@@ -71,7 +71,8 @@ class DiskStore(Store):
         except ImportError:
             raise MissingFrameworkError('on-disk stores need zarr (v3): pip install "trak-core[store]"') from None
         self._url = "://" in str(path)
-        self.path: str | pathlib.Path = str(path) if self._url else pathlib.Path(path).expanduser()  # "~/x" as a shell
+        # "~/x" as a shell would; a relative path is fixed now, so a later os.chdir does not move the store
+        self.path: str | pathlib.Path = str(path) if self._url else pathlib.Path(path).expanduser().absolute()
         if not self._url and self.path.exists() and not self.path.is_dir():
             raise TrakOSError(f"the store path {self.path} is a file, not a directory; choose a directory path "
                               "(it is created if absent)")
@@ -174,7 +175,8 @@ class DiskStore(Store):
                 del group[name]
             array = group.create_array(name, shape=values.shape, dtype=values.dtype,
                                        chunks=(KERNEL_CHUNK_ROWS, values.shape[1]), fill_value=0)
-        array[:] = values
+        for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time: zarr encodes what it is given
+            array[start:start + KERNEL_CHUNK_ROWS] = values[start:start + KERNEL_CHUNK_ROWS]  # at once, in copies
         array.attrs["sha256"] = _digest(values)  # last: it marks the set finished
 
     def check_score_name(self, name: str) -> str | None:
@@ -212,7 +214,9 @@ class DiskStore(Store):
         if state is None:
             raise TrakValueError(f"no scores named {name!r} in {self.path}; saved: {self.score_names()}")
         array = self.root["scores"][name]
-        values = array[:]
+        values = np.empty(array.shape, dtype=array.dtype)
+        for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time, into the result: zarr decodes
+            values[start:start + KERNEL_CHUNK_ROWS] = array[start:start + KERNEL_CHUNK_ROWS]  # what it reads at once
         if _digest(values) != array.attrs.get("sha256"):
             raise TrakValueError(f"scores {name!r} in {self.path} are damaged (checksum mismatch); score again")
         return values

@@ -25,7 +25,8 @@ __all__ = ["DiskWriter", "DiskFeatures", "write_rows", "open_root", "one_writer"
 
 
 def _digest(block: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest()
+    block = np.ascontiguousarray(block)  # hashed through its buffer: no copy of a contiguous block
+    return hashlib.sha256(block.view(np.uint8).reshape(-1) if block.size else b"").hexdigest()
 
 
 class DiskFeatures:
