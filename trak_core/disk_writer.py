@@ -7,6 +7,7 @@ layout and the safety argument); ``write_rows`` is a parallel worker's share of 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
     from .disk_store import DiskStore
 
 __all__ = ["DiskWriter", "DiskFeatures", "write_rows", "open_root", "one_writer"]
+
+
+def _load_kernel(group: Any, template: Any, dtype: Any) -> Any:
+    """The kernel stored in a checkpoint's ``group``, in ``template``'s namespace and device, as ``dtype``."""
+    xp = namespace(template)
+    return xp.astype(xp.asarray(group["kernel"][:], device=device_of(template)), dtype)
 
 
 def _digest(block: np.ndarray) -> str:
@@ -251,8 +258,7 @@ class DiskWriter(Writer):
         xp = namespace(self.template)
         weights = xp.asarray(self.group["out_to_loss"][:], device=device_of(self.template))
         work = kernel_ops.work_dtype(xp, device_of(self.template), kernel_dtype, self.template.dtype)
-        self.kernel_loader = lambda: xp.astype(xp.asarray(self.group["kernel"][:], device=device_of(self.template)),
-                                               work)
+        self.kernel_loader = functools.partial(_load_kernel, self.group, self.template, work)  # picklable
         if "kernel" in self.group and self.complete:
             if self.group["kernel"].dtype.itemsize * 8 >= xp.finfo(work).bits:
                 return lazy, weights, self.kernel_loader()

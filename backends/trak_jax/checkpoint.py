@@ -36,6 +36,17 @@ class JaxCheckpoint:
     selected: tuple = ()
     dtypes: tuple = ()
 
+    def __getstate__(self) -> dict:
+        """Everything but ``device`` (a JAX ``Device`` does not pickle): the unpickled params say where they are."""
+        return {**vars(self), "device": None}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        import jax
+
+        leaves = [leaf for leaf in jax.tree_util.tree_leaves(self.params) if isinstance(leaf, jax.Array)]
+        self.device = next(iter(leaves[0].devices())) if leaves else jax.devices()[0]
+
     @property
     def n_params(self) -> int:
         import math
