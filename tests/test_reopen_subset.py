@@ -76,3 +76,13 @@ def test_a_subsets_checkpoints_are_checked_and_keys_must_be_store_indices(writte
         TRAK.open(path, model, {"weights": model.init(seed=0)})
     with pytest.raises(TrakCoreError, match="holds 3 complete checkpoints; pass all 3.*or a mapping"):
         TRAK.open(path, model, [model.init(seed=0)])
+
+
+def test_repr_says_what_the_estimator_holds_without_loading_it(written):
+    path, model, trak = written
+    opened = TRAK.open(path, model, {0: model.init(seed=0), 2: model.init(seed=2)})
+    text = repr(opened)
+    assert opened._opened and len(opened.store) == 0  # repr loaded nothing
+    assert text == (f"TRAK(backend='numpy', task='classification', proj_dim=24, proj_type='rademacher', "
+                    f"lambda_reg='auto', checkpoints=2, store={str(path)!r})")
+    assert "checkpoints=3" in repr(trak)

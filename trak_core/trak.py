@@ -22,7 +22,6 @@ from .kernel import check_kernel_dtype
 from .kronecker import Kronecker
 from .projection import KINDS, PRECISIONS
 from .scores import Ensemble, checkpoint_scores, ensemble, finish_products, self_scores, soft_threshold, target_weights
-from .store import CheckpointEntry
 from .stores import open_store
 from .tasks import Task, get_task
 
@@ -169,6 +168,11 @@ class TRAK(Featurizer):
         self._load_opened(None)
         return self.store[0].features.shape[0] if len(self.store) else None
 
+    def __repr__(self) -> str:  # reads nothing: checkpoints opened but not loaded yet count too
+        return (f"TRAK(backend={self.backend.name!r}, task={getattr(self.task, 'name', self.task)!r}, proj_dim="
+                f"{self.proj_dim}, proj_type={self.proj_type!r}, lambda_reg={self.lambda_reg!r}, checkpoints="
+                f"{len(self.store) + len(self._opened)}, store={self.store.location or 'memory'!r})")
+
     def featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
         """Compute and store the training features of one checkpoint.
 
@@ -255,7 +259,7 @@ class TRAK(Featurizer):
             self._load_opened((take_rows(first[0], 0, 1), first[1][:1, ...]))
             data = itertools.chain([first], data)
         self._check_scorable()
-        entries = self._entries(checkpoints)
+        entries = chosen_entries(self.store, checkpoints)
         columns = []
         for b, (inputs, labels) in enumerate(progress(data, desc="score", enabled=self.progress, total=total)):
             if _check_lengths(inputs, labels, f"targets batch {b}") == 0:
@@ -310,7 +314,7 @@ class TRAK(Featurizer):
                                  "training set as targets and take the diagonal instead")
         self._load_opened(None)
         self._check_scorable("self_influence()")
-        entries = self._entries(checkpoints)
+        entries = chosen_entries(self.store, checkpoints)
         xp = namespace(entries[0].out_to_loss)
         diagonals = [self_scores(entry.features, entry.factor, xp=xp)[:, None] for entry in entries]
         block = ensemble(diagonals, [entry.out_to_loss for entry in entries], xp=xp, weighting="uniform")
@@ -385,13 +389,10 @@ class TRAK(Featurizer):
         """
         self._load_opened(None)
         self._check_scorable("features()")
-        entry = self._entries([checkpoint])[0]
+        entry = chosen_entries(self.store, [checkpoint])[0]
         parts = []
         for b, (inputs, labels) in enumerate(batches(data, self.label_key)):
             parts.append(self._batch_features(entry.prepared, entry.index, inputs, labels, f"batch {b}")[0])
         if not parts:
             raise TrakValueError("features: data yielded no batches; pass an iterable of (inputs, labels)")
         return parts[0] if len(parts) == 1 else namespace(parts[0]).concat(parts, axis=0)
-
-    def _entries(self, checkpoints: Sequence[int] | None) -> list[CheckpointEntry]:
-        return chosen_entries(self.store, checkpoints)
