@@ -293,7 +293,8 @@ def test_the_audited_demo_commands_exit_2_at_once(args):
     ("torch", ["--backend", "torch"],
      "argument --backend: PyTorch is not installed; pip install torch, or pass --backend numpy"),
     ("matplotlib", [],
-     "argument --png: the figure needs matplotlib (pip install \"trak-core[demo]\"); pass --png '' for no figure"),
+     "argument --png: the figure needs matplotlib (pip install matplotlib (or, in a trak-core checkout, pip install "
+     "-e \".[demo]\")); pass --png '' for no figure"),
 ])
 def test_demo_names_a_missing_package_before_any_work(missing, args, message, monkeypatch, capsys):
     real = importlib.util.find_spec

@@ -100,7 +100,7 @@ def test_not_jittable_apply_is_a_clear_error():
         return x @ w.T
 
     x, y = _data(10)
-    with pytest.raises(TypeError, match="not jittable.*jnp.where or jax.lax.cond"):
+    with pytest.raises(trak_core.TrakTypeError, match="not jittable.*jnp.where or jax.lax.cond"):
         trak_core.TRAK(JaxModel(apply), proj_dim=8, progress=False).featurize(
             canonical.weights("softmax", seed=0, dtype="float32"), [(x, y)])
 

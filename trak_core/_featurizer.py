@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
 from ._checks import (_check_features, _check_finite, _check_lengths, _check_weights, check_backend_array,
-                      projection_group_rows, take_rows)
+                      chosen_entries, projection_group_rows, take_rows)
 from ._delegation import is_accelerator
 from ._fitting import KernelFitting
 from ._identity import DataCheck, check_lambda_setting, check_parameters
@@ -78,6 +78,33 @@ class PendingCheckpoint:
 
 class Featurizer(KernelFitting):
     """The featurizing half of ``trak_core.TRAK`` (its configuration attributes are TRAK's)."""
+
+    def features(self, data: Iterable[Any], *, checkpoint: int = 0) -> Any:
+        """Features ``phi_c(z)`` (projected gradients) of ``data`` at featurized checkpoint ``checkpoint``.
+
+        For baselines such as a gradient dot product, or retrieval, on the same projection as the scores.
+
+        Parameters
+        ----------
+        data : iterable of (inputs, labels)
+            Batches, as for ``featurize`` and ``score``.
+        checkpoint : int
+            Index of a featurized checkpoint (the store's index for a store opened with some of them).
+
+        Returns
+        -------
+        array
+            ``(n, k)`` (``(n, n_params)`` for ``proj_dim=None``), in the features' namespace, dtype and device.
+        """
+        self._load_opened(None)
+        self._check_scorable("features()")
+        entry = chosen_entries(self.store, [checkpoint])[0]
+        parts = []
+        for b, (inputs, labels) in enumerate(batches(data, self.label_key)):
+            parts.append(self._batch_features(entry.prepared, entry.index, inputs, labels, f"batch {b}")[0])
+        if not parts:
+            raise TrakValueError("features: data yielded no batches; pass an iterable of (inputs, labels)")
+        return parts[0] if len(parts) == 1 else namespace(parts[0]).concat(parts, axis=0)
 
     def _project(self, grads: Any, checkpoint: int) -> Any:
         return self._finish(self._project_raw(grads, checkpoint))

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MissingFrameworkError, StoreMismatchError, TrakOSError, TrakValueError
+from .errors import MissingFrameworkError, StoreMismatchError, TrakOSError, TrakValueError, install_hint
 from .fingerprints import combine, to_numpy
 from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, Store
 from .disk_writer import DiskFeatures, DiskWriter, _digest, one_writer, open_root, write_rows
@@ -69,7 +69,7 @@ class DiskStore(Store):
         try:
             import zarr  # noqa: F401
         except ImportError:
-            raise MissingFrameworkError('on-disk stores need zarr (v3): pip install "trak-core[store]"') from None
+            raise MissingFrameworkError(f'on-disk stores need zarr (v3): {install_hint("store", "zarr")}') from None
         self._url = "://" in str(path)
         # "~/x" as a shell would; a relative path is fixed now, so a later os.chdir does not move the store
         self.path: str | pathlib.Path = str(path) if self._url else pathlib.Path(path).expanduser().absolute()

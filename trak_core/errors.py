@@ -13,7 +13,13 @@ raised by a backend start with the same location.
 from __future__ import annotations
 
 __all__ = ["TrakCoreError", "TrakValueError", "TrakTypeError", "TrakOSError", "BackendError", "UnknownBackendError",
-           "MissingFrameworkError", "StoreMismatchError"]
+           "MissingFrameworkError", "StoreMismatchError", "install_hint"]
+
+
+def install_hint(extra: str, packages: str) -> str:
+    """How to install what trak-core's extra ``extra`` holds: its ``packages`` from PyPI, or the extra from a
+    trak-core checkout (trak-core itself is not on PyPI, so ``pip install "trak-core[extra]"`` finds nothing)."""
+    return f'pip install {packages} (or, in a trak-core checkout, pip install -e ".[{extra}]")'
 
 
 class TrakCoreError(Exception):

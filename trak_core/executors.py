@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .errors import MissingFrameworkError, TrakOSError, TrakValueError
+from .errors import MissingFrameworkError, TrakOSError, TrakValueError, install_hint
 from .store import KERNEL_CHUNK_ROWS
 
 __all__ = ["RayExecutor", "get_executor", "shards"]
@@ -114,7 +114,7 @@ class RayExecutor:
             import cloudpickle
             import ray
         except ImportError:
-            raise MissingFrameworkError('executor="ray" needs Ray: pip install "trak-core[ray]"') from None
+            raise MissingFrameworkError(f'executor="ray" needs Ray: {install_hint("ray", "ray zarr")}') from None
         if not ray.is_initialized():
             options = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
             if self.address is None:

@@ -45,6 +45,8 @@ bits after each multiply (``word_dtype``). Both give the same bits.
 """
 from __future__ import annotations
 
+import operator
+
 from typing import Any
 
 import array_api_compat
@@ -118,9 +120,13 @@ def split64(value: int, what: str) -> tuple[int, int]:
     ValueError
         If ``value`` is negative or not below ``2**64``.
     """
-    value = int(value)
-    if value < 0 or value >= 2**64:
-        raise TrakValueError(f"{what} must be an integer in [0, 2**64), got {value}")
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)  # ints, NumPy integers; not 1.5
+    except TypeError:
+        number = None
+    if number is None or number < 0 or number >= 2**64:
+        raise TrakValueError(f"{what} must be an integer in [0, 2**64), got {value!r}")
+    value = number
     return value & MASK32, value >> 32
 
 

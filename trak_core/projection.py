@@ -46,7 +46,7 @@ def _check(p: int, k: int, kind: str, offset: int) -> None:
         raise TrakValueError(f"unknown projection kind {kind!r}; choose one of {KINDS}")
     if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
         raise TrakValueError(f"projection dimension k must be a positive integer, got {k!r}")
-    if not isinstance(p, int) or p < 0:
+    if not isinstance(p, int) or isinstance(p, bool) or p < 0:
         raise TrakValueError(f"number of rows p must be a non-negative integer, got {p!r}")
     if not isinstance(offset, int) or offset < 0:
         raise TrakValueError(f"offset must be a non-negative integer, got {offset!r}")
@@ -169,6 +169,8 @@ def projection_matrix(p: int, k: int, *, seed: int = 0, checkpoint: int = 0, kin
     else:
         xp = array_api_compat.array_namespace(xp.empty(0))
     dtype = xp.float32 if dtype is None else dtype
+    if not xp.isdtype(dtype, "real floating"):
+        raise TrakTypeError(f"projection_matrix makes a floating matrix (entries +-1/sqrt(k)); got dtype {dtype}")
     signs = row_signs(offset, offset + p, seed=seed, checkpoint=checkpoint, xp=xp, device=device, dtype=dtype)
     return signs[:, None] * _shared(offset, offset + p, k, seed, kind, xp=xp, device=device, dtype=dtype)
 

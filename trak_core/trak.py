@@ -89,11 +89,11 @@ class TRAK(Featurizer):
         Of the kernel (``Phi^T Phi``, or ``Phi Phi^T`` when ``n_train < k``), its factorization and the
         solves (``trak_core.kernel.work_dtype``). ``"auto"`` (default): float32 for float32 (or
         half-precision) features, float64 for float64 features, whenever ``lambda_reg == 0``, and when the
-        float32 kernel is ill-conditioned at the ridge (``lambda_max / lambda_reg >
-        trak_core.kernel.AUTO_FLOAT32_MAX_RATIO``: it is made again in float64). ``"float64"`` is the
-        reference (float32 where the namespace has no float64); ``"float32"`` keeps float32 regardless.
-        A float32 kernel is made about twice as fast on CPUs; scores then move by about ``1e-7 * cond(K)``
-        relative (7e-6 on the digits task with the automatic ridge, LDS unchanged: ``docs/choosing.md``).
+        float32 kernel is ill-conditioned at the ridge (``lambda_max / lambda_reg > AUTO_FLOAT32_MAX_RATIO``) or
+        out of float32's range (made again in float64). ``"float64"`` is the reference (float32 where the
+        namespace has no float64); ``"float32"`` keeps float32. A float32 kernel is made about twice as fast on
+        CPUs; scores move by about ``1e-8 * lambda_max / lambda`` relative (7e-6 on the digits task at the
+        automatic ridge, LDS unchanged: ``docs/choosing.md``).
         Not part of the store's configuration: a store written with one can be scored with the other.
 
     Notes
@@ -193,6 +193,10 @@ class TRAK(Featurizer):
             When an on-disk store holds features of another configuration, other parameters for
             this checkpoint, or other training data (the message names the field); nothing
             stored is overwritten.
+        TrakTypeError
+            On data that is not batches of (inputs, labels), or inputs the backend cannot take.
+        TrakOSError
+            When the store's directory cannot be written (another process writing it, a full disk).
         """
         try:
             self._load_opened(None)  # a store reopened with open: its checkpoints first, then this one after them
@@ -341,8 +345,8 @@ class TRAK(Featurizer):
 
     @classmethod
     def open(cls, path: Any, model: Any, checkpoints: Sequence[Any] | Mapping[int, Any], *,
-             task: str | Task | None = None, backend: str | Backend | None = None, lambda_reg: float | str | None = None,
-             progress: bool | None = None, soft_threshold: float | None = None,
+             task: str | Task | None = None, backend: str | Backend | None = None,
+             lambda_reg: float | str | None = None, progress: bool | None = None, soft_threshold: float | None = None,
              checkpoint_weighting: str = "uniform", executor: Any = None, label_key: str = "labels",
              kernel_dtype: str = "auto") -> "TRAK":
         """Reopen a finished on-disk store to score new targets, without the training data.
@@ -381,18 +385,3 @@ class TRAK(Featurizer):
                          progress=progress, soft_threshold=soft_threshold,
                          checkpoint_weighting=checkpoint_weighting, executor=executor, label_key=label_key,
                          kernel_dtype=kernel_dtype)
-
-    def features(self, data: Iterable[Any], *, checkpoint: int = 0) -> Any:
-        """Features ``phi_c(z)`` (projected gradients) of ``data`` at featurized checkpoint ``checkpoint``.
-
-        For baselines such as a gradient dot product, or retrieval, on the same projection as the scores.
-        """
-        self._load_opened(None)
-        self._check_scorable("features()")
-        entry = chosen_entries(self.store, [checkpoint])[0]
-        parts = []
-        for b, (inputs, labels) in enumerate(batches(data, self.label_key)):
-            parts.append(self._batch_features(entry.prepared, entry.index, inputs, labels, f"batch {b}")[0])
-        if not parts:
-            raise TrakValueError("features: data yielded no batches; pass an iterable of (inputs, labels)")
-        return parts[0] if len(parts) == 1 else namespace(parts[0]).concat(parts, axis=0)

@@ -28,8 +28,9 @@ def _require_gpu() -> Any:
     try:
         import cupy
     except ImportError:
-        raise MissingFrameworkError('the cupy backend needs CuPy and a CUDA device: pip install "trak-core[cupy-cuda12]" '
-                                    '(or [cupy-cuda13], matching your CUDA driver) on a machine with an NVIDIA GPU') from None
+        raise MissingFrameworkError("the cupy backend needs CuPy and a CUDA device: pip install cupy-cuda12x (or "
+                                    "cupy-cuda13x, matching your CUDA driver; in a trak-core checkout, pip install -e "
+                                    '".[cupy-cuda12]" or ".[cupy-cuda13]") on a machine with an NVIDIA GPU') from None
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # no driver

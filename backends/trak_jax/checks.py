@@ -19,11 +19,12 @@ __all__ = ["OutputCheck", "logits_source", "not_jittable"]
 _EXPECTED = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}
 
 
-def not_jittable(exc: Exception) -> TypeError:
+def not_jittable(exc: Exception) -> TrakTypeError:
     """The error for an apply function that JAX cannot trace."""
-    return TypeError(f"the model's apply function is not jittable ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-                     "Write apply(params, inputs) with jax.numpy operations only: no Python `if`/`for` on "
-                     "array values (use jnp.where or jax.lax.cond), no NumPy or float() on traced arrays")
+    return TrakTypeError(f"the model's apply function is not jittable ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]}). Write apply(params, inputs) with jax.numpy operations only: no "
+                         "Python `if`/`for` on array values (use jnp.where or jax.lax.cond), no NumPy or float() on "
+                         "traced arrays")
 
 
 def logits_source(output: Any, logits_fn: Callable | None) -> str | None:

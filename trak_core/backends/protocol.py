@@ -27,7 +27,8 @@ class Backend(abc.ABC):
     framework : str or None
         Top-level module of the framework (imported lazily, never by ``import trak_core``).
     extra : str or None
-        The pip extra that installs it: ``pip install "trak-core[<extra>]"``.
+        The pip extra of the backend's distribution that installs the framework (for trak-core's own backends,
+        ``pip install -e ".[<extra>]"`` in a checkout; error messages also name the framework's package).
     can_gradients : bool
         Whether ``gradients`` works (a projection-only backend says ``False``).
     has_fused_projection : bool

@@ -19,7 +19,7 @@ import warnings
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Union
 
-from ..errors import TrakTypeError
+from ..errors import TrakTypeError, install_hint
 from .protocol import Backend, BackendError, MissingFrameworkError, UnknownBackendError, check_backend
 
 __all__ = ["ENTRY_POINT_GROUP", "BackendPluginWarning", "register_backend", "get_backend", "available_backends",
@@ -35,6 +35,7 @@ KNOWN = {"numpy": ("trak_core.backends.numpy_backend:backend", "numpy", None),
          "cupy": ("trak_cupy:backend", "cupy", "cupy")}
 
 NEEDS = {"cupy": "CuPy and a CUDA device (an NVIDIA GPU)"}
+PACKAGES = {"cupy": "cupy-cuda12x (or cupy-cuda13x)"}  # a first-party extra's package where it is not the module's name
 
 Target = Union[EntryPoint, Backend]
 
@@ -153,12 +154,14 @@ def _importable(module: str | None) -> bool:
 
 def _install(name: str, target: Target, framework: str | None, extra: str | None) -> str:
     """The pip command that installs ``framework``: a trak-core extra only for trak-core's own backends."""
-    if isinstance(target, EntryPoint) and not _first_party(name, target):
+    if not isinstance(target, EntryPoint):  # a backend registered at run time: its extra is not trak-core's
+        return f"pip install {framework}"
+    if not _first_party(name, target):
         dist = _distribution(target)
         if extra and dist:
             return f'pip install "{dist.split(" ")[0]}[{extra}]"'
         return f"pip install {framework}"
-    return f'pip install "trak-core[{extra}]"' if extra else f"pip install {framework}"
+    return install_hint(extra, PACKAGES.get(extra, framework)) if extra else f"pip install {framework}"
 
 
 def _framework_missing(name: str, framework: str | None, install: str) -> MissingFrameworkError:

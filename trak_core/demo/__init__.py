@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._progress import progress
+from ..errors import install_hint
 from ..evaluation import lds, subset_masks
 from ..trak import TRAK
 from .data import N_DIGITS, load_digits_split
@@ -69,8 +70,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("argument --backend: PyTorch is not installed; pip install torch, or pass --backend numpy")
     if args.png:
         if importlib.util.find_spec("matplotlib") is None:
-            parser.error('argument --png: the figure needs matplotlib (pip install "trak-core[demo]"); pass '
-                         "--png '' for no figure")
+            parser.error(f"argument --png: the figure needs matplotlib ({install_hint('demo', 'matplotlib')}); "
+                         "pass --png '' for no figure")
         folder = os.path.dirname(os.path.abspath(args.png))
         if not os.path.isdir(folder):
             parser.error(f"argument --png: the folder {folder} does not exist; create it, or pass --png '' for "

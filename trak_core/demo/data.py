@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import install_hint
+
 #: images in scikit-learn's ``load_digits`` (the commands check their sizes against it before loading)
 N_DIGITS = 1797
 
@@ -12,7 +14,8 @@ def load_digits_split(n_train: int, n_targets: int, seed: int) -> tuple[np.ndarr
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise SystemExit('the demo needs scikit-learn for its bundled digits: pip install "trak-core[demo]"') from None
+        raise SystemExit("the demo needs scikit-learn for its bundled digits: "
+                         + install_hint("demo", "scikit-learn")) from None
     data = load_digits()
     order = np.random.default_rng(seed).permutation(len(data.target))
     x, y = data.data[order] / 16.0, data.target[order].astype(np.int64)
