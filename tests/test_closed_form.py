@@ -289,8 +289,9 @@ def test_models_vmap_cannot_run_get_closed_form_gradients_checked_one_example_at
         rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     reference = torch.stack(rows)
     assert float(torch.linalg.vector_norm(grads - reference) / torch.linalg.vector_norm(reference)) < 1e-12
-    with pytest.raises(RuntimeError, match="setup_context"):
-        TorchBackend(per_example="vmap").gradients(model, prepared, x, y, task)
+    with pytest.warns(RuntimeWarning, match="vmap cannot take .*setup_context"):  # vmap cannot run it: a loop
+        looped, _ = TorchBackend(per_example="vmap").gradients(model, prepared, x, y, task)
+    assert float(torch.linalg.vector_norm(looped - reference) / torch.linalg.vector_norm(reference)) < 1e-12
 
 
 def test_tf32_convolutions_on_cuda_keep_the_closed_form_and_the_factorized_check():

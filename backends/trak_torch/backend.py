@@ -10,8 +10,7 @@ The logits are taken from what ``forward`` returns by ``output_logits``.
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from trak_core.backends import Backend
 from trak_core.errors import TrakTypeError, TrakValueError
@@ -21,19 +20,10 @@ from trak_core.outputs import select_logits
 from .attention import (attention_for_closed_form, attention_for_vmap, causal_model, model_masks, note_mask,
                         uncounted_pad_predictions)
 from .checkpoint import TorchCheckpoint, raise_dtype_error, select_names, snapshot
+from .looped import eval_mode, looped_gradients, vmap_cannot_batch
 from .seq2seq import is_encoder_decoder
 
 __all__ = ["TorchBackend", "output_logits"]
-
-
-@contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 _LOGITS_FN_HINT = "pass logits_fn (model output -> logits tensor) to the backend: TorchBackend(logits_fn=...)"
@@ -101,12 +91,14 @@ class TorchBackend(Backend):
         ``ModelOutput``'s ``"logits"``; an object's ``.logits``). It runs on the whole batch and,
         under ``vmap``, on one example, so it must only select or reshape, not mix rows.
 
-    per_example : {"auto", "vmap"}
+    per_example : {"auto", "vmap", "loop"}
         How per-example gradients are computed. ``"auto"``: in closed form (one batched backward
         pass, :mod:`trak_torch.closed_form`) when every attributed parameter belongs to a Linear,
         Conv1d/Conv2d, Embedding, Conv1D, BatchNorm (running statistics), LayerNorm, GroupNorm, RMSNorm or
         Hugging Face ``*RMSNorm`` layer and the first two examples of a checkpoint agree with plain autograd
-        one example at a time; otherwise ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``.
+        one example at a time; otherwise ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``. ``"loop"``: plain
+        autograd one example at a time (slow; what ``"auto"`` and ``"vmap"`` switch to, with a warning, for a
+        model ``vmap`` cannot batch: ``nn.GRU``, sparse embeddings, ``torch.utils.checkpoint``).
 
     attention_mask : {"auto", "causal", "bidirectional", "pass"}
         What a dict batch's 2-D ``attention_mask`` (padding: 1 keep, 0 pad) becomes before the model
@@ -140,8 +132,8 @@ class TorchBackend(Backend):
     def __init__(self, params: Sequence[str] | Callable[[str, Any], bool] | None = None,
                  chunk_size: int | None = None, logits_fn: Callable[[Any], Any] | None = None,
                  attention_mask: str = "auto", per_example: str = "auto") -> None:
-        if per_example not in ("auto", "vmap"):
-            raise TrakValueError(f"per_example must be 'auto' or 'vmap', got {per_example!r}")
+        if per_example not in ("auto", "vmap", "loop"):
+            raise TrakValueError(f"per_example must be 'auto', 'vmap' or 'loop', got {per_example!r}")
         self.per_example = per_example
         if attention_mask not in ("auto", "causal", "bidirectional", "pass"):
             raise TrakValueError(f"attention_mask must be 'auto', 'causal', 'bidirectional' or 'pass', got "
@@ -163,6 +155,9 @@ class TorchBackend(Backend):
 
         if not isinstance(model, torch.nn.Module):
             raise TrakTypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TrakTypeError("a TorchScript module (torch.jit.script or trace) cannot be called with other "
+                                "parameters (torch.func.functional_call): pass the eager nn.Module it was made from")
         return snapshot(model, checkpoint, select_names(model, self.params))
 
     def n_params(self, prepared: TorchCheckpoint) -> int:
@@ -232,6 +227,7 @@ class TorchBackend(Backend):
     def gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any,
                   task: Any) -> tuple[Any, Any]:
         import array_api_compat.torch as xp
+        import torch
 
         inputs, labels = self._batch(model, prepared, inputs, labels, task)
         causal = self._causal(model)
@@ -240,7 +236,7 @@ class TorchBackend(Backend):
             from .closed_form import NotPerExample, closed_form_gradients
 
             try:
-                with _eval_mode(model), attention_for_closed_form(model):  # SDPA, not vmap's eager attention
+                with eval_mode(model), attention_for_closed_form(model):  # SDPA, not vmap's eager attention
                     grads, logits = closed_form_gradients(self, model, prepared, uses, inputs, labels, task, causal)
                     return grads, task.out_to_loss(logits, labels, xp=xp)
             except NotPerExample as exc:  # a batch unlike the checked one (a layer call's shape): vmap from now on
@@ -251,25 +247,43 @@ class TorchBackend(Backend):
             except RuntimeError as exc:
                 raise_dtype_error(exc, prepared, inputs)  # a later batch of another dtype than the first
                 raise
-        return self._vmap_gradients(model, prepared, inputs, labels, task, causal)
+        if self.per_example != "loop" and "_looped" not in prepared.__dict__:
+            try:
+                return self._vmap_gradients(model, prepared, inputs, labels, task, causal)
+            except torch.OutOfMemoryError:  # not a limit of vmap: smaller chunks (chunk_size) are the fix
+                raise
+            except (RuntimeError, NotImplementedError) as exc:  # a kernel vmap cannot batch, or a real error:
+                error = exc                                        # plain autograd tells them apart below
+        else:
+            error = None
+        with eval_mode(model), attention_for_vmap(model), torch.no_grad():
+            logits = self._logits(model, prepared, inputs, task, causal=causal)
+        task.check_labels(labels, logits.shape[-1], xp=xp)
+        with eval_mode(model), attention_for_vmap(model):
+            grads = looped_gradients(self, model, prepared, inputs, labels, task, causal)  # raises a real error
+        if error is not None:
+            vmap_cannot_batch(prepared, error)
+        return grads, task.out_to_loss(logits, labels, xp=xp)
 
     def _closed_form_uses(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
                           causal: bool) -> list | None:
         """The layers of the closed-form path (``per_example="auto"``), found and checked once per checkpoint
         (on the first two examples of its first batch, against plain autograd one example at a time)."""
-        if self.per_example == "vmap":
+        if self.per_example != "auto":
             return None
         cache = prepared.__dict__.setdefault("_closed_form", {})
         key = id(task)
+        if key not in cache and _rows(inputs) < 2:  # one example shows no interaction between examples: vmap
+            return None                             # for it, and the check waits for a batch of two or more
         if key not in cache:
             import torch
             from torch.utils._pytree import tree_map
 
             from .closed_form_check import checked_uses
 
-            with _eval_mode(model), attention_for_vmap(model), torch.no_grad():  # the dense path's checks
+            with eval_mode(model), attention_for_vmap(model), torch.no_grad():  # the dense path's checks
                 self._logits(model, prepared, tree_map(lambda t: t[:2], inputs), task, causal=causal)  # first
-            with _eval_mode(model), attention_for_closed_form(model):  # as closed_form_gradients runs it
+            with eval_mode(model), attention_for_closed_form(model):  # as closed_form_gradients runs it
                 uses = checked_uses(self, model, prepared, inputs, labels, task, causal)
             cache[key] = uses
         return cache[key]
@@ -283,24 +297,6 @@ class TorchBackend(Backend):
         out = out.reshape(1, -1) if task.logits_ndim == 2 else out
         return task.output(out, label, xp=xp)[0]
 
-    def _looped_gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
-                          causal: bool) -> Any:
-        """Per-example gradients ``(n, p)`` by plain autograd, one example at a time: the closed form's reference
-        (no ``torch.func``, so models with ``autograd.Function``s that ``vmap`` cannot run are checked too)."""
-        import torch
-        from torch.utils._pytree import tree_map
-
-        params = {name: tensor.detach().requires_grad_(True) for name, tensor in prepared.params.items()}
-        rows = []
-        for i in range(_rows(inputs)):
-            with torch.enable_grad():
-                value = self.example_output(model, prepared, params, tree_map(lambda t: t[i:i + 1], inputs),
-                                            labels[i:i + 1], task, causal)
-                grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1)
-                                   for g, t in zip(grads, params.values())]))
-        return torch.stack(rows)
-
     def _vmap_gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
                         causal: bool) -> tuple[Any, Any]:
         import array_api_compat.torch as xp
@@ -310,7 +306,7 @@ class TorchBackend(Backend):
 
         from .transforms import for_transforms
 
-        with _eval_mode(model), attention_for_vmap(model), for_transforms(model):  # no requires_grad_ hooks
+        with eval_mode(model), attention_for_vmap(model), for_transforms(model):  # no requires_grad_ hooks
             with torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
             task.check_labels(labels, logits.shape[-1], xp=xp)
@@ -344,7 +340,7 @@ class TorchBackend(Backend):
                     checkpoint: int, options: Any) -> Any:
         from .kronecker import factorized_state
 
-        with _eval_mode(model), attention_for_vmap(model):
+        with eval_mode(model), attention_for_vmap(model):
             return factorized_state(self, model, prepared, inputs, self._causal(model), k=k, seed=seed,
                                     checkpoint=checkpoint, options=options)
 
@@ -367,7 +363,7 @@ class TorchBackend(Backend):
         state = self._factorized(model, prepared, inputs, labels, k=k, seed=seed, checkpoint=checkpoint,
                                  options=options)
         causal = self._causal(model)
-        with _eval_mode(model):
+        with eval_mode(model):
             with attention_for_vmap(model), torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
             task.check_labels(labels, logits.shape[-1], xp=xp)

@@ -23,6 +23,7 @@ def checked_uses(backend: Any, model: Any, prepared: Any, inputs: Any, labels: A
     from torch.utils._pytree import tree_map
 
     from .closed_form import check_tolerance, closed_form_gradients, covering_uses
+    from .looped import looped_gradients
 
     first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
     try:
@@ -32,7 +33,7 @@ def checked_uses(backend: Any, model: Any, prepared: Any, inputs: Any, labels: A
                      "weights of supported layers (Linear, Conv1d/Conv2d, Embedding, norms, nn.MultiheadAttention) "
                      "or bare parameters broadcast over the batch")
             return None
-        reference = backend._looped_gradients(model, prepared, first, labels[:2], task, causal)
+        reference = looped_gradients(backend, model, prepared, first, labels[:2], task, causal)
         closed, _ = closed_form_gradients(backend, model, prepared, uses, first, labels[:2], task, causal)
     except Exception as exc:  # NotPerExample, or a layer call the closed form cannot follow: vmap does
         log.info("torch backend: per-example gradients through vmap: the closed form failed on the first two "

@@ -1,0 +1,70 @@
+"""Plain autograd one example at a time: the closed form's reference, and the path for models ``vmap`` cannot batch.
+
+One job: per-example gradients without ``torch.func`` (recurrent kernels such as ``nn.GRU``, sparse embedding
+gradients, ``torch.utils.checkpoint`` with saved-tensor hooks), the mode switch every gradient path runs under,
+and the decision to fall back to this path when ``vmap`` fails.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+__all__ = ["eval_mode", "looped_gradients", "vmap_cannot_batch"]
+
+log = logging.getLogger("trak_core")
+
+
+@contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """``model`` as gradients are taken: in eval mode, and embeddings with ``sparse=True`` giving dense gradients
+    (the same values; sparse ones cannot be reshaped or batched by ``vmap``). Every submodule's own ``training``
+    flag is restored after (``model.train(flag)`` would set all of them to the top module's: a BatchNorm frozen
+    in ``eval()`` inside a training model), and so are the ``sparse`` flags."""
+    import torch
+
+    modes = [(module, module.training) for module in model.modules()]
+    sparse = [module for module in model.modules()
+              if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse]
+    model.eval()
+    try:
+        for module in sparse:
+            module.sparse = False
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for module in sparse:
+            module.sparse = True
+
+
+def looped_gradients(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any,
+                     causal: bool) -> Any:
+    """Per-example gradients ``(n, p)`` by plain autograd, one example at a time (no ``torch.func``, so models
+    with ``autograd.Function``s or kernels that ``vmap`` cannot run work too); sparse gradients made dense."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    params = {name: tensor.detach().requires_grad_(True) for name, tensor in prepared.params.items()}
+    from .backend import _rows
+
+    rows = []
+    for i in range(_rows(inputs)):
+        with torch.enable_grad():
+            value = backend.example_output(model, prepared, params, tree_map(lambda t: t[i:i + 1], inputs),
+                                           labels[i:i + 1], task, causal)
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(t) if g is None else g.to_dense() if g.is_sparse else g).reshape(-1)
+                               for g, t in zip(grads, params.values())]))
+    return torch.stack(rows)
+
+
+def vmap_cannot_batch(prepared: Any, exc: Exception) -> None:
+    """Record that ``vmap`` failed on this checkpoint's model, and say once that gradients now loop."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    prepared.__dict__["_looped"] = first
+    warnings.warn(f"torch.func.vmap cannot take this model's per-example gradients ({type(exc).__name__}: "
+                  f"{first[:200]}); they are taken one example at a time with plain autograd instead (the same "
+                  "numbers, slower). TorchBackend(per_example='loop') chooses this from the start", RuntimeWarning,
+                  stacklevel=2)

@@ -1,0 +1,161 @@
+"""The torch backend on models and module states an architecture audit found wrong or failing: a first batch of
+one example, per-submodule train/eval flags, recurrent layers, sparse embeddings, torch.utils.checkpoint and
+TorchScript. Per-example gradients (``proj_dim=None``) against plain autograd one example at a time."""
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed: the torch backend is not exercised")
+
+import trak_core  # noqa: E402
+from trak_torch import TorchBackend  # noqa: E402
+
+
+def _reference(model, x, y):
+    """Gradients of the classification margin, one example at a time, in named_parameters() order."""
+    params = [p for _, p in model.named_parameters()]
+    rows = []
+    for i in range(x.shape[0]):
+        logits = model(x[i:i + 1])[0]
+        others = torch.cat([logits[:y[i]], logits[y[i] + 1:]])
+        margin = logits[y[i]] - torch.logsumexp(others, 0)
+        grads = torch.autograd.grad(margin, params, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g.to_dense()).reshape(-1)
+                               for g, p in zip(grads, params)]))
+    return torch.stack(rows)
+
+
+def _features(model, batches, **backend_options):
+    trak = trak_core.TRAK(model, proj_dim=None, lambda_reg=1.0, progress=False,
+                          backend=TorchBackend(**backend_options))
+    trak.featurize(None, batches)
+    return trak.store[0].features
+
+
+class SequenceFirst(torch.nn.Module):
+    """A layer over (sequence, batch, features): examples are dim 1, which the closed form must not split by rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):  # x: (n, T, 4)
+        h = torch.tanh(self.mix(x.transpose(0, 1)))  # (T, n, 4)
+        return self.head(h.mean(0))
+
+
+def test_a_first_batch_of_one_example_does_not_choose_the_closed_form_unchecked():
+    """One example shows no interaction between examples: the closed form was chosen on it and gave 28-76% wrong
+    gradients for sequence-first layers on every later batch. Now that batch takes vmap and the check waits."""
+    torch.manual_seed(0)
+    model = SequenceFirst().double().eval()
+    x, y = torch.randn(7, 6, 4, dtype=torch.float64), torch.randint(0, 3, (7,))  # 6 steps: a multiple of 3 rows
+    features = _features(model, [(x[:1], y[:1]), (x[1:4], y[1:4]), (x[4:], y[4:])])
+    torch.testing.assert_close(features, _reference(model, x, y), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("proj_type", ["rademacher", "kronecker"])
+def test_each_submodules_training_flag_is_restored(proj_type):
+    """model.train() with a BatchNorm frozen in eval(), and model.eval() with a Dropout left in train() (MC
+    dropout): featurize set every flag to the top module's."""
+    torch.manual_seed(0)
+    norm, dropout = torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), norm, torch.nn.ReLU(), dropout, torch.nn.Linear(8, 3))
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    for top, frozen in ((True, norm), (False, dropout)):
+        model.train(top)
+        frozen.train(not top)
+        trak = trak_core.TRAK(model, proj_dim=16, proj_type=proj_type, progress=False)
+        trak.featurize(None, [(x, y)])
+        assert model.training is top and frozen.training is (not top)
+        assert all(m.training is top for m in model if m is not frozen)
+
+
+class Recurrent(torch.nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = cell(4, 6, batch_first=True)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("cell", [torch.nn.GRU, torch.nn.RNN, torch.nn.LSTM], ids=["gru", "rnn", "lstm"])
+def test_recurrent_layers_that_vmap_cannot_batch_loop_with_a_warning(cell):
+    """vmap failed inside nn.GRU / nn.RNN (and float64 nn.LSTM) with a raw broadcasting error; the backend now
+    takes those gradients one example at a time, says so once, and per_example="loop" asks for it."""
+    torch.manual_seed(0)
+    model = Recurrent(cell).double().eval()
+    x, y = torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        features = _features(model, [(x[:3], y[:3]), (x[3:], y[3:])])
+    looped = [w for w in caught if "vmap cannot take" in str(w.message)]
+    assert len(looped) <= 1
+    torch.testing.assert_close(features, _reference(model, x, y), rtol=1e-10, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(_features(model, [(x, y)], per_example="loop"), features, rtol=1e-12, atol=1e-14)
+
+
+class Bag(torch.nn.Module):
+    def __init__(self, bag, sparse):
+        super().__init__()
+        self.table = torch.nn.EmbeddingBag(10, 6, sparse=sparse) if bag else torch.nn.Embedding(10, 6, sparse=sparse)
+        self.head = torch.nn.Linear(6, 3)
+        self.bag = bag
+
+    def forward(self, tokens):
+        return self.head(self.table(tokens) if self.bag else self.table(tokens).mean(1))
+
+
+@pytest.mark.parametrize("bag", [False, True], ids=["embedding", "embedding_bag"])
+@pytest.mark.parametrize("proj_type", ["rademacher", "kronecker"])
+def test_sparse_embeddings_give_the_dense_ones_gradients(bag, proj_type):
+    """sparse=True changes only the gradient's format: features equal the sparse=False model's (they crashed in
+    aten::view for the SparseCPU backend), and the flag is restored."""
+    torch.manual_seed(0)
+    sparse = Bag(bag, sparse=True).double()
+    dense = Bag(bag, sparse=False).double()
+    dense.load_state_dict(sparse.state_dict())
+    tokens, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 3, (6,))
+    scores = []
+    for model in (sparse, dense):
+        trak = trak_core.TRAK(model, proj_dim=32, proj_type=proj_type, lambda_reg=1.0, progress=False)
+        trak.featurize(None, [(tokens, y)])
+        scores.append(trak.score([(tokens[:2], y[:2])]))
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-12, atol=1e-14)
+    assert sparse.table.sparse is True
+    torch.testing.assert_close(_features(sparse, [(tokens, y)]), _reference(dense, tokens, y), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_non_reentrant_activation_checkpointing_loops():
+    """torch.utils.checkpoint(use_reentrant=False) registers saved-tensor hooks that torch.func refuses."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh())
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.body, x, use_reentrant=False))
+
+    torch.manual_seed(0)
+    model = Checkpointed().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.warns(RuntimeWarning, match="saved tensor hooks"):
+        features = _features(model, [(x, y)], per_example="vmap")
+    torch.testing.assert_close(features, _reference(model, x, y), rtol=1e-10, atol=1e-12)
+
+
+def test_torchscript_modules_get_the_eager_module_hint():
+    model = torch.jit.script(torch.nn.Linear(4, 3))
+    with pytest.raises(trak_core.TrakTypeError, match="TorchScript module .* pass the eager nn.Module"):
+        trak_core.TRAK(model, proj_dim=8, progress=False).featurize(None, [(torch.randn(4, 4),
+                                                                             torch.zeros(4, dtype=torch.long))])
