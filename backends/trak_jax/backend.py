@@ -5,14 +5,14 @@ The featurize step ``(params, inputs, labels, signs, R) -> (features, out_to_los
 with respect to the selected leaves of ``params`` (``JaxBackend(params=...)``; the others enter as
 constants), ravel in the canonical order,
 flip by the checkpoint's row signs and multiply by the shared matrix ``R`` made by
-:func:`trak_core.projection.cached_factors` (the reference projection, cached). Batches are padded
+``trak_core.projection.cached_factors`` (the reference projection, cached). Batches are padded
 to (or split into) a fixed number of rows, so the step compiles once per (model, task, shapes of
 one example: a sequence length is one), not once per batch; each new batch size costs a few small
-compilations (padding, cropping: :mod:`trak_jax.batch`), and each new batch shape one abstract
-trace of ``apply`` for the checks (:mod:`trak_jax.checks`). When ``R`` does not fit the projection
+compilations (padding, cropping: ``trak_jax.batch``), and each new batch shape one abstract
+trace of ``apply`` for the checks (``trak_jax.checks``). When ``R`` does not fit the projection
 cache, the jitted step returns gradients and the core projects them block by block.
 
-The logits are taken from what the apply function returns by :func:`output_logits`, with the
+The logits are taken from what the apply function returns by ``output_logits``, with the
 shape the task asks for (``task.logits_ndim``: ``(n, n_outputs)`` or ``(n, sequence, vocabulary)``).
 
 dtypes: with ``jax_enable_x64`` off, JAX has no float64, so features, the kernel and its
@@ -42,7 +42,7 @@ _LOGITS_FN_HINT = "pass logits_fn (model output -> logits array) to the backend:
 
 
 def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) -> Any:
-    """The logits array in what a model's apply function returned (:func:`trak_core.outputs.select_logits`)."""
+    """The logits array in what a model's apply function returned (``trak_core.outputs.select_logits``)."""
     import jax
     import numpy as np
 
@@ -58,9 +58,9 @@ class JaxModel:
     ``(batch, sequence, vocabulary)`` logits (``task="language_modeling"``).
 
     The outputs may also be a tuple, a mapping or an object holding the logits (see
-    :func:`output_logits`, and ``JaxBackend(logits_fn=...)`` for other layouts).
+    ``output_logits``, and ``JaxBackend(logits_fn=...)`` for other layouts).
 
-    Wrapping the function lets :class:`trak_core.TRAK` infer the ``"jax"`` backend from the model.
+    Wrapping the function lets ``trak_core.TRAK`` infer the ``"jax"`` backend from the model.
     For Flax ``linen``: ``JaxModel(module.apply)`` with checkpoints ``{"params": ...}``. For Flax
     ``nnx`` and Equinox: split the module into a static graph and a params pytree and pass
     ``apply = lambda params, x: nnx.merge(graphdef, params)(x)`` (or ``eqx.combine``).
@@ -73,7 +73,7 @@ class JaxModel:
 
 
 class JaxBackend(Backend):
-    """Per-example gradients for JAX models (:class:`JaxModel` or, with ``backend="jax"``, any apply function).
+    """Per-example gradients for JAX models (``JaxModel`` or, with ``backend="jax"``, any apply function).
 
     Parameters
     ----------
@@ -90,7 +90,7 @@ class JaxBackend(Backend):
     logits_fn : callable, optional
         The apply function's output -> the logits array ``(batch, n_outputs)`` (``(batch, sequence,
         vocabulary)`` for language models), traced inside the jitted step. Default: the rule of
-        :func:`output_logits` (an array; a tuple's first element; a mapping's ``"logits"``; an
+        ``output_logits`` (an array; a tuple's first element; a mapping's ``"logits"``; an
         object's ``.logits``). It runs on the whole batch and, under ``vmap``, on one example, so it
         must only select or reshape, not mix rows.
     params : sequence of str or callable, optional
@@ -218,7 +218,7 @@ class JaxBackend(Backend):
 
     def _check_batch(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any) -> tuple:
         """``(inputs, labels, n)`` as JAX arrays on the params' device, checked against the model's output
-        (:class:`trak_jax.checks.OutputCheck`: ``apply`` is traced once per batch signature, not per batch)."""
+        (``trak_jax.checks.OutputCheck``: ``apply`` is traced once per batch signature, not per batch)."""
         check_x64(prepared.dtype)
         inputs, labels, n = device_batch(inputs, labels, prepared.device)
         self._checks.check(self._apply(model), self.logits_fn, prepared, inputs, labels, n, task)
@@ -276,14 +276,14 @@ class JaxBackend(Backend):
 
     def factorized_plan(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any, *,
                         k: int, options: Any) -> Any:
-        """The layers found in the model's jaxpr and their share of ``k`` (:mod:`trak_jax.kronecker`)."""
+        """The layers found in the model's jaxpr and their share of ``k`` (``trak_jax.kronecker``)."""
         from . import kronecker
 
         return kronecker.plan(self, model, prepared, inputs, labels, task, k=k, options=options)
 
     def factorized_features(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any, *,
                             k: int, seed: int, checkpoint: int, options: Any) -> tuple[Any, Any]:
-        """Factorized features ``(n, k)`` and out-to-loss weights in one jitted step (:mod:`trak_jax.kronecker`)."""
+        """Factorized features ``(n, k)`` and out-to-loss weights in one jitted step (``trak_jax.kronecker``)."""
         from . import kronecker
 
         return kronecker.features(self, model, prepared, inputs, labels, task, k=k, seed=seed, checkpoint=checkpoint,
@@ -291,9 +291,9 @@ class JaxBackend(Backend):
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
                 precision: str = "float32") -> Any:
-        """:func:`trak_core.project` (on GPUs: float16 tensor-core products of a split input).
+        """``trak_core.project`` (on GPUs: float16 tensor-core products of a split input).
 
-        Used when the shared matrix does not fit the projection cache (otherwise :meth:`features`
+        Used when the shared matrix does not fit the projection cache (otherwise ``features``
         multiplies by the cached matrix inside the jitted step).
         """
         from trak_core.projection import project

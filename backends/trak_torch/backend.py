@@ -93,7 +93,7 @@ class TorchBackend(Backend):
 
     per_example : {"auto", "vmap", "loop"}
         How per-example gradients are computed. ``"auto"``: in closed form (one batched backward
-        pass, :mod:`trak_torch.closed_form`) when every attributed parameter belongs to a Linear,
+        pass, ``trak_torch.closed_form``) when every attributed parameter belongs to a Linear,
         Conv1d/Conv2d, Embedding, Conv1D, BatchNorm (running statistics), LayerNorm, GroupNorm, RMSNorm or
         Hugging Face ``*RMSNorm`` layer and the first two examples of a checkpoint agree with plain autograd
         one example at a time; otherwise ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``. ``"loop"``: plain
@@ -110,11 +110,11 @@ class TorchBackend(Backend):
         For an encoder-decoder model (``config.is_encoder_decoder``), it masks keys only,
         ``(n, 1, 1, T)``, as the encoder's self-attention and the decoder's cross-attention both read it.
 
-    Encoder-decoder models (T5, BART) take ``task="seq2seq"``; a dict batch without
-    ``decoder_input_ids`` gets them from the labels (:mod:`trak_torch.seq2seq`).
-
     Notes
     -----
+    Encoder-decoder models (T5, BART) take ``task="seq2seq"``; a dict batch without
+    ``decoder_input_ids`` gets them from the labels (``trak_torch.seq2seq``).
+
     Hugging Face models run with ``attn_implementation="eager"`` while gradients are taken (set back
     after): SDPA's backward has no ``vmap`` batching rule and runs example by example.
 
@@ -181,7 +181,7 @@ class TorchBackend(Backend):
 
     def _batch(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any) -> tuple[Any, Any]:
         """The checked batch's inputs as the model takes them (an encoder-decoder model's decoder inputs made from
-        the labels when the batch has none: :mod:`trak_torch.seq2seq`) and its labels (a causal LM's predictions
+        the labels when the batch has none: ``trak_torch.seq2seq``) and its labels (a causal LM's predictions
         made at padding positions not counted: ``attention.uncounted_pad_predictions``)."""
         from .seq2seq import check_task, with_decoder_inputs
 
