@@ -53,7 +53,16 @@ class Task(Protocol):
         """The out-to-loss weight ``Q``, shape ``(n,)``."""
 
 
+def _wide_ids(labels: Any, *, xp: Any) -> Any:
+    """Integer labels in a signed dtype of 32 bits or more: in uint8, ``arange(300)`` wraps to 0 after 255 and
+    ``labels != -100`` is false for 156 (JAX wraps -100 to uint8)."""
+    if xp.isdtype(labels.dtype, "signed integer") and xp.iinfo(labels.dtype).bits >= 32:
+        return labels
+    return xp.astype(labels, xp.int32)
+
+
 def _one_hot(labels: Any, n_classes: int, like: Any, *, xp: Any) -> Any:
+    labels = _wide_ids(labels, xp=xp)
     classes = xp.arange(n_classes, dtype=labels.dtype, device=device_of(labels))
     return xp.astype(labels[:, None] == classes[None, :], like.dtype)
 
@@ -195,6 +204,7 @@ class LanguageModeling:
                                  f"{tuple(labels.shape)}")
         if not xp.isdtype(labels.dtype, "integral"):
             raise TrakTypeError(f"{self.name} labels must be integer token ids, got dtype {labels.dtype}")
+        labels = _wide_ids(labels, xp=xp)
         counted = labels != self.ignore_index
         if bool(xp.any(counted & ((labels < 0) | (labels >= n_outputs)))):
             raise TrakValueError(f"token ids out of range: labels must lie in [0, {n_outputs - 1}] (the vocabulary) "
@@ -212,7 +222,7 @@ class LanguageModeling:
                     "shifts them")
             raise TrakValueError(f"{self.name} labels have shape {tuple(labels.shape)} but the logits have "
                                  f"{length} positions; labels must be (n, {length}), {what}")
-        scores, targets = logits[:, :length - self.shift, :], labels[:, self.shift:]
+        scores, targets = logits[:, :length - self.shift, :], _wide_ids(labels[:, self.shift:], xp=xp)
         counted = targets != self.ignore_index
         safe = xp.where(counted, targets, xp.zeros_like(targets))
         flat = xp.reshape(scores, (n * (length - self.shift), vocab))
@@ -308,7 +318,9 @@ class CustomTask:
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         if self._out_to_loss is None:  # Q = 1 per example (logits (n, ...), or (n,) with logits_ndim=None)
-            return xp.ones_like(logits[:, 0] if logits.ndim > 1 else logits)
+            if logits.ndim == 0:  # a squeezed single example
+                return xp.ones_like(logits)
+            return xp.ones((logits.shape[0],), dtype=logits.dtype, device=device_of(logits))
         return self._out_to_loss(logits, labels, xp)
 
 

@@ -33,7 +33,7 @@ from trak_core.outputs import select_logits
 
 from .batch import check_x64, chunks, crop, device_batch
 from .checkpoint import JaxCheckpoint, check_selection, snapshot
-from .checks import OutputCheck, not_jittable
+from .checks import OutputCheck, not_jittable, state_note
 
 __all__ = ["JaxBackend", "JaxModel", "output_logits"]
 
@@ -243,6 +243,9 @@ class JaxBackend(Backend):
                 outputs = step(prepared.params, x, y, signs, shared)
             except jax.errors.JAXTypeError as exc:
                 raise not_jittable(exc) from None
+            except Exception as exc:
+                state_note(exc)
+                raise
             features, out_to_loss = crop(outputs, rows, size)
             parts.append(features)
             weights.append(out_to_loss)

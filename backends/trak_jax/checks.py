@@ -14,9 +14,16 @@ from typing import Any, Callable
 from trak_core.errors import TrakCoreError, TrakTypeError, TrakValueError
 from trak_core.tasks import CustomTask
 
-__all__ = ["OutputCheck", "logits_source", "not_jittable"]
+__all__ = ["OutputCheck", "logits_source", "not_jittable", "state_note"]
 
 _EXPECTED = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}
+
+
+def state_note(exc: Exception) -> None:
+    """Say what to do when a flax nnx model updates its own state under JAX's transforms."""
+    if type(exc).__name__ == "TraceContextError":  # flax.errors: "Cannot mutate BatchStat from a different trace"
+        exc.add_note("trak-core: the model updates its state while gradients are taken (nnx BatchNorm statistics, "
+                     "Dropout RNG counts): call model.eval() before nnx.split(model, nnx.Param, ...) (docs/jax.md)")
 
 
 def not_jittable(exc: Exception) -> TrakTypeError:
@@ -108,6 +115,9 @@ class OutputCheck:
         except (ValueError, TypeError, IndexError, AttributeError) as exc:
             if not isinstance(exc, TrakCoreError):
                 _structure_note(exc, prepared.paths)
+            raise
+        except Exception as exc:
+            state_note(exc)
             raise
         return shape, source[0]
 

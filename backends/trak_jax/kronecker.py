@@ -29,7 +29,7 @@ from trak_core.projection import project
 
 from .backend import output_logits
 from .batch import chunks, crop
-from .checks import not_jittable
+from .checks import not_jittable, state_note
 from .kronecker_scan import OTHER, Analysis, Use, analyse
 
 __all__ = ["Use", "Analysis", "analyse", "plan", "features"]
@@ -172,6 +172,9 @@ def features(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, 
             outputs = step(prepared.params, x, y, factors)
         except jax.errors.JAXTypeError as exc:
             raise not_jittable(exc) from None
+        except Exception as exc:
+            state_note(exc)
+            raise
         out, rest, out_to_loss = crop(outputs, rows, size)
         parts.append(out)
         rests.append(rest)
