@@ -123,3 +123,15 @@ def test_jax_without_x64_warns_that_lambda_zero_needs_float64():
     trak = trak_core.TRAK(JaxModel(jax_apply("mlp")), proj_dim=64, lambda_reg=0.0, progress=False)
     with pytest.warns(RuntimeWarning, match=r"lambda_reg=0 needs a float64 kernel .* jax_enable_x64"):
         trak.featurize(canonical.weights("mlp", seed=0, dtype="float32"), [(x, y)])
+
+
+@pytest.mark.parametrize("scale", [3e9, 1e-14])
+def test_kernels_float32_holds_stay_float32(scale):
+    """Largest kernel eigenvalues of 7e20 and 8e-27 are well inside float32's range: the range check squared
+    them in its power iteration (overflow past 1.8e19, underflow below 1e-22) and refused or remade them."""
+    _, expected = _scores(*_linear())
+    trak, scores = _scores(*_linear(scale), kernel_dtype="float32")
+    assert trak.store[0].kernel_dtype == "float32"
+    np.testing.assert_allclose(scores.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    auto, _ = _scores(*_linear(scale))
+    assert auto.store[0].kernel_dtype == "auto"  # not remade in float64

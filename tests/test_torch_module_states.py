@@ -159,3 +159,57 @@ def test_torchscript_modules_get_the_eager_module_hint():
     with pytest.raises(trak_core.TrakTypeError, match="TorchScript module .* pass the eager nn.Module"):
         trak_core.TRAK(model, proj_dim=8, progress=False).featurize(None, [(torch.randn(4, 4),
                                                                              torch.zeros(4, dtype=torch.long))])
+
+
+def test_errors_a_loop_would_hide_are_raised_with_what_to_do(monkeypatch):
+    """Random numbers in eval mode (F.dropout without training=...) looped silently into noisy scores, and an
+    out-of-memory inside vmap sent the checkpoint to the slow loop: both are raised, with the fix."""
+    class Noisy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.nn.functional.dropout(torch.tanh(self.lin(x)), 0.5))  # on in eval() too
+
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(RuntimeError, match="randomness") as info:
+        _features(Noisy(), [(x, y)], per_example="vmap")
+    assert any("deterministic in eval mode" in note for note in info.value.__notes__)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes")
+
+    monkeypatch.setattr(TorchBackend, "_vmap_gradients", out_of_memory)
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(RuntimeError, match="can't allocate memory") as info:
+        _features(model, [(x, y)], per_example="vmap", chunk_size=8)
+    assert any("smaller TorchBackend(chunk_size=...)" in note and "(now 8)" in note for note in info.value.__notes__)
+
+
+def test_modes_are_restored_through_train_so_overrides_run():
+    """A LoRA-style layer merges its update into the weight in eval() and unmerges it in train(): setting the
+    training flags back directly left a training model merged (its update then counted twice)."""
+    class Merging(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(4, 3)
+            self.update, self.merged = torch.nn.Parameter(torch.full((3, 4), 0.1)), False
+
+        def train(self, mode=True):
+            if mode == self.merged:  # merging on eval(), unmerging on train()
+                with torch.no_grad():
+                    self.weight += -self.update if mode else self.update
+                self.merged = not mode
+            return super().train(mode)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.weight if self.merged else self.weight + self.update, self.bias)
+
+    torch.manual_seed(0)
+    layer = Merging()
+    model = torch.nn.Sequential(layer).train()
+    weight = layer.weight.detach().clone()
+    trak_core.TRAK(model, proj_dim=8, progress=False).featurize(None, [(torch.randn(6, 4),
+                                                                         torch.randint(0, 3, (6,)))])
+    assert layer.training and not layer.merged
+    torch.testing.assert_close(layer.weight.detach(), weight)

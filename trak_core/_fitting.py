@@ -57,8 +57,8 @@ class KernelFitting:
         info = xp.finfo(kernel.dtype)
         lam = self.lambda_reg if lambda_reg is None else lambda_reg
         smallest = float(info.smallest_normal) / float(info.eps)  # below it, sums of squares lose bits to underflow
-        if top == 0.0 and not bool(xp.any(kernel != 0)):  # every feature is zero (factorize says so), or every
-            return kernel_dtype == "auto" and has_float64(xp, device_of(kernel))  # square underflowed
+        if top == 0.0:  # every feature is zero (factorize says so), or every square underflowed
+            return kernel_dtype == "auto" and has_float64(xp, device_of(kernel))
         if not math.isfinite(top):
             what = "the features' squares overflow float32 (the kernel holds inf or NaN)"
         elif top < smallest:
@@ -75,9 +75,9 @@ class KernelFitting:
         if kernel_dtype == "auto" and has_float64(xp, device_of(kernel)):
             log.info("checkpoint %d: %s: the kernel is made again in float64", index, what)
             return True
-        fix = ("kernel_dtype='auto' or 'float64'" if kernel_dtype == "float32" else
-               "set jax_enable_x64" if "jax" in xp.__name__ else "a namespace with float64")
-        raise TrakValueError(f"checkpoint {index}: {what}, so the float32 kernel cannot be factorized; use {fix}, or "
+        fix = ("use kernel_dtype='auto' or 'float64'" if kernel_dtype == "float32" else
+               "set jax_enable_x64" if "jax" in xp.__name__ else "use a namespace with float64")
+        raise TrakValueError(f"checkpoint {index}: {what}, so the float32 kernel cannot be factorized; {fix}, or "
                              "rescale the model's output (the scores do not depend on its scale at lambda_reg='auto')")
 
     def _remake_in_float64(self, kernel_dtype: str, kernel: Any, factor: kernel_ops.KernelFactor, index: int,

@@ -76,22 +76,28 @@ class KernelFactor:
 @full_precision_products
 def top_eigenvalue(kernel: Any, *, xp: Any, iterations: int = 30) -> float:
     """The largest eigenvalue of the symmetric positive semi-definite ``kernel``, estimated from below by
-    power iteration from a fixed start (``iterations`` products with a vector: cheap next to making ``kernel``)."""
+    power iteration from a fixed start (``iterations`` products with a vector: cheap next to making ``kernel``).
+    The iteration runs on ``kernel`` divided by its largest entry, so squares of its entries neither overflow nor
+    underflow; ``inf`` for a kernel that holds inf or NaN, 0 for a zero kernel."""
     import numpy as np
 
+    scale = float(xp.max(xp.abs(kernel)))
+    if not math.isfinite(scale):
+        return math.inf
+    if scale == 0.0:
+        return 0.0
+    unit = kernel / scale
     start = np.random.default_rng(0).standard_normal(kernel.shape[0])
     vector = xp.asarray(start / np.linalg.norm(start), dtype=kernel.dtype, device=device_of(kernel))
     value = 0.0
     for _ in range(iterations):
-        image = kernel @ vector
+        image = unit @ vector
         value = float(xp.sum(vector * image))  # Rayleigh quotient of the current vector
         norm = float(xp.sqrt(xp.sum(image * image)))
-        if not math.isfinite(norm):  # an overflowing kernel (or products of it)
-            return math.inf
         if not norm > 0:
             return 0.0
         vector = image / norm
-    return max(value, float(xp.sum(vector * (kernel @ vector))))
+    return scale * max(value, float(xp.sum(vector * (unit @ vector))))
 
 
 def space_for(n_train: int, k: int) -> str:

@@ -20,7 +20,7 @@ from trak_core.outputs import select_logits
 from .attention import (attention_for_closed_form, attention_for_vmap, causal_model, model_masks, note_mask,
                         uncounted_pad_predictions)
 from .checkpoint import TorchCheckpoint, raise_dtype_error, select_names, snapshot
-from .looped import eval_mode, looped_gradients, vmap_cannot_batch
+from .looped import eval_mode, looped_gradients, refuse_to_loop, vmap_cannot_batch
 from .seq2seq import is_encoder_decoder
 
 __all__ = ["TorchBackend", "output_logits"]
@@ -98,7 +98,7 @@ class TorchBackend(Backend):
         Hugging Face ``*RMSNorm`` layer and the first two examples of a checkpoint agree with plain autograd
         one example at a time; otherwise ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``. ``"loop"``: plain
         autograd one example at a time (slow; what ``"auto"`` and ``"vmap"`` switch to, with a warning, for a
-        model ``vmap`` cannot batch: ``nn.GRU``, sparse embeddings, ``torch.utils.checkpoint``).
+        model ``vmap`` cannot batch: ``nn.GRU``, ``torch.utils.checkpoint``).
 
     attention_mask : {"auto", "causal", "bidirectional", "pass"}
         What a dict batch's 2-D ``attention_mask`` (padding: 1 keep, 0 pad) becomes before the model
@@ -250,10 +250,9 @@ class TorchBackend(Backend):
         if self.per_example != "loop" and "_looped" not in prepared.__dict__:
             try:
                 return self._vmap_gradients(model, prepared, inputs, labels, task, causal)
-            except torch.OutOfMemoryError:  # not a limit of vmap: smaller chunks (chunk_size) are the fix
-                raise
             except (RuntimeError, NotImplementedError) as exc:  # a kernel vmap cannot batch, or a real error:
-                error = exc                                        # plain autograd tells them apart below
+                refuse_to_loop(exc, self.chunk_size)               # the model's own (plain autograd raises it
+                error = exc                                        # again below) or one a loop would hide
         else:
             error = None
         with eval_mode(model), attention_for_vmap(model), torch.no_grad():

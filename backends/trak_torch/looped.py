@@ -11,7 +11,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-__all__ = ["eval_mode", "looped_gradients", "vmap_cannot_batch"]
+__all__ = ["eval_mode", "looped_gradients", "refuse_to_loop", "vmap_cannot_batch"]
 
 log = logging.getLogger("trak_core")
 
@@ -24,7 +24,7 @@ def eval_mode(model: Any) -> Iterator[None]:
     in ``eval()`` inside a training model), and so are the ``sparse`` flags."""
     import torch
 
-    modes = [(module, module.training) for module in model.modules()]
+    modes = [(module, module.training) for module in model.modules()]  # parents before their children
     sparse = [module for module in model.modules()
               if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse]
     model.eval()
@@ -33,8 +33,10 @@ def eval_mode(model: Any) -> Iterator[None]:
             module.sparse = False
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        model.train(modes[0][1])  # through train(), so overrides run (a LoRA layer unmerging its weight)
+        for module, training in modes[1:]:
+            if module.training != training:  # a submodule of another mode: it and its children, through train()
+                module.train(training)
         for module in sparse:
             module.sparse = True
 
@@ -58,6 +60,26 @@ def looped_gradients(backend: Any, model: Any, prepared: Any, inputs: Any, label
         rows.append(torch.cat([(torch.zeros_like(t) if g is None else g.to_dense() if g.is_sparse else g).reshape(-1)
                                for g, t in zip(grads, params.values())]))
     return torch.stack(rows)
+
+
+_NOT_VMAP = {  # errors from vmap that a plain-autograd loop would hide, not cure: what each means
+    "randomness": "the model draws random numbers in eval mode (F.dropout(x, p) without training=self.training?), "
+                  "so its gradients would be noise: make its forward deterministic in eval mode",
+    "captured": "the model's forward changes a tensor it holds (a buffer updated in place), so each example would "
+                "see another model: keep the forward free of in-place updates in eval mode",
+    "out of memory": "memory ran out: pass a smaller TorchBackend(chunk_size=...) (examples per vmap call)",
+    "can't allocate memory": "memory ran out: pass a smaller TorchBackend(chunk_size=...) (examples per vmap call)",
+}
+
+
+def refuse_to_loop(exc: Exception, chunk_size: int | None) -> None:
+    """Re-raise ``exc`` (with a note saying what to do) when looping one example at a time would hide it."""
+    text = str(exc).lower()
+    for key, advice in _NOT_VMAP.items():
+        if key in text:
+            exc.add_note(f"trak-core: {advice}" + (f" (now {chunk_size})" if "chunk_size" in advice and chunk_size
+                                                    else ""))
+            raise exc
 
 
 def vmap_cannot_batch(prepared: Any, exc: Exception) -> None:
