@@ -47,6 +47,13 @@ def _rows(array: Any, what: str, where: str) -> int:
     if isinstance(array, Mapping):  # a dict batch (a tokenizer's or collator's output): every value has n rows
         if not array:
             raise TrakValueError(f"{where}: {what} is an empty mapping; a dict batch needs at least one array")
+        constants = [key for key, value in array.items() if getattr(value, "shape", None) is None]
+        if constants:
+            key = constants[0]
+            raise TrakTypeError(f"{where}: {what}[{key!r}] is a {type(array[key]).__name__}, not an array with one "
+                                "row per example: a dict batch holds per-example arrays only. Pass a constant keyword "
+                                "argument through a wrapper module, e.g. forward(self, **batch): return "
+                                f"self.model(**batch, {key}=...)")
         counts = {key: _rows(value, f"{what}[{key!r}]", where) for key, value in array.items()}
         if len(set(counts.values())) > 1:
             raise TrakValueError(f"{where}: the arrays of the dict batch have different numbers of rows {counts}; "

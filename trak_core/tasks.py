@@ -13,8 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 from ._namespace import device_of
 from .errors import TrakTypeError, TrakValueError
 
-__all__ = ["Task", "Classification", "Regression", "LanguageModeling", "Seq2SeqLanguageModeling", "CustomTask",
-           "get_task", "task_functions", "TASKS"]
+__all__ = ["Task", "Classification", "Regression", "LanguageModeling", "Seq2SeqLanguageModeling", "TokenClassification",
+           "CustomTask", "get_task", "task_functions", "TASKS"]
 
 
 _CUSTOM_HINT = ("Write its model output function with trak_core.CustomTask(output=lambda logits, labels, xp: ..., "
@@ -207,7 +207,8 @@ class LanguageModeling:
         labels = _wide_ids(labels, xp=xp)
         counted = labels != self.ignore_index
         if bool(xp.any(counted & ((labels < 0) | (labels >= n_outputs)))):
-            raise TrakValueError(f"token ids out of range: labels must lie in [0, {n_outputs - 1}] (the vocabulary) "
+            what = "the classes" if self.name == "token_classification" else "the vocabulary"
+            raise TrakValueError(f"{self.name} labels out of range: they must lie in [0, {n_outputs - 1}] ({what}) "
                                  f"or be {self.ignore_index} (not predicted)")
 
     def _margins(self, logits: Any, labels: Any, *, xp: Any) -> tuple[Any, Any, Any]:
@@ -217,7 +218,8 @@ class LanguageModeling:
                                  f"{tuple(logits.shape)}")
         n, length, vocab = logits.shape
         if labels.ndim != 2 or labels.shape[1] != length:
-            what = ("the decoder's length: labels are the target sequence, the logits at t predict labels[t]"
+            what = ("the input length: labels are at the logits' own positions" if self.name == "token_classification"
+                    else "the decoder's length: labels are the target sequence, the logits at t predict labels[t]"
                     if self.shift == 0 else "the input length: labels take the inputs' positions, and the task "
                     "shifts them")
             raise TrakValueError(f"{self.name} labels have shape {tuple(labels.shape)} but the logits have "
@@ -261,6 +263,22 @@ class Seq2SeqLanguageModeling(LanguageModeling):
     """
 
     name = "seq2seq"
+    shift = 0
+
+
+class TokenClassification(LanguageModeling):
+    """Token classification (tagging, named entities; ``*ForTokenClassification``): TRAK's margin summed over a
+    sequence's labelled tokens.
+
+    The model's output is ``(n, T, C)`` logits, one row of class scores per token; labels are ``(n, T)`` class
+    indices at the same positions (no shift), ``-100`` where a token is not labelled (padding, special tokens,
+    word pieces after the first). With ``m_t`` the classification margin of ``labels[t]`` under the logits at
+    ``t`` and ``S`` the labelled positions,
+
+        f = sum_{t in S} m_t,        Q = mean_{t in S} (1 - p_t),   p_t = softmax(logits_t)_{labels[t]}.
+    """
+
+    name = "token_classification"
     shift = 0
 
 
@@ -324,8 +342,8 @@ class CustomTask:
         return self._out_to_loss(logits, labels, xp)
 
 
-TASKS = {"classification": Classification(), "regression": Regression(),
-         "language_modeling": LanguageModeling(), "seq2seq": Seq2SeqLanguageModeling()}  # stateless: shared instances
+TASKS = {"classification": Classification(), "regression": Regression(), "language_modeling": LanguageModeling(),
+         "seq2seq": Seq2SeqLanguageModeling(), "token_classification": TokenClassification()}  # stateless, shared
 
 
 def task_functions(task: Task) -> str | None:

@@ -39,7 +39,8 @@ class TRAK(Featurizer):
         ``trak_core.models.MLP`` for the ``"numpy"`` backend).
     task : str or Task
         ``"classification"`` (margin output, ``Q = 1 - p_y``), ``"regression"``, ``"language_modeling"``
-        (causal LMs), ``"seq2seq"`` (encoder-decoder LMs), or a Task (``trak_core.CustomTask``).
+        (causal LMs), ``"seq2seq"`` (encoder-decoder LMs), ``"token_classification"`` (per-token labels), or a
+        Task (``trak_core.CustomTask``).
     proj_dim : int or None
         Projection dimension ``k``; ``None`` keeps the raw gradients (the exact estimator).
     proj_type : {"rademacher", "gaussian", "kronecker"} or Kronecker

@@ -135,7 +135,9 @@ class OutputCheck:
             expected = _EXPECTED.get(ndim, "(batch, ...)")
             raise _with_source(TrakValueError(
                 f"task {task.name!r} needs the model's output with shape {expected}, got {shape} for a batch of "
-                f"{n}; make apply return one row per example (or pass logits_fn=)"), source, shape)
+                f"{n}; make apply return one row per example (or pass logits_fn=)"
+                + ("; per-token class scores (tagging, NER) take task='token_classification'"
+                   if ndim == 2 and len(shape) == 3 and shape[0] == n else "")), source, shape)
         if np.dtype(labels.dtype).kind in "biu" and not isinstance(task, CustomTask):  # class or token ids: checked
             labels = np.asarray(labels)  # in NumPy, with no small XLA programs to compile per batch shape
         try:

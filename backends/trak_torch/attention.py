@@ -42,6 +42,18 @@ def attention_bias(mask: Any, dtype: Any, *, causal: bool, keys_only: bool = Fal
 _ALTERNATING = ("gemma2", "gemma3", "gemma3_text", "cohere2")  # sliding and full layers alternate
 
 
+# Hugging Face model types that read a batch's 2-D attention_mask themselves (relative positions, their own sparse
+# or segment attention, or a mask over raw audio samples that their feature encoder downsamples: turned into an
+# (n, 1, L, L) mask it would take n L^2 numbers): "auto" hands them the 2-D mask as it is, as "pass" does
+OWN_MASK = frozenset({"deberta", "deberta-v2", "xlnet", "longformer", "funnel", "esm", "wav2vec2", "hubert", "wavlm",
+                      "sew", "sew-d", "unispeech", "unispeech-sat", "data2vec-audio", "wav2vec2-conformer"})
+
+
+def reads_own_mask(model: Any) -> bool:
+    """Whether ``model`` (or the Hugging Face model it holds) is of a type in ``OWN_MASK``."""
+    return getattr(getattr(hugging_face_model(model), "config", None), "model_type", None) in OWN_MASK
+
+
 def hugging_face_model(model: Any) -> Any:
     """``model`` if it has a Hugging Face ``config``, else its first submodule that has one (a model held by a
     user's wrapper or by ``peft.get_peft_model``), else ``model``."""
@@ -170,11 +182,12 @@ def attention_for_closed_form(model: Any) -> Iterator[None]:
     return _attention(model, ("eager", "sdpa"), "sdpa")
 
 
-def note_mask(exc: BaseException, inputs: Any, mode: str) -> None:
+def note_mask(exc: BaseException, inputs: Any, mode: str, model: Any = None) -> None:
     """Add a hint to a model's error when trak-core had replaced the batch's 2-D ``attention_mask`` (``mode``: the
     backend's ``attention_mask`` setting)."""
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    if mode != "pass" and getattr(mask, "ndim", 0) == 2 and hasattr(exc, "add_note"):
+    if mode != "pass" and getattr(mask, "ndim", 0) == 2 and hasattr(exc, "add_note") and \
+            not (mode == "auto" and reads_own_mask(model)):
         exc.add_note("trak-core: the model was called with the batch's 2-D attention_mask turned into an "
                      "additive 4-D mask (TorchBackend(attention_mask='auto')). Models that read the 2-D mask "
                      "themselves (OPT's positions, Bloom's ALiBi) need TorchBackend(attention_mask='pass')")

@@ -18,7 +18,7 @@ from trak_core.fingerprints import parameters_digest
 from trak_core.outputs import select_logits
 
 from .attention import (attention_for_closed_form, attention_for_vmap, causal_model, model_masks, note_mask,
-                        uncounted_pad_predictions)
+                        reads_own_mask, uncounted_pad_predictions)
 from .checkpoint import TorchCheckpoint, raise_dtype_error, select_names, snapshot
 from .looped import eval_mode, looped_gradients, refuse_to_loop, vmap_cannot_batch
 from .seq2seq import is_encoder_decoder
@@ -186,8 +186,8 @@ class TorchBackend(Backend):
         from .seq2seq import check_task, with_decoder_inputs
 
         self._check_batch(prepared, inputs, labels)
-        check_task(model, task)
-        return with_decoder_inputs(model, inputs, labels), uncounted_pad_predictions(inputs, labels,
+        check_task(model, task, self._causal(model))
+        return with_decoder_inputs(model, inputs, labels, task), uncounted_pad_predictions(inputs, labels,
                                                                                     getattr(task, "shift", 0))
 
     def _call(self, model: Any, params: dict, inputs: Any, *, causal: bool) -> Any:
@@ -197,7 +197,7 @@ class TorchBackend(Backend):
         if not isinstance(inputs, Mapping):
             return functional_call(model, params, (inputs,))
         kwargs = dict(inputs)
-        if self.attention_mask != "pass":
+        if self.attention_mask != "pass" and not (self.attention_mask == "auto" and reads_own_mask(model)):
             kwargs = model_masks(kwargs, prepared_dtype(params), causal=causal,
                                  encoder_decoder=is_encoder_decoder(model), model=model)
         return functional_call(model, params, (), kwargs)
@@ -208,10 +208,10 @@ class TorchBackend(Backend):
             output = self._call(model, {**prepared.params, **prepared.frozen}, inputs, causal=causal)
         except RuntimeError as exc:
             raise_dtype_error(exc, prepared, inputs)
-            note_mask(exc, inputs, self.attention_mask)
+            note_mask(exc, inputs, self.attention_mask, model)
             raise
         except Exception as exc:
-            note_mask(exc, inputs, self.attention_mask)
+            note_mask(exc, inputs, self.attention_mask, model)
             raise
         logits = output_logits(output, self.logits_fn)
         ndim = task.logits_ndim
@@ -219,9 +219,11 @@ class TorchBackend(Backend):
             logits = logits[:, None]
         if logits.shape[0] != n or (ndim is not None and logits.ndim != ndim):
             expected = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}.get(ndim, f"{ndim}-D")
+            per_token = ("; per-token class scores (tagging, NER) take task='token_classification'"
+                         if ndim == 2 and logits.ndim == 3 and logits.shape[0] == n else "")
             raise TrakValueError(f"task {task.name!r} needs the model's output with shape {expected}, got "
                                  f"{tuple(logits.shape)} for {n} examples; make forward() return one row per "
-                                 "example (or pass logits_fn=)")
+                                 f"example (or pass logits_fn=){per_token}")
         return logits
 
     def gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any,

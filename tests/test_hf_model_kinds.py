@@ -1,0 +1,121 @@
+"""Hugging Face models beyond text LMs (an audit against one-example autograd): token classification, classifiers
+on encoder-decoder models, models that read the 2-D attention mask themselves (DeBERTa-v2, audio encoders), and a
+constant keyword in a dict batch. Per-example gradients (``proj_dim=None``) in float64."""
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed: the torch backend is not exercised")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed: HF models not exercised")
+
+import trak_core  # noqa: E402
+
+V = 40
+
+
+def _margin(logits, labels):
+    chosen = logits.gather(-1, labels[..., None])[..., 0]
+    return chosen - torch.logsumexp(logits.scatter(-1, labels[..., None], float("-inf")), -1)
+
+
+def _reference(model, inputs, labels, output):
+    """``output(model output, labels of one example)`` differentiated one example at a time."""
+    params = [p for _, p in model.named_parameters()]
+    rows = []
+    for i in range(labels.shape[0]):
+        value = output(model(**{k: v[i:i + 1] for k, v in inputs.items()}), labels[i:i + 1])
+        grads = torch.autograd.grad(value, params, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
+    return torch.stack(rows)
+
+
+def _classification(out, labels):
+    return _margin(out.logits, labels).sum()
+
+
+def _features(model, inputs, labels, task="classification"):
+    batches = [{**{k: v[:3] for k, v in inputs.items()}, "labels": labels[:3]},
+               {**{k: v[3:] for k, v in inputs.items()}, "labels": labels[3:]}]
+    trak = trak_core.TRAK(model, task=task, proj_dim=None, lambda_reg=1.0, progress=False)
+    trak.featurize(None, batches)
+    return trak.store[0].features
+
+
+def _perturbed(model):
+    torch.manual_seed(1)
+    model = model.double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _text(n=6, length=8):
+    torch.manual_seed(0)
+    mask = (torch.arange(length) < torch.tensor([8, 5, 3, 8, 6, 4])[:n, None]).long()
+    return {"input_ids": torch.randint(3, V, (n, length)) * mask, "attention_mask": mask}
+
+
+def _bert_config(**options):
+    return dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=64, **options)
+
+
+def test_token_classification_task_and_the_refused_causal_task():
+    """Per-token labels at the logits' own positions: task='token_classification'. task='language_modeling'
+    (labels shifted by one) was accepted on BERT and gave gradients 128% off; it is refused, naming the task."""
+    model = _perturbed(transformers.BertForTokenClassification(transformers.BertConfig(**_bert_config(num_labels=4))))
+    inputs = _text()
+    labels = torch.randint(0, 4, (6, 8)).masked_fill(inputs["attention_mask"] == 0, -100)
+
+    def tagged(out, y):
+        keep = y != -100
+        return (_margin(out.logits, y.clamp_min(0)) * keep).sum()
+
+    torch.testing.assert_close(_features(model, inputs, labels, task="token_classification"),
+                               _reference(model, inputs, labels, tagged), rtol=1e-10, atol=1e-12)
+    with pytest.raises(trak_core.TrakValueError, match="not a causal model .* task='token_classification'"):
+        _features(model, inputs, labels, task="language_modeling")
+    with pytest.raises(trak_core.TrakValueError, match="per-token class scores .* task='token_classification'"):
+        _features(model, inputs, labels[:, 0], task="classification")
+
+
+def test_a_classifier_on_an_encoder_decoder_model_makes_its_own_decoder_inputs():
+    """BART's classifier makes its decoder inputs from input_ids; trak-core demanded them made from (n,) labels."""
+    config = transformers.BartConfig(vocab_size=V, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32, max_position_embeddings=64, num_labels=3, pad_token_id=1,
+                                     eos_token_id=2, bos_token_id=0, decoder_start_token_id=2)
+    model = _perturbed(transformers.BartForSequenceClassification(config))
+    inputs = _text()
+    inputs["input_ids"][:, -1] = 2  # one end-of-sequence token per row, as the classifier pools it
+    inputs["attention_mask"][:] = 1
+    labels = torch.tensor([0, 1, 2, 1, 0, 2])
+    torch.testing.assert_close(_features(model, inputs, labels), _reference(model, inputs, labels, _classification),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_models_that_read_their_own_mask_get_it_as_it_is():
+    """DeBERTa-v2 (relative positions) and Wav2Vec2 (a mask over raw samples: as a 4-D mask it would take
+    n L^2 numbers, 2 GB for eight one-second clips) crashed under attention_mask='auto'."""
+    model = _perturbed(transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        **_bert_config(num_labels=3, relative_attention=True, position_buckets=8, max_relative_positions=16,
+                       pos_att_type=["p2c", "c2p"]))))
+    inputs, labels = _text(), torch.tensor([0, 1, 2, 1, 0, 2])
+    torch.testing.assert_close(_features(model, inputs, labels), _reference(model, inputs, labels, _classification),
+                               rtol=1e-10, atol=1e-12)
+    audio = _perturbed(transformers.Wav2Vec2ForSequenceClassification(transformers.Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+        num_labels=3, classifier_proj_size=8, feat_extract_norm="layer", do_stable_layer_norm=True,
+        mask_time_prob=0.0)))
+    torch.manual_seed(2)
+    mask = (torch.arange(200)[None] < torch.tensor([200, 150, 100, 200, 120, 80])[:, None]).long()
+    sound = {"input_values": torch.randn(6, 200, dtype=torch.float64) * mask, "attention_mask": mask}
+    torch.testing.assert_close(_features(audio, sound, labels), _reference(audio, sound, labels, _classification),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_a_constant_keyword_in_a_dict_batch_names_the_wrapper_fix():
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(**_bert_config(num_labels=3)))
+    batch = {**_text(), "output_attentions": True, "labels": torch.tensor([0, 1, 2, 1, 0, 2])}
+    with pytest.raises(trak_core.TrakTypeError, match=r"inputs\['output_attentions'\] is a bool, .* wrapper module"):
+        trak_core.TRAK(model, proj_dim=8, progress=False).featurize(None, [batch])
