@@ -168,6 +168,11 @@ def test_bad_requests_get_clear_errors():
         make_plan([Layer("w", 3, 4)], [], 5, Kronecker(dims={"x": 2}))
     with pytest.raises(TrakValueError, match=r"sets 12 of proj_dim=10, leaving -2 for 2 other blocks \(v, the rest\)"):
         make_plan([Layer("w", 3, 4), Layer("v", 3, 4)], [("b", 4)], 10, Kronecker(dims={"w": 12}))
+    with pytest.raises(TrakValueError, match=r"sets 3 of proj_dim=30, leaving 27 for v, which hold 12 parameters"):
+        make_plan([Layer("w", 3, 4), Layer("v", 3, 4)], [], 30, Kronecker(dims={"w": 3}))  # said proj_dim=27
+    assert Kronecker(dims={"w": np.int64(3)}).dims == {"w": 3}
+    with pytest.raises(TrakValueError, match="positive integer"):
+        Kronecker(dims={"w": 2.0})
 
     class Free(torch.nn.Module):
         def __init__(self):

@@ -41,6 +41,7 @@ of the parameters) are the sign patterns of ``trak_core.projection`` for the see
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -77,10 +78,16 @@ class Kronecker:
         if self.dims is not None:
             if not isinstance(self.dims, Mapping):
                 raise TrakValueError(f"Kronecker(dims=...) maps layer names to k_layer, got {type(self.dims).__name__}")
+            dims = {}
             for name, value in self.dims.items():
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                try:  # ints and NumPy integers, not bools or floats
+                    number = None if isinstance(value, bool) else operator.index(value)
+                except TypeError:
+                    number = None
+                if number is None or number <= 0:
                     raise TrakValueError(f"Kronecker(dims=...): layer {name!r} needs a positive integer, got {value!r}")
-            object.__setattr__(self, "dims", dict(sorted(self.dims.items())))
+                dims[name] = number
+            object.__setattr__(self, "dims", dict(sorted(dims.items())))
 
     def __hash__(self) -> int:
         return hash((tuple((self.dims or {}).items()), self.rest))
@@ -214,6 +221,11 @@ def make_plan(layers: Sequence[Layer], rest: Sequence[tuple[str, int]], k: int,
                              f"{len(free)} other blocks ({', '.join(others)}) that need at least 1 each; lower dims or "
                              "raise proj_dim")
     if free:
+        capacity = sum(sizes[i] if i != "rest" else n_rest for i in free)
+        if fixed and left > capacity:
+            others = [names[i] if i != "rest" else "the rest" for i in free]
+            raise TrakValueError(f"Kronecker(dims=...) sets {sum(fixed.values())} of proj_dim={k}, leaving {left} for "
+                                 f"{', '.join(others)}, which hold {capacity} parameters; lower proj_dim or raise dims")
         shares = dict(zip(free, _shares([sizes[i] if i != "rest" else n_rest for i in free], left)))
     elif left != 0:
         raise TrakValueError(f"Kronecker(dims=...) sets {sum(fixed.values())} of proj_dim={k} and leaves nothing to "

@@ -105,7 +105,8 @@ class _Scan:
         for i, eqn in enumerate(jaxpr.eqns):
             path = prefix + (i,)
             views = [env.get(var) if isinstance(var, Var) else None for var in eqn.invars]
-            if eqn.primitive.name in ("add", "transpose") and self._chain(eqn, views, chain, counts):
+            if eqn.primitive.name in ("add", "transpose", "squeeze", "reshape") and \
+                    self._chain(eqn, views, chain, counts):
                 continue
             if not any(views) or self._view(eqn, views, env):
                 continue
@@ -129,6 +130,16 @@ class _Scan:
             if isinstance(var, Var) and var in chain and counts[var] == 1:
                 index, axis = chain[var]
                 chain[out] = (index, list(eqn.params["permutation"]).index(axis))
+            return False
+        if eqn.primitive.name in ("squeeze", "reshape"):  # axes of 1 dropped or added (Equinox's per-example layers)
+            var = eqn.invars[0]
+            if isinstance(var, Var) and var in chain and counts[var] == 1:
+                index, axis = chain[var]
+                before, after = var.aval.shape, out.aval.shape
+                wide_in = [d for d, size in enumerate(before) if size != 1]
+                wide_out = [d for d, size in enumerate(after) if size != 1]
+                if axis in wide_in and [before[d] for d in wide_in] == [after[d] for d in wide_out]:
+                    chain[out] = (index, wide_out[wide_in.index(axis)])
             return False
         for a in (0, 1):
             var, view = eqn.invars[a], views[1 - a]
@@ -197,10 +208,12 @@ class _Scan:
             return None
         if name == "gather" and len(shape) == 2 and j == 0:
             numbers = params["dimension_numbers"]
-            if (tuple(numbers.collapsed_slice_dims), tuple(numbers.start_index_map),
-                    tuple(numbers.operand_batching_dims), len(numbers.offset_dims),
-                    tuple(params["slice_sizes"])) == ((0,), (0,), (), 1, (1, shape[1])):
-                return Use(path, "gather", leaf, 0, -1, numbers.offset_dims[0], "cols", out)
+            form = (tuple(numbers.collapsed_slice_dims), tuple(numbers.start_index_map),
+                    tuple(numbers.operand_batching_dims), len(numbers.offset_dims), tuple(params["slice_sizes"]))
+            # whole rows: E[ids]; or, looked up a token at a time under vmap (eqx.nn.Embedding), a (1, d) slice at a
+            # (row, column) start, the column necessarily 0 since the slice is as wide as the table
+            if form in (((0,), (0,), (), 1, (1, shape[1])), ((), (0, 1), (), 2, (1, shape[1]))):
+                return Use(path, "gather", leaf, 0, -1, numbers.offset_dims[-1], "cols", out)
         if name == "conv_general_dilated" and len(shape) == 4 and j == 1:
             numbers, identity = params["dimension_numbers"], (0, 1, 2, 3)
             if (tuple(numbers.lhs_spec), tuple(numbers.rhs_spec), tuple(numbers.out_spec)) == (identity,) * 3 and \
@@ -238,6 +251,15 @@ class _Scan:
                       if use.leaf in weights), tuple(layers), tuple(i for i in selected if i not in taken))
 
 
+def _initial_view(leaf: int, shape: tuple) -> tuple:
+    """A leaf's view before any equation: a bias ``(leaf, "b", axis)`` when it is 1-D, or of three or more axes
+    with one that is not 1 (Equinox's ``Conv2d`` bias ``(O, 1, 1)``); else a weight ``(leaf, "w", False)``."""
+    if len(shape) == 1:
+        return (leaf, "b", 0)
+    wide = [axis for axis, size in enumerate(shape) if size != 1]
+    return (leaf, "b", wide[0]) if len(shape) >= 3 and len(wide) == 1 else (leaf, "w", False)
+
+
 def analyse(backend: Any, apply: Callable, prepared: Any, inputs: Any, labels: Any, task: Any) -> Analysis:
     """The :class:`Analysis` of ``apply`` on the first example of a checked batch (cached on the backend)."""
     avals = tuple((str(path), value.shape[1:], str(value.dtype)) for path, value in  # one example's (no slicing:
@@ -256,8 +278,7 @@ def analyse(backend: Any, apply: Callable, prepared: Any, inputs: Any, labels: A
 
         closed = jax.make_jaxpr(output)(leaves, *first)
         scan = _Scan(prepared.shapes)
-        env = {closed.jaxpr.invars[i]: (i, "b", 0) if len(prepared.shapes[i]) == 1 else (i, "w", False)
-               for i in prepared.selected}
+        env = {closed.jaxpr.invars[i]: _initial_view(i, prepared.shapes[i]) for i in prepared.selected}
         scan.run(closed.jaxpr, env, ())
         backend._steps[key] = Analysis(closed, *scan.finish(prepared.selected, prepared.paths), prepared.paths,
                                        prepared.shapes)
