@@ -119,3 +119,35 @@ def test_a_constant_keyword_in_a_dict_batch_names_the_wrapper_fix():
     batch = {**_text(), "output_attentions": True, "labels": torch.tensor([0, 1, 2, 1, 0, 2])}
     with pytest.raises(trak_core.TrakTypeError, match=r"inputs\['output_attentions'\] is a bool, .* wrapper module"):
         trak_core.TRAK(model, proj_dim=8, progress=False).featurize(None, [batch])
+
+
+def _lm_reference(model, ids):
+    def shifted(out, y):  # the next token's margin at each position, summed
+        return _margin(out.logits[:, :-1], y[:, 1:]).sum()
+
+    return _reference(model, {"input_ids": ids}, ids, shifted)
+
+
+def test_causal_models_that_do_not_say_so_keep_language_modeling():
+    """The refusal of 'language_modeling' needs positive evidence of a bidirectional model: a user's subclass of
+    BLOOM (whose attention says nothing, under attention_mask='pass') was refused, and a subclass of MPT was not
+    seen as causal (a bidirectional mask: 53% off under 'auto'); causality is read through the class's bases."""
+    from trak_torch import TorchBackend
+
+    class MyBloom(transformers.BloomForCausalLM):
+        pass
+
+    class MyMpt(transformers.MptForCausalLM):
+        pass
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (4, 6))
+    cases = [(MyBloom(transformers.BloomConfig(vocab_size=V, hidden_size=16, n_layer=1, n_head=2)), "pass"),
+             (MyMpt(transformers.MptConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2)), "auto")]
+    for model, mask in cases:
+        model = _perturbed(model)
+        trak = trak_core.TRAK(model, task="language_modeling", proj_dim=None, lambda_reg=1.0, progress=False,
+                              backend=TorchBackend(attention_mask=mask))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        trak.featurize(None, [batch])
+        torch.testing.assert_close(trak.store[0].features, _lm_reference(model, ids), rtol=1e-9, atol=1e-12)

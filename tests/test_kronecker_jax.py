@@ -317,3 +317,17 @@ def test_per_example_lookups_and_conv_biases_are_layers():
     plan = _check_exact(_per_example_conv, params, x, rng.integers(0, 3, 5), "classification", k=16)
     assert [(b.layer.name, b.layer.rows, b.layer.cols, b.layer.bias) for b in plan.blocks][0] == ("[0]", 4, 28, "[1]")
     assert plan.rest == ()
+
+
+def _one_channel_head(params, x):
+    """A 1x1 convolution to one channel: its kernel (1, C, 1, 1) has one axis above 1, as a (C, 1, 1) bias has."""
+    kernel, head = params
+    out = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID")
+    return jnp.tanh(out).reshape(x.shape[0], -1) @ head.T
+
+
+def test_a_kernel_with_one_axis_above_one_stays_a_layer():
+    rng = np.random.default_rng(1)
+    params, x = [rng.normal(size=(1, 3, 1, 1)), rng.normal(size=(3, 16))], rng.normal(size=(5, 3, 4, 4))
+    plan = _check_exact(_one_channel_head, params, x, rng.integers(0, 3, 5), "classification", k=8)
+    assert [(b.layer.name, b.layer.rows, b.layer.cols) for b in plan.blocks] == [("[0]", 1, 3), ("[1]", 3, 16)]

@@ -183,6 +183,9 @@ class _Scan:
 
     def _use(self, eqn: Any, views: list, path: tuple[int, ...]) -> Use | None:
         """The layer use an equation makes of a weight, or ``None`` (another use)."""
+        views = [(view[0], "w", False) if view and view[1] == "b" and len(self.shapes[view[0]]) >= 3 and
+                 tuple(getattr(var, "aval", None).shape) == tuple(self.shapes[view[0]]) else view
+                 for view, var in zip(views, eqn.invars)]  # a leaf taken for a bias (1, C, 1, 1) that is a kernel
         held = [j for j, view in enumerate(views) if view]
         if len(held) != 1 or views[held[0]][1] != "w":
             return None

@@ -65,6 +65,17 @@ def hugging_face_model(model: Any) -> Any:
     return model
 
 
+def bidirectional_model(model: Any) -> bool:
+    """Whether ``model`` is, or holds, a Hugging Face model known to attend both ways: a ``*ForTokenClassification``
+    or ``*ForMaskedLM``, or one whose transformers attention modules set ``is_causal = False`` (BERT, RoBERTa,
+    ELECTRA, DistilBERT). Models that say nothing either way (BLOOM, MPT, Mamba) are not."""
+    if any(cls.__name__.endswith(("ForTokenClassification", "ForMaskedLM"))
+           for cls in type(hugging_face_model(model)).__mro__):
+        return True
+    return any(getattr(module, "is_causal", None) is False and type(module).__module__.startswith("transformers.")
+               for module in _modules(model))
+
+
 def causal_model(model: Any) -> bool:
     """Whether ``model`` is, or holds, a Hugging Face decoder-only model whose attention is causal: a
     ``*ForCausalLM``/``*LMHeadModel``, a config with ``is_decoder``, or attention modules of transformers with
@@ -75,8 +86,8 @@ def causal_model(model: Any) -> bool:
         config = getattr(module, "config", None)
         if getattr(config, "is_encoder_decoder", False) is True:
             return False
-        if bool(getattr(config, "is_decoder", False)) or type(module).__name__.endswith(("ForCausalLM",
-                                                                                          "LMHeadModel")):
+        if bool(getattr(config, "is_decoder", False)) or any(  # the class or one it derives from (a user's subclass)
+                cls.__name__.endswith(("ForCausalLM", "LMHeadModel")) for cls in type(module).__mro__):
             return True
         if getattr(module, "is_causal", None) is True and type(module).__module__.startswith("transformers."):
             return True

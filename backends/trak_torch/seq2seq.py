@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 from trak_core.errors import TrakValueError
 
+from .attention import bidirectional_model
+
 __all__ = ["is_encoder_decoder", "check_task", "with_decoder_inputs"]
 
 DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds")
@@ -24,16 +26,16 @@ def is_encoder_decoder(model: Any) -> bool:
 
 def check_task(model: Any, task: Any, causal: bool = True) -> None:
     """Refuse a language-modeling task that does not fit a Hugging Face model: the causal task (labels shifted
-    by one position) on an encoder-decoder model or on a Hugging Face model that is not ``causal`` (an encoder
-    such as BERT), or ``"seq2seq"`` on a Hugging Face model that is not an encoder-decoder model (its logits at
-    ``t`` predict token ``t + 1``). Models without a Hugging Face config are not checked."""
+    by one position) on an encoder-decoder model, or on a model that is not ``causal`` and is known to attend both
+    ways (BERT, a ``*ForTokenClassification``: ``attention.bidirectional_model``); or ``"seq2seq"`` on a Hugging
+    Face model that is not an encoder-decoder model (its logits at ``t`` predict token ``t + 1``)."""
     name = getattr(task, "name", None)
     config = getattr(model, "config", None)
     if name == "language_modeling" and is_encoder_decoder(model):
         raise TrakValueError(f"task 'language_modeling' shifts the labels by one position (a causal model's logits "
                              f"at t predict token t + 1), but {type(model).__name__} is an encoder-decoder model, "
                              "whose logits at t predict labels[t]: use task='seq2seq'")
-    if name == "language_modeling" and getattr(config, "model_type", None) is not None and not causal:
+    if name == "language_modeling" and not causal and bidirectional_model(model):
         raise TrakValueError(f"task 'language_modeling' shifts the labels by one position (a causal model's logits "
                              f"at t predict token t + 1), but {type(model).__name__} is not a causal model (its "
                              "attention is bidirectional): for labels at the logits' own positions (token "
@@ -53,7 +55,8 @@ def with_decoder_inputs(model: Any, inputs: Any, labels: Any, task: Any = None) 
     ``task="seq2seq"`` with such labels is an error)."""
     if not isinstance(inputs, Mapping) or not is_encoder_decoder(model) or any(k in inputs for k in DECODER_INPUTS):
         return inputs
-    if getattr(labels, "ndim", 0) != 2:
+    if getattr(labels, "ndim", 0) != 2 or labels.is_floating_point() or getattr(task, "name", None) == \
+            "token_classification":  # not target token sequences (a classifier's labels, per-token classes)
         if getattr(task, "name", None) == "seq2seq":
             raise TrakValueError(f"an encoder-decoder model's labels must be (n, target length) token ids, from "
                                  f"which its decoder_input_ids are made; got shape "
