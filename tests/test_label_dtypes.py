@@ -84,3 +84,36 @@ def test_a_flax_state_update_gets_the_eval_hint():
     other = ValueError("x")
     state_note(other)
     assert not getattr(other, "__notes__", [])
+
+
+def test_a_custom_tasks_weights_of_the_wrong_shape_name_the_task():
+    """An out_to_loss returning (n, 1) was reported as 'a backend defect'; it names the task and the fix."""
+    import array_api_compat.numpy as npx
+
+    task = CustomTask(output=lambda logits, labels, xp: logits[:, 0], out_to_loss=lambda logits, labels, xp: logits,
+                      name="mine")
+    with pytest.raises(Exception, match=r"CustomTask 'mine': out_to_loss must return one weight per example, "
+                                        r"shape \(5,\) .* take \[:, 0\]"):
+        task.out_to_loss(np.ones((5, 1)), np.zeros(5, dtype=np.int64), xp=npx)
+
+
+def test_check_labels_sees_one_output_for_one_dimensional_outputs():
+    """torch passed the batch size as n_outputs for a model returning (n,): JAX passed 1, the last axis's size."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: the torch backend is not exercised")
+    import trak_core
+
+    seen = []
+    task = CustomTask(output=lambda logits, labels, xp: logits, logits_ndim=None,
+                      check_labels=lambda labels, n_outputs, xp: seen.append(n_outputs))
+
+    class Scalar(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.lin(x)[:, 0]
+
+    trak = trak_core.TRAK(Scalar(), task=task, proj_dim=4, progress=False)
+    trak.featurize(None, [(torch.randn(8, 3), torch.zeros(8)), (torch.randn(6, 3), torch.zeros(6))])
+    assert seen and set(seen) == {1}

@@ -19,7 +19,7 @@ from ._fitting import KernelFitting
 from ._identity import DataCheck, check_lambda_setting, check_parameters
 from ._namespace import namespace
 from ._progress import length_of, progress
-from .tasks import task_functions
+from .tasks import task_functions, task_identity
 from .backends.protocol import batches
 from .errors import TrakCoreError, TrakValueError
 from .fingerprints import to_numpy
@@ -338,7 +338,8 @@ class Featurizer(KernelFitting):
                "precision": self.precision, "store_format": STORE_FORMAT}
         if self.kronecker is not None:
             out["kronecker"] = self.kronecker.describe()
-        functions = task_functions(self.task)
-        if functions is not None:  # a custom task: its functions, so another one with the same name is told apart
-            out["task_functions"] = functions
+        identity = task_identity(self.task, output_grad=self.backend.name == "numpy")
+        if identity is not None:  # a custom task: what it computes, so another one with the same name is told apart
+            out["task_identity"] = identity
+            out["_legacy_task_functions"] = task_functions(self.task)  # to reopen stores written before (not stored)
         return out

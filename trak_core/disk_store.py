@@ -3,7 +3,7 @@
 One job: ``TRAK(store=path)``. Layout of the directory:
 
 - group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension,
-  seed and precision, task (a custom task's functions too: ``tasks.task_functions``), parameter count and
+  seed and precision, task (what a custom task computes too: ``tasks.task_identity``), parameter count and
   structure hash, backend, store format version).
   Reopening with any difference raises ``StoreMismatchError`` naming the
   fields, and nothing is written. ``data``: the training set's ``n_train`` and digest (order
@@ -140,11 +140,15 @@ class DiskStore(Store):
         return dict(self.root.attrs["trak_core"]) if self.exists() and "trak_core" in self.root.attrs else None
 
     def _check(self, fingerprint: dict) -> None:
+        legacy = fingerprint.get("_legacy_task_functions")
+        fingerprint = {k: v for k, v in fingerprint.items() if not k.startswith("_")}  # "_" keys: for comparisons
         stored = self.root.attrs.get("trak_core")
         if stored is None:
             self.writable()
             self.root.attrs["trak_core"] = fingerprint
             return
+        if "task_functions" in stored and "task_identity" in fingerprint:  # a store written before task_identity
+            fingerprint = {**{k: v for k, v in fingerprint.items() if k != "task_identity"}, "task_functions": legacy}
         keys = list(fingerprint) + [k for k in stored if k not in fingerprint]
         differing = {k: (stored.get(k), fingerprint.get(k)) for k in keys if stored.get(k) != fingerprint.get(k)}
         if differing:

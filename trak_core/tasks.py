@@ -14,7 +14,7 @@ from ._namespace import device_of
 from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["Task", "Classification", "Regression", "LanguageModeling", "Seq2SeqLanguageModeling", "TokenClassification",
-           "CustomTask", "get_task", "task_functions", "TASKS"]
+           "CustomTask", "get_task", "task_functions", "task_identity", "TASKS"]
 
 
 _CUSTOM_HINT = ("Write its model output function with trak_core.CustomTask(output=lambda logits, labels, xp: ..., "
@@ -297,10 +297,19 @@ class CustomTask:
     check_labels : callable, optional
         ``(labels, n_outputs, xp) -> None`` raising on labels that do not fit.
     name : str
-        A name for logs.
+        A name for logs and errors; part of a store's configuration.
     logits_ndim : int or None
         Dimensions of the model's output with the batch: 2 (default, ``(n, n_outputs)``; a 1-D
         output becomes one column), 3 (sequences), or ``None`` (any, passed as the model gives it).
+
+    Notes
+    -----
+    The functions are called with ``(logits, labels, xp)`` as positional arguments, on whole batches (and, for
+    ``output``, under the backend's per-example transforms: JAX compiles them, with the values they capture).
+    Every batch needs labels with one row per example; a task that does not read them (a contrastive score
+    computed inside the model) takes any, e.g. ``numpy.zeros(n)``. An on-disk store records what ``output`` and
+    ``out_to_loss`` compute (their code, the values they capture, a ``functools.partial``'s arguments, a callable
+    object's attributes: ``tasks.task_identity``), so a store is reopened only with a task that computes the same.
     """
 
     def __init__(self, output: Any, out_to_loss: Any = None, *, output_grad: Any = None,
@@ -316,12 +325,15 @@ class CustomTask:
             self._check_labels(labels, n_outputs, xp)
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        value = self._output(logits, labels, xp)
+        return self._per_example(self._output(logits, labels, xp), logits, labels, "output", "value")
+
+    def _per_example(self, value: Any, logits: Any, labels: Any, what: str, one: str) -> Any:
+        """``value`` when it has one entry per example, else an error naming this task's function ``what``."""
         shape = tuple(getattr(value, "shape", ()))
         rows = [a.shape[0] for a in (labels, logits) if len(getattr(a, "shape", ())) >= 1]  # labels: the batch's rows
         n = rows[0] if rows else None  # both 0-d (a squeezed single example): nothing to compare with
         if n is not None and shape != (n,):
-            raise TrakValueError(f"CustomTask {self.name!r}: output must return one value per example, shape ({n},) "
+            raise TrakValueError(f"CustomTask {self.name!r}: {what} must return one {one} per example, shape ({n},) "
                                  f"for logits of shape {tuple(logits.shape)}, but returned "
                                  f"{'shape ' + str(shape) if hasattr(value, 'shape') else type(value).__name__}"
                                  + ("; do not sum over the batch" if shape == () else "")
@@ -339,7 +351,7 @@ class CustomTask:
             if logits.ndim == 0:  # a squeezed single example
                 return xp.ones_like(logits)
             return xp.ones((logits.shape[0],), dtype=logits.dtype, device=device_of(logits))
-        return self._out_to_loss(logits, labels, xp)
+        return self._per_example(self._out_to_loss(logits, labels, xp), logits, labels, "out_to_loss", "weight")
 
 
 TASKS = {"classification": Classification(), "regression": Regression(), "language_modeling": LanguageModeling(),
@@ -347,9 +359,8 @@ TASKS = {"classification": Classification(), "regression": Regression(), "langua
 
 
 def task_functions(task: Task) -> str | None:
-    """What identifies a task beyond its name in a store's fingerprint: for a ``CustomTask``, its functions
-    (``module.qualname#`` and a hash of their source code, where Python keeps it); for another user ``Task``
-    class, the class; ``None`` for the built-in tasks (their name says everything)."""
+    """A custom task's identity as stores written before ``task_identity`` recorded it (``module.qualname#`` and a
+    hash of each function's source); kept to reopen them. ``None`` for the built-in tasks."""
     if type(task) in {type(builtin) for builtin in TASKS.values()}:
         return None
 
@@ -369,6 +380,25 @@ def task_functions(task: Task) -> str | None:
     if isinstance(task, CustomTask):
         return ", ".join(named(f) for f in (task._output, task._out_to_loss, task._output_grad))
     return named(type(task))
+
+
+def task_identity(task: Task, *, output_grad: bool = False) -> str | None:
+    """What identifies a task beyond its name in a store's fingerprint: for a ``CustomTask``, what its ``output``
+    and ``out_to_loss`` compute (``trak_core._task_identity``: their code, captured values and arguments; and
+    ``output_grad``'s when ``output_grad``, for the analytic backend that uses it) and ``logits_ndim``; for another
+    user ``Task`` class, its methods and attributes; ``None`` for the built-in tasks."""
+    if type(task) in {type(builtin) for builtin in TASKS.values()}:
+        return None
+    from ._task_identity import callable_digest
+
+    if isinstance(task, CustomTask):
+        parts = [f"output={callable_digest(task._output)}", f"out_to_loss={callable_digest(task._out_to_loss)}"]
+        if output_grad:
+            parts.append(f"output_grad={callable_digest(task._output_grad)}")
+    else:
+        parts = [f"{name}={callable_digest(getattr(type(task), name, None))}" for name in ("output", "out_to_loss")]
+        parts.append(f"state={callable_digest(vars(task) if hasattr(task, '__dict__') else None)}")
+    return ", ".join(parts + [f"logits_ndim={getattr(task, 'logits_ndim', None)}"])
 
 
 def get_task(task: str | Task) -> Task:

@@ -259,7 +259,7 @@ class TorchBackend(Backend):
             error = None
         with eval_mode(model), attention_for_vmap(model), torch.no_grad():
             logits = self._logits(model, prepared, inputs, task, causal=causal)
-        task.check_labels(labels, logits.shape[-1], xp=xp)
+        task.check_labels(labels, logits.shape[-1] if logits.ndim > 1 else 1, xp=xp)
         with eval_mode(model), attention_for_vmap(model):
             grads = looped_gradients(self, model, prepared, inputs, labels, task, causal)  # raises a real error
         if error is not None:
@@ -310,7 +310,7 @@ class TorchBackend(Backend):
         with eval_mode(model), attention_for_vmap(model), for_transforms(model):  # no requires_grad_ hooks
             with torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
-            task.check_labels(labels, logits.shape[-1], xp=xp)
+            task.check_labels(labels, logits.shape[-1] if logits.ndim > 1 else 1, xp=xp)
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
 
             def output(params: dict, x: Any, y: Any) -> Any:
@@ -367,7 +367,7 @@ class TorchBackend(Backend):
         with eval_mode(model):
             with attention_for_vmap(model), torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
-            task.check_labels(labels, logits.shape[-1], xp=xp)
+            task.check_labels(labels, logits.shape[-1] if logits.ndim > 1 else 1, xp=xp)
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
             features = batch_features(self, model, prepared, state, inputs, labels, task, causal, seed=seed,
                                       checkpoint=checkpoint, chunk=self.chunk_size,

@@ -290,7 +290,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
                 raise NotPerExample(f"{type(module).__name__} did not use its weights through linear or layer_norm")
         if task.logits_ndim == 2 and logits.ndim == 1:
             logits = logits[:, None]
-        task.check_labels(labels, logits.shape[-1], xp=xp)
+        task.check_labels(labels, logits.shape[-1] if logits.ndim > 1 else 1, xp=xp)
         value = task.output(logits, labels, xp=xp)
         perturbations = [z for _, _, z in calls] + list(copied.values())
         deltas = torch.autograd.grad(value.sum(), perturbations, allow_unused=True)

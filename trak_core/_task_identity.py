@@ -1,0 +1,141 @@
+"""What a custom task computes, as a digest for a store's fingerprint.
+
+One job: tell two custom tasks apart when they would give other numbers, and not when they would not. A
+function is identified by its source (its bytecode where Python keeps no source), the constants and names of its
+code, its defaults, the values its closure captured and the values of the globals it reads, recursively through the
+functions it calls;
+``functools.partial`` objects by their function and arguments, callable objects by their class's ``__call__``
+and their attributes. Module names and source text are not part of it: the same function imported from the
+script that wrote a store, or defined where Python keeps no source, has the same identity.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import types
+from typing import Any
+
+__all__ = ["callable_digest"]
+
+_DEPTH = 6  # how deep functions calling functions, and objects holding objects, are followed
+
+
+def callable_digest(function: Any) -> str:
+    """A 16-hex digest of what ``function`` computes (``"-"`` for ``None``)."""
+    if function is None:
+        return "-"
+    hasher = hashlib.sha256()
+    _feed(hasher, function, depth=0, seen=set())
+    return hasher.hexdigest()[:16]
+
+
+def _feed(hasher: Any, value: Any, *, depth: int, seen: set) -> None:
+    """Add ``value`` to ``hasher``: code, data and the structure between them."""
+    put = hasher.update
+    if depth > _DEPTH:
+        put(b"<deep>")
+        return
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        put(f"{type(value).__name__}:{value!r};".encode())
+        return
+    if id(value) in seen:  # a cycle (a recursive function, an object holding itself)
+        put(b"<seen>")
+        return
+    seen = seen | {id(value)}
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        put(f"{type(value).__name__}[{len(items)}](".encode())
+        for item in items:
+            _feed(hasher, item, depth=depth + 1, seen=seen)
+        put(b")")
+        return
+    if isinstance(value, dict):
+        put(f"dict[{len(value)}](".encode())
+        for key in sorted(value, key=repr):
+            _feed(hasher, key, depth=depth + 1, seen=seen)
+            _feed(hasher, value[key], depth=depth + 1, seen=seen)
+        put(b")")
+        return
+    if isinstance(value, types.ModuleType):
+        put(f"module:{value.__name__};".encode())
+        return
+    if isinstance(value, functools.partial):
+        put(b"partial(")
+        for part in (value.func, value.args, value.keywords):
+            _feed(hasher, part, depth=depth + 1, seen=seen)
+        put(b")")
+        return
+    if isinstance(value, types.MethodType):
+        put(b"method(")
+        _feed(hasher, value.__func__, depth=depth + 1, seen=seen)
+        _feed(hasher, value.__self__, depth=depth + 1, seen=seen)
+        put(b")")
+        return
+    if isinstance(value, types.FunctionType):
+        _feed_function(hasher, value, depth=depth, seen=seen)
+        return
+    if isinstance(value, (types.BuiltinFunctionType, type)) or callable(getattr(value, "__array_namespace__", None)):
+        put(f"{type(value).__name__}:{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')};"
+            .encode())
+        return
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:  # an array of any framework: its values
+        from .fingerprints import to_numpy
+
+        try:
+            array = to_numpy(value)
+        except Exception:  # not an array after all
+            array = None
+        if array is not None:
+            put(f"array:{array.dtype.str}{tuple(array.shape)}:".encode())
+            put(array.tobytes())
+            return
+    put(f"object:{type(value).__module__}.{type(value).__qualname__}(".encode())  # a callable object, a setting
+    call = getattr(type(value), "__call__", None)
+    if isinstance(call, types.FunctionType):
+        _feed_function(hasher, call, depth=depth + 1, seen=seen)
+    state = getattr(value, "__dict__", None)
+    _feed(hasher, state if isinstance(state, dict) else repr(value), depth=depth + 1, seen=seen)
+    put(b")")
+
+
+def _feed_function(hasher: Any, function: types.FunctionType, *, depth: int, seen: set) -> None:
+    import inspect
+
+    code = function.__code__
+    hasher.update(b"function(")
+    try:  # the source, the same on any Python version (a lambda's is its whole line: the constants tell them apart)
+        hasher.update(inspect.getsource(function).encode())
+    except (OSError, TypeError):  # defined where no source is kept (python -c, a notebook's exec): the bytecode
+        hasher.update(code.co_code)
+    _feed_code(hasher, code)
+    for part in (function.__defaults__, function.__kwdefaults__):
+        _feed(hasher, part, depth=depth + 1, seen=seen)
+    for cell in function.__closure__ or ():
+        try:
+            contents = cell.cell_contents
+        except ValueError:  # an empty cell (a name not bound yet)
+            contents = "<empty>"
+        _feed(hasher, contents, depth=depth + 1, seen=seen)
+    for name in _global_names(code):  # the globals it reads: constants, functions, arrays (modules by name)
+        if name in function.__globals__:
+            hasher.update(f"global:{name}=".encode())
+            _feed(hasher, function.__globals__[name], depth=depth + 1, seen=seen)
+    hasher.update(b")")
+
+
+def _feed_code(hasher: Any, code: types.CodeType) -> None:
+    hasher.update(f"{code.co_argcount}:{code.co_names!r}".encode())
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):  # a nested function or comprehension
+            _feed_code(hasher, constant)
+        else:
+            hasher.update(f"{type(constant).__name__}:{constant!r};".encode())
+
+
+def _global_names(code: types.CodeType) -> list[str]:
+    names = list(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names.extend(_global_names(constant))
+    return sorted(set(names))
