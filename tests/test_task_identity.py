@@ -19,6 +19,10 @@ def _scaled(scale):
     return lambda logits, labels, xp: scale * (logits[:, 0] - logits[:, 1])
 
 
+def _dot(weights):
+    return lambda logits, labels, xp: logits @ xp.asarray(weights, dtype=logits.dtype)
+
+
 def _weighted(logits, labels, xp, scale=1.0):
     return scale * (logits[:, 0] - logits[:, 1])
 
@@ -39,7 +43,8 @@ first_of_a_line, second_of_a_line = (lambda logits, labels, xp: logits[:, 0]), (
     (functools.partial(_weighted, scale=1.0), functools.partial(_weighted, scale=3.0)),
     (_Weighted(1.0), _Weighted(np.float64(3.0))),
     (first_of_a_line, second_of_a_line),
-], ids=["closure", "partial", "callable", "one-line-lambdas"])
+    (_dot(np.array([1.0, -1.0, 0.0])), _dot(np.array([1.0, 0.0, -1.0]))),
+], ids=["closure", "partial", "callable", "one-line-lambdas", "captured-array"])
 def test_tasks_that_compute_other_numbers_are_told_apart(pair, tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3).double()

@@ -74,7 +74,7 @@ def _feed(hasher: Any, value: Any, *, depth: int, seen: set) -> None:
     if isinstance(value, types.FunctionType):
         _feed_function(hasher, value, depth=depth, seen=seen)
         return
-    if isinstance(value, (types.BuiltinFunctionType, type)) or callable(getattr(value, "__array_namespace__", None)):
+    if isinstance(value, (types.BuiltinFunctionType, type)):
         put(f"{type(value).__name__}:{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')};"
             .encode())
         return
