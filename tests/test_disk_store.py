@@ -342,3 +342,12 @@ def test_saving_and_loading_scores_hold_a_chunk_at_a_time(tmp_path):
         tracemalloc.stop()
     assert np.array_equal(loaded, scores)
     assert saving < 0.6 and loading < 2.2, (saving, loading)
+
+
+def test_a_relative_file_url_is_fixed_when_given(tmp_path, monkeypatch):
+    """``file://relstore`` followed the working directory of whoever opened it (Ray workers: GroupNotFoundError)."""
+    from trak_core.disk_store import DiskStore
+
+    monkeypatch.chdir(tmp_path)
+    assert DiskStore("file://relstore").location == f"file://{tmp_path / 'relstore'}"
+    assert DiskStore("file:///abs/store").location == "file:///abs/store"

@@ -187,3 +187,50 @@ def test_a_worker_error_names_the_global_batch_and_the_rerun_resumes(ray_cluster
     trak.featurize(checkpoint, batches)
     assert np.array_equal(trak.score([(x[:8], y[:8])]), local.score([(x[:8], y[:8])]))
     executor.close()
+
+
+def test_jax_with_uneven_batches_gives_single_process_bits(ray_cluster, tmp_path):
+    """A first batch of 1,000 rows then batches of 300: a worker whose shard starts later compiled its JAX step at
+    300 rows where one process compiled at 1,000 (2,754 stored rows apart, up to 2.4e-6); workers now take the
+    training data's first batch's size."""
+    pytest.importorskip("jax", reason="JAX is not installed: the jax backend is not exercised")
+    from trak_jax import JaxModel
+
+    def _jax_apply(params, inputs):  # defined here: cloudpickle sends it to the workers by value
+        import jax.numpy as jnp
+
+        (w1, b1), (w2, b2) = params
+        return jnp.tanh(inputs @ w1.T + b1) @ w2.T + b2
+
+    rng = np.random.default_rng(1)
+    params = [(rng.normal(size=(48, 32)).astype(np.float32) / 4, rng.normal(size=48).astype(np.float32)),
+              (rng.normal(size=(10, 48)).astype(np.float32) / 4, rng.normal(size=10).astype(np.float32))]
+    x, y = rng.normal(size=(9000, 32)).astype(np.float32), rng.integers(0, 10, 9000)
+    edges = [0, 1000] + list(range(1300, 9000, 300)) + [9000]
+    batches = [(x[a:b], y[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    one = TRAK(JaxModel(_jax_apply), proj_dim=64, progress=False)
+    one.featurize(params, batches)
+    ray = TRAK(JaxModel(_jax_apply), proj_dim=64, store=tmp_path / "store", executor=RayExecutor(num_workers=2),
+               progress=False)
+    ray.featurize(params, batches)
+    assert np.array_equal(np.asarray(ray.store[0].features[0:9000]), np.asarray(one.store[0].features))
+    assert np.array_equal(np.asarray(ray.score([(x[:6], y[:6])])), np.asarray(one.score([(x[:6], y[:6])])))
+    ray.executor.close()
+
+
+def test_a_pickled_copy_keeps_its_hands_off_the_originals_actors(ray_cluster, tmp_path):
+    """A copy (pickled, or passed to a Ray task) held the original's actor handles and killed them when it
+    started its own: the original's next score failed with ActorDiedError."""
+    import pickle
+
+    x, y, batches = _data()
+    model = MLP(5, 4, 3)
+    trak = TRAK(model, proj_dim=32, store=tmp_path / "store", executor=RayExecutor(num_workers=1), progress=False)
+    trak.featurize(model.init(seed=0), batches)
+    expected = trak.score([(x[:6], y[:6])])
+    copy = pickle.loads(pickle.dumps(trak))
+    assert copy.executor._actors == [] and len(trak.executor._actors) == 1
+    copy.featurize(model.init(seed=1), batches)  # starts actors of its own
+    assert np.array_equal(trak.score([(x[:6], y[:6])]), expected)  # the original's actors still serve it
+    copy.executor.close()
+    trak.executor.close()

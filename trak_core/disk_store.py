@@ -71,6 +71,8 @@ class DiskStore(Store):
         except ImportError:
             raise MissingFrameworkError(f'on-disk stores need zarr (v3): {install_hint("store", "zarr")}') from None
         self._url = "://" in str(path)
+        if str(path).startswith("file://") and not str(path)[len("file://"):].startswith("/"):  # a relative local URL
+            path = "file://" + str(pathlib.Path(str(path)[len("file://"):]).expanduser().absolute())  # fixed now
         # "~/x" as a shell would; a relative path is fixed now, so a later os.chdir does not move the store
         self.path: str | pathlib.Path = str(path) if self._url else pathlib.Path(path).expanduser().absolute()
         if not self._url and self.path.exists() and not self.path.is_dir():

@@ -23,6 +23,14 @@ from .store import KERNEL_CHUNK_ROWS
 __all__ = ["RayExecutor", "get_executor", "shards"]
 
 
+def fix_step_size(backend: Any, rows: int) -> None:
+    """Give a backend that compiles its step at the first batch's size (JAX: ``batch_size=None``) the training
+    data's first batch's size, as one process would have: a worker whose shard starts later sees other first
+    batches, and a step compiled at another size rounds differently (the docs promise one process's bits)."""
+    if rows > 1 and getattr(backend, "batch_size", 0) is None:
+        backend.batch_size = rows
+
+
 def shards(start: int, n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
     """Chunk-aligned ``[start, stop)`` ranges covering rows ``start .. n_rows-1``."""
     size = max(KERNEL_CHUNK_ROWS, math.ceil(shard_rows / KERNEL_CHUNK_ROWS) * KERNEL_CHUNK_ROWS)
@@ -47,9 +55,10 @@ class _Worker:
         return os.getpid()
 
     def featurize(self, checkpoint: Any, index: int, batches: list, first_batch: int, first_row: int, start: int,
-                  stop: int, path: str, fail_marker: str | None = None) -> dict[str, str]:
+                  stop: int, path: str, fail_marker: str | None = None, step_rows: int = 0) -> dict[str, str]:
         """Write rows ``start .. stop-1`` of checkpoint ``index``; ``batches`` are the training data's batches
-        ``first_batch ..``, whose first row is training row ``first_row``. Returns the chunks' checksums."""
+        ``first_batch ..``, whose first row is training row ``first_row``. Returns the chunks' checksums.
+        ``step_rows``: the training data's first batch's rows, which fix a compiled step's size in one process."""
         import os
 
         import numpy as np
@@ -60,6 +69,7 @@ class _Worker:
         if fail_marker and not os.path.exists(fail_marker):  # tests: die once, as a killed worker would
             open(fail_marker, "w").close()
             os._exit(1)
+        fix_step_size(self.trak.backend, step_rows)
         prepared = self.trak.backend.prepare(self.trak.model, checkpoint)
         parts = list(self.trak._stream_features(prepared, index, batches, skip=start - first_row, stop=stop - first_row,
                                                 row0=first_row, batch0=first_batch))
@@ -108,6 +118,11 @@ class RayExecutor:
         self._actors: list[Any] = []
         self._trak_id: int | None = None
         self.fail_marker: str | None = None  # tests only
+
+    def __getstate__(self) -> dict:
+        """A copy (pickled into another process, a Ray task) starts actors of its own: the original's stay its
+        own (a copy that stopped them, scoring with another estimator, killed the original's)."""
+        return {**vars(self), "_actors": [], "_trak_id": None}
 
     def _start(self, trak: Any) -> list[Any]:
         try:
@@ -158,13 +173,15 @@ class RayExecutor:
         import ray
 
         actors = self._start(trak)
+        step_rows = _rows(data[0]) if data else 0
+        fix_step_size(trak.backend, step_rows)  # the driver's targets, as one process compiles them
         futures, stops = [], []
         for i, (start, stop) in enumerate(shards(writer.rows_done, n_rows, self.shard_rows)):
             first = max(b for b in range(len(offsets)) if offsets[b] <= start)
             last = min(b for b in range(len(offsets)) if offsets[b] + _rows(data[b]) >= stop)
             futures.append(actors[i % len(actors)].featurize.remote(
                 checkpoint, index, list(data[first:last + 1]), first, offsets[first], start, stop,
-                trak.store.location, self.fail_marker if i == 0 else None))
+                trak.store.location, self.fail_marker if i == 0 else None, step_rows))
             stops.append(stop)
         checksums: dict[str, str] = {}
         for i, future in enumerate(futures):  # in row order: on a failure, the shards before it are done
