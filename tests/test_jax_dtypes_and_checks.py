@@ -1,5 +1,6 @@
 """JAX backend: half-precision features, non-float leaves left out, x64 settings, the cached checks of each batch
 (one trace of apply per batch shape, few compilations per batch size) and errors that name the fix."""
+import contextlib
 import logging
 
 import numpy as np
@@ -129,6 +130,24 @@ class _Compilations(logging.Handler):
             self.names.append(message.split(" ")[1])
 
 
+@contextlib.contextmanager
+def _compilations():
+    """The names of the XLA programs compiled inside the block (from JAX's compile log)."""
+    counter, loggers = _Compilations(), [logging.getLogger(name) for name in ("jax._src.interpreters.pxla",
+                                                                              "jax._src.dispatch")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(counter)
+        logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            yield counter
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(counter)
+            logger.setLevel(level)
+
+
 @pytest.mark.parametrize("factorized", [False, True], ids=["dense", "kronecker"])
 def test_a_new_batch_size_compiles_two_small_programs(factorized):
     """A batch of a new size (the last, short one) pads and crops in one jitted function each; the step does not
@@ -148,20 +167,9 @@ def test_a_new_batch_size_compiles_two_small_programs(factorized):
         def run(rows):
             return backend.gradients(model, prepared, x[rows], y[rows], task)
     run(slice(0, 20))
-    counter, loggers = _Compilations(), [logging.getLogger(name) for name in ("jax._src.interpreters.pxla",
-                                                                              "jax._src.dispatch")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(counter)
-        logger.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            out, _ = run(slice(20, 33))
-            run(slice(20, 40))  # the compiled size: nothing new
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.removeHandler(counter)
-            logger.setLevel(level)
+    with _compilations() as counter:
+        out, _ = run(slice(20, 33))
+        run(slice(20, 40))  # the compiled size: nothing new
     assert len(counter.names) <= 2, counter.names
     assert backend.compilations == 1
     if factorized:
@@ -266,18 +274,7 @@ def test_a_new_batch_size_through_trak_compiles_one_check_per_array():
     x, y = canonical.inputs("mlp", 60, seed=0, dtype="float32")
     trak = trak_core.TRAK(JaxModel(MLP), proj_dim=16, lambda_reg=1.0, progress=False)
     trak.featurize(canonical.weights("mlp", seed=0, dtype="float32"), [(x[:20], y[:20]), (x[20:40], y[20:40])])
-    counter, loggers = _Compilations(), [logging.getLogger(name) for name in ("jax._src.interpreters.pxla",
-                                                                              "jax._src.dispatch")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(counter)
-        logger.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            trak.features([(x[40:57], y[40:57])])  # 17 rows: a size not compiled before
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.removeHandler(counter)
-            logger.setLevel(level)
+    with _compilations() as counter:
+        trak.features([(x[40:57], y[40:57])])  # 17 rows: a size not compiled before
     checks = [name for name in counter.names if "isfinite" in name or "reduce" in name]
     assert len(checks) == 2 and len(counter.names) <= 4, counter.names
