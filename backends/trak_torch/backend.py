@@ -37,6 +37,13 @@ def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) ->
                          hint=_LOGITS_FN_HINT, array="tensor")
 
 
+def check_labels(task: Any, labels: Any, logits: Any) -> None:
+    """``task.check_labels`` with the number of outputs: the last axis of ``logits`` (1 for a 1-D output)."""
+    import array_api_compat.torch as xp
+
+    task.check_labels(labels, logits.shape[-1] if logits.ndim > 1 else 1, xp=xp)
+
+
 def _rows(inputs: Any) -> int:
     return int(next(iter(inputs.values())).shape[0]) if isinstance(inputs, Mapping) else int(inputs.shape[0])
 
@@ -259,7 +266,7 @@ class TorchBackend(Backend):
             error = None
         with eval_mode(model), attention_for_vmap(model), torch.no_grad():
             logits = self._logits(model, prepared, inputs, task, causal=causal)
-        task.check_labels(labels, logits.shape[-1] if logits.ndim > 1 else 1, xp=xp)
+        check_labels(task, labels, logits)
         with eval_mode(model), attention_for_vmap(model):
             grads = looped_gradients(self, model, prepared, inputs, labels, task, causal)  # raises a real error
         if error is not None:
@@ -310,7 +317,7 @@ class TorchBackend(Backend):
         with eval_mode(model), attention_for_vmap(model), for_transforms(model):  # no requires_grad_ hooks
             with torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
-            task.check_labels(labels, logits.shape[-1] if logits.ndim > 1 else 1, xp=xp)
+            check_labels(task, labels, logits)
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
 
             def output(params: dict, x: Any, y: Any) -> Any:
@@ -367,7 +374,7 @@ class TorchBackend(Backend):
         with eval_mode(model):
             with attention_for_vmap(model), torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
-            task.check_labels(labels, logits.shape[-1] if logits.ndim > 1 else 1, xp=xp)
+            check_labels(task, labels, logits)
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
             features = batch_features(self, model, prepared, state, inputs, labels, task, causal, seed=seed,
                                       checkpoint=checkpoint, chunk=self.chunk_size,

@@ -191,7 +191,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     import array_api_compat.torch as xp
     import torch
 
-    from .backend import _rows, output_logits
+    from .backend import _rows, check_labels, output_logits
     from .closed_form_functional import FUNCTION, copies, intercept, locate, scaled, slow_path
     from .layers import hooks
 
@@ -290,7 +290,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
                 raise NotPerExample(f"{type(module).__name__} did not use its weights through linear or layer_norm")
         if task.logits_ndim == 2 and logits.ndim == 1:
             logits = logits[:, None]
-        task.check_labels(labels, logits.shape[-1] if logits.ndim > 1 else 1, xp=xp)
+        check_labels(task, labels, logits)
         value = task.output(logits, labels, xp=xp)
         perturbations = [z for _, _, z in calls] + list(copied.values())
         deltas = torch.autograd.grad(value.sum(), perturbations, allow_unused=True)

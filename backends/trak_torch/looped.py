@@ -6,14 +6,11 @@ and the decision to fall back to this path when ``vmap`` fails.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 __all__ = ["eval_mode", "looped_gradients", "refuse_to_loop", "vmap_cannot_batch"]
-
-log = logging.getLogger("trak_core")
 
 
 @contextmanager
