@@ -7,9 +7,9 @@ any other use of the estimator: then the checkpoint's parameters tell them).
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Mapping, Sequence
 
+from ._checks import _integer
 from .errors import StoreMismatchError, TrakTypeError, TrakValueError
 from .kronecker import Kronecker
 
@@ -73,10 +73,7 @@ def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any) -> list[tuple[
     if isinstance(checkpoints, Mapping):
         pairs = []
         for key, checkpoint in checkpoints.items():
-            try:
-                index = operator.index(key)
-            except TypeError:
-                index = None
+            index = _integer(key)
             if index is None or not 0 <= index < stored:
                 raise TrakValueError(f"checkpoints maps store indices to checkpoints; the store at {path} holds "
                                      f"checkpoints 0 to {stored - 1}, got the key {key!r}")

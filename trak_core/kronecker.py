@@ -41,11 +41,11 @@ of the parameters) are the sign patterns of ``trak_core.projection`` for the see
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from . import hashing
+from ._checks import _integer
 from ._delegation import full_precision_products
 from .errors import TrakValueError
 
@@ -80,10 +80,7 @@ class Kronecker:
                 raise TrakValueError(f"Kronecker(dims=...) maps layer names to k_layer, got {type(self.dims).__name__}")
             dims = {}
             for name, value in self.dims.items():
-                try:  # ints and NumPy integers, not bools or floats
-                    number = None if isinstance(value, bool) else operator.index(value)
-                except TypeError:
-                    number = None
+                number = _integer(value)  # ints and NumPy integers, not bools or floats
                 if number is None or number <= 0:
                     raise TrakValueError(f"Kronecker(dims=...): layer {name!r} needs a positive integer, got {value!r}")
                 dims[name] = number
