@@ -105,6 +105,27 @@ def test_not_jittable_apply_is_a_clear_error():
             canonical.weights("softmax", seed=0, dtype="float32"), [(x, y)])
 
 
+def test_a_task_function_that_is_not_jittable_is_named_not_the_apply():
+    """A custom out_to_loss with Python control flow on values: the error names out_to_loss (it blamed apply)."""
+    def branchy(logits, labels, xp):
+        if float(xp.sum(logits)) > 0:
+            return xp.ones(logits.shape[0])
+        return xp.zeros(logits.shape[0])
+
+    def pick(logits, labels, xp):
+        return logits[xp.arange(logits.shape[0]), labels]
+
+    x, y = _data(10)
+    weights = canonical.weights("softmax", seed=0, dtype="float32")
+    for task, culprit in ((trak_core.CustomTask(pick, branchy), "out_to_loss"),
+                          (trak_core.CustomTask(lambda z, t, xp: branchy(z, t, xp) + pick(z, t, xp)), "output")):
+        trak = trak_core.TRAK(JaxModel(jax_apply("softmax")), task=task, proj_dim=8, progress=False)
+        with pytest.raises(trak_core.TrakTypeError, match=f"'custom': {culprit}\\(logits, labels, xp\\) is not "
+                                                          "jittable.*xp.where") as info:
+            trak.featurize(weights, [(x, y)])
+        assert "apply function" not in str(info.value)
+
+
 def test_params_structure_must_not_change():
     trak = trak_core.TRAK(JaxModel(jax_apply("softmax")), proj_dim=8, lambda_reg=0.1, progress=False)
     x, y = _data(10)

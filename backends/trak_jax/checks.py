@@ -150,12 +150,20 @@ class OutputCheck:
 
             xp = array_api_compat.array_namespace(jnp.zeros(1))
             columns = jax.ShapeDtypeStruct((n, 1), logits.dtype) if ndim == 2 and len(shape) == 1 else logits
+            traced = ["output"]  # the task function being traced, for the error
+
+            def both(z: Any, y: Any) -> tuple:
+                out = task.output(z, y, xp=xp)
+                traced[0] = "out_to_loss"
+                return out, task.out_to_loss(z, y, xp=xp)
+
             try:
-                out = jax.eval_shape(lambda z, y: task.output(z, y, xp=xp), columns,
-                                     jax.ShapeDtypeStruct(labels.shape, labels.dtype))
+                out, _ = jax.eval_shape(both, columns, jax.ShapeDtypeStruct(labels.shape, labels.dtype))
             except jax.errors.JAXTypeError as exc:
-                raise TrakTypeError(f"task {task.name!r}: output(logits, labels) is not jittable "
-                                    f"({str(exc).splitlines()[0]})") from None
+                raise TrakTypeError(f"task {task.name!r}: {traced[0]}(logits, labels, xp) is not jittable "
+                                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}); write it with xp "
+                                    "operations only: no Python `if` on array values (use xp.where), no float() "
+                                    "or NumPy on traced arrays") from None
             self._seen[key] = tuple(getattr(out, "shape", ()))
         if self._seen[key] != (n,):
             raise TrakValueError(
