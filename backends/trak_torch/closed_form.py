@@ -186,14 +186,17 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
 
 
 def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, inputs: Any, labels: Any, task: Any,
-                          causal: bool) -> tuple[Any, Any]:
-    """Per-example gradients ``(n, p)`` (``named_parameters`` order) and the logits, from one backward pass."""
+                          causal: bool, *, watch_rows: bool = False) -> tuple[Any, Any]:
+    """Per-example gradients ``(n, p)`` (``named_parameters`` order) and the logits, from one backward pass.
+    ``watch_rows``: raise ``NotPerExample`` for a layer called on rows picked by data (``trak_torch.routing``: a
+    mixture of experts; a torch function mode, so only for the checked batch)."""
     import array_api_compat.torch as xp
     import torch
 
     from .backend import _rows, check_labels, output_logits
     from .closed_form_functional import FUNCTION, copies, intercept, locate, scaled, slow_path
     from .layers import hooks
+    from .routing import picked_rows
 
     functional = {module: names for module, kind, names, _ in uses if kind in FUNCTION}
     spec = {module: (kind, weight, bias) for module, kind, weight, bias in uses
@@ -217,6 +220,9 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             return None
         if not args or not hasattr(args[0], "detach"):  # called with keywords only, or not on a tensor
             raise NotPerExample(f"{type(module).__name__} is not called on a tensor as its first argument")
+        if picked(args[0]):
+            raise NotPerExample(f"{type(module).__name__} is called on rows picked by a mask or an index (tokens "
+                                "routed to an expert, or unpadded): their number per example depends on the data")
         kind, a = spec[module][0], args[0].detach()
         with torch.no_grad():  # a norm's input side: normalized now, with the buffers of this call
             a = _normalized(module, kind, a) if kind in NORMS else a
@@ -244,7 +250,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         key = record("linear", weight, bias)
         if key is None:
             return out
-        if x.ndim not in (2, 3) or (x.ndim == 2 and x.shape[0] % n) or (x.ndim == 3 and x.shape[1] != n):
+        if x.ndim not in (2, 3) or (x.ndim == 2 and x.shape[0] % n) or (x.ndim == 3 and x.shape[1] != n) or picked(x):
             raise NotPerExample(f"an attention projection is called on {tuple(x.shape)}, not on {n} examples")
         a = (x if x.ndim == 3 else x.reshape(-1, n, x.shape[-1])).detach().transpose(0, 1)  # (n, T, d)
         z = torch.zeros((n, a.shape[1], out.shape[-1]), dtype=out.dtype, device=out.device, requires_grad=True)
@@ -256,7 +262,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         key = record("layer_norm", weight, bias)
         if key is None:
             return out
-        if out.ndim == 0 or out.shape[0] != n:
+        if out.ndim == 0 or out.shape[0] != n or picked(x):
             raise NotPerExample(f"a layer norm is called on {tuple(x.shape)}, not on {n} examples")
         with torch.no_grad():
             xhat = torch.nn.functional.layer_norm(x.detach(), shape, None, None, eps)
@@ -283,7 +289,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     attention = [module for module, kind, _, _ in uses if kind == "mha"]
     followed = scaled(scales, n) if scales else nullcontext()
     with torch.enable_grad(), hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted, \
-            followed:
+            picked_rows(model, params, watch_rows) as picked, followed:  # ``followed`` sees each call first
         logits = output_logits(backend._call(model, params, inputs, causal=causal), backend.logits_fn)
         for module in called:
             if not set(functional[module]) <= seen:  # e.g. the fused fast path of nn.MultiheadAttention

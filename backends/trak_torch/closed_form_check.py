@@ -1,8 +1,9 @@
 """Whether a checkpoint's per-example gradients take the closed form, checked once and said on the log.
 
 One job: the decision of :meth:`trak_torch.TorchBackend._closed_form_uses`. The closed form
-(:mod:`trak_torch.closed_form`) is taken when its uses cover every attributed parameter and its gradients of the
-batch's first two examples equal plain autograd one example at a time; otherwise ``vmap(grad)`` is. Each decision
+(:mod:`trak_torch.closed_form`) is taken when its uses cover every attributed parameter, no layer is called on rows
+picked by data (tokens routed to experts: :mod:`trak_torch.routing`, watched in this check only), and its gradients
+of the batch's first two examples equal plain autograd one example at a time; otherwise ``vmap(grad)`` is. Each decision
 is logged at INFO on the ``trak_core`` logger with its reason, so a user can tell which path a model takes
 (``logging.basicConfig(level=logging.INFO)``).
 """
@@ -34,7 +35,8 @@ def checked_uses(backend: Any, model: Any, prepared: Any, inputs: Any, labels: A
                      "or bare parameters broadcast over the batch")
             return None
         reference = looped_gradients(backend, model, prepared, first, labels[:2], task, causal)
-        closed, _ = closed_form_gradients(backend, model, prepared, uses, first, labels[:2], task, causal)
+        closed, _ = closed_form_gradients(backend, model, prepared, uses, first, labels[:2], task, causal,
+                                          watch_rows=True)  # a mixture of experts' routed tokens: vmap
     except Exception as exc:  # NotPerExample, or a layer call the closed form cannot follow: vmap does
         log.info("torch backend: per-example gradients through vmap: the closed form failed on the first two "
                  "examples (%s: %s)", type(exc).__name__, exc)

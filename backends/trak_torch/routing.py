@@ -1,0 +1,103 @@
+"""Rows chosen by data: the tokens a mixture of experts routes to an expert, or unpadded tokens.
+
+One job: tell the closed form (:mod:`trak_torch.closed_form`) that a layer is called on rows picked from a batch
+tensor by a mask or an index (``hidden[route]``, ``hidden[None, top_x]``, ``hidden.index_select(0, idx)``,
+``hidden.masked_select(mask)``), or on values computed from such rows. The closed form takes a layer's rows to be
+one per example, or each example's tokens one after the other; picked rows are neither, and their number per
+example depends on the data (an expert gets 2 tokens of one example and 4 of the next), so a call on them sends the
+checkpoint to ``vmap`` (``NotPerExample``), even when the count happens to divide by the batch size. Watched on the
+batch the closed form is checked on (a model that routes tokens does so on every batch), not on later ones.
+
+Not picked by data: integers, slices and ``None`` s on the first dimension, rows taken in order by an index that
+``torch.arange`` made in the forward (also viewed as ``(n, 1, 1)``: CLIP's end-of-text token
+``hidden[torch.arange(n), eos]``, Hugging Face's padding masks ``mask[batch_idx, kv_idx]``), and lookups in a
+parameter or a buffer (a position table indexed by positions). An index computed otherwise is a pick even where it
+equals ``arange``, as a router's does in a batch whose tokens all go to one expert first.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+__all__ = ["picked_rows"]
+
+
+def _first_index(index: Any) -> Any:
+    """What ``tensor[index]`` indexes the first dimension with (``None`` s add dimensions and are skipped)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    for part in parts:
+        if part is not None:
+            return part
+    return None
+
+
+@contextmanager
+def picked_rows(model: Any, params: dict, watch: bool = True) -> Iterator[Any]:
+    """While active, ``picked(tensor) -> bool``: whether ``tensor`` holds rows picked by data from a batch tensor
+    (or values computed from them, row for row). ``params``: the tensors the model is called with (their lookups
+    are not picks); the model's buffers are added. ``watch=False``: nothing is watched (every op of the forward
+    passes through a torch function mode while watching: 15-25% of a small model's closed-form step on a CPU)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    if not watch:
+        yield lambda tensor: False
+        return
+
+    constants = {t.untyped_storage().data_ptr() for t in list(params.values()) + list(model.buffers())
+                 if isinstance(t, torch.Tensor)}
+    marked: dict[int, Any] = {}  # storage address -> a tensor holding it (kept alive: its address is not reused)
+    ranges: dict[int, Any] = {}  # the same, for torch.arange's outputs and their casts
+    selections = {torch.Tensor.__getitem__, torch.index_select, torch.Tensor.index_select, torch.masked_select,
+                  torch.Tensor.masked_select}
+    casts = {torch.Tensor.to, torch.Tensor.long, torch.Tensor.int, torch.Tensor.type, torch.Tensor.contiguous,
+             torch.Tensor.clone}
+
+    def mark(tensor: Any) -> None:
+        if isinstance(tensor, torch.Tensor):
+            marked[tensor.untyped_storage().data_ptr()] = tensor
+
+    def picked(tensor: Any) -> bool:
+        return bool(marked) and isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() in marked
+
+    def chooses_rows(func: Any, args: tuple, kwargs: dict) -> bool:
+        source = args[0] if args else kwargs.get("input")
+        if not isinstance(source, torch.Tensor) or source.ndim == 0 or \
+                source.untyped_storage().data_ptr() in constants:
+            return False
+        if func in (torch.masked_select, torch.Tensor.masked_select):
+            return True
+        if func is not torch.Tensor.__getitem__:  # index_select
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            return dim in (0, -source.ndim)
+        index = _first_index(args[1] if len(args) > 1 else None)
+        if isinstance(index, (list, tuple)):
+            index = torch.as_tensor(index)
+        if not isinstance(index, torch.Tensor):
+            return False  # an integer, a slice, an Ellipsis
+        if index.dtype == torch.bool:
+            return True
+        if index.ndim == 0 or index.shape[0] != source.shape[0] or index.untyped_storage().data_ptr() not in ranges:
+            return True  # an index computed from the data equals arange in some batches (all tokens to one expert)
+        rows = torch.arange(source.shape[0], device=index.device, dtype=index.dtype)
+        return not bool(torch.all(index == rows.view(-1, *[1] * (index.ndim - 1))))  # row i from example i
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func is torch.arange or (func in casts and args and isinstance(args[0], torch.Tensor)
+                                        and args[0].untyped_storage().data_ptr() in ranges):
+                if isinstance(out, torch.Tensor):
+                    ranges[out.untyped_storage().data_ptr()] = out
+            elif func in selections and chooses_rows(func, args, kwargs):
+                mark(out)
+            elif marked and isinstance(out, torch.Tensor) and out.ndim:
+                for arg in (*args, *kwargs.values()):
+                    if picked(arg) and arg.ndim and arg.shape[0] == out.shape[0]:  # row for row: activations,
+                        mark(out)  # casts, products with weights
+                        break
+            return out
+
+    with Mode():
+        yield picked
