@@ -12,7 +12,7 @@ import warnings
 import pytest
 
 from trak_core import MLP, TRAK, BackendError, MissingFrameworkError, TrakTypeError
-from trak_core.backends import registry
+from trak_core.backends import BackendPluginWarning, registry
 
 # A working plug-in: the reference backend under another name, owning what OWNS says.
 PLUGIN = """
@@ -186,3 +186,37 @@ def test_a_plugin_whose_owns_raises_is_skipped_with_a_warning(install):
     assert_names_all(str(record[0].message), "'aac-raising'", "'aac-raising = aac_raising_mod:backend'",
                      "'aac-trak 1.2'", "AttributeError", "acme_only_attribute", "return False", "backend=...")
     assert registry.infer_backend(MLP(3, 2, 2)).name == "numpy"  # a first-party backend owns it before the plug-in
+
+
+def test_a_plugin_cannot_take_a_first_party_name(install):
+    """A plug-in named ``numpy`` replaced the reference backend with no word (scores 48% off in an audit)."""
+    from trak_core.backends import BackendPluginWarning, numpy_backend, register_backend
+
+    install("evil-trak", {"numpy": "evil_numpy_mod:backend"}, {"evil_numpy_mod": plugin("numpy", owns="True")})
+    with pytest.warns(BackendPluginWarning) as record:
+        backend = registry.get_backend("numpy")
+        inferred = registry.infer_backend(MLP(3, 2, 2))
+    assert type(backend).__module__ == type(inferred).__module__ == "trak_core.backends.numpy_backend"
+    assert_names_all(str(record[0].message), "'numpy = evil_numpy_mod:backend'", "'evil-trak 1.2'",
+                     "trak-core's own backend 'numpy'", "rename it")
+    with pytest.raises(BackendError, match="'numpy' is trak-core's own backend.*another name"):
+        register_backend(numpy_backend.ArrayAPIBackend())
+
+
+def test_a_name_two_plugins_declare_is_used_by_neither(install):
+    install("acme-trak", {"acme": "acme_factory_mod:make"}, {"acme_factory_mod": plugin("acme", owns="True")})
+    install("rival-trak", {"acme": "rival_mod:backend"}, {"rival_mod": plugin("acme", owns="True")})
+    with pytest.raises(BackendError) as info:
+        registry.get_backend("acme")
+    assert_names_all(str(info.value), "declared twice", "'acme-trak 1.2'", "'rival-trak 1.2'", "Uninstall one")
+    with pytest.warns(BackendPluginWarning, match="declared twice"):
+        assert "acme" not in registry.available_backends()
+    with pytest.warns(BackendPluginWarning), pytest.raises(TrakTypeError, match="no installed backend"):
+        registry.infer_backend(object())
+
+
+def test_a_broken_plugins_fix_speaks_to_its_maintainer_too(install):
+    install("aad-trak", {"aad": "aad_mod:backend"}, {"aad_mod": "x = 1"})
+    with pytest.raises(BackendError) as info:
+        registry.get_backend("aad")
+    assert_names_all(str(info.value), "if you maintain it, fix its target 'aad_mod:backend'", "pip uninstall aad-trak")

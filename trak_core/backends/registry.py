@@ -52,6 +52,9 @@ def register_backend(backend: Backend, *, name: str | None = None) -> None:
     backend's name, and reopening it looks that name up) for this process."""
     check_backend(backend)
     name = name or backend.name
+    if name in KNOWN:
+        raise BackendError(f"register_backend: {name!r} is trak-core's own backend, which cannot be replaced (stores "
+                           f"written with one would be reopened with the other); give yours another name")
     if name != backend.name:
         raise BackendError(f"register_backend: name={name!r} differs from the backend's name {backend.name!r}; a store "
                            f"records {backend.name!r}, so stores written with it could not be reopened by {name!r}. "
@@ -60,11 +63,37 @@ def register_backend(backend: Backend, *, name: str | None = None) -> None:
     _loaded.pop(name, None)
 
 
+class _Clash:
+    """A name that two third-party entry points declare: neither is loaded, and asking for it says why."""
+
+    def __init__(self, first: EntryPoint, second: EntryPoint) -> None:
+        self.first, self.second = first, second
+
+    def error(self) -> BackendError:
+        return BackendError(f"backend {self.first.name!r} is declared twice: by the {_where(self.first)} and by the "
+                            f"{_where(self.second)}; neither is used, as either could be taken for the other (a "
+                            "store records only the name). Uninstall one of them, or rename one (its entry point and "
+                            "its backend's name)")
+
+
 def _targets() -> dict[str, Target]:
-    """Every known name mapped to its entry point or to an already-built (registered) backend object."""
-    found: dict[str, Target] = {name: EntryPoint(name, spec, ENTRY_POINT_GROUP) for name, (spec, _, _) in KNOWN.items()}
+    """Every known name mapped to its entry point or to an already-built (registered) backend object.
+
+    trak-core's own names stay trak-core's: a third-party entry point of such a name is skipped with a
+    ``BackendPluginWarning``; a name two third-party entry points declare is used by neither."""
+    found: dict[str, Any] = {name: EntryPoint(name, spec, ENTRY_POINT_GROUP) for name, (spec, _, _) in KNOWN.items()}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep
+        if ep.name in KNOWN:
+            if not _first_party(ep.name, ep):
+                warnings.warn(f"skipped a trak-core backend plug-in: the {_where(ep)} takes the name of trak-core's "
+                              f"own backend {ep.name!r}, which a plug-in cannot replace; rename it (its entry point "
+                              "and its backend's name)", BackendPluginWarning)
+            continue
+        previous = found.get(ep.name)
+        if previous is None:
+            found[ep.name] = ep
+        elif not isinstance(previous, _Clash) and previous.value != ep.value:  # the same one seen twice: no clash
+            found[ep.name] = _Clash(previous, ep)
     found.update(_registered)
     return found
 
@@ -98,7 +127,8 @@ def _fix(ep: EntryPoint) -> str:
     if dist is None:
         return "reinstall or uninstall the package that declares this entry point"
     package = dist.split(" ")[0]
-    return f"reinstall that package (pip install --force-reinstall {package}) or uninstall it (pip uninstall {package})"
+    return (f"if you maintain it, fix its target {ep.value!r} or the object it names; otherwise reinstall that package "
+            f"(pip install --force-reinstall {package}) or uninstall it (pip uninstall {package})")
 
 
 def _load_failure(ep: EntryPoint, err: Exception) -> BackendError | TrakTypeError:
@@ -125,6 +155,8 @@ def _load(name: str, target: Target) -> Backend:
     BackendError
         If a plug-in fails to load otherwise, or its ``name`` differs from the entry point's.
     """
+    if isinstance(target, _Clash):
+        raise target.error()
     if not isinstance(target, EntryPoint):
         return target
     if _first_party(name, target) and not _importable(target.module):
