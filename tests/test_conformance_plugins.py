@@ -75,3 +75,60 @@ def test_the_fast_grade_is_looser_than_float32_and_is_checked():
     error = np.linalg.norm(fast - exact) / np.linalg.norm(exact)
     assert 1e-5 < error < 1e-3
     suite.test_conformance_features(case, "rademacher", "fast")
+
+
+class Broken(numpy_backend.ArrayAPIBackend):
+    """The reference backend with one defect an audit's plug-ins had, each of which passed the whole suite."""
+
+    name = "numpy-broken"
+
+    def __init__(self, defect):
+        self.defect = defect
+
+    def owns(self, model):
+        return True if self.defect == "owns_everything" else super().owns(model)
+
+    def gradients(self, model, prepared, inputs, labels, task):
+        if self.defect == "ignores_task":
+            from trak_core.tasks import Classification
+
+            task = Classification()
+        if self.defect == "zeroes_inputs":
+            out = super().gradients(model, prepared, inputs, labels, task)
+            inputs[...] = 0.0
+            return out
+        grads, q = super().gradients(model, prepared, inputs, labels, task)
+        if self.defect == "float32_sign" and grads.dtype == np.float32:
+            grads = -grads
+        return grads, q
+
+    def project(self, grads, k, *, seed, checkpoint, kind, **options):
+        out = super().project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind, **options)
+        if self.defect == "drops_tail" and k % 32:
+            out[:, k - k % 32:] = 0.0  # the last partial tile of 32 columns
+        if self.defect == "scales_grads":
+            grads *= 2.0
+        return out
+
+
+class BrokenCase(NumpyCase):
+    id = "numpy-broken"
+
+    def __init__(self, defect):
+        self.backend = Broken(defect)
+
+
+@pytest.mark.parametrize("defect, test, args", [
+    ("ignores_task", "test_conformance_custom_task", ()),
+    ("drops_tail", "test_conformance_projection_widths", (37, 100)),
+    ("zeroes_inputs", "test_conformance_leaves_inputs_alone", ()),
+    ("scales_grads", "test_conformance_leaves_inputs_alone", ()),
+    ("float32_sign", "test_conformance_gradients", ("mlp", "float32")),
+    ("owns_everything", "test_conformance_contract", ()),
+])
+def test_defects_that_passed_the_suite_now_fail_it(defect, test, args):
+    """Each defect fails its test (with a message naming what is wrong), and the correct backend passes it."""
+    getattr(suite, test)(NumpyCase(), *args)
+    with pytest.raises(AssertionError) as info:
+        getattr(suite, test)(BrokenCase(defect), *args)
+    assert str(info.value).strip(), f"{test} failed {defect!r} with no message"

@@ -18,15 +18,18 @@ Use it from a backend's tests with one import and one fixture::
 
 What is checked, against the NumPy reference backend and closed forms:
 
-- the contract: a ``trak_core.Backend`` whose ``owns`` answers a bool, with a content hash that tells
-  checkpoints apart (when it has one) and a consistent parameter structure;
+- the contract: a ``trak_core.Backend`` whose ``owns`` answers a bool (``False`` for objects it does not
+  know), with a content hash that tells checkpoints apart (when it has one) and a consistent parameter
+  structure; the caller's checkpoint, inputs, labels and gradients left as they were;
 - projection matrices bit-identical (Rademacher) or within 4 ulp (Gaussian) of the NumPy ones,
-  and a backend's own projection equal to ``trak_core.project`` to float rounding;
+  and a backend's own projection equal to ``trak_core.project`` to float rounding, at widths and row
+  counts off any tile size (``k`` of 1, 33, 100, 257);
 - a fused ``features`` step (where there is one) equal to the reference gradients times the reference
   projection for each kind, seed and checkpoint, and at ``precision="fast"`` within ``1e-3``;
 - per-example gradients of the canonical models (``trak_core.testing.canonical``) within dtype
   tolerance of the analytic reference (softmax, MLP) or of float64 finite differences (CNN, and
-  the causal transformer LM on padded dict batches with ignored labels);
+  the causal transformer LM on padded dict batches with ignored labels), in the case's dtype and in
+  float32; and of a custom task (``trak_core.CustomTask``) with its out-to-loss weights;
 - scores of 1 and 3 checkpoints (of the canonical MLP, or of softmax regression for a backend
   that builds only that): float64 ``rtol 1e-9``; float32 relative Frobenius error
   ``<= 1e-4`` and per-target Spearman ``>= 0.9999``;
@@ -45,12 +48,19 @@ from typing import Any
 __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "test_conformance_backend_projection",
            "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
            "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "test_conformance_features",
+           "test_conformance_custom_task", "test_conformance_projection_widths", "test_conformance_leaves_inputs_alone",
            "conformance_active"]
 
 
 def __getattr__(name: str) -> Any:
     """The suite's tests and fixture, imported (with pytest) on first access."""
     if name in __all__:
+        import sys
+
+        if "trak_core.testing.suite" not in sys.modules:  # pytest's assertion messages (values) in its asserts
+            import pytest
+
+            pytest.register_assert_rewrite("trak_core.testing.suite", "trak_core.testing.suite_inputs")
         from . import suite
 
         return getattr(suite, name)

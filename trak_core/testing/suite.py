@@ -21,6 +21,7 @@ from . import canonical
 __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "test_conformance_backend_projection",
            "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
            "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "test_conformance_features",
+           "test_conformance_custom_task", "test_conformance_projection_widths", "test_conformance_leaves_inputs_alone",
            "conformance_active"]
 
 
@@ -69,23 +70,32 @@ def test_conformance_contract(conformance_case):
     """
     case = conformance_case
     backend = get_backend(case.backend) if isinstance(case.backend, str) else case.backend
-    assert isinstance(backend, Backend) and isinstance(backend.name, str) and backend.name
+    assert isinstance(backend, Backend) and isinstance(backend.name, str) and backend.name, \
+        f"{backend!r} is not a trak_core Backend with a non-empty name"
     dtype, kind = _dtype(case), _classifier(case)
     model, checkpoint = case.model(kind, canonical.weights(kind, seed=0, dtype=dtype))
     _, same = case.model(kind, canonical.weights(kind, seed=0, dtype=dtype))
     _, other = case.model(kind, canonical.weights(kind, seed=1, dtype=dtype))
-    assert backend.owns(model) in (True, False)
+    assert backend.owns(model) in (True, False), f"owns(model) returned {backend.owns(model)!r}, not a bool"
+    for stranger in (object(), "a string", None):  # owns must be specific: TRAK(model) asks every backend
+        assert backend.owns(stranger) is False, f"owns({stranger!r}) is not False: owns must answer False for " \
+                                                "models it does not know (an isinstance check of its own types)"
     prepared = [backend.prepare(model, c) for c in (checkpoint, same, other)]
-    assert backend.n_params(prepared[0]) == sum(w.size for w in canonical.weights(kind, seed=0))
+    expected = sum(w.size for w in canonical.weights(kind, seed=0))
+    assert backend.n_params(prepared[0]) == expected, \
+        f"n_params is {backend.n_params(prepared[0])}, the canonical {kind!r} model has {expected}"
     digests = [backend.parameters_digest(p) for p in prepared]
     if digests[0] is not None:
-        assert digests[0] == digests[1] != digests[2]
-    assert backend.structure(prepared[0]) == backend.structure(prepared[2])
+        assert digests[0] == digests[1] != digests[2], \
+            f"parameters_digest must be equal for equal checkpoints and differ for others: {digests}"
+    assert backend.structure(prepared[0]) == backend.structure(prepared[2]), \
+        "structure() differs between two checkpoints of one model"
     x, y = canonical.inputs(kind, 5, seed=1)
     features = backend.features(model, prepared[0], case.array(x.astype(dtype)), case.array(y), Classification(),
                                 k=16, seed=0, checkpoint=0, kind="rademacher")
     if features is not None:
-        assert tuple(features[0].shape) == (5, 16) and tuple(features[1].shape) == (5,)
+        assert tuple(features[0].shape) == (5, 16) and tuple(features[1].shape) == (5,), \
+            f"features() gave shapes {tuple(features[0].shape)} and {tuple(features[1].shape)}, not (5, 16) and (5,)"
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
@@ -97,11 +107,13 @@ def test_conformance_projection_matrix(conformance_case, kind):
                                   dtype=np.float64).astype(dtype_name)
     matrix = case.to_numpy(projection_matrix(300, 70, seed=7, checkpoint=2, offset=2**32 - 100, kind=kind,
                                              xp=xp, device=device, dtype=dtype))
-    assert matrix.dtype == reference.dtype
+    assert matrix.dtype == reference.dtype, f"projection_matrix dtype {matrix.dtype}, expected {reference.dtype}"
     if kind == "rademacher":
-        assert np.array_equal(matrix, reference)
+        assert np.array_equal(matrix, reference), \
+            f"{int(np.sum(matrix != reference))} of {matrix.size} signs differ from the reference matrix's"
     else:
-        assert np.all(np.abs(matrix - reference) <= 4 * _ulp(reference))
+        assert np.all(np.abs(matrix - reference) <= 4 * _ulp(reference)), \
+            f"Gaussian entries up to {np.max(np.abs(matrix - reference) / _ulp(reference)):.0f} ulp off (4 allowed)"
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
@@ -135,9 +147,11 @@ def test_conformance_features(conformance_case, kind, precision):
         grads, weights_q = _analytic(model_kind)
         reference = project(grads, 40, seed=seed, checkpoint=index, kind=kind)
         features, q = case.to_numpy(out[0]), case.to_numpy(out[1])
-        assert features.shape == reference.shape and q.shape == weights_q.shape
+        assert features.shape == reference.shape and q.shape == weights_q.shape, \
+            f"features() gave shapes {features.shape} and {q.shape}, expected {reference.shape} and {weights_q.shape}"
         if precision == "fast":
-            assert np.linalg.norm(features - reference) / np.linalg.norm(reference) <= 1e-3
+            error = np.linalg.norm(features - reference) / np.linalg.norm(reference)
+            assert error <= 1e-3, f"fast features {error:.1e} from the reference (1e-3 allowed)"
         else:
             rtol = 1e-9 if dtype == "float64" else 2e-4
             np.testing.assert_allclose(features, reference, rtol=rtol, atol=rtol * np.abs(reference).max())
@@ -185,15 +199,21 @@ def _case_inputs(case, x, dtype: str):
     return case.array(x.astype(dtype))
 
 
+@pytest.mark.parametrize("precision", ["default", "float32"])
 @pytest.mark.parametrize("kind", canonical.KINDS)
-def test_conformance_gradients(conformance_case, kind):
+def test_conformance_gradients(conformance_case, kind, precision):
     """Per-example gradients of every canonical model the case builds, against the analytic reference
     (softmax, MLP) or float64 central finite differences (CNN; the LM's summed per-token margins on a
-    padded dict batch with ignored labels)."""
+    padded dict batch with ignored labels): in the case's own dtype, and in float32 (a float32 path of a
+    float64 backend that differs passed before)."""
     case = conformance_case
     if kind not in case.kinds:
         pytest.skip(f"{case.id} does not build the canonical {kind!r} model")
     dtype = _dtype(case)
+    if precision == "float32":
+        if dtype == "float32":
+            pytest.skip(f"{case.id} computes in float32 already (the 'default' case)")
+        dtype = "float32"
     weights, x, y = _gradient_data(kind)
     reference = _reference_gradients(kind)
     model, checkpoint = case.model(kind, [w.astype(dtype) for w in weights])
@@ -201,7 +221,8 @@ def test_conformance_gradients(conformance_case, kind):
     prepared = backend.prepare(model, checkpoint)
     grads, _ = backend.gradients(model, prepared, _case_inputs(case, x, dtype), case.array(y), _task(kind))
     grads = case.to_numpy(grads)
-    assert grads.shape == reference.shape and grads.dtype == np.dtype(dtype)
+    assert grads.shape == reference.shape and grads.dtype == np.dtype(dtype), \
+        f"gradients {grads.shape} {grads.dtype}, expected {reference.shape} {dtype} (the checkpoint's dtype)"
     if dtype == "float64":
         rtol = 1e-6 if kind in ("cnn", "lm") else 1e-9  # finite differences are good to ~1e-8
     else:
@@ -236,14 +257,16 @@ def test_conformance_scores(conformance_case, dtype, n_checkpoints):
     if dtype == "float64" and _dtype(case) != "float64":
         pytest.skip(f"{case.id} has no float64 here")
     scores, reference = _scores(case, dtype, n_checkpoints)
-    assert scores.shape == reference.shape == (40, 7)
+    assert scores.shape == reference.shape == (40, 7), f"scores of shape {scores.shape}, expected (40, 7)"
     if dtype == "float64":
         np.testing.assert_allclose(scores, reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
     else:
-        assert np.linalg.norm(scores - reference) / np.linalg.norm(reference) <= 1e-4
+        error = np.linalg.norm(scores - reference) / np.linalg.norm(reference)
+        assert error <= 1e-4, f"float32 scores {error:.1e} from the reference (relative Frobenius; 1e-4 allowed)"
         import array_api_compat.numpy as xp
 
-        assert min(spearman(scores[:, j], reference[:, j], xp=xp) for j in range(7)) >= 0.9999
+        rho = min(spearman(scores[:, j], reference[:, j], xp=xp) for j in range(7))
+        assert rho >= 0.9999, f"a target's Spearman correlation with the reference is {rho:.6f} (0.9999 needed)"
 
 
 KRONECKER_K = 24  # the factorized tests' proj_dim (more than any canonical model's number of blocks)
@@ -297,11 +320,12 @@ def _check_lm_against_another_framework(case, dtype: str, kronecker: bool = Fals
     if kronecker and not get_backend(FIRST_PARTY[reference_id][2]().backend).can_factorize:
         pytest.skip(f"{reference_id} has no factorized projection to compare with")
     scores, reference = _lm_scores(case, dtype, kronecker), _lm_reference(reference_id, kronecker)
-    assert scores.shape == reference.shape == (10, 4)
+    assert scores.shape == reference.shape == (10, 4), f"LM scores of shape {scores.shape}, expected (10, 4)"
     if dtype == "float64":
         np.testing.assert_allclose(scores, reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
     else:
-        assert np.linalg.norm(scores - reference) / np.linalg.norm(reference) <= 1e-4
+        error = np.linalg.norm(scores - reference) / np.linalg.norm(reference)
+        assert error <= 1e-4, f"float32 LM scores {error:.1e} from {reference_id}'s (1e-4 allowed)"
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -340,13 +364,13 @@ def test_conformance_kronecker_features(conformance_case, kind):
     found = backend.factorized_plan(model, prepared, inputs, labels, _task(kind), k=KRONECKER_K, options=Kronecker())
     shape = lambda p: ([(b.layer.rows, b.layer.cols, b.layer.bias_side, b.k_rows, b.k_cols, b.k, b.start)  # noqa: E731
                         for b in p.blocks], p.n_rest, p.k_rest)
-    assert shape(found) == shape(plan)
+    assert shape(found) == shape(plan), f"factorized plan {shape(found)}, expected {shape(plan)}"
     features, _ = backend.factorized_features(model, prepared, inputs, labels, _task(kind), k=KRONECKER_K, seed=5,
                                               checkpoint=1, options=Kronecker())
     matrix = explicit_matrix(plan, {f"w{i}": np.shape(w) for i, w in enumerate(weights)}, seed=5, checkpoint=1)
     reference = _reference_gradients(kind) @ matrix
     features = case.to_numpy(features)
-    assert features.shape == reference.shape
+    assert features.shape == reference.shape, f"factorized features {features.shape}, expected {reference.shape}"
     if dtype == "float64":
         rtol = 1e-6 if kind in ("cnn", "lm") else 1e-9  # finite differences are good to ~1e-8
     else:
@@ -359,3 +383,7 @@ def test_conformance_kronecker_lm_scores(conformance_case, dtype):
     """``proj_type="kronecker"`` scores of the canonical LM equal another framework's in float64 (JAX x64's for
     torch, torch's for the others): float64 within ``rtol 1e-9``, float32 to a relative error ``<= 1e-4``."""
     _check_lm_against_another_framework(conformance_case, dtype, kronecker=True)
+
+
+from .suite_inputs import (test_conformance_custom_task, test_conformance_leaves_inputs_alone,  # noqa: E402
+                           test_conformance_projection_widths)
