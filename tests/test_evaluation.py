@@ -167,3 +167,45 @@ def test_a_soft_threshold_near_one_keeps_the_largest_scores(rng):
     threshold = np.quantile(np.abs(scores), 0.999, axis=0)  # numpy's linear interpolation: the reference
     np.testing.assert_allclose(shrunk, np.sign(scores) * np.maximum(np.abs(scores) - threshold, 0), rtol=1e-12)
     assert np.all(np.count_nonzero(shrunk, axis=0) == 1)  # was 0: round(0.999 * 199) = 199, the maximum itself
+
+
+@pytest.mark.parametrize("dtype, n", [(np.float16, 50), (np.float16, 300), (np.int8, 600), (np.uint8, 600),
+                                      (np.float32, 3000)])
+def test_spearman_of_narrow_dtypes_equals_scipy(dtype, n):
+    """Ranks were computed in the values' dtype: float16 rank sums overflowed (0.0 or NaN against scipy's 0.87) and
+    int8 tie counts wrapped (-0.65 against +0.65)."""
+    import array_api_compat.numpy as xp
+
+    from trak_core.evaluation import spearman
+
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=n)
+    b = a + rng.normal(size=n) * 0.5
+    if np.dtype(dtype).kind in "iu":
+        a, b = np.digitize(a, [-0.5, 0.5]).astype(dtype), np.digitize(b, [-0.5, 0.5]).astype(dtype)  # 3 values, ties
+    else:
+        a, b = a.astype(dtype), b.astype(dtype)
+    assert abs(spearman(a, b, xp=xp) - spearmanr(a, b).statistic) < 1e-12
+
+
+def test_bfloat16_outputs_from_another_library_are_read_as_numbers(rng):
+    """torch bfloat16 outputs or masks with NumPy scores were read as their bytes: twice the columns, an error."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    scores, masks = rng.normal(size=(30, 4)), trak_core.subset_masks(30, 12, seed=3)
+    outputs = torch.tensor(rng.normal(size=(12, 4)) + masks.astype(float) @ scores, dtype=torch.bfloat16)
+    reference = _reference(scores, masks, outputs.double().numpy())
+    result = trak_core.lds(scores, torch.tensor(masks, dtype=torch.bfloat16), outputs)
+    np.testing.assert_allclose(result.per_target, reference, atol=1e-12)
+
+
+def test_index_lists_and_transposed_scores_are_told_apart(rng):
+    scores = rng.normal(size=(50, 7))
+    masks = trak_core.subset_masks(50, 20, seed=0)
+    outputs = rng.normal(size=(20, 7))
+    indices = np.stack([np.flatnonzero(m)[:25] for m in masks])  # (20, 25) index lists
+    with pytest.raises(trak_core.TrakValueError, match=r"not lists of indices: mask = numpy.zeros"):
+        trak_core.lds(scores, indices, outputs)
+    with pytest.raises(trak_core.TrakValueError, match=r"cannot be read as an array.*not lists of indices"):
+        trak_core.lds(scores, [list(range(5)), list(range(7)), list(range(3))], outputs[:3])
+    with pytest.raises(trak_core.TrakValueError, match=r"scores may be transposed"):
+        trak_core.lds(scores.T.copy(), masks, outputs)

@@ -39,8 +39,10 @@ class LDSResult:
 
 
 def _average_ranks(values: Any, *, xp: Any) -> Any:
-    """Ranks 1..n of a 1-D array, ties sharing their average rank."""
-    counts = xp.astype(xp.unique_counts(values).counts, values.dtype)  # sorted unique values
+    """Ranks 1..n of a 1-D array, ties sharing their average rank, in float64 (float32 where the namespace has no
+    float64): ranks in the values' own dtype overflowed float16 and wrapped int8 counts (a flipped sign)."""
+    work = accumulation_dtype(xp, device_of(values))
+    counts = xp.astype(xp.unique_counts(values).counts, work)  # sorted unique values
     inverse = xp.unique_inverse(values).inverse_indices
     average = xp.cumulative_sum(counts) - (counts - 1.0) / 2.0
     return xp.take(average, xp.reshape(inverse, (-1,)))
@@ -97,7 +99,14 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
                              "target, pass scores[:, None] and outputs[:, None]")
     n_train, n_targets = scores.shape
     if masks.ndim != 2 or masks.shape[1] != n_train:
-        raise TrakValueError(f"masks must have shape (n_subsets, {n_train}) to match scores, got {tuple(masks.shape)}")
+        hint = ""
+        if masks.ndim == 2 and masks.shape[1] == n_targets != n_train:
+            hint = f"; scores may be transposed: pass them as (n_train, n_targets), here ({n_targets}, {n_train})?"
+        elif not xp.isdtype(masks.dtype, "bool"):
+            hint = ("; masks are booleans (or 0/1) with one column per training example, not lists of indices: "
+                    "mask = numpy.zeros((n_subsets, n_train), bool); mask[s, indices[s]] = True for each subset s")
+        raise TrakValueError(f"masks must have shape (n_subsets, {n_train}) to match scores, got "
+                             f"{tuple(masks.shape)}{hint}")
     if outputs.shape != (masks.shape[0], n_targets):
         raise TrakValueError(f"outputs must have shape (n_subsets, n_targets) = {(masks.shape[0], n_targets)}, "
                              f"got {tuple(outputs.shape)}")
@@ -145,8 +154,15 @@ def _like(values: Any, scores: Any, name: str, *, xp: Any) -> Any:
             return values
     except TypeError:  # not an array: a list of lists
         pass
+    if array_api_compat.is_torch_array(values) and (str(values.dtype) == "torch.bfloat16"
+                                                    or str(values.dtype).startswith("torch.float8")):
+        values = values.float()  # NumPy has no bfloat16: its bytes would be read as twice as many uint8 columns
     try:
         return xp.asarray(to_host(values), device=device_of(scores))
+    except ValueError as exc:  # ragged lists
+        raise TrakValueError(f"{name} cannot be read as an array ({exc}); pass a 2-D array: "
+                             + ("masks are booleans (n_subsets, n_train), one column per training example, not "
+                                "lists of indices" if name == "masks" else "outputs (n_subsets, n_targets)")) from None
     except (TypeError, RuntimeError) as exc:
         raise TrakTypeError(f"{name} ({type(values).__module__}) cannot be read into the scores' array library "
                             f"({type(scores).__module__}) here ({exc}); convert them to one library first, e.g. "
@@ -162,9 +178,9 @@ def subset_masks(n_train: int, n_subsets: int, *, fraction: float = 0.5, seed: i
     rng = np.random.default_rng(seed)
     size = max(1, round(fraction * n_train))
     if size >= n_train:
-        raise TrakValueError(f"fraction={fraction} of n_train={n_train} rounds to {size} examples: every subset would "
-                             f"hold the whole training set, and LDS could not rank them; choose a fraction that keeps at "
-                             f"most {n_train - 1} examples (fraction * n_train < {n_train - 0.5})")
+        raise TrakValueError(f"fraction={fraction} of n_train={n_train} rounds to {size} examples: every subset "
+                             f"would hold the whole training set, and LDS could not rank them; choose a fraction that "
+                             f"keeps at most {n_train - 1} examples (fraction * n_train < {n_train - 0.5})")
     masks = np.zeros((n_subsets, n_train), dtype=bool)
     for s in range(n_subsets):
         masks[s, rng.choice(n_train, size=size, replace=False)] = True
