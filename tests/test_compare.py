@@ -34,3 +34,36 @@ def test_compare_exits_1_when_a_backend_is_outside_tolerance(monkeypatch, capsys
     assert stop.value.code == 1 and "outside tolerance: jax float32" in capsys.readouterr().err
     rows[1]["pass"] = True
     assert cli.main(["compare"]) is None
+
+
+def test_a_framework_whose_import_fails_is_left_out_and_said(monkeypatch, capsys):
+    """An installed framework whose import raised ended the whole comparison with a traceback."""
+    runners = compare._runners()
+
+    def broken(*args):
+        raise ImportError("libcudart.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(compare, "_runners", lambda: {"numpy": runners["numpy"], "jax": broken})
+    rows = compare.main(["--n-train", "60", "--n-targets", "5", "--hidden", "8", "--proj-dim", "32",
+                         "--checkpoints", "1"])
+    out = capsys.readouterr().out
+    assert {row["backend"] for row in rows} == {"numpy"}
+    assert "jax: not compared, importing it failed (ImportError: libcudart.so.13" in out
+
+
+def test_the_timed_run_of_jax_does_not_compile(monkeypatch):
+    """The warm-up ran at 50 rows and k = 64, so JAX's timed run compiled again (6.5 s against 1.9 s after)."""
+    pytest.importorskip("jax", reason="JAX is not installed: its compilation is not exercised")
+    import trak_jax
+
+    counts, runners = [], compare._runners()
+
+    def counted(*args):
+        before = trak_jax.backend.compilations  # TRAK(backend="jax") uses this instance
+        out = runners["jax"](*args)
+        counts.append(trak_jax.backend.compilations - before)
+        return out
+
+    monkeypatch.setattr(compare, "_runners", lambda: {"numpy": runners["numpy"], "jax": counted})
+    compare.main(["--n-train", "300", "--n-targets", "5", "--hidden", "8", "--proj-dim", "32", "--checkpoints", "2"])
+    assert len(counts) == 4 and counts[1] == counts[3] == 0  # float64, float32: warm-up, then a timed run

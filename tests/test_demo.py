@@ -53,3 +53,20 @@ def test_one_checkpoint_is_one_trak_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert list(result["scores"]) == list(result["lds"]) == ["TRAK, 1 checkpoint", "gradient dot"]
     assert "1 checkpoints" not in out and png.read_bytes()[:4] == b"\x89PNG"  # the figure shows the one model
+
+
+def test_the_figure_path_printed_is_the_file_written_and_bad_ones_fail_before_training(tmp_path, capsys):
+    """``--png noext`` wrote ``noext.png`` but printed ``noext``; a folder wrote ``folder.png`` beside it; ``.xyz``
+    failed after all the training."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed: the figure is not exercised")
+    small = ["--backend", "numpy", "--n-train", "60", "--n-targets", "3", "--checkpoints", "1", "--subsets", "3",
+             "--proj-dim", "16", "--quiet"]
+    demo.main(small + ["--png", str(tmp_path / "noext")])
+    out = capsys.readouterr().out
+    assert (tmp_path / "noext.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "noext").exists()
+    assert f"saved the figure to {tmp_path / 'noext.png'}:" in out
+    for bad, said in ((str(tmp_path), "is a folder"), (str(tmp_path) + "/", "is a folder"),
+                      (str(tmp_path / "fig.xyz"), "cannot write .xyz files")):
+        with pytest.raises(SystemExit):
+            demo.main(small + ["--png", bad])
+        assert said in capsys.readouterr().err

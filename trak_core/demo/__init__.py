@@ -27,6 +27,7 @@ __all__ = ["main"]
 
 
 PROG = "python -m trak_core.demo"
+FIGURE_FORMATS = {"png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "pgf"}  # matplotlib's
 
 
 def _parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -72,6 +73,15 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if importlib.util.find_spec("matplotlib") is None:
             parser.error(f"argument --png: the figure needs matplotlib ({install_hint('demo', 'matplotlib')}); "
                          "pass --png '' for no figure")
+        if args.png.endswith(("/", os.sep)) or os.path.isdir(args.png):
+            parser.error(f"argument --png: {args.png} is a folder; give a file in it, e.g. "
+                         f"{os.path.join(args.png, 'trak_demo.png')}")
+        extension = os.path.splitext(args.png)[1].lower().lstrip(".")
+        if not extension:
+            args.png += ".png"  # what matplotlib would write: the path printed at the end is the file's
+        elif extension not in FIGURE_FORMATS:
+            parser.error(f"argument --png: matplotlib cannot write .{extension} files; end the name with one of "
+                         f"{', '.join('.' + f for f in sorted(FIGURE_FORMATS))}")
         folder = os.path.dirname(os.path.abspath(args.png))
         if not os.path.isdir(folder):
             parser.error(f"argument --png: the folder {folder} does not exist; create it, or pass --png '' for "
