@@ -213,3 +213,33 @@ def test_modes_are_restored_through_train_so_overrides_run():
                                                                          torch.randint(0, 3, (6,)))])
     assert layer.training and not layer.merged
     torch.testing.assert_close(layer.weight.detach(), weight)
+
+
+def test_a_float64_model_that_makes_float32_constants_gets_the_default_dtype_hint():
+    """transformers' XGLM makes ``torch.full((), finfo(float64).min)`` without dtype=: a float64 model fails in its
+    own forward, and trak-core's note blamed its attention mask. The note names torch.set_default_dtype, which
+    works (gradients then equal plain autograd's)."""
+    class Floor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            z = self.lin(x)
+            return torch.max(z, torch.full((), torch.finfo(z.dtype).min, device=z.device))
+
+    torch.manual_seed(0)
+    model = Floor().double().eval()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.raises(RuntimeError, match="without overflow") as info:
+        trak_core.TRAK(model, proj_dim=None, progress=False).featurize(None, [(x, y)])
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "torch.set_default_dtype(torch.float64)" in notes and "attention_mask" not in notes
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        trak = trak_core.TRAK(model, proj_dim=None, progress=False, backend=TorchBackend(per_example="vmap"))
+        trak.featurize(None, [(x, y)])
+        assert float(torch.linalg.vector_norm(trak.store[0].features - _reference(model, x, y))) < 1e-12
+    finally:
+        torch.set_default_dtype(before)

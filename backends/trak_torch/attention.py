@@ -2,8 +2,8 @@
 
 One job: a dict batch's 2-D padding masks as the additive 4-D masks the backend hands the model
 (``attention_bias``, ``model_masks``), the attention implementation each gradient path runs (``vmap`` needs eager
-attention; the closed form runs the model's own, or SDPA), and the hint added to a model's error
-when the replaced mask is the likely cause (``note_mask``).
+attention, or a float64 model's own SDPA; the closed form runs the model's own, or SDPA), and the hint added to a
+model's error when the replaced mask is the likely cause (``note_mask``).
 """
 from __future__ import annotations
 
@@ -183,9 +183,14 @@ def _modules(model: Any) -> list[Any]:
     return list(modules()) if callable(modules) else [model]
 
 
-def attention_for_vmap(model: Any) -> Iterator[None]:
-    """Eager attention (vmap-friendly) for the duration, then the model's own again."""
-    return _attention(model, ("eager",), "eager")
+def attention_for_vmap(model: Any, dtype: Any = None) -> Iterator[None]:
+    """Eager attention (vmap-friendly) for the duration, then the model's own again. A float64 model keeps SDPA
+    if it is its own: Hugging Face's eager attention takes its softmax in float32 (float64 gradients of Llama,
+    Mistral, Qwen2, Phi, GPT-NeoX 3e-8 to 7e-8 off, and NaN for OPT's own left-padding masks), and SDPA in float64
+    runs PyTorch's math kernel, which vmap batches."""
+    import torch
+
+    return _attention(model, ("eager", "sdpa") if dtype == torch.float64 else ("eager",), "eager")
 
 
 def attention_for_closed_form(model: Any) -> Iterator[None]:
@@ -198,7 +203,7 @@ def note_mask(exc: BaseException, inputs: Any, mode: str, model: Any = None) -> 
     backend's ``attention_mask`` setting)."""
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     if mode != "pass" and getattr(mask, "ndim", 0) == 2 and hasattr(exc, "add_note") and \
-            not (mode == "auto" and reads_own_mask(model)):
+            not (mode == "auto" and reads_own_mask(model)) and "without overflow" not in str(exc):  # a dtype's
         exc.add_note("trak-core: the model was called with the batch's 2-D attention_mask turned into an "
                      "additive 4-D mask (TorchBackend(attention_mask='auto')). Models that read the 2-D mask "
                      "themselves (OPT's positions, Bloom's ALiBi) need TorchBackend(attention_mask='pass')")

@@ -122,8 +122,8 @@ class TorchBackend(Backend):
     Encoder-decoder models (T5, BART) take ``task="seq2seq"``; a dict batch without
     ``decoder_input_ids`` gets them from the labels (``trak_torch.seq2seq``).
 
-    Hugging Face models run with ``attn_implementation="eager"`` while gradients are taken (set back
-    after): SDPA's backward has no ``vmap`` batching rule and runs example by example.
+    Under ``vmap``, Hugging Face models run eager attention (set back after; SDPA's backward has no batching rule),
+    but float64 models keep their SDPA: eager attention's softmax is float32 (``attention.attention_for_vmap``).
 
     A floating batch whose dtype differs from the model's parameters (float64 inputs to a float32
     model) is a ``TypeError`` that names both dtypes and the fix; nothing is cast silently.
@@ -264,10 +264,10 @@ class TorchBackend(Backend):
                 error = exc                                        # again below) or one a loop would hide
         else:
             error = None
-        with eval_mode(model), attention_for_vmap(model), torch.no_grad():
+        with eval_mode(model), attention_for_vmap(model, prepared.dtype), torch.no_grad():
             logits = self._logits(model, prepared, inputs, task, causal=causal)
         check_labels(task, labels, logits)
-        with eval_mode(model), attention_for_vmap(model):
+        with eval_mode(model), attention_for_vmap(model, prepared.dtype):
             grads = looped_gradients(self, model, prepared, inputs, labels, task, causal)  # raises a real error
         if error is not None:
             vmap_cannot_batch(prepared, error)
@@ -289,7 +289,7 @@ class TorchBackend(Backend):
 
             from .closed_form_check import checked_uses
 
-            with eval_mode(model), attention_for_vmap(model), torch.no_grad():  # the dense path's checks
+            with eval_mode(model), attention_for_vmap(model, prepared.dtype), torch.no_grad():  # the dense checks
                 self._logits(model, prepared, tree_map(lambda t: t[:2], inputs), task, causal=causal)  # first
             with eval_mode(model), attention_for_closed_form(model):  # as closed_form_gradients runs it
                 uses = checked_uses(self, model, prepared, inputs, labels, task, causal)
@@ -314,7 +314,7 @@ class TorchBackend(Backend):
 
         from .transforms import for_transforms
 
-        with eval_mode(model), attention_for_vmap(model), for_transforms(model):  # no requires_grad_ hooks
+        with eval_mode(model), attention_for_vmap(model, prepared.dtype), for_transforms(model):  # no grad hooks
             with torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
             check_labels(task, labels, logits)
@@ -348,7 +348,7 @@ class TorchBackend(Backend):
                     checkpoint: int, options: Any) -> Any:
         from .kronecker import factorized_state
 
-        with eval_mode(model), attention_for_vmap(model):
+        with eval_mode(model), attention_for_vmap(model, prepared.dtype):
             return factorized_state(self, model, prepared, inputs, self._causal(model), k=k, seed=seed,
                                     checkpoint=checkpoint, options=options)
 
@@ -372,17 +372,18 @@ class TorchBackend(Backend):
                                  options=options)
         causal = self._causal(model)
         with eval_mode(model):
-            with attention_for_vmap(model), torch.no_grad():
+            with attention_for_vmap(model, prepared.dtype), torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
             check_labels(task, labels, logits)
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
             features = batch_features(self, model, prepared, state, inputs, labels, task, causal, seed=seed,
                                       checkpoint=checkpoint, chunk=self.chunk_size,
-                                      attention=(lambda: attention_for_vmap(model),
+                                      attention=(lambda: attention_for_vmap(model, prepared.dtype),
                                                  lambda: attention_for_closed_form(model)))
             if not state.checked:  # once per checkpoint: the first example against its dense gradient
                 batched = state.batched is not False  # None: a first batch of one example, computed alone
-                with (attention_for_closed_form if batched else attention_for_vmap)(model):  # the path's attention
+                path = attention_for_closed_form(model) if batched else attention_for_vmap(model, prepared.dtype)
+                with path:  # the attention of the path the features took
                     check_plan(self, model, prepared, state, inputs, labels, task, causal, features)
                 state.checked = True
         return features, out_to_loss

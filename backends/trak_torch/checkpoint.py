@@ -159,6 +159,12 @@ def raise_dtype_error(exc: Exception, prepared: Any, inputs: Any) -> None:
     """Raise ``dtype_error`` for ``exc`` when it is a dtype mismatch (torch's message says so) and a floating input's
     dtype differs from the parameters' (else return: the caller re-raises ``exc``)."""
     text = str(exc).lower()
+    if "cannot be converted to type float without overflow" in text and str(prepared.dtype) == "torch.float64" and \
+            hasattr(exc, "add_note"):  # XGLM: torch.full((), finfo(float64).min) without dtype= makes a float32
+        exc.add_note(f"trak-core: the model's own code made a float32 tensor from a {prepared.dtype} value it cannot "
+                     "hold (a mask's smallest value: transformers' XGLM calls torch.full without dtype=); call "
+                     f"torch.set_default_dtype({prepared.dtype}) before featurizing, or use a float32 model")
+        return
     if not any(word in text for word in ("dtype", "scalar type", "should be the same", "same type")):  # OOM, shapes..
         return
     floating = [v for v in (inputs.values() if isinstance(inputs, Mapping) else [inputs])
