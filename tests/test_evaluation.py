@@ -209,3 +209,12 @@ def test_index_lists_and_transposed_scores_are_told_apart(rng):
         trak_core.lds(scores, [list(range(5)), list(range(7)), list(range(3))], outputs[:3])
     with pytest.raises(trak_core.TrakValueError, match=r"scores may be transposed"):
         trak_core.lds(scores.T.copy(), masks, outputs)
+
+
+@pytest.mark.parametrize("kwargs, said", [(dict(n_train=10.0, n_subsets=3), "n_train must be an integer"),
+                                          (dict(n_train=10, n_subsets=3, seed=-1), "seed must be a non-negative"),
+                                          (dict(n_train=10, n_subsets="3"), "n_subsets must be an integer")])
+def test_subset_masks_arguments_are_checked(kwargs, said):
+    with pytest.raises(trak_core.TrakValueError, match=said):
+        trak_core.subset_masks(**kwargs)
+    assert trak_core.subset_masks(np.int64(10), np.int32(3), seed=np.uint8(1)).shape == (3, 10)

@@ -171,6 +171,13 @@ def _like(values: Any, scores: Any, name: str, *, xp: Any) -> Any:
 
 def subset_masks(n_train: int, n_subsets: int, *, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
     """Boolean masks ``(n_subsets, n_train)``, each selecting ``round(fraction * n_train)`` examples at random."""
+    from ._checks import _integer
+
+    for name, value in (("n_train", n_train), ("n_subsets", n_subsets), ("seed", seed)):
+        if _integer(value) is None or (name == "seed" and _integer(value) < 0):
+            raise TrakValueError(f"{name} must be {'a non-negative' if name == 'seed' else 'an'} integer, got "
+                                 f"{value!r}")
+    n_train, n_subsets = _integer(n_train), _integer(n_subsets)
     if not 0 < fraction < 1:
         raise TrakValueError(f"fraction must be in (0, 1), got {fraction}")
     if n_train < 2 or n_subsets < 1:
