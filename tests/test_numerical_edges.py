@@ -135,3 +135,25 @@ def test_kernels_float32_holds_stay_float32(scale):
     np.testing.assert_allclose(scores.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     auto, _ = _scores(*_linear(scale))
     assert auto.store[0].kernel_dtype == "auto"  # not remade in float64
+
+
+def test_a_float32_kernel_remade_in_float64_says_nothing_on_numpy():
+    """NumPy warned "overflow encountered in matmul" while making the float32 kernel that "auto" then makes again in
+    float64 (the scores were right): the remaking is logged, not warned."""
+    import warnings
+
+    from trak_core.testing import canonical
+
+    x, y = canonical.inputs("softmax", 30, seed=0, dtype="float32")
+    weights = canonical.flat(canonical.weights("softmax", seed=0, dtype="float32"))
+    model = canonical.analytic_model("softmax")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trak = trak_core.TRAK(model, proj_dim=16, progress=False)
+        trak.featurize(weights, [(x * np.float32(1e20), y)])
+        scores = trak.score([(x[:3] * np.float32(1e20), y[:3])])
+    reference = trak_core.TRAK(model, proj_dim=16, progress=False)
+    reference.featurize(weights.astype(np.float64), [(x.astype(np.float64) * 1e20, y)])
+    expected = reference.score([(x[:3].astype(np.float64) * 1e20, y[:3])])
+    assert trak.store[0].kernel_dtype == "float64"
+    assert np.linalg.norm(scores - expected) / np.linalg.norm(expected) < 1e-5

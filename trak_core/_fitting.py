@@ -94,12 +94,12 @@ class KernelFitting:
         if not has_float64(xp, device_of(kernel)):
             warnings.warn(f"checkpoint {index}: the float32 kernel is ill-conditioned at lambda_reg="
                           f"{factor.lambda_reg:.4g} (lambda_max / lambda = {ratio:.3g}) and {xp.__name__} has no "
-                          f"float64 here, so scores may be off by about {1e-8 * ratio:.0e} relative; raise lambda_reg "
+                          f"float64 here, so scores may be off by about {1e-7 * ratio:.0e} relative; raise lambda_reg "
                           "(or, for JAX, set jax_enable_x64)", RuntimeWarning, stacklevel=6)
             return False
         log.info("checkpoint %d: lambda_max / lambda = %.3g > %g: the kernel is made again in float64 (a float32 "
                  "kernel would cost scores about %.0e relative; kernel_dtype='float32' keeps it)", index, ratio,
-                 kernel_ops.AUTO_FLOAT32_MAX_RATIO, 1e-8 * ratio)
+                 kernel_ops.AUTO_FLOAT32_MAX_RATIO, 1e-7 * ratio)
         return True
 
     def _kernel_dtype(self, lambda_reg: Any) -> str:

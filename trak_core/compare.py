@@ -5,7 +5,7 @@ NumPy reference), runs TRAK on the same digits data with the same projection and
 how closely each backend's scores agree with the NumPy float64 reference and how long each took.
 Tolerances (the conformance suite's): float64 relative error <= 1e-9; float32 relative
 Frobenius error <= 1e-4 and per-target Spearman >= 0.9999. The float32 tolerance presumes a
-well-conditioned kernel: a float32 kernel costs scores about 1e-8 * lambda_max / lambda relative,
+well-conditioned kernel: a float32 kernel costs scores up to about 1e-7 * lambda_max / lambda relative,
 so TRAK makes it again in float64 when lambda_max / lambda > 1000 and the framework has float64
 (JAX without jax_enable_x64 has not); the kernel column shows the dtype each run factorized in.
 
@@ -192,7 +192,7 @@ def _footnotes(rows: list[dict[str, Any]], ratio: float) -> list[str]:
             why = "this row runs JAX without x64, as float32 users do: no float64 kernel" if jax else "no float64 here"
             notes.append(f"{name}: its kernel is float32 ({why}) at lambda_max / lambda = {ratio:.3g}, above the "
                          f"{AUTO_FLOAT32_MAX_RATIO:g} up to which TRAK keeps float32 kernels (they cost scores about "
-                         "1e-8 * lambda_max / lambda relative); the float32 rows with a float64 kernel made theirs "
+                         "1e-7 * lambda_max / lambda relative); the float32 rows with a float64 kernel made theirs "
                          "again in float64. --lambda-reg auto (the default) or a larger lambda brings it within "
                          "tolerance.")
         else:

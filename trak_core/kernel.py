@@ -2,7 +2,7 @@
 
 One job: everything about ``K``. Accumulation and solves run in float64 where the namespace has
 it. Where it has not (JAX without x64, torch on MPS), they run in float32: the result is then
-good to about ``1e-8 * lambda_max / lambda`` relative, and a larger ``lambda_reg`` is the remedy.
+good to about ``1e-7 * lambda_max / lambda`` relative or better, and a larger ``lambda_reg`` is the remedy.
 
 **Two spaces.** With ``n_train >= k`` the factorized matrix is ``K`` (k x k, "k-space"). With
 ``n_train < k`` it is the Gram matrix ``G = Phi Phi^T`` (n x n, "n-space"): since
@@ -52,7 +52,7 @@ def work_dtype(xp: Any, device: Any = None, kernel_dtype: str = "float64", featu
 
     ``"float64"`` (the reference): float64 where the namespace has it, else float32.
     ``"float32"``: float32, about twice as fast on CPUs (the Gram or ``Phi^T Phi`` product is
-    the costly part); scores then agree with float64 ones to about ``1e-8 * lambda_max / lambda`` relative.
+    the costly part); scores then agree with float64 ones to about ``1e-7 * lambda_max / lambda`` relative or better.
     ``"auto"``: float32 for features of 32 bits or fewer, else as ``"float64"`` (the estimator then
     remakes a float32 kernel in float64 when ``lambda_max / lambda > AUTO_FLOAT32_MAX_RATIO``, see
     :func:`top_eigenvalue`, and whenever ``lambda_reg == 0``).

@@ -12,6 +12,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 from . import kernel as kernel_ops
 from ._namespace import device_of, namespace
 from .errors import TrakValueError
@@ -30,12 +32,13 @@ def kernel_from_features(features: Any, *, xp: Any = None, kernel_dtype: str = "
     first = features[:1, :]
     xp = namespace(first) if xp is None else xp
     dtype = kernel_ops.work_dtype(xp, device_of(first), kernel_dtype, first.dtype)
-    if kernel_ops.space_for(features.shape[0], features.shape[1]) == "n":
-        return kernel_ops.gram(features, xp=xp, chunk_rows=KERNEL_CHUNK_ROWS, dtype=dtype)
-    kernel = None
-    for start in range(0, features.shape[0], KERNEL_CHUNK_ROWS):
-        kernel = kernel_ops.accumulate(kernel, features[start:min(features.shape[0], start + KERNEL_CHUNK_ROWS), :],
-                                       xp=xp, dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # a float32 kernel out of range is checked, and made again in
+        if kernel_ops.space_for(features.shape[0], features.shape[1]) == "n":  # float64 or refused, by the fitting
+            return kernel_ops.gram(features, xp=xp, chunk_rows=KERNEL_CHUNK_ROWS, dtype=dtype)
+        kernel = None
+        for start in range(0, features.shape[0], KERNEL_CHUNK_ROWS):
+            kernel = kernel_ops.accumulate(kernel, features[start:min(features.shape[0], start + KERNEL_CHUNK_ROWS),
+                                                            :], xp=xp, dtype=dtype)
     return kernel
 
 

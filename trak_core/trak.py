@@ -93,7 +93,7 @@ class TRAK(Featurizer):
         float32 kernel is ill-conditioned at the ridge (``lambda_max / lambda_reg > AUTO_FLOAT32_MAX_RATIO``) or
         out of float32's range (made again in float64). ``"float64"`` is the reference (float32 where the
         namespace has no float64); ``"float32"`` keeps float32. A float32 kernel is made about twice as fast on
-        CPUs; scores move by about ``1e-8 * lambda_max / lambda`` relative (7e-6 on the digits task at the
+        CPUs; scores move by up to about ``1e-7 * lambda_max / lambda`` relative (7e-6 on the digits task at the
         automatic ridge, LDS unchanged: ``docs/choosing.md``).
         Not part of the store's configuration: a store written with one can be scored with the other.
 
