@@ -155,14 +155,40 @@ def test_ordered_loaders_and_batching_datasets_are_accepted_shuffling_batch_samp
     targets = [(x[:3], y[:3])]
     for data in (_Batches(x, y, 8), DataLoader(_Batches(x, y, 8), batch_size=None),
                  DataLoader(dataset, batch_size=8, sampler=_OrderedWithShuffleMethod(48)),
-                 DataLoader(_Batches(x, y, 1), batch_size=None),
-                 DataLoader(_Rows(x, y), batch_size=8, drop_last=True)):  # unknown length: drop_last not refused
+                 DataLoader(_Batches(x, y, 1), batch_size=None)):
         trak = TRAK(model, proj_dim=16, progress=False)
         trak.featurize(model.state_dict(), data)  # batches of 1 round differently from batches of 8: float32 level
         torch.testing.assert_close(trak.score(targets), reference.score(targets), rtol=1e-4, atol=1e-7)
     shuffled = DataLoader(dataset, batch_sampler=BatchSampler(RandomSampler(dataset), batch_size=8, drop_last=False))
     with pytest.raises(TrakValueError, match=r"shuffling sampler \(RandomSampler\)"):
         TRAK(model, proj_dim=16, progress=False).featurize(model.state_dict(), shuffled)
+    with pytest.raises(TrakValueError, match=r"drop_last=True.*how many is unknown"):  # an iterable dataset: it may
+        TRAK(model, proj_dim=16, progress=False).featurize(  # drop any number (it dropped 22 of 150 unsaid)
+            model.state_dict(), DataLoader(_Rows(x, y), batch_size=8, drop_last=True))
+
+
+def test_samplers_inside_samplers_and_subsets_are_read_for_order_and_drops(setup):
+    """A BatchSampler given as a loader's sampler (batch_size=None, torch's pattern for batched loading) shuffled or
+    dropped rows unseen; drop_last was judged by the dataset's length, not the sampler's (a false refusal, and 22
+    rows dropped unsaid)."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    model, x, y, dataset = setup
+    big = TensorDataset(torch.cat([x, x[:2]]), torch.cat([y, y[:2]]))  # 50 rows, of which the sampler reads 48
+    trak = TRAK(model, proj_dim=16, progress=False)
+    trak.featurize(model.state_dict(), DataLoader(big, batch_size=16, sampler=range(48), drop_last=True))  # none
+    reference = TRAK(model, proj_dim=16, progress=False)
+    reference.featurize(model.state_dict(), [(x, y)])
+    targets = [(x[:4], y[:4])]
+    torch.testing.assert_close(trak.score(targets), reference.score(targets), rtol=1e-5, atol=1e-7)
+    with pytest.raises(TrakValueError, match=r"drop_last=True \(BatchSampler\): the 13 examples"):  # 45 = 2 x 16 + 13
+        TRAK(model, proj_dim=16, progress=False).featurize(
+            model.state_dict(), DataLoader(dataset, batch_size=16, sampler=range(45), drop_last=True))
+    for sampler, said in ((BatchSampler(RandomSampler(dataset), 16, False), r"shuffling sampler \(RandomSampler\)"),
+                          (BatchSampler(SequentialSampler(range(45)), 16, True), r"the 13 examples")):
+        with pytest.raises(TrakValueError, match=said):
+            TRAK(model, proj_dim=16, progress=False).featurize(
+                model.state_dict(), DataLoader(dataset, sampler=sampler, batch_size=None))
 
 
 def test_a_later_error_that_is_not_about_dtypes_is_not_reported_as_one(setup):

@@ -170,7 +170,7 @@ class Featurizer(KernelFitting):
 
     def _stream_features(self, prepared: Any, index: int, data: Iterable[Any], skip: int = 0,
                          stop: int | None = None, check: DataCheck | None = None, *, row0: int = 0,
-                         batch0: int = 0) -> Iterator[tuple[Any, Any]]:
+                         batch0: int = 0, total: int | None = None) -> Iterator[tuple[Any, Any]]:
         """Features and out-to-loss weights of rows ``skip .. stop-1`` of ``data``.
 
         Whole batches are differentiated (rows outside the range are dropped afterwards), and
@@ -185,7 +185,7 @@ class Featurizer(KernelFitting):
         """
         grads, weights, seen, group, pending = [], [], 0, None, 0
         stream = progress(batches(data, self.label_key), desc=f"featurize checkpoint {index}", enabled=self.progress,
-                          total=length_of(data))
+                          total=length_of(data) if total is None else total)  # total: data's, before a chain
         for b, (inputs, labels) in enumerate(stream, start=batch0):
             where = f"checkpoint {index}, batch {b}"
             rows = _check_lengths(inputs, labels, where)
@@ -309,7 +309,7 @@ class Featurizer(KernelFitting):
             self._featurize_distributed(checkpoint, index, data, writer)
             return
         rows = writer.rows_done
-        for phi, q in self._stream_features(prepared, index, data, skip=writer.rows_done, check=check):
+        for phi, q in self._stream_features(prepared, index, data, skip=writer.rows_done, check=check, total=total):
             rows += phi.shape[0]
             check.check_written(rows)
             writer.append(phi, q)

@@ -159,33 +159,46 @@ def _check_loader(data: Any) -> None:
 
     Scores have one row per training example (one column per target) in the order the data yields
     them; a shuffling loader gives another order at every pass, and ``drop_last`` leaves examples out,
-    silently either way. Detected by duck typing on ``torch.utils.data.DataLoader``'s attributes
-    (its ``sampler``, and its ``batch_sampler``'s); a sampler of another kind is taken as ordered.
+    silently either way. Detected by duck typing on ``torch.utils.data.DataLoader``'s attributes: its
+    ``sampler`` and ``batch_sampler``, and the samplers they wrap (a ``BatchSampler`` given as the
+    ``sampler`` of a loader with ``batch_size=None``); a sampler of another kind is taken as ordered.
     """
     if not (hasattr(data, "sampler") and hasattr(data, "batch_sampler") and hasattr(data, "dataset")):
         return
     kind = type(data).__name__
-    batch_sampler = getattr(data, "batch_sampler", None)
-    for sampler in (getattr(data, "sampler", None), getattr(batch_sampler, "sampler", None)):
-        if sampler is None:
-            continue
+    for sampler in _samplers(data):
         names = {cls.__name__ for cls in type(sampler).__mro__}
         if names & set(_SHUFFLING_SAMPLERS) or getattr(sampler, "shuffle", False) is True:  # DistributedSampler's flag
             raise TrakValueError(f"data is a {kind} with a shuffling sampler ({type(sampler).__name__}): the scores "
                                  "have one row per training example (one column per target) in the order the data "
                                  "yields them, and a shuffling loader yields another order at every pass. Pass a "
                                  f"{kind}(dataset, batch_size=..., shuffle=False)")
-    drop_last = getattr(data, "drop_last", False) is True or getattr(batch_sampler, "drop_last", False) is True
-    if drop_last and _remainder(data) not in (0, None):  # unknown (an iterable dataset): not refused
-        raise TrakValueError(f"data is a {kind} with drop_last=True: the examples of the last, incomplete batch "
-                             f"would be left out of the scores. Pass {kind}(dataset, batch_size=..., drop_last=False)")
+        if getattr(sampler, "drop_last", False) is True:
+            dropped = _remainder(sampler)
+            if dropped != 0:
+                what = (f"the {dropped} examples of its last, incomplete batch" if dropped else
+                        "the examples of its last, incomplete batch (how many is unknown: its dataset has no length)")
+                raise TrakValueError(f"data is a {kind} with drop_last=True ({type(sampler).__name__}): {what} would "
+                                     "be left out of the scores. Pass drop_last=False")
 
 
-def _remainder(loader: Any) -> int | None:
-    """Examples in a loader's last, incomplete batch (``None`` where its dataset has no length)."""
-    size = getattr(loader, "batch_size", None)
-    size = size if size is not None else getattr(loader.batch_sampler, "batch_size", None)
+def _samplers(data: Any) -> list[Any]:
+    """A loader's samplers: its ``sampler`` and ``batch_sampler``, and the ``sampler`` each wraps, to any depth."""
+    found: list[Any] = []
+    stack = [getattr(data, "batch_sampler", None), getattr(data, "sampler", None)]
+    while stack:
+        sampler = stack.pop()
+        if sampler is None or any(sampler is seen for seen in found):
+            continue
+        found.append(sampler)
+        stack.append(getattr(sampler, "sampler", None))
+    return found
+
+
+def _remainder(batch_sampler: Any) -> int | None:
+    """Examples a batch sampler's last, incomplete batch leaves out: the length of the sampler it wraps modulo its
+    batch size (``None`` where unknown: an iterable dataset's sampler has no length)."""
     try:
-        return len(loader.dataset) % int(size)
-    except Exception:  # an iterable dataset, or no batch size: what drop_last drops is unknown
+        return len(batch_sampler.sampler) % int(batch_sampler.batch_size)
+    except Exception:
         return None
