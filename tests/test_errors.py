@@ -125,7 +125,7 @@ def test_training_set_must_not_change(setup):
                                                  r"on n_train=20 examples.*extended\) \(nothing of this checkpoint"):
         trak.featurize(other, [(x[1:], y[1:])])
     with pytest.raises(StoreMismatchError, match=r"data checkpoint 0 of this estimator was featurized on, in rows "
-                                                 r"0\.\.4095 \(data_checksums chunk 0\): other examples") as info:
+                                                 r"0\.\.19 \(data_checksums chunk 0\): other examples") as info:
         trak.featurize(other, [(x[::-1], y[::-1])])  # same size, another order
     assert "store path" not in str(info.value)  # an in-memory estimator has none
     assert trak.n_checkpoints == 1
@@ -331,3 +331,17 @@ def test_projection_arguments_are_checked(options):
 
     with pytest.raises(TrakCoreError, match="seed|checkpoint|floating"):
         projection_matrix(4, 8, **options)
+
+
+def test_a_used_up_generator_and_another_label_dtype_are_named(setup):
+    """A generator reused for a second checkpoint said only "0 examples ... not truncated or extended"; int64 labels
+    then int32 ones said only "other examples, other labels or another order"."""
+    model, theta, x, y = setup
+    trak = TRAK(model, proj_dim=8, progress=False)
+    data = ((x[i:i + 5], y[i:i + 5]) for i in range(0, 20, 5))
+    trak.featurize(theta, data)
+    with pytest.raises(StoreMismatchError, match=r"has 0 examples \(it yielded nothing: a generator, map or zip is "
+                                                 r"used up by one pass; pass a list"):
+        trak.featurize(theta + 0.01, data)
+    with pytest.raises(StoreMismatchError, match=r"in another dtype or shape \(int64 labels one time and int32"):
+        trak.featurize(theta + 0.01, [(x, y.astype(np.int32) if y.dtype != np.int32 else y.astype(np.int64))])

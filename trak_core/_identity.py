@@ -100,10 +100,13 @@ class DataCheck:
         expected = self.expected.get(str(chunk))
         if expected is not None and expected != digest:
             first = chunk * KERNEL_CHUNK_ROWS
+            last = min(first + KERNEL_CHUNK_ROWS, max(self.fingerprint.rows, first + 1)) - 1  # rows that exist
             raise StoreMismatchError(
                 f"the training data differs from the data {self._featurized} was featurized on, in rows "
-                f"{first}..{first + KERNEL_CHUNK_ROWS - 1} (data_checksums chunk {chunk}): other examples, other "
-                f"labels or another order. Featurize every checkpoint on the same data in the same order{self._new}")
+                f"{first}..{last} (data_checksums chunk {chunk}): other examples, other labels or another order, "
+                "or the same values in another dtype or shape (int64 labels one time and int32 the next: JAX makes "
+                "int32 of them without x64) or changed by random transforms (data augmentation). Featurize every "
+                f"checkpoint on the same data, in the same order and dtypes{self._new}")
         self.writer.record_data(chunk, digest)
 
     def batch(self, inputs: Any, labels: Any) -> None:
@@ -117,8 +120,10 @@ class DataCheck:
         n_train = self.n_train if self.n_train is not None else stored_rows
         rows = self.fingerprint.rows
         if n_train is not None and rows != n_train:
-            raise StoreMismatchError(f"the training data has {rows} examples, but {self._made_from(n_train)}; "
-                                     f"{self._fix}")
+            used_up = (" (it yielded nothing: a generator, map or zip is used up by one pass; pass a list, or make it "
+                       "anew for each checkpoint)") if rows == 0 else ""
+            raise StoreMismatchError(f"the training data has {rows} examples{used_up}, but "
+                                     f"{self._made_from(n_train)}; {self._fix}")
         if rows < at_least or (n_train is not None and at_least > n_train):
             raise StoreMismatchError(
                 f"the training data has {rows} examples, but this checkpoint in {self.where} already holds features "
