@@ -230,3 +230,16 @@ def test_a_custom_task_with_squeezed_logits_runs(setup):
     regression = TRAK(column, task=CustomTask(output=lambda z, y, xp: z[:, 0] - y), proj_dim=16, progress=False)
     regression.featurize(column.state_dict(), [(x, y)])
     torch.testing.assert_close(trak.score([(x[:3], y[:3])]), regression.score([(x[:3], y[:3])]), rtol=1e-5, atol=1e-6)
+
+
+def test_batches_of_three_and_a_bare_dict_pair_and_numpy_labels_name_the_fix(setup):
+    """A dataset yielding (x, y, index) got "must be a pair ... got list"; a bare ({"x": X}, Y) pair was taken for
+    a list of batches; numpy labels for a torch model got no conversion hint."""
+    model, x, y, _ = setup
+    trak = TRAK(model, proj_dim=16, progress=False)
+    with pytest.raises(TrakTypeError, match=r"got list of 3 elements; drop the others, e.g. \(\(x, y\) for x, y, \*_"):
+        trak.featurize(model.state_dict(), DataLoader(TensorDataset(x, y, torch.arange(48)), batch_size=16))
+    with pytest.raises(TrakTypeError, match=r"single \(inputs, labels\) pair: wrap it in a list"):
+        trak.featurize(model.state_dict(), ({"input": x}, y))
+    with pytest.raises(TrakTypeError, match=r"needs labels as torch tensors, got ndarray; convert .*torch.as_tensor"):
+        trak.featurize(model.state_dict(), [(x, y.numpy())])

@@ -243,3 +243,35 @@ def test_a_float64_model_that_makes_float32_constants_gets_the_default_dtype_hin
         assert float(torch.linalg.vector_norm(trak.store[0].features - _reference(model, x, y))) < 1e-12
     finally:
         torch.set_default_dtype(before)
+
+
+def test_a_plain_module_reading_its_own_attention_mask_gets_it_as_it_is():
+    """attention_mask="auto" turned a plain module's 2-D mask into an additive 4-D one (a masked mean pooling
+    crashed, with a note naming OPT and Bloom); only Hugging Face models get the 4-D mask."""
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(20, 6), torch.nn.Linear(6, 3)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.embed(input_ids) * attention_mask[..., None]
+            return self.head(h.sum(1) / attention_mask.sum(1, keepdim=True))
+
+    torch.manual_seed(0)
+    model = Pooled().double()
+    ids, mask = torch.randint(0, 20, (5, 6)), torch.ones(5, 6, dtype=torch.float64)
+    mask[1, 4:], mask[3, 2:] = 0, 0
+    y = torch.randint(0, 3, (5,))
+    trak = trak_core.TRAK(model, proj_dim=None, progress=False)
+    trak.featurize(None, [{"input_ids": ids, "attention_mask": mask, "labels": y}])
+
+    class Call(torch.nn.Module):  # the reference: the module on one example at a time
+        def __init__(self, i):
+            super().__init__()
+            self.model, self.i = model, i
+
+        def forward(self, _):
+            return self.model(ids[self.i:self.i + 1], mask[self.i:self.i + 1])
+
+    reference = torch.cat([_reference(Call(i), torch.zeros(1), y[i:i + 1]) for i in range(5)])
+    assert float(torch.linalg.vector_norm(trak.store[0].features - reference)) < 1e-12

@@ -50,8 +50,11 @@ OWN_MASK = frozenset({"deberta", "deberta-v2", "xlnet", "longformer", "funnel", 
 
 
 def reads_own_mask(model: Any) -> bool:
-    """Whether ``model`` (or the Hugging Face model it holds) is of a type in ``OWN_MASK``."""
-    return getattr(getattr(hugging_face_model(model), "config", None), "model_type", None) in OWN_MASK
+    """Whether ``model`` gets its 2-D ``attention_mask`` as it is under ``attention_mask="auto"``: it is not a
+    Hugging Face model and holds none (a user's module reads its own mask; an additive 4-D one crashed a masked
+    mean pooling), or the Hugging Face model is of a type in ``OWN_MASK``."""
+    model_type = getattr(getattr(hugging_face_model(model), "config", None), "model_type", None)
+    return model_type is None or model_type in OWN_MASK
 
 
 def hugging_face_model(model: Any) -> Any:

@@ -113,7 +113,8 @@ class TorchBackend(Backend):
         take as it is (their own 2-D handling branches on the mask's values, which ``vmap`` cannot
         follow). ``"auto"``: causal for decoders (``config.is_decoder``, ``*ForCausalLM``,
         ``*LMHeadModel``, attention modules with ``is_causal``, also inside a wrapper), windowed for
-        sliding-window layers, bidirectional otherwise; ``"pass"`` hands the 2-D mask over unchanged.
+        sliding-window layers, bidirectional otherwise, for Hugging Face models (a model that is none and
+        holds none gets its mask as it is); ``"pass"`` hands the 2-D mask over unchanged.
         For an encoder-decoder model (``config.is_encoder_decoder``), it masks keys only,
         ``(n, 1, 1, T)``, as the encoder's self-attention and the decoder's cross-attention both read it.
 
@@ -181,7 +182,8 @@ class TorchBackend(Backend):
             else [("inputs", inputs)]
         for what, tensor in named + [("labels", labels)]:
             if not isinstance(tensor, torch.Tensor):
-                raise TrakTypeError(f"the torch backend needs {what} as torch tensors, got {type(tensor).__name__}")
+                raise TrakTypeError(f"the torch backend needs {what} as torch tensors, got {type(tensor).__name__}; "
+                                    "convert the batch, e.g. torch.as_tensor(array) (a DataLoader does it for you)")
             if tensor.device != prepared.device:
                 raise TrakValueError(f"{what} are on {tensor.device} but the model is on {prepared.device}; "
                                      f"move the batch to the model's device (tensor.to({str(prepared.device)!r}))")

@@ -130,7 +130,7 @@ def batches(data: Iterable[Any], label_key: str = "labels") -> Iterable[tuple[An
     collator returns it: its ``label_key`` entry is the labels, and the other entries are the
     inputs (a dict, passed to the model as keyword arguments).
     """
-    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
+    if isinstance(data, tuple) and len(data) == 2 and (hasattr(data[0], "shape") or isinstance(data[0], Mapping)):
         raise TrakTypeError("data must be an iterable of (inputs, labels) batches, got a single "
                             "(inputs, labels) pair: wrap it in a list, e.g. [(inputs, labels)]")
     if isinstance(data, Mapping):
@@ -145,8 +145,10 @@ def batches(data: Iterable[Any], label_key: str = "labels") -> Iterable[tuple[An
             yield {key: value for key, value in batch.items() if key != label_key}, batch[label_key]
             continue
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            extra = (f" of {len(batch)} elements; drop the others, e.g. ((x, y) for x, y, *_ in loader) for a dataset "
+                     "that also yields indices") if isinstance(batch, (tuple, list)) and len(batch) > 2 else ""
             raise TrakTypeError(f"batch {i} must be an (inputs, labels) pair or a mapping with {label_key!r}, "
-                                f"got {type(batch).__name__}")
+                                f"got {type(batch).__name__}{extra}")
         yield batch[0], batch[1]
 
 
