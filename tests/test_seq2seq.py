@@ -126,7 +126,8 @@ def test_encoder_decoder_gradients_and_weights(name, per_example, caplog):
         assert abs(float(q[i]) - np.mean([1 - float(probs[i, t, labels[i, t]]) for t in counted])) < 1e-12
 
 
-@pytest.mark.parametrize("per_example", ["auto", "vmap"])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # vmap in float64: SDPA, which T5's and BART's paths branch
+@pytest.mark.parametrize("per_example", ["auto", "vmap"])  # in, then eager; not the one-example loop
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_decoder_attention_mask(name, per_example):
     """A 2-D decoder_attention_mask (target padding) is handed over: the model makes it causal, under vmap too."""

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 __all__ = ["attention_bias", "model_masks", "uncounted_pad_predictions", "causal_model", "hugging_face_model",
-           "attention_for_vmap", "attention_for_closed_form", "note_mask"]
+           "attention_for_vmap", "attention_for_closed_form", "note_mask", "vmap_keeps_sdpa"]
 
 
 def attention_bias(mask: Any, dtype: Any, *, causal: bool, keys_only: bool = False, window: int | None = None) -> Any:
@@ -194,6 +194,14 @@ def attention_for_vmap(model: Any, dtype: Any = None) -> Iterator[None]:
     import torch
 
     return _attention(model, ("eager", "sdpa") if dtype == torch.float64 else ("eager",), "eager")
+
+
+def vmap_keeps_sdpa(model: Any, dtype: Any) -> bool:
+    """Whether ``attention_for_vmap(model, dtype)`` leaves some (sub-)model in SDPA (a float64 model whose own is)."""
+    import torch
+
+    return dtype == torch.float64 and any(getattr(getattr(module, "config", None), "_attn_implementation", None)
+                                          == "sdpa" for module in _modules(model))
 
 
 def attention_for_closed_form(model: Any) -> Iterator[None]:

@@ -309,42 +309,20 @@ class TorchBackend(Backend):
 
     def _vmap_gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
                         causal: bool) -> tuple[Any, Any]:
-        import array_api_compat.torch as xp
-        import torch
-        from torch.func import grad, vmap
-        from torch.utils._pytree import tree_map
+        """``vmap(grad)`` in chunks (``trak_torch.vmapped``): a float64 model in its own SDPA (eager attention's
+        softmax is float32), and in eager attention from the first batch whose SDPA ``vmap`` cannot follow (T5's
+        and BART's branch on the mask's values) on."""
+        from .attention import vmap_keeps_sdpa
+        from .vmapped import vmap_gradients
 
-        from .transforms import for_transforms
-
-        with eval_mode(model), attention_for_vmap(model, prepared.dtype), for_transforms(model):  # no grad hooks
-            with torch.no_grad():
-                logits = self._logits(model, prepared, inputs, task, causal=causal)
-            check_labels(task, labels, logits)
-            out_to_loss = task.out_to_loss(logits, labels, xp=xp)
-
-            def output(params: dict, x: Any, y: Any) -> Any:
-                return self.example_output(model, prepared, params, tree_map(lambda t: t[None], x), y[None], task,
-                                           causal)
-
-            per_example = vmap(grad(output), in_dims=(None, 0, 0))
-            n = _rows(inputs)
-            dtype = next(iter(prepared.params.values())).dtype if prepared.params else torch.float32
-            chunk = self.chunk_size or chunk_rows(prepared.n_params, torch.finfo(dtype).bits // 8,
-                                                  _free_bytes(prepared.device))
-            if n <= chunk:  # one chunk: concatenate its parameters once
-                g = per_example(prepared.params, inputs, labels)
-                return torch.cat([g[name].reshape(n, -1) for name in prepared.params], dim=1), out_to_loss
-            grads = torch.empty((n, prepared.n_params), dtype=dtype, device=prepared.device)
-            for start in range(0, n, chunk):  # each chunk is written into place: no second copy of the batch
-                stop = min(n, start + chunk)
-                g = per_example(prepared.params, tree_map(lambda t: t[start:stop], inputs), labels[start:stop])
-                column = 0
-                for name in prepared.params:
-                    width = g[name][0].numel()
-                    grads[start:stop, column:column + width] = g[name].reshape(stop - start, -1)
-                    column += width
-                del g
-        return grads, out_to_loss
+        if not prepared.__dict__.get("_eager_vmap"):
+            try:
+                return vmap_gradients(self, model, prepared, inputs, labels, task, causal, prepared.dtype)
+            except (RuntimeError, NotImplementedError):
+                if not vmap_keeps_sdpa(model, prepared.dtype):
+                    raise
+                prepared.__dict__["_eager_vmap"] = True
+        return vmap_gradients(self, model, prepared, inputs, labels, task, causal, None)
 
     def _factorized(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, *, k: int, seed: int,
                     checkpoint: int, options: Any) -> Any:
