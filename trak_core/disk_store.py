@@ -9,9 +9,11 @@ One job: ``TRAK(store=path)``. Layout of the directory:
   fields, and nothing is written. ``data``: the training set's ``n_train`` and digest (order
   included), once checkpoint 0 is complete.
 - ``c{index}/features`` (n, k) and ``c{index}/out_to_loss`` (n,), chunked by ``KERNEL_CHUNK_ROWS``
-  rows; attributes ``rows_done``, one SHA-256 per chunk, ``parameters_sha256`` (the checkpoint's
+  rows; attributes ``rows_done``, one SHA-256 per chunk of each (``checksums``, ``out_to_loss_checksums``),
+  ``parameters_sha256`` (the checkpoint's
   content hash, written before any row), ``data_checksums`` (one digest of the training data per
-  chunk, written before the chunk), and, once the checkpoint is done, ``c{index}/kernel`` (``Phi^T Phi``,
+  chunk, written before the chunk), and, once the checkpoint is done, ``c{index}/kernel`` (its SHA-256
+  ``kernel_sha256`` written after it; ``Phi^T Phi``,
   k x k, or the Gram matrix ``Phi Phi^T``, n x n, when n < k; in the dtype ``kernel_dtype`` gave: float32
   for float32 features at the default), ``lambda_reg`` (the value), ``lambda_setting`` (what the
   estimator was given: "auto" or the float) and ``complete``. Rows past ``rows_done`` (an array grown
@@ -112,9 +114,36 @@ class DiskStore(Store):
 
             if not self.exists():
                 self.writable()
+            else:
+                self._refuse_foreign()
             with one_writer(self.path):
                 self._root = zarr.open_group(str(self.path), mode="a")
         return self._root
+
+    def _refuse_foreign(self) -> None:
+        """Refuse a directory whose ``zarr.json`` is not a trak-core store's: a user's own file of that name (zarr
+        would replace it), a zarr array, or a zarr group with attributes or members of its own (trak-core would add
+        its arrays to it). A group with neither is one a first run created and stopped before recording its
+        configuration: it is taken as this store."""
+        import json
+
+        try:
+            meta = json.loads((self.path / "zarr.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            meta = None
+        what = None
+        if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or "node_type" not in meta:
+            what = "a zarr.json file that is not zarr metadata"
+        elif meta["node_type"] != "group":
+            what = f"a zarr {meta['node_type']}"
+        elif "trak_core" not in (meta.get("attributes") or {}):
+            others = sorted(entry.name for entry in self.path.iterdir()
+                            if entry.name != "zarr.json" and not entry.name.startswith(".trak_core_write_probe"))
+            if meta.get("attributes") or others:
+                what = f"a zarr group that is not a trak-core store (it holds {others[:5] or 'attributes'})"
+        if what is not None:
+            raise TrakOSError(f"the store path {self.path} holds {what}; trak-core writes only into its own stores "
+                              "and changed nothing: choose another (new or empty) directory for store=")
 
     def writable(self) -> None:
         """Check, before the first write, that the store's directory can be written (once; creating it if absent):
@@ -221,8 +250,12 @@ class DiskStore(Store):
             raise TrakValueError(f"no scores named {name!r} in {self.path}; saved: {self.score_names()}")
         array = self.root["scores"][name]
         values = np.empty(array.shape, dtype=array.dtype)
-        for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time, into the result: zarr decodes
-            values[start:start + KERNEL_CHUNK_ROWS] = array[start:start + KERNEL_CHUNK_ROWS]  # what it reads at once
+        try:
+            for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time into the result (zarr
+                values[start:start + KERNEL_CHUNK_ROWS] = array[start:start + KERNEL_CHUNK_ROWS]  # decodes a read)
+        except Exception as exc:  # a truncated chunk fails to decode
+            raise TrakValueError(f"scores {name!r} in {self.path} are damaged (a chunk cannot be read: {exc}); score "
+                                 "again") from None
         if _digest(values) != array.attrs.get("sha256"):
             raise TrakValueError(f"scores {name!r} in {self.path} are damaged (checksum mismatch); score again")
         return values

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,11 +25,28 @@ if TYPE_CHECKING:
 
 __all__ = ["DiskWriter", "DiskFeatures", "write_rows", "open_root", "one_writer"]
 
+log = logging.getLogger("trak_core")
+
 
 def _load_kernel(group: Any, template: Any, dtype: Any) -> Any:
-    """The kernel stored in a checkpoint's ``group``, in ``template``'s namespace and device, as ``dtype``."""
+    """The kernel stored in a checkpoint's ``group``, in ``template``'s namespace and device, as ``dtype``; checked
+    against its ``kernel_sha256`` (stores written before it was recorded: not checked)."""
     xp = namespace(template)
-    return xp.astype(xp.asarray(group["kernel"][:], device=device_of(template)), dtype)
+    return xp.astype(xp.asarray(_read_kernel(group), device=device_of(template)), dtype)
+
+
+def _read_kernel(group: Any) -> np.ndarray:
+    """The stored kernel as NumPy; a ``TrakValueError`` naming the fix where it cannot be read or fails its digest."""
+    try:
+        matrix = group["kernel"][:]
+    except Exception as exc:  # a truncated chunk fails to decode
+        raise TrakValueError(f"the kernel of {group.path} cannot be read ({exc}); run featurize for this checkpoint "
+                             "again with the same arguments: it is made again from the features") from None
+    expected = group.attrs.get("kernel_sha256")
+    if expected is not None and _digest(matrix) != expected:
+        raise TrakValueError(f"the kernel of {group.path} is damaged (checksum mismatch); run featurize for this "
+                             "checkpoint again with the same arguments: it is made again from the features")
+    return matrix
 
 
 def _digest(block: np.ndarray) -> str:
@@ -73,9 +91,10 @@ def one_writer(path: Any) -> Any:
     try:
         yield
     except (ContainsArrayError, ContainsGroupError, ContainsArrayAndGroupError) as exc:
-        raise TrakOSError(f"another process is writing the store at {path} ({type(exc).__name__}: {exc}): one writer "
-                          "per store; let it finish (or stop it), then rerun this call: it resumes from the chunks "
-                          "stored") from exc
+        raise TrakOSError(f"the store at {path} changed under this process ({type(exc).__name__}: {exc}): another "
+                          "process is writing it (one writer per store: let it finish, or stop it, then rerun this "
+                          "call, which resumes from the chunks stored), or the path holds zarr data that is not a "
+                          "trak-core store's (then choose another path)") from exc
 
 
 def _grow(array: Any, n_rows: int) -> None:
@@ -103,6 +122,7 @@ class DiskWriter(Writer):
             self.group = store.root.require_group(f"c{index}")
         self.complete = bool(self.group.attrs.get("complete", False))
         self.checksums = dict(self.group.attrs.get("checksums", {}))
+        self.weight_checksums = dict(self.group.attrs.get("out_to_loss_checksums", {}))  # absent in older stores
         self.parameters_digest = self.group.attrs.get("parameters_sha256")
         self._data = dict(self.group.attrs.get("data_checksums", {}))
         self.damaged = False  # a complete checkpoint with a chunk that fails its checksum
@@ -144,10 +164,13 @@ class DiskWriter(Writer):
             self._data[str(chunk)] = digest
             self.group.attrs["data_checksums"] = self._data
 
-    def record_rows(self, checksums: dict[str, str], rows_done: int) -> None:
+    def record_rows(self, checksums: dict[str, dict[str, str]], rows_done: int) -> None:
+        """Record the chunks parallel workers wrote (``write_rows``: ``{"features": ..., "out_to_loss": ...}``)."""
         self.store.writable()
-        self.checksums.update(checksums)
-        self.group.attrs.update({"checksums": self.checksums, "rows_done": rows_done})
+        self.checksums.update(checksums["features"])
+        self.weight_checksums.update(checksums["out_to_loss"])
+        self.group.attrs.update({"checksums": self.checksums, "out_to_loss_checksums": self.weight_checksums,
+                                 "rows_done": rows_done})
         self.rows_done = rows_done
 
     def _verified_rows(self) -> int:
@@ -160,7 +183,8 @@ class DiskWriter(Writer):
             try:
                 block = features[c * KERNEL_CHUNK_ROWS:min(done, (c + 1) * KERNEL_CHUNK_ROWS)]
                 weights = self.group["out_to_loss"][c * KERNEL_CHUNK_ROWS:min(done, (c + 1) * KERNEL_CHUNK_ROWS)]
-                ok = _digest(block) == self.checksums.get(str(c)) and bool(np.all(np.isfinite(weights)))
+                ok = _digest(block) == self.checksums.get(str(c)) and bool(np.all(np.isfinite(weights))) and \
+                    self.weight_checksums.get(str(c), _digest(weights)) == _digest(weights)
             except Exception:  # a truncated chunk fails to decode
                 ok = False
             if not ok:
@@ -207,7 +231,9 @@ class DiskWriter(Writer):
             features[start:stop] = rows[:count]
             out_to_loss[start:stop] = weights[:count]
             self.checksums[str(start // KERNEL_CHUNK_ROWS)] = _digest(rows[:count])
-            self.group.attrs.update({"checksums": self.checksums, "rows_done": stop})
+            self.weight_checksums[str(start // KERNEL_CHUNK_ROWS)] = _digest(weights[:count])
+            self.group.attrs.update({"checksums": self.checksums, "out_to_loss_checksums": self.weight_checksums,
+                                     "rows_done": stop})
         except OSError as exc:
             raise TrakOSError(f"writing chunk {start // KERNEL_CHUNK_ROWS} of checkpoint {self.index} to "
                               f"{self.store.path} failed ({exc}); chunks written before are intact, and the same call "
@@ -256,22 +282,50 @@ class DiskWriter(Writer):
         self.store.template = self.template
         lazy = DiskFeatures(features, self.checksums, self.template)
         xp = namespace(self.template)
-        weights = xp.asarray(self.group["out_to_loss"][:], device=device_of(self.template))
+        weights = xp.asarray(self._read_weights(), device=device_of(self.template))
         work = kernel_ops.work_dtype(xp, device_of(self.template), kernel_dtype, self.template.dtype)
         self.kernel_loader = functools.partial(_load_kernel, self.group, self.template, work)  # picklable
         if "kernel" in self.group and self.complete:
             if self.group["kernel"].dtype.itemsize * 8 >= xp.finfo(work).bits:
-                return lazy, weights, self.kernel_loader()
+                try:
+                    return lazy, weights, self.kernel_loader()
+                except TrakValueError:  # damaged: made again from the checked features, and stored where it can be
+                    log.warning("checkpoint %d in %s: the stored kernel is damaged; it is made again from the "
+                                "features", self.index, self.store.path)
+                    kernel = kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
+                    try:
+                        self._store_kernel(to_numpy(kernel))
+                    except TrakOSError:  # a read-only store: made again at each opening
+                        self.kernel_loader = None
+                    return lazy, weights, kernel
             self.kernel_loader = None  # a float32 kernel stored, float64 asked: made from the features (kept stored)
             return lazy, weights, kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
         kernel = kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
-        matrix = to_numpy(kernel)
+        self._store_kernel(to_numpy(kernel))
+        return lazy, weights, kernel
+
+    def _store_kernel(self, matrix: np.ndarray) -> None:
+        """Write the kernel, then its digest (a kernel without its digest is made again: never trusted)."""
         self.store.writable()
         with one_writer(self.store.path):
             if "kernel" in self.group:
                 del self.group["kernel"]
             self.group.create_array("kernel", shape=matrix.shape, dtype=matrix.dtype, fill_value=0)[:] = matrix
-        return lazy, weights, kernel
+        self.group.attrs["kernel_sha256"] = _digest(matrix)
+
+    def _read_weights(self) -> np.ndarray:
+        """The out-to-loss weights, each chunk checked against its digest (where the store recorded one)."""
+        try:
+            weights = self.group["out_to_loss"][:]
+        except Exception as exc:  # a truncated chunk fails to decode
+            raise TrakValueError(f"{self.group.path}/out_to_loss cannot be read ({exc}); run featurize for this "
+                                 "checkpoint again with the same arguments to recompute it") from None
+        for c in range(-(-weights.shape[0] // KERNEL_CHUNK_ROWS)):
+            expected = self.weight_checksums.get(str(c))
+            if expected is not None and _digest(weights[c * KERNEL_CHUNK_ROWS:(c + 1) * KERNEL_CHUNK_ROWS]) != expected:
+                raise TrakValueError(f"chunk {c} of {self.group.path}/out_to_loss is damaged (checksum mismatch); run "
+                                     "featurize for this checkpoint again with the same arguments to recompute it")
+        return weights
 
     def _cut_to_rows_done(self) -> None:
         """Cut both arrays to the rows recorded: rows past ``rows_done`` (an earlier run's, on longer data) would
@@ -300,12 +354,14 @@ def open_root(path: str, mode: str) -> Any:
 def write_rows(location: str, index: int, start: int, features: Any, out_to_loss: Any) -> dict[str, str]:
     """Write rows ``start ..`` of checkpoint ``index``'s allocated arrays (a parallel worker's shard).
 
-    Returns the checksums of the chunks written, for ``DiskWriter.record_rows`` in the driver.
+    Returns the checksums of the chunks written (``{"features": ..., "out_to_loss": ...}``), for
+    ``DiskWriter.record_rows`` in the driver.
     """
     features, weights = to_numpy(features), to_numpy(out_to_loss)
     stop = start + features.shape[0]
     group = open_root(location, "r+")[f"c{index}"]
     group["features"][start:stop] = features
     group["out_to_loss"][start:stop] = weights
-    return {str(c // KERNEL_CHUNK_ROWS): _digest(features[c - start:min(stop, c + KERNEL_CHUNK_ROWS) - start])
-            for c in range(start, stop, KERNEL_CHUNK_ROWS)}
+    return {name: {str(c // KERNEL_CHUNK_ROWS): _digest(values[c - start:min(stop, c + KERNEL_CHUNK_ROWS) - start])
+                   for c in range(start, stop, KERNEL_CHUNK_ROWS)}
+            for name, values in (("features", features), ("out_to_loss", weights))}

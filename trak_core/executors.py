@@ -183,10 +183,11 @@ class RayExecutor:
                 checkpoint, index, list(data[first:last + 1]), first, offsets[first], start, stop,
                 trak.store.location, self.fail_marker if i == 0 else None, step_rows))
             stops.append(stop)
-        checksums: dict[str, str] = {}
+        checksums: dict[str, dict[str, str]] = {"features": {}, "out_to_loss": {}}
         for i, future in enumerate(futures):  # in row order: on a failure, the shards before it are done
             try:
-                checksums.update(self._get(future))
+                for name, digests in self._get(future).items():
+                    checksums[name].update(digests)
             except Exception:
                 rest = futures[i + 1:]
                 if self._actors and rest:  # no actor died: none writes after the error (queued shards never start)

@@ -139,8 +139,9 @@ class Writer(abc.ABC):
         raise TrakValueError(f"{type(self).__name__} cannot be filled by parallel workers; use an on-disk store "
                              "(store=PATH) with executor='ray'")
 
-    def record_rows(self, checksums: dict[str, str], rows_done: int) -> None:
-        """Record chunks that parallel workers wrote (their checksums) and the rows now done."""
+    def record_rows(self, checksums: dict[str, dict[str, str]], rows_done: int) -> None:
+        """Record chunks that parallel workers wrote (their checksums, ``{"features": {chunk: sha256},
+        "out_to_loss": {...}}``) and the rows now done."""
         raise TrakValueError(f"{type(self).__name__} cannot be filled by parallel workers")
 
 

@@ -1,0 +1,104 @@
+"""Damage an audit found unchecked in on-disk stores: out-to-loss chunks (a missing one read as zeros: scores 33%
+off; a flipped bit: 1.7e37 times off), the stored kernel (a truncated chunk: a raw decode error that featurizing
+again did not repair), saved scores (a raw decode error), and directories that are not trak-core stores (a user's
+own zarr.json was replaced; a foreign zarr group was written into)."""
+import json
+import logging
+
+import numpy as np
+import pytest
+
+pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are not exercised")
+
+from trak_core import MLP, TRAK, TrakOSError, TrakValueError  # noqa: E402
+from trak_core.disk_store import StoreMismatchError  # noqa: E402
+
+N, BATCH = 5000, 700  # two chunks of 4,096 rows, the second partial
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(N, 5)), rng.integers(0, 3, N)
+
+
+def _featurize(store):
+    x, y = _data()
+    model = MLP(5, 4, 3)
+    trak = TRAK(model, proj_dim=32, store=store, progress=False)
+    for c in range(2):
+        trak.featurize(model.init(seed=c), [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, N, BATCH)])
+    return trak, trak.score([(x[:6], y[:6])])
+
+
+def _open(store):
+    return TRAK.open(store, MLP(5, 4, 3), [MLP(5, 4, 3).init(seed=c) for c in range(2)])
+
+
+@pytest.mark.parametrize("damage", ["missing", "flipped"])
+def test_a_damaged_out_to_loss_chunk_is_refused_then_recomputed(tmp_path, damage):
+    store = tmp_path / "store"
+    _, reference = _featurize(store)
+    chunk = store / "c1" / "out_to_loss" / "c" / "1"
+    if damage == "missing":
+        chunk.unlink()  # read back as zarr's fill value, 0
+    else:
+        raw = bytearray(chunk.read_bytes())
+        raw[len(raw) // 2] ^= 0x10
+        chunk.write_bytes(bytes(raw))
+    with pytest.raises((StoreMismatchError, TrakValueError), match="damaged"):
+        _open(store).score([(_data()[0][:6], _data()[1][:6])])
+    trak, again = _featurize(store)  # the same calls: the damaged rows are recomputed
+    assert np.array_equal(again, reference)
+    x, y = _data()
+    assert np.array_equal(_open(store).score([(x[:6], y[:6])]), reference)
+
+
+def test_a_truncated_kernel_is_made_again_from_the_features(tmp_path, caplog):
+    store = tmp_path / "store"
+    _, reference = _featurize(store)
+    chunk = next((store / "c0" / "kernel" / "c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    chunk.write_bytes(chunk.read_bytes()[:40])
+    x, y = _data()
+    with caplog.at_level(logging.WARNING, logger="trak_core"):
+        assert np.array_equal(_open(store).score([(x[:6], y[:6])]), reference)  # bit for bit: the same chunks
+    assert "the stored kernel is damaged; it is made again from the features" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trak_core"):
+        assert np.array_equal(_open(store).score([(x[:6], y[:6])]), reference)
+    assert "damaged" not in caplog.text  # stored again the first time
+
+
+def test_truncated_saved_scores_are_named(tmp_path):
+    store = tmp_path / "store"
+    trak, _ = _featurize(store)
+    x, y = _data()
+    trak.score([(x[:6], y[:6])], save_as="s1")
+    chunk = next(p for p in (store / "scores" / "s1" / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    with pytest.raises(TrakValueError, match=r"scores 's1' in .* are damaged \(a chunk cannot be read"):
+        _open(store).load_scores("s1")
+
+
+def test_directories_that_are_not_trak_core_stores_are_left_alone(tmp_path):
+    import zarr
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    settings = json.dumps({"experiment": "my settings", "lr": 0.1})
+    (mine / "zarr.json").write_text(settings)
+    foreign = tmp_path / "foreign.zarr"
+    group = zarr.open_group(str(foreign), mode="w")
+    group.attrs["owner"] = "someone"
+    group.create_array("data", shape=(3,), dtype="float64")
+    before = (foreign / "zarr.json").read_bytes()
+    array = tmp_path / "array.zarr"
+    zarr.open_array(str(array), mode="w", shape=(4,), dtype="float64")
+    for path, said in ((mine, "a zarr.json file that is not zarr metadata"),
+                       (foreign, r"a zarr group that is not a trak-core store \(it holds \['data'\]\)"),
+                       (array, "a zarr array")):
+        with pytest.raises(TrakOSError, match=f"holds {said}.*changed nothing"):
+            _featurize(path)
+    assert (mine / "zarr.json").read_text() == settings and sorted(p.name for p in mine.iterdir()) == ["zarr.json"]
+    assert (foreign / "zarr.json").read_bytes() == before and not (foreign / "c0").exists()
