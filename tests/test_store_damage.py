@@ -102,3 +102,14 @@ def test_directories_that_are_not_trak_core_stores_are_left_alone(tmp_path):
             _featurize(path)
     assert (mine / "zarr.json").read_text() == settings and sorted(p.name for p in mine.iterdir()) == ["zarr.json"]
     assert (foreign / "zarr.json").read_bytes() == before and not (foreign / "c0").exists()
+
+
+def test_a_refused_duplicate_checkpoint_leaves_no_trace(tmp_path):
+    """After TRAK.open, featurizing a stored checkpoint again was refused but left an empty c2/ behind."""
+    store = tmp_path / "store"
+    _featurize(store)
+    trak = _open(store)
+    x, y = _data()
+    with pytest.raises(TrakValueError, match="same parameters as checkpoint 1"):
+        trak.featurize(MLP(5, 4, 3).init(seed=1), [(x, y)])
+    assert not (store / "c2").exists()

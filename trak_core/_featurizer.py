@@ -16,7 +16,7 @@ from ._checks import (_check_features, _check_finite, _check_lengths, _check_wei
                       chosen_entries, projection_group_rows, take_rows)
 from ._delegation import is_accelerator
 from ._fitting import KernelFitting
-from ._identity import DataCheck, check_lambda_setting, check_parameters
+from ._identity import DataCheck, check_lambda_setting, check_parameters, refuse_duplicate
 from ._namespace import namespace
 from ._progress import length_of, progress
 from .tasks import task_functions, task_identity
@@ -262,6 +262,7 @@ class Featurizer(KernelFitting):
                                  f"({structure} vs {self.store[0].structure}); every checkpoint must have the "
                                  "same parameter names, nesting and shapes")
         digest = self.backend.parameters_digest(prepared)
+        refuse_duplicate(digest, list(self.store))  # before the writer: a refused checkpoint leaves no c{index}
         writer = self.store.writer(index, self._fingerprint(n_params, structure))
         check_parameters(digest, writer, list(self.store), index, self._where)
         check_lambda_setting(self.store, writer, index, self.lambda_reg, self._where)

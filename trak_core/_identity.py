@@ -19,15 +19,20 @@ def _short(digest: str | None) -> str:
     return "none" if digest is None else digest[:12]
 
 
-def check_parameters(digest: str | None, writer: Writer, entries: Sequence[CheckpointEntry], index: int,
-                     where: str) -> None:
-    """Refuse a checkpoint featurized already under another index, or other parameters than the store holds."""
+def refuse_duplicate(digest: str | None, entries: Sequence[CheckpointEntry]) -> None:
+    """Refuse a checkpoint featurized already under another index (checked before its writer touches a store)."""
     if digest is not None:
         for entry in entries:
             if entry.parameters_digest == digest:
                 raise TrakValueError(f"this checkpoint has the same parameters as checkpoint {entry.index} "
                                      "(featurized already); featurizing it again would count it twice in the "
                                      "ensemble. Pass each checkpoint once")
+
+
+def check_parameters(digest: str | None, writer: Writer, entries: Sequence[CheckpointEntry], index: int,
+                     where: str) -> None:
+    """Refuse a checkpoint featurized already under another index, or other parameters than the store holds."""
+    refuse_duplicate(digest, entries)
     stored = writer.parameters_digest
     if stored is not None and digest is not None and stored != digest:
         dtype = getattr(writer, "stored_dtype", None)
