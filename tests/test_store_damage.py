@@ -113,3 +113,35 @@ def test_a_refused_duplicate_checkpoint_leaves_no_trace(tmp_path):
     with pytest.raises(TrakValueError, match="same parameters as checkpoint 1"):
         trak.featurize(MLP(5, 4, 3).init(seed=1), [(x, y)])
     assert not (store / "c2").exists()
+
+
+def test_a_resumed_checkpoint_shows_its_progress_total(tmp_path, monkeypatch):
+    """A checkpoint resumed in a new process lost its progress bar's total (the data was chained after one
+    example was taken to learn the features' dtype)."""
+    import trak_core._featurizer as featurizer
+
+    store, x, y = tmp_path / "store", *_data()
+    batches = [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, N, BATCH)]
+
+    class Stop(Exception):
+        pass
+
+    def interrupted():
+        for i, batch in enumerate(batches):
+            if i == 7:  # after 4,900 rows: the first chunk is stored
+                raise Stop
+            yield batch
+
+    with pytest.raises(Stop):
+        TRAK(MLP(5, 4, 3), proj_dim=32, store=store, progress=False).featurize(MLP(5, 4, 3).init(seed=0),
+                                                                               interrupted())
+    totals = []
+    original = featurizer.progress
+
+    def recording(iterable, *, desc, enabled, total=None):
+        totals.append((desc, total))
+        return original(iterable, desc=desc, enabled=False, total=total)
+
+    monkeypatch.setattr(featurizer, "progress", recording)
+    TRAK(MLP(5, 4, 3), proj_dim=32, store=store, progress=False).featurize(MLP(5, 4, 3).init(seed=0), batches)
+    assert ("featurize checkpoint 0", len(batches)) in totals, totals
