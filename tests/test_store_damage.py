@@ -95,13 +95,26 @@ def test_directories_that_are_not_trak_core_stores_are_left_alone(tmp_path):
     before = (foreign / "zarr.json").read_bytes()
     array = tmp_path / "array.zarr"
     zarr.open_array(str(array), mode="w", shape=(4,), dtype="float64")
+    v2 = tmp_path / "v2.zarr"
+    zarr.open_group(str(v2), mode="w", zarr_format=2).create_array("mine", shape=(3,), dtype="float64")
+    plain = tmp_path / "plain"
+    (plain / "c0").mkdir(parents=True)
+    (plain / "c0" / "zarr.json").write_text('{"mine": true}')
+    (plain / "notes.txt").write_text("my notes")
     for path, said in ((mine, "a zarr.json file that is not zarr metadata"),
                        (foreign, r"a zarr group that is not a trak-core store \(it holds \['data'\]\)"),
-                       (array, "a zarr array")):
+                       (array, "a zarr array"), (v2, "zarr v2 data"),
+                       (plain, r"files that are not a trak-core store's \(\['c0', 'notes.txt'\]\)")):
         with pytest.raises(TrakOSError, match=f"holds {said}.*changed nothing"):
             _featurize(path)
     assert (mine / "zarr.json").read_text() == settings and sorted(p.name for p in mine.iterdir()) == ["zarr.json"]
     assert (foreign / "zarr.json").read_bytes() == before and not (foreign / "c0").exists()
+    assert not (v2 / "zarr.json").exists() and not (v2 / "c0").exists()
+    assert sorted(p.name for p in plain.iterdir()) == ["c0", "notes.txt"]
+    hidden = tmp_path / "hidden"  # hidden files only (a desktop's .DS_Store): taken as an empty directory
+    hidden.mkdir()
+    (hidden / ".DS_Store").write_bytes(b"\0")
+    _featurize(hidden)
 
 
 def test_a_refused_duplicate_checkpoint_leaves_no_trace(tmp_path):

@@ -112,33 +112,45 @@ class DiskStore(Store):
                 return self._root
             import zarr
 
+            self._refuse_foreign()
             if not self.exists():
                 self.writable()
-            else:
-                self._refuse_foreign()
             with one_writer(self.path):
                 self._root = zarr.open_group(str(self.path), mode="a")
         return self._root
 
     def _refuse_foreign(self) -> None:
-        """Refuse a directory whose ``zarr.json`` is not a trak-core store's: a user's own file of that name (zarr
-        would replace it), a zarr array, or a zarr group with attributes or members of its own (trak-core would add
-        its arrays to it). A group with neither is one a first run created and stopped before recording its
-        configuration: it is taken as this store."""
+        """Refuse a directory that is not a trak-core store: one whose ``zarr.json`` is a user's own file of that name
+        (zarr would replace it), a zarr array, or a zarr group with attributes or members of its own (trak-core would
+        add its arrays to it); zarr v2 data; files without a ``zarr.json`` (hidden ones aside). A group with neither
+        attributes nor members is one a first run created and stopped before recording its configuration: it is
+        taken as this store."""
         import json
 
+        if not self.path.is_dir():
+            return
+        others = sorted(entry.name for entry in self.path.iterdir()
+                        if entry.name != "zarr.json" and not entry.name.startswith(".trak_core_write_probe"))
+        v2 = [name for name in (".zarray", ".zgroup", ".zattrs") if name in others]
+        if not (self.path / "zarr.json").exists():
+            visible = [name for name in others if not name.startswith(".")]
+            if v2 or visible:
+                what = "zarr v2 data" if v2 else f"files that are not a trak-core store's ({visible[:5]})"
+                raise TrakOSError(f"the store path {self.path} holds {what}; trak-core writes only into its own "
+                                  "stores and changed nothing: choose another (new or empty) directory for store=")
+            return
         try:
             meta = json.loads((self.path / "zarr.json").read_text())
         except (OSError, UnicodeDecodeError, ValueError):
             meta = None
         what = None
-        if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or "node_type" not in meta:
+        if v2:
+            what = "zarr v2 data beside a zarr.json"
+        elif not isinstance(meta, dict) or meta.get("zarr_format") != 3 or "node_type" not in meta:
             what = "a zarr.json file that is not zarr metadata"
         elif meta["node_type"] != "group":
             what = f"a zarr {meta['node_type']}"
         elif "trak_core" not in (meta.get("attributes") or {}):
-            others = sorted(entry.name for entry in self.path.iterdir()
-                            if entry.name != "zarr.json" and not entry.name.startswith(".trak_core_write_probe"))
             if meta.get("attributes") or others:
                 what = f"a zarr group that is not a trak-core store (it holds {others[:5] or 'attributes'})"
         if what is not None:
