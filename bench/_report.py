@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import json
+import pathlib
 from typing import Any
 
 
 def write_json(result: Any, path: str | None) -> Any:
-    """Write ``result`` to ``path`` (when given) as indented JSON; returns ``result``."""
+    """Write ``result`` to ``path`` (when given; its folder made as needed) as indented JSON; returns ``result``."""
     if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
+        write_text(path, json.dumps(result, indent=2))
     return result
+
+
+def write_text(path: Any, text: str) -> None:
+    """Write ``text`` to ``path``, making its folder first (a missing folder failed after all the measuring)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -128,8 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", action="append", help="the models whose name starts with this (repeatable)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    result = {name: measure(*case, args.repeats, args.device)
-              for name, case in models(args.small, args.batch, args.device).items()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"argument --device: {args.device} asked, but torch {torch.__version__} sees no CUDA device")
+    cases = models(args.small, args.batch, args.device)
+    unknown = [prefix for prefix in args.only or () if not any(name.startswith(prefix) for name in cases)]
+    if unknown:
+        parser.error(f"argument --only: no model's name starts with {unknown}; the models: {sorted(cases)}")
+    result = {name: measure(*case, args.repeats, args.device) for name, case in cases.items()
               if not args.only or any(name.startswith(prefix) for prefix in args.only)}
     result["machine"] = dict(device=args.device, torch=torch.__version__, threads=torch.get_num_threads(),
                              load_average=os.getloadavg()[0])
@@ -141,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{row['max_rel_difference']:.1e})")
     print(result["machine"])
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     return result
 

@@ -137,10 +137,16 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
             terminalreporter.write_line(f"{r['pair']:<48} {r['time_ratio']:6.2f}x  "
                                         f"({r['ours_s'] * 1e3:.2f} ms vs {r['baseline_s'] * 1e3:.2f} ms {r['baseline']})")
     path = getattr(config.option, "benchmark_json", None)
+    given = hasattr(path, "write")  # --benchmark-json FILE on pytest-benchmark < 5.3: opened (emptied) at parsing
+    path = getattr(path, "name", path)
     pending = getattr(config, "_trak_core_json", None)
     if pending is not None:
-        path = pending[2]
+        path, given = pending[2], False
     if path is not None and getattr(config, "_trak_core_json_written", False):
         terminalreporter.write_line(f"JSON report: {path}")
+    elif path is not None and given:
+        terminalreporter.write_line(f"no JSON report: nothing was timed, and {path} is empty (pytest-benchmark "
+                                    "before 5.3 opens a --benchmark-json file before the run; leave the option out "
+                                    "to keep the last report in bench/results/)")
     elif path is not None:
         terminalreporter.write_line(f"no JSON report: nothing was timed, so {path} is left as it was")

@@ -367,6 +367,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json")
     parser.add_argument("--md")
     args = parser.parse_args(argv)
+    if str(args.device).startswith("cuda"):
+        import torch as torch_module  # another name: a local "torch" would hide the module's in this function
+
+        if not torch_module.cuda.is_available():
+            parser.error(f"argument --device: {args.device} asked, but torch {torch_module.__version__} sees no CUDA "
+                         "device (--device cpu rehearses the script on a CPU)")
     began, cfg, device = time.perf_counter(), SMALL if args.small else FULL, torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     versions = {name: getattr(__import__(name), "__version__", "?") if importlib.util.find_spec(name) else None
@@ -391,6 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["elapsed_s"] = time.perf_counter() - began
         write_json(result, args.json)
         if args.md:
+            pathlib.Path(args.md).parent.mkdir(parents=True, exist_ok=True)
             pathlib.Path(args.md).write_text(markdown(result))
     print(markdown(result))
     return result

@@ -64,6 +64,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        parser.error("this script measures the CuPy projection on an NVIDIA GPU, and cupy is not installed here "
+                     "(pip install cupy-cuda12x or cupy-cuda13x, on a machine with a GPU)")
     import cupy
     import torch
 

@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny GPT-2, ResNet and ViT, k = 256 (seconds)")
     parser.add_argument("--only", choices=list(MODELS), action="append", help="these models only")
-    parser.add_argument("--kinds", default="kronecker,rademacher", help="comma-separated proj_types to run")
+    parser.add_argument("--kinds", default="kronecker,rademacher",
+                        help="comma-separated proj_types to run: kronecker, rademacher (default: both)")
     parser.add_argument("--threads", type=int, help="torch threads in the children (default: torch's)")
     parser.add_argument("--dense-timeout", type=float, default=3600.0,
                         help="stop a full-size dense child after this many seconds and report bounds (0: never)")
@@ -273,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     settings = QUICK if args.quick else FULL
     models = [name for name in MODELS if not args.only or name in args.only]
     kinds = [kind for kind in args.kinds.split(",") if kind]
+    if not kinds or set(kinds) - {"kronecker", "rademacher"}:
+        parser.error(f"argument --kinds: {args.kinds!r}; choose from kronecker, rademacher (comma-separated)")
     versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers")}
     result = dict(mode=size, date=time.strftime("%Y-%m-%d %H:%M %Z"), cores=os.cpu_count(), load_before=load(),
                   versions=versions, command=" ".join(["python", "bench/kronecker_speed.py"]

@@ -1,6 +1,6 @@
 """Peak memory of featurizing to an on-disk store, at two training-set sizes, each in a fresh process.
 
-    python bench/memory_store.py --sizes 50000 200000 [--json out.json]
+    python bench/memory_store.py --sizes 20000 200000 [--json out.json]
 
 A ~100k-parameter MLP (NumPy reference backend, float32: 100 -> 900 -> 10, 99,910 parameters),
 k = 1,024, batches of 256 generated on the fly (never all in memory), one checkpoint. Reports the
@@ -42,7 +42,7 @@ print(seconds, featurize_peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="*", type=int, default=[50_000, 200_000])
+    parser.add_argument("--sizes", nargs="*", type=int, default=[20_000, 200_000])
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     rows = []

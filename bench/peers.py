@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     options = [f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"
                for name, value in (("task", args.task), ("ms", args.ms), ("k", args.k), ("batch", args.batch),
                                    ("libraries", args.libraries)) if value != parser.get_default(name)]
+    pathlib.Path(md_path).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(md_path).write_text(markdown(rows, facts, args.k, args.batch, args.task,
                                               " ".join(["python bench/peers.py", *options])))
     print(f"wrote {json_path} and {md_path}")

@@ -114,6 +114,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--budget", type=float, default=60.0, help="seconds: no plan starts after them")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if str(args.device).startswith("cuda"):
+        import torch as torch_module  # another name: a local "torch" would hide the module's in this function
+
+        if not torch_module.cuda.is_available():
+            parser.error(f"argument --device: {args.device} asked, but torch {torch_module.__version__} sees no CUDA "
+                         "device (--device cpu rehearses the script on a CPU)")
     device, deadline = torch.device(args.device), time.perf_counter() + args.budget
     if device.type == "cpu":  # Triton's interpreter; read when Triton is imported (not yet: trak_core imports it late)
         os.environ["TRITON_INTERPRET"] = "1"

@@ -243,3 +243,30 @@ def test_kronecker_speed_exits_1_when_a_row_failed(tmp_path):
     assert "failed rows: gpt2 kronecker" in out.stderr
     rows = __import__("json").loads((tmp_path / "k.json").read_text())["rows"]
     assert [row["model"] for row in rows if "error" in row] == ["gpt2"]
+
+
+@pytest.mark.parametrize("command, said", [
+    (["closed_form_speed.py", "--small", "--only", "foo"], "no model's name starts with ['foo']"),
+    (["kronecker_speed.py", "--quick", "--kinds", "foo"], "choose from kronecker, rademacher"),
+    (["gpu_projection.py"], "cupy is not installed here"),
+])
+def test_bench_scripts_refuse_what_they_cannot_run_at_once(command, said):
+    """An unknown --only measured nothing and exited 0; an unknown --kinds was a KeyError traceback; the CuPy
+    script without CuPy a bare ModuleNotFoundError."""
+    import subprocess
+
+    if command[0] == "gpu_projection.py" and importlib.util.find_spec("cupy") is not None:
+        pytest.skip("cupy is installed here: the script would run")
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed: the bench scripts are not exercised")
+    out = subprocess.run([sys.executable, str(BENCH / command[0]), *command[1:]], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and said in out.stderr, out.stderr[-2000:]
+
+
+def test_reports_go_to_folders_made_for_them(tmp_path):
+    """A missing --md or --json folder failed after all the measuring."""
+    report = _load("_report")
+    path = tmp_path / "new" / "deeper" / "out.json"
+    assert report.write_json({"a": 1}, str(path)) == {"a": 1}
+    assert path.read_text().startswith("{")
