@@ -14,6 +14,7 @@ from ._checks import (_check_lambda, _check_lengths, _check_proj_dim, _check_see
 from ._featurizer import Featurizer
 from ._namespace import namespace
 from ._progress import length_of, progress
+from ._target_groups import group_columns, target_groups
 from .backends import Backend
 from .backends.protocol import batches
 from .errors import TrakValueError
@@ -265,32 +266,37 @@ class TRAK(Featurizer):
             data = itertools.chain([first], data)
         self._check_scorable()
         entries = chosen_entries(self.store, checkpoints)
-        columns = []
-        for b, (inputs, labels) in enumerate(progress(data, desc="score", enabled=self.progress, total=total)):
-            if _check_lengths(inputs, labels, f"targets batch {b}") == 0:
-                continue  # an empty batch holds no target (as featurize skips empty training batches)
-            running = Ensemble([e.out_to_loss for e in entries], weighting=self.checkpoint_weighting)
-            for entry in entries:  # a running sum: one checkpoint's (n_train, batch) block at a time
-                target, _ = self._batch_features(entry.prepared, entry.index, inputs, labels,
-                                                 f"targets batch {b}, checkpoint {entry.index}")
-                xp = namespace(target)
-                if self.executor is not None:
-                    weights = target_weights(entry.factor, target, xp=xp)
-                    products = self.executor.products(self, entry, weights)
-                    running.add(finish_products(entry.factor, products, xp=namespace(products)), xp=xp)
-                else:
-                    running.add(checkpoint_scores(entry.features, entry.factor, target, xp=xp), xp=xp)
-            block = running.result(xp=xp)
-            del running
-            if self.soft_threshold is not None:
-                block = soft_threshold(block, self.soft_threshold, xp=xp)
-            columns.append(block)
-        if not columns:
+        columns, dtype = [], entries[0].features.dtype
+        stream = progress(data, desc="score", enabled=self.progress, total=total)
+        limit = group_columns(*entries[0].features.shape)
+        for group in target_groups(stream, *entries[0].features.shape):  # one pass over the features per group
+            targets = []  # each checkpoint's target features (group, k): small
+            for entry in entries:
+                parts = [self._batch_features(entry.prepared, entry.index, inputs, labels,
+                                              f"targets batch {b}, checkpoint {entry.index}")[0]
+                         for inputs, labels, b in group]
+                xp = namespace(parts[0])
+                targets.append(parts[0] if len(parts) == 1 else xp.concat(parts, axis=0))
+            for start in range(0, targets[0].shape[0], limit):  # a wide batch in slices: bounded blocks
+                running = Ensemble([e.out_to_loss for e in entries], weighting=self.checkpoint_weighting)
+                for entry, target in zip(entries, targets):  # a running sum: one checkpoint's block at a time
+                    target = target[start:start + limit, :] if targets[0].shape[0] > limit else target
+                    if self.executor is not None:
+                        weights = target_weights(entry.factor, target, xp=xp)
+                        products = self.executor.products(self, entry, weights)
+                        running.add(finish_products(entry.factor, products, xp=namespace(products)), xp=xp)
+                    else:
+                        running.add(checkpoint_scores(entry.features, entry.factor, target, xp=xp), xp=xp)
+                block = running.result(xp=xp)
+                del running
+                if self.soft_threshold is not None:
+                    block = soft_threshold(block, self.soft_threshold, xp=xp)
+                columns.append(xp.astype(block, dtype, copy=False))  # the features' dtype (float64 kernels'
+        if not columns:  # blocks were joined in float64 and then cast: 5x the result at the peak)
             raise TrakValueError("score: data yielded no targets (no batches, or only empty ones); pass an iterable of "
                                  "(inputs, labels) batches")
         scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
-        del columns  # the blocks are in ``scores`` now; the cast below copies nothing (peak: twice the result, once)
-        scores = xp.astype(scores, self.store[0].features.dtype, copy=False)
+        del columns  # the blocks are in ``scores`` now (peak: twice the result, once)
         if save_as is not None:
             self.store.save_scores(save_as, scores)
         return scores
