@@ -341,7 +341,8 @@ def test_saving_and_loading_scores_hold_a_chunk_at_a_time(tmp_path):
     finally:
         tracemalloc.stop()
     assert np.array_equal(loaded, scores)
-    assert saving < 0.6 and loading < 2.2, (saving, loading)
+    assert saving < 0.6 and loading < 2.5, (saving, loading)  # 1.73 alone; 2.21 once in a CI worker (tracemalloc
+    # counts every thread's allocations), against 2.0 and 2.9 before
 
 
 def test_a_relative_file_url_is_fixed_when_given(tmp_path, monkeypatch):
