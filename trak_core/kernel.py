@@ -174,6 +174,19 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
 
 
 @full_precision_products
+def quadratic_forms(factor: KernelFactor, rhs: Any, *, xp: Any) -> Any:
+    """``x^T (M + lambda I)^{-1} x`` for each column ``x`` of ``rhs`` (shape (m,)): ``|L^{-1} x|^2``, one
+    triangular solve where :func:`solve` takes two (minimum-norm when singular, as it is)."""
+    rhs = xp.astype(rhs, factor.arrays[0].dtype)
+    if factor.kind == "cholesky":
+        half = solve_triangular(factor.arrays[0], rhs, transpose=False, xp=xp)
+        return xp.sum(half * half, axis=0)
+    vectors, inverse_values = factor.arrays
+    projected = xp.matrix_transpose(vectors) @ rhs
+    return xp.sum(inverse_values[:, None] * projected * projected, axis=0)
+
+
+@full_precision_products
 def solve(factor: KernelFactor, rhs: Any, *, xp: Any) -> Any:
     """``(M + lambda I)^{-1} rhs`` (minimum-norm when singular) for the factorized ``M``: ``Phi^T Phi`` with rhs
     of shape (k, m), or ``Phi Phi^T`` (n-space) with rhs of shape (n, m)."""

@@ -9,7 +9,7 @@ import math
 from typing import Any, Sequence
 
 from ._delegation import full_precision_products
-from .kernel import KernelFactor, gram, solve
+from .kernel import KernelFactor, gram, quadratic_forms, solve
 
 __all__ = ["checkpoint_scores", "target_weights", "finish_products", "train_products", "self_scores", "ensemble",
            "Ensemble", "soft_threshold", "normalize_rows", "SCORE_BLOCK_ROWS"]
@@ -62,9 +62,7 @@ def self_scores(train_features: Any, factor: KernelFactor, *, xp: Any, chunk_row
     parts = []
     for start in range(0, train_features.shape[0], chunk_rows):
         rows = train_features[start:min(train_features.shape[0], start + chunk_rows), :]
-        rows = xp.astype(rows, factor.arrays[0].dtype)
-        weights = solve(factor, xp.matrix_transpose(rows), xp=xp)  # K^{-1} phi_i^T, (k, rows)
-        parts.append(xp.sum(rows * xp.matrix_transpose(weights), axis=1))
+        parts.append(quadratic_forms(factor, xp.matrix_transpose(rows), xp=xp))  # phi_i K^{-1} phi_i^T: one solve
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
