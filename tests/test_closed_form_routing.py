@@ -123,3 +123,62 @@ def test_rows_taken_in_order_by_arange_keep_the_closed_form():
     assert prepared._closed_form[id(task)] is not None
     reference = _one_at_a_time(model, x, y, task)
     assert float(torch.linalg.vector_norm(grads - reference) / torch.linalg.vector_norm(reference)) < 1e-12
+
+
+class GatherTopOne(TopOne):
+    """``TopOne`` with the routed rows taken by ``torch.gather`` (was not watched: 28% off)."""
+
+    def forward(self, x):
+        flat = x.reshape(-1, D)
+        route = flat[:, 0] > 0
+        i0, i1 = route.nonzero()[:, 0], (~route).nonzero()[:, 0]
+        out = torch.zeros_like(flat)
+        out = out.index_put((i0,), self.e0(torch.gather(flat, 0, i0[:, None].expand(-1, D))))
+        out = out.index_put((i1,), self.e1(torch.gather(flat, 0, i1[:, None].expand(-1, D))))
+        return self.head(torch.tanh(out).reshape(x.shape).mean(1))
+
+
+def test_rows_gathered_by_the_router_are_watched_too():
+    model, x, y = _routed(TopOne)
+    gathered = GatherTopOne().double().eval()
+    gathered.load_state_dict(model.state_dict())
+    task, backend = get_task("classification"), TorchBackend()
+    prepared = backend.prepare(gathered, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        grads = torch.cat([backend.gradients(gathered, prepared, x[s], y[s], task)[0]
+                           for s in (slice(0, 2), slice(2, 5))])
+    reference = _one_at_a_time(gathered, x, y, task)
+    assert float((torch.linalg.vector_norm(grads - reference, dim=1)
+                  / torch.linalg.vector_norm(reference, dim=1)).max()) < 1e-12
+
+
+class EndOfSequence(nn.Module):
+    """BART's classification pooling: ``hidden[eos_mask].view(n, -1, d)[:, -1, :]`` (one row per example again),
+    and a position table computed in the forward, looked up by ``(n, T)`` positions (rotary-style ``cos[pos]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+        self.register_buffer("freq", torch.linspace(0.1, 1.0, D))
+
+    def forward(self, x):
+        table = torch.sin(torch.arange(32, dtype=self.freq.dtype)[:, None] * self.freq)
+        positions = torch.arange(x.shape[1]).expand(x.shape[0], x.shape[1])
+        h = torch.tanh(self.mix(x + table[positions]))
+        eos = torch.zeros(x.shape[:2], dtype=torch.bool)
+        eos[:, -1] = True
+        return self.head(h[eos, :].view(x.shape[0], -1, D)[:, -1, :])
+
+
+def test_picks_regrouped_per_example_and_position_tables_keep_the_closed_form():
+    """Both went to vmap (and BART's classifier then to the one-example loop: 5x slower) after the routing watch."""
+    torch.manual_seed(2)
+    model = EndOfSequence().double().eval()
+    x, y = torch.randn(6, T, D, dtype=torch.float64), torch.randint(0, 3, (6,))
+    task, backend = get_task("classification"), TorchBackend()
+    prepared = backend.prepare(model, None)
+    grads, _ = backend.gradients(model, prepared, x, y, task)
+    assert prepared._closed_form[id(task)] is not None
+    reference = _one_at_a_time(model, x, y, task)
+    assert float(torch.linalg.vector_norm(grads - reference) / torch.linalg.vector_norm(reference)) < 1e-12

@@ -221,8 +221,9 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         if not args or not hasattr(args[0], "detach"):  # called with keywords only, or not on a tensor
             raise NotPerExample(f"{type(module).__name__} is not called on a tensor as its first argument")
         if picked(args[0]):
-            raise NotPerExample(f"{type(module).__name__} is called on rows picked by a mask or an index (tokens "
-                                "routed to an expert, or unpadded): their number per example depends on the data")
+            raise NotPerExample(f"{type(module).__name__} is called on rows picked from the batch by a mask or an "
+                                "index (tokens routed to an expert, unpadded tokens): which example each row is of "
+                                "depends on the data")
         kind, a = spec[module][0], args[0].detach()
         with torch.no_grad():  # a norm's input side: normalized now, with the buffers of this call
             a = _normalized(module, kind, a) if kind in NORMS else a
@@ -289,7 +290,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     attention = [module for module, kind, _, _ in uses if kind == "mha"]
     followed = scaled(scales, n) if scales else nullcontext()
     with torch.enable_grad(), hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted, \
-            picked_rows(model, params, watch_rows) as picked, followed:  # ``followed`` sees each call first
+            picked_rows(model, params, watch_rows, n) as picked, followed:  # ``followed`` sees each call first
         logits = output_logits(backend._call(model, params, inputs, causal=causal), backend.logits_fn)
         for module in called:
             if not set(functional[module]) <= seen:  # e.g. the fused fast path of nn.MultiheadAttention

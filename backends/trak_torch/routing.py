@@ -32,10 +32,12 @@ def _first_index(index: Any) -> Any:
 
 
 @contextmanager
-def picked_rows(model: Any, params: dict, watch: bool = True) -> Iterator[Any]:
+def picked_rows(model: Any, params: dict, watch: bool = True, rows: int | None = None) -> Iterator[Any]:
     """While active, ``picked(tensor) -> bool``: whether ``tensor`` holds rows picked by data from a batch tensor
     (or values computed from them, row for row). ``params``: the tensors the model is called with (their lookups
-    are not picks); the model's buffers are added. ``watch=False``: nothing is watched (every op of the forward
+    are not picks); the model's buffers are added. ``rows``: the batch's examples: rows picked by a boolean mask
+    over ``(examples, tokens)`` and regrouped into one row per example (``hidden[eos_mask].view(n, -1, d)``, BART's
+    classification head) are the examples' again. ``watch=False``: nothing is watched (every op of the forward
     passes through a torch function mode while watching: 15-25% of a small model's closed-form step on a CPU)."""
     import torch
     from torch.overrides import TorchFunctionMode
@@ -46,57 +48,76 @@ def picked_rows(model: Any, params: dict, watch: bool = True) -> Iterator[Any]:
 
     constants = {t.untyped_storage().data_ptr() for t in list(params.values()) + list(model.buffers())
                  if isinstance(t, torch.Tensor)}
-    marked: dict[int, Any] = {}  # storage address -> a tensor holding it (kept alive: its address is not reused)
-    ranges: dict[int, Any] = {}  # the same, for torch.arange's outputs and their casts
+    marked: dict[int, tuple[Any, bool]] = {}  # id -> (the tensor, kept alive: its id is not reused; grouped by
+    ranges: dict[int, Any] = {}  # example), and storage address -> torch.arange's outputs and their casts
     selections = {torch.Tensor.__getitem__, torch.index_select, torch.Tensor.index_select, torch.masked_select,
-                  torch.Tensor.masked_select}
+                  torch.Tensor.masked_select, torch.gather, torch.Tensor.gather, torch.take_along_dim,
+                  torch.Tensor.take_along_dim, torch.take, torch.Tensor.take}
     casts = {torch.Tensor.to, torch.Tensor.long, torch.Tensor.int, torch.Tensor.type, torch.Tensor.contiguous,
              torch.Tensor.clone}
-
-    def mark(tensor: Any) -> None:
-        if isinstance(tensor, torch.Tensor):
-            marked[tensor.untyped_storage().data_ptr()] = tensor
+    reshapes = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.flatten, torch.flatten,
+                torch.Tensor.unflatten}
 
     def picked(tensor: Any) -> bool:
-        return bool(marked) and isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() in marked
+        return bool(marked) and id(tensor) in marked
 
-    def chooses_rows(func: Any, args: tuple, kwargs: dict) -> bool:
+    def from_range(index: Any) -> bool:
+        return index.untyped_storage().data_ptr() in ranges
+
+    def pick(func: Any, args: tuple, kwargs: dict) -> bool | None:
+        """``None``: not rows picked from a batch tensor; else whether the picks come grouped by example."""
         source = args[0] if args else kwargs.get("input")
         if not isinstance(source, torch.Tensor) or source.ndim == 0 or \
                 source.untyped_storage().data_ptr() in constants:
+            return None
+        if func in (torch.masked_select, torch.Tensor.masked_select, torch.take, torch.Tensor.take):
             return False
-        if func in (torch.masked_select, torch.Tensor.masked_select):
-            return True
-        if func is not torch.Tensor.__getitem__:  # index_select
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            return dim in (0, -source.ndim)
+        if func is not torch.Tensor.__getitem__:  # index_select, gather, take_along_dim: along dim 0 only
+            dim = args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) else kwargs.get("dim", 0)
+            index = args[2] if len(args) > 2 else kwargs.get("index", args[1] if len(args) > 1 else None)
+            if dim not in (0, -source.ndim) or (isinstance(index, torch.Tensor) and from_range(index)):
+                return None
+            return False
         index = _first_index(args[1] if len(args) > 1 else None)
         if isinstance(index, (list, tuple)):
             index = torch.as_tensor(index)
         if not isinstance(index, torch.Tensor):
-            return False  # an integer, a slice, an Ellipsis
-        if index.dtype == torch.bool:
-            return True
-        if index.ndim == 0 or index.shape[0] != source.shape[0] or index.untyped_storage().data_ptr() not in ranges:
-            return True  # an index computed from the data equals arange in some batches (all tokens to one expert)
-        rows = torch.arange(source.shape[0], device=index.device, dtype=index.dtype)
-        return not bool(torch.all(index == rows.view(-1, *[1] * (index.ndim - 1))))  # row i from example i
+            return None  # an integer, a slice, an Ellipsis
+        if index.dtype == torch.bool:  # tokens by a mask; grouped when the mask is over (examples, tokens)
+            return index.ndim >= 2 and index.shape[0] == source.shape[0] == rows
+        if index.ndim >= 2 and index.shape[0] == rows:
+            return None  # one row of indices per example: a table looked up by position (cos[position_ids])
+        if index.ndim == 0 or index.shape[0] != source.shape[0] or not from_range(index):
+            return False  # an index computed from the data equals arange in some batches (all tokens to one expert)
+        order = torch.arange(source.shape[0], device=index.device, dtype=index.dtype)
+        return None if bool(torch.all(index == order.view(-1, *[1] * (index.ndim - 1)))) else False
 
     class Mode(TorchFunctionMode):
         def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                return out
             if func is torch.arange or (func in casts and args and isinstance(args[0], torch.Tensor)
-                                        and args[0].untyped_storage().data_ptr() in ranges):
-                if isinstance(out, torch.Tensor):
-                    ranges[out.untyped_storage().data_ptr()] = out
-            elif func in selections and chooses_rows(func, args, kwargs):
-                mark(out)
-            elif marked and isinstance(out, torch.Tensor) and out.ndim:
+                                        and from_range(args[0])):
+                ranges[out.untyped_storage().data_ptr()] = out
+                return out
+            if func in selections:
+                grouped = pick(func, args, kwargs)
+                if grouped is not None:  # picked again from picked rows: not grouped any more
+                    marked[id(out)] = (out, grouped and not picked(args[0] if args else None))
+                    return out
+            if marked and out.ndim:
                 for arg in (*args, *kwargs.values()):
-                    if picked(arg) and arg.ndim and arg.shape[0] == out.shape[0]:  # row for row: activations,
-                        mark(out)  # casts, products with weights
-                        break
+                    if not picked(arg) or not arg.ndim:
+                        continue
+                    grouped = marked[id(arg)][1]
+                    if func in reshapes and out.numel() == arg.numel():
+                        if not (grouped and out.shape[0] == rows):  # regrouped one row per example: theirs again
+                            marked[id(out)] = (out, grouped)
+                    elif arg.shape[0] == out.shape[0]:  # row for row: activations, casts, products, slices
+                        marked[id(out)] = (out, grouped)
+                    break
             return out
 
     with Mode():
