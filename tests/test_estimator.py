@@ -314,3 +314,22 @@ def test_small_target_batches_share_one_pass_over_the_features(monkeypatch):
     assert len(passes) == 2  # one per checkpoint, not 20
     one_by_one = np.concatenate([trak.score([batch]) for batch in batches], axis=1)
     np.testing.assert_allclose(scores, one_by_one, rtol=1e-12, atol=1e-12 * np.abs(one_by_one).max())
+
+
+def test_a_loader_that_refills_one_buffer_gives_each_batch_its_own_targets():
+    """Grouped batches were featurized only once the group was full: a loader reusing one buffer made every batch
+    of the group its last one (100% off); each batch is featurized as it is pulled now."""
+    rng = np.random.default_rng(2)
+    model = SoftmaxRegression(4, 3)
+    trak = TRAK(model, proj_dim=8, progress=False)
+    trak.featurize(model.init(seed=0), [(rng.normal(size=(200, 4)), rng.integers(0, 3, 200))])
+    xt, yt = rng.normal(size=(40, 4)), rng.integers(0, 3, 40)
+    buffer_x, buffer_y = np.empty((10, 4)), np.empty(10, dtype=np.int64)
+
+    def refilled():
+        for i in range(0, 40, 10):
+            buffer_x[:], buffer_y[:] = xt[i:i + 10], yt[i:i + 10]
+            yield buffer_x, buffer_y
+
+    scores = trak.score(refilled())
+    np.testing.assert_allclose(scores, trak.score([(xt, yt)]), rtol=1e-10, atol=1e-12)

@@ -268,30 +268,27 @@ class TRAK(Featurizer):
         entries = chosen_entries(self.store, checkpoints)
         columns, dtype = [], entries[0].features.dtype
         stream = progress(data, desc="score", enabled=self.progress, total=total)
-        limit = group_columns(*entries[0].features.shape)
-        for group in target_groups(stream, *entries[0].features.shape):  # one pass over the features per group
-            targets = []  # each checkpoint's target features (group, k): small
-            for entry in entries:
-                parts = [self._batch_features(entry.prepared, entry.index, inputs, labels,
-                                              f"targets batch {b}, checkpoint {entry.index}")[0]
-                         for inputs, labels, b in group]
-                xp = namespace(parts[0])
-                targets.append(parts[0] if len(parts) == 1 else xp.concat(parts, axis=0))
-            for start in range(0, targets[0].shape[0], limit):  # a wide batch in slices: bounded blocks
-                running = Ensemble([e.out_to_loss for e in entries], weighting=self.checkpoint_weighting)
-                for entry, target in zip(entries, targets):  # a running sum: one checkpoint's block at a time
-                    target = target[start:start + limit, :] if targets[0].shape[0] > limit else target
-                    if self.executor is not None:
-                        weights = target_weights(entry.factor, target, xp=xp)
-                        products = self.executor.products(self, entry, weights)
-                        running.add(finish_products(entry.factor, products, xp=namespace(products)), xp=xp)
-                    else:
-                        running.add(checkpoint_scores(entry.features, entry.factor, target, xp=xp), xp=xp)
-                block = running.result(xp=xp)
-                del running
-                if self.soft_threshold is not None:
-                    block = soft_threshold(block, self.soft_threshold, xp=xp)
-                columns.append(xp.astype(block, dtype, copy=False))  # the features' dtype (float64 kernels'
+        n_train, width = entries[0].features.shape
+
+        def featurize(inputs: Any, labels: Any, b: int) -> list:  # each checkpoint's target features, at once
+            return [self._batch_features(entry.prepared, entry.index, inputs, labels,
+                                         f"targets batch {b}, checkpoint {entry.index}")[0] for entry in entries]
+
+        for targets in target_groups(stream, featurize, group_columns(n_train, len(entries) * width)):
+            xp = namespace(targets[0])  # one pass over each checkpoint's features per group of batches
+            running = Ensemble([e.out_to_loss for e in entries], weighting=self.checkpoint_weighting)
+            for entry, target in zip(entries, targets):  # a running sum: one checkpoint's block at a time
+                if self.executor is not None:
+                    weights = target_weights(entry.factor, target, xp=xp)
+                    products = self.executor.products(self, entry, weights)
+                    running.add(finish_products(entry.factor, products, xp=namespace(products)), xp=xp)
+                else:
+                    running.add(checkpoint_scores(entry.features, entry.factor, target, xp=xp), xp=xp)
+            block = running.result(xp=xp)
+            del running
+            if self.soft_threshold is not None:
+                block = soft_threshold(block, self.soft_threshold, xp=xp)
+            columns.append(xp.astype(block, dtype, copy=False))  # the features' dtype (float64 kernels'
         if not columns:  # blocks were joined in float64 and then cast: 5x the result at the peak)
             raise TrakValueError("score: data yielded no targets (no batches, or only empty ones); pass an iterable of "
                                  "(inputs, labels) batches")
