@@ -189,3 +189,26 @@ def test_right_padding_labels_still_count_and_own_configs_are_not_read():
             self.config = type("Config", (), {"sliding_window": 128})()
 
     assert _layer_masks(OwnConfig(), causal=False) is None  # was a refusal ("bidirectional sliding-window")
+
+
+def test_a_bad_batch_does_not_send_a_float64_model_to_eager_attention_for_good():
+    """A float64 model keeps its SDPA under vmap; any error of a bad batch switched its checkpoint to eager attention
+    (float32 softmax) for every later batch: 2.2e-8 off. Only a batch that eager attention takes switches it."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    ids = torch.randint(1, 64, (4, 8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    task = trak_core.tasks.LanguageModeling()
+    backend = TorchBackend(per_example="vmap")
+    prepared = backend.prepare(model, None)
+    with pytest.raises(Exception):
+        backend.gradients(model, prepared, {"input_ids": ids, "attention_mask": mask,
+                                            "position_ids": torch.zeros(4, 9, dtype=torch.long)}, ids, task)
+    after, _ = backend.gradients(model, prepared, {"input_ids": ids, "attention_mask": mask}, ids, task)
+    fresh, _ = backend.gradients(model, backend.prepare(model, None), {"input_ids": ids, "attention_mask": mask}, ids,
+                                 task)
+    assert float((after - fresh).norm() / fresh.norm()) < 1e-13

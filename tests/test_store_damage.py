@@ -115,6 +115,10 @@ def test_directories_that_are_not_trak_core_stores_are_left_alone(tmp_path):
     hidden.mkdir()
     (hidden / ".DS_Store").write_bytes(b"\0")
     _featurize(hidden)
+    killed = tmp_path / "killed"  # a first run's empty group (killed before its configuration), and a hidden file
+    zarr.open_group(str(killed), mode="w")
+    (killed / ".DS_Store").write_bytes(b"\0")
+    _featurize(killed)
 
 
 def test_a_refused_duplicate_checkpoint_leaves_no_trace(tmp_path):

@@ -151,6 +151,7 @@ class DiskStore(Store):
         elif meta["node_type"] != "group":
             what = f"a zarr {meta['node_type']}"
         elif "trak_core" not in (meta.get("attributes") or {}):
+            others = [name for name in others if not name.startswith(".")]  # hidden files aside, as without one
             if meta.get("attributes") or others:
                 what = f"a zarr group that is not a trak-core store (it holds {others[:5] or 'attributes'})"
         if what is not None:

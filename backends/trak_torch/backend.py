@@ -315,14 +315,16 @@ class TorchBackend(Backend):
         from .attention import vmap_keeps_sdpa
         from .vmapped import vmap_gradients
 
-        if not prepared.__dict__.get("_eager_vmap"):
-            try:
-                return vmap_gradients(self, model, prepared, inputs, labels, task, causal, prepared.dtype)
-            except (RuntimeError, NotImplementedError):
-                if not vmap_keeps_sdpa(model, prepared.dtype):
-                    raise
-                prepared.__dict__["_eager_vmap"] = True
-        return vmap_gradients(self, model, prepared, inputs, labels, task, causal, None)
+        if prepared.__dict__.get("_eager_vmap"):
+            return vmap_gradients(self, model, prepared, inputs, labels, task, causal, None)
+        try:
+            return vmap_gradients(self, model, prepared, inputs, labels, task, causal, prepared.dtype)
+        except (RuntimeError, NotImplementedError):
+            if not vmap_keeps_sdpa(model, prepared.dtype):
+                raise
+            result = vmap_gradients(self, model, prepared, inputs, labels, task, causal, None)  # raises a real error
+            prepared.__dict__["_eager_vmap"] = True  # only once eager attention took the batch SDPA could not
+            return result
 
     def _factorized(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, *, k: int, seed: int,
                     checkpoint: int, options: Any) -> Any:
