@@ -271,6 +271,10 @@ class Featurizer(KernelFitting):
     def _close_checkpoint(self, pending: PendingCheckpoint, lambda_reg: float | None = None) -> None:
         """Factorize the kernel and add the entry (the features are all in the writer)."""
         kernel_dtype = self._kernel_dtype(self.lambda_reg if lambda_reg is None else lambda_reg)
+        try:
+            pending.writer.progress = self.progress  # a bar over the kernel's chunks (trak-core's writers)
+        except AttributeError:  # a third-party Writer that takes no attributes
+            pass
         features, q_all, kernel = pending.writer.finish(kernel_dtype=kernel_dtype)
         if features is None:
             raise TrakValueError("featurize: data yielded no examples (no batches, or only empty ones); pass an "

@@ -130,6 +130,7 @@ class DiskWriter(Writer):
         self._rows: list[np.ndarray] = []
         self._weights: list[np.ndarray] = []
         self.template: Any = store.template
+        self.progress: bool | None = False  # a bar over the kernel's chunks (set by the estimator: its progress=)
         self.needs_template = self.template is None and self.rows_done > 0
 
     @property
@@ -292,15 +293,15 @@ class DiskWriter(Writer):
                 except TrakValueError:  # damaged: made again from the checked features, and stored where it can be
                     log.warning("checkpoint %d in %s: the stored kernel is damaged; it is made again from the "
                                 "features", self.index, self.store.path)
-                    kernel = kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
+                    kernel = kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype, show=self.progress)
                     try:
                         self._store_kernel(to_numpy(kernel))
                     except TrakOSError:  # a read-only store: made again at each opening
                         self.kernel_loader = None
                     return lazy, weights, kernel
             self.kernel_loader = None  # a float32 kernel stored, float64 asked: made from the features (kept stored)
-            return lazy, weights, kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
-        kernel = kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype)
+            return lazy, weights, kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype, show=self.progress)
+        kernel = kernel_from_features(lazy, xp=xp, kernel_dtype=kernel_dtype, show=self.progress)
         self._store_kernel(to_numpy(kernel))
         return lazy, weights, kernel
 

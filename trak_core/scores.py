@@ -53,14 +53,18 @@ def train_products(train_features: Any, weights: Any, start: int, stop: int, *, 
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
-def self_scores(train_features: Any, factor: KernelFactor, *, xp: Any, chunk_rows: int = SCORE_BLOCK_ROWS) -> Any:
+def self_scores(train_features: Any, factor: KernelFactor, *, xp: Any, chunk_rows: int = SCORE_BLOCK_ROWS,
+                show: bool | None = False, desc: str = "self-influence") -> Any:
     """``diag(Phi_c K_c^{-1} Phi_c^T)``, shape (n_train,), in the kernel's dtype: each training
-    example scored as its own target, without the n_train x n_train matrix (row blocks of ``chunk_rows``)."""
+    example scored as its own target, without the n_train x n_train matrix (row blocks of ``chunk_rows``; a
+    progress bar over them where ``show``)."""
+    from ._progress import progress
+
     if factor.space == "n":  # diag((G + lambda I)^{-1} G)
         g = gram(train_features, xp=xp, chunk_rows=chunk_rows, dtype=factor.arrays[0].dtype)
         return _diagonal(solve(factor, g, xp=xp), xp=xp)
     parts = []
-    for start in range(0, train_features.shape[0], chunk_rows):
+    for start in progress(range(0, train_features.shape[0], chunk_rows), desc=desc, enabled=show):
         rows = train_features[start:min(train_features.shape[0], start + chunk_rows), :]
         parts.append(quadratic_forms(factor, xp.matrix_transpose(rows), xp=xp))  # phi_i K^{-1} phi_i^T: one solve
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)

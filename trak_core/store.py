@@ -25,10 +25,14 @@ __all__ = ["CheckpointEntry", "Store", "Writer", "MemoryStore", "MemoryWriter", 
 KERNEL_CHUNK_ROWS = 4096  # rows of features per update of the kernel K (and rows per on-disk chunk)
 
 
-def kernel_from_features(features: Any, *, xp: Any = None, kernel_dtype: str = "float64") -> Any:
+def kernel_from_features(features: Any, *, xp: Any = None, kernel_dtype: str = "float64",
+                         show: bool | None = False) -> Any:
     """The matrix to factorize, as featurizing makes it (same bits): ``Phi^T Phi`` accumulated in chunks of
     ``KERNEL_CHUNK_ROWS`` rows, or ``Phi Phi^T`` when ``n_train < k`` (:func:`trak_core.kernel.space_for`),
-    in the dtype ``kernel_dtype`` names (:func:`trak_core.kernel.work_dtype`)."""
+    in the dtype ``kernel_dtype`` names (:func:`trak_core.kernel.work_dtype`). ``show``: a progress bar over the
+    chunks (``TRAK(progress=...)``; half a minute at n = 200,000, k = 2,048)."""
+    from ._progress import progress
+
     first = features[:1, :]
     xp = namespace(first) if xp is None else xp
     dtype = kernel_ops.work_dtype(xp, device_of(first), kernel_dtype, first.dtype)
@@ -36,7 +40,8 @@ def kernel_from_features(features: Any, *, xp: Any = None, kernel_dtype: str = "
         if kernel_ops.space_for(features.shape[0], features.shape[1]) == "n":  # float64 or refused, by the fitting
             return kernel_ops.gram(features, xp=xp, chunk_rows=KERNEL_CHUNK_ROWS, dtype=dtype)
         kernel = None
-        for start in range(0, features.shape[0], KERNEL_CHUNK_ROWS):
+        starts = range(0, features.shape[0], KERNEL_CHUNK_ROWS)
+        for start in progress(starts, desc="kernel", enabled=show):
             kernel = kernel_ops.accumulate(kernel, features[start:min(features.shape[0], start + KERNEL_CHUNK_ROWS),
                                                             :], xp=xp, dtype=dtype)
     return kernel
@@ -166,8 +171,8 @@ class MemoryWriter(Writer):
         xp = namespace(self._features[0])
         features = self._features[0] if len(self._features) == 1 else xp.concat(self._features, axis=0)
         self._features = [features]
-        return features, xp.concat(self._weights, axis=0), kernel_from_features(features, xp=xp,
-                                                                                 kernel_dtype=kernel_dtype)
+        return features, xp.concat(self._weights, axis=0), kernel_from_features(
+            features, xp=xp, kernel_dtype=kernel_dtype, show=getattr(self, "progress", False))
 
     def discard(self) -> None:
         """Forget what was collected (nothing was stored)."""

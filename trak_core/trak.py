@@ -324,7 +324,8 @@ class TRAK(Featurizer):
         self._check_scorable("self_influence()")
         entries = chosen_entries(self.store, checkpoints)
         xp = namespace(entries[0].out_to_loss)
-        diagonals = [self_scores(entry.features, entry.factor, xp=xp)[:, None] for entry in entries]
+        diagonals = [self_scores(entry.features, entry.factor, xp=xp, show=self.progress,
+                                 desc=f"self-influence, checkpoint {entry.index}")[:, None] for entry in entries]
         block = ensemble(diagonals, [entry.out_to_loss for entry in entries], xp=xp, weighting="uniform")
         return xp.astype(block[:, 0], self.store[0].features.dtype)
 
