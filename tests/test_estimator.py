@@ -358,3 +358,27 @@ def test_the_kernel_and_self_influence_show_progress(monkeypatch):
         trak.featurize(model.init(seed=0), [(x, y)])
         trak.self_influence()
         assert (("kernel", 2) in shown and ("self-influence, checkpoint 0", 1) in shown) == enabled, shown
+
+
+def test_in_memory_features_are_not_held_twice_while_joined():
+    """MemoryWriter.finish concatenated a checkpoint's batches while holding them: twice the features at the peak
+    (852 MB for 391 MB of torch features in an audit; 558 MB now). Each part is dropped once copied; measured as
+    peak RSS in a fresh process (the joined array's pages are touched part by part)."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, numpy as np
+from trak_core.store import MemoryWriter
+writer, rng = MemoryWriter(), np.random.default_rng(4)
+for _ in range(40):
+    writer.append(rng.normal(size=(500, 1024)), np.ones(500))
+held = 40 * 500 * 1024 * 8
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+joined, _, _ = writer.finish()  # with the kernel: 8 MB, and one 4,096-row chunk's float64 copy at a time
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start) / held, joined.shape)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    growth, shape = out.stdout.split(maxsplit=1)
+    assert float(growth) < 0.5 and shape.strip() == "(20000, 1024)", out.stdout  # it was 1.0: a second copy
