@@ -32,22 +32,25 @@ def _first_index(index: Any) -> Any:
 
 
 @contextmanager
-def picked_rows(model: Any, params: dict, watch: bool = True, rows: int | None = None) -> Iterator[Any]:
-    """While active, ``picked(tensor) -> bool``: whether ``tensor`` holds rows picked by data from a batch tensor
-    (or values computed from them, row for row). ``params``: the tensors the model is called with (their lookups
-    are not picks); the model's buffers are added. ``rows``: the batch's examples: rows picked by a boolean mask
-    over ``(examples, tokens)`` and regrouped into one row per example (``hidden[eos_mask].view(n, -1, d)``, BART's
-    classification head) are the examples' again. ``watch=False``: nothing is watched (every op of the forward
-    passes through a torch function mode while watching: 15-25% of a small model's closed-form step on a CPU)."""
+def picked_rows(model: Any, params: dict, watch: bool = True, rows: int | None = None,
+                inputs: Any = None) -> Iterator[Any]:
+    """While active, ``picked(tensor) -> bool``: whether ``tensor`` holds rows picked by data from a tensor computed
+    from the batch ``inputs`` (or anything computed from such rows: slices, splits, activations). Lookups in
+    tensors not computed from the batch (parameters, buffers, position tables built in the forward) are not picks.
+    ``rows``: the batch's examples: rows picked by a boolean mask over ``(examples, tokens)`` and regrouped into one
+    row per example (``hidden[eos_mask].view(n, -1, d)``, BART's classification head) are the examples' again.
+    ``watch=False``: nothing is watched (every op of the forward passes through a torch function mode while
+    watching: 15-25% of a small model's closed-form step on a CPU)."""
     import torch
     from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
 
     if not watch:
         yield lambda tensor: False
         return
 
-    constants = {t.untyped_storage().data_ptr() for t in list(params.values()) + list(model.buffers())
-                 if isinstance(t, torch.Tensor)}
+    derived = {id(t): t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}  # computed from the batch
+    del params  # lookups in parameters are not picks: they are not computed from the batch
     marked: dict[int, tuple[Any, bool]] = {}  # id -> (the tensor, kept alive: its id is not reused; grouped by
     ranges: dict[int, Any] = {}  # example), and storage address -> torch.arange's outputs and their casts
     selections = {torch.Tensor.__getitem__, torch.index_select, torch.Tensor.index_select, torch.masked_select,
@@ -64,11 +67,18 @@ def picked_rows(model: Any, params: dict, watch: bool = True, rows: int | None =
     def from_range(index: Any) -> bool:
         return index.untyped_storage().data_ptr() in ranges
 
+    def tensors(args: tuple, kwargs: dict) -> list:
+        found = []
+        for value in (*args, *kwargs.values()):
+            for item in (value if isinstance(value, (list, tuple)) else (value,)):
+                if isinstance(item, torch.Tensor):
+                    found.append(item)
+        return found
+
     def pick(func: Any, args: tuple, kwargs: dict) -> bool | None:
         """``None``: not rows picked from a batch tensor; else whether the picks come grouped by example."""
         source = args[0] if args else kwargs.get("input")
-        if not isinstance(source, torch.Tensor) or source.ndim == 0 or \
-                source.untyped_storage().data_ptr() in constants:
+        if not isinstance(source, torch.Tensor) or source.ndim == 0 or id(source) not in derived:
             return None
         if func in (torch.masked_select, torch.Tensor.masked_select, torch.take, torch.Tensor.take):
             return False
@@ -80,13 +90,14 @@ def picked_rows(model: Any, params: dict, watch: bool = True, rows: int | None =
             return False
         index = _first_index(args[1] if len(args) > 1 else None)
         if isinstance(index, (list, tuple)):
-            index = torch.as_tensor(index)
+            try:
+                index = torch.as_tensor(index)
+            except (TypeError, ValueError, RuntimeError):
+                return False
         if not isinstance(index, torch.Tensor):
             return None  # an integer, a slice, an Ellipsis
         if index.dtype == torch.bool:  # tokens by a mask; grouped when the mask is over (examples, tokens)
             return index.ndim >= 2 and index.shape[0] == source.shape[0] == rows
-        if index.ndim >= 2 and index.shape[0] == rows:
-            return None  # one row of indices per example: a table looked up by position (cos[position_ids])
         if index.ndim == 0 or index.shape[0] != source.shape[0] or not from_range(index):
             return False  # an index computed from the data equals arange in some batches (all tokens to one expert)
         order = torch.arange(source.shape[0], device=index.device, dtype=index.dtype)
@@ -96,28 +107,28 @@ def picked_rows(model: Any, params: dict, watch: bool = True, rows: int | None =
         def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            if not isinstance(out, torch.Tensor):
+            outs = [o for o in (out if isinstance(out, (list, tuple)) else (out,)) if isinstance(o, torch.Tensor)]
+            if not outs:
                 return out
             if func is torch.arange or (func in casts and args and isinstance(args[0], torch.Tensor)
                                         and from_range(args[0])):
                 ranges[out.untyped_storage().data_ptr()] = out
                 return out
-            if func in selections:
+            ins = tensors(args, kwargs)
+            if any(id(t) in derived for t in ins):
+                derived.update((id(o), o) for o in outs)
+            if func in selections and isinstance(out, torch.Tensor):
                 grouped = pick(func, args, kwargs)
                 if grouped is not None:  # picked again from picked rows: not grouped any more
                     marked[id(out)] = (out, grouped and not picked(args[0] if args else None))
                     return out
-            if marked and out.ndim:
-                for arg in (*args, *kwargs.values()):
-                    if not picked(arg) or not arg.ndim:
-                        continue
-                    grouped = marked[id(arg)][1]
-                    if func in reshapes and out.numel() == arg.numel():
-                        if not (grouped and out.shape[0] == rows):  # regrouped one row per example: theirs again
-                            marked[id(out)] = (out, grouped)
-                    elif arg.shape[0] == out.shape[0]:  # row for row: activations, casts, products, slices
-                        marked[id(out)] = (out, grouped)
-                    break
+            hit = next((t for t in ins if picked(t)), None)
+            if hit is not None:  # anything computed from picked rows: slices, splits, casts, activations, products
+                grouped = marked[id(hit)][1]
+                for o in outs:
+                    if func in reshapes and grouped and o.ndim and o.shape[0] == rows and o.numel() == hit.numel():
+                        continue  # regrouped one row per example: the examples' rows again
+                    marked[id(o)] = (o, grouped and o.ndim > 0 and hit.ndim > 0 and o.shape[0] == hit.shape[0])
             return out
 
     with Mode():
