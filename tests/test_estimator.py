@@ -6,7 +6,7 @@ import pytest
 from scipy.special import softmax
 from scipy.stats import spearmanr
 
-from trak_core import MLP, TRAK, SoftmaxRegression
+from trak_core import MLP, TRAK, SoftmaxRegression, TrakValueError
 
 
 def _problem(rng, n=60, m=7, d=5, c=3):
@@ -382,3 +382,16 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start) / held
     assert out.returncode == 0, out.stderr[-2000:]
     growth, shape = out.stdout.split(maxsplit=1)
     assert float(growth) < 0.5 and shape.strip() == "(20000, 1024)", out.stdout  # it was 1.0: a second copy
+
+
+def test_score_errors_name_the_batch_after_leading_empty_ones():
+    """After empty leading batches, a later error named batch 1 for batch 3 (the count restarted)."""
+    rng = np.random.default_rng(5)
+    model = SoftmaxRegression(4, 3)
+    trak = TRAK(model, proj_dim=8, progress=False)
+    trak.featurize(model.init(seed=0), [(rng.normal(size=(50, 4)), rng.integers(0, 3, 50))])
+    empty, good = (np.zeros((0, 4)), np.zeros(0, dtype=int)), (rng.normal(size=(5, 4)), rng.integers(0, 3, 5))
+    with pytest.raises(TrakValueError, match=r"targets batch 3, checkpoint 0: labels out of range"):
+        trak.score([empty, empty, good, (rng.normal(size=(5, 4)), np.array([0, 1, 7, 0, 1]))])
+    with pytest.raises(TrakValueError, match=r"targets batch 2: inputs have 5 rows but labels have 4"):
+        trak.score([empty, empty, (rng.normal(size=(5, 4)), rng.integers(0, 3, 4))])

@@ -26,12 +26,13 @@ def group_columns(n_train: int, width: int) -> int:
 
 
 def target_groups(data: Iterable[tuple[Any, Any]], featurize: Callable[[Any, Any, int], list],
-                  limit: int) -> Iterator[list]:
+                  limit: int, first: int = 0) -> Iterator[list]:
     """Each checkpoint's target features ``(group, k)`` for groups of at least ``limit`` targets (the last one
-    fewer), in order; ``featurize(inputs, labels, batch index)`` gives a batch's, one array per checkpoint."""
+    fewer), in order; ``featurize(inputs, labels, batch index)`` gives a batch's, one array per checkpoint.
+    ``first``: the index of ``data``'s first batch (empty batches before it were skipped), for messages."""
     parts: list[list] = []
     rows = 0
-    for b, (inputs, labels) in enumerate(data):
+    for b, (inputs, labels) in enumerate(data, start=first):
         n = _check_lengths(inputs, labels, f"targets batch {b}")
         if n == 0:
             continue  # an empty batch holds no target (as featurize skips empty training batches)

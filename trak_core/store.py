@@ -155,7 +155,8 @@ def _joined(parts: list[Any], *, xp: Any) -> Any:
     checkpoint's features were held twice while joined: 822 MB for 390 MB), else ``xp.concat`` (JAX)."""
     import array_api_compat
 
-    if array_api_compat.is_jax_array(parts[0]) or not hasattr(xp, "empty"):
+    if array_api_compat.is_jax_array(parts[0]) or not hasattr(xp, "empty") or \
+            any(part.dtype != parts[0].dtype for part in parts):  # mixed dtypes: concat's promotion
         return xp.concat(parts, axis=0)
     first = parts[0]
     out = xp.empty((sum(part.shape[0] for part in parts), *first.shape[1:]), dtype=first.dtype,

@@ -258,12 +258,13 @@ class TRAK(Featurizer):
             self.store.check_score_name(save_as)  # before any work: a bad name or an in-memory store
         total = length_of(data)
         data = iter(batches(data, self.label_key))
-        first = next(data, None)
-        while first is not None and _check_lengths(*first, "targets batch 0") == 0:  # empty batches: no targets
-            first = next(data, None)
+        first, skipped = next(data, None), 0
+        while first is not None and _check_lengths(*first, f"targets batch {skipped}") == 0:  # empty: no targets
+            first, skipped = next(data, None), skipped + 1
         if first is not None:
             self._load_opened((take_rows(first[0], 0, 1), first[1][:1, ...]))
             data = itertools.chain([first], data)
+            del first  # the chain holds it until it is scored
         self._check_scorable()
         entries = chosen_entries(self.store, checkpoints)
         columns, dtype = [], entries[0].features.dtype
@@ -274,7 +275,7 @@ class TRAK(Featurizer):
             return [self._batch_features(entry.prepared, entry.index, inputs, labels,
                                          f"targets batch {b}, checkpoint {entry.index}")[0] for entry in entries]
 
-        for targets in target_groups(stream, featurize, group_columns(n_train, len(entries) * width)):
+        for targets in target_groups(stream, featurize, group_columns(n_train, len(entries) * width), skipped):
             xp = namespace(targets[0])  # one pass over each checkpoint's features per group of batches
             running = Ensemble([e.out_to_loss for e in entries], weighting=self.checkpoint_weighting)
             for entry, target in zip(entries, targets):  # a running sum: one checkpoint's block at a time
