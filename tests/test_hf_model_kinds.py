@@ -151,3 +151,35 @@ def test_causal_models_that_do_not_say_so_keep_language_modeling():
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         trak.featurize(None, [batch])
         torch.testing.assert_close(trak.store[0].features, _lm_reference(model, ids), rtol=1e-9, atol=1e-12)
+
+
+def test_clip_text_towers_build_their_own_causal_mask():
+    """CLIP's text tower is causal and builds its causal mask itself; trak-core's 4-D mask (bidirectional: the model
+    is not a *ForCausalLM) replaced it, and every gradient path was 140% off one-example autograd. It gets its 2-D
+    mask as it is now (OWN_MASK), under attention_mask="auto"."""
+    import array_api_compat.torch as xp
+
+    from trak_torch import TorchBackend
+
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16, projection_dim=3,
+                                         eos_token_id=2, pad_token_id=1, bos_token_id=0)
+    model = transformers.CLIPTextModelWithProjection(config).double().eval()
+    ids, lengths = torch.randint(3, 64, (4, 8)), torch.tensor([8, 5, 6, 3])
+    mask = (torch.arange(8)[None] < lengths[:, None]).long()
+    ids = ids * mask + (1 - mask)
+    ids[torch.arange(4), lengths - 1] = 2
+    labels, task = torch.tensor([0, 1, 2, 1]), trak_core.tasks.get_task("classification")
+    rows = []
+    for i in range(4):
+        model.zero_grad()
+        logits = model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).text_embeds
+        task.output(logits, labels[i:i + 1], xp=xp).sum().backward()
+        rows.append(torch.cat([(torch.zeros_like(q) if q.grad is None else q.grad).reshape(-1)
+                               for q in model.parameters()]))
+    reference = torch.stack(rows)
+    backend = TorchBackend(logits_fn=lambda output: output.text_embeds)
+    grads, _ = backend.gradients(model, backend.prepare(model, None), {"input_ids": ids, "attention_mask": mask},
+                                 labels, task)
+    assert float((grads - reference).norm() / reference.norm()) < 1e-12

@@ -46,6 +46,7 @@ _ALTERNATING = ("gemma2", "gemma3", "gemma3_text", "cohere2")  # sliding and ful
 # or segment attention, or a mask over raw audio samples that their feature encoder downsamples: turned into an
 # (n, 1, L, L) mask it would take n L^2 numbers): "auto" hands them the 2-D mask as it is, as "pass" does
 OWN_MASK = frozenset({"deberta", "deberta-v2", "xlnet", "longformer", "funnel", "esm", "wav2vec2", "hubert", "wavlm",
+                      "clip", "clip_text_model",  # causal text towers that build their own causal mask
                       "sew", "sew-d", "unispeech", "unispeech-sat", "data2vec-audio", "wav2vec2-conformer"})
 
 
