@@ -290,7 +290,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     attention = [module for module, kind, _, _ in uses if kind == "mha"]
     followed = scaled(scales, n) if scales else nullcontext()
     with torch.enable_grad(), hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted, \
-            picked_rows(model, params, watch_rows, n, inputs) as picked, followed:  # ``followed`` sees each call first
+            picked_rows(watch_rows, n, inputs) as picked, followed:  # ``followed`` sees each call first
         logits = output_logits(backend._call(model, params, inputs, causal=causal), backend.logits_fn)
         for module in called:
             if not set(functional[module]) <= seen:  # e.g. the fused fast path of nn.MultiheadAttention

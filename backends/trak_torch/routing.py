@@ -32,8 +32,7 @@ def _first_index(index: Any) -> Any:
 
 
 @contextmanager
-def picked_rows(model: Any, params: dict, watch: bool = True, rows: int | None = None,
-                inputs: Any = None) -> Iterator[Any]:
+def picked_rows(watch: bool = True, rows: int | None = None, inputs: Any = None) -> Iterator[Any]:
     """While active, ``picked(tensor) -> bool``: whether ``tensor`` holds rows picked by data from a tensor computed
     from the batch ``inputs`` (or anything computed from such rows: slices, splits, activations). Lookups in
     tensors not computed from the batch (parameters, buffers, position tables built in the forward) are not picks.
@@ -50,7 +49,6 @@ def picked_rows(model: Any, params: dict, watch: bool = True, rows: int | None =
         return
 
     derived = {id(t): t for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)}  # computed from the batch
-    del params  # lookups in parameters are not picks: they are not computed from the batch
     marked: dict[int, tuple[Any, bool]] = {}  # id -> (the tensor, kept alive: its id is not reused; grouped by
     ranges: dict[int, Any] = {}  # example), and storage address -> torch.arange's outputs and their casts
     selections = {torch.Tensor.__getitem__, torch.index_select, torch.Tensor.index_select, torch.masked_select,
