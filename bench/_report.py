@@ -18,3 +18,13 @@ def write_text(path: Any, text: str) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def require_cuda(parser: Any, device: str) -> None:
+    """Refuse, through ``parser``, a CUDA ``device`` that torch does not see (a traceback deep in the run before)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"argument --device: {device} asked, but torch {torch.__version__} sees no CUDA device "
+                         "(--device cpu rehearses the script on a CPU)")

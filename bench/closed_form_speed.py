@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _convnext import ConvNeXt  # noqa: E402
+from _report import require_cuda  # noqa: E402
 from _resnet import resnet18  # noqa: E402
 from _vit import VisionTransformer  # noqa: E402
 from gpu_peers import phase  # noqa: E402
@@ -128,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", action="append", help="the models whose name starts with this (repeatable)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"argument --device: {args.device} asked, but torch {torch.__version__} sees no CUDA device")
+    require_cuda(parser, args.device)
     cases = models(args.small, args.batch, args.device)
     unknown = [prefix for prefix in args.only or () if not any(name.startswith(prefix) for name in cases)]
     if unknown:

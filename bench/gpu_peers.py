@@ -42,7 +42,7 @@ import torch
 import trak_core
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _report import write_json  # noqa: E402
+from _report import require_cuda, write_json  # noqa: E402
 from _gpu_peers_md import markdown  # noqa: E402
 from _resnet import batches, resnet18  # noqa: E402
 from _triton_paths import triton_note, without_triton  # noqa: E402
@@ -367,12 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json")
     parser.add_argument("--md")
     args = parser.parse_args(argv)
-    if str(args.device).startswith("cuda"):
-        import torch as torch_module  # another name: a local "torch" would hide the module's in this function
-
-        if not torch_module.cuda.is_available():
-            parser.error(f"argument --device: {args.device} asked, but torch {torch_module.__version__} sees no CUDA "
-                         "device (--device cpu rehearses the script on a CPU)")
+    require_cuda(parser, args.device)
     began, cfg, device = time.perf_counter(), SMALL if args.small else FULL, torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     versions = {name: getattr(__import__(name), "__version__", "?") if importlib.util.find_spec(name) else None

@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _report import write_json  # noqa: E402
+from _report import require_cuda, write_json  # noqa: E402
 from gpu_peers import phase  # noqa: E402
 
 SIZES = dict(full=[(256, 2_000_000, 4096), (32, 11_181_642, 2048)], small=[(40, 3000, 256), (8, 2000, 128)])
@@ -114,12 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--budget", type=float, default=60.0, help="seconds: no plan starts after them")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    if str(args.device).startswith("cuda"):
-        import torch as torch_module  # another name: a local "torch" would hide the module's in this function
-
-        if not torch_module.cuda.is_available():
-            parser.error(f"argument --device: {args.device} asked, but torch {torch_module.__version__} sees no CUDA "
-                         "device (--device cpu rehearses the script on a CPU)")
+    require_cuda(parser, args.device)
     device, deadline = torch.device(args.device), time.perf_counter() + args.budget
     if device.type == "cpu":  # Triton's interpreter; read when Triton is imported (not yet: trak_core imports it late)
         os.environ["TRITON_INTERPRET"] = "1"
