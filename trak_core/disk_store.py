@@ -120,43 +120,42 @@ class DiskStore(Store):
         return self._root
 
     def _refuse_foreign(self) -> None:
-        """Refuse a directory that is not a trak-core store: one whose ``zarr.json`` is a user's own file of that name
-        (zarr would replace it), a zarr array, or a zarr group with attributes or members of its own (trak-core would
-        add its arrays to it); zarr v2 data; files without a ``zarr.json`` (hidden ones aside). A group with neither
-        attributes nor members is one a first run created and stopped before recording its configuration: it is
-        taken as this store."""
+        """Refuse a directory that is not a trak-core store (``_foreign``), before anything is written to it."""
+        what = self._foreign() if self.path.is_dir() else None
+        if what is not None:
+            raise TrakOSError(f"the store path {self.path} holds {what}; trak-core writes only into its own stores "
+                              "and changed nothing: choose another (new or empty) directory for store=")
+
+    def _foreign(self) -> str | None:
+        """What the directory holds that is not a trak-core store's: a ``zarr.json`` that is a user's own file of
+        that name (zarr would replace it), a zarr array, or a zarr group with attributes or members of its own
+        (trak-core would add its arrays to it); zarr v2 data; files without a ``zarr.json`` (hidden ones aside).
+        ``None`` for a store, an empty directory, or a group with neither attributes nor members (a first run
+        created it and stopped before recording its configuration)."""
         import json
 
-        if not self.path.is_dir():
-            return
         others = sorted(entry.name for entry in self.path.iterdir()
                         if entry.name != "zarr.json" and not entry.name.startswith(".trak_core_write_probe"))
         v2 = [name for name in (".zarray", ".zgroup", ".zattrs") if name in others]
+        visible = [name for name in others if not name.startswith(".")]  # hidden files aside
         if not (self.path / "zarr.json").exists():
-            visible = [name for name in others if not name.startswith(".")]
-            if v2 or visible:
-                what = "zarr v2 data" if v2 else f"files that are not a trak-core store's ({visible[:5]})"
-                raise TrakOSError(f"the store path {self.path} holds {what}; trak-core writes only into its own "
-                                  "stores and changed nothing: choose another (new or empty) directory for store=")
-            return
+            if v2:
+                return "zarr v2 data"
+            return f"files that are not a trak-core store's ({visible[:5]})" if visible else None
+        if v2:
+            return "zarr v2 data beside a zarr.json"
         try:
             meta = json.loads((self.path / "zarr.json").read_text())
         except (OSError, UnicodeDecodeError, ValueError):
             meta = None
-        what = None
-        if v2:
-            what = "zarr v2 data beside a zarr.json"
-        elif not isinstance(meta, dict) or meta.get("zarr_format") != 3 or "node_type" not in meta:
-            what = "a zarr.json file that is not zarr metadata"
-        elif meta["node_type"] != "group":
-            what = f"a zarr {meta['node_type']}"
-        elif "trak_core" not in (meta.get("attributes") or {}):
-            others = [name for name in others if not name.startswith(".")]  # hidden files aside, as without one
-            if meta.get("attributes") or others:
-                what = f"a zarr group that is not a trak-core store (it holds {others[:5] or 'attributes'})"
-        if what is not None:
-            raise TrakOSError(f"the store path {self.path} holds {what}; trak-core writes only into its own stores "
-                              "and changed nothing: choose another (new or empty) directory for store=")
+        if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or "node_type" not in meta:
+            return "a zarr.json file that is not zarr metadata"
+        if meta["node_type"] != "group":
+            return f"a zarr {meta['node_type']}"
+        attributes = meta.get("attributes") or {}
+        if "trak_core" not in attributes and (attributes or visible):
+            return f"a zarr group that is not a trak-core store (it holds {visible[:5] or 'attributes'})"
+        return None
 
     def writable(self) -> None:
         """Check, before the first write, that the store's directory can be written (once; creating it if absent):
