@@ -47,6 +47,7 @@ import numpy as np
 from .errors import MissingFrameworkError, StoreMismatchError, TrakOSError, TrakValueError, install_hint
 from .fingerprints import combine, to_numpy
 from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, Store
+from ._zarr_io import settle
 from .disk_writer import DiskFeatures, DiskWriter, _digest, one_writer, open_root, write_rows
 
 __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STORE_FORMAT", "write_rows",
@@ -211,6 +212,10 @@ class DiskStore(Store):
         while f"c{count}" in self.root and self.root[f"c{count}"].attrs.get("complete", False):
             count += 1
         return count
+
+    def settle(self) -> None:
+        """Wait for zarr writes an interrupted call left running (:func:`trak_core._zarr_io.settle`)."""
+        settle()
 
     def save_scores(self, name: str, scores: Any) -> None:
         """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum."""

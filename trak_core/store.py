@@ -239,6 +239,10 @@ class Store(abc.ABC):
         """Checkpoints stored completely (more than ``len`` in a reopened store not yet loaded)."""
         return len(self)
 
+    def settle(self) -> None:
+        """Return once no write of an interrupted call is still in flight (an on-disk store's IO thread); in
+        memory, at once."""
+
     def save_scores(self, name: str, scores: Any) -> None:
         """Save ``scores`` under ``name`` (on-disk stores); never overwrites."""
         raise TrakValueError("save_as needs an on-disk store: TRAK(..., store=PATH)")

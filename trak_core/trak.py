@@ -204,8 +204,9 @@ class TRAK(Featurizer):
             self._load_opened(None)  # a store reopened with open: its checkpoints first, then this one after them
             self._featurize(checkpoint, data)
             self._last_error = None
-        except Exception as exc:
-            self._last_error = exc
+        except BaseException as exc:  # Ctrl-C too: a write it cut short lands before this returns
+            self.store.settle()
+            self._last_error = exc if isinstance(exc, Exception) else self._last_error
             raise
 
     def worker_copy(self) -> "TRAK":
@@ -296,7 +297,11 @@ class TRAK(Featurizer):
         scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
         del columns  # the blocks are in ``scores`` now (peak: twice the result, once)
         if save_as is not None:
-            self.store.save_scores(save_as, scores)
+            try:
+                self.store.save_scores(save_as, scores)
+            except BaseException:  # Ctrl-C too: a write it cut short lands before this returns
+                self.store.settle()
+                raise
         return scores
 
     def self_influence(self, *, checkpoints: Sequence[int] | None = None) -> Any:
