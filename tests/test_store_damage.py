@@ -162,3 +162,26 @@ def test_a_resumed_checkpoint_shows_its_progress_total(tmp_path, monkeypatch):
     monkeypatch.setattr(featurizer, "progress", recording)
     TRAK(MLP(5, 4, 3), proj_dim=32, store=store, progress=False).featurize(MLP(5, 4, 3).init(seed=0), batches)
     assert ("featurize checkpoint 0", len(batches)) in totals, totals
+
+
+def test_reopening_shows_the_checksum_pass(tmp_path, monkeypatch):
+    """TRAK.open reads every chunk of every checkpoint to check it (5-11 s for two 1.5 GB checkpoints) with no
+    progress bar; now one per checkpoint, over its chunks, when the estimator's progress= asks for bars."""
+    import trak_core.disk_writer as disk_writer
+
+    store = tmp_path / "store"
+    _featurize(store)
+    shown, original = [], disk_writer.progress
+
+    def recording(iterable, *, desc, enabled, total=None):
+        items = list(iterable)
+        shown.append((desc, len(items), enabled))
+        return original(items, desc=desc, enabled=False, total=total)
+
+    monkeypatch.setattr(disk_writer, "progress", recording)
+    x, y = _data()
+    for asked in (True, False):
+        shown.clear()
+        trak = TRAK.open(store, MLP(5, 4, 3), [MLP(5, 4, 3).init(seed=c) for c in range(2)], progress=asked)
+        assert shown == [(f"verify checkpoint {c}", -(-N // 4096), asked) for c in range(2)], shown
+        assert trak.score([(x[:2], y[:2])]).shape == (N, 2)

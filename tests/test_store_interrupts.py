@@ -27,8 +27,8 @@ def _batches():
 
 @pytest.fixture
 def interrupt_at(monkeypatch):
-    """Writes of ``key`` (default ``c0/zarr.json``, the checkpoint's attributes): the ``n``-th sends Ctrl-C to the main thread, then
-    takes ``DELAY`` seconds to land, as on a slow network filesystem."""
+    """Writes of ``key`` (default ``c0/zarr.json``, the checkpoint's attributes): the ``n``-th sends Ctrl-C to the
+    main thread, then takes ``DELAY`` seconds to land, as on a slow network filesystem."""
     original, state = zarr.storage.LocalStore.set, {"count": 0, "at": None, "key": "c0/zarr.json"}
     main = threading.main_thread().ident
 

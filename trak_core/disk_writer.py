@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._namespace import device_of, namespace
+from ._progress import progress
 from .errors import StoreMismatchError, TrakOSError, TrakValueError
 from . import kernel as kernel_ops
 from .fingerprints import to_numpy
@@ -179,8 +180,9 @@ class DiskWriter(Writer):
         done = int(self.group.attrs.get("rows_done", 0))
         if "out_to_loss" not in self.group:  # killed between creating the two arrays: nothing was written
             return 0
-        features = self.group["features"]
-        for c in range(-(-done // KERNEL_CHUNK_ROWS)):
+        features, chunks = self.group["features"], -(-done // KERNEL_CHUNK_ROWS)
+        for c in progress(range(chunks), desc=f"verify checkpoint {self.index}",
+                          enabled=self.store.progress if chunks > 1 else False):
             try:
                 block = features[c * KERNEL_CHUNK_ROWS:min(done, (c + 1) * KERNEL_CHUNK_ROWS)]
                 weights = self.group["out_to_loss"][c * KERNEL_CHUNK_ROWS:min(done, (c + 1) * KERNEL_CHUNK_ROWS)]

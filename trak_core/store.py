@@ -9,6 +9,7 @@ completely, so a failed ``featurize`` leaves the store as it was. The on-disk st
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -20,7 +21,7 @@ from .errors import TrakValueError
 from .kernel import KernelFactor
 
 __all__ = ["CheckpointEntry", "Store", "Writer", "MemoryStore", "MemoryWriter", "kernel_from_features",
-           "KERNEL_CHUNK_ROWS"]
+           "KERNEL_CHUNK_ROWS", "settling"]
 
 KERNEL_CHUNK_ROWS = 4096  # rows of features per update of the kernel K (and rows per on-disk chunk)
 
@@ -212,9 +213,13 @@ class Store(abc.ABC):
     ----------
     location : str or None
         Where the store lives (a directory or URL) for workers and messages; ``None`` in memory.
+    progress : bool or None
+        Bars over the store's own long passes (an on-disk store's checksum pass when a checkpoint is
+        reopened); the estimator sets it from its ``progress=``.
     """
 
     location: str | None = None
+    progress: bool | None = False
 
     @abc.abstractmethod
     def writer(self, index: int, fingerprint: dict) -> Writer:
@@ -260,6 +265,17 @@ class Store(abc.ABC):
     def score_names(self) -> list[str]:
         """Names of the saved score sets."""
         return []
+
+
+@contextlib.contextmanager
+def settling(store: Store) -> Iterator[None]:
+    """On any exception in the block (``KeyboardInterrupt`` too), wait for ``store``'s writes in flight
+    (``Store.settle``) before it propagates."""
+    try:
+        yield
+    except BaseException:
+        store.settle()
+        raise
 
 
 class MemoryStore(Store):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+from contextlib import suppress
 from typing import Any, Iterable, Mapping, Sequence
 
 from ._checks import (_check_lambda, _check_lengths, _check_proj_dim, _check_seed, _resolve_backend, check_scorable,
@@ -24,6 +25,7 @@ from .kronecker import Kronecker
 from .projection import KINDS, PRECISIONS
 from .scores import Ensemble, checkpoint_scores, ensemble, finish_products, self_scores, soft_threshold, target_weights
 from .stores import open_store
+from .store import settling
 from .tasks import Task, get_task
 
 __all__ = ["TRAK"]
@@ -144,6 +146,8 @@ class TRAK(Featurizer):
                                  "choose a backend for this model's framework")
         self.store = open_store(store)
         self.progress = progress
+        with suppress(AttributeError):  # a third-party Store that takes no attributes
+            self.store.progress = progress  # bars over the store's own passes (checksums on reopening)
         self.normalize_features = bool(normalize_features)
         if soft_threshold is not None and (isinstance(soft_threshold, (str, bool)) or not 0 <= soft_threshold < 1):
             raise TrakValueError(f"soft_threshold is a quantile in [0, 1) (or None), got {soft_threshold!r}")
@@ -202,11 +206,11 @@ class TRAK(Featurizer):
         """
         try:
             self._load_opened(None)  # a store reopened with open: its checkpoints first, then this one after them
-            self._featurize(checkpoint, data)
+            with settling(self.store):  # interrupted (Ctrl-C too): a write it cut short lands before this returns
+                self._featurize(checkpoint, data)
             self._last_error = None
-        except BaseException as exc:  # Ctrl-C too: a write it cut short lands before this returns
-            self.store.settle()
-            self._last_error = exc if isinstance(exc, Exception) else self._last_error
+        except Exception as exc:
+            self._last_error = exc
             raise
 
     def worker_copy(self) -> "TRAK":
@@ -297,11 +301,8 @@ class TRAK(Featurizer):
         scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
         del columns  # the blocks are in ``scores`` now (peak: twice the result, once)
         if save_as is not None:
-            try:
+            with settling(self.store):
                 self.store.save_scores(save_as, scores)
-            except BaseException:  # Ctrl-C too: a write it cut short lands before this returns
-                self.store.settle()
-                raise
         return scores
 
     def self_influence(self, *, checkpoints: Sequence[int] | None = None) -> Any:
