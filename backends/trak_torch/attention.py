@@ -7,6 +7,7 @@ model's error when the replaced mask is the likely cause (``note_mask``).
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -46,14 +47,23 @@ _ALTERNATING = ("gemma2", "gemma3", "gemma3_text", "cohere2")  # sliding and ful
 # or segment attention, or a mask over raw audio samples that their feature encoder downsamples: turned into an
 # (n, 1, L, L) mask it would take n L^2 numbers): "auto" hands them the 2-D mask as it is, as "pass" does
 OWN_MASK = frozenset({"deberta", "deberta-v2", "xlnet", "longformer", "funnel", "esm", "wav2vec2", "hubert", "wavlm",
-                      "clip", "clip_text_model",  # causal text towers that build their own causal mask
+                      "clip", "clip_text_model",  # causal text towers that build their own causal mask:
+                      "owlvit", "owlvit_text_model", "owlv2", "owlv2_text_model", "groupvit", "groupvit_text_model",
+                      "clipseg", "clipseg_text_model", "xclip", "xclip_text_model",  # others: mask_check finds them
                       "sew", "sew-d", "unispeech", "unispeech-sat", "data2vec-audio", "wav2vec2-conformer"})
+
+
+own_mask_models: "weakref.WeakSet[Any]" = weakref.WeakSet()  # models whose outputs the 4-D mask changed
+# (``mask_check.check_replaced_mask``): they get their 2-D mask as it is from then on
 
 
 def reads_own_mask(model: Any) -> bool:
     """Whether ``model`` gets its 2-D ``attention_mask`` as it is under ``attention_mask="auto"``: it is not a
     Hugging Face model and holds none (a user's module reads its own mask; an additive 4-D one crashed a masked
-    mean pooling), or the Hugging Face model is of a type in ``OWN_MASK``."""
+    mean pooling), the Hugging Face model is of a type in ``OWN_MASK``, or its outputs under the 4-D mask were
+    found to differ from its own (``own_mask_models``)."""
+    if model in own_mask_models:
+        return True
     model_type = getattr(getattr(hugging_face_model(model), "config", None), "model_type", None)
     return model_type is None or model_type in OWN_MASK
 

@@ -114,7 +114,11 @@ class TorchBackend(Backend):
         follow). ``"auto"``: causal for decoders (``config.is_decoder``, ``*ForCausalLM``,
         ``*LMHeadModel``, attention modules with ``is_causal``, also inside a wrapper), windowed for
         sliding-window layers, bidirectional otherwise, for Hugging Face models (a model that is none and
-        holds none gets its mask as it is); ``"pass"`` hands the 2-D mask over unchanged.
+        holds none gets its mask as it is, as do CLIP's text tower and its kin, which build their own causal
+        mask); ``"pass"`` hands the 2-D mask over unchanged. Under ``"auto"`` a model's per-example outputs
+        with the 4-D mask are compared with its own on its first batch and its first padded one: where they
+        differ by more than ``sqrt(eps)`` (relative), it gets its mask as it is from then on, with a warning
+        (``trak_torch.mask_check``).
         For an encoder-decoder model (``config.is_encoder_decoder``), it masks keys only,
         ``(n, 1, 1, T)``, as the encoder's self-attention and the decoder's cross-attention both read it.
 
@@ -194,10 +198,14 @@ class TorchBackend(Backend):
         made at padding positions not counted: ``attention.uncounted_pad_predictions``)."""
         from .seq2seq import check_task, with_decoder_inputs
 
+        from .mask_check import check_replaced_mask
+
         self._check_batch(prepared, inputs, labels)
         check_task(model, task, self._causal(model))
-        return with_decoder_inputs(model, inputs, labels, task), uncounted_pad_predictions(inputs, labels,
-                                                                                    getattr(task, "shift", 0))
+        inputs, labels = (with_decoder_inputs(model, inputs, labels, task),
+                          uncounted_pad_predictions(inputs, labels, getattr(task, "shift", 0)))
+        check_replaced_mask(self, model, prepared, inputs, labels, task)  # a model that builds its own mask
+        return inputs, labels
 
     def _call(self, model: Any, params: dict, inputs: Any, *, causal: bool) -> Any:
         """``forward`` with ``params``: ``model(inputs)``, or ``model(**inputs)`` for a dict batch."""

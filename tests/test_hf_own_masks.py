@@ -1,0 +1,104 @@
+"""Hugging Face text towers that build their own causal mask without saying they are causal (CLIP's family: the
+config is neither a decoder nor a ``*ForCausalLM``): trak-core's bidirectional 4-D mask replaced it and computed
+another function (CLIP: 140% off; OWL-ViT, OWL-v2, GroupViT, CLIPSeg, X-CLIP: found the same). Known ones get their
+2-D mask as it is (``OWN_MASK``); any other model whose outputs the 4-D mask changes is found on its first batches
+(``trak_torch.mask_check``). Per-example gradients (float64) against one-example autograd."""
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed: the torch backend is not exercised")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed: HF models not exercised")
+
+import trak_core  # noqa: E402
+
+SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+             max_position_embeddings=16, eos_token_id=2, pad_token_id=1, bos_token_id=0)
+TOWERS = {"clip": ("CLIPTextConfig", "CLIPTextModel"), "owlvit": ("OwlViTTextConfig", "OwlViTTextModel"),
+          "owlv2": ("Owlv2TextConfig", "Owlv2TextModel"), "groupvit": ("GroupViTTextConfig", "GroupViTTextModel"),
+          "clipseg": ("CLIPSegTextConfig", "CLIPSegTextModel"), "xclip": ("XCLIPTextConfig", "XCLIPTextModel"),
+          "bert": ("BertConfig", "BertModel")}
+
+
+def _tower(name):
+    config_class, model_class = (getattr(transformers, n) for n in TOWERS[name])
+    torch.manual_seed(0)
+    return model_class(config_class(**SMALL)).double().eval()
+
+
+def _batch(lengths):
+    n = len(lengths)
+    lengths = torch.tensor(lengths)
+    mask = (torch.arange(8)[None] < lengths[:, None]).long()
+    ids = torch.randint(3, 64, (n, 8), generator=torch.Generator().manual_seed(1)) * mask + (1 - mask)
+    ids[torch.arange(n), lengths - 1] = 2
+    return {"input_ids": ids, "attention_mask": mask}, torch.arange(n) % 3
+
+
+def _pooled(output):
+    return output.pooler_output[:, :3]
+
+
+def _reference(model, inputs, labels):
+    import array_api_compat.torch as xp
+
+    task, rows = trak_core.tasks.get_task("classification"), []
+    for i in range(labels.shape[0]):
+        model.zero_grad()
+        one = {key: value[i:i + 1] for key, value in inputs.items()}
+        task.output(_pooled(model(**one)), labels[i:i + 1], xp=xp).sum().backward()
+        rows.append(torch.cat([(torch.zeros_like(q) if q.grad is None else q.grad).reshape(-1)
+                               for q in model.parameters()]))
+    return torch.stack(rows)
+
+
+def _gradients(model, inputs, labels, per_example="auto"):
+    from trak_torch import TorchBackend
+
+    backend = TorchBackend(logits_fn=_pooled, per_example=per_example)
+    task = trak_core.tasks.get_task("classification")
+    return backend.gradients(model, backend.prepare(model, None), inputs, labels, task)[0]
+
+
+def _error(grads, reference):
+    return float((grads - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("name", ["owlvit", "owlv2", "groupvit", "clipseg", "xclip"])
+def test_clip_like_text_towers_keep_their_causal_mask(name, caplog):
+    model = _tower(name)
+    inputs, labels = _batch([8, 5, 6, 3])
+    with caplog.at_level(logging.WARNING, logger="trak_core"):
+        assert _error(_gradients(model, inputs, labels), _reference(model, inputs, labels)) < 1e-12
+    assert "4-D attention mask" not in caplog.text  # known: no check needed, no warning
+
+
+def test_an_unknown_tower_that_builds_its_own_mask_is_found(monkeypatch, caplog):
+    """CLIP taken out of OWN_MASK stands for a family trak-core does not know: its first batch shows the 4-D mask
+    changes its outputs, and it gets its own mask from then on, for every gradient path."""
+    import trak_torch.attention as attention
+
+    monkeypatch.setattr(attention, "OWN_MASK", attention.OWN_MASK - {"clip", "clip_text_model"})
+    model = _tower("clip")
+    inputs, labels = _batch([8, 5, 6, 3])
+    reference = _reference(model, inputs, labels)
+    with caplog.at_level(logging.WARNING, logger="trak_core"):
+        assert _error(_gradients(model, inputs, labels), reference) < 1e-12
+        assert _error(_gradients(model, inputs, labels, per_example="loop"), reference) < 1e-12
+    assert "clip_text_model's outputs under trak-core's 4-D attention mask" in caplog.text
+    assert model in attention.own_mask_models
+
+
+def test_a_padded_batch_is_checked_after_an_unpadded_one():
+    """A first batch without padding cannot show a difference that only padding makes: the first padded batch is
+    checked as well. A model the 4-D mask does not change keeps it (BERT: bidirectional, as trak-core builds)."""
+    import trak_torch.attention as attention
+    import trak_torch.mask_check as mask_check
+
+    model, states = _tower("bert"), []
+    for lengths in ([8, 8, 8], [8, 8], [8, 4, 6], [3, 8]):
+        inputs, labels = _batch(lengths)
+        assert _error(_gradients(model, inputs, labels), _reference(model, inputs, labels)) < 1e-12
+        states.append(mask_check._checked.get(model))
+    assert states == ["unpadded", "unpadded", "padded", "padded"]
+    assert model not in attention.own_mask_models
