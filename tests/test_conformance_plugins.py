@@ -88,6 +88,11 @@ class Broken(numpy_backend.ArrayAPIBackend):
     def owns(self, model):
         return True if self.defect == "owns_everything" else super().owns(model)
 
+    def prepare(self, model, checkpoint):
+        if self.defect == "holds_checkpoint":  # views of the caller's array, no copy
+            return model.params(checkpoint)
+        return super().prepare(model, checkpoint)
+
     def gradients(self, model, prepared, inputs, labels, task):
         if self.defect == "ignores_task":
             from trak_core.tasks import Classification
@@ -125,6 +130,7 @@ class BrokenCase(NumpyCase):
     ("scales_grads", "test_conformance_leaves_inputs_alone", ()),
     ("float32_sign", "test_conformance_gradients", ("mlp", "float32")),
     ("owns_everything", "test_conformance_contract", ()),
+    ("holds_checkpoint", "test_conformance_prepare_snapshots", ()),
 ])
 def test_defects_that_passed_the_suite_now_fail_it(defect, test, args):
     """Each defect fails its test (with a message naming what is wrong), and the correct backend passes it."""

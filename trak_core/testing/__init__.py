@@ -49,7 +49,7 @@ __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "t
            "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
            "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "test_conformance_features",
            "test_conformance_custom_task", "test_conformance_projection_widths", "test_conformance_leaves_inputs_alone",
-           "conformance_active"]
+           "test_conformance_prepare_snapshots", "conformance_active"]
 
 
 def __getattr__(name: str) -> Any:

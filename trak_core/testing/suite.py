@@ -22,7 +22,7 @@ __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "t
            "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
            "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "test_conformance_features",
            "test_conformance_custom_task", "test_conformance_projection_widths", "test_conformance_leaves_inputs_alone",
-           "conformance_active"]
+           "test_conformance_prepare_snapshots", "conformance_active"]
 
 
 @pytest.fixture(autouse=True)
@@ -386,4 +386,4 @@ def test_conformance_kronecker_lm_scores(conformance_case, dtype):
 
 
 from .suite_inputs import (test_conformance_custom_task, test_conformance_leaves_inputs_alone,  # noqa: E402
-                           test_conformance_projection_widths)
+                           test_conformance_prepare_snapshots, test_conformance_projection_widths)

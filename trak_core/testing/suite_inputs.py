@@ -17,7 +17,8 @@ from ..backends import get_backend
 from ..projection import project
 from ..tasks import CustomTask, _one_hot
 
-__all__ = ["test_conformance_custom_task", "test_conformance_projection_widths", "test_conformance_leaves_inputs_alone"]
+__all__ = ["test_conformance_custom_task", "test_conformance_projection_widths", "test_conformance_leaves_inputs_alone",
+           "test_conformance_prepare_snapshots"]
 
 
 def _custom_output(logits: Any, labels: Any, xp: Any) -> Any:
@@ -124,3 +125,46 @@ def test_conformance_leaves_inputs_alone(conformance_case):
             f"the caller's {what} changed during prepare/gradients/project/features: a backend must not write into them"
     assert np.array_equal(kept, case.to_numpy(grads), equal_nan=True), \
         "project() changed the gradients it was given: it must not write into its input"
+
+
+def _overwrite(tree: Any, value: float) -> int:
+    """Set every array leaf of ``tree`` that can be written in place to ``value``, as training goes on in the caller's
+    arrays (an optimizer stepping the tensors a ``state_dict`` shares with the model); immutable leaves (JAX) are
+    left. Returns how many were written."""
+    if isinstance(tree, Mapping):
+        return sum(_overwrite(tree[key], value) for key in tree)
+    if isinstance(tree, (list, tuple)):
+        return sum(_overwrite(item, value) for item in tree)
+    if not (hasattr(tree, "shape") and hasattr(tree, "dtype")):
+        return 0
+    target = tree.detach() if hasattr(tree, "detach") else tree  # a torch parameter: its data, with no autograd
+    try:
+        target[...] = value
+    except (TypeError, ValueError, RuntimeError):  # immutable arrays
+        return 0
+    return 1
+
+
+def test_conformance_prepare_snapshots(conformance_case):
+    """``prepare`` takes a snapshot: gradients with the prepared checkpoint stay the same after the caller's
+    checkpoint and the model's own parameters are written in place (training on after ``featurize``; the estimator
+    keeps each prepared checkpoint to featurize targets when scoring, so a backend that held the caller's arrays
+    scored later targets against the last weights)."""
+    from ..tasks import Classification
+    from .suite import _classifier, _dtype, _gradient_data
+
+    case = conformance_case
+    dtype, kind = _dtype(case), _classifier(case)
+    weights, x, y = _gradient_data(kind)
+    model, checkpoint = case.model(kind, [w.astype(dtype) for w in weights])
+    inputs, labels = case.array(x.astype(dtype)), case.array(y)
+    backend = _backend(case)
+    prepared = backend.prepare(model, checkpoint)
+    before = case.to_numpy(backend.gradients(model, prepared, inputs, labels, Classification())[0]).copy()
+    parameters = getattr(model, "parameters", None)
+    _overwrite(checkpoint, 0.5)
+    if callable(parameters):
+        _overwrite(list(parameters()), 0.5)
+    after = case.to_numpy(backend.gradients(model, prepared, inputs, labels, Classification())[0])
+    assert np.array_equal(before, after, equal_nan=True), \
+        "gradients changed after the caller's checkpoint was written in place: prepare must copy it (a snapshot)"
