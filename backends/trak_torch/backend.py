@@ -220,9 +220,18 @@ class TorchBackend(Backend):
         return functional_call(model, params, (), kwargs)
 
     def _logits(self, model: Any, prepared: TorchCheckpoint, inputs: Any, task: Any, *, causal: bool) -> Any:
+        from .interaction import check_interaction, one_by_one
+
         n = _rows(inputs)
+
+        def call(rows: Any) -> Any:
+            return self._call(model, {**prepared.params, **prepared.frozen}, rows, causal=causal)
+
         try:
-            output = self._call(model, {**prepared.params, **prepared.frozen}, inputs, causal=causal)
+            output = call(inputs)  # the batch first: its errors name its shapes
+            check_interaction(lambda rows: output_logits(call(rows), self.logits_fn), prepared, inputs, n)
+            if prepared.__dict__.get("_interacting"):  # examples that see each other: each one's output alone
+                output = one_by_one(call, inputs, n)
         except RuntimeError as exc:
             raise_dtype_error(exc, prepared, inputs)
             note_mask(exc, inputs, self.attention_mask, model)
