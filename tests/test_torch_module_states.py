@@ -161,6 +161,39 @@ def test_torchscript_modules_get_the_eager_module_hint():
                                                                              torch.zeros(4, dtype=torch.long))])
 
 
+def test_data_parallel_wrappers_get_the_inner_module_hint():
+    """A bare "stateless API can't be used with nn.DataParallel" error before."""
+    model = torch.nn.DataParallel(torch.nn.Linear(4, 3))
+    with pytest.raises(trak_core.TrakTypeError, match=r"DataParallel wrapper .* pass the model it wraps, model.module"):
+        trak_core.TRAK(model, proj_dim=8, progress=False).featurize(None, [(torch.randn(4, 4),
+                                                                             torch.zeros(4, dtype=torch.long))])
+
+
+def test_tuple_inputs_get_the_dict_batch_hint():
+    """A model of two inputs given a tuple batch: the error named the tuple, not the dict batch that works."""
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, a, b):
+            return self.lin(a * b)
+
+    model = TwoInputs().double()
+    a, b = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    with pytest.raises(trak_core.TrakTypeError, match=r"dict batch, called as model\(\*\*inputs\)"):
+        trak_core.TRAK(model, proj_dim=None, progress=False).featurize(None, [((a, b), y)])
+    trak = trak_core.TRAK(model, proj_dim=None, lambda_reg=1.0, progress=False)
+    trak.featurize(None, [({"a": a, "b": b}, y)])  # as the hint says: gradients as plain autograd's
+    rows = []
+    for i in range(5):
+        logits = model(a[i:i + 1], b[i:i + 1])[0]
+        margin = logits[y[i]] - torch.logsumexp(torch.cat([logits[:y[i]], logits[y[i] + 1:]]), 0)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(margin, list(model.parameters()))]))
+    torch.testing.assert_close(trak.store[0].features, torch.stack(rows), rtol=1e-10, atol=1e-12)
+
+
 def test_errors_a_loop_would_hide_are_raised_with_what_to_do(monkeypatch):
     """Random numbers in eval mode (F.dropout without training=...) looped silently into noisy scores, and an
     out-of-memory inside vmap sent the checkpoint to the slow loop: both are raised, with the fix."""

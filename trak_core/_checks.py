@@ -65,7 +65,10 @@ def _rows(array: Any, what: str, where: str) -> int:
                             + (" of shape ()" if shape == () else "")
                             + (": the data yields single examples (a dataset, or zip(inputs, labels)?), not batches; "
                                "group them into batches, e.g. torch.utils.data.DataLoader(dataset, batch_size=..., "
-                               "shuffle=False)" if shape == () or isinstance(array, (int, float)) else ""))
+                               "shuffle=False)" if shape == () or isinstance(array, (int, float)) else "")
+                            + (": a model of several inputs takes them as a dict batch, called as model(**inputs): "
+                               "e.g. {'a': a, 'b': b} for forward(self, a, b)" if isinstance(array, (tuple, list))
+                               else ""))
     return int(shape[0])
 
 

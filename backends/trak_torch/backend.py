@@ -170,6 +170,10 @@ class TorchBackend(Backend):
         if isinstance(model, torch.jit.ScriptModule):
             raise TrakTypeError("a TorchScript module (torch.jit.script or trace) cannot be called with other "
                                 "parameters (torch.func.functional_call): pass the eager nn.Module it was made from")
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            raise TrakTypeError(f"a {type(model).__name__} wrapper cannot be called with other parameters "
+                                "(torch.func.functional_call): pass the model it wraps, model.module (and its "
+                                "state_dict, whose keys have no 'module.' prefix)")
         return snapshot(model, checkpoint, select_names(model, self.params))
 
     def n_params(self, prepared: TorchCheckpoint) -> int:
@@ -304,12 +308,11 @@ class TorchBackend(Backend):
             return None                             # for it, and the check waits for a batch of two or more
         if key not in cache:
             import torch
-            from torch.utils._pytree import tree_map
 
             from .closed_form_check import checked_uses
 
             with eval_mode(model), attention_for_vmap(model, prepared.dtype), torch.no_grad():  # the dense checks
-                self._logits(model, prepared, tree_map(lambda t: t[:2], inputs), task, causal=causal)  # first
+                self._logits(model, prepared, inputs, task, causal=causal)  # first, on the batch (its shapes in errors)
             with eval_mode(model), attention_for_closed_form(model):  # as closed_form_gradients runs it
                 uses = checked_uses(self, model, prepared, inputs, labels, task, causal)
             cache[key] = uses
