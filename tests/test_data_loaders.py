@@ -76,7 +76,7 @@ def test_a_checkpoint_saved_from_a_wrapper_names_the_fix(setup, case):
         checkpoint, expected = {f"_orig_mod.{k}": v for k, v in state.items()}, r"extra prefix '_orig_mod\.'"
     elif case == "wrapped_model":
         checkpoint, fitted = state, torch.nn.DataParallel(model)
-        expected = r"model's keys have the extra prefix 'module\.'.*model\.module"
+        expected = r"DataParallel wrapper .*pass the model it wraps, model\.module"
     elif case == "training_checkpoint":
         checkpoint, expected = {"state_dict": state, "epoch": 3}, r"under 'state_dict': pass checkpoint\['state_dict'\]"
     elif case == "path":

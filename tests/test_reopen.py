@@ -243,3 +243,41 @@ def test_a_checkpoint_added_to_an_opened_store_follows_its_lambda(tmp_path, writ
         assert trak.lambdas == [written] * 3
     targets = (x[:7], y[:7])
     assert np.array_equal(reopened.score([targets]), trak.score([targets]))
+
+
+@pytest.mark.parametrize("failure", ["error", "interrupt"])
+def test_scoring_after_a_failed_featurize_names_the_missing_checkpoint(failure):
+    """Checkpoint 1's featurize failed (NaN inputs, Ctrl-C), and score() returned checkpoint 0's scores alone as the
+    ensemble, unsaid. Now it refuses, and scores with the checkpoints named, or after featurizing again."""
+    model, (x, y) = MLP(5, 4, 3), _data()
+    trak = TRAK(model, proj_dim=32, progress=False)
+    trak.featurize(model.init(seed=0), [(x, y)])
+
+    def batches():
+        yield x[:20], y[:20]
+        if failure == "interrupt":
+            raise KeyboardInterrupt
+        yield np.full_like(x[20:], np.nan), y[20:]
+
+    with pytest.raises((KeyboardInterrupt, TrakCoreError)):
+        trak.featurize(model.init(seed=1), batches())
+    for call in (lambda: trak.score([(x[:3], y[:3])]), trak.self_influence):
+        with pytest.raises(TrakCoreError, match=r"the last featurize failed .* pass checkpoints=\[0\] to use the 1"):
+            call()
+    alone = TRAK(model, proj_dim=32, progress=False)
+    alone.featurize(model.init(seed=0), [(x, y)])
+    assert np.array_equal(trak.score([(x[:3], y[:3])], checkpoints=[0]), alone.score([(x[:3], y[:3])]))
+    trak.featurize(model.init(seed=1), [(x, y)])
+    both = TRAK(model, proj_dim=32, progress=False)
+    for seed in (0, 1):
+        both.featurize(model.init(seed=seed), [(x, y)])
+    assert np.array_equal(trak.score([(x[:3], y[:3])]), both.score([(x[:3], y[:3])]))
+
+
+def test_checkpoints_given_as_one_index_names_the_fix():
+    trak, _ = _featurize(None)
+    x, y = _data()
+    for call in (lambda: trak.score([(x[:3], y[:3])], checkpoints=0), lambda: trak.self_influence(checkpoints=1)):
+        with pytest.raises(TrakCoreError, match=r"checkpoints must be a sequence of checkpoint indices, got \d: pass "
+                                                r"\[\d\] for one checkpoint"):
+            call()

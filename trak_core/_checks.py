@@ -201,6 +201,9 @@ def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
     """
     if checkpoints is None:
         return list(store)
+    if isinstance(checkpoints, (str, bytes)) or not hasattr(checkpoints, "__iter__"):
+        raise TrakTypeError(f"checkpoints must be a sequence of checkpoint indices, got {checkpoints!r}: pass "
+                            f"[{checkpoints!r}] for one checkpoint")
     by_index = {entry.index: entry for entry in store}
     chosen = []
     for c in checkpoints:
@@ -224,9 +227,18 @@ def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
     return [by_index[c] for c in chosen]
 
 
-def check_scorable(store: Any, last_error: BaseException | None, what: str) -> None:
-    """Refuse ``what`` (a method needing features) on an estimator with no featurized checkpoint, saying why."""
+def check_scorable(store: Any, last_error: BaseException | None, what: str, *, ensemble: bool = False) -> None:
+    """Refuse ``what`` (a method needing features) on an estimator with no featurized checkpoint, saying why; and,
+    for an ensemble of every checkpoint (``ensemble``: ``checkpoints=None``), after a featurize that failed: the
+    ensemble would lack that checkpoint, unsaid."""
     if len(store):
+        if ensemble and last_error is not None:
+            held = [entry.index for entry in store]
+            raise TrakValueError(f"{what}: the last featurize failed ({type(last_error).__name__}: "
+                                 f"{str(last_error).splitlines()[0][:200] if str(last_error) else 'interrupted'}), "
+                                 "so an ensemble of every checkpoint would lack that one: featurize it again (an "
+                                 "on-disk store resumes where it stopped), or pass checkpoints="
+                                 f"{held} to use the {len(held)} featurized")
         return
     message = f"{what} called before any featurize(): featurize every checkpoint first"
     if last_error is not None:

@@ -156,7 +156,7 @@ class TRAK(Featurizer):
             raise TrakValueError(f"checkpoint_weighting must be 'uniform' or 'normalized', got {checkpoint_weighting!r}")
         self.checkpoint_weighting = checkpoint_weighting
         self.executor = get_executor(executor)
-        self._last_error: Exception | None = None  # the last featurize's, for score()'s message
+        self._last_error: BaseException | None = None  # the last featurize's, for score()'s message
         self._opened: list = []  # checkpoints of a store reopened with TRAK.open, loaded at the first score
         self._subset_of: int | None = None  # opened with some of a store's checkpoints: how many it holds
         if self.executor is not None and self.store.location is None:
@@ -209,7 +209,7 @@ class TRAK(Featurizer):
             with settling(self.store):  # interrupted (Ctrl-C too): a write it cut short lands before this returns
                 self._featurize(checkpoint, data)
             self._last_error = None
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl-C too: that checkpoint is missing all the same
             self._last_error = exc
             raise
 
@@ -248,7 +248,8 @@ class TRAK(Featurizer):
         data : iterable of (inputs, labels)
             The targets in batches; it is iterated once.
         checkpoints : sequence of int, optional
-            Indices of the featurized checkpoints to ensemble (default: all of them).
+            Indices of the featurized checkpoints to ensemble (default: all of them; after a ``featurize``
+            that failed, name them, or featurize that checkpoint again: the ensemble would lack it).
         save_as : str, optional
             Also write the scores to the on-disk store under this name (``scores/<name>``, chunked
             by rows); an existing name is an error, never overwritten.
@@ -270,7 +271,7 @@ class TRAK(Featurizer):
             self._load_opened((take_rows(first[0], 0, 1), first[1][:1, ...]))
             data = itertools.chain([first], data)
             del first  # the chain holds it until it is scored
-        self._check_scorable()
+        self._check_scorable(ensemble=checkpoints is None)
         entries = chosen_entries(self.store, checkpoints)
         columns, dtype = [], entries[0].features.dtype
         stream = progress(data, desc="score", enabled=self.progress, total=total)
@@ -328,7 +329,7 @@ class TRAK(Featurizer):
                                  "others rescale each target's scores over all training examples; score the "
                                  "training set as targets and take the diagonal instead")
         self._load_opened(None)
-        self._check_scorable("self_influence()")
+        self._check_scorable("self_influence()", ensemble=checkpoints is None)
         entries = chosen_entries(self.store, checkpoints)
         xp = namespace(entries[0].out_to_loss)
         diagonals = [self_scores(entry.features, entry.factor, xp=xp, show=self.progress,
@@ -352,8 +353,8 @@ class TRAK(Featurizer):
 
             load_opened(self, example)
 
-    def _check_scorable(self, what: str = "score()") -> None:
-        check_scorable(self.store, self._last_error, what)
+    def _check_scorable(self, what: str = "score()", *, ensemble: bool = False) -> None:
+        check_scorable(self.store, self._last_error, what, ensemble=ensemble)
 
     @classmethod
     def open(cls, path: Any, model: Any, checkpoints: Sequence[Any] | Mapping[int, Any], *,
