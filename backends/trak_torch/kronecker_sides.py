@@ -42,13 +42,17 @@ def input_side(use: Any, block: Any, pair: tuple[Any, Any], x: Any, dtype: Any) 
 
 
 def output_side(use: Any, pair: tuple[Any, Any], delta: Any, n: int, dtype: Any) -> Any:
-    """The projected output-gradient side of one call, ``(n, T, k)``."""
+    """The projected output-gradient side of one call, ``(n, T, k)``. A lookup's output gradient (width ``d``) takes
+    the first ``d`` rows of the column factor: the factor has ``d + 1`` when the table is tied to a ``Linear`` head
+    whose bias is folded into the block (BERT's masked-LM head), and the lookup does not reach the bias."""
     rows, cols = pair
     if use.kind in ("conv2d", "conv1d-torch"):  # (..., channels, H, W) or (..., channels, L)
         d = delta.reshape(n, delta.shape[-3 if use.kind == "conv2d" else -2], -1).transpose(1, 2)
     else:
         d = delta.reshape(n, -1, delta.shape[-1])
-    return d.to(dtype) @ (cols if use.kind in ("embedding", "conv1d") else use.row_factor(rows))
+    if use.kind == "embedding":
+        return d.to(dtype) @ cols[:d.shape[-1]]
+    return d.to(dtype) @ (cols if use.kind == "conv1d" else use.row_factor(rows))
 
 
 def rows_first(use: Any, input_side: Any, output_side: Any) -> tuple[Any, Any]:

@@ -1,0 +1,82 @@
+"""The torch factorized (Kronecker) projection on parameters shared in less common ways: a token table tied to a
+head with a bias. Features against per-example gradients times the explicit matrix (``test_kronecker._check_exact``),
+in one batched pass and under ``vmap``."""
+import numpy as np
+import pytest
+
+from trak_core import Kronecker
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: the torch factorized path is not exercised")
+
+from test_kronecker import _check_exact  # noqa: E402
+from trak_torch import TorchBackend  # noqa: E402
+
+PATHS = ["auto", "vmap"]
+
+
+class TiedHead(torch.nn.Module):
+    """BERT's masked-LM layout: the token table is the head's weight, and the head has a bias of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid = torch.nn.Embedding(7, 5, padding_idx=0), torch.nn.Linear(5, 5)
+        self.head = torch.nn.Linear(5, 7)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids))).mean(1))
+
+
+@pytest.mark.parametrize("per_example", PATHS)
+def test_a_table_tied_to_a_head_with_a_bias_is_one_block_with_that_bias(per_example):
+    """The head's bias is folded into the table's block (7 x (5 + 1)); the lookup's output gradient takes the first
+    5 rows of the column factor. Before, it took all 6 and the matrix product failed."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 7, (6, 4))
+    ids[0, -1] = 0
+    y = torch.randint(0, 7, (6,))
+    plan = _check_exact(TiedHead().double(), ids, y, "classification", k=24,
+                        backend=TorchBackend(per_example=per_example))
+    table = plan.block("emb.weight").layer
+    assert (table.rows, table.cols, table.bias, table.bias_side) == (7, 6, "head.bias", "cols")
+
+
+def test_a_table_tied_to_a_head_with_a_bias_equals_the_jax_backend():
+    jax = pytest.importorskip("jax", reason="JAX is not installed: no JAX features to compare with")
+    import jax.numpy as jnp
+    from trak_core.tasks import get_task
+    from trak_jax import JaxBackend
+
+    torch.manual_seed(0)
+    model = TiedHead().double()
+    ids, y = torch.randint(1, 7, (6, 4)), torch.randint(0, 7, (6,))  # no padding: a JAX lookup has none
+    task, options = get_task("classification"), Kronecker()
+    backend = TorchBackend()
+    expected, _ = backend.factorized_features(model, backend.prepare(model, None), ids, y, task, k=24, seed=5,
+                                              checkpoint=1, options=options)
+
+    def apply(params, ids):
+        table, w, b, bias = params
+        return jnp.tanh(table[ids] @ w.T + b).mean(1) @ table.T + bias
+
+    with jax.enable_x64(True):
+        weights = [jnp.asarray(p.detach().numpy()) for p in model.parameters()]  # emb, mid.weight, mid.bias, head.bias
+        jax_backend = JaxBackend()
+        got, _ = jax_backend.factorized_features(apply, jax_backend.prepare(apply, weights), jnp.asarray(ids.numpy()),
+                                                 jnp.asarray(y.numpy()), task, k=24, seed=5, checkpoint=1,
+                                                 options=options)
+    np.testing.assert_allclose(np.asarray(got), expected.numpy(), rtol=1e-9, atol=1e-12 * np.abs(got).max())
+
+
+def test_a_bert_masked_lm_head():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=16)
+    model = transformers.BertForMaskedLM(config).double().eval()
+    ids = torch.randint(1, 30, (4, 6))
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = ids[:, 2]
+    plan = _check_exact(model, {"input_ids": ids}, labels, "token_classification", k=64)
+    table = plan.block("bert.embeddings.word_embeddings.weight").layer
+    assert (table.rows, table.cols, table.bias) == (30, 17, "cls.predictions.bias")
