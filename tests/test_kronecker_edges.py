@@ -1,6 +1,8 @@
 """The torch factorized (Kronecker) projection on parameters shared in less common ways: a token table tied to a
-head with a bias. Features against per-example gradients times the explicit matrix (``test_kronecker._check_exact``),
-in one batched pass and under ``vmap``."""
+head with a bias, a negative ``padding_idx`` passed to ``F.embedding``. Features against per-example gradients times
+the explicit matrix (``test_kronecker._check_exact``), in one batched pass and under ``vmap``."""
+import logging
+
 import numpy as np
 import pytest
 
@@ -80,3 +82,38 @@ def test_a_bert_masked_lm_head():
     plan = _check_exact(model, {"input_ids": ids}, labels, "token_classification", k=64)
     table = plan.block("bert.embeddings.word_embeddings.weight").layer
     assert (table.rows, table.cols, table.bias) == (30, 17, "cls.predictions.bias")
+
+
+class LastRowPadding(torch.nn.Embedding):
+    """An Embedding subclass whose own forward passes ``padding_idx=-1``: torch keeps the last row's gradient at
+    zero."""
+
+    def forward(self, ids):
+        return torch.nn.functional.embedding(ids, self.weight, -1)
+
+
+class Pooled(torch.nn.Module):
+    def __init__(self, emb):
+        super().__init__()
+        self.emb, self.head = emb, torch.nn.Linear(5, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+
+@pytest.mark.parametrize("per_example", PATHS)
+def test_a_negative_padding_idx_counts_from_the_end(per_example, caplog):
+    """``F.embedding(ids, w, -1)`` pads with row 8 of 9, as ``nn.Embedding(9, 5, padding_idx=-1)`` does. Before,
+    the ids were compared with -1, row 8 kept its gradient, and the features were 26% off; the dense closed form
+    failed its check the same way and fell back to vmap."""
+    torch.manual_seed(0)
+    ids = torch.randint(5, 9, (6, 4))
+    ids[0] = torch.tensor([5, 6, 7, 5])
+    ids[1:, 0] = 8
+    y = torch.randint(0, 3, (6,))
+    for emb in (LastRowPadding(9, 5), torch.nn.Embedding(9, 5, padding_idx=-1)):
+        with caplog.at_level(logging.INFO, logger="trak_core"):
+            plan = _check_exact(Pooled(emb).double(), ids, y, "classification", k=24,
+                                backend=TorchBackend(per_example=per_example))
+        assert [b.layer.name for b in plan.blocks] == ["emb.weight", "head.weight"]
+    assert "the closed form differs" not in caplog.text

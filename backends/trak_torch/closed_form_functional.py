@@ -235,7 +235,15 @@ def _embedding(input: Any, weight: Any, padding_idx: Any = None, max_norm: Any =
                scale_grad_by_freq: bool = False, sparse: bool = False) -> Any:
     out, on_call = _original("embedding", (input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq,
                                            sparse))
-    return out if on_call is None else on_call(input, weight, padding_idx, max_norm, scale_grad_by_freq, sparse, out)
+    if on_call is None:
+        return out
+    return on_call(input, weight, _padding_row(padding_idx, weight), max_norm, scale_grad_by_freq, sparse, out)
+
+
+def _padding_row(padding_idx: Any, weight: Any) -> Any:
+    """The row that ``F.embedding`` keeps out of the gradient: a negative ``padding_idx`` counts from the end
+    (``-1`` is the last row, as torch normalizes it), so handlers can compare it with the ids."""
+    return padding_idx + weight.shape[0] if padding_idx is not None and padding_idx < 0 else padding_idx
 
 
 WRAPPERS = {"linear": _linear, "layer_norm": _layer_norm, "embedding": _embedding}
@@ -246,8 +254,9 @@ def intercept(**handlers: Callable[..., Any] | None) -> Iterator[None]:
     """Route this thread's calls of ``torch.nn.functional.linear``, ``layer_norm`` and ``embedding`` through the
     handler of that name (keywords), called with the function's arguments and then its output, and returning the
     output to use: ``linear(input, weight, bias, out)``, ``layer_norm(input, normalized_shape, weight, bias, eps,
-    out)``, ``embedding(input, weight, padding_idx, max_norm, scale_grad_by_freq, sparse, out)``; for the
-    duration. Other threads' calls, and calls without a handler, pass through unchanged."""
+    out)``, ``embedding(input, weight, padding_idx, max_norm, scale_grad_by_freq, sparse, out)`` (``padding_idx``
+    as the row it keeps out of the gradient: a negative one counted from the end); for the duration. Other threads'
+    calls, and calls without a handler, pass through unchanged."""
     import torch.nn.functional as F
 
     if set(handlers) - set(WRAPPERS):

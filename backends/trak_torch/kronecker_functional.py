@@ -108,7 +108,8 @@ def no_fast_path(active: bool = True) -> Iterator[None]:
 def intercepted(found: Functional | None, on_call: Callable[..., Any]) -> Any:
     """A context in which each ``linear``/``embedding`` call with a tracked weight returns
     ``on_call(key, input, output, extra)`` (``key`` as :meth:`Functional.key`; ``extra``: the call's bias, or its
-    ``padding_idx``); a no-op without tracked weights."""
+    ``padding_idx`` counted from the table's start, as ``F.embedding`` normalizes a negative one); a no-op without
+    tracked weights."""
     from .closed_form_functional import intercept
 
     if not found:
