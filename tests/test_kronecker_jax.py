@@ -331,3 +331,25 @@ def test_a_kernel_with_one_axis_above_one_stays_a_layer():
     params, x = [rng.normal(size=(1, 3, 1, 1)), rng.normal(size=(3, 16))], rng.normal(size=(5, 3, 4, 4))
     plan = _check_exact(_one_channel_head, params, x, rng.integers(0, 3, 5), "classification", k=8)
     assert [(b.layer.name, b.layer.rows, b.layer.cols) for b in plan.blocks] == [("[0]", 1, 3), ("[1]", 3, 16)]
+
+
+def test_int64_batches_made_with_x64_on_featurize_with_x64_off():
+    """Ids and labels made while x64 was on stay int64 arrays after it is switched off. The dense step's jnp calls
+    convert them; the factorized step re-bound the traced program's primitives on them as they were, and lax.eq
+    raised a TypeError (int64 against the int32 it was traced with). Now they are converted to the traced dtypes."""
+    x, y = canonical.inputs("lm", 7, 1)
+    with jax.enable_x64(True):
+        wide = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=jnp.int64), (x, y))
+    with jax.enable_x64(False):
+        assert wide[1].dtype == jnp.int64 and wide[0]["input_ids"].dtype == jnp.int64
+        weights = [jnp.asarray(w, dtype=jnp.float32) for w in canonical.weights("lm", 0)]
+        plan, features, _, prepared, _ = _factorized(jax_apply("lm"), weights, *wide, "language_modeling", 40)
+        narrow = _factorized(jax_apply("lm"), weights, x, y, "language_modeling", 40)[1]
+        dense = JaxBackend()
+        grads, _ = dense.gradients(jax_apply("lm"), dense.prepare(jax_apply("lm"), weights), *wide,
+                                   get_task("language_modeling"))
+    np.testing.assert_allclose(features, narrow, rtol=1e-6, atol=1e-6 * np.abs(narrow).max())
+    shapes = {prepared.paths[i]: prepared.shapes[i] for i in prepared.selected}
+    reference = np.asarray(grads, dtype=np.float64) @ explicit_matrix(plan, shapes, seed=3, checkpoint=2)
+    error = np.linalg.norm(features - reference) / np.linalg.norm(reference)
+    assert features.dtype == np.float32 and error < 2e-5, error

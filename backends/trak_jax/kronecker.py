@@ -39,7 +39,7 @@ _XP = array_api_compat.array_namespace(jnp.zeros(1))
 def _evaluate(jaxpr: Any, consts: list, args: list, prefix: tuple, inner: set, hook: Callable) -> list:
     """Evaluate ``jaxpr``; ``hook(path, eqn, invals, out)`` replaces the output of each layer use."""
     env = dict(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
+    env.update((var, _as_traced(var, value)) for var, value in zip(jaxpr.invars, args))
     for i, eqn in enumerate(jaxpr.eqns):
         path = prefix + (i,)
         invals = [var.val if isinstance(var, Literal) else env[var] for var in eqn.invars]
@@ -52,6 +52,14 @@ def _evaluate(jaxpr: Any, consts: list, args: list, prefix: tuple, inner: set, h
             outs = list(outs) if eqn.primitive.multiple_results else [hook(path, eqn, invals, outs)]
         env.update(zip(eqn.outvars, outs))
     return [var.val if isinstance(var, Literal) else env[var] for var in jaxpr.outvars]
+
+
+def _as_traced(var: Any, value: Any) -> Any:
+    """``value`` in the dtype that ``var`` was traced with. The jaxpr was traced from the batch's dtypes as JAX
+    canonicalizes them (int32 under x64 off), while the arrays themselves may keep a wider one (int64 labels made
+    with x64 on): the dense step's ``jnp`` calls convert them, a re-bound primitive (``lax.eq``) does not."""
+    dtype = var.aval.dtype
+    return value if value.dtype == dtype else lax.convert_element_type(value, dtype)
 
 
 def _input_side(use: Use, eqn: Any, invals: list, side: Any, bias: bool) -> Any:
