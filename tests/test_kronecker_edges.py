@@ -1,12 +1,13 @@
 """The torch factorized (Kronecker) projection on parameters shared in less common ways: a token table tied to a
-head with a bias, a negative ``padding_idx`` passed to ``F.embedding``. Features against per-example gradients times
-the explicit matrix (``test_kronecker._check_exact``), in one batched pass and under ``vmap``."""
+head with a bias, a negative ``padding_idx`` passed to ``F.embedding``, one bias shared by two layers. Features
+against per-example gradients times the explicit matrix (``test_kronecker._check_exact``), in one batched pass and
+under ``vmap``."""
 import logging
 
 import numpy as np
 import pytest
 
-from trak_core import Kronecker
+from trak_core import TRAK, Kronecker
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: the torch factorized path is not exercised")
 
@@ -117,3 +118,30 @@ def test_a_negative_padding_idx_counts_from_the_end(per_example, caplog):
                                 backend=TorchBackend(per_example=per_example))
         assert [b.layer.name for b in plan.blocks] == ["emb.weight", "head.weight"]
     assert "the closed form differs" not in caplog.text
+
+
+class SharedBias(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+        self.b.bias = self.a.bias
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("per_example", PATHS)
+def test_a_bias_shared_by_two_layers_is_the_rest(per_example):
+    """Its gradient sums both layers' output gradients, which no one block sees: it is projected densely, as the
+    JAX backend does. Before, it was folded into both blocks and the first example's check blamed 'a.weight'."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = SharedBias().double()
+    plan = _check_exact(model, x, y, "classification", k=24, backend=TorchBackend(per_example=per_example))
+    assert [(b.layer.name, b.layer.bias) for b in plan.blocks] == [("a.weight", None), ("b.weight", None),
+                                                                   ("head.weight", "head.bias")]
+    assert plan.rest == ("a.bias",)
+    trak = TRAK(model, proj_type="kronecker", proj_dim=24, progress=False,
+                backend=TorchBackend(per_example=per_example))
+    trak.featurize(None, [(x, y)])  # the first example's check passes
+    assert trak.store[0].features.shape == (6, 24)

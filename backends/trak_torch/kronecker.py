@@ -123,13 +123,13 @@ def discover(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
     by_weight: dict[str, list[Use]] = {}
     for use in found.values():
         by_weight.setdefault(use.weight, []).append(use)
-    layers, folded = {}, set()
+    layers, folded, shared = {}, set(), _shared_biases(by_weight)
     for weight, uses in by_weight.items():
         orientation = {"conv1d" if u.kind == "conv1d" else "rows-out" for u in uses}
         if len(orientation) > 1:
             raise TrakValueError(f"weight {weight!r} is used by a Conv1D and by another layer type; factorize it "
                                  "densely: leave it out of the layers with proj_type='rademacher'")
-        biases = [u.bias for u in uses if u.bias is not None]
+        biases = [u.bias for u in uses if u.bias is not None and u.bias not in shared]
         bias = biases[0] if biases else None
         for u in uses:  # a use with another bias leaves that bias to the rest
             u.bias = u.bias if u.bias == bias else None
@@ -146,6 +146,18 @@ def discover(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
     index = {block.layer.name: block.index for block in plan.blocks}
     uses = sorted(found.values(), key=lambda u: index[u.weight])
     return plan, uses, inside
+
+
+def _shared_biases(by_weight: dict[str, list[Use]]) -> set[str]:
+    """The biases that layers of different weights add (one ``bias`` Parameter assigned to two ``Linear``s): their
+    gradient sums those layers' output gradients, which no one block sees, so they go to the rest (densely
+    projected) instead of being folded into a block."""
+    owners: dict[str, set[str]] = {}
+    for weight, uses in by_weight.items():
+        for use in uses:
+            if use.bias is not None:
+                owners.setdefault(use.bias, set()).add(weight)
+    return {bias for bias, weights in owners.items() if len(weights) > 1}
 
 
 def factorized_state(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool, *, k: int, seed: int,
