@@ -15,6 +15,7 @@ same blocks as one process.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 from .errors import MissingFrameworkError, TrakOSError, TrakValueError, install_hint
@@ -111,8 +112,17 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, num_workers: int = 2, shard_rows: int = KERNEL_CHUNK_ROWS,
                  max_retries: int = 3, cpu_wait_s: float = 30.0) -> None:
-        if num_workers < 1:
-            raise TrakValueError(f"num_workers must be at least 1, got {num_workers}")
+        for name, value, least in (("num_workers", num_workers, 1), ("shard_rows", shard_rows, 1),
+                                   ("max_retries", max_retries, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise TrakValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+        if isinstance(cpu_wait_s, bool) or not isinstance(cpu_wait_s, numbers.Real) or \
+                not 0 <= cpu_wait_s < math.inf:
+            raise TrakValueError(f"cpu_wait_s must be a number of seconds, 0 or more, got {cpu_wait_s!r}")
+        if address is not None and not isinstance(address, str):
+            raise TrakValueError(f"address must be a Ray cluster address such as 'ray://host:10001' (or None for a "
+                                 f"local cluster), got {address!r}")
+        num_workers, shard_rows, max_retries = int(num_workers), int(shard_rows), int(max_retries)
         self.address, self.num_workers, self.shard_rows = address, num_workers, shard_rows
         self.max_retries, self.cpu_wait_s = max_retries, cpu_wait_s
         self._actors: list[Any] = []
