@@ -264,6 +264,10 @@ class Featurizer(KernelFitting):
         digest = self.backend.parameters_digest(prepared)
         refuse_duplicate(digest, list(self.store))  # before the writer: a refused checkpoint leaves no c{index}
         writer = self.store.writer(index, self._fingerprint(n_params, structure))
+        stored_dtype = getattr(writer, "stored_dtype", None)
+        if stored_dtype is not None:  # before the digests: a setting that changed the params' dtype is named
+            with located(f"checkpoint {index} in {self._where}"):
+                self.backend.check_stored_dtype(prepared, stored_dtype)
         check_parameters(digest, writer, list(self.store), index, self._where)
         check_lambda_setting(self.store, writer, index, self.lambda_reg, self._where)
         return PendingCheckpoint(index, prepared, n_params, structure, digest, writer)

@@ -31,7 +31,7 @@ from trak_core.errors import TrakTypeError, TrakValueError
 from trak_core.fingerprints import parameters_digest
 from trak_core.outputs import select_logits
 
-from .batch import check_x64, chunks, crop, device_batch
+from .batch import check_stored_x64, check_x64, chunks, crop, device_batch
 from .checkpoint import JaxCheckpoint, check_selection, snapshot
 from .checks import OutputCheck, not_jittable, state_note
 
@@ -165,6 +165,11 @@ class JaxBackend(Backend):
                   for leaf in jax.tree_util.tree_leaves(prepared.params)]  # PRNG keys (left out): their bits
         return parameters_digest([(f"{i}:{prepared.structure!r}" if i == 0 else str(i), leaf)
                                   for i, leaf in enumerate(leaves)])
+
+    def check_stored_dtype(self, prepared: JaxCheckpoint, dtype: str) -> None:
+        """Name the x64 setting where it differs from the one the store's features were made in (``batch``):
+        with x64 off, float64 params are cast to float32 and their digest would blame other parameters."""
+        check_stored_x64(prepared.dtype, dtype)
 
     def _step(self, apply: Callable, task: Any, project: bool, selected: tuple[int, ...] | None = None) -> Any:
         """``[jitted step, compiled batch size]`` of ``apply`` and ``task``; ``selected``: the indices of the

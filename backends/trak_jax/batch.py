@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, Iterator
 
-from trak_core.errors import TrakTypeError, TrakValueError
+from trak_core.errors import StoreMismatchError, TrakTypeError, TrakValueError
 
-__all__ = ["check_x64", "chunks", "crop", "device_batch", "x64_enabled"]
+__all__ = ["check_stored_x64", "check_x64", "chunks", "crop", "device_batch", "x64_enabled"]
 
 
 def x64_enabled() -> bool:
@@ -38,6 +38,29 @@ def check_x64(dtype: Any) -> None:
             "would compute these features in float32 and the scores would silently lose float64 accuracy; score "
             "(and call features) in the same x64 setting you featurized in: inside the same `with "
             "jax.enable_x64(True):` block, or with jax.config.update('jax_enable_x64', True) at the start")
+
+
+def check_stored_x64(dtype: Any, stored: str) -> None:
+    """Raise when a store's features (of ``stored`` dtype) were made in the other x64 setting than this process's.
+
+    With x64 off JAX casts float64 params to float32, so their digest differs from the stored one and the store
+    would report other parameters; this names the setting instead. ``dtype``: the params' dtype here.
+    """
+    import numpy as np
+
+    if np.dtype(stored) == np.float64 and not x64_enabled():
+        raise StoreMismatchError(
+            "the store holds this checkpoint's features in float64 (featurized with jax_enable_x64 on), but x64 is "
+            "off here, so JAX casts float64 params to float32 and would compute float32 features; reopen or resume "
+            "the store in the x64 setting it was featurized in: jax.config.update('jax_enable_x64', True) at the "
+            "start, or inside `with jax.enable_x64(True):` (nothing was overwritten)")
+    if np.dtype(stored) == np.float32 and np.dtype(dtype) == np.float64 and x64_enabled():
+        raise StoreMismatchError(
+            "the store holds this checkpoint's features in float32, but x64 is on here and these params are float64, "
+            "which would give float64 features: the store was featurized with jax_enable_x64 off (JAX cast the "
+            "float64 params to float32) or from float32 params; reopen or resume it in that setting: x64 off "
+            "(jax.config.update('jax_enable_x64', False) at the start, or inside `with jax.enable_x64(False):`), "
+            "or pass the float32 params (nothing was overwritten)")
 
 
 def _to_device(value: Any, what: str, device: Any) -> Any:

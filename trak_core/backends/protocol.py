@@ -17,7 +17,7 @@ class Backend(abc.ABC):
 
     Required: ``owns``, ``prepare``, ``n_params``, ``gradients``, and the class
     attribute ``name``. Optional, with the default behaviour shown: ``structure``,
-    ``parameters_digest``, ``project``, ``features``. The estimator calls exactly these,
+    ``parameters_digest``, ``check_stored_dtype``, ``project``, ``features``. The estimator calls exactly these,
     never anything else, and never probes for attributes.
 
     Attributes
@@ -76,6 +76,15 @@ class Backend(abc.ABC):
         and checks it when a store is reopened. Default ``None``: no such checks.
         """
         return None
+
+    def check_stored_dtype(self, prepared: Any, dtype: str) -> None:
+        """Raise where this process cannot make features of ``dtype``, the dtype a store holds this checkpoint's
+        features in (reopened or resumed), from ``prepared``.
+
+        Called before the stored ``parameters_digest`` is compared, so that a setting that changes the
+        parameters' dtype (JAX casts float64 to float32 with ``jax_enable_x64`` off) is named with its fix
+        rather than reported as other parameters. Default: no check.
+        """
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
                 precision: str = "float32") -> Any:
