@@ -278,3 +278,19 @@ def test_a_new_batch_size_through_trak_compiles_one_check_per_array():
         trak.features([(x[40:57], y[40:57])])  # 17 rows: a size not compiled before
     checks = [name for name in counter.names if "isfinite" in name or "reduce" in name]
     assert len(checks) == 2 and len(counter.names) <= 4, counter.names
+
+
+def test_string_labels_name_their_dtype_and_the_mapping_to_integer_ids():
+    """Class-name labels (``<U3``) were "labels must be a JAX or NumPy array, got ndarray", which they are."""
+    x, y = canonical.inputs("softmax", 12, seed=0, dtype="float32")
+    names = np.array(["cat", "dog", "emu"])[y]
+    trak = trak_core.TRAK(JaxModel(_linear), proj_dim=None, lambda_reg=1.0, progress=False)
+    weights = canonical.weights("softmax", seed=0, dtype="float32")
+    with pytest.raises(TypeError, match=r"labels have the NumPy dtype <U3.*map the class names to integer ids.*"
+                                        r"np.searchsorted\(classes, labels\)") as info:
+        trak.featurize(weights, [(x, names)])
+    assert "must be a JAX or NumPy array" not in str(info.value)
+    with pytest.raises(TypeError, match=r"inputs have the NumPy dtype <U1.*encode the strings as numbers"):
+        trak.featurize(weights, [(np.full((12, 4), "a"), y)])
+    classes = np.unique(names)  # the message's mapping gives the integer labels back
+    np.testing.assert_array_equal(np.searchsorted(classes, names), y)

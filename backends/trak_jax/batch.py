@@ -84,11 +84,27 @@ def _to_device(value: Any, what: str, device: Any) -> Any:
         try:
             array = jax.device_put(jnp.asarray(value), device)
         except TypeError as exc:
+            if isinstance(value, np.ndarray):  # an array JAX has no dtype for: strings, objects, datetimes
+                hint = _numeric_hint(what, value.dtype)
+                raise TrakTypeError(f"{what} have the NumPy dtype {value.dtype}, which JAX has no arrays of (JAX "
+                                    f"arrays hold numbers and booleans only); {hint}") from None
             raise TrakTypeError(f"{what} must be a JAX or NumPy array, got {type(value).__name__} "
                                 f"({str(exc).splitlines()[0]})") from None
     if array.ndim == 0:
         raise TrakValueError(f"{what} must have one row per example, got a scalar")
     return array
+
+
+def _numeric_hint(what: str, dtype: Any) -> str:
+    """How to make numbers of an array of ``dtype`` that JAX cannot hold."""
+    if dtype.kind in "US" and what == "labels":
+        return ("map the class names to integer ids, one mapping for every batch and the targets, e.g. "
+                "classes = np.unique(train_labels), then labels = np.searchsorted(classes, labels)")
+    if dtype.kind in "US":
+        return "encode the strings as numbers first (a tokenizer's input_ids for text)"
+    if dtype.kind == "O":
+        return f"make {what} one array of a numeric dtype (rows of one length, e.g. np.stack(rows))"
+    return f"convert {what} to a numeric dtype first"
 
 
 def device_batch(inputs: Any, labels: Any, device: Any) -> tuple[Any, Any, int]:
