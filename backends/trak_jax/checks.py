@@ -19,11 +19,34 @@ __all__ = ["OutputCheck", "logits_source", "not_jittable", "state_note"]
 _EXPECTED = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}
 
 
+_LINEN_INFERENCE = ("call it in inference mode, e.g. JaxModel(lambda variables, x: module.apply(variables, x, "
+                    "train=False)) where its __call__ takes a train flag")
+_FLAX_NOTES = {  # flax.errors class names (matched by name: flax is not imported) -> what it means here, the fix
+    "TraceContextError": ("the model updates its state while gradients are taken (nnx BatchNorm statistics, Dropout "
+                          "RNG counts): call model.eval() before nnx.split(model, nnx.Param, ...) (docs/jax.md)"),
+    "ScopeCollectionNotFound": ("the checkpoint lacks a variable collection the Flax linen module reads: pass the "
+                                "whole variables dict module.init returns ({'params': ...} and, with BatchNorm, "
+                                "'batch_stats'), not variables['params']; leave the batch statistics out of the "
+                                "gradients with JaxBackend(params=lambda path, leaf: path.startswith(\"['params']\")) "
+                                "(docs/jax.md)"),
+    "ModifyScopeVariableError": ("the Flax linen module updates a variable collection while gradients are taken "
+                                 "(BatchNorm with use_running_average=False: training mode), which it may not here; "
+                                 f"{_LINEN_INFERENCE}, or BatchNorm(use_running_average=True)"),
+    "InvalidRngError": ("the Flax linen module asks for an RNG (Dropout with deterministic=False: training mode); "
+                        f"attribution runs the model deterministically: {_LINEN_INFERENCE}, or "
+                        "Dropout(deterministic=True)"),
+}
+
+# linen variables that do not fit the module: these also get the structure note, which lists the leaves
+_FLAX_STRUCTURE = ("ScopeCollectionNotFound", "ScopeParamNotFoundError", "ScopeParamShapeError")
+
+
 def state_note(exc: Exception) -> None:
-    """Say what to do when a flax nnx model updates its own state under JAX's transforms."""
-    if type(exc).__name__ == "TraceContextError":  # flax.errors: "Cannot mutate BatchStat from a different trace"
-        exc.add_note("trak-core: the model updates its state while gradients are taken (nnx BatchNorm statistics, "
-                     "Dropout RNG counts): call model.eval() before nnx.split(model, nnx.Param, ...) (docs/jax.md)")
+    """Say what to do about a Flax error raised inside apply: a model that updates its own state under JAX's
+    transforms or runs in training mode, or linen variables without their collections."""
+    note = _FLAX_NOTES.get(type(exc).__name__)
+    if note is not None and hasattr(exc, "add_note"):
+        exc.add_note(f"trak-core: {note}")
 
 
 def not_jittable(exc: Exception) -> TrakTypeError:
@@ -118,6 +141,8 @@ class OutputCheck:
             raise
         except Exception as exc:
             state_note(exc)
+            if type(exc).__name__ in _FLAX_STRUCTURE:
+                _structure_note(exc, prepared.paths)
             raise
         return shape, source[0]
 
