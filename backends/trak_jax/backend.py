@@ -62,8 +62,11 @@ class JaxModel:
 
     Wrapping the function lets ``trak_core.TRAK`` infer the ``"jax"`` backend from the model.
     For Flax ``linen``: ``JaxModel(module.apply)`` with checkpoints ``{"params": ...}``. For Flax
-    ``nnx`` and Equinox: split the module into a static graph and a params pytree and pass
-    ``apply = lambda params, x: nnx.merge(graphdef, params)(x)`` (or ``eqx.combine``).
+    ``nnx``: each checkpoint's ``(params, rest)`` of ``nnx.split(model, nnx.Param, ...)`` with
+    ``apply = lambda state, x: nnx.merge(graphdef, *state)(x)`` and
+    ``JaxBackend(params=lambda path, leaf: path.startswith("[0]"))`` (``rest``, the BatchNorm statistics,
+    differs between checkpoints: closed over by ``apply``, one model's would serve all). For Equinox:
+    ``eqx.partition`` the module into a params pytree and the static rest, joined by ``eqx.combine``.
     """
 
     def __init__(self, apply: Callable[[Any, Any], Any]) -> None:

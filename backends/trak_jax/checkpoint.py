@@ -123,8 +123,9 @@ def snapshot(checkpoint: Any, params: Selection = None) -> JaxCheckpoint:
             raise TrakTypeError(
                 f"params leaf {paths[i] or '<root>'} has dtype {arrays[i].dtype}; the parameters to differentiate "
                 "must be floating point. Leave it out with JaxBackend(params=...) (a list of the leaves' paths, or "
-                "a predicate (path, leaf) -> bool; the others enter the model as constants), or for Flax NNX split "
-                "only the parameters: graphdef, params, rest = nnx.split(model, nnx.Param, ...)")
+                "a predicate (path, leaf) -> bool; the others enter the model as constants); for Flax NNX, "
+                "featurize (params, rest) of graphdef, params, rest = nnx.split(model, nnx.Param, ...) with "
+                "JaxBackend(params=lambda path, leaf: path.startswith(\"[0]\")) (docs/jax.md)")
     dtypes = {arrays[i].dtype for i in selected}
     if len(dtypes) != 1:
         raise TrakTypeError(f"params leaves mix dtypes {sorted(map(str, dtypes))}; cast them to one dtype")
@@ -144,5 +145,6 @@ def _split_hint(checkpoint: Any) -> str:
                 "featurize params with apply = lambda p, x: jax.vmap(eqx.combine(p, static))(x)")
     if "flax" in bases:
         return ("for a Flax NNX module, split it: graphdef, params, rest = nnx.split(model, nnx.Param, ...), "
-                "featurize params with apply = lambda p, x: nnx.merge(graphdef, p, rest)(x)")
+                "featurize (params, rest) with apply = lambda state, x: nnx.merge(graphdef, *state)(x) and "
+                "JaxBackend(params=lambda path, leaf: path.startswith(\"[0]\")) (docs/jax.md)")
     return "split the model into its arrays (the checkpoint) and the rest (closed over by apply)"
