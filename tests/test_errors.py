@@ -345,3 +345,17 @@ def test_a_used_up_generator_and_another_label_dtype_are_named(setup):
         trak.featurize(theta + 0.01, data)
     with pytest.raises(StoreMismatchError, match=r"in another dtype or shape \(int64 labels one time and int32"):
         trak.featurize(theta + 0.01, [(x, y.astype(np.int32) if y.dtype != np.int32 else y.astype(np.int64))])
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"num_workers": 2.5}, "num_workers"), ({"num_workers": "2"}, "num_workers"), ({"num_workers": True}, "num_workers"),
+    ({"shard_rows": 0}, "shard_rows"), ({"max_retries": -1}, "max_retries"), ({"max_retries": None}, "max_retries"),
+    ({"cpu_wait_s": -1}, "cpu_wait_s"), ({"cpu_wait_s": float("inf")}, "cpu_wait_s"), ({"address": 3}, "address")])
+def test_ray_executor_arguments_are_checked_when_made(options, named):
+    """No Ray needed: 2.5 and '2' workers failed inside Ray at the first featurize, True workers and
+    max_retries=-1 (unlimited in Ray) or None were taken."""
+    from trak_core.executors import RayExecutor
+
+    with pytest.raises(TrakCoreError, match=f"^{named} must be"):
+        RayExecutor(**options)
+    assert RayExecutor(num_workers=np.int64(3), shard_rows=np.int32(8192)).num_workers == 3

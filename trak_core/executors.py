@@ -5,7 +5,8 @@ Shards are ranges of rows aligned to the store's chunks; each Ray actor holds th
 differentiates the whole batches overlapping its shard (so every row sees exactly the batch it
 sees in a single process), projects in groups aligned to absolute rows, and writes its chunks to
 the store. The driver then accumulates ``Phi^T Phi`` from the chunks on disk in order, so a
-distributed run gives the single-process numbers bit for bit. Actors are restarted and their
+distributed run gives the single-process numbers bit for bit (NumPy float32 products: with the driver's BLAS on
+one thread, as each actor's is). Actors are restarted and their
 shard retried when a worker dies; once retries run out the call fails, the actors are dropped, and the
 same call again starts new ones and resumes after the shards that finished. A worker's error names the
 checkpoint and batch of the whole training data, as in one process. Scoring: the driver makes each

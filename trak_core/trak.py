@@ -79,8 +79,8 @@ class TRAK(Featurizer):
         How checkpoints are averaged: a plain mean (``docs/estimator.md``), or each checkpoint's scores scaled
         to unit norm per target first.
     executor : None, "ray" or RayExecutor
-        Where featurization runs: this process, or Ray actors over row shards (needs ``store=path``;
-        see ``trak_core.executors``). The numbers are the same bit for bit.
+        Where featurization runs: this process, or Ray actors over row shards (needs ``store=path``; see
+        ``trak_core.executors``): the same bits (NumPy float32: with the driver's BLAS on one thread, as actors').
     label_key : str
         The labels' key in dict batches (default ``"labels"``, as Hugging Face collators name it);
         the other keys are passed to the model as keyword arguments.
