@@ -348,7 +348,8 @@ def test_a_used_up_generator_and_another_label_dtype_are_named(setup):
 
 
 @pytest.mark.parametrize("options, named", [
-    ({"num_workers": 2.5}, "num_workers"), ({"num_workers": "2"}, "num_workers"), ({"num_workers": True}, "num_workers"),
+    ({"num_workers": 2.5}, "num_workers"), ({"num_workers": "2"}, "num_workers"),
+    ({"num_workers": True}, "num_workers"),
     ({"shard_rows": 0}, "shard_rows"), ({"max_retries": -1}, "max_retries"), ({"max_retries": None}, "max_retries"),
     ({"cpu_wait_s": -1}, "cpu_wait_s"), ({"cpu_wait_s": float("inf")}, "cpu_wait_s"), ({"address": 3}, "address")])
 def test_ray_executor_arguments_are_checked_when_made(options, named):
