@@ -308,3 +308,21 @@ def test_a_plain_module_reading_its_own_attention_mask_gets_it_as_it_is():
 
     reference = torch.cat([_reference(Call(i), torch.zeros(1), y[i:i + 1]) for i in range(5)])
     assert float(torch.linalg.vector_norm(trak.store[0].features - reference)) < 1e-12
+
+
+def test_non_finite_tensors_are_named(caplog):
+    """NaN weights were refused without a name, and a NaN BatchNorm statistic (not attributed) only surfaced as NaN
+    out-to-loss weights that said "check the checkpoint's weights"."""
+    import logging
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3)).eval()
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["2.weight"][1, 2] = float("nan")
+    with pytest.raises(trak_core.TrakValueError, match=r"parameters contain NaN or inf: \['2\.weight'\]"):
+        trak_core.TRAK(model, proj_dim=8, progress=False).featurize(state, [(x, y)])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["1.running_var"][0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="trak_core"), pytest.raises(trak_core.TrakValueError, match="NaN"):
+        trak_core.TRAK(model, proj_dim=8, progress=False).featurize(state, [(x, y)])
+    assert "['1.running_var'], which are not attributed, contain NaN" in caplog.text
