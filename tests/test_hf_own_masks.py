@@ -102,3 +102,62 @@ def test_a_padded_batch_is_checked_after_an_unpadded_one():
         states.append(mask_check._checked.get(model))
     assert states == ["unpadded", "unpadded", "padded", "padded"]
     assert model not in attention.own_mask_models
+
+
+def _opt():
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                    num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16,
+                                    num_labels=3, pad_token_id=0, dropout=0.0, attention_dropout=0.0)
+    return transformers.OPTForSequenceClassification(config).double().eval()
+
+
+def _opt_batch(side):
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0], [13, 14, 0, 0, 0]])
+    if side == "left":
+        ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 10, 11, 12], [0, 0, 0, 13, 14]])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}, torch.tensor([0, 1, 2])
+
+
+def _logits_reference(model, inputs, labels):
+    """Margins of ``.logits``, one example at a time."""
+    params, rows = list(model.parameters()), []
+    for i in range(labels.shape[0]):
+        logits = model(**{key: value[i:i + 1] for key, value in inputs.items()}).logits[0]
+        y = int(labels[i])
+        margin = logits[y] - torch.logsumexp(torch.cat([logits[:y], logits[y + 1:]]), 0)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(margin, params)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("per_example", ["auto", "vmap"])
+def test_a_model_that_cannot_take_the_4d_mask_gets_its_own(per_example, caplog):
+    """OPT (positions from the 2-D mask), and likewise Bloom, XLM, FlauBERT, OpenAI-GPT, LayoutLM, YOSO in an audit,
+    raised with trak-core's 4-D mask under the default attention_mask="auto" although the model runs: now it
+    gets its own mask, with a warning, and every path matches one-example autograd."""
+    from trak_torch import TorchBackend
+
+    model = _opt()
+    inputs, labels = _opt_batch("right")
+    backend = TorchBackend(per_example=per_example)
+    with caplog.at_level(logging.WARNING, logger="trak_core"):
+        grads = backend.gradients(model, backend.prepare(model, None), inputs, labels,
+                                  trak_core.tasks.get_task("classification"))[0]
+    assert "opt raised with trak-core's 4-D attention mask (IndexError" in caplog.text
+    assert _error(grads, _logits_reference(model, inputs, labels)) < 1e-12
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_float64_vmap_does_not_take_a_float32_softmax(side):
+    """Float64 OPT with its mask as it is: vmap cannot follow its SDPA mask code, and the eager attention that
+    vmap ran instead takes its softmax in float32: 1.5e-8 off (right padding), NaN (left). Eager attention is kept
+    only where it gives the model's SDPA gradients (T5, BART); here the one-example loop, in SDPA, takes over."""
+    from trak_torch import TorchBackend
+
+    model = _opt()
+    inputs, labels = _opt_batch(side)
+    backend = TorchBackend(per_example="vmap", attention_mask="pass")
+    with pytest.warns(RuntimeWarning, match="eager attention is .* off SDPA in float64"):
+        grads = backend.gradients(model, backend.prepare(model, None), inputs, labels,
+                                  trak_core.tasks.get_task("classification"))[0]
+    assert _error(grads, _logits_reference(model, inputs, labels)) < 1e-12

@@ -1,6 +1,7 @@
 """The torch backend on models and module states an architecture audit found wrong or failing: a first batch of
 one example, per-submodule train/eval flags, recurrent layers, sparse embeddings, torch.utils.checkpoint and
 TorchScript. Per-example gradients (``proj_dim=None``) against plain autograd one example at a time."""
+import sys
 import warnings
 
 import pytest
@@ -213,7 +214,7 @@ def test_errors_a_loop_would_hide_are_raised_with_what_to_do(monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes")
 
-    monkeypatch.setattr(TorchBackend, "_vmap_gradients", out_of_memory)
+    monkeypatch.setattr(sys.modules["trak_torch.backend"], "vmap_in_attention", out_of_memory)
     model = torch.nn.Linear(4, 3)
     with pytest.raises(RuntimeError, match="can't allocate memory") as info:
         _features(model, [(x, y)], per_example="vmap", chunk_size=8)

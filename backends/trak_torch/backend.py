@@ -21,6 +21,7 @@ from .attention import (attention_for_closed_form, attention_for_vmap, causal_mo
                         reads_own_mask, uncounted_pad_predictions)
 from .checkpoint import TorchCheckpoint, raise_dtype_error, select_names, snapshot
 from .looped import eval_mode, looped_gradients, refuse_to_loop, vmap_cannot_batch
+from .vmapped import vmap_in_attention
 from .seq2seq import is_encoder_decoder
 
 __all__ = ["TorchBackend", "output_logits"]
@@ -117,8 +118,8 @@ class TorchBackend(Backend):
         holds none gets its mask as it is, as do CLIP's text tower and its kin, which build their own causal
         mask); ``"pass"`` hands the 2-D mask over unchanged. Under ``"auto"`` a model's per-example outputs
         with the 4-D mask are compared with its own on its first batch and its first padded one: where they
-        differ by more than ``sqrt(eps)`` (relative), it gets its mask as it is from then on, with a warning
-        (``trak_torch.mask_check``).
+        differ by more than ``sqrt(eps)`` (relative), or it raises with the 4-D mask and runs with its own (OPT,
+        Bloom, XLM), it gets its mask as it is from then on, with a warning (``trak_torch.mask_check``).
         For an encoder-decoder model (``config.is_encoder_decoder``), it masks keys only,
         ``(n, 1, 1, T)``, as the encoder's self-attention and the decoder's cross-attention both read it.
 
@@ -281,7 +282,7 @@ class TorchBackend(Backend):
                 raise
         if self.per_example != "loop" and "_looped" not in prepared.__dict__:
             try:
-                return self._vmap_gradients(model, prepared, inputs, labels, task, causal)
+                return vmap_in_attention(self, model, prepared, inputs, labels, task, causal)
             except (RuntimeError, NotImplementedError) as exc:  # a kernel vmap cannot batch, or a real error:
                 refuse_to_loop(exc, self.chunk_size)               # the model's own (plain autograd raises it
                 error = exc                                        # again below) or one a loop would hide
@@ -326,25 +327,6 @@ class TorchBackend(Backend):
         out = output_logits(self._call(model, {**params, **prepared.frozen}, one, causal=causal), self.logits_fn)
         out = out.reshape(1, -1) if task.logits_ndim == 2 else out
         return task.output(out, label, xp=xp)[0]
-
-    def _vmap_gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
-                        causal: bool) -> tuple[Any, Any]:
-        """``vmap(grad)`` in chunks (``trak_torch.vmapped``): a float64 model in its own SDPA (eager attention's
-        softmax is float32), and in eager attention from the first batch whose SDPA ``vmap`` cannot follow (T5's
-        and BART's branch on the mask's values) on."""
-        from .attention import vmap_keeps_sdpa
-        from .vmapped import vmap_gradients
-
-        if prepared.__dict__.get("_eager_vmap"):
-            return vmap_gradients(self, model, prepared, inputs, labels, task, causal, None)
-        try:
-            return vmap_gradients(self, model, prepared, inputs, labels, task, causal, prepared.dtype)
-        except (RuntimeError, NotImplementedError):
-            if not vmap_keeps_sdpa(model, prepared.dtype):
-                raise
-            result = vmap_gradients(self, model, prepared, inputs, labels, task, causal, None)  # raises a real error
-            prepared.__dict__["_eager_vmap"] = True  # only once eager attention took the batch SDPA could not
-            return result
 
     def _factorized(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, *, k: int, seed: int,
                     checkpoint: int, options: Any) -> Any:

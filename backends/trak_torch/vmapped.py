@@ -11,7 +11,10 @@ from typing import Any
 from .attention import attention_for_vmap
 from .looped import eval_mode
 
-__all__ = ["vmap_gradients"]
+__all__ = ["vmap_gradients", "vmap_in_attention", "eager_error"]
+
+EAGER_TOLERANCE = 1e-11  # float64 eager attention against the model's SDPA, relative: float64-grade (T5's, BART's)
+# passes; a float32 softmax (OPT's, Llama's eager code) is 1e-8 off
 
 
 def vmap_gradients(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any, causal: bool,
@@ -55,3 +58,44 @@ def vmap_gradients(backend: Any, model: Any, prepared: Any, inputs: Any, labels:
                 column += width
             del g
     return grads, out_to_loss
+
+
+def vmap_in_attention(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any,
+                      causal: bool) -> tuple[Any, Any]:
+    """``vmap_gradients`` in the attention that gives the model's gradients: a float64 model in its own SDPA (eager
+    attention's softmax is float32), and in eager attention from the first batch whose SDPA ``vmap`` cannot follow
+    (T5's and BART's branch on the mask's values) on, where eager attention gives its SDPA's gradients
+    (``eager_error``); else a ``RuntimeError`` that sends the checkpoint to the one-example loop, in SDPA."""
+    from .attention import vmap_keeps_sdpa
+
+    if prepared.__dict__.get("_eager_vmap"):
+        return vmap_gradients(backend, model, prepared, inputs, labels, task, causal, None)
+    try:
+        return vmap_gradients(backend, model, prepared, inputs, labels, task, causal, prepared.dtype)
+    except (RuntimeError, NotImplementedError) as exc:
+        if not vmap_keeps_sdpa(model, prepared.dtype):
+            raise
+        grads, out_to_loss = vmap_gradients(backend, model, prepared, inputs, labels, task, causal, None)
+        error = eager_error(backend, model, prepared, inputs, labels, task, causal, grads, out_to_loss)
+        if not error <= EAGER_TOLERANCE:  # a float32 softmax in the eager code (OPT's): the loop, in SDPA
+            raise RuntimeError(f"eager attention is {error:.1g} off SDPA in float64 (a float32 softmax), and vmap "
+                               f"cannot follow SDPA ({str(exc).splitlines()[0][:80]})") from exc
+        prepared.__dict__["_eager_vmap"] = True  # only once eager attention took the batch SDPA could not
+        return grads, out_to_loss
+
+
+def eager_error(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any, causal: bool,
+                grads: Any, out_to_loss: Any) -> float:
+    """How far a float64 model's gradients under ``vmap`` in eager attention (``grads``, ``out_to_loss``) are from
+    its own: the first example's against plain autograd in the model's SDPA, relative; ``inf`` where they are not
+    finite (eager attention's float32 softmax gives NaN for left padding's fully masked rows)."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    from .looped import looped_gradients
+
+    if not (bool(torch.isfinite(grads).all()) and bool(torch.isfinite(out_to_loss).all())):
+        return float("inf")
+    with eval_mode(model), attention_for_vmap(model, prepared.dtype):  # float64: the model's SDPA
+        one = looped_gradients(backend, model, prepared, tree_map(lambda t: t[:1], inputs), labels[:1], task, causal)
+    return float((grads[:1] - one).norm() / one.norm().clamp_min(torch.finfo(one.dtype).tiny))
