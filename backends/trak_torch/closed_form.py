@@ -196,6 +196,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     from .backend import _rows, check_labels, output_logits
     from .closed_form_functional import FUNCTION, copies, intercept, locate, scaled, slow_path
     from .layers import hooks
+    from .looped import batch_norm_layout
     from .routing import picked_rows
 
     functional = {module: names for module, kind, names, _ in uses if kind in FUNCTION}
@@ -290,7 +291,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     attention = [module for module, kind, _, _ in uses if kind == "mha"]
     followed = scaled(scales, n) if scales else nullcontext()
     with torch.enable_grad(), hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted, \
-            picked_rows(watch_rows, n, inputs) as picked, followed:  # ``followed`` sees each call first
+            picked_rows(watch_rows, n, inputs) as picked, followed, batch_norm_layout(model):  # ``followed``: first
         logits = output_logits(backend._call(model, params, inputs, causal=causal), backend.logits_fn)
         for module in called:
             if not set(functional[module]) <= seen:  # e.g. the fused fast path of nn.MultiheadAttention

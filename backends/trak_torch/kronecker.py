@@ -32,6 +32,7 @@ from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_pl
 from .kronecker_rest import RestPass, check, rest_plan
 from .kronecker_sides import input_side, output_side, rows_first
 from .layers import computes_linear, hooks, kronecker_kind, layer_kind
+from .looped import batch_norm_layout
 from .transforms import for_transforms
 
 __all__ = ["Factorized", "find_uses", "discover", "factorized_state", "batch_features"]
@@ -291,7 +292,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
 
         norms = list(extra.found.norms) if extra else []
         with torch.enable_grad(), hooks(modules, hook), hooks(norms, extra.hook if extra else None), \
-                intercepted(inside, call), slow(), attention[1]():
+                intercepted(inside, call), slow(), attention[1](), batch_norm_layout(model):
             params = extra.params() if extra else prepared.params
             out = output_logits(backend._call(model, {**params, **prepared.frozen}, x, causal=causal),
                                 backend.logits_fn)

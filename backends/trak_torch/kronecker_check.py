@@ -37,10 +37,11 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
     from torch.utils._pytree import tree_map
 
     from .closed_form import check_tolerance
+    from .looped import batch_norm_layout
 
     names = {name for block in state.plan.blocks for name in (block.layer.name, block.layer.bias) if name}
     params = {name: t.detach().clone().requires_grad_(name in names) for name, t in prepared.params.items()}
-    with torch.enable_grad():
+    with torch.enable_grad(), batch_norm_layout(model):
         value = backend.example_output(model, prepared, params, tree_map(lambda t: t[:1], inputs), labels[:1], task,
                                        causal)
         chosen = [name for name in params if name in names]
