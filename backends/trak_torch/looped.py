@@ -18,24 +18,41 @@ def eval_mode(model: Any) -> Iterator[None]:
     """``model`` as gradients are taken: in eval mode, and embeddings with ``sparse=True`` giving dense gradients
     (the same values; sparse ones cannot be reshaped or batched by ``vmap``). Every submodule's own ``training``
     flag is restored after (``model.train(flag)`` would set all of them to the top module's: a BatchNorm frozen
-    in ``eval()`` inside a training model), and so are the ``sparse`` flags."""
+    in ``eval()`` inside a training model), and so are the ``sparse`` flags. Eval-mode attention-bias caches are
+    bypassed for the duration (``_Uncached``)."""
     import torch
 
     modes = [(module, module.training) for module in model.modules()]  # parents before their children
     sparse = [module for module in model.modules()
               if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse]
+    cached = [(module, module.attention_bias_cache) for module in model.modules()
+              if isinstance(getattr(module, "attention_bias_cache", None), dict)]
     model.eval()
     try:
         for module in sparse:
             module.sparse = False
+        for module, _ in cached:
+            module.attention_bias_cache = _Uncached()
         yield
     finally:
+        for module, cache in cached:
+            module.attention_bias_cache = cache
         model.train(modes[0][1])  # through train(), so overrides run (a LoRA layer unmerging its weight)
         for module, training in modes[1:]:
             if module.training != training:  # a submodule of another mode: it and its children, through train()
                 module.train(training)
         for module in sparse:
             module.sparse = True
+
+
+class _Uncached(dict):
+    """An eval-mode cache that never holds: LeViT's (and timm's LeViT, TinyViT, EfficientFormer) attention layers
+    keep ``attention_biases[:, idxs]`` in ``attention_bias_cache`` in eval mode, made from the first checkpoint's
+    parameters outside any gradient: those biases' gradients were 0 and later checkpoints ran with the first one's
+    biases. Under ``eval_mode`` each call makes them from the parameters it is given (the user's cache is kept)."""
+
+    def __contains__(self, key: object) -> bool:
+        return False
 
 
 @contextmanager
