@@ -350,13 +350,14 @@ def test_a_used_up_generator_and_another_label_dtype_are_named(setup):
 @pytest.mark.parametrize("options, named", [
     ({"num_workers": 2.5}, "num_workers"), ({"num_workers": "2"}, "num_workers"),
     ({"num_workers": True}, "num_workers"),
-    ({"shard_rows": 0}, "shard_rows"), ({"max_retries": -1}, "max_retries"), ({"max_retries": None}, "max_retries"),
+    ({"shard_rows": 0}, "shard_rows"), ({"max_retries": -2}, "max_retries"), ({"max_retries": None}, "max_retries"),
     ({"cpu_wait_s": -1}, "cpu_wait_s"), ({"cpu_wait_s": float("inf")}, "cpu_wait_s"), ({"address": 3}, "address")])
 def test_ray_executor_arguments_are_checked_when_made(options, named):
     """No Ray needed: 2.5 and '2' workers failed inside Ray at the first featurize, True workers and
-    max_retries=-1 (unlimited in Ray) or None were taken."""
+    max_retries=None were taken."""
     from trak_core.executors import RayExecutor
 
     with pytest.raises(TrakCoreError, match=f"^{named} must be"):
         RayExecutor(**options)
     assert RayExecutor(num_workers=np.int64(3), shard_rows=np.int32(8192)).num_workers == 3
+    assert RayExecutor(shard_rows=1e5, max_retries=-1).shard_rows == 100000  # as before: rounded up to chunks later

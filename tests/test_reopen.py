@@ -274,6 +274,18 @@ def test_scoring_after_a_failed_featurize_names_the_missing_checkpoint(failure):
     assert np.array_equal(trak.score([(x[:3], y[:3])]), both.score([(x[:3], y[:3])]))
 
 
+def test_a_refused_duplicate_leaves_the_ensemble_whole():
+    """A checkpoint refused as a duplicate (or as no checkpoint of this model) was never part of the ensemble: score()
+    goes on with every checkpoint (the review of the refusal above: it refused here too)."""
+    trak, model = _featurize(None)
+    x, y = _data()
+    before = trak.score([(x[:3], y[:3])])
+    with pytest.raises(TrakCoreError, match="same parameters as checkpoint 1"):
+        trak.featurize(model.init(seed=1), [(x, y)])
+    assert np.array_equal(trak.score([(x[:3], y[:3])]), before)
+    assert np.array_equal(trak.self_influence(), trak.self_influence(checkpoints=[0, 1]))
+
+
 def test_checkpoints_given_as_one_index_names_the_fix():
     trak, _ = _featurize(None)
     x, y = _data()

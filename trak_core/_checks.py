@@ -67,8 +67,8 @@ def _rows(array: Any, what: str, where: str) -> int:
                                "group them into batches, e.g. torch.utils.data.DataLoader(dataset, batch_size=..., "
                                "shuffle=False)" if shape == () or isinstance(array, (int, float)) else "")
                             + (": a model of several inputs takes them as a dict batch, called as model(**inputs): "
-                               "e.g. {'a': a, 'b': b} for forward(self, a, b)" if isinstance(array, (tuple, list))
-                               else ""))
+                               "e.g. {'a': a, 'b': b} for forward(self, a, b)"
+                               if isinstance(array, (tuple, list)) and what == "inputs" else ""))
     return int(shape[0])
 
 
@@ -227,15 +227,16 @@ def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
     return [by_index[c] for c in chosen]
 
 
-def check_scorable(store: Any, last_error: BaseException | None, what: str, *, ensemble: bool = False) -> None:
+def check_scorable(store: Any, last_error: BaseException | None, what: str, *,
+                   missing: BaseException | None = None) -> None:
     """Refuse ``what`` (a method needing features) on an estimator with no featurized checkpoint, saying why; and,
-    for an ensemble of every checkpoint (``ensemble``: ``checkpoints=None``), after a featurize that failed: the
-    ensemble would lack that checkpoint, unsaid."""
+    for an ensemble of every checkpoint, after the featurize of a new checkpoint failed (``missing``, its error;
+    not one refused as a duplicate or as no checkpoint of this model): the ensemble would lack it, unsaid."""
     if len(store):
-        if ensemble and last_error is not None:
+        if missing is not None:
             held = [entry.index for entry in store]
-            raise TrakValueError(f"{what}: the last featurize failed ({type(last_error).__name__}: "
-                                 f"{str(last_error).splitlines()[0][:200] if str(last_error) else 'interrupted'}), "
+            raise TrakValueError(f"{what}: the last featurize failed ({type(missing).__name__}: "
+                                 f"{str(missing).splitlines()[0][:200] if str(missing) else 'interrupted'}), "
                                  "so an ensemble of every checkpoint would lack that one: featurize it again (an "
                                  "on-disk store resumes where it stopped), or pass checkpoints="
                                  f"{held} to use the {len(held)} featurized")

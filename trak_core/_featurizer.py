@@ -263,6 +263,7 @@ class Featurizer(KernelFitting):
                                  "same parameter names, nesting and shapes")
         digest = self.backend.parameters_digest(prepared)
         refuse_duplicate(digest, list(self.store))  # before the writer: a refused checkpoint leaves no c{index}
+        self._started = True  # a new checkpoint: from here on, a failure leaves the ensemble without it
         writer = self.store.writer(index, self._fingerprint(n_params, structure))
         stored_dtype = getattr(writer, "stored_dtype", None)
         if stored_dtype is not None:  # before the digests: a setting that changed the params' dtype is named

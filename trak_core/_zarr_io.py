@@ -8,6 +8,7 @@ rolled back to "nothing written" two seconds after). :func:`settle` waits for ev
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import sys
 
@@ -32,6 +33,6 @@ def settle(timeout: float = 60.0) -> None:
     future = asyncio.run_coroutine_threadsafe(_drain(), loop)
     try:
         future.result(timeout)
-    except TimeoutError:
+    except (TimeoutError, concurrent.futures.TimeoutError):  # one class from Python 3.11 on, two before
         log.warning("zarr writes of the interrupted call are still running after %.0f s; wait for them to end "
                     "before featurizing into the same store again", timeout)

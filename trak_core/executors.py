@@ -102,7 +102,8 @@ class RayExecutor:
     shard_rows : int
         Rows per unit of work (rounded up to whole chunks of 4,096 rows).
     max_retries : int
-        Restarts of a dead actor, and retries of its shard. When they run out (at once for 0) the call
+        Restarts of a dead actor, and retries of its shard (-1: no limit, as in Ray). When they run out (at once
+        for 0) the call
         raises Ray's ``RayActorError`` and the actors are stopped: the same call again starts new ones and
         resumes after the shards finished before the failing one.
     cpu_wait_s : float
@@ -113,17 +114,16 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, num_workers: int = 2, shard_rows: int = KERNEL_CHUNK_ROWS,
                  max_retries: int = 3, cpu_wait_s: float = 30.0) -> None:
-        for name, value, least in (("num_workers", num_workers, 1), ("shard_rows", shard_rows, 1),
-                                   ("max_retries", max_retries, 0)):
+        for name, value, least in (("num_workers", num_workers, 1), ("max_retries", max_retries, -1)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise TrakValueError(f"{name} must be an integer of at least {least}, got {value!r}")
-        if isinstance(cpu_wait_s, bool) or not isinstance(cpu_wait_s, numbers.Real) or \
-                not 0 <= cpu_wait_s < math.inf:
-            raise TrakValueError(f"cpu_wait_s must be a number of seconds, 0 or more, got {cpu_wait_s!r}")
+        for name, value, least in (("shard_rows", shard_rows, 1), ("cpu_wait_s", cpu_wait_s, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not least <= value < math.inf:
+                raise TrakValueError(f"{name} must be a number of at least {least}, got {value!r}")
         if address is not None and not isinstance(address, str):
             raise TrakValueError(f"address must be a Ray cluster address such as 'ray://host:10001' (or None for a "
                                  f"local cluster), got {address!r}")
-        num_workers, shard_rows, max_retries = int(num_workers), int(shard_rows), int(max_retries)
+        num_workers, shard_rows, max_retries = int(num_workers), math.ceil(shard_rows), int(max_retries)
         self.address, self.num_workers, self.shard_rows = address, num_workers, shard_rows
         self.max_retries, self.cpu_wait_s = max_retries, cpu_wait_s
         self._actors: list[Any] = []

@@ -5,6 +5,7 @@ It imports both kinds of store, so neither has to import the other.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -14,17 +15,20 @@ from .store import MemoryStore, Store
 __all__ = ["open_store"]
 
 
-def open_store(store: Any) -> Store:
+def open_store(store: Any, progress: bool | None = False) -> Store:
     """The store for ``TRAK(store=...)``: ``None`` is a new ``MemoryStore``; a path
     or URL is a ``DiskStore`` there (created on the first write); a
-    ``Store`` is used as it is."""
+    ``Store`` is used as it is. ``progress``: its ``progress`` (bars over its own long passes), where it
+    takes the attribute."""
     if store is None:
         return MemoryStore()
     if isinstance(store, (str, os.PathLike)):
         from .disk_store import DiskStore
 
-        return DiskStore(store)
+        store = DiskStore(store)
     if isinstance(store, Store):
+        with contextlib.suppress(AttributeError):  # a third-party Store that takes no attributes
+            store.progress = progress
         return store
     raise TrakTypeError(f"store must be None, a directory path or URL, or a trak_core.store.Store, "
                         f"got {type(store).__name__}")

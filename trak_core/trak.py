@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from contextlib import suppress
 from typing import Any, Iterable, Mapping, Sequence
 
 from ._checks import (_check_lambda, _check_lengths, _check_proj_dim, _check_seed, _resolve_backend, check_scorable,
@@ -144,10 +143,7 @@ class TRAK(Featurizer):
         if not self.backend.can_gradients:
             raise TrakValueError(f"backend {self.backend.name!r} cannot compute gradients (can_gradients=False); "
                                  "choose a backend for this model's framework")
-        self.store = open_store(store)
-        self.progress = progress
-        with suppress(AttributeError):  # a third-party Store that takes no attributes
-            self.store.progress = progress  # bars over the store's own passes (checksums on reopening)
+        self.store, self.progress = open_store(store, progress), progress  # the store's bars: checksums on reopening
         self.normalize_features = bool(normalize_features)
         if soft_threshold is not None and (isinstance(soft_threshold, (str, bool)) or not 0 <= soft_threshold < 1):
             raise TrakValueError(f"soft_threshold is a quantile in [0, 1) (or None), got {soft_threshold!r}")
@@ -156,7 +152,7 @@ class TRAK(Featurizer):
             raise TrakValueError(f"checkpoint_weighting must be 'uniform' or 'normalized', got {checkpoint_weighting!r}")
         self.checkpoint_weighting = checkpoint_weighting
         self.executor = get_executor(executor)
-        self._last_error: BaseException | None = None  # the last featurize's, for score()'s message
+        self._last_error = self._missing = None  # the last featurize's error (score()'s message); a new checkpoint's
         self._opened: list = []  # checkpoints of a store reopened with TRAK.open, loaded at the first score
         self._subset_of: int | None = None  # opened with some of a store's checkpoints: how many it holds
         if self.executor is not None and self.store.location is None:
@@ -204,13 +200,14 @@ class TRAK(Featurizer):
         TrakOSError
             When the store's directory cannot be written (another process writing it, a full disk).
         """
+        self._started = False
         try:
             self._load_opened(None)  # a store reopened with open: its checkpoints first, then this one after them
             with settling(self.store):  # interrupted (Ctrl-C too): a write it cut short lands before this returns
                 self._featurize(checkpoint, data)
-            self._last_error = None
-        except BaseException as exc:  # Ctrl-C too: that checkpoint is missing all the same
-            self._last_error = exc
+            self._last_error = self._missing = None
+        except BaseException as exc:  # Ctrl-C too: a new checkpoint started is missing all the same
+            self._last_error, self._missing = exc, exc if self._started else None
             raise
 
     def worker_copy(self) -> "TRAK":
@@ -354,7 +351,7 @@ class TRAK(Featurizer):
             load_opened(self, example)
 
     def _check_scorable(self, what: str = "score()", *, ensemble: bool = False) -> None:
-        check_scorable(self.store, self._last_error, what, ensemble=ensemble)
+        check_scorable(self.store, self._last_error, what, missing=self._missing if ensemble else None)
 
     @classmethod
     def open(cls, path: Any, model: Any, checkpoints: Sequence[Any] | Mapping[int, Any], *,

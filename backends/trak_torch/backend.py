@@ -309,11 +309,16 @@ class TorchBackend(Backend):
             return None                             # for it, and the check waits for a batch of two or more
         if key not in cache:
             import torch
+            from torch.utils._pytree import tree_map
 
             from .closed_form_check import checked_uses
 
             with eval_mode(model), attention_for_vmap(model, prepared.dtype), torch.no_grad():  # the dense checks
-                self._logits(model, prepared, inputs, task, causal=causal)  # first, on the batch (its shapes in errors)
+                try:                                                        # first, on two rows (eager attention's
+                    self._logits(model, prepared, tree_map(lambda t: t[:2], inputs), task, causal=causal)  # scores
+                except Exception:                                           # of a long batch are n H T^2 numbers):
+                    self._logits(model, prepared, inputs, task, causal=causal)  # their error, raised by the batch,
+                    raise                                                   # names its shapes
             with eval_mode(model), attention_for_closed_form(model):  # as closed_form_gradients runs it
                 uses = checked_uses(self, model, prepared, inputs, labels, task, causal)
             cache[key] = uses
