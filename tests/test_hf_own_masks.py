@@ -39,14 +39,15 @@ def _pooled(output):
     return output.pooler_output[:, :3]
 
 
-def _reference(model, inputs, labels):
+def _reference(model, inputs, labels, logits=_pooled):
+    """The classification margin of ``logits(output)``, differentiated one example at a time."""
     import array_api_compat.torch as xp
 
     task, rows = trak_core.tasks.get_task("classification"), []
     for i in range(labels.shape[0]):
         model.zero_grad()
         one = {key: value[i:i + 1] for key, value in inputs.items()}
-        task.output(_pooled(model(**one)), labels[i:i + 1], xp=xp).sum().backward()
+        task.output(logits(model(**one)), labels[i:i + 1], xp=xp).sum().backward()
         rows.append(torch.cat([(torch.zeros_like(q) if q.grad is None else q.grad).reshape(-1)
                                for q in model.parameters()]))
     return torch.stack(rows)
@@ -119,17 +120,6 @@ def _opt_batch(side):
     return {"input_ids": ids, "attention_mask": (ids != 0).long()}, torch.tensor([0, 1, 2])
 
 
-def _logits_reference(model, inputs, labels):
-    """Margins of ``.logits``, one example at a time."""
-    params, rows = list(model.parameters()), []
-    for i in range(labels.shape[0]):
-        logits = model(**{key: value[i:i + 1] for key, value in inputs.items()}).logits[0]
-        y = int(labels[i])
-        margin = logits[y] - torch.logsumexp(torch.cat([logits[:y], logits[y + 1:]]), 0)
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(margin, params)]))
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("per_example", ["auto", "vmap"])
 def test_a_model_that_cannot_take_the_4d_mask_gets_its_own(per_example, caplog):
     """OPT (positions from the 2-D mask), and likewise Bloom, XLM, FlauBERT, OpenAI-GPT, LayoutLM, YOSO in an audit,
@@ -144,7 +134,7 @@ def test_a_model_that_cannot_take_the_4d_mask_gets_its_own(per_example, caplog):
         grads = backend.gradients(model, backend.prepare(model, None), inputs, labels,
                                   trak_core.tasks.get_task("classification"))[0]
     assert "opt raised with trak-core's 4-D attention mask (IndexError" in caplog.text
-    assert _error(grads, _logits_reference(model, inputs, labels)) < 1e-12
+    assert _error(grads, _reference(model, inputs, labels, logits=lambda output: output.logits)) < 1e-12
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -160,4 +150,4 @@ def test_float64_vmap_does_not_take_a_float32_softmax(side):
     with pytest.warns(RuntimeWarning, match="eager attention is .* off SDPA in float64"):
         grads = backend.gradients(model, backend.prepare(model, None), inputs, labels,
                                   trak_core.tasks.get_task("classification"))[0]
-    assert _error(grads, _logits_reference(model, inputs, labels)) < 1e-12
+    assert _error(grads, _reference(model, inputs, labels, logits=lambda output: output.logits)) < 1e-12

@@ -13,6 +13,8 @@ torch = pytest.importorskip("torch", reason="torch is not installed: the torch b
 import trak_core  # noqa: E402
 from trak_torch import TorchBackend  # noqa: E402
 
+from tests_helpers import batched_margin_gradients  # noqa: E402
+
 
 class Tokens(torch.nn.Module):
     def __init__(self):
@@ -36,13 +38,7 @@ def _model():
 
 
 def _batched_reference(model, x, y):
-    params = list(model.parameters())
-    logits = model(x)
-    rows = []
-    for i in range(x.shape[0]):
-        margin = logits[i, y[i]] - torch.logsumexp(torch.cat([logits[i, :y[i]], logits[i, y[i] + 1:]]), 0)
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(margin, params, retain_graph=True)]))
-    return torch.stack(rows)
+    return batched_margin_gradients(model(x), y, list(model.parameters()))
 
 
 @pytest.mark.parametrize("per_example", ["auto", "vmap", "loop"])

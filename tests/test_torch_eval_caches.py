@@ -11,6 +11,8 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 import trak_core  # noqa: E402
 from trak_torch import TorchBackend  # noqa: E402
 
+from tests_helpers import batched_margin_gradients  # noqa: E402
+
 
 def _levit(seed):
     torch.manual_seed(seed)
@@ -29,14 +31,7 @@ def _levit(seed):
 def _reference(model, x, y):
     model.train()
     model.eval()  # LeViT clears its cache in train()
-    params = list(model.parameters())
-    logits = model(pixel_values=x).logits
-    rows = []
-    for i in range(x.shape[0]):
-        margin = logits[i, y[i]] - torch.logsumexp(torch.cat([logits[i, :y[i]], logits[i, y[i] + 1:]]), 0)
-        grads = torch.autograd.grad(margin, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
-    return torch.stack(rows)
+    return batched_margin_gradients(model(pixel_values=x).logits, y, list(model.parameters()))
 
 
 @pytest.mark.parametrize("per_example", ["auto", "vmap", "loop"])

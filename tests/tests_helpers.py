@@ -34,3 +34,18 @@ STRUCTURED_OUTPUTS = [
     (lambda out: {"scores": out, "hidden": out * 2}, lambda output: output["scores"], "logits-fn-dict"),
     (lambda out: (out * 2, out), lambda output: output[1], "logits-fn-second"),
 ]
+
+
+def batched_margin_gradients(logits, labels, params):
+    """Each example's classification-margin gradient (``logit_y - logsumexp(other logits)``) from one batched forward's
+    ``logits``: in eval mode examples do not interact, and a batch of two or more avoids PyTorch's CPU BatchNorm
+    backward on one example (``trak_torch.looped.batch_norm_layout``)."""
+    import torch
+
+    rows = []
+    for i in range(logits.shape[0]):
+        y = int(labels[i])
+        margin = logits[i, y] - torch.logsumexp(torch.cat([logits[i, :y], logits[i, y + 1:]]), 0)
+        grads = torch.autograd.grad(margin, params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
+    return torch.stack(rows)

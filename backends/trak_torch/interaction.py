@@ -16,10 +16,6 @@ __all__ = ["check_interaction", "one_by_one"]
 
 log = logging.getLogger("trak_core")
 
-TOLERANCE = 1e-2  # relative; at least sqrt(eps) of the dtype. Loose: on GPUs cuDNN convolutions run in TF32 by
-# default, and a batch of two may take another algorithm than one example (1e-3 apart); batch statistics of two
-# examples against one move a small CNN's outputs by 7-31%
-
 
 def _row(inputs: Any, i: int) -> Any:
     from torch.utils._pytree import tree_map
@@ -42,10 +38,13 @@ def one_by_one(call: Any, inputs: Any, n: int) -> Any:
 
 def check_interaction(logits_of: Any, prepared: Any, inputs: Any, n: int) -> None:
     """Once per checkpoint, on its first batch of two or more: ``logits_of(rows)`` of the first two examples together
-    and each alone; where they differ by more than ``TOLERANCE`` (relative), the checkpoint is marked
+    and each alone; where they differ by more than the backend's self-check tolerance (``closed_form.check_tolerance``:
+    1e-2 on CUDA, whose TF32 convolutions may take another algorithm for one example than for two), it is marked
     (``prepared._interacting``) and its outputs are taken one example at a time from then on."""
     import torch
     from torch.utils._pytree import tree_map
+
+    from .closed_form import check_tolerance
 
     state = prepared.__dict__
     if "_interacting" in state or n < 2:
@@ -61,7 +60,7 @@ def check_interaction(logits_of: Any, prepared: Any, inputs: Any, n: int) -> Non
         return
     finite = torch.isfinite(together) & torch.isfinite(alone)
     error = float((together - alone)[finite].norm() / alone[finite].norm().clamp_min(torch.finfo(torch.float64).tiny))
-    if error > max(torch.finfo(prepared.dtype).eps ** 0.5, TOLERANCE):
+    if error > check_tolerance(prepared.dtype, prepared.device):
         state["_interacting"] = True
         log.warning("trak-core: the model's outputs for two examples together are %.2g off their outputs alone "
                     "(relative): its examples interact in eval mode (BatchNorm with track_running_stats=False?). "

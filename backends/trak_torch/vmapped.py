@@ -13,9 +13,6 @@ from .looped import eval_mode
 
 __all__ = ["vmap_gradients", "vmap_in_attention", "eager_error"]
 
-EAGER_TOLERANCE = 1e-11  # float64 eager attention against the model's SDPA, relative: float64-grade (T5's, BART's)
-# passes; a float32 softmax (OPT's, Llama's eager code) is 1e-8 off
-
 
 def vmap_gradients(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any, causal: bool,
                    attention_dtype: Any) -> tuple[Any, Any]:
@@ -67,6 +64,7 @@ def vmap_in_attention(backend: Any, model: Any, prepared: Any, inputs: Any, labe
     (T5's and BART's branch on the mask's values) on, where eager attention gives its SDPA's gradients
     (``eager_error``); else a ``RuntimeError`` that sends the checkpoint to the one-example loop, in SDPA."""
     from .attention import vmap_keeps_sdpa
+    from .closed_form import check_tolerance
 
     if prepared.__dict__.get("_eager_vmap"):
         return vmap_gradients(backend, model, prepared, inputs, labels, task, causal, None)
@@ -77,7 +75,8 @@ def vmap_in_attention(backend: Any, model: Any, prepared: Any, inputs: Any, labe
             raise
         grads, out_to_loss = vmap_gradients(backend, model, prepared, inputs, labels, task, causal, None)
         error = eager_error(backend, model, prepared, inputs, labels, task, causal, grads, out_to_loss)
-        if not error <= EAGER_TOLERANCE:  # a float32 softmax in the eager code (OPT's): the loop, in SDPA
+        if not error <= check_tolerance(prepared.dtype, prepared.device):  # 1e-9: T5's, BART's pass (1e-11); a
+            # float32 softmax in the eager code (OPT's: 1e-8) sends the checkpoint to the loop, in SDPA
             raise RuntimeError(f"eager attention is {error:.1g} off SDPA in float64 (a float32 softmax), and vmap "
                                f"cannot follow SDPA ({str(exc).splitlines()[0][:80]})") from exc
         prepared.__dict__["_eager_vmap"] = True  # only once eager attention took the batch SDPA could not
