@@ -35,9 +35,11 @@ def check_replaced_mask(backend: Any, model: Any, prepared: Any, inputs: Any, la
     import array_api_compat.torch as xp
     import torch
 
-    padded = bool((mask == 0).any())
     done = _checked.get(model)
-    if done == "padded" or (done == "unpadded" and not padded):
+    if done == "padded":  # before reading the mask: no device sync on every batch once done
+        return
+    padded = bool((mask == 0).any())
+    if done == "unpadded" and not padded:
         return
     from .backend import check_labels
 
