@@ -30,7 +30,7 @@ class RestPlan:
 def rest_plan(backend: Any, model: Any, prepared: Any, plan: Any, inputs: Any, causal: bool) -> RestPlan | None:
     """How the batched pass gives the rest's gradients, or ``None`` when part of the rest is neither a norm layer's
     gain or bias nor a bare parameter broadcast over the batch."""
-    from .closed_form import norm_kind
+    from .closed_form_layers import norm_kind
     from .closed_form_functional import bare_names
     from .kronecker import find_uses
 
@@ -66,14 +66,15 @@ class RestPass:
         """A norm layer's call: keep ``xhat`` (with the buffers of this call) and perturb the output."""
         import torch
 
-        from .closed_form import TOKENWISE, NotPerExample, _normalized
+        from .closed_form import NotPerExample
+        from .closed_form_layers import TOKENWISE, normalized
 
         kind, rows = self.found.norms[module][0], out.shape[0] if out.ndim else 0
         tokens = kind in TOKENWISE and rows and not rows % self.n and args and args[0].shape[0] == rows
         if not args or (rows != self.n and not tokens):  # tokens: flattened example-major, (n * T, d), as OPT's
             raise NotPerExample(f"a {type(module).__name__} is called on {tuple(out.shape)}, not on {self.n} examples")
         with torch.no_grad():
-            xhat = _normalized(module, kind, args[0].detach())
+            xhat = normalized(module, kind, args[0].detach())
         z = torch.zeros_like(out, requires_grad=True)
         self.calls.append((module, xhat, z))
         return out + z
@@ -85,7 +86,7 @@ class RestPass:
         """The rest's per-example gradients ``(n, n_rest)`` in ``names`` order, from the perturbations' gradients."""
         import torch
 
-        from .closed_form import NORMS
+        from .closed_form_layers import NORMS
 
         n, params, grads = self.n, self.prepared.params, {}
 
