@@ -15,6 +15,7 @@ largest entry.
     python bench/closed_form_speed.py                 # ResNet-18, ViT, ConvNeXt, CLIP at 32 x 32; GPT-2 ... BART
     python bench/closed_form_speed.py --device cuda --batch 256
     python bench/closed_form_speed.py --only clip --only vit    # some of them
+    python bench/closed_form_speed.py --only timm --timm efficientnet_b0 --timm convnext_atto  # timm's
 """
 from __future__ import annotations
 
@@ -100,6 +101,20 @@ def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, An
     return out
 
 
+def timm_model(name: str, batch: int, device: str) -> tuple[Any, Any, Any, Any, dict]:
+    """A timm model (``BatchNormAct2d``, ``GroupNormAct``, layer scales reshaped channels-first), its norms'
+    running statistics from two training-mode passes on random images."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, pretrained=False).to(device).train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, 3, 32, 32, device=device))
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    return model.eval(), x, torch.randint(0, 10, (batch,), device=device), Classification(), {}
+
+
 def measure(model: Any, inputs: Any, labels: Any, task: Any, options: dict, repeats: int, device: str) -> dict:
     """Examples per second of each path (best of ``repeats``, alternated) and their largest relative difference."""
     paths = {"closed form": TorchBackend(**options), "vmap": TorchBackend(per_example="vmap", **options)}
@@ -127,10 +142,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", action="store_true", help="narrow models (a smoke run)")
     parser.add_argument("--only", action="append", help="the models whose name starts with this (repeatable)")
+    parser.add_argument("--timm", action="append", metavar="NAME",
+                        help="also a timm model, timm.create_model(NAME, num_classes=10) on 32 x 32 images "
+                             "(repeatable; needs timm; random weights and trained-looking norm statistics)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     require_cuda(parser, args.device)
     cases = models(args.small, args.batch, args.device)
+    for name in args.timm or ():
+        cases[f"timm-{name}"] = timm_model(name, args.batch, args.device)
     unknown = [prefix for prefix in args.only or () if not any(name.startswith(prefix) for name in cases)]
     if unknown:
         parser.error(f"argument --only: no model's name starts with {unknown}; the models: {sorted(cases)}")

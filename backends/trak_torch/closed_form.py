@@ -171,6 +171,30 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         calls.append((key, xhat, z))
         return out + z
 
+    def channel_norm(function: str, x: Any, weight: Any, bias: Any, out: Any, xhat: Any) -> Any:
+        """A ``BatchNorm``/``GroupNorm`` subclass's own call (batch-first, channels on dim 1): ``xhat()`` as for
+        such a layer."""
+        key = record(function, weight, bias)
+        if key is None:
+            return out
+        if out.ndim < 2 or out.shape[0] != n or picked(x):
+            raise NotPerExample(f"a {function} is called on {tuple(x.shape)}, not on {n} examples")
+        with torch.no_grad():
+            a = xhat()
+        z = torch.zeros_like(out, requires_grad=True)
+        calls.append((key, a, z))
+        return out + z
+
+    def batch_norm(x: Any, mean: Any, var: Any, weight: Any, bias: Any, training: bool, eps: float, out: Any) -> Any:
+        if training and locate(weight, tracked["batch_norm"]) is not None:  # batch statistics: examples interact
+            raise NotPerExample("a batch norm is called with the batch's statistics (no running statistics)")
+        return channel_norm("batch_norm", x, weight, bias, out, lambda: torch.nn.functional.batch_norm(
+            x.detach(), mean, var, None, None, False, 0.0, eps))
+
+    def group_norm(x: Any, groups: int, weight: Any, bias: Any, eps: float, out: Any) -> Any:
+        return channel_norm("group_norm", x, weight, bias, out,
+                            lambda: torch.nn.functional.group_norm(x.detach(), groups, None, None, eps))
+
     def embedding(ids: Any, weight: Any, padding_idx: Any, max_norm: Any, by_freq: bool, sparse: bool, out: Any) -> Any:
         """An ``Embedding`` subclass's own lookup (batch-first ids, or ``(1, T)`` shared by the batch)."""
         key = record("embedding", weight, None, padding_idx)
@@ -185,8 +209,8 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
 
     params = {**prepared.params, **{name: copied[name] for name in copied if id(prepared.params[name]) not in scales},
               **prepared.frozen}
-    intercepted = intercept(linear=linear, layer_norm=layer_norm, embedding=embedding) if functional \
-        else nullcontext()  # F untouched without them
+    intercepted = intercept(linear=linear, layer_norm=layer_norm, embedding=embedding, batch_norm=batch_norm,
+                            group_norm=group_norm) if functional else nullcontext()  # F untouched without them
     attention = [module for module, kind, _, _ in uses if kind == "mha"]
     followed = scaled(scales, n) if scales else nullcontext()
     with torch.enable_grad(), hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted, \
@@ -194,7 +218,8 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         logits = output_logits(backend._call(model, params, inputs, causal=causal), backend.logits_fn)
         for module in called:
             if not set(functional[module]) <= seen:  # e.g. the fused fast path of nn.MultiheadAttention
-                raise NotPerExample(f"{type(module).__name__} did not use its weights through linear or layer_norm")
+                raise NotPerExample(f"{type(module).__name__} did not use its weights through the functions the closed "
+                                    "form follows (linear, layer_norm, embedding, batch_norm, group_norm)")
         if task.logits_ndim == 2 and logits.ndim == 1:
             logits = logits[:, None]
         check_labels(task, labels, logits)
@@ -262,10 +287,11 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             if kind == "linear":
                 put_rows(w, torch.bmm(delta.transpose(1, 2), a))
                 d = delta.sum(1)
-            else:  # layer_norm: positions sharing one gamma
+            else:  # a norm: positions sharing one gamma, on dim 1 (batch and group norms) or trailing
                 width = prepared.params[w.name].numel()
-                d = delta.reshape(n, -1, width).transpose(1, 2)
-                put_rows(w, (d * a.reshape(n, -1, width).transpose(1, 2)).sum(2))
+                d, xhat = ((delta.reshape(n, width, -1), a.reshape(n, width, -1)) if kind != "layer_norm" else
+                           (delta.reshape(n, -1, width).transpose(1, 2), a.reshape(n, -1, width).transpose(1, 2)))
+                put_rows(w, (d * xhat).sum(2))
                 d = d.sum(2)
             if b is not None:
                 put_rows(b, d)

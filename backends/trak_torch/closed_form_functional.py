@@ -8,8 +8,10 @@ OPT).
   ``in_proj_weight``, or row slices of it for cross-attention, or separate ``q/k/v_proj_weight``, then
   ``out_proj.weight``), not through layer calls that a forward hook sees; a ``LayerNorm`` subclass with its own
   ``forward`` (torchvision's channels-first ``LayerNorm2d``) calls ``F.layer_norm`` itself, and an ``Embedding``
-  subclass with its own ``forward`` (Gemma's scaled embedding, OPT's offset positions) ``F.embedding``. While the
-  closed form runs, calls of ``torch.nn.functional.linear``, ``layer_norm`` and ``embedding`` with one of those
+  subclass with its own ``forward`` (Gemma's scaled embedding, OPT's offset positions) ``F.embedding``; a
+  ``BatchNorm``/``GroupNorm`` subclass with its own ``forward`` (timm's ``BatchNormAct2d`` and ``GroupNormAct``: the
+  norm, then an activation) ``F.batch_norm``/``F.group_norm``. While the closed form runs, calls of
+  ``torch.nn.functional.linear``, ``layer_norm``, ``embedding``, ``batch_norm`` and ``group_norm`` with one of those
   weights (located by storage and offset) get a zero perturbation on their output, as a layer's call does; all
   other calls pass through. Attention's calls are sequence-first, ``(T, n, d)``, or ``(T * n, d)`` for the output
   projection; the others are batch-first.
@@ -17,9 +19,10 @@ OPT).
   require gradients; the gradient of copy ``i`` is example ``i``'s. The copies replace a leading dimension 1
   (a class token ``(1, 1, d)``, position embeddings ``(1, T, d)``), or come first when the other dimensions
   are singletons (a layer scale ``(C, 1, 1)`` multiplying ``(n, C, H, W)``). A 1-D one (a layer scale ``(d,)``
-  on channels-last features or tokens, CLIP's class token ``(d,)`` expanded to ``(n, 1, d)``) is followed through
-  its products with batch-first tensors and its expansion over the batch by a torch function mode (``scaled``),
-  which puts its copies, viewed ``(n, 1, ..., d)``, in its place. Other bare parameters send the model to
+  on channels-last features or tokens, or reshaped to ``(1, d, 1, 1)`` for channels-first ones; CLIP's class token
+  ``(d,)`` expanded to ``(n, 1, d)``) is followed through its products with batch-first tensors, such reshapes and
+  its expansion over the batch by a torch function mode (``scaled``), which puts its copies, viewed
+  ``(n, 1, ..., d)`` (``(n, d, 1, 1)`` for a reshape), in its place. Other bare parameters send the model to
   ``vmap``.
 
 Both are checked, with the layers, against plain autograd one example at a time on each checkpoint's first
@@ -37,21 +40,26 @@ __all__ = ["FUNCTION", "functional_kind", "functional_uses", "bare_names", "copi
            "locate", "slow_path"]
 
 WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias")
-FUNCTION = {"mha": "linear", "layer_norm_call": "layer_norm", "embedding_call": "embedding"}  # what each calls
+FUNCTION = {"mha": "linear", "layer_norm_call": "layer_norm", "embedding_call": "embedding",
+            "batch_norm_call": "batch_norm", "group_norm_call": "group_norm"}  # what each calls
 
 
 def functional_kind(module: Any) -> str | None:
     """``"mha"`` for torch's ``nn.MultiheadAttention`` with its own ``forward``; ``"layer_norm_call"`` for a
     ``LayerNorm`` subclass with its own ``forward`` and affine parameters; ``"embedding_call"`` for an ``Embedding``
-    subclass with its own ``forward`` (Gemma's scaled embedding, OPT's offset positions); else ``None``."""
+    subclass with its own ``forward`` (Gemma's scaled embedding, OPT's offset positions); ``"batch_norm_call"`` and
+    ``"group_norm_call"`` for ``BatchNorm`` and ``GroupNorm`` subclasses with their own ``forward`` and affine
+    parameters (timm's ``BatchNormAct2d``, ``GroupNormAct``); else ``None``."""
     import torch
 
     nn = torch.nn
     if isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward:
         return "mha"
-    if isinstance(module, nn.LayerNorm) and type(module).forward is not nn.LayerNorm.forward \
-            and module.elementwise_affine:
-        return "layer_norm_call"
+    for base, kind, affine in ((nn.LayerNorm, "layer_norm_call", "elementwise_affine"),
+                               (nn.modules.batchnorm._BatchNorm, "batch_norm_call", "affine"),
+                               (nn.GroupNorm, "group_norm_call", "affine")):
+        if isinstance(module, base) and type(module).forward is not base.forward and getattr(module, affine, False):
+            return kind
     if isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward:
         return "embedding_call"
     return None
@@ -91,8 +99,9 @@ def bare_names(prepared: Any, uncovered: set[str]) -> tuple[list[str], list[str]
     """The uncovered (bare) parameters as ``(copied, scales)``, else ``None``. Copied: broadcast over the batch by
     their shape, a leading 1 (``(1, T, d)``: the copies replace it) or singletons after the first dimension
     (``(C, 1, 1)``: the copies come first). Scales: 1-D ``(d,)``, followed through their products with
-    batch-first tensors (``scaled``). Others (a table ``(T, d)`` the model slices) could be indexed along the
-    copies' dimension, which a check on two examples would not see: they go to ``vmap``."""
+    batch-first tensors and their reshapes to channels-first scales (``scaled``). Others (a table ``(T, d)`` the
+    model slices) could be indexed along the copies' dimension, which a check on two examples would not see: they go
+    to ``vmap``."""
     copied, scales = [], []
     for name in sorted(uncovered):
         shape = tuple(prepared.params[name].shape)
@@ -161,7 +170,9 @@ def slow_path(modules: list[Any]) -> Iterator[None]:
 def scaled(copies: dict[int, tuple[Any, Any]], n: int) -> Iterator[None]:
     """Follow 1-D bare parameters (``id -> (parameter, its n copies (n, d))``) through their products with a
     batch-first tensor ``x`` (``x * scale``, ``scale * x``, ``x.mul_(scale)``; ``x.shape[0] == n``, last dimension
-    ``d``: a layer scale, channels-last or on tokens), and through their expansion over the batch
+    ``d``: a layer scale, channels-last or on tokens), through their reshapes to a channels-first scale
+    (``scale.reshape(1, -1, 1, 1)`` or ``.view(-1, 1, 1)``: timm's ConvNeXt and ``LayerScale2d``; the copies come
+    in place of the leading 1, or in front), and through their expansion over the batch
     (``token.expand(n, 1, -1)``: CLIP's class token): the copies, viewed ``(n, 1, ..., d)``, take the parameter's
     place. Reading its shape, dtype or device is allowed; any other use of the parameter raises ``NotPerExample``
     (the model goes to ``vmap``)."""
@@ -186,6 +197,13 @@ def scaled(copies: dict[int, tuple[Any, Any]], n: int) -> Iterator[None]:
                 if len(sizes) >= 2 and sizes[0] == n and sizes[-1] in (-1, scale.shape[0]):
                     view = copies[id(scale)][1].view(n, *[1] * (len(sizes) - 2), scale.shape[0])
                     return view.expand(n, *sizes[1:-1], scale.shape[0])
+            if func in (torch.Tensor.reshape, torch.Tensor.view) and hits == [0] and not kwargs:  # (1, d, 1, 1)
+                scale, sizes = args[0], args[1:]
+                sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+                wide = [i for i, size in enumerate(sizes) if size in (-1, scale.shape[0])]
+                if len(wide) == 1 and all(size == 1 for i, size in enumerate(sizes) if i != wide[0]):
+                    shape = [scale.shape[0] if i == wide[0] else 1 for i in range(len(sizes))]
+                    return copies[id(scale)][1].view(n, *(shape[1:] if wide[0] else shape))
             if func in products and len(args) == 2 and not kwargs and hits != [0, 1] \
                     and not (func is torch.Tensor.mul_ and hits == [0]):
                 i = hits[0]
@@ -194,9 +212,10 @@ def scaled(copies: dict[int, tuple[Any, Any]], n: int) -> Iterator[None]:
                         and other.shape[-1] == scale.shape[0]:
                     view = copies[id(scale)][1].view(n, *[1] * (other.ndim - 2), scale.shape[0])
                     return func(*((view, other) if i == 0 else (other, view)))
-            raise NotPerExample(f"a bare parameter {tuple(args[hits[0]].shape) if hits else ''} is used by "
-                                f"{getattr(func, '__name__', func)}, not as a scale of a batch-first tensor or "
-                                "expanded over the batch")
+            used = next(a for a in (*args, *kwargs.values()) if id(a) in copies and a is copies[id(a)][0])
+            raise NotPerExample(f"a bare parameter {tuple(used.shape)} is used by "
+                                f"{getattr(func, '__name__', func)}, not as a scale of a batch-first tensor, "
+                                "reshaped to a channels-first scale or expanded over the batch")
 
     with Mode():
         yield
@@ -246,17 +265,31 @@ def _padding_row(padding_idx: Any, weight: Any) -> Any:
     return padding_idx + weight.shape[0] if padding_idx is not None and padding_idx < 0 else padding_idx
 
 
-WRAPPERS = {"linear": _linear, "layer_norm": _layer_norm, "embedding": _embedding}
+def _batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None,
+                training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Any:
+    out, on_call = _original("batch_norm", (input, running_mean, running_var, weight, bias, training, momentum, eps))
+    return out if on_call is None else on_call(input, running_mean, running_var, weight, bias, training, eps, out)
+
+
+def _group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> Any:
+    out, on_call = _original("group_norm", (input, num_groups, weight, bias, eps))
+    return out if on_call is None else on_call(input, num_groups, weight, bias, eps, out)
+
+
+WRAPPERS = {"linear": _linear, "layer_norm": _layer_norm, "embedding": _embedding, "batch_norm": _batch_norm,
+            "group_norm": _group_norm}
 
 
 @contextmanager
 def intercept(**handlers: Callable[..., Any] | None) -> Iterator[None]:
-    """Route this thread's calls of ``torch.nn.functional.linear``, ``layer_norm`` and ``embedding`` through the
-    handler of that name (keywords), called with the function's arguments and then its output, and returning the
-    output to use: ``linear(input, weight, bias, out)``, ``layer_norm(input, normalized_shape, weight, bias, eps,
-    out)``, ``embedding(input, weight, padding_idx, max_norm, scale_grad_by_freq, sparse, out)`` (``padding_idx``
-    as the row it keeps out of the gradient: a negative one counted from the end); for the duration. Other threads'
-    calls, and calls without a handler, pass through unchanged."""
+    """Route this thread's calls of ``torch.nn.functional.linear``, ``layer_norm``, ``embedding``, ``batch_norm``
+    and ``group_norm`` through the handler of that name (keywords), called with the function's arguments and then
+    its output, and returning the output to use: ``linear(input, weight, bias, out)``, ``layer_norm(input,
+    normalized_shape, weight, bias, eps, out)``, ``embedding(input, weight, padding_idx, max_norm,
+    scale_grad_by_freq, sparse, out)`` (``padding_idx`` as the row it keeps out of the gradient: a negative one
+    counted from the end), ``batch_norm(input, running_mean, running_var, weight, bias, training, eps, out)``,
+    ``group_norm(input, num_groups, weight, bias, eps, out)``; for the duration. Other threads' calls, and calls
+    without a handler, pass through unchanged."""
     import torch.nn.functional as F
 
     if set(handlers) - set(WRAPPERS):
