@@ -326,3 +326,45 @@ def test_tf32_convolutions_on_cuda_keep_the_closed_form_and_the_factorized_check
     trak = trak_core.TRAK(model, proj_type="kronecker", proj_dim=512, progress=False)
     trak.featurize(None, [(x.cuda(), y.cuda())])  # check_plan on the first example: no error
     assert trak.score([(x[:4].cuda(), y[:4].cuda())]).shape == (16, 4)
+
+
+class UnbatchedPositions(torch.nn.Module):
+    """Position embeddings looked up on ``arange(T)`` with no batch dimension, ``(T, d)``, broadcast over the batch
+    (Whisper's encoder, Wav2Vec2-BERT's relative distances), scaled by ``weight``."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+        self.embed, self.position = torch.nn.Embedding(13, 4), torch.nn.Embedding(6, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids) + self.weight * self.position(torch.arange(ids.shape[1]))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("weight", [1.0, 1e-12])
+def test_a_lookup_without_a_batch_dimension_is_not_taken_for_the_batch(weight, caplog):
+    """Six positions (6, d) for a batch of six (or two, or three) examples: one row per example, or the batch's
+    tokens flattened, by their shapes. Their gradients are right (vmap); at weight 1e-12 the positions' part of the
+    gradient is below the check's tolerance (1e-9 of the whole), so only the row count across two batch sizes
+    tells: before, each example got one position's gradients, 100% off."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="trak_core")
+    torch.manual_seed(0)
+    model = UnbatchedPositions(weight).double()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 13, (6, 6), generator=g), torch.randint(0, 3, (6,), generator=g)
+    task = get_task("classification")
+    auto, vmap = TorchBackend(), TorchBackend(per_example="vmap")
+    prepared = auto.prepare(model, None)
+    got, _ = auto.gradients(model, prepared, x, y, task)
+    reference, _ = vmap.gradients(model, vmap.prepare(model, None), x, y, task)
+    block = slice(13 * 4, 13 * 4 + 6 * 4)  # position.weight, after embed.weight
+    assert dict(model.named_parameters())["position.weight"].numel() == 24
+    norm = torch.linalg.vector_norm
+    error = norm(got[:, block] - reference[:, block]) / norm(reference[:, block])
+    assert float(error) < 1e-9, float(error)
+    assert prepared._closed_form[id(task)] is None
+    assert any("rows that are not the batch's" in record.getMessage() for record in caplog.records)

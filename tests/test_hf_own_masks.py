@@ -151,3 +151,32 @@ def test_float64_vmap_does_not_take_a_float32_softmax(side):
         grads = backend.gradients(model, backend.prepare(model, None), inputs, labels,
                                   trak_core.tasks.get_task("classification"))[0]
     assert _error(grads, _reference(model, inputs, labels, logits=lambda output: output.logits)) < 1e-12
+
+
+def test_wav2vec2_bert_gets_its_own_mask_without_a_warning(caplog):
+    """Wav2Vec2-BERT (``input_features`` and a mask over frames, relative distances) raised under trak-core's 4-D
+    mask: the mask check found it and warned on every model; it is known now (``OWN_MASK``)."""
+    config = transformers.Wav2Vec2BertConfig(
+        feature_projection_input_dim=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, classifier_proj_size=8, num_labels=3, conv_depthwise_kernel_size=3, mask_time_prob=0.0,
+        layerdrop=0.0, position_embeddings_type="relative_key", left_max_position_embeddings=8,
+        right_max_position_embeddings=8)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2BertForSequenceClassification(config).double().eval()
+    g = torch.Generator().manual_seed(4)
+    mask = (torch.arange(12)[None] < torch.tensor([12, 9, 7, 12])[:, None]).long()
+    inputs = {"input_features": torch.randn(4, 12, 8, generator=g, dtype=torch.float64) * mask[..., None],
+              "attention_mask": mask}
+    labels = torch.tensor([0, 1, 2, 1])
+
+    def logits(output):
+        return output.logits
+
+    from trak_torch import TorchBackend
+
+    backend = TorchBackend()
+    task = trak_core.tasks.get_task("classification")
+    with caplog.at_level(logging.WARNING, logger="trak_core"):
+        grads = backend.gradients(model, backend.prepare(model, None), inputs, labels, task)[0]
+    assert _error(grads, _reference(model, inputs, labels, logits)) < 1e-12
+    assert "4-D attention mask" not in caplog.text, caplog.text

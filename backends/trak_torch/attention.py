@@ -50,7 +50,8 @@ OWN_MASK = frozenset({"deberta", "deberta-v2", "xlnet", "longformer", "funnel", 
                       "clip", "clip_text_model",  # causal text towers that build their own causal mask:
                       "owlvit", "owlvit_text_model", "owlv2", "owlv2_text_model", "groupvit", "groupvit_text_model",
                       "clipseg", "clipseg_text_model", "xclip", "xclip_text_model",  # others: mask_check finds them
-                      "sew", "sew-d", "unispeech", "unispeech-sat", "data2vec-audio", "wav2vec2-conformer"})
+                      "sew", "sew-d", "unispeech", "unispeech-sat", "data2vec-audio", "wav2vec2-conformer",
+                      "wav2vec2-bert"})
 
 
 own_mask_models: "weakref.WeakSet[Any]" = weakref.WeakSet()  # models whose outputs the 4-D mask changed

@@ -50,11 +50,13 @@ class NotPerExample(RuntimeError):
     """A layer call does not have one row per example: the closed form does not apply (``vmap`` does)."""
 
 
-def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool) -> list | None:
-    """The uses ``(module, kind, weight, bias)`` when they cover every attributed parameter, else ``None``: layer
-    calls (weights and their own biases); modules whose weights are used by functional calls (``kind`` a key of
-    ``closed_form_functional.FUNCTION``, ``weight`` their names); bare parameters, given as per-example copies
-    (``module=None``, ``kind`` "copies", or "scale" for 1-D ones)."""
+def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
+                  why: list | None = None) -> list | None:
+    """The uses ``(module, kind, weight, bias)`` when they cover every attributed parameter, else ``None`` (with the
+    parameters no use covers appended to ``why``, if given): layer calls (weights and their own biases); modules
+    whose weights are used by functional calls (``kind`` a key of ``closed_form_functional.FUNCTION``, ``weight``
+    their names); bare parameters, given as per-example copies (``module=None``, ``kind`` "copies", or "scale" for
+    1-D ones)."""
     from .closed_form_functional import bare_names, functional_uses
     from .closed_form_layers import closed_form_kind
     from .kronecker import find_uses
@@ -75,8 +77,13 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
     # embedding modules (BART's encoder and decoder share one): each lookup adds to its rows
     if len(set(biases)) != len(biases) or weights & set(biases) or repeated or (covered & set(inside)) - tied:
         return None
-    bare = bare_names(prepared, set(prepared.params) - covered - set(inside))
+    uncovered = set(prepared.params) - covered - set(inside)
+    bare = bare_names(prepared, uncovered)
     if bare is None:
+        if why is not None:
+            odd = [f"{name} {tuple(prepared.params[name].shape)}" for name in sorted(uncovered)
+                   if bare_names(prepared, {name}) is None]
+            why.append(", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else ""))
         return None
     return ([(module, *spec) for module, spec in found.items()]
             + [(module, kind, names, None) for module, (kind, names) in functional.items()]
@@ -84,10 +91,13 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
 
 
 def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, inputs: Any, labels: Any, task: Any,
-                          causal: bool, *, watch_rows: bool = False) -> tuple[Any, Any]:
+                          causal: bool, *, watch_rows: bool = False, rows_seen: list | None = None) -> tuple[Any, Any]:
     """Per-example gradients ``(n, p)`` (``named_parameters`` order) and the logits, from one backward pass.
     ``watch_rows``: raise ``NotPerExample`` for a layer called on rows picked by data (``trak_torch.routing``: a
-    mixture of experts; a torch function mode, so only for the checked batch)."""
+    mixture of experts; a torch function mode, so only for the checked batch). ``rows_seen``: a list to append
+    ``(weight name, rows per example)`` to for each layer call (``"shared"`` for one row shared by the batch), so
+    that runs on two batch sizes can tell a call on the batch from one on rows the batch does not have
+    (``closed_form_check``)."""
     import array_api_compat.torch as xp
     import torch
 
@@ -114,6 +124,10 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     seen: set[str] = set()
     called: list[Any] = []
 
+    def count(name: str, rows: int) -> None:
+        if rows_seen is not None:
+            rows_seen.append((name, "shared" if rows == 1 and n > 1 else rows / n))
+
     def hook(module: Any, args: Any, out: Any) -> Any:
         if module in functional:
             called.append(module)
@@ -136,6 +150,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         z = torch.zeros((n, *out.shape[1:]) if rows in (1, n) else (n, rows // n, *out.shape[1:]), dtype=out.dtype,
                         device=out.device, requires_grad=True)
         calls.append((module, a, z))
+        count(spec[module][1], rows)
         return out + z.reshape(out.shape) if rows not in (1, n) else out + z
 
     def record(kind: str, weight: Any, bias: Any, extra: Any = None) -> tuple | None:
@@ -156,6 +171,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         a = (x if x.ndim == 3 else x.reshape(-1, n, x.shape[-1])).detach().transpose(0, 1)  # (n, T, d)
         z = torch.zeros((n, a.shape[1], out.shape[-1]), dtype=out.dtype, device=out.device, requires_grad=True)
         calls.append((key, a, z))
+        count(key[1].name, x.shape[1] if x.ndim == 3 else x.shape[0])
         return out + z.transpose(0, 1).reshape(out.shape)
 
     def layer_norm(x: Any, shape: Any, weight: Any, bias: Any, eps: float, out: Any) -> Any:
@@ -169,6 +185,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             xhat = torch.nn.functional.layer_norm(x.detach(), shape, None, None, eps)
         z = torch.zeros_like(out, requires_grad=True)
         calls.append((key, xhat, z))
+        count(key[1].name, out.shape[0])
         return out + z
 
     def channel_norm(function: str, x: Any, weight: Any, bias: Any, out: Any, xhat: Any) -> Any:
@@ -183,6 +200,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             a = xhat()
         z = torch.zeros_like(out, requires_grad=True)
         calls.append((key, a, z))
+        count(key[1].name, out.shape[0])
         return out + z
 
     def batch_norm(x: Any, mean: Any, var: Any, weight: Any, bias: Any, training: bool, eps: float, out: Any) -> Any:
@@ -205,6 +223,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
                                 f"scale_grad_by_freq={by_freq}, sparse={sparse}")
         z = torch.zeros((n, *out.shape[1:]), dtype=out.dtype, device=out.device, requires_grad=True)
         calls.append((key, ids.expand(n, *ids.shape[1:]), z))
+        count(key[1].name, ids.shape[0])
         return out + z
 
     params = {**prepared.params, **{name: copied[name] for name in copied if id(prepared.params[name]) not in scales},

@@ -2,10 +2,11 @@
 
 One job: the decision of :meth:`trak_torch.TorchBackend._closed_form_uses`. The closed form
 (:mod:`trak_torch.closed_form`) is taken when its uses cover every attributed parameter, no layer is called on rows
-picked by data (tokens routed to experts: :mod:`trak_torch.routing`, watched in this check only), and its gradients
-of the batch's first two examples equal plain autograd one example at a time; otherwise ``vmap(grad)`` is. Each decision
-is logged at INFO on the ``trak_core`` logger with its reason, so a user can tell which path a model takes
-(``logging.basicConfig(level=logging.INFO)``).
+picked by data (tokens routed to experts: :mod:`trak_torch.routing`, watched in this check only) or on rows that are
+not the batch's (positions without a batch dimension: rows per example differ between two examples and three), and
+its gradients of the batch's first two examples equal plain autograd one example at a time; otherwise ``vmap(grad)``
+is. Each decision is logged at INFO on the ``trak_core`` logger with its reason, so a user can tell which path a
+model takes (``logging.basicConfig(level=logging.INFO)``).
 """
 from __future__ import annotations
 
@@ -28,15 +29,18 @@ def checked_uses(backend: Any, model: Any, prepared: Any, inputs: Any, labels: A
 
     first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
     try:
-        uses = covering_uses(backend, model, prepared, inputs, causal)
+        why: list[str] = []
+        uses = covering_uses(backend, model, prepared, inputs, causal, why)
         if uses is None:
             log.info("torch backend: per-example gradients through vmap: some attributed parameters are not the "
                      "weights of supported layers (Linear, Conv1d/Conv2d, Embedding, norms, nn.MultiheadAttention) "
-                     "or bare parameters broadcast over the batch")
+                     "or bare parameters broadcast over the batch%s", f" ({why[0]})" if why else "")
             return None
         reference = looped_gradients(backend, model, prepared, first, labels[:2], task, causal)
+        rows: tuple[list, list] = ([], [])
         closed, _ = closed_form_gradients(backend, model, prepared, uses, first, labels[:2], task, causal,
-                                          watch_rows=True)  # a mixture of experts' routed tokens: vmap
+                                          watch_rows=True, rows_seen=rows[0])  # routed tokens: vmap
+        unbatched(backend, model, prepared, uses, inputs, labels, task, causal, rows)
     except Exception as exc:  # NotPerExample, or a layer call the closed form cannot follow: vmap does
         log.info("torch backend: per-example gradients through vmap: the closed form failed on the first two "
                  "examples (%s: %s)", type(exc).__name__, exc)
@@ -53,6 +57,33 @@ def checked_uses(backend: Any, model: Any, prepared: Any, inputs: Any, labels: A
     log.info("torch backend: per-example gradients in closed form (%d uses: %s; %.1e from plain autograd on the "
              "first two examples)", len(uses), ", ".join(kinds), error)
     return uses
+
+
+def unbatched(backend: Any, model: Any, prepared: Any, uses: list, inputs: Any, labels: Any, task: Any,
+              causal: bool, rows: tuple[list, list]) -> None:
+    """Raise ``NotPerExample`` for a layer called on rows that are not the batch's: rows per example differ between
+    the first two examples and three (the first again). A lookup of positions shared by the batch without a batch
+    dimension (``embed_positions(torch.arange(T))``: ``(T, d)``) has as many rows whatever the batch; had ``T`` been
+    a multiple of the batch size, it would have been taken for the batch's tokens flattened (OPT's ``(n * T, d)``),
+    each example given ``T / n`` positions' gradients, a mistake the check's tolerance can miss where that
+    parameter's gradients are small next to the rest (half precision, CUDA)."""
+    from torch.utils._pytree import tree_map
+
+    from .closed_form import NotPerExample, closed_form_gradients
+
+    def pick(tree: Any) -> Any:
+        return tree_map(lambda t: t[[0, 1, 0]], tree)
+
+    said = "on rows that are not the batch's (positions without a batch dimension, shared by the batch)"
+    try:
+        closed_form_gradients(backend, model, prepared, uses, pick(inputs), pick(labels), task, causal,
+                              rows_seen=rows[1])
+    except NotPerExample as exc:
+        raise NotPerExample(f"on three examples (the first two, then the first again): {exc}") from exc
+    differ = [name for (name, two), (_, more) in zip(*rows) if two != more]
+    if differ or len(rows[0]) != len(rows[1]):
+        raise NotPerExample(f"the layer of {differ[0] if differ else 'a weight'} is called on as many rows for two "
+                            f"examples as for three: {said}")
 
 
 def log_fallback(exc: Exception) -> None:
