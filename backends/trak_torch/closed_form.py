@@ -59,14 +59,19 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
     1-D ones)."""
     from .closed_form_functional import bare_names, functional_uses
     from .closed_form_layers import closed_form_kind
+    from .closed_form_parametrized import parametrized_weights
     from .kronecker import find_uses
 
     found = {use.module: (use.kind, use.weight, use.bias) for use in
              find_uses(backend, model, prepared, inputs, causal, kind=closed_form_kind).values()}
+    parametrized = parametrized_weights(model, prepared, closed_form_kind)  # weight_norm'd: the originals
+    for module, (weight, _, bias) in parametrized.items():
+        found[module] = (closed_form_kind(module), weight, bias)
     functional = functional_uses(backend, model, prepared, inputs, causal)
     if None in functional.values():
         return None
-    covered = {name for _, weight, bias in found.values() for name in (weight, bias) if name}
+    covered = {name for _, weight, bias in found.values() for name in (weight, bias) if name} \
+        | {name for _, originals, _ in parametrized.values() for name in originals}
     biases = [bias for _, _, bias in found.values() if bias]
     weights = {weight for _, weight, _ in found.values()}
     inside = [name for _, names in functional.values() for name in names]
@@ -103,7 +108,8 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
 
     from .backend import _rows, check_labels, output_logits
     from .closed_form_functional import FUNCTION, copies, intercept, locate, scaled, slow_path
-    from .closed_form_layers import NORMS, TOKENWISE, conv_gradient, normalized
+    from .closed_form_layers import NORMS, TOKENWISE, closed_form_kind, conv_gradient, normalized
+    from .closed_form_parametrized import parametrized_weights, to_originals
     from .layers import hooks
     from .looped import batch_norm_layout
     from .routing import picked_rows
@@ -251,6 +257,10 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         width = tensor.numel()
         views[name] = grads[:, column:column + width].unflatten(1, (tensor.shape[0], -1) if tensor.ndim > 1 else (-1,))
         column += width
+    parametrized = {weight: module for module, (_, weight, _) in spec.items() if weight not in prepared.params}
+    buffers = {weight: torch.zeros((n, *module.weight.shape), dtype=prepared.dtype, device=prepared.device)
+               for weight, module in parametrized.items()}  # a weight_norm'd layer's weight gradients, then its
+    views.update({weight: buffer.flatten(2) for weight, buffer in buffers.items()})  # originals' (``to_originals``)
     written: set[str] = set()
 
     def put(name: str, left: Any, right: Any | None = None) -> None:
@@ -337,6 +347,14 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
                 put(weight, d.transpose(1, 2), a3)
             if bias:
                 put(bias, d.sum(1))
-    for name in set(views) - written:
+    originals_of = parametrized_weights(model, prepared, closed_form_kind) if parametrized else {}
+    for weight, module in parametrized.items():
+        if weight not in written:  # not called on this batch: its originals' columns are zero
+            continue
+        originals = {name: prepared.params[name] for name in originals_of[module][1]}
+        for name, value in to_originals(module, originals, buffers[weight]).items():
+            views[name].copy_(value.reshape(views[name].shape))
+            written.add(name)
+    for name in set(views) - written - set(buffers):
         views[name].zero_()
     return grads, logits.detach()
