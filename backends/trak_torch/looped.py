@@ -19,8 +19,11 @@ def eval_mode(model: Any) -> Iterator[None]:
     (the same values; sparse ones cannot be reshaped or batched by ``vmap``). Every submodule's own ``training``
     flag is restored after (``model.train(flag)`` would set all of them to the top module's: a BatchNorm frozen
     in ``eval()`` inside a training model), and so are the ``sparse`` flags. Eval-mode attention-bias caches are
-    bypassed for the duration (``_Uncached``)."""
+    bypassed for the duration (``_Uncached``), and gradient checkpointing is off (``checkpointing_off``: timm checks
+    its flag in eval mode too)."""
     import torch
+
+    from .transforms import checkpointing_off
 
     modes = [(module, module.training) for module in model.modules()]  # parents before their children
     sparse = [module for module in model.modules()
@@ -33,7 +36,8 @@ def eval_mode(model: Any) -> Iterator[None]:
             module.sparse = False
         for module, _ in cached:
             module.attention_bias_cache = _Uncached()
-        yield
+        with checkpointing_off(model):
+            yield
     finally:
         for module, cache in cached:
             module.attention_bias_cache = cache
@@ -49,7 +53,9 @@ class _Uncached(dict):
     """An eval-mode cache that never holds: LeViT's (and timm's LeViT, TinyViT, EfficientFormer) attention layers
     keep ``attention_biases[:, idxs]`` in ``attention_bias_cache`` in eval mode, made from the first checkpoint's
     parameters outside any gradient: those biases' gradients were 0 and later checkpoints ran with the first one's
-    biases. Under ``eval_mode`` each call makes them from the parameters it is given (the user's cache is kept)."""
+    biases. Under ``eval_mode`` each call makes them from the parameters it is given; the user's cache is put back
+    after (timm's ``train()``, which ``eval_mode`` calls to restore the modes, then empties it: it is remade from the
+    parameters on the next eval-mode forward)."""
 
     def __contains__(self, key: object) -> bool:
         return False

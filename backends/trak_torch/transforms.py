@@ -11,15 +11,17 @@ One job: set aside what training setups leave on a model that ``torch.func`` can
   does nothing (the same key, so the hooks keep their order) and restored after.
 * Gradient checkpointing (``torch.utils.checkpoint``) cannot run under ``torch.func`` either (saved tensor hooks,
   or an ``autograd.Function`` without ``setup_context``). Hugging Face layers checkpoint only in training mode, and
-  the backend runs models in eval mode; every module's ``gradient_checkpointing`` flag is also turned off for the
-  duration (for layers that check only the flag), and restored after. Checkpointing changes memory, not values.
+  the backend runs models in eval mode; every module's ``gradient_checkpointing`` flag (and timm's
+  ``grad_checkpointing``, which timm checks in eval mode too) is also turned off for the duration, for ``vmap`` and
+  for the closed form (whose hooks would run again in the recomputation), and restored after. Checkpointing changes
+  memory, not values.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-__all__ = ["for_transforms", "input_grad_hooks"]
+__all__ = ["for_transforms", "checkpointing_off", "input_grad_hooks"]
 
 _HOOK_NAMES = frozenset({"make_inputs_require_grads", "make_inputs_require_grad"})  # Hugging Face's, PEFT's
 
@@ -45,25 +47,39 @@ def input_grad_hooks(model: Any) -> list[tuple[dict, int]]:
     return list(found.values())
 
 
+FLAGS = ("gradient_checkpointing", "grad_checkpointing")  # Hugging Face's, timm's (checked in eval mode too)
+
+
+@contextmanager
+def checkpointing_off(model: Any) -> Iterator[None]:
+    """Every module's gradient checkpointing flag (Hugging Face's ``gradient_checkpointing``, timm's
+    ``grad_checkpointing``) off for the duration, restored after, also on errors. ``torch.func`` cannot run
+    ``torch.utils.checkpoint``, and the closed form's forward hooks would run again in its recomputation."""
+    flags = [(module, name, name in vars(module), getattr(module, name)) for module in model.modules()
+             for name in FLAGS if isinstance(getattr(module, name, None), bool)]
+    try:
+        for module, name, _, _ in flags:
+            setattr(module, name, False)
+        yield
+    finally:
+        for module, name, own, value in flags:
+            if own:
+                setattr(module, name, value)
+            else:  # a class attribute (GradientCheckpointingLayer's default): read through the class again
+                vars(module).pop(name, None)
+
+
 @contextmanager
 def for_transforms(model: Any) -> Iterator[None]:
     """``model`` without its input-grad hooks and with gradient checkpointing off (see the module); both restored
     after, also on errors."""
     hooks = [(table, key, table[key]) for table, key in input_grad_hooks(model)]
-    flags = [(module, "gradient_checkpointing" in vars(module), module.gradient_checkpointing)
-             for module in model.modules() if isinstance(getattr(module, "gradient_checkpointing", None), bool)]
     try:
         for table, key, _ in hooks:
             table[key] = _nothing
-        for module, _, _ in flags:
-            module.gradient_checkpointing = False
-        yield
+        with checkpointing_off(model):
+            yield
     finally:
         for table, key, hook in hooks:
             if key in table:  # not removed meanwhile
                 table[key] = hook
-        for module, own, value in flags:
-            if own:
-                module.gradient_checkpointing = value
-            else:  # a class attribute (GradientCheckpointingLayer's default): read through the class again
-                vars(module).pop("gradient_checkpointing", None)
