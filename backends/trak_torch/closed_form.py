@@ -63,7 +63,7 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
     from .kronecker import find_uses
 
     found = {use.module: (use.kind, use.weight, use.bias) for use in
-             find_uses(backend, model, prepared, inputs, causal, kind=closed_form_kind).values()}
+             find_uses(backend, model, prepared, inputs, causal, kind=closed_form_kind, biases=True).values()}
     parametrized = parametrized_weights(model, prepared, closed_form_kind)  # weight_norm'd: the originals
     for module, (weight, _, bias) in parametrized.items():
         found[module] = (closed_form_kind(module), weight, bias)
@@ -146,7 +146,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
                                 "depends on the data")
         kind, a = spec[module][0], args[0].detach()
         with torch.no_grad():  # a norm's input side: normalized now, with the buffers of this call
-            a = normalized(module, kind, a) if kind in NORMS else a
+            a = normalized(module, kind, a) if kind in NORMS and spec[module][1] else a
         rows = out.shape[0] if out.ndim else 0
         if rows == 1 and a.shape[0] == 1 and n > 1:  # a call shared by the batch, such as position embeddings (1, T)
             a = a.expand(n, *a.shape[1:])  # each example's own perturbation; the sum broadcasts as before
@@ -156,7 +156,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         z = torch.zeros((n, *out.shape[1:]) if rows in (1, n) else (n, rows // n, *out.shape[1:]), dtype=out.dtype,
                         device=out.device, requires_grad=True)
         calls.append((module, a, z))
-        count(spec[module][1], rows)
+        count(spec[module][1] or spec[module][2], rows)
         return out + z.reshape(out.shape) if rows not in (1, n) else out + z
 
     def record(kind: str, weight: Any, bias: Any, extra: Any = None) -> tuple | None:
@@ -257,7 +257,8 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         width = tensor.numel()
         views[name] = grads[:, column:column + width].unflatten(1, (tensor.shape[0], -1) if tensor.ndim > 1 else (-1,))
         column += width
-    parametrized = {weight: module for module, (_, weight, _) in spec.items() if weight not in prepared.params}
+    parametrized = {weight: module for module, (_, weight, _) in spec.items()
+                    if weight is not None and weight not in prepared.params}
     buffers = {weight: torch.zeros((n, *module.weight.shape), dtype=prepared.dtype, device=prepared.device)
                for weight, module in parametrized.items()}  # a weight_norm'd layer's weight gradients, then its
     views.update({weight: buffer.flatten(2) for weight, buffer in buffers.items()})  # originals' (``to_originals``)
@@ -327,23 +328,25 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             continue
         kind, weight, bias = spec[module]
         if kind == "conv":
-            put(weight, *conv_gradient(module, a, delta))
+            if weight:  # else a bias alone (BitFit)
+                put(weight, *conv_gradient(module, a, delta))
             if bias:
                 put(bias, delta.reshape(n, delta.shape[1], -1).sum(2))
         elif kind in NORMS:
-            width = prepared.params[weight].numel()  # positions sharing one gamma: dim 1 of (n, C, ...), or leading
-            d, xhat = ((delta.reshape(n, width, -1), a.reshape(n, width, -1)) if kind in NORMS[:2] else
+            width = prepared.params[weight or bias].numel()  # positions sharing one gamma: dim 1 of (n, C, ...),
+            d, xhat = ((delta.reshape(n, width, -1), a.reshape(n, width, -1)) if kind in NORMS[:2] else  # or last
                        (delta.reshape(n, -1, width).transpose(1, 2), a.reshape(n, -1, width).transpose(1, 2)))
-            put(weight, (d * xhat).sum(2))
+            if weight:
+                put(weight, (d * xhat).sum(2))
             if bias:
                 put(bias, d.sum(2))
         elif kind == "embedding":
             put_embedding(weight, a, delta, module.padding_idx)
         else:
             a3, d = a.reshape(n, -1, a.shape[-1]), delta.reshape(n, -1, delta.shape[-1])
-            if kind == "conv1d":
+            if weight and kind == "conv1d":
                 put(weight, a3.transpose(1, 2), d)
-            else:
+            elif weight:
                 put(weight, d.transpose(1, 2), a3)
             if bias:
                 put(bias, d.sum(1))

@@ -85,9 +85,10 @@ def _layer(kind: str, weight: Any, bias: bool, name: str, bias_name: str | None)
 
 
 def find_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
-              kind: Callable[[Any], str | None] = kronecker_kind) -> dict[Any, Use]:
+              kind: Callable[[Any], str | None] = kronecker_kind, *, biases: bool = False) -> dict[Any, Use]:
     """The modules of a ``kind`` (default: the factorizable layers) called with an attributed weight on the batch's
-    first example, in call order."""
+    first example, in call order; with ``biases``, also those called with an attributed bias alone (``weight``
+    ``None``: BitFit, the closed form)."""
     import torch
     from torch.utils._pytree import tree_map
 
@@ -95,14 +96,13 @@ def find_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool
     found: dict[Any, Use] = {}
 
     def hook(module: Any, args: Any, output: Any) -> None:
-        weight = names.get(id(module.weight))
-        if weight is None or module in found:
+        weight, bias = names.get(id(module.weight)), names.get(id(getattr(module, "bias", None)))
+        if module in found or (weight is None and not (biases and bias is not None)):
             return
         if kind is kronecker_kind and not layer_kind(module, own_forward=True) \
                 and not computes_linear(module, args, output):
             return  # a Linear subclass that computes something else: its weight goes to the rest
-        bias = getattr(module, "bias", None)
-        found[module] = Use(module, kind(module), weight, None if bias is None else names.get(id(bias)))
+        found[module] = Use(module, kind(module), weight, bias)
 
     candidates = [m for m in model.modules() if kind(m) is not None]
     with torch.no_grad(), hooks(candidates, hook):

@@ -1,0 +1,55 @@
+"""The closed form on a selection of the parameters: biases alone (BitFit: ``params=`` keeping ``*.bias``), a norm's
+bias without its weight, and weights without their biases, against each model's own backward pass one example at a
+time (float64) on the selected columns."""
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: the closed-form path is not exercised")
+
+from test_closed_form_functional import _one_at_a_time  # noqa: E402
+
+from trak_core.tasks import get_task  # noqa: E402
+from trak_torch import TorchBackend  # noqa: E402
+
+nn = torch.nn
+
+
+class Mixed(nn.Module):
+    """A Conv2d, a BatchNorm2d with running statistics, a GroupNorm, a LayerNorm and Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn, self.gn = nn.BatchNorm2d(4), nn.GroupNorm(2, 4)
+        self.lin, self.ln, self.head = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.gn(self.bn(self.conv(x)))).mean((2, 3))
+        return self.head(torch.tanh(self.ln(self.lin(h))))
+
+
+@pytest.mark.parametrize("keep", [
+    lambda name: name.endswith("bias"),
+    lambda name: name.endswith("weight"),
+    lambda name: name in ("bn.bias", "ln.bias", "head.weight", "conv.bias"),
+], ids=["biases-alone", "weights-alone", "some"])
+def test_a_selection_of_parameters_in_closed_form(keep):
+    """Before, a bias whose layer's weight was not attributed was no layer's: the closed form was refused ("a bare
+    parameter (4,) is used by conv2d") and the model took vmap."""
+    torch.manual_seed(0)
+    model = Mixed().double().eval()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=g, dtype=torch.float64))
+        model.bn.running_mean.normal_(0, 0.2, generator=g)
+        model.bn.running_var.uniform_(0.5, 1.5, generator=g)
+    x, y = torch.randn(5, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    task = get_task("classification")
+    backend = TorchBackend(params=lambda name, tensor: keep(name))
+    prepared = backend.prepare(model, None)
+    grads, _ = backend.gradients(model, prepared, x, y, task)
+    columns = torch.cat([torch.full((p.numel(),), keep(name)) for name, p in model.named_parameters()])
+    reference = _one_at_a_time(model, x, y, task)[:, columns]
+    assert grads.shape == reference.shape
+    assert float(torch.linalg.vector_norm(grads - reference) / torch.linalg.vector_norm(reference)) < 1e-12
+    assert prepared._closed_form[id(task)] is not None
