@@ -5,9 +5,10 @@ torchvision's (``nn.MultiheadAttention``, a class token and position embeddings)
 torchvision's (channels-first ``LayerNorm2d``, layer scales), Hugging Face's CLIP image classifier (its class
 token ``(d,)`` expanded over the batch; the text tower is not called), a GPT-2 with
 random weights (embeddings, Conv1D, layer norms), a Llama (its own RMSNorm class, grouped-query attention), a
-Gemma (a scaled embedding tied to its head), an OPT (offset positions, flattened tokens) and a BART
-(``task="seq2seq"``: encoder and decoder, cross-attention, one token table looked up by both; the language models
-need ``transformers``), examples per second of
+Gemma (a scaled embedding tied to its head), an OPT (offset positions, flattened tokens), a BART
+(``task="seq2seq"``: encoder and decoder, cross-attention, one token table looked up by both) and a Wav2Vec2 (a
+weight-normed positional convolution; ``vmap`` cannot run its in-place masking, so that side is one example at a
+time; the language and audio models need ``transformers``), examples per second of
 ``TorchBackend()`` and of ``TorchBackend(per_example="vmap")`` at its default chunk, alternated
 ``--repeats`` times (best of each), and their largest difference relative to the vmap gradients'
 largest entry.
@@ -98,6 +99,15 @@ def models(small: bool, batch: int, device: str) -> dict[str, tuple[Any, Any, An
     bart = transformers.BartForConditionalGeneration(config).to(device).eval()  # decoder inputs from the labels
     targets = torch.randint(3, 512, (batch, length // 2), device=device)
     out[f"bart-{layers}x{width}"] = (bart, batch_with_mask, targets, Seq2SeqLanguageModeling(), {})
+    config = transformers.Wav2Vec2Config(hidden_size=width // 4, num_hidden_layers=layers, num_attention_heads=4,
+                                         intermediate_size=width // 2, conv_dim=(32, 32, 32), conv_stride=(5, 2, 2),
+                                         conv_kernel=(10, 3, 3), num_conv_pos_embeddings=16,
+                                         num_conv_pos_embedding_groups=4, num_labels=10, mask_time_prob=0.0)
+    wav2vec2 = transformers.Wav2Vec2ForSequenceClassification(config).to(device).eval()  # weight-normed positions
+    lengths = torch.randint(800, 1601, (batch,), device=device)
+    mask = (torch.arange(1600, device=device)[None] < lengths[:, None]).long()  # vmap cannot run its masking: the
+    sound = {"input_values": torch.randn(batch, 1600, device=device) * mask, "attention_mask": mask}  # loop
+    out[f"wav2vec2-{layers}x{width // 4}"] = (wav2vec2, sound, y, Classification(), {})
     return out
 
 
