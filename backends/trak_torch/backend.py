@@ -175,6 +175,9 @@ class TorchBackend(Backend):
             raise TrakTypeError(f"a {type(model).__name__} wrapper cannot be called with other parameters "
                                 "(torch.func.functional_call): pass the model it wraps, model.module (and its "
                                 "state_dict, whose keys have no 'module.' prefix)")
+        from .contexts import check_context
+
+        check_context(next(model.parameters(), torch.empty(0)).device)
         return snapshot(model, checkpoint, select_names(model, self.params))
 
     def n_params(self, prepared: TorchCheckpoint) -> int:
@@ -262,6 +265,9 @@ class TorchBackend(Backend):
         import array_api_compat.torch as xp
         import torch
 
+        from .contexts import check_context
+
+        check_context(prepared.device)
         inputs, labels = self._batch(model, prepared, inputs, labels, task)
         causal = self._causal(model)
         uses = self._closed_form_uses(model, prepared, inputs, labels, task, causal)

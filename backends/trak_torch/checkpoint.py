@@ -46,10 +46,12 @@ def select_names(model: Any, params: Sequence[str] | Callable[[str, Any], bool] 
     return chosen
 
 
-def _tied_aliases(model: Any) -> set[str]:
-    """Names under which a parameter appears a second time (tied weights); ``named_parameters`` lists the first."""
-    first = {name for name, _ in model.named_parameters()}
-    return {name for name, _ in model.named_parameters(remove_duplicate=False) if name not in first}
+def _tied_aliases(model: Any) -> dict[str, str]:
+    """``alias -> owner``: the names under which a parameter appears a second time (tied weights), each with the
+    name ``named_parameters`` lists it under first."""
+    owners = {id(tensor): name for name, tensor in model.named_parameters()}
+    return {name: owners[id(tensor)] for name, tensor in model.named_parameters(remove_duplicate=False)
+            if owners[id(tensor)] != name}
 
 
 def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str]) -> TorchCheckpoint:
@@ -66,6 +68,15 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
                              "in place, which per-example gradients of the table cannot follow (vmap cannot run it); "
                              "set max_norm=None on them for attribution (training has renormalized the rows "
                              "already), or leave their weights out with TorchBackend(params=...)")
+    lazy = [name for name, tensor in model.named_parameters()
+            if isinstance(tensor, torch.nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise TrakValueError(f"the model's parameters {lazy[:3]} are not materialized yet (lazy modules): run one "
+                             "forward on a batch first (or load a state_dict into the materialized model)")
+    meta = [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]
+    if meta:
+        raise TrakValueError(f"the model's tensors {meta[:3]} are on the meta device (no values): materialize it "
+                             "first, e.g. model.to_empty(device='cpu') then model.load_state_dict(state_dict)")
     reference = model.state_dict(keep_vars=True)
     first = next(iter(model.parameters()), None)
     if first is None:
@@ -79,17 +90,26 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
                     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__") else "")
             raise TrakTypeError(f"a torch checkpoint must be a state_dict (a mapping of names to tensors) or None, "
                                 f"got {type(checkpoint).__name__}{hint}")
-        missing = [k for k in reference if k not in checkpoint]
+        aliases = _tied_aliases(model)  # a tied alias left out (as safetensors saves them) is never read, nor is
+        missing = [k for k in reference if k not in checkpoint and k not in aliases  # a BatchNorm's count (older
+                   and not k.endswith("num_batches_tracked")]                      # checkpoints): torch takes both
         extra = [k for k in checkpoint if k not in reference]
         if missing or extra:
             raise TrakValueError(_mismatch(missing, extra, len(reference)))
+        differ = [(alias, owner) for alias, owner in aliases.items() if alias in checkpoint and owner in checkpoint
+                  and not torch.equal(torch.as_tensor(checkpoint[alias]), torch.as_tensor(checkpoint[owner]))]
+        if differ:
+            raise TrakValueError(f"state_dict[{differ[0][0]!r}] differs from state_dict[{differ[0][1]!r}], which the "
+                                 "model ties to it (one Parameter under both names): the model holds one value for "
+                                 "both, so one of them would be dropped; featurize the tied model's own state_dict, "
+                                 "or untie the weights in the model")
         state = checkpoint
     params, frozen = {}, {}
     aliases = _tied_aliases(model)
     for name, ref in reference.items():
         if name in aliases:  # a tied weight (GPT-2's lm_head.weight is wte.weight): set through its owner
             continue
-        value = torch.as_tensor(state[name])
+        value = torch.as_tensor(state[name] if name in state else ref)  # a count left out: the model's
         if tuple(value.shape) != tuple(ref.shape):
             raise TrakValueError(f"state_dict[{name!r}] has shape {tuple(value.shape)}, the model's is "
                                  f"{tuple(ref.shape)}")
@@ -117,8 +137,8 @@ def _mismatch(missing: list[str], extra: list[str], n_keys: int) -> str:
     prefix = _common_prefix(missing, extra)
     if prefix:
         return (f"{message}. Every key has the extra prefix {prefix!r} (as DistributedDataParallel, DataParallel or "
-                "torch.compile save them): strip it, e.g. {k.removeprefix(%r): v for k, v in state.items()}, or "
-                "save the unwrapped model's state_dict" % prefix)
+                "torch.compile and AveragedModel save them): strip it, e.g. {k.removeprefix(%r): v for k, v in "
+                "state.items() if k.startswith(%r)}, or save the unwrapped model's state_dict" % (prefix, prefix))
     prefix = _common_prefix(extra, missing)
     if prefix:
         return (f"{message}. The model's keys have the extra prefix {prefix!r}: it is wrapped "
@@ -138,12 +158,13 @@ def _mismatch(missing: list[str], extra: list[str], n_keys: int) -> str:
 
 
 def _common_prefix(missing: list[str], extra: list[str]) -> str | None:
-    """The prefix (such as ``module.`` or ``_orig_mod.``) that turns every missing key into an unexpected one."""
-    if not missing or len(missing) != len(extra):
+    """The prefix (such as ``module.`` or ``_orig_mod.``) that turns every missing key into an unexpected one (other
+    unexpected keys may come with them: ``AveragedModel``'s ``n_averaged``)."""
+    if not missing or len(missing) > len(extra):
         return None
     for key in extra:  # the key that is missing[0] behind a prefix, wherever it comes in the order
         first = key.removesuffix(missing[0]) if key.endswith(missing[0]) and key != missing[0] else None
-        if first and sorted(extra) == sorted(first + name for name in missing):
+        if first and {first + name for name in missing} <= set(extra):
             return first
     return None
 

@@ -10,6 +10,8 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from trak_core.errors import TrakValueError
+
 __all__ = ["eval_mode", "batch_norm_layout", "looped_gradients", "refuse_to_loop", "vmap_cannot_batch"]
 
 
@@ -102,12 +104,18 @@ def looped_gradients(backend: Any, model: Any, prepared: Any, inputs: Any, label
     params = {name: tensor.detach().requires_grad_(True) for name, tensor in prepared.params.items()}
     from .backend import _rows
 
+    buffers = {name for name, _ in model.named_buffers()}  # buffers only: a frozen max_norm table is renormalized
+    versions = {name: tensor._version for name, tensor in prepared.frozen.items() if name in buffers}  # in place
     rows = []
     for i in range(_rows(inputs)):
         with torch.enable_grad(), batch_norm_layout(model):
             value = backend.example_output(model, prepared, params, tree_map(lambda t: t[i:i + 1], inputs),
                                            labels[i:i + 1], task, causal)
             grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        changed = [name for name, version in versions.items() if prepared.frozen[name]._version != version]
+        if changed:  # vmap refuses such a forward ("captured"); one at a time, each example saw another model
+            raise TrakValueError(f"the model's forward changed {changed[:3]} in place (a buffer updated in eval "
+                                 f"mode): {_NOT_VMAP['captured'].split(', so ')[1]}")
         rows.append(torch.cat([(torch.zeros_like(t) if g is None else g.to_dense() if g.is_sparse else g).reshape(-1)
                                for g, t in zip(grads, params.values())]))
     return torch.stack(rows)
