@@ -99,7 +99,8 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
                           causal: bool, *, watch_rows: bool = False, rows_seen: list | None = None) -> tuple[Any, Any]:
     """Per-example gradients ``(n, p)`` (``named_parameters`` order) and the logits, from one backward pass.
     ``watch_rows``: raise ``NotPerExample`` for a layer called on rows picked by data (``trak_torch.routing``: a
-    mixture of experts; a torch function mode, so only for the checked batch). ``rows_seen``: a list to append
+    mixture of experts; a torch function mode, so only for the checked batch), or for a Hugging Face ``*RMSNorm``
+    whose output is not its weight times its input normalized (``check_rms_norm``). ``rows_seen``: a list to append
     ``(weight name, rows per example)`` to for each layer call (``"shared"`` for one row shared by the batch), so
     that runs on two batch sizes can tell a call on the batch from one on rows the batch does not have
     (``closed_form_check``)."""
@@ -108,7 +109,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
 
     from .backend import _rows, check_labels, output_logits
     from .closed_form_functional import FUNCTION, copies, intercept, locate, scaled, slow_path
-    from .closed_form_layers import NORMS, TOKENWISE, closed_form_kind, conv_gradient, normalized
+    from .closed_form_layers import NORMS, TOKENWISE, check_rms_norm, closed_form_kind, conv_gradient, normalized
     from .closed_form_parametrized import parametrized_weights, to_originals
     from .layers import hooks
     from .looped import batch_norm_layout
@@ -147,6 +148,8 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         kind, a = spec[module][0], args[0].detach()
         with torch.no_grad():  # a norm's input side: normalized now, with the buffers of this call
             a = normalized(module, kind, a) if kind in NORMS and spec[module][1] else a
+            if kind == "rmsnorm-hf" and watch_rows:  # taken by its class name: on the checked batch, its output
+                check_rms_norm(module, a, out)        # must be weight * xhat (or Gemma's (1 + weight) * xhat)
         rows = out.shape[0] if out.ndim else 0
         if rows == 1 and a.shape[0] == 1 and n > 1:  # a call shared by the batch, such as position embeddings (1, T)
             a = a.expand(n, *a.shape[1:])  # each example's own perturbation; the sum broadcasts as before

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["NORMS", "TOKENWISE", "norm_kind", "conv_kind", "closed_form_kind", "conv_gradient", "normalized"]
+__all__ = ["NORMS", "TOKENWISE", "norm_kind", "conv_kind", "closed_form_kind", "conv_gradient", "normalized",
+           "check_rms_norm"]
 
 NORMS = ("batchnorm", "groupnorm", "layernorm", "rmsnorm", "rmsnorm-hf")  # channel-wise (dim 1), then trailing
 TOKENWISE = ("linear", "conv1d", "embedding", "layernorm", "rmsnorm", "rmsnorm-hf")  # rows may be flattened tokens
@@ -112,3 +113,19 @@ def normalized(module: Any, kind: str, a: Any) -> Any:
         return F.rms_norm(a, module.normalized_shape, None, module.eps)
     x = a.float()  # rmsnorm-hf: as Hugging Face's classes compute it
     return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _hf_rms_epsilon(module))).to(a.dtype)
+
+
+def check_rms_norm(module: Any, xhat: Any, out: Any) -> None:
+    """Raise ``NotPerExample`` unless a Hugging Face ``*RMSNorm`` call's output ``out`` is ``weight * xhat`` or
+    Gemma's ``(1 + weight) * xhat``, to ``max(1e-3, check_tolerance)`` of its largest entry: the kind is taken from
+    the class's name, and a variant that applies its weight first or normalizes by groups has other gradients."""
+    from .closed_form import NotPerExample, check_tolerance
+
+    weight = module.weight.detach().to(xhat.dtype)
+    scale = float(out.detach().abs().max()) or 1.0
+    tolerance = max(1e-3, check_tolerance(out.dtype, out.device)) * scale
+    for gain in (weight, 1 + weight):
+        if float((out.detach() - (gain * xhat).to(out.dtype)).abs().max()) <= tolerance:
+            return
+    raise NotPerExample(f"{type(module).__name__} does not compute weight * x / rms(x) as Hugging Face's RMSNorm "
+                        "classes do")
