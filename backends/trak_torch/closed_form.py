@@ -110,6 +110,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     from .backend import _rows, check_labels, output_logits
     from .closed_form_functional import FUNCTION, copies, intercept, locate, scaled, slow_path
     from .closed_form_layers import NORMS, TOKENWISE, check_rms_norm, closed_form_kind, conv_gradient, normalized
+    from .closed_form_outside import outside_uses
     from .closed_form_parametrized import parametrized_weights, to_originals
     from .layers import hooks
     from .looped import batch_norm_layout
@@ -241,8 +242,19 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
                             group_norm=group_norm) if functional else nullcontext()  # F untouched without them
     attention = [module for module, kind, _, _ in uses if kind == "mha"]
     followed = scaled(scales, n) if scales else nullcontext()
+    owners: dict[str, list[Any]] = {}  # each layer-taken weight's layers (their calls are the uses the closed form
+    if watch_rows:                      # sees), watched on the checked batch for other uses
+        originals = parametrized_weights(model, prepared, closed_form_kind)
+        for module, (_, weight, bias) in spec.items():
+            for name in (*originals.get(module, (None, ()))[1], weight, bias):
+                if name in prepared.params:
+                    owners.setdefault(name, []).append(module)
+        for module, names in functional.items():
+            for name in names:
+                owners.setdefault(name, []).append(module)
     with torch.enable_grad(), hooks(list(spec) + list(functional), hook), slow_path(attention), intercepted, \
-            picked_rows(watch_rows, n, inputs) as picked, followed, batch_norm_layout(model):  # ``followed``: first
+            picked_rows(watch_rows, n, inputs) as picked, followed, batch_norm_layout(model), \
+            outside_uses(owners, params, watch_rows):  # ``followed``: first
         logits = output_logits(backend._call(model, params, inputs, causal=causal), backend.logits_fn)
         for module in called:
             if not set(functional[module]) <= seen:  # e.g. the fused fast path of nn.MultiheadAttention
