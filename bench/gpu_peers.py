@@ -276,7 +276,7 @@ def trak_core_breakdown(model: Any, state: dict, train: list, k: int, device: An
 def _chunk_rows(prepared: Any, device: Any) -> int | None:
     """The torch backend's default examples per ``vmap`` call here (None where it cannot be read)."""
     try:
-        from trak_torch.backend import _free_bytes, chunk_rows
+        from trak_torch.vmapped import _free_bytes, chunk_rows
 
         return chunk_rows(prepared.n_params, 4, _free_bytes(torch.device(device)))
     except Exception:  # a diagnostic only

@@ -109,7 +109,7 @@ def test_half_matmul_uses_the_framework_gemm(device, caplog):
 def test_torch_cuda_chunks_follow_free_memory():
     _torch_cuda()
     import torch
-    from trak_torch.backend import _free_bytes, chunk_rows
+    from trak_torch.vmapped import _free_bytes, chunk_rows
 
     free = _free_bytes(torch.device("cuda"))
     assert free is not None and free > 0

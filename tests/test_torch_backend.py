@@ -179,7 +179,7 @@ def test_torch_int64_hash_path_equals_numpy_uint32():
 
 
 def test_chunk_rows_from_free_memory():
-    from trak_torch.backend import chunk_rows
+    from trak_torch.vmapped import chunk_rows
 
     assert chunk_rows(9_610, 4, None) == 256  # CPU: 256 MiB of gradients, at most 256 rows
     assert chunk_rows(1_130_000, 4, None) == (256 * 2**20) // (4 * 1_130_000)

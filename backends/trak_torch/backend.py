@@ -59,27 +59,6 @@ def prepared_dtype(params: dict) -> Any:
     return torch.float32
 
 
-CPU_CHUNK_BYTES = 256 * 2**20  # per-example gradients per vmap call on CPUs
-GPU_CHUNK_BYTES = 6 * 2**30  # at most, on GPUs (ResNet-18: 144 examples of 11.2M float32 gradients)
-GPU_CHUNK_SHARE = 8  # and at most 1/8 of the device's free memory
-
-
-def chunk_rows(n_params: int, itemsize: int, free_bytes: int | None) -> int:
-    """Examples per ``vmap`` call: the gradients of a chunk take at most ``CPU_CHUNK_BYTES`` on CPUs
-    (``free_bytes`` is ``None``), and on GPUs ``min(GPU_CHUNK_BYTES, free_bytes / GPU_CHUNK_SHARE)``; 1 to 256."""
-    budget = CPU_CHUNK_BYTES if free_bytes is None else min(GPU_CHUNK_BYTES, free_bytes // GPU_CHUNK_SHARE)
-    return max(1, min(256, budget // (itemsize * max(1, n_params))))
-
-
-def _free_bytes(device: Any) -> int | None:
-    """Free memory of a CUDA device (``None`` on CPUs)."""
-    if getattr(device, "type", "cpu") != "cuda":
-        return None
-    import torch
-
-    return int(torch.cuda.mem_get_info(device)[0])
-
-
 class TorchBackend(Backend):
     """Per-example gradients for ``torch.nn.Module`` models.
 
@@ -216,9 +195,14 @@ class TorchBackend(Backend):
         return inputs, labels
 
     def _call(self, model: Any, params: dict, inputs: Any, *, causal: bool) -> Any:
-        """``forward`` with ``params``: ``model(inputs)``, or ``model(**inputs)`` for a dict batch."""
+        """``forward`` with ``params``: ``model(inputs)``, or ``model(**inputs)`` for a dict batch. A
+        ``torch.compile``'d model runs its eager module (``_orig_mod``; the keys' prefix taken off): the closed form's
+        hooks see its layers, as ``vmap`` and the loop see its operations."""
+        import torch
         from torch.func import functional_call
 
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model, params = model._orig_mod, {key.removeprefix("_orig_mod."): value for key, value in params.items()}
         if not isinstance(inputs, Mapping):
             return functional_call(model, params, (inputs,))
         kwargs = dict(inputs)
