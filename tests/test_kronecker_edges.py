@@ -145,3 +145,23 @@ def test_a_bias_shared_by_two_layers_is_the_rest(per_example):
                 backend=TorchBackend(per_example=per_example))
     trak.featurize(None, [(x, y)])  # the first example's check passes
     assert trak.store[0].features.shape == (6, 24)
+
+
+def test_a_batched_pass_that_misreads_positions_goes_to_vmap():
+    """Positions looked up on arange(T) without a batch dimension, T a multiple of the batch: the batched pass took
+    them for the batch's tokens flattened. Its two-example check missed it where their gradients are small
+    (weight 1e-12), the per-layer check against the dense gradient then refused the whole run ("used outside its
+    module"). Now that batch and the next take vmap: the same features as each example featurized alone."""
+    from test_closed_form import UnbatchedPositions
+
+    torch.manual_seed(0)
+    model = UnbatchedPositions(1e-12).double()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 13, (6, 6), generator=g), torch.randint(0, 3, (6,), generator=g)
+    features = []
+    for size in (6, 1):
+        trak = TRAK(model, proj_dim=64, proj_type="kronecker", progress=False)
+        trak.featurize(None, [(x[i:i + size], y[i:i + size]) for i in range(0, 6, size)])
+        features.append(torch.as_tensor(trak.store[0].features[:]))
+    assert float(features[1].norm()) > 1e-3
+    torch.testing.assert_close(features[0], features[1], rtol=1e-10, atol=1e-12)

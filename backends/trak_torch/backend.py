@@ -9,6 +9,8 @@ The logits are taken from what ``forward`` returns by ``output_logits``.
 """
 from __future__ import annotations
 
+import logging
+
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -354,15 +356,28 @@ class TorchBackend(Backend):
                 logits = self._logits(model, prepared, inputs, task, causal=causal)
             check_labels(task, labels, logits)
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
-            features = batch_features(self, model, prepared, state, inputs, labels, task, causal, seed=seed,
+            def run() -> Any:
+                return batch_features(self, model, prepared, state, inputs, labels, task, causal, seed=seed,
                                       checkpoint=checkpoint, chunk=self.chunk_size,
                                       attention=(lambda: attention_for_vmap(model, prepared.dtype),
                                                  lambda: attention_for_closed_form(model)))
+
+            features = run()
             if not state.checked:  # once per checkpoint: the first example against its dense gradient
                 batched = state.batched is not False  # None: a first batch of one example, computed alone
                 path = attention_for_closed_form(model) if batched else attention_for_vmap(model, prepared.dtype)
-                with path:  # the attention of the path the features took
-                    check_plan(self, model, prepared, state, inputs, labels, task, causal, features)
+                try:
+                    with path:  # the attention of the path the features took
+                        check_plan(self, model, prepared, state, inputs, labels, task, causal, features)
+                except TrakValueError as exc:  # a batched pass that misread a layer's rows (positions without a
+                    if not state.batched:       # batch dimension): vmap from now on, checked again
+                        raise
+                    logging.getLogger("trak_core").info("torch backend: factorized features through vmap: the "
+                                                        "batched pass's differ from the dense gradient's (%s)", exc)
+                    state.batched = False
+                    features = run()
+                    with attention_for_vmap(model, prepared.dtype):
+                        check_plan(self, model, prepared, state, inputs, labels, task, causal, features)
                 state.checked = True
         return features, out_to_loss
 
