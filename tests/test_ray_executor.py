@@ -234,3 +234,22 @@ def test_a_pickled_copy_keeps_its_hands_off_the_originals_actors(ray_cluster, tm
     assert np.array_equal(trak.score([(x[:6], y[:6])]), expected)  # the original's actors still serve it
     copy.executor.close()
     trak.executor.close()
+
+
+def test_a_workers_model_error_carries_trak_cores_location_once(ray_cluster, tmp_path):
+    """The model's own error on a worker (a torch shape mismatch) keeps its type, and trak-core's note naming the
+    checkpoint and batch appears once: it was in Ray's remote traceback (the message) and again as a note."""
+    import traceback
+
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
+    batches[2] = (torch.randn(8, 5), batches[2][1])  # the model's forward fails on batch 2
+    executor = RayExecutor(num_workers=1)
+    trak = TRAK(model, proj_dim=8, store=tmp_path / "store", executor=executor, progress=False)
+    with pytest.raises(RuntimeError) as failed:
+        trak.featurize(None, batches)
+    text = "".join(traceback.format_exception(failed.value))
+    assert text.count("trak-core: raised in checkpoint 0, batch 2") == 1, text
+    executor.close()

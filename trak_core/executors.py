@@ -212,13 +212,19 @@ class RayExecutor:
 
     def _get(self, futures: Any) -> Any:
         """``ray.get(futures)``; after an actor died (its restarts spent, or ``max_retries=0``) the actors are
-        stopped, so that the next call starts new ones instead of failing on the dead one."""
+        stopped, so that the next call starts new ones instead of failing on the dead one. A worker's error keeps
+        the notes its message (Ray's remote traceback) does not hold already."""
         import ray
 
         try:
             return ray.get(futures)
         except ray.exceptions.RayActorError:
             self.close()
+            raise
+        except Exception as exc:  # a worker's error: its notes (trak-core's location) are in Ray's remote
+            notes = getattr(exc, "__notes__", None)  # traceback already, which the message holds: not twice
+            if notes:
+                exc.__notes__ = [note for note in notes if note not in str(exc)]
             raise
 
     def products(self, trak: Any, entry: Any, weights: Any) -> Any:
