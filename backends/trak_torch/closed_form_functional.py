@@ -201,7 +201,8 @@ def scaled(copies: dict[int, tuple[Any, Any]], n: int) -> Iterator[None]:
                 scale, sizes = args[0], args[1:]
                 sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
                 wide = [i for i, size in enumerate(sizes) if size in (-1, scale.shape[0])]
-                if len(wide) == 1 and all(size == 1 for i, size in enumerate(sizes) if i != wide[0]):
+                if len(sizes) >= 2 and len(wide) == 1 and all(size == 1 for i, size in enumerate(sizes)
+                                                              if i != wide[0]):
                     shape = [scale.shape[0] if i == wide[0] else 1 for i in range(len(sizes))]
                     return copies[id(scale)][1].view(n, *(shape[1:] if wide[0] else shape))
             if func in products and len(args) == 2 and not kwargs and hits != [0, 1] \
