@@ -82,6 +82,7 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
     if first is None:
         raise TrakValueError("the model has no parameters")
     device, dtype = first.device, first.dtype
+    aliases = _tied_aliases(model)
     if checkpoint is None:
         state = reference
     else:
@@ -90,9 +91,9 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
                     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__") else "")
             raise TrakTypeError(f"a torch checkpoint must be a state_dict (a mapping of names to tensors) or None, "
                                 f"got {type(checkpoint).__name__}{hint}")
-        aliases = _tied_aliases(model)  # a tied alias left out (as safetensors saves them) is never read, nor is
-        missing = [k for k in reference if k not in checkpoint and k not in aliases  # a BatchNorm's count (older
-                   and not k.endswith("num_batches_tracked")]                      # checkpoints): torch takes both
+        # a tied alias left out (as safetensors saves them) is never read, nor is a BatchNorm's count (older
+        missing = [k for k in reference if k not in checkpoint and k not in aliases
+                   and not k.endswith("num_batches_tracked")]  # checkpoints): torch's load_state_dict takes both
         extra = [k for k in checkpoint if k not in reference]
         if missing or extra:
             raise TrakValueError(_mismatch(missing, extra, len(reference)))
@@ -105,7 +106,6 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
                                  "or untie the weights in the model")
         state = checkpoint
     params, frozen = {}, {}
-    aliases = _tied_aliases(model)
     for name, ref in reference.items():
         if name in aliases:  # a tied weight (GPT-2's lm_head.weight is wte.weight): set through its owner
             continue
