@@ -180,3 +180,37 @@ def test_wav2vec2_bert_gets_its_own_mask_without_a_warning(caplog):
         grads = backend.gradients(model, backend.prepare(model, None), inputs, labels, task)[0]
     assert _error(grads, _reference(model, inputs, labels, logits)) < 1e-12
     assert "4-D attention mask" not in caplog.text, caplog.text
+
+
+class _Pooled(torch.nn.Module):
+    """A BERT tower whose pooling reads the batch's 2-D attention_mask itself (a masked mean), or, with ``broken``,
+    a model that fails whatever its mask (its own bug, as CodeGen's rotary size)."""
+
+    def __init__(self, broken=False):
+        super().__init__()
+        self.bert, self.broken = _tower("bert"), broken
+        self.config = self.bert.config
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.broken:
+            hidden = hidden @ torch.ones(7, 3, dtype=hidden.dtype)  # width 16, not 7
+        weights = attention_mask[..., None].to(hidden.dtype)  # (n, T, 1) from a 2-D mask only
+        return (hidden * weights).sum(1)[:, :3] / weights.sum(1)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_mask_note_is_added_only_where_the_mask_is_the_cause(broken):
+    """A model that reads its 2-D mask, given the 4-D one (attention_mask='bidirectional'), gets the note naming
+    attention_mask='pass'; a model whose own forward fails with its mask as it is got the same note, pointing the
+    wrong way (CodeGen's rotary size): not any more."""
+    from trak_torch import TorchBackend
+
+    model = _Pooled(broken).double().eval()
+    inputs, labels = _batch([8, 5, 6, 3])
+    backend = TorchBackend(attention_mask="bidirectional")
+    with pytest.raises(RuntimeError) as failed:
+        backend.gradients(model, backend.prepare(model, None), inputs, labels,
+                          trak_core.tasks.get_task("classification"))
+    noted = any("attention_mask='pass'" in note for note in getattr(failed.value, "__notes__", ()))
+    assert noted != broken, getattr(failed.value, "__notes__", None)

@@ -221,12 +221,21 @@ def attention_for_closed_form(model: Any) -> Iterator[None]:
     return _attention(model, ("eager", "sdpa"), "sdpa")
 
 
-def note_mask(exc: BaseException, inputs: Any, mode: str, model: Any = None) -> None:
+def note_mask(exc: BaseException, inputs: Any, mode: str, model: Any = None, as_is: Any = None) -> None:
     """Add a hint to a model's error when trak-core had replaced the batch's 2-D ``attention_mask`` (``mode``: the
-    backend's ``attention_mask`` setting)."""
+    backend's ``attention_mask`` setting), unless ``as_is()`` (the same call with the 2-D mask as it is) fails too:
+    then the error is the model's own (CodeGen's rotary size), not the mask's."""
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     if mode != "pass" and getattr(mask, "ndim", 0) == 2 and hasattr(exc, "add_note") and \
             not (mode == "auto" and reads_own_mask(model)) and "without overflow" not in str(exc):  # a dtype's
+        if as_is is not None:
+            try:
+                import torch
+
+                with torch.no_grad():
+                    as_is()
+            except Exception:
+                return
         exc.add_note("trak-core: the model was called with the batch's 2-D attention_mask turned into an "
                      "additive 4-D mask (TorchBackend(attention_mask='auto')). Models that read the 2-D mask "
                      "themselves (OPT's positions, Bloom's ALiBi) need TorchBackend(attention_mask='pass')")

@@ -10,7 +10,6 @@ The logits are taken from what ``forward`` returns by ``output_logits``.
 from __future__ import annotations
 
 import logging
-
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -196,8 +195,9 @@ class TorchBackend(Backend):
         check_replaced_mask(self, model, prepared, inputs, labels, task)  # a model that builds its own mask
         return inputs, labels
 
-    def _call(self, model: Any, params: dict, inputs: Any, *, causal: bool) -> Any:
-        """``forward`` with ``params``: ``model(inputs)``, or ``model(**inputs)`` for a dict batch. A
+    def _call(self, model: Any, params: dict, inputs: Any, *, causal: bool, masks: bool = True) -> Any:
+        """``forward`` with ``params``: ``model(inputs)``, or ``model(**inputs)`` for a dict batch (its 2-D
+        ``attention_mask`` made 4-D as ``attention_mask`` says; as it is with ``masks=False``). A
         ``torch.compile``'d model runs its eager module (``_orig_mod``; the keys' prefix taken off): the closed form's
         hooks see its layers, as ``vmap`` and the loop see its operations."""
         import torch
@@ -208,7 +208,7 @@ class TorchBackend(Backend):
         if not isinstance(inputs, Mapping):
             return functional_call(model, params, (inputs,))
         kwargs = dict(inputs)
-        if self.attention_mask != "pass" and not (self.attention_mask == "auto" and reads_own_mask(model)):
+        if masks and self.attention_mask != "pass" and not (self.attention_mask == "auto" and reads_own_mask(model)):
             kwargs = model_masks(kwargs, prepared_dtype(params), causal=causal,
                                  encoder_decoder=is_encoder_decoder(model), model=model)
         return functional_call(model, params, (), kwargs)
@@ -226,12 +226,11 @@ class TorchBackend(Backend):
             check_interaction(lambda rows: output_logits(call(rows), self.logits_fn), prepared, inputs, n)
             if prepared.__dict__.get("_interacting"):  # examples that see each other: each one's output alone
                 output = one_by_one(call, inputs, n)
-        except RuntimeError as exc:
-            raise_dtype_error(exc, prepared, inputs)
-            note_mask(exc, inputs, self.attention_mask, model)
-            raise
         except Exception as exc:
-            note_mask(exc, inputs, self.attention_mask, model)
+            if isinstance(exc, RuntimeError):
+                raise_dtype_error(exc, prepared, inputs)
+            note_mask(exc, inputs, self.attention_mask, model, lambda: self._call(  # the mask as it is: the same
+                model, {**prepared.params, **prepared.frozen}, inputs, causal=causal, masks=False))  # error, no note
             raise
         logits = output_logits(output, self.logits_fn)
         ndim = task.logits_ndim
