@@ -242,11 +242,13 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
                             group_norm=group_norm) if functional else nullcontext()  # F untouched without them
     attention = [module for module, kind, _, _ in uses if kind == "mha"]
     followed = scaled(scales, n) if scales else nullcontext()
+    originals_of = {module: found for module, found in parametrized_weights(model, prepared, closed_form_kind).items()
+                    if module in spec} if any(weight is not None and weight not in prepared.params
+                                              for _, weight, _ in spec.values()) else {}  # weight_norm'd layers
     owners: dict[str, list[Any]] = {}  # each layer-taken weight's layers (their calls are the uses the closed form
     if watch_rows:                      # sees), watched on the checked batch for other uses
-        originals = parametrized_weights(model, prepared, closed_form_kind)
         for module, (_, weight, bias) in spec.items():
-            for name in (*originals.get(module, (None, ()))[1], weight, bias):
+            for name in (*originals_of.get(module, (None, ()))[1], weight, bias):
                 if name in prepared.params:
                     owners.setdefault(name, []).append(module)
         for module, names in functional.items():
@@ -272,8 +274,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         width = tensor.numel()
         views[name] = grads[:, column:column + width].unflatten(1, (tensor.shape[0], -1) if tensor.ndim > 1 else (-1,))
         column += width
-    parametrized = {weight: module for module, (_, weight, _) in spec.items()
-                    if weight is not None and weight not in prepared.params}
+    parametrized = {weight: module for module, (weight, _, _) in originals_of.items()}
     buffers = {weight: torch.zeros((n, *module.weight.shape), dtype=prepared.dtype, device=prepared.device)
                for weight, module in parametrized.items()}  # a weight_norm'd layer's weight gradients, then its
     views.update({weight: buffer.flatten(2) for weight, buffer in buffers.items()})  # originals' (``to_originals``)
@@ -365,7 +366,6 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
                 put(weight, d.transpose(1, 2), a3)
             if bias:
                 put(bias, d.sum(1))
-    originals_of = parametrized_weights(model, prepared, closed_form_kind) if parametrized else {}
     for weight, module in parametrized.items():
         if weight not in written:  # not called on this batch: its originals' columns are zero
             continue
