@@ -263,12 +263,12 @@ class TorchBackend(Backend):
                 with eval_mode(model), attention_for_closed_form(model):  # SDPA, not vmap's eager attention
                     grads, logits = closed_form_gradients(self, model, prepared, uses, inputs, labels, task, causal)
                     return grads, task.out_to_loss(logits, labels, xp=xp)
-            except (NotPerExample, RuntimeError) as exc:  # a batch unlike the checked one (a layer call's shape;
-                from .closed_form_check import log_fallback  # copies of a position table that a later image size
+            except RuntimeError as exc:  # NotPerExample too: a batch unlike the checked one (a layer call's shape,
+                from .closed_form_check import log_fallback  # or a position table's copies the model resamples for
 
-                if not isinstance(exc, NotPerExample):       # makes the model resample): vmap from now on, which
-                    raise_dtype_error(exc, prepared, inputs)  # raises the model's own errors again; a later batch
-                log_fallback(exc)                              # of another dtype than the first is named
+                if not isinstance(exc, NotPerExample):  # another image size): vmap from now on, which raises the
+                    raise_dtype_error(exc, prepared, inputs)  # model's own errors again; another dtype is named
+                log_fallback(exc)
                 prepared.__dict__["_closed_form"][id(task)] = None
         if self.per_example != "loop" and "_looped" not in prepared.__dict__:
             try:
