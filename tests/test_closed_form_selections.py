@@ -93,3 +93,84 @@ def test_a_weight_used_outside_its_layer_goes_to_vmap(weight, caplog):
     assert float(error) < 1e-9, float(error)
     assert prepared._closed_form[id(task)] is None
     assert "emb.weight is used by" in caplog.text and "outside its layer's call" in caplog.text
+
+
+class SometimesTable(nn.Module):
+    """A table ``(4, 5)`` no layer owns: unused by a batch of small inputs, sliced and added by one with a large
+    input (control flow on the data), and a table never used at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(5, 5), nn.Linear(5, 3)
+        self.table, self.never = nn.Parameter(torch.randn(4, 5)), nn.Parameter(torch.randn(3, 2))
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        if bool(x.abs().max() > 10):
+            h = h + self.table[:2].sum(0)
+        return self.head(h)
+
+
+def test_a_parameter_no_call_uses_has_zero_gradients_until_a_batch_uses_it(caplog):
+    """Before, any attributed parameter that was neither a supported layer's nor broadcast over the batch sent the
+    model to vmap (an untied BART's ``model.shared.weight``, whose module is never called). Now it has zero gradients
+    while autograd finds no use of it; a later batch that uses it goes to vmap, with the right numbers."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="trak_core")
+    torch.manual_seed(0)
+    model = SometimesTable().double().eval()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    task = get_task("classification")
+    backend = TorchBackend()
+    prepared = backend.prepare(model, None)
+    norm = torch.linalg.vector_norm
+    grads, _ = backend.gradients(model, prepared, x[:3], y[:3], task)
+    reference = _one_at_a_time(model, x[:3], y[:3], task)
+    assert float(norm(grads - reference) / norm(reference)) < 1e-12
+    assert prepared._closed_form[id(task)] is not None
+    assert "unused" in caplog.text
+    x[4, 0] = 20.0  # this batch slices the table: not a use the closed form follows
+    grads, _ = backend.gradients(model, prepared, x[3:], y[3:], task)
+    reference = _one_at_a_time(model, x[3:], y[3:], task)
+    assert float(norm(reference[:, 48:68])) > 0.1  # the table's gradients (after lin, head) are there
+    assert float(norm(grads - reference) / norm(reference)) < 1e-12
+    assert prepared._closed_form[id(task)] is None
+    assert "table (4, 5) is used by an operation the closed form does not follow" in caplog.text
+
+
+def test_an_untied_bart_takes_the_closed_form():
+    """BART with ``tie_word_embeddings=False``: ``model.shared`` is never called (the encoder's and decoder's tables
+    are their own); its gradients are zero, the rest in closed form, against BART's own backward pass one example at
+    a time (float64). It took vmap before."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
+
+    torch.manual_seed(0)
+    config = transformers.BartConfig(vocab_size=40, d_model=8, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                                     decoder_ffn_dim=16, max_position_embeddings=16, num_labels=3,
+                                     tie_word_embeddings=False)
+    model = transformers.BartForSequenceClassification(config).double().eval()
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 40, (4, 6), generator=g)
+    ids[:, -1] = config.eos_token_id
+    y = torch.randint(0, 3, (4,), generator=g)
+    task = get_task("classification")
+    backend = TorchBackend()
+    prepared = backend.prepare(model, None)
+    grads, _ = backend.gradients(model, prepared, {"input_ids": ids}, y, task)
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bart = model
+
+        def forward(self, inputs):
+            return self.bart(input_ids=inputs).logits
+
+    reference = _one_at_a_time(Logits(), ids, y, task)
+    assert float(torch.linalg.vector_norm(grads - reference) / torch.linalg.vector_norm(reference)) < 1e-12
+    assert prepared._closed_form[id(task)] is not None
+    assert "model.shared.weight" in prepared.params and model.model.shared.weight is not \
+        model.model.encoder.embed_tokens.weight

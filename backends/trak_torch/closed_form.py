@@ -50,13 +50,14 @@ class NotPerExample(RuntimeError):
     """A layer call does not have one row per example: the closed form does not apply (``vmap`` does)."""
 
 
-def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
-                  why: list | None = None) -> list | None:
-    """The uses ``(module, kind, weight, bias)`` when they cover every attributed parameter, else ``None`` (with the
-    parameters no use covers appended to ``why``, if given): layer calls (weights and their own biases); modules
-    whose weights are used by functional calls (``kind`` a key of ``closed_form_functional.FUNCTION``, ``weight``
-    their names); bare parameters, given as per-example copies (``module=None``, ``kind`` "copies", or "scale" for
-    1-D ones)."""
+def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool) -> list | None:
+    """The uses ``(module, kind, weight, bias)`` of every attributed parameter, else ``None``: layer calls (weights
+    and their own biases); modules whose weights are used by functional calls (``kind`` a key of
+    ``closed_form_functional.FUNCTION``, ``weight`` their names); bare parameters, given as per-example copies
+    (``module=None``, ``kind`` "copies", or "scale" for 1-D ones); other parameters no layer call covers
+    (``kind`` "unused": a table whose module is never called, as an untied BART's ``model.shared``), whose
+    gradients are zero as long as autograd finds no use of them (``closed_form_gradients`` raises
+    ``NotPerExample`` on a batch that uses one: a table the model slices or indexes goes to ``vmap``)."""
     from .closed_form_functional import bare_names, functional_uses
     from .closed_form_layers import closed_form_kind
     from .closed_form_parametrized import parametrized_weights
@@ -83,16 +84,12 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
     if len(set(biases)) != len(biases) or weights & set(biases) or repeated or (covered & set(inside)) - tied:
         return None
     uncovered = set(prepared.params) - covered - set(inside)
-    bare = bare_names(prepared, uncovered)
-    if bare is None:
-        if why is not None:
-            odd = [f"{name} {tuple(prepared.params[name].shape)}" for name in sorted(uncovered)
-                   if bare_names(prepared, {name}) is None]
-            why.append(", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else ""))
-        return None
+    unused = sorted(name for name in uncovered if bare_names(prepared, {name}) is None)  # tables: unused, or vmap
+    bare = bare_names(prepared, uncovered - set(unused)) or ([], [])
     return ([(module, *spec) for module, spec in found.items()]
             + [(module, kind, names, None) for module, (kind, names) in functional.items()]
-            + [(None, kind, name, None) for kind, names in zip(("copies", "scale"), bare) for name in names])
+            + [(None, kind, name, None) for kind, names in zip(("copies", "scale"), bare) for name in names]
+            + [(None, "unused", name, None) for name in unused])
 
 
 def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, inputs: Any, labels: Any, task: Any,
@@ -122,6 +119,8 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     calls: list[tuple[Any, Any, Any]] = []  # (a layer module, or (kind, weight slice, bias slice) of a call; a; z)
     n = _rows(inputs)
     copied = {name: copies(prepared.params[name], n) for _, kind, name, _ in uses if kind in ("copies", "scale")}
+    unused = {name: prepared.params[name].detach().requires_grad_(True) for _, kind, name, _ in uses
+              if kind == "unused"}  # aliases autograd reports a use of
     scales = {id(prepared.params[name]): (prepared.params[name], copied[name]) for _, kind, name, _ in uses
               if kind == "scale"}  # passed as themselves, their copies swapped in by ``scaled``
     tracked: dict[str, dict[int, list[tuple[str, Any]]]] = {function: {} for function in FUNCTION.values()}
@@ -237,7 +236,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         return out + z
 
     params = {**prepared.params, **{name: copied[name] for name in copied if id(prepared.params[name]) not in scales},
-              **prepared.frozen}
+              **unused, **prepared.frozen}
     intercepted = intercept(linear=linear, layer_norm=layer_norm, embedding=embedding, batch_norm=batch_norm,
                             group_norm=group_norm) if functional else nullcontext()  # F untouched without them
     attention = [module for module, kind, _, _ in uses if kind == "mha"]
@@ -267,7 +266,12 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
         check_labels(task, labels, logits)
         value = task.output(logits, labels, xp=xp)
         perturbations = [z for _, _, z in calls] + list(copied.values())
-        deltas = torch.autograd.grad(value.sum(), perturbations, allow_unused=True)
+        deltas = torch.autograd.grad(value.sum(), perturbations + list(unused.values()), allow_unused=True)
+    used = [name for name, delta in zip(unused, deltas[len(perturbations):]) if delta is not None]
+    if used:
+        raise NotPerExample(f"{used[0]} {tuple(prepared.params[used[0]].shape)} is used by an operation the closed "
+                            "form does not follow (it is not the weight of a supported layer, nor a bare parameter "
+                            "broadcast over the batch)")
     grads = torch.empty((n, prepared.n_params), dtype=prepared.dtype, device=prepared.device)
     views, column = {}, 0
     for name, tensor in prepared.params.items():  # each parameter's block of columns, as (n, rows, cols) views

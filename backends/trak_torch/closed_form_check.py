@@ -29,18 +29,17 @@ def checked_uses(backend: Any, model: Any, prepared: Any, inputs: Any, labels: A
 
     first = tree_map(lambda t: t[:2], inputs)  # two rows: an interaction between examples shows
     try:
-        why: list[str] = []
-        uses = covering_uses(backend, model, prepared, inputs, causal, why)
+        uses = covering_uses(backend, model, prepared, inputs, causal)
         if uses is None:
-            log.info("torch backend: per-example gradients through vmap: some attributed parameters are not the "
-                     "weights of supported layers (Linear, Conv1d/Conv2d, Embedding, norms, nn.MultiheadAttention) "
-                     "or bare parameters broadcast over the batch%s", f" ({why[0]})" if why else "")
+            log.info("torch backend: per-example gradients through vmap: the attributed parameters' uses overlap in "
+                     "ways the closed form does not follow (a bias shared by two layers, a weight used by a layer and "
+                     "also by a function call, a weight that is also a bias, an nn.MultiheadAttention's bias_k/bias_v)")
             return None
-        reference = looped_gradients(backend, model, prepared, first, labels[:2], task, causal)
         rows: tuple[list, list] = ([], [])
         closed, _ = closed_form_gradients(backend, model, prepared, uses, first, labels[:2], task, causal,
                                           watch_rows=True, rows_seen=rows[0])  # routed tokens: vmap
         unbatched(backend, model, prepared, uses, inputs, labels, task, causal, rows)
+        reference = looped_gradients(backend, model, prepared, first, labels[:2], task, causal)
     except Exception as exc:  # NotPerExample, or a layer call the closed form cannot follow: vmap does
         log.info("torch backend: per-example gradients through vmap: the closed form failed on the first two "
                  "examples (%s: %s)", type(exc).__name__, exc)
