@@ -377,8 +377,8 @@ class TorchBackend(Backend):
                     features = run()
                     with attention_for_vmap(model, prepared.dtype):
                         check_plan(self, model, prepared, state, inputs, labels, task, causal, features)
-                state.checked = True
-        return features, out_to_loss
+                state.checked = state.batched is not None  # after a first batch of one, the path is chosen
+        return features, out_to_loss                          # on the next: checked again there
 
     def _causal(self, model: Any) -> bool:
         """Whether a dict batch's 2-D ``attention_mask`` becomes a causal mask (see ``attention_mask``)."""

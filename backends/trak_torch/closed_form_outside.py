@@ -30,10 +30,18 @@ def _reads(func: Any) -> bool:
     return name in READS
 
 
+def _name(func: Any) -> str:
+    """An op's name for a message: ``.T`` for a property, else the function's name."""
+    name = getattr(func, "__name__", str(func))
+    return f".{getattr(getattr(func, '__self__', None), '__name__', '?')}" if name == "__get__" else name
+
+
 @contextmanager
-def outside_uses(owners: dict[str, list[Any]], params: dict[str, Any], watch: bool = True) -> Iterator[None]:
+def outside_uses(owners: dict[str, list[Any]], params: dict[str, Any], watch: bool = True,
+                 who: str = "the closed form") -> Iterator[None]:
     """While active (``watch``), raise ``NotPerExample`` when a tensor ``params[name]`` (``name`` a key of
-    ``owners``) is given to an op while none of ``owners[name]`` (its layers) is inside its ``forward``."""
+    ``owners``) is given to an op while none of ``owners[name]`` (its layers) is inside its ``forward``; ``who``:
+    what does not see such a use, for the message."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._pytree import tree_leaves
 
@@ -60,8 +68,8 @@ def outside_uses(owners: dict[str, list[Any]], params: dict[str, Any], watch: bo
                 for value in tree_leaves((args, kwargs)):
                     hit = watched.get(id(value))
                     if hit is not None and hit[0] is value and not hit[2] & set(running):
-                        raise NotPerExample(f"{hit[1]} is used by {getattr(func, '__name__', func)} outside its "
-                                            "layer's call, which the closed form does not see")
+                        raise NotPerExample(f"{hit[1]} is used by {_name(func)} outside its layer's call, which "
+                                            f"{who} does not see")
             return func(*args, **kwargs)
 
     modules = {id(module): module for modules_ in owners.values() for module in modules_}.values()

@@ -194,7 +194,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
     from trak_core.projection import project
 
     from .backend import _rows, output_logits
-    from .closed_form import NotPerExample, check_tolerance
+    from .closed_form import check_tolerance
     from .kronecker_functional import batch_layout, intercepted, no_fast_path
 
     plan, uses, dtype, inside = state.plan, state.uses, state.dtype, state.functional
@@ -328,9 +328,9 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             together = features(tree_map(lambda t: t[:2], inputs), labels[:2], 2, batched)
             alone = torch.cat([features(tree_map(lambda t: t[i:i + 1], inputs), labels[i:i + 1], 1, batched)
                                for i in range(2)])
-        except NotPerExample as exc:  # a functional call without one row per example
-            log.info("torch backend: factorized features through vmap: %s", exc)
-            return False
+        except RuntimeError as exc:  # NotPerExample (a functional call without one row per example), or a call the
+            log.info("torch backend: factorized features through vmap: %s", exc)  # batched pass cannot follow (a
+            return False  # (1, d) call taken for one shared by the batch)
         scale = float(torch.linalg.vector_norm(alone)) or 1.0
         error = float(torch.linalg.vector_norm(together - alone)) / scale
         tolerance = check_tolerance(prepared.dtype, prepared.device)  # the model's rounding, not the features'
@@ -353,7 +353,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         first, first_labels = tree_map(lambda t: t[:m], inputs), labels[:m]
         try:
             got = batched(first, first_labels, m)[2]
-        except NotPerExample as exc:
+        except RuntimeError as exc:  # NotPerExample too
             log.info("torch backend: factorized features through vmap: %s", exc)
             return False
         with attention[1]():
@@ -379,17 +379,18 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         chunk_inputs, chunk_labels = tree_map(lambda t: t[start:stop], inputs), labels[start:stop]
         try:
             out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
-        except NotPerExample as exc:  # a later batch's functional call without one row per example: vmap from now
-            log.info("torch backend: factorized features through vmap from this batch on: %s", exc)
-            state.batched, run = False, per_example
-            out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
         except RuntimeError as exc:  # torch.func cannot run the model (Bloom's autograd.Function)
             if run is per_example:
                 exc.add_note("trak-core: proj_type='kronecker' runs torch.func.vmap here (per_example='vmap', "
                              "examples that interact in a batched pass, or a rest that the batched pass does not "
                              "cover: see the INFO log of the trak_core logger); Kronecker(rest='drop') leaves the "
                              "rest out")
-            raise
+                raise
+            # a later batch's call without one row per example (NotPerExample), or one the batched pass cannot
+            # follow: vmap from now on, which raises the model's own errors again
+            log.info("torch backend: factorized features through vmap from this batch on: %s", exc)
+            state.batched, run = False, per_example
+            out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
     return out
 
 

@@ -1,7 +1,11 @@
 """The factorized features of a checkpoint's first example, checked against its dense gradient block by block.
 
 One job: make a weight that :mod:`trak_torch.kronecker` follows only in part (also used outside its module, through
-``F.linear`` or a slice it does not see) an error that names it, not a wrong answer.
+``F.linear`` or a slice it does not see) an error that names it, not a wrong answer. Two checks: the first example's
+features against its dense gradient, block by block (rows a batched pass misread, a use outside the module that
+is large enough to show); and, on the whole batch, a torch function mode that watches every factorized weight
+(:mod:`trak_torch.closed_form_outside`): an op given one while none of its modules runs is a use the factorized
+features miss, however small, in whichever example (a use that depends on the data may skip the first).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
     from .closed_form import check_tolerance
     from .looped import batch_norm_layout
 
+    watch_outside_uses(backend, model, prepared, state, inputs, causal)
     names = {name for block in state.plan.blocks for name in (block.layer.name, block.layer.bias) if name}
     params = {name: t.detach().clone().requires_grad_(name in names) for name, t in prepared.params.items()}
     with torch.enable_grad(), batch_norm_layout(model):
@@ -57,16 +62,67 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
         if layer.bias is not None:
             bias = grads[layer.bias] if grads[layer.bias] is not None else torch.zeros_like(prepared.params[layer.bias])
         dense = _dense_block(block, pair, weight, bias, state.dtype)
-        # the same sums of absolute values: rounding grows with them when the signed sums cancel (features much
-        # smaller than their terms, as with the non-negative inputs of a trained ReLU layer), a missing use does not
-        magnitude = _dense_block(block, (pair[0].abs(), pair[1].abs()), weight.abs(),
-                                 None if bias is None else bias.abs(), state.dtype)
+        # the terms' size: rounding grows with it when the signed sums cancel (features much smaller than their
+        # terms, as with the non-negative inputs of a trained ReLU layer), a missing use does not. Their root sum of
+        # squares (how rounding adds up over random signs) with a margin of 10, and never more than their sum of
+        # absolute values, which alone grew as the square root of a block's size (x159 for a 512 x 128 table:
+        # at half precision's 1e-2, a 62% error passed)
+        absolute = _dense_block(block, (pair[0].abs(), pair[1].abs()), weight.abs(),
+                                None if bias is None else bias.abs(), state.dtype)
+        squares = _dense_block(block, (pair[0].square(), pair[1].square()), weight.to(state.dtype).square(),
+                               None if bias is None else bias.to(state.dtype).square(), state.dtype)
+        root = float(torch.linalg.vector_norm(torch.sqrt(squares.clamp(min=0) / math.sqrt(block.k))))
         got = features[0, block.start:block.start + block.k].to(state.dtype)
         scale = max(float(torch.linalg.vector_norm(dense)), float(torch.finfo(state.dtype).tiny))
         error = float(torch.linalg.vector_norm(got - dense)) / scale
-        allowed = tolerance * max(1.0, float(torch.linalg.vector_norm(magnitude)) / scale)
+        terms = min(float(torch.linalg.vector_norm(absolute)), 10.0 * root)
+        allowed = tolerance * max(1.0, terms / scale)
         if error > allowed and float(torch.linalg.vector_norm(dense)) > 0 or not math.isfinite(error):
             raise TrakValueError(f"proj_type='kronecker': the features of layer {layer.name!r} differ from its "
                                  f"gradient's projection (relative error {error:.2e}, rounding allows {allowed:.1e}): "
                                  "the weight is probably also used outside its module (e.g. through F.linear or a "
                                  "slice). Leave it out with the backend's params=, or use proj_type='rademacher'")
+
+
+def watch_outside_uses(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any, causal: bool) -> None:
+    """Run the batch's forward under a watch over every factorized weight and bias: an op given one while none of
+    the modules whose calls are its block's uses runs (``h @ embed.weight.T`` beside the lookup) raises a
+    ``TrakValueError`` naming it."""
+    import torch
+
+    from .closed_form import NotPerExample
+    from .closed_form_outside import outside_uses
+    from .kronecker_functional import no_fast_path
+
+    attention = list(state.functional.attention) if state.functional else []
+    owners: dict[str, list[Any]] = {}
+    for use in state.uses:
+        modules = [use.module] if not use.function else _owners(model, use.weight, attention)
+        for name in (use.weight, use.bias):
+            if name:
+                owners.setdefault(name, []).extend(modules)
+    params = {**prepared.params, **prepared.frozen}
+    try:
+        with torch.no_grad(), no_fast_path(bool(attention)), \
+                outside_uses(owners, params, who="the factorized projection"):
+            backend._call(model, params, inputs, causal=causal)
+    except NotPerExample as exc:
+        raise TrakValueError(f"proj_type='kronecker': {exc} (on the checkpoint's first batch): its features would "
+                             "miss that part of its gradient. Leave it out with the backend's params=, or use "
+                             "proj_type='rademacher'") from None
+
+
+def _owners(model: Any, name: str, attention: list[Any]) -> list[Any]:
+    """The modules whose calls use the parameter ``name`` through a function: the module that holds it (an
+    ``Embedding`` subclass calling ``F.embedding``, an ``nn.MultiheadAttention``'s ``in_proj_weight``) and, for an
+    attention's ``out_proj``, that attention, whose ``forward`` uses it."""
+    holder, parent = name.rpartition(".")[0], name.rpartition(".")[0].rpartition(".")[0]
+    found = []
+    for path in (holder, parent):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if path == holder or any(module is known for known in attention):
+            found.append(module)
+    return found

@@ -1,0 +1,152 @@
+"""The torch factorized (Kronecker) projection's checks: a weight used outside its module in an example other than
+the first, a first batch of one example, calls the batched pass cannot follow, and the per-block check's rounding
+allowance on a large table. Features against per-example gradients times the explicit matrix
+(``test_kronecker._check_exact``)."""
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: the torch factorized path is not exercised")
+
+from test_kronecker import _check_exact  # noqa: E402
+from trak_core import Kronecker  # noqa: E402
+from trak_core.errors import TrakValueError  # noqa: E402
+from trak_core.kronecker import explicit_matrix  # noqa: E402
+from trak_core.tasks import get_task  # noqa: E402
+from trak_torch import TorchBackend  # noqa: E402
+
+nn = torch.nn
+
+
+class SometimesOutside(nn.Module):
+    """``lin.weight`` is also used through ``F.linear`` for the examples holding token 1 (not the first one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(9, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = torch.tanh(self.lin(self.emb(ids))).mean(1)
+        special = (ids == 1).any(1, keepdim=True).to(h.dtype)  # lin.weight outside lin's own call, weighted 0 in
+        return self.head(h + special * nn.functional.linear(h, self.lin.weight))  # the examples without token 1
+
+
+@pytest.mark.parametrize("per_example", ["auto", "vmap"])
+def test_a_use_outside_the_module_in_a_later_example_is_refused(per_example):
+    """Only the first example was checked against its dense gradient: the lin.weight block was 49-93% off in the
+    other examples, on both paths, in float64, silently."""
+    torch.manual_seed(0)
+    model = SometimesOutside().double().eval()
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(2, 9, (4, 5), generator=g), torch.randint(0, 3, (4,), generator=g)
+    ids[1:, 2] = 1
+    backend = TorchBackend(per_example=per_example)
+    with pytest.raises(TrakValueError, match=r"lin\.weight is used by linear outside its layer's call, which the "
+                                             r"factorized projection does not see"):
+        backend.factorized_features(model, backend.prepare(model, None), ids, y, get_task("classification"), k=32,
+                                    seed=0, checkpoint=0, options=Kronecker())
+
+
+class Positions(nn.Module):
+    """Positions looked up on ``arange(T)`` without a batch dimension, weighted down so that the whole-vector check
+    of a batched pass (float32's 1e-4) cannot see them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos, self.lin, self.head = nn.Embedding(20, 16), nn.Embedding(16, 16), nn.Linear(16, 16), \
+            nn.Linear(16, 5)
+
+    def forward(self, ids):
+        h = self.emb(ids) + 1e-4 * self.pos(torch.arange(ids.shape[1]))
+        return self.head(torch.tanh(self.lin(h)).mean(1))
+
+
+def test_a_first_batch_of_one_leaves_the_check_to_the_next_batch():
+    """A checkpoint's first batch of one example was checked (where no rows can be misread) and marked checked; the
+    next batch took the batched pass on the whole-vector check alone: the positions' block 94.5% off (float32)."""
+    torch.manual_seed(0)
+    model = Positions().eval()
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 20, (9, 8), generator=g), torch.arange(9) % 5
+    task, options, backend = get_task("classification"), Kronecker(), TorchBackend()
+    prepared = backend.prepare(model, None)
+    features = torch.cat([backend.factorized_features(model, prepared, ids[a:b], y[a:b], task, k=64, seed=3,
+                                                      checkpoint=0, options=options)[0]
+                          for a, b in ((0, 1), (1, 5), (5, 9))])
+    plan = backend.factorized_plan(model, prepared, ids, y, task, k=64, options=options)
+    model64 = Positions().double().eval()
+    model64.load_state_dict({name: t.double() for name, t in model.state_dict().items()})
+    dense = TorchBackend(per_example="loop")
+    grads, _ = dense.gradients(model64, dense.prepare(model64, None), ids, y, task)
+    matrix = torch.as_tensor(explicit_matrix(plan, {n: tuple(t.shape) for n, t in prepared.params.items()}, seed=3,
+                                             checkpoint=0))
+    reference = grads @ matrix
+    block = plan.block("pos.weight")
+    columns = slice(block.start, block.start + block.k)
+    error = (features[:, columns].double() - reference[:, columns]).norm() / reference[:, columns].norm()
+    assert float(error) < 1e-4, float(error)
+    torch.testing.assert_close(features.double(), reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max()))
+
+
+class Looped(nn.Module):
+    """The model's own loop over examples: each call of ``lin`` is on one example, ``(1, T, d)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        return self.head(torch.tanh(torch.cat([self.lin(e[i:i + 1]) for i in range(e.shape[0])])).mean(1))
+
+
+class Global(Looped):
+    """A learned ``(1, d)`` vector through a layer, squeezed and added to every token."""
+
+    def __init__(self):
+        super().__init__()
+        self.g, self.q = nn.Parameter(torch.randn(1, 6)), nn.Linear(6, 6)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.lin(self.emb(ids) + self.q(self.g).squeeze(0))).mean(1))
+
+
+@pytest.mark.parametrize("make", [Looped, Global])
+def test_calls_of_one_row_that_are_not_shared_by_the_batch_go_to_vmap(make):
+    """A call on ``(1, ...)`` was taken for one shared by the batch (positions ``(1, T)``) and its output widened to
+    the batch: a bare shape error from inside the model, with no fallback. Now vmap, exact."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 10, (4, 5), generator=g), torch.arange(4) % 3
+    _check_exact(make().double().eval(), ids, y, "classification", k=32)
+
+
+def test_the_per_block_check_refuses_a_large_table_half_off_at_the_loose_tolerance(monkeypatch):
+    """The rounding allowance of the check against the dense gradient was the tolerance times the terms' sum of
+    absolute values over the features' norm: x159 for a 512 x 128 table, so at half precision's and CUDA's 1e-2 a
+    block 62% off passed. Now the terms' root sum of squares (x10 margin) bounds it."""
+    from trak_torch import closed_form
+    from trak_torch.kronecker_check import check_plan
+
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(512, 128), nn.Linear(128, 3)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+    torch.manual_seed(0)
+    model = Table().double().eval()
+    g = torch.Generator().manual_seed(2)
+    ids, y = torch.randint(0, 512, (3, 64), generator=g), torch.arange(3)
+    task, backend = get_task("classification"), TorchBackend()
+    prepared = backend.prepare(model, None)
+    features, _ = backend.factorized_features(model, prepared, ids, y, task, k=256, seed=0, checkpoint=0,
+                                              options=Kronecker())
+    state = next(iter(prepared._kronecker.values()))
+    block = state.plan.block("emb.weight")
+    monkeypatch.setattr(closed_form, "check_tolerance", lambda dtype, device: 1e-2)
+    check_plan(backend, model, prepared, state, ids, y, task, False, features)  # the right features pass
+    wrong = features.clone()
+    wrong[:, block.start:block.start + block.k] *= 1.5  # 50% off
+    with pytest.raises(TrakValueError, match="features of layer 'emb.weight' differ"):
+        check_plan(backend, model, prepared, state, ids, y, task, False, wrong)
