@@ -174,3 +174,21 @@ def test_an_untied_bart_takes_the_closed_form():
     assert prepared._closed_form[id(task)] is not None
     assert "model.shared.weight" in prepared.params and model.model.shared.weight is not \
         model.model.encoder.embed_tokens.weight
+
+
+@pytest.mark.parametrize("per_example", ["auto", "vmap", "loop"])
+def test_a_selection_that_no_op_uses_has_zero_gradients(per_example):
+    """Only ``never`` attributed: the one-example loop (the closed form's check, the Kronecker rest's check, the
+    ``loop`` path) asked autograd for the gradients of an output that depends on no attributed parameter and
+    crashed ("element 0 of tensors does not require grad")."""
+    torch.manual_seed(0)
+    model = SometimesTable().double().eval()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g)
+    task = get_task("classification")
+    backend = TorchBackend(per_example=per_example, params=lambda name, tensor: name == "never")
+    grads, _ = backend.gradients(model, backend.prepare(model, None), x, y, task)
+    columns = torch.cat([torch.full((p.numel(),), name == "never") for name, p in model.named_parameters()])
+    reference = _one_at_a_time(model, x, y, task)[:, columns]
+    assert grads.shape == (4, 6) and float(reference.abs().max()) == 0.0
+    torch.testing.assert_close(grads, reference, rtol=0, atol=0)

@@ -150,3 +150,69 @@ def test_the_per_block_check_refuses_a_large_table_half_off_at_the_loose_toleran
     wrong[:, block.start:block.start + block.k] *= 1.5  # 50% off
     with pytest.raises(TrakValueError, match="features of layer 'emb.weight' differ"):
         check_plan(backend, model, prepared, state, ids, y, task, False, wrong)
+
+
+def test_an_untied_bart_keeps_the_batched_pass():
+    """BART with ``tie_word_embeddings=False``: ``model.shared`` is never called, so it is in the rest with zero
+    gradients; before, it kept the rest from the batched pass, and vmap then failed on BART's classification head."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
+
+    torch.manual_seed(0)
+    config = transformers.BartConfig(vocab_size=40, d_model=8, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                                     decoder_ffn_dim=16, max_position_embeddings=16, num_labels=3,
+                                     tie_word_embeddings=False)
+    bart = transformers.BartForSequenceClassification(config).double().eval()
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bart = bart
+
+        def forward(self, ids):
+            return self.bart(input_ids=ids).logits
+
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 40, (4, 6), generator=g)
+    ids[:, -1] = config.eos_token_id
+    model, backend = Logits(), TorchBackend()
+    plan = _check_exact(model, ids, torch.randint(0, 3, (4,), generator=g), "classification", k=48, backend=backend)
+    assert "bart.model.shared.weight" in plan.rest
+
+
+class LongTable(nn.Module):
+    """A position table ``(6, 5)`` of the rest (sliced: no layer's) that only sequences longer than 3 use."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head, self.table = nn.Linear(5, 5), nn.Linear(5, 3), nn.Parameter(torch.randn(6, 5))
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        if x.shape[-2] > 3:
+            h = h + self.table[:x.shape[-2]]
+        return self.head(h.mean(-2))
+
+
+def test_a_rest_table_used_by_a_later_batch_takes_vmap_from_then_on():
+    """A table of the rest that the first batch does not use (zero gradients in the batched pass), sliced by a later
+    batch: that batch and the next take vmap, with the right features."""
+    torch.manual_seed(0)
+    model = LongTable().double().eval()
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(4, length, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
+               for length in (3, 6, 3)]
+    task, options, backend, dense = get_task("classification"), Kronecker(), TorchBackend(), TorchBackend()
+    prepared = backend.prepare(model, None)
+    plan = backend.factorized_plan(model, prepared, *batches[0], task, k=32, options=options)
+    assert plan.rest == ("table",) and list(prepared.params)[0] == "table"
+    matrix = torch.as_tensor(explicit_matrix(plan, {n: tuple(t.shape) for n, t in prepared.params.items()}, seed=0,
+                                             checkpoint=0))
+    for i, (x, y) in enumerate(batches):
+        features, _ = backend.factorized_features(model, prepared, x, y, task, k=32, seed=0, checkpoint=0,
+                                                  options=options)
+        assert next(iter(prepared._kronecker.values())).batched is (i == 0)
+        grads, _ = dense.gradients(model, dense.prepare(model, None), x, y, task)
+        table = float(grads[:, :30].norm())  # the module's own parameter comes first
+        assert table > 0.1 if i == 1 else table == 0
+        torch.testing.assert_close(features, grads @ matrix, rtol=1e-9, atol=1e-12)

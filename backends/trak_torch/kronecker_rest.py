@@ -7,9 +7,11 @@ with running statistics; class tokens and position embeddings ``(1, T, d)``, lay
 layer's call gets a zero perturbation on its output, and its input normalized without the affine parameters
 (``xhat``) is kept; its gain's per-example gradient is ``sum_t delta_t * xhat_t`` over the positions that share a
 gain, its bias's ``sum_t delta_t`` (as :mod:`trak_torch.closed_form` computes them). A bare parameter is passed as
-``n`` copies that require gradients. Once per checkpoint these gradients are checked against plain autograd one
-example at a time (``check``); any other rest (a sliced table, a 1-D scale, a norm with its own ``forward``) keeps
-``vmap``.
+``n`` copies that require gradients. A parameter of the rest that no op uses (a table whose module is never called,
+as an untied BART's ``model.shared``) has zero gradients as long as autograd finds no use of it; a batch that uses it
+(a sliced table) raises ``NotPerExample`` and takes ``vmap``. Once per checkpoint these gradients are checked
+against plain autograd one example at a time (``check``); any other rest (a 1-D scale, a norm with its own
+``forward``) keeps ``vmap``.
 """
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ __all__ = ["RestPlan", "rest_plan", "RestPass", "check"]
 
 @dataclass
 class RestPlan:
-    """The rest's norm layers (module -> ``(kind, weight, bias)``) and bare parameters given as copies."""
+    """The rest's norm layers (module -> ``(kind, weight, bias)``), bare parameters given as copies, and the other
+    parameters (zero gradients while no op uses them)."""
 
     norms: dict[Any, tuple[str, str, str | None]]
     copied: list[str]
+    unused: tuple[str, ...] = ()
 
 
 def rest_plan(backend: Any, model: Any, prepared: Any, plan: Any, inputs: Any, causal: bool) -> RestPlan | None:
@@ -42,10 +46,11 @@ def rest_plan(backend: Any, model: Any, prepared: Any, plan: Any, inputs: Any, c
     weights = [weight for _, weight, _ in norms.values()]
     if len(set(weights)) != len(weights):  # a gain shared by two norm layers: vmap
         return None
-    bare = bare_names(prepared, rest - covered)
-    if bare is None or bare[1]:  # a 1-D bare parameter (a scale) needs the closed form's torch function mode
+    unused = tuple(sorted(name for name in rest - covered if bare_names(prepared, {name}) is None))
+    bare = bare_names(prepared, rest - covered - set(unused)) or ([], [])
+    if bare[1]:  # a 1-D bare parameter (a scale) needs the closed form's torch function mode
         return None
-    return RestPlan(norms, bare[0])
+    return RestPlan(norms, bare[0], unused)
 
 
 class RestPass:
@@ -56,11 +61,13 @@ class RestPass:
 
         self.found, self.prepared, self.n = found, prepared, n
         self.copies = {name: copies(prepared.params[name], n) for name in found.copied}
+        self.unused = {name: prepared.params[name].detach().requires_grad_(True) for name in found.unused}
         self.calls: list[tuple[Any, Any, Any]] = []  # (module, xhat, z)
 
     def params(self) -> dict[str, Any]:
-        """The parameters to call the model with: the bare ones as their copies."""
-        return {**self.prepared.params, **self.copies}
+        """The parameters to call the model with: the bare ones as their copies, the unused ones as aliases whose
+        uses autograd reports."""
+        return {**self.prepared.params, **self.copies, **self.unused}
 
     def hook(self, module: Any, args: Any, out: Any) -> Any:
         """A norm layer's call: keep ``xhat`` (with the buffers of this call) and perturb the output."""
@@ -80,15 +87,22 @@ class RestPass:
         return out + z
 
     def perturbations(self) -> list[Any]:
-        return [z for _, _, z in self.calls] + list(self.copies.values())
+        return [z for _, _, z in self.calls] + list(self.copies.values()) + list(self.unused.values())
 
     def gradients(self, deltas: list[Any], names: tuple[str, ...]) -> Any:
         """The rest's per-example gradients ``(n, n_rest)`` in ``names`` order, from the perturbations' gradients."""
         import torch
 
+        from .closed_form import NotPerExample
         from .closed_form_layers import NORMS
 
         n, params, grads = self.n, self.prepared.params, {}
+        used = [name for name, delta in zip(self.unused, deltas[len(self.calls) + len(self.copies):])
+                if delta is not None]
+        if used:
+            raise NotPerExample(f"{used[0]} {tuple(params[used[0]].shape)} of the rest is used by an operation the "
+                                "batched pass does not follow (it is not a norm layer's, nor a bare parameter "
+                                "broadcast over the batch)")
 
         def add(name: str, value: Any) -> None:
             grads[name] = value if name not in grads else grads[name] + value

@@ -111,7 +111,8 @@ def looped_gradients(backend: Any, model: Any, prepared: Any, inputs: Any, label
         with torch.enable_grad(), batch_norm_layout(model):
             value = backend.example_output(model, prepared, params, tree_map(lambda t: t[i:i + 1], inputs),
                                            labels[i:i + 1], task, causal)
-            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True) if value.requires_grad \
+                else (None,) * len(params)  # no parameter used: zero gradients
         changed = [name for name, version in versions.items() if prepared.frozen[name]._version != version]
         if changed:  # vmap refuses such a forward ("captured"); one at a time, each example saw another model
             raise TrakValueError(f"the model's forward changed {changed[:3]} in place (a buffer updated in eval "
