@@ -216,3 +216,51 @@ def test_a_rest_table_used_by_a_later_batch_takes_vmap_from_then_on():
         table = float(grads[:, :30].norm())  # the module's own parameter comes first
         assert table > 0.1 if i == 1 else table == 0
         torch.testing.assert_close(features, grads @ matrix, rtol=1e-9, atol=1e-12)
+
+
+def _hugging_face(name):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    if name == "t5":
+        config = transformers.T5Config(vocab_size=40, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_decoder_layers=1,
+                                       num_heads=2, num_labels=3, decoder_start_token_id=0)
+        model, ids = transformers.T5ForSequenceClassification(config), torch.randint(3, 40, (4, 8), generator=g)
+        ids[:, -1] = config.eos_token_id
+        x = {"input_ids": ids}
+    else:
+        config = transformers.Wav2Vec2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=16, conv_dim=(4, 4), conv_stride=(5, 2),
+                                             conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+                                             num_conv_pos_embedding_groups=2, num_labels=3)
+        model = transformers.Wav2Vec2ForSequenceClassification(config)
+        mask = torch.ones(4, 300, dtype=torch.long)
+        mask[1, 200:] = 0  # padded: the encoder zeroes the padded frames in place, which vmap cannot run
+        x = {"input_values": torch.randn(4, 300, generator=g, dtype=torch.float64) * mask, "attention_mask": mask}
+    return model.double().eval(), x, torch.randint(0, 3, (4,), generator=g)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("name", ["t5", "wav2vec2"])
+def test_models_vmap_cannot_run_are_featurized_one_example_at_a_time(name):
+    """T5's classifier (``unique_consecutive``) and Wav2Vec2 (in-place masking, weight-normed convolution in the
+    rest) went to vmap, which cannot run them: the factorized path crashed. Now one example at a time in the
+    batched pass (any call shape is that example's), the rest by plain autograd."""
+    model, x, y = _hugging_face(name)
+    backend = TorchBackend()
+    with pytest.warns(RuntimeWarning, match="one example at a time"):
+        _check_exact(model, x, y, "classification", k=48, backend=backend)
+
+
+def test_per_example_loop_takes_one_example_at_a_time_without_vmap(caplog):
+    """``per_example="loop"`` took vmap on the factorized path; now one example at a time through the batched pass."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="trak_core")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 20, (5, 8), generator=g), torch.arange(5) % 5
+    backend = TorchBackend(per_example="loop")
+    model = Positions().double().eval()
+    _check_exact(model, ids, y, "classification", k=40, backend=backend)
+    assert "factorized features one example at a time: per_example='loop'" in caplog.text

@@ -151,7 +151,8 @@ def test_hugging_face_causal_lms(name):
     """Tiny causal LMs of several families, with padding, exact with the rest dense and dropped: one batched pass in
     the model's own attention (SDPA), the rest's layer and RMS norms in it (OPT's on flattened tokens), except for
     Gemma's dense rest (its RMSNorm computes in float32, 3.8e-8 from float64 autograd, over the 1e-9 check: vmap,
-    in eager attention). Bloom's autograd.Function cannot run under vmap: per_example="vmap" fails with a note.
+    in eager attention). Bloom's autograd.Function cannot run under vmap: per_example="vmap" takes one example at a
+    time through the batched pass (it failed with a note before).
     Gemma's
     scaled token table tied to its head and OPT's offset positions are blocks, not the rest (Gemma's failed the
     check before); OPT's layers take tokens flattened, (T, d), on one example too; Falcon's Linear subclass
@@ -171,10 +172,10 @@ def test_hugging_face_causal_lms(name):
         names = [b.layer.name for b in plan.blocks]
         assert names[:len(tables)] == tables and batched is (rest == "drop" or name != "gemma")
         assert name != "falcon" or "transformer.h.0.self_attention.query_key_value.weight" in names
-    if name == "bloom":
-        with pytest.raises(RuntimeError, match="autograd.Function") as error:
+    if name == "bloom":  # vmap cannot run it: one example at a time through the batched pass, exact
+        with pytest.warns(RuntimeWarning, match=r"vmap cannot run this model \(RuntimeError: In order to use an "
+                                                "autograd.Function.*one example at a time"):
             _exact(model, batch, labels, "language_modeling", k=64, per_example="vmap", **options)
-        assert "Kronecker(rest='drop')" in "".join(getattr(error.value, "__notes__", []))
 
 
 class OwnLinear(torch.nn.Linear):

@@ -325,7 +325,7 @@ class TorchBackend(Backend):
 
     def _factorized(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, *, k: int, seed: int,
                     checkpoint: int, options: Any) -> Any:
-        from .kronecker import factorized_state
+        from .kronecker_plan import factorized_state
 
         with eval_mode(model), attention_for_vmap(model, prepared.dtype):
             return factorized_state(self, model, prepared, inputs, self._causal(model), k=k, seed=seed,

@@ -61,7 +61,7 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
     from .closed_form_functional import bare_names, functional_uses
     from .closed_form_layers import closed_form_kind
     from .closed_form_parametrized import parametrized_weights
-    from .kronecker import find_uses
+    from .kronecker_plan import find_uses
 
     found = {use.module: (use.kind, use.weight, use.bias) for use in
              find_uses(backend, model, prepared, inputs, causal, kind=closed_form_kind, biases=True).values()}

@@ -1,7 +1,7 @@
 """Factorized (``proj_type="kronecker"``) features of torch models, without per-example gradients of layers.
 
-One job: find a model's factorizable layers and compute their projected per-example gradients from
-what flows through them (``trak_core.kronecker`` is the specification).
+One job: compute a model's projected per-example gradients of its factorizable layers from what flows through
+them (``trak_core.kronecker`` is the specification; the layers and the plan: :mod:`trak_torch.kronecker_plan`).
 
 How: forward hooks on ``Linear``, ``Conv2d`` and ``Conv1d`` (``groups=1``, zero padding), ``Embedding`` (no
 ``max_norm``) and Hugging Face's ``Conv1D`` modules project each call's input side with the
@@ -14,172 +14,33 @@ other factor; a layer's features are ``sum_t (P_rows^T u_t)(P_cols^T v_t)^T``. N
 A module counts when it is called with an attributed weight (tied weights: each use adds to the
 same block). So do the ``F.linear`` and ``F.embedding`` calls of ``nn.MultiheadAttention`` and of ``Embedding``
 subclasses with their own ``forward`` (:mod:`trak_torch.kronecker_functional`). Parameters used any other way are
-in the rest. On the first example of a checkpoint's
-first batch, the features are checked against the dense per-example gradient of the layers
-(``kronecker_check.check_plan``), so a weight also used outside its module is an error, not a wrong answer.
+in the rest. On a checkpoint's first batch, the features are checked against the dense per-example gradient of the
+layers and the batch's ops are watched for uses of a factorized weight outside its modules
+(``kronecker_check.check_plan``), so such a use is an error, not a wrong answer. Where ``vmap`` cannot run the
+model, the examples go one at a time through the batched pass (where every call is that example's).
 """
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from trak_core.errors import TrakValueError
-from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_plan, rest_seed
+from trak_core.kronecker import KroneckerPlan, rest_seed
 
+from .kronecker_plan import Factorized, discover, factorized_state, find_uses  # noqa: F401 (re-exported)
 from .kronecker_rest import RestPass, check, rest_plan
 from .kronecker_sides import input_side, output_side, rows_first
-from .layers import computes_linear, hooks, kronecker_kind, layer_kind
-from .looped import batch_norm_layout
+from .layers import hooks
+from .looped import batch_norm_layout, looped_gradients, refuse_to_loop
 from .transforms import for_transforms
 
 __all__ = ["Factorized", "find_uses", "discover", "factorized_state", "batch_features"]
 
 log = logging.getLogger("trak_core")
 CHUNK_BYTES = 512 * 2**20  # per vmap call: output gradients, perturbations and projected sides
-
-
-@dataclass
-class Use:
-    """One module whose calls feed a layer: its kind, the layer's block and whether its bias is folded. For a
-    functional call (:mod:`trak_torch.kronecker_functional`), ``module`` is its key ``(function, weight, start,
-    rows)``: the call uses rows ``[start, start + rows)`` of the weight."""
-
-    module: Any
-    kind: str
-    weight: str
-    bias: str | None
-    start: int = 0
-    rows: int | None = None
-    padding_idx: int | None = None
-    function: bool = False
-
-    def row_factor(self, rows: Any) -> Any:
-        """The rows of a block's row factor that this use's calls reach."""
-        return rows if self.rows is None else rows[self.start:self.start + self.rows]
-
-
-@dataclass
-class Factorized:
-    """A checkpoint's plan, its uses and factors (on the model's device, in the projection dtype)."""
-
-    plan: KroneckerPlan
-    uses: list[Use]
-    factors: list[tuple[Any, Any]]
-    dtype: Any
-    checked: bool = False
-    batched: bool | None = None  # one batched backward pass instead of vmap (examples independent; no rest, or
-    # a rest of norms and bare parameters: kronecker_rest)
-    functional: Any = None  # kronecker_functional.Functional: weights used inside functional calls
-    rest: Any = None  # the rest as a TorchCheckpoint of its own (the reference of kronecker_rest.check)
-    rest_plan: Any = None  # kronecker_rest.RestPlan: the rest in the batched pass
-
-
-def _layer(kind: str, weight: Any, bias: bool, name: str, bias_name: str | None) -> Layer:
-    rows, cols = int(weight.shape[0]), int(weight[0].numel())
-    if kind == "conv1d":
-        return Layer(name, rows + bias, cols, bias_name, "rows" if bias else None)
-    return Layer(name, rows, cols + bias, bias_name, "cols" if bias else None)
-
-
-def find_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
-              kind: Callable[[Any], str | None] = kronecker_kind, *, biases: bool = False) -> dict[Any, Use]:
-    """The modules of a ``kind`` (default: the factorizable layers) called with an attributed weight on the batch's
-    first example, in call order; with ``biases``, also those called with an attributed bias alone (``weight``
-    ``None``: BitFit, the closed form)."""
-    import torch
-    from torch.utils._pytree import tree_map
-
-    names = {id(tensor): name for name, tensor in prepared.params.items()}
-    found: dict[Any, Use] = {}
-
-    def hook(module: Any, args: Any, output: Any) -> None:
-        weight, bias = names.get(id(module.weight)), names.get(id(getattr(module, "bias", None)))
-        if module in found or (weight is None and not (biases and bias is not None)):
-            return
-        if kind is kronecker_kind and not layer_kind(module, own_forward=True) \
-                and not computes_linear(module, args, output):
-            return  # a Linear subclass that computes something else: its weight goes to the rest
-        found[module] = Use(module, kind(module), weight, bias)
-
-    candidates = [m for m in model.modules() if kind(m) is not None]
-    with torch.no_grad(), hooks(candidates, hook):
-        backend._call(model, {**prepared.params, **prepared.frozen}, tree_map(lambda t: t[:1], inputs), causal=causal)
-    return found
-
-
-def discover(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool,
-             options: Kronecker, k: int) -> tuple[KroneckerPlan, list[Use], Any]:
-    """The plan of ``model``: the supported modules called with attributed weights on one example, and the
-    functional calls of ``nn.MultiheadAttention`` and ``Embedding`` subclasses (``kronecker_functional``)."""
-    from .kronecker_functional import call_uses, functional
-
-    found: dict[Any, Use] = dict(find_uses(backend, model, prepared, inputs, causal))
-    inside = functional(backend, model, prepared, inputs, causal)
-    for use in call_uses(backend, model, prepared, inputs, causal, inside,
-                         lambda key, *spec: Use(key, *spec, function=True)):
-        found[use.module] = use
-    by_weight: dict[str, list[Use]] = {}
-    for use in found.values():
-        by_weight.setdefault(use.weight, []).append(use)
-    layers, folded, shared = {}, set(), _shared_biases(by_weight)
-    for weight, uses in by_weight.items():
-        orientation = {"conv1d" if u.kind == "conv1d" else "rows-out" for u in uses}
-        if len(orientation) > 1:
-            raise TrakValueError(f"weight {weight!r} is used by a Conv1D and by another layer type; factorize it "
-                                 "densely: leave it out of the layers with proj_type='rademacher'")
-        biases = [u.bias for u in uses if u.bias is not None and u.bias not in shared]
-        bias = biases[0] if biases else None
-        for u in uses:  # a use with another bias leaves that bias to the rest
-            u.bias = u.bias if u.bias == bias else None
-        if bias is not None:
-            folded.add(bias)
-        layers[weight] = _layer(uses[0].kind, prepared.params[weight], bias is not None, weight, bias)
-    used_biases = {u.bias for u in found.values()} - {None}
-    clash = used_biases & set(layers)
-    if clash:
-        raise TrakValueError(f"parameters {sorted(clash)} are both a layer's weight and another layer's bias")
-    ordered = [layers[name] for name in prepared.params if name in layers]
-    rest = [(name, int(t.numel())) for name, t in prepared.params.items() if name not in layers and name not in folded]
-    plan = make_plan(ordered, rest, k, options)
-    index = {block.layer.name: block.index for block in plan.blocks}
-    uses = sorted(found.values(), key=lambda u: index[u.weight])
-    return plan, uses, inside
-
-
-def _shared_biases(by_weight: dict[str, list[Use]]) -> set[str]:
-    """The biases that layers of different weights add (one ``bias`` Parameter assigned to two ``Linear``s): their
-    gradient sums those layers' output gradients, which no one block sees, so they go to the rest (densely
-    projected) instead of being folded into a block."""
-    owners: dict[str, set[str]] = {}
-    for weight, uses in by_weight.items():
-        for use in uses:
-            if use.bias is not None:
-                owners.setdefault(use.bias, set()).add(weight)
-    return {bias for bias, weights in owners.items() if len(weights) > 1}
-
-
-def factorized_state(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool, *, k: int, seed: int,
-                     checkpoint: int, options: Kronecker) -> Factorized:
-    """The cached ``Factorized`` of ``prepared`` (made on its first batch)."""
-    import torch
-
-    key = (k, seed, checkpoint, options)
-    cache = prepared.__dict__.setdefault("_kronecker", {})
-    if key not in cache:
-        plan, uses, inside = discover(backend, model, prepared, inputs, causal, options, k)
-        dtype = prepared.dtype if torch.finfo(prepared.dtype).bits >= 32 else torch.float32
-        factors = []
-        for block in plan.blocks:
-            made = [torch.as_tensor(factor(d, kk, seed=seed, checkpoint=checkpoint, index=block.index, side=side,
-                                           dtype="float64")).to(device=prepared.device, dtype=dtype)
-                    for d, kk, side in ((block.layer.rows, block.k_rows, "rows"),
-                                        (block.layer.cols, block.k_cols, "cols"))]
-            factors.append((made[0], made[1]))
-        cache[key] = Factorized(plan, uses, factors, dtype, functional=inside)
-    return cache[key]
 
 
 def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, inputs: Any, labels: Any, task: Any,
@@ -270,7 +131,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         """One batched backward pass (no vmap): right when examples do not interact (checked once); the rest's
         gradients from its norm layers' calls and bare parameters' copies (``kronecker_rest``)."""
         sides, zs = [], []
-        extra = RestPass(state.rest_plan, prepared, m) if plan.n_rest else None
+        extra = RestPass(state.rest_plan, prepared, m) if plan.n_rest and state.rest_plan is not None else None
 
         def hook(module: Any, args: Any, out: Any) -> Any:
             use, block, pair = by_module[module]
@@ -303,7 +164,19 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         rest_grads = extra.gradients(list(deltas[len(zs):]), plan.rest) if extra else None
         return [torch.zeros_like(z) if d is None else d for d, z in zip(deltas, zs)], sides, rest_grads
 
+    def alone(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
+        """One example (``m`` = 1) in the batched pass, where every call is that example's whatever its shape, and
+        the rest by plain autograd where the batched pass does not cover it: models that ``vmap`` cannot run."""
+        deltas, sides, rest_grads = batched(x, y, m)
+        if plan.n_rest and state.rest_plan is None:
+            state.rest = state.rest or _rest_checkpoint(prepared, plan)
+            with attention[1]():
+                rest_grads = looped_gradients(backend, model, state.rest, x, y, task, causal)
+        return deltas, sides, rest_grads
+
     def features(x: Any, y: Any, m: int, run: Any) -> Any:
+        if run is alone and m > 1:
+            return torch.cat([features(tree_map(lambda t: t[i:i + 1], x), y[i:i + 1], 1, run) for i in range(m)])
         deltas, sides, rest_grads = run(x, y, m)
         block_out = torch.zeros((m, plan.k), dtype=dtype, device=prepared.device)
         for (module, _), delta, side in zip(shapes, deltas, sides):
@@ -365,32 +238,39 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         return right
 
     if state.batched is None and backend.per_example != "auto":
-        state.batched = False
-        log.info("torch backend: factorized features through vmap: per_example='vmap'")
+        state.batched, state.looped = False, backend.per_example == "loop"
+        log.info("torch backend: factorized features %s: per_example=%r", "one example at a time" if state.looped
+                 else "through vmap", backend.per_example)
     if state.batched is None and plan.n_rest and state.rest_plan is None and not rest_in_batched_pass():
         state.batched = False
     if state.batched is None:  # once per checkpoint, on its first batch of two or more examples
         state.batched = independent()
     run = batched if state.batched or (state.batched is None and n == 1) else per_example  # one example: alone
+    run = alone if state.looped and run is per_example else run
     size = max(size, 64) if state.batched and chunk is None else size
     out = torch.zeros((n, plan.k), dtype=dtype, device=prepared.device)
     for start in range(0, n, size):
         stop = min(n, start + size)
         chunk_inputs, chunk_labels = tree_map(lambda t: t[start:stop], inputs), labels[start:stop]
-        try:
-            out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
-        except RuntimeError as exc:  # torch.func cannot run the model (Bloom's autograd.Function)
-            if run is per_example:
-                exc.add_note("trak-core: proj_type='kronecker' runs torch.func.vmap here (per_example='vmap', "
-                             "examples that interact in a batched pass, or a rest that the batched pass does not "
-                             "cover: see the INFO log of the trak_core logger); Kronecker(rest='drop') leaves the "
-                             "rest out")
-                raise
-            # a later batch's call without one row per example (NotPerExample), or one the batched pass cannot
-            # follow: vmap from now on, which raises the model's own errors again
-            log.info("torch backend: factorized features through vmap from this batch on: %s", exc)
-            state.batched, run = False, per_example
-            out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
+        while True:
+            try:
+                out[start:stop] = features(chunk_inputs, chunk_labels, stop - start, run)
+                break
+            except RuntimeError as exc:
+                if run is alone:  # the model's own error
+                    raise
+                if run is per_example:  # torch.func cannot run the model (Bloom's autograd.Function, T5's
+                    refuse_to_loop(exc, chunk)  # unique_consecutive, Wav2Vec2's in-place masking): one example
+                    state.looped, run = True, alone  # at a time, unless a loop would hide the error
+                    warnings.warn(f"proj_type='kronecker': torch.func.vmap cannot run this model ({type(exc).__name__}"
+                                  f": {str(exc).splitlines()[0][:200] if str(exc) else ''}); its features are taken "
+                                  "one example at a time instead (the same numbers, slower)", RuntimeWarning,
+                                  stacklevel=2)
+                    continue
+                # a later batch's call without one row per example (NotPerExample), or one the batched pass cannot
+                # follow: vmap from now on, which raises the model's own errors again
+                log.info("torch backend: factorized features through vmap from this batch on: %s", exc)
+                state.batched, run = False, alone if state.looped else per_example
     return out
 
 

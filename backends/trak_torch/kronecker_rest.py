@@ -36,7 +36,7 @@ def rest_plan(backend: Any, model: Any, prepared: Any, plan: Any, inputs: Any, c
     gain or bias nor a bare parameter broadcast over the batch."""
     from .closed_form_layers import norm_kind
     from .closed_form_functional import bare_names
-    from .kronecker import find_uses
+    from .kronecker_plan import find_uses
 
     rest = set(plan.rest)
     norms = {use.module: (use.kind, use.weight, use.bias if use.bias in rest else None)
