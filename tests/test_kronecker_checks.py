@@ -264,3 +264,18 @@ def test_per_example_loop_takes_one_example_at_a_time_without_vmap(caplog):
     model = Positions().double().eval()
     _check_exact(model, ids, y, "classification", k=40, backend=backend)
     assert "factorized features one example at a time: per_example='loop'" in caplog.text
+
+
+def test_a_swin_with_one_head_goes_to_vmap_exactly():
+    """Hugging Face Swin with one attention head: its relative position bias table ``(K, 1)`` looks like a scale
+    ``(C, 1)`` and was passed as copies, which the model then indexes: an IndexError from the first batch's
+    batched pass ended the run. Now that batch's path is vmap, exact."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
+
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                                     window_size=2, num_labels=3)
+    model = transformers.SwinForImageClassification(config).double().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64), torch.arange(3)
+    _check_exact(model, x, y, "classification", k=48)

@@ -201,9 +201,9 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             together = features(tree_map(lambda t: t[:2], inputs), labels[:2], 2, batched)
             alone = torch.cat([features(tree_map(lambda t: t[i:i + 1], inputs), labels[i:i + 1], 1, batched)
                                for i in range(2)])
-        except RuntimeError as exc:  # NotPerExample (a functional call without one row per example), or a call the
-            log.info("torch backend: factorized features through vmap: %s", exc)  # batched pass cannot follow (a
-            return False  # (1, d) call taken for one shared by the batch)
+        except Exception as exc:  # NotPerExample (a functional call without one row per example), or a call the
+            log.info("torch backend: factorized features through vmap: %s: %s", type(exc).__name__, exc)  # batched
+            return False  # pass cannot follow (a (1, d) call taken for one shared by the batch)
         scale = float(torch.linalg.vector_norm(alone)) or 1.0
         error = float(torch.linalg.vector_norm(together - alone)) / scale
         tolerance = check_tolerance(prepared.dtype, prepared.device)  # the model's rounding, not the features'
@@ -226,9 +226,9 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         first, first_labels = tree_map(lambda t: t[:m], inputs), labels[:m]
         try:
             got = batched(first, first_labels, m)[2]
-        except RuntimeError as exc:  # NotPerExample too
-            log.info("torch backend: factorized features through vmap: %s", exc)
-            return False
+        except Exception as exc:  # NotPerExample, or a call the batched pass cannot follow: a table (K, 1) taken
+            log.info("torch backend: factorized features through vmap: %s: %s", type(exc).__name__, exc)  # for a
+            return False  # scale (C, 1) and passed as copies, then indexed (Swin's bias table with one head)
         with attention[1]():
             right, error, tolerance = check(backend, model, state.rest, first, first_labels, task, causal, got,
                                             prepared.dtype)
