@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from trak_core import Kronecker
-from trak_core.errors import TrakValueError
 from trak_core.kronecker import explicit_matrix
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: the torch factorized path is not exercised")
@@ -208,18 +207,23 @@ def test_a_later_lookup_without_a_row_per_example_goes_to_vmap():
     assert batched is False
 
 
-def test_a_slice_the_first_example_did_not_use_is_a_clear_error():
+def test_a_slice_the_first_example_did_not_use_goes_to_vmap(caplog):
+    """The batched pass meets a lookup in rows the first example did not use: it was an error; now that batch takes
+    vmap, where each example runs alone (as the first did), exact."""
+    import logging
+
     class Sliced(torch.nn.Embedding):
         def forward(self, ids):  # the whole table on one example, its first rows on more
             table = self.weight if ids.shape[0] == 1 else self.weight[:5]
             return torch.nn.functional.embedding(ids % 5, table)
 
+    caplog.set_level(logging.INFO, logger="trak_core")
+    torch.manual_seed(0)
     model = torch.nn.Sequential(Sliced(9, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3)).double()
     ids, y = torch.randint(0, 9, (4, 3)), torch.randint(0, 3, (4,))
-    backend = TorchBackend()
-    with pytest.raises(TrakValueError, match="rows 0 to 5 of '0.weight'.*first example did not use"):
-        backend.factorized_features(model, backend.prepare(model, None), ids, y, get_task("classification"), k=8,
-                                    seed=0, checkpoint=0, options=Kronecker(rest="drop"))
+    _, batched = _exact(model, ids, y, "classification", k=8, options=Kronecker(rest="drop"))
+    assert batched is False
+    assert "rows 0 to 5 of '0.weight', which the batch's first example did not use" in caplog.text
 
 
 def test_a_lookup_shared_by_the_batch_takes_the_batched_pass():

@@ -113,16 +113,23 @@ def watch_outside_uses(backend: Any, model: Any, prepared: Any, state: Any, inpu
 
 
 def _owners(model: Any, name: str, attention: list[Any]) -> list[Any]:
-    """The modules whose calls use the parameter ``name`` through a function: the module that holds it (an
-    ``Embedding`` subclass calling ``F.embedding``, an ``nn.MultiheadAttention``'s ``in_proj_weight``) and, for an
-    attention's ``out_proj``, that attention, whose ``forward`` uses it."""
-    holder, parent = name.rpartition(".")[0], name.rpartition(".")[0].rpartition(".")[0]
-    found = []
-    for path in (holder, parent):
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if path == holder or any(module is known for known in attention):
-            found.append(module)
+    """The modules whose calls use the parameter ``name`` through a function: every module that holds it (an
+    ``Embedding`` subclass calling ``F.embedding``, BART's encoder and decoder tables tied to ``model.shared``, an
+    ``nn.MultiheadAttention``'s ``in_proj_weight``) and, for an attention's ``out_proj``, that attention, whose
+    ``forward`` uses it."""
+    path, _, attribute = name.rpartition(".")
+    try:
+        holder = model.get_submodule(path)
+    except AttributeError:
+        return []
+    tensor = holder._parameters.get(attribute)
+    found = [module for module in model.modules()
+             if tensor is not None and any(value is tensor for value in module._parameters.values())] or [holder]
+    parent = path.rpartition(".")[0]
+    try:
+        outer = model.get_submodule(parent) if path else None
+    except AttributeError:
+        outer = None
+    if outer is not None and any(outer is known for known in attention):
+        found.append(outer)
     return found
