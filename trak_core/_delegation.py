@@ -205,6 +205,29 @@ def packed_product(grads: Any, signs: Any, packed: Any, k: int, block: int, *, x
     return jitted(grads * signs, packed, k, block)
 
 
+def dense_product(grads: Any, signs: Any, shared: Any, *, xp: Any) -> Any | None:
+    """``(grads * signs) @ shared`` without a flipped copy of ``grads``: torch on CPUs, column blocks of ``grads``
+    flipped into one reused buffer that stays in the CPU's caches and added into the result in place. A full
+    flipped copy is a fresh allocation as large as ``grads`` (its page faults cost 15-20% of the product at
+    256 x 177,362, k = 512). ``None`` elsewhere (the caller multiplies)."""
+    if not array_api_compat.is_torch_namespace(xp) or grads.device.type != "cpu":
+        return None
+    import torch
+
+    n, p = grads.shape
+    block = max(256, min(p, PACKED_BLOCK_BYTES // max(1, n * (torch.finfo(grads.dtype).bits // 8))))
+    if block >= p:
+        return None  # one block: the plain product is as good
+    out = torch.zeros((n, shared.shape[1]), dtype=grads.dtype, device=grads.device)
+    buffer = torch.empty((n, block), dtype=grads.dtype, device=grads.device)
+    for start in range(0, p, block):
+        stop = min(p, start + block)
+        flipped = buffer[:, :stop - start]
+        torch.mul(grads[:, start:stop], signs[start:stop], out=flipped)
+        out.addmm_(flipped, shared[start:stop])
+    return out
+
+
 PACKED_BLOCK_BYTES = 4 * 2**20  # one unpacked block of R on the torch path: within a CPU's L2 + L3 caches
 _DEVICE_BLOCK_BYTES = 64 * 2**20  # on GPUs (float64 there; float32 takes trak_core._split): fewer, larger launches
 

@@ -28,8 +28,8 @@ import array_api_compat
 
 from . import hashing
 from ._cache import ProjectionCache, default_cache, device_cache
-from ._delegation import (full_precision, in_float64, is_accelerator, make_array, packed_product, packed_words,
-                          unpack_signs)
+from ._delegation import (dense_product, full_precision, in_float64, is_accelerator, make_array, packed_product,
+                          packed_words, unpack_signs)
 from ._split import PRECISIONS, passes, split_project
 from ._namespace import device_of, namespace
 from .errors import TrakTypeError, TrakValueError
@@ -249,6 +249,10 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
         block = block_size or max(1, _BLOCK_BYTES // (k * (xp.finfo(dtype).bits // 8)))
         if packed is not None:
             native = packed_product(grads, signs, packed, k, block, xp=xp)  # torch: in-cache blocks; JAX: jitted
+            if native is not None:
+                return native
+        if shared is not None:
+            native = dense_product(grads, signs, shared, xp=xp)  # torch CPU: no flipped copy of grads
             if native is not None:
                 return native
         flipped = grads * signs
