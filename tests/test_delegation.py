@@ -316,3 +316,21 @@ def _namespace_of(x):
     import array_api_compat
 
     return array_api_compat.array_namespace(x)
+
+
+@pytest.mark.parametrize("rows", [60, 300])
+def test_dense_product_equals_the_float64_product(rows):
+    """torch on CPUs with the matrix in memory: sign flips by column blocks into one buffer, added in place (no
+    flipped copy of the gradients), against NumPy's float64 ``(grads * signs) @ shared``; 20,000 columns make
+    several blocks and a short last one."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: its dense product is not exercised")
+    g = np.random.default_rng(3)
+    grads, signs = g.standard_normal((rows, 20_000)), np.where(g.random(20_000) < 0.5, -1.0, 1.0)
+    shared = np.where(g.random((20_000, 64)) < 0.5, -0.125, 0.125)
+    got = _delegation.dense_product(torch.tensor(grads, dtype=torch.float32), torch.tensor(signs, dtype=torch.float32),
+                                    torch.tensor(shared, dtype=torch.float32), xp=torch)
+    assert got is not None and got.shape == (rows, 64)
+    expected = (grads * signs) @ shared
+    error = np.linalg.norm(got.numpy() - expected) / np.linalg.norm(expected)
+    assert error < 1e-6, error
+    assert _delegation.dense_product(torch.zeros(rows, 100), torch.ones(100), torch.zeros(100, 8), xp=torch) is None
