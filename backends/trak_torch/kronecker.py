@@ -169,7 +169,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         the rest by plain autograd where the batched pass does not cover it: models that ``vmap`` cannot run."""
         deltas, sides, rest_grads = batched(x, y, m)
         if plan.n_rest and state.rest_plan is None:
-            state.rest = state.rest or _rest_checkpoint(prepared, plan)
+            state.rest = _rest_checkpoint(prepared, plan) if state.rest is None else state.rest
             with attention[1]():
                 rest_grads = looped_gradients(backend, model, state.rest, x, y, task, causal)
         return deltas, sides, rest_grads
