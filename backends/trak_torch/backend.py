@@ -365,9 +365,11 @@ class TorchBackend(Backend):
             if not state.checked:  # once per checkpoint: the first example against its dense gradient
                 batched = state.batched is not False  # None: a first batch of one example, computed alone
                 path = attention_for_closed_form(model) if batched else attention_for_vmap(model, prepared.dtype)
+                half = torch.finfo(prepared.dtype).bits < 32  # rounding as large as a missing use: warned of
                 try:
                     with path:  # the attention of the path the features took
-                        check_plan(self, model, prepared, state, inputs, labels, task, causal, features)
+                        check_plan(self, model, prepared, state, inputs, labels, task, causal, features,
+                                   lenient=half and not batched)
                 except TrakValueError as exc:  # a batched pass that misread a layer's rows (positions without a
                     if not state.batched:       # batch dimension): vmap from now on, checked again
                         raise
@@ -376,7 +378,8 @@ class TorchBackend(Backend):
                     state.batched = False
                     features = run()
                     with attention_for_vmap(model, prepared.dtype):
-                        check_plan(self, model, prepared, state, inputs, labels, task, causal, features)
+                        check_plan(self, model, prepared, state, inputs, labels, task, causal, features,
+                                   lenient=half)
                 state.checked = state.batched is not None  # after a first batch of one, the path is chosen
         return features, out_to_loss                          # on the next: checked again there
 
