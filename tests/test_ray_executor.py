@@ -253,3 +253,24 @@ def test_a_workers_model_error_carries_trak_cores_location_once(ray_cluster, tmp
     text = "".join(traceback.format_exception(failed.value))
     assert text.count("trak-core: raised in checkpoint 0, batch 2") == 1, text
     executor.close()
+
+
+def test_two_workers_give_single_process_factorized_scores(ray_cluster, tmp_path):
+    """``proj_type="kronecker"`` with a torch model: the workers check the layout on their shards' first batches
+    (they do not record it), and give one process's bits."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the factorized path is not exercised")
+
+    x, y, _ = _data()
+    x, y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    batches = [(x[i:i + 700], y[i:i + 700]) for i in range(0, 9000, 700)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    def scores(store=None, executor=None):
+        trak = TRAK(model, proj_type="kronecker", proj_dim=16, store=store, executor=executor, progress=False)
+        for c in range(2):
+            trak.featurize({k: v + 0.1 * c for k, v in model.state_dict().items()}, batches)
+        return np.asarray(trak.score([(x[:6], y[:6])]))
+
+    reference = scores()
+    assert np.array_equal(scores(tmp_path / "store", RayExecutor(num_workers=2)), reference)

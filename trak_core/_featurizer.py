@@ -21,7 +21,7 @@ from ._namespace import namespace
 from ._progress import length_of, progress
 from .tasks import task_functions, task_identity
 from .backends.protocol import batches
-from .errors import TrakCoreError, TrakValueError
+from .errors import StoreMismatchError, TrakCoreError, TrakValueError
 from .fingerprints import to_numpy
 from .projection import project
 from .scores import normalize_rows
@@ -145,6 +145,7 @@ class Featurizer(KernelFitting):
         n_inputs = _check_lengths(inputs, labels, where)
         with located(where, self.backend.name, inputs):
             if factorized:
+                self._check_plan(prepared, inputs, labels)
                 out = self.backend.factorized_features(self.model, prepared, inputs, labels, self.task,
                                                        k=self.proj_dim, seed=self.seed, checkpoint=index,
                                                        options=self.kronecker)
@@ -157,6 +158,27 @@ class Featurizer(KernelFitting):
             _check_finite(out[0], out[1], where, "features (projected per-example gradients)", self.backend.name)
             out = (self._finish(out[0]), out[1])
         return out
+
+    def _check_plan(self, prepared: Any, inputs: Any, labels: Any, record: bool = False) -> None:
+        """The factorized layout of ``prepared`` (once per checkpoint snapshot) against the store's: another layout
+        (a model whose ``forward`` now uses a weight outside its module, its parameters the same) would mix rows of
+        two projections in one checkpoint, or project targets unlike the stored features. ``record``: keep it in a
+        store that has none (featurize; a store written before trak-core kept it is not checked)."""
+        checked = self.__dict__.setdefault("_plans_checked", {})
+        if id(prepared) in checked and checked[id(prepared)][0] is prepared:
+            return
+        plan = self.backend.factorized_plan(self.model, prepared, inputs, labels, self.task, k=self.proj_dim,
+                                            options=self.kronecker)
+        digest, stored = plan.digest(), getattr(self.store, "plan_digest", lambda: None)()
+        if stored is None and record and hasattr(self.store, "record_plan_digest"):
+            self.store.record_plan_digest(digest)
+        elif stored is not None and stored != digest:
+            raise StoreMismatchError(f"proj_type='kronecker': the model's factorized layers now differ from those the "
+                                     f"features in {self._where} were made with (layout {digest}, stored {stored}: "
+                                     f"now {len(plan.blocks)} blocks, {plan.n_rest:,} parameters in the rest), though "
+                                     "its parameters are the same: its forward uses them otherwise. Use the model "
+                                     "the store was made with, or a new store path (nothing was overwritten)")
+        checked[id(prepared)] = (prepared, digest)
 
     def _batch_features(self, prepared: Any, index: int, inputs: Any, labels: Any,
                         where: str) -> tuple[Any, Any]:
@@ -298,6 +320,13 @@ class Featurizer(KernelFitting):
         total = length_of(data)
         if self.executor is not None:
             data = list(batches(data, self.label_key))
+        if getattr(self, "kronecker", None) is not None and self.proj_dim is not None and not writer.complete:
+            data = iter(batches(data, self.label_key))  # the layout, checked or recorded before any row is written
+            first = next(data, None)
+            if first is not None:
+                with located(f"checkpoint {index}, batch 0", self.backend.name, first[0]):
+                    self._check_plan(prepared, *first, record=True)
+                data = itertools.chain([first], data)
         if writer.needs_template or (self.executor is not None and writer.template is None):
             data = iter(batches(data, self.label_key))  # one example tells the features' namespace, device and dtype
             first = next(data, None)

@@ -4,7 +4,8 @@ One job: ``TRAK(store=path)``. Layout of the directory:
 
 - group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension,
   seed and precision, task (what a custom task computes too: ``tasks.task_identity``), parameter count and
-  structure hash, backend, store format version).
+  structure hash, backend, store format version); ``kronecker_plan``: with ``proj_type="kronecker"``, the
+  layout's hash (``KroneckerPlan.digest``), written with the first checkpoint's first rows.
   Reopening with any difference raises ``StoreMismatchError`` naming the
   fields, and nothing is written. ``data``: the training set's ``n_train`` and digest (order
   included), once checkpoint 0 is complete.
@@ -298,6 +299,15 @@ class DiskStore(Store):
         """The ridge ``lambda`` checkpoint ``index`` was factorized with (``None`` if not stored)."""
         value = self.root[f"c{index}"].attrs.get("lambda_reg") if f"c{index}" in self.root else None
         return None if value is None else float(value)
+
+    def plan_digest(self) -> str | None:
+        """The factorized projection's layout (``KroneckerPlan.digest``) the features were made with (``None``: a
+        dense projection, or a store written before trak-core kept it)."""
+        return self.root.attrs.get("kronecker_plan") if self.exists() else None
+
+    def record_plan_digest(self, digest: str) -> None:
+        self.writable()
+        self.root.attrs["kronecker_plan"] = digest
 
     def stored_lambda_setting(self) -> float | str | None:
         """The ``lambda_reg`` the estimator was given ("auto" or a float) when the last complete checkpoint was

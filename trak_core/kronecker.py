@@ -141,6 +141,16 @@ class KroneckerPlan:
     k: int
     options: Kronecker = field(default_factory=Kronecker)
 
+    def digest(self) -> str:
+        """A hash of the layout (each block's layer, sizes and place; the rest's names and share): features made
+        with another layout are other features, even with the same parameters and options (a model whose
+        ``forward`` changed to use a weight outside its module)."""
+        import hashlib
+
+        layout = ([(b.layer.name, b.layer.rows, b.layer.cols, b.layer.bias, b.layer.bias_side, b.k_rows, b.k_cols, b.k,
+                    b.start) for b in self.blocks], list(self.rest), self.n_rest, self.k_rest, self.k)
+        return hashlib.sha256(repr(layout).encode()).hexdigest()[:16]
+
     def block(self, name: str) -> Block:
         """The block of the layer whose weight is ``name``."""
         for block in self.blocks:

@@ -214,6 +214,7 @@ class TRAK(Featurizer):
         """This configuration without its store or executor: what a worker process needs."""
         clone = copy.copy(self)
         clone.store, clone.executor, clone.progress = open_store(None), None, False
+        clone.__dict__.pop("_plans_checked", None)  # the checked checkpoint snapshots stay here
         return clone
 
     @property
