@@ -1,4 +1,5 @@
 """A finished store reopened with TRAK.open scores new targets without the training data; self-influence."""
+import os
 import pathlib
 import subprocess
 import sys
@@ -293,3 +294,62 @@ def test_checkpoints_given_as_one_index_names_the_fix():
         with pytest.raises(TrakCoreError, match=r"checkpoints must be a sequence of checkpoint indices, got \d: pass "
                                                 r"\[\d\] for one checkpoint"):
             call()
+
+
+JAX_MODEL = textwrap.dedent("""
+    import jax.numpy as jnp
+    import numpy as np
+
+
+    def apply(params, x):  # a layer norm: its means round differently at another batch size
+        w1, b1, gain, shift, w2, b2 = params
+        a = x @ w1.T + b1
+        mean = a.mean(-1, keepdims=True)
+        a = (a - mean) / jnp.sqrt(((a - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * gain + shift
+        return jnp.tanh(a) @ w2.T + b2
+
+
+    def weights(seed):
+        r = np.random.default_rng(seed)
+        return [jnp.asarray(a.astype(np.float32)) for a in (r.normal(size=(16, 5)) * .5, r.normal(size=16) * .1,
+                1 + .1 * r.normal(size=16), .1 * r.normal(size=16), r.normal(size=(3, 16)) * .3, r.normal(size=3) * .1)]
+
+
+    def data(n, seed):
+        r = np.random.default_rng(seed)
+        return r.normal(size=(n, 5)).astype(np.float32), r.integers(0, 3, n).astype(np.int32)
+""")
+
+JAX_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from jax_model import apply, data, weights
+    from trak_core import TRAK
+    from trak_jax import JaxModel
+    trak = TRAK.open(sys.argv[1], JaxModel(apply), [weights(c) for c in range(2)])
+    np.save(sys.argv[2], np.asarray(trak.score([data(6, 7)])))
+""")
+
+
+def test_a_jax_store_reopened_in_a_new_process_scores_bit_identically(tmp_path, monkeypatch):
+    """JAX compiles its step at the first batch's size: the reopened process's first batch is the targets', and XLA
+    rounded float32 otherwise (scores 1.7e-7 apart). The store keeps the training data's first batch's rows, and
+    ``TRAK.open`` gives them to the backend."""
+    pytest.importorskip("jax", reason="JAX is not installed: the jax backend is not exercised")
+    (tmp_path / "jax_model.py").write_text(JAX_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from jax_model import apply, data, weights
+    from trak_jax import JaxModel
+
+    x, y = data(2000, 0)
+    trak = TRAK(JaxModel(apply), proj_dim=32, seed=5, store=tmp_path / "store", progress=False)
+    for c in range(2):
+        trak.featurize(weights(c), [(x[i:i + 500], y[i:i + 500]) for i in range(0, 2000, 500)])
+    expected = np.asarray(trak.score([data(6, 7)]))
+    script = tmp_path / "reopen.py"
+    script.write_text(JAX_SCRIPT)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "store"), str(tmp_path / "scores.npy")], check=True,
+                   cwd=root, timeout=300, env=env)
+    assert np.array_equal(np.load(tmp_path / "scores.npy"), expected)

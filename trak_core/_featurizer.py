@@ -320,12 +320,17 @@ class Featurizer(KernelFitting):
         total = length_of(data)
         if self.executor is not None:
             data = list(batches(data, self.label_key))
-        if getattr(self, "kronecker", None) is not None and self.proj_dim is not None and not writer.complete:
+        factorized = getattr(self, "kronecker", None) is not None and self.proj_dim is not None
+        record_rows = getattr(self.store, "first_batch_rows", lambda: 0)() is None
+        if (factorized or record_rows) and not writer.complete:
             data = iter(batches(data, self.label_key))  # the layout, checked or recorded before any row is written
             first = next(data, None)
             if first is not None:
-                with located(f"checkpoint {index}, batch 0", self.backend.name, first[0]):
-                    self._check_plan(prepared, *first, record=True)
+                if record_rows:  # JAX compiles its step at the first batch's size: TRAK.open gives it that size
+                    self.store.record_first_batch_rows(_check_lengths(*first, f"checkpoint {index}, batch 0"))
+                if factorized:
+                    with located(f"checkpoint {index}, batch 0", self.backend.name, first[0]):
+                        self._check_plan(prepared, *first, record=True)
                 data = itertools.chain([first], data)
         if writer.needs_template or (self.executor is not None and writer.template is None):
             data = iter(batches(data, self.label_key))  # one example tells the features' namespace, device and dtype

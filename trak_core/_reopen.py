@@ -43,6 +43,11 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
                backend=config["backend"] if backend is None else backend, store=store,
                normalize_features=config["normalize_features"], precision=config.get("precision", "float32"),
                lambda_reg=lambda_reg, **options)
+    from .executors import fix_step_size
+
+    rows = getattr(store, "first_batch_rows", lambda: None)()
+    if rows is not None:  # JAX: its step compiled at the writer's size, not the targets' (XLA rounds by size)
+        fix_step_size(trak.backend, rows)
     digests: list[str] = []
     for index, checkpoint in chosen:
         pending = trak._open_checkpoint(checkpoint, index=index)

@@ -5,7 +5,9 @@ One job: ``TRAK(store=path)``. Layout of the directory:
 - group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension,
   seed and precision, task (what a custom task computes too: ``tasks.task_identity``), parameter count and
   structure hash, backend, store format version); ``kronecker_plan``: with ``proj_type="kronecker"``, the
-  layout's hash (``KroneckerPlan.digest``), written with the first checkpoint's first rows.
+  layout's hash (``KroneckerPlan.digest``), written with the first checkpoint's first rows;
+  ``first_batch_rows``: the training data's first batch's rows (JAX compiles its step at that size; ``TRAK.open``
+  gives it to the backend again).
   Reopening with any difference raises ``StoreMismatchError`` naming the
   fields, and nothing is written. ``data``: the training set's ``n_train`` and digest (order
   included), once checkpoint 0 is complete.
@@ -308,6 +310,16 @@ class DiskStore(Store):
     def record_plan_digest(self, digest: str) -> None:
         self.writable()
         self.root.attrs["kronecker_plan"] = digest
+
+    def first_batch_rows(self) -> int | None:
+        """Rows of the training data's first batch (``None`` for stores written before trak-core kept it): a backend
+        that compiles its step at its first batch's size (JAX) is given it on reopening, as the writer had it."""
+        rows = self.root.attrs.get("first_batch_rows") if self.exists() else None
+        return None if rows is None else int(rows)
+
+    def record_first_batch_rows(self, rows: int) -> None:
+        self.writable()
+        self.root.attrs["first_batch_rows"] = int(rows)
 
     def stored_lambda_setting(self) -> float | str | None:
         """The ``lambda_reg`` the estimator was given ("auto" or a float) when the last complete checkpoint was
