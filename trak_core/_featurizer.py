@@ -145,7 +145,7 @@ class Featurizer(KernelFitting):
         n_inputs = _check_lengths(inputs, labels, where)
         with located(where, self.backend.name, inputs):
             if factorized:
-                self._check_plan(prepared, inputs, labels)
+                self._check_plan(prepared, index, inputs, labels)
                 out = self.backend.factorized_features(self.model, prepared, inputs, labels, self.task,
                                                        k=self.proj_dim, seed=self.seed, checkpoint=index,
                                                        options=self.kronecker)
@@ -159,19 +159,22 @@ class Featurizer(KernelFitting):
             out = (self._finish(out[0]), out[1])
         return out
 
-    def _check_plan(self, prepared: Any, inputs: Any, labels: Any, record: bool = False) -> None:
-        """The factorized layout of ``prepared`` (once per checkpoint snapshot) against the store's: another layout
+    def _check_plan(self, prepared: Any, index: int, inputs: Any, labels: Any, writer: Writer | None = None) -> None:
+        """The factorized layout of checkpoint ``index`` (once per snapshot) against the store's: another layout
         (a model whose ``forward`` now uses a weight outside its module, its parameters the same) would mix rows of
-        two projections in one checkpoint, or project targets unlike the stored features. ``record``: keep it in a
-        store that has none (featurize; a store written before trak-core kept it is not checked)."""
+        two projections in one checkpoint, or project targets unlike the stored features. ``writer`` (featurize):
+        records it where none is (a store written before trak-core kept it is not checked). Per checkpoint: a model
+        whose calls depend on the data (experts routed by the first example) may have one per checkpoint."""
         checked = self.__dict__.setdefault("_plans_checked", {})
         if id(prepared) in checked and checked[id(prepared)][0] is prepared:
             return
         plan = self.backend.factorized_plan(self.model, prepared, inputs, labels, self.task, k=self.proj_dim,
                                             options=self.kronecker)
-        digest, stored = plan.digest(), getattr(self.store, "plan_digest", lambda: None)()
-        if stored is None and record and hasattr(self.store, "record_plan_digest"):
-            self.store.record_plan_digest(digest)
+        digest = plan.digest()
+        stored = getattr(writer, "plan_digest", None) if writer is not None else \
+            getattr(self.store, "plan_digest", lambda index: None)(index)
+        if stored is None and hasattr(writer, "record_plan"):
+            writer.record_plan(digest)
         elif stored is not None and stored != digest:
             raise StoreMismatchError(f"proj_type='kronecker': the model's factorized layers now differ from those the "
                                      f"features in {self._where} were made with (layout {digest}, stored {stored}: "
@@ -330,7 +333,7 @@ class Featurizer(KernelFitting):
                     self.store.record_first_batch_rows(_check_lengths(*first, f"checkpoint {index}, batch 0"))
                 if factorized:
                     with located(f"checkpoint {index}, batch 0", self.backend.name, first[0]):
-                        self._check_plan(prepared, *first, record=True)
+                        self._check_plan(prepared, index, *first, writer=writer)
                 data = itertools.chain([first], data)
         if writer.needs_template or (self.executor is not None and writer.template is None):
             data = iter(batches(data, self.label_key))  # one example tells the features' namespace, device and dtype

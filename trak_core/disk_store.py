@@ -4,16 +4,15 @@ One job: ``TRAK(store=path)``. Layout of the directory:
 
 - group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension,
   seed and precision, task (what a custom task computes too: ``tasks.task_identity``), parameter count and
-  structure hash, backend, store format version); ``kronecker_plan``: with ``proj_type="kronecker"``, the
-  layout's hash (``KroneckerPlan.digest``), written with the first checkpoint's first rows;
-  ``first_batch_rows``: the training data's first batch's rows (JAX compiles its step at that size; ``TRAK.open``
-  gives it to the backend again).
+  structure hash, backend, store format version); ``first_batch_rows``: the training data's first batch's rows
+  (JAX compiles its step at that size; ``TRAK.open`` gives it to the backend again).
   Reopening with any difference raises ``StoreMismatchError`` naming the
   fields, and nothing is written. ``data``: the training set's ``n_train`` and digest (order
   included), once checkpoint 0 is complete.
 - ``c{index}/features`` (n, k) and ``c{index}/out_to_loss`` (n,), chunked by ``KERNEL_CHUNK_ROWS``
   rows; attributes ``rows_done``, one SHA-256 per chunk of each (``checksums``, ``out_to_loss_checksums``),
-  ``parameters_sha256`` (the checkpoint's
+  ``kronecker_plan`` (with ``proj_type="kronecker"``: the layout's hash, ``KroneckerPlan.digest``, written before
+  its first rows and checked by every later run on it, targets included), ``parameters_sha256`` (the checkpoint's
   content hash, written before any row), ``data_checksums`` (one digest of the training data per
   chunk, written before the chunk), and, once the checkpoint is done, ``c{index}/kernel`` (its SHA-256
   ``kernel_sha256`` written after it; ``Phi^T Phi``,
@@ -302,14 +301,11 @@ class DiskStore(Store):
         value = self.root[f"c{index}"].attrs.get("lambda_reg") if f"c{index}" in self.root else None
         return None if value is None else float(value)
 
-    def plan_digest(self) -> str | None:
-        """The factorized projection's layout (``KroneckerPlan.digest``) the features were made with (``None``: a
-        dense projection, or a store written before trak-core kept it)."""
-        return self.root.attrs.get("kronecker_plan") if self.exists() else None
-
-    def record_plan_digest(self, digest: str) -> None:
-        self.writable()
-        self.root.attrs["kronecker_plan"] = digest
+    def plan_digest(self, index: int) -> str | None:
+        """The factorized projection's layout (``KroneckerPlan.digest``) checkpoint ``index``'s features were made
+        with (``None``: a dense projection, or a store written before trak-core kept it)."""
+        group = f"c{index}"
+        return self.root[group].attrs.get("kronecker_plan") if self.exists() and group in self.root else None
 
     def first_batch_rows(self) -> int | None:
         """Rows of the training data's first batch (``None`` for stores written before trak-core kept it): a backend

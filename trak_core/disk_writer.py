@@ -125,6 +125,7 @@ class DiskWriter(Writer):
         self.checksums = dict(self.group.attrs.get("checksums", {}))
         self.weight_checksums = dict(self.group.attrs.get("out_to_loss_checksums", {}))  # absent in older stores
         self.parameters_digest = self.group.attrs.get("parameters_sha256")
+        self.plan_digest = self.group.attrs.get("kronecker_plan")  # proj_type="kronecker": the layout's hash
         self._data = dict(self.group.attrs.get("data_checksums", {}))
         self.damaged = False  # a complete checkpoint with a chunk that fails its checksum
         self.rows_done = self._verified_rows() if "features" in self.group else 0
@@ -159,6 +160,11 @@ class DiskWriter(Writer):
         if digest is not None and self.group.attrs.get("parameters_sha256") != digest:
             self.store.writable()
             self.group.attrs["parameters_sha256"] = digest
+
+    def record_plan(self, digest: str) -> None:
+        """The factorized projection's layout (``KroneckerPlan.digest``), before the checkpoint's first rows."""
+        self.store.writable()
+        self.plan_digest = self.group.attrs["kronecker_plan"] = digest
 
     def record_data(self, chunk: int, digest: str) -> None:
         if self._data.get(str(chunk)) != digest:

@@ -283,14 +283,6 @@ class MemoryStore(Store):
 
     def __init__(self) -> None:
         self._entries: list[CheckpointEntry] = []
-        self._plan: str | None = None
-
-    def plan_digest(self) -> str | None:
-        """The factorized projection's layout (``KroneckerPlan.digest``) the features were made with, if any."""
-        return self._plan
-
-    def record_plan_digest(self, digest: str) -> None:
-        self._plan = digest
 
     def writer(self, index: int, fingerprint: dict) -> MemoryWriter:
         """A writer for checkpoint ``index``'s features."""

@@ -333,12 +333,12 @@ class TorchBackend(Backend):
 
     def factorized_plan(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
                         k: int, options: Any) -> Any:
-        """The ``trak_core.kronecker.KroneckerPlan`` of ``model`` (found on the batch's first example; no factors)."""
-        from .kronecker_plan import discover
+        """The ``trak_core.kronecker.KroneckerPlan`` of ``model`` (found once per checkpoint; no factors)."""
+        from .kronecker_plan import discovered
 
         inputs, labels = self._batch(model, prepared, inputs, labels, task)
         with eval_mode(model), attention_for_vmap(model, prepared.dtype):
-            return discover(self, model, prepared, inputs, self._causal(model), options, k)[0]
+            return discovered(self, model, prepared, inputs, self._causal(model), options, k)[0]
 
     def factorized_features(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
                             k: int, seed: int, checkpoint: int, options: Any) -> tuple[Any, Any]:

@@ -15,7 +15,7 @@ from trak_core.kronecker import Kronecker, KroneckerPlan, Layer, factor, make_pl
 
 from .layers import computes_linear, hooks, kronecker_kind, layer_kind
 
-__all__ = ["Use", "Factorized", "find_uses", "discover", "factorized_state"]
+__all__ = ["Use", "Factorized", "find_uses", "discover", "discovered", "factorized_state"]
 
 
 @dataclass
@@ -139,6 +139,17 @@ def _shared_biases(by_weight: dict[str, list[Use]]) -> set[str]:
     return {bias for bias, weights in owners.items() if len(weights) > 1}
 
 
+def discovered(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool, options: Kronecker,
+               k: int) -> tuple[KroneckerPlan, list[Use], Any]:
+    """``discover``'s result for ``prepared``, found once (on the first batch it sees) and kept: the layout of every
+    seed's and checkpoint index's features, and the one the store's check reads (``TorchBackend.factorized_plan``),
+    so that a model whose calls depend on the data (experts routed by the first example) keeps one layout."""
+    cache = prepared.__dict__.setdefault("_kronecker_found", {})
+    if (k, options) not in cache:
+        cache[(k, options)] = discover(backend, model, prepared, inputs, causal, options, k)
+    return cache[(k, options)]
+
+
 def factorized_state(backend: Any, model: Any, prepared: Any, inputs: Any, causal: bool, *, k: int, seed: int,
                      checkpoint: int, options: Kronecker) -> Factorized:
     """The cached ``Factorized`` of ``prepared`` (made on its first batch)."""
@@ -147,7 +158,7 @@ def factorized_state(backend: Any, model: Any, prepared: Any, inputs: Any, causa
     key = (k, seed, checkpoint, options)
     cache = prepared.__dict__.setdefault("_kronecker", {})
     if key not in cache:
-        plan, uses, inside = discover(backend, model, prepared, inputs, causal, options, k)
+        plan, uses, inside = discovered(backend, model, prepared, inputs, causal, options, k)
         dtype = prepared.dtype if torch.finfo(prepared.dtype).bits >= 32 else torch.float32
         factors = []
         for block in plan.blocks:
