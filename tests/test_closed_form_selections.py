@@ -140,12 +140,20 @@ def test_a_parameter_no_call_uses_has_zero_gradients_until_a_batch_uses_it(caplo
     assert "table (4, 5) is used by an operation the closed form does not follow" in caplog.text
 
 
-def test_an_untied_bart_takes_the_closed_form():
-    """BART with ``tie_word_embeddings=False``: ``model.shared`` is never called (the encoder's and decoder's tables
-    are their own); its gradients are zero, the rest in closed form, against BART's own backward pass one example at
-    a time (float64). It took vmap before."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
+class Logits(nn.Module):
+    """A Hugging Face classifier called on a tensor of token ids: its logits."""
 
+    def __init__(self, model):
+        super().__init__()
+        self.bart = model
+
+    def forward(self, ids):
+        return self.bart(input_ids=ids).logits
+
+
+def untied_bart(transformers):
+    """A tiny ``BartForSequenceClassification`` with ``tie_word_embeddings=False`` (float64, eval) and a batch of
+    four: ``model.shared`` is never called, the encoder's and decoder's tables are their own."""
     torch.manual_seed(0)
     config = transformers.BartConfig(vocab_size=40, d_model=8, encoder_layers=1, decoder_layers=1,
                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
@@ -155,21 +163,21 @@ def test_an_untied_bart_takes_the_closed_form():
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(3, 40, (4, 6), generator=g)
     ids[:, -1] = config.eos_token_id
-    y = torch.randint(0, 3, (4,), generator=g)
+    return model, ids, torch.randint(0, 3, (4,), generator=g)
+
+
+def test_an_untied_bart_takes_the_closed_form():
+    """BART with ``tie_word_embeddings=False``: ``model.shared`` is never called (the encoder's and decoder's tables
+    are their own); its gradients are zero, the rest in closed form, against BART's own backward pass one example at
+    a time (float64). It took vmap before."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
+
+    model, ids, y = untied_bart(transformers)
     task = get_task("classification")
     backend = TorchBackend()
     prepared = backend.prepare(model, None)
     grads, _ = backend.gradients(model, prepared, {"input_ids": ids}, y, task)
-
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bart = model
-
-        def forward(self, inputs):
-            return self.bart(input_ids=inputs).logits
-
-    reference = _one_at_a_time(Logits(), ids, y, task)
+    reference = _one_at_a_time(Logits(model), ids, y, task)
     assert float(torch.linalg.vector_norm(grads - reference) / torch.linalg.vector_norm(reference)) < 1e-12
     assert prepared._closed_form[id(task)] is not None
     assert "model.shared.weight" in prepared.params and model.model.shared.weight is not \

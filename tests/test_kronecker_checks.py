@@ -156,27 +156,10 @@ def test_an_untied_bart_keeps_the_batched_pass():
     """BART with ``tie_word_embeddings=False``: ``model.shared`` is never called, so it is in the rest with zero
     gradients; before, it kept the rest from the batched pass, and vmap then failed on BART's classification head."""
     transformers = pytest.importorskip("transformers", reason="transformers is not installed: not exercised")
+    from test_closed_form_selections import Logits, untied_bart
 
-    torch.manual_seed(0)
-    config = transformers.BartConfig(vocab_size=40, d_model=8, encoder_layers=1, decoder_layers=1,
-                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
-                                     decoder_ffn_dim=16, max_position_embeddings=16, num_labels=3,
-                                     tie_word_embeddings=False)
-    bart = transformers.BartForSequenceClassification(config).double().eval()
-
-    class Logits(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bart = bart
-
-        def forward(self, ids):
-            return self.bart(input_ids=ids).logits
-
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, 40, (4, 6), generator=g)
-    ids[:, -1] = config.eos_token_id
-    model, backend = Logits(), TorchBackend()
-    plan = _check_exact(model, ids, torch.randint(0, 3, (4,), generator=g), "classification", k=48, backend=backend)
+    bart, ids, y = untied_bart(transformers)
+    plan = _check_exact(Logits(bart), ids, y, "classification", k=48, backend=TorchBackend())
     assert "bart.model.shared.weight" in plan.rest
 
 
