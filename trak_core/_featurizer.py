@@ -323,24 +323,23 @@ class Featurizer(KernelFitting):
         total = length_of(data)
         if self.executor is not None:
             data = list(batches(data, self.label_key))
-        factorized = getattr(self, "kronecker", None) is not None and self.proj_dim is not None
-        record_rows = getattr(self.store, "first_batch_rows", lambda: 0)() is None
-        if (factorized or record_rows) and not writer.complete:
-            data = iter(batches(data, self.label_key))  # the layout, checked or recorded before any row is written
+        writing = not writer.complete
+        factorized = writing and getattr(self, "kronecker", None) is not None and self.proj_dim is not None
+        record_rows = writing and getattr(self.store, "first_batch_rows", lambda: 0)() is None
+        template = writer.needs_template or (self.executor is not None and writer.template is None)
+        if factorized or record_rows or template:  # the first batch, before any row is written
+            data = iter(batches(data, self.label_key))
             first = next(data, None)
             if first is not None:
+                where = f"checkpoint {index}, batch 0"
                 if record_rows:  # JAX compiles its step at the first batch's size: TRAK.open gives it that size
-                    self.store.record_first_batch_rows(_check_lengths(*first, f"checkpoint {index}, batch 0"))
-                if factorized:
-                    with located(f"checkpoint {index}, batch 0", self.backend.name, first[0]):
+                    self.store.record_first_batch_rows(_check_lengths(*first, where))
+                if factorized:  # the layout, recorded or checked
+                    with located(where, self.backend.name, first[0]):
                         self._check_plan(prepared, index, *first, writer=writer)
-                data = itertools.chain([first], data)
-        if writer.needs_template or (self.executor is not None and writer.template is None):
-            data = iter(batches(data, self.label_key))  # one example tells the features' namespace, device and dtype
-            first = next(data, None)
-            if first is not None:
-                one = (take_rows(first[0], 0, 1), first[1][:1, ...])
-                writer.set_template(self._batch_features(prepared, index, *one, f"checkpoint {index}, batch 0")[0])
+                if template:  # one example tells the features' namespace, device and dtype
+                    one = (take_rows(first[0], 0, 1), first[1][:1, ...])
+                    writer.set_template(self._batch_features(prepared, index, *one, where)[0])
                 data = itertools.chain([first], data)
         if writer.complete:  # stored: only check that the data is the same, in the same order
             for inputs, labels in progress(batches(data, self.label_key), desc=f"check checkpoint {index}'s data",
