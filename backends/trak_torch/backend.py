@@ -347,7 +347,7 @@ class TorchBackend(Backend):
         import torch
 
         from .kronecker import batch_features
-        from .kronecker_check import check_plan
+        from .kronecker_check import check_plan, watch_outside_uses
 
         inputs, labels = self._batch(model, prepared, inputs, labels, task)
         state = self._factorized(model, prepared, inputs, labels, k=k, seed=seed, checkpoint=checkpoint,
@@ -367,10 +367,13 @@ class TorchBackend(Backend):
             features = run()
             if not state.checked:  # once per checkpoint: the first example against its dense gradient
                 batched = state.batched is not False  # None: a first batch of one example, computed alone
-                path = attention_for_closed_form(model) if batched else attention_for_vmap(model, prepared.dtype)
+                path = (lambda: attention_for_closed_form(model)) if batched else \
+                    (lambda: attention_for_vmap(model, prepared.dtype))  # the attention of the features' path
                 half = torch.finfo(prepared.dtype).bits < 32  # rounding as large as a missing use: warned of
+                with path():  # a use outside a module is wrong on any path: checked once, before the path's check
+                    watch_outside_uses(self, model, prepared, state, inputs, causal)
                 try:
-                    with path:  # the attention of the path the features took
+                    with path():
                         check_plan(self, model, prepared, state, inputs, labels, task, causal, features,
                                    lenient=half and not batched)
                 except TrakValueError as exc:  # a batched pass that misread a layer's rows (positions without a

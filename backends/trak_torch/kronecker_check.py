@@ -40,7 +40,8 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
     the rounding allowance is a warning, not an error (half precision under ``vmap``, where both sides are that
     far from the float64 gradient: bfloat16 EfficientNet's squeeze-excitation blocks 5-23%; the watch over the
     batch's ops has found no use outside a module, and ``vmap`` reads no rows wrong); non-finite features are
-    always an error.
+    always an error. Uses outside a module on any example of the batch: ``watch_outside_uses``, which the caller
+    runs first, once (wrong on any path, they are not a reason to take the features again through ``vmap``).
     """
     import torch
     from torch.utils._pytree import tree_map
@@ -48,7 +49,6 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
     from .closed_form import check_tolerance
     from .looped import batch_norm_layout
 
-    watch_outside_uses(backend, model, prepared, state, inputs, causal)
     names = {name for block in state.plan.blocks for name in (block.layer.name, block.layer.bias) if name}
     params = {name: t.detach().clone().requires_grad_(name in names) for name, t in prepared.params.items()}
     with torch.enable_grad(), batch_norm_layout(model):
@@ -76,7 +76,7 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
                                 None if bias is None else bias.abs(), state.dtype)
         squares = _dense_block(block, (pair[0].square(), pair[1].square()), weight.to(state.dtype).square(),
                                None if bias is None else bias.to(state.dtype).square(), state.dtype)
-        root = float(torch.linalg.vector_norm(torch.sqrt(squares.clamp(min=0) / math.sqrt(block.k))))
+        root = math.sqrt(float(squares.clamp(min=0).sum()) / math.sqrt(block.k))
         got = features[0, block.start:block.start + block.k].to(state.dtype)
         scale = max(float(torch.linalg.vector_norm(dense)), float(torch.finfo(state.dtype).tiny))
         error = float(torch.linalg.vector_norm(got - dense)) / scale
