@@ -358,49 +358,6 @@ TASKS = {"classification": Classification(), "regression": Regression(), "langua
          "seq2seq": Seq2SeqLanguageModeling(), "token_classification": TokenClassification()}  # stateless, shared
 
 
-def task_functions(task: Task) -> str | None:
-    """A custom task's identity as stores written before ``task_identity`` recorded it (``module.qualname#`` and a
-    hash of each function's source); kept to reopen them. ``None`` for the built-in tasks."""
-    if type(task) in {type(builtin) for builtin in TASKS.values()}:
-        return None
-
-    def named(function: Any) -> str:
-        if function is None:
-            return "-"
-        import hashlib
-        import inspect
-
-        qualname = getattr(function, "__qualname__", type(function).__qualname__)
-        try:  # the source tells two lambdas of one module apart, and is the same on any Python version
-            source = "#" + hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:12]
-        except (OSError, TypeError):  # defined where no source is kept (an interactive session)
-            source = ""
-        return f"{getattr(function, '__module__', '?')}.{qualname}{source}"
-
-    if isinstance(task, CustomTask):
-        return ", ".join(named(f) for f in (task._output, task._out_to_loss, task._output_grad))
-    return named(type(task))
-
-
-def task_identity(task: Task, *, output_grad: bool = False) -> str | None:
-    """What identifies a task beyond its name in a store's fingerprint: for a ``CustomTask``, what its ``output``
-    and ``out_to_loss`` compute (``trak_core._task_identity``: their code, captured values and arguments; and
-    ``output_grad``'s when ``output_grad``, for the analytic backend that uses it) and ``logits_ndim``; for another
-    user ``Task`` class, its methods and attributes; ``None`` for the built-in tasks."""
-    if type(task) in {type(builtin) for builtin in TASKS.values()}:
-        return None
-    from ._task_identity import callable_digest
-
-    if isinstance(task, CustomTask):
-        parts = [f"output={callable_digest(task._output)}", f"out_to_loss={callable_digest(task._out_to_loss)}"]
-        if output_grad:
-            parts.append(f"output_grad={callable_digest(task._output_grad)}")
-    else:
-        parts = [f"{name}={callable_digest(getattr(type(task), name, None))}" for name in ("output", "out_to_loss")]
-        parts.append(f"state={callable_digest(vars(task) if hasattr(task, '__dict__') else None)}")
-    return ", ".join(parts + [f"logits_ndim={getattr(task, 'logits_ndim', None)}"])
-
-
 def get_task(task: str | Task) -> Task:
     """Return the task named ``task`` (see ``TASKS``) or ``task`` itself if it is a Task."""
     if isinstance(task, str):
@@ -412,3 +369,6 @@ def get_task(task: str | Task) -> Task:
     if isinstance(task, Task):
         return task
     raise TrakTypeError(f"task must be a name in {sorted(TASKS)} or a Task object, got {type(task).__name__}")
+
+
+from ._task_identity import task_functions, task_identity  # noqa: E402  (re-exported: a task's identity)
