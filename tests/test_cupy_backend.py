@@ -132,3 +132,14 @@ def test_kernel_compiles_for_hopper_without_spills(tmp_path, input_type):
                              "-o", str(tmp_path / "kernel.o")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "0 bytes spill stores" in result.stderr
+
+
+def test_precomputed_gradients_take_numpy_integers_and_refuse_bools():
+    """n_params from NumPy arithmetic (np.int64) was refused while True was taken as one parameter."""
+    from trak_cupy import PrecomputedGradients
+
+    counted = PrecomputedGradients(np.int64(2000))
+    assert counted.n_params == 2000 and type(counted.n_params) is int
+    for bad in (True, 0, 2000.0, "2000"):
+        with pytest.raises(ValueError, match="n_params must be a positive integer"):
+            PrecomputedGradients(bad)

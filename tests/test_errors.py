@@ -361,3 +361,20 @@ def test_ray_executor_arguments_are_checked_when_made(options, named):
         RayExecutor(**options)
     assert RayExecutor(num_workers=np.int64(3), shard_rows=np.int32(8192)).num_workers == 3
     assert RayExecutor(shard_rows=1e5, max_retries=-1).shard_rows == 100000  # as before: rounded up to chunks later
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, AssertionError])
+def test_a_first_featurize_stopped_by_an_error_without_a_message_is_named(setup, error):
+    """Ctrl-C (or a bare assert) in the first featurize: score() raised IndexError on the error's empty message
+    instead of saying that featurize failed."""
+    model, theta, x, y = setup
+    trak = TRAK(model, proj_dim=8, progress=False)
+
+    def batches():
+        raise error
+        yield x, y
+
+    with pytest.raises(error):
+        trak.featurize(theta, batches())
+    with pytest.raises(ValueError, match=rf"the last featurize failed \({error.__name__}: no message\)"):
+        trak.score([(x, y)])

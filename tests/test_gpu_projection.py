@@ -146,3 +146,19 @@ def test_gpu_arrays_project_with_the_triton_kernel(device, monkeypatch):
         assert np.linalg.norm(fused - generic) / np.linalg.norm(generic) < 1e-6
     assert len(launches) == (0 if type(x).__module__.startswith("torch") else 2)  # CuPy's launch for CuPy and JAX
     assert _triton.launch_plan(70, 300_001, 1000, 132)["splits"] > 1
+
+
+def test_a_jax_arrays_cuda_ordinal_is_its_local_id_even_when_zero():
+    """On a second host (or process) of a multi-process JAX run, GPU 0 has a global id of 8: CuPy was given 8
+    (``local_hardware_id or id`` took the local 0 for missing), a device that is not there or another GPU."""
+    from types import SimpleNamespace
+
+    from trak_core._triton import _jax_ordinal
+
+    def array_on(**device):
+        return SimpleNamespace(devices=lambda: [SimpleNamespace(**device)])  # JAX gives a set; next(iter()) either way
+
+    assert _jax_ordinal(array_on(id=8, local_hardware_id=0)) == 0
+    assert _jax_ordinal(array_on(id=9, local_hardware_id=1)) == 1
+    assert _jax_ordinal(array_on(id=3, local_hardware_id=None)) == 3  # a device that does not say: its id
+    assert _jax_ordinal(array_on(id=2)) == 2

@@ -195,3 +195,15 @@ def test_jax_packed_block_loop_equals_the_reference(rng):
     expected = grads.astype(np.float64) @ projection_matrix(p, k, seed=5, checkpoint=2, dtype=np.float64)
     assert isinstance(out, type(jnp.zeros(1))) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_numpy_integers_are_taken_as_sizes_and_bools_are_not(rng):
+    """k, p and offset from NumPy arithmetic (np.int64) were refused as "not a positive integer", unlike proj_dim."""
+    grads = rng.normal(size=(3, 10))
+    assert np.array_equal(project(grads, np.int64(8), offset=np.int32(4)), project(grads, 8, offset=4))
+    matrix = projection_matrix(np.int64(10), np.int16(8), offset=np.uint8(4))
+    assert matrix.shape == (10, 8)
+    np.testing.assert_array_equal(grads @ matrix, grads @ projection_matrix(10, 8, offset=4))
+    for bad in (dict(k=True), dict(k=8.0), dict(k=8, offset=True)):
+        with pytest.raises(ValueError, match="integer"):
+            project(grads, **bad)

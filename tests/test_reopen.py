@@ -353,3 +353,27 @@ def test_a_jax_store_reopened_in_a_new_process_scores_bit_identically(tmp_path, 
     subprocess.run([sys.executable, str(script), str(tmp_path / "store"), str(tmp_path / "scores.npy")], check=True,
                    cwd=root, timeout=300, env=env)
     assert np.array_equal(np.load(tmp_path / "scores.npy"), expected)
+
+
+def test_a_store_of_a_backend_without_a_parameters_digest_reopens(tmp_path):
+    """A backend keeping the protocol's default parameters_digest (None: no such checks), as trak_cupy's
+    PrecomputedGradients does, stores no digest; TRAK.open refused its complete store as "incomplete or has no
+    parameters_sha256", which featurizing again could never mend."""
+    from trak_core.backends.numpy_backend import ArrayAPIBackend
+    from trak_core.backends.protocol import Backend
+
+    class Digestless(ArrayAPIBackend):
+        name = "digestless"
+        parameters_digest = Backend.parameters_digest
+
+    x, y = _data()
+    model, path, targets = MLP(5, 4, 3), tmp_path / "store", [(x[:7], y[:7])]
+    trak = TRAK(model, proj_dim=32, store=path, backend=Digestless(), progress=False)
+    for c in range(2):
+        trak.featurize(model.init(seed=c), [(x, y)])
+    reopened = TRAK.open(path, model, [model.init(seed=c) for c in range(2)], backend=Digestless())
+    assert np.array_equal(reopened.score(targets), trak.score(targets))
+    reference = TRAK(model, proj_dim=32, progress=False)  # the numpy backend, in memory: the same numbers
+    for c in range(2):
+        reference.featurize(model.init(seed=c), [(x, y)])
+    np.testing.assert_allclose(reopened.score(targets), reference.score(targets), rtol=1e-12, atol=1e-12)

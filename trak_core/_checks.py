@@ -227,6 +227,11 @@ def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
     return [by_index[c] for c in chosen]
 
 
+def _first_line(error: BaseException) -> str:
+    """An error's first line, at most 200 characters; ``"no message"`` for one without (``KeyboardInterrupt()``)."""
+    return (str(error).splitlines() or ["no message"])[0][:200] or "no message"
+
+
 def check_scorable(store: Any, last_error: BaseException | None, what: str, *,
                    missing: BaseException | None = None) -> None:
     """Refuse ``what`` (a method needing features) on an estimator with no featurized checkpoint, saying why; and,
@@ -236,14 +241,14 @@ def check_scorable(store: Any, last_error: BaseException | None, what: str, *,
         if missing is not None:
             held = [entry.index for entry in store]
             raise TrakValueError(f"{what}: the last featurize failed ({type(missing).__name__}: "
-                                 f"{str(missing).splitlines()[0][:200] if str(missing) else 'interrupted'}), "
+                                 f"{_first_line(missing)}), "
                                  "so an ensemble of every checkpoint would lack that one: featurize it again (an "
                                  "on-disk store resumes where it stopped), or pass checkpoints="
                                  f"{held} to use the {len(held)} featurized")
         return
     message = f"{what} called before any featurize(): featurize every checkpoint first"
     if last_error is not None:
-        message += f"; the last featurize failed ({type(last_error).__name__}: {str(last_error).splitlines()[0][:200]})"
+        message += f"; the last featurize failed ({type(last_error).__name__}: {_first_line(last_error)})"
     elif store.stored_checkpoints():
         message += (f"; the store at {store.location} holds {store.stored_checkpoints()} complete checkpoints: "
                     "TRAK.open(path, model, checkpoints) loads them without the training data")

@@ -55,10 +55,12 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
             raise StoreMismatchError(f"checkpoint {index} in {path} is damaged (a chunk of its features or out-to-loss "
                                      "weights fails its checksum); featurize it again with its training data, which "
                                      "redoes the damaged rows only")
-        if pending.writer.parameters_digest is None or not pending.writer.complete:
+        # a backend without parameters_digest (the protocol's default None; trak_cupy's PrecomputedGradients)
+        # stores none: nothing to check, as when featurizing (Backend.parameters_digest)
+        if not pending.writer.complete or (pending.writer.parameters_digest is None and pending.digest is not None):
             raise StoreMismatchError(f"checkpoint {index} in {path} is incomplete or has no parameters_sha256; "
                                      "featurize it again with its training data")
-        if pending.digest in digests:
+        if pending.digest is not None and pending.digest in digests:
             raise TrakValueError(f"checkpoints {chosen[digests.index(pending.digest)][0]} and {index} have the same "
                                  "parameters; pass each stored checkpoint once, in order")
         digests.append(pending.digest)

@@ -142,7 +142,8 @@ def _processors(x: Any) -> int:
 def _jax_ordinal(x: Any) -> int:
     """The CUDA device number of a JAX GPU array."""
     device = next(iter(x.devices()))
-    return int(getattr(device, "local_hardware_id", None) or device.id)
+    local = getattr(device, "local_hardware_id", None)  # 0 is a valid ordinal: not `or` (device.id is global)
+    return int(device.id if local is None else local)
 
 
 def total(partial: Any) -> Any:

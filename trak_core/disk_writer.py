@@ -360,7 +360,7 @@ def open_root(path: str, mode: str) -> Any:
     return zarr.open_group(path, mode=mode)
 
 
-def write_rows(location: str, index: int, start: int, features: Any, out_to_loss: Any) -> dict[str, str]:
+def write_rows(location: str, index: int, start: int, features: Any, out_to_loss: Any) -> dict[str, dict[str, str]]:
     """Write rows ``start ..`` of checkpoint ``index``'s allocated arrays (a parallel worker's shard).
 
     Returns the checksums of the chunks written (``{"features": ..., "out_to_loss": ...}``), for

@@ -57,7 +57,8 @@ class _Worker:
         return os.getpid()
 
     def featurize(self, checkpoint: Any, index: int, batches: list, first_batch: int, first_row: int, start: int,
-                  stop: int, path: str, fail_marker: str | None = None, step_rows: int = 0) -> dict[str, str]:
+                  stop: int, path: str, fail_marker: str | None = None,
+                  step_rows: int = 0) -> dict[str, dict[str, str]]:
         """Write rows ``start .. stop-1`` of checkpoint ``index``; ``batches`` are the training data's batches
         ``first_batch ..``, whose first row is training row ``first_row``. Returns the chunks' checksums.
         ``step_rows``: the training data's first batch's rows, which fix a compiled step's size in one process."""

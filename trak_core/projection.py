@@ -41,15 +41,20 @@ KINDS = ("rademacher", "gaussian")
 _BLOCK_BYTES = 64 * 2**20  # memory for one generated block when the matrix is not cached
 
 
-def _check(p: int, k: int, kind: str, offset: int) -> None:
+def _check(p: int, k: int, kind: str, offset: int) -> tuple[int, int, int]:
+    """``(p, k, offset)`` as Python ints (NumPy integers taken too, bools not), checked."""
+    from ._checks import _integer
+
     if kind not in KINDS:
         raise TrakValueError(f"unknown projection kind {kind!r}; choose one of {KINDS}")
-    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+    k_, p_, offset_ = _integer(k), _integer(p), _integer(offset)
+    if k_ is None or k_ <= 0:
         raise TrakValueError(f"projection dimension k must be a positive integer, got {k!r}")
-    if not isinstance(p, int) or isinstance(p, bool) or p < 0:
+    if p_ is None or p_ < 0:
         raise TrakValueError(f"number of rows p must be a non-negative integer, got {p!r}")
-    if not isinstance(offset, int) or offset < 0:
+    if offset_ is None or offset_ < 0:
         raise TrakValueError(f"offset must be a non-negative integer, got {offset!r}")
+    return p_, k_, offset_
 
 
 def _seed_words(seed: int) -> tuple[int, int]:
@@ -163,7 +168,7 @@ def projection_matrix(p: int, k: int, *, seed: int = 0, checkpoint: int = 0, kin
     Gaussian entries go through ``log``, ``sqrt``, ``cos`` and ``sin`` in float64 where the
     namespace has it, so they agree across namespaces to a few ulp, not bit for bit.
     """
-    _check(p, k, kind, offset)
+    p, k, offset = _check(p, k, kind, offset)
     if xp is None:
         import array_api_compat.numpy as xp
     else:
@@ -232,7 +237,7 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
     if grads.ndim != 2:
         raise TrakValueError(f"grads must be 2-D (n_examples, n_params), got shape {tuple(grads.shape)}")
     n, p = grads.shape
-    _check(p, k, kind, offset)
+    p, k, offset = _check(p, k, kind, offset)
     if not xp.isdtype(grads.dtype, "real floating"):
         raise TrakTypeError(f"grads must have a real floating dtype, got {grads.dtype}")
     if xp.finfo(grads.dtype).bits < 32 and not uses_split(grads, kind, precision):

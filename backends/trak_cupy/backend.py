@@ -19,9 +19,12 @@ class PrecomputedGradients:
     """
 
     def __init__(self, n_params: int) -> None:
-        if not isinstance(n_params, int) or n_params <= 0:
+        from trak_core._checks import _integer
+
+        count = _integer(n_params)  # NumPy integers too; not a bool
+        if count is None or count <= 0:
             raise TrakValueError(f"n_params must be a positive integer, got {n_params!r}")
-        self.n_params = n_params
+        self.n_params = count
 
 
 def _require_gpu() -> Any:
