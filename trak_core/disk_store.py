@@ -61,7 +61,7 @@ STORE_FORMAT = 1  # the layout above; a store of another format is refused (Stor
 class DiskStore(Store):
     """Checkpoint entries whose features live in a zarr v3 group at ``path`` (created by the first write)."""
 
-    def __init__(self, path: str | pathlib.Path) -> None:
+    def __init__(self, path: str | os.PathLike) -> None:
         """Open the store at ``path``: a local directory, or any URL zarr opens through fsspec.
 
         Notes

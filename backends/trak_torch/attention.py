@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, ContextManager, Iterator, Mapping
 
 __all__ = ["attention_bias", "model_masks", "uncounted_pad_predictions", "causal_model", "hugging_face_model",
            "attention_for_vmap", "attention_for_closed_form", "note_mask", "vmap_keeps_sdpa"]
@@ -198,7 +198,7 @@ def _modules(model: Any) -> list[Any]:
     return list(modules()) if callable(modules) else [model]
 
 
-def attention_for_vmap(model: Any, dtype: Any = None) -> Iterator[None]:
+def attention_for_vmap(model: Any, dtype: Any = None) -> ContextManager[None]:
     """Eager attention (vmap-friendly) for the duration, then the model's own again. A float64 model keeps SDPA
     if it is its own: Hugging Face's eager attention takes its softmax in float32 (float64 gradients of Llama,
     Mistral, Qwen2, Phi, GPT-NeoX 3e-8 to 7e-8 off, and NaN for OPT's own left-padding masks), and SDPA in float64
@@ -216,7 +216,7 @@ def vmap_keeps_sdpa(model: Any, dtype: Any) -> bool:
                                           == "sdpa" for module in _modules(model))
 
 
-def attention_for_closed_form(model: Any) -> Iterator[None]:
+def attention_for_closed_form(model: Any) -> ContextManager[None]:
     """The model's own attention if it is eager or SDPA (which take trak-core's additive 4-D mask), else SDPA."""
     return _attention(model, ("eager", "sdpa"), "sdpa")
 
