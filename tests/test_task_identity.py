@@ -12,7 +12,7 @@ pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are no
 torch = pytest.importorskip("torch", reason="torch is not installed: custom tasks need autodiff")
 
 from trak_core import TRAK, CustomTask, StoreMismatchError  # noqa: E402
-from trak_core.tasks import task_functions, task_identity  # noqa: E402
+from trak_core.tasks import Classification, LanguageModeling, task_functions, task_identity  # noqa: E402
 
 
 def _scaled(scale):
@@ -107,3 +107,113 @@ def test_stores_written_with_the_source_hash_still_reopen(tmp_path):
     assert torch.equal(again.score([(x[:3], y[:3])]), trak.score([(x[:3], y[:3])]))
     with pytest.raises(StoreMismatchError, match="task_functions"):
         TRAK.open(tmp_path / "store", model, [model.state_dict()], task=CustomTask(_scaled(1.0)), progress=False)
+
+
+class _Masked(LanguageModeling):
+    """A user's variant of a built-in task: another ignored label (the audit's case: changed between two runs)."""
+    name = "masked_lm"
+    ignore_index = -1
+
+
+class _MaskedOther(LanguageModeling):
+    name = "masked_lm"
+    ignore_index = -100
+
+
+class _Scaled:
+    """A user Task class whose numbers come from a helper method and a class-level setting."""
+    name, logits_ndim, scale = "scaled", 2, 1.0
+
+    def check_labels(self, labels, n_outputs, *, xp):
+        pass
+
+    def _margin(self, logits, xp):
+        return logits[:, 0] - logits[:, 1]
+
+    def output(self, logits, labels, *, xp):
+        return self.scale * self._margin(logits, xp)
+
+    def output_grad(self, logits, labels, *, xp):
+        raise NotImplementedError("torch differentiates output")
+
+    def out_to_loss(self, logits, labels, *, xp):
+        return xp.ones_like(logits[:, 0])
+
+
+class _ScaledMore(_Scaled):
+    scale = 3.0
+
+
+class _OtherMargin(_Scaled):
+    def _margin(self, logits, xp):
+        return logits[:, 0] - logits[:, 2]
+
+
+def test_task_classes_with_other_settings_or_helpers_are_told_apart(tmp_path):
+    """Only a Task class's output and out_to_loss were digested: a subclass of LanguageModeling with another
+    ignore_index, or a class whose scale or helper method changed, had the same identity and reopened another's
+    store."""
+    assert task_identity(_Masked()) != task_identity(_MaskedOther())
+    assert task_identity(_Masked()) == task_identity(_Masked())
+    identities = {task_identity(task) for task in (_Scaled(), _ScaledMore(), _OtherMargin())}
+    assert len(identities) == 3
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    trak = TRAK(model, task=_Scaled(), proj_dim=8, store=tmp_path / "store", progress=False)
+    trak.featurize(None, [(x, y)])
+    for other in (_ScaledMore(), _OtherMargin()):
+        with pytest.raises(StoreMismatchError, match="task_identity"):
+            TRAK.open(tmp_path / "store", model, [model.state_dict()], task=other, progress=False)
+    again = TRAK.open(tmp_path / "store", model, [model.state_dict()], task=_Scaled(), progress=False)
+    assert torch.equal(again.score([(x[:3], y[:3])]), trak.score([(x[:3], y[:3])]))
+
+
+def test_a_task_class_store_written_before_classes_were_digested_still_reopens(tmp_path):
+    """Stores of user Task classes hold the identity of output and out_to_loss alone: compared as before."""
+    import zarr
+
+    from trak_core._task_identity import task_identity_before_classes
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    trak = TRAK(model, task=_Scaled(), proj_dim=8, store=tmp_path / "store", progress=False)
+    trak.featurize(None, [(x, y)])
+    root = zarr.open_group(str(tmp_path / "store"), mode="r+")
+    old = task_identity_before_classes(_Scaled())
+    assert old != task_identity(_Scaled())
+    root.attrs["trak_core"] = {**dict(root.attrs["trak_core"]), "task_identity": old}  # as an older trak-core wrote
+    again = TRAK.open(tmp_path / "store", model, [model.state_dict()], task=_Scaled(), progress=False)
+    assert torch.equal(again.score([(x[:3], y[:3])]), trak.score([(x[:3], y[:3])]))
+    class Negated(_Scaled):  # another output: told apart by the identity as it was then
+        def output(self, logits, labels, *, xp):
+            return -self._margin(logits, xp)
+
+    with pytest.raises(StoreMismatchError, match="task_identity"):
+        TRAK.open(tmp_path / "store", model, [model.state_dict()], task=Negated(), progress=False)
+
+
+def test_trak_cores_own_code_is_identified_by_name():
+    """A subclass of a built-in task inherits trak-core's methods: their identity is their name (as a built-in
+    task's is), so a new trak-core's edits (a docstring) refuse no store; a user's override still counts."""
+    import types
+
+    from trak_core._task_identity import callable_digest
+
+    edited = types.FunctionType((lambda self, logits, labels, *, xp: 0).__code__, {}, "output")
+    edited.__module__, edited.__qualname__ = "trak_core.tasks", "Classification.output"
+    assert callable_digest(edited) == callable_digest(Classification.output)
+    edited.__module__ = "my_tasks"
+    assert callable_digest(edited) != callable_digest(Classification.output)
+
+    class Overridden(Classification):
+        name = "overridden"
+
+        def output(self, logits, labels, *, xp):
+            return logits[:, 0]
+
+    class Inherited(Classification):
+        name = "overridden"
+
+    assert task_identity(Overridden()) != task_identity(Inherited())

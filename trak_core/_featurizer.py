@@ -19,7 +19,7 @@ from ._fitting import KernelFitting
 from ._identity import DataCheck, check_lambda_setting, check_parameters, refuse_duplicate
 from ._namespace import namespace
 from ._progress import length_of, progress
-from .tasks import task_functions, task_identity
+from ._task_identity import task_functions, task_identity, task_identity_before_classes
 from .backends.protocol import batches
 from .errors import StoreMismatchError, TrakCoreError, TrakValueError
 from .fingerprints import to_numpy
@@ -388,4 +388,5 @@ class Featurizer(KernelFitting):
         if identity is not None:  # a custom task: what it computes, so another one with the same name is told apart
             out["task_identity"] = identity
             out["_legacy_task_functions"] = task_functions(self.task)  # to reopen stores written before (not stored)
+            out["_legacy_task_identity"] = task_identity_before_classes(self.task)  # likewise
         return out

@@ -3,7 +3,8 @@
 One job: tell two custom tasks apart when they would give other numbers, and not when they would not. A
 function is identified by its source (its bytecode where Python keeps no source), the constants and names of its
 code, its defaults, the values its closure captured and the values of the globals it reads, recursively through the
-functions it calls;
+functions it calls; trak-core's own functions and classes (a subclass of a built-in task inherits its methods) by
+their qualified names, as the built-in tasks are identified by name, so that editing trak-core refuses no store;
 ``functools.partial`` objects by their function and arguments, callable objects by their class's ``__call__``
 and their attributes. Module names and source text are not part of it: the same function imported from the
 script that wrote a store, or defined where Python keeps no source, has the same identity.
@@ -15,9 +16,18 @@ import hashlib
 import types
 from typing import Any
 
-__all__ = ["callable_digest", "task_functions", "task_identity"]
+__all__ = ["callable_digest", "task_functions", "task_identity", "task_identity_before_classes"]
 
 _DEPTH = 6  # how deep functions calling functions, and objects holding objects, are followed
+_OWN_PACKAGES = ("trak_core", "trak_torch", "trak_jax", "trak_cupy")
+
+
+def _own_name(value: Any) -> str | None:
+    """``value``'s qualified name if one of trak-core's packages defines it (a function or a class), else ``None``."""
+    module = getattr(value, "__module__", None)
+    if isinstance(module, str) and module.split(".")[0] in _OWN_PACKAGES:
+        return getattr(value, "__qualname__", None)
+    return None
 
 
 def callable_digest(function: Any) -> str:
@@ -71,6 +81,9 @@ def _feed(hasher: Any, value: Any, *, depth: int, seen: set) -> None:
         _feed(hasher, value.__self__, depth=depth + 1, seen=seen)
         put(b")")
         return
+    if isinstance(value, (types.FunctionType, type)) and _own_name(value) is not None:  # by name, not by its code
+        put(f"trak-core:{type(value).__name__}:{_own_name(value)};".encode())
+        return
     if isinstance(value, types.FunctionType):
         _feed_function(hasher, value, depth=depth, seen=seen)
         return
@@ -90,9 +103,11 @@ def _feed(hasher: Any, value: Any, *, depth: int, seen: set) -> None:
             put(f"array:{array.dtype.str}{tuple(array.shape)}:".encode())
             put(array.tobytes())
             return
-    put(f"object:{type(value).__module__}.{type(value).__qualname__}(".encode())  # a callable object, a setting
+    own = _own_name(type(value))  # an object of trak-core's: its class by name (its code not), its state
+    put((f"object:trak-core.{own}(" if own is not None else
+         f"object:{type(value).__module__}.{type(value).__qualname__}(").encode())  # a callable object, a setting
     call = getattr(type(value), "__call__", None)
-    if isinstance(call, types.FunctionType):
+    if own is None and isinstance(call, types.FunctionType):
         _feed_function(hasher, call, depth=depth + 1, seen=seen)
     state = getattr(value, "__dict__", None)
     _feed(hasher, state if isinstance(state, dict) else repr(value), depth=depth + 1, seen=seen)
@@ -171,17 +186,55 @@ def task_identity(task: Any, *, output_grad: bool = False) -> str | None:
     """What identifies a task beyond its name in a store's fingerprint: for a ``CustomTask``, what its ``output``
     and ``out_to_loss`` compute (``trak_core._task_identity``: their code, captured values and arguments; and
     ``output_grad``'s when ``output_grad``, for the analytic backend that uses it) and ``logits_ndim``; for another
-    user ``Task`` class, its methods and attributes; ``None`` for the built-in tasks."""
+    user ``Task`` class, every attribute its classes define (methods, helpers, class-level settings such as a
+    subclass's ``ignore_index``) and its instance's attributes; ``None`` for the built-in tasks."""
     from .tasks import TASKS, CustomTask
 
     if type(task) in {type(builtin) for builtin in TASKS.values()}:
         return None
-
     if isinstance(task, CustomTask):
         parts = [f"output={callable_digest(task._output)}", f"out_to_loss={callable_digest(task._out_to_loss)}"]
         if output_grad:
             parts.append(f"output_grad={callable_digest(task._output_grad)}")
     else:
-        parts = [f"{name}={callable_digest(getattr(type(task), name, None))}" for name in ("output", "out_to_loss")]
-        parts.append(f"state={callable_digest(vars(task) if hasattr(task, '__dict__') else None)}")
+        parts = [f"class={_class_digest(type(task))}",
+                 f"state={callable_digest(vars(task) if hasattr(task, '__dict__') else None)}"]
     return ", ".join(parts + [f"logits_ndim={getattr(task, 'logits_ndim', None)}"])
+
+
+def task_identity_before_classes(task: Any) -> str | None:
+    """A user ``Task`` class's identity as stores written before ``_class_digest`` recorded it (its ``output`` and
+    ``out_to_loss`` only: a changed class-level setting or helper method was not seen); kept to reopen them.
+    ``None`` where it equals ``task_identity`` (the built-in tasks, a ``CustomTask``)."""
+    from .tasks import TASKS, CustomTask
+
+    if isinstance(task, CustomTask) or type(task) in {type(builtin) for builtin in TASKS.values()}:
+        return None
+    parts = [f"{name}={callable_digest(getattr(type(task), name, None))}" for name in ("output", "out_to_loss")]
+    parts.append(f"state={callable_digest(vars(task) if hasattr(task, '__dict__') else None)}")
+    return ", ".join(parts + [f"logits_ndim={getattr(task, 'logits_ndim', None)}"])
+
+
+_PROTOCOL_NAMES = {"_abc_impl", "_is_protocol", "_is_runtime_protocol"}  # typing's bookkeeping (addresses in reprs)
+
+
+def _class_digest(cls: type) -> str:
+    """A 16-hex digest of what a class's attributes compute, along its MRO (not its name or module): each class's
+    own attributes but dunders, methods by their code (trak-core's by name), properties by their functions."""
+    hasher = hashlib.sha256()
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__ == "typing":
+            continue
+        hasher.update(b"class(")
+        for name in sorted(vars(klass)):
+            if (name.startswith("__") and name.endswith("__")) or name in _PROTOCOL_NAMES:
+                continue
+            value = vars(klass)[name]
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            elif isinstance(value, property):
+                value = (value.fget, value.fset, value.fdel)
+            hasher.update(f"{name}=".encode())
+            _feed(hasher, value, depth=1, seen=set())
+        hasher.update(b")")
+    return hasher.hexdigest()[:16]

@@ -186,7 +186,7 @@ class DiskStore(Store):
         return dict(self.root.attrs["trak_core"]) if self.exists() and "trak_core" in self.root.attrs else None
 
     def _check(self, fingerprint: dict) -> None:
-        legacy = fingerprint.get("_legacy_task_functions")
+        legacy, before_classes = fingerprint.get("_legacy_task_functions"), fingerprint.get("_legacy_task_identity")
         fingerprint = {k: v for k, v in fingerprint.items() if not k.startswith("_")}  # "_" keys: for comparisons
         stored = self.root.attrs.get("trak_core")
         if stored is None:
@@ -195,6 +195,8 @@ class DiskStore(Store):
             return
         if "task_functions" in stored and "task_identity" in fingerprint:  # a store written before task_identity
             fingerprint = {**{k: v for k, v in fingerprint.items() if k != "task_identity"}, "task_functions": legacy}
+        elif before_classes is not None and stored.get("task_identity") == before_classes:  # written before classes
+            fingerprint = {**fingerprint, "task_identity": before_classes}  # were digested whole: compared as then
         keys = list(fingerprint) + [k for k in stored if k not in fingerprint]
         differing = {k: (stored.get(k), fingerprint.get(k)) for k in keys if stored.get(k) != fingerprint.get(k)}
         if differing:
