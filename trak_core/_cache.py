@@ -32,11 +32,39 @@ class ProjectionCache:
         return self._bytes
 
     def fits(self, nbytes: int) -> bool:
-        """Whether an entry of ``nbytes`` may be cached."""
+        """Whether an entry of ``nbytes`` may be cached.
+
+        Parameters
+        ----------
+        nbytes : int
+            Size of the entry in bytes.
+
+        Returns
+        -------
+        bool
+            ``nbytes <= max_bytes``.
+        """
         return nbytes <= self.max_bytes
 
     def get(self, key: tuple, nbytes: int, make: Callable[[], Any]) -> Any:
-        """Return the cached entry for ``key``, making (and caching, if it fits) it when absent."""
+        """Return the cached entry for ``key``, making (and caching, if it fits) it when absent.
+
+        Parameters
+        ----------
+        key : tuple
+            What identifies the entry (hashable).
+        nbytes : int
+            The entry's size in bytes, counted against ``max_bytes``: the least recently used entries are
+            evicted to make room.
+        make : callable
+            Called with no arguments to make the entry when ``key`` is absent (outside the lock: two threads
+            missing the same key both make it, and the first one stored is kept).
+
+        Returns
+        -------
+        object
+            The cached entry, or what ``make`` returned.
+        """
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)

@@ -11,7 +11,7 @@ import array_api_compat
 
 from .errors import TrakTypeError
 
-__all__ = ["namespace", "device_of", "has_float64", "accumulation_dtype", "is_numpy"]
+__all__ = ["namespace", "device_of", "has_float64", "accumulation_dtype", "is_numpy", "wide_ids"]
 
 
 def namespace(*arrays: Any) -> Any:
@@ -63,3 +63,10 @@ def accumulation_dtype(xp: Any, device: Any = None) -> Any:
     """float64 where the namespace has it, otherwise float32 (see DESIGN.md, kernel)."""
     return xp.float64 if has_float64(xp, device) else xp.float32
 
+
+def wide_ids(labels: Any, *, xp: Any) -> Any:
+    """Integer labels in a signed dtype of 32 bits or more: in uint8, ``arange(300)`` wraps to 0 after 255 and
+    ``labels != -100`` is false for 156 (JAX wraps -100 to uint8)."""
+    if xp.isdtype(labels.dtype, "signed integer") and xp.iinfo(labels.dtype).bits >= 32:
+        return labels
+    return xp.astype(labels, xp.int32)

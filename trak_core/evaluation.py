@@ -24,7 +24,21 @@ __all__ = ["LDSResult", "lds", "subset_masks", "spearman"]
 @dataclass
 class LDSResult:
     """LDS over targets: ``mean`` and its standard error ``sem`` over the targets where it is defined;
-    ``undefined`` lists the others (``per_target`` NaN there: constant predictions or outputs)."""
+    ``undefined`` lists the others (``per_target`` NaN there: constant predictions or outputs).
+
+    Parameters
+    ----------
+    mean : float
+        Mean LDS over the targets where it is defined.
+    sem : float
+        Standard error of ``mean`` (NaN where a single target is defined).
+    per_target : numpy.ndarray
+        LDS of each target, shape ``(n_targets,)``, float64.
+    n_subsets : int
+        Subsets (retrained models) the correlations are over.
+    undefined : list of int
+        Indices of the targets whose LDS is undefined.
+    """
 
     mean: float
     sem: float
@@ -170,7 +184,26 @@ def _like(values: Any, scores: Any, name: str, *, xp: Any) -> Any:
 
 
 def subset_masks(n_train: int, n_subsets: int, *, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
-    """Boolean masks ``(n_subsets, n_train)``, each selecting ``round(fraction * n_train)`` examples at random."""
+    """Boolean masks ``(n_subsets, n_train)``, each selecting ``round(fraction * n_train)`` examples at random.
+
+    Parameters
+    ----------
+    n_train : int
+        Number of training examples, at least 2.
+    n_subsets : int
+        Number of masks (retrained models), at least 1.
+    fraction : float
+        Share of the training set each subset holds, in ``(0, 1)``; ``round(fraction * n_train)`` must be below
+        ``n_train``.
+    seed : int
+        Seed of ``numpy.random.default_rng``, non-negative.
+
+    Returns
+    -------
+    numpy.ndarray
+        Booleans, shape ``(n_subsets, n_train)``; each row holds ``max(1, round(fraction * n_train))`` True
+        entries, drawn without replacement independently of the other rows.
+    """
     from ._checks import _integer
 
     for name, value in (("n_train", n_train), ("n_subsets", n_subsets), ("seed", seed)):

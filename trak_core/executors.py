@@ -181,6 +181,24 @@ class RayExecutor:
         When a shard fails, the shards queued after it are cancelled and those running are waited for (none
         writes after the error is raised; when an actor died, the actors are stopped instead, and the next call
         starts new ones), and the shards before it are recorded, so that the same call again resumes after them.
+
+        Parameters
+        ----------
+        trak : TRAK
+            The estimator; its ``worker_copy`` goes to the actors (started once per estimator).
+        checkpoint : object
+            The checkpoint as passed to ``TRAK.featurize``; each actor prepares its own copy.
+        index : int
+            The checkpoint's index in the store.
+        data : sequence of (inputs, labels)
+            The training data's batches, in order.
+        writer : Writer
+            The checkpoint's writer, its arrays allocated for ``n_rows`` rows; the actors write rows
+            ``writer.rows_done ..`` to the store, and the chunks' checksums are recorded with ``record_rows``.
+        n_rows : int
+            Rows of the training data.
+        offsets : list of int
+            The first row of each batch of ``data``.
         """
         import ray
 
@@ -229,7 +247,23 @@ class RayExecutor:
             raise
 
     def products(self, trak: Any, entry: Any, weights: Any) -> Any:
-        """``Phi_c @ weights`` over row shards aligned to the scoring blocks, on the actors, in row order."""
+        """``Phi_c @ weights`` over row shards aligned to the scoring blocks, on the actors, in row order.
+
+        Parameters
+        ----------
+        trak : TRAK
+            The estimator (its store's location is read by the actors).
+        entry : CheckpointEntry
+            The featurized checkpoint: its stored features are read with their checksums verified.
+        weights : array, shape (k, n_targets)
+            What the training features multiply (``trak_core.scores.target_weights``): ``K_c^{-1} phi_c(z')^T``,
+            or ``phi_c(z')^T`` where the kernel is solved in n-space.
+
+        Returns
+        -------
+        array, shape (n_train, n_targets)
+            In the namespace and dtype of ``weights``.
+        """
         from .scores import SCORE_BLOCK_ROWS
 
         actors = self._start(trak)

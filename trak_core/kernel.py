@@ -64,7 +64,23 @@ def work_dtype(xp: Any, device: Any = None, kernel_dtype: str = "float64", featu
 
 @dataclass
 class KernelFactor:
-    """A factorized kernel: ``kind`` is ``"cholesky"`` (lower factor) or ``"eigh"`` (vectors, values)."""
+    """A factorized kernel: ``kind`` is ``"cholesky"`` (lower factor) or ``"eigh"`` (vectors, values).
+
+    Parameters
+    ----------
+    kind : {"cholesky", "eigh"}
+        ``"cholesky"`` for ``lambda_reg > 0``; ``"eigh"`` for ``lambda_reg == 0``, or where Cholesky failed.
+    arrays : tuple of array
+        ``(lower,)``: the lower Cholesky factor of ``M + lambda I``; or ``(vectors, inverse_values)``: the
+        eigenvectors of ``M`` and ``1 / (eigenvalue + lambda)``, 0 for the eigenvalues dropped as below the
+        tolerance. ``M`` is the kernel of ``space``.
+    lambda_reg : float
+        The ridge ``lambda``.
+    rank : int
+        The size of ``M`` for ``"cholesky"``; for ``"eigh"``, the number of eigenvalues kept.
+    space : {"k", "n"}
+        ``"k"``: ``M = Phi^T Phi`` (k x k); ``"n"``: ``M = Phi Phi^T`` (n x n); see ``trak_core.kernel``.
+    """
 
     kind: str
     arrays: tuple[Any, ...]

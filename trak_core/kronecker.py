@@ -90,11 +90,29 @@ class Kronecker:
         return hash((tuple((self.dims or {}).items()), self.rest))
 
     def describe(self) -> dict[str, Any]:
-        """What a store records (and ``from_description`` reads back)."""
+        """What a store records (and ``from_description`` reads back).
+
+        Returns
+        -------
+        dict
+            ``{"dims": {layer name: k_layer}, "rest": rest}`` (``dims`` empty for ``None``).
+        """
         return {"dims": dict(self.dims or {}), "rest": self.rest}
 
     @classmethod
     def from_description(cls, description: Mapping[str, Any] | None) -> "Kronecker":
+        """The options a store recorded with ``describe``.
+
+        Parameters
+        ----------
+        description : mapping or None
+            What ``describe`` returned; ``None`` and missing keys give the defaults.
+
+        Returns
+        -------
+        Kronecker
+            Equal to the one described.
+        """
         description = description or {}
         return cls(dims=dict(description.get("dims") or {}) or None, rest=description.get("rest", "dense"))
 

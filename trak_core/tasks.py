@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-from ._namespace import device_of
+from ._custom_task import CustomTask
+from ._namespace import device_of, wide_ids
+from ._sequence_tasks import LanguageModeling, Seq2SeqLanguageModeling, TokenClassification
 from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["Task", "Classification", "Regression", "LanguageModeling", "Seq2SeqLanguageModeling", "TokenClassification",
@@ -53,16 +55,8 @@ class Task(Protocol):
         """The out-to-loss weight ``Q``, shape ``(n,)``."""
 
 
-def _wide_ids(labels: Any, *, xp: Any) -> Any:
-    """Integer labels in a signed dtype of 32 bits or more: in uint8, ``arange(300)`` wraps to 0 after 255 and
-    ``labels != -100`` is false for 156 (JAX wraps -100 to uint8)."""
-    if xp.isdtype(labels.dtype, "signed integer") and xp.iinfo(labels.dtype).bits >= 32:
-        return labels
-    return xp.astype(labels, xp.int32)
-
-
 def _one_hot(labels: Any, n_classes: int, like: Any, *, xp: Any) -> Any:
-    labels = _wide_ids(labels, xp=xp)
+    labels = wide_ids(labels, xp=xp)
     classes = xp.arange(n_classes, dtype=labels.dtype, device=device_of(labels))
     return xp.astype(labels[:, None] == classes[None, :], like.dtype)
 
@@ -89,6 +83,17 @@ class Classification:
     logits_ndim = 2
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
+        """Raise unless ``labels`` are 1-D integer (or bool) class indices in ``[0, max(2, n_outputs))``.
+
+        Parameters
+        ----------
+        labels : array
+            The batch's labels.
+        n_outputs : int
+            The model's outputs per example (1: a binary classifier's single logit).
+        xp : namespace
+            The Array API namespace of the arrays.
+        """
         if labels.ndim != 1:
             raise TrakValueError(_classification_labels_message(tuple(labels.shape)))
         if not xp.isdtype(labels.dtype, ("integral", "bool")):
@@ -120,12 +125,44 @@ class Classification:
         return onehot, (top, weights)
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        """The margin ``f = logit_y - logsumexp_{j != y} logit_j`` of each example.
+
+        Parameters
+        ----------
+        logits : array, shape (n, n_outputs)
+            The raw outputs; one column: a binary classifier's logit ``z``.
+        labels : array, shape (n,)
+            Class indices (integers or bools).
+        xp : namespace
+            The Array API namespace of the arrays.
+
+        Returns
+        -------
+        array, shape (n,)
+            The margins, in the dtype of ``logits``.
+        """
         logits, labels = self._two_class(logits, labels, xp=xp)
         onehot, (top, weights) = self._others(logits, labels, xp=xp)
         logsumexp_others = top[:, 0] + xp.log(xp.sum(weights, axis=1))
         return xp.sum(logits * onehot, axis=1) - logsumexp_others
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        """``d f / d logits``: the one-hot label less the softmax over the other classes.
+
+        Parameters
+        ----------
+        logits : array, shape (n, n_outputs)
+            The raw outputs; one column: a binary classifier's logit ``z``.
+        labels : array, shape (n,)
+            Class indices (integers or bools).
+        xp : namespace
+            The Array API namespace of the arrays.
+
+        Returns
+        -------
+        array, shape (n, n_outputs)
+            The derivative of each example's margin.
+        """
         one_logit = logits.shape[1] == 1
         logits, labels = self._two_class(logits, labels, xp=xp)
         onehot, (_, weights) = self._others(logits, labels, xp=xp)
@@ -133,6 +170,22 @@ class Classification:
         return grad[:, 1:] if one_logit else grad  # d f / d z: only the second of [0, z] is the model's
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        """``Q = 1 - p_y``, computed as the other classes' share of the softmax.
+
+        Parameters
+        ----------
+        logits : array, shape (n, n_outputs)
+            The raw outputs; one column: a binary classifier's logit ``z``.
+        labels : array, shape (n,)
+            Class indices (integers or bools).
+        xp : namespace
+            The Array API namespace of the arrays.
+
+        Returns
+        -------
+        array, shape (n,)
+            The weights, in the dtype of ``logits`` (float32 for half-precision ones).
+        """
         logits, labels = self._two_class(_at_least_float32(logits, xp=xp), labels, xp=xp)
         onehot = _one_hot(labels, logits.shape[1], logits, xp=xp)
         top = xp.max(logits, axis=1, keepdims=True)
@@ -155,6 +208,17 @@ class Regression:
     logits_ndim = 2
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
+        """Raise unless the model has one output and ``labels`` are real numbers of shape (n,) or (n, 1).
+
+        Parameters
+        ----------
+        labels : array
+            The batch's labels.
+        n_outputs : int
+            The model's outputs per example.
+        xp : namespace
+            The Array API namespace of the arrays.
+        """
         if n_outputs != 1:
             raise TrakValueError(f"regression needs a model with exactly 1 output, the model has {n_outputs}: "
                                  f"multi-output regression is not a built-in task. {_CUSTOM_HINT}, or select one "
@@ -166,192 +230,63 @@ class Regression:
             raise TrakTypeError(f"regression labels must be real numbers, got dtype {labels.dtype}")
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        """The prediction ``f``.
+
+        Parameters
+        ----------
+        logits : array, shape (n, 1)
+            The model's predictions.
+        labels : array, shape (n,) or (n, 1)
+            The targets ``y``.
+        xp : namespace
+            The Array API namespace of the arrays.
+
+        Returns
+        -------
+        array, shape (n,)
+            ``logits[:, 0]``.
+        """
         return logits[:, 0]
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        """``d f / d logits``: ones.
+
+        Parameters
+        ----------
+        logits : array, shape (n, 1)
+            The model's predictions.
+        labels : array, shape (n,) or (n, 1)
+            The targets ``y``.
+        xp : namespace
+            The Array API namespace of the arrays.
+
+        Returns
+        -------
+        array, shape (n, 1)
+            Ones like ``logits``.
+        """
         return xp.ones_like(logits)
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
+        """The residual ``Q = y - prediction``.
+
+        Parameters
+        ----------
+        logits : array, shape (n, 1)
+            The model's predictions.
+        labels : array, shape (n,) or (n, 1)
+            The targets ``y``.
+        xp : namespace
+            The Array API namespace of the arrays.
+
+        Returns
+        -------
+        array, shape (n,)
+            The residuals, in the dtype of ``logits`` (float32 for half-precision ones).
+        """
         logits = _at_least_float32(logits, xp=xp)  # half-precision residuals of large labels overflow or round
         targets = xp.reshape(xp.astype(labels, logits.dtype), (-1,))
         return targets - logits[:, 0]
-
-
-class LanguageModeling:
-    """Causal language modeling: TRAK's margin summed over a sequence's predicted tokens.
-
-    The model's output is ``(n, T, V)`` logits; labels are ``(n, T)`` token ids in Hugging Face's
-    convention: the same positions as the inputs (the task shifts them: the logits at position ``t``
-    predict token ``t + 1``), and ``-100`` marks positions that are not predicted (padding, prompts).
-    With ``m_{t}`` the classification margin of token ``t + 1`` under the logits at ``t``
-    (``logit_y - logsumexp_{j != y} logit_j``) and ``S`` the counted positions,
-
-        f = sum_{t in S} m_t,        Q = mean_{t in S} (1 - p_t),   p_t = softmax(logits_t)_y.
-
-    ``Q`` is the average of the per-token weights, exact when they are equal (see docs/estimator.md).
-    A sequence with no counted token has ``f = 0`` and ``Q = 0``. Encoder-decoder models (T5, BART),
-    whose logits at ``t`` predict ``labels[t]``, take :class:`Seq2SeqLanguageModeling` (``"seq2seq"``).
-    """
-
-    name = "language_modeling"
-    logits_ndim = 3
-    ignore_index = -100
-    shift = 1  # the logits at t predict labels[t + shift]
-
-    def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
-        if labels.ndim != 2:
-            raise TrakValueError(f"{self.name} labels must be (n, sequence length) token ids, got shape "
-                                 f"{tuple(labels.shape)}")
-        if not xp.isdtype(labels.dtype, "integral"):
-            raise TrakTypeError(f"{self.name} labels must be integer token ids, got dtype {labels.dtype}")
-        labels = _wide_ids(labels, xp=xp)
-        counted = labels != self.ignore_index
-        if bool(xp.any(counted & ((labels < 0) | (labels >= n_outputs)))):
-            what = "the classes" if self.name == "token_classification" else "the vocabulary"
-            raise TrakValueError(f"{self.name} labels out of range: they must lie in [0, {n_outputs - 1}] ({what}) "
-                                 f"or be {self.ignore_index} (not predicted)")
-
-    def _margins(self, logits: Any, labels: Any, *, xp: Any) -> tuple[Any, Any, Any]:
-        """Per-position margins ``(n, T - shift)``, probabilities of the label and the counted-position mask."""
-        if logits.ndim != 3:
-            raise TrakValueError(f"{self.name} needs (n, sequence length, vocabulary) logits, got shape "
-                                 f"{tuple(logits.shape)}")
-        n, length, vocab = logits.shape
-        if labels.ndim != 2 or labels.shape[1] != length:
-            what = ("the input length: labels are at the logits' own positions" if self.name == "token_classification"
-                    else "the decoder's length: labels are the target sequence, the logits at t predict labels[t]"
-                    if self.shift == 0 else "the input length: labels take the inputs' positions, and the task "
-                    "shifts them")
-            raise TrakValueError(f"{self.name} labels have shape {tuple(labels.shape)} but the logits have "
-                                 f"{length} positions; labels must be (n, {length}), {what}")
-        scores, targets = logits[:, :length - self.shift, :], _wide_ids(labels[:, self.shift:], xp=xp)
-        counted = targets != self.ignore_index
-        safe = xp.where(counted, targets, xp.zeros_like(targets))
-        flat = xp.reshape(scores, (n * (length - self.shift), vocab))
-        ids = xp.reshape(safe, (-1,))
-        classification = TASKS["classification"]
-        margins = xp.reshape(classification.output(flat, ids, xp=xp), (n, length - self.shift))
-        q = xp.reshape(classification.out_to_loss(flat, ids, xp=xp), (n, length - self.shift))
-        return margins, q, xp.astype(counted, logits.dtype)
-
-    def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        margins, _, counted = self._margins(logits, labels, xp=xp)
-        return xp.sum(margins * counted, axis=1)
-
-    def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        raise TrakTypeError(f"{self.name} has no hand-written output_grad; use a backend with autodiff "
-                            "(torch, jax)")
-
-    def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        _, q, counted = self._margins(logits, labels, xp=xp)
-        total = xp.sum(counted, axis=1)
-        return xp.sum(q * counted, axis=1) / xp.where(total > 0, total, xp.ones_like(total))
-
-
-class Seq2SeqLanguageModeling(LanguageModeling):
-    """Sequence-to-sequence language modeling (encoder-decoder models: T5, BART, Marian): TRAK's margin summed
-    over the target sequence's tokens.
-
-    The model's output is the decoder's ``(n, T, V)`` logits; labels are the ``(n, T)`` target token ids in
-    Hugging Face's convention: the logits at position ``t`` predict ``labels[t]`` (no shift: the decoder's inputs
-    are the labels shifted right, which the torch backend makes with the model's
-    ``prepare_decoder_input_ids_from_labels`` when a dict batch has no ``decoder_input_ids``), and ``-100``
-    marks positions that are not predicted (padding). With ``m_t`` the classification margin of ``labels[t]``
-    under the logits at ``t`` and ``S`` the counted positions,
-
-        f = sum_{t in S} m_t,        Q = mean_{t in S} (1 - p_t),   p_t = softmax(logits_t)_{labels[t]}.
-    """
-
-    name = "seq2seq"
-    shift = 0
-
-
-class TokenClassification(LanguageModeling):
-    """Token classification (tagging, named entities; ``*ForTokenClassification``): TRAK's margin summed over a
-    sequence's labelled tokens.
-
-    The model's output is ``(n, T, C)`` logits, one row of class scores per token; labels are ``(n, T)`` class
-    indices at the same positions (no shift), ``-100`` where a token is not labelled (padding, special tokens,
-    word pieces after the first). With ``m_t`` the classification margin of ``labels[t]`` under the logits at
-    ``t`` and ``S`` the labelled positions,
-
-        f = sum_{t in S} m_t,        Q = mean_{t in S} (1 - p_t),   p_t = softmax(logits_t)_{labels[t]}.
-    """
-
-    name = "token_classification"
-    shift = 0
-
-
-class CustomTask:
-    """A task from user functions: ``output(logits, labels, xp)`` and ``out_to_loss(logits, labels, xp)``.
-
-    Parameters
-    ----------
-    output : callable
-        The model output function ``f``, returning shape ``(n,)``; differentiated by the
-        framework backends (torch, JAX), so write it with ``xp`` operations.
-    out_to_loss : callable, optional
-        The weight ``Q``, shape ``(n,)``; default all ones.
-    output_grad : callable, optional
-        ``d f / d logits``, shape ``(n, n_outputs)``: needed only by the analytic ``"numpy"`` backend.
-    check_labels : callable, optional
-        ``(labels, n_outputs, xp) -> None`` raising on labels that do not fit.
-    name : str
-        A name for logs and errors; part of a store's configuration.
-    logits_ndim : int or None
-        Dimensions of the model's output with the batch: 2 (default, ``(n, n_outputs)``; a 1-D
-        output becomes one column), 3 (sequences), or ``None`` (any, passed as the model gives it).
-
-    Notes
-    -----
-    The functions are called with ``(logits, labels, xp)`` as positional arguments, on whole batches (and, for
-    ``output``, under the backend's per-example transforms: JAX compiles them, with the values they capture).
-    Every batch needs labels with one row per example; a task that does not read them (a contrastive score
-    computed inside the model) takes any, e.g. ``numpy.zeros(n)``. An on-disk store records what ``output`` and
-    ``out_to_loss`` compute (their code, the values they capture, a ``functools.partial``'s arguments, a callable
-    object's attributes: ``tasks.task_identity``), so a store is reopened only with a task that computes the same.
-    """
-
-    def __init__(self, output: Any, out_to_loss: Any = None, *, output_grad: Any = None,
-                 check_labels: Any = None, name: str = "custom", logits_ndim: int | None = 2) -> None:
-        self.logits_ndim = logits_ndim
-        if not callable(output):
-            raise TrakTypeError(f"output must be callable (logits, labels, xp) -> (n,), got {type(output).__name__}")
-        self.name, self._output, self._out_to_loss = name, output, out_to_loss
-        self._output_grad, self._check_labels = output_grad, check_labels
-
-    def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
-        if self._check_labels is not None:
-            self._check_labels(labels, n_outputs, xp)
-
-    def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        return self._per_example(self._output(logits, labels, xp), logits, labels, "output", "value")
-
-    def _per_example(self, value: Any, logits: Any, labels: Any, what: str, one: str) -> Any:
-        """``value`` when it has one entry per example, else an error naming this task's function ``what``."""
-        shape = tuple(getattr(value, "shape", ()))
-        rows = [a.shape[0] for a in (labels, logits) if len(getattr(a, "shape", ())) >= 1]  # labels: the batch's rows
-        n = rows[0] if rows else None  # both 0-d (a squeezed single example): nothing to compare with
-        if n is not None and shape != (n,):
-            raise TrakValueError(f"CustomTask {self.name!r}: {what} must return one {one} per example, shape ({n},) "
-                                 f"for logits of shape {tuple(logits.shape)}, but returned "
-                                 f"{'shape ' + str(shape) if hasattr(value, 'shape') else type(value).__name__}"
-                                 + ("; do not sum over the batch" if shape == () else "")
-                                 + ("; take [:, 0] of a single column" if shape == (n, 1) else ""))
-        return value
-
-    def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        if self._output_grad is None:
-            raise TrakTypeError(f"task {self.name!r} has no output_grad, which the analytic 'numpy' backend needs; "
-                                "pass output_grad=... or use a backend with autodiff (torch, jax)")
-        return self._output_grad(logits, labels, xp)
-
-    def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        if self._out_to_loss is None:  # Q = 1 per example (logits (n, ...), or (n,) with logits_ndim=None)
-            if logits.ndim == 0:  # a squeezed single example
-                return xp.ones_like(logits)
-            return xp.ones((logits.shape[0],), dtype=logits.dtype, device=device_of(logits))
-        return self._per_example(self._out_to_loss(logits, labels, xp), logits, labels, "out_to_loss", "weight")
 
 
 TASKS = {"classification": Classification(), "regression": Regression(), "language_modeling": LanguageModeling(),

@@ -80,14 +80,14 @@ class TRAK(Featurizer):
     executor : None, "ray" or RayExecutor
         Where featurization runs: this process, or Ray actors over row shards (needs ``store=path``; see
         ``trak_core.executors``): the same bits (NumPy float32: with the driver's BLAS on one thread, as actors').
-    label_key : str
-        The labels' key in dict batches (default ``"labels"``, as Hugging Face collators name it);
-        the other keys are passed to the model as keyword arguments.
     precision : {"float32", "fast"}
         Of the projection (``trak_core.project``): ``"float32"`` (default) is float32-grade
         everywhere, computed on GPUs as two float16 tensor-core products of a split input;
         ``"fast"`` is one float16 product (relative error about 3e-4, traker's fast_jl grade),
         Rademacher only. CPU results at the default are those of a float32 product.
+    label_key : str
+        The labels' key in dict batches (default ``"labels"``, as Hugging Face collators name it);
+        the other keys are passed to the model as keyword arguments.
     kernel_dtype : {"auto", "float64", "float32"}
         Of the kernel (``Phi^T Phi``, or ``Phi Phi^T`` when ``n_train < k``), its factorization and the
         solves (``trak_core.kernel.work_dtype``). ``"auto"`` (default): float32 for float32 (or
@@ -211,7 +211,13 @@ class TRAK(Featurizer):
             raise
 
     def worker_copy(self) -> "TRAK":
-        """This configuration without its store or executor: what a worker process needs."""
+        """This configuration without its store or executor: what a worker process needs.
+
+        Returns
+        -------
+        TRAK
+            A shallow copy (same model, task and backend) with an empty in-memory store, no executor, no bars.
+        """
         clone = copy.copy(self)
         clone.store, clone.executor, clone.progress = open_store(None), None, False
         clone.__dict__.pop("_plans_checked", None)  # the checked checkpoint snapshots stay here
@@ -225,7 +231,13 @@ class TRAK(Featurizer):
 
     def refit(self, lambda_reg: float | str) -> None:
         """Refactorize every featurized checkpoint's kernel with another ``lambda_reg`` (no re-featurizing). An
-        on-disk store keeps the ``lambda`` each checkpoint was featurized with: ``TRAK.open`` scores with it again."""
+        on-disk store keeps the ``lambda`` each checkpoint was featurized with: ``TRAK.open`` scores with it again.
+
+        Parameters
+        ----------
+        lambda_reg : "auto" or float
+            The new ridge, as in ``TRAK(lambda_reg=...)``; it becomes this estimator's ``lambda_reg``.
+        """
         self.lambda_reg = _check_lambda(lambda_reg)
         self._load_opened(None)
         for entry in self.store:
@@ -336,11 +348,28 @@ class TRAK(Featurizer):
         return xp.astype(block[:, 0], self.store[0].features.dtype)
 
     def saved_scores(self) -> list[str]:
-        """Names of the score sets saved in the store with ``score(..., save_as=name)``."""
+        """Names of the score sets saved in the store with ``score(..., save_as=name)``.
+
+        Returns
+        -------
+        list of str
+            Sorted names of an on-disk store's finished sets (not interrupted ones); empty for an in-memory store.
+        """
         return self.store.score_names()
 
     def load_scores(self, name: str) -> Any:
-        """Scores saved with ``score(..., save_as=name)`` (NumPy, checksum verified)."""
+        """Scores saved with ``score(..., save_as=name)`` (NumPy, checksum verified).
+
+        Parameters
+        ----------
+        name : str
+            The ``save_as`` name (see ``saved_scores``).
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``(n_train, n_targets)``, in the dtype they were saved in.
+        """
         return self.store.load_scores(name)
 
     def _load_opened(self, example: tuple[Any, Any] | None) -> None:

@@ -16,6 +16,12 @@ class PrecomputedGradients:
     Each batch is ``(grads, out_to_loss)``: ``grads`` of shape (n, n_params) and the weights ``Q``
     of shape (n,), as arrays of any framework on a CUDA device (torch, JAX, CuPy), taken without a
     copy through DLPack. Checkpoints are labels only (any value); featurize once per checkpoint.
+
+    Parameters
+    ----------
+    n_params : int
+        Number of parameters ``p``, the columns of every batch's ``grads``: a positive integer (NumPy integers
+        accepted, not bools).
     """
 
     def __init__(self, n_params: int) -> None:
@@ -66,9 +72,11 @@ class CupyBackend(ArrayAPIBackend):
     has_fused_projection = False  # project() is the core's: float16 tensor-core products on the GPU
 
     def owns(self, model: Any) -> bool:
+        """Whether ``model`` is a ``PrecomputedGradients`` (an analytic model needs ``backend="cupy"``)."""
         return isinstance(model, PrecomputedGradients)
 
     def prepare(self, model: Any, checkpoint: Any) -> Any:
+        """The analytic model's parameters as CuPy arrays; for ``PrecomputedGradients``, only ``n_params``."""
         cupy = _require_gpu()
         if isinstance(model, PrecomputedGradients):
             return {"n_params": model.n_params}
@@ -76,16 +84,19 @@ class CupyBackend(ArrayAPIBackend):
         return {name: cupy.asarray(value) for name, value in params.items()}
 
     def n_params(self, prepared: Any) -> int:
+        """See ``Backend.n_params`` (``PrecomputedGradients.n_params`` for precomputed gradients)."""
         if set(prepared) == {"n_params"}:
             return prepared["n_params"]
         return super().n_params(prepared)
 
     def parameters_digest(self, prepared: Any) -> str | None:
+        """See ``Backend.parameters_digest``; ``None`` for precomputed gradients (a checkpoint is a label)."""
         if set(prepared) == {"n_params"}:  # precomputed gradients: the checkpoint is a label, nothing to hash
             return None
         return super().parameters_digest(prepared)
 
     def gradients(self, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any) -> tuple[Any, Any]:
+        """See ``Backend.gradients``; for ``PrecomputedGradients``, the batch's pair itself, as CuPy arrays."""
         if isinstance(model, PrecomputedGradients):
             grads, weights = _to_cupy(inputs, "grads"), _to_cupy(labels, "out_to_loss")
             if grads.ndim != 2 or grads.shape[1] != model.n_params:

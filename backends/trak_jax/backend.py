@@ -67,6 +67,12 @@ class JaxModel:
     ``JaxBackend(params=lambda path, leaf: path.startswith("[0]"))`` (``rest``, the BatchNorm statistics,
     differs between checkpoints: closed over by ``apply``, one model's would serve all). For Equinox:
     ``eqx.partition`` the module into a params pytree and the static rest, joined by ``eqx.combine``.
+
+    Parameters
+    ----------
+    apply : callable
+        ``apply(params, inputs) -> outputs``, with ``params`` a checkpoint's pytree; traced under ``jax.jit``,
+        on whole batches and, under ``jax.vmap``, on batches of one example.
     """
 
     def __init__(self, apply: Callable[[Any, Any], Any]) -> None:
@@ -140,6 +146,7 @@ class JaxBackend(Backend):
         return state
 
     def owns(self, model: Any) -> bool:
+        """Whether ``model`` is a ``JaxModel`` (a bare apply function needs ``backend="jax"``)."""
         return isinstance(model, JaxModel)
 
     @staticmethod
@@ -152,16 +159,20 @@ class JaxBackend(Backend):
                             f"got {type(model).__name__}")
 
     def prepare(self, model: Any, checkpoint: Any) -> JaxCheckpoint:
+        """A ``JaxCheckpoint``: the params pytree's leaves as JAX arrays, and the leaves selected by ``params``."""
         self._apply(model)
         return snapshot(checkpoint, self.params)
 
     def n_params(self, prepared: JaxCheckpoint) -> int:
+        """Elements of the selected leaves (``params``)."""
         return prepared.n_params
 
     def structure(self, prepared: JaxCheckpoint) -> tuple:
+        """See ``Backend.structure``: the pytree's structure, its leaves' shapes and the selected leaves' paths."""
         return prepared.structure
 
     def parameters_digest(self, prepared: JaxCheckpoint) -> str:
+        """SHA-256 of every leaf, selected or not (a PRNG key by its bits), and of ``structure``."""
         import jax
 
         leaves = [jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
@@ -263,6 +274,7 @@ class JaxBackend(Backend):
 
     def gradients(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any,
                   task: Any) -> tuple[Any, Any]:
+        """See ``Backend.gradients``: ``jax.vmap(jax.grad(f))`` in one jitted step, over padded batches."""
         return self._run(model, prepared, inputs, labels, task, None)
 
     def features(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any, *,

@@ -79,15 +79,6 @@ class TorchBackend(Backend):
         ``ModelOutput``'s ``"logits"``; an object's ``.logits``). It runs on the whole batch and,
         under ``vmap``, on one example, so it must only select or reshape, not mix rows.
 
-    per_example : {"auto", "vmap", "loop"}
-        How per-example gradients are computed. ``"auto"``: in closed form (one batched backward
-        pass, ``trak_torch.closed_form``) when every attributed parameter belongs to a Linear,
-        Conv1d/Conv2d, Embedding, Conv1D, BatchNorm (running statistics), LayerNorm, GroupNorm, RMSNorm or
-        Hugging Face ``*RMSNorm`` layer and the first two examples of a checkpoint agree with plain autograd
-        one example at a time; otherwise ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``. ``"loop"``: plain
-        autograd one example at a time (slow; what ``"auto"`` and ``"vmap"`` switch to, with a warning, for a
-        model ``vmap`` cannot batch: ``nn.GRU``, ``torch.utils.checkpoint``).
-
     attention_mask : {"auto", "causal", "bidirectional", "pass"}
         What a dict batch's 2-D ``attention_mask`` (padding: 1 keep, 0 pad) becomes before the model
         sees it: an additive 4-D mask ``(n, 1, T, T)`` in the model's dtype, which Hugging Face models
@@ -102,6 +93,15 @@ class TorchBackend(Backend):
         Bloom, XLM), it gets its mask as it is from then on, with a warning (``trak_torch.mask_check``).
         For an encoder-decoder model (``config.is_encoder_decoder``), it masks keys only,
         ``(n, 1, 1, T)``, as the encoder's self-attention and the decoder's cross-attention both read it.
+
+    per_example : {"auto", "vmap", "loop"}
+        How per-example gradients are computed. ``"auto"``: in closed form (one batched backward
+        pass, ``trak_torch.closed_form``) when every attributed parameter belongs to a Linear,
+        Conv1d/Conv2d, Embedding, Conv1D, BatchNorm (running statistics), LayerNorm, GroupNorm, RMSNorm or
+        Hugging Face ``*RMSNorm`` layer and the first two examples of a checkpoint agree with plain autograd
+        one example at a time; otherwise ``vmap(grad)``. ``"vmap"``: always ``vmap(grad)``. ``"loop"``: plain
+        autograd one example at a time (slow; what ``"auto"`` and ``"vmap"`` switch to, with a warning, for a
+        model ``vmap`` cannot batch: ``nn.GRU``, ``torch.utils.checkpoint``).
 
     Notes
     -----
@@ -140,10 +140,13 @@ class TorchBackend(Backend):
         self.params, self.chunk_size, self.logits_fn = params, chunk_size, logits_fn
 
     def owns(self, model: Any) -> bool:
+        """Whether ``model`` is a ``torch.nn.Module`` (``False`` while torch is not imported: never imports it)."""
         torch = sys.modules.get("torch")
         return torch is not None and isinstance(model, torch.nn.Module)
 
     def prepare(self, model: Any, checkpoint: Any) -> TorchCheckpoint:
+        """A ``TorchCheckpoint``: a copy of a ``state_dict`` (``None``: the model's state) in the model's dtypes and
+        on its device, split into the attributed parameters (``params``) and the frozen rest."""
         import torch
 
         if not isinstance(model, torch.nn.Module):
@@ -161,6 +164,7 @@ class TorchBackend(Backend):
         return snapshot(model, checkpoint, select_names(model, self.params))
 
     def n_params(self, prepared: TorchCheckpoint) -> int:
+        """Elements of the attributed parameters (``params``)."""
         return prepared.n_params
 
     def parameters_digest(self, prepared: TorchCheckpoint) -> str:
@@ -247,6 +251,7 @@ class TorchBackend(Backend):
 
     def gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any,
                   task: Any) -> tuple[Any, Any]:
+        """See ``Backend.gradients``: in closed form, with ``vmap(grad)`` or in a loop (``per_example``)."""
         import array_api_compat.torch as xp
         import torch
 
@@ -316,7 +321,30 @@ class TorchBackend(Backend):
 
     def example_output(self, model: Any, prepared: TorchCheckpoint, params: dict, one: Any, label: Any, task: Any,
                        causal: bool) -> Any:
-        """The task output (a scalar) of one example: ``one`` is a batch of one row, ``label`` its labels."""
+        """The task output (a scalar) of one example: ``one`` is a batch of one row, ``label`` its labels.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The model, called with ``torch.func.functional_call``.
+        prepared : TorchCheckpoint
+            The checkpoint: its ``frozen`` parameters and buffers enter as constants.
+        params : dict of str to torch.Tensor
+            The attributed parameters to call the model with (those differentiated).
+        one : torch.Tensor or mapping of str to torch.Tensor
+            A batch of one example (every array of a dict batch with one row).
+        label : torch.Tensor
+            Its labels, one row.
+        task : Task
+            The task whose ``output`` is taken.
+        causal : bool
+            Whether a dict batch's 2-D ``attention_mask`` becomes a causal mask (``attention_mask``).
+
+        Returns
+        -------
+        torch.Tensor
+            0-d: ``task.output`` of the example.
+        """
         import array_api_compat.torch as xp
 
         out = output_logits(self._call(model, {**params, **prepared.frozen}, one, causal=causal), self.logits_fn)

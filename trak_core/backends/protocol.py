@@ -48,24 +48,98 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def owns(self, model: Any) -> bool:
-        """Whether ``model`` belongs to this backend; must not import a framework not yet imported."""
+        """Whether ``model`` belongs to this backend; must not import a framework not yet imported.
+
+        Parameters
+        ----------
+        model : object
+            A model given to ``TRAK`` without ``backend=`` (``trak_core.backends.infer_backend`` asks each backend).
+
+        Returns
+        -------
+        bool
+            ``True`` for a model of this backend's own types, else ``False`` (never an error: inference skips a
+            plug-in whose ``owns`` raises, with a ``BackendPluginWarning``).
+        """
 
     @abc.abstractmethod
     def prepare(self, model: Any, checkpoint: Any) -> Any:
-        """A snapshot of ``checkpoint`` ready for ``gradients`` (later changes to it do not leak in)."""
+        """A snapshot of ``checkpoint`` ready for ``gradients`` (later changes to it do not leak in).
+
+        Parameters
+        ----------
+        model : object
+            The estimator's model, as given to ``TRAK``.
+        checkpoint : object
+            One checkpoint as passed to ``TRAK.featurize`` or ``TRAK.open`` (a state dict, a params pytree, a
+            flat vector: whatever this backend takes); Ray actors prepare their own copy.
+
+        Returns
+        -------
+        object
+            The prepared checkpoint, of any type, with copies of the parameters (training the same arrays further
+            must not change it): the estimator keeps it and passes it back unchanged as ``prepared``. A store
+            reopened with ``TRAK.open`` and loaded without a target batch takes its features' namespace and device
+            from the first array found in it (through mappings, sequences and attributes).
+        """
 
     @abc.abstractmethod
     def n_params(self, prepared: Any) -> int:
-        """Number of parameters ``p`` the gradients of ``prepared`` have."""
+        """Number of parameters ``p`` the gradients of ``prepared`` have.
+
+        Parameters
+        ----------
+        prepared : object
+            What ``prepare`` returned.
+
+        Returns
+        -------
+        int
+            ``p``, the columns of ``gradients``: the same for every checkpoint (part of a store's configuration).
+        """
 
     @abc.abstractmethod
     def gradients(self, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any) -> tuple[Any, Any]:
-        """Per-example gradients of ``task.output``, shape (n, p), and ``task.out_to_loss``, shape (n,)."""
+        """Per-example gradients of ``task.output``, shape (n, p), and ``task.out_to_loss``, shape (n,).
+
+        Parameters
+        ----------
+        model : object
+            The estimator's model.
+        prepared : object
+            What ``prepare`` returned for the checkpoint.
+        inputs : array or mapping of str to array
+            One batch's inputs as the data yields them, ``n`` rows: an array, or for a dict batch the mapping
+            less its labels' key (``TRAK(label_key=...)``), every array with ``n`` rows. Left unchanged.
+        labels : array
+            The batch's labels, ``n`` rows (the estimator checked that inputs and labels have as many).
+        task : Task
+            The estimator's task (``trak_core.Task``): its ``output``, not the loss, is differentiated.
+
+        Returns
+        -------
+        grads : array, shape (n, p)
+            Row ``i``: the gradient of example ``i``'s ``task.output`` with respect to the parameters, in a fixed
+            order the backend documents, ``p = n_params(prepared)``; of a real floating dtype, in the backend's
+            namespace and on its device.
+        out_to_loss : array, shape (n,)
+            ``task.out_to_loss`` of each example, finite.
+        """
 
     def structure(self, prepared: Any) -> Any:
-        """A hashable description of the parameters (names, nesting, shapes) that every checkpoint must share.
+        """A description of the parameters (names, nesting, shapes) that every checkpoint must share.
 
-        Default ``None``: only ``n_params`` is compared between checkpoints.
+        Parameters
+        ----------
+        prepared : object
+            What ``prepare`` returned.
+
+        Returns
+        -------
+        object
+            Compared with ``!=`` to checkpoint 0's (a difference is a ``TrakValueError``); its ``repr`` is hashed
+            into an on-disk store's configuration, so it must be the same in every process (no object ids).
+            Default ``None``: only ``n_params`` is compared between checkpoints.
         """
         return None
 
@@ -74,6 +148,17 @@ class Backend(abc.ABC):
 
         The estimator records it per checkpoint, refuses to featurize the same checkpoint twice,
         and checks it when a store is reopened. Default ``None``: no such checks.
+
+        Parameters
+        ----------
+        prepared : object
+            What ``prepare`` returned.
+
+        Returns
+        -------
+        str or None
+            Equal for equal parameters, different otherwise (``trak_core.fingerprints.parameters_digest`` of
+            the named arrays); ``None`` where there is nothing to hash.
         """
         return None
 
@@ -84,13 +169,40 @@ class Backend(abc.ABC):
         Called before the stored ``parameters_digest`` is compared, so that a setting that changes the
         parameters' dtype (JAX casts float64 to float32 with ``jax_enable_x64`` off) is named with its fix
         rather than reported as other parameters. Default: no check.
+
+        Parameters
+        ----------
+        prepared : object
+            What ``prepare`` returned.
+        dtype : str
+            The NumPy name of the stored features' dtype: ``"float32"`` or ``"float64"``.
         """
 
     def project(self, grads: Any, k: int, *, seed: int, checkpoint: int, kind: str,
                 precision: str = "float32") -> Any:
         """``grads @ P_checkpoint``, equal to ``trak_core.project`` (same ``precision``) up to float rounding.
 
-        Default: ``trak_core.project`` itself.
+        Default: ``trak_core.project``. Called only for a backend with ``has_fused_projection``, with ``proj_dim`` set.
+
+        Parameters
+        ----------
+        grads : array, shape (n, p)
+            Per-example gradients from ``gradients``: the rows of one or several batches.
+        k : int
+            Projection dimension (``TRAK(proj_dim=...)``).
+        seed, checkpoint : int
+            Seed of the projection (``TRAK(seed=...)``) and index of the checkpoint: each has its own matrix.
+        kind : {"rademacher", "gaussian"}
+            Kind of the matrix (``TRAK(proj_type=...)``).
+        precision : {"float32", "fast"}
+            As in ``trak_core.project`` (``"fast"``: Rademacher only).
+
+        Returns
+        -------
+        array, shape (n, k)
+            ``grads @ trak_core.projection_matrix(p, k, seed=seed, checkpoint=checkpoint, kind=kind)``, in the
+            namespace and on the device of ``grads``, in its dtype (float32 for float16 or bfloat16 gradients):
+            the estimator checks the shape and the dtype.
         """
         from ..projection import project
 
@@ -102,14 +214,61 @@ class Backend(abc.ABC):
 
         Default ``None``: the estimator calls ``gradients`` and projects them itself. A backend
         whose compiled step can multiply by the projection matrix (JAX) returns the features here.
+        Called per batch, only for a backend with ``has_fused_projection`` and when ``proj_dim`` is set.
+
+        Parameters
+        ----------
+        model, prepared : object
+            As in ``gradients``.
+        inputs : array or mapping of str to array
+            As in ``gradients``.
+        labels : array
+            As in ``gradients``.
+        task : Task
+            As in ``gradients``.
+        k, seed, checkpoint : int
+            As in ``project``.
+        kind : {"rademacher", "gaussian"}
+            As in ``project``.
+        precision : {"float32", "fast"}
+            As in ``project``.
+
+        Returns
+        -------
+        tuple of (array, array) or None
+            ``(features, out_to_loss)``: features ``(n, k)`` equal to ``project`` of the batch's ``gradients`` up
+            to float rounding (about 1e-3 relative at ``"fast"``), real floating and finite; weights ``(n,)`` as in
+            ``gradients``. ``None``: not here (JAX: ``"fast"``, or a matrix too large for the projection cache).
         """
         return None
-
 
     def factorized_plan(self, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any, *, k: int,
                         options: Any) -> Any:
         """The ``trak_core.kronecker.KroneckerPlan`` of ``model`` at ``k`` (layers found on one example of the
-        batch ``inputs``). Only for backends with ``can_factorize``."""
+        batch ``inputs``). Only for backends with ``can_factorize``; called once per prepared checkpoint in a
+        process, with the first batch it featurizes or scores.
+
+        Parameters
+        ----------
+        model, prepared : object
+            As in ``gradients``.
+        inputs : array or mapping of str to array
+            As in ``gradients``.
+        labels : array
+            As in ``gradients``.
+        task : Task
+            As in ``gradients``.
+        k : int
+            The projection dimension the plan divides between the layers and the rest.
+        options : Kronecker
+            The factorized projection's options (``TRAK(proj_type=...)``; ``Kronecker()`` for ``"kronecker"``).
+
+        Returns
+        -------
+        KroneckerPlan
+            The layers' blocks and the rest (``trak_core.kronecker``). An on-disk store records its
+            ``digest()`` and refuses another layout for the same checkpoint.
+        """
         raise BackendError(f"backend {self.name!r} has no factorized projection (proj_type='kronecker'); use "
                            "proj_type='rademacher'")
 
@@ -117,7 +276,32 @@ class Backend(abc.ABC):
                             seed: int, checkpoint: int, options: Any) -> tuple[Any, Any]:
         """Features ``(n, k)`` of ``proj_type="kronecker"`` and out-to-loss weights ``(n,)``, without per-example
         gradients of the layers: they equal ``gradients @ explicit_matrix(plan)`` (``trak_core.kronecker``).
-        Only for backends with ``can_factorize``."""
+        Only for backends with ``can_factorize``.
+
+        Parameters
+        ----------
+        model, prepared : object
+            As in ``gradients``.
+        inputs : array or mapping of str to array
+            As in ``gradients``.
+        labels : array
+            As in ``gradients``.
+        task : Task
+            As in ``gradients``.
+        k, seed, checkpoint : int
+            As in ``factorized_plan`` (``k``) and ``project``.
+        options : Kronecker
+            As in ``factorized_plan``.
+
+        Returns
+        -------
+        features : array, shape (n, k)
+            Equal to the batch's ``gradients`` times ``trak_core.kronecker.explicit_matrix`` of the plan
+            (``factorized_plan`` at this ``k`` and ``options``), ``seed`` and ``checkpoint``, up to float
+            rounding; of a real floating dtype and finite.
+        out_to_loss : array, shape (n,)
+            As in ``gradients``.
+        """
         raise BackendError(f"backend {self.name!r} has no factorized projection (proj_type='kronecker'); use "
                            "proj_type='rademacher'")
 

@@ -49,7 +49,24 @@ class BackendPluginWarning(RuntimeWarning):
 
 def register_backend(backend: Backend, *, name: str | None = None) -> None:
     """Register ``backend`` under ``name`` (default ``backend.name``; another name is an error: a store records the
-    backend's name, and reopening it looks that name up) for this process."""
+    backend's name, and reopening it looks that name up) for this process.
+
+    Parameters
+    ----------
+    backend : Backend
+        A ``trak_core.Backend`` with a non-empty ``name``; it replaces, for this process, a backend registered or
+        declared by an entry point under that name.
+    name : str, optional
+        Must equal ``backend.name``, the default.
+
+    Raises
+    ------
+    TrakTypeError
+        If ``backend`` is not a ``Backend`` with a name.
+    BackendError
+        If the name is one of trak-core's own (``numpy``, ``torch``, ``jax``, ``cupy``) or differs from
+        ``backend.name``.
+    """
     check_backend(backend)
     name = name or backend.name
     if name in KNOWN:
@@ -223,6 +240,17 @@ def _installed(name: str, target: Target, *, warn: bool) -> bool:
 def get_backend(name: str) -> Backend:
     """Return the backend registered as ``name``.
 
+    Parameters
+    ----------
+    name : str
+        A backend's ``name``: one of trak-core's own (``"numpy"``, ``"torch"``, ``"jax"``, ``"cupy"``), an
+        entry point's of the group ``trak_core.backends``, or one given to ``register_backend``.
+
+    Returns
+    -------
+    Backend
+        The backend object, loaded at the first call (the same object at the next ones).
+
     Raises
     ------
     UnknownBackendError
@@ -259,6 +287,11 @@ def available_backends() -> list[str]:
     No framework is imported; first-party backends are not imported either. A third-party plug-in's
     module is imported to read its ``framework``; one that fails to load is left out with a
     ``BackendPluginWarning``.
+
+    Returns
+    -------
+    list of str
+        The names, sorted; each one ``get_backend`` and ``TRAK(backend=...)`` accept.
     """
     return _available(_targets(), warn=True)
 
