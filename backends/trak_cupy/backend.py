@@ -25,9 +25,12 @@ class PrecomputedGradients:
     """
 
     def __init__(self, n_params: int) -> None:
-        from trak_core._checks import _integer
+        import operator
 
-        count = _integer(n_params)  # NumPy integers too; not a bool
+        try:  # NumPy integers too; not a bool
+            count = None if isinstance(n_params, bool) else operator.index(n_params)
+        except TypeError:
+            count = None
         if count is None or count <= 0:
             raise TrakValueError(f"n_params must be a positive integer, got {n_params!r}")
         self.n_params = count

@@ -16,38 +16,16 @@ from typing import Any, Callable, Mapping, Sequence
 from trak_core.backends import Backend
 from trak_core.errors import TrakTypeError, TrakValueError
 from trak_core.fingerprints import parameters_digest
-from trak_core.outputs import select_logits
 
 from .attention import (attention_for_closed_form, attention_for_vmap, causal_model, model_masks, note_mask,
                         reads_own_mask, uncounted_pad_predictions)
 from .checkpoint import TorchCheckpoint, raise_dtype_error, select_names, snapshot
 from .looped import eval_mode, looped_gradients, refuse_to_loop, vmap_cannot_batch
+from .outputs import _rows, check_labels, output_logits
 from .vmapped import vmap_in_attention
 from .seq2seq import is_encoder_decoder
 
 __all__ = ["TorchBackend", "output_logits"]
-
-
-_LOGITS_FN_HINT = "pass logits_fn (model output -> logits tensor) to the backend: TorchBackend(logits_fn=...)"
-
-
-def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) -> Any:
-    """The logits tensor in what a model's ``forward`` returned (``trak_core.outputs.select_logits``)."""
-    import torch
-
-    return select_logits(output, logits_fn, is_array=lambda value: isinstance(value, torch.Tensor),
-                         hint=_LOGITS_FN_HINT, array="tensor")
-
-
-def check_labels(task: Any, labels: Any, logits: Any) -> None:
-    """``task.check_labels`` with the number of outputs: the last axis of ``logits`` (1 for a 1-D output)."""
-    import array_api_compat.torch as xp
-
-    task.check_labels(labels, logits.shape[-1] if logits.ndim > 1 else 1, xp=xp)
-
-
-def _rows(inputs: Any) -> int:
-    return int(next(iter(inputs.values())).shape[0]) if isinstance(inputs, Mapping) else int(inputs.shape[0])
 
 
 def prepared_dtype(params: dict) -> Any:

@@ -104,7 +104,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     import array_api_compat.torch as xp
     import torch
 
-    from .backend import _rows, check_labels, output_logits
+    from .outputs import _rows, check_labels, output_logits
     from .closed_form_functional import FUNCTION, copies, intercept, locate, scaled, slow_path
     from .closed_form_layers import NORMS, TOKENWISE, check_rms_norm, closed_form_kind, conv_gradient, normalized
     from .closed_form_outside import outside_uses

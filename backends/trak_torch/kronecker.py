@@ -54,7 +54,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
 
     from trak_core.projection import project
 
-    from .backend import _rows, output_logits
+    from .outputs import _rows, output_logits
     from .closed_form import check_tolerance
     from .kronecker_functional import batch_layout, intercepted, no_fast_path
 

@@ -102,7 +102,7 @@ def looped_gradients(backend: Any, model: Any, prepared: Any, inputs: Any, label
     from torch.utils._pytree import tree_map
 
     params = {name: tensor.detach().requires_grad_(True) for name, tensor in prepared.params.items()}
-    from .backend import _rows
+    from .outputs import _rows
 
     buffers = {name for name, _ in model.named_buffers()}  # buffers only: a frozen max_norm table is renormalized
     versions = {name: tensor._version for name, tensor in prepared.frozen.items() if name in buffers}  # in place

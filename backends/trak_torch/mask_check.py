@@ -41,7 +41,7 @@ def check_replaced_mask(backend: Any, model: Any, prepared: Any, inputs: Any, la
     padded = bool((mask == 0).any())
     if done == "unpadded" and not padded:
         return
-    from .backend import check_labels
+    from .outputs import check_labels
 
     causal = backend._causal(model)
     with eval_mode(model), attention_for_closed_form(model), torch.no_grad():

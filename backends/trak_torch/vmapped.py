@@ -43,7 +43,7 @@ def vmap_gradients(backend: Any, model: Any, prepared: Any, inputs: Any, labels:
     from torch.func import grad, vmap
     from torch.utils._pytree import tree_map
 
-    from .backend import _rows, check_labels
+    from .outputs import _rows, check_labels
     from .transforms import for_transforms
 
     with eval_mode(model), attention_for_vmap(model, attention_dtype), for_transforms(model):  # no grad hooks

@@ -1,0 +1,33 @@
+"""What the torch backend reads off a model's forward: the logits tensor, the labels checked against it, the rows.
+
+One job, shared by the gradient paths (closed form, vmap, loop, factorized), which import it lazily.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from trak_core.outputs import select_logits
+
+__all__ = ["output_logits", "check_labels"]
+
+
+_LOGITS_FN_HINT = "pass logits_fn (model output -> logits tensor) to the backend: TorchBackend(logits_fn=...)"
+
+
+def output_logits(output: Any, logits_fn: Callable[[Any], Any] | None = None) -> Any:
+    """The logits tensor in what a model's ``forward`` returned (``trak_core.outputs.select_logits``)."""
+    import torch
+
+    return select_logits(output, logits_fn, is_array=lambda value: isinstance(value, torch.Tensor),
+                         hint=_LOGITS_FN_HINT, array="tensor")
+
+
+def check_labels(task: Any, labels: Any, logits: Any) -> None:
+    """``task.check_labels`` with the number of outputs: the last axis of ``logits`` (1 for a 1-D output)."""
+    import array_api_compat.torch as xp
+
+    task.check_labels(labels, logits.shape[-1] if logits.ndim > 1 else 1, xp=xp)
+
+
+def _rows(inputs: Any) -> int:
+    return int(next(iter(inputs.values())).shape[0]) if isinstance(inputs, Mapping) else int(inputs.shape[0])
