@@ -377,3 +377,22 @@ def test_a_store_of_a_backend_without_a_parameters_digest_reopens(tmp_path):
     for c in range(2):
         reference.featurize(model.init(seed=c), [(x, y)])
     np.testing.assert_allclose(reopened.score(targets), reference.score(targets), rtol=1e-12, atol=1e-12)
+
+
+def test_reopening_a_jax_store_leaves_the_shared_backend_s_step_size_alone(tmp_path, monkeypatch):
+    """TRAK.open fixes the step's size at the store's first batch's rows: it set it on the one JAX backend of the
+    process (``get_backend("jax")``), so every later TRAK there compiled at that size (20 rows for 500-row batches:
+    other roundings, the test above failed after a test that reopened a 20-row store)."""
+    pytest.importorskip("jax", reason="JAX is not installed: the jax backend is not exercised")
+    (tmp_path / "jax_model.py").write_text(JAX_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import trak_jax
+    from jax_model import apply, data, weights
+    from trak_jax import JaxModel
+
+    monkeypatch.setattr(trak_jax.backend, "batch_size", None)
+    x, y = data(20, 0)
+    TRAK(JaxModel(apply), proj_dim=8, store=tmp_path / "store", progress=False).featurize(weights(0), [(x, y)])
+    reopened = TRAK.open(tmp_path / "store", JaxModel(apply), [weights(0)])
+    assert reopened.backend.batch_size == 20 and reopened.backend is not trak_jax.backend
+    assert trak_jax.backend.batch_size is None and TRAK(JaxModel(apply), progress=False).backend.batch_size is None

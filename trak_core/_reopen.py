@@ -47,7 +47,7 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
 
     rows = getattr(store, "first_batch_rows", lambda: None)()
     if rows is not None:  # JAX: its step compiled at the writer's size, not the targets' (XLA rounds by size)
-        fix_step_size(trak.backend, rows)
+        fix_step_size(trak, rows)
     digests: list[str] = []
     for index, checkpoint in chosen:
         pending = trak._open_checkpoint(checkpoint, index=index)

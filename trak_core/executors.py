@@ -15,6 +15,7 @@ same blocks as one process.
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from typing import Any, Sequence
@@ -25,12 +26,17 @@ from .store import KERNEL_CHUNK_ROWS
 __all__ = ["RayExecutor", "get_executor", "shards"]
 
 
-def fix_step_size(backend: Any, rows: int) -> None:
-    """Give a backend that compiles its step at the first batch's size (JAX: ``batch_size=None``) the training
-    data's first batch's size, as one process would have: a worker whose shard starts later sees other first
-    batches, and a step compiled at another size rounds differently (the docs promise one process's bits)."""
+def fix_step_size(trak: Any, rows: int) -> None:
+    """Give ``trak`` a backend that compiles its step at the training data's first batch's size where its backend
+    compiles at the first batch's size (JAX: ``batch_size=None``), as one process would have: a worker whose shard
+    starts later sees other first batches, and a step compiled at another size rounds differently (the docs
+    promise one process's bits). A copy: ``get_backend("jax")`` is one instance per process, and setting its
+    ``batch_size`` fixed the step size of every later TRAK there (each then compiled at that size)."""
+    backend = trak.backend
     if rows > 1 and getattr(backend, "batch_size", 0) is None:
+        backend = copy.copy(backend)  # the copy protocol takes __getstate__: no compiled steps carried over
         backend.batch_size = rows
+        trak.backend = backend
 
 
 def shards(start: int, n_rows: int, shard_rows: int) -> list[tuple[int, int]]:
@@ -72,7 +78,7 @@ class _Worker:
         if fail_marker and not os.path.exists(fail_marker):  # tests: die once, as a killed worker would
             open(fail_marker, "w").close()
             os._exit(1)
-        fix_step_size(self.trak.backend, step_rows)
+        fix_step_size(self.trak, step_rows)
         prepared = self.trak.backend.prepare(self.trak.model, checkpoint)
         parts = list(self.trak._stream_features(prepared, index, batches, skip=start - first_row, stop=stop - first_row,
                                                 row0=first_row, batch0=first_batch))
@@ -204,7 +210,7 @@ class RayExecutor:
 
         actors = self._start(trak)
         step_rows = _rows(data[0]) if data else 0
-        fix_step_size(trak.backend, step_rows)  # the driver's targets, as one process compiles them
+        fix_step_size(trak, step_rows)  # the driver's targets, as one process compiles them
         futures, stops = [], []
         for i, (start, stop) in enumerate(shards(writer.rows_done, n_rows, self.shard_rows)):
             first = max(b for b in range(len(offsets)) if offsets[b] <= start)
