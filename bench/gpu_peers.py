@@ -231,7 +231,7 @@ def run_trak_core(model: Any, state: dict, train: list, targets: list, k: int, d
         phase(device, lambda: trak.featurize(state, train)), phase(device, lambda: trak.score(targets)))
     out = dict(featurize_s=featurize_s, featurize_peak_bytes=featurize_peak, score_s=score_s,
                score_peak_bytes=score_peak, lambda_reg=trak.lambdas[0])
-    if "cupy" in sys.modules:
+    if "cupy" in sys.modules and str(device).startswith("cuda"):  # CuPy without a GPU raises here
         out["cupy_pool_bytes"] = int(sys.modules["cupy"].get_default_memory_pool().total_bytes())
     return out, scores.double().cpu().numpy()
 

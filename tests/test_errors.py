@@ -319,6 +319,7 @@ def test_install_advice_names_packages_not_an_unpublished_distribution(monkeypat
         DiskStore(tmp_path / "store")
     assert 'pip install zarr (or, in a trak-core checkout, pip install -e ".[store]")' in str(info.value)
     monkeypatch.setattr(registry, "_importable", lambda module: module != "cupy")
+    monkeypatch.delitem(registry._loaded, "cupy", raising=False)  # loaded by available_backends() where CuPy is
     with pytest.raises(MissingFrameworkError) as info:
         registry.get_backend("cupy")
     assert "pip install cupy-cuda12x" in str(info.value) and "trak-core[" not in str(info.value)
