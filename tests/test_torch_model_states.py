@@ -51,6 +51,28 @@ def test_autocast_is_refused():
             trak_core.TRAK(model, proj_dim=8, progress=False).featurize(None, [(torch.randn(4, 5), torch.ones(4))])
 
 
+
+def test_an_array_api_compat_that_drops_autograd_is_refused(monkeypatch):
+    """array-api-compat 1.11's torch ``sum`` went through ``torch.asarray``, which in torch 2.3 to 2.7 drops
+    ``requires_grad``: the margins came out detached and the gradients 2x off, with no error (a minimum-versions
+    audit: LDS 0.31 instead of 0.73). Simulated here by a ``sum`` that detaches."""
+    import array_api_compat.torch as xp
+
+    from trak_torch import contexts
+
+    model = _mlp()
+    right = _features(model)
+    plain_sum = xp.sum
+    monkeypatch.setattr(xp, "sum", lambda x, *args, **kwargs: plain_sum(x.detach(), *args, **kwargs))
+    monkeypatch.setattr(contexts, "_namespace_checked", [])
+    with monkeypatch.context() as unchecked:  # what the check prevents: other numbers (105% off), no error
+        unchecked.setattr(contexts, "_check_namespace_autograd", lambda: None)
+        wrong = _features(model)
+    assert float((wrong - right).norm() / right.norm()) > 0.5
+    with pytest.raises(trak_core.BackendError, match=r"array-api-compat .* drops autograd.*array-api-compat>=1\.13"):
+        _features(model)
+
+
 class Drifting(nn.Module):
     """Scales its output by a buffer it updates in place on every call, in eval mode too."""
 

@@ -7,15 +7,19 @@ One job: :meth:`trak_torch.TorchBackend.prepare` and ``gradients`` refuse to run
   were 0 and a later checkpoint ran with the first one's weight;
 - inside ``torch.autocast``: the model's forward and trak-core's own products (the projection, the kernel) would run
   in bfloat16/float16, features were stored in half precision and a disk store could not take them. A model in half
-  precision is supported as such (``model.to(torch.bfloat16)``: gradients in its dtype, features in float32).
+  precision is supported as such (``model.to(torch.bfloat16)``: gradients in its dtype, features in float32);
+- with an array-api-compat whose torch reductions drop autograd (1.11 with torch 2.3 to 2.7: ``sum`` went through
+  ``torch.asarray``): the tasks' margins came out detached, the gradients 2x off with no error.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from trak_core.errors import TrakValueError
+from trak_core.errors import BackendError, TrakValueError
 
 __all__ = ["check_context"]
+
+_namespace_checked: list[bool] = []  # once per process
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -29,10 +33,30 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
+def _check_namespace_autograd() -> None:
+    """Raise ``BackendError`` if array-api-compat's torch namespace loses autograd through the reductions the
+    tasks use (``sum``, ``max``, ``exp``, ``log``): checked once per process, on a 2-element tensor."""
+    if _namespace_checked:
+        return
+    import array_api_compat
+    import array_api_compat.torch as xp
+    import torch
+
+    x = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    kept = all(value.requires_grad for value in (xp.sum(x), xp.max(x), xp.exp(x), xp.log(x), xp.sum(x * x, axis=0)))
+    if not kept:
+        raise BackendError(f"array-api-compat {array_api_compat.__version__} with torch {torch.__version__} drops "
+                           "autograd through its reductions (xp.sum of a tensor that requires grad does not), so "
+                           "per-example gradients would be wrong: pip install 'array-api-compat>=1.13'")
+    _namespace_checked.append(True)
+
+
 def check_context(device: Any) -> None:
     """Raise ``TrakValueError`` inside ``parametrize.cached()`` or ``torch.autocast`` (for ``device``'s type or
-    the CPU), naming what to change."""
+    the CPU), naming what to change; ``BackendError`` for an array-api-compat that drops autograd."""
     from torch.nn.utils import parametrize
+
+    _check_namespace_autograd()
 
     if getattr(parametrize, "_cache_enabled", 0):
         raise TrakValueError("trak-core runs inside torch.nn.utils.parametrize.cached(): parametrized weights are "
