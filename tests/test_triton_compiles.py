@@ -43,7 +43,8 @@ def test_default_plans_compile_for_hopper_without_spills(n, p, k, passes):
     assert compiled["loop_multiply_adds"] == passes * plan["block_m"] * plan["block_n"] * plan["block_k"]
     assert compiled["loop"]["I2F"] == 0  # signs made from their bits (bit operations), not int-to-float conversion
     # what trak_core._triton_aot passes when CuPy launches it (tests/triton_aot_interpreted.py writes the same entry)
-    assert compiled["entry"] == ["pointer"] * 5 + ["u32"] * 5 + ["pointer"] * 2
+    entry = compiled["entry"]  # then Triton's scratch pointers: one (Triton 3.3) or two (3.4 and later)
+    assert entry[:10] == ["pointer"] * 5 + ["u32"] * 5 and entry[10:] in (["pointer"], ["pointer"] * 2)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(block_n=128, warps=4), dict(block_k=128, stages=2), dict(stages=4),

@@ -48,7 +48,9 @@ def _evaluate(jaxpr: Any, consts: list, args: list, prefix: tuple, inner: set, h
             outs = _evaluate(sub.jaxpr, sub.consts, invals, path, inner, hook)
         else:
             with eqn.ctx.manager:
-                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                bound = eqn.primitive.get_bind_params(eqn.params)  # JAX < 0.9.2: (subfuns, params)
+                subfuns, bound = bound if isinstance(bound, tuple) else ((), bound)
+                outs = eqn.primitive.bind(*subfuns, *invals, **bound)
             outs = list(outs) if eqn.primitive.multiple_results else [hook(path, eqn, invals, outs)]
         env.update(zip(eqn.outvars, outs))
     return [var.val if isinstance(var, Literal) else env[var] for var in jaxpr.outvars]
