@@ -26,6 +26,16 @@ def to_numpy(x: Any) -> np.ndarray:
     """A NumPy copy (or view) of an array of any framework or device (torch, CuPy, JAX, array-api-strict).
 
     torch dtypes NumPy lacks (bfloat16, float8) come as their bytes (``uint8``), which is what a digest needs.
+
+    Parameters
+    ----------
+    x : array
+        An array of any supported framework, on any device.
+
+    Returns
+    -------
+    numpy.ndarray
+        Its values on the host.
     """
     return to_host(x)
 
@@ -37,7 +47,18 @@ def _update(hasher: Any, array: np.ndarray) -> None:
 
 
 def parameters_digest(named: Iterable[tuple[str, Any]]) -> str:
-    """SHA-256 of named arrays, in the order given: names, dtypes, shapes and bytes."""
+    """SHA-256 of named arrays, in the order given: names, dtypes, shapes and bytes.
+
+    Parameters
+    ----------
+    named : iterable of (str, array)
+        A checkpoint's parameter names and arrays, of any framework or device.
+
+    Returns
+    -------
+    str
+        The hex digest.
+    """
     hasher = hashlib.sha256()
     for name, value in named:
         hasher.update(name.encode() + b"\0")
@@ -46,7 +67,20 @@ def parameters_digest(named: Iterable[tuple[str, Any]]) -> str:
 
 
 def combine(chunk_digests: Iterable[str], n_rows: int) -> str:
-    """One digest of a whole training set from its chunk digests and its number of rows."""
+    """One digest of a whole training set from its chunk digests and its number of rows.
+
+    Parameters
+    ----------
+    chunk_digests : iterable of str
+        The digests of the chunks, in chunk order (``DataFingerprint``).
+    n_rows : int
+        The number of training examples.
+
+    Returns
+    -------
+    str
+        The hex SHA-256 digest.
+    """
     hasher = hashlib.sha256(str(n_rows).encode())
     for digest in chunk_digests:
         hasher.update(digest.encode())
@@ -87,6 +121,18 @@ class DataFingerprint:
 
         Rows are hashed as contiguous bytes, one stream per array (inputs, or each key of a dict
         batch, and labels), so any split of the data into batches gives the same digests.
+
+        Parameters
+        ----------
+        inputs : array or mapping of str to array
+            The batch's inputs, rows first.
+        labels : array
+            The batch's labels, rows first.
+
+        Returns
+        -------
+        list of (int, str)
+            The chunks this batch completed, in order (empty when it completed none).
         """
         named = sorted(inputs.items()) if isinstance(inputs, Mapping) else [("inputs", inputs)]
         arrays = [(f"x:{name}", np.ascontiguousarray(to_numpy(value))) for name, value in named]
@@ -107,7 +153,13 @@ class DataFingerprint:
         return done
 
     def finish(self) -> list[tuple[int, str]]:
-        """The digest of the last, partial chunk (empty when the rows filled whole chunks)."""
+        """The digest of the last, partial chunk (empty when the rows filled whole chunks).
+
+        Returns
+        -------
+        list of (int, str)
+            ``[(chunk index, digest)]`` or ``[]``.
+        """
         if self.rows % self.chunk_rows == 0:
             return []
         return [(self.rows // self.chunk_rows, self._digest())]

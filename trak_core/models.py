@@ -38,6 +38,16 @@ class AnalyticModel:
     def params(self, checkpoint: Any) -> dict[str, Any]:
         """Named parameter arrays from a checkpoint: a flat vector of length ``p`` or a mapping.
 
+        Parameters
+        ----------
+        checkpoint : array or mapping of str to array
+            A flat vector of shape (p,), or a mapping with the names and shapes of ``param_shapes``.
+
+        Returns
+        -------
+        dict of str to array
+            The arrays, in ``param_shapes`` order.
+
         Raises
         ------
         ValueError
@@ -74,12 +84,36 @@ class AnalyticModel:
         return out
 
     def flatten(self, params: Mapping[str, Any]) -> Any:
-        """Concatenate named parameters into the flat vector, in the documented order."""
+        """Concatenate named parameters into the flat vector, in the documented order.
+
+        Parameters
+        ----------
+        params : mapping of str to array
+            Arrays with the names and shapes of ``param_shapes``.
+
+        Returns
+        -------
+        array, shape (p,)
+            The flat parameter vector.
+        """
         xp = namespace(*params.values())
         return xp.concat([xp.reshape(params[name], (-1,)) for name in self.param_shapes])
 
     def init(self, seed: int = 0, dtype: str = "float64") -> Any:
-        """A flat NumPy parameter vector, uniform in ``+-1/sqrt(fan_in)`` like ``nn.Linear``."""
+        """A flat NumPy parameter vector, uniform in ``+-1/sqrt(fan_in)`` like ``nn.Linear``.
+
+        Parameters
+        ----------
+        seed : int
+            Seed of ``numpy.random.default_rng``.
+        dtype : str
+            The vector's dtype.
+
+        Returns
+        -------
+        numpy.ndarray, shape (p,)
+            A checkpoint for ``params``.
+        """
         import numpy as np
 
         rng = np.random.default_rng(seed)
@@ -91,19 +125,53 @@ class AnalyticModel:
         return np.concatenate(parts).astype(dtype)
 
     def fan_in(self, name: str) -> int:
-        """Inputs feeding the layer that owns parameter ``name``."""
+        """Inputs feeding the layer that owns parameter ``name`` (subclasses define it).
+
+        Parameters
+        ----------
+        name : str
+            A parameter name of ``param_shapes``.
+        """
         raise NotImplementedError
 
     def logits(self, params: Mapping[str, Any], inputs: Any) -> Any:
-        """Raw outputs, shape ``(n, n_outputs)``."""
+        """Raw outputs, shape ``(n, n_outputs)`` (subclasses define it).
+
+        Parameters
+        ----------
+        params : mapping of str to array
+            Named parameter arrays (``params`` of a checkpoint).
+        inputs : array, shape (n, n_features)
+            The examples.
+        """
         raise NotImplementedError
 
     def per_example_grads(self, params: Mapping[str, Any], inputs: Any, dlogits: Any) -> Any:
-        """Rows ``J_i^T dlogits_i``: gradients of ``sum_c dlogits[i, c] * logits[i, c]``, shape (n, p)."""
+        """Rows ``J_i^T dlogits_i``: gradients of ``sum_c dlogits[i, c] * logits[i, c]``, shape (n, p).
+
+        Parameters
+        ----------
+        params : mapping of str to array
+            Named parameter arrays (``params`` of a checkpoint).
+        inputs : array, shape (n, n_features)
+            The examples.
+        dlogits : array, shape (n, n_outputs)
+            The derivative of each example's output with respect to its logits (``task.output_grad``).
+        """
         raise NotImplementedError
 
     def batch_grad(self, params: Mapping[str, Any], inputs: Any, dlogits: Any) -> Any:
-        """The sum over examples of ``per_example_grads``, without forming the (n, p) array."""
+        """The sum over examples of ``per_example_grads``, without forming the (n, p) array; shape (p,).
+
+        Parameters
+        ----------
+        params : mapping of str to array
+            Named parameter arrays (``params`` of a checkpoint).
+        inputs : array, shape (n, n_features)
+            The examples.
+        dlogits : array, shape (n, n_outputs)
+            The derivative of each example's output with respect to its logits (``task.output_grad``).
+        """
         raise NotImplementedError
 
     def _check_inputs(self, inputs: Any) -> None:

@@ -110,6 +110,7 @@ class Writer(abc.ABC):
 
     @property
     def data_checksums(self) -> dict[str, str]:
+        """The digests ``record_data`` received, ``{str(chunk): digest}`` (the base writer keeps none)."""
         return {}
 
     @property
@@ -119,35 +120,83 @@ class Writer(abc.ABC):
 
     @abc.abstractmethod
     def append(self, features: Any, out_to_loss: Any) -> None:
-        """Add the features (rows) and out-to-loss weights of the next examples."""
+        """Add the features (rows) and out-to-loss weights of the next examples, in row order from ``rows_done``.
+
+        Parameters
+        ----------
+        features : array, shape (rows, k)
+            Features ``Phi`` of the examples, in the backend's namespace and on its device (``k``: ``proj_dim``).
+        out_to_loss : array, shape (rows,)
+            Their out-to-loss weights ``Q``.
+        """
 
     @abc.abstractmethod
     def finish(self, kernel_dtype: str = "float64") -> tuple[Any, Any, Any]:
-        """``(features, out_to_loss, Phi^T Phi)`` (the kernel in the dtype ``kernel_dtype`` names, see
-        :func:`kernel_from_features`), or ``(None, None, None)`` when nothing was added."""
+        """``(features (n, k), out_to_loss (n,), kernel)`` after the last row; ``(None, None, None)`` if none was added.
+
+        Parameters
+        ----------
+        kernel_dtype : str
+            The dtype of the kernel ``Phi^T Phi`` (``Phi Phi^T`` when ``n < k``; :func:`kernel_from_features`).
+        """
 
     @abc.abstractmethod
     def discard(self) -> None:
         """Forget this checkpoint's features (its data contradicted checkpoint 0's)."""
 
     def set_template(self, features: Any) -> None:
-        """One row of features, when resuming: the namespace, device and dtype to read rows back in."""
+        """One row of features, when resuming: the namespace, device and dtype to read rows back in.
+
+        Parameters
+        ----------
+        features : array, shape (1, k)
+            The features of one example (the base writer ignores it).
+        """
 
     def record_parameters(self, digest: str | None) -> None:
-        """Remember the content hash of the checkpoint's parameters (before any row is written)."""
+        """Remember the content hash of the checkpoint's parameters (before any row is written).
+
+        Parameters
+        ----------
+        digest : str or None
+            ``Backend.parameters_digest`` of the checkpoint; the base writer sets ``parameters_digest``.
+        """
         self.parameters_digest = digest
 
     def record_data(self, chunk: int, digest: str) -> None:
-        """Remember the digest of chunk ``chunk`` of the training data (before its features are written)."""
+        """Remember the digest of chunk ``chunk`` of the training data (before its features are written).
+
+        Parameters
+        ----------
+        chunk : int
+            The chunk's index: rows from ``chunk * KERNEL_CHUNK_ROWS`` on.
+        digest : str
+            Its SHA-256 hex digest (:class:`trak_core.fingerprints.DataFingerprint`).
+        """
 
     def allocate(self, n_rows: int, width: int, dtype: Any, weight_dtype: Any) -> None:
-        """Make room for ``n_rows`` rows that parallel workers fill in any order (on-disk stores only)."""
+        """Make room for ``n_rows`` rows that parallel workers fill in any order (on-disk stores only).
+
+        Parameters
+        ----------
+        n_rows, width : int
+            The number of training examples and of features per row ``k``.
+        dtype, weight_dtype : numpy.dtype
+            The dtypes of the features and of the out-to-loss weights (the estimator passes the features' for both).
+        """
         raise TrakValueError(f"{type(self).__name__} cannot be filled by parallel workers; use an on-disk store "
                              "(store=PATH) with executor='ray'")
 
     def record_rows(self, checksums: dict[str, dict[str, str]], rows_done: int) -> None:
-        """Record chunks that parallel workers wrote (their checksums, ``{"features": {chunk: sha256},
-        "out_to_loss": {...}}``) and the rows now done."""
+        """Record chunks that parallel workers wrote and the rows now done.
+
+        Parameters
+        ----------
+        checksums : dict
+            ``{"features": {str(chunk): sha256}, "out_to_loss": {str(chunk): sha256}}``.
+        rows_done : int
+            The rows written, from row 0.
+        """
         raise TrakValueError(f"{type(self).__name__} cannot be filled by parallel workers")
 
 
@@ -223,11 +272,25 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def writer(self, index: int, fingerprint: dict) -> Writer:
-        """A writer for checkpoint ``index``; an on-disk store checks ``fingerprint`` against its own."""
+        """A writer for checkpoint ``index``; an on-disk store checks ``fingerprint`` against its own.
+
+        Parameters
+        ----------
+        index : int
+            The checkpoint's position (``len(store)`` for a new one).
+        fingerprint : dict
+            Settings that must not change between runs sharing a store (``proj_dim``, ``seed``, ``task``, ...).
+        """
 
     @abc.abstractmethod
     def add(self, entry: CheckpointEntry) -> None:
-        """Append a completely featurized checkpoint (its index must be the next one)."""
+        """Append a completely featurized checkpoint (its index must be the next one).
+
+        Parameters
+        ----------
+        entry : CheckpointEntry
+            Made from its writer's ``finish`` and the kernel's factor.
+        """
 
     @abc.abstractmethod
     def __len__(self) -> int:
@@ -241,7 +304,13 @@ class Store(abc.ABC):
         return (self[i] for i in range(len(self)))
 
     def stored_checkpoints(self) -> int:
-        """Checkpoints stored completely (more than ``len`` in a reopened store not yet loaded)."""
+        """Checkpoints stored completely (more than ``len`` in a reopened store not yet loaded).
+
+        Returns
+        -------
+        int
+            ``len(self)`` here.
+        """
         return len(self)
 
     def settle(self) -> None:
@@ -249,21 +318,47 @@ class Store(abc.ABC):
         memory, at once."""
 
     def save_scores(self, name: str, scores: Any) -> None:
-        """Save ``scores`` under ``name`` (on-disk stores); never overwrites."""
+        """Save ``scores`` under ``name`` (on-disk stores); never overwrites. Here: raise ``TrakValueError``.
+
+        Parameters
+        ----------
+        name : str
+            The ``save_as`` name, checked by ``check_score_name`` before scoring.
+        scores : array, shape (n_train, n_targets)
+            What ``score`` returns.
+        """
         raise TrakValueError("save_as needs an on-disk store: TRAK(..., store=PATH)")
 
     def check_score_name(self, name: str) -> Any:
         """Refuse ``score(..., save_as=name)`` before any target is scored: here, where ``save_scores`` is not
-        overridden (this store cannot save scores); a store that overrides it may override this too."""
+        overridden (this store cannot save scores); a store that overrides it may override this too.
+
+        Parameters
+        ----------
+        name : str
+            The ``save_as`` name (the estimator ignores what this returns).
+        """
         if type(self).save_scores is Store.save_scores:
             raise TrakValueError("save_as needs an on-disk store: TRAK(..., store=PATH)")
 
     def load_scores(self, name: str) -> Any:
-        """Scores saved with ``score(..., save_as=name)``."""
+        """Scores saved with ``score(..., save_as=name)``, shape (n_train, n_targets). Here: raise ``TrakValueError``.
+
+        Parameters
+        ----------
+        name : str
+            The ``save_as`` name.
+        """
         raise TrakValueError("saved scores live in on-disk stores: TRAK(..., store=PATH)")
 
     def score_names(self) -> list[str]:
-        """Names of the saved score sets."""
+        """Names of the saved score sets.
+
+        Returns
+        -------
+        list of str
+            Empty here.
+        """
         return []
 
 

@@ -43,16 +43,71 @@ class Task(Protocol):
     logits_ndim: int | None  # 2: (n, n_outputs) outputs; 3: (n, sequence, vocabulary); None: any shape
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
-        """Raise ``ValueError``/``TypeError`` if ``labels`` do not fit this task (``n_outputs``: the last axis)."""
+        """Raise ``ValueError``/``TypeError`` if ``labels`` do not fit this task.
+
+        Parameters
+        ----------
+        labels : array
+            The batch's labels, rows first.
+        n_outputs : int
+            The size of the raw outputs' last axis (1 for outputs of shape (n,)).
+        xp : namespace
+            The Array API namespace of the labels.
+        """
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """The model output function ``f``, shape ``(n,)``."""
+        """The model output function ``f`` that TRAK linearizes.
+
+        Parameters
+        ----------
+        logits : array
+            Raw outputs: shape (n, n_outputs) if ``logits_ndim`` is 2, (n, sequence, vocabulary) if 3, any if None.
+        labels : array
+            The batch's labels, rows first.
+        xp : namespace
+            The Array API namespace of the arrays.
+
+        Returns
+        -------
+        array, shape (n,)
+            ``f`` of each example.
+        """
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """``d f / d logits``, shape ``(n, n_outputs)``."""
+        """``d f / d logits``, for backends that chain gradients by hand.
+
+        Parameters
+        ----------
+        logits : array
+            Raw outputs: shape (n, n_outputs) if ``logits_ndim`` is 2, (n, sequence, vocabulary) if 3, any if None.
+        labels : array
+            The batch's labels, rows first.
+        xp : namespace
+            The Array API namespace of the arrays.
+
+        Returns
+        -------
+        array, shape (n, n_outputs)
+            The derivative of each example's ``f`` with respect to its raw outputs.
+        """
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """The out-to-loss weight ``Q``, shape ``(n,)``."""
+        """The out-to-loss weight ``Q`` of each example.
+
+        Parameters
+        ----------
+        logits : array
+            Raw outputs: shape (n, n_outputs) if ``logits_ndim`` is 2, (n, sequence, vocabulary) if 3, any if None.
+        labels : array
+            The batch's labels, rows first.
+        xp : namespace
+            The Array API namespace of the arrays.
+
+        Returns
+        -------
+        array, shape (n,)
+            ``Q`` of each example.
+        """
 
 
 def _one_hot(labels: Any, n_classes: int, like: Any, *, xp: Any) -> Any:
