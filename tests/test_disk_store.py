@@ -284,6 +284,9 @@ def test_fsspec_urls(tmp_path):
     _, scores = _run(f"file://{tmp_path / 'url-store'}")
     assert np.array_equal(scores, memory)
     assert (tmp_path / "url-store" / "zarr.json").exists()
+    _, escaped = _run(f"file://{tmp_path / 'url%20store' / 'nested'}")  # folders made; not percent-decoded, as
+    assert np.array_equal(escaped, memory)  # fsspec kept it: stores written through it are found again
+    assert (tmp_path / "url%20store" / "nested" / "zarr.json").exists() and not (tmp_path / "url store").exists()
 
 
 def test_a_store_path_under_the_home_directory_is_expanded(tmp_path, monkeypatch):

@@ -217,3 +217,70 @@ def test_trak_cores_own_code_is_identified_by_name():
         name = "overridden"
 
     assert task_identity(Overridden()) != task_identity(Inherited())
+
+
+IN_TWO_PROCESSES = '''
+import functools, sys
+sys.path.insert(0, sys.argv[1])
+from trak_core.tasks import task_identity
+from cached_task import Cached
+print(task_identity(Cached()))
+'''
+
+
+def test_a_task_class_with_a_cached_property_has_one_identity_in_every_process(tmp_path):
+    """functools.cached_property holds a lock on Python 3.11, whose repr shows its address: the identity differed
+    in every process, so such a task's store never reopened (a review of the class digest)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "cached_task.py").write_text(
+        "import functools\n"
+        "class Cached:\n"
+        "    name, logits_ndim = 'cached', 2\n"
+        "    @functools.cached_property\n"
+        "    def scale(self):\n"
+        "        return 2.0\n"
+        "    def output(self, logits, labels, *, xp):\n"
+        "        return self.scale * logits[:, 0]\n")
+    runs = {subprocess.run([sys.executable, "-c", IN_TWO_PROCESSES, str(tmp_path)], capture_output=True, text=True,
+                           check=True, timeout=120).stdout for _ in range(2)}
+    assert len(runs) == 1 and "class=" in runs.pop()
+
+
+class _Slotted(LanguageModeling):
+    __slots__ = ("ignore_index",)
+    name = "slotted"
+
+    def __init__(self, ignore_index):
+        self.ignore_index = ignore_index
+
+
+def test_a_task_with_slots_is_told_apart_by_their_values():
+    assert task_identity(_Slotted(-1)) != task_identity(_Slotted(-100))
+    assert task_identity(_Slotted(-1)) == task_identity(_Slotted(-1))
+
+
+def test_a_custom_task_around_a_built_in_one_reopens_a_store_written_before(tmp_path):
+    """A CustomTask whose output calls a built-in task's: its identity digested trak-core's source then and its
+    name now; the store it wrote is compared with the old digest and reopens."""
+    import zarr
+
+    from trak_core._task_identity import task_identity_before_classes
+
+    base = Classification()
+
+    def output(logits, labels, xp):
+        return 2.0 * base.output(logits, labels, xp=xp)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    trak = TRAK(model, task=CustomTask(output), proj_dim=8, store=tmp_path / "store", progress=False)
+    trak.featurize(None, [(x, y)])
+    old = task_identity_before_classes(CustomTask(output))
+    assert old != task_identity(CustomTask(output))
+    root = zarr.open_group(str(tmp_path / "store"), mode="r+")
+    root.attrs["trak_core"] = {**dict(root.attrs["trak_core"]), "task_identity": old}  # as an older trak-core wrote
+    again = TRAK.open(tmp_path / "store", model, [model.state_dict()], task=CustomTask(output), progress=False)
+    assert torch.equal(again.score([(x[:3], y[:3])]), trak.score([(x[:3], y[:3])]))

@@ -73,6 +73,20 @@ def test_an_array_api_compat_that_drops_autograd_is_refused(monkeypatch):
         _features(model)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_the_autograd_check_runs_under_no_grad(monkeypatch, mode):
+    """The check's first run came under the caller's torch.no_grad(): it took that for a broken array-api-compat
+    and refused (a review of the check)."""
+    from trak_torch import contexts
+
+    model = _mlp()
+    right = _features(model)
+    monkeypatch.setattr(contexts, "_namespace_checked", [])
+    with getattr(torch, mode)():
+        features = _features(model)
+    torch.testing.assert_close(features, right, rtol=1e-12, atol=1e-14)
+
+
 class Drifting(nn.Module):
     """Scales its output by a buffer it updates in place on every call, in eval mode too."""
 

@@ -388,5 +388,6 @@ class Featurizer(KernelFitting):
         if identity is not None:  # a custom task: what it computes, so another one with the same name is told apart
             out["task_identity"] = identity
             out["_legacy_task_functions"] = task_functions(self.task)  # to reopen stores written before (not stored)
-            out["_legacy_task_identity"] = task_identity_before_classes(self.task)  # likewise
+            out["_legacy_task_identity"] = task_identity_before_classes(  # likewise
+                self.task, output_grad=self.backend.name == "numpy")
         return out

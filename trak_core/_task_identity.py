@@ -30,16 +30,16 @@ def _own_name(value: Any) -> str | None:
     return None
 
 
-def callable_digest(function: Any) -> str:
+def callable_digest(function: Any, *, by_name: bool = True) -> str:
     """A 16-hex digest of what ``function`` computes (``"-"`` for ``None``)."""
     if function is None:
         return "-"
     hasher = hashlib.sha256()
-    _feed(hasher, function, depth=0, seen=set())
+    _feed(hasher, function, depth=0, seen=set(), by_name=by_name)
     return hasher.hexdigest()[:16]
 
 
-def _feed(hasher: Any, value: Any, *, depth: int, seen: set) -> None:
+def _feed(hasher: Any, value: Any, *, depth: int, seen: set, by_name: bool = True) -> None:
     """Add ``value`` to ``hasher``: code, data and the structure between them."""
     put = hasher.update
     if depth > _DEPTH:
@@ -56,14 +56,14 @@ def _feed(hasher: Any, value: Any, *, depth: int, seen: set) -> None:
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
         put(f"{type(value).__name__}[{len(items)}](".encode())
         for item in items:
-            _feed(hasher, item, depth=depth + 1, seen=seen)
+            _feed(hasher, item, depth=depth + 1, seen=seen, by_name=by_name)
         put(b")")
         return
     if isinstance(value, dict):
         put(f"dict[{len(value)}](".encode())
         for key in sorted(value, key=repr):
-            _feed(hasher, key, depth=depth + 1, seen=seen)
-            _feed(hasher, value[key], depth=depth + 1, seen=seen)
+            _feed(hasher, key, depth=depth + 1, seen=seen, by_name=by_name)
+            _feed(hasher, value[key], depth=depth + 1, seen=seen, by_name=by_name)
         put(b")")
         return
     if isinstance(value, types.ModuleType):
@@ -72,20 +72,20 @@ def _feed(hasher: Any, value: Any, *, depth: int, seen: set) -> None:
     if isinstance(value, functools.partial):
         put(b"partial(")
         for part in (value.func, value.args, value.keywords):
-            _feed(hasher, part, depth=depth + 1, seen=seen)
+            _feed(hasher, part, depth=depth + 1, seen=seen, by_name=by_name)
         put(b")")
         return
     if isinstance(value, types.MethodType):
         put(b"method(")
-        _feed(hasher, value.__func__, depth=depth + 1, seen=seen)
-        _feed(hasher, value.__self__, depth=depth + 1, seen=seen)
+        _feed(hasher, value.__func__, depth=depth + 1, seen=seen, by_name=by_name)
+        _feed(hasher, value.__self__, depth=depth + 1, seen=seen, by_name=by_name)
         put(b")")
         return
-    if isinstance(value, (types.FunctionType, type)) and _own_name(value) is not None:  # by name, not by its code
+    if by_name and isinstance(value, (types.FunctionType, type)) and _own_name(value) is not None:  # not its code
         put(f"trak-core:{type(value).__name__}:{_own_name(value)};".encode())
         return
     if isinstance(value, types.FunctionType):
-        _feed_function(hasher, value, depth=depth, seen=seen)
+        _feed_function(hasher, value, depth=depth, seen=seen, by_name=by_name)
         return
     if isinstance(value, (types.BuiltinFunctionType, type)):
         put(f"{type(value).__name__}:{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')};"
@@ -103,18 +103,19 @@ def _feed(hasher: Any, value: Any, *, depth: int, seen: set) -> None:
             put(f"array:{array.dtype.str}{tuple(array.shape)}:".encode())
             put(array.tobytes())
             return
-    own = _own_name(type(value))  # an object of trak-core's: its class by name (its code not), its state
+    own = _own_name(type(value)) if by_name else None  # an object of trak-core's: its class by name, its state
     put((f"object:trak-core.{own}(" if own is not None else
          f"object:{type(value).__module__}.{type(value).__qualname__}(").encode())  # a callable object, a setting
     call = getattr(type(value), "__call__", None)
     if own is None and isinstance(call, types.FunctionType):
-        _feed_function(hasher, call, depth=depth + 1, seen=seen)
+        _feed_function(hasher, call, depth=depth + 1, seen=seen, by_name=by_name)
     state = getattr(value, "__dict__", None)
-    _feed(hasher, state if isinstance(state, dict) else repr(value), depth=depth + 1, seen=seen)
+    _feed(hasher, state if isinstance(state, dict) else _stable_repr(value), depth=depth + 1, seen=seen,
+          by_name=by_name)
     put(b")")
 
 
-def _feed_function(hasher: Any, function: types.FunctionType, *, depth: int, seen: set) -> None:
+def _feed_function(hasher: Any, function: types.FunctionType, *, depth: int, seen: set, by_name: bool) -> None:
     import inspect
 
     code = function.__code__
@@ -125,17 +126,17 @@ def _feed_function(hasher: Any, function: types.FunctionType, *, depth: int, see
         hasher.update(code.co_code)
     _feed_code(hasher, code)
     for part in (function.__defaults__, function.__kwdefaults__):
-        _feed(hasher, part, depth=depth + 1, seen=seen)
+        _feed(hasher, part, depth=depth + 1, seen=seen, by_name=by_name)
     for cell in function.__closure__ or ():
         try:
             contents = cell.cell_contents
         except ValueError:  # an empty cell (a name not bound yet)
             contents = "<empty>"
-        _feed(hasher, contents, depth=depth + 1, seen=seen)
+        _feed(hasher, contents, depth=depth + 1, seen=seen, by_name=by_name)
     for name in _global_names(code):  # the globals it reads: constants, functions, arrays (modules by name)
         if name in function.__globals__:
             hasher.update(f"global:{name}=".encode())
-            _feed(hasher, function.__globals__[name], depth=depth + 1, seen=seen)
+            _feed(hasher, function.__globals__[name], depth=depth + 1, seen=seen, by_name=by_name)
     hasher.update(b")")
 
 
@@ -182,37 +183,60 @@ def task_functions(task: Any) -> str | None:
     return named(type(task))
 
 
-def task_identity(task: Any, *, output_grad: bool = False) -> str | None:
+def task_identity(task: Any, *, output_grad: bool = False, by_name: bool = True) -> str | None:
     """What identifies a task beyond its name in a store's fingerprint: for a ``CustomTask``, what its ``output``
     and ``out_to_loss`` compute (``trak_core._task_identity``: their code, captured values and arguments; and
     ``output_grad``'s when ``output_grad``, for the analytic backend that uses it) and ``logits_ndim``; for another
     user ``Task`` class, every attribute its classes define (methods, helpers, class-level settings such as a
-    subclass's ``ignore_index``) and its instance's attributes; ``None`` for the built-in tasks."""
+    subclass's ``ignore_index``) and its instance's attributes (``__slots__`` too); ``None`` for the built-in
+    tasks. ``by_name=False``: trak-core's own code by its code, as stores written before recorded it."""
     from .tasks import TASKS, CustomTask
 
     if type(task) in {type(builtin) for builtin in TASKS.values()}:
         return None
     if isinstance(task, CustomTask):
-        parts = [f"output={callable_digest(task._output)}", f"out_to_loss={callable_digest(task._out_to_loss)}"]
+        parts = [f"output={callable_digest(task._output, by_name=by_name)}",
+                 f"out_to_loss={callable_digest(task._out_to_loss, by_name=by_name)}"]
         if output_grad:
-            parts.append(f"output_grad={callable_digest(task._output_grad)}")
+            parts.append(f"output_grad={callable_digest(task._output_grad, by_name=by_name)}")
     else:
-        parts = [f"class={_class_digest(type(task))}",
-                 f"state={callable_digest(vars(task) if hasattr(task, '__dict__') else None)}"]
+        parts = [f"class={_class_digest(type(task))}", f"state={callable_digest(_instance_state(task))}"]
     return ", ".join(parts + [f"logits_ndim={getattr(task, 'logits_ndim', None)}"])
 
 
-def task_identity_before_classes(task: Any) -> str | None:
-    """A user ``Task`` class's identity as stores written before ``_class_digest`` recorded it (its ``output`` and
-    ``out_to_loss`` only: a changed class-level setting or helper method was not seen); kept to reopen them.
-    ``None`` where it equals ``task_identity`` (the built-in tasks, a ``CustomTask``)."""
+def task_identity_before_classes(task: Any, *, output_grad: bool = False) -> str | None:
+    """A task's identity as stores written before this rule recorded it, kept to reopen them: trak-core's own
+    functions and objects digested by their code, and for a user ``Task`` class its ``output`` and ``out_to_loss``
+    only (a changed class-level setting or helper method was not seen). ``None`` for the built-in tasks."""
     from .tasks import TASKS, CustomTask
 
-    if isinstance(task, CustomTask) or type(task) in {type(builtin) for builtin in TASKS.values()}:
+    if type(task) in {type(builtin) for builtin in TASKS.values()}:
         return None
-    parts = [f"{name}={callable_digest(getattr(type(task), name, None))}" for name in ("output", "out_to_loss")]
-    parts.append(f"state={callable_digest(vars(task) if hasattr(task, '__dict__') else None)}")
+    if isinstance(task, CustomTask):
+        return task_identity(task, output_grad=output_grad, by_name=False)
+    parts = [f"{name}={callable_digest(getattr(type(task), name, None), by_name=False)}"
+             for name in ("output", "out_to_loss")]
+    state = vars(task) if hasattr(task, "__dict__") else None
+    parts.append(f"state={callable_digest(state, by_name=False)}")
     return ", ".join(parts + [f"logits_ndim={getattr(task, 'logits_ndim', None)}"])
+
+
+def _instance_state(task: Any) -> dict | None:
+    """An instance's attributes: its ``__dict__`` and the values of its classes' ``__slots__``."""
+    state = dict(vars(task)) if hasattr(task, "__dict__") else {}
+    for klass in type(task).__mro__:
+        slots = vars(klass).get("__slots__", ())
+        for name in ([slots] if isinstance(slots, str) else slots):
+            if name not in ("__dict__", "__weakref__") and hasattr(task, name):
+                state[f"slot:{name}"] = getattr(task, name)
+    return state if state or hasattr(task, "__dict__") else None
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr(value)``, but a type's name for one that shows an address (a lock, a plain object): the same in
+    every process."""
+    text = repr(value)
+    return f"<{type(value).__module__}.{type(value).__qualname__}>" if " at 0x" in text else text
 
 
 _PROTOCOL_NAMES = {"_abc_impl", "_is_protocol", "_is_runtime_protocol"}  # typing's bookkeeping (addresses in reprs)
@@ -232,6 +256,8 @@ def _class_digest(cls: type) -> str:
             value = vars(klass)[name]
             if isinstance(value, (staticmethod, classmethod)):
                 value = value.__func__
+            elif isinstance(value, functools.cached_property):  # its lock's repr holds an address (Python 3.11)
+                value = value.func
             elif isinstance(value, property):
                 value = (value.fget, value.fset, value.fdel)
             hasher.update(f"{name}=".encode())

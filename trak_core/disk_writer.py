@@ -354,10 +354,9 @@ def open_root(path: str, mode: str) -> Any:
     """The zarr group at ``path`` (a directory or an fsspec URL; ``file://`` creates folders as needed)."""
     import zarr
 
-    if path.startswith("file://"):  # a local folder, opened as one: newer zarr (3.4) refuses storage_options for
-        from urllib.request import url2pathname  # file:// URLs, older (3.1) needed auto_mkdir to create folders
-
-        return zarr.open_group(url2pathname(path[len("file://"):]), mode=mode)
+    if path.startswith("file://"):  # a local folder, opened as one: zarr 3.4 refuses storage_options for file://
+        # URLs, 3.1 needed auto_mkdir. Not percent-decoded: fsspec kept "a%20b" literal, and older stores are there
+        return zarr.open_group(path[len("file://"):], mode=mode)
     return zarr.open_group(path, mode=mode)
 
 

@@ -42,8 +42,10 @@ def _check_namespace_autograd() -> None:
     import array_api_compat.torch as xp
     import torch
 
-    x = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
-    kept = all(value.requires_grad for value in (xp.sum(x), xp.max(x), xp.exp(x), xp.log(x), xp.sum(x * x, axis=0)))
+    with torch.inference_mode(False), torch.enable_grad():  # the caller may be under no_grad() or inference_mode()
+        x = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
+        kept = all(value.requires_grad for value in (xp.sum(x), xp.max(x), xp.exp(x), xp.log(x),
+                                                     xp.sum(x * x, axis=0)))
     if not kept:
         raise BackendError(f"array-api-compat {array_api_compat.__version__} with torch {torch.__version__} drops "
                            "autograd through its reductions (xp.sum of a tensor that requires grad does not), so "
