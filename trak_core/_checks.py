@@ -228,8 +228,9 @@ def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
 
 
 def _first_line(error: BaseException) -> str:
-    """An error's first line, at most 200 characters; ``"no message"`` for one without (``KeyboardInterrupt()``)."""
-    return (str(error).splitlines() or ["no message"])[0][:200] or "no message"
+    """An error's first non-blank line, at most 200 characters; ``"no message"`` for one without
+    (``KeyboardInterrupt()``)."""
+    return next((line.strip()[:200] for line in str(error).splitlines() if line.strip()), "no message")
 
 
 def check_scorable(store: Any, last_error: BaseException | None, what: str, *,
