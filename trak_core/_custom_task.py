@@ -52,37 +52,13 @@ class CustomTask:
         self._output_grad, self._check_labels = output_grad, check_labels
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
-        """The ``check_labels`` function given, if any (none: every label passes).
-
-        Parameters
-        ----------
-        labels : array
-            The batch's labels.
-        n_outputs : int
-            The last axis of the model's output.
-        xp : namespace
-            The Array API namespace of the arrays.
-        """
+        """The ``check_labels`` function given, if any (none: every label passes) (``Task.check_labels``)."""
         if self._check_labels is not None:
             self._check_labels(labels, n_outputs, xp)
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """The ``output`` function given, checked to return one value per example.
-
-        Parameters
-        ----------
-        logits : array
-            The model's raw outputs (see ``logits_ndim``).
-        labels : array
-            The batch's labels.
-        xp : namespace
-            The Array API namespace of the arrays.
-
-        Returns
-        -------
-        array, shape (n,)
-            What ``output(logits, labels, xp)`` returned.
-        """
+        """The ``output`` function given, checked to return one value per example; returns what ``output(logits,
+        labels, xp)`` returned (``Task.output``)."""
         return self._per_example(self._output(logits, labels, xp), logits, labels, "output", "value")
 
     def _per_example(self, value: Any, logits: Any, labels: Any, what: str, one: str) -> Any:
@@ -99,44 +75,16 @@ class CustomTask:
         return value
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """The ``output_grad`` function given (a ``TrakTypeError`` without one).
-
-        Parameters
-        ----------
-        logits : array
-            The model's raw outputs (see ``logits_ndim``).
-        labels : array
-            The batch's labels.
-        xp : namespace
-            The Array API namespace of the arrays.
-
-        Returns
-        -------
-        array
-            What ``output_grad(logits, labels, xp)`` returned, ``d f / d logits``.
-        """
+        """The ``output_grad`` function given (a ``TrakTypeError`` without one); returns what ``output_grad(logits,
+        labels, xp)`` returned, ``d f / d logits`` (``Task.output_grad``)."""
         if self._output_grad is None:
             raise TrakTypeError(f"task {self.name!r} has no output_grad, which the analytic 'numpy' backend needs; "
                                 "pass output_grad=... or use a backend with autodiff (torch, jax)")
         return self._output_grad(logits, labels, xp)
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """The ``out_to_loss`` function given, checked to return one weight per example; ones without one.
-
-        Parameters
-        ----------
-        logits : array
-            The model's raw outputs (see ``logits_ndim``).
-        labels : array
-            The batch's labels.
-        xp : namespace
-            The Array API namespace of the arrays.
-
-        Returns
-        -------
-        array, shape (n,)
-            The weights ``Q`` (ones in the dtype of ``logits`` by default).
-        """
+        """The ``out_to_loss`` function given, checked to return one weight per example; ones without one; returns the
+        weights ``Q`` (ones in the dtype of ``logits`` by default) (``Task.out_to_loss``)."""
         if self._out_to_loss is None:  # Q = 1 per example (logits (n, ...), or (n,) with logits_ndim=None)
             if logits.ndim == 0:  # a squeezed single example
                 return xp.ones_like(logits)

@@ -202,76 +202,23 @@ class SoftmaxRegression(AnalyticModel):
         self.param_shapes = {"weight": (self.n_outputs, self.n_features), "bias": (self.n_outputs,)}
 
     def fan_in(self, name: str) -> int:
-        """Inputs feeding the layer: ``n_features``, for ``weight`` and ``bias`` alike.
-
-        Parameters
-        ----------
-        name : str
-            A parameter name of ``param_shapes``.
-
-        Returns
-        -------
-        int
-            ``n_features``.
-        """
+        """``n_features``, for ``weight`` and ``bias`` alike (``AnalyticModel.fan_in``)."""
         return self.n_features
 
     def logits(self, params: Mapping[str, Any], inputs: Any) -> Any:
-        """Raw outputs ``x W^T + b``.
-
-        Parameters
-        ----------
-        params : mapping of str to array
-            Named parameter arrays (``params`` of a checkpoint).
-        inputs : array, shape (n, n_features)
-            The examples.
-
-        Returns
-        -------
-        array, shape (n, n_classes)
-            The logits.
-        """
+        """Raw outputs ``x W^T + b``, shape ``(n, n_classes)`` (``AnalyticModel.logits``)."""
         self._check_inputs(inputs)
         xp = namespace(inputs)
         return inputs @ xp.matrix_transpose(params["weight"]) + params["bias"]
 
     def per_example_grads(self, params: Mapping[str, Any], inputs: Any, dlogits: Any) -> Any:
-        """Per-example gradients of ``sum_c dlogits[i, c] * logits[i, c]``: rows ``[dlogits_i x_i^T, dlogits_i]``.
-
-        Parameters
-        ----------
-        params : mapping of str to array
-            Named parameter arrays (``params`` of a checkpoint).
-        inputs : array, shape (n, n_features)
-            The examples.
-        dlogits : array, shape (n, n_classes)
-            The derivative of each example's output with respect to its logits (``task.output_grad``).
-
-        Returns
-        -------
-        array, shape (n, p)
-            ``d W`` (``C x d``, row-major) then ``d b`` per row.
-        """
+        """Rows ``[dlogits_i x_i^T, dlogits_i]``: ``d W`` (``C x d``, row-major) then ``d b``
+        (``AnalyticModel.per_example_grads``)."""
         xp = namespace(inputs, dlogits)
         return xp.concat([_outer_rows(dlogits, inputs, xp=xp), dlogits], axis=1)
 
     def batch_grad(self, params: Mapping[str, Any], inputs: Any, dlogits: Any) -> Any:
-        """The sum over examples of ``per_example_grads``, without forming the (n, p) array.
-
-        Parameters
-        ----------
-        params : mapping of str to array
-            Named parameter arrays (``params`` of a checkpoint).
-        inputs : array, shape (n, n_features)
-            The examples.
-        dlogits : array, shape (n, n_classes)
-            As in ``per_example_grads``.
-
-        Returns
-        -------
-        array, shape (p,)
-            ``dlogits^T x`` (row-major) then the column sums of ``dlogits``.
-        """
+        """``dlogits^T x`` (row-major) then the column sums of ``dlogits`` (``AnalyticModel.batch_grad``)."""
         xp = namespace(inputs, dlogits)
         grad_w = xp.matrix_transpose(dlogits) @ inputs
         return xp.concat([xp.reshape(grad_w, (-1,)), xp.sum(dlogits, axis=0)])
@@ -303,18 +250,7 @@ class MLP(AnalyticModel):
         }
 
     def fan_in(self, name: str) -> int:
-        """Inputs feeding the layer of parameter ``name``: ``n_features`` (``hidden.*``) or ``n_hidden``.
-
-        Parameters
-        ----------
-        name : str
-            A parameter name of ``param_shapes``.
-
-        Returns
-        -------
-        int
-            ``n_features`` for the hidden layer's parameters, ``n_hidden`` for the output layer's.
-        """
+        """``n_features`` for ``hidden.*``, ``n_hidden`` for ``output.*`` (``AnalyticModel.fan_in``)."""
         return self.n_features if name.startswith("hidden") else self.n_hidden
 
     def _hidden(self, params: Mapping[str, Any], inputs: Any, *, xp: Any) -> Any:
@@ -331,65 +267,23 @@ class MLP(AnalyticModel):
         return hidden, dpre
 
     def logits(self, params: Mapping[str, Any], inputs: Any) -> Any:
-        """Raw outputs ``act(x W1^T + b1) W2^T + b2``.
-
-        Parameters
-        ----------
-        params : mapping of str to array
-            Named parameter arrays (``params`` of a checkpoint).
-        inputs : array, shape (n, n_features)
-            The examples.
-
-        Returns
-        -------
-        array, shape (n, n_classes)
-            The logits.
-        """
+        """Raw outputs ``act(x W1^T + b1) W2^T + b2``, shape ``(n, n_classes)`` (``AnalyticModel.logits``)."""
         self._check_inputs(inputs)
         xp = namespace(inputs)
         hidden = self._hidden(params, inputs, xp=xp)
         return hidden @ xp.matrix_transpose(params["output.weight"]) + params["output.bias"]
 
     def per_example_grads(self, params: Mapping[str, Any], inputs: Any, dlogits: Any) -> Any:
-        """Per-example gradients of ``sum_c dlogits[i, c] * logits[i, c]``, backpropagated by hand.
-
-        Parameters
-        ----------
-        params : mapping of str to array
-            Named parameter arrays (``params`` of a checkpoint).
-        inputs : array, shape (n, n_features)
-            The examples.
-        dlogits : array, shape (n, n_classes)
-            The derivative of each example's output with respect to its logits (``task.output_grad``).
-
-        Returns
-        -------
-        array, shape (n, p)
-            Per row: the gradients of ``hidden.weight`` (row-major), ``hidden.bias``, ``output.weight``,
-            ``output.bias``.
-        """
+        """Backpropagated by hand; per row the gradients of ``hidden.weight`` (row-major), ``hidden.bias``,
+        ``output.weight``, ``output.bias`` (``AnalyticModel.per_example_grads``)."""
         xp = namespace(inputs, dlogits)
         hidden, dpre = self._backward(params, inputs, dlogits, xp=xp)
         return xp.concat([_outer_rows(dpre, inputs, xp=xp), dpre,
                           _outer_rows(dlogits, hidden, xp=xp), dlogits], axis=1)
 
     def batch_grad(self, params: Mapping[str, Any], inputs: Any, dlogits: Any) -> Any:
-        """The sum over examples of ``per_example_grads``, without forming the (n, p) array.
-
-        Parameters
-        ----------
-        params : mapping of str to array
-            Named parameter arrays (``params`` of a checkpoint).
-        inputs : array, shape (n, n_features)
-            The examples.
-        dlogits : array, shape (n, n_classes)
-            As in ``per_example_grads``.
-
-        Returns
-        -------
-        array, shape (p,)
-            The gradients of the four parameters, summed over the examples, in ``param_shapes`` order.
-        """
+        """The four parameters' gradients summed over the examples, in ``param_shapes`` order, without forming
+        the (n, p) array (``AnalyticModel.batch_grad``)."""
         xp = namespace(inputs, dlogits)
         hidden, dpre = self._backward(params, inputs, dlogits, xp=xp)
         flat = lambda a: xp.reshape(a, (-1,))  # noqa: E731

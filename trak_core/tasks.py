@@ -138,17 +138,8 @@ class Classification:
     logits_ndim = 2
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
-        """Raise unless ``labels`` are 1-D integer (or bool) class indices in ``[0, max(2, n_outputs))``.
-
-        Parameters
-        ----------
-        labels : array
-            The batch's labels.
-        n_outputs : int
-            The model's outputs per example (1: a binary classifier's single logit).
-        xp : namespace
-            The Array API namespace of the arrays.
-        """
+        """Raise unless ``labels`` are 1-D integer (or bool) class indices in ``[0, max(2, n_outputs))``
+        (``Task.check_labels``)."""
         if labels.ndim != 1:
             raise TrakValueError(_classification_labels_message(tuple(labels.shape)))
         if not xp.isdtype(labels.dtype, ("integral", "bool")):
@@ -180,44 +171,16 @@ class Classification:
         return onehot, (top, weights)
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """The margin ``f = logit_y - logsumexp_{j != y} logit_j`` of each example.
-
-        Parameters
-        ----------
-        logits : array, shape (n, n_outputs)
-            The raw outputs; one column: a binary classifier's logit ``z``.
-        labels : array, shape (n,)
-            Class indices (integers or bools).
-        xp : namespace
-            The Array API namespace of the arrays.
-
-        Returns
-        -------
-        array, shape (n,)
-            The margins, in the dtype of ``logits``.
-        """
+        """The margin ``f = logit_y - logsumexp_{j != y} logit_j`` of each example; returns the margins, in the dtype
+        of ``logits`` (``Task.output``)."""
         logits, labels = self._two_class(logits, labels, xp=xp)
         onehot, (top, weights) = self._others(logits, labels, xp=xp)
         logsumexp_others = top[:, 0] + xp.log(xp.sum(weights, axis=1))
         return xp.sum(logits * onehot, axis=1) - logsumexp_others
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """``d f / d logits``: the one-hot label less the softmax over the other classes.
-
-        Parameters
-        ----------
-        logits : array, shape (n, n_outputs)
-            The raw outputs; one column: a binary classifier's logit ``z``.
-        labels : array, shape (n,)
-            Class indices (integers or bools).
-        xp : namespace
-            The Array API namespace of the arrays.
-
-        Returns
-        -------
-        array, shape (n, n_outputs)
-            The derivative of each example's margin.
-        """
+        """``d f / d logits``: the one-hot label less the softmax over the other classes; returns the derivative of
+        each example's margin (``Task.output_grad``)."""
         one_logit = logits.shape[1] == 1
         logits, labels = self._two_class(logits, labels, xp=xp)
         onehot, (_, weights) = self._others(logits, labels, xp=xp)
@@ -225,22 +188,8 @@ class Classification:
         return grad[:, 1:] if one_logit else grad  # d f / d z: only the second of [0, z] is the model's
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """``Q = 1 - p_y``, computed as the other classes' share of the softmax.
-
-        Parameters
-        ----------
-        logits : array, shape (n, n_outputs)
-            The raw outputs; one column: a binary classifier's logit ``z``.
-        labels : array, shape (n,)
-            Class indices (integers or bools).
-        xp : namespace
-            The Array API namespace of the arrays.
-
-        Returns
-        -------
-        array, shape (n,)
-            The weights, in the dtype of ``logits`` (float32 for half-precision ones).
-        """
+        """``Q = 1 - p_y``, computed as the other classes' share of the softmax; returns the weights, in the dtype of
+        ``logits`` (float32 for half-precision ones) (``Task.out_to_loss``)."""
         logits, labels = self._two_class(_at_least_float32(logits, xp=xp), labels, xp=xp)
         onehot = _one_hot(labels, logits.shape[1], logits, xp=xp)
         top = xp.max(logits, axis=1, keepdims=True)
@@ -263,17 +212,8 @@ class Regression:
     logits_ndim = 2
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
-        """Raise unless the model has one output and ``labels`` are real numbers of shape (n,) or (n, 1).
-
-        Parameters
-        ----------
-        labels : array
-            The batch's labels.
-        n_outputs : int
-            The model's outputs per example.
-        xp : namespace
-            The Array API namespace of the arrays.
-        """
+        """Raise unless the model has one output and ``labels`` are real numbers of shape (n,) or (n, 1)
+        (``Task.check_labels``)."""
         if n_outputs != 1:
             raise TrakValueError(f"regression needs a model with exactly 1 output, the model has {n_outputs}: "
                                  f"multi-output regression is not a built-in task. {_CUSTOM_HINT}, or select one "
@@ -285,60 +225,16 @@ class Regression:
             raise TrakTypeError(f"regression labels must be real numbers, got dtype {labels.dtype}")
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """The prediction ``f``.
-
-        Parameters
-        ----------
-        logits : array, shape (n, 1)
-            The model's predictions.
-        labels : array, shape (n,) or (n, 1)
-            The targets ``y``.
-        xp : namespace
-            The Array API namespace of the arrays.
-
-        Returns
-        -------
-        array, shape (n,)
-            ``logits[:, 0]``.
-        """
+        """The prediction ``f``; returns ``logits[:, 0]`` (``Task.output``)."""
         return logits[:, 0]
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """``d f / d logits``: ones.
-
-        Parameters
-        ----------
-        logits : array, shape (n, 1)
-            The model's predictions.
-        labels : array, shape (n,) or (n, 1)
-            The targets ``y``.
-        xp : namespace
-            The Array API namespace of the arrays.
-
-        Returns
-        -------
-        array, shape (n, 1)
-            Ones like ``logits``.
-        """
+        """``d f / d logits``: ones; returns ones like ``logits`` (``Task.output_grad``)."""
         return xp.ones_like(logits)
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
-        """The residual ``Q = y - prediction``.
-
-        Parameters
-        ----------
-        logits : array, shape (n, 1)
-            The model's predictions.
-        labels : array, shape (n,) or (n, 1)
-            The targets ``y``.
-        xp : namespace
-            The Array API namespace of the arrays.
-
-        Returns
-        -------
-        array, shape (n,)
-            The residuals, in the dtype of ``logits`` (float32 for half-precision ones).
-        """
+        """The residual ``Q = y - prediction``; returns the residuals, in the dtype of ``logits`` (float32 for
+        half-precision ones) (``Task.out_to_loss``)."""
         logits = _at_least_float32(logits, xp=xp)  # half-precision residuals of large labels overflow or round
         targets = xp.reshape(xp.astype(labels, logits.dtype), (-1,))
         return targets - logits[:, 0]
