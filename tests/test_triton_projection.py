@@ -18,14 +18,15 @@ FILES = ("triton_interpreted.py", "triton_aot_interpreted.py")
 CHECKS = 27  # their tests (parametrized cases counted)
 
 
-def test_the_triton_kernel_in_the_interpreter():
+def test_the_triton_kernel_in_the_interpreter(tmp_path):
     for name in ("torch", "triton"):
         if importlib.util.find_spec(name) is None:
             pytest.skip(f"{name} is not installed: the Triton projection kernel is not exercised")
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", TMPDIR=str(tmp_path))  # the launches' cubin folder goes there
     env.pop("TRAK_CORE_TRITON", None)
     out = subprocess.run([sys.executable, "-m", "pytest", *(str(HERE / name) for name in FILES), "-q", "-n", "0",
                           "-p", "no:cacheprovider"], env=env, cwd=HERE.parent, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert re.search(rf"\b{CHECKS} passed\b", out.stdout) and "skipped" not in out.stdout, out.stdout[-2000:]
+    assert not list(tmp_path.glob("trak_core_triton_*"))  # the cubins' folder went with the process that wrote it

@@ -9,7 +9,9 @@ the sum over slices are checked without a GPU; the compile itself is checked for
 in float64 (``tests/triton_interpreted.py``'s helper).
 """
 import os
+import pathlib
 import sys
+import tempfile
 import types
 import warnings
 
@@ -42,14 +44,14 @@ def _compiled(plan, shared=65_536, ptx=PTX):
     return types.SimpleNamespace(asm={"ptx": ptx, "cubin": b"\x7fELF"}, metadata=metadata)
 
 
-def _fake_cupy(plan, n_passes, launches, corrupt=False):
+def _fake_cupy(plan, n_passes, launches, corrupt=False, loads=None):
     """A ``cupy`` module over NumPy whose kernels run ``split_projection`` in Triton's interpreter."""
     class Kernel:
         max_dynamic_shared_size_bytes = 0
 
         def __call__(self, grid, block, args, shared_mem=0):
-            launches.append(dict(grid=grid, block=block, shared_mem=shared_mem, opt_in=self.max_dynamic_shared_size_bytes,
-                                 kinds=[type(a).__name__ for a in args]))
+            launches.append(dict(grid=grid, block=block, shared_mem=shared_mem,
+                                 opt_in=self.max_dynamic_shared_size_bytes, kinds=[type(a).__name__ for a in args]))
             pointers, integers, scratch = args[:5], [int(v) for v in args[5:10]], args[10:]
             assert all(isinstance(v, np.int32) for v in args[5:10]) and all(int(v) == 0 for v in scratch)
             with warnings.catch_warnings():  # JAX's arrays arrive read-only; the kernel writes only the output
@@ -77,7 +79,12 @@ def _fake_cupy(plan, n_passes, launches, corrupt=False):
     for name in ("float16", "float32", "float64", "int32", "ascontiguousarray", "empty", "arange", "linalg",
                  "from_dlpack"):
         setattr(cupy, name, getattr(np, name))
-    cupy.RawModule = lambda path: types.SimpleNamespace(get_function=lambda name: Kernel())
+    def raw_module(path):
+        assert pathlib.Path(path).read_bytes() == b"\x7fELF"  # the cubin, written where CuPy reads it
+        (loads if loads is not None else []).append({"path": pathlib.Path(path)})
+        return types.SimpleNamespace(get_function=lambda name: Kernel())
+
+    cupy.RawModule = raw_module
     cupy.cuda = types.SimpleNamespace(Device=Device, get_current_stream=lambda: types.SimpleNamespace(
         synchronize=lambda: None))
     return cupy
@@ -104,8 +111,8 @@ def test_cupy_launch_runs_the_compiled_kernel_with_its_arguments(fresh, monkeypa
     view, words, signs, scales, expected, l1 = _problem(n, p, k, n_passes)
     plan = _triton.launch_plan(n, p, k, 4)
     assert plan["splits"] > 1 and plan["iters"] * plan["block_k"] < p  # the check's slice is a part of p
-    launches, facts = [], []
-    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(plan, n_passes, launches))
+    launches, facts, loads = [], [], []
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(plan, n_passes, launches, loads=loads))
     monkeypatch.setattr(_triton_aot, "compile_kernel",
                         lambda *args, **kwargs: facts.append(kwargs["aligned_pointers"]) or _compiled(plan))
     partial = _triton_aot.launch_cupy(view, words, signs, scales, k, n_passes, plan)
@@ -121,6 +128,8 @@ def test_cupy_launch_runs_the_compiled_kernel_with_its_arguments(fresh, monkeypa
     assert launches[0]["kinds"][:5] == ["ndarray"] * 5 and launches[0]["kinds"][10:] == ["uint64"] * 2
     _triton_aot.launch_cupy(view, words, signs, scales, k, n_passes, plan)
     assert len(launches) == 3  # checked once per process, dtype and passes
+    folder = _triton_aot._folder[0]  # one folder per process, removed at its exit (tests/test_triton_projection.py)
+    assert loads[0]["path"].parent == folder and folder.parent == pathlib.Path(tempfile.gettempdir())
 
 
 def test_a_kernel_that_computes_wrong_numbers_is_caught_on_first_use(fresh, monkeypatch):

@@ -18,8 +18,11 @@ back to the generic split path.
 """
 from __future__ import annotations
 
+import atexit
+import os
 import pathlib
 import re
+import shutil
 import tempfile
 from typing import Any, Sequence
 
@@ -34,6 +37,7 @@ INPUT_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 _compiled: dict[tuple, Any] = {}
 _loaded: dict[tuple, Any] = {}
 _checked: set[tuple] = set()
+_folder: list[pathlib.Path] = []  # this process's cubin folder, made on first use and removed at exit
 
 
 def signature(input_dtype: str) -> dict[str, str]:
@@ -110,14 +114,32 @@ def _arguments(compiled: Any, pointers: list[Any], integers: list[int]) -> tuple
     return (*pointers, *(np.int32(value) for value in integers), *(np.uint64(0) for _ in extra))
 
 
+def _cubin_folder() -> pathlib.Path:
+    """This process's folder for cubin files, made once and removed when the process exits.
+
+    CuPy reads a ``RawModule``'s file lazily (at the first launch on each device), so the files stay
+    while the process runs; one folder per process, not one per kernel, and nothing left behind.
+    """
+    if not _folder:
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="trak_core_triton_"))
+        atexit.register(_remove, folder, os.getpid())
+        _folder.append(folder)
+    return _folder[0]
+
+
+def _remove(folder: pathlib.Path, pid: int) -> None:
+    """Remove ``folder`` at exit, in the process that made it only (a forked child leaves its parent's)."""
+    if os.getpid() == pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _function(compiled: Any, device_id: int) -> Any:
     """The compiled cubin loaded by CuPy on ``device_id``, its dynamic shared memory allowed."""
     import cupy
 
     key = (compiled.metadata.hash, device_id)
     if key not in _loaded:
-        folder = pathlib.Path(tempfile.mkdtemp(prefix="trak_core_triton_"))  # kept: CuPy may load it per device
-        path = folder / f"{compiled.metadata.name}.cubin"
+        path = _cubin_folder() / f"{compiled.metadata.hash}_{device_id}_{compiled.metadata.name}.cubin"
         path.write_bytes(compiled.asm["cubin"])
         function = cupy.RawModule(path=str(path)).get_function(compiled.metadata.name)
         if compiled.metadata.shared > 48 * 1024:  # above 48 KB a kernel must opt in
