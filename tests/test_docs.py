@@ -349,3 +349,48 @@ def test_index_page(tmp_path, monkeypatch):
                                       [float(v) for v in ns["trak"].lambdas])
     assert tuple(ns["scores"].shape) == (1000, 10)
     assert _relative_error(ns["scores"].numpy().astype(np.float64), np.asarray(reference)) < 1e-3
+
+
+def _api_directives() -> dict[str, str]:
+    """docs/api.md's ``::: name`` directives: name -> the options block under it (indented lines)."""
+    text = (DOCS / "api.md").read_text()
+    return {m.group(1): m.group(2) for m in re.finditer(r"^::: (\S+)\n((?:[ \t]+\S.*\n)*)", text, re.M)}
+
+
+def _resolve(name: str):
+    import importlib
+
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise AssertionError(f"docs/api.md names {name}, which does not import")
+
+
+def test_the_api_page_shows_every_public_method_of_its_classes():
+    """A documented class's public methods from undocumented trak-core base classes (``TRAK.features`` comes from
+    the internal ``Featurizer``) are on the page: mkdocstrings shows a class's own members only, unless told."""
+    import inspect
+
+    directives = _api_directives()
+    objects = {name: _resolve(name) for name in directives}
+    documented = {id(obj) for obj in objects.values()}
+    inherited = {}
+    for name, obj in objects.items():
+        if not inspect.isclass(obj):
+            continue
+        for base in obj.__mro__[1:]:
+            if id(base) in documented or not base.__module__.startswith("trak_"):
+                continue
+            for attr in vars(base):
+                if not attr.startswith("_") and attr not in vars(obj):
+                    inherited.setdefault(name, []).append(attr)
+    assert "features" in inherited["trak_core.TRAK"]  # the case this test is for
+    for name in inherited:
+        assert re.search(r"inherited_members:\s*true", directives[name]), (
+            f"docs/api.md: {name} inherits {inherited[name]} from internal classes; add `inherited_members: true`")
