@@ -7,13 +7,70 @@ any other use of the estimator: then the checkpoint's parameters tell them).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ._checks import _integer
 from .errors import StoreMismatchError, TrakTypeError, TrakValueError
 from .kronecker import Kronecker
 
-__all__ = ["open_trak", "load_opened"]
+if TYPE_CHECKING:
+    from .backends import Backend
+    from .tasks import Task
+
+__all__ = ["Reopening", "open_trak", "load_opened"]
+
+
+class Reopening:
+    """The reopening half of ``trak_core.TRAK``: ``TRAK.open`` and the deferred loading of what it opened."""
+
+    _opened: list
+
+    @classmethod
+    def open(cls, path: Any, model: Any, checkpoints: Sequence[Any] | Mapping[int, Any], *,
+             task: str | Task | None = None, backend: str | Backend | None = None,
+             lambda_reg: float | str | None = None, progress: bool | None = None, soft_threshold: float | None = None,
+             checkpoint_weighting: str = "uniform", executor: Any = None, label_key: str = "labels",
+             kernel_dtype: str = "auto") -> Any:
+        """Reopen a finished on-disk store to score new targets, without the training data.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The store written by ``TRAK(..., store=path)``.
+        model
+            The model, as when featurizing.
+        checkpoints : sequence or mapping
+            Every checkpoint the store holds, in featurization order, or a mapping ``{index: checkpoint}``
+            to score with some of them (only those are loaded; ``score(checkpoints=...)`` and
+            ``features(checkpoint=...)`` then take the store's indices, and ``featurize`` needs them all).
+            Each is checked against the content hash stored with it (``StoreMismatchError`` if it differs).
+        task, backend : optional
+            As stored (a custom task must be passed again; a backend name may be replaced by an
+            equivalent backend object).
+        lambda_reg : float, "auto" or None
+            ``None`` (default): the ``lambda`` each checkpoint was factorized with, so scores equal
+            those of the original run bit for bit; ``lambda_reg`` reads what the store was featurized
+            with ("auto" or the float), which checkpoints featurized into it later follow too.
+        progress, soft_threshold, checkpoint_weighting, executor, label_key, kernel_dtype
+            Scoring options, as in ``TRAK`` (the kernel is stored in the dtype it was made in: a float64
+            one is cast down for ``"float32"``, a float32 one is made again from the features for ``"float64"``).
+
+        Returns
+        -------
+        TRAK
+            Ready for ``score``, ``self_influence`` and ``load_scores``; the features are
+            read from the store in chunks as scoring needs them.
+        """
+        return open_trak(cls, path, model, checkpoints, task=task, backend=backend, lambda_reg=lambda_reg,
+                         progress=progress, soft_threshold=soft_threshold,
+                         checkpoint_weighting=checkpoint_weighting, executor=executor, label_key=label_key,
+                         kernel_dtype=kernel_dtype)
+
+    def _load_opened(self, example: tuple[Any, Any] | None) -> None:
+        """Load the checkpoints of ``open``; ``example`` (one target row) sets the features' namespace, else the
+        checkpoint's parameters do (NumPy where they hold no array)."""
+        if self._opened:
+            load_opened(self, example)
 
 
 def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, task: Any, backend: Any,

@@ -7,13 +7,14 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 from ._checks import (_check_lambda, _check_lengths, _check_proj_dim, _check_seed, _resolve_backend, check_scorable,
                       chosen_entries, take_rows)
 from ._featurizer import Featurizer
 from ._namespace import namespace
 from ._progress import length_of, progress
+from ._reopen import Reopening
 from ._target_groups import group_columns, target_groups
 from .backends import Backend
 from .backends.protocol import batches
@@ -31,7 +32,7 @@ __all__ = ["TRAK"]
 
 log = logging.getLogger("trak_core")
 
-class TRAK(Featurizer):
+class TRAK(Featurizer, Reopening):
     """Attribute a model's predictions to its training examples with TRAK.
 
     Parameters
@@ -149,7 +150,8 @@ class TRAK(Featurizer):
             raise TrakValueError(f"soft_threshold is a quantile in [0, 1) (or None), got {soft_threshold!r}")
         self.soft_threshold = soft_threshold
         if checkpoint_weighting not in ("uniform", "normalized"):
-            raise TrakValueError(f"checkpoint_weighting must be 'uniform' or 'normalized', got {checkpoint_weighting!r}")
+            raise TrakValueError(
+                f"checkpoint_weighting must be 'uniform' or 'normalized', got {checkpoint_weighting!r}")
         self.checkpoint_weighting = checkpoint_weighting
         self.executor = get_executor(executor)
         self._last_error = self._missing = None  # the last featurize's error (score()'s message); a new checkpoint's
@@ -372,56 +374,5 @@ class TRAK(Featurizer):
         """
         return self.store.load_scores(name)
 
-    def _load_opened(self, example: tuple[Any, Any] | None) -> None:
-        """Load the checkpoints of ``open``; ``example`` (one target row) sets the features' namespace, else the
-        checkpoint's parameters do (NumPy where they hold no array)."""
-        if self._opened:
-            from ._reopen import load_opened
-
-            load_opened(self, example)
-
     def _check_scorable(self, what: str = "score()", *, ensemble: bool = False) -> None:
         check_scorable(self.store, self._last_error, what, missing=self._missing if ensemble else None)
-
-    @classmethod
-    def open(cls, path: Any, model: Any, checkpoints: Sequence[Any] | Mapping[int, Any], *,
-             task: str | Task | None = None, backend: str | Backend | None = None,
-             lambda_reg: float | str | None = None, progress: bool | None = None, soft_threshold: float | None = None,
-             checkpoint_weighting: str = "uniform", executor: Any = None, label_key: str = "labels",
-             kernel_dtype: str = "auto") -> "TRAK":
-        """Reopen a finished on-disk store to score new targets, without the training data.
-
-        Parameters
-        ----------
-        path : str or os.PathLike
-            The store written by ``TRAK(..., store=path)``.
-        model
-            The model, as when featurizing.
-        checkpoints : sequence or mapping
-            Every checkpoint the store holds, in featurization order, or a mapping ``{index: checkpoint}``
-            to score with some of them (only those are loaded; ``score(checkpoints=...)`` and
-            ``features(checkpoint=...)`` then take the store's indices, and ``featurize`` needs them all).
-            Each is checked against the content hash stored with it (``StoreMismatchError`` if it differs).
-        task, backend : optional
-            As stored (a custom task must be passed again; a backend name may be replaced by an
-            equivalent backend object).
-        lambda_reg : float, "auto" or None
-            ``None`` (default): the ``lambda`` each checkpoint was factorized with, so scores equal
-            those of the original run bit for bit; ``lambda_reg`` reads what the store was featurized
-            with ("auto" or the float), which checkpoints featurized into it later follow too.
-        progress, soft_threshold, checkpoint_weighting, executor, label_key, kernel_dtype
-            Scoring options, as in ``TRAK`` (the kernel is stored in the dtype it was made in: a float64
-            one is cast down for ``"float32"``, a float32 one is made again from the features for ``"float64"``).
-
-        Returns
-        -------
-        TRAK
-            Ready for ``score``, ``self_influence`` and ``load_scores``; the features are
-            read from the store in chunks as scoring needs them.
-        """
-        from ._reopen import open_trak
-
-        return open_trak(cls, path, model, checkpoints, task=task, backend=backend, lambda_reg=lambda_reg,
-                         progress=progress, soft_threshold=soft_threshold,
-                         checkpoint_weighting=checkpoint_weighting, executor=executor, label_key=label_key,
-                         kernel_dtype=kernel_dtype)
