@@ -9,7 +9,6 @@ The logits are taken from what ``forward`` returns by ``output_logits``.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -353,7 +352,7 @@ class TorchBackend(Backend):
         import torch
 
         from .kronecker import batch_features
-        from .kronecker_check import check_plan, watch_outside_uses
+        from .kronecker_check import check_once
 
         inputs, labels = self._batch(model, prepared, inputs, labels, task)
         state = self._factorized(model, prepared, inputs, labels, k=k, seed=seed, checkpoint=checkpoint,
@@ -372,28 +371,8 @@ class TorchBackend(Backend):
 
             features = run()
             if not state.checked:  # once per checkpoint: the first example against its dense gradient
-                batched = state.batched is not False  # None: a first batch of one example, computed alone
-                path = (lambda: attention_for_closed_form(model)) if batched else \
-                    (lambda: attention_for_vmap(model, prepared.dtype))  # the attention of the features' path
-                half = torch.finfo(prepared.dtype).bits < 32  # rounding as large as a missing use: warned of
-                with path():  # a use outside a module is wrong on any path: checked once, before the path's check
-                    watch_outside_uses(self, model, prepared, state, inputs, causal)
-                try:
-                    with path():
-                        check_plan(self, model, prepared, state, inputs, labels, task, causal, features,
-                                   lenient=half and not batched)
-                except TrakValueError as exc:  # a batched pass that misread a layer's rows (positions without a
-                    if not state.batched:       # batch dimension): vmap from now on, checked again
-                        raise
-                    logging.getLogger("trak_core").info("torch backend: factorized features through vmap: the "
-                                                        "batched pass's differ from the dense gradient's (%s)", exc)
-                    state.batched = False
-                    features = run()
-                    with attention_for_vmap(model, prepared.dtype):
-                        check_plan(self, model, prepared, state, inputs, labels, task, causal, features,
-                                   lenient=half)
-                state.checked = state.batched is not None  # after a first batch of one, the path is chosen
-        return features, out_to_loss                          # on the next: checked again there
+                features = check_once(self, model, prepared, state, inputs, labels, task, causal, features, run)
+        return features, out_to_loss
 
     def _causal(self, model: Any) -> bool:
         """Whether a dict batch's 2-D ``attention_mask`` becomes a causal mask (see ``attention_mask``)."""

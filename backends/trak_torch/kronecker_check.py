@@ -9,13 +9,14 @@ features miss, however small, in whichever example (a use that depends on the da
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 from trak_core.errors import TrakValueError
 
-__all__ = ["check_plan"]
+__all__ = ["check_once", "check_plan"]
 
 
 def _dense_block(block: Any, pair: tuple[Any, Any], grad_weight: Any, grad_bias: Any | None, dtype: Any) -> Any:
@@ -145,3 +146,40 @@ def _owners(model: Any, name: str, attention: list[Any]) -> list[Any]:
     if outer is not None and any(outer is known for known in attention):
         found.append(outer)
     return found
+
+
+def check_once(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any, labels: Any, task: Any,
+               causal: bool, features: Any, run: Callable[[], Any]) -> Any:
+    """A checkpoint's first factorized batch checked against its dense gradient; its features, maybe recomputed.
+
+    Uses outside a module are looked for first (wrong on any path), then ``check_plan`` runs under the
+    attention of the path the features took. A batched pass that misread a layer's rows (positions
+    without a batch dimension) switches the checkpoint to vmap: ``run`` computes the features again and
+    they are checked again. ``state.checked`` is set once the path is chosen (after a first batch of one
+    example, computed alone, it is chosen on the next batch and checked there).
+    """
+    import torch
+
+    from .attention import attention_for_closed_form, attention_for_vmap
+
+    batched = state.batched is not False  # None: a first batch of one example, computed alone
+    path = (lambda: attention_for_closed_form(model)) if batched else \
+        (lambda: attention_for_vmap(model, prepared.dtype))  # the attention of the features' path
+    half = torch.finfo(prepared.dtype).bits < 32  # rounding as large as a missing use: warned of
+    with path():
+        watch_outside_uses(backend, model, prepared, state, inputs, causal)
+    try:
+        with path():
+            check_plan(backend, model, prepared, state, inputs, labels, task, causal, features,
+                       lenient=half and not batched)
+    except TrakValueError as exc:
+        if not state.batched:
+            raise
+        logging.getLogger("trak_core").info("torch backend: factorized features through vmap: the batched pass's "
+                                            "differ from the dense gradient's (%s)", exc)
+        state.batched = False
+        features = run()
+        with attention_for_vmap(model, prepared.dtype):
+            check_plan(backend, model, prepared, state, inputs, labels, task, causal, features, lenient=half)
+    state.checked = state.batched is not None
+    return features
