@@ -34,8 +34,11 @@ from trak_core.outputs import select_logits
 from .batch import check_stored_x64, check_x64, chunks, crop, device_batch
 from .checkpoint import JaxCheckpoint, check_selection, snapshot
 from .checks import OutputCheck, not_jittable, state_note
+from .recent import Recent
 
 __all__ = ["JaxBackend", "JaxModel", "output_logits"]
+
+STEPS_KEPT = 8  # compiled steps (and Kronecker analyses) kept: one to three per model, the last models'
 
 
 _LOGITS_FN_HINT = "pass logits_fn (model output -> logits array) to the backend: JaxBackend(logits_fn=...)"
@@ -136,13 +139,15 @@ class JaxBackend(Backend):
         check_selection(params)
         self.batch_size, self.matmul_precision, self.logits_fn = batch_size, matmul_precision, logits_fn
         self.params = params
-        self._steps: dict[tuple, Any] = {}  # (apply, task, project, selected) -> [jitted step, compiled batch size]
+        # (apply, task, project, selected) -> [jitted step, compiled batch size]; bounded: the backend is one per
+        # process, and each entry holds its apply (the user's model) alive
+        self._steps: Recent = Recent(STEPS_KEPT)
         self.compilations = 0  # traces of the step function: how many times it was (re)compiled
         self._checks = OutputCheck()  # abstract traces of apply, per batch signature
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_steps"], state["_checks"] = {}, OutputCheck()  # compiled steps and traces stay in their process
+        state["_steps"], state["_checks"] = Recent(STEPS_KEPT), OutputCheck()  # compiled steps and traces stay here
         return state
 
     def owns(self, model: Any) -> bool:

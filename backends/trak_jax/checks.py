@@ -14,8 +14,11 @@ from typing import Any, Callable
 from trak_core.errors import TrakCoreError, TrakTypeError, TrakValueError
 from trak_core.tasks import CustomTask
 
+from .recent import Recent
+
 __all__ = ["OutputCheck", "logits_source", "not_jittable", "state_note"]
 
+MODELS_KEPT = 8  # apply functions whose traces are kept (every batch signature of each)
 _EXPECTED = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}
 
 
@@ -95,21 +98,26 @@ class OutputCheck:
     """Cached abstract traces of ``apply`` on batches: the logits' shape and where they were taken from."""
 
     def __init__(self) -> None:
-        self._seen: dict[tuple, tuple] = {}
+        self._seen: dict[tuple, tuple] = {}  # the tasks' checks
+        # apply -> its traces: the last few models' only (each key holds its apply, the user's model, alive)
+        self._traces: Recent = Recent(MODELS_KEPT)
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return len(self._seen) + sum(len(traces) for traces in self._traces.values())
 
     def logits(self, apply: Callable, logits_fn: Callable | None, prepared: Any, inputs: Any) -> tuple:
         """``(logits ShapeDtypeStruct, source)`` of ``apply(prepared.params, inputs)``, traced once per signature."""
         import jax
 
         leaves, structure = jax.tree_util.tree_flatten(inputs)
-        key = (apply, logits_fn, prepared.treedef, prepared.shapes, prepared.dtypes, structure,
+        key = (logits_fn, prepared.treedef, prepared.shapes, prepared.dtypes, structure,
                tuple((leaf.shape, leaf.dtype) for leaf in leaves))
-        if key not in self._seen:
-            self._seen[key] = self._trace(apply, logits_fn, prepared, inputs)
-        return self._seen[key]
+        if apply not in self._traces:
+            self._traces[apply] = {}
+        traces = self._traces[apply]
+        if key not in traces:
+            traces[key] = self._trace(apply, logits_fn, prepared, inputs)
+        return traces[key]
 
     @staticmethod
     def _trace(apply: Callable, logits_fn: Callable | None, prepared: Any, inputs: Any) -> tuple:

@@ -1,0 +1,39 @@
+"""A mapping that keeps only its most recently used entries: the JAX backend's caches per ``apply``.
+
+One job: bound what the process-wide JAX backend (``trak_jax.backend``, one object per process) keeps per
+``apply`` function. Its compiled steps and abstract traces are keyed by ``apply``, so an unbounded cache kept every
+model ever attributed alive, with what its closure holds and its compiled XLA programs (about 10 MiB a model in
+a program that attributes one new model after another). An evicted entry is remade on its next use: one more
+trace, or one more compilation.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Hashable
+
+__all__ = ["Recent"]
+
+
+class Recent(OrderedDict):
+    """An ``OrderedDict`` of at most ``max_entries`` entries, the least recently read or written dropped first.
+
+    Parameters
+    ----------
+    max_entries : int, default 16
+        How many entries are kept.
+    """
+
+    def __init__(self, max_entries: int = 16) -> None:
+        super().__init__()
+        self.max_entries = int(max_entries)
+
+    def __getitem__(self, key: Hashable) -> Any:
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
+
+    def __setitem__(self, key: Hashable, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.max_entries:
+            self.popitem(last=False)
