@@ -1,5 +1,7 @@
 """Numbers at the edges of float32 and half precision: confident examples, gradients far from 1 in scale, ridges
 beyond float32, half-precision models without a projection, and the errors that say what to do."""
+import re
+
 import numpy as np
 import pytest
 
@@ -157,3 +159,154 @@ def test_a_float32_kernel_remade_in_float64_says_nothing_on_numpy():
     expected = reference.score([(x[:3].astype(np.float64) * 1e20, y[:3])])
     assert trak.store[0].kernel_dtype == "float64"
     assert np.linalg.norm(scores - expected) / np.linalg.norm(expected) < 1e-5
+
+
+def _reference_scores(model, x, y, targets, target_labels, lambda_reg="auto"):
+    """Scores of the linear classifier without a projection, in float64 with NumPy: the margin's gradient with respect
+    to ``weight`` is ``(onehot(y) - softmax over the other classes) x^T``, ``Q = 1 - p_y``."""
+    weight = model.weight.detach().double().numpy()
+
+    def gradients(inputs, labels):
+        inputs, labels = inputs.double().numpy(), labels.numpy()
+        logits = inputs @ weight.T
+        others = logits.copy()
+        others[np.arange(len(labels)), labels] = -np.inf
+        others = np.exp(others - others.max(axis=1, keepdims=True))
+        coefficients = -others / others.sum(axis=1, keepdims=True)
+        coefficients[np.arange(len(labels)), labels] = 1.0
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        q = 1 - shifted[np.arange(len(labels)), labels] / shifted.sum(axis=1)
+        return (coefficients[:, :, None] * inputs[:, None, :]).reshape(len(labels), -1), q
+
+    phi, q = gradients(x, y)
+    psi, _ = gradients(targets, target_labels)
+    kernel = phi.T @ phi
+    lam = np.trace(kernel) / min(phi.shape) if lambda_reg == "auto" else lambda_reg
+    return phi @ np.linalg.solve(kernel + lam * np.eye(kernel.shape[0]), psi.T) * q[:, None], lam
+
+
+@pytest.mark.parametrize("kernel_dtype", ["auto", "float32"])
+def test_an_automatic_ridge_whose_trace_overflows_float32(kernel_dtype):
+    """A float32 kernel whose entries fit float32 (up to 2.2e38) but whose trace does not (2.0e39): lambda_reg="auto"
+    summed it in float32, got inf, and the inf ridge led to "the kernel Phi^T Phi is zero: every training feature is
+    zero". Now the ridge (1.6e38, above a quarter of float32's largest) is applied in float64; "float32" says so, with
+    the fix."""
+    model, x, y = _linear(3e18)
+    expected, lam = _reference_scores(model, x, y, x[:5], y[:5])
+    kernel = trak_core.TRAK(model, proj_dim=None, kernel_dtype="float64", progress=False)
+    kernel.featurize(None, [(x, y)])
+    assert np.diag(kernel.store[0].kernel.numpy()).max() < np.finfo(np.float32).max < np.trace(
+        kernel.store[0].kernel.numpy())
+    if kernel_dtype == "float32":
+        with pytest.raises(TrakCoreError, match=r"lambda_reg=1\.\d+e\+38 \(chosen by 'auto' from the features\) is "
+                                                r"beyond float32's range.*use kernel_dtype='auto' or 'float64'"):
+            trak_core.TRAK(model, proj_dim=None, kernel_dtype="float32", progress=False).featurize(None, [(x, y)])
+        return
+    trak = trak_core.TRAK(model, proj_dim=None, progress=False)
+    trak.featurize(None, [(x, y)])
+    scores = trak.score([(x[:5], y[:5])])
+    assert trak.lambdas[0] == pytest.approx(lam, rel=1e-6) and trak.store[0].kernel_dtype == "float64"
+    np.testing.assert_allclose(scores.double().numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_float32_kernel_remade_in_float64_does_not_warn_of_its_cholesky():
+    """Duplicated examples and a tiny ridge: "auto" remakes the float32 kernel in float64 (lambda_max / lambda is
+    about 1e10). It used to factorize the float32 kernel first, and its failed Cholesky warned "using an
+    eigendecomposition instead" though the scores came from the float64 kernel's Cholesky."""
+    import warnings
+
+    model, x, y = _linear()
+    x, y = torch.cat([x[:10], x[:10]]), torch.cat([y[:10], y[:10]])
+    expected, _ = _reference_scores(model, x, y, x[:5], y[:5], lambda_reg=1e-8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trak = trak_core.TRAK(model, proj_dim=None, lambda_reg=1e-8, progress=False)
+        trak.featurize(None, [(x, y)])
+        scores = trak.score([(x[:5], y[:5])])
+    assert trak.store[0].kernel_dtype == "float64" and trak.store[0].factor.kind == "cholesky"
+    np.testing.assert_allclose(scores.double().numpy(), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_jax_without_x64_names_its_fix_for_features_whose_squares_underflow():
+    """Features of 1e-20: their squares (1e-40) are flushed to zero by XLA on CPU, and the kernel is zero. The error
+    said "kernel_dtype='float64' keeps them", which without x64 is float32 again; it now names jax_enable_x64 (with
+    it on, "auto" makes the kernel in float64 and the scores are right)."""
+    jax = pytest.importorskip("jax", reason="JAX is not installed: the jax backend is not exercised")
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 is on in this process: the float32-only case is not exercised")
+    from trak_jax import JaxModel
+
+    model, x, y = _linear(1e-20)
+    trak = trak_core.TRAK(JaxModel(lambda params, inputs: inputs @ params.T), proj_dim=8, progress=False)
+    with pytest.raises(TrakCoreError, match=r"underflow float32 \(set jax_enable_x64 to keep them\)"):
+        trak.featurize(model.weight.detach().numpy(), [(x.numpy(), y.numpy())])
+
+
+@pytest.mark.parametrize("kernel_dtype", ["auto", "float64"])
+def test_subnormal_features_are_warned_of(kernel_dtype):
+    """Inputs of 1e-43 to a linear classifier of weights of order 1: its gradients (the inputs times a coefficient) are
+    float32 subnormals with a few significant bits, and the scores were 0.4% off the float64 ones, silently; now a
+    warning says so and names the fix. Features of 1e-37 (normal) stay silent and right."""
+    import warnings
+
+    model, x, y = _linear()
+    for scale, tolerance in [(1e-37, 1e-5), (1e-43, 0.5)]:
+        tiny = (x * scale).double()  # the float32 inputs, exactly, for the float64 reference
+        expected, _ = _reference_scores(model, tiny, y, tiny[:5], y[:5])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trak = trak_core.TRAK(model, proj_dim=None, kernel_dtype=kernel_dtype, progress=False)
+            trak.featurize(None, [(x * scale, y)])
+            scores = trak.score([(x[:5] * scale, y[:5])])
+        error = float(np.linalg.norm(scores.double().numpy() - expected) / np.linalg.norm(expected))
+        warned = [str(w.message) for w in caught if "subnormal" in str(w.message)]
+        assert error < tolerance
+        if scale == 1e-37:
+            assert not warned
+        else:
+            assert error > 1e-3  # what the warning is for
+            assert len(warned) == 1 and re.search(r"every feature is subnormal in torch.float32 .* rescale the model's "
+                                                  r"output .* or use a float64 model", warned[0])
+
+
+def test_float16_gradients_that_overflow_name_float16s_range():
+    """A float16 model whose inputs (1e3), weights and logits (2.5) fit float16 but whose per-example gradients (up to
+    6.5e5, the inputs times the second layer's weights) do not: the error blamed the inputs, the weights and the
+    learning rate; it now names float16's range and the fix."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 4, bias=False), torch.nn.Linear(4, C, bias=False))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-5)
+        model[1].weight.mul_(300)
+    x, y = torch.randn(N, D) * 1e3, torch.randint(0, C, (N,))
+    assert bool(torch.isfinite(x.half()).all()) and float(model(x).detach().abs().max()) < 10
+    trak = trak_core.TRAK(model.half(), proj_dim=8, progress=False)
+    with pytest.raises(TrakCoreError, match=r"the gradients are torch.float16, whose largest finite value is 65504: "
+                                            r"larger ones overflow .* model in float32 \(model.float\(\)\)"):
+        trak.featurize(None, [(x.half(), y)])
+    scores = trak_core.TRAK(model.float(), proj_dim=8, progress=False)  # the fix named
+    scores.featurize(None, [(x.half().float(), y)])
+    assert bool(torch.isfinite(scores.score([(x[:2].half().float(), y[:2])])).all())
+
+
+def test_a_float64_kernel_that_overflows_is_an_error_naming_the_fix():
+    """Gradients of 1e160 in a float64 model: their squares overflow float64, and torch's eigh raised a raw
+    "linalg.eigh: The algorithm failed to converge". At 1e150 the scores are those of the unscaled model."""
+    model, x, y = _linear(dtype=torch.float64)
+    expected, _ = _reference_scores(model, x, y, x[:5], y[:5])
+
+    def scaled(scale):
+        big = torch.nn.Linear(D, C, bias=False).double()
+        with torch.no_grad():
+            big.weight.copy_(model.weight / scale)
+        return big, x * scale
+
+    big, x_big = scaled(1e150)
+    trak = trak_core.TRAK(big, proj_dim=None, progress=False)
+    trak.featurize(None, [(x_big, y)])
+    np.testing.assert_allclose(trak.score([(x_big[:5], y[:5])]).numpy(), expected, rtol=1e-9,
+                               atol=1e-12 * np.abs(expected).max())
+    big, x_big = scaled(1e160)
+    with pytest.raises(TrakCoreError, match=r"the kernel holds inf or NaN: the training features' squares overflow "
+                                            r"torch.float64, so it cannot be factorized; rescale the model's output"):
+        trak_core.TRAK(big, proj_dim=None, progress=False).featurize(None, [(x_big, y)])

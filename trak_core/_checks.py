@@ -130,13 +130,22 @@ def _check_weights(out_to_loss: Any, where: str, n: int | None = None, backend: 
                              "rows of the inputs and labels (NaN/inf values) and the checkpoint's weights")
 
 
-def _check_features(features: Any, where: str) -> None:
+def _check_features(features: Any, where: str, gradients_dtype: Any = None) -> None:
     """Non-finite per-example gradients show in their projection: every column mixes every gradient entry
-    with a non-zero coefficient, so one reduction over (n, k) features replaces one over (n, p) gradients."""
+    with a non-zero coefficient, so one reduction over (n, k) features replaces one over (n, p) gradients.
+    ``gradients_dtype``: the gradients' dtype; for half precision the error names its range (float16's largest
+    value is 65,504: gradients of finite inputs and weights overflow it)."""
     if not _all_finite(features):
+        half = ""
+        if gradients_dtype is not None:
+            info = namespace(features).finfo(gradients_dtype)
+            if info.bits < 32 and float(info.max) < 1e38:  # float16 (bfloat16 has float32's range)
+                half = (f"; the gradients are {gradients_dtype}, whose largest finite value is {float(info.max):.5g}: "
+                        "larger ones overflow to inf even where the inputs and weights are finite, so featurize the "
+                        "model in float32 (model.float()) or bfloat16")
         raise TrakValueError(f"{where}: the per-example gradients (seen through their projected features) contain "
                              "NaN or inf; check the inputs (NaN/inf values), the checkpoint's weights, and the "
-                             "learning rate that produced them")
+                             f"learning rate that produced them{half}")
 
 
 def _all_finite(*arrays: Any) -> bool:

@@ -190,7 +190,7 @@ class Featurizer(KernelFitting):
             return fused
         grads, out_to_loss = self._gradients(prepared, inputs, labels, where)
         features = self._project(grads, index)
-        _check_features(features, where)
+        _check_features(features, where, grads.dtype)
         return features, out_to_loss
 
     def _stream_features(self, prepared: Any, index: int, data: Iterable[Any], skip: int = 0,
@@ -246,14 +246,14 @@ class Featurizer(KernelFitting):
                 q_all = weights[0] if len(weights) == 1 else xp.concat(weights, axis=0)
                 take = g_all.shape[0] - (pending - group)
                 features = self._project(g_all[:take, ...], index)
-                _check_features(features, f"checkpoint {index}, batches up to {b}")
+                _check_features(features, f"checkpoint {index}, batches up to {b}", g_all.dtype)
                 yield features, q_all[:take]
                 grads, weights = [g_all[take:, ...]], [q_all[take:]]
                 pending -= group
         if sum(g.shape[0] for g in grads):
             xp = namespace(grads[0])
             features = self._project(grads[0] if len(grads) == 1 else xp.concat(grads, axis=0), index)
-            _check_features(features, f"checkpoint {index}, the last {features.shape[0]} rows")
+            _check_features(features, f"checkpoint {index}, the last {features.shape[0]} rows", grads[0].dtype)
             yield features, xp.concat(weights, axis=0)
 
     def _featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:

@@ -33,29 +33,60 @@ class KernelFitting:
         from ``features``."""
         xp = namespace(kernel)
         narrow = xp.finfo(kernel.dtype).bits <= 32
-        top = kernel_ops.top_eigenvalue(kernel, xp=xp) if narrow else None
-        if narrow and self._out_of_range(kernel_dtype, kernel, top, index, lambda_reg):
-            return self._in_float64(features, n_params, index, lambda_reg), "float64"
+        if narrow:  # decided before factorizing: a float32 factor made only to be thrown away cost O(k^3), and its
+            top = kernel_ops.top_eigenvalue(kernel, xp=xp)  # failed Cholesky warned of a fallback that never served
+            lam = self._lambda_of(kernel, features.shape[0], n_params, lambda_reg)
+            if (self._out_of_range(kernel_dtype, kernel, top, index, lam)
+                    or self._remake_in_float64(kernel_dtype, kernel, lam, index, top)):
+                return self._in_float64(features, n_params, index, lambda_reg), "float64"
+        else:
+            self._warn_subnormal(kernel, features, index, stacklevel=6)
         factor = self._factorize(kernel, features.shape[0], n_params, index, lambda_reg)
         if narrow and factor.lambda_reg == 0 and kernel_dtype != "float32":
             warnings.warn(f"checkpoint {index}: lambda_reg=0 needs a float64 kernel (the minimum-norm solution tells "
                           f"zero eigenvalues from small ones, which float32 sums cannot) and {xp.__name__} has no "
                           "float64 here: scores may be far off the exact ones (70% in a test); use lambda_reg='auto' "
                           "(or, for JAX, set jax_enable_x64)", RuntimeWarning, stacklevel=5)
-        if not narrow or not self._remake_in_float64(kernel_dtype, kernel, factor, index, top):
-            return factor, kernel_dtype
-        return self._in_float64(features, n_params, index, lambda_reg), "float64"
+        return factor, kernel_dtype
 
     def _in_float64(self, features: Any, n_params: int, index: int, lambda_reg: float | None) -> Any:
         wide = kernel_from_features(features, kernel_dtype="float64")
+        self._warn_subnormal(wide, features, index, stacklevel=7)
         return self._factorize(wide, features.shape[0], n_params, index, lambda_reg, ", in float64")
 
-    def _out_of_range(self, kernel_dtype: str, kernel: Any, top: float, index: int, lambda_reg: float | None) -> bool:
-        """Whether a float32 ``kernel`` (largest eigenvalue ``top``) is out of float32's range, or this ``lambda``
-        is: then ``"auto"`` remakes it in float64 (``True``); otherwise an error says what to do."""
+    @staticmethod
+    def _warn_subnormal(kernel: Any, features: Any, index: int, stacklevel: int) -> None:
+        """Warn when every feature is subnormal in the features' dtype (below float32's 1.2e-38): a float64 kernel
+        holds their squares, but the features themselves kept only a few significant bits (measured: scores off by
+        2e-3 relative at features of 3e-42, 20% at 4e-44), and nothing made later can restore them. ``kernel``:
+        ``Phi^T Phi`` or ``Phi Phi^T``, whose largest diagonal entry is at least the largest squared feature."""
+        first = features[:1, :]
+        info = namespace(first).finfo(first.dtype)
+        xp = namespace(kernel)
+        largest = float(xp.max(xp.linalg.diagonal(kernel)))
+        if not 0.0 < largest < float(info.smallest_normal) ** 2:
+            return
+        error = float(info.smallest_normal) * float(info.eps) / math.sqrt(largest)  # the spacing of subnormals over
+        warnings.warn(f"checkpoint {index}: every feature is subnormal in {first.dtype} (below "  # the largest
+                      f"{float(info.smallest_normal):.3g}; the largest is at most {math.sqrt(largest):.2g}), so the "
+                      f"features keep only a few significant bits and the scores may be off by {error:.0e} relative or "
+                      "more; rescale the model's output (the scores do not depend on its scale at lambda_reg='auto'), "
+                      "or use a float64 model", RuntimeWarning, stacklevel=stacklevel)
+
+    def _lambda_of(self, kernel: Any, n_train: int, n_params: int, lambda_reg: float | None = None) -> float:
+        """The ``lambda`` this checkpoint's ``kernel`` is factorized with: ``lambda_reg`` (a stored value), else
+        the estimator's, ``"auto"`` chosen from ``kernel`` (:func:`trak_core.regularization.choose_lambda`)."""
+        lam = self.lambda_reg if lambda_reg is None else lambda_reg
+        if lam == "auto":
+            return choose_lambda(kernel, n_train, n_params=n_params, xp=namespace(kernel), dim=self.proj_dim)
+        return float(lam)
+
+    def _out_of_range(self, kernel_dtype: str, kernel: Any, top: float, index: int, lam: float) -> bool:
+        """Whether a float32 ``kernel`` (largest eigenvalue ``top``) is out of float32's range, or ``lam`` (the
+        ``lambda`` it would be factorized with, ``"auto"`` resolved) is: then ``"auto"`` remakes it in float64
+        (``True``); otherwise an error says what to do."""
         xp = namespace(kernel)
         info = xp.finfo(kernel.dtype)
-        lam = self.lambda_reg if lambda_reg is None else lambda_reg
         smallest = float(info.smallest_normal) / float(info.eps)  # below it, sums of squares lose bits to underflow
         if top == 0.0:  # every feature is zero (factorize says so), or every square underflowed
             return kernel_dtype == "auto" and has_float64(xp, device_of(kernel))
@@ -64,8 +95,9 @@ class KernelFitting:
         elif top < smallest:
             what = (f"the features are so small that their squares underflow float32 (largest kernel eigenvalue "
                     f"{top:.3g})")
-        elif lam != "auto" and float(lam) * 4 >= float(info.max):
-            what = f"lambda_reg={float(lam):.3g} is beyond float32's range"
+        elif lam * 4 >= float(info.max):
+            auto = " (chosen by 'auto' from the features)" if self.lambda_reg == "auto" else ""
+            what = f"lambda_reg={lam:.3g}{auto} is beyond float32's range"
         else:
             return False
         return self._wider_or_raise(kernel_dtype, kernel, index, what)
@@ -80,20 +112,19 @@ class KernelFitting:
         raise TrakValueError(f"checkpoint {index}: {what}, so the float32 kernel cannot be factorized; {fix}, or "
                              "rescale the model's output (the scores do not depend on its scale at lambda_reg='auto')")
 
-    def _remake_in_float64(self, kernel_dtype: str, kernel: Any, factor: kernel_ops.KernelFactor, index: int,
-                           top: float) -> bool:
+    def _remake_in_float64(self, kernel_dtype: str, kernel: Any, lam: float, index: int, top: float) -> bool:
         """Whether ``kernel_dtype="auto"`` gave a float32 ``kernel`` (largest eigenvalue ``top``) too
-        ill-conditioned for float32 at this lambda (``lambda_max / lambda > kernel.AUTO_FLOAT32_MAX_RATIO``) in a
+        ill-conditioned for float32 at ``lam`` (``lambda_max / lambda > kernel.AUTO_FLOAT32_MAX_RATIO``) in a
         namespace with float64."""
         xp = namespace(kernel)
-        if kernel_dtype != "auto" or factor.lambda_reg <= 0:
+        if kernel_dtype != "auto" or lam <= 0:
             return False
-        ratio = top / factor.lambda_reg
+        ratio = top / lam
         if ratio <= kernel_ops.AUTO_FLOAT32_MAX_RATIO:
             return False
         if not has_float64(xp, device_of(kernel)):
             warnings.warn(f"checkpoint {index}: the float32 kernel is ill-conditioned at lambda_reg="
-                          f"{factor.lambda_reg:.4g} (lambda_max / lambda = {ratio:.3g}) and {xp.__name__} has no "
+                          f"{lam:.4g} (lambda_max / lambda = {ratio:.3g}) and {xp.__name__} has no "
                           f"float64 here, so scores may be off by about {1e-7 * ratio:.0e} relative; raise lambda_reg "
                           "(or, for JAX, set jax_enable_x64)", RuntimeWarning, stacklevel=6)
             return False
@@ -111,9 +142,7 @@ class KernelFitting:
     def _factorize(self, kernel: Any, n_train: int, n_params: int, index: int,
                    lambda_reg: float | None = None, note: str = "") -> kernel_ops.KernelFactor:
         xp = namespace(kernel)
-        lam = self.lambda_reg if lambda_reg is None else lambda_reg
-        if lam == "auto":
-            lam = choose_lambda(kernel, n_train, n_params=n_params, xp=xp, dim=self.proj_dim)
+        lam = self._lambda_of(kernel, n_train, n_params, lambda_reg)
         width = self.proj_dim if self.proj_dim is not None else n_params
         # the Gram matrix when n < k (a store written before it was used holds Phi^T Phi: its shape says so)
         space = "n" if kernel_ops.space_for(n_train, width) == "n" and kernel.shape[0] == n_train else "k"

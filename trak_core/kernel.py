@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._delegation import full_precision_products, solve_triangular
-from ._namespace import accumulation_dtype, device_of
+from ._namespace import accumulation_dtype, device_of, has_float64
 from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["KernelFactor", "KERNEL_DTYPES", "AUTO_FLOAT32_MAX_RATIO", "accumulate", "factorize", "solve",
@@ -36,7 +36,8 @@ __all__ = ["KernelFactor", "KERNEL_DTYPES", "AUTO_FLOAT32_MAX_RATIO", "accumulat
 KERNEL_DTYPES = ("auto", "float64", "float32")
 # kernel_dtype="auto" keeps a float32 kernel only while lambda_max(K) / lambda <= this (the condition number of
 # K + lambda I, about): measured on the digits MLP (3 checkpoints, k = 2,048), the float32 kernel's relative score
-# error was 6.8e-6 at a ratio of 135 (lambda "auto"), 3.2e-5 at 1,350 and 1.6e-4 at 13,500 (float64 kernel: 3e-7 to 9e-7)
+# error was 6.8e-6 at a ratio of 135 (lambda "auto"), 3.2e-5 at 1,350 and 1.6e-4 at 13,500 (float64 kernel: 3e-7
+# to 9e-7)
 AUTO_FLOAT32_MAX_RATIO = 1000.0
 
 
@@ -167,6 +168,11 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
             lower = None
         if lower is not None and bool(xp.all(xp.isfinite(lower))):
             return KernelFactor("cholesky", (lower,), lambda_reg, k, space)
+    if not bool(xp.all(xp.isfinite(kernel))):  # checked only here: a Cholesky factor that came out finite had none
+        raise TrakValueError(f"the kernel holds inf or NaN: the training features' squares overflow {kernel.dtype}, so "
+                             "it cannot be factorized; rescale the model's output (the scores do not depend on its "
+                             "scale at lambda_reg='auto')")
+    if lambda_reg > 0:
         warnings.warn(f"Cholesky factorization of the kernel failed with lambda_reg={lambda_reg}; "
                       "using an eigendecomposition instead", RuntimeWarning, stacklevel=3)
     values, vectors = xp.linalg.eigh(kernel)
@@ -175,8 +181,14 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
     keep = values > tol
     rank = int(xp.sum(xp.astype(keep, xp.int32)))  # int32: JAX without x64 has no int64 (and warns)
     if rank == 0:
-        small = (", or so small that their squares underflow float32 (kernel_dtype='float64' keeps them)"
-                 if xp.finfo(kernel.dtype).bits <= 32 else "")
+        narrow = xp.finfo(kernel.dtype).bits <= 32
+        if narrow:  # the remedy for underflow: a float64 kernel, where there is one
+            remedy = ("kernel_dtype='float64' keeps them" if has_float64(xp, device_of(kernel)) else
+                      "set jax_enable_x64 to keep them" if "jax" in xp.__name__ else
+                      "this namespace has no float64: rescale the model's output, the scores do not depend on it")
+        else:
+            remedy = "rescale the model's output: the scores do not depend on its scale at lambda_reg='auto'"
+        small = f", or so small that their squares underflow {'float32' if narrow else 'float64'} ({remedy})"
         raise TrakValueError(f"the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
                              f"gradients?){small}, so no example can be scored; check the model and the data")
     if rank < k and lambda_reg == 0:

@@ -14,6 +14,7 @@ table are in ``docs/quality.md``). The cost is one trace of a k x k matrix.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .errors import TrakValueError
@@ -25,7 +26,19 @@ AUTO_ALPHA = 1.0
 
 
 def _trace(kernel: Any, *, xp: Any) -> float:
-    return float(xp.sum(xp.linalg.diagonal(kernel)))
+    """``trace(kernel)`` as a Python float. A float32 kernel whose diagonal fits float32 can still have a trace that
+    does not (k entries of 1e37): the sum then overflowed to inf, and ``lambda_reg="auto"`` became inf. It is then
+    summed again scaled by its largest entry, so the float is finite wherever the entries are."""
+    import numpy as np
+
+    diagonal = xp.linalg.diagonal(kernel)
+    with np.errstate(over="ignore"):  # NumPy would warn of the overflow this handles
+        trace = float(xp.sum(diagonal))
+    if math.isinf(trace):  # the sum overflowed the kernel's dtype (an inf entry stays inf: largest is inf then)
+        largest = float(xp.max(diagonal))
+        if math.isfinite(largest) and largest > 0:
+            trace = largest * float(xp.sum(diagonal / largest))
+    return trace
 
 
 def _mean(kernel: Any, n_train: int, n_params: int, *, xp: Any, dim: int | None = None) -> float:
