@@ -185,7 +185,8 @@ def test_tuple_inputs_get_the_dict_batch_hint():
     y = torch.tensor([0, 1, 2, 1, 0])
     with pytest.raises(trak_core.TrakTypeError, match=r"dict batch, called as model\(\*\*inputs\)"):
         trak_core.TRAK(model, proj_dim=None, progress=False).featurize(None, [((a, b), y)])
-    with pytest.raises(trak_core.TrakTypeError, match=r"labels must be an array .*got list$"):  # no dict-batch hint
+    with pytest.raises(trak_core.TrakTypeError, match=r"labels must be an array .*got list: make it an array of the "
+                                                 r"model's framework, e.g. torch.as_tensor\(labels\)"):  # no dict hint
         trak_core.TRAK(model, proj_dim=None, progress=False).featurize(None, [({"a": a, "b": b}, y.tolist())])
     trak = trak_core.TRAK(model, proj_dim=None, lambda_reg=1.0, progress=False)
     trak.featurize(None, [({"a": a, "b": b}, y)])  # as the hint says: gradients as plain autograd's

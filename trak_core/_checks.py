@@ -68,7 +68,10 @@ def _rows(array: Any, what: str, where: str) -> int:
                                "shuffle=False)" if shape == () or isinstance(array, (int, float)) else "")
                             + (": a model of several inputs takes them as a dict batch, called as model(**inputs): "
                                "e.g. {'a': a, 'b': b} for forward(self, a, b)"
-                               if isinstance(array, (tuple, list)) and what == "inputs" else ""))
+                               if isinstance(array, (tuple, list)) and what == "inputs" else "")
+                            + (": make it an array of the model's framework, e.g. torch.as_tensor(labels), "
+                               "jax.numpy.asarray(labels) or numpy.asarray(labels)"
+                               if isinstance(array, (tuple, list)) and what != "inputs" else ""))
     return int(shape[0])
 
 
