@@ -355,3 +355,26 @@ def test_a_relative_file_url_is_fixed_when_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert DiskStore("file://relstore").location == f"file://{tmp_path / 'relstore'}"
     assert DiskStore("file:///abs/store").location == "file:///abs/store"
+
+
+@pytest.mark.parametrize("bad, why", [("zarr.json", r"the store's own metadata file \(zarr.json\)"),
+                                      ("x" * 256, r"256 bytes long in UTF-8, more than a file name holds \(255\)"),
+                                      ("é" * 128, r"256 bytes long in UTF-8, more than a file name holds \(255\)")])
+def test_a_save_as_name_the_file_system_refuses_is_refused_before_scoring(tmp_path, bad, why):
+    """'zarr.json' (the scores group's own metadata file) and names over 255 bytes passed the name check and failed
+    in zarr only after every target was scored (FileExistsError, OSError 'File name too long'): the scores were
+    lost. They are refused before any target is scored; a 255-byte name is saved and read back bit for bit."""
+    trak, scores = _run(tmp_path / "store")
+    x, y = _data()
+    consumed = []
+
+    def targets():
+        consumed.append(1)
+        yield x[:6], y[:6]
+
+    with pytest.raises(ValueError, match=f"save_as needs a plain name such as 'run-1': .* is {why}; choose another"):
+        trak.score(targets(), save_as=bad)
+    assert consumed == [] and trak.saved_scores() == []
+    longest = "y" * 255
+    assert np.array_equal(trak.score(targets(), save_as=longest), scores)
+    assert np.array_equal(trak.load_scores(longest), scores) and trak.saved_scores() == [longest]

@@ -218,3 +218,31 @@ def test_subset_masks_arguments_are_checked(kwargs, said):
     with pytest.raises(trak_core.TrakValueError, match=said):
         trak_core.subset_masks(**kwargs)
     assert trak_core.subset_masks(np.int64(10), np.int32(3), seed=np.uint8(1)).shape == (3, 10)
+
+
+def test_lds_of_no_targets_or_no_training_examples_says_so(rng):
+    """Zero targets (or zero training examples) were reported as 'undefined for every target: predictions or outputs
+    are constant across subsets', which sends the user looking for constant outputs."""
+    masks = trak_core.subset_masks(10, 6, seed=0)
+    with pytest.raises(ValueError, match=r"scores have shape \(10, 0\): LDS needs at least one target \(column\)"):
+        trak_core.lds(np.zeros((10, 0)), masks, np.zeros((6, 0)))
+    with pytest.raises(ValueError, match=r"scores have shape \(0, 2\): LDS needs at least one training example"):
+        trak_core.lds(np.zeros((0, 2)), np.zeros((6, 0), bool), rng.normal(size=(6, 2)))
+    scores, outputs = rng.normal(size=(10, 1)), rng.normal(size=(6, 1))  # one target still works: scipy's value
+    assert trak_core.lds(scores, masks, outputs).mean == pytest.approx(_reference(scores, masks, outputs)[0], abs=1e-12)
+
+
+@pytest.mark.parametrize("fraction", ["0.5", None, [0.5]])
+def test_a_fraction_that_is_not_a_number_is_named(fraction):
+    """fraction='0.5' or None raised Python's own "'<' not supported between instances of 'int' and 'str'"."""
+    with pytest.raises(TypeError, match=r"fraction must be a number in \(0, 1\), got "):
+        trak_core.subset_masks(10, 3, fraction=fraction)
+
+
+def test_subset_masks_hold_at_least_one_example_and_take_numpy_fractions():
+    """The summary said ``round(fraction * n_train)`` examples; a fraction that rounds to 0 holds 1 (as the Returns
+    section says). NumPy scalars and 0-d arrays are numbers."""
+    assert trak_core.subset_masks(100, 5, fraction=0.001, seed=1).sum(1).tolist() == [1] * 5  # round(0.1) = 0
+    for fraction in (np.float32(0.3), np.array(0.3)):
+        np.testing.assert_array_equal(trak_core.subset_masks(20, 4, fraction=fraction, seed=2),
+                                      trak_core.subset_masks(20, 4, fraction=0.3, seed=2))

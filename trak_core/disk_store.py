@@ -56,6 +56,7 @@ __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STO
            "open_root"]
 
 STORE_FORMAT = 1  # the layout above; a store of another format is refused (StoreMismatchError)
+MAX_SCORE_NAME_BYTES = 255  # a save_as name is a directory of the store: the usual file-name limit (ext4, APFS, NTFS)
 
 
 class DiskStore(Store):
@@ -242,6 +243,14 @@ class DiskStore(Store):
                 or name.startswith("__") or name != name.strip():
             raise TrakValueError(f"save_as needs a plain name such as 'run-1' (not empty or only dots, no '/' or '\\', "
                                  f"no leading '__' or surrounding spaces), got {name!r}")
+        size = len(name.encode("utf-8", "surrogatepass"))
+        if name.lower() == "zarr.json" or size > MAX_SCORE_NAME_BYTES:
+            # both reached the file system only after every target was scored (FileExistsError on the group's own
+            # metadata file, OSError "File name too long"), and the scores were lost
+            why = ("the store's own metadata file (zarr.json)" if size <= MAX_SCORE_NAME_BYTES else
+                   f"{size} bytes long in UTF-8, more than a file name holds ({MAX_SCORE_NAME_BYTES})")
+            raise TrakValueError(f"save_as needs a plain name such as 'run-1': {name[:40]!r}"
+                                 f"{'...' if len(name) > 40 else ''} is {why}; choose another name")
         state = self._scores_state(name)
         if state == "finished":
             raise TrakValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "

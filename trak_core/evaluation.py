@@ -126,6 +126,9 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
                              f"got {tuple(outputs.shape)}")
     if masks.shape[0] < 3:
         raise TrakValueError(f"LDS needs at least 3 subsets to rank, got {masks.shape[0]}")
+    if n_targets == 0 or n_train == 0:  # was "undefined for every target: ... constant across subsets"
+        raise TrakValueError(f"scores have shape {(n_train, n_targets)}: LDS needs at least one "
+                             f"{'target (column)' if n_targets == 0 else 'training example (row)'}")
     checked = [("outputs", outputs, 1, "subsets (retrained models)"), ("scores", scores, 0, "targets")]
     if xp.isdtype(masks.dtype, "real floating"):
         checked.append(("masks", masks, 1, "subsets"))
@@ -184,7 +187,8 @@ def _like(values: Any, scores: Any, name: str, *, xp: Any) -> Any:
 
 
 def subset_masks(n_train: int, n_subsets: int, *, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
-    """Boolean masks ``(n_subsets, n_train)``, each selecting ``round(fraction * n_train)`` examples at random.
+    """Boolean masks ``(n_subsets, n_train)``, each selecting ``max(1, round(fraction * n_train))`` examples at
+    random.
 
     Parameters
     ----------
@@ -211,7 +215,11 @@ def subset_masks(n_train: int, n_subsets: int, *, fraction: float = 0.5, seed: i
             raise TrakValueError(f"{name} must be {'a non-negative' if name == 'seed' else 'an'} integer, got "
                                  f"{value!r}")
     n_train, n_subsets = _integer(n_train), _integer(n_subsets)
-    if not 0 < fraction < 1:
+    try:
+        inside = bool(0 < fraction < 1)
+    except TypeError:  # "0.5" or None: a raw TypeError from the comparison before
+        raise TrakTypeError(f"fraction must be a number in (0, 1), got {fraction!r}") from None
+    if not inside:
         raise TrakValueError(f"fraction must be in (0, 1), got {fraction}")
     if n_train < 2 or n_subsets < 1:
         raise TrakValueError(f"need n_train >= 2 and n_subsets >= 1, got {n_train} and {n_subsets}")

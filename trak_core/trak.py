@@ -264,7 +264,8 @@ class TRAK(Featurizer, Reopening):
             that failed, name them, or featurize that checkpoint again: the ensemble would lack it).
         save_as : str, optional
             Also write the scores to the on-disk store under this name (``scores/<name>``, chunked
-            by rows); an existing name is an error, never overwritten.
+            by rows); an existing name is an error, never overwritten. A plain file name: no ``/`` or ``\\``,
+            at most 255 bytes in UTF-8, not ``zarr.json`` (refused before any target is scored).
 
         Returns
         -------
@@ -322,8 +323,9 @@ class TRAK(Featurizer, Reopening):
         """Each training example's score for itself as the target, shape ``(n_train,)``.
 
         The diagonal of ``score(training data)``, computed from the stored features in row blocks,
-        without a target pass and without the ``n_train x n_train`` matrix. A large value marks an
-        example the model fits through its own gradient (memorized, mislabeled or atypical ones).
+        without a target pass and without the ``n_train x n_train`` score matrix (where ``n_train < k`` the
+        kernel is solved in n-space: the ``n_train x n_train`` Gram matrix is made, as for ``score``). A large
+        value marks an example the model fits through its own gradient (memorized, mislabeled or atypical ones).
 
         Parameters
         ----------
