@@ -44,3 +44,16 @@ def test_attributing_one_new_model_after_another_keeps_only_the_last_ones():
     again = trak_core.TRAK(apply, backend=backend, proj_dim=16, lambda_reg=10.0, progress=False)
     again.featurize(weights, [(x, y)])  # the last model again: its step is still compiled
     assert backend.compilations == compiled
+
+
+def test_a_copy_of_recent_keeps_its_entries_order_and_bound():
+    """``OrderedDict.copy`` reads each entry through ``Recent.__getitem__``, which moves it to the end while the copy
+    walks the entries: the copy lost entries, the original was reordered, and the bound became the default."""
+    from trak_jax.recent import Recent
+
+    recent = Recent(3)
+    for key in "abc":
+        recent[key] = key.upper()
+    copied = recent.copy()
+    assert list(copied.items()) == list(recent.items()) == [("a", "A"), ("b", "B"), ("c", "C")]
+    assert copied.max_entries == 3

@@ -310,3 +310,43 @@ def test_a_float64_kernel_that_overflows_is_an_error_naming_the_fix():
     with pytest.raises(TrakCoreError, match=r"the kernel holds inf or NaN: the training features' squares overflow "
                                             r"torch.float64, so it cannot be factorized; rescale the model's output"):
         trak_core.TRAK(big, proj_dim=None, progress=False).featurize(None, [(x_big, y)])
+
+
+def test_all_zero_features_in_a_float64_kernel_blame_no_underflow():
+    """float32 features' squares cannot underflow a float64 kernel: its all-zero kernel means all-zero features, and
+    the error named an underflow of float64 with a rescaling that cannot help."""
+    model = torch.nn.Linear(D, C, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    x, y = torch.zeros(N, D), torch.randint(0, C, (N,))
+    for options in (dict(), dict(kernel_dtype="float64")):
+        with pytest.raises(TrakCoreError, match=r"every training feature is zero") as caught:
+            trak_core.TRAK(model, proj_dim=8, progress=False, **options).featurize(None, [(x, y)])
+        assert "underflow float64" not in str(caught.value)
+
+
+def test_a_float32_kernel_chooses_its_automatic_lambda_once(monkeypatch):
+    """The float32-or-float64 decision resolves lambda_reg='auto' before factorizing; factorizing used it again."""
+    from trak_core import _fitting
+
+    calls = []
+    choose = _fitting.choose_lambda
+    monkeypatch.setattr(_fitting, "choose_lambda", lambda *args, **kwargs: calls.append(1) or choose(*args, **kwargs))
+    trak, _ = _scores(*_linear())
+    assert trak.store[0].kernel_dtype == "auto" and len(calls) == 1
+
+
+def test_the_subnormal_check_reads_no_stored_features(tmp_path, monkeypatch):
+    """The check needs the features' dtype only: on an on-disk store, slicing a row read and hashed a whole chunk of
+    features (4,096 rows) at each float64 factorization."""
+    from trak_core import disk_writer
+
+    reads = []
+    read = disk_writer.DiskFeatures.__getitem__
+    monkeypatch.setattr(disk_writer.DiskFeatures, "__getitem__", lambda self, key: reads.append(key) or read(self, key))
+    model, x, y = _linear()
+    trak = trak_core.TRAK(model, proj_dim=8, kernel_dtype="float64", progress=False, store=tmp_path / "store")
+    trak.featurize(None, [(x, y)])
+    reads.clear()
+    trak.refit(1.0)
+    assert reads == []

@@ -30,3 +30,17 @@ def test_the_triton_kernel_in_the_interpreter(tmp_path):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert re.search(rf"\b{CHECKS} passed\b", out.stdout) and "skipped" not in out.stdout, out.stdout[-2000:]
     assert not list(tmp_path.glob("trak_core_triton_*"))  # the cubins' folder went with the process that wrote it
+
+
+def test_a_forked_child_writes_its_cubins_in_a_folder_of_its_own(monkeypatch):
+    """The parent removes its folder when it exits (a forked child does not): a child that wrote there lost its
+    files. The child is this process under another pid (no fork: JAX or torch threads may be running here)."""
+    from trak_core import _triton_aot
+
+    monkeypatch.setattr(_triton_aot, "_folder", [])
+    parent = _triton_aot._cubin_folder()
+    monkeypatch.setattr(os, "getpid", lambda pid=os.getpid(): pid + 1)
+    child = _triton_aot._cubin_folder()
+    assert child != parent and parent.is_dir() and _triton_aot._cubin_folder() == child
+    monkeypatch.undo()
+    child.rmdir()  # registered for removal by its (other) pid only

@@ -128,7 +128,7 @@ def test_cupy_launch_runs_the_compiled_kernel_with_its_arguments(fresh, monkeypa
     assert launches[0]["kinds"][:5] == ["ndarray"] * 5 and launches[0]["kinds"][10:] == ["uint64"] * 2
     _triton_aot.launch_cupy(view, words, signs, scales, k, n_passes, plan)
     assert len(launches) == 3  # checked once per process, dtype and passes
-    folder = _triton_aot._folder[0]  # one folder per process, removed at its exit (tests/test_triton_projection.py)
+    folder = _triton_aot._cubin_folder()  # one per process, removed at its exit (tests/test_triton_projection.py)
     assert loads[0]["path"].parent == folder and folder.parent == pathlib.Path(tempfile.gettempdir())
 
 

@@ -41,7 +41,7 @@ class KernelFitting:
                 return self._in_float64(features, n_params, index, lambda_reg), "float64"
         else:
             self._warn_subnormal(kernel, features, index, stacklevel=6)
-        factor = self._factorize(kernel, features.shape[0], n_params, index, lambda_reg)
+        factor = self._factorize(kernel, features.shape[0], n_params, index, lambda_reg, lam=lam if narrow else None)
         if narrow and factor.lambda_reg == 0 and kernel_dtype != "float32":
             warnings.warn(f"checkpoint {index}: lambda_reg=0 needs a float64 kernel (the minimum-norm solution tells "
                           f"zero eigenvalues from small ones, which float32 sums cannot) and {xp.__name__} has no "
@@ -60,14 +60,13 @@ class KernelFitting:
         holds their squares, but the features themselves kept only a few significant bits (measured: scores off by
         2e-3 relative at features of 3e-42, 20% at 4e-44), and nothing made later can restore them. ``kernel``:
         ``Phi^T Phi`` or ``Phi Phi^T``, whose largest diagonal entry is at least the largest squared feature."""
-        first = features[:1, :]
-        info = namespace(first).finfo(first.dtype)
-        xp = namespace(kernel)
+        xp = namespace(kernel)  # the features' namespace too (a store's lazy features read no rows for their dtype)
+        info = xp.finfo(features.dtype)
         largest = float(xp.max(xp.linalg.diagonal(kernel)))
         if not 0.0 < largest < float(info.smallest_normal) ** 2:
             return
         error = float(info.smallest_normal) * float(info.eps) / math.sqrt(largest)  # the spacing of subnormals over
-        warnings.warn(f"checkpoint {index}: every feature is subnormal in {first.dtype} (below "  # the largest
+        warnings.warn(f"checkpoint {index}: every feature is subnormal in {features.dtype} (below "  # the largest
                       f"{float(info.smallest_normal):.3g}; the largest is at most {math.sqrt(largest):.2g}), so the "
                       f"features keep only a few significant bits and the scores may be off by {error:.0e} relative or "
                       "more; rescale the model's output (the scores do not depend on its scale at lambda_reg='auto'), "
@@ -140,9 +139,11 @@ class KernelFitting:
         return "float64" if chosen == "auto" and lambda_reg == 0 else chosen
 
     def _factorize(self, kernel: Any, n_train: int, n_params: int, index: int,
-                   lambda_reg: float | None = None, note: str = "") -> kernel_ops.KernelFactor:
+                   lambda_reg: float | None = None, note: str = "", *,
+                   lam: float | None = None) -> kernel_ops.KernelFactor:
+        """``kernel``'s factor; ``lam``: its ``lambda``, where ``_lambda_of`` already resolved it."""
         xp = namespace(kernel)
-        lam = self._lambda_of(kernel, n_train, n_params, lambda_reg)
+        lam = self._lambda_of(kernel, n_train, n_params, lambda_reg) if lam is None else lam
         width = self.proj_dim if self.proj_dim is not None else n_params
         # the Gram matrix when n < k (a store written before it was used holds Phi^T Phi: its shape says so)
         space = "n" if kernel_ops.space_for(n_train, width) == "n" and kernel.shape[0] == n_train else "k"

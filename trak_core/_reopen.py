@@ -7,7 +7,7 @@ any other use of the estimator: then the checkpoint's parameters tell them).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, TypeVar
 
 from ._checks import _integer
 from .errors import StoreMismatchError, TrakTypeError, TrakValueError
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Reopening", "open_trak", "load_opened"]
 
+_Opened = TypeVar("_Opened", bound="Reopening")
+
 
 class Reopening:
     """The reopening half of ``trak_core.TRAK``: ``TRAK.open`` and the deferred loading of what it opened."""
@@ -26,11 +28,11 @@ class Reopening:
     _opened: list
 
     @classmethod
-    def open(cls, path: Any, model: Any, checkpoints: Sequence[Any] | Mapping[int, Any], *,
+    def open(cls: type[_Opened], path: Any, model: Any, checkpoints: Sequence[Any] | Mapping[int, Any], *,
              task: str | Task | None = None, backend: str | Backend | None = None,
              lambda_reg: float | str | None = None, progress: bool | None = None, soft_threshold: float | None = None,
              checkpoint_weighting: str = "uniform", executor: Any = None, label_key: str = "labels",
-             kernel_dtype: str = "auto") -> Any:
+             kernel_dtype: str = "auto") -> _Opened:
         """Reopen a finished on-disk store to score new targets, without the training data.
 
         Parameters

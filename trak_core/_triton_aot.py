@@ -37,7 +37,8 @@ INPUT_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 _compiled: dict[tuple, Any] = {}
 _loaded: dict[tuple, Any] = {}
 _checked: set[tuple] = set()
-_folder: list[pathlib.Path] = []  # this process's cubin folder, made on first use and removed at exit
+_folder: list[tuple[pathlib.Path, int]] = []  # (this process's cubin folder, its pid): made on first use, removed
+# at its exit
 
 
 def signature(input_dtype: str) -> dict[str, str]:
@@ -120,11 +121,11 @@ def _cubin_folder() -> pathlib.Path:
     CuPy reads a ``RawModule``'s file lazily (at the first launch on each device), so the files stay
     while the process runs; one folder per process, not one per kernel, and nothing left behind.
     """
-    if not _folder:
+    if not _folder or _folder[0][1] != os.getpid():  # a forked child makes its own: its parent removes the parent's
         folder = pathlib.Path(tempfile.mkdtemp(prefix="trak_core_triton_"))
         atexit.register(_remove, folder, os.getpid())
-        _folder.append(folder)
-    return _folder[0]
+        _folder[:] = [(folder, os.getpid())]
+    return _folder[0][0]
 
 
 def _remove(folder: pathlib.Path, pid: int) -> None:

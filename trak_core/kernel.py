@@ -181,14 +181,12 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
     keep = values > tol
     rank = int(xp.sum(xp.astype(keep, xp.int32)))  # int32: JAX without x64 has no int64 (and warns)
     if rank == 0:
-        narrow = xp.finfo(kernel.dtype).bits <= 32
-        if narrow:  # the remedy for underflow: a float64 kernel, where there is one
+        small = ""  # a float64 kernel: float32 features' squares cannot underflow it (zero features, then)
+        if xp.finfo(kernel.dtype).bits <= 32:  # the remedy for underflow: a float64 kernel, where there is one
             remedy = ("kernel_dtype='float64' keeps them" if has_float64(xp, device_of(kernel)) else
                       "set jax_enable_x64 to keep them" if "jax" in xp.__name__ else
                       "this namespace has no float64: rescale the model's output, the scores do not depend on it")
-        else:
-            remedy = "rescale the model's output: the scores do not depend on its scale at lambda_reg='auto'"
-        small = f", or so small that their squares underflow {'float32' if narrow else 'float64'} ({remedy})"
+            small = f", or so small that their squares underflow float32 ({remedy})"
         raise TrakValueError(f"the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
                              f"gradients?){small}, so no example can be scored; check the model and the data")
     if rank < k and lambda_reg == 0:

@@ -37,3 +37,11 @@ class Recent(OrderedDict):
         self.move_to_end(key)
         while len(self) > self.max_entries:
             self.popitem(last=False)
+
+    def copy(self) -> "Recent":
+        """A copy with the same bound and order (``OrderedDict.copy`` reads each entry through ``__getitem__``,
+        which reorders this mapping while it is copied: the copy lost entries)."""
+        copied = type(self)(self.max_entries)
+        for key, value in self.items():
+            copied[key] = value
+        return copied
