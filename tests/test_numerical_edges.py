@@ -282,7 +282,7 @@ def test_float16_gradients_that_overflow_name_float16s_range():
     assert bool(torch.isfinite(x.half()).all()) and float(model(x).detach().abs().max()) < 10
     trak = trak_core.TRAK(model.half(), proj_dim=8, progress=False)
     with pytest.raises(TrakCoreError, match=r"the gradients are torch.float16, whose largest finite value is 65504: "
-                                            r"larger ones overflow .* model in float32 \(model.float\(\)\)"):
+                                            r"larger ones overflow .* model in float32 \(for torch: model.float\(\)\)"):
         trak.featurize(None, [(x.half(), y)])
     scores = trak_core.TRAK(model.float(), proj_dim=8, progress=False)  # the fix named
     scores.featurize(None, [(x.half().float(), y)])

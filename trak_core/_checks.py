@@ -145,7 +145,7 @@ def _check_features(features: Any, where: str, gradients_dtype: Any = None) -> N
             if info.bits < 32 and float(info.max) < 1e38:  # float16 (bfloat16 has float32's range)
                 half = (f"; the gradients are {gradients_dtype}, whose largest finite value is {float(info.max):.5g}: "
                         "larger ones overflow to inf even where the inputs and weights are finite, so featurize the "
-                        "model in float32 (model.float()) or bfloat16")
+                        "model in float32 (for torch: model.float()) or bfloat16")
         raise TrakValueError(f"{where}: the per-example gradients (seen through their projected features) contain "
                              "NaN or inf; check the inputs (NaN/inf values), the checkpoint's weights, and the "
                              f"learning rate that produced them{half}")
