@@ -50,7 +50,7 @@ def passes(precision: str) -> int:
     """Half-precision products per row: 2 for ``"float32"`` (hi and lo), 1 for ``"fast"``."""
     if precision not in PRECISIONS:
         raise TrakValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}: 'float32' (default, "
-                             "float32-grade: relative error <= 1e-5) or 'fast' (float16-grade, about 3e-4)")
+                             "float32-grade: relative error <= 1e-5) or 'fast' (float16-grade, about 2e-4)")
     return 2 if precision == "float32" else 1
 
 
@@ -180,7 +180,8 @@ def split_project(grads: Any, k: int, *, seed: int, checkpoint: int, offset: int
     n_passes = passes(precision)
     if getattr(xp, "float16", None) is None:
         raise TrakValueError(f"the half-precision projection (precision={precision!r}) needs float16, which "
-                             f"{xp.__name__} does not have; use precision='float32' or NumPy, torch, JAX or CuPy arrays")
+                             f"{xp.__name__} does not have; use precision='float32' or NumPy, torch, JAX or CuPy "
+                             "arrays")
     n, p = grads.shape
     device, dtype = device_of(grads), grads.dtype
     block = block_size or max(1, BLOCK_BYTES // (2 * k))

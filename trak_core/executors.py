@@ -98,7 +98,7 @@ def _score_shard(path: str, index: int, checksums: dict, weights: Any, start: in
 
 
 class RayExecutor:
-    """Featurize on Ray actors.
+    """Featurize, and score, on Ray actors (``TRAK(executor=...)``; row shards of the on-disk store).
 
     Parameters
     ----------

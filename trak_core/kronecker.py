@@ -31,7 +31,8 @@ their parameter counts (largest remainders, each at least 1 and at most its size
 ``dims`` sets a layer's ``k_layer``. A layer's ``k_cols`` is ``ceil(sqrt(k_layer sqrt(cols / rows)))``
 (so ``k_cols / k_rows ~ sqrt(cols / rows)``: the wider side gets the larger factor, but less than in
 proportion, so neither side's work dominates), clipped to ``[1, cols]``; ``k_rows = ceil(k_layer /
-k_cols)``, clipped to ``[1, rows]``; the product's first ``k_layer`` entries are kept.
+k_cols)``, clipped to ``[1, rows]`` (where that leaves ``k_rows k_cols < k_layer``, ``k_cols = ceil(k_layer / k_rows)``,
+clipped to ``cols``); the product's first ``k_layer`` entries are kept.
 
 **Matrices.** ``P_rows`` and ``P_cols`` of layer ``i`` (its position among the layers, in the order
 of the parameters) are the sign patterns of ``trak_core.projection`` for the seed
@@ -174,7 +175,8 @@ class KroneckerPlan:
         for block in self.blocks:
             if block.layer.name == name:
                 return block
-        raise TrakValueError(f"{name!r} is not a factorized layer; the layers are {[b.layer.name for b in self.blocks]}")
+        raise TrakValueError(f"{name!r} is not a factorized layer; the layers are "
+                             f"{[b.layer.name for b in self.blocks]}")
 
 
 def _shares(sizes: Sequence[int], total: int) -> list[int]:

@@ -223,7 +223,7 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
         ``"float32"`` (default): float32-grade results (relative error against a float64 product
         within twice that of a float32 matmul, and below 1e-5); on GPUs computed as two float16
         products on tensor cores (``trak_core._split``), elsewhere as a float32 product.
-        ``"fast"``: one float16 product, relative error about 3e-4 (the grade of traker's fast_jl);
+        ``"fast"``: one float16 product, relative error about 2e-4 (the grade of traker's fast_jl);
         Rademacher only. On a CPU it is not faster, only the same numbers as on a GPU.
 
     Returns

@@ -58,8 +58,8 @@ class TRAK(Featurizer, Reopening):
         The ridge in ``K = Phi^T Phi + lambda I``. ``"auto"`` (default) chooses it per checkpoint
         from the training features (``trak_core.regularization``); the chosen values are in
         ``lambdas`` and the log. A float is an absolute ``lambda >= 0``; ``0`` uses the
-        minimum-norm solution when ``K`` is singular (solved through the ``n x n`` Gram matrix; a
-        warning only where that is rank-deficient too).
+        minimum-norm solution when ``K`` is singular (solved through the ``n x n`` Gram matrix when
+        ``n_train < k``; a warning only where the matrix factorized is rank-deficient).
     backend : str, Backend or None
         Backend name (see ``trak_core.available_backends``), object, or ``None`` to infer
         it from the model's type.
@@ -84,7 +84,7 @@ class TRAK(Featurizer, Reopening):
     precision : {"float32", "fast"}
         Of the projection (``trak_core.project``): ``"float32"`` (default) is float32-grade
         everywhere, computed on GPUs as two float16 tensor-core products of a split input;
-        ``"fast"`` is one float16 product (relative error about 3e-4, traker's fast_jl grade),
+        ``"fast"`` is one float16 product (relative error about 2e-4, traker's fast_jl grade),
         Rademacher only. CPU results at the default are those of a float32 product.
     label_key : str
         The labels' key in dict batches (default ``"labels"``, as Hugging Face collators name it);
@@ -264,8 +264,9 @@ class TRAK(Featurizer, Reopening):
             that failed, name them, or featurize that checkpoint again: the ensemble would lack it).
         save_as : str, optional
             Also write the scores to the on-disk store under this name (``scores/<name>``, chunked
-            by rows); an existing name is an error, never overwritten. A plain file name: no ``/`` or ``\\``,
-            at most 255 bytes in UTF-8, not ``zarr.json`` (refused before any target is scored).
+            by rows); an existing name is an error, never overwritten. A plain file name: not empty or only
+            dots, no ``/`` or ``\\``, no leading ``__`` or surrounding spaces, at most 255 bytes in UTF-8, not
+            ``zarr.json`` (in any case); refused before any target is scored.
 
         Returns
         -------

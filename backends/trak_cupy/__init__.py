@@ -1,5 +1,5 @@
-"""trak-core's CuPy backend: a fused GPU projection kernel, analytic models on CuPy arrays, and
-per-example gradients computed elsewhere taken zero-copy through DLPack.
+"""trak-core's CuPy backend: analytic models on CuPy arrays, per-example gradients computed elsewhere taken
+zero-copy through DLPack, and a CUDA-core projection kernel (``projection.fused_project``, not the default).
 
 Importing this package does not import CuPy; the backend imports it on first use.
 """

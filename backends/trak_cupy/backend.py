@@ -66,7 +66,9 @@ def _to_cupy(array: Any, what: str) -> Any:
 
 
 class CupyBackend(ArrayAPIBackend):
-    """Analytic models and precomputed gradients on CuPy arrays, with the fused projection kernel."""
+    """Analytic models and precomputed gradients on CuPy arrays; projected by the core's tensor-core path (the Triton
+    kernel, ``trak_core._triton_aot``), not by ``trak_cupy.projection.fused_project`` (``has_fused_projection`` is
+    ``False``)."""
 
     name = "cupy"
     framework = "cupy"

@@ -237,7 +237,7 @@ class Backend(abc.ABC):
         -------
         tuple of (array, array) or None
             ``(features, out_to_loss)``: features ``(n, k)`` equal to ``project`` of the batch's ``gradients`` up
-            to float rounding (about 3e-4 relative at ``"fast"``, as ``trak_core.project``), real floating and
+            to float rounding (about 2e-4 relative at ``"fast"``, as ``trak_core.project``), real floating and
             finite; weights ``(n,)`` as in ``gradients``. ``None``: not here (JAX: ``"fast"``, or a matrix too
             large for the projection cache).
         """
