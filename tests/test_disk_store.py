@@ -130,6 +130,58 @@ def test_kill_between_creating_the_two_arrays_resumes_to_identical_scores(tmp_pa
                          lambda group, name, *rest: name == "out_to_loss")
 
 
+@pytest.mark.parametrize("write", [1, 2])
+def test_kill_inside_the_stores_first_metadata_write_resumes(tmp_path, monkeypatch, write):
+    """A kill after zarr wrote the store's ``zarr.json`` to its temporary file but before renaming it into place
+    (write 1: the group's creation; 2: the configuration's attributes) left ``zarr.<hex>.partial`` in the store's
+    directory, and the rerun refused it as "not a trak-core store": the store could never be resumed."""
+    calls = []
+
+    def dies(path, target, *rest):
+        if path.name.endswith(".partial") and pathlib.Path(target) == tmp_path / "store" / "zarr.json":
+            calls.append(target)
+            return len(calls) == write
+        return False
+
+    _killed_then_resumed(tmp_path, monkeypatch, pathlib.Path, "replace", dies)
+    assert list((tmp_path / "store").glob("*.partial")), "the kill should leave zarr's temporary file behind"
+
+
+@pytest.mark.parametrize("key", ["lambda_reg", "lambda_setting"])
+def test_kill_while_a_checkpoint_is_marked_complete_keeps_its_lambda(tmp_path, monkeypatch, key):
+    """zarr writes ``attrs.update`` one key at a time: ``complete`` landed before ``lambda_reg`` and
+    ``lambda_setting``, and a kill between left a complete checkpoint without them. The rerun skips a complete
+    checkpoint, so they were never written: ``TRAK.open`` factorized it with ``"auto"`` instead of the 0.5 it was
+    featurized with (other scores), and took ``"auto"`` as the store's setting for checkpoints featurized later."""
+    import zarr
+
+    x, y = _data()
+    model = MLP(5, 4, 3)
+
+    def run(store):
+        trak = TRAK(model, proj_dim=32, store=store, lambda_reg=0.5, progress=False)
+        trak.featurize(model.init(seed=0), _batches(x, y))
+        return trak
+
+    run(tmp_path / "reference")
+    reference = TRAK.open(tmp_path / "reference", model, [model.init(seed=0)], progress=False)
+    real = zarr.core.attributes.Attributes.__setitem__
+
+    def then_die(self, name, value):
+        if name == key:
+            raise _Killed
+        return real(self, name, value)
+
+    monkeypatch.setattr(zarr.core.attributes.Attributes, "__setitem__", then_die)
+    with pytest.raises(_Killed):
+        run(tmp_path / "store")
+    monkeypatch.setattr(zarr.core.attributes.Attributes, "__setitem__", real)
+    run(tmp_path / "store")  # the same calls again: it resumes
+    opened = TRAK.open(tmp_path / "store", model, [model.init(seed=0)], progress=False)
+    assert opened.lambda_reg == reference.lambda_reg == 0.5 and opened.lambdas == reference.lambdas
+    assert np.array_equal(opened.score([(x[:6], y[:6])]), reference.score([(x[:6], y[:6])]))
+
+
 def test_other_configuration_is_refused_and_nothing_is_overwritten(tmp_path):
     store = tmp_path / "store"
     _run(store)

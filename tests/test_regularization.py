@@ -105,8 +105,8 @@ def test_unit_normalized_features_and_normalized_weighting(rng):
     for trak in (uniform, weighted):
         for c in range(2):
             trak.featurize(model.init(seed=c), [(x, y)])
-    per = [uniform.score([(xt, yt)], checkpoints=[c]) / np.mean([e.out_to_loss for e in uniform.store[c:c + 1]], 0)[:, None]
-           for c in range(2)]
+    per = [uniform.score([(xt, yt)], checkpoints=[c])
+           / np.mean([e.out_to_loss for e in uniform.store[c:c + 1]], 0)[:, None] for c in range(2)]
     q = np.mean([e.out_to_loss for e in uniform.store], axis=0)
     expected = sum(s / np.linalg.norm(s, axis=0) for s in per) / 2 * q[:, None]
     np.testing.assert_allclose(weighted.score([(xt, yt)]), expected, rtol=1e-10)
@@ -164,3 +164,33 @@ def test_rank_deficiency_warning_names_the_cause_in_either_space(rng):
     trak = TRAK(model, task="regression", proj_dim=16, lambda_reg=0, progress=False)
     with pytest.warns(RuntimeWarning, match=r"rank 9 < n_train = 10: some training features are linearly dependent"):
         trak.featurize(model.init(seed=0), [(few, few[:, 0])])
+
+
+def test_an_interrupted_refit_is_refused_by_score_until_it_is_run_again(rng, monkeypatch):
+    """Ctrl-C inside ``refit`` (a factorization per checkpoint) left checkpoint 0 at the new lambda and the others at
+    the old one, and ``score`` ensembled that mix, unsaid (55% off the scores of either lambda)."""
+    x, y, xt, yt = _problem(rng)
+    model = MLP(5, 4, 3)
+    trak, reference = TRAK(model, proj_dim=16, progress=False), TRAK(model, proj_dim=16, progress=False)
+    for estimator in (trak, reference):
+        for c in range(3):
+            estimator.featurize(model.init(seed=c), [(x, y)])
+    reference.refit(0.05)
+    real, calls = TRAK._factor_of, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # checkpoint 1 of 3
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TRAK, "_factor_of", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trak.refit(0.05)
+    monkeypatch.setattr(TRAK, "_factor_of", real)
+    for call in (lambda: trak.score([(xt, yt)]), trak.self_influence):
+        with pytest.raises(ValueError, match=r"refit\(0.05\) did not finish.*call refit\(0.05\) again"):
+            call()
+    assert trak.features([(xt, yt)], checkpoint=0).shape == (4, 16)  # features do not depend on lambda
+    trak.refit(0.05)
+    assert np.array_equal(trak.score([(xt, yt)]), reference.score([(xt, yt)]))

@@ -76,3 +76,30 @@ def test_an_interrupted_score_save_lands_before_score_returns(tmp_path, interrup
     expected = trak.score([(batches[1][0][:4], batches[1][1][:4])], save_as="run")  # other targets, same name
     time.sleep(DELAY + 0.4)
     assert np.array_equal(TRAK.open(store, model, [model.init(seed=0)]).load_scores("run"), expected)
+
+
+def test_a_refused_featurize_after_an_interrupted_one_still_guards_the_ensemble(tmp_path):
+    """The notebook flow: Ctrl-C inside checkpoint 1, then the same cell again on the same estimator. Its first call
+    (checkpoint 0) is refused as a duplicate, and that refusal cleared the record of the interrupted checkpoint:
+    ``score`` then ensembled checkpoint 0 alone, unsaid, instead of refusing as after the interrupt itself."""
+    batches, model = _batches(), MLP(5, 4, 3)
+    checkpoints = [model.init(seed=0), model.init(seed=1)]
+    trak = TRAK(model, proj_dim=32, store=tmp_path / "store", progress=False)
+    trak.featurize(checkpoints[0], batches)
+
+    def interrupted():
+        yield batches[0]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trak.featurize(checkpoints[1], interrupted())
+    with pytest.raises(Exception, match="same parameters as checkpoint 0.*featurize of checkpoint 1 did not finish"):
+        trak.featurize(checkpoints[0], batches)  # the cell's loop again, from its first checkpoint
+    targets = [(batches[0][0][:6], batches[0][1][:6])]
+    with pytest.raises(Exception, match="would lack that one"):
+        trak.score(targets)
+    trak.featurize(checkpoints[1], batches)  # the interrupted one again: it resumes, and the ensemble is whole
+    reference = TRAK(model, proj_dim=32, progress=False)
+    for checkpoint in checkpoints:
+        reference.featurize(checkpoint, batches)
+    assert np.array_equal(trak.score(targets), reference.score(targets))

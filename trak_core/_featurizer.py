@@ -97,7 +97,7 @@ class Featurizer(KernelFitting):
             ``(n, k)`` (``(n, n_params)`` for ``proj_dim=None``), in the features' namespace, dtype and device.
         """
         self._load_opened(None)
-        self._check_scorable("features()")
+        self._check_scorable("features()", uses_lambda=False)
         entry = chosen_entries(self.store, [checkpoint])[0]
         parts = []
         for b, (inputs, labels) in enumerate(batches(data, self.label_key)):
@@ -287,7 +287,8 @@ class Featurizer(KernelFitting):
                                  f"({structure} vs {self.store[0].structure}); every checkpoint must have the "
                                  "same parameter names, nesting and shapes")
         digest = self.backend.parameters_digest(prepared)
-        refuse_duplicate(digest, list(self.store))  # before the writer: a refused checkpoint leaves no c{index}
+        refuse_duplicate(digest, list(self.store),  # before the writer: a refused checkpoint leaves no c{index}
+                         len(self.store) if getattr(self, "_missing", None) is not None else None)
         self._started = True  # a new checkpoint: from here on, a failure leaves the ensemble without it
         writer = self.store.writer(index, self._fingerprint(n_params, structure))
         stored_dtype = getattr(writer, "stored_dtype", None)

@@ -19,14 +19,18 @@ def _short(digest: str | None) -> str:
     return "none" if digest is None else digest[:12]
 
 
-def refuse_duplicate(digest: str | None, entries: Sequence[CheckpointEntry]) -> None:
-    """Refuse a checkpoint featurized already under another index (checked before its writer touches a store)."""
+def refuse_duplicate(digest: str | None, entries: Sequence[CheckpointEntry], interrupted: int | None = None) -> None:
+    """Refuse a checkpoint featurized already under another index (checked before its writer touches a store);
+    ``interrupted``: the index of a checkpoint whose featurize this estimator did not finish (named as the fix)."""
     if digest is not None:
         for entry in entries:
             if entry.parameters_digest == digest:
+                hint = "" if interrupted is None else (
+                    f" (this estimator's featurize of checkpoint {interrupted} did not finish: featurize the "
+                    f"checkpoints from that one on, which resumes it, or rerun every call on a new estimator)")
                 raise TrakValueError(f"this checkpoint has the same parameters as checkpoint {entry.index} "
                                      "(featurized already); featurizing it again would count it twice in the "
-                                     "ensemble. Pass each checkpoint once")
+                                     f"ensemble. Pass each checkpoint once{hint}")
 
 
 def check_parameters(digest: str | None, writer: Writer, entries: Sequence[CheckpointEntry], index: int,

@@ -42,6 +42,7 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,9 @@ __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STO
            "open_root"]
 
 STORE_FORMAT = 1  # the layout above; a store of another format is refused (StoreMismatchError)
+# zarr's LocalStore writes ``zarr.json`` to ``zarr.<32 hex>.partial`` and renames it into place: a kill between the
+# two leaves the temporary file, which is zarr's (not a user's file) and must not make the store "foreign"
+_ZARR_TEMPORARY = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 MAX_SCORE_NAME_BYTES = 255  # a save_as name is a directory of the store: the usual file-name limit (ext4, APFS, NTFS)
 
 
@@ -139,7 +143,8 @@ class DiskStore(Store):
         import json
 
         others = sorted(entry.name for entry in self.path.iterdir()
-                        if entry.name != "zarr.json" and not entry.name.startswith(".trak_core_write_probe"))
+                        if entry.name != "zarr.json" and not entry.name.startswith(".trak_core_write_probe")
+                        and not _ZARR_TEMPORARY.fullmatch(entry.name))  # a write a kill cut short: not the user's
         v2 = [name for name in (".zarray", ".zgroup", ".zattrs") if name in others]
         visible = [name for name in others if not name.startswith(".")]  # hidden files aside
         if not (self.path / "zarr.json").exists():
@@ -297,8 +302,10 @@ class DiskStore(Store):
             raise TrakValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
         if not group.attrs.get("complete", False):  # a stored checkpoint keeps the lambda it was featurized with
             self.writable()
-            group.attrs.update({"complete": True, "lambda_reg": float(entry.factor.lambda_reg),
-                                "lambda_setting": entry.lambda_setting})
+            # zarr writes attrs.update one key at a time: "complete" last, so that a kill in between leaves an
+            # incomplete checkpoint (finished again by the rerun), never a complete one without its lambda
+            group.attrs.update({"lambda_reg": float(entry.factor.lambda_reg), "lambda_setting": entry.lambda_setting,
+                                "complete": True})
         if entry.index == 0 and "data" not in self.root.attrs:
             n = int(entry.features.shape[0])
             digests = [entry.data_checksums[str(c)] for c in range(-(-n // KERNEL_CHUNK_ROWS))

@@ -209,7 +209,9 @@ class TRAK(Featurizer, Reopening):
                 self._featurize(checkpoint, data)
             self._last_error = self._missing = None
         except BaseException as exc:  # Ctrl-C too: a new checkpoint started is missing all the same
-            self._last_error, self._missing = exc, exc if self._started else None
+            # a call refused before it started (a duplicate, as when a cell's loop is run again after Ctrl-C) keeps
+            # the record of a checkpoint interrupted before: the ensemble still lacks that one
+            self._last_error, self._missing = exc, exc if self._started else self._missing
             raise
 
     def worker_copy(self) -> "TRAK":
@@ -242,6 +244,7 @@ class TRAK(Featurizer, Reopening):
         """
         self.lambda_reg = _check_lambda(lambda_reg)
         self._load_opened(None)
+        self._refitting = self.lambda_reg  # until every checkpoint holds it: interrupted, score() refuses a mix
         for entry in self.store:
             kernel_dtype = self._kernel_dtype(self.lambda_reg)
             if kernel_dtype != entry.kernel_dtype:  # "auto" and lambda 0: the kernel made again in float64
@@ -250,6 +253,7 @@ class TRAK(Featurizer, Reopening):
                                                     entry.index)
             if made_in != kernel_dtype:  # "auto" and a float32 kernel too ill-conditioned at this lambda
                 entry.kernel_dtype, entry.kernel_loader = made_in, None
+        self._refitting = None
 
     def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None,
               save_as: str | None = None) -> Any:
@@ -377,5 +381,9 @@ class TRAK(Featurizer, Reopening):
         """
         return self.store.load_scores(name)
 
-    def _check_scorable(self, what: str = "score()", *, ensemble: bool = False) -> None:
+    def _check_scorable(self, what: str = "score()", *, ensemble: bool = False, uses_lambda: bool = True) -> None:
         check_scorable(self.store, self._last_error, what, missing=self._missing if ensemble else None)
+        refitting = getattr(self, "_refitting", None)
+        if uses_lambda and refitting is not None:  # a refit interrupted (Ctrl-C) part way: lambdas of two settings
+            raise TrakValueError(f"{what}: refit({refitting!r}) did not finish, so the checkpoints hold different "
+                                 f"lambdas ({self.lambdas}); call refit({refitting!r}) again (or refit another value)")
