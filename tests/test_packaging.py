@@ -29,7 +29,7 @@ def _source_files() -> set[str]:
 
 
 def test_a_built_wheel_holds_every_module_data_file_and_entry_point(tmp_path):
-    if importlib.util.find_spec("setuptools") is None:
+    if importlib.util.find_spec("setuptools") is None:  # the test extra installs it
         pytest.skip("setuptools is not installed: the wheel is not built (no build isolation in tests)")
     tree = tmp_path / "tree"  # a copy: building in the checkout would write build/ and *.egg-info there
     tree.mkdir()
