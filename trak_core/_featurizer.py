@@ -288,7 +288,7 @@ class Featurizer(KernelFitting):
                                  "same parameter names, nesting and shapes")
         digest = self.backend.parameters_digest(prepared)
         refuse_duplicate(digest, list(self.store),  # before the writer: a refused checkpoint leaves no c{index}
-                         len(self.store) if getattr(self, "_missing", None) is not None else None)
+                         len(self.store) if self._missing is not None else None)
         self._started = True  # a new checkpoint: from here on, a failure leaves the ensemble without it
         writer = self.store.writer(index, self._fingerprint(n_params, structure))
         stored_dtype = getattr(writer, "stored_dtype", None)

@@ -157,6 +157,7 @@ class TRAK(Featurizer, Reopening):
         self._last_error = self._missing = None  # the last featurize's error (score()'s message); a new checkpoint's
         self._opened: list = []  # checkpoints of a store reopened with TRAK.open, loaded at the first score
         self._subset_of: int | None = None  # opened with some of a store's checkpoints: how many it holds
+        self._refitting: float | str | None = None  # the lambda of a refit not finished yet (score() refuses)
         if self.executor is not None and self.store.location is None:
             raise TrakValueError("executor='ray' needs an on-disk store that every worker can reach: pass store=PATH")
 
@@ -383,7 +384,7 @@ class TRAK(Featurizer, Reopening):
 
     def _check_scorable(self, what: str = "score()", *, ensemble: bool = False, uses_lambda: bool = True) -> None:
         check_scorable(self.store, self._last_error, what, missing=self._missing if ensemble else None)
-        refitting = getattr(self, "_refitting", None)
-        if uses_lambda and refitting is not None:  # a refit interrupted (Ctrl-C) part way: lambdas of two settings
-            raise TrakValueError(f"{what}: refit({refitting!r}) did not finish, so the checkpoints hold different "
-                                 f"lambdas ({self.lambdas}); call refit({refitting!r}) again (or refit another value)")
+        if uses_lambda and self._refitting is not None:  # a refit interrupted (Ctrl-C) part way: two lambdas
+            raise TrakValueError(f"{what}: refit({self._refitting!r}) did not finish, so the checkpoints hold "
+                                 f"different lambdas ({self.lambdas}); call refit({self._refitting!r}) again (or "
+                                 "refit another value)")
