@@ -396,3 +396,50 @@ def test_reopening_a_jax_store_leaves_the_shared_backend_s_step_size_alone(tmp_p
     reopened = TRAK.open(tmp_path / "store", JaxModel(apply), [weights(0)])
     assert reopened.backend.batch_size == 20 and reopened.backend is not trak_jax.backend
     assert trak_jax.backend.batch_size is None and TRAK(JaxModel(apply), progress=False).backend.batch_size is None
+
+
+def test_opening_a_store_with_an_interrupted_checkpoint_names_it(tmp_path):
+    """The second checkpoint stopped after a chunk of rows: opening with two checkpoints names it and how to finish
+    it (it used to say only that the store holds 1); the complete one opens and scores as before."""
+    from trak_core.store import KERNEL_CHUNK_ROWS
+
+    rng = np.random.default_rng(0)
+    n = KERNEL_CHUNK_ROWS + 64  # one whole chunk is recorded, the next one's batch is not
+    x, y = rng.normal(size=(n, 5)), rng.integers(0, 3, n)
+    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, n, 64)]
+    model = MLP(5, 4, 3)
+    trak = TRAK(model, proj_dim=32, store=tmp_path / "store", progress=False)
+    trak.featurize(model.init(seed=0), batches)
+    expected = trak.score([(x[:4], y[:4])])
+
+    def interrupted():
+        yield from batches
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trak.featurize(model.init(seed=1), interrupted())
+    checkpoints = [model.init(seed=c) for c in range(2)]
+    with pytest.raises(TrakCoreError, match=r"holds 1 complete checkpoints; .*checkpoint 1 was interrupted with its "
+                                            rf"first {KERNEL_CHUNK_ROWS} training rows written: run the same"):
+        TRAK.open(tmp_path / "store", model, checkpoints)
+    with pytest.raises(TrakCoreError, match="holds 1 complete checkpoints; pass all 1") as refused:
+        TRAK.open(tmp_path / "store", model, [])
+    assert "interrupted" not in str(refused.value)  # too few checkpoints: the interrupted one is not the problem
+    opened = TRAK.open(tmp_path / "store", model, checkpoints[:1])
+    assert np.array_equal(opened.score([(x[:4], y[:4])]), expected)
+
+
+def test_opening_a_store_whose_first_checkpoint_was_interrupted_names_it(tmp_path):
+    x, y = _data()
+    model = MLP(5, 4, 3)
+    trak = TRAK(model, proj_dim=32, store=tmp_path / "store", progress=False)
+
+    def interrupted():
+        yield x[:64], y[:64]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trak.featurize(model.init(seed=0), interrupted())
+    with pytest.raises(TrakCoreError, match=r"holds no complete checkpoint: featurize first \(checkpoint 0 was "
+                                            r"interrupted before its first chunk of rows was written"):
+        TRAK.open(tmp_path / "store", model, [model.init(seed=0)])

@@ -89,8 +89,9 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
                                  f"reads format {STORE_FORMAT}: featurize again into a new store path")
     stored = store.stored_checkpoints()
     if not stored:
-        raise TrakValueError(f"the store at {path} holds no complete checkpoint: featurize first")
-    chosen = _chosen_checkpoints(checkpoints, stored, path)
+        raise TrakValueError(f"the store at {path} holds no complete checkpoint: featurize first"
+                             f"{_interrupted(store)}")
+    chosen = _chosen_checkpoints(checkpoints, stored, path, _interrupted(store))
     if lambda_reg is None:  # checkpoints featurized later in this store follow the same rule as the stored ones
         setting = store.stored_lambda_setting()
         lambda_reg, keep_stored = ("auto" if setting is None else setting), True
@@ -129,7 +130,18 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
     return trak
 
 
-def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any) -> list[tuple[int, Any]]:
+def _interrupted(store: Any) -> str:
+    """A sentence naming the checkpoint an interrupted run left unfinished in ``store``, or ``""``."""
+    interrupted = store.interrupted_checkpoint()
+    if interrupted is None:
+        return ""
+    index, rows = interrupted
+    kept = f"with its first {rows} training rows written" if rows else "before its first chunk of rows was written"
+    return (f" (checkpoint {index} was interrupted {kept}: run the same featurize call with TRAK(..., store=path) "
+            "and its training data to finish it, then open the store)")
+
+
+def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any, interrupted: str = "") -> list[tuple[int, Any]]:
     """``(store index, checkpoint)`` pairs in index order: every stored checkpoint from a list, some from a mapping
     ``{index: checkpoint}``."""
     if isinstance(checkpoints, Mapping) and any(isinstance(key, str) for key in checkpoints):
@@ -156,7 +168,7 @@ def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any) -> list[tuple[
     if len(checkpoints) != stored:
         raise TrakValueError(f"the store at {path} holds {stored} complete checkpoints; pass all {stored}, in the "
                              f"order they were featurized (got {len(checkpoints)}), or a mapping {{index: checkpoint}} "
-                             "to score with some of them")
+                             f"to score with some of them{interrupted if len(checkpoints) > stored else ''}")
     return list(enumerate(checkpoints))
 
 

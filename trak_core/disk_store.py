@@ -223,6 +223,13 @@ class DiskStore(Store):
             count += 1
         return count
 
+    def interrupted_checkpoint(self) -> tuple[int, int] | None:
+        """``(index, rows written)`` of the checkpoint after the complete ones, where an interrupted run left one."""
+        index = self.stored_checkpoints()
+        if not self.exists() or f"c{index}" not in self.root:
+            return None
+        return index, int(self.root[f"c{index}"].attrs.get("rows_done", 0))
+
     def settle(self) -> None:
         """Wait for zarr writes an interrupted call left running (:func:`trak_core._zarr_io.settle`)."""
         settle()
