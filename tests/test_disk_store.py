@@ -85,9 +85,10 @@ class _Killed(BaseException):
     """Stands for SIGKILL at one chosen instant (a BaseException: nothing in the library catches it)."""
 
 
-def _killed_then_resumed(tmp_path, monkeypatch, owner, method, dies):
+def _killed_then_resumed(tmp_path, monkeypatch, owner, method, dies, after_kill=lambda: None):
     """Featurize into a store with ``owner.method`` raising :class:`_Killed` where ``dies(self, *args)`` says,
-    then resume without it: the scores must equal an uninterrupted run's."""
+    (``after_kill()`` then looks at the store), then resume without it: the scores must equal an uninterrupted
+    run's."""
     _, reference = _run(None)
     store = tmp_path / "store"
     real = getattr(owner, method)
@@ -100,6 +101,7 @@ def _killed_then_resumed(tmp_path, monkeypatch, owner, method, dies):
     monkeypatch.setattr(owner, method, then_die)
     with pytest.raises(_Killed):
         _run(store)
+    after_kill()
     monkeypatch.setattr(owner, method, real)
     _, resumed = _run(store)
     assert np.array_equal(resumed, reference)
@@ -134,7 +136,8 @@ def test_kill_between_creating_the_two_arrays_resumes_to_identical_scores(tmp_pa
 def test_kill_inside_the_stores_first_metadata_write_resumes(tmp_path, monkeypatch, write):
     """A kill after zarr wrote the store's ``zarr.json`` to its temporary file but before renaming it into place
     (write 1: the group's creation; 2: the configuration's attributes) left ``zarr.<hex>.partial`` in the store's
-    directory, and the rerun refused it as "not a trak-core store": the store could never be resumed."""
+    directory, and the rerun refused it as "not a trak-core store": the store could never be resumed. The rerun,
+    finishing the checkpoint, deletes the file."""
     calls = []
 
     def dies(path, target, *rest):
@@ -143,8 +146,11 @@ def test_kill_inside_the_stores_first_metadata_write_resumes(tmp_path, monkeypat
             return len(calls) == write
         return False
 
-    _killed_then_resumed(tmp_path, monkeypatch, pathlib.Path, "replace", dies)
-    assert list((tmp_path / "store").glob("*.partial")), "the kill should leave zarr's temporary file behind"
+    def left():
+        assert list((tmp_path / "store").glob("*.partial")), "the kill should leave zarr's temporary file behind"
+
+    _killed_then_resumed(tmp_path, monkeypatch, pathlib.Path, "replace", dies, left)
+    assert list((tmp_path / "store").glob("*.partial")) == []
 
 
 @pytest.mark.parametrize("key", ["lambda_reg", "lambda_setting"])
@@ -430,3 +436,39 @@ def test_a_save_as_name_the_file_system_refuses_is_refused_before_scoring(tmp_pa
     longest = "y" * 255
     assert np.array_equal(trak.score(targets(), save_as=longest), scores)
     assert np.array_equal(trak.load_scores(longest), scores) and trak.saved_scores() == [longest]
+
+
+def test_finishing_a_checkpoint_deletes_what_killed_zarr_writes_left(tmp_path):
+    """A kill during a zarr write leaves ``<name>.<32 hex>.partial`` (zarr writes each file so, then renames it):
+    they stayed in the store for good. The rerun that finishes the checkpoint deletes those of its group and the
+    root's; a user's file and those of another group are left, and the scores are those of an uninterrupted run."""
+    import trak_core
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 5)), rng.integers(0, 3, 200)
+    model = trak_core.MLP(5, 4, 3)
+    path = tmp_path / "store"
+    first = trak_core.TRAK(model, proj_dim=16, store=path, progress=False)
+    first.featurize(model.init(seed=0), [(x[:100], y[:100]), (x[100:], y[100:])])
+    hexes = iter(f"{i:032x}" for i in range(1, 100))
+    left = [path / f"zarr.{next(hexes)}.partial", path / "c0" / "features" / "c" / "0" / f"0.{next(hexes)}.partial",
+            path / "c0" / f"zarr.{next(hexes)}.partial"]
+    kept = [path / "c1" / "notes.partial", path / "scores" / "other" / f"zarr.{next(hexes)}.partial"]
+    for file in left + kept:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(b"cut short")
+    import json
+
+    meta = json.loads((path / "c0" / "zarr.json").read_text())
+    meta["attributes"]["complete"] = False  # as a kill before the last write of the checkpoint leaves it
+    (path / "c0" / "zarr.json").write_text(json.dumps(meta))
+    rerun = trak_core.TRAK(model, proj_dim=16, store=path, progress=False)
+    rerun.featurize(model.init(seed=0), [(x[:100], y[:100]), (x[100:], y[100:])])
+    assert [file for file in left if file.exists()] == []
+    assert all(file.exists() for file in kept)
+    assert np.array_equal(rerun.score([(x[:5], y[:5])]), first.score([(x[:5], y[:5])]))
+    scores = path / "scores" / "run"
+    scores.mkdir(parents=True)
+    (scores / f"zarr.{next(hexes)}.partial").write_bytes(b"cut short")
+    rerun.score([(x[:5], y[:5])], save_as="run")
+    assert list(scores.rglob("*.partial")) == []

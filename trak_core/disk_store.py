@@ -60,6 +60,7 @@ STORE_FORMAT = 1  # the layout above; a store of another format is refused (Stor
 # zarr's LocalStore writes ``zarr.json`` to ``zarr.<32 hex>.partial`` and renames it into place: a kill between the
 # two leaves the temporary file, which is zarr's (not a user's file) and must not make the store "foreign"
 _ZARR_TEMPORARY = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
+_ANY_ZARR_TEMPORARY = re.compile(r".*\.[0-9a-f]{32}\.partial")  # chunks too: ``c/0/0.<32 hex>.partial``
 MAX_SCORE_NAME_BYTES = 255  # a save_as name is a directory of the store: the usual file-name limit (ext4, APFS, NTFS)
 
 
@@ -247,6 +248,7 @@ class DiskStore(Store):
         for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time: zarr encodes what it is given
             array[start:start + KERNEL_CHUNK_ROWS] = values[start:start + KERNEL_CHUNK_ROWS]  # at once, in copies
         array.attrs["sha256"] = _digest(values)  # last: it marks the set finished
+        self._sweep_temporaries(f"scores/{name}")
 
     def check_score_name(self, name: str) -> str | None:
         """Refuse a ``save_as`` name that is malformed or taken, or a store that cannot be written, before scoring;
@@ -313,6 +315,7 @@ class DiskStore(Store):
             # incomplete checkpoint (finished again by the rerun), never a complete one without its lambda
             group.attrs.update({"lambda_reg": float(entry.factor.lambda_reg), "lambda_setting": entry.lambda_setting,
                                 "complete": True})
+            self._sweep_temporaries(f"c{entry.index}")
         if entry.index == 0 and "data" not in self.root.attrs:
             n = int(entry.features.shape[0])
             digests = [entry.data_checksums[str(c)] for c in range(-(-n // KERNEL_CHUNK_ROWS))
@@ -320,6 +323,21 @@ class DiskStore(Store):
             self.writable()
             self.root.attrs["data"] = {"n_train": n, "sha256": combine(digests, n)}
         self._entries.append(entry)
+
+    def _sweep_temporaries(self, group: str) -> None:
+        """Delete the temporary files of zarr writes that a killed run cut short (``*.<32 hex>.partial``: zarr writes
+        each file so and renames it into place) in ``group``, just finished by this, the store's one writer, and
+        beside the store's own ``zarr.json``. A local store only; a file that cannot be deleted is left."""
+        if self._url:
+            return
+        directory = self.path / group
+        found = [entry for entry in directory.rglob("*.partial") if _ANY_ZARR_TEMPORARY.fullmatch(entry.name)]
+        found += [entry for entry in self.path.glob("*.partial") if _ZARR_TEMPORARY.fullmatch(entry.name)]
+        for entry in found:
+            try:
+                entry.unlink()
+            except OSError:
+                pass
 
     def stored_lambda(self, index: int) -> float | None:
         """The ridge ``lambda`` checkpoint ``index`` was factorized with (``None`` if not stored)."""
