@@ -350,3 +350,38 @@ def test_the_subnormal_check_reads_no_stored_features(tmp_path, monkeypatch):
     reads.clear()
     trak.refit(1.0)
     assert reads == []
+
+
+@pytest.mark.parametrize("proj_dim", [8, None])
+def test_float64_features_whose_squares_underflow_are_named(proj_dim):
+    """Gradients of 1e-160 in a float64 model: their squares are float64 subnormals and the scores were 4e-5 off the
+    unscaled model's, silently; below 1e-162 the kernel is zero and the error said only that every feature was zero.
+    At 1e-150 the scores are the unscaled model's to float64 rounding, and nothing is said."""
+    import warnings
+
+    model, x, y = _linear(dtype=torch.float64)
+
+    def scaled(scale):
+        small = torch.nn.Linear(D, C, bias=False).double()
+        with torch.no_grad():
+            small.weight.copy_(model.weight / scale)
+        return small, x * scale
+
+    def scores(scale):
+        small, x_small = scaled(scale)
+        trak = trak_core.TRAK(small, proj_dim=proj_dim, progress=False)
+        trak.featurize(None, [(x_small, y)])
+        return trak.score([(x_small[:5], y[:5])]).numpy()
+
+    expected = scores(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where float64 holds the squares
+        np.testing.assert_allclose(scores(1e-150), expected, rtol=1e-12, atol=1e-13 * np.abs(expected).max())
+    with pytest.warns(RuntimeWarning, match=r"checkpoint 0: the training features are so small .* their squares are "
+                                            r"float64 subnormals, .* off by \de-0[4-6] relative; rescale the model"):
+        off = scores(1e-160)
+    assert 1e-7 < np.linalg.norm(off - expected) / np.linalg.norm(expected) < 1e-3  # the warning's error, measured
+    with pytest.raises(TrakCoreError, match=r"every training feature is zero \(all-zero gradients\?\), or every one "
+                                            r"is below about 1e-162, so that its square underflows float64; if the "
+                                            r"gradients are not zero, rescale the model's output"):
+        scores(1e-170)

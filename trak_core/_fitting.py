@@ -63,6 +63,7 @@ class KernelFitting:
         xp = namespace(kernel)  # the features' namespace too (a store's lazy features read no rows for their dtype)
         info = xp.finfo(features.dtype)
         largest = float(xp.max(xp.linalg.diagonal(kernel)))
+        KernelFitting._check_squares(kernel, features, largest, index, stacklevel + 1)
         if not 0.0 < largest < float(info.smallest_normal) ** 2:
             return
         error = float(info.smallest_normal) * float(info.eps) / math.sqrt(largest)  # the spacing of subnormals over
@@ -71,6 +72,26 @@ class KernelFitting:
                       f"features keep only a few significant bits and the scores may be off by {error:.0e} relative or "
                       "more; rescale the model's output (the scores do not depend on its scale at lambda_reg='auto'), "
                       "or use a float64 model", RuntimeWarning, stacklevel=stacklevel)
+
+    @staticmethod
+    def _check_squares(kernel: Any, features: Any, largest: float, index: int, stacklevel: int) -> None:
+        """Float64 features below about 1e-154 have squares that are float64 subnormals, which keep few significant
+        bits (scores 4e-5 off at features of 1e-160, silently), or zero below about 1e-162 (the kernel is zero,
+        and factorizing said every feature was zero). ``largest``: the kernel's largest diagonal entry."""
+        xp = namespace(kernel)
+        if xp.finfo(kernel.dtype).bits <= 32 or xp.finfo(features.dtype).bits <= 32:  # float32 features' squares
+            return  # are above 1e-90: they cannot underflow a float64 kernel
+        fix = "rescale the model's output (the scores do not depend on its scale at lambda_reg='auto')"
+        if largest == 0.0:
+            raise TrakValueError(f"checkpoint {index}: the kernel Phi^T Phi is zero: every training feature is zero "
+                                 "(all-zero gradients?), or every one is below about 1e-162, so that its square "
+                                 f"underflows float64; if the gradients are not zero, {fix}")
+        error = 2.0 ** -1074 / largest  # float64's smallest subnormal over the largest entry the kernel holds
+        if error > math.sqrt(float(xp.finfo(kernel.dtype).eps)):
+            warnings.warn(f"checkpoint {index}: the training features are so small (the kernel's largest entry is "
+                          f"{largest:.2g}) that their squares are float64 subnormals, which keep few significant "
+                          f"bits: the scores may be off by {error:.0e} relative; {fix}", RuntimeWarning,
+                          stacklevel=stacklevel)
 
     def _lambda_of(self, kernel: Any, n_train: int, n_params: int, lambda_reg: float | None = None) -> float:
         """The ``lambda`` this checkpoint's ``kernel`` is factorized with: ``lambda_reg`` (a stored value), else
