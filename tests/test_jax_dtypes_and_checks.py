@@ -294,3 +294,26 @@ def test_string_labels_name_their_dtype_and_the_mapping_to_integer_ids():
         trak.featurize(weights, [(np.full((12, 4), "a"), y)])
     classes = np.unique(names)  # the message's mapping gives the integer labels back
     np.testing.assert_array_equal(np.searchsorted(classes, names), y)
+
+
+def test_float16_gradients_that_overflow_the_fused_step_name_float16s_range():
+    """JAX projects inside its own step (the fused path): a float16 model whose inputs, weights and outputs fit
+    float16 but whose per-example gradients do not got the generic "check the inputs ... and the learning rate";
+    it now names float16's range and the fix, as the dense path does."""
+    rng = np.random.default_rng(0)
+    params = {"w0": jnp.asarray(rng.normal(size=(4, 4)) * 1e-5, jnp.float16),
+              "w1": jnp.asarray(rng.normal(size=(4, 3)) * 300, jnp.float16)}
+    x, y = jnp.asarray(rng.normal(size=(40, 4)) * 1e3, jnp.float16), jnp.asarray(rng.integers(0, 3, 40))
+
+    def apply(params, inputs):
+        return inputs @ params["w0"] @ params["w1"]
+
+    assert bool(jnp.isfinite(apply(params, x)).all())
+    loss = lambda p, xi, yi: -jax.nn.log_softmax(apply(p, xi[None]).astype(jnp.float32))[0, yi]  # noqa: E731
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, y)
+    assert not bool(jnp.isfinite(grads["w0"]).all())  # some example's float16 gradient overflows
+    trak = trak_core.TRAK(JaxModel(apply), proj_dim=8, progress=False)
+    with pytest.raises(trak_core.TrakCoreError, match=r"features \(projected per-example gradients\) contain NaN or "
+                                                      r"inf; .* the gradients are float16, whose largest finite value "
+                                                      r"is 65504"):
+        trak.featurize(params, [(x, y)])

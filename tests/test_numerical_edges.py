@@ -1,5 +1,6 @@
 """Numbers at the edges of float32 and half precision: confident examples, gradients far from 1 in scale, ridges
 beyond float32, half-precision models without a projection, and the errors that say what to do."""
+import copy
 import re
 
 import numpy as np
@@ -381,7 +382,41 @@ def test_float64_features_whose_squares_underflow_are_named(proj_dim):
                                             r"float64 subnormals, .* off by \de-0[4-6] relative; rescale the model"):
         off = scores(1e-160)
     assert 1e-7 < np.linalg.norm(off - expected) / np.linalg.norm(expected) < 1e-3  # the warning's error, measured
-    with pytest.raises(TrakCoreError, match=r"every training feature is zero \(all-zero gradients\?\), or every one "
-                                            r"is below about 1e-162, so that its square underflows float64; if the "
-                                            r"gradients are not zero, rescale the model's output"):
+    with pytest.raises(TrakCoreError, match=r"every training feature is zero \(all-zero gradients\?\), .* if the "
+                                            r"gradients are not zero, every feature is below about 1e-162, so that "
+                                            r"its square underflows float64: rescale the model's output"):
         scores(1e-170)
+
+
+def test_float16_overflow_on_the_factorized_path_is_told_apart_from_a_use_outside_a_module():
+    """The float16 model above under proj_type="kronecker": its dense gradient overflows float16, but the factorized
+    features are made in float32 from the layers' inputs and output gradients and are finite. The first example's
+    check compared them with the overflowed gradient (relative error nan) and blamed "a use of the weight outside
+    its module". Now it warns that the block could not be checked, and the features are the float32 model's to
+    float16's rounding; a NaN input is an error that names the gradient (and float16's range in float16)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 4, bias=False), torch.nn.Linear(4, C, bias=False))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-5)
+        model[1].weight.mul_(300)
+    x, y = torch.randn(N, D) * 1e3, torch.randint(0, C, (N,))
+    half = copy.deepcopy(model).half()
+    assert not bool(torch.isfinite(torch.func.grad(  # the float16 gradient overflows: an independent check
+        lambda w: torch.nn.functional.cross_entropy(x[:1].half() @ w.T @ half[1].weight.T, y[:1]))(
+        half[0].weight)).all())
+    trak = trak_core.TRAK(half, proj_dim=8, proj_type="kronecker", progress=False)
+    with pytest.warns(RuntimeWarning, match=r"first example's torch.float16 gradient of layer '0.weight' overflows "
+                                            r"torch.float16 .* could not be checked against it"):
+        trak.featurize(None, [(x.half(), y)])
+    wide = trak_core.TRAK(model, proj_dim=8, proj_type="kronecker", progress=False)
+    wide.featurize(None, [(x, y)])
+    got, expected = trak.features([(x.half(), y)]), wide.features([(x, y)])
+    assert float((got.float() - expected).norm() / expected.norm()) < 2e-2
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    for dtype, hint in ((torch.float16, True), (torch.float32, False)):
+        with pytest.raises(TrakCoreError, match=r"first example's gradient of layer '0.weight' holds NaN or inf; "
+                                                r"check the inputs") as caught:
+            trak_core.TRAK(copy.deepcopy(model).to(dtype), proj_dim=8, proj_type="kronecker",
+                           progress=False).featurize(None, [(bad.to(dtype), y)])
+        assert ("whose largest finite value is 65504" in str(caught.value)) == hint

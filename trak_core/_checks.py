@@ -139,16 +139,24 @@ def _check_features(features: Any, where: str, gradients_dtype: Any = None) -> N
     ``gradients_dtype``: the gradients' dtype; for half precision the error names its range (float16's largest
     value is 65,504: gradients of finite inputs and weights overflow it)."""
     if not _all_finite(features):
-        half = ""
-        if gradients_dtype is not None:
-            info = namespace(features).finfo(gradients_dtype)
-            if info.bits < 32 and float(info.max) < 1e38:  # float16 (bfloat16 has float32's range)
-                half = (f"; the gradients are {gradients_dtype}, whose largest finite value is {float(info.max):.5g}: "
-                        "larger ones overflow to inf even where the inputs and weights are finite, so featurize the "
-                        "model in float32 (for torch: model.float()) or bfloat16")
         raise TrakValueError(f"{where}: the per-example gradients (seen through their projected features) contain "
                              "NaN or inf; check the inputs (NaN/inf values), the checkpoint's weights, and the "
-                             f"learning rate that produced them{half}")
+                             f"learning rate that produced them{_half_range(features, gradients_dtype)}")
+
+
+def _half_range(features: Any, gradients_dtype: Any) -> str:
+    """For float16 gradients, what their range means for non-finite features, with the fix; else ``""``."""
+    if gradients_dtype is None:
+        return ""
+    try:
+        info = namespace(features).finfo(gradients_dtype)
+    except (TypeError, ValueError):  # not a dtype of the features' namespace
+        return ""
+    if info.bits >= 32 or float(info.max) >= 1e38:  # float16 only (bfloat16 has float32's range)
+        return ""
+    return (f"; the gradients are {gradients_dtype}, whose largest finite value is {float(info.max):.5g}: larger ones "
+            "overflow to inf even where the inputs and weights are finite, so featurize the model in float32 (for "
+            "torch: model.float()) or bfloat16")
 
 
 def _all_finite(*arrays: Any) -> bool:
@@ -160,14 +168,16 @@ def _all_finite(*arrays: Any) -> bool:
     return all(bool(namespace(a).all(namespace(a).isfinite(a))) for a in arrays)
 
 
-def _check_finite(values: Any, out_to_loss: Any, where: str, what: str, backend: str | None = None) -> None:
+def _check_finite(values: Any, out_to_loss: Any, where: str, what: str, backend: str | None = None,
+                  gradients_dtype: Any = None) -> None:
     _check_weights(out_to_loss, where, values.shape[0], backend, shape_only=True)
     if _all_finite(values, out_to_loss):
         return
     _check_weights(out_to_loss, where)  # names the rows whose weights are not finite
     if not _all_finite(values):
         raise TrakValueError(f"{where}: the {what} contain NaN or inf; check the inputs (NaN/inf values), "
-                             "the checkpoint's weights, and the learning rate that produced them")
+                             "the checkpoint's weights, and the learning rate that produced them"
+                             f"{_half_range(values, gradients_dtype)}")
 
 
 def check_backend_array(values: Any, shape: tuple[int, ...], dtype: Any, where: str, what: str, backend: str,

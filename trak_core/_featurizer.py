@@ -155,7 +155,8 @@ class Featurizer(KernelFitting):
                                             precision=self.precision)
         if out is not None:
             check_backend_array(out[0], (n_inputs, self.proj_dim), None, where, "features", self.backend.name)
-            _check_finite(out[0], out[1], where, "features (projected per-example gradients)", self.backend.name)
+            _check_finite(out[0], out[1], where, "features (projected per-example gradients)", self.backend.name,
+                          getattr(prepared, "dtype", None))  # a torch snapshot's: the gradients' dtype
             out = (self._finish(out[0]), out[1])
         return out
 

@@ -7,10 +7,11 @@ so large that they overflow); where no float64 is at hand it says so, with the f
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 from . import kernel as kernel_ops
 from ._namespace import device_of, has_float64, namespace
@@ -21,6 +22,7 @@ from .store import kernel_from_features
 __all__ = ["KernelFitting"]
 
 log = logging.getLogger("trak_core")
+_RESCALE = "rescale the model's output (the scores do not depend on its scale at lambda_reg='auto')"
 
 
 class KernelFitting:
@@ -41,7 +43,9 @@ class KernelFitting:
                 return self._in_float64(features, n_params, index, lambda_reg), "float64"
         else:
             self._warn_subnormal(kernel, features, index, stacklevel=6)
-        factor = self._factorize(kernel, features.shape[0], n_params, index, lambda_reg, lam=lam if narrow else None)
+        with _zero_kernel(kernel, features, index):
+            factor = self._factorize(kernel, features.shape[0], n_params, index, lambda_reg,
+                                     lam=lam if narrow else None)
         if narrow and factor.lambda_reg == 0 and kernel_dtype != "float32":
             warnings.warn(f"checkpoint {index}: lambda_reg=0 needs a float64 kernel (the minimum-norm solution tells "
                           f"zero eigenvalues from small ones, which float32 sums cannot) and {xp.__name__} has no "
@@ -52,7 +56,8 @@ class KernelFitting:
     def _in_float64(self, features: Any, n_params: int, index: int, lambda_reg: float | None) -> Any:
         wide = kernel_from_features(features, kernel_dtype="float64")
         self._warn_subnormal(wide, features, index, stacklevel=7)
-        return self._factorize(wide, features.shape[0], n_params, index, lambda_reg, ", in float64")
+        with _zero_kernel(wide, features, index):
+            return self._factorize(wide, features.shape[0], n_params, index, lambda_reg, ", in float64")
 
     @staticmethod
     def _warn_subnormal(kernel: Any, features: Any, index: int, stacklevel: int) -> None:
@@ -81,16 +86,13 @@ class KernelFitting:
         xp = namespace(kernel)
         if xp.finfo(kernel.dtype).bits <= 32 or xp.finfo(features.dtype).bits <= 32:  # float32 features' squares
             return  # are above 1e-90: they cannot underflow a float64 kernel
-        fix = "rescale the model's output (the scores do not depend on its scale at lambda_reg='auto')"
-        if largest == 0.0:
-            raise TrakValueError(f"checkpoint {index}: the kernel Phi^T Phi is zero: every training feature is zero "
-                                 "(all-zero gradients?), or every one is below about 1e-162, so that its square "
-                                 f"underflows float64; if the gradients are not zero, {fix}")
+        if largest == 0.0:  # a zero kernel is an error at lambda_reg=0 only: factorize says so (_zero_kernel)
+            return
         error = 2.0 ** -1074 / largest  # float64's smallest subnormal over the largest entry the kernel holds
         if error > math.sqrt(float(xp.finfo(kernel.dtype).eps)):
             warnings.warn(f"checkpoint {index}: the training features are so small (the kernel's largest entry is "
                           f"{largest:.2g}) that their squares are float64 subnormals, which keep few significant "
-                          f"bits: the scores may be off by {error:.0e} relative; {fix}", RuntimeWarning,
+                          f"bits: the scores may be off by {error:.0e} relative; {_RESCALE}", RuntimeWarning,
                           stacklevel=stacklevel)
 
     def _lambda_of(self, kernel: Any, n_train: int, n_params: int, lambda_reg: float | None = None) -> float:
@@ -173,3 +175,17 @@ class KernelFitting:
         log.info("checkpoint %d: %d examples, k=%d, lambda=%.4g%s, %s-space kernel rank %d%s", index, n_train, width,
                  lam, how, space, factor.rank, note)
         return factor
+
+
+@contextlib.contextmanager
+def _zero_kernel(kernel: Any, features: Any, index: int) -> Iterator[None]:
+    """A zero float64 kernel of float64 features: their squares may have underflowed (features below about
+    1e-162), which the error adds, with the fix (float32 features' squares cannot underflow float64)."""
+    try:
+        yield
+    except kernel_ops.ZeroKernelError as exc:
+        xp = namespace(kernel)
+        if xp.finfo(kernel.dtype).bits <= 32 or xp.finfo(features.dtype).bits <= 32:
+            raise
+        raise TrakValueError(f"checkpoint {index}: {exc}; if the gradients are not zero, every feature is below "
+                             "about 1e-162, so that its square underflows float64: " + _RESCALE) from None

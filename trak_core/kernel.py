@@ -63,6 +63,10 @@ def work_dtype(xp: Any, device: Any = None, kernel_dtype: str = "float64", featu
     return xp.float32 if kernel_dtype == "float32" else accumulation_dtype(xp, device)
 
 
+class ZeroKernelError(TrakValueError):
+    """The kernel is zero and ``lambda_reg`` is 0: no example can be scored (``factorize``)."""
+
+
 @dataclass
 class KernelFactor:
     """A factorized kernel: ``kind`` is ``"cholesky"`` (lower factor) or ``"eigh"`` (vectors, values).
@@ -187,8 +191,8 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
                       "set jax_enable_x64 to keep them" if "jax" in xp.__name__ else
                       "this namespace has no float64: rescale the model's output, the scores do not depend on it")
             small = f", or so small that their squares underflow float32 ({remedy})"
-        raise TrakValueError(f"the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
-                             f"gradients?){small}, so no example can be scored; check the model and the data")
+        raise ZeroKernelError(f"the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
+                              f"gradients?){small}, so no example can be scored; check the model and the data")
     if rank < k and lambda_reg == 0:
         what = ("Phi^T Phi is rank-deficient (rank {rank} < k = {k}: k exceeds the number of parameters, or the "
                 "training features span fewer than k directions)") if space == "k" else \

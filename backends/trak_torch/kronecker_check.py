@@ -67,6 +67,10 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
         bias = None
         if layer.bias is not None:
             bias = grads[layer.bias] if grads[layer.bias] is not None else torch.zeros_like(prepared.params[layer.bias])
+        got = features[0, block.start:block.start + block.k].to(state.dtype)
+        if _unchecked(layer.name, torch.cat([weight.reshape(-1), bias.reshape(-1)]) if bias is not None else weight,
+                      got, prepared.dtype):
+            continue
         dense = _dense_block(block, pair, weight, bias, state.dtype)
         # the terms' size: rounding grows with it when the signed sums cancel (features much smaller than their
         # terms, as with the non-negative inputs of a trained ReLU layer), a missing use does not. Their root sum of
@@ -78,7 +82,6 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
         squares = _dense_block(block, (pair[0].square(), pair[1].square()), weight.to(state.dtype).square(),
                                None if bias is None else bias.to(state.dtype).square(), state.dtype)
         root = math.sqrt(float(squares.clamp(min=0).sum()) / math.sqrt(block.k))
-        got = features[0, block.start:block.start + block.k].to(state.dtype)
         scale = max(float(torch.linalg.vector_norm(dense)), float(torch.finfo(state.dtype).tiny))
         error = float(torch.linalg.vector_norm(got - dense)) / scale
         terms = min(float(torch.linalg.vector_norm(absolute)), 10.0 * root)
@@ -95,6 +98,34 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
                                  f"gradient's projection (relative error {error:.2e}, rounding allows {allowed:.1e}): "
                                  "the weight is probably also used outside its module (e.g. through F.linear or a "
                                  "slice). Leave it out with the backend's params=, or use proj_type='rademacher'")
+
+
+class NotFiniteGradient(TrakValueError):
+    """The first example's own gradient is not finite: no path gives finite features, so none is tried."""
+
+
+def _unchecked(layer: str, dense: Any, got: Any, dtype: Any) -> bool:
+    """Whether the block of ``layer`` cannot be checked: its dense gradient ``dense`` (in the model's ``dtype``)
+    holds NaN or inf. In float16, where the factorized features ``got`` (made in float32 from the layer's inputs
+    and output gradients) are finite, a warning says so (float16's range, not the features, failed); otherwise
+    the error names the gradient (its NaN made the comparison's error NaN, blamed on a use outside the module)."""
+    import torch
+
+    if bool(torch.isfinite(dense).all()):
+        return False
+    info = torch.finfo(dtype)
+    half = info.bits < 32 and float(info.max) < 1e38
+    if half and bool(torch.isfinite(got).all()):
+        warnings.warn(f"proj_type='kronecker': the first example's {dtype} gradient of layer {layer!r} overflows "
+                      f"{dtype} (largest finite value {float(info.max):.5g}), so its factorized features, made in "
+                      "float32, could not be checked against it; uses of the weight outside its module were still "
+                      "watched for. A float32 model checks this", RuntimeWarning, stacklevel=3)
+        return True
+    fix = (f"; the model is {dtype}, whose largest finite value is {float(info.max):.5g}: larger gradients overflow "
+           "to inf even where the inputs and weights are finite, so featurize it in float32 (model.float()) or "
+           "bfloat16") if half else ""
+    raise NotFiniteGradient(f"proj_type='kronecker': the first example's gradient of layer {layer!r} holds NaN or "
+                            f"inf; check the inputs (NaN/inf values) and the checkpoint's weights{fix}")
 
 
 def watch_outside_uses(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any, causal: bool) -> None:
@@ -173,7 +204,7 @@ def check_once(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
             check_plan(backend, model, prepared, state, inputs, labels, task, causal, features,
                        lenient=half and not batched)
     except TrakValueError as exc:
-        if not state.batched:
+        if not state.batched or isinstance(exc, NotFiniteGradient):
             raise
         logging.getLogger("trak_core").info("torch backend: factorized features through vmap: the batched pass's "
                                             "differ from the dense gradient's (%s)", exc)
