@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import warnings
 from typing import Any, Iterator
 
 from . import kernel as kernel_ops
 from ._namespace import device_of, has_float64, namespace
 from .errors import TrakValueError
+from .notices import warn
 from .regularization import choose_lambda
 from .store import kernel_from_features
 
@@ -42,25 +42,25 @@ class KernelFitting:
                     or self._remake_in_float64(kernel_dtype, kernel, lam, index, top)):
                 return self._in_float64(features, n_params, index, lambda_reg), "float64"
         else:
-            self._warn_subnormal(kernel, features, index, stacklevel=6)
+            self._warn_subnormal(kernel, features, index)
         with _zero_kernel(kernel, features, index):
             factor = self._factorize(kernel, features.shape[0], n_params, index, lambda_reg,
                                      lam=lam if narrow else None)
         if narrow and factor.lambda_reg == 0 and kernel_dtype != "float32":
-            warnings.warn(f"checkpoint {index}: lambda_reg=0 needs a float64 kernel (the minimum-norm solution tells "
-                          f"zero eigenvalues from small ones, which float32 sums cannot) and {xp.__name__} has no "
-                          "float64 here: scores may be far off the exact ones (70% in a test); use lambda_reg='auto' "
-                          "(or, for JAX, set jax_enable_x64)", RuntimeWarning, stacklevel=5)
+            warn(f"checkpoint {index}: lambda_reg=0 needs a float64 kernel (the minimum-norm solution tells "
+                 f"zero eigenvalues from small ones, which float32 sums cannot) and {xp.__name__} has no "
+                 "float64 here: scores may be far off the exact ones (70% in a test); use lambda_reg='auto' "
+                 "(or, for JAX, set jax_enable_x64)", RuntimeWarning)
         return factor, kernel_dtype
 
     def _in_float64(self, features: Any, n_params: int, index: int, lambda_reg: float | None) -> Any:
         wide = kernel_from_features(features, kernel_dtype="float64")
-        self._warn_subnormal(wide, features, index, stacklevel=7)
+        self._warn_subnormal(wide, features, index)
         with _zero_kernel(wide, features, index):
             return self._factorize(wide, features.shape[0], n_params, index, lambda_reg, ", in float64")
 
     @staticmethod
-    def _warn_subnormal(kernel: Any, features: Any, index: int, stacklevel: int) -> None:
+    def _warn_subnormal(kernel: Any, features: Any, index: int) -> None:
         """Warn when every feature is subnormal in the features' dtype (below float32's 1.2e-38): a float64 kernel
         holds their squares, but the features themselves kept only a few significant bits (measured: scores off by
         2e-3 relative at features of 3e-42, 20% at 4e-44), and nothing made later can restore them. ``kernel``:
@@ -68,18 +68,18 @@ class KernelFitting:
         xp = namespace(kernel)  # the features' namespace too (a store's lazy features read no rows for their dtype)
         info = xp.finfo(features.dtype)
         largest = float(xp.max(xp.linalg.diagonal(kernel)))
-        KernelFitting._check_squares(kernel, features, largest, index, stacklevel + 1)
+        KernelFitting._check_squares(kernel, features, largest, index)
         if not 0.0 < largest < float(info.smallest_normal) ** 2:
             return
         error = float(info.smallest_normal) * float(info.eps) / math.sqrt(largest)  # the spacing of subnormals over
-        warnings.warn(f"checkpoint {index}: every feature is subnormal in {features.dtype} (below "  # the largest
-                      f"{float(info.smallest_normal):.3g}; the largest is at most {math.sqrt(largest):.2g}), so the "
-                      f"features keep only a few significant bits and the scores may be off by {error:.0e} relative or "
-                      "more; rescale the model's output (the scores do not depend on its scale at lambda_reg='auto'), "
-                      "or use a float64 model", RuntimeWarning, stacklevel=stacklevel)
+        warn(f"checkpoint {index}: every feature is subnormal in {features.dtype} (below "  # the largest
+             f"{float(info.smallest_normal):.3g}; the largest is at most {math.sqrt(largest):.2g}), so the "
+             f"features keep only a few significant bits and the scores may be off by {error:.0e} relative or "
+             "more; rescale the model's output (the scores do not depend on its scale at lambda_reg='auto'), "
+             "or use a float64 model", RuntimeWarning)
 
     @staticmethod
-    def _check_squares(kernel: Any, features: Any, largest: float, index: int, stacklevel: int) -> None:
+    def _check_squares(kernel: Any, features: Any, largest: float, index: int) -> None:
         """Float64 features below about 1e-154 have squares that are float64 subnormals, which keep few significant
         bits (scores 4e-5 off at features of 1e-160, silently), or zero below about 1e-162 (the kernel is zero,
         and factorizing said every feature was zero). ``largest``: the kernel's largest diagonal entry."""
@@ -90,10 +90,9 @@ class KernelFitting:
             return
         error = 2.0 ** -1074 / largest  # float64's smallest subnormal over the largest entry the kernel holds
         if error > math.sqrt(float(xp.finfo(kernel.dtype).eps)):
-            warnings.warn(f"checkpoint {index}: the training features are so small (the kernel's largest entry is "
-                          f"{largest:.2g}) that their squares are float64 subnormals, which keep few significant "
-                          f"bits: the scores may be off by {error:.0e} relative; {_RESCALE}", RuntimeWarning,
-                          stacklevel=stacklevel)
+            warn(f"checkpoint {index}: the training features are so small (the kernel's largest entry is "
+                 f"{largest:.2g}) that their squares are float64 subnormals, which keep few significant bits: the "
+                 f"scores may be off by {error:.0e} relative; {_RESCALE}", RuntimeWarning)
 
     def _lambda_of(self, kernel: Any, n_train: int, n_params: int, lambda_reg: float | None = None) -> float:
         """The ``lambda`` this checkpoint's ``kernel`` is factorized with: ``lambda_reg`` (a stored value), else
@@ -145,10 +144,10 @@ class KernelFitting:
         if ratio <= kernel_ops.AUTO_FLOAT32_MAX_RATIO:
             return False
         if not has_float64(xp, device_of(kernel)):
-            warnings.warn(f"checkpoint {index}: the float32 kernel is ill-conditioned at lambda_reg="
-                          f"{lam:.4g} (lambda_max / lambda = {ratio:.3g}) and {xp.__name__} has no "
-                          f"float64 here, so scores may be off by about {1e-7 * ratio:.0e} relative; raise lambda_reg "
-                          "(or, for JAX, set jax_enable_x64)", RuntimeWarning, stacklevel=6)
+            warn(f"checkpoint {index}: the float32 kernel is ill-conditioned at lambda_reg="
+                 f"{lam:.4g} (lambda_max / lambda = {ratio:.3g}) and {xp.__name__} has no "
+                 f"float64 here, so scores may be off by about {1e-7 * ratio:.0e} relative; raise lambda_reg "
+                 "(or, for JAX, set jax_enable_x64)", RuntimeWarning)
             return False
         log.info("checkpoint %d: lambda_max / lambda = %.3g > %g: the kernel is made again in float64 (a float32 "
                  "kernel would cost scores about %.0e relative; kernel_dtype='float32' keeps it)", index, ratio,

@@ -1,8 +1,15 @@
-"""Progress bars when tqdm is installed (an optional dependency); a no-op otherwise."""
+"""Progress bars when tqdm is installed (an optional dependency); a no-op otherwise.
+
+trak-core's own messages do not land on a bar's line: its warnings (``trak_core.notices.warn``) clear the bars on the
+terminal and draw them again after, and a record of the ``trak_core`` logger clears them (they are drawn again at
+their next step), so a message starts a line of its own instead of being appended to ``... 3/20 [00:01<00:05]``.
+"""
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -23,7 +30,40 @@ def progress(iterable: Iterable[T], *, desc: str, enabled: bool | None, total: i
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
+    logging.getLogger("trak_core").addFilter(_CLEAR_BARS)  # once (addFilter skips a filter it holds)
     return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def _live_bars() -> list:
+    """tqdm's bars drawn now on stdout or stderr (tqdm is imported only where a bar was made, or by the user)."""
+    module = sys.modules.get("tqdm.std")
+    bars = list(getattr(getattr(module, "tqdm", None), "_instances", ()) or ())
+    return [bar for bar in bars if hasattr(bar, "start_t") and not bar.disable and bar.fp in (sys.stdout, sys.stderr)]
+
+
+@contextlib.contextmanager
+def bars_cleared() -> Iterator[None]:
+    """Around a message written to the terminal: the bars are cleared before it and drawn again after it."""
+    if not _live_bars():
+        yield
+        return
+    from tqdm.std import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        yield
+
+
+class _ClearBars(logging.Filter):
+    """On the ``trak_core`` logger once a bar was made: a record's line starts on a cleared line (each bar is drawn
+    again at its next step). It filters nothing out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for bar in _live_bars():
+            bar.clear()
+        return True
+
+
+_CLEAR_BARS = _ClearBars()
 
 
 def length_of(data: Any) -> int | None:

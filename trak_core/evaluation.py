@@ -8,7 +8,6 @@ Written over the Array API; ties get average ranks (as ``scipy.stats.spearmanr``
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 from ._delegation import full_precision, to_host
 from ._namespace import accumulation_dtype, device_of, namespace
 from .errors import TrakTypeError, TrakValueError
+from .notices import warn
 
 __all__ = ["LDSResult", "lds", "subset_masks", "spearman"]
 
@@ -154,10 +154,10 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
         raise TrakValueError("LDS is undefined for every target: predictions or outputs are constant across subsets")
     undefined = [j for j in range(n_targets) if not np.isfinite(values[j])]
     if undefined:
-        warnings.warn(f"LDS is undefined for targets {undefined[:10]}{' ...' if len(undefined) > 10 else ''} "
-                      f"({len(undefined)} of {n_targets}): their predictions (e.g. all-zero scores) or outputs are "
-                      f"constant across subsets; the mean is over the other {defined.size}. Compare methods on the "
-                      "targets defined for all of them (LDSResult.undefined)", RuntimeWarning, stacklevel=2)
+        warn(f"LDS is undefined for targets {undefined[:10]}{' ...' if len(undefined) > 10 else ''} "
+             f"({len(undefined)} of {n_targets}): their predictions (e.g. all-zero scores) or outputs are "
+             f"constant across subsets; the mean is over the other {defined.size}. Compare methods on the "
+             "targets defined for all of them (LDSResult.undefined)", RuntimeWarning)
     sem = float(defined.std(ddof=1) / math.sqrt(defined.size)) if defined.size > 1 else math.nan
     return LDSResult(float(defined.mean()), sem, values, int(masks.shape[0]), undefined)
 

@@ -20,6 +20,7 @@ import math
 import numbers
 from typing import Any, Sequence
 
+from ._progress import progress
 from .errors import MissingFrameworkError, TrakOSError, TrakValueError, install_hint
 from .store import KERNEL_CHUNK_ROWS
 
@@ -220,19 +221,24 @@ class RayExecutor:
                 trak.store.location, self.fail_marker if i == 0 else None, step_rows))
             stops.append(stop)
         checksums: dict[str, dict[str, str]] = {"features": {}, "out_to_loss": {}}
-        for i, future in enumerate(futures):  # in row order: on a failure, the shards before it are done
-            try:
-                for name, digests in self._get(future).items():
-                    checksums[name].update(digests)
-            except Exception:
-                rest = futures[i + 1:]
-                if self._actors and rest:  # no actor died: none writes after the error (queued shards never start)
-                    for queued in rest:
-                        ray.cancel(queued)
-                    ray.wait(rest, num_returns=len(rest))
-                if i:
-                    writer.record_rows(checksums, stops[i - 1])
-                raise
+        done = progress(futures, desc=f"featurize checkpoint {index} (Ray shards)",  # TRAK(progress=...): as one
+                        enabled=getattr(trak, "progress", False))  # process's bar over batches
+        try:
+            for i, future in enumerate(done):  # in row order: on a failure, the shards before it are done
+                try:
+                    for name, digests in self._get(future).items():
+                        checksums[name].update(digests)
+                except Exception:
+                    rest = futures[i + 1:]
+                    if self._actors and rest:  # no actor died: none writes after the error (queued shards never start)
+                        for queued in rest:
+                            ray.cancel(queued)
+                        ray.wait(rest, num_returns=len(rest))
+                    if i:
+                        writer.record_rows(checksums, stops[i - 1])
+                    raise
+        finally:  # a shard's error or Ctrl-C: the bar is cleared, not left half drawn
+            getattr(done, "close", lambda: None)()
         writer.record_rows(checksums, n_rows)
 
     def _get(self, futures: Any) -> Any:

@@ -22,13 +22,13 @@ JAX on GPUs would multiply float32 in TF32).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from ._delegation import full_precision_products, solve_triangular
 from ._namespace import accumulation_dtype, device_of, has_float64
 from .errors import TrakTypeError, TrakValueError
+from .notices import warn
 
 __all__ = ["KernelFactor", "KERNEL_DTYPES", "AUTO_FLOAT32_MAX_RATIO", "accumulate", "factorize", "solve",
            "check_lambda", "space_for", "gram", "work_dtype", "check_kernel_dtype", "top_eigenvalue"]
@@ -177,8 +177,8 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
                              "it cannot be factorized; rescale the model's output (the scores do not depend on its "
                              "scale at lambda_reg='auto')")
     if lambda_reg > 0:
-        warnings.warn(f"Cholesky factorization of the kernel failed with lambda_reg={lambda_reg}; "
-                      "using an eigendecomposition instead", RuntimeWarning, stacklevel=3)
+        warn(f"Cholesky factorization of the kernel failed with lambda_reg={lambda_reg}; "
+             "using an eigendecomposition instead", RuntimeWarning)
     values, vectors = xp.linalg.eigh(kernel)
     values = values + lambda_reg
     tol = float(xp.max(xp.abs(values))) * k * float(xp.finfo(kernel.dtype).eps)
@@ -197,8 +197,8 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
         what = ("Phi^T Phi is rank-deficient (rank {rank} < k = {k}: k exceeds the number of parameters, or the "
                 "training features span fewer than k directions)") if space == "k" else \
             "Phi Phi^T is rank-deficient (rank {rank} < n_train = {k}: some training features are linearly dependent)"
-        warnings.warn(f"the kernel {what.format(rank=rank, k=k)}; with lambda_reg=0 the minimum-norm solution is "
-                      "used. A positive lambda_reg usually gives better scores", RuntimeWarning, stacklevel=3)
+        warn(f"the kernel {what.format(rank=rank, k=k)}; with lambda_reg=0 the minimum-norm solution is "
+             "used. A positive lambda_reg usually gives better scores", RuntimeWarning)
     inverse_values = xp.where(keep, 1.0 / xp.where(keep, values, xp.ones_like(values)), xp.zeros_like(values))
     return KernelFactor("eigh", (vectors, inverse_values), lambda_reg, rank, space)
 

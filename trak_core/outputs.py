@@ -6,10 +6,10 @@ their framework's array test, so the rule and its errors are the same in torch a
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Mapping
 
 from .errors import TrakTypeError
+from .notices import warn
 
 __all__ = ["select_logits"]
 
@@ -59,9 +59,8 @@ def select_logits(output: Any, logits_fn: Callable[[Any], Any] | None, *, is_arr
         logits, source = output[0], f"output[0] of a {type(output).__name__}"
         rows = [value.shape[0] for value in output if is_array(value) and len(getattr(value, "shape", ())) >= 1]
         if len(rows) > 1 and is_array(logits) and rows.count(rows[0]) > 1:  # (features, logits) would be taken
-            warnings.warn(f"the model returns a {type(output).__name__} of several batch-shaped {array}s: trak-core "
-                          f"takes the first as the logits; if they are another one, {hint}", UserWarning,
-                          stacklevel=3)
+            warn(f"the model returns a {type(output).__name__} of several batch-shaped {array}s: trak-core "
+                 f"takes the first as the logits; if they are another one, {hint}", UserWarning, once=True)
     else:
         article = "an" if array[0] in "aeiou" else "a"
         raise TrakTypeError(f"the model's output has type {type(output).__name__}; expected {article} {array}, a tuple "

@@ -22,6 +22,7 @@ from .errors import TrakValueError
 from .executors import get_executor
 from .kernel import check_kernel_dtype
 from .kronecker import Kronecker
+from .notices import once_per_call
 from .projection import KINDS, PRECISIONS
 from .scores import Ensemble, checkpoint_scores, ensemble, finish_products, self_scores, soft_threshold, target_weights
 from .stores import open_store
@@ -68,7 +69,9 @@ class TRAK(Featurizer, Reopening):
         (``"s3://..."``) is a resumable zarr v3 store (``trak_core.disk_store.DiskStore``,
         needs ``zarr``), reopened and checked against this configuration when it exists.
     progress : bool or None
-        Show progress bars (when tqdm is installed); ``None``: when stderr is a terminal.
+        Show progress bars (when tqdm is installed); ``None``: when stderr is a terminal. Bars go over
+        ``featurize``'s batches (its shards with ``executor="ray"``) and the kernel's chunks, ``score``'s target
+        batches and ``self_influence``'s row blocks; trak-core's warnings and log lines clear them first.
     normalize_features : bool
         Scale every feature row (train and target) to unit norm (TrackStar-style). Off by default:
         it lowers LDS on the task suite (``docs/quality.md``).
@@ -178,6 +181,7 @@ class TRAK(Featurizer, Reopening):
                 f"{self.proj_dim}, proj_type={self.proj_type!r}, lambda_reg={self.lambda_reg!r}, checkpoints="
                 f"{len(self.store) + len(self._opened)}, store={self.store.location or 'memory'!r})")
 
+    @once_per_call  # a warning of the model's outputs is said once per call, not per batch
     def featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
         """Compute and store the training features of one checkpoint.
 
@@ -256,6 +260,7 @@ class TRAK(Featurizer, Reopening):
                 entry.kernel_dtype, entry.kernel_loader = made_in, None
         self._refitting = None
 
+    @once_per_call
     def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None,
               save_as: str | None = None) -> Any:
         """Scores of every training example for every target, shape ``(n_train, n_targets)``.

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from contextlib import nullcontext
 from typing import Any, Callable
 
 from trak_core.errors import TrakValueError
+from trak_core.notices import warn
 from trak_core.kronecker import KroneckerPlan, rest_seed
 
 from .kronecker_plan import Factorized, discover, factorized_state, find_uses  # noqa: F401 (re-exported)
@@ -262,10 +262,9 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
                 if run is per_example:  # torch.func cannot run the model (Bloom's autograd.Function, T5's
                     refuse_to_loop(exc, chunk)  # unique_consecutive, Wav2Vec2's in-place masking): one example
                     state.looped, run = True, alone  # at a time, unless a loop would hide the error
-                    warnings.warn(f"proj_type='kronecker': torch.func.vmap cannot run this model ({type(exc).__name__}"
-                                  f": {str(exc).splitlines()[0][:200] if str(exc) else ''}); its features are taken "
-                                  "one example at a time instead (the same numbers, slower)", RuntimeWarning,
-                                  stacklevel=2)
+                    warn(f"proj_type='kronecker': torch.func.vmap cannot run this model ({type(exc).__name__}"
+                         f": {str(exc).splitlines()[0][:200] if str(exc) else ''}); its features are taken "
+                         "one example at a time instead (the same numbers, slower)", RuntimeWarning)
                     continue
                 # a later batch's call without one row per example (NotPerExample), or one the batched pass cannot
                 # follow: vmap from now on, which raises the model's own errors again

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from typing import Any, Callable
 
 from trak_core.errors import TrakValueError
+from trak_core.notices import warn
 
 __all__ = ["check_once", "check_plan"]
 
@@ -87,11 +87,11 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
         terms = min(float(torch.linalg.vector_norm(absolute)), 10.0 * root)
         allowed = tolerance * max(1.0, terms / scale)
         if error > allowed and float(torch.linalg.vector_norm(dense)) > 0 and math.isfinite(error) and lenient:
-            warnings.warn(f"proj_type='kronecker': in {prepared.dtype}, the first example's features of layer "
-                          f"{layer.name!r} are {error:.2e} from its {prepared.dtype} gradient's projection (more than "
-                          f"the {allowed:.1e} rounding allows; no use of it outside its module was seen): half "
-                          "precision's rounding and underflow, which both sides carry, can be that large; a float32 "
-                          "model checks this exactly", RuntimeWarning, stacklevel=2)
+            warn(f"proj_type='kronecker': in {prepared.dtype}, the first example's features of layer "
+                 f"{layer.name!r} are {error:.2e} from its {prepared.dtype} gradient's projection (more than "
+                 f"the {allowed:.1e} rounding allows; no use of it outside its module was seen): half "
+                 "precision's rounding and underflow, which both sides carry, can be that large; a float32 "
+                 "model checks this exactly", RuntimeWarning)
             return
         if error > allowed and float(torch.linalg.vector_norm(dense)) > 0 or not math.isfinite(error):
             raise TrakValueError(f"proj_type='kronecker': the features of layer {layer.name!r} differ from its "
@@ -116,10 +116,10 @@ def _unchecked(layer: str, dense: Any, got: Any, dtype: Any) -> bool:
     info = torch.finfo(dtype)
     half = info.bits < 32 and float(info.max) < 1e38
     if half and bool(torch.isfinite(got).all()):
-        warnings.warn(f"proj_type='kronecker': the first example's {dtype} gradient of layer {layer!r} overflows "
-                      f"{dtype} (largest finite value {float(info.max):.5g}), so its factorized features, made in "
-                      "float32, could not be checked against it; uses of the weight outside its module were still "
-                      "watched for. A float32 model checks this", RuntimeWarning, stacklevel=3)
+        warn(f"proj_type='kronecker': the first example's {dtype} gradient of layer {layer!r} overflows {dtype} "
+             f"(largest finite value {float(info.max):.5g}), so its factorized features, made in float32, could not "
+             "be checked against it; uses of the weight outside its module were still watched for. A float32 model "
+             "checks this", RuntimeWarning)
         return True
     fix = (f"; the model is {dtype}, whose largest finite value is {float(info.max):.5g}: larger gradients overflow "
            "to inf even where the inputs and weights are finite, so featurize it in float32 (model.float()) or "

@@ -6,11 +6,11 @@ and the decision to fall back to this path when ``vmap`` fails.
 """
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from trak_core.errors import TrakValueError
+from trak_core.notices import warn
 
 __all__ = ["eval_mode", "batch_norm_layout", "looped_gradients", "refuse_to_loop", "vmap_cannot_batch"]
 
@@ -146,7 +146,6 @@ def vmap_cannot_batch(prepared: Any, exc: Exception) -> None:
     """Record that ``vmap`` failed on this checkpoint's model, and say once that gradients now loop."""
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     prepared.__dict__["_looped"] = first
-    warnings.warn(f"torch.func.vmap cannot take this model's per-example gradients ({type(exc).__name__}: "
-                  f"{first[:200]}); they are taken one example at a time with plain autograd instead (the same "
-                  "numbers, slower). TorchBackend(per_example='loop') chooses this from the start", RuntimeWarning,
-                  stacklevel=2)
+    warn(f"torch.func.vmap cannot take this model's per-example gradients ({type(exc).__name__}: "
+         f"{first[:200]}); they are taken one example at a time with plain autograd instead (the same "
+         "numbers, slower). TorchBackend(per_example='loop') chooses this from the start", RuntimeWarning)

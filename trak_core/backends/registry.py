@@ -15,10 +15,10 @@ its target, its distribution and the fix. Inference skips a plug-in whose ``owns
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Union
 
+from .. import notices
 from ..errors import TrakTypeError, install_hint
 from .protocol import Backend, BackendError, MissingFrameworkError, UnknownBackendError, check_backend
 
@@ -102,9 +102,9 @@ def _targets() -> dict[str, Target]:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in KNOWN:
             if not _first_party(ep.name, ep):
-                warnings.warn(f"skipped a trak-core backend plug-in: the {_where(ep)} takes the name of trak-core's "
-                              f"own backend {ep.name!r}, which a plug-in cannot replace; rename it (its entry point "
-                              "and its backend's name)", BackendPluginWarning)
+                notices.warn(f"skipped a trak-core backend plug-in: the {_where(ep)} takes the name of trak-core's "
+                             f"own backend {ep.name!r}, which a plug-in cannot replace; rename it (its entry point "
+                             "and its backend's name)", BackendPluginWarning)
             continue
         previous = found.get(ep.name)
         if previous is None:
@@ -229,7 +229,7 @@ def _installed(name: str, target: Target, *, warn: bool) -> bool:
         backend = _load(name, target)
     except (BackendError, TrakTypeError) as err:
         if warn:
-            warnings.warn(f"skipped a trak-core backend plug-in: {err}", BackendPluginWarning)
+            notices.warn(f"skipped a trak-core backend plug-in: {err}", BackendPluginWarning)
         return False
     if not _importable(backend.framework):
         return False
@@ -310,7 +310,7 @@ def infer_backend(model: Any) -> Backend:
         try:
             backend = get_backend(name)
         except (BackendError, TrakTypeError) as err:  # a first-party package that is installed but fails to load
-            warnings.warn(f"skipped a trak-core backend: {err}", BackendPluginWarning)
+            notices.warn(f"skipped a trak-core backend: {err}", BackendPluginWarning)
             continue
         try:
             owned = backend.owns(model)
@@ -319,9 +319,9 @@ def infer_backend(model: Any) -> Backend:
             if _first_party(name, target):
                 raise
             where = _where(target) if isinstance(target, EntryPoint) else "registered with register_backend"
-            warnings.warn(f"skipped trak-core backend {name!r} ({where}): its owns(model) raised "
-                          f"{type(err).__name__}: {err}; owns must return False for models it does not know. "
-                          "Pass backend=... to choose a backend explicitly", BackendPluginWarning)
+            notices.warn(f"skipped trak-core backend {name!r} ({where}): its owns(model) raised "
+                         f"{type(err).__name__}: {err}; owns must return False for models it does not know. "
+                         "Pass backend=... to choose a backend explicitly", BackendPluginWarning)
             continue
         if owned:
             return backend
