@@ -17,21 +17,54 @@ T = TypeVar("T")
 def progress(iterable: Iterable[T], *, desc: str, enabled: bool | None, total: int | None = None) -> Iterable[T]:
     """Wrap ``iterable`` in a tqdm bar (to stderr) when ``enabled`` and tqdm is importable.
 
-    ``enabled=None`` means: only when stderr is a terminal. ``total``: the number of items, else ``len(iterable)``
-    where it has one (pass ``length_of(data)`` when wrapping a generator over ``data``).
+    ``enabled=None`` means: when stderr is a terminal or the code runs in a Jupyter kernel (whose stderr is not a
+    terminal, but shows bars). ``enabled=True`` without tqdm warns once that no bars are shown. ``total``: the number
+    of items, else ``len(iterable)`` where it has one (pass ``length_of(data)`` when wrapping a generator over
+    ``data``).
     """
+    asked = enabled
     if enabled is None:
-        enabled = sys.stderr.isatty()
+        enabled = sys.stderr.isatty() or _in_notebook()
     if total is None:
         total = length_of(iterable)
     if not enabled:
         return iterable
     try:
-        from tqdm.auto import tqdm
+        from tqdm.std import tqdm
     except ImportError:
+        if asked and not _said_no_tqdm:
+            _said_no_tqdm.append(True)
+            from .notices import warn
+
+            warn("progress=True shows progress bars with tqdm, which is not installed: pip install tqdm (or the "
+                 "'demo' extra); no bars are shown")
         return iterable
+    if _in_notebook():
+        tqdm = _notebook_bar(tqdm)
     logging.getLogger("trak_core").addFilter(_CLEAR_BARS)  # once (addFilter skips a filter it holds)
     return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+_said_no_tqdm: list[bool] = []  # the missing-tqdm warning, once per process
+
+
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter (IPython) kernel: its output area shows bars, though stderr is no terminal."""
+    if "ipykernel" not in sys.modules:
+        return False
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return getattr(shell, "kernel", None) is not None
+
+
+def _notebook_bar(text_bar: Any) -> Any:
+    """tqdm's widget bar where ipywidgets is installed (tqdm.auto's choice), else its text bar (tqdm.auto warns
+    "IProgress not found" there, and falls back to the text bar)."""
+    try:
+        import ipywidgets  # noqa: F401
+        from tqdm.notebook import tqdm
+    except ImportError:
+        return text_bar
+    return tqdm
 
 
 def _live_bars() -> list:

@@ -69,7 +69,8 @@ class TRAK(Featurizer, Reopening):
         (``"s3://..."``) is a resumable zarr v3 store (``trak_core.disk_store.DiskStore``,
         needs ``zarr``), reopened and checked against this configuration when it exists.
     progress : bool or None
-        Show progress bars (when tqdm is installed); ``None``: when stderr is a terminal. Bars go over
+        Show progress bars (with tqdm; ``True`` without it warns); ``None``: when stderr is a terminal or in
+        a Jupyter notebook (widget bars with ipywidgets, else text bars). Bars go over
         ``featurize``'s batches (its shards with ``executor="ray"``) and the kernel's chunks, ``score``'s target
         batches and ``self_influence``'s row blocks; trak-core's warnings and log lines clear them first.
     normalize_features : bool

@@ -1,0 +1,58 @@
+"""Where progress bars are shown: progress=None in a Jupyter kernel (stderr is no terminal there), and
+progress=True without tqdm."""
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+
+tqdm_std = pytest.importorskip("tqdm.std", reason="tqdm is not installed: progress bars are not exercised")
+
+from trak_core import _progress  # noqa: E402
+
+
+@pytest.fixture
+def notebook(monkeypatch):
+    """A Jupyter kernel as IPython exposes one: ``ipykernel`` imported and ``get_ipython().kernel`` set."""
+    shell = types.SimpleNamespace(kernel=object())
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    ipython = types.ModuleType("IPython")
+    ipython.get_ipython = lambda: shell
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # no widgets: the text bar (tqdm.auto warned there)
+
+
+def test_progress_none_shows_bars_in_a_notebook_not_in_a_batch_job(notebook, monkeypatch):
+    """Jupyter's stderr is not a terminal, so progress=None showed no bar in a notebook."""
+    monkeypatch.setattr(sys, "stderr", open("/dev/null", "w"))  # not a terminal, as in a notebook or a batch job
+    items = list(range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tqdm.auto's "IProgress not found" would be one
+        bar = _progress.progress(items, desc="x", enabled=None)
+    assert isinstance(bar, tqdm_std.tqdm) and list(bar) == items and bar.total == 3
+    bar.close()
+    monkeypatch.delitem(sys.modules, "ipykernel")  # the same process, no kernel: a batch job
+    assert _progress.progress(items, desc="x", enabled=None) is items
+
+
+def test_progress_true_without_tqdm_says_so_once(monkeypatch):
+    """progress=True did nothing, unsaid, where tqdm is not installed (it is only in the demo extra)."""
+    import trak_core
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # an import of tqdm or tqdm.std fails
+    monkeypatch.setitem(sys.modules, "tqdm.std", None)
+    monkeypatch.setattr(_progress, "_said_no_tqdm", [])
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
+    model = trak_core.MLP(5, 4, 3)
+    trak = trak_core.TRAK(model, proj_dim=8, progress=True)
+    with pytest.warns(UserWarning, match=r"progress=True shows progress bars with tqdm, which is not installed: "
+                                         r"pip install tqdm") as caught:
+        trak.featurize(model.init(seed=0), [(x, y)])
+        trak.score([(x[:2], y[:2])])
+    assert sum("tqdm" in str(w.message) for w in caught) == 1
+    assert caught[0].filename == __file__  # the user's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _progress.progress([1], desc="x", enabled=None) == [1]  # None asks for nothing: no warning
