@@ -56,3 +56,23 @@ def test_progress_true_without_tqdm_says_so_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _progress.progress([1], desc="x", enabled=None) == [1]  # None asks for nothing: no warning
+
+
+def test_refit_shows_a_bar_over_the_checkpoints(capsys):
+    """refit refactorizes every checkpoint (O(k^3) each) and showed no progress."""
+    import trak_core
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
+    model = trak_core.MLP(5, 4, 3)
+    trak = trak_core.TRAK(model, proj_dim=8, progress=True)
+    for seed in range(3):
+        trak.featurize(model.init(seed=seed), [(x, y)])
+    capsys.readouterr()
+    trak.refit(0.5)
+    assert "refit lambda_reg=0.5:   0%|          | 0/3" in capsys.readouterr().err  # tqdm skips fast updates
+    quiet = trak_core.TRAK(model, proj_dim=8, progress=False)
+    quiet.featurize(model.init(seed=0), [(x, y)])
+    capsys.readouterr()
+    quiet.refit(0.5)
+    assert capsys.readouterr().err == ""

@@ -72,7 +72,8 @@ class TRAK(Featurizer, Reopening):
         Show progress bars (with tqdm; ``True`` without it warns); ``None``: when stderr is a terminal or in
         a Jupyter notebook (widget bars with ipywidgets, else text bars). Bars go over
         ``featurize``'s batches (its shards with ``executor="ray"``) and the kernel's chunks, ``score``'s target
-        batches and ``self_influence``'s row blocks; trak-core's warnings and log lines clear them first.
+        batches, ``refit``'s checkpoints and ``self_influence``'s row blocks; trak-core's warnings and log lines
+        clear them first.
     normalize_features : bool
         Scale every feature row (train and target) to unit norm (TrackStar-style). Off by default:
         it lowers LDS on the task suite (``docs/quality.md``).
@@ -251,7 +252,7 @@ class TRAK(Featurizer, Reopening):
         self.lambda_reg = _check_lambda(lambda_reg)
         self._load_opened(None)
         self._refitting = self.lambda_reg  # until every checkpoint holds it: interrupted, score() refuses a mix
-        for entry in self.store:
+        for entry in progress(list(self.store), desc=f"refit lambda_reg={self.lambda_reg}", enabled=self.progress):
             kernel_dtype = self._kernel_dtype(self.lambda_reg)
             if kernel_dtype != entry.kernel_dtype:  # "auto" and lambda 0: the kernel made again in float64
                 entry.kernel_dtype, entry.kernel_loader = kernel_dtype, None
