@@ -1,4 +1,4 @@
-"""JAX-specific behaviour: one compilation, x64 modes, Equinox models, dict batches, output shapes per task,
+"""JAX-specific behaviour: one compilation per padded size, x64 modes, Equinox models, dict batches, output shapes per task,
 parameter subsets, and bad input."""
 import re
 
@@ -20,18 +20,21 @@ def _data(n=50, seed=0):
     return x, y
 
 
-def test_compiles_once_for_all_batches_and_checkpoints():
-    backend = JaxBackend()
-    model = JaxModel(jax_apply("mlp"))
-    trak = trak_core.TRAK(model, proj_dim=32, lambda_reg=0.1, backend=backend, progress=False)
+def test_compiles_once_per_bucket_for_all_batches_and_checkpoints():
+    """The step compiles once per padded size (16, then buckets of 16 for short batches), not per batch or
+    checkpoint; ``JaxBackend(batch_size=16)`` compiles once."""
     x, y = _data(50)
-    for c in range(3):
-        trak.featurize(canonical.weights("mlp", seed=c, dtype="float32"),
-                       [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)])  # 16, 16, 16, 2
-    trak.score([(x[:5], y[:5]), (x[5:9], y[5:9])])
-    assert backend.compilations == 1
-    trak.score([(x[:40], y[:40])])  # larger than the compiled size: split, still no recompilation
-    assert backend.compilations == 1
+    for backend, counts in ((JaxBackend(), (2, 4)), (JaxBackend(batch_size=16), (1, 1))):
+        trak = trak_core.TRAK(JaxModel(jax_apply("mlp")), proj_dim=32, lambda_reg=0.1, backend=backend,
+                              progress=False)
+        for c in range(3):
+            trak.featurize(canonical.weights("mlp", seed=c, dtype="float32"),
+                           [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)])  # 16, 16, 16, 2 (padded to 2)
+        assert backend.compilations == counts[0]
+        trak.score([(x[:5], y[:5]), (x[5:9], y[5:9])])  # padded to 8 and 4
+        assert backend.compilations == counts[1]
+        trak.score([(x[:40], y[:40]), (x[:2], y[:2])])  # larger than the step's size: 16, 16 and 8; then 2
+        assert backend.compilations == counts[1]
 
 
 def test_a_first_call_of_one_row_does_not_fix_the_step_size():

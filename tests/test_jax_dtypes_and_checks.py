@@ -110,8 +110,9 @@ def test_apply_is_traced_once_per_batch_shape():
         trak.featurize(canonical.weights("mlp", seed=c, dtype="float32"),
                        [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)])  # 16, 16, 16, 2
         counts.append(len(traces))
-    # checkpoint 0: the check of (16, 8) and of (2, 8), the step's batch forward and its per-example apply
-    assert counts == [4, 4, 4]
+    # checkpoint 0: the check of (16, 8) and of (2, 8), and the step's batch forward and per-example apply at each
+    # of its two sizes (16, and the 2-row bucket of the last batch); nothing in later checkpoints
+    assert counts == [6, 6, 6]
     backend, weights = JaxBackend(batch_size=16), [jnp.asarray(w) for w in canonical.weights("mlp", seed=1,
                                                                                              dtype="float32")]
     grads, _ = backend.gradients(apply, backend.prepare(apply, weights), x[:40], y[:40], trak_core.Classification())

@@ -391,11 +391,13 @@ def test_reopening_a_jax_store_leaves_the_shared_backend_s_step_size_alone(tmp_p
     from trak_jax import JaxModel
 
     monkeypatch.setattr(trak_jax.backend, "batch_size", None)
+    monkeypatch.setattr(trak_jax.backend, "step_rows", None)
     x, y = data(20, 0)
     TRAK(JaxModel(apply), proj_dim=8, store=tmp_path / "store", progress=False).featurize(weights(0), [(x, y)])
     reopened = TRAK.open(tmp_path / "store", JaxModel(apply), [weights(0)])
-    assert reopened.backend.batch_size == 20 and reopened.backend is not trak_jax.backend
-    assert trak_jax.backend.batch_size is None and TRAK(JaxModel(apply), progress=False).backend.batch_size is None
+    assert reopened.backend.step_rows == 20 and reopened.backend.batch_size is None  # 20's buckets, not one size
+    assert reopened.backend is not trak_jax.backend
+    assert trak_jax.backend.step_rows is None and TRAK(JaxModel(apply), progress=False).backend.step_rows is None
 
 
 def test_opening_a_store_with_an_interrupted_checkpoint_names_it(tmp_path):

@@ -334,7 +334,7 @@ class Featurizer(KernelFitting):
             first = next(data, None)
             if first is not None:
                 where = f"checkpoint {index}, batch 0"
-                if record_rows:  # JAX compiles its step at the first batch's size: TRAK.open gives it that size
+                if record_rows:  # JAX derives its step sizes from the first batch's: TRAK.open gives it that size
                     self.store.record_first_batch_rows(_check_lengths(*first, where))
                 if factorized:  # the layout, recorded or checked
                     with located(where, self.backend.name, first[0]):

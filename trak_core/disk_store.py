@@ -352,7 +352,8 @@ class DiskStore(Store):
 
     def first_batch_rows(self) -> int | None:
         """Rows of the training data's first batch (``None`` for stores written before trak-core kept it): a backend
-        that compiles its step at its first batch's size (JAX) is given it on reopening, as the writer had it."""
+        that derives its step's sizes from its first batch's size (JAX) is given it on reopening, as the writer had
+        it."""
         rows = self.root.attrs.get("first_batch_rows") if self.exists() else None
         return None if rows is None else int(rows)
 

@@ -28,15 +28,16 @@ __all__ = ["RayExecutor", "get_executor", "shards"]
 
 
 def fix_step_size(trak: Any, rows: int) -> None:
-    """Give ``trak`` a backend that compiles its step at the training data's first batch's size where its backend
-    compiles at the first batch's size (JAX: ``batch_size=None``), as one process would have: a worker whose shard
-    starts later sees other first batches, and a step compiled at another size rounds differently (the docs
-    promise one process's bits). A copy: ``get_backend("jax")`` is one instance per process, and setting its
-    ``batch_size`` fixed the step size of every later TRAK there (each then compiled at that size)."""
+    """Give ``trak`` a backend whose step sizes derive from the training data's first batch's size where its backend
+    takes them from the first batch it sees (JAX: ``batch_size=None`` and ``step_rows=None``), as one process would
+    have: a worker whose shard starts later sees other first batches, and a step compiled at another size rounds
+    differently (the docs promise one process's bits). It sets ``step_rows``, not ``batch_size``, which would fix
+    one size where the process padded short batches to smaller buckets. A copy: ``get_backend("jax")`` is one
+    instance per process, and setting it there fixed the step size of every later TRAK there."""
     backend = trak.backend
-    if rows > 1 and getattr(backend, "batch_size", 0) is None:
+    if rows > 1 and getattr(backend, "batch_size", 0) is None and getattr(backend, "step_rows", 0) is None:
         backend = copy.copy(backend)  # the copy protocol takes __getstate__: no compiled steps carried over
-        backend.batch_size = rows
+        backend.step_rows = rows
         trak.backend = backend
 
 

@@ -5,11 +5,15 @@ The featurize step ``(params, inputs, labels, signs, R) -> (features, out_to_los
 with respect to the selected leaves of ``params`` (``JaxBackend(params=...)``; the others enter as
 constants), ravel in the canonical order,
 flip by the checkpoint's row signs and multiply by the shared matrix ``R`` made by
-``trak_core.projection.cached_factors`` (the reference projection, cached). Batches are padded
-to (or split into) a fixed number of rows, so the step compiles once per (model, task, shapes of
-one example: a sequence length is one), not once per batch; each new batch size costs a few small
-compilations (padding, cropping: ``trak_jax.batch``), and each new batch shape one abstract
-trace of ``apply`` for the checks (``trak_jax.checks``). When ``R`` does not fit the projection
+``trak_core.projection.cached_factors`` (the reference projection, cached). The step's size is the
+first batch's rows ``S``: larger batches are split into chunks of ``S`` rows, and a short chunk is
+padded to the smallest of ``S``, ``ceil(S / 2)``, ``ceil(S / 4)``, ..., 1 that holds it
+(``trak_jax.batch.bucket``), so the step compiles at most ``ceil(log2(S)) + 1`` times per (model,
+task, shapes of one example: a sequence length is one), each only for a size a batch needs, and
+pads a batch to less than twice its rows; ``JaxBackend(batch_size=...)`` pads every chunk to that
+one size (one compilation). Each new batch size costs a few small compilations (padding, cropping:
+``trak_jax.batch``), and each new batch shape one abstract trace of ``apply`` for the checks
+(``trak_jax.checks``). When ``R`` does not fit the projection
 cache, the jitted step returns gradients and the core projects them block by block.
 
 The logits are taken from what the apply function returns by ``output_logits``, with the
@@ -90,9 +94,12 @@ class JaxBackend(Backend):
     Parameters
     ----------
     batch_size : int, optional
-        Examples per compiled step; batches are padded up to it (or split), so the step compiles
-        once. Default: the size of the first batch seen of more than one example (after a
-        one-example call, such as the Ray driver's first, the step compiles once more).
+        Examples per compiled step, fixed: every batch is padded up to it (or split into chunks of it,
+        the last padded), so the step compiles once. Default: the size ``S`` of the first batch seen
+        of more than one example (or ``step_rows``), with a short chunk padded to the smallest of
+        ``S``, ``ceil(S / 2)``, ``ceil(S / 4)``, ..., 1 that holds it (``trak_jax.batch.bucket``): at
+        most ``ceil(log2(S)) + 1`` compilations, one per size a batch needs (after a one-example
+        call, such as the Ray driver's first, ``S`` is the next batch's size).
     matmul_precision : str or None
         ``jax.default_matmul_precision`` inside the step (the model's matrix products and
         convolutions, their gradients, and the product with a cached projection matrix). Default
@@ -111,6 +118,15 @@ class JaxBackend(Backend):
         -> bool``. Default: all. The others enter the model as constants (not differentiated); the
         gradient vector holds the selected leaves in tree-leaf order, each flattened row-major.
 
+    Attributes
+    ----------
+    step_rows : int or None
+        ``S`` for steps made from now on where ``batch_size`` is ``None`` (default ``None``: the first batch's
+        rows). ``TRAK.open`` and Ray workers set it, on a copy of the backend, to the training data's first
+        batch's rows, so that they pad to the sizes of the process that featurized.
+    compilations : int
+        Traces of the step functions: how many times a step was (re)compiled.
+
     Notes
     -----
     Dict batches: ``apply(params, inputs)`` receives the dict (less the labels' key) and
@@ -124,6 +140,7 @@ class JaxBackend(Backend):
     can_gradients = True
     has_fused_projection = True
     can_factorize = True
+    step_rows: int | None = None  # also for a backend pickled before the attribute existed
 
     def __init__(self, batch_size: int | None = None, matmul_precision: str | None = "float32",
                  logits_fn: Callable[[Any], Any] | None = None,
@@ -138,8 +155,8 @@ class JaxBackend(Backend):
                                 f"{type(logits_fn).__name__}")
         check_selection(params)
         self.batch_size, self.matmul_precision, self.logits_fn = batch_size, matmul_precision, logits_fn
-        self.params = params
-        # (apply, task, project, selected) -> [jitted step, compiled batch size]; bounded: the backend is one per
+        self.params, self.step_rows = params, None
+        # (apply, task, project, selected) -> [jitted step, the step's size S]; bounded: the backend is one per
         # process, and each entry holds its apply (the user's model) alive
         self._steps: Recent = Recent(STEPS_KEPT)
         self.compilations = 0  # traces of the step function: how many times it was (re)compiled
@@ -237,8 +254,16 @@ class JaxBackend(Backend):
                     flat = (flat.astype(shared.dtype) * signs) @ shared
                 return flat, out_to_loss
 
-            self._steps[key] = [jax.jit(step), self.batch_size]
+            self._steps[key] = [jax.jit(step), self.batch_size or self.step_rows]
         return self._steps[key]
+
+    def _step_size(self, entry: list, n: int) -> int:
+        """The size ``S`` of a step (``entry[1]``), fixed by its first batch of ``n > 1`` rows where unset."""
+        size = entry[1] or n
+        if self.batch_size is None and size == 1 < n:  # the first call had one row (the Ray driver's template, a
+            size = n  # store's first row): S is the first real batch's size, not one row per call
+        entry[1] = size
+        return size
 
     def _check_batch(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any) -> tuple:
         """``(inputs, labels, n)`` as JAX arrays on the params' device, checked against the model's output
@@ -256,13 +281,11 @@ class JaxBackend(Backend):
         inputs, labels, n = self._check_batch(model, prepared, inputs, labels, task)
         selected = None if len(prepared.selected) == len(prepared.shapes) else prepared.selected
         entry = self._step(self._apply(model), task, factors is not None, selected)
-        step, size = entry[0], entry[1] or n
-        if self.batch_size is None and size == 1 < n:  # the first call had one row (the Ray driver's template, a
-            size = n  # store's first row): compile once more for a real batch rather than run it a row per call
-        entry[1] = size  # later batches are padded up to (or split into) the first real batch's size
+        step, size = entry[0], self._step_size(entry, n)
         signs, shared = factors if factors is not None else (None, None)
         parts, weights = [], []
-        for x, y, rows in chunks(inputs, labels, n, size):  # short chunks padded: same shapes, no recompilation
+        for x, y, rows, padded in chunks(inputs, labels, n, size, self.batch_size is None):  # short chunks padded
+            # to a bucket of S (to S itself for a fixed batch_size): a few shapes, each compiled once
             try:
                 outputs = step(prepared.params, x, y, signs, shared)
             except jax.errors.JAXTypeError as exc:
@@ -270,7 +293,7 @@ class JaxBackend(Backend):
             except Exception as exc:
                 state_note(exc)
                 raise
-            features, out_to_loss = crop(outputs, rows, size)
+            features, out_to_loss = crop(outputs, rows, padded)
             parts.append(features)
             weights.append(out_to_loss)
         if len(parts) == 1:
@@ -279,7 +302,7 @@ class JaxBackend(Backend):
 
     def gradients(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any,
                   task: Any) -> tuple[Any, Any]:
-        """See ``Backend.gradients``: ``jax.vmap(jax.grad(f))`` in one jitted step, over padded batches."""
+        """See ``Backend.gradients``: ``jax.vmap(jax.grad(f))`` in one jitted step, over padded chunks."""
         return self._run(model, prepared, inputs, labels, task, None)
 
     def features(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any, *,

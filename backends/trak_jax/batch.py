@@ -1,4 +1,4 @@
-"""Batches on the device: conversion, row checks, padding to the step's size and cropping its outputs.
+"""Batches on the device: conversion, row checks, padding to the step's sizes and cropping its outputs.
 
 One job: get a user's batch in and the step's outputs out with as few small XLA compilations as
 possible. Every eager JAX operation compiles once per new shape (a few per batch size, each up to
@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from trak_core.errors import StoreMismatchError, TrakTypeError, TrakValueError
 
-__all__ = ["check_stored_x64", "check_x64", "chunks", "crop", "device_batch", "x64_enabled"]
+__all__ = ["bucket", "check_stored_x64", "check_x64", "chunks", "crop", "device_batch", "x64_enabled"]
 
 
 def x64_enabled() -> bool:
@@ -147,22 +147,53 @@ def _jitted() -> tuple[Any, Any]:
     return jax.jit(take, static_argnums=(2, 3)), jax.jit(cut, static_argnums=1)
 
 
-def chunks(inputs: Any, labels: Any, n: int, size: int) -> Iterator[tuple[Any, Any, int]]:
-    """``(inputs, labels, rows)`` of ``size`` rows each (the last one padded with copies of its first row).
+def bucket(rows: int, size: int) -> int:
+    """The padded size of a chunk of ``rows`` rows (``1 <= rows <= size``) for a step of ``size`` rows.
 
-    A batch of exactly ``size`` rows passes through untouched; otherwise each chunk is one jitted
-    call, compiled once per (batch shapes, rows) rather than once per array and operation.
+    The smallest of ``size``, ``ceil(size / 2)``, ``ceil(size / 4)``, ... and ``1`` that holds ``rows``: a short
+    chunk is padded to less than twice its rows (never to more than ``size``), and a step compiles at most
+    ``ceil(log2(size)) + 1`` sizes, each only when a chunk needs it. The sizes depend on ``size`` alone, so a
+    row's bits do not depend on which batches came before it.
+
+    Parameters
+    ----------
+    rows : int
+        Rows of the chunk.
+    size : int
+        The step's size (the first batch's rows, or ``JaxBackend.step_rows``).
+
+    Returns
+    -------
+    int
+        The bucket size, ``rows <= bucket <= size``.
     """
-    if n == size:
-        yield inputs, labels, n
+    padded = size
+    while padded > 1 and -(-padded // 2) >= rows:
+        padded = -(-padded // 2)
+    return padded
+
+
+def chunks(inputs: Any, labels: Any, n: int, size: int, buckets: bool = True) -> Iterator[tuple[Any, Any, int, int]]:
+    """``(inputs, labels, rows, padded)``: chunks of ``size`` rows, the last padded to ``padded`` rows.
+
+    ``padded`` is ``bucket(rows, size)`` (``size`` itself when ``buckets`` is false: one compiled size), the
+    padding copies of the chunk's first row. A batch that needs no padding and no split passes through
+    untouched; otherwise each chunk is one jitted call, compiled once per (batch shapes, rows, padded) rather
+    than once per array and operation.
+    """
+    last = n - (n - 1) // size * size  # rows of the last chunk
+    padded = bucket(last, size) if buckets else size
+    if n <= size and padded == n:
+        yield inputs, labels, n, n
         return
     take = _jitted()[0]
     for start in range(0, n, size):
         rows = min(size, n - start)
-        x, y = take((inputs, labels), start, rows, size)
-        yield x, y, rows
+        pad = size if rows == size else padded
+        x, y = take((inputs, labels), start, rows, pad)
+        yield x, y, rows, pad
 
 
-def crop(outputs: tuple, rows: int, size: int) -> tuple:
-    """The first ``rows`` rows of every array of ``outputs`` (a step's outputs on a padded chunk of ``size``)."""
-    return outputs if rows == size else _jitted()[1](outputs, rows)
+def crop(outputs: tuple, rows: int, padded: int) -> tuple:
+    """The first ``rows`` rows of every array of ``outputs`` (a step's outputs on a chunk padded to ``padded``)."""
+    return outputs if rows == padded else _jitted()[1](outputs, rows)

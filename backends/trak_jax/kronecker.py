@@ -165,10 +165,10 @@ def features(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, 
     plan_ = found.plan(k, options)
     key = ("kronecker-step", apply, task, id(found), repr(plan_))
     if key not in backend._steps:
-        backend._steps[key] = [_make_step(backend, apply, task, found, plan_), backend.batch_size, found]
+        backend._steps[key] = [_make_step(backend, apply, task, found, plan_), backend.batch_size or backend.step_rows,
+                               found]
     entry = backend._steps[key]
-    step, size = entry[0], entry[1] or n
-    entry[1] = size
+    step, size = entry[0], backend._step_size(entry, n)
     dtype = np.dtype(prepared.dtype)  # factors made by NumPy (the same bits; no small JAX ops to compile)
     dtype = np.dtype(np.float32) if dtype.itemsize < 4 else dtype  # half precision: float32 products and features
     factors = jax.device_put(tuple(
@@ -177,7 +177,7 @@ def features(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, 
                                      ("cols", block.layer.cols, block.k_cols)))
         for block in plan_.blocks), prepared.device)
     parts, rests, weights = [], [], []
-    for x, y, rows in chunks(inputs, labels, n, size):  # short chunks padded: same shapes, no recompilation
+    for x, y, rows, padded in chunks(inputs, labels, n, size, backend.batch_size is None):  # padded to a bucket
         try:
             outputs = step(prepared.params, x, y, factors)
         except jax.errors.JAXTypeError as exc:
@@ -185,7 +185,7 @@ def features(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, 
         except Exception as exc:
             state_note(exc)
             raise
-        out, rest, out_to_loss = crop(outputs, rows, size)
+        out, rest, out_to_loss = crop(outputs, rows, padded)
         parts.append(out)
         rests.append(rest)
         weights.append(out_to_loss)
