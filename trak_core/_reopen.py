@@ -7,6 +7,8 @@ any other use of the estimator: then the checkpoint's parameters tell them).
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, TypeVar
 
 from ._checks import _integer
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = ["Reopening", "open_trak", "load_opened"]
 
 _Opened = TypeVar("_Opened", bound="Reopening")
+_loading: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()  # estimator -> [lock, loader]
+_guard = threading.Lock()
 
 
 class Reopening:
@@ -71,8 +75,26 @@ class Reopening:
     def _load_opened(self, example: tuple[Any, Any] | None) -> None:
         """Load the checkpoints of ``open``; ``example`` (one target row) sets the features' namespace, else the
         checkpoint's parameters do (NumPy where they hold no array)."""
-        if self._opened:
-            load_opened(self, example)
+        if self._opened:  # read without the lock: once loaded, every later call is one attribute read
+            loading = _loading_state(self)
+            if loading[1] == threading.get_ident():  # called by the loading itself: nothing more to load here
+                return
+            with loading[0]:  # other threads wait for the checkpoints rather than find some (or none)
+                loading[1] = threading.get_ident()
+                try:
+                    load_opened(self, example)
+                finally:
+                    loading[1] = None
+
+
+def _loading_state(trak: Any) -> list:
+    """``[lock, id of the thread loading or None]`` of ``trak``'s deferred loading (kept outside the estimator,
+    which is copied and pickled)."""
+    with _guard:
+        state = _loading.get(trak)
+        if state is None:
+            state = _loading[trak] = [threading.Lock(), None]
+        return state
 
 
 def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, task: Any, backend: Any,
@@ -173,11 +195,13 @@ def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any, interrupted: s
 
 
 def load_opened(trak: Any, example: tuple[Any, Any] | None) -> None:
-    """Finish the checkpoints ``open_trak`` checked: one target row (or NumPy) sets the namespace."""
+    """Finish the checkpoints ``open_trak`` checked: one target row (or NumPy) sets the namespace. Each leaves
+    ``trak._opened`` once its entry is in the store: a call that fails (targets the model refuses) leaves the rest
+    to the next call, and the estimator counts every checkpoint all along (the caller holds the loading lock)."""
     import numpy as np
 
-    opened, trak._opened = trak._opened, []
-    for pending, stored_lambda in opened:
+    while trak._opened:
+        pending, stored_lambda = trak._opened[0]
         writer = pending.writer
         if example is not None:
             template = trak._batch_features(pending.prepared, pending.index, *example,
@@ -189,6 +213,7 @@ def load_opened(trak: Any, example: tuple[Any, Any] | None) -> None:
                                                                                             "float64"))
         writer.set_template(template)
         trak._close_checkpoint(pending, stored_lambda)
+        trak._opened = trak._opened[1:]  # a new list: a copy of the estimator (worker_copy) keeps its own
 
 
 def _template(prepared: Any, dtype: str, k: int) -> Any:

@@ -43,6 +43,7 @@ import errno
 import os
 import pathlib
 import re
+import threading
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,16 @@ STORE_FORMAT = 1  # the layout above; a store of another format is refused (Stor
 _ZARR_TEMPORARY = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 _ANY_ZARR_TEMPORARY = re.compile(r".*\.[0-9a-f]{32}\.partial")  # chunks too: ``c/0/0.<32 hex>.partial``
 MAX_SCORE_NAME_BYTES = 255  # a save_as name is a directory of the store: the usual file-name limit (ext4, APFS, NTFS)
+_saving: dict[str, threading.Lock] = {}  # store location -> the lock of its save_scores, for this process's threads
+_saving_guard = threading.Lock()
+
+
+def _saving_lock(location: str) -> threading.Lock:
+    """One ``save_scores`` at a time per store location in this process: two threads saving the same name both
+    found it free, then wrote their chunks into one array (a set that failed its checksum, or an error that blamed
+    another process)."""
+    with _saving_guard:
+        return _saving.setdefault(location, threading.Lock())
 
 
 class DiskStore(Store):
@@ -236,9 +247,14 @@ class DiskStore(Store):
         settle()
 
     def save_scores(self, name: str, scores: Any) -> None:
-        """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum."""
-        state = self.check_score_name(name)
+        """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum (one thread
+        at a time per location: a name saved meanwhile by another thread is refused, never mixed)."""
         values = to_numpy(scores)
+        with _saving_lock(self.location):
+            self._save_scores(name, values)
+
+    def _save_scores(self, name: str, values: np.ndarray) -> None:
+        state = self.check_score_name(name)
         with one_writer(self.path):
             group = self.root.require_group("scores")
             if state == "interrupted":  # never finished (no checksum): nothing saved under this name is lost
@@ -248,7 +264,7 @@ class DiskStore(Store):
         for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time: zarr encodes what it is given
             array[start:start + KERNEL_CHUNK_ROWS] = values[start:start + KERNEL_CHUNK_ROWS]  # at once, in copies
         array.attrs["sha256"] = _digest(values)  # last: it marks the set finished
-        self._sweep_temporaries(f"scores/{name}")
+        self._sweep_temporaries(f"scores/{name}", root=False)  # the root's zarr.json is featurize's to write
 
     def check_score_name(self, name: str) -> str | None:
         """Refuse a ``save_as`` name that is malformed or taken, or a store that cannot be written, before scoring;
@@ -324,15 +340,16 @@ class DiskStore(Store):
             self.root.attrs["data"] = {"n_train": n, "sha256": combine(digests, n)}
         self._entries.append(entry)
 
-    def _sweep_temporaries(self, group: str) -> None:
+    def _sweep_temporaries(self, group: str, root: bool = True) -> None:
         """Delete the temporary files of zarr writes that a killed run cut short (``*.<32 hex>.partial``: zarr writes
         each file so and renames it into place) in ``group``, just finished by this, the store's one writer, and
-        beside the store's own ``zarr.json``. A local store only; a file that cannot be deleted is left."""
+        (``root``) beside the store's own ``zarr.json``. A local store only; a file that cannot be deleted is left."""
         if self._url:
             return
         directory = self.path / group
         found = [entry for entry in directory.rglob("*.partial") if _ANY_ZARR_TEMPORARY.fullmatch(entry.name)]
-        found += [entry for entry in self.path.glob("*.partial") if _ZARR_TEMPORARY.fullmatch(entry.name)]
+        if root:
+            found += [entry for entry in self.path.glob("*.partial") if _ZARR_TEMPORARY.fullmatch(entry.name)]
         for entry in found:
             try:
                 entry.unlink()

@@ -109,6 +109,11 @@ class TRAK(Featurizer, Reopening):
     -----
     ``featurize`` keeps a snapshot of each checkpoint, since scoring needs the targets'
     gradients at every checkpoint.
+
+    Threads: ``score``, ``self_influence``, ``features`` and ``load_scores`` may run in several threads at once
+    (a ``TRAK.open``'ed estimator's first call loads its checkpoints while the others wait); ``featurize`` and
+    ``refit`` one at a time, with no other call on the estimator meanwhile. A torch model runs one gradient pass at
+    a time (``trak_torch.locks``). The contract: ``docs/store.md``, "Threads".
     """
 
     def __init__(self, model: Any, *, task: str | Task = "classification", proj_dim: int | None = 2048,

@@ -211,51 +211,54 @@ class JaxBackend(Backend):
         """``[jitted step, compiled batch size]`` of ``apply`` and ``task``; ``selected``: the indices of the
         leaves to differentiate (``None``: all)."""
         key = (apply, task, project, selected)
-        if key not in self._steps:
-            import array_api_compat
-            import jax
-            import jax.numpy as jnp
+        try:
+            return self._steps[key]
+        except KeyError:  # absent, or dropped by another thread's entry since
+            pass
+        import array_api_compat
+        import jax
+        import jax.numpy as jnp
 
-            xp = array_api_compat.array_namespace(jnp.zeros(1))
+        xp = array_api_compat.array_namespace(jnp.zeros(1))
 
-            def per_example(params: Any) -> tuple[Callable, list]:
-                """``f`` of one example as a function of the selected leaves (the others are constants)."""
-                leaves, treedef = jax.tree_util.tree_flatten(params)
-                indices = tuple(range(len(leaves))) if selected is None else selected
+        def per_example(params: Any) -> tuple[Callable, list]:
+            """``f`` of one example as a function of the selected leaves (the others are constants)."""
+            leaves, treedef = jax.tree_util.tree_flatten(params)
+            indices = tuple(range(len(leaves))) if selected is None else selected
 
-                def output(chosen: list, x: Any, y: Any) -> Any:
-                    full = list(leaves)
-                    for i, leaf in zip(indices, chosen):
-                        full[i] = leaf
-                    one = jax.tree_util.tree_map(lambda value: value[None], x)
-                    out = output_logits(apply(jax.tree_util.tree_unflatten(treedef, full), one), self.logits_fn)
-                    out = jnp.reshape(out, (1, -1)) if task.logits_ndim == 2 else out
-                    return task.output(out, y[None], xp=xp)[0]
+            def output(chosen: list, x: Any, y: Any) -> Any:
+                full = list(leaves)
+                for i, leaf in zip(indices, chosen):
+                    full[i] = leaf
+                one = jax.tree_util.tree_map(lambda value: value[None], x)
+                out = output_logits(apply(jax.tree_util.tree_unflatten(treedef, full), one), self.logits_fn)
+                out = jnp.reshape(out, (1, -1)) if task.logits_ndim == 2 else out
+                return task.output(out, y[None], xp=xp)[0]
 
-                return output, [leaves[i] for i in indices]
+            return output, [leaves[i] for i in indices]
 
-            def step(params: Any, inputs: Any, labels: Any, signs: Any, shared: Any) -> tuple[Any, Any]:
-                self.compilations += 1  # runs only while tracing
-                if self.matmul_precision is None:
-                    return traced(params, inputs, labels, signs, shared)
-                with jax.default_matmul_precision(self.matmul_precision):  # read while tracing
-                    return traced(params, inputs, labels, signs, shared)
+        def step(params: Any, inputs: Any, labels: Any, signs: Any, shared: Any) -> tuple[Any, Any]:
+            self.compilations += 1  # runs only while tracing
+            if self.matmul_precision is None:
+                return traced(params, inputs, labels, signs, shared)
+            with jax.default_matmul_precision(self.matmul_precision):  # read while tracing
+                return traced(params, inputs, labels, signs, shared)
 
-            def traced(params: Any, inputs: Any, labels: Any, signs: Any, shared: Any) -> tuple[Any, Any]:
-                logits = output_logits(apply(params, inputs), self.logits_fn)
-                if task.logits_ndim == 2 and logits.ndim == 1:
-                    logits = logits[:, None]
-                out_to_loss = task.out_to_loss(logits, labels, xp=xp)
-                output, chosen = per_example(params)
-                grads = jax.vmap(jax.grad(output), in_axes=(None, 0, 0))(chosen, inputs, labels)
-                n = labels.shape[0]
-                flat = jnp.concatenate([jnp.reshape(g, (n, -1)) for g in grads], axis=1)
-                if project:  # half-precision gradients: float32 products and features (shared is float32)
-                    flat = (flat.astype(shared.dtype) * signs) @ shared
-                return flat, out_to_loss
+        def traced(params: Any, inputs: Any, labels: Any, signs: Any, shared: Any) -> tuple[Any, Any]:
+            logits = output_logits(apply(params, inputs), self.logits_fn)
+            if task.logits_ndim == 2 and logits.ndim == 1:
+                logits = logits[:, None]
+            out_to_loss = task.out_to_loss(logits, labels, xp=xp)
+            output, chosen = per_example(params)
+            grads = jax.vmap(jax.grad(output), in_axes=(None, 0, 0))(chosen, inputs, labels)
+            n = labels.shape[0]
+            flat = jnp.concatenate([jnp.reshape(g, (n, -1)) for g in grads], axis=1)
+            if project:  # half-precision gradients: float32 products and features (shared is float32)
+                flat = (flat.astype(shared.dtype) * signs) @ shared
+            return flat, out_to_loss
 
-            self._steps[key] = [jax.jit(step), self.batch_size or self.step_rows]
-        return self._steps[key]
+        entry = self._steps[key] = [jax.jit(step), self.batch_size or self.step_rows]
+        return entry  # as made: another thread's entries may have dropped it already
 
     def _step_size(self, entry: list, n: int) -> int:
         """The size ``S`` of a step (``entry[1]``), fixed by its first batch of ``n > 1`` rows where unset."""

@@ -112,9 +112,7 @@ class OutputCheck:
         leaves, structure = jax.tree_util.tree_flatten(inputs)
         key = (logits_fn, prepared.treedef, prepared.shapes, prepared.dtypes, structure,
                tuple((leaf.shape, leaf.dtype) for leaf in leaves))
-        if apply not in self._traces:
-            self._traces[apply] = {}
-        traces = self._traces[apply]
+        traces = self._traces.get_or_make(apply, dict)
         if key not in traces:
             traces[key] = self._trace(apply, logits_fn, prepared, inputs)
         return traces[key]

@@ -164,10 +164,8 @@ def features(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, 
     found = analyse(backend, apply, prepared, inputs, labels, task)
     plan_ = found.plan(k, options)
     key = ("kronecker-step", apply, task, id(found), repr(plan_))
-    if key not in backend._steps:
-        backend._steps[key] = [_make_step(backend, apply, task, found, plan_), backend.batch_size or backend.step_rows,
-                               found]
-    entry = backend._steps[key]
+    entry = backend._steps.get_or_make(key, lambda: [_make_step(backend, apply, task, found, plan_),
+                                                     backend.batch_size or backend.step_rows, found])
     step, size = entry[0], backend._step_size(entry, n)
     dtype = np.dtype(prepared.dtype)  # factors made by NumPy (the same bits; no small JAX ops to compile)
     dtype = np.dtype(np.float32) if dtype.itemsize < 4 else dtype  # half precision: float32 products and features

@@ -268,21 +268,24 @@ def analyse(backend: Any, apply: Callable, prepared: Any, inputs: Any, labels: A
     avals = tuple((str(path), value.shape[1:], str(value.dtype)) for path, value in  # one example's (no slicing:
                   jax.tree_util.tree_flatten_with_path((inputs, labels))[0])  # no XLA program per batch shape)
     key = ("kronecker", apply, task, prepared.structure, str(prepared.dtype), prepared.selected, avals)
-    if key not in backend._steps:
-        first = jax.tree_util.tree_map(lambda value: jax.ShapeDtypeStruct(value.shape[1:], value.dtype),
-                                       (inputs, labels))
-        leaves, treedef = jax.tree_util.tree_flatten(prepared.params)
+    try:
+        return backend._steps[key]
+    except KeyError:  # absent, or dropped by another thread's entry since
+        pass
+    first = jax.tree_util.tree_map(lambda value: jax.ShapeDtypeStruct(value.shape[1:], value.dtype),
+                                   (inputs, labels))
+    leaves, treedef = jax.tree_util.tree_flatten(prepared.params)
 
-        def output(leaves: list, x: Any, y: Any) -> Any:  # one example's task output, as in the dense step
-            one = jax.tree_util.tree_map(lambda value: value[None], x)
-            out = output_logits(apply(jax.tree_util.tree_unflatten(treedef, leaves), one), backend.logits_fn)
-            out = jnp.reshape(out, (1, -1)) if task.logits_ndim == 2 else out
-            return task.output(out, y[None], xp=_XP)[0]
+    def output(leaves: list, x: Any, y: Any) -> Any:  # one example's task output, as in the dense step
+        one = jax.tree_util.tree_map(lambda value: value[None], x)
+        out = output_logits(apply(jax.tree_util.tree_unflatten(treedef, leaves), one), backend.logits_fn)
+        out = jnp.reshape(out, (1, -1)) if task.logits_ndim == 2 else out
+        return task.output(out, y[None], xp=_XP)[0]
 
-        closed = jax.make_jaxpr(output)(leaves, *first)
-        scan = _Scan(prepared.shapes)
-        env = {closed.jaxpr.invars[i]: _initial_view(i, prepared.shapes[i]) for i in prepared.selected}
-        scan.run(closed.jaxpr, env, ())
-        backend._steps[key] = Analysis(closed, *scan.finish(prepared.selected, prepared.paths), prepared.paths,
-                                       prepared.shapes)
-    return backend._steps[key]
+    closed = jax.make_jaxpr(output)(leaves, *first)
+    scan = _Scan(prepared.shapes)
+    env = {closed.jaxpr.invars[i]: _initial_view(i, prepared.shapes[i]) for i in prepared.selected}
+    scan.run(closed.jaxpr, env, ())
+    found = backend._steps[key] = Analysis(closed, *scan.finish(prepared.selected, prepared.paths), prepared.paths,
+                                           prepared.shapes)
+    return found  # as made: another thread's entries may have dropped it already

@@ -19,6 +19,7 @@ from trak_core.fingerprints import parameters_digest
 from .attention import (attention_for_closed_form, attention_for_vmap, causal_model, model_masks, note_mask,
                         reads_own_mask, uncounted_pad_predictions)
 from .checkpoint import TorchCheckpoint, raise_dtype_error, select_names, snapshot
+from .locks import model_lock
 from .looped import eval_mode, looped_gradients, refuse_to_loop, vmap_cannot_batch
 from .outputs import _rows, check_labels, output_logits
 from .vmapped import vmap_in_attention
@@ -138,7 +139,8 @@ class TorchBackend(Backend):
         from .contexts import check_context
 
         check_context(next(model.parameters(), torch.empty(0)).device)
-        return snapshot(model, checkpoint, select_names(model, self.params))
+        with model_lock(model):  # another thread's functional_call would have swapped its parameters
+            return snapshot(model, checkpoint, select_names(model, self.params))
 
     def n_params(self, prepared: TorchCheckpoint) -> int:
         """Elements of the attributed parameters (``params``)."""
@@ -228,7 +230,13 @@ class TorchBackend(Backend):
 
     def gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any,
                   task: Any) -> tuple[Any, Any]:
-        """See ``Backend.gradients``: in closed form, with ``vmap(grad)`` or in a loop (``per_example``)."""
+        """See ``Backend.gradients``: in closed form, with ``vmap(grad)`` or in a loop (``per_example``); one thread
+        at a time per model (``trak_torch.locks``)."""
+        with model_lock(model):
+            return self._gradients(model, prepared, inputs, labels, task)
+
+    def _gradients(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any,
+                   task: Any) -> tuple[Any, Any]:
         import array_api_compat.torch as xp
         import torch
 
@@ -341,13 +349,21 @@ class TorchBackend(Backend):
         """The ``trak_core.kronecker.KroneckerPlan`` of ``model`` (found once per checkpoint; no factors)."""
         from .kronecker_plan import discovered
 
-        inputs, labels = self._batch(model, prepared, inputs, labels, task)
-        with eval_mode(model), attention_for_vmap(model, prepared.dtype):
-            return discovered(self, model, prepared, inputs, self._causal(model), options, k)[0]
+        with model_lock(model):
+            inputs, labels = self._batch(model, prepared, inputs, labels, task)
+            with eval_mode(model), attention_for_vmap(model, prepared.dtype):
+                return discovered(self, model, prepared, inputs, self._causal(model), options, k)[0]
 
     def factorized_features(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
                             k: int, seed: int, checkpoint: int, options: Any) -> tuple[Any, Any]:
-        """``proj_type="kronecker"`` features ``(n, k)`` and out-to-loss weights (``trak_torch.kronecker``)."""
+        """``proj_type="kronecker"`` features ``(n, k)`` and out-to-loss weights (``trak_torch.kronecker``); one thread
+        at a time per model (``trak_torch.locks``)."""
+        with model_lock(model):
+            return self._factorized_features(model, prepared, inputs, labels, task, k=k, seed=seed,
+                                             checkpoint=checkpoint, options=options)
+
+    def _factorized_features(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
+                             k: int, seed: int, checkpoint: int, options: Any) -> tuple[Any, Any]:
         import array_api_compat.torch as xp
         import torch
 
