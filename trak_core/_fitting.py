@@ -81,8 +81,8 @@ class KernelFitting:
     @staticmethod
     def _check_squares(kernel: Any, features: Any, largest: float, index: int) -> None:
         """Float64 features below about 1e-154 have squares that are float64 subnormals, which keep few significant
-        bits (scores 4e-5 off at features of 1e-160, silently), or zero below about 1e-162 (the kernel is zero,
-        and factorizing said every feature was zero). ``largest``: the kernel's largest diagonal entry."""
+        bits (scores 4e-5 off at features of 1e-160, silently): a warning where the estimated error passes sqrt(eps)
+        (the largest diagonal entry below about 3e-316). ``largest``: the kernel's largest diagonal entry."""
         xp = namespace(kernel)
         if xp.finfo(kernel.dtype).bits <= 32 or xp.finfo(features.dtype).bits <= 32:  # float32 features' squares
             return  # are above 1e-90: they cannot underflow a float64 kernel

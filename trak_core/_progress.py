@@ -69,8 +69,13 @@ def _notebook_bar(text_bar: Any) -> Any:
 
 def _live_bars() -> list:
     """tqdm's bars drawn now on stdout or stderr (tqdm is imported only where a bar was made, or by the user)."""
-    module = sys.modules.get("tqdm.std")
-    bars = list(getattr(getattr(module, "tqdm", None), "_instances", ()) or ())
+    cls = getattr(sys.modules.get("tqdm.std"), "tqdm", None)
+    instances = getattr(cls, "_instances", None)
+    if not instances:
+        return []
+    lock = getattr(cls, "_lock", None)  # tqdm adds and drops bars under it: another thread's new bar otherwise
+    with lock if lock is not None else contextlib.nullcontext():  # raised "Set changed size during iteration"
+        bars = list(instances)
     return [bar for bar in bars if hasattr(bar, "start_t") and not bar.disable and bar.fp in (sys.stdout, sys.stderr)]
 
 

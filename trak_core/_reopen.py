@@ -7,6 +7,7 @@ any other use of the estimator: then the checkpoint's parameters tell them).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, TypeVar
@@ -79,8 +80,12 @@ class Reopening:
             loading = _loading_state(self)
             if loading[1] == threading.get_ident():  # called by the loading itself: nothing more to load here
                 return
-            with loading[0]:  # other threads wait for the checkpoints rather than find some (or none)
-                loading[1] = threading.get_ident()
+            # the backend's lock of the model first (torch: trak_torch.locks.model_lock), then the loading lock: the
+            # loading's gradient pass takes the model's lock, so a thread holding it (a user's forward under
+            # model_lock, as docs/store.md says) that waited here for the loading lock deadlocked with the loader
+            guard = getattr(self.backend, "model_lock", None)
+            with guard(self.model) if callable(guard) else contextlib.nullcontext(), loading[0]:
+                loading[1] = threading.get_ident()  # other threads wait for the checkpoints, not find some (or none)
                 try:
                     load_opened(self, example)
                 finally:

@@ -142,6 +142,11 @@ class TorchBackend(Backend):
         with model_lock(model):  # another thread's functional_call would have swapped its parameters
             return snapshot(model, checkpoint, select_names(model, self.params))
 
+    def model_lock(self, model: Any) -> Any:
+        """The lock this backend holds while it runs ``model`` (``trak_torch.locks.model_lock``): a caller that takes
+        it before a lock of its own (``TRAK.open``'s loading) keeps one order of the two."""
+        return model_lock(model)
+
     def n_params(self, prepared: TorchCheckpoint) -> int:
         """Elements of the attributed parameters (``params``)."""
         return prepared.n_params
