@@ -270,16 +270,22 @@ def test_subnormal_features_are_warned_of(kernel_dtype):
                                                   r"output .* or use a float64 model", warned[0])
 
 
-def test_float16_gradients_that_overflow_name_float16s_range():
-    """A float16 model whose inputs (1e3), weights and logits (2.5) fit float16 but whose per-example gradients (up to
-    6.5e5, the inputs times the second layer's weights) do not: the error blamed the inputs, the weights and the
-    learning rate; it now names float16's range and the fix."""
+def _float16_overflowing():
+    """A float32 model and data whose inputs (1e3), weights and logits (2.5) fit float16 but whose per-example
+    gradients (up to 6.5e5, the inputs times the second layer's weights) do not."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(D, 4, bias=False), torch.nn.Linear(4, C, bias=False))
     with torch.no_grad():
         model[0].weight.mul_(1e-5)
         model[1].weight.mul_(300)
-    x, y = torch.randn(N, D) * 1e3, torch.randint(0, C, (N,))
+    return model, torch.randn(N, D) * 1e3, torch.randint(0, C, (N,))
+
+
+def test_float16_gradients_that_overflow_name_float16s_range():
+    """A float16 model whose inputs (1e3), weights and logits (2.5) fit float16 but whose per-example gradients (up to
+    6.5e5, the inputs times the second layer's weights) do not: the error blamed the inputs, the weights and the
+    learning rate; it now names float16's range and the fix."""
+    model, x, y = _float16_overflowing()
     assert bool(torch.isfinite(x.half()).all()) and float(model(x).detach().abs().max()) < 10
     trak = trak_core.TRAK(model.half(), proj_dim=8, progress=False)
     with pytest.raises(TrakCoreError, match=r"the gradients are torch.float16, whose largest finite value is 65504: "
@@ -394,12 +400,7 @@ def test_float16_overflow_on_the_factorized_path_is_told_apart_from_a_use_outsid
     check compared them with the overflowed gradient (relative error nan) and blamed "a use of the weight outside
     its module". Now it warns that the block could not be checked, and the features are the float32 model's to
     float16's rounding; a NaN input is an error that names the gradient (and float16's range in float16)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(D, 4, bias=False), torch.nn.Linear(4, C, bias=False))
-    with torch.no_grad():
-        model[0].weight.mul_(1e-5)
-        model[1].weight.mul_(300)
-    x, y = torch.randn(N, D) * 1e3, torch.randint(0, C, (N,))
+    model, x, y = _float16_overflowing()
     half = copy.deepcopy(model).half()
     assert not bool(torch.isfinite(torch.func.grad(  # the float16 gradient overflows: an independent check
         lambda w: torch.nn.functional.cross_entropy(x[:1].half() @ w.T @ half[1].weight.T, y[:1]))(
