@@ -18,7 +18,7 @@ from trak_core.fingerprints import parameters_digest
 
 from .attention import (attention_for_closed_form, attention_for_vmap, causal_model, model_masks, note_mask,
                         reads_own_mask, uncounted_pad_predictions)
-from .checkpoint import TorchCheckpoint, raise_dtype_error, select_names, snapshot
+from .checkpoint import TorchCheckpoint, prepared_dtype, raise_dtype_error, select_names, snapshot
 from .locks import model_lock
 from .looped import eval_mode, looped_gradients, refuse_to_loop, vmap_cannot_batch
 from .outputs import _rows, check_labels, output_logits
@@ -26,16 +26,6 @@ from .vmapped import vmap_in_attention
 from .seq2seq import is_encoder_decoder
 
 __all__ = ["TorchBackend", "output_logits"]
-
-
-def prepared_dtype(params: dict) -> Any:
-    """The floating dtype of a parameter dict (float32 when it has none)."""
-    import torch
-
-    for value in params.values():
-        if value.is_floating_point():
-            return value.dtype
-    return torch.float32
 
 
 class TorchBackend(Backend):

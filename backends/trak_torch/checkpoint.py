@@ -204,3 +204,13 @@ def raise_dtype_error(exc: Exception, prepared: Any, inputs: Any) -> None:
         raise dtype_error(floating[0], prepared.dtype, exc) from exc
     if not isinstance(inputs, Mapping) and not inputs.is_floating_point() and not inputs.is_complex():
         raise dtype_error(inputs, prepared.dtype, exc) from exc  # integer images or tabular data
+
+
+def prepared_dtype(params: dict) -> Any:
+    """The floating dtype of a parameter dict (float32 when it has none)."""
+    import torch
+
+    for value in params.values():
+        if value.is_floating_point():
+            return value.dtype
+    return torch.float32
