@@ -327,7 +327,12 @@ class Featurizer(KernelFitting):
             data = list(batches(data, self.label_key))
         writing = not writer.complete
         factorized = writing and getattr(self, "kronecker", None) is not None and self.proj_dim is not None
-        record_rows = writing and getattr(self.store, "first_batch_rows", lambda: 0)() is None
+        stored_rows = getattr(self.store, "first_batch_rows", lambda: 0)()
+        record_rows = writing and stored_rows is None
+        if stored_rows and (writer.complete or getattr(writer, "rows_done", 0)):  # a resume, or the same calls again:
+            from .executors import fix_step_size  # JAX sizes its steps as the process that began the store (as open)
+
+            fix_step_size(self, stored_rows)
         template = writer.needs_template or (self.executor is not None and writer.template is None)
         if factorized or record_rows or template:  # the first batch, before any row is written
             data = iter(batches(data, self.label_key))
