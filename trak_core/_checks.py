@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 from . import kernel as kernel_ops
 from ._namespace import namespace
 from .backends import Backend, get_backend, infer_backend
-from .errors import TrakTypeError, TrakValueError
+from .errors import TrakTypeError, TrakValueError, half_precision_hint
 
 PROJECTION_GROUP_BYTES = 128 * 2**20  # per-example gradients projected together (at least one row)
 ACCELERATOR_GROUP_BYTES = 16 * 2**30  # the same on GPUs: 256 rows of ResNet-18's 11.2M float32 gradients
@@ -152,11 +152,7 @@ def _half_range(features: Any, gradients_dtype: Any) -> str:
         info = namespace(features).finfo(gradients_dtype)
     except (TypeError, ValueError):  # not a dtype of the features' namespace
         return ""
-    if info.bits >= 32 or float(info.max) >= 1e38:  # float16 only (bfloat16 has float32's range)
-        return ""
-    return (f"; the gradients are {gradients_dtype}, whose largest finite value is {float(info.max):.5g}: larger ones "
-            "overflow to inf even where the inputs and weights are finite, so featurize the model in float32 (for "
-            "torch: model.float()) or bfloat16")
+    return half_precision_hint(gradients_dtype, info)
 
 
 def _all_finite(*arrays: Any) -> bool:

@@ -84,8 +84,8 @@ class KernelFitting:
         bits (scores 4e-5 off at features of 1e-160, silently): a warning where the estimated error passes sqrt(eps)
         (the largest diagonal entry below about 3e-316). ``largest``: the kernel's largest diagonal entry."""
         xp = namespace(kernel)
-        if xp.finfo(kernel.dtype).bits <= 32 or xp.finfo(features.dtype).bits <= 32:  # float32 features' squares
-            return  # are above 1e-90: they cannot underflow a float64 kernel
+        if not _squares_can_underflow(kernel, features):
+            return
         if largest == 0.0:  # a zero kernel is an error at lambda_reg=0 only: factorize says so (_zero_kernel)
             return
         error = 2.0 ** -1074 / largest  # float64's smallest subnormal over the largest entry the kernel holds
@@ -183,8 +183,14 @@ def _zero_kernel(kernel: Any, features: Any, index: int) -> Iterator[None]:
     try:
         yield
     except kernel_ops.ZeroKernelError as exc:
-        xp = namespace(kernel)
-        if xp.finfo(kernel.dtype).bits <= 32 or xp.finfo(features.dtype).bits <= 32:
+        if not _squares_can_underflow(kernel, features):
             raise
         raise TrakValueError(f"checkpoint {index}: {exc}; if the gradients are not zero, every feature is below "
                              "about 1e-162, so that its square underflows float64: " + _RESCALE) from None
+
+
+def _squares_can_underflow(kernel: Any, features: Any) -> bool:
+    """Whether ``features``' squares can underflow ``kernel``: a float64 kernel of float64 features (float32
+    features' squares are above 1e-90, and a float32 kernel's range is checked before it is factorized)."""
+    xp = namespace(kernel)
+    return xp.finfo(kernel.dtype).bits > 32 and xp.finfo(features.dtype).bits > 32

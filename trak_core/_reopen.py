@@ -118,7 +118,7 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
     if not stored:
         raise TrakValueError(f"the store at {path} holds no complete checkpoint: featurize first"
                              f"{_interrupted(store)}")
-    chosen = _chosen_checkpoints(checkpoints, stored, path, _interrupted(store))
+    chosen = _chosen_checkpoints(checkpoints, stored, path, store)
     if lambda_reg is None:  # checkpoints featurized later in this store follow the same rule as the stored ones
         setting = store.stored_lambda_setting()
         lambda_reg, keep_stored = ("auto" if setting is None else setting), True
@@ -168,9 +168,9 @@ def _interrupted(store: Any) -> str:
             "and its training data to finish it, then open the store)")
 
 
-def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any, interrupted: str = "") -> list[tuple[int, Any]]:
+def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any, store: Any) -> list[tuple[int, Any]]:
     """``(store index, checkpoint)`` pairs in index order: every stored checkpoint from a list, some from a mapping
-    ``{index: checkpoint}``."""
+    ``{index: checkpoint}``; too many name an interrupted checkpoint of ``store``."""
     if isinstance(checkpoints, Mapping) and any(isinstance(key, str) for key in checkpoints):
         raise TrakTypeError(f"checkpoints must be a list of every checkpoint the store holds, or a mapping {{index: "
                             f"checkpoint}} for some of them, got a {type(checkpoints).__name__} with string keys (one "
@@ -195,7 +195,7 @@ def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any, interrupted: s
     if len(checkpoints) != stored:
         raise TrakValueError(f"the store at {path} holds {stored} complete checkpoints; pass all {stored}, in the "
                              f"order they were featurized (got {len(checkpoints)}), or a mapping {{index: checkpoint}} "
-                             f"to score with some of them{interrupted if len(checkpoints) > stored else ''}")
+                             f"to score with some of them{_interrupted(store) if len(checkpoints) > stored else ''}")
     return list(enumerate(checkpoints))
 
 

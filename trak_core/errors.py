@@ -13,13 +13,24 @@ raised by a backend start with the same location.
 from __future__ import annotations
 
 __all__ = ["TrakCoreError", "TrakValueError", "TrakTypeError", "TrakOSError", "BackendError", "UnknownBackendError",
-           "MissingFrameworkError", "StoreMismatchError", "install_hint"]
+           "MissingFrameworkError", "StoreMismatchError", "install_hint", "half_precision_hint"]
 
 
 def install_hint(extra: str, packages: str) -> str:
     """How to install what trak-core's extra ``extra`` holds: its ``packages`` from PyPI, or the extra from a
     trak-core checkout (trak-core itself is not on PyPI, so ``pip install "trak-core[extra]"`` finds nothing)."""
     return f'pip install {packages} (or, in a trak-core checkout, pip install -e ".[{extra}]")'
+
+
+def half_precision_hint(dtype: object, info: object) -> str:
+    """For non-finite gradients of ``dtype`` (``info``: its ``finfo``), what float16's range means, with the fix;
+    ``""`` for any dtype with float32's range (bfloat16 included). Appended to an error's message."""
+    largest = float(getattr(info, "max"))
+    if getattr(info, "bits") >= 32 or largest >= 1e38:
+        return ""
+    return (f"; the gradients are {dtype}, whose largest finite value is {largest:.5g}: larger ones overflow to inf "
+            "even where the inputs and weights are finite, so featurize the model in float32 (for torch: "
+            "model.float()) or bfloat16")
 
 
 class TrakCoreError(Exception):

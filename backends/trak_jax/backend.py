@@ -210,11 +210,11 @@ class JaxBackend(Backend):
     def _step(self, apply: Callable, task: Any, project: bool, selected: tuple[int, ...] | None = None) -> Any:
         """``[jitted step, compiled batch size]`` of ``apply`` and ``task``; ``selected``: the indices of the
         leaves to differentiate (``None``: all)."""
-        key = (apply, task, project, selected)
-        try:
-            return self._steps[key]
-        except KeyError:  # absent, or dropped by another thread's entry since
-            pass
+        return self._steps.get_or_make((apply, task, project, selected), lambda: [
+            self._make_step(apply, task, project, selected), self.batch_size or self.step_rows])
+
+    def _make_step(self, apply: Callable, task: Any, project: bool, selected: tuple[int, ...] | None) -> Any:
+        """The jitted step of ``_step``."""
         import array_api_compat
         import jax
         import jax.numpy as jnp
@@ -257,8 +257,7 @@ class JaxBackend(Backend):
                 flat = (flat.astype(shared.dtype) * signs) @ shared
             return flat, out_to_loss
 
-        entry = self._steps[key] = [jax.jit(step), self.batch_size or self.step_rows]
-        return entry  # as made: another thread's entries may have dropped it already
+        return jax.jit(step)
 
     def _step_size(self, entry: list, n: int) -> int:
         """The size ``S`` of a step (``entry[1]``), fixed by its first batch of ``n > 1`` rows where unset."""

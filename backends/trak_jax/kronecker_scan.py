@@ -268,10 +268,11 @@ def analyse(backend: Any, apply: Callable, prepared: Any, inputs: Any, labels: A
     avals = tuple((str(path), value.shape[1:], str(value.dtype)) for path, value in  # one example's (no slicing:
                   jax.tree_util.tree_flatten_with_path((inputs, labels))[0])  # no XLA program per batch shape)
     key = ("kronecker", apply, task, prepared.structure, str(prepared.dtype), prepared.selected, avals)
-    try:
-        return backend._steps[key]
-    except KeyError:  # absent, or dropped by another thread's entry since
-        pass
+    return backend._steps.get_or_make(key, lambda: _analysis(backend, apply, prepared, inputs, labels, task))
+
+
+def _analysis(backend: Any, apply: Callable, prepared: Any, inputs: Any, labels: Any, task: Any) -> Analysis:
+    """The :class:`Analysis` of ``analyse``, made."""
     first = jax.tree_util.tree_map(lambda value: jax.ShapeDtypeStruct(value.shape[1:], value.dtype),
                                    (inputs, labels))
     leaves, treedef = jax.tree_util.tree_flatten(prepared.params)
@@ -286,6 +287,4 @@ def analyse(backend: Any, apply: Callable, prepared: Any, inputs: Any, labels: A
     scan = _Scan(prepared.shapes)
     env = {closed.jaxpr.invars[i]: _initial_view(i, prepared.shapes[i]) for i in prepared.selected}
     scan.run(closed.jaxpr, env, ())
-    found = backend._steps[key] = Analysis(closed, *scan.finish(prepared.selected, prepared.paths), prepared.paths,
-                                           prepared.shapes)
-    return found  # as made: another thread's entries may have dropped it already
+    return Analysis(closed, *scan.finish(prepared.selected, prepared.paths), prepared.paths, prepared.shapes)

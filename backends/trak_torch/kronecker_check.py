@@ -13,7 +13,7 @@ import logging
 import math
 from typing import Any, Callable
 
-from trak_core.errors import TrakValueError
+from trak_core.errors import TrakValueError, half_precision_hint
 from trak_core.notices import warn
 
 __all__ = ["check_once", "check_plan"]
@@ -114,18 +114,15 @@ def _unchecked(layer: str, dense: Any, got: Any, dtype: Any) -> bool:
     if bool(torch.isfinite(dense).all()):
         return False
     info = torch.finfo(dtype)
-    half = info.bits < 32 and float(info.max) < 1e38
-    if half and bool(torch.isfinite(got).all()):
+    hint = half_precision_hint(dtype, info)
+    if hint and bool(torch.isfinite(got).all()):
         warn(f"proj_type='kronecker': the first example's {dtype} gradient of layer {layer!r} overflows {dtype} "
              f"(largest finite value {float(info.max):.5g}), so its factorized features, made in float32, could not "
              "be checked against it; uses of the weight outside its module were still watched for. A float32 model "
              "checks this", RuntimeWarning)
         return True
-    fix = (f"; the model is {dtype}, whose largest finite value is {float(info.max):.5g}: larger gradients overflow "
-           "to inf even where the inputs and weights are finite, so featurize it in float32 (model.float()) or "
-           "bfloat16") if half else ""
     raise NotFiniteGradient(f"proj_type='kronecker': the first example's gradient of layer {layer!r} holds NaN or "
-                            f"inf; check the inputs (NaN/inf values) and the checkpoint's weights{fix}")
+                            f"inf; check the inputs (NaN/inf values) and the checkpoint's weights{hint}")
 
 
 def watch_outside_uses(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any, causal: bool) -> None:
