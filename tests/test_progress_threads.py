@@ -19,14 +19,19 @@ def test_a_warning_while_another_thread_makes_a_bar(monkeypatch):
     made = []
 
     class Racing(weakref.WeakSet):
-        """tqdm's set of bars, with another thread making a bar while it is being listed."""
+        """tqdm's set of bars, with another thread making a bar while it is first listed (once: tqdm lists it
+        too, when a bar closes)."""
 
         def __iter__(self):
             iterator = super().__iter__()
-            yield next(iterator)
-            other = threading.Thread(target=lambda: made.append(tqdm(range(3), file=io.StringIO(), leave=False)))
-            other.start()
-            other.join(0.5)  # it waits for tqdm's lock where the listing holds it
+            first = next(iterator, None)
+            if first is None:
+                return
+            yield first
+            if not made:
+                other = threading.Thread(target=lambda: made.append(tqdm(range(3), file=io.StringIO(), leave=False)))
+                other.start()
+                other.join(0.5)  # it waits for tqdm's lock where the listing holds it
             yield from iterator
 
     monkeypatch.setattr(tqdm, "_instances", Racing(tqdm._instances))
