@@ -138,3 +138,22 @@ def test_scores_through_trak_use_the_buckets(computed):
         assert computed == ([16, 16, 16, 2] * 2 + [8, 8] if name == "buckets" else [16] * 10)
         computed.clear()
     np.testing.assert_allclose(scores["buckets"], scores["fixed"], rtol=1e-5, atol=1e-6 * np.abs(scores["fixed"]).max())
+
+
+@pytest.mark.parametrize("factorized", [False, True], ids=["dense", "kronecker"])
+def test_a_step_evicted_from_the_cache_is_made_again_at_its_own_size(factorized, computed):
+    """With one step kept, the other path's step evicts this one between batches; made again, it keeps S = 16
+    (5 rows pad to 8, 3 to 4), as the backend that kept it, and its rows keep their bits. It was made again at the
+    calling batch's size (5 rows padded to 5)."""
+    from trak_jax.recent import Recent
+
+    kept, evicted = JaxBackend(), JaxBackend()
+    evicted._steps = Recent(1)
+    expected, _ = _run(kept, [16, 5, 3], factorized=factorized)
+    computed.clear()
+    outputs = []
+    for start, n in ((0, 16), (16, 5), (21, 3)):
+        outputs += _run(evicted, [n], factorized=factorized, start=start)[0]
+        _run(evicted, [2], factorized=not factorized, start=40)  # the other path's step: this one is dropped
+    assert computed == [16, 2, 8, 2, 4, 2]
+    assert all(np.array_equal(a, b) for a, b in zip(expected, outputs))

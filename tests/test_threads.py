@@ -271,7 +271,7 @@ def test_the_jax_backends_bounded_caches_return_an_entry_another_thread_dropped(
                        [(x[:20], y[:20]), (x[20:], y[20:])])
         estimators.append(trak)
     targets = [(x[:10], y[:10])]
-    backend._steps = Recent(1)  # each step made again at the targets' size: the reference and the threads alike
+    backend._steps = Recent(1)  # each step made again (at its own size): the reference and the threads alike
     expected = [trak.score(targets) for trak in estimators]
     backend._steps = Pausing(1)
 
