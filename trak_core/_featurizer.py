@@ -300,8 +300,9 @@ class Featurizer(KernelFitting):
         check_lambda_setting(self.store, writer, index, self.lambda_reg, self._where)
         return PendingCheckpoint(index, prepared, n_params, structure, digest, writer)
 
-    def _close_checkpoint(self, pending: PendingCheckpoint, lambda_reg: float | None = None) -> None:
-        """Factorize the kernel and add the entry (the features are all in the writer)."""
+    def _close_checkpoint(self, pending: PendingCheckpoint, lambda_reg: float | None = None, *,
+                          apart: bool = False) -> None:
+        """Factorize the kernel and add the entry (the features are all in the writer; ``apart``: only mark it)."""
         kernel_dtype = self._kernel_dtype(self.lambda_reg if lambda_reg is None else lambda_reg)
         try:
             pending.writer.progress = self.progress  # a bar over the kernel's chunks (trak-core's writers)
@@ -314,9 +315,10 @@ class Featurizer(KernelFitting):
         factor, made_in = self._factor_of(kernel, kernel_dtype, features, pending.n_params, pending.index, lambda_reg)
         del kernel  # the entry re-reads or recomputes it when lambda changes (refit); only the factor is held
         loader = pending.writer.kernel_loader if made_in == kernel_dtype else None  # else recomputed in float64
-        self.store.add(CheckpointEntry(pending.index, pending.prepared, pending.n_params, features, q_all, factor,
-                                       pending.structure, loader, pending.digest, pending.writer.data_checksums,
-                                       made_in, self.lambda_reg))
+        entry = CheckpointEntry(pending.index, pending.prepared, pending.n_params, features, q_all, factor,
+                                pending.structure, loader, pending.digest, pending.writer.data_checksums, made_in,
+                                self.lambda_reg)
+        self.store.add(entry, held=False) if apart else self.store.add(entry)
 
     def _write_features(self, checkpoint: Any, pending: PendingCheckpoint, data: Iterable[Any],
                         check: DataCheck) -> None:

@@ -52,7 +52,7 @@ def check_lambda_setting(store: Any, writer: Writer, index: int, lambda_reg: flo
     """Refuse a new checkpoint in a store whose checkpoints were featurized with another ``lambda_reg`` setting: it
     would be stored with another ridge than theirs, and ``TRAK.open`` would score the mix."""
     stored_setting = getattr(store, "stored_lambda_setting", None)
-    if writer.complete or index == 0 or stored_setting is None:
+    if writer.complete or stored_setting is None:  # no complete checkpoint: stored_setting() is None
         return
     stored = stored_setting()
     if stored is None or stored == lambda_reg:

@@ -13,8 +13,10 @@ import weakref
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, TypeVar
 
 from ._checks import _integer
+from .disk_shared import check_configuration
 from .errors import StoreMismatchError, TrakTypeError, TrakValueError
 from .kronecker import Kronecker
+from .store import KERNEL_CHUNK_ROWS
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -114,11 +116,11 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
     if config.get("store_format") != STORE_FORMAT:
         raise StoreMismatchError(f"the store at {path} has format {config.get('store_format')!r}; this trak-core "
                                  f"reads format {STORE_FORMAT}: featurize again into a new store path")
-    stored = store.stored_checkpoints()
-    if not stored:
+    stored, complete = store.stored_checkpoints(), store.complete_checkpoints()
+    if not complete:
         raise TrakValueError(f"the store at {path} holds no complete checkpoint: featurize first"
                              f"{_interrupted(store)}")
-    chosen = _chosen_checkpoints(checkpoints, stored, path, store)
+    chosen = _chosen_checkpoints(checkpoints, stored, path, store, complete)
     if lambda_reg is None:  # checkpoints featurized later in this store follow the same rule as the stored ones
         setting = store.stored_lambda_setting()
         lambda_reg, keep_stored = ("auto" if setting is None else setting), True
@@ -151,10 +153,30 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
             raise TrakValueError(f"checkpoints {chosen[digests.index(pending.digest)][0]} and {index} have the same "
                                  "parameters; pass each stored checkpoint once, in order")
         digests.append(pending.digest)
+        check_configuration(path, index, pending.writer.group.attrs.get("configuration_sha256"), config)
         trak._opened.append((pending, store.stored_lambda(index) if keep_stored else None))
-    if len(chosen) < stored:
-        trak._subset_of = stored
+    _check_same_data([pending for pending, _ in trak._opened], path)
+    if [index for index, _ in chosen] != list(range(stored)):
+        trak._subset_of = len(complete)
     return trak
+
+
+def _check_same_data(opened: list, path: Any) -> None:
+    """Refuse checkpoints featurized on different training data (jobs featurizing apart check theirs against the
+    checkpoints complete when they began, not against those finished later)."""
+    first = opened[0]
+    for pending in opened[1:]:
+        a, b = first.writer.data_checksums, pending.writer.data_checksums
+        differing = sorted((int(c) for c in set(a) & set(b) if a[c] != b[c]))
+        rows = (first.writer.rows_done, pending.writer.rows_done)
+        if differing or rows[0] != rows[1]:
+            what = (f"in rows {differing[0] * KERNEL_CHUNK_ROWS} on (data_checksums chunk {differing[0]})" if differing
+                    else f"in length ({rows[0]} and {rows[1]} examples)")
+            raise StoreMismatchError(f"checkpoints {first.index} and {pending.index} in {path} were featurized on "
+                                     f"different training data, {what}: every checkpoint must see the same data in "
+                                     f"the same order. Featurize checkpoint {pending.index} again on checkpoint "
+                                     f"{first.index}'s data into a new store path, or open the store with a mapping "
+                                     "{index: checkpoint} of the checkpoints that agree")
 
 
 def _interrupted(store: Any) -> str:
@@ -168,9 +190,11 @@ def _interrupted(store: Any) -> str:
             "and its training data to finish it, then open the store)")
 
 
-def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any, store: Any) -> list[tuple[int, Any]]:
-    """``(store index, checkpoint)`` pairs in index order: every stored checkpoint from a list, some from a mapping
-    ``{index: checkpoint}``; too many name an interrupted checkpoint of ``store``."""
+def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any, store: Any,
+                        complete: list[int]) -> list[tuple[int, Any]]:
+    """``(store index, checkpoint)`` pairs in index order: every stored checkpoint (``0 .. stored - 1``) from a list,
+    some of the ``complete`` ones (jobs featurizing apart may leave gaps) from a mapping ``{index: checkpoint}``; too
+    many name an interrupted checkpoint of ``store``, or the gap before later complete ones."""
     if isinstance(checkpoints, Mapping) and any(isinstance(key, str) for key in checkpoints):
         raise TrakTypeError(f"checkpoints must be a list of every checkpoint the store holds, or a mapping {{index: "
                             f"checkpoint}} for some of them, got a {type(checkpoints).__name__} with string keys (one "
@@ -179,9 +203,9 @@ def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any, store: Any) ->
         pairs = []
         for key, checkpoint in checkpoints.items():
             index = _integer(key)
-            if index is None or not 0 <= index < stored:
+            if index is None or index not in complete:
                 raise TrakValueError(f"checkpoints maps store indices to checkpoints; the store at {path} holds "
-                                     f"checkpoints 0 to {stored - 1}, got the key {key!r}")
+                                     f"{_held(complete)}, got the key {key!r}")
             pairs.append((index, checkpoint))
         if not pairs:
             raise TrakValueError("checkpoints is an empty mapping: pass {index: checkpoint} for at least one stored "
@@ -193,10 +217,21 @@ def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any, store: Any) ->
                             "pass [checkpoint] for a store of one")
     checkpoints = list(checkpoints)
     if len(checkpoints) != stored:
+        later = [index for index in complete if index > stored]
+        gap = (f" (checkpoint {stored} is not complete, and {later} are: jobs featurizing apart may still be running;"
+               f" wait for them, or pass a mapping {{index: checkpoint}} of the complete ones)") if later else ""
         raise TrakValueError(f"the store at {path} holds {stored} complete checkpoints; pass all {stored}, in the "
                              f"order they were featurized (got {len(checkpoints)}), or a mapping {{index: checkpoint}} "
-                             f"to score with some of them{_interrupted(store) if len(checkpoints) > stored else ''}")
+                             f"to score with some of them"
+                             f"{gap or (_interrupted(store) if len(checkpoints) > stored else '')}")
     return list(enumerate(checkpoints))
+
+
+def _held(complete: list[int]) -> str:
+    """``checkpoints 0 to 4``, or ``checkpoints [0, 2, 3]`` where some are missing."""
+    if complete == list(range(len(complete))):
+        return f"checkpoints 0 to {len(complete) - 1}"
+    return f"checkpoints {complete}"
 
 
 def load_opened(trak: Any, example: tuple[Any, Any] | None) -> None:

@@ -27,8 +27,9 @@ One job: ``TRAK(store=path)``. Layout of the directory:
 The directory is created by the first write, not by opening. Reading a finished store (``TRAK.open``, scoring,
 self-influence, saved scores, featurizing its complete checkpoints again) writes nothing, so it works in a read-only
 directory; whatever must write (a new or incomplete checkpoint, ``save_as``) first checks that the directory is
-writable (``DiskStore.writable``). One writer per store: another process writing the same store at the same
-time is an error (``TrakOSError``) where zarr notices it.
+writable (``DiskStore.writable``). One writer per checkpoint: another process writing the same store at the same
+time is an error (``TrakOSError``) where zarr notices it, except jobs that featurize one checkpoint each
+(``featurize(..., index=i)``; ``trak_core.disk_shared``).
 
 Safety: zarr's ``LocalStore`` writes every chunk to a temporary file and renames it into place,
 so a chunk is either the old or the new bytes; ``rows_done`` and the checksum of a chunk are
@@ -42,7 +43,6 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
-import re
 import threading
 from typing import Any
 
@@ -52,6 +52,8 @@ from .errors import MissingFrameworkError, StoreMismatchError, TrakOSError, Trak
 from .fingerprints import combine, to_numpy
 from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, Store
 from ._zarr_io import settle
+from .disk_layout import ANY_ZARR_TEMPORARY, ZARR_TEMPORARY, foreign_contents
+from .disk_shared import check_configuration, checkpoint_indices, data_reference
 from .disk_writer import DiskFeatures, DiskWriter, _digest, one_writer, open_root, write_rows
 
 __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STORE_FORMAT", "write_rows",
@@ -60,8 +62,6 @@ __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STO
 STORE_FORMAT = 1  # the layout above; a store of another format is refused (StoreMismatchError)
 # zarr's LocalStore writes ``zarr.json`` to ``zarr.<32 hex>.partial`` and renames it into place: a kill between the
 # two leaves the temporary file, which is zarr's (not a user's file) and must not make the store "foreign"
-_ZARR_TEMPORARY = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
-_ANY_ZARR_TEMPORARY = re.compile(r".*\.[0-9a-f]{32}\.partial")  # chunks too: ``c/0/0.<32 hex>.partial``
 MAX_SCORE_NAME_BYTES = 255  # a save_as name is a directory of the store: the usual file-name limit (ext4, APFS, NTFS)
 _saving: dict[str, threading.Lock] = {}  # store location -> the lock of its save_scores, for this process's threads
 _saving_guard = threading.Lock()
@@ -77,6 +77,9 @@ def _saving_lock(location: str) -> threading.Lock:
 
 class DiskStore(Store):
     """Checkpoint entries whose features live in a zarr v3 group at ``path`` (created by the first write)."""
+
+    writes_apart = True  # takes a checkpoint out of order, written by a job of its own (``trak_core._apart``)
+    shared = False  # set by ``featurize(..., index=i)``: other jobs may be writing other checkpoints now
 
     def __init__(self, path: str | os.PathLike) -> None:
         """Open the store at ``path``: a local directory, or any URL zarr opens through fsspec.
@@ -135,48 +138,22 @@ class DiskStore(Store):
             self._refuse_foreign()
             if not self.exists():
                 self.writable()
-            with one_writer(self.path):
-                self._root = zarr.open_group(str(self.path), mode="a")
+            try:
+                with one_writer(self.path):
+                    self._root = zarr.open_group(str(self.path), mode="a")
+            except TrakOSError:
+                if not self.shared:
+                    raise
+                self._root = zarr.open_group(str(self.path), mode="a")  # another job created it just now
         return self._root
 
     def _refuse_foreign(self) -> None:
-        """Refuse a directory that is not a trak-core store (``_foreign``), before anything is written to it."""
-        what = self._foreign() if self.path.is_dir() else None
+        """Refuse a directory that is not a trak-core store (``disk_layout.foreign_contents``), before anything is
+        written to it."""
+        what = foreign_contents(self.path) if self.path.is_dir() else None
         if what is not None:
             raise TrakOSError(f"the store path {self.path} holds {what}; trak-core writes only into its own stores "
                               "and changed nothing: choose another (new or empty) directory for store=")
-
-    def _foreign(self) -> str | None:
-        """What the directory holds that is not a trak-core store's: a ``zarr.json`` that is a user's own file of
-        that name (zarr would replace it), a zarr array, or a zarr group with attributes or members of its own
-        (trak-core would add its arrays to it); zarr v2 data; files without a ``zarr.json`` (hidden ones aside).
-        ``None`` for a store, an empty directory, or a group with neither attributes nor members (a first run
-        created it and stopped before recording its configuration)."""
-        import json
-
-        others = sorted(entry.name for entry in self.path.iterdir()
-                        if entry.name != "zarr.json" and not entry.name.startswith(".trak_core_write_probe")
-                        and not _ZARR_TEMPORARY.fullmatch(entry.name))  # a write a kill cut short: not the user's
-        v2 = [name for name in (".zarray", ".zgroup", ".zattrs") if name in others]
-        visible = [name for name in others if not name.startswith(".")]  # hidden files aside
-        if not (self.path / "zarr.json").exists():
-            if v2:
-                return "zarr v2 data"
-            return f"files that are not a trak-core store's ({visible[:5]})" if visible else None
-        if v2:
-            return "zarr v2 data beside a zarr.json"
-        try:
-            meta = json.loads((self.path / "zarr.json").read_text())
-        except (OSError, UnicodeDecodeError, ValueError):
-            meta = None
-        if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or "node_type" not in meta:
-            return "a zarr.json file that is not zarr metadata"
-        if meta["node_type"] != "group":
-            return f"a zarr {meta['node_type']}"
-        attributes = meta.get("attributes") or {}
-        if "trak_core" not in attributes and (attributes or visible):
-            return f"a zarr group that is not a trak-core store (it holds {visible[:5] or 'attributes'})"
-        return None
 
     def writable(self) -> None:
         """Check, before the first write, that the store's directory can be written (once; creating it if absent):
@@ -320,19 +297,25 @@ class DiskStore(Store):
             raise TrakValueError(f"scores {name!r} in {self.path} are damaged (checksum mismatch); score again")
         return values
 
-    def add(self, entry: CheckpointEntry) -> None:
+    def add(self, entry: CheckpointEntry, *, held: bool = True) -> None:
+        """Mark the checkpoint complete and hold its entry (``held=False``: a checkpoint featurized apart, by
+        ``featurize(..., index=i)`` beyond this estimator's, is only marked)."""
         group = self.root[f"c{entry.index}"]
         last = self._entries[-1].index if self._entries else -1  # a stored checkpoint may skip some (TRAK.open subset)
-        if entry.index <= last or (entry.index != last + 1 and not group.attrs.get("complete", False)):
+        if held and (entry.index <= last or (entry.index != last + 1 and not group.attrs.get("complete", False))):
             raise TrakValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
         if not group.attrs.get("complete", False):  # a stored checkpoint keeps the lambda it was featurized with
+            check_configuration(self.path, entry.index, group.attrs.get("configuration_sha256"),
+                                open_root(str(self.path), "r").attrs.get("trak_core") if self.shared else None)
             self.writable()
             # zarr writes attrs.update one key at a time: "complete" last, so that a kill in between leaves an
             # incomplete checkpoint (finished again by the rerun), never a complete one without its lambda
             group.attrs.update({"lambda_reg": float(entry.factor.lambda_reg), "lambda_setting": entry.lambda_setting,
                                 "complete": True})
-            self._sweep_temporaries(f"c{entry.index}")
-        if entry.index == 0 and "data" not in self.root.attrs:
+            self._sweep_temporaries(f"c{entry.index}", root=not self.shared)  # another job may write the root's
+        if not held:
+            return
+        if entry.index == 0 and "data" not in self.root.attrs and not self.shared:
             n = int(entry.features.shape[0])
             digests = [entry.data_checksums[str(c)] for c in range(-(-n // KERNEL_CHUNK_ROWS))
                        if str(c) in entry.data_checksums]
@@ -347,14 +330,27 @@ class DiskStore(Store):
         if self._url:
             return
         directory = self.path / group
-        found = [entry for entry in directory.rglob("*.partial") if _ANY_ZARR_TEMPORARY.fullmatch(entry.name)]
+        found = [entry for entry in directory.rglob("*.partial") if ANY_ZARR_TEMPORARY.fullmatch(entry.name)]
         if root:
-            found += [entry for entry in self.path.glob("*.partial") if _ZARR_TEMPORARY.fullmatch(entry.name)]
+            found += [entry for entry in self.path.glob("*.partial") if ZARR_TEMPORARY.fullmatch(entry.name)]
         for entry in found:
             try:
                 entry.unlink()
             except OSError:
                 pass
+
+    def complete_checkpoints(self) -> list[int]:
+        """The indices of every complete checkpoint, read now (jobs featurizing apart may leave gaps)."""
+        return checkpoint_indices(self.root) if self.exists() else []
+
+    def checkpoint_digests(self) -> dict[int, str]:
+        """``{index: parameters_sha256}`` of the complete checkpoints, read now."""
+        digests = {i: self.root[f"c{i}"].attrs.get("parameters_sha256") for i in self.complete_checkpoints()}
+        return {i: digest for i, digest in digests.items() if digest is not None}
+
+    def data_reference(self, index: int) -> tuple[dict[str, str], int] | None:
+        """``(data_checksums, rows)`` of complete checkpoint ``index`` (``trak_core.disk_shared.data_reference``)."""
+        return data_reference(self.root[f"c{index}"])
 
     def stored_lambda(self, index: int) -> float | None:
         """The ridge ``lambda`` checkpoint ``index`` was factorized with (``None`` if not stored)."""
@@ -379,9 +375,9 @@ class DiskStore(Store):
         self.root.attrs["first_batch_rows"] = int(rows)
 
     def stored_lambda_setting(self) -> float | str | None:
-        """The ``lambda_reg`` the estimator was given ("auto" or a float) when the last complete checkpoint was
-        featurized (``None`` for stores written before trak-core kept it)."""
-        settings = [self.root[f"c{c}"].attrs.get("lambda_setting") for c in range(self.stored_checkpoints())]
+        """The ``lambda_reg`` the estimator was given ("auto" or a float) when the complete checkpoint of the highest
+        index was featurized (``None`` for stores written before trak-core kept it)."""
+        settings = [self.root[f"c{c}"].attrs.get("lambda_setting") for c in self.complete_checkpoints()]
         return next((value for value in reversed(settings) if value is not None), None)
 
     def __len__(self) -> int:

@@ -156,10 +156,17 @@ class DiskWriter(Writer):
         self.template, self.needs_template = features[:1, ...], False
 
     def record_parameters(self, digest: str | None) -> None:
+        """The checkpoint's content hash, before any row; in a shared store (``featurize(..., index=i)``) also the
+        hash of the configuration this job found or wrote (``trak_core.disk_shared``)."""
         self.parameters_digest = digest
         if digest is not None and self.group.attrs.get("parameters_sha256") != digest:
             self.store.writable()
             self.group.attrs["parameters_sha256"] = digest
+        if self.store.shared and "configuration_sha256" not in self.group.attrs:
+            from .disk_shared import configuration_digest
+
+            self.store.writable()
+            self.group.attrs["configuration_sha256"] = configuration_digest(self.store.configuration())
 
     def record_plan(self, digest: str) -> None:
         """The factorized projection's layout (``KroneckerPlan.digest``), before the checkpoint's first rows."""

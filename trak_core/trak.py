@@ -9,6 +9,7 @@ import itertools
 import logging
 from typing import Any, Iterable, Sequence
 
+from ._apart import featurize_at
 from ._checks import (_check_lambda, _check_lengths, _check_proj_dim, _check_seed, _resolve_backend, check_scorable,
                       chosen_entries, take_rows)
 from ._featurizer import Featurizer
@@ -189,7 +190,7 @@ class TRAK(Featurizer, Reopening):
                 f"{len(self.store) + len(self._opened)}, store={self.store.location or 'memory'!r})")
 
     @once_per_call  # a warning of the model's outputs is said once per call, not per batch
-    def featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
+    def featurize(self, checkpoint: Any, data: Iterable[Any], *, index: int | None = None) -> None:
         """Compute and store the training features of one checkpoint.
 
         Parameters
@@ -199,6 +200,10 @@ class TRAK(Featurizer, Reopening):
             params pytree for framework backends). Call once per checkpoint.
         data : iterable of (inputs, labels)
             The training set in batches, in the same order for every checkpoint.
+        index : int, optional
+            The checkpoint's index (it seeds its projection). Default: the next one, ``len(checkpoints)``.
+            With an on-disk store, a later index writes that checkpoint only, so that one job per checkpoint
+            fills one store at once; ``TRAK.open`` then scores the store (``docs/store.md``).
 
         Raises
         ------
@@ -218,7 +223,7 @@ class TRAK(Featurizer, Reopening):
         try:
             self._load_opened(None)  # a store reopened with open: its checkpoints first, then this one after them
             with settling(self.store):  # interrupted (Ctrl-C too): a write it cut short lands before this returns
-                self._featurize(checkpoint, data)
+                self._featurize(checkpoint, data) if index is None else featurize_at(self, checkpoint, data, index)
             self._last_error = self._missing = None
         except BaseException as exc:  # Ctrl-C too: a new checkpoint started is missing all the same
             # a call refused before it started (a duplicate, as when a cell's loop is run again after Ctrl-C) keeps
