@@ -46,7 +46,7 @@ def test_a_first_call_of_one_row_does_not_fix_the_step_size():
     late, fresh = JaxBackend(), JaxBackend()
     late.gradients(model, late.prepare(model, weights), x[:1], y[:1], task)
     grads, q = late.gradients(model, late.prepare(model, weights), x, y, task)
-    assert late.compilations == 2 and late._sizes[next(iter(late._sizes))] == 24
+    assert late.compilations == 2 and next(iter(late._steps.values()))[1][2] == 24
     expected, expected_q = fresh.gradients(model, fresh.prepare(model, weights), x, y, task)
     assert np.array_equal(np.asarray(grads), np.asarray(expected)) and np.array_equal(np.asarray(q),
                                                                                      np.asarray(expected_q))

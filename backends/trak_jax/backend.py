@@ -27,6 +27,8 @@ Half-precision params (bfloat16, float16): gradients in the params' dtype, proje
 """
 from __future__ import annotations
 
+import weakref
+
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -42,7 +44,6 @@ from .recent import Recent
 
 __all__ = ["JaxBackend", "JaxModel", "output_logits"]
 
-SIZES_KEPT = 32  # step sizes S kept (ints, each entry holding its apply): an evicted step is rebuilt at its own S
 STEPS_KEPT = 8  # compiled steps (and Kronecker analyses) kept: one to three per model, the last models'
 
 
@@ -160,14 +161,14 @@ class JaxBackend(Backend):
         # (apply, task, project, selected) -> [jitted step, the step's size S]; bounded: the backend is one per
         # process, and each entry holds its apply (the user's model) alive
         self._steps: Recent = Recent(STEPS_KEPT)
-        self._sizes: Recent = Recent(SIZES_KEPT)  # step key -> S, kept longer than the step: see _step_size
+        self._sizes: Any = weakref.WeakKeyDictionary()  # apply -> {rest of a step key: S}: see _step_size
         self.compilations = 0  # traces of the step function: how many times it was (re)compiled
         self._checks = OutputCheck()  # abstract traces of apply, per batch signature
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_steps"], state["_checks"] = Recent(STEPS_KEPT), OutputCheck()  # compiled steps and traces stay here
-        state["_sizes"] = Recent(SIZES_KEPT)
+        state["_sizes"] = weakref.WeakKeyDictionary()
         return state
 
     def owns(self, model: Any) -> bool:
@@ -211,10 +212,10 @@ class JaxBackend(Backend):
         check_stored_x64(prepared.dtype, dtype)
 
     def _step(self, apply: Callable, task: Any, project: bool, selected: tuple[int, ...] | None = None) -> Any:
-        """``[jitted step, step key]`` of ``apply`` and ``task`` (the key gives its size: ``_step_size``);
+        """``[jitted step, [apply, rest of its key, S or None]]`` of ``apply`` and ``task`` (``_step_size``);
         ``selected``: the indices of the leaves to differentiate (``None``: all)."""
-        key = (apply, task, project, selected)
-        return self._steps.get_or_make(key, lambda: [self._make_step(apply, task, project, selected), key])
+        return self._steps.get_or_make((apply, task, project, selected), lambda: [
+            self._make_step(apply, task, project, selected), [apply, (task, project, selected), None]])
 
     def _make_step(self, apply: Callable, task: Any, project: bool, selected: tuple[int, ...] | None) -> Any:
         """The jitted step of ``_step``."""
@@ -263,17 +264,21 @@ class JaxBackend(Backend):
         return jax.jit(step)
 
     def _step_size(self, entry: list, n: int) -> int:
-        """The size ``S`` of a step (its key is ``entry[1]``): ``batch_size``, else the size this step key was given
-        before, else ``step_rows``, else its first batch of ``n > 1`` rows. Sizes outlive the bounded cache of
-        steps: a step evicted and made again keeps its ``S``, so its rows keep their bits (it took the calling
-        batch's size before, 1.7e-8 off)."""
+        """The size ``S`` of a step (``entry[1]``: ``[apply, rest of its key, S]``): ``batch_size``, else the size
+        the step was given, else the size its key was given before it was dropped from the bounded cache and made
+        again (kept per apply function while it lives: it took the calling batch's size, 1.7e-8 off the bits),
+        else ``step_rows``, else its first batch of ``n > 1`` rows."""
         if self.batch_size is not None:
             return self.batch_size
-        sizes = self.__dict__.setdefault("_sizes", Recent(SIZES_KEPT))  # a backend pickled before it existed
-        size = sizes.get(entry[1]) or self.step_rows or n
+        apply, rest, size = entry[1]
+        try:
+            sizes = self.__dict__.setdefault("_sizes", weakref.WeakKeyDictionary()).setdefault(apply, {})
+        except TypeError:  # an apply that takes no weak reference: its size lives with its step only
+            sizes = {}
+        size = size or sizes.get(rest) or self.step_rows or n
         if size == 1 < n:  # the first call had one row (the Ray driver's template, a store's first row): S is the
             size = n  # first real batch's size, not one row per call
-        sizes[entry[1]] = size
+        entry[1][2] = sizes[rest] = size
         return size
 
     def _check_batch(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any) -> tuple:

@@ -164,9 +164,8 @@ def features(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, 
     found = analyse(backend, apply, prepared, inputs, labels, task)
     plan_ = found.plan(k, options)
     key = ("kronecker-step", apply, task, id(found), repr(plan_))
-    size_key = ("kronecker-step", apply, task, repr(plan_))  # S outlives the step and its analysis (``_step_size``)
-    entry = backend._steps.get_or_make(key, lambda: [_make_step(backend, apply, task, found, plan_), size_key,
-                                                     found])
+    entry = backend._steps.get_or_make(key, lambda: [_make_step(backend, apply, task, found, plan_),
+                                                     [apply, ("kronecker-step", task, repr(plan_)), None], found])
     step, size = entry[0], backend._step_size(entry, n)
     dtype = np.dtype(prepared.dtype)  # factors made by NumPy (the same bits; no small JAX ops to compile)
     dtype = np.dtype(np.float32) if dtype.itemsize < 4 else dtype  # half precision: float32 products and features
