@@ -119,15 +119,19 @@ def test_the_same_checkpoint_under_two_indices_is_refused(tmp_path):
     assert not (tmp_path / "c2" / "features").exists()
 
 
-def test_other_data_is_refused_at_featurize_or_at_open(tmp_path):
+def test_other_data_is_refused_at_featurize_or_at_open(tmp_path, monkeypatch):
     """A job whose data differs from a complete checkpoint's is refused before it writes rows; two jobs that both
     began before either finished are told apart by ``TRAK.open``."""
+    from trak_core.disk_store import DiskStore
+
     shuffled = [(x.flip(0), y.flip(0)) for x, y in DATA]
     _trak(tmp_path / "a").featurize(CHECKPOINTS[0], DATA, index=0)
     with pytest.raises(StoreMismatchError, match="training data differs"):
         _trak(tmp_path / "a").featurize(CHECKPOINTS[1], shuffled, index=1)
     _trak(tmp_path / "b").featurize(CHECKPOINTS[1], shuffled, index=1)  # nothing complete to compare with
+    monkeypatch.setattr(DiskStore, "data_reference", lambda self, index: None)  # job 0 began before c1 was complete
     _trak(tmp_path / "b").featurize(CHECKPOINTS[0], DATA, index=0)
+    monkeypatch.undo()
     with pytest.raises(StoreMismatchError, match="checkpoints 0 and 1 .* different training data, in rows 0 on"):
         _opened(tmp_path / "b", CHECKPOINTS[:2])
 
@@ -228,3 +232,83 @@ def test_jax_jobs_apart_score_as_one_process(tmp_path):
         trak(tmp_path).featurize(weights[i], data, index=i)
     opened = trak_core.TRAK.open(tmp_path, JaxModel(mlp), weights, progress=False)
     assert np.array_equal(np.asarray(opened.score(targets)), np.asarray(in_order.score(targets)))
+
+
+def test_job_zero_is_checked_beside_the_complete_checkpoints(tmp_path):
+    """``index=0`` on a new estimator is an in-order featurize, and is checked as any job against the checkpoints
+    other jobs completed: their parameters (the same checkpoint under two indices) and their data, before its rows."""
+    import zarr
+
+    _trak(tmp_path / "a").featurize(CHECKPOINTS[0], DATA, index=2)
+    with pytest.raises(TrakValueError, match="same parameters as checkpoint 2 in .* as checkpoint 0 it would count"):
+        _trak(tmp_path / "a").featurize(CHECKPOINTS[0], DATA, index=0)
+    assert "features" not in zarr.open_group(str(tmp_path / "a"), mode="r")["c0"]
+    shuffled = [(x.flip(0), y.flip(0)) for x, y in DATA]
+    _trak(tmp_path / "b").featurize(CHECKPOINTS[1], DATA, index=1)
+    with pytest.raises(StoreMismatchError, match="training data differs"):
+        _trak(tmp_path / "b").featurize(CHECKPOINTS[0], shuffled, index=0)
+    assert not zarr.open_group(str(tmp_path / "b"), mode="r")["c0"].attrs.get("rows_done", 0)
+
+
+def test_a_resumed_job_with_rows_of_other_data_is_refused(tmp_path):
+    """Job 2 interrupted after its first chunk of rows, on data in another order, before any checkpoint was
+    complete; job 1 completes on the right data; job 2 rerun on the right data would resume the other data's rows
+    (and record the right data's digests over theirs): refused, naming the group to delete."""
+    from trak_core.store import KERNEL_CHUNK_ROWS
+
+    torch.manual_seed(1)
+    n = KERNEL_CHUNK_ROWS + 904
+    x, y = torch.randn(n, 10), torch.randint(0, 3, (n,))
+    data = [(x[i:i + 500], y[i:i + 500]) for i in range(0, n, 500)]
+    other = [(a.flip(0), b.flip(0)) for a, b in data]
+
+    def interrupted():
+        yield from other[:9]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _trak(tmp_path).featurize(CHECKPOINTS[2], interrupted(), index=2)
+    _trak(tmp_path).featurize(CHECKPOINTS[1], data, index=1)
+    with pytest.raises(StoreMismatchError, match=r"checkpoint 2 in .* holds rows from 0 on of other training data "
+                                                 r"than checkpoint 1.*Delete its group c2"):
+        _trak(tmp_path).featurize(CHECKPOINTS[2], data, index=2)
+
+
+def test_jobs_at_once_with_other_lambda_settings_are_refused_by_open(tmp_path, monkeypatch, in_order):
+    """Two jobs that began before either was complete, one with ``lambda_reg=1.0``: neither had a setting to check
+    against; ``TRAK.open`` refuses to score the mix of ridges and scores with ``lambda_reg=`` given."""
+    from trak_core import _featurizer
+
+    _trak(tmp_path).featurize(CHECKPOINTS[0], DATA, index=0)
+    monkeypatch.setattr(_featurizer, "check_lambda_setting", lambda *args: None)  # it began before c0 was complete
+    _trak(tmp_path, lambda_reg=1.0).featurize(CHECKPOINTS[1], DATA, index=1)
+    monkeypatch.undo()
+    with pytest.raises(StoreMismatchError, match=r"checkpoints 0 and 1 .* lambda_reg='auto' and lambda_reg=1.0"):
+        _opened(tmp_path, CHECKPOINTS[:2])
+    opened = trak_core.TRAK.open(tmp_path, MODELS[0], CHECKPOINTS[:2], progress=False, lambda_reg="auto")
+    assert np.array_equal(opened.score(TARGETS).numpy(), in_order.score(TARGETS, checkpoints=[0, 1]).numpy())
+
+
+def test_an_estimator_opened_with_some_checkpoints_writes_another_apart(tmp_path, in_order):
+    """Opened with ``{2: ...}`` (job 0 failed): ``featurize(checkpoint_0, data, index=0)`` writes checkpoint 0 (it
+    was refused as "held already"); an index it holds is named with the indices it holds."""
+    _trak(tmp_path).featurize(CHECKPOINTS[2], DATA, index=2)
+    _trak(tmp_path).featurize(CHECKPOINTS[1], DATA, index=1)
+    opened = _opened(tmp_path, {2: CHECKPOINTS[2]})
+    with pytest.raises(TrakValueError, match=r"holds checkpoint 2 already \(it holds checkpoints \[2\]\)"):
+        opened.featurize(CHECKPOINTS[2], DATA, index=2)
+    opened.featurize(CHECKPOINTS[0], DATA, index=0)
+    assert np.array_equal(_opened(tmp_path).score(TARGETS).numpy(), in_order.score(TARGETS).numpy())
+
+
+def test_a_job_refused_before_its_rows_does_not_hold_its_index(tmp_path, in_order):
+    """Job 1 given checkpoint 2 and shuffled data is refused by the data check before any row is written; its rerun
+    with the right checkpoint was refused as "featurized from other parameters" (the first run's hash), with no row
+    to keep; now it writes checkpoint 1."""
+    shuffled = [(x.flip(0), y.flip(0)) for x, y in DATA]
+    _trak(tmp_path).featurize(CHECKPOINTS[0], DATA, index=0)
+    with pytest.raises(StoreMismatchError, match="training data differs"):
+        _trak(tmp_path).featurize(CHECKPOINTS[2], shuffled, index=1)
+    _trak(tmp_path).featurize(CHECKPOINTS[1], DATA, index=1)
+    _trak(tmp_path).featurize(CHECKPOINTS[2], DATA, index=2)
+    assert np.array_equal(_opened(tmp_path).score(TARGETS).numpy(), in_order.score(TARGETS).numpy())

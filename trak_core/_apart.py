@@ -14,9 +14,10 @@ import operator
 from typing import Any, Iterable
 
 from ._identity import DataCheck
-from .errors import TrakTypeError, TrakValueError
+from .errors import StoreMismatchError, TrakTypeError, TrakValueError
+from .store import KERNEL_CHUNK_ROWS
 
-__all__ = ["checked_index", "featurize_apart", "featurize_at"]
+__all__ = ["checked_index", "featurize_apart", "featurize_at", "shared_data_check"]
 
 log = logging.getLogger("trak_core")
 
@@ -38,21 +39,24 @@ def checked_index(index: Any) -> int:
 def featurize_at(trak: Any, checkpoint: Any, data: Iterable[Any], index: Any) -> None:
     """``TRAK.featurize(checkpoint, data, index=index)``: in order where ``index`` is the next checkpoint of this
     estimator (it holds it afterwards), else apart (``featurize_apart``); either way the store may be shared."""
-    index, held = checked_index(index), len(trak.store)
-    if index < held:
-        raise TrakValueError(f"this estimator holds checkpoint {index} already (it holds 0 to {held - 1}); pass the "
-                             f"index of a checkpoint it does not hold ({held} for the next one)")
+    index, held = checked_index(index), [entry.index for entry in trak.store]
+    in_order = held == list(range(len(held)))  # not an estimator opened with some checkpoints (a mapping)
+    if index in held:
+        what = f"0 to {len(held) - 1}" if in_order else f"checkpoints {held}"
+        raise TrakValueError(f"this estimator holds checkpoint {index} already (it holds {what}); pass the index of a "
+                             "checkpoint it does not hold" + (f" ({len(held)} for the next one)" if in_order else ""))
     if getattr(trak.store, "writes_apart", False):
         trak.store.shared = True  # other jobs may create the root or write other checkpoints beside this one now
-    if index == held:
-        trak._featurize(checkpoint, data)
+    if in_order and index == len(held):
+        trak._featurize(checkpoint, data)  # checked beside the other jobs' checkpoints (``shared_data_check``)
     else:
         featurize_apart(trak, checkpoint, data, index)
 
 
 def featurize_apart(trak: Any, checkpoint: Any, data: Iterable[Any], index: int) -> None:
-    """Featurize ``checkpoint`` as checkpoint ``index`` of ``trak``'s on-disk store, which this estimator's
-    checkpoints do not reach (``index > len(trak.store)``); the estimator does not hold it afterwards."""
+    """Featurize ``checkpoint`` as checkpoint ``index`` of ``trak``'s on-disk store, which is not this estimator's
+    next (``index > len(trak.store)``, or any it does not hold where it was opened with some checkpoints); the
+    estimator does not hold it afterwards."""
     store = trak.store
     if not getattr(store, "writes_apart", False):
         raise TrakValueError(f"featurize(..., index={index}): this estimator holds {len(store)} checkpoints, and only "
@@ -62,29 +66,50 @@ def featurize_apart(trak: Any, checkpoint: Any, data: Iterable[Any], index: int)
         raise TrakValueError(f"featurize(..., index={index}) runs in this process only: drop executor=, or featurize "
                              "in order with the executor (it spreads each checkpoint's rows over its workers)")
     pending = trak._open_checkpoint(checkpoint, index=index)
-    writer = pending.writer
+    check = shared_data_check(trak, pending)
+    if not pending.writer.complete:
+        pending.writer.record_parameters(pending.digest)  # and, the store being shared, its configuration's hash
+    trak._write_features(checkpoint, pending, data, check)
+    trak._close_checkpoint(pending, apart=True)
+    waiting = [i for i in range(index) if i not in store.complete_checkpoints()]
+    log.info("checkpoint %d is stored in %s%s; TRAK.open(path, model, checkpoints) scores the store", index,
+             store.location, f" (checkpoints {waiting} are not complete yet)" if waiting else "")
+
+
+def shared_data_check(trak: Any, pending: Any) -> DataCheck:
+    """Checkpoint ``pending.index`` of a shared store, beside the complete checkpoints other jobs wrote (before its
+    writer writes anything): refused where it has the parameters of one of them; its data check (``_data_check``).
+    Jobs featurizing in order (``index`` the estimator's next, job 0 among them) are checked so too."""
+    store, index = trak.store, pending.index
     others = {i: digest for i, digest in store.checkpoint_digests().items() if i != index}
     if pending.digest is not None and pending.digest in others.values():
         other = next(i for i, digest in others.items() if digest == pending.digest)
         raise TrakValueError(f"this checkpoint has the same parameters as checkpoint {other} in {store.location} "
                              f"(featurized already); as checkpoint {index} it would count twice in the ensemble. "
                              "Pass each checkpoint once, under one index")
-    if not writer.complete:
-        writer.record_parameters(pending.digest)  # and, the store being shared, its configuration's hash
-    trak._write_features(checkpoint, pending, data, _data_check(store, writer, index, others, trak._where))
-    trak._close_checkpoint(pending, apart=True)
-    trak._apart = sorted(set(getattr(trak, "_apart", ())) | {index})
-    waiting = [i for i in range(index) if i not in store.complete_checkpoints()]
-    log.info("checkpoint %d is stored in %s%s; TRAK.open(path, model, checkpoints) scores the store", index,
-             store.location, f" (checkpoints {waiting} are not complete yet)" if waiting else "")
+    return _data_check(store, pending.writer, index, others, trak._where, list(store))
 
 
-def _data_check(store: Any, writer: Any, index: int, others: dict, where: str) -> DataCheck:
+def _data_check(store: Any, writer: Any, index: int, others: dict, where: str, entries: list) -> DataCheck:
     """The data check of checkpoint ``index``: against the lowest complete checkpoint besides it, where one is
-    stored (its digests and rows); else against what this checkpoint stored itself (``DataCheck.for_checkpoint``)."""
+    stored (its digests and rows); else as in one process (``DataCheck.for_checkpoint``: against the estimator's
+    checkpoint 0, or what this checkpoint stored itself).
+    Rows this checkpoint stored already (an interrupted job, perhaps before that checkpoint was complete) must be
+    of the same data: a resumed run records the digests of the data it is given, so they would go unnoticed."""
     for other in sorted(others):
         reference = store.data_reference(other)
         if reference is not None:
             checksums, rows = reference
+            stored = writer.data_checksums
+            written = -(-int(getattr(writer, "rows_done", 0)) // KERNEL_CHUNK_ROWS)  # chunks with rows stored
+            differing = [c for c in range(written) if str(c) in stored and stored[str(c)] != checksums.get(str(c))]
+            if differing:
+                first = differing[0] * KERNEL_CHUNK_ROWS
+                raise StoreMismatchError(
+                    f"checkpoint {index} in {where} holds rows from {first} on of other training data than checkpoint "
+                    f"{other} was featurized on (data_checksums chunk {differing[0]}; an earlier, interrupted run of "
+                    f"this checkpoint wrote them before checkpoint {other} was complete): the rows of one checkpoint "
+                    f"would come from two data sets. Delete its group c{index} and featurize it again on checkpoint "
+                    f"{other}'s data, or featurize into a new store path (nothing was overwritten)")
             return DataCheck(writer, checksums, rows, where)
-    return DataCheck.for_checkpoint(writer, [], where)
+    return DataCheck.for_checkpoint(writer, entries, where)

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
+from ._apart import shared_data_check
 from ._checks import (_check_features, _check_finite, _check_lengths, _check_weights, check_backend_array,
                       chosen_entries, projection_group_rows, take_rows)
 from ._delegation import is_accelerator
@@ -264,10 +265,11 @@ class Featurizer(KernelFitting):
                                  "the store with every checkpoint (a list, in order) to featurize into it")
         pending = self._open_checkpoint(checkpoint)
         writer = pending.writer
+        check = (shared_data_check(self, pending) if getattr(self.store, "shared", False)  # other jobs' checkpoints
+                 else DataCheck.for_checkpoint(writer, list(self.store), self._where))  # beside it (index=i)
         if not writer.complete:
             writer.record_parameters(pending.digest)
-        self._write_features(checkpoint, pending, data, DataCheck.for_checkpoint(writer, list(self.store),
-                                                                                 self._where))
+        self._write_features(checkpoint, pending, data, check)
         self._close_checkpoint(pending)
 
     @property

@@ -38,6 +38,8 @@ def check_parameters(digest: str | None, writer: Writer, entries: Sequence[Check
     """Refuse a checkpoint featurized already under another index, or other parameters than the store holds."""
     refuse_duplicate(digest, entries)
     stored = writer.parameters_digest
+    if not writer.complete and not getattr(writer, "rows_done", 0):  # a run refused before its first rows (its data,
+        return  # a duplicate): no row to keep, and the corrected run records its own hash (``record_parameters``)
     if stored is not None and digest is not None and stored != digest:
         dtype = getattr(writer, "stored_dtype", None)
         cast = (f"; parameters cast to another dtype count as other parameters (its features are stored as {dtype})"

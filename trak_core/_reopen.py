@@ -156,6 +156,8 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
         check_configuration(path, index, pending.writer.group.attrs.get("configuration_sha256"), config)
         trak._opened.append((pending, store.stored_lambda(index) if keep_stored else None))
     _check_same_data([pending for pending, _ in trak._opened], path)
+    if keep_stored:
+        _check_same_lambda_setting([pending for pending, _ in trak._opened], path)
     if [index for index, _ in chosen] != list(range(stored)):
         trak._subset_of = len(complete)
     return trak
@@ -177,6 +179,23 @@ def _check_same_data(opened: list, path: Any) -> None:
                                      f"the same order. Featurize checkpoint {pending.index} again on checkpoint "
                                      f"{first.index}'s data into a new store path, or open the store with a mapping "
                                      "{index: checkpoint} of the checkpoints that agree")
+
+
+def _check_same_lambda_setting(opened: list, path: Any) -> None:
+    """Refuse, where each checkpoint is to be scored with its stored ridge (``lambda_reg=None``), checkpoints
+    featurized with other ``lambda_reg`` settings: jobs featurizing apart at once each found no complete checkpoint
+    to check theirs against, and the scores would mix the ridges (one process refuses the second setting)."""
+    settings = [(pending.index, pending.writer.group.attrs.get("lambda_setting")) for pending in opened
+                if hasattr(getattr(pending.writer, "group", None), "attrs")]
+    settings = [(index, setting) for index, setting in settings if setting is not None]  # older stores kept none
+    for index, setting in settings[1:]:
+        first, stored = settings[0]
+        if setting != stored:
+            raise StoreMismatchError(
+                f"checkpoints {first} and {index} in {path} were featurized with lambda_reg={stored!r} and "
+                f"lambda_reg={setting!r} (jobs featurizing apart at once with other settings): scored with their "
+                f"stored ridges they would mix the two. Pass lambda_reg= to TRAK.open (lambda_reg={stored!r}: every "
+                "checkpoint is refit with it), or open a mapping {index: checkpoint} of the checkpoints that agree")
 
 
 def _interrupted(store: Any) -> str:
