@@ -25,7 +25,7 @@ LAUNCHERS = [pytest.param(MODULE, id="python -m trak_core.cli"),
                           marks=pytest.mark.skipif(SCRIPT is None, reason="the trak-core script is not on PATH"))]
 
 TOP_HELP = """\
-usage: trak-core {demo,compare} [options]
+usage: trak-core {demo,compare,store} [options]
        trak-core [-h | --help | --version]
 
 Training-data attribution with TRAK on the Python Array API.
@@ -33,6 +33,7 @@ Training-data attribution with TRAK on the Python Array API.
 commands:
   demo     train an MLP ensemble on digits, attribute with TRAK, measure LDS
   compare  one MLP on every installed backend: agreement with NumPy, seconds
+  store    what an on-disk store holds: checkpoints, progress, saved scores
 
 options:
   -h, --help  show this help message and exit
@@ -45,6 +46,7 @@ COMMAND_LIST = """
 commands:
   demo     train an MLP ensemble on digits, attribute with TRAK, measure LDS
   compare  one MLP on every installed backend: agreement with NumPy, seconds
+  store    what an on-disk store holds: checkpoints, progress, saved scores
 
 Run 'trak-core --help' for more.
 """
@@ -203,7 +205,7 @@ def test_the_console_script_is_declared():
 
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert project["project"]["scripts"] == {"trak-core": "trak_core.cli:main"}
-    assert sorted(cli.COMMANDS) == ["compare", "demo"]
+    assert sorted(cli.COMMANDS) == ["compare", "demo", "store"]
 
 
 def _no_work(monkeypatch):

@@ -1,4 +1,4 @@
-"""The ``trak-core`` command: ``trak-core demo`` and ``trak-core compare``.
+"""The ``trak-core`` command: ``trak-core demo``, ``trak-core compare`` and ``trak-core store``.
 
 In the style of git and pip: ``trak-core --help`` (or no arguments) lists the commands with one
 line each, ``trak-core COMMAND --help`` shows the options of one command, and an unknown command
@@ -19,6 +19,7 @@ PROG = "trak-core"
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("trak_core.demo", "train an MLP ensemble on digits, attribute with TRAK, measure LDS"),
     "compare": ("trak_core.compare", "one MLP on every installed backend: agreement with NumPy, seconds"),
+    "store": ("trak_core.store_report", "what an on-disk store holds: checkpoints, progress, saved scores"),
 }
 
 

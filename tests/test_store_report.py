@@ -1,0 +1,104 @@
+"""``trak-core store PATH``: a store's checkpoints (complete, in progress, started, missing), lambdas, parameters'
+hashes and saved scores, read against what the estimator and zarr hold; ``--verify`` names a damaged chunk."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed: the torch backend is not exercised")
+zarr = pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are not exercised")
+
+import trak_core  # noqa: E402
+from trak_core import cli, store_report  # noqa: E402
+from trak_core.store import KERNEL_CHUNK_ROWS  # noqa: E402
+
+N = KERNEL_CHUNK_ROWS + 300  # a checkpoint interrupted after its first chunk is "in progress" with 4,096 rows
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Checkpoints 0 and 3 complete (3 apart), 1 interrupted after its first chunk, 2 never begun; saved scores
+    "first" and an interrupted set "cut"; the estimator that featurized checkpoint 0."""
+    path = tmp_path_factory.mktemp("report") / "store"
+    torch.manual_seed(0)
+    x, y = torch.randn(N, 6), torch.randint(0, 3, (N,))
+    data = [(x[i:i + 512], y[i:i + 512]) for i in range(0, N, 512)]
+    models = [_model(seed) for seed in range(4)]
+    trak = trak_core.TRAK(models[0], proj_dim=16, progress=False, store=path)
+    trak.featurize(models[0].state_dict(), data, index=0)
+    trak_core.TRAK(models[0], proj_dim=16, progress=False, store=path).featurize(models[3].state_dict(), data,
+                                                                                 index=3)
+
+    def interrupted():
+        yield from data[:9]  # 4,608 rows: the first chunk of 4,096 is written
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trak_core.TRAK(models[0], proj_dim=16, progress=False, store=path).featurize(models[1].state_dict(),
+                                                                                     interrupted(), index=1)
+    trak.score([(x[:5], y[:5])], save_as="first")
+    zarr.open_group(str(path), mode="r+").require_group("scores").create_array("cut", shape=(N, 2), dtype="float32")
+    return path, trak
+
+
+def test_the_report_reads_what_the_store_holds(store):
+    path, trak = store
+    report = store_report.describe(str(path))
+    root = zarr.open_group(str(path), mode="r")
+    assert [c["index"] for c in report["checkpoints"]] == [0, 1, 3] and report["missing"] == [2]
+    assert report["complete"] == [0, 3]
+    states = {c["index"]: (c["state"], c["rows"]) for c in report["checkpoints"]}
+    assert states == {0: ("complete", N), 1: ("in progress", KERNEL_CHUNK_ROWS), 3: ("complete", N)}
+    first = report["checkpoints"][0]
+    assert first["lambda_reg"] == pytest.approx(trak.lambdas[0], rel=1e-12) and first["lambda_setting"] == "auto"
+    assert first["parameters_sha256"] == trak.store[0].parameters_digest
+    assert report["checkpoints"][2]["configuration"] == "same"  # checkpoint 3, written apart, recorded its hash
+    assert report["configuration"]["proj_dim"] == 16 and report["first_batch_rows"] == 512
+    assert report["scores"] == [{"name": "cut", "shape": [N, 2], "dtype": "float32", "state": "interrupted"},
+                                {"name": "first", "shape": [N, 5], "dtype": "float32", "state": "finished"}]
+    assert root["scores"]["first"].shape == (N, 5) and report["damaged"] is False
+    text = store_report.render(report)
+    assert "1          in progress      4,096" in text and "missing (no group yet): [2]" in text
+    assert "a mapping {index: checkpoint} of the complete ones, [0, 3]" in text
+
+
+def test_the_command_prints_json_and_reads_only(store, capsys):
+    path, _ = store
+    before = sorted(p.relative_to(path) for p in path.rglob("*"))
+    report = store_report.main([str(path), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["complete"] == report["complete"] == [0, 3]
+    assert sorted(p.relative_to(path) for p in path.rglob("*")) == before
+    done = subprocess.run([sys.executable, "-m", "trak_core.cli", "store", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith(f"trak-core store at {path}")
+
+
+def test_verify_names_a_damaged_chunk_and_exits_1(store, tmp_path, capsys):
+    import shutil
+
+    path = tmp_path / "copy"
+    shutil.copytree(store[0], path)
+    chunk = next(p for p in (path / "c3" / "features").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:-8] + b"\0" * 8)
+    assert store_report.describe(str(path))["damaged"] is False  # without --verify nothing is read
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["store", str(path), "--verify"])
+    assert stop.value.code == 1
+    out = capsys.readouterr()
+    assert "DAMAGED: rows 0 on fail their checksums" in out.out and "damaged parts found" in out.err
+    report = store_report.describe(str(path), verify=True)
+    assert [c["damaged"] is not None for c in report["checkpoints"]] == [False, False, True]
+    assert np.all([s.get("damaged") is None for s in report["scores"]])
+
+
+def test_a_path_without_a_store_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["store", str(tmp_path / "nothing")])
+    assert stop.value.code == 2 and "no trak-core store at" in capsys.readouterr().err

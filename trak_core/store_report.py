@@ -1,0 +1,177 @@
+"""``trak-core store PATH``: what an on-disk store holds, for a person or a script watching jobs fill it.
+
+One job: read a store's configuration, its checkpoints (complete, in progress, missing, damaged with ``--verify``)
+and its saved scores, and print them (or JSON). It reads only: a store that jobs are writing, or a read-only
+directory, is left as it is. No framework is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .errors import TrakCoreError, TrakValueError
+
+__all__ = ["describe", "main"]
+
+PROG = "trak-core store"
+
+
+def describe(path: str, *, verify: bool = False) -> dict[str, Any]:
+    """What the on-disk store at ``path`` holds.
+
+    Parameters
+    ----------
+    path : str
+        The store (``TRAK(..., store=path)``): a directory or a URL zarr opens.
+    verify : bool
+        Also read every stored chunk of features and out-to-loss weights, every kernel and every saved score set,
+        and check them against their checksums (reads the whole store).
+
+    Returns
+    -------
+    dict
+        ``path``, ``configuration`` (as stored), ``first_batch_rows``, ``checkpoints`` (per ``c{i}`` group:
+        ``index``, ``state`` ("complete", "in progress": rows written, "started": none yet), ``rows``,
+        ``lambda_reg``, ``lambda_setting``, ``dtype``, ``parameters_sha256``, ``configuration`` ("same" or
+        "other" for checkpoints featurized apart, else ``None``), with ``verify`` also ``damaged`` (a message or
+        ``None``)), ``complete`` and ``missing`` (indices below the highest stored one without a group),
+        ``scores`` (``name``, ``shape``, ``dtype``, ``state``; with ``verify``, ``damaged``) and ``damaged``
+        (whether anything checked failed).
+
+    Raises
+    ------
+    TrakValueError
+        Where ``path`` holds no trak-core store.
+    """
+    from .disk_shared import checkpoint_indices, configuration_digest
+    from .disk_store import DiskStore
+
+    store = DiskStore(path)
+    config = store.configuration()
+    if config is None:
+        raise TrakValueError(f"no trak-core store at {path}: a store is made by TRAK(..., store=path).featurize(...)")
+    root = store.root
+    indices = checkpoint_indices(root, complete=False)
+    checkpoints = [_checkpoint(store, root[f"c{i}"], i, configuration_digest(config), verify) for i in indices]
+    scores = _scores(store, root, verify)
+    return {"path": store.location, "configuration": config, "first_batch_rows": store.first_batch_rows(),
+            "checkpoints": checkpoints, "complete": [c["index"] for c in checkpoints if c["state"] == "complete"],
+            "missing": sorted(set(range(indices[-1] + 1 if indices else 0)) - set(indices)), "scores": scores,
+            "damaged": any(item.get("damaged") for item in checkpoints + scores)}
+
+
+def _checkpoint(store: Any, group: Any, index: int, config_digest: str, verify: bool) -> dict[str, Any]:
+    """One checkpoint's row of ``describe``."""
+    attrs = group.attrs
+    rows, complete = int(attrs.get("rows_done", 0)), bool(attrs.get("complete", False))
+    recorded = attrs.get("configuration_sha256")
+    row = {"index": index, "state": "complete" if complete else "in progress" if rows else "started", "rows": rows,
+           "lambda_reg": attrs.get("lambda_reg"), "lambda_setting": attrs.get("lambda_setting"),
+           "dtype": attrs.get("dtype"), "parameters_sha256": attrs.get("parameters_sha256"),
+           "configuration": None if recorded is None else "same" if recorded == config_digest else "other"}
+    if verify:
+        row["damaged"] = _damage(store, group, index, rows, complete)
+    return row
+
+
+def _damage(store: Any, group: Any, index: int, rows: int, complete: bool) -> str | None:
+    """What fails its checksum in a checkpoint's group (``None``: nothing)."""
+    from .disk_writer import DiskWriter, _read_kernel
+
+    verified = DiskWriter(store, index).rows_done if rows else 0
+    if verified < rows:
+        return f"rows {verified} on fail their checksums (featurize this checkpoint again: it redoes them)"
+    if complete and "kernel" in group:
+        try:
+            _read_kernel(group)
+        except TrakCoreError as exc:
+            return str(exc)
+    return None
+
+
+def _scores(store: Any, root: Any, verify: bool) -> list[dict[str, Any]]:
+    """The saved score sets' rows of ``describe``."""
+    if "scores" not in root:
+        return []
+    found = []
+    for name, array in sorted(root["scores"].arrays(), key=lambda pair: pair[0]):
+        row = {"name": name, "shape": list(array.shape), "dtype": str(array.dtype),
+               "state": "finished" if "sha256" in array.attrs else "interrupted"}
+        if verify and row["state"] == "finished":
+            try:
+                store.load_scores(name)
+                row["damaged"] = None
+            except TrakCoreError as exc:
+                row["damaged"] = str(exc)
+        found.append(row)
+    return found
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report of ``describe`` as text."""
+    config = report["configuration"]
+    keys = ("proj_type", "proj_dim", "seed", "task", "backend", "precision", "n_params", "normalize_features")
+    lines = [f"trak-core store at {report['path']}",
+             "configuration: " + ", ".join(f"{key}={config[key]}" for key in keys if key in config)]
+    if report["first_batch_rows"] is not None:
+        lines.append(f"training data: first batch of {report['first_batch_rows']} rows")
+    lines += ["", f"{'checkpoint':<11}{'state':<13}{'rows':>9}  {'lambda':<10}{'setting':<9}{'parameters':<14}note"]
+    for c in report["checkpoints"]:
+        lam = "-" if c["lambda_reg"] is None else f"{c['lambda_reg']:.3g}"
+        note = [f"DAMAGED: {c['damaged']}"] if c.get("damaged") else []
+        note += ["another configuration than the store's"] if c["configuration"] == "other" else []
+        lines.append(f"{c['index']:<11}{c['state']:<13}{c['rows']:>9,}  {lam:<10}{str(c['lambda_setting'] or '-'):<9}"
+                     f"{(c['parameters_sha256'] or '-')[:12]:<14}{'; '.join(note)}".rstrip())
+    if not report["checkpoints"]:
+        lines.append("(no checkpoint yet)")
+    if report["missing"]:
+        lines.append(f"missing (no group yet): {report['missing']}")
+    complete = report["complete"]
+    if complete and complete == list(range(len(complete))):
+        lines.append(f"TRAK.open(path, model, checkpoints) takes a list of the {len(complete)} checkpoints 0 to "
+                     f"{len(complete) - 1}, or a mapping {{index: checkpoint}} of some")
+    elif complete:
+        lines.append(f"TRAK.open(path, model, checkpoints) takes a mapping {{index: checkpoint}} of the complete "
+                     f"ones, {complete}")
+    lines += ["", "saved scores: " + (", ".join(
+        f"{s['name']} ({' x '.join(map(str, s['shape']))}, {s['dtype']}"
+        f"{', ' + s['state'] if s['state'] != 'finished' else ''}{', DAMAGED' if s.get('damaged') else ''})"
+        for s in report["scores"]) or "none")]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
+    """Print what the store holds (``--json``: as JSON); exit status 1 where ``--verify`` finds damage, 2 where the
+    path holds no store.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The options (default: ``sys.argv[1:]``).
+    prog : str
+        The program name in the usage and error messages.
+
+    Returns
+    -------
+    dict
+        The report of ``describe``.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description="What an on-disk trak-core store holds: its "
+                                     "configuration, checkpoints (complete, in progress, missing) and saved scores. "
+                                     "Reads only.")
+    parser.add_argument("path", help="the store's directory or URL (TRAK(..., store=path))")
+    parser.add_argument("--verify", action="store_true", help="check every stored chunk, kernel and score set "
+                        "against its checksum (reads the whole store); exit status 1 where one fails")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    try:
+        report = describe(args.path, verify=args.verify)
+    except TrakCoreError as exc:
+        parser.exit(2, f"{prog}: {exc}\n")
+    print(json.dumps(report, indent=1, default=str) if args.json else render(report))
+    if report["damaged"]:
+        print(f"{prog}: damaged parts found (exit status 1)", file=sys.stderr)
+        raise SystemExit(1)
+    return report
