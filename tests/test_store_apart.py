@@ -312,3 +312,26 @@ def test_a_job_refused_before_its_rows_does_not_hold_its_index(tmp_path, in_orde
     _trak(tmp_path).featurize(CHECKPOINTS[1], DATA, index=1)
     _trak(tmp_path).featurize(CHECKPOINTS[2], DATA, index=2)
     assert np.array_equal(_opened(tmp_path).score(TARGETS).numpy(), in_order.score(TARGETS).numpy())
+
+
+def test_scoring_jobs_at_once_save_under_their_own_names(tmp_path, monkeypatch, in_order):
+    """Two scoring jobs saving other names: the second to create the store's ``scores`` group lost its scores, after
+    all its work, to "another process is writing it" (2 rounds in 10 with four processes); now both are saved."""
+    import zarr
+
+    _trak(tmp_path).featurize(CHECKPOINTS[0], DATA, index=0)
+    opened = _opened(tmp_path, CHECKPOINTS[:1])
+    require = zarr.Group.require_group
+
+    def another_job_first(self, name, **kwargs):  # another process creates scores/ between the check and the create
+        if name == "scores" and "scores" not in self:
+            zarr.open_group(str(tmp_path), mode="r+").create_group("scores")
+            kwargs["overwrite"] = False
+            return zarr.Group.create_group(self, name, **kwargs)
+        return require(self, name, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "require_group", another_job_first)
+    scores = opened.score(TARGETS, save_as="job-1")
+    monkeypatch.undo()
+    assert np.array_equal(opened.load_scores("job-1"), scores.numpy())
+    assert np.array_equal(scores.numpy(), in_order.score(TARGETS, checkpoints=[0]).numpy())

@@ -232,8 +232,12 @@ class DiskStore(Store):
 
     def _save_scores(self, name: str, values: np.ndarray) -> None:
         state = self.check_score_name(name)
+        try:
+            with one_writer(self.path):
+                group = self.root.require_group("scores")
+        except TrakOSError:  # another process (a scoring job saving another name) made it between check and create:
+            group = self.root.require_group("scores")  # the scores of this one were lost after all its work
         with one_writer(self.path):
-            group = self.root.require_group("scores")
             if state == "interrupted":  # never finished (no checksum): nothing saved under this name is lost
                 del group[name]
             array = group.create_array(name, shape=values.shape, dtype=values.dtype,
