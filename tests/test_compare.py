@@ -19,7 +19,7 @@ def test_compare_backends_agree(capsys):
 def test_cli_usage_and_dispatch(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main([])
-    assert stop.value.code == 2 and "trak-core {demo,compare}" in capsys.readouterr().out
+    assert stop.value.code == 2 and "trak-core {demo,compare,store}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:
         cli.main(["compare", "--help"])
     assert stop.value.code == 0 and "--proj-dim" in capsys.readouterr().out

@@ -168,7 +168,7 @@ class JaxBackend(Backend):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_steps"], state["_checks"] = Recent(STEPS_KEPT), OutputCheck()  # compiled steps and traces stay here
-        state["_sizes"] = weakref.WeakKeyDictionary()
+        state.pop("_sizes", None)  # made again on first use (_step_size): a WeakKeyDictionary does not pickle
         return state
 
     def owns(self, model: Any) -> bool:
