@@ -89,6 +89,18 @@ def test_a_gap_is_named_and_a_mapping_opens_the_complete_ones(tmp_path, in_order
         opened.featurize(CHECKPOINTS[0], DATA)
 
 
+def test_a_gap_names_the_complete_checkpoints_and_the_call_to_rerun(tmp_path):
+    """Checkpoints 0 and 2 complete, 1 not (its job died): a list was refused with "holds 1 complete checkpoints;
+    pass all 1", though two were complete, and a mapping with key 1 did not say why. Both name the job to rerun."""
+    for i in (0, 2):
+        _trak(tmp_path).featurize(CHECKPOINTS[i], DATA, index=i)
+    with pytest.raises(TrakValueError, match=r"holds complete checkpoints \[0, 2\], not every one from 0 \(got a "
+                       r"list of 3\): checkpoint 1 is not complete, and \[2\] are: .*featurize\(..., index=1\) call"):
+        _opened(tmp_path)
+    with pytest.raises(TrakValueError, match=r"got the key 1 \(checkpoint 1 is not complete: .*index=1\) call again"):
+        _opened(tmp_path, {0: CHECKPOINTS[0], 1: CHECKPOINTS[1]})
+
+
 def test_jobs_in_separate_processes_at_once_fill_one_store(tmp_path, in_order):
     """Three processes start together on a new store (each creating its root, writing the configuration and its
     own checkpoint): the opened store scores as one process, bit for bit."""

@@ -53,6 +53,7 @@ def test_the_report_reads_what_the_store_holds(store):
     report = store_report.describe(str(path))
     root = zarr.open_group(str(path), mode="r")
     assert [c["index"] for c in report["checkpoints"]] == [0, 1, 3] and report["missing"] == [2]
+    assert store_report.describe(str(path), expect=6)["missing"] == [2, 4, 5]  # an array of 6 jobs
     assert report["complete"] == [0, 3]
     states = {c["index"]: (c["state"], c["rows"]) for c in report["checkpoints"]}
     assert states == {0: ("complete", N), 1: ("in progress", KERNEL_CHUNK_ROWS), 3: ("complete", N)}
@@ -95,6 +96,8 @@ def test_verify_names_a_damaged_chunk_and_exits_1(store, tmp_path, capsys):
     assert "DAMAGED: rows 0 on fail their checksums" in out.out and "damaged parts found" in out.err
     report = store_report.describe(str(path), verify=True)
     assert [c["damaged"] is not None for c in report["checkpoints"]] == [False, False, True]
+    assert report["opens"] == [0]  # TRAK.open refuses checkpoint 3 ("is damaged"): the report no longer offers it
+    assert "the complete ones that it can score together, [0]" in store_report.render(report)
     assert np.all([s.get("damaged") is None for s in report["scores"]])
 
 
@@ -102,3 +105,66 @@ def test_a_path_without_a_store_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["store", str(tmp_path / "nothing")])
     assert stop.value.code == 2 and "no trak-core store at" in capsys.readouterr().err
+
+
+def _small(seed=0, n=40):
+    torch.manual_seed(seed)
+    x, y = torch.randn(n, 6), torch.randint(0, 3, (n,))
+    return [(x[i:i + 20], y[i:i + 20]) for i in range(0, n, 20)]
+
+
+def test_a_checkpoint_on_other_data_is_named_and_not_offered(tmp_path, monkeypatch):
+    """Two jobs that began at once, one on reversed data: both complete, and the report said TRAK.open took
+    ``[0, 1]``, which it refuses. Now the checkpoint is named with what to do, and the mapping offered is [0]."""
+    from trak_core.disk_store import DiskStore
+
+    path, data = tmp_path / "store", _small()
+    models = [_model(seed) for seed in range(2)]
+    reversed_data = [(x.flip(0), y.flip(0)) for x, y in reversed(data)]
+    trak_core.TRAK(models[0], proj_dim=8, progress=False, store=path).featurize(models[1].state_dict(),
+                                                                                reversed_data, index=1)
+    monkeypatch.setattr(DiskStore, "data_reference", lambda self, index: None)  # job 0 began before c1 was complete
+    trak_core.TRAK(models[0], proj_dim=8, progress=False, store=path).featurize(models[0].state_dict(), data, index=0)
+    monkeypatch.undo()
+    report = store_report.describe(str(path))
+    assert report["complete"] == [0, 1] and report["opens"] == [0]
+    assert [(c["index"], c["data"]) for c in report["checkpoints"]] == [(0, None), (1, "other")]
+    text = store_report.render(report)
+    assert "other training data than checkpoint 0's (delete its group c1" in text
+    assert "takes a list of the 2" not in text and "score together, [0]" in text
+    checkpoints = [m.state_dict() for m in models]
+    with pytest.raises(trak_core.errors.StoreMismatchError, match=r"different training data.*delete its group c1"):
+        trak_core.TRAK.open(path, models[0], checkpoints, progress=False)
+    import shutil
+
+    shutil.rmtree(path / "c1")  # what the report and the error say: the job is run again on the same data
+    trak_core.TRAK(models[0], proj_dim=8, progress=False, store=path).featurize(models[1].state_dict(), data, index=1)
+    report = store_report.describe(str(path))
+    assert report["opens"] == [0, 1] and report["checkpoints"][1]["data"] == "same"
+    assert "takes a list of the 2 checkpoints 0 to 1" in store_report.render(report)
+    in_order = trak_core.TRAK(models[0], proj_dim=8, progress=False)
+    for checkpoint in checkpoints:
+        in_order.featurize(checkpoint, data)
+    opened = trak_core.TRAK.open(path, models[0], checkpoints, progress=False)
+    assert np.array_equal(opened.score(data).numpy(), in_order.score(data).numpy())
+
+
+def test_damaged_scores_say_how_to_score_them_again(tmp_path):
+    """A damaged score set said "score again", and ``save_as`` with its name was then refused ("already exist"):
+    the message names the two ways that work, and deleting the set's directory lets its name be saved again."""
+    path, data = tmp_path / "store", _small()
+    trak = trak_core.TRAK(_model(0), proj_dim=8, progress=False, store=path)
+    trak.featurize(_model(0).state_dict(), data)
+    expected = trak.score(data, save_as="t").numpy()
+    chunk = next(p for p in (path / "scores" / "t").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(trak_core.errors.TrakValueError, match=r"damaged .*delete the directory scores/t in .* and "
+                       r"score again with save_as='t'"):
+        trak.load_scores("t")
+    with pytest.raises(trak_core.errors.TrakValueError, match="already exist"):
+        trak.score(data, save_as="t")
+    import shutil
+
+    shutil.rmtree(path / "scores" / "t")
+    trak.score(data, save_as="t")
+    assert np.array_equal(trak.load_scores("t"), expected)

@@ -177,8 +177,8 @@ def _check_same_data(opened: list, path: Any) -> None:
             raise StoreMismatchError(f"checkpoints {first.index} and {pending.index} in {path} were featurized on "
                                      f"different training data, {what}: every checkpoint must see the same data in "
                                      f"the same order. Featurize checkpoint {pending.index} again on checkpoint "
-                                     f"{first.index}'s data into a new store path, or open the store with a mapping "
-                                     "{index: checkpoint} of the checkpoints that agree")
+                                     f"{first.index}'s data (delete its group c{pending.index} in {path} first), or "
+                                     "open the store with a mapping {index: checkpoint} of the checkpoints that agree")
 
 
 def _check_same_lambda_setting(opened: list, path: Any) -> None:
@@ -224,7 +224,7 @@ def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any, store: Any,
             index = _integer(key)
             if index is None or index not in complete:
                 raise TrakValueError(f"checkpoints maps store indices to checkpoints; the store at {path} holds "
-                                     f"{_held(complete)}, got the key {key!r}")
+                                     f"{_held(complete)}, got the key {key!r}{_not_complete(index)}")
             pairs.append((index, checkpoint))
         if not pairs:
             raise TrakValueError("checkpoints is an empty mapping: pass {index: checkpoint} for at least one stored "
@@ -237,13 +237,24 @@ def _chosen_checkpoints(checkpoints: Any, stored: int, path: Any, store: Any,
     checkpoints = list(checkpoints)
     if len(checkpoints) != stored:
         later = [index for index in complete if index > stored]
-        gap = (f" (checkpoint {stored} is not complete, and {later} are: jobs featurizing apart may still be running;"
-               f" wait for them, or pass a mapping {{index: checkpoint}} of the complete ones)") if later else ""
+        if later:  # jobs featurizing apart: "holds {stored} complete checkpoints" would miss the later ones
+            raise TrakValueError(f"the store at {path} holds complete checkpoints {complete}, not every one from 0 "
+                                 f"(got a list of {len(checkpoints)}): checkpoint {stored} is not complete, and "
+                                 f"{later} are: jobs featurizing apart may still be running, or its job was interrupted"
+                                 f" or refused (run its featurize(..., index={stored}) call again: it resumes); wait "
+                                 "for them, or pass a mapping {index: checkpoint} of the complete ones")
         raise TrakValueError(f"the store at {path} holds {stored} complete checkpoints; pass all {stored}, in the "
                              f"order they were featurized (got {len(checkpoints)}), or a mapping {{index: checkpoint}} "
-                             f"to score with some of them"
-                             f"{gap or (_interrupted(store) if len(checkpoints) > stored else '')}")
+                             f"to score with some of them{_interrupted(store) if len(checkpoints) > stored else ''}")
     return list(enumerate(checkpoints))
+
+
+def _not_complete(index: int | None) -> str:
+    """Why a mapping's key is refused where it names a checkpoint not complete yet."""
+    if index is None or index < 0:
+        return ""
+    return (f" (checkpoint {index} is not complete: its job may still be running, or was interrupted or refused; run "
+            f"its featurize(..., index={index}) call again, which resumes, or leave it out of the mapping)")
 
 
 def _held(complete: list[int]) -> str:

@@ -75,6 +75,12 @@ def _saving_lock(location: str) -> threading.Lock:
         return _saving.setdefault(location, threading.Lock())
 
 
+def _score_again(path: Any, name: str) -> str:
+    """What to do about a damaged score set: ``save_as`` never overwrites a finished one (its checksum is written)."""
+    return (f"score again with save_as= another name, or delete the directory scores/{name} in {path} and score "
+            f"again with save_as={name!r} (a finished set, damaged or not, is never overwritten)")
+
+
 class DiskStore(Store):
     """Checkpoint entries whose features live in a zarr v3 group at ``path`` (created by the first write)."""
 
@@ -295,10 +301,11 @@ class DiskStore(Store):
             for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time into the result (zarr
                 values[start:start + KERNEL_CHUNK_ROWS] = array[start:start + KERNEL_CHUNK_ROWS]  # decodes a read)
         except Exception as exc:  # a truncated chunk fails to decode
-            raise TrakValueError(f"scores {name!r} in {self.path} are damaged (a chunk cannot be read: {exc}); score "
-                                 "again") from None
+            raise TrakValueError(f"scores {name!r} in {self.path} are damaged (a chunk cannot be read: {exc}); "
+                                 f"{_score_again(self.path, name)}") from None
         if _digest(values) != array.attrs.get("sha256"):
-            raise TrakValueError(f"scores {name!r} in {self.path} are damaged (checksum mismatch); score again")
+            raise TrakValueError(f"scores {name!r} in {self.path} are damaged (checksum mismatch); "
+                                 f"{_score_again(self.path, name)}")
         return values
 
     def add(self, entry: CheckpointEntry, *, held: bool = True) -> None:

@@ -18,7 +18,7 @@ __all__ = ["describe", "main"]
 PROG = "trak-core store"
 
 
-def describe(path: str, *, verify: bool = False) -> dict[str, Any]:
+def describe(path: str, *, verify: bool = False, expect: int | None = None) -> dict[str, Any]:
     """What the on-disk store at ``path`` holds.
 
     Parameters
@@ -28,6 +28,8 @@ def describe(path: str, *, verify: bool = False) -> dict[str, Any]:
     verify : bool
         Also read every stored chunk of features and out-to-loss weights, every kernel and every saved score set,
         and check them against their checksums (reads the whole store).
+    expect : int, optional
+        How many checkpoints the store is to hold (a job array's size): ``missing`` then runs to ``expect - 1``.
 
     Returns
     -------
@@ -36,7 +38,11 @@ def describe(path: str, *, verify: bool = False) -> dict[str, Any]:
         ``index``, ``state`` ("complete", "in progress": rows written, "started": none yet), ``rows``,
         ``lambda_reg``, ``lambda_setting``, ``dtype``, ``parameters_sha256``, ``configuration`` ("same" or
         "other" for checkpoints featurized apart, else ``None``), with ``verify`` also ``damaged`` (a message or
-        ``None``)), ``complete`` and ``missing`` (indices below the highest stored one without a group),
+        ``None``; also ``rows_damaged``), ``data`` ("same" or "other": its training data digests against those of
+        the lowest complete checkpoint, ``data_reference``; ``None`` for that one or where none is complete)),
+        ``complete``, ``opens`` (the complete checkpoints ``TRAK.open`` scores together: not on other data, of
+        another configuration or, with ``verify``, with damaged rows) and ``missing`` (indices without a group,
+        below ``expect`` or else below the highest stored one),
         ``scores`` (``name``, ``shape``, ``dtype``, ``state``; with ``verify``, ``damaged``) and ``damaged``
         (whether anything checked failed).
 
@@ -55,11 +61,39 @@ def describe(path: str, *, verify: bool = False) -> dict[str, Any]:
     root = store.root
     indices = checkpoint_indices(root, complete=False)
     checkpoints = [_checkpoint(store, root[f"c{i}"], i, configuration_digest(config), verify) for i in indices]
+    _compare_data(root, checkpoints)
     scores = _scores(store, root, verify)
+    complete = [c["index"] for c in checkpoints if c["state"] == "complete"]
+    opens = [c["index"] for c in checkpoints if c["state"] == "complete" and c["data"] != "other"
+             and c["configuration"] != "other" and not c.get("rows_damaged")]
     return {"path": store.location, "configuration": config, "first_batch_rows": store.first_batch_rows(),
-            "checkpoints": checkpoints, "complete": [c["index"] for c in checkpoints if c["state"] == "complete"],
-            "missing": sorted(set(range(indices[-1] + 1 if indices else 0)) - set(indices)), "scores": scores,
+            "checkpoints": checkpoints, "complete": complete, "opens": opens,
+            "missing": sorted(set(range(expect if expect is not None else indices[-1] + 1 if indices else 0))
+                              - set(indices)), "scores": scores,
             "damaged": any(item.get("damaged") for item in checkpoints + scores)}
+
+
+def _compare_data(root: Any, checkpoints: list[dict[str, Any]]) -> None:
+    """Set each row's ``data``: "same" or "other" against the training data digests of the lowest complete
+    checkpoint (the one ``TRAK.open`` checks the others against; jobs that began at once were not compared),
+    ``None`` for that checkpoint itself, where there is none, or where a checkpoint recorded no digests."""
+    from .disk_shared import data_reference
+
+    reference = next((c["index"] for c in checkpoints if c["state"] == "complete"
+                      and data_reference(root[f"c{c['index']}"]) is not None), None)
+    for c in checkpoints:
+        c["data"] = None
+        if reference is None or c["index"] == reference:
+            continue
+        mine = dict(root[f"c{c['index']}"].attrs.get("data_checksums", {}))
+        if not mine:
+            continue
+        theirs, rows = data_reference(root[f"c{reference}"])
+        differs = any(mine[chunk] != theirs[chunk] for chunk in set(mine) & set(theirs))
+        if c["state"] == "complete":
+            differs = differs or c["rows"] != rows
+        c["data"] = "other" if differs else "same"
+        c["data_reference"] = reference
 
 
 def _checkpoint(store: Any, group: Any, index: int, config_digest: str, verify: bool) -> dict[str, Any]:
@@ -73,6 +107,7 @@ def _checkpoint(store: Any, group: Any, index: int, config_digest: str, verify: 
            "configuration": None if recorded is None else "same" if recorded == config_digest else "other"}
     if verify:
         row["damaged"] = _damage(store, group, index, rows, complete)
+        row["rows_damaged"] = bool(row["damaged"]) and row["damaged"].startswith("rows ")  # TRAK.open refuses it
     return row
 
 
@@ -122,19 +157,21 @@ def render(report: dict[str, Any]) -> str:
         lam = "-" if c["lambda_reg"] is None else f"{c['lambda_reg']:.3g}"
         note = [f"DAMAGED: {c['damaged']}"] if c.get("damaged") else []
         note += ["another configuration than the store's"] if c["configuration"] == "other" else []
+        note += [f"other training data than checkpoint {c['data_reference']}'s (delete its group c{c['index']} and "
+                 "featurize it again on the same data)"] if c.get("data") == "other" else []
         lines.append(f"{c['index']:<11}{c['state']:<13}{c['rows']:>9,}  {lam:<10}{str(c['lambda_setting'] or '-'):<9}"
                      f"{(c['parameters_sha256'] or '-')[:12]:<14}{'; '.join(note)}".rstrip())
     if not report["checkpoints"]:
         lines.append("(no checkpoint yet)")
     if report["missing"]:
         lines.append(f"missing (no group yet): {report['missing']}")
-    complete = report["complete"]
-    if complete and complete == list(range(len(complete))):
+    complete = report.get("opens", report["complete"])
+    if complete and complete == report["complete"] == list(range(len(complete))):
         lines.append(f"TRAK.open(path, model, checkpoints) takes a list of the {len(complete)} checkpoints 0 to "
                      f"{len(complete) - 1}, or a mapping {{index: checkpoint}} of some")
     elif complete:
         lines.append(f"TRAK.open(path, model, checkpoints) takes a mapping {{index: checkpoint}} of the complete "
-                     f"ones, {complete}")
+                     f"ones{' that it can score together' if complete != report['complete'] else ''}, {complete}")
     lines += ["", "saved scores: " + (", ".join(
         f"{s['name']} ({' x '.join(map(str, s['shape']))}, {s['dtype']}"
         f"{', ' + s['state'] if s['state'] != 'finished' else ''}{', DAMAGED' if s.get('damaged') else ''})"
@@ -165,9 +202,16 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
     parser.add_argument("--verify", action="store_true", help="check every stored chunk, kernel and score set "
                         "against its checksum (reads the whole store); exit status 1 where one fails")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--expect", type=int, metavar="N", help="the number of checkpoints the store is to hold (a "
+                        "job array's size): every index below N without a checkpoint yet is listed as missing")
+    parser.epilog = ("Exit status: 0; 1 where --verify finds damage; 2 where PATH holds no store yet (before the "
+                     "first job wrote its configuration) or the options are wrong. Rows are counted in chunks of "
+                     "4,096.")
     args = parser.parse_args(argv)
+    if args.expect is not None and args.expect < 0:
+        parser.error(f"--expect must be 0 or more, got {args.expect}")
     try:
-        report = describe(args.path, verify=args.verify)
+        report = describe(args.path, verify=args.verify, expect=args.expect)
     except TrakCoreError as exc:
         parser.exit(2, f"{prog}: {exc}\n")
     print(json.dumps(report, indent=1, default=str) if args.json else render(report))
