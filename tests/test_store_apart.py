@@ -347,3 +347,19 @@ def test_scoring_jobs_at_once_save_under_their_own_names(tmp_path, monkeypatch, 
     monkeypatch.undo()
     assert np.array_equal(opened.load_scores("job-1"), scores.numpy())
     assert np.array_equal(scores.numpy(), in_order.score(TARGETS, checkpoints=[0]).numpy())
+
+
+def test_a_second_job_at_the_same_index_is_refused_while_the_first_has_no_rows(tmp_path, in_order):
+    """Job A (checkpoint 1 at index 1) has recorded its hash and not yet its first rows; job B, by mistake at the same
+    index with checkpoint 2, was accepted (no rows to keep), reported success, and A overwrote its checkpoint.
+    Now B is refused, and A's refused-before-rows runs still leave the index free (test above)."""
+    _trak(tmp_path).featurize(CHECKPOINTS[0], DATA, index=0)
+
+    def waiting():  # job A, held before its first rows while job B runs
+        with pytest.raises(StoreMismatchError, match="featurized from other parameters"):
+            _trak(tmp_path).featurize(CHECKPOINTS[2], DATA, index=1)
+        yield from DATA
+
+    _trak(tmp_path).featurize(CHECKPOINTS[1], waiting(), index=1)
+    assert np.array_equal(_opened(tmp_path, CHECKPOINTS[:2]).score(TARGETS).numpy(),
+                          in_order.score(TARGETS, checkpoints=[0, 1]).numpy())

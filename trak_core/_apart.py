@@ -13,7 +13,7 @@ import logging
 import operator
 from typing import Any, Iterable
 
-from ._identity import DataCheck
+from ._identity import DataCheck, parameters_recorded
 from .errors import StoreMismatchError, TrakTypeError, TrakValueError
 from .store import KERNEL_CHUNK_ROWS
 
@@ -67,9 +67,8 @@ def featurize_apart(trak: Any, checkpoint: Any, data: Iterable[Any], index: int)
                              "in order with the executor (it spreads each checkpoint's rows over its workers)")
     pending = trak._open_checkpoint(checkpoint, index=index)
     check = shared_data_check(trak, pending)
-    if not pending.writer.complete:
-        pending.writer.record_parameters(pending.digest)  # and, the store being shared, its configuration's hash
-    trak._write_features(checkpoint, pending, data, check)
+    with parameters_recorded(pending.writer, pending.digest):  # and, the store being shared, its configuration's
+        trak._write_features(checkpoint, pending, data, check)  # hash
     trak._close_checkpoint(pending, apart=True)
     waiting = [i for i in range(index) if i not in store.complete_checkpoints()]
     log.info("checkpoint %d is stored in %s%s; TRAK.open(path, model, checkpoints) scores the store", index,

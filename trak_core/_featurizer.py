@@ -17,7 +17,7 @@ from ._checks import (_check_features, _check_finite, _check_lengths, _check_wei
                       chosen_entries, projection_group_rows, take_rows)
 from ._delegation import is_accelerator
 from ._fitting import KernelFitting
-from ._identity import DataCheck, check_lambda_setting, check_parameters, refuse_duplicate
+from ._identity import DataCheck, check_lambda_setting, check_parameters, parameters_recorded, refuse_duplicate
 from ._namespace import namespace
 from ._progress import length_of, progress
 from ._task_identity import task_functions, task_identity, task_identity_before_classes
@@ -267,9 +267,8 @@ class Featurizer(KernelFitting):
         writer = pending.writer
         check = (shared_data_check(self, pending) if getattr(self.store, "shared", False)  # other jobs' checkpoints
                  else DataCheck.for_checkpoint(writer, list(self.store), self._where))  # beside it (index=i)
-        if not writer.complete:
-            writer.record_parameters(pending.digest)
-        self._write_features(checkpoint, pending, data, check)
+        with parameters_recorded(writer, pending.digest):
+            self._write_features(checkpoint, pending, data, check)
         self._close_checkpoint(pending)
 
     @property

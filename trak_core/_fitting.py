@@ -13,7 +13,9 @@ import math
 from typing import Any, Iterator
 
 from . import kernel as kernel_ops
+from ._checks import _check_lambda
 from ._namespace import device_of, has_float64, namespace
+from ._progress import progress
 from .errors import TrakValueError
 from .notices import warn
 from .regularization import choose_lambda
@@ -26,7 +28,36 @@ _RESCALE = "rescale the model's output (the scores do not depend on its scale at
 
 
 class KernelFitting:
-    """The kernel half of featurizing (``lambda_reg``, ``kernel_dtype`` and ``proj_dim`` are TRAK's)."""
+    """The kernel half of featurizing (``lambda_reg``, ``kernel_dtype`` and ``proj_dim`` are TRAK's), and
+    ``refit``."""
+
+    @property
+    def lambdas(self) -> list[float]:
+        """The ridge ``lambda`` used for each featurized checkpoint."""
+        self._load_opened(None)
+        return [entry.factor.lambda_reg for entry in self.store]
+
+    def refit(self, lambda_reg: float | str) -> None:
+        """Refactorize every featurized checkpoint's kernel with another ``lambda_reg`` (no re-featurizing). An
+        on-disk store keeps the ``lambda`` each checkpoint was featurized with: ``TRAK.open`` scores with it again.
+
+        Parameters
+        ----------
+        lambda_reg : "auto" or float
+            The new ridge, as in ``TRAK(lambda_reg=...)``; it becomes this estimator's ``lambda_reg``.
+        """
+        self.lambda_reg = _check_lambda(lambda_reg)
+        self._load_opened(None)
+        self._refitting = self.lambda_reg  # until every checkpoint holds it: interrupted, score() refuses a mix
+        for entry in progress(list(self.store), desc=f"refit lambda_reg={self.lambda_reg}", enabled=self.progress):
+            kernel_dtype = self._kernel_dtype(self.lambda_reg)
+            if kernel_dtype != entry.kernel_dtype:  # "auto" and lambda 0: the kernel made again in float64
+                entry.kernel_dtype, entry.kernel_loader = kernel_dtype, None
+            entry.factor, made_in = self._factor_of(entry.kernel, kernel_dtype, entry.features, entry.n_params,
+                                                    entry.index)
+            if made_in != kernel_dtype:  # "auto" and a float32 kernel too ill-conditioned at this lambda
+                entry.kernel_dtype, entry.kernel_loader = made_in, None
+        self._refitting = None
 
     def _factor_of(self, kernel: Any, kernel_dtype: str, features: Any, n_params: int, index: int,
                    lambda_reg: float | None = None) -> tuple[kernel_ops.KernelFactor, str]:

@@ -6,7 +6,8 @@ row that would contradict them is written.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 from .errors import StoreMismatchError, TrakValueError
 from .fingerprints import DataFingerprint
@@ -38,8 +39,6 @@ def check_parameters(digest: str | None, writer: Writer, entries: Sequence[Check
     """Refuse a checkpoint featurized already under another index, or other parameters than the store holds."""
     refuse_duplicate(digest, entries)
     stored = writer.parameters_digest
-    if not writer.complete and not getattr(writer, "rows_done", 0):  # a run refused before its first rows (its data,
-        return  # a duplicate): no row to keep, and the corrected run records its own hash (``record_parameters``)
     if stored is not None and digest is not None and stored != digest:
         dtype = getattr(writer, "stored_dtype", None)
         cast = (f"; parameters cast to another dtype count as other parameters (its features are stored as {dtype})"
@@ -48,6 +47,32 @@ def check_parameters(digest: str | None, writer: Writer, entries: Sequence[Check
                                  f"(parameters_sha256: stored {_short(stored)}..., now {_short(digest)}...){cast}; "
                                  "pass the same checkpoints in the same order, or use a new store path (nothing was "
                                  "overwritten)")
+
+
+@contextmanager
+def parameters_recorded(writer: Writer, digest: str | None) -> Iterator[None]:
+    """Record ``digest`` on an incomplete checkpoint's ``writer`` (``record_parameters``) for the run inside. A run
+    that fails before the checkpoint's first rows (refused by the data check, interrupted) takes back the hash it
+    recorded where none was there before: nothing of it is stored, and its rerun with the right checkpoint is not
+    refused as "other parameters". A hash recorded before (another job at the same index, still running, or an
+    earlier run whose rows were kept) stays, and ``check_parameters`` refuses other parameters against it."""
+    if writer.complete:
+        yield
+        return
+    before = writer.parameters_digest
+    writer.record_parameters(digest)
+    try:
+        yield
+    except BaseException:
+        if before is None and digest is not None and not writer.complete and not getattr(writer, "rows_done", 0):
+            writer.parameters_digest = None
+            group = getattr(writer, "group", None)
+            try:
+                if group is not None and group.attrs.get("parameters_sha256") == digest:
+                    del group.attrs["parameters_sha256"]
+            except Exception:  # (a store gone read-only, a full disk): the run's own error is the one to see
+                pass
+        raise
 
 
 def check_lambda_setting(store: Any, writer: Writer, index: int, lambda_reg: float | str, where: str) -> None:

@@ -209,13 +209,15 @@ class TRAK(Featurizer, Reopening):
         ------
         TrakValueError
             On empty data, mismatched batch lengths, non-finite gradients, a checkpoint featurized
-            already, or a checkpoint or training set inconsistent with those featurized before.
+            already, a checkpoint or training set inconsistent with those featurized before, or an
+            ``index`` that is negative, held already, or beyond the checkpoints without an on-disk store.
         StoreMismatchError
             When an on-disk store holds features of another configuration, other parameters for
             this checkpoint, or other training data (the message names the field); nothing
             stored is overwritten.
         TrakTypeError
-            On data that is not batches of (inputs, labels), or inputs the backend cannot take.
+            On data that is not batches of (inputs, labels), inputs the backend cannot take, or an ``index``
+            that is not an int.
         TrakOSError
             When the store's directory cannot be written (another process writing it, a full disk).
         """
@@ -243,34 +245,6 @@ class TRAK(Featurizer, Reopening):
         clone.store, clone.executor, clone.progress = open_store(None), None, False
         clone.__dict__.pop("_plans_checked", None)  # the checked checkpoint snapshots stay here
         return clone
-
-    @property
-    def lambdas(self) -> list[float]:
-        """The ridge ``lambda`` used for each featurized checkpoint."""
-        self._load_opened(None)
-        return [entry.factor.lambda_reg for entry in self.store]
-
-    def refit(self, lambda_reg: float | str) -> None:
-        """Refactorize every featurized checkpoint's kernel with another ``lambda_reg`` (no re-featurizing). An
-        on-disk store keeps the ``lambda`` each checkpoint was featurized with: ``TRAK.open`` scores with it again.
-
-        Parameters
-        ----------
-        lambda_reg : "auto" or float
-            The new ridge, as in ``TRAK(lambda_reg=...)``; it becomes this estimator's ``lambda_reg``.
-        """
-        self.lambda_reg = _check_lambda(lambda_reg)
-        self._load_opened(None)
-        self._refitting = self.lambda_reg  # until every checkpoint holds it: interrupted, score() refuses a mix
-        for entry in progress(list(self.store), desc=f"refit lambda_reg={self.lambda_reg}", enabled=self.progress):
-            kernel_dtype = self._kernel_dtype(self.lambda_reg)
-            if kernel_dtype != entry.kernel_dtype:  # "auto" and lambda 0: the kernel made again in float64
-                entry.kernel_dtype, entry.kernel_loader = kernel_dtype, None
-            entry.factor, made_in = self._factor_of(entry.kernel, kernel_dtype, entry.features, entry.n_params,
-                                                    entry.index)
-            if made_in != kernel_dtype:  # "auto" and a float32 kernel too ill-conditioned at this lambda
-                entry.kernel_dtype, entry.kernel_loader = made_in, None
-        self._refitting = None
 
     @once_per_call
     def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None,
