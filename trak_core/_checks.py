@@ -268,10 +268,11 @@ def check_scorable(store: Any, last_error: BaseException | None, what: str, *,
     message = f"{what} called before any featurize(): featurize every checkpoint first"
     if last_error is not None:
         message += f"; the last featurize failed ({type(last_error).__name__}: {_first_line(last_error)})"
-    elif getattr(store, "complete_checkpoints", store.stored_checkpoints)():  # featurized apart: maybe with gaps
+    else:
         complete = getattr(store, "complete_checkpoints", lambda: list(range(store.stored_checkpoints())))()
-        held = f"{len(complete)} complete checkpoints" if complete == list(range(len(complete))) else \
-            f"complete checkpoints {complete}"
-        message += (f"; the store at {store.location} holds {held}: TRAK.open(path, model, checkpoints) loads them "
-                    "without the training data")
+        if complete:  # featurized apart, maybe with gaps
+            held = f"{len(complete)} complete checkpoints" if complete == list(range(len(complete))) else \
+                f"complete checkpoints {complete}"
+            message += (f"; the store at {store.location} holds {held}: TRAK.open(path, model, checkpoints) loads "
+                        "them without the training data")
     raise TrakValueError(message)

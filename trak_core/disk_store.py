@@ -242,7 +242,7 @@ class DiskStore(Store):
             with one_writer(self.path):
                 group = self.root.require_group("scores")
         except TrakOSError:  # another process (a scoring job saving another name) made it between check and create:
-            group = self.root.require_group("scores")  # the scores of this one were lost after all its work
+            group = self.root.require_group("scores")  # it is there now, and this set goes beside the other
         with one_writer(self.path):
             if state == "interrupted":  # never finished (no checksum): nothing saved under this name is lost
                 del group[name]
