@@ -168,3 +168,23 @@ def test_damaged_scores_say_how_to_score_them_again(tmp_path):
     shutil.rmtree(path / "scores" / "t")
     trak.score(data, save_as="t")
     assert np.array_equal(trak.load_scores("t"), expected)
+
+
+def test_a_running_job_is_told_from_a_dead_one(store, tmp_path):
+    """Checkpoint 1's run record names this process (it interrupted the run), which is running; with the pid of a
+    process that has exited, the report says it is not running and to rerun the call."""
+    import os
+    import shutil
+    import socket
+
+    path, _ = store
+    row = store_report.describe(str(path))["checkpoints"][1]
+    assert (row["run"]["pid"], row["run"]["host"], row["running"]) == (os.getpid(), socket.gethostname(), True)
+    assert row["written_at"] >= row["run"]["started"]
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    zarr.open_group(str(copy), mode="r+")["c1"].attrs["run"] = {**row["run"], "pid": int(exited.stdout)}
+    report = store_report.describe(str(copy))
+    assert report["checkpoints"][1]["running"] is False and report["checkpoints"][0]["running"] is None
+    assert "not running (rerun its featurize call, which resumes)" in store_report.render(report)

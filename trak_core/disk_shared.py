@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import socket
+import time
 from typing import Any
 
 from .errors import StoreMismatchError
 
-__all__ = ["checkpoint_indices", "configuration_digest", "check_configuration", "data_reference"]
+__all__ = ["checkpoint_indices", "configuration_digest", "check_configuration", "data_reference", "run_record",
+           "run_state"]
 
 _CHECKPOINT = re.compile(r"c(\d+)")
 
@@ -53,3 +57,25 @@ def check_configuration(path: Any, index: int, recorded: str | None, configurati
                              "store's (another job began the store at the same moment with other settings: proj_dim, "
                              "seed, task, backend...); featurize it again with the store's settings into a new store "
                              "path, or delete its group c{index} and featurize it again with the store's settings")
+
+
+def run_record() -> dict[str, Any]:
+    """Who is writing a checkpoint: ``{"host", "pid", "started"}`` (seconds since the epoch), recorded when a run
+    begins or resumes it."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+
+
+def run_state(run: dict | None) -> bool | None:
+    """Whether the process of ``run`` (``run_record``) is still running: ``None`` where that cannot be told here
+    (no record, or another host)."""
+    if not run or run.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(run["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    except (OSError, ValueError, KeyError, TypeError):  # a bad record
+        return None
+    return True

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -162,6 +163,11 @@ class DiskWriter(Writer):
         if digest is not None and self.group.attrs.get("parameters_sha256") != digest:
             self.store.writable()
             self.group.attrs["parameters_sha256"] = digest
+        if not self.complete:  # who writes it, for trak-core store (a running job told from a dead one)
+            from .disk_shared import run_record
+
+            self.store.writable()
+            self.group.attrs["run"] = run_record()
         if self.store.shared and "configuration_sha256" not in self.group.attrs:
             from .disk_shared import configuration_digest
 
@@ -185,7 +191,7 @@ class DiskWriter(Writer):
         self.checksums.update(checksums["features"])
         self.weight_checksums.update(checksums["out_to_loss"])
         self.group.attrs.update({"checksums": self.checksums, "out_to_loss_checksums": self.weight_checksums,
-                                 "rows_done": rows_done})
+                                 "rows_done": rows_done, "written_at": time.time()})
         self.rows_done = rows_done
 
     def _verified_rows(self) -> int:
@@ -249,7 +255,7 @@ class DiskWriter(Writer):
             self.checksums[str(start // KERNEL_CHUNK_ROWS)] = _digest(rows[:count])
             self.weight_checksums[str(start // KERNEL_CHUNK_ROWS)] = _digest(weights[:count])
             self.group.attrs.update({"checksums": self.checksums, "out_to_loss_checksums": self.weight_checksums,
-                                     "rows_done": stop})
+                                     "rows_done": stop, "written_at": time.time()})
         except OSError as exc:
             raise TrakOSError(f"writing chunk {start // KERNEL_CHUNK_ROWS} of checkpoint {self.index} to "
                               f"{self.store.path} failed ({exc}); chunks written before are intact, and the same call "

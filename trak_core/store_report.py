@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from .errors import TrakCoreError, TrakValueError
@@ -34,10 +35,14 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
     Returns
     -------
     dict
-        ``path``, ``configuration`` (as stored), ``first_batch_rows``, ``checkpoints`` (per ``c{i}`` group:
+        ``path``, ``now`` (when it was read), ``configuration`` (as stored), ``first_batch_rows``,
+        ``checkpoints`` (per ``c{i}`` group:
         ``index``, ``state`` ("complete", "in progress": rows written, "started": none yet), ``rows``,
         ``lambda_reg``, ``lambda_setting``, ``dtype``, ``parameters_sha256``, ``configuration`` ("same" or
-        "other" for checkpoints featurized apart, else ``None``), with ``verify`` also ``damaged`` (a message or
+        "other" for checkpoints featurized apart, else ``None``), ``run`` (who last began or resumed it: ``host``,
+        ``pid``, ``started``; ``None`` in stores written before trak-core kept it), ``written_at`` (its last rows),
+        ``running`` (for an incomplete one: whether that process still runs, ``None`` on another host or where
+        unknown), with ``verify`` also ``damaged`` (a message or
         ``None``; also ``rows_damaged``), ``data`` ("same" or "other": its training data digests against those of
         the lowest complete checkpoint, ``data_reference``; ``None`` for that one or where none is complete)),
         ``complete``, ``opens`` (the complete checkpoints ``TRAK.open`` scores together: not on other data, of
@@ -66,7 +71,8 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
     complete = [c["index"] for c in checkpoints if c["state"] == "complete"]
     opens = [c["index"] for c in checkpoints if c["state"] == "complete" and c["data"] != "other"
              and c["configuration"] != "other" and not c.get("rows_damaged")]
-    return {"path": store.location, "configuration": config, "first_batch_rows": store.first_batch_rows(),
+    return {"path": store.location, "now": time.time(), "configuration": config,
+            "first_batch_rows": store.first_batch_rows(),
             "checkpoints": checkpoints, "complete": complete, "opens": opens,
             "missing": sorted(set(range(expect if expect is not None else indices[-1] + 1 if indices else 0))
                               - set(indices)), "scores": scores,
@@ -98,13 +104,17 @@ def _compare_data(root: Any, checkpoints: list[dict[str, Any]]) -> None:
 
 def _checkpoint(store: Any, group: Any, index: int, config_digest: str, verify: bool) -> dict[str, Any]:
     """One checkpoint's row of ``describe``."""
+    from .disk_shared import run_state
+
     attrs = group.attrs
     rows, complete = int(attrs.get("rows_done", 0)), bool(attrs.get("complete", False))
     recorded = attrs.get("configuration_sha256")
     row = {"index": index, "state": "complete" if complete else "in progress" if rows else "started", "rows": rows,
            "lambda_reg": attrs.get("lambda_reg"), "lambda_setting": attrs.get("lambda_setting"),
            "dtype": attrs.get("dtype"), "parameters_sha256": attrs.get("parameters_sha256"),
-           "configuration": None if recorded is None else "same" if recorded == config_digest else "other"}
+           "configuration": None if recorded is None else "same" if recorded == config_digest else "other",
+           "run": attrs.get("run"), "written_at": attrs.get("written_at"),
+           "running": None if complete else run_state(attrs.get("run"))}
     if verify:
         row["damaged"] = _damage(store, group, index, rows, complete)
         row["rows_damaged"] = bool(row["damaged"]) and row["damaged"].startswith("rows ")  # TRAK.open refuses it
@@ -144,6 +154,25 @@ def _scores(store: Any, root: Any, verify: bool) -> list[dict[str, Any]]:
     return found
 
 
+def _run_note(c: dict[str, Any], now: float) -> str:
+    """Who writes an incomplete checkpoint, since when, and whether that process still runs (same host only)."""
+    run = c["run"]
+    text = f"pid {run.get('pid')} on {run.get('host')}, began {_ago(now - run.get('started', now))}"
+    if c["written_at"]:
+        text += f", last rows {_ago(now - c['written_at'])}"
+    if c["running"] is False:
+        text += ": not running (rerun its featurize call, which resumes)"
+    elif c["running"]:
+        text += ": running"
+    return text
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h ago"
+
+
 def render(report: dict[str, Any]) -> str:
     """The report of ``describe`` as text."""
     config = report["configuration"]
@@ -159,6 +188,7 @@ def render(report: dict[str, Any]) -> str:
         note += ["another configuration than the store's"] if c["configuration"] == "other" else []
         note += [f"other training data than checkpoint {c['data_reference']}'s (delete its group c{c['index']} and "
                  "featurize it again on the same data)"] if c.get("data") == "other" else []
+        note += [_run_note(c, report["now"])] if c["state"] != "complete" and c["run"] else []
         lines.append(f"{c['index']:<11}{c['state']:<13}{c['rows']:>9,}  {lam:<10}{str(c['lambda_setting'] or '-'):<9}"
                      f"{(c['parameters_sha256'] or '-')[:12]:<14}{'; '.join(note)}".rstrip())
     if not report["checkpoints"]:
