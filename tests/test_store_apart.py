@@ -363,3 +363,13 @@ def test_a_second_job_at_the_same_index_is_refused_while_the_first_has_no_rows(t
     _trak(tmp_path).featurize(CHECKPOINTS[1], waiting(), index=1)
     assert np.array_equal(_opened(tmp_path, CHECKPOINTS[:2]).score(TARGETS).numpy(),
                           in_order.score(TARGETS, checkpoints=[0, 1]).numpy())
+
+
+def test_checkpoints_opened_in_another_order_are_named(tmp_path):
+    """Checkpoints 1 and 2 passed swapped to ``TRAK.open``: the error names the stored checkpoint each one is (it
+    said "parameters cast to another dtype count as other parameters", which did not apply)."""
+    for i, checkpoint in enumerate(CHECKPOINTS):
+        _trak(tmp_path).featurize(checkpoint, DATA, index=i)
+    with pytest.raises(StoreMismatchError, match=r"checkpoint 1 in .* other parameters .*these parameters are "
+                       r"checkpoint 2's in the store: pass the checkpoints in the order they were featurized"):
+        _opened(tmp_path, [CHECKPOINTS[0], CHECKPOINTS[2], CHECKPOINTS[1]])

@@ -297,7 +297,8 @@ class Featurizer(KernelFitting):
         if stored_dtype is not None:  # before the digests: a setting that changed the params' dtype is named
             with located(f"checkpoint {index} in {self._where}"):
                 self.backend.check_stored_dtype(prepared, stored_dtype)
-        check_parameters(digest, writer, list(self.store), index, self._where)
+        check_parameters(digest, writer, list(self.store), index, self._where,
+                         getattr(self.store, "checkpoint_digests", None))
         check_lambda_setting(self.store, writer, index, self.lambda_reg, self._where)
         return PendingCheckpoint(index, prepared, n_params, structure, digest, writer)
 

@@ -35,13 +35,18 @@ def refuse_duplicate(digest: str | None, entries: Sequence[CheckpointEntry], int
 
 
 def check_parameters(digest: str | None, writer: Writer, entries: Sequence[CheckpointEntry], index: int,
-                     where: str) -> None:
-    """Refuse a checkpoint featurized already under another index, or other parameters than the store holds."""
+                     where: str, stored_digests: Any = None) -> None:
+    """Refuse a checkpoint featurized already under another index, or other parameters than the store holds
+    (``stored_digests``: a function giving ``{index: parameters_sha256}`` of the store's complete checkpoints, read
+    only to name the one these parameters are, where they are another's: checkpoints passed in another order)."""
     refuse_duplicate(digest, entries)
     stored = writer.parameters_digest
     if stored is not None and digest is not None and stored != digest:
         dtype = getattr(writer, "stored_dtype", None)
-        cast = (f"; parameters cast to another dtype count as other parameters (its features are stored as {dtype})"
+        others = [i for i, d in (stored_digests() if stored_digests else {}).items() if d == digest and i != index]
+        cast = (f"; these parameters are checkpoint {others[0]}'s in the store: pass the checkpoints in the order "
+                "they were featurized" if others else
+                f"; parameters cast to another dtype count as other parameters (its features are stored as {dtype})"
                 if dtype else "")
         raise StoreMismatchError(f"checkpoint {index} in {where} was featurized from other parameters "
                                  f"(parameters_sha256: stored {_short(stored)}..., now {_short(digest)}...){cast}; "
