@@ -171,8 +171,9 @@ def test_damaged_scores_say_how_to_score_them_again(tmp_path):
 
 
 def test_a_running_job_is_told_from_a_dead_one(store, tmp_path):
-    """Checkpoint 1's run record names this process (it interrupted the run), which is running; with the pid of a
-    process that has exited, the report says it is not running and to rerun the call."""
+    """Checkpoint 1's run record names this process (it wrote its first chunk, then was interrupted), which is
+    running; with the pid of a process that has exited, the report says it is not running and to rerun the call.
+    (A refused run writes nothing, its record neither: ``test_store_rows.py`` compares the group's bytes.)"""
     import os
     import shutil
     import socket
@@ -187,4 +188,5 @@ def test_a_running_job_is_told_from_a_dead_one(store, tmp_path):
     zarr.open_group(str(copy), mode="r+")["c1"].attrs["run"] = {**row["run"], "pid": int(exited.stdout)}
     report = store_report.describe(str(copy))
     assert report["checkpoints"][1]["running"] is False and report["checkpoints"][0]["running"] is None
-    assert "not running (rerun its featurize call, which resumes)" in store_report.render(report)
+    assert f"written by pid {int(exited.stdout)} on {socket.gethostname()}" in store_report.render(report)
+    assert "not running (rerun its featurize call, which resumes, unless a rerun" in store_report.render(report)

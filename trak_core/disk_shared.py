@@ -60,8 +60,8 @@ def check_configuration(path: Any, index: int, recorded: str | None, configurati
 
 
 def run_record() -> dict[str, Any]:
-    """Who is writing a checkpoint: ``{"host", "pid", "started"}`` (seconds since the epoch), recorded when a run
-    begins or resumes it."""
+    """Who is writing a checkpoint: ``{"host", "pid", "started"}`` (seconds since the epoch), recorded with the first
+    thing a run writes to it (a new checkpoint's parameters hash, then each chunk of rows)."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
 
 

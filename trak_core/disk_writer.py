@@ -17,6 +17,7 @@ import numpy as np
 
 from ._namespace import device_of, namespace
 from ._progress import progress
+from .disk_shared import run_record
 from .errors import StoreMismatchError, TrakOSError, TrakValueError
 from . import kernel as kernel_ops
 from .fingerprints import to_numpy
@@ -134,6 +135,9 @@ class DiskWriter(Writer):
         self._weights: list[np.ndarray] = []
         self.template: Any = store.template
         self.progress: bool | None = False  # a bar over the kernel's chunks (set by the estimator: its progress=)
+        # who writes it (host, pid, start), recorded with what a run writes anyway (a new checkpoint's hash, its rows):
+        # trak-core store tells a running job from a dead one; a refused run writes nothing (its checks come first)
+        self.run = run_record()
         self.needs_template = self.template is None and self.rows_done > 0
 
     @property
@@ -162,12 +166,7 @@ class DiskWriter(Writer):
         self.parameters_digest = digest
         if digest is not None and self.group.attrs.get("parameters_sha256") != digest:
             self.store.writable()
-            self.group.attrs["parameters_sha256"] = digest
-        if not self.complete:  # who writes it, for trak-core store (a running job told from a dead one)
-            from .disk_shared import run_record
-
-            self.store.writable()
-            self.group.attrs["run"] = run_record()
+            self.group.attrs.update({"parameters_sha256": digest, "run": self.run})
         if self.store.shared and "configuration_sha256" not in self.group.attrs:
             from .disk_shared import configuration_digest
 
@@ -191,7 +190,7 @@ class DiskWriter(Writer):
         self.checksums.update(checksums["features"])
         self.weight_checksums.update(checksums["out_to_loss"])
         self.group.attrs.update({"checksums": self.checksums, "out_to_loss_checksums": self.weight_checksums,
-                                 "rows_done": rows_done, "written_at": time.time()})
+                                 "rows_done": rows_done, "written_at": time.time(), "run": self.run})
         self.rows_done = rows_done
 
     def _verified_rows(self) -> int:
@@ -255,7 +254,7 @@ class DiskWriter(Writer):
             self.checksums[str(start // KERNEL_CHUNK_ROWS)] = _digest(rows[:count])
             self.weight_checksums[str(start // KERNEL_CHUNK_ROWS)] = _digest(weights[:count])
             self.group.attrs.update({"checksums": self.checksums, "out_to_loss_checksums": self.weight_checksums,
-                                     "rows_done": stop, "written_at": time.time()})
+                                     "rows_done": stop, "written_at": time.time(), "run": self.run})
         except OSError as exc:
             raise TrakOSError(f"writing chunk {start // KERNEL_CHUNK_ROWS} of checkpoint {self.index} to "
                               f"{self.store.path} failed ({exc}); chunks written before are intact, and the same call "

@@ -155,13 +155,14 @@ def _scores(store: Any, root: Any, verify: bool) -> list[dict[str, Any]]:
 
 
 def _run_note(c: dict[str, Any], now: float) -> str:
-    """Who writes an incomplete checkpoint, since when, and whether that process still runs (same host only)."""
+    """Who last wrote an incomplete checkpoint, since when, and whether that process still runs (same host only)."""
     run = c["run"]
-    text = f"pid {run.get('pid')} on {run.get('host')}, began {_ago(now - run.get('started', now))}"
+    text = f"written by pid {run.get('pid')} on {run.get('host')}, began {_ago(now - run.get('started', now))}"
     if c["written_at"]:
         text += f", last rows {_ago(now - c['written_at'])}"
     if c["running"] is False:
-        text += ": not running (rerun its featurize call, which resumes)"
+        text += (": not running (rerun its featurize call, which resumes, unless a rerun is under way: a run records "
+                 "itself with its first rows)")
     elif c["running"]:
         text += ": running"
     return text
