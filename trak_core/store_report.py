@@ -39,7 +39,7 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         ``checkpoints`` (per ``c{i}`` group:
         ``index``, ``state`` ("complete", "in progress": rows written, "started": none yet), ``rows``,
         ``lambda_reg``, ``lambda_setting``, ``dtype``, ``parameters_sha256``, ``configuration`` ("same" or
-        "other" for checkpoints featurized apart, else ``None``), ``run`` (who last began or resumed it: ``host``,
+        "other" for checkpoints featurized apart, else ``None``), ``run`` (the run that last wrote to it: ``host``,
         ``pid``, ``started``; ``None`` in stores written before trak-core kept it), ``written_at`` (its last rows),
         ``running`` (for an incomplete one: whether that process still runs, ``None`` on another host or where
         unknown), with ``verify`` also ``damaged`` (a message or
