@@ -13,7 +13,7 @@ import logging
 import operator
 from typing import Any, Iterable
 
-from ._identity import DataCheck, parameters_recorded
+from ._identity import DataCheck
 from .errors import StoreMismatchError, TrakTypeError, TrakValueError
 from .store import KERNEL_CHUNK_ROWS
 
@@ -65,12 +65,9 @@ def featurize_apart(trak: Any, checkpoint: Any, data: Iterable[Any], index: int)
     if trak.executor is not None:
         raise TrakValueError(f"featurize(..., index={index}) runs in this process only: drop executor=, or featurize "
                              "in order with the executor (it spreads each checkpoint's rows over its workers)")
-    pending = trak._open_checkpoint(checkpoint, index=index)
-    check = shared_data_check(trak, pending)
-    with parameters_recorded(pending.writer, pending.digest):  # and, the store being shared, its configuration's
-        trak._write_features(checkpoint, pending, data, check)  # hash
-    trak._close_checkpoint(pending, apart=True)
-    waiting = [i for i in range(index) if i not in store.complete_checkpoints()]
+    trak._featurize(checkpoint, data, index)
+    complete = set(store.complete_checkpoints())
+    waiting = [i for i in range(index) if i not in complete]
     log.info("checkpoint %d is stored in %s%s; TRAK.open(path, model, checkpoints) scores the store", index,
              store.location, f" (checkpoints {waiting} are not complete yet)" if waiting else "")
 

@@ -258,18 +258,20 @@ class Featurizer(KernelFitting):
             _check_features(features, f"checkpoint {index}, the last {features.shape[0]} rows", grads[0].dtype)
             yield features, xp.concat(weights, axis=0)
 
-    def _featurize(self, checkpoint: Any, data: Iterable[Any]) -> None:
-        if getattr(self, "_subset_of", None) is not None:  # TRAK.open with some of the stored checkpoints
+    def _featurize(self, checkpoint: Any, data: Iterable[Any], index: int | None = None) -> None:
+        """Featurize the next checkpoint, or (``index``) one written apart, which the estimator does not hold after
+        (``trak_core._apart``: its store is shared, so the checks are against the other jobs' checkpoints)."""
+        if index is None and getattr(self, "_subset_of", None) is not None:  # TRAK.open with some of them
             raise TrakValueError(f"this estimator was opened with checkpoints {[e.index for e in self.store]} of the "
                                  f"{self._subset_of} in {self._where}: a new checkpoint goes after all of them; open "
                                  "the store with every checkpoint (a list, in order) to featurize into it")
-        pending = self._open_checkpoint(checkpoint)
+        pending = self._open_checkpoint(checkpoint, index)
         writer = pending.writer
         check = (shared_data_check(self, pending) if getattr(self.store, "shared", False)  # other jobs' checkpoints
                  else DataCheck.for_checkpoint(writer, list(self.store), self._where))  # beside it (index=i)
-        with parameters_recorded(writer, pending.digest):
+        with parameters_recorded(writer, pending.digest):  # and, in a shared store, its configuration's hash
             self._write_features(checkpoint, pending, data, check)
-        self._close_checkpoint(pending)
+        self._close_checkpoint(pending, apart=index is not None)
 
     @property
     def _where(self) -> str:

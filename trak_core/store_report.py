@@ -85,8 +85,8 @@ def _compare_data(root: Any, checkpoints: list[dict[str, Any]]) -> None:
     ``None`` for that checkpoint itself, where there is none, or where a checkpoint recorded no digests."""
     from .disk_shared import data_reference
 
-    reference = next((c["index"] for c in checkpoints if c["state"] == "complete"
-                      and data_reference(root[f"c{c['index']}"]) is not None), None)
+    found = ((c["index"], data_reference(root[f"c{c['index']}"])) for c in checkpoints if c["state"] == "complete")
+    reference, (theirs, rows) = next(((i, data) for i, data in found if data is not None), (None, ({}, 0)))
     for c in checkpoints:
         c["data"] = None
         if reference is None or c["index"] == reference:
@@ -94,7 +94,6 @@ def _compare_data(root: Any, checkpoints: list[dict[str, Any]]) -> None:
         mine = dict(root[f"c{c['index']}"].attrs.get("data_checksums", {}))
         if not mine:
             continue
-        theirs, rows = data_reference(root[f"c{reference}"])
         differs = any(mine[chunk] != theirs[chunk] for chunk in set(mine) & set(theirs))
         if c["state"] == "complete":
             differs = differs or c["rows"] != rows
