@@ -421,3 +421,28 @@ def test_float16_overflow_on_the_factorized_path_is_told_apart_from_a_use_outsid
             trak_core.TRAK(copy.deepcopy(model).to(dtype), proj_dim=8, proj_type="kronecker",
                            progress=False).featurize(None, [(bad.to(dtype), y)])
         assert ("whose largest finite value is 65504" in str(caught.value)) == hint
+
+
+def test_kernel_warnings_and_errors_name_their_checkpoint():
+    """With several checkpoints, the rank warning and the zero-kernel error said nothing of which checkpoint's
+    kernel they were about. Checkpoint 1 here has a zero first layer, so that every gradient through the ReLU is
+    zero; duplicated examples make both Gram matrices rank-deficient at lambda_reg=0."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 6, bias=False), torch.nn.ReLU(), torch.nn.Linear(6, C, bias=False))
+    x, y = torch.randn(N, D), torch.randint(0, C, (N,))
+    x[N // 2:], y[N // 2:] = x[:N // 2], y[:N // 2]
+    good = copy.deepcopy(model.state_dict())
+    other = copy.deepcopy(good)
+    other["2.weight"] = torch.randn(C, 6)
+    dead = copy.deepcopy(good)
+    dead["0.weight"] = torch.zeros(6, D)
+    trak = trak_core.TRAK(model, proj_dim=64, lambda_reg=0, progress=False)
+    with pytest.warns(RuntimeWarning) as got:
+        for checkpoint in (good, other):
+            trak.featurize(checkpoint, [(x, y)])
+    ranks = sorted(str(w.message).split(": the kernel")[0] for w in got if "rank-deficient" in str(w.message))
+    assert ranks == ["checkpoint 0", "checkpoint 1"], [str(w.message) for w in got]
+    trak = trak_core.TRAK(model, proj_dim=64, progress=False)
+    trak.featurize(good, [(x, y)])
+    with pytest.raises(TrakCoreError, match=r"^checkpoint 1: the kernel Phi\^T Phi is zero: every training feature"):
+        trak.featurize(dead, [(x, y)])

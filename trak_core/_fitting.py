@@ -200,7 +200,7 @@ class KernelFitting:
         width = self.proj_dim if self.proj_dim is not None else n_params
         # the Gram matrix when n < k (a store written before it was used holds Phi^T Phi: its shape says so)
         space = "n" if kernel_ops.space_for(n_train, width) == "n" and kernel.shape[0] == n_train else "k"
-        factor = kernel_ops.factorize(kernel, lam, xp=xp, space=space)
+        factor = kernel_ops.factorize(kernel, lam, xp=xp, space=space, label=f"checkpoint {index}")
         how = " (stored)" if lambda_reg is not None else " (auto)" if self.lambda_reg == "auto" else ""
         log.info("checkpoint %d: %d examples, k=%d, lambda=%.4g%s, %s-space kernel rank %d%s", index, n_train, width,
                  lam, how, space, factor.rank, note)
@@ -216,7 +216,7 @@ def _zero_kernel(kernel: Any, features: Any, index: int) -> Iterator[None]:
     except kernel_ops.ZeroKernelError as exc:
         if not _squares_can_underflow(kernel, features):
             raise
-        raise TrakValueError(f"checkpoint {index}: {exc}; if the gradients are not zero, every feature is below "
+        raise TrakValueError(f"{exc}; if the gradients are not zero, every feature is below "
                              "about 1e-162, so that its square underflows float64: " + _RESCALE) from None
 
 

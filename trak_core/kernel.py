@@ -160,10 +160,12 @@ def accumulate(kernel: Any | None, features: Any, *, xp: Any, dtype: Any = None)
 
 
 @full_precision_products
-def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> KernelFactor:
+def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k", label: str = "") -> KernelFactor:
     """Factorize ``kernel + lambda_reg * I`` (see the module notes for ``lambda_reg == 0``); ``space`` says
-    whether ``kernel`` is ``Phi^T Phi`` (``"k"``) or ``Phi Phi^T`` (``"n"``)."""
+    whether ``kernel`` is ``Phi^T Phi`` (``"k"``) or ``Phi Phi^T`` (``"n"``); ``label`` (e.g. ``"checkpoint 2"``)
+    begins its warnings and errors, so that they say which of several kernels they are about."""
     k = kernel.shape[0]
+    label = f"{label}: " if label else ""
     if lambda_reg > 0:
         eye = xp.eye(k, dtype=kernel.dtype, device=device_of(kernel))
         try:
@@ -173,11 +175,11 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
         if lower is not None and bool(xp.all(xp.isfinite(lower))):
             return KernelFactor("cholesky", (lower,), lambda_reg, k, space)
     if not bool(xp.all(xp.isfinite(kernel))):  # checked only here: a Cholesky factor that came out finite had none
-        raise TrakValueError(f"the kernel holds inf or NaN: the training features' squares overflow {kernel.dtype}, so "
-                             "it cannot be factorized; rescale the model's output (the scores do not depend on its "
-                             "scale at lambda_reg='auto')")
+        raise TrakValueError(f"{label}the kernel holds inf or NaN: the training features' squares overflow "
+                             f"{kernel.dtype}, so it cannot be factorized; rescale the model's output (the scores do "
+                             "not depend on its scale at lambda_reg='auto')")
     if lambda_reg > 0:
-        warn(f"Cholesky factorization of the kernel failed with lambda_reg={lambda_reg}; "
+        warn(f"{label}Cholesky factorization of the kernel failed with lambda_reg={lambda_reg}; "
              "using an eigendecomposition instead", RuntimeWarning)
     values, vectors = xp.linalg.eigh(kernel)
     values = values + lambda_reg
@@ -191,13 +193,13 @@ def factorize(kernel: Any, lambda_reg: float, *, xp: Any, space: str = "k") -> K
                       "set jax_enable_x64 to keep them" if "jax" in xp.__name__ else
                       "this namespace has no float64: rescale the model's output, the scores do not depend on it")
             small = f", or so small that their squares underflow float32 ({remedy})"
-        raise ZeroKernelError(f"the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
+        raise ZeroKernelError(f"{label}the kernel Phi^T Phi is zero: every training feature is zero (all-zero "
                               f"gradients?){small}, so no example can be scored; check the model and the data")
     if rank < k and lambda_reg == 0:
         what = ("Phi^T Phi is rank-deficient (rank {rank} < k = {k}: k exceeds the number of parameters, or the "
                 "training features span fewer than k directions)") if space == "k" else \
             "Phi Phi^T is rank-deficient (rank {rank} < n_train = {k}: some training features are linearly dependent)"
-        warn(f"the kernel {what.format(rank=rank, k=k)}; with lambda_reg=0 the minimum-norm solution is "
+        warn(f"{label}the kernel {what.format(rank=rank, k=k)}; with lambda_reg=0 the minimum-norm solution is "
              "used. A positive lambda_reg usually gives better scores", RuntimeWarning)
     inverse_values = xp.where(keep, 1.0 / xp.where(keep, values, xp.ones_like(values)), xp.zeros_like(values))
     return KernelFactor("eigh", (vectors, inverse_values), lambda_reg, rank, space)
