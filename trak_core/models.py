@@ -15,6 +15,7 @@ each array in row-major (C) order, one after another, with torch's ``nn.Linear``
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Mapping
 
 from ._namespace import namespace
@@ -180,6 +181,21 @@ class AnalyticModel:
                                  f"got {tuple(inputs.shape)}")
 
 
+def _sizes(model: str, **sizes: Any) -> tuple[int, ...]:
+    """``sizes`` as Python ints, each a positive integer (NumPy's too, not a bool or a float), else an error naming
+    it: a size of 0 or less made a model of a negative parameter count, or one whose ``init`` divided by zero."""
+    out = []
+    for name, value in sizes.items():
+        try:
+            number = None if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            number = None
+        if number is None or number < 1:
+            raise TrakValueError(f"{model}: {name} must be a positive integer, got {value!r}")
+        out.append(number)
+    return tuple(out)
+
+
 def _outer_rows(left: Any, right: Any, *, xp: Any) -> Any:
     """Per-row outer products flattened: ``(n, a), (n, b) -> (n, a * b)``."""
     n = left.shape[0]
@@ -198,7 +214,7 @@ class SoftmaxRegression(AnalyticModel):
     """
 
     def __init__(self, n_features: int, n_classes: int) -> None:
-        self.n_features, self.n_outputs = int(n_features), int(n_classes)
+        self.n_features, self.n_outputs = _sizes("SoftmaxRegression", n_features=n_features, n_classes=n_classes)
         self.param_shapes = {"weight": (self.n_outputs, self.n_features), "bias": (self.n_outputs,)}
 
     def fan_in(self, name: str) -> int:
@@ -242,7 +258,8 @@ class MLP(AnalyticModel):
     def __init__(self, n_features: int, n_hidden: int, n_classes: int, activation: str = "tanh") -> None:
         if activation not in ("tanh", "relu"):
             raise TrakValueError(f"activation must be 'tanh' or 'relu', got {activation!r}")
-        self.n_features, self.n_hidden, self.n_outputs = int(n_features), int(n_hidden), int(n_classes)
+        self.n_features, self.n_hidden, self.n_outputs = _sizes("MLP", n_features=n_features, n_hidden=n_hidden,
+                                                                n_classes=n_classes)
         self.activation = activation
         self.param_shapes = {
             "hidden.weight": (self.n_hidden, self.n_features), "hidden.bias": (self.n_hidden,),

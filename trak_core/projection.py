@@ -57,6 +57,14 @@ def _check(p: int, k: int, kind: str, offset: int) -> tuple[int, int, int]:
     return p_, k_, offset_
 
 
+def _positive(value: Any) -> bool:
+    """Whether ``value`` is an integer above 0 (NumPy's too, not a bool)."""
+    from ._checks import _integer
+
+    number = _integer(value)
+    return number is not None and number > 0
+
+
 def _seed_words(seed: int) -> tuple[int, int]:
     return hashing.split64(seed, "seed")
 
@@ -238,6 +246,9 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
         raise TrakValueError(f"grads must be 2-D (n_examples, n_params), got shape {tuple(grads.shape)}")
     n, p = grads.shape
     p, k, offset = _check(p, k, kind, offset)
+    if block_size is not None and not _positive(block_size):  # a negative one made no block: zeros, unsaid
+        raise TrakValueError(f"block_size must be a positive integer (rows of the projection matrix made at a time) "
+                             f"or None for the default, got {block_size!r}")
     if not xp.isdtype(grads.dtype, "real floating"):
         raise TrakTypeError(f"grads must have a real floating dtype, got {grads.dtype}")
     if xp.finfo(grads.dtype).bits < 32 and not uses_split(grads, kind, precision):
