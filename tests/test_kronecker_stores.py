@@ -33,6 +33,10 @@ class NetByMatmul(Net):
         return torch.tanh(self.a(x)) @ self.b.weight.T + self.b.bias
 
 
+NetByMatmul.__qualname__ = "Net"  # Net's forward edited between runs: the store's record of the model (its modules'
+# names and classes) cannot tell them apart; the layout of blocks can
+
+
 class Interrupt(Exception):
     pass
 

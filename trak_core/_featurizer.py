@@ -397,6 +397,9 @@ class Featurizer(KernelFitting):
                "precision": self.precision, "store_format": STORE_FORMAT}
         if self.kronecker is not None:
             out["kronecker"] = self.kronecker.describe()
+        model = self.backend.model_identity(self.model)
+        if model is not None:  # the same parameters in another architecture (another activation) score otherwise
+            out["model"] = model
         identity = task_identity(self.task, output_grad=self.backend.name == "numpy")
         if identity is not None:  # a custom task: what it computes, so another one with the same name is told apart
             out["task_identity"] = identity

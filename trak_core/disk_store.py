@@ -4,7 +4,8 @@ One job: ``TRAK(store=path)``. Layout of the directory:
 
 - group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension,
   seed and precision, task (what a custom task computes too: ``tasks.task_identity``), parameter count and
-  structure hash, backend, store format version); ``first_batch_rows``: the training data's first batch's rows
+  structure hash, backend, store format version, ``model``: ``Backend.model_identity``); ``first_batch_rows``:
+  the training data's first batch's rows
   (JAX compiles its step at that size; ``TRAK.open`` gives it to the backend again).
   Reopening with any difference raises ``StoreMismatchError`` naming the
   fields, and nothing is written. ``data``: the training set's ``n_train`` and digest (order
@@ -198,12 +199,16 @@ class DiskStore(Store):
             fingerprint = {**{k: v for k, v in fingerprint.items() if k != "task_identity"}, "task_functions": legacy}
         elif before_classes is not None and stored.get("task_identity") == before_classes:  # written before classes
             fingerprint = {**fingerprint, "task_identity": before_classes}  # were digested whole: compared as then
+        if "model" not in stored:  # written before the model's identity was recorded: not checked
+            fingerprint.pop("model", None)
         keys = list(fingerprint) + [k for k in stored if k not in fingerprint]
         differing = {k: (stored.get(k), fingerprint.get(k)) for k in keys if stored.get(k) != fingerprint.get(k)}
         if differing:
             fields = ", ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in differing.items())
-            raise StoreMismatchError(f"the store at {self.path} was written with another configuration ({fields}); "
-                                     "use the same arguments, or a new store path (nothing was overwritten)")
+            model = "; its modules' names or classes are not those the store was featurized with" * ("model" in
+                                                                                                      differing)
+            raise StoreMismatchError(f"the store at {self.path} was written with another configuration ({fields})"
+                                     f"{model}; use the same arguments, or a new store path (nothing was overwritten)")
 
     def writer(self, index: int, fingerprint: dict) -> DiskWriter:
         self._check(fingerprint)

@@ -176,7 +176,8 @@ def _ago(seconds: float) -> str:
 def render(report: dict[str, Any]) -> str:
     """The report of ``describe`` as text."""
     config = report["configuration"]
-    keys = ("proj_type", "proj_dim", "seed", "task", "backend", "precision", "n_params", "normalize_features")
+    keys = ("proj_type", "proj_dim", "seed", "task", "backend", "precision", "n_params", "normalize_features",
+            "model")
     lines = [f"trak-core store at {report['path']}",
              "configuration: " + ", ".join(f"{key}={config[key]}" for key in keys if key in config)]
     if report["first_batch_rows"] is not None:

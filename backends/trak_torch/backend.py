@@ -18,7 +18,7 @@ from trak_core.fingerprints import parameters_digest
 
 from .attention import (attention_for_closed_form, attention_for_vmap, causal_model, model_masks, note_mask,
                         reads_own_mask, uncounted_pad_predictions)
-from .checkpoint import TorchCheckpoint, prepared_dtype, raise_dtype_error, select_names, snapshot
+from .checkpoint import TorchCheckpoint, module_classes, prepared_dtype, raise_dtype_error, select_names, snapshot
 from .locks import model_lock
 from .looped import eval_mode, looped_gradients, refuse_to_loop, vmap_cannot_batch
 from .outputs import _rows, check_labels, output_logits
@@ -140,6 +140,10 @@ class TorchBackend(Backend):
     def n_params(self, prepared: TorchCheckpoint) -> int:
         """Elements of the attributed parameters (``params``)."""
         return prepared.n_params
+
+    def model_identity(self, model: Any) -> str:
+        """See ``Backend.model_identity``: the classes of the model's modules (``checkpoint.module_classes``)."""
+        return module_classes(model)
 
     def parameters_digest(self, prepared: TorchCheckpoint) -> str:
         """SHA-256 of the attributed parameters and of the frozen ones and buffers (they change outputs too)."""

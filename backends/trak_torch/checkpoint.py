@@ -214,3 +214,16 @@ def prepared_dtype(params: dict) -> Any:
         if value.is_floating_point():
             return value.dtype
     return torch.float32
+
+
+def module_classes(model: Any) -> str:
+    """The model's class, its module count and a hash of every module's name and class (``named_modules``):
+    ``"Net (4 modules, 1f0c2a9e7b3d)"``. A ``torch.compile``'d model is its eager module. Equal for the same
+    architecture in any process; another activation module, or a subclass with its own ``forward``, differs."""
+    import hashlib
+
+    if type(model).__name__ == "OptimizedModule" and getattr(model, "_orig_mod", None) is not None:
+        model = model._orig_mod
+    modules = [f"{name}={type(module).__qualname__}" for name, module in model.named_modules()]
+    digest = hashlib.sha256("\n".join(modules).encode()).hexdigest()[:12]
+    return f"{type(model).__qualname__} ({len(modules)} modules, {digest})"

@@ -162,6 +162,23 @@ class Backend(abc.ABC):
         """
         return None
 
+    def model_identity(self, model: Any) -> str | None:
+        """What the model is made of, beyond its parameters: an on-disk store records it and refuses another.
+
+        Parameters
+        ----------
+        model : object
+            The estimator's model.
+
+        Returns
+        -------
+        str or None
+            Equal for models that compute the same function of their parameters (in every process: no object
+            ids), different for another architecture with the same parameters (another activation, say); short
+            and readable, since errors show it. Default ``None``: not recorded, not checked.
+        """
+        return None
+
     def check_stored_dtype(self, prepared: Any, dtype: str) -> None:
         """Raise where this process cannot make features of ``dtype``, the dtype a store holds this checkpoint's
         features in (reopened or resumed), from ``prepared``.
