@@ -39,7 +39,7 @@ from trak_core.outputs import select_logits
 
 from .batch import check_stored_x64, check_x64, chunks, crop, device_batch
 from .checkpoint import JaxCheckpoint, check_selection, snapshot
-from .checks import OutputCheck, not_jittable, state_note
+from .checks import OutputCheck, check_rows_apart, not_jittable, state_note
 from .recent import Recent
 
 __all__ = ["JaxBackend", "JaxModel", "output_logits"]
@@ -254,12 +254,13 @@ class JaxBackend(Backend):
                 logits = logits[:, None]
             out_to_loss = task.out_to_loss(logits, labels, xp=xp)
             output, chosen = per_example(params)
-            grads = jax.vmap(jax.grad(output), in_axes=(None, 0, 0))(chosen, inputs, labels)
+            alone, grads = jax.vmap(jax.value_and_grad(output), in_axes=(None, 0, 0))(chosen, inputs, labels)
             n = labels.shape[0]
             flat = jnp.concatenate([jnp.reshape(g, (n, -1)) for g in grads], axis=1)
             if project:  # half-precision gradients: float32 products and features (shared is float32)
                 flat = (flat.astype(shared.dtype) * signs) @ shared
-            return flat, out_to_loss
+            together = task.output(logits, labels, xp=xp)  # each row's output in the batch: ``alone``'s where the
+            return flat, out_to_loss, jnp.max(jnp.abs(alone - together) / (1 + jnp.abs(together)))  # rows are apart
 
         return jax.jit(step)
 
@@ -309,7 +310,8 @@ class JaxBackend(Backend):
             except Exception as exc:
                 state_note(exc)
                 raise
-            features, out_to_loss = crop(outputs, rows, padded)
+            check_rows_apart(outputs[2], prepared.dtype)
+            features, out_to_loss = crop(outputs[:2], rows, padded)
             parts.append(features)
             weights.append(out_to_loss)
         if len(parts) == 1:

@@ -16,7 +16,7 @@ from trak_core.tasks import CustomTask
 
 from .recent import Recent
 
-__all__ = ["OutputCheck", "logits_source", "not_jittable", "state_note"]
+__all__ = ["OutputCheck", "check_rows_apart", "logits_source", "not_jittable", "state_note"]
 
 MODELS_KEPT = 8  # apply functions whose traces are kept (every batch signature of each)
 _EXPECTED = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}
@@ -50,6 +50,35 @@ def state_note(exc: Exception) -> None:
     note = _FLAX_NOTES.get(type(exc).__name__)
     if note is not None and hasattr(exc, "add_note"):
         exc.add_note(f"trak-core: {note}")
+
+
+# the largest |f(example alone) - f(its row in the batch)| / (1 + |f(row in the batch)|) taken as rounding: float32
+# (and wider) models agree to about 1e-6; half precision rounds each op to 2^-8 (bfloat16)
+ROWS_APART_TOLERANCE = {16: 0.25}
+ROWS_APART_DEFAULT = 1e-2
+
+
+def check_rows_apart(difference: Any, dtype: Any) -> None:
+    """Raise where the model output of an example computed alone (under ``vmap``, where its gradient is taken) is not
+    its row's output in the batch: ``apply`` mixes the batch's rows (batch statistics, dropout in training mode).
+
+    Parameters
+    ----------
+    difference : array
+        The step's largest relative difference (a scalar; NaN where the outputs are not finite: checked after).
+    dtype
+        The params' dtype, which sets the tolerance (``ROWS_APART_TOLERANCE``).
+    """
+    import numpy as np
+
+    value = float(np.asarray(difference))
+    if value > ROWS_APART_TOLERANCE.get(np.dtype(dtype).itemsize * 8, ROWS_APART_DEFAULT):
+        raise TrakValueError(
+            f"apply(params, inputs) does not treat the batch's rows independently: an example's model output computed "
+            f"alone (as its per-example gradient is) differs from its row's output in the batch by {value:.3g} "
+            "relative. The model uses batch statistics or random numbers: run it in inference mode (Flax NNX: "
+            "model.eval() before nnx.split(model, nnx.Param, ...); linen: JaxModel(lambda variables, x: "
+            "module.apply(variables, x, train=False)); Equinox: eqx.nn.inference_mode(model)) (docs/jax.md)")
 
 
 def not_jittable(exc: Exception) -> TrakTypeError:
