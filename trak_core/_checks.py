@@ -50,6 +50,11 @@ def _rows(array: Any, what: str, where: str) -> int:
         constants = [key for key, value in array.items() if getattr(value, "shape", None) is None]
         if constants:
             key = constants[0]
+            if isinstance(array[key], (list, tuple)):  # rows not made an array: a tokenizer without return_tensors
+                raise TrakTypeError(f"{where}: {what}[{key!r}] is a {type(array[key]).__name__}, not an array: a dict "
+                                    "batch holds arrays of the model's framework with one row per example; convert "
+                                    f"it, e.g. torch.as_tensor(batch[{key!r}]), or ask the tokenizer for tensors "
+                                    "(tokenizer(texts, padding=True, return_tensors='pt'))")
             raise TrakTypeError(f"{where}: {what}[{key!r}] is a {type(array[key]).__name__}, not an array with one "
                                 "row per example: a dict batch holds per-example arrays only. Pass a constant keyword "
                                 "argument through a wrapper module, e.g. forward(self, **batch): return "

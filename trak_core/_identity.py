@@ -146,8 +146,10 @@ class DataCheck:
                 f"the training data differs from the data {self._featurized} was featurized on, in rows "
                 f"{first}..{last} (data_checksums chunk {chunk}): other examples, other labels or another order, "
                 "or the same values in another dtype or shape (int64 labels one time and int32 the next: JAX makes "
-                "int32 of them without x64) or changed by random transforms (data augmentation). Featurize every "
-                f"checkpoint on the same data, in the same order and dtypes{self._new}")
+                "int32 of them without x64) or changed by random transforms (data augmentation), or the same examples "
+                "padded to another length (a collator pads each batch to its longest example, so another batch size "
+                "pads them otherwise). Featurize every checkpoint on the same data, in the same order and dtypes, "
+                f"padded the same way{self._new}")
         self.writer.record_data(chunk, digest)
 
     def batch(self, inputs: Any, labels: Any) -> None:

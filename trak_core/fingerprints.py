@@ -120,7 +120,8 @@ class DataFingerprint:
         """Hash one batch's rows; return the chunks it completed as ``(chunk index, digest)``.
 
         Rows are hashed as contiguous bytes, one stream per array (inputs, or each key of a dict
-        batch, and labels), so any split of the data into batches gives the same digests.
+        batch, and labels), so any split of the data into batches gives the same digests, as long as a
+        row's shape does not depend on its batch (token rows padded to their batch's longest example do).
 
         Parameters
         ----------
