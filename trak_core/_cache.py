@@ -8,6 +8,8 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
+from .errors import TrakValueError
+
 __all__ = ["ProjectionCache", "default_cache", "device_cache"]
 
 
@@ -17,11 +19,23 @@ class ProjectionCache:
     Parameters
     ----------
     max_bytes : int
-        Entries larger than this are never cached; older entries are evicted to make room.
+        Entries larger than this are never cached; older entries are evicted to make room. 0 disables
+        caching.
+
+    Raises
+    ------
+    TrakValueError
+        On a ``max_bytes`` that is not a non-negative integer.
     """
 
     def __init__(self, max_bytes: int = 512 * 2**20) -> None:
-        self.max_bytes = int(max_bytes)
+        from ._checks import _integer
+
+        budget = _integer(max_bytes)
+        if budget is None or budget < 0:  # a negative budget was taken: nothing fitted, unsaid
+            raise TrakValueError(f"max_bytes must be a non-negative integer (bytes; 0 disables caching), got "
+                                 f"{max_bytes!r}")
+        self.max_bytes = budget
         self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()

@@ -230,10 +230,7 @@ def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
     by_index = {entry.index: entry for entry in store}
     chosen = []
     for c in checkpoints:
-        try:
-            c = operator.index(c)  # ints, NumPy integers, 0-d integer arrays
-        except TypeError:
-            c = None
+        c = _integer(c)  # ints, NumPy integers, 0-d integer arrays; not bools (True was checkpoint 1)
         if c is None or c not in by_index:
             chosen = []
             break
@@ -242,7 +239,10 @@ def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
         held = sorted(by_index)
         which = (f"indices in [0, {len(held) - 1}]" if held == list(range(len(held))) else
                  f"indices of the checkpoints this estimator opened, {held}")
-        raise TrakValueError(f"checkpoints must be a non-empty sequence of {which}, got {checkpoints!r}")
+        booleans = any(isinstance(c, bool) for c in checkpoints)
+        raise TrakValueError(f"checkpoints must be a non-empty sequence of {which}, got {checkpoints!r}"
+                             + ("; booleans are not indices: for a mask, pass [i for i, keep in enumerate(mask) if "
+                                "keep]" if booleans else ""))
     repeated = sorted({c for c in chosen if chosen.count(c) > 1})
     if repeated:
         raise TrakValueError(f"checkpoints lists {', '.join(map(str, repeated))} more than once ({checkpoints!r}): "

@@ -19,7 +19,7 @@ class CustomTask:
     Parameters
     ----------
     output : callable
-        The model output function ``f``, returning shape ``(n,)``; differentiated by the
+        The model output function ``f``, returning real floating values of shape ``(n,)``; differentiated by the
         framework backends (torch, JAX), so write it with ``xp`` operations.
     out_to_loss : callable, optional
         The weight ``Q``, shape ``(n,)``; default all ones.
@@ -50,6 +50,7 @@ class CustomTask:
             raise TrakTypeError(f"output must be callable (logits, labels, xp) -> (n,), got {type(output).__name__}")
         self.name, self._output, self._out_to_loss = name, output, out_to_loss
         self._output_grad, self._check_labels = output_grad, check_labels
+        self._dtype_checked = False  # output's dtype is checked on the first call only
 
     def check_labels(self, labels: Any, n_outputs: int, *, xp: Any) -> None:
         """The ``check_labels`` function given, if any (none: every label passes) (``Task.check_labels``)."""
@@ -58,8 +59,26 @@ class CustomTask:
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         """The ``output`` function given, checked to return one value per example; returns what ``output(logits,
-        labels, xp)`` returned (``Task.output``)."""
-        return self._per_example(self._output(logits, labels, xp), logits, labels, "output", "value")
+        labels, xp)`` returned (``Task.output``); on the first call, also checked to be of a real floating dtype.
+
+        Raises
+        ------
+        TrakValueError
+            When ``output`` does not return one value per example.
+        TrakTypeError
+            When ``output`` returns values that are not real floating (integers from ``argmax``, booleans): their
+            gradients are zero or undefined.
+        """
+        value = self._per_example(self._output(logits, labels, xp), logits, labels, "output", "value")
+        if not self._dtype_checked:  # an argmax was featurized to all-zero gradients: a ZeroKernelError at the kernel
+            dtype = getattr(value, "dtype", None)
+            if dtype is not None and not xp.isdtype(dtype, "real floating"):
+                raise TrakTypeError(f"CustomTask {self.name!r}: output must return real floating values, but returned "
+                                    f"dtype {dtype}: output is differentiated, so it must be a differentiable "
+                                    "floating-point function of the model's outputs (e.g. a margin or a "
+                                    "log-probability, not an argmax or a comparison)")
+            self._dtype_checked = True
+        return value
 
     def _per_example(self, value: Any, logits: Any, labels: Any, what: str, one: str) -> Any:
         """``value`` when it has one entry per example, else an error naming this task's function ``what``."""

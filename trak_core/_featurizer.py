@@ -104,7 +104,8 @@ class Featurizer(KernelFitting):
         for b, (inputs, labels) in enumerate(batches(data, self.label_key)):
             parts.append(self._batch_features(entry.prepared, entry.index, inputs, labels, f"batch {b}")[0])
         if not parts:
-            raise TrakValueError("features: data yielded no batches; pass an iterable of (inputs, labels)")
+            raise TrakValueError("features: data yielded no batches (a generator, map or zip is used up by one pass); "
+                                 "pass an iterable of (inputs, labels): a list, or a generator made anew for each call")
         return parts[0] if len(parts) == 1 else namespace(parts[0]).concat(parts, axis=0)
 
     def _project(self, grads: Any, checkpoint: int) -> Any:

@@ -98,8 +98,11 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     Raises
     ------
     TrakValueError
-        On shapes that do not match, fewer than 3 subsets, or NaN or infinite scores, masks or outputs
-        (a retrained model that diverged): the message names the subsets or targets.
+        On shapes that do not match, fewer than 3 subsets, NaN or infinite scores, masks or outputs
+        (a retrained model that diverged), or masks with values other than 0 and 1 (counts: pass
+        ``counts > 0``): the message names the subsets or targets.
+    TrakTypeError
+        On complex scores, masks or outputs.
 
     Notes
     -----
@@ -129,6 +132,10 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     if n_targets == 0 or n_train == 0:  # was "undefined for every target: ... constant across subsets"
         raise TrakValueError(f"scores have shape {(n_train, n_targets)}: LDS needs at least one "
                              f"{'target (column)' if n_targets == 0 else 'training example (row)'}")
+    for name, values in (("scores", scores), ("outputs", outputs), ("masks", masks)):
+        if xp.isdtype(values.dtype, "complex floating"):  # was cast to real with only NumPy's ComplexWarning
+            raise TrakTypeError(f"{name} are complex ({values.dtype}); LDS ranks real numbers: pass real {name}, "
+                                f"e.g. {name}.real if the imaginary part is meant to be dropped")
     checked = [("outputs", outputs, 1, "subsets (retrained models)"), ("scores", scores, 0, "targets")]
     if xp.isdtype(masks.dtype, "real floating"):
         checked.append(("masks", masks, 1, "subsets"))
@@ -143,6 +150,13 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
                                     "masks": "masks say which examples each retrained model saw: pass them as "
                                              "booleans or 0/1",
                                     "scores": "score them again"}[name])
+    if not xp.isdtype(masks.dtype, "bool"):  # 0/1 counts: a 3 weighted that example three times, unsaid
+        binary = xp.all((masks == 0) | (masks == 1), axis=1)
+        if not bool(xp.all(binary)):
+            bad = [i for i in range(binary.shape[0]) if not bool(binary[i])]
+            raise TrakValueError(f"masks have values other than 0 and 1 for subsets {bad[:10]}"
+                                 f"{' ...' if len(bad) > 10 else ''}; masks say which examples each retrained model "
+                                 "saw, not how often: pass them as booleans or 0/1, e.g. counts > 0")
     work = accumulation_dtype(xp, device_of(scores))
     with full_precision(xp):
         predictions = xp.astype(masks, work) @ xp.astype(scores, work)

@@ -251,6 +251,9 @@ def project(grads: Any, k: int, *, seed: int = 0, checkpoint: int = 0, kind: str
                              f"or None for the default, got {block_size!r}")
     if not xp.isdtype(grads.dtype, "real floating"):
         raise TrakTypeError(f"grads must have a real floating dtype, got {grads.dtype}")
+    if cache is not None and not isinstance(cache, ProjectionCache):  # was an AttributeError in cached_factors
+        raise TrakTypeError(f"cache must be a ProjectionCache or None for the default, got {type(cache).__name__}: "
+                            "pass e.g. trak_core.ProjectionCache(max_bytes), or ProjectionCache(0) for no caching")
     if xp.finfo(grads.dtype).bits < 32 and not uses_split(grads, kind, precision):
         grads = xp.astype(grads, xp.float32)  # half-precision gradients: float32 products, float32 features
     device, dtype = device_of(grads), grads.dtype

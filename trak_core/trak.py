@@ -307,8 +307,9 @@ class TRAK(Featurizer, Reopening):
                 block = soft_threshold(block, self.soft_threshold, xp=xp)
             columns.append(xp.astype(block, dtype, copy=False))  # the features' dtype (float64 kernels'
         if not columns:  # blocks were joined in float64 and then cast: 5x the result at the peak)
-            raise TrakValueError("score: data yielded no targets (no batches, or only empty ones); pass an iterable of "
-                                 "(inputs, labels) batches")
+            raise TrakValueError("score: data yielded no targets (no batches, or only empty ones: a generator, map or "
+                                 "zip is used up by one pass); pass an iterable of (inputs, labels) batches: a list, "
+                                 "or a generator made anew for each call")
         scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
         del columns  # the blocks are in ``scores`` now (peak: twice the result, once)
         if save_as is not None:
