@@ -17,10 +17,10 @@ from ._checks import (_check_features, _check_finite, _check_lengths, _check_wei
                       chosen_entries, projection_group_rows, take_rows)
 from ._delegation import is_accelerator
 from ._fitting import KernelFitting
-from ._identity import DataCheck, check_lambda_setting, check_parameters, parameters_recorded, refuse_duplicate
+from ._identity import (DataCheck, check_lambda_setting, check_parameters, parameters_recorded, refuse_duplicate,
+                        store_fingerprint)
 from ._namespace import namespace
 from ._progress import length_of, progress
-from ._task_identity import task_functions, task_identity, task_identity_before_classes
 from .backends.protocol import batches
 from .errors import StoreMismatchError, TrakCoreError, TrakValueError
 from .fingerprints import to_numpy
@@ -387,24 +387,5 @@ class Featurizer(KernelFitting):
         self.executor.featurize(self, checkpoint, index, data, writer, total, offsets)
 
     def _fingerprint(self, n_params: int, structure: Any) -> dict[str, Any]:
-        """What must not change between runs sharing a store (checked by on-disk stores)."""
-        import hashlib
-
-        from .disk_store import STORE_FORMAT
-
-        out = {"proj_type": self.proj_type, "proj_dim": self.proj_dim, "seed": self.seed, "task": self.task.name,
-               "n_params": n_params, "parameter_structure": hashlib.sha256(repr(structure).encode()).hexdigest()[:16],
-               "normalize_features": self.normalize_features, "backend": self.backend.name,
-               "precision": self.precision, "store_format": STORE_FORMAT}
-        if self.kronecker is not None:
-            out["kronecker"] = self.kronecker.describe()
-        model = self.backend.model_identity(self.model)
-        if model is not None:  # the same parameters in another architecture (another activation) score otherwise
-            out["model"] = model
-        identity = task_identity(self.task, output_grad=self.backend.name == "numpy")
-        if identity is not None:  # a custom task: what it computes, so another one with the same name is told apart
-            out["task_identity"] = identity
-            out["_legacy_task_functions"] = task_functions(self.task)  # to reopen stores written before (not stored)
-            out["_legacy_task_identity"] = task_identity_before_classes(  # likewise
-                self.task, output_grad=self.backend.name == "numpy")
-        return out
+        """What must not change between runs sharing a store (``_identity.store_fingerprint``)."""
+        return store_fingerprint(self, n_params, structure)

@@ -2,18 +2,20 @@
 
 One job: compare content hashes (``trak_core.fingerprints``) with what a writer or checkpoint 0
 recorded, and raise ``StoreMismatchError`` naming the field, before any
-row that would contradict them is written.
+row that would contradict them is written; and make the configuration fingerprint a store records and
+checks (``store_fingerprint``).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
+from ._task_identity import task_functions, task_identity, task_identity_before_classes
 from .errors import StoreMismatchError, TrakValueError
 from .fingerprints import DataFingerprint
 from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, Writer
 
-__all__ = ["check_parameters", "DataCheck"]
+__all__ = ["check_parameters", "DataCheck", "store_fingerprint"]
 
 
 def _short(digest: str | None) -> str:
@@ -206,3 +208,28 @@ class DataCheck:
         """The way out besides the same data, for messages (an in-memory store keeps nothing of this checkpoint)."""
         return " (nothing of this checkpoint was kept)" if self.where == "memory" else \
             ", or use a new store path (nothing was overwritten)"
+
+
+def store_fingerprint(trak: Any, n_params: int, structure: Any) -> dict[str, Any]:
+    """What must not change between runs sharing a store (checked by on-disk stores: ``DiskStore._check``); keys
+    beginning with ``_`` serve comparisons with stores written by earlier versions and are not stored."""
+    import hashlib
+
+    from .disk_store import STORE_FORMAT
+
+    out = {"proj_type": trak.proj_type, "proj_dim": trak.proj_dim, "seed": trak.seed, "task": trak.task.name,
+           "n_params": n_params, "parameter_structure": hashlib.sha256(repr(structure).encode()).hexdigest()[:16],
+           "normalize_features": trak.normalize_features, "backend": trak.backend.name,
+           "precision": trak.precision, "store_format": STORE_FORMAT}
+    if trak.kronecker is not None:
+        out["kronecker"] = trak.kronecker.describe()
+    model = trak.backend.model_identity(trak.model)
+    if model is not None:  # the same parameters in another architecture (another activation) score otherwise
+        out["model"] = model
+    output_grad = trak.backend.name == "numpy"
+    identity = task_identity(trak.task, output_grad=output_grad)
+    if identity is not None:  # a custom task: what it computes, so another one with the same name is told apart
+        out["task_identity"] = identity
+        out["_legacy_task_functions"] = task_functions(trak.task)  # to reopen stores written before (not stored)
+        out["_legacy_task_identity"] = task_identity_before_classes(trak.task, output_grad=output_grad)  # likewise
+    return out
