@@ -62,3 +62,29 @@ def test_padding_does_not_change_the_scores():
         trak.featurize(_model(0).state_dict(), _loader(batch_size))
         scores.append(trak.score(_loader(4)))
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-5, atol=1e-8)
+
+
+def test_language_model_labels_that_predict_no_token_are_named():
+    """Every label -100 (prompts or padding only): the zero-kernel error blamed the model ("check the model and the
+    data"); it now names the labels."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                                     eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 50, (6, 8))
+    trak = trak_core.TRAK(model, task="language_modeling", proj_dim=16, progress=False)
+    with pytest.raises(trak_core.TrakValueError, match=r"^checkpoint 0: the kernel Phi\^T Phi is zero: .*; with "
+                       r"task='language_modeling', a label of -100 marks a token that is not predicted: if every "
+                       r"label is -100 \(prompts or padding only\), no token is predicted"):
+        trak.featurize(None, [{"input_ids": ids, "labels": torch.full_like(ids, -100)}])
+
+
+def test_classification_labels_of_minus_100_name_the_convention():
+    with pytest.raises(trak_core.TrakValueError, match=r"labels must lie in \[0, 1\] \(-100, which Hugging Face uses "
+                       r"to leave a token out of the loss, leaves nothing out of a classification task: drop those "
+                       r"examples"):
+        trak_core.TRAK(_model(), proj_dim=8, progress=False).featurize(
+            None, [{"input_ids": torch.tensor([[1, 2, 3], [1, 4, 5]]), "labels": torch.tensor([0, -100])}])
+    with pytest.raises(trak_core.TrakValueError, match=r"labels must lie in \[0, 1\]$"):  # other labels: as before
+        trak_core.TRAK(_model(), proj_dim=8, progress=False).featurize(
+            None, [{"input_ids": torch.tensor([[1, 2, 3], [1, 4, 5]]), "labels": torch.tensor([0, 7])}])

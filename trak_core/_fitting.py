@@ -74,7 +74,7 @@ class KernelFitting:
                 return self._in_float64(features, n_params, index, lambda_reg), "float64"
         else:
             self._warn_subnormal(kernel, features, index)
-        with _zero_kernel(kernel, features, index):
+        with _zero_kernel(kernel, features, index, self.task):
             factor = self._factorize(kernel, features.shape[0], n_params, index, lambda_reg,
                                      lam=lam if narrow else None)
         if narrow and factor.lambda_reg == 0 and kernel_dtype != "float32":
@@ -87,7 +87,7 @@ class KernelFitting:
     def _in_float64(self, features: Any, n_params: int, index: int, lambda_reg: float | None) -> Any:
         wide = kernel_from_features(features, kernel_dtype="float64")
         self._warn_subnormal(wide, features, index)
-        with _zero_kernel(wide, features, index):
+        with _zero_kernel(wide, features, index, self.task):
             return self._factorize(wide, features.shape[0], n_params, index, lambda_reg, ", in float64")
 
     @staticmethod
@@ -208,14 +208,20 @@ class KernelFitting:
 
 
 @contextlib.contextmanager
-def _zero_kernel(kernel: Any, features: Any, index: int) -> Iterator[None]:
+def _zero_kernel(kernel: Any, features: Any, index: int, task: Any = None) -> Iterator[None]:
     """A zero float64 kernel of float64 features: their squares may have underflowed (features below about
-    1e-162), which the error adds, with the fix (float32 features' squares cannot underflow float64)."""
+    1e-162), which the error adds, with the fix (float32 features' squares cannot underflow float64); a sequence
+    task's labels may all be its ``ignore_index`` (no token predicted), which the error names."""
     try:
         yield
     except kernel_ops.ZeroKernelError as exc:
+        ignore = getattr(task, "ignore_index", None)
+        if ignore is not None:  # was: "check the model and the data", for data that predicts no token
+            exc = kernel_ops.ZeroKernelError(f"{exc}; with task={task.name!r}, a label of {ignore} marks a token that "
+                                             f"is not predicted: if every label is {ignore} (prompts or padding only), "
+                                             "no token is predicted and every feature is zero")
         if not _squares_can_underflow(kernel, features):
-            raise
+            raise exc from None
         raise TrakValueError(f"{exc}; if the gradients are not zero, every feature is below "
                              "about 1e-162, so that its square underflows float64: " + _RESCALE) from None
 

@@ -152,9 +152,12 @@ class Classification:
         if labels.shape[0] and (bool(xp.any(labels < 0)) or bool(xp.any(labels >= classes))):
             lo, hi = int(xp.min(labels)), int(xp.max(labels))
             what = "a binary classifier (one logit)" if n_outputs == 1 else f"a model with {n_outputs} classes"
+            ignored = (" (-100, which Hugging Face uses to leave a token out of the loss, leaves nothing out of a "
+                       "classification task: drop those examples, or use a sequence task such as "
+                       "task='token_classification' for per-token labels)") if bool(xp.any(labels == -100)) else ""
             raise TrakValueError(
                 f"labels out of range: found labels in [{lo}, {hi}] but for {what} labels must lie in "
-                f"[0, {classes - 1}]")
+                f"[0, {classes - 1}]{ignored}")
 
     @staticmethod
     def _two_class(logits: Any, labels: Any, *, xp: Any) -> tuple[Any, Any]:
