@@ -98,3 +98,16 @@ def test_the_nnx_recipe_in_training_mode_is_refused():
     trak = trak_core.TRAK(JaxModel(lambda state, x: nnx.merge(graphdef, *state)(x)), proj_dim=None,
                           backend=JaxBackend(params=lambda path, leaf: path.startswith("[0]")))
     trak.featurize((params, rest), [(X, Y)])  # inference mode: accepted
+
+
+def test_the_factorized_step_refuses_it_too():
+    """``proj_type="kronecker"`` has its own step (``trak_jax.kronecker``), which takes each example's gradient alone
+    too and featurized the batch-norm apply silently; a row-independent apply is accepted in batches of any size."""
+    trak = trak_core.TRAK(JaxModel(batch_norm_apply), proj_type="kronecker", proj_dim=16, progress=False)
+    with pytest.raises(TrakValueError) as caught:
+        trak.featurize(PARAMS, [(X, Y)])
+    message = str(caught.value)
+    assert message.startswith(MESSAGE) and message.endswith(FIX), message
+    trak = trak_core.TRAK(JaxModel(independent_apply), proj_type="kronecker", proj_dim=16, progress=False)
+    trak.featurize(PARAMS, [(X[:13], Y[:13]), (X[13:], Y[13:])])
+    assert trak.n_checkpoints == 1

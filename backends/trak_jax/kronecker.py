@@ -29,7 +29,7 @@ from trak_core.projection import project
 
 from .backend import output_logits
 from .batch import chunks, crop
-from .checks import not_jittable, state_note
+from .checks import check_rows_apart, not_jittable, state_note
 from .kronecker_scan import OTHER, Analysis, Use, analyse
 
 __all__ = ["Use", "Analysis", "analyse", "plan", "features"]
@@ -96,7 +96,7 @@ def _make_step(backend: Any, apply: Callable, task: Any, found: Analysis, plan: 
     layer_of = [block_of[found.paths[use.leaf]] for use in uses]
     rest = tuple(i for i in found.rest if found.paths[i] in set(plan.rest))
 
-    def traced(params: Any, inputs: Any, labels: Any, factors: tuple) -> tuple[Any, Any, Any]:
+    def traced(params: Any, inputs: Any, labels: Any, factors: tuple) -> tuple[Any, Any, Any, Any]:
         logits = output_logits(apply(params, inputs), backend.logits_fn)
         if task.logits_ndim == 2 and logits.ndim == 1:
             logits = logits[:, None]
@@ -123,9 +123,11 @@ def _make_step(backend: Any, apply: Callable, task: Any, found: Analysis, plan: 
             value = _evaluate(closed.jaxpr, closed.consts, args, (), inner, hook)[0]
             return value, sides
 
-        gradient = jax.grad(output, argnums=(0, 1), has_aux=True)
-        (deltas, rest_grads), sides = jax.vmap(gradient, in_axes=(None, None, 0, 0))(
+        gradient = jax.value_and_grad(output, argnums=(0, 1), has_aux=True)
+        (alone, sides), (deltas, rest_grads) = jax.vmap(gradient, in_axes=(None, None, 0, 0))(
             zs, [leaves[i] for i in rest], inputs, labels)
+        together = task.output(logits, labels, xp=_XP)  # each row's output in the batch (checks.check_rows_apart)
+        apart = jnp.max(jnp.abs(alone - together) / (1 + jnp.abs(together)))
         n = labels.shape[0]
         parts: list[list[tuple[Any, Any]]] = [[] for _ in plan.blocks]
         for u, use in enumerate(uses):
@@ -138,9 +140,9 @@ def _make_step(backend: Any, apply: Callable, task: Any, found: Analysis, plan: 
                                  jnp.concatenate([c for _, c in pairs], axis=1), block, xp=_XP)
                   for block, pairs in zip(plan.blocks, parts)]
         flat = [jnp.reshape(g, (n, -1)) for g in rest_grads] + [jnp.zeros((n, 0), leaves[0].dtype)]
-        return jnp.concatenate(blocks, axis=1), jnp.concatenate(flat, axis=1), out_to_loss
+        return jnp.concatenate(blocks, axis=1), jnp.concatenate(flat, axis=1), out_to_loss, apart
 
-    def step(params: Any, inputs: Any, labels: Any, factors: tuple) -> tuple[Any, Any, Any]:
+    def step(params: Any, inputs: Any, labels: Any, factors: tuple) -> tuple[Any, Any, Any, Any]:
         backend.compilations += 1  # runs only while tracing
         precision = backend.matmul_precision
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
@@ -183,7 +185,8 @@ def features(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, 
         except Exception as exc:
             state_note(exc)
             raise
-        out, rest, out_to_loss = crop(outputs, rows, padded)
+        check_rows_apart(outputs[3], prepared.dtype)
+        out, rest, out_to_loss = crop(outputs[:3], rows, padded)
         parts.append(out)
         rests.append(rest)
         weights.append(out_to_loss)
