@@ -21,7 +21,7 @@ from .attention import (attention_for_closed_form, attention_for_vmap, causal_mo
 from .checkpoint import TorchCheckpoint, module_classes, prepared_dtype, raise_dtype_error, select_names, snapshot
 from .locks import model_lock
 from .looped import eval_mode, looped_gradients, refuse_to_loop, vmap_cannot_batch
-from .outputs import _rows, check_labels, output_logits
+from .outputs import _rows, batch_logits, check_labels, output_logits
 from .vmapped import vmap_in_attention
 from .seq2seq import is_encoder_decoder
 
@@ -214,10 +214,8 @@ class TorchBackend(Backend):
             note_mask(exc, inputs, self.attention_mask, model, lambda: self._call(  # the mask as it is: the same
                 model, {**prepared.params, **prepared.frozen}, inputs, causal=causal, masks=False))  # error, no note
             raise
-        logits = output_logits(output, self.logits_fn)
         ndim = task.logits_ndim
-        if ndim == 2 and logits.ndim == 1:
-            logits = logits[:, None]
+        logits = batch_logits(output_logits(output, self.logits_fn), n, ndim)
         if logits.shape[0] != n or (ndim is not None and logits.ndim != ndim):
             expected = {2: "(batch, n_outputs)", 3: "(batch, sequence, vocabulary)"}.get(ndim, f"{ndim}-D")
             per_token = ("; per-token class scores (tagging, NER) take task='token_classification'"

@@ -104,7 +104,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     import array_api_compat.torch as xp
     import torch
 
-    from .outputs import _rows, check_labels, output_logits
+    from .outputs import _rows, batch_logits, check_labels, output_logits
     from .closed_form_functional import FUNCTION, copies, intercept, locate, scaled, slow_path
     from .closed_form_layers import NORMS, TOKENWISE, check_rms_norm, closed_form_kind, conv_gradient, normalized
     from .closed_form_outside import outside_uses
@@ -261,8 +261,7 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
             if not set(functional[module]) <= seen:  # e.g. the fused fast path of nn.MultiheadAttention
                 raise NotPerExample(f"{type(module).__name__} did not use its weights through the functions the closed "
                                     "form follows (linear, layer_norm, embedding, batch_norm, group_norm)")
-        if task.logits_ndim == 2 and logits.ndim == 1:
-            logits = logits[:, None]
+        logits = batch_logits(logits, n, task.logits_ndim)
         check_labels(task, labels, logits)
         value = task.output(logits, labels, xp=xp)
         perturbations = [z for _, _, z in calls] + list(copied.values())

@@ -54,7 +54,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
 
     from trak_core.projection import project
 
-    from .outputs import _rows, output_logits
+    from .outputs import _rows, batch_logits, output_logits
     from .closed_form import check_tolerance
     from .kronecker_functional import batch_layout, intercepted, no_fast_path
 
@@ -157,8 +157,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             params = extra.params() if extra else prepared.params
             out = output_logits(backend._call(model, {**params, **prepared.frozen}, x, causal=causal),
                                 backend.logits_fn)
-            if task.logits_ndim == 2 and out.ndim == 1:
-                out = out[:, None]
+            out = batch_logits(out, _rows(x), task.logits_ndim)
             deltas = torch.autograd.grad(task.output(out, y, xp=xp).sum(), zs + (extra.perturbations() if extra
                                                                                    else []), allow_unused=True)
         rest_grads = extra.gradients(list(deltas[len(zs):]), plan.rest) if extra else None
