@@ -139,3 +139,16 @@ def test_score_refuses_booleans_as_checkpoint_indices(featurized):
         trak.self_influence(checkpoints=[False, True])
     np.testing.assert_array_equal(trak.score([(x[:4], y[:4])], checkpoints=[np.int64(1)]),
                                   trak.score([(x[:4], y[:4])], checkpoints=[1]))
+
+
+def test_float_binary_labels_are_told_to_become_integers():
+    """A one-logit head trained with BCEWithLogitsLoss has float 0/1 labels; the refusal did not say what to do."""
+    torch = pytest.importorskip("torch", reason="torch is not installed: the torch backend is not exercised")
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(6, 4), torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    with pytest.raises(TrakTypeError, match=r"classification labels must be integers, got dtype torch.float32; labels "
+                                            r"are class indices .* \(torch: labels.long\(\)\)"):
+        TRAK(model, proj_dim=4, progress=False).featurize(None, [(x, y)])
+    trak = TRAK(model, proj_dim=4, progress=False)
+    trak.featurize(None, [(x, y.long())])  # the fix named works
+    assert trak.n_checkpoints == 1

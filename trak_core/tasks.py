@@ -143,7 +143,10 @@ class Classification:
         if labels.ndim != 1:
             raise TrakValueError(_classification_labels_message(tuple(labels.shape)))
         if not xp.isdtype(labels.dtype, ("integral", "bool")):
-            raise TrakTypeError(f"classification labels must be integers, got dtype {labels.dtype}")
+            hint = ("; labels are class indices (0 or 1 for a binary classifier, one logit or two): cast float 0/1 "
+                    "labels, as BCEWithLogitsLoss takes them, to integers (torch: labels.long()); regression targets "
+                    "take task='regression'") if xp.isdtype(labels.dtype, "real floating") else ""
+            raise TrakTypeError(f"classification labels must be integers, got dtype {labels.dtype}{hint}")
         if n_outputs < 1:
             raise TrakValueError("classification needs at least 1 output (a binary logit) or 2 (classes), "
                                  "the model has 0")
