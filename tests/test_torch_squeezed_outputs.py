@@ -81,3 +81,22 @@ def test_squeezed_head_factorized(n_outputs, per_example):
     together.featurize(None, [(x[:6], y[:6])])
     scores, expected = trak.score([(x[6:], y[6:])]), together.score([(x[6:], y[6:])])
     assert torch.allclose(scores, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_random_numbers_in_eval_mode_are_not_taken_for_examples_that_interact(caplog):
+    """``F.dropout(x, p)`` (training=True by default): the interaction check (two examples together, then alone)
+    saw the fresh masks and warned of BatchNorm without running statistics before the error on random numbers."""
+    class Dropping(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(30, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.dropout(torch.relu(self.a(x)), 0.5))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 30), torch.randint(0, 2, (32,))
+    with caplog.at_level("WARNING", logger="trak_core"), pytest.raises(RuntimeError) as caught:
+        trak_core.TRAK(Dropping(), proj_dim=64, progress=False).featurize(None, [(x, y)])
+    assert any("draws random numbers in eval mode" in note for note in getattr(caught.value, "__notes__", []))
+    assert not [r for r in caplog.records if "interact" in r.getMessage()], [r.getMessage() for r in caplog.records]

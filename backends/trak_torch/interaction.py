@@ -60,7 +60,12 @@ def check_interaction(logits_of: Any, prepared: Any, inputs: Any, n: int) -> Non
         return
     finite = torch.isfinite(together) & torch.isfinite(alone)
     error = float((together - alone)[finite].norm() / alone[finite].norm().clamp_min(torch.finfo(torch.float64).tiny))
-    if error > check_tolerance(prepared.dtype, prepared.device):
+    tolerance = check_tolerance(prepared.dtype, prepared.device)
+    if error > tolerance:
+        with torch.no_grad():  # the same rows again: a model that draws random numbers differs from itself, which
+            again = logits_of(tree_map(lambda t: t[:2], inputs)).double().reshape(-1)  # is refused elsewhere
+        if float((again - together)[finite].norm() / together[finite].norm().clamp_min(1e-300)) > tolerance:
+            return  # (looped.py: "draws random numbers in eval mode"), not taken for examples that interact
         state["_interacting"] = True
         log.warning("trak-core: the model's outputs for two examples together are %.2g off their outputs alone "
                     "(relative): its examples interact in eval mode (BatchNorm with track_running_stats=False?). "
