@@ -30,7 +30,8 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         Also read every stored chunk of features and out-to-loss weights, every kernel and every saved score set,
         and check them against their checksums (reads the whole store).
     expect : int, optional
-        How many checkpoints the store is to hold (a job array's size): ``missing`` then runs to ``expect - 1``.
+        How many checkpoints the store is to hold (a job array's size): ``missing`` then runs to ``expect - 1``, and
+        ``beyond_expect`` lists the stored checkpoints at ``expect`` or above (jobs of another array, or a wrong size).
 
     Returns
     -------
@@ -47,7 +48,8 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         the lowest complete checkpoint, ``data_reference``; ``None`` for that one or where none is complete)),
         ``complete``, ``opens`` (the complete checkpoints ``TRAK.open`` scores together: not on other data, of
         another configuration or, with ``verify``, with damaged rows) and ``missing`` (indices without a group,
-        below ``expect`` or else below the highest stored one),
+        below ``expect`` or else below the highest stored one), ``beyond_expect`` (stored indices at ``expect`` or
+        above; empty without ``expect``),
         ``scores`` (``name``, ``shape``, ``dtype``, ``state``; with ``verify``, ``damaged``) and ``damaged``
         (whether anything checked failed).
 
@@ -71,11 +73,12 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
     complete = [c["index"] for c in checkpoints if c["state"] == "complete"]
     opens = [c["index"] for c in checkpoints if c["state"] == "complete" and c["data"] != "other"
              and c["configuration"] != "other" and not c.get("rows_damaged")]
-    return {"path": store.location, "now": time.time(), "configuration": config,
+    return {"path": store.location, "now": time.time(), "configuration": config, "expect": expect,
             "first_batch_rows": store.first_batch_rows(),
             "checkpoints": checkpoints, "complete": complete, "opens": opens,
             "missing": sorted(set(range(expect if expect is not None else indices[-1] + 1 if indices else 0))
-                              - set(indices)), "scores": scores,
+                              - set(indices)),
+            "beyond_expect": [i for i in indices if expect is not None and i >= expect], "scores": scores,
             "damaged": any(item.get("damaged") for item in checkpoints + scores)}
 
 
@@ -196,6 +199,9 @@ def render(report: dict[str, Any]) -> str:
         lines.append("(no checkpoint yet)")
     if report["missing"]:
         lines.append(f"missing (no group yet): {report['missing']}")
+    if report.get("beyond_expect"):
+        lines.append(f"beyond --expect: checkpoints {report['beyond_expect']} are stored at indices the array of "
+                     f"{report['expect']} jobs does not have (another array's jobs, or --expect too small)")
     complete = report.get("opens", report["complete"])
     if complete and complete == report["complete"] == list(range(len(complete))):
         lines.append(f"TRAK.open(path, model, checkpoints) takes a list of the {len(complete)} checkpoints 0 to "
