@@ -77,11 +77,14 @@ class KernelFitting:
         with _zero_kernel(kernel, features, index, self.task):
             factor = self._factorize(kernel, features.shape[0], n_params, index, lambda_reg,
                                      lam=lam if narrow else None)
-        if narrow and factor.lambda_reg == 0 and kernel_dtype != "float32":
+        if narrow and factor.lambda_reg == 0:  # "auto" at lambda 0 is float64 wherever the namespace has it
+            why = ("kernel_dtype='float32' keeps float32: use kernel_dtype='auto' or 'float64'"
+                   if has_float64(xp, device_of(kernel)) else
+                   f"{xp.__name__} has no float64 here: use lambda_reg='auto' (or, for JAX, set jax_enable_x64)")
             warn(f"checkpoint {index}: lambda_reg=0 needs a float64 kernel (the minimum-norm solution tells "
-                 f"zero eigenvalues from small ones, which float32 sums cannot) and {xp.__name__} has no "
-                 "float64 here: scores may be far off the exact ones (70% in a test); use lambda_reg='auto' "
-                 "(or, for JAX, set jax_enable_x64)", RuntimeWarning)
+                 "zero eigenvalues from small ones, which float32 sums cannot: a rank deficiency reported for "
+                 f"this float32 kernel may be its rounding) and {why}; scores may be far off the exact ones "
+                 "(60-70% in tests)", RuntimeWarning)
         return factor, kernel_dtype
 
     def _in_float64(self, features: Any, n_params: int, index: int, lambda_reg: float | None) -> Any:
