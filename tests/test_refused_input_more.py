@@ -152,3 +152,18 @@ def test_float_binary_labels_are_told_to_become_integers():
     trak = TRAK(model, proj_dim=4, progress=False)
     trak.featurize(None, [(x, y.long())])  # the fix named works
     assert trak.n_checkpoints == 1
+
+
+def test_fast_precision_without_a_projection_says_it_does_nothing(rng):
+    """``precision="fast"`` with ``proj_dim=None`` gave bit-identical scores to the default, without a word."""
+    model = MLP(5, 4, 3)
+    x, y = rng.normal(size=(30, 5)), rng.integers(0, 3, 30)
+    with pytest.warns(UserWarning, match=r"precision='fast' .* proj_dim=None projects nothing: it has no effect"):
+        fast = TRAK(model, proj_dim=None, precision="fast", progress=False)
+    plain = TRAK(model, proj_dim=None, progress=False)
+    for trak in (fast, plain):
+        trak.featurize(model.init(seed=0), [(x, y)])
+    assert np.array_equal(fast.score([(x[:4], y[:4])]), plain.score([(x[:4], y[:4])]))  # what "no effect" means
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TRAK(model, proj_dim=8, precision="fast", progress=False)  # with a projection: no warning

@@ -23,7 +23,7 @@ from .errors import TrakValueError
 from .executors import get_executor
 from .kernel import check_kernel_dtype
 from .kronecker import Kronecker
-from .notices import once_per_call
+from .notices import once_per_call, warn
 from .projection import KINDS, PRECISIONS
 from .scores import Ensemble, checkpoint_scores, ensemble, finish_products, self_scores, soft_threshold, target_weights
 from .stores import open_store
@@ -139,6 +139,9 @@ class TRAK(Featurizer, Reopening):
         if precision == "fast" and proj_type != "rademacher":
             raise TrakValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
                                  "float16); use precision='float32' for Gaussian projections")
+        if precision == "fast" and self.proj_dim is None:  # was ignored without a word (bit-identical scores)
+            warn("precision='fast' rounds the projection's input to float16, and proj_dim=None projects nothing: "
+                 "it has no effect; give a proj_dim, or leave precision at its default", UserWarning)
         self.precision = precision
         self.kernel_dtype = check_kernel_dtype(kernel_dtype)
         if not isinstance(label_key, str) or not label_key:
