@@ -135,26 +135,28 @@ def test_one_logit_logistic_regression_scores(shape):
     np.testing.assert_allclose(scores, expected, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-def test_half_precision_weights_give_float32_features(dtype, bound):
-    """Gradients in the model's dtype; projection, kernel and scores in float32 or better. Measured (k = 512,
-    tiny GPT-2): relative score error against the float32 model 1.4e-3 (bfloat16) and 2.8e-4 (float16)."""
+@pytest.mark.parametrize("dtype,bounds", [(torch.bfloat16, (5e-4, 2e-2)), (torch.float16, (5e-5, 4e-3))])
+def test_half_precision_weights_give_float32_features(dtype, bounds):
+    """Gradients in the model's dtype; projection, kernel and scores in float32 or better. Held-out targets at
+    k = 512 and the automatic ridge (the test scored its own training rows with a tiny ridge before, where the
+    scores hardly depend on the features: 5.8e-6 for bfloat16, which could not tell half precision from float32).
+    The lower bound says the gradients really were half precision; docs/estimator.md quotes the figures."""
     reference_model = tiny_gpt2().float().eval()
-    ids, mask = _padded(24, 10, 40, seed=5)
+    ids, mask = _padded(32, 10, 40, seed=5)
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
     batches = [{"input_ids": ids[i:i + 8], "attention_mask": mask[i:i + 8], "labels": labels[i:i + 8]}
-               for i in range(0, 24, 8)]
+               for i in range(0, 32, 8)]
     scores = {}
     for name, model in (("float32", reference_model), ("half", tiny_gpt2().to(dtype).eval())):
         model.load_state_dict({k: v.to(dtype if name == "half" else torch.float32)
                                for k, v in reference_model.state_dict().items()})
-        trak = trak_core.TRAK(model, task="language_modeling", proj_dim=256, lambda_reg=1e-2, progress=False)
-        trak.featurize(model.state_dict(), batches)
+        trak = trak_core.TRAK(model, task="language_modeling", proj_dim=512, progress=False)
+        trak.featurize(model.state_dict(), batches[:3])
         assert trak.store[0].features.dtype == torch.float32
-        scores[name] = trak.score(batches[:1])
+        scores[name] = trak.score(batches[3:])
         assert scores[name].dtype == torch.float32
     error = torch.linalg.norm(scores["half"] - scores["float32"]) / torch.linalg.norm(scores["float32"])
-    assert 0 < float(error) < bound
+    assert bounds[0] < float(error) < bounds[1]
 
 
 @pytest.mark.parametrize("mode", ["auto", "pass"])
