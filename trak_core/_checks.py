@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 from . import kernel as kernel_ops
 from ._namespace import namespace
 from .backends import Backend, get_backend, infer_backend
+from .backends.registry import check_backend_object
 from .errors import TrakTypeError, TrakValueError, half_precision_hint
 
 PROJECTION_GROUP_BYTES = 128 * 2**20  # per-example gradients projected together (at least one row)
@@ -211,8 +212,8 @@ def _resolve_backend(backend: str | Backend | None, model: Any) -> Backend:
         return infer_backend(model)
     if isinstance(backend, str):
         return get_backend(backend)
-    if isinstance(backend, Backend):
-        return backend
+    if isinstance(backend, Backend):  # as register_backend: a store records its name, and reopens by it
+        return check_backend_object(backend)
     raise TrakTypeError(f"backend must be a name, a Backend object or None, got {type(backend).__name__}")
 
 

@@ -22,7 +22,7 @@ from ._identity import (DataCheck, check_lambda_setting, check_parameters, param
 from ._namespace import namespace
 from ._progress import length_of, progress
 from .backends.protocol import batches
-from .errors import StoreMismatchError, TrakCoreError, TrakValueError
+from .errors import BackendError, StoreMismatchError, TrakCoreError, TrakValueError
 from .fingerprints import to_numpy
 from .projection import project
 from .scores import normalize_rows
@@ -291,6 +291,11 @@ class Featurizer(KernelFitting):
             raise TrakValueError(f"checkpoint {index} has a different parameter structure than checkpoint 0 "
                                  f"({structure} vs {self.store[0].structure}); every checkpoint must have the "
                                  "same parameter names, nesting and shapes")
+        if self.store.location and len(self.store) and repr(structure) != repr(self.store[0].structure):
+            raise BackendError(f"backend {self.backend.name!r}: structure() of checkpoint {index} equals checkpoint "
+                               f"0's, but its repr differs ({structure!r} vs {self.store[0].structure!r}); an on-disk "
+                               "store hashes the repr, which must be the same in every process (no object ids): a "
+                               "backend defect, see Backend.structure in docs/backends.md")
         digest = self.backend.parameters_digest(prepared)
         refuse_duplicate(digest, list(self.store),  # before the writer: a refused checkpoint leaves no c{index}
                          len(self.store) if self._missing is not None else None)

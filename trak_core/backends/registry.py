@@ -23,7 +23,7 @@ from ..errors import TrakTypeError, install_hint
 from .protocol import Backend, BackendError, MissingFrameworkError, UnknownBackendError, check_backend
 
 __all__ = ["ENTRY_POINT_GROUP", "BackendPluginWarning", "register_backend", "get_backend", "available_backends",
-           "infer_backend"]
+           "infer_backend", "check_backend_object"]
 
 ENTRY_POINT_GROUP = "trak_core.backends"
 
@@ -78,6 +78,50 @@ def register_backend(backend: Backend, *, name: str | None = None) -> None:
                            "Leave name= out, or set the backend's name")
     _registered[name] = backend
     _loaded.pop(name, None)
+
+
+def check_backend_object(backend: Backend) -> Backend:
+    """``backend``, an object passed as ``TRAK(backend=...)`` or ``TRAK.open(backend=...)``, checked as
+    ``register_backend`` and the entry points check theirs.
+
+    A store records ``backend.name`` and is reopened with ``get_backend`` of that name, so the object needs a name,
+    and one of trak-core's own (``numpy``, ``torch``, ``jax``, ``cupy``) only if it is that backend (an instance of
+    its class, or of a subclass: ``TorchBackend(params=...)``).
+
+    Parameters
+    ----------
+    backend : Backend
+        The object to check.
+
+    Returns
+    -------
+    Backend
+        ``backend`` itself.
+
+    Raises
+    ------
+    TrakTypeError
+        If ``backend`` is not a ``Backend`` with a non-empty name.
+    BackendError
+        If its name is one of trak-core's own and it is not that backend.
+    """
+    check_backend(backend)
+    name = backend.name
+    if name not in KNOWN:
+        return backend
+    spec = KNOWN[name][0]
+    own: type | None = None
+    if _importable(spec.partition(":")[0]):
+        try:  # the first-party package imports no framework
+            own = type(EntryPoint(name, spec, ENTRY_POINT_GROUP).load())
+        except Exception:  # a broken first-party install: the object cannot be shown to be that backend
+            own = None
+    if own is None or not isinstance(backend, own):
+        raise BackendError(f"backend {type(backend).__module__}.{type(backend).__name__} is named {name!r}, the name "
+                           f"of trak-core's own backend ({spec}), but is not that backend; a store records the name "
+                           f"and is reopened with trak-core's {name!r}. Give your backend another name (its class "
+                           "attribute `name`)")
+    return backend
 
 
 class _Clash:

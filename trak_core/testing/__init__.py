@@ -19,8 +19,9 @@ Use it from a backend's tests with one import and one fixture::
 What is checked, against the NumPy reference backend and closed forms:
 
 - the contract: a ``trak_core.Backend`` whose ``owns`` answers a bool (``False`` for objects it does not
-  know), with a content hash that tells checkpoints apart (when it has one) and a consistent parameter
-  structure; the caller's checkpoint, inputs, labels and gradients left as they were;
+  know) and a name of its own, with a content hash that tells checkpoints apart (when it has one) and a
+  consistent parameter structure (its ``repr`` too, which an on-disk store hashes); the caller's checkpoint,
+  inputs, labels and gradients left as they were;
 - projection matrices bit-identical (Rademacher) or within 4 ulp (Gaussian) of the NumPy ones,
   and a backend's own projection equal to ``trak_core.project`` to float rounding, at widths and row
   counts off any tile size (``k`` of 1, 33, 100, 257);

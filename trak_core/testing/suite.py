@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ..backends import Backend, get_backend
+from ..backends.registry import check_backend_object
 from ..evaluation import spearman
 from ..projection import project, projection_matrix
 from ..tasks import Classification, get_task
@@ -65,13 +66,15 @@ def test_conformance_contract(conformance_case):
     ``owns`` answers a bool (a plain function may be owned only when named, as JAX's are);
     ``n_params`` matches the canonical weights; ``parameters_digest`` (when given) is the same for
     equal checkpoints and differs for others; ``structure`` is equal for two checkpoints of one
-    model; ``features`` returns ``None`` or ``(n, k)`` features (their values:
+    model, and so is its ``repr`` (an on-disk store hashes it); the name is not one of trak-core's own;
+    ``features`` returns ``None`` or ``(n, k)`` features (their values:
     ``test_conformance_features``).
     """
     case = conformance_case
     backend = get_backend(case.backend) if isinstance(case.backend, str) else case.backend
     assert isinstance(backend, Backend) and isinstance(backend.name, str) and backend.name, \
         f"{backend!r} is not a trak_core Backend with a non-empty name"
+    check_backend_object(backend)  # a name of its own (not trak-core's numpy, torch, ...): stores reopen by it
     dtype, kind = _dtype(case), _classifier(case)
     model, checkpoint = case.model(kind, canonical.weights(kind, seed=0, dtype=dtype))
     _, same = case.model(kind, canonical.weights(kind, seed=0, dtype=dtype))
@@ -90,6 +93,11 @@ def test_conformance_contract(conformance_case):
             f"parameters_digest must be equal for equal checkpoints and differ for others: {digests}"
     assert backend.structure(prepared[0]) == backend.structure(prepared[2]), \
         "structure() differs between two checkpoints of one model"
+    structures = [backend.structure(p) for p in (prepared[0], prepared[2])]  # both alive: ids in a repr differ
+    assert repr(structures[0]) == repr(structures[1]), \
+        f"repr(structure()) differs between two checkpoints of one model ({structures[0]!r} and " \
+        f"{structures[1]!r}): an on-disk store hashes it into its configuration and refuses the second " \
+        "checkpoint, so it must be the same in every process (no object ids: give its type a __repr__ of its contents)"
     x, y = canonical.inputs(kind, 5, seed=1)
     features = backend.features(model, prepared[0], case.array(x.astype(dtype)), case.array(y), Classification(),
                                 k=16, seed=0, checkpoint=0, kind="rademacher")
