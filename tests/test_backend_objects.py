@@ -8,7 +8,7 @@ checkpoint refused by an on-disk store as "written with another configuration ..
 """
 import pytest
 
-from trak_core import MLP, TRAK, BackendError, TrakTypeError
+from trak_core import MLP, TRAK, BackendError, TrakTypeError, TrakValueError
 from trak_core.backends import numpy_backend
 from trak_core.testing import suite
 from trak_core.testing.cases import NumpyCase
@@ -99,3 +99,24 @@ def test_in_memory_a_structure_whose_repr_holds_an_id_still_works():
     for seed in range(2):
         trak.featurize(model.init(seed=seed), [(x, y)])
     assert tuple(trak.score([(x[:2], y[:2])]).shape) == (12, 2)
+
+
+class TorchWeights(numpy_backend.ArrayAPIBackend):
+    """NumPy gradients with torch out-to-loss weights: joining the batches' weights failed with a bare TypeError."""
+
+    name = "numpy-torch-weights"
+
+    def gradients(self, model, prepared, inputs, labels, task):
+        torch = pytest.importorskip("torch", reason="torch is not installed: a torch array is not made")
+        grads, out_to_loss = super().gradients(model, prepared, inputs, labels, task)
+        return grads, torch.as_tensor(out_to_loss)
+
+
+def test_gradients_and_weights_of_two_frameworks_name_the_backend():
+    x, y = _data()
+    model = MLP(4, 5, 3)
+    trak = TRAK(model, proj_dim=8, backend=TorchWeights(), progress=False)
+    with pytest.raises(TrakValueError, match=r"^checkpoint 0, batch 0: backend 'numpy-torch-weights' returned "
+                                             r"per-example gradients of array_api_compat.numpy but out-to-loss weights "
+                                             r"of array_api_compat.torch; both must be arrays of one framework"):
+        trak.featurize(model.init(seed=0), [(x[:10], y[:10]), (x[10:], y[10:])])

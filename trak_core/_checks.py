@@ -139,6 +139,16 @@ def _check_weights(out_to_loss: Any, where: str, n: int | None = None, backend: 
                              "rows of the inputs and labels (NaN/inf values) and the checkpoint's weights")
 
 
+def check_one_framework(values: Any, out_to_loss: Any, where: str, what: str, backend: str) -> None:
+    """A backend's ``values`` (gradients or features) and out-to-loss weights are arrays of one namespace (joining
+    them per batch failed with a bare ``TypeError`` that named neither the backend nor the batch)."""
+    ours, theirs = namespace(values), namespace(out_to_loss)
+    if ours is not theirs:
+        raise TrakValueError(f"{where}: backend {backend!r} returned {what} of {ours.__name__} but out-to-loss weights "
+                             f"of {theirs.__name__}; both must be arrays of one framework, on one device (a backend "
+                             "defect: see the contract in docs/backends.md)")
+
+
 def _check_features(features: Any, where: str, gradients_dtype: Any = None) -> None:
     """Non-finite per-example gradients show in their projection: every column mixes every gradient entry
     with a non-zero coefficient, so one reduction over (n, k) features replaces one over (n, p) gradients.
