@@ -274,3 +274,26 @@ def test_two_workers_give_single_process_factorized_scores(ray_cluster, tmp_path
 
     reference = scores()
     assert np.array_equal(scores(tmp_path / "store", RayExecutor(num_workers=2)), reference)
+
+
+def test_an_estimator_that_does_not_pickle_names_what_to_do(ray_cluster, tmp_path):
+    """A backend holding a lock: the executor failed with a bare "cannot pickle '_thread.lock' object"."""
+    import threading
+
+    from trak_core import TrakTypeError
+    from trak_core.backends.numpy_backend import ArrayAPIBackend
+
+    class Locked(ArrayAPIBackend):
+        name = "numpy-locked"
+
+        def __init__(self):
+            self.lock = threading.Lock()
+
+    _, _, batches = _data()
+    model = MLP(5, 4, 3)
+    trak = TRAK(model, proj_dim=32, store=tmp_path / "store", executor=RayExecutor(num_workers=1),
+                backend=Locked(), progress=False)
+    with pytest.raises(TrakTypeError, match=r"executor='ray' sends the estimator to its workers, and it cannot be "
+                                            r"pickled \(TypeError: cannot pickle '_thread.lock' object\): the model, "
+                                            r"the task or the backend 'numpy-locked' holds"):
+        trak.featurize(model.init(seed=0), batches)

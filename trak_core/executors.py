@@ -21,7 +21,7 @@ import numbers
 from typing import Any, Sequence
 
 from ._progress import progress
-from .errors import MissingFrameworkError, TrakOSError, TrakValueError, install_hint
+from .errors import MissingFrameworkError, TrakOSError, TrakTypeError, TrakValueError, install_hint
 from .store import KERNEL_CHUNK_ROWS
 
 __all__ = ["RayExecutor", "get_executor", "shards"]
@@ -166,7 +166,13 @@ class RayExecutor:
                                   "Ray with more (ray.init(num_cpus=...))")
             worker = ray.remote(num_cpus=1, max_restarts=self.max_retries,
                                 max_task_retries=self.max_retries)(_Worker)
-            payload = cloudpickle.dumps(trak.worker_copy())
+            try:
+                payload = cloudpickle.dumps(trak.worker_copy())
+            except Exception as exc:  # was a bare "cannot pickle '_thread.lock' object"
+                raise TrakTypeError(f"executor='ray' sends the estimator to its workers, and it cannot be pickled "
+                                    f"({type(exc).__name__}: {exc}): the model, the task or the backend "
+                                    f"{trak.backend.name!r} holds something that does not pickle (a lock, an open "
+                                    "file); drop it in the object's __getstate__, or use the default executor") from exc
             self._actors = [worker.remote(payload) for _ in range(count)]
             self._trak_id = id(trak)
         return self._actors
