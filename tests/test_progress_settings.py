@@ -76,3 +76,29 @@ def test_refit_shows_a_bar_over_the_checkpoints(capsys):
     capsys.readouterr()
     quiet.refit(0.5)
     assert capsys.readouterr().err == ""
+
+
+def test_score_shows_a_bar_while_it_scores_the_last_targets(monkeypatch, capsys):
+    """score()'s only bar went over pulling and featurizing the target batches: it was full and erased before the
+    last group of targets was scored, so the passes over every checkpoint's stored features (98% of an on-disk
+    store's score) ran with no bar at all."""
+    import trak_core
+    import trak_core.trak as trak_module
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
+    model = trak_core.MLP(5, 4, 3)
+    trak = trak_core.TRAK(model, proj_dim=8, progress=True)
+    for seed in range(2):
+        trak.featurize(model.init(seed=seed), [(x[:20], y[:20]), (x[20:], y[20:])])
+    original, shown = trak_module.checkpoint_scores, []
+
+    def scoring(*args, **kwargs):  # each checkpoint's pass: which bars are on the terminal meanwhile
+        shown.append([bar.desc for bar in _progress._live_bars()])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trak_module, "checkpoint_scores", scoring)
+    scores = trak.score([(x[:3], y[:3]), (x[3:6], y[3:6])])  # one group: scored after the last batch is pulled
+    assert tuple(scores.shape) == (40, 6) and len(shown) == 2
+    assert all(any(desc.startswith("score") for desc in descs) for descs in shown), shown
+    assert not _progress._live_bars()  # every bar closed when score returns

@@ -103,3 +103,31 @@ def test_a_refused_featurize_after_an_interrupted_one_still_guards_the_ensemble(
     for checkpoint in checkpoints:
         reference.featurize(checkpoint, batches)
     assert np.array_equal(trak.score(targets), reference.score(targets))
+
+
+def test_two_calls_failing_at_once_do_not_wait_for_each_other():
+    """Each failing featurize or save_as waits for zarr's writes in flight (``settle``) with a task on zarr's loop
+    that waited for every other task there, the other thread's waiting task too: two calls into two stores that
+    failed at the same moment (threads, ``docs/store.md``) each waited for the other, and both hung for the whole
+    60 s timeout before a warning that writes were "still running"."""
+    from zarr.core.sync import _get_loop
+
+    from trak_core import _zarr_io
+
+    loop, release = _get_loop(), threading.Event()
+    loop.call_soon_threadsafe(release.wait, 10)  # hold the loop: both threads' waiting tasks start in one step
+    seconds = []
+
+    def failed_call():
+        start = time.perf_counter()
+        _zarr_io.settle(timeout=5)
+        seconds.append(time.perf_counter() - start)
+
+    threads = [threading.Thread(target=failed_call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # both have handed their task to the held loop
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert len(seconds) == 2 and max(seconds) < 3, seconds

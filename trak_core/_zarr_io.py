@@ -18,8 +18,9 @@ log = logging.getLogger("trak_core")
 
 
 async def _drain() -> None:
-    current = asyncio.current_task()
-    pending = [task for task in asyncio.all_tasks() if task is not current]
+    current = asyncio.current_task()  # not another thread's _drain: two calls failing at once each waited for the
+    pending = [task for task in asyncio.all_tasks()  # other's, and both hung for the whole timeout
+               if task is not current and getattr(task.get_coro(), "cr_code", None) is not _drain.__code__]
     if pending:
         await asyncio.wait(pending)
 

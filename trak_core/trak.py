@@ -73,8 +73,8 @@ class TRAK(Featurizer, Reopening):
         Show progress bars (with tqdm; ``True`` without it warns); ``None``: when stderr is a terminal or in
         a Jupyter notebook (widget bars with ipywidgets, else text bars). Bars go over
         ``featurize``'s batches (its shards with ``executor="ray"``) and the kernel's chunks, ``score``'s target
-        batches, ``refit``'s checkpoints and ``self_influence``'s row blocks; trak-core's warnings and log lines
-        clear them first.
+        batches and its passes over the checkpoints' features, ``refit``'s checkpoints and ``self_influence``'s
+        row blocks; trak-core's warnings and log lines clear them first.
     normalize_features : bool
         Scale every feature row (train and target) to unit norm (TrackStar-style). Off by default:
         it lowers LDS on the task suite (``docs/quality.md``).
@@ -297,7 +297,9 @@ class TRAK(Featurizer, Reopening):
         for targets in target_groups(stream, featurize, group_columns(n_train, len(entries) * width), skipped):
             xp = namespace(targets[0])  # one pass over each checkpoint's features per group of batches
             running = Ensemble([e.out_to_loss for e in entries], weighting=self.checkpoint_weighting)
-            for entry, target in zip(entries, targets):  # a running sum: one checkpoint's block at a time
+            passes = progress(zip(entries, targets), desc="score: checkpoints", enabled=self.progress,
+                              total=len(entries))  # the slow part, after the batch bar of the last group closed
+            for entry, target in passes:  # a running sum: one checkpoint's block at a time
                 if self.executor is not None:
                     weights = target_weights(entry.factor, target, xp=xp)
                     products = self.executor.products(self, entry, weights)
