@@ -63,8 +63,30 @@ def _average_ranks(values: Any, *, xp: Any) -> Any:
 
 
 def spearman(a: Any, b: Any, *, xp: Any) -> float:
-    """Spearman rank correlation of two 1-D arrays (NaN when either is constant or holds a NaN, as
-    ``scipy.stats.spearmanr``)."""
+    """Spearman rank correlation of two 1-D arrays of one length (NaN when either is constant or holds a NaN, as
+    ``scipy.stats.spearmanr``).
+
+    Parameters
+    ----------
+    a, b : array, shape (n,)
+        The two samples, paired by position.
+    xp : namespace
+        Their array namespace.
+
+    Returns
+    -------
+    float
+        The correlation of their average ranks (ties share their average rank).
+
+    Raises
+    ------
+    TrakValueError
+        When ``a`` or ``b`` is not 1-D, or their lengths differ (a length-1 array was broadcast to a constant: NaN;
+        2-D arrays were flattened and ranked as one sample).
+    """
+    if a.ndim != 1 or b.ndim != 1 or a.shape[0] != b.shape[0]:
+        raise TrakValueError(f"spearman needs two 1-D arrays of one length, got shapes {tuple(a.shape)} and "
+                             f"{tuple(b.shape)}")
     if xp.isdtype(a.dtype, "real floating") and bool(xp.any(xp.isnan(a))) or \
             xp.isdtype(b.dtype, "real floating") and bool(xp.any(xp.isnan(b))):
         return math.nan  # unique() would rank NaN as a value
@@ -158,8 +180,11 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
                                  f"{' ...' if len(bad) > 10 else ''}; masks say which examples each retrained model "
                                  "saw, not how often: pass them as booleans or 0/1, e.g. counts > 0")
     work = accumulation_dtype(xp, device_of(scores))
-    with full_precision(xp):
-        predictions = xp.astype(masks, work) @ xp.astype(scores, work)
+    weights, values = xp.astype(masks, work), xp.astype(scores, work)
+    reference = values[0:1, :]  # masks @ scores, as masks @ (scores - row 0) + counts * row 0: the same sum, but a
+    with full_precision(xp):    # target whose scores are all equal gets exactly equal predictions for equal-sized
+        predictions = weights @ (values - reference)  # subsets (undefined LDS), not rounding noise ranked as signal
+    predictions = predictions + xp.sum(weights, axis=1, keepdims=True) * reference
     outputs = xp.astype(outputs, work)
     per_target = [spearman(predictions[:, j], outputs[:, j], xp=xp) for j in range(n_targets)]
     values = np.asarray(per_target)
