@@ -7,6 +7,7 @@ import json
 import pathlib
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -100,3 +101,29 @@ def test_a_benchmark_run_where_every_case_skips_keeps_the_last_report(tmp_path):
     finally:
         if before is None:
             report.unlink()
+
+
+def test_the_ground_truth_cache_key_names_labels_and_the_training_recipe():
+    """The key of the retrained models' outputs held the task's inputs only: a task with every label flipped, or
+    another learning rate, read the old outputs (off by up to 57 in an audit)."""
+    import numpy as np
+
+    ground_truth = _load(BENCH / "quality" / "ground_truth.py", "quality_ground_truth")
+
+    def recipe(lr):
+        def train(x, y, seed):
+            return lr * seed
+
+        return train
+
+    def outputs(checkpoint, x, y):
+        return np.zeros(len(y))
+
+    x, y = np.arange(12.0).reshape(6, 2), np.array([0, 1, 0, 1, 0, 1])
+    task = SimpleNamespace(name="toy", x=x, y=y, xt=x[:2], yt=y[:2], train=recipe(0.1), outputs=outputs)
+    key = ground_truth._key(task, 8, 0)
+    assert key == ground_truth._key(SimpleNamespace(**{**vars(task), "train": recipe(0.1)}), 8, 0)  # same recipe
+    assert key != ground_truth._key(SimpleNamespace(**{**vars(task), "y": 1 - y}), 8, 0)
+    assert key != ground_truth._key(SimpleNamespace(**{**vars(task), "yt": 1 - y[:2]}), 8, 0)
+    assert key != ground_truth._key(SimpleNamespace(**{**vars(task), "train": recipe(0.2)}), 8, 0)
+    assert key.startswith("toy-S8-seed0-")

@@ -12,7 +12,15 @@ CACHE = pathlib.Path(__file__).resolve().parent / "cache"
 
 
 def _key(task, n_subsets: int, seed: int) -> str:
-    digest = hashlib.sha256(np.ascontiguousarray(task.x).tobytes() + np.ascontiguousarray(task.xt).tobytes())
+    """The cache file's name: the task's name, inputs, labels and training recipe (the code of ``train`` and
+    ``outputs`` and the values they capture: steps, learning rate, the model's constructor). The key held only the
+    inputs, so a task with other labels or another recipe read the old outputs (off by up to 57 in an audit)."""
+    from trak_core._task_identity import callable_digest
+
+    digest = hashlib.sha256()
+    for array in (task.x, task.y, task.xt, task.yt):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(f"{callable_digest(task.train)} {callable_digest(task.outputs)}".encode())
     return f"{task.name}-S{n_subsets}-seed{seed}-{digest.hexdigest()[:10]}"
 
 
