@@ -218,7 +218,8 @@ def test_a_models_own_error_keeps_its_type_and_names_the_batch():
 
 def test_progress_bars_know_their_totals(setup, monkeypatch):
     """featurize's and score's bars get the number of batches when the data has a length (a list, a DataLoader),
-    and none for a generator (before, every bar counted batches with no total)."""
+    and none for a generator (before, every bar counted batches with no total); score's passes over the
+    checkpoints' features, the number of checkpoints."""
     import trak_core._featurizer
     import trak_core.trak
     from trak_core._progress import progress
@@ -237,7 +238,7 @@ def test_progress_bars_know_their_totals(setup, monkeypatch):
     trak.featurize(theta, batches)
     trak.featurize(model.init(seed=1), (batch for batch in batches))
     trak.score([(x[:2], y[:2]), (x[2:4], y[2:4])])
-    assert totals == [("featurize", 3), ("featurize", None), ("score", 2)]
+    assert totals == [("featurize", 3), ("featurize", None), ("score", 2), ("score:", 2)]
     bar = progress(iter(range(4)), desc="bar", enabled=True, total=None)
     assert getattr(bar, "total", None) is None  # a generator: no total, and progress() does not guess one
     assert getattr(progress(range(4), desc="bar", enabled=True), "total", 4) == 4
