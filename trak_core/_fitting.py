@@ -45,6 +45,12 @@ class KernelFitting:
         ----------
         lambda_reg : "auto" or float
             The new ridge, as in ``TRAK(lambda_reg=...)``; it becomes this estimator's ``lambda_reg``.
+
+        Notes
+        -----
+        With an on-disk store, a later ``featurize`` of a new checkpoint at another setting than the stored
+        checkpoints' is refused (``StoreMismatchError``: a store does not mix ridge settings); ``refit`` back to
+        the stored setting first (the error names it), or featurize into a new store.
         """
         self.lambda_reg = _check_lambda(lambda_reg)
         self._load_opened(None)
