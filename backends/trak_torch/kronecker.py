@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+import contextlib
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from trak_core.errors import TrakValueError
 from trak_core.notices import warn
@@ -153,7 +154,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
 
         norms = list(extra.found.norms) if extra else []
         with torch.enable_grad(), hooks(modules, hook), hooks(norms, extra.hook if extra else None), \
-                intercepted(inside, call), slow(), attention[1](), batch_norm_layout(model):
+                intercepted(inside, call), slow(), attention[1](), batch_norm_layout(model), _no_checkpoint():
             params = extra.params() if extra else prepared.params
             out = output_logits(backend._call(model, {**params, **prepared.frozen}, x, causal=causal),
                                 backend.logits_fn)
@@ -280,3 +281,19 @@ def _rest_checkpoint(prepared: Any, plan: KroneckerPlan) -> Any:
     params = {name: prepared.params[name] for name in plan.rest}
     frozen = {**{name: t for name, t in prepared.params.items() if name not in params}, **prepared.frozen}
     return TorchCheckpoint(params, frozen, prepared.device, prepared.dtype)
+
+
+@contextlib.contextmanager
+def _no_checkpoint() -> Iterator[None]:
+    """Name gradient checkpointing written in ``forward`` (``torch.utils.checkpoint``): its recomputation runs the
+    layers again without the factorized path's perturbations (torch's "recomputed values ... have different
+    metadata", or features the first batch's check refuses)."""
+    from torch.utils.checkpoint import CheckpointError
+
+    try:
+        yield
+    except CheckpointError as exc:
+        raise TrakValueError("proj_type='kronecker' cannot follow torch.utils.checkpoint (gradient checkpointing "
+                             f"written in the model's forward; torch: {str(exc).splitlines()[0]}): call the layers "
+                             "without checkpoint for attribution, or use proj_type='rademacher', which takes such "
+                             "models one example at a time") from exc

@@ -97,7 +97,10 @@ def check_plan(backend: Any, model: Any, prepared: Any, state: Any, inputs: Any,
             raise TrakValueError(f"proj_type='kronecker': the features of layer {layer.name!r} differ from its "
                                  f"gradient's projection (relative error {error:.2e}, rounding allows {allowed:.1e}): "
                                  "the weight is probably also used outside its module (e.g. through F.linear or a "
-                                 "slice). Leave it out with the backend's params=, or use proj_type='rademacher'")
+                                 "slice), or the layer runs inside torch.utils.checkpoint (gradient checkpointing "
+                                 "written in forward), whose recomputation the factorized path cannot follow. Leave "
+                                 "the weight out with the backend's params=, call the layer without checkpoint for "
+                                 "attribution, or use proj_type='rademacher'")
 
 
 class NotFiniteGradient(TrakValueError):
