@@ -185,3 +185,58 @@ def test_reopening_shows_the_checksum_pass(tmp_path, monkeypatch):
         trak = TRAK.open(store, MLP(5, 4, 3), [MLP(5, 4, 3).init(seed=c) for c in range(2)], progress=asked)
         assert shown == [(f"verify checkpoint {c}", -(-N // 4096), asked) for c in range(2)], shown
         assert trak.score([(x[:2], y[:2])]).shape == (N, 2)
+
+
+@pytest.mark.parametrize("array", ["features", "out_to_loss"])
+def test_a_complete_checkpoint_whose_array_metadata_is_gone_is_damaged_and_redone(tmp_path, array):
+    """A complete checkpoint whose ``features`` (or ``out_to_loss``) ``zarr.json`` was lost was still taken as
+    complete: TRAK.open blamed "different training data ... 9000 and 0 examples", and featurizing again, the fix
+    every message gives, failed with "data yielded no examples" (or named itself as the fix again)."""
+    store = tmp_path / "store"
+    _, reference = _featurize(store)
+    (store / "c1" / array / "zarr.json").unlink()
+    x, y = _data()
+    with pytest.raises(StoreMismatchError, match="checkpoint 1 .* is damaged"):
+        _open(store).score([(x[:6], y[:6])])
+    _, again = _featurize(store)  # the same calls: checkpoint 1 is redone
+    assert np.array_equal(again, reference)
+    assert np.array_equal(_open(store).score([(x[:6], y[:6])]), reference)
+
+
+def test_save_as_does_not_take_over_a_set_another_live_process_is_saving(tmp_path, monkeypatch):
+    """Two processes saving the same name at once: the second took the first's unfinished set for an interrupted one
+    and replaced it, then the first wrote its chunks and checksum over the second's finished set (both calls returned;
+    the second's scores were silently gone, or the set was a mix of both)."""
+    import os
+    import socket
+    import time
+
+    import zarr
+
+    store = tmp_path / "store"
+    trak, reference = _featurize(store)
+    x, y = _data()
+    original = zarr.Array.__setitem__
+
+    def killed(self, key, value):
+        if self.path.startswith("scores/"):
+            raise KeyboardInterrupt
+        return original(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trak.score([(x[:6], y[:6])], save_as="run")
+    monkeypatch.setattr(zarr.Array, "__setitem__", original)
+    meta = store / "scores" / "run" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc.setdefault("attributes", {})["run"] = {"host": socket.gethostname(), "pid": os.getppid(),  # alive, not us
+                                               "started": time.time()}
+    meta.write_text(json.dumps(doc))
+    before = meta.read_bytes()
+    with pytest.raises(TrakValueError, match="'run' .* being saved now by process"):
+        _open(store).score([(x[:2], y[:2])], save_as="run")
+    assert meta.read_bytes() == before  # the other process's set is left to it
+    doc["attributes"]["run"]["pid"] = os.getpid()  # an interrupted call of this process: replaced
+    meta.write_text(json.dumps(doc))
+    assert np.array_equal(trak.score([(x[:6], y[:6])], save_as="run"), reference)
+    assert np.array_equal(_open(store).load_scores("run"), reference)

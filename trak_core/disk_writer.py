@@ -130,7 +130,7 @@ class DiskWriter(Writer):
         self.plan_digest = self.group.attrs.get("kronecker_plan")  # proj_type="kronecker": the layout's hash
         self._data = dict(self.group.attrs.get("data_checksums", {}))
         self.damaged = False  # a complete checkpoint with a chunk that fails its checksum
-        self.rows_done = self._verified_rows() if "features" in self.group else 0
+        self.rows_done = self._verified_rows()
         self._rows: list[np.ndarray] = []
         self._weights: list[np.ndarray] = []
         self.template: Any = store.template
@@ -196,8 +196,11 @@ class DiskWriter(Writer):
     def _verified_rows(self) -> int:
         """Rows on disk whose chunks pass their checksums (a damaged chunk and what follows is redone)."""
         done = int(self.group.attrs.get("rows_done", 0))
-        if "out_to_loss" not in self.group:  # killed between creating the two arrays: nothing was written
-            return 0
+        if "features" not in self.group or "out_to_loss" not in self.group:
+            if done:  # rows were recorded, and an array (its zarr.json) is gone: damaged, redone from the first row (a
+                self.damaged = self.damaged or bool(self.group.attrs.get("complete", False))  # complete checkpoint
+                self.complete = False  # was kept as complete without features: "data yielded no examples")
+            return 0  # else killed between creating the two arrays: nothing was written
         features, chunks = self.group["features"], -(-done // KERNEL_CHUNK_ROWS)
         for c in progress(range(chunks), desc=f"verify checkpoint {self.index}",
                           enabled=self.store.progress if chunks > 1 else False):

@@ -1,0 +1,137 @@
+"""Score sets in an on-disk store: ``score(..., save_as=name)`` writes ``scores/<name>``, ``load_scores`` reads it.
+
+One job: the score sets of ``trak_core.disk_store.DiskStore`` (a mixin): names checked before scoring, a set
+written a chunk at a time with a checksum written last (it marks the set finished), never overwritten once
+finished, and read back against its checksum.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from .disk_shared import run_record, run_state
+from .disk_writer import _digest, one_writer, open_root
+from .errors import TrakOSError, TrakValueError
+from .fingerprints import to_numpy
+from .store import KERNEL_CHUNK_ROWS
+
+__all__ = ["ScoreSets", "MAX_SCORE_NAME_BYTES"]
+
+MAX_SCORE_NAME_BYTES = 255  # a save_as name is a directory of the store: the usual file-name limit (ext4, APFS, NTFS)
+_saving: dict[str, threading.Lock] = {}  # store location -> the lock of its save_scores, for this process's threads
+_saving_guard = threading.Lock()
+
+
+def _saving_lock(location: str) -> threading.Lock:
+    """One ``save_scores`` at a time per store location in this process: two threads saving the same name both
+    found it free, then wrote their chunks into one array (a set that failed its checksum, or an error that blamed
+    another process)."""
+    with _saving_guard:
+        return _saving.setdefault(location, threading.Lock())
+
+
+def _score_again(path: Any, name: str) -> str:
+    """What to do about a damaged score set: ``save_as`` never overwrites a finished one (its checksum is written)."""
+    return (f"score again with save_as= another name, or delete the directory scores/{name} in {path} and score "
+            f"again with save_as={name!r} (a finished set, damaged or not, is never overwritten)")
+
+
+class ScoreSets:
+    """The score sets of a ``DiskStore`` (which gives ``path``, ``location``, ``root``, ``exists``, ``writable``,
+    ``_url`` and ``_sweep_temporaries``)."""
+
+    def save_scores(self, name: str, scores: Any) -> None:
+        """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum (one thread
+        at a time per location: a name saved meanwhile by another thread is refused, never mixed)."""
+        values = to_numpy(scores)
+        with _saving_lock(self.location):
+            self._save_scores(name, values)
+
+    def _save_scores(self, name: str, values: np.ndarray) -> None:
+        state = self.check_score_name(name)
+        try:
+            with one_writer(self.path):
+                group = self.root.require_group("scores")
+        except TrakOSError:  # another process (a scoring job saving another name) made it between check and create:
+            group = self.root.require_group("scores")  # it is there now, and this set goes beside the other
+        run = run_record()  # who saves it: a set a live process writes is not taken for an interrupted one
+        with one_writer(self.path):
+            if state == "interrupted":  # never finished (no checksum): nothing saved under this name is lost
+                del group[name]
+            array = group.create_array(name, shape=values.shape, dtype=values.dtype,
+                                       chunks=(KERNEL_CHUNK_ROWS, values.shape[1]), fill_value=0,
+                                       attributes={"run": run})
+        for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time: zarr encodes what it is given
+            array[start:start + KERNEL_CHUNK_ROWS] = values[start:start + KERNEL_CHUNK_ROWS]  # at once, in copies
+        now = open_root(str(self.path), "r")["scores"][name].attrs.asdict() if not self._url else {"run": run}
+        if now.get("run") != run or "sha256" in now:  # replaced meanwhile (another host's process)
+            raise TrakOSError(f"scores {name!r} in {self.path} were replaced by another process while this one saved "
+                              "them (two processes saved the same name at once); score again with save_as= another "
+                              "name")
+        array.attrs["sha256"] = _digest(values)  # last: it marks the set finished
+        self._sweep_temporaries(f"scores/{name}", root=False)  # the root's zarr.json is featurize's to write
+
+    def check_score_name(self, name: str) -> str | None:
+        """Refuse a ``save_as`` name that is malformed or taken, or a store that cannot be written, before scoring;
+        returns the name's state (``"interrupted"`` or ``None``)."""
+        if not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name or name.strip(".") == "" \
+                or name.startswith("__") or name != name.strip():
+            raise TrakValueError(f"save_as needs a plain name such as 'run-1' (not empty or only dots, no '/' or '\\', "
+                                 f"no leading '__' or surrounding spaces), got {name!r}")
+        size = len(name.encode("utf-8", "surrogatepass"))
+        if name.lower() == "zarr.json" or size > MAX_SCORE_NAME_BYTES:
+            # both reached the file system only after every target was scored (FileExistsError on the group's own
+            # metadata file, OSError "File name too long"), and the scores were lost
+            why = ("the store's own metadata file (zarr.json)" if size <= MAX_SCORE_NAME_BYTES else
+                   f"{size} bytes long in UTF-8, more than a file name holds ({MAX_SCORE_NAME_BYTES})")
+            raise TrakValueError(f"save_as needs a plain name such as 'run-1': {name[:40]!r}"
+                                 f"{'...' if len(name) > 40 else ''} is {why}; choose another name")
+        state = self._scores_state(name)
+        if state == "finished":
+            raise TrakValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "
+                                 "overwritten)")
+        if state == "interrupted":
+            run = self.root["scores"][name].attrs.get("run")
+            if run_state(run) and int(run.get("pid", -1)) != os.getpid():  # this process's own: an interrupted call
+                raise TrakValueError(f"scores {name!r} in {self.path} are being saved now by process {run.get('pid')} "
+                                     f"on {run.get('host')}; choose another name, or wait for it and skip the name "
+                                     "where it is in saved_scores() (a set that process leaves unfinished is replaced "
+                                     f"by the next save_as={name!r})")
+        self.writable()
+        return state
+
+    def _scores_state(self, name: str) -> str | None:
+        """``"finished"`` (its checksum is written), ``"interrupted"`` (created, never finished) or ``None``."""
+        if not self.exists() or "scores" not in self.root or name not in set(self.root["scores"].array_keys()):
+            return None
+        return "finished" if "sha256" in self.root["scores"][name].attrs else "interrupted"
+
+    def score_names(self) -> list[str]:
+        """Names of the score sets saved in this store (finished ones: interrupted ones are left out), sorted."""
+        if not self.exists() or "scores" not in self.root:
+            return []
+        return sorted(name for name, array in self.root["scores"].arrays() if "sha256" in array.attrs)
+
+    def load_scores(self, name: str) -> np.ndarray:
+        """Read scores saved with ``score(..., save_as=name)``, checking their checksum."""
+        state = self._scores_state(name)
+        if state == "interrupted":
+            raise TrakValueError(f"scores {name!r} in {self.path} were never finished (the call that saved them was "
+                                 f"interrupted); score again with save_as={name!r}, which replaces them")
+        if state is None:
+            raise TrakValueError(f"no scores named {name!r} in {self.path}; saved: {self.score_names()}")
+        array = self.root["scores"][name]
+        values = np.empty(array.shape, dtype=array.dtype)
+        try:
+            for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time into the result (zarr
+                values[start:start + KERNEL_CHUNK_ROWS] = array[start:start + KERNEL_CHUNK_ROWS]  # decodes a read)
+        except Exception as exc:  # a truncated chunk fails to decode
+            raise TrakValueError(f"scores {name!r} in {self.path} are damaged (a chunk cannot be read: {exc}); "
+                                 f"{_score_again(self.path, name)}") from None
+        if _digest(values) != array.attrs.get("sha256"):
+            raise TrakValueError(f"scores {name!r} in {self.path} are damaged (checksum mismatch); "
+                                 f"{_score_again(self.path, name)}")
+        return values
