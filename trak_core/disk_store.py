@@ -4,7 +4,7 @@ One job: ``TRAK(store=path)``. Layout of the directory:
 
 - group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension,
   seed and precision, task (what a custom task computes too: ``tasks.task_identity``), parameter count and
-  structure hash, backend, store format version, ``model``: ``Backend.model_identity``); ``first_batch_rows``:
+  structure hash, backend, store format version); ``model``: ``Backend.model_identity``; ``first_batch_rows``:
   the training data's first batch's rows
   (JAX compiles its step at that size; ``TRAK.open`` gives it to the backend again).
   Reopening with any difference raises ``StoreMismatchError`` naming the
@@ -169,25 +169,29 @@ class DiskStore(ScoreSets, Store):
     def _check(self, fingerprint: dict) -> None:
         legacy, before_classes = fingerprint.get("_legacy_task_functions"), fingerprint.get("_legacy_task_identity")
         fingerprint = {k: v for k, v in fingerprint.items() if not k.startswith("_")}  # "_" keys: for comparisons
+        model = fingerprint.pop("model", None)  # an attribute of its own, which versions before it do not read
         stored = self.root.attrs.get("trak_core")
         if stored is None:
             self.writable()
-            self.root.attrs["trak_core"] = fingerprint
+            self.root.attrs.update({"trak_core": fingerprint, **({"model": model} if model is not None else {})})
             return
+        recorded = self.root.attrs.get("model")  # None: a store written before the model was recorded (unchecked)
+        if recorded is not None and model is not None and recorded != model:
+            raise StoreMismatchError(f"the store at {self.path} was featurized with another model (model: stored "
+                                     f"{recorded!r}, now {model!r}): its modules' names or classes differ (modules "
+                                     "that do nothing in eval mode, such as dropout, are left out), so its scores "
+                                     "would be another function's; pass the model the store was featurized with, or "
+                                     "use a new store path (nothing was overwritten)")
         if "task_functions" in stored and "task_identity" in fingerprint:  # a store written before task_identity
             fingerprint = {**{k: v for k, v in fingerprint.items() if k != "task_identity"}, "task_functions": legacy}
         elif before_classes is not None and stored.get("task_identity") == before_classes:  # written before classes
             fingerprint = {**fingerprint, "task_identity": before_classes}  # were digested whole: compared as then
-        if "model" not in stored:  # written before the model's identity was recorded: not checked
-            fingerprint.pop("model", None)
         keys = list(fingerprint) + [k for k in stored if k not in fingerprint]
         differing = {k: (stored.get(k), fingerprint.get(k)) for k in keys if stored.get(k) != fingerprint.get(k)}
         if differing:
             fields = ", ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in differing.items())
-            model = "; its modules' names or classes are not those the store was featurized with" * ("model" in
-                                                                                                      differing)
-            raise StoreMismatchError(f"the store at {self.path} was written with another configuration ({fields})"
-                                     f"{model}; use the same arguments, or a new store path (nothing was overwritten)")
+            raise StoreMismatchError(f"the store at {self.path} was written with another configuration ({fields}); "
+                                     "use the same arguments, or a new store path (nothing was overwritten)")
 
     def writer(self, index: int, fingerprint: dict) -> DiskWriter:
         self._check(fingerprint)

@@ -73,7 +73,9 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
     complete = [c["index"] for c in checkpoints if c["state"] == "complete"]
     opens = [c["index"] for c in checkpoints if c["state"] == "complete" and c["data"] != "other"
              and c["configuration"] != "other" and not c.get("rows_damaged")]
-    return {"path": store.location, "now": time.time(), "configuration": config, "expect": expect,
+    model = root.attrs.get("model")  # beside the configuration (Backend.model_identity), where recorded
+    return {"path": store.location, "now": time.time(),
+            "configuration": config if model is None else {**config, "model": model}, "expect": expect,
             "first_batch_rows": store.first_batch_rows(),
             "checkpoints": checkpoints, "complete": complete, "opens": opens,
             "missing": sorted(set(range(expect if expect is not None else indices[-1] + 1 if indices else 0))

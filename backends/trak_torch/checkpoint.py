@@ -219,11 +219,26 @@ def prepared_dtype(params: dict) -> Any:
 def module_classes(model: Any) -> str:
     """The model's class, its module count and a hash of every module's name and class (``named_modules``):
     ``"Net (4 modules, 1f0c2a9e7b3d)"``. A ``torch.compile``'d model is its eager module. Equal for the same
-    architecture in any process; another activation module, or a subclass with its own ``forward``, differs."""
+    architecture in any process; another activation module, or a subclass with its own ``forward``, differs.
+    Modules that do nothing in eval mode, where attribution runs (dropout and drop-path of any rate, identities:
+    ``nn.Dropout`` or ``nn.Identity`` for a LoRA dropout of 0.1 or 0), are left out."""
     import hashlib
 
     if type(model).__name__ == "OptimizedModule" and getattr(model, "_orig_mod", None) is not None:
         model = model._orig_mod
-    modules = [f"{name}={type(module).__qualname__}" for name, module in model.named_modules()]
+    modules = [f"{name}={type(module).__qualname__}" for name, module in model.named_modules()
+               if not _no_op_in_eval(module)]
     digest = hashlib.sha256("\n".join(modules).encode()).hexdigest()[:12]
     return f"{type(model).__qualname__} ({len(modules)} modules, {digest})"
+
+
+def _no_op_in_eval(module: Any) -> bool:
+    """A module without parameters that passes its input through in eval mode: ``nn.Identity``, dropout of any
+    kind (``nn.Dropout*``, ``nn.AlphaDropout``) and stochastic depth (timm's ``DropPath``, torchvision's
+    ``StochasticDepth``), told by class name so that no library need be imported."""
+    import torch
+
+    name = type(module).__name__
+    empty = next(module.parameters(recurse=False), None) is None
+    return empty and (isinstance(module, (torch.nn.Identity, torch.nn.modules.dropout._DropoutNd))
+                      or name in ("DropPath", "StochasticDepth", "Identity") or name.endswith("Dropout"))
