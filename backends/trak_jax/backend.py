@@ -39,7 +39,7 @@ from trak_core.outputs import select_logits
 
 from .batch import check_stored_x64, check_x64, chunks, crop, device_batch
 from .checkpoint import JaxCheckpoint, check_selection, snapshot
-from .checks import OutputCheck, check_rows_apart, not_jittable, state_note
+from .checks import OutputCheck, check_rows_apart, not_jittable, rows_apart, state_note
 from .recent import Recent
 
 __all__ = ["JaxBackend", "JaxModel", "output_logits"]
@@ -260,7 +260,7 @@ class JaxBackend(Backend):
             if project:  # half-precision gradients: float32 products and features (shared is float32)
                 flat = (flat.astype(shared.dtype) * signs) @ shared
             together = task.output(logits, labels, xp=xp)  # each row's output in the batch: ``alone``'s where the
-            return flat, out_to_loss, jnp.max(jnp.abs(alone - together) / (1 + jnp.abs(together)))  # rows are apart
+            return flat, out_to_loss, rows_apart(alone, together, logits)  # rows are apart
 
         return jax.jit(step)
 

@@ -29,7 +29,7 @@ from trak_core.projection import project
 
 from .backend import output_logits
 from .batch import chunks, crop
-from .checks import check_rows_apart, not_jittable, state_note
+from .checks import check_rows_apart, not_jittable, rows_apart, state_note
 from .kronecker_scan import OTHER, Analysis, Use, analyse
 
 __all__ = ["Use", "Analysis", "analyse", "plan", "features"]
@@ -127,7 +127,7 @@ def _make_step(backend: Any, apply: Callable, task: Any, found: Analysis, plan: 
         (alone, sides), (deltas, rest_grads) = jax.vmap(gradient, in_axes=(None, None, 0, 0))(
             zs, [leaves[i] for i in rest], inputs, labels)
         together = task.output(logits, labels, xp=_XP)  # each row's output in the batch (checks.check_rows_apart)
-        apart = jnp.max(jnp.abs(alone - together) / (1 + jnp.abs(together)))
+        apart = rows_apart(alone, together, logits)
         n = labels.shape[0]
         parts: list[list[tuple[Any, Any]]] = [[] for _ in plan.blocks]
         for u, use in enumerate(uses):
