@@ -8,7 +8,7 @@ checkpoint refused by an on-disk store as "written with another configuration ..
 """
 import pytest
 
-from trak_core import MLP, TRAK, BackendError, TrakTypeError, TrakValueError
+from trak_core import MLP, TRAK, BackendError, TrakTypeError
 from trak_core.backends import numpy_backend
 from trak_core.testing import suite
 from trak_core.testing.cases import NumpyCase
@@ -102,7 +102,7 @@ def test_in_memory_a_structure_whose_repr_holds_an_id_still_works():
 
 
 class TorchWeights(numpy_backend.ArrayAPIBackend):
-    """NumPy gradients with torch out-to-loss weights: joining the batches' weights failed with a bare TypeError."""
+    """NumPy gradients with torch out-to-loss weights."""
 
     name = "numpy-torch-weights"
 
@@ -112,11 +112,29 @@ class TorchWeights(numpy_backend.ArrayAPIBackend):
         return grads, torch.as_tensor(out_to_loss)
 
 
-def test_gradients_and_weights_of_two_frameworks_name_the_backend():
+class TorchGradients(numpy_backend.ArrayAPIBackend):
+    """torch gradients with NumPy out-to-loss weights: joining the batches' weights failed with a bare TypeError."""
+
+    name = "torch-gradients-numpy-weights"
+
+    def gradients(self, model, prepared, inputs, labels, task):
+        torch = pytest.importorskip("torch", reason="torch is not installed: a torch array is not made")
+        grads, out_to_loss = super().gradients(model, prepared, inputs, labels, task)
+        return torch.as_tensor(grads), out_to_loss
+
+
+@pytest.mark.parametrize("backend", [TorchWeights(), TorchGradients()], ids=lambda b: b.name)
+def test_weights_of_another_framework_join_the_gradients_framework(backend):
+    """The weights, ``(n,)``, are taken into the gradients' framework: the NumPy backend's scores, in the gradients'
+    framework (torch gradients and NumPy weights crashed; NumPy gradients and torch weights worked already)."""
+    import numpy as np
+
     x, y = _data()
     model = MLP(4, 5, 3)
-    trak = TRAK(model, proj_dim=8, backend=TorchWeights(), progress=False)
-    with pytest.raises(TrakValueError, match=r"^checkpoint 0, batch 0: backend 'numpy-torch-weights' returned "
-                                             r"per-example gradients of array_api_compat.numpy but out-to-loss weights "
-                                             r"of array_api_compat.torch; both must be arrays of one framework"):
-        trak.featurize(model.init(seed=0), [(x[:10], y[:10]), (x[10:], y[10:])])
+    reference = TRAK(model, proj_dim=8, progress=False)
+    trak = TRAK(model, proj_dim=8, backend=backend, progress=False)
+    for estimator in (reference, trak):
+        estimator.featurize(model.init(seed=0), [(x[:5], y[:5]), (x[5:], y[5:])])
+    scores = trak.score([(x[:3], y[:3])])
+    assert type(scores).__module__.split(".")[0] == ("torch" if isinstance(backend, TorchGradients) else "numpy")
+    np.testing.assert_allclose(np.asarray(scores), reference.score([(x[:3], y[:3])]), rtol=1e-12, atol=1e-15)

@@ -9,7 +9,7 @@ import operator
 from typing import Any, Mapping, Sequence
 
 from . import kernel as kernel_ops
-from ._namespace import namespace
+from ._namespace import device_of, namespace
 from .backends import Backend, get_backend, infer_backend
 from .backends.registry import check_backend_object
 from .errors import TrakTypeError, TrakValueError, half_precision_hint
@@ -139,14 +139,16 @@ def _check_weights(out_to_loss: Any, where: str, n: int | None = None, backend: 
                              "rows of the inputs and labels (NaN/inf values) and the checkpoint's weights")
 
 
-def check_one_framework(values: Any, out_to_loss: Any, where: str, what: str, backend: str) -> None:
-    """A backend's ``values`` (gradients or features) and out-to-loss weights are arrays of one namespace (joining
-    them per batch failed with a bare ``TypeError`` that named neither the backend nor the batch)."""
-    ours, theirs = namespace(values), namespace(out_to_loss)
-    if ours is not theirs:
-        raise TrakValueError(f"{where}: backend {backend!r} returned {what} of {ours.__name__} but out-to-loss weights "
-                             f"of {theirs.__name__}; both must be arrays of one framework, on one device (a backend "
-                             "defect: see the contract in docs/backends.md)")
+def weights_like(values: Any, out_to_loss: Any) -> Any:
+    """A backend's out-to-loss weights in the namespace and on the device of its ``values`` (gradients or features):
+    a plug-in that returned them through another framework (NumPy weights beside torch gradients) crashed when the
+    batches' weights were joined, with a bare ``TypeError``; they are ``(n,)``, so the copy is cheap."""
+    from .fingerprints import to_numpy
+
+    xp = namespace(values)
+    if namespace(out_to_loss) is xp:
+        return out_to_loss
+    return xp.asarray(to_numpy(out_to_loss), device=device_of(values))
 
 
 def _check_features(features: Any, where: str, gradients_dtype: Any = None) -> None:

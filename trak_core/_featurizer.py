@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from ._apart import shared_data_check
 from ._checks import (_check_features, _check_finite, _check_lengths, _check_weights, check_backend_array,
-                      check_one_framework, chosen_entries, projection_group_rows, take_rows)
+                      chosen_entries, projection_group_rows, take_rows, weights_like)
 from ._delegation import is_accelerator
 from ._fitting import KernelFitting
 from ._identity import (DataCheck, check_lambda_setting, check_parameters, parameters_recorded, refuse_duplicate,
@@ -137,8 +137,7 @@ class Featurizer(KernelFitting):
         check_backend_array(grads, (n_inputs, self.backend.n_params(prepared)), None, where, "per-example gradients",
                             self.backend.name, ": a row per example, a column per parameter (its n_params)")
         _check_weights(out_to_loss, where, n_inputs, self.backend.name)  # finiteness: through the features
-        check_one_framework(grads, out_to_loss, where, "per-example gradients", self.backend.name)
-        return grads, out_to_loss
+        return grads, weights_like(grads, out_to_loss)
 
     def _fused_features(self, prepared: Any, index: int, inputs: Any, labels: Any, where: str) -> tuple | None:
         """Features from a backend that projects inside its own step (fused or factorized), if it does."""
@@ -158,10 +157,9 @@ class Featurizer(KernelFitting):
                                             precision=self.precision)
         if out is not None:
             check_backend_array(out[0], (n_inputs, self.proj_dim), None, where, "features", self.backend.name)
-            check_one_framework(out[0], out[1], where, "features", self.backend.name)
             _check_finite(out[0], out[1], where, "features (projected per-example gradients)", self.backend.name,
                           getattr(prepared, "dtype", None))  # a torch snapshot's: the gradients' dtype
-            out = (self._finish(out[0]), out[1])
+            out = (self._finish(out[0]), weights_like(out[0], out[1]))
         return out
 
     def _check_plan(self, prepared: Any, index: int, inputs: Any, labels: Any, writer: Writer | None = None) -> None:
