@@ -214,9 +214,9 @@ class RayExecutor:
         offsets : list of int
             The first row of each batch of ``data``.
         """
+        actors = self._start(trak)  # first: without Ray it raises MissingFrameworkError, naming the extra
         import ray
 
-        actors = self._start(trak)
         step_rows = _rows(data[0]) if data else 0
         fix_step_size(trak, step_rows)  # the driver's targets, as one process compiles them
         futures, stops = [], []
