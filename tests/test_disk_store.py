@@ -14,6 +14,7 @@ pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are no
 
 from trak_core import MLP, TRAK, TrakOSError  # noqa: E402
 from trak_core.disk_store import StoreMismatchError  # noqa: E402
+from tests_helpers import save_interrupted  # noqa: E402
 
 N, BATCH = 9000, 700  # batches that do not align with the 4,096-row chunks
 
@@ -308,22 +309,10 @@ def test_scores_are_saved_and_never_overwritten(tmp_path):
 def test_an_interrupted_save_as_is_not_listed_and_its_name_is_reused(tmp_path, monkeypatch):
     """A kill while ``save_as`` writes (after the array is created, before its data and checksum) left a name that
     was listed, refused by ``save_as`` ("already exist") and unreadable ("damaged ... score again")."""
-    import zarr
-
     x, y = _data()
     _, reference = _run(None, checkpoints=1)
     trak, _ = _run(tmp_path / "store", checkpoints=1)
-    original = zarr.Array.__setitem__
-
-    def killed(self, key, value):
-        if self.path.startswith("scores/"):
-            raise _Killed
-        return original(self, key, value)
-
-    monkeypatch.setattr(zarr.Array, "__setitem__", killed)
-    with pytest.raises(_Killed):
-        trak.score([(x[:6], y[:6])], save_as="run")
-    monkeypatch.setattr(zarr.Array, "__setitem__", original)
+    save_interrupted(monkeypatch, trak, [(x[:6], y[:6])], "run", _Killed)
     assert (tmp_path / "store" / "scores" / "run" / "zarr.json").exists()  # the interrupted set is on disk
     assert trak.saved_scores() == []  # was ['run']
     with pytest.raises(ValueError, match=r"'run' .* never finished .*score again with save_as='run'"):

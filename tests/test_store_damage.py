@@ -12,6 +12,7 @@ pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are no
 
 from trak_core import MLP, TRAK, TrakOSError, TrakValueError  # noqa: E402
 from trak_core.disk_store import StoreMismatchError  # noqa: E402
+from tests_helpers import save_interrupted  # noqa: E402
 
 N, BATCH = 5000, 700  # two chunks of 4,096 rows, the second partial
 
@@ -211,22 +212,10 @@ def test_save_as_does_not_take_over_a_set_another_live_process_is_saving(tmp_pat
     import socket
     import time
 
-    import zarr
-
     store = tmp_path / "store"
     trak, reference = _featurize(store)
     x, y = _data()
-    original = zarr.Array.__setitem__
-
-    def killed(self, key, value):
-        if self.path.startswith("scores/"):
-            raise KeyboardInterrupt
-        return original(self, key, value)
-
-    monkeypatch.setattr(zarr.Array, "__setitem__", killed)
-    with pytest.raises(KeyboardInterrupt):
-        trak.score([(x[:6], y[:6])], save_as="run")
-    monkeypatch.setattr(zarr.Array, "__setitem__", original)
+    save_interrupted(monkeypatch, trak, [(x[:6], y[:6])], "run")
     meta = store / "scores" / "run" / "zarr.json"
     doc = json.loads(meta.read_text())
     doc.setdefault("attributes", {})["run"] = {"host": socket.gethostname(), "pid": os.getppid(),  # alive, not us

@@ -1,4 +1,5 @@
-"""Shared by several test files: backends that misbehave on purpose, and model outputs in every structure."""
+"""Shared by several test files: backends that misbehave on purpose, model outputs in every structure, and a
+save_as interrupted mid-write."""
 from trak_core.backends import numpy_backend
 
 
@@ -49,3 +50,22 @@ def batched_margin_gradients(logits, labels, params):
         grads = torch.autograd.grad(margin, params, retain_graph=True, allow_unused=True)
         rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)]))
     return torch.stack(rows)
+
+
+def save_interrupted(monkeypatch, trak, targets, name, error=KeyboardInterrupt):
+    """``trak.score(targets, save_as=name)`` interrupted (``error`` raised) at the first chunk of the set: the set
+    is created, no data or checksum written, as a kill mid-save leaves it."""
+    import pytest
+    import zarr
+
+    original = zarr.Array.__setitem__
+
+    def killed(self, key, value):
+        if self.path.startswith("scores/"):
+            raise error
+        return original(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", killed)
+    with pytest.raises(error):
+        trak.score(targets, save_as=name)
+    monkeypatch.setattr(zarr.Array, "__setitem__", original)
