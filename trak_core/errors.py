@@ -13,13 +13,23 @@ raised by a backend start with the same location.
 from __future__ import annotations
 
 __all__ = ["TrakCoreError", "TrakValueError", "TrakTypeError", "TrakOSError", "BackendError", "UnknownBackendError",
-           "MissingFrameworkError", "StoreMismatchError", "install_hint", "half_precision_hint"]
+           "MissingFrameworkError", "StoreMismatchError", "install_hint", "half_precision_hint",
+           "non_finite_parameters"]
 
 
 def install_hint(extra: str, packages: str) -> str:
     """How to install what trak-core's extra ``extra`` holds: its ``packages`` from PyPI, or the extra from a
     trak-core checkout (trak-core itself is not on PyPI, so ``pip install "trak-core[extra]"`` finds nothing)."""
     return f'pip install {packages} (or, in a trak-core checkout, pip install -e ".[{extra}]")'
+
+
+def non_finite_parameters(names: list) -> "TrakValueError":
+    """The error for a checkpoint whose attributed parameters ``names`` hold NaN or inf (training diverged), which
+    every backend raises before featurizing: an infinite weight saturates tanh, and the gradients, out-to-loss
+    weights and scores of such a checkpoint can all come out finite."""
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return TrakValueError(f"the checkpoint's parameters contain NaN or inf: {list(names)[:5]}{more}; featurize a "
+                          "checkpoint saved before training diverged")
 
 
 def half_precision_hint(dtype: object, info: object) -> str:

@@ -15,7 +15,6 @@ each array in row-major (C) order, one after another, with torch's ``nn.Linear``
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Mapping
 
 from ._namespace import namespace
@@ -184,12 +183,11 @@ class AnalyticModel:
 def _sizes(model: str, **sizes: Any) -> tuple[int, ...]:
     """``sizes`` as Python ints, each a positive integer (NumPy's too, not a bool or a float), else an error naming
     it: a size of 0 or less made a model of a negative parameter count, or one whose ``init`` divided by zero."""
+    from ._checks import _integer  # (not at the top: _checks imports the backends, which import this module)
+
     out = []
     for name, value in sizes.items():
-        try:
-            number = None if isinstance(value, bool) else operator.index(value)
-        except TypeError:
-            number = None
+        number = _integer(value)
         if number is None or number < 1:
             raise TrakValueError(f"{model}: {name} must be a positive integer, got {value!r}")
         out.append(number)

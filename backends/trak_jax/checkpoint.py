@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from trak_core.errors import TrakTypeError, TrakValueError
+from trak_core.errors import TrakTypeError, TrakValueError, non_finite_parameters
 
 
 @dataclass
@@ -127,12 +127,8 @@ def snapshot(checkpoint: Any, params: Selection = None) -> JaxCheckpoint:
                 "featurize (params, rest) of graphdef, params, rest = nnx.split(model, nnx.Param, ...) with "
                 "JaxBackend(params=lambda path, leaf: path.startswith(\"[0]\")) (docs/jax.md)")
     finite = [jnp.all(jnp.isfinite(arrays[i])) for i in selected]  # one transfer to the host, not one a leaf
-    bad = [] if bool(jnp.all(jnp.stack(finite))) else [paths[i] or "<root>" for i, ok in zip(selected, finite)
-                                                        if not ok]
-    if bad:  # an infinite weight saturates tanh: finite gradients and scores, from a diverged checkpoint
-        raise TrakValueError(f"the checkpoint's parameters contain NaN or inf: {bad[:5]}"
-                             + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-                             + "; featurize a checkpoint saved before training diverged")
+    if not bool(jnp.all(jnp.stack(finite))):
+        raise non_finite_parameters([paths[i] or "<root>" for i, ok in zip(selected, finite) if not ok])
     dtypes = {arrays[i].dtype for i in selected}
     if len(dtypes) != 1:
         raise TrakTypeError(f"params leaves mix dtypes {sorted(map(str, dtypes))}; cast them to one dtype")

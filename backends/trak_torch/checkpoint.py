@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from trak_core.errors import TrakTypeError, TrakValueError
+from trak_core.errors import TrakTypeError, TrakValueError, non_finite_parameters
 
 log = logging.getLogger("trak_core")
 
@@ -116,10 +116,7 @@ def snapshot(model: Any, checkpoint: Mapping[str, Any] | None, names: list[str])
         value = value.detach().to(device=ref.device, dtype=ref.dtype, copy=True)
         (params if name in names else frozen)[name] = value
     if not torch.all(torch.stack([torch.isfinite(t).all() for t in params.values()])):
-        bad = [name for name, t in params.items() if not bool(torch.isfinite(t).all())]
-        raise TrakValueError(f"the checkpoint's parameters contain NaN or inf: {bad[:5]}"
-                             + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-                             + "; featurize a checkpoint saved before training diverged")
+        raise non_finite_parameters([name for name, t in params.items() if not bool(torch.isfinite(t).all())])
     nan = [name for name, t in frozen.items() if t.is_floating_point() and bool(torch.isnan(t).any())]
     if nan:  # buffers (BatchNorm statistics) and parameters left out: used, they make every output NaN
         log.warning("trak-core: the checkpoint's tensors %s%s, which are not attributed, contain NaN: where the "

@@ -11,7 +11,7 @@ from typing import Any
 import array_api_compat
 
 from .._namespace import namespace
-from ..errors import TrakTypeError, TrakValueError
+from ..errors import TrakTypeError, non_finite_parameters
 from ..fingerprints import parameters_digest
 from ..models import AnalyticModel
 from .protocol import Backend
@@ -36,9 +36,8 @@ class ArrayAPIBackend(Backend):
             raise TrakTypeError(f"the numpy backend needs a trak_core.models.AnalyticModel, got {type(model).__name__}")
         params = model.params(checkpoint)
         bad = [name for name, a in params.items() if not bool(namespace(a).all(namespace(a).isfinite(a)))]
-        if bad:  # an infinite weight saturates tanh: finite gradients and scores, from a diverged checkpoint
-            raise TrakValueError(f"the checkpoint's parameters contain NaN or inf: {bad}; featurize a checkpoint "
-                                 "saved before training diverged")
+        if bad:
+            raise non_finite_parameters(bad)
         return {name: array_api_compat.array_namespace(a).asarray(a, copy=True) for name, a in params.items()}
 
     def n_params(self, prepared: dict[str, Any]) -> int:
