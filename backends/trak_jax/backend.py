@@ -300,7 +300,7 @@ class JaxBackend(Backend):
         entry = self._step(self._apply(model), task, factors is not None, selected)
         step, size = entry[0], self._step_size(entry, n)
         signs, shared = factors if factors is not None else (None, None)
-        parts, weights = [], []
+        parts, weights, apart = [], [], []
         for x, y, rows, padded in chunks(inputs, labels, n, size, self.batch_size is None):  # short chunks padded
             # to a bucket of S (to S itself for a fixed batch_size): a few shapes, each compiled once
             try:
@@ -310,10 +310,11 @@ class JaxBackend(Backend):
             except Exception as exc:
                 state_note(exc)
                 raise
-            check_rows_apart(outputs[2], prepared.dtype)
+            apart.append(outputs[2])
             features, out_to_loss = crop(outputs[:2], rows, padded)
             parts.append(features)
             weights.append(out_to_loss)
+        check_rows_apart(apart, prepared.dtype)  # once a batch: one read on the host, not one a chunk
         if len(parts) == 1:
             return parts[0], weights[0]
         return jnp.concatenate(parts), jnp.concatenate(weights)

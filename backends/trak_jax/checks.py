@@ -73,20 +73,24 @@ def rows_apart(alone: Any, together: Any, logits: Any) -> Any:
     return jnp.max(jnp.abs(alone - together) / (1 + jnp.abs(together) + positions * largest))
 
 
-def check_rows_apart(difference: Any, dtype: Any) -> None:
+def check_rows_apart(differences: list, dtype: Any) -> None:
     """Raise where the model output of an example computed alone (under ``vmap``, where its gradient is taken) is not
     its row's output in the batch: ``apply`` mixes the batch's rows (batch statistics, dropout in training mode).
 
     Parameters
     ----------
-    difference : array
-        The step's largest relative difference (a scalar; NaN where the outputs are not finite: checked after).
+    differences : list of array
+        Each chunk's step's ``rows_apart`` (scalars; NaN where the outputs are not finite: checked after), read on
+        the host together.
     dtype
         The params' dtype, which sets the tolerance (``ROWS_APART_TOLERANCE``).
     """
+    import jax
     import numpy as np
 
-    value = float(np.asarray(difference))
+    values = np.asarray(jax.device_get(differences), dtype=np.float64)  # after every chunk's step was dispatched
+    values = values[~np.isnan(values)]
+    value = float(values.max()) if values.size else 0.0
     if value > ROWS_APART_TOLERANCE.get(np.dtype(dtype).itemsize * 8, ROWS_APART_DEFAULT):
         raise TrakValueError(
             f"apply(params, inputs) does not treat the batch's rows independently: an example's model output computed "

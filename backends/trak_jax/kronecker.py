@@ -176,7 +176,7 @@ def features(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, 
               for side, d, width in (("rows", block.layer.rows, block.k_rows),
                                      ("cols", block.layer.cols, block.k_cols)))
         for block in plan_.blocks), prepared.device)
-    parts, rests, weights = [], [], []
+    parts, rests, weights, apart = [], [], [], []
     for x, y, rows, padded in chunks(inputs, labels, n, size, backend.batch_size is None):  # padded to a bucket
         try:
             outputs = step(prepared.params, x, y, factors)
@@ -185,11 +185,12 @@ def features(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, 
         except Exception as exc:
             state_note(exc)
             raise
-        check_rows_apart(outputs[3], prepared.dtype)
+        apart.append(outputs[3])
         out, rest, out_to_loss = crop(outputs[:3], rows, padded)
         parts.append(out)
         rests.append(rest)
         weights.append(out_to_loss)
+    check_rows_apart(apart, prepared.dtype)  # once a batch: one read on the host, not one a chunk
     out = jnp.concatenate(parts)
     if plan_.n_rest:
         rest = project(jnp.concatenate(rests), plan_.k_rest, seed=rest_seed(seed), checkpoint=checkpoint)
