@@ -109,3 +109,92 @@ def test_a_store_written_before_the_model_was_recorded_still_opens(tmp_path):
     del root.attrs["model"]
     reopened = trak_core.TRAK.open(tmp_path / "s", tanh, [tanh.state_dict()], progress=False)
     assert np.array_equal(reopened.score([(x[:4], y[:4])]), expected)
+
+
+def _two_states(net):
+    states = [copy.deepcopy(net.state_dict())]
+    torch.manual_seed(5)
+    return states + [{k: torch.randn_like(v) for k, v in states[0].items()}]
+
+
+def _records():
+    tanh, relu = _net(torch.nn.Tanh), _net(torch.nn.ReLU)
+    backend = trak_core.TRAK(tanh, proj_dim=16, progress=False).backend
+    return tanh, relu, backend.model_identity(tanh), backend.model_identity(relu)
+
+
+def _tanh_scores(states, targets):
+    x, y = _data()
+    reference = trak_core.TRAK(_net(torch.nn.Tanh), proj_dim=16, progress=False)
+    for state in states:
+        reference.featurize(state, [(x, y)])
+    return reference.score(targets)
+
+
+def test_a_job_that_began_a_shared_store_at_once_with_another_model_is_refused(tmp_path):
+    """One job per checkpoint, two models with the same parameters: job B (ReLU) found no store and created its root,
+    then job A (tanh) wrote the root's configuration and its checkpoint 0, then B wrote its own configuration over
+    A's (the model record took no part in what the jobs compared) and its checkpoint 1: the store mixed two
+    architectures, and TRAK.open with the ReLU net scored it. Now B reads the root again just before writing it,
+    and is refused naming both models; nothing is written, and A's checkpoint scores as before."""
+    import re
+
+    x, y = _data()
+    tanh, relu, tanh_record, relu_record = _records()
+    states = _two_states(tanh)
+    job_b = trak_core.TRAK(relu, proj_dim=16, store=tmp_path / "s", progress=False)
+    job_b.store.shared = True  # as featurize(..., index=i) makes it
+    job_b.store.root  # B found no store and created the root: no configuration in it yet
+    trak_core.TRAK(tanh, proj_dim=16, store=tmp_path / "s", progress=False).featurize(states[0], [(x, y)], index=0)
+    before = _files(tmp_path / "s")
+    with pytest.raises(StoreMismatchError, match=re.escape(f"another model (model: stored {tanh_record!r}, now "
+                                                           f"{relu_record!r})")):
+        job_b.featurize(states[1], [(x, y)], index=1)
+    assert _files(tmp_path / "s") == before
+    opened = trak_core.TRAK.open(tmp_path / "s", _net(torch.nn.Tanh), [states[0]], progress=False)
+    np.testing.assert_array_equal(opened.score([(x[:4], y[:4])]), _tanh_scores(states[:1], [(x[:4], y[:4])]))
+
+
+def test_a_checkpoint_of_another_model_than_the_stores_is_refused(tmp_path, monkeypatch):
+    """Jobs that both read the root before either wrote it each write theirs, and the last one stays: job A's
+    (tanh) checkpoint went on under job B's (ReLU) root, was marked complete, and TRAK.open with the ReLU net
+    scored it. Each checkpoint of a shared store records its job's model: refused before it is marked complete,
+    and by TRAK.open and trak-core store; A's configuration put back, its checkpoint scores as before."""
+    import re
+
+    from trak_core import disk_writer
+    from trak_core.store_report import describe
+
+    x, y = _data()
+    tanh, relu, tanh_record, relu_record = _records()
+    states = _two_states(tanh)
+    trak_core.TRAK(relu, proj_dim=16, store=tmp_path / "b", progress=False).featurize(states[1], [(x, y)], index=1)
+    theirs = dict(zarr.open_group(str(tmp_path / "b"), mode="r").attrs)
+    theirs = {k: theirs[k] for k in ("trak_core", "model", "configuration_sha256") if k in theirs}  # B's root write
+    def named(store):
+        return re.escape(f"checkpoint 0 in {store} was featurized with another model than the store's (model: the "
+                         f"store's {relu_record!r}, checkpoint 0's {tanh_record!r}; another job began the store at the "
+                         "same moment with another model)")
+
+    finish = disk_writer.DiskWriter.finish
+
+    def their_root_lands(self, *args, **kwargs):  # B's root write, after A's, while A featurizes
+        zarr.open_group(str(tmp_path / "s"), mode="r+").attrs.update(theirs)
+        return finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(disk_writer.DiskWriter, "finish", their_root_lands)
+    with pytest.raises(StoreMismatchError, match=named(tmp_path / "s")):
+        trak_core.TRAK(tanh, proj_dim=16, store=tmp_path / "s", progress=False).featurize(states[0], [(x, y)], index=0)
+    monkeypatch.undo()
+    assert not zarr.open_group(str(tmp_path / "s"), mode="r")["c0"].attrs.get("complete", False)
+    trak_core.TRAK(tanh, proj_dim=16, store=tmp_path / "t", progress=False).featurize(states[0], [(x, y)], index=0)
+    root = zarr.open_group(str(tmp_path / "t"), mode="r+")
+    mine = {k: root.attrs[k] for k in theirs}
+    root.attrs.update(theirs)  # B's root write lands after A's checkpoint is complete
+    with pytest.raises(StoreMismatchError, match=named(tmp_path / "t")):
+        trak_core.TRAK.open(tmp_path / "t", relu, {0: states[0]}, progress=False)
+    report = describe(str(tmp_path / "t"))
+    assert report["checkpoints"][0]["configuration"] == "other" and report["opens"] == []
+    root.attrs.update(mine)
+    opened = trak_core.TRAK.open(tmp_path / "t", _net(torch.nn.Tanh), [states[0]], progress=False)
+    np.testing.assert_array_equal(opened.score([(x[:4], y[:4])]), _tanh_scores(states[:1], [(x[:4], y[:4])]))

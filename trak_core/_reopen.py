@@ -153,7 +153,7 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
             raise TrakValueError(f"checkpoints {chosen[digests.index(pending.digest)][0]} and {index} have the same "
                                  "parameters; pass each stored checkpoint once, in order")
         digests.append(pending.digest)
-        check_configuration(path, index, pending.writer.group.attrs.get("configuration_sha256"), config)
+        check_configuration(path, index, pending.writer.group.attrs, store.root.attrs)
         trak._opened.append((pending, store.stored_lambda(index) if keep_stored else None))
     _check_same_data([pending for pending, _ in trak._opened], path)
     if keep_stored:

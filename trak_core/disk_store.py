@@ -4,7 +4,9 @@ One job: ``TRAK(store=path)``. Layout of the directory:
 
 - group attributes ``trak_core``: the configuration fingerprint (projection kind, dimension,
   seed and precision, task (what a custom task computes too: ``tasks.task_identity``), parameter count and
-  structure hash, backend, store format version); ``model``: ``Backend.model_identity``; ``first_batch_rows``:
+  structure hash, backend, store format version); ``model``: ``Backend.model_identity``; ``configuration_sha256``:
+  the configuration's hash, written with it and checked whenever it is read (a hand edit is refused, and which
+  field changed cannot be told; stores written before it: unchecked); ``first_batch_rows``:
   the training data's first batch's rows
   (JAX compiles its step at that size; ``TRAK.open`` gives it to the backend again).
   Reopening with any difference raises ``StoreMismatchError`` naming the
@@ -19,7 +21,8 @@ One job: ``TRAK(store=path)``. Layout of the directory:
   ``kernel_sha256`` written after it; ``Phi^T Phi``,
   k x k, or the Gram matrix ``Phi Phi^T``, n x n, when n < k; in the dtype ``kernel_dtype`` gave: float32
   for float32 features at the default), ``lambda_reg`` (the value), ``lambda_setting`` (what the
-  estimator was given: "auto" or the float) and ``complete``. Rows past ``rows_done`` (an array grown
+  estimator was given: "auto" or the float), ``lambda_sha256`` (their hash, checked where they are read) and
+  ``complete``. Rows past ``rows_done`` (an array grown
   or allocated by a run that did not record them) are not data: the next run writes or cuts them.
 - ``scores/<name>``: scores saved with ``score(..., save_as=name)``; their SHA-256 (attribute ``sha256``)
   is written after them, so a set without it was interrupted: not listed, and replaced by the next
@@ -52,7 +55,8 @@ from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, Store
 from ._zarr_io import settle
 from .disk_layout import ANY_ZARR_TEMPORARY, ZARR_TEMPORARY, foreign_contents
 from .disk_scores import ScoreSets
-from .disk_shared import check_configuration, checkpoint_indices, data_reference
+from .disk_shared import (check_configuration, checked_configuration, checked_lambda, checkpoint_indices,
+                          configuration_digest, data_reference)
 from .disk_writer import DiskFeatures, DiskWriter, one_writer, open_root, write_rows
 
 __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STORE_FORMAT", "write_rows",
@@ -66,6 +70,7 @@ class DiskStore(ScoreSets, Store):
 
     writes_apart = True  # takes a checkpoint out of order, written by a job of its own (``trak_core._apart``)
     shared = False  # set by ``featurize(..., index=i)``: other jobs may be writing other checkpoints now
+    model_record: str | None = None  # this job's ``Backend.model_identity`` (``_check``)
 
     def __init__(self, path: str | os.PathLike) -> None:
         """Open the store at ``path``: a local directory, or any URL zarr opens through fsspec.
@@ -164,16 +169,22 @@ class DiskStore(ScoreSets, Store):
 
     def configuration(self) -> dict | None:
         """The configuration fingerprint stored with the features (``None`` for a new store)."""
-        return dict(self.root.attrs["trak_core"]) if self.exists() and "trak_core" in self.root.attrs else None
+        return checked_configuration(self.root.attrs, self.path) if self.exists() else None
 
     def _check(self, fingerprint: dict) -> None:
         legacy, before_classes = fingerprint.get("_legacy_task_functions"), fingerprint.get("_legacy_task_identity")
         fingerprint = {k: v for k, v in fingerprint.items() if not k.startswith("_")}  # "_" keys: for comparisons
         model = fingerprint.pop("model", None)  # an attribute of its own, which versions before it do not read
-        stored = self.root.attrs.get("trak_core")
+        self.model_record = model  # recorded by each checkpoint of a shared store (``disk_shared``)
+        stored = checked_configuration(self.root.attrs, self.path)
         if stored is None:
             self.writable()
-            self.root.attrs.update({"trak_core": fingerprint, **({"model": model} if model is not None else {})})
+            if self.shared:  # this job's root may predate another job's write of it: read it again, just before
+                self._root = None
+                stored = checked_configuration(self.root.attrs, self.path)
+        if stored is None:  # its hash last: a run killed before it leaves a configuration not checked, not refused
+            self.root.attrs.update({"trak_core": fingerprint, **({"model": model} if model is not None else {}),
+                                    "configuration_sha256": configuration_digest(fingerprint)})
             return
         recorded = self.root.attrs.get("model")  # None: a store written before the model was recorded (unchecked)
         if recorded is not None and model is not None and recorded != model:
@@ -225,13 +236,14 @@ class DiskStore(ScoreSets, Store):
         if held and (entry.index <= last or (entry.index != last + 1 and not group.attrs.get("complete", False))):
             raise TrakValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
         if not group.attrs.get("complete", False):  # a stored checkpoint keeps the lambda it was featurized with
-            check_configuration(self.path, entry.index, group.attrs.get("configuration_sha256"),
-                                open_root(str(self.path), "r").attrs.get("trak_core") if self.shared else None)
+            check_configuration(self.path, entry.index, group.attrs,
+                                open_root(str(self.path), "r").attrs if self.shared else None)
             self.writable()
-            # zarr writes attrs.update one key at a time: "complete" last, so that a kill in between leaves an
-            # incomplete checkpoint (finished again by the rerun), never a complete one without its lambda
-            group.attrs.update({"lambda_reg": float(entry.factor.lambda_reg), "lambda_setting": entry.lambda_setting,
-                                "complete": True})
+            # zarr writes attrs.update one key at a time: "complete" after the lambda, so that a kill in between leaves
+            # an incomplete checkpoint (finished again by the rerun), never a complete one without its lambda; their
+            # hash after it, so that a kill never leaves one that does not match (a missing one is not checked)
+            ridge = {"lambda_reg": float(entry.factor.lambda_reg), "lambda_setting": entry.lambda_setting}
+            group.attrs.update({**ridge, "complete": True, "lambda_sha256": configuration_digest(ridge)})
             self._sweep_temporaries(f"c{entry.index}", root=not self.shared)  # another job may write the root's
         if not held:
             return
@@ -274,7 +286,8 @@ class DiskStore(ScoreSets, Store):
 
     def stored_lambda(self, index: int) -> float | None:
         """The ridge ``lambda`` checkpoint ``index`` was factorized with (``None`` if not stored)."""
-        value = self.root[f"c{index}"].attrs.get("lambda_reg") if f"c{index}" in self.root else None
+        group = f"c{index}"
+        value = checked_lambda(self.root[group].attrs, self.path, index)["lambda_reg"] if group in self.root else None
         return None if value is None else float(value)
 
     def plan_digest(self, index: int) -> str | None:
@@ -297,7 +310,8 @@ class DiskStore(ScoreSets, Store):
     def stored_lambda_setting(self) -> float | str | None:
         """The ``lambda_reg`` the estimator was given ("auto" or a float) when the complete checkpoint of the highest
         index was featurized (``None`` for stores written before trak-core kept it)."""
-        settings = [self.root[f"c{c}"].attrs.get("lambda_setting") for c in self.complete_checkpoints()]
+        settings = [checked_lambda(self.root[f"c{c}"].attrs, self.path, c)["lambda_setting"]
+                    for c in self.complete_checkpoints()]
         return next((value for value in reversed(settings) if value is not None), None)
 
     def __len__(self) -> int:

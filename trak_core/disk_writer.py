@@ -162,7 +162,7 @@ class DiskWriter(Writer):
 
     def record_parameters(self, digest: str | None) -> None:
         """The checkpoint's content hash, before any row; in a shared store (``featurize(..., index=i)``) also the
-        hash of the configuration this job found or wrote (``trak_core.disk_shared``)."""
+        hash of the configuration this job found or wrote and its model record (``trak_core.disk_shared``)."""
         self.parameters_digest = digest
         if digest is not None and self.group.attrs.get("parameters_sha256") != digest:
             self.store.writable()
@@ -171,7 +171,8 @@ class DiskWriter(Writer):
             from .disk_shared import configuration_digest
 
             self.store.writable()
-            self.group.attrs["configuration_sha256"] = configuration_digest(self.store.configuration())
+            model = {"model": self.store.model_record} if self.store.model_record is not None else {}
+            self.group.attrs.update({**model, "configuration_sha256": configuration_digest(self.store.configuration())})
 
     def record_plan(self, digest: str) -> None:
         """The factorized projection's layout (``KroneckerPlan.digest``), before the checkpoint's first rows."""

@@ -40,8 +40,9 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         ``checkpoints`` (per ``c{i}`` group:
         ``index``, ``state`` ("complete", "in progress": rows written, "started": none yet), ``rows``,
         ``lambda_reg``, ``lambda_setting``, ``dtype``, ``parameters_sha256``, ``configuration`` ("same" or
-        "other" for checkpoints featurized apart, else ``None``), ``run`` (the run that last wrote to it: ``host``,
-        ``pid``, ``started``; ``None`` in stores written before trak-core kept it), ``written_at`` (its last rows),
+        "other", of configuration or model, for checkpoints featurized apart, else ``None``), ``run`` (the run that
+        last wrote to it: ``host``, ``pid``, ``started``; ``None`` in stores written before trak-core kept it),
+        ``written_at`` (its last rows),
         ``running`` (for an incomplete one: whether that process still runs, ``None`` on another host or where
         unknown), with ``verify`` also ``damaged`` (a message or
         ``None``; also ``rows_damaged``), ``data`` ("same" or "other": its training data digests against those of
@@ -112,7 +113,9 @@ def _checkpoint(store: Any, group: Any, index: int, config_digest: str, verify: 
 
     attrs = group.attrs
     rows, complete = int(attrs.get("rows_done", 0)), bool(attrs.get("complete", False))
-    recorded = attrs.get("configuration_sha256")
+    recorded, models = attrs.get("configuration_sha256"), (attrs.get("model"), store.root.attrs.get("model"))
+    if None not in models and models[0] != models[1]:  # a job that began the store at once with another model
+        recorded = "another model"
     row = {"index": index, "state": "complete" if complete else "in progress" if rows else "started", "rows": rows,
            "lambda_reg": attrs.get("lambda_reg"), "lambda_setting": attrs.get("lambda_setting"),
            "dtype": attrs.get("dtype"), "parameters_sha256": attrs.get("parameters_sha256"),
