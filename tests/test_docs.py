@@ -169,9 +169,12 @@ def test_huggingface_quickstart(tmp_path, monkeypatch):
     top = ns["top"].numpy()
     assert np.mean(top[0] == expected.argmax(0)) >= 0.9  # the printed top proponents, computed independently
     train_labels, test_labels = np.array(ns["train_labels"]), np.array(ns["test_labels"])
-    assert np.mean(train_labels[top] == test_labels[None]) >= 0.95  # "nearly all" (119 of 120 in the page's run)
+    # the page: "78% to 100%" carry their target's label (chance: 50%) and "63% to 100%" are negated, "against 22%":
+    # the models trained from the same seeds vary with the CPU's kernels and the thread count (one thread on an
+    # AVX-512 CPU: 0.775 and 1.0; two threads: 0.958 and 0.633; ATEN_CPU_CAPABILITY=default: 0.983 and 1.0)
+    assert np.mean(train_labels[top] == test_labels[None]) >= 0.7
     negated = np.array([" not " in text for text in ns["train_texts"]])
-    assert np.mean(negated[top]) > 0.8 and np.mean(negated) < 0.3  # the page: "over 90%, against 22%"
+    assert np.mean(negated[top]) > 0.5 and np.mean(negated) < 0.3
     q = q_total / 3
     assert q[negated].mean() > 5 * q[~negated].mean()  # "the negated reviews are the ones ... fit least"
 
