@@ -41,7 +41,7 @@ def test_the_check_finds_a_builtin_raise(tmp_path):
 @pytest.mark.parametrize("name,builtin", [("TrakValueError", ValueError), ("TrakTypeError", TypeError),
                                           ("TrakOSError", OSError), ("BackendError", ValueError),
                                           ("UnknownBackendError", ValueError), ("MissingFrameworkError", ImportError),
-                                          ("StoreMismatchError", ValueError)])
+                                          ("StoreMismatchError", ValueError), ("StoreDamagedError", ValueError)])
 def test_hierarchy(name, builtin):
     cls = getattr(trak_core, name)
     assert cls is getattr(errors, name)

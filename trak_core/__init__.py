@@ -3,8 +3,8 @@
 Importing this package imports no framework (torch, JAX, CuPy); backends import theirs lazily.
 """
 from .backends import Backend, available_backends, get_backend, register_backend
-from .errors import (BackendError, MissingFrameworkError, StoreMismatchError, TrakCoreError, TrakOSError, TrakTypeError,
-                     TrakValueError, UnknownBackendError)
+from .errors import (BackendError, MissingFrameworkError, StoreDamagedError, StoreMismatchError, TrakCoreError,
+                     TrakOSError, TrakTypeError, TrakValueError, UnknownBackendError)
 from . import fingerprints
 from .executors import RayExecutor
 from .store import Store, Writer
@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = ["TRAK", "project", "projection_matrix", "ProjectionCache", "available_backends", "get_backend",
            "register_backend", "Backend", "Store", "Writer", "RayExecutor", "TrakCoreError", "TrakValueError",
            "TrakTypeError", "TrakOSError", "BackendError", "UnknownBackendError", "MissingFrameworkError",
-           "StoreMismatchError", "fingerprints",
+           "StoreMismatchError", "StoreDamagedError", "fingerprints",
            "Task", "Classification", "Regression", "CustomTask", "lds", "subset_masks", "LDSResult", "AnalyticModel", "SoftmaxRegression", "MLP",
            "KernelFactor", "Kronecker", "__version__"]

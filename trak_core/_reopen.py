@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, TypeVar
 
 from ._checks import _integer
 from .disk_shared import check_configuration
-from .errors import StoreMismatchError, TrakTypeError, TrakValueError
+from .errors import StoreDamagedError, StoreMismatchError, TrakTypeError, TrakValueError
 from .kronecker import Kronecker
 from .store import KERNEL_CHUNK_ROWS
 
@@ -116,6 +116,13 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
     if config.get("store_format") != STORE_FORMAT:
         raise StoreMismatchError(f"the store at {path} has format {config.get('store_format')!r}; this trak-core "
                                  f"reads format {STORE_FORMAT}: featurize again into a new store path")
+    damaged = store.damaged_checkpoints()  # left out of the complete ones: named before a count is blamed
+    for index in [_integer(key) for key in checkpoints] if isinstance(checkpoints, Mapping) else sorted(damaged):
+        if index in damaged:
+            raise StoreDamagedError(f"checkpoint {index} in {path} is damaged: {damaged[index]}; featurize it again "
+                                    f"with its training data (the same calls, or featurize(..., index={index})), which "
+                                    f"redoes it and leaves the others as they are; `trak-core store {path} --verify` "
+                                    "lists every damaged part (nothing was changed)")
     stored, complete = store.stored_checkpoints(), store.complete_checkpoints()
     if not complete:
         raise TrakValueError(f"the store at {path} holds no complete checkpoint: featurize first"
@@ -141,9 +148,9 @@ def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, t
     for index, checkpoint in chosen:
         pending = trak._open_checkpoint(checkpoint, index=index)
         if getattr(pending.writer, "damaged", False):
-            raise StoreMismatchError(f"checkpoint {index} in {path} is damaged (a chunk of its features or out-to-loss "
-                                     "weights fails its checksum); featurize it again with its training data, which "
-                                     "redoes the damaged rows only")
+            raise StoreDamagedError(f"checkpoint {index} in {path} is damaged (a chunk of its features or out-to-loss "
+                                    "weights fails its checksum); featurize it again with its training data, which "
+                                    "redoes the damaged rows only")
         # a backend without parameters_digest (the protocol's default None; trak_cupy's PrecomputedGradients)
         # stores none: nothing to check, as when featurizing (Backend.parameters_digest)
         if not pending.writer.complete or (pending.writer.parameters_digest is None and pending.digest is not None):

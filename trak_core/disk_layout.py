@@ -1,15 +1,19 @@
 """What a store directory holds, as trak-core's on-disk store (``trak_core.disk_store``) sees it.
 
 One job: tell a trak-core store (or an empty directory) from a directory that holds something else, which
-trak-core refuses to write into, and name zarr's temporary files.
+trak-core refuses to write into, name zarr's temporary files, and find damaged metadata (a ``zarr.json`` truncated,
+zeroed or deleted) from the files themselves: zarr stops at the first one it cannot parse, with a raw JSON error that
+names no file, and takes a store whose root ``zarr.json`` is gone for a foreign directory.
 """
 from __future__ import annotations
 
 import json
 import pathlib
 import re
+from typing import Any
 
-__all__ = ["ANY_ZARR_TEMPORARY", "ZARR_TEMPORARY", "foreign_contents"]
+__all__ = ["ANY_ZARR_TEMPORARY", "ZARR_TEMPORARY", "foreign_contents", "metadata_problem", "damaged_metadata",
+           "damaged_checkpoints", "unreadable_metadata", "damaged_root", "member", "has_member", "member_names"]
 
 ZARR_TEMPORARY = re.compile(r"zarr\.[0-9a-f]{32}\.partial")  # zarr.json written, not yet renamed into place
 ANY_ZARR_TEMPORARY = re.compile(r".*\.[0-9a-f]{32}\.partial")  # chunks too: ``c/0/0.<32 hex>.partial``
@@ -44,3 +48,113 @@ def foreign_contents(path: pathlib.Path) -> str | None:
     if "trak_core" not in attributes and (attributes or visible):
         return f"a zarr group that is not a trak-core store (it holds {visible[:5] or 'attributes'})"
     return None
+
+
+_CHECKPOINT = re.compile(r"c(\d+)")
+_CHECKPOINT_ATTRIBUTES = {"rows_done", "parameters_sha256", "data_checksums", "checksums", "complete"}
+
+
+def metadata_problem(file: pathlib.Path) -> str | None:
+    """What is wrong with the zarr metadata ``file`` (a ``zarr.json``): ``"is missing"``, ``"cannot be read (...)"``
+    (truncated, zeroed, not JSON) or ``"is not zarr metadata"``; ``None`` where it is zarr v3 metadata."""
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as exc:
+        return f"cannot be read ({exc})"
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for a zeroed file
+        why = "empty" if not raw else "zeroed" if not raw.strip(b"\0") else f"truncated or overwritten: {exc}"
+        return f"cannot be read ({why})"
+    if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or "node_type" not in meta:
+        return "is not zarr metadata"
+    return None
+
+
+def damaged_metadata(directory: pathlib.Path) -> str | None:
+    """``"<directory>/zarr.json <what is wrong>"`` where the zarr node at ``directory`` has damaged metadata: its
+    ``zarr.json`` cannot be read, or is missing while the folder holds nodes (a group's members with their own
+    ``zarr.json``, an array's chunks in ``c/``: zarr writes a node's metadata before them); ``None`` where it is
+    readable, or the folder holds no node (absent, empty, or only what a killed write left)."""
+    file = directory / "zarr.json"
+    problem = metadata_problem(file)
+    if problem == "is missing" and not (directory.is_dir() and ((directory / "c").is_dir() or any(
+            (entry / "zarr.json").exists() for entry in directory.iterdir() if entry.is_dir()))):
+        return None
+    return None if problem is None else f"{file} {problem}"
+
+
+def _checkpoint_folders(path: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+    """``(index, folder)`` of the ``c{index}`` folders of the store at ``path``, in order."""
+    found = [(int(m.group(1)), entry) for entry in (path.iterdir() if path.is_dir() else ())
+             if entry.is_dir() and (m := _CHECKPOINT.fullmatch(entry.name))]
+    return sorted(found)
+
+
+def damaged_checkpoints(path: pathlib.Path) -> dict[int, str]:
+    """``{index: "its metadata <file> <what is wrong>"}`` for each checkpoint of the local store at ``path`` whose
+    group's, ``features``' or ``out_to_loss``'s ``zarr.json`` is damaged (``damaged_metadata``; the kernel's is not
+    listed: a damaged kernel is made again from the features)."""
+    found = {}
+    for index, folder in _checkpoint_folders(path):
+        what = next(filter(None, (damaged_metadata(folder / name) for name in ("", "features", "out_to_loss"))), None)
+        if what is not None:
+            found[index] = f"its metadata {what}"
+    return found
+
+
+def unreadable_metadata(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The ``zarr.json`` files of checkpoint ``folder`` (its group's, ``features``' and ``out_to_loss``') that are
+    there and cannot be read: zarr neither reads nor replaces them (the kernel's: ``DiskWriter.finish`` makes it
+    again)."""
+    files = [folder / "zarr.json"] + [folder / name / "zarr.json" for name in ("features", "out_to_loss")]
+    return [file for file in files if file.exists() and metadata_problem(file) is not None]
+
+
+def _holds_checkpoint(folder: pathlib.Path) -> bool:
+    """Whether ``folder`` is a trak-core checkpoint's group: its arrays' metadata, or a checkpoint's attributes."""
+    if any((folder / name / "zarr.json").exists() for name in ("features", "out_to_loss")):
+        return True
+    try:
+        attributes = json.loads((folder / "zarr.json").read_bytes()).get("attributes")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attributes, dict) and bool(_CHECKPOINT_ATTRIBUTES & set(attributes))
+
+
+def damaged_root(path: pathlib.Path) -> str | None:
+    """``"<path>/zarr.json <what is wrong>"`` where the directory ``path`` holds a trak-core store's checkpoints (a
+    ``c{i}`` group with a checkpoint's arrays or attributes) and its root metadata is missing or cannot be read;
+    ``None`` otherwise (a readable store, or a directory that is no trak-core store: ``foreign_contents``)."""
+    problem = metadata_problem(path / "zarr.json")
+    if problem is None or not any(_holds_checkpoint(folder) for _, folder in _checkpoint_folders(path)):
+        return None
+    return f"{path / 'zarr.json'} {problem}"
+
+
+def member(group: Any, name: str) -> Any:
+    """``group[name]``; ``None`` where there is none, or its ``zarr.json`` is missing or cannot be read."""
+    try:
+        return group[name]
+    except (KeyError, ValueError):  # zarr's JSON, decoding and metadata errors are ValueErrors
+        return None
+
+
+def has_member(group: Any, name: str) -> bool:
+    """Whether ``group`` holds ``name`` with metadata zarr reads (an unreadable one is taken as absent)."""
+    try:
+        return name in group
+    except ValueError:
+        return False
+
+
+def member_names(group: Any) -> list[str]:
+    """The names of ``group``'s members, their metadata unread (zarr's listing stops at the first one it cannot
+    parse): the folders of a local store, else zarr's keys."""
+    root = getattr(getattr(group, "store", None), "root", None)  # zarr's LocalStore: a pathlib.Path
+    if not isinstance(root, pathlib.PurePath):
+        return list(group.keys())
+    folder = pathlib.Path(root) / group.path
+    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir()) if folder.is_dir() else []

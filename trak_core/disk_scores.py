@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from .disk_layout import damaged_metadata, member, member_names
 from .disk_shared import run_record, run_state
 from .disk_writer import _digest, one_writer, open_root
-from .errors import TrakOSError, TrakValueError
+from .errors import StoreDamagedError, TrakOSError, TrakValueError
 from .fingerprints import to_numpy
 from .store import KERNEL_CHUNK_ROWS
 
@@ -90,6 +91,8 @@ class ScoreSets:
             raise TrakValueError(f"save_as needs a plain name such as 'run-1': {name[:40]!r}"
                                  f"{'...' if len(name) > 40 else ''} is {why}; choose another name")
         state = self._scores_state(name)
+        if state == "damaged":
+            self._refuse_damaged_set(name)
         if state == "finished":
             raise TrakValueError(f"scores {name!r} already exist in {self.path}; choose another name (nothing was "
                                  "overwritten)")
@@ -103,21 +106,48 @@ class ScoreSets:
         self.writable()
         return state
 
+    def _scores_group(self) -> Any:
+        """The ``scores`` group (``None`` where no set was saved); a ``StoreDamagedError`` where its ``zarr.json`` is
+        damaged (``disk_layout.damaged_metadata``: zarr reads no set then)."""
+        what = None if self._url or not self.exists() else damaged_metadata(self.path / "scores")
+        if what is not None:
+            raise StoreDamagedError(f"the saved scores in {self.path} cannot be read: their group's metadata {what}. "
+                                    "The sets in its folder are left as they are; write that file again with the text "
+                                    '{"attributes": {}, "zarr_format": 3, "node_type": "group"} (all it holds) to read '
+                                    "them. Scoring without save_as is not affected")
+        return member(self.root, "scores") if self.exists() else None
+
+    def _set_damage(self, name: str) -> str | None:
+        """What is damaged in the metadata of score set ``name`` (``disk_layout.damaged_metadata``), or ``None``."""
+        return None if self._url else damaged_metadata(self.path / "scores" / name)
+
+    def _refuse_damaged_set(self, name: str) -> None:
+        raise StoreDamagedError(f"scores {name!r} in {self.path} are damaged: their metadata {self._set_damage(name)}; "
+                                f"{_score_again(self.path, name)}")
+
     def _scores_state(self, name: str) -> str | None:
-        """``"finished"`` (its checksum is written), ``"interrupted"`` (created, never finished) or ``None``."""
-        if not self.exists() or "scores" not in self.root or name not in set(self.root["scores"].array_keys()):
+        """``"finished"`` (its checksum is written), ``"interrupted"`` (created, never finished), ``"damaged"`` (its
+        ``zarr.json`` is) or ``None``."""
+        group = self._scores_group()
+        if group is None or name not in member_names(group):
             return None
-        return "finished" if "sha256" in self.root["scores"][name].attrs else "interrupted"
+        array = member(group, name)
+        if not hasattr(array, "shape"):  # none, a group, or a set whose metadata cannot be read
+            return "damaged" if self._set_damage(name) else None
+        return "finished" if "sha256" in array.attrs else "interrupted"
 
     def score_names(self) -> list[str]:
-        """Names of the score sets saved in this store (finished ones: interrupted ones are left out), sorted."""
-        if not self.exists() or "scores" not in self.root:
-            return []
-        return sorted(name for name, array in self.root["scores"].arrays() if "sha256" in array.attrs)
+        """Names of the score sets saved in this store (finished ones: interrupted and damaged ones are left out),
+        sorted."""
+        group = self._scores_group()
+        arrays = [member(group, name) for name in member_names(group)] if group is not None else []
+        return sorted(array.basename for array in arrays if hasattr(array, "shape") and "sha256" in array.attrs)
 
     def load_scores(self, name: str) -> np.ndarray:
         """Read scores saved with ``score(..., save_as=name)``, checking their checksum."""
         state = self._scores_state(name)
+        if state == "damaged":
+            self._refuse_damaged_set(name)
         if state == "interrupted":
             raise TrakValueError(f"scores {name!r} in {self.path} were never finished (the call that saved them was "
                                  f"interrupted); score again with save_as={name!r}, which replaces them")

@@ -17,6 +17,7 @@ import socket
 import time
 from typing import Any
 
+from .disk_layout import has_member, member, member_names
 from .errors import StoreMismatchError
 
 __all__ = ["checkpoint_indices", "configuration_digest", "check_configuration", "checked_configuration",
@@ -26,12 +27,13 @@ _CHECKPOINT = re.compile(r"c(\d+)")
 
 
 def checkpoint_indices(root: Any, *, complete: bool = True) -> list[int]:
-    """The indices of the ``c{i}`` groups in ``root`` (read now: other jobs add theirs), only the complete ones by
-    default, in order."""
+    """The indices of the ``c{i}`` groups in ``root`` (read now: other jobs add theirs) whose metadata zarr reads,
+    only the complete ones by default, in order."""
     found = []
-    for name in root.group_keys():
+    for name in member_names(root):  # a group whose zarr.json is damaged is left out (disk_layout.damaged_checkpoints)
         match = _CHECKPOINT.fullmatch(name)
-        if match and (not complete or root[name].attrs.get("complete", False)):
+        group = member(root, name) if match else None
+        if group is not None and (not complete or group.attrs.get("complete", False)):
             found.append(int(match.group(1)))
     return sorted(found)
 
@@ -40,7 +42,7 @@ def data_reference(group: Any) -> tuple[dict[str, str], int] | None:
     """``(data_checksums, rows)`` of a complete checkpoint's group: what another checkpoint's data must match;
     ``None`` where it recorded no digests (a store written before trak-core kept them)."""
     checksums = dict(group.attrs.get("data_checksums", {}))
-    if not checksums or "features" not in group:
+    if not checksums or not has_member(group, "features"):
         return None
     return checksums, int(group["features"].shape[0])
 

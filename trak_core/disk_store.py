@@ -49,11 +49,13 @@ import os
 import pathlib
 from typing import Any
 
-from .errors import MissingFrameworkError, StoreMismatchError, TrakOSError, TrakValueError, install_hint
+from .errors import (MissingFrameworkError, StoreDamagedError, StoreMismatchError, TrakOSError, TrakValueError,
+                     install_hint)
 from .fingerprints import combine
 from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, Store
 from ._zarr_io import settle
-from .disk_layout import ANY_ZARR_TEMPORARY, ZARR_TEMPORARY, foreign_contents
+from .disk_layout import (ANY_ZARR_TEMPORARY, ZARR_TEMPORARY, damaged_checkpoints, damaged_root, foreign_contents,
+                          has_member, member, unreadable_metadata)
 from .disk_scores import ScoreSets
 from .disk_shared import (check_configuration, checked_configuration, checked_lambda, checkpoint_indices,
                           configuration_digest, data_reference)
@@ -113,7 +115,10 @@ class DiskStore(ScoreSets, Store):
             except Exception:
                 return False
             return True
-        return (self.path / "zarr.json").exists()
+        if (self.path / "zarr.json").exists():
+            return True
+        self._refuse_damaged()  # its root zarr.json deleted: not taken for "no store here"
+        return False
 
     @property
     def root(self) -> Any:
@@ -141,10 +146,26 @@ class DiskStore(ScoreSets, Store):
     def _refuse_foreign(self) -> None:
         """Refuse a directory that is not a trak-core store (``disk_layout.foreign_contents``), before anything is
         written to it."""
+        self._refuse_damaged()
         what = foreign_contents(self.path) if self.path.is_dir() else None
         if what is not None:
             raise TrakOSError(f"the store path {self.path} holds {what}; trak-core writes only into its own stores "
                               "and changed nothing: choose another (new or empty) directory for store=")
+
+    def _refuse_damaged(self) -> None:
+        """Refuse a store whose root metadata is missing or cannot be read (``disk_layout.damaged_root``), rather than
+        take it for a foreign directory or for no store at all; nothing is written."""
+        what = damaged_root(self.path) if self.path.is_dir() else None
+        if what is not None:
+            raise StoreDamagedError(f"the trak-core store at {self.path} is damaged: its root metadata {what}. That "
+                                    "file records the store's configuration, so the store cannot be opened; trak-core "
+                                    "changed nothing. Put the file back from a copy of the store, or featurize into a "
+                                    "new store path")
+
+    def damaged_checkpoints(self) -> dict[int, str]:
+        """``{index: what}`` of the checkpoints whose metadata is damaged (``disk_layout.damaged_checkpoints``; a
+        local store only): featurizing such a checkpoint again redoes it."""
+        return {} if self._url or not self.exists() else damaged_checkpoints(self.path)
 
     def writable(self) -> None:
         """Check, before the first write, that the store's directory can be written (once; creating it if absent):
@@ -206,23 +227,27 @@ class DiskStore(ScoreSets, Store):
 
     def writer(self, index: int, fingerprint: dict) -> DiskWriter:
         self._check(fingerprint)
+        broken = [] if self._url else unreadable_metadata(self.path / f"c{index}")
+        if broken:  # featurized again: its zarr.json files that zarr cannot read are deleted, and it is redone as one
+            self.writable()  # whose metadata was deleted (DiskWriter._verified_rows); TRAK.open refused it before
+            for file in broken:
+                file.unlink()
         return DiskWriter(self, index)
 
     def stored_checkpoints(self) -> int:
         """Checkpoints stored completely, ``c0 .. c{n-1}``."""
         if not self.exists():
             return 0
-        count = 0
-        while f"c{count}" in self.root and self.root[f"c{count}"].attrs.get("complete", False):
+        complete, count = set(self.complete_checkpoints()), 0
+        while count in complete:
             count += 1
         return count
 
     def interrupted_checkpoint(self) -> tuple[int, int] | None:
         """``(index, rows written)`` of the checkpoint after the complete ones, where an interrupted run left one."""
         index = self.stored_checkpoints()
-        if not self.exists() or f"c{index}" not in self.root:
-            return None
-        return index, int(self.root[f"c{index}"].attrs.get("rows_done", 0))
+        group = member(self.root, f"c{index}") if self.exists() else None
+        return None if group is None else (index, int(group.attrs.get("rows_done", 0)))
 
     def settle(self) -> None:
         """Wait for zarr writes an interrupted call left running (:func:`trak_core._zarr_io.settle`)."""
@@ -287,14 +312,15 @@ class DiskStore(ScoreSets, Store):
     def stored_lambda(self, index: int) -> float | None:
         """The ridge ``lambda`` checkpoint ``index`` was factorized with (``None`` if not stored)."""
         group = f"c{index}"
-        value = checked_lambda(self.root[group].attrs, self.path, index)["lambda_reg"] if group in self.root else None
+        value = (checked_lambda(self.root[group].attrs, self.path, index)["lambda_reg"]
+                 if has_member(self.root, group) else None)
         return None if value is None else float(value)
 
     def plan_digest(self, index: int) -> str | None:
         """The factorized projection's layout (``KroneckerPlan.digest``) checkpoint ``index``'s features were made
         with (``None``: a dense projection, or a store written before trak-core kept it)."""
         group = f"c{index}"
-        return self.root[group].attrs.get("kronecker_plan") if self.exists() and group in self.root else None
+        return self.root[group].attrs.get("kronecker_plan") if self.exists() and has_member(self.root, group) else None
 
     def first_batch_rows(self) -> int | None:
         """Rows of the training data's first batch (``None`` for stores written before trak-core kept it): a backend

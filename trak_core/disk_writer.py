@@ -310,8 +310,12 @@ class DiskWriter(Writer):
         weights = xp.asarray(self._read_weights(), device=device_of(self.template))
         work = kernel_ops.work_dtype(xp, device_of(self.template), kernel_dtype, self.template.dtype)
         self.kernel_loader = functools.partial(_load_kernel, self.group, self.template, work)  # picklable
-        if "kernel" in self.group and self.complete:
-            if self.group["kernel"].dtype.itemsize * 8 >= xp.finfo(work).bits:
+        try:
+            bits = self.group["kernel"].dtype.itemsize * 8 if self.complete and "kernel" in self.group else None
+        except ValueError:  # its zarr.json cannot be read: damaged, made again below as a damaged chunk makes it
+            bits = xp.finfo(work).bits
+        if bits is not None:
+            if bits >= xp.finfo(work).bits:
                 try:
                     return lazy, weights, self.kernel_loader()
                 except TrakValueError:  # damaged: made again from the checked features, and stored where it can be
@@ -333,7 +337,7 @@ class DiskWriter(Writer):
         """Write the kernel, then its digest (a kernel without its digest is made again: never trusted)."""
         self.store.writable()
         with one_writer(self.store.path):
-            if "kernel" in self.group:
+            with contextlib.suppress(KeyError):  # also where its zarr.json cannot be read
                 del self.group["kernel"]
             self.group.create_array("kernel", shape=matrix.shape, dtype=matrix.dtype, fill_value=0)[:] = matrix
         self.group.attrs["kernel_sha256"] = _digest(matrix)

@@ -13,7 +13,7 @@ raised by a backend start with the same location.
 from __future__ import annotations
 
 __all__ = ["TrakCoreError", "TrakValueError", "TrakTypeError", "TrakOSError", "BackendError", "UnknownBackendError",
-           "MissingFrameworkError", "StoreMismatchError", "install_hint", "half_precision_hint",
+           "MissingFrameworkError", "StoreMismatchError", "StoreDamagedError", "install_hint", "half_precision_hint",
            "non_finite_parameters"]
 
 
@@ -73,3 +73,8 @@ class MissingFrameworkError(BackendError, ImportError):
 
 class StoreMismatchError(TrakValueError):
     """A store holds features of another configuration, checkpoint or training set than this run's."""
+
+
+class StoreDamagedError(StoreMismatchError):
+    """A store's file is damaged: a chunk fails its checksum, or a ``zarr.json`` is truncated, zeroed or deleted.
+    A ``StoreMismatchError`` too, the class a damaged checkpoint raised before this one."""

@@ -1,6 +1,7 @@
 """``trak-core store PATH``: what an on-disk store holds, for a person or a script watching jobs fill it.
 
-One job: read a store's configuration, its checkpoints (complete, in progress, missing, damaged with ``--verify``)
+One job: read a store's configuration, its checkpoints (complete, in progress, missing, damaged: its metadata, or
+with ``--verify`` its chunks)
 and its saved scores, and print them (or JSON). It reads only: a store that jobs are writing, or a read-only
 directory, is left as it is. No framework is imported.
 """
@@ -12,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from .errors import TrakCoreError, TrakValueError
+from .errors import StoreDamagedError, TrakCoreError, TrakValueError
 
 __all__ = ["describe", "main"]
 
@@ -38,7 +39,8 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
     dict
         ``path``, ``now`` (when it was read), ``configuration`` (as stored), ``first_batch_rows``,
         ``checkpoints`` (per ``c{i}`` group:
-        ``index``, ``state`` ("complete", "in progress": rows written, "started": none yet), ``rows``,
+        ``index``, ``state`` ("complete", "in progress": rows written, "started": none yet, "damaged": its group's
+        or an array's ``zarr.json`` is missing or cannot be read, ``disk_layout.damaged_checkpoints``), ``rows``,
         ``lambda_reg``, ``lambda_setting``, ``dtype``, ``parameters_sha256``, ``configuration`` ("same" or
         "other", of configuration or model, for checkpoints featurized apart, else ``None``), ``run`` (the run that
         last wrote to it: ``host``, ``pid``, ``started``; ``None`` in stores written before trak-core kept it),
@@ -51,8 +53,10 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         another configuration or, with ``verify``, with damaged rows) and ``missing`` (indices without a group,
         below ``expect`` or else below the highest stored one), ``beyond_expect`` (stored indices at ``expect`` or
         above; empty without ``expect``),
-        ``scores`` (``name``, ``shape``, ``dtype``, ``state``; with ``verify``, ``damaged``) and ``damaged``
-        (whether anything checked failed).
+        ``scores`` (``name``, ``shape``, ``dtype``, ``state``: "finished", "interrupted" or "damaged", its
+        ``zarr.json`` unreadable, with ``shape`` and ``dtype`` ``None``; with ``verify``, ``damaged``),
+        ``scores_damaged`` (what is wrong with the ``zarr.json`` of the group of every set, else ``None``) and
+        ``damaged`` (whether anything checked failed).
 
     Raises
     ------
@@ -66,11 +70,14 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
     config = store.configuration()
     if config is None:
         raise TrakValueError(f"no trak-core store at {path}: a store is made by TRAK(..., store=path).featurize(...)")
-    root = store.root
-    indices = checkpoint_indices(root, complete=False)
-    checkpoints = [_checkpoint(store, root[f"c{i}"], i, configuration_digest(config), verify) for i in indices]
+    root, broken = store.root, store.damaged_checkpoints()  # damaged metadata: listed, not taken for missing
+    indices = sorted(set(checkpoint_indices(root, complete=False)) | set(broken))
+    checkpoints = [_checkpoint(store, root, i, configuration_digest(config), verify, broken.get(i)) for i in indices]
     _compare_data(root, checkpoints)
-    scores = _scores(store, root, verify)
+    try:
+        scores, scores_damaged = _scores(store, root, verify), None
+    except StoreDamagedError as exc:  # the scores group's zarr.json: no set can be listed
+        scores, scores_damaged = [], str(exc)
     complete = [c["index"] for c in checkpoints if c["state"] == "complete"]
     opens = [c["index"] for c in checkpoints if c["state"] == "complete" and c["data"] != "other"
              and c["configuration"] != "other" and not c.get("rows_damaged")]
@@ -82,13 +89,15 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
             "missing": sorted(set(range(expect if expect is not None else indices[-1] + 1 if indices else 0))
                               - set(indices)),
             "beyond_expect": [i for i in indices if expect is not None and i >= expect], "scores": scores,
-            "damaged": any(item.get("damaged") for item in checkpoints + scores)}
+            "scores_damaged": scores_damaged,
+            "damaged": any(item.get("damaged") for item in checkpoints + scores) or bool(verify and scores_damaged)}
 
 
 def _compare_data(root: Any, checkpoints: list[dict[str, Any]]) -> None:
     """Set each row's ``data``: "same" or "other" against the training data digests of the lowest complete
     checkpoint (the one ``TRAK.open`` checks the others against; jobs that began at once were not compared),
     ``None`` for that checkpoint itself, where there is none, or where a checkpoint recorded no digests."""
+    from .disk_layout import member
     from .disk_shared import data_reference
 
     found = ((c["index"], data_reference(root[f"c{c['index']}"])) for c in checkpoints if c["state"] == "complete")
@@ -97,7 +106,8 @@ def _compare_data(root: Any, checkpoints: list[dict[str, Any]]) -> None:
         c["data"] = None
         if reference is None or c["index"] == reference:
             continue
-        mine = dict(root[f"c{c['index']}"].attrs.get("data_checksums", {}))
+        group = member(root, f"c{c['index']}")
+        mine = dict(group.attrs.get("data_checksums", {})) if group is not None else {}
         if not mine:
             continue
         differs = any(mine[chunk] != theirs[chunk] for chunk in set(mine) & set(theirs))
@@ -107,35 +117,44 @@ def _compare_data(root: Any, checkpoints: list[dict[str, Any]]) -> None:
         c["data_reference"] = reference
 
 
-def _checkpoint(store: Any, group: Any, index: int, config_digest: str, verify: bool) -> dict[str, Any]:
-    """One checkpoint's row of ``describe``."""
+def _checkpoint(store: Any, root: Any, index: int, config_digest: str, verify: bool,
+                broken: str | None = None) -> dict[str, Any]:
+    """One checkpoint's row of ``describe`` (``broken``: what is damaged in its metadata, its state then "damaged")."""
+    from .disk_layout import member
     from .disk_shared import run_state
 
-    attrs = group.attrs
-    rows, complete = int(attrs.get("rows_done", 0)), bool(attrs.get("complete", False))
-    recorded, models = attrs.get("configuration_sha256"), (attrs.get("model"), store.root.attrs.get("model"))
+    group = member(root, f"c{index}")
+    attrs = group.attrs if group is not None else {}  # its group's zarr.json cannot be read
+    rows, complete = int(attrs.get("rows_done", 0)), bool(attrs.get("complete", False)) and broken is None
+    recorded, models = attrs.get("configuration_sha256"), (attrs.get("model"), root.attrs.get("model"))
     if None not in models and models[0] != models[1]:  # a job that began the store at once with another model
         recorded = "another model"
-    row = {"index": index, "state": "complete" if complete else "in progress" if rows else "started", "rows": rows,
+    state = "damaged" if broken else "complete" if complete else "in progress" if rows else "started"
+    row = {"index": index, "state": state, "rows": rows,
            "lambda_reg": attrs.get("lambda_reg"), "lambda_setting": attrs.get("lambda_setting"),
            "dtype": attrs.get("dtype"), "parameters_sha256": attrs.get("parameters_sha256"),
            "configuration": None if recorded is None else "same" if recorded == config_digest else "other",
            "run": attrs.get("run"), "written_at": attrs.get("written_at"),
            "running": None if complete else run_state(attrs.get("run"))}
     if verify:
-        row["damaged"] = _damage(store, group, index, rows, complete)
+        row["damaged"] = (f"{broken} (featurize this checkpoint again: it redoes it)" if broken else
+                          _damage(store, group, index, rows, complete))
         row["rows_damaged"] = bool(row["damaged"]) and row["damaged"].startswith("rows ")  # TRAK.open refuses it
     return row
 
 
 def _damage(store: Any, group: Any, index: int, rows: int, complete: bool) -> str | None:
     """What fails its checksum in a checkpoint's group (``None``: nothing)."""
+    from .disk_layout import damaged_metadata, member_names
     from .disk_writer import DiskWriter, _read_kernel
 
     verified = DiskWriter(store, index).rows_done if rows else 0
     if verified < rows:
         return f"rows {verified} on fail their checksums (featurize this checkpoint again: it redoes them)"
-    if complete and "kernel" in group:
+    if complete and "kernel" in member_names(group):  # also where its zarr.json cannot be read
+        what = None if store._url else damaged_metadata(store.path / group.path / "kernel")
+        if what is not None:
+            return f"the kernel's metadata {what} (TRAK.open or featurize makes it again from the features)"
         try:
             _read_kernel(group)
         except TrakCoreError as exc:
@@ -145,13 +164,17 @@ def _damage(store: Any, group: Any, index: int, rows: int, complete: bool) -> st
 
 def _scores(store: Any, root: Any, verify: bool) -> list[dict[str, Any]]:
     """The saved score sets' rows of ``describe``."""
-    if "scores" not in root:
-        return []
+    from .disk_layout import member, member_names
+
+    group = store._scores_group()  # a StoreDamagedError where its zarr.json is damaged
     found = []
-    for name, array in sorted(root["scores"].arrays(), key=lambda pair: pair[0]):
-        row = {"name": name, "shape": list(array.shape), "dtype": str(array.dtype),
-               "state": "finished" if "sha256" in array.attrs else "interrupted"}
-        if verify and row["state"] == "finished":
+    for name in member_names(group) if group is not None else []:
+        array, state = member(group, name), store._scores_state(name)
+        if state is None:
+            continue
+        row = {"name": name, "shape": list(array.shape) if array is not None else None,
+               "dtype": str(array.dtype) if array is not None else None, "state": state}
+        if verify and state in ("finished", "damaged"):
             try:
                 store.load_scores(name)
                 row["damaged"] = None
@@ -217,7 +240,9 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", "saved scores: " + (", ".join(
         f"{s['name']} ({' x '.join(map(str, s['shape']))}, {s['dtype']}"
         f"{', ' + s['state'] if s['state'] != 'finished' else ''}{', DAMAGED' if s.get('damaged') else ''})"
-        for s in report["scores"]) or "none")]
+        if s["shape"] is not None else f"{s['name']} (DAMAGED: {s.get('damaged') or 'its zarr.json cannot be read'})"
+        for s in report["scores"]) or (f"DAMAGED: {report['scores_damaged']}" if report.get("scores_damaged")
+                                       else "none"))]
     return "\n".join(lines)
 
 
