@@ -8,7 +8,7 @@ scores 20% off). Each broken backend below differs from the reference backend in
 import numpy as np
 import pytest
 
-from trak_core import TRAK, SoftmaxRegression, TrakValueError
+from trak_core import TRAK, SoftmaxRegression, TrakTypeError, TrakValueError
 from trak_core.backends import numpy_backend
 
 
@@ -90,3 +90,37 @@ def test_the_reference_with_its_own_projection_matches_the_core_projection(setup
 def test_a_broken_backend_is_named_before_its_output_is_used(setup, backend, match):
     with pytest.raises(TrakValueError, match=match):
         _scores(backend, *setup)
+
+
+class Float32Gradients(Reference):
+    """Gradients cast to float32 whatever the checkpoint's dtype (a plug-in computing in float32)."""
+
+    def gradients(self, model, prepared, inputs, labels, task):
+        grads, q = super().gradients(model, prepared, inputs, labels, task)
+        return grads.astype(np.float32), q
+
+
+class MixedParameters(Float32Gradients):
+    """A float64 weight and a float32 bias: float32 gradients are in one of the checkpoint's dtypes."""
+
+    def prepare(self, model, checkpoint):
+        prepared = super().prepare(model, checkpoint)
+        return {**prepared, "bias": prepared["bias"].astype(np.float32)}
+
+
+def test_gradients_below_the_checkpoints_dtype_are_refused(setup):
+    """Only the conformance suite checked the gradients' dtype: float32 gradients of a float64 checkpoint were
+    accepted, and gave float32 features and scores."""
+    with pytest.raises(TrakTypeError, match=r"^checkpoint 0, batch 0: backend 'numpy' returned per-example gradients "
+                                            r"of dtype float32 for a checkpoint whose parameters are float64: expected "
+                                            r"float64, .*compute the gradients in the parameters' dtype, or "
+                                            r"featurize a checkpoint cast to float32"):
+        _scores(Float32Gradients(), *setup)
+
+
+def test_gradients_in_one_of_the_checkpoints_dtypes_are_accepted(setup):
+    model, x, y = setup
+    assert _scores(MixedParameters(), *setup).dtype == np.float32  # float32 is the bias's dtype
+    trak = TRAK(model, proj_dim=8, backend=Float32Gradients(), progress=False)  # a float32 checkpoint: its dtype
+    trak.featurize(model.init(seed=0).astype(np.float32), [(x.astype(np.float32), y)])
+    assert trak.score([(x[:5].astype(np.float32), y[:5])]).dtype == np.float32

@@ -293,7 +293,9 @@ def test_the_audited_demo_commands_exit_2_at_once(args):
 
 @pytest.mark.parametrize("missing,args,message", [
     ("torch", ["--backend", "torch"],
-     "argument --backend: PyTorch is not installed; pip install torch, or pass --backend numpy"),
+     "argument --backend: PyTorch is not installed; pip install torch (or, in a trak-core checkout, pip install -e "
+     "\".[torch]\"); a bare torch may be a multi-GB CUDA build: for a CPU-only or a given CUDA version's wheel, "
+     "install torch first with the command from https://pytorch.org/get-started/locally/; or pass --backend numpy"),
     ("matplotlib", [],
      "argument --png: the figure needs matplotlib (pip install matplotlib (or, in a trak-core checkout, pip install "
      "-e \".[demo]\")); pass --png '' for no figure"),

@@ -52,6 +52,42 @@ def test_an_on_disk_store_with_zarr_missing_names_the_store_extra(tmp_path, monk
         trak_core.TRAK(model, proj_dim=8, store=str(tmp_path / "store"), progress=False)
 
 
+def test_compare_with_scikit_learn_missing_names_compare_and_the_demo_extra(monkeypatch):
+    """``trak-core compare`` without scikit-learn said "the demo needs scikit-learn ...": the user ran compare."""
+    from trak_core import cli
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["compare", "--n-train", "50", "--n-targets", "5"])
+    assert info.value.code == ('trak-core compare needs scikit-learn for its bundled digits: pip install '
+                               'scikit-learn (or, in a trak-core checkout, pip install -e ".[demo]")')
+
+
+@pytest.mark.parametrize("name,hint", [
+    ("torch", 'pip install torch (or, in a trak-core checkout, pip install -e ".[torch]"); a bare torch may be a '
+              "multi-GB CUDA build: for a CPU-only or a given CUDA version's wheel, install torch first with the "
+              "command from https://pytorch.org/get-started/locally/"),
+    ("jax", 'pip install jax (or, in a trak-core checkout, pip install -e ".[jax]"); that is JAX for CPU: for an '
+            'NVIDIA GPU, pip install "jax[cuda12]" (or "jax[cuda13]"; see '
+            "https://docs.jax.dev/en/latest/installation.html)"),
+    ("cupy", 'pip install cupy-cuda12x (or cupy-cuda13x) (or, in a trak-core checkout, pip install -e ".[cupy]"); '
+             "take the CuPy of your CUDA driver's major version (nvidia-smi shows it): \".[cupy-cuda12]\" or "
+             '".[cupy-cuda13]" in a checkout'),
+])
+def test_a_missing_framework_says_which_build_a_bare_install_gets(name, hint, monkeypatch):
+    """A missing torch was answered with a bare ``pip install torch`` (a multi-GB CUDA build on Linux, where a CPU
+    one was wanted), a missing jax with ``pip install jax`` (CPU only, where a GPU one may be wanted)."""
+    from trak_core.backends import registry
+
+    monkeypatch.setattr(registry, "_importable", lambda module: module is None or module.split(".")[0] != name)
+    monkeypatch.setattr(registry, "_loaded", {})
+    with pytest.raises(MissingFrameworkError) as info:
+        registry.get_backend(name)
+    assert str(info.value).endswith(f"install it with: {hint}")
+    assert "trak-core[" not in str(info.value)  # trak-core is not on PyPI
+
+
 # What each third-party import of a documented example needs: one of these extras (pyproject.toml).
 EXTRAS_OF = {"sklearn": {"demo", "test"}, "matplotlib": {"demo", "test"}, "scipy": {"demo", "test"},
              "torch": {"torch"}, "jax": {"jax"}, "cupy": {"cupy", "cupy-cuda12", "cupy-cuda13"},

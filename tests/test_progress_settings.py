@@ -102,3 +102,26 @@ def test_score_shows_a_bar_while_it_scores_the_last_targets(monkeypatch, capsys)
     assert tuple(scores.shape) == (40, 6) and len(shown) == 2
     assert all(any(desc.startswith("score") for desc in descs) for descs in shown), shown
     assert not _progress._live_bars()  # every bar closed when score returns
+
+
+def test_score_bar_total_leaves_out_the_leading_empty_batches(monkeypatch):
+    """score() pulls the leading empty target batches before its bar starts, but counted them in the bar's total:
+    two empty batches then two with targets ended the bar at 2/4."""
+    import trak_core
+    import trak_core.trak as trak_module
+
+    made, original = [], trak_module.progress
+
+    def recorded(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
+    model = trak_core.MLP(5, 4, 3)
+    trak = trak_core.TRAK(model, proj_dim=8, progress=True)
+    trak.featurize(model.init(seed=0), [(x, y)])
+    monkeypatch.setattr(trak_module, "progress", recorded)
+    trak.score([(x[:0], y[:0]), (x[:0], y[:0]), (x[:3], y[:3]), (x[3:6], y[3:6])])
+    bar = next(bar for bar in made if bar.desc == "score")
+    assert (bar.n, bar.total) == (2, 2)

@@ -43,6 +43,7 @@ def install(tmp_path, monkeypatch):
     """``install(dist, entry_points, modules)``: a distribution ``dist`` 1.2 declaring ``entry_points``."""
     monkeypatch.setattr(registry, "_loaded", {})
     monkeypatch.setattr(registry, "_registered", {})
+    monkeypatch.setattr(registry, "_warned", set(), raising=False)  # each test's plug-ins are warned about anew
     monkeypatch.syspath_prepend(str(tmp_path))
     written = []
 
@@ -88,7 +89,8 @@ def test_a_broken_plugin_leaves_inference_of_other_models_working(install, sourc
     assert [w.category.__name__ for w in record] == ["BackendPluginWarning"]
     assert_names_all(str(record[0].message), "'acme = acme_broken_mod:backend'", "'acme-broken 1.2'", problem,
                      "pip uninstall acme-broken")
-    with pytest.warns(RuntimeWarning, match="acme_broken_mod:backend"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per plug-in per process (above)
         assert "acme" not in registry.available_backends()
 
 
@@ -123,8 +125,10 @@ def test_an_entry_point_named_unlike_its_backend_is_refused(install):
                      "'acme-trak 1.2'", "Make them equal")
     with pytest.warns(RuntimeWarning, match="named 'acme'"):
         assert "acme-alias" not in registry.available_backends()
-    with pytest.warns(RuntimeWarning, match="named 'acme'"), pytest.raises(TypeError, match="no installed backend"):
-        registry.infer_backend(object())  # the plug-in would own it, but it cannot be used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once (above)
+        with pytest.raises(TypeError, match="no installed backend"):
+            registry.infer_backend(object())  # the plug-in would own it, but it cannot be used
 
 
 def test_a_plugin_whose_framework_is_missing_is_not_available_nor_hinted_as_a_trak_core_extra(install):
@@ -159,7 +163,8 @@ def test_a_factory_plugin_works_next_to_a_broken_one(install):
     with pytest.warns(RuntimeWarning, match="no libaab"):
         assert "acme" in registry.available_backends()
     special = sys.modules["acme_factory_mod"].Special()
-    with pytest.warns(RuntimeWarning, match="aab-broken"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # aab-broken was said once (above)
         backend = registry.infer_backend(special)
     assert backend.name == "acme" and type(backend).__module__ == "acme_factory_mod"
     assert registry.get_backend("acme") is backend
@@ -211,8 +216,10 @@ def test_a_name_two_plugins_declare_is_used_by_neither(install):
     assert_names_all(str(info.value), "declared twice", "'acme-trak 1.2'", "'rival-trak 1.2'", "Uninstall one")
     with pytest.warns(BackendPluginWarning, match="declared twice"):
         assert "acme" not in registry.available_backends()
-    with pytest.warns(BackendPluginWarning), pytest.raises(TrakTypeError, match="no installed backend"):
-        registry.infer_backend(object())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once (above)
+        with pytest.raises(TrakTypeError, match="no installed backend"):
+            registry.infer_backend(object())
 
 
 def test_a_broken_plugins_fix_speaks_to_its_maintainer_too(install):
@@ -220,3 +227,40 @@ def test_a_broken_plugins_fix_speaks_to_its_maintainer_too(install):
     with pytest.raises(BackendError) as info:
         registry.get_backend("aad")
     assert_names_all(str(info.value), "if you maintain it, fix its target 'aad_mod:backend'", "pip uninstall aad-trak")
+
+
+def test_a_broken_plugin_is_warned_about_once_per_process(install):
+    """Every listing and inference skips a broken plug-in again; under simplefilter("always") each one warned anew
+    (three calls: three identical warnings)."""
+    install("acme-broken", {"acme": "acme_broken_mod:backend"},
+            {"acme_broken_mod": "raise RuntimeError('acme failed to start')"})
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        registry.available_backends()
+        registry.available_backends()
+        with pytest.raises(TypeError, match="no installed backend"):
+            registry.infer_backend(object())
+    assert [w.category for w in got] == [BackendPluginWarning]
+    assert "acme_broken_mod:backend" in str(got[0].message) and "acme failed to start" in str(got[0].message)
+
+
+def test_a_registered_backend_whose_owns_raises_is_warned_about_once_until_registered_again(install):
+    from trak_core.backends import register_backend, numpy_backend
+
+    class Raising(numpy_backend.ArrayAPIBackend):
+        name = "aae-raising"
+
+        def owns(self, model):
+            raise RuntimeError("owns is broken")
+
+    register_backend(Raising())
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with pytest.raises(TypeError, match="no installed backend"):
+                registry.infer_backend(object())
+        assert len(got) == 1 and "owns is broken" in str(got[0].message)
+        register_backend(Raising())  # another object under the name: its failure is its own
+        with pytest.raises(TypeError, match="no installed backend"):
+            registry.infer_backend(object())
+    assert [w.category for w in got] == [BackendPluginWarning] * 2

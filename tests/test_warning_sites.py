@@ -208,6 +208,48 @@ def test_warn_outside_a_call_names_the_caller_and_repeats():
     assert len(got) == 2 and all(_at_user_line(w, "notices.warn(") for w in got)
 
 
+def test_a_warning_in_a_thread_started_on_score_names_trak_cores_line_not_threading(monkeypatch):
+    """``Thread(target=trak.score)`` and ``ThreadPoolExecutor.submit(trak.score, ...)``: no user line is on the
+    thread's stack, and the warning named threading.py:982 and concurrent/futures/thread.py:58 (the lines that call a
+    thread's target). It names trak-core's line that warns; a user function as the target is still named."""
+    import concurrent.futures
+    import threading
+
+    from trak_core import _progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # progress=True without tqdm: score warns (numpy only)
+    monkeypatch.setitem(sys.modules, "tqdm.std", None)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
+    model = trak_core.MLP(5, 4, 3)
+    trak = trak_core.TRAK(model, proj_dim=8, progress=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trak.featurize(model.init(seed=0), [(x, y)])
+    targets = [(x[:2], y[:2])]
+
+    def started(how):
+        monkeypatch.setattr(_progress, "_said_no_tqdm", [])
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            if how == "pool":
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    pool.submit(trak.score, targets).result()
+            else:
+                target = trak.score if how == "thread" else lambda: trak.score(targets)
+                thread = threading.Thread(target=target, args=(targets,) if how == "thread" else ())
+                thread.start()
+                thread.join()
+        assert len(got) == 1 and "tqdm" in str(got[0].message), [str(w.message) for w in got]
+        return got[0]
+
+    for how in ("thread", "pool"):
+        said = started(how)
+        assert pathlib.Path(said.filename).resolve() == ROOT / "trak_core" / "_progress.py", (how, said.filename)
+        assert "warn(" in linecache.getline(said.filename, said.lineno)
+    assert _at_user_line(started("lambda"), "trak.score(targets)")
+
+
 def test_no_module_calls_warnings_warn_directly():
     """Each warning goes through ``trak_core.notices.warn``: a fixed stacklevel is right from one call path only."""
     files = sorted((ROOT / "trak_core").rglob("*.py")) + sorted((ROOT / "backends").rglob("*.py"))

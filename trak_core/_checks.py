@@ -211,6 +211,73 @@ def check_backend_array(values: Any, shape: tuple[int, ...], dtype: Any, where: 
                              "the contract in docs/backends.md)")
 
 
+def check_gradient_precision(grads: Any, prepared: Any, where: str, backend: str) -> None:
+    """Refuse gradients of fewer bits than every floating dtype of the checkpoint's snapshot ``prepared``.
+
+    A backend's gradients are in its checkpoint's dtype (the conformance suite's contract): float32 gradients of a
+    float64 checkpoint gave float32 features and scores, with no word. The snapshot's dtypes are its own ``dtype``
+    attribute (the torch and JAX snapshots': the attributed parameters') and its arrays' (in mappings, sequences and
+    attributes, as ``prepare`` returns them); one of no more bits than the gradients' accepts them, so a model of
+    mixed dtypes, half precision (float16, bfloat16) and a snapshot without arrays are never refused.
+
+    Parameters
+    ----------
+    grads : array
+        The gradients ``backend.gradients`` returned (a real floating dtype, checked before).
+    prepared : object
+        What ``backend.prepare`` returned for the checkpoint.
+    where, backend : str
+        The batch, and the backend's name, for the message.
+
+    Raises
+    ------
+    TrakTypeError
+        If every floating dtype found in ``prepared`` has more bits than the gradients'.
+    """
+    bits = namespace(grads).finfo(grads.dtype).bits
+    lowest = _lowest_dtype_above(prepared, bits, namespace(grads))
+    if lowest is None:
+        return
+    raise TrakTypeError(f"{where}: backend {backend!r} returned per-example gradients of dtype {grads.dtype} for a "
+                        f"checkpoint whose parameters are {lowest}: expected {lowest}, the checkpoint's dtype (the "
+                        "lower precision would carry into the features and scores); compute the gradients in the "
+                        f"parameters' dtype, or featurize a checkpoint cast to {grads.dtype} (a backend defect: see "
+                        "the contract in docs/backends.md)")
+
+
+def _lowest_dtype_above(prepared: Any, bits: int, xp: Any, budget: int = 1000) -> Any:
+    """The lowest real floating dtype in ``prepared`` (its own ``dtype`` attribute, its arrays'), if every one found
+    has more than ``bits`` bits; ``None`` where one has no more, none is found, or ``budget`` objects were visited
+    first. A dtype its namespace cannot read (another framework's, a PRNG key's) is passed over."""
+    import array_api_compat
+
+    lowest, stack, seen = None, [(prepared, 0)], set()
+    while stack:
+        value, depth = stack.pop()
+        if id(value) in seen or isinstance(value, (str, bytes, int, float)) or value is None:
+            continue
+        seen.add(id(value))
+        if len(seen) > budget:
+            return None
+        array = array_api_compat.is_array_api_obj(value)
+        try:
+            declared = value.dtype if array else getattr(value, "dtype", None)
+            reader = namespace(value) if array else xp
+            found = reader.finfo(declared).bits if reader.isdtype(declared, "real floating") else None
+        except Exception:  # not a dtype this namespace reads
+            found = None
+        if found is not None and found <= bits:
+            return None
+        if found is not None and (lowest is None or found < lowest[1]):
+            lowest = (declared, found)
+        if array or depth >= 6:
+            continue
+        children = (value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else
+                    vars(value).values() if hasattr(value, "__dict__") else ())
+        stack.extend((child, depth + 1) for child in reversed(list(children)))
+    return None if lowest is None else lowest[0]
+
+
 def _check_lambda(lambda_reg: Any) -> float | str:
     if isinstance(lambda_reg, str):
         if lambda_reg != "auto":

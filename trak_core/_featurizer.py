@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from ._apart import shared_data_check
 from ._checks import (_check_features, _check_finite, _check_lengths, _check_weights, check_backend_array,
-                      chosen_entries, projection_group_rows, take_rows, weights_like)
+                      check_gradient_precision, chosen_entries, projection_group_rows, take_rows, weights_like)
 from ._delegation import is_accelerator
 from ._fitting import KernelFitting
 from ._identity import (DataCheck, check_lambda_setting, check_parameters, parameters_recorded, refuse_duplicate,
@@ -136,6 +136,7 @@ class Featurizer(KernelFitting):
             grads, out_to_loss = self.backend.gradients(self.model, prepared, inputs, labels, self.task)
         check_backend_array(grads, (n_inputs, self.backend.n_params(prepared)), None, where, "per-example gradients",
                             self.backend.name, ": a row per example, a column per parameter (its n_params)")
+        check_gradient_precision(grads, prepared, where, self.backend.name)  # not below the checkpoint's dtype
         _check_weights(out_to_loss, where, n_inputs, self.backend.name)  # finiteness: through the features
         return grads, weights_like(grads, out_to_loss)
 

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict[str, Any]
 
     from .demo.data import load_digits_split
 
-    x, y, xt, yt = load_digits_split(args.n_train, args.n_targets, seed=0)
+    x, y, xt, yt = load_digits_split(args.n_train, args.n_targets, seed=0, who=parser.prog)
     weights = _weights(x, y, args.hidden, args.checkpoints)
     rows, runs, broken = [], {}, {}
     for dtype in ("float64", "float32"):

@@ -17,10 +17,21 @@ __all__ = ["TrakCoreError", "TrakValueError", "TrakTypeError", "TrakOSError", "B
            "non_finite_parameters"]
 
 
+_WHEELS = {  # which build of a framework a bare install gets, and where to pick another
+    "torch": ("; a bare torch may be a multi-GB CUDA build: for a CPU-only or a given CUDA version's wheel, install "
+              "torch first with the command from https://pytorch.org/get-started/locally/"),
+    "jax": ('; that is JAX for CPU: for an NVIDIA GPU, pip install "jax[cuda12]" (or "jax[cuda13]"; see '
+            "https://docs.jax.dev/en/latest/installation.html)"),
+    "cupy": ('; take the CuPy of your CUDA driver\'s major version (nvidia-smi shows it): ".[cupy-cuda12]" or '
+             '".[cupy-cuda13]" in a checkout'),
+}
+
+
 def install_hint(extra: str, packages: str) -> str:
     """How to install what trak-core's extra ``extra`` holds: its ``packages`` from PyPI, or the extra from a
-    trak-core checkout (trak-core itself is not on PyPI, so ``pip install "trak-core[extra]"`` finds nothing)."""
-    return f'pip install {packages} (or, in a trak-core checkout, pip install -e ".[{extra}]")'
+    trak-core checkout (trak-core itself is not on PyPI, so ``pip install "trak-core[extra]"`` finds nothing);
+    for ``torch``, ``jax`` and ``cupy``, which build that gets and where to choose a CPU or CUDA one."""
+    return f'pip install {packages} (or, in a trak-core checkout, pip install -e ".[{extra}]")' + _WHEELS.get(extra, "")
 
 
 def non_finite_parameters(names: list) -> "TrakValueError":

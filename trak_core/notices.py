@@ -4,7 +4,9 @@ One job: ``warn``. A fixed ``stacklevel`` points at the user's line from one cal
 under ``featurize``, ``refit`` and the first ``score`` of a store reopened with ``TRAK.open``, at other depths, and
 pointed into trak-core (or at ``sys:1``) from the others. ``warn`` instead attributes each warning to the frame that
 called into trak-core (and its backends) from outside, so Python's default filter shows it once per line of the
-user's code, and ``-W error`` and ``filterwarnings(module=...)`` see the user's module.
+user's code, and ``-W error`` and ``filterwarnings(module=...)`` see the user's module. Where that caller is a
+thread's start (``threading.Thread(target=trak.score)``, ``ThreadPoolExecutor.submit(trak.score, ...)``): no user
+line is on the thread's stack, and the warning names trak-core's line that warns, not ``threading.py``.
 ``once_per_call`` decorates a public call (``featurize``, ``score``): inside it, ``warn(..., once=True)`` says a
 message once, not once per batch and gradient path.
 """
@@ -28,25 +30,34 @@ LIBRARY_PACKAGES = ("trak_core", "trak_torch", "trak_jax", "trak_cupy")
 _USER_FACING = ("trak_core.demo", "trak_core.compare", "trak_core.cli", "trak_core.__main__", "trak_core.testing")
 """Modules of trak-core that use it as a user does: a warning raised under them points at their lines."""
 
+_DISPATCHERS = ("threading", "concurrent.futures", "multiprocessing", "asyncio")
+"""Standard-library modules that call a function handed to them (a thread's target, an executor's job)."""
+
 _said: contextvars.ContextVar[set | None] = contextvars.ContextVar("trak_core_said", default=None)
 
 
 def _is_library(frame: object) -> bool:
     name = getattr(frame, "f_globals", {}).get("__name__", "") or ""
-    if name.split(".", 1)[0] not in LIBRARY_PACKAGES:
-        return False
-    return not any(name == module or name.startswith(module + ".") for module in _USER_FACING)
+    return name.split(".", 1)[0] in LIBRARY_PACKAGES and not _in_module(frame, _USER_FACING)
+
+
+def _in_module(frame: object, modules: tuple[str, ...]) -> bool:
+    name = getattr(frame, "f_globals", {}).get("__name__", "") or ""
+    return any(name == module or name.startswith(module + ".") for module in modules)
 
 
 def _user_stacklevel() -> int:
     """The ``stacklevel`` for a ``warnings.warn`` made in ``warn`` that names the caller of the outermost library
-    frame: the user's line, past the frameworks' own frames (``vmap``, ``jit``) between trak-core's."""
+    frame: the user's line, past the frameworks' own frames (``vmap``, ``jit``) between trak-core's. Where that
+    caller is a thread's or an executor's dispatch (``_DISPATCHERS``), the caller of ``warn``: trak-core's line."""
     frames = []
     frame = sys._getframe(2)  # the caller of ``warn``: stacklevel 2 of the warnings.warn call in ``warn``
     while frame is not None:
         frames.append(frame)
         frame = frame.f_back
     outermost = max((i for i, f in enumerate(frames) if _is_library(f)), default=-1)
+    if 0 <= outermost < len(frames) - 1 and _in_module(frames[outermost + 1], _DISPATCHERS):
+        return 2  # Thread(target=trak.score): threading.py's line told the user nothing
     return outermost + 3  # frames[i] is stacklevel i + 2; its caller, i + 3
 
 

@@ -287,7 +287,8 @@ class TRAK(Featurizer, Reopening):
         self._check_scorable(ensemble=checkpoints is None)
         entries = chosen_entries(self.store, checkpoints)
         columns, dtype = [], entries[0].features.dtype
-        stream = progress(data, desc="score", enabled=self.progress, total=total)
+        stream = progress(data, desc="score", enabled=self.progress,  # the leading empty batches were pulled
+                          total=None if total is None else max(total - skipped, 0))
         n_train, width = entries[0].features.shape
 
         def featurize(inputs: Any, labels: Any, b: int) -> list:  # each checkpoint's target features, at once

@@ -120,7 +120,8 @@ class Backend(abc.ABC):
         -------
         grads : array, shape (n, p)
             Row ``i``: the gradient of example ``i``'s ``task.output`` with respect to the parameters, in a fixed
-            order the backend documents, ``p = n_params(prepared)``; of a real floating dtype, in the backend's
+            order the backend documents, ``p = n_params(prepared)``; of a real floating dtype, the checkpoint's
+            (the estimator refuses one of fewer bits than every floating dtype in ``prepared``), in the backend's
             namespace and on its device.
         out_to_loss : array, shape (n,)
             ``task.out_to_loss`` of each example, finite.

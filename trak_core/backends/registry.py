@@ -15,6 +15,7 @@ its target, its distribution and the fix. Inference skips a plug-in whose ``owns
 from __future__ import annotations
 
 import importlib.util
+import threading
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Union
 
@@ -41,6 +42,8 @@ Target = Union[EntryPoint, Backend]
 
 _registered: dict[str, Any] = {}  # filled by register_backend (tests, plug-ins at run time)
 _loaded: dict[str, Backend] = {}
+_warned: set[tuple[str, str]] = set()  # (name, entry point target or "registered"): plug-ins already warned about
+_warned_lock = threading.Lock()
 
 
 class BackendPluginWarning(RuntimeWarning):
@@ -78,6 +81,7 @@ def register_backend(backend: Backend, *, name: str | None = None) -> None:
                            "Leave name= out, or set the backend's name")
     _registered[name] = backend
     _loaded.pop(name, None)
+    _warned.discard((name, "registered"))  # a new object: its own failures are said
 
 
 def check_backend_object(backend: Backend) -> Backend:
@@ -146,9 +150,9 @@ def _targets() -> dict[str, Target]:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in KNOWN:
             if not _first_party(ep.name, ep):
-                notices.warn(f"skipped a trak-core backend plug-in: the {_where(ep)} takes the name of trak-core's "
-                             f"own backend {ep.name!r}, which a plug-in cannot replace; rename it (its entry point "
-                             "and its backend's name)", BackendPluginWarning)
+                _warn_once(ep.name, ep, f"skipped a trak-core backend plug-in: the {_where(ep)} takes the name of "
+                           f"trak-core's own backend {ep.name!r}, which a plug-in cannot replace; rename it (its entry "
+                           "point and its backend's name)")
             continue
         previous = found.get(ep.name)
         if previous is None:
@@ -273,12 +277,27 @@ def _installed(name: str, target: Target, *, warn: bool) -> bool:
         backend = _load(name, target)
     except (BackendError, TrakTypeError) as err:
         if warn:
-            notices.warn(f"skipped a trak-core backend plug-in: {err}", BackendPluginWarning)
+            _warn_once(name, target, f"skipped a trak-core backend plug-in: {err}")
         return False
     if not _importable(backend.framework):
         return False
     _loaded[name] = backend
     return True
+
+
+def _warn_once(name: str, target: Any, message: str) -> None:
+    """Say ``message`` as a ``BackendPluginWarning`` the first time this plug-in (``name`` and its entry point's
+    target, the clashing ones', or ``"registered"``) is skipped in this process; listing and inference skip it again
+    at every call, and a warning per call repeated itself under ``simplefilter("always")``."""
+    if isinstance(target, _Clash):
+        key = (name, f"{target.first.value} | {target.second.value}")
+    else:
+        key = (name, target.value if isinstance(target, EntryPoint) else "registered")
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    notices.warn(message, BackendPluginWarning)
 
 
 def get_backend(name: str) -> Backend:
@@ -354,7 +373,7 @@ def infer_backend(model: Any) -> Backend:
         try:
             backend = get_backend(name)
         except (BackendError, TrakTypeError) as err:  # a first-party package that is installed but fails to load
-            notices.warn(f"skipped a trak-core backend: {err}", BackendPluginWarning)
+            _warn_once(name, targets[name], f"skipped a trak-core backend: {err}")
             continue
         try:
             owned = backend.owns(model)
@@ -363,9 +382,9 @@ def infer_backend(model: Any) -> Backend:
             if _first_party(name, target):
                 raise
             where = _where(target) if isinstance(target, EntryPoint) else "registered with register_backend"
-            notices.warn(f"skipped trak-core backend {name!r} ({where}): its owns(model) raised "
-                         f"{type(err).__name__}: {err}; owns must return False for models it does not know. "
-                         "Pass backend=... to choose a backend explicitly", BackendPluginWarning)
+            _warn_once(name, target, f"skipped trak-core backend {name!r} ({where}): its owns(model) raised "
+                       f"{type(err).__name__}: {err}; owns must return False for models it does not know. "
+                       "Pass backend=... to choose a backend explicitly")
             continue
         if owned:
             return backend

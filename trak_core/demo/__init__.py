@@ -68,7 +68,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     })
     check_sizes(parser, args)
     if args.backend == "torch" and importlib.util.find_spec("torch") is None:
-        parser.error("argument --backend: PyTorch is not installed; pip install torch, or pass --backend numpy")
+        parser.error(f"argument --backend: PyTorch is not installed; {install_hint('torch', 'torch')}; or pass "
+                     "--backend numpy")
     if args.png:
         if importlib.util.find_spec("matplotlib") is None:
             parser.error(f"argument --png: the figure needs matplotlib ({install_hint('demo', 'matplotlib')}); "

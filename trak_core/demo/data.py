@@ -9,12 +9,13 @@ from ..errors import install_hint
 N_DIGITS = 1797
 
 
-def load_digits_split(n_train: int, n_targets: int, seed: int) -> tuple[np.ndarray, ...]:
-    """Digits scaled to [0, 1], shuffled with ``seed``, split into training set and targets."""
+def load_digits_split(n_train: int, n_targets: int, seed: int, *, who: str = "the demo") -> tuple[np.ndarray, ...]:
+    """Digits scaled to [0, 1], shuffled with ``seed``, split into training set and targets; ``who`` (the command,
+    ``trak-core compare``) is named where scikit-learn is missing."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise SystemExit("the demo needs scikit-learn for its bundled digits: "
+        raise SystemExit(f"{who} needs scikit-learn for its bundled digits: "
                          + install_hint("demo", "scikit-learn")) from None
     data = load_digits()
     order = np.random.default_rng(seed).permutation(len(data.target))
