@@ -318,3 +318,26 @@ def test_float16_gradients_that_overflow_the_fused_step_name_float16s_range():
                                                       r"inf; .* the gradients are float16, whose largest finite value "
                                                       r"is 65504"):
         trak.featurize(params, [(x, y)])
+
+
+def test_label_errors_name_the_dtype_passed_not_jaxs_cast():
+    """With x64 off JAX casts float64 NumPy labels to float32 on the way in: the error said "got dtype float32" for
+    float64 labels; it names float64 now. int64 labels are checked as passed too: 2**32 + 1 was cast to 1, a valid
+    class, and featurized silently; it is out of range now. In-range int64 labels give int32 labels' features."""
+    assert not jax.config.jax_enable_x64
+    x, y = canonical.inputs("mlp", 12, seed=0, dtype="float32")
+    weights = canonical.weights("mlp", seed=0, dtype="float32")
+    trak = trak_core.TRAK(JaxModel(MLP), proj_dim=16, lambda_reg=1.0, progress=False)
+    for dtype in ("float64", "float32"):
+        with pytest.raises(TypeError, match=rf"classification labels must be integers, got dtype {dtype};"):
+            trak.featurize(weights, [(x, y.astype(dtype))])
+    wrapped = y.astype(np.int64)
+    wrapped[0] = 2 ** 32 + 1
+    with pytest.raises(ValueError, match=r"labels out of range: found labels in \[0, 4294967297\]"):
+        trak.featurize(weights, [(x, wrapped)])
+    features = []
+    for dtype in (np.int64, np.int32):
+        trak = trak_core.TRAK(JaxModel(MLP), proj_dim=16, lambda_reg=1.0, progress=False)
+        trak.featurize(weights, [(x, y.astype(dtype))])
+        features.append(np.asarray(trak.store[0].features))
+    np.testing.assert_array_equal(features[0], features[1])

@@ -79,7 +79,7 @@ class KernelFitting:
                     or self._remake_in_float64(kernel_dtype, kernel, lam, index, top)):
                 return self._in_float64(features, n_params, index, lambda_reg), "float64"
         else:
-            self._warn_subnormal(kernel, features, index)
+            self._warn_subnormal(kernel, features, index, n_params)
         with _zero_kernel(kernel, features, index, self.task):
             factor = self._factorize(kernel, features.shape[0], n_params, index, lambda_reg,
                                      lam=lam if narrow else None)
@@ -95,27 +95,42 @@ class KernelFitting:
 
     def _in_float64(self, features: Any, n_params: int, index: int, lambda_reg: float | None) -> Any:
         wide = kernel_from_features(features, kernel_dtype="float64")
-        self._warn_subnormal(wide, features, index)
+        self._warn_subnormal(wide, features, index, n_params)
         with _zero_kernel(wide, features, index, self.task):
             return self._factorize(wide, features.shape[0], n_params, index, lambda_reg, ", in float64")
 
     @staticmethod
-    def _warn_subnormal(kernel: Any, features: Any, index: int) -> None:
+    def _warn_subnormal(kernel: Any, features: Any, index: int, n_params: int) -> None:
         """Warn when every feature is subnormal in the features' dtype (below float32's 1.2e-38): a float64 kernel
-        holds their squares, but the features themselves kept only a few significant bits (measured: scores off by
-        2e-3 relative at features of 3e-42, 20% at 4e-44), and nothing made later can restore them. ``kernel``:
-        ``Phi^T Phi`` or ``Phi Phi^T``, whose largest diagonal entry is at least the largest squared feature."""
+        holds their squares, but the features themselves kept only a few significant bits, and nothing made later
+        can restore them. ``kernel``: ``Phi^T Phi`` or ``Phi Phi^T``, whose largest diagonal entry is at least the
+        largest squared feature and whose trace is the features' sum of squares.
+
+        The error stated is an estimate of the features' relative error, which bounds the scores' at these ridges:
+        each rounding in the subnormal range is off by up to the spacing ``s`` of subnormals (``2**-149`` in float32)
+        whatever the value's size, so a feature made from ``m`` such roundings is off by about ``s sqrt(m)``, over the
+        features' root-mean-square (from the trace). ``m`` is 1 for unprojected features (the gradients) and
+        ``n_params`` for projected ones (a projected feature sums ``n_params`` products, each rounded, when the
+        gradients are subnormal). Measured (``tests/test_numerical_edges.py``): 2.5x to 12x the scores' relative
+        error against a float64 reference; it was the spacing over the *largest* feature, with "or more", 6e-7 where
+        2.4e-5 was measured (projected, 300 parameters)."""
         xp = namespace(kernel)  # the features' namespace too (a store's lazy features read no rows for their dtype)
         info = xp.finfo(features.dtype)
         largest = float(xp.max(xp.linalg.diagonal(kernel)))
         KernelFitting._check_squares(kernel, features, largest, index)
         if not 0.0 < largest < float(info.smallest_normal) ** 2:
             return
-        error = float(info.smallest_normal) * float(info.eps) / math.sqrt(largest)  # the spacing of subnormals over
-        warn(f"checkpoint {index}: every feature is subnormal in {features.dtype} (below "  # the largest
+        n, k = features.shape[0], features.shape[1]
+        rms = math.sqrt(float(xp.sum(xp.linalg.diagonal(kernel))) / (n * k))
+        terms = n_params if k < n_params else 1  # roundings per feature: a projection's products and sums
+        spacing = float(info.smallest_normal) * float(info.eps)  # the spacing of subnormals
+        error = spacing * math.sqrt(terms) / rms
+        warn(f"checkpoint {index}: every feature is subnormal in {features.dtype} (below "
              f"{float(info.smallest_normal):.3g}; the largest is at most {math.sqrt(largest):.2g}), so the "
-             f"features keep only a few significant bits and the scores may be off by {error:.0e} relative or "
-             "more; rescale the model's output (the scores do not depend on its scale at lambda_reg='auto'), "
+             f"features keep only a few significant bits and the scores may be off by up to about {error:.0e} "
+             f"relative (the spacing of subnormals, {spacing:.2g}, over the features' RMS, {rms:.2g}"
+             + (f", times sqrt(n_params) = {math.sqrt(terms):.3g} for the projection's sums" if terms > 1 else "")
+             + "); rescale the model's output (the scores do not depend on its scale at lambda_reg='auto'), "
              "or use a float64 model", RuntimeWarning)
 
     @staticmethod

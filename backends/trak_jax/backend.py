@@ -128,6 +128,9 @@ class JaxBackend(Backend):
         batch's rows, so that they pad to the sizes of the process that featurized.
     compilations : int
         Traces of the step functions: how many times a step was (re)compiled.
+    features_follow_params : bool
+        ``True``: features are JAX arrays on the params' device, so ``TRAK.open`` takes their namespace from the
+        params rather than from a one-row step (compiled for no real batch).
 
     Notes
     -----
@@ -138,6 +141,7 @@ class JaxBackend(Backend):
 
     name = "jax"
     framework = "jax"
+    features_follow_params = True
     extra = "jax"
     can_gradients = True
     has_fused_projection = True
@@ -286,8 +290,9 @@ class JaxBackend(Backend):
         """``(inputs, labels, n)`` as JAX arrays on the params' device, checked against the model's output
         (``trak_jax.checks.OutputCheck``: ``apply`` is traced once per batch signature, not per batch)."""
         check_x64(prepared.dtype)
+        given = labels  # as passed: a float64 NumPy array is float32 on the device with x64 off
         inputs, labels, n = device_batch(inputs, labels, prepared.device)
-        self._checks.check(self._apply(model), self.logits_fn, prepared, inputs, labels, n, task)
+        self._checks.check(self._apply(model), self.logits_fn, prepared, inputs, labels, n, task, given)
         return inputs, labels, n
 
     def _run(self, model: Any, prepared: JaxCheckpoint, inputs: Any, labels: Any, task: Any,

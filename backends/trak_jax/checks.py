@@ -202,8 +202,10 @@ class OutputCheck:
         return shape, source[0]
 
     def check(self, apply: Callable, logits_fn: Callable | None, prepared: Any, inputs: Any, labels: Any,
-              n: int, task: Any) -> None:
-        """Raise unless the logits have the task's shape, the labels fit them and ``task.output`` gives ``(n,)``."""
+              n: int, task: Any, given: Any = None) -> None:
+        """Raise unless the logits have the task's shape, the labels fit them and ``task.output`` gives ``(n,)``;
+        a built-in task checks the NumPy labels ``given`` (as passed) where JAX changed their dtype (float64 to
+        float32 with x64 off), so that its error names the dtype passed."""
         import array_api_compat
         import jax
         import numpy as np
@@ -218,10 +220,16 @@ class OutputCheck:
                 f"{n}; make apply return one row per example (or pass logits_fn=)"
                 + ("; per-token class scores (tagging, NER) take task='token_classification'"
                    if ndim == 2 and len(shape) == 3 and shape[0] == n else "")), source, shape)
-        if np.dtype(labels.dtype).kind in "biu" and not isinstance(task, CustomTask):  # class or token ids: checked
-            labels = np.asarray(labels)  # in NumPy, with no small XLA programs to compile per batch shape
+        checked = labels
+        if isinstance(task, CustomTask):  # the user's check sees the labels its task functions see
+            pass
+        elif isinstance(given, np.ndarray) and given.dtype != labels.dtype:
+            checked = given  # float64 (int64) cast to float32 (int32): the error names the dtype passed
+        elif np.dtype(labels.dtype).kind in "biu":  # class or token ids: checked in NumPy, with no small XLA
+            checked = np.asarray(labels)  # programs to compile per batch shape
         try:
-            task.check_labels(labels, shape[-1] if len(shape) > 1 else 1, xp=array_api_compat.array_namespace(labels))
+            task.check_labels(checked, shape[-1] if len(shape) > 1 else 1,
+                              xp=array_api_compat.array_namespace(checked))
         except TrakCoreError as exc:
             raise _with_source(exc, source, shape) from None
         key = ("task", task, shape, logits.dtype, labels.shape, labels.dtype)

@@ -18,7 +18,9 @@ A 1-D leaf is a weight's bias (a constant 1 on the input side) when all its uses
 broadcast along the feature axis, to outputs of that weight's products, directly or after ``add``
 s of the same shape (``x + h @ W.T + b``) of single-use values. Every other selected leaf is the
 rest: norms' gains, sliced or added tables, other kernel layouts, weights also used another way
-(never half-counted), leaves inside ``scan``, ``cond``, ``remat`` or custom derivatives, casts.
+(never half-counted), leaves inside ``scan``, ``cond``, ``remat`` or custom derivatives, casts to
+integers. A cast to another float dtype (a Flax layer's ``dtype=jnp.bfloat16`` compute dtype with
+float32 params) is followed: the layer is found and computes its sides in the compute dtype.
 """
 from __future__ import annotations
 
@@ -163,6 +165,9 @@ class _Scan:
             return False
         leaf, kind, flag = view
         shape = eqn.invars[0].aval.shape
+        if name == "convert_element_type" and jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
+            env[out] = view  # a float cast (Flax's dtype=jnp.bfloat16 with float32 params): the gradient with
+            return True  # respect to the cast leaf is the leaf's, rounded
         if kind == "w":
             if name == "transpose" and len(shape) == 2 and tuple(eqn.params["permutation"]) == (1, 0):
                 env[out] = (leaf, "w", not flag)
