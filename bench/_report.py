@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import time
 from typing import Any
 
 
@@ -28,3 +30,17 @@ def require_cuda(parser: Any, device: str) -> None:
         if not torch.cuda.is_available():
             parser.error(f"argument --device: {device} asked, but torch {torch.__version__} sees no CUDA device "
                          "(--device cpu rehearses the script on a CPU)")
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages ("1.93 4.47 3.88"; "?" where the system has none): a shared machine's
+    timings are read against it."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def now() -> str:
+    """The date and time a run started, for its report."""
+    return time.strftime("%Y-%m-%d %H:%M %Z")

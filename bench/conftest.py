@@ -9,9 +9,9 @@ Every case is parametrized over the installed ``backend:device`` ids of :data:`_
 (a missing framework or GPU skips with the reason) and over the size grid of the mode. Each case
 warms up untimed (jit compilation, projection cache) and synchronizes the device inside the timed
 call. Ratios of paired cases (ours vs a baseline measured in the same run) are added to the JSON
-under ``"trak_core"`` and printed at the end. Under ``--benchmark-disable`` each case runs its
-computation once, untimed (``benchmark.stats`` is None), still checks the result, and no JSON
-report is written (the last timed run's report stays as it was).
+under ``"trak_core"``, with the load average before and after the run, and printed at the end. Under
+``--benchmark-disable`` each case runs its computation once, untimed (``benchmark.stats`` is None), still checks
+the result, and no JSON report is written (the last timed run's report stays as it was).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from _harness import BENCH_IDS, SIZES, target  # noqa: E402
+from _report import load_average  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -48,6 +49,7 @@ def _disabled(config: pytest.Config) -> bool:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    config._trak_core_load_before = load_average()  # a shared machine's timings are read against its load
     if _disabled(config):
         return  # nothing is timed: leave the JSON report of the last timed run alone
     if getattr(config.option, "benchmark_json", "absent") is None:  # always write a JSON report
@@ -124,7 +126,8 @@ def ratios(benchmarks: list[dict]) -> list[dict]:
 
 
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks: list, output_json: dict) -> None:
-    output_json["trak_core"] = dict(mode=_mode(config), ratios=ratios(output_json["benchmarks"]))
+    output_json["trak_core"] = dict(mode=_mode(config), load_before=getattr(config, "_trak_core_load_before", "?"),
+                                    load_after=load_average(), ratios=ratios(output_json["benchmarks"]))
     config._trak_core_ratios = output_json["trak_core"]["ratios"]
     config._trak_core_json_written = True
 
@@ -133,9 +136,11 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     found = getattr(config, "_trak_core_ratios", None)
     if found:
         terminalreporter.section("trak-core: ours / baseline time (below 1 is faster)")
+        terminalreporter.write_line(f"load average {getattr(config, '_trak_core_load_before', '?')} before the run, "
+                                    f"{load_average()} after; mean times of the rounds")
         for r in found:
-            terminalreporter.write_line(f"{r['pair']:<48} {r['time_ratio']:6.2f}x  "
-                                        f"({r['ours_s'] * 1e3:.2f} ms vs {r['baseline_s'] * 1e3:.2f} ms {r['baseline']})")
+            terminalreporter.write_line(f"{r['pair']:<48} {r['time_ratio']:6.2f}x  ({r['ours_s'] * 1e3:.2f} ms "
+                                        f"vs {r['baseline_s'] * 1e3:.2f} ms {r['baseline']})")
     path = getattr(config.option, "benchmark_json", None)
     given = hasattr(path, "write")  # --benchmark-json FILE on pytest-benchmark < 5.3: opened (emptied) at parsing
     path = getattr(path, "name", path)

@@ -11,12 +11,15 @@ traker 0.3.2 on CPU is driven with ``device="cpu"`` (a string: a ``torch.device`
 path), ``use_half_precision=False`` (its fp16 default is several times slower on CPU) and its
 ``BasicProjector`` (Gaussian; it regenerates the matrix on every call, so equal batch sizes matter).
 Both are warmed up on one small batch first (untimed); trak-core's projection cache is cleared
-before each timed run, so generating its matrix is counted. Timed for both: per-example gradients, projection, out-to-loss weights, and building the kernel
-(traker: ``finalize_features``; trak-core: inside ``featurize``).
+before each timed run, so generating its matrix is counted. Timed for both: per-example gradients, projection,
+out-to-loss weights, and building the kernel (traker: ``finalize_features``; trak-core: inside ``featurize``).
+Each row records the date, the versions, torch's thread count and the load average before and after: the ratio
+moves with threads and load (digits MLP, one audit: 5.5x with one torch thread, 12.2x with two at load 2-3).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -25,7 +28,7 @@ import time
 
 import torch
 
-from _report import write_json
+from _report import load_average, now, write_json
 
 SIZES = {"small": dict(hidden=[128], n_train=1000, checkpoints=2),
          "large": dict(hidden=[1024, 1024], n_train=256, checkpoints=1)}
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     have_traker = importlib.util.find_spec("trak") is not None
     if not have_traker:
         print("traker is not installed (pip install traker): running trak-core only")
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "traker")
+                if importlib.util.find_spec("trak" if name == "traker" else name)}
     rows = []
     for name, size in SIZES.items():
         if args.only and name != args.only:
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         x, y = digits(size["n_train"])
         examples = size["n_train"] * size["checkpoints"]
         row = dict(model=name, params=p, n_train=size["n_train"], checkpoints=size["checkpoints"],
-                   proj_dim=args.proj_dim, batch=args.batch, threads=torch.get_num_threads())
+                   proj_dim=args.proj_dim, batch=args.batch, threads=torch.get_num_threads(), date=now(),
+                   load_before=load_average(), versions=versions)
         kinds = ["rademacher", "gaussian"] if name == "small" else ["rademacher"]
         # warm up both libraries (torch.func tracing, thread pools) on one small batch, untimed
         run_ours(model, states[:1], x[:8], y[:8], k=args.proj_dim, batch=8, kind="rademacher")
@@ -109,13 +115,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["traker_examples_per_s"] = examples / seconds
             for kind in kinds:
                 row[f"ratio_{kind}_vs_traker"] = row[f"trak_core_{kind}_examples_per_s"] / row["traker_examples_per_s"]
+        row["load_after"] = load_average()
         rows.append(row)
         print(json.dumps(row))
-    print(f"\n{'model':<7} {'params':>9} {'trak-core ex/s':>15} {'traker ex/s':>12} {'ratio':>7}")
+    print(f"\ntorch {versions.get('torch')}, traker {versions.get('traker', '-')}, {torch.get_num_threads()} torch "
+          "threads (the ratio moves with them and with the load: read it within one run)")
+    print(f"{'model':<7} {'params':>9} {'trak-core ex/s':>15} {'traker ex/s':>12} {'ratio':>7}  load average")
     for row in rows:
         ours = row["trak_core_rademacher_examples_per_s"]
         theirs = row.get("traker_examples_per_s", float("nan"))
-        print(f"{row['model']:<7} {row['params']:>9} {ours:>15.1f} {theirs:>12.1f} {ours / theirs:>7.2f}")
+        print(f"{row['model']:<7} {row['params']:>9} {ours:>15.1f} {theirs:>12.1f} {ours / theirs:>7.2f}  "
+              f"{row['load_before']} before, {row['load_after']} after")
     return write_json(rows, args.json)
 
 

@@ -1,18 +1,25 @@
 """Featurize throughput of the JAX backend vs the torch backend on the digits MLP, in one run.
 
     python bench/jax_vs_torch.py [--json out.json]
+    python bench/jax_vs_torch.py --repeats 5            # five alternating timed runs of each: the median ratio
+    python bench/jax_vs_torch.py --n-train 300 --checkpoints 2 --proj-dim 512   # a small run (~10 s)
 
 Same weights (canonical layout), data, batch size, k and dtype (float32) for both, and the automatic
 ridge, at which both keep a float32 kernel (at ``lambda_reg=1``, ``lambda_max / lambda`` is about 3e4: torch
 remade its kernel in float64 while JAX without x64 could not, so the two did different work). Each backend
 first featurizes one checkpoint untimed (JAX compiles its step, torch warms up); then a fresh
 TRAK featurizes the timed checkpoints, and the JAX step's compilation count is reported to show
-that nothing recompiles per batch.
+that nothing recompiles per batch. With ``--repeats N`` the timed runs alternate (torch, JAX, torch, ...) and the
+ratio is the median of the N per-run ratios (``jax_over_torch``; above 1, JAX is faster); every run's seconds are
+kept (``torch_seconds``, ``jax_seconds``), with the date, the machine and its load average before and after.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import statistics
 import time
 
 import numpy as np
@@ -30,14 +37,19 @@ def weights(seed: int, hidden: int) -> list[np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--checkpoints", type=int, default=3)
-    parser.add_argument("--proj-dim", type=int, default=2048)
-    parser.add_argument("--json")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=128, help="hidden units of the MLP 64-hidden-10")
+    parser.add_argument("--n-train", type=int, default=1000, help="training digits featurized per checkpoint")
+    parser.add_argument("--batch", type=int, default=100, help="examples per batch")
+    parser.add_argument("--checkpoints", type=int, default=3, help="timed checkpoints (one more warms up, untimed)")
+    parser.add_argument("--proj-dim", type=int, default=2048, help="projection dimension k")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="alternating timed runs of each backend; the ratio is the median of the per-run ratios")
+    parser.add_argument("--json", help="write the result here (default: printed only)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("argument --repeats: at least 1")
     import jax
     import torch
     from trak_jax import JaxBackend, JaxModel
@@ -64,20 +76,51 @@ def main(argv: list[str] | None = None) -> dict:
         jax.block_until_ready(trak.store[len(trak.store) - 1].features)
 
     apply = jax_apply("mlp")
-    result = dict(params=sum(a.size for a in ws[0]), n_train=args.n_train, batch=args.batch, proj_dim=args.proj_dim,
-                  checkpoints=args.checkpoints, torch_threads=torch.get_num_threads(), jax=jax.__version__,
-                  torch=torch.__version__)
-    for name, run in (("torch", run_torch), ("jax", run_jax)):
+    result = dict(date=time.strftime("%Y-%m-%d %H:%M %Z"), cpu=_cpu(), cores=os.cpu_count(), load_before=_load(),
+                  params=sum(a.size for a in ws[0]), n_train=args.n_train, batch=args.batch, proj_dim=args.proj_dim,
+                  checkpoints=args.checkpoints, repeats=args.repeats, torch_threads=torch.get_num_threads(),
+                  jax=jax.__version__, torch=torch.__version__)
+    runs = (("torch", run_torch), ("jax", run_jax))
+    for _, run in runs:
         run(ws[:1])  # warm-up: compile / first-touch, untimed
-        compiled = jax_backend.compilations
-        start = time.perf_counter()
-        run(ws[1:])
-        result[f"{name}_examples_per_s"] = args.n_train * args.checkpoints / (time.perf_counter() - start)
-        if name == "jax":
-            result["jax_recompilations_after_warmup"] = jax_backend.compilations - compiled
-    result["jax_over_torch"] = result["jax_examples_per_s"] / result["torch_examples_per_s"]
+    compiled = jax_backend.compilations
+    seconds: dict[str, list[float]] = {"torch": [], "jax": []}
+    for _ in range(args.repeats):  # alternating, so a burst of load on the shared machine hits both
+        for name, run in runs:
+            start = time.perf_counter()
+            run(ws[1:])
+            seconds[name].append(time.perf_counter() - start)
+    examples = args.n_train * args.checkpoints
+    for name in ("torch", "jax"):
+        result[f"{name}_seconds"] = seconds[name]
+        result[f"{name}_examples_per_s"] = examples / statistics.median(seconds[name])
+    result["jax_recompilations_after_warmup"] = jax_backend.compilations - compiled
+    # per run: JAX examples/s over torch's = torch seconds over JAX seconds (above 1: JAX is faster)
+    result["jax_over_torch_runs"] = [t / j for t, j in zip(seconds["torch"], seconds["jax"])]
+    result["jax_over_torch"] = statistics.median(result["jax_over_torch_runs"])
+    result["load_after"] = _load()
     print(json.dumps(result, indent=1))
+    print(f"JAX / torch featurize throughput: {result['jax_over_torch']:.2f}x (above 1: JAX is faster; "
+          f"{'median of ' + str(args.repeats) + ' alternating runs' if args.repeats > 1 else 'one run'}), "
+          f"{result['date']}, {result['cpu']} ({result['cores']} cores), load average {result['load_before']} "
+          f"before, {result['load_after']} after")
     return write_json(result, args.json)
+
+
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages, as ``/proc/loadavg`` gives them ("?" where there is none)."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
 
 
 if __name__ == "__main__":

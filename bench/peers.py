@@ -9,19 +9,22 @@ Examples
 
 Notes
 -----
-Task ``digits-mlp`` of ``bench/quality/tasks.py`` (MLP 64-64-10, 4,810 parameters, 1,000 training digits,
-100 targets); LDS (mean and sem over targets) against its 128 retrained models (``ground_truth.py``,
-cached). ``--task digits-mlp-1m``: an MLP 64-1024-1024-10 (1,126,410 parameters) on 200 training digits and
-100 targets, for speed and memory only (no ground truth: LDS is not computed). The parent trains checkpoints with seeds ``0..max(M)-1`` once and saves them; each (variant, M)
-runs in a fresh ``--child`` process that loads them, runs once on one checkpoint untimed (warm-up), times
-featurizing ``M`` checkpoints plus scoring the targets (wall clock, batch 100, torch threads at their
-default) and saves the scores for the parent. Memory: the child's ``ru_maxrss`` at the end (peak) and
-right after its imports (torch, sklearn and the task's data, the library's modules).
+Task ``digits-mlp`` of ``bench/quality/tasks.py`` (MLP 64-64-10, 4,810 parameters, 1,000 training digits, 100
+targets); LDS (mean and sem over targets) against its 128 retrained models (``ground_truth.py``, cached). ``--task
+digits-mlp-1m``: an MLP 64-1024-1024-10 (1,126,410 parameters) on 200 training digits and 100 targets, for speed
+and memory only (no ground truth: LDS is not computed). The parent trains checkpoints with seeds ``0..max(M)-1``
+once and saves them; each (variant, M) runs in a fresh ``--child`` process that loads them, runs once on one
+checkpoint untimed (warm-up), times featurizing ``M`` checkpoints plus scoring the targets (wall clock, batch 100,
+torch threads at their default) and saves the scores for the parent. Memory: the child's ``ru_maxrss`` at the end
+(peak) and right after its imports (torch, sklearn and the task's data, the library's modules). Each row's seconds
+over trak-core's at the same M (``x_trak_core``; above 1: slower) are taken within the run, whose date and load
+average (before and after) the JSON's ``machine`` and the table's caption give.
 
 Variants (``id`` in the JSON): ``trak-core`` at its defaults (``TRAK(proj_dim=k, backend="torch")``:
-Rademacher, ``lambda_reg="auto"``); ``trak-core-kernel64`` the same with the float64 reference kernel (``kernel_dtype="float64"``; the default,
-``"auto"``, makes a float32 kernel from float32 features); ``trak-core-kronecker`` the factorized projection
-(``proj_type="kronecker"``, ``docs/kronecker.md``): another estimator, for large models. ``traker`` 0.3.2 at its CPU defaults (Gaussian ``BasicProjector``,
+Rademacher, ``lambda_reg="auto"``); ``trak-core-kernel64`` the same with the float64 reference kernel
+(``kernel_dtype="float64"``; the default, ``"auto"``, makes a float32 kernel from float32 features);
+``trak-core-kronecker`` the factorized projection (``proj_type="kronecker"``, ``docs/kronecker.md``): another
+estimator, for large models. ``traker`` 0.3.2 at its CPU defaults (Gaussian ``BasicProjector``,
 ``lambda_reg=0``, fp16 store) and ``traker-fp32`` (``use_half_precision=False``); non-finite scores are
 set to 0, with a note. ``dattri`` 0.3.0 ``TRAKAttributor`` with its CPU projector (Gaussian) and default
 ``regularization=0``; target: the margin ``log p - log(1 - p)`` of dattri's examples, written as
@@ -62,7 +65,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "quality"))
 sys.path.insert(0, str(HERE))
 
-from _report import write_json  # noqa: E402
+from _report import load_average, now, write_json  # noqa: E402
 
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x, y, xt, yt
 
@@ -296,6 +299,16 @@ def measure(variants: list[str], ms: list[int], k: int, batch: int, masks: np.nd
     return rows
 
 
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Each row's ``seconds`` over trak-core's (the ``trak-core`` variant) at the same M, measured in this run:
+    ``x_trak_core`` (above 1: slower than trak-core); absent where trak-core did not run at that M."""
+    ours = {r["M"]: r["seconds"] for r in rows if r.get("id") == "trak-core" and "seconds" in r}
+    for r in rows:
+        if r.get("M") in ours and "seconds" in r:
+            r["x_trak_core"] = r["seconds"] / ours[r["M"]]
+    return rows
+
+
 def _lds(row: dict) -> str:
     return "-" if row.get("lds") is None else f"{row['lds']:.3f} ± {row['sem']:.3f}"
 
@@ -320,17 +333,22 @@ def markdown(rows: list[dict], facts: dict, k: int, batch: int, task_name: str =
              command: str | None = None) -> str:
     """The table, under a one-line caption naming the command, the machine and the settings."""
     command = command or "python bench/peers.py" + ("" if task_name == "digits-mlp" else f" --task {task_name}")
+    when = f"{facts['date']}, load average {facts['load_before']} before, {facts['load_after']} after; " \
+        if "date" in facts else ""
     caption = (f"`{command}` on {facts['cpu']} ({facts['cores']} cores, torch {facts['torch']}, "
-               f"{facts['torch_threads']} threads): {TASK_CAPTIONS[task_name]}, k={k}, batch {batch}; seconds: "
-               "featurize + score after a warm-up (in brackets for trak-core: its dense projection products alone, "
-               "same process); memory: peak RSS of a fresh process (in brackets: above its RSS after imports).")
-    lines = [caption, "", "| library | version | settings | M | seconds | peak MB (+ above import) | LDS |",
-             "|---|---|---|---|---|---|---|"]
+               f"{facts['torch_threads']} threads; {when}one run): {TASK_CAPTIONS[task_name]}, k={k}, batch {batch}; "
+               "seconds: featurize + score after a warm-up (in brackets for trak-core: its dense projection products "
+               "alone, same process); x trak-core: those seconds over trak-core's at the same M in this run; memory: "
+               "peak RSS of a fresh process (in brackets: above its RSS after imports).")
+    lines = [caption, "",
+             "| library | version | settings | M | seconds | x trak-core | peak MB (+ above import) | LDS |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = f" ({r['note']})" if "note" in r else ""
         alone = f" ({r['dense_product_seconds']:.2f})" if "dense_product_seconds" in r else ""
+        ratio = f"{r['x_trak_core']:.2f}x" if "x_trak_core" in r else "-"
         lines.append(f"| {r['library']} | {r['version']} | {r['settings']} | {r['M']} | {r['seconds']:.2f}{alone} | "
-                     f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['import_rss_mb']:.0f}) | "
+                     f"{ratio} | {r['peak_rss_mb']:.0f} (+{r['peak_rss_mb'] - r['import_rss_mb']:.0f}) | "
                      f"{_lds(r)}{note} |")
     return "\n".join(lines) + "\n"
 
@@ -366,13 +384,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     folder = HERE.parent / "docs" / "bench" if default_run else HERE / "results"  # the docs show the default run's
     json_path, md_path = args.json or str(folder / "peers.json"), args.md or str(folder / "peers.md")
     masks, outputs = ground_truth(TASKS[args.task](), 128) if args.task in TASKS else (None, None)
-    start = time.perf_counter()
+    start, date, load_before = time.perf_counter(), now(), load_average()
     rows = measure(args.libraries, args.ms, args.k, args.batch, masks, outputs, args.task)
     if not rows:
         print(f"nothing was measured (libraries {args.libraries} missing or failed): {json_path} and {md_path} "
               "are left as they were", file=sys.stderr)
         sys.exit(1)
-    facts = dict(machine(), total_seconds=round(time.perf_counter() - start, 1))
+    add_ratios(rows)
+    facts = dict(machine(), date=date, load_before=load_before, load_after=load_average(),
+                 total_seconds=round(time.perf_counter() - start, 1))
     pathlib.Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     write_json({"machine": facts, "rows": rows}, json_path)
     options = [f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -36,14 +37,20 @@ def _save(fig: Any, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def featurize_lines(rows: list[dict], along: str, fixed: str) -> dict[str, list[tuple[int, float]]]:
-    """``{id: [(x, examples/s), ...]}`` along ``along`` ("p" or "k") at the most common value of ``fixed``."""
+def featurize_fixed(rows: list[dict], fixed: str) -> int | None:
+    """The value of ``fixed`` ("p" or "k") that :func:`featurize_lines` holds fixed: the most common (then the
+    largest) among ``rows``; ``None`` without rows."""
     counts: dict[int, int] = defaultdict(int)
     for r in rows:
         counts[r[fixed]] += 1
-    if not counts:
+    return max(counts, key=lambda v: (counts[v], v)) if counts else None
+
+
+def featurize_lines(rows: list[dict], along: str, fixed: str) -> dict[str, list[tuple[int, float]]]:
+    """``{id: [(x, examples/s), ...]}`` along ``along`` ("p" or "k") at the most common value of ``fixed``."""
+    value = featurize_fixed(rows, fixed)
+    if value is None:
         return {}
-    value = max(counts, key=lambda v: (counts[v], v))
     lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in rows:
         if r[fixed] == value:
@@ -60,7 +67,7 @@ def plot_featurize(bench: dict, out: pathlib.Path) -> list[pathlib.Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for backend_id, points in sorted(lines.items()):
             ax.plot(*zip(*points), marker="o", label=backend_id)
-        fixed_value = next(r[fixed] for r in rows if any(r["id"] == i for i in lines))
+        fixed_value = featurize_fixed(rows, fixed)  # was the first row's: p=2,410 titled a k chart at 9,610
         ax.set(xscale="log", yscale="log", xlabel=label, ylabel="featurize throughput (examples/s)",
                title=f"featurize, {rows[0]['n']} examples, {fixed} fixed ({fixed}={fixed_value:,})")
         ax.grid(True, which="both", alpha=0.3)
@@ -124,6 +131,9 @@ def main(argv: list[str] | None = None) -> list[pathlib.Path]:
         made += plot_peers(json.loads(pathlib.Path(args.peers).read_text()), out)
     for path in made:
         print(path)
+    if not made:  # a --quick report (one size per case) made no chart, and said nothing
+        print(f"no chart written to {out}: each needs two or more sizes of one backend:device id along p or k (a full "
+              "`python -m pytest bench` report, not --quick) or rows with an LDS (--peers)", file=sys.stderr)
     return made
 
 

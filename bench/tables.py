@@ -42,7 +42,9 @@ def tables(bench: dict) -> str:
     machine = bench.get("machine_info", {})
     out.append(f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
                f"Python {machine.get('python_version', '?')}; run {bench.get('datetime', '?')[:16]}, "
-               f"mode `{bench.get('trak_core', {}).get('mode', '?')}`.\n")
+               f"mode `{bench.get('trak_core', {}).get('mode', '?')}`"
+               + (f", load average {bench['trak_core']['load_before']} before, {bench['trak_core']['load_after']} after"
+                  if "load_before" in bench.get("trak_core", {}) else "") + ".\n")
     for case in SIZE_KEYS:
         if case not in cells:
             continue

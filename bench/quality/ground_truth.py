@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import sys
 
 import numpy as np
 
@@ -32,6 +33,9 @@ def ground_truth(task, n_subsets: int = 128, seed: int = 0, progress=None) -> tu
         return data["masks"], data["outputs"]
     masks = subset_masks(len(task.y), n_subsets, fraction=0.5, seed=seed)
     outputs = np.empty((n_subsets, len(task.yt)))
+    if progress is None:  # bench/peers.py's first run was a silent minute before anything was measured
+        print(f"{task.name}: retraining {n_subsets} models on random halves for the LDS ground truth (once: cached in "
+              f"{path})", file=sys.stderr, flush=True)
     steps = range(n_subsets) if progress is None else progress(range(n_subsets), desc=f"{task.name}: retrain")
     for s in steps:
         index = np.flatnonzero(masks[s])

@@ -40,7 +40,9 @@ def compare(task, masks, outputs, checkpoints, k, ms):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="*", default=[n for n in TASKS if TASKS[n]().backend == "torch"])
+    parser.add_argument("--tasks", nargs="*", default=[n for n in TASKS if TASKS[n]().backend == "torch"],
+                        choices=list(TASKS), help="tasks of bench/quality/tasks.py (an unknown name was a KeyError "
+                                                  "after the tasks before it)")
     parser.add_argument("--ks", nargs="*", type=int, default=[512, 2048])
     parser.add_argument("--ms", nargs="*", type=int, default=[1, 5, 10])
     parser.add_argument("--subsets", type=int, default=128)
@@ -49,7 +51,8 @@ def main(argv=None):
     rows = []
     for name in args.tasks:
         task = TASKS[name]()
-        masks, outputs = ground_truth(task, args.subsets, progress=lambda it, desc: progress(it, desc=desc, enabled=True))
+        masks, outputs = ground_truth(task, args.subsets,
+                                      progress=lambda it, desc: progress(it, desc=desc, enabled=True))
         x, y = task.arrays(task.x, task.y)
         checkpoints = [task.train(x, y, c) for c in range(max(args.ms))]
         for k in args.ks:
@@ -63,6 +66,7 @@ def main(argv=None):
             print(f"{name:<14} {k:>5} {m:>3} {d['lds']:>8.3f} +- {d['sem']:.3f} {r['lds']:>8.3f} +- {r['sem']:.3f} "
                   f"{r['lds'] - d['lds']:>+7.3f}")
     if args.json:
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # a missing folder failed last
         pathlib.Path(args.json).write_text(json.dumps(dict(rows=rows), indent=1))
     return rows
 

@@ -131,7 +131,9 @@ def summarize(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
+                        help="tasks of bench/quality/tasks.py (an unknown name was a KeyError after the tasks "
+                             "before it)")
     parser.add_argument("--ks", nargs="*", type=int, default=[512, 2048])
     parser.add_argument("--ms", nargs="*", type=int, default=[1, 5, 10])
     parser.add_argument("--subsets", type=int, default=128)
@@ -140,7 +142,8 @@ def main(argv=None):
     rows, timing = [], []
     for name in args.tasks:
         task = TASKS[name]()
-        masks, outputs = ground_truth(task, args.subsets, progress=lambda it, desc: progress(it, desc=desc, enabled=True))
+        masks, outputs = ground_truth(task, args.subsets,
+                                      progress=lambda it, desc: progress(it, desc=desc, enabled=True))
         x, y = task.arrays(task.x, task.y)
         checkpoints = [task.train(x, y, c) for c in range(max(args.ms))]
         for k in args.ks:
@@ -153,9 +156,11 @@ def main(argv=None):
     for r in summary:
         print(f"{r['task']:<22} {r['k']:>5} {r['M']:>3}  {r['method']:<46} {r['lds']:>7.3f} +- {r['sem']:.3f}")
     for t in timing:
-        print(f"{t['task']}: k={t['k']} featurize {t['featurize_s']:.2f} s, choosing lambda {t['choose_lambda_s']*1000:.1f} ms "
+        print(f"{t['task']}: k={t['k']} featurize {t['featurize_s']:.2f} s, "
+              f"choosing lambda {t['choose_lambda_s']*1000:.1f} ms "
               f"({100 * t['choose_lambda_s'] / t['featurize_s']:.2f}%)")
     if args.json:
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # a missing folder failed last
         pathlib.Path(args.json).write_text(json.dumps(dict(rows=rows, summary=summary, timing=timing), indent=1))
     return summary, rows, timing
 

@@ -44,7 +44,8 @@ def decomposed(task, k: int, m: int):
         phi = np.asarray(entry.features.cpu() if hasattr(entry.features, "cpu") else entry.features, dtype=np.float64)
         target = trak.features([(xt, yt)], checkpoint=entry.index)
         target = np.asarray(target.cpu() if hasattr(target, "cpu") else target, dtype=np.float64)
-        q = np.asarray(entry.out_to_loss.cpu() if hasattr(entry.out_to_loss, "cpu") else entry.out_to_loss, dtype=np.float64)
+        q = np.asarray(entry.out_to_loss.cpu() if hasattr(entry.out_to_loss, "cpu") else entry.out_to_loss,
+                       dtype=np.float64)
         values, vectors = np.linalg.eigh(kernel)
         parts.append(dict(values=np.maximum(values, 0), left=phi @ vectors, right=vectors.T @ target.T, q=q,
                           scales=scales(kernel, len(task.y), entry.n_params)))
@@ -62,7 +63,9 @@ def lds_for(parts, masks, outputs, rule: str, alpha: float) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS),
+                        help="tasks of bench/quality/tasks.py (an unknown name was a KeyError after the tasks "
+                             "before it)")
     parser.add_argument("--ks", nargs="*", type=int, default=[512, 2048])
     parser.add_argument("--checkpoints", type=int, default=10)
     parser.add_argument("--json")
@@ -79,14 +82,17 @@ def main(argv=None):
     best = {(t, k): max(max(v) for (t2, k2, _), v in curves.items() if (t2, k2) == (t, k)) for t, k, _ in curves}
     report = {}
     for rule in ("mean", "mean_rank", "top_weighted"):
-        regret = [max(best[t, k] - curves[t, k, rule][i] for t, k, r in curves if r == rule) for i in range(len(ALPHAS))]
+        regret = [max(best[t, k] - curves[t, k, rule][i] for t, k, r in curves if r == rule)
+                  for i in range(len(ALPHAS))]
         i = int(np.argmin(regret))
         report[rule] = dict(alpha=ALPHAS[i], worst_regret=regret[i],
-                            per_task={f"{t} k={k}": curves[t, k, rule][i] - best[t, k] for t, k, r in curves if r == rule})
+                            per_task={f"{t} k={k}": curves[t, k, rule][i] - best[t, k]
+                                      for t, k, r in curves if r == rule})
         print(f"rule {rule:<13} best alpha {ALPHAS[i]:.3g}: worst shortfall from the best LDS {regret[i]:.3f}")
         for key, value in report[rule]["per_task"].items():
             print(f"    {key:<28} {value:+.3f}")
     if args.json:
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # a missing folder failed last
         pathlib.Path(args.json).write_text(json.dumps(dict(
             alphas=ALPHAS, curves={f"{t}|{k}|{r}": v for (t, k, r), v in curves.items()},
             best={f"{t}|{k}": v for (t, k), v in best.items()}, report=report), indent=1))
