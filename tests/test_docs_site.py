@@ -13,7 +13,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ROLES = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj|ref):`")
+ROLES = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj|ref):(?:`|<code>)")  # raw, or rendered
 NAME = re.compile(r"`((?:trak_core|trak_torch|trak_jax|trak_cupy)(?:\.[A-Za-z_]\w*)+)")
 
 

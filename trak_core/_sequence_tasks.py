@@ -26,7 +26,7 @@ class LanguageModeling:
 
     ``Q`` is the average of the per-token weights, exact when they are equal (see docs/estimator.md).
     A sequence with no counted token has ``f = 0`` and ``Q = 0``. Encoder-decoder models (T5, BART),
-    whose logits at ``t`` predict ``labels[t]``, take :class:`Seq2SeqLanguageModeling` (``"seq2seq"``).
+    whose logits at ``t`` predict ``labels[t]``, take ``Seq2SeqLanguageModeling`` (``"seq2seq"``).
     """
 
     name = "language_modeling"

@@ -250,7 +250,7 @@ class DiskStore(ScoreSets, Store):
         return None if group is None else (index, int(group.attrs.get("rows_done", 0)))
 
     def settle(self) -> None:
-        """Wait for zarr writes an interrupted call left running (:func:`trak_core._zarr_io.settle`)."""
+        """Wait for zarr writes an interrupted call left running (``trak_core._zarr_io.settle``)."""
         settle()
 
     def add(self, entry: CheckpointEntry, *, held: bool = True) -> None:

@@ -122,9 +122,10 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     TrakValueError
         On shapes that do not match, fewer than 3 subsets, NaN or infinite scores, masks or outputs
         (a retrained model that diverged), or masks with values other than 0 and 1 (counts: pass
-        ``counts > 0``): the message names the subsets or targets.
+        ``counts > 0``): the message names the subsets or targets. Also when the LDS is undefined for every
+        target.
     TrakTypeError
-        On complex scores, masks or outputs.
+        On complex scores, masks or outputs, or on inputs that are not arrays (a list).
 
     Notes
     -----

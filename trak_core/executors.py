@@ -109,7 +109,8 @@ class RayExecutor:
     num_workers : int
         Actors (one model copy each).
     shard_rows : int
-        Rows per unit of work (rounded up to whole chunks of 4,096 rows).
+        Rows per unit of work: rounded up to whole chunks of 4,096 rows (``trak_core.store.KERNEL_CHUNK_ROWS``)
+        when featurizing, and of 16,384 rows (``trak_core.scores.SCORE_BLOCK_ROWS``) when scoring.
     max_retries : int
         Restarts of a dead actor, and retries of its shard (-1: no limit, as in Ray). When they run out (at once
         for 0) the call

@@ -94,8 +94,8 @@ def key(*words: int) -> int:
 
     Raises
     ------
-    ValueError
-        If a word is not in ``[0, 2**32)``.
+    TrakValueError
+        If a word is not in ``[0, 2**32)`` (a ``ValueError``).
     """
     h = GOLDEN
     for w in words:
@@ -115,10 +115,16 @@ def split64(value: int, what: str) -> tuple[int, int]:
     what : str
         Its name, for the error message.
 
+    Returns
+    -------
+    tuple of int
+        ``(value & 0xFFFFFFFF, value >> 32)``.
+
     Raises
     ------
-    ValueError
-        If ``value`` is negative or not below ``2**64``.
+    TrakValueError
+        If ``value`` is not an integer (a bool, a float such as ``1.5``), is negative, or is not below ``2**64``
+        (a ``ValueError``).
     """
     try:
         number = None if isinstance(value, bool) else operator.index(value)  # ints, NumPy integers; not 1.5

@@ -50,8 +50,10 @@ class AnalyticModel:
 
         Raises
         ------
-        ValueError
+        TrakValueError
             If the checkpoint's names, shapes or parameter count do not match this model.
+        TrakTypeError
+            If the checkpoint is neither an array nor a mapping (``None``, a list).
         """
         if isinstance(checkpoint, Mapping):
             missing = [n for n in self.param_shapes if n not in checkpoint]

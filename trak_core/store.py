@@ -137,7 +137,8 @@ class Writer(abc.ABC):
         Parameters
         ----------
         kernel_dtype : str
-            The dtype of the kernel ``Phi^T Phi`` (``Phi Phi^T`` when ``n < k``; :func:`kernel_from_features`).
+            The dtype of the kernel ``Phi^T Phi`` (``Phi Phi^T`` when ``n < k``;
+            ``trak_core.store.kernel_from_features``).
         """
 
     @abc.abstractmethod
@@ -171,7 +172,7 @@ class Writer(abc.ABC):
         chunk : int
             The chunk's index: rows from ``chunk * KERNEL_CHUNK_ROWS`` on.
         digest : str
-            Its SHA-256 hex digest (:class:`trak_core.fingerprints.DataFingerprint`).
+            Its SHA-256 hex digest (``trak_core.fingerprints.DataFingerprint``).
         """
 
     def allocate(self, n_rows: int, width: int, dtype: Any, weight_dtype: Any) -> None:
@@ -233,7 +234,7 @@ class MemoryWriter(Writer):
         self._weights.append(out_to_loss)
 
     def finish(self, kernel_dtype: str = "float64") -> tuple[Any, Any, Any]:
-        """``(features, out_to_loss, kernel)`` (:func:`kernel_from_features`), or ``(None, None, None)`` when
+        """``(features, out_to_loss, kernel)`` (``kernel_from_features``), or ``(None, None, None)`` when
         nothing was added."""
         if not self._features:
             return None, None, None

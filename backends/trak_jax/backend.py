@@ -102,7 +102,7 @@ class JaxBackend(Backend):
         ``S``, ``ceil(S / 2)``, ``ceil(S / 4)``, ..., 1 that holds it (``trak_jax.batch.bucket``): at
         most ``ceil(log2(S)) + 1`` compilations, one per size a batch needs (after a one-example
         call, such as the Ray driver's first, ``S`` is the next batch's size).
-    matmul_precision : str or None
+    matmul_precision : {"float32", "tensorfloat32", "bfloat16", "highest", "high", "default"} or None
         ``jax.default_matmul_precision`` inside the step (the model's matrix products and
         convolutions, their gradients, and the product with a cached projection matrix). Default
         ``"float32"``: on GPUs JAX would otherwise multiply float32 in TF32 (10-bit mantissas),

@@ -17,8 +17,12 @@ class Backend(abc.ABC):
 
     Required: ``owns``, ``prepare``, ``n_params``, ``gradients``, and the class
     attribute ``name``. Optional, with the default behaviour shown: ``structure``,
-    ``parameters_digest``, ``check_stored_dtype``, ``project``, ``features``. The estimator calls exactly these,
-    never anything else, and never probes for attributes.
+    ``parameters_digest``, ``model_identity``, ``check_stored_dtype``, ``project``, ``features``, and
+    ``factorized_plan`` and ``factorized_features`` (called only where ``can_factorize``). The estimator calls
+    these methods and no others. Beyond the attributes below it reads only these optional ones, where present:
+    ``model_lock`` (``TRAK.open``'s loading takes ``backend.model_lock(model)``, as trak_torch's does),
+    ``features_follow_params`` (``TRAK.open`` reads the features' format from the parameters, as trak_jax's does),
+    and ``batch_size`` and ``step_rows`` (the Ray executor sets ``step_rows`` on a copy where both are ``None``).
 
     Attributes
     ----------

@@ -42,6 +42,7 @@ class BackendCase:
         raise NotImplementedError
 
     def to_numpy(self, value: Any) -> np.ndarray:
+        """``value``, an array of this backend, as a NumPy array (to compare with the reference)."""
         return np.asarray(value)
 
     def active(self) -> Any:
