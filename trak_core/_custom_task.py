@@ -45,7 +45,13 @@ class CustomTask:
 
     def __init__(self, output: Any, out_to_loss: Any = None, *, output_grad: Any = None,
                  check_labels: Any = None, name: str = "custom", logits_ndim: int | None = 2) -> None:
-        self.logits_ndim = logits_ndim
+        if logits_ndim is not None and (isinstance(logits_ndim, bool) or not hasattr(logits_ndim, "__index__")):
+            raise TrakTypeError(f"logits_ndim must be 2, 3 or None, got {logits_ndim!r} of type "
+                                f"{type(logits_ndim).__name__}")
+        if logits_ndim is not None and int(logits_ndim) not in (2, 3):
+            raise TrakValueError(f"logits_ndim must be 2 (outputs (n, n_outputs)), 3 ((n, sequence, vocabulary)) or "
+                                 f"None (any shape, passed as the model gives it), got {logits_ndim!r}")
+        self.logits_ndim = None if logits_ndim is None else int(logits_ndim)
         if not callable(output):
             raise TrakTypeError(f"output must be callable (logits, labels, xp) -> (n,), got {type(output).__name__}")
         self.name, self._output, self._out_to_loss = name, output, out_to_loss

@@ -131,7 +131,7 @@ class RayExecutor:
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not least <= value < math.inf:
                 raise TrakValueError(f"{name} must be a number of at least {least}, got {value!r}")
         if address is not None and not isinstance(address, str):
-            raise TrakValueError(f"address must be a Ray cluster address such as 'ray://host:10001' (or None for a "
+            raise TrakTypeError(f"address must be a Ray cluster address such as 'ray://host:10001' (or None for a "
                                  f"local cluster), got {address!r}")
         num_workers, shard_rows, max_retries = int(num_workers), math.ceil(shard_rows), int(max_retries)
         self.address, self.num_workers, self.shard_rows = address, num_workers, shard_rows

@@ -51,7 +51,7 @@ from typing import Any
 
 import array_api_compat
 
-from .errors import TrakValueError
+from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["MASK32", "MULTIPLIER_1", "MULTIPLIER_2", "GOLDEN", "DOMAIN_RADEMACHER", "DOMAIN_GAUSSIAN", "DOMAIN_SIGN",
            "DOMAIN_COLUMNS", "mix_scalar", "key", "split64", "word_dtype", "mix", "counters", "row_keys", "word"]
@@ -96,9 +96,13 @@ def key(*words: int) -> int:
     ------
     TrakValueError
         If a word is not in ``[0, 2**32)`` (a ``ValueError``).
+    TrakTypeError
+        If a word is not an integer (a ``TypeError``).
     """
     h = GOLDEN
     for w in words:
+        if isinstance(w, bool) or not hasattr(w, "__index__"):
+            raise TrakTypeError(f"hash words must be 32-bit unsigned integers, got {w!r} of type {type(w).__name__}")
         if w < 0 or w > MASK32:
             raise TrakValueError(f"hash words must be 32-bit unsigned, got {w}")
         h = mix_scalar(h ^ w)
