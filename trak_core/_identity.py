@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
+from .disk_shared import refuse_busy, take_over
 from ._task_identity import task_functions, task_identity, task_identity_before_classes
 from .errors import StoreMismatchError, TrakValueError
 from .fingerprints import DataFingerprint
@@ -40,10 +41,12 @@ def check_parameters(digest: str | None, writer: Writer, entries: Sequence[Check
                      where: str, stored_digests: Any = None) -> None:
     """Refuse a checkpoint featurized already under another index, or other parameters than the store holds
     (``stored_digests``: a function giving ``{index: parameters_sha256}`` of the store's complete checkpoints, read
-    only to name the one these parameters are, where they are another's: checkpoints passed in another order)."""
+    only to name the one these parameters are, where they are another's: checkpoints passed in another order), or
+    one another process is writing now (``disk_shared.refuse_busy``); the hash of a run killed before its first rows
+    is taken over (``disk_shared.take_over``)."""
     refuse_duplicate(digest, entries)
     stored = writer.parameters_digest
-    if stored is not None and digest is not None and stored != digest:
+    if stored is not None and digest is not None and stored != digest and not take_over(writer, index, where):
         dtype = getattr(writer, "stored_dtype", None)
         others = [i for i, d in (stored_digests() if stored_digests else {}).items() if d == digest and i != index]
         cast = (f"; these parameters are checkpoint {others[0]}'s in the store: pass the checkpoints in the order "
@@ -54,6 +57,7 @@ def check_parameters(digest: str | None, writer: Writer, entries: Sequence[Check
                                  f"(parameters_sha256: stored {_short(stored)}..., now {_short(digest)}...){cast}; "
                                  "pass the same checkpoints in the same order, or use a new store path (nothing was "
                                  "overwritten)")
+    refuse_busy(writer, index, where)
 
 
 @contextmanager

@@ -31,8 +31,9 @@ One job: ``TRAK(store=path)``. Layout of the directory:
 The directory is created by the first write, not by opening. Reading a finished store (``TRAK.open``, scoring,
 self-influence, saved scores, featurizing its complete checkpoints again) writes nothing, so it works in a read-only
 directory; whatever must write (a new or incomplete checkpoint, ``save_as``) first checks that the directory is
-writable (``DiskStore.writable``). One writer per checkpoint: another process writing the same store at the same
-time is an error (``TrakOSError``) where zarr notices it, except jobs that featurize one checkpoint each
+writable (``DiskStore.writable``). One writer per checkpoint: a run at a checkpoint another process is writing is
+refused before it writes (``disk_shared.CheckpointClaim``); another process writing the same store at the same time
+is an error (``TrakOSError``) where zarr notices it, except jobs that featurize one checkpoint each
 (``featurize(..., index=i)``; ``trak_core.disk_shared``).
 
 Safety: zarr's ``LocalStore`` writes every chunk to a temporary file and renames it into place,
@@ -57,8 +58,8 @@ from ._zarr_io import settle
 from .disk_layout import (ANY_ZARR_TEMPORARY, ZARR_TEMPORARY, damaged_checkpoints, damaged_root, foreign_contents,
                           has_member, member, unreadable_metadata)
 from .disk_scores import ScoreSets
-from .disk_shared import (check_configuration, checked_configuration, checked_lambda, checkpoint_indices,
-                          configuration_digest, data_reference)
+from .disk_shared import (CheckpointClaim, check_configuration, checked_configuration, checked_lambda,
+                          checkpoint_indices, claim_checkpoint, configuration_digest, data_reference)
 from .disk_writer import DiskFeatures, DiskWriter, one_writer, open_root, write_rows
 
 __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STORE_FORMAT", "write_rows",
@@ -73,6 +74,7 @@ class DiskStore(ScoreSets, Store):
     writes_apart = True  # takes a checkpoint out of order, written by a job of its own (``trak_core._apart``)
     shared = False  # set by ``featurize(..., index=i)``: other jobs may be writing other checkpoints now
     model_record: str | None = None  # this job's ``Backend.model_identity`` (``_check``)
+    _claim: CheckpointClaim | None = None  # held while a writer writes a checkpoint (``disk_shared``)
 
     def __init__(self, path: str | os.PathLike) -> None:
         """Open the store at ``path``: a local directory, or any URL zarr opens through fsspec.
@@ -232,7 +234,17 @@ class DiskStore(ScoreSets, Store):
             self.writable()  # whose metadata was deleted (DiskWriter._verified_rows); TRAK.open refused it before
             for file in broken:
                 file.unlink()
-        return DiskWriter(self, index)
+        self._release()  # one checkpoint at a time: claimed before its writer reads the group, released by add or
+        self._claim = claim_checkpoint(self, index)  # settle; not held: refused (_identity.check_parameters)
+        writer = DiskWriter(self, index)
+        writer.claim = self._claim
+        return writer
+
+    def _release(self) -> None:
+        """Drop the claim on the checkpoint this store's writer writes (``disk_shared.CheckpointClaim``)."""
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
 
     def stored_checkpoints(self) -> int:
         """Checkpoints stored completely, ``c0 .. c{n-1}``."""
@@ -250,8 +262,10 @@ class DiskStore(ScoreSets, Store):
         return None if group is None else (index, int(group.attrs.get("rows_done", 0)))
 
     def settle(self) -> None:
-        """Wait for zarr writes an interrupted call left running (``trak_core._zarr_io.settle``)."""
+        """Wait for zarr writes an interrupted call left running (``trak_core._zarr_io.settle``), then drop the
+        claim on its checkpoint."""
         settle()
+        self._release()
 
     def add(self, entry: CheckpointEntry, *, held: bool = True) -> None:
         """Mark the checkpoint complete and hold its entry (``held=False``: a checkpoint featurized apart, by
@@ -270,6 +284,7 @@ class DiskStore(ScoreSets, Store):
             ridge = {"lambda_reg": float(entry.factor.lambda_reg), "lambda_setting": entry.lambda_setting}
             group.attrs.update({**ridge, "complete": True, "lambda_sha256": configuration_digest(ridge)})
             self._sweep_temporaries(f"c{entry.index}", root=not self.shared)  # another job may write the root's
+        self._release()  # complete: another run at this index only reads it
         if not held:
             return
         if entry.index == 0 and "data" not in self.root.attrs and not self.shared:
