@@ -162,22 +162,28 @@ def test_a_float32_kernel_remade_in_float64_says_nothing_on_numpy():
     assert np.linalg.norm(scores - expected) / np.linalg.norm(expected) < 1e-5
 
 
+
+def _linear_margin_gradients(weight, inputs, labels):
+    """Float64 NumPy per-example gradients of a linear classifier's margin with respect to ``weight`` (rows: the
+    flattened ``(onehot(y) - softmax over the other classes) x^T``) and ``Q = 1 - p_y``."""
+    inputs, labels = inputs.double().numpy(), labels.numpy()
+    logits = inputs @ weight.T
+    others = logits.copy()
+    others[np.arange(len(labels)), labels] = -np.inf
+    others = np.exp(others - others.max(axis=1, keepdims=True))
+    coefficients = -others / others.sum(axis=1, keepdims=True)
+    coefficients[np.arange(len(labels)), labels] = 1.0
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    q = 1 - shifted[np.arange(len(labels)), labels] / shifted.sum(axis=1)
+    return (coefficients[:, :, None] * inputs[:, None, :]).reshape(len(labels), -1), q
+
 def _reference_scores(model, x, y, targets, target_labels, lambda_reg="auto"):
     """Scores of the linear classifier without a projection, in float64 with NumPy: the margin's gradient with respect
     to ``weight`` is ``(onehot(y) - softmax over the other classes) x^T``, ``Q = 1 - p_y``."""
     weight = model.weight.detach().double().numpy()
 
     def gradients(inputs, labels):
-        inputs, labels = inputs.double().numpy(), labels.numpy()
-        logits = inputs @ weight.T
-        others = logits.copy()
-        others[np.arange(len(labels)), labels] = -np.inf
-        others = np.exp(others - others.max(axis=1, keepdims=True))
-        coefficients = -others / others.sum(axis=1, keepdims=True)
-        coefficients[np.arange(len(labels)), labels] = 1.0
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        q = 1 - shifted[np.arange(len(labels)), labels] / shifted.sum(axis=1)
-        return (coefficients[:, :, None] * inputs[:, None, :]).reshape(len(labels), -1), q
+        return _linear_margin_gradients(weight, inputs, labels)
 
     phi, q = gradients(x, y)
     psi, _ = gradients(targets, target_labels)
@@ -276,16 +282,7 @@ def _projected_reference(model, x, y, targets, target_labels, k, lambda_reg):
     weight = model.weight.detach().double().numpy()
 
     def gradients(inputs, labels):
-        inputs, labels = inputs.double().numpy(), labels.numpy()
-        logits = inputs @ weight.T
-        others = logits.copy()
-        others[np.arange(len(labels)), labels] = -np.inf
-        others = np.exp(others - others.max(axis=1, keepdims=True))
-        coefficients = -others / others.sum(axis=1, keepdims=True)
-        coefficients[np.arange(len(labels)), labels] = 1.0
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        q = 1 - shifted[np.arange(len(labels)), labels] / shifted.sum(axis=1)
-        return (coefficients[:, :, None] * inputs[:, None, :]).reshape(len(labels), -1), q
+        return _linear_margin_gradients(weight, inputs, labels)
 
     (grads, q), (target_grads, _) = gradients(x, y), gradients(targets, target_labels)
     matrix = np.asarray(trak_core.projection_matrix(grads.shape[1], k, seed=0, checkpoint=0, dtype=np.float64))
