@@ -1,11 +1,13 @@
-"""Shared by the benchmark scripts: write their results as JSON where asked."""
+"""Shared by the benchmark scripts: write their results as JSON where asked; the machine facts and load average
+(`load_average`, `cpu`, `facts`) come from trak_core._machine, which `trak-core compare` uses too."""
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 from typing import Any
+
+from trak_core._machine import cpu, facts, load_average  # noqa: F401  (one copy, in trak_core: compare uses it too)
 
 
 def write_json(result: Any, path: str | None) -> Any:
@@ -30,15 +32,6 @@ def require_cuda(parser: Any, device: str) -> None:
         if not torch.cuda.is_available():
             parser.error(f"argument --device: {device} asked, but torch {torch.__version__} sees no CUDA device "
                          "(--device cpu rehearses the script on a CPU)")
-
-
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages ("1.93 4.47 3.88"; "?" where the system has none): a shared machine's
-    timings are read against it."""
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def now() -> str:

@@ -19,6 +19,7 @@ import importlib.metadata
 import os
 import pathlib
 import sys
+from typing import Any
 
 import pytest
 
@@ -154,4 +155,15 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
                                     "before 5.3 opens a --benchmark-json file before the run; leave the option out "
                                     "to keep the last report in bench/results/)")
     elif path is not None:
-        terminalreporter.write_line(f"no JSON report: nothing was timed, so {path} is left as it was")
+        terminalreporter.write_line(f"no JSON report: nothing was timed, {_kept(path)}")
+    elif _disabled(config):
+        terminalreporter.write_line(f"no JSON report (--benchmark-disable: nothing was timed), "
+                                    f"{_kept(RESULTS / f'{_mode(config)}.json')}")
+
+
+def _kept(path: Any) -> str:
+    """What became of the report at ``path`` that this run did not write: kept, or there was none to keep (the
+    message said "left as it was" of a file that did not exist)."""
+    if pathlib.Path(path).exists():
+        return f"so {path} is left as it was"
+    return f"and there is no earlier report: {path} does not exist"

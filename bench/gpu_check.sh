@@ -20,6 +20,8 @@
 #   bench       the quick pytest-benchmark suite on the GPU ids (limit 90 s, or what is left)
 # The limits add up to more than the 400 s: the later steps get what is left, so the steps go in the order of
 # what issue 12 needs (tests, peers, projection, then the sweep that tunes the kernel), nice-to-haves last.
+# First line of report.md and log.txt after the title: whether a GPU is visible (bench/_gpu_visible.sh); the steps run
+# either way.
 # REPORT_DIR gets 8 files (the device tool brings back 8 at most): report.md (versions, a row per step, the tables),
 # log.txt (every step's output), tests.xml, gpu_peers.json, gpu_peers.md, projection.json, kronecker_gpu.json,
 # bench_quick.json.
@@ -62,8 +64,14 @@ step() {  # step NAME LIMIT COMMAND...: run it under min(LIMIT, time left), outp
   note "$name" "$rc" "$(($(date +%s) - start))" "limit ${limit} s; $(grep -v '^\s*$' "$logs/$name.txt" | tail -n 1 | cut -c1-150 | tr '|' '/')"
 }
 
+# up front: without a GPU every GPU step fails with a reason of its own; said on the terminal now and atop the report
+gpu_visible=$(bash bench/_gpu_visible.sh "$py")
+echo "$gpu_visible" >&2
 {
   echo "# trak-core GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "$gpu_visible"
+  echo
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/GPU: /'
   nvcc --version 2>/dev/null | tail -n 1 | sed 's/^/nvcc: /'
 } > "$logs/versions.txt" 2>&1

@@ -93,8 +93,9 @@ def run_trak_core(model: Any, checkpoints: list[dict], data: Data, *, k: int | N
 
 
 def run_traker(model: Any, checkpoints: list[dict], data: Data, *, k: int | None, batch: int,
-               half: bool = True, lambda_reg: float = 0.0) -> np.ndarray:
-    """traker scores on CPU; ``k=None`` swaps in its ``NoOpProjector`` (exact gradients)."""
+               half: bool = True, lambda_reg: float = 0.0, seed: int = 0) -> np.ndarray:
+    """traker scores on CPU; ``k=None`` swaps in its ``NoOpProjector`` (exact gradients); ``seed``: its
+    ``projector_seed``."""
     import logging
 
     from trak import TRAKer
@@ -104,7 +105,8 @@ def run_traker(model: Any, checkpoints: list[dict], data: Data, *, k: int | None
     with tempfile.TemporaryDirectory() as save_dir:
         traker = TRAKer(model=model, task="image_classification", train_set_size=len(y), save_dir=save_dir,
                         device="cpu", proj_dim=k or 0, projector=None if k else NoOpProjector(device="cpu"),
-                        use_half_precision=half, lambda_reg=lambda_reg, logging_level=logging.ERROR)
+                        use_half_precision=half, lambda_reg=lambda_reg, projector_seed=seed,
+                        logging_level=logging.ERROR)
         for c, state in enumerate(checkpoints):
             traker.load_checkpoint(state, model_id=c)
             for inputs, labels in _loader(x, y, batch):

@@ -14,21 +14,14 @@ import sys
 
 import pytest
 
+from tests_helpers import load_bench
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
 
 def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    sys.path.insert(0, str(BENCH / "quality"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_report_{name}", BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
-        sys.path.remove(str(BENCH / "quality"))
+    return load_bench(name, "bench_report")
 
 
 def _env() -> dict:
@@ -216,3 +209,38 @@ def test_ground_truth_says_when_it_retrains(tmp_path, monkeypatch, capsys):
     assert "retraining 4 models" in said and str(tmp_path / "cache") in said
     again = module.ground_truth(task, 4)
     assert capsys.readouterr().err == "" and (again[1] == outputs).all() and masks.sum(1).tolist() == [50] * 4
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["no-earlier-report", "earlier-report"])
+def test_a_run_that_times_nothing_says_truly_what_became_of_the_report(tmp_path, earlier):
+    """A run that timed nothing said "<mode>.json is left as it was" when there was no such file (and a
+    --benchmark-disable run said nothing of it). The suite's conftest runs in a copy of bench/, so the report it
+    speaks of is the copy's, never this tree's bench/results/."""
+    pytest.importorskip("pytest_benchmark", reason="pytest-benchmark not installed")
+    import shutil
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for name in ("conftest.py", "_harness.py", "_report.py", "bench_projection.py"):
+        shutil.copy(BENCH / name, bench / name)
+    results = bench / "results"
+    if earlier:
+        results.mkdir()
+        for mode in ("quick", "full"):
+            (results / f"{mode}.json").write_text('{"benchmarks": [], "sentinel": "%s"}' % mode)
+    runs = {"full": ["-k", "no_such_case"],  # nothing selected, so nothing timed
+            "quick": ["--quick", "--bench-ids", "numpy", "--benchmark-disable"]}  # each case once, untimed
+    for mode, options in runs.items():
+        out = subprocess.run([sys.executable, "-m", "pytest", str(bench / "bench_projection.py"), "-q", "-p",
+                              "no:xdist", "-p", "no:cacheprovider", "-p", "no:randomly", *options],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env())
+        assert out.returncode in (0, 5), out.stdout[-2000:] + out.stderr[-2000:]
+        report = results / f"{mode}.json"
+        (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("no JSON report")]
+        assert str(report) in line, line
+        if earlier:
+            assert line.endswith(f"so {report} is left as it was"), line
+            assert report.read_text() == '{"benchmarks": [], "sentinel": "%s"}' % mode
+        else:
+            assert "left as it was" not in line and line.endswith(f"{report} does not exist"), line
+            assert not report.exists()

@@ -7,18 +7,13 @@ import sys
 
 import pytest
 
+from tests_helpers import load_bench
+
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
 
 
 def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_bench(name, "bench")
 
 
 def _bench(case, mean, **info):
@@ -155,6 +150,51 @@ def test_gpu_scripts_parse():
         subprocess.run(["bash", "-n", str(BENCH / script)], check=True)
 
 
+def test_gpu_check_says_up_front_whether_a_gpu_is_visible(tmp_path):
+    """On a machine with no GPU, gpu_check.sh never said so: each GPU step failed with a reason of its own. Its first
+    report line now comes from bench/_gpu_visible.sh, run here alone with stand-ins for nvidia-smi and Python."""
+    import os
+    import subprocess
+
+    script = (BENCH / "gpu_check.sh").read_text()
+    assert 'bash bench/_gpu_visible.sh "$py"' in script
+    assert script.index("bench/_gpu_visible.sh") < script.index("step tests")  # before the first step
+
+    def stub(name, text, status=0):
+        path = tmp_path / "bin" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(f"#!/bin/sh\necho '{text}'\nexit {status}\n")
+        path.chmod(0o755)
+        return str(path)
+
+    plain = [d for d in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
+             if d and not os.path.exists(os.path.join(d, "nvidia-smi"))]  # this machine's nvidia-smi left out
+
+    def visible(python, nvidia_smi=None):
+        if nvidia_smi is None:
+            (tmp_path / "bin" / "nvidia-smi").unlink(missing_ok=True)
+        else:
+            stub("nvidia-smi", *nvidia_smi)
+        env = dict(os.environ, PATH=os.pathsep.join([str(tmp_path / "bin"), *plain]))
+        run = subprocess.run(["bash", str(BENCH / "_gpu_visible.sh"), python], capture_output=True, text=True,
+                             timeout=120, env=env)
+        return run.returncode, run.stdout.strip()
+
+    no_cuda = stub("py_no_cuda", "False 2.9.0+cpu")
+    rc, line = visible(no_cuda)
+    assert rc == 1 and line.startswith("NO GPU VISIBLE: no nvidia-smi on PATH; torch 2.9.0+cpu sees no CUDA device")
+    assert "GPU steps below will fail" in line
+    rc, line = visible(stub("py_no_torch", "", 1))
+    assert rc == 1 and "no nvidia-smi on PATH; torch not importable" in line, line
+    failing = ("NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver", 9)
+    rc, line = visible(no_cuda, failing)
+    assert rc == 1 and "NO GPU VISIBLE: nvidia-smi -L lists none (exit 9: NVIDIA-SMI has failed" in line, line
+    rc, line = visible(no_cuda, ("GPU 0: NVIDIA H200 (UUID: GPU-0)",))
+    assert rc == 0 and line == "GPU visible: 1 listed by nvidia-smi -L, the first: GPU 0: NVIDIA H200 (UUID: GPU-0)"
+    rc, line = visible(stub("py_cuda", "True 2.9.0+cu128"))
+    assert rc == 0 and line.startswith("GPU visible: torch 2.9.0+cu128 sees a CUDA device (no nvidia-smi on PATH)")
+
+
 def test_text_vs_traker_quick_agreement(tmp_path):
     """bench/text_vs_traker.py --quick, part (a): tiny BERT, no projection, same ridge; traker's scores are
     trak-core's float64 exact scores times one factor per checkpoint, which the script also predicts.
@@ -270,3 +310,28 @@ def test_reports_go_to_folders_made_for_them(tmp_path):
     path = tmp_path / "new" / "deeper" / "out.json"
     assert report.write_json({"a": 1}, str(path)) == {"a": 1}
     assert path.read_text().startswith("{")
+
+
+def test_the_traker_projected_agreement_in_the_docs_is_what_its_command_measures(tmp_path):
+    """docs/traker.md gave "Pearson 0.994, each 0.997 against exact" with no setting; an audit got at most 0.989.
+    The page now names the command and the figures it measured; seed 0 of that command is rerun here."""
+    import json
+    import re
+
+    pytest.importorskip("torch", reason="torch not installed: bench/traker_projected.py not exercised")
+    pytest.importorskip("sklearn", reason="the digits come with scikit-learn")
+    page = (BENCH.parent / "docs" / "traker.md").read_text()
+    command = "python bench/traker_projected.py --hidden 16 --n-train 300 --seeds 0 1 2"
+    assert command in " ".join(page.split()) and "0.994 at k" not in page
+    pytest.importorskip("trak", reason="traker not installed (pip install traker): the figures not remeasured")
+    path = tmp_path / "tp.json"
+    result = _load("traker_projected").main(["--hidden", "16", "--n-train", "300", "--seeds", "0", "--json",
+                                             str(path)])
+    assert json.loads(path.read_text())["p"] == result["p"] == 1210 and result["k"] == 2048
+    assert re.search(r"lambda of the exact features, 91\.45", " ".join(page.split()))
+    assert f"{result['lambda_reg']:.4g}" == "91.45"
+    (row,) = result["rows"]
+    assert 0.973 - 2e-3 <= row["trak_core_vs_traker"] <= 0.974 + 2e-3, row  # the page: 0.973 to 0.974
+    assert 0.987 - 2e-3 <= row["trak_core_vs_exact"] <= 0.987 + 2e-3, row  # 0.987
+    assert 0.986 - 2e-3 <= row["traker_vs_exact"] <= 0.987 + 2e-3, row  # 0.986 to 0.987
+    assert result["machine"]["load_average"] != "" and "numpy" in result["machine"]["versions"]

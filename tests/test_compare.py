@@ -67,3 +67,32 @@ def test_the_timed_run_of_jax_does_not_compile(monkeypatch):
     monkeypatch.setattr(compare, "_runners", lambda: {"numpy": runners["numpy"], "jax": counted})
     compare.main(["--n-train", "300", "--n-targets", "5", "--hidden", "8", "--proj-dim", "32", "--checkpoints", "2"])
     assert len(counts) == 4 and counts[1] == counts[3] == 0  # float64, float32: warm-up, then a timed run
+
+
+def test_the_output_names_the_machine_versions_threads_and_load(monkeypatch, capsys):
+    """The benchmark rule: a comparison users run states the machine, the versions, the threads and the load
+    (compare printed seconds with none of them)."""
+    import importlib.metadata
+    import platform
+    import re
+
+    runners = compare._runners()
+    monkeypatch.setattr(compare, "_runners", lambda: {"numpy": runners["numpy"]})  # the line, not the backends
+    rows = compare.main(["--n-train", "60", "--n-targets", "5", "--hidden", "8", "--proj-dim", "32",
+                         "--checkpoints", "1"])
+    out = capsys.readouterr().out
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("machine: ")]
+    assert f"python {platform.python_version()}" in line
+    for name in ("numpy", "torch", "jax"):
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            assert f" {name} " not in line
+            continue
+        assert f"{name} {version}" in line, name
+    assert re.search(r"threads: usable_cores \d+", line)
+    loads = re.search(r"load average (\S+) (\S+) (\S+) before, (\S+) (\S+) (\S+) after$", line)
+    assert loads, line
+    assert all(float(v) >= 0 for v in loads.groups())
+    machine = rows[0]["machine"]
+    assert machine["versions"]["numpy"] == importlib.metadata.version("numpy") and machine["cores"] >= 1

@@ -69,3 +69,23 @@ def save_interrupted(monkeypatch, trak, targets, name, error=KeyboardInterrupt):
     with pytest.raises(error):
         trak.score(targets, save_as=name)
     monkeypatch.setattr(zarr.Array, "__setitem__", original)
+
+
+def load_bench(name: str, prefix: str = "bench"):
+    """Import ``bench/<name>.py`` as a module named ``<prefix>_<name>``, with ``bench/`` and ``bench/quality/`` on
+    the path while it loads (the scripts import their siblings)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    bench = pathlib.Path(__file__).resolve().parents[1] / "bench"
+    paths = [str(bench), str(bench / "quality")]
+    sys.path[:0] = paths
+    try:
+        spec = importlib.util.spec_from_file_location(f"{prefix}_{name}", bench / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        for path in paths:
+            sys.path.remove(path)

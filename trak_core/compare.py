@@ -2,7 +2,8 @@
 
 Builds the same MLP in every installed framework from one set of weights (trained with the
 NumPy reference), runs TRAK on the same digits data with the same projection and ridge, and prints
-how closely each backend's scores agree with the NumPy float64 reference and how long each took.
+how closely each backend's scores agree with the NumPy float64 reference and how long each took, on which
+machine (CPU, cores, the versions of Python and the frameworks, threads, load average before and after).
 Tolerances (the conformance suite's): float64 relative error <= 1e-9; float32 relative
 Frobenius error <= 1e-4 and per-target Spearman >= 0.9999. The float32 tolerance presumes a
 well-conditioned kernel: a float32 kernel costs scores up to about 1e-7 * lambda_max / lambda relative,
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ._machine import describe, facts, load_average
 from .demo.data import N_DIGITS
 from .demo.options import check_ranges, check_sizes, lambda_value
 from .evaluation import spearman
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict[str, Any]
         Per (backend, dtype): ``backend``, ``dtype``, ``seconds``, ``kernel`` (the dtype its kernels were
         factorized in), ``scores`` (NumPy, ``(n_train, n_targets)``), ``error`` and ``spearman`` (against
         the NumPy float64 scores), ``pass`` (within tolerance), ``lambdas`` (per checkpoint) and ``ratio``
-        (the reference's largest ``lambda_max / lambda``).
+        (the reference's largest ``lambda_max / lambda``), ``machine`` (the same for every row: CPU, cores,
+        versions, threads, the load average before and after; printed under the header line).
     """
     parser = _parser(prog)
     args = parser.parse_args(argv)
@@ -225,6 +228,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict[str, Any]
 
     from .demo.data import load_digits_split
 
+    load_before = load_average()  # timings on a shared machine are read against its load
     x, y, xt, yt = load_digits_split(args.n_train, args.n_targets, seed=0, who=parser.prog)
     weights = _weights(x, y, args.hidden, args.checkpoints)
     rows, runs, broken = [], {}, {}
@@ -242,11 +246,13 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict[str, Any]
             runs[name, dtype] = trak
             rows.append(dict(backend=name, dtype=dtype, seconds=time.perf_counter() - start, scores=scores,
                              kernel=kernel_dtype(trak), lambdas=[float(v) for v in trak.lambdas]))
+    machine = dict(facts(), load_before=load_before)  # after the runs: torch's thread count once it is imported
     reference = next(row for row in rows if (row["backend"], row["dtype"]) == ("numpy", "float64"))
     ratio = conditioning(runs["numpy", "float64"])
     for row in rows:
         row["error"], row["spearman"] = agreement(row["scores"], reference["scores"])
         row["pass"], row["ratio"] = passes(row["dtype"], row["error"], row["spearman"]), ratio
+        row["machine"] = machine
     lambdas = reference["lambdas"]
     chosen = (f"{lambdas[0]:.4g}" if len(lambdas) == 1
               else f"{min(lambdas):.4g} to {max(lambdas):.4g} over the checkpoints")
@@ -254,6 +260,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict[str, Any]
     models = f"{args.checkpoints} checkpoint{'s' if args.checkpoints > 1 else ''}"
     print(f"digits MLP 64-{args.hidden}-10, {args.n_train} train x {args.n_targets} targets, {models}, "
           f"k = {args.proj_dim}, lambda = {shown}; reference: numpy float64")
+    print(describe(machine))
     print(f"lambda_max / lambda = {ratio:.3g} (TRAK keeps float32 kernels up to {AUTO_FLOAT32_MAX_RATIO:g}, else makes "
           "them in float64 where it can)")
     print(f"{'backend':<8} {'dtype':<8} {'kernel':<8} {'seconds':>8} {'rel. error':>11} {'min Spearman':>13} "
