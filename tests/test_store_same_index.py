@@ -197,3 +197,59 @@ def test_an_index_is_not_taken_over_with_rows_or_from_another_host(tmp_path):
     with pytest.raises(StoreMismatchError, match="checkpoint 1 in .* was featurized from other parameters"):
         TRAK(model, proj_dim=32, progress=False, store=store).featurize(model.init(seed=1), DATA, index=1)
     assert (store / "c1" / "zarr.json").read_bytes() == before
+
+
+def test_a_child_forked_during_a_run_does_not_keep_its_released_claim(tmp_path, reference):
+    """A data loader that forks workers (torch's DataLoader under 'fork') while the run holds its claim: the child
+    shares the lock, and closing the parent's descriptor alone left it held, so the rerun in the same process, after
+    the run failed on a bad batch, was refused as "being featurized by another process" naming its own pid. The
+    claim is unlocked on release; the rerun finishes and the store scores as one process."""
+    import multiprocessing
+
+    store = tmp_path / "store"
+    TRAK(model, proj_dim=32, progress=False, store=store).featurize(model.init(seed=0), DATA, index=0)
+    workers = []
+
+    def loader():
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=True)
+        worker.start()
+        workers.append(worker)
+        for b, batch in enumerate(DATA):
+            if b == 8:
+                raise RuntimeError("a bad batch")
+            yield batch
+
+    try:
+        with pytest.raises(RuntimeError, match="a bad batch"):
+            TRAK(model, proj_dim=32, progress=False, store=store).featurize(model.init(seed=1), loader(), index=1)
+        assert workers[0].is_alive()  # the child that shares the lock still runs
+        TRAK(model, proj_dim=32, progress=False, store=store).featurize(model.init(seed=1), DATA, index=1)
+    finally:
+        for worker in workers:
+            worker.terminate()
+    np.testing.assert_allclose(_scores(store), reference, rtol=1e-12, atol=0)
+
+
+def test_redoing_a_damaged_complete_checkpoint_is_claimed(tmp_path, reference):
+    """A complete checkpoint whose second chunk is damaged is redone by featurizing it again, as the errors advise;
+    its claim was skipped (the group said complete), so two runs redoing it at once were not told apart. Job A
+    redoes it and holds inside that chunk; the same call beside it is refused, naming A, and writes nothing."""
+    store = tmp_path / "store"
+    for index in range(2):
+        TRAK(model, proj_dim=32, progress=False, store=store).featurize(model.init(seed=index), DATA, index=index)
+    chunks = sorted(p for p in (store / "c1" / "features" / "c").rglob("*") if p.is_file())
+    assert len(chunks) == 3  # rows 0-4095, 4096-8191, 8192-8999; the job holds at row 7,000
+    chunks[1].write_bytes(b"\0" * 8)
+    job = _job(tmp_path, store, 1, "hold")
+    (tmp_path / "go").touch()
+    _wait_for(tmp_path / "go-held", job)
+    before = (store / "c1" / "zarr.json").read_bytes()
+    # A records itself with its first chunk; until then the group's record is this process's, which wrote it first
+    # and must not be named as the one writing now
+    with pytest.raises(TrakOSError, match=r"checkpoint 1 in .* is being featurized by another process now \(one that "
+                                          r"has not recorded its pid in the group yet\)"):
+        TRAK(model, proj_dim=32, progress=False, store=store).featurize(model.init(seed=1), DATA, index=1)
+    assert (store / "c1" / "zarr.json").read_bytes() == before
+    (tmp_path / "go-release").touch()
+    assert job.wait(timeout=120) == 0, job.stderr.read()
+    np.testing.assert_allclose(_scores(store), reference, rtol=1e-12, atol=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
-from .disk_shared import refuse_busy, take_over
+from .disk_claim import refuse_busy, take_over
 from ._task_identity import task_functions, task_identity, task_identity_before_classes
 from .errors import StoreMismatchError, TrakValueError
 from .fingerprints import DataFingerprint

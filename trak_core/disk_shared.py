@@ -12,27 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import pathlib
 import re
 import socket
 import time
 from typing import Any
 
 from .disk_layout import has_member, member, member_names
-from .errors import StoreMismatchError, TrakOSError
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock, the run record tells instead
-    fcntl = None  # type: ignore[assignment]
+from .errors import StoreMismatchError
 
 __all__ = ["checkpoint_indices", "configuration_digest", "check_configuration", "checked_configuration",
-           "checked_lambda", "claim_checkpoint", "CheckpointClaim", "data_reference", "refuse_busy", "run_record",
-           "run_state", "take_over"]
-
-log = logging.getLogger("trak_core")
+           "checked_lambda", "data_reference", "run_record", "run_state"]
 
 _CHECKPOINT = re.compile(r"c(\d+)")
 
@@ -134,112 +124,4 @@ def run_state(run: dict | None) -> bool | None:
         return True
     except (OSError, ValueError, KeyError, TypeError):  # a bad record
         return None
-    return True
-
-
-class CheckpointClaim:
-    """A run's claim on a checkpoint it may write: an exclusive ``flock`` of the checkpoint's group directory, opened
-    read-only (taking it writes nothing), held until ``release`` and dropped by the system when the process ends,
-    by SIGKILL too, so a killed job's checkpoint is free for its rerun.
-
-    Parameters
-    ----------
-    directory : pathlib.Path
-        The group's directory (``c{i}``).
-    run : dict or None
-        The group's run record (``run_record``), read where the filesystem takes no ``flock`` on a directory (some
-        network filesystems; Windows): the claim is then held unless it names another process running on this host.
-
-    Attributes
-    ----------
-    held : bool
-        False where another process holds the claim: it is writing the checkpoint now (``refuse_busy``).
-    """
-
-    def __init__(self, directory: pathlib.Path, run: dict | None) -> None:
-        self.fd: int | None = None
-        self.held = True
-        try:
-            self.fd = os.open(directory, os.O_RDONLY)
-            if fcntl is None:
-                raise OSError("no flock")
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another process holds it
-            self.release()
-            self.held = False
-        except OSError:  # no flock here: a process recorded on this host
-            self.release()
-            self.held = not (run_state(run) and int(run["pid"]) != os.getpid())
-
-    def release(self) -> None:
-        """Drop the claim (closing the directory drops its ``flock``); again: nothing."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __del__(self) -> None:
-        try:
-            self.release()
-        except Exception:  # at interpreter exit: the system drops it anyway
-            pass
-
-
-def claim_checkpoint(store: Any, index: int) -> CheckpointClaim | None:
-    """The claim on checkpoint ``index`` of a local on-disk ``store`` (``trak_core.disk_store.DiskStore``), its group
-    created where absent, taken before the checkpoint's writer reads the group; ``None`` for a complete checkpoint (a
-    run only reads it) or a store at a URL (not claimed)."""
-    from .disk_writer import one_writer
-
-    if "://" in str(store.path):
-        return None
-    name = f"c{index}"
-    if name not in store.root:
-        store.writable()
-    try:
-        with one_writer(store.path):
-            group = store.root.require_group(name)
-    except TrakOSError:
-        if not store.shared:
-            raise
-        group = store.root[name]  # another job at this index created it at the same moment
-    if group.attrs.get("complete", False):
-        return None
-    return CheckpointClaim(pathlib.Path(store.path) / name, group.attrs.get("run"))
-
-
-def refuse_busy(writer: Any, index: int, where: str) -> None:
-    """Refuse checkpoint ``index`` where another process holds its claim (``writer.claim``): it is writing its rows
-    now, and a second run would write them again over it (before any write of this run). Complete meanwhile: it
-    only reads it."""
-    claim = getattr(writer, "claim", None)
-    if claim is None or claim.held or writer.complete:
-        return
-    run = writer.group.attrs.get("run")
-    if run and run_state(run) is not False:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(run.get("started", 0))))
-        holder = f"pid {run.get('pid')} on {run.get('host')}, started {started}"
-    else:
-        holder = "one that has not recorded its pid in the group yet"
-    raise TrakOSError(f"checkpoint {index} in {where} is being featurized by another process now ({holder}): two runs "
-                      "at one index would write its rows twice at once. Wait for it to finish (then this call finds "
-                      f"the checkpoint complete; 'trak-core store {where}' shows its rows), or, if it was stopped, "
-                      "rerun this call, which resumes from the rows it stored. Nothing was written")
-
-
-def take_over(writer: Any, index: int, where: str) -> bool:
-    """Whether this run takes checkpoint ``index`` over from a run that recorded other parameters' hash and then
-    died before its first rows (SIGKILL: a run refused or interrupted takes its hash back itself,
-    ``_identity.parameters_recorded``): no row recorded, not complete, its run record names a process that no
-    longer runs on this host (or none: a store written before trak-core kept it), and this run holds the claim.
-    Such a group holds nothing of value: its hash is forgotten here (this run records its own) and logged."""
-    claim, attrs = getattr(writer, "claim", None), writer.group.attrs
-    run = attrs.get("run")
-    if claim is None or not claim.held or writer.complete or int(attrs.get("rows_done", 0)) or \
-            (run and run_state(run) is not False):
-        return False
-    who = f"pid {run.get('pid')} on {run.get('host')}, no longer running" if run else "no run recorded"
-    log.info("checkpoint %d in %s: taken over from a run of other parameters (parameters_sha256 %s...) that stored "
-             "no rows and ended (%s); this checkpoint's parameters replace its hash", index, where,
-             str(attrs.get("parameters_sha256"))[:12], who)
-    writer.parameters_digest = None
     return True

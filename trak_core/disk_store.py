@@ -58,8 +58,9 @@ from ._zarr_io import settle
 from .disk_layout import (ANY_ZARR_TEMPORARY, ZARR_TEMPORARY, damaged_checkpoints, damaged_root, foreign_contents,
                           has_member, member, unreadable_metadata)
 from .disk_scores import ScoreSets
-from .disk_shared import (CheckpointClaim, check_configuration, checked_configuration, checked_lambda,
-                          checkpoint_indices, claim_checkpoint, configuration_digest, data_reference)
+from .disk_claim import CheckpointClaim, busy_error, claim_checkpoint
+from .disk_shared import (check_configuration, checked_configuration, checked_lambda, checkpoint_indices,
+                          configuration_digest, data_reference)
 from .disk_writer import DiskFeatures, DiskWriter, one_writer, open_root, write_rows
 
 __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STORE_FORMAT", "write_rows",
@@ -229,14 +230,22 @@ class DiskStore(ScoreSets, Store):
 
     def writer(self, index: int, fingerprint: dict) -> DiskWriter:
         self._check(fingerprint)
-        broken = [] if self._url else unreadable_metadata(self.path / f"c{index}")
-        if broken:  # featurized again: its zarr.json files that zarr cannot read are deleted, and it is redone as one
-            self.writable()  # whose metadata was deleted (DiskWriter._verified_rows); TRAK.open refused it before
-            for file in broken:
-                file.unlink()
         self._release()  # one checkpoint at a time: claimed before its writer reads the group, released by add or
-        self._claim = claim_checkpoint(self, index)  # settle; not held: refused (_identity.check_parameters)
+        directory = None if self._url else self.path / f"c{index}"  # settle; not held: refused (_identity)
+        broken = [] if self._url else unreadable_metadata(directory)
+        if broken:  # featurized again: its zarr.json files that zarr cannot read are deleted, and it is redone as one
+            self._claim = CheckpointClaim(directory, None)  # whose metadata was deleted (DiskWriter._verified_rows);
+            if not self._claim.held:  # TRAK.open refused it before. Claimed first: another run may be redoing it
+                self._release()
+                raise busy_error(index, str(self.path), None)
+            self.writable()
+            for file in broken:
+                file.unlink(missing_ok=True)
+        else:
+            self._claim = claim_checkpoint(self, index)
         writer = DiskWriter(self, index)
+        if self._claim is None and not writer.complete and not self._url:  # complete, yet damaged: redone (claimed)
+            self._claim = CheckpointClaim(directory, writer.group.attrs.get("run"))
         writer.claim = self._claim
         return writer
 
