@@ -103,6 +103,7 @@ def key(*words: int) -> int:
     for w in words:
         if isinstance(w, bool) or not hasattr(w, "__index__"):
             raise TrakTypeError(f"hash words must be 32-bit unsigned integers, got {w!r} of type {type(w).__name__}")
+        w = operator.index(w)  # a NumPy integer as a Python int: no fixed-width arithmetic (overflow warnings)
         if w < 0 or w > MASK32:
             raise TrakValueError(f"hash words must be 32-bit unsigned, got {w}")
         h = mix_scalar(h ^ w)
