@@ -53,15 +53,18 @@ class CheckpointClaim:
         self.held = True
         try:
             self.fd = os.open(directory, os.O_RDONLY)
-            if fcntl is None:
-                raise OSError("no flock")
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
         except BlockingIOError:  # another process holds it
-            self.release()
             self.held = False
-        except OSError:  # no flock here: a process recorded on this host
             self.release()
-            self.held = not (run_state(run) and int(run["pid"]) != os.getpid())
+            return
+        except OSError:  # no flock on this filesystem
+            pass
+        self.held = False  # nothing locked: release only closes
+        self.release()
+        self.held = not (run_state(run) and int(run["pid"]) != os.getpid())  # a process recorded on this host
 
     def release(self) -> None:
         """Drop the claim; again: nothing. Unlocked before the directory is closed: a child forked while it was held
