@@ -144,7 +144,7 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
                                         f"vs {r['baseline_s'] * 1e3:.2f} ms {r['baseline']})")
     path = getattr(config.option, "benchmark_json", None)
     given = hasattr(path, "write")  # --benchmark-json FILE on pytest-benchmark < 5.3: opened (emptied) at parsing
-    path = getattr(path, "name", path)
+    path = path.name if given else path  # an open file's name (on 5.3 and later a path: its .name is the basename)
     pending = getattr(config, "_trak_core_json", None)
     if pending is not None:
         path, given = pending[2], False
