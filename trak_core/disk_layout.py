@@ -12,8 +12,9 @@ import pathlib
 import re
 from typing import Any
 
-__all__ = ["ANY_ZARR_TEMPORARY", "ZARR_TEMPORARY", "foreign_contents", "metadata_problem", "damaged_metadata",
-           "damaged_checkpoints", "unreadable_metadata", "damaged_root", "member", "has_member", "member_names"]
+__all__ = ["ANY_ZARR_TEMPORARY", "CHECKPOINT_GROUP", "ZARR_TEMPORARY", "foreign_contents", "metadata_problem",
+           "damaged_metadata", "damaged_checkpoints", "unreadable_metadata", "damaged_root", "member", "has_member",
+           "member_names"]
 
 ZARR_TEMPORARY = re.compile(r"zarr\.[0-9a-f]{32}\.partial")  # zarr.json written, not yet renamed into place
 ANY_ZARR_TEMPORARY = re.compile(r".*\.[0-9a-f]{32}\.partial")  # chunks too: ``c/0/0.<32 hex>.partial``
@@ -50,7 +51,7 @@ def foreign_contents(path: pathlib.Path) -> str | None:
     return None
 
 
-_CHECKPOINT = re.compile(r"c(\d+)")
+CHECKPOINT_GROUP = re.compile(r"c(\d+)")  # a checkpoint's group: c0, c1, ...
 _CHECKPOINT_ATTRIBUTES = {"rows_done", "parameters_sha256", "data_checksums", "checksums", "complete"}
 
 
@@ -89,7 +90,7 @@ def damaged_metadata(directory: pathlib.Path) -> str | None:
 def _checkpoint_folders(path: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
     """``(index, folder)`` of the ``c{index}`` folders of the store at ``path``, in order."""
     found = [(int(m.group(1)), entry) for entry in (path.iterdir() if path.is_dir() else ())
-             if entry.is_dir() and (m := _CHECKPOINT.fullmatch(entry.name))]
+             if entry.is_dir() and (m := CHECKPOINT_GROUP.fullmatch(entry.name))]
     return sorted(found)
 
 

@@ -13,18 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import socket
 import time
 from typing import Any
 
-from .disk_layout import has_member, member, member_names
+from .disk_layout import CHECKPOINT_GROUP, has_member, member, member_names
 from .errors import StoreMismatchError
 
 __all__ = ["checkpoint_indices", "configuration_digest", "check_configuration", "checked_configuration",
            "checked_lambda", "data_reference", "run_record", "run_state"]
-
-_CHECKPOINT = re.compile(r"c(\d+)")
 
 
 def checkpoint_indices(root: Any, *, complete: bool = True) -> list[int]:
@@ -32,7 +29,7 @@ def checkpoint_indices(root: Any, *, complete: bool = True) -> list[int]:
     only the complete ones by default, in order."""
     found = []
     for name in member_names(root):  # a group whose zarr.json is damaged is left out (disk_layout.damaged_checkpoints)
-        match = _CHECKPOINT.fullmatch(name)
+        match = CHECKPOINT_GROUP.fullmatch(name)
         group = member(root, name) if match else None
         if group is not None and (not complete or group.attrs.get("complete", False)):
             found.append(int(match.group(1)))
