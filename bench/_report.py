@@ -7,7 +7,7 @@ import pathlib
 import time
 from typing import Any
 
-from trak_core._machine import cpu, facts, load_average  # noqa: F401  (one copy, in trak_core: compare uses it too)
+from trak_core._machine import cpu, describe, facts, load_average  # noqa: F401  (one copy, in trak_core: compare uses it too)
 
 
 def write_json(result: Any, path: str | None) -> Any:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -28,7 +27,7 @@ import trak_core
 from trak_core.demo.data import load_digits_split
 from trak_core.testing.cases import TorchCase, jax_apply, torch_model
 
-from _report import write_json
+from _report import cpu, load_average, now, write_json
 
 
 def weights(seed: int, hidden: int) -> list[np.ndarray]:
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         jax.block_until_ready(trak.store[len(trak.store) - 1].features)
 
     apply = jax_apply("mlp")
-    result = dict(date=time.strftime("%Y-%m-%d %H:%M %Z"), cpu=_cpu(), cores=os.cpu_count(), load_before=_load(),
+    result = dict(date=now(), cpu=cpu(), cores=os.cpu_count(), load_before=load_average(),
                   params=sum(a.size for a in ws[0]), n_train=args.n_train, batch=args.batch, proj_dim=args.proj_dim,
                   checkpoints=args.checkpoints, repeats=args.repeats, torch_threads=torch.get_num_threads(),
                   jax=jax.__version__, torch=torch.__version__)
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     # per run: JAX examples/s over torch's = torch seconds over JAX seconds (above 1: JAX is faster)
     result["jax_over_torch_runs"] = [t / j for t, j in zip(seconds["torch"], seconds["jax"])]
     result["jax_over_torch"] = statistics.median(result["jax_over_torch_runs"])
-    result["load_after"] = _load()
+    result["load_after"] = load_average()
     print(json.dumps(result, indent=1))
     print(f"JAX / torch featurize throughput: {result['jax_over_torch']:.2f}x (above 1: JAX is faster; "
           f"{'median of ' + str(args.repeats) + ' alternating runs' if args.repeats > 1 else 'one run'}), "
@@ -107,20 +106,6 @@ def main(argv: list[str] | None = None) -> dict:
     return write_json(result, args.json)
 
 
-def _load() -> str:
-    """The 1, 5 and 15 minute load averages, as ``/proc/loadavg`` gives them ("?" where there is none)."""
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "?"
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor()
 
 
 if __name__ == "__main__":

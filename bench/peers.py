@@ -44,7 +44,6 @@ writes its features to a temporary directory, inside its timed run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -65,7 +64,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "quality"))
 sys.path.insert(0, str(HERE))
 
-from _report import load_average, now, write_json  # noqa: E402
+from _report import cpu, load_average, now, write_json  # noqa: E402
 
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x, y, xt, yt
 
@@ -319,10 +318,7 @@ def machine() -> dict:
     """CPU model, cores, Python, torch and its thread count."""
     import torch
 
-    cpu = platform.processor()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+    return {"cpu": cpu(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads()}
 
 

@@ -26,7 +26,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "quality"))
 sys.path.insert(0, str(HERE))
 
-from _report import facts, load_average, now, write_json  # noqa: E402
+from _report import describe, facts, load_average, now, write_json  # noqa: E402
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
                   seconds=round(time.perf_counter() - start, 1), machine=machine, rows=rows)
     print(f"digits MLP 64-{args.hidden}-10 (p = {p:,}), {args.n_train} train x 100 targets, one checkpoint, "
           f"k = {args.k}, lambda = {lam:.4g} (trak-core's auto, exact features; traker: lambda * k / p); {date}")
-    print(f"machine: {machine['cpu']} ({machine['cores']} cores); "
-          + ", ".join(f"{n} {v}" for n, v in machine["versions"].items())
-          + f"; load average {load_before} before, {machine['load_average']} after")
+    print(describe(machine))
     print("Pearson, whole matrix (mean per target)")
     print(f"{'seed':>4}  {'trak-core vs traker':>20}  {'trak-core vs exact':>20}  {'traker vs exact':>20}")
     for r in rows:

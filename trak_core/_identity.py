@@ -42,8 +42,8 @@ def check_parameters(digest: str | None, writer: Writer, entries: Sequence[Check
     """Refuse a checkpoint featurized already under another index, or other parameters than the store holds
     (``stored_digests``: a function giving ``{index: parameters_sha256}`` of the store's complete checkpoints, read
     only to name the one these parameters are, where they are another's: checkpoints passed in another order), or
-    one another process is writing now (``disk_shared.refuse_busy``); the hash of a run killed before its first rows
-    is taken over (``disk_shared.take_over``)."""
+    one another process is writing now (``disk_claim.refuse_busy``); the hash of a run killed before its first rows
+    is taken over (``disk_claim.take_over``)."""
     refuse_duplicate(digest, entries)
     stored = writer.parameters_digest
     if stored is not None and digest is not None and stored != digest and not take_over(writer, index, where):

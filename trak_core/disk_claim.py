@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any
 
-from .disk_shared import run_state
+from .disk_shared import live_elsewhere, run_state
 from .errors import TrakOSError
 
 try:
@@ -64,7 +64,7 @@ class CheckpointClaim:
             pass
         self.held = False  # nothing locked: release only closes
         self.release()
-        self.held = not (run_state(run) and int(run["pid"]) != os.getpid())  # a process recorded on this host
+        self.held = not live_elsewhere(run)  # a process recorded on this host
 
     def release(self) -> None:
         """Drop the claim; again: nothing. Unlocked before the directory is closed: a child forked while it was held

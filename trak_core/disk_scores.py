@@ -6,14 +6,13 @@ finished, and read back against its checksum.
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
 import numpy as np
 
 from .disk_layout import damaged_metadata, member, member_names
-from .disk_shared import run_record, run_state
+from .disk_shared import live_elsewhere, run_record
 from .disk_writer import _digest, one_writer, open_root
 from .errors import StoreDamagedError, TrakOSError, TrakValueError
 from .fingerprints import to_numpy
@@ -98,7 +97,7 @@ class ScoreSets:
                                  "overwritten)")
         if state == "interrupted":
             run = self.root["scores"][name].attrs.get("run")
-            if run_state(run) and int(run.get("pid", -1)) != os.getpid():  # this process's own: an interrupted call
+            if live_elsewhere(run):  # this process's own: an interrupted call
                 raise TrakValueError(f"scores {name!r} in {self.path} are being saved now by process {run.get('pid')} "
                                      f"on {run.get('host')}; choose another name, or wait for it and skip the name "
                                      "where it is in saved_scores() (a set that process leaves unfinished is replaced "

@@ -5,8 +5,8 @@ ones, their parameters' hashes and training data digests, and the configuration 
 (``configuration_sha256``, and the model record, ``model``: jobs that began the store at the same moment with other
 settings or another model would otherwise each take theirs for the store's, and the last to write it would win); and
 the checksums written with the store's configuration and with each checkpoint's ridge, so that a hand edit of either
-is refused rather than scored; and one run at a time per checkpoint (``CheckpointClaim``): two jobs featurizing
-the same index at once wrote over each other's metadata and temporary files, and one of them failed.
+is refused rather than scored; and who is writing a checkpoint (``run_record``, ``run_state``). One run at a time per
+checkpoint is ``trak_core.disk_claim``'s.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .disk_layout import CHECKPOINT_GROUP, has_member, member, member_names
 from .errors import StoreMismatchError
 
 __all__ = ["checkpoint_indices", "configuration_digest", "check_configuration", "checked_configuration",
-           "checked_lambda", "data_reference", "run_record", "run_state"]
+           "checked_lambda", "data_reference", "live_elsewhere", "run_record", "run_state"]
 
 
 def checkpoint_indices(root: Any, *, complete: bool = True) -> list[int]:
@@ -106,6 +106,11 @@ def run_record() -> dict[str, Any]:
     """Who is writing a checkpoint: ``{"host", "pid", "started"}`` (seconds since the epoch), recorded with the first
     thing a run writes to it (a new checkpoint's parameters hash, then each chunk of rows)."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+
+
+def live_elsewhere(run: dict | None) -> bool:
+    """Whether ``run`` (``run_record``) names another process that still runs on this host."""
+    return bool(run_state(run)) and int(run.get("pid", -1)) != os.getpid()
 
 
 def run_state(run: dict | None) -> bool | None:

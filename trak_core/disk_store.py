@@ -32,7 +32,7 @@ The directory is created by the first write, not by opening. Reading a finished 
 self-influence, saved scores, featurizing its complete checkpoints again) writes nothing, so it works in a read-only
 directory; whatever must write (a new or incomplete checkpoint, ``save_as``) first checks that the directory is
 writable (``DiskStore.writable``). One writer per checkpoint: a run at a checkpoint another process is writing is
-refused before it writes (``disk_shared.CheckpointClaim``); another process writing the same store at the same time
+refused before it writes (``disk_claim.CheckpointClaim``); another process writing the same store at the same time
 is an error (``TrakOSError``) where zarr notices it, except jobs that featurize one checkpoint each
 (``featurize(..., index=i)``; ``trak_core.disk_shared``).
 
@@ -75,7 +75,7 @@ class DiskStore(ScoreSets, Store):
     writes_apart = True  # takes a checkpoint out of order, written by a job of its own (``trak_core._apart``)
     shared = False  # set by ``featurize(..., index=i)``: other jobs may be writing other checkpoints now
     model_record: str | None = None  # this job's ``Backend.model_identity`` (``_check``)
-    _claim: CheckpointClaim | None = None  # held while a writer writes a checkpoint (``disk_shared``)
+    _claim: CheckpointClaim | None = None  # held while a writer writes a checkpoint (``disk_claim``)
 
     def __init__(self, path: str | os.PathLike) -> None:
         """Open the store at ``path``: a local directory, or any URL zarr opens through fsspec.
@@ -250,7 +250,7 @@ class DiskStore(ScoreSets, Store):
         return writer
 
     def _release(self) -> None:
-        """Drop the claim on the checkpoint this store's writer writes (``disk_shared.CheckpointClaim``)."""
+        """Drop the claim on the checkpoint this store's writer writes (``disk_claim.CheckpointClaim``)."""
         if self._claim is not None:
             self._claim.release()
             self._claim = None
