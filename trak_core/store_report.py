@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from .errors import StoreDamagedError, TrakCoreError, TrakValueError
+from .errors import StoreDamagedError, StoreMismatchError, TrakCoreError, TrakValueError
 
 __all__ = ["describe", "main"]
 
@@ -63,7 +63,7 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
     TrakValueError
         Where ``path`` holds no trak-core store.
     """
-    from .disk_shared import checkpoint_indices, configuration_digest
+    from .disk_shared import checkpoint_indices
     from .disk_store import DiskStore
 
     store = DiskStore(path)
@@ -72,7 +72,7 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         raise TrakValueError(f"no trak-core store at {path}: a store is made by TRAK(..., store=path).featurize(...)")
     root, broken = store.root, store.damaged_checkpoints()  # damaged metadata: listed, not taken for missing
     indices = sorted(set(checkpoint_indices(root, complete=False)) | set(broken))
-    checkpoints = [_checkpoint(store, root, i, configuration_digest(config), verify, broken.get(i)) for i in indices]
+    checkpoints = [_checkpoint(store, root, i, verify, broken.get(i)) for i in indices]
     _compare_data(root, checkpoints)
     try:
         scores, scores_damaged = _scores(store, root, verify), None
@@ -117,23 +117,24 @@ def _compare_data(root: Any, checkpoints: list[dict[str, Any]]) -> None:
         c["data_reference"] = reference
 
 
-def _checkpoint(store: Any, root: Any, index: int, config_digest: str, verify: bool,
-                broken: str | None = None) -> dict[str, Any]:
+def _checkpoint(store: Any, root: Any, index: int, verify: bool, broken: str | None = None) -> dict[str, Any]:
     """One checkpoint's row of ``describe`` (``broken``: what is damaged in its metadata, its state then "damaged")."""
     from .disk_layout import member
-    from .disk_shared import run_state
+    from .disk_shared import check_configuration, run_state
 
     group = member(root, f"c{index}")
     attrs = group.attrs if group is not None else {}  # its group's zarr.json cannot be read
     rows, complete = int(attrs.get("rows_done", 0)), bool(attrs.get("complete", False)) and broken is None
-    recorded, models = attrs.get("configuration_sha256"), (attrs.get("model"), root.attrs.get("model"))
-    if None not in models and models[0] != models[1]:  # a job that began the store at once with another model
-        recorded = "another model"
+    try:  # a job that began the store at once with other settings or another model: TRAK.open's check
+        check_configuration(store.path, index, attrs, root.attrs)
+        configuration = None if attrs.get("configuration_sha256") is None else "same"
+    except StoreMismatchError:
+        configuration = "other"
     state = "damaged" if broken else "complete" if complete else "in progress" if rows else "started"
     row = {"index": index, "state": state, "rows": rows,
            "lambda_reg": attrs.get("lambda_reg"), "lambda_setting": attrs.get("lambda_setting"),
            "dtype": attrs.get("dtype"), "parameters_sha256": attrs.get("parameters_sha256"),
-           "configuration": None if recorded is None else "same" if recorded == config_digest else "other",
+           "configuration": configuration,
            "run": attrs.get("run"), "written_at": attrs.get("written_at"),
            "running": None if complete else run_state(attrs.get("run"))}
     if verify:
