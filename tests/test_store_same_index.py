@@ -253,3 +253,21 @@ def test_redoing_a_damaged_complete_checkpoint_is_claimed(tmp_path, reference):
     (tmp_path / "go-release").touch()
     assert job.wait(timeout=120) == 0, job.stderr.read()
     np.testing.assert_allclose(_scores(store), reference, rtol=1e-12, atol=0)
+
+
+def test_a_refused_open_that_is_still_referenced_does_not_bar_the_next_call(tmp_path, reference):
+    """``TRAK.open`` refuses a complete checkpoint with a damaged chunk after its writer took the claim to redo it;
+    while the refusal's traceback is referenced (``pytest.raises``' ``excinfo``, a notebook's ``sys.last_value``),
+    the estimator and its lock stayed alive, and featurizing the checkpoint again, as the error says, was refused as
+    "being featurized by another process" (CI saw it when the garbage collector ran late). The newest claim in a
+    process takes the place of an older one on the same directory."""
+    store = tmp_path / "store"
+    for index in range(2):
+        TRAK(model, proj_dim=32, progress=False, store=store).featurize(model.init(seed=index), DATA, index=index)
+    chunks = sorted(p for p in (store / "c1" / "features" / "c").rglob("*") if p.is_file())
+    chunks[1].write_bytes(b"\0" * 8)
+    with pytest.raises(StoreMismatchError, match="checkpoint 1 in .* is damaged") as refused:
+        TRAK.open(store, model, [model.init(seed=s) for s in range(2)], progress=False)
+    TRAK(model, proj_dim=32, progress=False, store=store).featurize(model.init(seed=1), DATA, index=1)
+    assert refused.value.__traceback__ is not None  # still referenced up to here
+    np.testing.assert_allclose(_scores(store), reference, rtol=1e-12, atol=0)

@@ -11,6 +11,7 @@ import logging
 import os
 import pathlib
 import socket
+import threading
 import time
 from typing import Any
 
@@ -27,12 +28,17 @@ __all__ = ["CheckpointClaim", "busy_error", "claim_checkpoint", "refuse_busy", "
 log = logging.getLogger("trak_core")
 
 _RUN_RECORDS = ("parameters_sha256", "dtype", "data_checksums", "kronecker_plan")  # what a run records before rows
+_HELD: dict[str, "CheckpointClaim"] = {}  # this process's claims by directory: a newer one takes an older one's place
+_HELD_LOCK = threading.Lock()
 
 
 class CheckpointClaim:
     """A run's claim on a checkpoint it may write: an exclusive ``flock`` of the checkpoint's group directory, opened
     read-only (taking it writes nothing), held until ``release`` and dropped by the system when the process ends,
-    by SIGKILL too, so a killed job's checkpoint is free for its rerun.
+    by SIGKILL too, so a killed job's checkpoint is free for its rerun. Within one process the newest claim on a
+    directory wins: an estimator that stopped without releasing its claim (a refused ``TRAK.open`` or ``featurize``
+    whose traceback still holds it) does not bar the next call in the same process, which a lock per file
+    description would (runs at one index in two threads of a process are not supported).
 
     Parameters
     ----------
@@ -51,10 +57,17 @@ class CheckpointClaim:
     def __init__(self, directory: pathlib.Path, run: dict | None) -> None:
         self.fd: int | None = None
         self.held = True
+        self.key = os.path.realpath(directory)
+        with _HELD_LOCK:
+            earlier = _HELD.pop(self.key, None)
+        if earlier is not None:
+            earlier.release()
         try:
             self.fd = os.open(directory, os.O_RDONLY)
             if fcntl is not None:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with _HELD_LOCK:
+                    _HELD[self.key] = self
                 return
         except BlockingIOError:  # another process holds it
             self.held = False
@@ -70,6 +83,9 @@ class CheckpointClaim:
         """Drop the claim; again: nothing. Unlocked before the directory is closed: a child forked while it was held
         (a ``DataLoader``'s workers) shares the lock, which closing this process's descriptor alone would leave
         held, and the next run in this process would be refused as another's."""
+        with _HELD_LOCK:
+            if _HELD.get(self.key) is self:
+                del _HELD[self.key]
         if self.fd is not None:
             try:
                 if fcntl is not None and self.held:
