@@ -108,3 +108,26 @@ def test_a_store_written_before_the_checksums_opens_as_before(written, tmp_path)
     for c in range(2):
         del root[f"c{c}"].attrs["lambda_sha256"]
     np.testing.assert_array_equal(TRAK.open(path, MODEL, CHECKPOINTS, progress=False).score(TARGETS), written[1])
+
+
+def test_verify_names_a_hand_edited_ridge(written, tmp_path, capsys):
+    """``trak-core store --verify`` checked chunks, kernels and score sets but not the ridge's hash: a store whose
+    ``lambda_reg`` was edited passed (exit 0) while ``TRAK.open`` refused it. Now it is named, with the file and the
+    fix (exit 1), and left out of ``opens``; the untouched copy still verifies clean."""
+    from trak_core.store_report import describe
+
+    clean = describe(str(written[0]), verify=True)
+    assert not clean["damaged"] and clean["opens"] == [0, 1]
+    path = _copy(written, tmp_path)
+    _edit(path / "c1" / "zarr.json", lambda attrs: attrs.update(lambda_reg=0.05005))
+    before = _files(path)
+    report = describe(str(path), verify=True)
+    assert report["damaged"] and report["opens"] == [0]
+    assert [c["index"] for c in report["checkpoints"] if c["damaged"]] == [1]
+    assert report["checkpoints"][1]["ridge_edited"] and str(path / "c1" / "zarr.json") in \
+        report["checkpoints"][1]["damaged"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["store", str(path), "--verify"])
+    assert exit_.value.code == 1
+    assert "the stored ridge of checkpoint 1" in capsys.readouterr().out
+    assert _files(path) == before  # it only reads

@@ -47,12 +47,13 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         ``written_at`` (its last rows),
         ``running`` (for an incomplete one: whether that process still runs, ``None`` on another host or where
         unknown), with ``verify`` also ``damaged`` (a message or
-        ``None``; also ``rows_damaged``), ``data`` ("same" or "other": its training data digests against those of
+        ``None``; also ``rows_damaged`` and ``ridge_edited``: its ``lambda_reg`` does not match the hash
+        written with it), ``data`` ("same" or "other": its training data digests against those of
         the lowest complete checkpoint, ``data_reference``; ``None`` for that one or where none is complete)),
         ``complete``, ``opens`` (the complete checkpoints ``TRAK.open`` scores together: not on other data, of
-        another configuration or, with ``verify``, with damaged rows) and ``missing`` (indices without a group,
-        below ``expect`` or else below the highest stored one), ``beyond_expect`` (stored indices at ``expect`` or
-        above; empty without ``expect``),
+        another configuration or, with ``verify``, with damaged rows or an edited ridge) and ``missing`` (indices
+        without a group, below ``expect`` or else below the highest stored one), ``beyond_expect`` (stored indices
+        at ``expect`` or above; empty without ``expect``),
         ``scores`` (``name``, ``shape``, ``dtype``, ``state``: "finished", "interrupted" or "damaged", its
         ``zarr.json`` unreadable, with ``shape`` and ``dtype`` ``None``; with ``verify``, ``damaged``),
         ``scores_damaged`` (what is wrong with the ``zarr.json`` of the group of every set, else ``None``) and
@@ -80,7 +81,8 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         scores, scores_damaged = [], str(exc)
     complete = [c["index"] for c in checkpoints if c["state"] == "complete"]
     opens = [c["index"] for c in checkpoints if c["state"] == "complete" and c["data"] != "other"
-             and c["configuration"] != "other" and not c.get("rows_damaged")]
+             and c["configuration"] != "other" and not c.get("rows_damaged")
+             and not c.get("ridge_edited")]
     model = root.attrs.get("model")  # beside the configuration (Backend.model_identity), where recorded
     return {"path": store.location, "now": time.time(),
             "configuration": config if model is None else {**config, "model": model}, "expect": expect,
@@ -141,17 +143,24 @@ def _checkpoint(store: Any, root: Any, index: int, verify: bool, broken: str | N
         row["damaged"] = (f"{broken} (featurize this checkpoint again: it redoes it)" if broken else
                           _damage(store, group, index, rows, complete))
         row["rows_damaged"] = bool(row["damaged"]) and row["damaged"].startswith("rows ")  # TRAK.open refuses it
+        row["ridge_edited"] = bool(row["damaged"]) and row["damaged"].startswith("the stored ridge ")  # likewise
     return row
 
 
 def _damage(store: Any, group: Any, index: int, rows: int, complete: bool) -> str | None:
     """What fails its checksum in a checkpoint's group (``None``: nothing)."""
     from .disk_layout import damaged_metadata, member_names
+    from .disk_shared import checked_lambda
     from .disk_writer import DiskWriter, _read_kernel
 
     verified = DiskWriter(store, index).rows_done if rows else 0
     if verified < rows:
         return f"rows {verified} on fail their checksums (featurize this checkpoint again: it redoes them)"
+    if complete:  # its ridge against the hash written with it (TRAK.open's check)
+        try:
+            checked_lambda(group.attrs, store.path, index)
+        except StoreMismatchError as exc:
+            return str(exc)
     if complete and "kernel" in member_names(group):  # also where its zarr.json cannot be read
         what = None if store._url else damaged_metadata(store.path / group.path / "kernel")
         if what is not None:
