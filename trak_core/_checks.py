@@ -5,10 +5,10 @@ One job: validate what users pass, with errors that name the problem and the fix
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Mapping, Sequence
 
 from . import kernel as kernel_ops
+from ._integers import as_integer as _integer
 from ._namespace import device_of, namespace
 from .backends import Backend, get_backend, infer_backend
 from .backends.registry import check_backend_object
@@ -25,16 +25,6 @@ def _check_proj_dim(proj_dim: Any) -> int | None:
     if value is None or value <= 0:
         raise TrakValueError(f"proj_dim must be a positive integer (or None for no projection), got {proj_dim!r}")
     return value
-
-
-def _integer(value: Any) -> int | None:
-    """``value`` as a Python int when it is an integer (NumPy's too, not a bool), else ``None``."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _check_seed(seed: Any) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._integers import as_integer
 from ._namespace import device_of
 from .errors import TrakTypeError, TrakValueError
 
@@ -45,13 +46,14 @@ class CustomTask:
 
     def __init__(self, output: Any, out_to_loss: Any = None, *, output_grad: Any = None,
                  check_labels: Any = None, name: str = "custom", logits_ndim: int | None = 2) -> None:
-        if logits_ndim is not None and (isinstance(logits_ndim, bool) or not hasattr(logits_ndim, "__index__")):
+        ndim = None if logits_ndim is None else as_integer(logits_ndim)
+        if logits_ndim is not None and ndim is None:
             raise TrakTypeError(f"logits_ndim must be 2, 3 or None, got {logits_ndim!r} of type "
                                 f"{type(logits_ndim).__name__}")
-        if logits_ndim is not None and int(logits_ndim) not in (2, 3):
+        if ndim is not None and ndim not in (2, 3):
             raise TrakValueError(f"logits_ndim must be 2 (outputs (n, n_outputs)), 3 ((n, sequence, vocabulary)) or "
                                  f"None (any shape, passed as the model gives it), got {logits_ndim!r}")
-        self.logits_ndim = None if logits_ndim is None else int(logits_ndim)
+        self.logits_ndim = ndim
         if not callable(output):
             raise TrakTypeError(f"output must be callable (logits, labels, xp) -> (n,), got {type(output).__name__}")
         self.name, self._output, self._out_to_loss = name, output, out_to_loss

@@ -45,12 +45,11 @@ bits after each multiply (``word_dtype``). Both give the same bits.
 """
 from __future__ import annotations
 
-import operator
-
 from typing import Any
 
 import array_api_compat
 
+from ._integers import as_integer
 from .errors import TrakTypeError, TrakValueError
 
 __all__ = ["MASK32", "MULTIPLIER_1", "MULTIPLIER_2", "GOLDEN", "DOMAIN_RADEMACHER", "DOMAIN_GAUSSIAN", "DOMAIN_SIGN",
@@ -101,9 +100,10 @@ def key(*words: int) -> int:
     """
     h = GOLDEN
     for w in words:
-        if isinstance(w, bool) or not hasattr(w, "__index__"):
+        word = as_integer(w)  # a NumPy integer as a Python int: no fixed-width arithmetic (overflow warnings)
+        if word is None:
             raise TrakTypeError(f"hash words must be 32-bit unsigned integers, got {w!r} of type {type(w).__name__}")
-        w = operator.index(w)  # a NumPy integer as a Python int: no fixed-width arithmetic (overflow warnings)
+        w = word
         if w < 0 or w > MASK32:
             raise TrakValueError(f"hash words must be 32-bit unsigned, got {w}")
         h = mix_scalar(h ^ w)
@@ -131,10 +131,7 @@ def split64(value: int, what: str) -> tuple[int, int]:
         If ``value`` is not an integer (a bool, a float such as ``1.5``), is negative, or is not below ``2**64``
         (a ``ValueError``).
     """
-    try:
-        number = None if isinstance(value, bool) else operator.index(value)  # ints, NumPy integers; not 1.5
-    except TypeError:
-        number = None
+    number = as_integer(value)  # ints, NumPy integers; not 1.5
     if number is None or number < 0 or number >= 2**64:
         raise TrakValueError(f"{what} must be an integer in [0, 2**64), got {value!r}")
     value = number
