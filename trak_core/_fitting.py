@@ -113,7 +113,10 @@ class KernelFitting:
         ``n_params`` for projected ones (a projected feature sums ``n_params`` products, each rounded, when the
         gradients are subnormal). Measured (``tests/test_numerical_edges.py``): 2.5x to 12x the scores' relative
         error against a float64 reference; it was the spacing over the *largest* feature, with "or more", 6e-7 where
-        2.4e-5 was measured (projected, 300 parameters)."""
+        2.4e-5 was measured (projected, 300 parameters). Only *some* rows subnormal (examples whose gradients are
+        about 0): no warning, as their scores are as tiny as the rows and the others' are float32-exact (measured in
+        ``tests/test_subnormal_rows.py``); where ``normalize_features`` scales them up, :mod:`._subnormal_rows`
+        warns."""
         xp = namespace(kernel)  # the features' namespace too (a store's lazy features read no rows for their dtype)
         info = xp.finfo(features.dtype)
         largest = float(xp.max(xp.linalg.diagonal(kernel)))

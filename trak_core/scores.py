@@ -9,6 +9,7 @@ import math
 from typing import Any, Sequence
 
 from ._delegation import full_precision_products
+from ._subnormal_rows import note_rows
 from .kernel import KernelFactor, gram, quadratic_forms, solve
 
 __all__ = ["checkpoint_scores", "target_weights", "finish_products", "train_products", "self_scores", "ensemble",
@@ -75,9 +76,16 @@ def _diagonal(matrix: Any, *, xp: Any) -> Any:
 
 
 def normalize_rows(features: Any, *, xp: Any) -> Any:
-    """Unit-norm rows (TrackStar-style features); all-zero rows stay zero."""
-    norms = xp.sqrt(xp.sum(features * features, axis=1, keepdims=True))
-    return features / xp.where(norms > 0, norms, xp.ones_like(norms))
+    """Unit-norm rows (TrackStar-style features); all-zero rows stay zero. Each row is divided by its largest
+    magnitude before its squares are summed: float32 squares underflow below about 1e-19 and overflow above about
+    1.8e19, and such rows were left as they were (their norm 0) or zeroed (inf). Subnormal rows (below 1.2e-38) are
+    noted for ``TRAK``'s warning (:mod:`trak_core._subnormal_rows`): scaled up, their rounding is too."""
+    largest = xp.max(xp.abs(features), axis=1, keepdims=True)
+    ones = xp.ones_like(largest)
+    scaled = features / xp.where(largest > 0, largest, ones)  # JAX without x64 flushes subnormals: 0, never NaN
+    norms = xp.sqrt(xp.sum(scaled * scaled, axis=1, keepdims=True))
+    note_rows(features, largest, norms, xp=xp)
+    return scaled / xp.where(norms > 0, norms, ones)
 
 
 class Ensemble:

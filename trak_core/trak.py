@@ -16,6 +16,7 @@ from ._featurizer import Featurizer
 from ._namespace import namespace
 from ._progress import length_of, progress
 from ._reopen import Reopening
+from ._subnormal_rows import reporting
 from ._target_groups import group_columns, target_groups
 from .backends import Backend
 from .backends.protocol import batches
@@ -193,6 +194,7 @@ class TRAK(Featurizer, Reopening):
                 f"{len(self.store) + len(self._opened)}, store={self.store.location or 'memory'!r})")
 
     @once_per_call  # a warning of the model's outputs is said once per call, not per batch
+    @reporting("training")  # normalize_features: subnormal rows, once per call
     def featurize(self, checkpoint: Any, data: Iterable[Any], *, index: int | None = None) -> None:
         """Compute and store the training features of one checkpoint.
 
@@ -250,6 +252,7 @@ class TRAK(Featurizer, Reopening):
         return clone
 
     @once_per_call
+    @reporting("target")
     def score(self, data: Iterable[Any], *, checkpoints: Sequence[int] | None = None,
               save_as: str | None = None) -> Any:
         """Scores of every training example for every target, shape ``(n_train, n_targets)``.
