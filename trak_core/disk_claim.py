@@ -3,10 +3,13 @@
 One job: a run's claim on the checkpoint it writes (an ``flock`` of the group's directory), the refusal of a second
 run at an index another process is writing (two jobs featurizing the same index at once, a requeued array task,
 wrote over each other's metadata and temporary files, and one of them failed), and the take-over of an index a run
-killed before its first rows left with its parameters' hash.
+killed before its first rows left with its parameters' hash. A store at a URL other than ``file://`` (``s3://``,
+``memory://``...) has no directory to lock: its claim is the run record alone (``CheckpointClaim`` without a
+directory), which tells a run of another process on this host only.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -23,7 +26,7 @@ try:
 except ImportError:  # Windows: no flock, the run record tells instead
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CheckpointClaim", "busy_error", "claim_checkpoint", "refuse_busy", "take_over"]
+__all__ = ["CheckpointClaim", "busy_error", "claim_checkpoint", "recorded_run", "refuse_busy", "take_over"]
 
 log = logging.getLogger("trak_core")
 
@@ -42,11 +45,12 @@ class CheckpointClaim:
 
     Parameters
     ----------
-    directory : pathlib.Path
-        The group's directory (``c{i}``).
+    directory : pathlib.Path or None
+        The group's directory (``c{i}``); ``None`` for a store at a URL other than ``file://`` (nothing to lock).
     run : dict or None
         The group's run record (``run_record``), read where the filesystem takes no ``flock`` on a directory (some
-        network filesystems; Windows): the claim is then held unless it names another process running on this host.
+        network filesystems; Windows) or there is no directory: the claim is then held unless it names another
+        process running on this host.
 
     Attributes
     ----------
@@ -54,9 +58,13 @@ class CheckpointClaim:
         False where another process holds the claim: it is writing the checkpoint now (``refuse_busy``).
     """
 
-    def __init__(self, directory: pathlib.Path, run: dict | None) -> None:
+    def __init__(self, directory: pathlib.Path | None, run: dict | None) -> None:
         self.fd: int | None = None
         self.held = True
+        self.key: str | None = None
+        if directory is None:  # a store at a URL: no lock, the run record tells
+            self.held = not live_elsewhere(run)
+            return
         self.key = os.path.realpath(directory)
         with _HELD_LOCK:
             earlier = _HELD.pop(self.key, None)
@@ -102,13 +110,12 @@ class CheckpointClaim:
 
 
 def claim_checkpoint(store: Any, index: int) -> CheckpointClaim | None:
-    """The claim on checkpoint ``index`` of a local on-disk ``store`` (``trak_core.disk_store.DiskStore``), its group
-    created where absent, taken before the checkpoint's writer reads the group; ``None`` for a complete checkpoint (a
-    run only reads it) or a store at a URL (not claimed)."""
+    """The claim on checkpoint ``index`` of an on-disk ``store`` (``trak_core.disk_store.DiskStore``), its group
+    created where absent, taken before the checkpoint's writer reads the group (a store at a URL other than
+    ``file://``: its run record alone, ``CheckpointClaim``); ``None`` for a complete checkpoint (a run only reads
+    it)."""
     from .disk_writer import one_writer
 
-    if "://" in str(store.path):
-        return None
     name = f"c{index}"
     if name not in store.root:
         store.writable()
@@ -121,7 +128,7 @@ def claim_checkpoint(store: Any, index: int) -> CheckpointClaim | None:
         group = store.root[name]  # another job at this index created it at the same moment
     if group.attrs.get("complete", False):
         return None
-    return CheckpointClaim(pathlib.Path(store.path) / name, group.attrs.get("run"))
+    return CheckpointClaim(store.checkpoint_folder(index), group.attrs.get("run"))
 
 
 def refuse_busy(writer: Any, index: int, where: str) -> None:
@@ -171,3 +178,14 @@ def take_over(writer: Any, index: int, where: str) -> bool:
             del attrs[key]
     writer.parameters_digest, writer.plan_digest, writer._data = None, None, {}
     return True
+
+
+def recorded_run(folder: Any) -> dict | None:
+    """The run record (``disk_shared.run_record``) in the group ``zarr.json`` of checkpoint ``folder`` (a
+    ``pathlib.Path`` or ``disk_tree.UrlPath``), where it can be read (an array's metadata may be the damaged one);
+    ``None`` otherwise."""
+    try:
+        run = json.loads((folder / "zarr.json").read_bytes())["attributes"]["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return run if isinstance(run, dict) else None

@@ -3,14 +3,18 @@
 One job: tell a trak-core store (or an empty directory) from a directory that holds something else, which
 trak-core refuses to write into, name zarr's temporary files, and find damaged metadata (a ``zarr.json`` truncated,
 zeroed or deleted) from the files themselves: zarr stops at the first one it cannot parse, with a raw JSON error that
-names no file, and takes a store whose root ``zarr.json`` is gone for a foreign directory.
+names no file, and takes a store whose root ``zarr.json`` is gone for a foreign directory. A store at a URL is read
+the same way through ``disk_tree.UrlPath`` (the few ``pathlib.Path`` methods used here, over fsspec).
 """
 from __future__ import annotations
 
 import json
 import pathlib
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .disk_tree import UrlPath
 
 __all__ = ["ANY_ZARR_TEMPORARY", "CHECKPOINT_GROUP", "ZARR_TEMPORARY", "foreign_contents", "metadata_problem",
            "damaged_metadata", "damaged_checkpoints", "unreadable_metadata", "damaged_root", "member", "has_member",
@@ -55,7 +59,7 @@ CHECKPOINT_GROUP = re.compile(r"c(\d+)")  # a checkpoint's group: c0, c1, ...
 _CHECKPOINT_ATTRIBUTES = {"rows_done", "parameters_sha256", "data_checksums", "checksums", "complete"}
 
 
-def metadata_problem(file: pathlib.Path) -> str | None:
+def metadata_problem(file: pathlib.Path | UrlPath) -> str | None:
     """What is wrong with the zarr metadata ``file`` (a ``zarr.json``): ``"is missing"``, ``"cannot be read (...)"``
     (truncated, zeroed, not JSON) or ``"is not zarr metadata"``; ``None`` where it is zarr v3 metadata."""
     try:
@@ -74,7 +78,7 @@ def metadata_problem(file: pathlib.Path) -> str | None:
     return None
 
 
-def damaged_metadata(directory: pathlib.Path) -> str | None:
+def damaged_metadata(directory: pathlib.Path | UrlPath) -> str | None:
     """``"<directory>/zarr.json <what is wrong>"`` where the zarr node at ``directory`` has damaged metadata: its
     ``zarr.json`` cannot be read, or is missing while the folder holds nodes (a group's members with their own
     ``zarr.json``, an array's chunks in ``c/``: zarr writes a node's metadata before them); ``None`` where it is
@@ -87,14 +91,14 @@ def damaged_metadata(directory: pathlib.Path) -> str | None:
     return None if problem is None else f"{file} {problem}"
 
 
-def _checkpoint_folders(path: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+def _checkpoint_folders(path: pathlib.Path | UrlPath) -> list[tuple[int, Any]]:
     """``(index, folder)`` of the ``c{index}`` folders of the store at ``path``, in order."""
     found = [(int(m.group(1)), entry) for entry in (path.iterdir() if path.is_dir() else ())
              if entry.is_dir() and (m := CHECKPOINT_GROUP.fullmatch(entry.name))]
-    return sorted(found)
+    return sorted(found, key=lambda item: (item[0], item[1].name))
 
 
-def damaged_checkpoints(path: pathlib.Path) -> dict[int, str]:
+def damaged_checkpoints(path: pathlib.Path | UrlPath) -> dict[int, str]:
     """``{index: "its metadata <file> <what is wrong>"}`` for each checkpoint of the local store at ``path`` whose
     group's, ``features``' or ``out_to_loss``'s ``zarr.json`` is damaged (``damaged_metadata``; the kernel's is not
     listed: a damaged kernel is made again from the features)."""
@@ -106,7 +110,7 @@ def damaged_checkpoints(path: pathlib.Path) -> dict[int, str]:
     return found
 
 
-def unreadable_metadata(folder: pathlib.Path) -> list[pathlib.Path]:
+def unreadable_metadata(folder: pathlib.Path | UrlPath) -> list[Any]:
     """The ``zarr.json`` files of checkpoint ``folder`` (its group's, ``features``' and ``out_to_loss``') that are
     there and cannot be read: zarr neither reads nor replaces them (the kernel's: ``DiskWriter.finish`` makes it
     again)."""
@@ -114,7 +118,7 @@ def unreadable_metadata(folder: pathlib.Path) -> list[pathlib.Path]:
     return [file for file in files if file.exists() and metadata_problem(file) is not None]
 
 
-def _holds_checkpoint(folder: pathlib.Path) -> bool:
+def _holds_checkpoint(folder: pathlib.Path | UrlPath) -> bool:
     """Whether ``folder`` is a trak-core checkpoint's group: its arrays' metadata, or a checkpoint's attributes."""
     if any((folder / name / "zarr.json").exists() for name in ("features", "out_to_loss")):
         return True
@@ -125,7 +129,7 @@ def _holds_checkpoint(folder: pathlib.Path) -> bool:
     return isinstance(attributes, dict) and bool(_CHECKPOINT_ATTRIBUTES & set(attributes))
 
 
-def damaged_root(path: pathlib.Path) -> str | None:
+def damaged_root(path: pathlib.Path | UrlPath) -> str | None:
     """``"<path>/zarr.json <what is wrong>"`` where the directory ``path`` holds a trak-core store's checkpoints (a
     ``c{i}`` group with a checkpoint's arrays or attributes) and its root metadata is missing or cannot be read;
     ``None`` otherwise (a readable store, or a directory that is no trak-core store: ``foreign_contents``)."""
@@ -153,9 +157,16 @@ def has_member(group: Any, name: str) -> bool:
 
 def member_names(group: Any) -> list[str]:
     """The names of ``group``'s members, their metadata unread (zarr's listing stops at the first one it cannot
-    parse): the folders of a local store, else zarr's keys."""
-    root = getattr(getattr(group, "store", None), "root", None)  # zarr's LocalStore: a pathlib.Path
-    if not isinstance(root, pathlib.PurePath):
-        return list(group.keys())
-    folder = pathlib.Path(root) / group.path
+    parse): the folders of a local store or of a store at a URL (``disk_tree.fsspec_tree``), else zarr's keys."""
+    store = getattr(group, "store", None)
+    root = getattr(store, "root", None)  # zarr's LocalStore: a pathlib.Path
+    if isinstance(root, pathlib.PurePath):
+        folder: Any = pathlib.Path(root) / group.path
+    else:
+        from .disk_tree import fsspec_tree
+
+        tree = fsspec_tree(store)  # zarr's FsspecStore (s3://, memory://...)
+        if tree is None:
+            return list(group.keys())
+        folder = tree / group.path
     return sorted(entry.name for entry in folder.iterdir() if entry.is_dir()) if folder.is_dir() else []

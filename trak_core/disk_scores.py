@@ -40,8 +40,8 @@ def _score_again(path: Any, name: str) -> str:
 
 
 class ScoreSets:
-    """The score sets of a ``DiskStore`` (which gives ``path``, ``location``, ``root``, ``exists``, ``writable``,
-    ``_url`` and ``_sweep_temporaries``)."""
+    """The score sets of a ``DiskStore`` (which gives ``path``, ``tree``, ``location``, ``root``, ``exists``,
+    ``writable``, ``_url`` and ``_sweep_temporaries``)."""
 
     def save_scores(self, name: str, scores: Any) -> None:
         """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum (one thread
@@ -108,7 +108,7 @@ class ScoreSets:
     def _scores_group(self) -> Any:
         """The ``scores`` group (``None`` where no set was saved); a ``StoreDamagedError`` where its ``zarr.json`` is
         damaged (``disk_layout.damaged_metadata``: zarr reads no set then)."""
-        what = None if self._url or not self.exists() else damaged_metadata(self.path / "scores")
+        what = None if not self.exists() else damaged_metadata(self.tree / "scores")
         if what is not None:
             raise StoreDamagedError(f"the saved scores in {self.path} cannot be read: their group's metadata {what}. "
                                     "The sets in its folder are left as they are; write that file again with the text "
@@ -118,7 +118,7 @@ class ScoreSets:
 
     def _set_damage(self, name: str) -> str | None:
         """What is damaged in the metadata of score set ``name`` (``disk_layout.damaged_metadata``), or ``None``."""
-        return None if self._url else damaged_metadata(self.path / "scores" / name)
+        return damaged_metadata(self.tree / "scores" / name)
 
     def _refuse_damaged_set(self, name: str) -> None:
         raise StoreDamagedError(f"scores {name!r} in {self.path} are damaged: their metadata {self._set_damage(name)}; "

@@ -32,9 +32,10 @@ The directory is created by the first write, not by opening. Reading a finished 
 self-influence, saved scores, featurizing its complete checkpoints again) writes nothing, so it works in a read-only
 directory; whatever must write (a new or incomplete checkpoint, ``save_as``) first checks that the directory is
 writable (``DiskStore.writable``). One writer per checkpoint: a run at a checkpoint another process is writing is
-refused before it writes (``disk_claim.CheckpointClaim``); another process writing the same store at the same time
-is an error (``TrakOSError``) where zarr notices it, except jobs that featurize one checkpoint each
-(``featurize(..., index=i)``; ``trak_core.disk_shared``).
+refused before it writes (``disk_claim.CheckpointClaim``; at a URL other than ``file://``, which has no directory to
+lock, only where the checkpoint's run record names a live process on this host); another process writing the same
+store at the same time is an error (``TrakOSError``) where zarr notices it, except jobs that featurize one checkpoint
+each (``featurize(..., index=i)``; ``trak_core.disk_shared``).
 
 Safety: zarr's ``LocalStore`` writes every chunk to a temporary file and renames it into place,
 so a chunk is either the old or the new bytes; ``rows_done`` and the checksum of a chunk are
@@ -58,9 +59,10 @@ from ._zarr_io import settle
 from .disk_layout import (ANY_ZARR_TEMPORARY, ZARR_TEMPORARY, damaged_checkpoints, damaged_root, foreign_contents,
                           has_member, member, unreadable_metadata)
 from .disk_scores import ScoreSets
-from .disk_claim import CheckpointClaim, busy_error, claim_checkpoint
+from .disk_claim import CheckpointClaim, busy_error, claim_checkpoint, recorded_run
 from .disk_shared import (check_configuration, checked_configuration, checked_lambda, checkpoint_indices,
                           configuration_digest, data_reference)
+from .disk_tree import UrlPath, local_folder, store_tree
 from .disk_writer import DiskFeatures, DiskWriter, one_writer, open_root, write_rows
 
 __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STORE_FORMAT", "write_rows",
@@ -85,7 +87,8 @@ class DiskStore(ScoreSets, Store):
         Nothing is created until the first write. On a local directory every chunk write is
         atomic (temporary file, then rename). On other fsspec filesystems atomicity is the
         filesystem's: object stores (S3, GCS) replace whole objects, so a chunk is still old or
-        new, never partial.
+        new, never partial. A ``file://`` URL is a local directory (claimed with a ``flock``, as a path is); damaged
+        metadata is named at any URL (``disk_tree``).
         """
         try:
             import zarr  # noqa: F401
@@ -116,6 +119,7 @@ class DiskStore(ScoreSets, Store):
             try:
                 self._root = open_root(self.path, "r+")
             except Exception:
+                self._refuse_damaged()  # its root zarr.json damaged or deleted: not taken for "no store here"
                 return False
             return True
         if (self.path / "zarr.json").exists():
@@ -129,6 +133,7 @@ class DiskStore(ScoreSets, Store):
         one is created, in a directory checked to be writable."""
         if self._root is None:
             if self._url:
+                self._refuse_damaged()  # zarr would raise its raw JSON error, or write a new root over a deleted one
                 with one_writer(self.path):
                     self._root = open_root(self.path, "a")
                 return self._root
@@ -158,7 +163,8 @@ class DiskStore(ScoreSets, Store):
     def _refuse_damaged(self) -> None:
         """Refuse a store whose root metadata is missing or cannot be read (``disk_layout.damaged_root``), rather than
         take it for a foreign directory or for no store at all; nothing is written."""
-        what = damaged_root(self.path) if self.path.is_dir() else None
+        tree = self.tree
+        what = damaged_root(tree) if tree.is_dir() else None
         if what is not None:
             raise StoreDamagedError(f"the trak-core store at {self.path} is damaged: its root metadata {what}. That "
                                     "file records the store's configuration, so the store cannot be opened; trak-core "
@@ -166,9 +172,21 @@ class DiskStore(ScoreSets, Store):
                                     "new store path")
 
     def damaged_checkpoints(self) -> dict[int, str]:
-        """``{index: what}`` of the checkpoints whose metadata is damaged (``disk_layout.damaged_checkpoints``; a
-        local store only): featurizing such a checkpoint again redoes it."""
-        return {} if self._url or not self.exists() else damaged_checkpoints(self.path)
+        """``{index: what}`` of the checkpoints whose metadata is damaged (``disk_layout.damaged_checkpoints``; at a
+        URL too, ``disk_tree``): featurizing such a checkpoint again redoes it."""
+        return {} if not self.exists() else damaged_checkpoints(self.tree)
+
+    @property
+    def tree(self) -> pathlib.Path | UrlPath:
+        """The store's folder as ``disk_layout`` reads it (``disk_tree.store_tree``): a ``pathlib.Path`` for a local
+        directory or a ``file://`` URL, a ``disk_tree.UrlPath`` for another URL."""
+        return self.path if isinstance(self.path, pathlib.Path) else store_tree(self.path)
+
+    def checkpoint_folder(self, index: int) -> pathlib.Path | None:
+        """The local directory of checkpoint ``index``'s group, which its claim locks (``disk_claim``); ``None`` for a
+        store at a URL other than ``file://`` (nothing to lock: its run record tells)."""
+        folder = local_folder(self.tree)
+        return None if folder is None else folder / f"c{index}"
 
     def writable(self) -> None:
         """Check, before the first write, that the store's directory can be written (once; creating it if absent):
@@ -231,20 +249,21 @@ class DiskStore(ScoreSets, Store):
     def writer(self, index: int, fingerprint: dict) -> DiskWriter:
         self._check(fingerprint)
         self._release()  # one checkpoint at a time: claimed before its writer reads the group, released by add or
-        directory = None if self._url else self.path / f"c{index}"  # settle; not held: refused (_identity)
-        broken = [] if self._url else unreadable_metadata(directory)
+        directory = self.checkpoint_folder(index)  # settle; not held: refused (_identity). None: at a URL
+        broken = unreadable_metadata(self.tree / f"c{index}")
         if broken:  # featurized again: its zarr.json files that zarr cannot read are deleted, and it is redone as one
-            self._claim = CheckpointClaim(directory, None)  # whose metadata was deleted (DiskWriter._verified_rows);
+            run = None if directory is not None else recorded_run(self.tree / f"c{index}")  # no lock: the record
+            self._claim = CheckpointClaim(directory, run)  # whose metadata was deleted (DiskWriter._verified_rows);
             if not self._claim.held:  # TRAK.open refused it before. Claimed first: another run may be redoing it
                 self._release()
-                raise busy_error(index, str(self.path), None)
+                raise busy_error(index, str(self.path), run)
             self.writable()
             for file in broken:
                 file.unlink(missing_ok=True)
         else:
             self._claim = claim_checkpoint(self, index)
         writer = DiskWriter(self, index)
-        if self._claim is None and not writer.complete and not self._url:  # complete, yet damaged: redone (claimed)
+        if self._claim is None and not writer.complete:  # complete, yet damaged: redone (claimed)
             self._claim = CheckpointClaim(directory, writer.group.attrs.get("run"))
         writer.claim = self._claim
         return writer
@@ -307,13 +326,15 @@ class DiskStore(ScoreSets, Store):
     def _sweep_temporaries(self, group: str, root: bool = True) -> None:
         """Delete the temporary files of zarr writes that a killed run cut short (``*.<32 hex>.partial``: zarr writes
         each file so and renames it into place) in ``group``, just finished by this, the store's one writer, and
-        (``root``) beside the store's own ``zarr.json``. A local store only; a file that cannot be deleted is left."""
-        if self._url:
+        (``root``) beside the store's own ``zarr.json``. A local store only (a ``file://`` URL too: zarr writes it as
+        a local directory); a file that cannot be deleted is left."""
+        folder = local_folder(self.tree)
+        if folder is None:
             return
-        directory = self.path / group
+        directory = folder / group
         found = [entry for entry in directory.rglob("*.partial") if ANY_ZARR_TEMPORARY.fullmatch(entry.name)]
         if root:
-            found += [entry for entry in self.path.glob("*.partial") if ZARR_TEMPORARY.fullmatch(entry.name)]
+            found += [entry for entry in folder.glob("*.partial") if ZARR_TEMPORARY.fullmatch(entry.name)]
         for entry in found:
             try:
                 entry.unlink()

@@ -162,7 +162,7 @@ def _damage(store: Any, group: Any, index: int, rows: int, complete: bool) -> st
         except StoreMismatchError as exc:
             return str(exc)
     if complete and "kernel" in member_names(group):  # also where its zarr.json cannot be read
-        what = None if store._url else damaged_metadata(store.path / group.path / "kernel")
+        what = damaged_metadata(store.tree / group.path / "kernel")
         if what is not None:
             return f"the kernel's metadata {what} (TRAK.open or featurize makes it again from the features)"
         try:

@@ -1,0 +1,137 @@
+"""The folders of an on-disk store at a URL, read as ``trak_core.disk_layout`` reads a local directory.
+
+One job: ``UrlPath``, the few ``pathlib.Path`` methods ``disk_layout`` uses (``/``, ``name``, ``read_bytes``,
+``exists``, ``is_dir``, ``iterdir``, ``unlink``) over an fsspec filesystem, so that the damaged metadata of a store at
+a URL (``s3://``, ``gs://``, ``memory://``...) is found and named as a local store's is; and ``store_tree``, the
+folder of a store's location: a ``pathlib.Path`` for a local directory or a ``file://`` URL (``disk_writer.open_root``
+opens it as a local folder, not percent-decoded), a ``UrlPath`` for any other URL.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Iterator
+
+from .errors import MissingFrameworkError
+
+__all__ = ["UrlPath", "store_tree", "fsspec_tree", "local_folder"]
+
+
+class UrlPath:
+    """A file or folder of an fsspec filesystem, with the subset of ``pathlib.Path`` that ``disk_layout`` uses.
+
+    Parameters
+    ----------
+    fs
+        A synchronous fsspec filesystem.
+    path : str
+        The path in ``fs`` (protocol stripped, as ``fsspec.core.url_to_fs`` gives it).
+    url : str, optional
+        How it is shown (``str``): the store's URL as given, with the names joined below it; by default
+        ``fs.unstrip_protocol(path)``.
+    kind : str, optional
+        ``"directory"`` or ``"file"`` where a listing told it (``is_dir`` then asks nothing).
+    """
+
+    def __init__(self, fs: Any, path: str, url: str | None = None, kind: str | None = None) -> None:
+        self.fs, self.path, self._kind = fs, path.rstrip("/") or "/", kind
+        self.url = (url if url is not None else fs.unstrip_protocol(self.path)).rstrip("/")
+
+    def __truediv__(self, name: Any) -> "UrlPath":
+        name = str(name).strip("/")
+        if name in ("", "."):
+            return self
+        return UrlPath(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.url}/{name}")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"UrlPath({self.url!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def _fresh(self) -> None:
+        """Forget what the filesystem's listing cache holds of this folder: zarr writes through its own filesystem
+        object, whose writes this one's cache (s3fs, gcsfs) does not see."""
+        try:
+            self.fs.invalidate_cache(self.path)
+        except Exception:  # noqa: BLE001 - a cache is an optimisation only
+            pass
+
+    def read_bytes(self) -> bytes:
+        """The file's bytes; ``FileNotFoundError`` where there is none."""
+        return self.fs.cat_file(self.path)
+
+    def exists(self) -> bool:
+        self._fresh()
+        return bool(self.fs.exists(self.path))
+
+    def is_dir(self) -> bool:
+        if self._kind is not None:
+            return self._kind == "directory"
+        self._fresh()
+        return bool(self.fs.isdir(self.path))
+
+    def iterdir(self) -> Iterator["UrlPath"]:
+        """The folder's entries (one listing: each one's kind comes with it)."""
+        self._fresh()
+        for entry in self.fs.ls(self.path, detail=True):
+            name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if name and name != self.name:
+                yield UrlPath(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.url}/{name}", entry.get("type"))
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        try:
+            self.fs.rm_file(self.path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+        self._fresh()
+
+
+def sync_filesystem(fs: Any) -> Any:
+    """A synchronous twin of the filesystem zarr's ``FsspecStore`` holds (an asynchronous one, or fsspec's wrapper of
+    a synchronous one)."""
+    inner = getattr(fs, "sync_fs", None)  # fsspec's AsyncFileSystemWrapper (memory://, and other synchronous ones)
+    if inner is not None:
+        return inner
+    if getattr(fs, "asynchronous", False):  # s3fs, gcsfs...: the same options, without asynchronous=True
+        return type(fs)(**{**getattr(fs, "storage_options", {}), "asynchronous": False})
+    return fs
+
+
+def fsspec_tree(store: Any) -> UrlPath | None:
+    """The root folder of zarr's fsspec store ``store`` (``None`` for another kind of store, or where no synchronous
+    twin of its filesystem can be made: zarr's own listing is used then)."""
+    fs, path = getattr(store, "fs", None), getattr(store, "path", None)
+    if fs is None or not isinstance(path, str):
+        return None
+    try:
+        return UrlPath(sync_filesystem(fs), path)
+    except Exception:  # noqa: BLE001 - a filesystem this cannot rebuild: listed as zarr lists it
+        return None
+
+
+def store_tree(location: Any) -> pathlib.Path | UrlPath:
+    """The folder of the store at ``location``: a ``pathlib.Path`` for a local directory or a ``file://`` URL, else
+    a ``UrlPath`` through fsspec (``MissingFrameworkError`` where fsspec, or the filesystem's package, is absent)."""
+    text = str(location)
+    if "://" not in text:
+        return pathlib.Path(text)
+    if text.startswith("file://"):  # as disk_writer.open_root opens it: a local folder, not percent-decoded
+        return pathlib.Path(text[len("file://"):])
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(text)
+    except ImportError as exc:
+        raise MissingFrameworkError(f"the store at {text} is a URL, which zarr opens through fsspec: {exc} (pip "
+                                    "install fsspec and the filesystem's package, such as s3fs or gcsfs)") from None
+    return UrlPath(fs, path, text.rstrip("/"))
+
+
+def local_folder(tree: Any) -> pathlib.Path | None:
+    """``tree`` where it is a local folder (one ``flock`` can lock, ``disk_claim``), else ``None``."""
+    return tree if isinstance(tree, pathlib.Path) else None
