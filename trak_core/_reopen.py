@@ -106,7 +106,16 @@ def _loading_state(trak: Any) -> list:
 
 def open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, task: Any, backend: Any,
               lambda_reg: Any, **options: Any) -> Any:
-    """``cls`` configured as the store at ``path`` was written, its checkpoints checked (see ``TRAK.open``)."""
+    """``cls`` configured as the store at ``path`` was written, its checkpoints checked (see ``TRAK.open``); each
+    ``zarr.json`` of the store is read once (``disk_listing.reading``)."""
+    from .disk_listing import reading
+
+    with reading():
+        return _open_trak(cls, path, model, checkpoints, task=task, backend=backend, lambda_reg=lambda_reg, **options)
+
+
+def _open_trak(cls: type, path: Any, model: Any, checkpoints: Sequence[Any], *, task: Any, backend: Any,
+               lambda_reg: Any, **options: Any) -> Any:
     from .disk_store import STORE_FORMAT, DiskStore
 
     store = DiskStore(path)

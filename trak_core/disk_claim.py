@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+from .disk_listing import lookup
 from .disk_shared import live_elsewhere, run_state
 from .errors import TrakOSError
 
@@ -117,11 +118,18 @@ def claim_checkpoint(store: Any, index: int) -> CheckpointClaim | None:
     from .disk_writer import one_writer
 
     name = f"c{index}"
-    if name not in store.root:
+    try:  # read once: its writer takes the same group (in a call that reads the store, disk_listing.reading)
+        group, absent = lookup(store.root, name), False
+    except KeyError:
+        group, absent = None, True
+    except Exception:  # metadata zarr cannot read: `in` raises as before
+        group, absent = None, None
+    if absent or (absent is None and name not in store.root):
         store.writable()
     try:
-        with one_writer(store.path):
-            group = store.root.require_group(name)
+        if not hasattr(group, "require_group"):  # absent, or an array: require_group creates it or says why
+            with one_writer(store.path):
+                group = store.root.require_group(name)
     except TrakOSError:
         if not store.shared:
             raise

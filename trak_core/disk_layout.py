@@ -11,25 +11,39 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+from .disk_listing import listed, lookup
 
 if TYPE_CHECKING:
     from .disk_tree import UrlPath
 
 __all__ = ["ANY_ZARR_TEMPORARY", "CHECKPOINT_GROUP", "ZARR_TEMPORARY", "foreign_contents", "metadata_problem",
            "damaged_metadata", "damaged_checkpoints", "unreadable_metadata", "damaged_root", "member", "has_member",
-           "member_names"]
+           "member_names", "read_metadata"]
+
+Raw = Union[bytes, OSError]  # a zarr.json's bytes, or why they could not be read (``read_metadata``)
 
 ZARR_TEMPORARY = re.compile(r"zarr\.[0-9a-f]{32}\.partial")  # zarr.json written, not yet renamed into place
 ANY_ZARR_TEMPORARY = re.compile(r".*\.[0-9a-f]{32}\.partial")  # chunks too: ``c/0/0.<32 hex>.partial``
 
 
-def foreign_contents(path: pathlib.Path) -> str | None:
+def read_metadata(file: pathlib.Path) -> Raw:
+    """The bytes of ``file`` (a ``zarr.json``), or the ``OSError`` that reading it raised (``FileNotFoundError``
+    where it is missing): read once, for ``metadata_problem`` and the other checks of the same file."""
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        return exc
+
+
+def foreign_contents(path: pathlib.Path, raw: Raw | None = None) -> str | None:
     """What the directory holds that is not a trak-core store's: a ``zarr.json`` that is a user's own file of
     that name (zarr would replace it), a zarr array, or a zarr group with attributes or members of its own
     (trak-core would add its arrays to it); zarr v2 data; files without a ``zarr.json`` (hidden ones aside).
     ``None`` for a store, an empty directory, or a group with neither attributes nor members (a first run
-    created it and stopped before recording its configuration)."""
+    created it and stopped before recording its configuration). ``raw``: its ``zarr.json`` as ``read_metadata``
+    read it (else read here)."""
     others = sorted(entry.name for entry in path.iterdir()
                     if entry.name != "zarr.json" and not entry.name.startswith(".trak_core_write_probe")
                     and not ZARR_TEMPORARY.fullmatch(entry.name))  # a write a kill cut short: not the user's
@@ -41,9 +55,10 @@ def foreign_contents(path: pathlib.Path) -> str | None:
         return f"files that are not a trak-core store's ({visible[:5]})" if visible else None
     if v2:
         return "zarr v2 data beside a zarr.json"
+    raw = read_metadata(path / "zarr.json") if raw is None else raw
     try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+        meta = None if isinstance(raw, OSError) else json.loads(raw.decode())
+    except ValueError:  # UnicodeDecodeError too
         meta = None
     if not isinstance(meta, dict) or meta.get("zarr_format") != 3 or "node_type" not in meta:
         return "a zarr.json file that is not zarr metadata"
@@ -59,15 +74,15 @@ CHECKPOINT_GROUP = re.compile(r"c(\d+)")  # a checkpoint's group: c0, c1, ...
 _CHECKPOINT_ATTRIBUTES = {"rows_done", "parameters_sha256", "data_checksums", "checksums", "complete"}
 
 
-def metadata_problem(file: pathlib.Path | UrlPath) -> str | None:
+def metadata_problem(file: pathlib.Path | UrlPath, raw: Raw | None = None) -> str | None:
     """What is wrong with the zarr metadata ``file`` (a ``zarr.json``): ``"is missing"``, ``"cannot be read (...)"``
-    (truncated, zeroed, not JSON) or ``"is not zarr metadata"``; ``None`` where it is zarr v3 metadata."""
-    try:
-        raw = file.read_bytes()
-    except FileNotFoundError:
+    (truncated, zeroed, not JSON) or ``"is not zarr metadata"``; ``None`` where it is zarr v3 metadata. ``raw``: the
+    file as ``read_metadata`` read it (else read here)."""
+    raw = read_metadata(file) if raw is None else raw
+    if isinstance(raw, FileNotFoundError):
         return "is missing"
-    except OSError as exc:
-        return f"cannot be read ({exc})"
+    if isinstance(raw, OSError):
+        return f"cannot be read ({raw})"
     try:
         meta = json.loads(raw)
     except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for a zeroed file
@@ -98,24 +113,35 @@ def _checkpoint_folders(path: pathlib.Path | UrlPath) -> list[tuple[int, Any]]:
     return sorted(found, key=lambda item: (item[0], item[1].name))
 
 
-def damaged_checkpoints(path: pathlib.Path | UrlPath) -> dict[int, str]:
+Opened = Callable[[str], bool]  # whether zarr opened the node at a path relative to the store (``disk_listing.opened``)
+
+
+def _never(_: str) -> bool:
+    return False
+
+
+def damaged_checkpoints(path: pathlib.Path | UrlPath, opened: Opened = _never) -> dict[int, str]:
     """``{index: "its metadata <file> <what is wrong>"}`` for each checkpoint of the local store at ``path`` whose
     group's, ``features``' or ``out_to_loss``'s ``zarr.json`` is damaged (``damaged_metadata``; the kernel's is not
-    listed: a damaged kernel is made again from the features)."""
+    listed: a damaged kernel is made again from the features). A node ``opened`` (``"c0"``, ``"c0/features"``: zarr
+    read and parsed its ``zarr.json`` in this call) is not read again: its metadata is whole."""
     found = {}
     for index, folder in _checkpoint_folders(path):
-        what = next(filter(None, (damaged_metadata(folder / name) for name in ("", "features", "out_to_loss"))), None)
+        names = ("", "features", "out_to_loss")
+        what = next(filter(None, (None if opened(f"c{index}/{name}".rstrip("/")) else damaged_metadata(folder / name)
+                                  for name in names)), None)
         if what is not None:
             found[index] = f"its metadata {what}"
     return found
 
 
-def unreadable_metadata(folder: pathlib.Path | UrlPath) -> list[Any]:
+def unreadable_metadata(folder: pathlib.Path | UrlPath, opened: Opened = _never) -> list[Any]:
     """The ``zarr.json`` files of checkpoint ``folder`` (its group's, ``features``' and ``out_to_loss``') that are
     there and cannot be read: zarr neither reads nor replaces them (the kernel's: ``DiskWriter.finish`` makes it
-    again)."""
-    files = [folder / "zarr.json"] + [folder / name / "zarr.json" for name in ("features", "out_to_loss")]
-    return [file for file in files if file.exists() and metadata_problem(file) is not None]
+    again). A node ``opened`` (as in ``damaged_checkpoints``) is not read again."""
+    nodes = [(folder.name, folder / "zarr.json")] + [(f"{folder.name}/{name}", folder / name / "zarr.json")
+                                                     for name in ("features", "out_to_loss")]
+    return [file for node, file in nodes if not opened(node) and file.exists() and metadata_problem(file) is not None]
 
 
 def _holds_checkpoint(folder: pathlib.Path | UrlPath) -> bool:
@@ -129,20 +155,22 @@ def _holds_checkpoint(folder: pathlib.Path | UrlPath) -> bool:
     return isinstance(attributes, dict) and bool(_CHECKPOINT_ATTRIBUTES & set(attributes))
 
 
-def damaged_root(path: pathlib.Path | UrlPath) -> str | None:
+def damaged_root(path: pathlib.Path | UrlPath, raw: Raw | None = None) -> str | None:
     """``"<path>/zarr.json <what is wrong>"`` where the directory ``path`` holds a trak-core store's checkpoints (a
     ``c{i}`` group with a checkpoint's arrays or attributes) and its root metadata is missing or cannot be read;
-    ``None`` otherwise (a readable store, or a directory that is no trak-core store: ``foreign_contents``)."""
-    problem = metadata_problem(path / "zarr.json")
+    ``None`` otherwise (a readable store, or a directory that is no trak-core store: ``foreign_contents``). ``raw``:
+    its root ``zarr.json`` as ``read_metadata`` read it (else read here)."""
+    problem = metadata_problem(path / "zarr.json", raw)
     if problem is None or not any(_holds_checkpoint(folder) for _, folder in _checkpoint_folders(path)):
         return None
     return f"{path / 'zarr.json'} {problem}"
 
 
 def member(group: Any, name: str) -> Any:
-    """``group[name]``; ``None`` where there is none, or its ``zarr.json`` is missing or cannot be read."""
+    """``group[name]``; ``None`` where there is none, or its ``zarr.json`` is missing or cannot be read (read once in
+    a call that reads the store, ``disk_listing.reading``)."""
     try:
-        return group[name]
+        return lookup(group, name)
     except (KeyError, ValueError):  # zarr's JSON, decoding and metadata errors are ValueErrors
         return None
 
@@ -150,14 +178,20 @@ def member(group: Any, name: str) -> Any:
 def has_member(group: Any, name: str) -> bool:
     """Whether ``group`` holds ``name`` with metadata zarr reads (an unreadable one is taken as absent)."""
     try:
-        return name in group
-    except ValueError:
+        lookup(group, name)  # what ``name in group`` does, read once in a call that reads the store
+    except (KeyError, ValueError):
         return False
+    return True
 
 
 def member_names(group: Any) -> list[str]:
     """The names of ``group``'s members, their metadata unread (zarr's listing stops at the first one it cannot
-    parse): the folders of a local store or of a store at a URL (``disk_tree.fsspec_tree``), else zarr's keys."""
+    parse): the folders of a local store or of a store at a URL (``disk_tree.fsspec_tree``), else zarr's keys
+    (listed once in a call that reads the store)."""
+    return listed(group, _member_names)
+
+
+def _member_names(group: Any) -> list[str]:
     store = getattr(group, "store", None)
     root = getattr(store, "root", None)  # zarr's LocalStore: a pathlib.Path
     if isinstance(root, pathlib.PurePath):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .disk_layout import damaged_metadata, member, member_names
+from .disk_listing import lookup, reading
 from .disk_shared import live_elsewhere, run_record
 from .disk_writer import _digest, one_writer, open_root
 from .errors import StoreDamagedError, TrakOSError, TrakValueError
@@ -41,7 +42,7 @@ def _score_again(path: Any, name: str) -> str:
 
 class ScoreSets:
     """The score sets of a ``DiskStore`` (which gives ``path``, ``tree``, ``location``, ``root``, ``exists``,
-    ``writable``, ``_url`` and ``_sweep_temporaries``)."""
+    ``writable``, ``_url``, ``_opened`` and ``_sweep_temporaries``)."""
 
     def save_scores(self, name: str, scores: Any) -> None:
         """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum (one thread
@@ -108,7 +109,8 @@ class ScoreSets:
     def _scores_group(self) -> Any:
         """The ``scores`` group (``None`` where no set was saved); a ``StoreDamagedError`` where its ``zarr.json`` is
         damaged (``disk_layout.damaged_metadata``: zarr reads no set then)."""
-        what = None if not self.exists() else damaged_metadata(self.tree / "scores")
+        what = (None if not self.exists() or self._opened("scores")  # zarr read it whole in this call
+                else damaged_metadata(self.tree / "scores"))
         if what is not None:
             raise StoreDamagedError(f"the saved scores in {self.path} cannot be read: their group's metadata {what}. "
                                     "The sets in its folder are left as they are; write that file again with the text "
@@ -137,13 +139,22 @@ class ScoreSets:
 
     def score_names(self) -> list[str]:
         """Names of the score sets saved in this store (finished ones: interrupted and damaged ones are left out),
-        sorted."""
+        sorted (each ``zarr.json`` read once, ``disk_listing.reading``)."""
+        with reading():
+            return self._score_names()
+
+    def _score_names(self) -> list[str]:
         group = self._scores_group()
         arrays = [member(group, name) for name in member_names(group)] if group is not None else []
         return sorted(array.basename for array in arrays if hasattr(array, "shape") and "sha256" in array.attrs)
 
     def load_scores(self, name: str) -> np.ndarray:
-        """Read scores saved with ``score(..., save_as=name)``, checking their checksum."""
+        """Read scores saved with ``score(..., save_as=name)``, checking their checksum (each ``zarr.json`` read once,
+        ``disk_listing.reading``)."""
+        with reading():
+            return self._load_scores(name)
+
+    def _load_scores(self, name: str) -> np.ndarray:
         state = self._scores_state(name)
         if state == "damaged":
             self._refuse_damaged_set(name)
@@ -152,7 +163,7 @@ class ScoreSets:
                                  f"interrupted); score again with save_as={name!r}, which replaces them")
         if state is None:
             raise TrakValueError(f"no scores named {name!r} in {self.path}; saved: {self.score_names()}")
-        array = self.root["scores"][name]
+        array = lookup(lookup(self.root, "scores"), name)
         values = np.empty(array.shape, dtype=array.dtype)
         try:
             for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time into the result (zarr

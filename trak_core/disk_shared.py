@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Any
 
-from .disk_layout import CHECKPOINT_GROUP, has_member, member, member_names
+from .disk_layout import CHECKPOINT_GROUP, member, member_names
 from .errors import StoreMismatchError
 
 __all__ = ["checkpoint_indices", "configuration_digest", "check_configuration", "checked_configuration",
@@ -40,9 +40,10 @@ def data_reference(group: Any) -> tuple[dict[str, str], int] | None:
     """``(data_checksums, rows)`` of a complete checkpoint's group: what another checkpoint's data must match;
     ``None`` where it recorded no digests (a store written before trak-core kept them)."""
     checksums = dict(group.attrs.get("data_checksums", {}))
-    if not checksums or not has_member(group, "features"):
+    features = member(group, "features") if checksums else None  # None: absent or unreadable (``has_member``)
+    if features is None:
         return None
-    return checksums, int(group["features"].shape[0])
+    return checksums, int(features.shape[0])
 
 
 def configuration_digest(configuration: dict) -> str:

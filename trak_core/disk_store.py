@@ -51,18 +51,17 @@ import os
 import pathlib
 from typing import Any
 
-from .errors import (MissingFrameworkError, StoreDamagedError, StoreMismatchError, TrakOSError, TrakValueError,
-                     install_hint)
+from .errors import MissingFrameworkError, StoreMismatchError, TrakOSError, TrakValueError, install_hint
 from .fingerprints import combine
 from .store import KERNEL_CHUNK_ROWS, CheckpointEntry, Store
 from ._zarr_io import settle
-from .disk_layout import (ANY_ZARR_TEMPORARY, ZARR_TEMPORARY, damaged_checkpoints, damaged_root, foreign_contents,
-                          has_member, member, unreadable_metadata)
+from .disk_layout import has_member, member, unreadable_metadata
+from .disk_listing import group_from_metadata, lookup
+from .disk_folder import StoreFolder
 from .disk_scores import ScoreSets
 from .disk_claim import CheckpointClaim, busy_error, claim_checkpoint, recorded_run
 from .disk_shared import (check_configuration, checked_configuration, checked_lambda, checkpoint_indices,
                           configuration_digest, data_reference)
-from .disk_tree import UrlPath, local_folder, store_tree
 from .disk_writer import DiskFeatures, DiskWriter, one_writer, open_root, write_rows
 
 __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STORE_FORMAT", "write_rows",
@@ -71,7 +70,7 @@ __all__ = ["DiskStore", "DiskWriter", "DiskFeatures", "StoreMismatchError", "STO
 STORE_FORMAT = 1  # the layout above; a store of another format is refused (StoreMismatchError)
 
 
-class DiskStore(ScoreSets, Store):
+class DiskStore(StoreFolder, ScoreSets, Store):
     """Checkpoint entries whose features live in a zarr v3 group at ``path`` (created by the first write)."""
 
     writes_apart = True  # takes a checkpoint out of order, written by a job of its own (``trak_core._apart``)
@@ -139,7 +138,10 @@ class DiskStore(ScoreSets, Store):
                 return self._root
             import zarr
 
-            self._refuse_foreign()
+            raw = self._refuse_foreign()
+            self._root = group_from_metadata(self.path, raw)  # the zarr.json just read and checked: not read again
+            if self._root is not None:
+                return self._root
             if not self.exists():
                 self.writable()
             try:
@@ -150,43 +152,6 @@ class DiskStore(ScoreSets, Store):
                     raise
                 self._root = zarr.open_group(str(self.path), mode="a")  # another job created it just now
         return self._root
-
-    def _refuse_foreign(self) -> None:
-        """Refuse a directory that is not a trak-core store (``disk_layout.foreign_contents``), before anything is
-        written to it."""
-        self._refuse_damaged()
-        what = foreign_contents(self.path) if self.path.is_dir() else None
-        if what is not None:
-            raise TrakOSError(f"the store path {self.path} holds {what}; trak-core writes only into its own stores "
-                              "and changed nothing: choose another (new or empty) directory for store=")
-
-    def _refuse_damaged(self) -> None:
-        """Refuse a store whose root metadata is missing or cannot be read (``disk_layout.damaged_root``), rather than
-        take it for a foreign directory or for no store at all; nothing is written."""
-        tree = self.tree
-        what = damaged_root(tree) if tree.is_dir() else None
-        if what is not None:
-            raise StoreDamagedError(f"the trak-core store at {self.path} is damaged: its root metadata {what}. That "
-                                    "file records the store's configuration, so the store cannot be opened; trak-core "
-                                    "changed nothing. Put the file back from a copy of the store, or featurize into a "
-                                    "new store path")
-
-    def damaged_checkpoints(self) -> dict[int, str]:
-        """``{index: what}`` of the checkpoints whose metadata is damaged (``disk_layout.damaged_checkpoints``; at a
-        URL too, ``disk_tree``): featurizing such a checkpoint again redoes it."""
-        return {} if not self.exists() else damaged_checkpoints(self.tree)
-
-    @property
-    def tree(self) -> pathlib.Path | UrlPath:
-        """The store's folder as ``disk_layout`` reads it (``disk_tree.store_tree``): a ``pathlib.Path`` for a local
-        directory or a ``file://`` URL, a ``disk_tree.UrlPath`` for another URL."""
-        return self.path if isinstance(self.path, pathlib.Path) else store_tree(self.path)
-
-    def checkpoint_folder(self, index: int) -> pathlib.Path | None:
-        """The local directory of checkpoint ``index``'s group, which its claim locks (``disk_claim``); ``None`` for a
-        store at a URL other than ``file://`` (nothing to lock: its run record tells)."""
-        folder = local_folder(self.tree)
-        return None if folder is None else folder / f"c{index}"
 
     def writable(self) -> None:
         """Check, before the first write, that the store's directory can be written (once; creating it if absent):
@@ -250,7 +215,7 @@ class DiskStore(ScoreSets, Store):
         self._check(fingerprint)
         self._release()  # one checkpoint at a time: claimed before its writer reads the group, released by add or
         directory = self.checkpoint_folder(index)  # settle; not held: refused (_identity). None: at a URL
-        broken = unreadable_metadata(self.tree / f"c{index}")
+        broken = unreadable_metadata(self.tree / f"c{index}", self._opened)
         if broken:  # featurized again: its zarr.json files that zarr cannot read are deleted, and it is redone as one
             run = None if directory is not None else recorded_run(self.tree / f"c{index}")  # no lock: the record
             self._claim = CheckpointClaim(directory, run)  # whose metadata was deleted (DiskWriter._verified_rows);
@@ -298,7 +263,7 @@ class DiskStore(ScoreSets, Store):
     def add(self, entry: CheckpointEntry, *, held: bool = True) -> None:
         """Mark the checkpoint complete and hold its entry (``held=False``: a checkpoint featurized apart, by
         ``featurize(..., index=i)`` beyond this estimator's, is only marked)."""
-        group = self.root[f"c{entry.index}"]
+        group = lookup(self.root, f"c{entry.index}")
         last = self._entries[-1].index if self._entries else -1  # a stored checkpoint may skip some (TRAK.open subset)
         if held and (entry.index <= last or (entry.index != last + 1 and not group.attrs.get("complete", False))):
             raise TrakValueError(f"checkpoint index {entry.index} out of order; expected {len(self._entries)}")
@@ -323,41 +288,23 @@ class DiskStore(ScoreSets, Store):
             self.root.attrs["data"] = {"n_train": n, "sha256": combine(digests, n)}
         self._entries.append(entry)
 
-    def _sweep_temporaries(self, group: str, root: bool = True) -> None:
-        """Delete the temporary files of zarr writes that a killed run cut short (``*.<32 hex>.partial``: zarr writes
-        each file so and renames it into place) in ``group``, just finished by this, the store's one writer, and
-        (``root``) beside the store's own ``zarr.json``. A local store only (a ``file://`` URL too: zarr writes it as
-        a local directory); a file that cannot be deleted is left."""
-        folder = local_folder(self.tree)
-        if folder is None:
-            return
-        directory = folder / group
-        found = [entry for entry in directory.rglob("*.partial") if ANY_ZARR_TEMPORARY.fullmatch(entry.name)]
-        if root:
-            found += [entry for entry in folder.glob("*.partial") if ZARR_TEMPORARY.fullmatch(entry.name)]
-        for entry in found:
-            try:
-                entry.unlink()
-            except OSError:
-                pass
-
     def complete_checkpoints(self) -> list[int]:
         """The indices of every complete checkpoint, read now (jobs featurizing apart may leave gaps)."""
         return checkpoint_indices(self.root) if self.exists() else []
 
     def checkpoint_digests(self) -> dict[int, str]:
         """``{index: parameters_sha256}`` of the complete checkpoints, read now."""
-        digests = {i: self.root[f"c{i}"].attrs.get("parameters_sha256") for i in self.complete_checkpoints()}
+        digests = {i: lookup(self.root, f"c{i}").attrs.get("parameters_sha256") for i in self.complete_checkpoints()}
         return {i: digest for i, digest in digests.items() if digest is not None}
 
     def data_reference(self, index: int) -> tuple[dict[str, str], int] | None:
         """``(data_checksums, rows)`` of complete checkpoint ``index`` (``trak_core.disk_shared.data_reference``)."""
-        return data_reference(self.root[f"c{index}"])
+        return data_reference(lookup(self.root, f"c{index}"))
 
     def stored_lambda(self, index: int) -> float | None:
         """The ridge ``lambda`` checkpoint ``index`` was factorized with (``None`` if not stored)."""
         group = f"c{index}"
-        value = (checked_lambda(self.root[group].attrs, self.path, index)["lambda_reg"]
+        value = (checked_lambda(lookup(self.root, group).attrs, self.path, index)["lambda_reg"]
                  if has_member(self.root, group) else None)
         return None if value is None else float(value)
 
@@ -365,7 +312,8 @@ class DiskStore(ScoreSets, Store):
         """The factorized projection's layout (``KroneckerPlan.digest``) checkpoint ``index``'s features were made
         with (``None``: a dense projection, or a store written before trak-core kept it)."""
         group = f"c{index}"
-        return self.root[group].attrs.get("kronecker_plan") if self.exists() and has_member(self.root, group) else None
+        return (lookup(self.root, group).attrs.get("kronecker_plan") if self.exists() and has_member(self.root, group)
+                else None)
 
     def first_batch_rows(self) -> int | None:
         """Rows of the training data's first batch (``None`` for stores written before trak-core kept it): a backend
@@ -381,7 +329,7 @@ class DiskStore(ScoreSets, Store):
     def stored_lambda_setting(self) -> float | str | None:
         """The ``lambda_reg`` the estimator was given ("auto" or a float) when the complete checkpoint of the highest
         index was featurized (``None`` for stores written before trak-core kept it)."""
-        settings = [checked_lambda(self.root[f"c{c}"].attrs, self.path, c)["lambda_setting"]
+        settings = [checked_lambda(lookup(self.root, f"c{c}").attrs, self.path, c)["lambda_setting"]
                     for c in self.complete_checkpoints()]
         return next((value for value in reversed(settings) if value is not None), None)
 
@@ -390,3 +338,4 @@ class DiskStore(ScoreSets, Store):
 
     def __getitem__(self, index: int) -> CheckpointEntry:
         return self._entries[index]
+

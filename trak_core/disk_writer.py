@@ -17,6 +17,7 @@ import numpy as np
 
 from ._namespace import device_of, namespace
 from ._progress import progress
+from .disk_listing import child, group_at
 from .disk_shared import run_record
 from .errors import StoreMismatchError, TrakOSError, TrakValueError
 from . import kernel as kernel_ops
@@ -31,17 +32,18 @@ __all__ = ["DiskWriter", "DiskFeatures", "write_rows", "open_root", "one_writer"
 log = logging.getLogger("trak_core")
 
 
-def _load_kernel(group: Any, template: Any, dtype: Any) -> Any:
-    """The kernel stored in a checkpoint's ``group``, in ``template``'s namespace and device, as ``dtype``; checked
-    against its ``kernel_sha256`` (stores written before it was recorded: not checked)."""
+def _load_kernel(group: Any, template: Any, dtype: Any, array: Any = None) -> Any:
+    """The kernel stored in a checkpoint's ``group`` (``array``: opened already), in ``template``'s namespace and
+    device, as ``dtype``; checked against its ``kernel_sha256`` (stores written before it was recorded: not checked)."""
     xp = namespace(template)
-    return xp.astype(xp.asarray(_read_kernel(group), device=device_of(template)), dtype)
+    return xp.astype(xp.asarray(_read_kernel(group, array), device=device_of(template)), dtype)
 
 
-def _read_kernel(group: Any) -> np.ndarray:
-    """The stored kernel as NumPy; a ``TrakValueError`` naming the fix where it cannot be read or fails its digest."""
+def _read_kernel(group: Any, array: Any = None) -> np.ndarray:
+    """The stored kernel as NumPy (``array``: its array, opened already); a ``TrakValueError`` naming the fix where it
+    cannot be read or fails its digest."""
     try:
-        matrix = group["kernel"][:]
+        matrix = (group["kernel"] if array is None else array)[:]
     except Exception as exc:  # a truncated chunk fails to decode
         raise TrakValueError(f"the kernel of {group.path} cannot be read ({exc}); run featurize for this checkpoint "
                              "again with the same arguments: it is made again from the features") from None
@@ -119,10 +121,12 @@ class DiskWriter(Writer):
 
     def __init__(self, store: "DiskStore", index: int) -> None:
         self.store, self.index = store, index
-        if f"c{index}" not in store.root:  # a new checkpoint: written from here on
-            store.writable()
-        with one_writer(store.path):
-            self.group = store.root.require_group(f"c{index}")
+        self.group = group_at(store.root, f"c{index}")  # read once: its claim took the same group (disk_listing)
+        if self.group is None:
+            if f"c{index}" not in store.root:  # a new checkpoint: written from here on
+                store.writable()
+            with one_writer(store.path):
+                self.group = store.root.require_group(f"c{index}")
         self.complete = bool(self.group.attrs.get("complete", False))
         self.checksums = dict(self.group.attrs.get("checksums", {}))
         self.weight_checksums = dict(self.group.attrs.get("out_to_loss_checksums", {}))  # absent in older stores
@@ -197,17 +201,19 @@ class DiskWriter(Writer):
     def _verified_rows(self) -> int:
         """Rows on disk whose chunks pass their checksums (a damaged chunk and what follows is redone)."""
         done = int(self.group.attrs.get("rows_done", 0))
-        if "features" not in self.group or "out_to_loss" not in self.group:
+        features = child(self.group, "features")  # each read once (``in``, then ``[]``, read them twice)
+        weight_array = child(self.group, "out_to_loss") if features is not None else None
+        if features is None or weight_array is None:
             if done:  # rows were recorded, and an array (its zarr.json) is gone: damaged, redone from the first row (a
                 self.damaged = self.damaged or bool(self.group.attrs.get("complete", False))  # complete checkpoint
                 self.complete = False  # was kept as complete without features: "data yielded no examples")
             return 0  # else killed between creating the two arrays: nothing was written
-        features, chunks = self.group["features"], -(-done // KERNEL_CHUNK_ROWS)
+        chunks = -(-done // KERNEL_CHUNK_ROWS)
         for c in progress(range(chunks), desc=f"verify checkpoint {self.index}",
                           enabled=self.store.progress if chunks > 1 else False):
             try:
                 block = features[c * KERNEL_CHUNK_ROWS:min(done, (c + 1) * KERNEL_CHUNK_ROWS)]
-                weights = self.group["out_to_loss"][c * KERNEL_CHUNK_ROWS:min(done, (c + 1) * KERNEL_CHUNK_ROWS)]
+                weights = weight_array[c * KERNEL_CHUNK_ROWS:min(done, (c + 1) * KERNEL_CHUNK_ROWS)]
                 ok = _digest(block) == self.checksums.get(str(c)) and bool(np.all(np.isfinite(weights))) and \
                     self.weight_checksums.get(str(c), _digest(weights)) == _digest(weights)
             except Exception:  # a truncated chunk fails to decode
@@ -301,23 +307,25 @@ class DiskWriter(Writer):
             self._write()
         if not self.complete and "out_to_loss" in self.group:
             self._cut_to_rows_done()
-        if "features" not in self.group or self.group["features"].shape[0] == 0:
+        features = child(self.group, "features")  # its zarr.json read once
+        if features is None or features.shape[0] == 0:
             return None, None, None
-        features = self.group["features"]
         self.store.template = self.template
         lazy = DiskFeatures(features, self.checksums, self.template)
         xp = namespace(self.template)
         weights = xp.asarray(self._read_weights(), device=device_of(self.template))
         work = kernel_ops.work_dtype(xp, device_of(self.template), kernel_dtype, self.template.dtype)
         self.kernel_loader = functools.partial(_load_kernel, self.group, self.template, work)  # picklable
+        stored = None
         try:
-            bits = self.group["kernel"].dtype.itemsize * 8 if self.complete and "kernel" in self.group else None
+            stored = child(self.group, "kernel") if self.complete else None  # its zarr.json read once
+            bits = stored.dtype.itemsize * 8 if stored is not None else None
         except ValueError:  # its zarr.json cannot be read: damaged, made again below as a damaged chunk makes it
             bits = xp.finfo(work).bits
         if bits is not None:
             if bits >= xp.finfo(work).bits:
                 try:
-                    return lazy, weights, self.kernel_loader()
+                    return lazy, weights, _load_kernel(self.group, self.template, work, stored)
                 except TrakValueError:  # damaged: made again from the checked features, and stored where it can be
                     log.warning("checkpoint %d in %s: the stored kernel is damaged; it is made again from the "
                                 "features", self.index, self.store.path)

@@ -64,6 +64,13 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
     TrakValueError
         Where ``path`` holds no trak-core store.
     """
+    from .disk_listing import reading
+
+    with reading():  # each zarr.json of the store read once
+        return _describe(path, verify, expect)
+
+
+def _describe(path: str, verify: bool, expect: int | None) -> dict[str, Any]:
     from .disk_shared import checkpoint_indices
     from .disk_store import DiskStore
 
@@ -100,9 +107,11 @@ def _compare_data(root: Any, checkpoints: list[dict[str, Any]]) -> None:
     checkpoint (the one ``TRAK.open`` checks the others against; jobs that began at once were not compared),
     ``None`` for that checkpoint itself, where there is none, or where a checkpoint recorded no digests."""
     from .disk_layout import member
+    from .disk_listing import lookup
     from .disk_shared import data_reference
 
-    found = ((c["index"], data_reference(root[f"c{c['index']}"])) for c in checkpoints if c["state"] == "complete")
+    found = ((c["index"], data_reference(lookup(root, f"c{c['index']}"))) for c in checkpoints
+             if c["state"] == "complete")
     reference, (theirs, rows) = next(((i, data) for i, data in found if data is not None), (None, ({}, 0)))
     for c in checkpoints:
         c["data"] = None
@@ -149,7 +158,8 @@ def _checkpoint(store: Any, root: Any, index: int, verify: bool, broken: str | N
 
 def _damage(store: Any, group: Any, index: int, rows: int, complete: bool) -> str | None:
     """What fails its checksum in a checkpoint's group (``None``: nothing)."""
-    from .disk_layout import damaged_metadata, member_names
+    from .disk_layout import damaged_metadata, member, member_names
+    from .disk_listing import opened
     from .disk_shared import checked_lambda
     from .disk_writer import DiskWriter, _read_kernel
 
@@ -162,11 +172,11 @@ def _damage(store: Any, group: Any, index: int, rows: int, complete: bool) -> st
         except StoreMismatchError as exc:
             return str(exc)
     if complete and "kernel" in member_names(group):  # also where its zarr.json cannot be read
-        what = damaged_metadata(store.tree / group.path / "kernel")
+        what = None if opened(group, "kernel") else damaged_metadata(store.tree / group.path / "kernel")
         if what is not None:
             return f"the kernel's metadata {what} (TRAK.open or featurize makes it again from the features)"
         try:
-            _read_kernel(group)
+            _read_kernel(group, member(group, "kernel"))  # opened above: not read again
         except TrakCoreError as exc:
             return str(exc)
     return None
