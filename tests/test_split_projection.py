@@ -142,8 +142,11 @@ def test_trak_precision_setting():
     assert 0 < difference < 5e-3
     with pytest.raises(ValueError, match="unknown precision"):
         trak_core.TRAK(model, precision="tf32")
-    with pytest.raises(ValueError, match="needs proj_type='rademacher'"):
+    with pytest.raises(ValueError, match=r"needs proj_type='rademacher' \(Gaussian entries are not exact in float16"):
         trak_core.TRAK(model, proj_type="gaussian", precision="fast")
+    with pytest.raises(ValueError, match=r"needs proj_type='rademacher' \(the factorized projection has no float16 "
+                                         r"mode\); use precision='float32' with proj_type='kronecker'"):
+        trak_core.TRAK(model, proj_dim=64, proj_type="kronecker", precision="fast")  # said "Gaussian entries"
 
 
 def test_accelerator_groups_hold_a_resnet_batch():

@@ -138,8 +138,10 @@ class TRAK(Featurizer, Reopening):
         if precision not in PRECISIONS:
             raise TrakValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if precision == "fast" and proj_type != "rademacher":
-            raise TrakValueError("precision='fast' needs proj_type='rademacher' (Gaussian entries are not exact in "
-                                 "float16); use precision='float32' for Gaussian projections")
+            why = ("Gaussian entries are not exact in float16" if proj_type == "gaussian" else
+                   "the factorized projection has no float16 mode")
+            raise TrakValueError(f"precision='fast' needs proj_type='rademacher' ({why}); use precision='float32' "
+                                 f"with proj_type={proj_type!r}")
         if precision == "fast" and self.proj_dim is None:  # was ignored without a word (bit-identical scores)
             warn("precision='fast' rounds the projection's input to float16, and proj_dim=None projects nothing: "
                  "it has no effect; give a proj_dim, or leave precision at its default", UserWarning)
