@@ -24,6 +24,8 @@ float64 projection with the exact matrix.
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import logging
 import os
@@ -179,10 +181,14 @@ def split_product(grads: Any, words: Any, signs: Any, scales: Any, k: int, n_pas
         partial = torch.empty((plan["splits"], n, k), dtype=torch.float32, device=grads.device)
         grid = (-(-n // plan["block_m"]), -(-k // plan["block_n"]), plan["splits"])
         options = {"num_warps": plan["warps"]} | ({"num_stages": plan["stages"]} if plan["stages"] else {})
-        _kernel()[grid](grads, words.contiguous(), signs.contiguous(), scales.contiguous(), partial, n, p, k,
-                        grads.stride(0), words.shape[1], BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
-                        BLOCK_K=plan["block_k"], ITERS=plan["iters"], TWO_PASSES=n_passes == 2,
-                        PAIRS=plan.get("pairs", False), **options)
+        # Triton launches on the current CUDA device: a tensor on another GPU (cuda:1 while cuda:0 is current) would
+        # fail the launch and turn the kernel off for the process
+        device = torch.cuda.device(grads.device) if grads.device.type == "cuda" else contextlib.nullcontext()
+        with device:
+            _kernel()[grid](grads, words.contiguous(), signs.contiguous(), scales.contiguous(), partial, n, p, k,
+                            grads.stride(0), words.shape[1], BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
+                            BLOCK_K=plan["block_k"], ITERS=plan["iters"], TWO_PASSES=n_passes == 2,
+                            PAIRS=plan.get("pairs", False), **options)
         return total(partial)
     except Exception as exc:  # a compiler or driver that cannot run it: the generic split path still can
         _failed.append(f"{_launcher(grads)}: {type(exc).__name__}: {exc}")
