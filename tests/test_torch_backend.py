@@ -188,6 +188,20 @@ def test_chunk_rows_from_free_memory():
     assert chunk_rows(10**10, 4, 2**30) == 1
 
 
+def test_free_memory_counts_what_torch_holds_unused(monkeypatch):
+    """The chunk rule read the driver's free memory alone: memory torch's caching allocator reserved and freed (an
+    earlier batch's gradients) counted as taken, so chunks shrank after the first batch. No GPU here: torch.cuda's
+    three readings are replaced by given numbers (driver free 4 GiB, reserved 10 GiB, allocated 3 GiB)."""
+    from trak_torch.vmapped import _free_bytes, chunk_rows
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * 2**30)
+    assert _free_bytes(torch.device("cuda", 0)) == (4 + 10 - 3) * 2**30
+    assert chunk_rows(11_181_642, 4, _free_bytes(torch.device("cuda", 0))) == (11 * 2**30 // 8) // (4 * 11_181_642)
+    assert _free_bytes(torch.device("cpu")) is None
+
+
 
 class _Wrapped(torch.nn.Module):
     """The `_mlp` network behind a forward that returns its logits inside a tuple, a dict or an object."""

@@ -26,12 +26,14 @@ def chunk_rows(n_params: int, itemsize: int, free_bytes: int | None) -> int:
 
 
 def _free_bytes(device: Any) -> int | None:
-    """Free memory of a CUDA device (``None`` on CPUs)."""
+    """Free memory of a CUDA device (``None`` on CPUs): what the driver has free, plus what torch's caching allocator
+    holds reserved but unused (the driver counts it as taken; an earlier batch's freed gradients stay there)."""
     if getattr(device, "type", "cpu") != "cuda":
         return None
     import torch
 
-    return int(torch.cuda.mem_get_info(device)[0])
+    cached = int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device))
+    return int(torch.cuda.mem_get_info(device)[0]) + max(0, cached)
 
 
 def vmap_gradients(backend: Any, model: Any, prepared: Any, inputs: Any, labels: Any, task: Any, causal: bool,
