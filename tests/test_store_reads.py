@@ -140,3 +140,28 @@ def test_each_call_reads_the_store_again(store):
     finally:
         metadata.write_bytes(saved)
     assert states()["set2"] == "finished"
+
+
+def test_an_error_read_once_is_raised_with_each_lookups_traceback():
+    """A lookup that failed is raised again from the snapshot: the same exception object re-raised grew its traceback
+    by each lookup's frames (11 frames after 3 lookups where one lookup shows 3)."""
+    import traceback
+
+    from trak_core.disk_listing import lookup, reading
+
+    class Group:
+        store, path = object(), ""
+
+        def __getitem__(self, name):
+            raise KeyError(name)
+
+    def frames(group):
+        try:
+            lookup(group, "x")
+        except KeyError as exc:
+            return len(traceback.extract_tb(exc.__traceback__))
+
+    group = Group()
+    alone = frames(group)  # outside a snapshot: zarr's own lookup each time
+    with reading():
+        assert [frames(group) for _ in range(3)] == [alone] * 3

@@ -284,3 +284,21 @@ def test_a_second_run_at_an_index_of_a_file_url_store_is_refused(tmp_path):
     opened = TRAK.open(url, model, [model.init(seed=s) for s in range(2)], progress=False)
     _close(opened.score(targets), expected)
     assert not any(name.endswith(".partial") for name in os.listdir(local / "c1"))
+
+
+def test_url_members_named_as_their_folder_are_listed(tmp_path, reference):
+    """The listing of a folder at a URL (``disk_tree.UrlPath.iterdir``) left out every entry named as the folder
+    itself (meant for the folder, which some filesystems list): a score set named ``scores`` was not listed (``no
+    scores named``), and checkpoint 0 of a store at ``memory://.../c0`` was taken for missing. Reference: the store
+    in memory."""
+    made = Store("memory", tmp_path)
+    url = f"{made.url}/c0"
+    try:
+        trak = _featurize(url)
+        trak.score(_targets(slice(6, 9)), save_as="scores")
+        assert trak.saved_scores() == ["scores"]
+        _close(trak.load_scores("scores"), reference["s2"])
+        assert store_report.describe(url)["complete"] == [0, 1]
+        _close(_open(url).score(_targets()), reference["both"])
+    finally:
+        made.remove()

@@ -47,8 +47,8 @@ class Snapshot:
                 found = (None, exc)
             self._nodes[key] = found
         node, error = found
-        if error is not None:
-            raise error
+        if error is not None:  # the same error again, its traceback this lookup's (not grown by each raise)
+            raise error.with_traceback(None)
         return node
 
     def names(self, group: Any, read: Any) -> list[str]:

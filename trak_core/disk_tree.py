@@ -77,9 +77,11 @@ class UrlPath:
     def iterdir(self) -> Iterator["UrlPath"]:
         """The folder's entries (one listing: each one's kind comes with it)."""
         self._fresh()
+        own = _stripped(self.fs, self.path)
         for entry in self.fs.ls(self.path, detail=True):
-            name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
-            if name and name != self.name:
+            full = _stripped(self.fs, str(entry["name"]))
+            name = full.rsplit("/", 1)[-1]
+            if name and full != own:  # the folder itself (a file lists itself), not a member of the same name
                 yield UrlPath(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.url}/{name}", entry.get("type"))
 
     def unlink(self, missing_ok: bool = False) -> None:
@@ -89,6 +91,15 @@ class UrlPath:
             if not missing_ok:
                 raise
         self._fresh()
+
+
+def _stripped(fs: Any, path: str) -> str:
+    """``path`` as ``fs`` names it in its listings (protocol and trailing ``/`` removed)."""
+    try:
+        path = fs._strip_protocol(path)
+    except Exception:  # noqa: BLE001 - a filesystem without it: the path as given
+        pass
+    return str(path).rstrip("/")
 
 
 def sync_filesystem(fs: Any) -> Any:
