@@ -297,3 +297,23 @@ def test_an_estimator_that_does_not_pickle_names_what_to_do(ray_cluster, tmp_pat
                                             r"pickled \(TypeError: cannot pickle '_thread.lock' object\): the model, "
                                             r"the task or the backend 'numpy-locked' holds"):
         trak.featurize(model.init(seed=0), batches)
+
+
+def test_subnormal_rows_normalized_on_workers_are_warned_of(ray_cluster, tmp_path):
+    """normalize_features: the rows Ray workers normalize were never noted, and the driver's one template row was:
+    "1 of 1 training feature rows are subnormal" for 20 of 200 (or no warning where the first row is normal)."""
+    import warnings
+
+    torch = pytest.importorskip("torch", reason="torch is not installed: a float32 linear model is not exercised")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3, bias=False)
+    x, y = torch.randn(200, 4), torch.randint(0, 3, (200,))
+    x[180:] *= 1e-42  # the last 20 rows: subnormal features, none in the first batch
+    for executor in (None, RayExecutor(num_workers=1)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trak = TRAK(model, normalize_features=True, progress=False, executor=executor,
+                        store=tmp_path / ("ray" if executor else "local"))
+            trak.featurize(None, [(x[:100], y[:100]), (x[100:], y[100:])])
+        warned = [str(w.message) for w in caught if "subnormal" in str(w.message)]
+        assert len(warned) == 1 and "20 of 200 training feature rows" in warned[0], (executor, warned)

@@ -21,6 +21,7 @@ from ._identity import (DataCheck, check_lambda_setting, check_parameters, param
                         store_fingerprint)
 from ._namespace import namespace
 from ._progress import length_of, progress
+from ._subnormal_rows import note_params, unnoted
 from .backends.protocol import batches
 from .errors import BackendError, StoreMismatchError, TrakCoreError, TrakValueError
 from .fingerprints import to_numpy
@@ -284,6 +285,7 @@ class Featurizer(KernelFitting):
         index = len(self.store) if index is None else index
         prepared = self.backend.prepare(self.model, checkpoint)
         n_params = self.backend.n_params(prepared)
+        note_params(n_params)  # normalize_features' warning: a job featurizing apart holds no checkpoint to tell it
         if len(self.store) and n_params != self.store[0].n_params:
             raise TrakValueError(f"checkpoint {index} has {n_params} parameters but checkpoint 0 had "
                                  f"{self.store[0].n_params}; every checkpoint must be of the same model")
@@ -359,7 +361,8 @@ class Featurizer(KernelFitting):
                         self._check_plan(prepared, index, *first, writer=writer)
                 if template:  # one example tells the features' namespace, device and dtype
                     one = (take_rows(first[0], 0, 1), first[1][:1, ...])
-                    writer.set_template(self._batch_features(prepared, index, *one, where)[0])
+                    with unnoted():  # not a row written here (a resume's, a Ray worker's): not warned of
+                        writer.set_template(self._batch_features(prepared, index, *one, where)[0])
                 data = itertools.chain([first], data)
         if writer.complete:  # stored: only check that the data is the same, in the same order
             for inputs, labels in progress(batches(data, self.label_key), desc=f"check checkpoint {index}'s data",

@@ -289,6 +289,8 @@ def load_opened(trak: Any, example: tuple[Any, Any] | None) -> None:
     to the next call, and the estimator counts every checkpoint all along (the caller holds the loading lock)."""
     import numpy as np
 
+    from ._subnormal_rows import unnoted
+
     while trak._opened:
         pending, stored_lambda = trak._opened[0]
         writer = pending.writer
@@ -296,8 +298,9 @@ def load_opened(trak: Any, example: tuple[Any, Any] | None) -> None:
         if example is None or getattr(trak.backend, "features_follow_params", False):  # no row through the model
             template = _template(pending.prepared, writer.stored_dtype or "float64", trak.proj_dim or pending.n_params)
         if template is None and example is not None:
-            template = trak._batch_features(pending.prepared, pending.index, *example,
-                                            f"targets batch 0, checkpoint {pending.index}")[0]
+            with unnoted():  # the row is scored with its batch: noted there, once
+                template = trak._batch_features(pending.prepared, pending.index, *example,
+                                                f"targets batch 0, checkpoint {pending.index}")[0]
         if template is None:
             template = np.zeros((1, trak.proj_dim or pending.n_params), dtype=np.dtype(writer.stored_dtype or
                                                                                         "float64"))

@@ -12,14 +12,15 @@ their count and that error. JAX without x64 flushes subnormals to zero on CPU: s
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import math
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from .notices import warn
 
-__all__ = ["note_rows", "reporting"]
+__all__ = ["note_params", "note_rows", "reporting", "unnoted", "noting", "merge"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,6 +48,57 @@ def note_rows(features: Any, largest: Any, scaled_norms: Any, *, xp: Any) -> Non
     noted["spacing"] = float(info.smallest_normal) * float(info.eps)  # the spacing of subnormals
 
 
+def note_params(n_params: int) -> None:
+    """Note the parameters of the checkpoint being featurized (``Featurizer._open_checkpoint``), for the warning's
+    error: a job featurizing apart (``featurize(..., index=i)``) holds no checkpoint to read them from. Outside a
+    ``reporting`` call, nothing."""
+    noted = _noted.get()
+    if noted is not None:
+        noted["n_params"] = max(noted.get("n_params", 0), int(n_params))
+
+
+@contextlib.contextmanager
+def unnoted() -> Iterator[None]:
+    """Rows normalized in the block are not noted: the one row passed through the model for the features' namespace
+    (a template: the first target row of ``TRAK.open``'s first ``score``, scored again with its batch; the first
+    training row of a resumed checkpoint or of a Ray run, which is not written from there)."""
+    token = _noted.set(None)
+    try:
+        yield
+    finally:
+        _noted.reset(token)
+
+
+def _empty() -> dict:
+    return dict(rows=0, subnormal=0, smallest=math.inf, dtype=None, normal=0.0, spacing=0.0)
+
+
+@contextlib.contextmanager
+def noting(active: bool) -> Iterator[dict | None]:
+    """A Ray worker's shard (``executors._Worker.featurize``; ``active``: its estimator normalizes): the rows it
+    normalizes are noted in the dict yielded, which the worker returns for the driver's call to ``merge``."""
+    if not active:
+        yield None
+        return
+    token = _noted.set(_empty())
+    try:
+        yield _noted.get()
+    finally:
+        _noted.reset(token)
+
+
+def merge(other: dict | None) -> None:
+    """Add what a worker's shard noted (``noting``) to the call's notes; outside a ``reporting`` call, nothing."""
+    noted = _noted.get()
+    if noted is None or not other:
+        return
+    noted["rows"] += other["rows"]
+    if other["subnormal"]:
+        noted["subnormal"] += other["subnormal"]
+        noted["smallest"] = min(noted["smallest"], other["smallest"])
+        noted.update({key: other[key] for key in ("dtype", "normal", "spacing")})
+
+
 def reporting(role: str) -> Callable[[F], F]:
     """Decorate ``TRAK.featurize`` (``role="training"``) or ``TRAK.score`` (``"target"``): after the call, warn
     once if any row it normalized was subnormal.
@@ -66,7 +118,7 @@ def reporting(role: str) -> Callable[[F], F]:
         def reported(trak: Any, *args: Any, **kwargs: Any) -> Any:
             if _noted.get() is not None or not getattr(trak, "normalize_features", False):
                 return method(trak, *args, **kwargs)
-            token = _noted.set(dict(rows=0, subnormal=0, smallest=math.inf, dtype=None, normal=0.0, spacing=0.0))
+            token = _noted.set(_empty())
             try:
                 result = method(trak, *args, **kwargs)
                 noted = _noted.get()
@@ -86,7 +138,7 @@ def _warn(trak: Any, role: str, noted: dict) -> None:
     spacing of subnormals ``s`` times sqrt(the roundings per feature), over the smallest such row's RMS), as
     ``KernelFitting._warn_subnormal`` estimates it for all rows, times 2: the rows' scores were measured up to 1.1x
     ``s sqrt(m) / RMS`` (the stated error was 1.8x to 11x the measured one; ``tests/test_subnormal_rows.py``)."""
-    n_params = trak.store[0].n_params if len(trak.store) else 0
+    n_params = noted.get("n_params") or (trak.store[0].n_params if len(trak.store) else 0)  # apart: none held
     width = trak.proj_dim if trak.proj_dim is not None else n_params
     terms = n_params if width < n_params else 1  # a projected feature sums n_params rounded products
     error = 2 * noted["spacing"] * math.sqrt(terms) / noted["smallest"]  # 2x: scores measured up to 1.1x s sqrt(m)/rms

@@ -80,13 +80,16 @@ class _Worker:
         if fail_marker and not os.path.exists(fail_marker):  # tests: die once, as a killed worker would
             open(fail_marker, "w").close()
             os._exit(1)
+        from ._subnormal_rows import noting
+
         fix_step_size(self.trak, step_rows)
         prepared = self.trak.backend.prepare(self.trak.model, checkpoint)
-        parts = list(self.trak._stream_features(prepared, index, batches, skip=start - first_row, stop=stop - first_row,
-                                                row0=first_row, batch0=first_batch))
+        with noting(getattr(self.trak, "normalize_features", False)) as noted:  # for the driver's warning
+            parts = list(self.trak._stream_features(prepared, index, batches, skip=start - first_row,
+                                                    stop=stop - first_row, row0=first_row, batch0=first_batch))
         features = np.concatenate([to_numpy(f) for f, _ in parts])
         weights = np.concatenate([to_numpy(q) for _, q in parts])
-        return write_rows(path, index, start, features, weights)
+        return {**write_rows(path, index, start, features, weights), "noted": noted}
 
 
 def _score_shard(path: str, index: int, checksums: dict, weights: Any, start: int, stop: int) -> Any:
@@ -218,6 +221,8 @@ class RayExecutor:
         actors = self._start(trak)  # first: without Ray it raises MissingFrameworkError, naming the extra
         import ray
 
+        from ._subnormal_rows import merge
+
         step_rows = _rows(data[0]) if data else 0
         fix_step_size(trak, step_rows)  # the driver's targets, as one process compiles them
         futures, stops = [], []
@@ -234,7 +239,9 @@ class RayExecutor:
         try:
             for i, future in enumerate(done):  # in row order: on a failure, the shards before it are done
                 try:
-                    for name, digests in self._get(future).items():
+                    written = dict(self._get(future))
+                    merge(written.pop("noted", None))  # its subnormal rows, for normalize_features' warning
+                    for name, digests in written.items():
                         checksums[name].update(digests)
                 except Exception:
                     rest = futures[i + 1:]
