@@ -130,4 +130,9 @@ def test_verify_names_a_hand_edited_ridge(written, tmp_path, capsys):
         cli.main(["store", str(path), "--verify"])
     assert exit_.value.code == 1
     assert "the stored ridge of checkpoint 1" in capsys.readouterr().out
+    plain = describe(str(path))  # without --verify too (no chunk is read for it): TRAK.open refuses it
+    assert plain["opens"] == [0] and plain["checkpoints"][1]["ridge_edited"] and not plain["checkpoints"][0][
+        "ridge_edited"]
+    cli.main(["store", str(path)])
+    assert "its lambda_reg does not match the checksum written with it" in capsys.readouterr().out
     assert _files(path) == before  # it only reads

@@ -46,12 +46,12 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         last wrote to it: ``host``, ``pid``, ``started``; ``None`` in stores written before trak-core kept it),
         ``written_at`` (its last rows),
         ``running`` (for an incomplete one: whether that process still runs, ``None`` on another host or where
-        unknown), with ``verify`` also ``damaged`` (a message or
-        ``None``; also ``rows_damaged`` and ``ridge_edited``: its ``lambda_reg`` does not match the hash
-        written with it), ``data`` ("same" or "other": its training data digests against those of
+        unknown), ``ridge_edited`` (a complete one's ``lambda_reg`` does not match the hash written with it), with
+        ``verify`` also ``damaged`` (a message or ``None``; also ``rows_damaged``), ``data`` ("same" or "other":
+        its training data digests against those of
         the lowest complete checkpoint, ``data_reference``; ``None`` for that one or where none is complete)),
         ``complete``, ``opens`` (the complete checkpoints ``TRAK.open`` scores together: not on other data, of
-        another configuration or, with ``verify``, with damaged rows or an edited ridge) and ``missing`` (indices
+        another configuration, with an edited ridge or, with ``verify``, with damaged rows) and ``missing`` (indices
         without a group, below ``expect`` or else below the highest stored one), ``beyond_expect`` (stored indices
         at ``expect`` or above; empty without ``expect``),
         ``scores`` (``name``, ``shape``, ``dtype``, ``state``: "finished", "interrupted" or "damaged", its
@@ -128,6 +128,9 @@ def _compare_data(root: Any, checkpoints: list[dict[str, Any]]) -> None:
         c["data_reference"] = reference
 
 
+ROWS_DAMAGED = "rows "  # how _damage's message for rows that fail their checksums begins
+
+
 def _checkpoint(store: Any, root: Any, index: int, verify: bool, broken: str | None = None) -> dict[str, Any]:
     """One checkpoint's row of ``describe`` (``broken``: what is damaged in its metadata, its state then "damaged")."""
     from .disk_layout import member
@@ -148,29 +151,38 @@ def _checkpoint(store: Any, root: Any, index: int, verify: bool, broken: str | N
            "configuration": configuration,
            "run": attrs.get("run"), "written_at": attrs.get("written_at"),
            "running": None if complete else run_state(attrs.get("run"))}
+    ridge = _ridge_edit(store, attrs, index) if complete else None  # no chunk read: with or without verify
+    row["ridge_edited"] = ridge is not None  # TRAK.open refuses it (unless given lambda_reg=)
     if verify:
+        damage = None if broken else _damage(store, group, index, rows, complete)
+        rows_bad = bool(damage) and damage.startswith(ROWS_DAMAGED)  # TRAK.open refuses it
         row["damaged"] = (f"{broken} (featurize this checkpoint again: it redoes it)" if broken else
-                          _damage(store, group, index, rows, complete))
-        row["rows_damaged"] = bool(row["damaged"]) and row["damaged"].startswith("rows ")  # TRAK.open refuses it
-        row["ridge_edited"] = bool(row["damaged"]) and row["damaged"].startswith("the stored ridge ")  # likewise
+                          damage if rows_bad else ridge or damage)
+        row["rows_damaged"] = rows_bad
     return row
+
+
+def _ridge_edit(store: Any, attrs: Any, index: int) -> str | None:
+    """What is wrong with a complete checkpoint's ridge against the hash written with it (TRAK.open's check), or
+    ``None``."""
+    from .disk_shared import checked_lambda
+
+    try:
+        checked_lambda(attrs, store.path, index)
+    except StoreMismatchError as exc:
+        return str(exc)
+    return None
 
 
 def _damage(store: Any, group: Any, index: int, rows: int, complete: bool) -> str | None:
     """What fails its checksum in a checkpoint's group (``None``: nothing)."""
     from .disk_layout import damaged_metadata, member, member_names
     from .disk_listing import opened
-    from .disk_shared import checked_lambda
     from .disk_writer import DiskWriter, _read_kernel
 
     verified = DiskWriter(store, index).rows_done if rows else 0
     if verified < rows:
-        return f"rows {verified} on fail their checksums (featurize this checkpoint again: it redoes them)"
-    if complete:  # its ridge against the hash written with it (TRAK.open's check)
-        try:
-            checked_lambda(group.attrs, store.path, index)
-        except StoreMismatchError as exc:
-            return str(exc)
+        return f"{ROWS_DAMAGED}{verified} on fail their checksums (featurize this checkpoint again: it redoes them)"
     if complete and "kernel" in member_names(group):  # also where its zarr.json cannot be read
         what = None if opened(group, "kernel") else damaged_metadata(store.tree / group.path / "kernel")
         if what is not None:
@@ -238,6 +250,8 @@ def render(report: dict[str, Any]) -> str:
         lam = "-" if c["lambda_reg"] is None else f"{c['lambda_reg']:.3g}"
         note = [f"DAMAGED: {c['damaged']}"] if c.get("damaged") else []
         note += ["another configuration than the store's"] if c["configuration"] == "other" else []
+        note += ["its lambda_reg does not match the checksum written with it (--verify says more)"] \
+            if c.get("ridge_edited") and not c.get("damaged") else []
         note += [f"other training data than checkpoint {c['data_reference']}'s (delete its group c{c['index']} and "
                  "featurize it again on the same data)"] if c.get("data") == "other" else []
         note += [_run_note(c, report["now"])] if c["state"] != "complete" and c["run"] else []
