@@ -25,7 +25,6 @@ float64 projection with the exact matrix.
 from __future__ import annotations
 
 import contextlib
-
 import importlib.util
 import logging
 import os
