@@ -100,15 +100,23 @@ def damaged_metadata(directory: pathlib.Path | UrlPath) -> str | None:
     readable, or the folder holds no node (absent, empty, or only what a killed write left)."""
     file = directory / "zarr.json"
     problem = metadata_problem(file)
-    if problem == "is missing" and not (directory.is_dir() and ((directory / "c").is_dir() or any(
-            (entry / "zarr.json").exists() for entry in directory.iterdir() if entry.is_dir()))):
-        return None
+    if problem == "is missing":
+        folders = [entry for entry in _entries(directory) if entry.is_dir()]  # one listing: kinds come with it
+        if not any(entry.name == "c" or (entry / "zarr.json").exists() for entry in folders):
+            return None
     return None if problem is None else f"{file} {problem}"
+
+
+def _entries(folder: pathlib.Path | UrlPath) -> list[Any]:
+    """The entries of ``folder``; none where it is no folder (at a URL one listing, no ``is_dir`` asked first)."""
+    if isinstance(folder, pathlib.Path):
+        return list(folder.iterdir()) if folder.is_dir() else []
+    return folder.entries()
 
 
 def _checkpoint_folders(path: pathlib.Path | UrlPath) -> list[tuple[int, Any]]:
     """``(index, folder)`` of the ``c{index}`` folders of the store at ``path``, in order."""
-    found = [(int(m.group(1)), entry) for entry in (path.iterdir() if path.is_dir() else ())
+    found = [(int(m.group(1)), entry) for entry in _entries(path)
              if entry.is_dir() and (m := CHECKPOINT_GROUP.fullmatch(entry.name))]
     return sorted(found, key=lambda item: (item[0], item[1].name))
 
@@ -141,7 +149,7 @@ def unreadable_metadata(folder: pathlib.Path | UrlPath, opened: Opened = _never)
     again). A node ``opened`` (as in ``damaged_checkpoints``) is not read again."""
     nodes = [(folder.name, folder / "zarr.json")] + [(f"{folder.name}/{name}", folder / name / "zarr.json")
                                                      for name in ("features", "out_to_loss")]
-    return [file for node, file in nodes if not opened(node) and file.exists() and metadata_problem(file) is not None]
+    return [file for node, file in nodes if not opened(node) and metadata_problem(file) not in (None, "is missing")]
 
 
 def _holds_checkpoint(folder: pathlib.Path | UrlPath) -> bool:
@@ -203,4 +211,4 @@ def _member_names(group: Any) -> list[str]:
         if tree is None:
             return list(group.keys())
         folder = tree / group.path
-    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir()) if folder.is_dir() else []
+    return sorted(entry.name for entry in _entries(folder) if entry.is_dir())

@@ -7,7 +7,8 @@ instead of reading its ``zarr.json`` again: on a network filesystem or an object
 and a store of 100 checkpoints was read three or four times over. Nothing is kept past the call: another process may
 write the store between two calls, and the next call reads it again. The snapshot is the calling thread's own (zarr
 reads in a thread of its own, which the calling thread waits for), and nodes are told apart by their zarr store
-object, so a group opened afresh (``disk_writer.open_root``, a deliberate fresh read) is read again.
+object, so a group opened afresh (``disk_writer.open_root``, a deliberate fresh read) is read again. The folders of
+a store at a URL (``disk_tree.UrlPath``) keep their listings, reads and queries in the same snapshot (``kept``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Snapshot:
         self._nodes: dict[tuple[int, str], tuple[Any, Exception | None]] = {}
         self._names: dict[tuple[int, str], list[str]] = {}
         self._held: list[Any] = []  # the zarr stores keyed by id: alive for the call, so that no id is reused
+        self._kept: dict[Any, tuple[Any, Exception | None]] = {}  # disk_tree.UrlPath's answers (``kept``)
 
     def _key(self, group: Any, name: str | None = None) -> tuple[int, str]:
         store = group.store
@@ -50,6 +52,30 @@ class Snapshot:
         if error is not None:  # the same error again, its traceback this lookup's (not grown by each raise)
             raise error.with_traceback(None)
         return node
+
+    def kept(self, key: Any, compute: Any) -> Any:
+        """``compute()``, once per ``key`` in the call: a later call returns the same value, or raises the same
+        error (``disk_tree.UrlPath``: one listing, read or query of each file or folder at a URL per call)."""
+        found = self._kept.get(key)
+        if found is None:
+            try:
+                found = (compute(), None)
+            except Exception as exc:  # FileNotFoundError where there is none; the filesystem's own errors
+                found = (None, exc)
+            self._kept[key] = found
+        value, error = found
+        if error is not None:
+            raise error
+        return value
+
+    def peek(self, key: Any) -> tuple[Any, Exception | None] | None:
+        """``(value, error)`` of ``kept(key, ...)`` where it ran in this call, else ``None`` (nothing is read)."""
+        return self._kept.get(key)
+
+    def forget(self, keys: Any) -> None:
+        """Drop what ``kept`` holds for ``keys`` (a file this call deleted: ``disk_tree.UrlPath.unlink``)."""
+        for key in keys:
+            self._kept.pop(key, None)
 
     def names(self, group: Any, read: Any) -> list[str]:
         """``read(group)`` (the names of ``group``'s members), listed once."""

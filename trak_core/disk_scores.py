@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .disk_layout import damaged_metadata, member, member_names
-from .disk_listing import lookup, reading
+from .disk_listing import active, lookup, reading
 from .disk_shared import live_elsewhere, run_record
 from .disk_writer import _digest, one_writer, open_root
 from .errors import StoreDamagedError, TrakOSError, TrakValueError
@@ -130,9 +130,13 @@ class ScoreSets:
         """``"finished"`` (its checksum is written), ``"interrupted"`` (created, never finished), ``"damaged"`` (its
         ``zarr.json`` is) or ``None``."""
         group = self._scores_group()
-        if group is None or name not in member_names(group):
+        if group is None:
             return None
-        array = member(group, name)
+        plain = isinstance(name, str) and "/" not in name and "\\" not in name and name.strip(".") != ""
+        array = member(group, name) if plain and active() is not None else None  # in a call that reads: a set zarr
+        if not hasattr(array, "shape") and name not in member_names(group):  # opens needs no listing of the sets
+            return None
+        array = member(group, name) if array is None else array
         if not hasattr(array, "shape"):  # none, a group, or a set whose metadata cannot be read
             return "damaged" if self._set_damage(name) else None
         return "finished" if "sha256" in array.attrs else "interrupted"

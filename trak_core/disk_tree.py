@@ -1,7 +1,9 @@
 """The folders of an on-disk store at a URL, read as ``trak_core.disk_layout`` reads a local directory.
 
 One job: ``UrlPath``, the few ``pathlib.Path`` methods ``disk_layout`` uses (``/``, ``name``, ``read_bytes``,
-``exists``, ``is_dir``, ``iterdir``, ``unlink``) over an fsspec filesystem, so that the damaged metadata of a store at
+``exists``, ``is_dir``, ``iterdir``, ``unlink``; ``entries``: a listing without an ``is_dir`` first) over an fsspec
+filesystem, each listing, read or query asked once per call that reads the store (``disk_listing.reading``: on an
+object store each is a round trip), so that the damaged metadata of a store at
 a URL (``s3://``, ``gs://``, ``memory://``...) is found and named as a local store's is; and ``store_tree``, the
 folder of a store's location: a ``pathlib.Path`` for a local directory or a ``file://`` URL (``disk_writer.open_root``
 opens it as a local folder, not percent-decoded), a ``UrlPath`` for any other URL.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Iterator
 
+from .disk_listing import active
 from .errors import MissingFrameworkError
 
 __all__ = ["UrlPath", "store_tree", "fsspec_tree", "local_folder"]
@@ -52,6 +55,18 @@ class UrlPath:
     def name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
 
+    def _key(self, what: str, path: str | None = None) -> tuple[Any, ...]:
+        """The key of ``what`` (``"ls"``, ``"cat"``, ``"exists"``, ``"isdir"``) of ``path`` (default: this one) in
+        the call's snapshot: filesystems of one type and the same options (an asynchronous twin's flag aside,
+        ``sync_filesystem``) answer alike, so zarr's folder listings (``disk_layout.member_names``) and the store's
+        (``disk_layout.damaged_checkpoints``) are one."""
+        try:
+            options = repr(sorted(((key, value) for key, value in getattr(self.fs, "storage_options", {}).items()
+                                   if key != "asynchronous"), key=lambda item: item[0]))
+        except Exception:  # noqa: BLE001 - options that cannot be shown: this filesystem object alone
+            options = f"id {id(self.fs)}"
+        return what, type(self.fs), options, (self.path if path is None else path).strip("/")
+
     def _fresh(self) -> None:
         """Forget what the filesystem's listing cache holds of this folder: zarr writes through its own filesystem
         object, whose writes this one's cache (s3fs, gcsfs) does not see."""
@@ -60,29 +75,73 @@ class UrlPath:
         except Exception:  # noqa: BLE001 - a cache is an optimisation only
             pass
 
+    def _ask(self, what: str, query: Any, fresh: bool = True) -> Any:
+        """``query()``, asked of the filesystem (its listing cache forgotten first: ``fresh``), once per call that
+        reads the store (``disk_listing.reading``: later asks return the same answer, or raise the same error;
+        nothing is kept past the call, as another process may write between two calls), else every time."""
+        def asked() -> Any:
+            if fresh:
+                self._fresh()
+            return query()
+
+        snapshot = active()
+        return asked() if snapshot is None else snapshot.kept(self._key(what), asked)
+
+    def _listed_here(self) -> tuple[str | None, bool] | None:
+        """``(kind, found)`` of this entry where the call's snapshot holds its folder's listing (``kind`` ``None``
+        where the listing does not tell it), or its bytes; ``None`` where it holds neither (nothing is read)."""
+        snapshot = active()
+        if snapshot is None:
+            return None
+        parent = self.path.rsplit("/", 1)[0] if "/" in self.path.strip("/") else None
+        listing = None if parent is None else snapshot.peek(self._key("ls", parent))
+        if listing is not None:
+            entries, error = listing
+            if error is None:
+                kinds = {_entry_name(entry): entry.get("type") for entry in entries}
+                return kinds.get(self.name), self.name in kinds
+            if isinstance(error, (FileNotFoundError, NotADirectoryError)):
+                return None, False
+        read = snapshot.peek(self._key("cat"))
+        if read is not None and (read[1] is None or isinstance(read[1], FileNotFoundError)):
+            return ("file" if read[1] is None else None), read[1] is None
+        return None
+
     def read_bytes(self) -> bytes:
-        """The file's bytes; ``FileNotFoundError`` where there is none."""
-        return self.fs.cat_file(self.path)
+        """The file's bytes; ``FileNotFoundError`` where there is none (read once per call, ``_ask``)."""
+        return self._ask("cat", lambda: self.fs.cat_file(self.path), fresh=False)
 
     def exists(self) -> bool:
-        self._fresh()
-        return bool(self.fs.exists(self.path))
+        """Whether the file or folder is there (from its folder's listing or its bytes where the call read them)."""
+        known = self._listed_here()
+        if known is not None:
+            return known[1]
+        return bool(self._ask("exists", lambda: self.fs.exists(self.path)))
 
     def is_dir(self) -> bool:
+        """Whether it is a folder (as a listing told it, where one did: nothing is asked then)."""
         if self._kind is not None:
             return self._kind == "directory"
-        self._fresh()
-        return bool(self.fs.isdir(self.path))
+        known = self._listed_here()
+        if known is not None and (known[0] is not None or not known[1]):
+            return known[0] == "directory"
+        return bool(self._ask("isdir", lambda: self.fs.isdir(self.path)))
 
     def iterdir(self) -> Iterator["UrlPath"]:
         """The folder's entries (one listing: each one's kind comes with it)."""
-        self._fresh()
         own = _stripped(self.fs, self.path)
-        for entry in self.fs.ls(self.path, detail=True):
+        for entry in self._ask("ls", lambda: list(self.fs.ls(self.path, detail=True))):
             full = _stripped(self.fs, str(entry["name"]))
             name = full.rsplit("/", 1)[-1]
             if name and full != own:  # the folder itself (a file lists itself), not a member of the same name
                 yield UrlPath(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.url}/{name}", entry.get("type"))
+
+    def entries(self) -> list["UrlPath"]:
+        """``iterdir``'s entries; none where there is no folder (one listing: no ``is_dir`` asked first)."""
+        try:
+            return list(self.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def unlink(self, missing_ok: bool = False) -> None:
         try:
@@ -91,6 +150,15 @@ class UrlPath:
             if not missing_ok:
                 raise
         self._fresh()
+        snapshot = active()
+        if snapshot is not None:  # what this call read of it, and of its folder, is out of date
+            parent = self.path.rsplit("/", 1)[0]
+            snapshot.forget([self._key(what) for what in ("cat", "exists", "isdir", "ls")] + [self._key("ls", parent)])
+
+
+def _entry_name(entry: dict) -> str:
+    """The name of a listing's entry, without its folder."""
+    return str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
 
 
 def _stripped(fs: Any, path: str) -> str:

@@ -385,7 +385,8 @@ def open_root(path: str, mode: str) -> Any:
     if path.startswith("file://"):  # a local folder, opened as one: zarr 3.4 refuses storage_options for file://
         # URLs, 3.1 needed auto_mkdir. Not percent-decoded: fsspec kept "a%20b" literal, and older stores are there
         return zarr.open_group(path[len("file://"):], mode=mode)
-    return zarr.open_group(path, mode=mode)
+    return zarr.open_group(path, mode=mode, **({"zarr_format": 3} if mode in ("r", "r+") else {}))  # v3 only: no
+    # request for each of zarr v2's files at a URL (reading an existing store); "a" opens v2 data as before
 
 
 def write_rows(location: str, index: int, start: int, features: Any, out_to_loss: Any) -> dict[str, dict[str, str]]:

@@ -183,7 +183,8 @@ def _damage(store: Any, group: Any, index: int, rows: int, complete: bool) -> st
     verified = DiskWriter(store, index).rows_done if rows else 0
     if verified < rows:
         return f"{ROWS_DAMAGED}{verified} on fail their checksums (featurize this checkpoint again: it redoes them)"
-    if complete and "kernel" in member_names(group):  # also where its zarr.json cannot be read
+    if complete and (opened(group, "kernel") or "kernel" in member_names(group)):  # listed where zarr opens none
+        # (its zarr.json cannot be read, or there is no kernel)
         what = None if opened(group, "kernel") else damaged_metadata(store.tree / group.path / "kernel")
         if what is not None:
             return f"the kernel's metadata {what} (TRAK.open or featurize makes it again from the features)"
