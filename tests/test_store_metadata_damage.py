@@ -172,3 +172,16 @@ def test_verify_reports_a_checkpoint_whose_group_metadata_is_gone_as_damaged(bas
     assert report["missing"] == [] and report["opens"] == [0] and str(file) in report["checkpoints"][1]["damaged"]
     np.testing.assert_allclose(_featurize(path).score(_targets()), base[1]["both"])  # redone
     assert store_report.describe(str(path), verify=True)["damaged"] is False
+
+
+@pytest.mark.parametrize("where", ["c1", "c1/features"])
+def test_a_file_in_place_of_a_checkpoint_folder_is_no_damaged_metadata(tmp_path, where):
+    """A local ``c1`` (or ``c1/features``) that is a file: its ``zarr.json`` is not there (as before; a read of it
+    raised ``NotADirectoryError``, which was taken for a damaged file that featurizing again deleted: the unlink then
+    raised NotADirectoryError instead of zarr's own error)."""
+    from trak_core.disk_layout import unreadable_metadata
+
+    folder = tmp_path / "store" / where
+    folder.parent.mkdir(parents=True)
+    folder.write_bytes(b"not a folder")
+    assert unreadable_metadata(tmp_path / "store" / "c1") == []

@@ -244,3 +244,33 @@ def test_a_set_named_as_its_folder_is_listed(store):
         np.testing.assert_allclose(opened.load_scores("scores"), memory.score(batch), rtol=1e-5, atol=1e-8)
     finally:
         fsspec.filesystem("memory").rm(f"{store['root']}/scores/scores", recursive=True)
+
+
+def test_an_entry_named_as_its_folder_is_not_taken_from_the_folder_itself(store):
+    """exists/is_dir answered from a folder's listing left the folder itself in, which iterdir leaves out: a file
+    lists itself (fsspec's MemoryFileSystem, s3fs) and an object store's folder marker (``folder/``) names the folder,
+    so ``<folder>/<its own name>`` was taken to be there. Now the listing says what the filesystem says."""
+    from trak_core.disk_listing import reading
+    from trak_core.disk_tree import UrlPath, store_tree
+
+    fs = fsspec.filesystem("memory")
+    with reading():
+        file = store_tree(store["url"]) / "c0" / "zarr.json"
+        assert file.entries() == []  # a file: no entries (its listing names itself)
+        assert (file / "zarr.json").exists() is fs.exists(f"{file.path}/zarr.json") is False
+
+    class Marker(MemoryFileSystem):
+        """A folder marker listed first, as an object store lists a key ``folder/``."""
+        protocol = "memory-with-markers"
+
+        def ls(self, path, detail=True, **kwargs):
+            found = super().ls(path, detail=detail, **kwargs)
+            path = self._strip_protocol(path)
+            return ([{"name": f"{path}/", "type": "file", "size": 0}] + list(found)) if self.isdir(path) else found
+
+    marked = Marker(skip_instance_cache=True)
+    with reading():
+        scores = UrlPath(marked, f"{store['root']}/scores")
+        assert sorted(entry.name for entry in scores.entries()) == [f"set{s}" for s in range(SETS)] + ["zarr.json"]
+        assert not (scores / "scores").exists() and not (scores / "scores").is_dir()
+        assert (scores / "set0").exists() and (scores / "set0").is_dir()

@@ -149,7 +149,17 @@ def unreadable_metadata(folder: pathlib.Path | UrlPath, opened: Opened = _never)
     again). A node ``opened`` (as in ``damaged_checkpoints``) is not read again."""
     nodes = [(folder.name, folder / "zarr.json")] + [(f"{folder.name}/{name}", folder / name / "zarr.json")
                                                      for name in ("features", "out_to_loss")]
-    return [file for node, file in nodes if not opened(node) and metadata_problem(file) not in (None, "is missing")]
+    return [file for node, file in nodes if not opened(node) and _unreadable(file)]
+
+
+def _unreadable(file: pathlib.Path | UrlPath) -> bool:
+    """Whether the ``zarr.json`` ``file`` is there and cannot be read. A local one as ever (``exists`` first: a
+    ``c{i}`` or an array folder that is a file is no damaged metadata, nothing to delete); at a URL read once, a file
+    that is not there (``FileNotFoundError``, ``NotADirectoryError``) taken as absent."""
+    if isinstance(file, pathlib.Path):
+        return file.exists() and metadata_problem(file) is not None
+    raw = read_metadata(file)
+    return not isinstance(raw, (FileNotFoundError, NotADirectoryError)) and metadata_problem(file, raw) is not None
 
 
 def _holds_checkpoint(folder: pathlib.Path | UrlPath) -> bool:

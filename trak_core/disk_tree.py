@@ -97,8 +97,10 @@ class UrlPath:
         listing = None if parent is None else snapshot.peek(self._key("ls", parent))
         if listing is not None:
             entries, error = listing
-            if error is None:
-                kinds = {_entry_name(entry): entry.get("type") for entry in entries}
+            if error is None:  # the folder itself left out, as iterdir does (a file or a folder marker lists itself)
+                own = _stripped(self.fs, parent)
+                kinds = {_entry_name(entry): entry.get("type") for entry in entries
+                         if _stripped(self.fs, str(entry["name"])) != own}
                 return kinds.get(self.name), self.name in kinds
             if isinstance(error, (FileNotFoundError, NotADirectoryError)):
                 return None, False
