@@ -302,3 +302,24 @@ def test_url_members_named_as_their_folder_are_listed(tmp_path, reference):
         _close(_open(url).score(_targets()), reference["both"])
     finally:
         made.remove()
+
+
+def test_zarr_v2_data_at_a_url_is_refused_as_in_a_directory(tmp_path):
+    """Featurizing into a URL that holds another's zarr v2 group wrote a whole v2-format store into it, which reading
+    calls (zarr v3 only) then took for no store; a local directory refused it. Now the same refusal, nothing
+    written; a fresh URL beside it is written and scores as an in-memory TRAK."""
+    import zarr
+
+    url = f"memory://v2-{tmp_path.name}"
+    zarr.open_group(url, mode="w", zarr_format=2).attrs["theirs"] = 1
+    fs = fsspec.filesystem("memory")
+    before = sorted(fs.find(url[len("memory://"):]))
+    with pytest.raises(TrakOSError, match=r"holds zarr v2 data; trak-core writes only into its own stores and "
+                                          "changed nothing"):
+        _featurize(url, checkpoints=1)
+    assert sorted(fs.find(url[len("memory://"):])) == before
+    fresh = f"memory://v3-{tmp_path.name}"
+    _featurize(fresh, checkpoints=1)
+    _close(_open(fresh, (0,)).score(_targets()), _featurize(None, checkpoints=1).score(_targets()))
+    fs.rm(url[len("memory://"):], recursive=True)
+    fs.rm(fresh[len("memory://"):], recursive=True)

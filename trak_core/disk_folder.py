@@ -29,13 +29,16 @@ class StoreFolder:
 
     def _refuse_foreign(self) -> Raw | None:
         """Refuse a directory that is not a trak-core store (``disk_layout.foreign_contents``), before anything is
-        written to it; returns its root ``zarr.json`` as read for the checks (``None``: no directory yet)."""
-        if not self.path.is_dir():
+        written to it; returns its root ``zarr.json`` as read for the checks (``None``: no directory yet). At a URL
+        too (``tree``): zarr v2 data there was written into as a v2 store, which reading calls (zarr v3 only) then
+        took for no store."""
+        tree = self.tree
+        if not tree.is_dir():
             self._refuse_damaged()
             return None
-        raw = read_metadata(self.path / "zarr.json")  # once, for both checks
+        raw = read_metadata(tree / "zarr.json")  # once, for both checks
         self._refuse_damaged(raw)
-        what = foreign_contents(self.path, raw)
+        what = foreign_contents(tree, raw)
         if what is not None:
             raise TrakOSError(f"the store path {self.path} holds {what}; trak-core writes only into its own stores "
                               "and changed nothing: choose another (new or empty) directory for store=")

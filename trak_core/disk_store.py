@@ -132,8 +132,8 @@ class DiskStore(StoreFolder, ScoreSets, Store):
         one is created, in a directory checked to be writable."""
         if self._root is None:
             if self._url:
-                self._refuse_damaged()  # zarr would raise its raw JSON error, or write a new root over a deleted one
-                with one_writer(self.path):
+                self._refuse_foreign()  # zarr would raise its raw JSON error, write a new root over a deleted one,
+                with one_writer(self.path):  # or write into another's zarr v2 group
                     self._root = open_root(self.path, "a")
                 return self._root
             import zarr
