@@ -64,8 +64,8 @@ class Snapshot:
                 found = (None, exc)
             self._kept[key] = found
         value, error = found
-        if error is not None:
-            raise error
+        if error is not None:  # as lookup: its traceback this call's, not grown by each raise
+            raise error.with_traceback(None)
         return value
 
     def peek(self, key: Any) -> tuple[Any, Exception | None] | None:
