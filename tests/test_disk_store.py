@@ -402,6 +402,8 @@ def test_a_relative_file_url_is_fixed_when_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert DiskStore("file://relstore").location == f"file://{tmp_path / 'relstore'}"
     assert DiskStore("file:///abs/store").location == "file:///abs/store"
+    # RFC 8089's form naming the local host was taken for the relative folder ./localhost/abs/store
+    assert DiskStore("file://localhost/abs/store").location == "file:///abs/store"
 
 
 @pytest.mark.parametrize("bad, why", [("zarr.json", r"the store's own metadata file \(zarr.json\)"),

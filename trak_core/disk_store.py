@@ -94,6 +94,8 @@ class DiskStore(StoreFolder, ScoreSets, Store):
         except ImportError:
             raise MissingFrameworkError(f'on-disk stores need zarr (v3): {install_hint("store", "zarr")}') from None
         self._url = "://" in str(path)
+        if str(path).startswith("file://localhost/"):  # RFC 8089: the local host named; was taken for ./localhost/...
+            path = "file://" + str(path)[len("file://localhost"):]
         if str(path).startswith("file://") and not str(path)[len("file://"):].startswith("/"):  # a relative local URL
             path = "file://" + str(pathlib.Path(str(path)[len("file://"):]).expanduser().absolute())  # fixed now
         # "~/x" as a shell would; a relative path is fixed now, so a later os.chdir does not move the store
