@@ -96,9 +96,26 @@ class _ClearBars(logging.Filter):
     again at its next step). It filters nothing out."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for bar in _live_bars():
-            bar.clear()
+        if _to_terminal(record):  # a record that goes to a file only: the bars are left as drawn (no flicker)
+            for bar in _live_bars():
+                bar.clear()
         return True
+
+
+def _to_terminal(record: logging.LogRecord) -> bool:
+    """Whether a handler that takes ``record`` writes to stdout or stderr: those of its logger and the loggers it
+    propagates to, at the record's level (``logging.lastResort``, to stderr, where there are none at all)."""
+    logger: Any = logging.getLogger(record.name)
+    found = False
+    while logger is not None:
+        for handler in logger.handlers:
+            found = True
+            if record.levelno >= handler.level and not isinstance(handler, logging.FileHandler) and \
+                    getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+                return True
+        logger = logger.parent if logger.propagate else None
+    last = logging.lastResort
+    return not found and last is not None and record.levelno >= last.level
 
 
 _CLEAR_BARS = _ClearBars()
