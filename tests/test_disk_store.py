@@ -463,3 +463,26 @@ def test_finishing_a_checkpoint_deletes_what_killed_zarr_writes_left(tmp_path):
     (scores / f"zarr.{next(hexes)}.partial").write_bytes(b"cut short")
     rerun.score([(x[:5], y[:5])], save_as="run")
     assert list(scores.rglob("*.partial")) == []
+
+
+def test_a_set_name_that_a_case_insensitive_disk_would_match_is_not_loaded(tmp_path, monkeypatch):
+    """On a case-insensitive disk (macOS, Windows) zarr opens ``scores/RUN1`` for the set saved as ``run1``. Looking a
+    set up before listing the sets (62876ba) loaded run1's scores for ``load_scores("RUN1")``; a local store lists
+    its sets first, as before. The disk's matching is imitated here: lookups of set names ignore case."""
+    import trak_core.disk_layout as layout
+    import trak_core.disk_scores as disk_scores
+
+    trak, scores = _run(tmp_path / "store", checkpoints=1)
+    x, y = _data()
+    trak.score([(x[:6], y[:6])], save_as="run1")
+    lookup = layout.member
+
+    def any_case(group, name):
+        return lookup(group, name.lower() if group.path.endswith("scores") else name)
+
+    monkeypatch.setattr(disk_scores, "member", any_case)
+    assert np.array_equal(trak.load_scores("run1"), scores)
+    from trak_core import TrakValueError
+
+    with pytest.raises(TrakValueError, match=r"no scores named 'RUN1' in .*; saved: \['run1'\]"):
+        trak.load_scores("RUN1")

@@ -133,8 +133,10 @@ class ScoreSets:
         if group is None:
             return None
         plain = isinstance(name, str) and "/" not in name and "\\" not in name and name.strip(".") != ""
-        array = member(group, name) if plain and active() is not None else None  # in a call that reads: a set zarr
-        if not hasattr(array, "shape") and name not in member_names(group):  # opens needs no listing of the sets
+        # at a URL, in a call that reads, a set zarr opens needs no listing of the sets (a request); a local folder
+        # is listed (no request), which also keeps a case-insensitive disk's "RUN1" from opening the set "run1"
+        array = member(group, name) if plain and active() is not None and self._url else None
+        if not hasattr(array, "shape") and name not in member_names(group):
             return None
         array = member(group, name) if array is None else array
         if not hasattr(array, "shape"):  # none, a group, or a set whose metadata cannot be read
