@@ -201,6 +201,16 @@ def _sleeper():
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 
 
+def _record_run(store, process, complete=True):
+    """Checkpoint 1's run record names ``process`` on this host (``complete=False``: and it is not complete)."""
+    group = f"{store.root}/c1/zarr.json"
+    meta = json.loads(store.fs.cat_file(group))
+    if not complete:
+        meta["attributes"].pop("complete")
+    meta["attributes"]["run"] = {"host": socket.gethostname(), "pid": process.pid, "started": time.time()}
+    store.fs.pipe_file(group, json.dumps(meta).encode())
+
+
 def test_a_memory_url_checkpoint_a_live_process_records_is_refused(tmp_path, reference):
     """A store at a URL other than file:// has no directory to lock: a run at an index whose run record names
     another live process on this host was let write beside it. Now it is refused naming that process, writes
@@ -208,13 +218,9 @@ def test_a_memory_url_checkpoint_a_live_process_records_is_refused(tmp_path, ref
     store = Store("memory", tmp_path)
     try:
         _featurize(store.url)
-        group = f"{store.root}/c1/zarr.json"
-        meta = json.loads(store.fs.cat_file(group))
         sleeper = _sleeper()
         try:
-            meta["attributes"].pop("complete")  # checkpoint 1 being written by the sleeper, as far as the store tells
-            meta["attributes"]["run"] = {"host": socket.gethostname(), "pid": sleeper.pid, "started": time.time()}
-            store.fs.pipe_file(group, json.dumps(meta).encode())
+            _record_run(store, sleeper, complete=False)  # checkpoint 1 being written by the sleeper, as it tells
             before = store.snapshot()
             with pytest.raises(TrakOSError, match=rf"checkpoint 1 in {store.url} is being featurized by another "
                                                   rf"process now \(pid {sleeper.pid} on "):
@@ -234,12 +240,9 @@ def test_a_damaged_memory_url_checkpoint_a_live_process_records_is_not_redone(tm
     store = Store("memory", tmp_path)
     try:
         _featurize(store.url)
-        group = f"{store.root}/c1/zarr.json"
-        meta = json.loads(store.fs.cat_file(group))
         sleeper = _sleeper()
         try:
-            meta["attributes"]["run"] = {"host": socket.gethostname(), "pid": sleeper.pid, "started": time.time()}
-            store.fs.pipe_file(group, json.dumps(meta).encode())
+            _record_run(store, sleeper)
             store.damage("c1/features", "truncated")
             before = store.snapshot()
             with pytest.raises(TrakOSError, match=rf"being featurized by another process now \(pid {sleeper.pid} "):

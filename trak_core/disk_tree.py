@@ -97,10 +97,8 @@ class UrlPath:
         listing = None if parent is None else snapshot.peek(self._key("ls", parent))
         if listing is not None:
             entries, error = listing
-            if error is None:  # the folder itself left out, as iterdir does (a file or a folder marker lists itself)
-                own = _stripped(self.fs, parent)
-                kinds = {_entry_name(entry): entry.get("type") for entry in entries
-                         if _stripped(self.fs, str(entry["name"])) != own}
+            if error is None:
+                kinds = _members(self.fs, parent, entries)
                 return kinds.get(self.name), self.name in kinds
             if isinstance(error, (FileNotFoundError, NotADirectoryError)):
                 return None, False
@@ -131,12 +129,9 @@ class UrlPath:
 
     def iterdir(self) -> Iterator["UrlPath"]:
         """The folder's entries (one listing: each one's kind comes with it)."""
-        own = _stripped(self.fs, self.path)
-        for entry in self._ask("ls", lambda: list(self.fs.ls(self.path, detail=True))):
-            full = _stripped(self.fs, str(entry["name"]))
-            name = full.rsplit("/", 1)[-1]
-            if name and full != own:  # the folder itself (a file lists itself), not a member of the same name
-                yield UrlPath(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.url}/{name}", entry.get("type"))
+        listing = self._ask("ls", lambda: list(self.fs.ls(self.path, detail=True)))
+        for name, kind in _members(self.fs, self.path, listing).items():
+            yield UrlPath(self.fs, f"{self.path.rstrip('/')}/{name}", f"{self.url}/{name}", kind)
 
     def entries(self) -> list["UrlPath"]:
         """``iterdir``'s entries; none where there is no folder (one listing: no ``is_dir`` asked first)."""
@@ -158,9 +153,17 @@ class UrlPath:
             snapshot.forget([self._key(what) for what in ("cat", "exists", "isdir", "ls")] + [self._key("ls", parent)])
 
 
-def _entry_name(entry: dict) -> str:
-    """The name of a listing's entry, without its folder."""
-    return str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+def _members(fs: Any, folder: str, listing: list[dict]) -> dict[str, str | None]:
+    """``{name: kind}`` of the entries of ``folder``'s ``listing`` (``fs.ls(..., detail=True)``), the folder itself
+    left out (a file lists itself, an object store's folder marker names the folder), not a member of the same
+    name (a score set named ``scores``)."""
+    own, found = _stripped(fs, folder), {}
+    for entry in listing:
+        full = _stripped(fs, str(entry["name"]))
+        name = full.rsplit("/", 1)[-1]
+        if name and full != own:
+            found[name] = entry.get("type")
+    return found
 
 
 def _stripped(fs: Any, path: str) -> str:
