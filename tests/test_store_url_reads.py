@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are not exercised")
 fsspec = pytest.importorskip("fsspec", reason="fsspec is not installed: zarr opens no URL store without it")
 
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper  # noqa: E402
 from fsspec.implementations.memory import MemoryFileSystem  # noqa: E402
 
 from trak_core import MLP, TRAK, StoreDamagedError, store_report  # noqa: E402
@@ -47,6 +48,8 @@ def wrapped():
     originals = {name: getattr(MemoryFileSystem, name) for name in QUERIES}
     for name, method in originals.items():
         setattr(MemoryFileSystem, name, _counted(name, method))
+    # fsspec before 2025 keeps one wrapper per filesystem across stores (cachable), its methods bound when it was made
+    AsyncFileSystemWrapper.clear_instance_cache()
     yield
     for name, method in originals.items():
         setattr(MemoryFileSystem, name, method)

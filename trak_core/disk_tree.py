@@ -212,7 +212,7 @@ def store_tree(location: Any) -> pathlib.Path | UrlPath:
         fs, path = fsspec.core.url_to_fs(text)
     except ImportError as exc:
         raise MissingFrameworkError(f"the store at {text} is a URL, which zarr opens through fsspec: {exc} (pip "
-                                    "install fsspec and the filesystem's package, such as s3fs or gcsfs)") from None
+                                    "install 'trak-core[urls]' and the filesystem's package, such as s3fs or gcsfs)") from None
     return UrlPath(fs, path, text.rstrip("/"))
 
 
