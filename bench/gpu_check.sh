@@ -9,7 +9,8 @@
 #               H200, limit 150 s), then on PYTHONPATH
 #   install     .whl/*.whl into /tmp/site, on PYTHONPATH (limit 60 s)
 #   tests       the conformance suite on the GPU ids, the CuPy tests and quickstart, the GPU projection tests and
-#               the GPU cases of the closed-form gradient tests (ResNet under TF32, a ViT's attention) (limit 120 s)
+#               the GPU cases of the closed-form gradient tests (ResNet under TF32, a ViT's attention) (limit 120 s;
+#               138 cases on four pytest-xdist workers)
 #   peers       bench/gpu_peers.py: trak-core vs traker + fast_jl, projection at 256 x 2e6 -> 4,096 and
 #               32 x 11.2e6 -> 2,048 (time, TFLOP/s, error) and ResNet-18 featurize + score (limit 200 s)
 #   projection  bench/gpu_projection.py: the fused CuPy kernel vs a matmul with the matrix in memory (limit 60 s)
@@ -101,7 +102,11 @@ for name in ("numpy", "torch", "jax", "cupy", "array_api_compat", "trak", "torch
         print(f"{name}: not available ({type(exc).__name__}: {exc})")
 PY
 
-step tests 120 "$py" -m pytest -q -rs -p no:cacheprovider tests/conformance tests/test_cupy_backend.py tests/test_docs.py \
+# four workers, tests dealt one by one (102 of the 138 GPU cases are in tests/conformance/test_suite.py, which the
+# suite's default --dist loadfile would give to one worker); pytest-xdist is in the GPU image
+workers=()
+"$py" -c "import xdist" 2> /dev/null && workers=(-n 4 --dist load)
+step tests 120 "$py" -m pytest -q -rs -p no:cacheprovider "${workers[@]}" tests/conformance tests/test_cupy_backend.py tests/test_docs.py \
   tests/test_gpu_projection.py tests/test_closed_form.py \
   tests/test_closed_form_functional.py tests/test_kronecker_functional.py \
   -k "cuda or gpu or cupy" --junitxml="$report/tests.xml"
