@@ -74,7 +74,8 @@ class LanguageModeling:
 
     def output(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         margins, _, counted = self._margins(logits, labels, xp=xp)
-        return xp.sum(margins * counted, axis=1)
+        # picked, not multiplied: an uncounted position's stand-in label 0 may be a token masked with -inf (-inf * 0)
+        return xp.sum(xp.where(counted > 0, margins, xp.zeros_like(margins)), axis=1)
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         raise TrakTypeError(f"{self.name} has no hand-written output_grad; use a backend with autodiff "
@@ -82,6 +83,7 @@ class LanguageModeling:
 
     def out_to_loss(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         _, q, counted = self._margins(logits, labels, xp=xp)
+        counted = xp.astype(counted, q.dtype)  # q's float32 for half-precision logits: bfloat16 counts round from 257
         total = xp.sum(counted, axis=1)
         return xp.sum(q * counted, axis=1) / xp.where(total > 0, total, xp.ones_like(total))
 

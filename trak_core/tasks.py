@@ -182,7 +182,9 @@ class Classification:
         logits, labels = self._two_class(logits, labels, xp=xp)
         onehot, (top, weights) = self._others(logits, labels, xp=xp)
         logsumexp_others = top[:, 0] + xp.log(xp.sum(weights, axis=1))
-        return xp.sum(logits * onehot, axis=1) - logsumexp_others
+        # the label's logit picked, not multiplied out: a class masked with -inf (-inf * 0) would make every margin NaN
+        picked = xp.where(onehot > 0, logits, xp.zeros_like(logits))
+        return xp.sum(picked, axis=1) - logsumexp_others
 
     def output_grad(self, logits: Any, labels: Any, *, xp: Any) -> Any:
         """``d f / d logits``: the one-hot label less the softmax over the other classes; returns the derivative of

@@ -61,15 +61,17 @@ ROWS_APART_DEFAULT = 5e-2  # 20x the largest rounding measured (2.3e-3, a float3
 def rows_apart(alone: Any, together: Any, logits: Any) -> Any:
     """Inside the jitted step: the largest difference between an example's output alone (``alone``, under
     ``vmap``) and its row's in the batch (``together``), over the row's scale: ``1 + |output| + T max|logit|``
-    (``T`` positions of a sequence's logits). The logits' scale, not the output's: a margin cancels, and its
-    rounding grows with the logits (a float32 CNN computing in bfloat16 was 0.022 of its margins, 1e-3 of this)."""
+    (``T`` positions of a sequence's logits; finite logits only). The logits' scale, not the output's: a margin
+    cancels, and its rounding grows with the logits (a float32 CNN computing in bfloat16 was 0.022 of its margins,
+    1e-3 of this)."""
     import jax.numpy as jnp
 
     n = together.shape[0]
     positions = 1
     for size in logits.shape[1:-1]:
         positions *= size
-    largest = jnp.max(jnp.abs(jnp.reshape(logits, (n, -1))), axis=1).astype(together.dtype)
+    magnitudes = jnp.abs(jnp.reshape(logits, (n, -1)))  # a class masked with -inf adds no rounding: left out, else
+    largest = jnp.max(jnp.where(jnp.isfinite(magnitudes), magnitudes, 0), axis=1).astype(together.dtype)  # inf scale
     return jnp.max(jnp.abs(alone - together) / (1 + jnp.abs(together) + positions * largest))
 
 
