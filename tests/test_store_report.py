@@ -190,3 +190,46 @@ def test_a_running_job_is_told_from_a_dead_one(store, tmp_path):
     assert report["checkpoints"][1]["running"] is False and report["checkpoints"][0]["running"] is None
     assert f"written by pid {int(exited.stdout)} on {socket.gethostname()}" in store_report.render(report)
     assert "not running (rerun its featurize call, which resumes, unless a rerun" in store_report.render(report)
+
+
+def test_a_store_of_another_format_is_refused_as_trak_open_refuses_it(store, tmp_path, capsys):
+    """A store written by another version (``store_format`` 2, its configuration hash written with it) was listed as
+    two complete checkpoints that ``TRAK.open`` "takes", with exit status 0, and ``TRAK.open`` refused it."""
+    import shutil
+
+    from trak_core.disk_shared import configuration_digest
+
+    path = tmp_path / "other"
+    shutil.copytree(store[0], path)
+    root = json.loads((path / "zarr.json").read_text())
+    root["attributes"]["trak_core"]["store_format"] = 2
+    root["attributes"]["configuration_sha256"] = configuration_digest(root["attributes"]["trak_core"])
+    (path / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(trak_core.errors.StoreMismatchError, match="has format 2"):
+        trak_core.TRAK.open(path, _model(0), {0: _model(0).state_dict()}, progress=False)
+    with pytest.raises(trak_core.errors.StoreMismatchError, match=r"has format 2, written by another version of "
+                       r"trak-core; this one \(.*\) reads format 1 only"):
+        store_report.describe(str(path))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["store", str(path), "--json"])
+    out = capsys.readouterr()
+    assert stop.value.code == 2 and "has format 2" in out.err and out.out == ""
+
+
+def test_a_damaged_checkpoint_is_not_offered_in_a_list(tmp_path):
+    """With checkpoint 1's ``zarr.json`` truncated the report said "TRAK.open takes a list of the 1 checkpoints 0 to
+    0", which ``TRAK.open`` refuses (checkpoint 1 is damaged); the mapping it offers now opens, and scores as the
+    writing estimator's checkpoint 0 does."""
+    path, data = tmp_path / "store", _small()
+    models = [_model(seed) for seed in range(2)]
+    trak = trak_core.TRAK(models[0], proj_dim=8, progress=False, store=path)
+    for model in models:
+        trak.featurize(model.state_dict(), data)
+    expected = trak.score(data, checkpoints=[0]).numpy()
+    (path / "c1" / "zarr.json").write_text("{")
+    text = store_report.render(store_report.describe(str(path)))
+    assert "takes a list" not in text and "takes a mapping {index: checkpoint} of the complete ones, [0]" in text
+    with pytest.raises(trak_core.errors.StoreDamagedError, match="checkpoint 1 .* is damaged"):
+        trak_core.TRAK.open(path, models[0], [models[0].state_dict()], progress=False)
+    opened = trak_core.TRAK.open(path, models[0], {0: models[0].state_dict()}, progress=False)
+    np.testing.assert_array_equal(opened.score(data).numpy(), expected)

@@ -63,6 +63,8 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
     ------
     TrakValueError
         Where ``path`` holds no trak-core store.
+    StoreMismatchError
+        Where the store has another format (``store_format``) than this trak-core reads: written by another version.
     """
     from .disk_listing import reading
 
@@ -78,6 +80,7 @@ def _describe(path: str, verify: bool, expect: int | None) -> dict[str, Any]:
     config = store.configuration()
     if config is None:
         raise TrakValueError(f"no trak-core store at {path}: a store is made by TRAK(..., store=path).featurize(...)")
+    _check_format(path, config)
     root, broken = store.root, store.damaged_checkpoints()  # damaged metadata: listed, not taken for missing
     indices = sorted(set(checkpoint_indices(root, complete=False)) | set(broken))
     checkpoints = [_checkpoint(store, root, i, verify, broken.get(i)) for i in indices]
@@ -100,6 +103,19 @@ def _describe(path: str, verify: bool, expect: int | None) -> dict[str, Any]:
             "beyond_expect": [i for i in indices if expect is not None and i >= expect], "scores": scores,
             "scores_damaged": scores_damaged,
             "damaged": any(item.get("damaged") for item in checkpoints + scores) or bool(verify and scores_damaged)}
+
+
+def _check_format(path: str, config: dict[str, Any]) -> None:
+    """Refuse a store of another layout than this trak-core's (``TRAK.open``'s check): read with this layout, its
+    checkpoints were listed as ones ``TRAK.open`` takes, and it refuses them all."""
+    from . import __version__
+    from .disk_store import STORE_FORMAT
+
+    if config.get("store_format") != STORE_FORMAT:
+        raise StoreMismatchError(f"the store at {path} has format {config.get('store_format')!r}, written by another "
+                                 f"version of trak-core; this one ({__version__}) reads format {STORE_FORMAT} only, "
+                                 "so it cannot tell what the store holds, and TRAK.open refuses it: run `trak-core "
+                                 "store` of the version that wrote it, or featurize again into a new store path")
 
 
 def _compare_data(root: Any, checkpoints: list[dict[str, Any]]) -> None:
@@ -266,7 +282,8 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"beyond --expect: checkpoints {report['beyond_expect']} are stored at indices the array of "
                      f"{report['expect']} jobs does not have (another array's jobs, or --expect too small)")
     complete = report.get("opens", report["complete"])
-    if complete and complete == report["complete"] == list(range(len(complete))):
+    damaged = any(c["state"] == "damaged" for c in report["checkpoints"])  # TRAK.open refuses a list then
+    if complete and complete == report["complete"] == list(range(len(complete))) and not damaged:
         lines.append(f"TRAK.open(path, model, checkpoints) takes a list of the {len(complete)} checkpoints 0 to "
                      f"{len(complete) - 1}, or a mapping {{index: checkpoint}} of some")
     elif complete:
@@ -283,7 +300,7 @@ def render(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
     """Print what the store holds (``--json``: as JSON); exit status 1 where ``--verify`` finds damage, 2 where the
-    path holds no store.
+    path holds no store, or one of another format.
 
     Parameters
     ----------
@@ -307,7 +324,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
     parser.add_argument("--expect", type=int, metavar="N", help="the number of checkpoints the store is to hold (a "
                         "job array's size): every index below N without a checkpoint yet is listed as missing")
     parser.epilog = ("Exit status: 0; 1 where --verify finds damage; 2 where PATH holds no store yet (before the "
-                     "first job wrote its configuration) or the options are wrong. Rows are counted in chunks of "
+                     "first job wrote its configuration), a store of another format (another trak-core version) or "
+                     "the options are wrong. Rows are counted in chunks of "
                      "4,096.")
     args = parser.parse_args(argv)
     if args.expect is not None and args.expect < 0:
