@@ -246,3 +246,21 @@ def test_subset_masks_hold_at_least_one_example_and_take_numpy_fractions():
     for fraction in (np.float32(0.3), np.array(0.3)):
         np.testing.assert_array_equal(trak_core.subset_masks(20, 4, fraction=fraction, seed=2),
                                       trak_core.subset_masks(20, 4, fraction=0.3, seed=2))
+
+
+@pytest.mark.parametrize("which", ["outputs", "scores"])
+def test_outputs_or_scores_that_are_not_numbers_are_named(which, rng):
+    """An object array (a subset's output missing: None) or strings raised NumPy's own "ufunc 'isfinite' not
+    supported for the input types"; the numbers themselves, as floats, give scipy's value."""
+    scores, masks = rng.normal(size=(20, 3)), trak_core.subset_masks(20, 8, seed=0)
+    outputs = masks @ scores + rng.normal(size=(8, 3))
+    given = {"scores": scores, "outputs": outputs}
+    given[which] = given[which].astype(object)
+    given[which][1, 2] = None
+    with pytest.raises(trak_core.TrakTypeError, match=rf"{which} have dtype object, not numbers; .*numpy.asarray"):
+        trak_core.lds(given["scores"], masks, given["outputs"])
+    with pytest.raises(trak_core.TrakTypeError, match=rf"{which} have dtype <U\d+, not numbers"):
+        trak_core.lds(*[np.asarray(v).astype(str) if k == which else v for k, v in
+                        (("scores", scores), ("masks", masks), ("outputs", outputs))])
+    result = trak_core.lds(scores.astype(object).astype(float), masks, outputs.astype(object).astype(float))
+    np.testing.assert_allclose(result.per_target, _reference(scores, masks, outputs), rtol=0, atol=1e-12)

@@ -125,7 +125,8 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
         ``counts > 0``): the message names the subsets or targets. Also when the LDS is undefined for every
         target.
     TrakTypeError
-        On complex scores, masks or outputs, or on inputs that are not arrays (a list).
+        On complex scores, masks or outputs, on ones that are not numbers (strings, an object array), or on inputs that
+        are not arrays (a list).
 
     Notes
     -----
@@ -159,6 +160,11 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
         if xp.isdtype(values.dtype, "complex floating"):  # was cast to real with only NumPy's ComplexWarning
             raise TrakTypeError(f"{name} are complex ({values.dtype}); LDS ranks real numbers: pass real {name}, "
                                 f"e.g. {name}.real if the imaginary part is meant to be dropped")
+        # strings, Python objects: were NumPy's own "ufunc 'isfinite' not supported for the input types"
+        if not xp.isdtype(values.dtype, ("bool", "integral", "real floating")):
+            raise TrakTypeError(f"{name} have dtype {values.dtype}, not numbers; LDS ranks real numbers: pass a "
+                                f"numeric array, e.g. numpy.asarray({name}, dtype=float) (an object array that holds "
+                                "None for a subset or target: leave that subset or target out first)")
     checked = [("outputs", outputs, 1, "subsets (retrained models)"), ("scores", scores, 0, "targets")]
     if xp.isdtype(masks.dtype, "real floating"):
         checked.append(("masks", masks, 1, "subsets"))
@@ -181,11 +187,7 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
                                  f"{' ...' if len(bad) > 10 else ''}; masks say which examples each retrained model "
                                  "saw, not how often: pass them as booleans or 0/1, e.g. counts > 0")
     work = accumulation_dtype(xp, device_of(scores))
-    weights, values = xp.astype(masks, work), xp.astype(scores, work)
-    reference = values[0:1, :]  # masks @ scores, as masks @ (scores - row 0) + counts * row 0: the same sum, but a
-    with full_precision(xp):    # target whose scores are all equal gets exactly equal predictions for equal-sized
-        predictions = weights @ (values - reference)  # subsets (undefined LDS), not rounding noise ranked as signal
-    predictions = predictions + xp.sum(weights, axis=1, keepdims=True) * reference
+    predictions = _predictions(scores, xp.astype(masks, work), xp=xp)
     outputs = xp.astype(outputs, work)
     per_target = [spearman(predictions[:, j], outputs[:, j], xp=xp) for j in range(n_targets)]
     values = np.asarray(per_target)
@@ -200,6 +202,30 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
              "targets defined for all of them (LDSResult.undefined)", RuntimeWarning)
     sem = float(defined.std(ddof=1) / math.sqrt(defined.size)) if defined.size > 1 else math.nan
     return LDSResult(float(defined.mean()), sem, values, int(masks.shape[0]), undefined)
+
+
+#: bytes of ``scores`` columns, in the accumulation dtype, that ``lds`` predicts from at a time: whole float64 copies of
+#: the scores took 4.2x a float32 score matrix at the peak (2 GB of scores: 8.5 GB more)
+PREDICTION_BLOCK_BYTES = 64 * 2**20
+
+
+def _predictions(scores: Any, weights: Any, *, xp: Any) -> Any:
+    """``weights @ scores`` in ``weights``' dtype, ``(n_subsets, n_targets)``, computed over blocks of target columns
+    of about ``PREDICTION_BLOCK_BYTES``.
+
+    Each block is summed as ``weights @ (block - row 0) + counts * row 0``: the same sum, but a target whose scores are
+    all equal gets exactly equal predictions for equal-sized subsets (undefined LDS), not rounding noise ranked as
+    signal.
+    """
+    n_train, n_targets = scores.shape
+    width = max(1, PREDICTION_BLOCK_BYTES // max(1, n_train * 8))
+    counts, parts = xp.sum(weights, axis=1, keepdims=True), []
+    for start in range(0, n_targets, width):
+        values = xp.astype(scores[:, start:min(start + width, n_targets)], weights.dtype)
+        reference = values[0:1, :]
+        with full_precision(xp):
+            parts.append(weights @ (values - reference) + counts * reference)
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
 
 
 def _like(values: Any, scores: Any, name: str, *, xp: Any) -> Any:
