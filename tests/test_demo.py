@@ -70,3 +70,17 @@ def test_the_figure_path_printed_is_the_file_written_and_bad_ones_fail_before_tr
         with pytest.raises(SystemExit):
             demo.main(small + ["--png", bad])
         assert said in capsys.readouterr().err
+
+
+def test_the_saved_figure_is_said_to_show_the_targets_it_shows(tmp_path, capsys):
+    """With ``--n-targets 2`` the figure holds 2 test digits (``figure.panels``, the independent count) and the demo
+    said "12 test digits"."""
+    from trak_core.demo.figure import panels
+
+    png = tmp_path / "two.png"
+    result = demo.main(["--backend", "numpy", "--n-train", "40", "--n-targets", "2", "--checkpoints", "1",
+                        "--subsets", "3", "--proj-dim", "16", "--png", str(png), "--quiet"])
+    out = capsys.readouterr().out
+    scores = result["scores"]["TRAK, 1 checkpoint"]
+    drawn = len(panels(scores, np.zeros(40, int), np.zeros(2, int), result["predicted"]))
+    assert drawn == 2 and f"saved the figure to {png}: 2 test digits (true and predicted" in out

@@ -27,6 +27,7 @@ __all__ = ["main"]
 
 
 PROG = "python -m trak_core.demo"
+FIGURE_TARGETS = 12  # test digits in the figure (fewer where --n-targets is smaller)
 FIGURE_FORMATS = {"png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "pgf"}  # matplotlib's
 
 
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
     if args.png:
         from .figure import save_proponents
 
-        save_proponents(args.png, results[ensemble], x_np, y_np, xt_np, yt_np, predicted)
-        print(f"saved the figure to {os.path.abspath(args.png)}: 12 test digits (true and predicted class), each "
-              "with its top proponent and opponent")
+        save_proponents(args.png, results[ensemble], x_np, y_np, xt_np, yt_np, predicted, n_show=FIGURE_TARGETS)
+        shown = min(FIGURE_TARGETS, args.n_targets)  # the figure's first targets: --n-targets 2 showed 2, said 12
+        print(f"saved the figure to {os.path.abspath(args.png)}: {shown} test digit{'s' if shown > 1 else ''} (true "
+              "and predicted class), each with its top proponent and opponent")
     return {"scores": results, "lds": scores, "seconds": seconds, "accuracy": accuracy, "predicted": predicted}
