@@ -335,3 +335,51 @@ def test_a_layer_under_torch_utils_checkpoint_is_refused_naming_it(hidden, named
     trak = TRAK(Checkpointed(), proj_type="kronecker", proj_dim=16, progress=False)
     with pytest.raises(TrakValueError, match=named):
         trak.featurize(None, [(x, y)])
+
+
+class Unpadded(nn.Module):
+    """Unpadded tokens (``hidden[mask]``, as flash attention's varlen path and ModernBERT take them) through ``lin``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(20, 6), nn.Linear(6, 8), nn.Linear(8, 7)
+
+    def forward(self, ids, attention_mask):
+        keep = attention_mask.bool()
+        tokens = torch.tanh(self.lin(self.emb(ids)[keep]))  # (tokens in the batch, 8)
+        hidden = tokens.new_zeros((*ids.shape, 8)).masked_scatter(keep[..., None], tokens)
+        return self.head(hidden.sum(1) / attention_mask.sum(1, keepdim=True))
+
+
+@pytest.mark.filterwarnings("ignore:proj_type='kronecker'.*one example at a time:RuntimeWarning")
+def test_unpadded_tokens_whose_count_divides_by_the_batch_are_not_taken_for_examples():
+    """A first batch without padding took the batched pass; a later one of 12 unpadded tokens (5, 3, 2, 2) over 4
+    examples was read as 3 tokens per example, and lin's block was 76% off, silently. Now rows picked by a mask send
+    the checkpoint off the batched pass: lin's block equals its gradients times the factors, built here by hand."""
+    import math
+
+    import array_api_compat.torch as xp
+    from trak_core.kronecker import factor
+
+    torch.manual_seed(0)
+    model, backend, task, k = Unpadded().double().eval(), TorchBackend(), get_task("classification"), 40
+    prepared = backend.prepare(model, None)
+    g = torch.Generator().manual_seed(1)
+    ids, y = torch.randint(0, 20, (4, 5), generator=g), torch.randint(0, 7, (4,), generator=g)
+    full, unpadded = torch.ones_like(ids), (torch.arange(5)[None] < torch.tensor([5, 3, 2, 2])[:, None]).long()
+    backend.factorized_features(model, prepared, {"ids": ids, "attention_mask": full}, y, task, k=k, seed=0,
+                                checkpoint=0, options=Kronecker())
+    x = {"ids": ids, "attention_mask": unpadded}
+    features, _ = backend.factorized_features(model, prepared, x, y, task, k=k, seed=0, checkpoint=0,
+                                              options=Kronecker())
+    block = backend.factorized_plan(model, prepared, x, y, task, k=k, options=Kronecker()).block("lin.weight")
+    rows, cols = (torch.as_tensor(factor(d, kk, seed=0, checkpoint=0, index=block.index, side=side, dtype="float64"))
+                  for d, kk, side in ((8, block.k_rows, "rows"), (7, block.k_cols, "cols")))
+    for i in range(4):
+        one = {key: value[i:i + 1] for key, value in x.items()}
+        margin = task.output(model(**one), y[i:i + 1], xp=xp)[0]
+        weight, bias = torch.autograd.grad(margin, [model.lin.weight, model.lin.bias])
+        gradient = torch.cat([weight, bias[:, None]], 1)  # (8 outputs, 6 inputs + the bias)
+        expected = (rows.T @ gradient @ cols).reshape(-1)[:block.k] / math.sqrt(block.k)
+        got = features[i, block.start:block.start + block.k]
+        assert float(torch.linalg.vector_norm(got - expected) / torch.linalg.vector_norm(expected)) < 1e-12

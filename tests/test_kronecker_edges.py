@@ -165,3 +165,50 @@ def test_a_batched_pass_that_misreads_positions_goes_to_vmap():
         features.append(torch.as_tensor(trak.store[0].features[:]))
     assert float(features[1].norm()) > 1e-3
     torch.testing.assert_close(features[0], features[1], rtol=1e-10, atol=1e-12)
+
+
+class Experts(torch.nn.Module):
+    """Tokens routed to one of two experts by their id's parity; an example of even ids reaches expert 1 with none."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 5)
+        self.experts = torch.torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+    def forward(self, ids):
+        tokens, flat = self.emb(ids).reshape(-1, 4), ids.reshape(-1)
+        out = torch.zeros_like(tokens)
+        for parity, expert in enumerate(self.experts):  # called on (0, 4) where no token is routed to it
+            rows = torch.nonzero(flat % 2 == parity).squeeze(-1)
+            out = out.index_add(0, rows, torch.tanh(expert(tokens[rows])))
+        return self.head(out.reshape(*ids.shape, 4).mean(1))
+
+
+def test_an_expert_called_on_no_token_adds_nothing():
+    """One example at a time (vmap cannot take the routing), an expert called on no row of the example stopped the
+    run: "cannot reshape tensor of 0 elements into shape [0, -1, 4]". Now it adds nothing to its block: the experts'
+    blocks equal their gradients times the factors, built here by hand."""
+    import math
+
+    import array_api_compat.torch as xp
+    from trak_core.kronecker import factor
+    from trak_core.tasks import get_task
+
+    torch.manual_seed(0)
+    model, task, k = Experts().double().eval(), get_task("classification"), 30
+    backend = TorchBackend(per_example="loop")
+    ids, y = torch.tensor([[2, 4, 6], [1, 2, 3], [5, 7, 9]]), torch.tensor([0, 3, 4])
+    features, _ = backend.factorized_features(model, backend.prepare(model, None), ids, y, task, k=k, seed=0,
+                                              checkpoint=0, options=Kronecker())
+    plan = backend.factorized_plan(model, backend.prepare(model, None), ids, y, task, k=k, options=Kronecker())
+    for parity, expert in enumerate(model.experts):
+        block = plan.block(f"experts.{parity}.weight")
+        rows, cols = (torch.as_tensor(factor(d, kk, seed=0, checkpoint=0, index=block.index, side=side,
+                                             dtype="float64"))
+                      for d, kk, side in ((4, block.k_rows, "rows"), (5, block.k_cols, "cols")))
+        for i in range(3):
+            margin = task.output(model(ids[i:i + 1]), y[i:i + 1], xp=xp)[0]
+            weight, bias = torch.autograd.grad(margin, [expert.weight, expert.bias])
+            expected = (rows.T @ torch.cat([weight, bias[:, None]], 1) @ cols).reshape(-1)[:block.k]
+            got = features[i, block.start:block.start + block.k] * math.sqrt(block.k)
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)

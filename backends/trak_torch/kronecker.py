@@ -56,8 +56,9 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
     from trak_core.projection import project
 
     from .outputs import _rows, batch_logits, output_logits
-    from .closed_form import check_tolerance
+    from .closed_form import NotPerExample, check_tolerance
     from .kronecker_functional import batch_layout, intercepted, no_fast_path
+    from .routing import picked_rows
 
     plan, uses, dtype, inside = state.plan, state.uses, state.dtype, state.functional
     modules = [use.module for use in uses if not use.function]
@@ -128,14 +129,18 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
             (deltas, rest_grads), sides = step(zs, rest, x, y)
         return deltas, sides, rest_grads
 
-    def batched(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
+    def batched(x: Any, y: Any, m: int, watch: bool = False) -> tuple[list, list, Any]:
         """One batched backward pass (no vmap): right when examples do not interact (checked once); the rest's
-        gradients from its norm layers' calls and bare parameters' copies (``kronecker_rest``)."""
+        gradients from its norm layers' calls and bare parameters' copies (``kronecker_rest``). ``watch`` (the pass
+        that decides the path): raise ``NotPerExample`` for a layer called on rows picked from the batch by data
+        (unpadded tokens, tokens routed to an expert; ``trak_torch.routing``), whose rows are not grouped by example
+        even where their number divides by the batch's."""
         sides, zs = [], []
         extra = RestPass(state.rest_plan, prepared, m) if plan.n_rest and state.rest_plan is not None else None
 
         def hook(module: Any, args: Any, out: Any) -> Any:
             use, block, pair = by_module[module]
+            not_picked(type(module).__name__, args[0])
             a = args[0].detach()
             if out.ndim and out.shape[0] == a.shape[0] == 1 < m:  # a call shared by the batch: positions (1, T)
                 a = a.expand(m, *a.shape[1:])  # each example's own perturbation; the sum broadcasts as before
@@ -147,14 +152,22 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
 
         def call(key: tuple, x: Any, out: Any, extra: Any) -> Any:
             use, block, pair = known(key)
+            not_picked(f"{key[0]}() of {key[1]!r}", x)
             a, z, add = batch_layout(use.kind, x.detach(), out, m)
             sides.append(input_side(use, block, pair, a, dtype))
             zs.append(z)
             return add(out)
 
+        def not_picked(what: str, a: Any) -> None:
+            if picked(a):
+                raise NotPerExample(f"{what} is called on rows picked from the batch by a mask or an index (unpadded "
+                                    "tokens, tokens routed to an expert): which example each row is of depends on "
+                                    "the data")
+
         norms = list(extra.found.norms) if extra else []
-        with torch.enable_grad(), hooks(modules, hook), hooks(norms, extra.hook if extra else None), \
-                intercepted(inside, call), slow(), attention[1](), batch_norm_layout(model), _no_checkpoint():
+        with picked_rows(watch, m, x) as picked, torch.enable_grad(), hooks(modules, hook), \
+                hooks(norms, extra.hook if extra else None), intercepted(inside, call), slow(), attention[1](), \
+                batch_norm_layout(model), _no_checkpoint():
             params = extra.params() if extra else prepared.params
             out = output_logits(backend._call(model, {**params, **prepared.frozen}, x, causal=causal),
                                 backend.logits_fn)
@@ -181,7 +194,7 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
         block_out = torch.zeros((m, plan.k), dtype=dtype, device=prepared.device)
         for (module, _), delta, side in zip(shapes, deltas, sides):
             use, block, pair = by_module[module]
-            side = side.reshape(m, -1, side.shape[-1])
+            side = side.reshape(m, side.numel() // (m * side.shape[-1]), side.shape[-1])  # 0 rows: 0 positions
             row, col = rows_first(use, side, output_side(use, pair, delta, m, dtype))
             product = torch.bmm(row.transpose(1, 2), col).reshape(m, -1)[:, :block.k]
             block_out[:, block.start:block.start + block.k] += product * (1.0 / math.sqrt(block.k))
@@ -192,13 +205,16 @@ def batch_features(backend: Any, model: Any, prepared: Any, state: Factorized, i
                                                           checkpoint=checkpoint)
         return block_out
 
+    def watched(x: Any, y: Any, m: int) -> tuple[list, list, Any]:
+        return batched(x, y, m, watch=True)
+
     def independent() -> bool | None:
         """Whether the batch's first two examples in one batched pass give the features each gives alone (``None``
         with one example: nothing to tell); the decision and its reason go to the log."""
         if n < 2:
             return None
         try:
-            together = features(tree_map(lambda t: t[:2], inputs), labels[:2], 2, batched)
+            together = features(tree_map(lambda t: t[:2], inputs), labels[:2], 2, watched)
             alone = torch.cat([features(tree_map(lambda t: t[i:i + 1], inputs), labels[i:i + 1], 1, batched)
                                for i in range(2)])
         except Exception as exc:  # NotPerExample (a functional call without one row per example), or a call the

@@ -5,6 +5,7 @@ One job: a call's input side times its factor, and its output gradient times the
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 __all__ = ["input_side", "output_side", "rows_first"]
@@ -35,7 +36,8 @@ def input_side(use: Any, block: Any, pair: tuple[Any, Any], x: Any, dtype: Any) 
                                              stride=stride)  # (B, C kh kw, L)
         a = patches.transpose(1, 2)
     else:
-        a = x.reshape(x.shape[0], -1, x.shape[-1]).to(dtype)
+        a = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1]).to(dtype)  # no -1: a call on 0 rows (an
+        # expert no token of the example is routed to) has 0 positions
     matrix = rows if use.kind == "conv1d" else cols
     side = a @ matrix[:a.shape[-1]]
     return side + matrix[a.shape[-1]] if use.bias is not None else side
@@ -49,7 +51,7 @@ def output_side(use: Any, pair: tuple[Any, Any], delta: Any, n: int, dtype: Any)
     if use.kind in ("conv2d", "conv1d-torch"):  # (..., channels, H, W) or (..., channels, L)
         d = delta.reshape(n, delta.shape[-3 if use.kind == "conv2d" else -2], -1).transpose(1, 2)
     else:
-        d = delta.reshape(n, -1, delta.shape[-1])
+        d = delta.reshape(n, delta.numel() // max(1, n * delta.shape[-1]), delta.shape[-1])
     if use.kind == "embedding":
         return d.to(dtype) @ cols[:d.shape[-1]]
     return d.to(dtype) @ (cols if use.kind == "conv1d" else use.row_factor(rows))
