@@ -6,7 +6,7 @@ import pytest
 from trak_core.backends import numpy_backend
 from trak_core.projection import project
 from trak_core.testing import suite
-from trak_core.testing.cases import NumpyCase
+from trak_core.testing.cases import NumpyCase, StrictCase
 
 
 FIXED = {"kind": "rademacher", "seed": 3, "checkpoint": 0, "precision": "float32"}
@@ -88,6 +88,9 @@ class Broken(numpy_backend.ArrayAPIBackend):
     def owns(self, model):
         return True if self.defect == "owns_everything" else super().owns(model)
 
+    def model_identity(self, model):
+        return f"{type(model).__name__}@{id(model):x}" if self.defect == "identity_of_object" else None
+
     def prepare(self, model, checkpoint):
         if self.defect == "holds_checkpoint":  # views of the caller's array, no copy
             return model.params(checkpoint)
@@ -98,6 +101,8 @@ class Broken(numpy_backend.ArrayAPIBackend):
             from trak_core.tasks import Classification
 
             task = Classification()
+        if self.defect == "chunks_of_32" and len(labels) > 32:  # a later chunk's rows take their neighbours' labels
+            labels = np.concatenate([labels[:32], np.roll(labels[32:], 1)])
         if self.defect == "zeroes_inputs":
             out = super().gradients(model, prepared, inputs, labels, task)
             inputs[...] = 0.0
@@ -115,6 +120,14 @@ class Broken(numpy_backend.ArrayAPIBackend):
             grads *= 2.0
         return out
 
+    def features(self, model, prepared, inputs, labels, task, *, k, seed, checkpoint, kind, precision="float32"):
+        if self.defect != "features_chunks_of_32":
+            return None
+        grads, q = self.gradients(model, prepared, inputs, labels, task)
+        out = project(grads, k, seed=seed, checkpoint=checkpoint, kind=kind, precision=precision)
+        out[32:] = out[:len(out) - 32].copy()  # a later chunk's rows: the first chunk's
+        return out, q
+
 
 class BrokenCase(NumpyCase):
     id = "numpy-broken"
@@ -131,6 +144,9 @@ class BrokenCase(NumpyCase):
     ("float32_sign", "test_conformance_gradients", ("mlp", "float32")),
     ("owns_everything", "test_conformance_contract", ()),
     ("holds_checkpoint", "test_conformance_prepare_snapshots", ()),
+    ("chunks_of_32", "test_conformance_many_rows", ()),
+    ("features_chunks_of_32", "test_conformance_many_rows", ()),
+    ("identity_of_object", "test_conformance_contract", ()),
 ])
 def test_defects_that_passed_the_suite_now_fail_it(defect, test, args):
     """Each defect fails its test (with a message naming what is wrong), and the correct backend passes it."""
@@ -138,3 +154,12 @@ def test_defects_that_passed_the_suite_now_fail_it(defect, test, args):
     with pytest.raises(AssertionError) as info:
         getattr(suite, test)(BrokenCase(defect), *args)
     assert str(info.value).strip(), f"{test} failed {defect!r} with no message"
+
+
+def test_a_result_on_another_device_says_which():
+    """``check_array`` names both devices (its bare assert failed a backend's scores with no message)."""
+    pytest.importorskip("array_api_strict")
+    case = StrictCase()
+    like = case.array(np.zeros(3))
+    with pytest.raises(AssertionError, match="CPU_DEVICE.*device1"):
+        case.check_array(like.to_device(case.xp.Device("CPU_DEVICE")), like)

@@ -19,9 +19,9 @@ Use it from a backend's tests with one import and one fixture::
 What is checked, against the NumPy reference backend and closed forms:
 
 - the contract: a ``trak_core.Backend`` whose ``owns`` answers a bool (``False`` for objects it does not
-  know) and a name of its own, with a content hash that tells checkpoints apart (when it has one) and a
-  consistent parameter structure (its ``repr`` too, which an on-disk store hashes); the caller's checkpoint,
-  inputs, labels and gradients left as they were;
+  know) and a name of its own, with a content hash that tells checkpoints apart (when it has one), a
+  consistent parameter structure (its ``repr`` too, which an on-disk store hashes) and a model identity equal
+  for two models of one architecture; the caller's checkpoint, inputs, labels and gradients left as they were;
 - projection matrices bit-identical (Rademacher) or within 4 ulp (Gaussian) of the NumPy ones,
   and a backend's own projection equal to ``trak_core.project`` to float rounding, at widths and row
   counts off any tile size (``k`` of 1, 33, 100, 257);
@@ -30,7 +30,8 @@ What is checked, against the NumPy reference backend and closed forms:
 - per-example gradients of the canonical models (``trak_core.testing.canonical``) within dtype
   tolerance of the analytic reference (softmax, MLP) or of float64 finite differences (CNN, and
   the causal transformer LM on padded dict batches with ignored labels), in the case's dtype and in
-  float32; and of a custom task (``trak_core.CustomTask``) with its out-to-loss weights;
+  float32; and of a custom task (``trak_core.CustomTask``) with its out-to-loss weights; row by row in a
+  batch of 150 rows (past any chunk of 32, 64 or 128), with fused features where there are;
 - scores of 1 and 3 checkpoints (of the canonical MLP, or of softmax regression for a backend
   that builds only that): float64 ``rtol 1e-9``; float32 relative Frobenius error
   ``<= 1e-4`` and per-target Spearman ``>= 0.9999``;
@@ -50,7 +51,7 @@ __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "t
            "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
            "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "test_conformance_features",
            "test_conformance_custom_task", "test_conformance_projection_widths", "test_conformance_leaves_inputs_alone",
-           "test_conformance_prepare_snapshots", "conformance_active"]
+           "test_conformance_prepare_snapshots", "test_conformance_many_rows", "conformance_active"]
 
 
 def __getattr__(name: str) -> Any:

@@ -55,7 +55,8 @@ class BackendCase:
 
         assert type(value) is type(like), f"{type(value)} is not {type(like)}"
         assert value.dtype == like.dtype, f"dtype {value.dtype} is not {like.dtype}"
-        assert array_api_compat.device(value) == array_api_compat.device(like)
+        assert array_api_compat.device(value) == array_api_compat.device(like), \
+            f"on device {array_api_compat.device(value)!r}, not {array_api_compat.device(like)!r} (the inputs' device)"
 
 
 class NumpyCase(BackendCase):

@@ -23,7 +23,7 @@ __all__ = ["test_conformance_contract", "test_conformance_projection_matrix", "t
            "test_conformance_gradients", "test_conformance_scores", "test_conformance_lm_scores",
            "test_conformance_kronecker_features", "test_conformance_kronecker_lm_scores", "test_conformance_features",
            "test_conformance_custom_task", "test_conformance_projection_widths", "test_conformance_leaves_inputs_alone",
-           "test_conformance_prepare_snapshots", "conformance_active"]
+           "test_conformance_prepare_snapshots", "test_conformance_many_rows", "conformance_active"]
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +65,8 @@ def test_conformance_contract(conformance_case):
 
     ``owns`` answers a bool (a plain function may be owned only when named, as JAX's are);
     ``n_params`` matches the canonical weights; ``parameters_digest`` (when given) is the same for
-    equal checkpoints and differs for others; ``structure`` is equal for two checkpoints of one
+    equal checkpoints and differs for others; ``model_identity`` (when given) is the same for two models of one
+    architecture; ``structure`` is equal for two checkpoints of one
     model, and so is its ``repr`` (an on-disk store hashes it); the name is not one of trak-core's own;
     ``features`` returns ``None`` or ``(n, k)`` features (their values:
     ``test_conformance_features``).
@@ -78,8 +79,12 @@ def test_conformance_contract(conformance_case):
     dtype, kind = _dtype(case), _classifier(case)
     model, checkpoint = case.model(kind, canonical.weights(kind, seed=0, dtype=dtype))
     _, same = case.model(kind, canonical.weights(kind, seed=0, dtype=dtype))
-    _, other = case.model(kind, canonical.weights(kind, seed=1, dtype=dtype))
+    other_model, other = case.model(kind, canonical.weights(kind, seed=1, dtype=dtype))
     assert backend.owns(model) in (True, False), f"owns(model) returned {backend.owns(model)!r}, not a bool"
+    identities = [backend.model_identity(m) for m in (model, other_model)]  # both alive: their ids differ
+    assert identities[0] is None or (isinstance(identities[0], str) and identities[0] == identities[1]), \
+        f"model_identity is {identities[0]!r} and {identities[1]!r} for two models of one architecture: an on-disk " \
+        "store records it and refuses a model with another, so it must be a str equal in every process (no object ids)"
     for stranger in (object(), "a string", None):  # owns must be specific: TRAK(model) asks every backend
         assert backend.owns(stranger) is False, f"owns({stranger!r}) is not False: owns must answer False for " \
                                                 "models it does not know (an isinstance check of its own types)"
@@ -394,4 +399,5 @@ def test_conformance_kronecker_lm_scores(conformance_case, dtype):
 
 
 from .suite_inputs import (test_conformance_custom_task, test_conformance_leaves_inputs_alone,  # noqa: E402
-                           test_conformance_prepare_snapshots, test_conformance_projection_widths)
+                           test_conformance_many_rows, test_conformance_prepare_snapshots,
+                           test_conformance_projection_widths)

@@ -18,7 +18,9 @@ from ..projection import project
 from ..tasks import CustomTask, _one_hot
 
 __all__ = ["test_conformance_custom_task", "test_conformance_projection_widths", "test_conformance_leaves_inputs_alone",
-           "test_conformance_prepare_snapshots"]
+           "test_conformance_prepare_snapshots", "test_conformance_many_rows"]
+
+MANY_ROWS = 150  # rows of the large batch: past tiles and chunks of 32, 64 and 128 rows
 
 
 def _custom_output(logits: Any, labels: Any, xp: Any) -> Any:
@@ -168,3 +170,48 @@ def test_conformance_prepare_snapshots(conformance_case):
     after = case.to_numpy(backend.gradients(model, prepared, inputs, labels, Classification())[0])
     assert np.array_equal(before, after, equal_nan=True), \
         "gradients changed after the caller's checkpoint was written in place: prepare must copy it (a snapshot)"
+
+
+def _check_rows(found: np.ndarray, reference: np.ndarray, rtol: float, what: str) -> None:
+    """Assert ``found`` equals ``reference`` row by row (``assert_allclose``'s test, ``atol = rtol * max|reference|``),
+    naming the rows that differ."""
+    assert found.shape == reference.shape, f"{what}: shape {found.shape}, expected {reference.shape}"
+    off = np.abs(found - reference) > rtol * (np.abs(reference) + np.abs(reference).max())
+    bad = np.flatnonzero(off.reshape(len(off), -1).any(axis=1))
+    assert bad.size == 0, \
+        f"{what}: rows {bad[:8].tolist()}{' ...' if bad.size > 8 else ''} ({bad.size} of {len(reference)}) differ " \
+        f"from the reference's (rtol {rtol:g}); each row must be its own example's, whatever the batch's size (a " \
+        "backend that splits a batch into chunks must keep every chunk's rows with their inputs and labels)"
+
+
+def test_conformance_many_rows(conformance_case):
+    """Gradients, out-to-loss weights and fused features (where the backend has a fused step) of a batch of
+    ``MANY_ROWS`` rows, after one of 5, equal the analytic reference's row by row: every other test gives batches of
+    16 rows at most, so a backend that splits a batch into chunks (of 32 rows, or of its first batch's rows) and
+    mixes up a later chunk's rows passed them all, and scored batches of 64 wrongly."""
+    from ..backends.numpy_backend import backend as reference_backend
+    from ..tasks import Classification
+    from . import canonical
+    from .suite import _classifier, _dtype, _gradient_data
+
+    case = conformance_case
+    dtype, kind = _dtype(case), _classifier(case)
+    weights, _, _ = _gradient_data(kind)
+    analytic = canonical.analytic_model(kind)
+    analytic_prepared = reference_backend.prepare(analytic, canonical.flat(weights))
+    model, checkpoint = case.model(kind, [w.astype(dtype) for w in weights])
+    backend = _backend(case)
+    prepared = backend.prepare(model, checkpoint)
+    rtol = 1e-9 if dtype == "float64" else 2e-4
+    for rows in (5, MANY_ROWS):  # the small batch first: a backend may size its chunks by the first batch it sees
+        x, y = canonical.inputs(kind, rows, seed=rows)
+        reference, q_reference = reference_backend.gradients(analytic, analytic_prepared, x, y, Classification())
+        inputs, labels = case.array(x.astype(dtype)), case.array(y)
+        grads, q = backend.gradients(model, prepared, inputs, labels, Classification())
+        _check_rows(case.to_numpy(grads), reference, rtol, f"gradients of a batch of {rows} rows")
+        _check_rows(case.to_numpy(q), q_reference, rtol, f"out-to-loss weights of a batch of {rows} rows")
+        out = backend.features(model, prepared, inputs, labels, Classification(), k=40, seed=5, checkpoint=1,
+                               kind="rademacher")
+        if out is not None:
+            _check_rows(case.to_numpy(out[0]), project(reference, 40, seed=5, checkpoint=1), rtol,
+                        f"fused features of a batch of {rows} rows")
