@@ -294,6 +294,9 @@ def test_checkpoints_given_as_one_index_names_the_fix():
         with pytest.raises(TrakCoreError, match=r"checkpoints must be a sequence of checkpoint indices, got \d: pass "
                                                 r"\[\d\] for one checkpoint"):
             call()
+    with pytest.raises(TrakCoreError, match=r"got the string '02': pass a list of integers, e\.g\. checkpoints=\[0, "
+                                            r"2\]"):  # was "pass ['02']", which is refused as well
+        trak.score([(x[:3], y[:3])], checkpoints="02")
 
 
 JAX_MODEL = textwrap.dedent("""

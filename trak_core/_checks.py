@@ -294,7 +294,10 @@ def chosen_entries(store: Any, checkpoints: Sequence[int] | None) -> list:
     """
     if checkpoints is None:
         return list(store)
-    if isinstance(checkpoints, (str, bytes)) or not hasattr(checkpoints, "__iter__"):
+    if isinstance(checkpoints, (str, bytes)):  # ['02'] is refused too: indices are integers
+        raise TrakTypeError(f"checkpoints must be a sequence of checkpoint indices, got the string {checkpoints!r}: "
+                            "pass a list of integers, e.g. checkpoints=[0, 2]")
+    if not hasattr(checkpoints, "__iter__"):
         raise TrakTypeError(f"checkpoints must be a sequence of checkpoint indices, got {checkpoints!r}: pass "
                             f"[{checkpoints!r}] for one checkpoint")
     by_index = {entry.index: entry for entry in store}
