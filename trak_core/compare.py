@@ -5,7 +5,9 @@ NumPy reference), runs TRAK on the same digits data with the same projection and
 how closely each backend's scores agree with the NumPy float64 reference and how long each took, on which
 machine (CPU, cores, the versions of Python and the frameworks, threads, load average before and after).
 Tolerances (the conformance suite's): float64 relative error <= 1e-9; float32 relative
-Frobenius error <= 1e-4 and per-target Spearman >= 0.9999. The float32 tolerance presumes a
+Frobenius error <= 1e-4 and per-target Spearman >= 0.9999 (over the targets whose reference scores are not all
+equal: a constant target has no ranks, is left out and counted; a constant or NaN column of a backend where the
+reference varies fails). The float32 tolerance presumes a
 well-conditioned kernel: a float32 kernel costs scores up to about 1e-7 * lambda_max / lambda relative,
 so TRAK makes it again in float64 when lambda_max / lambda > 1000 and the framework has float64
 (JAX without jax_enable_x64 has not); the kernel column shows the dtype each run factorized in.
@@ -127,7 +129,7 @@ def conditioning(trak: Any) -> float:
 
 
 def agreement(scores: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """Relative Frobenius error and the smallest per-target Spearman correlation.
+    """Relative Frobenius error and the smallest per-target Spearman correlation (``min_spearman``).
 
     Parameters
     ----------
@@ -137,13 +139,39 @@ def agreement(scores: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
     Returns
     -------
     tuple of float
-        ``||scores - reference||_F / ||reference||_F`` and ``min_j spearman(scores[:, j], reference[:, j])``.
+        ``||scores - reference||_F / ||reference||_F`` and ``min_spearman(scores, reference)[0]``.
+    """
+    error = float(np.linalg.norm(scores - reference) / np.linalg.norm(reference))
+    return error, min_spearman(scores, reference)[0]
+
+
+def min_spearman(scores: np.ndarray, reference: np.ndarray) -> tuple[float, list[int]]:
+    """The smallest per-target Spearman correlation, over the targets whose reference ranks are defined.
+
+    A target whose reference scores are all equal has no ranks to agree with (Spearman is undefined, NaN): it is
+    left out, and listed; the relative error still covers it. A target whose reference varies but whose ``scores``
+    are constant or NaN is kept, with NaN, so that the smallest is NaN and the rank tolerance fails. The result
+    does not depend on the order of the targets.
+
+    Parameters
+    ----------
+    scores, reference : numpy.ndarray
+        Shape ``(n_train, n_targets)``.
+
+    Returns
+    -------
+    tuple
+        The smallest correlation (NaN where a kept target's is NaN, or where every target is left out) and the
+        indices of the targets left out.
     """
     import array_api_compat.numpy as xp
 
-    error = float(np.linalg.norm(scores - reference) / np.linalg.norm(reference))
-    rho = min(spearman(scores[:, j], reference[:, j], xp=xp) for j in range(reference.shape[1]))
-    return error, rho
+    left_out = [j for j in range(reference.shape[1]) if np.all(reference[:, j] == reference[0, j])]
+    kept = sorted(set(range(reference.shape[1])) - set(left_out))
+    rhos = [spearman(scores[:, j], reference[:, j], xp=xp) for j in kept]
+    if not rhos or any(np.isnan(rho) for rho in rhos):
+        return float("nan"), left_out
+    return min(rhos), left_out
 
 
 def passes(dtype: str, error: float, rho: float) -> bool:
@@ -182,6 +210,18 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     check_sizes(parser, args)
 
 
+def _left_out_note(left_out: list[int], n_targets: int) -> list[str]:
+    """The line that says which targets the Spearman column leaves out (``min_spearman``), if any."""
+    if not left_out:
+        return []
+    shown = f"{left_out[:10]}{' ...' if len(left_out) > 10 else ''}"
+    if len(left_out) == n_targets:
+        return [f"min Spearman: undefined for all {n_targets} targets (the reference's scores of each are all equal: "
+                "no ranks to compare), so no float32 row can meet the rank tolerance"]
+    return [f"min Spearman: over {n_targets - len(left_out)} of {n_targets} targets; {len(left_out)} left out, "
+            f"{shown}, whose reference scores are all equal (no ranks: undefined); the relative error covers them"]
+
+
 def _footnotes(rows: list[dict[str, Any]], ratio: float) -> list[str]:
     """Why each row outside the tolerance is."""
     notes = []
@@ -189,6 +229,8 @@ def _footnotes(rows: list[dict[str, Any]], ratio: float) -> list[str]:
         if row["pass"]:
             continue
         name = f"{row['backend']} {row['dtype']}"
+        if row["dtype"] == "float32" and len(row["spearman_left_out"]) == row["scores"].shape[1]:
+            continue  # _left_out_note says why
         if row["dtype"] == "float32" and row["kernel"] == "float32" and ratio > AUTO_FLOAT32_MAX_RATIO:
             jax = row["backend"] == "jax"
             why = "this row runs JAX without x64, as float32 users do: no float64 kernel" if jax else "no float64 here"
@@ -218,7 +260,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict[str, Any]
     list of dict
         Per (backend, dtype): ``backend``, ``dtype``, ``seconds``, ``kernel`` (the dtype its kernels were
         factorized in), ``scores`` (NumPy, ``(n_train, n_targets)``), ``error`` and ``spearman`` (against
-        the NumPy float64 scores), ``pass`` (within tolerance), ``lambdas`` (per checkpoint) and ``ratio``
+        the NumPy float64 scores; ``min_spearman``), ``spearman_left_out`` (the targets it leaves out), ``pass``
+        (within tolerance), ``lambdas`` (per checkpoint) and ``ratio``
         (the reference's largest ``lambda_max / lambda``), ``machine`` (the same for every row: CPU, cores,
         versions, threads, the load average before and after; printed under the header line).
     """
@@ -250,7 +293,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict[str, Any]
     reference = next(row for row in rows if (row["backend"], row["dtype"]) == ("numpy", "float64"))
     ratio = conditioning(runs["numpy", "float64"])
     for row in rows:
-        row["error"], row["spearman"] = agreement(row["scores"], reference["scores"])
+        row["error"] = agreement(row["scores"], reference["scores"])[0]
+        row["spearman"], row["spearman_left_out"] = min_spearman(row["scores"], reference["scores"])
         row["pass"], row["ratio"] = passes(row["dtype"], row["error"], row["spearman"]), ratio
         row["machine"] = machine
     lambdas = reference["lambdas"]
@@ -258,7 +302,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict[str, Any]
               else f"{min(lambdas):.4g} to {max(lambdas):.4g} over the checkpoints")
     shown = f"auto ({chosen})" if args.lambda_reg == "auto" else f"{args.lambda_reg:g}"
     models = f"{args.checkpoints} checkpoint{'s' if args.checkpoints > 1 else ''}"
-    print(f"digits MLP 64-{args.hidden}-10, {args.n_train} train x {args.n_targets} targets, {models}, "
+    targets = f"{args.n_targets} target{'s' if args.n_targets > 1 else ''}"
+    print(f"digits MLP 64-{args.hidden}-10, {args.n_train} train x {targets}, {models}, "
           f"k = {args.proj_dim}, lambda = {shown}; reference: numpy float64")
     print(describe(machine))
     print(f"lambda_max / lambda = {ratio:.3g} (TRAK keeps float32 kernels up to {AUTO_FLOAT32_MAX_RATIO:g}, else makes "
@@ -268,7 +313,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> list[dict[str, Any]
     for row in rows:
         print(f"{row['backend']:<8} {row['dtype']:<8} {row['kernel']:<8} {row['seconds']:>8.2f} {row['error']:>11.2e} "
               f"{row['spearman']:>13.6f} {'yes' if row['pass'] else 'NO':>17}")
-    for note in _footnotes(rows, ratio) + list(broken.values()):
+    for note in _left_out_note(reference["spearman_left_out"], args.n_targets) + _footnotes(rows, ratio) + \
+            list(broken.values()):
         print(note)
     absent = [name for name in ("torch", "jax") if name not in _runners()]
     if absent:

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
     scores = {label: lds(value, masks, outputs) for label, value in results.items()}
 
     models = f"{args.checkpoints} checkpoint{'s' if args.checkpoints > 1 else ''}"
-    print(f"digits: {args.n_train} train, {args.n_targets} targets; MLP 64-{args.hidden}-10 on {args.backend}, "
+    targets = f"{args.n_targets} target{'s' if args.n_targets > 1 else ''}"
+    print(f"digits: {args.n_train} train, {targets}; MLP 64-{args.hidden}-10 on {args.backend}, "
           f"{models}, test accuracy {accuracy:.3f}; k = {args.proj_dim}, lambda = {args.lambda_reg}; LDS over "
           f"{args.subsets} models retrained on random halves")
     print(f"{'method':<26} {'LDS (mean +- sem)':>18}")
