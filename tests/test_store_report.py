@@ -97,7 +97,7 @@ def test_verify_names_a_damaged_chunk_and_exits_1(store, tmp_path, capsys):
     report = store_report.describe(str(path), verify=True)
     assert [c["damaged"] is not None for c in report["checkpoints"]] == [False, False, True]
     assert report["opens"] == [0]  # TRAK.open refuses checkpoint 3 ("is damaged"): the report no longer offers it
-    assert "the complete ones that it can score together, [0]" in store_report.render(report)
+    assert "the complete one that it can score, [0]" in store_report.render(report)
     assert np.all([s.get("damaged") is None for s in report["scores"]])
 
 
@@ -131,7 +131,7 @@ def test_a_checkpoint_on_other_data_is_named_and_not_offered(tmp_path, monkeypat
     assert [(c["index"], c["data"]) for c in report["checkpoints"]] == [(0, None), (1, "other")]
     text = store_report.render(report)
     assert "other training data than checkpoint 0's (delete its group c1" in text
-    assert "takes a list of the 2" not in text and "score together, [0]" in text
+    assert "takes a list of the 2" not in text and "complete one that it can score, [0]" in text
     checkpoints = [m.state_dict() for m in models]
     with pytest.raises(trak_core.errors.StoreMismatchError, match=r"different training data.*delete its group c1"):
         trak_core.TRAK.open(path, models[0], checkpoints, progress=False)
@@ -228,7 +228,7 @@ def test_a_damaged_checkpoint_is_not_offered_in_a_list(tmp_path):
     expected = trak.score(data, checkpoints=[0]).numpy()
     (path / "c1" / "zarr.json").write_text("{")
     text = store_report.render(store_report.describe(str(path)))
-    assert "takes a list" not in text and "takes a mapping {index: checkpoint} of the complete ones, [0]" in text
+    assert "takes a list" not in text and "takes a mapping {index: checkpoint} of the complete one, [0]" in text
     with pytest.raises(trak_core.errors.StoreDamagedError, match="checkpoint 1 .* is damaged"):
         trak_core.TRAK.open(path, models[0], [models[0].state_dict()], progress=False)
     opened = trak_core.TRAK.open(path, models[0], {0: models[0].state_dict()}, progress=False)

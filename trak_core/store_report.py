@@ -8,6 +8,7 @@ directory, is left as it is. No framework is imported.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -18,6 +19,12 @@ from .errors import StoreDamagedError, StoreMismatchError, TrakCoreError, TrakVa
 __all__ = ["describe", "main"]
 
 PROG = "trak-core store"
+#: how many missing indices ``describe`` lists in ``missing``; ``missing_count`` and ``missing_ranges`` give them all
+MISSING_LISTED = 1000
+#: how many missing indices the text report lists one by one (more: the count and the ranges)
+MISSING_SHOWN = 20
+#: checkpoint indices are below 2**64 (``featurize(..., index=i)``, which seeds the projection with it)
+INDEX_LIMIT = 2**64
 
 
 def describe(path: str, *, verify: bool = False, expect: int | None = None) -> dict[str, Any]:
@@ -31,8 +38,9 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         Also read every stored chunk of features and out-to-loss weights, every kernel and every saved score set,
         and check them against their checksums (reads the whole store).
     expect : int, optional
-        How many checkpoints the store is to hold (a job array's size): ``missing`` then runs to ``expect - 1``, and
-        ``beyond_expect`` lists the stored checkpoints at ``expect`` or above (jobs of another array, or a wrong size).
+        How many checkpoints the store is to hold (a job array's size), at most ``2**64``: ``missing`` then runs to
+        ``expect - 1``, and ``beyond_expect`` lists the stored checkpoints at ``expect`` or above (jobs of another
+        array, or a wrong size).
 
     Returns
     -------
@@ -52,8 +60,10 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         the lowest complete checkpoint, ``data_reference``; ``None`` for that one or where none is complete)),
         ``complete``, ``opens`` (the complete checkpoints ``TRAK.open`` scores together: not on other data, of
         another configuration, with an edited ridge or, with ``verify``, with damaged rows) and ``missing`` (indices
-        without a group, below ``expect`` or else below the highest stored one), ``beyond_expect`` (stored indices
-        at ``expect`` or above; empty without ``expect``),
+        without a group, below ``expect`` or else below the highest stored one: the first ``MISSING_LISTED``, 1,000),
+        ``missing_count`` (how many there are) and ``missing_ranges`` (all of them, as ``[first, last]`` pairs, one
+        more at most than there are stored checkpoints), ``beyond_expect`` (stored indices at ``expect`` or above;
+        empty without ``expect``),
         ``scores`` (``name``, ``shape``, ``dtype``, ``state``: "finished", "interrupted" or "damaged", its
         ``zarr.json`` unreadable, with ``shape`` and ``dtype`` ``None``; with ``verify``, ``damaged``),
         ``scores_damaged`` (what is wrong with the ``zarr.json`` of the group of every set, else ``None``) and
@@ -62,12 +72,17 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
     Raises
     ------
     TrakValueError
-        Where ``path`` holds no trak-core store.
+        Where ``path`` holds no trak-core store, is empty, or ``expect`` is negative or above ``2**64``.
     StoreMismatchError
         Where the store has another format (``store_format``) than this trak-core reads: written by another version.
     """
     from .disk_listing import reading
 
+    if not str(path).strip():  # was read as a store at "": "no trak-core store at :"
+        raise TrakValueError(f"path is empty ({path!r}): pass the store's directory or URL, the path given to "
+                             "TRAK(..., store=path)")
+    if expect is not None and not 0 <= expect <= INDEX_LIMIT:
+        raise TrakValueError(f"expect must be from 0 to 2**64 (checkpoint indices are below 2**64), got {expect}")
     with reading():  # each zarr.json of the store read once
         return _describe(path, verify, expect)
 
@@ -98,11 +113,43 @@ def _describe(path: str, verify: bool, expect: int | None) -> dict[str, Any]:
             "configuration": config if model is None else {**config, "model": model}, "expect": expect,
             "first_batch_rows": store.first_batch_rows(),
             "checkpoints": checkpoints, "complete": complete, "opens": opens,
-            "missing": sorted(set(range(expect if expect is not None else indices[-1] + 1 if indices else 0))
-                              - set(indices)),
+            **_missing(indices, expect if expect is not None else indices[-1] + 1 if indices else 0),
             "beyond_expect": [i for i in indices if expect is not None and i >= expect], "scores": scores,
             "scores_damaged": scores_damaged,
             "damaged": any(item.get("damaged") for item in checkpoints + scores) or bool(verify and scores_damaged)}
+
+
+def _missing(indices: list[int], end: int) -> dict[str, Any]:
+    """``missing``, ``missing_count`` and ``missing_ranges`` of ``describe``: the indices below ``end`` not in
+    ``indices`` (sorted), counted and listed as ranges without listing every one (``--expect 10**9`` made a list of
+    a billion indices: gigabytes)."""
+    ranges, start = [], 0
+    for index in indices:
+        if index >= end:
+            break
+        if index > start:
+            ranges.append([start, index - 1])
+        start = index + 1
+    if start < end:
+        ranges.append([start, end - 1])
+    listed = itertools.islice(itertools.chain.from_iterable(range(a, b + 1) for a, b in ranges), MISSING_LISTED)
+    return {"missing": list(listed), "missing_count": sum(b - a + 1 for a, b in ranges), "missing_ranges": ranges}
+
+
+def _plural(count: int, word: str, plural: str | None = None) -> str:
+    """``"1 checkpoint"``, ``"2 checkpoints"``, ``"4,096 rows"``."""
+    return f"{count:,} {word if count == 1 else plural or word + 's'}"
+
+
+def _missing_line(report: dict[str, Any]) -> str:
+    """The text report's line of missing indices: a list up to ``MISSING_SHOWN``, else the count and ranges."""
+    count = report.get("missing_count", len(report["missing"]))
+    if count <= MISSING_SHOWN:
+        return f"missing (no group yet): {report['missing']}"
+    ranges = report.get("missing_ranges") or []
+    shown = ", ".join(f"{a:,}" if a == b else f"{a:,} to {b:,}" for a, b in ranges[:10])
+    more = f", and {_plural(len(ranges) - 10, 'more range')} (--json lists them)" if len(ranges) > 10 else ""
+    return f"missing (no group yet): {_plural(count, 'checkpoint')}, {shown}{more}"
 
 
 def _check_format(path: str, config: dict[str, Any]) -> None:
@@ -261,7 +308,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [f"trak-core store at {report['path']}",
              "configuration: " + ", ".join(f"{key}={config[key]}" for key in keys if key in config)]
     if report["first_batch_rows"] is not None:
-        lines.append(f"training data: first batch of {report['first_batch_rows']} rows")
+        lines.append(f"training data: first batch of {_plural(report['first_batch_rows'], 'row')}")
     lines += ["", f"{'checkpoint':<11}{'state':<13}{'rows':>9}  {'lambda':<10}{'setting':<9}{'parameters':<14}note"]
     for c in report["checkpoints"]:
         lam = "-" if c["lambda_reg"] is None else f"{c['lambda_reg']:.3g}"
@@ -277,18 +324,26 @@ def render(report: dict[str, Any]) -> str:
     if not report["checkpoints"]:
         lines.append("(no checkpoint yet)")
     if report["missing"]:
-        lines.append(f"missing (no group yet): {report['missing']}")
-    if report.get("beyond_expect"):
-        lines.append(f"beyond --expect: checkpoints {report['beyond_expect']} are stored at indices the array of "
-                     f"{report['expect']} jobs does not have (another array's jobs, or --expect too small)")
+        lines.append(_missing_line(report))
+    beyond = report.get("beyond_expect")
+    if beyond:
+        stored = "checkpoints {} are stored at indices" if len(beyond) > 1 else "checkpoint {} is stored at an index"
+        lines.append(f"beyond --expect: {stored.format(beyond)} the array of {_plural(report['expect'], 'job')} does "
+                     "not have (another array's jobs, or --expect too small)")
     complete = report.get("opens", report["complete"])
     damaged = any(c["state"] == "damaged" for c in report["checkpoints"])  # TRAK.open refuses a list then
-    if complete and complete == report["complete"] == list(range(len(complete))) and not damaged:
+    if complete == [0] == report["complete"] and not damaged:
+        lines.append("TRAK.open(path, model, checkpoints) takes a list of its 1 checkpoint (index 0), or a mapping "
+                     "{0: checkpoint}")
+    elif complete and complete == report["complete"] == list(range(len(complete))) and not damaged:
         lines.append(f"TRAK.open(path, model, checkpoints) takes a list of the {len(complete)} checkpoints 0 to "
                      f"{len(complete) - 1}, or a mapping {{index: checkpoint}} of some")
     elif complete:
+        ones = "ones" if len(complete) > 1 else "one"
+        together = (" that it can score together" if len(complete) > 1 else " that it can score") \
+            if complete != report["complete"] else ""
         lines.append(f"TRAK.open(path, model, checkpoints) takes a mapping {{index: checkpoint}} of the complete "
-                     f"ones{' that it can score together' if complete != report['complete'] else ''}, {complete}")
+                     f"{ones}{together}, {complete}")
     lines += ["", "saved scores: " + (", ".join(
         f"{s['name']} ({' x '.join(map(str, s['shape']))}, {s['dtype']}"
         f"{', ' + s['state'] if s['state'] != 'finished' else ''}{', DAMAGED' if s.get('damaged') else ''})"
@@ -328,8 +383,12 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> dict[str, Any]:
                      "the options are wrong. Rows are counted in chunks of "
                      "4,096.")
     args = parser.parse_args(argv)
-    if args.expect is not None and args.expect < 0:
-        parser.error(f"--expect must be 0 or more, got {args.expect}")
+    if not args.path.strip():
+        parser.error(f"PATH is empty ({args.path!r}): pass the store's directory or URL, the path given to "
+                     "TRAK(..., store=path)")
+    if args.expect is not None and not 0 <= args.expect <= INDEX_LIMIT:
+        parser.error(f"--expect must be from 0 to 2**64 (the number of checkpoints; their indices are below 2**64), "
+                     f"got {args.expect}")
     try:
         report = describe(args.path, verify=args.verify, expect=args.expect)
     except TrakCoreError as exc:
