@@ -315,3 +315,56 @@ def test_compare_and_demo_take_lambda_auto_or_a_number(value, parsed):
     for parser in (compare._parser(), demo._parser()):
         assert parser.parse_args(["--lambda-reg", value]).lambda_reg == parsed
     assert compare._parser().parse_args([]).lambda_reg == "auto"  # TRAK's default, as the demo's
+
+
+def closed_pipe_run(args: list[str]) -> subprocess.CompletedProcess:
+    """Run ``args`` with a standard output whose reader has gone (``| head`` done reading) before the first write."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(args, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+
+
+TINY = {"demo": ["--backend", "numpy", "--n-train", "20", "--n-targets", "1", "--subsets", "3", "--checkpoints", "1",
+                 "--hidden", "4", "--proj-dim", "8", "--png", "", "--quiet"],
+        "compare": ["--n-train", "30", "--n-targets", "1", "--hidden", "4", "--proj-dim", "8", "--checkpoints", "1"]}
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param([sys.executable, "-m", "trak_core", "demo", *TINY["demo"]], id="trak-core demo"),
+    pytest.param([sys.executable, "-m", "trak_core.demo", *TINY["demo"]], id="python -m trak_core.demo"),
+    pytest.param([*MODULE, "compare", *TINY["compare"]], id="trak-core compare"),
+])
+def test_a_closed_pipe_ends_every_command_quietly(args):
+    """``trak-core store PATH --json | head -c 100`` printed a BrokenPipeError traceback (exit status 1; 120 where
+    the write failed at exit), as the demo and compare did: now nothing on standard error and the shell's status
+    for SIGPIPE, 141. (``--help`` was quiet already: argparse drops its write errors. ``store``:
+    ``test_store_report_expect.py``.)"""
+    pytest.importorskip("sklearn", reason="the demo and compare use scikit-learn's bundled digits")
+    done = closed_pipe_run(args)
+    assert (done.returncode, done.stderr) == (cli.CLOSED_PIPE_STATUS, "")
+    assert cli.CLOSED_PIPE_STATUS == 141
+
+
+def test_an_open_pipe_still_gets_everything():
+    done = _run(MODULE, "--help")
+    assert (done.returncode, done.stdout, done.stderr) == (0, TOP_HELP, "")
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_store_path_is_a_usage_error(path, capsys):
+    """``trak-core store ""`` said "no trak-core store at :"."""
+    from trak_core import store_report
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["store", path])
+    out, err = capsys.readouterr()
+    assert (stop.value.code, out) == (2, "") and err.startswith("usage: trak-core store [-h]")
+    assert err.endswith(f"trak-core store: error: PATH is empty ({path!r}): pass the store's directory or URL, the "
+                        "path given to TRAK(..., store=path)\n")
+    with pytest.raises(trak_core.errors.TrakValueError, match=r"^path is empty \(''\): pass the store's directory"):
+        store_report.describe("")

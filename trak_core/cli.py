@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
 import sys
+from collections.abc import Callable
 
 from . import __version__
 
 PROG = "trak-core"
+#: the exit status on a closed standard output (``trak-core store PATH --json | head``): 128 + SIGPIPE, as the shell
+#: reports a program that SIGPIPE ended
+CLOSED_PIPE_STATUS = 141
 
 #: command -> (module with ``main(argv, prog=...)``, one line for ``trak-core --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,8 +59,46 @@ def _unknown(command: str) -> str:
     return "\n".join(lines)
 
 
+def quiet_on_closed_pipe(run: Callable[[], object]) -> object:
+    """Call ``run()`` and flush standard output; where the reader closed it (``| head``), exit quietly.
+
+    A reader that stops early (``head -c 100``) closes the pipe: the next write, or the flush at exit, raised
+    ``BrokenPipeError`` with a traceback. Here standard output is pointed at ``os.devnull`` (so that the flush at
+    exit writes nowhere) and the exit status is ``CLOSED_PIPE_STATUS``, 141, with nothing on standard error.
+
+    Parameters
+    ----------
+    run : callable
+        The command, with no arguments.
+
+    Returns
+    -------
+    object
+        What ``run()`` returned.
+
+    Raises
+    ------
+    SystemExit
+        ``run``'s own, or with status 141 on a closed standard output.
+    """
+    try:
+        try:
+            return run()
+        finally:  # also after a SystemExit (--help): what is buffered fails here, not at exit with a traceback
+            sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(CLOSED_PIPE_STATUS) from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch ``argv`` (default: ``sys.argv[1:]``) to the command it names."""
+    """Dispatch ``argv`` (default: ``sys.argv[1:]``) to the command it names; on a closed standard output, exit
+    quietly with status 141 (``quiet_on_closed_pipe``)."""
+    quiet_on_closed_pipe(lambda: _dispatch(argv))
+
+
+def _dispatch(argv: list[str] | None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     top = parser()
     if not argv:
