@@ -264,3 +264,15 @@ def test_outputs_or_scores_that_are_not_numbers_are_named(which, rng):
                         (("scores", scores), ("masks", masks), ("outputs", outputs))])
     result = trak_core.lds(scores.astype(object).astype(float), masks, outputs.astype(object).astype(float))
     np.testing.assert_allclose(result.per_target, _reference(scores, masks, outputs), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["scores", "masks", "outputs", "all"])
+def test_lds_reads_a_numpy_matrix_as_its_array(which, rng):
+    """``np.matrix`` scores kept their columns 2-D and LDS failed inside spearman ("1-D arrays ... shapes (40, 1)
+    and (40,)"), naming neither the input nor the fix: a matrix is now read as the array it holds."""
+    scores, masks, outputs = rng.normal(size=(30, 4)), trak_core.subset_masks(30, 40, seed=3), rng.normal(size=(40, 4))
+    given = {name: np.asmatrix(value) if which in (name, "all") else value
+             for name, value in (("scores", scores), ("masks", masks), ("outputs", outputs))}
+    result = trak_core.lds(given["scores"], given["masks"], given["outputs"])
+    np.testing.assert_allclose(result.per_target, _reference(scores, masks, outputs), rtol=0, atol=1e-12)
+    assert type(result.per_target) is np.ndarray and result.per_target.shape == (4,)

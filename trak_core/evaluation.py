@@ -131,8 +131,10 @@ def lds(scores: Any, masks: Any, outputs: Any) -> LDSResult:
     Notes
     -----
     ``masks`` and ``outputs`` may come from another array library than ``scores`` (NumPy masks from
-    ``subset_masks`` with torch scores): they are read into the scores' namespace and device.
+    ``subset_masks`` with torch scores): they are read into the scores' namespace and device. A ``numpy.matrix``
+    is read as the 2-D array it holds (``numpy.asarray``).
     """
+    scores, masks, outputs = (_no_matrix(values) for values in (scores, masks, outputs))
     xp = namespace(scores)
     masks, outputs = _like(masks, scores, "masks", xp=xp), _like(outputs, scores, "outputs", xp=xp)
     if scores.ndim != 2:
@@ -226,6 +228,12 @@ def _predictions(scores: Any, weights: Any, *, xp: Any) -> Any:
         with full_precision(xp):
             parts.append(weights @ (values - reference) + counts * reference)
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=1)
+
+
+def _no_matrix(values: Any) -> Any:
+    """A ``numpy.matrix`` as the plain 2-D array it holds (its columns stayed 2-D: spearman refused "(n, 1)"),
+    anything else as it is."""
+    return np.asarray(values) if isinstance(values, np.matrix) else values
 
 
 def _like(values: Any, scores: Any, name: str, *, xp: Any) -> Any:
