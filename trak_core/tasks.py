@@ -132,6 +132,8 @@ class Classification:
     Labels are integers in ``[0, n_classes)``. A binary classifier with one logit ``z`` (output
     ``(n,)`` or ``(n, 1)``, ``BCEWithLogits`` style, labels 0 or 1) is the two-class model with
     logits ``[0, z]``: its margin is the signed logit ``f = (2 y - 1) z`` and ``Q = 1 - sigmoid(f)``.
+    ``Q`` assumes plain cross-entropy on hard labels (no label smoothing); for another loss, pass its weight as
+    ``CustomTask(output, out_to_loss)``.
     """
 
     name = "classification"
