@@ -4,19 +4,27 @@ One job: group ``score``'s target batches so that each pass over a checkpoint's 
 disk, decompressed and checked, in an on-disk store: seconds per pass at n = 200,000, k = 2,048) multiplies as
 many targets as a block of ``SCORE_GROUP_BYTES`` holds, not one small batch. Each batch is featurized as soon as
 it is pulled (a loader that refills one buffer gives each batch's own targets; only the small ``(b, k)`` features
-are held); a batch wider than the block is a group of its own, as a batch was before. Empty batches hold no
-targets and are skipped.
+are held); a batch wider than the block is a group of its own (one pass over the features for it: fewer targets
+a batch bound the memory, more bound the passes). Empty batches hold no targets and are skipped.
+:func:`row_pieces` and :func:`join_columns` join the groups' columns into the result without a second copy of it
+where the arrays can be written to.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
 
-from ._checks import _check_lengths
-from ._namespace import namespace
+import array_api_compat
 
-__all__ = ["SCORE_GROUP_BYTES", "group_columns", "target_groups"]
+from ._checks import _check_lengths
+from ._namespace import device_of, namespace
+
+__all__ = ["SCORE_GROUP_BYTES", "group_columns", "target_groups", "row_pieces", "join_columns"]
 
 SCORE_GROUP_BYTES = 256 << 20  # an (n_train, targets) float64 block per group at most (a wider batch: its own)
+# join_columns frees the groups' scores a piece of rows at a time as it fills the result; pieces below glibc's
+# largest mmap threshold (32 MiB on 64-bit) come from the heap, which free() seldom gives back to the system (the
+# process's peak RSS stayed twice the result with pieces of 11 MB)
+PIECE_BYTES = 40 << 20
 
 
 def group_columns(n_train: int, width: int) -> int:
@@ -51,3 +59,58 @@ def _joined(parts: list[list]) -> list:
         return parts[0]
     xp = namespace(parts[0][0])
     return [xp.concat([batch[c] for batch in parts], axis=0) for c in range(len(parts[0]))]
+
+
+def row_pieces(block: Any, width: int, *, xp: Any) -> list:
+    """``block`` cut into separate arrays (copies, so that each is freed on its own) of the rows that make
+    ``PIECE_BYTES`` at ``width`` targets, the first group's (so that every group is cut alike): what
+    :func:`join_columns` takes, one list per group of targets."""
+    rows = max(1, -(-PIECE_BYTES // max(1, width * xp.finfo(block.dtype).bits // 8)))
+    if block.shape[0] <= rows:
+        return [block]
+    n = block.shape[0]
+    return [xp.asarray(block[start:min(n, start + rows), ...], copy=True) for start in range(0, n, rows)]
+
+
+def join_columns(columns: list[list], *, xp: Any) -> Any:
+    """The groups' scores side by side, ``(n_train, targets)``, emptying ``columns`` as they are copied.
+
+    Parameters
+    ----------
+    columns : list of list of array
+        Per group of targets, in order, its ``(n_train, group)`` scores as :func:`row_pieces` gives them (every
+        group cut alike); the caller must hold no other reference to them.
+    xp : namespace
+        Their Array API namespace.
+
+    Returns
+    -------
+    array
+        Where the arrays can be written to (NumPy, torch, CuPy) the result is allocated once and filled a row
+        piece at a time, each piece freed once copied: memory holds the result and one piece of every group (a
+        concatenation of whole groups held the result twice, since filling a group's columns touches every row of
+        the result). Elsewhere (JAX) the pieces are concatenated: the result twice for a moment.
+    """
+    if len(columns) == 1 and len(columns[0]) == 1:
+        return columns.pop()[0]
+    if not array_api_compat.is_writeable_array(columns[0][0]):
+        joined = xp.concat([xp.concat([group[i] for group in columns], axis=1) for i in range(len(columns[0]))],
+                           axis=0)
+        columns.clear()
+        return joined
+    first = columns[0][0]
+    n_train = sum(piece.shape[0] for piece in columns[0])
+    result = xp.empty((n_train, sum(group[0].shape[1] for group in columns)), dtype=first.dtype,
+                      device=device_of(first))
+    del first
+    row = 0
+    for i in range(len(columns[0])):
+        column, rows = 0, columns[0][i].shape[0]
+        for group in columns:
+            piece, group[i] = group[i], None  # freed once copied
+            result[row:row + rows, column:column + piece.shape[1]] = piece
+            column += piece.shape[1]
+            del piece
+        row += rows
+    columns.clear()
+    return result

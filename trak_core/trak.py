@@ -17,7 +17,7 @@ from ._namespace import namespace
 from ._progress import length_of, progress
 from ._reopen import Reopening
 from ._subnormal_rows import reporting
-from ._target_groups import group_columns, target_groups
+from ._target_groups import group_columns, join_columns, row_pieces, target_groups
 from .backends import Backend
 from .backends.protocol import batches
 from .errors import TrakValueError
@@ -291,7 +291,7 @@ class TRAK(Featurizer, Reopening):
             del first  # the chain holds it until it is scored
         self._check_scorable(ensemble=checkpoints is None)
         entries = chosen_entries(self.store, checkpoints)
-        columns, dtype = [], entries[0].features.dtype
+        columns, dtype, cut = [], entries[0].features.dtype, 0
         stream = progress(data, desc="score", enabled=self.progress,  # the leading empty batches were pulled
                           total=None if total is None else max(total - skipped, 0))
         n_train, width = entries[0].features.shape
@@ -316,13 +316,19 @@ class TRAK(Featurizer, Reopening):
             del running
             if self.soft_threshold is not None:
                 block = soft_threshold(block, self.soft_threshold, xp=xp)
-            columns.append(xp.astype(block, dtype, copy=False))  # the features' dtype (float64 kernels'
-        if not columns:  # blocks were joined in float64 and then cast: 5x the result at the peak)
+            # the features' dtype (float64 kernels' blocks were joined in float64 and then cast: 5x the result at the
+            # peak), in pieces of rows that join_columns frees one at a time; a lone group is the result as it is
+            block = xp.astype(block, dtype, copy=False)
+            cut = cut or block.shape[1]  # every group cut as the first
+            if len(columns) == 1 and len(columns[0]) == 1:  # a second group: the first is cut now
+                columns[0] = row_pieces(columns[0].pop(), cut, xp=xp)
+            columns.append(row_pieces(block, cut, xp=xp) if columns else [block])
+            del block
+        if not columns:
             raise TrakValueError("score: data yielded no targets (no batches, or only empty ones: a generator, map or "
                                  "zip is used up by one pass); pass an iterable of (inputs, labels) batches: a list, "
                                  "or a generator made anew for each call")
-        scores = columns[0] if len(columns) == 1 else xp.concat(columns, axis=1)
-        del columns  # the blocks are in ``scores`` now (peak: twice the result, once)
+        scores = join_columns(columns, xp=xp)  # a piece at a time into the result (concat held it twice)
         if save_as is not None:
             with settling(self.store):
                 self.store.save_scores(save_as, scores)
