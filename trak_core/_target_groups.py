@@ -33,24 +33,35 @@ def group_columns(n_train: int, width: int) -> int:
     return max(1, SCORE_GROUP_BYTES // (8 * max(n_train, width, 1)))
 
 
-def target_groups(data: Iterable[tuple[Any, Any]], featurize: Callable[[Any, Any, int], list],
-                  limit: int, first: int = 0) -> Iterator[list]:
+def target_groups(data: Iterable[tuple[Any, Any]], featurize: Callable[[Any, Any, int], list | None],
+                  limit: int, first: int = 0, flush: Callable[[], list | None] | None = None) -> Iterator[list]:
     """Each checkpoint's target features ``(group, k)`` for groups of at least ``limit`` targets (the last one
     fewer), in order; ``featurize(inputs, labels, batch index)`` gives a batch's, one array per checkpoint.
-    ``first``: the index of ``data``'s first batch (empty batches before it were skipped), for messages."""
+    ``first``: the index of ``data``'s first batch (empty batches before it were skipped), for messages.
+    ``flush``: where ``featurize`` holds batches to project them together (``_target_projection``), it gives the
+    rows it completed (those held before, then the batch's) or ``None``, and ``flush()`` the held ones' features
+    (or ``None``), called at the end of each group."""
     parts: list[list] = []
     rows = 0
     for b, (inputs, labels) in enumerate(data, start=first):
         n = _check_lengths(inputs, labels, f"targets batch {b}")
         if n == 0:
             continue  # an empty batch holds no target (as featurize skips empty training batches)
-        parts.append(featurize(inputs, labels, b))
+        features = featurize(inputs, labels, b)
+        if features is not None:
+            parts.append(features)
         rows += n
         if rows >= limit:
-            yield _joined(parts)
+            yield _joined(_flushed(parts, flush))
             parts, rows = [], 0
-    if parts:
-        yield _joined(parts)
+    if rows:
+        yield _joined(_flushed(parts, flush))
+
+
+def _flushed(parts: list[list], flush: Callable[[], list | None] | None) -> list[list]:
+    """``parts`` and then the features of the batches ``featurize`` still holds."""
+    held = flush() if flush is not None else None
+    return parts if held is None else parts + [held]
 
 
 def _joined(parts: list[list]) -> list:

@@ -18,6 +18,7 @@ from ._progress import length_of, progress
 from ._reopen import Reopening
 from ._subnormal_rows import reporting
 from ._target_groups import group_columns, join_columns, row_pieces, target_groups
+from ._target_projection import TargetProjection
 from .backends import Backend
 from .backends.protocol import batches
 from .errors import TrakValueError
@@ -295,12 +296,9 @@ class TRAK(Featurizer, Reopening):
         stream = progress(data, desc="score", enabled=self.progress,  # the leading empty batches were pulled
                           total=None if total is None else max(total - skipped, 0))
         n_train, width = entries[0].features.shape
-
-        def featurize(inputs: Any, labels: Any, b: int) -> list:  # each checkpoint's target features, at once
-            return [self._batch_features(entry.prepared, entry.index, inputs, labels,
-                                         f"targets batch {b}, checkpoint {entry.index}")[0] for entry in entries]
-
-        for targets in target_groups(stream, featurize, group_columns(n_train, len(entries) * width), skipped):
+        limit = group_columns(n_train, len(entries) * width)
+        targets_of = TargetProjection(self, entries, limit)  # each batch's, all checkpoints: projected in groups
+        for targets in target_groups(stream, targets_of.featurize, limit, skipped, targets_of.flush):
             xp = namespace(targets[0])  # one pass over each checkpoint's features per group of batches
             running = Ensemble([e.out_to_loss for e in entries], weighting=self.checkpoint_weighting)
             passes = progress(zip(entries, targets), desc="score: checkpoints", enabled=self.progress,
