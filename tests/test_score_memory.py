@@ -116,3 +116,24 @@ def test_joining_frees_each_piece_before_the_next_rows_are_written(monkeypatch):
         assert not any(alive[g * 4 + b] for g in range(3) for b in range(band)), (row, alive)
     assert max(count for _, count, _ in _Recorded.writes) == 12  # at the first write; 3 fewer per row of pieces
     assert [count for row, count, _ in _Recorded.writes if row == 9] == [3, 2, 1]
+
+
+def test_torch_tensors_are_cut_and_joined_jax_arrays_concatenated_uncut(monkeypatch):
+    """torch tensors on a CPU are cut and joined piece by piece like NumPy's; JAX arrays, which cannot be written to,
+    are not cut (joining pieces built every row band, then concatenated them: 3x the result on JAX) and are joined by
+    one concatenation, as before. Both equal NumPy's concatenation of the groups."""
+    import pytest
+
+    monkeypatch.setattr(groups, "PIECE_BYTES", 4 * 4 * 3)  # 3 rows of 4 float32 targets
+    rng = np.random.default_rng(5)
+    blocks = [rng.normal(size=(10, 4)).astype(np.float32) for _ in range(2)] + [rng.normal(size=(10, 2)).astype(
+        np.float32)]
+    expected = np.concatenate(blocks, axis=1)
+    for name in ("torch", "jax.numpy"):
+        lib = pytest.importorskip(name)
+        arrays = [lib.asarray(block) for block in blocks]
+        xp = trak_module.namespace(arrays[0])
+        columns = [groups.row_pieces(array, 4, xp=xp) for array in arrays]
+        assert [len(pieces) for pieces in columns] == ([4, 4, 4] if name == "torch" else [1, 1, 1])
+        joined = groups.join_columns(columns, xp=xp)
+        assert columns == [] and np.array_equal(np.asarray(joined), expected), name

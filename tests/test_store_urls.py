@@ -326,3 +326,18 @@ def test_zarr_v2_data_at_a_url_is_refused_as_in_a_directory(tmp_path):
     _close(_open(fresh, (0,)).score(_targets()), _featurize(None, checkpoints=1).score(_targets()))
     fs.rm(url[len("memory://"):], recursive=True)
     fs.rm(fresh[len("memory://"):], recursive=True)
+
+
+def test_a_url_store_without_fsspec_names_the_extra(monkeypatch):
+    """Without fsspec a URL store names what to install: fsspec from PyPI, or the checkout's urls extra (trak-core
+    itself is not on PyPI: 'trak-core[urls]' was the hint, which pip cannot find)."""
+    import sys
+
+    from trak_core.disk_tree import store_tree
+    from trak_core.errors import MissingFrameworkError
+
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # import fsspec raises ImportError
+    with pytest.raises(MissingFrameworkError, match=r'is a URL, which zarr opens through fsspec: .*pip install fsspec '
+                                                    r'\(or, in a trak-core checkout, pip install -e "\.\[urls\]"\), '
+                                                    r"and the filesystem's package"):
+        store_tree("s3://bucket/run")

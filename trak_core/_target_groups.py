@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Iterator
 import array_api_compat
 
 from ._checks import _check_lengths
+from ._delegation import is_accelerator
 from ._namespace import device_of, namespace
 
 __all__ = ["SCORE_GROUP_BYTES", "group_columns", "target_groups", "row_pieces", "join_columns"]
@@ -74,10 +75,12 @@ def _joined(parts: list[list]) -> list:
 
 def row_pieces(block: Any, width: int, *, xp: Any) -> list:
     """``block`` cut into separate arrays (copies, so that each is freed on its own) of the rows that make
-    ``PIECE_BYTES`` at ``width`` targets, the first group's (so that every group is cut alike): what
-    :func:`join_columns` takes, one list per group of targets."""
+    ``PIECE_BYTES`` at ``width`` targets (a group's limit, the same for every group, so that all are cut alike):
+    what :func:`join_columns` takes, one list per group of targets. Not cut (``[block]``) where the array cannot be
+    written to (JAX: the pieces would be concatenated, a third copy) or is on an accelerator (device memory takes the
+    whole result at once: cutting would only add a copy of the group)."""
     rows = max(1, -(-PIECE_BYTES // max(1, width * xp.finfo(block.dtype).bits // 8)))
-    if block.shape[0] <= rows:
+    if block.shape[0] <= rows or not array_api_compat.is_writeable_array(block) or is_accelerator(block):
         return [block]
     n = block.shape[0]
     return [xp.asarray(block[start:min(n, start + rows), ...], copy=True) for start in range(0, n, rows)]
@@ -100,13 +103,13 @@ def join_columns(columns: list[list], *, xp: Any) -> Any:
         Where the arrays can be written to (NumPy, torch, CuPy) the result is allocated once and filled a row
         piece at a time, each piece freed once copied: memory holds the result and one piece of every group (a
         concatenation of whole groups held the result twice, since filling a group's columns touches every row of
-        the result). Elsewhere (JAX) the pieces are concatenated: the result twice for a moment.
+        the result). Groups not cut (JAX, an accelerator, few rows) are concatenated: the result twice for a
+        moment, as before.
     """
     if len(columns) == 1 and len(columns[0]) == 1:
         return columns.pop()[0]
-    if not array_api_compat.is_writeable_array(columns[0][0]):
-        joined = xp.concat([xp.concat([group[i] for group in columns], axis=1) for i in range(len(columns[0]))],
-                           axis=0)
+    if all(len(group) == 1 for group in columns):  # not cut (JAX, a device, few rows): one concatenation
+        joined = xp.concat([group[0] for group in columns], axis=1)
         columns.clear()
         return joined
     first = columns[0][0]

@@ -14,7 +14,7 @@ import pathlib
 from typing import Any, Iterator
 
 from .disk_listing import active
-from .errors import MissingFrameworkError
+from .errors import MissingFrameworkError, install_hint
 
 __all__ = ["UrlPath", "store_tree", "fsspec_tree", "local_folder"]
 
@@ -211,8 +211,9 @@ def store_tree(location: Any) -> pathlib.Path | UrlPath:
 
         fs, path = fsspec.core.url_to_fs(text)
     except ImportError as exc:
-        raise MissingFrameworkError(f"the store at {text} is a URL, which zarr opens through fsspec: {exc} (pip "
-                                    "install 'trak-core[urls]' and the filesystem's package, such as s3fs or gcsfs)") from None
+        raise MissingFrameworkError(f"the store at {text} is a URL, which zarr opens through fsspec: {exc} ("
+                                    f"{install_hint('urls', 'fsspec')}, and the filesystem's package, such as s3fs or "
+                                    "gcsfs)") from None
     return UrlPath(fs, path, text.rstrip("/"))
 
 

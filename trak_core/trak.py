@@ -292,7 +292,7 @@ class TRAK(Featurizer, Reopening):
             del first  # the chain holds it until it is scored
         self._check_scorable(ensemble=checkpoints is None)
         entries = chosen_entries(self.store, checkpoints)
-        columns, dtype, cut = [], entries[0].features.dtype, 0
+        columns, dtype = [], entries[0].features.dtype
         stream = progress(data, desc="score", enabled=self.progress,  # the leading empty batches were pulled
                           total=None if total is None else max(total - skipped, 0))
         n_train, width = entries[0].features.shape
@@ -317,10 +317,9 @@ class TRAK(Featurizer, Reopening):
             # the features' dtype (float64 kernels' blocks were joined in float64 and then cast: 5x the result at the
             # peak), in pieces of rows that join_columns frees one at a time; a lone group is the result as it is
             block = xp.astype(block, dtype, copy=False)
-            cut = cut or block.shape[1]  # every group cut as the first
-            if len(columns) == 1 and len(columns[0]) == 1:  # a second group: the first is cut now
-                columns[0] = row_pieces(columns[0].pop(), cut, xp=xp)
-            columns.append(row_pieces(block, cut, xp=xp) if columns else [block])
+            if len(columns) == 1 and len(columns[0]) == 1:  # a second group: the first is cut now, all alike
+                columns[0] = row_pieces(columns[0].pop(), limit, xp=xp)
+            columns.append(row_pieces(block, limit, xp=xp) if columns else [block])
             del block
         if not columns:
             raise TrakValueError("score: data yielded no targets (no batches, or only empty ones: a generator, map or "
