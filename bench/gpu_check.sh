@@ -59,7 +59,9 @@ step() {  # step NAME LIMIT COMMAND...: run it under min(LIMIT, time left), outp
     return
   fi
   start=$(date +%s)
-  # SIGINT first: pytest then still writes its summary and junit XML (SIGTERM loses them); KILL 10 s later
+  # SIGINT first: pytest then still writes its summary and junit XML (SIGTERM loses them); KILL 10 s later. To the
+  # whole group: with xdist workers (the tests step) each worker stops at once and the summary may be lost, but
+  # --foreground (pytest alone) left workers running on the GPU into the next steps when pytest was killed
   timeout -s INT -k 10 "$limit" "$@" > "$logs/$name.txt" 2>&1
   rc=$?
   note "$name" "$rc" "$(($(date +%s) - start))" "limit ${limit} s; $(grep -v '^\s*$' "$logs/$name.txt" | tail -n 1 | cut -c1-150 | tr '|' '/')"

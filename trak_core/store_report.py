@@ -20,7 +20,7 @@ __all__ = ["describe", "main"]
 
 PROG = "trak-core store"
 #: how many missing indices ``describe`` lists in ``missing``; ``missing_count`` and ``missing_ranges`` give them all
-MISSING_LISTED = 1000
+MISSING_LISTED = 100_000
 #: how many missing indices the text report lists one by one (more: the count and the ranges)
 MISSING_SHOWN = 20
 #: checkpoint indices are below 2**64 (``featurize(..., index=i)``, which seeds the projection with it)
@@ -60,8 +60,9 @@ def describe(path: str, *, verify: bool = False, expect: int | None = None) -> d
         the lowest complete checkpoint, ``data_reference``; ``None`` for that one or where none is complete)),
         ``complete``, ``opens`` (the complete checkpoints ``TRAK.open`` scores together: not on other data, of
         another configuration, with an edited ridge or, with ``verify``, with damaged rows) and ``missing`` (indices
-        without a group, below ``expect`` or else below the highest stored one: the first ``MISSING_LISTED``, 1,000),
-        ``missing_count`` (how many there are) and ``missing_ranges`` (all of them, as ``[first, last]`` pairs, one
+        without a group, below ``expect`` or else below the highest stored one: the first ``MISSING_LISTED``,
+        100,000), ``missing_count`` (how many there are), ``missing_truncated`` (``missing`` lists fewer) and
+        ``missing_ranges`` (all of them, as ``[first, last]`` pairs, one
         more at most than there are stored checkpoints), ``beyond_expect`` (stored indices at ``expect`` or above;
         empty without ``expect``),
         ``scores`` (``name``, ``shape``, ``dtype``, ``state``: "finished", "interrupted" or "damaged", its
@@ -133,7 +134,9 @@ def _missing(indices: list[int], end: int) -> dict[str, Any]:
     if start < end:
         ranges.append([start, end - 1])
     listed = itertools.islice(itertools.chain.from_iterable(range(a, b + 1) for a, b in ranges), MISSING_LISTED)
-    return {"missing": list(listed), "missing_count": sum(b - a + 1 for a, b in ranges), "missing_ranges": ranges}
+    count = sum(b - a + 1 for a, b in ranges)
+    return {"missing": list(listed), "missing_count": count, "missing_truncated": count > MISSING_LISTED,
+            "missing_ranges": ranges}
 
 
 def _plural(count: int, word: str, plural: str | None = None) -> str:

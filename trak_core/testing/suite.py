@@ -82,7 +82,7 @@ def test_conformance_contract(conformance_case):
     other_model, other = case.model(kind, canonical.weights(kind, seed=1, dtype=dtype))
     assert backend.owns(model) in (True, False), f"owns(model) returned {backend.owns(model)!r}, not a bool"
     identities = [backend.model_identity(m) for m in (model, other_model)]  # both alive: their ids differ
-    assert identities[0] is None or (isinstance(identities[0], str) and identities[0] == identities[1]), \
+    assert identities == [None, None] or (isinstance(identities[0], str) and identities[0] == identities[1]), \
         f"model_identity is {identities[0]!r} and {identities[1]!r} for two models of one architecture: an on-disk " \
         "store records it and refuses a model with another, so it must be a str equal in every process (no object ids)"
     for stranger in (object(), "a string", None):  # owns must be specific: TRAK(model) asks every backend
