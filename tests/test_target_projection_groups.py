@@ -171,6 +171,54 @@ def test_a_non_finite_target_batch_is_named_alone(monkeypatch):
         trak.score(_batched(xt, yt))
 
 
+class CheckpointFaults(numpy_backend.ArrayAPIBackend):
+    """The reference backend, with a NaN gradient at checkpoint 0 where an input row starts with 999.5, at
+    checkpoint 1 where one starts with 1234.5, and an error of the model's own where one starts with -777.5."""
+
+    def prepare(self, model, checkpoint):
+        prepared = super().prepare(model, checkpoint)
+        self.order = {**getattr(self, "order", {}), id(prepared): len(getattr(self, "order", {}))}
+        return prepared
+
+    def gradients(self, model, prepared, inputs, labels, task):
+        if np.any(inputs[:, 0] == -777.5):
+            raise RuntimeError("the model failed on this batch")
+        grads, q = super().gradients(model, prepared, inputs, labels, task)
+        grads = grads.copy()
+        grads[inputs[:, 0] == (999.5, 1234.5)[self.order[id(prepared)]], 0] = np.nan
+        return grads, q
+
+
+@pytest.mark.parametrize("later", ["nan-at-checkpoint-0", "model-error"])
+def test_the_first_bad_batch_is_named_whatever_follows_in_its_group(monkeypatch, later):
+    """Batch 3 has a NaN gradient at checkpoint 1; batch 5, in the same projection group, has one at checkpoint 0
+    (or makes the model fail). Each batch projected alone named batch 3, checkpoint 1; projected as a group, the
+    group of checkpoint 0 was checked first and named batch 5 (or batch 5's error hid batch 3): each batch's
+    gradients are checked when they are held now."""
+    trak, xt, yt = _numpy_fitted(backend=CheckpointFaults())
+    _group_of(monkeypatch, trak, 128)  # projection groups of 64 target rows: batches 0 to 7
+    xt = xt.copy()
+    xt[3 * BATCH + 2, 0] = 1234.5
+    xt[5 * BATCH + 1, 0] = 999.5 if later == "nan-at-checkpoint-0" else -777.5
+    with pytest.raises(TrakValueError, match=r"^targets batch 3, checkpoint 1: the per-example gradients"):
+        trak.score(_batched(xt, yt))
+
+
+def test_held_gradients_fill_one_buffer_per_checkpoint(monkeypatch):
+    """Three batches of 8 held for a group of 32 rows: each checkpoint's are rows 0 to 23 of one (32, p) buffer (no
+    list joined at the group's end, which held them twice), equal to the gradients of the 24 targets at once."""
+    trak, xt, yt = _numpy_fitted()
+    _group_of(monkeypatch, trak, 64)
+    held = target_projection.TargetProjection(trak, list(trak.store), limit=1000)
+    assert all(held.featurize(xt[i:i + 8], yt[i:i + 8], i // 8) is None for i in (0, 8, 16))
+    for entry, buffer in zip(trak.store, held.held):
+        expected = trak.backend.gradients(trak.model, entry.prepared, xt[:24], yt[:24], trak.task)[0]
+        assert buffer.shape == (32, entry.n_params)
+        np.testing.assert_allclose(buffer[:24], expected, rtol=1e-12, atol=0)
+    features = held.flush()
+    assert held.held == [None, None] and [f.shape for f in features] == [(24, K), (24, K)]
+
+
 torch = pytest.importorskip("torch", reason="PyTorch is not installed: the torch backend is not exercised")
 
 

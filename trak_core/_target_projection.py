@@ -8,18 +8,24 @@ batch by batch took 14% of a small torch job, digits MLP with batches of 8 at k 
 features are made at once, as before.
 
 Memory: score pulls each batch once and differentiates it at every checkpoint, so ``C`` checkpoints hold ``C``
-buffers; a group is ``projection_group_rows(p, ...) // C`` rows (at most a score group's columns), so that all of
-them together hold no more gradient bytes than one group of ``featurize``. A batch that would overflow a group
-first projects the held rows; a batch as wide as a group is projected alone, as before. The held rows are also
-projected at the end of each score group, whose features must be complete before its pass over the stored ones.
+buffers, each a ``(group, p)`` array filled batch by batch (no concatenation: no second copy) and let go when it
+is projected; a group is ``projection_group_rows(p, ...) // C`` rows with the CPU's budget on every device (at
+most a score group's columns): all of them together no more gradient bytes than one CPU group of ``featurize``
+(128 MiB, or up to 1 GiB and at least 64 rows where the matrix is not cached). On a GPU that is less than
+``featurize``'s 16 GiB groups: a store opened on a smaller GPU than it was written on keeps fitting. A batch that
+would overflow a group first projects the held rows; a batch as wide as a group is projected alone, as before.
+The held rows are also projected at the end of each score group, whose features must be complete before its pass
+over the stored ones. Each batch's gradients are checked for NaN and inf when they are held (one sum, ``1/k`` of
+a projection), so the first bad batch is named as when each batch was projected alone.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from ._checks import _check_features, _check_lengths, projection_group_rows
-from ._delegation import is_accelerator
-from ._namespace import namespace
+import array_api_compat
+
+from ._checks import _all_finite, _check_features, _check_lengths, projection_group_rows
+from ._namespace import device_of, namespace
 from .errors import TrakValueError
 
 __all__ = ["TargetProjection"]
@@ -43,7 +49,7 @@ class TargetProjection:
         self.grouped = (trak.proj_dim is not None and not trak.backend.has_fused_projection
                         and getattr(trak, "kronecker", None) is None)
         self.group: int | None = None  # rows per projection, from the first gradients
-        self.held: list[list] = [[] for _ in entries]  # per checkpoint, its held gradients (b, p), in order
+        self.held: list[Any] = [None] * len(entries)  # per checkpoint, its (group, p) buffer, filled from row 0
         self.batches: list[tuple[int, int]] = []  # (batch index, rows) of the held batches
         self.rows = 0
 
@@ -74,10 +80,12 @@ class TargetProjection:
             grads = self.trak._gradients(entry.prepared, inputs, labels, where)[0]
             if self.group is None:
                 self.group = self._group_rows(grads)
+            if not _all_finite(grads):  # raises, naming this batch (as when each batch was projected alone)
+                self._projected(grads, entry.index, [(b, n)])
             if n >= self.group:  # as wide as a group: projected alone, one checkpoint's gradients at a time
                 alone.append(self._projected(grads, entry.index, [(b, n)]))
             else:
-                self.held[c].append(grads)
+                self._hold(c, grads)
             del grads
         if alone:
             ready.append(alone)
@@ -104,18 +112,29 @@ class TargetProjection:
             return None
         out = []
         for c, entry in enumerate(self.entries):
-            held, self.held[c] = self.held[c], []
-            grads = held[0] if len(held) == 1 else namespace(held[0]).concat(held, axis=0)
-            del held  # the pieces go once joined
-            out.append(self._projected(grads, entry.index, self.batches))
-            del grads
+            buffer, self.held[c] = self.held[c], None
+            if isinstance(buffer, list):  # arrays that cannot be written to (JAX): joined here
+                buffer = buffer[0] if len(buffer) == 1 else namespace(buffer[0]).concat(buffer, axis=0)
+            out.append(self._projected(buffer[:self.rows, ...], entry.index, self.batches))
+            del buffer  # let go: a later group makes a new one
         self.batches, self.rows = [], 0
         return out
+
+    def _hold(self, c: int, grads: Any) -> None:
+        """Copy ``grads`` into checkpoint ``c``'s buffer after the rows held (made at the first batch of a group);
+        arrays that cannot be written to (JAX) are kept in a list, joined when projected."""
+        if not array_api_compat.is_writeable_array(grads):
+            self.held[c] = (self.held[c] or []) + [grads]
+            return
+        if self.held[c] is None:
+            xp = namespace(grads)
+            self.held[c] = xp.empty((self.group, grads.shape[1]), dtype=grads.dtype, device=device_of(grads))
+        self.held[c][self.rows:self.rows + grads.shape[0], ...] = grads
 
     def _group_rows(self, grads: Any) -> int:
         """Rows per projection: a training group's (``projection_group_rows``) shared by the checkpoints."""
         rows = projection_group_rows(grads.shape[1], namespace(grads).finfo(grads.dtype).bits // 8,
-                                     self.trak.proj_dim, accelerator=is_accelerator(grads))
+                                     self.trak.proj_dim)  # the CPU's budget on a GPU too (see the module)
         return max(1, min(self.limit, rows // len(self.entries)))
 
     def _projected(self, grads: Any, index: int, batches: list[tuple[int, int]]) -> Any:
