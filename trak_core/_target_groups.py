@@ -4,8 +4,9 @@ One job: group ``score``'s target batches so that each pass over a checkpoint's 
 disk, decompressed and checked, in an on-disk store: seconds per pass at n = 200,000, k = 2,048) multiplies as
 many targets as a block of ``SCORE_GROUP_BYTES`` holds, not one small batch. Each batch is differentiated as soon
 as it is pulled (a loader that refills one buffer gives each batch's own targets; its gradients are held until
-``_target_projection`` projects a group of them, then only the small ``(b, k)`` features); a batch wider than the block is a group of its own (one pass over the features for it: fewer targets
-a batch bound the memory, more bound the passes). Empty batches hold no targets and are skipped.
+``_target_projection`` projects a group of them, then only the small ``(b, k)`` features); a batch wider than
+the block is a group of its own (one pass over the features for it: fewer targets a batch bound the memory, more
+bound the passes). Empty batches hold no targets and are skipped.
 :func:`row_pieces` and :func:`join_columns` join the groups' columns into the result without a second copy of it
 where the arrays can be written to.
 """
