@@ -350,6 +350,21 @@ def test_a_closed_pipe_ends_every_command_quietly(args):
     assert cli.CLOSED_PIPE_STATUS == 141
 
 
+@pytest.mark.parametrize("closed", [False, True])
+def test_a_broken_pipe_of_another_pipe_is_the_command_s_error(closed):
+    """A BrokenPipeError of another pipe (a socket's, a subprocess's) while standard output is open was taken for a
+    closed standard output: exit 141, nothing said. It is raised as it is now; with standard output closed, 141."""
+    code = ("from trak_core.cli import quiet_on_closed_pipe\n"
+            "def run():\n    raise BrokenPipeError(32, 'the socket to the object store closed')\n"
+            "quiet_on_closed_pipe(run)")
+    done = closed_pipe_run([sys.executable, "-c", code]) if closed else _run([sys.executable, "-c"], code)
+    if closed:
+        assert (done.returncode, done.stderr) == (cli.CLOSED_PIPE_STATUS, "")
+    else:
+        assert done.returncode == 1 and "BrokenPipeError: [Errno 32] the socket to the object store closed" in \
+            done.stderr
+
+
 def test_an_open_pipe_still_gets_everything():
     done = _run(MODULE, "--help")
     assert (done.returncode, done.stdout, done.stderr) == (0, TOP_HELP, "")

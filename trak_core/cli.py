@@ -64,7 +64,8 @@ def quiet_on_closed_pipe(run: Callable[[], object]) -> object:
 
     A reader that stops early (``head -c 100``) closes the pipe: the next write, or the flush at exit, raised
     ``BrokenPipeError`` with a traceback. Here standard output is pointed at ``os.devnull`` (so that the flush at
-    exit writes nowhere) and the exit status is ``CLOSED_PIPE_STATUS``, 141, with nothing on standard error.
+    exit writes nowhere) and the exit status is ``CLOSED_PIPE_STATUS``, 141, with nothing on standard error. A
+    ``BrokenPipeError`` of another pipe (a socket's) while standard output is open is raised as it is.
 
     Parameters
     ----------
@@ -87,9 +88,24 @@ def quiet_on_closed_pipe(run: Callable[[], object]) -> object:
         finally:  # also after a SystemExit (--help): what is buffered fails here, not at exit with a traceback
             sys.stdout.flush()
     except BrokenPipeError:
+        if not _stdout_closed():  # another pipe's (a socket's, a subprocess's): an error of the command's own
+            raise
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise SystemExit(CLOSED_PIPE_STATUS) from None
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output's reader is gone: ``poll`` reports ``POLLERR`` on the write end of a pipe whose read
+    end was closed. ``True`` where that cannot be told (no ``poll``, a standard output without a file descriptor)."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
 
 
 def main(argv: list[str] | None = None) -> None:
