@@ -16,19 +16,13 @@ pytest.importorskip("zarr", reason="zarr is not installed: on-disk stores are no
 
 from trak_core import MLP, TRAK, StoreDamagedError, StoreMismatchError  # noqa: E402
 from trak_core import cli, store_report  # noqa: E402
+from tests_helpers import STORE_ROWS, store_data, store_targets  # noqa: E402
 
-N, BATCH = 300, 100
+N, BATCH = STORE_ROWS, 100
 ZEROED = "zeroed"
 
 
-def _data():
-    rng = np.random.default_rng(0)
-    return rng.normal(size=(N, 5)), rng.integers(0, 3, N)
-
-
-def _targets(rows=slice(0, 6)):
-    x, y = _data()
-    return [(x[rows], y[rows])]
+_data, _targets = store_data, store_targets
 
 
 def _featurize(store):

@@ -21,19 +21,13 @@ fsspec = pytest.importorskip("fsspec", reason="fsspec is not installed: zarr ope
 
 from trak_core import MLP, TRAK, StoreDamagedError, StoreMismatchError, TrakOSError  # noqa: E402
 from trak_core import cli, store_report  # noqa: E402
+from tests_helpers import STORE_ROWS, store_data, store_targets  # noqa: E402
 
-N, BATCH = 300, 100
+N, BATCH = STORE_ROWS, 100
 SCHEMES = ["memory", "file"]
 
 
-def _data():
-    rng = np.random.default_rng(0)
-    return rng.normal(size=(N, 5)), rng.integers(0, 3, N)
-
-
-def _targets(rows=slice(0, 6)):
-    x, y = _data()
-    return [(x[rows], y[rows])]
+_data, _targets = store_data, store_targets
 
 
 def _batches():

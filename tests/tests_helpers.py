@@ -1,6 +1,22 @@
 """Shared by several test files: backends that misbehave on purpose, model outputs in every structure, and a
-save_as interrupted mid-write."""
+save_as interrupted mid-write, the store tests' data."""
+import numpy as np
+
 from trak_core.backends import numpy_backend
+
+STORE_ROWS = 300  # the training rows of the store tests' data (test_store_metadata_damage, test_store_urls)
+
+
+def store_data():
+    """The store tests' training data: ``STORE_ROWS`` rows of 5 features, labels of 3 classes."""
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(STORE_ROWS, 5)), rng.integers(0, 3, STORE_ROWS)
+
+
+def store_targets(rows=slice(0, 6)):
+    """One target batch: ``rows`` of the store tests' training data."""
+    x, y = store_data()
+    return [(x[rows], y[rows])]
 
 
 class ZeroGradients(numpy_backend.ArrayAPIBackend):
