@@ -20,7 +20,7 @@ from ._checks import _check_lengths
 from ._delegation import is_accelerator
 from ._namespace import device_of, namespace
 
-__all__ = ["SCORE_GROUP_BYTES", "group_columns", "target_groups", "row_pieces", "join_columns"]
+__all__ = ["SCORE_GROUP_BYTES", "group_columns", "target_groups", "row_pieces", "add_columns", "join_columns"]
 
 SCORE_GROUP_BYTES = 256 << 20  # an (n_train, targets) float64 block per group at most (a wider batch: its own)
 # join_columns frees the groups' scores a piece of rows at a time as it fills the result; pieces below glibc's
@@ -85,6 +85,15 @@ def row_pieces(block: Any, width: int, *, xp: Any) -> list:
         return [block]
     n = block.shape[0]
     return [xp.asarray(block[start:min(n, start + rows), ...], copy=True) for start in range(0, n, rows)]
+
+
+def add_columns(columns: list[list], block: Any, limit: int, *, xp: Any) -> None:
+    """Append a group's ``(n_train, group)`` scores to ``columns`` for :func:`join_columns`: a lone group stays
+    whole (it is the result as it is); from the second group on, every group is cut by :func:`row_pieces` alike
+    (sized from ``limit``, the groups' width), the first one then too."""
+    if len(columns) == 1 and len(columns[0]) == 1:
+        columns[0] = row_pieces(columns[0].pop(), limit, xp=xp)
+    columns.append(row_pieces(block, limit, xp=xp) if columns else [block])
 
 
 def join_columns(columns: list[list], *, xp: Any) -> Any:

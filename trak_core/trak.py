@@ -17,7 +17,7 @@ from ._namespace import namespace
 from ._progress import length_of, progress
 from ._reopen import Reopening
 from ._subnormal_rows import reporting
-from ._target_groups import group_columns, join_columns, row_pieces, target_groups
+from ._target_groups import add_columns, group_columns, join_columns, target_groups
 from ._target_projection import TargetProjection
 from .backends import Backend
 from .backends.protocol import batches
@@ -315,11 +315,9 @@ class TRAK(Featurizer, Reopening):
             if self.soft_threshold is not None:
                 block = soft_threshold(block, self.soft_threshold, xp=xp)
             # the features' dtype (float64 kernels' blocks were joined in float64 and then cast: 5x the result at the
-            # peak), in pieces of rows that join_columns frees one at a time; a lone group is the result as it is
-            block = xp.astype(block, dtype, copy=False)
-            if len(columns) == 1 and len(columns[0]) == 1:  # a second group: the first is cut now, all alike
-                columns[0] = row_pieces(columns[0].pop(), limit, xp=xp)
-            columns.append(row_pieces(block, limit, xp=xp) if columns else [block])
+            # peak), in pieces of rows that join_columns frees one at a time
+            block = xp.astype(block, dtype, copy=False)  # the float64 block let go before it is cut
+            add_columns(columns, block, limit, xp=xp)
             del block
         if not columns:
             raise TrakValueError("score: data yielded no targets (no batches, or only empty ones: a generator, map or "
