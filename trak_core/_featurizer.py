@@ -1,16 +1,16 @@
 """How ``trak_core.TRAK`` turns a checkpoint and its training data into stored features.
 
-One job: the featurizing machinery behind ``TRAK.featurize`` (a base class of ``TRAK``): per-batch
-gradients or fused features, projection in groups aligned to absolute rows, the checkpoint's checks
-against the ones before and the store (parameters, data), the writer, and the factorized kernel.
+One job: the featurizing machinery behind ``TRAK.featurize`` and ``TRAK.features`` (a base class of ``TRAK``):
+per-batch gradients or fused features, projection in groups (aligned to absolute rows for the store; for
+``features``, grouped as ``score``'s targets by ``trak_core._target_projection``), the checkpoint's checks against the
+ones before and the store (parameters, data), the writer, and the factorized kernel.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator
 
 from ._apart import shared_data_check
 from ._checks import (_check_features, _check_finite, _check_lengths, _check_weights, check_backend_array,
@@ -19,11 +19,13 @@ from ._delegation import is_accelerator
 from ._fitting import KernelFitting
 from ._identity import (DataCheck, check_lambda_setting, check_parameters, parameters_recorded, refuse_duplicate,
                         store_fingerprint)
+from ._located import located
 from ._namespace import namespace
 from ._progress import length_of, progress
 from ._subnormal_rows import note_params, unnoted
+from ._target_projection import TargetProjection, batch_named
 from .backends.protocol import batches
-from .errors import BackendError, StoreMismatchError, TrakCoreError, TrakValueError
+from .errors import BackendError, StoreMismatchError, TrakValueError
 from .fingerprints import to_numpy
 from .projection import project
 from .scores import normalize_rows
@@ -32,38 +34,6 @@ from .store import CheckpointEntry, Writer
 __all__ = ["Featurizer", "PendingCheckpoint"]
 
 log = logging.getLogger("trak_core")
-
-
-@contextmanager
-def located(where: str, backend: str | None = None, inputs: Any = None) -> Iterator[None]:
-    """Prefix a backend's ``TrakCoreError`` with the checkpoint and batch it happened in.
-
-    Any other exception (the model's own, such as a shape mismatch in its ``forward``) keeps its type
-    and message and gets a note (PEP 678, Python 3.11+) naming the checkpoint, the batch, the shapes of its
-    inputs and the backend.
-    """
-    try:
-        yield
-    except TrakCoreError as exc:
-        if str(exc).startswith(where):
-            raise
-        located_error = type(exc).__new__(type(exc))
-        located_error.args = (f"{where}: {exc}",) + exc.args[1:]
-        raise located_error.with_traceback(exc.__traceback__) from exc
-    except Exception as exc:
-        note = f"trak-core: raised in {where}" + (f" (inputs {_shapes(inputs)})" if inputs is not None else "") + (
-            f", in backend {backend!r} (the model's forward and its per-example gradients; it may run the model on "
-            "the batch's first examples alone first, to check its fast path)" if backend else "")
-        if hasattr(exc, "add_note") and note not in getattr(exc, "__notes__", ()):
-            exc.add_note(note)
-        raise
-
-
-def _shapes(inputs: Any) -> str:
-    """The shapes of a batch's inputs: ``(10, 60)``, or ``{'input_ids': (8, 12), ...}`` for a dict batch."""
-    if isinstance(inputs, Mapping):
-        return "{" + ", ".join(f"{key!r}: {tuple(getattr(v, 'shape', ()))}" for key, v in inputs.items()) + "}"
-    return str(tuple(getattr(inputs, "shape", ())))
 
 
 @dataclass
@@ -97,14 +67,33 @@ class Featurizer(KernelFitting):
         -------
         array
             ``(n, k)`` (``(n, n_params)`` for ``proj_dim=None``), in the features' namespace, dtype and device.
+
+        Notes
+        -----
+        Where the core projects (a ``proj_dim``, no fused step in the backend, not ``proj_type="kronecker"``), the
+        batches' gradients are held until they make a group of rows (``projection_group_rows``, with the CPU's
+        budget on every device), which is projected at once, as ``score`` projects its targets
+        (``trak_core._target_projection``): the projection matrix is made, unpacked or read once per group, not once
+        per small batch. Elsewhere, and for an empty batch, each batch's features are made alone. A batch whose
+        gradients (or features) hold NaN or inf is named, the first one, as when each batch was projected alone.
         """
         self._load_opened(None)
         self._check_scorable("features()", uses_lambda=False)
         entry = chosen_entries(self.store, [checkpoint])[0]
-        parts = []
+        grouped = TargetProjection(self, [entry], naming=batch_named)  # no score groups: no limit
+        parts, pulled = [], False
         for b, (inputs, labels) in enumerate(batches(data, self.label_key)):
-            parts.append(self._batch_features(entry.prepared, entry.index, inputs, labels, f"batch {b}")[0])
-        if not parts:
+            pulled = True
+            if _check_lengths(inputs, labels, f"batch {b}") == 0:  # no rows to hold: as before, alone
+                parts.append(self._batch_features(entry.prepared, entry.index, inputs, labels, f"batch {b}")[0])
+                continue
+            ready = grouped.featurize(inputs, labels, b)  # the rows a group completed, or None while held
+            if ready is not None:
+                parts.append(ready[0])
+        held = grouped.flush()
+        if held is not None:
+            parts.append(held[0])
+        if not pulled:
             raise TrakValueError("features: data yielded no batches (a generator, map or zip is used up by one pass); "
                                  "pass an iterable of (inputs, labels): a list, or a generator made anew for each call")
         return parts[0] if len(parts) == 1 else namespace(parts[0]).concat(parts, axis=0)

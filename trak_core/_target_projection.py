@@ -1,11 +1,14 @@
-"""Target gradients of ``TRAK.score`` projected in groups of rows, as training gradients are.
+"""Target gradients of ``TRAK.score`` (and the data of ``TRAK.features``) projected in groups of rows, as training
+gradients are.
 
-One job: the per-batch step that :func:`trak_core._target_groups.target_groups` calls. Where the core projects (a
-``proj_dim``, no fused step in the backend, not ``proj_type="kronecker"``), each target batch's gradients, one
-array per checkpoint, are held until the batches make a group of rows, which is then projected at once: the
-projection matrix is made, unpacked or read once per group rather than once per small batch (projecting targets
-batch by batch took 14% of a small torch job, digits MLP with batches of 8 at k = 2,048). Elsewhere each batch's
-features are made at once, as before.
+One job: the per-batch step that :func:`trak_core._target_groups.target_groups` calls, and that ``TRAK.features``
+calls with its one checkpoint (no score groups: ``limit`` is ``None``; its messages name ``batch b`` alone). Where
+the core projects (a ``proj_dim``, no fused step in the backend, not ``proj_type="kronecker"``), each batch's
+gradients, one array per checkpoint, are held until the batches make a group of rows, which is then projected at
+once: the projection matrix is made, unpacked or read once per group rather than once per small batch (projecting
+targets batch by batch took 14% of a small torch job, digits MLP with batches of 8 at k = 2,048; ``features`` of
+1,000 examples took 1.4-2.9x as long batch by batch, batches of 8 to 32 at k = 512 and 2,048). Elsewhere each
+batch's features are made at once, as before.
 
 Memory: score pulls each batch once and differentiates it at every checkpoint, so ``C`` checkpoints hold ``C``
 buffers, each a ``(group, p)`` array filled batch by batch (no concatenation: no second copy) and let go when it
@@ -20,7 +23,7 @@ a projection), so the first bad batch is named as when each batch was projected 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import array_api_compat
 
@@ -28,24 +31,42 @@ from ._checks import _all_finite, _check_features, _check_lengths, projection_gr
 from ._namespace import device_of, namespace
 from .errors import TrakValueError
 
-__all__ = ["TargetProjection"]
+__all__ = ["TargetProjection", "target_named", "batch_named"]
+
+
+def target_named(batches: str, index: int | None) -> str:
+    """Where in ``score`` (the default ``naming``): ``targets batch 3, checkpoint 1``, ``targets batches 0 to 7, ...``;
+    ``index`` ``None``: the batch alone (its row count, checked before any checkpoint)."""
+    return f"targets {batches}" + ("" if index is None else f", checkpoint {index}")
+
+
+def batch_named(batches: str, index: int | None) -> str:
+    """Where in ``features`` (one checkpoint, named by the call): ``batch 3``, ``batches 0 to 7``."""
+    return batches
 
 
 class TargetProjection:
-    """Each checkpoint's target features for ``score``, the gradients projected in groups where the core projects.
+    """Each checkpoint's target features for ``score`` (or one checkpoint's features for ``features``), the gradients
+    projected in groups where the core projects.
 
     Parameters
     ----------
     trak : TRAK
         The estimator (its backend, ``proj_dim``, ``_gradients``, ``_project`` and ``_batch_features``).
     entries : list of CheckpointEntry
-        The checkpoints scored, in order.
-    limit : int
-        Targets per score group (``target_groups``'s ``limit``): no projection group holds more rows.
+        The checkpoints scored, in order (``features``: its one checkpoint).
+    limit : int, optional
+        Targets per score group (``target_groups``'s ``limit``): no projection group holds more rows (``None``: no
+        bound but the projection group's).
+    naming : callable, optional
+        ``naming(batches, index)``: where an error happened, from ``"batch 3"`` (or ``"batches 0 to 7"``) and the
+        checkpoint's index (``None`` for a batch's own checks); default :func:`target_named` (``score``'s).
     """
 
-    def __init__(self, trak: Any, entries: list, limit: int) -> None:
-        self.trak, self.entries, self.limit = trak, entries, max(1, limit)
+    def __init__(self, trak: Any, entries: list, limit: int | None = None, *,
+                 naming: Callable[[str, int | None], str] = target_named) -> None:
+        self.trak, self.entries, self.naming = trak, entries, naming
+        self.limit = None if limit is None else max(1, limit)
         self.grouped = (trak.proj_dim is not None and not trak.backend.has_fused_projection
                         and getattr(trak, "kronecker", None) is None)
         self.group: int | None = None  # rows per projection, from the first gradients
@@ -71,12 +92,12 @@ class TargetProjection:
         """
         if not self.grouped:
             return [self.trak._batch_features(e.prepared, e.index, inputs, labels,
-                                              f"targets batch {b}, checkpoint {e.index}")[0] for e in self.entries]
-        n = _check_lengths(inputs, labels, f"targets batch {b}")
+                                              self.naming(f"batch {b}", e.index))[0] for e in self.entries]
+        n = _check_lengths(inputs, labels, self.naming(f"batch {b}", None))
         ready = [self.flush()] if self.rows and self.rows + n > self.group else []  # never more than a group held
         alone = []
         for c, entry in enumerate(self.entries):
-            where = f"targets batch {b}, checkpoint {entry.index}"
+            where = self.naming(f"batch {b}", entry.index)
             grads = self.trak._gradients(entry.prepared, inputs, labels, where)[0]
             if self.group is None:
                 self.group = self._group_rows(grads)
@@ -135,20 +156,21 @@ class TargetProjection:
         """Rows per projection: a training group's (``projection_group_rows``) shared by the checkpoints."""
         rows = projection_group_rows(grads.shape[1], namespace(grads).finfo(grads.dtype).bits // 8,
                                      self.trak.proj_dim)  # the CPU's budget on a GPU too (see the module)
-        return max(1, min(self.limit, rows // len(self.entries)))
+        rows = max(1, rows // len(self.entries))
+        return rows if self.limit is None else min(self.limit, rows)
 
     def _projected(self, grads: Any, index: int, batches: list[tuple[int, int]]) -> Any:
         """The features of ``grads`` (the rows of ``batches``) at checkpoint ``index``, checked; a non-finite row is
         named by its own batch, as when each batch was projected alone."""
         features = self.trak._project(grads, index)
         first, last = batches[0][0], batches[-1][0]
-        where = f"targets batch{f'es {first} to {last}' if last != first else f' {first}'}, checkpoint {index}"
+        where = self.naming(f"batches {first} to {last}" if last != first else f"batch {first}", index)
         try:
             _check_features(features, where, grads.dtype)
         except TrakValueError:
             start = 0
             for b, n in batches:  # the first batch with a non-finite row raises, with its own name
-                _check_features(features[start:start + n, ...], f"targets batch {b}, checkpoint {index}", grads.dtype)
+                _check_features(features[start:start + n, ...], self.naming(f"batch {b}", index), grads.dtype)
                 start += n
             raise
         return features
