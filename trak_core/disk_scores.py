@@ -1,18 +1,20 @@
 """Score sets in an on-disk store: ``score(..., save_as=name)`` writes ``scores/<name>``, ``load_scores`` reads it.
 
 One job: the score sets of ``trak_core.disk_store.DiskStore`` (a mixin): names checked before scoring, a set
-written a chunk at a time with a checksum written last (it marks the set finished), never overwritten once
-finished, and read back against its checksum.
+written a chunk at a time with its checksums written last (the whole set's, ``sha256``, marks it finished; one per
+chunk, ``checksums``, lets a part be read: ``disk_score_parts``), never overwritten once finished, and read back
+against its checksums.
 """
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .disk_layout import damaged_metadata, member, member_names
 from .disk_listing import active, lookup, reading
+from .disk_score_parts import check_set, chunk_digests, read_part
 from .disk_shared import live_elsewhere, run_record
 from .disk_writer import _digest, one_writer, open_root
 from .errors import StoreDamagedError, TrakOSError, TrakValueError
@@ -45,8 +47,8 @@ class ScoreSets:
     ``writable``, ``_url``, ``_opened`` and ``_sweep_temporaries``)."""
 
     def save_scores(self, name: str, scores: Any) -> None:
-        """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with a checksum (one thread
-        at a time per location: a name saved meanwhile by another thread is refused, never mixed)."""
+        """Write ``scores`` (n_train, n_targets) as ``scores/<name>``, chunked by rows, with its checksums (one
+        thread at a time per location: a name saved meanwhile by another thread is refused, never mixed)."""
         values = to_numpy(scores)
         with _saving_lock(self.location):
             self._save_scores(name, values)
@@ -72,7 +74,8 @@ class ScoreSets:
             raise TrakOSError(f"scores {name!r} in {self.path} were replaced by another process while this one saved "
                               "them (two processes saved the same name at once); score again with save_as= another "
                               "name")
-        array.attrs["sha256"] = _digest(values)  # last: it marks the set finished
+        # last, in one metadata write: "sha256" marks the set finished (all earlier versions read only it)
+        array.update_attributes({"checksums": chunk_digests(values, KERNEL_CHUNK_ROWS), "sha256": _digest(values)})
         self._sweep_temporaries(f"scores/{name}", root=False)  # the root's zarr.json is featurize's to write
 
     def check_score_name(self, name: str) -> str | None:
@@ -154,13 +157,41 @@ class ScoreSets:
         arrays = [member(group, name) for name in member_names(group)] if group is not None else []
         return sorted(array.basename for array in arrays if hasattr(array, "shape") and "sha256" in array.attrs)
 
-    def load_scores(self, name: str) -> np.ndarray:
-        """Read scores saved with ``score(..., save_as=name)``, checking their checksum (each ``zarr.json`` read once,
-        ``disk_listing.reading``)."""
-        with reading():
-            return self._load_scores(name)
+    def load_scores(self, name: str, rows: Any = None, targets: Any = None) -> np.ndarray:
+        """Read scores saved with ``score(..., save_as=name)``, or their ``rows`` and ``targets``, checked against
+        their checksums (each ``zarr.json`` read once, ``disk_listing.reading``).
 
-    def _load_scores(self, name: str) -> np.ndarray:
+        The whole set is read a chunk at a time and checked against its ``sha256``. A part (``rows`` or
+        ``targets`` given) reads only the chunks that hold its rows, each checked against its own checksum; a set
+        saved before per-chunk checksums were recorded is read whole, a chunk at a time, and checked against its
+        ``sha256`` before the part is returned (holding one chunk and the part: ``disk_score_parts``).
+        ``TRAK.load_scores`` says what ``rows`` and ``targets`` take.
+        """
+        with reading():
+            return self._load_scores(name, rows, targets)
+
+    def _load_scores(self, name: str, rows: Any = None, targets: Any = None) -> np.ndarray:
+        array = self._finished_set(name)
+        if rows is not None or targets is not None:
+            return read_part(array, rows, targets, damaged=self._damaged_set(name))
+        values = np.empty(array.shape, dtype=array.dtype)
+        try:
+            for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time into the result (zarr
+                values[start:start + KERNEL_CHUNK_ROWS] = array[start:start + KERNEL_CHUNK_ROWS]  # decodes a read)
+        except Exception as exc:  # a truncated chunk fails to decode
+            raise self._damaged_set(name)(f"a chunk cannot be read: {exc}") from None
+        if _digest(values) != array.attrs.get("sha256"):
+            raise self._damaged_set(name)("checksum mismatch")
+        return values
+
+    def check_scores(self, name: str) -> None:
+        """Check score set ``name`` as ``load_scores`` would, each chunk against its own checksum too (where it has
+        them), holding one chunk at a time (``trak-core store --verify``)."""
+        with reading():
+            check_set(self._finished_set(name), damaged=self._damaged_set(name))
+
+    def _finished_set(self, name: str) -> Any:
+        """The array of finished set ``name``, or the error that says why there is none."""
         state = self._scores_state(name)
         if state == "damaged":
             self._refuse_damaged_set(name)
@@ -169,15 +200,9 @@ class ScoreSets:
                                  f"interrupted); score again with save_as={name!r}, which replaces them")
         if state is None:
             raise TrakValueError(f"no scores named {name!r} in {self.path}; saved: {self.score_names()}")
-        array = lookup(lookup(self.root, "scores"), name)
-        values = np.empty(array.shape, dtype=array.dtype)
-        try:
-            for start in range(0, values.shape[0], KERNEL_CHUNK_ROWS):  # a chunk at a time into the result (zarr
-                values[start:start + KERNEL_CHUNK_ROWS] = array[start:start + KERNEL_CHUNK_ROWS]  # decodes a read)
-        except Exception as exc:  # a truncated chunk fails to decode
-            raise TrakValueError(f"scores {name!r} in {self.path} are damaged (a chunk cannot be read: {exc}); "
-                                 f"{_score_again(self.path, name)}") from None
-        if _digest(values) != array.attrs.get("sha256"):
-            raise TrakValueError(f"scores {name!r} in {self.path} are damaged (checksum mismatch); "
-                                 f"{_score_again(self.path, name)}")
-        return values
+        return lookup(lookup(self.root, "scores"), name)
+
+    def _damaged_set(self, name: str) -> Callable[[str], StoreDamagedError]:
+        """Makes the error for set ``name`` from what is damaged (``disk_score_parts``'s ``damaged``)."""
+        return lambda what: StoreDamagedError(f"scores {name!r} in {self.path} are damaged ({what}); "
+                                              f"{_score_again(self.path, name)}")

@@ -25,7 +25,8 @@ One job: ``TRAK(store=path)``. Layout of the directory:
   ``complete``. Rows past ``rows_done`` (an array grown
   or allocated by a run that did not record them) are not data: the next run writes or cuts them.
 - ``scores/<name>``: scores saved with ``score(..., save_as=name)``; their SHA-256 (attribute ``sha256``)
-  is written after them, so a set without it was interrupted: not listed, and replaced by the next
+  is written after them, with one per chunk of rows (``checksums``, for reading part of a set:
+  ``disk_score_parts``), so a set without it was interrupted: not listed, and replaced by the next
   ``save_as`` of that name (a finished set is never overwritten).
 
 The directory is created by the first write, not by opening. Reading a finished store (``TRAK.open``, scoring,

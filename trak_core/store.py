@@ -342,13 +342,15 @@ class Store(abc.ABC):
         if type(self).save_scores is Store.save_scores:
             raise TrakValueError("save_as needs an on-disk store: TRAK(..., store=PATH)")
 
-    def load_scores(self, name: str) -> Any:
+    def load_scores(self, name: str, rows: Any = None, targets: Any = None) -> Any:
         """Scores saved with ``score(..., save_as=name)``, shape (n_train, n_targets). Here: raise ``TrakValueError``.
 
         Parameters
         ----------
         name : str
             The ``save_as`` name.
+        rows, targets : slice or array_like of int, optional
+            Only these (``TRAK.load_scores``; passed only where given: a store taking ``name`` alone serves sets).
         """
         raise TrakValueError("saved scores live in on-disk stores: TRAK(..., store=PATH)")
 

@@ -275,7 +275,7 @@ def _scores(store: Any, root: Any, verify: bool) -> list[dict[str, Any]]:
                "dtype": str(array.dtype) if array is not None else None, "state": state}
         if verify and state in ("finished", "damaged"):
             try:
-                store.load_scores(name)
+                store.check_scores(name)  # each chunk too, one at a time
                 row["damaged"] = None
             except TrakCoreError as exc:
                 row["damaged"] = str(exc)

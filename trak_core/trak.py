@@ -371,20 +371,28 @@ class TRAK(Featurizer, Reopening):
         """
         return self.store.score_names()
 
-    def load_scores(self, name: str) -> Any:
-        """Scores saved with ``score(..., save_as=name)`` (NumPy, checksum verified).
+    def load_scores(self, name: str, rows: Any = None, targets: Any = None) -> Any:
+        """Scores saved with ``score(..., save_as=name)``, or some of their rows and targets (NumPy, checked).
 
         Parameters
         ----------
         name : str
             The ``save_as`` name (see ``saved_scores``).
+        rows, targets : slice or array_like of int, optional
+            Training rows and target columns to read, as NumPy takes them (``scores[rows][:, targets]``): a slice
+            or a 1-D array of integer positions. ``None`` (default): all. An on-disk store reads only the chunks
+            that hold ``rows``, each checked (``docs/store.md``); a float, a mask, a single integer, a step of 0,
+            a 2-D array or a position out of range raise ``TrakTypeError``/``TrakValueError``.
 
         Returns
         -------
         numpy.ndarray
-            Shape ``(n_train, n_targets)``, in the dtype they were saved in.
+            Shape ``(n_train, n_targets)`` (or the rows and targets taken), in the dtype they were saved in; a
+            chunk that fails its checksum raises ``StoreDamagedError``.
         """
-        return self.store.load_scores(name)
+        if rows is None and targets is None:  # a custom store's load_scores(name) keeps working
+            return self.store.load_scores(name)
+        return self.store.load_scores(name, rows=rows, targets=targets)
 
     def _check_scorable(self, what: str = "score()", *, ensemble: bool = False, uses_lambda: bool = True) -> None:
         check_scorable(self.store, self._last_error, what, missing=self._missing if ensemble else None)
