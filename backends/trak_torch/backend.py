@@ -19,11 +19,13 @@ from trak_core.fingerprints import parameters_digest
 from .attention import (attention_for_closed_form, attention_for_vmap, causal_model, model_masks, note_mask,
                         reads_own_mask, uncounted_pad_predictions)
 from .checkpoint import TorchCheckpoint, module_classes, prepared_dtype, raise_dtype_error, select_names, snapshot
+from .contexts import check_context
 from .locks import model_lock
 from .looped import eval_mode, looped_gradients, refuse_to_loop, vmap_cannot_batch
+from .mask_check import check_replaced_mask
 from .outputs import _rows, batch_logits, check_labels, output_logits
 from .vmapped import vmap_in_attention
-from .seq2seq import is_encoder_decoder
+from .seq2seq import check_task, is_encoder_decoder, with_decoder_inputs
 
 __all__ = ["TorchBackend", "output_logits"]
 
@@ -126,8 +128,6 @@ class TorchBackend(Backend):
             raise TrakTypeError(f"a {type(model).__name__} wrapper cannot be called with other parameters "
                                 "(torch.func.functional_call): pass the model it wraps, model.module (and its "
                                 "state_dict, whose keys have no 'module.' prefix)")
-        from .contexts import check_context
-
         check_context(next(model.parameters(), torch.empty(0)).device)
         with model_lock(model):  # another thread's functional_call would have swapped its parameters
             return snapshot(model, checkpoint, select_names(model, self.params))
@@ -162,16 +162,13 @@ class TorchBackend(Backend):
                 raise TrakValueError(f"{what} are on {tensor.device} but the model is on {prepared.device}; "
                                      f"move the batch to the model's device (tensor.to({str(prepared.device)!r}))")
 
-    def _batch(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any) -> tuple[Any, Any]:
+    def _batch(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any,
+               causal: bool) -> tuple[Any, Any]:
         """The checked batch's inputs as the model takes them (an encoder-decoder model's decoder inputs made from
-        the labels when the batch has none: ``trak_torch.seq2seq``) and its labels (a causal LM's predictions
-        made at padding positions not counted: ``attention.uncounted_pad_predictions``)."""
-        from .seq2seq import check_task, with_decoder_inputs
-
-        from .mask_check import check_replaced_mask
-
+        the labels when the batch has none: ``trak_torch.seq2seq``) and its labels (a causal LM's predictions made at
+        padding positions not counted: ``attention.uncounted_pad_predictions``); ``causal``: the call's ``_causal``."""
         self._check_batch(prepared, inputs, labels)
-        check_task(model, task, self._causal(model))
+        check_task(model, task, causal)
         inputs, labels = (with_decoder_inputs(model, inputs, labels, task),
                           uncounted_pad_predictions(inputs, labels, getattr(task, "shift", 0)))
         check_replaced_mask(self, model, prepared, inputs, labels, task)  # a model that builds its own mask
@@ -237,11 +234,9 @@ class TorchBackend(Backend):
         import array_api_compat.torch as xp
         import torch
 
-        from .contexts import check_context
-
         check_context(prepared.device)
-        inputs, labels = self._batch(model, prepared, inputs, labels, task)
         causal = self._causal(model)
+        inputs, labels = self._batch(model, prepared, inputs, labels, task, causal)
         uses = self._closed_form_uses(model, prepared, inputs, labels, task, causal)
         if uses is not None:
             from .closed_form import NotPerExample, closed_form_gradients
@@ -333,13 +328,13 @@ class TorchBackend(Backend):
         out = out.reshape(1, -1) if task.logits_ndim == 2 else out
         return task.output(out, label, xp=xp)[0]
 
-    def _factorized(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, *, k: int, seed: int,
+    def _factorized(self, model: Any, prepared: TorchCheckpoint, inputs: Any, causal: bool, *, k: int, seed: int,
                     checkpoint: int, options: Any) -> Any:
         from .kronecker_plan import factorized_state
 
         with eval_mode(model), attention_for_vmap(model, prepared.dtype):
-            return factorized_state(self, model, prepared, inputs, self._causal(model), k=k, seed=seed,
-                                    checkpoint=checkpoint, options=options)
+            return factorized_state(self, model, prepared, inputs, causal, k=k, seed=seed, checkpoint=checkpoint,
+                                    options=options)
 
     def factorized_plan(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
                         k: int, options: Any) -> Any:
@@ -347,9 +342,10 @@ class TorchBackend(Backend):
         from .kronecker_plan import discovered
 
         with model_lock(model):
-            inputs, labels = self._batch(model, prepared, inputs, labels, task)
+            causal = self._causal(model)
+            inputs, labels = self._batch(model, prepared, inputs, labels, task, causal)
             with eval_mode(model), attention_for_vmap(model, prepared.dtype):
-                return discovered(self, model, prepared, inputs, self._causal(model), options, k)[0]
+                return discovered(self, model, prepared, inputs, causal, options, k)[0]
 
     def factorized_features(self, model: Any, prepared: TorchCheckpoint, inputs: Any, labels: Any, task: Any, *,
                             k: int, seed: int, checkpoint: int, options: Any) -> tuple[Any, Any]:
@@ -367,10 +363,10 @@ class TorchBackend(Backend):
         from .kronecker import batch_features
         from .kronecker_check import check_once
 
-        inputs, labels = self._batch(model, prepared, inputs, labels, task)
-        state = self._factorized(model, prepared, inputs, labels, k=k, seed=seed, checkpoint=checkpoint,
-                                 options=options)
         causal = self._causal(model)
+        inputs, labels = self._batch(model, prepared, inputs, labels, task, causal)
+        state = self._factorized(model, prepared, inputs, causal, k=k, seed=seed, checkpoint=checkpoint,
+                                 options=options)
         with eval_mode(model):
             with attention_for_vmap(model, prepared.dtype), torch.no_grad():
                 logits = self._logits(model, prepared, inputs, task, causal=causal)

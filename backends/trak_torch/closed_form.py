@@ -29,6 +29,16 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
+from .closed_form_functional import FUNCTION, bare_names, copies, functional_uses, intercept, locate, scaled, slow_path
+from .closed_form_layers import NORMS, TOKENWISE, check_rms_norm, closed_form_kind, conv_gradient, normalized
+from .closed_form_outside import outside_uses
+from .closed_form_parametrized import parametrized_weights, to_originals
+from .kronecker_plan import find_uses
+from .layers import hooks
+from .looped import batch_norm_layout
+from .outputs import _rows, batch_logits, check_labels, output_logits
+from .routing import picked_rows
+
 __all__ = ["covering_uses", "closed_form_gradients", "NotPerExample", "check_tolerance"]
 
 
@@ -58,11 +68,6 @@ def covering_uses(backend: Any, model: Any, prepared: Any, inputs: Any, causal: 
     (``kind`` "unused": a table whose module is never called, as an untied BART's ``model.shared``), whose
     gradients are zero as long as autograd finds no use of them (``closed_form_gradients`` raises
     ``NotPerExample`` on a batch that uses one: a table the model slices or indexes goes to ``vmap``)."""
-    from .closed_form_functional import bare_names, functional_uses
-    from .closed_form_layers import closed_form_kind
-    from .closed_form_parametrized import parametrized_weights
-    from .kronecker_plan import find_uses
-
     found = {use.module: (use.kind, use.weight, use.bias) for use in
              find_uses(backend, model, prepared, inputs, causal, kind=closed_form_kind, biases=True).values()}
     parametrized = parametrized_weights(model, prepared, closed_form_kind)  # weight_norm'd: the originals
@@ -103,15 +108,6 @@ def closed_form_gradients(backend: Any, model: Any, prepared: Any, uses: list, i
     (``closed_form_check``)."""
     import array_api_compat.torch as xp
     import torch
-
-    from .outputs import _rows, batch_logits, check_labels, output_logits
-    from .closed_form_functional import FUNCTION, copies, intercept, locate, scaled, slow_path
-    from .closed_form_layers import NORMS, TOKENWISE, check_rms_norm, closed_form_kind, conv_gradient, normalized
-    from .closed_form_outside import outside_uses
-    from .closed_form_parametrized import parametrized_weights, to_originals
-    from .layers import hooks
-    from .looped import batch_norm_layout
-    from .routing import picked_rows
 
     functional = {module: names for module, kind, names, _ in uses if kind in FUNCTION}
     spec = {module: (kind, weight, bias) for module, kind, weight, bias in uses

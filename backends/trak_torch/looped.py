@@ -12,6 +12,8 @@ from typing import Any, Iterator
 from trak_core.errors import TrakValueError
 from trak_core.notices import warn
 
+from .transforms import checkpointing_off
+
 __all__ = ["eval_mode", "batch_norm_layout", "looped_gradients", "refuse_to_loop", "vmap_cannot_batch"]
 
 
@@ -25,12 +27,11 @@ def eval_mode(model: Any) -> Iterator[None]:
     its flag in eval mode too)."""
     import torch
 
-    from .transforms import checkpointing_off
-
-    modes = [(module, module.training) for module in model.modules()]  # parents before their children
-    sparse = [module for module in model.modules()
+    modules = list(model.modules())  # one walk of the tree, parents before their children, for every list here
+    modes = [(module, module.training) for module in modules]
+    sparse = [module for module in modules
               if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse]
-    cached = [(module, module.attention_bias_cache) for module in model.modules()
+    cached = [(module, module.attention_bias_cache) for module in modules
               if isinstance(getattr(module, "attention_bias_cache", None), dict)]
     model.eval()
     try:
@@ -38,7 +39,7 @@ def eval_mode(model: Any) -> Iterator[None]:
             module.sparse = False
         for module, _ in cached:
             module.attention_bias_cache = _Uncached()
-        with checkpointing_off(model):
+        with checkpointing_off(model, modules):
             yield
     finally:
         for module, cache in cached:

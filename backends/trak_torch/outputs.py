@@ -1,6 +1,7 @@
 """What the torch backend reads off a model's forward: the logits tensor, the labels checked against it, the rows.
 
-One job, shared by the gradient paths (closed form, vmap, loop, factorized), which import it lazily.
+One job, shared by the gradient paths (closed form, vmap, loop, factorized). Like every module of the backend it
+imports no framework at module level.
 """
 from __future__ import annotations
 

@@ -51,11 +51,13 @@ FLAGS = ("gradient_checkpointing", "grad_checkpointing")  # Hugging Face's, timm
 
 
 @contextmanager
-def checkpointing_off(model: Any) -> Iterator[None]:
+def checkpointing_off(model: Any, modules: list[Any] | None = None) -> Iterator[None]:
     """Every module's gradient checkpointing flag (Hugging Face's ``gradient_checkpointing``, timm's
     ``grad_checkpointing``) off for the duration, restored after, also on errors. ``torch.func`` cannot run
-    ``torch.utils.checkpoint``, and the closed form's forward hooks would run again in its recomputation."""
-    flags = [(module, name, name in vars(module), getattr(module, name)) for module in model.modules()
+    ``torch.utils.checkpoint``, and the closed form's forward hooks would run again in its recomputation.
+    ``modules``: ``list(model.modules())`` where the caller has walked the tree already (``eval_mode``)."""
+    flags = [(module, name, name in vars(module), getattr(module, name))
+             for module in (model.modules() if modules is None else modules)
              for name in FLAGS if isinstance(getattr(module, name, None), bool)]
     try:
         for module, name, _, _ in flags:
