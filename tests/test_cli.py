@@ -317,14 +317,18 @@ def test_compare_and_demo_take_lambda_auto_or_a_number(value, parsed):
     assert compare._parser().parse_args([]).lambda_reg == "auto"  # TRAK's default, as the demo's
 
 
-def closed_pipe_run(args: list[str]) -> subprocess.CompletedProcess:
-    """Run ``args`` with a standard output whose reader has gone (``| head`` done reading) before the first write."""
+def closed_pipe_run(args: list[str], buffered: bool = False) -> subprocess.CompletedProcess:
+    """Run ``args`` with a standard output whose reader has gone (``| head`` done reading) before the first write.
+
+    ``buffered``: with Python's standard output block-buffered, as in a shell without ``PYTHONUNBUFFERED`` (writes
+    then fail at the flush after the command, not at the ``print``)."""
     import os
 
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"} if buffered else None
     read, write = os.pipe()
     os.close(read)
     try:
-        return subprocess.run(args, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+        return subprocess.run(args, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120, env=env)
     finally:
         os.close(write)
 

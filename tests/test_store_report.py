@@ -81,13 +81,30 @@ def test_the_command_prints_json_and_reads_only(store, capsys):
     assert done.returncode == 0 and done.stdout.startswith(f"trak-core store at {path}")
 
 
-def test_verify_names_a_damaged_chunk_and_exits_1(store, tmp_path, capsys):
+def _damaged_copy(store, tmp_path):
+    """A copy of the store whose checkpoint 3 has a features chunk with its last 8 bytes zeroed."""
     import shutil
 
     path = tmp_path / "copy"
     shutil.copytree(store[0], path)
     chunk = next(p for p in (path / "c3" / "features").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk.write_bytes(chunk.read_bytes()[:-8] + b"\0" * 8)
+    return path
+
+
+def test_verify_piped_to_head_still_exits_1(store, tmp_path):
+    """``trak-core store PATH --verify | head -1`` on a damaged store exited 141 (the flush of the report, after the
+    reader left, replaced the status 1 of the damage), so ``set -o pipefail`` scripts took it for an early reader."""
+    from test_cli import closed_pipe_run
+
+    path = _damaged_copy(store, tmp_path)
+    done = closed_pipe_run([sys.executable, "-m", "trak_core", "store", str(path), "--verify"], buffered=True)
+    assert done.returncode == 1 and "damaged parts found" in done.stderr
+    assert "[Errno 32] Broken pipe" not in done.stderr
+
+
+def test_verify_names_a_damaged_chunk_and_exits_1(store, tmp_path, capsys):
+    path = _damaged_copy(store, tmp_path)
     assert store_report.describe(str(path))["damaged"] is False  # without --verify nothing is read
     with pytest.raises(SystemExit) as stop:
         cli.main(["store", str(path), "--verify"])

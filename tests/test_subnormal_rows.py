@@ -124,3 +124,30 @@ def test_the_first_score_of_an_opened_store_counts_each_target_row_once(tmp_path
         trak_core.TRAK.open(tmp_path / "s", model, [None]).score([(t, ty)])
     warned = [str(w.message) for w in caught if "subnormal" in str(w.message)]
     assert len(warned) == 1 and "2 of 6 target feature rows" in warned[0], warned
+
+
+@pytest.mark.parametrize("width, proj_dim, scale", [(4, None, 1e-40), (2000, 32, 1e-40), (4, None, 1e-42),
+                                                    (2000, 32, 1e-42), (4, None, 1e-44)])
+def test_targets_with_subnormal_features_are_warned_of(width, proj_dim, scale):
+    """Without normalization, a target whose features are subnormal has a column of scores tinier still, which
+    float32 keeps a few bits of: 7e-3 and 2e-2 relative at 1e-40, 0.43 and all of it at 1e-42, all of it at 1e-44
+    (its top-10 proponents 0 of the reference's), silently before. The training rows' own are harmless (above):
+    a target's are its whole column. One warning names the 2 of 6 targets and an error at least their measured one
+    and within 15x of it (1.4x to 13x stated); the other targets' scores stay float32-exact."""
+    scores, expected, warned = _run(width, proj_dim, 1.0, target_scale=scale)
+    measured = max(_relative(scores[:, j], expected[:, j]) for j in range(2))
+    assert measured > 1e-3  # what the warning is for
+    assert _relative(scores[:, 2:], expected[:, 2:]) < 2e-6
+    assert len(warned) == 1, warned
+    assert re.search(r"score: 2 of 6 targets have features or scores that are subnormal in torch\.float32", warned[0])
+    stated = float(re.search(r"off by up to about (\S+) relative", warned[0]).group(1))
+    assert measured <= stated <= min(1.0, 15 * measured), (measured, stated)
+    assert "normalize_features=True" in warned[0]
+
+
+def test_targets_of_normal_features_are_not_warned_of():
+    """Targets at 1e-30 (float32 normal features, scores of about 1e-33: normal too) score float32-exactly: no
+    warning."""
+    scores, expected, warned = _run(4, None, 1.0, target_scale=1e-30)
+    assert not warned
+    assert _relative(scores, expected) < 2e-6

@@ -8,6 +8,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from . import kernel as kernel_ops
+from ._certain_rows import check_certain_rows
 from ._integers import as_integer as _integer
 from ._namespace import device_of, namespace
 from .backends import Backend, get_backend, infer_backend
@@ -141,12 +142,16 @@ def weights_like(values: Any, out_to_loss: Any) -> Any:
     return xp.asarray(to_numpy(out_to_loss), device=device_of(values))
 
 
-def _check_features(features: Any, where: str, gradients_dtype: Any = None) -> None:
+def _check_features(features: Any, where: str, gradients_dtype: Any = None, out_to_loss: Any = None,
+                    task: Any = None, first_row: int | None = None) -> None:
     """Non-finite per-example gradients show in their projection: every column mixes every gradient entry
     with a non-zero coefficient, so one reduction over (n, k) features replaces one over (n, p) gradients.
     ``gradients_dtype``: the gradients' dtype; for half precision the error names its range (float16's largest
-    value is 65,504: gradients of finite inputs and weights overflow it)."""
+    value is 65,504: gradients of finite inputs and weights overflow it). ``out_to_loss`` and ``task``: the rows'
+    weights and the estimator's task, to name rows of ``p_y = 1`` exactly (``check_certain_rows``; ``first_row``:
+    the training row of the first, where the features span batches)."""
     if not _all_finite(features):
+        check_certain_rows(features, out_to_loss, task, where, first_row)
         raise TrakValueError(f"{where}: the per-example gradients (seen through their projected features) contain "
                              "NaN or inf; check the inputs (NaN/inf values), the checkpoint's weights, and the "
                              f"learning rate that produced them{_half_range(features, gradients_dtype)}")
@@ -173,12 +178,13 @@ def _all_finite(*arrays: Any) -> bool:
 
 
 def _check_finite(values: Any, out_to_loss: Any, where: str, what: str, backend: str | None = None,
-                  gradients_dtype: Any = None) -> None:
+                  gradients_dtype: Any = None, task: Any = None, first_row: int | None = None) -> None:
     _check_weights(out_to_loss, where, values.shape[0], backend, shape_only=True)
     if _all_finite(values, out_to_loss):
         return
     _check_weights(out_to_loss, where)  # names the rows whose weights are not finite
     if not _all_finite(values):
+        check_certain_rows(values, out_to_loss, task, where, first_row)
         raise TrakValueError(f"{where}: the {what} contain NaN or inf; check the inputs (NaN/inf values), "
                              "the checkpoint's weights, and the learning rate that produced them"
                              f"{_half_range(values, gradients_dtype)}")

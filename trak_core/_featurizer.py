@@ -130,8 +130,10 @@ class Featurizer(KernelFitting):
         _check_weights(out_to_loss, where, n_inputs, self.backend.name)  # finiteness: through the features
         return grads, weights_like(grads, out_to_loss)
 
-    def _fused_features(self, prepared: Any, index: int, inputs: Any, labels: Any, where: str) -> tuple | None:
-        """Features from a backend that projects inside its own step (fused or factorized), if it does."""
+    def _fused_features(self, prepared: Any, index: int, inputs: Any, labels: Any, where: str,
+                        first_row: int | None = None) -> tuple | None:
+        """Features from a backend that projects inside its own step (fused or factorized), if it does
+        (``first_row``: the training row of the batch's first, for messages)."""
         factorized = getattr(self, "kronecker", None) is not None
         if not (self.backend.has_fused_projection or factorized) or self.proj_dim is None:
             return None
@@ -149,7 +151,7 @@ class Featurizer(KernelFitting):
         if out is not None:
             check_backend_array(out[0], (n_inputs, self.proj_dim), None, where, "features", self.backend.name)
             _check_finite(out[0], out[1], where, "features (projected per-example gradients)", self.backend.name,
-                          getattr(prepared, "dtype", None))  # a torch snapshot's: the gradients' dtype
+                          getattr(prepared, "dtype", None), self.task, first_row)  # a torch snapshot's dtype
             out = (self._finish(out[0]), weights_like(out[0], out[1]))
         return out
 
@@ -184,7 +186,7 @@ class Featurizer(KernelFitting):
             return fused
         grads, out_to_loss = self._gradients(prepared, inputs, labels, where)
         features = self._project(grads, index)
-        _check_features(features, where, grads.dtype)
+        _check_features(features, where, grads.dtype, out_to_loss, self.task)
         return features, out_to_loss
 
     def _stream_features(self, prepared: Any, index: int, data: Iterable[Any], skip: int = 0,
@@ -202,7 +204,7 @@ class Featurizer(KernelFitting):
         ``row0`` and whose first batch is batch ``batch0``: groups are then aligned to the training rows
         (``row0 + skip`` and so on), and errors name the training data's batch index, as in one process.
         """
-        grads, weights, seen, group, pending = [], [], 0, None, 0
+        grads, weights, seen, group, pending, held_row = [], [], 0, None, 0, 0
         stream = progress(batches(data, self.label_key), desc=f"featurize checkpoint {index}", enabled=self.progress,
                           total=length_of(data) if total is None else total)  # total: data's, before a chain
         for b, (inputs, labels) in enumerate(stream, start=batch0):
@@ -216,7 +218,7 @@ class Featurizer(KernelFitting):
                 if check is not None:
                     check.batch(inputs, labels)
                 continue
-            fused = self._fused_features(prepared, index, inputs, labels, where)
+            fused = self._fused_features(prepared, index, inputs, labels, where, row0 + first)
             if fused is not None:
                 if check is not None:  # after the batch's own checks, before its rows can reach the store
                     check.batch(inputs, labels)
@@ -231,7 +233,8 @@ class Featurizer(KernelFitting):
             if group is None:
                 group = projection_group_rows(g.shape[1], xp.finfo(g.dtype).bits // 8, self.proj_dim,
                                               accelerator=is_accelerator(g))
-                pending = (row0 + first + lo) % group  # the first group ends at a multiple of `group` (absolute)
+                held_row = row0 + first + lo  # the training row of the first held row (the rows are contiguous)
+                pending = held_row % group  # the first group ends at a multiple of `group` (absolute)
             grads.append(g)
             weights.append(q)
             pending += g.shape[0]
@@ -240,15 +243,19 @@ class Featurizer(KernelFitting):
                 q_all = weights[0] if len(weights) == 1 else xp.concat(weights, axis=0)
                 take = g_all.shape[0] - (pending - group)
                 features = self._project(g_all[:take, ...], index)
-                _check_features(features, f"checkpoint {index}, batches up to {b}", g_all.dtype)
+                _check_features(features, f"checkpoint {index}, batches up to {b}", g_all.dtype, q_all[:take],
+                                self.task, held_row)
                 yield features, q_all[:take]
                 grads, weights = [g_all[take:, ...]], [q_all[take:]]
                 pending -= group
+                held_row += take
         if sum(g.shape[0] for g in grads):
             xp = namespace(grads[0])
             features = self._project(grads[0] if len(grads) == 1 else xp.concat(grads, axis=0), index)
-            _check_features(features, f"checkpoint {index}, the last {features.shape[0]} rows", grads[0].dtype)
-            yield features, xp.concat(weights, axis=0)
+            weights = xp.concat(weights, axis=0)
+            _check_features(features, f"checkpoint {index}, the last {features.shape[0]} rows", grads[0].dtype,
+                            weights, self.task, held_row)
+            yield features, weights
 
     def _featurize(self, checkpoint: Any, data: Iterable[Any], index: int | None = None) -> None:
         """Featurize the next checkpoint, or (``index``) one written apart, which the estimator does not hold after

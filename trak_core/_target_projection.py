@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import array_api_compat
 
+from ._certain_rows import check_certain_rows
 from ._checks import _all_finite, _check_features, _check_lengths, projection_group_rows
 from ._namespace import device_of, namespace
 from .errors import TrakValueError
@@ -98,11 +99,13 @@ class TargetProjection:
         alone = []
         for c, entry in enumerate(self.entries):
             where = self.naming(f"batch {b}", entry.index)
-            grads = self.trak._gradients(entry.prepared, inputs, labels, where)[0]
+            grads, out_to_loss = self.trak._gradients(entry.prepared, inputs, labels, where)
             if self.group is None:
                 self.group = self._group_rows(grads)
             if not _all_finite(grads):  # raises, naming this batch (as when each batch was projected alone)
+                check_certain_rows(grads, out_to_loss, self.trak.task, where)
                 self._projected(grads, entry.index, [(b, n)])
+            del out_to_loss
             if n >= self.group:  # as wide as a group: projected alone, one checkpoint's gradients at a time
                 alone.append(self._projected(grads, entry.index, [(b, n)]))
             else:

@@ -67,6 +67,11 @@ def quiet_on_closed_pipe(run: Callable[[], object]) -> object:
     exit writes nowhere) and the exit status is ``CLOSED_PIPE_STATUS``, 141, with nothing on standard error. A
     ``BrokenPipeError`` of another pipe (a socket's) while standard output is open is raised as it is.
 
+    Only a command that ended well (returned, or exited with status 0) becomes 141 when its output cannot be
+    flushed. A command that failed (an exception, or ``SystemExit`` with another status) keeps its own error and
+    status even where standard output's reader is gone: the output it had buffered is dropped, not reported as the
+    cause.
+
     Parameters
     ----------
     run : callable
@@ -80,19 +85,56 @@ def quiet_on_closed_pipe(run: Callable[[], object]) -> object:
     Raises
     ------
     SystemExit
-        ``run``'s own, or with status 141 on a closed standard output.
+        ``run``'s own, or with status 141 on a closed standard output after a command that ended well.
+    BaseException
+        Whatever else ``run`` raised, as it raised it.
     """
     try:
-        try:
-            return run()
-        finally:  # also after a SystemExit (--help): what is buffered fails here, not at exit with a traceback
-            sys.stdout.flush()
+        result = run()
+    except SystemExit as stop:
+        if stop.code is None or stop.code == 0:  # --help, --version: ended well, so a closed pipe is the news
+            _flush_or_exit_closed()
+        else:
+            _flush_dropping_a_closed_pipe()
+        raise
     except BrokenPipeError:
         if not _stdout_closed():  # another pipe's (a socket's, a subprocess's): an error of the command's own
+            _flush_dropping_a_closed_pipe()
             raise
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _point_stdout_at_devnull()
         raise SystemExit(CLOSED_PIPE_STATUS) from None
+    except BaseException:  # the command's own error: it, not the closed pipe of the flush after it, is reported
+        _flush_dropping_a_closed_pipe()
+        raise
+    _flush_or_exit_closed()
+    return result
+
+
+def _flush_or_exit_closed() -> None:
+    """Flush standard output after a command that ended well; on a closed standard output, exit with status 141."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        _point_stdout_at_devnull()
+        raise SystemExit(CLOSED_PIPE_STATUS) from None
+
+
+def _flush_dropping_a_closed_pipe() -> None:
+    """Flush standard output after a command that failed; where its reader is gone, drop what was buffered, so that
+    the command's own error is reported (and the flush at exit does not fail again)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _point_stdout_at_devnull()
+
+
+def _point_stdout_at_devnull() -> None:
+    """Point standard output's file descriptor at ``os.devnull``: the flush at exit then writes nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _stdout_closed() -> bool:

@@ -134,6 +134,10 @@ class Classification:
     logits ``[0, z]``: its margin is the signed logit ``f = (2 y - 1) z`` and ``Q = 1 - sigmoid(f)``.
     ``Q`` assumes plain cross-entropy on hard labels (no label smoothing); for another loss, pass its weight as
     ``CustomTask(output, out_to_loss)``.
+
+    A row whose logits are ``-inf`` for every class but the label's (``p_y = 1`` exactly) has the margin ``+inf``,
+    ``Q = 0`` and no gradient (NaN): the estimator refuses it, naming the row and the fix (drop it, or mask with the
+    dtype's most negative finite number instead of ``-inf``).
     """
 
     name = "classification"
@@ -171,10 +175,13 @@ class Classification:
         return (_binary(logits, xp=xp) if logits.shape[1] == 1 else logits), labels
 
     def _others(self, logits: Any, labels: Any, *, xp: Any) -> tuple[Any, Any]:
-        """One-hot of the label and the log-softmax-free pieces over the other classes."""
+        """One-hot of the label and the log-softmax-free pieces over the other classes (``top`` 0 where every other
+        class is ``-inf``: their weights are then 0, and the margin ``+inf``)."""
         onehot = _one_hot(labels, logits.shape[1], logits, xp=xp)
-        masked = xp.where(onehot > 0, xp.asarray(-xp.inf, dtype=logits.dtype, device=device_of(logits)), logits)
+        minus_inf = xp.asarray(-xp.inf, dtype=logits.dtype, device=device_of(logits))
+        masked = xp.where(onehot > 0, minus_inf, logits)
         top = xp.max(masked, axis=1, keepdims=True)
+        top = xp.where(top == minus_inf, xp.zeros_like(top), top)  # exp(-inf - -inf) was NaN: a NaN margin
         weights = xp.exp(masked - top)
         return onehot, (top, weights)
 

@@ -17,6 +17,7 @@ from ._namespace import namespace
 from ._progress import length_of, progress
 from ._reopen import Reopening
 from ._subnormal_rows import reporting
+from ._subnormal_scores import SubnormalTargets
 from ._target_groups import add_columns, group_columns, join_columns, target_groups
 from ._target_projection import TargetProjection
 from .backends import Backend
@@ -293,6 +294,7 @@ class TRAK(Featurizer, Reopening):
         self._check_scorable(ensemble=checkpoints is None)
         entries = chosen_entries(self.store, checkpoints)
         columns, dtype = [], entries[0].features.dtype
+        tiny = SubnormalTargets(entries, self.proj_dim)  # targets whose scores keep a few bits: warned of
         stream = progress(data, desc="score", enabled=self.progress,  # the leading empty batches were pulled
                           total=None if total is None else max(total - skipped, 0))
         n_train, width = entries[0].features.shape
@@ -317,12 +319,14 @@ class TRAK(Featurizer, Reopening):
             # the features' dtype (float64 kernels' blocks were joined in float64 and then cast: 5x the result at the
             # peak), in pieces of rows that join_columns frees one at a time
             block = xp.astype(block, dtype, copy=False)  # the float64 block let go before it is cut
+            tiny.note(targets, block, xp=xp)
             add_columns(columns, block, limit, xp=xp)
             del block
         if not columns:
             raise TrakValueError("score: data yielded no targets (no batches, or only empty ones: a generator, map or "
                                  "zip is used up by one pass); pass an iterable of (inputs, labels) batches: a list, "
                                  "or a generator made anew for each call")
+        tiny.warn()
         scores = join_columns(columns, xp=xp)  # a piece at a time into the result (concat held it twice)
         if save_as is not None:
             with settling(self.store):
